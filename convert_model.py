@@ -1,0 +1,65 @@
+"""Convert between Hugging Face checkpoints and pipeline layer files, or create a fresh model.
+
+  python convert_model.py hg_to_pp --input-path HF_DIR --save-path PP_DIR [--dtype bf16|fp16|fp32]
+  python convert_model.py pp_to_hg --input-path CKPT_DIR --save-path HF_DIR [--max-shard-size 5GB]
+  python convert_model.py init --family llama (--config-json FILE | --preset tiny) --tokenizer DIR --save-path PP_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from models.convert import DTYPES, hg_to_pp, init_model, pp_to_hg
+from models.family import FAMILIES
+from models.hf_io import CheckpointError
+from models.pipeline import ModelConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("hg_to_pp", help="HF dir -> pipeline layer files")
+    p.add_argument("--input-path", required=True, help="HF model dir (safetensors, or pytorch_model*.bin)")
+    p.add_argument("--save-path", required=True, help="pipeline dir to create")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors (default: keep)")
+
+    p = sub.add_parser("pp_to_hg", help="pipeline or training checkpoint dir -> HF dir")
+    p.add_argument("--input-path", required=True, help="pipeline dir, checkpoint tag dir, or save_path with 'latest'")
+    p.add_argument("--save-path", required=True, help="HF dir to create")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+
+    p = sub.add_parser("init", help="a freshly initialised model in pipeline format")
+    p.add_argument("--family", required=True, choices=sorted(FAMILIES))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config-json", help="an HF config.json for the family")
+    src.add_argument("--preset", help="a named config, e.g. tiny")
+    p.add_argument("--tokenizer", required=True, help="dir with the tokenizer files")
+    p.add_argument("--save-path", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+
+    for p in sub.choices.values():
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-path")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "hg_to_pp":
+            hg_to_pp(args.input_path, args.save_path, args.dtype, args.overwrite)
+        elif args.command == "pp_to_hg":
+            pp_to_hg(args.input_path, args.save_path, args.max_shard_size, args.overwrite)
+        else:
+            init_model(args.family, args.save_path, args.tokenizer, args.config_json, args.preset, args.seed,
+                       args.dtype, args.overwrite)
+    except (CheckpointError, ModelConfigError) as e:
+        print(f"convert_model.py {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

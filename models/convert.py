@@ -1,0 +1,229 @@
+"""HF dir <-> pipeline dir (layer_XX-model_states.pt + config + tokenizer), and fresh models.
+
+Every direction goes through the family's one key table, one pipeline layer at a time, into a
+temporary directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .family import ModelFamily, get_family
+from .hf_io import CheckpointError, HFCheckpoint, ShardWriter, atomic_output_dir, check_target, copy_side_files
+from .keymap import KeyMapError
+from .pipeline import LAYER_FILE, build_specs
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def family_of(directory: Path) -> tuple[ModelFamily, object]:
+    """Read `config.json` of an HF or pipeline dir -> (family, prepared config)."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such directory")
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: missing (a model directory needs its config.json)")
+    try:
+        model_type = json.loads(cfg_path.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    family = get_family(model_type, where=str(cfg_path))
+    return family, family.load_config(directory)
+
+
+def meta_layers(family: ModelFamily, config) -> dict[int, torch.nn.Module]:
+    """{layer index: module} for every spec that owns a layer file, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        owned, _ = build_specs(family.layer_specs(config))
+    return owned
+
+
+def expected_layer_keys(family: ModelFamily, config) -> dict[int, list[str]]:
+    """{layer index: local state-dict keys} for every spec that owns a layer file."""
+    return {i: list(m.state_dict()) for i, m in meta_layers(family, config).items()}
+
+
+def _layer_name(family: ModelFamily, config, idx: int) -> str:
+    slot, block = family.key_map.slot_of(idx, family.num_blocks(config))
+    return f"block {block}" if slot == "block" else slot
+
+
+def _mb(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """HF dir (safetensors single/sharded, or pytorch_model*.bin) -> pipeline dir, one layer in memory at a time."""
+    src, dst = Path(input_path), Path(save_path)
+    family, config = family_of(src)
+    check_target(dst, overwrite)
+    ckpt = HFCheckpoint(src)
+    n = family.num_blocks(config)
+    expected = expected_layer_keys(family, config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    by_layer: dict[int, dict[str, str]] = {i: {} for i in expected}  # layer -> local key -> HF key
+    for key in ckpt.keys():
+        if family.key_map.is_ignored(key):
+            continue
+        try:
+            idx, local = family.key_map.to_pp(key, n)
+        except KeyMapError as e:
+            raise CheckpointError(f"{src}: {e}") from None
+        if idx not in expected:
+            if tied and family.key_map.slot_of(idx, n)[0] == "head":
+                continue  # a tied LM head saved redundantly: the embedding is the weight
+            raise CheckpointError(f"{src}: unexpected tensor {key}")
+        if local not in expected[idx]:
+            raise CheckpointError(f"{src}: unexpected tensor {key} (the config does not use it)")
+        by_layer[idx][local] = key
+    for idx, keys in expected.items():
+        for local in keys:
+            if local not in by_layer[idx]:
+                raise CheckpointError(f"{src}: missing tensor {family.key_map.to_hf(idx, local, n)}")
+
+    cast = DTYPES[dtype] if dtype else None
+    t0 = time.time()
+    with atomic_output_dir(dst, overwrite) as tmp:
+        for step, idx in enumerate(sorted(expected), 1):
+            sd = {}
+            for local in expected[idx]:
+                t = ckpt.get(by_layer[idx][local])
+                sd[local] = t.to(cast) if cast is not None and t.is_floating_point() else t
+            torch.save(sd, tmp / LAYER_FILE.format(idx))
+            log(f"[{step}/{len(expected)}] {LAYER_FILE.format(idx)} ({_layer_name(family, config, idx)}): "
+                f"{len(sd)} tensors, {_mb(sd.values()):.1f} MB")
+            del sd
+        transform = {}
+        if cast is not None:
+            def set_dtype(text: str) -> str:
+                cfg = json.loads(text)
+                cfg["dtype"] = DTYPE_NAMES[cast]
+                cfg.pop("torch_dtype", None)
+                return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+            transform["config.json"] = set_dtype
+        copied = copy_side_files(src, tmp, transform=transform)
+    log(f"wrote {len(expected)} layer files + {', '.join(copied)} to {dst} in {time.time() - t0:.1f}s")
+    return dst
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """A pipeline dir, a checkpoint tag dir, or a save dir with `latest` -> (layer-file dir, config dir)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such directory")
+    layers = path
+    if (path / "latest").is_file() and not (path / LAYER_FILE.format(0)).is_file():
+        layers = path / (path / "latest").read_text().strip()
+    if not (layers / LAYER_FILE.format(0)).is_file():
+        raise CheckpointError(f"{layers}: no {LAYER_FILE.format(0)} (not a pipeline or checkpoint directory)")
+    config_dir = layers if (layers / "config.json").is_file() else layers.parent
+    return layers, config_dir
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u) and t[: -len(u)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(u)]) * units[u])
+    if t.isdigit():
+        return int(t)
+    raise CheckpointError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2000000")
+
+
+def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
+    """Pipeline or checkpoint dir -> HF dir with sharded safetensors + index, config, tokenizer."""
+    layers_dir, config_dir = resolve_checkpoint(input_path)
+    dst = Path(save_path)
+    family, config = family_of(config_dir)
+    max_bytes = parse_size(max_shard_size)
+    check_target(dst, overwrite)
+    n = family.num_blocks(config)
+    expected = expected_layer_keys(family, config)
+    for idx in expected:
+        if not (layers_dir / LAYER_FILE.format(idx)).is_file():
+            raise CheckpointError(f"{layers_dir / LAYER_FILE.format(idx)}: missing ({_layer_name(family, config, idx)})")
+
+    t0 = time.time()
+    with atomic_output_dir(dst, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_bytes)
+        for step, idx in enumerate(sorted(expected), 1):
+            path = layers_dir / LAYER_FILE.format(idx)
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            missing, extra = set(expected[idx]) - set(sd), set(sd) - set(expected[idx])
+            if missing or extra:
+                what = f"missing {sorted(missing)}" if missing else f"unexpected {sorted(extra)}"
+                raise CheckpointError(f"{path}: {what}")
+            for local in expected[idx]:
+                writer.add(family.key_map.to_hf(idx, local, n), sd[local])
+            log(f"[{step}/{len(expected)}] {path.name} ({_layer_name(family, config, idx)}): {len(sd)} tensors")
+        shards = writer.close()
+        copied = copy_side_files(config_dir, tmp)
+    log(f"wrote {shards} safetensors shard(s) ({writer.total / 2**20:.1f} MB) + {', '.join(copied)} "
+        f"to {dst} in {time.time() - t0:.1f}s")
+    return dst
+
+
+def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Path, config_json: str | Path | None = None,
+               preset: str | None = None, seed: int = 0, dtype: str = "fp32", overwrite: bool = False) -> Path:
+    """A freshly initialised model (transformers' init, seeded per layer) written as a pipeline dir."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    family = get_family(family_name, where="--family")
+    dst = Path(save_path)
+    if (config_json is None) == (preset is None):
+        raise CheckpointError("init: give exactly one of --config-json FILE or --preset NAME")
+    if preset is not None:
+        if preset not in family.presets:
+            raise CheckpointError(f"--preset {preset!r}: unknown for {family_name}; known: {', '.join(family.presets)}")
+        cfg_dict = dict(family.presets[preset])
+    else:
+        try:
+            cfg_dict = json.loads(Path(config_json).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{config_json}: cannot read config ({e})") from None
+        if cfg_dict.get("model_type", family.model_type) != family.model_type:
+            raise CheckpointError(f"{config_json}: model_type {cfg_dict['model_type']!r} is not {family.model_type!r}")
+    check_target(dst, overwrite)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as e:  # transformers raises many types for a bad tokenizer dir
+        raise CheckpointError(f"{tokenizer_dir}: cannot load a tokenizer ({type(e).__name__}: {e})".splitlines()[0]) from None
+    vocab = cfg_dict.get("vocab_size") if config_json is not None else None
+    if vocab is not None and vocab < len(tok):
+        raise CheckpointError(f"{config_json}: vocab_size {vocab} is smaller than the tokenizer's {len(tok)} tokens")
+    cfg_dict.pop("model_type", None)
+    config = family.config_class(**{
+        **cfg_dict, "vocab_size": vocab or len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    })
+    config.dtype = DTYPE_NAMES[DTYPES[dtype]]
+    family.prepare_config(config)
+    specs = family.layer_specs(config)
+    with atomic_output_dir(dst, overwrite) as tmp:
+        for idx in range(len(specs)):
+            owned, _ = build_specs(specs, idx, idx + 1)
+            if idx not in owned:
+                continue  # a tied head: its weight is the embedding's
+            gen = torch.Generator().manual_seed(seed * 100_003 + idx)
+            family.init_module(owned[idx], config, gen)
+            torch.save(owned[idx].to(DTYPES[dtype]).state_dict(), tmp / LAYER_FILE.format(idx))
+            log(f"[{idx + 1}/{len(specs)}] {LAYER_FILE.format(idx)} ({_layer_name(family, config, idx)})")
+        config.save_pretrained(str(tmp))
+        GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+    n_params = sum(p.numel() for m in meta_layers(family, config).values() for p in m.parameters())
+    log(f"initialised a {family_name} model ({n_params / 1e6:.2f}M parameters, {config.num_hidden_layers} layers) in {dst}")
+    return dst
+

@@ -1,0 +1,59 @@
+"""What a model family declares, and the registry that picks one from `config.json`'s `model_type`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .keymap import KeyMap
+from .pipeline import ModelConfigError
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    model_type: str  # config.json's model_type
+    config_class: type
+    hf_model_class: type  # the transformers reference (tests, demo)
+    key_map: KeyMap
+    prepare_config: Callable  # sets what the pipeline needs (attention implementation) and returns the config
+    layer_specs: Callable  # config -> [LayerSpec | TiedLayerSpec]: embed, N blocks, norm, head
+    block_class: type  # decoder block module (activation checkpointing, balance)
+    init_module: Callable[[nn.Module, object, torch.Generator], None]  # fresh weights, as transformers does
+    presets: dict[str, dict] = field(default_factory=dict)  # named configs for `convert_model.py init`
+
+    @staticmethod
+    def num_blocks(config) -> int:
+        return config.num_hidden_layers
+
+    def unit_sizes(self, config) -> list[int]:
+        """Specs per unit: the embedding, each block, then the head unit (final norm + LM head)."""
+        return [1] * (self.num_blocks(config) + 1) + [2]
+
+    def unit_costs(self, config) -> list[float]:
+        """Per-token matmul parameters per unit, the auto-balance weights (the embedding is a lookup)."""
+        with torch.device("meta"):
+            block = sum(p.numel() for p in self.block_class(self.prepare_config(config), 0).parameters())
+        head = config.hidden_size * config.vocab_size
+        return [0.0] + [float(block)] * self.num_blocks(config) + [float(head)]
+
+    def load_config(self, directory: str | Path):
+        return self.prepare_config(self.config_class.from_pretrained(str(directory)))
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register(family: ModelFamily) -> ModelFamily:
+    FAMILIES[family.model_type] = family
+    return family
+
+
+def get_family(model_type: str | None, where: str = "config.json") -> ModelFamily:
+    if model_type not in FAMILIES:
+        raise ModelConfigError(
+            f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]

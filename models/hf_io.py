@@ -1,0 +1,194 @@
+"""Streaming access to HF checkpoints: tensors are read one at a time, never the whole model.
+
+safetensors files are read with plain seek/read from the header offsets (no mmap, so resident
+memory is only what was read); `pytorch_model*.bin` is a fallback loaded with torch's mmap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
+)
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+
+
+class CheckpointError(ValueError):
+    """A bad checkpoint or target directory; the message is one line naming the file and the problem."""
+
+
+def read_safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    for info in header.values():
+        info["start"] = 8 + n + info["data_offsets"][0]
+    return header
+
+
+class HFCheckpoint:
+    """The tensors of an HF model directory, by key, read lazily."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: no such directory")
+        self._file_of: dict[str, Path] = {}
+        self._headers: dict[Path, dict] = {}
+        self._bin: tuple[Path, dict] | None = None
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = self.dir / index_name
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self._file_of = {k: self.dir / v for k, v in weight_map.items()}
+                break
+        else:
+            single = [self.dir / n for n in ("model.safetensors", "pytorch_model.bin") if (self.dir / n).is_file()]
+            if not single:
+                raise CheckpointError(
+                    f"{self.dir}: no weights (expected model.safetensors, model.safetensors.index.json or pytorch_model*.bin)")
+            keys = self._keys_of(single[0])
+            self._file_of = dict.fromkeys(keys, single[0])
+        for f in set(self._file_of.values()):
+            if not f.is_file():
+                raise CheckpointError(f"{f}: named in the index but missing")
+
+    def _keys_of(self, path: Path) -> list[str]:
+        if path.suffix == ".safetensors":
+            return list(self._header(path))
+        return list(self._load_bin(path))
+
+    def _header(self, path: Path) -> dict:
+        if path not in self._headers:
+            self._headers[path] = read_safetensors_header(path)
+        return self._headers[path]
+
+    def _load_bin(self, path: Path) -> dict:
+        if self._bin is None or self._bin[0] != path:  # hold one .bin shard's mapping at a time
+            self._bin = (path, torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        return self._bin[1]
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def get(self, key: str) -> torch.Tensor:
+        path = self._file_of[key]
+        if path.suffix != ".safetensors":
+            return self._load_bin(path)[key].clone()
+        info = self._header(path)[key]
+        if info["dtype"] not in ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        buf = bytearray(end - start)
+        with open(path, "rb") as f:
+            f.seek(info["start"])
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{path}: truncated while reading {key}")
+        if not buf:
+            return torch.empty(info["shape"], dtype=ST_DTYPES[info["dtype"]])
+        return torch.frombuffer(buf, dtype=ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+class ShardWriter:
+    """Write tensors as `model-0000k-of-0000n.safetensors` + index (or one `model.safetensors`)."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.dir, self.max = directory, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max:
+            self._flush()
+        self.pending[key] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        save_file(self.pending, str(self.dir / f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> int:
+        """Name the shards now that their number is known; returns the number of shards."""
+        if self.pending or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.dir / "shard-0.tmp", self.dir / "model.safetensors")
+            return 1
+        weight_map = {}
+        for i, keys in enumerate(self.shards):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.dir / f"shard-{i}.tmp", self.dir / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return n
+
+
+def copy_side_files(src: Path, dst: Path, names=SIDE_FILES, transform: dict[str, Callable[[str], str]] | None = None) -> list[str]:
+    """Copy config / generation config / tokenizer files that exist in `src`; returns what was copied."""
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            if transform and name in transform:
+                (dst / name).write_text(transform[name]((src / name).read_text()))
+            else:
+                shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def check_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise CheckpointError(f"{path}: exists and is not empty (pass --overwrite to replace it)")
+
+
+@contextmanager
+def atomic_output_dir(path: Path, overwrite: bool):
+    """Yield a temporary sibling directory; on success it replaces `path`, on failure it is removed.
+    An existing target is moved aside first and deleted only once the new one is in place."""
+    path = Path(path)
+    check_target(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -1,0 +1,137 @@
+"""Llama family as a pipeline spec list: embedding, N LlamaDecoderLayers, final RMSNorm, LM head.
+
+Between stages: (hidden [B,T,H] float, position_ids [B,T] int64, segment_ids [B,T] int64); the
+norm emits hidden alone, the head emits logits [B,T,V]. RoPE cos/sin and the segment-aware causal
+mask are recomputed on every block from the int64 tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from .family import ModelFamily, register
+from .keymap import KeyMap
+from .pipeline import segment_causal_mask
+
+# HF key -> (slot, local key). Block-local keys are LlamaDecoderLayer's own.
+KEY_MAP = KeyMap(
+    table={
+        "model.embed_tokens.weight": ("embed", "weight"),
+        "model.layers.{}.self_attn.q_proj.weight": ("block", "self_attn.q_proj.weight"),
+        "model.layers.{}.self_attn.k_proj.weight": ("block", "self_attn.k_proj.weight"),
+        "model.layers.{}.self_attn.v_proj.weight": ("block", "self_attn.v_proj.weight"),
+        "model.layers.{}.self_attn.o_proj.weight": ("block", "self_attn.o_proj.weight"),
+        "model.layers.{}.self_attn.q_proj.bias": ("block", "self_attn.q_proj.bias"),  # attention_bias=True
+        "model.layers.{}.self_attn.k_proj.bias": ("block", "self_attn.k_proj.bias"),
+        "model.layers.{}.self_attn.v_proj.bias": ("block", "self_attn.v_proj.bias"),
+        "model.layers.{}.self_attn.o_proj.bias": ("block", "self_attn.o_proj.bias"),
+        "model.layers.{}.mlp.gate_proj.weight": ("block", "mlp.gate_proj.weight"),
+        "model.layers.{}.mlp.up_proj.weight": ("block", "mlp.up_proj.weight"),
+        "model.layers.{}.mlp.down_proj.weight": ("block", "mlp.down_proj.weight"),
+        "model.layers.{}.mlp.gate_proj.bias": ("block", "mlp.gate_proj.bias"),  # mlp_bias=True
+        "model.layers.{}.mlp.up_proj.bias": ("block", "mlp.up_proj.bias"),
+        "model.layers.{}.mlp.down_proj.bias": ("block", "mlp.down_proj.bias"),
+        "model.layers.{}.input_layernorm.weight": ("block", "input_layernorm.weight"),
+        "model.layers.{}.post_attention_layernorm.weight": ("block", "post_attention_layernorm.weight"),
+        "model.norm.weight": ("norm", "weight"),
+        "lm_head.weight": ("head", "weight"),  # absent when tie_word_embeddings
+    },
+    ignored=("model.layers.{}.self_attn.rotary_emb.inv_freq",),  # old checkpoints; recomputed
+)
+
+
+def prepare_config(config: LlamaConfig) -> LlamaConfig:
+    """A hand-built or AutoConfig-loaded config has no attention implementation, which makes HF's
+    attention silently non-causal: pin one (sdpa unless eager was asked for)."""
+    if config._attn_implementation not in ("sdpa", "eager"):
+        config._attn_implementation = "sdpa"
+    return config
+
+
+class LlamaEmbeddingPipe(nn.Embedding):
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config.vocab_size, config.hidden_size, config.pad_token_id)
+
+    def forward(self, inputs):
+        input_ids, position_ids, segment_ids = inputs
+        return super().forward(input_ids), position_ids, segment_ids
+
+
+class LlamaBlockPipe(LlamaDecoderLayer):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        # Outside the module tree: .to(dtype) never touches it, so inv_freq stays fp32 as in HF.
+        object.__setattr__(self, "rotary", LlamaRotaryEmbedding(config))
+
+    def forward(self, inputs):
+        hidden, position_ids, segment_ids = inputs
+        if self.rotary.inv_freq.device != hidden.device:
+            self.rotary.to(hidden.device)
+        cos_sin = self.rotary(hidden, position_ids)
+        hidden = super().forward(hidden, attention_mask=segment_causal_mask(segment_ids), position_ids=position_ids,
+                                 position_embeddings=cos_sin)
+        return hidden, position_ids, segment_ids
+
+
+class LlamaNormPipe(LlamaRMSNorm):
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, inputs):
+        return super().forward(inputs[0])
+
+
+class LlamaHeadPipe(nn.Linear):
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config.hidden_size, config.vocab_size, bias=False)
+
+
+def tied_head_forward(embedding: LlamaEmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
+    return F.linear(hidden, embedding.weight)
+
+
+def layer_specs(config: LlamaConfig) -> list:
+    config = prepare_config(config)
+    n = config.num_hidden_layers
+    if config.tie_word_embeddings:
+        embed = TiedLayerSpec("embed", LlamaEmbeddingPipe, config, tied_weight_attr="weight")
+        head = TiedLayerSpec("embed", LlamaEmbeddingPipe, config, forward_fn=tied_head_forward, tied_weight_attr="weight")
+    else:
+        embed, head = LayerSpec(LlamaEmbeddingPipe, config), LayerSpec(LlamaHeadPipe, config)
+    return [embed, *(LayerSpec(LlamaBlockPipe, config, i) for i in range(n)), LayerSpec(LlamaNormPipe, config), head]
+
+
+@torch.no_grad()
+def init_module(module: nn.Module, config: LlamaConfig, gen: torch.Generator) -> None:
+    """transformers' Llama init: normal(0, initializer_range) for linears/embeddings, ones for norms."""
+    std = config.initializer_range
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.weight.normal_(0.0, std, generator=gen)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, LlamaRMSNorm):
+            m.weight.fill_(1.0)
+
+
+FAMILY = register(ModelFamily(
+    model_type="llama",
+    config_class=LlamaConfig,
+    hf_model_class=LlamaForCausalLM,
+    key_map=KEY_MAP,
+    prepare_config=prepare_config,
+    layer_specs=layer_specs,
+    block_class=LlamaBlockPipe,
+    init_module=init_module,
+    presets={
+        "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False),
+    },
+))

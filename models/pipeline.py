@@ -1,0 +1,221 @@
+"""Shared pipeline machinery: topology, stage planning, the PipelineModule subclass, a sequential
+runner for the same spec list, layer files, the loss and the segment-aware causal mask.
+
+Units vs specs: `model_topo.parts` counts *units*, as the seed does ("bloom-7b has 30 blocks, plus
+the two ends, 32"): unit 0 is the embedding, units 1..N the decoder blocks, unit N+1 the head (final
+norm + LM head, two specs). Layer files are numbered by spec index and do not depend on the partition.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from torch import nn
+
+LAYER_FILE = "layer_{:02d}-model_states.pt"
+IGNORE_INDEX = -100
+
+
+class ModelConfigError(ValueError):
+    """A user-facing configuration problem; the message is one line naming the key and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------
+# topology and stage planning (pure functions: validated before any process group exists)
+
+
+def parse_topology(model_topo: dict | None, world_size: int) -> tuple[list[str], list[int]]:
+    """`model_topo.process_topology` ({axes|axis, dims}) -> (axes, dims); default: all ranks in one pipeline,
+    or `len(parts)` stages times data parallelism when only `parts` is given."""
+    model_topo = model_topo or {}
+    pt = model_topo.get("process_topology")
+    if pt is None:
+        parts = model_topo.get("parts")
+        pipe = len(parts) if isinstance(parts, list) and parts else world_size
+        if world_size % pipe:
+            raise ModelConfigError(f"model_topo.parts has {pipe} stages, which does not divide the {world_size} processes")
+        return ["pipe", "data"], [pipe, world_size // pipe]
+    if "axes" in pt and "axis" in pt:
+        raise ModelConfigError("model_topo.process_topology: give 'axes' or the seed's 'axis', not both")
+    axes, dims = pt.get("axes", pt.get("axis")), pt.get("dims")
+    if not (isinstance(axes, list) and all(isinstance(a, str) for a in axes)):
+        raise ModelConfigError(f"model_topo.process_topology.axes must be a list of axis names, got {axes!r}")
+    if not set(axes) >= {"pipe", "data"} or not set(axes) <= {"pipe", "data", "model"} or len(set(axes)) != len(axes):
+        raise ModelConfigError(f"model_topo.process_topology.axes must name 'pipe' and 'data' (and optionally 'model') once each, got {axes}")
+    if not (isinstance(dims, list) and len(dims) == len(axes) and all(isinstance(d, int) and d >= 1 for d in dims)):
+        raise ModelConfigError(f"model_topo.process_topology.dims must be {len(axes)} positive integers (one per axis {axes}), got {dims!r}")
+    if "model" in axes and dims[axes.index("model")] != 1:
+        raise ModelConfigError("model_topo.process_topology: tensor parallelism ('model' > 1) is not supported; use 'pipe' and 'data'")
+    if math.prod(dims) != world_size:
+        raise ModelConfigError(f"model_topo.process_topology.dims {dims} needs {math.prod(dims)} processes but {world_size} were started")
+    return axes, dims
+
+
+def balance(costs: Sequence[float], num_parts: int) -> list[int]:
+    """Contiguous split of `costs` into `num_parts` non-empty parts minimising the largest part; returns counts."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: minimal max-part cost splitting the first i items into k parts
+    best = [[inf] * (n + 1) for _ in range(num_parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_parts + 1)]
+    best[0][0] = 0.0
+    for k in range(1, num_parts + 1):
+        for i in range(k, n - (num_parts - k) + 1):
+            for j in range(k - 1, i):
+                v = max(best[k - 1][j], prefix[i] - prefix[j])
+                if v < best[k][i]:
+                    best[k][i], cut[k][i] = v, j
+    counts, i = [], n
+    for k in range(num_parts, 0, -1):
+        counts.append(i - cut[k][i])
+        i = cut[k][i]
+    return counts[::-1]
+
+
+def plan_stages(unit_sizes: Sequence[int], unit_costs: Sequence[float], num_stages: int,
+                parts: Sequence[int] | None = None) -> list[int]:
+    """Spec-index boundaries (length num_stages + 1) from explicit unit counts `parts` or a cost balance."""
+    n_units = len(unit_sizes)
+    if parts is None:
+        if num_stages > n_units:
+            raise ModelConfigError(f"{num_stages} pipeline stages but the model has only {n_units} pipeline units")
+        parts = balance(unit_costs, num_stages)
+    else:
+        if not (isinstance(parts, (list, tuple)) and all(isinstance(p, int) and not isinstance(p, bool) for p in parts)):
+            raise ModelConfigError(f"model_topo.parts must be a list of integers, got {parts!r}")
+        if len(parts) != num_stages:
+            raise ModelConfigError(f"model_topo.parts {list(parts)} has {len(parts)} entries but the topology has {num_stages} pipeline stages")
+        if any(p < 1 for p in parts):
+            raise ModelConfigError(f"model_topo.parts {list(parts)}: every stage needs at least one unit (no zero or negative entries)")
+        if sum(parts) != n_units:
+            raise ModelConfigError(
+                f"model_topo.parts {list(parts)} sums to {sum(parts)} but the model has {n_units} pipeline units "
+                f"(embedding + {n_units - 2} blocks + head)")
+    bounds, u = [0], 0
+    for p in parts:
+        bounds.append(bounds[-1] + sum(unit_sizes[u:u + p]))
+        u += p
+    return bounds
+
+
+# ----------------------------------------------------------------------------------------------
+# model-side helpers shared by the families
+
+
+def segment_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] int64 segment ids (0 = padding) -> [B, 1, T, T] bool, True = may attend.
+
+    Causal, never across segments, never to padding; a padding query sees only itself so no row is
+    empty (its output is never used)."""
+    t = segment_ids.shape[-1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    keep = same & (segment_ids[:, None, :] != 0)
+    keep &= torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
+    keep |= torch.eye(t, dtype=torch.bool, device=segment_ids.device)
+    return keep[:, None]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy, token mean over labels != -100; labels are aligned with the inputs
+    (shifted here), exactly as transformers' ForCausalLMLoss."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+# ----------------------------------------------------------------------------------------------
+# running the spec list
+
+
+def build_specs(specs: Sequence, start: int = 0, stop: int | None = None) -> tuple[dict[int, nn.Module], list[Callable]]:
+    """Build specs[start:stop] like DeepSpeed does: tied modules are built once; the first occurrence
+    owns the state (and the layer file), later ones call `forward_fn(module, x)`."""
+
+    owned: dict[int, nn.Module] = {}
+    tied: dict[str, nn.Module] = {}
+    funcs: list[Callable] = []
+    for idx in range(start, len(specs) if stop is None else stop):
+        spec = specs[idx]
+        if isinstance(spec, TiedLayerSpec):
+            if spec.key not in tied:
+                tied[spec.key] = owned[idx] = spec.build()
+            mod = tied[spec.key]
+            funcs.append(mod if spec.forward_fn is None else partial(spec.forward_fn, mod))
+        elif isinstance(spec, LayerSpec):
+            owned[idx] = spec.build()
+            funcs.append(owned[idx])
+        else:
+            raise TypeError(f"spec {idx} is {type(spec).__name__}, expected LayerSpec or TiedLayerSpec")
+    return owned, funcs
+
+
+class SequentialModel(nn.Module):
+    """The same spec list as one plain module in one process (tests, demo, single-device reference).
+    `layers[str(i)]` is the module owning layer file i."""
+
+    def __init__(self, specs: Sequence):
+        super().__init__()
+        owned, self._funcs = build_specs(specs)
+        self.num_specs = len(specs)
+        self.layers = nn.ModuleDict({str(i): m for i, m in owned.items()})
+
+    def forward(self, inputs):
+        for f in self._funcs:
+            inputs = f(inputs)
+        return inputs
+
+    def load_layer_files(self, directory: str | Path) -> None:
+        load_layer_files(self.layers, directory)
+
+    def save_layer_files(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for idx, mod in self.layers.items():
+            torch.save(mod.state_dict(), directory / LAYER_FILE.format(int(idx)))
+
+
+def load_layer_files(layers: dict | nn.ModuleDict, directory: str | Path) -> None:
+    """Load `layer_XX-model_states.pt` into each module of {spec index: module}; strict keys."""
+    for idx, mod in layers.items():
+        path = Path(directory) / LAYER_FILE.format(int(idx))
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: layer file missing")
+        mod.load_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+
+
+class PipelineModel(PipelineModule):
+    """DeepSpeed PipelineModule whose stage bounds come from `stage_bounds_fn(num_stages)` (see
+    `plan_stages`: explicit `parts` or a cost balance over units). Only this stage's layers are built."""
+
+    def __init__(self, specs: Sequence, stage_bounds_fn: Callable[[int], list[int]], topology, loss_fn=None,
+                 grad_ckpt_layers: list[str] | None = None, **kwargs):
+        self._stage_bounds_fn = stage_bounds_fn
+        if grad_ckpt_layers:  # decoder blocks only (never the embedding), non-reentrant
+            from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
+
+            kwargs.update(activation_checkpoint_interval=1, checkpointable_layers=grad_ckpt_layers,
+                          activation_checkpoint_func=non_reentrant_checkpoint)
+        super().__init__(layers=specs, topology=topology, loss_fn=loss_fn, partition_method="explicit", **kwargs)
+
+    def _partition_layers(self, method: str = "explicit") -> None:
+        self.parts = self._stage_bounds_fn(self.num_stages)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def load_layer_files(self, directory: str | Path) -> None:
+        """Load the layer files of the layers this stage owns (then re-broadcast tied weights)."""
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        for idx, layer in enumerate(self.forward_funcs):
+            path = Path(directory) / LAYER_FILE.format(self._local_start + idx)
+            if hasattr(layer, "load_state_dict") and not path.is_file():
+                raise FileNotFoundError(f"{path}: layer file missing")
+        self.load_state_dir(str(directory), TorchCheckpointEngine())

@@ -1,0 +1,89 @@
+"""Test helpers: tiny Llama configs, HF -> pipeline weight copies through the key table, batches."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig
+
+from models import SequentialModel, get_family
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+# name -> LlamaConfig kwargs: MHA with biases untied, GQA tied, GQA with llama3 rope scaling
+LLAMA_CONFIGS = {
+    "mha_bias_untied": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, attention_bias=True,
+                            mlp_bias=True, tie_word_embeddings=False),
+    "gqa_tied": dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "gqa_llama3_rope": dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+                            rope_parameters=LLAMA3_ROPE, max_position_embeddings=128),
+}
+
+
+def llama_config(name: str, vocab_size: int = 300, **overrides) -> LlamaConfig:
+    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, pad_token_id=3, bos_token_id=1,
+              eos_token_id=2, attn_implementation="sdpa")
+    kw.update(LLAMA_CONFIGS[name])
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def sequential_from_hf(hf_model, family_name: str = "llama") -> SequentialModel:
+    """The pipeline spec list as one module, holding the HF model's weights (mapped by the key table)."""
+    family = get_family(family_name)
+    config = hf_model.config
+    seq = SequentialModel(family.layer_specs(config))
+    hf_sd = hf_model.state_dict()
+    n = family.num_blocks(config)
+    for idx, mod in seq.layers.items():
+        mod.load_state_dict({k: hf_sd[family.key_map.to_hf(int(idx), k, n)] for k in mod.state_dict()})
+    return seq
+
+
+def make_batch(vocab: int, lengths: list[int], seq_len: int, padding: str, seed: int = 0):
+    """Random token rows of the given lengths padded to seq_len on `padding` ('right' or 'left').
+    Returns (input_ids, attention_mask, position_ids, segment_ids, labels); labels mask pads and
+    the first two tokens of each row (a stand-in prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    ids = torch.full((b, seq_len), 3, dtype=torch.long)
+    mask = torch.zeros(b, seq_len, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        sl = slice(seq_len - n, seq_len) if padding == "left" else slice(0, n)
+        ids[i, sl] = torch.randint(4, vocab, (n,), generator=g)
+        mask[i, sl] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0) * mask
+    labels = ids.masked_fill(mask == 0, -100)
+    first = mask.argmax(-1)
+    for i in range(b):
+        labels[i, first[i]:first[i] + 2] = -100
+    return ids, mask, position_ids, mask.clone(), labels
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_deepspeed(script: str, args: list[str], num_procs: int = 2, timeout: int = 600):
+    """Start `script` with the real deepspeed launcher on CPU (gloo); returns the CompletedProcess."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    assert launcher, "the deepspeed launcher is not installed"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [launcher, "--num_gpus", str(num_procs), "--master_port", str(free_port()), str(root / script), *args]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+ROOT_TEXTS = ["Hello pipeline world.", "  leading spaces and\ttabs\n", "流水线并行", "</s> special <s> tokens <pad>", ""]

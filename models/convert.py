@@ -142,6 +142,27 @@ def parse_size(text: str) -> int:
     raise CheckpointError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2000000")
 
 
+def iter_hf_tensors(layers_dir: Path, family: ModelFamily, config, progress: bool = True):
+    """Yield (HF key, tensor) from a dir of layer files, one layer file in memory at a time; a missing
+    file or a wrong key set raises CheckpointError naming the file."""
+    n = family.num_blocks(config)
+    expected = expected_layer_keys(family, config)
+    for idx in expected:
+        if not (layers_dir / LAYER_FILE.format(idx)).is_file():
+            raise CheckpointError(f"{layers_dir / LAYER_FILE.format(idx)}: missing ({_layer_name(family, config, idx)})")
+    for step, idx in enumerate(sorted(expected), 1):
+        path = layers_dir / LAYER_FILE.format(idx)
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        missing, extra = set(expected[idx]) - set(sd), set(sd) - set(expected[idx])
+        if missing or extra:
+            what = f"missing {sorted(missing)}" if missing else f"unexpected {sorted(extra)}"
+            raise CheckpointError(f"{path}: {what}")
+        for local in expected[idx]:
+            yield family.key_map.to_hf(idx, local, n), sd[local]
+        if progress:
+            log(f"[{step}/{len(expected)}] {path.name} ({_layer_name(family, config, idx)}): {len(sd)} tensors")
+
+
 def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     """Pipeline or checkpoint dir -> HF dir with sharded safetensors + index, config, tokenizer."""
     layers_dir, config_dir = resolve_checkpoint(input_path)
@@ -149,30 +170,47 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
     family, config = family_of(config_dir)
     max_bytes = parse_size(max_shard_size)
     check_target(dst, overwrite)
-    n = family.num_blocks(config)
-    expected = expected_layer_keys(family, config)
-    for idx in expected:
-        if not (layers_dir / LAYER_FILE.format(idx)).is_file():
-            raise CheckpointError(f"{layers_dir / LAYER_FILE.format(idx)}: missing ({_layer_name(family, config, idx)})")
+    tensors = iter_hf_tensors(layers_dir, family, config)
+    first = next(tensors)  # validates every layer file's presence before anything is written
 
     t0 = time.time()
     with atomic_output_dir(dst, overwrite) as tmp:
         writer = ShardWriter(tmp, max_bytes)
-        for step, idx in enumerate(sorted(expected), 1):
-            path = layers_dir / LAYER_FILE.format(idx)
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            missing, extra = set(expected[idx]) - set(sd), set(sd) - set(expected[idx])
-            if missing or extra:
-                what = f"missing {sorted(missing)}" if missing else f"unexpected {sorted(extra)}"
-                raise CheckpointError(f"{path}: {what}")
-            for local in expected[idx]:
-                writer.add(family.key_map.to_hf(idx, local, n), sd[local])
-            log(f"[{step}/{len(expected)}] {path.name} ({_layer_name(family, config, idx)}): {len(sd)} tensors")
+        writer.add(*first)
+        for key, tensor in tensors:
+            writer.add(key, tensor)
         shards = writer.close()
         copied = copy_side_files(config_dir, tmp)
     log(f"wrote {shards} safetensors shard(s) ({writer.total / 2**20:.1f} MB) + {', '.join(copied)} "
         f"to {dst} in {time.time() - t0:.1f}s")
     return dst
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype | None = None):
+    """An HF model (`family.hf_model_class`) from an HF dir or from a pipeline / checkpoint dir
+    (layer files mapped through the key table in memory). Returns (model, family, config dir)."""
+    path = Path(path)
+    if (path / "config.json").is_file() and not (path / LAYER_FILE.format(0)).is_file() and not (path / "latest").is_file():
+        family, config = family_of(path)
+        model = family.hf_model_class.from_pretrained(str(path), config=config, dtype=dtype)
+        return model, family, path
+    layers_dir, config_dir = resolve_checkpoint(path)
+    family, config = family_of(config_dir)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # allocated, not randomly initialised: every weight is assigned below
+        model = family.hf_model_class(config)
+    sd = dict(iter_hf_tensors(layers_dir, family, config, progress=False))
+    if dtype is not None:
+        sd = {k: t.to(dtype) if t.is_floating_point() else t for k, t in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"{layers_dir}: tensors do not fit {family.hf_model_class.__name__}: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval(), family, config_dir
 
 
 def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Path, config_json: str | Path | None = None,

@@ -250,18 +250,16 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
     family.prepare_config(config)
     specs = family.layer_specs(config)
     with atomic_output_dir(dst, overwrite) as tmp:
-        for idx in range(len(specs)):
-            owned, _ = build_specs(specs, idx, idx + 1)
-            if idx not in owned:
-                continue  # a tied head: its weight is the embedding's
-            gen = torch.Generator().manual_seed(seed * 100_003 + idx)
-            family.init_module(owned[idx], config, gen)
-            torch.save(owned[idx].to(DTYPES[dtype]).state_dict(), tmp / LAYER_FILE.format(idx))
-            log(f"[{idx + 1}/{len(specs)}] {LAYER_FILE.format(idx)} ({_layer_name(family, config, idx)})")
+        owners = sorted(meta_layers(family, config))  # a tied head owns no file: its weight is the embedding's
+        for step, idx in enumerate(owners, 1):
+            module = specs[idx].build()  # one layer in memory at a time
+            family.init_layer(module, config, idx, seed)
+            torch.save(module.to(DTYPES[dtype]).state_dict(), tmp / LAYER_FILE.format(idx))
+            log(f"[{step}/{len(owners)}] {LAYER_FILE.format(idx)} ({_layer_name(family, config, idx)})")
         config.save_pretrained(str(tmp))
         GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-    n_params = sum(p.numel() for m in meta_layers(family, config).values() for p in m.parameters())
+    n_params = sum(p.numel() for m in meta_layers(family, config).values() for p in m.parameters())  # tied: once
     log(f"initialised a {family_name} model ({n_params / 1e6:.2f}M parameters, {config.num_hidden_layers} layers) in {dst}")
     return dst
 

@@ -40,6 +40,10 @@ class ModelFamily:
         head = config.hidden_size * config.vocab_size
         return [0.0] + [float(block)] * self.num_blocks(config) + [float(head)]
 
+    def init_layer(self, module: nn.Module, config, layer_idx: int, seed: int) -> None:
+        """Fresh weights for pipeline layer `layer_idx`, seeded per layer so any partition gives the same model."""
+        self.init_module(module, config, torch.Generator().manual_seed(seed * 100_003 + layer_idx))
+
     def load_config(self, directory: str | Path):
         return self.prepare_config(self.config_class.from_pretrained(str(directory)))
 

@@ -124,11 +124,24 @@ def segment_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return keep[:, None]
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy, token mean over labels != -100; labels are aligned with the inputs
-    (shifted here), exactly as transformers' ForCausalLMLoss."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross entropy; labels are aligned with the inputs (shifted here) as in transformers'
+    ForCausalLMLoss, -100 ignored.
+
+    `labels` alone: the token mean of this micro-batch. `(labels, counts)` with int64 counts =
+    [trained tokens in the global batch, micro-batches per global batch (GAS x data-parallel size)]:
+    this micro-batch's summed loss x counts[1] / counts[0]. DeepSpeed averages micro-batch losses over
+    GAS and data-parallel ranks (and scales gradients alike), so the step's loss and gradients become
+    the token mean over the whole global batch, as a single-process reference computes it."""
+    counts = None
+    if isinstance(labels, (tuple, list)):
+        labels, counts = labels
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX)
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    if counts is None:
+        return F.cross_entropy(flat, shifted.reshape(-1), ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(flat, shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total * counts[1].float() / counts[0].float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,6 +217,12 @@ class PipelineModel(PipelineModule):
             kwargs.update(activation_checkpoint_interval=1, checkpointable_layers=grad_ckpt_layers,
                           activation_checkpoint_func=non_reentrant_checkpoint)
         super().__init__(layers=specs, topology=topology, loss_fn=loss_fn, partition_method="explicit", **kwargs)
+        # DeepSpeed's gradient norm (clipping, fp32 and ZeRO-1 paths) sums over the pipeline group but
+        # counts a parameter only on the pipeline's first stage unless it is marked model-parallel: without
+        # this, "global" clipping uses stage 0's norm alone. Every parameter a stage owns is its own;
+        # the copy of a tied weight on a later stage (ds_pipe_replicated) is counted once, on the first.
+        for p in self.parameters():
+            p.model_parallel = not getattr(p, "ds_pipe_replicated", False)
 
     def _partition_layers(self, method: str = "explicit") -> None:
         self.parts = self._stage_bounds_fn(self.num_stages)

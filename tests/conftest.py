@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from data.templates import INSTRUCT_NO_INPUT, INSTRUCT_WITH_INPUT  # noqa: E402
 from data.tiny_tokenizer import train_tiny_tokenizer  # noqa: E402
 
 CORPUS = [
@@ -26,7 +27,8 @@ CORPUS = [
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tokenizer")
-    train_tiny_tokenizer(CORPUS, path, vocab_size=300)
+    words = "pipeline stage layer token batch loss gradient weight model data train answer question reply"
+    train_tiny_tokenizer(CORPUS + [INSTRUCT_WITH_INPUT, INSTRUCT_NO_INPUT, words] * 3, path, vocab_size=512)
     return path
 
 

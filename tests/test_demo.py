@@ -1,0 +1,126 @@
+"""demo.py: same greedy output from an HF dir, a pipeline dir and a training save dir; training's templates."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import convert_model
+import demo
+from data.templates import render_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTRUCT = ["--instruct", "Explain pipeline parallelism.", "--input", "Each stage owns a slice of layers."]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """A tiny random Llama as a pipeline dir, its HF export, and a training-style save dir with `latest`."""
+    root = tmp_path_factory.mktemp("demo")
+    pp, hf, save = root / "pp", root / "hf", root / "save"
+    assert convert_model.main(["init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tokenizer_dir),
+                               "--save-path", str(pp)]) == 0
+    assert convert_model.main(["pp_to_hg", "--input-path", str(pp), "--save-path", str(hf)]) == 0
+    (save / "global_step5").mkdir(parents=True)
+    for f in pp.iterdir():  # layer files into the tag dir, config + tokenizer beside `latest`
+        shutil.copy2(f, save / ("global_step5" if f.name.startswith("layer_") else "") / f.name)
+    (save / "latest").write_text("global_step5")
+    return {"pp": pp, "hf": hf, "save": save}
+
+
+def run_demo(capsys, *argv: str) -> str:
+    assert demo.main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def reference(hf_dir: Path, prompt: str, max_new_tokens: int = 20) -> str:
+    """Greedy continuation computed with plain transformers from the HF dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_same_greedy_output_from_hf_pipeline_and_save_dirs(dirs, capsys):
+    outs = {k: run_demo(capsys, "--model-path", str(d), *INSTRUCT, "--max-new-tokens", "20") for k, d in dirs.items()}
+    prompt = render_prompt({"instruct": INSTRUCT[1], "input": INSTRUCT[3]})
+    expected = reference(dirs["hf"], prompt) + "\n"
+    assert outs["hf"] == expected
+    assert outs["pp"] == expected
+    assert outs["save"] == expected
+    assert len(expected.strip()) > 0
+
+
+def test_prompt_mode_and_no_stream_match_reference(dirs, capsys):
+    args = ["--prompt", "The quick brown fox", "--max-new-tokens", "12"]
+    streamed = run_demo(capsys, "--model-path", str(dirs["pp"]), *args)
+    printed = run_demo(capsys, "--model-path", str(dirs["hf"]), *args, "--no-stream")
+    assert streamed == printed == reference(dirs["hf"], "The quick brown fox", 12) + "\n"
+
+
+@pytest.mark.parametrize("argv, record", [
+    (["--instruct", "Say hi."], {"instruct": "Say hi."}),
+    (["--instruct", "Translate.", "--input", "bonjour"], {"instruct": "Translate.", "input": "bonjour"}),
+    (["--prompt", "Once upon a time"], {"text": "Once upon a time"}),
+])
+def test_build_prompt_is_the_training_template(argv, record):
+    args = demo.build_parser().parse_args(["--model-path", "x", "--local_rank=0", *argv])  # as `deepspeed` passes it
+    prompt = demo.build_prompt(args)
+    assert prompt == render_prompt(record)
+    assert all(v in prompt for v in record.values())
+
+
+def test_sampling_is_seeded(dirs, capsys):
+    model, tok = demo.load(dirs["hf"])
+    kw = dict(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.95, stream=False)
+    a = demo.generate(model, tok, "Pipeline", seed=1, **kw)
+    assert a == demo.generate(model, tok, "Pipeline", seed=1, **kw)
+    assert len({demo.generate(model, tok, "Pipeline", seed=s, **kw) for s in range(2, 6)} | {a}) > 1
+    out = run_demo(capsys, "--model-path", str(dirs["pp"]), "--prompt", "Pipeline", "--max-new-tokens", "16",
+                   "--temperature", "1.0", "--top-k", "50", "--top-p", "0.95", "--seed", "1")
+    assert out == a + "\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model-path", "{tmp}/missing", "--prompt", "x"], "no such directory"),
+    (["--model-path", "{tmp}", "--prompt", "x"], "layer_00-model_states.pt"),
+    (["--model-path", "{tmp}", "--prompt", "x", "--input", "y"], "--input needs --instruct"),
+    (["--model-path", "{tmp}", "--prompt", "x", "--top-p", "0"], "--top-p"),
+])
+def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
+    assert demo.main([a.format(tmp=tmp_path) for a in argv]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # status lines may precede it
+    assert last.startswith("demo.py: error:") and message in last
+
+
+def test_tensor_parallel_without_gpus_is_refused(dirs, capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert demo.main(["--model-path", str(dirs["hf"]), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("demo.py: error:") and "GPUs" in err and "\n" not in err
+
+
+def test_cli_subprocess_error_has_no_traceback(tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    env.pop("WORLD_SIZE", None)
+    p = subprocess.run([sys.executable, "demo.py", "--model-path", str(tmp_path / "nope"), "--instruct", "x"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr and p.stdout == ""
+    assert p.stderr.strip().splitlines()[-1].startswith("demo.py: error:")
+    with pytest.raises(SystemExit) as e:  # neither --prompt nor --instruct: argparse's own exit 2
+        demo.main(["--model-path", str(tmp_path)])
+    assert e.value.code == 2

@@ -1,0 +1,102 @@
+"""train_ds.py: bad configs and bad data fail with one-line errors before any process group or model
+exists; from_scratch builds the same model as `convert_model.py init` on any partition."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import convert_model
+import train_ds
+from tests.helpers import run_deepspeed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer_dir) -> Path:
+    path = tmp_path_factory.mktemp("base") / "pp"
+    assert convert_model.main(["init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tokenizer_dir),
+                               "--save-path", str(path)]) == 0
+    return path
+
+
+def write_config(tmp_path: Path, base: Path, **over) -> Path:
+    data = tmp_path / "d.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps({"instruct": f"say {i}", "output": f"word {i}"}) + "\n" for i in range(16)))
+    cfg = {"model_path": str(base), "save_path": str(tmp_path / "out"), "data_path": str(data), "max_seq_len": 96,
+           "max_steps": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, **over}
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    return tmp_path / "cfg.json"
+
+
+CASES = {  # name -> (config overrides, expected text)
+    "misspelled key": ({"n_epochs": 2}, "unknown key 'n_epochs'; did you mean 'n_epoches'?"),
+    "wrong type": ({"max_seq_len": "512"}, "'max_seq_len' must be int, got \"512\""),
+    "missing data_path": ({"data_path": None}, "missing required key 'data_path'"),
+    "zero 2": ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage 2 does not work with pipeline"),
+    "batch sizes": ({"train_batch_size": 3}, "train_batch_size 3 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 2 x data-parallel size 1"),
+    "dims": ({"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}}}, "needs 2 processes but 1 were started"),
+    "parts": ({"model_topo": {"parts": [7]}}, "model_topo.parts [7] sums to 7 but the model has 6 pipeline units"),
+    "no model": ({"model_path": "/nonexistent/model"}, "model_path /nonexistent/model is not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_config_is_one_line(tmp_path, base, capsys, case):
+    over, expected = CASES[case]
+    cfg = write_config(tmp_path, base, **over)
+    assert train_ds.main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train_ds.py: error: {cfg}: {expected}"] or (len(err) == 1 and expected in err[0]), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_dir_as_model_path_gets_a_hint(tmp_path, base, capsys):
+    hf = tmp_path / "hf"
+    assert convert_model.main(["pp_to_hg", "--input-path", str(base), "--save-path", str(hf)]) == 0
+    assert train_ds.main(["--config", str(write_config(tmp_path, base, model_path=str(hf)))]) == 2
+    assert "has no pipeline layer files (an HF dir? convert it first: convert_model.py hg_to_pp)" in capsys.readouterr().err
+
+
+def test_bad_records_fail_before_any_model_is_built(tmp_path, base):
+    cfg = write_config(tmp_path, base)
+    data = tmp_path / "d.jsonl"
+    data.write_text(data.read_text() + '{"instruct": "x"}\n{"text": 5}\nnot json\n')
+    proc = subprocess.run([sys.executable, "train_ds.py", "--config", str(cfg)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train_ds.py: error:")]
+    assert [e.split(": error: ")[1].split(":")[:2] for e in errors] == [[str(data), "17"], [str(data), "18"], [str(data), "19"]]
+    assert "Traceback" not in proc.stderr and "SEED_LAYERS" not in proc.stdout  # no PipelineModule was built
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_scratch_one_stage_matches_init(tmp_path, base, tokenizer_dir):
+    """One stage (tied embedding and head together), fresh weights: with lr 0 the saved checkpoint equals
+    `convert_model.py init` with the same seed, layer for layer."""
+    tied = tmp_path / "tied"
+    (tmp_path / "tied.json").write_text(json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                                    "num_attention_heads": 4, "num_key_value_heads": 2,
+                                                    "tie_word_embeddings": True}))
+    assert convert_model.main(["init", "--family", "llama", "--config-json", str(tmp_path / "tied.json"), "--tokenizer",
+                               str(tokenizer_dir), "--save-path", str(tied), "--seed", "5"]) == 0
+    cfg = write_config(tmp_path, tied, from_scratch=True, seed=5,
+                       optimizer={"type": "AdamW", "params": {"lr": 0.0, "weight_decay": 0.0, "torch_adam": True}})
+    run_deepspeed("train_ds.py", ["--config", str(cfg)], num_procs=1)
+    ckpt = tmp_path / "out" / "global_step2"
+    files = sorted(p.name for p in tied.glob("layer_*"))
+    assert files == sorted(p.name for p in ckpt.glob("layer_*")) and len(files) == 4  # embed, 2 blocks, norm
+    for name in files:
+        a, b = torch.load(tied / name, weights_only=True), torch.load(ckpt / name, weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] > 0 for m in metrics)

@@ -1,0 +1,41 @@
+"""Pipeline-parallel fine-tuning.
+
+  deepspeed [--num_gpus N | --hostfile hostfile] train_ds.py --config configs/X.json
+
+On a machine without GPUs DeepSpeed's CPU accelerator is used (gloo); `--num_gpus N` then starts
+N CPU processes. The config holds DeepSpeed's keys beside the project's (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from data.records import DataError
+from models.hf_io import CheckpointError
+from models.pipeline import ModelConfigError
+from training.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="JSON config (DeepSpeed keys + project keys)")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    args = ap.parse_args(argv)
+    quiet = int(os.environ.get("LOCAL_RANK", "0")) != 0  # one copy of each error per node
+    try:
+        cfg = load_config(args.config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        from training.trainer import run
+
+        run(cfg)
+    except (ConfigError, DataError, ModelConfigError, CheckpointError) as e:
+        if not quiet:
+            for line in str(e).splitlines():
+                print(f"train_ds.py: error: {line}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The training config: one JSON file holding DeepSpeed's keys beside the project's.
+
+The project's keys are parsed into `TrainConfig`; DeepSpeed's pass through to `deepspeed.initialize`
+untouched. An unknown key is an error naming the closest valid key. Everything here runs before
+any process group exists.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from models.family import get_family
+from models.pipeline import ModelConfigError, parse_topology, plan_stages
+
+
+class ConfigError(ValueError):
+    """A bad training config; the message is one line naming the file, the key and the problem."""
+
+
+# DeepSpeed's top-level keys (deepspeed/runtime/constants.py and its config sections).
+DEEPSPEED_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "fp16", "bf16", "bfloat16", "amp", "torch_autocast", "zero_optimization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "gradient_clipping", "steps_per_print", "wall_clock_breakdown", "dump_state",
+    "data_types", "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
+    "disable_allgather", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor",
+    "comet", "monitor_config", "checkpoint", "aio", "pipeline", "memory_breakdown", "seq_parallel_communication_data_type",
+    "gradient_allreduce_op", "dataloader_drop_last", "elasticity", "compression_training", "data_efficiency",
+    "autotuning", "curriculum_learning", "timers", "use_data_before_expert_parallelism", "graph_harvesting",
+    "compile", "weight_quantization", "hybrid_engine", "nebula", "eigenvalue", "progressive_layer_drop", "log_level",
+})
+
+
+@dataclass
+class TrainConfig:
+    """The project's keys (the seed's keep their meaning). Relative paths are relative to the working directory."""
+
+    model_path: str  # pipeline dir (layer files + config.json + tokenizer), see convert_model.py
+    save_path: str  # checkpoints, metrics.jsonl, HF config + tokenizer for pp_to_hg
+    data_path: str | list[str]  # record files, globs or dirs (.json array / .jsonl)
+    from_scratch: bool = False  # random init from model_path's config instead of its layer files
+    max_seq_len: int = 512
+    n_epoches: int = 1  # the seed's spelling
+    max_steps: int | None = None  # overrides n_epoches when set
+    use_grad_ckpt: bool = False  # activation checkpointing of decoder blocks
+    seed: int = 42
+    log_interval: int = 1  # steps between progress lines
+    pretrain_eos: bool = True  # append EOS to pretrain text
+    data_cache_dir: str | None = None  # default: .cache beside the first data file
+    model_topo: dict = field(default_factory=dict)  # {process_topology: {axes|axis, dims}, parts}
+    ds_config: dict = field(default_factory=dict)  # DeepSpeed's keys
+    path: str = ""  # the config file itself
+
+    @property
+    def micro_batch(self) -> int:
+        return self.ds_config["train_micro_batch_size_per_gpu"]
+
+    @property
+    def grad_accum(self) -> int:
+        return self.ds_config.get("gradient_accumulation_steps", 1)
+
+
+PROJECT_KEYS = {f.name: f for f in fields(TrainConfig) if f.name not in ("ds_config", "path")}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "model_path": (str,), "save_path": (str,), "data_path": (str, list), "from_scratch": (bool,),
+    "max_seq_len": (int,), "n_epoches": (int,), "max_steps": (int, type(None)), "use_grad_ckpt": (bool,),
+    "seed": (int,), "log_interval": (int,), "pretrain_eos": (bool,), "data_cache_dir": (str, type(None)),
+    "model_topo": (dict,),
+}
+_MIN = {"max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0}
+
+
+def load_config(path: str | Path, world_size: int | None = None, require_model: bool = True) -> TrainConfig:
+    """Read and check a config file. `world_size` (the launcher's process count) also checks the topology
+    and batch sizes against it; `require_model` checks model_path holds a pipeline model (else only a dir)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a JSON object")
+    ours, ds = {}, {}
+    for key, value in raw.items():
+        if key in PROJECT_KEYS:
+            ours[key] = value
+        elif key in DEEPSPEED_KEYS:
+            ds[key] = value
+        else:
+            close = difflib.get_close_matches(key, [*PROJECT_KEYS, *DEEPSPEED_KEYS], n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{path}: unknown key '{key}'{hint}")
+    for key in ("model_path", "save_path", "data_path"):
+        if key not in ours:
+            raise ConfigError(f"{path}: missing required key '{key}'")
+    for key, value in ours.items():
+        if not isinstance(value, _TYPES[key]) or (isinstance(value, bool) and bool not in _TYPES[key]):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in _TYPES[key])
+            raise ConfigError(f"{path}: '{key}' must be {want}, got {json.dumps(value)}")
+        if key in _MIN and value is not None and value < _MIN[key]:
+            raise ConfigError(f"{path}: '{key}' must be >= {_MIN[key]}, got {value}")
+
+    cfg = TrainConfig(**ours, ds_config=ds, path=str(path))
+    _check_batch(cfg, path, world_size)
+    _check_paths(cfg, path, require_model)
+    if require_model and world_size is not None:
+        _check_parts(cfg, path, world_size)
+    return cfg
+
+
+def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
+    ds = cfg.ds_config
+    micro, gas = ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps", 1)
+    for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{path}: '{key}' must be a positive integer, got {json.dumps(value)}")
+    if world_size is None:
+        return
+    try:
+        axes, dims = parse_topology(cfg.model_topo, world_size)
+    except ModelConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    dp = dims[axes.index("data")]
+    if "train_batch_size" in ds and ds["train_batch_size"] != micro * gas * dp:
+        raise ConfigError(f"{path}: train_batch_size {ds['train_batch_size']} != train_micro_batch_size_per_gpu {micro} "
+                          f"x gradient_accumulation_steps {gas} x data-parallel size {dp}")
+    for section in ("zero_optimization",):
+        stage = ds.get(section, {}).get("stage", 0) if isinstance(ds.get(section), dict) else 0
+        if stage > 1:
+            raise ConfigError(f"{path}: zero_optimization.stage {stage} does not work with pipeline parallelism; use 0 or 1")
+
+
+def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
+    model = Path(cfg.model_path)
+    if not model.is_dir():
+        raise ConfigError(f"{path}: model_path {model} is not a directory")
+    if not require_model:
+        return
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"{path}: model_path {model} has no config.json")
+    if not cfg.from_scratch and not (model / "layer_00-model_states.pt").is_file():
+        hint = " (an HF dir? convert it first: convert_model.py hg_to_pp)" if any(model.glob("*.safetensors")) else ""
+        raise ConfigError(f"{path}: model_path {model} has no pipeline layer files{hint}")
+    save = Path(cfg.save_path)
+    parent = save if save.exists() else next((p for p in save.parents if p.exists()), Path("/"))
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{path}: save_path {save} is not writable")
+
+
+def _check_parts(cfg: TrainConfig, path: Path, world_size: int) -> None:
+    """`model_topo.parts` against the model's units and the pipeline stages."""
+    try:
+        model_type = json.loads(Path(cfg.model_path, "config.json").read_text()).get("model_type")
+        family = get_family(model_type, where=f"{cfg.model_path}/config.json")
+        config = family.load_config(cfg.model_path)
+        axes, dims = parse_topology(cfg.model_topo, world_size)
+        plan_stages(family.unit_sizes(config), family.unit_costs(config), dims[axes.index("pipe")],
+                    cfg.model_topo.get("parts"))
+    except (ModelConfigError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -46,6 +46,7 @@ CASES = {  # name -> (config overrides, expected text)
     "batch sizes": ({"train_batch_size": 3}, "train_batch_size 3 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 2 x data-parallel size 1"),
     "dims": ({"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}}}, "needs 2 processes but 1 were started"),
     "parts": ({"model_topo": {"parts": [7]}}, "model_topo.parts [7] sums to 7 but the model has 6 pipeline units"),
+    "no optimizer": ({"optimizer": None}, "missing DeepSpeed 'optimizer' section"),
     "no model": ({"model_path": "/nonexistent/model"}, "model_path /nonexistent/model is not a directory"),
 }
 

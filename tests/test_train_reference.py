@@ -64,12 +64,12 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float)
     return losses, model.state_dict()
 
 
-@pytest.mark.parametrize("procs, dims, name, clip", [
-    (2, [2, 1], "gqa_tied", 1.0),  # the tied embedding/head on different stages
-    (4, [2, 2], "gqa_llama3_rope", 1.0),  # clipping by the norm over both stages and both replicas
-    (2, [2, 1], "mha_bias_untied", 0.0),
-], ids=["pipe2-tied-clip", "pipe2xdata2-clip", "pipe2-noclip"])
-def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, dims, name, clip):
+@pytest.mark.parametrize("procs, dims, name, clip, ckpt", [
+    (2, [2, 1], "gqa_tied", 1.0, False),  # the tied embedding/head on different stages
+    (4, [2, 2], "gqa_llama3_rope", 1.0, False),  # clipping by the norm over both stages and both replicas
+    (2, [2, 1], "mha_bias_untied", 0.0, True),  # activation checkpointing of the decoder blocks
+], ids=["pipe2-tied-clip", "pipe2xdata2-clip", "pipe2-noclip-gradckpt"])
+def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, dims, name, clip, ckpt):
     torch.manual_seed(0)
     hf = LlamaForCausalLM(llama_config(name, vocab_size=len(tokenizer)))
     hf.save_pretrained(tmp_path / "hf")
@@ -78,14 +78,15 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
     write_records(tmp_path / "train.jsonl")
     config = {
         "model_path": str(tmp_path / "pp"), "save_path": str(tmp_path / "out"), "data_path": str(tmp_path / "train.jsonl"),
-        "max_seq_len": SEQ, "max_steps": STEPS, "seed": SEED, "data_cache_dir": str(tmp_path / "cache"),
+        "max_seq_len": SEQ, "max_steps": STEPS, "seed": SEED, "use_grad_ckpt": ckpt, "data_cache_dir": str(tmp_path / "cache"),
         "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": dims}},
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS, "gradient_clipping": clip,
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": 1e-8, "weight_decay": WD,
                                                   "torch_adam": True}},
     }
     (tmp_path / "cfg.json").write_text(json.dumps(config))
-    run_deepspeed("train_ds.py", ["--config", str(tmp_path / "cfg.json")], num_procs=procs)
+    proc = run_deepspeed("train_ds.py", ["--config", str(tmp_path / "cfg.json")], num_procs=procs)
+    assert ("activation checkpointing: 1 decoder blocks on stage 0" in proc.stdout) == ckpt, proc.stdout[-2000:]
 
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))

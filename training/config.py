@@ -122,6 +122,9 @@ def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
             raise ConfigError(f"{path}: '{key}' must be a positive integer, got {json.dumps(value)}")
     if world_size is None:
         return
+    if not isinstance(ds.get("optimizer"), dict) or "type" not in ds["optimizer"]:
+        raise ConfigError(f"{path}: missing DeepSpeed 'optimizer' section, e.g. "
+                          '{"type": "AdamW", "params": {"lr": 2e-5, "weight_decay": 0.0}}')
     try:
         axes, dims = parse_topology(cfg.model_topo, world_size)
     except ModelConfigError as e:

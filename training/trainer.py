@@ -126,6 +126,7 @@ class Trainer:
             for name in copy_side_files(Path(self.cfg.model_path), staging, SIDE_FILES):
                 os.replace(staging / name, save / name)
             staging.rmdir()
+            (save / "metrics.jsonl").write_text("")  # a run starts fresh (no resume yet)
         torch.distributed.barrier()
         self.metrics_path = save / "metrics.jsonl"
 
@@ -150,6 +151,8 @@ class Trainer:
         clip = self.engine.gradient_clipping()
         default = "" if "gradient_clipping" in self.cfg.ds_config else " (DeepSpeed's default; set gradient_clipping 0 to disable)"
         self.log(f"gradient clipping: {f'global norm {clip:g}' if clip > 0 else 'off'}{default}")
+        ckpt = sum(model.is_checkpointable_results) if model.activation_checkpoint_interval else 0
+        self.log(f"activation checkpointing: {f'{ckpt} decoder blocks on stage 0 (non-reentrant)' if ckpt else 'off'}")
 
     # ------------------------------------------------------------------------------------------ train
 
@@ -162,7 +165,7 @@ class Trainer:
 
     def train(self) -> None:
         t0 = last = time.time()
-        start, window_tokens = self.engine.global_steps, 0
+        start, window_tokens, losses = self.engine.global_steps, 0, []
         for step in range(start, self.total_steps):
             loss = self.engine.train_batch(data_iter=iter(self.batches_for(step)))
             epoch, in_epoch = self.plan.position(step)
@@ -175,11 +178,15 @@ class Trainer:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
             done, window_tokens = step + 1 - start, window_tokens + rec["tokens"]
+            losses.append(rec["loss"])
             if done % self.cfg.log_interval == 0 or step + 1 == self.total_steps:
                 eta = (now - t0) / done * (self.total_steps - step - 1)
                 self.log(f"step {step + 1}/{self.total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
                          f"{window_tokens / max(now - last, 1e-9):,.0f} tok/s | elapsed {_hms(now - t0)} | eta {_hms(eta)}")
                 last, window_tokens = now, 0
+        k = max(1, min(10, len(losses) // 4))
+        self.log(f"finished {len(losses)} steps in {_hms(time.time() - t0)}: loss {sum(losses[:k]) / k:.4f} "
+                 f"(mean of the first {k}) -> {sum(losses[-k:]) / k:.4f} (mean of the last {k})")
         self.save(f"global_step{self.total_steps}")
 
     # ------------------------------------------------------------------------------------------ save

@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from models.family import get_family
+from models.convert import family_of
+from models.hf_io import CheckpointError
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 
 
@@ -159,11 +160,9 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
 def _check_parts(cfg: TrainConfig, path: Path, world_size: int) -> None:
     """`model_topo.parts` against the model's units and the pipeline stages."""
     try:
-        model_type = json.loads(Path(cfg.model_path, "config.json").read_text()).get("model_type")
-        family = get_family(model_type, where=f"{cfg.model_path}/config.json")
-        config = family.load_config(cfg.model_path)
+        family, config = family_of(Path(cfg.model_path))
         axes, dims = parse_topology(cfg.model_topo, world_size)
         plan_stages(family.unit_sizes(config), family.unit_costs(config), dims[axes.index("pipe")],
                     cfg.model_topo.get("parts"))
-    except (ModelConfigError, json.JSONDecodeError) as e:
+    except (ModelConfigError, CheckpointError) as e:
         raise ConfigError(f"{path}: {e}") from None

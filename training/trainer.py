@@ -14,7 +14,8 @@ import torch
 from data.collate import pad_id_of
 from data.encode import load_dataset
 from data.records import read_files, records_from_files
-from models import PipelineModel, causal_lm_loss, get_family, parse_topology, plan_stages
+from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
+from models.convert import family_of
 from models.hf_io import SIDE_FILES, copy_side_files
 from training.batches import BatchPlan, step_micro_batches, trained_tokens
 from training.config import ConfigError, TrainConfig
@@ -38,7 +39,6 @@ class Trainer:
         self.cfg = cfg
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.rank = int(os.environ.get("RANK", "0"))
-        self.engine = None
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -65,18 +65,23 @@ class Trainer:
         self.world = torch.distributed.get_world_size()
         torch.manual_seed(cfg.seed)
 
-        self.family = get_family(json.loads(Path(cfg.model_path, "config.json").read_text()).get("model_type"),
-                                 where=f"{cfg.model_path}/config.json")
-        self.config = self.family.load_config(cfg.model_path)
+        self.family, self.config = family_of(Path(cfg.model_path))
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
         self.dataset = self._load_dataset()
 
         axes, dims = parse_topology(cfg.model_topo, self.world)
         topo = ProcessTopology(axes=axes, dims=dims)
         self.dp_size, self.pp_size = dims[axes.index("data")], dims[axes.index("pipe")]
-        parts = cfg.model_topo.get("parts")
+        self.plan = BatchPlan(len(self.dataset), cfg.micro_batch, cfg.grad_accum, self.dp_size, cfg.seed)
+        if self.plan.steps_per_epoch == 0:  # before any layer is built
+            raise ConfigError(f"{cfg.path}: {len(self.dataset)} samples are fewer than one global batch "
+                              f"({self.plan.global_batch} = micro x accumulation x data-parallel)")
+        self.total_steps = cfg.max_steps or cfg.n_epoches * self.plan.steps_per_epoch
+        self.tokens = trained_tokens(self.dataset)
+        self.lengths = self.dataset.offsets[1:] - self.dataset.offsets[:-1]
+
+        parts = cfg.model_topo.get("parts")  # checked against the model by load_config
         bounds_fn = lambda n: plan_stages(self.family.unit_sizes(self.config), self.family.unit_costs(self.config), n, parts)  # noqa: E731
-        bounds_fn(self.pp_size)  # a bad `parts` fails here, before any layer is built
         model = PipelineModel(self.family.layer_specs(self.config), bounds_fn, topo, loss_fn=causal_lm_loss,
                               grad_ckpt_layers=[self.family.block_class.__name__] if cfg.use_grad_ckpt else None)
         if cfg.from_scratch:
@@ -92,14 +97,6 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=trainable)
         self.model = model
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
-
-        self.plan = BatchPlan(len(self.dataset), cfg.micro_batch, cfg.grad_accum, self.dp_size, cfg.seed)
-        if self.plan.steps_per_epoch == 0:
-            raise ConfigError(f"{cfg.path}: {len(self.dataset)} samples are fewer than one global batch "
-                              f"({self.plan.global_batch} = micro x accumulation x data-parallel)")
-        self.total_steps = cfg.max_steps or cfg.n_epoches * self.plan.steps_per_epoch
-        self.tokens = trained_tokens(self.dataset)
-        self.lengths = self.dataset.offsets[1:] - self.dataset.offsets[:-1]
         self._prepare_save_path()
         self._summary(model)
 

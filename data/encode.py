@@ -2,30 +2,35 @@
 
     ds = load_dataset("data/samples", tokenizer, max_seq_len=512)
     ds[0]  # {"input_ids": [...], "labels": [...]}, labels -100 where no loss
+
+A token carries a label iff its last character lies inside a trained span: a token that starts in
+the prompt and ends in the answer (e.g. " Hello" right after "### Assistant:") is the answer's first
+word and is trained; zero-width tokens (a BOS the tokenizer adds) never are.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import multiprocessing as mp
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from data.records import Record, read_files, records_from_files
-from data.templates import render, template_settings
+from data.chat import render_chat, require_chat_template
+from data.records import DataError, Record, read_files, records_from_files
+from data.templates import DEFAULT_SETTINGS, Rendered, Span, TemplateSettings, render, template_settings
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "encode-v1"  # bump when encoding or labelling changes
+CACHE_VERSION = "encode-v2"  # bump when encoding or labelling changes
 MIN_RECORDS_FOR_POOL = 2000
+BATCH = 1000  # texts per tokenizer call
 
 log = logging.getLogger(__name__)
 
@@ -65,77 +70,148 @@ class EncodedDataset:
         return i if i < len(self) and self.record_index[i] == record else None
 
 
-def encode_one(tokenizer: Any, rec: dict[str, Any], max_seq_len: int, pretrain_eos: bool = True
-               ) -> tuple[list[int], list[int], bool]:
-    """Render and tokenize one record: (input_ids, labels, truncated), at most `max_seq_len` tokens.
+Encoded = tuple[np.ndarray, np.ndarray, bool]  # (input_ids, labels, truncated); int32 arrays
 
-    The text is tokenized once with the tokenizer's own special tokens (BOS etc.); a token is
-    trained iff its character span lies inside a trained span. Truncation drops the tail (an EOS
-    that does not fit is absent, never re-added).
+
+def _render(rec: Mapping[str, Any], tokenizer: Any, settings: TemplateSettings) -> Rendered:
+    if settings.template == "chat":
+        return render_chat(rec, tokenizer, settings)
+    return render(rec, tokenizer.eos_token, settings)
+
+
+def _label(ids: list[int], offsets: list[tuple[int, int]], spans: list[Span], max_seq_len: int) -> Encoded:
+    """Labels from character offsets: a token is trained iff its last character lies in a trained span."""
+    ids_a = np.asarray(ids, dtype=np.int32)
+    offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    trained = np.zeros(len(ids_a), dtype=bool)
+    for s, e in spans:
+        trained |= (offs[:, 1] > s) & (offs[:, 1] <= e)
+    trained &= offs[:, 1] > offs[:, 0]  # zero-width tokens (a BOS the tokenizer adds) are never trained
+    labels = np.where(trained, ids_a, np.int32(IGNORE_INDEX)).astype(np.int32)
+    return ids_a[:max_seq_len], labels[:max_seq_len], len(ids_a) > max_seq_len
+
+
+def encode_batch(tokenizer: Any, recs: Sequence[Mapping[str, Any]], max_seq_len: int,
+                 settings: TemplateSettings = DEFAULT_SETTINGS) -> list[Encoded | str]:
+    """Render and tokenize records: per record (input_ids, labels, truncated), or the problem (a str) when a
+    chat template cannot render it. At most `max_seq_len` tokens each.
+
+    Each text is tokenized once (batched): with the tokenizer's own special tokens (BOS etc.) for the
+    default templates, without adding any in chat mode (as apply_chat_template does). Truncation drops
+    the tail (an EOS that does not fit is absent, never re-added).
     """
-    r = render(rec, tokenizer.eos_token, pretrain_eos)
-    enc = tokenizer(r.text, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    offs = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    trained = np.zeros(len(ids), dtype=bool)
-    for s, e in r.spans:
-        trained |= (offs[:, 0] >= s) & (offs[:, 1] <= e) & (offs[:, 1] > offs[:, 0])
-    labels = np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
-    return ids[:max_seq_len], labels[:max_seq_len], len(ids) > max_seq_len
+    rendered: list[Rendered | str] = []
+    for rec in recs:
+        try:
+            rendered.append(_render(rec, tokenizer, settings))
+        except ValueError as e:
+            rendered.append(str(e))
+    out: list[Encoded | str] = list(rendered)  # strings stay: the problems
+    for has_special in (False, True):
+        at = [i for i, r in enumerate(rendered) if isinstance(r, Rendered) and r.has_special_tokens == has_special]
+        if at:
+            enc = tokenizer([rendered[i].text for i in at], add_special_tokens=not has_special,
+                            return_offsets_mapping=True)
+            for i, ids, offsets in zip(at, enc["input_ids"], enc["offset_mapping"], strict=True):
+                out[i] = _label(ids, offsets, rendered[i].spans, max_seq_len)
+    return out
+
+
+def encode_one(tokenizer: Any, rec: Mapping[str, Any], max_seq_len: int, settings: TemplateSettings = DEFAULT_SETTINGS
+               ) -> tuple[list[int], list[int], bool]:
+    """One record's (input_ids, labels, truncated) as lists (see `encode_batch`); ValueError if it cannot render."""
+    result = encode_batch(tokenizer, [rec], max_seq_len, settings)[0]
+    if isinstance(result, str):
+        raise ValueError(result)
+    ids, labels, cut = result
+    return ids.tolist(), labels.tolist(), cut
+
+
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 _worker: dict[str, Any] = {}
 
 
-def _cpu_count() -> int:
-    """Cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+class Part(NamedTuple):
+    """The samples of a range of records that keep a trained token, in flat arrays, and the range's problems."""
+
+    index: np.ndarray  # record index per sample, int64
+    lengths: np.ndarray  # tokens per sample, int64
+    input_ids: np.ndarray  # int32, concatenated
+    labels: np.ndarray  # int32, concatenated
+    truncated: int
+    problems: list[tuple[int, str]]  # (record index, problem)
 
 
-def _init_worker(tokenizer: Any, max_seq_len: int, pretrain_eos: bool) -> None:
-    _worker.update(tokenizer=tokenizer, max_seq_len=max_seq_len, pretrain_eos=pretrain_eos)
+def _init_worker(tokenizer: Any, recs: Sequence[Mapping[str, Any]], max_seq_len: int, settings: TemplateSettings
+                 ) -> None:
+    _worker.update(tokenizer=tokenizer, recs=recs, max_seq_len=max_seq_len, settings=settings)
 
 
-def _encode_chunk(chunk: Sequence[tuple[int, dict[str, Any]]]) -> list[tuple[int, list[int], list[int], bool]]:
-    """Encode (record index, record) pairs, leaving out samples with no trained token."""
-    out = []
-    for idx, rec in chunk:
-        ids, labels, cut = encode_one(_worker["tokenizer"], rec, _worker["max_seq_len"], _worker["pretrain_eos"])
-        if any(x != IGNORE_INDEX for x in labels):
-            out.append((idx, ids, labels, cut))
-    return out
+def _init_pool_worker(*args: Any) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism: no tokenizer threads per worker
+    _init_worker(*args)
 
 
-def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int, pretrain_eos: bool = True,
-                   num_proc: int | None = None) -> EncodedDataset:
-    """Encode validated records, in parallel over `num_proc` processes (default: all cores, 1 for small inputs)."""
+def _encode_range(bounds: tuple[int, int]) -> Part:
+    """Encode the worker's records [start, end), BATCH texts per tokenizer call."""
+    start, end = bounds
+    idx, ids, labels, cuts, problems = [], [], [], 0, []
+    for lo in range(start, end, BATCH):
+        found = encode_batch(_worker["tokenizer"], _worker["recs"][lo:min(lo + BATCH, end)], _worker["max_seq_len"],
+                             _worker["settings"])
+        for i, r in enumerate(found, lo):
+            if isinstance(r, str):
+                problems.append((i, r))
+            elif (r[1] != IGNORE_INDEX).any():
+                idx.append(i)
+                ids.append(r[0])
+                labels.append(r[1])
+                cuts += r[2]
+    empty = np.zeros(0, np.int32)
+    return Part(np.array(idx, dtype=np.int64), np.array([len(x) for x in ids], dtype=np.int64),
+                np.concatenate([empty, *ids]), np.concatenate([empty, *labels]), cuts, problems)
+
+
+def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
+                   settings: TemplateSettings = DEFAULT_SETTINGS, num_proc: int | None = None) -> EncodedDataset:
+    """Encode validated records, in parallel over `num_proc` processes (default: all cores, 1 for small inputs).
+
+    Raises DataError (`FILE:LINE: problem` lines) for records the chat template cannot render."""
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("a fast (Rust-backed) tokenizer is required: labels need its offset mapping")
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    if settings.template == "chat":
+        require_chat_template(tokenizer)
     if num_proc is None:
-        num_proc = 1 if len(records) < MIN_RECORDS_FOR_POOL else _cpu_count()
-    items = [(i, r.data) for i, r in enumerate(records)]
-    init = (tokenizer, max_seq_len, pretrain_eos)
-    if num_proc <= 1 or len(items) < 2:
+        num_proc = 1 if len(records) < MIN_RECORDS_FOR_POOL else usable_cores()
+    init = (tokenizer, [r.data for r in records], max_seq_len, settings)
+    if num_proc <= 1 or len(records) < 2:
         _init_worker(*init)
-        results = _encode_chunk(items)
-        _worker.clear()
+        try:
+            parts = [_encode_range((0, len(records)))]
+        finally:
+            _worker.clear()
     else:
-        size = -(-len(items) // (num_proc * 4))
-        chunks = [items[i:i + size] for i in range(0, len(items), size)]
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        with mp.get_context(method).Pool(num_proc, initializer=_init_worker, initargs=init) as pool:
-            results = [s for part in pool.imap(_encode_chunk, chunks) for s in part]
-    lengths = [len(ids) for _, ids, _, _ in results]
-    offsets = np.zeros(len(results) + 1, dtype=np.int64)
+        size = -(-len(records) // (num_proc * 4))
+        ranges = [(i, min(i + size, len(records))) for i in range(0, len(records), size)]
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # fork: records are not copied
+        with mp.get_context(method).Pool(num_proc, initializer=_init_pool_worker, initargs=init) as pool:
+            parts = list(pool.imap(_encode_range, ranges))
+    problems = [p for part in parts for p in part.problems]
+    if problems:
+        raise DataError([f"{records[i].source}:{records[i].line}: {msg}" for i, msg in problems])
+    index, lengths, flat, labels = (np.concatenate([getattr(part, k) for part in parts])
+                                    for k in ("index", "lengths", "input_ids", "labels"))
+    offsets = np.zeros(len(index) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    n = int(offsets[-1])
-    flat = np.fromiter(itertools.chain.from_iterable(r[1] for r in results), dtype=np.int32, count=n)
-    labels = np.fromiter(itertools.chain.from_iterable(r[2] for r in results), dtype=np.int32, count=n)
-    stats = EncodeStats(records=len(records), kept=len(results), dropped=len(records) - len(results),
-                        truncated=sum(cut for *_, cut in results))
-    return EncodedDataset(flat, labels, offsets, np.array([i for i, *_ in results], dtype=np.int64), stats)
+    stats = EncodeStats(records=len(records), kept=len(index), dropped=len(records) - len(index),
+                        truncated=sum(part.truncated for part in parts))
+    return EncodedDataset(flat, labels, offsets, index, stats)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -146,14 +222,15 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
         "add_bos": getattr(tokenizer, "add_bos_token", None),
         "add_eos": getattr(tokenizer, "add_eos_token", None),
+        "chat_template": getattr(tokenizer, "chat_template", None),
     }
     return json.dumps(state, sort_keys=True, default=str)
 
 
-def cache_key(files: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len: int, pretrain_eos: bool) -> str:
+def cache_key(files: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len: int, settings: TemplateSettings) -> str:
     """sha256 over data bytes, tokenizer state, template settings, max_seq_len and CACHE_VERSION."""
     h = hashlib.sha256()
-    for part in (CACHE_VERSION, tokenizer_fingerprint(tokenizer), json.dumps(template_settings(pretrain_eos)),
+    for part in (CACHE_VERSION, tokenizer_fingerprint(tokenizer), json.dumps(template_settings(settings)),
                  str(max_seq_len)):
         h.update(part.encode())
         h.update(b"\0")
@@ -189,24 +266,25 @@ def _load(path: Path) -> EncodedDataset:
 
 
 def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, max_seq_len: int,
-                 cache_dir: str | Path | None = None, pretrain_eos: bool = True, num_proc: int | None = None,
-                 use_cache: bool = True) -> EncodedDataset:
+                 cache_dir: str | Path | None = None, settings: TemplateSettings = DEFAULT_SETTINGS,
+                 num_proc: int | None = None, use_cache: bool = True) -> EncodedDataset:
     """Read, validate (all records, DataError on any problem) and encode `data_path`, using the disk cache.
 
     The cache lives in `cache_dir` (default: `.cache` beside the first data file) under a key that
-    covers the data bytes, the tokenizer, the templates, `max_seq_len` and the code version.
+    covers the data bytes, the tokenizer (chat template included), the templates and `settings`,
+    `max_seq_len` and the code version. Training config keys map to `settings` (`TrainConfig.template_settings`).
     """
     files = read_files(data_path)
     path = None
     if use_cache:
-        key = cache_key(files, tokenizer, max_seq_len, pretrain_eos)
+        key = cache_key(files, tokenizer, max_seq_len, settings)
         path = Path(cache_dir) if cache_dir is not None else files[0][0].parent / ".cache"
         path = path / f"encoded-{key[:32]}.npz"
         if path.is_file():
             ds = _load(path)
             _log(ds.stats)
             return ds
-    ds = encode_records(records_from_files(files), tokenizer, max_seq_len, pretrain_eos, num_proc)
+    ds = encode_records(records_from_files(files), tokenizer, max_seq_len, settings, num_proc)
     if path is not None:
         try:
             _save(ds, path)

@@ -1,9 +1,12 @@
-"""Show the exact tokens and labels the model will see for one record.
+"""Show the exact tokens and labels the model will see for one record, or statistics of the whole data.
 
     python -m data.inspect --config CFG.json --index N [--json]
+    python -m data.inspect --config CFG.json --stats [--json]
 
-Trained tokens are shown in green on a terminal and between [[ ]] otherwise. With --json, stdout
-holds only {"input_ids": [...], "labels": [...]}. Bad data: one line per problem on stderr, exit 2.
+Trained tokens are shown in green on a terminal and between [[ ]] otherwise (every trained span of
+a conversation: each answer with its EOS). With --json, stdout holds only {"input_ids": [...],
+"labels": [...]} (or the statistics as one object). --stats: token-length percentiles, the fraction
+of samples truncated, the fraction of tokens trained. Bad data: one line per problem on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from data.encode import IGNORE_INDEX, EncodedDataset, load_dataset
 from data.records import DataError
 from training.config import ConfigError, load_config
 
 GREEN, RESET = "\033[32m", "\033[0m"
+PERCENTILES = (50, 90, 95, 99, 100)
 
 
 def _runs(ds: EncodedDataset, sample: int) -> list[tuple[list[int], bool]]:
@@ -39,13 +45,14 @@ def show(ds: EncodedDataset, sample: int, tokenizer: Any, record: int, color: bo
     """Human-readable view: counts, the text with trained spans marked, then one line per token."""
     s = ds[sample]
     n_trained = sum(lab != IGNORE_INDEX for lab in s["labels"])
-    st = ds.stats
+    st, runs = ds.stats, _runs(ds, sample)
     text = "".join(
         (f"{GREEN}{t}{RESET}" if color else f"[[{t}]]") if trained else t
-        for t, trained in ((tokenizer.decode(ids), trained) for ids, trained in _runs(ds, sample))
+        for t, trained in ((tokenizer.decode(ids), trained) for ids, trained in runs)
     )
+    n_spans = sum(trained for _, trained in runs)
     lines = [
-        f"record {record} -> sample {sample}: {len(s['input_ids'])} tokens, {n_trained} trained",
+        f"record {record} -> sample {sample}: {len(s['input_ids'])} tokens, {n_trained} trained in {n_spans} span(s)",
         f"dataset: {st.records} records, {st.kept} samples, {st.dropped} dropped, {st.truncated} truncated",
         "--- text (trained: " + ("green" if color else "[[ ]]") + ") ---",
         text,
@@ -57,12 +64,44 @@ def show(ds: EncodedDataset, sample: int, tokenizer: Any, record: int, color: bo
     return "\n".join(lines)
 
 
+def dataset_stats(ds: EncodedDataset, max_seq_len: int) -> dict:
+    """Counts, sample-length percentiles (tokens, after truncation), truncated and trained fractions."""
+    st = ds.stats
+    lengths = np.diff(ds.offsets)
+    total, trained = int(lengths.sum()), int((ds.labels != IGNORE_INDEX).sum())
+    pct = np.percentile(lengths, PERCENTILES, method="higher") if len(ds) else [0] * len(PERCENTILES)
+    return {
+        "records": st.records, "samples": st.kept, "dropped": st.dropped, "truncated": st.truncated,
+        "truncated_fraction": st.truncated / st.kept if st.kept else 0.0, "max_seq_len": max_seq_len,
+        "length_percentiles": {f"p{q}": int(v) for q, v in zip(PERCENTILES, pct, strict=True)},
+        "tokens": total, "trained_tokens": trained, "trained_fraction": trained / total if total else 0.0,
+        "packing_efficiency": None,  # no packing yet: every sample is padded to max_seq_len
+    }
+
+
+def show_stats(st: dict) -> str:
+    """The statistics (`dataset_stats`) as a few human-readable lines."""
+    pct = st["length_percentiles"]
+    return "\n".join([
+        f"records: {st['records']} -> {st['samples']} samples, {st['dropped']} dropped (no trained token within "
+        f"max_seq_len {st['max_seq_len']})",
+        f"truncated: {st['truncated']} of {st['samples']} samples ({st['truncated_fraction']:.1%})",
+        f"tokens per sample (after truncation to {st['max_seq_len']}): "
+        + ", ".join(f"{'max' if k == 'p100' else k} {v}" for k, v in pct.items()),
+        f"trained tokens: {st['trained_tokens']} of {st['tokens']} ({st['trained_fraction']:.1%})",
+        "packing efficiency: n/a (no packing yet)",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="the training config (train_ds.py's)")
-    ap.add_argument("--index", type=int, required=True, help="record number, 0-based, in file order")
-    ap.add_argument("--json", action="store_true", help='print only {"input_ids": [...], "labels": [...]}')
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--index", type=int, help="record number, 0-based, in file order")
+    what.add_argument("--stats", action="store_true", help="statistics of the whole data set")
+    ap.add_argument("--json", action="store_true", help='print only {"input_ids": [...], "labels": [...]} '
+                    "(with --stats: the statistics as one object)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     try:
@@ -74,10 +113,14 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
         except (OSError, ValueError) as e:
             raise DataError([f"{model_path}:0: cannot load a tokenizer: {' '.join(str(e).split())[:300]}"]) from None
-        ds = load_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.pretrain_eos)
+        ds = load_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings)
     except (DataError, ConfigError) as e:
         print(e, file=sys.stderr)
         return 2
+    if args.stats:
+        stats = dataset_stats(ds, cfg.max_seq_len)
+        print(json.dumps(stats) if args.json else show_stats(stats))
+        return 0
     if not 0 <= args.index < ds.stats.records:
         print(f"error: --index {args.index} out of range: the data has {ds.stats.records} records", file=sys.stderr)
         return 2

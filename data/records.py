@@ -3,8 +3,12 @@
 Every record is checked before anything is tokenized; all problems are collected and raised
 together as one `DataError` whose lines read `FILE:LINE: problem`.
 
-Adding a record type (e.g. `conversation`, `ref_qa`) means one `RecordType` entry in
-`RECORD_TYPES` here and one renderer in `data.templates.RENDERERS`.
+Adding a record type means one `RecordType` entry in `RECORD_TYPES` here, one prompt in
+`data.templates.PROMPTS`, one renderer in `data.templates.RENDERERS` and, for chat-template mode,
+one entry in `data.templates.CHAT_MESSAGES`. Adding a file format means one parser in `PARSERS`.
+
+A record's JSON text may be at most MAX_RECORD_BYTES: longer records are refused (a sample is at
+most `max_seq_len` tokens, so such a record would be tokenized only to be truncated).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_SHOWN = 20  # problems listed in a DataError message
+MAX_RECORD_BYTES = 10_000_000  # per record, in UTF-8 JSON text
 TOO_DEEP = "malformed JSON: nested too deeply"
 
 
@@ -45,32 +50,90 @@ class Record:
 class RecordType:
     """How to recognise and check one record type.
 
-    `infer_key`: a record without "type" that has this key is of this type.
-    `validate`: returns the problems of a record (its "type" key already removed), [] if valid.
+    `infer_key`: a record without "type" that has this key is of this type (types are tried in
+    `RECORD_TYPES` order). `validate`: the problems of a record (its "type" key removed), [] if valid.
     """
 
     infer_key: str
     validate: Callable[[Mapping[str, Any]], list[str]]
 
 
-def _check_fields(rec: Mapping[str, Any], required: Sequence[str], optional: Sequence[str] = ()) -> list[str]:
-    """Problems with a flat record whose fields are all strings; required ones must be non-empty."""
-    allowed = ", ".join(["type", *required, *optional])
-    problems = [f"unknown key {k!r} (allowed: {allowed})" for k in rec if k not in required and k not in optional]
-    for name in [*required, *optional]:
-        if name not in rec:
-            if name in required:
-                problems.append(f"missing field {name!r}")
-        elif not isinstance(rec[name], str):
-            problems.append(f"field {name!r} must be a string, got {type(rec[name]).__name__}")
-        elif name in required and not rec[name].strip():
-            problems.append(f"field {name!r} is empty")
+FieldCheck = Callable[[str, Any], list[str]]  # (field name, value) -> problems
+
+
+def _string_problem(what: str, value: Any, allow_empty: bool = False) -> str | None:
+    """Why `value` is not a usable text (a string, valid Unicode, non-blank unless `allow_empty`), else None."""
+    if not isinstance(value, str):
+        return f"{what} must be a string, got {type(value).__name__}"
+    if not allow_empty and not value.strip():
+        return f"{what} is empty"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate from a \ud800-style escape
+        return f"{what} holds an invalid character ({value[e.start]!r} at position {e.start})"
+    return None
+
+
+def _text(name: str, value: Any) -> list[str]:
+    """A non-empty string."""
+    problem = _string_problem(f"field {name!r}", value)
+    return [problem] if problem else []
+
+
+def _maybe_empty_text(name: str, value: Any) -> list[str]:
+    problem = _string_problem(f"field {name!r}", value, allow_empty=True)
+    return [problem] if problem else []
+
+
+def _rounds(name: str, value: Any) -> list[str]:
+    """[[role, text], ...]: roles in ROLES, texts non-empty, at least one turn, the last one an answer."""
+    if not isinstance(value, list):
+        return [f"field {name!r} must be a list of [role, text] pairs, got {type(value).__name__}"]
+    if not value:
+        return [f"field {name!r} is empty"]
+    problems = []
+    for i, turn in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(turn, list) or len(turn) != 2:
+            problems.append(f"{where} must be a [role, text] pair, got {json.dumps(turn, ensure_ascii=False)[:60]}")
+            continue
+        role, text = turn
+        if role not in ROLES:
+            problems.append(f"{where}: unknown role {role!r} (allowed: {', '.join(map(repr, ROLES))})")
+        if problem := _string_problem(f"{where}: text", text):
+            problems.append(problem)
+    if not problems and value[-1][0] != "ans":
+        has_answer = any(role == "ans" for role, _ in value)
+        problems.append(f"{name} end with an 'ask' turn: a sample must end with an 'ans' turn"
+                        if has_answer else f"{name} has no 'ans' turn: nothing to train on")
     return problems
 
 
+def _fields(required: Mapping[str, FieldCheck], optional: Mapping[str, FieldCheck] | None = None
+            ) -> Callable[[Mapping[str, Any]], list[str]]:
+    """A validator for records with exactly these fields (required ones present), each checked by its check."""
+    optional = optional or {}
+
+    def validate(rec: Mapping[str, Any]) -> list[str]:
+        allowed = ", ".join(["type", *required, *optional])
+        problems = [f"unknown key {k!r} (allowed: {allowed})" for k in rec if k not in required and k not in optional]
+        problems += [f"missing field {k!r}" for k in required if k not in rec]
+        for name, check in {**required, **optional}.items():
+            if name in rec:
+                problems += check(name, rec[name])
+        return problems
+
+    return validate
+
+
+ROLES = ("ask", "ans")  # conversation / ref_qa turns: a question (not trained) and an answer (trained)
+
+# Type inference tries these in order, so "reference" (ref_qa) is looked for before "rounds" (conversation).
 RECORD_TYPES: dict[str, RecordType] = {
-    "pretrain": RecordType("text", lambda r: _check_fields(r, ["text"])),
-    "instruct": RecordType("instruct", lambda r: _check_fields(r, ["instruct", "output"], ["input"])),
+    "pretrain": RecordType("text", _fields({"text": _text})),
+    "instruct": RecordType("instruct", _fields({"instruct": _text, "output": _text}, {"input": _maybe_empty_text})),
+    "ref_qa": RecordType("reference", _fields({"reference": _text, "rounds": _rounds})),
+    "conversation": RecordType("rounds", _fields({"rounds": _rounds})),
 }
 
 
@@ -101,7 +164,7 @@ def _record_problems(obj: Any) -> list[str]:
 def resolve_files(data_path: str | Path | Sequence[str | Path]) -> list[Path]:
     """Expand `data_path` (file, directory, glob, or a list of them) into existing files, in order.
 
-    A directory stands for its *.json and *.jsonl files. Raises DataError for paths matching nothing.
+    A directory stands for its files with a known suffix (PARSERS). Raises DataError for paths matching nothing.
     """
     items = [data_path] if isinstance(data_path, (str, Path)) else list(data_path)
     files: dict[Path, None] = {}  # ordered, without duplicates
@@ -111,7 +174,8 @@ def resolve_files(data_path: str | Path | Sequence[str | Path]) -> list[Path]:
         if not str(item):
             what = "empty path"
         elif p.is_dir():
-            found, what = sorted([*p.glob("*.json"), *p.glob("*.jsonl")]), "directory has no .json or .jsonl files"
+            found = sorted(f for f in p.iterdir() if f.suffix in PARSERS and f.is_file())
+            what = f"directory has no {' or '.join(PARSERS)} files"
         elif p.is_file():
             found = [p]
         elif glob.has_magic(str(item)):
@@ -131,10 +195,25 @@ def _line_at(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
+def _oversize(text: str, start: int, end: int) -> str | None:
+    """The problem with the record text[start:end] if it is over MAX_RECORD_BYTES, else None."""
+    if (end - start) * 4 <= MAX_RECORD_BYTES:  # a character is at most 4 bytes: cheap common case
+        return None
+    chunk = text[start:end]
+    size = len(chunk) if chunk.isascii() else len(chunk.encode("utf-8", "surrogatepass"))
+    if size <= MAX_RECORD_BYTES:
+        return None
+    return (f"record is {size / 1e6:.1f} MB, over the {MAX_RECORD_BYTES / 1e6:.0f} MB limit per record "
+            "(split long texts into several records)")
+
+
 def _parse_jsonl(text: str) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
     items, errors = [], []
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
         if not line.strip():
+            continue
+        if too_big := _oversize(line, 0, len(line)):
+            errors.append((lineno, too_big))
             continue
         try:
             items.append((lineno, json.loads(line)))
@@ -142,13 +221,18 @@ def _parse_jsonl(text: str) -> tuple[list[tuple[int, Any]], list[tuple[int, str]
             errors.append((lineno, f"malformed JSON: {e.msg} (column {e.colno})"))
         except RecursionError:
             errors.append((lineno, TOO_DEEP))
+        except ValueError as e:  # e.g. an integer with more digits than Python converts
+            errors.append((lineno, f"malformed JSON: {str(e).split(';')[0]}"))
     return items, errors
 
 
 def _parse_json_array(text: str) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
-    """Decode a top-level JSON array element by element, remembering the line each element starts at."""
+    """Decode a top-level JSON array element by element, remembering the line each element starts at.
+
+    Parsing stops at the first malformed element (what follows cannot be located reliably)."""
     decoder = json.JSONDecoder()
     items: list[tuple[int, Any]] = []
+    errors: list[tuple[int, str]] = []  # oversized records, then at most one parse error
 
     def skip_ws(i: int) -> int:
         while i < len(text) and text[i] in " \t\r\n":
@@ -161,16 +245,16 @@ def _parse_json_array(text: str) -> tuple[list[tuple[int, Any]], list[tuple[int,
     if text[pos] != "[":
         return [], [(_line_at(text, pos), "a .json file must hold a JSON array of records (use .jsonl for one "
                      "record per line)")]
-    pos, line, line_pos = skip_ws(pos + 1), 1, 0
+    pos, line, line_pos, seen = skip_ws(pos + 1), 1, 0, 0
     expect_item = True
     while True:
         if pos == len(text):
-            return items, [(_line_at(text, pos), "malformed JSON: unterminated array")]
-        if text[pos] == "]" and (not items or not expect_item):
+            return items, [*errors, (_line_at(text, pos), "malformed JSON: unterminated array")]
+        if text[pos] == "]" and (not seen or not expect_item):
             break
         if not expect_item:
             if text[pos] != ",":
-                return items, [(_line_at(text, pos), "malformed JSON: expected ',' or ']' between records")]
+                return items, [*errors, (_line_at(text, pos), "malformed JSON: expected ',' or ']' between records")]
             pos, expect_item = skip_ws(pos + 1), True
             continue
         line += text.count("\n", line_pos, pos)
@@ -178,27 +262,39 @@ def _parse_json_array(text: str) -> tuple[list[tuple[int, Any]], list[tuple[int,
         try:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            return items, [(e.lineno, f"malformed JSON: {e.msg} (column {e.colno})")]
+            return items, [*errors, (e.lineno, f"malformed JSON: {e.msg} (column {e.colno})")]
         except RecursionError:
-            return items, [(line, TOO_DEEP)]
-        items.append((line, obj))
-        pos, expect_item = skip_ws(pos), False
+            return items, [*errors, (line, TOO_DEEP)]
+        except ValueError as e:  # e.g. an integer with more digits than Python converts
+            return items, [*errors, (line, f"malformed JSON: {str(e).split(';')[0]}")]
+        if too_big := _oversize(text, line_pos, pos):
+            errors.append((line, too_big))
+        else:
+            items.append((line, obj))
+        pos, expect_item, seen = skip_ws(pos), False, seen + 1
     end = skip_ws(pos + 1)
     if end != len(text):
-        return items, [(_line_at(text, end), "malformed JSON: extra data after the array")]
-    return items, []
+        return items, [*errors, (_line_at(text, end), "malformed JSON: extra data after the array")]
+    return items, errors
+
+
+# file suffix -> parser of the file's text into ((line, record), ...) and ((line, problem), ...)
+PARSERS: dict[str, Callable[[str], tuple[list[tuple[int, Any]], list[tuple[int, str]]]]] = {
+    ".json": _parse_json_array,
+    ".jsonl": _parse_jsonl,
+}
 
 
 def parse_records(path: Path, raw: bytes) -> tuple[list[Record], list[str]]:
     """Parse and validate one file's bytes: (valid records, problem lines)."""
-    if path.suffix not in (".json", ".jsonl"):
-        return [], [f"{path}:0: unsupported file type {path.suffix!r} (use .json or .jsonl)"]
+    if path.suffix not in PARSERS:
+        return [], [f"{path}:0: unsupported file type {path.suffix!r} (use {' or '.join(PARSERS)})"]
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         return [], [f"{path}:{line}: not valid UTF-8 (byte offset {e.start})"]
-    items, errors = (_parse_jsonl if path.suffix == ".jsonl" else _parse_json_array)(text)
+    items, errors = PARSERS[path.suffix](text)
     if not items and not errors:
         errors.append((1, "empty file (no records)"))
     records = []

@@ -1,13 +1,17 @@
 """Default prompt templates: render a record into text plus the character spans that are trained.
 
-Training and inference share one prompt builder: `render` is `render_prompt` followed by the
-answer and EOS, so demo.py prompts the model exactly as it was trained.
+Every template string is defined once here. A renderer turns a record into segments
+(text, is_answer); `render` joins them and picks the trained spans by the `TemplateSettings`.
+`render_prompt` is built from the same pieces: the text the model sees before it must produce
+the next answer, so demo.py prompts the model exactly as training rendered it. For chat-template
+mode, `CHAT_MESSAGES` turns a record into chat messages and `data.chat` renders them with the
+tokenizer's own chat_template.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from data.records import record_type
@@ -21,60 +25,173 @@ INSTRUCT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruct}\n\n### Response:\n"
 )
+# ref_qa's instruction and reference: the default template's header, and the system message in chat mode
+REF_QA_SYSTEM = (
+    "Generate responses to the given instruction series according to the reference text.\n\n"
+    "### Reference:\n{reference}"
+)
+CHAT_INSTRUCT_INPUT = "{instruct}\n\n{input}"  # chat mode: an instruct record's user message when it has input
+CHAT_ROLES = {"ask": "user", "ans": "assistant"}
 
-Segment = tuple[str, bool]  # (text, trained)
+
+@dataclass(frozen=True)
+class DialogTemplate:
+    """Rounds rendered as `header`, then `ask` + text + `end` per ask turn and `ans` + text + EOS + `end`
+    per answer (only text + EOS trained). `header` may name the record's fields, e.g. {reference}."""
+
+    header: str
+    ask: str
+    ans: str
+    end: str = "\n"
+
+
+DIALOGS = {
+    "conversation": DialogTemplate(
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the human's questions.\n\n", "### Human: ", "### Assistant: "),
+    "ref_qa": DialogTemplate(REF_QA_SYSTEM + "\n\n", "### Instruction: ", "### Response: "),
+}
+TEMPLATES = ("default", "chat")
+
+Segment = tuple[str, bool]  # (text, is_answer)
+Span = tuple[int, int]  # [start, end) in characters
+
+
+@dataclass(frozen=True)
+class TemplateSettings:
+    """The data knobs that change the rendered text or its labels (all part of the cache key).
+
+    Field names are the training config's keys: `template` "default" (this module) or "chat" (the
+    tokenizer's chat_template); `train_on_prompt` trains every token; `last_answer_only` trains only
+    a record's last answer; `pretrain_eos` appends EOS to pretrain text.
+    """
+
+    template: str = "default"
+    train_on_prompt: bool = False
+    last_answer_only: bool = False
+    pretrain_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"'template' must be one of {', '.join(map(repr, TEMPLATES))}, got {self.template!r}")
+        if self.train_on_prompt and self.last_answer_only:
+            raise ValueError("'train_on_prompt' and 'last_answer_only' cannot both be true")
+
+    def trained(self, answers: list[Span], length: int) -> list[Span]:
+        """The trained spans of a `length`-character text whose answers (with their EOS) are `answers`."""
+        if self.train_on_prompt:
+            return [(0, length)]
+        return answers[-1:] if self.last_answer_only else answers
+
+
+DEFAULT_SETTINGS = TemplateSettings()
 
 
 @dataclass(frozen=True)
 class Rendered:
-    """A rendered record: the full text and the [start, end) character spans that carry loss."""
+    """A rendered record: the full text, the [start, end) character spans that carry loss, and whether
+    the text already holds the special tokens (chat templates write BOS themselves)."""
 
     text: str
-    spans: list[tuple[int, int]]
+    spans: list[Span]
+    has_special_tokens: bool = False
 
 
-def _instruct_prompt(rec: Mapping[str, Any]) -> str:
+def _instruct_prompt(rec: Mapping[str, Any], eos: str | None = None) -> str:
     """The instruct prompt; an absent or empty "input" selects the template without input."""
     if rec.get("input"):
         return INSTRUCT_WITH_INPUT.format(instruct=rec["instruct"], input=rec["input"])
     return INSTRUCT_NO_INPUT.format(instruct=rec["instruct"])
 
 
-PROMPTS: dict[str, Callable[[Mapping[str, Any]], str]] = {
-    "pretrain": lambda rec: rec["text"],  # a pretrain "prompt" is text to continue
+def _dialog_segments(kind: str, rec: Mapping[str, Any], eos: str) -> list[Segment]:
+    tpl = DIALOGS[kind]
+    segments = [(tpl.header.format(**rec), False)]
+    for role, text in rec["rounds"]:
+        if role == "ask":
+            segments.append((tpl.ask + text + tpl.end, False))
+        else:
+            segments += [(tpl.ans, False), (text + eos, True), (tpl.end, False)]
+    return segments
+
+
+def _dialog_prompt(kind: str, rec: Mapping[str, Any], eos: str | None = None) -> str:
+    """The rounds before the answer to produce (a final "ans" turn is that answer), then the answer role."""
+    rounds = list(rec["rounds"])
+    if rounds and rounds[-1][0] == "ans":
+        rounds.pop()
+    if eos is None and any(role == "ans" for role, _ in rounds):
+        raise ValueError("a prompt with earlier answers needs the tokenizer's EOS string (eos=...) to close them")
+    segments = _dialog_segments(kind, {**rec, "rounds": rounds}, eos or "")
+    return "".join(text for text, _ in segments) + DIALOGS[kind].ans
+
+
+# type -> the text the model continues; `eos` closes earlier answers (multi-turn records only).
+PROMPTS: dict[str, Callable[[Mapping[str, Any], str | None], str]] = {
+    "pretrain": lambda rec, eos=None: rec["text"],  # a pretrain "prompt" is text to continue
     "instruct": _instruct_prompt,
+    "conversation": lambda rec, eos=None: _dialog_prompt("conversation", rec, eos),
+    "ref_qa": lambda rec, eos=None: _dialog_prompt("ref_qa", rec, eos),
 }
 
-# type -> segments of the training text; every renderer builds its prompt with PROMPTS.
+# type -> segments of the training text, from the same pieces as PROMPTS.
 RENDERERS: dict[str, Callable[[Mapping[str, Any], str], list[Segment]]] = {
     "pretrain": lambda rec, eos: [(PROMPTS["pretrain"](rec) + eos, True)],
     "instruct": lambda rec, eos: [(PROMPTS["instruct"](rec), False), (rec["output"] + eos, True)],
+    "conversation": lambda rec, eos: _dialog_segments("conversation", rec, eos),
+    "ref_qa": lambda rec, eos: _dialog_segments("ref_qa", rec, eos),
 }
 
 
-def render_prompt(rec: Mapping[str, Any]) -> str:
-    """The prompt text for a record (type from its "type" key or inferred), without any answer."""
-    return PROMPTS[record_type(rec)](rec)
+def _chat_rounds(rec: Mapping[str, Any]) -> list[dict[str, str]]:
+    return [{"role": CHAT_ROLES[role], "content": text} for role, text in rec["rounds"]]
 
 
-def render(rec: Mapping[str, Any], eos: str, pretrain_eos: bool = True) -> Rendered:
-    """Render a record for training; `eos` is the tokenizer's EOS string.
+def _chat_instruct(rec: Mapping[str, Any]) -> list[dict[str, str]]:
+    user = CHAT_INSTRUCT_INPUT.format(**rec) if rec.get("input") else rec["instruct"]
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
 
-    instruct: prompt + output + eos, trained span = output + eos.
-    pretrain: text (+ eos when `pretrain_eos`), trained span = all of it.
+
+# type -> chat messages for the tokenizer's chat_template (chat mode); a type absent here (pretrain,
+# plain text with no turns) renders with its default template in chat mode too.
+CHAT_MESSAGES: dict[str, Callable[[Mapping[str, Any]], list[dict[str, str]]]] = {
+    "instruct": _chat_instruct,
+    "conversation": _chat_rounds,
+    "ref_qa": lambda rec: [{"role": "system", "content": REF_QA_SYSTEM.format(reference=rec["reference"])},
+                           *_chat_rounds(rec)],
+}
+
+
+def render_prompt(rec: Mapping[str, Any], eos: str | None = None) -> str:
+    """The text the model sees before it must produce the record's (next) answer, without that answer.
+
+    pretrain: the text; instruct: the prompt; conversation / ref_qa: the rounds up to the last "ask"
+    turn, then the answer role ("### Assistant: " / "### Response: "). Records with earlier answers
+    need `eos` (the tokenizer's EOS string), which closes each answer as in training.
+    """
+    return PROMPTS[record_type(rec)](rec, eos)
+
+
+def render(rec: Mapping[str, Any], eos: str, settings: TemplateSettings = DEFAULT_SETTINGS) -> Rendered:
+    """Render a record with the default templates; `eos` is the tokenizer's EOS string.
+
+    Answers are trained with their EOS: instruct's output, every "ans" turn of conversation / ref_qa,
+    all of pretrain's text (+ EOS when `settings.pretrain_eos`); `settings` may widen or narrow that.
     """
     kind = record_type(rec)
-    if kind == "pretrain" and not pretrain_eos:
+    if kind == "pretrain" and not settings.pretrain_eos:
         eos = ""
-    text, spans = "", []
-    for piece, trained in RENDERERS[kind](rec, eos):
-        if trained and piece:
-            spans.append((len(text), len(text) + len(piece)))
-        text += piece
-    return Rendered(text, spans)
+    pieces, answers, at = [], [], 0
+    for piece, is_answer in RENDERERS[kind](rec, eos):
+        if is_answer and piece:
+            answers.append((at, at + len(piece)))
+        pieces.append(piece)
+        at += len(piece)
+    return Rendered("".join(pieces), settings.trained(answers, at))
 
 
-def template_settings(pretrain_eos: bool = True) -> dict[str, Any]:
-    """Everything about the templates that changes the rendered text (part of the cache key)."""
-    return {"instruct_with_input": INSTRUCT_WITH_INPUT, "instruct_no_input": INSTRUCT_NO_INPUT,
-            "pretrain_eos": pretrain_eos}
+def template_settings(settings: TemplateSettings) -> dict[str, Any]:
+    """Everything about the templates that changes the rendered text or labels (part of the cache key)."""
+    return {"instruct": [INSTRUCT_WITH_INPUT, INSTRUCT_NO_INPUT], "ref_qa_system": REF_QA_SYSTEM,
+            "dialogs": {k: asdict(v) for k, v in DIALOGS.items()}, "chat": [CHAT_INSTRUCT_INPUT, CHAT_ROLES],
+            **{f.name: getattr(settings, f.name) for f in fields(settings)}}

@@ -1,4 +1,7 @@
-"""data/: record validation, templates, encoding + labels, truncation, cache, collate, inspect CLI."""
+"""data/: record validation, default templates, encoding + labels, truncation, caching, collate, inspect CLI.
+
+Chat-template mode and the label options: test_data_chat.py; malformed input: test_data_malformed.py.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from data import inspect as data_inspect
 from data.collate import collate, collate_left, pad_id_of
 from data.encode import IGNORE_INDEX, encode_one, encode_records, load_dataset
 from data.records import RECORD_TYPES, DataError, load_records, record_type
-from data.templates import PROMPTS, RENDERERS, render, render_prompt
+from data.templates import CHAT_MESSAGES, PROMPTS, RENDERERS, TemplateSettings, render, render_prompt
 from data.tiny_tokenizer import _texts_from_records, train_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +31,14 @@ RECORDS = {
     "instruct_input": {"instruct": "Sort the numbers.", "input": "3, 1, 2", "output": "1, 2, 3"},
     "instruct_no_input": {"type": "instruct", "instruct": "Spell \"river\" backwards.", "output": "revir"},
     "instruct_empty_input": {"instruct": "计算 2 加 3。", "input": "", "output": "2 加 3 等于 5。"},
+    "conversation": {"rounds": [["ask", "Hi!"], ["ask", "What is 2 plus 3?"], ["ans", "2 plus 3 is 5."],
+                                ["ask", "“河流”的英文是什么？"], ["ans", "River."]]},
+    "conversation_one_turn": {"type": "conversation", "rounds": [["ask", "Name a colour."], ["ans", "Blue {not a field}."]]},
+    "ref_qa": {"reference": "The ferry leaves every 40 minutes; a ticket is {3} dollars.",
+               "rounds": [["ask", "How often?"], ["ans", "Every 40 minutes."], ["ask", "Cost?"], ["ask", "For kids?"],
+                          ["ans", "Three dollars; nothing is said about children."]]},
 }
+SETTINGS = TemplateSettings()
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +53,28 @@ def tok(sample_tokenizer_dir):
     return AutoTokenizer.from_pretrained(str(sample_tokenizer_dir))
 
 
-def answer_of(rec: dict, eos: str) -> str:
-    return (rec["text"] if record_type(rec) == "pretrain" else rec["output"]) + eos
+def answers_of(rec: dict) -> list[str]:
+    """The texts a record trains on, in order (without EOS)."""
+    kind = record_type(rec)
+    if kind == "pretrain":
+        return [rec["text"]]
+    if kind == "instruct":
+        return [rec["output"]]
+    return [text for role, text in rec["rounds"] if role == "ans"]
+
+
+def trained_runs(tok, ids: list[int], labels: list[int]) -> list[str]:
+    """Decoded runs of consecutive trained tokens. A run may start with the space that ends the prompt
+    ("### Assistant: ") when the tokenizer glues it to the answer's first word: that token is trained."""
+    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels, strict=True))
+    runs, run = [], []
+    for i, lab in zip([*ids, None], [*labels, IGNORE_INDEX], strict=True):
+        if lab != IGNORE_INDEX:
+            run.append(i)
+        elif run:
+            runs.append(tok.decode(run).removeprefix(" "))
+            run = []
+    return runs
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -59,19 +89,28 @@ def jsonl(*recs: dict) -> str:
 # --- records and templates -------------------------------------------------------------------
 
 
-def test_samples_load_and_are_small():
-    records = load_records(str(SAMPLES / "*.json*"))
+def test_samples_cover_every_type_in_two_languages_and_are_small():
+    records = load_records(str(SAMPLES))
     kinds = [r.type for r in records]
-    assert kinds.count("pretrain") == 200 and kinds.count("instruct") == 200
-    for kind in ("pretrain", "instruct"):  # both hold some Chinese
-        assert any("\u4e00" <= c <= "\u9fff" for r in records if r.type == kind for v in r.data.values() for c in v)
+    assert {k: kinds.count(k) for k in RECORD_TYPES} == {"pretrain": 200, "instruct": 200, "ref_qa": 100,
+                                                         "conversation": 100}
+    for kind in RECORD_TYPES:  # every type holds some Chinese
+        assert any("\u4e00" <= c <= "\u9fff" for r in records if r.type == kind for c in json.dumps(r.data, ensure_ascii=False))
+    dialogs = [r for r in records if r.type in ("conversation", "ref_qa")]
+    assert any(len(r.data["rounds"]) > 2 for r in dialogs)  # multi-turn
+    assert any(a[0] == b[0] == "ask" for r in dialogs for a, b in zip(r.data["rounds"], r.data["rounds"][1:], strict=False))
     assert all(f.stat().st_size < 200_000 for f in SAMPLES.glob("*.json*"))
     first = next(r for r in records if r.source.endswith("instruct.json"))
     assert first.line == 2  # the array's first element starts on line 2
 
 
 def test_extension_point_is_consistent():
-    assert set(RECORD_TYPES) == set(PROMPTS) == set(RENDERERS) == {"pretrain", "instruct"}
+    assert set(RECORD_TYPES) == set(PROMPTS) == set(RENDERERS) == {"pretrain", "instruct", "conversation", "ref_qa"}
+    assert set(CHAT_MESSAGES) == set(RECORD_TYPES) - {"pretrain"}  # plain text has no chat turns
+    assert {name: record_type(rec) for name, rec in RECORDS.items()} == {
+        "pretrain": "pretrain", "instruct_input": "instruct", "instruct_no_input": "instruct",
+        "instruct_empty_input": "instruct", "conversation": "conversation", "conversation_one_turn": "conversation",
+        "ref_qa": "ref_qa"}
 
 
 def test_default_templates_exact():
@@ -90,37 +129,78 @@ def test_default_templates_exact():
     assert render_prompt(RECORDS["instruct_empty_input"]).count("### Input:") == 0
     pre = render(RECORDS["pretrain"], eos)
     assert pre.text == RECORDS["pretrain"]["text"] + eos and pre.spans == [(0, len(pre.text))]
-    assert render(RECORDS["pretrain"], eos, pretrain_eos=False).text == RECORDS["pretrain"]["text"]
+    assert render(RECORDS["pretrain"], eos, TemplateSettings(pretrain_eos=False)).text == RECORDS["pretrain"]["text"]
+
+    conv = render(RECORDS["conversation"], eos)
+    assert conv.text == (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the human's questions.\n\n### Human: Hi!\n### Human: What is 2 plus 3?\n"
+        "### Assistant: 2 plus 3 is 5.</s>\n### Human: “河流”的英文是什么？\n### Assistant: River.</s>\n"
+    )
+    assert [conv.text[a:b] for a, b in conv.spans] == ["2 plus 3 is 5.</s>", "River.</s>"]
+    ref = render(RECORDS["ref_qa"], eos)
+    assert ref.text == (
+        "Generate responses to the given instruction series according to the reference text.\n\n### Reference:\n"
+        "The ferry leaves every 40 minutes; a ticket is {3} dollars.\n\n### Instruction: How often?\n"
+        "### Response: Every 40 minutes.</s>\n### Instruction: Cost?\n### Instruction: For kids?\n"
+        "### Response: Three dollars; nothing is said about children.</s>\n"
+    )
+    assert [ref.text[a:b] for a, b in ref.spans] == ["Every 40 minutes.</s>", "Three dollars; nothing is said about children.</s>"]
+
+
+@pytest.mark.parametrize("name, role", [("conversation", "### Assistant: "), ("conversation_one_turn", "### Assistant: "),
+                                        ("ref_qa", "### Response: ")])
+def test_render_prompt_is_the_training_text_before_the_next_answer(name, role):
+    rec, eos = RECORDS[name], "</s>"
+    full = render(rec, eos)
+    prompt = render_prompt(rec, eos)  # a record ending with its answer: the text before that answer
+    assert full.text.startswith(prompt) and prompt.endswith(role) and full.spans[-1][0] == len(prompt)
+    asking = {**rec, "rounds": rec["rounds"][:-1]}  # what a user sends at inference: rounds ending with a question
+    assert render_prompt(asking, eos) == prompt
+    if len(full.spans) > 1:
+        with pytest.raises(ValueError, match="EOS"):  # earlier answers end with EOS, as in training
+            render_prompt(asking)
+    else:
+        assert render_prompt(asking) == prompt
+
+
+def test_template_settings_pick_the_trained_spans():
+    rec, eos = RECORDS["conversation"], "</s>"
+    every = render(rec, eos).spans
+    assert render(rec, eos, TemplateSettings(last_answer_only=True)).spans == every[-1:]
+    everything = render(rec, eos, TemplateSettings(train_on_prompt=True))
+    assert everything.spans == [(0, len(everything.text))]
+    with pytest.raises(ValueError, match="cannot both be true"):
+        TemplateSettings(train_on_prompt=True, last_answer_only=True)
+    with pytest.raises(ValueError, match="'template' must be one of 'default', 'chat'"):
+        TemplateSettings(template="chatml")
 
 
 # --- encoding --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(RECORDS))
-def test_encoding_matches_tokenizer_and_labels_only_answer(tok, name):
+def test_encoding_matches_tokenizer_and_labels_only_answers(tok, name):
     rec = RECORDS[name]
     ids, labels, cut = encode_one(tok, rec, max_seq_len=1024)
     assert not cut
     assert ids == tok(render(rec, tok.eos_token).text)["input_ids"]
-    assert ids[0] == tok.bos_token_id and labels[0] == IGNORE_INDEX and ids[-1] == tok.eos_token_id
-    trained = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
-    assert trained == list(range(trained[0], len(ids)))  # one contiguous span ending with EOS
-    assert [labels[i] for i in trained] == ids[trained[0]:]
-    assert tok.decode([labels[i] for i in trained]) == answer_of(rec, tok.eos_token)
+    assert ids[0] == tok.bos_token_id and labels[0] == IGNORE_INDEX and tok.eos_token_id in ids
+    assert trained_runs(tok, ids, labels) == [a + tok.eos_token for a in answers_of(rec)]
 
 
-def test_every_sample_record_labels_exactly_its_answer(tok):
-    ds = encode_records(load_records(str(SAMPLES)), tok, max_seq_len=4096)
+def test_every_sample_record_labels_exactly_its_answers(tok):
     records = load_records(str(SAMPLES))
-    assert ds.stats.kept == len(records) == 400 and ds.stats.dropped == ds.stats.truncated == 0
+    ds = encode_records(records, tok, max_seq_len=4096)
+    assert ds.stats.kept == len(records) == 600 and ds.stats.dropped == ds.stats.truncated == 0
     for i, r in enumerate(records):
         s = ds[ds.sample_of_record(i)]
         assert s["input_ids"] == tok(render(r.data, tok.eos_token).text)["input_ids"]
-        assert tok.decode([x for x in s["labels"] if x != IGNORE_INDEX]) == answer_of(r.data, tok.eos_token)
+        assert trained_runs(tok, s["input_ids"], s["labels"]) == [a + tok.eos_token for a in answers_of(r.data)]
 
 
 def test_pretrain_without_eos(tok):
-    ids, labels, _ = encode_one(tok, RECORDS["pretrain"], 1024, pretrain_eos=False)
+    ids, labels, _ = encode_one(tok, RECORDS["pretrain"], 1024, TemplateSettings(pretrain_eos=False))
     assert tok.eos_token_id not in ids
     assert tok.decode([x for x in labels if x != IGNORE_INDEX]) == RECORDS["pretrain"]["text"]
 
@@ -158,46 +238,16 @@ def test_cache_hit_is_identical_and_key_tracks_inputs(tok, tmp_path):
     assert [second[i] for i in range(len(second))] == [first[i] for i in range(len(first))]
     assert second.stats.kept == first.stats.kept == 2
     assert not load_dataset(data, tok, 199).stats.cache_hit  # max_seq_len is in the key
-    assert not load_dataset(data, tok, 200, pretrain_eos=False).stats.cache_hit  # template settings too
+    for settings in (TemplateSettings(pretrain_eos=False), TemplateSettings(train_on_prompt=True),
+                     TemplateSettings(last_answer_only=True)):  # template settings too
+        assert not load_dataset(data, tok, 200, settings=settings).stats.cache_hit
     write(data, json.dumps([RECORDS["pretrain"]]))
     changed = load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere")
     assert not changed.stats.cache_hit and len(changed) == 1
     assert list((tmp_path / "elsewhere").glob("*.tmp")) == []
 
 
-# --- malformed data --------------------------------------------------------------------------
-
-GOOD = '{"text": "fine"}\n'
-BAD_CASES = {
-    "malformed_jsonl": ("d.jsonl", GOOD * 2 + '{"text": "oops"\n', 3, "malformed JSON"),
-    "malformed_json_array": ("d.json", '[\n {"text": "a"},\n {"text": "b",,}\n]\n', 3, "malformed JSON"),
-    "non_object": ("d.jsonl", GOOD + "[1, 2]\n", 2, "must be a JSON object"),
-    "unknown_type": ("d.jsonl", '{"type": "poem", "text": "x"}\n', 1, "unknown type 'poem'"),
-    "no_type_inferred": ("d.jsonl", GOOD + '{"rounds": []}\n', 2, "cannot tell the record type"),
-    "missing_field": ("d.json", '[{"text": "a"},\n\n  {"instruct": "do it"}]', 3, "missing field 'output'"),
-    "wrong_type": ("d.jsonl", '{"instruct": "x", "input": 3, "output": "y"}\n', 1, "field 'input' must be a string"),
-    "empty_text": ("d.jsonl", GOOD + GOOD + '{"text": "  "}\n', 3, "field 'text' is empty"),
-    "unknown_key": ("d.jsonl", '{"text": "a", "lang": "en"}\n', 1, "unknown key 'lang'"),
-    "empty_file": ("d.jsonl", "\n\n", 1, "empty file"),
-    "empty_array": ("d.json", "[ ]", 1, "empty file"),
-    "not_utf8": ("d.jsonl", GOOD.encode() + b'{"text": "caf\xe9"}\n', 2, "not valid UTF-8"),
-    "json_not_array": ("d.json", '\n{"text": "a"}\n', 2, "must hold a JSON array"),
-    "trailing_data": ("d.json", '[{"text": "a"}]\n\n]', 3, "extra data"),
-    "wrong_extension": ("d.txt", "hello", 0, "unsupported file type"),
-    "line_separator_in_string": ("d.jsonl", '{"text": "a\u2028b"}\r\n{"text": ""}\r\n', 2, "field 'text' is empty"),
-    "too_deep": ("d.json", "[\n" + "[" * 100_000, 2, "nested too deeply"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_bad_data_names_file_and_line(tmp_path, case):
-    name, content, line, msg = BAD_CASES[case]
-    path = write(tmp_path / name, content)
-    with pytest.raises(DataError) as e:
-        load_records(str(path))
-    assert str(e.value).splitlines() == e.value.problems
-    assert len(e.value.problems) == 1, e.value.problems
-    assert e.value.problems[0].startswith(f"{path}:{line}: ") and msg in e.value.problems[0]
+# --- paths and problem collection (the malformed-record corpus: test_data_malformed.py) -------------
 
 
 def test_missing_paths(tmp_path):
@@ -274,23 +324,40 @@ def test_inspect_json_equals_encoder(tok, sample_tokenizer_dir, tmp_path):
     assert "cache miss" in out.stderr
 
 
-def test_inspect_bad_data_exits_2_with_one_line_errors(sample_tokenizer_dir, tmp_path):
-    data = write(tmp_path / "d.jsonl", GOOD + '{"text": 1}\n{"oops"\n{"text": "a", "x": 1}\n')
-    out = run_inspect("--config", str(make_config(tmp_path, sample_tokenizer_dir, data)), "--index", "0")
-    assert out.returncode == 2 and out.stdout == ""
-    assert "Traceback" not in out.stderr
-    lines = out.stderr.splitlines()
-    assert [int(x.split(":")[1]) for x in lines] == [2, 3, 4] and all(PROBLEM_LINE.match(x) for x in lines)
-
-
 def test_inspect_human_view_and_errors(sample_tokenizer_dir, tmp_path, capsys):
-    data = write(tmp_path / "d.jsonl", jsonl(RECORDS["instruct_no_input"]))
+    data = write(tmp_path / "d.jsonl", jsonl(RECORDS["instruct_no_input"], RECORDS["conversation"]))
     cfg = make_config(tmp_path, sample_tokenizer_dir, data)
     assert data_inspect.main(["--config", str(cfg), "--index", "0"]) == 0
     out = capsys.readouterr().out
-    assert "[[revir</s>]]" in out and "### Response:\n[[" in out and "1 records, 1 samples, 0 dropped" in out
+    assert "[[revir</s>]]" in out and "### Response:\n[[" in out and "2 records, 2 samples, 0 dropped" in out
+    assert data_inspect.main(["--config", str(cfg), "--index", "1"]) == 0  # a conversation: every answer marked
+    out = capsys.readouterr().out
+    assert "trained in 2 span(s)" in out
+    text = out.split("--- text (trained: [[ ]]) ---\n")[1].split("\n--- tokens")[0]
+    assert text.replace("[[", "").replace("]]", "") == "<s>" + render(RECORDS["conversation"], "</s>").text
+    assert [m.removeprefix(" ") for m in re.findall(r"\[\[(.*?)\]\]", text)] == ["2 plus 3 is 5.</s>", "River.</s>"]
     assert data_inspect.main(["--config", str(cfg), "--index", "5"]) == 2
     assert "out of range" in capsys.readouterr().err
     write(cfg, json.dumps({"model_path": str(sample_tokenizer_dir), "data_path": str(data)}))
     assert data_inspect.main(["--config", str(cfg), "--index", "0"]) == 2
     assert capsys.readouterr().err == f"{cfg}: missing required key 'save_path'\n"
+
+
+def test_inspect_stats(tok, sample_tokenizer_dir, tmp_path, capsys):
+    long = {"text": "The tide came in. " * 60}
+    data = write(tmp_path / "d.jsonl", jsonl(*RECORDS.values(), long))
+    cfg = make_config(tmp_path, sample_tokenizer_dir, data, max_seq_len=64)
+    assert data_inspect.main(["--config", str(cfg), "--stats", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    ds = load_dataset(data, tok, 64)
+    lengths = sorted(len(ds[i]["input_ids"]) for i in range(len(ds)))
+    labels = [lab for i in range(len(ds)) for lab in ds[i]["labels"]]
+    assert stats["records"] == len(RECORDS) + 1 and stats["samples"] == len(ds) == len(lengths)
+    assert stats["truncated"] == ds.stats.truncated >= 1 and stats["truncated_fraction"] == ds.stats.truncated / len(ds)
+    assert stats["length_percentiles"]["p100"] == lengths[-1] == 64 and stats["length_percentiles"]["p50"] in lengths
+    assert stats["trained_tokens"] == sum(lab != IGNORE_INDEX for lab in labels)
+    assert stats["trained_fraction"] == stats["trained_tokens"] / len(labels) and stats["packing_efficiency"] is None
+    assert data_inspect.main(["--config", str(cfg), "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert f"truncated: {ds.stats.truncated} of {len(ds)} samples" in out and "packing efficiency: n/a" in out
+    assert "tokens per sample (after truncation to 64): p50 " in out and ", max 64" in out and "trained tokens: " in out

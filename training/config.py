@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from data.templates import TemplateSettings
 from models.convert import family_of
 from models.hf_io import CheckpointError
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
@@ -51,6 +52,9 @@ class TrainConfig:
     seed: int = 42
     log_interval: int = 1  # steps between progress lines
     pretrain_eos: bool = True  # append EOS to pretrain text
+    template: str = "default"  # "default" (data/templates.py) or "chat" (the tokenizer's chat_template)
+    train_on_prompt: bool = False  # train every token, prompts too
+    last_answer_only: bool = False  # train only each record's last answer
     data_cache_dir: str | None = None  # default: .cache beside the first data file
     model_topo: dict = field(default_factory=dict)  # {process_topology: {axes|axis, dims}, parts}
     ds_config: dict = field(default_factory=dict)  # DeepSpeed's keys
@@ -64,13 +68,18 @@ class TrainConfig:
     def grad_accum(self) -> int:
         return self.ds_config.get("gradient_accumulation_steps", 1)
 
+    @property
+    def template_settings(self) -> TemplateSettings:
+        """The data knobs for every load_dataset call (TemplateSettings' fields are config keys of the same name)."""
+        return TemplateSettings(**{f.name: getattr(self, f.name) for f in fields(TemplateSettings)})
+
 
 PROJECT_KEYS = {f.name: f for f in fields(TrainConfig) if f.name not in ("ds_config", "path")}
 _TYPES: dict[str, tuple[type, ...]] = {
     "model_path": (str,), "save_path": (str,), "data_path": (str, list), "from_scratch": (bool,),
     "max_seq_len": (int,), "n_epoches": (int,), "max_steps": (int, type(None)), "use_grad_ckpt": (bool,),
-    "seed": (int,), "log_interval": (int,), "pretrain_eos": (bool,), "data_cache_dir": (str, type(None)),
-    "model_topo": (dict,),
+    "seed": (int,), "log_interval": (int,), "pretrain_eos": (bool,), "template": (str,),
+    "train_on_prompt": (bool,), "last_answer_only": (bool,), "data_cache_dir": (str, type(None)), "model_topo": (dict,),
 }
 _MIN = {"max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0}
 
@@ -108,6 +117,10 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
             raise ConfigError(f"{path}: '{key}' must be >= {_MIN[key]}, got {value}")
 
     cfg = TrainConfig(**ours, ds_config=ds, path=str(path))
+    try:
+        _ = cfg.template_settings  # checks the data keys together
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
     _check_batch(cfg, path, world_size)
     _check_paths(cfg, path, require_model)
     if require_model and world_size is not None:

@@ -13,12 +13,13 @@ import torch
 
 from data.collate import pad_id_of
 from data.encode import load_dataset
-from data.records import read_files, records_from_files
+from data.records import DataError, read_files, records_from_files
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
 from models.convert import family_of
 from models.hf_io import SIDE_FILES, copy_side_files
 from training.batches import BatchPlan, step_micro_batches, trained_tokens
 from training.config import ConfigError, TrainConfig
+from training.distributed import shutdown_distributed
 
 
 def _hms(seconds: float) -> str:
@@ -101,11 +102,20 @@ class Trainer:
         self._summary(model)
 
     def _load_dataset(self):
-        """Local rank 0 of each node tokenizes (all cores, cached) first; the other ranks then read the cache."""
+        """Local rank 0 of each node tokenizes (all cores, cached) first; the other ranks then read the cache.
+        A DataError there (e.g. a record the chat template rejects) stops every rank, not only the one that saw it."""
         cfg = self.cfg
-        load = lambda: load_dataset(cfg.data_path, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.pretrain_eos)  # noqa: E731
-        ds = load() if self.local_rank == 0 else None
-        torch.distributed.barrier()
+        load = lambda: load_dataset(cfg.data_path, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings)  # noqa: E731
+        ds, error = None, None
+        if self.local_rank == 0:
+            try:
+                ds = load()
+            except DataError as e:
+                error = e
+        failed = [None] * self.world
+        torch.distributed.all_gather_object(failed, error is not None)  # also the barrier before the others load
+        if any(failed):
+            raise error or DataError(["data: another process could not build the data set (see its error)"])
         ds = ds if ds is not None else load()
         s = ds.stats
         self.log(f"data: {s.records} records -> {s.kept} samples ({s.dropped} dropped: no trained token within "
@@ -209,8 +219,7 @@ class Trainer:
         return save / tag
 
     def close(self) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown_distributed()
 
 
 def run(cfg: TrainConfig) -> None:

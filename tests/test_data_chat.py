@@ -1,0 +1,223 @@
+"""Chat-template mode ("template": "chat"), train_on_prompt / last_answer_only, and their config keys.
+
+Acceptance: for every record type and both template modes, input_ids are the tokenizer's encoding of the
+fully rendered text (in chat mode: exactly `apply_chat_template(messages)`, what inference sees) and
+exactly the answers (+ EOS / end-of-turn token) carry labels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from data import inspect as data_inspect
+from data.encode import IGNORE_INDEX, encode_one, encode_records, load_dataset
+from data.records import DataError, load_records, record_type
+from data.templates import CHAT_MESSAGES, TemplateSettings, render
+from data.tiny_tokenizer import _texts_from_records, train_tiny_tokenizer
+from training.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "data" / "samples"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+TEMPLATES = {"chatml_with_bos": "{{ bos_token }}" + CHATML, "chatml": CHATML}
+END = "<|im_end|>"
+CHAT = TemplateSettings(template="chat")
+RECORDS = {
+    "pretrain": {"text": "Tides follow the moon. 潮汐跟着月亮走。"},
+    "instruct": {"instruct": "Sort the numbers.", "input": "3, 1, 2", "output": "1, 2, 3"},
+    "instruct_no_input": {"instruct": "把“河流”翻译成英文。", "output": "River."},
+    "conversation": {"rounds": [["ask", "Hi!"], ["ask", "What is 2 plus 3?"], ["ans", "2 plus 3 is 5."],
+                                ["ask", "And 2 times 3?"], ["ans", "2 times 3 is 6."]]},
+    "ref_qa": {"reference": "The ferry leaves every 40 minutes.",
+               "rounds": [["ask", "How often does it leave?"], ["ans", "Every 40 minutes."]]},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TEMPLATES))
+def chat_dir(request, tmp_path_factory) -> Path:
+    """A tiny tokenizer with ChatML's special tokens and a chat template (with or without BOS), saved."""
+    path = tmp_path_factory.mktemp(request.param)
+    tok = train_tiny_tokenizer(_texts_from_records(SAMPLES), path, vocab_size=512)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", END]})
+    tok.chat_template = TEMPLATES[request.param]
+    tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_tok(chat_dir):
+    return AutoTokenizer.from_pretrained(str(chat_dir))
+
+
+def answers_of(rec: dict) -> list[str]:
+    kind = record_type(rec)
+    if kind == "pretrain":
+        return [rec["text"]]
+    return [rec["output"]] if kind == "instruct" else [t for role, t in rec["rounds"] if role == "ans"]
+
+
+def trained_runs(tok, ids: list[int], labels: list[int]) -> list[str]:
+    """Decoded runs of consecutive trained tokens (a leading space glued to an answer's first word dropped)."""
+    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels, strict=True))
+    runs, run = [], []
+    for i, lab in zip([*ids, None], [*labels, IGNORE_INDEX], strict=True):
+        if lab != IGNORE_INDEX:
+            run.append(i)
+        elif run:
+            runs.append(tok.decode(run).removeprefix(" "))
+            run = []
+    return runs
+
+
+def inference_ids(tok, rec: dict, settings: TemplateSettings) -> list[int]:
+    """What inference sees for the whole record, computed without the data package's renderers."""
+    if settings.template == "chat" and record_type(rec) != "pretrain":
+        return tok.apply_chat_template(CHAT_MESSAGES[record_type(rec)](rec))["input_ids"]
+    return tok(render(rec, tok.eos_token, settings).text)["input_ids"]
+
+
+# --- acceptance: every type, both modes ------------------------------------------------------
+
+
+@pytest.mark.parametrize("template", ["default", "chat"])
+@pytest.mark.parametrize("name", sorted(RECORDS))
+def test_ids_are_what_inference_sees_and_only_answers_are_trained(chat_tok, name, template):
+    rec, settings = RECORDS[name], TemplateSettings(template=template)
+    ids, labels, cut = encode_one(chat_tok, rec, 1024, settings)
+    assert not cut and ids == inference_ids(chat_tok, rec, settings)
+    chat = template == "chat" and name != "pretrain"
+    end = END if chat else chat_tok.eos_token
+    assert trained_runs(chat_tok, ids, labels) == [a + end for a in answers_of(rec)]
+    assert ids.count(chat_tok.bos_token_id) == (0 if chat and "bos_token" not in chat_tok.chat_template else 1)
+    if chat:  # the generation prompt for the last answer is a prefix, and the answer starts right after it
+        messages = CHAT_MESSAGES[record_type(rec)](rec)
+        prompt = chat_tok.apply_chat_template(messages[:-1], add_generation_prompt=True)["input_ids"]
+        assert ids[:len(prompt)] == prompt and labels[len(prompt) - 1] == IGNORE_INDEX != labels[len(prompt)]
+
+
+def test_every_sample_record_in_chat_mode(chat_tok):
+    records = load_records(str(SAMPLES))
+    ds = encode_records(records, chat_tok, 4096, CHAT)
+    assert ds.stats.kept == len(records) and ds.stats.truncated == 0
+    for i, r in enumerate(records):
+        s = ds[ds.sample_of_record(i)]
+        assert s["input_ids"] == inference_ids(chat_tok, r.data, CHAT)
+        end = chat_tok.eos_token if r.type == "pretrain" else END
+        assert trained_runs(chat_tok, s["input_ids"], s["labels"]) == [a + end for a in answers_of(r.data)]
+
+
+def test_chat_messages_per_type():
+    assert CHAT_MESSAGES["instruct"](RECORDS["instruct"]) == [
+        {"role": "user", "content": "Sort the numbers.\n\n3, 1, 2"}, {"role": "assistant", "content": "1, 2, 3"}]
+    assert CHAT_MESSAGES["instruct"]({**RECORDS["instruct"], "input": ""})[0]["content"] == "Sort the numbers."
+    assert [m["role"] for m in CHAT_MESSAGES["conversation"](RECORDS["conversation"])] == [
+        "user", "user", "assistant", "user", "assistant"]
+    system, *rest = CHAT_MESSAGES["ref_qa"](RECORDS["ref_qa"])
+    assert system == {"role": "system", "content": "Generate responses to the given instruction series according to "
+                      "the reference text.\n\n### Reference:\nThe ferry leaves every 40 minutes."}
+    assert rest == CHAT_MESSAGES["conversation"](RECORDS["ref_qa"])
+
+
+# --- train_on_prompt / last_answer_only ------------------------------------------------------
+
+
+@pytest.mark.parametrize("template", ["default", "chat"])
+def test_train_on_prompt_and_last_answer_only(chat_tok, template):
+    rec = RECORDS["conversation"]
+    base = TemplateSettings(template=template)
+    ids, labels, _ = encode_one(chat_tok, rec, 1024, base)
+    end = END if template == "chat" else chat_tok.eos_token
+    every_ids, every, _ = encode_one(chat_tok, rec, 1024, TemplateSettings(template=template, train_on_prompt=True))
+    assert every_ids == ids and every[1:] == ids[1:]  # all but a BOS the tokenizer adds (zero width)
+    last_ids, last, _ = encode_one(chat_tok, rec, 1024, TemplateSettings(template=template, last_answer_only=True))
+    assert last_ids == ids and trained_runs(chat_tok, ids, last) == [answers_of(rec)[-1] + end]
+    assert trained_runs(chat_tok, ids, labels) == [a + end for a in answers_of(rec)]
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_tokenizer_without_chat_template_is_a_clear_error(tokenizer, tokenizer_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(RECORDS["conversation"]) + "\n")
+    with pytest.raises(DataError) as e:
+        load_dataset(data, tokenizer, 64, settings=CHAT)
+    assert e.value.problems == [f"{tokenizer_dir}:0: \"template\": \"chat\" needs a tokenizer with a chat template, "
+                                "and this one has none (no chat_template.jinja or \"chat_template\" in "
+                                "tokenizer_config.json); add one or use \"template\": \"default\""]
+    cfg = write_config(tmp_path, tokenizer_dir, data, template="chat")
+    assert data_inspect.main(["--config", str(cfg), "--index", "0"]) == 2
+    assert capsys.readouterr().err == str(e.value) + "\n"
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_records_a_template_cannot_render_are_reported_with_file_and_line(chat_dir, tmp_path, num_proc):
+    tok = AutoTokenizer.from_pretrained(str(chat_dir))
+    tok.chat_template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+                         "{{ raise_exception('roles must alternate') }}{% endif %}{% endfor %}" + CHATML)
+    data = tmp_path / "d.jsonl"
+    records = [RECORDS["ref_qa"], RECORDS["conversation"], {"rounds": [["ans", "Welcome!"]]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError) as e:
+        encode_records(load_records(data), tok, 64, CHAT, num_proc=num_proc)
+    assert e.value.problems == [
+        f"{data}:2: the tokenizer's chat template rejected this record: roles must alternate",
+        f"{data}:3: the first turn is an answer: chat templates need a user message before it"]
+    tok.chat_template = "{{ messages | length }}" + CHATML  # earlier text changes as turns are added
+    with pytest.raises(DataError, match=rf"^{data}:1: the chat template does not render this record turn by turn"):
+        encode_records(load_records(data)[:1], tok, 64, CHAT, num_proc=num_proc)
+
+
+def test_cache_key_tracks_template_mode_and_chat_template(chat_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(str(chat_dir))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(RECORDS["conversation"]) + "\n")
+    first = load_dataset(data, tok, 128, settings=CHAT)
+    assert not first.stats.cache_hit and load_dataset(data, tok, 128, settings=CHAT).stats.cache_hit
+    assert not load_dataset(data, tok, 128).stats.cache_hit
+    tok.chat_template = tok.chat_template.replace("<|im_end|>\\n", "<|im_end|>")
+    changed = load_dataset(data, tok, 128, settings=CHAT)
+    assert not changed.stats.cache_hit and len(changed[0]["input_ids"]) < len(first[0]["input_ids"])
+
+
+# --- config keys and the inspect CLI ---------------------------------------------------------
+
+
+def write_config(tmp_path: Path, model_path: Path, data: Path, **keys) -> Path:
+    cfg = {"model_path": str(model_path), "save_path": str(tmp_path / "out"), "data_path": str(data),
+           "max_seq_len": 128, "train_micro_batch_size_per_gpu": 1, **keys}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    return tmp_path / "cfg.json"
+
+
+def test_config_keys(tokenizer_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    assert load_config(write_config(tmp_path, tokenizer_dir, data), require_model=False).template_settings == \
+        TemplateSettings()
+    cfg = load_config(write_config(tmp_path, tokenizer_dir, data, template="chat", last_answer_only=True,
+                                   pretrain_eos=False), require_model=False)
+    assert cfg.template_settings == TemplateSettings("chat", last_answer_only=True, pretrain_eos=False)
+    for keys, message in [({"template": "chatml"}, "'template' must be one of 'default', 'chat', got 'chatml'"),
+                          ({"train_on_prompt": True, "last_answer_only": True}, "cannot both be true"),
+                          ({"train_on_prompt": "yes"}, "'train_on_prompt' must be bool, got \"yes\""),
+                          ({"last_answer_onyl": True}, "did you mean 'last_answer_only'?")]:
+        path = write_config(tmp_path, tokenizer_dir, data, **keys)
+        with pytest.raises(ConfigError, match=f"^{path}: .*{message}"):
+            load_config(path, require_model=False)
+
+
+def test_inspect_in_chat_mode(chat_tok, chat_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS.values()))
+    cfg = write_config(tmp_path, chat_dir, data, template="chat", train_on_prompt=False)
+    assert data_inspect.main(["--config", str(cfg), "--index", "3", "--json"]) == 0
+    ds = load_dataset(data, chat_tok, 128, settings=CHAT, use_cache=False)
+    assert json.loads(capsys.readouterr().out) == ds[3]
+    assert data_inspect.main(["--config", str(cfg), "--index", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "[[2 plus 3 is 5.<|im_end|>]]\n<|im_start|>user\nAnd 2 times 3?" in out and "trained in 2 span(s)" in out

@@ -1,0 +1,24 @@
+"""Process-group teardown shared by train_ds.py and the launcher-started test workers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def shm_buffer(rank: int) -> Path:
+    """DeepSpeed's CPU shared-memory allreduce buffer for `rank` of this launch (ops/csrc/cpu/comm/shm.cpp)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group and remove this rank's shared-memory buffer: DeepSpeed 0.19.8 creates a
+    66 MB /dev/shm segment per CPU rank and never unlinks it, so every run would leak them."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    shm_buffer(rank).unlink(missing_ok=True)

@@ -86,6 +86,8 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
             raise CheckpointError(f"{src}: unexpected tensor {key}")
         if local not in expected[idx]:
             raise CheckpointError(f"{src}: unexpected tensor {key} (the config does not use it)")
+        if local in by_layer[idx]:  # e.g. one weight spelled with and without the key table's optional prefix
+            raise CheckpointError(f"{src}: tensors {by_layer[idx][local]} and {key} are the same weight")
         by_layer[idx][local] = key
     for idx, keys in expected.items():
         for local in keys:

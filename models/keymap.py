@@ -2,7 +2,9 @@
 
 A family's table maps HF key patterns to (slot, local key); "{}" stands for the decoder block
 index. Slots sit at fixed spec indices for every family: embed = 0, block i = 1 + i,
-norm = N + 1, head = N + 2. The reverse direction is the inverted table.
+norm = N + 1, head = N + 2. The reverse direction is the inverted table. Export writes the
+table's keys; import also accepts them without `optional_prefix` (checkpoints saved from the
+base model, e.g. Bloom's published "word_embeddings.weight" for "transformer.word_embeddings.weight").
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def _compile(pattern: str) -> re.Pattern:
 class KeyMap:
     table: dict[str, tuple[str, str]]  # HF pattern -> (slot, local key)
     ignored: tuple[str, ...] = ()  # HF patterns that are derived buffers, skipped on import
+    optional_prefix: str = ""  # import also accepts table keys that start with it without it
     _fwd: list = field(init=False, repr=False)
     _rev: dict = field(init=False, repr=False)
 
@@ -52,14 +55,21 @@ class KeyMap:
             return "head", None
         raise KeyMapError(f"layer index {layer_idx} is outside a {num_blocks}-block model")
 
+    def _spellings(self, hf_key: str) -> tuple[str, ...]:
+        """The key as given, then with `optional_prefix` added when it lacks it."""
+        p = self.optional_prefix
+        return (hf_key, p + hf_key) if p and not hf_key.startswith(p) else (hf_key,)
+
     def is_ignored(self, hf_key: str) -> bool:
-        return any(p.match(hf_key) for p in self._ign)
+        return any(p.match(k) for k in self._spellings(hf_key) for p in self._ign)
 
     def to_pp(self, hf_key: str, num_blocks: int) -> tuple[int, str]:
-        """HF key -> (layer index, local key); unknown keys raise."""
-        for pat, slot, local in self._fwd:
-            m = pat.match(hf_key)
-            if m:
+        """HF key (with or without `optional_prefix`) -> (layer index, local key); unknown keys raise."""
+        for key in self._spellings(hf_key):
+            for pat, slot, local in self._fwd:
+                m = pat.match(key)
+                if not m:
+                    continue
                 block = int(m.group(1)) if slot == "block" else None
                 if block is not None and block >= num_blocks:
                     raise KeyMapError(f"unexpected tensor {hf_key}: the config has only {num_blocks} layers")

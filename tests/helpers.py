@@ -1,9 +1,9 @@
-"""Test helpers: tiny Llama configs, HF -> pipeline weight copies through the key table, batches."""
+"""Test helpers: tiny Llama and Bloom configs, HF -> pipeline weight copies through the key table, batches."""
 
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig
+from transformers import BloomConfig, LlamaConfig
 
 from models import SequentialModel, get_family
 
@@ -28,9 +28,31 @@ def llama_config(name: str, vocab_size: int = 300, **overrides) -> LlamaConfig:
     return LlamaConfig(**kw)
 
 
-def sequential_from_hf(hf_model, family_name: str = "llama") -> SequentialModel:
-    """The pipeline spec list as one module, holding the HF model's weights (mapped by the key table)."""
-    family = get_family(family_name)
+# name -> BloomConfig kwargs: tied (every published Bloom), 6 heads (non-power-of-2 ALiBi slopes) with the
+# residual taken after the LayerNorms, and an untied head
+BLOOM_CONFIGS = {
+    "tied": dict(n_layer=2, n_head=4, hidden_size=64),
+    "heads6_postln": dict(n_layer=3, n_head=6, hidden_size=96, apply_residual_connection_post_layernorm=True),
+    "untied": dict(n_layer=2, n_head=4, hidden_size=64, tie_word_embeddings=False),
+}
+
+
+def bloom_config(name: str, vocab_size: int = 300, **overrides) -> BloomConfig:
+    kw = dict(vocab_size=vocab_size, pad_token_id=3, bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    kw.update(BLOOM_CONFIGS[name])
+    kw.update(overrides)
+    return BloomConfig(**kw)
+
+
+def tiny_config(family: str, name: str, vocab_size: int = 300, **overrides):
+    """A tiny config of `family` ("llama" or "bloom") by the name it has in LLAMA_CONFIGS / BLOOM_CONFIGS."""
+    return {"llama": llama_config, "bloom": bloom_config}[family](name, vocab_size, **overrides)
+
+
+def sequential_from_hf(hf_model, family_name: str | None = None) -> SequentialModel:
+    """The pipeline spec list as one module, holding the HF model's weights (mapped by the key table);
+    the family is the config's model_type unless named."""
+    family = get_family(family_name or hf_model.config.model_type)
     config = hf_model.config
     seq = SequentialModel(family.layer_specs(config))
     hf_sd = hf_model.state_dict()
@@ -80,9 +102,12 @@ def run_deepspeed(script: str, args: list[str], num_procs: int = 2, timeout: int
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher is not installed"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    cmd = [launcher, "--num_gpus", str(num_procs), "--master_port", str(free_port()), str(root / script), *args]
+    port = free_port()
+    cmd = [launcher, "--num_gpus", str(num_procs), "--master_port", str(port), str(root / script), *args]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"shared-memory buffers left behind: {leaked}"  # each rank must shut down cleanly
     return proc
 
 

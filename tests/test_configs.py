@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from transformers import LlamaConfig
+from transformers import BloomConfig, LlamaConfig
 
 from models import get_family, plan_stages
 from training.config import load_config
@@ -15,6 +15,7 @@ from training.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.json"))
 MODELS = {  # config name -> the HF config it is written for
+    "bloom_7b1_pp8.json": BloomConfig(hidden_size=4096, n_layer=30, n_head=32, vocab_size=250880),  # bloomz-7b1-mt
     "llama2_7b_pp8.json": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
     "quickstart.json": LlamaConfig(**get_family("llama").presets["tiny"], vocab_size=1024),
@@ -32,7 +33,16 @@ def test_config_parses_and_parts_fit(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths are the user's; only the shape of the config is checked here
     Path(raw["model_path"]).mkdir(parents=True)
     cfg = load_config(path, world_size=math.prod(dims), require_model=False)
-    family = get_family("llama")
     config = MODELS[path.name]
+    family = get_family(config.model_type)
     bounds = plan_stages(family.unit_sizes(config), family.unit_costs(config), dims[0], cfg.model_topo["parts"])
     assert bounds[-1] == len(family.layer_specs(config))
+
+
+def test_bloom_7b1_layout_is_the_seeds():
+    """30 blocks + the two ends = 32 units; the first stage holds the embedding, the last ln_f and the tied head."""
+    config = MODELS["bloom_7b1_pp8.json"]
+    family = get_family("bloom")
+    parts = json.loads((ROOT / "configs" / "bloom_7b1_pp8.json").read_text())["model_topo"]["parts"]
+    assert parts == [1, 5, 5, 5, 5, 5, 5, 1]
+    assert plan_stages(family.unit_sizes(config), family.unit_costs(config), 8, parts) == [0, 1, 6, 11, 16, 21, 26, 31, 33]

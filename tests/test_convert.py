@@ -173,7 +173,7 @@ BAD_HF = {  # case -> (damage, text expected in the message)
     "unexpected tensor": (_extra_tensor, "unexpected tensor model.layers.0.self_attn.extra.weight"),
     "missing tensor": (_missing_tensor, "missing tensor model.norm.weight"),
     "layer beyond config": (_layer_beyond_config, "model.layers.7.mlp.up_proj.weight"),
-    "unknown model_type": (_unknown_model_type, "model_type 'gpt2' is not supported; supported: llama"),
+    "unknown model_type": (_unknown_model_type, "model_type 'gpt2' is not supported; supported: bloom, llama"),
     "no weights": (_no_weights, "no weights"),
     "truncated shard": (_truncated_shard, "truncated"),
     "no config": (_no_config, "config.json: missing"),

@@ -1,12 +1,14 @@
 """train_ds.py under the real deepspeed launcher against a single-process reference: the same weights in
-LlamaForCausalLM, torch AdamW, the same global batches, loss = token mean over the global batch.
-Per-step losses (rtol 1e-4) and the weights exported by pp_to_hg (atol 1e-5) must match.
+the family's HF model (LlamaForCausalLM, BloomForCausalLM), torch AdamW, the same global batches, loss =
+token mean over the global batch. Per-step losses (rtol 1e-4) and the weights exported by pp_to_hg
+(atol 1e-5) must match. With a tied embedding/head on two stages, both copies must end identical.
 
 Adam's first step is nearly sign(g), so a gradient error that keeps signs (a scale) only shows from
 step 2 on: hence several steps, and gradient clipping stated explicitly (DeepSpeed's default is 1.0)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 
@@ -14,12 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from data.collate import collate, pad_id_of
 from data.encode import load_dataset
+from models import get_family
 from models.convert import hg_to_pp, pp_to_hg
-from tests.helpers import llama_config, run_deepspeed
+from tests.helpers import run_deepspeed, tiny_config
 from training.batches import BatchPlan
 
 pytestmark = pytest.mark.distributed
@@ -45,14 +48,16 @@ def write_records(path, n: int = 100) -> None:
 
 def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float):
     """Plain transformers + torch AdamW over the same global batches, clipping by global norm when clip > 0."""
-    model = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-    model.config._attn_implementation = "sdpa"
+    family = get_family(json.loads((hf_dir / "config.json").read_text())["model_type"])
+    model = family.hf_model_class.from_pretrained(str(hf_dir), dtype=torch.float32)
+    family.prepare_config(model.config)  # the attention implementation the pipeline uses (sdpa / eager)
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters  # Bloom: ALiBi from the mask
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=1e-8, weight_decay=WD)
     losses = []
     for step in range(STEPS):
         idx = plan.global_indices(*plan.position(step))
         (ids, pos, seg), labels = collate([dataset[int(i)] for i in idx], SEQ, pad_id)
-        logits = model(input_ids=ids, attention_mask=(seg > 0).long(), position_ids=pos).logits
+        logits = model(input_ids=ids, attention_mask=(seg > 0).long(), **({"position_ids": pos} if takes_positions else {})).logits
         target = F.pad(labels, (0, 1), value=-100)[:, 1:]
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
         opt.zero_grad()
@@ -64,14 +69,16 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float)
     return losses, model.state_dict()
 
 
-@pytest.mark.parametrize("procs, dims, name, clip, ckpt", [
-    (2, [2, 1], "gqa_tied", 1.0, False),  # the tied embedding/head on different stages
-    (4, [2, 2], "gqa_llama3_rope", 1.0, False),  # clipping by the norm over both stages and both replicas
-    (2, [2, 1], "mha_bias_untied", 0.0, True),  # activation checkpointing of the decoder blocks
-], ids=["pipe2-tied-clip", "pipe2xdata2-clip", "pipe2-noclip-gradckpt"])
-def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, dims, name, clip, ckpt):
+@pytest.mark.parametrize("procs, dims, family, name, clip, ckpt", [
+    (2, [2, 1], "llama", "gqa_tied", 1.0, False),  # the tied embedding/head on different stages
+    (4, [2, 2], "llama", "gqa_llama3_rope", 1.0, False),  # clipping by the norm over both stages and both replicas
+    (2, [2, 1], "llama", "mha_bias_untied", 0.0, True),  # activation checkpointing of the decoder blocks
+    (2, [2, 1], "bloom", "tied", 1.0, True),  # tied embedding/head on different stages (auto balance), checkpointing
+    (1, [1, 1], "bloom", "tied", 1.0, False),  # one stage: the embedding and the tied head on the same stage
+], ids=["pipe2-tied-clip", "pipe2xdata2-clip", "pipe2-noclip-gradckpt", "bloom-pipe2-tied-gradckpt", "bloom-pipe1"])
+def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt):
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(llama_config(name, vocab_size=len(tokenizer)))
+    hf = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer)))
     hf.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
     hg_to_pp(tmp_path / "hf", tmp_path / "pp")
@@ -85,8 +92,18 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
                                                   "torch_adam": True}},
     }
     (tmp_path / "cfg.json").write_text(json.dumps(config))
-    proc = run_deepspeed("train_ds.py", ["--config", str(tmp_path / "cfg.json")], num_procs=procs)
+    tied_stages = dims[0] > 1 and hf.config.tie_word_embeddings
+    if tied_stages:  # train_ds.py's Trainer, then both stages' copies of the tied weight are compared
+        proc = run_deepspeed("tests/workers/train_tied.py", ["--config", str(tmp_path / "cfg.json"), "--out-dir",
+                                                             str(tmp_path)], num_procs=procs)
+    else:
+        proc = run_deepspeed("train_ds.py", ["--config", str(tmp_path / "cfg.json")], num_procs=procs)
     assert ("activation checkpointing: 1 decoder blocks on stage 0" in proc.stdout) == ckpt, proc.stdout[-2000:]
+    if tied_stages:
+        reports = [json.loads((tmp_path / f"tied-rank{r}.json").read_text()) for r in range(procs)]
+        assert [r["stage"] for r in reports] == [0, 1]
+        for r in reports:  # the embedding's stage and the head's stage each hold a copy; after training they agree
+            assert len(r["tied"]) == 1 and all(t["ranks"] == [0, 1] and t["max_abs_diff"] == 0 for t in r["tied"].values()), r
 
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
@@ -113,3 +130,6 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
     for k, v in expected.items():
         torch.testing.assert_close(exported[k], v, atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
         assert not torch.equal(v, hf.state_dict()[k]), f"{k} was never updated"
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"))
+    assert type(loaded) is type(hf)
+    assert all(torch.equal(loaded.state_dict()[k], t) for k, t in exported.items())

@@ -18,6 +18,7 @@ from deepspeed.runtime.pipe.topology import ProcessTopology  # noqa: E402
 
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages  # noqa: E402
 from models.convert import family_of  # noqa: E402
+from training.distributed import shutdown_distributed  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
     owned = list(range(model._local_start, model._local_stop))
     out = {"loss": float(loss), "parts": model.parts, "stage": engine.stage_id, "owned": owned}
     Path(args.out_dir, f"rank{rank}.json").write_text(json.dumps(out))
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""Worker for tests/test_train_reference.py, started by the real `deepspeed` launcher.
+
+Runs train_ds.py's Trainer (setup, train, save), then every rank holding a tied module compares its copy
+of each tied weight with the copy on the first stage of its tie group (broadcast over that group) and
+writes tied-rank{R}.json: {"stage", "tied": {"KEY.ATTR": {"ranks", "max_abs_diff"}}}."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from training.config import load_config  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--local_rank", type=int, default=0)
+    args = ap.parse_args()
+
+    trainer = Trainer(load_config(args.config, world_size=int(os.environ["WORLD_SIZE"])))
+    try:
+        trainer.setup()
+        trainer.train()
+        module = trainer.engine.module
+        report = {}
+        for key, comm in module.tied_comms.items():
+            for attr in comm["weight_attr"]:
+                mine = module._recursive_getattr(comm["module"], attr).detach()
+                first = mine.clone()
+                torch.distributed.broadcast(first, src=min(comm["ranks"]), group=comm["group"])
+                report[f"{key}.{attr}"] = {"ranks": comm["ranks"], "max_abs_diff": (mine - first).abs().max().item()}
+        out = {"stage": trainer.engine.stage_id, "tied": report}
+        Path(args.out_dir, f"tied-rank{trainer.rank}.json").write_text(json.dumps(out))
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,9 @@
 """Pad samples into fixed-shape batches: ((input_ids, position_ids, segment_ids), labels).
 
 DeepSpeed's pipeline engine caches tensor shapes from the first micro-batch, so training batches
-are padded to exactly `max_seq_len`. Padding is segment 0 (attended by nothing), real tokens are
-segment 1; position ids count 0.. from each sample's first real token and are 0 on padding.
+are padded to exactly `max_seq_len`. Padding is segment 0 (attended by nothing). A sample may carry
+its own "position_ids" and "segment_ids" (a packed sequence, data/packing.py); otherwise it is one
+segment: segment id 1, position ids 0.. from its first real token. Padding has position id 0.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def _pad(samples: Sequence[Mapping[str, Sequence[int]]], max_seq_len: int | None
         input_ids[row, cols] = torch.tensor(s["input_ids"], dtype=torch.int64)
         if "labels" in s:  # prompts for generation have none
             labels[row, cols] = torch.tensor(s["labels"], dtype=torch.int64)
-        position_ids[row, cols] = torch.arange(n, dtype=torch.int64)
-        segment_ids[row, cols] = 1
+        position_ids[row, cols] = torch.tensor(s["position_ids"]) if "position_ids" in s else torch.arange(n)
+        segment_ids[row, cols] = torch.tensor(s["segment_ids"]) if "segment_ids" in s else 1
     return (input_ids, position_ids, segment_ids), labels
 
 

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from data.chat import render_chat, require_chat_template
-from data.records import DataError, Record, read_files, records_from_files
+from data.records import DataError, Record, read_files, record_type, records_from_files
 from data.templates import DEFAULT_SETTINGS, Rendered, Span, TemplateSettings, render, template_settings
 
 IGNORE_INDEX = -100
@@ -98,7 +98,8 @@ def encode_batch(tokenizer: Any, recs: Sequence[Mapping[str, Any]], max_seq_len:
 
     Each text is tokenized once (batched): with the tokenizer's own special tokens (BOS etc.) for the
     default templates, without adding any in chat mode (as apply_chat_template does). Truncation drops
-    the tail (an EOS that does not fit is absent, never re-added).
+    the tail (an EOS that does not fit is absent, never re-added). With `settings.split_long_pretrain`
+    pretrain samples are kept whole (data.packing splits them into max_seq_len chunks).
     """
     rendered: list[Rendered | str] = []
     for rec in recs:
@@ -113,7 +114,8 @@ def encode_batch(tokenizer: Any, recs: Sequence[Mapping[str, Any]], max_seq_len:
             enc = tokenizer([rendered[i].text for i in at], add_special_tokens=not has_special,
                             return_offsets_mapping=True)
             for i, ids, offsets in zip(at, enc["input_ids"], enc["offset_mapping"], strict=True):
-                out[i] = _label(ids, offsets, rendered[i].spans, max_seq_len)
+                whole = settings.split_long_pretrain and record_type(recs[i]) == "pretrain"
+                out[i] = _label(ids, offsets, rendered[i].spans, len(ids) if whole else max_seq_len)
     return out
 
 

@@ -5,8 +5,11 @@
 
 Trained tokens are shown in green on a terminal and between [[ ]] otherwise (every trained span of
 a conversation: each answer with its EOS). With --json, stdout holds only {"input_ids": [...],
-"labels": [...]} (or the statistics as one object). --stats: token-length percentiles, the fraction
-of samples truncated, the fraction of tokens trained. Bad data: one line per problem on stderr, exit 2.
+"labels": [...]} of the record's own (unpacked) sample, or the statistics as one object. --stats:
+token-length percentiles, the fraction of samples truncated, the fraction of tokens trained, and the
+packing efficiency (trained tokens / total tokens of the padded sequences, packed when the config
+packs, and unpacked for comparison; beside it the share of tokens that is not padding). With "packing": true, --index shows the whole packed sequence holding the
+record, one block per segment. Bad data: one line per problem on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -21,18 +24,19 @@ from typing import Any
 import numpy as np
 
 from data.encode import IGNORE_INDEX, EncodedDataset, load_dataset
+from data.packing import PackedDataset, pack
 from data.records import DataError
+from training.batches import trained_tokens
 from training.config import ConfigError, load_config
 
 GREEN, RESET = "\033[32m", "\033[0m"
 PERCENTILES = (50, 90, 95, 99, 100)
 
 
-def _runs(ds: EncodedDataset, sample: int) -> list[tuple[list[int], bool]]:
+def _runs(input_ids: list[int], labels: list[int]) -> list[tuple[list[int], bool]]:
     """Consecutive tokens grouped by whether they are trained."""
-    s = ds[sample]
     runs: list[tuple[list[int], bool]] = []
-    for tok, lab in zip(s["input_ids"], s["labels"], strict=True):
+    for tok, lab in zip(input_ids, labels, strict=True):
         trained = lab != IGNORE_INDEX
         if runs and runs[-1][1] == trained:
             runs[-1][0].append(tok)
@@ -41,16 +45,22 @@ def _runs(ds: EncodedDataset, sample: int) -> list[tuple[list[int], bool]]:
     return runs
 
 
-def show(ds: EncodedDataset, sample: int, tokenizer: Any, record: int, color: bool) -> str:
-    """Human-readable view: counts, the text with trained spans marked, then one line per token."""
-    s = ds[sample]
-    n_trained = sum(lab != IGNORE_INDEX for lab in s["labels"])
-    st, runs = ds.stats, _runs(ds, sample)
+def _marked(input_ids: list[int], labels: list[int], tokenizer: Any, color: bool) -> tuple[str, int]:
+    """The text with trained spans marked, and the number of spans."""
+    runs = _runs(input_ids, labels)
     text = "".join(
         (f"{GREEN}{t}{RESET}" if color else f"[[{t}]]") if trained else t
         for t, trained in ((tokenizer.decode(ids), trained) for ids, trained in runs)
     )
-    n_spans = sum(trained for _, trained in runs)
+    return text, sum(trained for _, trained in runs)
+
+
+def show(ds: EncodedDataset, sample: int, tokenizer: Any, record: int, color: bool) -> str:
+    """Human-readable view: counts, the text with trained spans marked, then one line per token."""
+    s = ds[sample]
+    n_trained = sum(lab != IGNORE_INDEX for lab in s["labels"])
+    st = ds.stats
+    text, n_spans = _marked(s["input_ids"], s["labels"], tokenizer, color)
     lines = [
         f"record {record} -> sample {sample}: {len(s['input_ids'])} tokens, {n_trained} trained in {n_spans} span(s)",
         f"dataset: {st.records} records, {st.kept} samples, {st.dropped} dropped, {st.truncated} truncated",
@@ -64,18 +74,50 @@ def show(ds: EncodedDataset, sample: int, tokenizer: Any, record: int, color: bo
     return "\n".join(lines)
 
 
-def dataset_stats(ds: EncodedDataset, max_seq_len: int) -> dict:
-    """Counts, sample-length percentiles (tokens, after truncation), truncated and trained fractions."""
+def show_packed(ds: EncodedDataset, packed: PackedDataset, sample: int, tokenizer: Any, record: int,
+                color: bool) -> str:
+    """The packed sequence holding `sample`: counts, then per segment its record, text (trained spans
+    marked) and one line per token (segment, position, id, label, text)."""
+    row = packed.row_of_sample(sample)
+    p = packed[row]
+    segs = range(packed.row_segments[row], packed.row_segments[row + 1])
+    st = packed.stats
+    lines = [f"record {record} -> sample {sample} -> packed sequence {row}: {len(p['input_ids'])} of "
+             f"{st.max_seq_len} tokens, {len(segs)} segment(s)",
+             f"packing: {st.samples} samples -> {st.sequences} sequences, efficiency {st.efficiency:.1%}"]
+    for k, seg in enumerate(segs, 1):
+        at = [j for j, s in enumerate(p["segment_ids"]) if s == k]
+        ids, labels = [p["input_ids"][j] for j in at], [p["labels"][j] for j in at]
+        src = int(packed.segment_sample[seg])
+        text, n_spans = _marked(ids, labels, tokenizer, color)
+        lines += [f"=== segment {k}: record {int(ds.record_index[src])} (sample {src}), tokens {at[0]}..{at[-1]}, "
+                  f"{sum(lab != IGNORE_INDEX for lab in labels)} trained in {n_spans} span(s) ===", text]
+    lines.append("--- tokens: segment, position, id, label, text ---")
+    for seg, pos, tok, lab in zip(p["segment_ids"], p["position_ids"], p["input_ids"], p["labels"], strict=True):
+        mark = "-" if lab == IGNORE_INDEX else str(lab)
+        lines.append(f"{seg:3d} {pos:6d} {tok:8d} {mark:>8} {tokenizer.decode([tok])!r}")
+    return "\n".join(lines)
+
+
+def dataset_stats(ds: EncodedDataset, max_seq_len: int, packed: PackedDataset | None = None) -> dict:
+    """Counts, sample-length percentiles (tokens, after truncation), truncated and trained fractions, and the
+    efficiency (trained tokens / total tokens, padding included) and fill (non-padding share) unpacked and,
+    with `packed`, packed."""
     st = ds.stats
     lengths = np.diff(ds.offsets)
     total, trained = int(lengths.sum()), int((ds.labels != IGNORE_INDEX).sum())
+    learned = int(trained_tokens(ds).sum())  # after the next-token shift: what the loss counts
     pct = np.percentile(lengths, PERCENTILES, method="higher") if len(ds) else [0] * len(PERCENTILES)
     return {
         "records": st.records, "samples": st.kept, "dropped": st.dropped, "truncated": st.truncated,
         "truncated_fraction": st.truncated / st.kept if st.kept else 0.0, "max_seq_len": max_seq_len,
         "length_percentiles": {f"p{q}": int(v) for q, v in zip(PERCENTILES, pct, strict=True)},
         "tokens": total, "trained_tokens": trained, "trained_fraction": trained / total if total else 0.0,
-        "packing_efficiency": None,  # no packing yet: every sample is padded to max_seq_len
+        "unpacked_efficiency": learned / (len(ds) * max_seq_len) if len(ds) else 0.0,
+        "unpacked_fill": total / (len(ds) * max_seq_len) if len(ds) else 0.0,
+        "sequences": packed.stats.sequences if packed else None,
+        "packing_efficiency": packed.stats.efficiency if packed else None,
+        "packed_fill": packed.stats.fill if packed else None,
     }
 
 
@@ -89,7 +131,11 @@ def show_stats(st: dict) -> str:
         f"tokens per sample (after truncation to {st['max_seq_len']}): "
         + ", ".join(f"{'max' if k == 'p100' else k} {v}" for k, v in pct.items()),
         f"trained tokens: {st['trained_tokens']} of {st['tokens']} ({st['trained_fraction']:.1%})",
-        "packing efficiency: n/a (no packing yet)",
+        (f"packing efficiency (trained / total tokens): {st['packing_efficiency']:.1%} ({st['samples']} samples in "
+         f"{st['sequences']} sequences, {st['packed_fill']:.1%} not padding; unpacked {st['unpacked_efficiency']:.1%})"
+         if st["packing_efficiency"] is not None else
+         f"packing efficiency (trained / total tokens): n/a (packing off; unpacked {st['unpacked_efficiency']:.1%}, "
+         f"{st['unpacked_fill']:.1%} not padding)"),
     ])
 
 
@@ -114,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             raise DataError([f"{model_path}:0: cannot load a tokenizer: {' '.join(str(e).split())[:300]}"]) from None
         ds = load_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings)
+        packed = pack(ds, cfg.max_seq_len, cfg.seed) if cfg.packing else None
     except (DataError, ConfigError) as e:
         print(e, file=sys.stderr)
         return 2
     if args.stats:
-        stats = dataset_stats(ds, cfg.max_seq_len)
+        stats = dataset_stats(ds, cfg.max_seq_len, packed)
         print(json.dumps(stats) if args.json else show_stats(stats))
         return 0
     if not 0 <= args.index < ds.stats.records:
@@ -131,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json:
         print(json.dumps(ds[sample]))
+    elif packed is not None:
+        print(show_packed(ds, packed, sample, tokenizer, args.index, color=sys.stdout.isatty()))
     else:
         print(show(ds, sample, tokenizer, args.index, color=sys.stdout.isatty()))
     return 0

@@ -63,19 +63,25 @@ class TemplateSettings:
 
     Field names are the training config's keys: `template` "default" (this module) or "chat" (the
     tokenizer's chat_template); `train_on_prompt` trains every token; `last_answer_only` trains only
-    a record's last answer; `pretrain_eos` appends EOS to pretrain text.
+    a record's last answer; `pretrain_eos` appends EOS to pretrain text; `split_long_pretrain` keeps
+    pretrain samples whole when encoding, for packing to split into max_seq_len chunks. `packing`
+    (data/packing.py) works on the encoded samples, so it alone is not part of the cache key.
     """
 
     template: str = "default"
     train_on_prompt: bool = False
     last_answer_only: bool = False
     pretrain_eos: bool = True
+    packing: bool = False
+    split_long_pretrain: bool = False
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
             raise ValueError(f"'template' must be one of {', '.join(map(repr, TEMPLATES))}, got {self.template!r}")
         if self.train_on_prompt and self.last_answer_only:
             raise ValueError("'train_on_prompt' and 'last_answer_only' cannot both be true")
+        if self.split_long_pretrain and not self.packing:
+            raise ValueError("'split_long_pretrain' needs 'packing': true (the chunks are packed segments)")
 
     def trained(self, answers: list[Span], length: int) -> list[Span]:
         """The trained spans of a `length`-character text whose answers (with their EOS) are `answers`."""
@@ -194,4 +200,4 @@ def template_settings(settings: TemplateSettings) -> dict[str, Any]:
     """Everything about the templates that changes the rendered text or labels (part of the cache key)."""
     return {"instruct": [INSTRUCT_WITH_INPUT, INSTRUCT_NO_INPUT], "ref_qa_system": REF_QA_SYSTEM,
             "dialogs": {k: asdict(v) for k, v in DIALOGS.items()}, "chat": [CHAT_INSTRUCT_INPUT, CHAT_ROLES],
-            **{f.name: getattr(settings, f.name) for f in fields(settings)}}
+            **{f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "packing"}}

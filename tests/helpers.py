@@ -82,6 +82,13 @@ def make_batch(vocab: int, lengths: list[int], seq_len: int, padding: str, seed:
     return ids, mask, position_ids, mask.clone(), labels
 
 
+def segments_of(row: dict[str, list[int]]) -> list[dict[str, list[int]]]:
+    """A packed row (data.packing) cut into its segments ({input_ids, labels, position_ids}), in order."""
+    seg = torch.tensor(row["segment_ids"])
+    return [{k: torch.tensor(row[k])[seg == s].tolist() for k in ("input_ids", "labels", "position_ids")}
+            for s in range(1, int(seg.max()) + 1)]
+
+
 def free_port() -> int:
     import socket
 

@@ -359,5 +359,5 @@ def test_inspect_stats(tok, sample_tokenizer_dir, tmp_path, capsys):
     assert stats["trained_fraction"] == stats["trained_tokens"] / len(labels) and stats["packing_efficiency"] is None
     assert data_inspect.main(["--config", str(cfg), "--stats"]) == 0
     out = capsys.readouterr().out
-    assert f"truncated: {ds.stats.truncated} of {len(ds)} samples" in out and "packing efficiency: n/a" in out
+    assert f"truncated: {ds.stats.truncated} of {len(ds)} samples" in out and "packing efficiency (trained / total tokens): n/a" in out
     assert "tokens per sample (after truncation to 64): p50 " in out and ", max 64" in out and "trained tokens: " in out

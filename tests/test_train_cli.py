@@ -47,6 +47,7 @@ CASES = {  # name -> (config overrides, expected text)
     "dims": ({"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}}}, "needs 2 processes but 1 were started"),
     "parts": ({"model_topo": {"parts": [7]}}, "model_topo.parts [7] sums to 7 but the model has 6 pipeline units"),
     "no optimizer": ({"optimizer": None}, "missing DeepSpeed 'optimizer' section"),
+    "split without packing": ({"split_long_pretrain": True}, "'split_long_pretrain' needs 'packing': true"),
     "no model": ({"model_path": "/nonexistent/model"}, "model_path /nonexistent/model is not a directory"),
 }
 

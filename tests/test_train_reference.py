@@ -4,7 +4,11 @@ token mean over the global batch. Per-step losses (rtol 1e-4) and the weights ex
 (atol 1e-5) must match. With a tied embedding/head on two stages, both copies must end identical.
 
 Adam's first step is nearly sign(g), so a gradient error that keeps signs (a scale) only shows from
-step 2 on: hence several steps, and gradient clipping stated explicitly (DeepSpeed's default is 1.0)."""
+step 2 on: hence several steps, and gradient clipping stated explicitly (DeepSpeed's default is 1.0).
+
+With "packing", the run trains on packed sequences; the reference runs each packed segment alone through
+transformers (batched, padded), which gives the same token-mean loss as the packed global batch
+(test_packing.py shows per-sample equality of packed and alone)."""
 
 from __future__ import annotations
 
@@ -20,9 +24,11 @@ from transformers import AutoModelForCausalLM
 
 from data.collate import collate, pad_id_of
 from data.encode import load_dataset
+from data.packing import pack
+from data.templates import TemplateSettings
 from models import get_family
 from models.convert import hg_to_pp, pp_to_hg
-from tests.helpers import run_deepspeed, tiny_config
+from tests.helpers import run_deepspeed, segments_of, tiny_config
 from training.batches import BatchPlan
 
 pytestmark = pytest.mark.distributed
@@ -46,8 +52,9 @@ def write_records(path, n: int = 100) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
-def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float):
-    """Plain transformers + torch AdamW over the same global batches, clipping by global norm when clip > 0."""
+def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float, packing: bool):
+    """Plain transformers + torch AdamW over the same global batches, clipping by global norm when clip > 0;
+    packed sequences are cut into their segments, each run alone."""
     family = get_family(json.loads((hf_dir / "config.json").read_text())["model_type"])
     model = family.hf_model_class.from_pretrained(str(hf_dir), dtype=torch.float32)
     family.prepare_config(model.config)  # the attention implementation the pipeline uses (sdpa / eager)
@@ -56,7 +63,8 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float)
     losses = []
     for step in range(STEPS):
         idx = plan.global_indices(*plan.position(step))
-        (ids, pos, seg), labels = collate([dataset[int(i)] for i in idx], SEQ, pad_id)
+        rows = [dataset[int(i)] for i in idx]
+        (ids, pos, seg), labels = collate([s for r in rows for s in segments_of(r)] if packing else rows, SEQ, pad_id)
         logits = model(input_ids=ids, attention_mask=(seg > 0).long(), **({"position_ids": pos} if takes_positions else {})).logits
         target = F.pad(labels, (0, 1), value=-100)[:, 1:]
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
@@ -69,23 +77,26 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float)
     return losses, model.state_dict()
 
 
-@pytest.mark.parametrize("procs, dims, family, name, clip, ckpt", [
-    (2, [2, 1], "llama", "gqa_tied", 1.0, False),  # the tied embedding/head on different stages
-    (4, [2, 2], "llama", "gqa_llama3_rope", 1.0, False),  # clipping by the norm over both stages and both replicas
-    (2, [2, 1], "llama", "mha_bias_untied", 0.0, True),  # activation checkpointing of the decoder blocks
-    (2, [2, 1], "bloom", "tied", 1.0, True),  # tied embedding/head on different stages (auto balance), checkpointing
-    (1, [1, 1], "bloom", "tied", 1.0, False),  # one stage: the embedding and the tied head on the same stage
-], ids=["pipe2-tied-clip", "pipe2xdata2-clip", "pipe2-noclip-gradckpt", "bloom-pipe2-tied-gradckpt", "bloom-pipe1"])
-def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt):
+@pytest.mark.parametrize("procs, dims, family, name, clip, ckpt, packing", [
+    (2, [2, 1], "llama", "gqa_tied", 1.0, False, False),  # the tied embedding/head on different stages
+    (4, [2, 2], "llama", "gqa_llama3_rope", 1.0, False, False),  # clipping by the norm over both stages and both replicas
+    (2, [2, 1], "llama", "mha_bias_untied", 0.0, True, False),  # activation checkpointing of the decoder blocks
+    (2, [2, 1], "bloom", "tied", 1.0, True, False),  # tied embedding/head on different stages (auto balance), checkpointing
+    (1, [1, 1], "bloom", "tied", 1.0, False, False),  # one stage: the embedding and the tied head on the same stage
+    (2, [2, 1], "llama", "mha_bias_untied", 1.0, False, True),  # packed sequences
+], ids=["pipe2-tied-clip", "pipe2xdata2-clip", "pipe2-noclip-gradckpt", "bloom-pipe2-tied-gradckpt", "bloom-pipe1",
+        "pipe2-packing"])
+def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing):
     torch.manual_seed(0)
     hf = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer)))
     hf.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
     hg_to_pp(tmp_path / "hf", tmp_path / "pp")
-    write_records(tmp_path / "train.jsonl")
+    write_records(tmp_path / "train.jsonl", 300 if packing else 100)  # packed: enough sequences for STEPS
     config = {
         "model_path": str(tmp_path / "pp"), "save_path": str(tmp_path / "out"), "data_path": str(tmp_path / "train.jsonl"),
         "max_seq_len": SEQ, "max_steps": STEPS, "seed": SEED, "use_grad_ckpt": ckpt, "data_cache_dir": str(tmp_path / "cache"),
+        "packing": packing,
         "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": dims}},
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS, "gradient_clipping": clip,
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": 1e-8, "weight_decay": WD,
@@ -107,15 +118,22 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
 
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
-    dataset = load_dataset(str(tmp_path / "train.jsonl"), tokenizer, SEQ, tmp_path / "cache")
+    dataset = load_dataset(str(tmp_path / "train.jsonl"), tokenizer, SEQ, tmp_path / "cache", TemplateSettings(packing=packing))
+    dataset = pack(dataset, SEQ, SEED) if packing else dataset
     plan = BatchPlan(len(dataset), MICRO, GAS, dims[1], SEED)
+    if packing:  # the log line, and metrics count the samples in each step's sequences
+        st = dataset.stats
+        assert f"packing: {st.samples} samples -> {st.sequences} sequences of {SEQ}, efficiency {st.efficiency:.1%}" in proc.stdout
+        per_step = [int(dataset.segments_per_row()[plan.global_indices(*plan.position(s))].sum()) for s in range(STEPS)]
+        assert [m["samples"] for m in metrics] == per_step
+        assert all(m["sequences"] == plan.global_batch < m["samples"] for m in metrics)
     assert dataset.stats.dropped == 0 and plan.steps_per_epoch * plan.global_batch <= len(dataset)
     # the premise: micro-batches carry unequal numbers of trained tokens
     per_micro = [sum(int((torch.tensor(dataset[int(i)]["labels"][1:]) != -100).sum()) for i in mb)
                  for mb in plan.micro_indices(0, 0, 0)]
     assert len(set(per_micro)) > 1, per_micro
 
-    ref_losses, ref_state = reference_losses(tmp_path / "hf", dataset, plan, pad_id_of(tokenizer), clip)
+    ref_losses, ref_state = reference_losses(tmp_path / "hf", dataset, plan, pad_id_of(tokenizer), clip, packing)
     for m, ref in zip(metrics, ref_losses, strict=True):
         assert m["loss"] == pytest.approx(ref, rel=1e-4), (m["step"], m["loss"], ref)
     assert ref_losses[-1] < ref_losses[0]

@@ -1,5 +1,6 @@
 """Which samples make each step's global batch, and how they become pipeline micro-batches.
 
+The samples are a data set's samples, or its packed sequences with "packing" (data/packing.py).
 Every rank derives the same seeded order, so no communication is needed: data-parallel rank r
 takes a disjoint contiguous slice of each global batch, and the first and last stage of a
 pipeline (same data-parallel rank) read the same micro-batches in the same order. Each
@@ -15,10 +16,12 @@ import torch
 
 from data.collate import collate
 from data.encode import IGNORE_INDEX, EncodedDataset
+from data.packing import PackedDataset
 
 
-def trained_tokens(ds: EncodedDataset) -> np.ndarray:
-    """Per sample, the tokens that carry loss after the next-token shift (labels[1:] != -100)."""
+def trained_tokens(ds: EncodedDataset | PackedDataset) -> np.ndarray:
+    """Per sample, the tokens that carry loss after the next-token shift (labels[1:] != -100); per packed
+    sequence the same sum over its segments (each segment's first label is already -100)."""
     is_trained = ds.labels != IGNORE_INDEX
     starts = ds.offsets[:-1]
     is_trained[starts[starts < len(is_trained)]] = False  # a sample's first label is never predicted
@@ -60,8 +63,8 @@ class BatchPlan:
         return [mine[i:i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
 
 
-def step_micro_batches(ds: EncodedDataset, plan: BatchPlan, tokens: np.ndarray, epoch: int, step_in_epoch: int,
-                       dp_rank: int, max_seq_len: int, pad_id: int) -> list:
+def step_micro_batches(ds: EncodedDataset | PackedDataset, plan: BatchPlan, tokens: np.ndarray, epoch: int,
+                       step_in_epoch: int, dp_rank: int, max_seq_len: int, pad_id: int) -> list:
     """[((input_ids, position_ids, segment_ids), (labels, counts))] for one step of one data-parallel rank."""
     n_global = int(tokens[plan.global_indices(epoch, step_in_epoch)].sum())
     counts = torch.tensor([max(n_global, 1), plan.grad_accum * plan.dp_size], dtype=torch.int64)

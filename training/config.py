@@ -55,6 +55,8 @@ class TrainConfig:
     template: str = "default"  # "default" (data/templates.py) or "chat" (the tokenizer's chat_template)
     train_on_prompt: bool = False  # train every token, prompts too
     last_answer_only: bool = False  # train only each record's last answer
+    packing: bool = False  # several samples per max_seq_len sequence (data/packing.py)
+    split_long_pretrain: bool = False  # with packing: split pretrain text longer than max_seq_len, not truncate
     data_cache_dir: str | None = None  # default: .cache beside the first data file
     model_topo: dict = field(default_factory=dict)  # {process_topology: {axes|axis, dims}, parts}
     ds_config: dict = field(default_factory=dict)  # DeepSpeed's keys
@@ -79,7 +81,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "model_path": (str,), "save_path": (str,), "data_path": (str, list), "from_scratch": (bool,),
     "max_seq_len": (int,), "n_epoches": (int,), "max_steps": (int, type(None)), "use_grad_ckpt": (bool,),
     "seed": (int,), "log_interval": (int,), "pretrain_eos": (bool,), "template": (str,),
-    "train_on_prompt": (bool,), "last_answer_only": (bool,), "data_cache_dir": (str, type(None)), "model_topo": (dict,),
+    "train_on_prompt": (bool,), "last_answer_only": (bool,), "packing": (bool,),
+    "split_long_pretrain": (bool,), "data_cache_dir": (str, type(None)), "model_topo": (dict,),
 }
 _MIN = {"max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0}
 

@@ -9,10 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data.collate import pad_id_of
 from data.encode import load_dataset
+from data.packing import describe, pack
 from data.records import DataError, read_files, records_from_files
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
 from models.convert import family_of
@@ -69,17 +71,19 @@ class Trainer:
         self.family, self.config = family_of(Path(cfg.model_path))
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
         self.dataset = self._load_dataset()
+        self.unit = "packed sequence" if cfg.packing else "sample"
 
         axes, dims = parse_topology(cfg.model_topo, self.world)
         topo = ProcessTopology(axes=axes, dims=dims)
         self.dp_size, self.pp_size = dims[axes.index("data")], dims[axes.index("pipe")]
         self.plan = BatchPlan(len(self.dataset), cfg.micro_batch, cfg.grad_accum, self.dp_size, cfg.seed)
         if self.plan.steps_per_epoch == 0:  # before any layer is built
-            raise ConfigError(f"{cfg.path}: {len(self.dataset)} samples are fewer than one global batch "
+            raise ConfigError(f"{cfg.path}: {len(self.dataset)} {self.unit}s are fewer than one global batch "
                               f"({self.plan.global_batch} = micro x accumulation x data-parallel)")
         self.total_steps = cfg.max_steps or cfg.n_epoches * self.plan.steps_per_epoch
         self.tokens = trained_tokens(self.dataset)
         self.lengths = self.dataset.offsets[1:] - self.dataset.offsets[:-1]
+        self.samples_per_row = self.dataset.segments_per_row() if cfg.packing else np.ones(len(self.dataset), np.int64)
 
         parts = cfg.model_topo.get("parts")  # checked against the model by load_config
         bounds_fn = lambda n: plan_stages(self.family.unit_sizes(self.config), self.family.unit_costs(self.config), n, parts)  # noqa: E731
@@ -103,7 +107,8 @@ class Trainer:
 
     def _load_dataset(self):
         """Local rank 0 of each node tokenizes (all cores, cached) first; the other ranks then read the cache.
-        A DataError there (e.g. a record the chat template rejects) stops every rank, not only the one that saw it."""
+        A DataError there (e.g. a record the chat template rejects) stops every rank, not only the one that saw it.
+        With "packing" every rank packs the samples the same way (seeded) and trains on the packed sequences."""
         cfg = self.cfg
         load = lambda: load_dataset(cfg.data_path, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings)  # noqa: E731
         ds, error = None, None
@@ -120,7 +125,11 @@ class Trainer:
         s = ds.stats
         self.log(f"data: {s.records} records -> {s.kept} samples ({s.dropped} dropped: no trained token within "
                  f"max_seq_len {cfg.max_seq_len}; {s.truncated} truncated); cache {'hit' if s.cache_hit else 'written'}")
-        return ds
+        if not cfg.packing:
+            return ds
+        packed = pack(ds, cfg.max_seq_len, cfg.seed)
+        self.log(describe(packed.stats))
+        return packed
 
     def _prepare_save_path(self) -> None:
         """save_path gets the HF config and tokenizer beside the checkpoints, so pp_to_hg needs nothing else."""
@@ -152,7 +161,7 @@ class Trainer:
             total, trainable = per_rank[r].tolist()
             self.log(f"  stage {stage}: layers {lo}..{hi - 1}, {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)")
         g = self.plan.global_batch
-        self.log(f"global batch: {g} samples x {self.cfg.max_seq_len} tokens = {g * self.cfg.max_seq_len} tokens "
+        self.log(f"global batch: {g} {self.unit}s x {self.cfg.max_seq_len} tokens = {g * self.cfg.max_seq_len} tokens "
                  f"({self.cfg.micro_batch} micro x {self.cfg.grad_accum} accumulation x {self.dp_size} replicas); "
                  f"{self.plan.steps_per_epoch} steps per epoch, {self.total_steps} steps")
         clip = self.engine.gradient_clipping()
@@ -180,7 +189,8 @@ class Trainer:
             now = time.time()
             rec = {"step": step + 1, "loss": float(loss), "lr": self.engine.get_lr()[0],
                    "tokens": int(self.lengths[idx].sum()), "trained_tokens": int(self.tokens[idx].sum()),
-                   "samples": len(idx), "epoch": epoch, "time": round(now - t0, 4)}
+                   "samples": int(self.samples_per_row[idx].sum()), "sequences": len(idx), "epoch": epoch,
+                   "time": round(now - t0, 4)}
             if self.rank == 0:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")

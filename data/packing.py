@@ -1,0 +1,142 @@
+"""Pack encoded samples into sequences of at most max_seq_len tokens ("packing": true).
+
+    packed = pack(load_dataset(...), max_seq_len=512, seed=42)
+    packed[0]  # {"input_ids", "labels", "position_ids", "segment_ids"}: several samples, segments 1, 2, ...
+
+Algorithm: first-fit decreasing, done once at load time. The samples are put in a seeded random order,
+stably sorted longest first, and each goes into the first sequence with room (a max segment tree over
+the sequences' free space finds it in O(log n)). The result depends only on (samples, max_seq_len,
+seed), so every rank computes identical packs without communication; the training order of the
+packed sequences is then BatchPlan's, as for unpacked samples.
+
+In a sequence, segment k (1, 2, ...) has position ids 0.. and attends only to itself (the models'
+segment-aware mask); its first label is -100: unpacked it is never predicted (the loss shifts labels),
+and packed it would be predicted from the previous segment's last token. So a sequence's summed loss
+is the sum of its samples' own summed losses. Samples longer than max_seq_len exist only for pretrain
+text with "split_long_pretrain" (data.encode keeps them whole); they are cut into max_seq_len chunks,
+each its own segment (a chunk's first token is then not trained either). Nothing is dropped here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from data.encode import IGNORE_INDEX, EncodedDataset
+
+
+@dataclass(frozen=True)
+class PackStats:
+    """Counts of one packing; `dropped` and `truncated` are the encoder's (data.encode.EncodeStats)."""
+
+    samples: int  # encoded samples packed
+    segments: int  # after splitting long pretrain samples into chunks
+    sequences: int
+    tokens: int  # real (non-padding) tokens, all of the samples' tokens
+    trained: int  # tokens that carry loss (labels != -100, segment starts excluded)
+    max_seq_len: int
+    split: int  # samples split into several chunks
+    dropped: int
+    truncated: int
+
+    @property
+    def efficiency(self) -> float:
+        """Packing efficiency: trained tokens / total tokens (sequences x max_seq_len)."""
+        return self.trained / (self.sequences * self.max_seq_len) if self.sequences else 0.0
+
+    @property
+    def fill(self) -> float:
+        """Real tokens / (sequences x max_seq_len): the fraction of the sequences that is not padding."""
+        return self.tokens / (self.sequences * self.max_seq_len) if self.sequences else 0.0
+
+
+class PackedDataset:
+    """Packed sequences in flat arrays; a map-style dataset of {"input_ids", "labels", "position_ids",
+    "segment_ids"} lists. `offsets` bound the sequences and `seg_offsets` the segments in the flat
+    arrays; sequence i holds segments row_segments[i]:row_segments[i + 1]; `segment_sample` is the
+    encoded sample each segment comes from."""
+
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, seg_offsets: np.ndarray, row_segments: np.ndarray,
+                 segment_sample: np.ndarray, stats: PackStats):
+        self.input_ids, self.labels, self.seg_offsets = input_ids, labels, seg_offsets
+        self.row_segments, self.segment_sample, self.stats = row_segments, segment_sample, stats
+        self.offsets = seg_offsets[row_segments]
+
+    def __len__(self) -> int:
+        return len(self.row_segments) - 1
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sequence {i} out of range ({len(self)} sequences)")
+        i %= len(self)
+        a, b = self.offsets[i], self.offsets[i + 1]
+        bounds = self.seg_offsets[self.row_segments[i]:self.row_segments[i + 1] + 1] - a
+        lens = np.diff(bounds)
+        return {"input_ids": self.input_ids[a:b].tolist(), "labels": self.labels[a:b].tolist(),
+                "position_ids": (np.arange(b - a) - np.repeat(bounds[:-1], lens)).tolist(),
+                "segment_ids": np.repeat(np.arange(1, len(lens) + 1), lens).tolist()}
+
+    def segments_per_row(self) -> np.ndarray:
+        return np.diff(self.row_segments)
+
+    def row_of_sample(self, sample: int) -> int:
+        """The sequence holding (the first chunk of) encoded sample `sample`."""
+        seg = int(np.flatnonzero(self.segment_sample == sample)[0])
+        return int(np.searchsorted(self.row_segments, seg, side="right")) - 1
+
+
+def _first_fit(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Sequence index for each length, in order: the first sequence with room (first fit)."""
+    size = 1
+    while size < len(lengths):
+        size *= 2
+    free = [capacity] * (2 * size)  # max free space per subtree; leaf j = sequence j
+    rows = np.empty(len(lengths), dtype=np.int64)
+    for j, n in enumerate(lengths.tolist()):
+        i = 1
+        while i < size:
+            i = 2 * i if free[2 * i] >= n else 2 * i + 1
+        rows[j] = i - size
+        free[i] -= n
+        i //= 2
+        while i:
+            free[i] = max(free[2 * i], free[2 * i + 1])
+            i //= 2
+    return rows
+
+
+def pack(ds: EncodedDataset, max_seq_len: int, seed: int) -> PackedDataset:
+    """Pack `ds` by first-fit decreasing (see the module docstring); samples over max_seq_len are split."""
+    lengths = np.diff(ds.offsets)
+    n_chunks = -(-lengths // max_seq_len)
+    sample = np.repeat(np.arange(len(ds)), n_chunks)
+    k = np.arange(len(sample)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
+    start = ds.offsets[sample] + k * max_seq_len
+    length = np.minimum(max_seq_len, ds.offsets[sample + 1] - start)
+
+    order = np.random.default_rng(seed).permutation(len(sample))
+    order = order[np.argsort(-length[order], kind="stable")]
+    rows = _first_fit(length[order], max_seq_len)
+    by_row = np.argsort(rows, kind="stable")  # segments grouped by sequence, in the order they were placed
+    seg = order[by_row]
+    n_rows = int(rows.max()) + 1 if len(rows) else 0
+    row_segments = np.searchsorted(rows[by_row], np.arange(n_rows + 1))
+
+    seg_len = length[seg]
+    seg_offsets = np.zeros(len(seg) + 1, dtype=np.int64)
+    np.cumsum(seg_len, out=seg_offsets[1:])
+    take = np.arange(seg_offsets[-1]) - np.repeat(seg_offsets[:-1] - start[seg], seg_len)
+    labels = ds.labels[take]
+    labels[seg_offsets[:-1]] = IGNORE_INDEX  # every segment has a token
+    stats = PackStats(samples=len(ds), segments=len(seg), sequences=n_rows, tokens=int(seg_offsets[-1]),
+                      trained=int((labels != IGNORE_INDEX).sum()), max_seq_len=max_seq_len, split=int((n_chunks > 1).sum()), dropped=ds.stats.dropped,
+                      truncated=ds.stats.truncated)
+    return PackedDataset(ds.input_ids[take], labels, seg_offsets, row_segments, sample[seg], stats)
+
+
+def describe(st: PackStats) -> str:
+    """One line for logs: samples -> sequences, efficiency, dropped."""
+    split = f", {st.split} split into {st.segments - st.samples + st.split} chunks" if st.split else ""
+    return (f"packing: {st.samples} samples -> {st.sequences} sequences of {st.max_seq_len}, efficiency "
+            f"{st.efficiency:.1%} (trained tokens / total tokens; {st.fill:.1%} not padding), {st.dropped} dropped{split}")

@@ -1,0 +1,178 @@
+"""Packing (data/packing.py): packed vs unpacked numerics for a tiny Llama and a tiny Bloom (per-sample
+losses and logits of one packed sequence equal the samples run alone through transformers), the
+packing invariants, split_long_pretrain, and data.inspect with packing on. The 2-process training run
+with packing against a transformers reference is a case of test_train_reference.py."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data import inspect as data_inspect
+from data.collate import collate, pad_id_of
+from data.encode import IGNORE_INDEX, cache_key, load_dataset
+from data.packing import pack
+from data.records import read_files
+from data.templates import TemplateSettings
+from models import causal_lm_loss, get_family
+from tests.helpers import segments_of, sequential_from_hf, tiny_config
+from training.batches import trained_tokens
+
+ATOL = 1e-5
+WORDS = "pipeline stage layer token batch loss gradient weight model data train answer question reply".split()
+PACKED = TemplateSettings(packing=True)
+SPLIT = TemplateSettings(packing=True, split_long_pretrain=True)
+
+
+def write_records(path: Path, n: int, seed: int = 0, long_text: int = 40) -> Path:
+    """Pretrain, instruct and conversation records of varied lengths (pretrain up to `long_text` words)."""
+    rng = random.Random(seed)
+    say = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    recs = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            recs.append({"text": say(rng.randint(2, long_text))})
+        elif kind == 1:
+            recs.append({"instruct": say(rng.randint(1, 6)), "input": say(rng.randint(0, 4)),
+                         "output": say(rng.randint(1, 12))})
+        else:
+            recs.append({"rounds": [["ask", say(rng.randint(1, 5))], ["ans", say(rng.randint(1, 6))],
+                                    ["ask", say(rng.randint(1, 5))], ["ans", say(rng.randint(1, 6))]]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("family, name", [("llama", "gqa_llama3_rope"), ("llama", "mha_bias_untied"),
+                                          ("bloom", "heads6_postln"), ("bloom", "tied")])
+def test_packed_losses_and_logits_equal_the_samples_alone(tmp_path, tokenizer, family, name):
+    ds = load_dataset(write_records(tmp_path / "d.jsonl", 4, seed=3), tokenizer, 512, use_cache=False)
+    lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]
+    assert len(ds) == 4 and len(set(lengths)) == 4, lengths
+    seq_len = sum(lengths) + 5  # one row with room to spare: the padding after it must not matter either
+    packed = pack(ds, seq_len, seed=0)
+    assert len(packed) == 1 and packed.segments_per_row().tolist() == [4]
+    (ids, pos, seg), labels = collate([packed[0]], seq_len, pad_id_of(tokenizer))
+
+    torch.manual_seed(0)
+    hf = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer))).float().eval()
+    seq = sequential_from_hf(hf)
+    with torch.no_grad():
+        logits = seq((ids, pos, seg))[0]
+        summed = causal_lm_loss(logits[None], (labels, torch.tensor([1, 1])))  # the packed row's summed CE
+        total = 0.0
+        for k, s in enumerate(packed.segment_sample.tolist(), 1):
+            alone = torch.tensor([ds[s]["input_ids"]])
+            ref = hf(input_ids=alone).logits[0]  # transformers, the sample alone: no position ids, no mask
+            at = seg[0] == k
+            torch.testing.assert_close(logits[at], ref, atol=ATOL, rtol=0, msg=lambda m, k=k: f"segment {k}: {m}")
+            own = F.cross_entropy(ref[:-1], torch.tensor(ds[s]["labels"][1:]), ignore_index=IGNORE_INDEX,
+                                  reduction="sum")
+            seg_labels = labels[0, at]
+            assert seg_labels[0] == IGNORE_INDEX  # never predicted from the previous segment's last token
+            from_packed = F.cross_entropy(logits[at][:-1], seg_labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
+            torch.testing.assert_close(from_packed, own, atol=ATOL, rtol=0)
+            total += own.item()
+        assert summed.item() == pytest.approx(total, abs=ATOL * len(ds))
+        assert int(trained_tokens(packed)[0]) == int(trained_tokens(ds).sum())
+
+        # the premise: without segment isolation and restarting positions, the later samples' logits change
+        leaky = seq((ids, (seg > 0).long().cumsum(-1) - 1, (seg > 0).long()))[0]
+        assert not torch.allclose(leaky[seg[0] == 4], logits[seg[0] == 4], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- invariants
+
+
+def test_packing_invariants(tmp_path, tokenizer):
+    ds = load_dataset(write_records(tmp_path / "d.jsonl", 300, long_text=150), tokenizer, 128, use_cache=False)
+    assert ds.stats.truncated > 0 and ds.stats.dropped == 0
+    packed = pack(ds, 128, seed=5)
+    st = packed.stats
+    seen = []
+    for r in range(len(packed)):
+        row = packed[r]
+        n = len(row["input_ids"])
+        assert 0 < n <= 128 and len(row["labels"]) == len(row["position_ids"]) == len(row["segment_ids"]) == n
+        segs = packed.segment_sample[packed.row_segments[r]:packed.row_segments[r + 1]].tolist()
+        assert row["segment_ids"] == sorted(row["segment_ids"])
+        assert set(row["segment_ids"]) == set(range(1, len(segs) + 1))
+        for s, part in zip(segs, segments_of(row), strict=True):
+            assert part["position_ids"] == list(range(len(part["input_ids"])))  # restart at 0 per segment
+            assert part["input_ids"] == ds[s]["input_ids"]
+            assert part["labels"] == [IGNORE_INDEX] + ds[s]["labels"][1:]
+            seen.append(s)
+    assert sorted(seen) == list(range(len(ds)))  # every kept sample exactly once
+    assert trained_tokens(packed).sum() == trained_tokens(ds).sum()
+    tokens = int(np.diff(ds.offsets).sum())
+    assert (st.samples, st.segments, st.sequences, st.tokens, st.split) == (len(ds), len(ds), len(packed), tokens, 0)
+    assert st.dropped == ds.stats.dropped and st.fill == tokens / (len(packed) * 128)
+    assert st.efficiency == trained_tokens(ds).sum() / (len(packed) * 128) < st.fill  # trained / total tokens
+    assert st.sequences <= -(-tokens // 128) + 5 and st.fill > 0.95  # first-fit decreasing packs tight
+    assert pack(ds, 128, seed=5)[7] == packed[7]  # deterministic: every rank packs the same
+    (_, pos, seg), labels = collate([packed[0], packed[1]], 160, 0)
+    assert (seg[:, 128:] == 0).all() and (labels[:, 128:] == IGNORE_INDEX).all() and (pos[:, 128:] == 0).all()
+
+
+def test_split_long_pretrain_splits_instead_of_truncating(tmp_path, tokenizer):
+    L = 64
+    data = tmp_path / "d.jsonl"
+    long = {"text": " ".join(WORDS * 16)}
+    instruct = {"instruct": "reply", "output": " ".join(WORDS * 4)}
+    data.write_text("".join(json.dumps(r) + "\n" for r in (long, instruct, {"text": "short one"})))
+    whole = load_dataset(data, tokenizer, 10_000, use_cache=False)
+    n_long, n_instruct = (len(whole[i]["input_ids"]) for i in (0, 1))
+    assert n_long > 3 * L and n_instruct > L
+    cut = load_dataset(data, tokenizer, L, settings=PACKED, use_cache=False)
+    ds = load_dataset(data, tokenizer, L, settings=SPLIT, use_cache=False)
+    assert cut.stats.truncated == 2 and ds.stats.truncated == 1  # the instruct record is still truncated
+    assert ds[0] == whole[0] and ds[1] == cut[1]
+    files = read_files(data)
+    assert cache_key(files, tokenizer, L, SPLIT) != cache_key(files, tokenizer, L, PACKED)
+    assert cache_key(files, tokenizer, L, PACKED) == cache_key(files, tokenizer, L, TemplateSettings())
+
+    packed = pack(ds, L, seed=0)
+    st = packed.stats
+    assert st.tokens == n_long + L + len(ds[2]["input_ids"])  # every token of the long text kept
+    assert st.split == 1 and st.segments == 3 + -(-n_long // L) - 1
+    assert all(len(packed[r]["input_ids"]) <= L for r in range(len(packed)))
+    parts = [part for r in range(len(packed))  # the segments that come from the long text
+             for seg, part in zip(packed.segment_sample[packed.row_segments[r]:packed.row_segments[r + 1]].tolist(),
+                                  segments_of(packed[r]), strict=True) if seg == 0]
+    assert all(p["labels"][0] == IGNORE_INDEX and p["position_ids"][0] == 0 for p in parts)
+    ids = whole[0]["input_ids"]
+    assert sorted(tuple(p["input_ids"]) for p in parts) == sorted(tuple(ids[i:i + L]) for i in range(0, n_long, L))
+
+
+def test_inspect_shows_packed_sequences_and_efficiency(tmp_path, tokenizer_dir, tokenizer, capsys):
+    data = write_records(tmp_path / "d.jsonl", 30)
+    cfg = {"model_path": str(tokenizer_dir), "save_path": str(tmp_path / "out"), "data_path": str(data),
+           "max_seq_len": 128, "seed": 3, "packing": True, "train_micro_batch_size_per_gpu": 1}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    args = ["--config", str(tmp_path / "cfg.json")]
+    assert data_inspect.main([*args, "--stats", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    ds = load_dataset(data, tokenizer, 128, settings=PACKED)
+    packed, sample = pack(ds, 128, seed=3), ds.sample_of_record(4)
+    assert stats["sequences"] == len(packed) and stats["packing_efficiency"] == packed.stats.efficiency
+    assert stats["unpacked_efficiency"] == packed.stats.trained / (stats["samples"] * 128) < stats["packing_efficiency"]
+    assert stats["unpacked_fill"] == packed.stats.tokens / (stats["samples"] * 128) < stats["packed_fill"]
+    assert data_inspect.main([*args, "--stats"]) == 0
+    assert (f"packing efficiency (trained / total tokens): {packed.stats.efficiency:.1%} ({stats['samples']} samples in {len(packed)} sequences"
+            in capsys.readouterr().out)
+    assert data_inspect.main([*args, "--index", "4"]) == 0
+    out = capsys.readouterr().out
+    row = packed.row_of_sample(sample)
+    k = packed.row_segments[row + 1] - packed.row_segments[row]
+    assert f"record 4 -> sample {sample} -> packed sequence {row}: " in out and f"{k} segment(s)" in out
+    assert out.count("=== segment ") == k and "=== segment 1: record " in out and f" record 4 (sample {sample})" in out
+    assert "--- tokens: segment, position, id, label, text ---" in out

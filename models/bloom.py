@@ -120,20 +120,6 @@ def layer_specs(config: BloomConfig) -> list:
     return [embed, *(LayerSpec(BloomBlockPipe, config, i) for i in range(n)), LayerSpec(BloomNormPipe, config), head]
 
 
-@torch.no_grad()
-def init_module(module: nn.Module, config: BloomConfig, gen: torch.Generator) -> None:
-    """transformers' Bloom init: normal(0, initializer_range) linears/embeddings, zero biases, LayerNorm 1 / 0."""
-    std = config.initializer_range
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            m.weight.normal_(0.0, std, generator=gen)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.zero_()
-        elif isinstance(m, nn.LayerNorm):
-            m.weight.fill_(1.0)
-            m.bias.zero_()
-
-
 FAMILY = register(ModelFamily(
     model_type="bloom",
     config_class=BloomConfig,
@@ -142,6 +128,5 @@ FAMILY = register(ModelFamily(
     prepare_config=prepare_config,
     layer_specs=layer_specs,
     block_class=BloomBlockPipe,
-    init_module=init_module,
     presets={"tiny": dict(hidden_size=64, n_layer=4, n_head=4)},
 ))

@@ -22,7 +22,6 @@ class ModelFamily:
     prepare_config: Callable  # sets what the pipeline needs (attention implementation) and returns the config
     layer_specs: Callable  # config -> [LayerSpec | TiedLayerSpec]: embed, N blocks, norm, head
     block_class: type  # decoder block module (activation checkpointing, balance)
-    init_module: Callable[[nn.Module, object, torch.Generator], None]  # fresh weights, as transformers does
     presets: dict[str, dict] = field(default_factory=dict)  # named configs for `convert_model.py init`
 
     @staticmethod
@@ -42,10 +41,27 @@ class ModelFamily:
 
     def init_layer(self, module: nn.Module, config, layer_idx: int, seed: int) -> None:
         """Fresh weights for pipeline layer `layer_idx`, seeded per layer so any partition gives the same model."""
-        self.init_module(module, config, torch.Generator().manual_seed(seed * 100_003 + layer_idx))
+        init_like_transformers(module, config.initializer_range, torch.Generator().manual_seed(seed * 100_003 + layer_idx))
 
     def load_config(self, directory: str | Path):
         return self.prepare_config(self.config_class.from_pretrained(str(directory)))
+
+
+@torch.no_grad()
+def init_like_transformers(module: nn.Module, std: float, gen: torch.Generator) -> None:
+    """transformers' init for these families (PreTrainedModel._init_weights): normal(0, std) linear and
+    embedding weights, zero biases and padding rows, norms to weight 1 / bias 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.weight.normal_(0.0, std, generator=gen)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm) or "RMSNorm" in type(m).__name__:
+            m.weight.fill_(1.0)
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
 
 
 FAMILIES: dict[str, ModelFamily] = {}

@@ -106,21 +106,6 @@ def layer_specs(config: LlamaConfig) -> list:
     return [embed, *(LayerSpec(LlamaBlockPipe, config, i) for i in range(n)), LayerSpec(LlamaNormPipe, config), head]
 
 
-@torch.no_grad()
-def init_module(module: nn.Module, config: LlamaConfig, gen: torch.Generator) -> None:
-    """transformers' Llama init: normal(0, initializer_range) for linears/embeddings, ones for norms."""
-    std = config.initializer_range
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            m.weight.normal_(0.0, std, generator=gen)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.zero_()
-            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-                m.weight[m.padding_idx].zero_()
-        elif isinstance(m, LlamaRMSNorm):
-            m.weight.fill_(1.0)
-
-
 FAMILY = register(ModelFamily(
     model_type="llama",
     config_class=LlamaConfig,
@@ -129,7 +114,6 @@ FAMILY = register(ModelFamily(
     prepare_config=prepare_config,
     layer_specs=layer_specs,
     block_class=LlamaBlockPipe,
-    init_module=init_module,
     presets={
         "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False),

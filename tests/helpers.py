@@ -119,3 +119,15 @@ def run_deepspeed(script: str, args: list[str], num_procs: int = 2, timeout: int
 
 
 ROOT_TEXTS = ["Hello pipeline world.", "  leading spaces and\ttabs\n", "流水线并行", "</s> special <s> tokens <pad>", ""]
+
+
+def answers_of(rec: dict) -> list[str]:
+    """The texts a record trains on, in order (without EOS)."""
+    from data.records import record_type
+
+    kind = record_type(rec)
+    if kind == "pretrain":
+        return [rec["text"]]
+    if kind == "instruct":
+        return [rec["output"]]
+    return [text for role, text in rec["rounds"] if role == "ans"]

@@ -21,6 +21,7 @@ from data.encode import IGNORE_INDEX, encode_one, encode_records, load_dataset
 from data.records import RECORD_TYPES, DataError, load_records, record_type
 from data.templates import CHAT_MESSAGES, PROMPTS, RENDERERS, TemplateSettings, render, render_prompt
 from data.tiny_tokenizer import _texts_from_records, train_tiny_tokenizer
+from tests.helpers import answers_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
@@ -51,16 +52,6 @@ def sample_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tok(sample_tokenizer_dir):
     return AutoTokenizer.from_pretrained(str(sample_tokenizer_dir))
-
-
-def answers_of(rec: dict) -> list[str]:
-    """The texts a record trains on, in order (without EOS)."""
-    kind = record_type(rec)
-    if kind == "pretrain":
-        return [rec["text"]]
-    if kind == "instruct":
-        return [rec["output"]]
-    return [text for role, text in rec["rounds"] if role == "ans"]
 
 
 def trained_runs(tok, ids: list[int], labels: list[int]) -> list[str]:

@@ -18,6 +18,7 @@ from data.encode import IGNORE_INDEX, encode_one, encode_records, load_dataset
 from data.records import DataError, load_records, record_type
 from data.templates import CHAT_MESSAGES, TemplateSettings, render
 from data.tiny_tokenizer import _texts_from_records, train_tiny_tokenizer
+from tests.helpers import answers_of
 from training.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,13 +53,6 @@ def chat_dir(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def chat_tok(chat_dir):
     return AutoTokenizer.from_pretrained(str(chat_dir))
-
-
-def answers_of(rec: dict) -> list[str]:
-    kind = record_type(rec)
-    if kind == "pretrain":
-        return [rec["text"]]
-    return [rec["output"]] if kind == "instruct" else [t for role, t in rec["rounds"] if role == "ans"]
 
 
 def trained_runs(tok, ids: list[int], labels: list[int]) -> list[str]:

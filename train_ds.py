@@ -3,7 +3,7 @@
   deepspeed [--num_gpus N | --hostfile hostfile] train_ds.py --config configs/X.json
 
 On a machine without GPUs DeepSpeed's CPU accelerator is used (gloo); `--num_gpus N` then starts
-N CPU processes. The config holds DeepSpeed's keys beside the project's (see README).
+N CPU processes. `python train_ds.py --config X.json` runs one process (a 1-stage pipeline). The config holds DeepSpeed's keys beside the project's (see README).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from data.records import DataError
 from models.hf_io import CheckpointError
 from models.pipeline import ModelConfigError
 from training.config import ConfigError, load_config
+from training.distributed import single_process_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="JSON config (DeepSpeed keys + project keys)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = ap.parse_args(argv)
-    quiet = int(os.environ.get("LOCAL_RANK", "0")) != 0  # one copy of each error per node
+    single_process_env()
+    quiet = int(os.environ["LOCAL_RANK"]) != 0  # one copy of each error per node
     try:
         cfg = load_config(args.config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         from training.trainer import run

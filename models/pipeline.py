@@ -53,7 +53,8 @@ def parse_topology(model_topo: dict | None, world_size: int) -> tuple[list[str],
     if "model" in axes and dims[axes.index("model")] != 1:
         raise ModelConfigError("model_topo.process_topology: tensor parallelism ('model' > 1) is not supported; use 'pipe' and 'data'")
     if math.prod(dims) != world_size:
-        raise ModelConfigError(f"model_topo.process_topology.dims {dims} needs {math.prod(dims)} processes but {world_size} were started")
+        raise ModelConfigError(f"model_topo.process_topology.dims {dims} needs {math.prod(dims)} processes but {world_size} "
+                               f"were started (deepspeed --num_gpus {math.prod(dims)} train_ds.py ..., or --hostfile)")
     return axes, dims
 
 

@@ -102,3 +102,16 @@ def test_from_scratch_one_stage_matches_init(tmp_path, base, tokenizer_dir):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] > 0 for m in metrics)
+
+
+def test_runs_without_the_launcher_as_one_process(tmp_path, base):
+    """`python train_ds.py --config X` is a 1-stage run (no MPI discovery, no leftover shared memory)."""
+    cfg = write_config(tmp_path, base)
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    proc = subprocess.run([sys.executable, "train_ds.py", "--config", str(cfg)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "topology: 1 pipeline stages x 1 data-parallel replicas (1 processes)" in proc.stdout
+    assert (tmp_path / "out" / "latest").read_text() == "global_step2"
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= before

@@ -1,9 +1,21 @@
-"""Process-group teardown shared by train_ds.py and the launcher-started test workers."""
+"""Process-group set-up and teardown shared by train_ds.py and the launcher-started test workers."""
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+
+
+def single_process_env() -> None:
+    """`python train_ds.py ...` without a launcher runs as one process (a 1-stage pipeline): set what
+    `deepspeed --num_gpus 1` would, instead of letting DeepSpeed fall back to MPI discovery."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def shm_buffer(rank: int) -> Path:

@@ -131,3 +131,49 @@ def answers_of(rec: dict) -> list[str]:
     if kind == "instruct":
         return [rec["output"]]
     return [text for role, text in rec["rounds"] if role == "ans"]
+
+
+def trained_runs(tok, ids: list[int], labels: list[int]) -> list[str]:
+    """Decoded runs of consecutive trained tokens. A run may start with the space that ends the prompt
+    ("### Assistant: ") when the tokenizer glues it to the answer's first word: that token is trained."""
+    assert all(lab in (-100, i) for i, lab in zip(ids, labels, strict=True))
+    runs, run = [], []
+    for i, lab in zip([*ids, None], [*labels, -100], strict=True):
+        if lab != -100:
+            run.append(i)
+        elif run:
+            runs.append(tok.decode(run).removeprefix(" "))
+            run = []
+    return runs
+
+
+def assert_causal(seq) -> None:
+    """Changing token k never moves the logits before k, and does move them from k on."""
+    ids, _, pos, seg, _ = make_batch(300, [12, 12], 12, "right", seed=1)
+    base = seq((ids, pos, seg))
+    for k in (3, 8, 11):
+        changed = ids.clone()
+        changed[:, k] = (changed[:, k] + 17) % 296 + 4
+        out = seq((changed, pos, seg))
+        torch.testing.assert_close(out[:, :k], base[:, :k], atol=1e-6, rtol=0)
+        assert (out[:, k:] - base[:, k:]).abs().max() > 1e-3  # the change is visible from k on
+
+
+def assert_segments_isolated(seq, atol: float) -> None:
+    """Two packed segments + padding: each segment's logits equal the segment run alone, and changing
+    the second segment leaves the first bit-identical."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randint(4, 300, (5,), generator=g), torch.randint(4, 300, (4,), generator=g)
+    ids = torch.cat([a, b, torch.full((3,), 3)])[None]
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0, 0]])
+    seg = torch.tensor([[1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0, 0]])
+    packed = seq((ids, pos, seg))
+
+    alone_a = seq((a[None], torch.arange(5)[None], torch.ones(1, 5, dtype=torch.long)))
+    alone_b = seq((b[None], torch.arange(4)[None], torch.ones(1, 4, dtype=torch.long)))
+    torch.testing.assert_close(packed[:, :5], alone_a, atol=atol, rtol=0)
+    torch.testing.assert_close(packed[:, 5:9], alone_b, atol=atol, rtol=0)
+
+    other = ids.clone()
+    other[0, 5:9] = torch.randint(4, 300, (4,), generator=g)
+    torch.testing.assert_close(seq((other, pos, seg))[:, :5], packed[:, :5], atol=0, rtol=0)

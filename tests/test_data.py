@@ -21,7 +21,7 @@ from data.encode import IGNORE_INDEX, encode_one, encode_records, load_dataset
 from data.records import RECORD_TYPES, DataError, load_records, record_type
 from data.templates import CHAT_MESSAGES, PROMPTS, RENDERERS, TemplateSettings, render, render_prompt
 from data.tiny_tokenizer import _texts_from_records, train_tiny_tokenizer
-from tests.helpers import answers_of
+from tests.helpers import answers_of, trained_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
@@ -52,20 +52,6 @@ def sample_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tok(sample_tokenizer_dir):
     return AutoTokenizer.from_pretrained(str(sample_tokenizer_dir))
-
-
-def trained_runs(tok, ids: list[int], labels: list[int]) -> list[str]:
-    """Decoded runs of consecutive trained tokens. A run may start with the space that ends the prompt
-    ("### Assistant: ") when the tokenizer glues it to the answer's first word: that token is trained."""
-    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels, strict=True))
-    runs, run = [], []
-    for i, lab in zip([*ids, None], [*labels, IGNORE_INDEX], strict=True):
-        if lab != IGNORE_INDEX:
-            run.append(i)
-        elif run:
-            runs.append(tok.decode(run).removeprefix(" "))
-            run = []
-    return runs
 
 
 def write(path: Path, content: str | bytes) -> Path:

@@ -18,7 +18,7 @@ from data.encode import IGNORE_INDEX, encode_one, encode_records, load_dataset
 from data.records import DataError, load_records, record_type
 from data.templates import CHAT_MESSAGES, TemplateSettings, render
 from data.tiny_tokenizer import _texts_from_records, train_tiny_tokenizer
-from tests.helpers import answers_of
+from tests.helpers import answers_of, trained_runs
 from training.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,19 +53,6 @@ def chat_dir(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def chat_tok(chat_dir):
     return AutoTokenizer.from_pretrained(str(chat_dir))
-
-
-def trained_runs(tok, ids: list[int], labels: list[int]) -> list[str]:
-    """Decoded runs of consecutive trained tokens (a leading space glued to an answer's first word dropped)."""
-    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels, strict=True))
-    runs, run = [], []
-    for i, lab in zip([*ids, None], [*labels, IGNORE_INDEX], strict=True):
-        if lab != IGNORE_INDEX:
-            run.append(i)
-        elif run:
-            runs.append(tok.decode(run).removeprefix(" "))
-            run = []
-    return runs
 
 
 def inference_ids(tok, rec: dict, settings: TemplateSettings) -> list[int]:

@@ -1,14 +1,16 @@
-"""Read and validate training records from .json (array) and .jsonl files.
+"""Read and validate training records from .json (array), .jsonl, .csv, .parquet and .arrow files.
 
 Every record is checked before anything is tokenized; all problems are collected and raised
 together as one `DataError` whose lines read `FILE:LINE: problem`.
 
 Adding a record type means one `RecordType` entry in `RECORD_TYPES` here, one prompt in
 `data.templates.PROMPTS`, one renderer in `data.templates.RENDERERS` and, for chat-template mode,
-one entry in `data.templates.CHAT_MESSAGES`. Adding a file format means one parser in `PARSERS`.
+one entry in `data.templates.CHAT_MESSAGES`. Adding a file format means one parser in `PARSERS`
+(tabular formats, one row per record: `data.tabular`).
 
 A record's JSON text may be at most MAX_RECORD_BYTES: longer records are refused (a sample is at
-most `max_seq_len` tokens, so such a record would be tokenized only to be truncated).
+most `max_seq_len` tokens, so such a record would be tokenized only to be truncated). A table row
+counts as the JSON text of its record.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from data import tabular
 
 MAX_SHOWN = 20  # problems listed in a DataError message
 MAX_RECORD_BYTES = 10_000_000  # per record, in UTF-8 JSON text
@@ -95,7 +99,7 @@ def _rounds(name: str, value: Any) -> list[str]:
     for i, turn in enumerate(value):
         where = f"{name}[{i}]"
         if not isinstance(turn, list) or len(turn) != 2:
-            problems.append(f"{where} must be a [role, text] pair, got {json.dumps(turn, ensure_ascii=False)[:60]}")
+            problems.append(f"{where} must be a [role, text] pair, got {json.dumps(turn, ensure_ascii=False, default=str)[:60]}")
             continue
         role, text = turn
         if role not in ROLES:
@@ -164,7 +168,8 @@ def _record_problems(obj: Any) -> list[str]:
 def resolve_files(data_path: str | Path | Sequence[str | Path]) -> list[Path]:
     """Expand `data_path` (file, directory, glob, or a list of them) into existing files, in order.
 
-    A directory stands for its files with a known suffix (PARSERS). Raises DataError for paths matching nothing.
+    A directory stands for its files with a known suffix (PARSERS); one written by `datasets`' `save_to_disk`
+    for its .arrow files only (not its state.json and dataset_info.json). Raises DataError for paths matching nothing.
     """
     items = [data_path] if isinstance(data_path, (str, Path)) else list(data_path)
     files: dict[Path, None] = {}  # ordered, without duplicates
@@ -174,8 +179,9 @@ def resolve_files(data_path: str | Path | Sequence[str | Path]) -> list[Path]:
         if not str(item):
             what = "empty path"
         elif p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix in PARSERS and f.is_file())
-            what = f"directory has no {' or '.join(PARSERS)} files"
+            suffixes = (".arrow",) if (p / "state.json").is_file() and (p / "dataset_info.json").is_file() else PARSERS
+            found = sorted(f for f in p.iterdir() if f.suffix in suffixes and f.is_file())
+            what = f"directory has no data files ({', '.join(PARSERS)})"
         elif p.is_file():
             found = [p]
         elif glob.has_magic(str(item)):
@@ -207,7 +213,10 @@ def _oversize(text: str, start: int, end: int) -> str | None:
             "(split long texts into several records)")
 
 
-def _parse_jsonl(text: str) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
+Parsed = tuple[list[tuple[int, Any]], list[tuple[int, str]]]  # ((line, record), ...), ((line, problem), ...)
+
+
+def _parse_jsonl(text: str) -> Parsed:
     items, errors = [], []
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
         if not line.strip():
@@ -226,7 +235,7 @@ def _parse_jsonl(text: str) -> tuple[list[tuple[int, Any]], list[tuple[int, str]
     return items, errors
 
 
-def _parse_json_array(text: str) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
+def _parse_json_array(text: str) -> Parsed:
     """Decode a top-level JSON array element by element, remembering the line each element starts at.
 
     Parsing stops at the first malformed element (what follows cannot be located reliably)."""
@@ -278,23 +287,75 @@ def _parse_json_array(text: str) -> tuple[list[tuple[int, Any]], list[tuple[int,
     return items, errors
 
 
-# file suffix -> parser of the file's text into ((line, record), ...) and ((line, problem), ...)
-PARSERS: dict[str, Callable[[str], tuple[list[tuple[int, Any]], list[tuple[int, str]]]]] = {
-    ".json": _parse_json_array,
-    ".jsonl": _parse_jsonl,
+def _decoded(parse: Callable[[str], Parsed]) -> Callable[[bytes], Parsed]:
+    """A parser of UTF-8 text (a BOM is dropped) as a parser of the file's bytes."""
+
+    def parse_bytes(raw: bytes) -> Parsed:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            return [], [(raw.count(b"\n", 0, e.start) + 1, f"not valid UTF-8 (byte offset {e.start})")]
+        return parse(text)
+
+    return parse_bytes
+
+
+def _row_oversize(rec: Any) -> str | None:
+    """The problem with a table row's record if its JSON text is over MAX_RECORD_BYTES, else None."""
+    chars, stack = 0, [rec]
+    while stack:  # a cheap bound first: characters of all strings (keys included)
+        x = stack.pop()
+        if isinstance(x, str):
+            chars += len(x)
+        elif isinstance(x, dict):
+            stack += [*x, *x.values()]
+        elif isinstance(x, list):
+            stack += x
+    if chars * 4 <= MAX_RECORD_BYTES:
+        return None
+    try:
+        text = json.dumps(rec, ensure_ascii=False, default=str)  # a table cell may hold a date, bytes, ...
+    except RecursionError:
+        return TOO_DEEP
+    return _oversize(text, 0, len(text))
+
+
+def _sized(parse: Callable[[bytes], Parsed]) -> Callable[[bytes], Parsed]:
+    """A table parser whose rows over MAX_RECORD_BYTES become problems."""
+
+    def parse_sized(raw: bytes) -> Parsed:
+        items, errors = parse(raw)
+        kept = []
+        for line, rec in items:
+            if too_big := _row_oversize(rec):
+                errors.append((line, too_big))
+            else:
+                kept.append((line, rec))
+        return kept, errors
+
+    return parse_sized
+
+
+def _parse_csv(text: str) -> Parsed:
+    return tabular.parse_csv(text, MAX_RECORD_BYTES)
+
+
+# file suffix -> parser of the file's bytes into ((line, record), ...) and ((line, problem), ...); line 0: the file
+PARSERS: dict[str, Callable[[bytes], Parsed]] = {
+    ".json": _decoded(_parse_json_array),
+    ".jsonl": _decoded(_parse_jsonl),
+    ".csv": _sized(_decoded(_parse_csv)),
+    ".parquet": _sized(tabular.parse_parquet),
+    ".arrow": _sized(tabular.parse_arrow),
 }
 
 
 def parse_records(path: Path, raw: bytes) -> tuple[list[Record], list[str]]:
     """Parse and validate one file's bytes: (valid records, problem lines)."""
     if path.suffix not in PARSERS:
-        return [], [f"{path}:0: unsupported file type {path.suffix!r} (use {' or '.join(PARSERS)})"]
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        return [], [f"{path}:{line}: not valid UTF-8 (byte offset {e.start})"]
-    items, errors = PARSERS[path.suffix](text)
+        known = ", ".join(PARSERS)
+        return [], [f"{path}:0: unsupported file type {path.suffix!r} (use {known})"]
+    items, errors = PARSERS[path.suffix](raw)
     if not items and not errors:
         errors.append((1, "empty file (no records)"))
     records = []

@@ -232,7 +232,7 @@ def test_missing_paths(tmp_path):
         load_records([str(tmp_path / "nope.jsonl"), str(tmp_path / "*.jsonl"), str(tmp_path)])
     assert e.value.problems == [f"{tmp_path / 'nope.jsonl'}:0: file not found",
                                 f"{tmp_path / '*.jsonl'}:0: no file matches this pattern",
-                                f"{tmp_path}:0: directory has no .json or .jsonl files"]
+                                f"{tmp_path}:0: directory has no data files (.json, .jsonl, .csv, .parquet, .arrow)"]
 
 
 def test_all_problems_collected_before_tokenizing(tok, tmp_path):

@@ -3,7 +3,12 @@
   deepspeed [--num_gpus N | --hostfile hostfile] train_ds.py --config configs/X.json
 
 On a machine without GPUs DeepSpeed's CPU accelerator is used (gloo); `--num_gpus N` then starts
-N CPU processes. `python train_ds.py --config X.json` runs one process (a 1-stage pipeline). The config holds DeepSpeed's keys beside the project's (see README).
+N CPU processes. `python train_ds.py --config X.json` runs one process (a 1-stage pipeline). The config
+holds DeepSpeed's keys beside the project's (see README).
+
+A run continues from SAVE_PATH/latest when there is one ("resume": "auto"). SIGTERM or SIGINT to the
+training processes saves a checkpoint at the next step boundary and exits 0.
+Exit codes: 0 done (or preempted and saved), 1 training stopped (non-finite steps), 2 bad config or data.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import sys
 from data.records import DataError
 from models.hf_io import CheckpointError
 from models.pipeline import ModelConfigError
+from training.checkpoint import TrainingStopped
 from training.config import ConfigError, load_config
 from training.distributed import single_process_env
 
@@ -31,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         from training.trainer import run
 
         run(cfg)
-    except (ConfigError, DataError, ModelConfigError, CheckpointError) as e:
+    except (ConfigError, DataError, ModelConfigError, CheckpointError, TrainingStopped) as e:
         if not quiet:
             for line in str(e).splitlines():
                 print(f"train_ds.py: error: {line}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, TrainingStopped) else 2
     return 0
 
 

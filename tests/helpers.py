@@ -97,25 +97,71 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_deepspeed(script: str, args: list[str], num_procs: int = 2, timeout: int = 600):
-    """Start `script` with the real deepspeed launcher on CPU (gloo); returns the CompletedProcess."""
+def start_deepspeed(script: str, args: list[str], num_procs: int = 2, env: dict | None = None):
+    """Start `script` with the real deepspeed launcher on CPU (gloo), output to files; returns (Popen, port).
+    The Popen's `.log` is the path holding stdout and stderr."""
     import os
     import shutil
     import subprocess
     import sys
+    import tempfile
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher is not installed"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", **(env or {})}
     port = free_port()
     cmd = [launcher, "--num_gpus", str(num_procs), "--master_port", str(port), str(root / script), *args]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    assert not leaked, f"shared-memory buffers left behind: {leaked}"  # each rank must shut down cleanly
+    log = Path(tempfile.mkstemp(prefix="deepspeed-", suffix=".log")[1])
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    proc.log, proc.port, proc.cmd = log, port, cmd
     return proc
+
+
+def output_of(proc) -> str:
+    return proc.log.read_text()
+
+
+def workers_of(proc) -> list:
+    """The training processes (not the launchers) under a start_deepspeed process."""
+    import psutil
+
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    return [k for k in kids if "deepspeed.launcher" not in " ".join(k.cmdline()) and "python" in k.name()]
+
+
+def finish_deepspeed(proc, timeout: int = 600, expect: int | None = 0):
+    """Wait for a start_deepspeed run; check its exit code (`expect`, None: any) and that no shared-memory
+    buffer of it is left. Returns (returncode, output)."""
+    from pathlib import Path
+
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            import os
+            import signal
+
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = output_of(proc)
+    proc.log.unlink(missing_ok=True)
+    if expect is not None:
+        assert proc.returncode == expect, f"{' '.join(proc.cmd)} exited {proc.returncode}:\n{text[-6000:]}"
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{proc.port}_*"))
+    assert not leaked, f"shared-memory buffers left behind: {leaked}"  # each rank must shut down cleanly
+    return proc.returncode, text
+
+
+def run_deepspeed(script: str, args: list[str], num_procs: int = 2, timeout: int = 600, env: dict | None = None):
+    """Run `script` under the real deepspeed launcher on CPU; asserts exit 0 and a clean shutdown.
+    Returns an object with .stdout (stdout and stderr together) and .returncode."""
+    from types import SimpleNamespace
+
+    code, text = finish_deepspeed(start_deepspeed(script, args, num_procs, env), timeout)
+    return SimpleNamespace(returncode=code, stdout=text, stderr=text)
 
 
 ROOT_TEXTS = ["Hello pipeline world.", "  leading spaces and\ttabs\n", "流水线并行", "</s> special <s> tokens <pad>", ""]

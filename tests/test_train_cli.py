@@ -49,6 +49,21 @@ CASES = {  # name -> (config overrides, expected text)
     "no optimizer": ({"optimizer": None}, "missing DeepSpeed 'optimizer' section"),
     "split without packing": ({"split_long_pretrain": True}, "'split_long_pretrain' needs 'packing': true"),
     "no model": ({"model_path": "/nonexistent/model"}, "model_path /nonexistent/model is not a directory"),
+    "resume value": ({"resume": "yes"}, "'resume' must be \"auto\", true or false, got \"yes\""),
+    "resume nothing": ({"resume": True}, "'resume' is true but save_path"),
+    "eval ratio": ({"eval_split_ratio": 1.5}, "'eval_split_ratio' must be between 0 and 1 (exclusive), got 1.5"),
+    "eval without data": ({"eval_interval": 5}, "'eval_interval' needs evaluation data: set 'eval_data_path' or 'eval_split_ratio'"),
+    "keep_best without interval": ({"eval_split_ratio": 0.2, "keep_best": 2}, "'keep_best' needs 'eval_interval'"),
+    "eval data missing": ({"eval_data_path": "/nonexistent/eval.jsonl"}, "'eval_data_path': /nonexistent/eval.jsonl:0: file not found"),
+    "save_interval": ({"save_interval": 0}, "'save_interval' must be >= 1, got 0"),
+    "max_bad_steps": ({"max_bad_steps": 2.5}, "'max_bad_steps' must be int, got 2.5"),
+    "fp16 and bf16": ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "'fp16' and 'bf16' are both enabled; choose one"),
+    "schedule type": ({"lr_schedule": {"type": "cosin"}}, "lr_schedule.type must be one of cosine, linear, constant"),
+    "schedule warmup": ({"lr_schedule": {"warmup_ratio": 1.5}}, "lr_schedule.warmup_ratio must be in [0, 1), got 1.5"),
+    "two schedules": ({"lr_schedule": {"type": "cosine"}, "scheduler": {"type": "WarmupLR"}},
+                      "'lr_schedule' and DeepSpeed's 'scheduler' section both set the learning rate"),
+    "lion params": ({"optimizer": {"type": "Lion", "params": {"lr": 1e-4, "beta": [0.9, 0.99]}}}, "unknown key(s) 'beta' for Lion"),
+    "lion lr": ({"optimizer": {"type": "Lion", "params": {"lr": -1}}}, "optimizer.params.lr must be a number > 0, got -1"),
 }
 
 
@@ -60,6 +75,17 @@ def test_bad_config_is_one_line(tmp_path, base, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"train_ds.py: error: {cfg}: {expected}"] or (len(err) == 1 and expected in err[0]), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_used_save_path_needs_resume_or_overwrite(tmp_path, base, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    cfg = write_config(tmp_path, base, resume=False)
+    assert train_ds.main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train_ds.py: error: {cfg}: save_path {tmp_path / 'out'} already holds a training run and 'resume' "
+                   "is false; set \"resume\": \"auto\" to continue it or \"overwrite_save_path\": true to replace it"]
+    assert (tmp_path / "out" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'  # nothing touched
 
 
 def test_hf_dir_as_model_path_gets_a_hint(tmp_path, base, capsys):

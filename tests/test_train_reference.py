@@ -30,10 +30,12 @@ from models import get_family
 from models.convert import hg_to_pp, pp_to_hg
 from tests.helpers import run_deepspeed, segments_of, tiny_config
 from training.batches import BatchPlan
+from training.optim import lion_reference_update, param_groups
 
 pytestmark = pytest.mark.distributed
 
 STEPS, MICRO, GAS, SEQ, LR, WD, BETAS, SEED = 6, 2, 4, 128, 2e-3, 0.01, (0.9, 0.95), 7
+LION_LR, LION_BETAS = 3e-4, (0.9, 0.99)
 WORDS = "pipeline stage layer token batch loss gradient weight model data train answer question reply".split()
 
 
@@ -52,14 +54,37 @@ def write_records(path, n: int = 100) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
-def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float, packing: bool):
-    """Plain transformers + torch AdamW over the same global batches, clipping by global norm when clip > 0;
-    packed sequences are cut into their segments, each run alone."""
+class LionReference:
+    """The textbook Lion update (training.optim.lion_reference_update), per parameter, with the groups' decay."""
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float]):
+        self.groups, self.lr, self.betas = groups, lr, betas
+        self.moments = {id(p): torch.zeros_like(p) for g in groups for p in g["params"]}
+
+    def zero_grad(self) -> None:
+        for g in self.groups:
+            for p in g["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for g in self.groups:
+            for p in g["params"]:
+                lion_reference_update(p, p.grad, self.moments[id(p)], self.lr, self.betas, g["weight_decay"])
+
+
+def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float, packing: bool, opt: str = "adamw"):
+    """Plain transformers + torch AdamW (or the Lion formula) over the same global batches, no weight decay on
+    biases and norm weights, clipping by global norm when clip > 0; packed sequences are cut into their
+    segments, each run alone."""
     family = get_family(json.loads((hf_dir / "config.json").read_text())["model_type"])
     model = family.hf_model_class.from_pretrained(str(hf_dir), dtype=torch.float32)
     family.prepare_config(model.config)  # the attention implementation the pipeline uses (sdpa / eager)
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters  # Bloom: ALiBi from the mask
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=1e-8, weight_decay=WD)
+    groups = param_groups(model, WD)
+    assert {g["name"]: g["weight_decay"] for g in groups} == {"decay": WD, "no_decay": 0.0}
+    opt = LionReference(groups, LION_LR, LION_BETAS) if opt == "lion" else \
+        torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=1e-8)
     losses = []
     for step in range(STEPS):
         idx = plan.global_indices(*plan.position(step))
@@ -77,16 +102,18 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float,
     return losses, model.state_dict()
 
 
-@pytest.mark.parametrize("procs, dims, family, name, clip, ckpt, packing", [
-    (2, [2, 1], "llama", "gqa_tied", 1.0, False, False),  # the tied embedding/head on different stages
-    (4, [2, 2], "llama", "gqa_llama3_rope", 1.0, False, False),  # clipping by the norm over both stages and both replicas
-    (2, [2, 1], "llama", "mha_bias_untied", 0.0, True, False),  # activation checkpointing of the decoder blocks
-    (2, [2, 1], "bloom", "tied", 1.0, True, False),  # tied embedding/head on different stages (auto balance), checkpointing
-    (1, [1, 1], "bloom", "tied", 1.0, False, False),  # one stage: the embedding and the tied head on the same stage
-    (2, [2, 1], "llama", "mha_bias_untied", 1.0, False, True),  # packed sequences
+@pytest.mark.parametrize("procs, dims, family, name, clip, ckpt, packing, opt", [
+    (2, [2, 1], "llama", "gqa_tied", 1.0, False, False, "adamw"),  # the tied embedding/head on different stages
+    (4, [2, 2], "llama", "gqa_llama3_rope", 1.0, False, False, "adamw"),  # clipping by the norm over both stages and both replicas
+    (2, [2, 1], "llama", "mha_bias_untied", 0.0, True, False, "adamw"),  # activation checkpointing of the decoder blocks
+    (2, [2, 1], "bloom", "tied", 1.0, True, False, "adamw"),  # tied embedding/head on different stages (auto balance), checkpointing
+    (1, [1, 1], "bloom", "tied", 1.0, False, False, "adamw"),  # one stage: the embedding and the tied head on the same stage
+    (2, [2, 1], "llama", "mha_bias_untied", 1.0, False, True, "adamw"),  # packed sequences
+    (2, [2, 1], "llama", "mha_bias_untied", 0.0, False, False, "lion"),  # Lion (lion-pytorch) vs the Lion formula
 ], ids=["pipe2-tied-clip", "pipe2xdata2-clip", "pipe2-noclip-gradckpt", "bloom-pipe2-tied-gradckpt", "bloom-pipe1",
-        "pipe2-packing"])
-def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing):
+        "pipe2-packing", "pipe2-lion"])
+def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing,
+                                                   opt):
     torch.manual_seed(0)
     hf = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer)))
     hf.save_pretrained(tmp_path / "hf")
@@ -102,6 +129,9 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": 1e-8, "weight_decay": WD,
                                                   "torch_adam": True}},
     }
+    if opt == "lion":
+        config["optimizer"] = {"type": "Lion", "params": {"lr": LION_LR, "betas": list(LION_BETAS), "weight_decay": WD,
+                                                          "use_triton": False}}
     (tmp_path / "cfg.json").write_text(json.dumps(config))
     tied_stages = dims[0] > 1 and hf.config.tie_word_embeddings
     if tied_stages:  # train_ds.py's Trainer, then both stages' copies of the tied weight are compared
@@ -133,7 +163,7 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
                  for mb in plan.micro_indices(0, 0, 0)]
     assert len(set(per_micro)) > 1, per_micro
 
-    ref_losses, ref_state = reference_losses(tmp_path / "hf", dataset, plan, pad_id_of(tokenizer), clip, packing)
+    ref_losses, ref_state = reference_losses(tmp_path / "hf", dataset, plan, pad_id_of(tokenizer), clip, packing, opt)
     for m, ref in zip(metrics, ref_losses, strict=True):
         assert m["loss"] == pytest.approx(ref, rel=1e-4), (m["step"], m["loss"], ref)
     assert ref_losses[-1] < ref_losses[0]

@@ -10,13 +10,18 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
+
+from data.records import DataError, resolve_files
 from data.templates import TemplateSettings
 from models.convert import family_of
 from models.hf_io import CheckpointError
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
+from training.optim import build_lion, parse_lr_schedule
 
 
 class ConfigError(ValueError):
@@ -58,6 +63,21 @@ class TrainConfig:
     packing: bool = False  # several samples per max_seq_len sequence (data/packing.py)
     split_long_pretrain: bool = False  # with packing: split pretrain text longer than max_seq_len, not truncate
     data_cache_dir: str | None = None  # default: .cache beside the first data file
+    # checkpoints and resume (training/checkpoint.py)
+    save_interval: int | None = None  # steps between checkpoints (None: only at the end)
+    keep_last: int | None = None  # newest checkpoints kept (None: all)
+    resume: str | bool = "auto"  # "auto": continue from save_path/latest if present; false: start fresh
+    overwrite_save_path: bool = False  # with resume false: allow a save_path that already holds a run
+    # evaluation (training/evaluate.py)
+    eval_data_path: str | list[str] | None = None
+    eval_split_ratio: float | None = None  # hold out this share of the training samples instead
+    eval_interval: int | None = None  # steps between evaluations (None: only at the end)
+    early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
+    keep_best: int | None = None  # checkpoint at every evaluation; keep the N best by eval loss
+    # optimization
+    lr_schedule: dict | None = None  # {type: cosine|linear|constant, warmup_steps|warmup_ratio, min_lr_ratio}
+    decay_norm_and_bias: bool = False  # weight decay also on biases and norm weights
+    max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before training stops
     model_topo: dict = field(default_factory=dict)  # {process_topology: {axes|axis, dims}, parts}
     ds_config: dict = field(default_factory=dict)  # DeepSpeed's keys
     path: str = ""  # the config file itself
@@ -83,8 +103,13 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,), "log_interval": (int,), "pretrain_eos": (bool,), "template": (str,),
     "train_on_prompt": (bool,), "last_answer_only": (bool,), "packing": (bool,),
     "split_long_pretrain": (bool,), "data_cache_dir": (str, type(None)), "model_topo": (dict,),
+    "save_interval": (int, type(None)), "keep_last": (int, type(None)), "resume": (str, bool),
+    "overwrite_save_path": (bool,), "eval_data_path": (str, list, type(None)), "eval_split_ratio": (float, type(None)),
+    "eval_interval": (int, type(None)), "early_stopping_patience": (int, type(None)), "keep_best": (int, type(None)),
+    "lr_schedule": (dict, type(None)), "decay_norm_and_bias": (bool,), "max_bad_steps": (int,),
 }
-_MIN = {"max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0}
+_MIN = {"max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0, "save_interval": 1,
+        "keep_last": 1, "eval_interval": 1, "early_stopping_patience": 1, "keep_best": 1, "max_bad_steps": 1}
 
 
 def load_config(path: str | Path, world_size: int | None = None, require_model: bool = True) -> TrainConfig:
@@ -124,11 +149,44 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
         _ = cfg.template_settings  # checks the data keys together
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
+    _check_run_keys(cfg, path)
     _check_batch(cfg, path, world_size)
     _check_paths(cfg, path, require_model)
     if require_model and world_size is not None:
         _check_parts(cfg, path, world_size)
     return cfg
+
+
+def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
+    """Keys that only make sense together: resume, evaluation, early stopping, precision."""
+    if cfg.resume not in ("auto", True, False):
+        raise ConfigError(f"{path}: 'resume' must be \"auto\", true or false, got {json.dumps(cfg.resume)}")
+    if cfg.eval_split_ratio is not None and not 0 < cfg.eval_split_ratio < 1:
+        raise ConfigError(f"{path}: 'eval_split_ratio' must be between 0 and 1 (exclusive), got {cfg.eval_split_ratio}")
+    has_eval = cfg.eval_data_path is not None or cfg.eval_split_ratio is not None
+    for key in ("eval_interval", "early_stopping_patience", "keep_best"):
+        if getattr(cfg, key) is not None and not has_eval:
+            raise ConfigError(f"{path}: '{key}' needs evaluation data: set 'eval_data_path' or 'eval_split_ratio'")
+    for key in ("early_stopping_patience", "keep_best"):
+        if getattr(cfg, key) is not None and cfg.eval_interval is None:
+            raise ConfigError(f"{path}: '{key}' needs 'eval_interval' (steps between evaluations)")
+    ds = cfg.ds_config
+    enabled = [k for k in ("fp16", "bf16") if isinstance(ds.get(k), dict) and ds[k].get("enabled", False)]
+    if len(enabled) > 1:
+        raise ConfigError(f"{path}: 'fp16' and 'bf16' are both enabled; choose one")
+    opt = ds.get("optimizer")
+    try:
+        if cfg.lr_schedule is not None:
+            parse_lr_schedule(cfg.lr_schedule)
+        if isinstance(opt, dict) and str(opt.get("type", "")).lower() == "lion":
+            with warnings.catch_warnings():  # use_triton on a machine without CUDA warns again at build time
+                warnings.simplefilter("ignore")
+                build_lion([torch.zeros(1, requires_grad=True)], **(opt.get("params") or {}))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if cfg.lr_schedule is not None and "scheduler" in ds:
+        raise ConfigError(f"{path}: 'lr_schedule' and DeepSpeed's 'scheduler' section both set the learning rate; "
+                          "keep one")
 
 
 def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
@@ -171,6 +229,24 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
     parent = save if save.exists() else next((p for p in save.parents if p.exists()), Path("/"))
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"{path}: save_path {save} is not writable")
+    if save.exists() and not save.is_dir():
+        raise ConfigError(f"{path}: save_path {save} is a file, not a directory")
+    if cfg.resume is False and not cfg.overwrite_save_path and holds_run(save):
+        raise ConfigError(f"{path}: save_path {save} already holds a training run and 'resume' is false; "
+                          "set \"resume\": \"auto\" to continue it or \"overwrite_save_path\": true to replace it")
+    if cfg.resume is True and not (save / "latest").is_file():
+        raise ConfigError(f"{path}: 'resume' is true but save_path {save} has no checkpoint ('latest' file)")
+    for key in ("data_path", "eval_data_path"):
+        if getattr(cfg, key) is not None:
+            try:
+                resolve_files(getattr(cfg, key))
+            except DataError as e:
+                raise ConfigError(f"{path}: '{key}': {e.problems[0]}") from None
+
+
+def holds_run(save: Path) -> bool:
+    """Whether save_path has checkpoints or metrics of an earlier run."""
+    return save.is_dir() and any((save / n).exists() for n in ("latest", "metrics.jsonl")) or any(save.glob("global_step*"))
 
 
 def _check_parts(cfg: TrainConfig, path: Path, world_size: int) -> None:

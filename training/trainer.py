@@ -1,10 +1,11 @@
-"""The training loop behind train_ds.py: setup -> train -> save -> close."""
+"""The training loop behind train_ds.py: setup -> train (evaluate, save) -> close."""
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,19 +21,12 @@ from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
 from models.convert import family_of
 from models.hf_io import SIDE_FILES, copy_side_files
 from training.batches import BatchPlan, step_micro_batches, trained_tokens
+from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause, set_rng_state
 from training.config import ConfigError, TrainConfig
 from training.distributed import shutdown_distributed
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from training.evaluate import EvalPlan, concat, split_eval
+from training.monitor import Monitor, fmt_bytes, hms, truncate_metrics
+from training.optim import build_optimizer
 
 
 class Trainer:
@@ -42,16 +36,25 @@ class Trainer:
         self.cfg = cfg
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.stop_signal: str | None = None
+        self.monitor: Monitor | None = None
 
     def log(self, msg: str) -> None:
-        if self.rank == 0:
+        if self.monitor is not None:
+            self.monitor.print(msg)
+        elif self.rank == 0:
             print(msg, flush=True)
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self.stop_signal = signal.Signals(signum).name  # acted on at the next step boundary
 
     # ------------------------------------------------------------------------------------------ setup
 
     def validate_data(self) -> None:
         """Check every record before any process group or model exists (raises DataError)."""
-        records_from_files(read_files(self.cfg.data_path))
+        for path in (self.cfg.data_path, self.cfg.eval_data_path):
+            if path is not None:
+                records_from_files(read_files(path))
 
     def setup(self) -> None:
         import deepspeed
@@ -61,6 +64,8 @@ class Trainer:
 
         cfg = self.cfg
         self.validate_data()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
         acc = get_accelerator()
         deepspeed.init_distributed(dist_backend="gloo" if acc.device_name() == "cpu" else acc.communication_backend_name())
         if acc.device_name() != "cpu":
@@ -70,7 +75,8 @@ class Trainer:
 
         self.family, self.config = family_of(Path(cfg.model_path))
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-        self.dataset = self._load_dataset()
+        self.pad_id = pad_id_of(self.tokenizer)
+        self.dataset, self.eval_set = self._load_datasets()
         self.unit = "packed sequence" if cfg.packing else "sample"
 
         axes, dims = parse_topology(cfg.model_topo, self.world)
@@ -84,6 +90,7 @@ class Trainer:
         self.tokens = trained_tokens(self.dataset)
         self.lengths = self.dataset.offsets[1:] - self.dataset.offsets[:-1]
         self.samples_per_row = self.dataset.segments_per_row() if cfg.packing else np.ones(len(self.dataset), np.int64)
+        self.eval_plan = EvalPlan(self.eval_set, cfg.micro_batch, cfg.grad_accum, self.dp_size) if self.eval_set else None
 
         parts = cfg.model_topo.get("parts")  # checked against the model by load_config
         bounds_fn = lambda n: plan_stages(self.family.unit_sizes(self.config), self.family.unit_costs(self.config), n, parts)  # noqa: E731
@@ -97,138 +104,291 @@ class Trainer:
         else:
             model.load_layer_files(cfg.model_path)
 
-        ds_config = {"steps_per_print": 10**9, **cfg.ds_config}
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self.engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=trainable)
+        ds_config, params, optimizer, lr_scheduler, self.opt_note = build_optimizer(model, cfg, self.total_steps)
+        self.engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=params,
+                                               optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.model = model
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
-        self._prepare_save_path()
+        self.own_grad_norm = not (self.engine.zero_optimization() or self.engine.fp16_enabled()
+                                  or self.engine.bfloat16_enabled())
+        if self.own_grad_norm:  # fp32 without ZeRO: DeepSpeed neither reports the norm nor skips non-finite steps
+            self._wrap_model_step()
+        self.ckpts = Checkpoints(cfg.save_path, self.rank, cfg.keep_last, cfg.keep_best)
+        start = self._prepare_save_path()
+        self.monitor = Monitor(Path(cfg.save_path), self.rank, self.total_steps, start, cfg.log_interval)
         self._summary(model)
 
-    def _load_dataset(self):
-        """Local rank 0 of each node tokenizes (all cores, cached) first; the other ranks then read the cache.
-        A DataError there (e.g. a record the chat template rejects) stops every rank, not only the one that saw it.
-        With "packing" every rank packs the samples the same way (seeded) and trains on the packed sequences."""
+    def _load_datasets(self):
+        """(train, eval or None). Local rank 0 of each node tokenizes (all cores, cached) first; the other ranks
+        then read the cache. A DataError there stops every rank, not only the one that saw it. The eval
+        split is taken from the samples before packing; with "packing" every rank packs the same way (seeded)."""
         cfg = self.cfg
-        load = lambda: load_dataset(cfg.data_path, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings)  # noqa: E731
-        ds, error = None, None
+        def load(path):
+            return load_dataset(path, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings)
+        paths = [p for p in (cfg.data_path, cfg.eval_data_path) if p is not None]
+        found, error = None, None
         if self.local_rank == 0:
             try:
-                ds = load()
+                found = [load(p) for p in paths]
             except DataError as e:
                 error = e
         failed = [None] * self.world
         torch.distributed.all_gather_object(failed, error is not None)  # also the barrier before the others load
         if any(failed):
             raise error or DataError(["data: another process could not build the data set (see its error)"])
-        ds = ds if ds is not None else load()
+        found = found if found is not None else [load(p) for p in paths]
+        ds, eval_set = found[0], (found[1] if len(found) > 1 else None)
         s = ds.stats
         self.log(f"data: {s.records} records -> {s.kept} samples ({s.dropped} dropped: no trained token within "
                  f"max_seq_len {cfg.max_seq_len}; {s.truncated} truncated); cache {'hit' if s.cache_hit else 'written'}")
-        if not cfg.packing:
-            return ds
-        packed = pack(ds, cfg.max_seq_len, cfg.seed)
-        self.log(describe(packed.stats))
-        return packed
+        if cfg.eval_split_ratio is not None:
+            try:
+                ds, held = split_eval(ds, cfg.eval_split_ratio, cfg.seed)
+            except ValueError as e:
+                raise ConfigError(f"{cfg.path}: {e}") from None
+            eval_set = held if eval_set is None else concat(eval_set, held)
+        if eval_set is not None:
+            where = [str(cfg.eval_data_path)] if cfg.eval_data_path is not None else []
+            if cfg.eval_split_ratio is not None:
+                where.append(f"{cfg.eval_split_ratio:g} of the training samples")
+            where = " + ".join(where)
+            self.log(f"eval data: {len(eval_set)} samples ({where})")
+        if cfg.packing:
+            ds = pack(ds, cfg.max_seq_len, cfg.seed)
+            self.log(describe(ds.stats))
+        return ds, eval_set
 
-    def _prepare_save_path(self) -> None:
-        """save_path gets the HF config and tokenizer beside the checkpoints, so pp_to_hg needs nothing else."""
-        save = Path(self.cfg.save_path)
+    def _run_state(self, step: int) -> RunState:
+        return RunState(step=step, pipe=self.pp_size, data=self.dp_size, parts=list(self.model.parts),
+                        global_batch=self.plan.global_batch)
+
+    def _prepare_save_path(self) -> int:
+        """Side files (HF config, tokenizer) beside the checkpoints, so pp_to_hg needs nothing else; then resume
+        from `latest` (resume "auto"/true) or start fresh. Returns the step to start from."""
+        cfg, save = self.cfg, Path(self.cfg.save_path)
         if self.rank == 0:
             save.mkdir(parents=True, exist_ok=True)
+            for name in self.ckpts.remove_partial():
+                print(f"removed {save / name}: a checkpoint that was not completely written", flush=True)
+            if cfg.resume is False:  # load_config refused a used save_path unless overwrite_save_path
+                for name in [*self.ckpts.tags(), "latest", "best", "metrics.jsonl", "runs"]:
+                    p = save / name
+                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
             staging = save / ".side-files.tmp"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
-            for name in copy_side_files(Path(self.cfg.model_path), staging, SIDE_FILES):
+            for name in copy_side_files(Path(cfg.model_path), staging, SIDE_FILES):
                 os.replace(staging / name, save / name)
             staging.rmdir()
-            (save / "metrics.jsonl").write_text("")  # a run starts fresh (no resume yet)
         torch.distributed.barrier()
-        self.metrics_path = save / "metrics.jsonl"
+        tag = self.ckpts.latest() if cfg.resume in ("auto", True) else None
+        self.state = self._run_state(0)
+        if tag is not None:
+            self._resume(save / tag)
+        if self.rank == 0:
+            truncate_metrics(save / "metrics.jsonl", self.state.step)
+        torch.distributed.barrier()
+        return self.state.step
+
+    def _resume(self, tag_dir: Path) -> None:
+        saved = RunState.read(tag_dir)
+        same = (saved.pipe, saved.data, saved.parts) == (self.pp_size, self.dp_size, list(self.model.parts))
+        self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=same,
+                                    load_lr_scheduler_states=True)
+        self.state = RunState(**{**saved.__dict__, "pipe": self.pp_size, "data": self.dp_size,
+                                 "parts": list(self.model.parts), "global_batch": self.plan.global_batch})
+        self.engine.global_steps = saved.step
+        rng = tag_dir / f"rng_state_rank{self.rank}.pt"
+        if same and rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
+        self.log(f"resumed from {tag_dir} at step {saved.step}" + ("" if same else
+                 f"; topology changed (pipe {saved.pipe} -> {self.pp_size}, data {saved.data} -> {self.dp_size}, "
+                 f"layer bounds {saved.parts} -> {list(self.model.parts)}): weights, step and LR schedule loaded, "
+                 "optimizer state was reset"))
+        if saved.global_batch != self.plan.global_batch:
+            self.log(f"warning: global batch changed ({saved.global_batch} -> {self.plan.global_batch} {self.unit}s): "
+                     "the data order continues at this step's position of the new batching, not sample-exact")
 
     def _summary(self, model) -> None:
-        counts = torch.tensor([sum(p.numel() for p in model.parameters()),
-                               sum(p.numel() for p in model.parameters() if p.requires_grad)], dtype=torch.int64)
-        per_rank = [torch.zeros_like(counts) for _ in range(self.world)]
-        torch.distributed.all_gather(per_rank, counts)
+        mine = [sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)]
+        per_rank = [None] * self.world
+        torch.distributed.all_gather_object(per_rank, mine)
         if self.rank != 0:
             return
-        topo = self.engine.grid._topo
+        e, topo = self.engine, self.engine.grid._topo
+        half = e.bfloat16_enabled() or e.fp16_enabled()
+        weight_b, grad_b = (2, 4 if e.bfloat16_enabled() else 2) if half else (4, 4)
+        state_b = 8 + (4 if half else 0)  # two moments (+ fp32 master weights with bf16/fp16), sharded by ZeRO-1
+        shard = self.dp_size if e.zero_optimization_stage() >= 1 else 1
         self.log(f"topology: {self.pp_size} pipeline stages x {self.dp_size} data-parallel replicas ({self.world} processes)")
+        self.log("  stage | layers   | parameters (trainable)   | est. memory (weights + grads + optimizer)")
         for stage in range(self.pp_size):
             lo, hi = model.parts[stage], model.parts[stage + 1]
-            r = topo.filter_match(pipe=stage, data=0)[0]
-            total, trainable = per_rank[r].tolist()
-            self.log(f"  stage {stage}: layers {lo}..{hi - 1}, {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)")
+            total, trainable = per_rank[topo.filter_match(pipe=stage, data=0)[0]]
+            est = total * weight_b + trainable * (grad_b + state_b / shard)
+            self.log(f"  {stage:5d} | {lo:3d}..{hi - 1:<3d} | {total / 1e6:9.2f}M ({trainable / 1e6:.2f}M) | {fmt_bytes(est)}")
         g = self.plan.global_batch
         self.log(f"global batch: {g} {self.unit}s x {self.cfg.max_seq_len} tokens = {g * self.cfg.max_seq_len} tokens "
                  f"({self.cfg.micro_batch} micro x {self.cfg.grad_accum} accumulation x {self.dp_size} replicas); "
                  f"{self.plan.steps_per_epoch} steps per epoch, {self.total_steps} steps")
-        clip = self.engine.gradient_clipping()
+        self.log(f"optimizer: {self.opt_note}; DeepSpeed runs it as {type(e.optimizer).__name__}")
+        clip = e.gradient_clipping()
         default = "" if "gradient_clipping" in self.cfg.ds_config else " (DeepSpeed's default; set gradient_clipping 0 to disable)"
         self.log(f"gradient clipping: {f'global norm {clip:g}' if clip > 0 else 'off'}{default}")
+        precision = "bf16" if e.bfloat16_enabled() else "fp16 (dynamic loss scale)" if e.fp16_enabled() else "fp32"
+        accum = getattr(e, "get_data_types", lambda: (None, None))()[1]
+        self.log(f"precision: {precision}; ZeRO stage {e.zero_optimization_stage()}"
+                 f"{'; gradient accumulation in ' + str(accum).replace('torch.', '') if accum is not None else ''}")
         ckpt = sum(model.is_checkpointable_results) if model.activation_checkpoint_interval else 0
         self.log(f"activation checkpointing: {f'{ckpt} decoder blocks on stage 0 (non-reentrant)' if ckpt else 'off'}")
 
-    # ------------------------------------------------------------------------------------------ train
+    # ------------------------------------------------------------------------------------------ steps
+
+    def _wrap_model_step(self) -> None:
+        """fp32 without ZeRO: compute the global gradient norm (pre-clipping) and skip a non-finite step the way
+        DeepSpeed skips an fp16 overflow (no update, no scheduler step, the step still counted)."""
+        engine, take = self.engine, self.engine._take_model_step
+        owned = [p for p in self.model.parameters() if p.requires_grad and getattr(p, "model_parallel", True)]
+
+        def guarded(lr_kwargs):
+            sq = torch.zeros(1, dtype=torch.float64)
+            for p in owned:
+                if p.grad is not None:
+                    sq += p.grad.detach().double().pow(2).sum().cpu()
+            sq = sq.to(next(self.model.parameters()).device)
+            torch.distributed.all_reduce(sq)  # every stage's share, and each data-parallel replica's (identical) copy
+            self.grad_norm = math.sqrt(sq.item() / self.dp_size) if math.isfinite(sq.item()) else float("nan")
+            if math.isfinite(self.grad_norm):
+                take(lr_kwargs)
+                return
+            engine.zero_grad()
+            engine._step_applied = False
+            engine.skipped_steps += 1
+            engine.losses = None
+            engine.global_steps += 1
+            engine.global_samples += engine.train_batch_size()
+
+        engine._take_model_step = guarded
 
     def batches_for(self, step: int) -> list:
         epoch, in_epoch = self.plan.position(step)
         if not (self.engine.is_first_stage() or self.engine.is_last_stage()):
             return []  # middle stages read nothing
         return step_micro_batches(self.dataset, self.plan, self.tokens, epoch, in_epoch, self.dp_rank,
-                                  self.cfg.max_seq_len, pad_id_of(self.tokenizer))
+                                  self.cfg.max_seq_len, self.pad_id)
+
+    def evaluate(self) -> float:
+        """Token-mean loss over the whole eval set (every rank gets it)."""
+        total, ep = 0.0, self.eval_plan
+        io = self.engine.is_first_stage() or self.engine.is_last_stage()
+        for call in range(ep.calls):
+            batches = ep.micro_batches(call, self.dp_rank, self.cfg.max_seq_len, self.pad_id) if io else []
+            total += float(self.engine.eval_batch(data_iter=iter(batches)))
+        return total
+
+    def _peak_memory(self) -> list[float]:
+        """Peak memory per pipeline stage (data-parallel rank 0 of each): accelerator memory, else process RSS."""
+        if torch.cuda.is_available():
+            peak = float(torch.cuda.max_memory_allocated())
+        else:
+            import resource
+
+            peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        peaks = [None] * self.world
+        torch.distributed.all_gather_object(peaks, peak)
+        topo = self.engine.grid._topo
+        return [peaks[topo.filter_match(pipe=s, data=0)[0]] for s in range(self.pp_size)]
+
+    def _should_stop(self) -> bool:
+        """Whether any rank received SIGTERM/SIGINT (all ranks agree, so they all stop at the same step)."""
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=next(self.model.parameters()).device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() > 0
 
     def train(self) -> None:
-        t0 = last = time.time()
-        start, window_tokens, losses = self.engine.global_steps, 0, []
-        for step in range(start, self.total_steps):
-            loss = self.engine.train_batch(data_iter=iter(self.batches_for(step)))
+        cfg, st = self.cfg, self.state
+        losses, saved_at = [], st.step
+        if st.step >= self.total_steps:
+            self.log(f"nothing to do: the checkpoint is at step {st.step} of {self.total_steps}")
+        while st.step < self.total_steps:
+            step = st.step
+            self.grad_norm = None
+            loss = float(self.engine.train_batch(data_iter=iter(self.batches_for(step))))
+            st.step = step + 1
             epoch, in_epoch = self.plan.position(step)
             idx = self.plan.global_indices(epoch, in_epoch)
-            now = time.time()
-            rec = {"step": step + 1, "loss": float(loss), "lr": self.engine.get_lr()[0],
+            norm = self.grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
+            norm = None if norm is None else float(norm)
+            bad = not math.isfinite(loss) or not self.engine._step_applied and not self.engine.fp16_enabled()
+            st.bad_steps = st.bad_steps + 1 if bad else 0
+            rec = {"step": st.step, "loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": norm,
                    "tokens": int(self.lengths[idx].sum()), "trained_tokens": int(self.tokens[idx].sum()),
-                   "samples": int(self.samples_per_row[idx].sum()), "sequences": len(idx), "epoch": epoch,
-                   "time": round(now - t0, 4)}
-            if self.rank == 0:
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            done, window_tokens = step + 1 - start, window_tokens + rec["tokens"]
-            losses.append(rec["loss"])
-            if done % self.cfg.log_interval == 0 or step + 1 == self.total_steps:
-                eta = (now - t0) / done * (self.total_steps - step - 1)
-                self.log(f"step {step + 1}/{self.total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                         f"{window_tokens / max(now - last, 1e-9):,.0f} tok/s | elapsed {_hms(now - t0)} | eta {_hms(eta)}")
-                last, window_tokens = now, 0
-        k = max(1, min(10, len(losses) // 4))
-        self.log(f"finished {len(losses)} steps in {_hms(time.time() - t0)}: loss {sum(losses[:k]) / k:.4f} "
-                 f"(mean of the first {k}) -> {sum(losses[-k:]) / k:.4f} (mean of the last {k})")
-        self.save(f"global_step{self.total_steps}")
+                   "samples": int(self.samples_per_row[idx].sum()), "sequences": len(idx), "epoch": epoch}
+            if not self.engine._step_applied:
+                rec["skipped"] = True
+            if bad:
+                self.log(f"step {st.step}: non-finite loss or gradient norm (loss {loss}, grad norm {norm}): update "
+                         f"skipped ({st.bad_steps} in a row; stopping at {cfg.max_bad_steps})")
+            if st.bad_steps >= cfg.max_bad_steps:
+                self.monitor.step(rec)
+                self._save(st, saved_at)
+                raise TrainingStopped(f"{cfg.max_bad_steps} consecutive steps had a non-finite loss or gradient norm "
+                                      f"(last: step {st.step}); saved the last good state (no update was applied "
+                                      f"since step {st.step - st.bad_steps}) as {self.ckpts.latest()}. Lower the "
+                                      "learning rate, check the data, or use bf16 instead of fp16")
+            evaluated = self.eval_plan is not None and cfg.eval_interval and st.step % cfg.eval_interval == 0
+            if evaluated:
+                self._record_eval(rec)
+            losses.append(loss)
+            log_now = (st.step - self.monitor.start) % cfg.log_interval == 0 or st.step == self.total_steps
+            self.monitor.step(rec, self._peak_memory() if log_now else None)
+            fault_pause("step", st.step)
+            if (cfg.save_interval and st.step % cfg.save_interval == 0) or (evaluated and cfg.keep_best):
+                saved_at = self._save(st, saved_at)
+            if evaluated and cfg.early_stopping_patience and st.evals_since_best() >= cfg.early_stopping_patience:
+                best = st.best_eval()
+                self.log(f"early stopping: eval loss has not improved for {cfg.early_stopping_patience} evaluations "
+                         f"(best {best[1]:.4f} at step {best[0]})")
+                break
+            if self._should_stop():
+                self.log(f"received {self.stop_signal or 'a stop signal on another rank'}: saving at step {st.step} "
+                         "and exiting (resume with the same command)")
+                self._save(st, saved_at)
+                return
+        if self.eval_plan is not None and not (cfg.eval_interval and st.step % cfg.eval_interval == 0):
+            self._record_eval({})
+        if losses:
+            k = max(1, min(10, len(losses) // 4))
+            self.log(f"finished {len(losses)} steps in {hms(time.time() - self.monitor.t0)}: loss {sum(losses[:k]) / k:.4f} "
+                     f"(mean of the first {k}) -> {sum(losses[-k:]) / k:.4f} (mean of the last {k})")
+        self._save(st, saved_at)
+        if st.evals and self.rank == 0:
+            best = st.best_eval()
+            self.log(f"best eval loss {best[1]:.4f} at step {best[0]}"
+                     + (f" ({Path(cfg.save_path) / 'best'} names its checkpoint)" if cfg.keep_best else ""))
 
-    # ------------------------------------------------------------------------------------------ save
+    def _record_eval(self, rec: dict) -> None:
+        loss = self.evaluate()
+        self.state.evals.append((self.state.step, loss))
+        ppl = math.exp(loss) if loss < 700 else float("inf")
+        rec.update(eval_loss=loss, eval_ppl=ppl)
+        self.log(f"eval at step {self.state.step}: loss {loss:.4f} | perplexity {ppl:.2f} "
+                 f"({self.eval_plan.tokens} tokens, {len(self.eval_set)} samples)")
+        if not rec:  # the final evaluation, after the last step's line: a line of its own
+            self.monitor.write({"step": self.state.step, "eval_loss": loss, "eval_ppl": ppl})
 
-    def save(self, tag: str) -> Path:
-        """DeepSpeed checkpoint under save_path/tag, written as a temporary tag, renamed, then `latest`."""
-        save = Path(self.cfg.save_path)
-        tmp_tag = f".tmp-{tag}"
-        if self.rank == 0:
-            shutil.rmtree(save / tmp_tag, ignore_errors=True)
-        torch.distributed.barrier()
-        self.engine.save_checkpoint(str(save), tag=tmp_tag, save_latest=False)
-        torch.distributed.barrier()
-        if self.rank == 0:
-            final = save / tag
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(save / tmp_tag, final)
-            atomic_write_text(save / "latest", tag)
-            self.log(f"saved checkpoint {final} (convert: python convert_model.py pp_to_hg --input-path {save} "
-                     f"--save-path HF_DIR)")
-        torch.distributed.barrier()
-        return save / tag
+    def _save(self, st: RunState, saved_at: int) -> int:
+        """Checkpoint the current step unless it already is; returns the step saved."""
+        if saved_at == st.step:  # the same decision on every rank (no filesystem race)
+            return saved_at
+        path = self.ckpts.save(self.engine, st)
+        self.log(f"saved checkpoint {path} (convert: python convert_model.py pp_to_hg --input-path {path.parent} "
+                 f"--save-path HF_DIR)")
+        return st.step
 
     def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
         shutdown_distributed()
 
 

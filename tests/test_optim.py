@@ -1,0 +1,327 @@
+"""training/optim.py: param groups, the lr schedule (vs transformers, and through DeepSpeed), Lion."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import types
+
+import pytest
+import torch
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
+
+from training.config import ConfigError, TrainConfig
+from training.optim import (
+    LrSchedule,
+    build_lion,
+    build_lr_scheduler,
+    build_optimizer,
+    fill_deepspeed_scheduler,
+    lion_reference_update,
+    param_groups,
+    parse_lr_schedule,
+)
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+
+
+# ---------------------------------------------------------------------------------------------- param groups
+
+
+def test_param_groups_split_dedup_and_frozen():
+    model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(5, 4), "head": torch.nn.Linear(4, 5, bias=True),
+                                 "norm": torch.nn.LayerNorm(4), "frozen": torch.nn.Linear(4, 4)})
+    model["head"].weight = model["emb"].weight  # tied by identity
+    model["frozen"].requires_grad_(False)
+    groups = param_groups(model, 0.1)
+    assert [(g["name"], g["weight_decay"]) for g in groups] == [("decay", 0.1), ("no_decay", 0.0)]
+    ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
+    assert ids(groups[0]) == {id(model["emb"].weight)} and len(groups[0]["params"]) == 1
+    assert ids(groups[1]) == {id(model["head"].bias), id(model["norm"].weight), id(model["norm"].bias)}
+
+    (everything,) = param_groups(model, 0.1, decay_norm_and_bias=True)
+    assert everything["name"] == "decay" and len(everything["params"]) == 4
+    model["emb"].requires_grad_(False)
+    assert [g["name"] for g in param_groups(model, 0.1)] == ["no_decay"]  # the empty group is left out
+
+
+# ---------------------------------------------------------------------------------------------- lr schedule
+
+HF = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}
+
+
+def hf_factors(kind: str, warmup: int, total: int, **kw) -> list[float]:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    if kind == "constant":
+        sched = get_constant_schedule_with_warmup(opt, warmup)
+    elif kind == "cosine_min":
+        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, **kw)
+    else:
+        sched = HF[kind](opt, warmup, total)
+    return [sched.lr_lambdas[0](k) for k in range(total + 1)]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup,total", [(0, 10), (3, 10), (4, 7), (5, 5), (1, 1)])
+def test_factor_matches_transformers(kind, warmup, total):
+    s = LrSchedule(type=kind, warmup_steps=warmup)
+    assert [s.factor(k, total) for k in range(total + 1)] == hf_factors(kind, warmup, total)  # exact
+
+
+def test_floor():
+    m = 0.1
+    cos = LrSchedule("cosine", warmup_steps=2, min_lr_ratio=m)
+    assert [cos.factor(k, 12) for k in range(13)] == hf_factors("cosine_min", 2, 12, min_lr_rate=m)
+    lin = LrSchedule("linear", warmup_steps=2, min_lr_ratio=m)
+    assert [lin.factor(k, 12) for k in (0, 1, 2, 7, 12)] == pytest.approx([0, 0.5, 1, m + (1 - m) / 2, m])
+    for s in (cos, lin):  # past the end: the floor (transformers' cosine would rise again)
+        assert s.factor(20, 12) == pytest.approx(m) and min(s.factor(k, 12) for k in range(2, 30)) == pytest.approx(m)
+    assert LrSchedule("constant", warmup_steps=2, min_lr_ratio=m).factor(11, 12) == 1.0
+
+
+def test_warmup_ratio_rounds_up():
+    assert LrSchedule(warmup_ratio=0.1).warmup(25) == 3  # ceil(2.5), as HF Trainer
+    assert LrSchedule(warmup_ratio=0.1).warmup(30) == 3  # 30 * 0.1 = 3.0000000000000004: HF would get 4
+    assert LrSchedule(warmup_ratio=0.05).warmup(10) == 1 and LrSchedule(warmup_ratio=0.0).warmup(10) == 0
+    s = parse_lr_schedule({"type": "linear", "warmup_ratio": 0.25})
+    assert [s.factor(k, 8) for k in range(9)] == hf_factors("linear", 2, 8)
+
+
+def test_parse_defaults():
+    assert parse_lr_schedule({}) == LrSchedule("cosine", 0, None, 0.0)
+    assert parse_lr_schedule({"type": "constant", "warmup_steps": 5, "min_lr_ratio": 1}) == LrSchedule("constant", 5,
+                                                                                                      None, 1.0)
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"warmup_ratio": 1.5}, "lr_schedule.warmup_ratio must be in [0, 1), got 1.5"),
+    ({"warmup_ratio": 1}, "lr_schedule.warmup_ratio must be in [0, 1), got 1"),
+    ({"warmup_steps": -1}, "lr_schedule.warmup_steps must be >= 0, got -1"),
+    ({"warmup_steps": 2.5}, "lr_schedule.warmup_steps must be an integer, got 2.5"),
+    ({"warmup_steps": True}, "lr_schedule.warmup_steps must be an integer, got true"),
+    ({"min_lr_ratio": 2}, "lr_schedule.min_lr_ratio must be in [0, 1], got 2"),
+    ({"min_lr_ratio": "0.1"}, 'lr_schedule.min_lr_ratio must be a number, got "0.1"'),
+    ({"type": "step"}, 'lr_schedule.type must be one of cosine, linear, constant, got "step"'),
+    ({"warmup_steps": 1, "warmup_ratio": 0.1}, "lr_schedule.warmup_steps and lr_schedule.warmup_ratio are exclusive"),
+    ({"warmup": 10}, "lr_schedule: unknown key(s) 'warmup'; allowed: type, warmup_steps, warmup_ratio, min_lr_ratio"),
+    ([], "lr_schedule must be an object, got []"),
+])
+def test_parse_errors(section, message):
+    with pytest.raises(ValueError) as e:
+        parse_lr_schedule(section)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_scheduler_on_a_plain_optimizer_and_its_state():
+    s = LrSchedule("cosine", warmup_steps=2, min_lr_ratio=0.2)
+    opt = torch.optim.SGD(param_groups(tiny_model(), 0.1), lr=0.5)
+    sched = build_lr_scheduler(opt, s, 6)
+    seen = []
+    for _ in range(4):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert seen == [[0.5 * s.factor(k, 6)] * 2 for k in range(4)]
+    state = sched.state_dict()
+    fresh = torch.optim.SGD(param_groups(tiny_model(), 0.1), lr=0.5)
+    resumed = build_lr_scheduler(fresh, s, 6)
+    resumed.load_state_dict(state)  # sets the optimizer's lr too, even without the optimizer's own state
+    assert [g["lr"] for g in fresh.param_groups] == [0.5 * s.factor(4, 6)] * 2
+    with pytest.raises(ValueError, match="total_steps must be >= 1"):
+        build_lr_scheduler(fresh, s, 0)
+
+
+def test_fill_deepspeed_scheduler():
+    cos = {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 10}}
+    assert fill_deepspeed_scheduler(cos, 100) == {"type": "WarmupCosineLR",
+                                                   "params": {"warmup_num_steps": 10, "total_num_steps": 100}}
+    assert cos == {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 10}}  # not mutated
+    assert fill_deepspeed_scheduler({"type": "WarmupDecayLR"}, 7) == {"type": "WarmupDecayLR",
+                                                                       "params": {"total_num_steps": 7}}
+    kept = {"type": "WarmupDecayLR", "params": {"total_num_steps": 50, "warmup_max_lr": 1e-3}}
+    assert fill_deepspeed_scheduler(kept, 7) == kept
+    for other in ({"type": "WarmupLR", "params": {"warmup_num_steps": 5}}, {"type": "OneCycle", "params": {}},
+                  {"type": "LRRangeTest"}):
+        assert fill_deepspeed_scheduler(other, 7) == other
+
+
+# ---------------------------------------------------------------------------------------------- Lion
+
+
+def test_lion_matches_reference_formula():
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    ref = [p.detach().clone() for p in params]
+    ref_m = [torch.zeros_like(p) for p in params]
+    opt = build_lion([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}],
+                     lr=3e-3, betas=[0.8, 0.95], weight_decay=0.5)
+    for _ in range(2):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        for i, (r, m, g) in enumerate(zip(ref, ref_m, grads, strict=True)):
+            lion_reference_update(r, g, m, 3e-3, (0.8, 0.95), 0.5 if i == 0 else 0.0)
+    for p, r, m in zip(params, ref, ref_m, strict=True):
+        torch.testing.assert_close(p.detach(), r, atol=1e-7, rtol=0)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], m, atol=1e-7, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where CUDA is missing")
+def test_lion_triton_falls_back_with_a_warning():
+    p = torch.nn.Parameter(torch.ones(4))
+    with pytest.warns(RuntimeWarning, match=r"use_triton was asked for .*\(CUDA is not available\)"):
+        opt = build_lion([p], lr=0.1, use_triton=True)
+    p.grad = torch.tensor([1.0, -1.0, 0.0, 2.0])
+    opt.step()
+    assert p.detach().tolist() == pytest.approx([0.9, 1.1, 1.0, 0.9])
+
+
+def test_lion_triton_reasons(monkeypatch):
+    """With CUDA, lion-pytorch's triton module would exit() the process when triton is missing: never reached."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "triton", None)  # import fails
+    with pytest.warns(RuntimeWarning, match=r"\(triton is not installed\)"):
+        build_lion([torch.nn.Parameter(torch.ones(2))], use_triton=True)
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    with pytest.warns(RuntimeWarning, match=r"\(the parameters are not on a CUDA device\)"):
+        build_lion([{"params": [torch.nn.Parameter(torch.ones(2))]}], use_triton=True)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"lr": 1e-4, "eps": 1e-8, "momentum": 0.9}, "unknown key(s) 'eps', 'momentum' for Lion; allowed: lr, betas"),
+    ({"lr": 0}, "optimizer.params.lr must be a number > 0, got 0"),
+    ({"betas": [0.9]}, "optimizer.params.betas must be two numbers in [0, 1)"),
+    ({"betas": [0.9, 1.0]}, "optimizer.params.betas must be two numbers in [0, 1)"),
+    ({"weight_decay": -1}, "optimizer.params.weight_decay must be a number >= 0"),
+])
+def test_lion_rejects_bad_params(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        build_lion([torch.nn.Parameter(torch.ones(2))], **kwargs)
+    assert message in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- build_optimizer
+
+
+def train_config(**over) -> TrainConfig:
+    return TrainConfig(model_path="m", save_path="s", data_path="d", path="cfg.json", **over)
+
+
+def test_build_optimizer_deepspeed_optimizer_and_schedule():
+    ds = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}}
+    cfg = train_config(ds_config=ds, lr_schedule={"warmup_ratio": 0.25})
+    ds_config, groups, optimizer, make_scheduler, note = build_optimizer(tiny_model(), cfg, 8)
+    assert ds_config == {"steps_per_print": 10**9, **ds} and optimizer is None
+    assert [(g["name"], g["weight_decay"]) for g in groups] == [("decay", 0.1), ("no_decay", 0.0)]
+    sched = make_scheduler(torch.optim.AdamW(groups, lr=1e-3))
+    assert sched.get_last_lr() == [0.0, 0.0] and "cosine, warmup 2 of 8 steps" in note
+    with pytest.raises(ConfigError, match=r"^cfg.json: lr_schedule.type must be one of"):
+        build_optimizer(tiny_model(), train_config(ds_config=ds, lr_schedule={"type": "step"}), 8)
+
+
+def test_build_optimizer_lion_and_deepspeed_scheduler():
+    ds = {"optimizer": {"type": "Lion", "params": {"lr": 1e-4, "betas": [0.9, 0.99], "weight_decay": 0.1}},
+          "zero_optimization": {"stage": 1}, "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 2}}}
+    cfg = train_config(ds_config=ds, decay_norm_and_bias=True)
+    ds_config, groups, optimizer, make_scheduler, note = build_optimizer(tiny_model(), cfg, 8)
+    assert "optimizer" not in ds_config and ds_config["zero_allow_untested_optimizer"] is True
+    assert ds_config["scheduler"]["params"] == {"warmup_num_steps": 2, "total_num_steps": 8} and make_scheduler is None
+    assert type(optimizer).__name__ == "Lion" and [g["name"] for g in optimizer.param_groups] == ["decay"]
+    assert "optimizer" in ds and "total_num_steps" not in ds["scheduler"]["params"]  # the config is not mutated
+    bad = {"optimizer": {"type": "Lion", "params": {"lr": 1e-4, "eps": 1e-8}}}
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_optimizer(tiny_model(), train_config(ds_config=bad), 8)
+
+
+# ---------------------------------------------------------------------------------------------- through DeepSpeed
+
+
+@pytest.fixture(scope="module")
+def ds():
+    """One single-process gloo group for this module (as `deepspeed --num_gpus 1` would set it up), then torn down."""
+    import deepspeed
+
+    from training.distributed import shutdown_distributed
+
+    saved = dict(os.environ)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    owner = not torch.distributed.is_initialized()
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield deepspeed
+    if owner:
+        shutdown_distributed()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+BASE = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9}
+SCHED = LrSchedule("cosine", warmup_steps=2, min_lr_ratio=0.1)
+LR, TOTAL = 1e-3, 6
+
+
+def train(engine, steps: int) -> list[float]:
+    """The lr each update used (read before engine.step())."""
+    torch.manual_seed(2)
+    used = []
+    for _ in range(steps):
+        used.append(engine.get_lr())
+        engine.backward(engine(torch.randn(2, 4)).pow(2).mean())
+        engine.step()
+    return used
+
+
+def lion_engine(ds, config: dict):
+    model = tiny_model()
+    lion = build_lion(param_groups(model, 0.1), lr=LR, weight_decay=0.1)
+    engine, *_ = ds.initialize(model=model, config=config, optimizer=lion,
+                               lr_scheduler=build_lr_scheduler(lion, SCHED, TOTAL))
+    return engine
+
+
+def test_deepspeed_adamw_groups_and_schedule(ds, tmp_path):
+    config = {**BASE, "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.1}}}
+    make = lambda: ds.initialize(  # noqa: E731
+        model=(m := tiny_model()), config=config, model_parameters=param_groups(m, 0.1),
+        lr_scheduler=lambda opt: build_lr_scheduler(opt, SCHED, TOTAL))[0]
+    engine = make()
+    assert [(g["name"], g["weight_decay"]) for g in engine.optimizer.param_groups] == [("decay", 0.1), ("no_decay", 0.0)]
+    used = train(engine, 5)
+    assert used == [[LR * SCHED.factor(k, TOTAL)] * 2 for k in range(5)]
+    engine.save_checkpoint(str(tmp_path), tag="t")
+    for load_optimizer_states in (True, False):
+        resumed = make()
+        resumed.load_checkpoint(str(tmp_path), tag="t", load_optimizer_states=load_optimizer_states)
+        assert resumed.lr_scheduler.last_epoch == 5 and resumed.get_lr() == [LR * SCHED.factor(5, TOTAL)] * 2
+
+
+def test_deepspeed_lion_fp32(ds):
+    engine = lion_engine(ds, BASE)
+    assert type(engine.optimizer).__name__ == "Lion"
+    assert train(engine, 5) == [[LR * SCHED.factor(k, TOTAL)] * 2 for k in range(5)]
+
+
+def test_deepspeed_lion_zero1_needs_allow_untested(ds):
+    with pytest.raises(AssertionError, match="zero_allow_untested_optimizer"):
+        lion_engine(ds, {**BASE, "zero_optimization": {"stage": 1}})
+    engine = lion_engine(ds, {**BASE, "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True})
+    assert type(engine.optimizer).__name__ == "DeepSpeedZeroOptimizer"
+    assert type(engine.basic_optimizer).__name__ == "Lion"
+    assert train(engine, 5) == [[LR * SCHED.factor(k, TOTAL)] * 2 for k in range(5)]
+    plain = lion_engine(ds, BASE)
+    train(plain, 5)
+    for z, p, p0 in zip(engine.module.parameters(), plain.module.parameters(), tiny_model().parameters(), strict=True):
+        torch.testing.assert_close(z, p, atol=1e-7, rtol=0)  # ZeRO-1 updates as the plain Lion does
+        assert not torch.equal(z, p0)

@@ -1,0 +1,239 @@
+"""Training operations under the real deepspeed launcher (2 CPU stages): exact resume after SIGTERM and after
+a SIGKILL during a checkpoint write, evaluation against transformers, early stopping, keep_best, bf16.
+
+Uninterrupted and interrupted runs must agree bit for bit (fp32 on CPU is deterministic): per-step losses
+after the resume point and every tensor of the final checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from data.collate import collate, pad_id_of
+from data.encode import load_dataset
+from models import get_family
+from models.convert import hg_to_pp, pp_to_hg
+from tests.helpers import finish_deepspeed, output_of, run_deepspeed, start_deepspeed, tiny_config, workers_of
+
+pytestmark = pytest.mark.distributed
+
+WORDS = "pipeline stage layer token batch loss gradient weight model data train answer question reply".split()
+
+
+def write_records(path: Path, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    say = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    with open(path, "w") as f:
+        for i in range(n):
+            rec = {"text": say(rng.randint(3, 20))} if i % 3 == 0 else {"instruct": say(rng.randint(2, 6)),
+                                                                         "output": say(rng.randint(1, 10))}
+            f.write(json.dumps(rec) + "\n")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer) -> Path:
+    root = tmp_path_factory.mktemp("ops")
+    torch.manual_seed(0)
+    hf = get_family("llama").hf_model_class(tiny_config("llama", "gqa_tied", vocab_size=len(tokenizer)))
+    hf.save_pretrained(root / "hf")
+    tokenizer.save_pretrained(root / "hf")
+    hg_to_pp(root / "hf", root / "pp")
+    write_records(root / "train.jsonl", 64, seed=1)
+    write_records(root / "eval.jsonl", 10, seed=2)
+    return root
+
+
+def write_config(tmp: Path, base: Path, name: str = "cfg.json", **over) -> Path:
+    cfg = {"model_path": str(base / "pp"), "save_path": str(tmp / "out"), "data_path": str(base / "train.jsonl"),
+           "data_cache_dir": str(tmp / "cache"), "max_seq_len": 64, "max_steps": 8, "seed": 3,
+           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}},
+           "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01, "torch_adam": True}},
+           "lr_schedule": {"type": "cosine", "warmup_steps": 2}, **over}
+    (tmp / name).write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return tmp / name
+
+
+def metrics_of(save: Path) -> list[dict]:
+    return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_of(save: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics_of(save) if "loss" in m}
+
+
+def checkpoint_tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the layer files and of the per-stage states (optimizer moments included)."""
+    out = {}
+    for f in sorted(tag_dir.glob("*.pt")):
+        if f.name.startswith("rng_state"):
+            continue
+        flat = [("", torch.load(f, weights_only=False))]
+        while flat:
+            key, obj = flat.pop()
+            if isinstance(obj, torch.Tensor):
+                out[f"{f.name}:{key}"] = obj
+            elif isinstance(obj, dict):
+                flat += [(f"{key}.{k}", v) for k, v in obj.items()]
+            elif isinstance(obj, (list, tuple)):
+                flat += [(f"{key}.{i}", v) for i, v in enumerate(obj)]
+    return out
+
+
+def wait_for(cond, proc, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not cond():
+        assert proc.poll() is None, f"the run ended early:\n{output_of(proc)[-4000:]}"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, model_dir) -> Path:
+    """8 steps with save_interval 3: checkpoints at steps 3, 6 and 8."""
+    tmp = tmp_path_factory.mktemp("full")
+    run_deepspeed("train_ds.py", ["--config", str(write_config(tmp, model_dir, save_interval=3))])
+    return tmp / "out"
+
+
+def test_sigterm_saves_and_resume_is_bit_exact(tmp_path, model_dir, uninterrupted):
+    cfg = write_config(tmp_path, model_dir, save_interval=3)
+    # a pause after step 6's boundary work gives a known moment to preempt the run
+    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "step:6:20"})
+    wait_for(lambda: (tmp_path / "out" / "metrics.jsonl").is_file() and 6 in losses_of(tmp_path / "out"), proc)
+    for w in workers_of(proc):  # as a cluster scheduler preempts a job: every training process gets SIGTERM
+        w.send_signal(signal.SIGTERM)
+    _, out = finish_deepspeed(proc, expect=0)
+    assert "received SIGTERM: saving at step 6 and exiting" in out
+    assert (tmp_path / "out" / "latest").read_text() == "global_step6" and sorted(losses_of(tmp_path / "out")) == list(range(1, 7))
+
+    proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
+    assert f"resumed from {tmp_path / 'out' / 'global_step6'} at step 6" in proc.stdout
+    ref, got = losses_of(uninterrupted), losses_of(tmp_path / "out")
+    assert got == ref and list(got) == list(range(1, 9))  # steps 7-8 bit-identical, 1-6 kept from before
+    a, b = checkpoint_tensors(uninterrupted / "global_step8"), checkpoint_tensors(tmp_path / "out" / "global_step8")
+    assert a.keys() == b.keys() and len(a) > 20
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+def test_sigkill_during_save_resumes_from_the_previous_checkpoint(tmp_path, model_dir, uninterrupted):
+    cfg = write_config(tmp_path, model_dir, save_interval=3)
+    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "save:6:60"})
+    partial = tmp_path / "out" / ".tmp-global_step6"
+    wait_for(lambda: partial.is_dir() and len(list(partial.glob("rng_state_rank*.pt"))) == 2, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launchers and both ranks, mid-save
+    proc.wait()
+    for leaked in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{proc.port}_*"):
+        leaked.unlink()  # a SIGKILLed rank cannot remove DeepSpeed's buffer; not this test's subject
+    assert (tmp_path / "out" / "latest").read_text() == "global_step3" and partial.is_dir()
+    assert not (tmp_path / "out" / "global_step6").exists()
+
+    proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
+    assert f"removed {partial}: a checkpoint that was not completely written" in proc.stdout
+    assert f"resumed from {tmp_path / 'out' / 'global_step3'} at step 3" in proc.stdout
+    assert losses_of(tmp_path / "out") == losses_of(uninterrupted)
+    a, b = checkpoint_tensors(uninterrupted / "global_step8"), checkpoint_tensors(tmp_path / "out" / "global_step8")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not partial.exists() and sorted(p.name for p in (tmp_path / "out").glob("global_step*")) == [
+        "global_step3", "global_step6", "global_step8"]
+
+
+def hf_token_mean_loss(hf_dir: Path, eval_path: Path, tokenizer, seq: int) -> float:
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    get_family(model.config.model_type).prepare_config(model.config)
+    ds = load_dataset(str(eval_path), tokenizer, seq, use_cache=False)
+    (ids, pos, seg), labels = collate([ds[i] for i in range(len(ds))], seq, pad_id_of(tokenizer))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=(seg > 0).long(), position_ids=pos).logits
+    target = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100).item()
+
+
+def test_eval_early_stopping_and_keep_best(tmp_path, model_dir, tokenizer):
+    """Eval loss == transformers' token mean on the eval file; a plateau stops the run; keep_best keeps the best."""
+    patience, keep = 2, 2
+    cfg = write_config(tmp_path, model_dir, max_steps=40, eval_data_path=str(model_dir / "eval.jsonl"),
+                       eval_interval=2, early_stopping_patience=patience, keep_best=keep, keep_last=1,
+                       optimizer={"type": "AdamW", "params": {"lr": 3e-2, "weight_decay": 0.0, "torch_adam": True}},
+                       lr_schedule={"type": "constant"})
+    proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
+    save = tmp_path / "out"
+    evals = [(m["step"], m["eval_loss"]) for m in metrics_of(save) if "eval_loss" in m]
+    assert [s for s, _ in evals] == list(range(2, 2 * len(evals) + 1, 2))
+    best_at = min(range(len(evals)), key=lambda i: evals[i][1])
+    assert len(evals) - 1 - best_at == patience and evals[-1][0] < 40, evals  # stopped right at the patience
+    assert "early stopping: eval loss has not improved for 2 evaluations" in proc.stdout
+    ranked = sorted(evals, key=lambda e: (e[1], e[0]))
+    expected = {f"global_step{s}" for s, _ in ranked[:keep]} | {f"global_step{evals[-1][0]}"}
+    assert {p.name for p in save.glob("global_step*")} == expected
+    assert (save / "best").read_text() == f"global_step{ranked[0][0]}"
+
+    last_step, last_loss = evals[-1]
+    assert f"eval at step {last_step}: loss {last_loss:.4f} | perplexity" in proc.stdout
+    pp_to_hg(save / f"global_step{last_step}", tmp_path / "hf")
+    ref = hf_token_mean_loss(tmp_path / "hf", model_dir / "eval.jsonl", tokenizer, 64)
+    assert last_loss == pytest.approx(ref, rel=1e-5)
+    assert sorted(p.name for p in (save / "runs").iterdir()) and any((save / "runs").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(save / "runs"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "memory/peak_gib_stage1"} <= set(events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("eval/loss")] == pytest.approx([loss for _, loss in evals], rel=1e-6)
+
+
+def test_bf16_trains_with_fp32_gradient_accumulation(tmp_path, model_dir):
+    cfg = write_config(tmp_path, model_dir, max_steps=12, bf16={"enabled": True}, zero_optimization={"stage": 1},
+                       data_types={"grad_accum_dtype": "fp32"}, lr_schedule={"type": "constant"})
+    proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
+    assert "precision: bf16; ZeRO stage 1; gradient accumulation in float32" in proc.stdout, proc.stdout[-3000:]
+    assert "DeepSpeed runs it as BF16_Optimizer" in proc.stdout
+    losses = list(losses_of(tmp_path / "out").values())
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
+    assert all(m["grad_norm"] is not None and m["grad_norm"] > 0 for m in metrics_of(tmp_path / "out"))
+
+
+def test_resume_on_another_topology_loads_weights_and_resets_the_optimizer(tmp_path, model_dir, uninterrupted):
+    save = tmp_path / "out"
+    shutil.copytree(uninterrupted, save, ignore=shutil.ignore_patterns("global_step3", "global_step8", "runs"))
+    (save / "latest").write_text("global_step6")
+    cfg = write_config(tmp_path, model_dir, model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}})
+    proc = run_deepspeed("train_ds.py", ["--config", str(cfg)], num_procs=1)
+    said = [line for line in proc.stdout.splitlines() if line.startswith("resumed from")]
+    assert said == [f"resumed from {save / 'global_step6'} at step 6; topology changed (pipe 2 -> 1, data 1 -> 1, layer "
+                    "bounds [0, 3, 6] -> [0, 6]): weights, step and LR schedule loaded, optimizer state was reset"]
+    got, ref = losses_of(save), losses_of(uninterrupted)
+    assert sorted(got) == list(range(1, 9))
+    assert got[7] == pytest.approx(ref[7], rel=1e-5)  # step 7's forward pass sees step 6's weights
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, model_dir):
+    """A poisoned weight (inf in the final norm) makes every loss NaN: each update is skipped, and after
+    max_bad_steps training stops (exit 1) with the last good state saved."""
+    pp = tmp_path / "pp"
+    shutil.copytree(model_dir / "pp", pp)
+    norm = sorted(pp.glob("layer_*-model_states.pt"))[-1]
+    state = torch.load(norm, weights_only=True)
+    assert list(state) == ["weight"] and state["weight"].dim() == 1  # the final RMSNorm (the head is tied)
+    torch.save({"weight": torch.full_like(state["weight"], float("inf"))}, norm)
+    cfg = write_config(tmp_path, model_dir, model_path=str(pp), max_bad_steps=3)
+    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)])
+    code, out = finish_deepspeed(proc, expect=1)
+    assert "step 2: non-finite loss or gradient norm (loss nan, grad norm nan): update skipped (2 in a row; stopping at 3)" in out
+    error = [line for line in out.splitlines() if line.startswith("train_ds.py: error:")]
+    assert len(error) == 1 and "3 consecutive steps had a non-finite loss or gradient norm (last: step 3)" in error[0]
+    assert (tmp_path / "out" / "latest").read_text() == "global_step3"
+    assert [m.get("skipped") for m in metrics_of(tmp_path / "out")] == [True, True, True]
+    for f in pp.glob("layer_*-model_states.pt"):  # no update was applied: the checkpoint holds the initial weights
+        a, b = torch.load(f, weights_only=True), torch.load(tmp_path / "out" / "global_step3" / f.name, weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a), f.name

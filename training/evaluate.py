@@ -1,0 +1,69 @@
+"""The evaluation set and its batches: a token-mean loss over the whole set, all data-parallel ranks.
+
+Each `engine.eval_batch` call evaluates `micro x num_micro x dp` samples; a micro-batch's loss is its
+summed token loss x (num_micro x dp) / (trained tokens of the whole eval set), so DeepSpeed's average
+over micro-batches and data-parallel ranks makes each call's result that call's share of the token
+mean, and the calls' results add up to the eval set's token-mean loss. The last call is filled up with
+empty samples (no trained token), which add nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from data.collate import collate
+from data.encode import IGNORE_INDEX, EncodedDataset
+from training.batches import trained_tokens
+
+
+def subset(ds: EncodedDataset, keep: np.ndarray) -> EncodedDataset:
+    """The samples `keep` (indices, in this order) of `ds` as a new EncodedDataset (same stats object)."""
+    keep = np.asarray(keep, dtype=np.int64)
+    lengths = ds.offsets[keep + 1] - ds.offsets[keep]
+    offsets = np.zeros(len(keep) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    rows = [np.arange(ds.offsets[i], ds.offsets[i + 1]) for i in keep]
+    flat = np.concatenate([np.zeros(0, np.int64), *rows])
+    return EncodedDataset(ds.input_ids[flat], ds.labels[flat], offsets, ds.record_index[keep], ds.stats)
+
+
+def split_eval(ds: EncodedDataset, ratio: float, seed: int) -> tuple[EncodedDataset, EncodedDataset]:
+    """(train, eval): a seeded `ratio` share of the samples (at least one) held out, the rest kept in order."""
+    n_eval = max(1, round(len(ds) * ratio))
+    if n_eval >= len(ds):
+        raise ValueError(f"eval_split_ratio {ratio} leaves no training sample ({len(ds)} samples)")
+    held = np.sort(np.random.default_rng([seed, 1_000_003]).permutation(len(ds))[:n_eval])
+    train = np.setdiff1d(np.arange(len(ds)), held)
+    return subset(ds, train), subset(ds, held)
+
+
+def concat(a: EncodedDataset, b: EncodedDataset) -> EncodedDataset:
+    offsets = np.concatenate([a.offsets, b.offsets[1:] + a.offsets[-1]])
+    return EncodedDataset(np.concatenate([a.input_ids, b.input_ids]), np.concatenate([a.labels, b.labels]), offsets,
+                          np.concatenate([a.record_index, b.record_index]), a.stats)
+
+
+class EvalPlan:
+    """How the eval set is cut into eval_batch calls and micro-batches."""
+
+    def __init__(self, ds: EncodedDataset, micro_batch: int, num_micro: int, dp_size: int):
+        self.ds, self.micro_batch, self.num_micro, self.dp_size = ds, micro_batch, num_micro, dp_size
+        self.per_call = micro_batch * num_micro * dp_size
+        self.calls = math.ceil(len(ds) / self.per_call)
+        self.tokens = int(trained_tokens(ds).sum())
+
+    def micro_batches(self, call: int, dp_rank: int, max_seq_len: int, pad_id: int) -> list:
+        """[((input_ids, position_ids, segment_ids), (labels, counts))] of one call for one data-parallel rank."""
+        per_rank = self.micro_batch * self.num_micro
+        start = call * self.per_call + dp_rank * per_rank
+        empty = {"input_ids": [pad_id], "labels": [IGNORE_INDEX]}
+        samples = [self.ds[i] if i < len(self.ds) else empty for i in range(start, start + per_rank)]
+        counts = torch.tensor([max(self.tokens, 1), self.num_micro * self.dp_size], dtype=torch.int64)
+        out = []
+        for i in range(0, per_rank, self.micro_batch):
+            inputs, labels = collate(samples[i:i + self.micro_batch], max_seq_len, pad_id)
+            out.append((inputs, (labels, counts)))
+        return out

@@ -1,0 +1,112 @@
+"""What a run reports, on rank 0: metrics.jsonl, TensorBoard events under save_path/runs, and progress
+(a tqdm bar when stdout is a terminal, plain lines every `log_interval` steps otherwise)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Keep the metrics lines of steps <= after_step (a resumed run rewrites what came after its checkpoint)."""
+    if not path.is_file():
+        path.write_text("")
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class Monitor:
+    """Rank 0's outputs; every method is a no-op on other ranks."""
+
+    def __init__(self, save_path: Path, rank: int, total_steps: int, start_step: int, log_interval: int,
+                 tensorboard: bool = True):
+        self.active, self.total, self.log_interval = rank == 0, total_steps, log_interval
+        self.metrics_path = save_path / "metrics.jsonl"
+        self.t0 = self.last = time.time()
+        self.start, self.window_tokens = start_step, 0
+        self.writer = self.bar = None
+        if not self.active:
+            return
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(save_path / "runs"), purge_step=start_step + 1)
+            except ImportError:  # the tensorboard package is missing
+                log.warning("TensorBoard logging off: `pip install tensorboard` to get events under %s/runs", save_path)
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def print(self, msg: str) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def write(self, rec: dict) -> None:
+        """A metrics.jsonl line and its TensorBoard scalars (train/loss, train/lr, ..., eval/loss, eval/ppl)."""
+        if not self.active:
+            return
+        rec = {**rec, "time": round(time.time() - self.t0, 4)}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.writer is not None:
+            for key in ("loss", "lr", "grad_norm", "eval_loss", "eval_ppl"):
+                if rec.get(key) is not None and math.isfinite(rec[key]):
+                    self.writer.add_scalar(f"eval/{key[5:]}" if key.startswith("eval") else f"train/{key}",
+                                           rec[key], rec["step"])
+
+    def step(self, rec: dict, peaks: list[float] | None = None) -> None:
+        """One finished step's record (metrics.jsonl line, TensorBoard scalars, progress)."""
+        if not self.active:
+            return
+        self.write(rec)
+        now = time.time()
+        step, self.window_tokens = rec["step"], self.window_tokens + rec["tokens"]
+        tok_s = self.window_tokens / max(now - self.last, 1e-9)
+        if self.writer is not None:
+            self.writer.add_scalar("train/tokens_per_s", tok_s, step)
+            for stage, peak in enumerate(peaks or []):
+                self.writer.add_scalar(f"memory/peak_gib_stage{stage}", peak / 2**30, step)
+        done = step - self.start
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+        if done % self.log_interval == 0 or step == self.total:
+            if self.bar is None:
+                eta = (now - self.t0) / max(done, 1) * (self.total - step)
+                norm = f" | grad norm {rec['grad_norm']:.3f}" if rec.get("grad_norm") is not None else ""
+                mem = f" | peak mem {fmt_bytes(max(peaks))}" if peaks else ""
+                self.print(f"step {step}/{self.total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e}{norm} | "
+                           f"{tok_s:,.0f} tok/s{mem} | elapsed {hms(now - self.t0)} | eta {hms(eta)}")
+            self.last, self.window_tokens = now, 0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

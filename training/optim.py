@@ -1,0 +1,267 @@
+"""Optimization pieces built from the config, independent of the trainer.
+
+- `param_groups`: trainable parameters split into weight-decay / no-decay groups.
+- `lr_schedule`: the project's schedule (cosine | linear | constant, warmup, floor) as a `LambdaLR` that is
+  handed to `deepspeed.initialize(lr_scheduler=...)`; `fill_deepspeed_scheduler` completes DeepSpeed's own
+  `scheduler` section instead.
+- Lion (lion-pytorch) as a client optimizer: `build_lion`, plus `lion_reference_update` for tests.
+- `build_optimizer`: all of the above for a TrainConfig, in the shape `deepspeed.initialize` takes.
+
+Checked against DeepSpeed 0.19.8 (deepspeed/runtime/engine.py):
+- Param groups with extra keys ("name") reach the optimizer unchanged: `_configure_basic_optimizer` passes
+  `model_parameters` straight to the optimizer class; DeepSpeed reads `group["name"]` only for MoE groups
+  (`moe=True`), and its own MoE/Muon grouping uses "name" the same way.
+- A client scheduler is stepped once per applied update, right after `optimizer.step()`, and not on a skipped
+  (fp16 overflow) step (`_take_model_step`); `engine.get_lr()` reads `optimizer.param_groups[i]["lr"]`; its
+  `state_dict` is saved in every checkpoint and loaded by `load_checkpoint` (unless load_lr_scheduler_states=False).
+  `LambdaLR` applies factor(0) when built, so the lr of update k is base_lr * factor(k) (k counts applied
+  updates). Its load_state_dict does not touch the optimizer's lr, which only the optimizer state restores:
+  with load_optimizer_states=False the first resumed update would use factor(0); `_ScheduleLR` fixes that.
+- A client optimizer must be a `torch.optim.Optimizer`; with ZeRO (any stage) one that is not in DeepSpeed's
+  list (torch Adam/AdamW/Adagrad, FusedAdam, FusedLion, CPU Adam/Adagrad/Lion) needs
+  `"zero_allow_untested_optimizer": true` (`_do_optimizer_sanity_check`), so lion-pytorch's Lion does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------
+# parameter groups
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
+    """Trainable parameters in a "decay" group (weight_decay) and a "no_decay" group (biases and norm weights,
+    i.e. ndim < 2; weight decay 0) unless `decay_norm_and_bias`. Empty groups are left out; a parameter shared
+    by several modules appears once (`parameters()` deduplicates by identity)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if decay_norm_and_bias or p.ndim >= 2 else no_decay).append(p)
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# the project's lr schedule
+
+SCHEDULE_TYPES = ("cosine", "linear", "constant")
+SCHEDULE_KEYS = ("type", "warmup_steps", "warmup_ratio", "min_lr_ratio")
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """`lr_schedule` config section. Convention: HF transformers' `get_{cosine,linear,constant}_schedule_with_warmup`
+    lr_lambda, i.e. factor(step) = step / warmup during warmup (0 for the first update, as in HF Trainer), then the
+    decay from 1 to 0 over the remaining steps, lifted to a floor: min_lr_ratio + (1 - min_lr_ratio) * decay
+    (HF's `get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=...)` for cosine). Unlike HF, steps past
+    total_steps stay at the floor (HF's cosine would rise again)."""
+
+    type: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float | None = None  # exclusive with warmup_steps; see warmup()
+    min_lr_ratio: float = 0.0
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup length in optimizer steps: warmup_steps, or ceil(total_steps * warmup_ratio) as HF Trainer, but
+        without float noise (30 x 0.1 = 3.0000000000000004 gives 3 steps here, 4 in HF)."""
+        if self.warmup_ratio is None:
+            return self.warmup_steps
+        return math.ceil(round(total_steps * self.warmup_ratio, 9))
+
+    def factor(self, step: int, total_steps: int) -> float:
+        """Multiplier of the base lr for the update with 0-based index `step`."""
+        warmup = self.warmup(total_steps)
+        if step < warmup:
+            return step / max(1, warmup)
+        if self.type == "constant":
+            return 1.0
+        if self.type == "linear":  # written as HF writes it so that min_lr_ratio 0 matches bit for bit
+            decay = max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        else:
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return decay * (1 - self.min_lr_ratio) + self.min_lr_ratio
+
+
+def parse_lr_schedule(section: dict) -> LrSchedule:
+    """Check the `lr_schedule` section; a ValueError's message is one line naming the key."""
+    if not isinstance(section, dict):
+        raise ValueError(f"lr_schedule must be an object, got {json.dumps(section)}")
+    unknown = [k for k in section if k not in SCHEDULE_KEYS]
+    if unknown:
+        raise ValueError(f"lr_schedule: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(SCHEDULE_KEYS)}")
+
+    def number(key: str, integer: bool = False) -> float:
+        v = section[key]
+        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+            raise ValueError(f"lr_schedule.{key} must be {'an integer' if integer else 'a number'}, got {json.dumps(v)}")
+        return v
+
+    kw: dict = {}
+    if "type" in section:
+        if section["type"] not in SCHEDULE_TYPES:
+            raise ValueError(f"lr_schedule.type must be one of {', '.join(SCHEDULE_TYPES)}, got {json.dumps(section['type'])}")
+        kw["type"] = section["type"]
+    if "warmup_steps" in section and "warmup_ratio" in section:
+        raise ValueError("lr_schedule.warmup_steps and lr_schedule.warmup_ratio are exclusive; set one")
+    if "warmup_steps" in section:
+        if (v := number("warmup_steps", integer=True)) < 0:
+            raise ValueError(f"lr_schedule.warmup_steps must be >= 0, got {v}")
+        kw["warmup_steps"] = v
+    if "warmup_ratio" in section:
+        if not 0 <= (v := number("warmup_ratio")) < 1:
+            raise ValueError(f"lr_schedule.warmup_ratio must be in [0, 1), got {v}")
+        kw["warmup_ratio"] = float(v)
+    if "min_lr_ratio" in section:
+        if not 0 <= (v := number("min_lr_ratio")) <= 1:
+            raise ValueError(f"lr_schedule.min_lr_ratio must be in [0, 1], got {v}")
+        kw["min_lr_ratio"] = float(v)
+    return LrSchedule(**kw)
+
+
+class _ScheduleLR(LambdaLR):
+    """LambdaLR that also sets the optimizer's lr when its state is loaded, so a resumed run uses the
+    scheduled lr even when the optimizer state itself is not restored (load_optimizer_states=False)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group, base, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas, strict=True):
+            group["lr"] = base * fn(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: LrSchedule, total_steps: int) -> LambdaLR:
+    """The scheduler to pass as `deepspeed.initialize(lr_scheduler=...)`: the lr of update k is
+    group lr * schedule.factor(k, total_steps). Build it before any update (it applies factor(0) at once).
+    The lambda is a plain function, so checkpoints hold only step count and base lrs: the curve always
+    comes from the config in force (a resumed run may change total_steps)."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    return _ScheduleLR(optimizer, lambda step: schedule.factor(step, total_steps))
+
+
+# DeepSpeed's schedulers (deepspeed/runtime/lr_schedules.py) whose constructor requires total_num_steps
+_NEEDS_TOTAL = ("WarmupDecayLR", "WarmupCosineLR")
+
+
+def fill_deepspeed_scheduler(scheduler_section: dict, total_steps: int) -> dict:
+    """A copy of DeepSpeed's `scheduler` section with `params.total_num_steps` set to `total_steps` when the
+    type needs it (WarmupDecayLR, WarmupCosineLR) and it is absent; everything else untouched."""
+    out = dict(scheduler_section)
+    if out.get("type") in _NEEDS_TOTAL and "total_num_steps" not in (out.get("params") or {}):
+        out["params"] = {**(out.get("params") or {}), "total_num_steps": total_steps}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Lion
+
+LION_KEYS = ("lr", "betas", "weight_decay", "use_triton")
+
+
+def _triton_problem(params: list) -> str | None:
+    """Why lion-pytorch's triton kernel cannot run on these params (tensors or group dicts), or None."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    tensors = [t for item in params for t in (
+        ([item["params"]] if isinstance(item["params"], torch.Tensor) else item["params"]) if isinstance(item, dict)
+        else [item])]
+    if any(isinstance(t, torch.Tensor) and not t.is_cuda for t in tensors):
+        return "the parameters are not on a CUDA device"
+    return None
+
+
+def build_lion(params_or_groups: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+               weight_decay: float = 0.0, use_triton: bool = False, **unknown: object) -> torch.optim.Optimizer:
+    """lion-pytorch's Lion from the seed's `optimizer.params` ({lr, betas, weight_decay, use_triton}); pass the
+    section as keyword arguments. Weight decay is applied as p *= 1 - lr * wd (lr of the group, scheduled).
+    use_triton falls back to the torch update, with a warning, where the kernel cannot run (no CUDA, no triton, params off CUDA;
+    lion-pytorch would otherwise exit the process when triton is missing)."""
+    from lion_pytorch import Lion
+
+    if unknown:
+        raise ValueError(f"optimizer.params: unknown key(s) {', '.join(map(repr, unknown))} for Lion; "
+                         f"allowed: {', '.join(LION_KEYS)}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"optimizer.params.lr must be a number > 0, got {lr!r}")
+    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"optimizer.params.betas must be two numbers in [0, 1), got {betas!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"optimizer.params.weight_decay must be a number >= 0, got {weight_decay!r}")
+    params_or_groups = list(params_or_groups)
+    if use_triton and (why := _triton_problem(params_or_groups)):
+        msg = f"Lion: use_triton was asked for but the triton kernel cannot run here ({why}); using the torch update"
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        logger.warning(msg)
+        use_triton = False
+    return Lion(params_or_groups, lr=float(lr), betas=(float(betas[0]), float(betas[1])),
+                weight_decay=float(weight_decay), use_triton=bool(use_triton))
+
+
+@torch.no_grad()
+def lion_reference_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, lr: float,
+                          betas: tuple[float, float], weight_decay: float) -> None:
+    """One textbook Lion step (Chen et al. 2023, Alg. 2, decoupled decay) in place on param and exp_avg."""
+    beta1, beta2 = betas
+    update = torch.sign(beta1 * exp_avg + (1 - beta1) * grad)
+    param.copy_(param * (1 - lr * weight_decay) - lr * update)
+    exp_avg.copy_(beta2 * exp_avg + (1 - beta2) * grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# glue for the trainer
+
+
+def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
+                    ) -> tuple[dict, list[dict], torch.optim.Optimizer | None, Callable | None, str]:
+    """What `deepspeed.initialize` needs for a TrainConfig: (ds_config, model_parameters, optimizer, lr_scheduler,
+    a one-line description). Groups per `param_groups` (decay = optimizer.params.weight_decay). "Lion" becomes a
+    client lion-pytorch optimizer (its section removed; ZeRO gets zero_allow_untested_optimizer unless set);
+    other types DeepSpeed builds. `lr_schedule` becomes a scheduler callable (DeepSpeed calls it with its basic
+    optimizer, engine.py:1887); DeepSpeed's own `scheduler` gets total_num_steps filled in. Bad values: ConfigError."""
+    from training.config import ConfigError
+
+    ds = {"steps_per_print": 10**9, **cfg.ds_config}
+    section = ds.get("optimizer") if isinstance(ds.get("optimizer"), dict) else {}
+    kind, params = str(section.get("type", "")), dict(section.get("params") or {})
+    wd = params.get("weight_decay", 0.0)
+    groups = param_groups(model, wd, cfg.decay_norm_and_bias)
+    optimizer, lr_scheduler = None, None
+    try:
+        schedule = parse_lr_schedule(cfg.lr_schedule) if cfg.lr_schedule is not None else None
+        if kind.lower() == "lion":
+            optimizer = build_lion(groups, **params)
+            del ds["optimizer"]
+            if (ds.get("zero_optimization") or {}).get("stage", 0) > 0:
+                ds.setdefault("zero_allow_untested_optimizer", True)  # lion-pytorch is not on DeepSpeed's ZeRO list
+    except ValueError as e:
+        raise ConfigError(f"{cfg.path}: {e}") from None
+    sizes = " + ".join(f"{sum(p.numel() for p in g['params']):,} {g['name']} (wd {g['weight_decay']:g})" for g in groups)
+    note = f"{kind or 'none'} (lr {params.get('lr', 'default')}) on {sizes or 'no trainable parameters'}"
+    if schedule is not None:
+        lr_scheduler = lambda opt: build_lr_scheduler(opt, schedule, total_steps)  # noqa: E731
+        note += (f"; lr schedule {schedule.type}, warmup {schedule.warmup(total_steps)} of {total_steps} steps"
+                 + (f", floor {schedule.min_lr_ratio:g} x lr" if schedule.type != "constant" else ""))
+    elif isinstance(ds.get("scheduler"), dict):
+        ds["scheduler"] = fill_deepspeed_scheduler(ds["scheduler"], total_steps)
+        note += f"; DeepSpeed scheduler {ds['scheduler'].get('type')}"
+    else:
+        note += "; constant lr"
+    return ds, groups, optimizer, lr_scheduler, note

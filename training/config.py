@@ -174,6 +174,13 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
     enabled = [k for k in ("fp16", "bf16") if isinstance(ds.get(k), dict) and ds[k].get("enabled", False)]
     if len(enabled) > 1:
         raise ConfigError(f"{path}: 'fp16' and 'bf16' are both enabled; choose one")
+    if enabled:
+        from deepspeed.accelerator import get_accelerator
+
+        acc = get_accelerator()
+        if not getattr(acc, f"is_{enabled[0]}_supported")():
+            other = " (use bf16 or fp32)" if enabled[0] == "fp16" else ""
+            raise ConfigError(f"{path}: '{enabled[0]}' is not supported on this device ({acc.device_name()}){other}")
     opt = ds.get("optimizer")
     try:
         if cfg.lr_schedule is not None:

@@ -237,6 +237,9 @@ class Trainer:
         self.log(f"gradient clipping: {f'global norm {clip:g}' if clip > 0 else 'off'}{default}")
         precision = "bf16" if e.bfloat16_enabled() else "fp16 (dynamic loss scale)" if e.fp16_enabled() else "fp32"
         accum = getattr(e, "get_data_types", lambda: (None, None))()[1]
+        offload = e.zero_offload_optimizer()
+        if offload is not None and str(getattr(offload, "device", "none")).endswith("cpu"):
+            precision += "; optimizer states offloaded to CPU"
         self.log(f"precision: {precision}; ZeRO stage {e.zero_optimization_stage()}"
                  f"{'; gradient accumulation in ' + str(accum).replace('torch.', '') if accum is not None else ''}")
         ckpt = sum(model.is_checkpointable_results) if model.activation_checkpoint_interval else 0

@@ -2,7 +2,10 @@
 
   python demo.py --model-path DIR --prompt TEXT
   python demo.py --model-path DIR --instruct TEXT [--input TEXT] [--max-new-tokens 128 --temperature 0.7 --top-p 0.9]
+  python demo.py --model-path BASE --adapter PEFT_DIR --prompt TEXT  # a LoRA adapter, merged in at load
   deepspeed --num_gpus N demo.py --model-path DIR ...   # tensor parallel over N GPUs (DeepSpeed inference)
+
+A LoRA training checkpoint (adapters only) works as --model-path too: its base is merged with the adapters.
 
 Greedy when --temperature is 0. Only the generated text goes to stdout; status goes to stderr.
 """
@@ -32,6 +35,7 @@ class DemoError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", required=True, help="HF dir, pipeline dir, checkpoint tag dir, or save_path with 'latest'")
+    ap.add_argument("--adapter", help="a PEFT LoRA adapter dir (pp_to_hg --lora peft, or any peft adapter) for --model-path")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="raw text to continue (a pretrain record)")
     src.add_argument("--instruct", help="an instruction, rendered with the training template")
@@ -122,6 +126,15 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def with_adapter(model, adapter: str | Path):
+    """`model` with a PEFT LoRA adapter merged into its weights (as PEFT's merge_and_unload)."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise DemoError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter dir)")
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+
+
 def run(args: argparse.Namespace) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -135,6 +148,8 @@ def run(args: argparse.Namespace) -> None:
     if rank == 0:
         log(f"loading {args.model_path} ({str(dtype).removeprefix('torch.')}, {device.type}, {world_size} process(es))")
     model, tokenizer = load(args.model_path, dtype)
+    if args.adapter:
+        model = with_adapter(model, args.adapter)
     if world_size > 1:
         import deepspeed
 

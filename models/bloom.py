@@ -128,5 +128,6 @@ FAMILY = register(ModelFamily(
     prepare_config=prepare_config,
     layer_specs=layer_specs,
     block_class=BloomBlockPipe,
+    lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     presets={"tiny": dict(hidden_size=64, n_layer=4, n_head=4)},
 ))

@@ -165,14 +165,33 @@ def iter_hf_tensors(layers_dir: Path, family: ModelFamily, config, progress: boo
             log(f"[{step}/{len(expected)}] {path.name} ({_layer_name(family, config, idx)}): {len(sd)} tensors")
 
 
-def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
-    """Pipeline or checkpoint dir -> HF dir with sharded safetensors + index, config, tokenizer."""
+def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str = "5GB", overwrite: bool = False,
+             lora: str | None = None) -> Path:
+    """Pipeline or checkpoint dir -> HF dir with sharded safetensors + index, config, tokenizer. A LoRA checkpoint
+    needs `lora`: "peft" (adapter_config.json + adapter_model.safetensors) or "merge" (the base with the
+    adapters merged in, as a full HF dir)."""
+    from .lora import export_peft, merged_hf_tensors, read_lora_info
+
     layers_dir, config_dir = resolve_checkpoint(input_path)
     dst = Path(save_path)
     family, config = family_of(config_dir)
     max_bytes = parse_size(max_shard_size)
     check_target(dst, overwrite)
-    tensors = iter_hf_tensors(layers_dir, family, config)
+    info = read_lora_info(layers_dir)
+    if info is None and lora is not None:
+        raise CheckpointError(f"{layers_dir}: --lora {lora}: not a LoRA checkpoint (no {layers_dir / 'lora_config.json'})")
+    if info is not None and lora not in ("peft", "merge"):
+        raise CheckpointError(f"{layers_dir}: a LoRA checkpoint (adapters only): pass --lora peft (a PEFT adapter "
+                              "dir) or --lora merge (a full HF model with the adapters merged in)")
+    if lora == "peft":
+        export_peft(layers_dir, info, family, config, dst, overwrite)
+        log(f"wrote a PEFT adapter (r {info['r']}, alpha {info['alpha']:g}, {', '.join(info['target_modules'])}) "
+            f"to {dst}; base: {info['base_model_path']}")
+        return dst
+    if lora == "merge":
+        tensors = merged_hf_tensors(layers_dir, info, family, config)
+    else:
+        tensors = iter_hf_tensors(layers_dir, family, config)
     first = next(tensors)  # validates every layer file's presence before anything is written
 
     t0 = time.time()
@@ -196,13 +215,18 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | None = None):
         family, config = family_of(path)
         model = family.hf_model_class.from_pretrained(str(path), config=config, dtype=dtype)
         return model, family, path
-    layers_dir, config_dir = resolve_checkpoint(path)
-    family, config = family_of(config_dir)
     from transformers.initialization import no_init_weights
 
+    from .lora import merged_hf_tensors, read_lora_info
+
+    layers_dir, config_dir = resolve_checkpoint(path)
+    family, config = family_of(config_dir)
     with no_init_weights():  # allocated, not randomly initialised: every weight is assigned below
         model = family.hf_model_class(config)
-    sd = dict(iter_hf_tensors(layers_dir, family, config, progress=False))
+    info = read_lora_info(layers_dir)  # a LoRA checkpoint: its base with the adapters merged in
+    tensors = merged_hf_tensors(layers_dir, info, family, config, progress=False) if info else \
+        iter_hf_tensors(layers_dir, family, config, progress=False)
+    sd = dict(tensors)
     if dtype is not None:
         sd = {k: t.to(dtype) if t.is_floating_point() else t for k, t in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)

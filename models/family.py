@@ -23,6 +23,7 @@ class ModelFamily:
     layer_specs: Callable  # config -> [LayerSpec | TiedLayerSpec]: embed, N blocks, norm, head
     block_class: type  # decoder block module (activation checkpointing, balance)
     presets: dict[str, dict] = field(default_factory=dict)  # named configs for `convert_model.py init`
+    lora_targets: tuple[str, ...] = ()  # linear modules of a block that LoRA may adapt ("all-linear")
 
     @staticmethod
     def num_blocks(config) -> int:

@@ -114,6 +114,7 @@ FAMILY = register(ModelFamily(
     prepare_config=prepare_config,
     layer_specs=layer_specs,
     block_class=LlamaBlockPipe,
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     presets={
         "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False),

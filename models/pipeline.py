@@ -225,6 +225,16 @@ class PipelineModel(PipelineModule):
         for p in self.parameters():
             p.model_parallel = not getattr(p, "ds_pipe_replicated", False)
 
+    def forward(self, forward_input):
+        """A stage whose parameters are all frozen (LoRA: an embedding-only first stage) still hands on a hidden
+        state that carries gradients: the next stage sends one back, and DeepSpeed's backward needs a graph root."""
+        out = super().forward(forward_input)
+        if torch.is_grad_enabled():
+            for t in out if isinstance(out, tuple) else (out,):
+                if t.is_floating_point() and not t.requires_grad:
+                    t.requires_grad_(True)
+        return out
+
     def _partition_layers(self, method: str = "explicit") -> None:
         self.parts = self._stage_bounds_fn(self.num_stages)
         stage = self._topo.get_coord(self.global_rank).pipe

@@ -37,3 +37,33 @@ def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def ops_model(tmp_path_factory, tokenizer) -> Path:
+    """A tiny tied Llama as HF dir (hf/) and pipeline dir (pp/), with train.jsonl (64) and eval.jsonl (10)."""
+    import torch
+
+    from models import get_family
+    from models.convert import hg_to_pp
+    from tests.helpers import tiny_config, write_word_records
+
+    root = tmp_path_factory.mktemp("ops")
+    torch.manual_seed(0)
+    hf = get_family("llama").hf_model_class(tiny_config("llama", "gqa_tied", vocab_size=len(tokenizer)))
+    hf.save_pretrained(root / "hf")
+    tokenizer.save_pretrained(root / "hf")
+    hg_to_pp(root / "hf", root / "pp")
+    write_word_records(root / "train.jsonl", 64, seed=1)
+    write_word_records(root / "eval.jsonl", 10, seed=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ops_uninterrupted(tmp_path_factory, ops_model) -> Path:
+    """The save_path of a full 2-stage run of 8 steps with save_interval 3: checkpoints at steps 3, 6 and 8."""
+    from tests.helpers import ops_config, run_deepspeed
+
+    tmp = tmp_path_factory.mktemp("full")
+    run_deepspeed("train_ds.py", ["--config", str(ops_config(tmp, ops_model, save_interval=3))])
+    return tmp / "out"

@@ -223,3 +223,34 @@ def assert_segments_isolated(seq, atol: float) -> None:
     other = ids.clone()
     other[0, 5:9] = torch.randint(4, 300, (4,), generator=g)
     torch.testing.assert_close(seq((other, pos, seg))[:, :5], packed[:, :5], atol=0, rtol=0)
+
+
+WORDS = "pipeline stage layer token batch loss gradient weight model data train answer question reply".split()
+
+
+def write_word_records(path, n: int, seed: int) -> None:
+    """Short pretrain / instruct records of random words (every third a pretrain text)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    say = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    with open(path, "w") as f:
+        for i in range(n):
+            rec = {"text": say(rng.randint(3, 20))} if i % 3 == 0 else {"instruct": say(rng.randint(2, 6)),
+                                                                         "output": say(rng.randint(1, 10))}
+            f.write(json.dumps(rec) + "\n")
+
+
+def ops_config(tmp, base, name: str = "cfg.json", **over):
+    """A 2-stage, 8-step training config for the `ops_model` fixture's model and data; None drops a key."""
+    import json
+
+    cfg = {"model_path": str(base / "pp"), "save_path": str(tmp / "out"), "data_path": str(base / "train.jsonl"),
+           "data_cache_dir": str(tmp / "cache"), "max_seq_len": 64, "max_steps": 8, "seed": 3,
+           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}},
+           "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01, "torch_adam": True}},
+           "lr_schedule": {"type": "cosine", "warmup_steps": 2}, **over}
+    (tmp / name).write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return tmp / name

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import time
@@ -22,47 +21,10 @@ from transformers import AutoModelForCausalLM
 from data.collate import collate, pad_id_of
 from data.encode import load_dataset
 from models import get_family
-from models.convert import hg_to_pp, pp_to_hg
-from tests.helpers import finish_deepspeed, output_of, run_deepspeed, start_deepspeed, tiny_config, workers_of
+from models.convert import pp_to_hg
+from tests.helpers import finish_deepspeed, ops_config, output_of, run_deepspeed, start_deepspeed, workers_of
 
 pytestmark = pytest.mark.distributed
-
-WORDS = "pipeline stage layer token batch loss gradient weight model data train answer question reply".split()
-
-
-def write_records(path: Path, n: int, seed: int) -> None:
-    rng = random.Random(seed)
-    say = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
-    with open(path, "w") as f:
-        for i in range(n):
-            rec = {"text": say(rng.randint(3, 20))} if i % 3 == 0 else {"instruct": say(rng.randint(2, 6)),
-                                                                         "output": say(rng.randint(1, 10))}
-            f.write(json.dumps(rec) + "\n")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer) -> Path:
-    root = tmp_path_factory.mktemp("ops")
-    torch.manual_seed(0)
-    hf = get_family("llama").hf_model_class(tiny_config("llama", "gqa_tied", vocab_size=len(tokenizer)))
-    hf.save_pretrained(root / "hf")
-    tokenizer.save_pretrained(root / "hf")
-    hg_to_pp(root / "hf", root / "pp")
-    write_records(root / "train.jsonl", 64, seed=1)
-    write_records(root / "eval.jsonl", 10, seed=2)
-    return root
-
-
-def write_config(tmp: Path, base: Path, name: str = "cfg.json", **over) -> Path:
-    cfg = {"model_path": str(base / "pp"), "save_path": str(tmp / "out"), "data_path": str(base / "train.jsonl"),
-           "data_cache_dir": str(tmp / "cache"), "max_seq_len": 64, "max_steps": 8, "seed": 3,
-           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}},
-           "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
-           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01, "torch_adam": True}},
-           "lr_schedule": {"type": "cosine", "warmup_steps": 2}, **over}
-    (tmp / name).write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
-    return tmp / name
-
 
 def metrics_of(save: Path) -> list[dict]:
     return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
@@ -98,16 +60,8 @@ def wait_for(cond, proc, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, model_dir) -> Path:
-    """8 steps with save_interval 3: checkpoints at steps 3, 6 and 8."""
-    tmp = tmp_path_factory.mktemp("full")
-    run_deepspeed("train_ds.py", ["--config", str(write_config(tmp, model_dir, save_interval=3))])
-    return tmp / "out"
-
-
-def test_sigterm_saves_and_resume_is_bit_exact(tmp_path, model_dir, uninterrupted):
-    cfg = write_config(tmp_path, model_dir, save_interval=3)
+def test_sigterm_saves_and_resume_is_bit_exact(tmp_path, ops_model, ops_uninterrupted):
+    cfg = ops_config(tmp_path, ops_model, save_interval=3)
     # a pause after step 6's boundary work gives a known moment to preempt the run
     proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "step:6:20"})
     wait_for(lambda: (tmp_path / "out" / "metrics.jsonl").is_file() and 6 in losses_of(tmp_path / "out"), proc)
@@ -119,15 +73,15 @@ def test_sigterm_saves_and_resume_is_bit_exact(tmp_path, model_dir, uninterrupte
 
     proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
     assert f"resumed from {tmp_path / 'out' / 'global_step6'} at step 6" in proc.stdout
-    ref, got = losses_of(uninterrupted), losses_of(tmp_path / "out")
+    ref, got = losses_of(ops_uninterrupted), losses_of(tmp_path / "out")
     assert got == ref and list(got) == list(range(1, 9))  # steps 7-8 bit-identical, 1-6 kept from before
-    a, b = checkpoint_tensors(uninterrupted / "global_step8"), checkpoint_tensors(tmp_path / "out" / "global_step8")
+    a, b = checkpoint_tensors(ops_uninterrupted / "global_step8"), checkpoint_tensors(tmp_path / "out" / "global_step8")
     assert a.keys() == b.keys() and len(a) > 20
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
 
 
-def test_sigkill_during_save_resumes_from_the_previous_checkpoint(tmp_path, model_dir, uninterrupted):
-    cfg = write_config(tmp_path, model_dir, save_interval=3)
+def test_sigkill_during_save_resumes_from_the_previous_checkpoint(tmp_path, ops_model, ops_uninterrupted):
+    cfg = ops_config(tmp_path, ops_model, save_interval=3)
     proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "save:6:60"})
     partial = tmp_path / "out" / ".tmp-global_step6"
     wait_for(lambda: partial.is_dir() and len(list(partial.glob("rng_state_rank*.pt"))) == 2, proc)
@@ -141,28 +95,31 @@ def test_sigkill_during_save_resumes_from_the_previous_checkpoint(tmp_path, mode
     proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
     assert f"removed {partial}: a checkpoint that was not completely written" in proc.stdout
     assert f"resumed from {tmp_path / 'out' / 'global_step3'} at step 3" in proc.stdout
-    assert losses_of(tmp_path / "out") == losses_of(uninterrupted)
-    a, b = checkpoint_tensors(uninterrupted / "global_step8"), checkpoint_tensors(tmp_path / "out" / "global_step8")
+    assert losses_of(tmp_path / "out") == losses_of(ops_uninterrupted)
+    a, b = checkpoint_tensors(ops_uninterrupted / "global_step8"), checkpoint_tensors(tmp_path / "out" / "global_step8")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not partial.exists() and sorted(p.name for p in (tmp_path / "out").glob("global_step*")) == [
         "global_step3", "global_step6", "global_step8"]
 
 
-def hf_token_mean_loss(hf_dir: Path, eval_path: Path, tokenizer, seq: int) -> float:
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-    get_family(model.config.model_type).prepare_config(model.config)
+def hf_token_mean_loss(model_or_dir, eval_path: Path, tokenizer, seq: int) -> float:
+    """transformers' token-mean loss over every sample of `eval_path` (an HF model, or a dir to load one from)."""
+    model = model_or_dir
+    if isinstance(model, Path):
+        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+        get_family(model.config.model_type).prepare_config(model.config)
     ds = load_dataset(str(eval_path), tokenizer, seq, use_cache=False)
     (ids, pos, seg), labels = collate([ds[i] for i in range(len(ds))], seq, pad_id_of(tokenizer))
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=(seg > 0).long(), position_ids=pos).logits
+    with torch.no_grad():  # right padding: the default positions are the samples' own (Bloom takes none)
+        logits = model(input_ids=ids, attention_mask=(seg > 0).long()).logits
     target = F.pad(labels, (0, 1), value=-100)[:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100).item()
 
 
-def test_eval_early_stopping_and_keep_best(tmp_path, model_dir, tokenizer):
+def test_eval_early_stopping_and_keep_best(tmp_path, ops_model, tokenizer):
     """Eval loss == transformers' token mean on the eval file; a plateau stops the run; keep_best keeps the best."""
     patience, keep = 2, 2
-    cfg = write_config(tmp_path, model_dir, max_steps=40, eval_data_path=str(model_dir / "eval.jsonl"),
+    cfg = ops_config(tmp_path, ops_model, max_steps=40, eval_data_path=str(ops_model / "eval.jsonl"),
                        eval_interval=2, early_stopping_patience=patience, keep_best=keep, keep_last=1,
                        optimizer={"type": "AdamW", "params": {"lr": 3e-2, "weight_decay": 0.0, "torch_adam": True}},
                        lr_schedule={"type": "constant"})
@@ -181,7 +138,7 @@ def test_eval_early_stopping_and_keep_best(tmp_path, model_dir, tokenizer):
     last_step, last_loss = evals[-1]
     assert f"eval at step {last_step}: loss {last_loss:.4f} | perplexity" in proc.stdout
     pp_to_hg(save / f"global_step{last_step}", tmp_path / "hf")
-    ref = hf_token_mean_loss(tmp_path / "hf", model_dir / "eval.jsonl", tokenizer, 64)
+    ref = hf_token_mean_loss(tmp_path / "hf", ops_model / "eval.jsonl", tokenizer, 64)
     assert last_loss == pytest.approx(ref, rel=1e-5)
     assert sorted(p.name for p in (save / "runs").iterdir()) and any((save / "runs").glob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -192,8 +149,8 @@ def test_eval_early_stopping_and_keep_best(tmp_path, model_dir, tokenizer):
     assert [e.value for e in events.Scalars("eval/loss")] == pytest.approx([loss for _, loss in evals], rel=1e-6)
 
 
-def test_bf16_trains_with_fp32_gradient_accumulation(tmp_path, model_dir):
-    cfg = write_config(tmp_path, model_dir, max_steps=12, bf16={"enabled": True}, zero_optimization={"stage": 1},
+def test_bf16_trains_with_fp32_gradient_accumulation(tmp_path, ops_model):
+    cfg = ops_config(tmp_path, ops_model, max_steps=12, bf16={"enabled": True}, zero_optimization={"stage": 1},
                        data_types={"grad_accum_dtype": "fp32"}, lr_schedule={"type": "constant"})
     proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
     assert "precision: bf16; ZeRO stage 1; gradient accumulation in float32" in proc.stdout, proc.stdout[-3000:]
@@ -203,30 +160,30 @@ def test_bf16_trains_with_fp32_gradient_accumulation(tmp_path, model_dir):
     assert all(m["grad_norm"] is not None and m["grad_norm"] > 0 for m in metrics_of(tmp_path / "out"))
 
 
-def test_resume_on_another_topology_loads_weights_and_resets_the_optimizer(tmp_path, model_dir, uninterrupted):
+def test_resume_on_another_topology_loads_weights_and_resets_the_optimizer(tmp_path, ops_model, ops_uninterrupted):
     save = tmp_path / "out"
-    shutil.copytree(uninterrupted, save, ignore=shutil.ignore_patterns("global_step3", "global_step8", "runs"))
+    shutil.copytree(ops_uninterrupted, save, ignore=shutil.ignore_patterns("global_step3", "global_step8", "runs"))
     (save / "latest").write_text("global_step6")
-    cfg = write_config(tmp_path, model_dir, model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}})
+    cfg = ops_config(tmp_path, ops_model, model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}})
     proc = run_deepspeed("train_ds.py", ["--config", str(cfg)], num_procs=1)
     said = [line for line in proc.stdout.splitlines() if line.startswith("resumed from")]
     assert said == [f"resumed from {save / 'global_step6'} at step 6; topology changed (pipe 2 -> 1, data 1 -> 1, layer "
                     "bounds [0, 3, 6] -> [0, 6]): weights, step and LR schedule loaded, optimizer state was reset"]
-    got, ref = losses_of(save), losses_of(uninterrupted)
+    got, ref = losses_of(save), losses_of(ops_uninterrupted)
     assert sorted(got) == list(range(1, 9))
     assert got[7] == pytest.approx(ref[7], rel=1e-5)  # step 7's forward pass sees step 6's weights
 
 
-def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, model_dir):
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, ops_model):
     """A poisoned weight (inf in the final norm) makes every loss NaN: each update is skipped, and after
     max_bad_steps training stops (exit 1) with the last good state saved."""
     pp = tmp_path / "pp"
-    shutil.copytree(model_dir / "pp", pp)
+    shutil.copytree(ops_model / "pp", pp)
     norm = sorted(pp.glob("layer_*-model_states.pt"))[-1]
     state = torch.load(norm, weights_only=True)
     assert list(state) == ["weight"] and state["weight"].dim() == 1  # the final RMSNorm (the head is tied)
     torch.save({"weight": torch.full_like(state["weight"], float("inf"))}, norm)
-    cfg = write_config(tmp_path, model_dir, model_path=str(pp), max_bad_steps=3)
+    cfg = ops_config(tmp_path, ops_model, model_path=str(pp), max_bad_steps=3)
     proc = start_deepspeed("train_ds.py", ["--config", str(cfg)])
     code, out = finish_deepspeed(proc, expect=1)
     assert "step 2: non-finite loss or gradient norm (loss nan, grad norm nan): update skipped (2 in a row; stopping at 3)" in out

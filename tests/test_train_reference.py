@@ -73,20 +73,24 @@ class LionReference:
                 lion_reference_update(p, p.grad, self.moments[id(p)], self.lr, self.betas, g["weight_decay"])
 
 
-def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float, packing: bool, opt: str = "adamw"):
+def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float, packing: bool, opt: str = "adamw",
+                     wrap=None, steps: int = STEPS):
     """Plain transformers + torch AdamW (or the Lion formula) over the same global batches, no weight decay on
     biases and norm weights, clipping by global norm when clip > 0; packed sequences are cut into their
-    segments, each run alone."""
+    segments, each run alone. `wrap(model)` may return another model to train (e.g. peft's LoRA model)."""
     family = get_family(json.loads((hf_dir / "config.json").read_text())["model_type"])
     model = family.hf_model_class.from_pretrained(str(hf_dir), dtype=torch.float32)
     family.prepare_config(model.config)  # the attention implementation the pipeline uses (sdpa / eager)
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters  # Bloom: ALiBi from the mask
+    if wrap is not None:
+        model = wrap(model)
     groups = param_groups(model, WD)
-    assert {g["name"]: g["weight_decay"] for g in groups} == {"decay": WD, "no_decay": 0.0}
+    if wrap is None:
+        assert {g["name"]: g["weight_decay"] for g in groups} == {"decay": WD, "no_decay": 0.0}
     opt = LionReference(groups, LION_LR, LION_BETAS) if opt == "lion" else \
         torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=1e-8)
     losses = []
-    for step in range(STEPS):
+    for step in range(steps):
         idx = plan.global_indices(*plan.position(step))
         rows = [dataset[int(i)] for i in idx]
         (ids, pos, seg), labels = collate([s for r in rows for s in segments_of(r)] if packing else rows, SEQ, pad_id)

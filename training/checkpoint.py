@@ -82,21 +82,28 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def fault_pause(where: str, step: int) -> None:
-    """Testing aid: PIPEFT_FAULT_PAUSE="WHERE:STEP:SECONDS" (WHERE = step | save) sleeps there, giving a test a
-    known moment to deliver a real SIGTERM or SIGKILL. Unset in normal runs."""
+def fault_pause(where: str, step: int, until=None) -> None:
+    """Testing aid: PIPEFT_FAULT_PAUSE="WHERE:STEP:SECONDS" (WHERE = step | save) waits there, giving a test a
+    known moment to deliver a real SIGTERM or SIGKILL; `until()` true ends the wait early. Unset in normal runs."""
     spec = os.environ.get("PIPEFT_FAULT_PAUSE", "")
-    if spec:
-        at, at_step, seconds = spec.split(":")
-        if at == where and int(at_step) == step:
-            time.sleep(float(seconds))
+    if not spec:
+        return
+    at, at_step, seconds = spec.split(":")
+    if at == where and int(at_step) == step:
+        end = time.time() + float(seconds)
+        while time.time() < end and not (until and until()):
+            time.sleep(0.05)
 
 
 class Checkpoints:
     """The tag directories under save_path: save (atomic), find, rotate."""
 
-    def __init__(self, save_path: str | Path, rank: int, keep_last: int | None, keep_best: int | None):
+    def __init__(self, save_path: str | Path, rank: int, keep_last: int | None, keep_best: int | None,
+                 trainable_only: bool = False, extra_files: dict[str, str] | None = None):
+        """`trainable_only`: layer files hold only trainable weights (LoRA adapters); `extra_files`: name -> text
+        written into every tag (e.g. lora_config.json)."""
         self.root, self.rank, self.keep_last, self.keep_best = Path(save_path), rank, keep_last, keep_best
+        self.trainable_only, self.extra_files = trainable_only, extra_files or {}
 
     def latest(self) -> str | None:
         f = self.root / "latest"
@@ -124,10 +131,12 @@ class Checkpoints:
         if self.rank == 0:
             shutil.rmtree(self.root / tmp, ignore_errors=True)
         torch.distributed.barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp, save_latest=False)
+        engine.save_checkpoint(str(self.root), tag=tmp, save_latest=False, exclude_frozen_parameters=self.trainable_only)
         torch.save(rng_state(), self.root / tmp / f"rng_state_rank{self.rank}.pt")
         if self.rank == 0:
             atomic_write_text(self.root / tmp / STATE_FILE, json.dumps(asdict(state), indent=1))
+            for name, text in self.extra_files.items():
+                atomic_write_text(self.root / tmp / name, text)
         fault_pause("save", state.step)
         torch.distributed.barrier()
         if self.rank == 0:

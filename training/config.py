@@ -20,6 +20,7 @@ from data.records import DataError, resolve_files
 from data.templates import TemplateSettings
 from models.convert import family_of
 from models.hf_io import CheckpointError
+from models.lora import parse_lora
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from training.optim import build_lion, parse_lr_schedule
 
@@ -78,6 +79,7 @@ class TrainConfig:
     lr_schedule: dict | None = None  # {type: cosine|linear|constant, warmup_steps|warmup_ratio, min_lr_ratio}
     decay_norm_and_bias: bool = False  # weight decay also on biases and norm weights
     max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before training stops
+    lora: dict | None = None  # {r, alpha, dropout, target_modules, adapter_path} (models/lora.py)
     model_topo: dict = field(default_factory=dict)  # {process_topology: {axes|axis, dims}, parts}
     ds_config: dict = field(default_factory=dict)  # DeepSpeed's keys
     path: str = ""  # the config file itself
@@ -107,6 +109,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "overwrite_save_path": (bool,), "eval_data_path": (str, list, type(None)), "eval_split_ratio": (float, type(None)),
     "eval_interval": (int, type(None)), "early_stopping_patience": (int, type(None)), "keep_best": (int, type(None)),
     "lr_schedule": (dict, type(None)), "decay_norm_and_bias": (bool,), "max_bad_steps": (int,),
+    "lora": (dict, type(None)),
 }
 _MIN = {"max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0, "save_interval": 1,
         "keep_last": 1, "eval_interval": 1, "early_stopping_patience": 1, "keep_best": 1, "max_bad_steps": 1}
@@ -152,6 +155,8 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
     _check_run_keys(cfg, path)
     _check_batch(cfg, path, world_size)
     _check_paths(cfg, path, require_model)
+    if require_model:
+        _check_lora(cfg, path)
     if require_model and world_size is not None:
         _check_parts(cfg, path, world_size)
     return cfg
@@ -254,6 +259,15 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
 def holds_run(save: Path) -> bool:
     """Whether save_path has checkpoints or metrics of an earlier run."""
     return save.is_dir() and any((save / n).exists() for n in ("latest", "metrics.jsonl")) or any(save.glob("global_step*"))
+
+
+def _check_lora(cfg: TrainConfig, path: Path) -> None:
+    if cfg.lora is None:
+        return
+    try:
+        parse_lora(cfg.lora, family_of(Path(cfg.model_path))[0])
+    except (ValueError, CheckpointError) as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _check_parts(cfg: TrainConfig, path: Path, world_size: int) -> None:

@@ -26,6 +26,11 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def fmt_count(n: int) -> str:
+    """Parameter counts: exact below a million, else in M / B."""
+    return f"{n:,}" if n < 1e6 else f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
+
+
 def truncate_metrics(path: Path, after_step: int) -> None:
     """Keep the metrics lines of steps <= after_step (a resumed run rewrites what came after its checkpoint)."""
     if not path.is_file():

@@ -20,12 +20,13 @@ from data.records import DataError, read_files, records_from_files
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
 from models.convert import family_of
 from models.hf_io import SIDE_FILES, copy_side_files
+from models.lora import LORA_FILE, apply_lora, load_adapter_into, lora_info, parse_lora
 from training.batches import BatchPlan, step_micro_batches, trained_tokens
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause, set_rng_state
 from training.config import ConfigError, TrainConfig
 from training.distributed import shutdown_distributed
 from training.evaluate import EvalPlan, concat, split_eval
-from training.monitor import Monitor, fmt_bytes, hms, truncate_metrics
+from training.monitor import Monitor, fmt_bytes, fmt_count, hms, truncate_metrics
 from training.optim import build_optimizer
 
 
@@ -103,6 +104,11 @@ class Trainer:
             model._synchronize_tied_weights()
         else:
             model.load_layer_files(cfg.model_path)
+        self.lora = parse_lora(cfg.lora, self.family) if cfg.lora is not None else None  # checked by load_config
+        if self.lora is not None:
+            apply_lora(model, self.lora, self.family, cfg.seed)
+            if self.lora.adapter_path:
+                load_adapter_into(model, self.family, self.lora.adapter_path, self.family.num_blocks(self.config))
 
         ds_config, params, optimizer, lr_scheduler, self.opt_note = build_optimizer(model, cfg, self.total_steps)
         self.engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=params,
@@ -113,7 +119,8 @@ class Trainer:
                                   or self.engine.bfloat16_enabled())
         if self.own_grad_norm:  # fp32 without ZeRO: DeepSpeed neither reports the norm nor skips non-finite steps
             self._wrap_model_step()
-        self.ckpts = Checkpoints(cfg.save_path, self.rank, cfg.keep_last, cfg.keep_best)
+        self.ckpts = Checkpoints(cfg.save_path, self.rank, cfg.keep_last, cfg.keep_best, trainable_only=self.lora is not None,
+                                 extra_files={LORA_FILE: lora_info(self.lora, cfg.model_path)} if self.lora else None)
         start = self._prepare_save_path()
         self.monitor = Monitor(Path(cfg.save_path), self.rank, self.total_steps, start, cfg.log_interval)
         self._summary(model)
@@ -194,7 +201,7 @@ class Trainer:
         saved = RunState.read(tag_dir)
         same = (saved.pipe, saved.data, saved.parts) == (self.pp_size, self.dp_size, list(self.model.parts))
         self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=same,
-                                    load_lr_scheduler_states=True)
+                                    load_lr_scheduler_states=True, load_module_strict=self.lora is None)
         self.state = RunState(**{**saved.__dict__, "pipe": self.pp_size, "data": self.dp_size,
                                  "parts": list(self.model.parts), "global_batch": self.plan.global_batch})
         self.engine.global_steps = saved.step
@@ -210,7 +217,8 @@ class Trainer:
                      "the data order continues at this step's position of the new batching, not sample-exact")
 
     def _summary(self, model) -> None:
-        mine = [sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)]
+        params = [p for n, p in model.named_parameters() if n != "lora_placeholder"]
+        mine = [sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)]
         per_rank = [None] * self.world
         torch.distributed.all_gather_object(per_rank, mine)
         if self.rank != 0:
@@ -226,7 +234,7 @@ class Trainer:
             lo, hi = model.parts[stage], model.parts[stage + 1]
             total, trainable = per_rank[topo.filter_match(pipe=stage, data=0)[0]]
             est = total * weight_b + trainable * (grad_b + state_b / shard)
-            self.log(f"  {stage:5d} | {lo:3d}..{hi - 1:<3d} | {total / 1e6:9.2f}M ({trainable / 1e6:.2f}M) | {fmt_bytes(est)}")
+            self.log(f"  {stage:5d} | {lo:3d}..{hi - 1:<3d} | {fmt_count(total):>10} ({fmt_count(trainable)}) | {fmt_bytes(est)}")
         g = self.plan.global_batch
         self.log(f"global batch: {g} {self.unit}s x {self.cfg.max_seq_len} tokens = {g * self.cfg.max_seq_len} tokens "
                  f"({self.cfg.micro_batch} micro x {self.cfg.grad_accum} accumulation x {self.dp_size} replicas); "
@@ -242,6 +250,10 @@ class Trainer:
             precision += "; optimizer states offloaded to CPU"
         self.log(f"precision: {precision}; ZeRO stage {e.zero_optimization_stage()}"
                  f"{'; gradient accumulation in ' + str(accum).replace('torch.', '') if accum is not None else ''}")
+        if self.lora is not None:
+            lo = self.lora
+            self.log(f"LoRA: r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {', '.join(lo.target_modules)} of every "
+                     f"block; base frozen{'; adapters from ' + lo.adapter_path if lo.adapter_path else ''}")
         ckpt = sum(model.is_checkpointable_results) if model.activation_checkpoint_interval else 0
         self.log(f"activation checkpointing: {f'{ckpt} decoder blocks on stage 0 (non-reentrant)' if ckpt else 'off'}")
 
@@ -345,7 +357,7 @@ class Trainer:
             losses.append(loss)
             log_now = (st.step - self.monitor.start) % cfg.log_interval == 0 or st.step == self.total_steps
             self.monitor.step(rec, self._peak_memory() if log_now else None)
-            fault_pause("step", st.step)
+            fault_pause("step", st.step, until=lambda: self.stop_signal is not None)
             if (cfg.save_interval and st.step % cfg.save_interval == 0) or (evaluated and cfg.keep_best):
                 saved_at = self._save(st, saved_at)
             if evaluated and cfg.early_stopping_patience and st.evals_since_best() >= cfg.early_stopping_patience:
@@ -359,7 +371,7 @@ class Trainer:
                 self._save(st, saved_at)
                 return
         if self.eval_plan is not None and not (cfg.eval_interval and st.step % cfg.eval_interval == 0):
-            self._record_eval({})
+            self._record_eval(None)
         if losses:
             k = max(1, min(10, len(losses) // 4))
             self.log(f"finished {len(losses)} steps in {hms(time.time() - self.monitor.t0)}: loss {sum(losses[:k]) / k:.4f} "
@@ -370,15 +382,18 @@ class Trainer:
             self.log(f"best eval loss {best[1]:.4f} at step {best[0]}"
                      + (f" ({Path(cfg.save_path) / 'best'} names its checkpoint)" if cfg.keep_best else ""))
 
-    def _record_eval(self, rec: dict) -> None:
+    def _record_eval(self, rec: dict | None) -> None:
+        """Evaluate, remember the result, and put it in this step's metrics record (`rec`), or in a line of its
+        own (None: the final evaluation, after the last step's line was written)."""
         loss = self.evaluate()
         self.state.evals.append((self.state.step, loss))
         ppl = math.exp(loss) if loss < 700 else float("inf")
-        rec.update(eval_loss=loss, eval_ppl=ppl)
         self.log(f"eval at step {self.state.step}: loss {loss:.4f} | perplexity {ppl:.2f} "
                  f"({self.eval_plan.tokens} tokens, {len(self.eval_set)} samples)")
-        if not rec:  # the final evaluation, after the last step's line: a line of its own
+        if rec is None:
             self.monitor.write({"step": self.state.step, "eval_loss": loss, "eval_ppl": ppl})
+        else:
+            rec.update(eval_loss=loss, eval_ppl=ppl)
 
     def _save(self, st: RunState, saved_at: int) -> int:
         """Checkpoint the current step unless it already is; returns the step saved."""

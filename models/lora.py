@@ -1,0 +1,210 @@
+"""LoRA inside the pipeline: adapters injected per decoder block with peft, PEFT-format export and merge.
+
+Training config: "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": [...] | "all-linear",
+"adapter_path": PEFT_DIR?}. The base is frozen; only adapter weights train and are checkpointed
+(with `lora_config.json` naming the base). Adapter keys map to PEFT's through the family's key table:
+block-local "self_attn.q_proj.lora_A.default.weight" of pipeline layer i <->
+"base_model.model.model.layers.{i-1}.self_attn.q_proj.lora_A.weight".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .family import ModelFamily
+from .hf_io import CheckpointError, atomic_output_dir
+
+LORA_FILE = "lora_config.json"
+ADAPTER = "default"  # peft's adapter name inside the modules
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB])\.(?:default\.)?weight$")
+_KEYS = ("r", "alpha", "dropout", "target_modules", "adapter_path")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]  # module names inside a decoder block (resolved from "all-linear")
+    adapter_path: str | None = None  # start from this PEFT adapter instead of fresh adapters
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), task_type="CAUSAL_LM")
+
+
+def parse_lora(section: dict, family: ModelFamily) -> LoraSettings:
+    """The config's "lora" section; ValueError with a one-line message naming the key."""
+    if not isinstance(section, dict):
+        raise ValueError(f"'lora' must be an object, got {json.dumps(section)}")
+    if unknown := [k for k in section if k not in _KEYS]:
+        raise ValueError(f"lora: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_KEYS)}")
+    r = section.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"lora.r must be a positive integer, got {json.dumps(r)}")
+    alpha = section.get("alpha", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        raise ValueError(f"lora.alpha must be a number > 0, got {json.dumps(alpha)}")
+    dropout = section.get("dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ValueError(f"lora.dropout must be in [0, 1), got {json.dumps(dropout)}")
+    targets = section.get("target_modules", "all-linear")
+    known = family.lora_targets
+    if targets == "all-linear":
+        targets = list(known)
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"lora.target_modules must be \"all-linear\" or a non-empty list of names, got {json.dumps(targets)}")
+    if bad := [t for t in targets if t not in known]:
+        raise ValueError(f"lora.target_modules: {', '.join(map(repr, bad))} not in a {family.model_type} block "
+                         f"(known: {', '.join(known)})")
+    path = section.get("adapter_path")
+    if path is not None and not (Path(path) / "adapter_model.safetensors").is_file():
+        raise ValueError(f"lora.adapter_path {path}: no adapter_model.safetensors (a PEFT adapter dir?)")
+    return LoraSettings(r, float(alpha), float(dropout), tuple(dict.fromkeys(targets)), path)
+
+
+def apply_lora(model, settings: LoraSettings, family: ModelFamily, seed: int) -> int:
+    """Freeze every parameter of a PipelineModel (or SequentialModel-like module with `forward_funcs` and
+    `_local_start`) and inject adapters into its decoder blocks, seeded per layer so any partition gets
+    the same initial adapters. Returns the number of blocks that got adapters."""
+    from peft import inject_adapter_in_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    blocks = 0
+    for offset, layer in enumerate(model.forward_funcs):
+        if isinstance(layer, family.block_class):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1_000_003 + model._local_start + offset)
+                inject_adapter_in_model(settings.peft_config(), layer, adapter_name=ADAPTER)
+            blocks += 1
+    for p in model.parameters():
+        if p.requires_grad:
+            p.model_parallel = True  # this stage's own (see PipelineModel): counted in the global gradient norm
+    if not any(p.requires_grad for p in model.parameters()):
+        # an embedding- or head-only stage: DeepSpeed's optimizer cannot be built on no parameters. This one is
+        # in no layer (never saved in a layer file), gets no gradient, so the optimizer never changes it.
+        model.register_parameter("lora_placeholder", torch.nn.Parameter(torch.zeros(1)))
+    return blocks
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+def _module_hf_name(family: ModelFamily, layer_idx: int, module: str, num_blocks: int) -> str:
+    return family.key_map.to_hf(layer_idx, f"{module}.weight", num_blocks).removesuffix(".weight")
+
+
+def peft_key(family: ModelFamily, layer_idx: int, local_key: str, num_blocks: int) -> str:
+    """Pipeline adapter key -> PEFT's saved key."""
+    m = _LORA_KEY.match(local_key)
+    if m is None:
+        raise CheckpointError(f"layer {layer_idx}: {local_key!r} is not a LoRA weight")
+    return f"base_model.model.{_module_hf_name(family, layer_idx, m['module'], num_blocks)}.{m['part']}.weight"
+
+
+def pipeline_key(family: ModelFamily, key: str, num_blocks: int) -> tuple[int, str]:
+    """PEFT's saved key -> (pipeline layer index, adapter key in the block)."""
+    m = _LORA_KEY.match(key.removeprefix("base_model.model."))
+    if m is None:
+        raise CheckpointError(f"{key!r} is not a LoRA weight")
+    idx, local = family.key_map.to_pp(f"{m['module']}.weight", num_blocks)
+    return idx, f"{local.removesuffix('.weight')}.{m['part']}.{ADAPTER}.weight"
+
+
+def load_adapter_into(model, family: ModelFamily, path: str | Path, num_blocks: int) -> int:
+    """Copy a PEFT adapter's weights into the adapters of this stage's blocks; returns tensors copied."""
+    tensors = load_file(str(Path(path) / "adapter_model.safetensors"))
+    by_layer: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        idx, local = pipeline_key(family, key, num_blocks)
+        by_layer.setdefault(idx, {})[local] = t
+    copied = 0
+    for offset, layer in enumerate(model.forward_funcs):
+        wanted = by_layer.get(model._local_start + offset, {})
+        own = dict(layer.named_parameters()) if isinstance(layer, torch.nn.Module) else {}
+        for local, t in wanted.items():
+            if local not in own or own[local].shape != t.shape:
+                raise CheckpointError(f"{path}: {local} of layer {model._local_start + offset} does not fit the "
+                                      "configured adapters (r / target_modules differ?)")
+            with torch.no_grad():
+                own[local].copy_(t)
+            copied += 1
+    return copied
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def read_lora_info(tag_dir: Path) -> dict | None:
+    """The LoRA description a LoRA checkpoint carries (None for a full checkpoint)."""
+    f = tag_dir / LORA_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def lora_info(settings: LoraSettings, base_model_path: str) -> str:
+    return json.dumps({**asdict(settings), "target_modules": list(settings.target_modules),
+                       "base_model_path": str(Path(base_model_path).resolve())}, indent=1)
+
+
+def adapter_tensors(tag_dir: Path, family: ModelFamily, num_blocks: int) -> dict[str, torch.Tensor]:
+    """PEFT key -> tensor from a LoRA checkpoint's layer files."""
+    out = {}
+    for idx in range(1, num_blocks + 1):
+        f = tag_dir / f"layer_{idx:02d}-model_states.pt"
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (block {idx - 1})")
+        for local, t in torch.load(f, map_location="cpu", weights_only=True).items():
+            out[peft_key(family, idx, local, num_blocks)] = t
+    if not out:
+        raise CheckpointError(f"{tag_dir}: no LoRA weights in the layer files")
+    return out
+
+
+def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_path: Path, overwrite: bool) -> Path:
+    """adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads."""
+    settings = LoraSettings(info["r"], info["alpha"], info["dropout"], tuple(info["target_modules"]))
+    tensors = adapter_tensors(tag_dir, family, family.num_blocks(config))
+    with atomic_output_dir(save_path, overwrite) as tmp:
+        cfg = settings.peft_config()
+        cfg.base_model_name_or_path = info["base_model_path"]
+        cfg.save_pretrained(str(tmp))
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+    return save_path
+
+
+def merged_hf_tensors(tag_dir: Path, info: dict, family: ModelFamily, config, progress: bool = True
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base model's HF tensors with W + alpha/r * B @ A merged in (computed in fp32, stored in W's dtype)."""
+    from .convert import iter_hf_tensors
+
+    n = family.num_blocks(config)
+    adapters = adapter_tensors(tag_dir, family, n)
+    scale = info["alpha"] / info["r"]
+    base = Path(info["base_model_path"])
+    if not base.is_dir():
+        raise CheckpointError(f"{tag_dir / LORA_FILE}: base model {base} not found (the LoRA checkpoint holds only adapters)")
+    used = 0
+    for key, w in iter_hf_tensors(base, family, config, progress=progress):
+        a = adapters.get(f"base_model.model.{key.removesuffix('.weight')}.lora_A.weight")
+        if a is not None and key.endswith(".weight"):
+            b = adapters[f"base_model.model.{key.removesuffix('.weight')}.lora_B.weight"]
+            w = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+            used += 2
+        yield key, w
+    if used != len(adapters):
+        raise CheckpointError(f"{tag_dir}: {len(adapters) - used} adapter tensors match no base weight")

@@ -1,0 +1,165 @@
+"""LoRA inside the pipeline under the real deepspeed launcher, against transformers + peft.
+
+The reference is `peft.get_peft_model` on the HF model with the same LoraConfig and the same initial adapter
+weights (random A and B, so the adapters act from the first step; the pipeline starts from them through
+`lora.adapter_path`), torch AdamW, the same global batches. Exports are checked with peft itself:
+`PeftModel.from_pretrained` for the adapter dir and `merge_and_unload` for the merged model."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import demo
+from data.collate import pad_id_of
+from data.encode import load_dataset
+from data.templates import TemplateSettings
+from models import get_family
+from models.convert import hg_to_pp, pp_to_hg
+from models.hf_io import CheckpointError
+from tests.helpers import (
+    finish_deepspeed,
+    ops_config,
+    run_deepspeed,
+    start_deepspeed,
+    tiny_config,
+    workers_of,
+    write_word_records,
+)
+from tests.test_train_ops import checkpoint_tensors, hf_token_mean_loss, losses_of, metrics_of, wait_for
+from tests.test_train_reference import BETAS, GAS, LR, MICRO, SEED, SEQ, WD, reference_losses, write_records
+from training.batches import BatchPlan
+
+pytestmark = pytest.mark.distributed
+
+STEPS, R, ALPHA = 5, 4, 8.0
+
+
+def lora_config(family: str) -> LoraConfig:
+    targets = ["q_proj", "v_proj", "down_proj"] if family == "llama" else ["query_key_value", "dense_4h_to_h"]
+    return LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+
+
+@pytest.mark.parametrize("family, name, procs, parts", [
+    ("llama", "gqa_tied", 3, [1, 3, 1]),  # an embedding-only first stage and a head-only last stage (frozen, tied)
+    ("bloom", "tied", 2, None),
+], ids=["llama-pipe3-embed-only-head-only", "bloom-pipe2"])
+def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family, name, procs, parts):
+    torch.manual_seed(0)
+    hf = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer)))
+    blocks = hf.config.num_hidden_layers
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    hg_to_pp(tmp_path / "hf", tmp_path / "pp")
+    write_records(tmp_path / "train.jsonl", 100)
+    write_word_records(tmp_path / "eval.jsonl", 9, seed=5)
+
+    # the initial adapters: peft's layout, every A and B random (a zero B would hide the adapters' forward pass)
+    init = get_peft_model(get_family(family).hf_model_class.from_pretrained(str(tmp_path / "hf")), lora_config(family))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in init.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    init.save_pretrained(str(tmp_path / "init_adapter"))
+
+    targets = list(lora_config(family).target_modules)
+    config = {
+        "model_path": str(tmp_path / "pp"), "save_path": str(tmp_path / "out"), "data_path": str(tmp_path / "train.jsonl"),
+        "eval_data_path": str(tmp_path / "eval.jsonl"), "max_seq_len": SEQ, "max_steps": STEPS, "seed": SEED,
+        "data_cache_dir": str(tmp_path / "cache"), "use_grad_ckpt": family == "bloom",
+        "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [procs, 1]}, **({"parts": parts} if parts else {})},
+        "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS, "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": 1e-8, "weight_decay": WD,
+                                                  "torch_adam": True}},
+        "lora": {"r": R, "alpha": ALPHA, "target_modules": targets, "adapter_path": str(tmp_path / "init_adapter")},
+    }
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    proc = run_deepspeed("train_ds.py", ["--config", str(tmp_path / "cfg.json")], num_procs=procs)
+    assert f"LoRA: r {R}, alpha {ALPHA:g}, dropout 0 on {', '.join(targets)} of every block; base frozen" in proc.stdout
+    if parts:  # the frozen stages hold no trainable parameter
+        rows = [line.split("|") for line in proc.stdout.splitlines() if line.strip()[:1].isdigit() and "|" in line]
+        per_block = R * ((64 + 64) + (64 + 32) + (96 + 64))  # q_proj 64->64, v_proj 64->32 (GQA), down_proj 96->64
+        assert [r[2].split("(")[1].strip(" )") for r in rows] == ["0", f"{blocks * per_block:,}", "0"]
+
+    dataset = load_dataset(str(tmp_path / "train.jsonl"), tokenizer, SEQ, tmp_path / "cache", TemplateSettings())
+    plan = BatchPlan(len(dataset), MICRO, GAS, 1, SEED)
+    ref_model = {}
+
+    def wrap(model):
+        ref_model["m"] = PeftModel.from_pretrained(model, str(tmp_path / "init_adapter"), is_trainable=True)
+        return ref_model["m"]
+
+    ref_losses, _ = reference_losses(tmp_path / "hf", dataset, plan, pad_id_of(tokenizer), 1.0, False, wrap=wrap,
+                                     steps=STEPS)
+    got = losses_of(tmp_path / "out")
+    assert list(got) == list(range(1, STEPS + 1))
+    for step, ref in zip(got, ref_losses, strict=True):
+        assert got[step] == pytest.approx(ref, rel=1e-4), (step, got[step], ref)
+
+    # PEFT export == the reference's adapters; PeftModel.from_pretrained reproduces the pipeline's eval loss
+    with pytest.raises(CheckpointError, match="a LoRA checkpoint .adapters only.: pass --lora peft"):
+        pp_to_hg(tmp_path / "out", tmp_path / "nope")
+    pp_to_hg(tmp_path / "out", tmp_path / "adapter", lora="peft")
+    exported = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    expected = get_peft_model_state_dict(ref_model["m"])
+    assert sorted(exported) == sorted(expected) and len(exported) == blocks * len(targets) * 2
+    initial = load_file(str(tmp_path / "init_adapter" / "adapter_model.safetensors"))
+    for k, v in expected.items():
+        torch.testing.assert_close(exported[k], v, atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+        assert not torch.equal(v, initial[k]), f"{k} was never updated"
+    base = get_family(family).hf_model_class.from_pretrained(str(tmp_path / "hf"))
+    get_family(family).prepare_config(base.config)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    eval_loss = [m["eval_loss"] for m in metrics_of(tmp_path / "out") if "eval_loss" in m]
+    assert len(eval_loss) == 1
+    assert hf_token_mean_loss(loaded, tmp_path / "eval.jsonl", tokenizer, SEQ) == pytest.approx(eval_loss[0], rel=1e-5)
+
+    # merged export == peft's merge_and_unload; demo.py reads the LoRA checkpoint as that merged model
+    pp_to_hg(tmp_path / "out", tmp_path / "merged", lora="merge")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    reference = loaded.merge_and_unload().eval()
+    ids = torch.tensor([tokenizer("pipeline stage layer token batch loss gradient")["input_ids"]])
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-4, rtol=0)
+        from_ckpt, _ = demo.load(tmp_path / "out")
+        torch.testing.assert_close(from_ckpt(input_ids=ids).logits, want, atol=1e-4, rtol=0)
+        with_adapter = demo.with_adapter(demo.load(tmp_path / "hf")[0], tmp_path / "adapter")
+        torch.testing.assert_close(with_adapter(input_ids=ids).logits, want, atol=1e-4, rtol=0)
+
+
+LORA = {"r": 4, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_lora_checkpoint_is_small_and_resumes_bit_exactly_after_sigterm(tmp_path_factory, ops_model, ops_uninterrupted):
+    """The same model, data and steps as test_train_ops' full run (ops_uninterrupted), with LoRA."""
+    full = tmp_path_factory.mktemp("lora-full")
+    run_deepspeed("train_ds.py", ["--config", str(ops_config(full, ops_model, lora=LORA, save_interval=3))])
+    uninterrupted = full / "out"
+    size = lambda d: sum(f.stat().st_size for f in d.iterdir())  # noqa: E731
+    lora_size, full_size = size(uninterrupted / "global_step8"), size(ops_uninterrupted / "global_step8")
+    assert lora_size < 0.05 * full_size, (lora_size, full_size)
+    tensors = checkpoint_tensors(uninterrupted / "global_step8")
+    assert all("lora_" in k for k in tensors if k.startswith("layer_")) and any("lora_A" in k for k in tensors)
+
+    tmp_path = tmp_path_factory.mktemp("lora-resumed")
+    cfg = ops_config(tmp_path, ops_model, lora=LORA, save_interval=3)
+    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "step:6:20"})
+    wait_for(lambda: (tmp_path / "out" / "metrics.jsonl").is_file() and 6 in losses_of(tmp_path / "out"), proc)
+    for w in workers_of(proc):
+        w.send_signal(signal.SIGTERM)
+    _, out = finish_deepspeed(proc, expect=0)
+    assert "received SIGTERM: saving at step 6 and exiting" in out
+    proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
+    assert f"resumed from {tmp_path / 'out' / 'global_step6'} at step 6" in proc.stdout
+    assert losses_of(tmp_path / "out") == losses_of(uninterrupted)
+    a, b = tensors, checkpoint_tensors(tmp_path / "out" / "global_step8")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -94,10 +94,8 @@ def apply_lora(model, settings: LoraSettings, family: ModelFamily, seed: int) ->
     for p in model.parameters():
         if p.requires_grad:
             p.model_parallel = True  # this stage's own (see PipelineModel): counted in the global gradient norm
-    if not any(p.requires_grad for p in model.parameters()):
-        # an embedding- or head-only stage: DeepSpeed's optimizer cannot be built on no parameters. This one is
-        # in no layer (never saved in a layer file), gets no gradient, so the optimizer never changes it.
-        model.register_parameter("lora_placeholder", torch.nn.Parameter(torch.zeros(1)))
+    if hasattr(model, "ensure_trainable"):
+        model.ensure_trainable()  # an embedding- or head-only stage (see PipelineModel.ensure_trainable)
     return blocks
 
 

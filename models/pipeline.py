@@ -225,14 +225,30 @@ class PipelineModel(PipelineModule):
         for p in self.parameters():
             p.model_parallel = not getattr(p, "ds_pipe_replicated", False)
 
+    def ensure_trainable(self) -> bool:
+        """Give a stage without trainable parameters (LoRA: an embedding- or head-only stage) one zero parameter,
+        `grad_placeholder`: DeepSpeed cannot build an optimizer (or a gradient norm) over no parameters. It sits in
+        no layer (never in a layer file) and enters the output as 0 x p, so it always gets a zero (or, if the
+        stage's gradient is non-finite, a non-finite) gradient and never changes. Returns whether it was added."""
+        if any(p.requires_grad for p in self.parameters()):
+            return False
+        self.grad_placeholder = nn.Parameter(torch.zeros(1))
+        self.grad_placeholder.model_parallel = True
+        return True
+
+    def get_tied_weights_and_groups(self):
+        """Tied weights whose gradients DeepSpeed all-reduces between their stages: a frozen one (LoRA) has none
+        (DeepSpeed's bf16 path would read its missing `_hp_grad`)."""
+        return [(w, g) for w, g in super().get_tied_weights_and_groups() if w.requires_grad]
+
     def forward(self, forward_input):
-        """A stage whose parameters are all frozen (LoRA: an embedding-only first stage) still hands on a hidden
-        state that carries gradients: the next stage sends one back, and DeepSpeed's backward needs a graph root."""
         out = super().forward(forward_input)
-        if torch.is_grad_enabled():
-            for t in out if isinstance(out, tuple) else (out,):
-                if t.is_floating_point() and not t.requires_grad:
-                    t.requires_grad_(True)
+        ph = getattr(self, "grad_placeholder", None)
+        if ph is not None and torch.is_grad_enabled():
+            outs = list(out) if isinstance(out, tuple) else [out]
+            i = next(i for i, t in enumerate(outs) if t.is_floating_point())
+            outs[i] = outs[i] + 0.0 * ph.to(outs[i].dtype).sum()
+            out = tuple(outs) if isinstance(out, tuple) else outs[0]
         return out
 
     def _partition_layers(self, method: str = "explicit") -> None:

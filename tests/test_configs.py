@@ -10,6 +10,7 @@ import pytest
 from transformers import BloomConfig, LlamaConfig
 
 from models import get_family, plan_stages
+from models.lora import parse_lora
 from training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +19,8 @@ MODELS = {  # config name -> the HF config it is written for
     "bloom_7b1_pp8.json": BloomConfig(hidden_size=4096, n_layer=30, n_head=32, vocab_size=250880),  # bloomz-7b1-mt
     "llama2_7b_pp8.json": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama2_7b_lora_pp4.json": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                           num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
     "quickstart.json": LlamaConfig(**get_family("llama").presets["tiny"], vocab_size=1024),
 }
 
@@ -37,6 +40,8 @@ def test_config_parses_and_parts_fit(path, tmp_path, monkeypatch):
     family = get_family(config.model_type)
     bounds = plan_stages(family.unit_sizes(config), family.unit_costs(config), dims[0], cfg.model_topo["parts"])
     assert bounds[-1] == len(family.layer_specs(config))
+    if cfg.lora is not None:
+        parse_lora(cfg.lora, family)
 
 
 def test_bloom_7b1_layout_is_the_seeds():

@@ -163,3 +163,20 @@ def test_lora_checkpoint_is_small_and_resumes_bit_exactly_after_sigterm(tmp_path
     assert losses_of(tmp_path / "out") == losses_of(uninterrupted)
     a, b = tensors, checkpoint_tensors(tmp_path / "out" / "global_step8")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_with_bf16_zero1_data_parallel_and_an_embedding_only_stage(tmp_path, ops_model):
+    """2 stages x 2 replicas, bf16 with fp32 gradient accumulation (ZeRO-1), activation checkpointing; the first
+    stage holds only the frozen embedding (DeepSpeed's bf16 optimizer still needs a gradient there)."""
+    cfg = ops_config(tmp_path, ops_model, lora=LORA, bf16={"enabled": True}, zero_optimization={"stage": 1},
+                     data_types={"grad_accum_dtype": "fp32"}, use_grad_ckpt=True, lr_schedule={"type": "constant"},
+                     model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [2, 2]}, "parts": [1, 4]})
+    proc = run_deepspeed("train_ds.py", ["--config", str(cfg)], num_procs=4)
+    assert "precision: bf16; ZeRO stage 1; gradient accumulation in float32" in proc.stdout
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.strip()[:1].isdigit() and "|" in line]
+    assert [r[2].split("(")[1].strip(" )") for r in rows][0] == "0"
+    metrics = metrics_of(tmp_path / "out")
+    assert len(metrics) == 8 and all(m["loss"] > 0 and m["grad_norm"] > 0 and not m.get("skipped") for m in metrics)
+    pp_to_hg(tmp_path / "out", tmp_path / "adapter", lora="peft")
+    adapters = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert len(adapters) == 3 * 2 * 2 and all(t.abs().sum() > 0 for k, t in adapters.items() if "lora_B" in k)

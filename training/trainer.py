@@ -217,7 +217,7 @@ class Trainer:
                      "the data order continues at this step's position of the new batching, not sample-exact")
 
     def _summary(self, model) -> None:
-        params = [p for n, p in model.named_parameters() if n != "lora_placeholder"]
+        params = [p for n, p in model.named_parameters() if n != "grad_placeholder"]
         mine = [sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)]
         per_rank = [None] * self.world
         torch.distributed.all_gather_object(per_rank, mine)

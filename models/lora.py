@@ -71,9 +71,37 @@ def parse_lora(section: dict, family: ModelFamily) -> LoraSettings:
         raise ValueError(f"lora.target_modules: {', '.join(map(repr, bad))} not in a {family.model_type} block "
                          f"(known: {', '.join(known)})")
     path = section.get("adapter_path")
-    if path is not None and not (Path(path) / "adapter_model.safetensors").is_file():
-        raise ValueError(f"lora.adapter_path {path}: no adapter_model.safetensors (a PEFT adapter dir?)")
+    if path is not None:
+        _check_adapter(path, r, float(alpha))
     return LoraSettings(r, float(alpha), float(dropout), tuple(dict.fromkeys(targets)), path)
+
+
+def _check_adapter(path, r: int, alpha: float) -> None:
+    """A PEFT LoRA adapter dir whose rank and scaling are the configured ones (else its effect would change)."""
+    if not isinstance(path, str):
+        raise ValueError(f"lora.adapter_path must be a string, got {json.dumps(path)}")
+    d = Path(path)
+    if not (d / "adapter_model.safetensors").is_file() or not (d / "adapter_config.json").is_file():
+        raise ValueError(f"lora.adapter_path {path}: no adapter_config.json + adapter_model.safetensors (a PEFT adapter dir?)")
+    try:
+        cfg = json.loads((d / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"lora.adapter_path {path}: unreadable adapter_config.json ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_rslora") or cfg.get("use_dora") or cfg.get("modules_to_save"):
+        raise ValueError(f"lora.adapter_path {path}: only plain LoRA adapters are supported (no rsLoRA, DoRA or "
+                         "modules_to_save)")
+    if (cfg.get("r"), float(cfg.get("lora_alpha", 0))) != (r, alpha):
+        raise ValueError(f"lora.adapter_path {path}: the adapter has r {cfg.get('r')}, alpha {cfg.get('lora_alpha')}; "
+                         f"the config says r {r}, alpha {alpha:g} (set lora.r and lora.alpha to the adapter's)")
+
+
+def check_adapter_keys(path: str | Path, family: ModelFamily, num_blocks: int) -> None:
+    """Every tensor of a PEFT adapter maps to a block of this model (CheckpointError naming the first that does not)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            pipeline_key(family, key, num_blocks)
 
 
 def apply_lora(model, settings: LoraSettings, family: ModelFamily, seed: int) -> int:
@@ -119,7 +147,10 @@ def pipeline_key(family: ModelFamily, key: str, num_blocks: int) -> tuple[int, s
     m = _LORA_KEY.match(key.removeprefix("base_model.model."))
     if m is None:
         raise CheckpointError(f"{key!r} is not a LoRA weight")
-    idx, local = family.key_map.to_pp(f"{m['module']}.weight", num_blocks)
+    try:
+        idx, local = family.key_map.to_pp(f"{m['module']}.weight", num_blocks)
+    except KeyError as e:  # KeyMapError: another family, or more layers than this model has
+        raise CheckpointError(f"adapter tensor {key!r} does not fit this {family.model_type} model: {e}") from None
     return idx, f"{local.removesuffix('.weight')}.{m['part']}.{ADAPTER}.weight"
 
 

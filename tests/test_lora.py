@@ -49,8 +49,9 @@ def lora_config(family: str) -> LoraConfig:
 
 @pytest.mark.parametrize("family, name, procs, parts", [
     ("llama", "gqa_tied", 3, [1, 3, 1]),  # an embedding-only first stage and a head-only last stage (frozen, tied)
+    ("llama", "mha_bias_untied", 2, None),
     ("bloom", "tied", 2, None),
-], ids=["llama-pipe3-embed-only-head-only", "bloom-pipe2"])
+], ids=["llama-pipe3-embed-only-head-only", "llama-pipe2", "bloom-pipe2"])
 def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family, name, procs, parts):
     torch.manual_seed(0)
     hf = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer)))

@@ -64,6 +64,10 @@ CASES = {  # name -> (config overrides, expected text)
     "two schedules": ({"lr_schedule": {"type": "cosine"}, "scheduler": {"type": "WarmupLR"}},
                       "'lr_schedule' and DeepSpeed's 'scheduler' section both set the learning rate"),
     "lion params": ({"optimizer": {"type": "Lion", "params": {"lr": 1e-4, "beta": [0.9, 0.99]}}}, "unknown key(s) 'beta' for Lion"),
+    "lora target": ({"lora": {"r": 4, "target_modules": ["qproj"]}}, "lora.target_modules: 'qproj' not in a llama block (known: q_proj,"),
+    "lora rank": ({"lora": {"r": 0}}, "lora.r must be a positive integer, got 0"),
+    "lora adapter path": ({"lora": {"r": 4, "adapter_path": 5}}, "lora.adapter_path must be a string, got 5"),
+    "lora from scratch": ({"lora": {"r": 4}, "from_scratch": True}, "'lora' needs a trained base: it cannot be combined with 'from_scratch'"),
     "lion lr": ({"optimizer": {"type": "Lion", "params": {"lr": -1}}}, "optimizer.params.lr must be a number > 0, got -1"),
 }
 
@@ -87,6 +91,30 @@ def test_a_used_save_path_needs_resume_or_overwrite(tmp_path, base, capsys):
     assert err == [f"train_ds.py: error: {cfg}: save_path {tmp_path / 'out'} already holds a training run and 'resume' "
                    "is false; set \"resume\": \"auto\" to continue it or \"overwrite_save_path\": true to replace it"]
     assert (tmp_path / "out" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'  # nothing touched
+
+
+RESUME_CASES = {  # name -> (files under save_path, config overrides, expected text)
+    "latest names nothing": ({"latest": "global_step9"}, {}, "latest names 'global_step9', which does not exist"),
+    "old checkpoint": ({"latest": "global_step2", "global_step2/layer_00-model_states.pt": ""}, {},
+                       "global_step2 has no trainer_state.json (written by an older version?): it cannot be resumed exactly"),
+    "full checkpoint, lora config": ({"latest": "global_step2", "global_step2/trainer_state.json": "{}"},
+                                     {"lora": {"r": 4}}, "is a full checkpoint but the config has a 'lora' section"),
+    "lora rank changed": ({"latest": "global_step2", "global_step2/trainer_state.json": "{}",
+                           "global_step2/lora_config.json": json.dumps({"r": 8, "alpha": 8.0, "target_modules": ["q_proj"]})},
+                          {"lora": {"r": 4, "target_modules": ["q_proj"]}}, "lora.r is 4 but the checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_problems_are_found_before_training(tmp_path, base, capsys, case):
+    files, over, expected = RESUME_CASES[case]
+    for name, text in files.items():
+        (tmp_path / "out" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / name).write_text(text)
+    cfg = write_config(tmp_path, base, **over)
+    assert train_ds.main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {cfg}: ") and expected in err[0], err
 
 
 def test_hf_dir_as_model_path_gets_a_hint(tmp_path, base, capsys):

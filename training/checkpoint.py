@@ -14,6 +14,7 @@ start) and the previous checkpoint untouched.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -54,9 +55,11 @@ class RunState:
     global_batch: int
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss)
     bad_steps: int = 0  # consecutive non-finite steps
+    finished: bool = False  # the run ended (last step or early stopping): a re-run has nothing to do
 
     def best_eval(self) -> tuple[int, float] | None:
-        return min(self.evals, key=lambda e: e[1]) if self.evals else None
+        """The (step, loss) of the lowest eval loss, the earliest on ties; a non-finite loss never counts as best."""
+        return min(self.evals, key=lambda e: (_score(e[1]), e[0])) if self.evals else None
 
     def evals_since_best(self) -> int:
         best = self.best_eval()
@@ -67,6 +70,10 @@ class RunState:
         raw = json.loads((tag_dir / STATE_FILE).read_text())
         raw["evals"] = [tuple(e) for e in raw.get("evals", [])]
         return cls(**raw)
+
+
+def _score(loss: float) -> float:
+    return loss if math.isfinite(loss) else math.inf
 
 
 def rng_state() -> dict:
@@ -145,12 +152,24 @@ class Checkpoints:
                 shutil.rmtree(final)
             os.replace(self.root / tmp, final)
             atomic_write_text(self.root / "latest", tag)
-            self.rotate(state)
-            best = state.best_eval()
-            if best is not None and (self.root / tag_of(best[0])).is_dir():
-                atomic_write_text(self.root / "best", tag_of(best[0]))
+            self._after_save(state)
         torch.distributed.barrier()
         return self.root / tag
+
+    def update_state(self, state: RunState) -> None:
+        """Collective: rewrite trainer_state.json of the already saved tag of `state.step` (e.g. after the final
+        evaluation), without writing the weights again; then rotate."""
+        if self.rank == 0:
+            atomic_write_text(self.root / tag_of(state.step) / STATE_FILE, json.dumps(asdict(state), indent=1))
+            self._after_save(state)
+        torch.distributed.barrier()
+
+    def _after_save(self, state: RunState) -> None:
+        """Rank 0: rotation, and with keep_best the `best` file naming the best kept tag."""
+        self.rotate(state)
+        best = state.best_eval()
+        if self.keep_best is not None and best is not None and (self.root / tag_of(best[0])).is_dir():
+            atomic_write_text(self.root / "best", tag_of(best[0]))
 
     def keep(self, state: RunState) -> set[str]:
         """Tags to keep: the newest `keep_last` (all when neither limit is set), the `keep_best` best by eval
@@ -160,7 +179,7 @@ class Checkpoints:
         if self.keep_last is None and self.keep_best is None:
             keep = set(tags)
         if self.keep_best is not None:
-            scored = sorted((loss, s) for s, loss in state.evals if tag_of(s) in tags)
+            scored = sorted((_score(loss), s) for s, loss in state.evals if tag_of(s) in tags)
             keep |= {tag_of(s) for _, s in scored[:self.keep_best]}
         if latest := self.latest():
             keep.add(latest)

@@ -20,8 +20,9 @@ from data.records import DataError, resolve_files
 from data.templates import TemplateSettings
 from models.convert import family_of
 from models.hf_io import CheckpointError
-from models.lora import parse_lora
+from models.lora import check_adapter_keys, parse_lora, read_lora_info
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
+from training.checkpoint import STATE_FILE
 from training.optim import build_lion, parse_lr_schedule
 
 
@@ -157,6 +158,7 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
     _check_paths(cfg, path, require_model)
     if require_model:
         _check_lora(cfg, path)
+        _check_resume(cfg, path)
     if require_model and world_size is not None:
         _check_parts(cfg, path, world_size)
     return cfg
@@ -264,10 +266,43 @@ def holds_run(save: Path) -> bool:
 def _check_lora(cfg: TrainConfig, path: Path) -> None:
     if cfg.lora is None:
         return
+    if cfg.from_scratch:
+        raise ConfigError(f"{path}: 'lora' needs a trained base: it cannot be combined with 'from_scratch' (the random "
+                          "base would never be saved)")
     try:
-        parse_lora(cfg.lora, family_of(Path(cfg.model_path))[0])
+        family, config = family_of(Path(cfg.model_path))
+        settings = parse_lora(cfg.lora, family)
+        if settings.adapter_path:
+            check_adapter_keys(settings.adapter_path, family, family.num_blocks(config))
     except (ValueError, CheckpointError) as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _check_resume(cfg: TrainConfig, path: Path) -> None:
+    """The checkpoint `latest` names exists, can be resumed exactly, and is of the configured kind (full / LoRA)."""
+    save = Path(cfg.save_path)
+    if cfg.resume is False or not (save / "latest").is_file():
+        return
+    tag = (save / "latest").read_text().strip()
+    ckpt = save / tag
+    fresh = "or start a new run with \"resume\": false and \"overwrite_save_path\": true"
+    if not ckpt.is_dir():
+        raise ConfigError(f"{path}: {save / 'latest'} names {tag!r}, which does not exist; point it at a checkpoint "
+                          f"directory {fresh}")
+    if not (ckpt / STATE_FILE).is_file():
+        raise ConfigError(f"{path}: {ckpt} has no {STATE_FILE} (written by an older version?): it cannot be resumed "
+                          f"exactly; export it with pp_to_hg and train from that, {fresh}")
+    saved = read_lora_info(ckpt)
+    if (saved is None) != (cfg.lora is None):
+        kind = "a LoRA checkpoint (adapters only)" if saved else "a full checkpoint"
+        raise ConfigError(f"{path}: {ckpt} is {kind} but the config {'has no' if saved else 'has a'} 'lora' section; "
+                          f"use the same kind of run to resume it, {fresh}")
+    if saved is not None:
+        now = parse_lora(cfg.lora, family_of(Path(cfg.model_path))[0])
+        for key, value in (("r", now.r), ("alpha", now.alpha), ("target_modules", list(now.target_modules))):
+            if saved[key] != value:
+                raise ConfigError(f"{path}: lora.{key} is {json.dumps(value)} but the checkpoint {ckpt} was trained with "
+                                  f"{json.dumps(saved[key])}; resume with the same adapters, {fresh}")
 
 
 def _check_parts(cfg: TrainConfig, path: Path, world_size: int) -> None:

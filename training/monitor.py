@@ -36,7 +36,13 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     if not path.is_file():
         path.write_text("")
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= after_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line half-written when the run was killed
+            continue
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -323,8 +323,10 @@ class Trainer:
     def train(self) -> None:
         cfg, st = self.cfg, self.state
         losses, saved_at = [], st.step
-        if st.step >= self.total_steps:
-            self.log(f"nothing to do: the checkpoint is at step {st.step} of {self.total_steps}")
+        if st.finished:
+            self.log(f"nothing to do: this run finished at step {st.step} (a new run needs another save_path, or "
+                     "\"resume\": false with \"overwrite_save_path\": true)")
+            return
         while st.step < self.total_steps:
             step = st.step
             self.grad_norm = None
@@ -370,13 +372,17 @@ class Trainer:
                          "and exiting (resume with the same command)")
                 self._save(st, saved_at)
                 return
-        if self.eval_plan is not None and not (cfg.eval_interval and st.step % cfg.eval_interval == 0):
+        if self.eval_plan is not None and all(s != st.step for s, _ in st.evals):
             self._record_eval(None)
         if losses:
             k = max(1, min(10, len(losses) // 4))
             self.log(f"finished {len(losses)} steps in {hms(time.time() - self.monitor.t0)}: loss {sum(losses[:k]) / k:.4f} "
                      f"(mean of the first {k}) -> {sum(losses[-k:]) / k:.4f} (mean of the last {k})")
-        self._save(st, saved_at)
+        st.finished = True
+        if saved_at == st.step:  # the weights of this step are saved: only the run state changed
+            self.ckpts.update_state(st)
+        else:
+            self._save(st, saved_at)
         if st.evals and self.rank == 0:
             best = st.best_eval()
             self.log(f"best eval loss {best[1]:.4f} at step {best[0]}"

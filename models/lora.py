@@ -1,7 +1,7 @@
 """LoRA inside the pipeline: adapters injected per decoder block with peft, PEFT-format export and merge.
 
 Training config: "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": [...] | "all-linear",
-"adapter_path": PEFT_DIR?}. The base is frozen; only adapter weights train and are checkpointed
+"modules_to_save": [...]?, "adapter_path": PEFT_DIR?}. The base is frozen; only adapter weights train and are checkpointed
 (with `lora_config.json` naming the base). Adapter keys map to PEFT's through the family's key table:
 block-local "self_attn.q_proj.lora_A.default.weight" of pipeline layer i <->
 "base_model.model.model.layers.{i-1}.self_attn.q_proj.lora_A.weight".
@@ -24,7 +24,7 @@ from .hf_io import CheckpointError, atomic_output_dir
 LORA_FILE = "lora_config.json"
 ADAPTER = "default"  # peft's adapter name inside the modules
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB])\.(?:default\.)?weight$")
-_KEYS = ("r", "alpha", "dropout", "target_modules", "adapter_path")
+_KEYS = ("r", "alpha", "dropout", "target_modules", "modules_to_save", "adapter_path")
 
 
 @dataclass(frozen=True)
@@ -34,20 +34,30 @@ class LoraSettings:
     dropout: float
     target_modules: tuple[str, ...]  # module names inside a decoder block (resolved from "all-linear")
     adapter_path: str | None = None  # start from this PEFT adapter instead of fresh adapters
+    modules_to_save: tuple[str, ...] = ()  # HF modules trained whole (peft's rule: the module name ends with one)
 
     @property
     def scale(self) -> float:
         return self.alpha / self.r
 
-    def peft_config(self):
+    def peft_config(self, with_modules_to_save: bool = True):
+        """peft's LoraConfig. Injection into pipeline blocks leaves `modules_to_save` out: the pipeline trains those
+        modules' own weights instead of peft's wrapped copies (the same numbers, plain keys)."""
         from peft import LoraConfig
 
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(self.target_modules), task_type="CAUSAL_LM")
+                          target_modules=list(self.target_modules), task_type="CAUSAL_LM",
+                          modules_to_save=list(self.modules_to_save) or None if with_modules_to_save else None)
+
+    def saves(self, hf_key: str) -> bool:
+        """Whether the HF tensor `hf_key` belongs to a module trained whole (`modules_to_save`, peft's suffix rule)."""
+        module = hf_key.rsplit(".", 1)[0]
+        return any(module.endswith(m) for m in self.modules_to_save)
 
 
-def parse_lora(section: dict, family: ModelFamily) -> LoraSettings:
-    """The config's "lora" section; ValueError with a one-line message naming the key."""
+def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
+    """The config's "lora" section; ValueError with a one-line message naming the key. With the model's `config`,
+    `modules_to_save` is also checked against its tied embedding."""
     if not isinstance(section, dict):
         raise ValueError(f"'lora' must be an object, got {json.dumps(section)}")
     if unknown := [k for k in section if k not in _KEYS]:
@@ -70,13 +80,27 @@ def parse_lora(section: dict, family: ModelFamily) -> LoraSettings:
     if bad := [t for t in targets if t not in known]:
         raise ValueError(f"lora.target_modules: {', '.join(map(repr, bad))} not in a {family.model_type} block "
                          f"(known: {', '.join(known)})")
+    saves = section.get("modules_to_save", [])
+    if not isinstance(saves, list) or not all(isinstance(m, str) and m for m in saves):
+        raise ValueError(f"lora.modules_to_save must be a list of module names, got {json.dumps(saves)}")
+    modules = {k.rsplit(".", 1)[0].replace("{}", "0"): slot for k, (slot, _) in family.key_map.table.items()}
+    for m in saves:
+        hits = [name for name in modules if name.endswith(m)]
+        if not hits:
+            raise ValueError(f"lora.modules_to_save: {m!r} names no module of a {family.model_type} model "
+                             f"(e.g. {', '.join(sorted(modules)[:4])})")
+        if config is not None and getattr(config, "tie_word_embeddings", False) and \
+                any(modules[h] in ("embed", "head") for h in hits):
+            raise ValueError(f"lora.modules_to_save: {m!r} is the tied embedding/LM head, which peft would untie; "
+                             "not supported")
     path = section.get("adapter_path")
+    settings = LoraSettings(r, float(alpha), float(dropout), tuple(dict.fromkeys(targets)), path, tuple(saves))
     if path is not None:
-        _check_adapter(path, r, float(alpha))
-    return LoraSettings(r, float(alpha), float(dropout), tuple(dict.fromkeys(targets)), path)
+        _check_adapter(path, settings)
+    return settings
 
 
-def _check_adapter(path, r: int, alpha: float) -> None:
+def _check_adapter(path, settings: LoraSettings) -> None:
     """A PEFT LoRA adapter dir whose rank and scaling are the configured ones (else its effect would change)."""
     if not isinstance(path, str):
         raise ValueError(f"lora.adapter_path must be a string, got {json.dumps(path)}")
@@ -87,12 +111,14 @@ def _check_adapter(path, r: int, alpha: float) -> None:
         cfg = json.loads((d / "adapter_config.json").read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"lora.adapter_path {path}: unreadable adapter_config.json ({e})") from None
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_rslora") or cfg.get("use_dora") or cfg.get("modules_to_save"):
-        raise ValueError(f"lora.adapter_path {path}: only plain LoRA adapters are supported (no rsLoRA, DoRA or "
-                         "modules_to_save)")
-    if (cfg.get("r"), float(cfg.get("lora_alpha", 0))) != (r, alpha):
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_rslora") or cfg.get("use_dora"):
+        raise ValueError(f"lora.adapter_path {path}: only plain LoRA adapters are supported (no rsLoRA or DoRA)")
+    if (cfg.get("r"), float(cfg.get("lora_alpha", 0))) != (settings.r, settings.alpha):
         raise ValueError(f"lora.adapter_path {path}: the adapter has r {cfg.get('r')}, alpha {cfg.get('lora_alpha')}; "
-                         f"the config says r {r}, alpha {alpha:g} (set lora.r and lora.alpha to the adapter's)")
+                         f"the config says r {settings.r}, alpha {settings.alpha:g} (set lora.r and lora.alpha to the adapter's)")
+    if sorted(cfg.get("modules_to_save") or []) != sorted(settings.modules_to_save):
+        raise ValueError(f"lora.adapter_path {path}: the adapter's modules_to_save {cfg.get('modules_to_save') or []} "
+                         f"differ from lora.modules_to_save {list(settings.modules_to_save)}")
 
 
 def check_adapter_keys(path: str | Path, family: ModelFamily, num_blocks: int) -> None:
@@ -104,10 +130,10 @@ def check_adapter_keys(path: str | Path, family: ModelFamily, num_blocks: int) -
             pipeline_key(family, key, num_blocks)
 
 
-def apply_lora(model, settings: LoraSettings, family: ModelFamily, seed: int) -> int:
+def apply_lora(model, settings: LoraSettings, family: ModelFamily, seed: int, num_blocks: int) -> int:
     """Freeze every parameter of a PipelineModel (or SequentialModel-like module with `forward_funcs` and
-    `_local_start`) and inject adapters into its decoder blocks, seeded per layer so any partition gets
-    the same initial adapters. Returns the number of blocks that got adapters."""
+    `_local_start`) but those of `modules_to_save`, and inject adapters into its decoder blocks, seeded per
+    layer so any partition gets the same initial adapters. Returns the number of blocks that got adapters."""
     from peft import inject_adapter_in_model
 
     for p in model.parameters():
@@ -117,8 +143,15 @@ def apply_lora(model, settings: LoraSettings, family: ModelFamily, seed: int) ->
         if isinstance(layer, family.block_class):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1_000_003 + model._local_start + offset)
-                inject_adapter_in_model(settings.peft_config(), layer, adapter_name=ADAPTER)
+                inject_adapter_in_model(settings.peft_config(with_modules_to_save=False), layer, adapter_name=ADAPTER)
             blocks += 1
+    for offset, layer in enumerate(model.forward_funcs):  # after injection: peft freezes all but its adapters
+        if isinstance(layer, torch.nn.Module) and settings.modules_to_save:
+            for local, p in layer.named_parameters():
+                if "lora_" in local or ".base_layer." in local:  # adapters, and the frozen weights they adapt
+                    continue
+                if settings.saves(family.key_map.to_hf(model._local_start + offset, local, num_blocks)):
+                    p.requires_grad_(True)
     for p in model.parameters():
         if p.requires_grad:
             p.model_parallel = True  # this stage's own (see PipelineModel): counted in the global gradient norm
@@ -135,19 +168,20 @@ def _module_hf_name(family: ModelFamily, layer_idx: int, module: str, num_blocks
 
 
 def peft_key(family: ModelFamily, layer_idx: int, local_key: str, num_blocks: int) -> str:
-    """Pipeline adapter key -> PEFT's saved key."""
+    """Pipeline adapter key (or a key of a module trained whole) -> PEFT's saved key."""
     m = _LORA_KEY.match(local_key)
     if m is None:
-        raise CheckpointError(f"layer {layer_idx}: {local_key!r} is not a LoRA weight")
+        return f"base_model.model.{family.key_map.to_hf(layer_idx, local_key, num_blocks)}"
     return f"base_model.model.{_module_hf_name(family, layer_idx, m['module'], num_blocks)}.{m['part']}.weight"
 
 
 def pipeline_key(family: ModelFamily, key: str, num_blocks: int) -> tuple[int, str]:
     """PEFT's saved key -> (pipeline layer index, adapter key in the block)."""
-    m = _LORA_KEY.match(key.removeprefix("base_model.model."))
-    if m is None:
-        raise CheckpointError(f"{key!r} is not a LoRA weight")
+    hf_key = key.removeprefix("base_model.model.")
+    m = _LORA_KEY.match(hf_key)
     try:
+        if m is None:  # a module trained whole (modules_to_save)
+            return family.key_map.to_pp(hf_key, num_blocks)
         idx, local = family.key_map.to_pp(f"{m['module']}.weight", num_blocks)
     except KeyError as e:  # KeyMapError: another family, or more layers than this model has
         raise CheckpointError(f"adapter tensor {key!r} does not fit this {family.model_type} model: {e}") from None
@@ -186,16 +220,20 @@ def read_lora_info(tag_dir: Path) -> dict | None:
 
 def lora_info(settings: LoraSettings, base_model_path: str) -> str:
     return json.dumps({**asdict(settings), "target_modules": list(settings.target_modules),
+                       "modules_to_save": list(settings.modules_to_save),
                        "base_model_path": str(Path(base_model_path).resolve())}, indent=1)
 
 
 def adapter_tensors(tag_dir: Path, family: ModelFamily, num_blocks: int) -> dict[str, torch.Tensor]:
-    """PEFT key -> tensor from a LoRA checkpoint's layer files."""
+    """PEFT key -> tensor from a LoRA checkpoint's layer files (adapters and modules trained whole)."""
     out = {}
     for idx in range(1, num_blocks + 1):
+        if not (tag_dir / f"layer_{idx:02d}-model_states.pt").is_file():
+            raise CheckpointError(f"{tag_dir / f'layer_{idx:02d}-model_states.pt'}: missing (block {idx - 1})")
+    for idx in range(num_blocks + 3):
         f = tag_dir / f"layer_{idx:02d}-model_states.pt"
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing (block {idx - 1})")
+        if not f.is_file():  # the LM head's file is absent with tied embeddings
+            continue
         for local, t in torch.load(f, map_location="cpu", weights_only=True).items():
             out[peft_key(family, idx, local, num_blocks)] = t
     if not out:
@@ -205,7 +243,8 @@ def adapter_tensors(tag_dir: Path, family: ModelFamily, num_blocks: int) -> dict
 
 def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_path: Path, overwrite: bool) -> Path:
     """adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads."""
-    settings = LoraSettings(info["r"], info["alpha"], info["dropout"], tuple(info["target_modules"]))
+    settings = LoraSettings(info["r"], info["alpha"], info["dropout"], tuple(info["target_modules"]),
+                            modules_to_save=tuple(info.get("modules_to_save", ())))
     tensors = adapter_tensors(tag_dir, family, family.num_blocks(config))
     with atomic_output_dir(save_path, overwrite) as tmp:
         cfg = settings.peft_config()
@@ -218,7 +257,8 @@ def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_pat
 
 def merged_hf_tensors(tag_dir: Path, info: dict, family: ModelFamily, config, progress: bool = True
                       ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The base model's HF tensors with W + alpha/r * B @ A merged in (computed in fp32, stored in W's dtype)."""
+    """The base model's HF tensors with W + alpha/r * B @ A merged in (computed in fp32, stored in W's dtype), and
+    the trained tensors of `modules_to_save` in place of theirs."""
     from .convert import iter_hf_tensors
 
     n = family.num_blocks(config)
@@ -229,6 +269,10 @@ def merged_hf_tensors(tag_dir: Path, info: dict, family: ModelFamily, config, pr
         raise CheckpointError(f"{tag_dir / LORA_FILE}: base model {base} not found (the LoRA checkpoint holds only adapters)")
     used = 0
     for key, w in iter_hf_tensors(base, family, config, progress=progress):
+        if (whole := adapters.get(f"base_model.model.{key}")) is not None:
+            yield key, whole
+            used += 1
+            continue
         a = adapters.get(f"base_model.model.{key.removesuffix('.weight')}.lora_A.weight")
         if a is not None and key.endswith(".weight"):
             b = adapters[f"base_model.model.{key.removesuffix('.weight')}.lora_B.weight"]

@@ -42,17 +42,18 @@ pytestmark = pytest.mark.distributed
 STEPS, R, ALPHA = 5, 4, 8.0
 
 
-def lora_config(family: str) -> LoraConfig:
+def lora_config(family: str, modules_to_save: list[str] | None = None) -> LoraConfig:
     targets = ["q_proj", "v_proj", "down_proj"] if family == "llama" else ["query_key_value", "dense_4h_to_h"]
-    return LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    return LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
+                      modules_to_save=modules_to_save)
 
 
-@pytest.mark.parametrize("family, name, procs, parts", [
-    ("llama", "gqa_tied", 3, [1, 3, 1]),  # an embedding-only first stage and a head-only last stage (frozen, tied)
-    ("llama", "mha_bias_untied", 2, None),
-    ("bloom", "tied", 2, None),
-], ids=["llama-pipe3-embed-only-head-only", "llama-pipe2", "bloom-pipe2"])
-def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family, name, procs, parts):
+@pytest.mark.parametrize("family, name, procs, parts, saves", [
+    ("llama", "gqa_tied", 3, [1, 3, 1], None),  # an embedding-only first stage and a head-only last stage (frozen, tied)
+    ("llama", "mha_bias_untied", 2, None, ["lm_head", "norm"]),  # also trained whole: the LM head and every norm
+    ("bloom", "tied", 2, None, None),
+], ids=["llama-pipe3-embed-only-head-only", "llama-pipe2-modules-to-save", "bloom-pipe2"])
+def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family, name, procs, parts, saves):
     torch.manual_seed(0)
     hf = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer)))
     blocks = hf.config.num_hidden_layers
@@ -63,11 +64,12 @@ def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family,
     write_word_records(tmp_path / "eval.jsonl", 9, seed=5)
 
     # the initial adapters: peft's layout, every A and B random (a zero B would hide the adapters' forward pass)
-    init = get_peft_model(get_family(family).hf_model_class.from_pretrained(str(tmp_path / "hf")), lora_config(family))
+    init = get_peft_model(get_family(family).hf_model_class.from_pretrained(str(tmp_path / "hf")),
+                          lora_config(family, saves))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in init.named_parameters():
-            if "lora_" in n:
+            if "lora_" in n:  # (modules_to_save start as the base's copies)
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     init.save_pretrained(str(tmp_path / "init_adapter"))
 
@@ -80,11 +82,13 @@ def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family,
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS, "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": 1e-8, "weight_decay": WD,
                                                   "torch_adam": True}},
-        "lora": {"r": R, "alpha": ALPHA, "target_modules": targets, "adapter_path": str(tmp_path / "init_adapter")},
+        "lora": {"r": R, "alpha": ALPHA, "target_modules": targets, "adapter_path": str(tmp_path / "init_adapter"),
+                 **({"modules_to_save": saves} if saves else {})},
     }
     (tmp_path / "cfg.json").write_text(json.dumps(config))
     proc = run_deepspeed("train_ds.py", ["--config", str(tmp_path / "cfg.json")], num_procs=procs)
-    assert f"LoRA: r {R}, alpha {ALPHA:g}, dropout 0 on {', '.join(targets)} of every block; base frozen" in proc.stdout
+    frozen = "base frozen" + (f" except {', '.join(saves)}" if saves else "")
+    assert f"LoRA: r {R}, alpha {ALPHA:g}, dropout 0 on {', '.join(targets)} of every block; {frozen}" in proc.stdout
     if parts:  # the frozen stages hold no trainable parameter
         rows = [line.split("|") for line in proc.stdout.splitlines() if line.strip()[:1].isdigit() and "|" in line]
         per_block = R * ((64 + 64) + (64 + 32) + (96 + 64))  # q_proj 64->64, v_proj 64->32 (GQA), down_proj 96->64
@@ -111,7 +115,8 @@ def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family,
     pp_to_hg(tmp_path / "out", tmp_path / "adapter", lora="peft")
     exported = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     expected = get_peft_model_state_dict(ref_model["m"])
-    assert sorted(exported) == sorted(expected) and len(exported) == blocks * len(targets) * 2
+    whole = 1 + 1 + 2 * blocks if saves else 0  # lm_head, the final norm, two norms per block
+    assert sorted(exported) == sorted(expected) and len(exported) == blocks * len(targets) * 2 + whole
     initial = load_file(str(tmp_path / "init_adapter" / "adapter_model.safetensors"))
     for k, v in expected.items():
         torch.testing.assert_close(exported[k], v, atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")

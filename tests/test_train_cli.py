@@ -67,6 +67,7 @@ CASES = {  # name -> (config overrides, expected text)
     "lora target": ({"lora": {"r": 4, "target_modules": ["qproj"]}}, "lora.target_modules: 'qproj' not in a llama block (known: q_proj,"),
     "lora rank": ({"lora": {"r": 0}}, "lora.r must be a positive integer, got 0"),
     "lora adapter path": ({"lora": {"r": 4, "adapter_path": 5}}, "lora.adapter_path must be a string, got 5"),
+    "lora modules_to_save": ({"lora": {"r": 4, "modules_to_save": ["lm_heads"]}}, "lora.modules_to_save: 'lm_heads' names no module of a llama model"),
     "lora from scratch": ({"lora": {"r": 4}, "from_scratch": True}, "'lora' needs a trained base: it cannot be combined with 'from_scratch'"),
     "lion lr": ({"optimizer": {"type": "Lion", "params": {"lr": -1}}}, "optimizer.params.lr must be a number > 0, got -1"),
 }

@@ -271,7 +271,7 @@ def _check_lora(cfg: TrainConfig, path: Path) -> None:
                           "base would never be saved)")
     try:
         family, config = family_of(Path(cfg.model_path))
-        settings = parse_lora(cfg.lora, family)
+        settings = parse_lora(cfg.lora, family, config)
         if settings.adapter_path:
             check_adapter_keys(settings.adapter_path, family, family.num_blocks(config))
     except (ValueError, CheckpointError) as e:
@@ -299,8 +299,9 @@ def _check_resume(cfg: TrainConfig, path: Path) -> None:
                           f"use the same kind of run to resume it, {fresh}")
     if saved is not None:
         now = parse_lora(cfg.lora, family_of(Path(cfg.model_path))[0])
-        for key, value in (("r", now.r), ("alpha", now.alpha), ("target_modules", list(now.target_modules))):
-            if saved[key] != value:
+        for key, value in (("r", now.r), ("alpha", now.alpha), ("target_modules", list(now.target_modules)),
+                           ("modules_to_save", list(now.modules_to_save))):
+            if saved.get(key, []) != value:
                 raise ConfigError(f"{path}: lora.{key} is {json.dumps(value)} but the checkpoint {ckpt} was trained with "
                                   f"{json.dumps(saved[key])}; resume with the same adapters, {fresh}")
 

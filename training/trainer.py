@@ -104,9 +104,9 @@ class Trainer:
             model._synchronize_tied_weights()
         else:
             model.load_layer_files(cfg.model_path)
-        self.lora = parse_lora(cfg.lora, self.family) if cfg.lora is not None else None  # checked by load_config
+        self.lora = parse_lora(cfg.lora, self.family, self.config) if cfg.lora is not None else None  # checked already
         if self.lora is not None:
-            apply_lora(model, self.lora, self.family, cfg.seed)
+            apply_lora(model, self.lora, self.family, cfg.seed, self.family.num_blocks(self.config))
             if self.lora.adapter_path:
                 load_adapter_into(model, self.family, self.lora.adapter_path, self.family.num_blocks(self.config))
 
@@ -253,7 +253,8 @@ class Trainer:
         if self.lora is not None:
             lo = self.lora
             self.log(f"LoRA: r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {', '.join(lo.target_modules)} of every "
-                     f"block; base frozen{'; adapters from ' + lo.adapter_path if lo.adapter_path else ''}")
+                     f"block; base frozen{' except ' + ', '.join(lo.modules_to_save) if lo.modules_to_save else ''}"
+                     f"{'; adapters from ' + lo.adapter_path if lo.adapter_path else ''}")
         ckpt = sum(model.is_checkpointable_results) if model.activation_checkpoint_interval else 0
         self.log(f"activation checkpointing: {f'{ckpt} decoder blocks on stage 0 (non-reentrant)' if ckpt else 'off'}")
 

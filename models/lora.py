@@ -40,6 +40,12 @@ class LoraSettings:
     def scale(self) -> float:
         return self.alpha / self.r
 
+    @classmethod
+    def from_info(cls, info: dict) -> LoraSettings:
+        """The settings a LoRA checkpoint's lora_config.json records (see `lora_info`)."""
+        return cls(info["r"], info["alpha"], info["dropout"], tuple(info["target_modules"]),
+                   modules_to_save=tuple(info.get("modules_to_save", ())))
+
     def peft_config(self, with_modules_to_save: bool = True):
         """peft's LoraConfig. Injection into pipeline blocks leaves `modules_to_save` out: the pipeline trains those
         modules' own weights instead of peft's wrapped copies (the same numbers, plain keys)."""
@@ -243,8 +249,7 @@ def adapter_tensors(tag_dir: Path, family: ModelFamily, num_blocks: int) -> dict
 
 def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_path: Path, overwrite: bool) -> Path:
     """adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads."""
-    settings = LoraSettings(info["r"], info["alpha"], info["dropout"], tuple(info["target_modules"]),
-                            modules_to_save=tuple(info.get("modules_to_save", ())))
+    settings = LoraSettings.from_info(info)
     tensors = adapter_tensors(tag_dir, family, family.num_blocks(config))
     with atomic_output_dir(save_path, overwrite) as tmp:
         cfg = settings.peft_config()
@@ -263,7 +268,7 @@ def merged_hf_tensors(tag_dir: Path, info: dict, family: ModelFamily, config, pr
 
     n = family.num_blocks(config)
     adapters = adapter_tensors(tag_dir, family, n)
-    scale = info["alpha"] / info["r"]
+    scale = LoraSettings.from_info(info).scale
     base = Path(info["base_model_path"])
     if not base.is_dir():
         raise CheckpointError(f"{tag_dir / LORA_FILE}: base model {base} not found (the LoRA checkpoint holds only adapters)")

@@ -65,6 +65,9 @@ class RunState:
         best = self.best_eval()
         return 0 if best is None else sum(1 for s, _ in self.evals if s > best[0])
 
+    def write(self, tag_dir: Path) -> None:
+        atomic_write_text(tag_dir / STATE_FILE, json.dumps(asdict(self), indent=1))
+
     @classmethod
     def read(cls, tag_dir: Path) -> RunState:
         raw = json.loads((tag_dir / STATE_FILE).read_text())
@@ -141,7 +144,7 @@ class Checkpoints:
         engine.save_checkpoint(str(self.root), tag=tmp, save_latest=False, exclude_frozen_parameters=self.trainable_only)
         torch.save(rng_state(), self.root / tmp / f"rng_state_rank{self.rank}.pt")
         if self.rank == 0:
-            atomic_write_text(self.root / tmp / STATE_FILE, json.dumps(asdict(state), indent=1))
+            state.write(self.root / tmp)
             for name, text in self.extra_files.items():
                 atomic_write_text(self.root / tmp / name, text)
         fault_pause("save", state.step)
@@ -160,7 +163,7 @@ class Checkpoints:
         """Collective: rewrite trainer_state.json of the already saved tag of `state.step` (e.g. after the final
         evaluation), without writing the weights again; then rotate."""
         if self.rank == 0:
-            atomic_write_text(self.root / tag_of(state.step) / STATE_FILE, json.dumps(asdict(state), indent=1))
+            state.write(self.root / tag_of(state.step))
             self._after_save(state)
         torch.distributed.barrier()
 

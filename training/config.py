@@ -20,7 +20,7 @@ from data.records import DataError, resolve_files
 from data.templates import TemplateSettings
 from models.convert import family_of
 from models.hf_io import CheckpointError
-from models.lora import check_adapter_keys, parse_lora, read_lora_info
+from models.lora import LoraSettings, check_adapter_keys, parse_lora, read_lora_info
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from training.checkpoint import STATE_FILE
 from training.optim import build_lion, parse_lr_schedule
@@ -157,8 +157,7 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
     _check_batch(cfg, path, world_size)
     _check_paths(cfg, path, require_model)
     if require_model:
-        _check_lora(cfg, path)
-        _check_resume(cfg, path)
+        _check_resume(cfg, path, _check_lora(cfg, path))
     if require_model and world_size is not None:
         _check_parts(cfg, path, world_size)
     return cfg
@@ -263,9 +262,9 @@ def holds_run(save: Path) -> bool:
     return save.is_dir() and any((save / n).exists() for n in ("latest", "metrics.jsonl")) or any(save.glob("global_step*"))
 
 
-def _check_lora(cfg: TrainConfig, path: Path) -> None:
+def _check_lora(cfg: TrainConfig, path: Path) -> LoraSettings | None:
     if cfg.lora is None:
-        return
+        return None
     if cfg.from_scratch:
         raise ConfigError(f"{path}: 'lora' needs a trained base: it cannot be combined with 'from_scratch' (the random "
                           "base would never be saved)")
@@ -276,9 +275,10 @@ def _check_lora(cfg: TrainConfig, path: Path) -> None:
             check_adapter_keys(settings.adapter_path, family, family.num_blocks(config))
     except (ValueError, CheckpointError) as e:
         raise ConfigError(f"{path}: {e}") from None
+    return settings
 
 
-def _check_resume(cfg: TrainConfig, path: Path) -> None:
+def _check_resume(cfg: TrainConfig, path: Path, lora: LoraSettings | None) -> None:
     """The checkpoint `latest` names exists, can be resumed exactly, and is of the configured kind (full / LoRA)."""
     save = Path(cfg.save_path)
     if cfg.resume is False or not (save / "latest").is_file():
@@ -298,9 +298,8 @@ def _check_resume(cfg: TrainConfig, path: Path) -> None:
         raise ConfigError(f"{path}: {ckpt} is {kind} but the config {'has no' if saved else 'has a'} 'lora' section; "
                           f"use the same kind of run to resume it, {fresh}")
     if saved is not None:
-        now = parse_lora(cfg.lora, family_of(Path(cfg.model_path))[0])
-        for key, value in (("r", now.r), ("alpha", now.alpha), ("target_modules", list(now.target_modules)),
-                           ("modules_to_save", list(now.modules_to_save))):
+        for key, value in (("r", lora.r), ("alpha", lora.alpha), ("target_modules", list(lora.target_modules)),
+                           ("modules_to_save", list(lora.modules_to_save))):
             if saved.get(key, []) != value:
                 raise ConfigError(f"{path}: lora.{key} is {json.dumps(value)} but the checkpoint {ckpt} was trained with "
                                   f"{json.dumps(saved[key])}; resume with the same adapters, {fresh}")

@@ -223,7 +223,7 @@ class Trainer:
         torch.distributed.all_gather_object(per_rank, mine)
         if self.rank != 0:
             return
-        e, topo = self.engine, self.engine.grid._topo
+        e = self.engine
         half = e.bfloat16_enabled() or e.fp16_enabled()
         weight_b, grad_b = (2, 4 if e.bfloat16_enabled() else 2) if half else (4, 4)
         state_b = 8 + (4 if half else 0)  # two moments (+ fp32 master weights with bf16/fp16), sharded by ZeRO-1
@@ -232,7 +232,7 @@ class Trainer:
         self.log("  stage | layers   | parameters (trainable)   | est. memory (weights + grads + optimizer)")
         for stage in range(self.pp_size):
             lo, hi = model.parts[stage], model.parts[stage + 1]
-            total, trainable = per_rank[topo.filter_match(pipe=stage, data=0)[0]]
+            total, trainable = per_rank[self._stage_ranks()[stage]]
             est = total * weight_b + trainable * (grad_b + state_b / shard)
             self.log(f"  {stage:5d} | {lo:3d}..{hi - 1:<3d} | {fmt_count(total):>10} ({fmt_count(trainable)}) | {fmt_bytes(est)}")
         g = self.plan.global_batch
@@ -312,8 +312,12 @@ class Trainer:
             peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         peaks = [None] * self.world
         torch.distributed.all_gather_object(peaks, peak)
+        return [peaks[r] for r in self._stage_ranks()]
+
+    def _stage_ranks(self) -> list[int]:
+        """The global rank that reports for each pipeline stage (its data-parallel rank 0)."""
         topo = self.engine.grid._topo
-        return [peaks[topo.filter_match(pipe=s, data=0)[0]] for s in range(self.pp_size)]
+        return [topo.filter_match(pipe=s, data=0)[0] for s in range(self.pp_size)]
 
     def _should_stop(self) -> bool:
         """Whether any rank received SIGTERM/SIGINT (all ranks agree, so they all stop at the same step)."""

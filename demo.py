@@ -1,11 +1,19 @@
-"""Generate from an HF dir or a pipeline / training checkpoint dir, prompted with the training templates.
+"""Generate from an HF dir or a pipeline / training checkpoint dir, prompted exactly as training rendered records.
 
   python demo.py --model-path DIR --prompt TEXT
   python demo.py --model-path DIR --instruct TEXT [--input TEXT] [--max-new-tokens 128 --temperature 0.7 --top-p 0.9]
+  python demo.py --model-path DIR --record '{"rounds": [["ask", "Hi!"], ["ans", "Hello."], ["ask", "2+3?"]]}'
   python demo.py --model-path BASE --adapter PEFT_DIR --prompt TEXT  # a LoRA adapter, merged in at load
   deepspeed --num_gpus N demo.py --model-path DIR ...   # tensor parallel over N GPUs (DeepSpeed inference)
 
 A LoRA training checkpoint (adapters only) works as --model-path too: its base is merged with the adapters.
+
+The prompt is rendered with the data settings the model was trained with (data_settings.json, written by
+train_ds.py and carried by exports; --template overrides): the default templates, or in chat mode the
+recorded chat template with `add_generation_prompt=True`. Its ids are the token prefix training saw
+(data.encode.encode_prompt). --record takes any record (JSON text or a .json file); the model answers its
+last question. Generation stops on every id of the generation config's eos_token_id, the tokenizer's EOS
+and, in chat mode, the template's end-of-turn token.
 
 Greedy when --temperature is 0. Only the generated text goes to stdout; status goes to stderr.
 """
@@ -13,6 +21,7 @@ Greedy when --temperature is 0. Only the generated text goes to stdout; status g
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -20,7 +29,11 @@ from pathlib import Path
 
 import torch
 
-from data.templates import render_prompt
+from data.chat import end_of_turn
+from data.encode import encode_prompt
+from data.records import DataError, prompt_problems
+from data.settings import DataSettings, read_data_settings
+from data.templates import TEMPLATES, TemplateSettings
 from models.convert import load_hf_model
 from models.hf_io import CheckpointError
 from models.pipeline import ModelConfigError
@@ -39,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="raw text to continue (a pretrain record)")
     src.add_argument("--instruct", help="an instruction, rendered with the training template")
+    src.add_argument("--record", help="a record as JSON text or a .json file (conversation rounds ending with "
+                     "an \"ask\", a ref_qa record, ...): the model gives the next answer")
     ap.add_argument("--input", help="context for --instruct")
+    ap.add_argument("--template", choices=TEMPLATES, help="override the recorded template mode (default: the "
+                    "model's data_settings.json, else \"default\")")
+    ap.add_argument("--show-ids", action="store_true", help="print the prompt's and the generated token ids to "
+                    "stderr as JSON lines")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ap.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -64,14 +83,66 @@ def check_args(args: argparse.Namespace) -> None:
         raise DemoError(f"--top-p {args.top_p}: must be in (0, 1]")
 
 
-def build_prompt(args: argparse.Namespace) -> str:
-    """The prompt text, rendered by the same code training uses (`data.templates.render_prompt`)."""
+def build_record(args: argparse.Namespace) -> dict:
+    """The record to prompt with: --prompt is a pretrain text, --instruct an instruct record without output,
+    --record any record (checked as training checks records)."""
     if args.instruct is not None:
         rec = {"instruct": args.instruct}
         if args.input is not None:
             rec["input"] = args.input
-        return render_prompt(rec)
-    return render_prompt({"text": args.prompt})
+        return rec
+    if args.record is None:
+        return {"text": args.prompt}
+    text = args.record
+    if not text.lstrip().startswith("{"):
+        try:
+            text = Path(text).read_text(encoding="utf-8")
+        except OSError as e:
+            raise DemoError(f"--record {args.record}: not JSON and not a readable file ({e.strerror})") from None
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DemoError(f"--record: invalid JSON ({e})") from None
+    if not isinstance(rec, dict):
+        raise DemoError("--record: a record is a JSON object")
+    if problems := prompt_problems(rec):
+        raise DemoError(f"--record: {problems[0]}")
+    return rec
+
+
+def prompt_settings(settings_dirs: list[Path], template: str | None, tokenizer) -> TemplateSettings:
+    """The template settings to prompt with: the first data_settings.json found in `settings_dirs` (the
+    adapter's, then the model's), `template` overriding its mode. In chat mode the tokenizer gets the chat
+    template training used."""
+    found: DataSettings | None = None
+    for d in settings_dirs:
+        try:
+            found = read_data_settings(d)
+        except ValueError as e:
+            raise DemoError(str(e)) from None
+        if found is not None:
+            break
+    settings = found.template if found is not None else TemplateSettings()
+    if template is not None:
+        settings = TemplateSettings(template=template)
+    if settings.template == "chat":
+        recorded = found.chat_template if found is not None else None
+        if recorded:
+            tokenizer.chat_template = recorded
+        if not getattr(tokenizer, "chat_template", None):
+            raise DemoError("--template chat: the tokenizer has no chat template (and none was recorded in training)")
+    return settings
+
+
+def stop_ids(generation_config, tokenizer, settings: TemplateSettings) -> list[int]:
+    """Every id generation stops on: the generation config's eos_token_id (an id or a list), the tokenizer's
+    EOS and, in chat mode, the chat template's end-of-turn token."""
+    ids = generation_config.eos_token_id if generation_config is not None else None
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    extra = [tokenizer.eos_token_id]
+    if settings.template == "chat" and (eot := end_of_turn(tokenizer)) is not None:
+        extra.append(tokenizer.convert_tokens_to_ids(eot))
+    return list(dict.fromkeys(i for i in [*ids, *extra] if i is not None))
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -83,7 +154,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load(model_path: str | Path, dtype: torch.dtype | None = None):
-    """(eval-mode HF model on CPU, tokenizer) from any directory `load_hf_model` accepts.
+    """(eval-mode HF model on CPU, tokenizer, the dir of config and tokenizer) from any directory `load_hf_model`
+    accepts.
 
     The generation config comes from the tokenizer/config dir in both cases, so an HF dir and the
     checkpoint it was exported from generate identically."""
@@ -96,30 +168,38 @@ def load(model_path: str | Path, dtype: torch.dtype | None = None):
         tokenizer = AutoTokenizer.from_pretrained(str(config_dir))
     except Exception as e:  # transformers raises many types for a bad tokenizer dir
         raise DemoError(f"{config_dir}: cannot load a tokenizer ({type(e).__name__}: {e})".splitlines()[0]) from None
-    return model, tokenizer
+    return model, tokenizer, Path(config_dir)
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompt_text: str, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, stream: bool = True) -> str:
-    """Generate a continuation of `prompt_text` (tokenized as training did: BOS etc. by the tokenizer).
+def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stream: bool = True, eos_ids: list[int] | None = None,
+             new_ids: list[int] | None = None) -> str:
+    """Generate a continuation of `prompt`: token ids (`data.encode.encode_prompt`), or a text tokenized by the
+    tokenizer (BOS etc. added).
 
-    Greedy when temperature == 0, else sampling with temperature / top_k (0 = off) / top_p. With `stream`,
-    tokens are printed to stdout as they come (TextStreamer, ending with a newline). Returns the
-    continuation without the prompt, special tokens skipped."""
+    Greedy when temperature == 0, else sampling with temperature / top_k (0 = off) / top_p. Stops on any of
+    `eos_ids` (default: the generation config's eos_token_id and the tokenizer's EOS). With `stream`, tokens
+    are printed to stdout as they come (TextStreamer, ending with a newline). Returns the continuation without
+    the prompt, special tokens skipped; `new_ids`, when given, receives its ids."""
     from transformers import TextStreamer
 
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    enc = tokenizer(prompt_text, return_tensors="pt").to(device)  # input_ids: (1, T)
+    ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+    input_ids = torch.tensor([ids], device=device)  # (1, T)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kw = dict(do_sample=temperature > 0)
     if temperature > 0:
         kw.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    if eos_ids is None:
+        eos_ids = stop_ids(getattr(model, "generation_config", None), tokenizer, TemplateSettings())
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=pad, streamer=streamer, **kw)  # (1, T + new)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                         eos_token_id=eos_ids, pad_token_id=pad, streamer=streamer, **kw)  # (1, T + new)
+    if new_ids is not None:
+        new_ids[:] = out[0, len(ids):].tolist()
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
 def log(msg: str) -> None:
@@ -143,11 +223,17 @@ def run(args: argparse.Namespace) -> None:
                         "run `python demo.py ...` for one process on CPU")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
     dtype = pick_dtype(args.dtype, device)
-    prompt = build_prompt(args)
+    rec = build_record(args)
     t0 = time.time()
     if rank == 0:
         log(f"loading {args.model_path} ({str(dtype).removeprefix('torch.')}, {device.type}, {world_size} process(es))")
-    model, tokenizer = load(args.model_path, dtype)
+    model, tokenizer, config_dir = load(args.model_path, dtype)
+    settings = prompt_settings(([Path(args.adapter)] if args.adapter else []) + [config_dir], args.template, tokenizer)
+    try:
+        prompt = encode_prompt(tokenizer, rec, settings)
+    except ValueError as e:
+        raise DemoError(f"cannot prompt with this record: {e}".splitlines()[0]) from None
+    eos_ids = stop_ids(getattr(model, "generation_config", None), tokenizer, settings)
     if args.adapter:
         model = with_adapter(model, args.adapter)
     if world_size > 1:
@@ -162,11 +248,17 @@ def run(args: argparse.Namespace) -> None:
     if rank == 0:
         n = sum(p.numel() for p in model.parameters())
         log(f"loaded {n / 1e6:.2f}M parameters{' per rank' if world_size > 1 else ''} in {time.time() - t0:.1f}s")
+        log(f"prompt: {len(prompt)} tokens, template {settings.template!r}; stops on ids {eos_ids}")
+        if args.show_ids:
+            log(json.dumps({"prompt_ids": prompt}))
+    new_ids: list[int] = []
     try:
         text = generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                        args.seed, stream=rank == 0 and not args.no_stream)
+                        args.seed, stream=rank == 0 and not args.no_stream, eos_ids=eos_ids, new_ids=new_ids)
         if rank == 0 and args.no_stream:
             print(text, flush=True)
+        if rank == 0 and args.show_ids:
+            log(json.dumps({"generated_ids": new_ids}))
     finally:
         if world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -177,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         run(args)
-    except (DemoError, CheckpointError, ModelConfigError, OSError) as e:
+    except (DemoError, CheckpointError, ModelConfigError, DataError, OSError) as e:
         print(f"demo.py: error: {e}".splitlines()[0], file=sys.stderr)
         return 2
     return 0

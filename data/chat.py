@@ -6,9 +6,12 @@ tokens, since the template writes them (BOS included) itself.
 
 Trained span of assistant message i: found by rendering incrementally, which works for any
 template whose earlier turns do not change when later ones are added. It starts where
-`messages[:i]` + the generation prompt ends and ends where `messages[:i + 1]` ends, minus trailing
-whitespace: the assistant's content and the end-of-turn token(s) the template writes right after
-it (e.g. ChatML's `<|im_end|>`), but not the newline that separates turns.
+`messages[:i]` + the generation prompt ends (the inference prompt for that answer, a
+`prompt_ends` boundary) and ends where `messages[:i + 1]` ends, minus trailing whitespace: the
+assistant's content and the end-of-turn token(s) the template writes right after it (e.g.
+ChatML's `<|im_end|>`), but not the newline that separates turns. A template that leaves out a
+message's content (e.g. one that ignores system messages, where ref_qa keeps its reference) is
+refused: the model would be trained without it and nothing would say so.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from jinja2 import TemplateError
 
 from data.records import DataError, record_type
 from data.templates import CHAT_MESSAGES, Rendered, Span, TemplateSettings, render
+
+# what each message of a record type holds, for the error when a template drops it
+_CONTENT = {"system": "the instruction and reference", "user": "a question", "assistant": "an answer"}
 
 
 def require_chat_template(tokenizer: Any) -> None:
@@ -34,17 +40,26 @@ def _apply(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bo
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def render_chat(rec: Mapping[str, Any], tokenizer: Any, settings: TemplateSettings) -> Rendered:
-    """Render a record through the tokenizer's chat_template (pretrain: the default template).
+def _check_kept(text: str, messages: list[dict[str, str]]) -> None:
+    """Every message's content appears in the rendered text, in order (a template may strip it)."""
+    at = 0
+    for i, m in enumerate(messages):
+        content = m["content"].strip()
+        found = text.find(content, at) if content else at
+        if found < 0:
+            raise ValueError(f"the chat template dropped message {i} ({m['role']}: {_CONTENT.get(m['role'], 'text')}, "
+                             f"{content[:40]!r}); it would never be trained on: use a template that renders "
+                             f"{m['role']} messages, or \"template\": \"default\"")
+        at = found + len(content)
 
-    Raises ValueError when the template rejects the record or does not render it incrementally.
-    """
-    kind = record_type(rec)
-    if kind not in CHAT_MESSAGES:
-        return render(rec, tokenizer.eos_token, settings)
-    messages = CHAT_MESSAGES[kind](rec)
+
+def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool
+                     ) -> tuple[str, list[Span], tuple[int, ...]]:
+    """(text, the assistant messages' spans, their prompt ends); ValueError for a template that rejects the
+    messages, drops one, or does not render them turn by turn."""
     try:
-        text = _apply(tokenizer, messages)
+        text = _apply(tokenizer, messages, generation_prompt)
+        _check_kept(text, messages)
         answers: list[Span] = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -58,4 +73,44 @@ def render_chat(rec: Mapping[str, Any], tokenizer: Any, settings: TemplateSettin
             answers.append((len(prompt), len(turn.rstrip())))
     except TemplateError as e:
         raise ValueError(f"the tokenizer's chat template rejected this record: {e}") from None
-    return Rendered(text, settings.trained(answers, len(text)), has_special_tokens=True)
+    return text, answers, tuple(a for a, _ in answers)
+
+
+def render_chat(rec: Mapping[str, Any], tokenizer: Any, settings: TemplateSettings) -> Rendered:
+    """Render a record through the tokenizer's chat_template (pretrain: the default template).
+
+    Raises ValueError when the template rejects the record, drops part of it, or does not render it incrementally.
+    """
+    kind = record_type(rec)
+    if kind not in CHAT_MESSAGES:
+        return render(rec, tokenizer.eos_token, settings)
+    text, answers, ends = _render_messages(tokenizer, CHAT_MESSAGES[kind](rec), generation_prompt=False)
+    return Rendered(text, settings.trained(answers, len(text)), has_special_tokens=True, prompt_ends=ends)
+
+
+def chat_prompt(rec: Mapping[str, Any], tokenizer: Any) -> Rendered:
+    """The inference prompt for the record's (next) answer in chat mode: its messages without a final assistant
+    message, with the generation prompt (`apply_chat_template(..., add_generation_prompt=True)`); `prompt_ends`
+    are the earlier answers' starts, as in training."""
+    messages = CHAT_MESSAGES[record_type(rec)](rec)
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    text, _, ends = _render_messages(tokenizer, messages, generation_prompt=True)
+    return Rendered(text, [], has_special_tokens=True, prompt_ends=ends)
+
+
+def end_of_turn(tokenizer: Any) -> str | None:
+    """The special token the chat template writes right after an assistant's content (ChatML's `<|im_end|>`,
+    Llama-3's `<|eot_id|>`, Llama-2's `</s>`), found by rendering a probe; None when there is none."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        text, answers, _ = _render_messages(tokenizer, probe, generation_prompt=False)
+    except ValueError:
+        return None
+    start, end = answers[0]
+    tail = text[text.index("Hello", start) + len("Hello"):end]
+    special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
+                                                   if t.special}
+    found = [t for t in tokenizer.convert_ids_to_tokens(tokenizer(tail, add_special_tokens=False)["input_ids"])
+             if t in special]
+    return found[-1] if found else None

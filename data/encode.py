@@ -3,9 +3,10 @@
     ds = load_dataset("data/samples", tokenizer, max_seq_len=512)
     ds[0]  # {"input_ids": [...], "labels": [...]}, labels -100 where no loss
 
-A token carries a label iff its last character lies inside a trained span: a token that starts in
-the prompt and ends in the answer (e.g. " Hello" right after "### Assistant:") is the answer's first
-word and is trained; zero-width tokens (a BOS the tokenizer adds) never are.
+A token carries a label iff its last character lies inside a trained span; zero-width tokens (a BOS
+the tokenizer adds) never are. Texts are tokenized by data.boundary, so the ids the model is prompted
+with at inference (`encode_prompt`, what demo.py sends) are a prefix of the training ids and the
+answer's first trained token is the first token after them.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from data.chat import render_chat, require_chat_template
+from data.boundary import Encoding, encode_texts
+from data.chat import chat_prompt, render_chat, require_chat_template
 from data.records import DataError, Record, read_files, record_type, records_from_files
-from data.templates import DEFAULT_SETTINGS, Rendered, Span, TemplateSettings, render, template_settings
+from data.templates import CHAT_MESSAGES, DEFAULT_SETTINGS, Rendered, Span, TemplateSettings, prompt_of, render
+from data.templates import template_settings as template_state
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "encode-v2"  # bump when encoding or labelling changes
+CACHE_VERSION = "encode-v3"  # bump when encoding or labelling changes
 MIN_RECORDS_FOR_POOL = 2000
 BATCH = 1000  # texts per tokenizer call
 
@@ -43,6 +46,7 @@ class EncodeStats:
     kept: int
     dropped: int  # no trained token left within max_seq_len
     truncated: int  # kept samples cut to max_seq_len
+    spliced: int = 0  # kept samples whose tokens were split at a prompt / answer boundary (data.boundary)
     cache_hit: bool = False
     cache_path: str | None = None
 
@@ -70,7 +74,14 @@ class EncodedDataset:
         return i if i < len(self) and self.record_index[i] == record else None
 
 
-Encoded = tuple[np.ndarray, np.ndarray, bool]  # (input_ids, labels, truncated); int32 arrays
+class Encoded(NamedTuple):
+    """One record's int32 input_ids and labels (at most max_seq_len), whether it was truncated, and the
+    number of prompt / answer boundaries where its tokens were spliced (data.boundary)."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    truncated: bool
+    spliced: int = 0
 
 
 def _render(rec: Mapping[str, Any], tokenizer: Any, settings: TemplateSettings) -> Rendered:
@@ -79,24 +90,24 @@ def _render(rec: Mapping[str, Any], tokenizer: Any, settings: TemplateSettings) 
     return render(rec, tokenizer.eos_token, settings)
 
 
-def _label(ids: list[int], offsets: list[tuple[int, int]], spans: list[Span], max_seq_len: int) -> Encoded:
+def _label(enc: Encoding, spans: list[Span], max_seq_len: int) -> Encoded:
     """Labels from character offsets: a token is trained iff its last character lies in a trained span."""
-    ids_a = np.asarray(ids, dtype=np.int32)
-    offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    ids_a = np.asarray(enc.ids, dtype=np.int32)
+    offs = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
     trained = np.zeros(len(ids_a), dtype=bool)
     for s, e in spans:
         trained |= (offs[:, 1] > s) & (offs[:, 1] <= e)
     trained &= offs[:, 1] > offs[:, 0]  # zero-width tokens (a BOS the tokenizer adds) are never trained
     labels = np.where(trained, ids_a, np.int32(IGNORE_INDEX)).astype(np.int32)
-    return ids_a[:max_seq_len], labels[:max_seq_len], len(ids_a) > max_seq_len
+    return Encoded(ids_a[:max_seq_len], labels[:max_seq_len], len(ids_a) > max_seq_len, enc.splices)
 
 
 def encode_batch(tokenizer: Any, recs: Sequence[Mapping[str, Any]], max_seq_len: int,
                  settings: TemplateSettings = DEFAULT_SETTINGS) -> list[Encoded | str]:
-    """Render and tokenize records: per record (input_ids, labels, truncated), or the problem (a str) when a
-    chat template cannot render it. At most `max_seq_len` tokens each.
+    """Render and tokenize records: per record an `Encoded`, or the problem (a str) when a chat template cannot
+    render it or its prompts cannot be kept token prefixes. At most `max_seq_len` tokens each.
 
-    Each text is tokenized once (batched): with the tokenizer's own special tokens (BOS etc.) for the
+    Texts are tokenized in batches by data.boundary: with the tokenizer's own special tokens (BOS etc.) for the
     default templates, without adding any in chat mode (as apply_chat_template does). Truncation drops
     the tail (an EOS that does not fit is absent, never re-added). With `settings.split_long_pretrain`
     pretrain samples are kept whole (data.packing splits them into max_seq_len chunks).
@@ -111,12 +122,28 @@ def encode_batch(tokenizer: Any, recs: Sequence[Mapping[str, Any]], max_seq_len:
     for has_special in (False, True):
         at = [i for i, r in enumerate(rendered) if isinstance(r, Rendered) and r.has_special_tokens == has_special]
         if at:
-            enc = tokenizer([rendered[i].text for i in at], add_special_tokens=not has_special,
-                            return_offsets_mapping=True)
-            for i, ids, offsets in zip(at, enc["input_ids"], enc["offset_mapping"], strict=True):
+            encs = encode_texts(tokenizer, [(rendered[i].text, rendered[i].prompt_ends) for i in at], not has_special)
+            for i, enc in zip(at, encs, strict=True):
+                if isinstance(enc, str):
+                    out[i] = enc
+                    continue
                 whole = settings.split_long_pretrain and record_type(recs[i]) == "pretrain"
-                out[i] = _label(ids, offsets, rendered[i].spans, len(ids) if whole else max_seq_len)
+                out[i] = _label(enc, rendered[i].spans, len(enc.ids) if whole else max_seq_len)
     return out
+
+
+def encode_prompt(tokenizer: Any, rec: Mapping[str, Any], settings: TemplateSettings = DEFAULT_SETTINGS) -> list[int]:
+    """The ids the model is prompted with for the record's (next) answer: a prefix of the training ids of the
+    record with that answer (the whole text for pretrain). Records with earlier answers close them with EOS.
+    ValueError when the record cannot be prompted (a chat template rejects it, ...)."""
+    if settings.template == "chat" and record_type(rec) in CHAT_MESSAGES:
+        prompt = chat_prompt(rec, tokenizer)
+    else:
+        prompt = prompt_of(rec, tokenizer.eos_token)
+    enc = encode_texts(tokenizer, [(prompt.text, prompt.prompt_ends)], not prompt.has_special_tokens)[0]
+    if isinstance(enc, str):
+        raise ValueError(enc)
+    return enc.ids
 
 
 def encode_one(tokenizer: Any, rec: Mapping[str, Any], max_seq_len: int, settings: TemplateSettings = DEFAULT_SETTINGS
@@ -125,8 +152,16 @@ def encode_one(tokenizer: Any, rec: Mapping[str, Any], max_seq_len: int, setting
     result = encode_batch(tokenizer, [rec], max_seq_len, settings)[0]
     if isinstance(result, str):
         raise ValueError(result)
-    ids, labels, cut = result
-    return ids.tolist(), labels.tolist(), cut
+    return result.input_ids.tolist(), result.labels.tolist(), result.truncated
+
+
+def require_eos(tokenizer: Any) -> None:
+    """Raise DataError (naming the tokenizer's dir) if the tokenizer has no EOS token: answers and pretrain text
+    end with it, and generation stops on it."""
+    if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
+        raise DataError([f"{tokenizer.name_or_path}:0: the tokenizer has no EOS token (eos_token): every answer is "
+                         "trained to end with it and generation stops on it; set \"eos_token\" in its "
+                         "tokenizer_config.json"])
 
 
 def usable_cores() -> int:
@@ -145,6 +180,7 @@ class Part(NamedTuple):
     input_ids: np.ndarray  # int32, concatenated
     labels: np.ndarray  # int32, concatenated
     truncated: int
+    spliced: int  # samples with a spliced boundary
     problems: list[tuple[int, str]]  # (record index, problem)
 
 
@@ -161,21 +197,22 @@ def _init_pool_worker(*args: Any) -> None:
 def _encode_range(bounds: tuple[int, int]) -> Part:
     """Encode the worker's records [start, end), BATCH texts per tokenizer call."""
     start, end = bounds
-    idx, ids, labels, cuts, problems = [], [], [], 0, []
+    idx, ids, labels, cuts, spliced, problems = [], [], [], 0, 0, []
     for lo in range(start, end, BATCH):
         found = encode_batch(_worker["tokenizer"], _worker["recs"][lo:min(lo + BATCH, end)], _worker["max_seq_len"],
                              _worker["settings"])
         for i, r in enumerate(found, lo):
             if isinstance(r, str):
                 problems.append((i, r))
-            elif (r[1] != IGNORE_INDEX).any():
+            elif (r.labels != IGNORE_INDEX).any():
                 idx.append(i)
-                ids.append(r[0])
-                labels.append(r[1])
-                cuts += r[2]
+                ids.append(r.input_ids)
+                labels.append(r.labels)
+                cuts += r.truncated
+                spliced += r.spliced > 0
     empty = np.zeros(0, np.int32)
     return Part(np.array(idx, dtype=np.int64), np.array([len(x) for x in ids], dtype=np.int64),
-                np.concatenate([empty, *ids]), np.concatenate([empty, *labels]), cuts, problems)
+                np.concatenate([empty, *ids]), np.concatenate([empty, *labels]), cuts, spliced, problems)
 
 
 def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
@@ -187,6 +224,7 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
         raise TypeError("a fast (Rust-backed) tokenizer is required: labels need its offset mapping")
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    require_eos(tokenizer)
     if settings.template == "chat":
         require_chat_template(tokenizer)
     if num_proc is None:
@@ -212,7 +250,7 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
     offsets = np.zeros(len(index) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     stats = EncodeStats(records=len(records), kept=len(index), dropped=len(records) - len(index),
-                        truncated=sum(part.truncated for part in parts))
+                        truncated=sum(part.truncated for part in parts), spliced=sum(part.spliced for part in parts))
     return EncodedDataset(flat, labels, offsets, index, stats)
 
 
@@ -232,7 +270,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def cache_key(files: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len: int, settings: TemplateSettings) -> str:
     """sha256 over data bytes, tokenizer state, template settings, max_seq_len and CACHE_VERSION."""
     h = hashlib.sha256()
-    for part in (CACHE_VERSION, tokenizer_fingerprint(tokenizer), json.dumps(template_settings(settings)),
+    for part in (CACHE_VERSION, tokenizer_fingerprint(tokenizer), json.dumps(template_state(settings)),
                  str(max_seq_len)):
         h.update(part.encode())
         h.update(b"\0")
@@ -252,7 +290,7 @@ def _save(ds: EncodedDataset, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, input_ids=ds.input_ids, labels=ds.labels, offsets=ds.offsets, record_index=ds.record_index,
-                     counts=np.array([s.records, s.kept, s.dropped, s.truncated], dtype=np.int64))
+                     counts=np.array([s.records, s.kept, s.dropped, s.truncated, s.spliced], dtype=np.int64))
         os.chmod(tmp, 0o644)  # mkstemp makes it private; other ranks or users may read the cache
         os.replace(tmp, path)
     except BaseException:
@@ -262,8 +300,8 @@ def _save(ds: EncodedDataset, path: Path) -> None:
 
 def _load(path: Path) -> EncodedDataset:
     with np.load(path) as z:
-        records, kept, dropped, truncated = (int(x) for x in z["counts"])
-        stats = EncodeStats(records, kept, dropped, truncated, cache_hit=True, cache_path=str(path))
+        records, kept, dropped, truncated, spliced = (int(x) for x in z["counts"])
+        stats = EncodeStats(records, kept, dropped, truncated, spliced, cache_hit=True, cache_path=str(path))
         return EncodedDataset(z["input_ids"], z["labels"], z["offsets"], z["record_index"], stats)
 
 
@@ -299,5 +337,6 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
 
 def _log(s: EncodeStats) -> None:
     log.info("data: %d records -> %d samples kept, %d dropped (no trained token within max_seq_len), "
-             "%d truncated; cache %s%s", s.records, s.kept, s.dropped, s.truncated,
+             "%d truncated, %d split at a prompt / answer boundary; cache %s%s", s.records, s.kept, s.dropped,
+             s.truncated, s.spliced,
              "hit" if s.cache_hit else "miss", f" ({s.cache_path})" if s.cache_path else "")

@@ -9,25 +9,36 @@ a conversation: each answer with its EOS). With --json, stdout holds only {"inpu
 token-length percentiles, the fraction of samples truncated, the fraction of tokens trained, and the
 packing efficiency (trained tokens / total tokens of the padded sequences, packed when the config
 packs, and unpacked for comparison; beside it the share of tokens that is not padding). With "packing": true, --index shows the whole packed sequence holding the
-record, one block per segment. Bad data: one line per problem on stderr, exit 2.
+record, one block per segment. Bad data: one line per problem on stderr, exit 2. The statistics also count
+the samples whose tokens were split at a prompt / answer boundary (data.boundary). `python data/inspect.py`
+works too: run as a file, it re-runs itself as the module, so this file never shadows the standard library's
+`inspect` (which its imports load).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:  # `python data/inspect.py`: data/ is sys.path[0]
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    import runpy
+
+    runpy.run_module("data.inspect", run_name="__main__", alter_sys=True)
+    sys.exit(0)
+
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from data.encode import IGNORE_INDEX, EncodedDataset, load_dataset
-from data.packing import PackedDataset, pack
+from data.packing import PackedDataset, pack, trained_tokens
 from data.records import DataError
-from training.batches import trained_tokens
-from training.config import ConfigError, load_config
 
 GREEN, RESET = "\033[32m", "\033[0m"
 PERCENTILES = (50, 90, 95, 99, 100)
@@ -111,6 +122,7 @@ def dataset_stats(ds: EncodedDataset, max_seq_len: int, packed: PackedDataset | 
     return {
         "records": st.records, "samples": st.kept, "dropped": st.dropped, "truncated": st.truncated,
         "truncated_fraction": st.truncated / st.kept if st.kept else 0.0, "max_seq_len": max_seq_len,
+        "spliced": st.spliced,
         "length_percentiles": {f"p{q}": int(v) for q, v in zip(PERCENTILES, pct, strict=True)},
         "tokens": total, "trained_tokens": trained, "trained_fraction": trained / total if total else 0.0,
         "unpacked_efficiency": learned / (len(ds) * max_seq_len) if len(ds) else 0.0,
@@ -128,6 +140,8 @@ def show_stats(st: dict) -> str:
         f"records: {st['records']} -> {st['samples']} samples, {st['dropped']} dropped (no trained token within "
         f"max_seq_len {st['max_seq_len']})",
         f"truncated: {st['truncated']} of {st['samples']} samples ({st['truncated_fraction']:.1%})",
+        f"prompt / answer boundary split: {st['spliced']} of {st['samples']} samples (the tokenizer joins a prompt's "
+        "last token with its answer's first there; training and demo.py split it, a plain tokenizer(prompt) would not)",
         f"tokens per sample (after truncation to {st['max_seq_len']}): "
         + ", ".join(f"{'max' if k == 'p100' else k} {v}" for k, v in pct.items()),
         f"trained tokens: {st['trained_tokens']} of {st['tokens']} ({st['trained_fraction']:.1%})",
@@ -150,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(with --stats: the statistics as one object)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    from training.config import ConfigError, load_config  # the one parser of training configs
+
     try:
         cfg = load_config(args.config, require_model=False)
         model_path = Path(cfg.model_path)

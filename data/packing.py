@@ -140,3 +140,12 @@ def describe(st: PackStats) -> str:
     split = f", {st.split} split into {st.segments - st.samples + st.split} chunks" if st.split else ""
     return (f"packing: {st.samples} samples -> {st.sequences} sequences of {st.max_seq_len}, efficiency "
             f"{st.efficiency:.1%} (trained tokens / total tokens; {st.fill:.1%} not padding), {st.dropped} dropped{split}")
+
+
+def trained_tokens(ds: EncodedDataset | PackedDataset) -> np.ndarray:
+    """Per sample, the tokens that carry loss after the next-token shift (labels[1:] != -100); per packed
+    sequence the same sum over its segments (each segment's first label is already -100)."""
+    is_trained = ds.labels != IGNORE_INDEX
+    starts = ds.offsets[:-1]
+    is_trained[starts[starts < len(is_trained)]] = False  # a sample's first label is never predicted
+    return np.add.reduceat(is_trained.astype(np.int64), starts) if len(ds) else np.zeros(0, np.int64)

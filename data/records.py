@@ -165,6 +165,21 @@ def _record_problems(obj: Any) -> list[str]:
     return RECORD_TYPES[kind].validate({k: v for k, v in obj.items() if k != "type"})
 
 
+def prompt_problems(obj: Any) -> list[str]:
+    """The problems of a record used as an inference prompt (demo.py --record): as a training record's, except
+    that the answer to produce may be absent (an instruct record without "output", rounds ending with "ask")."""
+    try:
+        kind = record_type(obj) if isinstance(obj, dict) else None
+    except ValueError as e:
+        return [str(e)]
+    rounds = obj.get("rounds") if kind else None
+    if kind == "instruct" and "output" not in obj:
+        obj = {**obj, "output": "-"}
+    elif kind in ("conversation", "ref_qa") and isinstance(rounds, list) and rounds and rounds[-1][:1] == ["ask"]:
+        obj = {**obj, "rounds": [*rounds, ["ans", "-"]]}
+    return _record_problems(obj)
+
+
 def resolve_files(data_path: str | Path | Sequence[str | Path]) -> list[Path]:
     """Expand `data_path` (file, directory, glob, or a list of them) into existing files, in order.
 

@@ -2,10 +2,14 @@
 
 Every template string is defined once here. A renderer turns a record into segments
 (text, is_answer); `render` joins them and picks the trained spans by the `TemplateSettings`.
-`render_prompt` is built from the same pieces: the text the model sees before it must produce
-the next answer, so demo.py prompts the model exactly as training rendered it. For chat-template
-mode, `CHAT_MESSAGES` turns a record into chat messages and `data.chat` renders them with the
-tokenizer's own chat_template.
+`prompt_of` / `render_prompt` are built from the same pieces: the text the model sees before it
+must produce the next answer. Each prompt is a character prefix of the training text, ending
+where an answer starts (`Rendered.prompt_ends`); data.boundary keeps it a token prefix too, so
+demo.py prompts the model exactly as training saw it. A dialog answer starts with the space after
+its role marker ("### Assistant:" + " answer"): SentencePiece and byte-level BPE glue that space to
+the answer's first word, so a prompt ending in the space would end in a lone space token that
+training never saw there. For chat-template mode, `CHAT_MESSAGES` turns a record into chat
+messages and `data.chat` renders them with the tokenizer's own chat_template.
 """
 
 from __future__ import annotations
@@ -36,20 +40,22 @@ CHAT_ROLES = {"ask": "user", "ans": "assistant"}
 
 @dataclass(frozen=True)
 class DialogTemplate:
-    """Rounds rendered as `header`, then `ask` + text + `end` per ask turn and `ans` + text + EOS + `end`
-    per answer (only text + EOS trained). `header` may name the record's fields, e.g. {reference}."""
+    """Rounds rendered as `header`, then `ask` + text + `end` per ask turn and `ans` + `lead` + text + EOS + `end`
+    per answer. The answer is `lead` + text + EOS (trained); an inference prompt ends with `ans`, the role
+    marker. `header` may name the record's fields, e.g. {reference}."""
 
     header: str
     ask: str
     ans: str
+    lead: str = " "
     end: str = "\n"
 
 
 DIALOGS = {
     "conversation": DialogTemplate(
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-        "detailed, and polite answers to the human's questions.\n\n", "### Human: ", "### Assistant: "),
-    "ref_qa": DialogTemplate(REF_QA_SYSTEM + "\n\n", "### Instruction: ", "### Response: "),
+        "detailed, and polite answers to the human's questions.\n\n", "### Human: ", "### Assistant:"),
+    "ref_qa": DialogTemplate(REF_QA_SYSTEM + "\n\n", "### Instruction: ", "### Response:"),
 }
 TEMPLATES = ("default", "chat")
 
@@ -95,12 +101,14 @@ DEFAULT_SETTINGS = TemplateSettings()
 
 @dataclass(frozen=True)
 class Rendered:
-    """A rendered record: the full text, the [start, end) character spans that carry loss, and whether
-    the text already holds the special tokens (chat templates write BOS themselves)."""
+    """A rendered record: the full text, the [start, end) character spans that carry loss, whether the text
+    already holds the special tokens (chat templates write BOS themselves), and `prompt_ends`: where each
+    answer starts, i.e. where the inference prompt for it ends (`text[:b]` is that prompt)."""
 
     text: str
     spans: list[Span]
     has_special_tokens: bool = False
+    prompt_ends: tuple[int, ...] = ()
 
 
 def _instruct_prompt(rec: Mapping[str, Any], eos: str | None = None) -> str:
@@ -117,7 +125,7 @@ def _dialog_segments(kind: str, rec: Mapping[str, Any], eos: str) -> list[Segmen
         if role == "ask":
             segments.append((tpl.ask + text + tpl.end, False))
         else:
-            segments += [(tpl.ans, False), (text + eos, True), (tpl.end, False)]
+            segments += [(tpl.ans, False), (tpl.lead + text + eos, True), (tpl.end, False)]
     return segments
 
 
@@ -154,8 +162,10 @@ def _chat_rounds(rec: Mapping[str, Any]) -> list[dict[str, str]]:
 
 
 def _chat_instruct(rec: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The user message, then the output as the assistant's (absent in an inference prompt's record)."""
     user = CHAT_INSTRUCT_INPUT.format(**rec) if rec.get("input") else rec["instruct"]
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
+    answer = [{"role": "assistant", "content": rec["output"]}] if "output" in rec else []
+    return [{"role": "user", "content": user}, *answer]
 
 
 # type -> chat messages for the tokenizer's chat_template (chat mode); a type absent here (pretrain,
@@ -172,10 +182,22 @@ def render_prompt(rec: Mapping[str, Any], eos: str | None = None) -> str:
     """The text the model sees before it must produce the record's (next) answer, without that answer.
 
     pretrain: the text; instruct: the prompt; conversation / ref_qa: the rounds up to the last "ask"
-    turn, then the answer role ("### Assistant: " / "### Response: "). Records with earlier answers
-    need `eos` (the tokenizer's EOS string), which closes each answer as in training.
+    turn, then the answer role ("### Assistant:" / "### Response:", no space: it starts the answer).
+    Records with earlier answers need `eos` (the tokenizer's EOS string), which closes each answer as
+    in training.
     """
     return PROMPTS[record_type(rec)](rec, eos)
+
+
+def prompt_of(rec: Mapping[str, Any], eos: str | None = None) -> Rendered:
+    """`render_prompt` as a Rendered whose `prompt_ends` are the starts of the earlier answers in it (the
+    boundaries data.boundary keeps, as training does); no spans."""
+    text = render_prompt(rec, eos)
+    if record_type(rec) in DIALOGS:
+        rounds = list(rec["rounds"])
+        earlier = render({**rec, "rounds": rounds[:-1] if rounds and rounds[-1][0] == "ans" else rounds}, eos or "")
+        return Rendered(text, [], prompt_ends=earlier.prompt_ends)
+    return Rendered(text, [])
 
 
 def render(rec: Mapping[str, Any], eos: str, settings: TemplateSettings = DEFAULT_SETTINGS) -> Rendered:
@@ -193,7 +215,8 @@ def render(rec: Mapping[str, Any], eos: str, settings: TemplateSettings = DEFAUL
             answers.append((at, at + len(piece)))
         pieces.append(piece)
         at += len(piece)
-    return Rendered("".join(pieces), settings.trained(answers, at))
+    ends = tuple(a for a, _ in answers if a > 0)  # pretrain's answer is its whole text: no prompt before it
+    return Rendered("".join(pieces), settings.trained(answers, at), prompt_ends=ends)
 
 
 def template_settings(settings: TemplateSettings) -> dict[str, Any]:

@@ -184,7 +184,7 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
         raise CheckpointError(f"{layers_dir}: a LoRA checkpoint (adapters only): pass --lora peft (a PEFT adapter "
                               "dir) or --lora merge (a full HF model with the adapters merged in)")
     if lora == "peft":
-        export_peft(layers_dir, info, family, config, dst, overwrite)
+        export_peft(layers_dir, info, family, config, dst, overwrite, side_dir=config_dir)
         log(f"wrote a PEFT adapter (r {info['r']}, alpha {info['alpha']:g}, {', '.join(info['target_modules'])}) "
             f"to {dst}; base: {info['base_model_path']}")
         return dst

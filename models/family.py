@@ -12,6 +12,8 @@ from torch import nn
 from .keymap import KeyMap
 from .pipeline import ModelConfigError
 
+ROPE_EXTENDING = ("linear", "dynamic", "yarn", "longrope", "llama3")  # rope types whose factor extends the context
+
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -39,6 +41,22 @@ class ModelFamily:
             block = sum(p.numel() for p in self.block_class(self.prepare_config(config), 0).parameters())
         head = config.hidden_size * config.vocab_size
         return [0.0] + [float(block)] * self.num_blocks(config) + [float(head)]
+
+    @staticmethod
+    def max_positions(config) -> tuple[int | None, str]:
+        """The longest sequence the model's positions cover, and how: `max_position_embeddings`, or the length
+        its rope scaling covers (factor x the original length, for the types that extend it); None: no limit
+        (ALiBi)."""
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit is None:
+            return None, "no position limit"
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        factor = rope.get("factor")
+        if rope.get("rope_type", rope.get("type")) in ROPE_EXTENDING and factor:
+            scaled = int(factor * rope.get("original_max_position_embeddings", limit))
+            if scaled > limit:
+                return scaled, f"{rope.get('rope_type', rope.get('type'))} rope scaling x{factor:g} of {limit}"
+        return limit, "max_position_embeddings"
 
     def init_layer(self, module: nn.Module, config, layer_idx: int, seed: int) -> None:
         """Fresh weights for pipeline layer `layer_idx`, seeded per layer so any partition gives the same model."""

@@ -27,7 +27,8 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
     "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
 )
-SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+# data_settings.json: how training rendered its records (data.settings.DATA_SETTINGS_FILE), read by demo.py
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "data_settings.json")
 
 
 class CheckpointError(ValueError):

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .family import ModelFamily
-from .hf_io import CheckpointError, atomic_output_dir
+from .hf_io import CheckpointError, atomic_output_dir, copy_side_files
 
 LORA_FILE = "lora_config.json"
 ADAPTER = "default"  # peft's adapter name inside the modules
@@ -247,8 +247,10 @@ def adapter_tensors(tag_dir: Path, family: ModelFamily, num_blocks: int) -> dict
     return out
 
 
-def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_path: Path, overwrite: bool) -> Path:
-    """adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads."""
+def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_path: Path, overwrite: bool,
+                side_dir: Path | None = None) -> Path:
+    """adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads, and the run's
+    data_settings.json from `side_dir` (how training rendered prompts, for demo.py --adapter)."""
     settings = LoraSettings.from_info(info)
     tensors = adapter_tensors(tag_dir, family, family.num_blocks(config))
     with atomic_output_dir(save_path, overwrite) as tmp:
@@ -257,6 +259,8 @@ def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_pat
         cfg.save_pretrained(str(tmp))
         save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
+        if side_dir is not None:
+            copy_side_files(side_dir, tmp, ("data_settings.json",))
     return save_path
 
 

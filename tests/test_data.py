@@ -114,7 +114,10 @@ def test_default_templates_exact():
         "detailed, and polite answers to the human's questions.\n\n### Human: Hi!\n### Human: What is 2 plus 3?\n"
         "### Assistant: 2 plus 3 is 5.</s>\n### Human: “河流”的英文是什么？\n### Assistant: River.</s>\n"
     )
-    assert [conv.text[a:b] for a, b in conv.spans] == ["2 plus 3 is 5.</s>", "River.</s>"]
+    # the space after the role marker starts the answer (trained); the prompt ends at the colon
+    assert [conv.text[a:b] for a, b in conv.spans] == [" 2 plus 3 is 5.</s>", " River.</s>"]
+    assert [conv.text[:b].endswith("### Assistant:") for b in conv.prompt_ends] == [True, True]
+    assert conv.prompt_ends == tuple(a for a, _ in conv.spans)
     ref = render(RECORDS["ref_qa"], eos)
     assert ref.text == (
         "Generate responses to the given instruction series according to the reference text.\n\n### Reference:\n"
@@ -122,11 +125,11 @@ def test_default_templates_exact():
         "### Response: Every 40 minutes.</s>\n### Instruction: Cost?\n### Instruction: For kids?\n"
         "### Response: Three dollars; nothing is said about children.</s>\n"
     )
-    assert [ref.text[a:b] for a, b in ref.spans] == ["Every 40 minutes.</s>", "Three dollars; nothing is said about children.</s>"]
+    assert [ref.text[a:b] for a, b in ref.spans] == [" Every 40 minutes.</s>", " Three dollars; nothing is said about children.</s>"]
 
 
-@pytest.mark.parametrize("name, role", [("conversation", "### Assistant: "), ("conversation_one_turn", "### Assistant: "),
-                                        ("ref_qa", "### Response: ")])
+@pytest.mark.parametrize("name, role", [("conversation", "### Assistant:"), ("conversation_one_turn", "### Assistant:"),
+                                        ("ref_qa", "### Response:")])
 def test_render_prompt_is_the_training_text_before_the_next_answer(name, role):
     rec, eos = RECORDS[name], "</s>"
     full = render(rec, eos)
@@ -286,19 +289,29 @@ def make_config(tmp_path: Path, model_path: Path, data: Path, max_seq_len: int =
     return write(tmp_path / "cfg.json", json.dumps(cfg))
 
 
-def run_inspect(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data.inspect", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+def run_inspect(*args: str, as_file: bool = False) -> subprocess.CompletedProcess:
+    how = ["data/inspect.py"] if as_file else ["-m", "data.inspect"]
+    return subprocess.run([sys.executable, *how, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-def test_inspect_json_equals_encoder(tok, sample_tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("as_file", [False, True], ids=["module", "file"])
+def test_inspect_json_equals_encoder(tok, sample_tokenizer_dir, tmp_path, as_file):
+    """`python -m data.inspect` and `python data/inspect.py` (which must not shadow the stdlib's inspect)."""
     data = write(tmp_path / "d.jsonl", jsonl(RECORDS["pretrain"], RECORDS["instruct_input"], RECORDS["instruct_no_input"]))
     cfg = make_config(tmp_path, sample_tokenizer_dir, data)
-    out = run_inspect("--config", str(cfg), "--index", "1", "--json")
+    out = run_inspect("--config", str(cfg), "--index", "1", "--json", as_file=as_file)
     assert out.returncode == 0, out.stderr
     expected = load_dataset(data, tok, 256, use_cache=False)
     assert json.loads(out.stdout) == expected[expected.sample_of_record(1)]
-    assert "cache miss" in out.stderr
+    assert "cache miss" in out.stderr or as_file
+
+
+def test_data_does_not_import_training():
+    """data/ is the lower layer: importing any of its modules (the inspect CLI included) loads nothing of training/."""
+    code = ("import sys, data.inspect, data.encode, data.packing, data.collate, data.chat, data.boundary; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'training'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 
 
 def test_inspect_human_view_and_errors(sample_tokenizer_dir, tmp_path, capsys):

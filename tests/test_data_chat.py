@@ -154,6 +154,21 @@ def test_records_a_template_cannot_render_are_reported_with_file_and_line(chat_d
         encode_records(load_records(data)[:1], tok, 64, CHAT, num_proc=num_proc)
 
 
+def test_a_template_that_drops_part_of_a_record_is_a_file_line_error(chat_dir, tmp_path):
+    """A ChatML variant that ignores system messages would train ref_qa records without their reference."""
+    tok = AutoTokenizer.from_pretrained(str(chat_dir))
+    tok.chat_template = "{% for m in messages %}{% if m['role'] != 'system' %}" + CHATML.split("{% for m in messages %}")[1] \
+        .replace("{% endfor %}", "{% endif %}{% endfor %}", 1)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [RECORDS["conversation"], RECORDS["ref_qa"]]))
+    with pytest.raises(DataError) as e:
+        load_dataset(data, tok, 128, settings=CHAT, use_cache=False)
+    assert e.value.problems == [
+        f"{data}:2: the chat template dropped message 0 (system: the instruction and reference, 'Generate responses to "
+        "the given instruct'); it would never be trained on: use a template that renders system messages, or "
+        "\"template\": \"default\""]
+
+
 def test_cache_key_tracks_template_mode_and_chat_template(chat_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(chat_dir))
     data = tmp_path / "d.jsonl"

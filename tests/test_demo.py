@@ -13,6 +13,7 @@ import torch
 
 import convert_model
 import demo
+from data.encode import encode_prompt
 from data.templates import render_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,15 +75,16 @@ def test_prompt_mode_and_no_stream_match_reference(dirs, capsys):
     (["--instruct", "Translate.", "--input", "bonjour"], {"instruct": "Translate.", "input": "bonjour"}),
     (["--prompt", "Once upon a time"], {"text": "Once upon a time"}),
 ])
-def test_build_prompt_is_the_training_template(argv, record):
+def test_build_record_is_the_training_record(argv, record, tokenizer):
     args = demo.build_parser().parse_args(["--model-path", "x", "--local_rank=0", *argv])  # as `deepspeed` passes it
-    prompt = demo.build_prompt(args)
-    assert prompt == render_prompt(record)
-    assert all(v in prompt for v in record.values())
+    assert demo.build_record(args) == record
+    prompt = encode_prompt(tokenizer, record)
+    assert prompt == tokenizer(render_prompt(record))["input_ids"]
+    assert all(v in tokenizer.decode(prompt) for v in record.values())
 
 
 def test_sampling_is_seeded(dirs, capsys):
-    model, tok = demo.load(dirs["hf"])
+    model, tok, _ = demo.load(dirs["hf"])
     kw = dict(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.95, stream=False)
     a = demo.generate(model, tok, "Pipeline", seed=1, **kw)
     assert a == demo.generate(model, tok, "Pipeline", seed=1, **kw)

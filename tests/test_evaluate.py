@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data.encode import IGNORE_INDEX, EncodedDataset, EncodeStats
-from training.batches import trained_tokens
+from data.packing import trained_tokens
 from training.evaluate import EvalPlan, concat, split_eval
 
 

@@ -136,10 +136,12 @@ def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family,
     with torch.no_grad():
         want = reference(input_ids=ids).logits
         torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-4, rtol=0)
-        from_ckpt, _ = demo.load(tmp_path / "out")
+        from_ckpt, _, _ = demo.load(tmp_path / "out")
         torch.testing.assert_close(from_ckpt(input_ids=ids).logits, want, atol=1e-4, rtol=0)
         with_adapter = demo.with_adapter(demo.load(tmp_path / "hf")[0], tmp_path / "adapter")
         torch.testing.assert_close(with_adapter(input_ids=ids).logits, want, atol=1e-4, rtol=0)
+    # the adapter carries how training rendered prompts, for demo.py --adapter
+    assert (tmp_path / "adapter" / "data_settings.json").read_text() == (tmp_path / "out" / "data_settings.json").read_text()
 
 
 LORA = {"r": 4, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}

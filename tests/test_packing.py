@@ -17,12 +17,11 @@ import torch.nn.functional as F
 from data import inspect as data_inspect
 from data.collate import collate, pad_id_of
 from data.encode import IGNORE_INDEX, cache_key, load_dataset
-from data.packing import pack
+from data.packing import pack, trained_tokens
 from data.records import read_files
 from data.templates import TemplateSettings
 from models import causal_lm_loss, get_family
 from tests.helpers import segments_of, sequential_from_hf, tiny_config
-from training.batches import trained_tokens
 
 ATOL = 1e-5
 WORDS = "pipeline stage layer token batch loss gradient weight model data train answer question reply".split()

@@ -4,6 +4,7 @@ exists; from_scratch builds the same model as `convert_model.py init` on any par
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,22 @@ def base(tmp_path_factory, tokenizer_dir) -> Path:
     assert convert_model.main(["init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tokenizer_dir),
                                "--save-path", str(path)]) == 0
     return path
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory, base) -> dict[str, Path]:
+    """Copies of `base` with one thing wrong: a tokenizer without EOS, a vocab_size below the tokenizer's."""
+    root = tmp_path_factory.mktemp("variants")
+    out = {}
+    for name in ("no_eos", "small_vocab"):
+        shutil.copytree(base, root / name)
+        out[name] = root / name
+    tok_cfg = json.loads((root / "no_eos" / "tokenizer_config.json").read_text())
+    tok_cfg.pop("eos_token")
+    (root / "no_eos" / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    cfg = json.loads((root / "small_vocab" / "config.json").read_text())
+    (root / "small_vocab" / "config.json").write_text(json.dumps({**cfg, "vocab_size": 256}))
+    return out
 
 
 def write_config(tmp_path: Path, base: Path, **over) -> Path:
@@ -70,12 +87,39 @@ CASES = {  # name -> (config overrides, expected text)
     "lora modules_to_save": ({"lora": {"r": 4, "modules_to_save": ["lm_heads"]}}, "lora.modules_to_save: 'lm_heads' names no module of a llama model"),
     "lora from scratch": ({"lora": {"r": 4}, "from_scratch": True}, "'lora' needs a trained base: it cannot be combined with 'from_scratch'"),
     "lion lr": ({"optimizer": {"type": "Lion", "params": {"lr": -1}}}, "optimizer.params.lr must be a number > 0, got -1"),
+    # bad input that used to surface only after the model was built (or as a device assert on CUDA)
+    "optimizer type": ({"optimizer": {"type": "AdamWW", "params": {"lr": 1e-3}}},
+                       "optimizer.type 'AdamWW' is not an optimizer DeepSpeed or torch.optim knows; did you mean 'AdamW'?"),
+    "optimizer lr zero": ({"optimizer": {"type": "AdamW", "params": {"lr": 0}}}, "optimizer.params.lr must be a number > 0, got 0"),
+    "optimizer lr text": ({"optimizer": {"type": "AdamW", "params": {"lr": "1e-3"}}},
+                          "optimizer.params.lr must be a number > 0, got \"1e-3\""),
+    "optimizer betas": ({"optimizer": {"type": "Adam", "params": {"lr": 1e-3, "betas": [0.9, 1.0]}}},
+                        "optimizer.params.betas must be two numbers in [0, 1), got [0.9, 1.0]"),
+    "optimizer weight_decay": ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": -0.1}}},
+                               "optimizer.params.weight_decay must be a number >= 0, got -0.1"),
+    "gradient_clipping": ({"gradient_clipping": -1}, "'gradient_clipping' must be a number >= 0 (0: off), got -1"),
+    "tokenizer without eos": ({"model_path": "@no_eos"}, ":0: the tokenizer has no EOS token (eos_token)"),
+    "vocab below tokenizer": ({"model_path": "@small_vocab"},
+                              "the model's vocab_size 256 is smaller than the tokenizer's 512 tokens"),
+    "max_seq_len above positions": ({"max_seq_len": 2048}, "'max_seq_len' 2048 is above what the model's positions "
+                                    "cover (1024, max_position_embeddings); lower max_seq_len"),
+    "save_path under a file": ({"save_path": "{tmp}/a_file/out"}, "/a_file, which is a file, not a directory"),
+    "save_path unwritable": ({"save_path": "/sys/pipeft-out/run"}, "save_path /sys/pipeft-out/run is not writable: /sys "
+                             "refuses new files"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_config_is_one_line(tmp_path, base, capsys, case):
+def test_bad_config_is_one_line(tmp_path, base, variants, capsys, case):
     over, expected = CASES[case]
+    if case == "fp16 on cpu":
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().is_fp16_supported():  # CPUs with AVX512-FP16 / AMX-FP16 do run fp16
+            pytest.skip("this CPU supports fp16")
+    (tmp_path / "a_file").write_text("not a directory")
+    over = {k: str(variants[v[1:]]) if isinstance(v, str) and v.startswith("@") else
+            v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in over.items()}
     cfg = write_config(tmp_path, base, **over)
     assert train_ds.main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -139,7 +183,8 @@ def test_bad_records_fail_before_any_model_is_built(tmp_path, base):
 
 
 def test_from_scratch_one_stage_matches_init(tmp_path, base, tokenizer_dir):
-    """One stage (tied embedding and head together), fresh weights: with lr 0 the saved checkpoint equals
+    """One stage (tied embedding and head together), fresh weights: with lr 1e-30 (an lr of 0 is refused; AdamW's
+    step of about lr moves no weight by more than 1e-20) the saved checkpoint equals
     `convert_model.py init` with the same seed, layer for layer."""
     tied = tmp_path / "tied"
     (tmp_path / "tied.json").write_text(json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -148,14 +193,14 @@ def test_from_scratch_one_stage_matches_init(tmp_path, base, tokenizer_dir):
     assert convert_model.main(["init", "--family", "llama", "--config-json", str(tmp_path / "tied.json"), "--tokenizer",
                                str(tokenizer_dir), "--save-path", str(tied), "--seed", "5"]) == 0
     cfg = write_config(tmp_path, tied, from_scratch=True, seed=5,
-                       optimizer={"type": "AdamW", "params": {"lr": 0.0, "weight_decay": 0.0, "torch_adam": True}})
+                       optimizer={"type": "AdamW", "params": {"lr": 1e-30, "weight_decay": 0.0, "torch_adam": True}})
     run_deepspeed("train_ds.py", ["--config", str(cfg)], num_procs=1)
     ckpt = tmp_path / "out" / "global_step2"
     files = sorted(p.name for p in tied.glob("layer_*"))
     assert files == sorted(p.name for p in ckpt.glob("layer_*")) and len(files) == 4  # embed, 2 blocks, norm
     for name in files:
         a, b = torch.load(tied / name, weights_only=True), torch.load(ckpt / name, weights_only=True)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-20) for k in a), name
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] > 0 for m in metrics)
 
@@ -171,3 +216,26 @@ def test_runs_without_the_launcher_as_one_process(tmp_path, base):
     assert (tmp_path / "out" / "latest").read_text() == "global_step2"
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
     assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= before
+
+
+def test_optimizer_names_are_deepspeeds():
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS as ours_upstream
+
+    from training.config import DEEPSPEED_OPTIMIZERS
+
+    assert sorted(ours_upstream) == sorted(DEEPSPEED_OPTIMIZERS)
+
+
+def test_max_positions_follow_rope_scaling():
+    from models import get_family
+    from tests.helpers import tiny_config
+
+    llama = get_family("llama")
+    plain = tiny_config("llama", "gqa_tied", max_position_embeddings=1024)
+    assert llama.max_positions(plain) == (1024, "max_position_embeddings")
+    linear = tiny_config("llama", "gqa_tied", max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+    assert llama.max_positions(linear) == (4096, "linear rope scaling x4 of 1024")
+    llama3 = tiny_config("llama", "gqa_llama3_rope")  # factor 8 of an original 16: max_position_embeddings 128 already
+    assert llama.max_positions(llama3) == (128, "max_position_embeddings")
+    assert get_family("bloom").max_positions(tiny_config("bloom", "tied")) == (None, "no position limit")  # ALiBi

@@ -15,17 +15,8 @@ import numpy as np
 import torch
 
 from data.collate import collate
-from data.encode import IGNORE_INDEX, EncodedDataset
+from data.encode import EncodedDataset
 from data.packing import PackedDataset
-
-
-def trained_tokens(ds: EncodedDataset | PackedDataset) -> np.ndarray:
-    """Per sample, the tokens that carry loss after the next-token shift (labels[1:] != -100); per packed
-    sequence the same sum over its segments (each segment's first label is already -100)."""
-    is_trained = ds.labels != IGNORE_INDEX
-    starts = ds.offsets[:-1]
-    is_trained[starts[starts < len(is_trained)]] = False  # a sample's first label is never predicted
-    return np.add.reduceat(is_trained.astype(np.int64), starts) if len(ds) else np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)

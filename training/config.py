@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -157,6 +158,7 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
     _check_batch(cfg, path, world_size)
     _check_paths(cfg, path, require_model)
     if require_model:
+        _check_model(cfg, path)
         _check_resume(cfg, path, _check_lora(cfg, path))
     if require_model and world_size is not None:
         _check_parts(cfg, path, world_size)
@@ -191,15 +193,58 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
     try:
         if cfg.lr_schedule is not None:
             parse_lr_schedule(cfg.lr_schedule)
+        if opt is not None:
+            check_optimizer(opt)
         if isinstance(opt, dict) and str(opt.get("type", "")).lower() == "lion":
             with warnings.catch_warnings():  # use_triton on a machine without CUDA warns again at build time
                 warnings.simplefilter("ignore")
                 build_lion([torch.zeros(1, requires_grad=True)], **(opt.get("params") or {}))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{path}: {e}") from None
+    clip = ds.get("gradient_clipping")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        raise ConfigError(f"{path}: 'gradient_clipping' must be a number >= 0 (0: off), got {json.dumps(clip)}")
     if cfg.lr_schedule is not None and "scheduler" in ds:
         raise ConfigError(f"{path}: 'lr_schedule' and DeepSpeed's 'scheduler' section both set the learning rate; "
                           "keep one")
+
+
+# DeepSpeed's own optimizer names (deepspeed/runtime/config.py DEEPSPEED_OPTIMIZERS, matched case-insensitively);
+# any other `type` must name a torch.optim class exactly (engine._configure_basic_optimizer)
+DEEPSPEED_OPTIMIZERS = {"adagrad": "Adagrad", "adam": "Adam", "adamw": "AdamW", "lamb": "Lamb", "muadam": "MuAdam",
+                        "muadamw": "MuAdamW", "musgd": "MuSGD", "lion": "Lion", "muon": "Muon"}
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_optimizer(section: object) -> None:
+    """DeepSpeed's `optimizer` section: a known `type` (the closest one suggested) and sane `params` (lr > 0,
+    betas in [0, 1), weight_decay >= 0, eps >= 0). ValueError with a one-line message naming the key."""
+    if not isinstance(section, dict):
+        raise ValueError(f"'optimizer' must be an object with \"type\" and \"params\", got {json.dumps(section)}")
+    kind = section.get("type")
+    if not isinstance(kind, str):
+        raise ValueError(f"optimizer.type must be a string, got {json.dumps(kind)}")
+    torch_names = [n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+                   and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer"]
+    if kind.lower() not in DEEPSPEED_OPTIMIZERS and kind not in torch_names:
+        names = {**{n.lower(): n for n in torch_names}, **DEEPSPEED_OPTIMIZERS}
+        close = difflib.get_close_matches(kind.lower(), names, n=1, cutoff=0.6)
+        hint = f"; did you mean '{names[close[0]]}'?" if close else f" (known: {', '.join(DEEPSPEED_OPTIMIZERS.values())})"
+        raise ValueError(f"optimizer.type {kind!r} is not an optimizer DeepSpeed or torch.optim knows{hint}")
+    params = section.get("params", {})
+    if not isinstance(params, dict):
+        raise ValueError(f"optimizer.params must be an object, got {json.dumps(params)}")
+    if "lr" in params and not (_number(params["lr"]) and params["lr"] > 0):
+        raise ValueError(f"optimizer.params.lr must be a number > 0, got {json.dumps(params['lr'])}")
+    betas = params.get("betas", [0.0, 0.0])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"optimizer.params.betas must be two numbers in [0, 1), got {json.dumps(betas)}")
+    for key in ("weight_decay", "eps"):
+        if key in params and not (_number(params[key]) and params[key] >= 0):
+            raise ValueError(f"optimizer.params.{key} must be a number >= 0, got {json.dumps(params[key])}")
 
 
 def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
@@ -239,11 +284,13 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
         hint = " (an HF dir? convert it first: convert_model.py hg_to_pp)" if any(model.glob("*.safetensors")) else ""
         raise ConfigError(f"{path}: model_path {model} has no pipeline layer files{hint}")
     save = Path(cfg.save_path)
-    parent = save if save.exists() else next((p for p in save.parents if p.exists()), Path("/"))
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"{path}: save_path {save} is not writable")
     if save.exists() and not save.is_dir():
         raise ConfigError(f"{path}: save_path {save} is a file, not a directory")
+    parent = save if save.exists() else next((p for p in save.parents if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise ConfigError(f"{path}: save_path {save} is under {parent}, which is a file, not a directory")
+    if problem := _write_problem(parent):
+        raise ConfigError(f"{path}: save_path {save} is not writable: {parent} refuses new files ({problem})")
     if cfg.resume is False and not cfg.overwrite_save_path and holds_run(save):
         raise ConfigError(f"{path}: save_path {save} already holds a training run and 'resume' is false; "
                           "set \"resume\": \"auto\" to continue it or \"overwrite_save_path\": true to replace it")
@@ -255,6 +302,49 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
                 resolve_files(getattr(cfg, key))
             except DataError as e:
                 raise ConfigError(f"{path}: '{key}': {e.problems[0]}") from None
+
+
+def _write_problem(directory: Path) -> str | None:
+    """Why a file cannot be created in `directory` (tried: permission bits do not tell for root, read-only or
+    network filesystems), None when it can."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".pipeft-write-test-")
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _check_model(cfg: TrainConfig, path: Path) -> None:
+    """The model dir's tokenizer against its config and the data keys: an EOS token, a vocabulary the embedding
+    covers, max_seq_len within the positions, a chat template for "template": "chat"."""
+    from transformers import AutoTokenizer
+
+    from data.chat import require_chat_template
+    from data.encode import require_eos
+
+    model = Path(cfg.model_path)
+    try:
+        family, config = family_of(model)
+        tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
+        require_eos(tokenizer)
+        if cfg.template == "chat":
+            require_chat_template(tokenizer)
+    except (CheckpointError, ModelConfigError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except DataError as e:
+        raise ConfigError(f"{path}: {e.problems[0]}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: model_path {model}: cannot load a tokenizer ({' '.join(str(e).split())[:200]})") from None
+    if len(tokenizer) > config.vocab_size:
+        raise ConfigError(f"{path}: model_path {model}: the model's vocab_size {config.vocab_size} is smaller than the "
+                          f"tokenizer's {len(tokenizer)} tokens (ids >= {config.vocab_size} have no embedding row); resize "
+                          "the model's embeddings or use its own tokenizer")
+    limit, how = family.max_positions(config)
+    if limit is not None and cfg.max_seq_len > limit:
+        raise ConfigError(f"{path}: 'max_seq_len' {cfg.max_seq_len} is above what the model's positions cover ({limit}, "
+                          f"{how}); lower max_seq_len or use a model whose rope scaling covers it")
 
 
 def holds_run(save: Path) -> bool:

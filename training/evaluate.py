@@ -16,7 +16,7 @@ import torch
 
 from data.collate import collate
 from data.encode import IGNORE_INDEX, EncodedDataset
-from training.batches import trained_tokens
+from data.packing import trained_tokens
 
 
 def subset(ds: EncodedDataset, keep: np.ndarray) -> EncodedDataset:

@@ -15,13 +15,14 @@ import torch
 
 from data.collate import pad_id_of
 from data.encode import load_dataset
-from data.packing import describe, pack
+from data.packing import describe, pack, trained_tokens
 from data.records import DataError, read_files, records_from_files
+from data.settings import data_settings_of, write_data_settings
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
 from models.convert import family_of
 from models.hf_io import SIDE_FILES, copy_side_files
 from models.lora import LORA_FILE, apply_lora, load_adapter_into, lora_info, parse_lora
-from training.batches import BatchPlan, step_micro_batches, trained_tokens
+from training.batches import BatchPlan, step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause, set_rng_state
 from training.config import ConfigError, TrainConfig
 from training.distributed import shutdown_distributed
@@ -147,7 +148,9 @@ class Trainer:
         ds, eval_set = found[0], (found[1] if len(found) > 1 else None)
         s = ds.stats
         self.log(f"data: {s.records} records -> {s.kept} samples ({s.dropped} dropped: no trained token within "
-                 f"max_seq_len {cfg.max_seq_len}; {s.truncated} truncated); cache {'hit' if s.cache_hit else 'written'}")
+                 f"max_seq_len {cfg.max_seq_len}; {s.truncated} truncated"
+                 + (f"; {s.spliced} split at a prompt / answer boundary" if s.spliced else "")
+                 + f"); cache {'hit' if s.cache_hit else 'written'}")
         if cfg.eval_split_ratio is not None:
             try:
                 ds, held = split_eval(ds, cfg.eval_split_ratio, cfg.seed)
@@ -187,6 +190,7 @@ class Trainer:
             for name in copy_side_files(Path(cfg.model_path), staging, SIDE_FILES):
                 os.replace(staging / name, save / name)
             staging.rmdir()
+            write_data_settings(save, data_settings_of(cfg.template_settings, self.tokenizer, cfg.max_seq_len))
         torch.distributed.barrier()
         tag = self.ckpts.latest() if cfg.resume in ("auto", True) else None
         self.state = self._run_state(0)

@@ -1,0 +1,108 @@
+"""Chat templates end to end: a tiny Llama trained on conversation records with "template": "chat" is prompted by
+demo.py with the recorded chat template; its prompt ids are the training prefix and generation stops at the
+template's end-of-turn token (not only at EOS, which a chat-trained model never emits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, GenerationConfig
+
+import convert_model
+import demo
+from data import inspect as data_inspect
+from data.settings import DATA_SETTINGS_FILE, read_data_settings
+from data.templates import CHAT_MESSAGES, TemplateSettings
+from data.tiny_tokenizer import CHAT_TEMPLATES, _texts_from_records, train_tiny_tokenizer
+from models.hf_io import SIDE_FILES
+
+ROOT = Path(__file__).resolve().parents[1]
+ANSWER = "Yes, gladly."
+RECORD = {"rounds": [["ask", "Can you help me with topic 3?"], ["ans", ANSWER]]}
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory) -> dict[str, Path]:
+    """Tokenizer with ChatML, a tiny Llama, 40 steps on conversations that all answer ANSWER, then an HF export."""
+    root = tmp_path_factory.mktemp("chat_run")
+    train_tiny_tokenizer(_texts_from_records(ROOT / "data" / "samples"), root / "tok", 512, "bpe", "chatml")
+    assert convert_model.main(["init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(root / "tok"),
+                               "--save-path", str(root / "base")]) == 0
+    with open(root / "conv.jsonl", "w") as f:
+        for i in range(32):
+            rounds = [["ask", f"Can you help me with topic {i}?"], ["ans", ANSWER]]
+            if i % 4 == 0:
+                rounds = [["ask", "Hello!"], ["ans", ANSWER], *rounds]
+            f.write(json.dumps({"rounds": rounds}) + "\n")
+    cfg = {"model_path": str(root / "base"), "save_path": str(root / "save"), "data_path": str(root / "conv.jsonl"),
+           "data_cache_dir": str(root / "cache"), "template": "chat", "max_seq_len": 64, "max_steps": 40, "seed": 1,
+           "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}}}
+    (root / "cfg.json").write_text(json.dumps(cfg))
+    env = {"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "train_ds.py", "--config", str(root / "cfg.json")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert convert_model.main(["pp_to_hg", "--input-path", str(root / "save"), "--save-path", str(root / "hf")]) == 0
+    return {"root": root, "save": root / "save", "hf": root / "hf", "cfg": root / "cfg.json"}
+
+
+def run_demo(capsys, model_path: Path, *extra: str) -> tuple[str, dict]:
+    argv = ["--model-path", str(model_path), "--record", json.dumps(RECORD), "--max-new-tokens", "24", "--show-ids",
+            "--no-stream", *extra]
+    assert demo.main(argv) == 0
+    out = capsys.readouterr()
+    ids = {k: v for line in out.err.splitlines() if line.startswith("{") for k, v in json.loads(line).items()}
+    return out.out, ids
+
+
+def test_settings_are_recorded_and_carried_by_the_export(chat_run):
+    saved = read_data_settings(chat_run["save"])
+    assert saved.template == TemplateSettings(template="chat") and saved.max_seq_len == 64
+    assert saved.chat_template == CHAT_TEMPLATES["chatml"][0] and saved.end_of_turn == "<|im_end|>"
+    assert (chat_run["hf"] / DATA_SETTINGS_FILE).read_text() == (chat_run["save"] / DATA_SETTINGS_FILE).read_text()
+    assert DATA_SETTINGS_FILE in SIDE_FILES
+
+
+@pytest.mark.parametrize("where", ["save", "hf"])
+def test_demo_prompts_with_the_training_prefix_and_stops_at_end_of_turn(chat_run, capsys, where):
+    tok = AutoTokenizer.from_pretrained(str(chat_run["hf"]))
+    text, ids = run_demo(capsys, chat_run[where])
+    assert data_inspect.main(["--config", str(chat_run["cfg"]), "--index", "3", "--json"]) == 0  # RECORD is record 3
+    train = json.loads(capsys.readouterr().out)
+    prompt = ids["prompt_ids"]
+    n = len(prompt)
+    assert train["input_ids"][:n] == prompt and train["labels"][n - 1] == -100 and train["labels"][n] != -100
+    messages = CHAT_MESSAGES["conversation"](RECORD)
+    assert prompt == tok.apply_chat_template(messages[:-1], add_generation_prompt=True)["input_ids"]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert ids["generated_ids"] == train["input_ids"][n:n + len(ids["generated_ids"])]  # the trained answer...
+    assert ids["generated_ids"][-1] == end and len(ids["generated_ids"]) < 24  # ...ending at the end-of-turn token
+    assert text == ANSWER + "\n"
+
+
+def test_template_override_and_stop_ids(chat_run, capsys):
+    """--template default renders the default template instead; stop ids are every generation-config EOS id, the
+    tokenizer's EOS and the template's end-of-turn token."""
+    _, ids = run_demo(capsys, chat_run["hf"], "--template", "default")
+    tok = AutoTokenizer.from_pretrained(str(chat_run["hf"]))
+    assert tok.decode(ids["prompt_ids"]).endswith("### Human: Can you help me with topic 3?\n### Assistant:")
+    gen = GenerationConfig(eos_token_id=[7, 9])
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert demo.stop_ids(gen, tok, TemplateSettings(template="chat")) == [7, 9, tok.eos_token_id, end]
+    assert demo.stop_ids(GenerationConfig(eos_token_id=7), tok, TemplateSettings()) == [7, tok.eos_token_id]
+
+
+def test_demo_cli_on_the_chat_checkpoint(chat_run):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    env.pop("WORLD_SIZE", None)
+    p = subprocess.run([sys.executable, "demo.py", "--model-path", str(chat_run["save"]), "--record",
+                        json.dumps(RECORD), "--max-new-tokens", "24"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == ANSWER + "\n" and "template 'chat'" in p.stderr

@@ -1,9 +1,12 @@
-"""Pad samples into fixed-shape batches: ((input_ids, position_ids, segment_ids), labels).
+"""Pad samples into batches: ((input_ids, position_ids, segment_ids), labels), all int64 [B, T].
 
-DeepSpeed's pipeline engine caches tensor shapes from the first micro-batch, so training batches
-are padded to exactly `max_seq_len`. Padding is segment 0 (attended by nothing). A sample may carry
-its own "position_ids" and "segment_ids" (a packed sequence, data/packing.py); otherwise it is one
-segment: segment id 1, position ids 0.. from its first real token. Padding has position id 0.
+Training: `collate_rows` builds a micro-batch straight from a data set's flat arrays (numpy, no per-token
+Python), right-padded to `padded_length`: the step's longest row rounded up to `pad_to_multiple_of`, never
+beyond max_seq_len, the same for every micro-batch of the step (the pipeline engine is told when it changes).
+`collate` / `collate_left` pad sample dicts (tests, generation). Padding is segment 0 (attended by nothing)
+with position id 0. A packed sequence (data/packing.py) has its own position ids (restarting at 0 per
+segment) and segment ids 1, 2, ...; otherwise a row is one segment: id 1, position ids 0.. from its first
+real token.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
-from data.encode import IGNORE_INDEX
+from data.encode import IGNORE_INDEX, EncodedDataset
+from data.packing import PackedDataset
 
 Batch = tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -52,3 +57,31 @@ def collate(samples: Sequence[Mapping[str, Sequence[int]]], max_seq_len: int | N
 def collate_left(samples: Sequence[Mapping[str, Sequence[int]]], max_seq_len: int | None, pad_id: int) -> Batch:
     """Left-pad (for batched generation); position ids still start at 0 on each first real token."""
     return _pad(samples, max_seq_len, pad_id, left=True)
+
+
+def padded_length(lengths: np.ndarray, multiple: int, max_seq_len: int) -> int:
+    """The longest of `lengths` rounded up to `multiple`, at most max_seq_len."""
+    longest = int(lengths.max()) if len(lengths) else 1
+    return min(max_seq_len, -(-longest // multiple) * multiple)
+
+
+def collate_rows(ds: EncodedDataset | PackedDataset, rows: Sequence[int], length: int, pad_id: int) -> Batch:
+    """Rows `rows` of `ds` (-1: an empty row, one pad token and no label) right-padded to `length`."""
+    shape = (len(rows), length)
+    ids, labels = np.full(shape, pad_id, np.int64), np.full(shape, IGNORE_INDEX, np.int64)
+    pos, seg = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    packed = isinstance(ds, PackedDataset)
+    for r, i in enumerate(rows):
+        if i < 0:
+            seg[r, 0] = 1
+            continue
+        a, b = ds.offsets[i], ds.offsets[i + 1]
+        n = b - a
+        if n > length:
+            raise ValueError(f"a sample has {n} tokens, more than the batch length {length}")
+        ids[r, :n], labels[r, :n] = ds.input_ids[a:b], ds.labels[a:b]
+        if packed:
+            pos[r, :n], seg[r, :n] = ds.positions_and_segments(i)
+        else:
+            pos[r, :n], seg[r, :n] = np.arange(n), 1
+    return tuple(torch.from_numpy(x) for x in (ids, pos, seg)), torch.from_numpy(labels)

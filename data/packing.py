@@ -71,11 +71,16 @@ class PackedDataset:
             raise IndexError(f"sequence {i} out of range ({len(self)} sequences)")
         i %= len(self)
         a, b = self.offsets[i], self.offsets[i + 1]
+        pos, seg = self.positions_and_segments(i)
+        return {"input_ids": self.input_ids[a:b].tolist(), "labels": self.labels[a:b].tolist(),
+                "position_ids": pos.tolist(), "segment_ids": seg.tolist()}
+
+    def positions_and_segments(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sequence i's position ids (0.. per segment) and segment ids (1, 2, ...), int64."""
+        a = self.offsets[i]
         bounds = self.seg_offsets[self.row_segments[i]:self.row_segments[i + 1] + 1] - a
         lens = np.diff(bounds)
-        return {"input_ids": self.input_ids[a:b].tolist(), "labels": self.labels[a:b].tolist(),
-                "position_ids": (np.arange(b - a) - np.repeat(bounds[:-1], lens)).tolist(),
-                "segment_ids": np.repeat(np.arange(1, len(lens) + 1), lens).tolist()}
+        return np.arange(bounds[-1]) - np.repeat(bounds[:-1], lens), np.repeat(np.arange(1, len(lens) + 1), lens)
 
     def segments_per_row(self) -> np.ndarray:
         return np.diff(self.row_segments)

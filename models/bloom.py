@@ -2,8 +2,9 @@
 LM head tied to the word embeddings.
 
 Between stages: (hidden [B,T,H] float, position_ids [B,T] int64, segment_ids [B,T] int64); the norm
-emits hidden alone, the head emits logits [B,T,V]. ALiBi and the segment-aware causal mask are
-recomputed on every block from the int64 tensors.
+emits hidden alone, the head emits logits [B,T,V]. ALiBi and the segment-aware additive mask are built
+from the int64 tensors once per micro-batch on each stage and shared by its blocks (models/attention.py);
+the attention itself is transformers' exact eager ALiBi attention.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from torch import nn
 from transformers import BloomConfig, BloomForCausalLM
 from transformers.models.bloom.modeling_bloom import BloomBlock, _get_alibi_slopes
 
+from .attention import CONTEXTS, additive_mask
 from .family import ModelFamily, register
 from .keymap import KeyMap
-from .pipeline import segment_causal_mask
 
 # HF key (as save_pretrained writes it) -> (slot, local key). Published checkpoints (bigscience/bloom*)
 # store the same keys without "transformer."; import accepts both. Block-local keys are BloomBlock's own.
@@ -63,13 +64,6 @@ def alibi_bias(position_ids: torch.Tensor, num_heads: int, dtype: torch.dtype) -
     return (slopes[None, :, None] * position_ids[:, None, :]).reshape(b * num_heads, 1, t).to(dtype)
 
 
-def additive_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B,T] segment ids -> [B,1,T,T] float: 0 where attention is allowed, the dtype's min elsewhere
-    (Bloom's eager attention adds the mask to the scores)."""
-    keep = segment_causal_mask(segment_ids)
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
-
-
 class BloomEmbeddingPipe(nn.Module):
     """Word embeddings + their LayerNorm (one unit, layer file 0); also the tied LM head's weight."""
 
@@ -86,8 +80,10 @@ class BloomEmbeddingPipe(nn.Module):
 class BloomBlockPipe(BloomBlock):
     def forward(self, inputs):
         hidden, position_ids, segment_ids = inputs
-        alibi = alibi_bias(position_ids, self.num_heads, hidden.dtype)
-        hidden = super().forward(hidden, alibi, additive_mask(segment_ids, hidden.dtype))[0]  # (hidden, attn weights)
+        pair, dtype = (position_ids, segment_ids), hidden.dtype
+        alibi = CONTEXTS.get(pair, ("alibi", self.num_heads, dtype), lambda: alibi_bias(position_ids, self.num_heads, dtype))
+        mask = CONTEXTS.get(pair, ("mask", dtype), lambda: additive_mask(segment_ids, dtype))
+        hidden = super().forward(hidden, alibi, mask)[0]  # (hidden, attn weights)
         return hidden, position_ids, segment_ids
 
 

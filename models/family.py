@@ -12,6 +12,9 @@ from torch import nn
 from .keymap import KeyMap
 from .pipeline import ModelConfigError
 
+# The cross-entropy's work per logit and token, in multiply-add equivalents: the fp32 cast, max, exp, sum,
+# log and the gradient's softmax - onehot, all memory-bound (about 8 passes over the logits).
+CE_COST_PER_VOCAB = 8
 ROPE_EXTENDING = ("linear", "dynamic", "yarn", "longrope", "llama3")  # rope types whose factor extends the context
 
 
@@ -35,11 +38,15 @@ class ModelFamily:
         """Specs per unit: the embedding, each block, then the head unit (final norm + LM head)."""
         return [1] * (self.num_blocks(config) + 1) + [2]
 
-    def unit_costs(self, config) -> list[float]:
-        """Per-token matmul parameters per unit, the auto-balance weights (the embedding is a lookup)."""
+    def unit_costs(self, config, seq_len: int | None = None) -> list[float]:
+        """Per-token multiply-adds per unit, the auto-balance weights (the embedding is a lookup). A block: its
+        matmul parameters, plus causal attention's scores and weighted sum at `seq_len` tokens (QK^T and AV,
+        2 x T x hidden over the full square, half of it causal: T x hidden). The head: hidden x vocab, plus the
+        cross-entropy's elementwise work over the vocabulary (CE_COST_PER_VOCAB per logit)."""
         with torch.device("meta"):
             block = sum(p.numel() for p in self.block_class(self.prepare_config(config), 0).parameters())
-        head = config.hidden_size * config.vocab_size
+        block += (seq_len or 0) * config.hidden_size
+        head = config.hidden_size * config.vocab_size + CE_COST_PER_VOCAB * config.vocab_size
         return [0.0] + [float(block)] * self.num_blocks(config) + [float(head)]
 
     @staticmethod

@@ -1,11 +1,14 @@
 """Llama family as a pipeline spec list: embedding, N LlamaDecoderLayers, final RMSNorm, LM head.
 
 Between stages: (hidden [B,T,H] float, position_ids [B,T] int64, segment_ids [B,T] int64); the
-norm emits hidden alone, the head emits logits [B,T,V]. RoPE cos/sin and the segment-aware causal
-mask are recomputed on every block from the int64 tensors.
+norm emits hidden alone, the head emits logits [B,T,V]. RoPE cos/sin and the attention context (row
+kind, mask / cu_seqlens / block mask: models/attention.py) are built from the int64 tensors once per
+micro-batch on each stage and shared by its blocks.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +17,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from .attention import CONTEXTS, PIPEFT_ATTENTION, attn_context
 from .family import ModelFamily, register
 from .keymap import KeyMap
-from .pipeline import segment_causal_mask
 
 # HF key -> (slot, local key). Block-local keys are LlamaDecoderLayer's own.
 KEY_MAP = KeyMap(
@@ -63,8 +66,15 @@ class LlamaEmbeddingPipe(nn.Embedding):
 
 
 class LlamaBlockPipe(LlamaDecoderLayer):
+    """LlamaDecoderLayer whose attention runs models.attention's path for the rows (`config.attn_implementation`
+    of the pipeline, default "auto"); the HF config itself is left as it is."""
+
     def __init__(self, config: LlamaConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
+        attn_config = copy.copy(config)
+        attn_config._attn_implementation = PIPEFT_ATTENTION
+        super().__init__(attn_config, layer_idx)
+        self.config = config  # the model's config: its identity keys the per-stage RoPE cache
+        self.attn_impl = getattr(config, "pipeft_attn_implementation", "auto")
         # Outside the module tree: .to(dtype) never touches it, so inv_freq stays fp32 as in HF.
         object.__setattr__(self, "rotary", LlamaRotaryEmbedding(config))
 
@@ -72,9 +82,10 @@ class LlamaBlockPipe(LlamaDecoderLayer):
         hidden, position_ids, segment_ids = inputs
         if self.rotary.inv_freq.device != hidden.device:
             self.rotary.to(hidden.device)
-        cos_sin = self.rotary(hidden, position_ids)
-        hidden = super().forward(hidden, attention_mask=segment_causal_mask(segment_ids), position_ids=position_ids,
-                                 position_embeddings=cos_sin)
+        pair = (position_ids, segment_ids)
+        cos_sin = CONTEXTS.get(pair, ("rope", id(self.config), hidden.dtype), lambda: self.rotary(hidden, position_ids))
+        ctx = attn_context(position_ids, segment_ids, self.attn_impl, hidden.dtype)
+        hidden = super().forward(hidden, position_ids=position_ids, position_embeddings=cos_sin, pipeft_ctx=ctx)
         return hidden, position_ids, segment_ids
 
 

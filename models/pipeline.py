@@ -112,22 +112,50 @@ def plan_stages(unit_sizes: Sequence[int], unit_costs: Sequence[float], num_stag
 # model-side helpers shared by the families
 
 
-def segment_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] int64 segment ids (0 = padding) -> [B, 1, T, T] bool, True = may attend.
+LOSS_CHUNK_ELEMENTS = 1 << 24  # logits per chunk of the loss (16M: 64 MB in fp32), whatever the vocabulary
 
-    Causal, never across segments, never to padding; a padding query sees only itself so no row is
-    empty (its output is never used)."""
-    t = segment_ids.shape[-1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    keep = same & (segment_ids[:, None, :] != 0)
-    keep &= torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
-    keep |= torch.eye(t, dtype=torch.bool, device=segment_ids.device)
-    return keep[:, None]
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed next-token cross entropy over [N, V] logits, computed N-chunk by N-chunk in fp32 so that the fp32
+    logits are never materialised whole. The gradient (softmax - onehot, in the logits' dtype) is computed in
+    the same pass when one is needed, so backward is a multiply; ignored rows get 0."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for a in range(0, logits.shape[0], rows):
+            x, t = logits[a:a + rows].float(), targets[a:a + rows]
+            valid = t != IGNORE_INDEX
+            safe = torch.where(valid, t, 0)
+            lse = torch.logsumexp(x, dim=-1)
+            total += ((lse - x.gather(1, safe[:, None])[:, 0]) * valid).sum()
+            if grad is not None:
+                g = torch.exp(x - lse[:, None])
+                g[torch.arange(len(t), device=g.device), safe] -= 1.0
+                grad[a:a + rows] = (g * valid[:, None]).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None
+
+
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum" | "mean") for [N, V] logits,
+    in chunks of at most LOSS_CHUNK_ELEMENTS logits (the same loss and gradients, never [N, V] in fp32 at once)."""
+    rows = max(1, LOSS_CHUNK_ELEMENTS // logits.shape[-1])
+    total = _ChunkedCrossEntropy.apply(logits, targets, rows)
+    if reduction == "sum":
+        return total
+    return total / (targets != IGNORE_INDEX).sum()
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Next-token cross entropy; labels are aligned with the inputs (shifted here) as in transformers'
-    ForCausalLMLoss, -100 ignored.
+    ForCausalLMLoss, -100 ignored; computed in chunks (`chunked_cross_entropy`).
 
     `labels` alone: the token mean of this micro-batch. `(labels, counts)` with int64 counts =
     [trained tokens in the global batch, micro-batches per global batch (GAS x data-parallel size)]:
@@ -138,10 +166,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | tuple[torch.Tens
     if isinstance(labels, (tuple, list)):
         labels, counts = labels
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    flat = logits.float().reshape(-1, logits.shape[-1])
+    flat = logits.reshape(-1, logits.shape[-1])
     if counts is None:
-        return F.cross_entropy(flat, shifted.reshape(-1), ignore_index=IGNORE_INDEX)
-    total = F.cross_entropy(flat, shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        return chunked_cross_entropy(flat, shifted.reshape(-1), reduction="mean")
+    total = chunked_cross_entropy(flat, shifted.reshape(-1))
     return total * counts[1].float() / counts[0].float()
 
 

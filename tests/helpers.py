@@ -49,11 +49,16 @@ def tiny_config(family: str, name: str, vocab_size: int = 300, **overrides):
     return {"llama": llama_config, "bloom": bloom_config}[family](name, vocab_size, **overrides)
 
 
-def sequential_from_hf(hf_model, family_name: str | None = None) -> SequentialModel:
-    """The pipeline spec list as one module, holding the HF model's weights (mapped by the key table);
-    the family is the config's model_type unless named."""
+def sequential_from_hf(hf_model, family_name: str | None = None, attn: str = "auto") -> SequentialModel:
+    """The pipeline spec list as one module, holding the HF model's weights (mapped by the key table), with
+    attention implementation `attn`; the family is the config's model_type unless named. The HF model's
+    config is not changed."""
+    import copy
+
+    from models.attention import set_attn_implementation
+
     family = get_family(family_name or hf_model.config.model_type)
-    config = hf_model.config
+    config = set_attn_implementation(copy.copy(hf_model.config), attn)
     seq = SequentialModel(family.layer_specs(config))
     hf_sd = hf_model.state_dict()
     n = family.num_blocks(config)

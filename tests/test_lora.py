@@ -8,7 +8,6 @@ weights (random A and B, so the adapters act from the first step; the pipeline s
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
@@ -25,16 +24,19 @@ from models import get_family
 from models.convert import hg_to_pp, pp_to_hg
 from models.hf_io import CheckpointError
 from tests.helpers import (
-    finish_deepspeed,
     ops_config,
     run_deepspeed,
-    start_deepspeed,
     tiny_config,
-    workers_of,
     write_word_records,
 )
-from tests.test_train_ops import checkpoint_tensors, hf_token_mean_loss, losses_of, metrics_of, wait_for
-from tests.test_train_reference import BETAS, GAS, LR, MICRO, SEED, SEQ, WD, reference_losses, write_records
+from tests.test_train_ops import (
+    checkpoint_tensors,
+    hf_token_mean_loss,
+    losses_of,
+    metrics_of,
+    sigterm_at_step_6_then_resume,
+)
+from tests.test_train_reference import BETAS, EPS, GAS, LR, MICRO, SEED, SEQ, WD, reference_losses, write_records
 from training.batches import BatchPlan
 
 pytestmark = pytest.mark.distributed
@@ -80,7 +82,7 @@ def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family,
         "data_cache_dir": str(tmp_path / "cache"), "use_grad_ckpt": family == "bloom",
         "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [procs, 1]}, **({"parts": parts} if parts else {})},
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS, "gradient_clipping": 1.0,
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": 1e-8, "weight_decay": WD,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD,
                                                   "torch_adam": True}},
         "lora": {"r": R, "alpha": ALPHA, "target_modules": targets, "adapter_path": str(tmp_path / "init_adapter"),
                  **({"modules_to_save": saves} if saves else {})},
@@ -95,7 +97,7 @@ def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family,
         assert [r[2].split("(")[1].strip(" )") for r in rows] == ["0", f"{blocks * per_block:,}", "0"]
 
     dataset = load_dataset(str(tmp_path / "train.jsonl"), tokenizer, SEQ, tmp_path / "cache", TemplateSettings())
-    plan = BatchPlan(len(dataset), MICRO, GAS, 1, SEED)
+    plan = BatchPlan(len(dataset), MICRO, GAS, 1, SEED, dataset.offsets[1:] - dataset.offsets[:-1])
     ref_model = {}
 
     def wrap(model):
@@ -160,14 +162,7 @@ def test_lora_checkpoint_is_small_and_resumes_bit_exactly_after_sigterm(tmp_path
 
     tmp_path = tmp_path_factory.mktemp("lora-resumed")
     cfg = ops_config(tmp_path, ops_model, lora=LORA, save_interval=3)
-    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "step:6:20"})
-    wait_for(lambda: (tmp_path / "out" / "metrics.jsonl").is_file() and 6 in losses_of(tmp_path / "out"), proc)
-    for w in workers_of(proc):
-        w.send_signal(signal.SIGTERM)
-    _, out = finish_deepspeed(proc, expect=0)
-    assert "received SIGTERM: saving at step 6 and exiting" in out
-    proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
-    assert f"resumed from {tmp_path / 'out' / 'global_step6'} at step 6" in proc.stdout
+    sigterm_at_step_6_then_resume(tmp_path, cfg)
     assert losses_of(tmp_path / "out") == losses_of(uninterrupted)
     a, b = tensors, checkpoint_tensors(tmp_path / "out" / "global_step8")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from models import ModelConfigError, get_family, parse_topology, plan_stages
+from models.family import CE_COST_PER_VOCAB
 from models.pipeline import balance
 from tests.helpers import llama_config
 
@@ -76,7 +77,18 @@ def test_auto_balance_gives_the_heavy_head_stage_fewer_blocks():
     family = get_family("llama")
     config = llama_config("gqa_llama3_rope", vocab_size=32000, num_hidden_layers=8)
     costs = family.unit_costs(config)
-    assert costs[0] == 0 and costs[-1] == config.hidden_size * config.vocab_size
+    assert costs[0] == 0 and costs[-1] == (config.hidden_size + CE_COST_PER_VOCAB) * config.vocab_size
     bounds = plan_stages(family.unit_sizes(config), costs, 2)
     first, last = bounds[1] - bounds[0], bounds[2] - bounds[1]
     assert bounds[-1] == config.num_hidden_layers + 3 and first > last
+
+
+def test_attention_cost_grows_with_seq_len_and_moves_blocks_to_the_head_stage():
+    """At a long max_seq_len attention's T^2 term makes blocks dearer against the (fixed) head: the head's
+    stage then takes more blocks than at a short one."""
+    family = get_family("llama")
+    config = llama_config("gqa_llama3_rope", vocab_size=32000, num_hidden_layers=8, hidden_size=64)
+    short, long = family.unit_costs(config, 128), family.unit_costs(config, 8192)
+    assert long[1] - short[1] == (8192 - 128) * config.hidden_size and long[-1] == short[-1]
+    last = [b[2] - b[1] for b in (plan_stages(family.unit_sizes(config), c, 2) for c in (short, long))]
+    assert last[1] > last[0]

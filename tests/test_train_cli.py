@@ -104,6 +104,10 @@ CASES = {  # name -> (config overrides, expected text)
     "max_seq_len above positions": ({"max_seq_len": 2048}, "'max_seq_len' 2048 is above what the model's positions "
                                     "cover (1024, max_position_embeddings); lower max_seq_len"),
     "save_path under a file": ({"save_path": "{tmp}/a_file/out"}, "/a_file, which is a file, not a directory"),
+    "attn flash on cpu": ({"attn_implementation": "flash_attention_2"}, "'attn_implementation' 'flash_attention_2': "
+                          "flash_attention_2 needs a CUDA device (this one is cpu)"),
+    "attn unknown": ({"attn_implementation": "sdpa2"}, "'attn_implementation' 'sdpa2': must be one of 'auto', 'sdpa'"),
+    "pad multiple": ({"pad_to_multiple_of": 0}, "'pad_to_multiple_of' must be >= 1, got 0"),
     "save_path unwritable": ({"save_path": "/sys/pipeft-out/run"}, "save_path /sys/pipeft-out/run is not writable: /sys "
                              "refuses new files"),
 }

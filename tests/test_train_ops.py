@@ -60,9 +60,9 @@ def wait_for(cond, proc, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def test_sigterm_saves_and_resume_is_bit_exact(tmp_path, ops_model, ops_uninterrupted):
-    cfg = ops_config(tmp_path, ops_model, save_interval=3)
-    # a pause after step 6's boundary work gives a known moment to preempt the run
+def sigterm_at_step_6_then_resume(tmp_path: Path, cfg: Path) -> None:
+    """Run `cfg`, preempt every training process with SIGTERM after step 6, then start it again to the end.
+    A pause after step 6's boundary work (PIPEFT_FAULT_PAUSE) gives a known moment to preempt the run."""
     proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "step:6:20"})
     wait_for(lambda: (tmp_path / "out" / "metrics.jsonl").is_file() and 6 in losses_of(tmp_path / "out"), proc)
     for w in workers_of(proc):  # as a cluster scheduler preempts a job: every training process gets SIGTERM
@@ -70,9 +70,28 @@ def test_sigterm_saves_and_resume_is_bit_exact(tmp_path, ops_model, ops_uninterr
     _, out = finish_deepspeed(proc, expect=0)
     assert "received SIGTERM: saving at step 6 and exiting" in out
     assert (tmp_path / "out" / "latest").read_text() == "global_step6" and sorted(losses_of(tmp_path / "out")) == list(range(1, 7))
-
     proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
     assert f"resumed from {tmp_path / 'out' / 'global_step6'} at step 6" in proc.stdout
+
+
+@pytest.mark.parametrize("over", [dict(group_by_length=True, pad_to_multiple_of=8),
+                                  dict(packing=True, group_by_length=True, max_seq_len=48)], ids=["grouped", "packed"])
+def test_resume_is_bit_exact_with_group_by_length_and_packing(tmp_path_factory, ops_model, over):
+    """Length-grouped batches whose row length changes between steps, and packed ones: preempted and resumed,
+    the run ends bit-identical to an uninterrupted one."""
+    full, cut = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("cut")
+    over = dict(save_interval=3, **over)
+    run_deepspeed("train_ds.py", ["--config", str(ops_config(full, ops_model, **over))])
+    if not over.get("packing"):
+        assert len({m["seq_len"] for m in metrics_of(full / "out")}) > 1  # the engine's activation shapes changed
+    sigterm_at_step_6_then_resume(cut, ops_config(cut, ops_model, **over))
+    assert losses_of(cut / "out") == losses_of(full / "out")
+    a, b = checkpoint_tensors(full / "out" / "global_step8"), checkpoint_tensors(cut / "out" / "global_step8")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_and_resume_is_bit_exact(tmp_path, ops_model, ops_uninterrupted):
+    sigterm_at_step_6_then_resume(tmp_path, ops_config(tmp_path, ops_model, save_interval=3))
     ref, got = losses_of(ops_uninterrupted), losses_of(tmp_path / "out")
     assert got == ref and list(got) == list(range(1, 9))  # steps 7-8 bit-identical, 1-6 kept from before
     a, b = checkpoint_tensors(ops_uninterrupted / "global_step8"), checkpoint_tensors(tmp_path / "out" / "global_step8")

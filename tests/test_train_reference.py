@@ -5,6 +5,8 @@ token mean over the global batch. Per-step losses (rtol 1e-4) and the weights ex
 
 Adam's first step is nearly sign(g), so a gradient error that keeps signs (a scale) only shows from
 step 2 on: hence several steps, and gradient clipping stated explicitly (DeepSpeed's default is 1.0).
+Adam's eps is 1e-6 on both sides: with 1e-8, a weight whose gradient is near zero (1e-9) turns the last-bit
+differences of another summation order (2 replicas, 2 stages) into a 3e-5 different update on some CPUs.
 
 With "packing", the run trains on packed sequences; the reference runs each packed segment alone through
 transformers (batched, padded), which gives the same token-mean loss as the packed global batch
@@ -36,6 +38,7 @@ pytestmark = pytest.mark.distributed
 
 STEPS, MICRO, GAS, SEQ, LR, WD, BETAS, SEED = 6, 2, 4, 128, 2e-3, 0.01, (0.9, 0.95), 7
 LION_LR, LION_BETAS = 3e-4, (0.9, 0.99)
+EPS = 1e-6
 WORDS = "pipeline stage layer token batch loss gradient weight model data train answer question reply".split()
 
 
@@ -88,7 +91,7 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float,
     if wrap is None:
         assert {g["name"]: g["weight_decay"] for g in groups} == {"decay": WD, "no_decay": 0.0}
     opt = LionReference(groups, LION_LR, LION_BETAS) if opt == "lion" else \
-        torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=1e-8)
+        torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
     losses = []
     for step in range(steps):
         idx = plan.global_indices(*plan.position(step))
@@ -108,16 +111,17 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float,
 
 @pytest.mark.parametrize("procs, dims, family, name, clip, ckpt, packing, opt", [
     (2, [2, 1], "llama", "gqa_tied", 1.0, False, False, "adamw"),  # the tied embedding/head on different stages
-    (4, [2, 2], "llama", "gqa_llama3_rope", 1.0, False, False, "adamw"),  # clipping by the norm over both stages and both replicas
+    (4, [2, 2], "llama", "gqa_llama3_rope", 1.0, False, False, "adamw+grouped"),  # clipping by the norm over both stages and both replicas; group_by_length
     (2, [2, 1], "llama", "mha_bias_untied", 0.0, True, False, "adamw"),  # activation checkpointing of the decoder blocks
     (2, [2, 1], "bloom", "tied", 1.0, True, False, "adamw"),  # tied embedding/head on different stages (auto balance), checkpointing
     (1, [1, 1], "bloom", "tied", 1.0, False, False, "adamw"),  # one stage: the embedding and the tied head on the same stage
-    (2, [2, 1], "llama", "mha_bias_untied", 1.0, False, True, "adamw"),  # packed sequences
+    (2, [2, 1], "llama", "mha_bias_untied", 1.0, False, True, "adamw+grouped"),  # packed sequences, group_by_length
     (2, [2, 1], "llama", "mha_bias_untied", 0.0, False, False, "lion"),  # Lion (lion-pytorch) vs the Lion formula
-], ids=["pipe2-tied-clip", "pipe2xdata2-clip", "pipe2-noclip-gradckpt", "bloom-pipe2-tied-gradckpt", "bloom-pipe1",
-        "pipe2-packing", "pipe2-lion"])
+], ids=["pipe2-tied-clip", "pipe2xdata2-clip-grouped", "pipe2-noclip-gradckpt", "bloom-pipe2-tied-gradckpt", "bloom-pipe1",
+        "pipe2-packing-grouped", "pipe2-lion"])
 def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing,
                                                    opt):
+    opt, grouped = opt.removesuffix("+grouped"), opt.endswith("+grouped")
     torch.manual_seed(0)
     hf = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer)))
     hf.save_pretrained(tmp_path / "hf")
@@ -127,10 +131,10 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
     config = {
         "model_path": str(tmp_path / "pp"), "save_path": str(tmp_path / "out"), "data_path": str(tmp_path / "train.jsonl"),
         "max_seq_len": SEQ, "max_steps": STEPS, "seed": SEED, "use_grad_ckpt": ckpt, "data_cache_dir": str(tmp_path / "cache"),
-        "packing": packing,
+        "packing": packing, "group_by_length": grouped, "pad_to_multiple_of": 16,
         "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": dims}},
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS, "gradient_clipping": clip,
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": 1e-8, "weight_decay": WD,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD,
                                                   "torch_adam": True}},
     }
     if opt == "lion":
@@ -154,7 +158,10 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     dataset = load_dataset(str(tmp_path / "train.jsonl"), tokenizer, SEQ, tmp_path / "cache", TemplateSettings(packing=packing))
     dataset = pack(dataset, SEQ, SEED) if packing else dataset
-    plan = BatchPlan(len(dataset), MICRO, GAS, dims[1], SEED)
+    plan = BatchPlan(len(dataset), MICRO, GAS, dims[1], SEED, dataset.offsets[1:] - dataset.offsets[:-1], grouped)
+    lengths = [m["seq_len"] for m in metrics]  # each step padded to its longest row, a multiple of 16
+    assert all(n % 16 == 0 and n <= SEQ for n in lengths)
+    assert packing or len(set(lengths)) > 1, lengths
     if packing:  # the log line, and metrics count the samples in each step's sequences
         st = dataset.stats
         assert f"packing: {st.samples} samples -> {st.sequences} sequences of {SEQ}, efficiency {st.efficiency:.1%}" in proc.stdout

@@ -1,31 +1,39 @@
 """Which samples make each step's global batch, and how they become pipeline micro-batches.
 
 The samples are a data set's samples, or its packed sequences with "packing" (data/packing.py).
-Every rank derives the same seeded order, so no communication is needed: data-parallel rank r
-takes a disjoint contiguous slice of each global batch, and the first and last stage of a
-pipeline (same data-parallel rank) read the same micro-batches in the same order. Each
-micro-batch carries the global batch's trained-token count for the global token-mean loss.
+Every rank derives the same seeded order, once per epoch, so no communication is needed: data-parallel
+rank r takes a disjoint contiguous slice of each global batch, and the first and last stage of a
+pipeline (same data-parallel rank) read the same micro-batches in the same order. Each micro-batch
+carries the global batch's trained-token count for the global token-mean loss. The rows of one step
+are padded to the step's longest row (rounded up to pad_to_multiple_of, data.collate.padded_length);
+with `group_by_length` the order is HF Trainer's LengthGroupedSampler's: megabatches of
+MEGABATCH_MULT global batches sorted longest first, so the rows of a step have similar lengths.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from data.collate import collate
+from data.collate import collate_rows, padded_length
 from data.encode import EncodedDataset
 from data.packing import PackedDataset
 
+MEGABATCH_MULT = 50  # transformers' LengthGroupedSampler: megabatches of 50 batches
 
-@dataclass(frozen=True)
+
+@dataclass(eq=False)
 class BatchPlan:
     num_samples: int
     micro_batch: int
     grad_accum: int
     dp_size: int
     seed: int
+    lengths: np.ndarray | None = None  # tokens per sample: needed for group_by_length and padded lengths
+    group_by_length: bool = False
+    _order: tuple[int, np.ndarray] | None = field(default=None, repr=False)  # (epoch, its order)
 
     @property
     def global_batch(self) -> int:
@@ -41,7 +49,25 @@ class BatchPlan:
         return divmod(step, self.steps_per_epoch)
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        """The epoch's sample order, computed once per epoch."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self._compute_order(epoch))
+        return self._order[1]
+
+    def _compute_order(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        if not self.group_by_length:
+            return perm
+        if self.lengths is None:
+            raise ValueError("group_by_length needs the samples' lengths")
+        mega = MEGABATCH_MULT * self.global_batch
+        chunks = [perm[i:i + mega] for i in range(0, len(perm), mega)]
+        chunks = [c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]  # longest first
+        order = np.concatenate(chunks)
+        starts = np.arange(0, len(order), mega)
+        longest = starts[int(np.argmax(self.lengths[order[starts]]))]  # as HF: the longest sample goes first,
+        order[[0, longest]] = order[[longest, 0]]  # so that running out of memory shows at the first step
+        return order
 
     def global_indices(self, epoch: int, step_in_epoch: int) -> np.ndarray:
         g = self.global_batch
@@ -53,14 +79,17 @@ class BatchPlan:
         mine = self.global_indices(epoch, step_in_epoch)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         return [mine[i:i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
 
+    def step_length(self, epoch: int, step_in_epoch: int, dp_rank: int, multiple: int, max_seq_len: int) -> int:
+        """The padded row length of this rank's micro-batches of the step (every rank of a pipeline agrees)."""
+        rows = np.concatenate(self.micro_indices(epoch, step_in_epoch, dp_rank))
+        return padded_length(self.lengths[rows], multiple, max_seq_len)
+
 
 def step_micro_batches(ds: EncodedDataset | PackedDataset, plan: BatchPlan, tokens: np.ndarray, epoch: int,
-                       step_in_epoch: int, dp_rank: int, max_seq_len: int, pad_id: int) -> list:
-    """[((input_ids, position_ids, segment_ids), (labels, counts))] for one step of one data-parallel rank."""
+                       step_in_epoch: int, dp_rank: int, length: int, pad_id: int) -> list:
+    """[((input_ids, position_ids, segment_ids), (labels, counts))] for one step of one data-parallel rank,
+    rows padded to `length` (plan.step_length)."""
     n_global = int(tokens[plan.global_indices(epoch, step_in_epoch)].sum())
     counts = torch.tensor([max(n_global, 1), plan.grad_accum * plan.dp_size], dtype=torch.int64)
-    out = []
-    for idx in plan.micro_indices(epoch, step_in_epoch, dp_rank):
-        inputs, labels = collate([ds[int(i)] for i in idx], max_seq_len, pad_id)
-        out.append((inputs, (labels, counts)))
-    return out
+    return [(inputs, (labels, counts)) for inputs, labels in
+            (collate_rows(ds, idx, length, pad_id) for idx in plan.micro_indices(epoch, step_in_epoch, dp_rank))]

@@ -19,6 +19,7 @@ import torch
 
 from data.records import DataError, resolve_files
 from data.templates import TemplateSettings
+from models.attention import attn_problem
 from models.convert import family_of
 from models.hf_io import CheckpointError
 from models.lora import LoraSettings, check_adapter_keys, parse_lora, read_lora_info
@@ -66,6 +67,10 @@ class TrainConfig:
     packing: bool = False  # several samples per max_seq_len sequence (data/packing.py)
     split_long_pretrain: bool = False  # with packing: split pretrain text longer than max_seq_len, not truncate
     data_cache_dir: str | None = None  # default: .cache beside the first data file
+    # throughput (models/attention.py, training/batches.py)
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | flex_attention
+    pad_to_multiple_of: int = 64  # a step's rows are padded to its longest row, rounded up to this (<= max_seq_len)
+    group_by_length: bool = False  # length-grouped global batches (HF Trainer's megabatches), seeded
     # checkpoints and resume (training/checkpoint.py)
     save_interval: int | None = None  # steps between checkpoints (None: only at the end)
     keep_last: int | None = None  # newest checkpoints kept (None: all)
@@ -107,13 +112,14 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,), "log_interval": (int,), "pretrain_eos": (bool,), "template": (str,),
     "train_on_prompt": (bool,), "last_answer_only": (bool,), "packing": (bool,),
     "split_long_pretrain": (bool,), "data_cache_dir": (str, type(None)), "model_topo": (dict,),
+    "attn_implementation": (str,), "pad_to_multiple_of": (int,), "group_by_length": (bool,),
     "save_interval": (int, type(None)), "keep_last": (int, type(None)), "resume": (str, bool),
     "overwrite_save_path": (bool,), "eval_data_path": (str, list, type(None)), "eval_split_ratio": (float, type(None)),
     "eval_interval": (int, type(None)), "early_stopping_patience": (int, type(None)), "keep_best": (int, type(None)),
     "lr_schedule": (dict, type(None)), "decay_norm_and_bias": (bool,), "max_bad_steps": (int,),
     "lora": (dict, type(None)),
 }
-_MIN = {"max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0, "save_interval": 1,
+_MIN = {"pad_to_multiple_of": 1, "max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0, "save_interval": 1,
         "keep_last": 1, "eval_interval": 1, "early_stopping_patience": 1, "keep_best": 1, "max_bad_steps": 1}
 
 
@@ -341,6 +347,15 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
         raise ConfigError(f"{path}: model_path {model}: the model's vocab_size {config.vocab_size} is smaller than the "
                           f"tokenizer's {len(tokenizer)} tokens (ids >= {config.vocab_size} have no embedding row); resize "
                           "the model's embeddings or use its own tokenizer")
+    attn = cfg.attn_implementation
+    if attn not in ("auto", "eager"):
+        from deepspeed.accelerator import get_accelerator
+
+        device = get_accelerator().device_name()
+    else:
+        device = "cpu"  # any device runs these
+    if problem := attn_problem(attn, family.model_type, device):
+        raise ConfigError(f"{path}: 'attn_implementation' {attn!r}: {problem}")
     limit, how = family.max_positions(config)
     if limit is not None and cfg.max_seq_len > limit:
         raise ConfigError(f"{path}: 'max_seq_len' {cfg.max_seq_len} is above what the model's positions cover ({limit}, "
@@ -400,7 +415,7 @@ def _check_parts(cfg: TrainConfig, path: Path, world_size: int) -> None:
     try:
         family, config = family_of(Path(cfg.model_path))
         axes, dims = parse_topology(cfg.model_topo, world_size)
-        plan_stages(family.unit_sizes(config), family.unit_costs(config), dims[axes.index("pipe")],
+        plan_stages(family.unit_sizes(config), family.unit_costs(config, cfg.max_seq_len), dims[axes.index("pipe")],
                     cfg.model_topo.get("parts"))
     except (ModelConfigError, CheckpointError) as e:
         raise ConfigError(f"{path}: {e}") from None

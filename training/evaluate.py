@@ -4,7 +4,8 @@ Each `engine.eval_batch` call evaluates `micro x num_micro x dp` samples; a micr
 summed token loss x (num_micro x dp) / (trained tokens of the whole eval set), so DeepSpeed's average
 over micro-batches and data-parallel ranks makes each call's result that call's share of the token
 mean, and the calls' results add up to the eval set's token-mean loss. The last call is filled up with
-empty samples (no trained token), which add nothing.
+empty rows (no trained token), which add nothing. Each call's rows are padded to its longest row
+(rounded up to pad_to_multiple_of).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import math
 import numpy as np
 import torch
 
-from data.collate import collate
-from data.encode import IGNORE_INDEX, EncodedDataset
+from data.collate import collate_rows, padded_length
+from data.encode import EncodedDataset
 from data.packing import trained_tokens
 
 
@@ -55,15 +56,23 @@ class EvalPlan:
         self.calls = math.ceil(len(ds) / self.per_call)
         self.tokens = int(trained_tokens(ds).sum())
 
-    def micro_batches(self, call: int, dp_rank: int, max_seq_len: int, pad_id: int) -> list:
-        """[((input_ids, position_ids, segment_ids), (labels, counts))] of one call for one data-parallel rank."""
+    def rows(self, call: int, dp_rank: int) -> np.ndarray:
+        """The sample indices of one call for one data-parallel rank; -1 fills the last call (an empty row)."""
         per_rank = self.micro_batch * self.num_micro
-        start = call * self.per_call + dp_rank * per_rank
-        empty = {"input_ids": [pad_id], "labels": [IGNORE_INDEX]}
-        samples = [self.ds[i] if i < len(self.ds) else empty for i in range(start, start + per_rank)]
+        idx = np.arange(call * self.per_call + dp_rank * per_rank, call * self.per_call + (dp_rank + 1) * per_rank)
+        return np.where(idx < len(self.ds), idx, -1)
+
+    def call_length(self, call: int, dp_rank: int, multiple: int, max_seq_len: int) -> int:
+        """The padded row length of the call's micro-batches on this rank (data.collate.padded_length)."""
+        rows = self.rows(call, dp_rank)
+        rows = rows[rows >= 0]
+        return padded_length(self.ds.offsets[rows + 1] - self.ds.offsets[rows], multiple, max_seq_len)
+
+    def micro_batches(self, call: int, dp_rank: int, length: int, pad_id: int) -> list:
+        """[((input_ids, position_ids, segment_ids), (labels, counts))] of one call for one data-parallel rank,
+        padded to `length` (call_length)."""
+        rows = self.rows(call, dp_rank)
         counts = torch.tensor([max(self.tokens, 1), self.num_micro * self.dp_size], dtype=torch.int64)
-        out = []
-        for i in range(0, per_rank, self.micro_batch):
-            inputs, labels = collate(samples[i:i + self.micro_batch], max_seq_len, pad_id)
-            out.append((inputs, (labels, counts)))
-        return out
+        return [(inputs, (labels, counts)) for inputs, labels in
+                (collate_rows(self.ds, rows[i:i + self.micro_batch], length, pad_id)
+                 for i in range(0, len(rows), self.micro_batch))]

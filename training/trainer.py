@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from data.packing import describe, pack, trained_tokens
 from data.records import DataError, read_files, records_from_files
 from data.settings import data_settings_of, write_data_settings
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
+from models.attention import set_attn_implementation
 from models.convert import family_of
 from models.hf_io import SIDE_FILES, copy_side_files
 from models.lora import LORA_FILE, apply_lora, load_adapter_into, lora_info, parse_lora
@@ -40,6 +42,8 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.stop_signal: str | None = None
         self.monitor: Monitor | None = None
+        self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")  # the next step's batches
+        self.row_length: int | None = None  # the engine's current activation length
 
     def log(self, msg: str) -> None:
         if self.monitor is not None:
@@ -84,18 +88,21 @@ class Trainer:
         axes, dims = parse_topology(cfg.model_topo, self.world)
         topo = ProcessTopology(axes=axes, dims=dims)
         self.dp_size, self.pp_size = dims[axes.index("data")], dims[axes.index("pipe")]
-        self.plan = BatchPlan(len(self.dataset), cfg.micro_batch, cfg.grad_accum, self.dp_size, cfg.seed)
+        self.lengths = self.dataset.offsets[1:] - self.dataset.offsets[:-1]
+        self.plan = BatchPlan(len(self.dataset), cfg.micro_batch, cfg.grad_accum, self.dp_size, cfg.seed, self.lengths,
+                              cfg.group_by_length)
         if self.plan.steps_per_epoch == 0:  # before any layer is built
             raise ConfigError(f"{cfg.path}: {len(self.dataset)} {self.unit}s are fewer than one global batch "
                               f"({self.plan.global_batch} = micro x accumulation x data-parallel)")
         self.total_steps = cfg.max_steps or cfg.n_epoches * self.plan.steps_per_epoch
         self.tokens = trained_tokens(self.dataset)
-        self.lengths = self.dataset.offsets[1:] - self.dataset.offsets[:-1]
         self.samples_per_row = self.dataset.segments_per_row() if cfg.packing else np.ones(len(self.dataset), np.int64)
         self.eval_plan = EvalPlan(self.eval_set, cfg.micro_batch, cfg.grad_accum, self.dp_size) if self.eval_set else None
 
         parts = cfg.model_topo.get("parts")  # checked against the model by load_config
-        bounds_fn = lambda n: plan_stages(self.family.unit_sizes(self.config), self.family.unit_costs(self.config), n, parts)  # noqa: E731
+        costs = self.family.unit_costs(self.config, cfg.max_seq_len)
+        bounds_fn = lambda n: plan_stages(self.family.unit_sizes(self.config), costs, n, parts)  # noqa: E731
+        set_attn_implementation(self.config, cfg.attn_implementation)
         model = PipelineModel(self.family.layer_specs(self.config), bounds_fn, topo, loss_fn=causal_lm_loss,
                               grad_ckpt_layers=[self.family.block_class.__name__] if cfg.use_grad_ckpt else None)
         if cfg.from_scratch:
@@ -240,9 +247,14 @@ class Trainer:
             est = total * weight_b + trainable * (grad_b + state_b / shard)
             self.log(f"  {stage:5d} | {lo:3d}..{hi - 1:<3d} | {fmt_count(total):>10} ({fmt_count(trainable)}) | {fmt_bytes(est)}")
         g = self.plan.global_batch
-        self.log(f"global batch: {g} {self.unit}s x {self.cfg.max_seq_len} tokens = {g * self.cfg.max_seq_len} tokens "
-                 f"({self.cfg.micro_batch} micro x {self.cfg.grad_accum} accumulation x {self.dp_size} replicas); "
+        cfg = self.cfg
+        self.log(f"global batch: {g} {self.unit}s of up to {cfg.max_seq_len} tokens ({cfg.micro_batch} micro x "
+                 f"{cfg.grad_accum} accumulation x {self.dp_size} replicas), padded per step to its longest row "
+                 f"(a multiple of {cfg.pad_to_multiple_of}){'; length-grouped' if cfg.group_by_length else ''}; "
                  f"{self.plan.steps_per_epoch} steps per epoch, {self.total_steps} steps")
+        self.log(f"attention: {cfg.attn_implementation} (rows of one segment: causal SDPA, no mask; packed or "
+                 "left-padded rows: " + ("exact eager ALiBi)" if self.family.model_type == "bloom" else
+                                         "varlen / block mask / dense segment mask, as available)"))
         self.log(f"optimizer: {self.opt_note}; DeepSpeed runs it as {type(e.optimizer).__name__}")
         clip = e.gradient_clipping()
         default = "" if "gradient_clipping" in self.cfg.ds_config else " (DeepSpeed's default; set gradient_clipping 0 to disable)"
@@ -290,19 +302,31 @@ class Trainer:
 
         engine._take_model_step = guarded
 
-    def batches_for(self, step: int) -> list:
+    def batches_for(self, step: int) -> tuple[int, list]:
+        """(row length, micro-batches) of a step for this rank; middle stages read nothing but the length."""
+        cfg = self.cfg
         epoch, in_epoch = self.plan.position(step)
+        length = self.plan.step_length(epoch, in_epoch, self.dp_rank, cfg.pad_to_multiple_of, cfg.max_seq_len)
         if not (self.engine.is_first_stage() or self.engine.is_last_stage()):
-            return []  # middle stages read nothing
-        return step_micro_batches(self.dataset, self.plan, self.tokens, epoch, in_epoch, self.dp_rank,
-                                  self.cfg.max_seq_len, self.pad_id)
+            return length, []
+        return length, step_micro_batches(self.dataset, self.plan, self.tokens, epoch, in_epoch, self.dp_rank, length,
+                                          self.pad_id)
+
+    def _use_length(self, length: int) -> None:
+        """Tell the pipeline engine when the row length changes (it caches activation shapes). Every rank of a
+        pipeline computes the same lengths, so all its stages reset together."""
+        if length != self.row_length:
+            self.engine.reset_activation_shape()
+            self.row_length = length
 
     def evaluate(self) -> float:
         """Token-mean loss over the whole eval set (every rank gets it)."""
-        total, ep = 0.0, self.eval_plan
+        total, ep, cfg = 0.0, self.eval_plan, self.cfg
         io = self.engine.is_first_stage() or self.engine.is_last_stage()
         for call in range(ep.calls):
-            batches = ep.micro_batches(call, self.dp_rank, self.cfg.max_seq_len, self.pad_id) if io else []
+            length = ep.call_length(call, self.dp_rank, cfg.pad_to_multiple_of, cfg.max_seq_len)
+            batches = ep.micro_batches(call, self.dp_rank, length, self.pad_id) if io else []
+            self._use_length(length)
             total += float(self.engine.eval_batch(data_iter=iter(batches)))
         return total
 
@@ -336,10 +360,17 @@ class Trainer:
             self.log(f"nothing to do: this run finished at step {st.step} (a new run needs another save_path, or "
                      "\"resume\": false with \"overwrite_save_path\": true)")
             return
+        pending = self.prefetch.submit(self.batches_for, st.step)
         while st.step < self.total_steps:
             step = st.step
             self.grad_norm = None
-            loss = float(self.engine.train_batch(data_iter=iter(self.batches_for(step))))
+            wait = time.perf_counter()
+            length, batches = pending.result()
+            data_s = time.perf_counter() - wait
+            if step + 1 < self.total_steps:  # the next step's micro-batches are built while this one runs
+                pending = self.prefetch.submit(self.batches_for, step + 1)
+            self._use_length(length)
+            loss = float(self.engine.train_batch(data_iter=iter(batches)))
             st.step = step + 1
             epoch, in_epoch = self.plan.position(step)
             idx = self.plan.global_indices(epoch, in_epoch)
@@ -349,7 +380,8 @@ class Trainer:
             st.bad_steps = st.bad_steps + 1 if bad else 0
             rec = {"step": st.step, "loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": norm,
                    "tokens": int(self.lengths[idx].sum()), "trained_tokens": int(self.tokens[idx].sum()),
-                   "samples": int(self.samples_per_row[idx].sum()), "sequences": len(idx), "epoch": epoch}
+                   "samples": int(self.samples_per_row[idx].sum()), "sequences": len(idx), "epoch": epoch,
+                   "seq_len": length, "data_s": round(data_s, 6)}
             if not self.engine._step_applied:
                 rec["skipped"] = True
             if bad:
@@ -420,6 +452,7 @@ class Trainer:
         return st.step
 
     def close(self) -> None:
+        self.prefetch.shutdown(wait=True, cancel_futures=True)
         if self.monitor is not None:
             self.monitor.close()
         shutdown_distributed()

@@ -1,0 +1,230 @@
+"""Attention for the pipeline blocks: the kernel each micro-batch's rows allow, and work done once per stage.
+
+Rows are told apart by their segment ids ([B, T] int64, 0 = padding):
+- "causal": every row is one segment, right-padded (the unpacked default). No mask tensor: SDPA with
+  `is_causal` and native GQA (the flash kernel on CUDA), or flash-attn's `flash_attn_func`. Exact for the
+  real tokens: the pads come last, and their outputs carry no loss.
+- "segments": packed rows (several segments) or left padding. flash-attn's `flash_attn_varlen_func` over
+  `cu_seqlens` (CUDA with flash-attn installed), else FlexAttention with a block mask (CUDA; it has no
+  backward on CPU), else SDPA with the dense segment mask. Every path is exact per segment.
+
+`attn_implementation` (config key): "auto" picks the fastest exact path per row kind; "sdpa", "eager",
+"flash_attention_2", "flex_attention" force one (eager: transformers' eager attention with an additive
+mask, the reference). Bloom keeps its exact ALiBi (eager) attention whatever is asked.
+
+Once per stage, not per block: every block of a stage receives the very same position_ids / segment_ids
+tensors, so `StageContexts`, keyed by those tensors' identity, builds RoPE cos/sin, the row kind, the mask /
+cu_seqlens / block mask (and Bloom's ALiBi) once per micro-batch and serves them to all the stage's blocks,
+and to activation checkpointing's recompute while the same tensors come back. `BUILDS` counts the builds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+PIPEFT_ATTENTION = "pipeft"  # the name our attention function is registered under in transformers
+BUILDS: Counter = Counter()  # what StageContexts built: "rope", "kind", "mask", "cu_seqlens", "block_mask", "alibi"
+
+
+def set_attn_implementation(config: Any, name: str) -> Any:
+    """`config` for the pipeline's layer specs with attention implementation `name` (see ATTN_IMPLEMENTATIONS);
+    transformers' own `_attn_implementation` is left alone (the blocks call through PIPEFT_ATTENTION)."""
+    config.pipeft_attn_implementation = name
+    return config
+
+
+def flash_attn_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def flex_available(device_type: str) -> bool:
+    if device_type != "cuda":  # torch 2.13: "FlexAttention does not support backward on CPU"
+        return False
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def attn_problem(name: str, family: str, device_type: str) -> str | None:
+    """Why `attn_implementation` `name` cannot run for `family` on `device_type`, None when it can."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        return f"must be one of {', '.join(map(repr, ATTN_IMPLEMENTATIONS))}"
+    if family == "bloom" and name not in ("auto", "eager"):
+        return "Bloom's ALiBi attention has one exact path (eager, with the mask and ALiBi built once per stage); use \"auto\""
+    if name == "flash_attention_2":
+        if device_type != "cuda":
+            return f"flash_attention_2 needs a CUDA device (this one is {device_type})"
+        if importlib.util.find_spec("flash_attn") is None:
+            return "flash_attention_2 needs the flash-attn package (pip install flash-attn), which is not installed"
+    if name == "flex_attention" and not flex_available(device_type):
+        return (f"flex_attention has no backward on {device_type} in this torch ({torch.__version__}); "
+                "use \"auto\" or \"sdpa\"")
+    return None
+
+
+def row_kind(segment_ids: torch.Tensor) -> str:
+    """"causal" when every row is one segment followed by right padding (ids 1..1 0..0), else "segments"."""
+    one = bool((segment_ids.max() <= 1) & (segment_ids[:, 0] == 1).all()
+               & (segment_ids[:, 1:] <= segment_ids[:, :-1]).all())
+    return "causal" if one else "segments"
+
+
+def segment_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] int64 segment ids (0 = padding) -> [B, 1, T, T] bool, True = may attend.
+
+    Causal, never across segments, never to padding; a padding query sees only itself so no row is
+    empty (its output is never used)."""
+    t = segment_ids.shape[-1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    keep = same & (segment_ids[:, None, :] != 0)
+    keep &= torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
+    keep |= torch.eye(t, dtype=torch.bool, device=segment_ids.device)
+    return keep[:, None]
+
+
+def additive_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B,T] segment ids -> [B,1,T,T] float: 0 where attention is allowed, the dtype's min elsewhere (what
+    eager attention adds to the scores)."""
+    keep = segment_causal_mask(segment_ids)
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+class StageContexts:
+    """Per-micro-batch values built once per stage: keyed by the identity (and in-place version) of the
+    position_ids / segment_ids tensors (held, so an id is never reused while its entry lives) and a tag; the `size` newest are kept
+    (1F1B keeps at most one micro-batch per stage in flight, plus the recompute)."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+
+    def get(self, tensors: tuple, tag: tuple, build: Callable[[], Any]) -> Any:
+        key = (*(id(t) for t in tensors), *(t._version for t in tensors), *tag)  # _version: changed in place
+        hit = self.entries.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], tensors, strict=True)):
+            self.entries.move_to_end(key)
+            return hit[1]
+        value = build()
+        BUILDS[tag[0]] += 1
+        self.entries[key] = (tensors, value)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+CONTEXTS = StageContexts()  # one process = one stage
+
+
+@dataclass(frozen=True)
+class AttnContext:
+    """How one micro-batch's attention runs on this stage, and what that path needs."""
+
+    path: str  # "sdpa_causal" | "sdpa_mask" | "eager" | "flash" | "flash_varlen" | "flex"
+    mask: torch.Tensor | None = None  # bool [B,1,T,T] (sdpa_mask) or additive float (eager)
+    cu_seqlens: torch.Tensor | None = None  # int32 [segments + 1] over the flattened batch (flash_varlen)
+    max_seqlen: int = 0
+    block_mask: Any = None  # FlexAttention BlockMask (flex)
+
+
+def choose_path(impl: str, kind: str, device_type: str) -> str:
+    if impl == "eager":
+        return "eager"
+    if impl == "sdpa":
+        return "sdpa_causal" if kind == "causal" else "sdpa_mask"
+    if impl == "flash_attention_2":
+        return "flash" if kind == "causal" else "flash_varlen"
+    if impl == "flex_attention":
+        return "flex"
+    if kind == "causal":  # auto: SDPA's is_causal path is flash attention on CUDA already
+        return "sdpa_causal"
+    if device_type == "cuda" and flash_attn_available():
+        return "flash_varlen"
+    return "flex" if flex_available(device_type) else "sdpa_mask"
+
+
+def _cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sequence starts over the flattened [B*T] batch: every segment starts at position 0, and so does each pad
+    (a length-1 sequence of its own); -> (int32 cu_seqlens, max length)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).reshape(-1)
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _block_mask(segment_ids: torch.Tensor) -> Any:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, t = segment_ids.shape
+
+    def document_causal(bi, hi, qi, ki):  # noqa: ARG001  (the head index: one mask for every head)
+        return (segment_ids[bi, qi] == segment_ids[bi, ki]) & (qi >= ki) & ((segment_ids[bi, ki] != 0) | (qi == ki))
+
+    return create_block_mask(document_causal, b, None, t, t, device=segment_ids.device)
+
+
+def attn_context(position_ids: torch.Tensor, segment_ids: torch.Tensor, impl: str, dtype: torch.dtype) -> AttnContext:
+    """This micro-batch's attention context on this stage, built once (see StageContexts)."""
+    pair = (position_ids, segment_ids)
+    kind = CONTEXTS.get(pair, ("kind",), lambda: row_kind(segment_ids))
+    path = choose_path(impl, kind, segment_ids.device.type)
+    if path == "sdpa_mask":
+        return AttnContext(path, mask=CONTEXTS.get(pair, ("mask", "bool"), lambda: segment_causal_mask(segment_ids)))
+    if path == "eager":
+        return AttnContext(path, mask=CONTEXTS.get(pair, ("mask", dtype), lambda: additive_mask(segment_ids, dtype)))
+    if path == "flash_varlen":
+        cu, longest = CONTEXTS.get(pair, ("cu_seqlens",), lambda: _cu_seqlens(position_ids))
+        return AttnContext(path, cu_seqlens=cu, max_seqlen=longest)
+    if path == "flex":
+        return AttnContext(path, block_mask=CONTEXTS.get(pair, ("block_mask",), lambda: _block_mask(segment_ids)))
+    return AttnContext(path)
+
+
+_compiled_flex: Callable | None = None
+
+
+def pipeft_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     pipeft_ctx: AttnContext | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface, run by the path in `pipeft_ctx`. q [B,H,T,D], k/v [B,KV,T,D] ->
+    ([B,T,H,D], None)."""
+    global _compiled_flex
+    ctx = pipeft_ctx if pipeft_ctx is not None else AttnContext("sdpa_mask", mask=attention_mask)
+    if ctx.path == "sdpa_causal":
+        return sdpa_attention_forward(module, query, key, value, None, dropout, scaling, is_causal=True)
+    if ctx.path == "sdpa_mask":
+        return sdpa_attention_forward(module, query, key, value, ctx.mask, dropout, scaling, is_causal=False)
+    if ctx.path == "eager":
+        return eager_attention_forward(module, query, key, value, ctx.mask, scaling=scaling, dropout=dropout)
+    if ctx.path == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if _compiled_flex is None and query.is_cuda:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        run = _compiled_flex if query.is_cuda else flex_attention  # compiled on CUDA; eager (forward only) elsewhere
+        out = run(query, key, value, block_mask=ctx.block_mask, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B,T,heads,D]
+    p = dropout if module.training else 0.0
+    if ctx.path == "flash":
+        return flash_attn_func(q, k, v, dropout_p=p, softmax_scale=scaling, causal=True), None
+    b, t = q.shape[:2]
+    out = flash_attn_varlen_func(q.reshape(b * t, *q.shape[2:]), k.reshape(b * t, *k.shape[2:]),
+                                 v.reshape(b * t, *v.shape[2:]), ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen,
+                                 ctx.max_seqlen, dropout_p=p, softmax_scale=scaling, causal=True)
+    return out.reshape(b, t, *out.shape[1:]), None
+
+
+AttentionInterface.register(PIPEFT_ATTENTION, pipeft_attention)

@@ -1,0 +1,197 @@
+"""Every attention path that runs on CPU against transformers (LlamaForCausalLM, BloomForCausalLM holding the same
+weights): logits (atol 1e-5, fp32), loss and every gradient, for rows without padding, right-padded, left-padded
+and packed; causality and segment isolation for each path; which path each row kind takes; RoPE, the row kind
+and the mask built once per stage per micro-batch; and the config check of `attn_implementation`.
+
+FlexAttention has no backward on CPU (torch 2.13): its forward is checked here; training with it needs CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BloomForCausalLM, LlamaForCausalLM
+
+from models import causal_lm_loss, get_family
+from models.attention import BUILDS, CONTEXTS, attn_context, attn_problem
+from tests.helpers import assert_causal, assert_segments_isolated, make_batch, sequential_from_hf, tiny_config
+
+ATOL = 1e-5
+PADDINGS = {"none": [12, 12, 12], "right": [12, 9, 5], "left": [12, 7, 4]}
+CASES = [("llama", "gqa_tied", "auto"), ("llama", "gqa_tied", "sdpa"), ("llama", "gqa_tied", "eager"),
+         ("llama", "mha_bias_untied", "auto"), ("llama", "gqa_llama3_rope", "auto"),
+         ("bloom", "heads6_postln", "auto"), ("bloom", "tied", "eager"), ("bloom", "untied", "auto")]
+HF = {"llama": LlamaForCausalLM, "bloom": BloomForCausalLM}
+
+
+def _pair(family: str, name: str, attn: str, seed: int = 0):
+    torch.manual_seed(seed)
+    hf = HF[family](tiny_config(family, name)).float()
+    return hf, sequential_from_hf(hf, attn=attn)
+
+
+def _assert_grads_match(seq, hf) -> None:
+    family = get_family(hf.config.model_type)
+    n = family.num_blocks(hf.config)
+    ours = {family.key_map.to_hf(int(idx), k, n): p.grad for idx, mod in seq.layers.items()
+            for k, p in mod.named_parameters()}
+    theirs = {k: p.grad for k, p in hf.named_parameters()}  # tied: one entry, both uses summed
+    assert set(ours) == set(theirs), set(ours) ^ set(theirs)
+    for k, g in theirs.items():
+        assert g is not None and ours[k] is not None, k
+        torch.testing.assert_close(ours[k], g, atol=ATOL, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _hf_forward(hf, ids, mask, pos, labels):
+    kw = {} if hf.config.model_type == "bloom" else {"position_ids": pos}  # Bloom's ALiBi: cumsum(mask) - 1
+    return hf(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+
+
+@pytest.mark.parametrize("padding", sorted(PADDINGS))
+@pytest.mark.parametrize("family, name, attn", CASES)
+def test_padded_rows_match_transformers(family, name, attn, padding):
+    hf, seq = _pair(family, name, attn)
+    ids, mask, pos, seg, labels = make_batch(hf.config.vocab_size, PADDINGS[padding], 12, "left" if padding == "left" else "right")
+    out = _hf_forward(hf, ids, mask, pos, labels)
+    out.loss.backward()
+    logits = seq((ids, pos, seg))
+    loss = causal_lm_loss(logits, labels)
+    loss.backward()
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], out.logits[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(loss, out.loss, atol=ATOL, rtol=0)
+    _assert_grads_match(seq, hf)
+
+
+def packed_batch(vocab: int, seed: int = 3):
+    """Segments of 5, 4 and 3 tokens packed as [[a, b, pad x3], [c, pad x9]], and the same segments as their own
+    right-padded rows: (packed ids, pos, seg, labels), (alone ids, mask, labels), and the packed positions of
+    each alone row's tokens."""
+    g = torch.Generator().manual_seed(seed)
+    segs = [torch.randint(4, vocab, (n,), generator=g) for n in (5, 4, 3)]
+    ids = torch.full((2, 12), 3)
+    pos, seg = torch.zeros(2, 12, dtype=torch.long), torch.zeros(2, 12, dtype=torch.long)
+    labels = torch.full((2, 12), -100)
+    where = [(0, 0), (0, 5), (1, 0)]
+    for k, ((row, at), s) in enumerate(zip(where, segs, strict=True)):
+        n = len(s)
+        ids[row, at:at + n], pos[row, at:at + n] = s, torch.arange(n)
+        seg[row, at:at + n] = 1 + (k == 1)
+        labels[row, at + 1:at + n] = s[1:]  # a segment's first label is never predicted
+    alone = torch.full((3, 5), 3)
+    mask = torch.zeros(3, 5, dtype=torch.long)
+    alone_labels = torch.full((3, 5), -100)
+    for k, s in enumerate(segs):
+        alone[k, :len(s)], mask[k, :len(s)], alone_labels[k, :len(s)] = s, 1, s
+    return (ids, pos, seg, labels), (alone, mask, alone_labels), where
+
+
+@pytest.mark.parametrize("family, name, attn", CASES)
+def test_packed_rows_match_each_segment_alone_in_transformers(family, name, attn):
+    hf, seq = _pair(family, name, attn)
+    (ids, pos, seg, labels), (alone, mask, alone_labels), where = packed_batch(hf.config.vocab_size)
+    out = _hf_forward(hf, alone, mask, (mask.cumsum(-1) - 1).clamp(min=0), alone_labels)
+    out.loss.backward()
+    logits = seq((ids, pos, seg))
+    loss = causal_lm_loss(logits, labels)
+    loss.backward()
+    for k, (row, at) in enumerate(where):
+        n = int(mask[k].sum())
+        torch.testing.assert_close(logits[row, at:at + n], out.logits[k, :n], atol=ATOL, rtol=0)
+    torch.testing.assert_close(loss, out.loss, atol=ATOL, rtol=0)
+    _assert_grads_match(seq, hf)
+
+
+@pytest.mark.parametrize("family, name, attn", CASES)
+def test_causal_and_segments_isolated(family, name, attn):
+    _, seq = _pair(family, name, attn, seed=1)
+    assert_causal(seq)
+    assert_segments_isolated(seq, atol=ATOL)
+
+
+@torch.no_grad()
+def test_flex_attention_forward_matches_transformers():
+    """FlexAttention's block mask (forward only on CPU) on left-padded and packed rows."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    hf, seq = _pair("llama", "gqa_tied", "flex_attention")
+    ids, mask, pos, seg, labels = make_batch(hf.config.vocab_size, PADDINGS["left"], 12, "left")
+    real = mask.bool()
+    torch.testing.assert_close(seq((ids, pos, seg))[real], _hf_forward(hf, ids, mask, pos, labels).logits[real],
+                               atol=ATOL, rtol=0)
+    (ids, pos, seg, _), (alone, mask, alone_labels), where = packed_batch(hf.config.vocab_size)
+    logits, ref = seq((ids, pos, seg)), _hf_forward(hf, alone, mask, None, alone_labels).logits
+    for k, (row, at) in enumerate(where):
+        n = int(mask[k].sum())
+        torch.testing.assert_close(logits[row, at:at + n], ref[k, :n], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("attn, padding, path", [
+    ("auto", "none", "sdpa_causal"), ("auto", "right", "sdpa_causal"), ("auto", "left", "sdpa_mask"),
+    ("auto", "packed", "sdpa_mask"), ("sdpa", "right", "sdpa_causal"), ("eager", "right", "eager"),
+    ("flex_attention", "right", "flex")])
+def test_each_row_kind_takes_its_path_on_cpu(attn, padding, path):
+    if padding == "packed":
+        (_, pos, seg, _), _, _ = packed_batch(300)
+    else:
+        _, _, pos, seg, _ = make_batch(300, PADDINGS[padding], 12, "left" if padding == "left" else "right")
+    ctx = attn_context(pos, seg, attn, torch.float32)
+    assert ctx.path == path
+    assert (ctx.mask is None) == (path in ("sdpa_causal", "flex"))  # the fast path builds no [B,1,T,T] mask
+
+
+@pytest.mark.parametrize("family, name", [("llama", "gqa_llama3_rope"), ("bloom", "heads6_postln")])
+def test_rope_kind_and_mask_are_built_once_per_stage_per_micro_batch(family, name):
+    """A stage's blocks (here: all of them, as one stage) share one RoPE / ALiBi, one row kind and one mask per
+    micro-batch; a new micro-batch builds them again; the backward (and a second forward of the same tensors,
+    as activation checkpointing's recompute) builds nothing more."""
+    _, seq = _pair(family, name, "auto")
+    blocks = get_family(family).num_blocks(seq.layers["1"].config if family == "llama" else tiny_config(family, name))
+    assert blocks >= 3
+    CONTEXTS.clear()
+    BUILDS.clear()
+    micro = [make_batch(300, PADDINGS[p], 12, "left" if p == "left" else "right", seed=i)
+             for i, p in enumerate(["right", "left", "none"])]
+    for ids, _, pos, seg, labels in micro:
+        causal_lm_loss(seq((ids, pos, seg)), labels).backward()
+        seq((ids, pos, seg))  # the recompute: same tensors
+    if family == "llama":  # rope and the row kind per micro-batch; a mask only for the left-padded one
+        assert dict(BUILDS) == {"rope": 3, "kind": 3, "mask": 1}
+    else:  # Bloom's exact path: ALiBi and the additive mask per micro-batch
+        assert dict(BUILDS) == {"alibi": 3, "mask": 3}
+
+
+@pytest.mark.parametrize("name, family, device, problem", [
+    ("flash_attention_2", "llama", "cpu", "flash_attention_2 needs a CUDA device (this one is cpu)"),
+    ("flex_attention", "llama", "cpu", "flex_attention has no backward on cpu"),
+    ("sdpa", "bloom", "cpu", "Bloom's ALiBi attention has one exact path"),
+    ("spda", "llama", "cpu", "must be one of 'auto', 'sdpa', 'eager', 'flash_attention_2', 'flex_attention'"),
+])
+def test_attn_problems(name, family, device, problem):
+    assert problem in attn_problem(name, family, device)
+    assert attn_problem("auto", family, device) is None and attn_problem("eager", family, device) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_the_full_one(dtype, monkeypatch):
+    """Chunks of 3 rows over 10 rows (the last chunk short), one chunk with every target ignored."""
+    import torch.nn.functional as F
+
+    from models import pipeline
+
+    monkeypatch.setattr(pipeline, "LOSS_CHUNK_ELEMENTS", 3 * 50)
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(10, 50, generator=g) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 50, (10,), generator=g)
+    targets[3:6] = -100  # the second chunk: nothing to learn
+    targets[8] = -100
+    for reduction in ("sum", "mean"):
+        ours = pipeline.chunked_cross_entropy(logits, targets, reduction)
+        (g_ours,) = torch.autograd.grad(ours * 1.7, logits)
+        ref = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction=reduction)
+        (g_ref,) = torch.autograd.grad(ref * 1.7, logits)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-6)
+        assert g_ours.dtype == dtype and (g_ours[3:6] == 0).all()
+        torch.testing.assert_close(g_ours, g_ref, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=0)
+    with torch.no_grad():  # evaluation: the loss alone
+        assert pipeline.chunked_cross_entropy(logits, targets).item() == pytest.approx(
+            F.cross_entropy(logits.float(), targets, reduction="sum").item(), rel=1e-6)

@@ -1,0 +1,95 @@
+"""Batches without compute on padding: per-step padded lengths, numpy micro-batches equal to the sample-dict
+collate, length-grouped orders (HF's megabatches), and the epoch order computed once per epoch."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from data.collate import collate, collate_rows, padded_length
+from data.encode import load_dataset
+from data.packing import pack
+from training.batches import MEGABATCH_MULT, BatchPlan, step_micro_batches
+
+WORDS = "pipeline stage layer token batch loss gradient weight model data train answer question reply".split()
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("batches") / "d.jsonl"
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(120):
+            say = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30)))
+            f.write(json.dumps({"text": say} if i % 2 else {"instruct": "say", "output": say}) + "\n")
+    ds = load_dataset(path, tokenizer, 64, use_cache=False)
+    return ds, pack(ds, 64, 1)
+
+
+def test_padded_length():
+    assert padded_length(np.array([3, 17, 9]), 8, 64) == 24
+    assert padded_length(np.array([63]), 64, 100) == 64 and padded_length(np.array([65]), 64, 100) == 100
+    assert padded_length(np.array([5]), 1, 64) == 5
+
+
+@pytest.mark.parametrize("kind", ["encoded", "packed"])
+def test_collate_rows_equals_collate_of_the_samples(datasets, kind):
+    ds = datasets[0] if kind == "encoded" else datasets[1]
+    rows = [5, 0, 3, len(ds) - 1]
+    length = padded_length(ds.offsets[np.array(rows) + 1] - ds.offsets[np.array(rows)], 16, 64)
+    (ids, pos, seg), labels = collate_rows(ds, rows, length, 3)
+    (ids2, pos2, seg2), labels2 = collate([ds[i] for i in rows], length, 3)
+    for a, b in ((ids, ids2), (pos, pos2), (seg, seg2), (labels, labels2)):
+        assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b)
+    (ids, pos, seg), labels = collate_rows(ds, [-1], 8, 3)  # an empty row: one pad token of segment 1, no label
+    assert ids.tolist() == [[3] * 8] and seg.tolist() == [[1] + [0] * 7] and (labels == -100).all()
+    with pytest.raises(ValueError, match="more than the batch length"):
+        collate_rows(ds, [int(np.argmax(np.diff(ds.offsets)))], 2, 3)
+
+
+def test_step_micro_batches_are_padded_to_the_steps_longest_row(datasets):
+    ds = datasets[0]
+    lengths = np.diff(ds.offsets)
+    plan = BatchPlan(len(ds), 2, 3, 2, 7, lengths)
+    tokens = np.ones(len(ds), np.int64)
+    seen = set()
+    for step in range(plan.steps_per_epoch):
+        for rank in range(2):
+            n = plan.step_length(0, step, rank, 8, 64)
+            rows = np.concatenate(plan.micro_indices(0, step, rank))
+            assert n == min(64, -(-int(lengths[rows].max()) // 8) * 8)
+            batches = step_micro_batches(ds, plan, tokens, 0, step, rank, n, 3)
+            assert len(batches) == 3 and all(b[0][0].shape == (2, n) for b in batches)  # one shape per step
+            seen.add(n)
+    assert len(seen) > 1
+
+
+def test_group_by_length_sorts_megabatches_and_puts_the_longest_first():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 500, size=2000)
+    plan = BatchPlan(2000, 2, 2, 1, 3, lengths, group_by_length=True)  # global batch 4, megabatch 200
+    order = plan.order(1)
+    assert sorted(order.tolist()) == list(range(2000)) and lengths[order[0]] == lengths.max()
+    mega = MEGABATCH_MULT * plan.global_batch
+    for start in range(0, 2000, mega):
+        chunk = lengths[order[start:start + mega]][1:]  # (the first element may be the swapped-in longest)
+        assert (np.diff(chunk) <= 0).all()
+    spread = [np.ptp(lengths[plan.global_indices(1, s)]) for s in range(plan.steps_per_epoch)]
+    assert np.mean(spread) < 0.1 * np.ptp(lengths)  # the rows of a step have similar lengths
+    assert np.array_equal(BatchPlan(2000, 2, 2, 1, 3, lengths, True).order(1), order)  # seeded
+    assert not np.array_equal(plan.order(2), order)
+
+
+def test_the_epoch_order_is_computed_once_per_epoch(monkeypatch):
+    plan = BatchPlan(1000, 2, 2, 1, 3)
+    calls = []
+    compute = plan._compute_order
+    monkeypatch.setattr(plan, "_compute_order", lambda epoch: calls.append(epoch) or compute(epoch))
+    for step in range(3 * plan.steps_per_epoch):
+        plan.micro_indices(*plan.position(step), 0)
+        plan.global_indices(*plan.position(step))
+    assert calls == [0, 1, 2]

@@ -13,7 +13,7 @@ Rows are told apart by their segment ids ([B, T] int64, 0 = padding):
 mask, the reference). Bloom keeps its exact ALiBi (eager) attention whatever is asked.
 
 Once per stage, not per block: every block of a stage receives the very same position_ids / segment_ids
-tensors, so `StageContexts`, keyed by those tensors' identity, builds RoPE cos/sin, the row kind, the mask /
+tensors, so `StageContexts`, keyed by those tensors' storage, builds RoPE cos/sin, the row kind, the mask /
 cu_seqlens / block mask (and Bloom's ALiBi) once per micro-batch and serves them to all the stage's blocks,
 and to activation checkpointing's recompute while the same tensors come back. `BUILDS` counts the builds.
 """
@@ -97,24 +97,32 @@ def additive_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
+def _storage_key(t: torch.Tensor) -> tuple:
+    """The same for a tensor and its detached views (activation checkpointing's recompute receives `detach()`ed
+    inputs: same storage, same version counter); `_version` moves when the tensor is changed in place."""
+    return t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride(), t._version
+
+
 class StageContexts:
-    """Per-micro-batch values built once per stage: keyed by the identity (and in-place version) of the
-    position_ids / segment_ids tensors (held, so an id is never reused while its entry lives) and a tag; the `size` newest are kept
+    """Per-micro-batch values built once per stage: keyed by the storage (and in-place version) of the
+    position_ids / segment_ids tensors (held, so their memory is never reused while the entry lives) and a tag; the `size` newest are kept
     (1F1B keeps at most one micro-batch per stage in flight, plus the recompute)."""
 
     def __init__(self, size: int = 8):
         self.size = size
         self.entries: OrderedDict = OrderedDict()
 
-    def get(self, tensors: tuple, tag: tuple, build: Callable[[], Any]) -> Any:
-        key = (*(id(t) for t in tensors), *(t._version for t in tensors), *tag)  # _version: changed in place
+    def get(self, tensors: tuple, tag: tuple, build: Callable[[], Any], owner: object = None) -> Any:
+        """The value for (tensors, tag), built by `build()` the first time; `owner` (e.g. the model's config,
+        whose id is in the tag) is held with the entry so that its id cannot be reused while the entry lives."""
+        key = (*(_storage_key(t) for t in tensors), *tag)
         hit = self.entries.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit[0], tensors, strict=True)):
+        if hit is not None and hit[1] is owner:
             self.entries.move_to_end(key)
-            return hit[1]
+            return hit[2]
         value = build()
         BUILDS[tag[0]] += 1
-        self.entries[key] = (tensors, value)
+        self.entries[key] = (tensors, owner, value)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return value

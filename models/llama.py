@@ -83,7 +83,8 @@ class LlamaBlockPipe(LlamaDecoderLayer):
         if self.rotary.inv_freq.device != hidden.device:
             self.rotary.to(hidden.device)
         pair = (position_ids, segment_ids)
-        cos_sin = CONTEXTS.get(pair, ("rope", id(self.config), hidden.dtype), lambda: self.rotary(hidden, position_ids))
+        cos_sin = CONTEXTS.get(pair, ("rope", id(self.config), hidden.dtype), lambda: self.rotary(hidden, position_ids),
+                               owner=self.config)
         ctx = attn_context(position_ids, segment_ids, self.attn_impl, hidden.dtype)
         hidden = super().forward(hidden, position_ids=position_ids, position_embeddings=cos_sin, pipeft_ctx=ctx)
         return hidden, position_ids, segment_ids

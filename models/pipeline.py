@@ -125,15 +125,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for a in range(0, logits.shape[0], rows):
-            x, t = logits[a:a + rows].float(), targets[a:a + rows]
-            valid = t != IGNORE_INDEX
-            safe = torch.where(valid, t, 0)
-            lse = torch.logsumexp(x, dim=-1)
-            total += ((lse - x.gather(1, safe[:, None])[:, 0]) * valid).sum()
+            t = targets[a:a + rows]
+            ignored = t == IGNORE_INDEX
+            safe = t.masked_fill(ignored, 0)[:, None]
+            logp = torch.log_softmax(logits[a:a + rows].float(), dim=-1)
+            total -= logp.gather(1, safe).masked_fill_(ignored[:, None], 0.0).sum()
             if grad is not None:
-                g = torch.exp(x - lse[:, None])
-                g[torch.arange(len(t), device=g.device), safe] -= 1.0
-                grad[a:a + rows] = (g * valid[:, None]).to(grad.dtype)
+                g = logp.exp_()
+                g.scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=g.dtype))
+                grad[a:a + rows] = g.masked_fill_(ignored[:, None], 0.0)
         ctx.save_for_backward(grad)
         return total
 
@@ -145,7 +145,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum" | "mean") for [N, V] logits,
-    in chunks of at most LOSS_CHUNK_ELEMENTS logits (the same loss and gradients, never [N, V] in fp32 at once)."""
+    in chunks of at most LOSS_CHUNK_ELEMENTS logits (the same loss and gradients, never [N, V] in fp32 at once).
+    Logits that fit one chunk go to F.cross_entropy itself (its fused kernels)."""
+    if logits.numel() <= LOSS_CHUNK_ELEMENTS:
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
     rows = max(1, LOSS_CHUNK_ELEMENTS // logits.shape[-1])
     total = _ChunkedCrossEntropy.apply(logits, targets, rows)
     if reduction == "sum":

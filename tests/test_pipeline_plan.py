@@ -87,7 +87,7 @@ def test_attention_cost_grows_with_seq_len_and_moves_blocks_to_the_head_stage():
     """At a long max_seq_len attention's T^2 term makes blocks dearer against the (fixed) head: the head's
     stage then takes more blocks than at a short one."""
     family = get_family("llama")
-    config = llama_config("gqa_llama3_rope", vocab_size=32000, num_hidden_layers=8, hidden_size=64)
+    config = llama_config("gqa_llama3_rope", vocab_size=2000, num_hidden_layers=8, hidden_size=64)
     short, long = family.unit_costs(config, 128), family.unit_costs(config, 8192)
     assert long[1] - short[1] == (8192 - 128) * config.hidden_size and long[-1] == short[-1]
     last = [b[2] - b[1] for b in (plan_stages(family.unit_sizes(config), c, 2) for c in (short, long))]

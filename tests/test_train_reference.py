@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -147,7 +148,8 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
                                                              str(tmp_path)], num_procs=procs)
     else:
         proc = run_deepspeed("train_ds.py", ["--config", str(tmp_path / "cfg.json")], num_procs=procs)
-    assert ("activation checkpointing: 1 decoder blocks on stage 0" in proc.stdout) == ckpt, proc.stdout[-2000:]
+    assert bool(re.search(r"activation checkpointing: [1-9]\d* decoder blocks on stage 0", proc.stdout)) == ckpt, \
+        proc.stdout[-2000:]
     if tied_stages:
         reports = [json.loads((tmp_path / f"tied-rank{r}.json").read_text()) for r in range(procs)]
         assert [r["stage"] for r in reports] == [0, 1]

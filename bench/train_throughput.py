@@ -1,0 +1,465 @@
+"""Training throughput side by side, in one run: the project against raw DeepSpeed, ZeRO-3 and one process.
+
+    python bench/train_throughput.py [--steps 6] [--warmup 2] [--workdir DIR]
+    python bench/train_throughput.py --gpu [--layers 16 --hidden 2048 --seq 2048]   # one GPU: tokens/s and MFU
+
+CPU mode. A Llama of hidden 256, 8 layers (8 heads, 4 KV heads), a tokenizer built locally; global batch 32
+(micro 4 x 8 accumulation); every multi-process variant on 2 CPU processes (1 thread each):
+  (a) the project: train_ds.py, 2 stages (auto balance), unpacked (with group_by_length on SFT data; the default
+      pad_to_multiple_of 64, and 8), and packed
+  (b) raw DeepSpeed PipelineModule over transformers' LlamaDecoderLayer, written here as a user would: HF's 4D
+      mask and RoPE built in every layer, rows padded to max_seq_len
+  (c) DeepSpeed ZeRO-3 data parallel over LlamaForCausalLM (2 ranks), rows padded per micro-batch (HF's collator)
+  (d) one process, LlamaForCausalLM + torch AdamW, 2 threads (d1: 1 thread, for the pipeline efficiency)
+Every variant trains on the same global batches (the project's order). Data: "full" rows of 128 tokens
+(pretrain text cut to max_seq_len) and "sft": data/samples' records at max_seq_len 512 (about 4x their mean);
+the project also runs full 512-token rows, the reference for SFT throughput at the same max_seq_len.
+Columns: real (non-padding) tokens/s of the measured steps; ratios to (b), (c), (d); the pipeline efficiency
+a / (2 x d1) and its share of the 1F1B ideal m / (m + p - 1) = 8/9. Compare figures of one run on an
+otherwise idle machine only.
+
+GPU mode (--gpu): PP=1, bf16, a ~1B Llama at 2048 tokens per row on one GPU, the project's blocks with the
+fast path (causal SDPA, no mask) and with the dense-mask path: tokens/s and MFU (6N + 12 L h T FLOPs per
+token against --peak-tflops, default 989 for an H100/H200 in bf16), plus the fast path's bf16 logits against
+the dense path's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MICRO, GAS, PROCS, SEED, LR = 4, 8, 2, 7, 1e-3
+MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+             max_position_embeddings=1024, tie_word_embeddings=False)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def prepare(work: Path) -> dict:
+    """Tokenizer, model (HF + pipeline dirs) and the data files; returns their paths."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data.records import load_records
+    from data.tiny_tokenizer import _texts_from_records, train_tiny_tokenizer
+    from models.convert import hg_to_pp
+
+    samples = ROOT / "data" / "samples"
+    tok = train_tiny_tokenizer(_texts_from_records(samples), work / "tok", 2048)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, **MODEL)
+    LlamaForCausalLM(cfg).save_pretrained(work / "hf")
+    tok.save_pretrained(work / "hf")
+    hg_to_pp(work / "hf", work / "pp")
+    texts = [r.data.get("text") or r.data.get("output") or r.data["rounds"][-1][1] for r in load_records(samples)]
+    with open(work / "full.jsonl", "w") as f:  # long pretrain texts: every row is cut to max_seq_len
+        for i in range(400):
+            f.write(json.dumps({"text": " ".join(texts[(i + k) % len(texts)] for k in range(40))}) + "\n")
+    return {"hf": work / "hf", "pp": work / "pp", "full": work / "full.jsonl", "sft": samples}
+
+
+def global_batches(paths: dict, data: str, seq: int, steps: int, packing: bool, grouped: bool) -> list:
+    """The project's global batches for `steps` steps: lists of {"input_ids", "labels"} rows (packed rows keep
+    their "position_ids" / "segment_ids")."""
+    from transformers import AutoTokenizer
+
+    from data.encode import load_dataset
+    from data.packing import pack
+    from training.batches import BatchPlan
+
+    tok = AutoTokenizer.from_pretrained(str(paths["hf"]))
+    ds = load_dataset(paths[data], tok, seq, paths["hf"].parent / "cache")
+    ds = pack(ds, seq, SEED) if packing else ds
+    plan = BatchPlan(len(ds), MICRO, GAS, 1, SEED, ds.offsets[1:] - ds.offsets[:-1], grouped)
+    return [[ds[int(i)] for i in plan.global_indices(*plan.position(s))] for s in range(steps)]
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def _timed(steps: int, warmup: int, run_step) -> dict:
+    """Run `run_step(step) -> real tokens`; time the steps after `warmup`."""
+    tokens, t0 = 0, None
+    for s in range(steps):
+        if s == warmup:
+            t0 = time.perf_counter()
+        n = run_step(s)
+        if s >= warmup:
+            tokens += n
+    return {"tokens": tokens, "seconds": time.perf_counter() - t0}
+
+
+def _pad(rows: list, length: int | None, pad_id: int):
+    """(input_ids, attention_mask, labels) right-padded to `length` (None: the longest row), int64."""
+    import torch
+
+    n = length or max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), n), pad_id)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    labels = torch.full((len(rows), n), -100)
+    for i, r in enumerate(rows):
+        k = len(r["input_ids"])
+        ids[i, :k], mask[i, :k], labels[i, :k] = torch.tensor(r["input_ids"]), 1, torch.tensor(r["labels"])
+    return ids, mask, labels
+
+
+def worker_raw_pipe(spec: dict) -> dict:
+    """(b) DeepSpeed's PipelineModule over HF's layers, the way a user writes it (gpt-neox style)."""
+    import deepspeed
+    import torch
+    import torch.nn.functional as F
+    from deepspeed.pipe import LayerSpec, PipelineModule
+    from torch import nn
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = LlamaConfig.from_pretrained(spec["hf"])
+    config._attn_implementation = "sdpa"
+
+    class Embed(nn.Embedding):
+        def __init__(self):
+            super().__init__(config.vocab_size, config.hidden_size)
+
+        def forward(self, inputs):
+            ids, mask = inputs
+            return super().forward(ids), mask
+
+    class Block(LlamaDecoderLayer):
+        def __init__(self, i):
+            super().__init__(config, i)
+            self.rotary = LlamaRotaryEmbedding(config)
+
+        def forward(self, inputs):
+            hidden, mask = inputs
+            t = mask.shape[1]
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            causal = torch.ones(t, t, dtype=torch.bool).tril()
+            mask4d = causal[None, None] & mask[:, None, None, :].bool()  # HF's causal + padding mask, per layer
+            out = super().forward(hidden, attention_mask=mask4d, position_ids=pos,
+                                  position_embeddings=self.rotary(hidden, pos))
+            return out, mask
+
+    class Norm(LlamaRMSNorm):
+        def __init__(self):
+            super().__init__(config.hidden_size, eps=config.rms_norm_eps)
+
+        def forward(self, inputs):
+            return super().forward(inputs[0])
+
+    def loss_fn(logits, labels):
+        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+
+    specs = [LayerSpec(Embed), *(LayerSpec(Block, i) for i in range(config.num_hidden_layers)), LayerSpec(Norm),
+             LayerSpec(nn.Linear, config.hidden_size, config.vocab_size, bias=False)]
+    model = PipelineModule(specs, num_stages=PROCS, loss_fn=loss_fn, partition_method="parameters")
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()], config={
+        "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS, "steps_per_print": 10**9,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}}, "gradient_clipping": 1.0})
+    batches = json.loads(Path(spec["batches"]).read_text())
+
+    def step(s):
+        rows = batches[s]
+        micro = []
+        for i in range(0, len(rows), MICRO):
+            ids, mask, labels = _pad(rows[i:i + MICRO], spec["seq"], spec["pad_id"])
+            micro.append(((ids, mask), labels))
+        engine.train_batch(data_iter=iter(micro))
+        return sum(len(r["input_ids"]) for r in rows)
+
+    return _timed(spec["steps"], spec["warmup"], step)
+
+
+def _hf_model(spec: dict):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(spec["hf"], dtype=torch.float32)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def _hf_micro(model, rows, pad_id):
+    """HF's way: pad to the longest row of the micro-batch; the mask only when something is padded."""
+    ids, mask, labels = _pad(rows, None, pad_id)
+    return model(input_ids=ids, attention_mask=None if bool(mask.all()) else mask, labels=labels).loss
+
+
+def worker_zero3(spec: dict) -> dict:
+    """(c) ZeRO-3 data parallel over LlamaForCausalLM: each rank takes half of every global batch."""
+    import deepspeed
+    import torch
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    model = _hf_model(spec)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+        "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS // world, "steps_per_print": 10**9,
+        "zero_optimization": {"stage": 3}, "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}}})
+    batches = json.loads(Path(spec["batches"]).read_text())
+
+    def step(s):
+        rows = batches[s]
+        mine = rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
+        for i in range(0, len(mine), MICRO):
+            engine.backward(_hf_micro(engine, mine[i:i + MICRO], spec["pad_id"]))
+            engine.step()
+        return sum(len(r["input_ids"]) for r in rows)
+
+    return _timed(spec["steps"], spec["warmup"], step)
+
+
+def worker_single(spec: dict) -> dict:
+    """(d) one process: LlamaForCausalLM + torch AdamW, micro-batch losses averaged over the accumulation."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    model = _hf_model(spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    batches = json.loads(Path(spec["batches"]).read_text())
+
+    def step(s):
+        rows = batches[s]
+        for i in range(0, len(rows), MICRO):
+            (_hf_micro(model, rows[i:i + MICRO], spec["pad_id"]) / GAS).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        return sum(len(r["input_ids"]) for r in rows)
+
+    return _timed(spec["steps"], spec["warmup"], step)
+
+
+WORKERS = {"raw_pipe": worker_raw_pipe, "zero3": worker_zero3, "single": worker_single}
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(threads: int) -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+
+
+def _launch(args: list[str], work: Path, name: str, procs: int = PROCS, threads: int = 1) -> None:
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    cmd = [launcher, "--num_gpus", str(procs), "--master_port", str(_port()), *args] if procs else [sys.executable, *args]
+    log = work / f"{name}.log"
+    with open(log, "w") as out:
+        rc = subprocess.call(cmd, cwd=ROOT, env=_env(threads), stdout=out, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"{name} failed (exit {rc}); see {log}:\n" + log.read_text()[-3000:])
+
+
+def run_worker(kind: str, spec: dict, work: Path, name: str, procs: int = PROCS, threads: int = 1) -> dict:
+    spec = {**spec, "out": str(work / f"{name}.json")}
+    (work / f"{name}.spec.json").write_text(json.dumps(spec))
+    _launch([str(Path(__file__).resolve()), "--worker", kind, "--spec", str(work / f"{name}.spec.json")], work, name,
+            procs, threads)
+    return json.loads(Path(spec["out"]).read_text())
+
+
+def run_project(paths: dict, work: Path, name: str, data: str, seq: int, steps: int, warmup: int, packing: bool,
+                grouped: bool, **over) -> dict:
+    """(a) train_ds.py; real tokens/s from metrics.jsonl's per-step times after `warmup` steps."""
+    cfg = {"model_path": str(paths["pp"]), "save_path": str(work / name), "data_path": str(paths[data]),
+           "data_cache_dir": str(work / "cache"), "max_seq_len": seq, "max_steps": steps, "seed": SEED,
+           "packing": packing, "group_by_length": grouped, "save_interval": 10**6, "log_interval": 10**6,
+           "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [PROCS, 1]}},
+           "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}}, **over}
+    shutil.rmtree(work / name, ignore_errors=True)  # a finished run in save_path would do nothing
+    (work / f"{name}.cfg.json").write_text(json.dumps(cfg))
+    _launch(["train_ds.py", "--config", str(work / f"{name}.cfg.json")], work, name)
+    metrics = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+    measured = [m for m in metrics if m["step"] > warmup]
+    seconds = measured[-1]["time"] - metrics[warmup - 1]["time"]
+    step_s = seconds / len(measured)
+    return {"tokens": sum(m["tokens"] for m in measured), "seconds": seconds,
+            "data_share": sum(m["data_s"] for m in measured) / len(measured) / step_s,
+            "seq_lens": sorted({m["seq_len"] for m in measured})}
+
+
+def cpu_bench(args: argparse.Namespace) -> None:
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="pipeft-throughput-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"workdir {work}; {os.cpu_count()} cores; {PROCS} processes x 1 thread; global batch {MICRO * GAS} "
+          f"(micro {MICRO} x {GAS}); {args.steps} steps, the first {args.warmup} not timed", flush=True)
+    paths = prepare(work)
+    from transformers import AutoTokenizer
+
+    pad_id = AutoTokenizer.from_pretrained(str(paths["hf"])).pad_token_id
+    steps, warmup = args.steps + args.warmup, args.warmup
+    results: dict[tuple[str, str], dict] = {}
+    for data, seq in (("full", 128), ("sft", 512)):
+        grouped = data == "sft"
+        batches = work / f"{data}.batches.json"
+        batches.write_text(json.dumps(global_batches(paths, data, seq, steps, False, grouped)))
+        spec = {"hf": str(paths["hf"]), "batches": str(batches), "seq": seq, "pad_id": pad_id, "steps": steps,
+                "warmup": warmup}
+        runs = {"a": lambda d=data, s=seq, g=grouped: run_project(paths, work, f"project-{d}", d, s, steps, warmup,
+                                                                    False, g),
+                "a packed": lambda d=data, s=seq: run_project(paths, work, f"project-{d}-packed", d, s, steps, warmup,
+                                                              True, False),
+                "a pad8": lambda d=data, s=seq, g=grouped: run_project(paths, work, f"project-{d}-pad8", d, s, steps,
+                                                                       warmup, False, g, pad_to_multiple_of=8),
+                "b": lambda s=spec, d=data: run_worker("raw_pipe", s, work, f"raw-{d}"),
+                "c": lambda s=spec, d=data: run_worker("zero3", s, work, f"zero3-{d}"),
+                "d": lambda s=spec, d=data: run_worker("single", {**s, "threads": 2}, work, f"single-{d}", 0, 2),
+                "d1": lambda s=spec, d=data: run_worker("single", {**s, "threads": 1}, work, f"single1-{d}", 0, 1)}
+        if data == "full":  # every row is max_seq_len long: the padding multiple changes nothing
+            del runs["a pad8"]
+        for key, run in runs.items():
+            print(f"  {data}: {key} ...", flush=True)
+            results[(data, key)] = run()
+    print("  full 512 (project, the SFT reference) ...", flush=True)
+    results[("full512", "a")] = run_project(paths, work, "project-full512", "full", 512, steps, warmup, False, False)
+    report(results)
+
+
+def report(results: dict) -> None:
+    rate = {k: v["tokens"] / v["seconds"] for k, v in results.items()}
+    ideal = GAS / (GAS + PROCS - 1)
+    names = {"a": "(a) project, 2 stages", "a packed": "(a) project, packed", "a pad8": "(a) project, pad_to_multiple_of 8",
+             "b": "(b) raw DeepSpeed pipeline",
+             "c": "(c) DeepSpeed ZeRO-3", "d": "(d) one process, 2 threads", "d1": "(d1) one process, 1 thread"}
+    print()
+    print(f"| data | variant | real tokens/s | vs (b) | vs (c) | vs (d) | pipeline eff. (of 1F1B ideal {ideal:.3f}) "
+          "| data time / step |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for data, label in (("full", "full rows, 128"), ("sft", "SFT records, max 512")):
+        for key in ("a", "a packed", "a pad8", "b", "c", "d", "d1"):
+            if (data, key) not in rate:
+                continue
+            r = rate[(data, key)]
+            eff = ""
+            if key.startswith("a"):
+                e = r / (PROCS * rate[(data, "d1")])
+                eff = f"{e:.3f} ({e / ideal:.2f})"
+            share = results[(data, key)].get("data_share")
+            print(f"| {label} | {names[key]} | {r:,.0f} | {r / rate[(data, 'b')]:.2f}x | {r / rate[(data, 'c')]:.2f}x | "
+                  f"{r / rate[(data, 'd')]:.2f}x | {eff} | {'' if share is None else f'{share:.2%}'} |")
+    full512 = rate[("full512", "a")]
+    print(f"\nSFT unpacked vs full 512-token rows, the project at the same max_seq_len: "
+          f"{rate[('sft', 'a')]:,.0f} / {full512:,.0f} = {rate[('sft', 'a')] / full512:.2f}x (packed: "
+          f"{rate[('sft', 'a packed')] / full512:.2f}x, pad_to_multiple_of 8: {rate[('sft', 'a pad8')] / full512:.2f}x); "
+          f"step lengths of the SFT runs: {results[('sft', 'a')]['seq_lens']}, {results[('sft', 'a pad8')]['seq_lens']}")
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+def gpu_bench(args: argparse.Namespace) -> None:
+    """One device, PP=1, bf16: the project's spec list run as one module, fast path vs dense-mask path."""
+    import torch
+    from transformers import LlamaConfig
+
+    from models import SequentialModel, causal_lm_loss, get_family
+    from models import attention as attn
+    from models.attention import set_attn_implementation
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    config = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875),
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
+                         num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=args.seq)
+    set_attn_implementation(config, "auto")
+    family = get_family("llama")
+    torch.manual_seed(0)
+    model = SequentialModel(family.layer_specs(config)).to(device, dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_matmul = n_params - config.vocab_size * config.hidden_size  # the embedding is a lookup
+    flops_per_token = 6 * n_matmul + 12 * config.num_hidden_layers * config.hidden_size * args.seq
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    b, t = args.micro, args.seq
+    ids = torch.randint(4, config.vocab_size, (b, t), device=device)
+    pos = torch.arange(t, device=device).expand(b, t)
+    seg = torch.ones(b, t, dtype=torch.long, device=device)
+    print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else device}: Llama {n_params / 1e9:.2f}B "
+          f"({config.num_hidden_layers} layers, hidden {config.hidden_size}), bf16, {b} x {t} tokens per step")
+    original = attn.choose_path
+    paths = (("fast (causal SDPA, no mask)", None), ("dense mask (SDPA + [B,1,T,T])", "sdpa_mask"))
+    logits = {}
+    with torch.no_grad():  # the same weights through both paths
+        for name, forced in paths:
+            attn.choose_path = original if forced is None else (lambda *a, f=forced: f)
+            attn.CONTEXTS.clear()
+            logits[name] = model((ids[:1], pos[:1], seg[:1])).float()
+    fast, dense = logits.values()
+    print(f"  bf16 logits, fast vs dense path: max abs diff {(fast - dense).abs().max().item():.3e} "
+          f"(logits up to {dense.abs().max().item():.1f})")
+    for name, forced in paths:
+        attn.choose_path = original if forced is None else (lambda *a, f=forced: f)
+        attn.CONTEXTS.clear()
+        times = []
+        for step in range(args.steps + 2):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = causal_lm_loss(model((ids, pos, seg)), ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= 2:
+                times.append(time.perf_counter() - t0)
+        tps = b * t * len(times) / sum(times)
+        mfu = tps * flops_per_token / (args.peak_tflops * 1e12)
+        print(f"  {name}: {tps:,.0f} tokens/s, MFU {mfu:.1%}")
+    attn.choose_path = original
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--gpu", action="store_true", help="the one-GPU mode")
+    ap.add_argument("--device", default="cuda", help="--gpu: the device")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="--gpu: the device's dense bf16 peak")
+    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        spec = json.loads(Path(args.spec).read_text())
+        result = WORKERS[args.worker](spec)
+        import torch
+
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            Path(spec["out"]).write_text(json.dumps(result))
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return
+    (gpu_bench if args.gpu else cpu_bench)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,7 @@ from models.hf_io import CheckpointError
 from models.pipeline import ModelConfigError
 from training.checkpoint import TrainingStopped
 from training.config import ConfigError, load_config
-from training.distributed import single_process_env
+from training.distributed import launch_env, master_port_problem
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,10 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="JSON config (DeepSpeed keys + project keys)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = ap.parse_args(argv)
-    single_process_env()
+    launch_env()
     quiet = int(os.environ["LOCAL_RANK"]) != 0  # one copy of each error per node
     try:
         cfg = load_config(args.config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if problem := master_port_problem():
+            raise ConfigError(problem)
         from training.trainer import run
 
         run(cfg)

@@ -330,7 +330,12 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
             _save(ds, path)
             ds.stats = replace(ds.stats, cache_path=str(path))
         except OSError as e:
-            log.warning("could not write the data cache %s: %s", path, e)
+            from models.diskspace import is_no_space, no_space_message
+
+            nbytes = ds.input_ids.nbytes + ds.labels.nbytes + ds.offsets.nbytes + ds.record_index.nbytes
+            why = no_space_message(f"data cache {path}", path.parent, nbytes) if is_no_space(e, path.parent) else \
+                f"could not write the data cache {path}: {e}"
+            log.warning("%s; continuing without the cache", why)
     _log(ds.stats)
     return ds
 

@@ -110,23 +110,26 @@ def show_packed(ds: EncodedDataset, packed: PackedDataset, sample: int, tokenize
     return "\n".join(lines)
 
 
-def dataset_stats(ds: EncodedDataset, max_seq_len: int, packed: PackedDataset | None = None) -> dict:
+def dataset_stats(ds: EncodedDataset, max_seq_len: int, packed: PackedDataset | None = None,
+                  split_long_pretrain: bool = False) -> dict:
     """Counts, sample-length percentiles (tokens, after truncation), truncated and trained fractions, and the
     efficiency (trained tokens / total tokens, padding included) and fill (non-padding share) unpacked and,
-    with `packed`, packed."""
+    with `packed`, packed. With `split_long_pretrain` long pretrain samples are kept whole (packing cuts them
+    into max_seq_len chunks): unpacked, each chunk counts as a row of its own."""
     st = ds.stats
     lengths = np.diff(ds.offsets)
     total, trained = int(lengths.sum()), int((ds.labels != IGNORE_INDEX).sum())
-    learned = int(trained_tokens(ds).sum())  # after the next-token shift: what the loss counts
+    rows = int(np.maximum(1, -(-lengths // max_seq_len)).sum()) if len(ds) else 0  # a chunk's first token: no loss
+    learned = int(trained_tokens(ds).sum()) - (rows - len(ds))  # after the next-token shift: what the loss counts
     pct = np.percentile(lengths, PERCENTILES, method="higher") if len(ds) else [0] * len(PERCENTILES)
     return {
         "records": st.records, "samples": st.kept, "dropped": st.dropped, "truncated": st.truncated,
         "truncated_fraction": st.truncated / st.kept if st.kept else 0.0, "max_seq_len": max_seq_len,
-        "spliced": st.spliced,
+        "spliced": st.spliced, "split_long_pretrain": split_long_pretrain,
         "length_percentiles": {f"p{q}": int(v) for q, v in zip(PERCENTILES, pct, strict=True)},
         "tokens": total, "trained_tokens": trained, "trained_fraction": trained / total if total else 0.0,
-        "unpacked_efficiency": learned / (len(ds) * max_seq_len) if len(ds) else 0.0,
-        "unpacked_fill": total / (len(ds) * max_seq_len) if len(ds) else 0.0,
+        "unpacked_efficiency": learned / (rows * max_seq_len) if rows else 0.0,
+        "unpacked_fill": total / (rows * max_seq_len) if rows else 0.0,
         "sequences": packed.stats.sequences if packed else None,
         "packing_efficiency": packed.stats.efficiency if packed else None,
         "packed_fill": packed.stats.fill if packed else None,
@@ -142,7 +145,9 @@ def show_stats(st: dict) -> str:
         f"truncated: {st['truncated']} of {st['samples']} samples ({st['truncated_fraction']:.1%})",
         f"prompt / answer boundary split: {st['spliced']} of {st['samples']} samples (the tokenizer joins a prompt's "
         "last token with its answer's first there; training and demo.py split it, a plain tokenizer(prompt) would not)",
-        f"tokens per sample (after truncation to {st['max_seq_len']}): "
+        f"tokens per sample (after truncation to {st['max_seq_len']}"
+        + ("; pretrain text kept whole, cut into chunks of that size by packing" if st["split_long_pretrain"] else "")
+        + "): "
         + ", ".join(f"{'max' if k == 'p100' else k} {v}" for k, v in pct.items()),
         f"trained tokens: {st['trained_tokens']} of {st['tokens']} ({st['trained_fraction']:.1%})",
         (f"packing efficiency (trained / total tokens): {st['packing_efficiency']:.1%} ({st['samples']} samples in "
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     if args.stats:
-        stats = dataset_stats(ds, cfg.max_seq_len, packed)
+        stats = dataset_stats(ds, cfg.max_seq_len, packed, cfg.split_long_pretrain)
         print(json.dumps(stats) if args.json else show_stats(stats))
         return 0
     if not 0 <= args.index < ds.stats.records:

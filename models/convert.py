@@ -48,9 +48,14 @@ def meta_layers(family: ModelFamily, config) -> dict[int, torch.nn.Module]:
     return owned
 
 
+def expected_layer_shapes(family: ModelFamily, config) -> dict[int, dict[str, tuple[int, ...]]]:
+    """{layer index: {local state-dict key: shape}} for every spec that owns a layer file."""
+    return {i: {k: tuple(t.shape) for k, t in m.state_dict().items()} for i, m in meta_layers(family, config).items()}
+
+
 def expected_layer_keys(family: ModelFamily, config) -> dict[int, list[str]]:
     """{layer index: local state-dict keys} for every spec that owns a layer file."""
-    return {i: list(m.state_dict()) for i, m in meta_layers(family, config).items()}
+    return {i: list(shapes) for i, shapes in expected_layer_shapes(family, config).items()}
 
 
 def _layer_name(family: ModelFamily, config, idx: int) -> str:
@@ -69,7 +74,8 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
     check_target(dst, overwrite)
     ckpt = HFCheckpoint(src)
     n = family.num_blocks(config)
-    expected = expected_layer_keys(family, config)
+    shapes = expected_layer_shapes(family, config)
+    expected = {i: list(v) for i, v in shapes.items()}
     tied = bool(getattr(config, "tie_word_embeddings", False))
 
     by_layer: dict[int, dict[str, str]] = {i: {} for i in expected}  # layer -> local key -> HF key
@@ -88,6 +94,9 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
             raise CheckpointError(f"{src}: unexpected tensor {key} (the config does not use it)")
         if local in by_layer[idx]:  # e.g. one weight spelled with and without the key table's optional prefix
             raise CheckpointError(f"{src}: tensors {by_layer[idx][local]} and {key} are the same weight")
+        if (found := ckpt.shape(key)) != shapes[idx][local]:
+            raise CheckpointError(f"{src}: tensor {key} has shape {list(found)} but {src / 'config.json'} expects "
+                                  f"{list(shapes[idx][local])}")
         by_layer[idx][local] = key
     for idx, keys in expected.items():
         for local in keys:
@@ -96,7 +105,8 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
 
     cast = DTYPES[dtype] if dtype else None
     t0 = time.time()
-    with atomic_output_dir(dst, overwrite) as tmp:
+    needed = ckpt.nbytes()  # about (a --dtype cast changes it)
+    with atomic_output_dir(dst, overwrite, needed=needed, say=log) as tmp:
         for step, idx in enumerate(sorted(expected), 1):
             sd = {}
             for local in expected[idx]:
@@ -152,6 +162,7 @@ def iter_hf_tensors(layers_dir: Path, family: ModelFamily, config, progress: boo
     for idx in expected:
         if not (layers_dir / LAYER_FILE.format(idx)).is_file():
             raise CheckpointError(f"{layers_dir / LAYER_FILE.format(idx)}: missing ({_layer_name(family, config, idx)})")
+    shapes = expected_layer_shapes(family, config)
     for step, idx in enumerate(sorted(expected), 1):
         path = layers_dir / LAYER_FILE.format(idx)
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -159,6 +170,10 @@ def iter_hf_tensors(layers_dir: Path, family: ModelFamily, config, progress: boo
         if missing or extra:
             what = f"missing {sorted(missing)}" if missing else f"unexpected {sorted(extra)}"
             raise CheckpointError(f"{path}: {what}")
+        for local, t in sd.items():
+            if tuple(t.shape) != shapes[idx][local]:
+                raise CheckpointError(f"{path}: tensor {local} has shape {list(t.shape)} but config.json expects "
+                                      f"{list(shapes[idx][local])}")
         for local in expected[idx]:
             yield family.key_map.to_hf(idx, local, n), sd[local]
         if progress:
@@ -193,9 +208,10 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
     else:
         tensors = iter_hf_tensors(layers_dir, family, config)
     first = next(tensors)  # validates every layer file's presence before anything is written
+    needed = sum(f.stat().st_size for f in layers_dir.glob("layer_*-model_states.pt"))
 
     t0 = time.time()
-    with atomic_output_dir(dst, overwrite) as tmp:
+    with atomic_output_dir(dst, overwrite, needed=needed, say=log) as tmp:
         writer = ShardWriter(tmp, max_bytes)
         writer.add(*first)
         for key, tensor in tensors:
@@ -275,7 +291,7 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
     config.dtype = DTYPE_NAMES[DTYPES[dtype]]
     family.prepare_config(config)
     specs = family.layer_specs(config)
-    with atomic_output_dir(dst, overwrite) as tmp:
+    with atomic_output_dir(dst, overwrite, say=log) as tmp:
         owners = sorted(meta_layers(family, config))  # a tied head owns no file: its weight is the embedding's
         for step, idx in enumerate(owners, 1):
             module = specs[idx].build()  # one layer in memory at a time

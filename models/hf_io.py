@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import struct
-import tempfile
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from .diskspace import free_bytes, is_no_space, no_space_message
 
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -35,19 +38,44 @@ class CheckpointError(ValueError):
     """A bad checkpoint or target directory; the message is one line naming the file and the problem."""
 
 
+ST_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                 "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
 def read_safetensors_header(path: Path) -> dict:
+    """The tensors' header of a safetensors file, validated against the file's size before anything is read:
+    a corrupt length field or offsets past the end are a CheckpointError, never a huge allocation."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise CheckpointError(f"{path}: not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointError(f"{path}: not a valid safetensors file (its header length field says {n} bytes, "
+                                  f"the file has {size}); the file is corrupt or truncated")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
-    for info in header.values():
-        info["start"] = 8 + n + info["data_offsets"][0]
+    data_bytes = size - 8 - n
+    for key, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            count = 1
+            for d in info["shape"]:
+                count *= int(d)
+            want = count * ST_ITEM_BYTES.get(info["dtype"], 0)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: not a valid safetensors file (bad header entry for {key})") from None
+        if not 0 <= begin <= end <= data_bytes or (info["dtype"] in ST_ITEM_BYTES and end - begin != want):
+            raise CheckpointError(f"{path}: tensor {key}: its offsets [{begin}, {end}) do not fit the file ({data_bytes} "
+                                  f"data bytes) or its shape {info['shape']} ({info['dtype']}); the file is corrupt or "
+                                  "truncated")
+        info["start"] = 8 + n + begin
     return header
 
 
@@ -95,6 +123,20 @@ class HFCheckpoint:
 
     def keys(self) -> list[str]:
         return list(self._file_of)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape without reading its data."""
+        path = self._file_of[key]
+        if path.suffix != ".safetensors":
+            return tuple(self._load_bin(path)[key].shape)
+        return tuple(self._header(path)[key]["shape"])
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor (what a conversion writes, about)."""
+        total = 0
+        for f in set(self._file_of.values()):
+            total += f.stat().st_size
+        return total
 
     def get(self, key: str) -> torch.Tensor:
         path = self._file_of[key]
@@ -173,22 +215,71 @@ def check_target(path: Path, overwrite: bool) -> None:
         raise CheckpointError(f"{path}: exists and is not empty (pass --overwrite to replace it)")
 
 
+def _owner_alive(name: str) -> bool:
+    """Whether the process named in a temporary dir's name (`...tmp-HOST-PID`) may still be writing it."""
+    host, _, pid = name.rpartition("-")
+    host = host.rpartition(".tmp-")[2] if ".tmp-" in host else host.rpartition(".old-")[2]
+    if host != socket.gethostname() or not pid.isdigit():
+        return host != socket.gethostname() and bool(host)  # another host's: it may be alive
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(path: Path, say: Callable[[str], None]) -> None:
+    """Remove the temporary dirs an interrupted conversion into `path` left beside it (`.NAME.tmp-HOST-PID`),
+    and put back a previous output an interrupted `--overwrite` had moved aside (`.NAME.old-HOST-PID`)."""
+    for tmp in sorted(path.parent.glob(f".{path.name}.tmp-*")):
+        if _owner_alive(tmp.name):
+            say(f"note: {tmp} may belong to a conversion still running ({tmp.name.rpartition('.tmp-')[2]}): left alone")
+            continue
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        say(f"removed {tmp}: left by an interrupted conversion")
+    for old in sorted(path.parent.glob(f".{path.name}.old-*")):
+        if _owner_alive(old.name):
+            continue
+        if not path.exists():
+            os.replace(old, path)
+            say(f"restored {path} from {old}: an interrupted --overwrite had moved it aside")
+        else:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            say(f"removed {old}: the previous output an interrupted --overwrite had replaced")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 @contextmanager
-def atomic_output_dir(path: Path, overwrite: bool):
-    """Yield a temporary sibling directory; on success it replaces `path`, on failure it is removed.
-    An existing target is moved aside first and deleted only once the new one is in place."""
+def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, say: Callable[[str], None] = _stderr):
+    """Yield a temporary sibling directory (`.NAME.tmp-HOST-PID`); on success it replaces `path`, on failure it is
+    removed. An existing target is moved aside first and deleted only once the new one is in place. Leftovers
+    of an interrupted run are removed first (said); a full disk is one CheckpointError line (`needed`: the
+    bytes the output takes, about)."""
     path = Path(path)
+    clean_leftovers(path, say)
     check_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    if needed and free_bytes(path.parent) < needed:
+        raise CheckpointError(no_space_message(str(path), path.parent, needed))
+    me = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = path.parent / f".{path.name}.tmp-{me}"
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        tmp.mkdir()
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, CheckpointError) and is_no_space(e, path.parent):
+            raise CheckpointError(no_space_message(str(path), path.parent, needed)) from None
         raise
     old = None
     if path.exists():
-        old = path.parent / f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+        old = path.parent / f".{path.name}.old-{me}"
         os.replace(path, old)
     os.replace(tmp, path)
     if old is not None:

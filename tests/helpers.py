@@ -102,9 +102,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_deepspeed(script: str, args: list[str], num_procs: int = 2, env: dict | None = None):
+def start_deepspeed(script: str, args: list[str], num_procs: int = 2, env: dict | None = None,
+                    launcher_args: list[str] | None = None, port: int | None = None, prefix: list[str] | None = None):
     """Start `script` with the real deepspeed launcher on CPU (gloo), output to files; returns (Popen, port).
-    The Popen's `.log` is the path holding stdout and stderr."""
+    The Popen's `.log` is the path holding stdout and stderr. `launcher_args` replace `--num_gpus N` (e.g. one
+    simulated node of a hostfile); `prefix` goes before the launcher (e.g. `unshare -m ...`)."""
     import os
     import shutil
     import subprocess
@@ -116,8 +118,9 @@ def start_deepspeed(script: str, args: list[str], num_procs: int = 2, env: dict 
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher is not installed"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", **(env or {})}
-    port = free_port()
-    cmd = [launcher, "--num_gpus", str(num_procs), "--master_port", str(port), str(root / script), *args]
+    port = port or free_port()
+    cmd = [*(prefix or []), launcher, *(launcher_args or ["--num_gpus", str(num_procs)]), "--master_port", str(port),
+           str(root / script), *args]
     log = Path(tempfile.mkstemp(prefix="deepspeed-", suffix=".log")[1])
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,

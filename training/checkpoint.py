@@ -5,10 +5,13 @@ plus, written by us into the same directory before it becomes visible:
 
   trainer_state.json      step, topology, evaluation history, early-stopping and bad-step counters
   rng_state_rank{R}.pt    Python, NumPy and torch RNG states of rank R
+  run_config.json         the run's config as loaded (compared with the config in force at resume)
+  manifest.json           every file of the tag with its size (a truncated file is found before loading)
 
 Every tag is written as `.tmp-<tag>`, renamed to `<tag>` once all ranks are done, and only then named
 in `latest`: a run killed half-way through a save leaves a `.tmp-*` directory (removed at the next
-start) and the previous checkpoint untouched.
+start) and the previous checkpoint untouched. A save that fails on any rank (a full disk above all) is
+removed on every rank and reported as one line (`SaveFailed`); the previous checkpoint is untouched.
 """
 
 from __future__ import annotations
@@ -20,18 +23,26 @@ import random
 import re
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from models.diskspace import fmt_size, free_bytes, is_no_space, no_space_message, tree_size
+
 TAG = re.compile(r"global_step(\d+)$")
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
 
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps); a checkpoint of the last good state was saved."""
+
+
+class SaveFailed(TrainingStopped):
+    """A checkpoint could not be written (e.g. the disk is full); the previous checkpoint is untouched."""
 
 
 def tag_of(step: int) -> str:
@@ -39,9 +50,14 @@ def tag_of(step: int) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write via a temporary name unique to this process and call, then rename into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -55,6 +71,7 @@ class RunState:
     global_batch: int
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss)
     bad_steps: int = 0  # consecutive non-finite steps
+    data_fingerprint: str | None = None  # hash of the training rows (trainer.data_fingerprint)
     finished: bool = False  # the run ended (last step or early stopping): a re-run has nothing to do
 
     def best_eval(self) -> tuple[int, float] | None:
@@ -92,16 +109,25 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def write_manifest(tag_dir: Path) -> None:
+    """manifest.json: every file of the tag (relative path) with its size; not trainer_state.json, which
+    `update_state` rewrites in place (it is checked by reading it)."""
+    sizes = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+             if p.is_file() and p.name not in (MANIFEST_FILE, STATE_FILE)}
+    atomic_write_text(tag_dir / MANIFEST_FILE, json.dumps(sizes, indent=0))
+
+
 def fault_pause(where: str, step: int, until=None) -> None:
-    """Testing aid: PIPEFT_FAULT_PAUSE="WHERE:STEP:SECONDS" (WHERE = step | save) waits there, giving a test a
-    known moment to deliver a real SIGTERM or SIGKILL; `until()` true ends the wait early. Unset in normal runs."""
+    """Testing aid: PIPEFT_FAULT_PAUSE="WHERE:STEP:SECONDS[:FILE]" (WHERE = step | save) waits there, giving a test
+    a known moment to deliver a real SIGTERM or SIGKILL, or to start a second run; `until()` true or FILE
+    existing ends the wait early. Unset in normal runs."""
     spec = os.environ.get("PIPEFT_FAULT_PAUSE", "")
     if not spec:
         return
-    at, at_step, seconds = spec.split(":")
+    at, at_step, seconds, *release = spec.split(":", 3)
     if at == where and int(at_step) == step:
         end = time.time() + float(seconds)
-        while time.time() < end and not (until and until()):
+        while time.time() < end and not (until and until()) and not (release and os.path.exists(release[0])):
             time.sleep(0.05)
 
 
@@ -114,6 +140,7 @@ class Checkpoints:
         written into every tag (e.g. lora_config.json)."""
         self.root, self.rank, self.keep_last, self.keep_best = Path(save_path), rank, keep_last, keep_best
         self.trainable_only, self.extra_files = trainable_only, extra_files or {}
+        self.last_size: int | None = None  # bytes of the newest checkpoint (None: not measured yet)
 
     def latest(self) -> str | None:
         f = self.root / "latest"
@@ -134,30 +161,66 @@ class Checkpoints:
             shutil.rmtree(self.root / name, ignore_errors=True)
         return gone
 
-    def save(self, engine, state: RunState) -> Path:
-        """Collective: every rank calls it. Returns the tag directory."""
+    def save(self, engine, state: RunState, extra: dict[str, str] | None = None) -> Path:
+        """Collective: every rank calls it. Returns the tag directory. `extra`: more name -> text files for
+        this tag (rank 0). Raises SaveFailed on every rank when any rank could not write its part."""
+        import torch.distributed as dist
+
         tag = tag_of(state.step)
         tmp = f".tmp-{tag}"
         if self.rank == 0:
             shutil.rmtree(self.root / tmp, ignore_errors=True)
-        torch.distributed.barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp, save_latest=False, exclude_frozen_parameters=self.trainable_only)
-        torch.save(rng_state(), self.root / tmp / f"rng_state_rank{self.rank}.pt")
-        if self.rank == 0:
-            state.write(self.root / tmp)
-            for name, text in self.extra_files.items():
-                atomic_write_text(self.root / tmp / name, text)
+            self._warn_if_short()
+        dist.barrier()
+        problem, in_engine = None, True
+        try:
+            engine.save_checkpoint(str(self.root), tag=tmp, save_latest=False,
+                                   exclude_frozen_parameters=self.trainable_only)
+            in_engine = False
+            torch.save(rng_state(), self.root / tmp / f"rng_state_rank{self.rank}.pt")
+            if self.rank == 0:
+                state.write(self.root / tmp)
+                for name, text in {**self.extra_files, **(extra or {})}.items():
+                    atomic_write_text(self.root / tmp / name, text)
+        except Exception as e:  # noqa: BLE001 - reported as one line below, on every rank
+            problem = (no_space_message(f"saving checkpoint {tag} in {self.root}", self.root, self.last_size or None)
+                       if is_no_space(e, self.root) else
+                       f"saving checkpoint {tag} in {self.root} failed on rank {self.rank}: "
+                       f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            if in_engine:  # DeepSpeed's save ends in a barrier (after its writes) that the other ranks are in
+                dist.barrier()
         fault_pause("save", state.step)
-        torch.distributed.barrier()
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)  # also the barrier: every rank has written its part
+        failed = [p for p in problems if p]
+        if failed:
+            if self.rank == 0:
+                shutil.rmtree(self.root / tmp, ignore_errors=True)
+            dist.barrier()
+            kept = self.latest()
+            raise SaveFailed(f"{failed[0]}; " + (f"the previous checkpoint {self.root / kept} is intact: free space and "
+                             "start the same command again to resume from it" if kept else "no earlier checkpoint"))
         if self.rank == 0:
             final = self.root / tag
+            write_manifest(self.root / tmp)
             if final.exists():  # a re-run of the same step (e.g. resumed before it): replace it
                 shutil.rmtree(final)
             os.replace(self.root / tmp, final)
             atomic_write_text(self.root / "latest", tag)
+            self.last_size = tree_size(final)
             self._after_save(state)
-        torch.distributed.barrier()
+        dist.barrier()
         return self.root / tag
+
+    def _warn_if_short(self) -> None:
+        """Rank 0, before a save: warn when the free space is below the size of the last checkpoint."""
+        if self.last_size is None:
+            latest = self.latest()
+            self.last_size = tree_size(self.root / latest) if latest else 0
+        free = free_bytes(self.root)
+        if self.last_size and free < self.last_size:
+            print(f"warning: {self.root} has {fmt_size(free)} free but the last checkpoint took {fmt_size(self.last_size)}: "
+                  "this checkpoint will probably not fit (the previous one stays intact if it does not)", flush=True)
 
     def update_state(self, state: RunState) -> None:
         """Collective: rewrite trainer_state.json of the already saved tag of `state.step` (e.g. after the final

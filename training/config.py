@@ -26,6 +26,8 @@ from models.lora import LoraSettings, check_adapter_keys, parse_lora, read_lora_
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from training.checkpoint import STATE_FILE
 from training.optim import build_lion, parse_lr_schedule
+from training.resume import RUN_CONFIG_FILE, config_changes, read_run_config, refusals, resume_tag
+from training.runlock import LockError, check_unlocked
 
 
 class ConfigError(ValueError):
@@ -73,9 +75,12 @@ class TrainConfig:
     group_by_length: bool = False  # length-grouped global batches (HF Trainer's megabatches), seeded
     # checkpoints and resume (training/checkpoint.py)
     save_interval: int | None = None  # steps between checkpoints (None: only at the end)
+    save_interval_minutes: float | None = None  # also checkpoint at the first step boundary this long after the last save
+    dist_timeout_minutes: float = 30.0  # collective operations' timeout (the process group's)
     keep_last: int | None = None  # newest checkpoints kept (None: all)
     resume: str | bool = "auto"  # "auto": continue from save_path/latest if present; false: start fresh
     overwrite_save_path: bool = False  # with resume false: allow a save_path that already holds a run
+    allow_data_change_on_resume: bool = False  # resume although the data or its order changed (training/resume.py)
     # evaluation (training/evaluate.py)
     eval_data_path: str | list[str] | None = None
     eval_split_ratio: float | None = None  # hold out this share of the training samples instead
@@ -90,6 +95,7 @@ class TrainConfig:
     model_topo: dict = field(default_factory=dict)  # {process_topology: {axes|axis, dims}, parts}
     ds_config: dict = field(default_factory=dict)  # DeepSpeed's keys
     path: str = ""  # the config file itself
+    raw: dict = field(default_factory=dict)  # the file's object as read (saved in every checkpoint)
 
     @property
     def micro_batch(self) -> int:
@@ -105,7 +111,7 @@ class TrainConfig:
         return TemplateSettings(**{f.name: getattr(self, f.name) for f in fields(TemplateSettings)})
 
 
-PROJECT_KEYS = {f.name: f for f in fields(TrainConfig) if f.name not in ("ds_config", "path")}
+PROJECT_KEYS = {f.name: f for f in fields(TrainConfig) if f.name not in ("ds_config", "path", "raw")}
 _TYPES: dict[str, tuple[type, ...]] = {
     "model_path": (str,), "save_path": (str,), "data_path": (str, list), "from_scratch": (bool,),
     "max_seq_len": (int,), "n_epoches": (int,), "max_steps": (int, type(None)), "use_grad_ckpt": (bool,),
@@ -113,13 +119,14 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "train_on_prompt": (bool,), "last_answer_only": (bool,), "packing": (bool,),
     "split_long_pretrain": (bool,), "data_cache_dir": (str, type(None)), "model_topo": (dict,),
     "attn_implementation": (str,), "pad_to_multiple_of": (int,), "group_by_length": (bool,),
-    "save_interval": (int, type(None)), "keep_last": (int, type(None)), "resume": (str, bool),
-    "overwrite_save_path": (bool,), "eval_data_path": (str, list, type(None)), "eval_split_ratio": (float, type(None)),
+    "save_interval": (int, type(None)), "save_interval_minutes": (int, float, type(None)),
+    "dist_timeout_minutes": (int, float), "keep_last": (int, type(None)), "resume": (str, bool),
+    "overwrite_save_path": (bool,), "allow_data_change_on_resume": (bool,), "eval_data_path": (str, list, type(None)), "eval_split_ratio": (float, type(None)),
     "eval_interval": (int, type(None)), "early_stopping_patience": (int, type(None)), "keep_best": (int, type(None)),
     "lr_schedule": (dict, type(None)), "decay_norm_and_bias": (bool,), "max_bad_steps": (int,),
     "lora": (dict, type(None)),
 }
-_MIN = {"pad_to_multiple_of": 1, "max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0, "save_interval": 1,
+_MIN = {"pad_to_multiple_of": 1, "max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0, "save_interval": 1, "save_interval_minutes": 1e-6, "dist_timeout_minutes": 0.1,
         "keep_last": 1, "eval_interval": 1, "early_stopping_patience": 1, "keep_best": 1, "max_bad_steps": 1}
 
 
@@ -155,7 +162,7 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
         if key in _MIN and value is not None and value < _MIN[key]:
             raise ConfigError(f"{path}: '{key}' must be >= {_MIN[key]}, got {value}")
 
-    cfg = TrainConfig(**ours, ds_config=ds, path=str(path))
+    cfg = TrainConfig(**ours, ds_config=ds, path=str(path), raw=raw)
     try:
         _ = cfg.template_settings  # checks the data keys together
     except ValueError as e:
@@ -175,6 +182,10 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
     """Keys that only make sense together: resume, evaluation, early stopping, precision."""
     if cfg.resume not in ("auto", True, False):
         raise ConfigError(f"{path}: 'resume' must be \"auto\", true or false, got {json.dumps(cfg.resume)}")
+    if cfg.overwrite_save_path and cfg.resume is not False:
+        raise ConfigError(f"{path}: 'overwrite_save_path' only applies with \"resume\": false (resume "
+                          f"{json.dumps(cfg.resume)} continues the run in save_path); set \"resume\": false to replace "
+                          "that run, or remove 'overwrite_save_path'")
     if cfg.eval_split_ratio is not None and not 0 < cfg.eval_split_ratio < 1:
         raise ConfigError(f"{path}: 'eval_split_ratio' must be between 0 and 1 (exclusive), got {cfg.eval_split_ratio}")
     has_eval = cfg.eval_data_path is not None or cfg.eval_split_ratio is not None
@@ -292,6 +303,14 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
     save = Path(cfg.save_path)
     if save.exists() and not save.is_dir():
         raise ConfigError(f"{path}: save_path {save} is a file, not a directory")
+    if save.resolve() == model.resolve() or model.resolve() in save.resolve().parents:
+        raise ConfigError(f"{path}: save_path {save} is {'model_path' if save.resolve() == model.resolve() else 'inside model_path'} "
+                          f"{model}: checkpoints would mix with the base model's files (and pp_to_hg of that dir would "
+                          "export the untrained base); use another directory")
+    try:
+        check_unlocked(save)
+    except LockError as e:
+        raise ConfigError(f"{path}: {e}") from None
     parent = save if save.exists() else next((p for p in save.parents if p.exists()), Path("/"))
     if not parent.is_dir():
         raise ConfigError(f"{path}: save_path {save} is under {parent}, which is a file, not a directory")
@@ -384,19 +403,23 @@ def _check_lora(cfg: TrainConfig, path: Path) -> LoraSettings | None:
 
 
 def _check_resume(cfg: TrainConfig, path: Path, lora: LoraSettings | None) -> None:
-    """The checkpoint `latest` names exists, can be resumed exactly, and is of the configured kind (full / LoRA)."""
+    """The checkpoint to resume (the one `latest` names, or the newest intact earlier one) can be resumed exactly,
+    is of the configured kind (full / LoRA), and the config's changes since it are all allowed."""
     save = Path(cfg.save_path)
     if cfg.resume is False or not (save / "latest").is_file():
         return
-    tag = (save / "latest").read_text().strip()
-    ckpt = save / tag
+    tag, notes = resume_tag(save)
     fresh = "or start a new run with \"resume\": false and \"overwrite_save_path\": true"
-    if not ckpt.is_dir():
-        raise ConfigError(f"{path}: {save / 'latest'} names {tag!r}, which does not exist; point it at a checkpoint "
-                          f"directory {fresh}")
-    if not (ckpt / STATE_FILE).is_file():
-        raise ConfigError(f"{path}: {ckpt} has no {STATE_FILE} (written by an older version?): it cannot be resumed "
-                          f"exactly; export it with pp_to_hg and train from that, {fresh}")
+    if tag is None:
+        named = (save / "latest").read_text().strip()
+        if not (save / named).is_dir():
+            raise ConfigError(f"{path}: {save / 'latest'} names {named!r}, which does not exist; point it at a checkpoint "
+                              f"directory {fresh}")
+        if not (save / named / STATE_FILE).is_file():
+            raise ConfigError(f"{path}: {save / named} has no {STATE_FILE} (written by an older version?): it cannot be "
+                              f"resumed exactly; export it with pp_to_hg and train from that, {fresh}")
+        raise ConfigError(f"{path}: {notes[0]}, and no earlier checkpoint is intact; {fresh}")
+    ckpt = save / tag
     saved = read_lora_info(ckpt)
     if (saved is None) != (cfg.lora is None):
         kind = "a LoRA checkpoint (adapters only)" if saved else "a full checkpoint"
@@ -408,6 +431,18 @@ def _check_resume(cfg: TrainConfig, path: Path, lora: LoraSettings | None) -> No
             if saved.get(key, []) != value:
                 raise ConfigError(f"{path}: lora.{key} is {json.dumps(value)} but the checkpoint {ckpt} was trained with "
                                   f"{json.dumps(saved[key])}; resume with the same adapters, {fresh}")
+    old = read_run_config(ckpt)
+    if old is None:
+        return
+    refused = refusals(config_changes(old, cfg.raw, lora_run=cfg.lora is not None), cfg.allow_data_change_on_resume)
+    if refused:
+        c = refused[0]
+        more = f" (and {len(refused) - 1} more: {', '.join(r.key for r in refused[1:])})" if len(refused) > 1 else ""
+        how = ("set \"allow_data_change_on_resume\": true to continue anyway (the data order is then not sample-exact), "
+               "restore the old value" if c.kind == "data" else "restore the old value")
+        raise ConfigError(f"{path}: '{c.key}' changed since the checkpoint {ckpt / RUN_CONFIG_FILE} "
+                          f"({c.values()}): {c.note}{more}; "
+                          f"{how}, {fresh}")
 
 
 def _check_parts(cfg: TrainConfig, path: Path, world_size: int) -> None:

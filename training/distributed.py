@@ -2,20 +2,98 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from pathlib import Path
 
 
-def single_process_env() -> None:
-    """`python train_ds.py ...` without a launcher runs as one process (a 1-stage pipeline): set what
-    `deepspeed --num_gpus 1` would, instead of letting DeepSpeed fall back to MPI discovery."""
-    if "RANK" in os.environ:
-        return
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: "gpu[03-05,09],cpu1" -> "gpu03" (zero padding kept)."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first entry ends at a comma outside brackets
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            end = i
+            break
+    entry = nodelist[:end].strip()
+    if "[" not in entry:
+        return entry
+    prefix, rest = entry.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+SLURM_DEFAULT_PORT_BASE = 20000  # MASTER_PORT under srun: 20000 + job id mod 20000, unless MASTER_PORT is set
+
+
+def launch_env() -> str:
+    """Make the process-group variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) present, and
+    return how this process was started: "deepspeed" | "torchrun" (they set them) | "slurm" (`srun python
+    train_ds.py`: from SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID, the master the first host of the
+    step's node list, port 20000 + job id mod 20000) | "single" (no launcher: one process, a 1-stage
+    pipeline, instead of DeepSpeed's MPI discovery)."""
+    env = os.environ
+    if "RANK" in env:
+        return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:  # a step started by srun (not the batch script)
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
+        port = env.get("MASTER_PORT") or str(SLURM_DEFAULT_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_STEP_NUM_TASKS"],
+                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"), MASTER_ADDR=env.get("MASTER_ADDR") or first_host(nodes),
+                   MASTER_PORT=port)
+        return "slurm"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return "single"
+
+
+def _ppid_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class LauncherWatch:
+    """Whether the `deepspeed` command that started this rank has gone. DeepSpeed's single-node runner has no
+    signal handler: SIGTERM to it (what `timeout` and many schedulers send) ends it at once, while its
+    `deepspeed.launcher.launch` child and the ranks would train on as orphans. A rank started by that launch
+    process notices its parent lost its own parent and stops like a preempted run (save, exit 0).
+    Inactive (never gone) under any other launcher, or where /proc is missing."""
+
+    def __init__(self) -> None:
+        self.launch, self.runner = os.getppid(), None
+        try:
+            cmdline = Path(f"/proc/{self.launch}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            return
+        if b"deepspeed.launcher.launch" in cmdline:
+            self.runner = _ppid_of(self.launch)
+
+    def gone(self) -> bool:
+        if self.runner is None:
+            return False
+        return os.getppid() != self.launch or _ppid_of(self.launch) != self.runner
+
+
+def master_port_problem() -> str | None:
+    """Rank 0 (which hosts the rendezvous store): why MASTER_PORT cannot be used, e.g. another run holds it;
+    None when it is free or when a launcher's agent already serves the store there (torchrun)."""
+    if os.environ.get("RANK") != "0" or "TORCHELASTIC_RUN_ID" in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    port = int(os.environ["MASTER_PORT"])
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (f"MASTER_PORT {port} is already in use on this machine (another run?); start deepspeed with "
+                        "--master_port set to a free port")
+    return None
 
 
 def shm_buffer(rank: int) -> Path:

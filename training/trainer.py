@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +19,23 @@ from data.collate import pad_id_of
 from data.encode import load_dataset
 from data.packing import describe, pack, trained_tokens
 from data.records import DataError, read_files, records_from_files
-from data.settings import data_settings_of, write_data_settings
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
 from models.attention import set_attn_implementation
 from models.convert import family_of
-from models.hf_io import SIDE_FILES, copy_side_files
 from models.lora import LORA_FILE, apply_lora, load_adapter_into, lora_info, parse_lora
 from training.batches import BatchPlan, step_micro_batches
-from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause, set_rng_state
+from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause
 from training.config import ConfigError, TrainConfig
-from training.distributed import shutdown_distributed
+from training.distributed import LauncherWatch, shutdown_distributed
 from training.evaluate import EvalPlan, concat, split_eval
-from training.monitor import Monitor, fmt_bytes, fmt_count, hms, truncate_metrics
+from training.monitor import Monitor, fmt_bytes, fmt_count, hms
 from training.optim import build_optimizer
+from training.resume import RUN_CONFIG_FILE
+from training.rundir import RunDirectory, data_fingerprint
+from training.runlock import RunLock
 
 
-class Trainer:
+class Trainer(RunDirectory):
     """One process of a pipeline x data-parallel training run."""
 
     def __init__(self, cfg: TrainConfig):
@@ -44,6 +46,9 @@ class Trainer:
         self.monitor: Monitor | None = None
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")  # the next step's batches
         self.row_length: int | None = None  # the engine's current activation length
+        self.lock: RunLock | None = None  # rank 0: this run's lock on save_path
+        self.launcher = LauncherWatch()  # the `deepspeed` command that started this process, if any
+        self.changes_lr = self.changes_length = False  # a resume changed the optimizer / the run's length
 
     def log(self, msg: str) -> None:
         if self.monitor is not None:
@@ -57,7 +62,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ setup
 
     def validate_data(self) -> None:
-        """Check every record before any process group or model exists (raises DataError)."""
+        """Check every record before any process group or model exists (raises DataError). Once per node: local
+        rank 0 checks; on a problem it exits and the launcher stops the node's other ranks."""
+        if self.local_rank != 0:
+            return
         for path in (self.cfg.data_path, self.cfg.eval_data_path):
             if path is not None:
                 records_from_files(read_files(path))
@@ -73,16 +81,23 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         acc = get_accelerator()
-        deepspeed.init_distributed(dist_backend="gloo" if acc.device_name() == "cpu" else acc.communication_backend_name())
+        deepspeed.init_distributed(dist_backend="gloo" if acc.device_name() == "cpu" else acc.communication_backend_name(),
+                                   timeout=timedelta(minutes=cfg.dist_timeout_minutes))
+        # waits of unbounded length (first-time tokenization on one rank per node) use a group without a deadline
+        self.patient = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7))
         if acc.device_name() != "cpu":
             acc.set_device(self.local_rank)
         self.world = torch.distributed.get_world_size()
+        self._take_lock()  # before anything is written to save_path
+        self._check_shared_save_path()
         torch.manual_seed(cfg.seed)
 
         self.family, self.config = family_of(Path(cfg.model_path))
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
         self.pad_id = pad_id_of(self.tokenizer)
         self.dataset, self.eval_set = self._load_datasets()
+        self.data_fingerprint = data_fingerprint(self.dataset)
+        self._check_same_data()
         self.unit = "packed sequence" if cfg.packing else "sample"
 
         axes, dims = parse_topology(cfg.model_topo, self.world)
@@ -127,8 +142,11 @@ class Trainer:
                                   or self.engine.bfloat16_enabled())
         if self.own_grad_norm:  # fp32 without ZeRO: DeepSpeed neither reports the norm nor skips non-finite steps
             self._wrap_model_step()
+        extra = {RUN_CONFIG_FILE: json.dumps(cfg.raw, indent=1)}
+        if self.lora:
+            extra[LORA_FILE] = lora_info(self.lora, cfg.model_path)
         self.ckpts = Checkpoints(cfg.save_path, self.rank, cfg.keep_last, cfg.keep_best, trainable_only=self.lora is not None,
-                                 extra_files={LORA_FILE: lora_info(self.lora, cfg.model_path)} if self.lora else None)
+                                 extra_files=extra)
         start = self._prepare_save_path()
         self.monitor = Monitor(Path(cfg.save_path), self.rank, self.total_steps, start, cfg.log_interval)
         self._summary(model)
@@ -148,7 +166,7 @@ class Trainer:
             except DataError as e:
                 error = e
         failed = [None] * self.world
-        torch.distributed.all_gather_object(failed, error is not None)  # also the barrier before the others load
+        torch.distributed.all_gather_object(failed, error is not None, group=self.patient)  # the others wait here
         if any(failed):
             raise error or DataError(["data: another process could not build the data set (see its error)"])
         found = found if found is not None else [load(p) for p in paths]
@@ -158,6 +176,11 @@ class Trainer:
                  f"max_seq_len {cfg.max_seq_len}; {s.truncated} truncated"
                  + (f"; {s.spliced} split at a prompt / answer boundary" if s.spliced else "")
                  + f"); cache {'hit' if s.cache_hit else 'written'}")
+        if eval_set is not None and len(eval_set) == 0:
+            es = eval_set.stats
+            raise ConfigError(f"{cfg.path}: 'eval_data_path' {cfg.eval_data_path}: none of its {es.records} records is left "
+                              f"for evaluation ({es.dropped} dropped: no trained token within max_seq_len {cfg.max_seq_len}); "
+                              "fix the eval data or raise max_seq_len")
         if cfg.eval_split_ratio is not None:
             try:
                 ds, held = split_eval(ds, cfg.eval_split_ratio, cfg.seed)
@@ -177,55 +200,7 @@ class Trainer:
 
     def _run_state(self, step: int) -> RunState:
         return RunState(step=step, pipe=self.pp_size, data=self.dp_size, parts=list(self.model.parts),
-                        global_batch=self.plan.global_batch)
-
-    def _prepare_save_path(self) -> int:
-        """Side files (HF config, tokenizer) beside the checkpoints, so pp_to_hg needs nothing else; then resume
-        from `latest` (resume "auto"/true) or start fresh. Returns the step to start from."""
-        cfg, save = self.cfg, Path(self.cfg.save_path)
-        if self.rank == 0:
-            save.mkdir(parents=True, exist_ok=True)
-            for name in self.ckpts.remove_partial():
-                print(f"removed {save / name}: a checkpoint that was not completely written", flush=True)
-            if cfg.resume is False:  # load_config refused a used save_path unless overwrite_save_path
-                for name in [*self.ckpts.tags(), "latest", "best", "metrics.jsonl", "runs"]:
-                    p = save / name
-                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-            staging = save / ".side-files.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-            for name in copy_side_files(Path(cfg.model_path), staging, SIDE_FILES):
-                os.replace(staging / name, save / name)
-            staging.rmdir()
-            write_data_settings(save, data_settings_of(cfg.template_settings, self.tokenizer, cfg.max_seq_len))
-        torch.distributed.barrier()
-        tag = self.ckpts.latest() if cfg.resume in ("auto", True) else None
-        self.state = self._run_state(0)
-        if tag is not None:
-            self._resume(save / tag)
-        if self.rank == 0:
-            truncate_metrics(save / "metrics.jsonl", self.state.step)
-        torch.distributed.barrier()
-        return self.state.step
-
-    def _resume(self, tag_dir: Path) -> None:
-        saved = RunState.read(tag_dir)
-        same = (saved.pipe, saved.data, saved.parts) == (self.pp_size, self.dp_size, list(self.model.parts))
-        self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=same,
-                                    load_lr_scheduler_states=True, load_module_strict=self.lora is None)
-        self.state = RunState(**{**saved.__dict__, "pipe": self.pp_size, "data": self.dp_size,
-                                 "parts": list(self.model.parts), "global_batch": self.plan.global_batch})
-        self.engine.global_steps = saved.step
-        rng = tag_dir / f"rng_state_rank{self.rank}.pt"
-        if same and rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=False))
-        self.log(f"resumed from {tag_dir} at step {saved.step}" + ("" if same else
-                 f"; topology changed (pipe {saved.pipe} -> {self.pp_size}, data {saved.data} -> {self.dp_size}, "
-                 f"layer bounds {saved.parts} -> {list(self.model.parts)}): weights, step and LR schedule loaded, "
-                 "optimizer state was reset"))
-        if saved.global_batch != self.plan.global_batch:
-            self.log(f"warning: global batch changed ({saved.global_batch} -> {self.plan.global_batch} {self.unit}s): "
-                     "the data order continues at this step's position of the new batching, not sample-exact")
+                        global_batch=self.plan.global_batch, data_fingerprint=self.data_fingerprint)
 
     def _summary(self, model) -> None:
         params = [p for n, p in model.named_parameters() if n != "grad_placeholder"]
@@ -347,20 +322,31 @@ class Trainer:
         topo = self.engine.grid._topo
         return [topo.filter_match(pipe=s, data=0)[0] for s in range(self.pp_size)]
 
-    def _should_stop(self) -> bool:
-        """Whether any rank received SIGTERM/SIGINT (all ranks agree, so they all stop at the same step)."""
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=next(self.model.parameters()).device)
+    def _at_boundary(self) -> tuple[bool, bool]:
+        """(stop, save now), the same on every rank: stop when any rank received SIGTERM/SIGINT or lost the
+        `deepspeed` command that started it; save when save_interval_minutes have passed since the last save
+        (rank 0's clock decides, so every rank saves at the same step)."""
+        if self.stop_signal is None and self.launcher.gone():
+            self.stop_signal = "the end of the deepspeed command that started this run (e.g. SIGTERM from timeout)"
+        minutes = self.cfg.save_interval_minutes
+        timed = self.rank == 0 and minutes is not None and time.time() - self.last_save_time >= 60 * minutes
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0, 1.0 if timed else 0.0],
+                            device=next(self.model.parameters()).device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return flag.item() > 0
+        return flag[0].item() > 0, flag[1].item() > 0
 
     def train(self) -> None:
         cfg, st = self.cfg, self.state
         losses, saved_at = [], st.step
+        if st.finished and self.changes_length and st.step < self.total_steps:
+            self.log(f"continuing the finished run from step {st.step} to step {self.total_steps} (its length was raised)")
+            st.finished = False
         if st.finished:
-            self.log(f"nothing to do: this run finished at step {st.step} (a new run needs another save_path, or "
-                     "\"resume\": false with \"overwrite_save_path\": true)")
+            self.log(f"nothing to do: this run finished at step {st.step} (raise max_steps or n_epoches to train "
+                     "further; a new run needs another save_path, or \"resume\": false with \"overwrite_save_path\": true)")
             return
         pending = self.prefetch.submit(self.batches_for, st.step)
+        self.last_save_time = time.time()
         while st.step < self.total_steps:
             step = st.step
             self.grad_norm = None
@@ -400,15 +386,16 @@ class Trainer:
             losses.append(loss)
             log_now = (st.step - self.monitor.start) % cfg.log_interval == 0 or st.step == self.total_steps
             self.monitor.step(rec, self._peak_memory() if log_now else None)
-            fault_pause("step", st.step, until=lambda: self.stop_signal is not None)
-            if (cfg.save_interval and st.step % cfg.save_interval == 0) or (evaluated and cfg.keep_best):
+            fault_pause("step", st.step, until=lambda: self.stop_signal is not None or self.launcher.gone())
+            stop, timed = self._at_boundary()
+            if (cfg.save_interval and st.step % cfg.save_interval == 0) or (evaluated and cfg.keep_best) or timed:
                 saved_at = self._save(st, saved_at)
             if evaluated and cfg.early_stopping_patience and st.evals_since_best() >= cfg.early_stopping_patience:
                 best = st.best_eval()
                 self.log(f"early stopping: eval loss has not improved for {cfg.early_stopping_patience} evaluations "
                          f"(best {best[1]:.4f} at step {best[0]})")
                 break
-            if self._should_stop():
+            if stop:
                 self.log(f"received {self.stop_signal or 'a stop signal on another rank'}: saving at step {st.step} "
                          "and exiting (resume with the same command)")
                 self._save(st, saved_at)
@@ -447,6 +434,7 @@ class Trainer:
         if saved_at == st.step:  # the same decision on every rank (no filesystem race)
             return saved_at
         path = self.ckpts.save(self.engine, st)
+        self.last_save_time = time.time()
         self.log(f"saved checkpoint {path} (convert: python convert_model.py pp_to_hg --input-path {path.parent} "
                  f"--save-path HF_DIR)")
         return st.step
@@ -455,6 +443,8 @@ class Trainer:
         self.prefetch.shutdown(wait=True, cancel_futures=True)
         if self.monitor is not None:
             self.monitor.close()
+        if self.lock is not None:
+            self.lock.release()
         shutdown_distributed()
 
 

@@ -1,0 +1,125 @@
+"""Several nodes, simulated on this machine: two `deepspeed --hostfile H --no_ssh --node_rank K` launchers; a
+node-local save_path or node-local data made by a private mount namespace for one of them (`unshare -m` and a
+bind mount, which needs root); `srun`'s environment; torchrun with time-based checkpoints.
+
+Training is compared with the single-node run of the same topology (the `ops_uninterrupted` fixture: 2 stages,
+8 steps, checkpoints at 3, 6 and 8): losses and final tensors bit-identical."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import finish_deepspeed, free_port, ops_config, start_deepspeed, workers_of
+from tests.test_train_ops import checkpoint_tensors, losses_of, wait_for
+
+pytestmark = pytest.mark.distributed
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_nodes(tmp_path: Path, cfg: Path, env: dict | None = None, private: tuple[Path, Path] | None = None) -> list:
+    """Two launchers, one per simulated node (`node-a`, `node-b`, one process each). `private` = (dir, over):
+    node-b sees `dir` mounted over `over` (a private mount namespace), as a node-local disk would be."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        launcher = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1"]
+        prefix = None
+        if rank == 1 and private is not None:
+            if shutil.which("unshare") is None:
+                pytest.skip("unshare is not installed")
+            prefix = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$1" && exec "$@"', str(private[0]),
+                      str(private[1])]
+        procs.append(start_deepspeed("train_ds.py", ["--config", str(cfg)], env=env, launcher_args=launcher, port=port,
+                                     prefix=prefix))
+    return procs
+
+
+def finish_nodes(procs: list, expect: int | None = 0) -> str:
+    return "".join(finish_deepspeed(p, expect=expect)[1] for p in procs)
+
+
+def test_two_nodes_train_preempt_and_resume_like_one(tmp_path, ops_model, ops_uninterrupted):
+    cfg = ops_config(tmp_path, ops_model, save_interval=3)
+    save = tmp_path / "out"
+    procs = start_nodes(tmp_path, cfg, env={"PIPEFT_FAULT_PAUSE": "step:6:60"})
+    wait_for(lambda: (save / "metrics.jsonl").is_file() and 6 in losses_of(save), procs[0])
+    for p in procs:  # a scheduler preempting the job signals every training process on every node
+        for w in workers_of(p):
+            w.send_signal(signal.SIGTERM)
+    out = finish_nodes(procs)
+    assert "received SIGTERM: saving at step 6 and exiting" in out and (save / "latest").read_text() == "global_step6"
+    out = finish_nodes(start_nodes(tmp_path, cfg))
+    assert f"resumed from {save / 'global_step6'} at step 6" in out
+    assert losses_of(save) == losses_of(ops_uninterrupted)
+    a, b = checkpoint_tensors(ops_uninterrupted / "global_step8"), checkpoint_tensors(save / "global_step8")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_node_local_save_path_is_refused(tmp_path, ops_model):
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    shared.mkdir()
+    private.mkdir()
+    cfg = ops_config(tmp_path, ops_model, save_path=str(shared / "out"))
+    out = finish_nodes(start_nodes(tmp_path, cfg, private=(private, shared)), expect=2)
+    said = [line for line in out.splitlines() if line.startswith("train_ds.py: error:")]
+    assert said and all(line == said[0] for line in said), out[-4000:]
+    assert f"save_path {shared / 'out'} is not one directory that every node shares: rank 1 (host " in said[0]
+    assert "put save_path on a filesystem every node mounts at the same path" in said[0]
+    assert not (tmp_path / "out").exists() and not list((shared / "out").glob("global_step*"))
+
+
+def test_different_data_on_two_nodes_is_refused(tmp_path, ops_model):
+    data, other = tmp_path / "data", tmp_path / "other"
+    data.mkdir()
+    other.mkdir()
+    shutil.copy(ops_model / "train.jsonl", data / "train.jsonl")
+    lines = (ops_model / "train.jsonl").read_text().splitlines(keepends=True)
+    (other / "train.jsonl").write_text("".join(lines[1:] + lines[:1]))  # the same records in another order
+    cfg = ops_config(tmp_path, ops_model, data_path=str(data / "train.jsonl"))
+    out = finish_nodes(start_nodes(tmp_path, cfg, private=(other, data)), expect=2)
+    said = [line for line in out.splitlines() if line.startswith("train_ds.py: error:")]
+    assert said and "the training data differ between processes: rank 1 (host " in said[0], out[-4000:]
+    assert not list((tmp_path / "out").glob("global_step*"))
+
+
+def test_srun_environment_starts_one_run_of_two_processes(tmp_path, ops_model, ops_uninterrupted):
+    """What `srun --ntasks 2 python train_ds.py` gives each task: SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID,
+    the step's node list; no RANK. The two processes form one 2-stage run, not two 1-process runs."""
+    cfg = ops_config(tmp_path, ops_model, save_interval=3)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", SLURM_JOB_ID="4242", SLURM_STEP_NUM_TASKS="2",
+               SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen([sys.executable, "train_ds.py", "--config", str(cfg)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}) for r in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "topology: 2 pipeline stages x 1 data-parallel replicas (2 processes)" in outs[0]
+    assert losses_of(tmp_path / "out") == losses_of(ops_uninterrupted)
+
+
+def test_torchrun_with_time_based_checkpoints(tmp_path, ops_model, ops_uninterrupted):
+    """torchrun starts the same 2-stage run; save_interval_minutes checkpoints at the first step boundary after the
+    interval, on every rank at the same step (a pause after step 3 lets the interval pass there)."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    cfg = ops_config(tmp_path, ops_model, save_interval_minutes=0.02)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PIPEFT_FAULT_PAUSE": "step:3:3"}
+    done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "train_ds.py",
+                           "--config", str(cfg)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    save = tmp_path / "out"
+    assert losses_of(save) == losses_of(ops_uninterrupted)
+    tags = sorted(int(p.name.removeprefix("global_step")) for p in save.glob("global_step*"))
+    assert 3 in tags and tags[-1] == 8, tags  # 1.2 s had passed by the end of the paused step 3
+    assert (save / "global_step3" / "manifest.json").is_file() and len(list((save / "global_step3").glob("rng_*"))) == 2

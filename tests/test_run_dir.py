@@ -1,0 +1,362 @@
+"""A run directory nothing can corrupt: one run per save_path (lock), config changes on resume said and
+applied or refused, a damaged checkpoint passed over, a full disk as one line, the stop of the `deepspeed`
+command itself, and the converter's checks (shapes, corrupt headers, leftovers of a killed conversion).
+
+Multi-process parts use the real deepspeed launcher on CPU; the full disk is a real tmpfs mounted for the
+test (root), never an injected error."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.convert import hg_to_pp, pp_to_hg
+from models.diskspace import tree_size
+from models.hf_io import CheckpointError, atomic_output_dir
+from tests.helpers import finish_deepspeed, ops_config, output_of, run_deepspeed, start_deepspeed, workers_of
+from tests.test_train_ops import checkpoint_tensors, losses_of, metrics_of, wait_for
+from training.config import ConfigError, load_config
+from training.resume import resume_tag
+from training.runlock import LOCK_FILE, RunLock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def errors_of(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("train_ds.py: error:")]
+
+
+# ------------------------------------------------------------------------------------------ the run lock, resume
+
+
+@pytest.mark.distributed
+def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model):
+    """A second run on a held save_path refuses and leaves the first untouched; a stale lock is taken over; a
+    finished run continues when max_steps is raised (bit-identical to an uninterrupted run); a new lr is used;
+    a new data file is refused, then allowed with the flag."""
+    constant = {"lr_schedule": {"type": "constant"}}
+    release = tmp_path / "release"
+    first = ops_config(tmp_path, ops_model, max_steps=4, **constant)
+    proc = start_deepspeed("train_ds.py", ["--config", str(first)], env={"PIPEFT_FAULT_PAUSE": f"step:2:120:{release}"})
+    save = tmp_path / "out"
+    wait_for(lambda: (save / "metrics.jsonl").is_file() and 2 in losses_of(save), proc)
+    holder = json.loads((save / LOCK_FILE).read_text())
+    second = start_deepspeed("train_ds.py", ["--config", str(first)])
+    _, out = finish_deepspeed(second, expect=2)
+    said = errors_of(out)
+    assert len(said) == 1 and f"save_path {save} is in use by another run (host {socket.gethostname()}, pid " \
+        f"{holder['pid']}" in said[0], out[-3000:]
+    release.touch()
+    _, out = finish_deepspeed(proc)
+    assert [m["step"] for m in metrics_of(save)] == [1, 2, 3, 4]  # the first run's own, untouched
+    assert sorted(p.name for p in save.glob("global_step*")) == ["global_step4"] and not (save / LOCK_FILE).exists()
+
+    # a run killed without releasing its lock: the next one takes it over and says so
+    (save / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid(), "started": 0}))
+    longer = ops_config(tmp_path, ops_model, max_steps=8, **constant)
+    out = run_deepspeed("train_ds.py", ["--config", str(longer)]).stdout
+    assert f"took over the lock of save_path {save} from a run that is gone" in out
+    assert "max_steps: 4 -> 8 (applied: the run trains to the new length (a finished run continues))" in out
+    assert "continuing the finished run from step 4 to step 8" in out
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    run_deepspeed("train_ds.py", ["--config", str(ops_config(ref, ops_model, max_steps=8, **constant))])
+    assert losses_of(save) == losses_of(ref / "out") and sorted(losses_of(save)) == list(range(1, 9))
+    a, b = checkpoint_tensors(ref / "out" / "global_step8"), checkpoint_tensors(save / "global_step8")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # another data file: refused (before any process starts) unless allowed; a new lr is what the optimizer uses
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(reversed((ops_model / "train.jsonl").read_text().splitlines(keepends=True))))
+    new = dict(max_steps=10, data_path=str(other), **constant,
+               optimizer={"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}})
+    with pytest.raises(ConfigError, match=r"'data_path' changed since the checkpoint .*run_config.json .*the training "
+                                          r"data changed; set \"allow_data_change_on_resume\": true"):
+        load_config(ops_config(tmp_path, ops_model, **new), world_size=2)
+    out = run_deepspeed("train_ds.py", ["--config", str(ops_config(tmp_path, ops_model, allow_data_change_on_resume=True,
+                                                                     **new))]).stdout
+    assert "optimizer.params.lr: 0.003 -> 0.001 (applied" in out and "data_path: " in out and "(allowed" in out
+    assert "warning: the training samples differ from the checkpoint's" in out
+    lrs = {m["step"]: m["lr"] for m in metrics_of(save)}
+    assert [lrs[s] for s in range(1, 11)] == [3e-3] * 8 + [1e-3] * 2
+
+
+def test_lock_is_refused_while_held_and_taken_over_when_stale(tmp_path, monkeypatch):
+    held = RunLock(tmp_path, config="a.json")
+    assert held.acquire() is None
+    with pytest.raises(RuntimeError, match=rf"is in use by another run \(host .*, pid {os.getpid()}, .*config a.json"):
+        RunLock(tmp_path).acquire()
+    held.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+    # another host's lock whose heartbeat stopped long ago
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": 0}))
+    os.utime(tmp_path / LOCK_FILE, (0, 0))
+    lock = RunLock(tmp_path)
+    assert "its heartbeat is" in lock.acquire()
+    lock.release()
+
+
+def test_config_checks_of_the_run_directory(tmp_path, ops_model):
+    with pytest.raises(ConfigError, match=r"save_path .* is model_path .*use another directory"):
+        load_config(ops_config(tmp_path, ops_model, save_path=str(ops_model / "pp")), world_size=2)
+    with pytest.raises(ConfigError, match=r"'overwrite_save_path' only applies with \"resume\": false"):
+        load_config(ops_config(tmp_path, ops_model, overwrite_save_path=True), world_size=2)
+    lock = RunLock(tmp_path / "out")
+    lock.acquire()
+    try:
+        with pytest.raises(ConfigError, match=r"is in use by another run"):
+            load_config(ops_config(tmp_path, ops_model), world_size=2)
+    finally:
+        lock.release()
+
+
+def test_a_damaged_checkpoint_is_passed_over(tmp_path, ops_model, ops_uninterrupted):
+    """A truncated file (found by the manifest before loading) and a file whose bytes are garbage (found by the
+    load itself, on one rank): the run resumes from the previous intact checkpoint, with a line saying so."""
+    save = tmp_path / "out"
+    shutil.copytree(ops_uninterrupted, save, ignore=shutil.ignore_patterns("runs"))
+    layer = sorted((save / "global_step8").glob("layer_*-model_states.pt"))[0]
+    data = layer.read_bytes()
+    layer.write_bytes(data[: len(data) // 2])
+    tag, notes = resume_tag(save)
+    assert tag == "global_step6" and f"{layer.name} has {len(data) // 2} bytes, {len(data)} were written" in notes[0]
+
+    (save / "latest").write_text("global_step6")
+    bad = sorted((save / "global_step6").glob("layer_*-model_states.pt"))[-1]
+    bad.write_bytes(b"\0" * bad.stat().st_size)  # same size: only loading it can tell
+    out = run_deepspeed("train_ds.py", ["--config", str(ops_config(tmp_path, ops_model, save_interval=3))]).stdout
+    assert f"checkpoint {save / 'global_step6'} cannot be loaded (rank " in out
+    assert f"resuming from the previous intact checkpoint {save / 'global_step3'} instead" in out
+    assert losses_of(save) == losses_of(ops_uninterrupted)  # steps 4-8 again, bit-identical
+
+
+# ------------------------------------------------------------------------------------------ a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a tmpfs whose size the test sets (mount needs root)."""
+    mounted = []
+
+    def make(size: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        size = max(4096, size // 4096 * 4096)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.distributed
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, ops_model, ops_uninterrupted,
+                                                                                small_disk):
+    ckpt = tree_size(ops_uninterrupted / "global_step3")
+    side = sum(f.stat().st_size for f in ops_uninterrupted.iterdir() if f.is_file())
+    disk = small_disk(side + ckpt * 3 // 2 + 256 * 1024)  # room for one checkpoint, not two
+    cfg = ops_config(tmp_path, ops_model, save_path=str(disk / "out"), max_steps=4, save_interval=2)
+    code, out = finish_deepspeed(start_deepspeed("train_ds.py", ["--config", str(cfg)]), expect=1)
+    said = errors_of(out)
+    assert len(said) == 1 and "Traceback" not in out, out[-4000:]
+    assert said[0].startswith(f"train_ds.py: error: saving checkpoint global_step4 in {disk / 'out'}: no space left on "
+                              "device (needed about ") and ", free " in said[0]
+    assert f"the previous checkpoint {disk / 'out' / 'global_step2'} is intact" in said[0]
+    assert (disk / "out" / "latest").read_text() == "global_step2" and resume_tag(disk / "out") == ("global_step2", [])
+    assert not list((disk / "out").glob(".tmp-*"))
+
+    filler = disk / "filler"  # the disk as full as the failed save left it
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    with pytest.raises(CheckpointError) as e:  # an export onto the full disk: refused before anything is written
+        pp_to_hg(disk / "out", disk / "hf")
+    assert "no space left on device (needed about" in str(e.value) and "\n" not in str(e.value)
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "out"]
+
+
+def test_disk_full_while_writing_an_export_is_one_line(small_disk):
+    disk = small_disk(64 * 1024)
+    with pytest.raises(CheckpointError, match=r"^.*out: no space left on device \(free .*\)$"):
+        with atomic_output_dir(disk / "out", overwrite=False) as tmp:
+            torch.save(torch.zeros(100_000), tmp / "big.pt")
+    assert list(disk.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ stopping the launcher
+
+
+@pytest.mark.distributed
+def test_sigterm_to_the_deepspeed_command_saves_and_stops_the_ranks(tmp_path, ops_model):
+    """What `timeout` sends: SIGTERM to the `deepspeed` command alone, which DeepSpeed's single-node runner does not
+    forward. The ranks notice it has gone, save at the step boundary and exit 0: no orphan keeps training."""
+    cfg = ops_config(tmp_path, ops_model)
+    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "step:2:60"})
+    save = tmp_path / "out"
+    wait_for(lambda: (save / "metrics.jsonl").is_file() and 2 in losses_of(save), proc)
+    workers = workers_of(proc)
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGTERM)  # the runner only (the launcher and the ranks are its descendants)
+    proc.wait(timeout=60)
+    for w in workers:
+        w.wait(timeout=120)
+    assert (save / "latest").read_text() == "global_step2", output_of(proc)[-3000:]
+    assert "saving at step 2 and exiting" in output_of(proc)
+    finish_deepspeed(proc, expect=None)
+
+
+# ------------------------------------------------------------------------------------------ the converter
+
+
+def _tiny_hf(tmp_path: Path, tokenizer) -> Path:
+    from models import get_family
+    from tests.helpers import tiny_config
+
+    torch.manual_seed(0)
+    hf = get_family("llama").hf_model_class(tiny_config("llama", "gqa_tied", vocab_size=len(tokenizer)))
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_converter_checks_shapes_and_headers(tmp_path, tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    src = _tiny_hf(tmp_path, tokenizer)
+    weights = load_file(src / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj.weight"
+    good = weights[key]
+    weights[key] = torch.zeros(good.shape[0] + 1, good.shape[1])
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensor {key} has shape \[{good.shape[0] + 1}, {good.shape[1]}\] but "
+                                              rf".*config.json expects \[{good.shape[0]}, {good.shape[1]}\]"):
+        hg_to_pp(src, tmp_path / "pp")
+    assert not (tmp_path / "pp").exists() and not list(tmp_path.glob(".pp.tmp-*"))
+
+    raw = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", 2**60) + raw[8:])  # an absurd header length
+    with pytest.raises(CheckpointError, match=r"header length field says 1152921504606846976 bytes, the file has"):
+        hg_to_pp(src, tmp_path / "pp")
+    (src / "model.safetensors").write_bytes(raw[: len(raw) // 2])  # truncated: offsets past the end
+    with pytest.raises(CheckpointError, match=r"do not fit the file .*corrupt or truncated"):
+        hg_to_pp(src, tmp_path / "pp")
+
+
+def test_a_killed_conversion_leaves_nothing_the_next_one_does_not_clean(tmp_path, tokenizer):
+    src = _tiny_hf(tmp_path, tokenizer)
+    dst = tmp_path / "pp"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys; from pathlib import Path; from models.hf_io import atomic_output_dir\n"
+        "with atomic_output_dir(Path(sys.argv[1]), False) as tmp:\n"
+        "    (tmp / 'layer_00-model_states.pt').write_bytes(b'x' * 1000)\n"
+        "    os.kill(os.getpid(), 9)\n"), str(dst)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert killed.returncode == -signal.SIGKILL
+    left = list(tmp_path.glob(".pp.tmp-*"))
+    assert len(left) == 1 and not dst.exists()
+    done = subprocess.run([sys.executable, "convert_model.py", "hg_to_pp", "--input-path", str(src), "--save-path",
+                           str(dst)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"removed {left[0]}: left by an interrupted conversion" in done.stderr
+    assert not list(tmp_path.glob(".pp.tmp-*")) and (dst / "layer_00-model_states.pt").is_file()
+
+    # an --overwrite killed between moving the old output aside and renaming the new one: the old one comes back
+    aside = tmp_path / f".pp.old-{socket.gethostname()}-{dead_pid()}"
+    os.replace(dst, aside)
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        hg_to_pp(src, dst)
+    assert (dst / "layer_00-model_states.pt").is_file() and not aside.exists()
+
+
+def test_disk_full_for_the_data_cache_is_one_warning(small_disk, ops_model, tokenizer, caplog):
+    from data.encode import load_dataset
+
+    disk = small_disk(4096)
+    (disk / "filler").write_bytes(b"\0" * 4096)  # the cache's directory is full from the start
+    with caplog.at_level("WARNING"):
+        ds = load_dataset(str(ops_model / "train.jsonl"), tokenizer, 64, cache_dir=disk / "cache")
+    said = [r.getMessage() for r in caplog.records if "data cache" in r.getMessage()]
+    assert len(ds) > 0 and len(said) == 1 and "no space left on device (needed about" in said[0], said
+    assert said[0].endswith("continuing without the cache") and "\n" not in said[0]
+
+
+# ------------------------------------------------------------------------------------------ smaller things
+
+
+def test_a_busy_master_port_is_one_line(tmp_path, ops_model, monkeypatch, capsys):
+    import train_ds
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(k, v)
+        assert train_ds.main(["--config", str(ops_config(tmp_path, ops_model))]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"train_ds.py: error: MASTER_PORT {port} is already in use on this machine (another run?); start deepspeed "
+        "with --master_port set to a free port"]
+
+
+def test_an_eval_set_with_nothing_left_stops_before_training(tmp_path, ops_model):
+    long = " ".join(["pipeline stage layer token"] * 40)  # the answer lies beyond max_seq_len: dropped
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"instruct": long, "output": "yes"}) + "\n" for _ in range(3)))
+    cfg = ops_config(tmp_path, ops_model, eval_data_path=str(tmp_path / "eval.jsonl"), eval_interval=2,
+                     model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}})
+    done = subprocess.run([sys.executable, "train_ds.py", "--config", str(cfg)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert errors_of(done.stderr) == [
+        f"train_ds.py: error: {cfg}: 'eval_data_path' {tmp_path / 'eval.jsonl'}: none of its 3 records is left for "
+        "evaluation (3 dropped: no trained token within max_seq_len 64); fix the eval data or raise max_seq_len"]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_tiny_tokenizer_keeps_an_existing_directory(tmp_path, capsys):
+    from data.tiny_tokenizer import main
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        main(["--save-path", str(tmp_path / "tok")])
+    assert e.value.code == 2 and "exists and is not empty (pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "tok" / "tokenizer.json").read_text() == "{}"
+
+
+def test_inspect_stats_with_split_long_pretrain(tmp_path, ops_model, capsys):
+    from data.inspect import main
+
+    cfg = ops_config(tmp_path, ops_model, data_path=str(ROOT / "data" / "samples"), max_seq_len=32, packing=True,
+                     split_long_pretrain=True)
+    assert main(["--config", str(cfg), "--stats", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["length_percentiles"]["p100"] > 32  # pretrain text kept whole: packing cuts it into chunks
+    assert 0 < st["unpacked_efficiency"] <= 1 and 0 < st["unpacked_fill"] <= 1 and 0 < st["packing_efficiency"] <= 1
+    assert main(["--config", str(cfg), "--stats"]) == 0
+    assert "(after truncation to 32; pretrain text kept whole, cut into chunks of that size by packing)" in \
+        capsys.readouterr().out

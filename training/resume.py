@@ -1,0 +1,188 @@
+"""Resuming a run: which checkpoint, and what changed in the config since it was saved.
+
+Every checkpoint holds the run's config as loaded (`run_config.json`) and a manifest of its files with their
+sizes (`manifest.json`). At resume:
+- the tag `latest` names is checked (its trainer_state.json readable, every file of the manifest present
+  with its size); a damaged one is passed over for the newest intact earlier tag, with a line saying so;
+- the config in force is compared with the saved one key by key (`config_changes`). Each change is applied
+  from the resume step on, or refused with the reason (`RESUME_RULES`; the README lists them). Changes that
+  break the exact data order are refused unless "allow_data_change_on_resume" is true.
+Everything here runs before any process group exists, except where the trainer calls it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.checkpoint import MANIFEST_FILE, STATE_FILE, TAG, RunState
+
+RUN_CONFIG_FILE = "run_config.json"
+
+APPLIED, DATA, FIXED = "applied", "data", "fixed"
+# (key or dotted prefix, kind, what happens). The first match wins; keys not listed are applied.
+RESUME_RULES: list[tuple[str, str, str]] = [
+    ("max_steps", APPLIED, "the run trains to the new length (a finished run continues)"),
+    ("n_epoches", APPLIED, "the run trains to the new length (a finished run continues)"),
+    ("optimizer.type", FIXED, "the checkpoint's optimizer state belongs to another optimizer"),
+    ("optimizer.params", APPLIED, "the optimizer uses the new value from this step on"),
+    ("lr_schedule", APPLIED, "the schedule continues from this step with the new values"),
+    ("scheduler", APPLIED, "the schedule continues from this step with the new values"),
+    ("decay_norm_and_bias", FIXED, "the optimizer's parameter groups would differ from the checkpoint's"),
+    ("bf16", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
+    ("fp16", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
+    ("zero_optimization", FIXED, "the checkpoint's optimizer state is laid out for the other ZeRO setting"),
+    ("data_types", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
+    ("lora", FIXED, "the checkpoint holds adapters of the saved LoRA settings"),
+    ("model_topo", APPLIED, "weights, step and schedule are loaded; the optimizer state is reset if the stages "
+                            "change"),
+    ("from_scratch", APPLIED, "no effect on resume: the weights come from the checkpoint"),
+    ("eval_data_path", APPLIED, "later evaluations use the new eval data"),
+    ("save_path", APPLIED, "the run continues in the new save_path"),
+    # the data order is a pure function of these and the step: a change breaks "no sample repeated or skipped"
+    ("data_path", DATA, "the training data changed"),
+    ("max_seq_len", DATA, "the samples' tokens change"),
+    ("seed", DATA, "the data order changes"),
+    ("template", DATA, "the samples' tokens change"),
+    ("train_on_prompt", DATA, "the trained tokens change"),
+    ("last_answer_only", DATA, "the trained tokens change"),
+    ("pretrain_eos", DATA, "the samples' tokens change"),
+    ("packing", DATA, "the rows change"),
+    ("split_long_pretrain", DATA, "the rows change"),
+    ("group_by_length", DATA, "the data order changes"),
+    ("eval_split_ratio", DATA, "the training samples change"),
+    ("train_micro_batch_size_per_gpu", DATA, "the global batch changes"),
+    ("gradient_accumulation_steps", DATA, "the global batch changes"),
+    ("train_batch_size", DATA, "the global batch changes"),
+]
+LORA_KEEP = ("lora.dropout", "lora.adapter_path")  # applied: dropout is read each step; adapters come from the checkpoint
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    old: object
+    new: object
+    kind: str  # APPLIED | DATA | FIXED
+    note: str
+
+    def line(self, allowed: bool = False) -> str:
+        what = {APPLIED: "applied", DATA: "allowed (allow_data_change_on_resume)" if allowed else "refused",
+                FIXED: "refused"}[self.kind]
+        return f"{self.key}: {self.values()} ({what}: {self.note})"
+
+    def values(self) -> str:
+        return f"{_show(self.old)} -> {_show(self.new)}"
+
+
+_MISSING = object()
+
+
+def _show(v: object) -> str:
+    return "(unset)" if v is _MISSING else json.dumps(v)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def rule_of(key: str, lora_run: bool = False) -> tuple[str, str]:
+    if key in LORA_KEEP:
+        return APPLIED, "takes effect from this step" if key == "lora.dropout" else "no effect on resume: the adapters come from the checkpoint"
+    if key == "model_path":
+        return (FIXED, "a LoRA checkpoint holds only adapters: the base they were trained on is needed") if lora_run \
+            else (APPLIED, "no effect on resume: the weights come from the checkpoint")
+    for prefix, kind, note in RESUME_RULES:
+        if key == prefix or key.startswith(prefix + "."):
+            return kind, note
+    return APPLIED, "takes effect from this step"
+
+
+IGNORED = ("resume", "overwrite_save_path", "allow_data_change_on_resume", "data_cache_dir")  # never worth a line
+
+
+def config_changes(saved: dict, new: dict, lora_run: bool = False) -> list[Change]:
+    """Every key whose value differs between the saved and the new raw config, classified."""
+    a, b = flatten(saved), flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        old, cur = a.get(key, _MISSING), b.get(key, _MISSING)
+        if old == cur or key.split(".")[0] in IGNORED:
+            continue
+        kind, note = rule_of(key, lora_run)
+        out.append(Change(key, old, cur, kind, note))
+    return out
+
+
+def refusals(changes: list[Change], allow_data_change: bool) -> list[Change]:
+    return [c for c in changes if c.kind == FIXED or (c.kind == DATA and not allow_data_change)]
+
+
+def read_run_config(tag_dir: Path) -> dict | None:
+    f = tag_dir / RUN_CONFIG_FILE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def tag_problem(tag_dir: Path) -> str | None:
+    """Why a checkpoint tag cannot be resumed (missing or damaged files), or None."""
+    try:
+        RunState.read(tag_dir)
+    except FileNotFoundError:
+        return f"no {STATE_FILE}"
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        return f"{STATE_FILE} is damaged ({type(e).__name__})"
+    manifest = tag_dir / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            sizes = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            return f"{MANIFEST_FILE} is damaged"
+        for name, size in sizes.items():
+            f = tag_dir / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def earlier_tags(save: Path, tag: str) -> list[str]:
+    """Complete tags older than `tag`, newest first."""
+    m = TAG.match(tag)
+    limit = int(m.group(1)) if m else None
+    found = [(int(mm.group(1)), p.name) for p in save.iterdir() if p.is_dir() and (mm := TAG.match(p.name))]
+    return [name for step, name in sorted(found, reverse=True) if limit is None or step < limit]
+
+
+def resume_tag(save: Path) -> tuple[str | None, list[str]]:
+    """The tag to resume from and lines to print: the one `latest` names, or, when that one is damaged,
+    the newest intact earlier tag. (None, [...]) when `latest` names nothing usable and no earlier tag is
+    intact; (None, []) when there is no `latest`."""
+    latest = save / "latest"
+    if not latest.is_file():
+        return None, []
+    tag = latest.read_text().strip()
+    problem = "it does not exist" if not (save / tag).is_dir() else tag_problem(save / tag)
+    if problem is None:
+        return tag, []
+    notes = [f"checkpoint {save / tag} cannot be resumed: {problem}"]
+    for older in earlier_tags(save, tag):
+        if tag_problem(save / older) is None:
+            notes.append(f"resuming from the previous intact checkpoint {save / older} instead ({save / tag} is left "
+                         "in place; delete it once you no longer need it)")
+            return older, notes
+    return None, notes

@@ -1,0 +1,245 @@
+"""The run directory side of the trainer: the save_path lock, the checks that every node shares save_path and
+builds the same data, preparing save_path, and resuming (a damaged checkpoint passed over, config changes said
+and applied, the optimizer's settings from the config in force). A mixin of `training.trainer.Trainer`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.settings import data_settings_of, write_data_settings
+from models.diskspace import fmt_size, free_bytes, tree_size
+from models.hf_io import SIDE_FILES, copy_side_files
+from training.checkpoint import RunState, set_rng_state
+from training.config import ConfigError
+from training.monitor import truncate_metrics
+from training.resume import RUN_CONFIG_FILE, config_changes, earlier_tags, read_run_config, resume_tag, tag_problem
+from training.runlock import LockError, RunLock
+
+
+class RunDirectory:
+    """Trainer methods that own save_path (see the module docstring); they use the Trainer's attributes."""
+
+    def _take_lock(self) -> None:
+        """Rank 0 takes save_path's run lock; a run already holding it stops every rank with one line."""
+        note, error = None, None
+        if self.rank == 0:
+            self.lock = RunLock(self.cfg.save_path, config=str(Path(self.cfg.path).resolve()))
+            try:
+                note = self.lock.acquire()
+            except (LockError, OSError) as e:
+                self.lock, error = None, str(e)
+        said = [None] * self.world
+        torch.distributed.all_gather_object(said, error)
+        if said[0]:
+            raise ConfigError(f"{self.cfg.path}: {said[0]}")
+        if note:
+            self.log(note)
+
+    def _check_shared_save_path(self) -> None:
+        """Every rank must see what rank 0 writes in save_path, and rank 0 what each node writes there (rank 0
+        renames checkpoint directories that every stage wrote into). A node-local save_path stops every rank
+        with one line before anything else happens."""
+        save, host = Path(self.cfg.save_path), socket.gethostname()
+        token = [uuid.uuid4().hex if self.rank == 0 else None]
+        torch.distributed.broadcast_object_list(token, src=0)
+        probe = save / f".probe-{token[0]}"
+        mine = save / f".probe-{token[0]}-rank{self.rank}" if self.local_rank == 0 else None
+        if self.rank == 0:
+            probe.write_text(token[0])
+        if mine is not None:
+            save.mkdir(parents=True, exist_ok=True)
+            mine.write_text(host)
+        torch.distributed.barrier()
+        try:
+            sees = probe.read_text() == token[0]
+        except OSError:
+            sees = False
+        seen = [None] * self.world
+        torch.distributed.all_gather_object(seen, (sees, host, None if mine is None else mine.name))
+        torch.distributed.barrier()
+        problems = []
+        if self.rank == 0:
+            problems = [f"rank {r} (host {h}) does not see what rank 0 (host {host}) writes there" for r, (ok, h, _) in
+                        enumerate(seen) if not ok]
+            problems += [f"rank 0 does not see what rank {r} (host {h}) writes there" for r, (_, h, name) in
+                         enumerate(seen) if name and not (save / name).is_file()]
+            for f in save.glob(f".probe-{token[0]}*"):
+                f.unlink(missing_ok=True)
+        said = [problems]
+        torch.distributed.broadcast_object_list(said, src=0)
+        if mine is not None:
+            mine.unlink(missing_ok=True)  # on a node-local disk rank 0 could not remove it
+        if said[0]:
+            raise ConfigError(f"{self.cfg.path}: save_path {save} is not one directory that every node shares: "
+                              f"{said[0][0]}{f' (and {len(said[0]) - 1} more)' if len(said[0]) > 1 else ''}; "
+                              "put save_path on a filesystem every node mounts at the same path (NFS, Lustre, ...)")
+
+    def _check_same_data(self) -> None:
+        """All ranks built the same training rows (the first stage feeds inputs, the last reads labels: a different
+        data file, tokenizer or library version on one node would silently mismatch them)."""
+        mine = (self.data_fingerprint, socket.gethostname())
+        every = [None] * self.world
+        torch.distributed.all_gather_object(every, mine)
+        bad = [(r, h) for r, (fp, h) in enumerate(every) if fp != every[0][0]]
+        if bad:
+            r, h = bad[0]
+            raise ConfigError(f"{self.cfg.path}: the training data differ between processes: rank {r} (host {h}) built "
+                              f"other samples than rank 0 (host {every[0][1]}) from the same config (different data "
+                              "files, tokenizer or library versions on the nodes?); make them identical on every node")
+
+    def _prepare_save_path(self) -> int:
+        """Side files (HF config, tokenizer) beside the checkpoints, so pp_to_hg needs nothing else; then resume
+        from `latest` (resume "auto"/true) or start fresh. Returns the step to start from."""
+        cfg, save = self.cfg, Path(self.cfg.save_path)
+        if self.rank == 0:
+            save.mkdir(parents=True, exist_ok=True)
+            for name in self.ckpts.remove_partial():
+                print(f"removed {save / name}: a checkpoint that was not completely written", flush=True)
+            if cfg.resume is False:  # load_config refused a used save_path unless overwrite_save_path
+                for name in [*self.ckpts.tags(), "latest", "best", "metrics.jsonl", "runs"]:
+                    p = save / name
+                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            for old in save.glob(".side-files.*"):  # left by a run killed while copying
+                shutil.rmtree(old, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(prefix=".side-files.", dir=save))
+            for name in copy_side_files(Path(cfg.model_path), staging, SIDE_FILES):
+                os.replace(staging / name, save / name)
+            staging.rmdir()
+            write_data_settings(save, data_settings_of(cfg.template_settings, self.tokenizer, cfg.max_seq_len))
+        torch.distributed.barrier()
+        tag, notes = resume_tag(save) if cfg.resume in ("auto", True) else (None, [])
+        for line in notes:
+            self.log(line)
+        self.state = self._run_state(0)
+        if tag is not None:
+            self._resume(save / tag)
+        if self.rank == 0:
+            truncate_metrics(save / "metrics.jsonl", self.state.step)
+            self.ckpts.last_size = tree_size(save / tag) if tag is not None else 0
+            if self.ckpts.last_size and free_bytes(save) < self.ckpts.last_size:
+                self.log(f"warning: {save} has {fmt_size(free_bytes(save))} free but the last checkpoint took "
+                         f"{fmt_size(self.ckpts.last_size)}: the next save will probably fail; free space first")
+        torch.distributed.barrier()
+        return self.state.step
+
+    def _resume(self, tag_dir: Path) -> None:
+        cfg = self.cfg
+        if bad := self._load_problem(tag_dir):  # a damaged file, found by any rank: every rank falls back together
+            earlier = [t for t in earlier_tags(tag_dir.parent, tag_dir.name) if tag_problem(tag_dir.parent / t) is None]
+            if not earlier:
+                raise ConfigError(f"{cfg.path}: checkpoint {tag_dir} cannot be loaded ({bad}) and no earlier checkpoint "
+                                  "is intact; start a new run with \"resume\": false and \"overwrite_save_path\": true")
+            self.log(f"checkpoint {tag_dir} cannot be loaded ({bad}); resuming from the previous intact checkpoint "
+                     f"{tag_dir.parent / earlier[0]} instead ({tag_dir} is left in place)")
+            return self._resume(tag_dir.parent / earlier[0])
+        saved = RunState.read(tag_dir)
+        self._check_changes(tag_dir, saved)
+        same = (saved.pipe, saved.data, saved.parts) == (self.pp_size, self.dp_size, list(self.model.parts))
+        hyper = self._optimizer_settings()  # the config's, before the checkpoint's are loaded over them
+        self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=same,
+                                    load_lr_scheduler_states=True, load_module_strict=self.lora is None)
+        self.state = RunState(**{**saved.__dict__, "pipe": self.pp_size, "data": self.dp_size,
+                                 "parts": list(self.model.parts), "global_batch": self.plan.global_batch,
+                                 "data_fingerprint": self.data_fingerprint})
+        self.engine.global_steps = saved.step
+        rng = tag_dir / f"rng_state_rank{self.rank}.pt"
+        if same and rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
+        if self.changes_lr:
+            self._set_optimizer_settings(hyper)
+        self.log(f"resumed from {tag_dir} at step {saved.step}" + ("" if same else
+                 f"; topology changed (pipe {saved.pipe} -> {self.pp_size}, data {saved.data} -> {self.dp_size}, "
+                 f"layer bounds {saved.parts} -> {list(self.model.parts)}): weights, step and LR schedule loaded, "
+                 "optimizer state was reset"))
+
+    def _load_problem(self, tag_dir: Path) -> str | None:
+        """Collective: whether every file of a checkpoint opens (each rank opens a share of them, memory-mapped, so
+        only their structure is read). DeepSpeed's load has collectives inside: a rank failing there alone would
+        leave the others waiting, so damage is found before it."""
+        problem = None
+        for f in sorted(tag_dir.glob("*.pt"))[self.rank::self.world]:
+            try:
+                torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+            except Exception as e:  # noqa: BLE001 - any failure to open it
+                problem = f"rank {self.rank}: {f.name}: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
+                break
+        found = [None] * self.world
+        torch.distributed.all_gather_object(found, problem)
+        return next((p for p in found if p), None)
+
+    def _check_changes(self, tag_dir: Path, saved: RunState) -> None:
+        """Say what changed since the checkpoint (load_config refused what may not change); refuse different data
+        or a different global batch unless allow_data_change_on_resume."""
+        cfg = self.cfg
+        old = read_run_config(tag_dir)
+        changes = config_changes(old, cfg.raw, lora_run=self.lora is not None) if old is not None else []
+        self.changes_lr = any(c.key.split(".")[0] in ("optimizer", "lr_schedule", "scheduler") for c in changes)
+        self.changes_length = any(c.key in ("max_steps", "n_epoches") for c in changes)
+        if old is None:
+            self.log(f"{tag_dir} holds no {RUN_CONFIG_FILE} (an older version wrote it): config changes since it are "
+                     "not checked")
+        elif changes:
+            self.log(f"config changes since {tag_dir}:")
+            for c in changes:
+                self.log(f"  {c.line(allowed=cfg.allow_data_change_on_resume)}")
+        what = []
+        if saved.data_fingerprint is not None and saved.data_fingerprint != self.data_fingerprint:
+            what.append("the training samples differ from the checkpoint's (data files, tokenizer or data settings)")
+        if saved.global_batch != self.plan.global_batch:
+            what.append(f"the global batch changed ({saved.global_batch} -> {self.plan.global_batch} {self.unit}s)")
+        if what and not cfg.allow_data_change_on_resume:
+            raise ConfigError(f"{cfg.path}: cannot resume {tag_dir} exactly: {'; '.join(what)}, so samples would be "
+                              "repeated or skipped; set \"allow_data_change_on_resume\": true to continue anyway, or "
+                              "start a new run")
+        for w in what:
+            self.log(f"warning: {w}: the data order continues at this step's position, not sample-exact "
+                     "(allow_data_change_on_resume)")
+
+    def _optimizers(self) -> list:
+        """The torch optimizer(s) whose param_groups hold the hyperparameters (inside DeepSpeed's wrappers)."""
+        opt = self.engine.optimizer
+        return [getattr(opt, "optimizer", opt)] if opt is not None else []
+
+    def _optimizer_settings(self) -> dict:
+        """The config's optimizer hyperparameters and scheduler base lrs, as built (before a checkpoint is loaded)."""
+        sched = self.engine.lr_scheduler
+        return {"groups": [[{k: v for k, v in g.items() if k not in ("params", "initial_lr")} for g in o.param_groups]
+                           for o in self._optimizers()],
+                "base_lrs": list(getattr(sched, "base_lrs", []) or [])}
+
+    def _set_optimizer_settings(self, hyper: dict) -> None:
+        """After a resume whose config changed the optimizer or schedule: the new hyperparameters, and the lr of the
+        new schedule at this step (a loaded optimizer state brings the old ones back)."""
+        sched = self.engine.lr_scheduler
+        for opt, groups in zip(self._optimizers(), hyper["groups"], strict=True):
+            for g, new in zip(opt.param_groups, groups, strict=True):
+                g.update({k: v for k, v in new.items() if k != "lr"})
+                g["lr"] = new["lr"]
+        if hyper["base_lrs"] and hasattr(sched, "lr_lambdas"):  # the project's schedule (LambdaLR)
+            sched.base_lrs = hyper["base_lrs"]
+            for opt in self._optimizers():
+                for g, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+                    g["lr"] = base * fn(sched.last_epoch)
+            sched._last_lr = [g["lr"] for g in self._optimizers()[0].param_groups]
+        elif sched is not None and hasattr(sched, "get_lr"):  # DeepSpeed's scheduler: its lr at this step
+            for opt in self._optimizers():
+                for g, lr in zip(opt.param_groups, sched.get_lr(), strict=False):
+                    g["lr"] = lr
+        self.log(f"optimizer settings from the config in force: lr now {self.engine.get_lr()[0]:.6g}")
+
+
+def data_fingerprint(ds) -> str:
+    """A hash of the training rows (tokens, labels, boundaries): equal exactly when the samples are."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in (ds.offsets, ds.input_ids, ds.labels):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()

@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in ans["candidates"]:
         tops.setdefault((c["setup"].pipe, c["setup"].data), c)
     print("topologies that fit (pipe x data): " + ", ".join(
-        f"{p}x{d} ({c['throughput'].efficiency:.0%})" for (p, d), c in tops.items()))
+        f"{p}x{d} ({c['throughput'].efficiency:.0%}{', optimizer offloaded' if c['setup'].offload else ''})"
+        for (p, d), c in tops.items()))
     best = ans["best"]
     s, tp = best["setup"], best["throughput"]
     per_node = args.gpus // args.nodes

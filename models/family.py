@@ -9,13 +9,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import cost
+from .cost import CE_COST_PER_VOCAB  # noqa: F401  (re-exported)
 from .keymap import KeyMap
 from .pipeline import ModelConfigError
 
-# The cross-entropy's work per logit and token, in multiply-add equivalents: the fp32 cast, max, exp, sum,
-# log and the gradient's softmax - onehot, all memory-bound: measured about 54 multiply-adds per logit in fp32 on a CPU
-# (hidden 256, vocab 2048), about 0.1 x hidden for bf16 on a GPU; 64 is in between.
-CE_COST_PER_VOCAB = 64
 ROPE_EXTENDING = ("linear", "dynamic", "yarn", "longrope", "llama3")  # rope types whose factor extends the context
 
 
@@ -40,15 +38,8 @@ class ModelFamily:
         return [1] * (self.num_blocks(config) + 1) + [2]
 
     def unit_costs(self, config, seq_len: int | None = None) -> list[float]:
-        """Per-token multiply-adds per unit, the auto-balance weights (the embedding is a lookup). A block: its
-        matmul parameters, plus causal attention's scores and weighted sum at `seq_len` tokens (QK^T and AV,
-        2 x T x hidden over the full square, half of it causal: T x hidden). The head: hidden x vocab, plus the
-        cross-entropy's elementwise work over the vocabulary (CE_COST_PER_VOCAB per logit)."""
-        with torch.device("meta"):
-            block = sum(p.numel() for p in self.block_class(self.prepare_config(config), 0).parameters())
-        block += (seq_len or 0) * config.hidden_size
-        head = config.hidden_size * config.vocab_size + CE_COST_PER_VOCAB * config.vocab_size
-        return [0.0] + [float(block)] * self.num_blocks(config) + [float(head)]
+        """Per-token multiply-adds per unit, the auto-balance weights: see models/cost.py (the one cost model)."""
+        return cost.unit_costs(self, config, seq_len)
 
     @staticmethod
     def max_positions(config) -> tuple[int | None, str]:

@@ -8,6 +8,7 @@ norm + LM head, two specs). Layer files are numbered by spec index and do not de
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -58,8 +59,9 @@ def parse_topology(model_topo: dict | None, world_size: int) -> tuple[list[str],
     return axes, dims
 
 
-def balance(costs: Sequence[float], num_parts: int) -> list[int]:
-    """Contiguous split of `costs` into `num_parts` non-empty parts minimising the largest part; returns counts."""
+def balance(costs: Sequence[float], num_parts: int, fits: Callable[[int, int, int], bool] | None = None) -> list[int] | None:
+    """Contiguous split of `costs` into `num_parts` non-empty parts minimising the largest part; returns counts.
+    `fits(part, a, b)`: whether items [a, b) may form part `part` (a memory limit); None when no split fits."""
     n = len(costs)
     prefix = [0.0]
     for c in costs:
@@ -72,9 +74,13 @@ def balance(costs: Sequence[float], num_parts: int) -> list[int]:
     for k in range(1, num_parts + 1):
         for i in range(k, n - (num_parts - k) + 1):
             for j in range(k - 1, i):
+                if fits is not None and (best[k - 1][j] == inf or not fits(k - 1, j, i)):
+                    continue
                 v = max(best[k - 1][j], prefix[i] - prefix[j])
                 if v < best[k][i]:
                     best[k][i], cut[k][i] = v, j
+    if best[num_parts][n] == inf:
+        return None
     counts, i = [], n
     for k in range(num_parts, 0, -1):
         counts.append(i - cut[k][i])
@@ -106,6 +112,12 @@ def plan_stages(unit_sizes: Sequence[int], unit_costs: Sequence[float], num_stag
         bounds.append(bounds[-1] + sum(unit_sizes[u:u + p]))
         u += p
     return bounds
+
+
+def parts_of(unit_sizes: Sequence[int], bounds: Sequence[int]) -> list[int]:
+    """Units per stage from spec-index boundaries (the inverse of `plan_stages`)."""
+    ends = list(itertools.accumulate(unit_sizes))
+    return [sum(1 for e in ends if lo < e <= hi) for lo, hi in itertools.pairwise(bounds)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,25 @@ def fmt_count(n: int) -> str:
     return f"{n:,}" if n < 1e6 else f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
 
 
+def process_memory() -> float:
+    """This process's resident memory now (bytes)."""
+    import psutil
+
+    return float(psutil.Process().memory_info().rss)
+
+
+ESTIMATE_FILE = "memory_estimate.json"
+
+
+def write_estimate(save_path: Path, setup, stages: list) -> None:
+    """save_path/memory_estimate.json: the start-up summary's per-stage memory prediction (models/cost.py), beside
+    the measured per-stage peaks that metrics.jsonl records (`peak_memory`)."""
+    from dataclasses import asdict
+
+    (save_path / ESTIMATE_FILE).write_text(json.dumps({"setup": asdict(setup), "stages": [m.as_dict() for m in stages]},
+                                                      indent=1) + "\n")
+
+
 def truncate_metrics(path: Path, after_step: int) -> None:
     """Keep the metrics lines of steps <= after_step (a resumed run rewrites what came after its checkpoint)."""
     if not path.is_file():

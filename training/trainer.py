@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -22,13 +23,15 @@ from data.records import DataError, read_files, records_from_files
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
 from models.attention import set_attn_implementation
 from models.convert import family_of
+from models.cost import LoraShape, Setup, stage_memory
 from models.lora import LORA_FILE, apply_lora, load_adapter_into, lora_info, parse_lora
+from models.pipeline import parts_of
 from training.batches import BatchPlan, step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause
 from training.config import ConfigError, TrainConfig
 from training.distributed import LauncherWatch, shutdown_distributed
 from training.evaluate import EvalPlan, concat, split_eval
-from training.monitor import Monitor, fmt_bytes, fmt_count, hms
+from training.monitor import Monitor, fmt_bytes, fmt_count, hms, process_memory, write_estimate
 from training.optim import build_optimizer
 from training.resume import RUN_CONFIG_FILE
 from training.rundir import RunDirectory, data_fingerprint
@@ -118,6 +121,7 @@ class Trainer(RunDirectory):
         costs = self.family.unit_costs(self.config, cfg.max_seq_len)
         bounds_fn = lambda n: plan_stages(self.family.unit_sizes(self.config), costs, n, parts)  # noqa: E731
         set_attn_implementation(self.config, cfg.attn_implementation)
+        self.base_memory = process_memory()  # before any layer exists: the overhead term of the CPU memory estimate
         model = PipelineModel(self.family.layer_specs(self.config), bounds_fn, topo, loss_fn=causal_lm_loss,
                               grad_ckpt_layers=[self.family.block_class.__name__] if cfg.use_grad_ckpt else None)
         if cfg.from_scratch:
@@ -204,23 +208,34 @@ class Trainer(RunDirectory):
 
     def _summary(self, model) -> None:
         params = [p for n, p in model.named_parameters() if n != "grad_placeholder"]
-        mine = [sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)]
+        mine = [sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), self.base_memory]
         per_rank = [None] * self.world
         torch.distributed.all_gather_object(per_rank, mine)
         if self.rank != 0:
             return
-        e = self.engine
-        half = e.bfloat16_enabled() or e.fp16_enabled()
-        weight_b, grad_b = (2, 4 if e.bfloat16_enabled() else 2) if half else (4, 4)
-        state_b = 8 + (4 if half else 0)  # two moments (+ fp32 master weights with bf16/fp16), sharded by ZeRO-1
-        shard = self.dp_size if e.zero_optimization_stage() >= 1 else 1
+        e, cfg = self.engine, self.cfg
+        reporting = [per_rank[r] for r in self._stage_ranks()]
+        offload = e.zero_offload_optimizer()
+        lo = self.lora
+        setup = Setup(cfg.micro_batch, cfg.max_seq_len, self.pp_size, self.dp_size, cfg.grad_accum,
+                      "bf16" if e.bfloat16_enabled() else "fp16" if e.fp16_enabled() else "fp32",
+                      e.zero_optimization_stage(), offload is not None and str(getattr(offload, "device", "none")).endswith("cpu"),
+                      cfg.use_grad_ckpt, LoraShape(lo.r, lo.target_modules, lo.dropout) if lo else None,
+                      overhead_bytes=() if torch.cuda.is_available() else tuple(float(r[2]) for r in reporting))
+        self.units = parts_of(self.family.unit_sizes(self.config), model.parts)
+        mem = stage_memory(self.family, self.config, setup, self.units, counts=[tuple(r[:2]) for r in reporting])
         self.log(f"topology: {self.pp_size} pipeline stages x {self.dp_size} data-parallel replicas ({self.world} processes)")
-        self.log("  stage | layers   | parameters (trainable)   | est. memory (weights + grads + optimizer)")
-        for stage in range(self.pp_size):
-            lo, hi = model.parts[stage], model.parts[stage + 1]
-            total, trainable = per_rank[self._stage_ranks()[stage]]
-            est = total * weight_b + trainable * (grad_b + state_b / shard)
-            self.log(f"  {stage:5d} | {lo:3d}..{hi - 1:<3d} | {fmt_count(total):>10} ({fmt_count(trainable)}) | {fmt_bytes(est)}")
+        self.log(f"  stage | layers   | parameters (trainable)   | predicted peak memory per process at {cfg.micro_batch} x "
+                 f"{cfg.max_seq_len} tokens (weights + grads + optimizer + activations + logits + overhead)")
+        for stage, m in enumerate(mem):
+            lo_, hi = model.parts[stage], model.parts[stage + 1]
+            split = " + ".join(fmt_bytes(x) for x in (m.weights, m.gradients, m.optimizer, m.activations, m.logits, m.overhead))
+            self.log(f"  {stage:5d} | {lo_:3d}..{hi - 1:<3d} | {fmt_count(m.params):>10} ({fmt_count(m.trainable)}) | "
+                     f"{fmt_bytes(m.total)} ({split}; {m.in_flight} micro-batches in flight)")
+        self.log("  overhead: " + ("the process's resident memory before the model was built (measured)"
+                                   if setup.overhead_bytes else "CUDA context, NCCL, allocator slack (assumed)")
+                 + "; peaks per stage go to metrics.jsonl (peak_memory)")
+        write_estimate(Path(cfg.save_path), setup, mem)
         g = self.plan.global_batch
         cfg = self.cfg
         self.log(f"global batch: {g} {self.unit}s of up to {cfg.max_seq_len} tokens ({cfg.micro_batch} micro x "
@@ -246,8 +261,10 @@ class Trainer(RunDirectory):
             self.log(f"LoRA: r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {', '.join(lo.target_modules)} of every "
                      f"block; base frozen{' except ' + ', '.join(lo.modules_to_save) if lo.modules_to_save else ''}"
                      f"{'; adapters from ' + lo.adapter_path if lo.adapter_path else ''}")
-        ckpt = sum(model.is_checkpointable_results) if model.activation_checkpoint_interval else 0
-        self.log(f"activation checkpointing: {f'{ckpt} decoder blocks on stage 0 (non-reentrant)' if ckpt else 'off'}")
+        last = len(self.family.unit_sizes(self.config)) - 1
+        starts = list(itertools.accumulate(self.units, initial=0))
+        blocks = [sum(1 for u in range(a, b) if 0 < u < last) for a, b in itertools.pairwise(starts)]
+        self.log(f"activation checkpointing: {f'every decoder block (non-reentrant), per stage {blocks}' if cfg.use_grad_ckpt else 'off'}")
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -385,7 +402,10 @@ class Trainer(RunDirectory):
                 self._record_eval(rec)
             losses.append(loss)
             log_now = (st.step - self.monitor.start) % cfg.log_interval == 0 or st.step == self.total_steps
-            self.monitor.step(rec, self._peak_memory() if log_now else None)
+            peaks = self._peak_memory() if log_now else None
+            if peaks:
+                rec["peak_memory"] = peaks
+            self.monitor.step(rec, peaks)
             fault_pause("step", st.step, until=lambda: self.stop_signal is not None or self.launcher.gone())
             stop, timed = self._at_boundary()
             if (cfg.save_interval and st.step % cfg.save_interval == 0) or (evaluated and cfg.keep_best) or timed:

@@ -1,0 +1,313 @@
+"""The one cost and memory model: per-unit compute (the automatic partition's weights), per-unit parameters, and
+per-stage training memory (weights, gradients, optimizer states, activations under 1F1B, logits / loss buffers,
+overhead). The automatic partition (`unit_costs`), the start-up summary and `python -m training.plan` all use it.
+
+Units are the pipeline's (see models/pipeline.py): unit 0 the embedding, units 1..N the decoder blocks, unit N+1
+the head (final norm + LM head). Activation sizes count the tensors autograd saves for backward in this project's
+layers (transformers' blocks, SDPA / eager attention, the chunked loss), per token of a micro-batch row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from .pipeline import LOSS_CHUNK_ELEMENTS
+
+# The cross-entropy's work per logit and token, in multiply-add equivalents: the fp32 cast, max, exp, sum,
+# log and the gradient's softmax - onehot, all memory-bound: measured about 54 multiply-adds per logit in fp32 on a CPU
+# (hidden 256, vocab 2048), about 0.1 x hidden for bf16 on a GPU; 64 is in between.
+CE_COST_PER_VOCAB = 64
+REDUCE_BUCKET = 500_000_000  # DeepSpeed flattens gradients in buckets of this many elements to reduce them
+NF4_BYTES = 0.5 + 4 / 64  # 4-bit weights + one fp32 absmax per 64-weight block (bitsandbytes NF4, no double quant)
+GPU_OVERHEAD = 1.5 * 2**30  # CUDA context, NCCL buffers (not in max_memory_allocated, but in the device's memory)
+GPU_FRAGMENTATION = 0.05  # the caching allocator's slack, as a share of the allocated bytes (assumed, not measured)
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class UnitParams:
+    total: int  # parameters of the unit's modules
+    linear: int  # of which decoder-block nn.Linear weights (what NF4 quantizes; LoRA's base)
+
+
+@dataclass(frozen=True)
+class LoraShape:
+    r: int
+    targets: tuple[str, ...]
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What training memory depends on besides the model and the partition."""
+
+    micro_batch: int
+    seq_len: int
+    pipe: int
+    data: int = 1
+    grad_accum: int = 1
+    precision: str = "bf16"  # fp32 | bf16 | fp16
+    zero_stage: int = 1  # 0 or 1
+    offload: bool = False  # ZeRO-1 optimizer states (and fp32 gradients, master weights) in host memory
+    grad_ckpt: bool = False
+    lora: LoraShape | None = None
+    quantization: str | None = None  # "nf4": 4-bit frozen block weights (QLoRA); needs lora
+    overhead_bytes: tuple[float, ...] = ()  # per stage, measured by the caller (CPU: the process before the model);
+    # empty: a GPU's stated overhead (GPU_OVERHEAD + GPU_FRAGMENTATION of the rest)
+
+    @property
+    def in_flight(self) -> list[int]:
+        """Micro-batches whose activations a stage holds at once under 1F1B (DeepSpeed's TrainSchedule)."""
+        return [min(self.pipe - s, self.grad_accum) for s in range(self.pipe)]
+
+
+@dataclass
+class StageMemory:
+    """One stage's peak memory split, in bytes; `total` is the predicted peak."""
+
+    units: tuple[int, int]  # [first, last] unit
+    params: int
+    trainable: int
+    weights: float
+    gradients: float
+    optimizer: float  # optimizer states (+ fp32 master weights) on the device
+    activations: float  # saved tensors of the micro-batches in flight + pipe buffers + one backward's working set
+    logits: float  # logits and loss buffers (last stage)
+    step_buffer: float  # the step's transients: gradient reduction buffer + optimizer temporaries (after backward)
+    overhead: float
+    host: float = 0.0  # offloaded optimizer states, master weights, fp32 gradients
+    in_flight: int = 1
+
+    heap: bool = False  # CPU: freed activation memory stays in the heap, fragmented, so the step's buffers add to it
+
+    @property
+    def total(self) -> float:
+        static = self.weights + self.gradients + self.optimizer
+        live = self.activations + self.logits
+        return static + (live + self.step_buffer if self.heap else max(live, self.step_buffer)) + self.overhead
+
+    def as_dict(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "total": self.total}
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+
+
+_SHAPES: dict = {}  # (model_type, id(config)) -> (config, shapes): the config is held so its id is not reused
+
+
+def _block_shapes(family, config) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(parameters of one block, {linear name: (in, out)}) from a block built on the meta device."""
+    key = (family.model_type, id(config))
+    if key not in _SHAPES:
+        with torch.device("meta"):
+            block = family.block_class(family.prepare_config(config), 0)
+        linears = {n.rsplit(".", 1)[-1]: (m.in_features, m.out_features) for n, m in block.named_modules()
+                   if isinstance(m, torch.nn.Linear)}
+        _SHAPES[key] = (config, (sum(p.numel() for p in block.parameters()), linears))
+    return _SHAPES[key][1]
+
+
+def unit_params(family, config) -> list[UnitParams]:
+    """Parameters per unit, from the family's own modules built on the meta device. The head unit of a tied model
+    counts the embedding it shares (DeepSpeed builds the tied module on both stages)."""
+    key = ("units", family.model_type, id(config))
+    if key in _SHAPES:
+        return _SHAPES[key][1]
+    specs = family.layer_specs(config)
+    with torch.device("meta"):
+        embed, norm, head = (specs[i].build() for i in (0, -2, -1))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    block, linears = _block_shapes(family, config)
+    linear = sum(i * o for i, o in linears.values())
+    n = family.num_blocks(config)
+    units = [UnitParams(count(embed), 0), *[UnitParams(block, linear)] * n, UnitParams(count(norm) + count(head), 0)]
+    _SHAPES[key] = (config, units)
+    return units
+
+
+def lora_params(family, config, lora: LoraShape) -> int:
+    """Adapter parameters of one block: r x (in + out) per targeted linear."""
+    _, linears = _block_shapes(family, config)
+    return sum(lora.r * (linears[t][0] + linears[t][1]) for t in lora.targets)
+
+
+def _largest_param(family, config, units: list[UnitParams], idx: range, full: bool) -> int:
+    """Elements of the largest trainable tensor among units `idx` (full fine-tuning; LoRA: an adapter, small)."""
+    if not full:
+        return 0
+    h, _, _, _ = _dims(config)
+    sizes = [max(i * o for i, o in _block_shapes(family, config)[1].values()) if 0 < u < len(units) - 1
+             else units[u].total for u in idx]
+    return max([0, *sizes]) if not any(u == len(units) - 1 for u in idx) else max([config.vocab_size * h, *sizes])
+
+
+def unit_costs(family, config, seq_len: int | None = None) -> list[float]:
+    """Per-token multiply-adds per unit, the auto-balance weights (the embedding is a lookup). A block: its
+    matmul parameters, plus causal attention's scores and weighted sum at `seq_len` tokens (QK^T and AV,
+    2 x T x hidden over the full square, half of it causal: T x hidden). The head: hidden x vocab, plus the
+    cross-entropy's elementwise work over the vocabulary (CE_COST_PER_VOCAB per logit)."""
+    block = _block_shapes(family, config)[0] + (seq_len or 0) * config.hidden_size
+    head = config.hidden_size * config.vocab_size + CE_COST_PER_VOCAB * config.vocab_size
+    return [0.0] + [float(block)] * family.num_blocks(config) + [float(head)]
+
+
+# ---------------------------------------------------------------------------------------------- activations
+
+
+def _dims(config) -> tuple[int, int, int, int]:
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    kv = h * getattr(config, "num_key_value_heads", heads) // heads
+    inter = getattr(config, "intermediate_size", None) or 4 * h
+    return h, heads, kv, inter
+
+
+def block_activation_bytes(family, config, seq_len: int, b: int, lora: LoraShape | None) -> float:
+    """Bytes autograd saves per token of one block's forward (b: bytes of the compute dtype). A frozen linear (LoRA
+    base) saves no input; an adapter saves its input once (dropout 0) or its dropout output and mask per module."""
+    h, heads, kv, inter = _dims(config)
+    trained = lambda name: lora is None or name in lora.targets  # noqa: E731  (the linear's input is saved)
+
+    def linear_inputs(names: tuple[str, ...], width: int) -> float:
+        if lora is None:
+            return b * width
+        hit = [n for n in names if n in lora.targets]
+        if not hit:
+            return 0.0
+        return b * width if lora.dropout == 0 else len(hit) * (b + 1) * width
+
+    adapters = 0.0 if lora is None else sum(b * lora.r for _ in lora.targets)
+    if family.model_type == "bloom":  # LayerNorm, fused QKV, eager ALiBi attention (fp32 softmax), GELU MLP
+        attn = 4 * heads * seq_len + (b * heads * seq_len if b != 4 else 0)  # softmax output + its cast
+        saved = (b * h + 8  # ln1 input, mean / rstd
+                 + linear_inputs(("query_key_value",), h)
+                 + 3 * b * h + attn  # q, k, v head-major copies
+                 + (b * h if trained("dense") else 0)
+                 + b * h + 8 + linear_inputs(("dense_h_to_4h",), h)  # ln2
+                 + 4 * b * h + (4 * b * h if trained("dense_4h_to_h") else 0))  # GELU input, its output
+        return saved + adapters
+    # Llama: RMSNorm in fp32 (its input in fp32, normalised, weighted), SDPA (q, k, v, output, logsumexp), SwiGLU
+    norm = 4 * h + (b * h if lora is None else 0)
+    saved = (2 * norm + linear_inputs(("q_proj", "k_proj", "v_proj"), h) + linear_inputs(("gate_proj", "up_proj"), h)
+             + b * (h + 2 * kv) + b * h + 4 * heads  # rotated q, k, v, output, logsumexp
+             + (b * h if trained("o_proj") else 0)
+             + 3 * b * inter + (b * inter if trained("down_proj") else 0))  # gate, SiLU out, up, product
+    return saved + adapters
+
+
+def _embed_bytes(family, config, b: int) -> float:
+    return 2 * b * config.hidden_size if family.model_type == "bloom" else 0.0  # Bloom's embedding LayerNorm
+
+
+def _head_bytes(family, config, b: int, lora: LoraShape | None) -> float:
+    """Final norm + the LM head's saved input, per token (the logits are `_logits_bytes`)."""
+    h = config.hidden_size
+    if family.model_type == "bloom":
+        return b * h + 8 + (b * h if lora is None else 0)
+    return 4 * h + (2 * b * h if lora is None else 0)
+
+
+def _logits_bytes(config, tokens: int, b: int) -> float:
+    """The last stage's logits and loss buffers for one micro-batch: the logits (held by the pipeline engine until
+    backward), then the loss's. One chunk (<= LOSS_CHUNK_ELEMENTS logits): fp32 log-softmax output, and in
+    backward its fp32 gradient and the logits' gradient. Chunked: the gradient computed in forward (logits'
+    dtype), its product with the incoming gradient, and two fp32 chunks."""
+    n = tokens * config.vocab_size
+    if n <= LOSS_CHUNK_ELEMENTS:
+        return n * (2 * b + 8 + (4 if b != 4 else 0))  # + the fp32 copy the loss makes of half-precision logits
+    return n * 3 * b + 2 * 4 * LOSS_CHUNK_ELEMENTS
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def stage_memory(family, config, setup: Setup, parts: list[int],
+                 counts: list[tuple[int, int]] | None = None) -> list[StageMemory]:
+    """Predicted peak memory per pipeline stage for unit counts `parts`. `counts`: the real (total, trainable)
+    parameters per stage when the caller has them (the trainer), else derived from the model and `setup.lora`."""
+    s = setup
+    b = DTYPE_BYTES[s.precision]
+    units = unit_params(family, config)
+    n_units, h = len(units), config.hidden_size
+    tokens = s.micro_batch * s.seq_len
+    tied = getattr(config, "tie_word_embeddings", False)
+    block_act = block_activation_bytes(family, config, s.seq_len, b, s.lora) * tokens
+    adapters = lora_params(family, config, s.lora) if s.lora else 0
+    out, start = [], 0
+    for stage, k in enumerate(parts):
+        idx = range(start, start + k)
+        blocks = sum(1 for u in idx if 0 < u < n_units - 1)
+        has_head, has_embed = n_units - 1 in idx, 0 in idx
+        total = sum(units[u].total for u in idx) + (units[0].total if tied and has_head and not has_embed else 0)
+        linear = sum(units[u].linear for u in idx)
+        trainable = total if s.lora is None else blocks * adapters
+        total += 0 if s.lora is None else blocks * adapters
+        if counts is not None:
+            total, trainable = counts[stage]
+        # weights: NF4 block linears (QLoRA), everything else in the compute dtype
+        frozen_q = linear if s.quantization == "nf4" else 0
+        weights = (total - frozen_q) * b + frozen_q * NF4_BYTES
+        half = b == 2
+        grads = trainable * (b + 4 if half else 4)  # half: the bf16 .grad and the fp32 accumulation buffer
+        shard = s.data if s.zero_stage >= 1 else 1
+        states = trainable * (8 + (4 if half else 0)) / shard  # two moments (+ fp32 master weights)
+        host = 0.0
+        if s.offload:
+            host, states = states + (trainable * 4 / shard if half else 0), 0.0
+            grads = trainable * b
+        step_buffer = min(trainable, REDUCE_BUCKET) * (4 if half and not s.offload else b)
+        if s.overhead_bytes:  # CPU: torch's per-parameter AdamW makes two temporaries of the largest parameter
+            step_buffer += 2 * 4 * _largest_param(family, config, units, idx, s.lora is None)
+        # activations per micro-batch: saved tensors (checkpointed blocks keep only their input), pipe buffers
+        per_micro = blocks * (b * h * tokens if s.grad_ckpt else block_act)
+        per_micro += (_embed_bytes(family, config, b) * tokens if has_embed else 0)
+        per_micro += (_head_bytes(family, config, b, s.lora) * tokens if has_head else 0)
+        per_micro += (0 if has_embed else b * h * tokens) + (0 if has_head else b * h * tokens)  # recv / send buffers
+        per_micro += 2 * 16 * tokens  # int64 position and segment ids, received and sent
+        if family.model_type == "bloom" and blocks:
+            per_micro += s.micro_batch * s.seq_len ** 2 * b  # the additive mask eager attention uses
+        flight = s.in_flight[stage]
+        # one backward's working set: the gradients of a block's saved tensors (about their size), and with
+        # checkpointing the block recomputed for it; the head's is in `logits`
+        working = (block_act * (2 if s.grad_ckpt else 1) if blocks else 2 * b * h * tokens)
+        if s.quantization == "nf4" and blocks:
+            working += max(i * o for i, o in _block_shapes(family, config)[1].values()) * b  # a dequantized weight
+        logits = _logits_bytes(config, tokens, b) if has_head else 0.0
+        mem = StageMemory((start, start + k - 1), total, trainable, weights, grads, states, flight * per_micro + working,
+                          logits, step_buffer, 0.0, host, flight, heap=bool(s.overhead_bytes))
+        static = mem.total  # without overhead yet
+        mem.overhead = s.overhead_bytes[stage] if s.overhead_bytes else GPU_OVERHEAD + GPU_FRAGMENTATION * static
+        out.append(mem)
+        start += k
+    return out
+
+
+def bubble(pipe: int, micro_batches: int) -> float:
+    """The 1F1B pipeline bubble: the share of a step a stage idles, (p - 1) / (m + p - 1)."""
+    return (pipe - 1) / (micro_batches + pipe - 1)
+
+
+@dataclass
+class Throughput:
+    """A step's modelled time in per-token multiply-add units (relative, unless a device rate is given)."""
+
+    stage_costs: list[float] = field(default_factory=list)  # per stage, per token, forward + backward (+ recompute)
+    bubble: float = 0.0
+    efficiency: float = 0.0  # useful work / (devices x step time): balance x (1 - bubble)
+
+
+def throughput(family, config, setup: Setup, parts: list[int]) -> Throughput:
+    """Per-stage work (forward 1 + backward 2, + 1 forward of the blocks when checkpointed) and the efficiency the
+    partition and the bubble leave: ideal (all work spread evenly) over the slowest stage's step."""
+    costs = unit_costs(family, config, setup.seq_len)
+    per, start = [], 0
+    for k in parts:
+        blocks = sum(costs[u] for u in range(start, start + k) if 0 < u < len(costs) - 1)
+        per.append(3 * sum(costs[start:start + k]) + (blocks if setup.grad_ckpt else 0))
+        start += k
+    b = bubble(setup.pipe, setup.grad_accum)
+    eff = (sum(per) / setup.pipe) / max(per) * (1 - b) if max(per) > 0 else 0.0
+    return Throughput(per, b, eff)

@@ -37,8 +37,8 @@ def start_nodes(tmp_path: Path, cfg: Path, env: dict | None = None, private: tup
         if rank == 1 and private is not None:
             if shutil.which("unshare") is None:
                 pytest.skip("unshare is not installed")
-            prefix = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$1" && exec "$@"', str(private[0]),
-                      str(private[1])]
+            prefix = ["unshare", "-m", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh",
+                      str(private[0]), str(private[1])]
         procs.append(start_deepspeed("train_ds.py", ["--config", str(cfg)], env=env, launcher_args=launcher, port=port,
                                      prefix=prefix))
     return procs

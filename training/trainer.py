@@ -27,7 +27,7 @@ from models.lora import LORA_FILE, apply_lora, load_adapter_into, lora_info, par
 from training.batches import BatchPlan, step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause, set_rng_state
 from training.config import ConfigError, TrainConfig
-from training.distributed import shutdown_distributed
+from training.distributed import device_line, shutdown_distributed
 from training.evaluate import EvalPlan, concat, split_eval
 from training.monitor import Monitor, fmt_bytes, fmt_count, hms, truncate_metrics
 from training.optim import build_optimizer
@@ -240,6 +240,7 @@ class Trainer:
         state_b = 8 + (4 if half else 0)  # two moments (+ fp32 master weights with bf16/fp16), sharded by ZeRO-1
         shard = self.dp_size if e.zero_optimization_stage() >= 1 else 1
         self.log(f"topology: {self.pp_size} pipeline stages x {self.dp_size} data-parallel replicas ({self.world} processes)")
+        self.log(device_line())
         self.log("  stage | layers   | parameters (trainable)   | est. memory (weights + grads + optimizer)")
         for stage in range(self.pp_size):
             lo, hi = model.parts[stage], model.parts[stage + 1]
@@ -331,13 +332,11 @@ class Trainer:
         return total
 
     def _peak_memory(self) -> list[float]:
-        """Peak memory per pipeline stage (data-parallel rank 0 of each): accelerator memory, else process RSS."""
-        if torch.cuda.is_available():
-            peak = float(torch.cuda.max_memory_allocated())
-        else:
-            import resource
+        """Peak memory per pipeline stage (data-parallel rank 0 of each), as DeepSpeed's accelerator counts it:
+        allocated device memory (cuda, hpu, neuron), the process's RSS on the CPU."""
+        from deepspeed.accelerator import get_accelerator
 
-            peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        peak = float(get_accelerator().max_memory_allocated())
         peaks = [None] * self.world
         torch.distributed.all_gather_object(peaks, peak)
         return [peaks[r] for r in self._stage_ranks()]

@@ -25,11 +25,7 @@ import os
 import torch
 from deepspeed.accelerator.abstract_accelerator import DeepSpeedAccelerator
 
-from launch import AcceleratorError
-
-ENV = "PIPEFT_ACCELERATOR"
-# the module that registers a device type with torch, imported before the device is used
-REGISTERS = {"neuron": "torch_neuronx"}
+from launch import ENV, REGISTERS, AcceleratorError, parse_spec
 
 
 def _host_peak_rss() -> int:
@@ -339,14 +335,6 @@ class TorchDeviceAccelerator(DeepSpeedAccelerator):
 
     def set_compile_backend(self, backend):
         self._compile_backend = backend
-
-
-def parse_spec(spec: str) -> tuple[str, str]:
-    """"DEVICE:BACKEND" -> (device, backend); a one-line AcceleratorError otherwise."""
-    device, sep, backend = spec.partition(":")
-    if not sep or not device or not backend or ":" in backend:
-        raise AcceleratorError(f"{ENV}={spec!r}: expected DEVICE:BACKEND, e.g. neuron:neuron or cpu:gloo")
-    return device, backend
 
 
 def install_from_env() -> TorchDeviceAccelerator | None:

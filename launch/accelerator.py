@@ -157,7 +157,7 @@ class TorchDeviceAccelerator(DeepSpeedAccelerator):
 
     @property
     def Stream(self):
-        return getattr(self._mod, "Stream", None)
+        return None if self.is_synchronized_device() else getattr(self._mod, "Stream", None)
 
     def stream(self, stream):
         fn = self._fn("stream")

@@ -239,8 +239,8 @@ class Trainer:
         weight_b, grad_b = (2, 4 if e.bfloat16_enabled() else 2) if half else (4, 4)
         state_b = 8 + (4 if half else 0)  # two moments (+ fp32 master weights with bf16/fp16), sharded by ZeRO-1
         shard = self.dp_size if e.zero_optimization_stage() >= 1 else 1
-        self.log(f"topology: {self.pp_size} pipeline stages x {self.dp_size} data-parallel replicas ({self.world} processes)")
         self.log(device_line())
+        self.log(f"topology: {self.pp_size} pipeline stages x {self.dp_size} data-parallel replicas ({self.world} processes)")
         self.log("  stage | layers   | parameters (trainable)   | est. memory (weights + grads + optimizer)")
         for stage in range(self.pp_size):
             lo, hi = model.parts[stage], model.parts[stage + 1]

@@ -34,6 +34,7 @@ from data.encode import encode_prompt
 from data.records import DataError, prompt_problems
 from data.settings import DataSettings, read_data_settings
 from data.templates import TEMPLATES, TemplateSettings
+from launch import AcceleratorError
 from models.convert import load_hf_model
 from models.hf_io import CheckpointError
 from models.pipeline import ModelConfigError
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-k", type=int, default=0, help="0 = off")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bf16 on a GPU that has it, else fp32")
+    ap.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bf16 on an accelerator that has it (else fp16), fp32 on CPU")
     ap.add_argument("--no-stream", action="store_true", help="print the continuation at the end instead of streaming")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # from `deepspeed`
     return ap
@@ -148,9 +149,12 @@ def stop_ids(generation_config, tokenizer, settings: TemplateSettings) -> list[i
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    if device.type == "cpu":
+        return torch.float32
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return torch.bfloat16 if acc.is_bf16_supported() else torch.float16 if acc.is_fp16_supported() else torch.float32
 
 
 def load(model_path: str | Path, dtype: torch.dtype | None = None):
@@ -218,10 +222,17 @@ def with_adapter(model, adapter: str | Path):
 def run(args: argparse.Namespace) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world_size > 1 and not torch.cuda.is_available():
-        raise DemoError(f"WORLD_SIZE={world_size}: the tensor-parallel demo needs GPUs (none found); "
-                        "run `python demo.py ...` for one process on CPU")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    from launch.accelerator import install_from_env
+
+    install_from_env()
+    acc = get_accelerator()
+    if world_size > 1 and acc.device_name() == "cpu":
+        raise DemoError(f"WORLD_SIZE={world_size}: the tensor-parallel demo needs accelerators (GPUs, Gaudi, ...; "
+                        "DeepSpeed found only the CPU); run `python demo.py ...` for one process on CPU")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu") if acc.device_name() == "cpu" else torch.device(acc.device_name(local_rank))
     dtype = pick_dtype(args.dtype, device)
     rec = build_record(args)
     t0 = time.time()
@@ -239,7 +250,7 @@ def run(args: argparse.Namespace) -> None:
     if world_size > 1:
         import deepspeed
 
-        torch.cuda.set_device(device)
+        acc.set_device(local_rank)
         deepspeed.init_distributed()
         # AutoTP: shards the linear layers over the ranks; every rank runs generate with the same seed
         model = deepspeed.init_inference(model, tensor_parallel={"tp_size": world_size}, dtype=dtype)
@@ -269,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         run(args)
-    except (DemoError, CheckpointError, ModelConfigError, DataError, OSError) as e:
+    except (DemoError, CheckpointError, ModelConfigError, DataError, OSError, AcceleratorError) as e:
         print(f"demo.py: error: {e}".splitlines()[0], file=sys.stderr)
         return 2
     return 0

@@ -18,6 +18,7 @@ import os
 import sys
 
 from data.records import DataError
+from launch import AcceleratorError
 from models.hf_io import CheckpointError
 from models.pipeline import ModelConfigError
 from training.checkpoint import TrainingStopped
@@ -33,13 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     launch_env()
     quiet = int(os.environ["LOCAL_RANK"]) != 0  # one copy of each error per node
     try:
+        from launch.accelerator import install_from_env
+
+        install_from_env()  # PIPEFT_ACCELERATOR (set by launch.trainium), before anything asks DeepSpeed
         cfg = load_config(args.config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         if problem := master_port_problem():
             raise ConfigError(problem)
         from training.trainer import run
 
         run(cfg)
-    except (ConfigError, DataError, ModelConfigError, CheckpointError, TrainingStopped) as e:
+    except (ConfigError, DataError, ModelConfigError, CheckpointError, TrainingStopped, AcceleratorError) as e:
         if not quiet:
             for line in str(e).splitlines():
                 print(f"train_ds.py: error: {line}", file=sys.stderr)

@@ -373,13 +373,16 @@ def report(results: dict) -> None:
 def gpu_bench(args: argparse.Namespace) -> None:
     """One device, PP=1, bf16: the project's spec list run as one module, fast path vs dense-mask path."""
     import torch
+    from deepspeed.accelerator import get_accelerator
     from transformers import LlamaConfig
 
+    from launch.cuda_only import device_label
     from models import SequentialModel, causal_lm_loss, get_family
     from models import attention as attn
     from models.attention import set_attn_implementation
 
     device = torch.device(args.device)
+    acc = get_accelerator()  # its synchronize() waits for the device (cuda, hpu, ...)
     dtype = torch.bfloat16
     config = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875),
                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
@@ -396,7 +399,7 @@ def gpu_bench(args: argparse.Namespace) -> None:
     ids = torch.randint(4, config.vocab_size, (b, t), device=device)
     pos = torch.arange(t, device=device).expand(b, t)
     seg = torch.ones(b, t, dtype=torch.long, device=device)
-    print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else device}: Llama {n_params / 1e9:.2f}B "
+    print(f"{device_label(device)}: Llama {n_params / 1e9:.2f}B "
           f"({config.num_hidden_layers} layers, hidden {config.hidden_size}), bf16, {b} x {t} tokens per step")
     original = attn.choose_path
     paths = (("fast (causal SDPA, no mask)", None), ("dense mask (SDPA + [B,1,T,T])", "sdpa_mask"))
@@ -414,15 +417,13 @@ def gpu_bench(args: argparse.Namespace) -> None:
         attn.CONTEXTS.clear()
         times = []
         for step in range(args.steps + 2):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            acc.synchronize()
             t0 = time.perf_counter()
             loss = causal_lm_loss(model((ids, pos, seg)), ids)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            acc.synchronize()
             if step >= 2:
                 times.append(time.perf_counter() - t0)
         tps = b * t * len(times) / sum(times)

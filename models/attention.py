@@ -31,6 +31,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from launch.cuda_only import flash_attn_available, flex_available
+
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 PIPEFT_ATTENTION = "pipeft"  # the name our attention function is registered under in transformers
 BUILDS: Counter = Counter()  # what StageContexts built: "rope", "kind", "mask", "cu_seqlens", "block_mask", "alibi"
@@ -41,16 +43,6 @@ def set_attn_implementation(config: Any, name: str) -> Any:
     transformers' own `_attn_implementation` is left alone (the blocks call through PIPEFT_ATTENTION)."""
     config.pipeft_attn_implementation = name
     return config
-
-
-def flash_attn_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-
-
-def flex_available(device_type: str) -> bool:
-    if device_type != "cuda":  # torch 2.13: "FlexAttention does not support backward on CPU"
-        return False
-    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 def attn_problem(name: str, family: str, device_type: str) -> str | None:

@@ -16,6 +16,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from launch import cuda_only
 from training.config import ConfigError, TrainConfig
 from training.optim import (
     LrSchedule,
@@ -176,7 +177,7 @@ def test_lion_matches_reference_formula():
         torch.testing.assert_close(opt.state[p]["exp_avg"], m, atol=1e-7, rtol=0)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where CUDA is missing")
+@pytest.mark.skipif(cuda_only.cuda_available(), reason="checks the fallback where CUDA is missing")
 def test_lion_triton_falls_back_with_a_warning():
     p = torch.nn.Parameter(torch.ones(4))
     with pytest.warns(RuntimeWarning, match=r"use_triton was asked for .*\(CUDA is not available\)"):
@@ -188,7 +189,7 @@ def test_lion_triton_falls_back_with_a_warning():
 
 def test_lion_triton_reasons(monkeypatch):
     """With CUDA, lion-pytorch's triton module would exit() the process when triton is missing: never reached."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_only, "cuda_available", lambda: True)
     monkeypatch.setitem(sys.modules, "triton", None)  # import fails
     with pytest.warns(RuntimeWarning, match=r"\(triton is not installed\)"):
         build_lion([torch.nn.Parameter(torch.ones(2))], use_triton=True)

@@ -122,6 +122,12 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float,
         "pipe2-packing-grouped", "pipe2-lion"])
 def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing,
                                                    opt):
+    check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing, opt)
+
+
+def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing, opt, launch=None):
+    """One case of the test above. `launch(config_path, procs)` starts train_ds.py and returns its output
+    (default: the deepspeed launcher on CPU); the tied-weights worker is only started by the default."""
     opt, grouped = opt.removesuffix("+grouped"), opt.endswith("+grouped")
     torch.manual_seed(0)
     hf = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer)))
@@ -144,12 +150,14 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
     (tmp_path / "cfg.json").write_text(json.dumps(config))
     tied_stages = dims[0] > 1 and hf.config.tie_word_embeddings
     if tied_stages:  # train_ds.py's Trainer, then both stages' copies of the tied weight are compared
-        proc = run_deepspeed("tests/workers/train_tied.py", ["--config", str(tmp_path / "cfg.json"), "--out-dir",
-                                                             str(tmp_path)], num_procs=procs)
+        assert launch is None, "the tied-weights check runs its own worker under the deepspeed launcher"
+        out = run_deepspeed("tests/workers/train_tied.py", ["--config", str(tmp_path / "cfg.json"), "--out-dir",
+                                                            str(tmp_path)], num_procs=procs).stdout
+    elif launch is not None:
+        out = launch(tmp_path / "cfg.json", procs)
     else:
-        proc = run_deepspeed("train_ds.py", ["--config", str(tmp_path / "cfg.json")], num_procs=procs)
-    assert bool(re.search(r"activation checkpointing: [1-9]\d* decoder blocks on stage 0", proc.stdout)) == ckpt, \
-        proc.stdout[-2000:]
+        out = run_deepspeed("train_ds.py", ["--config", str(tmp_path / "cfg.json")], num_procs=procs).stdout
+    assert bool(re.search(r"activation checkpointing: [1-9]\d* decoder blocks on stage 0", out)) == ckpt, out[-2000:]
     if tied_stages:
         reports = [json.loads((tmp_path / f"tied-rank{r}.json").read_text()) for r in range(procs)]
         assert [r["stage"] for r in reports] == [0, 1]
@@ -166,7 +174,7 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
     assert packing or len(set(lengths)) > 1, lengths
     if packing:  # the log line, and metrics count the samples in each step's sequences
         st = dataset.stats
-        assert f"packing: {st.samples} samples -> {st.sequences} sequences of {SEQ}, efficiency {st.efficiency:.1%}" in proc.stdout
+        assert f"packing: {st.samples} samples -> {st.sequences} sequences of {SEQ}, efficiency {st.efficiency:.1%}" in out
         per_step = [int(dataset.segments_per_row()[plan.global_indices(*plan.position(s))].sum()) for s in range(STEPS)]
         assert [m["samples"] for m in metrics] == per_step
         assert all(m["sequences"] == plan.global_batch < m["samples"] for m in metrics)

@@ -97,16 +97,28 @@ def _score(loss: float) -> float:
 
 
 def rng_state() -> dict:
+    """Python, NumPy, torch (host) and the accelerator's RNG states (DeepSpeed's accelerator: cuda, hpu, ...)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "device": acc.device_name(), "accelerator": acc.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`; the accelerator's part only on the same device type (checkpoints written before
+    this key existed hold CUDA states under "cuda")."""
+    from deepspeed.accelerator import get_accelerator
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    acc = get_accelerator()
+    device, saved = state.get("device"), state.get("accelerator")
+    if device is None and state.get("cuda"):  # one state per visible GPU: this rank's
+        device, saved = "cuda", state["cuda"][min(int(acc.current_device()), len(state["cuda"]) - 1)]
+    if saved is not None and device == acc.device_name():
+        acc.set_rng_state(saved)
 
 
 def write_manifest(tag_dir: Path) -> None:

@@ -112,3 +112,15 @@ def shutdown_distributed() -> None:
     rank = dist.get_rank()
     dist.destroy_process_group()
     shm_buffer(rank).unlink(missing_ok=True)
+
+
+def device_line() -> str:
+    """One summary line: the device DeepSpeed's accelerator drives, through which class, its backend and memory."""
+    from deepspeed.accelerator import get_accelerator
+
+    from training.monitor import fmt_bytes
+
+    acc = get_accelerator()
+    kind = "host memory" if acc.device_name() == "cpu" else "memory per device"
+    return (f"device: {acc.device_name()} via {type(acc).__name__} (process group {acc.communication_backend_name()}); "
+            f"{kind} {fmt_bytes(acc.total_memory())}, {fmt_bytes(acc.available_memory())} free at start")

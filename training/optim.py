@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from launch.cuda_only import triton_problem
+
 logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
@@ -171,22 +173,6 @@ def fill_deepspeed_scheduler(scheduler_section: dict, total_steps: int) -> dict:
 LION_KEYS = ("lr", "betas", "weight_decay", "use_triton")
 
 
-def _triton_problem(params: list) -> str | None:
-    """Why lion-pytorch's triton kernel cannot run on these params (tensors or group dicts), or None."""
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    tensors = [t for item in params for t in (
-        ([item["params"]] if isinstance(item["params"], torch.Tensor) else item["params"]) if isinstance(item, dict)
-        else [item])]
-    if any(isinstance(t, torch.Tensor) and not t.is_cuda for t in tensors):
-        return "the parameters are not on a CUDA device"
-    return None
-
-
 def build_lion(params_or_groups: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                weight_decay: float = 0.0, use_triton: bool = False, **unknown: object) -> torch.optim.Optimizer:
     """lion-pytorch's Lion from the seed's `optimizer.params` ({lr, betas, weight_decay, use_triton}); pass the
@@ -206,7 +192,7 @@ def build_lion(params_or_groups: Iterable, lr: float = 1e-4, betas: tuple[float,
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise ValueError(f"optimizer.params.weight_decay must be a number >= 0, got {weight_decay!r}")
     params_or_groups = list(params_or_groups)
-    if use_triton and (why := _triton_problem(params_or_groups)):
+    if use_triton and (why := triton_problem(params_or_groups)):
         msg = f"Lion: use_triton was asked for but the triton kernel cannot run here ({why}); using the torch update"
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         logger.warning(msg)

@@ -29,7 +29,7 @@ from models.pipeline import parts_of
 from training.batches import BatchPlan, step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause
 from training.config import ConfigError, TrainConfig
-from training.distributed import LauncherWatch, shutdown_distributed
+from training.distributed import LauncherWatch, device_line, shutdown_distributed
 from training.evaluate import EvalPlan, concat, split_eval
 from training.monitor import Monitor, fmt_bytes, fmt_count, hms, process_memory, write_estimate
 from training.optim import build_optimizer
@@ -221,9 +221,10 @@ class Trainer(RunDirectory):
                       "bf16" if e.bfloat16_enabled() else "fp16" if e.fp16_enabled() else "fp32",
                       e.zero_optimization_stage(), offload is not None and str(getattr(offload, "device", "none")).endswith("cpu"),
                       cfg.use_grad_ckpt, LoraShape(lo.r, lo.target_modules, lo.dropout) if lo else None,
-                      overhead_bytes=() if torch.cuda.is_available() else tuple(float(r[2]) for r in reporting))
+                      overhead_bytes=() if next(model.parameters()).device.type != "cpu" else tuple(float(r[2]) for r in reporting))
         self.units = parts_of(self.family.unit_sizes(self.config), model.parts)
         mem = stage_memory(self.family, self.config, setup, self.units, counts=[tuple(r[:2]) for r in reporting])
+        self.log(device_line())
         self.log(f"topology: {self.pp_size} pipeline stages x {self.dp_size} data-parallel replicas ({self.world} processes)")
         self.log(f"  stage | layers   | parameters (trainable)   | predicted peak memory per process at {cfg.micro_batch} x "
                  f"{cfg.max_seq_len} tokens (weights + grads + optimizer + activations + logits + overhead)")
@@ -323,13 +324,16 @@ class Trainer(RunDirectory):
         return total
 
     def _peak_memory(self) -> list[float]:
-        """Peak memory per pipeline stage (data-parallel rank 0 of each): accelerator memory, else process RSS."""
-        if torch.cuda.is_available():
-            peak = float(torch.cuda.max_memory_allocated())
-        else:
-            import resource
+        """Peak memory per pipeline stage (data-parallel rank 0 of each): allocated device memory as DeepSpeed's
+        accelerator counts it (cuda, hpu, neuron); on the CPU the kernel's peak RSS of the process (the accelerator
+        there only remembers the highest RSS it was asked about, which misses peaks between log lines)."""
+        import resource
 
-            peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        from deepspeed.accelerator import get_accelerator
+
+        acc = get_accelerator()
+        peak = float(acc.max_memory_allocated() if acc.device_name() != "cpu" else
+                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         peaks = [None] * self.world
         torch.distributed.all_gather_object(peaks, peak)
         return [peaks[r] for r in self._stage_ranks()]

@@ -1,0 +1,115 @@
+"""What the Gaudi and Trainium shims share: the command line, the config checks a launcher can make before any
+process starts, and the launch itself (exec, so signals reach the launcher) or its --dry-run print."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launch import AcceleratorError
+
+
+@dataclass
+class Launch:
+    """A launcher command, the environment it adds, files it writes first, and notes for the reader."""
+
+    cmd: list[str]
+    env: dict[str, str]
+    files: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        """The --dry-run text: notes, the environment, files to be written, the command (runnable in bash)."""
+        lines = [f"# {n}" for n in self.notes]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in self.env.items()]
+        for path, text in self.files.items():
+            lines.append(f"cat > {shlex.quote(path)} <<'EOF'\n{text.rstrip()}\nEOF")
+        lines.append(shlex.join(self.cmd))
+        return "\n".join(lines)
+
+    def execute(self) -> None:
+        """Write the files, then replace this process by the launcher (never returns)."""
+        for path, text in self.files.items():
+            Path(path).write_text(text)
+        os.execvpe(self.cmd[0], self.cmd, {**os.environ, **self.env})
+
+
+def add_script_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--dry-run", action="store_true", help="print the environment and the command, start nothing")
+    ap.add_argument("--master_port", type=int, default=29500, help="rendezvous port (default 29500)")
+    ap.add_argument("script", help="the training script (train_ds.py)")
+    ap.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments: --config CFG.json")
+
+
+def config_path(script_args: list[str]) -> Path:
+    """The --config value among the training script's arguments."""
+    for i, a in enumerate(script_args):
+        if a == "--config" and i + 1 < len(script_args):
+            return Path(script_args[i + 1])
+        if a.startswith("--config="):
+            return Path(a.split("=", 1)[1])
+    raise AcceleratorError("the training script needs --config CFG.json (the shim checks it before launching)")
+
+
+def read_config(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise AcceleratorError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AcceleratorError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise AcceleratorError(f"{path}: the config must be a JSON object")
+    return raw
+
+
+def check_topology(raw: dict, path: Path, world_size: int, how: str) -> None:
+    """model_topo against the number of processes the launch starts (`how` says where that number came from)."""
+    with contextlib.redirect_stdout(io.StringIO()):  # importing DeepSpeed logs its accelerator guess to stdout
+        from models.pipeline import ModelConfigError, parse_topology
+
+    pt = (raw.get("model_topo") or {}).get("process_topology") if isinstance(raw.get("model_topo"), dict) else None
+    dims = pt.get("dims") if isinstance(pt, dict) else None
+    if isinstance(dims, list) and dims and all(isinstance(d, int) for d in dims) and math.prod(dims) != world_size:
+        raise AcceleratorError(f"{path}: model_topo.process_topology.dims {dims} needs {math.prod(dims)} processes, "
+                               f"this launch starts {world_size} ({how})")
+    try:
+        parse_topology(raw.get("model_topo"), world_size)
+    except ModelConfigError as e:
+        raise AcceleratorError(f"{path}: {e}") from None
+
+
+def precision(raw: dict) -> str | None:
+    """"fp16" or "bf16" when the config enables it, else None (fp32)."""
+    on = [k for k in ("fp16", "bf16") if isinstance(raw.get(k), dict) and raw[k].get("enabled", False)]
+    return on[0] if on else None
+
+
+def main_of(prog: str, parser: Callable[[], argparse.ArgumentParser], build: Callable[[argparse.Namespace], Launch]
+            ) -> Callable[[list[str] | None], int]:
+    """main(argv) of a shim: parse, `build` the Launch, then print it (--dry-run) or exec it. Errors: one line, exit 2."""
+
+    def main(argv: list[str] | None = None) -> int:
+        args = parser().parse_args(argv)
+        try:
+            launch = build(args)
+        except AcceleratorError as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
+        if args.dry_run:
+            print(launch.render(), flush=True)
+            return 0
+        sys.stdout.flush()
+        launch.execute()
+        return 0  # not reached: execute replaces the process
+
+    return main

@@ -1,0 +1,176 @@
+"""Device-generic code and the Gaudi / Trainium shims, on this machine's CPU.
+
+- No `torch.cuda` outside launch/cuda_only.py: every other device use goes through DeepSpeed's accelerator.
+- The Trainium path (launch.trainium -> torchrun -> train_ds.py -> launch.accelerator.TorchDeviceAccelerator
+  installed with DeepSpeed's set_accelerator) with only the device and backend names changed (cpu:gloo for
+  neuron:neuron) trains to the single-process reference's losses (test_train_reference's machinery).
+- Both shims' --dry-run print the complete command and environment; bad combinations are one-line errors.
+Nothing here ran on Gaudi or Trainium hardware (see README, "Gaudi and Trainium").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import gaudi, trainium
+from tests.helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_no_torch_cuda_outside_the_cuda_only_module():
+    owner = ROOT / "launch" / "cuda_only.py"
+    found = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0].startswith(".") or path in (owner, Path(__file__).resolve()) or "site-packages" in rel.parts:
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if "torch.cuda" in line:
+                found.append(f"{rel}:{n}: {line.strip()}")
+    assert not found, "device use outside DeepSpeed's accelerator / launch.cuda_only:\n" + "\n".join(found)
+    assert "torch.cuda" in owner.read_text()  # the grep looks at real files
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    def write(dims=(2, 1), **over):
+        raw = {"model_path": "/models/pp", "save_path": "/out", "data_path": "/data.jsonl", "bf16": {"enabled": True},
+               "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": list(dims)}},
+               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}, **over}
+        path = tmp_path / "cfg.json"
+        path.write_text(json.dumps({k: v for k, v in raw.items() if v is not None}))
+        return path
+    return write
+
+
+def dry_run(module, argv, capsys) -> tuple[int, str, str]:
+    code = module.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_gaudi_dry_run_one_node(cfg, capsys, monkeypatch):
+    monkeypatch.delenv("PT_HPU_LAZY_MODE", raising=False)
+    path = cfg(dims=(4, 2))
+    code, out, err = dry_run(gaudi, ["--world_size", "8", "--master_port", "29511", "--dry-run", "train_ds.py",
+                                     "--config", str(path)], capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("export ")] == [
+        "export DS_ACCELERATOR=hpu", "export PT_HPU_LAZY_MODE=0", "export PT_ENABLE_INT64_SUPPORT=1"]
+    cmd = lines[-1].split()
+    assert Path(cmd[0]).name == "deepspeed"
+    assert cmd[1:] == ["--num_nodes", "1", "--num_gpus", "8", "--no_local_rank", "--master_port", "29511",
+                       "train_ds.py", "--config", str(path)]
+
+
+def test_gaudi_dry_run_hostfile(cfg, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hosts").write_text("# two Gaudi2 servers\ngaudi-a slots=8\n\ngaudi-b slots=8\n")
+    path = cfg(dims=(8, 2))
+    code, out, err = dry_run(gaudi, ["--hostfile", "hosts", "--dry-run", "train_ds.py", f"--config={path}"], capsys)
+    assert code == 0, err
+    env_file = str(tmp_path / gaudi.ENV_FILE)
+    assert f"export DS_ENV_FILE={env_file}" in out
+    assert f"cat > {env_file} <<'EOF'\nDS_ACCELERATOR=hpu\nPT_HPU_LAZY_MODE=0\nPT_ENABLE_INT64_SUPPORT=1\nEOF" in out
+    assert out.strip().splitlines()[-1].split()[1:] == ["--hostfile", "hosts", "--master_addr", "gaudi-a",
+                                                        "--no_local_rank", "--master_port", "29500", "train_ds.py",
+                                                        f"--config={path}"]
+    assert not (tmp_path / gaudi.ENV_FILE).exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("argv, dims, message", [
+    (["--world_size", "4"], (4, 2), "dims [4, 2] needs 8 processes, this launch starts 4 (--world_size 4)"),
+    (["--world_size", "4", "--hostfile", "{hosts}"], (4, 2), "--world_size 4 does not match --hostfile"),
+    (["--hostfile", "{hosts}"], (2, 2), "dims [2, 2] needs 4 processes, this launch starts 16 (16 slots in --hostfile"),
+    (["--hostfile", "{bad_hosts}"], (2, 1), "expected `HOST slots=N` (N >= 1), got 'gaudi-a 8'"),
+    (["--world_size", "2"], (2, 1), "is not a Gaudi host"),  # no --dry-run and no habana_frameworks here
+])
+def test_gaudi_bad_combinations_are_one_line(argv, dims, message, cfg, capsys, tmp_path):
+    (tmp_path / "hosts").write_text("gaudi-a slots=8\ngaudi-b slots=8\n")
+    (tmp_path / "bad_hosts").write_text("gaudi-a 8\n")
+    argv = [a.format(hosts=tmp_path / "hosts", bad_hosts=tmp_path / "bad_hosts") for a in argv]
+    if "is not a Gaudi host" not in message:
+        argv.append("--dry-run")
+    code, out, err = dry_run(gaudi, [*argv, "train_ds.py", "--config", str(cfg(dims=dims))], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("launch.gaudi: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_gaudi_refuses_fp16_where_the_device_has_none(cfg, monkeypatch):
+    """The decision for a first-generation Gaudi (habana_frameworks' _is_fp16_supported() false), given as the
+    host's answer: that probe itself needs Gaudi software and did not run here."""
+    path = cfg(bf16=None, fp16={"enabled": True})
+    args = gaudi.parser().parse_args(["--world_size", "2", "train_ds.py", "--config", str(path)])
+    with pytest.raises(gaudi.AcceleratorError, match=r"fp16 is not supported by this Gaudi .*: use bf16$"):
+        gaudi.build(args, fp16=False, probe=False)
+    assert gaudi.build(args, fp16=True, probe=False).env["DS_ACCELERATOR"] == "hpu"  # Gaudi2/3: allowed
+    monkeypatch.setenv("PT_HPU_LAZY_MODE", "1")
+    with pytest.raises(gaudi.AcceleratorError, match="lazy mode needs htcore.mark_step"):
+        gaudi.build(args, fp16=True, probe=False)
+
+
+def test_gaudi_dry_run_notes_unchecked_fp16(cfg, capsys):
+    path = cfg(bf16=None, fp16={"enabled": True})
+    code, out, err = dry_run(gaudi, ["--world_size", "2", "--dry-run", "train_ds.py", "--config", str(path)], capsys)
+    assert gaudi.fp16_supported() is None  # no Gaudi software on this machine
+    assert code == 0 and "# fp16: not checked here" in out, err
+
+
+def test_trainium_dry_run(cfg, capsys):
+    path = cfg(dims=(4, 4))
+    code, out, err = dry_run(trainium, ["--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "1", "--master_addr",
+                                        "10.0.0.5", "--dry-run", "train_ds.py", "--config", str(path)], capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("export ")] == ["export PIPEFT_ACCELERATOR=neuron:neuron"]
+    assert lines[-1].split() == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "8", "--nnodes",
+                                 "2", "--node_rank", "1", "--master_addr", "10.0.0.5", "--master_port", "29500",
+                                 "train_ds.py", "--config", str(path)]
+
+
+@pytest.mark.parametrize("argv, over, message", [
+    (["--nproc_per_node", "4"], {}, "dims [2, 1] needs 2 processes, this launch starts 4 (--nproc_per_node 4 x --nnodes 1)"),
+    (["--nproc_per_node", "1", "--nnodes", "2"], {}, "--nnodes 2 needs --master_addr"),
+    (["--nproc_per_node", "2"], {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, "needs \"torch_adam\": true"),
+    (["--nproc_per_node", "2", "--accelerator", "neuron"], {}, "expected DEVICE:BACKEND"),
+])
+def test_trainium_bad_combinations_are_one_line(argv, over, message, cfg, capsys):
+    code, out, err = dry_run(trainium, [*argv, "--dry-run", "train_ds.py", "--config", str(cfg(**over))], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("launch.trainium: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_trainium_refuses_a_real_launch_without_torchneuron(cfg, capsys):
+    code, out, err = dry_run(trainium, ["--nproc_per_node", "2", "train_ds.py", "--config", str(cfg())], capsys)
+    assert code == 2 and "torch_neuronx (TorchNeuron) is not installed" in err
+
+
+@pytest.mark.distributed
+def test_trainium_path_on_cpu_matches_reference(tmp_path, tokenizer):
+    """launch.trainium --accelerator cpu:gloo: torchrun, PIPEFT_ACCELERATOR, TorchDeviceAccelerator in every rank;
+    the 2-stage losses and exported weights match the single-process transformers reference."""
+    from tests.test_train_reference import check_against_reference
+
+    def launch(config: Path, procs: int) -> str:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env.pop("DS_ACCELERATOR", None)  # DeepSpeed's own CPU accelerator is not what runs
+        r = subprocess.run([sys.executable, "-m", "launch.trainium", "--accelerator", "cpu:gloo", "--nproc_per_node",
+                            str(procs), "--master_port", str(free_port()), "train_ds.py", "--config", str(config)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-6000:]
+        assert "export PIPEFT_ACCELERATOR" not in out  # launched, not a dry run
+        assert re.search(r"device: cpu via TorchDeviceAccelerator \(process group gloo\); host memory", out), out[-3000:]
+        return out
+
+    check_against_reference(tmp_path, tokenizer, 2, [2, 1], "llama", "mha_bias_untied", 1.0, False, False, "adamw",
+                            launch=launch)

@@ -24,6 +24,7 @@ from models.attention import set_attn_implementation
 from models.convert import family_of
 from models.hf_io import SIDE_FILES, copy_side_files
 from models.lora import LORA_FILE, apply_lora, load_adapter_into, lora_info, parse_lora
+from models.quant import base_memory, logical_numel, parse_quantization, quantized_specs
 from training.batches import BatchPlan, step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause, set_rng_state
 from training.config import ConfigError, TrainConfig
@@ -103,7 +104,12 @@ class Trainer:
         costs = self.family.unit_costs(self.config, cfg.max_seq_len)
         bounds_fn = lambda n: plan_stages(self.family.unit_sizes(self.config), costs, n, parts)  # noqa: E731
         set_attn_implementation(self.config, cfg.attn_implementation)
-        model = PipelineModel(self.family.layer_specs(self.config), bounds_fn, topo, loss_fn=causal_lm_loss,
+        specs = self.family.layer_specs(self.config)
+        self.quant = None if cfg.quantization is None else parse_quantization(  # QLoRA: blocks load and quantise at build
+            cfg.quantization, self.family, self.config, parse_lora(cfg.lora, self.family, self.config))
+        if self.quant is not None:
+            specs = quantized_specs(specs, self.family, cfg.model_path, self.quant)
+        model = PipelineModel(specs, bounds_fn, topo, loss_fn=causal_lm_loss,
                               grad_ckpt_layers=[self.family.block_class.__name__] if cfg.use_grad_ckpt else None)
         if cfg.from_scratch:
             for idx, layer in enumerate(model.forward_funcs):
@@ -128,7 +134,8 @@ class Trainer:
         if self.own_grad_norm:  # fp32 without ZeRO: DeepSpeed neither reports the norm nor skips non-finite steps
             self._wrap_model_step()
         self.ckpts = Checkpoints(cfg.save_path, self.rank, cfg.keep_last, cfg.keep_best, trainable_only=self.lora is not None,
-                                 extra_files={LORA_FILE: lora_info(self.lora, cfg.model_path)} if self.lora else None)
+                                 extra_files={LORA_FILE: lora_info(self.lora, cfg.model_path, self.quant and self.quant.as_config())}
+                                 if self.lora else None)
         start = self._prepare_save_path()
         self.monitor = Monitor(Path(cfg.save_path), self.rank, self.total_steps, start, cfg.log_interval)
         self._summary(model)
@@ -229,7 +236,7 @@ class Trainer:
 
     def _summary(self, model) -> None:
         params = [p for n, p in model.named_parameters() if n != "grad_placeholder"]
-        mine = [sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)]
+        mine = [sum(logical_numel(p) for p in params), sum(p.numel() for p in params if p.requires_grad), base_memory(model)]
         per_rank = [None] * self.world
         torch.distributed.all_gather_object(per_rank, mine)
         if self.rank != 0:
@@ -243,8 +250,10 @@ class Trainer:
         self.log("  stage | layers   | parameters (trainable)   | est. memory (weights + grads + optimizer)")
         for stage in range(self.pp_size):
             lo, hi = model.parts[stage], model.parts[stage + 1]
-            total, trainable = per_rank[self._stage_ranks()[stage]]
+            total, trainable, base = per_rank[self._stage_ranks()[stage]]
             est = total * weight_b + trainable * (grad_b + state_b / shard)
+            if self.quant is not None:  # the frozen base as held (4-bit blocks), not at the training precision
+                est += base["quantized"] - (total - trainable) * weight_b
             self.log(f"  {stage:5d} | {lo:3d}..{hi - 1:<3d} | {fmt_count(total):>10} ({fmt_count(trainable)}) | {fmt_bytes(est)}")
         g = self.plan.global_batch
         cfg = self.cfg
@@ -271,6 +280,13 @@ class Trainer:
             self.log(f"LoRA: r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {', '.join(lo.target_modules)} of every "
                      f"block; base frozen{' except ' + ', '.join(lo.modules_to_save) if lo.modules_to_save else ''}"
                      f"{'; adapters from ' + lo.adapter_path if lo.adapter_path else ''}")
+        if self.quant is not None:
+            self.log(f"QLoRA base: {self.quant.describe()} (bitsandbytes Linear4bit in every decoder block; embedding, "
+                     "norms and LM head unquantised)")
+            for stage in range(self.pp_size):
+                b = per_rank[self._stage_ranks()[stage]][2]
+                self.log(f"  stage {stage}: {b['layers']} 4-bit layers; frozen base {fmt_bytes(b['quantized'])} "
+                         f"(unquantised: {fmt_bytes(b['unquantized'])})")
         ckpt = sum(model.is_checkpointable_results) if model.activation_checkpoint_interval else 0
         self.log(f"activation checkpointing: {f'{ckpt} decoder blocks on stage 0 (non-reentrant)' if ckpt else 'off'}")
 

@@ -3,7 +3,7 @@
 The reference is transformers' `from_pretrained(..., quantization_config=BitsAndBytesConfig(...))` with
 `peft.PeftModel` on it, starting from the same random adapters the pipeline loads through `lora.adapter_path`, torch
 AdamW, the same global batches. Llama runs NF4 with double quantisation and fp32 compute; Bloom FP4 with bf16 compute
-and activation checkpointing. The exported adapter is checked on the 4-bit HF base with peft itself."""
+activation checkpointing and 2 data-parallel replicas. The exported adapter is checked on the 4-bit HF base with peft itself."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from tests.test_train_reference import BETAS, EPS, GAS, LR, MICRO, SEED, SEQ, WD
 from training.batches import BatchPlan
 
 STEPS, R, ALPHA = 5, 4, 8.0
-CASES = {  # family -> (tiny config, LoRA targets, quantization section, 4-bit layers per block, activation checkpointing)
+CASES = {  # family -> (tiny config, LoRA targets, quantization section, 4-bit layers per block, activation checkpointing
+    # and 2 data-parallel replicas)
     "llama": ("mha_bias_untied", ["q_proj", "v_proj", "down_proj"],
               {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
                "bnb_4bit_compute_dtype": "float32"}, 7, False),
@@ -69,7 +70,7 @@ def setup_run(tmp_path, tokenizer, family: str) -> dict:
         "model_path": str(tmp_path / "pp"), "save_path": str(tmp_path / "out"), "data_path": str(tmp_path / "train.jsonl"),
         "eval_data_path": str(tmp_path / "eval.jsonl"), "max_seq_len": SEQ, "max_steps": STEPS, "seed": SEED,
         "data_cache_dir": str(tmp_path / "cache"), "use_grad_ckpt": ckpt,
-        "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}, "parts": [2, 2]},  # a block each
+        "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1 + ckpt]}, "parts": [2, 2]},  # a block each
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS, "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD,
                                                   "torch_adam": True}},
@@ -97,7 +98,7 @@ def test_qlora_matches_transformers_bnb_peft_and_exports(tmp_path, tokenizer, fa
     name, targets, quant, per_block, ckpt = CASES[family]
     config = setup_run(tmp_path, tokenizer, family)
     (tmp_path / "cfg.json").write_text(json.dumps(config))
-    proc = run_deepspeed("train_ds.py", ["--config", str(tmp_path / "cfg.json")])
+    proc = run_deepspeed("train_ds.py", ["--config", str(tmp_path / "cfg.json")], num_procs=2 * (1 + ckpt))
     settings = QuantSettings.from_info(quant)
     assert f"QLoRA base: {settings.describe()} (bitsandbytes Linear4bit in every decoder block" in proc.stdout
     blocks = tiny_config(family, name, **SIZES[family]).num_hidden_layers
@@ -106,7 +107,7 @@ def test_qlora_matches_transformers_bnb_peft_and_exports(tmp_path, tokenizer, fa
     assert all(r[2] != r[3] for r in rows)  # quantised base smaller than unquantised
 
     dataset = load_dataset(str(tmp_path / "train.jsonl"), tokenizer, SEQ, tmp_path / "cache", TemplateSettings())
-    plan = BatchPlan(len(dataset), MICRO, GAS, 1, SEED, dataset.offsets[1:] - dataset.offsets[:-1])
+    plan = BatchPlan(len(dataset), MICRO, GAS, 1 + ckpt, SEED, dataset.offsets[1:] - dataset.offsets[:-1])
 
     def wrap(model):  # transformers' 4-bit model: every block linear a Linear4bit, the head and embedding not
         assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == blocks * per_block
@@ -117,7 +118,7 @@ def test_qlora_matches_transformers_bnb_peft_and_exports(tmp_path, tokenizer, fa
     got = losses_of(tmp_path / "out")
     assert list(got) == list(range(1, STEPS + 1))
     for step, ref in zip(got, ref_losses, strict=True):
-        assert got[step] == pytest.approx(ref, rel=2e-3), (step, got[step], ref)
+        assert got[step] == pytest.approx(ref, rel=1e-4), (step, got[step], ref)  # measured: 5e-6 (Llama), 6e-7 (Bloom)
     print(family, "max rel loss diff", max(abs(got[s] - r) / r for s, r in zip(got, ref_losses, strict=True)))  # noqa: T201
 
     # the checkpoint: adapters (and their optimizer state) only, and the quantisation named
@@ -135,7 +136,7 @@ def test_qlora_matches_transformers_bnb_peft_and_exports(tmp_path, tokenizer, fa
     assert len(eval_loss) == 1
     hf_eval = hf_token_mean_loss(loaded, tmp_path / "eval.jsonl", tokenizer, SEQ)
     print(family, "eval", eval_loss[0], hf_eval)
-    assert hf_eval == pytest.approx(eval_loss[0], rel=2e-3)
+    assert hf_eval == pytest.approx(eval_loss[0], rel=5e-4)  # measured: 2e-5 (bitsandbytes bf16 CPU scales), 2e-7
 
     # merged: the adapters in the dequantised base, full precision; demo reads the checkpoint as that model, and an
     # exported adapter on a 4-bit base

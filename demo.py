@@ -6,7 +6,8 @@
   python demo.py --model-path BASE --adapter PEFT_DIR --prompt TEXT  # a LoRA adapter, merged in at load
   deepspeed --num_gpus N demo.py --model-path DIR ...   # tensor parallel over N GPUs (DeepSpeed inference)
 
-A LoRA training checkpoint (adapters only) works as --model-path too: its base is merged with the adapters.
+A LoRA training checkpoint (adapters only) works as --model-path too: its base is merged with the adapters (a QLoRA
+checkpoint's into its dequantised 4-bit base). An adapter exported from a QLoRA checkpoint runs on a 4-bit base.
 
 The prompt is rendered with the data settings the model was trained with (data_settings.json, written by
 train_ds.py and carried by exports; --template overrides): the default templates, or in chat mode the
@@ -211,12 +212,24 @@ def log(msg: str) -> None:
 
 
 def with_adapter(model, adapter: str | Path):
-    """`model` with a PEFT LoRA adapter merged into its weights (as PEFT's merge_and_unload)."""
+    """`model` with a PEFT LoRA adapter merged into its weights (as PEFT's merge_and_unload). An adapter trained on
+    a 4-bit base (pp_to_hg --lora peft of a QLoRA checkpoint: quantization_config.json) runs on the base quantised
+    the same way, the adapters beside the 4-bit layers as in training (not merged)."""
     from peft import PeftModel
+
+    from models.quant import quantize_hf_model, read_quant_file
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise DemoError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter dir)")
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+    quant = read_quant_file(Path(adapter))
+    if quant is None:
+        return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+    try:
+        n = quantize_hf_model(model, quant)
+    except ValueError as e:  # bitsandbytes missing or too old
+        raise DemoError(f"--adapter {adapter}: {e}") from None
+    log(f"base quantised as in training: {quant.describe()} ({n} bitsandbytes Linear4bit layers)")
+    return PeftModel.from_pretrained(model, str(adapter)).eval()
 
 
 def run(args: argparse.Namespace) -> None:

@@ -200,10 +200,16 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
                               "dir) or --lora merge (a full HF model with the adapters merged in)")
     if lora == "peft":
         export_peft(layers_dir, info, family, config, dst, overwrite, side_dir=config_dir)
+        q = info.get("quantization")
         log(f"wrote a PEFT adapter (r {info['r']}, alpha {info['alpha']:g}, {', '.join(info['target_modules'])}) "
-            f"to {dst}; base: {info['base_model_path']}")
+            f"to {dst}; base: {info['base_model_path']}" + ("" if not q else f"; the base was trained 4-bit: load it with "
+            f"BitsAndBytesConfig(**{json.dumps(q)}) (recorded in {dst / 'quantization_config.json'})"))
         return dst
     if lora == "merge":
+        if q := info.get("quantization"):
+            log(f"QLoRA checkpoint: merging the adapters into the dequantised 4-bit base ({q['bnb_4bit_quant_type']}): "
+                "every quantised linear weight is written as its dequantised value, a full-precision model that "
+                "computes what training computed (not the original base weights)")
         tensors = merged_hf_tensors(layers_dir, info, family, config)
     else:
         tensors = iter_hf_tensors(layers_dir, family, config)

@@ -224,10 +224,12 @@ def read_lora_info(tag_dir: Path) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def lora_info(settings: LoraSettings, base_model_path: str) -> str:
+def lora_info(settings: LoraSettings, base_model_path: str, quantization: dict | None = None) -> str:
+    """lora_config.json: the adapters' settings, the base, and (QLoRA) the base's 4-bit quantisation."""
     return json.dumps({**asdict(settings), "target_modules": list(settings.target_modules),
                        "modules_to_save": list(settings.modules_to_save),
-                       "base_model_path": str(Path(base_model_path).resolve())}, indent=1)
+                       "base_model_path": str(Path(base_model_path).resolve()),
+                       **({"quantization": quantization} if quantization else {})}, indent=1)
 
 
 def adapter_tensors(tag_dir: Path, family: ModelFamily, num_blocks: int) -> dict[str, torch.Tensor]:
@@ -250,7 +252,8 @@ def adapter_tensors(tag_dir: Path, family: ModelFamily, num_blocks: int) -> dict
 def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_path: Path, overwrite: bool,
                 side_dir: Path | None = None) -> Path:
     """adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads, and the run's
-    data_settings.json from `side_dir` (how training rendered prompts, for demo.py --adapter)."""
+    data_settings.json from `side_dir` (how training rendered prompts, for demo.py --adapter). A QLoRA checkpoint's
+    adapter also gets quantization_config.json: the BitsAndBytesConfig to load its base with."""
     settings = LoraSettings.from_info(info)
     tensors = adapter_tensors(tag_dir, family, family.num_blocks(config))
     with atomic_output_dir(save_path, overwrite) as tmp:
@@ -261,14 +264,20 @@ def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_pat
                   metadata={"format": "pt"})
         if side_dir is not None:
             copy_side_files(side_dir, tmp, ("data_settings.json",))
+        if info.get("quantization"):
+            from .quant import QUANT_FILE
+
+            (tmp / QUANT_FILE).write_text(json.dumps(info["quantization"], indent=1) + "\n")
     return save_path
 
 
 def merged_hf_tensors(tag_dir: Path, info: dict, family: ModelFamily, config, progress: bool = True
                       ) -> Iterator[tuple[str, torch.Tensor]]:
     """The base model's HF tensors with W + alpha/r * B @ A merged in (computed in fp32, stored in W's dtype), and
-    the trained tensors of `modules_to_save` in place of theirs."""
+    the trained tensors of `modules_to_save` in place of theirs. A QLoRA checkpoint's 4-bit layers merge into their
+    dequantised weights (as peft merges), also where no adapter sits: the model computes what training computed."""
     from .convert import iter_hf_tensors
+    from .quant import QuantSettings, dequantized, quantizable
 
     n = family.num_blocks(config)
     adapters = adapter_tensors(tag_dir, family, n)
@@ -276,8 +285,16 @@ def merged_hf_tensors(tag_dir: Path, info: dict, family: ModelFamily, config, pr
     base = Path(info["base_model_path"])
     if not base.is_dir():
         raise CheckpointError(f"{tag_dir / LORA_FILE}: base model {base} not found (the LoRA checkpoint holds only adapters)")
+    quant = QuantSettings.from_info(info["quantization"]) if info.get("quantization") else None
+    if quant is not None:
+        with torch.device("meta"):
+            four_bit = {f"{n}.weight" for n in quantizable(family.block_class(config, 0))}
     used = 0
     for key, w in iter_hf_tensors(base, family, config, progress=progress):
+        if quant is not None:
+            idx, local = family.key_map.to_pp(key, n)
+            if family.key_map.slot_of(idx, n)[0] == "block" and local in four_bit:
+                w = dequantized(w, quant)
         if (whole := adapters.get(f"base_model.model.{key}")) is not None:
             yield key, whole
             used += 1

@@ -300,11 +300,25 @@ class PipelineModel(PipelineModule):
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
     def load_layer_files(self, directory: str | Path) -> None:
-        """Load the layer files of the layers this stage owns (then re-broadcast tied weights)."""
-        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
+        """Load the layer files of the layers this stage owns (then re-broadcast tied weights). A layer that loaded
+        its file while being built (`loaded_from`: a 4-bit block, models/quant.py) is skipped."""
+        todo = []
         for idx, layer in enumerate(self.forward_funcs):
             path = Path(directory) / LAYER_FILE.format(self._local_start + idx)
-            if hasattr(layer, "load_state_dict") and not path.is_file():
-                raise FileNotFoundError(f"{path}: layer file missing")
-        self.load_state_dir(str(directory), TorchCheckpointEngine())
+            if hasattr(layer, "load_state_dict") and not getattr(layer, "loaded_from", None):
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: layer file missing")
+                todo.append((layer, path))
+        for layer, path in todo:
+            layer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        self._synchronize_tied_weights()
+
+    def _get_frozen_parameter_names(self, layer):
+        """Frozen parameters, which LoRA checkpoints leave out, and with them the quantisation state bitsandbytes
+        stores beside a frozen 4-bit weight (`weight.absmax`, `weight.quant_map`, ...)."""
+        names = super()._get_frozen_parameter_names(layer)
+        if isinstance(layer, nn.Module) and names:
+            frozen = set(names)
+            names += [k for k in layer.state_dict() if k not in frozen
+                      and any(k[:i] in frozen for i in range(len(k)) if k[i] == ".")]
+        return names

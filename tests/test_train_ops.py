@@ -60,18 +60,19 @@ def wait_for(cond, proc, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def sigterm_at_step_6_then_resume(tmp_path: Path, cfg: Path) -> None:
-    """Run `cfg`, preempt every training process with SIGTERM after step 6, then start it again to the end.
-    A pause after step 6's boundary work (PIPEFT_FAULT_PAUSE) gives a known moment to preempt the run."""
-    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "step:6:20"})
-    wait_for(lambda: (tmp_path / "out" / "metrics.jsonl").is_file() and 6 in losses_of(tmp_path / "out"), proc)
+def sigterm_at_step_6_then_resume(tmp_path: Path, cfg: Path, step: int = 6) -> None:
+    """Run `cfg`, preempt every training process with SIGTERM after `step` (6), then start it again to the end.
+    A pause after that step's boundary work (PIPEFT_FAULT_PAUSE) gives a known moment to preempt the run."""
+    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": f"step:{step}:20"})
+    wait_for(lambda: (tmp_path / "out" / "metrics.jsonl").is_file() and step in losses_of(tmp_path / "out"), proc)
     for w in workers_of(proc):  # as a cluster scheduler preempts a job: every training process gets SIGTERM
         w.send_signal(signal.SIGTERM)
     _, out = finish_deepspeed(proc, expect=0)
-    assert "received SIGTERM: saving at step 6 and exiting" in out
-    assert (tmp_path / "out" / "latest").read_text() == "global_step6" and sorted(losses_of(tmp_path / "out")) == list(range(1, 7))
+    assert f"received SIGTERM: saving at step {step} and exiting" in out
+    assert (tmp_path / "out" / "latest").read_text() == f"global_step{step}"
+    assert sorted(losses_of(tmp_path / "out")) == list(range(1, step + 1))
     proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
-    assert f"resumed from {tmp_path / 'out' / 'global_step6'} at step 6" in proc.stdout
+    assert f"resumed from {tmp_path / 'out' / f'global_step{step}'} at step {step}" in proc.stdout
 
 
 @pytest.mark.parametrize("over", [dict(group_by_length=True, pad_to_multiple_of=8),

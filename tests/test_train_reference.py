@@ -78,12 +78,13 @@ class LionReference:
 
 
 def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float, packing: bool, opt: str = "adamw",
-                     wrap=None, steps: int = STEPS):
+                     wrap=None, steps: int = STEPS, **load_kwargs):
     """Plain transformers + torch AdamW (or the Lion formula) over the same global batches, no weight decay on
     biases and norm weights, clipping by global norm when clip > 0; packed sequences are cut into their
-    segments, each run alone. `wrap(model)` may return another model to train (e.g. peft's LoRA model)."""
+    segments, each run alone. `wrap(model)` may return another model to train (e.g. peft's LoRA model);
+    `load_kwargs` go to from_pretrained (e.g. a quantization_config)."""
     family = get_family(json.loads((hf_dir / "config.json").read_text())["model_type"])
-    model = family.hf_model_class.from_pretrained(str(hf_dir), dtype=torch.float32)
+    model = family.hf_model_class.from_pretrained(str(hf_dir), dtype=torch.float32, **load_kwargs)
     family.prepare_config(model.config)  # the attention implementation the pipeline uses (sdpa / eager)
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters  # Bloom: ALiBi from the mask
     if wrap is not None:

@@ -24,6 +24,7 @@ from models.convert import family_of
 from models.hf_io import CheckpointError
 from models.lora import LoraSettings, check_adapter_keys, parse_lora, read_lora_info
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
+from models.quant import parse_quantization, saved_quantization
 from training.checkpoint import STATE_FILE
 from training.optim import build_lion, parse_lr_schedule
 from training.resume import RUN_CONFIG_FILE, config_changes, read_run_config, refusals, resume_tag
@@ -92,6 +93,7 @@ class TrainConfig:
     decay_norm_and_bias: bool = False  # weight decay also on biases and norm weights
     max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before training stops
     lora: dict | None = None  # {r, alpha, dropout, target_modules, adapter_path} (models/lora.py)
+    quantization: dict | None = None  # QLoRA: BitsAndBytesConfig's 4-bit keys (models/quant.py); needs lora
     model_topo: dict = field(default_factory=dict)  # {process_topology: {axes|axis, dims}, parts}
     ds_config: dict = field(default_factory=dict)  # DeepSpeed's keys
     path: str = ""  # the config file itself
@@ -124,7 +126,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "overwrite_save_path": (bool,), "allow_data_change_on_resume": (bool,), "eval_data_path": (str, list, type(None)), "eval_split_ratio": (float, type(None)),
     "eval_interval": (int, type(None)), "early_stopping_patience": (int, type(None)), "keep_best": (int, type(None)),
     "lr_schedule": (dict, type(None)), "decay_norm_and_bias": (bool,), "max_bad_steps": (int,),
-    "lora": (dict, type(None)),
+    "lora": (dict, type(None)), "quantization": (dict, type(None)),
 }
 _MIN = {"pad_to_multiple_of": 1, "max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0, "save_interval": 1, "save_interval_minutes": 1e-6, "dist_timeout_minutes": 0.1,
         "keep_last": 1, "eval_interval": 1, "early_stopping_patience": 1, "keep_best": 1, "max_bad_steps": 1}
@@ -388,6 +390,9 @@ def holds_run(save: Path) -> bool:
 
 def _check_lora(cfg: TrainConfig, path: Path) -> LoraSettings | None:
     if cfg.lora is None:
+        if cfg.quantization is not None:
+            raise ConfigError(f"{path}: 'quantization' needs a 'lora' section: the 4-bit base is frozen and only "
+                              "adapters train (QLoRA)")
         return None
     if cfg.from_scratch:
         raise ConfigError(f"{path}: 'lora' needs a trained base: it cannot be combined with 'from_scratch' (the random "
@@ -397,6 +402,8 @@ def _check_lora(cfg: TrainConfig, path: Path) -> LoraSettings | None:
         settings = parse_lora(cfg.lora, family, config)
         if settings.adapter_path:
             check_adapter_keys(settings.adapter_path, family, family.num_blocks(config))
+        if cfg.quantization is not None:
+            parse_quantization(cfg.quantization, family, config, settings)
     except (ValueError, CheckpointError) as e:
         raise ConfigError(f"{path}: {e}") from None
     return settings
@@ -426,11 +433,13 @@ def _check_resume(cfg: TrainConfig, path: Path, lora: LoraSettings | None) -> No
         raise ConfigError(f"{path}: {ckpt} is {kind} but the config {'has no' if saved else 'has a'} 'lora' section; "
                           f"use the same kind of run to resume it, {fresh}")
     if saved is not None:
+        quant = saved_quantization(cfg.quantization)
         for key, value in (("r", lora.r), ("alpha", lora.alpha), ("target_modules", list(lora.target_modules)),
-                           ("modules_to_save", list(lora.modules_to_save))):
-            if saved.get(key, []) != value:
-                raise ConfigError(f"{path}: lora.{key} is {json.dumps(value)} but the checkpoint {ckpt} was trained with "
-                                  f"{json.dumps(saved[key])}; resume with the same adapters, {fresh}")
+                           ("modules_to_save", list(lora.modules_to_save)), ("quantization", quant)):
+            if saved.get(key, [] if key != "quantization" else None) != value:
+                name = "'quantization'" if key == "quantization" else f"lora.{key}"
+                raise ConfigError(f"{path}: {name} is {json.dumps(value)} but the checkpoint {ckpt} was trained with "
+                                  f"{json.dumps(saved.get(key))}; resume with the same adapters, {fresh}")
     old = read_run_config(ckpt)
     if old is None:
         return

@@ -35,6 +35,7 @@ RESUME_RULES: list[tuple[str, str, str]] = [
     ("zero_optimization", FIXED, "the checkpoint's optimizer state is laid out for the other ZeRO setting"),
     ("data_types", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
     ("lora", FIXED, "the checkpoint holds adapters of the saved LoRA settings"),
+    ("quantization", FIXED, "the adapters were trained on the base quantised the saved way"),
     ("model_topo", APPLIED, "weights, step and schedule are loaded; the optimizer state is reset if the stages "
                             "change"),
     ("from_scratch", APPLIED, "no effect on resume: the weights come from the checkpoint"),

@@ -26,6 +26,7 @@ from models.convert import family_of
 from models.cost import LoraShape, Setup, stage_memory
 from models.lora import LORA_FILE, apply_lora, load_adapter_into, lora_info, parse_lora
 from models.pipeline import parts_of
+from models.quant import base_memory, logical_numel, parse_quantization, quantized_specs
 from training.batches import BatchPlan, step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause
 from training.config import ConfigError, TrainConfig
@@ -122,7 +123,12 @@ class Trainer(RunDirectory):
         bounds_fn = lambda n: plan_stages(self.family.unit_sizes(self.config), costs, n, parts)  # noqa: E731
         set_attn_implementation(self.config, cfg.attn_implementation)
         self.base_memory = process_memory()  # before any layer exists: the overhead term of the CPU memory estimate
-        model = PipelineModel(self.family.layer_specs(self.config), bounds_fn, topo, loss_fn=causal_lm_loss,
+        specs = self.family.layer_specs(self.config)
+        self.quant = None if cfg.quantization is None else parse_quantization(  # QLoRA: blocks load and quantise at build
+            cfg.quantization, self.family, self.config, parse_lora(cfg.lora, self.family, self.config))
+        if self.quant is not None:
+            specs = quantized_specs(specs, self.family, cfg.model_path, self.quant)
+        model = PipelineModel(specs, bounds_fn, topo, loss_fn=causal_lm_loss,
                               grad_ckpt_layers=[self.family.block_class.__name__] if cfg.use_grad_ckpt else None)
         if cfg.from_scratch:
             for idx, layer in enumerate(model.forward_funcs):
@@ -148,7 +154,7 @@ class Trainer(RunDirectory):
             self._wrap_model_step()
         extra = {RUN_CONFIG_FILE: json.dumps(cfg.raw, indent=1)}
         if self.lora:
-            extra[LORA_FILE] = lora_info(self.lora, cfg.model_path)
+            extra[LORA_FILE] = lora_info(self.lora, cfg.model_path, self.quant and self.quant.as_config())
         self.ckpts = Checkpoints(cfg.save_path, self.rank, cfg.keep_last, cfg.keep_best, trainable_only=self.lora is not None,
                                  extra_files=extra)
         start = self._prepare_save_path()
@@ -208,7 +214,8 @@ class Trainer(RunDirectory):
 
     def _summary(self, model) -> None:
         params = [p for n, p in model.named_parameters() if n != "grad_placeholder"]
-        mine = [sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), self.base_memory]
+        mine = [sum(logical_numel(p) for p in params), sum(p.numel() for p in params if p.requires_grad), self.base_memory,
+                base_memory(model)]
         per_rank = [None] * self.world
         torch.distributed.all_gather_object(per_rank, mine)
         if self.rank != 0:
@@ -221,6 +228,7 @@ class Trainer(RunDirectory):
                       "bf16" if e.bfloat16_enabled() else "fp16" if e.fp16_enabled() else "fp32",
                       e.zero_optimization_stage(), offload is not None and str(getattr(offload, "device", "none")).endswith("cpu"),
                       cfg.use_grad_ckpt, LoraShape(lo.r, lo.target_modules, lo.dropout) if lo else None,
+                      quantization="nf4" if self.quant is not None else None,
                       overhead_bytes=() if next(model.parameters()).device.type != "cpu" else tuple(float(r[2]) for r in reporting))
         self.units = parts_of(self.family.unit_sizes(self.config), model.parts)
         mem = stage_memory(self.family, self.config, setup, self.units, counts=[tuple(r[:2]) for r in reporting])
@@ -262,6 +270,13 @@ class Trainer(RunDirectory):
             self.log(f"LoRA: r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {', '.join(lo.target_modules)} of every "
                      f"block; base frozen{' except ' + ', '.join(lo.modules_to_save) if lo.modules_to_save else ''}"
                      f"{'; adapters from ' + lo.adapter_path if lo.adapter_path else ''}")
+        if self.quant is not None:
+            self.log(f"QLoRA base: {self.quant.describe()} (bitsandbytes Linear4bit in every decoder block; embedding, "
+                     "norms and LM head unquantised)")
+            for stage in range(self.pp_size):
+                b = per_rank[self._stage_ranks()[stage]][3]
+                self.log(f"  stage {stage}: {b['layers']} 4-bit layers; frozen base {fmt_bytes(b['quantized'])} "
+                         f"(unquantised: {fmt_bytes(b['unquantized'])})")
         last = len(self.family.unit_sizes(self.config)) - 1
         starts = list(itertools.accumulate(self.units, initial=0))
         blocks = [sum(1 for u in range(a, b) if 0 < u < last) for a, b in itertools.pairwise(starts)]

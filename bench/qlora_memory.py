@@ -83,18 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    import torch
+    from launch.cuda_only import cuda_available
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qlora-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if not torch.cuda.is_available():
+    if not cuda_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")
     model = prepare(work, args.layers, args.hidden, args.intermediate, args.vocab)
     size = sum(f.stat().st_size for f in model.glob("layer_*.pt"))
     print(f"model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: {size / 1e9:.2f} GB of bf16 layer files; "
-          f"{args.procs} stages, {args.steps} steps, {'GPU' if torch.cuda.is_available() else 'CPU'}")
+          f"{args.procs} stages, {args.steps} steps, {'GPU' if cuda_available() else 'CPU'}")
     results = {name: run(work, name, model, args.steps, args.procs, name == "qlora", env) for name in ("lora", "qlora")}
     print("| run | stage | frozen base (unquantised) | peak memory | step time |")
     print("|---|---:|---:|---:|---:|")

@@ -95,6 +95,9 @@ def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family,
         rows = [line.split("|") for line in proc.stdout.splitlines() if line.strip()[:1].isdigit() and "|" in line]
         per_block = R * ((64 + 64) + (64 + 32) + (96 + 64))  # q_proj 64->64, v_proj 64->32 (GQA), down_proj 96->64
         assert [r[2].split("(")[1].strip(" )") for r in rows] == ["0", f"{blocks * per_block:,}", "0"]
+        # the middle stage neither feeds inputs nor reads labels: it does not load the data set (same losses below)
+        assert "data: read by the first and last pipeline stages; the 1 middle stage(s) get the rows' lengths only" in \
+            proc.stdout
 
     dataset = load_dataset(str(tmp_path / "train.jsonl"), tokenizer, SEQ, tmp_path / "cache", TemplateSettings())
     plan = BatchPlan(len(dataset), MICRO, GAS, 1, SEED, dataset.offsets[1:] - dataset.offsets[:-1])

@@ -19,9 +19,33 @@ import torch
 
 from data.collate import collate_rows, padded_length
 from data.encode import EncodedDataset
-from data.packing import PackedDataset
+from data.packing import PackedDataset, trained_tokens
 
 MEGABATCH_MULT = 50  # transformers' LengthGroupedSampler: megabatches of 50 batches
+
+
+class RowsView:
+    """What a middle pipeline stage needs of a data set it does not read (it neither feeds inputs nor reads
+    labels): the rows' boundaries, trained tokens and segment counts, for the batch plan, padding and metrics."""
+
+    def __init__(self, offsets: np.ndarray, trained: np.ndarray, segments: np.ndarray | None = None):
+        self.offsets, self.trained = offsets, trained
+        self.segments = segments if segments is not None else np.ones(len(offsets) - 1, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def segments_per_row(self) -> np.ndarray:
+        return self.segments
+
+    @classmethod
+    def of(cls, ds) -> RowsView:
+        return cls(ds.offsets, row_trained(ds), ds.segments_per_row() if isinstance(ds, PackedDataset) else None)
+
+
+def row_trained(ds) -> np.ndarray:
+    """Trained tokens per row (after the next-token shift) of a data set or a RowsView."""
+    return ds.trained if isinstance(ds, RowsView) else trained_tokens(ds)
 
 
 @dataclass(eq=False)

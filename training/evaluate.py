@@ -17,7 +17,7 @@ import torch
 
 from data.collate import collate_rows, padded_length
 from data.encode import EncodedDataset
-from data.packing import trained_tokens
+from training.batches import row_trained
 
 
 def subset(ds: EncodedDataset, keep: np.ndarray) -> EncodedDataset:
@@ -54,7 +54,7 @@ class EvalPlan:
         self.ds, self.micro_batch, self.num_micro, self.dp_size = ds, micro_batch, num_micro, dp_size
         self.per_call = micro_batch * num_micro * dp_size
         self.calls = math.ceil(len(ds) / self.per_call)
-        self.tokens = int(trained_tokens(ds).sum())
+        self.tokens = int(row_trained(ds).sum())
 
     def rows(self, call: int, dp_rank: int) -> np.ndarray:
         """The sample indices of one call for one data-parallel rank; -1 fills the last call (an empty row)."""

@@ -18,7 +18,7 @@ import torch
 
 from data.collate import pad_id_of
 from data.encode import load_dataset
-from data.packing import describe, pack, trained_tokens
+from data.packing import describe, pack
 from data.records import DataError, read_files, records_from_files
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
 from models.attention import set_attn_implementation
@@ -27,7 +27,7 @@ from models.cost import LoraShape, Setup, stage_memory
 from models.lora import LORA_FILE, apply_lora, load_adapter_into, lora_info, parse_lora
 from models.pipeline import parts_of
 from models.quant import base_memory, logical_numel, parse_quantization, quantized_specs
-from training.batches import BatchPlan, step_micro_batches
+from training.batches import BatchPlan, RowsView, row_trained, step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause
 from training.config import ConfigError, TrainConfig
 from training.distributed import LauncherWatch, device_line, shutdown_distributed
@@ -99,14 +99,15 @@ class Trainer(RunDirectory):
         self.family, self.config = family_of(Path(cfg.model_path))
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
         self.pad_id = pad_id_of(self.tokenizer)
-        self.dataset, self.eval_set = self._load_datasets()
-        self.data_fingerprint = data_fingerprint(self.dataset)
-        self._check_same_data()
-        self.unit = "packed sequence" if cfg.packing else "sample"
-
         axes, dims = parse_topology(cfg.model_topo, self.world)
         topo = ProcessTopology(axes=axes, dims=dims)
         self.dp_size, self.pp_size = dims[axes.index("data")], dims[axes.index("pipe")]
+        self.reads_data = topo.get_coord(self.rank).pipe in (0, self.pp_size - 1)  # first stage: inputs; last: labels
+        self.dataset, self.eval_set = self._load_datasets()
+        self.data_fingerprint = data_fingerprint(self.dataset) if self.reads_data else None
+        self._share_rows()
+        self._check_same_data()
+        self.unit = "packed sequence" if cfg.packing else "sample"
         self.lengths = self.dataset.offsets[1:] - self.dataset.offsets[:-1]
         self.plan = BatchPlan(len(self.dataset), cfg.micro_batch, cfg.grad_accum, self.dp_size, cfg.seed, self.lengths,
                               cfg.group_by_length)
@@ -114,7 +115,7 @@ class Trainer(RunDirectory):
             raise ConfigError(f"{cfg.path}: {len(self.dataset)} {self.unit}s are fewer than one global batch "
                               f"({self.plan.global_batch} = micro x accumulation x data-parallel)")
         self.total_steps = cfg.max_steps or cfg.n_epoches * self.plan.steps_per_epoch
-        self.tokens = trained_tokens(self.dataset)
+        self.tokens = row_trained(self.dataset)
         self.samples_per_row = self.dataset.segments_per_row() if cfg.packing else np.ones(len(self.dataset), np.int64)
         self.eval_plan = EvalPlan(self.eval_set, cfg.micro_batch, cfg.grad_accum, self.dp_size) if self.eval_set else None
 
@@ -162,15 +163,22 @@ class Trainer(RunDirectory):
         self._summary(model)
 
     def _load_datasets(self):
-        """(train, eval or None). Local rank 0 of each node tokenizes (all cores, cached) first; the other ranks
-        then read the cache. A DataError there stops every rank, not only the one that saw it. The eval
-        split is taken from the samples before packing; with "packing" every rank packs the same way (seeded)."""
+        """(train, eval or None) on the ranks that read data (first and last pipeline stage); (None, None) on the
+        others, which get the rows' lengths from `_share_rows`. On each node the first reading rank tokenizes (all
+        cores, cached) while the node's other reading ranks wait without a deadline, then read the cache. A
+        DataError stops every rank, not only the one that saw it. The eval split is taken from the samples before
+        packing; with "packing" every reading rank packs the same way (seeded)."""
+        import socket
+
         cfg = self.cfg
         def load(path):
             return load_dataset(path, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings)
         paths = [p for p in (cfg.data_path, cfg.eval_data_path) if p is not None]
+        who = [None] * self.world
+        torch.distributed.all_gather_object(who, (socket.gethostname(), self.local_rank, self.reads_data))
+        builder = min((lr for h, lr, reads in who if reads and h == who[self.rank][0]), default=None)
         found, error = None, None
-        if self.local_rank == 0:
+        if self.reads_data and self.local_rank == builder:
             try:
                 found = [load(p) for p in paths]
             except DataError as e:
@@ -179,6 +187,8 @@ class Trainer(RunDirectory):
         torch.distributed.all_gather_object(failed, error is not None, group=self.patient)  # the others wait here
         if any(failed):
             raise error or DataError(["data: another process could not build the data set (see its error)"])
+        if not self.reads_data:
+            return None, None
         found = found if found is not None else [load(p) for p in paths]
         ds, eval_set = found[0], (found[1] if len(found) > 1 else None)
         s = ds.stats
@@ -207,6 +217,21 @@ class Trainer(RunDirectory):
             ds = pack(ds, cfg.max_seq_len, cfg.seed)
             self.log(describe(ds.stats))
         return ds, eval_set
+
+    def _share_rows(self) -> None:
+        """Middle pipeline stages read no data: rank 0 (a first stage) sends them the rows' lengths, trained tokens
+        and segment counts, and its data fingerprint (they need nothing else of the data)."""
+        if self.pp_size <= 2:
+            return
+        payload = [None]
+        if self.rank == 0:
+            payload = [(RowsView.of(self.dataset), None if self.eval_set is None else RowsView.of(self.eval_set),
+                        self.data_fingerprint)]
+            self.log(f"data: read by the first and last pipeline stages; the {self.pp_size - 2} middle stage(s) get the "
+                     "rows' lengths only")
+        torch.distributed.broadcast_object_list(payload, src=0)
+        if not self.reads_data:
+            self.dataset, self.eval_set, self.data_fingerprint = payload[0]
 
     def _run_state(self, step: int) -> RunState:
         return RunState(step=step, pipe=self.pp_size, data=self.dp_size, parts=list(self.model.parts),

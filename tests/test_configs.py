@@ -21,6 +21,8 @@ MODELS = {  # config name -> the HF config it is written for
                                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
     "llama2_7b_lora_pp4.json": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                            num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama2_70b_qlora_pp4.json": LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                             num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
     "quickstart.json": LlamaConfig(**get_family("llama").presets["tiny"], vocab_size=1024),
 }
 

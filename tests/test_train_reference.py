@@ -158,7 +158,7 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
         out = launch(tmp_path / "cfg.json", procs)
     else:
         out = run_deepspeed("train_ds.py", ["--config", str(tmp_path / "cfg.json")], num_procs=procs).stdout
-    assert bool(re.search(r"activation checkpointing: [1-9]\d* decoder blocks on stage 0", out)) == ckpt, out[-2000:]
+    assert bool(re.search(r"activation checkpointing: decoder blocks per stage \[[1-9]", out)) == ckpt, out[-2000:]
     if tied_stages:
         reports = [json.loads((tmp_path / f"tied-rank{r}.json").read_text()) for r in range(procs)]
         assert [r["stage"] for r in reports] == [0, 1]

@@ -102,7 +102,8 @@ def rng_state() -> dict:
 
     acc = get_accelerator()
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "device": acc.device_name(), "accelerator": acc.get_rng_state()}
+            "device": acc.device_name(),  # on the CPU the accelerator's generator is torch's own, saved above
+            "accelerator": acc.get_rng_state() if acc.device_name() != "cpu" else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -126,7 +127,7 @@ def write_manifest(tag_dir: Path) -> None:
     `update_state` rewrites in place (it is checked by reading it)."""
     sizes = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
              if p.is_file() and p.name not in (MANIFEST_FILE, STATE_FILE)}
-    atomic_write_text(tag_dir / MANIFEST_FILE, json.dumps(sizes, indent=0))
+    atomic_write_text(tag_dir / MANIFEST_FILE, json.dumps(sizes, separators=(",", ":")))
 
 
 def fault_pause(where: str, step: int, until=None) -> None:

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.checkpoint import MANIFEST_FILE, STATE_FILE, TAG, RunState
+from training.checkpoint import MANIFEST_FILE, STATE_FILE, TAG
 
 RUN_CONFIG_FILE = "run_config.json"
 
@@ -141,11 +141,13 @@ def read_run_config(tag_dir: Path) -> dict | None:
 def tag_problem(tag_dir: Path) -> str | None:
     """Why a checkpoint tag cannot be resumed (missing or damaged files), or None."""
     try:
-        RunState.read(tag_dir)
+        state = json.loads((tag_dir / STATE_FILE).read_text())
     except FileNotFoundError:
         return f"no {STATE_FILE}"
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except (OSError, ValueError) as e:
         return f"{STATE_FILE} is damaged ({type(e).__name__})"
+    if not isinstance(state, dict):
+        return f"{STATE_FILE} is damaged (not a JSON object)"
     manifest = tag_dir / MANIFEST_FILE
     if manifest.is_file():
         try:

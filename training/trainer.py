@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -153,7 +152,7 @@ class Trainer(RunDirectory):
                                   or self.engine.bfloat16_enabled())
         if self.own_grad_norm:  # fp32 without ZeRO: DeepSpeed neither reports the norm nor skips non-finite steps
             self._wrap_model_step()
-        extra = {RUN_CONFIG_FILE: json.dumps(cfg.raw, indent=1)}
+        extra = {RUN_CONFIG_FILE: json.dumps(cfg.raw)}
         if self.lora:
             extra[LORA_FILE] = lora_info(self.lora, cfg.model_path, self.quant and self.quant.as_config())
         self.ckpts = Checkpoints(cfg.save_path, self.rank, cfg.keep_last, cfg.keep_best, trainable_only=self.lora is not None,
@@ -239,8 +238,9 @@ class Trainer(RunDirectory):
 
     def _summary(self, model) -> None:
         params = [p for n, p in model.named_parameters() if n != "grad_placeholder"]
+        ckpt = sum(model.is_checkpointable_results) if model.activation_checkpoint_interval else 0  # as the engine runs
         mine = [sum(logical_numel(p) for p in params), sum(p.numel() for p in params if p.requires_grad), self.base_memory,
-                base_memory(model)]
+                base_memory(model), ckpt]
         per_rank = [None] * self.world
         torch.distributed.all_gather_object(per_rank, mine)
         if self.rank != 0:
@@ -302,10 +302,8 @@ class Trainer(RunDirectory):
                 b = per_rank[self._stage_ranks()[stage]][3]
                 self.log(f"  stage {stage}: {b['layers']} 4-bit layers; frozen base {fmt_bytes(b['quantized'])} "
                          f"(unquantised: {fmt_bytes(b['unquantized'])})")
-        last = len(self.family.unit_sizes(self.config)) - 1
-        starts = list(itertools.accumulate(self.units, initial=0))
-        blocks = [sum(1 for u in range(a, b) if 0 < u < last) for a, b in itertools.pairwise(starts)]
-        self.log(f"activation checkpointing: {f'every decoder block (non-reentrant), per stage {blocks}' if cfg.use_grad_ckpt else 'off'}")
+        blocks = [per_rank[r][4] for r in self._stage_ranks()]
+        self.log(f"activation checkpointing: {f'decoder blocks per stage {blocks} (non-reentrant)' if any(blocks) else 'off'}")
 
     # ------------------------------------------------------------------------------------------ steps
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import shlex
@@ -61,15 +60,13 @@ def config_path(script_args: list[str]) -> Path:
 
 
 def read_config(path: Path) -> dict:
+    """The training config's JSON object, read as train_ds.py reads it (the one reader: training.config)."""
+    from training.config import ConfigError, read_config_file
+
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise AcceleratorError(f"{path}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AcceleratorError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise AcceleratorError(f"{path}: the config must be a JSON object")
-    return raw
+        return read_config_file(path)
+    except ConfigError as e:
+        raise AcceleratorError(str(e)) from None
 
 
 def check_topology(raw: dict, path: Path, world_size: int, how: str) -> None:

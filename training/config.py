@@ -132,10 +132,8 @@ _MIN = {"pad_to_multiple_of": 1, "max_seq_len": 2, "n_epoches": 1, "max_steps": 
         "keep_last": 1, "eval_interval": 1, "early_stopping_patience": 1, "keep_best": 1, "max_bad_steps": 1}
 
 
-def load_config(path: str | Path, world_size: int | None = None, require_model: bool = True) -> TrainConfig:
-    """Read and check a config file. `world_size` (the launcher's process count) also checks the topology
-    and batch sizes against it; `require_model` checks model_path holds a pipeline model (else only a dir)."""
-    path = Path(path)
+def read_config_file(path: Path) -> dict:
+    """The config file's JSON object (ConfigError: one line naming the file and the problem)."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
@@ -144,6 +142,14 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
         raise ConfigError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a JSON object")
+    return raw
+
+
+def load_config(path: str | Path, world_size: int | None = None, require_model: bool = True) -> TrainConfig:
+    """Read and check a config file. `world_size` (the launcher's process count) also checks the topology
+    and batch sizes against it; `require_model` checks model_path holds a pipeline model (else only a dir)."""
+    path = Path(path)
+    raw = read_config_file(path)
     ours, ds = {}, {}
     for key, value in raw.items():
         if key in PROJECT_KEYS:

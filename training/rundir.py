@@ -117,6 +117,12 @@ class RunDirectory:
             write_data_settings(save, data_settings_of(cfg.template_settings, self.tokenizer, cfg.max_seq_len))
         torch.distributed.barrier()
         tag, notes = resume_tag(save) if cfg.resume in ("auto", True) else (None, [])
+        tags = [None] * self.world
+        torch.distributed.all_gather_object(tags, tag)  # every rank must load the same checkpoint
+        if len(set(tags)) > 1:
+            raise ConfigError(f"{cfg.path}: the ranks do not agree on the checkpoint to resume in {save}: "
+                              + ", ".join(f"rank {r}: {t or 'none'}" for r, t in enumerate(tags))
+                              + "; is save_path one directory that every node shares?")
         for line in notes:
             self.log(line)
         self.state = self._run_state(0)

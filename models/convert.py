@@ -14,7 +14,15 @@ from pathlib import Path
 import torch
 
 from .family import ModelFamily, get_family
-from .hf_io import CheckpointError, HFCheckpoint, ShardWriter, atomic_output_dir, check_target, copy_side_files
+from .hf_io import (
+    TOKENIZER_FILES,
+    CheckpointError,
+    HFCheckpoint,
+    ShardWriter,
+    atomic_output_dir,
+    check_target,
+    copy_side_files,
+)
 from .keymap import KeyMapError
 from .pipeline import LAYER_FILE, build_specs
 
@@ -295,6 +303,7 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
         "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
     })
     config.dtype = DTYPE_NAMES[DTYPES[dtype]]
+    config.architectures = [family.hf_model_class.__name__]  # as save_pretrained writes it; llama.cpp's converter reads it
     family.prepare_config(config)
     specs = family.layer_specs(config)
     with atomic_output_dir(dst, overwrite, say=log) as tmp:
@@ -306,7 +315,9 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
             log(f"[{step}/{len(owners)}] {LAYER_FILE.format(idx)} ({_layer_name(family, config, idx)})")
         config.save_pretrained(str(tmp))
         GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
+        # the tokenizer's own files, byte for byte (save_pretrained would drop a SentencePiece tokenizer.model)
+        if not copy_side_files(Path(tokenizer_dir), tmp, TOKENIZER_FILES):
+            tok.save_pretrained(str(tmp))
     n_params = sum(p.numel() for m in meta_layers(family, config).values() for p in m.parameters())  # tied: once
     log(f"initialised a {family_name} model ({n_params / 1e6:.2f}M parameters, {config.num_hidden_layers} layers) in {dst}")
     return dst

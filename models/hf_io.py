@@ -156,6 +156,14 @@ class HFCheckpoint:
         return torch.frombuffer(buf, dtype=ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with the file mode the umask gives (save_file creates it private, 0600)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 class ShardWriter:
     """Write tensors as `model-0000k-of-0000n.safetensors` + index (or one `model.safetensors`)."""
 
@@ -175,7 +183,7 @@ class ShardWriter:
         self.total += size
 
     def _flush(self) -> None:
-        save_file(self.pending, str(self.dir / f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
+        save_safetensors(self.pending, self.dir / f"shard-{len(self.shards)}.tmp")
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .family import ModelFamily
-from .hf_io import CheckpointError, atomic_output_dir, copy_side_files
+from .hf_io import CheckpointError, atomic_output_dir, copy_side_files, save_safetensors
 
 LORA_FILE = "lora_config.json"
 ADAPTER = "default"  # peft's adapter name inside the modules
@@ -260,8 +260,7 @@ def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_pat
         cfg = settings.peft_config()
         cfg.base_model_name_or_path = info["base_model_path"]
         cfg.save_pretrained(str(tmp))
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
+        save_safetensors({k: t.contiguous() for k, t in tensors.items()}, tmp / "adapter_model.safetensors")
         if side_dir is not None:
             copy_side_files(side_dir, tmp, ("data_settings.json",))
         if info.get("quantization"):

@@ -33,6 +33,14 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sp_tokenizer_dir(tmp_path_factory) -> Path:
+    """A Llama-2-style SentencePiece tokenizer (tokenizer.model beside the HF files)."""
+    path = tmp_path_factory.mktemp("sp_tokenizer")
+    train_tiny_tokenizer(CORPUS * 3, path, vocab_size=600, kind="sentencepiece")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 

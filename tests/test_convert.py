@@ -258,3 +258,25 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if "[WARNING]" not in ln and ln.strip()]
     assert lines == [f"convert_model.py hg_to_pp: error: {tmp_path / 'missing'}: no such directory"]
+
+
+def test_init_and_export_keep_what_downstream_tools_read(tmp_path, sp_tokenizer_dir):
+    """llama.cpp's converter reads config.json's `architectures` and a SentencePiece model's tokenizer.model; `init`
+    used to drop both. Outputs are readable by the group and others (the umask, not a private temporary mode)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert run("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(sp_tokenizer_dir),
+                   "--save-path", str(tmp_path / "pp")) == 0
+        assert run("pp_to_hg", "--input-path", str(tmp_path / "pp"), "--save-path", str(tmp_path / "hf")) == 0
+    finally:
+        os.umask(old)
+    for out in (tmp_path / "pp", tmp_path / "hf"):
+        assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+        for f in sp_tokenizer_dir.iterdir():
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name  # tokenizer.model included
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755
+        assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o644}
+    assert (tmp_path / "hf" / "tokenizer.model").is_file()

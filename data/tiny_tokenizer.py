@@ -147,9 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATES), default=None)
     ap.add_argument("--overwrite", action="store_true", help="replace the tokenizer files already in --save-path")
     args = ap.parse_args(argv)
-    target = Path(args.save_path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not args.overwrite:
-        ap.error(f"--save-path {target}: exists and is not empty (pass --overwrite to replace what it holds)")
+    from models.hf_io import CheckpointError, check_target
+
+    try:
+        check_target(Path(args.save_path), args.overwrite)
+    except CheckpointError as e:
+        ap.error(f"--save-path {e}")
     texts = _texts_from_records(Path(args.data)) if args.data else []
     tok = train_tiny_tokenizer(texts, args.save_path, args.vocab_size, args.kind, args.chat_template)
     print(f"{args.kind} tokenizer with {len(tok)} tokens written to {args.save_path}")

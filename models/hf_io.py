@@ -223,19 +223,24 @@ def check_target(path: Path, overwrite: bool) -> None:
         raise CheckpointError(f"{path}: exists and is not empty (pass --overwrite to replace it)")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host is running (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _owner_alive(name: str) -> bool:
     """Whether the process named in a temporary dir's name (`...tmp-HOST-PID`) may still be writing it."""
     host, _, pid = name.rpartition("-")
     host = host.rpartition(".tmp-")[2] if ".tmp-" in host else host.rpartition(".old-")[2]
     if host != socket.gethostname() or not pid.isdigit():
         return host != socket.gethostname() and bool(host)  # another host's: it may be alive
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(int(pid))
 
 
 def clean_leftovers(path: Path, say: Callable[[str], None]) -> None:

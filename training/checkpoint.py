@@ -183,7 +183,7 @@ class Checkpoints:
         tmp = f".tmp-{tag}"
         if self.rank == 0:
             shutil.rmtree(self.root / tmp, ignore_errors=True)
-            self._warn_if_short()
+            self.warn_if_short("this checkpoint")
         dist.barrier()
         problem, in_engine = None, True
         try:
@@ -225,15 +225,15 @@ class Checkpoints:
         dist.barrier()
         return self.root / tag
 
-    def _warn_if_short(self) -> None:
-        """Rank 0, before a save: warn when the free space is below the size of the last checkpoint."""
+    def warn_if_short(self, what: str) -> None:
+        """Rank 0, before a save (and at start): warn when the free space is below the size of the last checkpoint."""
         if self.last_size is None:
             latest = self.latest()
             self.last_size = tree_size(self.root / latest) if latest else 0
         free = free_bytes(self.root)
         if self.last_size and free < self.last_size:
             print(f"warning: {self.root} has {fmt_size(free)} free but the last checkpoint took {fmt_size(self.last_size)}: "
-                  "this checkpoint will probably not fit (the previous one stays intact if it does not)", flush=True)
+                  f"{what} will probably not fit (the previous one stays intact if it does not)", flush=True)
 
     def update_state(self, state: RunState) -> None:
         """Collective: rewrite trainer_state.json of the already saved tag of `state.step` (e.g. after the final

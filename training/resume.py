@@ -34,6 +34,8 @@ RESUME_RULES: list[tuple[str, str, str]] = [
     ("fp16", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
     ("zero_optimization", FIXED, "the checkpoint's optimizer state is laid out for the other ZeRO setting"),
     ("data_types", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
+    ("lora.dropout", APPLIED, "takes effect from this step"),
+    ("lora.adapter_path", APPLIED, "no effect on resume: the adapters come from the checkpoint"),
     ("lora", FIXED, "the checkpoint holds adapters of the saved LoRA settings"),
     ("quantization", FIXED, "the adapters were trained on the base quantised the saved way"),
     ("model_topo", APPLIED, "weights, step and schedule are loaded; the optimizer state is reset if the stages "
@@ -57,7 +59,6 @@ RESUME_RULES: list[tuple[str, str, str]] = [
     ("gradient_accumulation_steps", DATA, "the global batch changes"),
     ("train_batch_size", DATA, "the global batch changes"),
 ]
-LORA_KEEP = ("lora.dropout", "lora.adapter_path")  # applied: dropout is read each step; adapters come from the checkpoint
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 
 def rule_of(key: str, lora_run: bool = False) -> tuple[str, str]:
-    if key in LORA_KEEP:
-        return APPLIED, "takes effect from this step" if key == "lora.dropout" else "no effect on resume: the adapters come from the checkpoint"
     if key == "model_path":
         return (FIXED, "a LoRA checkpoint holds only adapters: the base they were trained on is needed") if lora_run \
             else (APPLIED, "no effect on resume: the weights come from the checkpoint")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from data.settings import data_settings_of, write_data_settings
-from models.diskspace import fmt_size, free_bytes, tree_size
+from models.diskspace import tree_size
 from models.hf_io import SIDE_FILES, copy_side_files
 from training.checkpoint import RunState, set_rng_state
 from training.config import ConfigError
@@ -131,9 +131,7 @@ class RunDirectory:
         if self.rank == 0:
             truncate_metrics(save / "metrics.jsonl", self.state.step)
             self.ckpts.last_size = tree_size(save / tag) if tag is not None else 0
-            if self.ckpts.last_size and free_bytes(save) < self.ckpts.last_size:
-                self.log(f"warning: {save} has {fmt_size(free_bytes(save))} free but the last checkpoint took "
-                         f"{fmt_size(self.ckpts.last_size)}: the next save will probably fail; free space first")
+            self.ckpts.warn_if_short("the next checkpoint")
         torch.distributed.barrier()
         return self.state.step
 

@@ -17,6 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
+from models.hf_io import pid_alive
+
 LOCK_FILE = ".run.lock"
 STALE_AFTER_S = float(os.environ.get("PIPEFT_LOCK_STALE_S", "300"))  # a heartbeat older than this: holder gone
 HEARTBEAT_S = min(30.0, STALE_AFTER_S / 5)
@@ -24,16 +26,6 @@ HEARTBEAT_S = min(30.0, STALE_AFTER_S / 5)
 
 class LockError(RuntimeError):
     """save_path is held by another run; the message is one line naming the holder."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_lock(save_path: str | Path) -> tuple[dict, float] | None:
@@ -62,7 +54,7 @@ def describe(info: dict, age: float) -> str:
 
 def why_stale(info: dict, age: float) -> str | None:
     """Why the holder of a lock is gone (the lock may be taken over), or None while it may still be running."""
-    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not _alive(info["pid"]):
+    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not pid_alive(info["pid"]):
         return f"its process {info['pid']} on this host is no longer running"
     if age > STALE_AFTER_S:
         return f"its heartbeat is {age:.0f} s old (stale after {STALE_AFTER_S:.0f} s)"

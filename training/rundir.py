@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -48,7 +47,7 @@ class RunDirectory:
         """Every rank must see what rank 0 writes in save_path, and rank 0 what each node writes there (rank 0
         renames checkpoint directories that every stage wrote into). A node-local save_path stops every rank
         with one line before anything else happens."""
-        save, host = Path(self.cfg.save_path), socket.gethostname()
+        save, host = Path(self.cfg.save_path), self.hosts[self.rank]
         token = [uuid.uuid4().hex if self.rank == 0 else None]
         torch.distributed.broadcast_object_list(token, src=0)
         probe = save / f".probe-{token[0]}"
@@ -64,14 +63,14 @@ class RunDirectory:
         except OSError:
             sees = False
         seen = [None] * self.world
-        torch.distributed.all_gather_object(seen, (sees, host, None if mine is None else mine.name))
+        torch.distributed.all_gather_object(seen, (sees, None if mine is None else mine.name))
         torch.distributed.barrier()
         problems = []
         if self.rank == 0:
-            problems = [f"rank {r} (host {h}) does not see what rank 0 (host {host}) writes there" for r, (ok, h, _) in
-                        enumerate(seen) if not ok]
-            problems += [f"rank 0 does not see what rank {r} (host {h}) writes there" for r, (_, h, name) in
-                         enumerate(seen) if name and not (save / name).is_file()]
+            problems = [f"rank {r} (host {self.hosts[r]}) does not see what rank 0 (host {host}) writes there"
+                        for r, (ok, _) in enumerate(seen) if not ok]
+            problems += [f"rank 0 does not see what rank {r} (host {self.hosts[r]}) writes there"
+                         for r, (_, name) in enumerate(seen) if name and not (save / name).is_file()]
             for f in save.glob(f".probe-{token[0]}*"):
                 f.unlink(missing_ok=True)
         said = [problems]
@@ -86,14 +85,13 @@ class RunDirectory:
     def _check_same_data(self) -> None:
         """All ranks built the same training rows (the first stage feeds inputs, the last reads labels: a different
         data file, tokenizer or library version on one node would silently mismatch them)."""
-        mine = (self.data_fingerprint, socket.gethostname())
         every = [None] * self.world
-        torch.distributed.all_gather_object(every, mine)
-        bad = [(r, h) for r, (fp, h) in enumerate(every) if fp != every[0][0]]
+        torch.distributed.all_gather_object(every, self.data_fingerprint)
+        bad = [r for r, fp in enumerate(every) if fp != every[0]]
         if bad:
-            r, h = bad[0]
-            raise ConfigError(f"{self.cfg.path}: the training data differ between processes: rank {r} (host {h}) built "
-                              f"other samples than rank 0 (host {every[0][1]}) from the same config (different data "
+            r = bad[0]
+            raise ConfigError(f"{self.cfg.path}: the training data differ between processes: rank {r} (host {self.hosts[r]}) "
+                              f"built other samples than rank 0 (host {self.hosts[0]}) from the same config (different data "
                               "files, tokenizer or library versions on the nodes?); make them identical on every node")
 
     def _prepare_save_path(self) -> int:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +92,8 @@ class Trainer(RunDirectory):
         if acc.device_name() != "cpu":
             acc.set_device(self.local_rank)
         self.world = torch.distributed.get_world_size()
+        self.hosts = [None] * self.world  # every rank's node, gathered once
+        torch.distributed.all_gather_object(self.hosts, socket.gethostname())
         self._take_lock()  # before anything is written to save_path
         self._check_shared_save_path()
         torch.manual_seed(cfg.seed)
@@ -101,7 +104,9 @@ class Trainer(RunDirectory):
         axes, dims = parse_topology(cfg.model_topo, self.world)
         topo = ProcessTopology(axes=axes, dims=dims)
         self.dp_size, self.pp_size = dims[axes.index("data")], dims[axes.index("pipe")]
-        self.reads_data = topo.get_coord(self.rank).pipe in (0, self.pp_size - 1)  # first stage: inputs; last: labels
+        # the first stage feeds inputs, the last reads labels
+        self.readers = [topo.get_coord(r).pipe in (0, self.pp_size - 1) for r in range(self.world)]
+        self.reads_data = self.readers[self.rank]
         self.dataset, self.eval_set = self._load_datasets()
         self.data_fingerprint = data_fingerprint(self.dataset) if self.reads_data else None
         self._share_rows()
@@ -167,17 +172,14 @@ class Trainer(RunDirectory):
         cores, cached) while the node's other reading ranks wait without a deadline, then read the cache. A
         DataError stops every rank, not only the one that saw it. The eval split is taken from the samples before
         packing; with "packing" every reading rank packs the same way (seeded)."""
-        import socket
-
         cfg = self.cfg
         def load(path):
             return load_dataset(path, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings)
         paths = [p for p in (cfg.data_path, cfg.eval_data_path) if p is not None]
-        who = [None] * self.world
-        torch.distributed.all_gather_object(who, (socket.gethostname(), self.local_rank, self.reads_data))
-        builder = min((lr for h, lr, reads in who if reads and h == who[self.rank][0]), default=None)
+        builder = min((r for r in range(self.world) if self.readers[r] and self.hosts[r] == self.hosts[self.rank]),
+                      default=None)
         found, error = None, None
-        if self.reads_data and self.local_rank == builder:
+        if self.rank == builder:
             try:
                 found = [load(p) for p in paths]
             except DataError as e:

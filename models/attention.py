@@ -6,7 +6,8 @@ Rows are told apart by their segment ids ([B, T] int64, 0 = padding):
   real tokens: the pads come last, and their outputs carry no loss.
 - "segments": packed rows (several segments) or left padding. flash-attn's `flash_attn_varlen_func` over
   `cu_seqlens` (CUDA with flash-attn installed), else FlexAttention with a block mask (CUDA; it has no
-  backward on CPU), else SDPA with the dense segment mask. Every path is exact per segment.
+  backward on CPU), else on the CPU causal SDPA segment by segment ("sdpa_varlen": no work across segments
+  or on padding), else SDPA with the dense segment mask. Every path is exact per segment.
 
 `attn_implementation` (config key): "auto" picks the fastest exact path per row kind; "sdpa", "eager",
 "flash_attention_2", "flex_attention" force one (eager: transformers' eager attention with an additive
@@ -21,12 +22,15 @@ and to activation checkpointing's recompute while the same tensors come back. `B
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -130,8 +134,9 @@ CONTEXTS = StageContexts()  # one process = one stage
 class AttnContext:
     """How one micro-batch's attention runs on this stage, and what that path needs."""
 
-    path: str  # "sdpa_causal" | "sdpa_mask" | "eager" | "flash" | "flash_varlen" | "flex"
+    path: str  # "sdpa_causal" | "sdpa_mask" | "sdpa_varlen" | "eager" | "flash" | "flash_varlen" | "flex"
     mask: torch.Tensor | None = None  # bool [B,1,T,T] (sdpa_mask) or additive float (eager)
+    runs: tuple = ()  # per row, the (start, end) of each segment's tokens (sdpa_varlen)
     cu_seqlens: torch.Tensor | None = None  # int32 [segments + 1] over the flattened batch (flash_varlen)
     max_seqlen: int = 0
     block_mask: Any = None  # FlexAttention BlockMask (flex)
@@ -150,7 +155,20 @@ def choose_path(impl: str, kind: str, device_type: str) -> str:
         return "sdpa_causal"
     if device_type == "cuda" and flash_attn_available():
         return "flash_varlen"
-    return "flex" if flex_available(device_type) else "sdpa_mask"
+    if flex_available(device_type):
+        return "flex"
+    return "sdpa_varlen" if device_type == "cpu" else "sdpa_mask"  # one kernel call per segment: for the CPU
+
+
+def segment_runs(segment_ids: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per row, (start, end) of each run of one segment id other than 0 (padding), in order. Packing writes each
+    segment contiguously with its own id, so a run is a segment."""
+    seg = segment_ids.cpu().numpy()
+    out = []
+    for row in seg:
+        cuts = [0, *(np.flatnonzero(row[1:] != row[:-1]) + 1).tolist(), len(row)]
+        out.append(tuple((a, b) for a, b in itertools.pairwise(cuts) if row[a] != 0))
+    return tuple(out)
 
 
 def _cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -180,6 +198,8 @@ def attn_context(position_ids: torch.Tensor, segment_ids: torch.Tensor, impl: st
     path = choose_path(impl, kind, segment_ids.device.type)
     if path == "sdpa_mask":
         return AttnContext(path, mask=CONTEXTS.get(pair, ("mask", "bool"), lambda: segment_causal_mask(segment_ids)))
+    if path == "sdpa_varlen":
+        return AttnContext(path, runs=CONTEXTS.get(pair, ("runs",), lambda: segment_runs(segment_ids)))
     if path == "eager":
         return AttnContext(path, mask=CONTEXTS.get(pair, ("mask", dtype), lambda: additive_mask(segment_ids, dtype)))
     if path == "flash_varlen":
@@ -193,6 +213,27 @@ def attn_context(position_ids: torch.Tensor, segment_ids: torch.Tensor, impl: st
 _compiled_flex: Callable | None = None
 
 
+def _sdpa_per_segment(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, runs: tuple, dropout: float,
+                      scaling: float | None) -> torch.Tensor:
+    """Causal SDPA on each segment alone (q [B,H,T,D], k/v [B,KV,T,D] -> [B,T,H,D]); a padding token's output is
+    its own value, as under the dense segment mask (a pad attends only to itself)."""
+    groups = query.shape[1] // key.shape[1]
+    rows = []
+    for b, segs in enumerate(runs):
+        pieces, at = [], 0
+        for start, end in segs:
+            if start > at:  # padding before this segment
+                pieces.append(value[b, :, at:start].repeat_interleave(groups, dim=0))
+            pieces.append(F.scaled_dot_product_attention(
+                query[b:b + 1, :, start:end], key[b:b + 1, :, start:end], value[b:b + 1, :, start:end],
+                dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=groups > 1)[0])
+            at = end
+        if at < query.shape[2]:
+            pieces.append(value[b, :, at:].repeat_interleave(groups, dim=0))
+        rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+    return torch.stack(rows).transpose(1, 2).contiguous()
+
+
 def pipeft_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      pipeft_ctx: AttnContext | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -204,6 +245,8 @@ def pipeft_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         return sdpa_attention_forward(module, query, key, value, None, dropout, scaling, is_causal=True)
     if ctx.path == "sdpa_mask":
         return sdpa_attention_forward(module, query, key, value, ctx.mask, dropout, scaling, is_causal=False)
+    if ctx.path == "sdpa_varlen":
+        return _sdpa_per_segment(query, key, value, ctx.runs, dropout, scaling), None
     if ctx.path == "eager":
         return eager_attention_forward(module, query, key, value, ctx.mask, scaling=scaling, dropout=dropout)
     if ctx.path == "flex":

@@ -126,9 +126,9 @@ def test_flex_attention_forward_matches_transformers():
 
 
 @pytest.mark.parametrize("attn, padding, path", [
-    ("auto", "none", "sdpa_causal"), ("auto", "right", "sdpa_causal"), ("auto", "left", "sdpa_mask"),
-    ("auto", "packed", "sdpa_mask"), ("sdpa", "right", "sdpa_causal"), ("eager", "right", "eager"),
-    ("flex_attention", "right", "flex")])
+    ("auto", "none", "sdpa_causal"), ("auto", "right", "sdpa_causal"), ("auto", "left", "sdpa_varlen"),
+    ("auto", "packed", "sdpa_varlen"), ("sdpa", "right", "sdpa_causal"), ("sdpa", "left", "sdpa_mask"),
+    ("sdpa", "packed", "sdpa_mask"), ("eager", "right", "eager"), ("flex_attention", "right", "flex")])
 def test_each_row_kind_takes_its_path_on_cpu(attn, padding, path):
     if padding == "packed":
         (_, pos, seg, _), _, _ = packed_batch(300)
@@ -136,7 +136,9 @@ def test_each_row_kind_takes_its_path_on_cpu(attn, padding, path):
         _, _, pos, seg, _ = make_batch(300, PADDINGS[padding], 12, "left" if padding == "left" else "right")
     ctx = attn_context(pos, seg, attn, torch.float32)
     assert ctx.path == path
-    assert (ctx.mask is None) == (path in ("sdpa_causal", "flex"))  # the fast path builds no [B,1,T,T] mask
+    assert (ctx.mask is None) == (path in ("sdpa_causal", "sdpa_varlen", "flex"))  # the fast paths: no [B,1,T,T]
+    if path == "sdpa_varlen":  # per row, the (start, end) of each segment: what SDPA runs on, one by one
+        assert ctx.runs == (((0, 5), (5, 9)), ((0, 3),)) if padding == "packed" else (((0, 12),), ((5, 12),), ((8, 12),))
 
 
 @pytest.mark.parametrize("family, name", [("llama", "gqa_llama3_rope"), ("bloom", "heads6_postln")])
@@ -154,8 +156,8 @@ def test_rope_kind_and_mask_are_built_once_per_stage_per_micro_batch(family, nam
     for ids, _, pos, seg, labels in micro:
         causal_lm_loss(seq((ids, pos, seg)), labels).backward()
         seq((ids, pos.detach(), seg.detach()))  # activation checkpointing's recompute: detached views
-    if family == "llama":  # rope and the row kind per micro-batch; a mask only for the left-padded one
-        assert dict(BUILDS) == {"rope": 3, "kind": 3, "mask": 1}
+    if family == "llama":  # rope and the row kind per micro-batch; segment runs only for the left-padded one
+        assert dict(BUILDS) == {"rope": 3, "kind": 3, "runs": 1}
     else:  # Bloom's exact path: ALiBi and the additive mask per micro-batch
         assert dict(BUILDS) == {"alibi": 3, "mask": 3}
 

@@ -1,6 +1,6 @@
 """Convert between Hugging Face checkpoints and pipeline layer files, or create a fresh model.
 
-  python convert_model.py hg_to_pp --input-path HF_DIR --save-path PP_DIR [--dtype bf16|fp16|fp32]
+  python convert_model.py hg_to_pp --input-path HF_DIR|ORG/NAME --save-path PP_DIR [--dtype bf16|fp16|fp32]
   python convert_model.py pp_to_hg --input-path CKPT_DIR --save-path HF_DIR [--max-shard-size 5GB]
   python convert_model.py pp_to_hg --input-path LORA_CKPT --save-path DIR --lora peft|merge
   python convert_model.py init --family llama (--config-json FILE | --preset tiny) --tokenizer DIR --save-path PP_DIR
@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("hg_to_pp", help="HF dir -> pipeline layer files")
-    p.add_argument("--input-path", required=True, help="HF model dir (safetensors, or pytorch_model*.bin)")
+    p.add_argument("--input-path", required=True, help="HF model dir (safetensors, or pytorch_model*.bin), or a Hub id "
+                   "org/name in the local Hugging Face cache")
     p.add_argument("--save-path", required=True, help="pipeline dir to create")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors (default: keep)")
 

@@ -49,7 +49,8 @@ class DemoError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-path", required=True, help="HF dir, pipeline dir, checkpoint tag dir, or save_path with 'latest'")
+    ap.add_argument("--model-path", required=True, help="HF dir (or a Hub id org/name in the local cache), pipeline "
+                    "dir, checkpoint tag dir, or save_path with 'latest'")
     ap.add_argument("--adapter", help="a PEFT LoRA adapter dir (pp_to_hg --lora peft, or any peft adapter) for --model-path")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="raw text to continue (a pretrain record)")

@@ -22,6 +22,7 @@ from .hf_io import (
     atomic_output_dir,
     check_target,
     copy_side_files,
+    resolve_hf_dir,
 )
 from .keymap import KeyMapError
 from .pipeline import LAYER_FILE, build_specs
@@ -76,8 +77,11 @@ def _mb(tensors) -> float:
 
 
 def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
-    """HF dir (safetensors single/sharded, or pytorch_model*.bin) -> pipeline dir, one layer in memory at a time."""
-    src, dst = Path(input_path), Path(save_path)
+    """HF dir (safetensors single/sharded, or pytorch_model*.bin; or a Hub id in the local cache) -> pipeline dir,
+    one layer in memory at a time."""
+    src, dst = resolve_hf_dir(input_path), Path(save_path)
+    if src != Path(input_path):
+        log(f"{input_path}: the Hugging Face cache's snapshot {src}")
     family, config = family_of(src)
     check_target(dst, overwrite)
     ckpt = HFCheckpoint(src)
@@ -239,8 +243,9 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
 
 def load_hf_model(path: str | Path, dtype: torch.dtype | None = None):
     """An HF model (`family.hf_model_class`) from an HF dir or from a pipeline / checkpoint dir
-    (layer files mapped through the key table in memory). Returns (model, family, config dir)."""
-    path = Path(path)
+    (layer files mapped through the key table in memory), or a Hub id in the local cache. Returns (model, family,
+    config dir)."""
+    path = resolve_hf_dir(path)
     if (path / "config.json").is_file() and not (path / LAYER_FILE.format(0)).is_file() and not (path / "latest").is_file():
         family, config = family_of(path)
         model = family.hf_model_class.from_pretrained(str(path), config=config, dtype=dtype)

@@ -38,6 +38,26 @@ class CheckpointError(ValueError):
     """A bad checkpoint or target directory; the message is one line naming the file and the problem."""
 
 
+def resolve_hf_dir(path: str | Path) -> Path:
+    """An HF model dir: `path` itself when it exists (a local path always wins), else, when it reads as a Hub id
+    (`org/name`), its snapshot in the local Hugging Face cache (HF_HUB_CACHE; nothing is downloaded)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(path))
+    except HFValidationError:
+        return p  # a path, not a Hub id: the caller reports it missing
+    try:
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except OSError:  # LocalEntryNotFoundError: not cached, or only in part
+        raise CheckpointError(f"{path}: no such directory, and not in the Hugging Face cache {constants.HF_HUB_CACHE} "
+                              f"(download it with `hf download {path}`)") from None
+
+
 ST_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                  "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 

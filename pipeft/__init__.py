@@ -1,0 +1,52 @@
+"""The installed entry points: `pipeft-train`, `pipeft-convert`, `pipeft-demo`, `pipeft-inspect`.
+
+The project's code imports its packages by their own names (`from models.llama import ...`), as the repository's
+top-level layout runs them (`python train_ds.py`, `python -m data.inspect`). A wheel does not put those generic
+names into site-packages: it ships them under this package, in `pipeft/root/` (models/, data/, training/, launch/
+and the scripts train_ds.py, convert_model.py, demo.py). An entry point puts that directory first on `sys.path`
+(before the working directory and PYTHONPATH, which the `deepspeed` launcher sets to the working directory) and
+runs the script's `main`. In the source tree (an editable install) the root is the repository itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+ROOT = _HERE / "root" if (_HERE / "root" / "models").is_dir() else _HERE.parent  # wheel / source tree
+
+
+def use_root() -> Path:
+    """Put the project's import root first on sys.path (once) and return it."""
+    root = str(ROOT)
+    if not sys.path or sys.path[0] != root:
+        sys.path.insert(0, root)
+    return ROOT
+
+
+def _main(module: str) -> int:
+    use_root()
+    code = importlib.import_module(module).main()
+    return int(code or 0)
+
+
+def train() -> int:
+    """`pipeft-train --config C`, also `deepspeed [...] $(which pipeft-train) --config C` (train_ds.py)."""
+    return _main("train_ds")
+
+
+def convert() -> int:
+    """`pipeft-convert hg_to_pp | pp_to_hg | init ...` (convert_model.py)."""
+    return _main("convert_model")
+
+
+def demo() -> int:
+    """`pipeft-demo --model-path DIR ...` (demo.py)."""
+    return _main("demo")
+
+
+def inspect_data() -> int:
+    """`pipeft-inspect --config C (--index N | --stats)` (data/inspect.py)."""
+    return _main("data.inspect")

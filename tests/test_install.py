@@ -1,0 +1,65 @@
+"""`pip install .` (not editable): one top-level package in site-packages and console scripts that run from a
+directory holding its own models/, data/, training/ and launch/ packages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DECOY = "raise ImportError('the decoy {} package of the working directory was imported')\n"
+
+
+def pip(*args: str) -> None:
+    """Offline: nothing from an index, the build backend from this environment."""
+    proc = subprocess.run([sys.executable, "-m", "pip", *args, "-q", "--no-deps", "--no-index"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_wheel_console_scripts_ignore_packages_of_the_working_directory(tmp_path, tokenizer_dir):
+    # build from a copy: setuptools writes build/ and *.egg-info beside the sources it builds
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", ".cache", "samples")
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", *(p.name for p in ROOT.glob("*.py"))):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("pipeft", "models", "data", "training", "launch"):
+        shutil.copytree(ROOT / name, src / name, ignore=skip)
+    pip("wheel", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src))
+    prefix = tmp_path / "prefix"
+    pip("install", "--prefix", str(prefix), *map(str, (tmp_path / "dist").glob("*.whl")))
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
+    assert [p.name for p in site.iterdir() if not p.name.endswith(".dist-info")] == ["pipeft"]
+    bin_dir = Path(sysconfig.get_path("scripts", vars={"base": str(prefix), "platbase": str(prefix)}))
+
+    work = tmp_path / "work"  # the user's project, first on PYTHONPATH as the deepspeed launcher puts the cwd
+    for pkg in ("models", "data", "training", "launch"):
+        (work / pkg).mkdir(parents=True)
+        (work / pkg / "__init__.py").write_text(DECOY.format(pkg))
+    env = {**os.environ, "PYTHONPATH": f"{work}{os.pathsep}{site}", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+    def script(name: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(bin_dir / name), *args], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=180)
+
+    out = script("pipeft-convert", "--help")
+    assert out.returncode == 0 and "hg_to_pp" in out.stdout, out.stderr
+
+    cfg = work / "cfg.json"
+    cfg.write_text(json.dumps({"model_path": str(tokenizer_dir), "save_path": str(work / "out"),
+                               "data_path": str(ROOT / "data" / "samples" / "instruct.json"), "max_seq_len": 128, "train_micro_batch_size_per_gpu": 1,
+                               "data_cache_dir": str(work / "cache")}))
+    out = script("pipeft-inspect", "--config", str(cfg), "--index", "0", "--json")
+    assert out.returncode == 0, out.stderr
+    sample = json.loads(out.stdout)
+    assert len(sample["input_ids"]) == len(sample["labels"]) > 0
+
+    # the training entry point: its whole import chain (training/, launch/, models/) and its one-line errors
+    out = script("pipeft-train", "--config", str(work / "missing.json"))
+    assert out.returncode == 2 and "missing.json" in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -1,6 +1,6 @@
 """Model families as DeepSpeed pipeline spec lists, and the shared pipeline machinery."""
 
-from . import bloom, llama  # noqa: F401  (register the families)
+from . import bloom, llama, mistral, qwen2  # noqa: F401  (register the families)
 from .family import FAMILIES, ModelFamily, get_family
 from .pipeline import (
     LAYER_FILE,

@@ -11,7 +11,8 @@ Rows are told apart by their segment ids ([B, T] int64, 0 = padding):
 
 `attn_implementation` (config key): "auto" picks the fastest exact path per row kind; "sdpa", "eager",
 "flash_attention_2", "flex_attention" force one (eager: transformers' eager attention with an additive
-mask, the reference). Bloom keeps its exact ALiBi (eager) attention whatever is asked.
+mask, the reference). Bloom keeps its exact ALiBi (eager) attention whatever is asked. A sliding window (Mistral,
+Qwen2) is not implemented: a sequence longer than the window is refused (exact or refused, never different).
 
 Once per stage, not per block: every block of a stage receives the very same position_ids / segment_ids
 tensors, so `StageContexts`, keyed by those tensors' storage, builds RoPE cos/sin, the row kind, the mask /
@@ -36,6 +37,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from launch.cuda_only import flash_attn_available, flex_available
+
+from .pipeline import ModelConfigError
 
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 PIPEFT_ATTENTION = "pipeft"  # the name our attention function is registered under in transformers
@@ -240,6 +243,10 @@ def pipeft_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     """transformers' attention interface, run by the path in `pipeft_ctx`. q [B,H,T,D], k/v [B,KV,T,D] ->
     ([B,T,H,D], None)."""
     global _compiled_flex
+    window = kwargs.get("sliding_window")  # Mistral / Qwen2 pass their window: exact only while it never binds
+    if window is not None and query.shape[2] > window:
+        raise ModelConfigError(f"a sequence of {query.shape[2]} tokens is longer than the model's sliding_window "
+                               f"{window}, which the pipeline's attention does not implement; use max_seq_len <= {window}")
     ctx = pipeft_ctx if pipeft_ctx is not None else AttnContext("sdpa_mask", mask=attention_mask)
     if ctx.path == "sdpa_causal":
         return sdpa_attention_forward(module, query, key, value, None, dropout, scaling, is_causal=True)

@@ -57,6 +57,18 @@ class ModelFamily:
                 return scaled, f"{rope.get('rope_type', rope.get('type'))} rope scaling x{factor:g} of {limit}"
         return limit, "max_position_embeddings"
 
+    @staticmethod
+    def sliding_window(config) -> int | None:
+        """The window of the model's sliding-window attention layers (Mistral-7B-v0.1; Qwen2 with
+        `use_sliding_window`), None when every layer attends to the whole sequence. The pipeline's attention does not
+        implement the window: it is exact only for sequences of at most this many tokens (HF: key k is visible
+        to query q when q - k < window), so longer ones are refused (the config check, models.attention)."""
+        window = getattr(config, "sliding_window", None)
+        types = getattr(config, "layer_types", None)
+        if window is None or (types is not None and "sliding_attention" not in types):
+            return None
+        return int(window)
+
     def init_layer(self, module: nn.Module, config, layer_idx: int, seed: int) -> None:
         """Fresh weights for pipeline layer `layer_idx`, seeded per layer so any partition gives the same model."""
         init_like_transformers(module, config.initializer_range, torch.Generator().manual_seed(seed * 100_003 + layer_idx))

@@ -1,4 +1,6 @@
-"""Llama family as a pipeline spec list: embedding, N LlamaDecoderLayers, final RMSNorm, LM head.
+"""Llama family as a pipeline spec list: embedding, N LlamaDecoderLayers, final RMSNorm, LM head. The blocks
+(RopeBlockPipe), the spec list (rope_layer_specs) and the key table serve every Llama-shaped family (qwen2.py,
+mistral.py).
 
 Between stages: (hidden [B,T,H] float, position_ids [B,T] int64, segment_ids [B,T] int64); the
 norm emits hidden alone, the head emits logits [B,T,V]. RoPE cos/sin and the attention context (row
@@ -48,7 +50,7 @@ KEY_MAP = KeyMap(
 )
 
 
-def prepare_config(config: LlamaConfig) -> LlamaConfig:
+def prepare_config(config):
     """A hand-built or AutoConfig-loaded config has no attention implementation, which makes HF's
     attention silently non-causal: pin one (sdpa unless eager was asked for)."""
     if config._attn_implementation not in ("sdpa", "eager"):
@@ -65,18 +67,21 @@ class LlamaEmbeddingPipe(nn.Embedding):
         return super().forward(input_ids), position_ids, segment_ids
 
 
-class LlamaBlockPipe(LlamaDecoderLayer):
-    """LlamaDecoderLayer whose attention runs models.attention's path for the rows (`config.attn_implementation`
-    of the pipeline, default "auto"); the HF config itself is left as it is."""
+class RopeBlockPipe:
+    """Mixin over a Llama-shaped transformers decoder layer (RMSNorm, RoPE attention, gated MLP: Llama, Qwen2,
+    Mistral) whose attention runs models.attention's path for the rows (`config.attn_implementation` of the
+    pipeline, default "auto"); the HF config itself is left as it is. `rotary_class`: the family's RoPE."""
 
-    def __init__(self, config: LlamaConfig, layer_idx: int):
+    rotary_class: type = LlamaRotaryEmbedding
+
+    def __init__(self, config, layer_idx: int):
         attn_config = copy.copy(config)
         attn_config._attn_implementation = PIPEFT_ATTENTION
         super().__init__(attn_config, layer_idx)
         self.config = config  # the model's config: its identity keys the per-stage RoPE cache
         self.attn_impl = getattr(config, "pipeft_attn_implementation", "auto")
         # Outside the module tree: .to(dtype) never touches it, so inv_freq stays fp32 as in HF.
-        object.__setattr__(self, "rotary", LlamaRotaryEmbedding(config))
+        object.__setattr__(self, "rotary", self.rotary_class(config))
 
     def forward(self, inputs):
         hidden, position_ids, segment_ids = inputs
@@ -88,6 +93,10 @@ class LlamaBlockPipe(LlamaDecoderLayer):
         ctx = attn_context(position_ids, segment_ids, self.attn_impl, hidden.dtype)
         hidden = super().forward(hidden, position_ids=position_ids, position_embeddings=cos_sin, pipeft_ctx=ctx)
         return hidden, position_ids, segment_ids
+
+
+class LlamaBlockPipe(RopeBlockPipe, LlamaDecoderLayer):
+    """LlamaDecoderLayer as a pipeline block (see RopeBlockPipe)."""
 
 
 class LlamaNormPipe(LlamaRMSNorm):
@@ -107,7 +116,9 @@ def tied_head_forward(embedding: LlamaEmbeddingPipe, hidden: torch.Tensor) -> to
     return F.linear(hidden, embedding.weight)
 
 
-def layer_specs(config: LlamaConfig) -> list:
+def rope_layer_specs(config, block_class: type = LlamaBlockPipe) -> list:
+    """Embedding, N `block_class` blocks, RMSNorm, LM head (tied to the embedding when `tie_word_embeddings`): the
+    spec list of every Llama-shaped family."""
     config = prepare_config(config)
     n = config.num_hidden_layers
     if config.tie_word_embeddings:
@@ -115,7 +126,14 @@ def layer_specs(config: LlamaConfig) -> list:
         head = TiedLayerSpec("embed", LlamaEmbeddingPipe, config, forward_fn=tied_head_forward, tied_weight_attr="weight")
     else:
         embed, head = LayerSpec(LlamaEmbeddingPipe, config), LayerSpec(LlamaHeadPipe, config)
-    return [embed, *(LayerSpec(LlamaBlockPipe, config, i) for i in range(n)), LayerSpec(LlamaNormPipe, config), head]
+    return [embed, *(LayerSpec(block_class, config, i) for i in range(n)), LayerSpec(LlamaNormPipe, config), head]
+
+
+def layer_specs(config: LlamaConfig) -> list:
+    return rope_layer_specs(config, LlamaBlockPipe)
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 FAMILY = register(ModelFamily(
@@ -126,7 +144,7 @@ FAMILY = register(ModelFamily(
     prepare_config=prepare_config,
     layer_specs=layer_specs,
     block_class=LlamaBlockPipe,
-    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    lora_targets=LORA_TARGETS,
     presets={
         "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False),

@@ -44,8 +44,29 @@ def bloom_config(name: str, vocab_size: int = 300, **overrides) -> BloomConfig:
     return BloomConfig(**kw)
 
 
+# Llama-shaped families: name -> kwargs over llama_config's defaults. Qwen2: q/k/v biases by design, tied like the
+# small Qwen2.5; Mistral: a sliding window longer than every test row (it never binds: exact)
+LLAMA_LIKE_CONFIGS = {
+    "qwen2": {"tied": dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)},
+    "mistral": {"window": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               tie_word_embeddings=False, sliding_window=128)},
+}
+
+
+def llama_like_config(family: str, name: str, vocab_size: int = 300, **overrides):
+    from models import get_family
+
+    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, pad_token_id=3, bos_token_id=1,
+              eos_token_id=2, attn_implementation="sdpa")
+    kw.update(LLAMA_LIKE_CONFIGS[family][name])
+    kw.update(overrides)
+    return get_family(family).config_class(**kw)
+
+
 def tiny_config(family: str, name: str, vocab_size: int = 300, **overrides):
-    """A tiny config of `family` ("llama" or "bloom") by the name it has in LLAMA_CONFIGS / BLOOM_CONFIGS."""
+    """A tiny config of `family` by the name it has in LLAMA_CONFIGS / BLOOM_CONFIGS / LLAMA_LIKE_CONFIGS[family]."""
+    if family in LLAMA_LIKE_CONFIGS:
+        return llama_like_config(family, name, vocab_size, **overrides)
     return {"llama": llama_config, "bloom": bloom_config}[family](name, vocab_size, **overrides)
 
 

@@ -1,7 +1,8 @@
-"""Every attention path that runs on CPU against transformers (LlamaForCausalLM, BloomForCausalLM holding the same
-weights): logits (atol 1e-5, fp32), loss and every gradient, for rows without padding, right-padded, left-padded
-and packed; causality and segment isolation for each path; which path each row kind takes; RoPE, the row kind
-and the mask built once per stage per micro-batch; and the config check of `attn_implementation`.
+"""Every attention path that runs on CPU against transformers (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM,
+BloomForCausalLM holding the same weights): logits (atol 1e-5, fp32), loss and every gradient, for rows without
+padding, right-padded, left-padded and packed; causality and segment isolation for each path; which path each row
+kind takes; RoPE, the row kind and the mask built once per stage per micro-batch; and the config check of
+`attn_implementation`.
 
 FlexAttention has no backward on CPU (torch 2.13): its forward is checked here; training with it needs CUDA.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BloomForCausalLM, LlamaForCausalLM
 
 from models import causal_lm_loss, get_family
 from models.attention import BUILDS, CONTEXTS, attn_context, attn_problem
@@ -20,13 +20,13 @@ ATOL = 1e-5
 PADDINGS = {"none": [12, 12, 12], "right": [12, 9, 5], "left": [12, 7, 4]}
 CASES = [("llama", "gqa_tied", "auto"), ("llama", "gqa_tied", "sdpa"), ("llama", "gqa_tied", "eager"),
          ("llama", "mha_bias_untied", "auto"), ("llama", "gqa_llama3_rope", "auto"),
+         ("qwen2", "tied", "auto"), ("qwen2", "tied", "eager"), ("mistral", "window", "auto"),
          ("bloom", "heads6_postln", "auto"), ("bloom", "tied", "eager"), ("bloom", "untied", "auto")]
-HF = {"llama": LlamaForCausalLM, "bloom": BloomForCausalLM}
 
 
 def _pair(family: str, name: str, attn: str, seed: int = 0):
     torch.manual_seed(seed)
-    hf = HF[family](tiny_config(family, name)).float()
+    hf = get_family(family).hf_model_class(tiny_config(family, name)).float()
     return hf, sequential_from_hf(hf, attn=attn)
 
 

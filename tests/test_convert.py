@@ -4,6 +4,7 @@ that leave no partial output behind."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import convert_model
 from models import SequentialModel, get_family
-from tests.helpers import ROOT_TEXTS, llama_config, make_batch
+from tests.helpers import ROOT_TEXTS, make_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,9 +28,9 @@ def load_hf_tensors(d: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_hf(tmp: Path, tokenizer, name: str, shard: str = "60KB", seed: int = 0) -> Path:
+def write_hf(tmp: Path, tokenizer, name: str, shard: str = "60KB", seed: int = 0, family: str = "llama") -> Path:
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(name, vocab_size=len(tokenizer)))
+    model = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer)))
     hf = tmp / f"hf_{name}"
     model.save_pretrained(hf, max_shard_size=shard)
     tokenizer.save_pretrained(hf)
@@ -40,9 +41,10 @@ def run(*argv: str) -> int:
     return convert_model.main(list(argv))
 
 
-@pytest.mark.parametrize("name", ["mha_bias_untied", "gqa_tied", "gqa_llama3_rope"])
-def test_round_trip_is_bit_exact(tmp_path, tokenizer, name):
-    hf = write_hf(tmp_path, tokenizer, name)
+@pytest.mark.parametrize("family, name", [("llama", "mha_bias_untied"), ("llama", "gqa_tied"), ("llama", "gqa_llama3_rope"),
+                                          ("qwen2", "tied"), ("mistral", "window")])
+def test_round_trip_is_bit_exact(tmp_path, tokenizer, family, name):
+    hf = write_hf(tmp_path, tokenizer, name, family=family)
     assert len(list(hf.glob("model-*.safetensors"))) > 1, "the source must be sharded"
     assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp")) == 0
     assert run("pp_to_hg", "--input-path", str(tmp_path / "pp"), "--save-path", str(tmp_path / "back"),
@@ -63,6 +65,7 @@ def test_round_trip_is_bit_exact(tmp_path, tokenizer, name):
         assert t1(text)["input_ids"] == t2(text)["input_ids"]
 
     m1, m2 = AutoModelForCausalLM.from_pretrained(str(hf)), AutoModelForCausalLM.from_pretrained(str(back))
+    assert type(m2) is get_family(family).hf_model_class
     ids = torch.randint(4, len(tokenizer), (2, 9))
     assert torch.equal(m1(ids).logits, m2(ids).logits)
 
@@ -173,7 +176,7 @@ BAD_HF = {  # case -> (damage, text expected in the message)
     "unexpected tensor": (_extra_tensor, "unexpected tensor model.layers.0.self_attn.extra.weight"),
     "missing tensor": (_missing_tensor, "missing tensor model.norm.weight"),
     "layer beyond config": (_layer_beyond_config, "model.layers.7.mlp.up_proj.weight"),
-    "unknown model_type": (_unknown_model_type, "model_type 'gpt2' is not supported; supported: bloom, llama"),
+    "unknown model_type": (_unknown_model_type, "model_type 'gpt2' is not supported; supported: bloom, llama, mistral, qwen2"),
     "no weights": (_no_weights, "no weights"),
     "truncated shard": (_truncated_shard, "truncated"),
     "no config": (_no_config, "config.json: missing"),
@@ -260,23 +263,69 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert lines == [f"convert_model.py hg_to_pp: error: {tmp_path / 'missing'}: no such directory"]
 
 
-def test_init_and_export_keep_what_downstream_tools_read(tmp_path, sp_tokenizer_dir):
+# What llama.cpp's convert_hf_to_gguf.py reads from an HF dir (the `gguf` package ships its writer but not this
+# converter, so it cannot run offline here): config.json through AutoConfig, whose architectures[0] picks the
+# converter class (LlamaModel for Llama and Mistral, Qwen2Model for Qwen2); the hyperparameters of its
+# set_gguf_parameters and of the q/k permutation; the vocabulary from tokenizer.model (SentencePiece) or else
+# tokenizer.json (BPE vocab + merges, every id below vocab_size) with gguf.SpecialVocab's special tokens
+# (tokenizer_config.json's strings, config.json's ids); and tensor names its TensorNameMap knows.
+GGUF_HPARAMS = ("num_hidden_layers", "max_position_embeddings", "hidden_size", "intermediate_size",
+                "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "vocab_size")
+GGUF_TENSOR = re.compile(r"^(model\.embed_tokens\.weight|model\.norm\.weight|lm_head\.weight|model\.layers\.\d+\."
+                         r"(input_layernorm\.weight|post_attention_layernorm\.weight|self_attn\.[qkv]_proj\.(weight|bias)"
+                         r"|self_attn\.o_proj\.weight|mlp\.(gate|up|down)_proj\.weight))$")
+
+
+def check_llama_cpp_reads(hf: Path, family: str) -> None:
+    """The fields of `hf` (an HF dir) that llama.cpp's converter reads are there and consistent (see GGUF_HPARAMS)."""
+    from transformers import AutoConfig
+
+    hp = AutoConfig.from_pretrained(str(hf)).to_dict()
+    assert hp["architectures"] == [get_family(family).hf_model_class.__name__]
+    assert all(isinstance(hp.get(k), (int, float)) for k in GGUF_HPARAMS), {k: hp.get(k) for k in GGUF_HPARAMS}
+    assert (hp.get("rope_parameters") or {}).get("rope_theta", hp.get("rope_theta")) is not None
+    tensors = load_hf_tensors(hf)
+    assert all(GGUF_TENSOR.match(k) for k in tensors), [k for k in tensors if not GGUF_TENSOR.match(k)]
+    head_dim = tensors["model.layers.0.self_attn.q_proj.weight"].shape[0] // hp["num_attention_heads"]
+    assert tensors["model.layers.0.self_attn.k_proj.weight"].shape[0] == head_dim * hp["num_key_value_heads"]
+    assert tensors["model.embed_tokens.weight"].shape[0] == hp["vocab_size"]
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    if (hf / "tokenizer.model").is_file():
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(hf / "tokenizer.model"))
+        assert sp.vocab_size() <= hp["vocab_size"] and len({sp.GetScore(i) for i in range(sp.vocab_size())}) > 2
+    else:
+        model = json.loads((hf / "tokenizer.json").read_text())["model"]
+        assert model["type"] == "BPE" and model["merges"] and max(tok.get_vocab().values()) < hp["vocab_size"]
+    special = json.loads((hf / "tokenizer_config.json").read_text())
+    assert special["eos_token"] == tok.eos_token and hp["eos_token_id"] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("family, tokenizer_fixture", [("llama", "sp_tokenizer_dir"), ("mistral", "sp_tokenizer_dir"),
+                                                       ("qwen2", "tokenizer_dir")])
+def test_init_and_export_keep_what_downstream_tools_read(tmp_path, request, family, tokenizer_fixture):
     """llama.cpp's converter reads config.json's `architectures` and a SentencePiece model's tokenizer.model; `init`
-    used to drop both. Outputs are readable by the group and others (the umask, not a private temporary mode)."""
+    used to drop both (check_llama_cpp_reads: every field it reads). Outputs are readable by the group and others
+    (the umask, not a private temporary mode). Every family's `tiny` preset."""
     import os
     import stat
 
+    tokenizer_dir = request.getfixturevalue(tokenizer_fixture)
     old = os.umask(0o022)
     try:
-        assert run("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(sp_tokenizer_dir),
+        assert run("init", "--family", family, "--preset", "tiny", "--tokenizer", str(tokenizer_dir),
                    "--save-path", str(tmp_path / "pp")) == 0
         assert run("pp_to_hg", "--input-path", str(tmp_path / "pp"), "--save-path", str(tmp_path / "hf")) == 0
     finally:
         os.umask(old)
     for out in (tmp_path / "pp", tmp_path / "hf"):
-        assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-        for f in sp_tokenizer_dir.iterdir():
+        assert json.loads((out / "config.json").read_text())["architectures"] == [get_family(family).hf_model_class.__name__]
+        for f in tokenizer_dir.iterdir():
             assert (out / f.name).read_bytes() == f.read_bytes(), f.name  # tokenizer.model included
         assert stat.S_IMODE(out.stat().st_mode) == 0o755
         assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o644}
-    assert (tmp_path / "hf" / "tokenizer.model").is_file()
+    assert (tmp_path / "hf" / "tokenizer.model").is_file() == (tokenizer_fixture == "sp_tokenizer_dir")
+    check_llama_cpp_reads(tmp_path / "hf", family)
+    tied = get_family(family).presets["tiny"]["tie_word_embeddings"]
+    assert ("lm_head.weight" in load_hf_tensors(tmp_path / "hf")) == (not tied)  # tied: llama.cpp reuses token_embd

@@ -387,6 +387,11 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
     if limit is not None and cfg.max_seq_len > limit:
         raise ConfigError(f"{path}: 'max_seq_len' {cfg.max_seq_len} is above what the model's positions cover ({limit}, "
                           f"{how}); lower max_seq_len or use a model whose rope scaling covers it")
+    window = family.sliding_window(config)
+    if window is not None and cfg.max_seq_len > window:
+        raise ConfigError(f"{path}: 'max_seq_len' {cfg.max_seq_len} is above the model's sliding_window {window} (config.json), "
+                          "which the pipeline's attention does not implement (it would attend beyond the window); "
+                          f"use max_seq_len <= {window}")
 
 
 def holds_run(save: Path) -> bool:

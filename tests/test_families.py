@@ -1,0 +1,91 @@
+"""Qwen2 and Mistral beyond what test_attention.py (numerics), test_convert.py (round trips, init presets, what
+llama.cpp reads) and test_train_reference.py share with Llama: the sliding window is exact or refused, and LoRA's
+"all-linear" targets in the pipeline compute what peft computes on the transformers model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import convert_model
+import train_ds
+from models import ModelConfigError, get_family
+from models.lora import apply_lora, load_adapter_into, parse_lora
+from tests.helpers import make_batch, sequential_from_hf, tiny_config
+from tests.test_train_cli import write_config
+from training.config import load_config
+
+
+def test_sliding_window_in_effect():
+    """The window only counts where a layer applies it (Qwen2: use_sliding_window and layers past max_window_layers)."""
+    window = lambda family, name, **kw: get_family(family).sliding_window(tiny_config(family, name, **kw))  # noqa: E731
+    assert window("llama", "gqa_tied") is None
+    assert window("qwen2", "tied") is None  # use_sliding_window false: every published Qwen2 / Qwen2.5
+    assert window("qwen2", "tied", use_sliding_window=True, sliding_window=8, max_window_layers=1) == 8
+    assert window("qwen2", "tied", use_sliding_window=True, sliding_window=8, max_window_layers=3) is None  # no such layer
+    assert window("mistral", "window") == 128 and window("mistral", "window", sliding_window=None) is None
+
+
+@pytest.mark.parametrize("family, name, over", [
+    ("mistral", "window", dict(sliding_window=8)),
+    ("qwen2", "tied", dict(use_sliding_window=True, sliding_window=8, max_window_layers=2)),
+], ids=["mistral", "qwen2"])
+def test_sliding_window_is_exact_up_to_it_and_refused_beyond(family, name, over):
+    """Rows as long as the window: transformers' sliding-window model exactly; one token more: refused, never a
+    silently different (full causal) attention."""
+    torch.manual_seed(0)
+    hf = get_family(family).hf_model_class(tiny_config(family, name, **over)).float()
+    seq = sequential_from_hf(hf)
+    ids, mask, pos, seg, _ = make_batch(300, [8, 5], 8, "left")
+    real = mask.bool()
+    torch.testing.assert_close(seq((ids, pos, seg))[real], hf(ids, attention_mask=mask, position_ids=pos).logits[real],
+                               atol=1e-5, rtol=0)
+    ids, _, pos, seg, _ = make_batch(300, [9], 9, "right")
+    with pytest.raises(ModelConfigError, match="a sequence of 9 tokens is longer than the model's sliding_window 8"):
+        seq((ids, pos, seg))
+
+
+def test_config_refuses_max_seq_len_above_the_sliding_window(tmp_path, tokenizer_dir, capsys):
+    (tmp_path / "model.json").write_text(json.dumps({**get_family("mistral").presets["tiny"], "sliding_window": 64}))
+    assert convert_model.main(["init", "--family", "mistral", "--config-json", str(tmp_path / "model.json"),
+                               "--tokenizer", str(tokenizer_dir), "--save-path", str(tmp_path / "pp")]) == 0
+    cfg = write_config(tmp_path, tmp_path / "pp", max_seq_len=96)
+    capsys.readouterr()
+    assert train_ds.main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train_ds.py: error: {cfg}: 'max_seq_len' 96 is above the model's sliding_window 64 (config.json), "
+                   "which the pipeline's attention does not implement (it would attend beyond the window); use "
+                   "max_seq_len <= 64"], err
+    assert load_config(write_config(tmp_path, tmp_path / "pp", max_seq_len=64), world_size=1).max_seq_len == 64
+
+
+@pytest.mark.parametrize("family, name", [("qwen2", "tied"), ("mistral", "window")])
+def test_all_linear_lora_matches_peft(family, name, tmp_path):
+    """"all-linear" names every linear of the block (Qwen2's biased q/k/v included); adapters saved by peft load into
+    the pipeline's blocks and give peft's logits."""
+    torch.manual_seed(0)
+    fam = get_family(family)
+    hf = fam.hf_model_class(tiny_config(family, name)).float()
+    settings = parse_lora({"r": 4, "alpha": 8, "target_modules": "all-linear"}, fam, hf.config)
+    linears = {n.rsplit(".", 1)[-1] for n, m in hf.model.layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(settings.target_modules) == linears
+    seq = sequential_from_hf(hf)
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=list(settings.target_modules)))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:  # random A and B: a zero B would hide the adapters
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    seq.forward_funcs, seq._local_start = seq._funcs, 0  # what apply_lora reads of a PipelineModel
+    n = fam.num_blocks(hf.config)
+    assert apply_lora(seq, settings, fam, seed=0, num_blocks=n) == n
+    assert load_adapter_into(seq, fam, tmp_path / "adapter", n) == 2 * n * len(linears)
+    ids, mask, pos, seg, _ = make_batch(300, [12, 7], 12, "right")
+    real = mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(seq((ids, pos, seg))[real], peft_model(input_ids=ids, attention_mask=mask).logits[real],
+                                   atol=1e-5, rtol=0)

@@ -29,6 +29,7 @@ from training.checkpoint import STATE_FILE
 from training.optim import build_lion, parse_lr_schedule
 from training.resume import RUN_CONFIG_FILE, config_changes, read_run_config, refusals, resume_tag
 from training.runlock import LockError, check_unlocked
+from training.trackers import parse_report_to
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,7 @@ class TrainConfig:
     lr_schedule: dict | None = None  # {type: cosine|linear|constant, warmup_steps|warmup_ratio, min_lr_ratio}
     decay_norm_and_bias: bool = False  # weight decay also on biases and norm weights
     max_bad_steps: int = 10  # consecutive non-finite steps (skipped) before training stops
+    report_to: str | list = "tensorboard"  # trackers of metrics.jsonl's scalars: tensorboard, wandb, mlflow, none
     lora: dict | None = None  # {r, alpha, dropout, target_modules, adapter_path} (models/lora.py)
     quantization: dict | None = None  # QLoRA: BitsAndBytesConfig's 4-bit keys (models/quant.py); needs lora
     model_topo: dict = field(default_factory=dict)  # {process_topology: {axes|axis, dims}, parts}
@@ -126,7 +128,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "overwrite_save_path": (bool,), "allow_data_change_on_resume": (bool,), "eval_data_path": (str, list, type(None)), "eval_split_ratio": (float, type(None)),
     "eval_interval": (int, type(None)), "early_stopping_patience": (int, type(None)), "keep_best": (int, type(None)),
     "lr_schedule": (dict, type(None)), "decay_norm_and_bias": (bool,), "max_bad_steps": (int,),
-    "lora": (dict, type(None)), "quantization": (dict, type(None)),
+    "lora": (dict, type(None)), "quantization": (dict, type(None)), "report_to": (str, list),
 }
 _MIN = {"pad_to_multiple_of": 1, "max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0, "save_interval": 1, "save_interval_minutes": 1e-6, "dist_timeout_minutes": 0.1,
         "keep_last": 1, "eval_interval": 1, "early_stopping_patience": 1, "keep_best": 1, "max_bad_steps": 1}
@@ -218,6 +220,7 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
     try:
         if cfg.lr_schedule is not None:
             parse_lr_schedule(cfg.lr_schedule)
+        parse_report_to(cfg.report_to)  # training/trackers.py: known names, installed packages
         if opt is not None:
             check_optimizer(opt)
         if isinstance(opt, dict) and str(opt.get("type", "")).lower() == "lion":

@@ -1,14 +1,16 @@
-"""What a run reports, on rank 0: metrics.jsonl, TensorBoard events under save_path/runs, and progress
-(a tqdm bar when stdout is a terminal, plain lines every `log_interval` steps otherwise)."""
+"""What a run reports, on rank 0: metrics.jsonl, the same scalars to the trackers of `report_to` (TensorBoard
+events under save_path/runs by default; training/trackers.py), and progress (a tqdm bar when stdout is a
+terminal, plain lines every `log_interval` steps otherwise)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
+
+from training.trackers import one_line, open_trackers, parse_report_to, scalars
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +71,15 @@ class Monitor:
     """Rank 0's outputs; every method is a no-op on other ranks."""
 
     def __init__(self, save_path: Path, rank: int, total_steps: int, start_step: int, log_interval: int,
-                 tensorboard: bool = True):
+                 report_to: str | list[str] = "tensorboard", config: dict | None = None):
         self.active, self.total, self.log_interval = rank == 0, total_steps, log_interval
         self.metrics_path = save_path / "metrics.jsonl"
-        self.t0 = self.last = time.time()
+        self.t0 = self.last = self.last_step = time.time()
         self.start, self.window_tokens = start_step, 0
-        self.writer = self.bar = None
+        self.trackers, self.bar = {}, None
         if not self.active:
             return
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(log_dir=str(save_path / "runs"), purge_step=start_step + 1)
-            except ImportError:  # the tensorboard package is missing
-                log.warning("TensorBoard logging off: `pip install tensorboard` to get events under %s/runs", save_path)
+        self.trackers = open_trackers(parse_report_to(report_to), save_path, start_step, config or {})
         if sys.stdout.isatty():
             from tqdm import tqdm
 
@@ -98,30 +94,28 @@ class Monitor:
             print(msg, flush=True)
 
     def write(self, rec: dict) -> None:
-        """A metrics.jsonl line and its TensorBoard scalars (train/loss, train/lr, ..., eval/loss, eval/ppl)."""
+        """A metrics.jsonl line, and its scalars (trackers.scalars) to every tracker of `report_to`."""
         if not self.active:
             return
         rec = {**rec, "time": round(time.time() - self.t0, 4)}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self.writer is not None:
-            for key in ("loss", "lr", "grad_norm", "eval_loss", "eval_ppl"):
-                if rec.get(key) is not None and math.isfinite(rec[key]):
-                    self.writer.add_scalar(f"eval/{key[5:]}" if key.startswith("eval") else f"train/{key}",
-                                           rec[key], rec["step"])
+        values = scalars(rec)
+        for name, tracker in list(self.trackers.items()):
+            try:
+                tracker.log(values, rec["step"])
+            except Exception as e:  # noqa: BLE001 -- a tracker never stops training
+                log.warning("report_to %s off: it failed to log step %d (%s)", name, rec["step"], one_line(e))
+                del self.trackers[name]
 
     def step(self, rec: dict, peaks: list[float] | None = None) -> None:
-        """One finished step's record (metrics.jsonl line, TensorBoard scalars, progress)."""
+        """One finished step's record (metrics.jsonl line with this step's tokens_per_s, trackers, progress)."""
         if not self.active:
             return
-        self.write(rec)
         now = time.time()
-        step, self.window_tokens = rec["step"], self.window_tokens + rec["tokens"]
+        self.write({**rec, "tokens_per_s": round(rec["tokens"] / max(now - self.last_step, 1e-9), 2)})
+        step, self.window_tokens, self.last_step = rec["step"], self.window_tokens + rec["tokens"], now
         tok_s = self.window_tokens / max(now - self.last, 1e-9)
-        if self.writer is not None:
-            self.writer.add_scalar("train/tokens_per_s", tok_s, step)
-            for stage, peak in enumerate(peaks or []):
-                self.writer.add_scalar(f"memory/peak_gib_stage{stage}", peak / 2**30, step)
         done = step - self.start
         if self.bar is not None:
             self.bar.update(1)
@@ -138,5 +132,9 @@ class Monitor:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        for name, tracker in self.trackers.items():
+            try:
+                tracker.close()
+            except Exception as e:  # noqa: BLE001 -- the run's own outputs are complete: report only
+                log.warning("report_to %s: it failed to close (%s)", name, one_line(e))
+        self.trackers = {}

@@ -163,7 +163,8 @@ class Trainer(RunDirectory):
         self.ckpts = Checkpoints(cfg.save_path, self.rank, cfg.keep_last, cfg.keep_best, trainable_only=self.lora is not None,
                                  extra_files=extra)
         start = self._prepare_save_path()
-        self.monitor = Monitor(Path(cfg.save_path), self.rank, self.total_steps, start, cfg.log_interval)
+        self.monitor = Monitor(Path(cfg.save_path), self.rank, self.total_steps, start, cfg.log_interval, cfg.report_to,
+                               cfg.raw)
         self._summary(model)
 
     def _load_datasets(self):

@@ -1,0 +1,171 @@
+"""`report_to`: TensorBoard, wandb (offline mode) and MLflow (a file store) hold exactly the scalars of
+metrics.jsonl, read back with each tool's own reader; a resumed run appends to the same wandb / MLflow run;
+a bad value or a missing package is one line at load_config. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ops_config, run_deepspeed
+from training.config import ConfigError, load_config
+from training.monitor import Monitor
+from training.trackers import IDS_FILE, scalars
+
+OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "DO_NOT_TRACK": "true"}
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    for key, value in {**OFFLINE, "MLFLOW_ALLOW_FILE_STORE": "true"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("WANDB_PROJECT", "WANDB_NAME", "WANDB_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def wandb_history(save: Path) -> tuple[set[str], list[dict]]:
+    """(run ids, history rows) of every offline wandb run under save/wandb, oldest first. wandb ships no reader for
+    its offline files: they are LevelDB-log framed (32 KiB blocks, 7-byte record headers, after a 7-byte ':W&B'
+    file header) wandb_internal_pb2.Record messages, read here with wandb's own protobuf classes."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    ids, rows = set(), []
+    for path in sorted(save.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, part = path.read_bytes(), 7, b""
+        assert data[:4] == b":W&B", path
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # block trailer
+                pos += 32768 - pos % 32768
+                continue
+            _, size, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            part, pos = part + data[pos + 7:pos + 7 + size], pos + 7 + size
+            if kind in (1, 4):  # FULL or LAST: a whole record
+                rec = pb.Record.FromString(part)
+                part = b""
+                if rec.WhichOneof("record_type") == "run":
+                    ids.add(rec.run.run_id)
+                elif rec.WhichOneof("record_type") == "history":
+                    rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+    return ids, rows
+
+
+def series_of(lines: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """key -> [(step, value)] of what every tracker must hold: scalars() of each metrics.jsonl line."""
+    out: dict[str, list] = {}
+    for line in lines:
+        for key, value in scalars(line).items():
+            out.setdefault(key, []).append((line["step"], value))
+    return out
+
+
+def wandb_series(save: Path) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list] = {}
+    for row in wandb_history(save)[1]:
+        for key, value in row.items():
+            if not key.startswith("_") and key != "train/step":
+                out.setdefault(key, []).append((row["train/step"], value))
+    return out
+
+
+def mlflow_run(save: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient((save / "mlruns").resolve().as_uri())
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1, runs
+    run = runs[0]
+    series = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                      key=lambda m: (m.step, m.timestamp))]
+              for key in run.data.metrics}
+    return run, series
+
+
+def assert_same(got: dict, want: dict, rel: float = 0.0) -> None:
+    assert sorted(got) == sorted(want)
+    for key, values in want.items():
+        assert [s for s, _ in got[key]] == [s for s, _ in values], key
+        assert [v for _, v in got[key]] == pytest.approx([v for _, v in values], rel=rel, abs=0), key
+
+
+def test_scalars_of_a_line():
+    line = {"step": 4, "loss": 2.5, "lr": 1e-3, "grad_norm": None, "tokens": 96, "epoch": 0, "skipped": True,
+            "peak_memory": [2**30, 2**29], "eval_loss": 700.5, "eval_ppl": math.inf, "time": 3.25}
+    assert scalars(line) == {"train/loss": 2.5, "train/lr": 1e-3, "train/tokens": 96.0, "train/epoch": 0.0,
+                             "memory/peak_gib_stage0": 1.0, "memory/peak_gib_stage1": 0.5, "eval/loss": 700.5}
+
+
+@pytest.mark.parametrize("value, message", [
+    ("wandbb", "'report_to' 'wandbb' is not a tracker; did you mean 'wandb'?"),
+    (["none", "mlflow"], "'report_to' [\"none\", \"mlflow\"]: \"none\" cannot be combined with trackers"),
+    (5, "'report_to' must be str or list, got 5"),
+    ([1], "'report_to' must be a tracker name or a list of them (tensorboard, wandb, mlflow, none), got [1]"),
+    ("@missing", "'report_to' wandb needs `pip install wandb` (or `pip install .[trackers]`)"),
+])
+def test_bad_report_to_is_one_line_at_load(tmp_path, monkeypatch, value, message):
+    if value == "@missing":
+        monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: the import system finds no spec
+        value = ["tensorboard", "wandb"]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"model_path": str(tmp_path / "model"), "save_path": str(tmp_path / "out"),
+                               "data_path": str(tmp_path / "d.jsonl"), "train_micro_batch_size_per_gpu": 1,
+                               "report_to": value}))
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg, require_model=False)
+    assert str(e.value) == f"{cfg}: {message}"
+
+
+def test_a_resumed_run_appends_to_the_same_wandb_and_mlflow_runs(tmp_path, offline):
+    """Two Monitors on one save_path, the second starting at step 2 as a resumed run does: one run each."""
+    save = tmp_path / "run"
+    save.mkdir()
+    config = {"model_path": "m", "lora": {"r": 4, "target_modules": ["q_proj"]}, "max_steps": 4}
+    for start, steps in ((0, (1, 2)), (2, (3, 4))):
+        monitor = Monitor(save, 0, 4, start, 1, ["wandb", "mlflow"], config)
+        assert set(monitor.trackers) == {"wandb", "mlflow"}
+        for step in steps:
+            monitor.step({"step": step, "loss": 1.0 / step, "lr": 0.1 * step, "grad_norm": 0.5, "tokens": 10})
+        monitor.close()
+        config = {**config, "max_steps": 6}  # a change on resume: MLflow keeps the first value
+    lines = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    ids, _ = wandb_history(save)
+    assert len(ids) == 1 and ids == {json.loads((save / IDS_FILE).read_text())["wandb"]}
+    assert len(list(save.glob("wandb/offline-run-*"))) == 2
+    assert_same(wandb_series(save), series_of(lines))
+    run, series = mlflow_run(save)
+    assert_same(series, series_of(lines))
+    assert run.data.params == {"model_path": "m", "lora.r": "4", "lora.target_modules": '["q_proj"]', "max_steps": "4"}
+    assert run.info.run_name == "run" and run.info.status == "FINISHED"
+
+
+@pytest.mark.distributed
+def test_report_to_every_tracker_holds_the_metrics_lines(tmp_path, ops_model, offline):
+    """One 2-stage run with all three trackers and an evaluation at the end (a line of its own)."""
+    cfg = ops_config(tmp_path, ops_model, max_steps=3, eval_data_path=str(ops_model / "eval.jsonl"),
+                     report_to=["tensorboard", "wandb", "mlflow"])
+    run_deepspeed("train_ds.py", ["--config", str(cfg)], env=OFFLINE)
+    save = tmp_path / "out"
+    lines = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 3] and "eval_loss" in lines[-1]
+    want = series_of(lines)
+    assert {"train/loss", "train/tokens_per_s", "memory/peak_gib_stage1", "eval/loss", "eval/ppl"} <= set(want)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(save / "runs"))
+    events.Reload()
+    tb = {key: [(e.step, e.value) for e in events.Scalars(key)] for key in events.Tags()["scalars"]}
+    assert_same(tb, want, rel=1e-6)  # float32 in the event files
+    assert_same(wandb_series(save), want)
+    run, series = mlflow_run(save)
+    assert_same(series, want)
+    assert run.data.params["model_topo.process_topology.dims"] == "[2, 1]"

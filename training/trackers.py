@@ -1,0 +1,166 @@
+"""Experiment trackers (the config key `report_to`, HF Trainer's name): TensorBoard, Weights & Biases, MLflow.
+
+Every tracker gets, for each metrics.jsonl line, the scalars `scalars(line)` builds from it, so all of them
+hold the same numbers as the file. Each tracker's package is imported only when the config asks for it; a
+tracker that fails to start or to log is turned off with one warning line and never stops training. The ids
+of the wandb and MLflow runs are kept in save_path/trackers.json so that a resumed run appends to the same run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import logging
+import math
+import os
+import secrets
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}  # name (= module) -> pip package
+IDS_FILE = "trackers.json"
+MLFLOW_PARAM_MAX = 6000  # MLflow's longest param value (characters)
+
+
+def parse_report_to(value: object) -> tuple[str, ...]:
+    """The trackers a `report_to` value names ("none" or [] : none); ValueError with a one-line message for an
+    unknown name or a tracker whose package is not installed."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"'report_to' must be a tracker name or a list of them ({', '.join(TRACKERS)}, none), "
+                         f"got {json.dumps(value)}")
+    for name in names:
+        if name not in (*TRACKERS, "none"):
+            close = difflib.get_close_matches(name, [*TRACKERS, "none"], n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(TRACKERS)}, none)"
+            raise ValueError(f"'report_to' {name!r} is not a tracker{hint}")
+    if "none" in names and len(names) > 1:
+        raise ValueError(f"'report_to' {json.dumps(value)}: \"none\" cannot be combined with trackers")
+    chosen = tuple(dict.fromkeys(n for n in names if n != "none"))
+    for name in chosen:
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(f"'report_to' {name} needs `pip install {TRACKERS[name]}` (or `pip install .[trackers]`)")
+    return chosen
+
+
+def scalars(rec: dict) -> dict[str, float]:
+    """The tracker scalars of one metrics.jsonl line: each finite number but `step` (the x axis) and `time` (every
+    tracker stamps its own), as train/KEY, eval_KEY as eval/KEY, and peak_memory (bytes per stage) as
+    memory/peak_gib_stageK."""
+    out = {}
+    for key, value in rec.items():
+        if key == "peak_memory":
+            out.update({f"memory/peak_gib_stage{k}": peak / 2**30 for k, peak in enumerate(value)})
+        elif (key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value)):
+            out[f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"] = float(value)
+    return out
+
+
+def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow params: dotted keys, JSON values (lists, null) or plain strings."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = (value if isinstance(value, str) else json.dumps(value))[:MLFLOW_PARAM_MAX]
+    return out
+
+
+class TensorBoard:
+    """Event files under save_path/runs; a resumed run drops the events after its checkpoint (purge_step)."""
+
+    def __init__(self, save: Path, start_step: int, ids: dict, config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(save / "runs"), purge_step=start_step + 1)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandB:
+    """A wandb run: project WANDB_PROJECT (default "pipeft"), name WANDB_NAME (default save_path's name), files
+    under WANDB_DIR (default save_path), the config as its config; `train/step` is every chart's x axis, so the
+    steps a resumed run repeats after its checkpoint are plotted again instead of being refused by wandb."""
+
+    def __init__(self, save: Path, start_step: int, ids: dict, config: dict):
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "pipeft"),
+                              name=os.environ.get("WANDB_NAME", save.resolve().name),
+                              dir=os.environ.get("WANDB_DIR", str(save)), config=config, resume="allow",
+                              id=(ids.get("wandb") if start_step > 0 else None) or secrets.token_hex(4))
+        self.run.define_metric("train/step")
+        self.run.define_metric("*", step_metric="train/step")
+        ids["wandb"] = self.run.id
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log({**values, "train/step": step})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MLflow:
+    """An MLflow run in MLFLOW_TRACKING_URI (default: a file store in save_path/mlruns), experiment
+    MLFLOW_EXPERIMENT_NAME (default "pipeft"), run name save_path's name; the config as params (a resumed run
+    adds the params it did not have: MLflow keeps a param's first value)."""
+
+    def __init__(self, save: Path, start_step: int, ids: dict, config: dict):
+        import mlflow
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (save / "mlruns").resolve().as_uri()
+        if uri.startswith("file:") or "://" not in uri:  # the file store is in maintenance mode: MLflow asks to opt in
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlflow.set_tracking_uri(uri)
+        stored = ids.get("mlflow") or {}
+        if start_step > 0 and stored.get("tracking_uri") == uri:
+            run = mlflow.start_run(run_id=stored["run_id"])
+        else:
+            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "pipeft"))
+            run = mlflow.start_run(run_name=save.resolve().name)
+        ids["mlflow"] = {"run_id": run.info.run_id, "tracking_uri": uri}
+        params = flat_params(config)
+        have = mlflow.get_run(run.info.run_id).data.params
+        mlflow.log_params({k: v for k, v in params.items() if k not in have})
+        self.mlflow = mlflow
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics(values, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+SINKS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
+
+
+def open_trackers(names: tuple[str, ...], save: Path, start_step: int, config: dict) -> dict[str, object]:
+    """Start the named trackers (rank 0 only): name -> tracker. A resumed run (start_step > 0) continues the runs
+    named in save_path/trackers.json; a tracker that fails to start is left out with one warning line."""
+    ids_path = save / IDS_FILE
+    try:
+        ids = json.loads(ids_path.read_text()) if start_step > 0 and ids_path.is_file() else {}
+    except (OSError, ValueError):  # unreadable: new runs
+        ids = {}
+    sinks = {}
+    for name in names:
+        try:
+            sinks[name] = SINKS[name](save, start_step, ids, config)
+        except Exception as e:  # noqa: BLE001 -- login, network, a broken install: report, keep training
+            log.warning("report_to %s off: it failed to start (%s)", name, one_line(e))
+    if ids:
+        ids_path.write_text(json.dumps(ids, indent=1) + "\n")
+    return sinks
+
+
+def one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"

@@ -28,7 +28,7 @@ from training.distributed import launch_env, master_port_problem
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="JSON config (DeepSpeed keys + project keys)")
+    ap.add_argument("--config", required=True, help="JSON or YAML config (DeepSpeed keys + project keys)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = ap.parse_args(argv)
     launch_env()
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
         install_from_env()  # PIPEFT_ACCELERATOR (set by launch.trainium), before anything asks DeepSpeed
         cfg = load_config(args.config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        for note in cfg.notes if int(os.environ.get("RANK", "0")) == 0 else []:  # one line per run
+            print(f"train_ds.py: warning: {note}", file=sys.stderr)
         if problem := master_port_problem():
             raise ConfigError(problem)
         from training.trainer import run

@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, require_model=False)
+        for note in cfg.notes:
+            print(f"warning: {note}", file=sys.stderr)
         model_path = Path(cfg.model_path)
         from transformers import AutoTokenizer
 

@@ -89,8 +89,9 @@ def _maybe_empty_text(name: str, value: Any) -> list[str]:
     return [problem] if problem else []
 
 
-def _rounds(name: str, value: Any) -> list[str]:
-    """[[role, text], ...]: roles in ROLES, texts non-empty, at least one turn, the last one an answer."""
+def _rounds(name: str, value: Any, api: bool = False) -> list[str]:
+    """[[role, text], ...]: roles in ROLES (with `api` also "ans-api", then an object: `_api_turn`), texts
+    non-empty, at least one turn, the last one an answer."""
     if not isinstance(value, list):
         return [f"field {name!r} must be a list of [role, text] pairs, got {type(value).__name__}"]
     if not value:
@@ -102,14 +103,62 @@ def _rounds(name: str, value: Any) -> list[str]:
             problems.append(f"{where} must be a [role, text] pair, got {json.dumps(turn, ensure_ascii=False, default=str)[:60]}")
             continue
         role, text = turn
-        if role not in ROLES:
-            problems.append(f"{where}: unknown role {role!r} (allowed: {', '.join(map(repr, ROLES))})")
-        if problem := _string_problem(f"{where}: text", text):
+        roles = (*ROLES, "ans-api") if api else ROLES
+        if role not in roles:
+            problems.append(f"{where}: unknown role {role!r} (allowed: {', '.join(map(repr, roles))})")
+        elif role == "ans-api":
+            problems += _api_turn(where, text)
+        elif problem := _string_problem(f"{where}: text", text):
             problems.append(problem)
-    if not problems and value[-1][0] != "ans":
-        has_answer = any(role == "ans" for role, _ in value)
+    if not problems and value[-1][0] not in ("ans", "ans-api"):
+        has_answer = any(role in ("ans", "ans-api") for role, _ in value)
         problems.append(f"{name} end with an 'ask' turn: a sample must end with an 'ans' turn"
                         if has_answer else f"{name} has no 'ans' turn: nothing to train on")
+    return problems
+
+
+API_ACTION_KEYS = ("inner_thought", "api_name", "api_param", "api_res")
+
+
+def api_params(value: Any) -> dict[str, Any]:
+    """An action's api_param as a dict: an object, or a string holding a JSON object (ValueError otherwise)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"api_param must be an object or a string holding a JSON object ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"api_param must be an object or a string holding a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _api_turn(where: str, turn: Any) -> list[str]:
+    """gdGPT's "ans-api" turn: {"actions": [{inner_thought, api_name, api_param, api_res}, ...], "ans": text}."""
+    if not isinstance(turn, dict):
+        return [f"{where}: an 'ans-api' turn must be an object {{\"actions\": [...], \"ans\": text}}, got "
+                f"{type(turn).__name__}"]
+    problems = [f"{where}: unknown key {k!r} (allowed: actions, ans)" for k in turn if k not in ("actions", "ans")]
+    if "ans" in turn:
+        problems += [p for p in [_string_problem(f"{where}.ans", turn["ans"])] if p]
+    else:
+        problems.append(f"{where}: missing field 'ans' (the answer after the api calls)")
+    actions = turn.get("actions")
+    if not isinstance(actions, list):
+        return [*problems, f"{where}.actions must be a list of api calls, got {type(actions).__name__}"]
+    for j, act in enumerate(actions):
+        at = f"{where}.actions[{j}]"
+        if not isinstance(act, dict):
+            problems.append(f"{at} must be an object with {', '.join(API_ACTION_KEYS)}")
+            continue
+        problems += [f"{at}: unknown key {k!r} (allowed: {', '.join(API_ACTION_KEYS)})" for k in act
+                     if k not in API_ACTION_KEYS]
+        problems += [f"{at}: missing field {k!r}" for k in API_ACTION_KEYS if k not in act]
+        problems += [p for p in (_string_problem(f"{at}.inner_thought", act.get("inner_thought", ""), True),
+                                 _string_problem(f"{at}.api_name", act.get("api_name", "-"))) if p]
+        try:
+            api_params(act.get("api_param", {}))
+        except ValueError as e:
+            problems.append(f"{at}: {e}")
     return problems
 
 
@@ -132,10 +181,14 @@ def _fields(required: Mapping[str, FieldCheck], optional: Mapping[str, FieldChec
 
 ROLES = ("ask", "ans")  # conversation / ref_qa turns: a question (not trained) and an answer (trained)
 
-# Type inference tries these in order, so "reference" (ref_qa) is looked for before "rounds" (conversation).
+# Type inference tries these in order, so "api_desc" (conver_has_api) and "reference" (ref_qa) are looked for
+# before "rounds" (conversation).
 RECORD_TYPES: dict[str, RecordType] = {
     "pretrain": RecordType("text", _fields({"text": _text})),
     "instruct": RecordType("instruct", _fields({"instruct": _text, "output": _text}, {"input": _maybe_empty_text})),
+    # gdGPT's conversation with api calls: "ans-api" turns (`_api_turn`) beside "ask" / "ans"
+    "conver_has_api": RecordType("api_desc", _fields({"api_desc": _text,
+                                                      "rounds": lambda n, v: _rounds(n, v, api=True)})),
     "ref_qa": RecordType("reference", _fields({"reference": _text, "rounds": _rounds})),
     "conversation": RecordType("rounds", _fields({"rounds": _rounds})),
 }
@@ -175,8 +228,13 @@ def prompt_problems(obj: Any) -> list[str]:
     rounds = obj.get("rounds") if kind else None
     if kind == "instruct" and "output" not in obj:
         obj = {**obj, "output": "-"}
-    elif kind in ("conversation", "ref_qa") and isinstance(rounds, list) and rounds and rounds[-1][:1] == ["ask"]:
-        obj = {**obj, "rounds": [*rounds, ["ans", "-"]]}
+    elif kind in ("conversation", "ref_qa", "conver_has_api") and isinstance(rounds, list) and rounds:
+        last = rounds[-1]
+        if last[:1] == ["ask"]:
+            obj = {**obj, "rounds": [*rounds, ["ans", "-"]]}
+        elif kind == "conver_has_api" and isinstance(last, list) and last[:1] == ["ans-api"] and len(last) == 2 \
+                and isinstance(last[1], dict) and "ans" not in last[1]:  # the next action or the final answer
+            obj = {**obj, "rounds": [*rounds[:-1], ["ans-api", {**last[1], "ans": "-"}]]}
     return _record_problems(obj)
 
 

@@ -14,11 +14,12 @@ messages and `data.chat` renders them with the tokenizer's own chat_template.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from data.records import record_type
+from data.records import api_params, record_type
 
 INSTRUCT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -56,7 +57,15 @@ DIALOGS = {
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the human's questions.\n\n", "### Human: ", "### Assistant:"),
     "ref_qa": DialogTemplate(REF_QA_SYSTEM + "\n\n", "### Instruction: ", "### Response:"),
+    # gdGPT's, cleaned as the others: its api doc as text (not JSON-quoted), "Assistant", no stray spaces
+    "conver_has_api": DialogTemplate(
+        "Answer the following questions as best as you can. You have access to the following tool(s):\n"
+        "{api_desc}\n\n", "### Human: ", "### Assistant:"),
 }
+# gdGPT's "ans-api" turn: per action the answer role, then (trained) `lead` + inner_thought + API_CALL + EOS,
+# then (not trained: the tool writes it) API_OUTPUT; then the final answer as an "ans" turn.
+API_CALL = "\n#### api call\n```python\n{call}\n```"
+API_OUTPUT = "\n#### api output\n{output}\n"
 TEMPLATES = ("default", "chat")
 
 Segment = tuple[str, bool]  # (text, is_answer)
@@ -118,23 +127,50 @@ def _instruct_prompt(rec: Mapping[str, Any], eos: str | None = None) -> str:
     return INSTRUCT_NO_INPUT.format(instruct=rec["instruct"])
 
 
+def api_call(action: Mapping[str, Any]) -> str:
+    """An action as the Python call gdGPT writes: `name(key='value', n=3)` (keyword arguments as repr)."""
+    return f"{action['api_name']}({', '.join(f'{k}={v!r}' for k, v in api_params(action['api_param']).items())})"
+
+
+def _api_segments(tpl: DialogTemplate, turn: Mapping[str, Any], eos: str) -> list[Segment]:
+    segments: list[Segment] = []
+    for act in turn["actions"]:
+        res = act["api_res"] if isinstance(act["api_res"], str) else json.dumps(act["api_res"], indent=2, ensure_ascii=False)
+        segments += [(tpl.ans, False), (tpl.lead + act["inner_thought"] + API_CALL.format(call=api_call(act)) + eos, True),
+                     (API_OUTPUT.format(output=res), False)]
+    if "ans" in turn:  # absent only in a prompt for the next action or the final answer
+        segments += [(tpl.ans, False), (tpl.lead + turn["ans"] + eos, True), (tpl.end, False)]
+    return segments
+
+
 def _dialog_segments(kind: str, rec: Mapping[str, Any], eos: str) -> list[Segment]:
     tpl = DIALOGS[kind]
     segments = [(tpl.header.format(**rec), False)]
     for role, text in rec["rounds"]:
         if role == "ask":
             segments.append((tpl.ask + text + tpl.end, False))
+        elif role == "ans-api":
+            segments += _api_segments(tpl, text, eos)
         else:
             segments += [(tpl.ans, False), (tpl.lead + text + eos, True), (tpl.end, False)]
     return segments
 
 
-def _dialog_prompt(kind: str, rec: Mapping[str, Any], eos: str | None = None) -> str:
-    """The rounds before the answer to produce (a final "ans" turn is that answer), then the answer role."""
-    rounds = list(rec["rounds"])
+def _before_answer(rounds: list) -> list:
+    """The rounds without the answer to produce: a final "ans" turn, or a final "ans-api" turn's "ans" (its
+    actions stay: the prompt then asks for the answer after them)."""
+    rounds = list(rounds)
     if rounds and rounds[-1][0] == "ans":
         rounds.pop()
-    if eos is None and any(role == "ans" for role, _ in rounds):
+    elif rounds and rounds[-1][0] == "ans-api" and "ans" in rounds[-1][1]:
+        rounds[-1] = ["ans-api", {k: v for k, v in rounds[-1][1].items() if k != "ans"}]
+    return rounds
+
+
+def _dialog_prompt(kind: str, rec: Mapping[str, Any], eos: str | None = None) -> str:
+    """The rounds before the answer to produce (`_before_answer`), then the answer role."""
+    rounds = _before_answer(rec["rounds"])
+    if eos is None and any(role == "ans" or role == "ans-api" and turn["actions"] for role, turn in rounds):
         raise ValueError("a prompt with earlier answers needs the tokenizer's EOS string (eos=...) to close them")
     segments = _dialog_segments(kind, {**rec, "rounds": rounds}, eos or "")
     return "".join(text for text, _ in segments) + DIALOGS[kind].ans
@@ -146,6 +182,7 @@ PROMPTS: dict[str, Callable[[Mapping[str, Any], str | None], str]] = {
     "instruct": _instruct_prompt,
     "conversation": lambda rec, eos=None: _dialog_prompt("conversation", rec, eos),
     "ref_qa": lambda rec, eos=None: _dialog_prompt("ref_qa", rec, eos),
+    "conver_has_api": lambda rec, eos=None: _dialog_prompt("conver_has_api", rec, eos),
 }
 
 # type -> segments of the training text, from the same pieces as PROMPTS.
@@ -154,6 +191,7 @@ RENDERERS: dict[str, Callable[[Mapping[str, Any], str], list[Segment]]] = {
     "instruct": lambda rec, eos: [(PROMPTS["instruct"](rec), False), (rec["output"] + eos, True)],
     "conversation": lambda rec, eos: _dialog_segments("conversation", rec, eos),
     "ref_qa": lambda rec, eos: _dialog_segments("ref_qa", rec, eos),
+    "conver_has_api": lambda rec, eos: _dialog_segments("conver_has_api", rec, eos),
 }
 
 
@@ -168,8 +206,9 @@ def _chat_instruct(rec: Mapping[str, Any]) -> list[dict[str, str]]:
     return [{"role": "user", "content": user}, *answer]
 
 
-# type -> chat messages for the tokenizer's chat_template (chat mode); a type absent here (pretrain,
-# plain text with no turns) renders with its default template in chat mode too.
+# type -> chat messages for the tokenizer's chat_template (chat mode); a type absent here (pretrain, plain text
+# with no turns; conver_has_api, whose tool turns chat templates do not render alike) renders with its default
+# template in chat mode too.
 CHAT_MESSAGES: dict[str, Callable[[Mapping[str, Any]], list[dict[str, str]]]] = {
     "instruct": _chat_instruct,
     "conversation": _chat_rounds,
@@ -194,8 +233,7 @@ def prompt_of(rec: Mapping[str, Any], eos: str | None = None) -> Rendered:
     boundaries data.boundary keeps, as training does); no spans."""
     text = render_prompt(rec, eos)
     if record_type(rec) in DIALOGS:
-        rounds = list(rec["rounds"])
-        earlier = render({**rec, "rounds": rounds[:-1] if rounds and rounds[-1][0] == "ans" else rounds}, eos or "")
+        earlier = render({**rec, "rounds": _before_answer(rec["rounds"])}, eos or "")
         return Rendered(text, [], prompt_ends=earlier.prompt_ends)
     return Rendered(text, [])
 
@@ -222,5 +260,6 @@ def render(rec: Mapping[str, Any], eos: str, settings: TemplateSettings = DEFAUL
 def template_settings(settings: TemplateSettings) -> dict[str, Any]:
     """Everything about the templates that changes the rendered text or labels (part of the cache key)."""
     return {"instruct": [INSTRUCT_WITH_INPUT, INSTRUCT_NO_INPUT], "ref_qa_system": REF_QA_SYSTEM,
+            "api": [API_CALL, API_OUTPUT],
             "dialogs": {k: asdict(v) for k, v in DIALOGS.items()}, "chat": [CHAT_INSTRUCT_INPUT, CHAT_ROLES],
             **{f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "packing"}}

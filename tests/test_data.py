@@ -70,8 +70,8 @@ def test_samples_cover_every_type_in_two_languages_and_are_small():
     records = load_records(str(SAMPLES))
     kinds = [r.type for r in records]
     assert {k: kinds.count(k) for k in RECORD_TYPES} == {"pretrain": 200, "instruct": 200, "ref_qa": 100,
-                                                         "conversation": 100}
-    for kind in RECORD_TYPES:  # every type holds some Chinese
+                                                         "conversation": 100, "conver_has_api": 0}  # gdGPT's: test_gdgpt
+    for kind in set(RECORD_TYPES) - {"conver_has_api"}:  # every type holds some Chinese
         assert any("\u4e00" <= c <= "\u9fff" for r in records if r.type == kind for c in json.dumps(r.data, ensure_ascii=False))
     dialogs = [r for r in records if r.type in ("conversation", "ref_qa")]
     assert any(len(r.data["rounds"]) > 2 for r in dialogs)  # multi-turn
@@ -82,8 +82,10 @@ def test_samples_cover_every_type_in_two_languages_and_are_small():
 
 
 def test_extension_point_is_consistent():
-    assert set(RECORD_TYPES) == set(PROMPTS) == set(RENDERERS) == {"pretrain", "instruct", "conversation", "ref_qa"}
-    assert set(CHAT_MESSAGES) == set(RECORD_TYPES) - {"pretrain"}  # plain text has no chat turns
+    assert set(RECORD_TYPES) == set(PROMPTS) == set(RENDERERS) == {"pretrain", "instruct", "conversation", "ref_qa",
+                                                                   "conver_has_api"}
+    # plain text has no chat turns; gdGPT's api turns render with the default template in chat mode too
+    assert set(CHAT_MESSAGES) == set(RECORD_TYPES) - {"pretrain", "conver_has_api"}
     assert {name: record_type(rec) for name, rec in RECORDS.items()} == {
         "pretrain": "pretrain", "instruct_input": "instruct", "instruct_no_input": "instruct",
         "instruct_empty_input": "instruct", "conversation": "conversation", "conversation_one_turn": "conversation",

@@ -8,6 +8,9 @@ carries the global batch's trained-token count for the global token-mean loss. T
 are padded to the step's longest row (rounded up to pad_to_multiple_of, data.collate.padded_length);
 with `group_by_length` the order is HF Trainer's LengthGroupedSampler's: megabatches of
 MEGABATCH_MULT global batches sorted longest first, so the rows of a step have similar lengths.
+An epoch's last, incomplete global batch is dropped (`drop_last`, DeepSpeed's `dataloader_drop_last`, true by
+default here) or trained with empty rows (index -1: one pad token, no label) in place of the missing samples: the
+loss is the token mean over the samples present, as on a smaller batch, and every step keeps the same shape.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class BatchPlan:
     seed: int
     lengths: np.ndarray | None = None  # tokens per sample: needed for group_by_length and padded lengths
     group_by_length: bool = False
+    drop_last: bool = True  # False: an epoch's last, incomplete global batch is trained, filled with empty rows
     _order: tuple[int, np.ndarray] | None = field(default=None, repr=False)  # (epoch, its order)
 
     @property
@@ -65,8 +69,8 @@ class BatchPlan:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Incomplete global batches at an epoch's end are dropped (every step has the same shape)."""
-        return self.num_samples // self.global_batch
+        """An incomplete global batch at an epoch's end is a step only without drop_last."""
+        return self.num_samples // self.global_batch if self.drop_last else -(-self.num_samples // self.global_batch)
 
     def position(self, step: int) -> tuple[int, int]:
         """Global step (0-based) -> (epoch, step within the epoch); max_steps may run past one epoch."""
@@ -93,9 +97,11 @@ class BatchPlan:
         order[[0, longest]] = order[[longest, 0]]  # so that running out of memory shows at the first step
         return order
 
-    def global_indices(self, epoch: int, step_in_epoch: int) -> np.ndarray:
+    def global_indices(self, epoch: int, step_in_epoch: int, real: bool = False) -> np.ndarray:
+        """The step's samples; -1 fills an epoch's last, incomplete batch (drop_last false) unless `real`."""
         g = self.global_batch
-        return self.order(epoch)[step_in_epoch * g:(step_in_epoch + 1) * g]
+        idx = self.order(epoch)[step_in_epoch * g:(step_in_epoch + 1) * g]
+        return idx if real or len(idx) == g else np.concatenate([idx, np.full(g - len(idx), -1, idx.dtype)])
 
     def micro_indices(self, epoch: int, step_in_epoch: int, dp_rank: int) -> list[np.ndarray]:
         """This data-parallel rank's grad_accum micro-batches for the step."""
@@ -106,14 +112,14 @@ class BatchPlan:
     def step_length(self, epoch: int, step_in_epoch: int, dp_rank: int, multiple: int, max_seq_len: int) -> int:
         """The padded row length of this rank's micro-batches of the step (every rank of a pipeline agrees)."""
         rows = np.concatenate(self.micro_indices(epoch, step_in_epoch, dp_rank))
-        return padded_length(self.lengths[rows], multiple, max_seq_len)
+        return padded_length(self.lengths[rows[rows >= 0]], multiple, max_seq_len)
 
 
 def step_micro_batches(ds: EncodedDataset | PackedDataset, plan: BatchPlan, tokens: np.ndarray, epoch: int,
                        step_in_epoch: int, dp_rank: int, length: int, pad_id: int) -> list:
     """[((input_ids, position_ids, segment_ids), (labels, counts))] for one step of one data-parallel rank,
     rows padded to `length` (plan.step_length)."""
-    n_global = int(tokens[plan.global_indices(epoch, step_in_epoch)].sum())
+    n_global = int(tokens[plan.global_indices(epoch, step_in_epoch, real=True)].sum())
     counts = torch.tensor([max(n_global, 1), plan.grad_accum * plan.dp_size], dtype=torch.int64)
     return [(inputs, (labels, counts)) for inputs, labels in
             (collate_rows(ds, idx, length, pad_id) for idx in plan.micro_indices(epoch, step_in_epoch, dp_rank))]

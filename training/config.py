@@ -1,8 +1,8 @@
-"""The training config: one JSON file holding DeepSpeed's keys beside the project's.
+"""The training config: one JSON (or YAML) file holding DeepSpeed's keys beside the project's.
 
 The project's keys are parsed into `TrainConfig`; DeepSpeed's pass through to `deepspeed.initialize`
 untouched. An unknown key is an error naming the closest valid key. Everything here runs before
-any process group exists.
+any process group exists. gdGPT's configs run unchanged (training/compat.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from models.lora import LoraSettings, check_adapter_keys, parse_lora, read_lora_
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import parse_quantization, saved_quantization
 from training.checkpoint import STATE_FILE
-from training.optim import build_lion, parse_lr_schedule
+from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
+from training.optim import build_lion, no_decay_patterns, parse_lr_schedule
 from training.resume import RUN_CONFIG_FILE, config_changes, read_run_config, refusals, resume_tag
 from training.runlock import LockError, check_unlocked
 from training.trackers import parse_report_to
@@ -100,6 +101,7 @@ class TrainConfig:
     ds_config: dict = field(default_factory=dict)  # DeepSpeed's keys
     path: str = ""  # the config file itself
     raw: dict = field(default_factory=dict)  # the file's object as read (saved in every checkpoint)
+    notes: list[str] = field(default_factory=list)  # warnings to print once (training/compat.py)
 
     @property
     def micro_batch(self) -> int:
@@ -115,7 +117,7 @@ class TrainConfig:
         return TemplateSettings(**{f.name: getattr(self, f.name) for f in fields(TemplateSettings)})
 
 
-PROJECT_KEYS = {f.name: f for f in fields(TrainConfig) if f.name not in ("ds_config", "path", "raw")}
+PROJECT_KEYS = {f.name: f for f in fields(TrainConfig) if f.name not in ("ds_config", "path", "raw", "notes")}
 _TYPES: dict[str, tuple[type, ...]] = {
     "model_path": (str,), "save_path": (str,), "data_path": (str, list), "from_scratch": (bool,),
     "max_seq_len": (int,), "n_epoches": (int,), "max_steps": (int, type(None)), "use_grad_ckpt": (bool,),
@@ -135,15 +137,28 @@ _MIN = {"pad_to_multiple_of": 1, "max_seq_len": 2, "n_epoches": 1, "max_steps": 
 
 
 def read_config_file(path: Path) -> dict:
-    """The config file's JSON object (ConfigError: one line naming the file and the problem)."""
+    """The config file's object: JSON, or YAML for .yml / .yaml (ConfigError: one line naming the file, the line
+    for YAML, and the problem)."""
+    yml = path.suffix.lower() in YAML_SUFFIXES
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
+    try:
+        raw = parse_yaml(path, text) if yml else json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = "" if text.lstrip()[:1] in ("{", "[") else " (a YAML config? name it .yml or .yaml)"
+        raise ConfigError(f"{path}: invalid JSON ({e}){hint}") from None
+    except ValueError as e:  # parse_yaml's message names the file and line
+        raise ConfigError(str(e)) from None
+    try:
+        json.dumps(raw)  # YAML may hold dates or sets: the config is saved as JSON in every checkpoint
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: a value JSON cannot hold ({e}); quote it") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the config must be a JSON object")
+        raise ConfigError(f"{path}: the config must be a {'YAML mapping' if yml else 'JSON object'}")
     return raw
 
 
@@ -152,8 +167,12 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
     and batch sizes against it; `require_model` checks model_path holds a pipeline model (else only a dir)."""
     path = Path(path)
     raw = read_config_file(path)
+    try:
+        mapped, notes = map_gdgpt_keys(raw, path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     ours, ds = {}, {}
-    for key, value in raw.items():
+    for key, value in mapped.items():
         if key in PROJECT_KEYS:
             ours[key] = value
         elif key in DEEPSPEED_KEYS:
@@ -172,7 +191,11 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
         if key in _MIN and value is not None and value < _MIN[key]:
             raise ConfigError(f"{path}: '{key}' must be >= {_MIN[key]}, got {value}")
 
-    cfg = TrainConfig(**ours, ds_config=ds, path=str(path), raw=raw)
+    try:
+        notes += check_deepspeed_sections(ds, path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    cfg = TrainConfig(**ours, ds_config=ds, path=str(path), raw=raw, notes=notes)
     try:
         _ = cfg.template_settings  # checks the data keys together
     except ValueError as e:
@@ -223,12 +246,17 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
         parse_report_to(cfg.report_to)  # training/trackers.py: known names, installed packages
         if opt is not None:
             check_optimizer(opt)
+            if cfg.decay_norm_and_bias and "no_wd_kws" in opt:
+                raise ValueError("'decay_norm_and_bias' and optimizer.no_wd_kws both choose the parameters without "
+                                 "weight decay; keep one")
         if isinstance(opt, dict) and str(opt.get("type", "")).lower() == "lion":
             with warnings.catch_warnings():  # use_triton on a machine without CUDA warns again at build time
                 warnings.simplefilter("ignore")
                 build_lion([torch.zeros(1, requires_grad=True)], **(opt.get("params") or {}))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(ds.get("dataloader_drop_last", True), bool):
+        raise ConfigError(f"{path}: 'dataloader_drop_last' must be true or false, got {json.dumps(ds['dataloader_drop_last'])}")
     clip = ds.get("gradient_clipping")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
         raise ConfigError(f"{path}: 'gradient_clipping' must be a number >= 0 (0: off), got {json.dumps(clip)}")
@@ -262,6 +290,7 @@ def check_optimizer(section: object) -> None:
         close = difflib.get_close_matches(kind.lower(), names, n=1, cutoff=0.6)
         hint = f"; did you mean '{names[close[0]]}'?" if close else f" (known: {', '.join(DEEPSPEED_OPTIMIZERS.values())})"
         raise ValueError(f"optimizer.type {kind!r} is not an optimizer DeepSpeed or torch.optim knows{hint}")
+    no_decay_patterns(section.get("no_wd_kws"))
     params = section.get("params", {})
     if not isinstance(params, dict):
         raise ValueError(f"optimizer.params must be an object, got {json.dumps(params)}")
@@ -277,10 +306,12 @@ def check_optimizer(section: object) -> None:
 
 def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
     ds = cfg.ds_config
-    micro, gas = ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps", 1)
-    for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas)):
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = ds.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{path}: '{key}' must be a positive integer, got {json.dumps(value)}")
+    if "train_micro_batch_size_per_gpu" not in ds and "train_batch_size" not in ds:
+        raise ConfigError(f"{path}: set 'train_micro_batch_size_per_gpu' or 'train_batch_size' (DeepSpeed's batch keys)")
     if world_size is None:
         return
     if not isinstance(ds.get("optimizer"), dict) or "type" not in ds["optimizer"]:
@@ -290,10 +321,10 @@ def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
         axes, dims = parse_topology(cfg.model_topo, world_size)
     except ModelConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    dp = dims[axes.index("data")]
-    if "train_batch_size" in ds and ds["train_batch_size"] != micro * gas * dp:
-        raise ConfigError(f"{path}: train_batch_size {ds['train_batch_size']} != train_micro_batch_size_per_gpu {micro} "
-                          f"x gradient_accumulation_steps {gas} x data-parallel size {dp}")
+    try:
+        derive_batch(ds, dims[axes.index("data")], path)  # the missing batch keys, as DeepSpeed derives them
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for section in ("zero_optimization",):
         stage = ds.get(section, {}).get("stage", 0) if isinstance(ds.get(section), dict) else 0
         if stage > 1:

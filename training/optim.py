@@ -1,6 +1,7 @@
 """Optimization pieces built from the config, independent of the trainer.
 
-- `param_groups`: trainable parameters split into weight-decay / no-decay groups.
+- `param_groups`: trainable parameters split into weight-decay / no-decay groups (by shape, or by gdGPT's
+  `optimizer.no_wd_kws` name patterns: `no_decay_patterns`).
 - `lr_schedule`: the project's schedule (cosine | linear | constant, warmup, floor) as a `LambdaLR` that is
   handed to `deepspeed.initialize(lr_scheduler=...)`; `fill_deepspeed_scheduler` completes DeepSpeed's own
   `scheduler` section instead.
@@ -27,9 +28,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -42,16 +45,55 @@ logger = logging.getLogger(__name__)
 # parameter groups
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
-    """Trainable parameters in a "decay" group (weight_decay) and a "no_decay" group (biases and norm weights,
-    i.e. ndim < 2; weight decay 0) unless `decay_norm_and_bias`. Empty groups are left out; a parameter shared
-    by several modules appears once (`parameters()` deduplicates by identity)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if decay_norm_and_bias or p.ndim >= 2 else no_decay).append(p)
+def no_decay_patterns(value: object) -> list[re.Pattern] | None:
+    """gdGPT's `optimizer.no_wd_kws`: regular expressions, searched in parameters' HF names (`re.search`), whose
+    parameters get no weight decay. None when absent; ValueError with one line for a bad value."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"optimizer.no_wd_kws must be a list of regular expressions (strings), got {json.dumps(value)}")
+    out = []
+    for v in value:
+        try:
+            out.append(re.compile(v))
+        except re.error as e:
+            raise ValueError(f"optimizer.no_wd_kws: {v!r} is not a regular expression ({e})") from None
+    return out
+
+
+def hf_param_name(family, config) -> Callable[[str], str]:
+    """A pipeline parameter's name ("3.input_layernorm.weight"; "layers.3...." in a SequentialModel) -> its HF name
+    ("model.layers.2.input_layernorm.weight") by the family's key table; names it has no entry for (LoRA adapters,
+    tied modules) are kept."""
+    n = family.num_blocks(config)
+
+    def name_of(name: str) -> str:
+        head, _, local = name.removeprefix("layers.").partition(".")
+        try:
+            return family.key_map.to_hf(int(head), local, n)
+        except (ValueError, KeyError):
+            return name
+
+    return name_of
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_norm_and_bias: bool = False,
+                 no_decay: list[re.Pattern] | None = None, name_of: Callable[[str], str] = str) -> list[dict]:
+    """Trainable parameters in a "decay" group (weight_decay) and a "no_decay" group (weight decay 0): biases and
+    norm weights (ndim < 2) unless `decay_norm_and_bias`, or, given `no_decay` patterns (gdGPT's no_wd_kws), the
+    parameters whose name (`name_of` it, e.g. `hf_param_name`) one of them matches (`re.search`; [] decays every
+    parameter). Empty groups are left out; a parameter shared by several modules appears once
+    (`named_parameters()` deduplicates by identity)."""
+    decay, exempt = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if no_decay is not None:
+            (exempt if any(r.search(name_of(name)) for r in no_decay) else decay).append(p)
+        else:
+            (decay if decay_norm_and_bias or p.ndim >= 2 else exempt).append(p)
     groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+              {"name": "no_decay", "params": exempt, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
@@ -228,9 +270,15 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
     section = ds.get("optimizer") if isinstance(ds.get("optimizer"), dict) else {}
     kind, params = str(section.get("type", "")), dict(section.get("params") or {})
     wd = params.get("weight_decay", 0.0)
-    groups = param_groups(model, wd, cfg.decay_norm_and_bias)
     optimizer, lr_scheduler = None, None
     try:
+        no_decay, name_of = no_decay_patterns(section.get("no_wd_kws")), str
+        if no_decay is not None:  # gdGPT's patterns, matched in HF names; the key is ours, not DeepSpeed's
+            from models.convert import family_of
+
+            name_of = hf_param_name(*family_of(Path(cfg.model_path)))
+            ds["optimizer"] = {k: v for k, v in section.items() if k != "no_wd_kws"}
+        groups = param_groups(model, wd, cfg.decay_norm_and_bias, no_decay, name_of)
         schedule = parse_lr_schedule(cfg.lr_schedule) if cfg.lr_schedule is not None else None
         if kind.lower() == "lion":
             optimizer = build_lion(groups, **params)

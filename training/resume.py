@@ -30,6 +30,7 @@ RESUME_RULES: list[tuple[str, str, str]] = [
     ("lr_schedule", APPLIED, "the schedule continues from this step with the new values"),
     ("scheduler", APPLIED, "the schedule continues from this step with the new values"),
     ("decay_norm_and_bias", FIXED, "the optimizer's parameter groups would differ from the checkpoint's"),
+    ("optimizer.no_wd_kws", FIXED, "the optimizer's parameter groups would differ from the checkpoint's"),
     ("bf16", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
     ("fp16", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
     ("zero_optimization", FIXED, "the checkpoint's optimizer state is laid out for the other ZeRO setting"),
@@ -58,6 +59,7 @@ RESUME_RULES: list[tuple[str, str, str]] = [
     ("train_micro_batch_size_per_gpu", DATA, "the global batch changes"),
     ("gradient_accumulation_steps", DATA, "the global batch changes"),
     ("train_batch_size", DATA, "the global batch changes"),
+    ("dataloader_drop_last", DATA, "the steps of an epoch change"),
 ]
 
 

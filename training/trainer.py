@@ -114,7 +114,7 @@ class Trainer(RunDirectory):
         self.unit = "packed sequence" if cfg.packing else "sample"
         self.lengths = self.dataset.offsets[1:] - self.dataset.offsets[:-1]
         self.plan = BatchPlan(len(self.dataset), cfg.micro_batch, cfg.grad_accum, self.dp_size, cfg.seed, self.lengths,
-                              cfg.group_by_length)
+                              cfg.group_by_length, cfg.ds_config.get("dataloader_drop_last", True))
         if self.plan.steps_per_epoch == 0:  # before any layer is built
             raise ConfigError(f"{cfg.path}: {len(self.dataset)} {self.unit}s are fewer than one global batch "
                               f"({self.plan.global_batch} = micro x accumulation x data-parallel)")
@@ -421,7 +421,7 @@ class Trainer(RunDirectory):
             loss = float(self.engine.train_batch(data_iter=iter(batches)))
             st.step = step + 1
             epoch, in_epoch = self.plan.position(step)
-            idx = self.plan.global_indices(epoch, in_epoch)
+            idx = self.plan.global_indices(epoch, in_epoch, real=True)
             norm = self.grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
             norm = None if norm is None else float(norm)
             bad = not math.isfinite(loss) or not self.engine._step_applied and not self.engine.fp16_enabled()

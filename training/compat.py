@@ -1,0 +1,138 @@
+"""gdGPT's configs (the seed project's) run here unchanged: YAML files, and the seed's keys mapped, accepted or
+dropped with one warning line, or refused with a one-line reason.
+
+- `.yml` / `.yaml` configs are read with PyYAML (safe loader; `1e-5` is a number, as in JSON and YAML 1.2).
+- `use_flash_attn` -> `attn_implementation`: true "auto" (flash-attn's kernels where they run, else SDPA), false
+  "sdpa" (PyTorch's attention; Bloom: "auto", its one exact ALiBi path).
+- `aux_max_z_loss` (gdGPT's router z-loss for MoE models): accepted, with a warning that it has no effect here.
+- DeepSpeed's `fp16` / `bf16` / `zero_optimization` sections are checked with this DeepSpeed's own models, so a key
+  it rejects is one line at the config check instead of a traceback on every rank; `fp16.fused_optimizer` (read by
+  gdGPT's patched DeepSpeed) is dropped with a warning.
+- `train_batch_size`, `train_micro_batch_size_per_gpu`, `gradient_accumulation_steps`: the missing ones derived as
+  DeepSpeed derives them (`DeepSpeedConfig._set_batch_related_parameters`).
+`optimizer.no_wd_kws` is training.optim's (`no_decay_patterns`), `dataloader_drop_last` training.batches'.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+YAML_SUFFIXES = (".yml", ".yaml")
+# gdGPT keys this project reads itself (the others are the project's or DeepSpeed's own)
+GDGPT_KEYS = ("use_flash_attn", "aux_max_z_loss")
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# DeepSpeed sections checked with DeepSpeed's pydantic models, and keys of them dropped with a warning
+CHECKED_SECTIONS = ("fp16", "bf16", "bfloat16", "zero_optimization")
+DROPPED = {("fp16", "fused_optimizer"): "gdGPT's patched DeepSpeed chose the fused or unfused fp16 optimizer with it; "
+                                        "DeepSpeed {version} picks it itself"}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-5` (no dot) as a float, as JSON and YAML 1.2 do (YAML 1.1 reads a string)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
+def parse_yaml(path: Path, text: str) -> object:
+    """The YAML document in `text`; ValueError with one line naming the file and the line of the problem."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ValueError(f"{where}: invalid YAML ({what})") from None
+
+
+def map_gdgpt_keys(raw: dict, path: Path) -> tuple[dict, list[str]]:
+    """`raw` with gdGPT's keys turned into the project's (or removed), and the warnings to print once."""
+    out, notes = {k: v for k, v in raw.items() if k not in GDGPT_KEYS}, []
+    if "use_flash_attn" in raw:
+        flag = raw["use_flash_attn"]
+        if not isinstance(flag, bool):
+            raise ValueError(f"{path}: 'use_flash_attn' must be true or false, got {json.dumps(flag)}")
+        if "attn_implementation" in raw:
+            raise ValueError(f"{path}: 'use_flash_attn' (gdGPT's) and 'attn_implementation' both choose the attention; "
+                             "keep one")
+        out["attn_implementation"] = "auto" if flag or _model_type(raw) == "bloom" else "sdpa"
+    if "aux_max_z_loss" in raw:
+        notes.append(f"{path}: 'aux_max_z_loss' (gdGPT's z-loss on MoE router logits) has no effect here: no model "
+                     "family of this project has MoE routers; remove it to silence this warning")
+    return out, notes
+
+
+def _model_type(raw: dict) -> str | None:
+    """model_path's config.json model_type, None when it cannot be read (the model checks report that)."""
+    try:
+        return json.loads((Path(str(raw.get("model_path"))) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_deepspeed_sections(ds: dict, path: Path) -> list[str]:
+    """Check the DeepSpeed sections in CHECKED_SECTIONS with DeepSpeed's own config models, dropping the DROPPED
+    keys from `ds` in place. Returns the warnings; ValueError with one line for a value DeepSpeed would refuse."""
+    present = [s for s in CHECKED_SECTIONS if s in ds]
+    if not present:
+        return []
+    import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfigError, _reject_removed_config_keys
+    from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
+    from deepspeed.runtime.zero.config import get_zero_config
+    from pydantic import ValidationError
+
+    getters = {"fp16": get_float16_config, "bf16": get_bfloat16_config, "bfloat16": get_bfloat16_config,
+               "zero_optimization": get_zero_config}
+    notes = []
+    for section in present:
+        body = ds[section]
+        if not isinstance(body, dict) and not (section == "zero_optimization" and isinstance(body, bool)):
+            raise ValueError(f"{path}: '{section}' must be an object, got {json.dumps(body)}")
+        for (sec, key), why in DROPPED.items():
+            if sec == section and key in body:
+                ds[section] = body = {k: v for k, v in body.items() if k != key}
+                notes.append(f"{path}: '{section}.{key}' is not a key of DeepSpeed {deepspeed.__version__}: dropped "
+                             f"({why.format(version=deepspeed.__version__)})")
+        try:
+            _reject_removed_config_keys({section: body})
+            getters[section]({section: body})
+        except DeepSpeedConfigError as e:
+            raise ValueError(f"{path}: '{section}': {' '.join(str(e).split())}") from None
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in (section, *err["loc"]))
+            what = "not a key DeepSpeed accepts" if err["type"] == "extra_forbidden" else err["msg"]
+            raise ValueError(f"{path}: '{key}': {what} (DeepSpeed {deepspeed.__version__}), got "
+                             f"{json.dumps(err.get('input'), default=str)}") from None
+    return notes
+
+
+def derive_batch(ds: dict, dp: int, path: Path) -> None:
+    """Fill in the missing batch keys of `ds` as DeepSpeed does for data-parallel size `dp`, and check that the
+    three agree (train_batch_size = micro x accumulation x dp). ValueError with one line."""
+    tbs, micro, gas = (ds.get(k) for k in BATCH_KEYS)
+    if tbs is not None and micro is not None and gas is None:
+        gas = tbs // micro // dp
+    elif tbs is not None and gas is not None and micro is None:
+        micro = tbs // gas // dp
+    elif tbs is not None and micro is None:
+        micro, gas = tbs // dp, 1
+    elif micro is not None and gas is None:
+        gas = 1
+    elif micro is None:
+        raise ValueError(f"{path}: set 'train_micro_batch_size_per_gpu' or 'train_batch_size' (DeepSpeed's batch keys)")
+    if tbs is None:
+        tbs = micro * gas * dp
+    if micro < 1 or gas < 1 or tbs != micro * gas * dp:
+        given = " and ".join(f"{k} {ds[k]}" for k in BATCH_KEYS if k in ds)
+        raise ValueError(f"{path}: train_batch_size {tbs} != train_micro_batch_size_per_gpu {micro} x "
+                         f"gradient_accumulation_steps {gas} x data-parallel size {dp}"
+                         + ("" if len([k for k in BATCH_KEYS if k in ds]) == 3 else
+                            f" (derived from {given} as DeepSpeed does: no whole number fits)"))
+    ds.update(zip(BATCH_KEYS, (tbs, micro, gas), strict=True))

@@ -15,7 +15,15 @@ import sys
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
-ROOT = _HERE / "root" if (_HERE / "root" / "models").is_dir() else _HERE.parent  # wheel / source tree
+INSTALLED = (_HERE / "root" / "models").is_dir()  # a wheel install, not the source tree
+ROOT = _HERE / "root" if INSTALLED else _HERE.parent
+SCRIPTS = {"train_ds.py": "pipeft-train", "convert_model.py": "pipeft-convert", "demo.py": "pipeft-demo"}
+
+
+def command(script: str) -> str:
+    """How the user runs one of the project's scripts in messages: `pipeft-convert` in a wheel install,
+    `python convert_model.py` in the source tree."""
+    return SCRIPTS[script] if INSTALLED else f"python {script}"
 
 
 def use_root() -> Path:

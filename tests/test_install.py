@@ -11,6 +11,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
+from tests.helpers import free_port, ops_config
+
 ROOT = Path(__file__).resolve().parents[1]
 DECOY = "raise ImportError('the decoy {} package of the working directory was imported')\n"
 
@@ -22,7 +26,8 @@ def pip(*args: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_wheel_console_scripts_ignore_packages_of_the_working_directory(tmp_path, tokenizer_dir):
+@pytest.mark.distributed
+def test_wheel_console_scripts_ignore_packages_of_the_working_directory(tmp_path, tokenizer_dir, ops_model):
     # build from a copy: setuptools writes build/ and *.egg-info beside the sources it builds
     src = tmp_path / "src"
     skip = shutil.ignore_patterns("__pycache__", ".cache", "samples")
@@ -63,3 +68,13 @@ def test_wheel_console_scripts_ignore_packages_of_the_working_directory(tmp_path
     # the training entry point: its whole import chain (training/, launch/, models/) and its one-line errors
     out = script("pipeft-train", "--config", str(work / "missing.json"))
     assert out.returncode == 2 and "missing.json" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+    # `deepspeed $(which pipeft-train) --config C` from the user's directory: 2 stages, 2 steps, a checkpoint
+    train_cfg = ops_config(work, ops_model, "train.json", max_steps=2, save_path=str(work / "run"))
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), str(bin_dir / "pipeft-train"),
+                           "--config", str(train_cfg)], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and (work / "run" / "latest").read_text() == "global_step2"
+    assert "(convert: pipeft-convert pp_to_hg --input-path" in proc.stdout + proc.stderr  # the installed command

@@ -31,13 +31,14 @@ def offline(monkeypatch):
         monkeypatch.delenv(key, raising=False)
 
 
-def wandb_history(save: Path) -> tuple[set[str], list[dict]]:
-    """(run ids, history rows) of every offline wandb run under save/wandb, oldest first. wandb ships no reader for
+def wandb_history(save: Path, exits: list | None = None) -> tuple[set[str], list[dict]]:
+    """(run ids, history rows) of every offline wandb run under save/wandb, oldest first (their exit codes appended
+    to `exits`). wandb ships no reader for
     its offline files: they are LevelDB-log framed (32 KiB blocks, 7-byte record headers, after a 7-byte ':W&B'
     file header) wandb_internal_pb2.Record messages, read here with wandb's own protobuf classes."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    ids, rows = set(), []
+    ids, rows, exits = set(), [], [] if exits is None else exits
     for path in sorted(save.glob("wandb/offline-run-*/run-*.wandb")):
         data, pos, part = path.read_bytes(), 7, b""
         assert data[:4] == b":W&B", path
@@ -54,6 +55,8 @@ def wandb_history(save: Path) -> tuple[set[str], list[dict]]:
                     ids.add(rec.run.run_id)
                 elif rec.WhichOneof("record_type") == "history":
                     rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+                elif rec.WhichOneof("record_type") == "exit":
+                    exits.append(rec.exit.exit_code)
     return ids, rows
 
 
@@ -145,6 +148,29 @@ def test_a_resumed_run_appends_to_the_same_wandb_and_mlflow_runs(tmp_path, offli
     assert_same(series, series_of(lines))
     assert run.data.params == {"model_path": "m", "lora.r": "4", "lora.target_modules": '["q_proj"]', "max_steps": "4"}
     assert run.info.run_name == "run" and run.info.status == "FINISHED"
+
+
+def test_a_run_that_fails_is_marked_failed(tmp_path, offline):
+    """Monitor.close(failed=True), as train_ds.py's run() closes on an exception: wandb exit code 1, MLflow FAILED."""
+    monitor = Monitor(tmp_path, 0, 4, 0, 1, ["wandb", "mlflow"], {"max_steps": 4})
+    monitor.step({"step": 1, "loss": 1.0, "lr": 0.1, "grad_norm": 0.5, "tokens": 10})
+    monitor.close(failed=True)
+    exits = []
+    wandb_history(tmp_path, exits)
+    assert exits == [1]
+    assert mlflow_run(tmp_path)[0].info.status == "FAILED"
+
+
+def test_overwrite_clears_the_previous_runs_outputs(tmp_path):
+    """overwrite_save_path: the old run's checkpoints, metrics, events and tracker files go; side files stay."""
+    from training.rundir import RUN_OUTPUTS, clear_run
+
+    for name in ("global_step3", "runs", "wandb", "mlruns"):
+        (tmp_path / name / "sub").mkdir(parents=True)
+    for name in ("latest", "best", "metrics.jsonl", IDS_FILE, "config.json"):
+        (tmp_path / name).write_text("x")
+    clear_run(tmp_path, ["global_step3"])
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"] and {IDS_FILE, "wandb", "mlruns"} <= set(RUN_OUTPUTS)
 
 
 @pytest.mark.distributed

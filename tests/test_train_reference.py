@@ -1,5 +1,5 @@
 """train_ds.py under the real deepspeed launcher against a single-process reference: the same weights in
-the family's HF model (LlamaForCausalLM, Qwen2ForCausalLM, BloomForCausalLM), torch AdamW, the same global
+the family's HF model (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, BloomForCausalLM), torch AdamW, the same global
 batches, loss = token mean over the global batch. Per-step losses (rtol 1e-4) and the weights exported by pp_to_hg
 (atol 1e-5) must match. With a tied embedding/head on two stages, both copies must end identical.
 
@@ -118,10 +118,10 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float,
     (2, [2, 1], "bloom", "tied", 1.0, True, False, "adamw"),  # tied embedding/head on different stages (auto balance), checkpointing
     (1, [1, 1], "bloom", "tied", 1.0, False, False, "adamw"),  # one stage: the embedding and the tied head on the same stage
     (2, [2, 1], "llama", "mha_bias_untied", 1.0, False, True, "adamw+grouped"),  # packed sequences, group_by_length
-    (2, [2, 1], "llama", "mha_bias_untied", 0.0, False, False, "lion"),  # Lion (lion-pytorch) vs the Lion formula
+    (2, [2, 1], "mistral", "window", 0.0, False, False, "lion"),  # Mistral; Lion (lion-pytorch) vs the Lion formula
     (2, [2, 1], "qwen2", "tied", 1.0, False, False, "adamw"),  # q/k/v biases; Qwen2.5's tied embedding/head on 2 stages
 ], ids=["pipe2-tied-clip", "pipe2xdata2-clip-grouped", "pipe2-noclip-gradckpt", "bloom-pipe2-tied-gradckpt", "bloom-pipe1",
-        "pipe2-packing-grouped", "pipe2-lion", "qwen2-pipe2-tied"])
+        "pipe2-packing-grouped", "mistral-pipe2-lion", "qwen2-pipe2-tied"])
 def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing,
                                                    opt):
     check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing, opt)

@@ -25,6 +25,7 @@ from models.hf_io import CheckpointError
 from models.lora import LoraSettings, check_adapter_keys, parse_lora, read_lora_info
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import parse_quantization, saved_quantization
+from pipeft import command
 from training.checkpoint import STATE_FILE
 from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
 from training.optim import build_lion, no_decay_patterns, parse_lr_schedule
@@ -340,7 +341,7 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
     if not (model / "config.json").is_file():
         raise ConfigError(f"{path}: model_path {model} has no config.json")
     if not cfg.from_scratch and not (model / "layer_00-model_states.pt").is_file():
-        hint = " (an HF dir? convert it first: convert_model.py hg_to_pp)" if any(model.glob("*.safetensors")) else ""
+        hint = f" (an HF dir? convert it first: {command('convert_model.py')} hg_to_pp)" if any(model.glob("*.safetensors")) else ""
         raise ConfigError(f"{path}: model_path {model} has no pipeline layer files{hint}")
     save = Path(cfg.save_path)
     if save.exists() and not save.is_dir():

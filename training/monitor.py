@@ -129,12 +129,13 @@ class Monitor:
                            f"{tok_s:,.0f} tok/s{mem} | elapsed {hms(now - self.t0)} | eta {hms(eta)}")
             self.last, self.window_tokens = now, 0
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """End the progress bar and the trackers' runs (`failed`: the run stopped on an error)."""
         if self.bar is not None:
             self.bar.close()
         for name, tracker in self.trackers.items():
             try:
-                tracker.close()
+                tracker.close(failed)
             except Exception as e:  # noqa: BLE001 -- the run's own outputs are complete: report only
                 log.warning("report_to %s: it failed to close (%s)", name, one_line(e))
         self.trackers = {}

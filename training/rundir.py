@@ -22,6 +22,17 @@ from training.config import ConfigError
 from training.monitor import truncate_metrics
 from training.resume import RUN_CONFIG_FILE, config_changes, earlier_tags, read_run_config, resume_tag, tag_problem
 from training.runlock import LockError, RunLock
+from training.trackers import IDS_FILE
+
+RUN_OUTPUTS = ("latest", "best", "metrics.jsonl", "runs", IDS_FILE, "wandb", "mlruns")  # besides the checkpoints
+
+
+def clear_run(save: Path, tags: list[str]) -> None:
+    """Remove what a run wrote in `save` (its checkpoint `tags` and RUN_OUTPUTS: metrics, TensorBoard events, the
+    trackers' ids and local wandb / MLflow files), so that a replacing run (overwrite_save_path) starts clean."""
+    for name in [*tags, *RUN_OUTPUTS]:
+        p = save / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 class RunDirectory:
@@ -103,9 +114,7 @@ class RunDirectory:
             for name in self.ckpts.remove_partial():
                 print(f"removed {save / name}: a checkpoint that was not completely written", flush=True)
             if cfg.resume is False:  # load_config refused a used save_path unless overwrite_save_path
-                for name in [*self.ckpts.tags(), "latest", "best", "metrics.jsonl", "runs"]:
-                    p = save / name
-                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+                clear_run(save, self.ckpts.tags())
             for old in save.glob(".side-files.*"):  # left by a run killed while copying
                 shutil.rmtree(old, ignore_errors=True)
             staging = Path(tempfile.mkdtemp(prefix=".side-files.", dir=save))

@@ -3,7 +3,8 @@
 Every tracker gets, for each metrics.jsonl line, the scalars `scalars(line)` builds from it, so all of them
 hold the same numbers as the file. Each tracker's package is imported only when the config asks for it; a
 tracker that fails to start or to log is turned off with one warning line and never stops training. The ids
-of the wandb and MLflow runs are kept in save_path/trackers.json so that a resumed run appends to the same run.
+of the wandb and MLflow runs are kept in save_path/trackers.json so that a resumed run appends to the same run;
+a run that ends with an error is marked failed there (wandb exit code 1, MLflow status FAILED).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class TensorBoard:
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -105,8 +106,8 @@ class WandB:
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log({**values, "train/step": step})
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class MLflow:
@@ -136,8 +137,8 @@ class MLflow:
     def log(self, values: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(values, step=step)
 
-    def close(self) -> None:
-        self.mlflow.end_run()
+    def close(self, failed: bool = False) -> None:
+        self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
 
 
 SINKS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}

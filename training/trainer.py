@@ -27,6 +27,7 @@ from models.cost import LoraShape, Setup, stage_memory
 from models.lora import LORA_FILE, apply_lora, load_adapter_into, lora_info, parse_lora
 from models.pipeline import parts_of
 from models.quant import base_memory, logical_numel, parse_quantization, quantized_specs
+from pipeft import command
 from training.batches import BatchPlan, RowsView, row_trained, step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause
 from training.config import ConfigError, TrainConfig
@@ -500,24 +501,25 @@ class Trainer(RunDirectory):
             return saved_at
         path = self.ckpts.save(self.engine, st)
         self.last_save_time = time.time()
-        self.log(f"saved checkpoint {path} (convert: python convert_model.py pp_to_hg --input-path {path.parent} "
+        self.log(f"saved checkpoint {path} (convert: {command('convert_model.py')} pp_to_hg --input-path {path.parent} "
                  f"--save-path HF_DIR)")
         return st.step
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.prefetch.shutdown(wait=True, cancel_futures=True)
         if self.monitor is not None:
-            self.monitor.close()
+            self.monitor.close(failed)
         if self.lock is not None:
             self.lock.release()
         shutdown_distributed()
 
 
 def run(cfg: TrainConfig) -> None:
-    trainer = Trainer(cfg)
+    trainer, failed = Trainer(cfg), True
     try:
         trainer.setup()
         trainer.train()
+        failed = False
     finally:
-        trainer.close()
+        trainer.close(failed)
         sys.stdout.flush()

@@ -168,9 +168,14 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction
     return total / (targets != IGNORE_INDEX).sum()
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                   head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Next-token cross entropy; labels are aligned with the inputs (shifted here) as in transformers'
     ForCausalLMLoss, -100 ignored; computed in chunks (`chunked_cross_entropy`).
+
+    With `head` (the LM head; `logits` are then the final hidden states [B, T, H]), the logits are computed only
+    at the positions that have a target: the same loss and gradients without the head's matmul and the softmax on
+    prompt tokens, padding and each row's last position (on SFT data most of them).
 
     `labels` alone: the token mean of this micro-batch. `(labels, counts)` with int64 counts =
     [trained tokens in the global batch, micro-batches per global batch (GAS x data-parallel size)]:
@@ -181,6 +186,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | tuple[torch.Tens
     if isinstance(labels, (tuple, list)):
         labels, counts = labels
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    if head is not None:
+        keep = shifted != IGNORE_INDEX
+        logits, shifted = head(logits[keep]), shifted[keep]
     flat = logits.reshape(-1, logits.shape[-1])
     if counts is None:
         return chunked_cross_entropy(flat, shifted.reshape(-1), reduction="mean")
@@ -261,6 +269,11 @@ class PipelineModel(PipelineModule):
             kwargs.update(activation_checkpoint_interval=1, checkpointable_layers=grad_ckpt_layers,
                           activation_checkpoint_func=non_reentrant_checkpoint)
         super().__init__(layers=specs, topology=topology, loss_fn=loss_fn, partition_method="explicit", **kwargs)
+        # The last stage's LM head runs inside the loss, on the positions that have a target (causal_lm_loss's
+        # `head`): forward() stops before it. Its module stays where it is (layer files, LoRA, tied weights).
+        self.head_in_loss = loss_fn is causal_lm_loss and self._local_stop == self._num_layers
+        if self.head_in_loss:
+            self.loss_fn = self._loss_with_head
         # DeepSpeed's gradient norm (clipping, fp32 and ZeRO-1 paths) sums over the pipeline group but
         # counts a parameter only on the pipeline's first stage unless it is marked model-parallel: without
         # this, "global" clipping uses stage 0's norm alone. Every parameter a stage owns is its own;
@@ -284,8 +297,18 @@ class PipelineModel(PipelineModule):
         (DeepSpeed's bf16 path would read its missing `_hp_grad`)."""
         return [(w, g) for w, g in super().get_tied_weights_and_groups() if w.requires_grad]
 
+    def _loss_with_head(self, hidden: torch.Tensor, labels) -> torch.Tensor:
+        return causal_lm_loss(hidden, labels, head=self.forward_funcs[-1])
+
     def forward(self, forward_input):
-        out = super().forward(forward_input)
+        if self.head_in_loss:  # every layer but the head (DeepSpeed's forward runs self.forward_funcs)
+            funcs, self.forward_funcs = self.forward_funcs, self.forward_funcs[:-1]
+            try:
+                out = super().forward(forward_input)
+            finally:
+                self.forward_funcs = funcs
+        else:
+            out = super().forward(forward_input)
         ph = getattr(self, "grad_placeholder", None)
         if ph is not None and torch.is_grad_enabled():
             outs = list(out) if isinstance(out, tuple) else [out]

@@ -197,3 +197,36 @@ def test_chunked_cross_entropy_equals_the_full_one(dtype, monkeypatch):
     with torch.no_grad():  # evaluation: the loss alone
         assert pipeline.chunked_cross_entropy(logits, targets).item() == pytest.approx(
             F.cross_entropy(logits.float(), targets, reduction="sum").item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 3 * 50], ids=["one-chunk", "chunked"])
+def test_head_in_the_loss_equals_logits_then_loss(chunk, monkeypatch):
+    """causal_lm_loss(hidden, labels, head=...) runs the head only at positions with a target (counted) and gives
+    the loss and the gradients (hidden, head weight) of causal_lm_loss(head(hidden), labels); a row with no
+    target, the (labels, counts) form and a micro-batch with no target at all included."""
+    from models import pipeline
+
+    if chunk:
+        monkeypatch.setattr(pipeline, "LOSS_CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 8, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 8), generator=g)
+    labels[0, :5] = -100  # a prompt
+    labels[1] = -100  # a row with nothing to learn
+    labels[2, 6:] = -100  # padding
+    rows = []
+    counted = lambda h: rows.append(h.shape[0]) or head(h)  # noqa: E731
+    for lab in (labels, (labels, torch.tensor([40, 4]))):
+        ours = pipeline.causal_lm_loss(hidden, lab, head=counted)
+        g_ours = torch.autograd.grad(ours, (hidden, head.weight))
+        ref = pipeline.causal_lm_loss(head(hidden), lab)
+        g_ref = torch.autograd.grad(ref, (hidden, head.weight))
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+        for a, b in zip(g_ours, g_ref, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert rows == [3 + 0 + 5] * 2  # targets: row 0 at positions 4-6, row 1 none, row 2 at 0-4
+    nothing = torch.full_like(labels, -100)
+    loss = pipeline.causal_lm_loss(hidden, (nothing, torch.tensor([40, 4])), head=head)
+    (g_h,) = torch.autograd.grad(loss, hidden)
+    assert loss.item() == 0 and not g_h.any()

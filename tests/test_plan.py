@@ -74,7 +74,7 @@ TOLERANCE = 0.25
 
 @pytest.mark.distributed
 def test_predicted_stage_peaks_match_measured_cpu_runs(tmp_path, tokenizer):
-    """Llama (hidden 256, 4 blocks, vocab 32768 untied: 20M parameters, a 512 MB logits term at 4 x 256 tokens)
+    """Llama (hidden 256, 4 blocks, vocab 32768 untied: 20M parameters, 128 MiB of logits at 4 x 256 tokens)
     trained 2 steps on 2 stages (the second holds optimizer states), three ways at once; each stage's predicted peak (memory_estimate.json, whose
     overhead term is the process's memory measured before the model is built) against the peak resident memory
     the trainer records in metrics.jsonl."""

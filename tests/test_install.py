@@ -1,5 +1,5 @@
 """`pip install .` (not editable): one top-level package in site-packages and console scripts that run from a
-directory holding its own models/, data/, training/ and launch/ packages."""
+directory holding its own models/, data/, training/ and launch/ packages, `deepspeed $(which pipeft-train)` included."""
 
 from __future__ import annotations
 

@@ -13,17 +13,17 @@ from models import get_family, plan_stages
 from models.cost import Setup, throughput
 from models.lora import parse_lora
 from models.pipeline import balance
-from training.config import load_config
+from training.config import load_config, read_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.json"))
+CONFIGS = sorted(p for p in (ROOT / "configs").iterdir() if p.suffix in (".json", ".yaml"))
 MODELS = {  # config name -> the HF config it is written for
     "bloom_7b1_pp8.json": BloomConfig(hidden_size=4096, n_layer=30, n_head=32, vocab_size=250880),  # bloomz-7b1-mt
     "llama2_7b_pp8.json": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
     "llama2_7b_lora_pp4.json": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                            num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
-    "llama2_70b_qlora_pp4.json": LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+    "llama2_70b_qlora_pp4.yaml": LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                                              num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
     "llama3_8b_pp8.json": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
@@ -38,7 +38,7 @@ def test_every_config_has_a_model():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_parses_and_parts_fit(path, tmp_path, monkeypatch):
-    raw = json.loads(path.read_text())
+    raw = read_config_file(path)
     dims = raw["model_topo"]["process_topology"]["dims"]
     monkeypatch.chdir(tmp_path)  # relative paths are the user's; only the shape of the config is checked here
     Path(raw["model_path"]).mkdir(parents=True)
@@ -71,3 +71,22 @@ def test_llama3_8b_parts_are_balanced_for_its_vocabulary():
     setup = Setup(micro_batch=1, seq_len=seq, pipe=8, grad_accum=raw["gradient_accumulation_steps"], grad_ckpt=True)
     ours, llama2s = (max(throughput(family, config, setup, p).stage_costs) for p in (parts, [5, 4, 4, 4, 4, 4, 4, 5]))
     assert llama2s > 1.1 * ours
+
+
+def test_the_70b_qlora_recipes_comment_is_the_models_prediction():
+    """The memory per stage written in the recipe's comment is what models/cost.py predicts for it."""
+    import re
+
+    from models.cost import LoraShape, stage_memory
+
+    path = ROOT / "configs" / "llama2_70b_qlora_pp4.yaml"
+    config, raw = MODELS[path.name], read_config_file(path)
+    family = get_family("llama")
+    lora = parse_lora(raw["lora"], family, config)
+    dims = raw["model_topo"]["process_topology"]["dims"]
+    setup = Setup(micro_batch=raw["train_micro_batch_size_per_gpu"], seq_len=raw["max_seq_len"], pipe=dims[0],
+                  data=dims[1], grad_accum=raw["gradient_accumulation_steps"], grad_ckpt=raw["use_grad_ckpt"],
+                  precision="bf16", zero_stage=raw["zero_optimization"]["stage"], quantization="nf4",
+                  lora=LoraShape(lora.r, lora.target_modules, lora.dropout))
+    stated = [float(x) for x in re.search(r"#   stage GiB: ([\d., ]+)\n", path.read_text()).group(1).split(",")]
+    assert stated == [round(m.total / 2**30, 1) for m in stage_memory(family, config, setup, raw["model_topo"]["parts"])]

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import convert_model
 from models import SequentialModel, get_family
+from models.hf_io import TOKENIZER_FILES
 from tests.helpers import ROOT_TEXTS, make_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,8 @@ def test_round_trip_is_bit_exact(tmp_path, tokenizer, family, name):
     index = json.loads((back / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(b) and len(set(index["weight_map"].values())) > 1
     assert json.loads((hf / "config.json").read_text()) == json.loads((back / "config.json").read_text())
+    for f in TOKENIZER_FILES:  # hg_to_pp and pp_to_hg copy the tokenizer's files byte for byte
+        assert (hf / f).is_file() == (back / f).is_file() and (not (hf / f).is_file() or (hf / f).read_bytes() == (back / f).read_bytes()), f
     t1, t2 = AutoTokenizer.from_pretrained(str(hf)), AutoTokenizer.from_pretrained(str(back))
     for text in ROOT_TEXTS:
         assert t1(text)["input_ids"] == t2(text)["input_ids"]

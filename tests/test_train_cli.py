@@ -170,7 +170,7 @@ def test_hf_dir_as_model_path_gets_a_hint(tmp_path, base, capsys):
     hf = tmp_path / "hf"
     assert convert_model.main(["pp_to_hg", "--input-path", str(base), "--save-path", str(hf)]) == 0
     assert train_ds.main(["--config", str(write_config(tmp_path, base, model_path=str(hf)))]) == 2
-    assert "has no pipeline layer files (an HF dir? convert it first: convert_model.py hg_to_pp)" in capsys.readouterr().err
+    assert "has no pipeline layer files (an HF dir? convert it first: python convert_model.py hg_to_pp)" in capsys.readouterr().err
 
 
 def test_bad_records_fail_before_any_model_is_built(tmp_path, base):

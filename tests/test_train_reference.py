@@ -31,6 +31,7 @@ from data.packing import pack
 from data.templates import TemplateSettings
 from models import get_family
 from models.convert import hg_to_pp, pp_to_hg
+from models.hf_io import TOKENIZER_FILES
 from tests.helpers import run_deepspeed, segments_of, tiny_config
 from training.batches import BatchPlan
 from training.optim import lion_reference_update, param_groups
@@ -201,6 +202,9 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     for k, v in expected.items():
         torch.testing.assert_close(exported[k], v, atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
         assert not torch.equal(v, hf.state_dict()[k]), f"{k} was never updated"
+    for f in TOKENIZER_FILES:  # through hg_to_pp, training's save_path and pp_to_hg, byte for byte
+        if (tmp_path / "hf" / f).is_file():
+            assert (tmp_path / "exported" / f).read_bytes() == (tmp_path / "hf" / f).read_bytes(), f
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"))
     assert type(loaded) is type(hf)
     assert all(torch.equal(loaded.state_dict()[k], t) for k, t in exported.items())

@@ -301,14 +301,13 @@ class PipelineModel(PipelineModule):
         return causal_lm_loss(hidden, labels, head=self.forward_funcs[-1])
 
     def forward(self, forward_input):
+        funcs = self.forward_funcs
         if self.head_in_loss:  # every layer but the head (DeepSpeed's forward runs self.forward_funcs)
-            funcs, self.forward_funcs = self.forward_funcs, self.forward_funcs[:-1]
-            try:
-                out = super().forward(forward_input)
-            finally:
-                self.forward_funcs = funcs
-        else:
+            self.forward_funcs = funcs[:-1]
+        try:
             out = super().forward(forward_input)
+        finally:
+            self.forward_funcs = funcs
         ph = getattr(self, "grad_placeholder", None)
         if ph is not None and torch.is_grad_enabled():
             outs = list(out) if isinstance(out, tuple) else [out]

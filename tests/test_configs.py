@@ -86,7 +86,8 @@ def test_the_70b_qlora_recipes_comment_is_the_models_prediction():
     dims = raw["model_topo"]["process_topology"]["dims"]
     setup = Setup(micro_batch=raw["train_micro_batch_size_per_gpu"], seq_len=raw["max_seq_len"], pipe=dims[0],
                   data=dims[1], grad_accum=raw["gradient_accumulation_steps"], grad_ckpt=raw["use_grad_ckpt"],
-                  precision="bf16", zero_stage=raw["zero_optimization"]["stage"], quantization="nf4",
+                  precision="bf16" if raw["bf16"]["enabled"] else "fp32", zero_stage=raw["zero_optimization"]["stage"],
+                  quantization=raw["quantization"]["bnb_4bit_quant_type"],
                   lora=LoraShape(lora.r, lora.target_modules, lora.dropout))
     stated = [float(x) for x in re.search(r"#   stage GiB: ([\d., ]+)\n", path.read_text()).group(1).split(",")]
     assert stated == [round(m.total / 2**30, 1) for m in stage_memory(family, config, setup, raw["model_topo"]["parts"])]

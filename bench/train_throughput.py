@@ -370,7 +370,7 @@ def report(results: dict) -> None:
 # ------------------------------------------------------------------------------------------------ GPU
 
 
-def gpu_bench(args: argparse.Namespace) -> None:
+def gpu_bench(args: argparse.Namespace) -> dict:
     """One device, PP=1, bf16: the project's spec list run as one module, fast path vs dense-mask path."""
     import torch
     from deepspeed.accelerator import get_accelerator
@@ -410,8 +410,9 @@ def gpu_bench(args: argparse.Namespace) -> None:
             attn.CONTEXTS.clear()
             logits[name] = model((ids[:1], pos[:1], seg[:1])).float()
     fast, dense = logits.values()
-    print(f"  bf16 logits, fast vs dense path: max abs diff {(fast - dense).abs().max().item():.3e} "
-          f"(logits up to {dense.abs().max().item():.1f})")
+    result = {"logits_diff": (fast - dense).abs().max().item(), "logits_max": dense.abs().max().item(), "paths": {}}
+    print(f"  bf16 logits, fast vs dense path: max abs diff {result['logits_diff']:.3e} "
+          f"(logits up to {result['logits_max']:.1f})")
     for name, forced in paths:
         attn.choose_path = original if forced is None else (lambda *a, f=forced: f)
         attn.CONTEXTS.clear()
@@ -429,7 +430,9 @@ def gpu_bench(args: argparse.Namespace) -> None:
         tps = b * t * len(times) / sum(times)
         mfu = tps * flops_per_token / (args.peak_tflops * 1e12)
         print(f"  {name}: {tps:,.0f} tokens/s, MFU {mfu:.1%}")
+        result["paths"][name] = (tps, mfu)
     attn.choose_path = original
+    return result
 
 
 def main() -> None:

@@ -36,8 +36,12 @@ def flex_available(device_type: str) -> bool:
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
-def triton_problem(params: list) -> str | None:
-    """Why lion-pytorch's triton kernel cannot run on these params (tensors or group dicts), or None."""
+def triton_problem(params: list, device_type: str | None = None) -> str | None:
+    """Why lion-pytorch's triton kernel cannot run on these params (tensors or group dicts), or None.
+    `device_type`: where they will train (the trainer builds the optimizer before DeepSpeed moves the model to
+    the accelerator); None: where they are now."""
+    if device_type is not None and device_type != "cuda":
+        return f"training runs on {device_type}, not on a CUDA device"
     if not cuda_available():
         return "CUDA is not available"
     try:
@@ -47,7 +51,7 @@ def triton_problem(params: list) -> str | None:
     tensors = [t for item in params for t in (
         ([item["params"]] if isinstance(item["params"], torch.Tensor) else item["params"]) if isinstance(item, dict)
         else [item])]
-    if any(isinstance(t, torch.Tensor) and not t.is_cuda for t in tensors):
+    if device_type is None and any(isinstance(t, torch.Tensor) and not t.is_cuda for t in tensors):
         return "the parameters are not on a CUDA device"
     return None
 

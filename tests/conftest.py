@@ -24,12 +24,16 @@ CORPUS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tokenizer")
+def build_tokenizer(path: Path) -> Path:
+    """The suite's byte-level BPE tokenizer (vocabulary 512) saved at `path` (also bench/gpu_checks.py's)."""
     words = "pipeline stage layer token batch loss gradient weight model data train answer question reply"
     train_tiny_tokenizer(CORPUS + [INSTRUCT_WITH_INPUT, INSTRUCT_NO_INPUT, words] * 3, path, vocab_size=512)
     return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="session")

@@ -63,24 +63,25 @@ def test_padded_rows_match_transformers(family, name, attn, padding):
     _assert_grads_match(seq, hf)
 
 
-def packed_batch(vocab: int, seed: int = 3):
-    """Segments of 5, 4 and 3 tokens packed as [[a, b, pad x3], [c, pad x9]], and the same segments as their own
-    right-padded rows: (packed ids, pos, seg, labels), (alone ids, mask, labels), and the packed positions of
-    each alone row's tokens."""
+def packed_batch(vocab: int, seed: int = 3, lengths: tuple[int, int, int] = (5, 4, 3), width: int = 12):
+    """Segments of `lengths` tokens packed as [[a, b, pad...], [c, pad...]] in rows of `width`, and the same
+    segments as their own right-padded rows: (packed ids, pos, seg, labels), (alone ids, mask, labels), and the
+    packed positions of each alone row's tokens."""
+    assert lengths[0] + lengths[1] <= width and lengths[2] <= width
     g = torch.Generator().manual_seed(seed)
-    segs = [torch.randint(4, vocab, (n,), generator=g) for n in (5, 4, 3)]
-    ids = torch.full((2, 12), 3)
-    pos, seg = torch.zeros(2, 12, dtype=torch.long), torch.zeros(2, 12, dtype=torch.long)
-    labels = torch.full((2, 12), -100)
-    where = [(0, 0), (0, 5), (1, 0)]
+    segs = [torch.randint(4, vocab, (n,), generator=g) for n in lengths]
+    ids = torch.full((2, width), 3)
+    pos, seg = torch.zeros(2, width, dtype=torch.long), torch.zeros(2, width, dtype=torch.long)
+    labels = torch.full((2, width), -100)
+    where = [(0, 0), (0, lengths[0]), (1, 0)]
     for k, ((row, at), s) in enumerate(zip(where, segs, strict=True)):
         n = len(s)
         ids[row, at:at + n], pos[row, at:at + n] = s, torch.arange(n)
         seg[row, at:at + n] = 1 + (k == 1)
         labels[row, at + 1:at + n] = s[1:]  # a segment's first label is never predicted
-    alone = torch.full((3, 5), 3)
-    mask = torch.zeros(3, 5, dtype=torch.long)
-    alone_labels = torch.full((3, 5), -100)
+    alone = torch.full((3, max(lengths)), 3)
+    mask = torch.zeros(3, max(lengths), dtype=torch.long)
+    alone_labels = torch.full((3, max(lengths)), -100)
     for k, s in enumerate(segs):
         alone[k, :len(s)], mask[k, :len(s)], alone_labels[k, :len(s)] = s, 1, s
     return (ids, pos, seg, labels), (alone, mask, alone_labels), where

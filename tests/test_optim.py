@@ -196,6 +196,11 @@ def test_lion_triton_reasons(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
     with pytest.warns(RuntimeWarning, match=r"\(the parameters are not on a CUDA device\)"):
         build_lion([{"params": [torch.nn.Parameter(torch.ones(2))]}], use_triton=True)
+    # the trainer builds the optimizer on CPU parameters that DeepSpeed then moves to the accelerator: the
+    # accelerator decides (on CUDA the kernel runs: bench/gpu_checks.py trains with it)
+    on_cpu = [{"params": [torch.nn.Parameter(torch.ones(2))]}]
+    assert cuda_only.triton_problem(on_cpu, "cuda") is None
+    assert cuda_only.triton_problem(on_cpu, "hpu") == "training runs on hpu, not on a CUDA device"
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -95,11 +95,12 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float,
         assert {g["name"]: g["weight_decay"] for g in groups} == {"decay": WD, "no_decay": 0.0}
     opt = LionReference(groups, LION_LR, LION_BETAS) if opt == "lion" else \
         torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
-    losses = []
+    losses, device = [], next(model.parameters()).device  # load_kwargs may place it (device_map)
     for step in range(steps):
         idx = plan.global_indices(*plan.position(step))
         rows = [dataset[int(i)] for i in idx]
         (ids, pos, seg), labels = collate([s for r in rows for s in segments_of(r)] if packing else rows, SEQ, pad_id)
+        ids, pos, seg, labels = (t.to(device) for t in (ids, pos, seg, labels))
         logits = model(input_ids=ids, attention_mask=(seg > 0).long(), **({"position_ids": pos} if takes_positions else {})).logits
         target = F.pad(labels, (0, 1), value=-100)[:, 1:]
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
@@ -128,9 +129,12 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
     check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing, opt)
 
 
-def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing, opt, launch=None):
-    """One case of the test above. `launch(config_path, procs)` starts train_ds.py and returns its output
-    (default: the deepspeed launcher on CPU); the tied-weights worker is only started by the default."""
+def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing, opt, launch=None,
+                            over: dict | None = None, rel: float = 1e-4, atol: float = 1e-5) -> list[float]:
+    """One case of the test above; returns the run's losses. `launch(config_path, procs)` starts train_ds.py and
+    returns its output (default: the deepspeed launcher on CPU); the tied-weights worker is only started by the
+    default. `over`: training config keys set over the case's (e.g. bf16 on a GPU, bench/gpu_checks.py), checked
+    with losses within `rel` and exported weights within `atol` of the reference."""
     opt, grouped = opt.removesuffix("+grouped"), opt.endswith("+grouped")
     torch.manual_seed(0)
     hf = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer)))
@@ -150,6 +154,7 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     if opt == "lion":
         config["optimizer"] = {"type": "Lion", "params": {"lr": LION_LR, "betas": list(LION_BETAS), "weight_decay": WD,
                                                           "use_triton": False}}
+    config.update(over or {})
     (tmp_path / "cfg.json").write_text(json.dumps(config))
     tied_stages = dims[0] > 1 and hf.config.tie_word_embeddings
     if tied_stages:  # train_ds.py's Trainer, then both stages' copies of the tied weight are compared
@@ -189,7 +194,7 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
 
     ref_losses, ref_state = reference_losses(tmp_path / "hf", dataset, plan, pad_id_of(tokenizer), clip, packing, opt)
     for m, ref in zip(metrics, ref_losses, strict=True):
-        assert m["loss"] == pytest.approx(ref, rel=1e-4), (m["step"], m["loss"], ref)
+        assert m["loss"] == pytest.approx(ref, rel=rel), (m["step"], m["loss"], ref)
     assert ref_losses[-1] < ref_losses[0]
 
     assert (tmp_path / "out" / "latest").read_text() == f"global_step{STEPS}"
@@ -200,7 +205,7 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     expected = {k: v for k, v in ref_state.items() if not (hf.config.tie_word_embeddings and k == "lm_head.weight")}
     assert sorted(exported) == sorted(expected)
     for k, v in expected.items():
-        torch.testing.assert_close(exported[k], v, atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(exported[k].float(), v.float().cpu(), atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
         assert not torch.equal(v, hf.state_dict()[k]), f"{k} was never updated"
     for f in TOKENIZER_FILES:  # through hg_to_pp, training's save_path and pp_to_hg, byte for byte
         if (tmp_path / "hf" / f).is_file():
@@ -208,3 +213,4 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"))
     assert type(loaded) is type(hf)
     assert all(torch.equal(loaded.state_dict()[k], t) for k, t in exported.items())
+    return [m["loss"] for m in metrics]

@@ -216,11 +216,13 @@ LION_KEYS = ("lr", "betas", "weight_decay", "use_triton")
 
 
 def build_lion(params_or_groups: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-               weight_decay: float = 0.0, use_triton: bool = False, **unknown: object) -> torch.optim.Optimizer:
+               weight_decay: float = 0.0, use_triton: bool = False, device_type: str | None = None,
+               **unknown: object) -> torch.optim.Optimizer:
     """lion-pytorch's Lion from the seed's `optimizer.params` ({lr, betas, weight_decay, use_triton}); pass the
     section as keyword arguments. Weight decay is applied as p *= 1 - lr * wd (lr of the group, scheduled).
     use_triton falls back to the torch update, with a warning, where the kernel cannot run (no CUDA, no triton, params off CUDA;
-    lion-pytorch would otherwise exit the process when triton is missing)."""
+    lion-pytorch would otherwise exit the process when triton is missing). `device_type`: where the params will
+    train (the accelerator's; they may still be on the CPU); None: where they are."""
     from lion_pytorch import Lion
 
     if unknown:
@@ -234,7 +236,7 @@ def build_lion(params_or_groups: Iterable, lr: float = 1e-4, betas: tuple[float,
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise ValueError(f"optimizer.params.weight_decay must be a number >= 0, got {weight_decay!r}")
     params_or_groups = list(params_or_groups)
-    if use_triton and (why := triton_problem(params_or_groups)):
+    if use_triton and (why := triton_problem(params_or_groups, device_type)):
         msg = f"Lion: use_triton was asked for but the triton kernel cannot run here ({why}); using the torch update"
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         logger.warning(msg)
@@ -281,7 +283,10 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
         groups = param_groups(model, wd, cfg.decay_norm_and_bias, no_decay, name_of)
         schedule = parse_lr_schedule(cfg.lr_schedule) if cfg.lr_schedule is not None else None
         if kind.lower() == "lion":
-            optimizer = build_lion(groups, **params)
+            from deepspeed.accelerator import get_accelerator
+
+            # the model is still on the CPU here (DeepSpeed moves it): the kernel's check is about the accelerator
+            optimizer = build_lion(groups, **params, device_type=get_accelerator().device_name())
             del ds["optimizer"]
             if (ds.get("zero_optimization") or {}).get("stage", 0) > 0:
                 ds.setdefault("zero_allow_untested_optimizer", True)  # lion-pytorch is not on DeepSpeed's ZeRO list

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .pipeline import LOSS_CHUNK_ELEMENTS
+from .wgrad import deferred_micro_batches
 
 # The cross-entropy's work per logit and token, in multiply-add equivalents: the fp32 cast, max, exp, sum,
 # log and the gradient's softmax - onehot, all memory-bound: measured about 54 multiply-adds per logit in fp32 on a CPU
@@ -54,6 +55,7 @@ class Setup:
     grad_ckpt: bool = False
     lora: LoraShape | None = None
     quantization: str | None = None  # "nf4": 4-bit frozen block weights (QLoRA); needs lora
+    defer_wgrad: bool = True  # full fine-tuning without checkpointing: later stages defer weight gradients (wgrad.py)
     overhead_bytes: tuple[float, ...] = ()  # per stage, measured by the caller (CPU: the process before the model);
     # empty: a GPU's stated overhead (GPU_OVERHEAD + GPU_FRAGMENTATION of the rest)
 
@@ -74,6 +76,7 @@ class StageMemory:
     gradients: float
     optimizer: float  # optimizer states (+ fp32 master weights) on the device
     activations: float  # saved tensors of the micro-batches in flight + pipe buffers + one backward's working set
+    # + the deferred weight-gradient inputs (models/wgrad.py)
     logits: float  # logits and loss buffers (last stage)
     step_buffer: float  # the step's transients: gradient reduction buffer + optimizer temporaries (after backward)
     overhead: float
@@ -198,6 +201,18 @@ def block_activation_bytes(family, config, seq_len: int, b: int, lora: LoraShape
     return saved + adapters
 
 
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # linears that read one tensor
+
+
+def deferred_bytes(family, config, b: int) -> float:
+    """Bytes per token one block holds for each micro-batch whose weight gradients wait (models/wgrad.py): every
+    linear's output gradient, and its input (one per group of linears that read the same tensor)."""
+    linears = _block_shapes(family, config)[1]
+    shared = {n: g[0] for g in SHARED_INPUTS for n in g if n in linears}
+    inputs = sum(i for n, (i, _) in linears.items() if shared.get(n, n) == n)
+    return b * (inputs + sum(o for _, o in linears.values()))
+
+
 def _embed_bytes(family, config, b: int) -> float:
     return 2 * b * config.hidden_size if family.model_type == "bloom" else 0.0  # Bloom's embedding LayerNorm
 
@@ -272,14 +287,20 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
         if family.model_type == "bloom" and blocks:
             per_micro += s.micro_batch * s.seq_len ** 2 * b  # the additive mask eager attention uses
         flight = s.in_flight[stage]
+        if s.defer_wgrad and s.lora is None and not s.grad_ckpt and s.pipe > 1:  # see models/wgrad.py
+            per_micro_deferred = blocks * deferred_bytes(family, config, b) * tokens
+        else:
+            per_micro_deferred = 0.0
         # one backward's working set: the gradients of a block's saved tensors (about their size), and with
         # checkpointing the block recomputed for it; the head's is in `logits`
         working = (block_act * (2 if s.grad_ckpt else 1) if blocks else 2 * b * h * tokens)
         if s.quantization == "nf4" and blocks:
             working += max(i * o for i, o in _block_shapes(family, config)[1].values()) * b  # a dequantized weight
         logits = _logits_bytes(config, tokens, b) if has_head else 0.0
-        mem = StageMemory((start, start + k - 1), total, trainable, weights, grads, states, flight * per_micro + working,
-                          logits, step_buffer, 0.0, host, flight, heap=bool(s.overhead_bytes))
+        deferred = deferred_micro_batches(stage, s.grad_accum) * per_micro_deferred
+        mem = StageMemory((start, start + k - 1), total, trainable, weights, grads, states,
+                          flight * per_micro + working + deferred, logits, step_buffer, 0.0, host, flight,
+                          heap=bool(s.overhead_bytes))
         static = mem.total  # without overhead yet
         mem.overhead = s.overhead_bytes[stage] if s.overhead_bytes else GPU_OVERHEAD + GPU_FRAGMENTATION * static
         out.append(mem)

@@ -171,6 +171,10 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
         assert [r["stage"] for r in reports] == [0, 1]
         for r in reports:  # the embedding's stage and the head's stage each hold a copy; after training they agree
             assert len(r["tied"]) == 1 and all(t["ranks"] == [0, 1] and t["max_abs_diff"] == 0 for t in r["tied"].values()), r
+        # full fine-tuning: the second stage deferred the weight gradients of each step's last micro-batch (the
+        # losses and weights below are those of the plain backward)
+        assert [r["deferred"] for r in reports] == [0, 0 if ckpt else STEPS], reports
+    assert ("deferred weight gradients: the last [0, 1] micro-batches per stage" in out) == (dims[0] > 1 and not ckpt)
 
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))

@@ -77,6 +77,7 @@ class TrainConfig:
     attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | flex_attention
     pad_to_multiple_of: int = 64  # a step's rows are padded to its longest row, rounded up to this (<= max_seq_len)
     group_by_length: bool = False  # length-grouped global batches (HF Trainer's megabatches), seeded
+    defer_weight_grads: bool = True  # full fine-tuning: later stages defer their last micro-batches' dW (models/wgrad.py)
     # checkpoints and resume (training/checkpoint.py)
     save_interval: int | None = None  # steps between checkpoints (None: only at the end)
     save_interval_minutes: float | None = None  # also checkpoint at the first step boundary this long after the last save
@@ -126,6 +127,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "train_on_prompt": (bool,), "last_answer_only": (bool,), "packing": (bool,),
     "split_long_pretrain": (bool,), "data_cache_dir": (str, type(None)), "model_topo": (dict,),
     "attn_implementation": (str,), "pad_to_multiple_of": (int,), "group_by_length": (bool,),
+    "defer_weight_grads": (bool,),
     "save_interval": (int, type(None)), "save_interval_minutes": (int, float, type(None)),
     "dist_timeout_minutes": (int, float), "keep_last": (int, type(None)), "resume": (str, bool),
     "overwrite_save_path": (bool,), "allow_data_change_on_resume": (bool,), "eval_data_path": (str, list, type(None)), "eval_split_ratio": (float, type(None)),

@@ -27,6 +27,7 @@ from models.cost import LoraShape, Setup, stage_memory
 from models.lora import LORA_FILE, apply_lora, load_adapter_into, lora_info, parse_lora
 from models.pipeline import parts_of
 from models.quant import base_memory, logical_numel, parse_quantization, quantized_specs
+from models.wgrad import WeightGradStore, defer_in_engine, deferred_micro_batches, make_deferrable
 from pipeft import command
 from training.batches import BatchPlan, RowsView, row_trained, step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause
@@ -154,6 +155,7 @@ class Trainer(RunDirectory):
                                                optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.model = model
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
+        self._defer_weight_grads(model)
         self.own_grad_norm = not (self.engine.zero_optimization() or self.engine.fp16_enabled()
                                   or self.engine.bfloat16_enabled())
         if self.own_grad_norm:  # fp32 without ZeRO: DeepSpeed neither reports the norm nor skips non-finite steps
@@ -167,6 +169,18 @@ class Trainer(RunDirectory):
         self.monitor = Monitor(Path(cfg.save_path), self.rank, self.total_steps, start, cfg.log_interval, cfg.report_to,
                                cfg.raw)
         self._summary(model)
+
+    def _defer_weight_grads(self, model) -> None:
+        """Full fine-tuning on several stages: each stage after the first computes the weight gradients of its last
+        micro-batches after the step's backward passes (models/wgrad.py). Not under LoRA (its adapters have little
+        to defer) nor activation checkpointing (what is kept would be recomputed activations, which it is there to
+        avoid)."""
+        on = self.cfg.defer_weight_grads and self.lora is None and not self.cfg.use_grad_ckpt
+        self.deferred = [deferred_micro_batches(s, self.cfg.grad_accum) if on else 0 for s in range(self.pp_size)]
+        k = self.deferred[self.engine.stage_id]
+        self.wgrad = WeightGradStore()
+        if k and make_deferrable(model, self.wgrad):
+            defer_in_engine(self.engine, self.wgrad, k)
 
     def _load_datasets(self):
         """(train, eval or None) on the ranks that read data (first and last pipeline stage); (None, None) on the
@@ -257,7 +271,7 @@ class Trainer(RunDirectory):
                       "bf16" if e.bfloat16_enabled() else "fp16" if e.fp16_enabled() else "fp32",
                       e.zero_optimization_stage(), offload is not None and str(getattr(offload, "device", "none")).endswith("cpu"),
                       cfg.use_grad_ckpt, LoraShape(lo.r, lo.target_modules, lo.dropout) if lo else None,
-                      quantization="nf4" if self.quant is not None else None,
+                      quantization="nf4" if self.quant is not None else None, defer_wgrad=cfg.defer_weight_grads,
                       overhead_bytes=() if next(model.parameters()).device.type != "cpu" else tuple(float(r[2]) for r in reporting))
         self.units = parts_of(self.family.unit_sizes(self.config), model.parts)
         mem = stage_memory(self.family, self.config, setup, self.units, counts=[tuple(r[:2]) for r in reporting])
@@ -308,6 +322,9 @@ class Trainer(RunDirectory):
                          f"(unquantised: {fmt_bytes(b['unquantized'])})")
         blocks = [per_rank[r][4] for r in self._stage_ranks()]
         self.log(f"activation checkpointing: {f'decoder blocks per stage {blocks} (non-reentrant)' if any(blocks) else 'off'}")
+        if any(self.deferred):
+            self.log(f"deferred weight gradients: the last {self.deferred} micro-batches per stage (their weight gradients "
+                     "after the step's backward passes; \"defer_weight_grads\": false turns it off)")
 
     # ------------------------------------------------------------------------------------------ steps
 

@@ -2,7 +2,8 @@
 
 Runs train_ds.py's Trainer (setup, train, save), then every rank holding a tied module compares its copy
 of each tied weight with the copy on the first stage of its tie group (broadcast over that group) and
-writes tied-rank{R}.json: {"stage", "tied": {"KEY.ATTR": {"ranks", "max_abs_diff"}}}."""
+writes tied-rank{R}.json: {"stage", "tied": {"KEY.ATTR": {"ranks", "max_abs_diff"}}, "deferred": the micro-batches whose
+weight gradients this rank deferred (models/wgrad.py)}."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def main() -> None:
                 first = mine.clone()
                 torch.distributed.broadcast(first, src=min(comm["ranks"]), group=comm["group"])
                 report[f"{key}.{attr}"] = {"ranks": comm["ranks"], "max_abs_diff": (mine - first).abs().max().item()}
-        out = {"stage": trainer.engine.stage_id, "tied": report}
+        out = {"stage": trainer.engine.stage_id, "tied": report, "deferred": trainer.wgrad.flushed}
         Path(args.out_dir, f"tied-rank{trainer.rank}.json").write_text(json.dumps(out))
     finally:
         trainer.close()

@@ -1,0 +1,88 @@
+"""Deferred weight gradients (models/wgrad.py): the same gradients, bit for bit, as the plain backward pass, through
+autograd (so gradient hooks run), with and without activation checkpointing, for Llama-shaped and Bloom blocks;
+and the stages that defer. The training reference tests (test_train_reference.py) run every 2-stage full
+fine-tuning case with it on, against transformers."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from models import get_family
+from models.attention import set_attn_implementation
+from models.cost import LoraShape, Setup, deferred_bytes, stage_memory
+from models.wgrad import WeightGradStore, deferred_micro_batches, make_deferrable
+from tests.helpers import tiny_config
+
+
+@pytest.mark.parametrize("family, name, ckpt", [("llama", "mha_bias_untied", False), ("llama", "gqa_tied", True),
+                                                ("bloom", "tied", False)])
+def test_deferred_weight_grads_equal_the_plain_backward(family, name, ckpt):
+    fam = get_family(family)
+    config = set_attn_implementation(fam.prepare_config(tiny_config(family, name)), "auto")
+    torch.manual_seed(0)
+    plain = fam.block_class(config, 0)
+    deferred = copy.deepcopy(plain)
+    store = WeightGradStore()
+    linears = sum(isinstance(m, torch.nn.Linear) for m in deferred.modules())
+    assert make_deferrable(deferred, store) == linears > 0
+    hooked = []
+    for p in deferred.parameters():  # what DeepSpeed's gradient hooks see
+        p.register_post_accumulate_grad_hook(lambda p: hooked.append(p))
+    b, t, h = 3, 10, config.hidden_size
+    pos = torch.arange(t).expand(b, t).contiguous()
+    seg = torch.ones(b, t, dtype=torch.long)
+    grads_in = {}
+    for label, block, defer in (("plain", plain, [False] * 4), ("deferred", deferred, [False, False, True, True])):
+        grads_in[label] = []
+        for i, d in enumerate(defer):
+            x = torch.randn(b, t, h, generator=torch.Generator().manual_seed(i)).requires_grad_()
+
+            def run(x, block=block):
+                return block((x, pos, seg))[0]
+
+            store.start(i, d)  # as the engine does before the forward pass ...
+            out = checkpoint(run, x, use_reentrant=False) if ckpt else run(x)
+            store.start(i, d)  # ... and before the backward pass (where checkpointing recomputes)
+            out.square().mean().backward()
+            store.stop()
+            grads_in[label].append(x.grad)
+        if label == "deferred":
+            assert sorted(store.pending) == [2, 3] and store.held_bytes > 0
+            before = {n: p.grad.clone() for n, p in deferred.named_parameters()}
+            store.flush()
+            assert not store.pending and not store.deferring
+            changed = {n for n, p in deferred.named_parameters() if not torch.equal(p.grad, before[n])}
+            assert changed == {n for n, m in deferred.named_modules() if isinstance(m, torch.nn.Linear)
+                               for n in (f"{n}.weight",)}  # only the linear weights waited (biases did not)
+    assert all(torch.equal(a, b) for a, b in zip(grads_in["plain"], grads_in["deferred"], strict=True))
+    for (n, p), q in zip(plain.named_parameters(), deferred.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), n
+    assert len(hooked) == 4 * sum(1 for _ in deferred.parameters())  # once per micro-batch and parameter
+
+
+def test_frozen_linears_are_left_alone_and_the_stages_that_defer():
+    fam = get_family("llama")
+    config = fam.prepare_config(tiny_config("llama", "gqa_tied", num_hidden_layers=8))
+    block = fam.block_class(config, 0)
+    block.mlp.requires_grad_(False)
+    assert make_deferrable(block, WeightGradStore()) == 4  # q, k, v, o; the frozen MLP is not routed
+    assert [deferred_micro_batches(s, 8) for s in range(4)] == [0, 1, 2, 3]
+    assert deferred_micro_batches(3, 2) == 2
+    # the memory model: stage s holds s micro-batches' linear inputs and output gradients more (2 blocks each here),
+    # full fine-tuning only
+    parts = [3, 2, 2, 3]  # embedding + 2 blocks | 2 | 2 | 2 + head
+    on, off = Setup(2, 64, 4, grad_accum=8), Setup(2, 64, 4, grad_accum=8, defer_wgrad=False)
+    extra = [a.activations - b.activations for a, b in zip(stage_memory(fam, config, on, parts),
+                                                            stage_memory(fam, config, off, parts), strict=True)]
+    per_block = deferred_bytes(fam, config, 2) * 2 * 64
+    assert extra == pytest.approx([0, 2 * per_block, 4 * per_block, 6 * per_block])
+    h, kv, inter = config.hidden_size, config.num_key_value_heads * config.head_dim, config.intermediate_size
+    assert deferred_bytes(fam, config, 2) == 2 * ((h + h + h + inter) + (h + 2 * kv + h + 2 * inter + h))
+    lora = Setup(2, 64, 4, grad_accum=8, lora=LoraShape(8, ("q_proj",)))
+    assert [m.activations for m in stage_memory(fam, config, lora, parts)] == \
+        [m.activations for m in stage_memory(fam, config, replace(lora, defer_wgrad=False), parts)]

@@ -335,6 +335,8 @@ def main() -> None:
     os.environ["DS_ACCELERATOR"] = "cpu" if args.device == "cpu" else args.device  # before anything imports deepspeed
     import torch
 
+    from launch.cuda_only import device_label
+
     device = torch.device(args.device)
     work = Path(args.out or tempfile.mkdtemp(prefix="pipeft-gpu-checks-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -344,7 +346,7 @@ def main() -> None:
             versions[name] = getattr(__import__(name), "__version__", "?")
         except Exception:  # noqa: BLE001 - absent or broken: say so
             versions[name] = "not installed"
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = device_label(device)
     print(f"device {device} ({gpu}); " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; out {work}", flush=True)
     sections = {"attention": (attention, device, args.quick), "training": (training, device, work, args.quick),
                 "qlora": (qlora, device, work, args.quick), "memory": (memory, device, work, args.quick),

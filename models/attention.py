@@ -52,8 +52,9 @@ def set_attn_implementation(config: Any, name: str) -> Any:
     return config
 
 
-def attn_problem(name: str, family: str, device_type: str) -> str | None:
-    """Why `attn_implementation` `name` cannot run for `family` on `device_type`, None when it can."""
+def attn_problem(name: str, family: str, device_type: str, precision: str | None = None) -> str | None:
+    """Why `attn_implementation` `name` cannot run for `family` on `device_type` in `precision` ("fp32", "bf16",
+    "fp16"; None: not checked), None when it can."""
     if name not in ATTN_IMPLEMENTATIONS:
         return f"must be one of {', '.join(map(repr, ATTN_IMPLEMENTATIONS))}"
     if family == "bloom" and name not in ("auto", "eager"):
@@ -63,6 +64,8 @@ def attn_problem(name: str, family: str, device_type: str) -> str | None:
             return f"flash_attention_2 needs a CUDA device (this one is {device_type})"
         if importlib.util.find_spec("flash_attn") is None:
             return "flash_attention_2 needs the flash-attn package (pip install flash-attn), which is not installed"
+        if precision == "fp32":
+            return "flash_attention_2 runs in bf16 or fp16 only (flash-attn has no fp32 kernels); enable bf16, or use \"auto\""
     if name == "flex_attention" and not flex_available(device_type):
         return (f"flex_attention has no backward on {device_type} in this torch ({torch.__version__}); "
                 "use \"auto\" or \"sdpa\"")
@@ -145,7 +148,7 @@ class AttnContext:
     block_mask: Any = None  # FlexAttention BlockMask (flex)
 
 
-def choose_path(impl: str, kind: str, device_type: str) -> str:
+def choose_path(impl: str, kind: str, device_type: str, dtype: torch.dtype | None = None) -> str:
     if impl == "eager":
         return "eager"
     if impl == "sdpa":
@@ -156,8 +159,8 @@ def choose_path(impl: str, kind: str, device_type: str) -> str:
         return "flex"
     if kind == "causal":  # auto: SDPA's is_causal path is flash attention on CUDA already
         return "sdpa_causal"
-    if device_type == "cuda" and flash_attn_available():
-        return "flash_varlen"
+    if device_type == "cuda" and dtype in (torch.bfloat16, torch.float16) and flash_attn_available():
+        return "flash_varlen"  # flash-attn has half-precision kernels only
     if flex_available(device_type):
         return "flex"
     return "sdpa_varlen" if device_type == "cpu" else "sdpa_mask"  # one kernel call per segment: for the CPU
@@ -198,7 +201,7 @@ def attn_context(position_ids: torch.Tensor, segment_ids: torch.Tensor, impl: st
     """This micro-batch's attention context on this stage, built once (see StageContexts)."""
     pair = (position_ids, segment_ids)
     kind = CONTEXTS.get(pair, ("kind",), lambda: row_kind(segment_ids))
-    path = choose_path(impl, kind, segment_ids.device.type)
+    path = choose_path(impl, kind, segment_ids.device.type, dtype)
     if path == "sdpa_mask":
         return AttnContext(path, mask=CONTEXTS.get(pair, ("mask", "bool"), lambda: segment_causal_mask(segment_ids)))
     if path == "sdpa_varlen":

@@ -40,13 +40,21 @@ class WeightGradStore:
     def stop(self) -> None:
         self.deferring, self.group = False, None
 
-    def flush(self) -> None:
-        """Every deferred dW, accumulated into its parameter by autograd, micro-batch by micro-batch."""
+    def flush(self, before=None, after=None) -> None:
+        """Every deferred dW, accumulated into its parameter by autograd, micro-batch by micro-batch; `before` and
+        `after` run around each micro-batch's (the optimizer's backward prologue and epilogue)."""
         for _, group in sorted(self.pending.items()):
             if group:
                 self.flushed += 1
+                if before is not None:
+                    before()
                 torch.autograd.backward([w for w, _, _ in group],
                                         [g.flatten(0, -2).t().mm(x.flatten(0, -2)) for _, x, g in group])
+                if after is not None:
+                    after()
+        self.reset()
+
+    def reset(self) -> None:
         self.pending = {}
         self.stop()
 
@@ -104,7 +112,10 @@ def deferred_micro_batches(stage: int, micro_batches: int) -> int:
 
 def defer_in_engine(engine, store: WeightGradStore, k: int) -> None:
     """Make DeepSpeed's pipeline engine defer the weight gradients of each step's last `k` backward passes on this
-    stage and compute them before the step's gradient reduction (its ReduceTiedGrads instruction)."""
+    stage and compute them before the step's gradient reduction (its ReduceTiedGrads instruction). Uses the
+    engine's private `_INSTRUCTION_MAP`, `grad_layer` / `_grad_layer_buf` (the receive buffer of the incoming
+    gradient, which a deferred micro-batch keeps as its last linear's dy), and the bf16 optimizer's
+    `clear_lp_grads` / `update_hp_grads` / `immediate_grad_update`."""
     from deepspeed.runtime.pipe import schedule
 
     table = dict(engine._INSTRUCTION_MAP)
@@ -116,19 +127,36 @@ def defer_in_engine(engine, store: WeightGradStore, k: int) -> None:
         def step(self, buffer_id):
             if kind == "forward" and not torch.is_grad_enabled():  # eval_batch: nothing to defer
                 return instruction(self, buffer_id)
-            store.start(count[kind], count[kind] >= self.micro_batches - k)
+            defer = count[kind] >= self.micro_batches - k
+            store.start(count[kind], defer)
             count[kind] += 1
             try:
                 return instruction(self, buffer_id)
             finally:
                 store.stop()
+                if kind == "backward" and defer:  # the received gradient is a kept dy: receive the next elsewhere
+                    self.grad_layer, self._grad_layer_buf = None, []
         return step
 
     def reduce_tied_grads(self):
-        store.flush()
+        opt = self.optimizer
+        if getattr(self, "using_bf16_optimizer", False) and not opt.immediate_grad_update:
+            # DeepSpeed's bf16 optimizer moves each backward pass's bf16 gradients into its fp32 ones right after
+            # it (clear_lp_grads before, update_hp_grads after): the same for each deferred micro-batch
+            store.flush(opt.clear_lp_grads, lambda: opt.update_hp_grads(clear_lp_grads=False))
+        else:  # fp32, fp16, ZeRO-1 and the bf16 optimizer's immediate update read .grad or hook its accumulation
+            store.flush()
         count["forward"] = count["backward"] = 0
         return reduce_tied(self)
+
+    train_batch = engine.train_batch
+
+    def train_batch_from_a_clean_state(*args, **kwargs):  # a step that raised leaves nothing for the next
+        store.reset()
+        count["forward"] = count["backward"] = 0
+        return train_batch(*args, **kwargs)
 
     table[schedule.ForwardPass], table[schedule.BackwardPass] = run("forward", forward), run("backward", backward)
     table[schedule.ReduceTiedGrads] = reduce_tied_grads
     engine._INSTRUCTION_MAP = table  # the instance's own table: _exec_schedule looks it up on self
+    engine.train_batch = train_batch_from_a_clean_state

@@ -79,3 +79,39 @@ def ops_uninterrupted(tmp_path_factory, ops_model) -> Path:
     tmp = tmp_path_factory.mktemp("full")
     run_deepspeed("train_ds.py", ["--config", str(ops_config(tmp, ops_model, save_interval=3))])
     return tmp / "out"
+
+
+@pytest.fixture(scope="session")
+def _ds_env():
+    """One single-process gloo group for the session (as `deepspeed --num_gpus 1` would set it up; DeepSpeed keeps
+    its groups, so it is made once), torn down at the end; its environment variables, for `ds`."""
+    import socket
+
+    import deepspeed
+    import torch
+
+    from training.distributed import shutdown_distributed
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = dict(os.environ)
+    os.environ.update(env)
+    owner = not torch.distributed.is_initialized()
+    deepspeed.init_distributed(dist_backend="gloo")
+    os.environ.clear()
+    os.environ.update(saved)
+    yield env
+    if owner:
+        shutdown_distributed()
+
+
+@pytest.fixture
+def ds(_ds_env, monkeypatch):
+    """deepspeed, with the session's single-process group and, during the test, its environment variables."""
+    import deepspeed
+
+    for k, v in _ds_env.items():
+        monkeypatch.setenv(k, v)
+    return deepspeed

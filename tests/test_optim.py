@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 import types
 
@@ -250,27 +248,6 @@ def test_build_optimizer_lion_and_deepspeed_scheduler():
 
 
 # ---------------------------------------------------------------------------------------------- through DeepSpeed
-
-
-@pytest.fixture(scope="module")
-def ds():
-    """One single-process gloo group for this module (as `deepspeed --num_gpus 1` would set it up), then torn down."""
-    import deepspeed
-
-    from training.distributed import shutdown_distributed
-
-    saved = dict(os.environ)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    owner = not torch.distributed.is_initialized()
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield deepspeed
-    if owner:
-        shutdown_distributed()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 BASE = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9}

@@ -86,3 +86,46 @@ def test_frozen_linears_are_left_alone_and_the_stages_that_defer():
     lora = Setup(2, 64, 4, grad_accum=8, lora=LoraShape(8, ("q_proj",)))
     assert [m.activations for m in stage_memory(fam, config, lora, parts)] == \
         [m.activations for m in stage_memory(fam, config, replace(lora, defer_wgrad=False), parts)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_deferral_inside_deepspeeds_pipeline_engine_gives_the_same_steps(ds, precision):
+    """The real engine (one stage, in this process) with its instruction table wrapped by `defer_in_engine`: two
+    steps equal those of the plain engine bit for bit. bf16 runs DeepSpeed's BF16_Optimizer, which moves each
+    backward pass's bf16 gradients into fp32 right after it; the deferred ones go the same way."""
+    from deepspeed.runtime.pipe.topology import ProcessTopology
+
+    from models import PipelineModel, causal_lm_loss, plan_stages
+    from models.wgrad import defer_in_engine
+
+    fam = get_family("llama")
+    config = set_attn_implementation(fam.prepare_config(tiny_config("llama", "mha_bias_untied")), "auto")
+    conf = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "steps_per_print": 10**9,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    if precision == "bf16":
+        conf |= {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 1}}
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.randint(4, 300, (2, 12), generator=g) for _ in range(8)]
+    pos, seg = torch.arange(12).expand(2, 12).contiguous(), torch.ones(2, 12, dtype=torch.long)
+    counts = torch.tensor([2 * 4 * 11, 4])  # trained tokens of the step, micro-batches
+
+    def run(defer: bool):
+        torch.manual_seed(0)
+        model = PipelineModel(fam.layer_specs(config), lambda n: plan_stages(fam.unit_sizes(config),
+                              fam.unit_costs(config), n, None), ProcessTopology(axes=["pipe", "data"], dims=[1, 1]),
+                              loss_fn=causal_lm_loss)
+        engine, *_ = ds.initialize(model=model, config=conf, model_parameters=[p for p in model.parameters()])
+        assert engine.using_bf16_optimizer == (precision == "bf16")
+        store = WeightGradStore()
+        if defer:
+            assert make_deferrable(model, store) == 7 * config.num_hidden_layers
+            defer_in_engine(engine, store, 2)
+        for step in range(2):
+            engine.train_batch(iter([((i, pos, seg), (i, counts)) for i in ids[4 * step:4 * step + 4]]))
+        return {n: p.detach().float().clone() for n, p in model.named_parameters()}, store.flushed
+
+    (plain, _), (deferred, flushed) = run(False), run(True)
+    assert flushed == 2 * 2  # two micro-batches of each step waited
+    assert plain.keys() == deferred.keys()
+    for n, p in plain.items():
+        assert torch.equal(p, deferred[n]), n

@@ -418,7 +418,9 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
         device = get_accelerator().device_name()
     else:
         device = "cpu"  # any device runs these
-    if problem := attn_problem(attn, family.model_type, device):
+    precision = next((k for k in ("bf16", "fp16") if isinstance(cfg.ds_config.get(k), dict)
+                      and cfg.ds_config[k].get("enabled", False)), "fp32")
+    if problem := attn_problem(attn, family.model_type, device, precision):
         raise ConfigError(f"{path}: 'attn_implementation' {attn!r}: {problem}")
     limit, how = family.max_positions(config)
     if limit is not None and cfg.max_seq_len > limit:

@@ -285,8 +285,11 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
         if kind.lower() == "lion":
             from deepspeed.accelerator import get_accelerator
 
-            # the model is still on the CPU here (DeepSpeed moves it): the kernel's check is about the accelerator
-            optimizer = build_lion(groups, **params, device_type=get_accelerator().device_name())
+            # the model is still on the CPU here (DeepSpeed moves it): the kernel's check is about the accelerator,
+            # or the CPU when ZeRO offloads the optimizer (it steps the fp32 copies there)
+            offload = (((ds.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") or "none")
+            device = "cpu" if offload in ("cpu", "nvme") else get_accelerator().device_name()
+            optimizer = build_lion(groups, **params, device_type=device)
             del ds["optimizer"]
             if (ds.get("zero_optimization") or {}).get("stage", 0) > 0:
                 ds.setdefault("zero_allow_untested_optimizer", True)  # lion-pytorch is not on DeepSpeed's ZeRO list

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .pipeline import LOSS_CHUNK_ELEMENTS
-from .wgrad import deferred_micro_batches
+from .wgrad import deferred_micro_batches, defers
 
 # The cross-entropy's work per logit and token, in multiply-add equivalents: the fp32 cast, max, exp, sum,
 # log and the gradient's softmax - onehot, all memory-bound: measured about 54 multiply-adds per logit in fp32 on a CPU
@@ -287,7 +287,7 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
         if family.model_type == "bloom" and blocks:
             per_micro += s.micro_batch * s.seq_len ** 2 * b  # the additive mask eager attention uses
         flight = s.in_flight[stage]
-        if s.defer_wgrad and s.lora is None and not s.grad_ckpt and s.pipe > 1:  # see models/wgrad.py
+        if defers(s.defer_wgrad, s.lora is not None, s.grad_ckpt):  # the first stage defers none
             per_micro_deferred = blocks * deferred_bytes(family, config, b) * tokens
         else:
             per_micro_deferred = 0.0

@@ -101,11 +101,17 @@ def make_deferrable(module: nn.Module, store: WeightGradStore) -> int:
     return n
 
 
+def defers(enabled: bool, lora: bool, grad_ckpt: bool) -> bool:
+    """Whether training defers weight gradients: `defer_weight_grads` on, full fine-tuning (LoRA's adapters have
+    little to defer), no activation checkpointing (what is kept would be the activations it drops)."""
+    return enabled and not lora and not grad_ckpt
+
+
 def deferred_micro_batches(stage: int, micro_batches: int) -> int:
     """How many of its last micro-batches a stage defers: `stage` (the first stage none: nothing waits for its
     input gradients). Stage s holds p - s micro-batches' activations under 1F1B and the first stage p, so s
     deferred micro-batches (their linears' inputs and output gradients, less than their activations) keep every
-    stage within the first stage's peak; not with activation checkpointing, where the trainer does not defer. On
+    stage within the first stage's peak (not with activation checkpointing: see `defers`). On
     the CPU bench (2 stages, 8 micro-batches) 1 was as fast as 2 or 3."""
     return min(micro_batches, stage)
 
@@ -146,12 +152,11 @@ def defer_in_engine(engine, store: WeightGradStore, k: int) -> None:
             store.flush(opt.clear_lp_grads, lambda: opt.update_hp_grads(clear_lp_grads=False))
         else:  # fp32, fp16, ZeRO-1 and the bf16 optimizer's immediate update read .grad or hook its accumulation
             store.flush()
-        count["forward"] = count["backward"] = 0
         return reduce_tied(self)
 
     train_batch = engine.train_batch
 
-    def train_batch_from_a_clean_state(*args, **kwargs):  # a step that raised leaves nothing for the next
+    def train_batch_from_a_clean_state(*args, **kwargs):  # counts per step; a step that raised leaves nothing
         store.reset()
         count["forward"] = count["backward"] = 0
         return train_batch(*args, **kwargs)

@@ -85,17 +85,13 @@ def ops_uninterrupted(tmp_path_factory, ops_model) -> Path:
 def _ds_env():
     """One single-process gloo group for the session (as `deepspeed --num_gpus 1` would set it up; DeepSpeed keeps
     its groups, so it is made once), torn down at the end; its environment variables, for `ds`."""
-    import socket
-
     import deepspeed
     import torch
 
+    from tests.helpers import free_port
     from training.distributed import shutdown_distributed
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     saved = dict(os.environ)
     os.environ.update(env)
     owner = not torch.distributed.is_initialized()

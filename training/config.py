@@ -232,7 +232,7 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
         if getattr(cfg, key) is not None and cfg.eval_interval is None:
             raise ConfigError(f"{path}: '{key}' needs 'eval_interval' (steps between evaluations)")
     ds = cfg.ds_config
-    enabled = [k for k in ("fp16", "bf16") if isinstance(ds.get(k), dict) and ds[k].get("enabled", False)]
+    enabled = _half_precisions(ds)
     if len(enabled) > 1:
         raise ConfigError(f"{path}: 'fp16' and 'bf16' are both enabled; choose one")
     if enabled:
@@ -418,8 +418,7 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
         device = get_accelerator().device_name()
     else:
         device = "cpu"  # any device runs these
-    precision = next((k for k in ("bf16", "fp16") if isinstance(cfg.ds_config.get(k), dict)
-                      and cfg.ds_config[k].get("enabled", False)), "fp32")
+    precision = (_half_precisions(cfg.ds_config) or ["fp32"])[0]  # both enabled is refused before
     if problem := attn_problem(attn, family.model_type, device, precision):
         raise ConfigError(f"{path}: 'attn_implementation' {attn!r}: {problem}")
     limit, how = family.max_positions(config)
@@ -502,6 +501,11 @@ def _check_resume(cfg: TrainConfig, path: Path, lora: LoraSettings | None) -> No
         raise ConfigError(f"{path}: '{c.key}' changed since the checkpoint {ckpt / RUN_CONFIG_FILE} "
                           f"({c.values()}): {c.note}{more}; "
                           f"{how}, {fresh}")
+
+
+def _half_precisions(ds: dict) -> list[str]:
+    """The DeepSpeed sections among fp16 / bf16 that are enabled."""
+    return [k for k in ("fp16", "bf16") if isinstance(ds.get(k), dict) and ds[k].get("enabled", False)]
 
 
 def _check_parts(cfg: TrainConfig, path: Path, world_size: int) -> None:

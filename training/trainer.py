@@ -27,7 +27,7 @@ from models.cost import LoraShape, Setup, stage_memory
 from models.lora import LORA_FILE, apply_lora, load_adapter_into, lora_info, parse_lora
 from models.pipeline import parts_of
 from models.quant import base_memory, logical_numel, parse_quantization, quantized_specs
-from models.wgrad import WeightGradStore, defer_in_engine, deferred_micro_batches, make_deferrable
+from models.wgrad import WeightGradStore, defer_in_engine, deferred_micro_batches, defers, make_deferrable
 from pipeft import command
 from training.batches import BatchPlan, RowsView, row_trained, step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause
@@ -172,10 +172,8 @@ class Trainer(RunDirectory):
 
     def _defer_weight_grads(self, model) -> None:
         """Full fine-tuning on several stages: each stage after the first computes the weight gradients of its last
-        micro-batches after the step's backward passes (models/wgrad.py). Not under LoRA (its adapters have little
-        to defer) nor activation checkpointing (what is kept would be recomputed activations, which it is there to
-        avoid)."""
-        on = self.cfg.defer_weight_grads and self.lora is None and not self.cfg.use_grad_ckpt
+        micro-batches after the step's backward passes (models/wgrad.py; not under LoRA or checkpointing)."""
+        on = defers(self.cfg.defer_weight_grads, self.lora is not None, self.cfg.use_grad_ckpt)
         self.deferred = [deferred_micro_batches(s, self.cfg.grad_accum) if on else 0 for s in range(self.pp_size)]
         k = self.deferred[self.engine.stage_id]
         self.wgrad = WeightGradStore()

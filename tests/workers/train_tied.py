@@ -3,7 +3,8 @@
 Runs train_ds.py's Trainer (setup, train, save), then every rank holding a tied module compares its copy
 of each tied weight with the copy on the first stage of its tie group (broadcast over that group) and
 writes tied-rank{R}.json: {"stage", "tied": {"KEY.ATTR": {"ranks", "max_abs_diff"}}, "deferred": the micro-batches whose
-weight gradients this rank deferred (models/wgrad.py)}."""
+weight gradients this rank deferred (models/wgrad.py)}. `--defer-more N`: every stage defers N more of its last
+micro-batches than train_ds.py would (so the first stage, which receives gradients, keeps received ones too)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ def main() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--local_rank", type=int, default=0)
+    ap.add_argument("--defer-more", type=int, default=0)
     args = ap.parse_args()
+    if args.defer_more:
+        import training.trainer as trainer_module
+        from models.wgrad import deferred_micro_batches
+
+        trainer_module.deferred_micro_batches = lambda s, m: deferred_micro_batches(s + args.defer_more, m)
 
     trainer = Trainer(load_config(args.config, world_size=int(os.environ["WORLD_SIZE"])))
     try:

@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from tests.helpers import pythonpath  # noqa: E402
+
+# every process a test starts loads mlflow on first use (tests/pyhooks); the launch helpers that set their own
+# PYTHONPATH add it themselves
+os.environ["PYTHONPATH"] = pythonpath(*filter(None, [os.environ.get("PYTHONPATH")]))
+
 from data.templates import INSTRUCT_NO_INPUT, INSTRUCT_WITH_INPUT  # noqa: E402
 from data.tiny_tokenizer import train_tiny_tokenizer  # noqa: E402
 

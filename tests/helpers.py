@@ -115,6 +115,15 @@ def segments_of(row: dict[str, list[int]]) -> list[dict[str, list[int]]]:
             for s in range(1, int(seg.max()) + 1)]
 
 
+def pythonpath(*first) -> str:
+    """PYTHONPATH for the processes a test starts: `first`, then tests/pyhooks (its sitecustomize imports mlflow
+    on first use, not in every process DeepSpeed starts; see there)."""
+    import os
+    from pathlib import Path
+
+    return os.pathsep.join([*map(str, first), str(Path(__file__).resolve().parent / "pyhooks")])
+
+
 def free_port() -> int:
     import socket
 
@@ -138,7 +147,7 @@ def start_deepspeed(script: str, args: list[str], num_procs: int = 2, env: dict 
     root = Path(__file__).resolve().parents[1]
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher is not installed"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": pythonpath(root), "OMP_NUM_THREADS": "1", **(env or {})}
     port = port or free_port()
     cmd = [*(prefix or []), launcher, *(launcher_args or ["--num_gpus", str(num_procs)]), "--master_port", str(port),
            str(root / script), *args]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, ops_config
+from tests.helpers import free_port, ops_config, pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 DECOY = "raise ImportError('the decoy {} package of the working directory was imported')\n"
@@ -47,7 +47,7 @@ def test_wheel_console_scripts_ignore_packages_of_the_working_directory(tmp_path
     for pkg in ("models", "data", "training", "launch"):
         (work / pkg).mkdir(parents=True)
         (work / pkg / "__init__.py").write_text(DECOY.format(pkg))
-    env = {**os.environ, "PYTHONPATH": f"{work}{os.pathsep}{site}", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": pythonpath(work, site), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
     def script(name: str, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(bin_dir / name), *args], cwd=work, env=env, capture_output=True, text=True,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from launch import gaudi, trainium
-from tests.helpers import free_port
+from tests.helpers import free_port, pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,7 +161,7 @@ def test_trainium_path_on_cpu_matches_reference(tmp_path, tokenizer):
     from tests.test_train_reference import check_against_reference
 
     def launch(config: Path, procs: int) -> str:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": pythonpath(ROOT), "OMP_NUM_THREADS": "1"}
         env.pop("DS_ACCELERATOR", None)  # DeepSpeed's own CPU accelerator is not what runs
         r = subprocess.run([sys.executable, "-m", "launch.trainium", "--accelerator", "cpu:gloo", "--nproc_per_node",
                             str(procs), "--master_port", str(free_port()), "train_ds.py", "--config", str(config)],

@@ -1,6 +1,6 @@
 """Training throughput side by side, in one run: the project against raw DeepSpeed, ZeRO-3 and one process.
 
-    python bench/train_throughput.py [--steps 6] [--warmup 2] [--workdir DIR]
+    python bench/train_throughput.py [--rounds 2] [--steps 6] [--warmup 2] [--workdir DIR]
     python bench/train_throughput.py --gpu [--layers 16 --hidden 2048 --seq 2048]   # one GPU: tokens/s and MFU
 
 CPU mode. A Llama of hidden 256, 8 layers (8 heads, 4 KV heads), a tokenizer built locally; global batch 32
@@ -16,7 +16,9 @@ Every variant trains on the same global batches (the project's order). Data: "fu
 the project also runs full 512-token rows, the reference for SFT throughput at the same max_seq_len.
 Columns: real (non-padding) tokens/s of the measured steps; ratios to (b), (c), (d); the pipeline efficiency
 a / (2 x d1) and its share of the 1F1B ideal m / (m + p - 1) = 8/9. Compare figures of one run on an
-otherwise idle machine only.
+otherwise idle machine only. The variants of one kind of data run in turn, `--rounds` times over (a slow minute
+of the machine then hits each variant alike); tokens/s are over every round, and the per-round ratios of (a) to
+(b) and (c) show the spread.
 
 GPU mode (--gpu): PP=1, bf16, a ~1B Llama at 2048 tokens per row on one GPU, the project's blocks with the
 fast path (causal SDPA, no mask) and with the dense-mask path: tokens/s and MFU (6N + 12 L h T FLOPs per
@@ -305,13 +307,14 @@ def cpu_bench(args: argparse.Namespace) -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="pipeft-throughput-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"workdir {work}; {os.cpu_count()} cores; {PROCS} processes x 1 thread; global batch {MICRO * GAS} "
-          f"(micro {MICRO} x {GAS}); {args.steps} steps, the first {args.warmup} not timed", flush=True)
+          f"(micro {MICRO} x {GAS}); {args.steps} timed steps after {args.warmup} untimed, {args.rounds} rounds",
+          flush=True)
     paths = prepare(work)
     from transformers import AutoTokenizer
 
     pad_id = AutoTokenizer.from_pretrained(str(paths["hf"])).pad_token_id
     steps, warmup = args.steps + args.warmup, args.warmup
-    results: dict[tuple[str, str], dict] = {}
+    results: dict[tuple[str, str], list[dict]] = {}
     for data, seq in (("full", 128), ("sft", 512)):
         grouped = data == "sft"
         batches = work / f"{data}.batches.json"
@@ -330,16 +333,19 @@ def cpu_bench(args: argparse.Namespace) -> None:
                 "d1": lambda s=spec, d=data: run_worker("single", {**s, "threads": 1}, work, f"single1-{d}", 0, 1)}
         if data == "full":  # every row is max_seq_len long: the padding multiple changes nothing
             del runs["a pad8"]
-        for key, run in runs.items():
-            print(f"  {data}: {key} ...", flush=True)
-            results[(data, key)] = run()
-    print("  full 512 (project, the SFT reference) ...", flush=True)
-    results[("full512", "a")] = run_project(paths, work, "project-full512", "full", 512, steps, warmup, False, False)
+        if data == "sft":
+            runs["full512"] = lambda: run_project(paths, work, "project-full512", "full", 512, steps, warmup, False,
+                                                  False)
+        for r in range(args.rounds):
+            for key, run in runs.items():
+                print(f"  round {r + 1}: {data}: {key} ...", flush=True)
+                results.setdefault(("full512", "a") if key == "full512" else (data, key), []).append(run())
     report(results)
 
 
 def report(results: dict) -> None:
-    rate = {k: v["tokens"] / v["seconds"] for k, v in results.items()}
+    """The table; `results[(data, variant)]` holds one measurement per round."""
+    rate = {k: sum(r["tokens"] for r in v) / sum(r["seconds"] for r in v) for k, v in results.items()}
     ideal = GAS / (GAS + PROCS - 1)
     names = {"a": "(a) project, 2 stages", "a packed": "(a) project, packed", "a pad8": "(a) project, pad_to_multiple_of 8",
              "b": "(b) raw DeepSpeed pipeline",
@@ -357,14 +363,21 @@ def report(results: dict) -> None:
             if key.startswith("a"):
                 e = r / (PROCS * rate[(data, "d1")])
                 eff = f"{e:.3f} ({e / ideal:.2f})"
-            share = results[(data, key)].get("data_share")
+            shares = [r["data_share"] for r in results[(data, key)] if "data_share" in r]
+            share = max(shares) if shares else None
             print(f"| {label} | {names[key]} | {r:,.0f} | {r / rate[(data, 'b')]:.2f}x | {r / rate[(data, 'c')]:.2f}x | "
                   f"{r / rate[(data, 'd')]:.2f}x | {eff} | {'' if share is None else f'{share:.2%}'} |")
     full512 = rate[("full512", "a")]
     print(f"\nSFT unpacked vs full 512-token rows, the project at the same max_seq_len: "
           f"{rate[('sft', 'a')]:,.0f} / {full512:,.0f} = {rate[('sft', 'a')] / full512:.2f}x (packed: "
           f"{rate[('sft', 'a packed')] / full512:.2f}x, pad_to_multiple_of 8: {rate[('sft', 'a pad8')] / full512:.2f}x); "
-          f"step lengths of the SFT runs: {results[('sft', 'a')]['seq_lens']}, {results[('sft', 'a pad8')]['seq_lens']}")
+          f"step lengths of the SFT runs: {results[('sft', 'a')][0]['seq_lens']}, "
+          f"{results[('sft', 'a pad8')][0]['seq_lens']}")
+    per_round = {k: [r["tokens"] / r["seconds"] for r in v] for k, v in results.items()}
+    for data in ("full", "sft"):
+        for base in ("b", "c"):
+            ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(per_round[(data, "a")], per_round[(data, base)], strict=True))
+            print(f"{data}: (a) / ({base}) per round: {ratios}")
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -439,6 +452,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--rounds", type=int, default=2, help="CPU mode: every variant this many times, in turn")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--gpu", action="store_true", help="the one-GPU mode")
     ap.add_argument("--device", default="cuda", help="--gpu: the device")

@@ -465,6 +465,8 @@ def main() -> None:
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rounds < 1 or args.steps < 1 or args.warmup < 1:
+        ap.error("--rounds, --steps and --warmup must be at least 1")
     if args.worker:
         spec = json.loads(Path(args.spec).read_text())
         result = WORKERS[args.worker](spec)

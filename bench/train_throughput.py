@@ -16,9 +16,9 @@ Every variant trains on the same global batches (the project's order). Data: "fu
 the project also runs full 512-token rows, the reference for SFT throughput at the same max_seq_len.
 Columns: real (non-padding) tokens/s of the measured steps; ratios to (b), (c), (d); the pipeline efficiency
 a / (2 x d1) and its share of the 1F1B ideal m / (m + p - 1) = 8/9. Compare figures of one run on an
-otherwise idle machine only. The variants of one kind of data run in turn, `--rounds` times over (a slow minute
-of the machine then hits each variant alike); tokens/s are over every round, and the per-round ratios of (a) to
-(b) and (c) show the spread.
+otherwise idle machine only. The variants of one kind of data run in turn, `--rounds` times over, each round
+starting one variant later (a slow minute of the machine then hits each variant alike); tokens/s are over every
+round, the data time is the highest of the rounds, and the per-round ratios of (a) to (b) and (c) show the spread.
 
 GPU mode (--gpu): PP=1, bf16, a ~1B Llama at 2048 tokens per row on one GPU, the project's blocks with the
 fast path (causal SDPA, no mask) and with the dense-mask path: tokens/s and MFU (6N + 12 L h T FLOPs per
@@ -336,15 +336,17 @@ def cpu_bench(args: argparse.Namespace) -> None:
         if data == "sft":
             runs["full512"] = lambda: run_project(paths, work, "project-full512", "full", 512, steps, warmup, False,
                                                   False)
+        keys = list(runs)
         for r in range(args.rounds):
-            for key, run in runs.items():
+            for key in keys[r % len(keys):] + keys[:r % len(keys)]:  # each round starts one variant later
+                run = runs[key]
                 print(f"  round {r + 1}: {data}: {key} ...", flush=True)
                 results.setdefault(("full512", "a") if key == "full512" else (data, key), []).append(run())
     report(results)
 
 
 def report(results: dict) -> None:
-    """The table; `results[(data, variant)]` holds one measurement per round."""
+    """The table; `results[(data, variant)]` holds one measurement per round (the data time: the highest)."""
     rate = {k: sum(r["tokens"] for r in v) / sum(r["seconds"] for r in v) for k, v in results.items()}
     ideal = GAS / (GAS + PROCS - 1)
     names = {"a": "(a) project, 2 stages", "a packed": "(a) project, packed", "a pad8": "(a) project, pad_to_multiple_of 8",
@@ -465,7 +467,7 @@ def main() -> None:
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.rounds < 1 or args.steps < 1 or args.warmup < 1:
+    if args.rounds < 1 or args.steps < 1 or (args.warmup < 1 and not args.gpu):
         ap.error("--rounds, --steps and --warmup must be at least 1")
     if args.worker:
         spec = json.loads(Path(args.spec).read_text())

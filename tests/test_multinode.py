@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import finish_deepspeed, free_port, ops_config, pythonpath, start_deepspeed, workers_of
+from tests.helpers import finish_deepspeed, free_port, ops_config, start_deepspeed, workers_of
 from tests.test_train_ops import checkpoint_tensors, losses_of, wait_for
 
 pytestmark = pytest.mark.distributed
@@ -98,7 +98,7 @@ def test_srun_environment_starts_one_run_of_two_processes(tmp_path, ops_model, o
     cfg = ops_config(tmp_path, ops_model, save_interval=3)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                           "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=pythonpath(), SLURM_JOB_ID="4242", SLURM_STEP_NUM_TASKS="2",
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", SLURM_JOB_ID="4242", SLURM_STEP_NUM_TASKS="2",
                SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", MASTER_PORT=str(free_port()))
     procs = [subprocess.Popen([sys.executable, "train_ds.py", "--config", str(cfg)], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -114,8 +114,7 @@ def test_torchrun_with_time_based_checkpoints(tmp_path, ops_model, ops_uninterru
     interval, on every rank at the same step (a pause after step 3 lets the interval pass there)."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     cfg = ops_config(tmp_path, ops_model, save_interval_minutes=0.02)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PIPEFT_FAULT_PAUSE": "step:3:3",
-           "PYTHONPATH": pythonpath()}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PIPEFT_FAULT_PAUSE": "step:3:3"}
     done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "train_ds.py",
                            "--config", str(cfg)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

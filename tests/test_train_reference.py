@@ -161,6 +161,7 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     config.update(over or {})
     (tmp_path / "cfg.json").write_text(json.dumps(config))
     tied_stages = dims[0] > 1 and hf.config.tie_word_embeddings
+    assert defer_more == 0 or tied_stages, "defer_more is the tied-weights worker's option"
     if tied_stages:  # train_ds.py's Trainer, then both stages' copies of the tied weight are compared
         assert launch is None, "the tied-weights check runs its own worker under the deepspeed launcher"
         out = run_deepspeed("tests/workers/train_tied.py", ["--config", str(tmp_path / "cfg.json"), "--out-dir",

@@ -162,6 +162,7 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     (tmp_path / "cfg.json").write_text(json.dumps(config))
     tied_stages = dims[0] > 1 and hf.config.tie_word_embeddings
     assert defer_more == 0 or tied_stages, "defer_more is the tied-weights worker's option"
+    per_stage = [min(GAS, s + defer_more) for s in (0, 1)]  # micro-batches whose weight gradients wait, per stage
     if tied_stages:  # train_ds.py's Trainer, then both stages' copies of the tied weight are compared
         assert launch is None, "the tied-weights check runs its own worker under the deepspeed launcher"
         out = run_deepspeed("tests/workers/train_tied.py", ["--config", str(tmp_path / "cfg.json"), "--out-dir",
@@ -179,8 +180,8 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
             assert len(r["tied"]) == 1 and all(t["ranks"] == [0, 1] and t["max_abs_diff"] == 0 for t in r["tied"].values()), r
         # full fine-tuning: stage s deferred the weight gradients of each step's last s (+ defer_more) micro-batches
         # (the losses and weights below are those of the plain backward)
-        assert [r["deferred"] for r in reports] == [0 if ckpt else min(GAS, s + defer_more) * STEPS for s in (0, 1)], reports
-    deferred = f"deferred weight gradients: the last {[min(GAS, s + defer_more) for s in (0, 1)]} micro-batches per stage"
+        assert [r["deferred"] for r in reports] == [0 if ckpt else k * STEPS for k in per_stage], reports
+    deferred = f"deferred weight gradients: the last {per_stage} micro-batches per stage"
     assert (deferred in out) == (dims[0] > 1 and not ckpt), out[-2000:]
 
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]

@@ -287,11 +287,12 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
 
             # the model is still on the CPU here (DeepSpeed moves it): the kernel's check is about the accelerator,
             # or the CPU when ZeRO offloads the optimizer (it steps the fp32 copies there)
-            offload = (((ds.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") or "none")
+            zero = ds.get("zero_optimization") or {}
+            offload = (zero.get("offload_optimizer") or {}).get("device") or "none"
             device = "cpu" if offload in ("cpu", "nvme") else get_accelerator().device_name()
             optimizer = build_lion(groups, **params, device_type=device)
             del ds["optimizer"]
-            if (ds.get("zero_optimization") or {}).get("stage", 0) > 0:
+            if zero.get("stage", 0) > 0:
                 ds.setdefault("zero_allow_untested_optimizer", True)  # lion-pytorch is not on DeepSpeed's ZeRO list
     except ValueError as e:
         raise ConfigError(f"{cfg.path}: {e}") from None

@@ -77,7 +77,9 @@ class _DeferredLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, detached = ctx.saved_tensors
-        ctx.group.append((ctx.module.weight, x, grad))
+        # x without its history: kept with it, x -> its graph -> an earlier deferred linear -> this group -> x would
+        # be a cycle through autograd's nodes that the garbage collector cannot break (every step's kept tensors leak)
+        ctx.group.append((ctx.module.weight, x.detach(), grad))
         gx = grad.matmul(detached) if ctx.needs_input_grad[0] else None
         gb = grad.flatten(0, -2).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, None, gb, None, None

@@ -150,7 +150,7 @@ def test_flush_frees_what_the_deferred_micro_batches_held():
     out = block((block((x, pos, seg))[0], pos, seg))[0]  # two passes: the second's inputs come from deferred linears
     out.square().mean().backward()
     store.stop()
-    held = [weakref.ref(t) for group in store.pending.values() for _, a, g in group for t in (a, g)]
+    held = [weakref.ref(k) for group in store.pending.values() for _, a, g in group for k in (a, g)]
     assert len(held) == 2 * 2 * sum(isinstance(m, torch.nn.Linear) for m in block.modules())
     store.flush()
     del out, x

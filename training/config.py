@@ -332,6 +332,10 @@ def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
         stage = ds.get(section, {}).get("stage", 0) if isinstance(ds.get(section), dict) else 0
         if stage > 1:
             raise ConfigError(f"{path}: zero_optimization.stage {stage} does not work with pipeline parallelism; use 0 or 1")
+    if ds.get("wall_clock_breakdown"):  # checked with DeepSpeed 0.19.8, over this project's model and a raw PipelineModule
+        raise ConfigError(f"{path}: 'wall_clock_breakdown' true stops DeepSpeed's pipeline engine at the first backward pass "
+                          "(it starts its backward timers twice: 'bwd_microstep timer has already been started'); remove it "
+                          "(metrics.jsonl records each step's time and data time)")
 
 
 def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:

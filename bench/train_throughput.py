@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -254,19 +253,15 @@ WORKERS = {"raw_pipe": worker_raw_pipe, "zero3": worker_zero3, "single": worker_
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(threads: int) -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
 
 
 def _launch(args: list[str], work: Path, name: str, procs: int = PROCS, threads: int = 1) -> None:
+    from tests.helpers import free_port
+
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    cmd = [launcher, "--num_gpus", str(procs), "--master_port", str(_port()), *args] if procs else [sys.executable, *args]
+    cmd = [launcher, "--num_gpus", str(procs), "--master_port", str(free_port()), *args] if procs else [sys.executable, *args]
     log = work / f"{name}.log"
     with open(log, "w") as out:
         rc = subprocess.call(cmd, cwd=ROOT, env=_env(threads), stdout=out, stderr=subprocess.STDOUT)

@@ -110,12 +110,15 @@ def defers(enabled: bool, lora: bool, grad_ckpt: bool) -> bool:
 
 
 def deferred_micro_batches(stage: int, micro_batches: int) -> int:
-    """How many of its last micro-batches a stage defers: `stage` (the first stage none: nothing waits for its
-    input gradients). Stage s holds p - s micro-batches' activations under 1F1B and the first stage p, so s
-    deferred micro-batches (their linears' inputs and output gradients, less than their activations) keep every
-    stage within the first stage's peak (not with activation checkpointing: see `defers`). On
-    the CPU bench (2 stages, 8 micro-batches) 1 was as fast as 2 or 3."""
-    return min(micro_batches, stage)
+    """How many of its last micro-batches a stage defers: `stage` + 1, the first stage none (nothing waits for its
+    input gradients). What this fills: once stage s has sent its last input gradient, the step still waits for the
+    stages before it, each one's last input gradient (about a weight gradient's time: stage s - 1 defers too) and
+    the first stage's whole last backward pass (two): s + 1 weight gradients' time. Deferring s, as zero-bubble's
+    memory-neutral schedule (ZB-H1) does, leaves one of them idle. Each deferred micro-batch keeps its linears'
+    inputs and output gradients (about two thirds of a Llama block's activations; models/cost.py counts them). On
+    the CPU bench (2 stages, 8 micro-batches) the second stage deferring 2 against 1: median 1.06x tokens/s over
+    12 alternating rounds (single rounds 0.86-1.17x on that VM); 3: 1.07x over 6."""
+    return min(micro_batches, stage + 1) if stage else 0
 
 
 def defer_in_engine(engine, store: WeightGradStore, k: int) -> None:

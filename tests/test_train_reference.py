@@ -32,6 +32,7 @@ from data.templates import TemplateSettings
 from models import get_family
 from models.convert import hg_to_pp, pp_to_hg
 from models.hf_io import TOKENIZER_FILES
+from models.wgrad import deferred_micro_batches
 from tests.helpers import run_deepspeed, segments_of, tiny_config
 from training.batches import BatchPlan
 from training.optim import lion_reference_update, param_groups
@@ -162,7 +163,7 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     (tmp_path / "cfg.json").write_text(json.dumps(config))
     tied_stages = dims[0] > 1 and hf.config.tie_word_embeddings
     assert defer_more == 0 or tied_stages, "defer_more is the tied-weights worker's option"
-    per_stage = [min(GAS, s + defer_more) for s in (0, 1)]  # micro-batches whose weight gradients wait, per stage
+    per_stage = [min(GAS, deferred_micro_batches(s, GAS) + defer_more) for s in (0, 1)]  # whose weight gradients wait
     if tied_stages:  # train_ds.py's Trainer, then both stages' copies of the tied weight are compared
         assert launch is None, "the tied-weights check runs its own worker under the deepspeed launcher"
         out = run_deepspeed("tests/workers/train_tied.py", ["--config", str(tmp_path / "cfg.json"), "--out-dir",
@@ -178,7 +179,7 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
         assert [r["stage"] for r in reports] == [0, 1]
         for r in reports:  # the embedding's stage and the head's stage each hold a copy; after training they agree
             assert len(r["tied"]) == 1 and all(t["ranks"] == [0, 1] and t["max_abs_diff"] == 0 for t in r["tied"].values()), r
-        # full fine-tuning: stage s deferred the weight gradients of each step's last s (+ defer_more) micro-batches
+        # full fine-tuning: stage s deferred the weight gradients of each step's last s + 1 (+ defer_more) micro-batches
         # (the losses and weights below are those of the plain backward)
         assert [r["deferred"] for r in reports] == [0 if ckpt else k * STEPS for k in per_stage], reports
     deferred = f"deferred weight gradients: the last {per_stage} micro-batches per stage"

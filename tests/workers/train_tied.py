@@ -33,7 +33,7 @@ def main() -> None:
         import training.trainer as trainer_module
         from models.wgrad import deferred_micro_batches
 
-        trainer_module.deferred_micro_batches = lambda s, m: deferred_micro_batches(s + args.defer_more, m)
+        trainer_module.deferred_micro_batches = lambda s, m: min(m, deferred_micro_batches(s, m) + args.defer_more)
 
     trainer = Trainer(load_config(args.config, world_size=int(os.environ["WORLD_SIZE"])))
     try:

@@ -111,13 +111,15 @@ def defers(enabled: bool, lora: bool, grad_ckpt: bool) -> bool:
 
 def deferred_micro_batches(stage: int, micro_batches: int) -> int:
     """How many of its last micro-batches a stage defers: `stage` + 1, the first stage none (nothing waits for its
-    input gradients). What this fills: once stage s has sent its last input gradient, the step still waits for the
-    stages before it, each one's last input gradient (about a weight gradient's time: stage s - 1 defers too) and
-    the first stage's whole last backward pass (two): s + 1 weight gradients' time. Deferring s, as zero-bubble's
-    memory-neutral schedule (ZB-H1) does, leaves one of them idle. Each deferred micro-batch keeps its linears'
-    inputs and output gradients (about two thirds of a Llama block's activations; models/cost.py counts them). On
-    the CPU bench (2 stages, 8 micro-batches) the second stage deferring 2 against 1: median 1.06x tokens/s over
-    12 alternating rounds (single rounds 0.86-1.17x on that VM); 3: 1.07x over 6."""
+    input gradients). Each deferred backward pass leaves the chain of last backward passes the step ends on, and
+    its weight gradients run while the stages before it still work. Zero-bubble's memory-neutral ZB-H1 defers s;
+    one more shortens the step when a later stage is the slower one (the head's, usually) and equals s when the
+    stages are balanced: `python bench/pipeline_timeline.py` (a 1F1B timeline model) gives 1,483 -> 1,463 ms a step
+    with the CPU bench's measured stage times, 3,480 -> 3,450 ms on 8 stages whose last is a sixth heavier, the
+    same step balanced; 2s is slower than s + 1 there. Each deferred micro-batch keeps its linears' inputs and output
+    gradients (about two thirds of a Llama block's activations; models/cost.py counts them). Measured on the CPU
+    bench, the second stage deferring 2 against 1: median 1.06x tokens/s over 12 alternating rounds (single rounds
+    0.86-1.17x: that VM's noise is larger than the model's 1.4%)."""
     return min(micro_batches, stage + 1) if stage else 0
 
 

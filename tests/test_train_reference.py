@@ -179,7 +179,8 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
         assert [r["stage"] for r in reports] == [0, 1]
         for r in reports:  # the embedding's stage and the head's stage each hold a copy; after training they agree
             assert len(r["tied"]) == 1 and all(t["ranks"] == [0, 1] and t["max_abs_diff"] == 0 for t in r["tied"].values()), r
-        # full fine-tuning: stage s deferred the weight gradients of each step's last s + 1 (+ defer_more) micro-batches
+        # full fine-tuning: stage s > 0 deferred the weight gradients of each step's last s + 1 micro-batches (stage 0
+        # none), each + defer_more
         # (the losses and weights below are those of the plain backward)
         assert [r["deferred"] for r in reports] == [0 if ckpt else k * STEPS for k in per_stage], reports
     deferred = f"deferred weight gradients: the last {per_stage} micro-batches per stage"

@@ -116,8 +116,9 @@ def deferred_micro_batches(stage: int, micro_batches: int) -> int:
     one more shortens the step when a later stage is the slower one (the head's, usually) and equals s when the
     stages are balanced: `python bench/pipeline_timeline.py` (a 1F1B timeline model) gives 1,483 -> 1,463 ms a step
     with the CPU bench's measured stage times, 3,480 -> 3,450 ms on 8 stages whose last is a sixth heavier, the
-    same step balanced; 2s is slower than s + 1 there. Each deferred micro-batch keeps its linears' inputs and output
-    gradients (about two thirds of a Llama block's activations; models/cost.py counts them). Measured on the CPU
+    same step balanced; 2s is slower than s + 1 on 4 or 8 balanced stages. Each deferred micro-batch keeps its
+    linears' inputs and output gradients (about two thirds of a Llama block's activations; models/cost.py counts
+    them). Measured on the CPU
     bench, the second stage deferring 2 against 1: median 1.06x tokens/s over 12 alternating rounds (single rounds
     0.86-1.17x: that VM's noise is larger than the model's 1.4%)."""
     return min(micro_batches, stage + 1) if stage else 0

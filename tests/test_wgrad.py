@@ -162,12 +162,12 @@ def test_timeline_model_is_1f1b_and_the_rule_never_lengthens_a_step():
     """bench/pipeline_timeline.py, the model the deferral rule is argued with: without deferral, balanced stages
     take the 1F1B step (m + p - 1)(F + B); deferring s + 1 is never slower than ZB-H1's s, and faster when the last
     stage is the heavier one."""
-    from bench.pipeline_timeline import step_ms
+    from bench.pipeline_timeline import RULES, step_ms
 
     for p, m in ((1, 4), (2, 8), (4, 8), (4, 3), (8, 16)):
         assert step_ms([50.0] * p, [100.0] * p, [45.0] * p, m, [0] * p) == (m + p - 1) * 150
     for p, m, heavier in ((2, 8, 0.0), (4, 8, 0.0), (8, 16, 0.0), (2, 8, 20.0), (4, 16, 20.0), (8, 16, 20.0)):
         fwd, bwd, w = [50.0] * (p - 1) + [50.0 + heavier], [100.0] * (p - 1) + [100.0 + 2 * heavier], [45.0] * p
-        zb_h1 = step_ms(fwd, bwd, w, m, [min(m, s) for s in range(p)])
+        zb_h1 = step_ms(fwd, bwd, w, m, [RULES["s (ZB-H1)"](s, m) for s in range(p)])
         ours = step_ms(fwd, bwd, w, m, [deferred_micro_batches(s, m) for s in range(p)])
         assert ours <= zb_h1 and (ours < zb_h1 or not heavier), (p, m, heavier, ours, zb_h1)

@@ -104,6 +104,9 @@ def tied_head_forward(embedding: BloomEmbeddingPipe, hidden: torch.Tensor) -> to
     return F.linear(hidden, embedding.word_embeddings.weight)
 
 
+tied_head_forward.linear_weight = "word_embeddings.weight"  # the loss computes the head in chunks (models.pipeline)
+
+
 def layer_specs(config: BloomConfig) -> list:
     config = prepare_config(config)
     n = config.num_hidden_layers

@@ -227,15 +227,17 @@ def _head_bytes(family, config, b: int, lora: LoraShape | None) -> float:
 
 def _logits_bytes(config, tokens: int, b: int) -> float:
     """The last stage's logits and loss buffers for one micro-batch. The head runs inside the loss, on the positions
-    that have a target (models.pipeline.causal_lm_loss), so the pipeline engine no longer holds the logits until
+    that have a target (models.pipeline.causal_lm_loss), so the pipeline engine never holds the logits until
     backward; this counts every position (an upper bound: prompts and padding have no target). One chunk (<=
-    LOSS_CHUNK_ELEMENTS logits): fp32 log-softmax output, and in backward its fp32 gradient and the logits'
-    gradient. Chunked: the gradient computed in forward (logits' dtype; its product with the incoming gradient
-    reuses the logits' freed memory, measured on CPU) and two fp32 chunks."""
+    LOSS_CHUNK_ELEMENTS logits): the logits, their fp32 log-softmax output, and in backward its fp32 gradient and
+    the logits' gradient. Chunked: the head runs chunk by chunk inside the loss, so no [N, V] logits exist; the
+    gradient computed in forward (logits' dtype, kept for backward's two head matmuls) and one chunk's logits, their
+    fp32 copy (half precision) and fp32 log-softmax."""
     n = tokens * config.vocab_size
+    half = b != 4
     if n <= LOSS_CHUNK_ELEMENTS:
-        return n * (b + 8 + (4 if b != 4 else 0))  # + the fp32 copy the loss makes of half-precision logits
-    return n * b + 2 * 4 * LOSS_CHUNK_ELEMENTS
+        return n * (b + 8 + (4 if half else 0))  # + the fp32 copy the loss makes of half-precision logits
+    return n * b + LOSS_CHUNK_ELEMENTS * (b + 4 + (4 if half else 0))
 
 
 # ---------------------------------------------------------------------------------------------- stages

@@ -116,6 +116,9 @@ def tied_head_forward(embedding: LlamaEmbeddingPipe, hidden: torch.Tensor) -> to
     return F.linear(hidden, embedding.weight)
 
 
+tied_head_forward.linear_weight = "weight"  # the loss computes the head in chunks (models.pipeline)
+
+
 def rope_layer_specs(config, block_class: type = LlamaBlockPipe) -> list:
     """Embedding, N `block_class` blocks, RMSNorm, LM head (tied to the embedding when `tie_word_embeddings`): the
     spec list of every Llama-shaped family."""

@@ -12,6 +12,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -129,43 +130,70 @@ LOSS_CHUNK_ELEMENTS = 1 << 24  # logits per chunk of the loss (16M: 64 MB in fp3
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Summed next-token cross entropy over [N, V] logits, computed N-chunk by N-chunk in fp32 so that the fp32
-    logits are never materialised whole. The gradient (softmax - onehot, in the logits' dtype) is computed in
-    the same pass when one is needed, so backward is a multiply; ignored rows get 0."""
+    logits are never materialised whole. With `weight` ([V, H]; `x` is then the head's input [N, H]) each chunk's
+    logits are F.linear(x chunk, weight), so no [N, V] logits exist at all. The gradient (softmax - onehot, in the
+    logits' dtype) is computed in the same pass when one is needed (`grad`: the caller's grad mode, which is off
+    inside forward), so backward is a multiply (the head's two matmuls with it); ignored rows get 0."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
-        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for a in range(0, logits.shape[0], rows):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor, rows: int,
+                grad: bool) -> torch.Tensor:
+        n = x.shape[0]
+        g_all = x.new_empty(n, x.shape[1] if weight is None else weight.shape[0]) if grad else None
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for a in range(0, n, rows):
             t = targets[a:a + rows]
             ignored = t == IGNORE_INDEX
             safe = t.masked_fill(ignored, 0)[:, None]
-            logp = torch.log_softmax(logits[a:a + rows].float(), dim=-1)
+            chunk = x[a:a + rows] if weight is None else F.linear(x[a:a + rows], weight)
+            logp = torch.log_softmax(chunk.float(), dim=-1)
+            del chunk
             total -= logp.gather(1, safe).masked_fill_(ignored[:, None], 0.0).sum()
-            if grad is not None:
+            if g_all is not None:
                 g = logp.exp_()
                 g.scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=g.dtype))
-                grad[a:a + rows] = g.masked_fill_(ignored[:, None], 0.0)
-        ctx.save_for_backward(grad)
+                g_all[a:a + rows] = g.masked_fill_(ignored[:, None], 0.0)
+        ctx.save_for_backward(g_all, x if weight is not None else None, weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None
+        g, x, weight = ctx.saved_tensors
+        if weight is None:
+            return g * grad_out.to(g.dtype), None, None, None, None
+        dx = g.matmul(weight).mul_(grad_out) if ctx.needs_input_grad[0] else None
+        dw = g.t().matmul(x).mul_(grad_out) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None, None
 
 
-def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum" | "mean") for [N, V] logits,
-    in chunks of at most LOSS_CHUNK_ELEMENTS logits (the same loss and gradients, never [N, V] in fp32 at once).
-    Logits that fit one chunk go to F.cross_entropy itself (its fused kernels)."""
-    if logits.numel() <= LOSS_CHUNK_ELEMENTS:
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum",
+                          weight: torch.Tensor | None = None) -> torch.Tensor:
+    """F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum" | "mean") for [N, V] logits, or
+    for the logits F.linear(logits, weight) of a bias-free LM head (`weight` [V, H], `logits` then its [N, H]
+    input), in chunks of at most LOSS_CHUNK_ELEMENTS logits: the same loss and gradients, never [N, V] in fp32 at
+    once, and with `weight` no [N, V] logits at all. Logits that fit one chunk go to F.cross_entropy itself (its
+    fused kernels)."""
+    vocab = logits.shape[-1] if weight is None else weight.shape[0]
+    if logits.shape[0] * vocab <= LOSS_CHUNK_ELEMENTS:
+        logits = logits if weight is None else F.linear(logits, weight)
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
-    rows = max(1, LOSS_CHUNK_ELEMENTS // logits.shape[-1])
-    total = _ChunkedCrossEntropy.apply(logits, targets, rows)
+    grad = torch.is_grad_enabled() and (logits.requires_grad or (weight is not None and weight.requires_grad))
+    total = _ChunkedCrossEntropy.apply(logits, weight, targets, max(1, LOSS_CHUNK_ELEMENTS // vocab), grad)
     if reduction == "sum":
         return total
     return total / (targets != IGNORE_INDEX).sum()
+
+
+def linear_head_weight(head: Callable) -> torch.Tensor | None:
+    """The weight W of an LM head that computes F.linear(hidden, W): a bias-free nn.Linear, or a tied head
+    (DeepSpeed's partial(forward_fn, module)) whose forward_fn names the module's attribute it multiplies by
+    (`forward_fn.linear_weight`). None for any other head: the loss then calls it."""
+    if isinstance(head, nn.Linear):
+        return head.weight if head.bias is None and type(head).forward is nn.Linear.forward else None
+    if isinstance(head, partial) and len(head.args) == 1 and not head.keywords:
+        attr = getattr(head.func, "linear_weight", None)
+        return None if attr is None else attrgetter(attr)(head.args[0])
+    return None
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
@@ -186,13 +214,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | tuple[torch.Tens
     if isinstance(labels, (tuple, list)):
         labels, counts = labels
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    weight = None
     if head is not None:
         keep = shifted != IGNORE_INDEX
-        logits, shifted = head(logits[keep]), shifted[keep]
+        logits, shifted = logits[keep], shifted[keep]
+        weight = linear_head_weight(head)
+        if weight is None:
+            logits = head(logits)
     flat = logits.reshape(-1, logits.shape[-1])
     if counts is None:
-        return chunked_cross_entropy(flat, shifted.reshape(-1), reduction="mean")
-    total = chunked_cross_entropy(flat, shifted.reshape(-1))
+        return chunked_cross_entropy(flat, shifted.reshape(-1), reduction="mean", weight=weight)
+    total = chunked_cross_entropy(flat, shifted.reshape(-1), weight=weight)
     return total * counts[1].float() / counts[0].float()
 
 

@@ -200,34 +200,76 @@ def test_chunked_cross_entropy_equals_the_full_one(dtype, monkeypatch):
             F.cross_entropy(logits.float(), targets, reduction="sum").item(), rel=1e-6)
 
 
+class _Outputs(torch.overrides.TorchFunctionMode):
+    """The shapes of the floating-point tensors every torch function returns inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            self.shapes.append((getattr(func, "__name__", str(func)), tuple(out.shape), out.dtype))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "tied", "callable"])
 @pytest.mark.parametrize("chunk", [None, 3 * 50], ids=["one-chunk", "chunked"])
-def test_head_in_the_loss_equals_logits_then_loss(chunk, monkeypatch):
+def test_head_in_the_loss_equals_logits_then_loss(chunk, kind, dtype, monkeypatch):
     """causal_lm_loss(hidden, labels, head=...) runs the head only at positions with a target (counted) and gives
     the loss and the gradients (hidden, head weight) of causal_lm_loss(head(hidden), labels); a row with no
-    target, the (labels, counts) form and a micro-batch with no target at all included."""
+    target, the (labels, counts) form and a micro-batch with no target at all included. A bias-free linear head
+    (nn.Linear, or a tied head's partial(forward_fn, embedding)) runs inside the chunked loss: no [N, V] logits
+    exist, only the gradient in the logits' dtype; any other callable is called, then chunked."""
+    from functools import partial
+
+    from transformers import LlamaConfig
+
     from models import pipeline
+    from models.llama import LlamaEmbeddingPipe, tied_head_forward
 
     if chunk:
         monkeypatch.setattr(pipeline, "LOSS_CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=False)
-    hidden = torch.randn(3, 8, 16, generator=g, requires_grad=True)
+    linear = torch.nn.Linear(16, 50, bias=False).to(dtype)
+    hidden = torch.randn(3, 8, 16, generator=g).to(dtype).requires_grad_()
     labels = torch.randint(0, 50, (3, 8), generator=g)
     labels[0, :5] = -100  # a prompt
     labels[1] = -100  # a row with nothing to learn
     labels[2, 6:] = -100  # padding
     rows = []
-    counted = lambda h: rows.append(h.shape[0]) or head(h)  # noqa: E731
+    if kind == "tied":
+        embed = LlamaEmbeddingPipe(LlamaConfig(vocab_size=50, hidden_size=16, num_attention_heads=2)).to(dtype)
+        embed.weight.data.copy_(linear.weight.data)
+        head, weight = partial(tied_head_forward, embed), embed.weight
+    else:
+        head, weight = linear, linear.weight
+    if kind == "callable":
+        head = lambda h: rows.append(h.shape[0]) or linear(h)  # noqa: E731
+    assert (pipeline.linear_head_weight(head) is weight) == (kind != "callable")
     for lab in (labels, (labels, torch.tensor([40, 4]))):
-        ours = pipeline.causal_lm_loss(hidden, lab, head=counted)
-        g_ours = torch.autograd.grad(ours, (hidden, head.weight))
-        ref = pipeline.causal_lm_loss(head(hidden), lab)
-        g_ref = torch.autograd.grad(ref, (hidden, head.weight))
+        with _Outputs() as seen:
+            ours = pipeline.causal_lm_loss(hidden, lab, head=head)
+        g_ours = torch.autograd.grad(ours, (hidden, weight))
+        ref = pipeline.causal_lm_loss(torch.nn.functional.linear(hidden, weight), lab)
+        g_ref = torch.autograd.grad(ref, (hidden, weight))
         torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
         for a, b in zip(g_ours, g_ref, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    assert rows == [3 + 0 + 5] * 2  # targets: row 0 at positions 4-6, row 1 none, row 2 at 0-4
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5) if dtype == torch.float32 else \
+                torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+        logits = [(f, s) for f, s, _ in seen.shapes if len(s) == 2 and s[1] == 50 and f != "new_empty"]
+        largest = max(s[0] for _, s in logits)
+        assert largest == (8 if not chunk or kind == "callable" else 3), logits  # 8 positions have a target
+    assert rows == ([3 + 0 + 5] * 2 if kind == "callable" else [])  # targets: row 0 at 4-6, row 1 none, row 2 at 0-4
     nothing = torch.full_like(labels, -100)
     loss = pipeline.causal_lm_loss(hidden, (nothing, torch.tensor([40, 4])), head=head)
     (g_h,) = torch.autograd.grad(loss, hidden)
     assert loss.item() == 0 and not g_h.any()
+    with torch.no_grad(), _Outputs() as seen:  # evaluation: the loss alone, no gradient buffer
+        ours = pipeline.causal_lm_loss(hidden, labels, head=head)
+        ref = pipeline.causal_lm_loss(torch.nn.functional.linear(hidden, weight), labels)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    assert not any(f == "new_empty" for f, _, _ in seen.shapes)

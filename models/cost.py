@@ -168,11 +168,12 @@ def _dims(config) -> tuple[int, int, int, int]:
     return h, heads, kv, inter
 
 
-def block_activation_bytes(family, config, seq_len: int, b: int, lora: LoraShape | None) -> float:
+def block_activation_bytes(family, config, seq_len: int, b: int, lora: LoraShape | None, mask_bytes: int = 1) -> float:
     """Bytes autograd saves per token of one block's forward (b: bytes of the compute dtype). A frozen linear (LoRA
-    base) saves no input; an adapter saves its input once (dropout 0) or its dropout output and mask per module."""
+    base) saves no input; an adapter saves its input once (dropout 0) or its dropout output and mask per module
+    (`mask_bytes` an element: 1, the bool mask of CUDA's fused dropout; on the CPU, b: torch multiplies by a mask in
+    the compute dtype there)."""
     h, heads, kv, inter = _dims(config)
-    trained = lambda name: lora is None or name in lora.targets  # noqa: E731  (the linear's input is saved)
 
     def linear_inputs(names: tuple[str, ...], width: int) -> float:
         if lora is None:
@@ -180,7 +181,7 @@ def block_activation_bytes(family, config, seq_len: int, b: int, lora: LoraShape
         hit = [n for n in names if n in lora.targets]
         if not hit:
             return 0.0
-        return b * width if lora.dropout == 0 else len(hit) * (b + 1) * width
+        return b * width if lora.dropout == 0 else len(hit) * (b + mask_bytes) * width
 
     adapters = 0.0 if lora is None else sum(b * lora.r for _ in lora.targets)
     if family.model_type == "bloom":  # LayerNorm, fused QKV, eager ALiBi attention (fp32 softmax), GELU MLP
@@ -188,16 +189,16 @@ def block_activation_bytes(family, config, seq_len: int, b: int, lora: LoraShape
         saved = (b * h + 8  # ln1 input, mean / rstd
                  + linear_inputs(("query_key_value",), h)
                  + 3 * b * h + attn  # q, k, v head-major copies
-                 + (b * h if trained("dense") else 0)
+                 + linear_inputs(("dense",), h)
                  + b * h + 8 + linear_inputs(("dense_h_to_4h",), h)  # ln2
-                 + 4 * b * h + (4 * b * h if trained("dense_4h_to_h") else 0))  # GELU input, its output
+                 + 4 * b * h + linear_inputs(("dense_4h_to_h",), 4 * h))  # GELU input, its output
         return saved + adapters
     # Llama: RMSNorm in fp32 (its input in fp32, normalised, weighted), SDPA (q, k, v, output, logsumexp), SwiGLU
     norm = 4 * h + (b * h if lora is None else 0)
     saved = (2 * norm + linear_inputs(("q_proj", "k_proj", "v_proj"), h) + linear_inputs(("gate_proj", "up_proj"), h)
              + b * (h + 2 * kv) + b * h + 4 * heads  # rotated q, k, v, output, logsumexp
-             + (b * h if trained("o_proj") else 0)
-             + 3 * b * inter + (b * inter if trained("down_proj") else 0))  # gate, SiLU out, up, product
+             + linear_inputs(("o_proj",), h)
+             + 3 * b * inter + linear_inputs(("down_proj",), inter))  # gate, SiLU out, up, product
     return saved + adapters
 
 
@@ -253,7 +254,8 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
     n_units, h = len(units), config.hidden_size
     tokens = s.micro_batch * s.seq_len
     tied = getattr(config, "tie_word_embeddings", False)
-    block_act = block_activation_bytes(family, config, s.seq_len, b, s.lora) * tokens
+    cpu = bool(s.overhead_bytes)  # measured overhead: a CPU process
+    block_act = block_activation_bytes(family, config, s.seq_len, b, s.lora, mask_bytes=b if cpu else 1) * tokens
     adapters = lora_params(family, config, s.lora) if s.lora else 0
     out, start = [], 0
     for stage, k in enumerate(parts):
@@ -278,7 +280,7 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
             host, states = states + (trainable * 4 / shard if half else 0), 0.0
             grads = trainable * b
         step_buffer = min(trainable, REDUCE_BUCKET) * (4 if half and not s.offload else b)
-        if s.overhead_bytes:  # CPU: torch's per-parameter AdamW makes two temporaries of the largest parameter
+        if cpu:  # torch's per-parameter AdamW makes two temporaries of the largest parameter
             step_buffer += 2 * 4 * _largest_param(family, config, units, idx, s.lora is None)
         # activations per micro-batch: saved tensors (checkpointed blocks keep only their input), pipe buffers
         per_micro = blocks * (b * h * tokens if s.grad_ckpt else block_act)
@@ -302,7 +304,7 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
         deferred = deferred_micro_batches(stage, s.grad_accum) * per_micro_deferred
         mem = StageMemory((start, start + k - 1), total, trainable, weights, grads, states,
                           flight * per_micro + working + deferred, logits, step_buffer, 0.0, host, flight,
-                          heap=bool(s.overhead_bytes))
+                          heap=cpu)
         static = mem.total  # without overhead yet
         mem.overhead = s.overhead_bytes[stage] if s.overhead_bytes else GPU_OVERHEAD + GPU_FRAGMENTATION * static
         out.append(mem)

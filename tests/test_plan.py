@@ -65,6 +65,59 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         assert text in err and "\n" not in err
 
 
+LORA_QV = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+LORA_ALL = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
+
+
+@pytest.mark.parametrize("family,name,lora", [
+    ("llama", "gqa_tied", None), ("llama", "gqa_tied", {**LORA_QV, "dropout": 0.0}),
+    ("llama", "gqa_tied", {**LORA_QV, "dropout": 0.05}), ("llama", "gqa_tied", {**LORA_ALL, "dropout": 0.0}),
+    ("llama", "gqa_tied", {**LORA_ALL, "dropout": 0.05}), ("bloom", "untied", None),
+    ("bloom", "untied", {**LORA_ALL, "target_modules": ["query_key_value"], "dropout": 0.0}),
+    ("bloom", "untied", {**LORA_ALL, "dropout": 0.05})],
+    ids=["llama-full", "llama-lora-qv", "llama-lora-qv-dropout", "llama-lora-all", "llama-lora-all-dropout",
+         "bloom-full", "bloom-lora-qkv", "bloom-lora-all-dropout"])
+def test_saved_tensors_of_the_blocks_are_the_models_activation_term(family, name, lora):
+    """What autograd saves in the decoder blocks' forward (saved-tensor hooks, each storage once, parameters left
+    out), 2 x 64 tokens, fp32, against n_blocks x block_activation_bytes x tokens (the CPU's dropout mask in the
+    compute dtype), within 10%: full fine-tuning, LoRA on some or all linears, with and without dropout."""
+    import torch
+
+    from models.cost import block_activation_bytes
+    from models.lora import apply_lora, parse_lora
+    from models.pipeline import SequentialModel
+    from tests.helpers import make_batch, tiny_config
+
+    fam = get_family(family)
+    config = fam.prepare_config(tiny_config(family, name))
+    torch.manual_seed(0)
+    seq = SequentialModel(fam.layer_specs(config))
+    n, shape = fam.num_blocks(config), None
+    if lora:
+        settings = parse_lora(lora, fam, config)
+        seq.forward_funcs, seq._local_start = seq._funcs, 0  # what apply_lora reads of a PipelineModel
+        apply_lora(seq, settings, fam, seed=0, num_blocks=n)
+        shape = LoraShape(settings.r, settings.target_modules, settings.dropout)
+    params = {p.untyped_storage().data_ptr() for p in seq.parameters()}
+    ids, _, pos, seg, _ = make_batch(config.vocab_size, [64, 64], 64, "right")
+    with torch.no_grad():
+        x = seq._funcs[0]((ids, pos, seg))
+    x = (x[0].requires_grad_(), *x[1:])
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for block in seq._funcs[1:1 + n]:
+            x = block(x)
+    predicted = n * block_activation_bytes(fam, config, 64, 4, shape, mask_bytes=4) * 2 * 64
+    assert predicted == pytest.approx(sum(saved.values()), rel=0.1)
+
+
 # ---------------------------------------------------------------------------------------------- CPU validation
 
 WORDS = "pipeline stage layer token batch loss gradient weight model data train answer question reply".split()

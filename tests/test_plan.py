@@ -46,6 +46,19 @@ def test_published_configs_fit_8x40gb_and_lora_qlora_need_less(raw, tmp_path, ca
     assert sum(m.weights for m in q) < 0.6 * sum(m.weights for m in lo)  # 4-bit block weights (embeddings stay bf16)
 
 
+def test_the_readmes_planner_example_is_what_it_prints(tmp_path, capsys):
+    """README "Planning": the Llama-2-7B example's lines are lines the planner prints for that command."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("Llama-2-7B on 8 x 40 GB at 1024 tokens:\n\n```\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    assert plan_main(["--model-config", str(tmp_path / "config.json"), "--gpus", "8", "--gpu-memory", "40GB",
+                      "--max-seq-len", "1024"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(block.splitlines()) == 5 and all(line in printed for line in block.splitlines()), (block, printed)
+
+
 def test_what_cannot_fit_says_what_would():
     family, config = _model(LLAMA2_7B)
     ans = plan(family, config, gpus=1, memory=24e9, seq_len=1024)

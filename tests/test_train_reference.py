@@ -1,7 +1,8 @@
 """train_ds.py under the real deepspeed launcher against a single-process reference: the same weights in
 the family's HF model (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, BloomForCausalLM), torch AdamW, the same global
 batches, loss = token mean over the global batch. Per-step losses (rtol 1e-4) and the weights exported by pp_to_hg
-(atol 1e-5) must match. With a tied embedding/head on two stages, both copies must end identical.
+(atol 1e-5) must match. With a tied embedding/head on two stages, both copies must end identical, and the loss
+runs in chunks of 8 positions with the tied head inside it (models.pipeline: no [N, V] logits).
 
 Adam's first step is nearly sign(g), so a gradient error that keeps signs (a scale) only shows from
 step 2 on: hence several steps, and gradient clipping stated explicitly (DeepSpeed's default is 1.0).
@@ -42,6 +43,7 @@ pytestmark = pytest.mark.distributed
 STEPS, MICRO, GAS, SEQ, LR, WD, BETAS, SEED = 6, 2, 4, 128, 2e-3, 0.01, (0.9, 0.95), 7
 LION_LR, LION_BETAS = 3e-4, (0.9, 0.99)
 EPS = 1e-6
+LOSS_CHUNK = 8  # positions per chunk of the loss in the tied-weights worker's runs (the head inside the loss)
 WORDS = "pipeline stage layer token batch loss gradient weight model data train answer question reply".split()
 
 
@@ -166,8 +168,10 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     per_stage = [min(GAS, deferred_micro_batches(s, GAS) + defer_more) for s in (0, 1)]  # whose weight gradients wait
     if tied_stages:  # train_ds.py's Trainer, then both stages' copies of the tied weight are compared
         assert launch is None, "the tied-weights check runs its own worker under the deepspeed launcher"
+        # ... with the loss chunked at LOSS_CHUNK rows x vocabulary: the tied head runs inside it, chunk by chunk
         out = run_deepspeed("tests/workers/train_tied.py", ["--config", str(tmp_path / "cfg.json"), "--out-dir",
-                                                            str(tmp_path), "--defer-more", str(defer_more)],
+                                                            str(tmp_path), "--defer-more", str(defer_more),
+                                                            "--loss-chunk", str(LOSS_CHUNK * len(tokenizer))],
                             num_procs=procs).stdout
     elif launch is not None:
         out = launch(tmp_path / "cfg.json", procs)
@@ -183,6 +187,8 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
         # none), each + defer_more
         # (the losses and weights below are those of the plain backward)
         assert [r["deferred"] for r in reports] == [0 if ckpt else k * STEPS for k in per_stage], reports
+        # the last stage's loss ran its head in chunks of LOSS_CHUNK positions: more chunks than micro-batches
+        assert reports[0]["head_chunks"] == 0 and reports[1]["head_chunks"] > STEPS * GAS, reports
     deferred = f"deferred weight gradients: the last {per_stage} micro-batches per stage"
     assert (deferred in out) == (dims[0] > 1 and not ckpt), out[-2000:]
 

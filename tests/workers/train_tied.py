@@ -4,7 +4,9 @@ Runs train_ds.py's Trainer (setup, train, save), then every rank holding a tied 
 of each tied weight with the copy on the first stage of its tie group (broadcast over that group) and
 writes tied-rank{R}.json: {"stage", "tied": {"KEY.ATTR": {"ranks", "max_abs_diff"}}, "deferred": the micro-batches whose
 weight gradients this rank deferred (models/wgrad.py)}. `--defer-more N`: every stage defers N more of its last
-micro-batches than train_ds.py would (so the first stage, which receives gradients, keeps received ones too)."""
+micro-batches than train_ds.py would (so the first stage, which receives gradients, keeps received ones too).
+`--loss-chunk N`: the loss's chunk in logits (models.pipeline.LOSS_CHUNK_ELEMENTS), so that on the tests' small
+vocabularies the last stage's tied head runs chunk by chunk inside the loss; "head_chunks" counts those chunks."""
 
 from __future__ import annotations
 
@@ -28,7 +30,21 @@ def main() -> None:
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--local_rank", type=int, default=0)
     ap.add_argument("--defer-more", type=int, default=0)
+    ap.add_argument("--loss-chunk", type=int, default=0)
     args = ap.parse_args()
+    head_chunks = []
+    if args.loss_chunk:
+        from models import pipeline
+
+        pipeline.LOSS_CHUNK_ELEMENTS = args.loss_chunk
+        forward = pipeline._ChunkedCrossEntropy.forward
+
+        def counted(ctx, x, weight, targets, rows, grad):
+            if weight is not None:  # the head inside the loss: one F.linear per chunk of `rows` positions
+                head_chunks.append(-(-x.shape[0] // rows))
+            return forward(ctx, x, weight, targets, rows, grad)
+
+        pipeline._ChunkedCrossEntropy.forward = staticmethod(counted)
     if args.defer_more:
         import training.trainer as trainer_module
         from models.wgrad import deferred_micro_batches
@@ -47,7 +63,8 @@ def main() -> None:
                 first = mine.clone()
                 torch.distributed.broadcast(first, src=min(comm["ranks"]), group=comm["group"])
                 report[f"{key}.{attr}"] = {"ranks": comm["ranks"], "max_abs_diff": (mine - first).abs().max().item()}
-        out = {"stage": trainer.engine.stage_id, "tied": report, "deferred": trainer.wgrad.flushed}
+        out = {"stage": trainer.engine.stage_id, "tied": report, "deferred": trainer.wgrad.flushed,
+               "head_chunks": sum(head_chunks)}
         Path(args.out_dir, f"tied-rank{trainer.rank}.json").write_text(json.dumps(out))
     finally:
         trainer.close()

@@ -21,6 +21,9 @@ how to carry them as wheels to a machine that cannot install). Sections:
    launcher (bf16, full and LoRA; pass within 10%).
 5. throughput: bench/train_throughput.py --gpu (PP=1, bf16, a 1.1B Llama at 2048 tokens; the fast path and the
    dense mask: tokens/s, MFU).
+6. loss: bench/loss_memory.py at Llama-3-8B's last stage (4,096 positions, hidden 4,096, vocabulary 128,256), bf16
+   and fp32: the head inside the chunked loss against the head then the chunked loss, max_memory_allocated and
+   time (pass: less memory, loss and gradients within rel 1e-2 in bf16, 1e-5 in fp32).
 """
 
 from __future__ import annotations
@@ -339,12 +342,32 @@ def throughput(device, quick: bool, peak_tflops: float) -> None:
            res["logits_diff"] <= 0.05 * max(1.0, res["logits_max"]))
 
 
+# ------------------------------------------------------------------------------------------------ 6. loss
+
+
+def loss(device, quick: bool) -> None:
+    from bench.loss_memory import compare
+
+    shape = (1024, 64, 32768) if quick else (4096, 4096, 128256)  # quick: still two 16M-logit chunks
+    for dtype, tol in (("bfloat16", 1e-2), ("float32", 1e-5)):
+        res = compare(*shape, dtype, str(device))
+        old, new = res["old"], res["new"]
+        cuda = device.type == "cuda"
+        memory = (f"peak {old['growth_mib']:,.0f} -> {new['growth_mib']:,.0f} MiB" if cuda else
+                  "memory not comparable in one CPU process (python bench/loss_memory.py)")
+        record("loss", f"{dtype}, {shape[0]} positions x vocabulary {shape[2]}, hidden {shape[1]}",
+               f"{memory}; {old['ms']:.1f} -> {new['ms']:.1f} ms ({new['ms'] / old['ms']:.2f}x); loss rel "
+               f"{res['loss_rel']:.1e}, dx rel {res['dx_rel']:.1e}, dW rel {res['dw_rel']:.1e}",
+               max(res["loss_rel"], res["dx_rel"], res["dw_rel"]) <= tol
+               and (new["growth_mib"] < old["growth_mib"] or not cuda))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, two training runs (the CPU dry run)")
     ap.add_argument("--out", default=None, help="where summary.json and the training logs go")
-    ap.add_argument("--only", nargs="*", default=None, help="attention training qlora memory throughput")
+    ap.add_argument("--only", nargs="*", default=None, help="attention training qlora memory throughput loss")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU (H100/H200)")
     args = ap.parse_args()
     import torch
@@ -366,7 +389,7 @@ def main() -> None:
     print(f"device {device} ({gpu}); " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; out {work}", flush=True)
     sections = {"attention": (attention, device, args.quick), "training": (training, device, work, args.quick),
                 "qlora": (qlora, device, work, args.quick), "memory": (memory, device, work, args.quick),
-                "throughput": (throughput, device, args.quick, args.peak_tflops)}
+                "throughput": (throughput, device, args.quick, args.peak_tflops), "loss": (loss, device, args.quick)}
     for name, (fn, *rest) in sections.items():
         if args.only is None or name in args.only:
             guarded(name, fn, *rest)

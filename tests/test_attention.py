@@ -214,6 +214,20 @@ class _Outputs(torch.overrides.TorchFunctionMode):
         return out
 
 
+def test_loss_chunks_are_whole_64_row_tiles(monkeypatch):
+    """Chunks of 130 rows' worth of logits run as 128-row chunks (whole tiles for the head's matmul on a GPU);
+    fewer than 64 rows stay as they are."""
+    from models import pipeline
+
+    hidden, weight = torch.randn(300, 16), torch.randn(50, 16)
+    targets = torch.randint(0, 50, (300,))
+    for rows, chunks in ((130, [128, 128, 44]), (40, [40] * 7 + [20])):
+        monkeypatch.setattr(pipeline, "LOSS_CHUNK_ELEMENTS", rows * 50)
+        with _Outputs() as seen:
+            pipeline.chunked_cross_entropy(hidden, targets, weight=weight)
+        assert [s[0] for f, s, _ in seen.shapes if f == "linear"] == chunks
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["linear", "tied", "callable"])
 @pytest.mark.parametrize("chunk", [None, 3 * 50], ids=["one-chunk", "chunked"])

@@ -5,7 +5,8 @@ the head called first and its [N, V] logits then chunked (what any other head ge
 
 Prints, per precision, the loss's forward + backward peak memory growth and the best of 3 timings, and how far
 the two paths' loss and gradients are apart. CPU: one fresh process per cell (peak resident memory), one thread,
-about 30 s. CUDA: in this process (max_memory_allocated); bench/gpu_checks.py runs it at Llama-3-8B's shapes.
+about 30 s. A GPU: in this process (DeepSpeed's accelerator: max_memory_allocated); bench/gpu_checks.py runs it
+at Llama-3-8B's shapes.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ def measure(positions: int, hidden: int, vocab: int, dtype: str, fused: bool, de
     import time
 
     import torch
+    from deepspeed.accelerator import get_accelerator
 
     from models.pipeline import causal_lm_loss
 
     dev = torch.device(device)
-    cuda = dev.type == "cuda"
-    if not cuda:
+    acc = get_accelerator() if dev.type != "cpu" else None  # the one way to the device (launch/cuda_only.py)
+    if acc is None:
         torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     dt = getattr(torch, dtype)
@@ -42,11 +44,11 @@ def measure(positions: int, hidden: int, vocab: int, dtype: str, fused: bool, de
     x = torch.randn(1, positions, hidden, generator=gen).to(dev, dt).requires_grad_()
     labels = torch.randint(0, vocab, (1, positions), generator=gen).to(dev)
     call = head if fused else (lambda h: head(h))  # a lambda is not a known linear head: logits first
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = acc.synchronize if acc else (lambda: None)
     sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
-    before = torch.cuda.memory_allocated(dev) if cuda else int(open("/proc/self/statm").read().split()[1]) * 4096
+    if acc:
+        acc.reset_peak_memory_stats()
+    before = acc.memory_allocated() if acc else int(open("/proc/self/statm").read().split()[1]) * 4096
     times = []
     for _ in range(3):
         x.grad = head.weight.grad = None
@@ -55,13 +57,13 @@ def measure(positions: int, hidden: int, vocab: int, dtype: str, fused: bool, de
         loss.backward()
         sync()
         times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated(dev) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = acc.max_memory_allocated() if acc else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"growth_mib": (peak - before) / 2**20, "ms": 1000 * min(times), "loss": loss.item(),
             "dx": x.grad.float().cpu(), "dw": head.weight.grad.float().cpu()}
 
 
 def compare(positions: int, hidden: int, vocab: int, dtype: str, device: str = "cpu") -> dict:
-    """Both paths in one process (CUDA; on the CPU the memory figures need `measure` in fresh processes): each
+    """Both paths in one process (a GPU; on the CPU the memory figures need `measure` in fresh processes): each
     path's figures, and the head-inside path's loss and gradients relative to the other's."""
     old, new = (measure(positions, hidden, vocab, dtype, fused, device) for fused in (False, True))
     return {"old": old, "new": new, **_differences(old, new)}
@@ -104,7 +106,7 @@ def main() -> int:
     print("| precision | logits | head then chunked loss | head inside the chunked loss | memory | time | grads rel. diff |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for dtype, size in (("float32", 4), ("bfloat16", 2)):
-        if torch.device(a.device).type == "cuda":
+        if torch.device(a.device).type != "cpu":
             res = compare(*shape, dtype, a.device)
         else:
             res = {}

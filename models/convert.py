@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -22,6 +24,8 @@ from .hf_io import (
     atomic_output_dir,
     check_target,
     copy_side_files,
+    load_torch_file,
+    read_json,
     resolve_hf_dir,
 )
 from .keymap import KeyMapError
@@ -42,11 +46,8 @@ def family_of(directory: Path) -> tuple[ModelFamily, object]:
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: missing (a model directory needs its config.json)")
-    try:
-        model_type = json.loads(cfg_path.read_text()).get("model_type")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
-    family = get_family(model_type, where=str(cfg_path))
+    body = read_json(cfg_path)
+    family = get_family(body.get("model_type") if isinstance(body, dict) else None, where=str(cfg_path))
     return family, family.load_config(directory)
 
 
@@ -76,6 +77,22 @@ def _mb(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+def with_dtype(dtype: torch.dtype) -> Callable[[str], str]:
+    """A config.json transform recording `dtype` (the floating dtype of the weights written): `dtype`, which
+    transformers 5 writes and reads first, and `torch_dtype` too where the file has it (what older readers use).
+    A file that already says so is kept byte for byte."""
+    name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+    def transform(text: str) -> str:
+        cfg = json.loads(text)
+        keys = ["dtype", *(["torch_dtype"] if "torch_dtype" in cfg else [])]
+        if all(cfg.get(k) == name for k in keys):
+            return text
+        cfg.update(dict.fromkeys(keys, name))
+        return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    return transform
+
+
 def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """HF dir (safetensors single/sharded, or pytorch_model*.bin; or a Hub id in the local cache) -> pipeline dir,
     one layer in memory at a time."""
@@ -83,7 +100,7 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
     if src != Path(input_path):
         log(f"{input_path}: the Hugging Face cache's snapshot {src}")
     family, config = family_of(src)
-    check_target(dst, overwrite)
+    check_target(dst, overwrite, sources=[src])
     ckpt = HFCheckpoint(src)
     n = family.num_blocks(config)
     shapes = expected_layer_shapes(family, config)
@@ -118,7 +135,7 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
     cast = DTYPES[dtype] if dtype else None
     t0 = time.time()
     needed = ckpt.nbytes()  # about (a --dtype cast changes it)
-    with atomic_output_dir(dst, overwrite, needed=needed, say=log) as tmp:
+    with atomic_output_dir(dst, overwrite, needed=needed, say=log, sources=[src]) as tmp:
         for step, idx in enumerate(sorted(expected), 1):
             sd = {}
             for local in expected[idx]:
@@ -128,15 +145,7 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
             log(f"[{step}/{len(expected)}] {LAYER_FILE.format(idx)} ({_layer_name(family, config, idx)}): "
                 f"{len(sd)} tensors, {_mb(sd.values()):.1f} MB")
             del sd
-        transform = {}
-        if cast is not None:
-            def set_dtype(text: str) -> str:
-                cfg = json.loads(text)
-                cfg["dtype"] = DTYPE_NAMES[cast]
-                cfg.pop("torch_dtype", None)
-                return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-            transform["config.json"] = set_dtype
-        copied = copy_side_files(src, tmp, transform=transform)
+        copied = copy_side_files(src, tmp, transform={"config.json": with_dtype(cast)} if cast is not None else None)
     log(f"wrote {len(expected)} layer files + {', '.join(copied)} to {dst} in {time.time() - t0:.1f}s")
     return dst
 
@@ -177,7 +186,7 @@ def iter_hf_tensors(layers_dir: Path, family: ModelFamily, config, progress: boo
     shapes = expected_layer_shapes(family, config)
     for step, idx in enumerate(sorted(expected), 1):
         path = layers_dir / LAYER_FILE.format(idx)
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        sd = load_torch_file(path)
         missing, extra = set(expected[idx]) - set(sd), set(sd) - set(expected[idx])
         if missing or extra:
             what = f"missing {sorted(missing)}" if missing else f"unexpected {sorted(extra)}"
@@ -192,26 +201,71 @@ def iter_hf_tensors(layers_dir: Path, family: ModelFamily, config, progress: boo
             log(f"[{step}/{len(expected)}] {path.name} ({_layer_name(family, config, idx)}): {len(sd)} tensors")
 
 
+def end_of_turn_generation_config(config_dir: Path, config) -> str | None:
+    """generation_config.json's text with `eos_token_id` = [the EOS id(s), the chat template's end-of-turn id] (as
+    Llama-3-Instruct ships it), for a run trained with "template": "chat" whose end-of-turn token (recorded in
+    data_settings.json) is not an EOS: its answers end with that token, so generation must stop on it. None when
+    there is nothing to change (no such run, or the end-of-turn token is the EOS)."""
+    from data.settings import DATA_SETTINGS_FILE, read_data_settings
+
+    try:
+        found = read_data_settings(config_dir)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if found is None or found.template.template != "chat" or not found.end_of_turn:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(config_dir))
+    except Exception as e:  # transformers raises many types for a bad tokenizer dir
+        raise CheckpointError(f"{config_dir}: cannot load the tokenizer to look up the end-of-turn token "
+                              f"{found.end_of_turn!r} ({type(e).__name__}: {e})".splitlines()[0]) from None
+    eot = tok.convert_tokens_to_ids(found.end_of_turn)
+    if not isinstance(eot, int) or (eot == tok.unk_token_id and found.end_of_turn != tok.unk_token):
+        raise CheckpointError(f"{config_dir / DATA_SETTINGS_FILE}: end_of_turn {found.end_of_turn!r} is not a token of "
+                              f"the tokenizer in {config_dir}")
+    gen_file = config_dir / "generation_config.json"
+    body = read_json(gen_file) if gen_file.is_file() else {
+        k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k, None) is not None}
+    if not isinstance(body, dict):
+        raise CheckpointError(f"{gen_file}: not a JSON object")
+    eos = body.get("eos_token_id")
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    ids = list(dict.fromkeys(i for i in [*ids, tok.eos_token_id] if i is not None))
+    if eot in ids:
+        return None
+    body["eos_token_id"] = [*ids, eot]
+    return json.dumps(body, indent=2) + "\n"
+
+
 def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str = "5GB", overwrite: bool = False,
              lora: str | None = None) -> Path:
-    """Pipeline or checkpoint dir -> HF dir with sharded safetensors + index, config, tokenizer. A LoRA checkpoint
-    needs `lora`: "peft" (adapter_config.json + adapter_model.safetensors) or "merge" (the base with the
-    adapters merged in, as a full HF dir)."""
+    """Pipeline or checkpoint dir -> HF dir with sharded safetensors + index, config (its dtype that of the weights
+    written), tokenizer and generation config (stopping at a chat template's end-of-turn token too, see
+    `end_of_turn_generation_config`). A LoRA checkpoint needs `lora`: "peft" (adapter_config.json +
+    adapter_model.safetensors) or "merge" (the base with the adapters merged in, as a full HF dir)."""
     from .lora import export_peft, merged_hf_tensors, read_lora_info
 
     layers_dir, config_dir = resolve_checkpoint(input_path)
     dst = Path(save_path)
     family, config = family_of(config_dir)
     max_bytes = parse_size(max_shard_size)
-    check_target(dst, overwrite)
     info = read_lora_info(layers_dir)
+    sources = [input_path, layers_dir, config_dir, info.get("base_model_path") if info else None]
+    check_target(dst, overwrite, sources)
     if info is None and lora is not None:
         raise CheckpointError(f"{layers_dir}: --lora {lora}: not a LoRA checkpoint (no {layers_dir / 'lora_config.json'})")
     if info is not None and lora not in ("peft", "merge"):
         raise CheckpointError(f"{layers_dir}: a LoRA checkpoint (adapters only): pass --lora peft (a PEFT adapter "
                               "dir) or --lora merge (a full HF model with the adapters merged in)")
+    generation_config = end_of_turn_generation_config(config_dir, config)
+    if generation_config is not None:
+        log(f"{config_dir / 'data_settings.json'}: a chat-template run; generation_config.json's eos_token_id becomes "
+            f"{json.loads(generation_config)['eos_token_id']} (EOS and the end-of-turn token)")
     if lora == "peft":
-        export_peft(layers_dir, info, family, config, dst, overwrite, side_dir=config_dir)
+        export_peft(layers_dir, info, family, config, dst, overwrite, side_dir=config_dir,
+                    generation_config=generation_config)
         q = info.get("quantization")
         log(f"wrote a PEFT adapter (r {info['r']}, alpha {info['alpha']:g}, {', '.join(info['target_modules'])}) "
             f"to {dst}; base: {info['base_model_path']}" + ("" if not q else f"; the base was trained 4-bit: load it with "
@@ -226,16 +280,25 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
     else:
         tensors = iter_hf_tensors(layers_dir, family, config)
     first = next(tensors)  # validates every layer file's presence before anything is written
-    needed = sum(f.stat().st_size for f in layers_dir.glob("layer_*-model_states.pt"))
+    # what is written is the size of the weights read: the base's layer files for a merge (a (Q)LoRA checkpoint's
+    # own files hold only the adapters), else the checkpoint's
+    weights_dir = Path(info["base_model_path"]) if lora == "merge" else layers_dir
+    needed = sum(f.stat().st_size for f in weights_dir.glob("layer_*-model_states.pt"))
 
     t0 = time.time()
-    with atomic_output_dir(dst, overwrite, needed=needed, say=log) as tmp:
+    floats: dict[torch.dtype, int] = {}  # bytes written per floating dtype
+    with atomic_output_dir(dst, overwrite, needed=needed, say=log, sources=sources) as tmp:
         writer = ShardWriter(tmp, max_bytes)
-        writer.add(*first)
-        for key, tensor in tensors:
+        for key, tensor in chain([first], tensors):
+            if tensor.is_floating_point():
+                floats[tensor.dtype] = floats.get(tensor.dtype, 0) + tensor.numel() * tensor.element_size()
             writer.add(key, tensor)
         shards = writer.close()
-        copied = copy_side_files(config_dir, tmp)
+        dtype = max(floats, key=floats.__getitem__) if floats else None
+        copied = copy_side_files(config_dir, tmp, transform={"config.json": with_dtype(dtype)} if dtype else None)
+        if generation_config is not None:
+            (tmp / "generation_config.json").write_text(generation_config)
+            copied = list(dict.fromkeys([*copied, "generation_config.json"]))
     log(f"wrote {shards} safetensors shard(s) ({writer.total / 2**20:.1f} MB) + {', '.join(copied)} "
         f"to {dst} in {time.time() - t0:.1f}s")
     return dst
@@ -294,7 +357,8 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
             raise CheckpointError(f"{config_json}: cannot read config ({e})") from None
         if cfg_dict.get("model_type", family.model_type) != family.model_type:
             raise CheckpointError(f"{config_json}: model_type {cfg_dict['model_type']!r} is not {family.model_type!r}")
-    check_target(dst, overwrite)
+    sources = [tokenizer_dir, config_json]
+    check_target(dst, overwrite, sources)
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     except Exception as e:  # transformers raises many types for a bad tokenizer dir
@@ -311,7 +375,7 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
     config.architectures = [family.hf_model_class.__name__]  # as save_pretrained writes it; llama.cpp's converter reads it
     family.prepare_config(config)
     specs = family.layer_specs(config)
-    with atomic_output_dir(dst, overwrite, say=log) as tmp:
+    with atomic_output_dir(dst, overwrite, say=log, sources=sources) as tmp:
         owners = sorted(meta_layers(family, config))  # a tied head owns no file: its weight is the embedding's
         for step, idx in enumerate(owners, 1):
             module = specs[idx].build()  # one layer in memory at a time

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,10 +33,45 @@ TOKENIZER_FILES = (
 )
 # data_settings.json: how training rendered its records (data.settings.DATA_SETTINGS_FILE), read by demo.py
 SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "data_settings.json")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # in order of preference
 
 
 class CheckpointError(ValueError):
     """A bad checkpoint or target directory; the message is one line naming the file and the problem."""
+
+
+def _first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message (torch's go on for lines of advice)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+
+
+def read_json(path: Path):
+    """A JSON file's value; CheckpointError naming the file when it cannot be read or parsed."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({_first_line(e)})") from None
+
+
+def load_torch_file(path: Path) -> dict:
+    """A `torch.save`d state dict (weights only, memory-mapped); a truncated or corrupt file is a CheckpointError
+    naming it, never torch's traceback."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path}: unreadable, the file is corrupt or truncated ({_first_line(e)})") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors")
+    return sd
+
+
+def read_index(path: Path) -> dict[str, Path]:
+    """An HF checkpoint index (`*.index.json`): {tensor name: the file that holds it}."""
+    body = read_json(path)
+    weight_map = body.get("weight_map") if isinstance(body, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path}: no \"weight_map\" object (tensor name -> file name); not a checkpoint index")
+    return {k: path.parent / v for k, v in weight_map.items()}
 
 
 def resolve_hf_dir(path: str | Path) -> Path:
@@ -109,22 +145,27 @@ class HFCheckpoint:
         self._file_of: dict[str, Path] = {}
         self._headers: dict[Path, dict] = {}
         self._bin: tuple[Path, dict] | None = None
-        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-            index = self.dir / index_name
-            if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
-                self._file_of = {k: self.dir / v for k, v in weight_map.items()}
+        # the first index whose files are all there: a partial download (`--include "*.json" "*.bin"`) may hold the
+        # safetensors index without its shards beside a complete .bin checkpoint
+        incomplete: str | None = None
+        for index in (self.dir / n for n in INDEX_FILES):
+            if not index.is_file():
+                continue
+            file_of = read_index(index)
+            missing = sorted({f for f in file_of.values() if not f.is_file()})
+            if not missing:
+                self._file_of = file_of
                 break
+            incomplete = incomplete or f"{missing[0]}: named in {index.name} but missing"
         else:
+            if incomplete:
+                raise CheckpointError(incomplete)
             single = [self.dir / n for n in ("model.safetensors", "pytorch_model.bin") if (self.dir / n).is_file()]
             if not single:
                 raise CheckpointError(
                     f"{self.dir}: no weights (expected model.safetensors, model.safetensors.index.json or pytorch_model*.bin)")
             keys = self._keys_of(single[0])
             self._file_of = dict.fromkeys(keys, single[0])
-        for f in set(self._file_of.values()):
-            if not f.is_file():
-                raise CheckpointError(f"{f}: named in the index but missing")
 
     def _keys_of(self, path: Path) -> list[str]:
         if path.suffix == ".safetensors":
@@ -138,7 +179,7 @@ class HFCheckpoint:
 
     def _load_bin(self, path: Path) -> dict:
         if self._bin is None or self._bin[0] != path:  # hold one .bin shard's mapping at a time
-            self._bin = (path, torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            self._bin = (path, load_torch_file(path))
         return self._bin[1]
 
     def keys(self) -> list[str]:
@@ -238,9 +279,45 @@ def copy_side_files(src: Path, dst: Path, names=SIDE_FILES, transform: dict[str,
     return copied
 
 
-def check_target(path: Path, overwrite: bool) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+def _as_target(path: Path) -> Path:
+    """`path` absolute, with the symbolic links of its parents resolved but not one at `path` itself (an output
+    replaces a link, never what it points to)."""
+    p = Path(os.path.abspath(path))
+    return p.parent.resolve() / p.name if p.name else p
+
+
+def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | None] = ()) -> None:
+    """Refuse (CheckpointError, one line) a target that would cost the user something. Always: the target is one of
+    `sources` (what the command reads: input dirs and files, symbolic links resolved) or a directory holding one, or,
+    with `overwrite`, an existing file or link inside one (it may be one the command reads). A new entry inside an
+    input dir is allowed: only that entry is written (or, with `overwrite`, replaced). Without `overwrite`: an
+    existing file, symbolic link or non-empty directory."""
+    path = Path(path)
+    dst = _as_target(path)
+    for src in dict.fromkeys(Path(s).resolve() for s in sources if s is not None):
+        if dst == src:
+            raise CheckpointError(f"{path}: is the input {src} itself; write the output somewhere else")
+        if dst in src.parents:
+            raise CheckpointError(f"{path}: holds the input {src} (replacing it would delete the input); write the "
+                                  "output somewhere else")
+        if overwrite and src in dst.parents and (dst.is_symlink() or dst.exists() and not dst.is_dir()):
+            raise CheckpointError(f"{path}: a file of the input {src} (--overwrite would replace it); write the output "
+                                  "somewhere else")
+    if overwrite or not os.path.lexists(path):
+        return
+    if path.is_symlink():
+        raise CheckpointError(f"{path}: is a symbolic link (to {os.readlink(path)}); pass --overwrite to replace the "
+                              "link itself (what it points to is left as it is)")
+    if not path.is_dir() or any(path.iterdir()):
         raise CheckpointError(f"{path}: exists and is not empty (pass --overwrite to replace it)")
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a symbolic link (never what it points to) or a directory tree; what is gone is fine."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def pid_alive(pid: int) -> bool:
@@ -270,16 +347,16 @@ def clean_leftovers(path: Path, say: Callable[[str], None]) -> None:
         if _owner_alive(tmp.name):
             say(f"note: {tmp} may belong to a conversion still running ({tmp.name.rpartition('.tmp-')[2]}): left alone")
             continue
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        _remove(tmp)
         say(f"removed {tmp}: left by an interrupted conversion")
     for old in sorted(path.parent.glob(f".{path.name}.old-*")):
         if _owner_alive(old.name):
             continue
-        if not path.exists():
+        if not os.path.lexists(path):
             os.replace(old, path)
             say(f"restored {path} from {old}: an interrupted --overwrite had moved it aside")
         else:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            _remove(old)  # a symbolic link target was moved aside as the link: only the link goes
             say(f"removed {old}: the previous output an interrupted --overwrite had replaced")
 
 
@@ -288,14 +365,20 @@ def _stderr(msg: str) -> None:
 
 
 @contextmanager
-def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, say: Callable[[str], None] = _stderr):
+def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, say: Callable[[str], None] = _stderr,
+                      sources: Iterable[str | Path | None] = ()):
     """Yield a temporary sibling directory (`.NAME.tmp-HOST-PID`); on success it replaces `path`, on failure it is
-    removed. An existing target is moved aside first and deleted only once the new one is in place. Leftovers
-    of an interrupted run are removed first (said); a full disk is one CheckpointError line (`needed`: the
-    bytes the output takes, about)."""
+    removed. Leftovers of an interrupted run are removed first (said); `path` is checked with `check_target`
+    (`sources`: what the command reads); a full disk is one CheckpointError line (`needed`: the bytes the output
+    takes, about).
+
+    Without `overwrite` the finished output is renamed into place only if `path` is still absent or an empty
+    directory (one atomic rename): a target created meanwhile is left as it is, and the output is kept beside it
+    (`NAME.new-HOST-PID`, named in the CheckpointError). With `overwrite` an existing target is moved aside first and
+    deleted only once the new one is in place; a symbolic link is replaced itself, what it points to is untouched."""
     path = Path(path)
     clean_leftovers(path, say)
-    check_target(path, overwrite)
+    check_target(path, overwrite, sources)
     path.parent.mkdir(parents=True, exist_ok=True)
     if needed and free_bytes(path.parent) < needed:
         raise CheckpointError(no_space_message(str(path), path.parent, needed))
@@ -310,10 +393,25 @@ def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, sa
         if isinstance(e, Exception) and not isinstance(e, CheckpointError) and is_no_space(e, path.parent):
             raise CheckpointError(no_space_message(str(path), path.parent, needed)) from None
         raise
+    if not overwrite:
+        try:
+            os.replace(tmp, path)  # fails unless the target is absent or an empty directory: nothing of it is lost
+            return
+        except OSError as e:
+            if not os.path.lexists(path):
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointError(f"{path}: cannot move the finished output into place ({_first_line(e)})") from None
+        kept = path.parent / f"{path.name}.new-{me}"  # not a `.NAME.tmp-*` name, which the next run would remove
+        try:
+            os.replace(tmp, kept)
+        except OSError:
+            kept = tmp
+        raise CheckpointError(f"{path}: was created while the conversion ran and is not empty: left as it is; the "
+                              f"finished output is in {kept} (move it, or convert again with --overwrite)")
     old = None
-    if path.exists():
+    if os.path.lexists(path):
         old = path.parent / f".{path.name}.old-{me}"
         os.replace(path, old)
     os.replace(tmp, path)
     if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        _remove(old)

@@ -19,7 +19,15 @@ import torch
 from safetensors.torch import load_file
 
 from .family import ModelFamily
-from .hf_io import CheckpointError, atomic_output_dir, copy_side_files, save_safetensors
+from .hf_io import (
+    CheckpointError,
+    atomic_output_dir,
+    check_target,
+    copy_side_files,
+    load_torch_file,
+    read_json,
+    save_safetensors,
+)
 
 LORA_FILE = "lora_config.json"
 ADAPTER = "default"  # peft's adapter name inside the modules
@@ -219,9 +227,17 @@ def load_adapter_into(model, family: ModelFamily, path: str | Path, num_blocks: 
 
 
 def read_lora_info(tag_dir: Path) -> dict | None:
-    """The LoRA description a LoRA checkpoint carries (None for a full checkpoint)."""
-    f = tag_dir / LORA_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
+    """The LoRA description a LoRA checkpoint carries (None for a full checkpoint); CheckpointError naming the file
+    when it is not one."""
+    f = Path(tag_dir) / LORA_FILE
+    if not f.is_file():
+        return None
+    info = read_json(f)
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{f}: not a LoRA description (not a JSON object)")
+    if missing := [k for k in ("r", "alpha", "dropout", "target_modules", "base_model_path") if k not in info]:
+        raise CheckpointError(f"{f}: not a LoRA description (no {', '.join(missing)})")
+    return info
 
 
 def lora_info(settings: LoraSettings, base_model_path: str, quantization: dict | None = None) -> str:
@@ -242,7 +258,7 @@ def adapter_tensors(tag_dir: Path, family: ModelFamily, num_blocks: int) -> dict
         f = tag_dir / f"layer_{idx:02d}-model_states.pt"
         if not f.is_file():  # the LM head's file is absent with tied embeddings
             continue
-        for local, t in torch.load(f, map_location="cpu", weights_only=True).items():
+        for local, t in load_torch_file(f).items():
             out[peft_key(family, idx, local, num_blocks)] = t
     if not out:
         raise CheckpointError(f"{tag_dir}: no LoRA weights in the layer files")
@@ -250,13 +266,16 @@ def adapter_tensors(tag_dir: Path, family: ModelFamily, num_blocks: int) -> dict
 
 
 def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_path: Path, overwrite: bool,
-                side_dir: Path | None = None) -> Path:
+                side_dir: Path | None = None, generation_config: str | None = None) -> Path:
     """adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads, and the run's
     data_settings.json from `side_dir` (how training rendered prompts, for demo.py --adapter). A QLoRA checkpoint's
-    adapter also gets quantization_config.json: the BitsAndBytesConfig to load its base with."""
+    adapter also gets quantization_config.json: the BitsAndBytesConfig to load its base with; a chat run's, the
+    `generation_config` text (see convert.end_of_turn_generation_config) as generation_config.json."""
     settings = LoraSettings.from_info(info)
+    sources = [tag_dir, side_dir, info["base_model_path"]]
+    check_target(Path(save_path), overwrite, sources)
     tensors = adapter_tensors(tag_dir, family, family.num_blocks(config))
-    with atomic_output_dir(save_path, overwrite) as tmp:
+    with atomic_output_dir(save_path, overwrite, sources=sources) as tmp:
         cfg = settings.peft_config()
         cfg.base_model_name_or_path = info["base_model_path"]
         cfg.save_pretrained(str(tmp))
@@ -267,6 +286,8 @@ def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_pat
             from .quant import QUANT_FILE
 
             (tmp / QUANT_FILE).write_text(json.dumps(info["quantization"], indent=1) + "\n")
+        if generation_config is not None:
+            (tmp / "generation_config.json").write_text(generation_config)
     return save_path
 
 

@@ -4,7 +4,9 @@ that leave no partial output behind."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import convert_model
+from data.settings import data_settings_of, write_data_settings
+from data.templates import TemplateSettings
+from data.tiny_tokenizer import train_tiny_tokenizer
 from models import SequentialModel, get_family
-from models.hf_io import TOKENIZER_FILES
+from models.convert import pp_to_hg
+from models.diskspace import fmt_size
+from models.hf_io import TOKENIZER_FILES, CheckpointError, atomic_output_dir, clean_leftovers
+from models.lora import LoraSettings, lora_info
 from tests.helpers import ROOT_TEXTS, make_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,6 +183,15 @@ def _no_config(hf):
     (hf / "config.json").unlink()
 
 
+def _truncated_index(hf):
+    index = hf / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:40])
+
+
+def _index_without_weight_map(hf):
+    (hf / "model.safetensors.index.json").write_text('{"metadata": {}}')
+
+
 BAD_HF = {  # case -> (damage, text expected in the message)
     "unexpected tensor": (_extra_tensor, "unexpected tensor model.layers.0.self_attn.extra.weight"),
     "missing tensor": (_missing_tensor, "missing tensor model.norm.weight"),
@@ -183,6 +200,8 @@ BAD_HF = {  # case -> (damage, text expected in the message)
     "no weights": (_no_weights, "no weights"),
     "truncated shard": (_truncated_shard, "truncated"),
     "no config": (_no_config, "config.json: missing"),
+    "truncated index": (_truncated_index, "model.safetensors.index.json: invalid JSON"),
+    "index without weight_map": (_index_without_weight_map, 'model.safetensors.index.json: no "weight_map" object'),
 }
 
 
@@ -220,9 +239,21 @@ def _wrong_layer_keys(pp):
     torch.save({"bogus": torch.zeros(1)}, pp / "layer_03-model_states.pt")
 
 
+def _truncated_layer_file(pp):
+    f = pp / "layer_02-model_states.pt"
+    f.write_bytes(f.read_bytes()[:-200])
+
+
+def _bad_lora_config(pp):
+    (pp / "lora_config.json").write_text('{"r": 4, ')
+
+
 BAD_PP = {
     "missing layer file": (_drop_layer, "layer_02-model_states.pt: missing (block 1)"),
     "wrong layer keys": (_wrong_layer_keys, "layer_03-model_states.pt: missing"),
+    "truncated layer file": (_truncated_layer_file, "layer_02-model_states.pt: unreadable, the file is corrupt or "
+                                                    "truncated (PytorchStreamReader failed reading zip archive"),
+    "malformed lora_config.json": (_bad_lora_config, "lora_config.json: invalid JSON"),
 }
 
 
@@ -332,3 +363,238 @@ def test_init_and_export_keep_what_downstream_tools_read(tmp_path, request, fami
     check_llama_cpp_reads(tmp_path / "hf", family)
     tied = get_family(family).presets["tiny"]["tie_word_embeddings"]
     assert ("lm_head.weight" in load_hf_tensors(tmp_path / "hf")) == (not tied)  # tied: llama.cpp reuses token_embd
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+
+def _files(*dirs: Path) -> dict[str, bytes]:
+    return {str(f): f.read_bytes() for d in dirs for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def test_a_target_that_is_or_holds_the_input_is_refused_before_any_work(tmp_path, tokenizer, tokenizer_dir, capsys):
+    """With --overwrite the target is replaced at the end: the input itself, a directory holding it, or a file of it
+    (also reached through `..` or a symbolic link) is one line up front. A new entry inside an input dir is fine."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    save = tmp_path / "run"
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(save / "global_step10")) == 0
+    (save / "latest").write_text("global_step10")
+    (tmp_path / "alias").symlink_to(hf)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for f in tokenizer_dir.iterdir():
+        (tok / f.name).write_bytes(f.read_bytes())
+    before = _files(hf, save, tok)
+    step = save / "global_step10"
+    cases = [
+        (("hg_to_pp", "--input-path", str(hf), "--save-path", str(hf)), f"{hf}: is the input {hf} itself"),
+        (("hg_to_pp", "--input-path", str(tmp_path / "alias"), "--save-path", str(hf)), f"is the input {hf} itself"),
+        (("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path)), f"{tmp_path}: holds the input {hf}"),
+        (("hg_to_pp", "--input-path", str(hf), "--save-path", str(hf / "config.json")), f"a file of the input {hf}"),
+        (("pp_to_hg", "--input-path", str(step), "--save-path", str(save)), f"{save}: holds the input {step}"),
+        (("pp_to_hg", "--input-path", str(save), "--save-path", str(step)), f"{step}: is the input {step} itself"),
+        (("pp_to_hg", "--input-path", str(save), "--save-path", str(step / "..")), f"is the input {save} itself"),
+        (("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tok), "--save-path", str(tok)),
+         f"is the input {tok} itself"),
+    ]
+    for argv, expected in cases:
+        capsys.readouterr()
+        assert run(*argv, "--overwrite") == 2, argv
+        _assert_one_line_error(capsys, expected)
+    assert _files(hf, save, tok) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alias", "hf_gqa_tied", "run", "tok"]  # no temp dirs
+    for _ in range(2):  # an export into the run dir, then replacing it: the checkpoint it reads is untouched
+        assert run("pp_to_hg", "--input-path", str(save), "--save-path", str(save / "hf"), "--overwrite") == 0
+    assert {k: v for k, v in _files(hf, save, tok).items() if not k.startswith(f"{save / 'hf'}/")} == before
+    assert (save / "hf" / "model.safetensors").is_file()
+
+
+def test_a_target_created_during_a_conversion_is_left_alone(tmp_path):
+    """Without --overwrite the finished output takes the target's place only if it is still absent or empty: one
+    that appeared meanwhile is kept, and so is the output (beside it, named in the error, not removed by the next
+    conversion's clean-up of interrupted runs)."""
+    target = tmp_path / "out"
+    with pytest.raises(CheckpointError) as e:
+        with atomic_output_dir(target, overwrite=False) as tmp:
+            (tmp / "model.safetensors").write_text("new")
+            target.mkdir()
+            (target / "users_file.txt").write_text("precious")
+    kept = tmp_path / f"out.new-{socket.gethostname()}-{os.getpid()}"
+    assert str(e.value) == (f"{target}: was created while the conversion ran and is not empty: left as it is; the "
+                            f"finished output is in {kept} (move it, or convert again with --overwrite)")
+    assert (target / "users_file.txt").read_text() == "precious" and len(list(target.iterdir())) == 1
+    said: list[str] = []
+    clean_leftovers(target, said.append)
+    assert (kept / "model.safetensors").read_text() == "new" and said == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", kept.name]
+    with atomic_output_dir(tmp_path / "empty", overwrite=False) as tmp:  # an empty dir, as an empty target is, is fine
+        (tmp / "x").write_text("1")
+        (tmp_path / "empty").mkdir()
+    assert (tmp_path / "empty" / "x").read_text() == "1"
+
+
+def test_a_symlinked_target_is_replaced_as_a_link(tmp_path, tokenizer, capsys):
+    """A target that is a symbolic link is refused without --overwrite; with it the link itself is replaced and what
+    it points to is never touched; a link an interrupted --overwrite moved aside is removed as a link or put back."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    v1, current = tmp_path / "v1", tmp_path / "current"
+    v1.mkdir()
+    (v1 / "old.txt").write_text("v1")
+    current.symlink_to(v1)
+    capsys.readouterr()
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(current)) == 2
+    _assert_one_line_error(capsys, f"{current}: is a symbolic link (to {v1}); pass --overwrite to replace the link itself")
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(current), "--overwrite") == 0
+    assert not current.is_symlink() and (current / "layer_00-model_states.pt").is_file()
+    assert [p.name for p in v1.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "hf_gqa_tied", "v1"]
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    aside = tmp_path / f".current.old-{socket.gethostname()}-{dead.pid}"
+    aside.symlink_to(v1)
+    said: list[str] = []
+    clean_leftovers(current, said.append)
+    assert not os.path.lexists(aside) and [p.name for p in v1.iterdir()] == ["old.txt"] and len(said) == 1
+    current.rename(tmp_path / "new")
+    aside.symlink_to(v1)
+    clean_leftovers(current, said.append)
+    assert current.is_symlink() and os.readlink(current) == str(v1) and not os.path.lexists(aside)
+
+
+# ---------------------------------------------------------------------------------------------- what is exported
+
+
+def test_export_config_records_the_dtype_of_the_weights_written(tmp_path, tokenizer):
+    """DeepSpeed's bf16 training saves bf16 layer files from an fp16 base: the export's config says bfloat16 (`dtype`,
+    and the legacy `torch_dtype` where the file has it), so from_pretrained loads it as trained."""
+    torch.manual_seed(0)
+    model = get_family("llama").hf_model_class(tiny_config("llama", "gqa_tied", vocab_size=len(tokenizer)))
+    model.to(torch.float16).save_pretrained(tmp_path / "hf")
+    assert run("hg_to_pp", "--input-path", str(tmp_path / "hf"), "--save-path", str(tmp_path / "pp")) == 0
+    for f in (tmp_path / "pp").glob("layer_*"):
+        torch.save({k: v.to(torch.bfloat16) for k, v in torch.load(f, weights_only=True).items()}, f)
+    cfg = json.loads((tmp_path / "pp" / "config.json").read_text())
+    assert cfg["dtype"] == "float16"
+    (tmp_path / "pp" / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "float16"}))
+    assert run("pp_to_hg", "--input-path", str(tmp_path / "pp"), "--save-path", str(tmp_path / "out")) == 0
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out == {**cfg, "dtype": "bfloat16", "torch_dtype": "bfloat16"}
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).dtype == torch.bfloat16
+
+
+def test_a_stray_safetensors_index_does_not_hide_a_complete_bin_checkpoint(tmp_path, tokenizer, capsys):
+    """`hf download --include "*.json" "*.bin"`: the safetensors index without its shards, beside complete .bin
+    shards and their index. The first complete index is used; with none complete, the preferred one's missing file
+    is named."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    weight_map = {}
+    for i, f in enumerate(sorted(hf.glob("model-*.safetensors"))):
+        sd = load_file(str(f))
+        torch.save(sd, dl / f"pytorch_model-{i + 1:05d}.bin")
+        weight_map.update(dict.fromkeys(sd, f"pytorch_model-{i + 1:05d}.bin"))
+    (dl / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for name in ("config.json", "model.safetensors.index.json"):
+        (dl / name).write_bytes((hf / name).read_bytes())
+    assert run("hg_to_pp", "--input-path", str(dl), "--save-path", str(tmp_path / "pp")) == 0
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "ref")) == 0
+    for f in (tmp_path / "ref").glob("layer_*"):
+        a, b = torch.load(f, weights_only=True), torch.load(tmp_path / "pp" / f.name, weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f.name
+    (dl / "pytorch_model-00001.bin").unlink()
+    capsys.readouterr()
+    assert run("hg_to_pp", "--input-path", str(dl), "--save-path", str(tmp_path / "pp2")) == 2
+    first = sorted(hf.glob("model-*.safetensors"))[0].name
+    _assert_one_line_error(capsys, f"{dl / first}: named in model.safetensors.index.json but missing")
+
+
+def _lora_checkpoint(tmp_path: Path, base: Path) -> Path:
+    """A LoRA run's save_path over the pipeline dir `base`, laid out as training writes it (DeepSpeed's layer files
+    holding only the adapters, lora_config.json naming the base, the side files beside `latest`)."""
+    config = get_family("llama").load_config(base)
+    save = tmp_path / "lora_run"
+    tag = save / "global_step5"
+    tag.mkdir(parents=True)
+    for f in base.iterdir():
+        if not f.name.startswith("layer_"):
+            (save / f.name).write_bytes(f.read_bytes())
+    (save / "latest").write_text(tag.name)
+    torch.manual_seed(1)
+    h, r = config.hidden_size, 4
+    for f in base.glob("layer_*"):  # every layer's file; the frozen ones empty
+        torch.save({}, tag / f.name)
+    for i in range(1, config.num_hidden_layers + 1):
+        torch.save({"self_attn.q_proj.lora_A.default.weight": torch.randn(r, h) * 0.1,
+                    "self_attn.q_proj.lora_B.default.weight": torch.randn(h, r) * 0.1}, tag / f"layer_{i:02d}-model_states.pt")
+    (tag / "lora_config.json").write_text(lora_info(LoraSettings(r, 8.0, 0.0, ("q_proj",)), str(base)))
+    return save
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """make(size) -> a directory on a tmpfs of that size (mount needs root: skipped elsewhere)."""
+    mounted: list[Path] = []
+
+    def make(size: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={max(4096, size // 4096 * 4096)}", "tmpfs",
+                               str(where)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_lora_merge_checks_room_for_the_merged_model(tmp_path, tokenizer, tmpfs):
+    """--lora merge writes a full model while the checkpoint holds only adapters: the space check counts the base's
+    layer files (QLoRA merges go through the same line), so a disk without room is refused before anything is
+    written. The base is an input too: merging onto it is refused; a truncated adapter file is one line."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    base = tmp_path / "pp"
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(base)) == 0
+    save = _lora_checkpoint(tmp_path, base)
+    base_bytes = sum(f.stat().st_size for f in base.glob("layer_*"))
+    assert sum(f.stat().st_size for f in (save / "global_step5").glob("layer_*")) * 4 < base_bytes
+    disk = tmpfs(base_bytes // 2)
+    with pytest.raises(CheckpointError) as e:
+        pp_to_hg(save, disk / "merged", lora="merge")
+    assert f"merged: no space left on device (needed about {fmt_size(base_bytes)}, free " in str(e.value)
+    assert list(disk.iterdir()) == []
+    with pytest.raises(CheckpointError, match=f"^{base}: is the input {base} itself"):
+        pp_to_hg(save, base, lora="merge", overwrite=True)
+    f = save / "global_step5" / "layer_02-model_states.pt"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"^{f}: unreadable, the file is corrupt or truncated"):
+        pp_to_hg(save, tmp_path / "adapter", lora="peft")
+
+
+def test_a_chat_run_exports_stop_at_the_end_of_turn_token(tmp_path):
+    """A "template": "chat" run trains answers to end with the template's end-of-turn token (ChatML's <|im_end|>),
+    not EOS: the exports' generation_config.json stops on both, [EOS, end-of-turn], as Llama-3-Instruct ships it, so
+    transformers' generate (and vLLM) stop where demo.py does. A default-template run's is copied unchanged."""
+    tok = train_tiny_tokenizer(ROOT_TEXTS * 3, tmp_path / "tok", 400, "bpe", "chatml")
+    base = tmp_path / "pp"
+    assert run("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"),
+               "--save-path", str(base)) == 0
+    write_data_settings(base, data_settings_of(TemplateSettings(), tok))
+    assert run("pp_to_hg", "--input-path", str(base), "--save-path", str(tmp_path / "plain")) == 0
+    assert (tmp_path / "plain" / "generation_config.json").read_bytes() == (base / "generation_config.json").read_bytes()
+
+    write_data_settings(base, data_settings_of(TemplateSettings(template="chat"), tok))
+    eos, eot = tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+    assert eot != eos and GenerationConfig.from_pretrained(str(base)).eos_token_id == eos
+    assert run("pp_to_hg", "--input-path", str(base), "--save-path", str(tmp_path / "hf")) == 0
+    gen = GenerationConfig.from_pretrained(str(tmp_path / "hf"))
+    assert gen.eos_token_id == [eos, eot] and gen.bos_token_id == tok.bos_token_id
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert model.generation_config.eos_token_id == [eos, eot]
+    save = _lora_checkpoint(tmp_path, base)  # its side files include the chat run's data_settings.json
+    pp_to_hg(save, tmp_path / "adapter", lora="peft")
+    assert GenerationConfig.from_pretrained(str(tmp_path / "adapter")).eos_token_id == [eos, eot]

@@ -106,3 +106,18 @@ def test_demo_cli_on_the_chat_checkpoint(chat_run):
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout == ANSWER + "\n" and "template 'chat'" in p.stderr
+
+
+def test_transformers_generate_on_the_export_stops_at_end_of_turn(chat_run):
+    """The export's generation_config.json stops on [EOS, <|im_end|>]: plain `generate`, with no stop ids passed,
+    ends the trained answer at the end-of-turn token instead of running on to max_new_tokens."""
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(chat_run["hf"]))
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert GenerationConfig.from_pretrained(str(chat_run["hf"])).eos_token_id == [tok.eos_token_id, end]
+    model = AutoModelForCausalLM.from_pretrained(str(chat_run["hf"])).eval()
+    prompt = tok.apply_chat_template(CHAT_MESSAGES["conversation"](RECORD)[:-1], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.shape[1]:].tolist()
+    assert out[-1] == end and len(out) < 24 and tok.decode(out, skip_special_tokens=True) == ANSWER

@@ -181,7 +181,8 @@ BAD = {  # name -> (config overrides, expected text)
                                    "lora.modules_to_save: 'down_proj' holds 4-bit layers under 'quantization'"),
     "bitsandbytes missing": ({}, "quantization needs the package bitsandbytes >= 0.46, which is not installed; pip install"),
     "bitsandbytes too old": ({}, "quantization needs bitsandbytes >= 0.46 (4-bit layers on CPU and GPU); installed: 0.45.5"),
-    "resume a LoRA checkpoint": ({"@ckpt": {"r": 4, "alpha": 4.0, "target_modules": ["q_proj"]}},
+    "resume a LoRA checkpoint": ({"@ckpt": {"r": 4, "alpha": 4.0, "dropout": 0.0, "target_modules": ["q_proj"],
+                                            "base_model_path": "pp"}},
                                  "'quantization' is {\"load_in_4bit\": true, \"bnb_4bit_quant_type\": \"nf4\", "
                                  "\"bnb_4bit_use_double_quant\": false, \"bnb_4bit_compute_dtype\": \"float32\"} but the "
                                  "checkpoint"),

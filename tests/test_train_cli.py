@@ -150,7 +150,8 @@ RESUME_CASES = {  # name -> (files under save_path, config overrides, expected t
     "full checkpoint, lora config": ({"latest": "global_step2", "global_step2/trainer_state.json": "{}"},
                                      {"lora": {"r": 4}}, "is a full checkpoint but the config has a 'lora' section"),
     "lora rank changed": ({"latest": "global_step2", "global_step2/trainer_state.json": "{}",
-                           "global_step2/lora_config.json": json.dumps({"r": 8, "alpha": 8.0, "target_modules": ["q_proj"]})},
+                           "global_step2/lora_config.json": json.dumps({"r": 8, "alpha": 8.0, "dropout": 0.0,
+                                                                     "target_modules": ["q_proj"], "base_model_path": "pp"})},
                           {"lora": {"r": 4, "target_modules": ["q_proj"]}}, "lora.r is 4 but the checkpoint"),
 }
 

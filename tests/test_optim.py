@@ -290,6 +290,41 @@ def test_deepspeed_adamw_groups_and_schedule(ds, tmp_path):
         assert resumed.lr_scheduler.last_epoch == 5 and resumed.get_lr() == [LR * SCHED.factor(5, TOTAL)] * 2
 
 
+def test_a_resume_may_switch_the_kind_of_lr_scheduler(ds, tmp_path):
+    """A checkpoint of a run under the project's lr_schedule resumed under DeepSpeed's WarmupLR, and back: the saved
+    scheduler state does not load into the other kind (DeepSpeed raises: what a resume did), so the trainer skips
+    it and starts the new scheduler at the checkpoint's step, with the lrs an uninterrupted run of it has there."""
+    from training.resume import schedule_kind, start_schedule_at
+
+    adamw = {"optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.1}}}
+    warmup = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": LR, "warmup_num_steps": 10,
+                                             "warmup_type": "linear"}}
+    assert [schedule_kind(c) for c in ({"lr_schedule": {}}, {"scheduler": warmup}, {})] == [
+        "lr_schedule", "scheduler WarmupLR", "none"]
+
+    def make(kind: str):
+        m = tiny_model()
+        if kind == "lr_schedule":
+            return ds.initialize(model=m, config={**BASE, **adamw}, model_parameters=param_groups(m, 0.1),
+                                 lr_scheduler=lambda opt: build_lr_scheduler(opt, SCHED, TOTAL))[0]
+        return ds.initialize(model=m, config={**BASE, **adamw, "scheduler": warmup},
+                             model_parameters=param_groups(m, 0.1))[0]
+
+    for saved, new in (("lr_schedule", "warmup"), ("warmup", "lr_schedule")):
+        engine = make(saved)
+        train(engine, 3)
+        engine.save_checkpoint(str(tmp_path / saved), tag="t")
+        with pytest.raises((KeyError, AttributeError, TypeError)):
+            make(new).load_checkpoint(str(tmp_path / saved), tag="t", load_lr_scheduler_states=True)
+        ref = make(new)
+        train(ref, 3)
+        resumed = make(new)
+        resumed.load_checkpoint(str(tmp_path / saved), tag="t", load_lr_scheduler_states=False)
+        start_schedule_at(resumed.lr_scheduler, 3)
+        assert resumed.get_lr() == ref.get_lr() and train(resumed, 2) == train(ref, 2), (saved, new)
+        assert ref.get_lr() != make(new).get_lr()  # a scheduler left at its start would differ
+
+
 def test_deepspeed_lion_fp32(ds):
     engine = lion_engine(ds, BASE)
     assert type(engine.optimizer).__name__ == "Lion"

@@ -152,6 +152,36 @@ def test_split_long_pretrain_splits_instead_of_truncating(tmp_path, tokenizer):
     assert sorted(tuple(p["input_ids"]) for p in parts) == sorted(tuple(ids[i:i + L]) for i in range(0, n_long, L))
 
 
+def test_eval_rows_are_packed_and_split_as_the_training_rows(tmp_path, tokenizer):
+    """With split_long_pretrain the eval set (eval_data_path, plus the share eval_split_ratio holds out) has pretrain
+    text longer than max_seq_len: it is packed and split as training's rows are, so every eval call collates (left
+    unpacked, such a sample fits no row: the run failed at its first evaluation) and every eval token counts."""
+    from training.evaluate import EvalPlan, training_and_eval_rows
+
+    L = 64
+    data = write_records(tmp_path / "d.jsonl", 12, long_text=300)
+    ds = load_dataset(data, tokenizer, L, settings=SPLIT, use_cache=False)
+    ev = load_dataset(data, tokenizer, L, settings=SPLIT, use_cache=False)
+    assert max(len(ev[i]["input_ids"]) for i in range(len(ev))) > 2 * L
+
+    def evaluated_tokens(rows) -> int:
+        plan, n = EvalPlan(rows, 2, 1, 1), 0
+        for call in range(plan.calls):
+            length = plan.call_length(call, 0, 8, L)
+            assert length <= L
+            n += sum(int((labels != IGNORE_INDEX).sum()) for _, (labels, _) in plan.micro_batches(call, 0, length, 0))
+        assert n == plan.tokens > 0
+        return n
+
+    with pytest.raises(ValueError, match=f"more than the batch length {L}"):
+        evaluated_tokens(ev)
+    train, rows, n_eval = training_and_eval_rows(ds, ev, 0.25, True, L, seed=3)
+    held = round(len(ds) * 0.25)
+    assert n_eval == len(ev) + held and len(np.unique(train.segment_sample)) == len(ds) - held
+    assert evaluated_tokens(rows) == int(trained_tokens(rows).sum())
+    assert len(np.unique(rows.segment_sample)) == n_eval and rows.stats.split > 0
+
+
 def test_inspect_shows_packed_sequences_and_efficiency(tmp_path, tokenizer_dir, tokenizer, capsys):
     data = write_records(tmp_path / "d.jsonl", 30)
     cfg = {"model_path": str(tokenizer_dir), "save_path": str(tmp_path / "out"), "data_path": str(data),

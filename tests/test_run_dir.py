@@ -97,6 +97,19 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
     lrs = {m["step"]: m["lr"] for m in metrics_of(save)}
     assert [lrs[s] for s in range(1, 11)] == [3e-3] * 8 + [1e-3] * 2
 
+    # the project's schedule -> DeepSpeed's WarmupLR: its state is not loaded into the other kind (a traceback on
+    # every rank), the new scheduler starts at step 10 (the lr logged after update k is the next update's,
+    # (k - 1) / 20 x the peak, as in a run under WarmupLR from the start)
+    warmup = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 20,
+                                             "warmup_type": "linear"}}
+    new.update(max_steps=12, lr_schedule=None, scheduler=warmup)
+    out = run_deepspeed("train_ds.py", ["--config", str(ops_config(tmp_path, ops_model, allow_data_change_on_resume=True,
+                                                                     **new))]).stdout
+    said = [line for line in out.splitlines() if "scheduler" in line and "applied" in line]
+    assert said and all("another kind of scheduler starts at this step" in line for line in said), out[-3000:]
+    lrs = {m["step"]: m["lr"] for m in metrics_of(save)}
+    assert [lrs[s] for s in (11, 12)] == pytest.approx([1e-3 * 10 / 20, 1e-3 * 11 / 20], rel=1e-12), lrs
+
 
 def test_lock_is_refused_while_held_and_taken_over_when_stale(tmp_path, monkeypatch):
     held = RunLock(tmp_path, config="a.json")
@@ -110,6 +123,59 @@ def test_lock_is_refused_while_held_and_taken_over_when_stale(tmp_path, monkeypa
     os.utime(tmp_path / LOCK_FILE, (0, 0))
     lock = RunLock(tmp_path)
     assert "its heartbeat is" in lock.acquire()
+    lock.release()
+
+
+def test_a_stale_lock_taken_over_by_two_runs_at_once_keeps_one_holder(tmp_path, monkeypatch):
+    """B reads a stale lock; A takes it over before B moves it aside: B must not take A's live lock away."""
+    import training.runlock as runlock
+
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "gone-host", "pid": 1, "started": 0, "token": "old"}))
+    os.utime(tmp_path / LOCK_FILE, (0, 0))
+    a, b = RunLock(tmp_path, config="a.json"), RunLock(tmp_path, config="b.json")
+    read, said = runlock.read_lock, []
+
+    def a_in_between(path):
+        found = read(path)
+        if not said:
+            said.append(None)
+            said[0] = a.acquire()  # A takes the stale lock over between B's read and B's move
+        return found
+
+    monkeypatch.setattr(runlock, "read_lock", a_in_between)
+    try:
+        with pytest.raises(runlock.LockError, match=r"is in use by another run .*config a.json"):
+            b.acquire()
+        assert "took over the lock" in said[0] and a.ours() and not b.ours()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]  # nothing left aside
+    finally:
+        a.release()
+
+
+def test_a_restarted_job_takes_its_own_lock_over_and_only_rank_0_judges_it(tmp_path, ops_model, monkeypatch):
+    """A lock left by an earlier start of the same SLURM job (SIGKILL after the grace period, then requeue) is stale
+    at once, from any host; a rank other than 0 does not judge another host's lock (rank 0 does, for every rank)."""
+    save = tmp_path / "out"
+    save.mkdir()
+    (save / LOCK_FILE).write_text(json.dumps({"host": "node7", "pid": 1, "started": 0, "job": "SLURM job 41",
+                                              "restart": 0}))
+    cfg = ops_config(tmp_path, ops_model)
+    for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match=r"is in use by another run \(host node7"):
+        load_config(cfg, world_size=2)
+    monkeypatch.setenv("RANK", "1")
+    load_config(cfg, world_size=2)  # no verdict of its own: RunDirectory._take_lock gives rank 0's to every rank
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    with pytest.raises(ConfigError, match=r"is in use by another run"):
+        load_config(cfg, world_size=2)  # the same job's first start is this one: not stale
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    load_config(cfg, world_size=2)
+    lock = RunLock(save)
+    assert "it was taken by SLURM job 41, start 1 of it (this is start 2)" in lock.acquire()
+    assert json.loads((save / LOCK_FILE).read_text())["restart"] == 1
     lock.release()
 
 
@@ -211,12 +277,17 @@ def test_disk_full_while_writing_an_export_is_one_line(small_disk):
 
 
 @pytest.mark.distributed
-def test_sigterm_to_the_deepspeed_command_saves_and_stops_the_ranks(tmp_path, ops_model):
+def test_sigterm_to_the_deepspeed_command_saves_and_stops_the_ranks(tmp_path, ops_model, ops_uninterrupted):
     """What `timeout` sends: SIGTERM to the `deepspeed` command alone, which DeepSpeed's single-node runner does not
-    forward. The ranks notice it has gone, save at the step boundary and exit 0: no orphan keeps training."""
-    cfg = ops_config(tmp_path, ops_model)
-    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "step:2:60"})
+    forward. The ranks notice it has gone, save at the step boundary and exit 0: no orphan keeps training.
+    The run replaces an earlier one ("resume" false, "overwrite_save_path"), started by SLURM job 4242: the stop
+    says how to resume, and a requeue of that job (the same command) resumes it, not replaces it again."""
     save = tmp_path / "out"
+    save.mkdir()
+    (save / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # the run it replaces
+    cfg = ops_config(tmp_path, ops_model, resume=False, overwrite_save_path=True)
+    job = {"SLURM_JOB_ID": "4242"}
+    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "step:2:60", **job})
     wait_for(lambda: (save / "metrics.jsonl").is_file() and 2 in losses_of(save), proc)
     workers = workers_of(proc)
     assert len(workers) == 2
@@ -225,8 +296,14 @@ def test_sigterm_to_the_deepspeed_command_saves_and_stops_the_ranks(tmp_path, op
     for w in workers:
         w.wait(timeout=120)
     assert (save / "latest").read_text() == "global_step2", output_of(proc)[-3000:]
-    assert "saving at step 2 and exiting" in output_of(proc)
+    assert (f'saving at step 2 and exiting (to resume, set "resume": "auto" in {cfg}: a restart of this same job '
+            'resumes by itself; run again otherwise, "resume": false would start over and delete this run)') in output_of(proc)
     finish_deepspeed(proc, expect=None)
+    out = run_deepspeed("train_ds.py", ["--config", str(cfg)], env={**job, "SLURM_RESTART_COUNT": "1"}).stdout
+    assert (f"warning: this is a restart of SLURM job 4242, start 1 of it (this is start 2), which started the run in "
+            f"save_path {save}: it resumes that run") in out
+    assert f"resumed from {save / 'global_step2'} at step 2" in out
+    assert losses_of(save) == losses_of(ops_uninterrupted)  # steps 1-8, as one run without a stop
 
 
 # ------------------------------------------------------------------------------------------ the converter

@@ -79,14 +79,21 @@ def sigterm_at_step_6_then_resume(tmp_path: Path, cfg: Path, step: int = 6) -> N
                                   dict(packing=True, group_by_length=True, max_seq_len=48)], ids=["grouped", "packed"])
 def test_resume_is_bit_exact_with_group_by_length_and_packing(tmp_path_factory, ops_model, over):
     """Length-grouped batches whose row length changes between steps, and packed ones: preempted and resumed,
-    the run ends bit-identical to an uninterrupted one."""
+    the run ends bit-identical to an uninterrupted one. The packed run evaluates too: its eval set packed (and long
+    pretrain text split) as the training rows are."""
     full, cut = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("cut")
     over = dict(save_interval=3, **over)
+    if over.get("packing"):  # with a pretrain text of 3 rows (it failed the first evaluation: rows unpacked)
+        evals = tmp_path_factory.mktemp("eval") / "eval.jsonl"
+        evals.write_text((ops_model / "eval.jsonl").read_text() + json.dumps({"text": " ".join(["data"] * 120)}) + "\n")
+        over.update(split_long_pretrain=True, eval_data_path=str(evals), eval_interval=4)
     run_deepspeed("train_ds.py", ["--config", str(ops_config(full, ops_model, **over))])
     if not over.get("packing"):
         assert len({m["seq_len"] for m in metrics_of(full / "out")}) > 1  # the engine's activation shapes changed
     sigterm_at_step_6_then_resume(cut, ops_config(cut, ops_model, **over))
     assert losses_of(cut / "out") == losses_of(full / "out")
+    evals = [[(m["step"], m["eval_loss"]) for m in metrics_of(d / "out") if "eval_loss" in m] for d in (full, cut)]
+    assert evals[0] == evals[1] and [s for s, _ in evals[0]] == ([4, 8] if over.get("packing") else [])
     a, b = checkpoint_tensors(full / "out" / "global_step8"), checkpoint_tensors(cut / "out" / "global_step8")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -120,6 +127,25 @@ def test_sigkill_during_save_resumes_from_the_previous_checkpoint(tmp_path, ops_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not partial.exists() and sorted(p.name for p in (tmp_path / "out").glob("global_step*")) == [
         "global_step3", "global_step6", "global_step8"]
+
+
+def test_sigterm_during_a_periodic_save_stops_after_it(tmp_path, ops_model):
+    """SIGTERM while the save_interval checkpoint of step 6 is being written: the run stops once it is written,
+    without training step 7 and writing a second checkpoint inside the grace period."""
+    cfg = ops_config(tmp_path, ops_model, save_interval=3)
+    release = tmp_path / "release"
+    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": f"save:6:60:{release}"})
+    partial = tmp_path / "out" / ".tmp-global_step6"
+    wait_for(lambda: partial.is_dir() and len(list(partial.glob("rng_state_rank*.pt"))) == 2, proc)
+    for w in workers_of(proc):
+        w.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    release.touch()
+    _, out = finish_deepspeed(proc, expect=0)
+    assert "received SIGTERM: saving at step 6 and exiting" in out
+    assert (tmp_path / "out" / "latest").read_text() == "global_step6"
+    assert sorted(losses_of(tmp_path / "out")) == list(range(1, 7))
+    assert sorted(p.name for p in (tmp_path / "out").glob("global_step*")) == ["global_step3", "global_step6"]
 
 
 def hf_token_mean_loss(model_or_dir, eval_path: Path, tokenizer, seq: int) -> float:

@@ -12,10 +12,14 @@ Every tag is written as `.tmp-<tag>`, renamed to `<tag>` once all ranks are done
 in `latest`: a run killed half-way through a save leaves a `.tmp-*` directory (removed at the next
 start) and the previous checkpoint untouched. A save that fails on any rank (a full disk above all) is
 removed on every rank and reported as one line (`SaveFailed`); the previous checkpoint is untouched.
+Every file is flushed to disk (fsync, one process per node) before the rename, the rename before `latest`
+names the tag, and `latest` before older tags are rotated away: a power loss or kernel crash cannot leave
+`latest` naming a tag whose data never reached the disk after the previous one was deleted.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -49,15 +53,46 @@ def tag_of(step: int) -> str:
     return f"global_step{step}"
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to stable storage: a rename, or a `latest` naming a tag, must
+    not reach the disk before what it names (after a power loss or kernel crash, not only a killed process).
+    A filesystem that cannot fsync a directory (EINVAL) is left as it is."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not path.is_dir() or e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then every directory (deepest first)."""
+    dirs = [root]
+    for p in sorted(root.rglob("*")):
+        if p.is_dir():
+            dirs.append(p)
+        elif p.is_file():
+            fsync_path(p)
+    for d in reversed(dirs):
+        fsync_path(d)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary name unique to this process and call, then rename into place."""
+    """Write via a temporary name unique to this process and call, flush it to disk, then rename into place
+    (and flush the directory, so the new name survives a crash)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tmp.write_text(text)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
 
 
 @dataclass
@@ -148,12 +183,15 @@ class Checkpoints:
     """The tag directories under save_path: save (atomic), find, rotate."""
 
     def __init__(self, save_path: str | Path, rank: int, keep_last: int | None, keep_best: int | None,
-                 trainable_only: bool = False, extra_files: dict[str, str] | None = None):
+                 trainable_only: bool = False, extra_files: dict[str, str] | None = None,
+                 resume_how: str = "resume with the same command"):
         """`trainable_only`: layer files hold only trainable weights (LoRA adapters); `extra_files`: name -> text
-        written into every tag (e.g. lora_config.json)."""
+        written into every tag (e.g. lora_config.json); `resume_how`: said when a save fails."""
         self.root, self.rank, self.keep_last, self.keep_best = Path(save_path), rank, keep_last, keep_best
         self.trainable_only, self.extra_files = trainable_only, extra_files or {}
         self.last_size: int | None = None  # bytes of the newest checkpoint (None: not measured yet)
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.resume_how = resume_how
 
     def latest(self) -> str | None:
         f = self.root / "latest"
@@ -203,27 +241,48 @@ class Checkpoints:
             if in_engine:  # DeepSpeed's save ends in a barrier (after its writes) that the other ranks are in
                 dist.barrier()
         fault_pause("save", state.step)
-        problems = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem)  # also the barrier: every rank has written its part
-        failed = [p for p in problems if p]
+        failed = self._problems(problem)  # also the barrier: every rank has written its part
+        if not failed:  # one process per node flushes what the node wrote before the tag may be named
+            failed = self._problems(self._flush(self.root / tmp, tag) if self.local_rank == 0 else None)
         if failed:
             if self.rank == 0:
                 shutil.rmtree(self.root / tmp, ignore_errors=True)
             dist.barrier()
             kept = self.latest()
             raise SaveFailed(f"{failed[0]}; " + (f"the previous checkpoint {self.root / kept} is intact: free space and "
-                             "start the same command again to resume from it" if kept else "no earlier checkpoint"))
+                             f"{self.resume_how}" if kept else "no earlier checkpoint"))
         if self.rank == 0:
             final = self.root / tag
             write_manifest(self.root / tmp)
             if final.exists():  # a re-run of the same step (e.g. resumed before it): replace it
                 shutil.rmtree(final)
             os.replace(self.root / tmp, final)
+            fsync_path(self.root)  # the rename is on disk before `latest` names it and before rotation deletes
             atomic_write_text(self.root / "latest", tag)
             self.last_size = tree_size(final)
             self._after_save(state)
         dist.barrier()
         return self.root / tag
+
+    @staticmethod
+    def _problems(problem: str | None) -> list[str]:
+        """Every rank's problem (None: none), gathered on every rank; the non-empty ones."""
+        import torch.distributed as dist
+
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        return [p for p in problems if p]
+
+    def _flush(self, tag_dir: Path, tag: str) -> str | None:
+        """fsync a tag's files (this node's writes; on a network filesystem its close() already sent them):
+        None, or the one-line problem."""
+        try:
+            fsync_tree(tag_dir)
+        except OSError as e:
+            return (no_space_message(f"saving checkpoint {tag} in {self.root}", self.root, self.last_size or None)
+                    if is_no_space(e, self.root) else
+                    f"flushing checkpoint {tag} in {self.root} to disk failed on rank {self.rank}: {type(e).__name__}: {e}")
+        return None
 
     def warn_if_short(self, what: str) -> None:
         """Rank 0, before a save (and at start): warn when the free space is below the size of the last checkpoint."""

@@ -30,7 +30,7 @@ from training.checkpoint import STATE_FILE
 from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
 from training.optim import build_lion, no_decay_patterns, parse_lr_schedule
 from training.resume import RUN_CONFIG_FILE, config_changes, read_run_config, refusals, resume_tag
-from training.runlock import LockError, check_unlocked
+from training.runlock import LockError, check_unlocked, launch_job, restarted_job
 from training.trackers import parse_report_to
 
 
@@ -204,6 +204,10 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
     _check_run_keys(cfg, path)
+    if cfg.resume is False and (job := restarted_job(cfg.save_path)):
+        cfg.resume, cfg.overwrite_save_path = "auto", False
+        cfg.notes.append(f"this is a restart of {job}, which started the run in save_path {cfg.save_path}: it resumes "
+                         "that run ('resume' false applies to the job's first start)")
     _check_batch(cfg, path, world_size)
     _check_paths(cfg, path, require_model)
     if require_model:
@@ -356,10 +360,11 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
         raise ConfigError(f"{path}: save_path {save} is {'model_path' if save.resolve() == model.resolve() else 'inside model_path'} "
                           f"{model}: checkpoints would mix with the base model's files (and pp_to_hg of that dir would "
                           "export the untrained base); use another directory")
-    try:
-        check_unlocked(save)
-    except LockError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    if os.environ.get("RANK", "0") == "0":  # the others cannot judge a lock of another host: rank 0 says for them
+        try:
+            check_unlocked(save)
+        except LockError as e:
+            raise ConfigError(f"{path}: {e}") from None
     parent = save if save.exists() else next((p for p in save.parents if p.exists()), Path("/"))
     if not parent.is_dir():
         raise ConfigError(f"{path}: save_path {save} is under {parent}, which is a file, not a directory")
@@ -434,6 +439,15 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
         raise ConfigError(f"{path}: 'max_seq_len' {cfg.max_seq_len} is above the model's sliding_window {window} (config.json), "
                           "which the pipeline's attention does not implement (it would attend beyond the window); "
                           f"use max_seq_len <= {window}")
+
+
+def resume_hint(cfg: TrainConfig) -> str:
+    """How to resume this run after a stop: the same command, unless its config starts a new run."""
+    if cfg.resume is not False:
+        return "resume with the same command"
+    again = ("a restart of this same job resumes by itself; run again otherwise, " if launch_job() else "run again, ")
+    return (f"to resume, set \"resume\": \"auto\" in {cfg.path}: {again}\"resume\": false would "
+            + ("start over and delete this run" if cfg.overwrite_save_path else "be refused"))
 
 
 def holds_run(save: Path) -> bool:

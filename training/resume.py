@@ -27,8 +27,10 @@ RESUME_RULES: list[tuple[str, str, str]] = [
     ("n_epoches", APPLIED, "the run trains to the new length (a finished run continues)"),
     ("optimizer.type", FIXED, "the checkpoint's optimizer state belongs to another optimizer"),
     ("optimizer.params", APPLIED, "the optimizer uses the new value from this step on"),
-    ("lr_schedule", APPLIED, "the schedule continues from this step with the new values"),
-    ("scheduler", APPLIED, "the schedule continues from this step with the new values"),
+    ("lr_schedule", APPLIED, "the schedule continues from this step with the new values (another kind of "
+                             "scheduler starts at this step)"),
+    ("scheduler", APPLIED, "the schedule continues from this step with the new values (another kind of "
+                           "scheduler starts at this step)"),
     ("decay_norm_and_bias", FIXED, "the optimizer's parameter groups would differ from the checkpoint's"),
     ("optimizer.no_wd_kws", FIXED, "the optimizer's parameter groups would differ from the checkpoint's"),
     ("bf16", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
@@ -127,6 +129,27 @@ def config_changes(saved: dict, new: dict, lora_run: bool = False) -> list[Chang
 
 def refusals(changes: list[Change], allow_data_change: bool) -> list[Change]:
     return [c for c in changes if c.kind == FIXED or (c.kind == DATA and not allow_data_change)]
+
+
+def schedule_kind(raw: dict) -> str:
+    """The kind of LR scheduler a (raw) config builds: the project's `lr_schedule`, DeepSpeed's `scheduler` of a
+    type, or none. A checkpoint's scheduler state loads only into one of the same kind."""
+    if raw.get("lr_schedule") is not None:
+        return "lr_schedule"
+    ds = raw.get("scheduler")
+    return f"scheduler {ds.get('type')}" if isinstance(ds, dict) else "none"
+
+
+def start_schedule_at(sched, step: int) -> None:
+    """Put a scheduler built fresh where it would be after `step` updates (the engine steps it once per update),
+    with the optimizer's lr its value there: LambdaLR counts from 0 (its construction applies step 0; the project's
+    `_ScheduleLR` sets the lr when loaded), DeepSpeed's schedulers from -1 (`step(n)` sets it)."""
+    if sched is None:
+        return
+    if hasattr(sched, "lr_lambdas"):
+        sched.load_state_dict({**sched.state_dict(), "last_epoch": step})
+    elif hasattr(sched, "last_batch_iteration"):
+        sched.step(step - 1)
 
 
 def read_run_config(tag_dir: Path) -> dict | None:

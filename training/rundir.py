@@ -20,8 +20,17 @@ from models.hf_io import SIDE_FILES, copy_side_files
 from training.checkpoint import RunState, set_rng_state
 from training.config import ConfigError
 from training.monitor import truncate_metrics
-from training.resume import RUN_CONFIG_FILE, config_changes, earlier_tags, read_run_config, resume_tag, tag_problem
-from training.runlock import LockError, RunLock
+from training.resume import (
+    RUN_CONFIG_FILE,
+    config_changes,
+    earlier_tags,
+    read_run_config,
+    resume_tag,
+    schedule_kind,
+    start_schedule_at,
+    tag_problem,
+)
+from training.runlock import LockError, RunLock, record_job
 from training.trackers import IDS_FILE
 
 RUN_OUTPUTS = ("latest", "best", "metrics.jsonl", "runs", IDS_FILE, "wandb", "mlruns")  # besides the checkpoints
@@ -115,6 +124,7 @@ class RunDirectory:
                 print(f"removed {save / name}: a checkpoint that was not completely written", flush=True)
             if cfg.resume is False:  # load_config refused a used save_path unless overwrite_save_path
                 clear_run(save, self.ckpts.tags())
+                record_job(save)  # a restart of this job (SLURM requeue, torchrun) resumes instead (load_config)
             for old in save.glob(".side-files.*"):  # left by a run killed while copying
                 shutil.rmtree(old, ignore_errors=True)
             staging = Path(tempfile.mkdtemp(prefix=".side-files.", dir=save))
@@ -156,8 +166,12 @@ class RunDirectory:
         self._check_changes(tag_dir, saved)
         same = (saved.pipe, saved.data, saved.parts) == (self.pp_size, self.dp_size, list(self.model.parts))
         hyper = self._optimizer_settings()  # the config's, before the checkpoint's are loaded over them
+        old = read_run_config(tag_dir)  # another kind of LR scheduler cannot load the saved one's state
+        switched = old is not None and schedule_kind(old) != schedule_kind(self.cfg.raw)
         self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=same,
-                                    load_lr_scheduler_states=True, load_module_strict=self.lora is None)
+                                    load_lr_scheduler_states=not switched, load_module_strict=self.lora is None)
+        if switched:
+            start_schedule_at(self.engine.lr_scheduler, saved.step)
         self.state = RunState(**{**saved.__dict__, "pipe": self.pp_size, "data": self.dp_size,
                                  "parts": list(self.model.parts), "global_batch": self.plan.global_batch,
                                  "data_fingerprint": self.data_fingerprint})
@@ -165,8 +179,8 @@ class RunDirectory:
         rng = tag_dir / f"rng_state_rank{self.rank}.pt"
         if same and rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
-        if self.changes_lr:
-            self._set_optimizer_settings(hyper)
+        if self.changes_lr or not same:  # not same: a fresh optimizer holds the schedule's first lr, not this step's
+            self._set_optimizer_settings(hyper, say=self.changes_lr)
         self.log(f"resumed from {tag_dir} at step {saved.step}" + ("" if same else
                  f"; topology changed (pipe {saved.pipe} -> {self.pp_size}, data {saved.data} -> {self.dp_size}, "
                  f"layer bounds {saved.parts} -> {list(self.model.parts)}): weights, step and LR schedule loaded, "
@@ -227,7 +241,7 @@ class RunDirectory:
                            for o in self._optimizers()],
                 "base_lrs": list(getattr(sched, "base_lrs", []) or [])}
 
-    def _set_optimizer_settings(self, hyper: dict) -> None:
+    def _set_optimizer_settings(self, hyper: dict, say: bool = True) -> None:
         """After a resume whose config changed the optimizer or schedule: the new hyperparameters, and the lr of the
         new schedule at this step (a loaded optimizer state brings the old ones back)."""
         sched = self.engine.lr_scheduler
@@ -245,7 +259,8 @@ class RunDirectory:
             for opt in self._optimizers():
                 for g, lr in zip(opt.param_groups, sched.get_lr(), strict=False):
                     g["lr"] = lr
-        self.log(f"optimizer settings from the config in force: lr now {self.engine.get_lr()[0]:.6g}")
+        if say:
+            self.log(f"optimizer settings from the config in force: lr now {self.engine.get_lr()[0]:.6g}")
 
 
 def data_fingerprint(ds) -> str:

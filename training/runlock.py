@@ -3,8 +3,12 @@
 `save_path/.run.lock` is created with O_CREAT | O_EXCL (atomic on local disks and on NFSv3+, unlike flock
 across hosts) by global rank 0 before anything else is written there. It holds the holder's host, pid,
 start time and config; a thread touches it every HEARTBEAT_S seconds. A second run refuses to start and
-names the holder. A lock whose holder is gone (same host, pid no longer running) or whose heartbeat is
-older than STALE_AFTER_S (another host that stopped) is taken over, with a line saying so.
+names the holder. A lock whose holder is gone (same host, pid no longer running; an earlier start of this same
+SLURM / torchrun job, which a scheduler restarts only once it has ended) or whose heartbeat is older than
+STALE_AFTER_S (another host that stopped) is taken over, with a line saying so.
+
+The same job identity marks a run started fresh (`resume` false): a restart of that job (SLURM's requeue,
+torchrun's --max-restarts runs the same command again) resumes the run instead of replacing it.
 """
 
 from __future__ import annotations
@@ -20,29 +24,77 @@ from pathlib import Path
 from models.hf_io import pid_alive
 
 LOCK_FILE = ".run.lock"
+JOB_FILE = ".run-job.json"  # the job that started the run in save_path fresh (`resume` false)
 STALE_AFTER_S = float(os.environ.get("PIPEFT_LOCK_STALE_S", "300"))  # a heartbeat older than this: holder gone
 HEARTBEAT_S = min(30.0, STALE_AFTER_S / 5)
+
+
+def launch_job() -> tuple[str, int] | None:
+    """(job id, restart count) when a scheduler may start this same command again: SLURM (SLURM_JOB_ID,
+    SLURM_RESTART_COUNT after a requeue) or torchrun (TORCHELASTIC_RUN_ID unless its default 'none',
+    TORCHELASTIC_RESTART_COUNT); None otherwise."""
+    env = os.environ
+    if env.get("SLURM_JOB_ID"):
+        return f"SLURM job {env['SLURM_JOB_ID']}", int(env.get("SLURM_RESTART_COUNT") or 0)
+    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun run {env['TORCHELASTIC_RUN_ID']}", int(env.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    return None
+
+
+def earlier_start(info: dict) -> str | None:
+    """'SLURM job 7, start 1 of it' when `info` (a lock's or JOB_FILE's) was written by an earlier start of the job
+    this process belongs to, else None."""
+    job = launch_job()
+    if job is None or info.get("job") != job[0] or not isinstance(info.get("restart"), int) or info["restart"] >= job[1]:
+        return None
+    return f"{job[0]}, start {info['restart'] + 1} of it (this is start {job[1] + 1})"
+
+
+def record_job(save_path: str | Path) -> None:
+    """Rank 0 of a run started fresh: name its job in save_path (or forget an older job's note)."""
+    f, job = Path(save_path) / JOB_FILE, launch_job()
+    if job is None:
+        f.unlink(missing_ok=True)
+    else:
+        tmp = f.with_name(f"{JOB_FILE}.{os.getpid()}")
+        tmp.write_text(json.dumps({"job": job[0], "restart": job[1]}))
+        os.replace(tmp, f)
+
+
+def restarted_job(save_path: str | Path) -> str | None:
+    """When this process is a restart of the job that started the run in save_path: which (for the log line)."""
+    try:
+        info = json.loads((Path(save_path) / JOB_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return earlier_start(info) if isinstance(info, dict) else None
 
 
 class LockError(RuntimeError):
     """save_path is held by another run; the message is one line naming the holder."""
 
 
-def read_lock(save_path: str | Path) -> tuple[dict, float] | None:
-    """(holder info, seconds since its last heartbeat), or None when there is no lock."""
-    f = Path(save_path) / LOCK_FILE
+def read_lock_file(f: Path) -> dict | None:
+    """A lock file's content ({} when damaged), None when it is not there."""
     try:
-        age = time.time() - f.stat().st_mtime
         info = json.loads(f.read_text() or "{}")
     except FileNotFoundError:
         return None
     except (OSError, json.JSONDecodeError):
-        info = {}  # being written right now, or damaged: judged by its age alone
-        try:
-            age = time.time() - f.stat().st_mtime
-        except OSError:
-            return None
-    return info, age
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def read_lock(save_path: str | Path) -> tuple[dict, float] | None:
+    """(holder info, seconds since its last heartbeat), or None when there is no lock. A lock being written right
+    now, or damaged, has the info {} and is judged by its age alone."""
+    f = Path(save_path) / LOCK_FILE
+    try:
+        age = time.time() - f.stat().st_mtime
+    except OSError:
+        return None
+    info = read_lock_file(f)
+    return None if info is None else (info, age)
 
 
 def describe(info: dict, age: float) -> str:
@@ -56,6 +108,8 @@ def why_stale(info: dict, age: float) -> str | None:
     """Why the holder of a lock is gone (the lock may be taken over), or None while it may still be running."""
     if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not pid_alive(info["pid"]):
         return f"its process {info['pid']} on this host is no longer running"
+    if earlier := earlier_start(info):
+        return f"it was taken by {earlier}"
     if age > STALE_AFTER_S:
         return f"its heartbeat is {age:.0f} s old (stale after {STALE_AFTER_S:.0f} s)"
     return None
@@ -83,6 +137,8 @@ class RunLock:
         self.token = uuid.uuid4().hex
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "config": config,
                      "token": self.token}
+        if job := launch_job():
+            self.info.update(job=job[0], restart=job[1])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -101,13 +157,22 @@ class RunLock:
                 why = why_stale(*found)
                 if why is None:
                     raise LockError(held_message(self.dir, *found)) from None
-                # move the stale lock aside under a name of our own (atomic: of two runs taking it over, one wins)
+                # move the stale lock aside under a name of our own; if what was moved is not the lock judged stale
+                # (another run took it over in between and made its own), put that one back: it is live
                 aside = self.file.with_name(f"{LOCK_FILE}.stale-{self.token}")
                 try:
                     os.replace(self.file, aside)
-                    aside.unlink(missing_ok=True)
                 except FileNotFoundError:
                     continue
+                moved = read_lock_file(aside)
+                if moved is not None and moved.get("token") != found[0].get("token"):
+                    try:
+                        os.link(aside, self.file)
+                    except FileExistsError:
+                        pass  # a third run made one: the next round judges it
+                    aside.unlink(missing_ok=True)
+                    continue
+                aside.unlink(missing_ok=True)
                 note = f"took over the lock of save_path {self.dir} from a run that is gone ({describe(*found)}: {why})"
                 continue
             with os.fdopen(fd, "w") as f:

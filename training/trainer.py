@@ -18,7 +18,7 @@ import torch
 
 from data.collate import pad_id_of
 from data.encode import load_dataset
-from data.packing import describe, pack
+from data.packing import describe
 from data.records import DataError, read_files, records_from_files
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
 from models.attention import set_attn_implementation
@@ -31,9 +31,9 @@ from models.wgrad import WeightGradStore, defer_in_engine, deferred_micro_batche
 from pipeft import command
 from training.batches import BatchPlan, RowsView, row_trained, step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause
-from training.config import ConfigError, TrainConfig
+from training.config import ConfigError, TrainConfig, resume_hint
 from training.distributed import LauncherWatch, device_line, shutdown_distributed
-from training.evaluate import EvalPlan, concat, split_eval
+from training.evaluate import EvalPlan, training_and_eval_rows
 from training.monitor import Monitor, fmt_bytes, fmt_count, hms, process_memory, write_estimate
 from training.optim import build_optimizer
 from training.resume import RUN_CONFIG_FILE
@@ -164,7 +164,7 @@ class Trainer(RunDirectory):
         if self.lora:
             extra[LORA_FILE] = lora_info(self.lora, cfg.model_path, self.quant and self.quant.as_config())
         self.ckpts = Checkpoints(cfg.save_path, self.rank, cfg.keep_last, cfg.keep_best, trainable_only=self.lora is not None,
-                                 extra_files=extra)
+                                 extra_files=extra, resume_how=resume_hint(cfg))
         start = self._prepare_save_path()
         self.monitor = Monitor(Path(cfg.save_path), self.rank, self.total_steps, start, cfg.log_interval, cfg.report_to,
                                cfg.raw)
@@ -216,20 +216,18 @@ class Trainer(RunDirectory):
             raise ConfigError(f"{cfg.path}: 'eval_data_path' {cfg.eval_data_path}: none of its {es.records} records is left "
                               f"for evaluation ({es.dropped} dropped: no trained token within max_seq_len {cfg.max_seq_len}); "
                               "fix the eval data or raise max_seq_len")
-        if cfg.eval_split_ratio is not None:
-            try:
-                ds, held = split_eval(ds, cfg.eval_split_ratio, cfg.seed)
-            except ValueError as e:
-                raise ConfigError(f"{cfg.path}: {e}") from None
-            eval_set = held if eval_set is None else concat(eval_set, held)
+        try:
+            ds, eval_set, n_eval = training_and_eval_rows(ds, eval_set, cfg.eval_split_ratio, cfg.packing,
+                                                          cfg.max_seq_len, cfg.seed)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.path}: {e}") from None
         if eval_set is not None:
             where = [str(cfg.eval_data_path)] if cfg.eval_data_path is not None else []
             if cfg.eval_split_ratio is not None:
                 where.append(f"{cfg.eval_split_ratio:g} of the training samples")
-            where = " + ".join(where)
-            self.log(f"eval data: {len(eval_set)} samples ({where})")
+            self.log(f"eval data: {n_eval} samples ({' + '.join(where)})"
+                     + (f", packed into {len(eval_set)} rows" if cfg.packing else ""))
         if cfg.packing:
-            ds = pack(ds, cfg.max_seq_len, cfg.seed)
             self.log(describe(ds.stats))
         return ds, eval_set
 
@@ -471,6 +469,7 @@ class Trainer(RunDirectory):
             stop, timed = self._at_boundary()
             if (cfg.save_interval and st.step % cfg.save_interval == 0) or (evaluated and cfg.keep_best) or timed:
                 saved_at = self._save(st, saved_at)
+                stop = stop or self._at_boundary()[0]  # a signal during a long save: this step is saved, stop now
             if evaluated and cfg.early_stopping_patience and st.evals_since_best() >= cfg.early_stopping_patience:
                 best = st.best_eval()
                 self.log(f"early stopping: eval loss has not improved for {cfg.early_stopping_patience} evaluations "
@@ -478,7 +477,7 @@ class Trainer(RunDirectory):
                 break
             if stop:
                 self.log(f"received {self.stop_signal or 'a stop signal on another rank'}: saving at step {st.step} "
-                         "and exiting (resume with the same command)")
+                         f"and exiting ({resume_hint(cfg)})")
                 self._save(st, saved_at)
                 return
         if self.eval_plan is not None and all(s != st.step for s, _ in st.evals):
@@ -504,7 +503,7 @@ class Trainer(RunDirectory):
         self.state.evals.append((self.state.step, loss))
         ppl = math.exp(loss) if loss < 700 else float("inf")
         self.log(f"eval at step {self.state.step}: loss {loss:.4f} | perplexity {ppl:.2f} "
-                 f"({self.eval_plan.tokens} tokens, {len(self.eval_set)} samples)")
+                 f"({self.eval_plan.tokens} tokens, {len(self.eval_set)} {'rows' if self.cfg.packing else 'samples'})")
         if rec is None:
             self.monitor.write({"step": self.state.step, "eval_loss": loss, "eval_ppl": ppl})
         else:

@@ -17,6 +17,7 @@ import torch
 
 from .family import ModelFamily, get_family
 from .hf_io import (
+    HF_SOURCE_FILE,
     TOKENIZER_FILES,
     CheckpointError,
     HFCheckpoint,
@@ -146,6 +147,9 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
                 f"{len(sd)} tensors, {_mb(sd.values()):.1f} MB")
             del sd
         copied = copy_side_files(src, tmp, transform={"config.json": with_dtype(cast)} if cast is not None else None)
+        # where the weights came from: a PEFT export names it as its base (a Hub id as given, else the dir)
+        hub_id = src != Path(input_path)
+        (tmp / HF_SOURCE_FILE).write_text(json.dumps({"hf_model": str(input_path) if hub_id else str(src.resolve())}) + "\n")
     log(f"wrote {len(expected)} layer files + {', '.join(copied)} to {dst} in {time.time() - t0:.1f}s")
     return dst
 
@@ -268,7 +272,7 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
                     generation_config=generation_config)
         q = info.get("quantization")
         log(f"wrote a PEFT adapter (r {info['r']}, alpha {info['alpha']:g}, {', '.join(info['target_modules'])}) "
-            f"to {dst}; base: {info['base_model_path']}" + ("" if not q else f"; the base was trained 4-bit: load it with "
+            f"to {dst}; base: {json.loads((dst / 'adapter_config.json').read_text())['base_model_name_or_path']}" + ("" if not q else f"; the base was trained 4-bit: load it with "
             f"BitsAndBytesConfig(**{json.dumps(q)}) (recorded in {dst / 'quantization_config.json'})"))
         return dst
     if lora == "merge":

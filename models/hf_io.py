@@ -33,6 +33,7 @@ TOKENIZER_FILES = (
 )
 # data_settings.json: how training rendered its records (data.settings.DATA_SETTINGS_FILE), read by demo.py
 SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "data_settings.json")
+HF_SOURCE_FILE = "hf_source.json"  # in a pipeline dir: the HF model (dir or Hub id) hg_to_pp converted it from
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # in order of preference
 
 
@@ -284,6 +285,19 @@ def _as_target(path: Path) -> Path:
     replaces a link, never what it points to)."""
     p = Path(os.path.abspath(path))
     return p.parent.resolve() / p.name if p.name else p
+
+
+def hf_source_of(pipeline_dir: str | Path) -> str | None:
+    """The HF model a pipeline dir was converted from (HF_SOURCE_FILE): a Hub id, or a local dir that still holds
+    a config.json; None when unknown (an `init` model, an older conversion) or gone."""
+    f = Path(pipeline_dir) / HF_SOURCE_FILE
+    if not f.is_file():
+        return None
+    body = read_json(f)
+    src = body.get("hf_model") if isinstance(body, dict) else None
+    if not isinstance(src, str):
+        raise CheckpointError(f"{f}: no \"hf_model\" string")
+    return src if not Path(src).is_absolute() or (Path(src) / "config.json").is_file() else None
 
 
 def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | None] = ()) -> None:

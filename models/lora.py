@@ -24,6 +24,7 @@ from .hf_io import (
     atomic_output_dir,
     check_target,
     copy_side_files,
+    hf_source_of,
     load_torch_file,
     read_json,
     save_safetensors,
@@ -277,7 +278,9 @@ def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_pat
     tensors = adapter_tensors(tag_dir, family, family.num_blocks(config))
     with atomic_output_dir(save_path, overwrite, sources=sources) as tmp:
         cfg = settings.peft_config()
-        cfg.base_model_name_or_path = info["base_model_path"]
+        # the HF model the base pipeline dir came from (what AutoPeftModelForCausalLM and llama.cpp's LoRA converter
+        # load), else the pipeline dir itself
+        cfg.base_model_name_or_path = hf_source_of(info["base_model_path"]) or info["base_model_path"]
         cfg.save_pretrained(str(tmp))
         save_safetensors({k: t.contiguous() for k, t in tensors.items()}, tmp / "adapter_model.safetensors")
         if side_dir is not None:

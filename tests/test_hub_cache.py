@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import convert_model
+from models.hf_io import hf_source_of
 from tests.helpers import llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,8 @@ def test_hub_id_converts_from_the_local_cache_offline(tmp_path, tokenizer):
     assert proc.returncode == 0, proc.stderr
     assert f"{REPO_ID}: the Hugging Face cache's snapshot {snapshot}" in proc.stderr
     assert_same_model(tmp_path / "pp", tmp_path / "from_dir")
+    # what a PEFT export of a run on it names as the base: the Hub id, or the local dir converted
+    assert hf_source_of(tmp_path / "pp") == REPO_ID and hf_source_of(tmp_path / "from_dir") == str(hf.resolve())
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):  # copied from the blobs, not as links
         assert not (tmp_path / "pp" / name).is_symlink()
         assert (tmp_path / "pp" / name).read_bytes() == (hf / name).read_bytes()

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -132,6 +132,11 @@ def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family,
     eval_loss = [m["eval_loss"] for m in metrics_of(tmp_path / "out") if "eval_loss" in m]
     assert len(eval_loss) == 1
     assert hf_token_mean_loss(loaded, tmp_path / "eval.jsonl", tokenizer, SEQ) == pytest.approx(eval_loss[0], rel=1e-5)
+    # the adapter names the HF model its base pipeline dir was converted from: AutoPeftModelForCausalLM loads it alone
+    named = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == str((tmp_path / "hf").resolve())
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).state_dict()
+    assert auto.keys() == loaded.state_dict().keys() and all(torch.equal(t, loaded.state_dict()[k]) for k, t in auto.items())
 
     # merged export == peft's merge_and_unload; demo.py reads the LoRA checkpoint as that merged model
     pp_to_hg(tmp_path / "out", tmp_path / "merged", lora="merge")

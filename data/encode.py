@@ -65,6 +65,7 @@ class EncodedDataset:
     def __getitem__(self, i: int) -> dict[str, list[int]]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range ({len(self)} samples)")
+        i %= len(self)  # ds[-1] is the last sample (offsets[-1] + 1 would be out of range)
         a, b = self.offsets[i], self.offsets[i + 1]
         return {"input_ids": self.input_ids[a:b].tolist(), "labels": self.labels[a:b].tolist()}
 

@@ -95,7 +95,9 @@ def test_packed_losses_and_logits_equal_the_samples_alone(tmp_path, tokenizer, f
 def test_packing_invariants(tmp_path, tokenizer):
     ds = load_dataset(write_records(tmp_path / "d.jsonl", 300, long_text=150), tokenizer, 128, use_cache=False)
     assert ds.stats.truncated > 0 and ds.stats.dropped == 0
+    assert ds[-1] == ds[len(ds) - 1] and ds[-len(ds)] == ds[0]  # negative indices, as for a list
     packed = pack(ds, 128, seed=5)
+    assert packed[-1] == packed[len(packed) - 1]
     st = packed.stats
     seen = []
     for r in range(len(packed)):

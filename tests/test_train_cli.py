@@ -15,6 +15,7 @@ import torch
 import convert_model
 import train_ds
 from tests.helpers import run_deepspeed
+from training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,6 +167,30 @@ def test_resume_problems_are_found_before_training(tmp_path, base, capsys, case)
     assert train_ds.main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {cfg}: ") and expected in err[0], err
+
+
+def test_other_eval_data_on_resume_is_refused_where_eval_losses_are_compared(tmp_path, base, capsys):
+    """keep_best and early stopping compare each eval loss with the earlier ones: a resume with other eval data
+    would rank checkpoints (and stop) by losses of different data. Without them the new eval data is applied."""
+    evals = []
+    for name in ("a.jsonl", "b.jsonl"):
+        evals.append(tmp_path / name)
+        evals[-1].write_text(json.dumps({"instruct": "say", "output": name}) + "\n")
+    compared = {"eval_interval": 1, "keep_best": 1}
+    saved = json.loads(write_config(tmp_path, base, eval_data_path=str(evals[0]), **compared).read_text())
+    tag = tmp_path / "out" / "global_step1"
+    tag.mkdir(parents=True)
+    (tag / "trainer_state.json").write_text("{}")
+    (tag / "run_config.json").write_text(json.dumps(saved))
+    (tmp_path / "out" / "latest").write_text("global_step1")
+    cfg = write_config(tmp_path, base, eval_data_path=str(evals[1]), **compared)
+    assert train_ds.main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {cfg}: 'eval_data_path' changed since the "
+                                               f"checkpoint {tag / 'run_config.json'}") and \
+        "keep_best / early_stopping_patience compare every eval loss with the earlier ones" in err[0], err
+    (tag / "run_config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "keep_best"}))
+    load_config(write_config(tmp_path, base, eval_data_path=str(evals[1]), eval_interval=1), world_size=1)
 
 
 def test_hf_dir_as_model_path_gets_a_hint(tmp_path, base, capsys):

@@ -510,7 +510,8 @@ def _check_resume(cfg: TrainConfig, path: Path, lora: LoraSettings | None) -> No
     old = read_run_config(ckpt)
     if old is None:
         return
-    refused = refusals(config_changes(old, cfg.raw, lora_run=cfg.lora is not None), cfg.allow_data_change_on_resume)
+    refused = refusals(config_changes(old, cfg.raw, lora_run=cfg.lora is not None), cfg.allow_data_change_on_resume,
+                       compares_evals=bool(cfg.keep_best or cfg.early_stopping_patience))
     if refused:
         c = refused[0]
         more = f" (and {len(refused) - 1} more: {', '.join(r.key for r in refused[1:])})" if len(refused) > 1 else ""

@@ -13,7 +13,7 @@ Everything here runs before any process group exists, except where the trainer c
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from training.checkpoint import MANIFEST_FILE, STATE_FILE, TAG
@@ -44,7 +44,8 @@ RESUME_RULES: list[tuple[str, str, str]] = [
     ("model_topo", APPLIED, "weights, step and schedule are loaded; the optimizer state is reset if the stages "
                             "change"),
     ("from_scratch", APPLIED, "no effect on resume: the weights come from the checkpoint"),
-    ("eval_data_path", APPLIED, "later evaluations use the new eval data"),
+    ("eval_data_path", APPLIED, "later evaluations use the new eval data (refused with keep_best or "
+                                "early_stopping_patience)"),
     ("save_path", APPLIED, "the run continues in the new save_path"),
     # the data order is a pure function of these and the step: a change breaks "no sample repeated or skipped"
     ("data_path", DATA, "the training data changed"),
@@ -127,8 +128,15 @@ def config_changes(saved: dict, new: dict, lora_run: bool = False) -> list[Chang
     return out
 
 
-def refusals(changes: list[Change], allow_data_change: bool) -> list[Change]:
-    return [c for c in changes if c.kind == FIXED or (c.kind == DATA and not allow_data_change)]
+def refusals(changes: list[Change], allow_data_change: bool, compares_evals: bool = False) -> list[Change]:
+    """The changes a resume refuses. `compares_evals` (keep_best or early_stopping_patience set): the eval data may
+    not change either, since the run compares each eval loss with the earlier ones."""
+    out = [c for c in changes if c.kind == FIXED or (c.kind == DATA and not allow_data_change)]
+    if compares_evals:
+        out += [replace(c, kind=FIXED, note="keep_best / early_stopping_patience compare every eval loss with the "
+                                            "earlier ones, and losses on other eval data do not compare")
+                for c in changes if c.key.split(".")[0] == "eval_data_path"]
+    return out
 
 
 def schedule_kind(raw: dict) -> str:

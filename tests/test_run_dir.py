@@ -82,14 +82,18 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
     a, b = checkpoint_tensors(ref / "out" / "global_step8"), checkpoint_tensors(save / "global_step8")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    # another data file: refused (before any process starts) unless allowed; a new lr is what the optimizer uses
+    # another data file: refused once its rows are read (they are not the checkpoint's) unless allowed; a new lr is
+    # what the optimizer uses
     other = tmp_path / "other.jsonl"
     other.write_text("".join(reversed((ops_model / "train.jsonl").read_text().splitlines(keepends=True))))
     new = dict(max_steps=10, data_path=str(other), **constant,
                optimizer={"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}})
-    with pytest.raises(ConfigError, match=r"'data_path' changed since the checkpoint .*run_config.json .*the training "
-                                          r"data changed; set \"allow_data_change_on_resume\": true"):
-        load_config(ops_config(tmp_path, ops_model, **new), world_size=2)
+    _, out = finish_deepspeed(start_deepspeed("train_ds.py", ["--config", str(ops_config(tmp_path, ops_model, **new))]),
+                              expect=2)
+    assert errors_of(out) == [f"train_ds.py: error: {tmp_path / 'cfg.json'}: cannot resume {save / 'global_step8'} exactly: "
+                              "the training samples differ from the checkpoint's (data files, tokenizer or data settings), "
+                              "so samples would be repeated or skipped; set \"allow_data_change_on_resume\": true to "
+                              "continue anyway, or start a new run"], out[-3000:]
     out = run_deepspeed("train_ds.py", ["--config", str(ops_config(tmp_path, ops_model, allow_data_change_on_resume=True,
                                                                      **new))]).stdout
     assert "optimizer.params.lr: 0.003 -> 0.001 (applied" in out and "data_path: " in out and "(allowed" in out
@@ -102,13 +106,43 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
     # (k - 1) / 20 x the peak, as in a run under WarmupLR from the start)
     warmup = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 20,
                                              "warmup_type": "linear"}}
-    new.update(max_steps=12, lr_schedule=None, scheduler=warmup)
-    out = run_deepspeed("train_ds.py", ["--config", str(ops_config(tmp_path, ops_model, allow_data_change_on_resume=True,
-                                                                     **new))]).stdout
+    # and the data file moved (the same rows): the run goes on without allow_data_change_on_resume
+    moved = tmp_path / "moved" / "other.jsonl"
+    moved.parent.mkdir()
+    other.rename(moved)
+    new.update(max_steps=12, lr_schedule=None, scheduler=warmup, data_path=str(moved))
+    out = run_deepspeed("train_ds.py", ["--config", str(ops_config(tmp_path, ops_model, **new))]).stdout
+    assert f"data_path: {json.dumps(str(other))} -> {json.dumps(str(moved))} (checked: the run goes on only if the " \
+        "training samples are the checkpoint's" in out and "warning: the training samples differ" not in out
     said = [line for line in out.splitlines() if "scheduler" in line and "applied" in line]
     assert said and all("another kind of scheduler starts at this step" in line for line in said), out[-3000:]
     lrs = {m["step"]: m["lr"] for m in metrics_of(save)}
     assert [lrs[s] for s in (11, 12)] == pytest.approx([1e-3 * 10 / 20, 1e-3 * 11 / 20], rel=1e-12), lrs
+
+
+def test_resume_rules_refuse_what_changes_the_optimizer_state_or_the_data_order():
+    """The classification behind the lines a resume prints (README's table): a section written without "enabled", or
+    "enabled": false, is the same as no section; the precision, the loss scaler's keys (DeepSpeed restores the scaler
+    from the checkpoint), the seed and the batch are refused; data keys wait for the fingerprint of the rows when the
+    checkpoint has one."""
+    from training.resume import config_changes, refusals
+
+    base = {"data_path": "a.jsonl", "seed": 1, "fp16": {"enabled": True, "loss_scale_window": 1000}}
+    def changed(**over):
+        return {c.key: c.kind for c in config_changes(base, {**base, **over})}
+
+    assert changed(bf16={"enabled": False}) == {} and changed(bf16={}) == {}
+    window = config_changes(base, {**base, "fp16": {"enabled": True, "loss_scale_window": 500}})
+    assert [(c.key, c.kind) for c in window] == [("fp16.loss_scale_window", "fixed")] and "restores the loss scaler" \
+        in window[0].note
+    assert changed(fp16={"enabled": False, "loss_scale_window": 1000}) == {"fp16.enabled": "fixed"}
+    assert changed(fp16={"enabled": True, "loss_scale_window": 1000, "fp16_master_weights_and_grads": True}) == {
+        "fp16.fp16_master_weights_and_grads": "fixed"}
+    moved = config_changes(base, {**base, "data_path": "/new/a.jsonl", "seed": 2})
+    assert {c.key: c.kind for c in moved} == {"data_path": "samples", "seed": "data"}
+    assert [c.key for c in refusals(moved, False)] == ["seed"]
+    assert [c.key for c in refusals(moved, False, fingerprinted=False)] == ["data_path", "seed"]
+    assert refusals(moved, True) == []
 
 
 def test_lock_is_refused_while_held_and_taken_over_when_stale(tmp_path, monkeypatch):

@@ -510,13 +510,17 @@ def _check_resume(cfg: TrainConfig, path: Path, lora: LoraSettings | None) -> No
     old = read_run_config(ckpt)
     if old is None:
         return
+    try:  # a checkpoint with the fingerprint of its training rows: a data key's change is checked against it later
+        fingerprinted = json.loads((ckpt / STATE_FILE).read_text()).get("data_fingerprint") is not None
+    except (OSError, ValueError, AttributeError):
+        fingerprinted = False
     refused = refusals(config_changes(old, cfg.raw, lora_run=cfg.lora is not None), cfg.allow_data_change_on_resume,
-                       compares_evals=bool(cfg.keep_best or cfg.early_stopping_patience))
+                       compares_evals=bool(cfg.keep_best or cfg.early_stopping_patience), fingerprinted=fingerprinted)
     if refused:
         c = refused[0]
         more = f" (and {len(refused) - 1} more: {', '.join(r.key for r in refused[1:])})" if len(refused) > 1 else ""
         how = ("set \"allow_data_change_on_resume\": true to continue anyway (the data order is then not sample-exact), "
-               "restore the old value" if c.kind == "data" else "restore the old value")
+               "restore the old value" if c.kind in ("data", "samples") else "restore the old value")
         raise ConfigError(f"{path}: '{c.key}' changed since the checkpoint {ckpt / RUN_CONFIG_FILE} "
                           f"({c.values()}): {c.note}{more}; "
                           f"{how}, {fresh}")

@@ -20,7 +20,7 @@ from training.checkpoint import MANIFEST_FILE, STATE_FILE, TAG
 
 RUN_CONFIG_FILE = "run_config.json"
 
-APPLIED, DATA, FIXED = "applied", "data", "fixed"
+APPLIED, SAMPLES, DATA, FIXED = "applied", "samples", "data", "fixed"
 # (key or dotted prefix, kind, what happens). The first match wins; keys not listed are applied.
 RESUME_RULES: list[tuple[str, str, str]] = [
     ("max_steps", APPLIED, "the run trains to the new length (a finished run continues)"),
@@ -33,6 +33,10 @@ RESUME_RULES: list[tuple[str, str, str]] = [
                            "scheduler starts at this step)"),
     ("decay_norm_and_bias", FIXED, "the optimizer's parameter groups would differ from the checkpoint's"),
     ("optimizer.no_wd_kws", FIXED, "the optimizer's parameter groups would differ from the checkpoint's"),
+    *((f"fp16.{k}", FIXED, "DeepSpeed restores the loss scaler from the checkpoint (its scale, window and factor): "
+                           "a new value would not take effect") for k in (
+        "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "consecutive_hysteresis",
+        "min_loss_scale")),
     ("bf16", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
     ("fp16", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
     ("zero_optimization", FIXED, "the checkpoint's optimizer state is laid out for the other ZeRO setting"),
@@ -47,18 +51,20 @@ RESUME_RULES: list[tuple[str, str, str]] = [
     ("eval_data_path", APPLIED, "later evaluations use the new eval data (refused with keep_best or "
                                 "early_stopping_patience)"),
     ("save_path", APPLIED, "the run continues in the new save_path"),
+    # the training rows are a function of these: a change is checked against the checkpoint's data fingerprint once
+    # the data are read (the same rows, e.g. a data file moved: the run goes on; other rows: refused)
+    ("data_path", SAMPLES, "the training data may change"),
+    ("max_seq_len", SAMPLES, "the samples' tokens may change"),
+    ("template", SAMPLES, "the samples' tokens may change"),
+    ("train_on_prompt", SAMPLES, "the trained tokens may change"),
+    ("last_answer_only", SAMPLES, "the trained tokens may change"),
+    ("pretrain_eos", SAMPLES, "the samples' tokens may change"),
+    ("packing", SAMPLES, "the rows may change"),
+    ("split_long_pretrain", SAMPLES, "the rows may change"),
+    ("eval_split_ratio", SAMPLES, "the training samples may change"),
     # the data order is a pure function of these and the step: a change breaks "no sample repeated or skipped"
-    ("data_path", DATA, "the training data changed"),
-    ("max_seq_len", DATA, "the samples' tokens change"),
     ("seed", DATA, "the data order changes"),
-    ("template", DATA, "the samples' tokens change"),
-    ("train_on_prompt", DATA, "the trained tokens change"),
-    ("last_answer_only", DATA, "the trained tokens change"),
-    ("pretrain_eos", DATA, "the samples' tokens change"),
-    ("packing", DATA, "the rows change"),
-    ("split_long_pretrain", DATA, "the rows change"),
     ("group_by_length", DATA, "the data order changes"),
-    ("eval_split_ratio", DATA, "the training samples change"),
     ("train_micro_batch_size_per_gpu", DATA, "the global batch changes"),
     ("gradient_accumulation_steps", DATA, "the global batch changes"),
     ("train_batch_size", DATA, "the global batch changes"),
@@ -71,12 +77,13 @@ class Change:
     key: str
     old: object
     new: object
-    kind: str  # APPLIED | DATA | FIXED
+    kind: str  # APPLIED | SAMPLES | DATA | FIXED
     note: str
 
     def line(self, allowed: bool = False) -> str:
         what = {APPLIED: "applied", DATA: "allowed (allow_data_change_on_resume)" if allowed else "refused",
-                FIXED: "refused"}[self.kind]
+                SAMPLES: "allowed (allow_data_change_on_resume)" if allowed else
+                "checked: the run goes on only if the training samples are the checkpoint's", FIXED: "refused"}[self.kind]
         return f"{self.key}: {self.values()} ({what}: {self.note})"
 
     def values(self) -> str:
@@ -120,7 +127,9 @@ def config_changes(saved: dict, new: dict, lora_run: bool = False) -> list[Chang
     a, b = flatten(saved), flatten(new)
     out = []
     for key in sorted(set(a) | set(b)):
-        old, cur = a.get(key, _MISSING), b.get(key, _MISSING)
+        old, cur = (_MISSING if v == {} else v for v in (a.get(key, _MISSING), b.get(key, _MISSING)))  # {}: absent
+        if key.endswith(".enabled") and old in (_MISSING, False) and cur in (_MISSING, False):
+            continue  # an absent section, or one without "enabled", is off
         if old == cur or key.split(".")[0] in IGNORED:
             continue
         kind, note = rule_of(key, lora_run)
@@ -128,10 +137,14 @@ def config_changes(saved: dict, new: dict, lora_run: bool = False) -> list[Chang
     return out
 
 
-def refusals(changes: list[Change], allow_data_change: bool, compares_evals: bool = False) -> list[Change]:
-    """The changes a resume refuses. `compares_evals` (keep_best or early_stopping_patience set): the eval data may
-    not change either, since the run compares each eval loss with the earlier ones."""
-    out = [c for c in changes if c.kind == FIXED or (c.kind == DATA and not allow_data_change)]
+def refusals(changes: list[Change], allow_data_change: bool, compares_evals: bool = False,
+             fingerprinted: bool = True) -> list[Change]:
+    """The changes a resume refuses before any data is read. SAMPLES changes wait for the comparison of the data
+    fingerprints when the checkpoint has one (`fingerprinted`). `compares_evals` (keep_best or
+    early_stopping_patience set): the eval data may not change either (each eval loss is compared with the
+    earlier ones)."""
+    data = (DATA,) if fingerprinted else (DATA, SAMPLES)
+    out = [c for c in changes if c.kind == FIXED or (c.kind in data and not allow_data_change)]
     if compares_evals:
         out += [replace(c, kind=FIXED, note="keep_best / early_stopping_patience compare every eval loss with the "
                                             "earlier ones, and losses on other eval data do not compare")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -117,3 +118,23 @@ def ds(_ds_env, monkeypatch):
     for k, v in _ds_env.items():
         monkeypatch.setenv(k, v)
     return deepspeed
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """make(size) -> a directory on a tmpfs of that size, for full-disk tests (mount needs root: skipped elsewhere)."""
+    mounted = []
+
+    def make(size: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        size = max(4096, size // 4096 * 4096)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)

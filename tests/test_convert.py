@@ -532,27 +532,7 @@ def _lora_checkpoint(tmp_path: Path, base: Path) -> Path:
     return save
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """make(size) -> a directory on a tmpfs of that size (mount needs root: skipped elsewhere)."""
-    mounted: list[Path] = []
-
-    def make(size: int) -> Path:
-        where = tmp_path / f"disk{len(mounted)}"
-        where.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={max(4096, size // 4096 * 4096)}", "tmpfs",
-                               str(where)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-        mounted.append(where)
-        return where
-
-    yield make
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def test_lora_merge_checks_room_for_the_merged_model(tmp_path, tokenizer, tmpfs):
+def test_lora_merge_checks_room_for_the_merged_model(tmp_path, tokenizer, small_disk):
     """--lora merge writes a full model while the checkpoint holds only adapters: the space check counts the base's
     layer files (QLoRA merges go through the same line), so a disk without room is refused before anything is
     written. The base is an input too: merging onto it is refused; a truncated adapter file is one line."""
@@ -562,7 +542,7 @@ def test_lora_merge_checks_room_for_the_merged_model(tmp_path, tokenizer, tmpfs)
     save = _lora_checkpoint(tmp_path, base)
     base_bytes = sum(f.stat().st_size for f in base.glob("layer_*"))
     assert sum(f.stat().st_size for f in (save / "global_step5").glob("layer_*")) * 4 < base_bytes
-    disk = tmpfs(base_bytes // 2)
+    disk = small_disk(base_bytes // 2)
     with pytest.raises(CheckpointError) as e:
         pp_to_hg(save, disk / "merged", lora="merge")
     assert f"merged: no space left on device (needed about {fmt_size(base_bytes)}, free " in str(e.value)

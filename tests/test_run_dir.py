@@ -247,27 +247,7 @@ def test_a_damaged_checkpoint_is_passed_over(tmp_path, ops_model, ops_uninterrup
     assert losses_of(save) == losses_of(ops_uninterrupted)  # steps 4-8 again, bit-identical
 
 
-# ------------------------------------------------------------------------------------------ a full disk
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A directory on a tmpfs whose size the test sets (mount needs root)."""
-    mounted = []
-
-    def make(size: int) -> Path:
-        where = tmp_path / f"disk{len(mounted)}"
-        where.mkdir()
-        size = max(4096, size // 4096 * 4096)
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-        mounted.append(where)
-        return where
-
-    yield make
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
+# ------------------------------------------------------------------------------------------ a full disk (conftest's small_disk)
 
 
 @pytest.mark.distributed

@@ -308,7 +308,7 @@ def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | Non
     existing file, symbolic link or non-empty directory."""
     path = Path(path)
     dst = _as_target(path)
-    for src in dict.fromkeys(Path(s).resolve() for s in sources if s is not None):
+    for src in dict.fromkeys(Path(s).resolve() for s in sources if s is not None and os.path.lexists(s)):  # not a Hub id
         if dst == src:
             raise CheckpointError(f"{path}: is the input {src} itself; write the output somewhere else")
         if dst in src.parents:

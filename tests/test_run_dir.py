@@ -25,7 +25,7 @@ from models.diskspace import tree_size
 from models.hf_io import CheckpointError, atomic_output_dir
 from tests.helpers import finish_deepspeed, ops_config, output_of, run_deepspeed, start_deepspeed, workers_of
 from tests.test_train_ops import checkpoint_tensors, losses_of, metrics_of, wait_for
-from training.config import ConfigError, load_config
+from training.config import ConfigError, load_config, resume_hint
 from training.resume import resume_tag
 from training.runlock import LOCK_FILE, RunLock
 
@@ -88,8 +88,10 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
     other.write_text("".join(reversed((ops_model / "train.jsonl").read_text().splitlines(keepends=True))))
     new = dict(max_steps=10, data_path=str(other), **constant,
                optimizer={"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}})
+    side = {f.name: f.read_bytes() for f in save.iterdir() if f.is_file() and f.suffix == ".json"}
     _, out = finish_deepspeed(start_deepspeed("train_ds.py", ["--config", str(ops_config(tmp_path, ops_model, **new))]),
                               expect=2)
+    assert {n: (save / n).read_bytes() for n in side} == side and "data_settings.json" in side  # left as they were
     assert errors_of(out) == [f"train_ds.py: error: {tmp_path / 'cfg.json'}: cannot resume {save / 'global_step8'} exactly: "
                               "the training samples differ from the checkpoint's (data files, tokenizer or data settings), "
                               "so samples would be repeated or skipped; set \"allow_data_change_on_resume\": true to "
@@ -207,6 +209,10 @@ def test_a_restarted_job_takes_its_own_lock_over_and_only_rank_0_judges_it(tmp_p
         load_config(cfg, world_size=2)  # the same job's first start is this one: not stale
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     load_config(cfg, world_size=2)
+    # a "resume": false run restarted by its job resumes, and its stop line still says how a new job resumes it
+    (save / ".run-job.json").write_text(json.dumps({"job": "SLURM job 41", "restart": 0}))
+    fresh = load_config(ops_config(tmp_path, ops_model, resume=False, overwrite_save_path=True), world_size=2)
+    assert fresh.resume == "auto" and 'to resume, set "resume": "auto"' in resume_hint(fresh)
     lock = RunLock(save)
     assert "it was taken by SLURM job 41, start 1 of it (this is start 2)" in lock.acquire()
     assert json.loads((save / LOCK_FILE).read_text())["restart"] == 1

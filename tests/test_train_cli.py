@@ -184,6 +184,8 @@ def test_other_eval_data_on_resume_is_refused_where_eval_losses_are_compared(tmp
     (tag / "run_config.json").write_text(json.dumps(saved))
     (tmp_path / "out" / "latest").write_text("global_step1")
     cfg = write_config(tmp_path, base, eval_data_path=str(evals[1]), **compared)
+    load_config(cfg, world_size=1)  # no eval loss in the checkpoint yet: nothing to compare with
+    (tag / "trainer_state.json").write_text(json.dumps({"evals": [[1, 2.5]]}))
     assert train_ds.main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {cfg}: 'eval_data_path' changed since the "

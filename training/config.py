@@ -443,7 +443,7 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
 
 def resume_hint(cfg: TrainConfig) -> str:
     """How to resume this run after a stop: the same command, unless its config starts a new run."""
-    if cfg.resume is not False:
+    if cfg.raw.get("resume", "auto") is not False:  # the file's value (a restarted job runs with "auto")
         return "resume with the same command"
     again = ("a restart of this same job resumes by itself; run again otherwise, " if launch_job() else "run again, ")
     return (f"to resume, set \"resume\": \"auto\" in {cfg.path}: {again}\"resume\": false would "
@@ -511,11 +511,13 @@ def _check_resume(cfg: TrainConfig, path: Path, lora: LoraSettings | None) -> No
     if old is None:
         return
     try:  # a checkpoint with the fingerprint of its training rows: a data key's change is checked against it later
-        fingerprinted = json.loads((ckpt / STATE_FILE).read_text()).get("data_fingerprint") is not None
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        fingerprinted, evaluated = state.get("data_fingerprint") is not None, bool(state.get("evals"))
     except (OSError, ValueError, AttributeError):
-        fingerprinted = False
+        fingerprinted, evaluated = False, True
     refused = refusals(config_changes(old, cfg.raw, lora_run=cfg.lora is not None), cfg.allow_data_change_on_resume,
-                       compares_evals=bool(cfg.keep_best or cfg.early_stopping_patience), fingerprinted=fingerprinted)
+                       compares_evals=evaluated and bool(cfg.keep_best or cfg.early_stopping_patience),
+                       fingerprinted=fingerprinted)
     if refused:
         c = refused[0]
         more = f" (and {len(refused) - 1} more: {', '.join(r.key for r in refused[1:])})" if len(refused) > 1 else ""

@@ -115,8 +115,8 @@ class RunDirectory:
                               "files, tokenizer or library versions on the nodes?); make them identical on every node")
 
     def _prepare_save_path(self) -> int:
-        """Side files (HF config, tokenizer) beside the checkpoints, so pp_to_hg needs nothing else; then resume
-        from `latest` (resume "auto"/true) or start fresh. Returns the step to start from."""
+        """Resume from `latest` (resume "auto"/true) or start fresh; then the side files (HF config, tokenizer, data
+        settings) beside the checkpoints, so pp_to_hg needs nothing else. Returns the step to start from."""
         cfg, save = self.cfg, Path(self.cfg.save_path)
         if self.rank == 0:
             save.mkdir(parents=True, exist_ok=True)
@@ -125,13 +125,6 @@ class RunDirectory:
             if cfg.resume is False:  # load_config refused a used save_path unless overwrite_save_path
                 clear_run(save, self.ckpts.tags())
                 record_job(save)  # a restart of this job (SLURM requeue, torchrun) resumes instead (load_config)
-            for old in save.glob(".side-files.*"):  # left by a run killed while copying
-                shutil.rmtree(old, ignore_errors=True)
-            staging = Path(tempfile.mkdtemp(prefix=".side-files.", dir=save))
-            for name in copy_side_files(Path(cfg.model_path), staging, SIDE_FILES):
-                os.replace(staging / name, save / name)
-            staging.rmdir()
-            write_data_settings(save, data_settings_of(cfg.template_settings, self.tokenizer, cfg.max_seq_len))
         torch.distributed.barrier()
         tag, notes = resume_tag(save) if cfg.resume in ("auto", True) else (None, [])
         tags = [None] * self.world
@@ -145,7 +138,14 @@ class RunDirectory:
         self.state = self._run_state(0)
         if tag is not None:
             self._resume(save / tag)
-        if self.rank == 0:
+        if self.rank == 0:  # after the resume's checks: a refused resume leaves the run's side files as they were
+            for old in save.glob(".side-files.*"):  # left by a run killed while copying
+                shutil.rmtree(old, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(prefix=".side-files.", dir=save))
+            for name in copy_side_files(Path(cfg.model_path), staging, SIDE_FILES):
+                os.replace(staging / name, save / name)
+            staging.rmdir()
+            write_data_settings(save, data_settings_of(cfg.template_settings, self.tokenizer, cfg.max_seq_len))
             truncate_metrics(save / "metrics.jsonl", self.state.step)
             self.ckpts.last_size = tree_size(save / tag) if tag is not None else 0
             self.ckpts.warn_if_short("the next checkpoint")

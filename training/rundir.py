@@ -166,8 +166,7 @@ class RunDirectory:
         self._check_changes(tag_dir, saved)
         same = (saved.pipe, saved.data, saved.parts) == (self.pp_size, self.dp_size, list(self.model.parts))
         hyper = self._optimizer_settings()  # the config's, before the checkpoint's are loaded over them
-        old = read_run_config(tag_dir)  # another kind of LR scheduler cannot load the saved one's state
-        switched = old is not None and schedule_kind(old) != schedule_kind(self.cfg.raw)
+        switched = self.schedule_switched  # another kind of LR scheduler cannot load the saved one's state
         self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=same,
                                     load_lr_scheduler_states=not switched, load_module_strict=self.lora is None)
         if switched:
@@ -208,6 +207,7 @@ class RunDirectory:
         old = read_run_config(tag_dir)
         changes = config_changes(old, cfg.raw, lora_run=self.lora is not None) if old is not None else []
         self.changes_lr = any(c.key.split(".")[0] in ("optimizer", "lr_schedule", "scheduler") for c in changes)
+        self.schedule_switched = old is not None and schedule_kind(old) != schedule_kind(cfg.raw)
         self.changes_length = any(c.key in ("max_steps", "n_epoches") for c in changes)
         if old is None:
             self.log(f"{tag_dir} holds no {RUN_CONFIG_FILE} (an older version wrote it): config changes since it are "

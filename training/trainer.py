@@ -54,7 +54,7 @@ class Trainer(RunDirectory):
         self.row_length: int | None = None  # the engine's current activation length
         self.lock: RunLock | None = None  # rank 0: this run's lock on save_path
         self.launcher = LauncherWatch()  # the `deepspeed` command that started this process, if any
-        self.changes_lr = self.changes_length = False  # a resume changed the optimizer / the run's length
+        self.changes_lr = self.changes_length = self.schedule_switched = False  # what a resume changed (rundir)
 
     def log(self, msg: str) -> None:
         if self.monitor is not None:

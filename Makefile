@@ -36,7 +36,8 @@ quickstart: $(STAMP)
 	$(PY) demo.py --model-path $(QS)/hf --instruct "What is 27 plus 25?" --max-new-tokens 32
 
 # what bench/gpu_checks.py needs that a GPU machine's image may lack (deepspeed, bitsandbytes, lion-pytorch and
-# their small dependencies), as Python 3.12 x86-64 wheels in .whl/ (ignored), for a machine that cannot install
+# their small dependencies; transformers and peft at the versions the suite ran with, so the references are the
+# same), as Python 3.12 x86-64 wheels in .whl/ (61 MB, ignored), for a machine that cannot install
 device-wheels: $(STAMP)
 	rm -rf .whl && mkdir .whl
 	$(PY) -m pip wheel -q --no-deps deepspeed==0.19.8 -w .whl
@@ -44,7 +45,7 @@ device-wheels: $(STAMP)
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 --platform any -d .whl bitsandbytes==0.50.2 lion-pytorch==0.2.5 hjson==3.1.0 \
 		pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-		msgpack==1.2.4 einops==0.8.2
+		msgpack==1.2.4 einops==0.8.2 transformers==5.24.0 peft==0.21.2 regex==2025.11.3
 	du -sh .whl
 
 clean:

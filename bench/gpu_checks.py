@@ -4,7 +4,8 @@
     python bench/gpu_checks.py --device cpu --quick    # the same plumbing on the CPU, tiny sizes
 
 Besides torch, transformers and peft it needs deepspeed, bitsandbytes and lion-pytorch (README "GPU checks":
-how to carry them as wheels to a machine that cannot install). Sections:
+how to carry them as wheels to a machine that cannot install). Sections (run in the order 5, 1, 6, 2, 3, 4: the
+quick figures first; summary.json is rewritten after each check, so a run stopped by a time limit keeps them):
 1. attention: every path that runs on the device ("auto": SDPA's flash kernel for one-segment rows, flash-attn's
    varlen kernel or FlexAttention for packed and left-padded rows; "sdpa": the dense mask; "eager";
    "flex_attention"; "flash_attention_2"), on rows without padding, right- and left-padded, and packed, Llama and
@@ -17,10 +18,11 @@ how to carry them as wheels to a machine that cannot install). Sections:
    against the Lion formula, Bloom; and bf16 (losses rel 3e-2, weights atol 3e-2).
 3. QLoRA: nf4 base weights quantised on the device, trained through the launcher, against transformers +
    bitsandbytes + peft on the same device (losses rel 1e-4).
-4. memory: the memory model's prediction against max_memory_allocated, the 1.1B Llama of 5. trained through the
+4. memory: the memory model's prediction against max_memory_allocated, the 0.87B Llama of 5. trained through the
    launcher (bf16, full and LoRA; pass within 10%).
-5. throughput: bench/train_throughput.py --gpu (PP=1, bf16, a 1.1B Llama at 2048 tokens; the fast path and the
-   dense mask: tokens/s, MFU).
+5. throughput: bench/train_throughput.py --gpu (PP=1, bf16, a 0.87B Llama, 16 layers of hidden 2048, at 2048 tokens,
+   micro-batches of 4 and 8 rows; the fast path and the dense mask: tokens/s, MFU; --profile N: where a step's time
+   goes), beside the device's own bf16 matmul rate.
 6. loss: bench/loss_memory.py at Llama-3-8B's last stage (4,096 positions, hidden 4,096, vocabulary 128,256), bf16
    and fp32: the head inside the chunked loss against the head then the chunked loss, max_memory_allocated and
    time (pass: less memory, loss and gradients within rel 1e-2 in bf16, 1e-5 in fp32).
@@ -44,12 +46,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS: list[dict] = []  # {"section", "check", "figure", "status"}: status "ok", "FAIL" or "skipped: why"
+SUMMARY: dict = {}  # "path" (summary.json), "head" (device, versions): rewritten after every check
 
 
 def record(section: str, check: str, figure: str, ok: bool | None, why: str = "") -> None:
     status = "ok" if ok else "FAIL" if ok is not None else f"skipped: {why}"
     RESULTS.append({"section": section, "check": check, "figure": figure, "status": status})
     print(f"  [{status}] {check}: {figure}", flush=True)
+    if "path" in SUMMARY:  # a run stopped at a time limit keeps every figure taken so far
+        SUMMARY["path"].write_text(json.dumps({**SUMMARY["head"], "results": RESULTS}, indent=1))
 
 
 def guarded(section: str, fn, *args) -> None:
@@ -200,7 +205,7 @@ def _tokenizer(work: Path):
     return AutoTokenizer.from_pretrained(str(work / "tok"))
 
 
-def training(device, work: Path, quick: bool) -> None:
+def training(device, work: Path, quick: bool, match: str | None = None) -> None:
     from tests.test_train_reference import LION_BETAS, LION_LR, WD, check_against_reference
 
     tok = _tokenizer(work)
@@ -218,6 +223,8 @@ def training(device, work: Path, quick: bool) -> None:
         ("bloom fp32", ("bloom", "tied", 1.0, False, False, "adamw"), {}, 1e-4, 1e-5),
     ]
     for label, case, over, rel, atol in cases[:2] if quick else cases:
+        if match and match not in label:
+            continue
         tmp = work / label.replace(" ", "_").replace(",", "")
         shutil.rmtree(tmp, ignore_errors=True)  # a run of an earlier call
         tmp.mkdir(parents=True)
@@ -229,10 +236,10 @@ def training(device, work: Path, quick: bool) -> None:
             record("training", label, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", False)
             continue
         log = (work / f"{tmp.name}.log").read_text()
-        fell_back = "use_triton was asked for" in log
-        if "Lion" in label and fell_back:
-            record("training", label, "the triton kernel did not run (see the log)", False if device.type == "cuda" else
-                   None, "the triton kernel needs CUDA")
+        if "Lion" in label:  # the optimizer line says which update ran (check_against_reference asserts it too)
+            kernel = "optimizer: Lion with the triton kernel" in log
+            record("training", f"{label}: the triton kernel ran", "yes" if kernel else "no (see the log)",
+                   kernel if device.type == "cuda" else None, "the triton kernel needs CUDA")
         record("training", label, f"losses {losses[0]:.4f} -> {losses[-1]:.4f} within rel {rel:g} of the reference, "
                f"weights within {atol:g} ({time.perf_counter() - t0:.0f} s)", True)
 
@@ -277,7 +284,7 @@ def qlora(device, work: Path, quick: bool) -> None:
 
 
 def memory(device, work: Path, quick: bool) -> None:
-    """The memory model (models/cost.py) against a measured peak: the 1.1B Llama of the throughput section trained
+    """The memory model (models/cost.py) against a measured peak: the 0.87B Llama of the throughput section trained
     2 steps through the launcher (one stage, bf16, 2 x 2048 tokens), full and LoRA. On a GPU the prediction less
     its assumed overhead (CUDA context, allocator slack) is compared with max_memory_allocated; pass within 10%."""
     import random
@@ -319,7 +326,7 @@ def memory(device, work: Path, quick: bool) -> None:
         peak = [m["peak_memory"] for m in lines if "peak_memory" in m][-1][0]
         pred = est["total"] - (est["overhead"] if device.type == "cuda" else 0)
         what = "max_memory_allocated" if device.type == "cuda" else "peak resident memory"
-        shutil.rmtree(tmp / name / "global_step2", ignore_errors=True)  # the 1.1B full run's is about 15 GB
+        shutil.rmtree(tmp / name / "global_step2", ignore_errors=True)  # the full run's is about 12 GB
         record("memory", f"{layers} layers, hidden {hidden}, bf16, {name}, 2 x {seq} tokens",
                f"predicted {pred / 2**30:.2f} GiB, {what} {peak / 2**30:.2f} GiB ({pred / peak:.2f})",
                abs(pred - peak) <= 0.1 * peak if device.type == "cuda" else True)
@@ -328,18 +335,36 @@ def memory(device, work: Path, quick: bool) -> None:
 # ------------------------------------------------------------------------------------------------ 4. throughput
 
 
-def throughput(device, quick: bool, peak_tflops: float) -> None:
+def throughput(device, quick: bool, peak_tflops: float, micros: list[int], profile: int) -> None:
     from bench.train_throughput import gpu_bench
 
-    sizes = dict(layers=2, hidden=256, seq=256, micro=1, steps=1) if quick else \
-        dict(layers=16, hidden=2048, seq=2048, micro=4, steps=6)
-    res = gpu_bench(argparse.Namespace(device=str(device), peak_tflops=peak_tflops, **sizes))
-    for name, (tps, mfu) in res["paths"].items():
-        record("throughput", name, f"{tps:,.0f} tokens/s, MFU {mfu:.1%}", True)
-    fast, dense = res["paths"].values()
-    record("throughput", "fast path / dense mask", f"{fast[0] / dense[0]:.2f}x", True)
-    record("throughput", "bf16 logits, fast vs dense path", f"max abs diff {res['logits_diff']:.3e}",
-           res["logits_diff"] <= 0.05 * max(1.0, res["logits_max"]))
+    sizes = dict(layers=2, hidden=256, seq=256, steps=1) if quick else dict(layers=16, hidden=2048, seq=2048, steps=6)
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    n = 512 if quick else 8192  # the device's own bf16 matmul rate: the ceiling MFU's peak stands for
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync = get_accelerator().synchronize
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync()
+    matmul = 10 * 2 * n**3 / (time.perf_counter() - t0) / 1e12
+    record("throughput", f"bf16 matmul {n}^3 (random data)", f"{matmul:,.1f} TFLOP/s", True)
+    for micro in [1] if quick else micros:
+        res = gpu_bench(argparse.Namespace(device=str(device), peak_tflops=peak_tflops, micro=micro, profile=profile,
+                                           **sizes))
+        for name, (tps, mfu) in res["paths"].items():
+            record("throughput", f"{name}, {micro} x {sizes['seq']} tokens", f"{tps:,.0f} tokens/s, MFU {mfu:.1%} of "
+                   f"{peak_tflops:g} TFLOP/s ({mfu * peak_tflops / matmul:.1%} of the measured matmul rate)", True)
+        fast, dense = res["paths"].values()
+        record("throughput", f"fast path / dense mask, {micro} x {sizes['seq']} tokens", f"{fast[0] / dense[0]:.2f}x",
+               True)
+        record("throughput", "bf16 logits, fast vs dense path", f"max abs diff {res['logits_diff']:.3e}",
+               res["logits_diff"] <= 0.05 * max(1.0, res["logits_max"]))
 
 
 # ------------------------------------------------------------------------------------------------ 6. loss
@@ -369,6 +394,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="where summary.json and the training logs go")
     ap.add_argument("--only", nargs="*", default=None, help="attention training qlora memory throughput loss")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU (H100/H200)")
+    ap.add_argument("--match", default=None, help="training: only the cases whose label holds this text ('Lion')")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="throughput: print the N costliest ops of a step")
+    ap.add_argument("--micro", type=int, nargs="*", default=[4, 8], help="throughput: micro-batch sizes to time")
     args = ap.parse_args()
     import torch
 
@@ -387,9 +415,11 @@ def main() -> None:
             versions[name] = "not installed"
     gpu = device_label(device)
     print(f"device {device} ({gpu}); " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; out {work}", flush=True)
-    sections = {"attention": (attention, device, args.quick), "training": (training, device, work, args.quick),
-                "qlora": (qlora, device, work, args.quick), "memory": (memory, device, work, args.quick),
-                "throughput": (throughput, device, args.quick, args.peak_tflops), "loss": (loss, device, args.quick)}
+    SUMMARY.update(path=work / "summary.json", head={"device": gpu, "versions": versions})
+    sections = {  # the quick, most asked-for figures first: a run cut short by a time limit still has them
+        "throughput": (throughput, device, args.quick, args.peak_tflops, args.micro, args.profile), "attention": (attention, device, args.quick),
+        "loss": (loss, device, args.quick), "training": (training, device, work, args.quick, args.match),
+        "qlora": (qlora, device, work, args.quick), "memory": (memory, device, work, args.quick)}
     for name, (fn, *rest) in sections.items():
         if args.only is None or name in args.only:
             guarded(name, fn, *rest)
@@ -398,7 +428,7 @@ def main() -> None:
     for r in RESULTS:
         print(f"| {r['section']} | {r['check']} | {r['figure']} | {r['status']} |")
     print(f"\n{len(RESULTS)} checks: {len(RESULTS) - len(failed)} ok or skipped, {len(failed)} failed")
-    (work / "summary.json").write_text(json.dumps({"device": gpu, "versions": versions, "results": RESULTS}, indent=1))
+    SUMMARY["path"].write_text(json.dumps({**SUMMARY["head"], "results": RESULTS}, indent=1))
     sys.exit(1 if failed else 0)
 
 

@@ -178,6 +178,10 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     else:
         out = run_deepspeed("train_ds.py", ["--config", str(tmp_path / "cfg.json")], num_procs=procs).stdout
     assert bool(re.search(r"activation checkpointing: decoder blocks per stage \[[1-9]", out)) == ckpt, out[-2000:]
+    if opt == "lion":  # the log says which update ran (bench/gpu_checks.py looks for the triton kernel on CUDA)
+        use_triton = config["optimizer"]["params"]["use_triton"]
+        assert ("optimizer: Lion with the triton kernel" if use_triton else "optimizer: Lion with the torch update") in out, \
+            out[-2000:]
     if tied_stages:
         reports = [json.loads((tmp_path / f"tied-rank{r}.json").read_text()) for r in range(procs)]
         assert [r["stage"] for r in reports] == [0, 1]

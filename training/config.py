@@ -11,7 +11,6 @@ import difflib
 import json
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -257,9 +256,9 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
                 raise ValueError("'decay_norm_and_bias' and optimizer.no_wd_kws both choose the parameters without "
                                  "weight decay; keep one")
         if isinstance(opt, dict) and str(opt.get("type", "")).lower() == "lion":
-            with warnings.catch_warnings():  # use_triton on a machine without CUDA warns again at build time
-                warnings.simplefilter("ignore")
-                build_lion([torch.zeros(1, requires_grad=True)], **(opt.get("params") or {}))
+            # the keys and values only: whether the triton kernel can run is judged at build time, where the
+            # parameters' device is known (this CPU tensor made every CUDA run log a false fallback)
+            build_lion([torch.zeros(1, requires_grad=True)], **{**(opt.get("params") or {}), "use_triton": False})
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{path}: {e}") from None
     if not isinstance(ds.get("dataloader_drop_last", True), bool):

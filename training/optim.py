@@ -297,6 +297,8 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
     except ValueError as e:
         raise ConfigError(f"{cfg.path}: {e}") from None
     sizes = " + ".join(f"{sum(p.numel() for p in g['params']):,} {g['name']} (wd {g['weight_decay']:g})" for g in groups)
+    if kind.lower() == "lion":  # which update steps the weights: lion-pytorch's triton kernel or its torch code
+        kind += " with the " + ("triton kernel" if optimizer.update_fn.__module__.endswith("triton") else "torch update")
     note = f"{kind or 'none'} (lr {params.get('lr', 'default')}) on {sizes or 'no trainable parameters'}"
     if schedule is not None:
         lr_scheduler = lambda opt: build_lr_scheduler(opt, schedule, total_steps)  # noqa: E731

@@ -441,6 +441,18 @@ def gpu_bench(args: argparse.Namespace) -> dict:
         mfu = tps * flops_per_token / (args.peak_tflops * 1e12)
         print(f"  {name}: {tps:,.0f} tokens/s, MFU {mfu:.1%}")
         result["paths"][name] = (tps, mfu)
+        if getattr(args, "profile", 0) and forced is None:  # where the fast path's step time goes, by kernel
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                loss = causal_lm_loss(model((ids, pos, seg)), ids)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                acc.synchronize()
+            key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=args.profile, max_name_column_width=70))
     attn.choose_path = original
     return result
 
@@ -458,6 +470,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="--gpu: the device's dense bf16 peak")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="--gpu: after the fast path's timed steps, profile one step and print its N costliest ops")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)

@@ -168,11 +168,13 @@ def _dims(config) -> tuple[int, int, int, int]:
     return h, heads, kv, inter
 
 
-def block_activation_bytes(family, config, seq_len: int, b: int, lora: LoraShape | None, mask_bytes: int = 1) -> float:
+def block_activation_bytes(family, config, seq_len: int, b: int, lora: LoraShape | None, mask_bytes: int = 1,
+                           fused_norm: bool = True) -> float:
     """Bytes autograd saves per token of one block's forward (b: bytes of the compute dtype). A frozen linear (LoRA
     base) saves no input; an adapter saves its input once (dropout 0) or its dropout output and mask per module
     (`mask_bytes` an element: 1, the bool mask of CUDA's fused dropout; on the CPU, b: torch multiplies by a mask in
-    the compute dtype there)."""
+    the compute dtype there). `fused_norm`: RMSNorm is torch's fused kernel (CUDA; it saves its input and the
+    reciprocal RMS), else torch's composite (the CPU)."""
     h, heads, kv, inter = _dims(config)
 
     def linear_inputs(names: tuple[str, ...], width: int) -> float:
@@ -193,8 +195,9 @@ def block_activation_bytes(family, config, seq_len: int, b: int, lora: LoraShape
                  + b * h + 8 + linear_inputs(("dense_h_to_4h",), h)  # ln2
                  + 4 * b * h + linear_inputs(("dense_4h_to_h",), 4 * h))  # GELU input, its output
         return saved + adapters
-    # Llama: RMSNorm in fp32 (its input in fp32, normalised, weighted), SDPA (q, k, v, output, logsumexp), SwiGLU
-    norm = 4 * h + (b * h if lora is None else 0)
+    # Llama: RMSNorm (fused: its input, 1 / rms; composite: in fp32, its input and the normalised product the weight
+    # multiplies), SDPA (q, k, v, output, logsumexp), SwiGLU
+    norm = _rms_norm_bytes(h, b, lora is None, fused_norm)
     saved = (2 * norm + linear_inputs(("q_proj", "k_proj", "v_proj"), h) + linear_inputs(("gate_proj", "up_proj"), h)
              + b * (h + 2 * kv) + b * h + 4 * heads  # rotated q, k, v, output, logsumexp
              + linear_inputs(("o_proj",), h)
@@ -218,12 +221,21 @@ def _embed_bytes(family, config, b: int) -> float:
     return 2 * b * config.hidden_size if family.model_type == "bloom" else 0.0  # Bloom's embedding LayerNorm
 
 
-def _head_bytes(family, config, b: int, lora: LoraShape | None) -> float:
+def _rms_norm_bytes(h: int, b: int, trainable: bool, fused: bool) -> float:
+    """What an RMSNorm (models.llama.RMSNorm, F.rms_norm) saves per token: torch's fused kernel its input and the
+    fp32 1 / rms; the composite the fp32 input (a copy in half precision), 1 / rms and, when the weight trains, the
+    fp32 normalised product."""
+    if fused:
+        return b * h + 4
+    return 4 * h + 4 + (4 * h if trainable else 0)
+
+
+def _head_bytes(family, config, b: int, lora: LoraShape | None, fused_norm: bool = True) -> float:
     """Final norm + the LM head's saved input, per token (the logits are `_logits_bytes`)."""
     h = config.hidden_size
     if family.model_type == "bloom":
         return b * h + 8 + (b * h if lora is None else 0)
-    return 4 * h + (2 * b * h if lora is None else 0)
+    return _rms_norm_bytes(h, b, lora is None, fused_norm) + (b * h if lora is None else 0)
 
 
 def _logits_bytes(config, tokens: int, b: int) -> float:
@@ -255,7 +267,8 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
     tokens = s.micro_batch * s.seq_len
     tied = getattr(config, "tie_word_embeddings", False)
     cpu = bool(s.overhead_bytes)  # measured overhead: a CPU process
-    block_act = block_activation_bytes(family, config, s.seq_len, b, s.lora, mask_bytes=b if cpu else 1) * tokens
+    block_act = block_activation_bytes(family, config, s.seq_len, b, s.lora, mask_bytes=b if cpu else 1,
+                                       fused_norm=not cpu) * tokens
     adapters = lora_params(family, config, s.lora) if s.lora else 0
     out, start = [], 0
     for stage, k in enumerate(parts):
@@ -285,7 +298,7 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
         # activations per micro-batch: saved tensors (checkpointed blocks keep only their input), pipe buffers
         per_micro = blocks * (b * h * tokens if s.grad_ckpt else block_act)
         per_micro += (_embed_bytes(family, config, b) * tokens if has_embed else 0)
-        per_micro += (_head_bytes(family, config, b, s.lora) * tokens if has_head else 0)
+        per_micro += (_head_bytes(family, config, b, s.lora, fused_norm=not cpu) * tokens if has_head else 0)
         per_micro += (0 if has_embed else b * h * tokens) + (0 if has_head else b * h * tokens)  # recv / send buffers
         per_micro += 2 * 16 * tokens  # int64 position and segment ids, received and sent
         if family.model_type == "bloom" and blocks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -73,21 +74,46 @@ def test_llama3_8b_parts_are_balanced_for_its_vocabulary():
     assert llama2s > 1.1 * ours
 
 
+def predicted_peaks(name: str, **over) -> list[float]:
+    """GiB per stage that models/cost.py predicts for the shipped config `name` (bf16 on a GPU), `over` on its Setup."""
+    from models.cost import LoraShape, stage_memory
+
+    config, raw = MODELS[name], read_config_file(ROOT / "configs" / name)
+    family = get_family("bloom" if isinstance(config, BloomConfig) else "llama")
+    lora = parse_lora(raw["lora"], family, config) if raw.get("lora") else None
+    dims = raw["model_topo"]["process_topology"]["dims"]
+    setup = Setup(micro_batch=raw["train_micro_batch_size_per_gpu"], seq_len=raw["max_seq_len"], pipe=dims[0],
+                  data=dims[1], grad_accum=raw["gradient_accumulation_steps"], grad_ckpt=raw.get("use_grad_ckpt", False),
+                  precision="bf16" if (raw.get("bf16") or {}).get("enabled") else "fp32",
+                  zero_stage=(raw.get("zero_optimization") or {}).get("stage", 0),
+                  quantization=(raw.get("quantization") or {}).get("bnb_4bit_quant_type"),
+                  lora=LoraShape(lora.r, lora.target_modules, lora.dropout) if lora else None)
+    setup = dataclasses.replace(setup, **over)
+    parts = raw["model_topo"]["parts"]
+    return [round(m.total / 2**30, 1) for m in stage_memory(family, family.prepare_config(config), setup, parts)]
+
+
 def test_the_70b_qlora_recipes_comment_is_the_models_prediction():
     """The memory per stage written in the recipe's comment is what models/cost.py predicts for it."""
     import re
 
-    from models.cost import LoraShape, stage_memory
-
     path = ROOT / "configs" / "llama2_70b_qlora_pp4.yaml"
-    config, raw = MODELS[path.name], read_config_file(path)
-    family = get_family("llama")
-    lora = parse_lora(raw["lora"], family, config)
-    dims = raw["model_topo"]["process_topology"]["dims"]
-    setup = Setup(micro_batch=raw["train_micro_batch_size_per_gpu"], seq_len=raw["max_seq_len"], pipe=dims[0],
-                  data=dims[1], grad_accum=raw["gradient_accumulation_steps"], grad_ckpt=raw["use_grad_ckpt"],
-                  precision="bf16" if raw["bf16"]["enabled"] else "fp32", zero_stage=raw["zero_optimization"]["stage"],
-                  quantization=raw["quantization"]["bnb_4bit_quant_type"],
-                  lora=LoraShape(lora.r, lora.target_modules, lora.dropout))
     stated = [float(x) for x in re.search(r"#   stage GiB: ([\d., ]+)\n", path.read_text()).group(1).split(",")]
-    assert stated == [round(m.total / 2**30, 1) for m in stage_memory(family, config, setup, raw["model_topo"]["parts"])]
+    assert stated == predicted_peaks(path.name)
+    low, high = (int(x) for x in re.search(r"LoRA on a bf16 base would need (\d+)-(\d+) GiB", path.read_text()).groups())
+    bf16_base = predicted_peaks(path.name, quantization=None)
+    assert (low, high) == (round(min(bf16_base)), round(max(bf16_base))), bf16_base
+
+
+def test_the_readmes_recipe_table_is_the_models_prediction():
+    """README "Recipes": each config's predicted peaks per stage ("19.3 (x6)": six stages) are models/cost.py's."""
+    import re
+
+    table = (ROOT / "README.md").read_text().split("| config | model, run | stages | parts | predicted peak", 1)[1]
+    rows = [line.split("|") for line in table.split("\n\n", 1)[0].splitlines()[2:]]
+    assert len(rows) == 5
+    for row in rows:
+        name, stated = row[1].strip().strip("`"), []
+        for value, times in re.findall(r"(\d+\.\d)(?: \(x(\d+)\))?", re.sub(r"\([^x][^)]*\)", "", row[5])):
+            stated += [float(value)] * int(times or 1)
+        assert stated == predicted_peaks(name), name

@@ -30,3 +30,52 @@ def test_inv_freq_stays_fp32_when_cast_to_bf16():
     block = seq.layers["1"]
     assert block.self_attn.q_proj.weight.dtype == torch.bfloat16
     assert block.rotary.inv_freq.dtype == torch.float32 and torch.equal(block.rotary.inv_freq, ref)
+
+
+def test_rms_norm_is_transformers_rms_norm_through_one_fused_op():
+    """Every Llama-shaped family's norms (the blocks' two, the final one) are models.llama.RMSNorm: F.rms_norm, one
+    fused kernel forward and one backward on CUDA. Against transformers' RMSNorm: bit-identical output and gradients
+    in fp32; in bf16 within one rounding; a weight of another dtype keeps transformers' forward exactly."""
+    from torch.nn import functional as F
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from models import get_family
+    from models.llama import RMSNorm
+    from models.pipeline import SequentialModel
+    from tests.helpers import tiny_config
+
+    for family, name in (("llama", "gqa_tied"), ("qwen2", "tied"), ("mistral", "window")):
+        seq = SequentialModel(get_family(family).layer_specs(tiny_config(family, name)))
+        norms = [m for m in seq.modules() if "RMSNorm" in type(m).__name__ or type(m).__name__.endswith("NormPipe")]
+        assert len(norms) == 2 * seq.layers["1"].config.num_hidden_layers + 1, family
+        assert all(isinstance(m, RMSNorm) for m in norms), (family, {type(m).__name__ for m in norms})
+    calls = []
+    original = F.rms_norm
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        ours, theirs = RMSNorm(64, eps=1e-5).to(dtype), LlamaRMSNorm(64, eps=1e-5).to(dtype)
+        with torch.no_grad():
+            theirs.weight.normal_(1.0, 0.5)
+            ours.weight.copy_(theirs.weight)
+        x = torch.randn(3, 7, 64, dtype=dtype) * 3
+        g = torch.randn(3, 7, 64, dtype=dtype)
+        outs = []
+        for norm in (ours, theirs):
+            xi = x.clone().requires_grad_()
+            F.rms_norm = lambda *a, **k: calls.append(1) or original(*a, **k)  # noqa: E731
+            try:
+                y = norm(xi)
+            finally:
+                F.rms_norm = original
+            y.backward(g)
+            outs.append((y.detach(), xi.grad, norm.weight.grad))
+        assert len(calls) == 1  # ours ran F.rms_norm, transformers' did not
+        calls.clear()
+        for a, b in zip(*outs, strict=True):
+            if dtype == torch.float32:
+                assert torch.equal(a, b)
+            else:  # one bf16 rounding apart at most (the weight gradient sums 21 such products)
+                torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=2 ** -7 * 21)
+    mixed = RMSNorm(64).float()  # fp32 weight, bf16 input: transformers' forward, its promotion to fp32
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    assert torch.equal(mixed(x), LlamaRMSNorm(64).float()(x)) and mixed(x).dtype == torch.float32

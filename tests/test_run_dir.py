@@ -219,6 +219,38 @@ def test_a_restarted_job_takes_its_own_lock_over_and_only_rank_0_judges_it(tmp_p
     lock.release()
 
 
+def test_a_restart_whose_count_did_not_move_resumes_and_a_live_lock_of_it_stays(tmp_path, ops_model, monkeypatch):
+    """torchrun --max-restarts inside a SLURM job keeps SLURM's restart count; multi-node torchrun counts per node
+    (the node that did not fail keeps 0, and rank 0 may land on either). A "resume": false run restarted so must
+    resume on every rank, not delete itself on rank 0: the job that started it is enough, with any count. A lock of
+    the same job whose count has not moved may be a live run: it stays in use (the heartbeat decides)."""
+    save = tmp_path / "out"
+    save.mkdir()
+    for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    replace = dict(resume=False, overwrite_save_path=True)
+    for env, recorded in (({"SLURM_JOB_ID": "41", "TORCHELASTIC_RUN_ID": "41", "TORCHELASTIC_RESTART_COUNT": "1"},
+                           {"job": "SLURM job 41", "restart": 0}),  # torchrun's restart inside the SLURM job
+                          ({"TORCHELASTIC_RUN_ID": "r7", "TORCHELASTIC_RESTART_COUNT": "0"},
+                           {"job": "torchrun run r7", "restart": 1})):  # rank 0 now on a node that counted less
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        (save / ".run-job.json").write_text(json.dumps(recorded))
+        cfg = load_config(ops_config(tmp_path, ops_model, **replace), world_size=2)
+        assert cfg.resume == "auto" and not cfg.overwrite_save_path, env
+        assert any("it resumes that run" in n and f"delete {save / '.run-job.json'}" in n for n in cfg.notes), cfg.notes
+        for k in env:
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")  # another job: the note is not its own, "resume": false replaces the run
+    assert load_config(ops_config(tmp_path, ops_model, **replace), world_size=2).resume is False
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    (save / LOCK_FILE).write_text(json.dumps({"host": "node7", "pid": 1, "started": 0, "job": "SLURM job 41",
+                                              "restart": 0}))
+    with pytest.raises(ConfigError, match=r"is in use by another run \(host node7"):
+        load_config(ops_config(tmp_path, ops_model), world_size=2)
+
+
 def test_config_checks_of_the_run_directory(tmp_path, ops_model):
     with pytest.raises(ConfigError, match=r"save_path .* is model_path .*use another directory"):
         load_config(ops_config(tmp_path, ops_model, save_path=str(ops_model / "pp")), world_size=2)

@@ -29,7 +29,7 @@ from training.checkpoint import STATE_FILE
 from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
 from training.optim import build_lion, no_decay_patterns, parse_lr_schedule
 from training.resume import RUN_CONFIG_FILE, config_changes, read_run_config, refusals, resume_tag
-from training.runlock import LockError, check_unlocked, launch_job, restarted_job
+from training.runlock import JOB_FILE, LockError, check_unlocked, launch_job, restarted_job
 from training.trackers import parse_report_to
 
 
@@ -206,7 +206,8 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
     if cfg.resume is False and (job := restarted_job(cfg.save_path)):
         cfg.resume, cfg.overwrite_save_path = "auto", False
         cfg.notes.append(f"this is a restart of {job}, which started the run in save_path {cfg.save_path}: it resumes "
-                         "that run ('resume' false applies to the job's first start)")
+                         "that run ('resume' false applies to the job's first start; to start over inside this same "
+                         f"job, delete {Path(cfg.save_path) / JOB_FILE})")
     _check_batch(cfg, path, world_size)
     _check_paths(cfg, path, require_model)
     if require_model:

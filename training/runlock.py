@@ -41,13 +41,20 @@ def launch_job() -> tuple[str, int] | None:
     return None
 
 
-def earlier_start(info: dict) -> str | None:
+def earlier_start(info: dict, count_may_stay: bool = False) -> str | None:
     """'SLURM job 7, start 1 of it' when `info` (a lock's or JOB_FILE's) was written by an earlier start of the job
-    this process belongs to, else None."""
+    this process belongs to, else None. The restart count tells an earlier start apart only when it moved: torchrun
+    inside a SLURM job keeps SLURM's count, and multi-node torchrun counts per node (a node that did not fail keeps
+    0, and rank 0 may land on either). `count_may_stay`: the same job with any count is an earlier start (JOB_FILE,
+    written once by the run's first start; a live lock of the same job needs a count that moved)."""
     job = launch_job()
-    if job is None or info.get("job") != job[0] or not isinstance(info.get("restart"), int) or info["restart"] >= job[1]:
+    if job is None or info.get("job") != job[0] or not isinstance(info.get("restart"), int):
         return None
-    return f"{job[0]}, start {info['restart'] + 1} of it (this is start {job[1] + 1})"
+    if info["restart"] < job[1]:
+        return f"{job[0]}, start {info['restart'] + 1} of it (this is start {job[1] + 1})"
+    if count_may_stay:
+        return f"{job[0]} (restart count {info['restart']} then, {job[1]} in this process)"
+    return None
 
 
 def record_job(save_path: str | Path) -> None:
@@ -62,12 +69,14 @@ def record_job(save_path: str | Path) -> None:
 
 
 def restarted_job(save_path: str | Path) -> str | None:
-    """When this process is a restart of the job that started the run in save_path: which (for the log line)."""
+    """When this process is a restart of the job that started the run in save_path: which (for the log line). Any
+    later process of that job is one, whatever its restart count (`earlier_start`); the same command run again inside
+    one SLURM allocation is one too (it resumes, saying so, rather than delete the run)."""
     try:
         info = json.loads((Path(save_path) / JOB_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return earlier_start(info) if isinstance(info, dict) else None
+    return earlier_start(info, count_may_stay=True) if isinstance(info, dict) else None
 
 
 class LockError(RuntimeError):

@@ -243,6 +243,28 @@ def end_of_turn_generation_config(config_dir: Path, config) -> str | None:
     return json.dumps(body, indent=2) + "\n"
 
 
+def chat_template_mismatch(config_dir: Path) -> str | None:
+    """A warning when the run trained with the default templates ("### Human:" / "### Assistant:", ...) but the
+    tokenizer the export carries has a chat_template of its own (kept byte for byte): transformers'
+    apply_chat_template and chat endpoints (vLLM's, TGI's) would prompt that format, not the one the model learned."""
+    from data.settings import DATA_SETTINGS_FILE, read_data_settings
+
+    try:
+        found = read_data_settings(config_dir)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if found is None or found.template.template != "default":
+        return None
+    tok_config = config_dir / "tokenizer_config.json"
+    body = read_json(tok_config) if tok_config.is_file() else {}
+    if not (config_dir / "chat_template.jinja").is_file() and not (isinstance(body, dict) and body.get("chat_template")):
+        return None
+    return (f"warning: {config_dir / DATA_SETTINGS_FILE}: this run trained with the default templates (\"### Human:\" / "
+            "\"### Assistant:\", \"### Instruction:\" ...), but the tokenizer it exports keeps its own chat_template: "
+            "apply_chat_template and chat endpoints (vLLM, TGI) would prompt that format, not the one this model learned; "
+            "prompt it with demo.py or send the default template's text to a completions endpoint")
+
+
 def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str = "5GB", overwrite: bool = False,
              lora: str | None = None) -> Path:
     """Pipeline or checkpoint dir -> HF dir with sharded safetensors + index, config (its dtype that of the weights
@@ -264,6 +286,8 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
         raise CheckpointError(f"{layers_dir}: a LoRA checkpoint (adapters only): pass --lora peft (a PEFT adapter "
                               "dir) or --lora merge (a full HF model with the adapters merged in)")
     generation_config = end_of_turn_generation_config(config_dir, config)
+    if mismatch := chat_template_mismatch(config_dir):
+        log(mismatch)
     if generation_config is not None:
         log(f"{config_dir / 'data_settings.json'}: a chat-template run; generation_config.json's eos_token_id becomes "
             f"{json.loads(generation_config)['eos_token_id']} (EOS and the end-of-turn token)")

@@ -121,3 +121,22 @@ def test_transformers_generate_on_the_export_stops_at_end_of_turn(chat_run):
                                      return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.shape[1]:].tolist()
     assert out[-1] == end and len(out) < 24 and tok.decode(out, skip_special_tokens=True) == ANSWER
+
+
+def test_export_warns_when_the_tokenizers_chat_template_is_not_what_the_run_trained_with(chat_run, tmp_path, capsys):
+    """A run trained with the default templates whose tokenizer carries a chat_template (kept in the export): the
+    export says that chat endpoints would prompt another format. A chat-template run's export says nothing so."""
+    import shutil
+
+    assert convert_model.main(["pp_to_hg", "--input-path", str(chat_run["save"]), "--save-path", str(tmp_path / "a")]) == 0
+    assert "trained with the default templates" not in capsys.readouterr().err
+    save = tmp_path / "default-run"
+    shutil.copytree(chat_run["save"], save)
+    settings = json.loads((save / DATA_SETTINGS_FILE).read_text())
+    (save / DATA_SETTINGS_FILE).write_text(json.dumps({**settings, "template": "default", "chat_template": None,
+                                                       "end_of_turn": None}))
+    assert convert_model.main(["pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: {save / DATA_SETTINGS_FILE}: this run trained with the default templates" in err
+            and "apply_chat_template and chat endpoints (vLLM, TGI) would prompt that format" in err), err
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "b")).chat_template == CHAT_TEMPLATES["chatml"][0]

@@ -423,19 +423,23 @@ def gpu_bench(args: argparse.Namespace) -> dict:
     result = {"logits_diff": (fast - dense).abs().max().item(), "logits_max": dense.abs().max().item(), "paths": {}}
     print(f"  bf16 logits, fast vs dense path: max abs diff {result['logits_diff']:.3e} "
           f"(logits up to {result['logits_max']:.1f})")
+
+    def step() -> None:  # one training step, finished on the device
+        loss = causal_lm_loss(model((ids, pos, seg)), ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        acc.synchronize()
+
     for name, forced in paths:
         attn.choose_path = original if forced is None else (lambda *a, f=forced: f)
         attn.CONTEXTS.clear()
         times = []
-        for step in range(args.steps + 2):
+        for k in range(args.steps + 2):
             acc.synchronize()
             t0 = time.perf_counter()
-            loss = causal_lm_loss(model((ids, pos, seg)), ids)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            acc.synchronize()
-            if step >= 2:
+            step()
+            if k >= 2:
                 times.append(time.perf_counter() - t0)
         tps = b * t * len(times) / sum(times)
         mfu = tps * flops_per_token / (args.peak_tflops * 1e12)
@@ -446,11 +450,7 @@ def gpu_bench(args: argparse.Namespace) -> dict:
 
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with profile(activities=activities) as prof:
-                loss = causal_lm_loss(model((ids, pos, seg)), ids)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                acc.synchronize()
+                step()
             key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
             print(prof.key_averages().table(sort_by=key, row_limit=args.profile, max_name_column_width=70))
     attn.choose_path = original

@@ -205,17 +205,23 @@ def iter_hf_tensors(layers_dir: Path, family: ModelFamily, config, progress: boo
             log(f"[{step}/{len(expected)}] {path.name} ({_layer_name(family, config, idx)}): {len(sd)} tensors")
 
 
-def end_of_turn_generation_config(config_dir: Path, config) -> str | None:
+def data_settings_in(config_dir: Path):
+    """data_settings.json of `config_dir` (None when it has none); a bad file is a CheckpointError naming it."""
+    from data.settings import read_data_settings
+
+    try:
+        return read_data_settings(config_dir)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def end_of_turn_generation_config(config_dir: Path, config, found) -> str | None:
     """generation_config.json's text with `eos_token_id` = [the EOS id(s), the chat template's end-of-turn id] (as
     Llama-3-Instruct ships it), for a run trained with "template": "chat" whose end-of-turn token (recorded in
     data_settings.json) is not an EOS: its answers end with that token, so generation must stop on it. None when
-    there is nothing to change (no such run, or the end-of-turn token is the EOS)."""
-    from data.settings import DATA_SETTINGS_FILE, read_data_settings
+    there is nothing to change (no such run, or the end-of-turn token is the EOS). `found`: `data_settings_in`."""
+    from data.settings import DATA_SETTINGS_FILE
 
-    try:
-        found = read_data_settings(config_dir)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
     if found is None or found.template.template != "chat" or not found.end_of_turn:
         return None
     from transformers import AutoTokenizer
@@ -243,16 +249,13 @@ def end_of_turn_generation_config(config_dir: Path, config) -> str | None:
     return json.dumps(body, indent=2) + "\n"
 
 
-def chat_template_mismatch(config_dir: Path) -> str | None:
+def chat_template_mismatch(config_dir: Path, found) -> str | None:
     """A warning when the run trained with the default templates ("### Human:" / "### Assistant:", ...) but the
     tokenizer the export carries has a chat_template of its own (kept byte for byte): transformers'
-    apply_chat_template and chat endpoints (vLLM's, TGI's) would prompt that format, not the one the model learned."""
-    from data.settings import DATA_SETTINGS_FILE, read_data_settings
+    apply_chat_template and chat endpoints (vLLM's, TGI's) would prompt that format, not the one the model learned.
+    `found`: `data_settings_in`."""
+    from data.settings import DATA_SETTINGS_FILE
 
-    try:
-        found = read_data_settings(config_dir)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
     if found is None or found.template.template != "default":
         return None
     tok_config = config_dir / "tokenizer_config.json"
@@ -285,8 +288,9 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
     if info is not None and lora not in ("peft", "merge"):
         raise CheckpointError(f"{layers_dir}: a LoRA checkpoint (adapters only): pass --lora peft (a PEFT adapter "
                               "dir) or --lora merge (a full HF model with the adapters merged in)")
-    generation_config = end_of_turn_generation_config(config_dir, config)
-    if mismatch := chat_template_mismatch(config_dir):
+    found = data_settings_in(config_dir)
+    generation_config = end_of_turn_generation_config(config_dir, config, found)
+    if mismatch := chat_template_mismatch(config_dir, found):
         log(mismatch)
     if generation_config is not None:
         log(f"{config_dir / 'data_settings.json'}: a chat-template run; generation_config.json's eos_token_id becomes "

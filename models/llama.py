@@ -69,8 +69,8 @@ class LlamaEmbeddingPipe(nn.Embedding):
 
 class RMSNorm(LlamaRMSNorm):
     """transformers' Llama RMSNorm (Qwen2's and Mistral's have its forward) computed by torch's `F.rms_norm`: one
-    fused kernel forward and one backward on CUDA, which save the input and the reciprocal RMS only (the 1B `--gpu`
-    bench steps 1.16x faster on an H200), torch's composite elsewhere. Bit-identical to transformers' in fp32; in
+    fused kernel forward and one backward on CUDA, which save the input and the reciprocal RMS only (the 0.87B `--gpu`
+    bench stepped 1.16-1.17x faster on an H200), torch's composite elsewhere. Bit-identical to transformers' in fp32; in
     half precision the weight multiplies before the one rounding (transformers rounds, then multiplies). A weight of
     another dtype than the input keeps transformers' forward (and its dtype promotion)."""
 

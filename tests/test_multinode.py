@@ -7,9 +7,11 @@ Training is compared with the single-node run of the same topology (the `ops_uni
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -94,31 +96,53 @@ def test_different_data_on_two_nodes_is_refused(tmp_path, ops_model):
 
 def test_srun_environment_starts_one_run_of_two_processes(tmp_path, ops_model, ops_uninterrupted):
     """What `srun --ntasks 2 python train_ds.py` gives each task: SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID,
-    the step's node list; no RANK. The two processes form one 2-stage run, not two 1-process runs."""
-    cfg = ops_config(tmp_path, ops_model, save_interval=3)
+    the step's node list; no RANK. The two processes form one 2-stage run, not two 1-process runs. The run started
+    fresh ("resume": false); a requeue of its job resumes it on every rank, also when a rank lacks SLURM_JOB_ID (as
+    ranks pdsh starts inside an allocation do): rank 0 judges the restart, the others follow."""
+    cfg = ops_config(tmp_path, ops_model, save_interval=3, resume=False)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                          "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", SLURM_JOB_ID="4242", SLURM_STEP_NUM_TASKS="2",
-               SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", MASTER_PORT=str(free_port()))
-    procs = [subprocess.Popen([sys.executable, "train_ds.py", "--config", str(cfg)], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}) for r in (0, 1)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+                                                          "MASTER_PORT", "SLURM_JOB_ID", "SLURM_RESTART_COUNT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="localhost",
+               SLURM_NTASKS="2")
+
+    def srun(job: list[dict]) -> list[str]:
+        port = str(free_port())
+        procs = [subprocess.Popen([sys.executable, "train_ds.py", "--config", str(cfg)], cwd=ROOT, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env={**env, **job[r], "MASTER_PORT": port, "SLURM_PROCID": str(r),
+                                       "SLURM_LOCALID": str(r)}) for r in (0, 1)]
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+        return outs
+
+    job = {"SLURM_JOB_ID": "4242"}
+    outs = srun([job, job])
     assert "topology: 2 pipeline stages x 1 data-parallel replicas (2 processes)" in outs[0]
+    assert losses_of(tmp_path / "out") == losses_of(ops_uninterrupted)
+    outs = srun([{**job, "SLURM_RESTART_COUNT": "1"}, {}])
+    assert "this is a restart of SLURM job 4242, start 1 of it (this is start 2)" in outs[0]
+    assert f"resumed from {tmp_path / 'out' / 'global_step8'} at step 8" in outs[0]
     assert losses_of(tmp_path / "out") == losses_of(ops_uninterrupted)
 
 
 def test_torchrun_with_time_based_checkpoints(tmp_path, ops_model, ops_uninterrupted):
     """torchrun starts the same 2-stage run; save_interval_minutes checkpoints at the first step boundary after the
-    interval, on every rank at the same step (a pause after step 3 lets the interval pass there)."""
+    interval, on every rank at the same step (a pause after step 3 lets the interval pass there). The run starts
+    fresh ("resume": false) under a named --rdzv-id: .run-job.json names the run and, as what started its ranks,
+    the torchrun process itself (its agent restarts the workers as its children: a restart, not a new command)."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    cfg = ops_config(tmp_path, ops_model, save_interval_minutes=0.02)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PIPEFT_FAULT_PAUSE": "step:3:3"}
-    done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "train_ds.py",
-                           "--config", str(cfg)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cfg = ops_config(tmp_path, ops_model, save_interval_minutes=0.02, resume=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PIPEFT_FAULT_PAUSE="step:3:3")
+    proc = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "--rdzv-id", "r1",
+                             "train_ds.py", "--config", str(cfg)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
     save = tmp_path / "out"
+    job = json.loads((save / ".run-job.json").read_text())
+    assert job["job"] == "torchrun run r1" and [t.split(":")[:2] for t in job["launchers"]] == [[socket.gethostname(),
+                                                                                                 str(proc.pid)]]
     assert losses_of(save) == losses_of(ops_uninterrupted)
     tags = sorted(int(p.name.removeprefix("global_step")) for p in save.glob("global_step*"))
     assert 3 in tags and tags[-1] == 8, tags  # 1.2 s had passed by the end of the paused step 3

@@ -27,7 +27,7 @@ from tests.helpers import finish_deepspeed, ops_config, output_of, run_deepspeed
 from tests.test_train_ops import checkpoint_tensors, losses_of, metrics_of, wait_for
 from training.config import ConfigError, load_config, resume_hint
 from training.resume import resume_tag
-from training.runlock import LOCK_FILE, RunLock
+from training.runlock import LOCK_FILE, RunLock, launcher_token
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,31 +219,54 @@ def test_a_restarted_job_takes_its_own_lock_over_and_only_rank_0_judges_it(tmp_p
     lock.release()
 
 
-def test_a_restart_whose_count_did_not_move_resumes_and_a_live_lock_of_it_stays(tmp_path, ops_model, monkeypatch):
+def test_a_restart_whose_count_did_not_move_resumes_and_a_new_torchrun_submission_does_not(tmp_path, ops_model,
+                                                                                           monkeypatch):
     """torchrun --max-restarts inside a SLURM job keeps SLURM's restart count; multi-node torchrun counts per node
     (the node that did not fail keeps 0, and rank 0 may land on either). A "resume": false run restarted so must
-    resume on every rank, not delete itself on rank 0: the job that started it is enough, with any count. A lock of
-    the same job whose count has not moved may be a live run: it stays in use (the heartbeat decides)."""
+    resume, not delete itself: the same SLURM job is enough with any count, a torchrun worker is a restart when the
+    agent that started it started one of the run's first ranks. A new torchrun command reusing --rdzv-id is a new
+    submission: it starts over. Only rank 0 judges (RunDirectory._take_lock gives its verdict to the others, which
+    may lack the job's variables: pdsh inside SLURM). A refused resume of a restart says how to start over. A lock
+    of the same job whose count has not moved may be a live run: it stays in use (the heartbeat decides)."""
     save = tmp_path / "out"
     save.mkdir()
+    (save / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # the run started fresh by the job
     for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("RANK", "0")
     replace = dict(resume=False, overwrite_save_path=True)
-    for env, recorded in (({"SLURM_JOB_ID": "41", "TORCHELASTIC_RUN_ID": "41", "TORCHELASTIC_RESTART_COUNT": "1"},
-                           {"job": "SLURM job 41", "restart": 0}),  # torchrun's restart inside the SLURM job
-                          ({"TORCHELASTIC_RUN_ID": "r7", "TORCHELASTIC_RESTART_COUNT": "0"},
-                           {"job": "torchrun run r7", "restart": 1})):  # rank 0 now on a node that counted less
+    mine, other = launcher_token(), "node9:4242:77"
+    assert mine and mine.startswith(f"{socket.gethostname()}:{os.getppid()}:")
+    for env, recorded, restart in (
+            ({"SLURM_JOB_ID": "41", "TORCHELASTIC_RUN_ID": "41", "TORCHELASTIC_RESTART_COUNT": "1"},
+             {"job": "SLURM job 41", "restart": 0}, True),  # torchrun's restart inside the SLURM job
+            ({"TORCHELASTIC_RUN_ID": "r7", "TORCHELASTIC_RESTART_COUNT": "0"},
+             {"job": "torchrun run r7", "restart": 1, "launchers": [other, mine]}, True),  # on a node that counted less
+            ({"TORCHELASTIC_RUN_ID": "r7", "TORCHELASTIC_RESTART_COUNT": "0"},
+             {"job": "torchrun run r7", "restart": 0, "launchers": [other]}, False),  # torchrun --rdzv-id r7 again
+            ({"SLURM_JOB_ID": "42"}, {"job": "SLURM job 41", "restart": 0}, False)):  # another job: not its note
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         (save / ".run-job.json").write_text(json.dumps(recorded))
         cfg = load_config(ops_config(tmp_path, ops_model, **replace), world_size=2)
-        assert cfg.resume == "auto" and not cfg.overwrite_save_path, env
-        assert any("it resumes that run" in n and f"delete {save / '.run-job.json'}" in n for n in cfg.notes), cfg.notes
-        for k in env:
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("SLURM_JOB_ID", "42")  # another job: the note is not its own, "resume": false replaces the run
-    assert load_config(ops_config(tmp_path, ops_model, **replace), world_size=2).resume is False
+        assert (cfg.resume, cfg.overwrite_save_path) == (("auto", False) if restart else (False, True)), env
+        assert any("it resumes that run" in n and f"delete {save / '.run-job.json'}" in n for n in cfg.notes) == restart
+        if restart:  # a resume the checkpoint refuses: the error says why this start resumed
+            (save / "latest").write_text("global_step9")
+            with pytest.raises(ConfigError, match=r"names 'global_step9', which does not exist.*\(this is a restart of "
+                                                  r".*to start over inside this same job, delete .*\.run-job\.json\)"):
+                load_config(ops_config(tmp_path, ops_model, **replace), world_size=2)
+            (save / "latest").unlink()
+            monkeypatch.setenv("RANK", "1")  # no verdict of its own
+            cfg = load_config(ops_config(tmp_path, ops_model, resume=False), world_size=2)
+            assert (cfg.resume, cfg.notes) == (False, [])
+            monkeypatch.setenv("RANK", "0")
+            monkeypatch.setenv("SLURM_JOB_ID", "43")
+            monkeypatch.setenv("TORCHELASTIC_RUN_ID", "r8")
+            with pytest.raises(ConfigError, match=r"already holds a training run and 'resume' is false"):
+                load_config(ops_config(tmp_path, ops_model, resume=False), world_size=2)
+        for k in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
+            monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "41")
     (save / LOCK_FILE).write_text(json.dumps({"host": "node7", "pid": 1, "started": 0, "job": "SLURM job 41",
                                               "restart": 0}))

@@ -203,18 +203,23 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
     _check_run_keys(cfg, path)
-    if cfg.resume is False and (job := restarted_job(cfg.save_path)):
+    restart = None  # rank 0 judges whether this is a restart; RunDirectory._take_lock gives its verdict to every rank
+    if cfg.resume is False and os.environ.get("RANK", "0") == "0" and (job := restarted_job(cfg.save_path)):
         cfg.resume, cfg.overwrite_save_path = "auto", False
-        cfg.notes.append(f"this is a restart of {job}, which started the run in save_path {cfg.save_path}: it resumes "
-                         "that run ('resume' false applies to the job's first start; to start over inside this same "
-                         f"job, delete {Path(cfg.save_path) / JOB_FILE})")
-    _check_batch(cfg, path, world_size)
-    _check_paths(cfg, path, require_model)
-    if require_model:
-        _check_model(cfg, path)
-        _check_resume(cfg, path, _check_lora(cfg, path))
-    if require_model and world_size is not None:
-        _check_parts(cfg, path, world_size)
+        restart = (f"this is a restart of {job}, which started the run in save_path {cfg.save_path}: it resumes that "
+                   "run ('resume' false applies to the job's first start; to start over inside this same job, delete "
+                   f"{Path(cfg.save_path) / JOB_FILE})")
+        cfg.notes.append(restart)
+    try:
+        _check_batch(cfg, path, world_size)
+        _check_paths(cfg, path, require_model)
+        if require_model:
+            _check_model(cfg, path)
+            _check_resume(cfg, path, _check_lora(cfg, path))
+        if require_model and world_size is not None:
+            _check_parts(cfg, path, world_size)
+    except ConfigError as e:
+        raise ConfigError(f"{e} ({restart})" if restart else str(e)) from None
     return cfg
 
 
@@ -370,7 +375,7 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
         raise ConfigError(f"{path}: save_path {save} is under {parent}, which is a file, not a directory")
     if problem := _write_problem(parent):
         raise ConfigError(f"{path}: save_path {save} is not writable: {parent} refuses new files ({problem})")
-    if cfg.resume is False and not cfg.overwrite_save_path and holds_run(save):
+    if cfg.resume is False and not cfg.overwrite_save_path and os.environ.get("RANK", "0") == "0" and holds_run(save):
         raise ConfigError(f"{path}: save_path {save} already holds a training run and 'resume' is false; "
                           "set \"resume\": \"auto\" to continue it or \"overwrite_save_path\": true to replace it")
     if cfg.resume is True and not (save / "latest").is_file():

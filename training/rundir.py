@@ -30,7 +30,7 @@ from training.resume import (
     start_schedule_at,
     tag_problem,
 )
-from training.runlock import LockError, RunLock, record_job
+from training.runlock import LockError, RunLock, launcher_token, record_job
 from training.trackers import IDS_FILE
 
 RUN_OUTPUTS = ("latest", "best", "metrics.jsonl", "runs", IDS_FILE, "wandb", "mlruns")  # besides the checkpoints
@@ -48,18 +48,21 @@ class RunDirectory:
     """Trainer methods that own save_path (see the module docstring); they use the Trainer's attributes."""
 
     def _take_lock(self) -> None:
-        """Rank 0 takes save_path's run lock; a run already holding it stops every rank with one line."""
-        note, error = None, None
+        """Rank 0 takes save_path's run lock; a run already holding it stops every rank with one line. Every rank
+        follows rank 0's verdict on whether this start resumes (load_config: a restart of the job that started the
+        run fresh resumes it; only rank 0 judges, the others may lack the job's variables)."""
+        cfg, note, error = self.cfg, None, None
         if self.rank == 0:
-            self.lock = RunLock(self.cfg.save_path, config=str(Path(self.cfg.path).resolve()))
+            self.lock = RunLock(cfg.save_path, config=str(Path(cfg.path).resolve()))
             try:
                 note = self.lock.acquire()
             except (LockError, OSError) as e:
                 self.lock, error = None, str(e)
-        said = [None] * self.world
-        torch.distributed.all_gather_object(said, error)
-        if said[0]:
-            raise ConfigError(f"{self.cfg.path}: {said[0]}")
+        said = [(error, cfg.resume, cfg.overwrite_save_path) if self.rank == 0 else None]
+        torch.distributed.broadcast_object_list(said, src=0)
+        error, cfg.resume, cfg.overwrite_save_path = said[0]
+        if error:
+            raise ConfigError(f"{cfg.path}: {error}")
         if note:
             self.log(note)
 
@@ -118,13 +121,16 @@ class RunDirectory:
         """Resume from `latest` (resume "auto"/true) or start fresh; then the side files (HF config, tokenizer, data
         settings) beside the checkpoints, so pp_to_hg needs nothing else. Returns the step to start from."""
         cfg, save = self.cfg, Path(self.cfg.save_path)
+        launchers = [None] * self.world  # what started each rank: a torchrun agent restarts its own workers
+        if cfg.resume is False:
+            torch.distributed.all_gather_object(launchers, launcher_token())
         if self.rank == 0:
             save.mkdir(parents=True, exist_ok=True)
             for name in self.ckpts.remove_partial():
                 print(f"removed {save / name}: a checkpoint that was not completely written", flush=True)
             if cfg.resume is False:  # load_config refused a used save_path unless overwrite_save_path
                 clear_run(save, self.ckpts.tags())
-                record_job(save)  # a restart of this job (SLURM requeue, torchrun) resumes instead (load_config)
+                record_job(save, launchers)  # a restart of this job (SLURM requeue, torchrun) resumes instead
         torch.distributed.barrier()
         tag, notes = resume_tag(save) if cfg.resume in ("auto", True) else (None, [])
         tags = [None] * self.world

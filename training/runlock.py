@@ -8,7 +8,8 @@ SLURM / torchrun job, which a scheduler restarts only once it has ended) or whos
 STALE_AFTER_S (another host that stopped) is taken over, with a line saying so.
 
 The same job identity marks a run started fresh (`resume` false): a restart of that job (SLURM's requeue,
-torchrun's --max-restarts runs the same command again) resumes the run instead of replacing it.
+torchrun's --max-restarts runs the same command again) resumes the run instead of replacing it. Rank 0 judges
+that too (`restarted_job`), and every rank follows it (the others may lack the job's variables: pdsh).
 """
 
 from __future__ import annotations
@@ -41,42 +42,63 @@ def launch_job() -> tuple[str, int] | None:
     return None
 
 
-def earlier_start(info: dict, count_may_stay: bool = False) -> str | None:
+def earlier_start(info: dict) -> str | None:
     """'SLURM job 7, start 1 of it' when `info` (a lock's or JOB_FILE's) was written by an earlier start of the job
-    this process belongs to, else None. The restart count tells an earlier start apart only when it moved: torchrun
-    inside a SLURM job keeps SLURM's count, and multi-node torchrun counts per node (a node that did not fail keeps
-    0, and rank 0 may land on either). `count_may_stay`: the same job with any count is an earlier start (JOB_FILE,
-    written once by the run's first start; a live lock of the same job needs a count that moved)."""
+    this process belongs to, told by a restart count that moved, else None. A count that did not move tells
+    nothing: torchrun inside a SLURM job keeps SLURM's count, and multi-node torchrun counts per node (a node that
+    did not fail keeps 0, and rank 0 may land on either)."""
     job = launch_job()
     if job is None or info.get("job") != job[0] or not isinstance(info.get("restart"), int):
         return None
     if info["restart"] < job[1]:
         return f"{job[0]}, start {info['restart'] + 1} of it (this is start {job[1] + 1})"
-    if count_may_stay:
-        return f"{job[0]} (restart count {info['restart']} then, {job[1]} in this process)"
     return None
 
 
-def record_job(save_path: str | Path) -> None:
-    """Rank 0 of a run started fresh: name its job in save_path (or forget an older job's note)."""
+def launcher_token() -> str | None:
+    """'host:pid:start time' of the process that started this one: torchrun's agent restarts its workers as its own
+    children, while a new torchrun command is a new agent. None without /proc."""
+    ppid = os.getppid()
+    try:
+        start = Path(f"/proc/{ppid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{socket.gethostname()}:{ppid}:{start}"
+
+
+def record_job(save_path: str | Path, launchers: list[str | None]) -> None:
+    """Rank 0 of a run started fresh: name its job and every rank's `launcher_token` in save_path (or forget an
+    older job's note)."""
     f, job = Path(save_path) / JOB_FILE, launch_job()
     if job is None:
         f.unlink(missing_ok=True)
     else:
         tmp = f.with_name(f"{JOB_FILE}.{os.getpid()}")
-        tmp.write_text(json.dumps({"job": job[0], "restart": job[1]}))
+        tmp.write_text(json.dumps({"job": job[0], "restart": job[1], "launchers": sorted({t for t in launchers if t})}))
         os.replace(tmp, f)
 
 
 def restarted_job(save_path: str | Path) -> str | None:
-    """When this process is a restart of the job that started the run in save_path: which (for the log line). Any
-    later process of that job is one, whatever its restart count (`earlier_start`); the same command run again inside
-    one SLURM allocation is one too (it resumes, saying so, rather than delete the run)."""
+    """When this process is a restart of the job that started the run in save_path: which (for the log line). A
+    restart count that moved says so; with the same count, any later process of the same SLURM job is one (the same
+    command run again inside one allocation resumes too), and a torchrun worker is one when the torchrun agent that
+    started it also started one of the run's first ranks (a new torchrun command with the same --rdzv-id is a new
+    submission: not a restart)."""
     try:
         info = json.loads((Path(save_path) / JOB_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return earlier_start(info, count_may_stay=True) if isinstance(info, dict) else None
+    job = launch_job()
+    if not isinstance(info, dict) or job is None or info.get("job") != job[0]:
+        return None
+    if earlier := earlier_start(info):
+        return earlier
+    if job[0].startswith("SLURM"):
+        return f"{job[0]} (restart count {info.get('restart')} then, {job[1]} in this process)"
+    launchers = info.get("launchers")
+    if isinstance(launchers, list) and (mine := launcher_token()) in launchers:
+        return f"{job[0]} (its torchrun agent {mine.split(':')[1]} on {mine.split(':')[0]} restarted it)"
+    return None
 
 
 class LockError(RuntimeError):

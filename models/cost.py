@@ -58,11 +58,22 @@ class Setup:
     defer_wgrad: bool = True  # full fine-tuning without checkpointing: later stages defer weight gradients (wgrad.py)
     overhead_bytes: tuple[float, ...] = ()  # per stage, measured by the caller (CPU: the process before the model);
     # empty: a GPU's stated overhead (GPU_OVERHEAD + GPU_FRAGMENTATION of the rest)
+    fused_norm: bool | None = None  # RMSNorm runs torch's fused kernel; None: fused_rms_norm("cuda"), not on a CPU
+
+    @property
+    def fused(self) -> bool:
+        return self.fused_norm if self.fused_norm is not None else not self.overhead_bytes and fused_rms_norm("cuda")
 
     @property
     def in_flight(self) -> list[int]:
         """Micro-batches whose activations a stage holds at once under 1F1B (DeepSpeed's TrainSchedule)."""
         return [min(self.pipe - s, self.grad_accum) for s in range(self.pipe)]
+
+
+def fused_rms_norm(device: str) -> bool:
+    """Whether F.rms_norm (models.llama.RMSNorm) runs torch's fused kernel on `device` ("cuda"; torch >= 2.8 has
+    it), which saves less than the composite torch runs elsewhere (HPU, Neuron, the CPU, an older torch)."""
+    return device == "cuda" and hasattr(torch.ops.aten, "_fused_rms_norm")
 
 
 @dataclass
@@ -268,7 +279,7 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
     tied = getattr(config, "tie_word_embeddings", False)
     cpu = bool(s.overhead_bytes)  # measured overhead: a CPU process
     block_act = block_activation_bytes(family, config, s.seq_len, b, s.lora, mask_bytes=b if cpu else 1,
-                                       fused_norm=not cpu) * tokens
+                                       fused_norm=s.fused) * tokens
     adapters = lora_params(family, config, s.lora) if s.lora else 0
     out, start = [], 0
     for stage, k in enumerate(parts):
@@ -298,7 +309,7 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
         # activations per micro-batch: saved tensors (checkpointed blocks keep only their input), pipe buffers
         per_micro = blocks * (b * h * tokens if s.grad_ckpt else block_act)
         per_micro += (_embed_bytes(family, config, b) * tokens if has_embed else 0)
-        per_micro += (_head_bytes(family, config, b, s.lora, fused_norm=not cpu) * tokens if has_head else 0)
+        per_micro += (_head_bytes(family, config, b, s.lora, fused_norm=s.fused) * tokens if has_head else 0)
         per_micro += (0 if has_embed else b * h * tokens) + (0 if has_head else b * h * tokens)  # recv / send buffers
         per_micro += 2 * 16 * tokens  # int64 position and segment ids, received and sent
         if family.model_type == "bloom" and blocks:

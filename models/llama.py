@@ -70,7 +70,8 @@ class LlamaEmbeddingPipe(nn.Embedding):
 class RMSNorm(LlamaRMSNorm):
     """transformers' Llama RMSNorm (Qwen2's and Mistral's have its forward) computed by torch's `F.rms_norm`: one
     fused kernel forward and one backward on CUDA, which save the input and the reciprocal RMS only (the 0.87B `--gpu`
-    bench stepped 1.16-1.17x faster on an H200), torch's composite elsewhere. Bit-identical to transformers' in fp32; in
+    bench stepped 1.16-1.17x faster on an H200), torch's composite elsewhere. Bit-identical to transformers' in fp32 on
+    the CPU (tested); CUDA's fused kernel sums in its own order, so there it equals it to rounding, not bit for bit. In
     half precision the weight multiplies before the one rounding (transformers rounds, then multiplies). A weight of
     another dtype than the input keeps transformers' forward (and its dtype promotion)."""
 

@@ -7,9 +7,10 @@ import json
 import random
 
 import pytest
+import torch
 
 from models import get_family
-from models.cost import LoraShape, Setup, stage_memory
+from models.cost import LoraShape, Setup, fused_rms_norm, stage_memory
 from training.plan import main as plan_main
 from training.plan import plan
 
@@ -129,6 +130,24 @@ def test_saved_tensors_of_the_blocks_are_the_models_activation_term(family, name
             x = block(x)
     predicted = n * block_activation_bytes(fam, config, 64, 4, shape, mask_bytes=4, fused_norm=False) * 2 * 64
     assert predicted == pytest.approx(sum(saved.values()), rel=0.1)
+
+
+def test_the_memory_model_counts_the_fused_rms_norm_only_where_it_runs():
+    """F.rms_norm's fused kernel (CUDA, torch >= 2.8) saves its input and 1 / rms; HPU, Neuron, the CPU and an older
+    torch run the composite (the fp32 input, 1 / rms and, when the weight trains, the fp32 product): a GPU
+    prediction counts the fused kernel only where it runs, for each block's two norms and the head's final one."""
+    assert fused_rms_norm("cuda") == hasattr(torch.ops.aten, "_fused_rms_norm")
+    assert not fused_rms_norm("hpu") and not fused_rms_norm("cpu")
+    family, config = _model(LLAMA2_7B)
+    h, tokens, pipe = config.hidden_size, 2 * 1024, 4
+    setups = {f: Setup(2, 1024, pipe, grad_accum=8, fused_norm=f) for f in (True, False)}
+    assert Setup(2, 1024, pipe).fused == fused_rms_norm("cuda") and not Setup(2, 1024, pipe, overhead_bytes=(1.0,) * 4).fused
+    parts = [9, 8, 8, 9]  # the embedding + 8 blocks, 8, 8, 8 + the head
+    fused, composite = (stage_memory(family, config, setups[f], parts) for f in (True, False))
+    extra = (4 * h + 4 + 4 * h) - (2 * h + 4)  # per norm and token, bf16, full fine-tuning
+    for stage, (f, c) in enumerate(zip(fused, composite, strict=True)):
+        norms = 2 * 8 + (1 if stage == pipe - 1 else 0)  # per micro-batch in flight, + one block's in backward
+        assert c.activations - f.activations == pytest.approx((norms * f.in_flight + 2) * extra * tokens), stage
 
 
 # ---------------------------------------------------------------------------------------------- CPU validation

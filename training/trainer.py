@@ -23,7 +23,7 @@ from data.records import DataError, read_files, records_from_files
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
 from models.attention import set_attn_implementation
 from models.convert import family_of
-from models.cost import LoraShape, Setup, stage_memory
+from models.cost import LoraShape, Setup, fused_rms_norm, stage_memory
 from models.lora import LORA_FILE, apply_lora, load_adapter_into, lora_info, parse_lora
 from models.pipeline import parts_of
 from models.quant import base_memory, logical_numel, parse_quantization, quantized_specs
@@ -262,13 +262,14 @@ class Trainer(RunDirectory):
         e, cfg = self.engine, self.cfg
         reporting = [per_rank[r] for r in self._stage_ranks()]
         offload = e.zero_offload_optimizer()
-        lo = self.lora
+        lo, device = self.lora, next(model.parameters()).device.type
         setup = Setup(cfg.micro_batch, cfg.max_seq_len, self.pp_size, self.dp_size, cfg.grad_accum,
                       "bf16" if e.bfloat16_enabled() else "fp16" if e.fp16_enabled() else "fp32",
                       e.zero_optimization_stage(), offload is not None and str(getattr(offload, "device", "none")).endswith("cpu"),
                       cfg.use_grad_ckpt, LoraShape(lo.r, lo.target_modules, lo.dropout) if lo else None,
                       quantization="nf4" if self.quant is not None else None, defer_wgrad=cfg.defer_weight_grads,
-                      overhead_bytes=() if next(model.parameters()).device.type != "cpu" else tuple(float(r[2]) for r in reporting))
+                      overhead_bytes=() if device != "cpu" else tuple(float(r[2]) for r in reporting),
+                      fused_norm=fused_rms_norm(device))
         self.units = parts_of(self.family.unit_sizes(self.config), model.parts)
         mem = stage_memory(self.family, self.config, setup, self.units, counts=[tuple(r[:2]) for r in reporting])
         self.log(device_line())

@@ -47,6 +47,7 @@ class EncodeStats:
     dropped: int  # no trained token left within max_seq_len
     truncated: int  # kept samples cut to max_seq_len
     spliced: int = 0  # kept samples whose tokens were split at a prompt / answer boundary (data.boundary)
+    prompted: int | None = None  # records rendered through a template (all but pretrain); None: a cache that predates it
     cache_hit: bool = False
     cache_path: str | None = None
 
@@ -251,7 +252,8 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
     offsets = np.zeros(len(index) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     stats = EncodeStats(records=len(records), kept=len(index), dropped=len(records) - len(index),
-                        truncated=sum(part.truncated for part in parts), spliced=sum(part.spliced for part in parts))
+                        truncated=sum(part.truncated for part in parts), spliced=sum(part.spliced for part in parts),
+                        prompted=sum(r.type != "pretrain" for r in records))
     return EncodedDataset(flat, labels, offsets, index, stats)
 
 
@@ -291,7 +293,8 @@ def _save(ds: EncodedDataset, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, input_ids=ds.input_ids, labels=ds.labels, offsets=ds.offsets, record_index=ds.record_index,
-                     counts=np.array([s.records, s.kept, s.dropped, s.truncated, s.spliced], dtype=np.int64))
+                     counts=np.array([s.records, s.kept, s.dropped, s.truncated, s.spliced,
+                                      -1 if s.prompted is None else s.prompted], dtype=np.int64))
         os.chmod(tmp, 0o644)  # mkstemp makes it private; other ranks or users may read the cache
         os.replace(tmp, path)
     except BaseException:
@@ -301,8 +304,9 @@ def _save(ds: EncodedDataset, path: Path) -> None:
 
 def _load(path: Path) -> EncodedDataset:
     with np.load(path) as z:
-        records, kept, dropped, truncated, spliced = (int(x) for x in z["counts"])
-        stats = EncodeStats(records, kept, dropped, truncated, spliced, cache_hit=True, cache_path=str(path))
+        records, kept, dropped, truncated, spliced, prompted = (*(int(x) for x in z["counts"]), -1)[:6]
+        stats = EncodeStats(records, kept, dropped, truncated, spliced, None if prompted < 0 else prompted,
+                            cache_hit=True, cache_path=str(path))
         return EncodedDataset(z["input_ids"], z["labels"], z["offsets"], z["record_index"], stats)
 
 

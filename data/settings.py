@@ -33,12 +33,14 @@ class DataSettings:
     chat_template: str | None = None
     end_of_turn: str | None = None
     eos_token: str | None = None
+    prompted: bool | None = None  # a training record went through a template (not pretrain text only); None: unknown
 
 
-def data_settings_of(settings: TemplateSettings, tokenizer: Any, max_seq_len: int | None = None) -> DataSettings:
+def data_settings_of(settings: TemplateSettings, tokenizer: Any, max_seq_len: int | None = None,
+                     prompted: bool | None = None) -> DataSettings:
     chat = settings.template == "chat"
     return DataSettings(settings, max_seq_len, tokenizer.chat_template if chat else None,
-                        end_of_turn(tokenizer) if chat else None, tokenizer.eos_token)
+                        end_of_turn(tokenizer) if chat else None, tokenizer.eos_token, prompted)
 
 
 def write_data_settings(directory: str | Path, found: DataSettings) -> Path:

@@ -249,21 +249,22 @@ def end_of_turn_generation_config(config_dir: Path, config, found) -> str | None
     return json.dumps(body, indent=2) + "\n"
 
 
-def chat_template_mismatch(config_dir: Path, found) -> str | None:
-    """A warning when the run trained with the default templates ("### Human:" / "### Assistant:", ...) but the
-    tokenizer the export carries has a chat_template of its own (kept byte for byte): transformers'
-    apply_chat_template and chat endpoints (vLLM's, TGI's) would prompt that format, not the one the model learned.
-    `found`: `data_settings_in`."""
+def chat_template_mismatch(config_dir: Path, found, peft: bool = False) -> str | None:
+    """A warning when the run trained records through the default templates ("### Human:" / "### Assistant:", ...)
+    but the tokenizer the export carries (`peft`: the base's, which an adapter is used with) has a chat_template of
+    its own (kept byte for byte): transformers' apply_chat_template and chat endpoints (vLLM's, TGI's) would prompt
+    that format, not the one the model learned. Not for a run of pretrain text only. `found`: `data_settings_in`."""
     from data.settings import DATA_SETTINGS_FILE
 
-    if found is None or found.template.template != "default":
+    if found is None or found.template.template != "default" or found.prompted is False:
         return None
     tok_config = config_dir / "tokenizer_config.json"
     body = read_json(tok_config) if tok_config.is_file() else {}
     if not (config_dir / "chat_template.jinja").is_file() and not (isinstance(body, dict) and body.get("chat_template")):
         return None
+    tokenizer = ("the base model's tokenizer, which the adapter is used with," if peft else "the tokenizer it exports")
     return (f"warning: {config_dir / DATA_SETTINGS_FILE}: this run trained with the default templates (\"### Human:\" / "
-            "\"### Assistant:\", \"### Instruction:\" ...), but the tokenizer it exports keeps its own chat_template: "
+            f"\"### Assistant:\", \"### Instruction:\" ...), but {tokenizer} keeps its own chat_template: "
             "apply_chat_template and chat endpoints (vLLM, TGI) would prompt that format, not the one this model learned; "
             "prompt it with demo.py or send the default template's text to a completions endpoint")
 
@@ -290,7 +291,7 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
                               "dir) or --lora merge (a full HF model with the adapters merged in)")
     found = data_settings_in(config_dir)
     generation_config = end_of_turn_generation_config(config_dir, config, found)
-    if mismatch := chat_template_mismatch(config_dir, found):
+    if mismatch := chat_template_mismatch(config_dir, found, peft=lora == "peft"):
         log(mismatch)
     if generation_config is not None:
         log(f"{config_dir / 'data_settings.json'}: a chat-template run; generation_config.json's eos_token_id becomes "

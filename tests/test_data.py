@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -219,13 +220,18 @@ def test_cache_hit_is_identical_and_key_tracks_inputs(tok, tmp_path):
     assert second.stats.cache_hit and second.stats.cache_path == first.stats.cache_path
     assert [second[i] for i in range(len(second))] == [first[i] for i in range(len(first))]
     assert second.stats.kept == first.stats.kept == 2
+    assert second.stats.prompted == first.stats.prompted == 1  # the instruct record, not the pretrain text
     assert not load_dataset(data, tok, 199).stats.cache_hit  # max_seq_len is in the key
     for settings in (TemplateSettings(pretrain_eos=False), TemplateSettings(train_on_prompt=True),
                      TemplateSettings(last_answer_only=True)):  # template settings too
         assert not load_dataset(data, tok, 200, settings=settings).stats.cache_hit
     write(data, json.dumps([RECORDS["pretrain"]]))
     changed = load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere")
-    assert not changed.stats.cache_hit and len(changed) == 1
+    assert not changed.stats.cache_hit and len(changed) == 1 and changed.stats.prompted == 0
+    with np.load(changed.stats.cache_path) as z:  # a cache written before "prompted" was counted: unknown
+        old = {k: z[k] for k in z.files}
+    np.savez(changed.stats.cache_path, **{**old, "counts": old["counts"][:5]})
+    assert load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere").stats.prompted is None
     assert list((tmp_path / "elsewhere").glob("*.tmp")) == []
 
 

@@ -125,9 +125,15 @@ def test_transformers_generate_on_the_export_stops_at_end_of_turn(chat_run):
 
 def test_export_warns_when_the_tokenizers_chat_template_is_not_what_the_run_trained_with(chat_run, tmp_path, capsys):
     """A run trained with the default templates whose tokenizer carries a chat_template (kept in the export): the
-    export says that chat endpoints would prompt another format. A chat-template run's export says nothing so."""
+    export says that chat endpoints would prompt another format (for a PEFT adapter: of the base's tokenizer). A
+    chat-template run's export says nothing so, nor does a run of pretrain text only (data_settings.json's
+    "prompted", written by the trainer)."""
     import shutil
 
+    from data.settings import read_data_settings
+    from models.convert import chat_template_mismatch
+
+    assert read_data_settings(chat_run["save"]).prompted is True  # conversation records
     assert convert_model.main(["pp_to_hg", "--input-path", str(chat_run["save"]), "--save-path", str(tmp_path / "a")]) == 0
     assert "trained with the default templates" not in capsys.readouterr().err
     save = tmp_path / "default-run"
@@ -140,3 +146,8 @@ def test_export_warns_when_the_tokenizers_chat_template_is_not_what_the_run_trai
     assert (f"warning: {save / DATA_SETTINGS_FILE}: this run trained with the default templates" in err
             and "apply_chat_template and chat endpoints (vLLM, TGI) would prompt that format" in err), err
     assert AutoTokenizer.from_pretrained(str(tmp_path / "b")).chat_template == CHAT_TEMPLATES["chatml"][0]
+    said = chat_template_mismatch(save, read_data_settings(save), peft=True)
+    assert "but the base model's tokenizer, which the adapter is used with, keeps its own chat_template" in said
+    (save / DATA_SETTINGS_FILE).write_text(json.dumps({**settings, "template": "default", "chat_template": None,
+                                                       "end_of_turn": None, "prompted": False}))
+    assert chat_template_mismatch(save, read_data_settings(save)) is None

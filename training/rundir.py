@@ -151,7 +151,8 @@ class RunDirectory:
             for name in copy_side_files(Path(cfg.model_path), staging, SIDE_FILES):
                 os.replace(staging / name, save / name)
             staging.rmdir()
-            write_data_settings(save, data_settings_of(cfg.template_settings, self.tokenizer, cfg.max_seq_len))
+            write_data_settings(save, data_settings_of(cfg.template_settings, self.tokenizer, cfg.max_seq_len,
+                                                      self.prompted))
             truncate_metrics(save / "metrics.jsonl", self.state.step)
             self.ckpts.last_size = tree_size(save / tag) if tag is not None else 0
             self.ckpts.warn_if_short("the next checkpoint")

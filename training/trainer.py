@@ -55,6 +55,7 @@ class Trainer(RunDirectory):
         self.lock: RunLock | None = None  # rank 0: this run's lock on save_path
         self.launcher = LauncherWatch()  # the `deepspeed` command that started this process, if any
         self.changes_lr = self.changes_length = self.schedule_switched = False  # what a resume changed (rundir)
+        self.prompted: bool | None = None  # whether a training record went through a template (rank 0 reads data)
 
     def log(self, msg: str) -> None:
         if self.monitor is not None:
@@ -207,6 +208,7 @@ class Trainer(RunDirectory):
         found = found if found is not None else [load(p) for p in paths]
         ds, eval_set = found[0], (found[1] if len(found) > 1 else None)
         s = ds.stats
+        self.prompted = None if s.prompted is None else s.prompted > 0  # data_settings.json: pp_to_hg's template warning
         self.log(f"data: {s.records} records -> {s.kept} samples ({s.dropped} dropped: no trained token within "
                  f"max_seq_len {cfg.max_seq_len}; {s.truncated} truncated"
                  + (f"; {s.spliced} split at a prompt / answer boundary" if s.spliced else "")

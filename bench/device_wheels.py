@@ -1,7 +1,7 @@
 """What bench/gpu_checks.py needs that a GPU machine's image may lack, as one file a machine that cannot install
 can carry (`make device-wheels`): deepspeed, bitsandbytes, lion-pytorch and their small dependencies, peft, and
-transformers with its dependencies, at the versions in this venv (so the references are the suite's), as Python 3.12
-x86-64 wheels; numpy (every torch image has it) and hf-xet (downloads only) are left out.
+transformers with everything it needs, each at the version in this venv (so the references are the suite's), as
+Python 3.12 x86-64 wheels; numpy (every torch image has it) and hf-xet (downloads only) are left out.
 
     python bench/device_wheels.py .whl      # -> .whl/wheels.tar.xz
     # there: mkdir /tmp/w && tar xJf .whl/wheels.tar.xz -C /tmp/w &&
@@ -28,7 +28,27 @@ PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation
                           "manylinux2014_x86_64", "any") for a in ("--platform", p)]]
 NO_DEPS = ["bitsandbytes", "lion-pytorch", "peft", "hjson", "pydantic", "pydantic-core", "annotated-types",
            "typing-inspection", "msgpack", "einops"]  # the others need torch, which the image has
-LEFT_OUT = ("numpy-", "hf_xet-")
+
+
+def closure(name: str) -> list[str]:
+    """`name` and what it needs, recursively, as installed in this venv (extras and other platforms' markers aside;
+    numpy and hf-xet left out, see the module docstring)."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen, todo = set(), [name]
+    while todo:
+        n = canonicalize_name(todo.pop())
+        if n in seen or n in ("numpy", "hf-xet"):
+            continue
+        seen.add(n)
+        for line in requires(n) or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": "", "python_version": "3.12"}):
+                todo.append(req.name)
+    return sorted(seen)
 
 
 def main() -> None:
@@ -43,8 +63,9 @@ def main() -> None:
         subprocess.run([*pip, "wheel", "--no-deps", f"deepspeed=={version('deepspeed')}", "-w", got], check=True)
         subprocess.run([*pip, "download", "--no-deps", *PLATFORM, "-d", got,
                         *(f"{n}=={version(n)}" for n in NO_DEPS)], check=True)
-        subprocess.run([*pip, "download", *PLATFORM, "-d", got, f"transformers=={version('transformers')}"], check=True)
-        wheels = sorted(w for w in got.glob("*.whl") if not w.name.startswith(LEFT_OUT))
+        subprocess.run([*pip, "download", "--no-deps", *PLATFORM, "-d", got,
+                        *(f"{n}=={version(n)}" for n in closure("transformers"))], check=True)
+        wheels = sorted(got.glob("*.whl"))
         for w in wheels:
             with zipfile.ZipFile(w) as src, zipfile.ZipFile(raw / w.name, "w", zipfile.ZIP_STORED) as dst:
                 for item in src.infolist():

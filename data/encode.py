@@ -293,8 +293,8 @@ def _save(ds: EncodedDataset, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, input_ids=ds.input_ids, labels=ds.labels, offsets=ds.offsets, record_index=ds.record_index,
-                     counts=np.array([s.records, s.kept, s.dropped, s.truncated, s.spliced,
-                                      -1 if s.prompted is None else s.prompted], dtype=np.int64))
+                     counts=np.array([s.records, s.kept, s.dropped, s.truncated, s.spliced], dtype=np.int64),
+                     prompted=np.int64(-1 if s.prompted is None else s.prompted))  # its own key: older code reads on
         os.chmod(tmp, 0o644)  # mkstemp makes it private; other ranks or users may read the cache
         os.replace(tmp, path)
     except BaseException:
@@ -304,7 +304,8 @@ def _save(ds: EncodedDataset, path: Path) -> None:
 
 def _load(path: Path) -> EncodedDataset:
     with np.load(path) as z:
-        records, kept, dropped, truncated, spliced, prompted = (*(int(x) for x in z["counts"]), -1)[:6]
+        records, kept, dropped, truncated, spliced = (int(x) for x in z["counts"])
+        prompted = int(z["prompted"]) if "prompted" in z.files else -1  # a cache written before it was counted
         stats = EncodeStats(records, kept, dropped, truncated, spliced, None if prompted < 0 else prompted,
                             cache_hit=True, cache_path=str(path))
         return EncodedDataset(z["input_ids"], z["labels"], z["offsets"], z["record_index"], stats)

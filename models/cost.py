@@ -9,6 +9,7 @@ layers (transformers' blocks, SDPA / eager attention, the chunked loss), per tok
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -70,10 +71,12 @@ class Setup:
         return [min(self.pipe - s, self.grad_accum) for s in range(self.pipe)]
 
 
-def fused_rms_norm(device: str) -> bool:
-    """Whether F.rms_norm (models.llama.RMSNorm) runs torch's fused kernel on `device` ("cuda"; torch >= 2.8 has
-    it), which saves less than the composite torch runs elsewhere (HPU, Neuron, the CPU, an older torch)."""
-    return device == "cuda" and hasattr(torch.ops.aten, "_fused_rms_norm")
+def fused_rms_norm(device: str, version: str | None = None) -> bool:
+    """Whether F.rms_norm (models.llama.RMSNorm) runs torch's fused kernel on `device`: CUDA from torch 2.8 (2.7 has
+    the op for MPS only), which saves less than the composite torch runs elsewhere (HPU, Neuron, the CPU, an older
+    torch). `version`: torch's, default the installed one."""
+    major, minor = (int(x) for x in re.findall(r"\d+", version or torch.__version__)[:2])
+    return device == "cuda" and (major, minor) >= (2, 8)
 
 
 @dataclass

@@ -147,3 +147,38 @@ def test_torchrun_with_time_based_checkpoints(tmp_path, ops_model, ops_uninterru
     tags = sorted(int(p.name.removeprefix("global_step")) for p in save.glob("global_step*"))
     assert 3 in tags and tags[-1] == 8, tags  # 1.2 s had passed by the end of the paused step 3
     assert (save / "global_step3" / "manifest.json").is_file() and len(list((save / "global_step3").glob("rng_*"))) == 2
+
+
+def test_torchrun_restarts_a_fresh_run_and_it_resumes(tmp_path, ops_model, ops_uninterrupted):
+    """torchrun --max-restarts 1 under a named --rdzv-id: a "resume": false run that replaces an earlier one
+    ("overwrite_save_path") loses both ranks to SIGKILL after step 4 (checkpoint at 3); torchrun starts them again
+    and the new ranks recognise a restart of their run (.run-job.json: the same agent, and a count that moved), so
+    they resume from step 3 instead of deleting the run and starting over: the losses are those of one run."""
+    import psutil
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    save, release = tmp_path / "out", tmp_path / "release"
+    save.mkdir()
+    (save / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # the run it replaces
+    cfg = ops_config(tmp_path, ops_model, save_interval=3, resume=False, overwrite_save_path=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PIPEFT_FAULT_PAUSE=f"step:4:300:{release}")
+    with open(tmp_path / "torchrun.log", "w") as log:
+        proc = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "--rdzv-id",
+                                 "r2", "--max-restarts", "1", "train_ds.py", "--config", str(cfg)], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: (save / "global_step3").is_dir() and 4 in losses_of(save), proc)
+            workers = [k for k in psutil.Process(proc.pid).children(recursive=True) if "train_ds.py" in k.cmdline()]
+            assert len(workers) == 2
+            release.touch()  # the restarted ranks do not pause
+            for w in workers:
+                w.kill()
+            proc.wait(timeout=600)
+        finally:
+            proc.kill()
+    out = (tmp_path / "torchrun.log").read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert "this is a restart of torchrun run r2, start 1 of it (this is start 2)" in out, out[-3000:]
+    assert f"resumed from {save / 'global_step3'} at step 3" in out
+    assert losses_of(save) == losses_of(ops_uninterrupted)

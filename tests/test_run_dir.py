@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -200,15 +201,15 @@ def test_a_restarted_job_takes_its_own_lock_over_and_only_rank_0_judges_it(tmp_p
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ConfigError, match=r"is in use by another run \(host node7"):
-        load_config(cfg, world_size=2)
+        load_config(cfg, world_size=None)
+    assert "is in use by another run (host node7" in load_config(cfg, world_size=2).refusal  # for _take_lock to say
     monkeypatch.setenv("RANK", "1")
-    load_config(cfg, world_size=2)  # no verdict of its own: RunDirectory._take_lock gives rank 0's to every rank
+    assert load_config(cfg, world_size=2).refusal is None  # no verdict of its own: _take_lock gives rank 0's
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("SLURM_JOB_ID", "41")
-    with pytest.raises(ConfigError, match=r"is in use by another run"):
-        load_config(cfg, world_size=2)  # the same job's first start is this one: not stale
+    assert "is in use by another run" in load_config(cfg, world_size=2).refusal  # the job's first start is this one
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    load_config(cfg, world_size=2)
+    assert load_config(cfg, world_size=2).refusal is None
     # a "resume": false run restarted by its job resumes, and its stop line still says how a new job resumes it
     (save / ".run-job.json").write_text(json.dumps({"job": "SLURM job 41", "restart": 0}))
     fresh = load_config(ops_config(tmp_path, ops_model, resume=False, overwrite_save_path=True), world_size=2)
@@ -219,59 +220,68 @@ def test_a_restarted_job_takes_its_own_lock_over_and_only_rank_0_judges_it(tmp_p
     lock.release()
 
 
-def test_a_restart_whose_count_did_not_move_resumes_and_a_new_torchrun_submission_does_not(tmp_path, ops_model,
-                                                                                           monkeypatch):
+def test_a_restart_whose_count_did_not_move_resumes_and_an_unknown_torchrun_start_is_refused(tmp_path, ops_model,
+                                                                                              monkeypatch):
     """torchrun --max-restarts inside a SLURM job keeps SLURM's restart count; multi-node torchrun counts per node
     (the node that did not fail keeps 0, and rank 0 may land on either). A "resume": false run restarted so must
     resume, not delete itself: the same SLURM job is enough with any count, a torchrun worker is a restart when the
-    agent that started it started one of the run's first ranks. A new torchrun command reusing --rdzv-id is a new
-    submission: it starts over. Only rank 0 judges (RunDirectory._take_lock gives its verdict to the others, which
-    may lack the job's variables: pdsh inside SLURM). A refused resume of a restart says how to start over. A lock
-    of the same job whose count has not moved may be a live run: it stays in use (the heartbeat decides)."""
+    agent that started it started one of the run's first ranks. The same torchrun run id from another agent with an
+    unmoved count (a new torchrun command reusing --rdzv-id, a scheduler that restarted the agent, a .run-job.json
+    of an older version) is refused with how to choose, not guessed. Only rank 0 judges; a refusal it alone can
+    judge goes to every rank through RunDirectory._take_lock when there are several (the others would otherwise
+    wait for it in the process group), raised at once when it is alone. A refused resume of a restart says why this
+    start resumed. A lock of the same job whose count has not moved may be a live run: it stays in use."""
     save = tmp_path / "out"
     save.mkdir()
     (save / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # the run started fresh by the job
     for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("RANK", "0")
-    replace = dict(resume=False, overwrite_save_path=True)
     mine, other = launcher_token(), "node9:4242:77"
     assert mine and mine.startswith(f"{socket.gethostname()}:{os.getppid()}:")
-    for env, recorded, restart in (
+    torchrun = {"TORCHELASTIC_RUN_ID": "r7", "TORCHELASTIC_RESTART_COUNT": "0"}
+    unknown = r"holds a run that torchrun run r7 started .* by another torchrun agent .* delete .*\.run-job\.json to start over"
+    for env, recorded, verdict in (
             ({"SLURM_JOB_ID": "41", "TORCHELASTIC_RUN_ID": "41", "TORCHELASTIC_RESTART_COUNT": "1"},
-             {"job": "SLURM job 41", "restart": 0}, True),  # torchrun's restart inside the SLURM job
-            ({"TORCHELASTIC_RUN_ID": "r7", "TORCHELASTIC_RESTART_COUNT": "0"},
-             {"job": "torchrun run r7", "restart": 1, "launchers": [other, mine]}, True),  # on a node that counted less
-            ({"TORCHELASTIC_RUN_ID": "r7", "TORCHELASTIC_RESTART_COUNT": "0"},
-             {"job": "torchrun run r7", "restart": 0, "launchers": [other]}, False),  # torchrun --rdzv-id r7 again
-            ({"SLURM_JOB_ID": "42"}, {"job": "SLURM job 41", "restart": 0}, False)):  # another job: not its note
+             {"job": "SLURM job 41", "restart": 0}, "restart"),  # torchrun's restart inside the SLURM job
+            (torchrun, {"job": "torchrun run r7", "restart": 1, "launchers": [other, mine]}, "restart"),  # counted less
+            (torchrun, {"job": "torchrun run r7", "restart": 0, "launchers": [other]}, "unknown"),  # --rdzv-id r7 again
+            (torchrun, {"job": "torchrun run r7", "restart": 0}, "unknown"),  # an older version's note
+            ({"SLURM_JOB_ID": "42"}, {"job": "SLURM job 41", "restart": 0}, "new")):  # another job: not its note
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         (save / ".run-job.json").write_text(json.dumps(recorded))
-        cfg = load_config(ops_config(tmp_path, ops_model, **replace), world_size=2)
-        assert (cfg.resume, cfg.overwrite_save_path) == (("auto", False) if restart else (False, True)), env
-        assert any("it resumes that run" in n and f"delete {save / '.run-job.json'}" in n for n in cfg.notes) == restart
-        if restart:  # a resume the checkpoint refuses: the error says why this start resumed
+        replace = ops_config(tmp_path, ops_model, resume=False, overwrite_save_path=True)
+        cfg = load_config(replace, world_size=2)
+        assert (cfg.resume, cfg.overwrite_save_path) == (("auto", False) if verdict == "restart" else (False, True)), env
+        said = any("it resumes that run" in n and f"delete {save / '.run-job.json'}" in n for n in cfg.notes)
+        assert said == (verdict == "restart") and (cfg.refusal is None) == (verdict != "unknown"), (env, cfg.refusal)
+        if verdict == "unknown":
+            assert re.search(unknown, cfg.refusal), cfg.refusal
+            with pytest.raises(ConfigError, match=unknown):
+                load_config(replace, world_size=None)
+        if verdict == "restart":  # a resume the checkpoint refuses: the error says why this start resumed
             (save / "latest").write_text("global_step9")
-            with pytest.raises(ConfigError, match=r"names 'global_step9', which does not exist.*\(this is a restart of "
-                                                  r".*to start over inside this same job, delete .*\.run-job\.json\)"):
-                load_config(ops_config(tmp_path, ops_model, **replace), world_size=2)
+            assert re.search(r"names 'global_step9', which does not exist.*\(this is a restart of .*to start over "
+                             r"inside this same job, delete .*\.run-job\.json\)", load_config(replace, world_size=2).refusal)
             (save / "latest").unlink()
             monkeypatch.setenv("RANK", "1")  # no verdict of its own
             cfg = load_config(ops_config(tmp_path, ops_model, resume=False), world_size=2)
-            assert (cfg.resume, cfg.notes) == (False, [])
+            assert (cfg.resume, cfg.notes, cfg.refusal) == (False, [], None)
             monkeypatch.setenv("RANK", "0")
             monkeypatch.setenv("SLURM_JOB_ID", "43")
             monkeypatch.setenv("TORCHELASTIC_RUN_ID", "r8")
-            with pytest.raises(ConfigError, match=r"already holds a training run and 'resume' is false"):
-                load_config(ops_config(tmp_path, ops_model, resume=False), world_size=2)
+            used = r"already holds a training run and 'resume' is false"
+            assert re.search(used, load_config(ops_config(tmp_path, ops_model, resume=False), world_size=2).refusal)
+            with pytest.raises(ConfigError, match=used):
+                load_config(ops_config(tmp_path, ops_model, resume=False), world_size=None)
         for k in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
             monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "41")
     (save / LOCK_FILE).write_text(json.dumps({"host": "node7", "pid": 1, "started": 0, "job": "SLURM job 41",
                                               "restart": 0}))
     with pytest.raises(ConfigError, match=r"is in use by another run \(host node7"):
-        load_config(ops_config(tmp_path, ops_model), world_size=2)
+        load_config(ops_config(tmp_path, ops_model), world_size=None)
 
 
 def test_config_checks_of_the_run_directory(tmp_path, ops_model):
@@ -283,7 +293,7 @@ def test_config_checks_of_the_run_directory(tmp_path, ops_model):
     lock.acquire()
     try:
         with pytest.raises(ConfigError, match=r"is in use by another run"):
-            load_config(ops_config(tmp_path, ops_model), world_size=2)
+            load_config(ops_config(tmp_path, ops_model), world_size=None)
     finally:
         lock.release()
 

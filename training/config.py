@@ -29,7 +29,7 @@ from training.checkpoint import STATE_FILE
 from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
 from training.optim import build_lion, no_decay_patterns, parse_lr_schedule
 from training.resume import RUN_CONFIG_FILE, config_changes, read_run_config, refusals, resume_tag
-from training.runlock import JOB_FILE, LockError, check_unlocked, launch_job, restarted_job
+from training.runlock import JOB_FILE, LockError, UnknownStart, check_unlocked, launch_job, restarted_job
 from training.trackers import parse_report_to
 
 
@@ -103,6 +103,7 @@ class TrainConfig:
     path: str = ""  # the config file itself
     raw: dict = field(default_factory=dict)  # the file's object as read (saved in every checkpoint)
     notes: list[str] = field(default_factory=list)  # warnings to print once (training/compat.py)
+    refusal: str | None = None  # rank 0's refusal that the other ranks cannot judge (RunDirectory._take_lock says it)
 
     @property
     def micro_batch(self) -> int:
@@ -118,7 +119,7 @@ class TrainConfig:
         return TemplateSettings(**{f.name: getattr(self, f.name) for f in fields(TemplateSettings)})
 
 
-PROJECT_KEYS = {f.name: f for f in fields(TrainConfig) if f.name not in ("ds_config", "path", "raw", "notes")}
+PROJECT_KEYS = {f.name: f for f in fields(TrainConfig) if f.name not in ("ds_config", "path", "raw", "notes", "refusal")}
 _TYPES: dict[str, tuple[type, ...]] = {
     "model_path": (str,), "save_path": (str,), "data_path": (str, list), "from_scratch": (bool,),
     "max_seq_len": (int,), "n_epoches": (int,), "max_steps": (int, type(None)), "use_grad_ckpt": (bool,),
@@ -203,23 +204,42 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
     _check_run_keys(cfg, path)
+    judge, alone = os.environ.get("RANK", "0") == "0", (world_size or 1) == 1
+
+    def refuse(message: str) -> None:
+        """A refusal only rank 0 can judge (the lock, the run in save_path, a restart): raised when it is the only
+        process; with others it is kept for RunDirectory._take_lock, which stops every rank with it (the others
+        would otherwise wait for rank 0 in the process group until its timeout)."""
+        if alone:
+            raise ConfigError(message)
+        cfg.refusal = cfg.refusal or message
+
     restart = None  # rank 0 judges whether this is a restart; RunDirectory._take_lock gives its verdict to every rank
-    if cfg.resume is False and os.environ.get("RANK", "0") == "0" and (job := restarted_job(cfg.save_path)):
+    if cfg.resume is False and judge:
+        try:
+            restart = restarted_job(cfg.save_path)
+        except UnknownStart as e:  # the same torchrun run id, started by another torchrun agent
+            refuse(f"{path}: {e}")
+    if restart:
         cfg.resume, cfg.overwrite_save_path = "auto", False
-        restart = (f"this is a restart of {job}, which started the run in save_path {cfg.save_path}: it resumes that "
-                   "run ('resume' false applies to the job's first start; to start over inside this same job, delete "
-                   f"{Path(cfg.save_path) / JOB_FILE})")
+        restart = (f"this is a restart of {restart}, which started the run in save_path {cfg.save_path}: it resumes "
+                   "that run ('resume' false applies to the job's first start; to start over inside this same job, "
+                   f"delete {Path(cfg.save_path) / JOB_FILE})")
         cfg.notes.append(restart)
-    try:
-        _check_batch(cfg, path, world_size)
-        _check_paths(cfg, path, require_model)
-        if require_model:
-            _check_model(cfg, path)
+    _check_batch(cfg, path, world_size)
+    _check_paths(cfg, path, require_model)
+    if require_model and judge and (problem := _save_path_in_use(cfg, path)):
+        refuse(problem)
+    if require_model:
+        _check_model(cfg, path)
+        try:
             _check_resume(cfg, path, _check_lora(cfg, path))
-        if require_model and world_size is not None:
-            _check_parts(cfg, path, world_size)
-    except ConfigError as e:
-        raise ConfigError(f"{e} ({restart})" if restart else str(e)) from None
+        except ConfigError as e:
+            if not restart:
+                raise
+            refuse(f"{e} ({restart})")  # the others do not resume: only rank 0 refuses
+    if require_model and world_size is not None:
+        _check_parts(cfg, path, world_size)
     return cfg
 
 
@@ -365,19 +385,11 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
         raise ConfigError(f"{path}: save_path {save} is {'model_path' if save.resolve() == model.resolve() else 'inside model_path'} "
                           f"{model}: checkpoints would mix with the base model's files (and pp_to_hg of that dir would "
                           "export the untrained base); use another directory")
-    if os.environ.get("RANK", "0") == "0":  # the others cannot judge a lock of another host: rank 0 says for them
-        try:
-            check_unlocked(save)
-        except LockError as e:
-            raise ConfigError(f"{path}: {e}") from None
     parent = save if save.exists() else next((p for p in save.parents if p.exists()), Path("/"))
     if not parent.is_dir():
         raise ConfigError(f"{path}: save_path {save} is under {parent}, which is a file, not a directory")
     if problem := _write_problem(parent):
         raise ConfigError(f"{path}: save_path {save} is not writable: {parent} refuses new files ({problem})")
-    if cfg.resume is False and not cfg.overwrite_save_path and os.environ.get("RANK", "0") == "0" and holds_run(save):
-        raise ConfigError(f"{path}: save_path {save} already holds a training run and 'resume' is false; "
-                          "set \"resume\": \"auto\" to continue it or \"overwrite_save_path\": true to replace it")
     if cfg.resume is True and not (save / "latest").is_file():
         raise ConfigError(f"{path}: 'resume' is true but save_path {save} has no checkpoint ('latest' file)")
     for key in ("data_path", "eval_data_path"):
@@ -397,6 +409,20 @@ def _write_problem(directory: Path) -> str | None:
         return e.strerror or type(e).__name__
     os.close(fd)
     os.unlink(probe)
+    return None
+
+
+def _save_path_in_use(cfg: TrainConfig, path: Path) -> str | None:
+    """Rank 0's checks of what is in save_path now: a live run's lock (the others cannot judge another host's), a run
+    that "resume": false would replace without "overwrite_save_path" (rank 0 decides whether this start resumes)."""
+    save = Path(cfg.save_path)
+    try:
+        check_unlocked(save)
+    except LockError as e:
+        return f"{path}: {e}"
+    if cfg.resume is False and not cfg.overwrite_save_path and holds_run(save):
+        return (f"{path}: save_path {save} already holds a training run and 'resume' is false; set \"resume\": \"auto\" "
+                "to continue it or \"overwrite_save_path\": true to replace it")
     return None
 
 
@@ -452,7 +478,7 @@ def resume_hint(cfg: TrainConfig) -> str:
         return "resume with the same command"
     again = ("a restart of this same job resumes by itself; run again otherwise, " if launch_job() else "run again, ")
     return (f"to resume, set \"resume\": \"auto\" in {cfg.path}: {again}\"resume\": false would "
-            + ("start over and delete this run" if cfg.overwrite_save_path else "be refused"))
+            + ("start over and delete this run" if cfg.raw.get("overwrite_save_path") else "be refused"))
 
 
 def holds_run(save: Path) -> bool:

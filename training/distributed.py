@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import errno
 import os
 import socket
@@ -93,6 +94,29 @@ def master_port_problem() -> str | None:
             if e.errno == errno.EADDRINUSE:
                 return (f"MASTER_PORT {port} is already in use on this machine (another run?); start deepspeed with "
                         "--master_port set to a free port")
+    return None
+
+
+def init_restarted_torchrun(backend: str, timeout: datetime.timedelta) -> str | None:
+    """A worker restarted by torchrun (--max-restarts) reaches the agent's store, which keeps the keys of the attempt
+    before it (pytorch#135712): its init_process_group reads the dead ranks' addresses and fails or hangs. With one
+    agent (one node) every rank has the same restart count, so this process group's keys get a prefix of their own
+    per attempt: the group is made here (DeepSpeed's init_distributed then takes it). With several agents the
+    counts differ per node; returns a warning naming torch's workaround instead. None when not such a restart."""
+    import torch.distributed as dist
+
+    env = os.environ
+    count = int(env.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or count == 0 or dist.is_initialized():
+        return None
+    if env.get("GROUP_WORLD_SIZE", "1") != "1":
+        return (f"torchrun restarted this worker (restart {count}) and its ranks share the agent's store, which keeps "
+                "the previous attempt's addresses (pytorch#135712): if this start hangs, run torchrun with "
+                "--rdzv-backend c10d and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
+                          timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"/pipeft/attempt_{count}", store), timeout=timeout,
+                            rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]))
     return None
 
 

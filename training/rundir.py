@@ -52,17 +52,17 @@ class RunDirectory:
         follows rank 0's verdict on whether this start resumes (load_config: a restart of the job that started the
         run fresh resumes it; only rank 0 judges, the others may lack the job's variables)."""
         cfg, note, error = self.cfg, None, None
-        if self.rank == 0:
+        if self.rank == 0 and (error := cfg.refusal) is None:  # load_config's refusals that only rank 0 could judge
             self.lock = RunLock(cfg.save_path, config=str(Path(cfg.path).resolve()))
             try:
                 note = self.lock.acquire()
             except (LockError, OSError) as e:
-                self.lock, error = None, str(e)
+                self.lock, error = None, f"{cfg.path}: {e}"
         said = [(error, cfg.resume, cfg.overwrite_save_path) if self.rank == 0 else None]
         torch.distributed.broadcast_object_list(said, src=0)
         error, cfg.resume, cfg.overwrite_save_path = said[0]
         if error:
-            raise ConfigError(f"{cfg.path}: {error}")
+            raise ConfigError(error)
         if note:
             self.log(note)
 

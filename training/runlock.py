@@ -9,7 +9,7 @@ STALE_AFTER_S (another host that stopped) is taken over, with a line saying so.
 
 The same job identity marks a run started fresh (`resume` false): a restart of that job (SLURM's requeue,
 torchrun's --max-restarts runs the same command again) resumes the run instead of replacing it. Rank 0 judges
-that too (`restarted_job`), and every rank follows it (the others may lack the job's variables: pdsh).
+that too (`restarted_job`), and every rank follows it (a rank may lack the job's variables).
 """
 
 from __future__ import annotations
@@ -82,10 +82,12 @@ def restarted_job(save_path: str | Path) -> str | None:
     """When this process is a restart of the job that started the run in save_path: which (for the log line). A
     restart count that moved says so; with the same count, any later process of the same SLURM job is one (the same
     command run again inside one allocation resumes too), and a torchrun worker is one when the torchrun agent that
-    started it also started one of the run's first ranks (a new torchrun command with the same --rdzv-id is a new
-    submission: not a restart)."""
+    started it also started one of the run's first ranks. The same torchrun run id started by another agent with
+    its count unmoved (a new torchrun command reusing --rdzv-id, or a scheduler that restarted the agent itself)
+    cannot be told apart: UnknownStart, rather than guess (a guess of "new" would delete the run)."""
+    f = Path(save_path) / JOB_FILE
     try:
-        info = json.loads((Path(save_path) / JOB_FILE).read_text())
+        info = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError):
         return None
     job = launch_job()
@@ -98,7 +100,15 @@ def restarted_job(save_path: str | Path) -> str | None:
     launchers = info.get("launchers")
     if isinstance(launchers, list) and (mine := launcher_token()) in launchers:
         return f"{job[0]} (its torchrun agent {mine.split(':')[1]} on {mine.split(':')[0]} restarted it)"
-    return None
+    raise UnknownStart(f"save_path {Path(save_path)} holds a run that {job[0]} started with \"resume\": false, and this "
+                       "process is of that run id but was started by another torchrun agent (a new torchrun command "
+                       "reusing --rdzv-id, or a restart of the agent itself): set \"resume\": \"auto\" to continue "
+                       f"that run, or delete {f} to start over")
+
+
+class UnknownStart(RuntimeError):
+    """Whether this start is a restart of the job that started the run cannot be told; the message says how to
+    choose."""
 
 
 class LockError(RuntimeError):

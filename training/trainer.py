@@ -32,7 +32,7 @@ from pipeft import command
 from training.batches import BatchPlan, RowsView, row_trained, step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause
 from training.config import ConfigError, TrainConfig, resume_hint
-from training.distributed import LauncherWatch, device_line, shutdown_distributed
+from training.distributed import LauncherWatch, device_line, init_restarted_torchrun, shutdown_distributed
 from training.evaluate import EvalPlan, training_and_eval_rows
 from training.monitor import Monitor, fmt_bytes, fmt_count, hms, process_memory, write_estimate
 from training.optim import build_optimizer
@@ -88,8 +88,11 @@ class Trainer(RunDirectory):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         acc = get_accelerator()
-        deepspeed.init_distributed(dist_backend="gloo" if acc.device_name() == "cpu" else acc.communication_backend_name(),
-                                   timeout=timedelta(minutes=cfg.dist_timeout_minutes))
+        backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
+        if warning := init_restarted_torchrun(backend, timedelta(minutes=cfg.dist_timeout_minutes)):
+            if self.local_rank == 0:
+                print(f"warning: {warning}", flush=True)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=cfg.dist_timeout_minutes))
         # waits of unbounded length (first-time tokenization on one rank per node) use a group without a deadline
         self.patient = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7))
         if acc.device_name() != "cpu":

@@ -304,8 +304,9 @@ def _save(ds: EncodedDataset, path: Path) -> None:
 
 def _load(path: Path) -> EncodedDataset:
     with np.load(path) as z:
-        records, kept, dropped, truncated, spliced = (int(x) for x in z["counts"])
-        prompted = int(z["prompted"]) if "prompted" in z.files else -1  # a cache written before it was counted
+        counts = [int(x) for x in z["counts"]]  # 5, or 6 with "prompted" (a cache of 472d236)
+        records, kept, dropped, truncated, spliced = counts[:5]
+        prompted = int(z["prompted"]) if "prompted" in z.files else (counts[5:] or [-1])[0]  # -1: not counted then
         stats = EncodeStats(records, kept, dropped, truncated, spliced, None if prompted < 0 else prompted,
                             cache_hit=True, cache_path=str(path))
         return EncodedDataset(z["input_ids"], z["labels"], z["offsets"], z["record_index"], stats)

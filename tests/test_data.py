@@ -233,6 +233,9 @@ def test_cache_hit_is_identical_and_key_tracks_inputs(tok, tmp_path):
     assert old["counts"].shape == (5,)  # what code before "prompted" unpacks
     np.savez(changed.stats.cache_path, **{k: v for k, v in old.items() if k != "prompted"})
     assert load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere").stats.prompted is None
+    del old["prompted"]
+    np.savez(changed.stats.cache_path, **{**old, "counts": np.append(old["counts"], 0)})  # 472d236 wrote 6 counts
+    assert load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere").stats.prompted == 0
     assert list((tmp_path / "elsewhere").glob("*.tmp")) == []
 
 

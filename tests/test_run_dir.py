@@ -265,6 +265,9 @@ def test_a_restart_whose_count_did_not_move_resumes_and_an_unknown_torchrun_star
             assert re.search(r"names 'global_step9', which does not exist.*\(this is a restart of .*to start over "
                              r"inside this same job, delete .*\.run-job\.json\)", load_config(replace, world_size=2).refusal)
             (save / "latest").unlink()
+            with pytest.raises(ConfigError, match=r"'quantization' needs a 'lora' section"):  # as every rank does
+                load_config(ops_config(tmp_path, ops_model, resume=False, quantization={"load_in_4bit": True}),
+                            world_size=2)
             monkeypatch.setenv("RANK", "1")  # no verdict of its own
             cfg = load_config(ops_config(tmp_path, ops_model, resume=False), world_size=2)
             assert (cfg.resume, cfg.notes, cfg.refusal) == (False, [], None)

@@ -232,8 +232,9 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
         refuse(problem)
     if require_model:
         _check_model(cfg, path)
+        lora = _check_lora(cfg, path)  # every rank refuses these alike
         try:
-            _check_resume(cfg, path, _check_lora(cfg, path))
+            _check_resume(cfg, path, lora)
         except ConfigError as e:
             if not restart:
                 raise

@@ -97,12 +97,13 @@ def master_port_problem() -> str | None:
     return None
 
 
-def init_restarted_torchrun(backend: str, timeout: datetime.timedelta) -> str | None:
+def init_restarted_torchrun(backend: str, timeout: datetime.timedelta, device_id=None) -> str | None:
     """A worker restarted by torchrun (--max-restarts) reaches the agent's store, which keeps the keys of the attempt
     before it (pytorch#135712): its init_process_group reads the dead ranks' addresses and fails or hangs. With one
     agent (one node) every rank has the same restart count, so this process group's keys get a prefix of their own
     per attempt: the group is made here (DeepSpeed's init_distributed then takes it). With several agents the
-    counts differ per node; returns a warning naming torch's workaround instead. None when not such a restart."""
+    counts differ per node; returns a warning naming torch's workaround instead. None when not such a restart.
+    `device_id`: the rank's CUDA device, bound as DeepSpeed binds it."""
     import torch.distributed as dist
 
     env = os.environ
@@ -116,7 +117,8 @@ def init_restarted_torchrun(backend: str, timeout: datetime.timedelta) -> str | 
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
                           timeout=timeout)
     dist.init_process_group(backend, store=dist.PrefixStore(f"/pipeft/attempt_{count}", store), timeout=timeout,
-                            rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]))
+                            rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                            **({"device_id": device_id} if device_id is not None else {}))
     return None
 
 

@@ -89,7 +89,8 @@ class Trainer(RunDirectory):
             signal.signal(sig, self._on_signal)
         acc = get_accelerator()
         backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
-        if warning := init_restarted_torchrun(backend, timedelta(minutes=cfg.dist_timeout_minutes)):
+        bound = acc.device(self.local_rank) if acc.device_name() == "cuda" else None
+        if warning := init_restarted_torchrun(backend, timedelta(minutes=cfg.dist_timeout_minutes), bound):
             if self.local_rank == 0:
                 print(f"warning: {warning}", flush=True)
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=cfg.dist_timeout_minutes))

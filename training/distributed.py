@@ -52,11 +52,17 @@ def launch_env() -> str:
     return "single"
 
 
-def _ppid_of(pid: int) -> int | None:
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state, ppid, ..., starttime at 19), None without it."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
+
+
+def _ppid_of(pid: int) -> int | None:
+    fields = proc_stat(pid)
+    return int(fields[1]) if fields and len(fields) > 1 and fields[1].isdigit() else None
 
 
 class LauncherWatch:

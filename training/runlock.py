@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 from models.hf_io import pid_alive
+from training.distributed import proc_stat
 
 LOCK_FILE = ".run.lock"
 JOB_FILE = ".run-job.json"  # the job that started the run in save_path fresh (`resume` false)
@@ -59,11 +60,8 @@ def launcher_token() -> str | None:
     """'host:pid:start time' of the process that started this one: torchrun's agent restarts its workers as its own
     children, while a new torchrun command is a new agent. None without /proc."""
     ppid = os.getppid()
-    try:
-        start = Path(f"/proc/{ppid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-    return f"{socket.gethostname()}:{ppid}:{start}"
+    fields = proc_stat(ppid)
+    return f"{socket.gethostname()}:{ppid}:{fields[19]}" if fields and len(fields) > 19 else None
 
 
 def record_job(save_path: str | Path, launchers: list[str | None]) -> None:

@@ -70,8 +70,9 @@ class Trainer(RunDirectory):
 
     def validate_data(self) -> None:
         """Check every record before any process group or model exists (raises DataError). Once per node: local
-        rank 0 checks; on a problem it exits and the launcher stops the node's other ranks."""
-        if self.local_rank != 0:
+        rank 0 checks; on a problem it exits and the launcher stops the node's other ranks. Not when rank 0 already
+        refuses the run (cfg.refusal): it goes straight to the process group, which says so to every rank."""
+        if self.local_rank != 0 or self.cfg.refusal:
             return
         for path in (self.cfg.data_path, self.cfg.eval_data_path):
             if path is not None:

@@ -91,10 +91,10 @@ class Trainer(RunDirectory):
         acc = get_accelerator()
         backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
         bound = acc.device(self.local_rank) if acc.device_name() == "cuda" else None
-        if warning := init_restarted_torchrun(backend, timedelta(minutes=cfg.dist_timeout_minutes), bound):
-            if self.local_rank == 0:
-                print(f"warning: {warning}", flush=True)
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=cfg.dist_timeout_minutes))
+        timeout = timedelta(minutes=cfg.dist_timeout_minutes)
+        if (warning := init_restarted_torchrun(backend, timeout, bound)) and self.local_rank == 0:
+            print(f"warning: {warning}", flush=True)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         # waits of unbounded length (first-time tokenization on one rank per node) use a group without a deadline
         self.patient = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7))
         if acc.device_name() != "cpu":

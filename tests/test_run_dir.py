@@ -26,7 +26,7 @@ from models.diskspace import tree_size
 from models.hf_io import CheckpointError, atomic_output_dir
 from tests.helpers import finish_deepspeed, ops_config, output_of, run_deepspeed, start_deepspeed, workers_of
 from tests.test_train_ops import checkpoint_tensors, losses_of, metrics_of, wait_for
-from training.config import ConfigError, load_config, resume_hint
+from training.config import ConfigError, load_config, resume_hint, start_over
 from training.resume import resume_tag
 from training.runlock import LOCK_FILE, RunLock, launcher_token
 
@@ -256,6 +256,10 @@ def test_a_restart_whose_count_did_not_move_resumes_and_an_unknown_torchrun_star
         assert (cfg.resume, cfg.overwrite_save_path) == (("auto", False) if verdict == "restart" else (False, True)), env
         said = any("it resumes that run" in n and f"delete {save / '.run-job.json'}" in n for n in cfg.notes)
         assert said == (verdict == "restart") and (cfg.refusal is None) == (verdict != "unknown"), (env, cfg.refusal)
+        # a checkpoint found damaged while loading (RunDirectory._resume) says how to start over: for a restart,
+        # "resume": false is what its config says already
+        advice = f"delete {save / '.run-job.json'}" if verdict == "restart" else '"overwrite_save_path": true'
+        assert advice in start_over(cfg), (env, start_over(cfg))
         if verdict == "unknown":
             assert re.search(unknown, cfg.refusal), cfg.refusal
             with pytest.raises(ConfigError, match=unknown):

@@ -482,6 +482,15 @@ def resume_hint(cfg: TrainConfig) -> str:
             + ("start over and delete this run" if cfg.raw.get("overwrite_save_path") else "be refused"))
 
 
+def start_over(cfg: TrainConfig) -> str:
+    """How to start the run in save_path over instead of resuming it. A restart of the job that started it fresh
+    already runs with "resume": false (and resumes whatever it says): it must forget the job first."""
+    if cfg.raw.get("resume", "auto") is False and cfg.resume is not False:
+        return (f"to start over, delete {Path(cfg.save_path) / JOB_FILE} (this is a restart of the job that started "
+                "the run, which resumes it while that file names the job)")
+    return "start a new run with \"resume\": false and \"overwrite_save_path\": true"
+
+
 def holds_run(save: Path) -> bool:
     """Whether save_path has checkpoints or metrics of an earlier run."""
     return save.is_dir() and any((save / n).exists() for n in ("latest", "metrics.jsonl")) or any(save.glob("global_step*"))

@@ -18,7 +18,7 @@ from data.settings import data_settings_of, write_data_settings
 from models.diskspace import tree_size
 from models.hf_io import SIDE_FILES, copy_side_files
 from training.checkpoint import RunState, set_rng_state
-from training.config import ConfigError
+from training.config import ConfigError, start_over
 from training.monitor import truncate_metrics
 from training.resume import (
     RUN_CONFIG_FILE,
@@ -165,7 +165,7 @@ class RunDirectory:
             earlier = [t for t in earlier_tags(tag_dir.parent, tag_dir.name) if tag_problem(tag_dir.parent / t) is None]
             if not earlier:
                 raise ConfigError(f"{cfg.path}: checkpoint {tag_dir} cannot be loaded ({bad}) and no earlier checkpoint "
-                                  "is intact; start a new run with \"resume\": false and \"overwrite_save_path\": true")
+                                  f"is intact; {start_over(cfg)}")
             self.log(f"checkpoint {tag_dir} cannot be loaded ({bad}); resuming from the previous intact checkpoint "
                      f"{tag_dir.parent / earlier[0]} instead ({tag_dir} is left in place)")
             return self._resume(tag_dir.parent / earlier[0])

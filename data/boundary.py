@@ -11,12 +11,22 @@ the characters from b to the next clean token boundary of the whole text tokeniz
 then the whole text's tokens from there. A prompt is itself encoded with the boundaries before it,
 so the rule holds for every answer of a multi-turn record, and `encode_texts` on a prompt (what
 demo.py sends) gives exactly the prefix training saw. Splices are counted (data.inspect --stats).
+
+Tokenizer conventions that would break this are undone here, for training and prompts alike: the ids a
+post-processor appends to every text (`add_eos_token`) are left out (the templates write the EOS where a
+text ends; a prompt ends without one); a token that takes the whitespace beside it (lstrip / rstrip, as
+Phi-3's "<|end|>") gets the offsets of its own characters, so an end-of-turn token that swallows the
+newline after it is trained with its answer; a splice never writes the dummy prefix that a legacy Llama
+tokenizer puts after every special token.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple
+
+import numpy as np
 
 Offsets = list[tuple[int, int]]
 
@@ -39,12 +49,46 @@ def _backend(tokenizer: Any) -> Any:
     return backend
 
 
-def _encode(tokenizer: Any, strings: list[str], add_special_tokens: bool, offsets: bool = True) -> list[Encoding]:
+def appended_ids(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer's post-processor appends to every text (an EOS, from `add_eos_token`). The templates
+    write the EOS where an answer or a text ends; a prompt must not end with one: they are left out."""
     backend = _backend(tokenizer)
+    bare = backend.encode("a", add_special_tokens=False).ids
+    ids = backend.encode("a", add_special_tokens=True).ids
+    at = next(i for i in range(len(ids) - len(bare) + 1) if ids[i:i + len(bare)] == bare)
+    return ids[at + len(bare):]
+
+
+def _stripping_tokens(backend: Any) -> dict[int, str]:
+    """Added tokens that take the whitespace beside them (lstrip / rstrip, as Phi-3's "<|end|>"), by id."""
+    return {i: t.content for i, t in backend.get_added_tokens_decoder().items() if t.lstrip or t.rstrip}
+
+
+def _own_offsets(text: str, ids: list[int], offsets: Offsets, stripping: dict[int, str]) -> Offsets:
+    """Offsets where a token that took the whitespace beside it covers its own characters only: an end-of-turn token
+    that swallows the newline after it ends where its answer ends (and is trained with it)."""
+    out = list(offsets)
+    for i in np.flatnonzero(np.isin(np.asarray(ids, dtype=np.int64), list(stripping))).tolist():
+        content = stripping[ids[i]]
+        if (s := text.find(content, *offsets[i])) >= 0:
+            out[i] = (s, s + len(content))
+    return out
+
+
+def _encode(tokenizer: Any, strings: list[str], add_special_tokens: bool, offsets: bool = True) -> list[Encoding]:
+    """Ids (and offsets) of each string, without the ids the post-processor appends (`appended_ids`); a token that
+    takes the whitespace beside it is given its own characters' offsets (`_own_offsets`)."""
+    backend = _backend(tokenizer)
+    cut = len(appended_ids(tokenizer)) if add_special_tokens else 0
     if offsets:
-        return [Encoding(e.ids, e.offsets) for e in backend.encode_batch(strings, add_special_tokens=add_special_tokens)]
+        stripping = _stripping_tokens(backend)
+        out = []
+        for text, e in zip(strings, backend.encode_batch(strings, add_special_tokens=add_special_tokens), strict=True):
+            ids, offs = e.ids[:len(e.ids) - cut], e.offsets[:len(e.ids) - cut]
+            out.append(Encoding(ids, _own_offsets(text, ids, offs, stripping) if stripping else offs))
+        return out
     fast = getattr(backend, "encode_batch_fast", backend.encode_batch)  # ids only (tokenizers >= 0.21)
-    return [Encoding(e.ids, None) for e in fast(strings, add_special_tokens=add_special_tokens)]
+    return [Encoding(e.ids[:len(e.ids) - cut], None) for e in fast(strings, add_special_tokens=add_special_tokens)]
 
 
 class BoundaryError(ValueError):
@@ -75,13 +119,66 @@ def _clean_start(offsets: Offsets, b: int) -> int:
     return last
 
 
+_CONTINUATIONS: dict[int, tuple[tuple, Any]] = {}  # id(backend) -> (backend and its state, continuation backend)
+
+
+def _no_dummy_prefix(spec: Any) -> bool:
+    """Make a tokenizer's JSON spec write no dummy prefix ("▁") after a special token, in place: Metaspace's
+    prepend_scheme "always" (a Llama tokenizer with "legacy": true) becomes "first", a Prepend normalizer goes.
+    Whether anything changed."""
+    changed = False
+    if isinstance(spec, dict):
+        if spec.get("type") == "Metaspace" and spec.get("prepend_scheme") == "always":
+            spec["prepend_scheme"], changed = "first", True
+        for key, value in spec.items():
+            if key == "normalizers" and isinstance(value, list):
+                kept = [n for n in value if not (isinstance(n, dict) and n.get("type") == "Prepend")]
+                changed |= len(kept) < len(value)
+                value[:] = kept
+            if key == "normalizer" and isinstance(value, dict) and value.get("type") == "Prepend":
+                spec[key], changed = None, True
+                continue
+            changed |= _no_dummy_prefix(value)
+    elif isinstance(spec, list):
+        for value in spec:
+            changed |= _no_dummy_prefix(value)
+    return changed
+
+
+def _continuation_backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer for text that continues other text: as the tokenizer's own, but with no dummy prefix
+    after a special token and an EOS that takes no whitespace (`_tokens_apart` uses it as an anchor); built once
+    per tokenizer."""
+    backend = _backend(tokenizer)
+    added = backend.get_added_tokens_decoder()
+    key = (backend, tokenizer.eos_token, tuple((i, t.lstrip, t.rstrip) for i, t in added.items()))  # unless changed
+    hit = _CONTINUATIONS.get(id(backend))
+    if hit is None or hit[0] != key:
+        from tokenizers import Tokenizer
+
+        spec = json.loads(backend.to_str())
+        changed = _no_dummy_prefix(spec)
+        for t in spec.get("added_tokens") or []:  # the anchor takes no whitespace of the text after it
+            if t.get("content") == tokenizer.eos_token and (t.get("lstrip") or t.get("rstrip")):
+                t["lstrip"] = t["rstrip"] = False
+                changed = True
+        hit = (key, Tokenizer.from_str(json.dumps(spec)) if changed else backend)
+        _CONTINUATIONS[id(backend)] = hit
+    return hit[1]
+
+
 def _tokens_apart(tokenizer: Any, text: str, at: int) -> Encoding:
     """`text` (which starts at character `at` of the whole text) tokenized as a continuation: after the EOS
-    token, a special token that every tokenizer splits out, so no dummy prefix or merge with what precedes."""
+    token, a special token that every tokenizer splits out, so no merge with what precedes (and, by
+    `_continuation_backend`, no dummy prefix)."""
     if not text:
         return Encoding([], [])
     anchor = tokenizer.eos_token
-    ids, offsets, _ = _encode(tokenizer, [anchor + text], add_special_tokens=False)[0]
+    backend = _continuation_backend(tokenizer)
+    e = backend.encode(anchor + text, add_special_tokens=False)
+    ids, offsets = e.ids, e.offsets
+    if stripping := _stripping_tokens(backend):
+        offsets = _own_offsets(anchor + text, ids, offsets, stripping)
     if not ids or ids[0] != tokenizer.eos_token_id or offsets[0] != (0, len(anchor)):
         raise BoundaryError(f"the tokenizer does not split its EOS token {anchor!r} out of the text")
     shift = at - len(anchor)

@@ -24,14 +24,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from data.boundary import Encoding, encode_texts
+from data.boundary import Encoding, appended_ids, encode_texts
 from data.chat import chat_prompt, render_chat, require_chat_template
 from data.records import DataError, Record, read_files, record_type, records_from_files
 from data.templates import CHAT_MESSAGES, DEFAULT_SETTINGS, Rendered, Span, TemplateSettings, prompt_of, render
 from data.templates import template_settings as template_state
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "encode-v3"  # bump when encoding or labelling changes
+CACHE_VERSION = "encode-v4"  # bump when encoding or labelling changes
 MIN_RECORDS_FOR_POOL = 2000
 BATCH = 1000  # texts per tokenizer call
 
@@ -322,6 +322,11 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
     `max_seq_len` and the code version. Training config keys map to `settings` (`TrainConfig.template_settings`).
     """
     files = read_files(data_path)
+    if appended := appended_ids(tokenizer):
+        log.warning("the tokenizer appends %s to every text it encodes (add_eos_token): the training texts end with "
+                    "the template's EOS only and prompts end without one; a serving stack that calls the tokenizer "
+                    "on a prompt appends it (prompt with add_special_tokens=False and the BOS by hand)",
+                    " ".join(tokenizer.convert_ids_to_tokens(appended)))
     path = None
     if use_cache:
         key = cache_key(files, tokenizer, max_seq_len, settings)

@@ -12,12 +12,14 @@ counted.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from data.encode import IGNORE_INDEX, encode_one, encode_prompt, encode_records
+from data.chat import end_of_turn
+from data.encode import IGNORE_INDEX, encode_one, encode_prompt, encode_records, load_dataset
 from data.records import Record, load_records, record_type
 from data.templates import CHAT_MESSAGES, TemplateSettings, render, render_prompt
 from data.tiny_tokenizer import _texts_from_records, train_tiny_tokenizer
@@ -90,8 +92,6 @@ def test_every_answer_of_the_samples_is_prompted_with_its_training_prefix(tok, m
     assert answers == 602 and ds.stats.spliced == 0
 
 
-
-
 def plain_full(tok, rec: dict, settings: TemplateSettings) -> list[int]:
     if settings.template == "chat":
         return tok.apply_chat_template(CHAT_MESSAGES[record_type(rec)](rec))["input_ids"]
@@ -134,3 +134,63 @@ def test_inspect_stats_count_the_spliced_samples(tok, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["spliced"] == expected
     assert data_inspect.main(["--config", str(cfg), "--stats"]) == 0
     assert f"prompt / answer boundary split: {expected} of {len(JOINED)} samples" in capsys.readouterr().out
+
+
+def _variant(tok, tmp_path, kind: str):
+    """`tok` as some real tokenizers ship: "add_eos" (a post-processor that appends EOS, `add_eos_token`), "rstrip"
+    (EOS and the end-of-turn token take the whitespace after them, as Phi-3's "<|end|>"), "legacy" (a Llama
+    tokenizer with "legacy": true: a dummy prefix after every special token)."""
+    from tokenizers.processors import TemplateProcessing
+
+    if kind == "add_eos":
+        out = AutoTokenizer.from_pretrained(tok.name_or_path)
+        bos, eos = out.bos_token, out.eos_token
+        out.backend_tokenizer.post_processor = TemplateProcessing(
+            single=f"{bos} $A {eos}", special_tokens=[(bos, out.bos_token_id), (eos, out.eos_token_id)])
+        assert out("a")["input_ids"][-1] == out.eos_token_id
+        return out
+    for f in Path(tok.name_or_path).iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    if kind == "legacy":  # from the SentencePiece model: transformers builds the legacy pre-tokenizer
+        (tmp_path / "tokenizer.json").unlink()
+        config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
+        out = AutoTokenizer.from_pretrained(str(tmp_path))
+        assert json.loads(out.backend_tokenizer.to_str())["pre_tokenizer"]["prepend_scheme"] == "always"
+        return out
+    ends = {tok.eos_token, end_of_turn(tok)}
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    for t in spec["added_tokens"]:
+        t["rstrip"] = t["rstrip"] or t["content"] in ends
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    out = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert {t.content for t in out.added_tokens_decoder.values() if t.rstrip} >= ends
+    return out
+
+
+@pytest.mark.parametrize("kind", ["add_eos", "rstrip", "legacy"])
+def test_tokenizer_conventions_keep_the_prefix_and_train_one_end_per_answer(tok, tmp_path, kind, caplog):
+    """A tokenizer that appends EOS is trained and prompted exactly as the same tokenizer without it (a prompt never
+    ends with EOS); an end token that takes the newline after it is trained at the end of every answer; a legacy
+    Llama tokenizer's dummy prefix after EOS does not refuse a spliced answer. The prefix property holds in each."""
+    if kind == "legacy" and type(tok).__name__ != "LlamaTokenizer":
+        pytest.skip("the legacy flag is the SentencePiece Llama tokenizer's")
+    variant = _variant(tok, tmp_path, kind)
+    records = [*JOINED, {"instruct": "Write a markdown heading.", "output": "### Heading"}, {"text": "plain text"}]
+    for mode, settings in MODES.items():
+        for rec in records:
+            ids, labels, _ = encode_one(variant, rec, 4096, settings)
+            prompts = prompts_of(rec)
+            for prompt_rec in prompts:
+                assert_prefix(ids, labels, encode_prompt(variant, prompt_rec, settings))
+            if kind == "add_eos":
+                assert (ids, labels) == encode_one(tok, rec, 4096, settings)[:2], (mode, rec)
+                assert all(encode_prompt(variant, p, settings) == encode_prompt(tok, p, settings) for p in prompts)
+            chat = mode == "chat" and record_type(rec) != "pretrain"  # pretrain text ends with EOS in both modes
+            ends = {variant.convert_tokens_to_ids(end_of_turn(variant)) if chat else variant.eos_token_id}
+            trained = sum(label in ends for label in labels)
+            assert trained == max(len(prompts), 1), (mode, rec, variant.convert_ids_to_tokens(ids))
+    if kind == "add_eos":  # said once per data set: a serving stack that calls the tokenizer on a prompt appends it
+        (tmp_path / "d.jsonl").write_text(json.dumps(JOINED[0]) + "\n")
+        load_dataset(tmp_path / "d.jsonl", variant, 64, use_cache=False)
+        assert f"the tokenizer appends {variant.eos_token} to every text it encodes" in caplog.text

@@ -16,8 +16,9 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,6 +49,8 @@ class EncodeStats:
     truncated: int  # kept samples cut to max_seq_len
     spliced: int = 0  # kept samples whose tokens were split at a prompt / answer boundary (data.boundary)
     prompted: int | None = None  # records rendered through a template (all but pretrain); None: a cache that predates it
+    special_text: int | None = None  # records whose own text holds a special token's text; None: an older cache
+    special_example: str = ""  # the first of them: 'FILE:LINE: field 'output' holds '</s>''
     cache_hit: bool = False
     cache_path: str | None = None
 
@@ -157,6 +160,38 @@ def encode_one(tokenizer: Any, rec: Mapping[str, Any], max_seq_len: int, setting
     return result.input_ids.tolist(), result.labels.tolist(), result.truncated
 
 
+def _strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """(field path, text) of every string in a record's value: "output", "rounds[3][1]", ..."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _strings(v, f"{where}.{k}" if where else k)
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{where}[{i}]")
+
+
+def special_text(records: Sequence[Record], tokenizer: Any) -> tuple[int, str]:
+    """How many records hold the text of one of the tokenizer's special tokens in their own fields, and the first
+    ('FILE:LINE: field ... holds ...'). The tokenizer reads such text as that control token, as transformers and
+    serving stacks do: an EOS inside an answer is trained as a stop there."""
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    specials |= set(tokenizer.all_special_tokens)
+    specials = sorted((t for t in specials if t), key=len, reverse=True)
+    if not specials:
+        return 0, ""
+    pattern = re.compile("|".join(map(re.escape, specials)))
+    count, first = 0, ""
+    for rec in records:
+        found = next(((where, m.group()) for where, text in _strings(rec.data, "") if (m := pattern.search(text))),
+                     None)
+        if found is not None:
+            count += 1
+            first = first or f"{rec.source}:{rec.line}: field {found[0]!r} holds {found[1]!r}"
+    return count, first
+
+
 def require_eos(tokenizer: Any) -> None:
     """Raise DataError (naming the tokenizer's dir) if the tokenizer has no EOS token: answers and pretrain text
     end with it, and generation stops on it."""
@@ -251,9 +286,11 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
                                     for k in ("index", "lengths", "input_ids", "labels"))
     offsets = np.zeros(len(index) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    special, example = special_text(records, tokenizer)
     stats = EncodeStats(records=len(records), kept=len(index), dropped=len(records) - len(index),
                         truncated=sum(part.truncated for part in parts), spliced=sum(part.spliced for part in parts),
-                        prompted=sum(r.type != "pretrain" for r in records))
+                        prompted=sum(r.type != "pretrain" for r in records), special_text=special,
+                        special_example=example)
     return EncodedDataset(flat, labels, offsets, index, stats)
 
 
@@ -294,7 +331,9 @@ def _save(ds: EncodedDataset, path: Path) -> None:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, input_ids=ds.input_ids, labels=ds.labels, offsets=ds.offsets, record_index=ds.record_index,
                      counts=np.array([s.records, s.kept, s.dropped, s.truncated, s.spliced], dtype=np.int64),
-                     prompted=np.int64(-1 if s.prompted is None else s.prompted))  # its own key: older code reads on
+                     prompted=np.int64(-1 if s.prompted is None else s.prompted),  # own keys: older code reads on
+                     special_text=np.int64(-1 if s.special_text is None else s.special_text),
+                     special_example=np.array(s.special_example))
         os.chmod(tmp, 0o644)  # mkstemp makes it private; other ranks or users may read the cache
         os.replace(tmp, path)
     except BaseException:
@@ -307,7 +346,9 @@ def _load(path: Path) -> EncodedDataset:
         counts = [int(x) for x in z["counts"]]  # 5, or 6 with "prompted" (a cache of 472d236)
         records, kept, dropped, truncated, spliced = counts[:5]
         prompted = int(z["prompted"]) if "prompted" in z.files else (counts[5:] or [-1])[0]  # -1: not counted then
+        special = int(z["special_text"]) if "special_text" in z.files else -1
         stats = EncodeStats(records, kept, dropped, truncated, spliced, None if prompted < 0 else prompted,
+                            None if special < 0 else special, str(z["special_example"]) if special > 0 else "",
                             cache_hit=True, cache_path=str(path))
         return EncodedDataset(z["input_ids"], z["labels"], z["offsets"], z["record_index"], stats)
 

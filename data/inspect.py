@@ -126,6 +126,7 @@ def dataset_stats(ds: EncodedDataset, max_seq_len: int, packed: PackedDataset | 
         "records": st.records, "samples": st.kept, "dropped": st.dropped, "truncated": st.truncated,
         "truncated_fraction": st.truncated / st.kept if st.kept else 0.0, "max_seq_len": max_seq_len,
         "spliced": st.spliced, "split_long_pretrain": split_long_pretrain,
+        "special_text": st.special_text, "special_example": st.special_example,
         "length_percentiles": {f"p{q}": int(v) for q, v in zip(PERCENTILES, pct, strict=True)},
         "tokens": total, "trained_tokens": trained, "trained_fraction": trained / total if total else 0.0,
         "unpacked_efficiency": learned / (rows * max_seq_len) if rows else 0.0,
@@ -145,6 +146,8 @@ def show_stats(st: dict) -> str:
         f"truncated: {st['truncated']} of {st['samples']} samples ({st['truncated_fraction']:.1%})",
         f"prompt / answer boundary split: {st['spliced']} of {st['samples']} samples (the tokenizer joins a prompt's "
         "last token with its answer's first there; training and demo.py split it, a plain tokenizer(prompt) would not)",
+        *([f"special-token text: {st['special_text']} record(s) hold a special token's text in their own fields, read "
+           f"as that control token (first: {st['special_example']})"] if st["special_text"] else []),
         f"tokens per sample (after truncation to {st['max_seq_len']}"
         + ("; pretrain text kept whole, cut into chunks of that size by packing" if st["split_long_pretrain"] else "")
         + "): "

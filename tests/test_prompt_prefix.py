@@ -194,3 +194,23 @@ def test_tokenizer_conventions_keep_the_prefix_and_train_one_end_per_answer(tok,
         (tmp_path / "d.jsonl").write_text(json.dumps(JOINED[0]) + "\n")
         load_dataset(tmp_path / "d.jsonl", variant, 64, use_cache=False)
         assert f"the tokenizer appends {variant.eos_token} to every text it encodes" in caplog.text
+
+
+def test_special_token_text_in_a_record_is_counted_and_named(tok, tmp_path):
+    """Text of a special token inside a record's own fields is read as that control token (as transformers and
+    serving stacks read it): the data set counts such records and names the first, from the cache too."""
+    from data.inspect import dataset_stats, show_stats
+
+    eos = tok.eos_token
+    records = [{"instruct": "Say hi.", "output": "Hi."}, {"instruct": "Strike it.", "output": f"<del>old{eos} new"},
+               {"rounds": [["ask", f"What is {eos}?"], ["ans", "An end token."]]}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    first = load_dataset(data, tok, 256, cache_dir=tmp_path / "cache")
+    ids, _, _ = encode_one(tok, records[1], 256)
+    assert ids.count(tok.eos_token_id) == 2  # the answer's and the template's
+    again = load_dataset(data, tok, 256, cache_dir=tmp_path / "cache")
+    assert again.stats.cache_hit and not first.stats.cache_hit
+    for st in (first.stats, again.stats):
+        assert (st.special_text, st.special_example) == (2, f"{data}:2: field 'output' holds {eos!r}")
+    assert "special-token text: 2 record(s) hold a special token's text" in show_stats(dataset_stats(again, 256))

@@ -218,6 +218,11 @@ class Trainer(RunDirectory):
                  f"max_seq_len {cfg.max_seq_len}; {s.truncated} truncated"
                  + (f"; {s.spliced} split at a prompt / answer boundary" if s.spliced else "")
                  + f"); cache {'hit' if s.cache_hit else 'written'}")
+        if s.special_text:
+            self.log(f"warning: data: {s.special_text} record(s) hold the text of a special token of the tokenizer "
+                     f"(first: {s.special_example}); it is read as that control token, as transformers and serving "
+                     "stacks read it: an EOS or end-of-turn inside an answer trains the model to stop there. "
+                     "Check them with: python -m data.inspect --config CONFIG --stats")
         if eval_set is not None and len(eval_set) == 0:
             es = eval_set.stats
             raise ConfigError(f"{cfg.path}: 'eval_data_path' {cfg.eval_data_path}: none of its {es.records} records is left "

@@ -8,7 +8,7 @@ holds DeepSpeed's keys beside the project's (see README).
 
 A run continues from SAVE_PATH/latest when there is one ("resume": "auto"). SIGTERM or SIGINT to the
 training processes saves a checkpoint at the next step boundary and exits 0.
-Exit codes: 0 done (or preempted and saved), 1 training stopped (non-finite steps), 2 bad config or data.
+Exit codes: 0 done (or preempted and saved), 1 training stopped (non-finite steps, a failed save), 2 bad config or data.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ Rows are told apart by their segment ids ([B, T] int64, 0 = padding):
 
 `attn_implementation` (config key): "auto" picks the fastest exact path per row kind; "sdpa", "eager",
 "flash_attention_2", "flex_attention" force one (eager: transformers' eager attention with an additive
-mask, the reference). Bloom keeps its exact ALiBi (eager) attention whatever is asked. A sliding window (Mistral,
+mask, the reference). Bloom has one exact path, its ALiBi (eager) attention: it takes "auto" or "eager", other
+names are refused (`attn_problem`). A sliding window (Mistral,
 Qwen2) is not implemented: a sequence longer than the window is refused (exact or refused, never different).
 
 Once per stage, not per block: every block of a stage receives the very same position_ids / segment_ids

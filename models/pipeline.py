@@ -8,6 +8,7 @@ norm + LM head, two specs). Layer files are numbered by spec index and do not de
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -32,11 +33,23 @@ class ModelConfigError(ValueError):
 # topology and stage planning (pure functions: validated before any process group exists)
 
 
+def _unknown_keys(where: str, section: dict, known: tuple[str, ...]) -> None:
+    """A misspelled key would silently fall back to the default (e.g. "partz": an automatic balance)."""
+    for key in section:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            raise ModelConfigError(f"{where}: unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else
+                                   f" (known: {', '.join(known)})"))
+
+
 def parse_topology(model_topo: dict | None, world_size: int) -> tuple[list[str], list[int]]:
     """`model_topo.process_topology` ({axes|axis, dims}) -> (axes, dims); default: all ranks in one pipeline,
     or `len(parts)` stages times data parallelism when only `parts` is given."""
     model_topo = model_topo or {}
+    _unknown_keys("model_topo", model_topo, ("process_topology", "parts"))
     pt = model_topo.get("process_topology")
+    if isinstance(pt, dict):
+        _unknown_keys("model_topo.process_topology", pt, ("axes", "axis", "dims"))
     if pt is None:
         parts = model_topo.get("parts")
         pipe = len(parts) if isinstance(parts, list) and parts else world_size

@@ -28,6 +28,9 @@ def test_seed_topology_keys():
     ({"process_topology": {"axes": ["pipe", "data"], "dims": [2]}}, 2, "dims must be 2 positive integers"),
     ({"process_topology": {"axes": ["pipe", "data", "model"], "dims": [1, 1, 2]}}, 2, "tensor parallelism"),
     ({"parts": [1, 2, 3]}, 4, "does not divide"),
+    ({"partz": [3, 3]}, 2, "model_topo: unknown key 'partz'; did you mean 'parts'?"),  # not an automatic balance
+    ({"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1], "foo": 1}}, 2,
+     "model_topo.process_topology: unknown key 'foo' (known: axes, axis, dims)"),
 ])
 def test_bad_topology_is_one_line(topo, world, message):
     with pytest.raises(ModelConfigError) as e:

@@ -48,6 +48,7 @@ DEEPSPEED_KEYS = frozenset({
     "gradient_allreduce_op", "dataloader_drop_last", "elasticity", "compression_training", "data_efficiency",
     "autotuning", "curriculum_learning", "timers", "use_data_before_expert_parallelism", "graph_harvesting",
     "compile", "weight_quantization", "hybrid_engine", "nebula", "eigenvalue", "progressive_layer_drop", "log_level",
+    "disable_python_gc", "managed_gradient_accumulation", "vocabulary_size",
 })
 
 

@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -141,6 +142,7 @@ def encode_prompt(tokenizer: Any, rec: Mapping[str, Any], settings: TemplateSett
     """The ids the model is prompted with for the record's (next) answer: a prefix of the training ids of the
     record with that answer (the whole text for pretrain). Records with earlier answers close them with EOS.
     ValueError when the record cannot be prompted (a chat template rejects it, ...)."""
+    require_special_tokens_parsed(tokenizer)
     if settings.template == "chat" and record_type(rec) in CHAT_MESSAGES:
         prompt = chat_prompt(rec, tokenizer)
     else:
@@ -190,6 +192,15 @@ def special_text(records: Sequence[Record], tokenizer: Any) -> tuple[int, str]:
             count += 1
             first = first or f"{rec.source}:{rec.line}: field {found[0]!r} holds {found[1]!r}"
     return count, first
+
+
+def require_special_tokens_parsed(tokenizer: Any) -> None:
+    """Raise DataError (naming the tokenizer's dir) if the tokenizer splits special tokens' text into characters
+    (`split_special_tokens`): the templates write EOS and end-of-turn tokens as text, so no answer would end with one."""
+    if getattr(tokenizer.backend_tokenizer, "encode_special_tokens", False):
+        raise DataError([f"{tokenizer.name_or_path}:0: the tokenizer has \"split_special_tokens\": true, which reads "
+                         f"{tokenizer.eos_token!r} as plain characters: no answer would end with the EOS token (the "
+                         "templates write it as text); set it false in tokenizer_config.json"])
 
 
 def require_eos(tokenizer: Any) -> None:
@@ -262,6 +273,7 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
     require_eos(tokenizer)
+    require_special_tokens_parsed(tokenizer)
     if settings.template == "chat":
         require_chat_template(tokenizer)
     if num_proc is None:
@@ -302,20 +314,22 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
         "add_bos": getattr(tokenizer, "add_bos_token", None),
         "add_eos": getattr(tokenizer, "add_eos_token", None),
+        "split_special": getattr(tokenizer.backend_tokenizer, "encode_special_tokens", None),  # not in to_str()
         "chat_template": getattr(tokenizer, "chat_template", None),
     }
     return json.dumps(state, sort_keys=True, default=str)
 
 
 def cache_key(files: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len: int, settings: TemplateSettings) -> str:
-    """sha256 over data bytes, tokenizer state, template settings, max_seq_len and CACHE_VERSION."""
+    """sha256 over the data files' names and bytes, tokenizer state, template settings, max_seq_len and
+    CACHE_VERSION (a file's name: its suffix picks the parser, and a cache hit skips validating the records)."""
     h = hashlib.sha256()
     for part in (CACHE_VERSION, tokenizer_fingerprint(tokenizer), json.dumps(template_state(settings)),
                  str(max_seq_len)):
         h.update(part.encode())
         h.update(b"\0")
-    for _, raw in files:
-        h.update(hashlib.sha256(raw).digest())
+    for f, raw in files:
+        h.update(Path(f).name.encode() + b"\0" + hashlib.sha256(raw).digest())
     return h.hexdigest()
 
 
@@ -374,9 +388,12 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
         path = Path(cache_dir) if cache_dir is not None else files[0][0].parent / ".cache"
         path = path / f"encoded-{key[:32]}.npz"
         if path.is_file():
-            ds = _load(path)
-            _log(ds.stats)
-            return ds
+            try:
+                ds = _load(path)
+                _log(ds.stats)
+                return ds
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # written whole (os.replace): damaged since
+                log.warning("the data cache %s cannot be read (%s); encoding the data again", path, e)
     ds = encode_records(records_from_files(files), tokenizer, max_seq_len, settings, num_proc)
     if path is not None:
         try:

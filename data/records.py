@@ -247,13 +247,19 @@ def resolve_files(data_path: str | Path | Sequence[str | Path]) -> list[Path]:
     items = [data_path] if isinstance(data_path, (str, Path)) else list(data_path)
     files: dict[Path, None] = {}  # ordered, without duplicates
     problems: list[str] = []
-    for item in items:
+    for i, item in enumerate(items):
+        if not isinstance(item, str | Path):
+            problems.append(f"data_path:0: item {i} of the list must be a path (a string), got {json.dumps(item)}")
+            continue
         p, found, what = Path(item), [], "file not found"
         if not str(item):
             what = "empty path"
         elif p.is_dir():
             suffixes = (".arrow",) if (p / "state.json").is_file() and (p / "dataset_info.json").is_file() else PARSERS
-            found = sorted(f for f in p.iterdir() if f.suffix in suffixes and f.is_file())
+            files_there = sorted(f for f in p.iterdir() if not f.name.startswith(".") and f.is_file())  # as a glob
+            found = [f for f in files_there if f.suffix in suffixes]
+            problems += [f"{f}:0: unsupported file type {f.suffix!r}; rename it to {f.suffix.lower()!r}"
+                         for f in files_there if f.suffix not in suffixes and f.suffix.lower() in suffixes]
             what = f"directory has no data files ({', '.join(PARSERS)})"
         elif p.is_file():
             found = [p]

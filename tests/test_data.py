@@ -237,6 +237,29 @@ def test_cache_hit_is_identical_and_key_tracks_inputs(tok, tmp_path):
     np.savez(changed.stats.cache_path, **{**old, "counts": np.append(old["counts"], 0)})  # 472d236 wrote 6 counts
     assert load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere").stats.prompted == 0
     assert list((tmp_path / "elsewhere").glob("*.tmp")) == []
+    Path(changed.stats.cache_path).write_bytes(b"PK\x03\x04 damaged")  # a damaged cache is encoded again, not a crash
+    again = load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere")
+    assert not again.stats.cache_hit and again[0] == changed[0]
+    assert load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere").stats.cache_hit  # and written whole again
+    # a file's name is in the key: its suffix picks the parser, and a cache hit does not read the records again
+    data.rename(tmp_path / "d.jsonl")  # a JSON array is not JSONL
+    with pytest.raises(DataError, match=r"d\.jsonl:1: "):
+        load_dataset(tmp_path / "d.jsonl", tok, 200, cache_dir=tmp_path / "elsewhere")
+
+
+def test_a_tokenizer_that_splits_special_tokens_is_refused(sample_tokenizer_dir, tmp_path):
+    """`split_special_tokens` reads the EOS the templates write as characters: no answer would end with it."""
+    from data.encode import encode_prompt, tokenizer_fingerprint
+
+    plain = AutoTokenizer.from_pretrained(str(sample_tokenizer_dir))
+    split = AutoTokenizer.from_pretrained(str(sample_tokenizer_dir), split_special_tokens=True)
+    assert tokenizer_fingerprint(split) != tokenizer_fingerprint(plain)  # a cache of one is never the other's
+    data = write(tmp_path / "d.jsonl", jsonl(RECORDS["pretrain"]))
+    load_dataset(data, plain, 64)
+    with pytest.raises(DataError, match=r'the tokenizer has "split_special_tokens": true, which reads .* as plain'):
+        load_dataset(data, split, 64)
+    with pytest.raises(ValueError, match="split_special_tokens"):
+        encode_prompt(split, RECORDS["instruct_input"])
 
 
 # --- paths and problem collection (the malformed-record corpus: test_data_malformed.py) -------------
@@ -244,10 +267,23 @@ def test_cache_hit_is_identical_and_key_tracks_inputs(tok, tmp_path):
 
 def test_missing_paths(tmp_path):
     with pytest.raises(DataError) as e:
-        load_records([str(tmp_path / "nope.jsonl"), str(tmp_path / "*.jsonl"), str(tmp_path)])
+        load_records([str(tmp_path / "nope.jsonl"), str(tmp_path / "*.jsonl"), str(tmp_path), 7, None])
     assert e.value.problems == [f"{tmp_path / 'nope.jsonl'}:0: file not found",
                                 f"{tmp_path / '*.jsonl'}:0: no file matches this pattern",
-                                f"{tmp_path}:0: directory has no data files (.json, .jsonl, .csv, .parquet, .arrow)"]
+                                f"{tmp_path}:0: directory has no data files (.json, .jsonl, .csv, .parquet, .arrow)",
+                                "data_path:0: item 3 of the list must be a path (a string), got 7",
+                                "data_path:0: item 4 of the list must be a path (a string), got null"]
+
+
+def test_a_directory_skips_hidden_files_and_refuses_a_suffix_in_other_case(tmp_path):
+    write(tmp_path / "a.jsonl", jsonl({"text": "kept"}))
+    write(tmp_path / ".b.jsonl", jsonl({"text": "hidden, as a glob leaves it"}))
+    assert [r.data["text"] for r in load_records(tmp_path)] == ["kept"] == [r.data["text"] for r in
+                                                                           load_records(str(tmp_path / "*.jsonl"))]
+    write(tmp_path / "c.JSONL", jsonl({"text": "not skipped without a word"}))
+    with pytest.raises(DataError) as e:
+        load_records(tmp_path)
+    assert e.value.problems == [f"{tmp_path / 'c.JSONL'}:0: unsupported file type '.JSONL'; rename it to '.jsonl'"]
 
 
 def test_all_problems_collected_before_tokenizing(tok, tmp_path):

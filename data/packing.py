@@ -58,9 +58,10 @@ class PackedDataset:
     encoded sample each segment comes from."""
 
     def __init__(self, input_ids: np.ndarray, labels: np.ndarray, seg_offsets: np.ndarray, row_segments: np.ndarray,
-                 segment_sample: np.ndarray, stats: PackStats):
+                 segment_sample: np.ndarray, stats: PackStats, segment_chunk: np.ndarray | None = None):
         self.input_ids, self.labels, self.seg_offsets = input_ids, labels, seg_offsets
         self.row_segments, self.segment_sample, self.stats = row_segments, segment_sample, stats
+        self.segment_chunk = segment_chunk  # per segment, which max_seq_len chunk of its sample it is (0: the first)
         self.offsets = seg_offsets[row_segments]
 
     def __len__(self) -> int:
@@ -87,7 +88,8 @@ class PackedDataset:
 
     def row_of_sample(self, sample: int) -> int:
         """The sequence holding (the first chunk of) encoded sample `sample`."""
-        seg = int(np.flatnonzero(self.segment_sample == sample)[0])
+        segs = np.flatnonzero(self.segment_sample == sample)  # a long sample's chunks are placed in any order
+        seg = int(segs[self.segment_chunk[segs] == 0][0] if self.segment_chunk is not None else segs[0])
         return int(np.searchsorted(self.row_segments, seg, side="right")) - 1
 
 
@@ -137,7 +139,7 @@ def pack(ds: EncodedDataset, max_seq_len: int, seed: int) -> PackedDataset:
     stats = PackStats(samples=len(ds), segments=len(seg), sequences=n_rows, tokens=int(seg_offsets[-1]),
                       trained=int((labels != IGNORE_INDEX).sum()), max_seq_len=max_seq_len, split=int((n_chunks > 1).sum()), dropped=ds.stats.dropped,
                       truncated=ds.stats.truncated)
-    return PackedDataset(ds.input_ids[take], labels, seg_offsets, row_segments, sample[seg], stats)
+    return PackedDataset(ds.input_ids[take], labels, seg_offsets, row_segments, sample[seg], stats, k[seg])
 
 
 def describe(st: PackStats) -> str:

@@ -295,6 +295,20 @@ def _oversize(text: str, start: int, end: int) -> str | None:
 Parsed = tuple[list[tuple[int, Any]], list[tuple[int, str]]]  # ((line, record), ...), ((line, problem), ...)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's dict; json keeps the last of a repeated key without a word."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"key {twice!r} appears twice in one object: only one of its values would be kept")
+    return obj
+
+
 def _parse_jsonl(text: str) -> Parsed:
     items, errors = [], []
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
@@ -304,9 +318,11 @@ def _parse_jsonl(text: str) -> Parsed:
             errors.append((lineno, too_big))
             continue
         try:
-            items.append((lineno, json.loads(line)))
+            items.append((lineno, json.loads(line, object_pairs_hook=_unique_keys)))
         except json.JSONDecodeError as e:
             errors.append((lineno, f"malformed JSON: {e.msg} (column {e.colno})"))
+        except _DuplicateKey as e:
+            errors.append((lineno, str(e)))
         except RecursionError:
             errors.append((lineno, TOO_DEEP))
         except ValueError as e:  # e.g. an integer with more digits than Python converts
@@ -318,7 +334,7 @@ def _parse_json_array(text: str) -> Parsed:
     """Decode a top-level JSON array element by element, remembering the line each element starts at.
 
     Parsing stops at the first malformed element (what follows cannot be located reliably)."""
-    decoder = json.JSONDecoder()
+    decoder, plain = json.JSONDecoder(object_pairs_hook=_unique_keys), json.JSONDecoder()
     items: list[tuple[int, Any]] = []
     errors: list[tuple[int, str]] = []  # oversized records, then at most one parse error
 
@@ -351,6 +367,10 @@ def _parse_json_array(text: str) -> Parsed:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             return items, [*errors, (e.lineno, f"malformed JSON: {e.msg} (column {e.colno})")]
+        except _DuplicateKey as e:  # well-formed: the next record can be found
+            errors.append((line, str(e)))
+            pos, expect_item, seen = skip_ws(plain.raw_decode(text, pos)[1]), False, seen + 1
+            continue
         except RecursionError:
             return items, [*errors, (line, TOO_DEEP)]
         except ValueError as e:  # e.g. an integer with more digits than Python converts

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .family import ModelFamily, get_family
+from .family import ModelFamily, config_errors, get_family, meta_layers
 from .hf_io import (
     HF_SOURCE_FILE,
+    TOKENIZER_DIRS,
     TOKENIZER_FILES,
     CheckpointError,
     HFCheckpoint,
@@ -30,7 +31,7 @@ from .hf_io import (
     resolve_hf_dir,
 )
 from .keymap import KeyMapError
-from .pipeline import LAYER_FILE, build_specs
+from .pipeline import LAYER_FILE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -50,13 +51,6 @@ def family_of(directory: Path) -> tuple[ModelFamily, object]:
     body = read_json(cfg_path)
     family = get_family(body.get("model_type") if isinstance(body, dict) else None, where=str(cfg_path))
     return family, family.load_config(directory)
-
-
-def meta_layers(family: ModelFamily, config) -> dict[int, torch.nn.Module]:
-    """{layer index: module} for every spec that owns a layer file, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        owned, _ = build_specs(family.layer_specs(config))
-    return owned
 
 
 def expected_layer_shapes(family: ModelFamily, config) -> dict[int, dict[str, tuple[int, ...]]]:
@@ -94,6 +88,18 @@ def with_dtype(dtype: torch.dtype) -> Callable[[str], str]:
     return transform
 
 
+def check_tied_head(ckpt: HFCheckpoint, head_key: str, family: ModelFamily, config) -> None:
+    """An LM head stored beside a tied embedding is a redundant copy only when equal to it; transformers loads a
+    different one untied, so dropping it would change the model: CheckpointError naming the file and both keys."""
+    n = family.num_blocks(config)
+    embed_key = family.key_map.to_hf(0, family.layer_specs(config)[-1].tied_weight_attr[0], n)
+    head, embed = ckpt.get(head_key), ckpt.get(embed_key)
+    if head.shape != embed.shape or not torch.equal(head, embed):
+        raise CheckpointError(f"{ckpt.file_of(head_key)}: {head_key} differs from {embed_key}, but config.json says "
+                              "\"tie_word_embeddings\": true (transformers loads them untied); set it to false in "
+                              f"{ckpt.dir / 'config.json'} to convert both")
+
+
 def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """HF dir (safetensors single/sharded, or pytorch_model*.bin; or a Hub id in the local cache) -> pipeline dir,
     one layer in memory at a time."""
@@ -109,6 +115,7 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
     tied = bool(getattr(config, "tie_word_embeddings", False))
 
     by_layer: dict[int, dict[str, str]] = {i: {} for i in expected}  # layer -> local key -> HF key
+    tied_head = None  # an LM head saved beside a tied embedding
     for key in ckpt.keys():
         if family.key_map.is_ignored(key):
             continue
@@ -118,7 +125,8 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
             raise CheckpointError(f"{src}: {e}") from None
         if idx not in expected:
             if tied and family.key_map.slot_of(idx, n)[0] == "head":
-                continue  # a tied LM head saved redundantly: the embedding is the weight
+                tied_head = key  # checked below: only a copy of the embedding may be dropped
+                continue
             raise CheckpointError(f"{src}: unexpected tensor {key}")
         if local not in expected[idx]:
             raise CheckpointError(f"{src}: unexpected tensor {key} (the config does not use it)")
@@ -132,6 +140,8 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
         for local in keys:
             if local not in by_layer[idx]:
                 raise CheckpointError(f"{src}: missing tensor {family.key_map.to_hf(idx, local, n)}")
+    if tied_head is not None:
+        check_tied_head(ckpt, tied_head, family, config)
 
     cast = DTYPES[dtype] if dtype else None
     t0 = time.time()
@@ -388,6 +398,8 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
             cfg_dict = json.loads(Path(config_json).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{config_json}: cannot read config ({e})") from None
+        if not isinstance(cfg_dict, dict):
+            raise CheckpointError(f"{config_json}: not a JSON object")
         if cfg_dict.get("model_type", family.model_type) != family.model_type:
             raise CheckpointError(f"{config_json}: model_type {cfg_dict['model_type']!r} is not {family.model_type!r}")
     sources = [tokenizer_dir, config_json]
@@ -397,16 +409,20 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
     except Exception as e:  # transformers raises many types for a bad tokenizer dir
         raise CheckpointError(f"{tokenizer_dir}: cannot load a tokenizer ({type(e).__name__}: {e})".splitlines()[0]) from None
     vocab = cfg_dict.get("vocab_size") if config_json is not None else None
-    if vocab is not None and vocab < len(tok):
+    if isinstance(vocab, int) and vocab < len(tok):
         raise CheckpointError(f"{config_json}: vocab_size {vocab} is smaller than the tokenizer's {len(tok)} tokens")
     cfg_dict.pop("model_type", None)
-    config = family.config_class(**{
-        **cfg_dict, "vocab_size": vocab or len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-    })
+    where = config_json if config_json is not None else f"--preset {preset}"
+    with config_errors(where):
+        config = family.config_class(**{
+            **cfg_dict, "vocab_size": len(tok) if vocab is None else vocab, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        })
+        family.prepare_config(config)
     config.dtype = DTYPE_NAMES[DTYPES[dtype]]
     config.architectures = [family.hf_model_class.__name__]  # as save_pretrained writes it; llama.cpp's converter reads it
-    family.prepare_config(config)
+    family.check_config(config, where)
     specs = family.layer_specs(config)
     with atomic_output_dir(dst, overwrite, say=log, sources=sources) as tmp:
         owners = sorted(meta_layers(family, config))  # a tied head owns no file: its weight is the embedding's
@@ -418,7 +434,7 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
         config.save_pretrained(str(tmp))
         GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
         # the tokenizer's own files, byte for byte (save_pretrained would drop a SentencePiece tokenizer.model)
-        if not copy_side_files(Path(tokenizer_dir), tmp, TOKENIZER_FILES):
+        if not copy_side_files(Path(tokenizer_dir), tmp, (*TOKENIZER_FILES, *TOKENIZER_DIRS)):
             tok.save_pretrained(str(tmp))
     n_params = sum(p.numel() for m in meta_layers(family, config).values() for p in m.parameters())  # tied: once
     log(f"initialised a {family_name} model ({n_params / 1e6:.2f}M parameters, {config.num_hidden_layers} layers) in {dst}")

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from . import cost
 from .cost import CE_COST_PER_VOCAB  # noqa: F401  (re-exported)
+from .hf_io import CheckpointError
 from .keymap import KeyMap
-from .pipeline import ModelConfigError
+from .pipeline import ModelConfigError, build_specs
 
 ROPE_EXTENDING = ("linear", "dynamic", "yarn", "longrope", "llama3")  # rope types whose factor extends the context
 
@@ -74,7 +77,52 @@ class ModelFamily:
         init_like_transformers(module, config.initializer_range, torch.Generator().manual_seed(seed * 100_003 + layer_idx))
 
     def load_config(self, directory: str | Path):
-        return self.prepare_config(self.config_class.from_pretrained(str(directory)))
+        """`directory`'s config.json, prepared for the pipeline and checked (`check_config`); a config transformers
+        rejects is a CheckpointError naming the file."""
+        where = Path(directory) / "config.json"
+        with config_errors(where):
+            config = self.prepare_config(self.config_class.from_pretrained(str(directory)))
+        return self.check_config(config, where)
+
+    def check_config(self, config, where: str | Path):
+        """`config`, once every layer builds from it (on the meta device: no memory); what transformers rejects (an
+        unknown `hidden_act` or rope type, ...) is a CheckpointError naming `where`."""
+        with config_errors(where, config):
+            meta_layers(self, config)
+        return config
+
+
+def meta_layers(family: ModelFamily, config) -> dict[int, nn.Module]:
+    """{layer index: module} for every spec that owns a layer file, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        owned, _ = build_specs(family.layer_specs(config))
+    return owned
+
+
+@contextmanager
+def config_errors(where: str | Path, config=None) -> Iterator[None]:
+    """What transformers and huggingface_hub raise for a model config they reject, as one CheckpointError line naming
+    `where` (with `config`, an unknown value is named by its key)."""
+    try:
+        yield
+    except (CheckpointError, ModelConfigError):
+        raise
+    except (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError, ArithmeticError, OSError) as e:
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+        problem = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # huggingface_hub's: "...:\n  cause"
+        if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):  # transformers' lookup of a value
+            keys = [k for k, v in _flat(config.to_dict() if config is not None else {}) if v == e.args[0]]
+            problem = f"{' / '.join(keys) or 'value'} {e.args[0]!r} is not one transformers knows"
+        raise CheckpointError(f"{where}: {problem[:300]}") from None
+
+
+def _flat(d: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(dotted key, value) of a nested dict's leaves."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ import shutil
 import socket
 import struct
 import sys
+import tempfile
+import zipfile
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +33,8 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
     "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
 )
+# transformers 5 saves a tokenizer's named chat templates (all but "default") as additional_chat_templates/NAME.jinja
+TOKENIZER_DIRS = ("additional_chat_templates",)
 # data_settings.json: how training rendered its records (data.settings.DATA_SETTINGS_FILE), read by demo.py
 SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "data_settings.json")
 HF_SOURCE_FILE = "hf_source.json"  # in a pipeline dir: the HF model (dir or Hub id) hg_to_pp converted it from
@@ -55,10 +59,10 @@ def read_json(path: Path):
 
 
 def load_torch_file(path: Path) -> dict:
-    """A `torch.save`d state dict (weights only, memory-mapped); a truncated or corrupt file is a CheckpointError
-    naming it, never torch's traceback."""
+    """A `torch.save`d state dict (weights only; memory-mapped, but for torch's legacy pre-1.6 format, which cannot
+    be); a truncated or corrupt file is a CheckpointError naming it, never torch's traceback."""
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{path}: unreadable, the file is corrupt or truncated ({_first_line(e)})") from None
     if not isinstance(sd, dict):
@@ -146,6 +150,7 @@ class HFCheckpoint:
         self._file_of: dict[str, Path] = {}
         self._headers: dict[Path, dict] = {}
         self._bin: tuple[Path, dict] | None = None
+        self._index: Path | None = None  # the index file that named each tensor's file, if any
         # the first index whose files are all there: a partial download (`--include "*.json" "*.bin"`) may hold the
         # safetensors index without its shards beside a complete .bin checkpoint
         incomplete: str | None = None
@@ -155,7 +160,7 @@ class HFCheckpoint:
             file_of = read_index(index)
             missing = sorted({f for f in file_of.values() if not f.is_file()})
             if not missing:
-                self._file_of = file_of
+                self._file_of, self._index = file_of, index
                 break
             incomplete = incomplete or f"{missing[0]}: named in {index.name} but missing"
         else:
@@ -186,12 +191,23 @@ class HFCheckpoint:
     def keys(self) -> list[str]:
         return list(self._file_of)
 
+    def file_of(self, key: str) -> Path:
+        """The file that holds tensor `key`."""
+        return self._file_of[key]
+
+    def _entry(self, key: str):
+        """(file, its header entry for `key` | the .bin's tensor); CheckpointError when the file lacks the tensor its
+        index names."""
+        path = self._file_of[key]
+        entries = self._header(path) if path.suffix == ".safetensors" else self._load_bin(path)
+        if key not in entries:
+            raise CheckpointError(f"{path}: has no tensor {key} (named in {self._index})")
+        return path, entries[key]
+
     def shape(self, key: str) -> tuple[int, ...]:
         """A tensor's shape without reading its data."""
-        path = self._file_of[key]
-        if path.suffix != ".safetensors":
-            return tuple(self._load_bin(path)[key].shape)
-        return tuple(self._header(path)[key]["shape"])
+        path, entry = self._entry(key)
+        return tuple(entry["shape"] if path.suffix == ".safetensors" else entry.shape)
 
     def nbytes(self) -> int:
         """Bytes of every tensor (what a conversion writes, about)."""
@@ -201,10 +217,9 @@ class HFCheckpoint:
         return total
 
     def get(self, key: str) -> torch.Tensor:
-        path = self._file_of[key]
+        path, info = self._entry(key)
         if path.suffix != ".safetensors":
-            return self._load_bin(path)[key].clone()
-        info = self._header(path)[key]
+            return info.clone()
         if info["dtype"] not in ST_DTYPES:
             raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
@@ -267,8 +282,10 @@ class ShardWriter:
         return n
 
 
-def copy_side_files(src: Path, dst: Path, names=SIDE_FILES, transform: dict[str, Callable[[str], str]] | None = None) -> list[str]:
-    """Copy config / generation config / tokenizer files that exist in `src`; returns what was copied."""
+def copy_side_files(src: Path, dst: Path, names=(*SIDE_FILES, *TOKENIZER_DIRS),
+                    transform: dict[str, Callable[[str], str]] | None = None) -> list[str]:
+    """Copy config / generation config / tokenizer files (and directories, whole) that exist in `src`; returns what
+    was copied."""
     copied = []
     for name in names:
         if (src / name).is_file():
@@ -277,6 +294,26 @@ def copy_side_files(src: Path, dst: Path, names=SIDE_FILES, transform: dict[str,
             else:
                 shutil.copy2(src / name, dst / name)
             copied.append(name)
+        elif (src / name).is_dir():
+            shutil.copytree(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def replace_side_files(src: Path, dst: Path, names=(*SIDE_FILES, *TOKENIZER_DIRS)) -> list[str]:
+    """Copy `src`'s side files into the existing `dst`, each put in place by a rename (a reader never sees half of
+    one; a directory replaces the old one whole); what a process killed while copying left is removed first."""
+    for old in dst.glob(".side-files.*"):
+        shutil.rmtree(old, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".side-files.", dir=dst))
+    try:
+        copied = copy_side_files(src, staging, names)
+        for name in copied:
+            if (dst / name).is_dir() and not (dst / name).is_symlink():
+                os.replace(dst / name, staging / f"{name}.old")  # a rename does not replace a non-empty directory
+            os.replace(staging / name, dst / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return copied
 
 
@@ -317,6 +354,9 @@ def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | Non
         if overwrite and src in dst.parents and (dst.is_symlink() or dst.exists() and not dst.is_dir()):
             raise CheckpointError(f"{path}: a file of the input {src} (--overwrite would replace it); write the output "
                                   "somewhere else")
+    above = next((p for p in dst.parents if os.path.lexists(p)), None)  # the nearest existing path above it
+    if above is not None and not above.is_dir():
+        raise CheckpointError(f"{path}: {above} is a file, not a directory; choose another path")
     if overwrite or not os.path.lexists(path):
         return
     if path.is_symlink():
@@ -393,7 +433,10 @@ def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, sa
     path = Path(path)
     clean_leftovers(path, say)
     check_target(path, overwrite, sources)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot create its directory {path.parent} ({_first_line(e)})") from None
     if needed and free_bytes(path.parent) < needed:
         raise CheckpointError(no_space_message(str(path), path.parent, needed))
     me = f"{socket.gethostname()}-{os.getpid()}"
@@ -401,6 +444,9 @@ def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, sa
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write in {path.parent} ({_first_line(e)})") from None
+    try:
         yield tmp
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -29,6 +29,7 @@ from .hf_io import (
     read_json,
     save_safetensors,
 )
+from .keymap import KeyMapError
 
 LORA_FILE = "lora_config.json"
 ADAPTER = "default"  # peft's adapter name inside the modules
@@ -249,8 +250,25 @@ def lora_info(settings: LoraSettings, base_model_path: str, quantization: dict |
                        **({"quantization": quantization} if quantization else {})}, indent=1)
 
 
-def adapter_tensors(tag_dir: Path, family: ModelFamily, num_blocks: int) -> dict[str, torch.Tensor]:
-    """PEFT key -> tensor from a LoRA checkpoint's layer files (adapters and modules trained whole)."""
+def check_adapter_pairs(f: Path, sd: dict[str, torch.Tensor], r: int) -> None:
+    """Every adapter of a layer file is a lora_A [r, in] with its lora_B [out, r] (`r`: lora_config.json's); else a
+    CheckpointError naming the file and the key (peft could not load the export, a merge would scale it wrongly)."""
+    for local, t in sd.items():
+        m = _LORA_KEY.match(local)
+        if m is None:
+            continue
+        other = local.replace(f".{m['part']}.", ".lora_B." if m["part"] == "lora_A" else ".lora_A.")
+        if other not in sd:
+            raise CheckpointError(f"{f}: {local} has no {other} (an adapter needs both)")
+        dim = 0 if m["part"] == "lora_A" else 1
+        if t.dim() != 2 or t.shape[dim] != r:
+            raise CheckpointError(f"{f}: {local} has shape {list(t.shape)}, not rank {r} as {LORA_FILE} says "
+                                  f"({'[r, in]' if dim == 0 else '[out, r]'})")
+
+
+def adapter_tensors(tag_dir: Path, family: ModelFamily, num_blocks: int, r: int) -> dict[str, torch.Tensor]:
+    """PEFT key -> tensor from a LoRA checkpoint's layer files (adapters and modules trained whole), each file checked
+    (`check_adapter_pairs`, every key in the key table) before anything is written."""
     out = {}
     for idx in range(1, num_blocks + 1):
         if not (tag_dir / f"layer_{idx:02d}-model_states.pt").is_file():
@@ -259,8 +277,13 @@ def adapter_tensors(tag_dir: Path, family: ModelFamily, num_blocks: int) -> dict
         f = tag_dir / f"layer_{idx:02d}-model_states.pt"
         if not f.is_file():  # the LM head's file is absent with tied embeddings
             continue
-        for local, t in load_torch_file(f).items():
-            out[peft_key(family, idx, local, num_blocks)] = t
+        sd = load_torch_file(f)
+        check_adapter_pairs(f, sd, r)
+        for local, t in sd.items():
+            try:
+                out[peft_key(family, idx, local, num_blocks)] = t
+            except KeyMapError as e:
+                raise CheckpointError(f"{f}: {e}") from None
     if not out:
         raise CheckpointError(f"{tag_dir}: no LoRA weights in the layer files")
     return out
@@ -275,7 +298,7 @@ def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_pat
     settings = LoraSettings.from_info(info)
     sources = [tag_dir, side_dir, info["base_model_path"]]
     check_target(Path(save_path), overwrite, sources)
-    tensors = adapter_tensors(tag_dir, family, family.num_blocks(config))
+    tensors = adapter_tensors(tag_dir, family, family.num_blocks(config), settings.r)
     with atomic_output_dir(save_path, overwrite, sources=sources) as tmp:
         cfg = settings.peft_config()
         # the HF model the base pipeline dir came from (what AutoPeftModelForCausalLM and llama.cpp's LoRA converter
@@ -303,8 +326,9 @@ def merged_hf_tensors(tag_dir: Path, info: dict, family: ModelFamily, config, pr
     from .quant import QuantSettings, dequantized, quantizable
 
     n = family.num_blocks(config)
-    adapters = adapter_tensors(tag_dir, family, n)
-    scale = LoraSettings.from_info(info).scale
+    settings = LoraSettings.from_info(info)
+    adapters = adapter_tensors(tag_dir, family, n, settings.r)
+    scale = settings.scale
     base = Path(info["base_model_path"])
     if not base.is_dir():
         raise CheckpointError(f"{tag_dir / LORA_FILE}: base model {base} not found (the LoRA checkpoint holds only adapters)")

@@ -101,6 +101,71 @@ def test_pytorch_bin_fallback_and_dtype(tmp_path, tokenizer):
         assert torch.equal(back[k], t.to(torch.bfloat16)), k
 
 
+def test_a_legacy_pytorch_bin_converts(tmp_path, tokenizer):
+    """torch's pre-1.6 (non-zip) pytorch_model.bin, which transformers loads and torch cannot memory-map."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    sd = load_hf_tensors(hf)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_bytes((hf / "config.json").read_bytes())
+    torch.save(sd, legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert run("hg_to_pp", "--input-path", str(legacy), "--save-path", str(tmp_path / "pp")) == 0
+    assert run("pp_to_hg", "--input-path", str(tmp_path / "pp"), "--save-path", str(tmp_path / "back")) == 0
+    back = load_hf_tensors(tmp_path / "back")
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], t) for k, t in sd.items())
+
+
+def test_a_tied_head_is_dropped_only_when_it_is_the_embedding(tmp_path, tokenizer, capsys):
+    """tie_word_embeddings with an lm_head.weight saved too: a copy of the embedding is redundant; a different head is
+    what transformers 5 loads (untied), so converting it as tied would change the model: one line, nothing written."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+
+    def head(make):  # lm_head.weight = make(the embedding), saved in the embedding's shard
+        return lambda sd: sd.update({"lm_head.weight": make(sd["model.embed_tokens.weight"])}) \
+            if "model.embed_tokens.weight" in sd else None
+
+    _edit_weights(hf, head(torch.clone))
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp")) == 0
+    assert not (tmp_path / "pp" / "layer_05-model_states.pt").exists()  # tied: the head owns no layer file
+    _edit_weights(hf, head(torch.randn_like))
+    capsys.readouterr()
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp2")) == 2
+    shard = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]["lm_head.weight"]
+    _assert_one_line_error(capsys, f"{hf / shard}: lm_head.weight differs from model.embed_tokens.weight, but "
+                           "config.json says \"tie_word_embeddings\": true (transformers loads them untied); set it to "
+                           f"false in {hf / 'config.json'}")
+    assert not (tmp_path / "pp2").exists()
+
+
+def test_named_chat_templates_are_kept(tmp_path, tokenizer_dir):
+    """transformers 5 saves the chat templates but "default" as additional_chat_templates/NAME.jinja: init, hg_to_pp
+    and pp_to_hg carry the directory, so the exported tokenizer has every template."""
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.chat_template = {"default": "{{ messages[0]['content'] }}", "tool_use": "TOOLS {{ messages[0]['content'] }}"}
+    tok.save_pretrained(tmp_path / "tok")
+    assert (tmp_path / "tok" / "additional_chat_templates" / "tool_use.jinja").is_file()
+    assert run("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"),
+               "--save-path", str(tmp_path / "init")) == 0
+    assert run("pp_to_hg", "--input-path", str(tmp_path / "init"), "--save-path", str(tmp_path / "hf")) == 0
+    assert run("hg_to_pp", "--input-path", str(tmp_path / "hf"), "--save-path", str(tmp_path / "pp")) == 0
+    for d in ("init", "hf", "pp"):
+        assert _files(tmp_path / d / "additional_chat_templates") == {
+            str(tmp_path / d / k.removeprefix(str(tmp_path / "tok") + "/")): v
+            for k, v in _files(tmp_path / "tok").items() if "additional_chat_templates" in k}, d
+        assert AutoTokenizer.from_pretrained(str(tmp_path / d)).chat_template == tok.chat_template, d
+    # a training save_path takes them too, again on every resume (a rename does not replace a non-empty directory)
+    from models.hf_io import replace_side_files
+
+    save = tmp_path / "save"
+    (save / "additional_chat_templates").mkdir(parents=True)
+    (save / "additional_chat_templates" / "gone.jinja").write_text("from an earlier model")
+    for _ in range(2):
+        assert "additional_chat_templates" in replace_side_files(tmp_path / "hf", save)
+        assert AutoTokenizer.from_pretrained(str(save)).chat_template == tok.chat_template
+        assert sorted(p.name for p in (save / "additional_chat_templates").iterdir()) == ["tool_use.jinja"]
+        assert not list(save.glob(".side-files.*"))
+
+
 def test_init_writes_a_loadable_model(tmp_path, tokenizer_dir, tokenizer):
     pp = tmp_path / "pp"
     assert run("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tokenizer_dir),
@@ -192,6 +257,22 @@ def _index_without_weight_map(hf):
     (hf / "model.safetensors.index.json").write_text('{"metadata": {}}')
 
 
+def _index_out_of_sync(hf):
+    index = hf / "model.safetensors.index.json"
+    body = json.loads(index.read_text())
+    wm = body["weight_map"]
+    wm["model.norm.weight"] = next(f for f in sorted(set(wm.values())) if f != wm["model.norm.weight"])
+    index.write_text(json.dumps(body))
+
+
+def _patch_config(**patch):
+    """A damage that sets config.json's keys to values transformers rejects."""
+    def damage(d: Path) -> None:
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, **patch}))
+    return damage
+
+
 BAD_HF = {  # case -> (damage, text expected in the message)
     "unexpected tensor": (_extra_tensor, "unexpected tensor model.layers.0.self_attn.extra.weight"),
     "missing tensor": (_missing_tensor, "missing tensor model.norm.weight"),
@@ -202,6 +283,17 @@ BAD_HF = {  # case -> (damage, text expected in the message)
     "no config": (_no_config, "config.json: missing"),
     "truncated index": (_truncated_index, "model.safetensors.index.json: invalid JSON"),
     "index without weight_map": (_index_without_weight_map, 'model.safetensors.index.json: no "weight_map" object'),
+    "index out of sync with its shards": (_index_out_of_sync, "has no tensor model.norm.weight (named in "),
+    # config.json values transformers rejects: huggingface_hub's validation, then its lookups when the layers are built
+    "heads do not divide hidden": (_patch_config(num_attention_heads=5), "config.json: Class validation error for "
+                                   "validator 'validate_architecture': ValueError: The hidden size (64) is not a multiple"),
+    "a string for an int": (_patch_config(num_hidden_layers="four"), "config.json: Validation error for field "
+                            "'num_hidden_layers': TypeError: Field 'num_hidden_layers' expected int, got str"),
+    "vocab_size null": (_patch_config(vocab_size=None), "config.json: Validation error for field 'vocab_size'"),
+    "unknown hidden_act": (_patch_config(hidden_act="nope"),
+                           "config.json: hidden_act 'nope' is not one transformers knows"),
+    "unknown rope type": (_patch_config(rope_scaling={"rope_type": "bogus", "factor": 2.0}),
+                          "config.json: rope_parameters.rope_type 'bogus' is not one transformers knows"),
 }
 
 
@@ -254,6 +346,7 @@ BAD_PP = {
     "truncated layer file": (_truncated_layer_file, "layer_02-model_states.pt: unreadable, the file is corrupt or "
                                                     "truncated (PytorchStreamReader failed reading zip archive"),
     "malformed lora_config.json": (_bad_lora_config, "lora_config.json: invalid JSON"),
+    "config.json transformers rejects": (_patch_config(hidden_act="nope"), "config.json: hidden_act 'nope' is not one"),
 }
 
 
@@ -271,6 +364,11 @@ def test_bad_pipeline_input_fails_cleanly(tmp_path, tokenizer, capsys, case):
 
 def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, capsys):
     pp = _pp(tmp_path, tokenizer)
+    bad_config = tmp_path / "bad_config.json"
+    bad_config.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                                      "num_attention_heads": 5}))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
     cases = [
         (("hg_to_pp", "--input-path", str(tmp_path / "nope"), "--save-path", str(tmp_path / "x")), "no such directory"),
         (("pp_to_hg", "--input-path", str(tmp_path), "--save-path", str(tmp_path / "x")), "not a pipeline or checkpoint"),
@@ -280,6 +378,10 @@ def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, capsys):
           str(tmp_path / "x")), "--preset 'huge': unknown"),
         (("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tmp_path / "nope"), "--save-path",
           str(tmp_path / "x")), "cannot load a tokenizer"),
+        (("init", "--family", "llama", "--config-json", str(bad_config), "--tokenizer", str(tokenizer_dir), "--save-path",
+          str(tmp_path / "x")), f"{bad_config}: Class validation error for validator 'validate_architecture'"),
+        (("hg_to_pp", "--input-path", str(tmp_path / "hf_gqa_tied"), "--save-path", str(a_file / "x")),
+         f"{a_file / 'x'}: {a_file} is a file, not a directory"),
     ]
     for argv, expected in cases:
         capsys.readouterr()
@@ -553,6 +655,36 @@ def test_lora_merge_checks_room_for_the_merged_model(tmp_path, tokenizer, small_
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=f"^{f}: unreadable, the file is corrupt or truncated"):
         pp_to_hg(save, tmp_path / "adapter", lora="peft")
+
+
+Q_A, Q_B = "self_attn.q_proj.lora_A.default.weight", "self_attn.q_proj.lora_B.default.weight"
+BAD_LORA_LAYER = {  # case -> (change of layer 2's state dict, text expected after the file's name)
+    "lora_B missing": (lambda sd: sd.pop(Q_B), f"{Q_A} has no {Q_B} (an adapter needs both)"),
+    "another rank": (lambda sd: sd.update({Q_A: torch.cat([sd[Q_A]] * 2), Q_B: torch.cat([sd[Q_B]] * 2, 1)}),
+                     f"{Q_A} has shape [8, 64], not rank 4 as lora_config.json says ([r, in])"),
+    "a key the table lacks": (lambda sd: sd.update({"self_attn.rotary_emb.inv_freq": torch.ones(8)}),
+                              "unexpected tensor 'self_attn.rotary_emb.inv_freq' in layer 2 (block): no entry in the "
+                              "key table"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LORA_LAYER))
+def test_bad_lora_layer_files_fail_cleanly(tmp_path, tokenizer, capsys, case):
+    """A LoRA checkpoint's layer files are checked before an export writes anything (peft could not load a missing
+    lora_B or another rank, and a merge would scale it wrongly): one line naming the file and the key, either mode."""
+    change, expected = BAD_LORA_LAYER[case]
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp")) == 0
+    save = _lora_checkpoint(tmp_path, tmp_path / "pp")
+    f = save / "global_step5" / "layer_02-model_states.pt"
+    sd = torch.load(f, weights_only=True)
+    change(sd)
+    torch.save(sd, f)
+    for mode in ("peft", "merge"):
+        capsys.readouterr()
+        assert run("pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / mode), "--lora", mode) == 2
+        _assert_one_line_error(capsys, f"{f}: {expected}")
+        assert not (tmp_path / mode).exists()
 
 
 def test_a_chat_run_exports_stop_at_the_end_of_turn_token(tmp_path):

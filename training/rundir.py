@@ -5,9 +5,7 @@ and applied, the optimizer's settings from the config in force). A mixin of `tra
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import torch
 
 from data.settings import data_settings_of, write_data_settings
 from models.diskspace import tree_size
-from models.hf_io import SIDE_FILES, copy_side_files
+from models.hf_io import replace_side_files
 from training.checkpoint import RunState, set_rng_state
 from training.config import ConfigError, start_over
 from training.monitor import truncate_metrics
@@ -145,12 +143,7 @@ class RunDirectory:
         if tag is not None:
             self._resume(save / tag)
         if self.rank == 0:  # after the resume's checks: a refused resume leaves the run's side files as they were
-            for old in save.glob(".side-files.*"):  # left by a run killed while copying
-                shutil.rmtree(old, ignore_errors=True)
-            staging = Path(tempfile.mkdtemp(prefix=".side-files.", dir=save))
-            for name in copy_side_files(Path(cfg.model_path), staging, SIDE_FILES):
-                os.replace(staging / name, save / name)
-            staging.rmdir()
+            replace_side_files(Path(cfg.model_path), save)
             write_data_settings(save, data_settings_of(cfg.template_settings, self.tokenizer, cfg.max_seq_len,
                                                       self.prompted))
             truncate_metrics(save / "metrics.jsonl", self.state.step)

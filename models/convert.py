@@ -26,6 +26,7 @@ from .hf_io import (
     atomic_output_dir,
     check_target,
     copy_side_files,
+    hf_source_of,
     load_torch_file,
     read_json,
     resolve_hf_dir,
@@ -190,15 +191,16 @@ def parse_size(text: str) -> int:
 
 
 def iter_hf_tensors(layers_dir: Path, family: ModelFamily, config, progress: bool = True):
-    """Yield (HF key, tensor) from a dir of layer files, one layer file in memory at a time; a missing
-    file or a wrong key set raises CheckpointError naming the file."""
+    """Yield (HF key, tensor) from a dir of layer files, one layer file in memory at a time; a missing file, a wrong
+    key set or shape raises CheckpointError naming the file, for every file before the first tensor is yielded."""
     n = family.num_blocks(config)
     expected = expected_layer_keys(family, config)
     for idx in expected:
         if not (layers_dir / LAYER_FILE.format(idx)).is_file():
             raise CheckpointError(f"{layers_dir / LAYER_FILE.format(idx)}: missing ({_layer_name(family, config, idx)})")
     shapes = expected_layer_shapes(family, config)
-    for step, idx in enumerate(sorted(expected), 1):
+
+    def checked(idx: int) -> dict[str, torch.Tensor]:
         path = layers_dir / LAYER_FILE.format(idx)
         sd = load_torch_file(path)
         missing, extra = set(expected[idx]) - set(sd), set(sd) - set(expected[idx])
@@ -209,6 +211,13 @@ def iter_hf_tensors(layers_dir: Path, family: ModelFamily, config, progress: boo
             if tuple(t.shape) != shapes[idx][local]:
                 raise CheckpointError(f"{path}: tensor {local} has shape {list(t.shape)} but config.json expects "
                                       f"{list(shapes[idx][local])}")
+        return sd
+
+    for idx in expected:  # every file's keys and shapes before the first tensor is yielded (memory-mapped: cheap)
+        checked(idx)
+    for step, idx in enumerate(sorted(expected), 1):
+        path = layers_dir / LAYER_FILE.format(idx)
+        sd = checked(idx)
         for local in expected[idx]:
             yield family.key_map.to_hf(idx, local, n), sd[local]
         if progress:
@@ -292,7 +301,8 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
     family, config = family_of(config_dir)
     max_bytes = parse_size(max_shard_size)
     info = read_lora_info(layers_dir)
-    sources = [input_path, layers_dir, config_dir, info.get("base_model_path") if info else None]
+    base = info.get("base_model_path") if info else None
+    sources = [input_path, layers_dir, config_dir, base, hf_source_of(base) if base else None]  # an adapter's base
     check_target(dst, overwrite, sources)
     if info is None and lora is not None:
         raise CheckpointError(f"{layers_dir}: --lora {lora}: not a LoRA checkpoint (no {layers_dir / 'lora_config.json'})")
@@ -322,7 +332,7 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
         tensors = merged_hf_tensors(layers_dir, info, family, config)
     else:
         tensors = iter_hf_tensors(layers_dir, family, config)
-    first = next(tensors)  # validates every layer file's presence before anything is written
+    first = next(tensors)  # validates every layer file before anything is written
     # what is written is the size of the weights read: the base's layer files for a merge (a (Q)LoRA checkpoint's
     # own files hold only the adapters), else the checkpoint's
     weights_dir = Path(info["base_model_path"]) if lora == "merge" else layers_dir

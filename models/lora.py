@@ -296,7 +296,7 @@ def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_pat
     adapter also gets quantization_config.json: the BitsAndBytesConfig to load its base with; a chat run's, the
     `generation_config` text (see convert.end_of_turn_generation_config) as generation_config.json."""
     settings = LoraSettings.from_info(info)
-    sources = [tag_dir, side_dir, info["base_model_path"]]
+    sources = [tag_dir, side_dir, info["base_model_path"], hf_source_of(info["base_model_path"])]  # the adapter's base
     check_target(Path(save_path), overwrite, sources)
     tensors = adapter_tensors(tag_dir, family, family.num_blocks(config), settings.r)
     with atomic_output_dir(save_path, overwrite, sources=sources) as tmp:

@@ -297,12 +297,13 @@ BAD_HF = {  # case -> (damage, text expected in the message)
 }
 
 
-def _assert_one_line_error(capsys, expected: str) -> None:
+def _assert_one_line_error(capsys, expected: str) -> list[str]:
     err = capsys.readouterr().err.strip().splitlines()
     last = err[-1]
     assert expected in last, last
     assert last.startswith("convert_model.py ") and ": error: " in last
     assert not any("Traceback" in line for line in err)
+    return err
 
 
 @pytest.mark.parametrize("case", sorted(BAD_HF))
@@ -331,6 +332,11 @@ def _wrong_layer_keys(pp):
     torch.save({"bogus": torch.zeros(1)}, pp / "layer_03-model_states.pt")
 
 
+def _wrong_last_shape(pp):
+    f = sorted(pp.glob("layer_*-model_states.pt"))[-1]
+    torch.save({"weight": torch.zeros(63, 64)}, f)
+
+
 def _truncated_layer_file(pp):
     f = pp / "layer_02-model_states.pt"
     f.write_bytes(f.read_bytes()[:-200])
@@ -346,6 +352,8 @@ BAD_PP = {
     "truncated layer file": (_truncated_layer_file, "layer_02-model_states.pt: unreadable, the file is corrupt or "
                                                     "truncated (PytorchStreamReader failed reading zip archive"),
     "malformed lora_config.json": (_bad_lora_config, "lora_config.json: invalid JSON"),
+    "a wrong shape in the last layer file": (_wrong_last_shape, "layer_04-model_states.pt: tensor weight has shape "
+                                                                "[63, 64] but config.json expects [64]"),
     "config.json transformers rejects": (_patch_config(hidden_act="nope"), "config.json: hidden_act 'nope' is not one"),
 }
 
@@ -357,7 +365,8 @@ def test_bad_pipeline_input_fails_cleanly(tmp_path, tokenizer, capsys, case):
     damage(pp)
     capsys.readouterr()
     assert run("pp_to_hg", "--input-path", str(pp), "--save-path", str(tmp_path / "hf_out")) == 2
-    _assert_one_line_error(capsys, expected)
+    err = _assert_one_line_error(capsys, expected)
+    assert not any(line.startswith("[1/") for line in err)  # every layer file is checked before one is converted
     assert not (tmp_path / "hf_out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -685,6 +694,19 @@ def test_bad_lora_layer_files_fail_cleanly(tmp_path, tokenizer, capsys, case):
         assert run("pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / mode), "--lora", mode) == 2
         _assert_one_line_error(capsys, f"{f}: {expected}")
         assert not (tmp_path / mode).exists()
+
+
+def test_an_adapter_export_never_replaces_its_base(tmp_path, tokenizer, capsys):
+    """The HF model the base pipeline came from is what the PEFT adapter names as its base: --overwrite there would
+    delete the model the adapter needs (and make the adapter name itself as its base)."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp")) == 0
+    save = _lora_checkpoint(tmp_path, tmp_path / "pp")
+    for mode in ("peft", "merge"):
+        capsys.readouterr()
+        assert run("pp_to_hg", "--input-path", str(save), "--save-path", str(hf), "--lora", mode, "--overwrite") == 2
+        _assert_one_line_error(capsys, f"{hf}: ")
+        assert (hf / "config.json").is_file()
 
 
 def test_a_chat_run_exports_stop_at_the_end_of_turn_token(tmp_path):

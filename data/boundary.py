@@ -23,6 +23,7 @@ tokenizer puts after every special token.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -59,9 +60,17 @@ def appended_ids(tokenizer: Any) -> list[int]:
     return ids[at + len(bare):]
 
 
-def _stripping_tokens(backend: Any) -> dict[int, str]:
-    """Added tokens that take the whitespace beside them (lstrip / rstrip, as Phi-3's "<|end|>"), by id."""
-    return {i: t.content for i, t in backend.get_added_tokens_decoder().items() if t.lstrip or t.rstrip}
+class _Conventions(NamedTuple):
+    """What `_encode` undoes of a tokenizer's conventions, read once per `encode_texts` call."""
+
+    cut: int  # ids the post-processor appends to every text (`appended_ids`), left out
+    stripping: dict[int, str]  # added tokens that take the whitespace beside them (lstrip / rstrip), by id
+
+
+def _conventions(tokenizer: Any) -> _Conventions:
+    """The tokenizer's conventions as they are now (well under a millisecond: read per call, never stale)."""
+    added = _backend(tokenizer).get_added_tokens_decoder()
+    return _Conventions(len(appended_ids(tokenizer)), {i: t.content for i, t in added.items() if t.lstrip or t.rstrip})
 
 
 def _own_offsets(text: str, ids: list[int], offsets: Offsets, stripping: dict[int, str]) -> Offsets:
@@ -75,20 +84,23 @@ def _own_offsets(text: str, ids: list[int], offsets: Offsets, stripping: dict[in
     return out
 
 
-def _encode(tokenizer: Any, strings: list[str], add_special_tokens: bool, offsets: bool = True) -> list[Encoding]:
-    """Ids (and offsets) of each string, without the ids the post-processor appends (`appended_ids`); a token that
-    takes the whitespace beside it is given its own characters' offsets (`_own_offsets`)."""
+def _encode(tokenizer: Any, strings: list[str], add_special_tokens: bool, conv: _Conventions, offsets: bool = True
+            ) -> list[Encoding]:
+    """Ids (and offsets) of each string, without the ids the post-processor appends; a token that takes the
+    whitespace beside it is given its own characters' offsets (`_own_offsets`)."""
     backend = _backend(tokenizer)
-    cut = len(appended_ids(tokenizer)) if add_special_tokens else 0
+    cut = conv.cut if add_special_tokens else 0
     if offsets:
-        stripping = _stripping_tokens(backend)
         out = []
         for text, e in zip(strings, backend.encode_batch(strings, add_special_tokens=add_special_tokens), strict=True):
-            ids, offs = e.ids[:len(e.ids) - cut], e.offsets[:len(e.ids) - cut]
-            out.append(Encoding(ids, _own_offsets(text, ids, offs, stripping) if stripping else offs))
+            ids, offs = e.ids, e.offsets
+            if cut:
+                ids, offs = ids[:-cut], offs[:-cut]
+            out.append(Encoding(ids, _own_offsets(text, ids, offs, conv.stripping) if conv.stripping else offs))
         return out
     fast = getattr(backend, "encode_batch_fast", backend.encode_batch)  # ids only (tokenizers >= 0.21)
-    return [Encoding(e.ids[:len(e.ids) - cut], None) for e in fast(strings, add_special_tokens=add_special_tokens)]
+    encoded = fast(strings, add_special_tokens=add_special_tokens)
+    return [Encoding(e.ids[:-cut], None) for e in encoded] if cut else [Encoding(e.ids, None) for e in encoded]
 
 
 class BoundaryError(ValueError):
@@ -119,7 +131,7 @@ def _clean_start(offsets: Offsets, b: int) -> int:
     return last
 
 
-_CONTINUATIONS: dict[int, tuple[tuple, Any]] = {}  # id(backend) -> (backend and its state, continuation backend)
+_CONTINUATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backend -> (its state, continuation)
 
 
 def _no_dummy_prefix(spec: Any) -> bool:
@@ -145,39 +157,45 @@ def _no_dummy_prefix(spec: Any) -> bool:
     return changed
 
 
-def _continuation_backend(tokenizer: Any) -> Any:
-    """The Rust tokenizer for text that continues other text: as the tokenizer's own, but with no dummy prefix
-    after a special token and an EOS that takes no whitespace (`_tokens_apart` uses it as an anchor); built once
-    per tokenizer."""
+def _continuation_backend(tokenizer: Any, conv: _Conventions) -> tuple[Any, dict[int, str]]:
+    """The Rust tokenizer for text that continues other text, and its stripping tokens: as the tokenizer's own, but
+    with no dummy prefix after a special token and an EOS that takes no whitespace (`_tokens_apart` uses it as an
+    anchor); built once per tokenizer state."""
     backend = _backend(tokenizer)
-    added = backend.get_added_tokens_decoder()
-    key = (backend, tokenizer.eos_token, tuple((i, t.lstrip, t.rstrip) for i, t in added.items()))  # unless changed
-    hit = _CONTINUATIONS.get(id(backend))
-    if hit is None or hit[0] != key:
+    eos = tokenizer.eos_token
+    parts = (backend.pre_tokenizer, backend.normalizer)
+    state = (eos, eos in conv.stripping.values(), *(p.__getstate__() if p is not None else None for p in parts))
+    hit = _CONTINUATIONS.get(backend)
+    if hit is None or hit[0] != state:
         from tokenizers import Tokenizer
 
         spec = json.loads(backend.to_str())
         changed = _no_dummy_prefix(spec)
         for t in spec.get("added_tokens") or []:  # the anchor takes no whitespace of the text after it
-            if t.get("content") == tokenizer.eos_token and (t.get("lstrip") or t.get("rstrip")):
+            if t.get("content") == eos and (t.get("lstrip") or t.get("rstrip")):
                 t["lstrip"] = t["rstrip"] = False
                 changed = True
-        hit = (key, Tokenizer.from_str(json.dumps(spec)) if changed else backend)
-        _CONTINUATIONS[id(backend)] = hit
+        if changed:
+            cont = Tokenizer.from_str(json.dumps(spec))
+            added = cont.get_added_tokens_decoder()
+            hit = (state, (cont, {i: t.content for i, t in added.items() if t.lstrip or t.rstrip}))
+        else:
+            hit = (state, (backend, conv.stripping))
+        _CONTINUATIONS[backend] = hit
     return hit[1]
 
 
-def _tokens_apart(tokenizer: Any, text: str, at: int) -> Encoding:
+def _tokens_apart(tokenizer: Any, text: str, at: int, conv: _Conventions) -> Encoding:
     """`text` (which starts at character `at` of the whole text) tokenized as a continuation: after the EOS
     token, a special token that every tokenizer splits out, so no merge with what precedes (and, by
     `_continuation_backend`, no dummy prefix)."""
     if not text:
         return Encoding([], [])
     anchor = tokenizer.eos_token
-    backend = _continuation_backend(tokenizer)
+    backend, stripping = _continuation_backend(tokenizer, conv)
     e = backend.encode(anchor + text, add_special_tokens=False)
     ids, offsets = e.ids, e.offsets
-    if stripping := _stripping_tokens(backend):
+    if stripping:
         offsets = _own_offsets(anchor + text, ids, offsets, stripping)
     if not ids or ids[0] != tokenizer.eos_token_id or offsets[0] != (0, len(anchor)):
         raise BoundaryError(f"the tokenizer does not split its EOS token {anchor!r} out of the text")
@@ -185,16 +203,16 @@ def _tokens_apart(tokenizer: Any, text: str, at: int) -> Encoding:
     return Encoding(ids[1:], [(s + shift, e + shift) for s, e in offsets[1:]])
 
 
-def _splice(tokenizer: Any, text: str, enc: Encoding, prompt: Encoding, b: int, add_special_tokens: bool
-            ) -> Encoding:
+def _splice(tokenizer: Any, text: str, enc: Encoding, prompt: Encoding, b: int, add_special_tokens: bool,
+            conv: _Conventions) -> Encoding:
     """`enc` (tokens of `text`) made to start with `prompt` (tokens of text[:b])."""
     if prompt.offsets is None:  # prompts are first encoded without offsets; a splice needs them
-        natural = _encode(tokenizer, [text[:b]], add_special_tokens)[0]
+        natural = _encode(tokenizer, [text[:b]], add_special_tokens, conv)[0]
         assert natural.ids == prompt.ids, "a prompt spliced itself but lost its offsets"
         prompt = natural
     j = _clean_start(enc.offsets, b)
     e = enc.offsets[j][0] if j < len(enc.ids) else len(text)
-    middle = _tokens_apart(tokenizer, text[b:e], b)
+    middle = _tokens_apart(tokenizer, text[b:e], b, conv)
     out = Encoding(prompt.ids + middle.ids + enc.ids[j:], prompt.offsets + middle.offsets + enc.offsets[j:],
                    enc.splices + 1)
     if tokenizer.decode(out.ids) != tokenizer.decode(enc.ids):
@@ -204,13 +222,13 @@ def _splice(tokenizer: Any, text: str, enc: Encoding, prompt: Encoding, b: int, 
 
 
 def _prefixed(tokenizer: Any, text: str, enc: Encoding, prompts: Sequence[Encoding], bounds: Sequence[int],
-              add_special_tokens: bool) -> Encoding:
+              add_special_tokens: bool, conv: _Conventions) -> Encoding:
     """`enc` spliced where needed so that every encoded prompt (of text[:b], b in `bounds`) is a prefix of it."""
     for prompt, b in zip(prompts, bounds, strict=True):
         if not _is_prefix(enc, prompt, b):
             if enc.offsets is None:
-                enc = _encode(tokenizer, [text], add_special_tokens)[0]
-            enc = _splice(tokenizer, text, enc, prompt, b, add_special_tokens)
+                enc = _encode(tokenizer, [text], add_special_tokens, conv)[0]
+            enc = _splice(tokenizer, text, enc, prompt, b, add_special_tokens, conv)
     return enc
 
 
@@ -220,8 +238,10 @@ def encode_texts(tokenizer: Any, items: Sequence[tuple[str, Sequence[int]]], add
     boundaries before b) is a prefix of the ids and the token after it starts at b. Two batched calls of the
     Rust tokenizer (texts with offsets, prompts ids only); the problem (a str) for an item where that cannot
     be done."""
-    texts = _encode(tokenizer, [text for text, _ in items], add_special_tokens)
-    parts = _encode(tokenizer, [text[:b] for text, bounds in items for b in bounds], add_special_tokens, offsets=False)
+    conv = _conventions(tokenizer)
+    texts = _encode(tokenizer, [text for text, _ in items], add_special_tokens, conv)
+    parts = _encode(tokenizer, [text[:b] for text, bounds in items for b in bounds], add_special_tokens, conv,
+                    offsets=False)
     out: list[Encoding | str] = []
     at = 0
     for (text, bounds), whole in zip(items, texts, strict=True):
@@ -229,9 +249,9 @@ def encode_texts(tokenizer: Any, items: Sequence[tuple[str, Sequence[int]]], add
         try:
             prompts: list[Encoding] = []
             for k, b in enumerate(bounds):  # prompt k is encoded with the boundaries before it
-                prompts.append(_prefixed(tokenizer, text[:b], mine[k], prompts, bounds[:k], add_special_tokens)
+                prompts.append(_prefixed(tokenizer, text[:b], mine[k], prompts, bounds[:k], add_special_tokens, conv)
                                ._replace(splices=0))
-            out.append(_prefixed(tokenizer, text, whole, prompts, bounds, add_special_tokens))
+            out.append(_prefixed(tokenizer, text, whole, prompts, bounds, add_special_tokens, conv))
         except BoundaryError as e:
             out.append(str(e))
     return out

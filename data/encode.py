@@ -392,7 +392,7 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
                 ds = _load(path)
                 _log(ds.stats)
                 return ds
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # written whole (os.replace): damaged since
+            except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:  # written whole (os.replace): damaged since
                 log.warning("the data cache %s cannot be read (%s); encoding the data again", path, e)
     ds = encode_records(records_from_files(files), tokenizer, max_seq_len, settings, num_proc)
     if path is not None:

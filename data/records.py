@@ -363,19 +363,23 @@ def _parse_json_array(text: str) -> Parsed:
             continue
         line += text.count("\n", line_pos, pos)
         line_pos = pos
+        twice = None
         try:
-            obj, pos = decoder.raw_decode(text, pos)
+            try:
+                obj, end = decoder.raw_decode(text, pos)
+            except _DuplicateKey as e:  # raised inside the record: the rest of it is decoded to find the next
+                twice = str(e)
+                obj, end = plain.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             return items, [*errors, (e.lineno, f"malformed JSON: {e.msg} (column {e.colno})")]
-        except _DuplicateKey as e:  # well-formed: the next record can be found
-            errors.append((line, str(e)))
-            pos, expect_item, seen = skip_ws(plain.raw_decode(text, pos)[1]), False, seen + 1
-            continue
         except RecursionError:
             return items, [*errors, (line, TOO_DEEP)]
         except ValueError as e:  # e.g. an integer with more digits than Python converts
             return items, [*errors, (line, f"malformed JSON: {str(e).split(';')[0]}")]
-        if too_big := _oversize(text, line_pos, pos):
+        pos = end
+        if twice is not None:
+            errors.append((line, twice))
+        elif too_big := _oversize(text, line_pos, pos):
             errors.append((line, too_big))
         else:
             items.append((line, obj))

@@ -89,11 +89,10 @@ def with_dtype(dtype: torch.dtype) -> Callable[[str], str]:
     return transform
 
 
-def check_tied_head(ckpt: HFCheckpoint, head_key: str, family: ModelFamily, config) -> None:
-    """An LM head stored beside a tied embedding is a redundant copy only when equal to it; transformers loads a
-    different one untied, so dropping it would change the model: CheckpointError naming the file and both keys."""
-    n = family.num_blocks(config)
-    embed_key = family.key_map.to_hf(0, family.layer_specs(config)[-1].tied_weight_attr[0], n)
+def check_tied_head(ckpt: HFCheckpoint, head_key: str, embed_key: str) -> None:
+    """An LM head stored beside a tied embedding (`embed_key`, as the checkpoint spells it) is a redundant copy only
+    when equal to it; transformers loads a different one untied, so dropping it would change the model:
+    CheckpointError naming the file and both keys."""
     head, embed = ckpt.get(head_key), ckpt.get(embed_key)
     if head.shape != embed.shape or not torch.equal(head, embed):
         raise CheckpointError(f"{ckpt.file_of(head_key)}: {head_key} differs from {embed_key}, but config.json says "
@@ -142,7 +141,7 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
             if local not in by_layer[idx]:
                 raise CheckpointError(f"{src}: missing tensor {family.key_map.to_hf(idx, local, n)}")
     if tied_head is not None:
-        check_tied_head(ckpt, tied_head, family, config)
+        check_tied_head(ckpt, tied_head, by_layer[0][family.layer_specs(config)[-1].tied_weight_attr[0]])
 
     cast = DTYPES[dtype] if dtype else None
     t0 = time.time()

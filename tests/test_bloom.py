@@ -109,7 +109,12 @@ def _with_lm_head(sd):  # prefixed, and a redundant copy of the tied head
     return {k: v.clone() for k, v in sd.items()}
 
 
-@pytest.mark.parametrize("variant", [_prefixless, _with_lm_head], ids=["no-prefix-no-head", "prefix-redundant-head"])
+def _prefixless_with_lm_head(sd):  # base-model keys and a redundant copy of the tied head (which must match them)
+    return {k.removeprefix("transformer."): v.clone() for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("variant", [_prefixless, _with_lm_head, _prefixless_with_lm_head],
+                         ids=["no-prefix-no-head", "prefix-redundant-head", "no-prefix-redundant-head"])
 def test_published_key_spellings_import(tmp_path, tokenizer, variant):
     hf = _write_hf(tmp_path, tokenizer, "tied", shard="10GB")
     _convert("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp_ref"))
@@ -119,7 +124,7 @@ def test_published_key_spellings_import(tmp_path, tokenizer, variant):
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (src / f).write_bytes((hf / f).read_bytes())
     sd = variant(model.state_dict())
-    assert ("transformer.ln_f.weight" in sd) != (variant is _prefixless) and ("lm_head.weight" in sd) != (variant is _prefixless)
+    assert ("transformer.ln_f.weight" in sd) == (variant is _with_lm_head) and ("lm_head.weight" in sd) != (variant is _prefixless)
     save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
 
     _convert("hg_to_pp", "--input-path", str(src), "--save-path", str(tmp_path / "pp"))

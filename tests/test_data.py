@@ -237,9 +237,10 @@ def test_cache_hit_is_identical_and_key_tracks_inputs(tok, tmp_path):
     np.savez(changed.stats.cache_path, **{**old, "counts": np.append(old["counts"], 0)})  # 472d236 wrote 6 counts
     assert load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere").stats.prompted == 0
     assert list((tmp_path / "elsewhere").glob("*.tmp")) == []
-    Path(changed.stats.cache_path).write_bytes(b"PK\x03\x04 damaged")  # a damaged cache is encoded again, not a crash
-    again = load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere")
-    assert not again.stats.cache_hit and again[0] == changed[0]
+    for damaged in (b"PK\x03\x04 damaged", b""):  # a damaged or empty cache is encoded again, not a crash
+        Path(changed.stats.cache_path).write_bytes(damaged)
+        again = load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere")
+        assert not again.stats.cache_hit and again[0] == changed[0]
     assert load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere").stats.cache_hit  # and written whole again
     # a file's name is in the key: its suffix picks the parser, and a cache hit does not read the records again
     data.rename(tmp_path / "d.jsonl")  # a JSON array is not JSONL

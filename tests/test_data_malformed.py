@@ -66,6 +66,8 @@ CASES: dict[str, tuple[str, str | bytes, int, str]] = {
                       "key 'output' appears twice in one object: only one of its values would be kept"),
     "duplicate_key_in_array": ("a.json", '[\n{"text": "a"},\n{"text": "b", "text": "c"},\n{"text": "d"}\n]', 3,
                                "key 'text' appears twice in one object"),
+    "duplicate_key_then_malformed": ("a.json", '[\n{"text": "a"},\n{"text": "b", "meta": {"k": 1, "k": 2}, "x": [1,}\n]', 3,
+                                     "malformed JSON: Expecting value"),
     "huge_line": ("a.jsonl", GOOD + '{"text": "' + "x" * (5 * HUGE) + '"}\n', 2,
                   f"record is {(5 * HUGE + 12) / 1e6:.1f} MB, over the 10 MB limit per record"),
     "huge_array_element": ("a.json", '[\n{"text": "a"},\n{"text": "' + "多" * (HUGE // 3) + '"}\n]', 3,

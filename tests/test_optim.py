@@ -139,6 +139,23 @@ def test_scheduler_on_a_plain_optimizer_and_its_state():
         build_lr_scheduler(fresh, s, 0)
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_about():
+    from training.optim import schedule_warning
+
+    class Cfg:
+        lr_schedule = {"type": "cosine", "warmup_steps": 100, "min_lr_ratio": 0.1}
+
+    said = schedule_warning(Cfg, 10)
+    assert said.startswith("lr_schedule's warmup (100 steps) is not shorter than the run (10 steps): the lr never "
+                           "reaches its peak (the last update uses 0.09 x lr) nor decays"), said
+    assert schedule_warning(Cfg, 101) is None
+    Cfg.lr_schedule = {"type": "constant", "warmup_ratio": 0.5}
+    assert "(1 steps) is not shorter than the run (1 steps)" in schedule_warning(Cfg, 1)  # its one update: lr 0
+    assert schedule_warning(Cfg, 2) is None
+    Cfg.lr_schedule = None
+    assert schedule_warning(Cfg, 1) is None
+
+
 def test_fill_deepspeed_scheduler():
     cos = {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 10}}
     assert fill_deepspeed_scheduler(cos, 100) == {"type": "WarmupCosineLR",

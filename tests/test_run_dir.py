@@ -105,8 +105,8 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
     assert [lrs[s] for s in range(1, 11)] == [3e-3] * 8 + [1e-3] * 2
 
     # the project's schedule -> DeepSpeed's WarmupLR: its state is not loaded into the other kind (a traceback on
-    # every rank), the new scheduler starts at step 10 (the lr logged after update k is the next update's,
-    # (k - 1) / 20 x the peak, as in a run under WarmupLR from the start)
+    # every rank), the new scheduler starts at step 10 (update k applies (k - 2) / 20 x the peak, as in a run under
+    # WarmupLR from the start: DeepSpeed's WarmupLR holds its minimum for two updates; metrics.jsonl has the lr applied)
     warmup = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 20,
                                              "warmup_type": "linear"}}
     # and the data file moved (the same rows): the run goes on without allow_data_change_on_resume
@@ -120,7 +120,7 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
     said = [line for line in out.splitlines() if "scheduler" in line and "applied" in line]
     assert said and all("another kind of scheduler starts at this step" in line for line in said), out[-3000:]
     lrs = {m["step"]: m["lr"] for m in metrics_of(save)}
-    assert [lrs[s] for s in (11, 12)] == pytest.approx([1e-3 * 10 / 20, 1e-3 * 11 / 20], rel=1e-12), lrs
+    assert [lrs[s] for s in (11, 12)] == pytest.approx([1e-3 * 9 / 20, 1e-3 * 10 / 20], rel=1e-12), lrs
 
 
 def test_resume_rules_refuse_what_changes_the_optimizer_state_or_the_data_order():

@@ -202,14 +202,24 @@ def test_eval_early_stopping_and_keep_best(tmp_path, ops_model, tokenizer):
 
 
 def test_bf16_trains_with_fp32_gradient_accumulation(tmp_path, ops_model):
-    cfg = ops_config(tmp_path, ops_model, max_steps=12, bf16={"enabled": True}, zero_optimization={"stage": 1},
-                       data_types={"grad_accum_dtype": "fp32"}, lr_schedule={"type": "constant"})
-    proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
+    """And the lr in metrics.jsonl is the one each update applied, also after a resume that makes the run longer
+    under ZeRO (DeepSpeed loads the ZeRO optimizer state, lr included, after the scheduler's)."""
+    from training.optim import LrSchedule
+
+    schedule = {"type": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0}
+    over = dict(bf16={"enabled": True}, zero_optimization={"stage": 1}, data_types={"grad_accum_dtype": "fp32"},
+                lr_schedule=schedule, save_interval=6)
+    for total in (6, 12):  # 6 steps, then the same run made 12 steps long
+        cfg = ops_config(tmp_path, ops_model, max_steps=total, **over)
+        proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
     assert "precision: bf16; ZeRO stage 1; gradient accumulation in float32" in proc.stdout, proc.stdout[-3000:]
-    assert "DeepSpeed runs it as BF16_Optimizer" in proc.stdout
+    assert "DeepSpeed runs it as BF16_Optimizer" in proc.stdout and "resumed from" in proc.stdout
     losses = list(losses_of(tmp_path / "out").values())
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
     assert all(m["grad_norm"] is not None and m["grad_norm"] > 0 for m in metrics_of(tmp_path / "out"))
+    cosine = LrSchedule("cosine")
+    applied = [3e-3 * cosine.factor(k, 6 if k < 6 else 12) for k in range(12)]  # update k+1 applies factor(k)
+    assert [m["lr"] for m in metrics_of(tmp_path / "out")] == pytest.approx(applied, rel=1e-9, abs=1e-12)
 
 
 def test_resume_on_another_topology_loads_weights_and_resets_the_optimizer(tmp_path, ops_model, ops_uninterrupted):

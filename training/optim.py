@@ -259,6 +259,18 @@ def lion_reference_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torc
 # glue for the trainer
 
 
+def schedule_warning(cfg, total_steps: int) -> str | None:
+    """Why `lr_schedule` will not do what it says over a run of `total_steps` updates (a warmup as long as the run
+    never reaches the peak lr, nor decays to the floor), else None."""
+    schedule = parse_lr_schedule(cfg.lr_schedule) if cfg.lr_schedule is not None else None
+    if schedule is None or (warmup := schedule.warmup(total_steps)) < total_steps or warmup == 0:
+        return None
+    peak = schedule.factor(total_steps - 1, total_steps)
+    return (f"lr_schedule's warmup ({warmup} steps) is not shorter than the run ({total_steps} steps): the lr never "
+            f"reaches its peak (the last update uses {peak:.3g} x lr){' nor decays' if schedule.type != 'constant' else ''}"
+            "; shorten the warmup or train longer")
+
+
 def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
                     ) -> tuple[dict, list[dict], torch.optim.Optimizer | None, Callable | None, str]:
     """What `deepspeed.initialize` needs for a TrainConfig: (ds_config, model_parameters, optimizer, lr_scheduler,

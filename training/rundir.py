@@ -178,8 +178,10 @@ class RunDirectory:
         rng = tag_dir / f"rng_state_rank{self.rank}.pt"
         if same and rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
-        if self.changes_lr or not same:  # not same: a fresh optimizer holds the schedule's first lr, not this step's
-            self._set_optimizer_settings(hyper, say=self.changes_lr)
+        # the schedule's lr at this step, always: a fresh optimizer (not same) holds the schedule's first lr, and
+        # DeepSpeed loads a ZeRO optimizer's state after the scheduler's, bringing back the lr saved with it (the old
+        # schedule's, when max_steps or n_epoches changed its length)
+        self._set_optimizer_settings(hyper, say=self.changes_lr)
         self.log(f"resumed from {tag_dir} at step {saved.step}" + ("" if same else
                  f"; topology changed (pipe {saved.pipe} -> {self.pp_size}, data {saved.data} -> {self.dp_size}, "
                  f"layer bounds {saved.parts} -> {list(self.model.parts)}): weights, step and LR schedule loaded, "
@@ -242,8 +244,8 @@ class RunDirectory:
                 "base_lrs": list(getattr(sched, "base_lrs", []) or [])}
 
     def _set_optimizer_settings(self, hyper: dict, say: bool = True) -> None:
-        """After a resume whose config changed the optimizer or schedule: the new hyperparameters, and the lr of the
-        new schedule at this step (a loaded optimizer state brings the old ones back)."""
+        """After a resume: the config's hyperparameters (a loaded optimizer state brings the checkpoint's back), and
+        the schedule's lr at this step."""
         sched = self.engine.lr_scheduler
         for opt, groups in zip(self._optimizers(), hyper["groups"], strict=True):
             for g, new in zip(opt.param_groups, groups, strict=True):

@@ -35,7 +35,7 @@ from training.config import ConfigError, TrainConfig, resume_hint
 from training.distributed import LauncherWatch, device_line, init_restarted_torchrun, shutdown_distributed
 from training.evaluate import EvalPlan, training_and_eval_rows
 from training.monitor import Monitor, fmt_bytes, fmt_count, hms, process_memory, write_estimate
-from training.optim import build_optimizer
+from training.optim import build_optimizer, schedule_warning
 from training.resume import RUN_CONFIG_FILE
 from training.rundir import RunDirectory, data_fingerprint
 from training.runlock import RunLock
@@ -307,6 +307,8 @@ class Trainer(RunDirectory):
                  "left-padded rows: " + ("exact eager ALiBi)" if self.family.model_type == "bloom" else
                                          "varlen / block mask / dense segment mask, as available)"))
         self.log(f"optimizer: {self.opt_note}; DeepSpeed runs it as {type(e.optimizer).__name__}")
+        if warning := schedule_warning(cfg, self.total_steps):
+            self.log(f"warning: {warning}")
         clip = e.gradient_clipping()
         default = "" if "gradient_clipping" in self.cfg.ds_config else " (DeepSpeed's default; set gradient_clipping 0 to disable)"
         self.log(f"gradient clipping: {f'global norm {clip:g}' if clip > 0 else 'off'}{default}")
@@ -445,6 +447,7 @@ class Trainer(RunDirectory):
             if step + 1 < self.total_steps:  # the next step's micro-batches are built while this one runs
                 pending = self.prefetch.submit(self.batches_for, step + 1)
             self._use_length(length)
+            lr = self.engine.get_lr()[0]  # the lr this update applies (the scheduler steps inside train_batch)
             loss = float(self.engine.train_batch(data_iter=iter(batches)))
             st.step = step + 1
             epoch, in_epoch = self.plan.position(step)
@@ -453,7 +456,7 @@ class Trainer(RunDirectory):
             norm = None if norm is None else float(norm)
             bad = not math.isfinite(loss) or not self.engine._step_applied and not self.engine.fp16_enabled()
             st.bad_steps = st.bad_steps + 1 if bad else 0
-            rec = {"step": st.step, "loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": norm,
+            rec = {"step": st.step, "loss": loss, "lr": lr, "grad_norm": norm,
                    "tokens": int(self.lengths[idx].sum()), "trained_tokens": int(self.tokens[idx].sum()),
                    "samples": int(self.samples_per_row[idx].sum()), "sequences": len(idx), "epoch": epoch,
                    "seq_len": length, "data_s": round(data_s, 6)}

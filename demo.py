@@ -37,6 +37,7 @@ from data.settings import DataSettings, read_data_settings
 from data.templates import TEMPLATES, TemplateSettings
 from launch import AcceleratorError
 from models.convert import load_hf_model
+from models.family import ModelFamily
 from models.hf_io import CheckpointError
 from models.pipeline import ModelConfigError
 
@@ -78,8 +79,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise DemoError("--input needs --instruct")
     if args.max_new_tokens < 1:
         raise DemoError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if args.temperature < 0:
-        raise DemoError(f"--temperature {args.temperature}: must be >= 0")
+    if not args.temperature >= 0 or args.temperature == float("inf"):  # nan too
+        raise DemoError(f"--temperature {args.temperature}: must be a number >= 0")
     if args.top_k < 0:
         raise DemoError(f"--top-k {args.top_k}: must be >= 0")
     if not 0 < args.top_p <= 1:
@@ -97,9 +98,9 @@ def build_record(args: argparse.Namespace) -> dict:
     if args.record is None:
         return {"text": args.prompt}
     text = args.record
-    if not text.lstrip().startswith("{"):
+    if not text.lstrip().startswith(("{", "[")):
         try:
-            text = Path(text).read_text(encoding="utf-8")
+            text = Path(text).read_text(encoding="utf-8-sig")  # a BOM as the training readers take it
         except OSError as e:
             raise DemoError(f"--record {args.record}: not JSON and not a readable file ({e.strerror})") from None
     try:
@@ -193,7 +194,9 @@ def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 12
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
-    input_ids = torch.tensor([ids], device=device)  # (1, T)
+    if not ids:
+        raise DemoError("the prompt is empty (no text, and the tokenizer adds no BOS): nothing to continue")
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kw = dict(do_sample=temperature > 0)
     if temperature > 0:
@@ -259,6 +262,15 @@ def run(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise DemoError(f"cannot prompt with this record: {e}".splitlines()[0]) from None
     eos_ids = stop_ids(getattr(model, "generation_config", None), tokenizer, settings)
+    max_new_tokens = args.max_new_tokens
+    limit, how = ModelFamily.max_positions(model.config)
+    if limit is not None and len(prompt) + max_new_tokens > limit:
+        if len(prompt) >= limit:
+            raise DemoError(f"the prompt has {len(prompt)} tokens, and the model's positions cover {limit} ({how}); "
+                            "shorten it")
+        max_new_tokens = limit - len(prompt)
+        log(f"--max-new-tokens {args.max_new_tokens}: {max_new_tokens} fit after the {len(prompt)}-token prompt "
+            f"({limit} positions, {how})")
     if args.adapter:
         model = with_adapter(model, args.adapter)
     if world_size > 1:
@@ -278,7 +290,7 @@ def run(args: argparse.Namespace) -> None:
             log(json.dumps({"prompt_ids": prompt}))
     new_ids: list[int] = []
     try:
-        text = generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+        text = generate(model, tokenizer, prompt, max_new_tokens, args.temperature, args.top_k, args.top_p,
                         args.seed, stream=rank == 0 and not args.no_stream, eos_ids=eos_ids, new_ids=new_ids)
         if rank == 0 and args.no_stream:
             print(text, flush=True)

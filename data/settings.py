@@ -72,6 +72,10 @@ def read_data_settings(directory: str | Path) -> DataSettings | None:
             raise ValueError("not a JSON object")
         template = TemplateSettings(**{f.name: body[f.name] for f in fields(TemplateSettings) if f.name in body})
         rest = {f.name: body.get(f.name) for f in fields(DataSettings) if f.name != "template"}
+        for name, kinds in (("max_seq_len", int), ("chat_template", str), ("end_of_turn", str), ("eos_token", str),
+                            ("prompted", bool)):
+            if rest[name] is not None and not isinstance(rest[name], kinds):
+                raise ValueError(f"{name!r} must be {kinds.__name__} or null, got {json.dumps(rest[name])}")
         return DataSettings(template, **rest)
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: unreadable data settings ({e})") from None

@@ -14,6 +14,7 @@ from itertools import chain
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .family import ModelFamily, config_errors, get_family, meta_layers
 from .hf_io import (
@@ -363,7 +364,18 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | None = None):
     path = resolve_hf_dir(path)
     if (path / "config.json").is_file() and not (path / LAYER_FILE.format(0)).is_file() and not (path / "latest").is_file():
         family, config = family_of(path)
-        model = family.hf_model_class.from_pretrained(str(path), config=config, dtype=dtype)
+        try:
+            model, info = family.hf_model_class.from_pretrained(str(path), config=config, dtype=dtype,
+                                                                output_loading_info=True)
+        except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # a truncated file, a shape transformers refuses
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{path}: cannot load the model's weights ({why})") from None
+        for kind, what in (("missing_keys", "missing tensor"), ("unexpected_keys", "unexpected tensor"),
+                           ("mismatched_keys", "tensor of another shape")):
+            if found := sorted(info.get(kind) or []):  # transformers would run with random or dropped weights
+                first = found[0] if isinstance(found[0], str) else found[0][0]
+                raise CheckpointError(f"{path}: {what} {first}" + (f" (and {len(found) - 1} more)" if len(found) > 1
+                                                                   else ""))
         return model, family, path
     from transformers.initialization import no_init_weights
 

@@ -99,11 +99,40 @@ def test_sampling_is_seeded(dirs, capsys):
     (["--model-path", "{tmp}", "--prompt", "x"], "layer_00-model_states.pt"),
     (["--model-path", "{tmp}", "--prompt", "x", "--input", "y"], "--input needs --instruct"),
     (["--model-path", "{tmp}", "--prompt", "x", "--top-p", "0"], "--top-p"),
+    (["--model-path", "{tmp}", "--prompt", "x", "--temperature", "nan"], "--temperature nan: must be a number >= 0"),
+    (["--model-path", "{tmp}", "--record", '[{"instruct": "x"}]'], "--record: a record is a JSON object"),
 ])
 def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
-    assert demo.main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert demo.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # status lines may precede it
     assert last.startswith("demo.py: error:") and message in last
+
+
+def test_a_damaged_hf_dir_a_prompt_past_the_positions_and_an_empty_prompt_are_one_line(dirs, tmp_path, capsys):
+    """transformers would run a checkpoint that lacks a tensor with a random one, and a prompt longer than the
+    positions with garbage: one line each, nothing generated."""
+    from safetensors.torch import load_file, save_file
+
+    hf = tmp_path / "hf"
+    shutil.copytree(dirs["hf"], hf)
+    weights = next(hf.glob("*.safetensors"))
+    sd = load_file(weights)
+    del sd["model.layers.1.mlp.down_proj.weight"]
+    save_file(sd, weights, metadata={"format": "pt"})
+    assert demo.main(["--model-path", str(hf), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"demo.py: error: {hf}: missing tensor model.layers.1.mlp.down_proj.weight"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    assert demo.main(["--model-path", str(hf), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"demo.py: error: {hf}: cannot load the model's")
+
+    long = " ".join(["fox"] * 1100)  # the tiny preset has 1024 positions
+    assert demo.main(["--model-path", str(dirs["hf"]), "--prompt", long]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("demo.py: error: the prompt has ") and "the model's positions cover 1024" in last
+    model, tok, _ = demo.load(dirs["hf"])
+    with pytest.raises(demo.DemoError, match="the prompt is empty"):  # a tokenizer that adds no BOS, no text
+        demo.generate(model, tok, [], stream=False)
 
 
 def test_tensor_parallel_without_gpus_is_refused(dirs, capsys, monkeypatch):

@@ -69,6 +69,13 @@ def test_settings_are_recorded_and_carried_by_the_export(chat_run):
     assert DATA_SETTINGS_FILE in SIDE_FILES
 
 
+def test_a_data_settings_file_of_the_wrong_types_is_one_line(tmp_path):
+    (tmp_path / DATA_SETTINGS_FILE).write_text(json.dumps({"template": "chat", "chat_template": 5}))
+    with pytest.raises(ValueError, match=r"data_settings.json: unreadable data settings \('chat_template' must be str "
+                                         r"or null, got 5\)"):
+        read_data_settings(tmp_path)
+
+
 @pytest.mark.parametrize("where", ["save", "hf"])
 def test_demo_prompts_with_the_training_prefix_and_stops_at_end_of_turn(chat_run, capsys, where):
     tok = AutoTokenizer.from_pretrained(str(chat_run["hf"]))

@@ -67,10 +67,14 @@ class _Conventions(NamedTuple):
     stripping: dict[int, str]  # added tokens that take the whitespace beside them (lstrip / rstrip), by id
 
 
+def _stripping(backend: Any) -> dict[int, str]:
+    """The added tokens that take the whitespace beside them (lstrip / rstrip), by id."""
+    return {i: t.content for i, t in backend.get_added_tokens_decoder().items() if t.lstrip or t.rstrip}
+
+
 def _conventions(tokenizer: Any) -> _Conventions:
     """The tokenizer's conventions as they are now (well under a millisecond: read per call, never stale)."""
-    added = _backend(tokenizer).get_added_tokens_decoder()
-    return _Conventions(len(appended_ids(tokenizer)), {i: t.content for i, t in added.items() if t.lstrip or t.rstrip})
+    return _Conventions(len(appended_ids(tokenizer)), _stripping(_backend(tokenizer)))
 
 
 def _own_offsets(text: str, ids: list[int], offsets: Offsets, stripping: dict[int, str]) -> Offsets:
@@ -177,8 +181,7 @@ def _continuation_backend(tokenizer: Any, conv: _Conventions) -> tuple[Any, dict
                 changed = True
         if changed:
             cont = Tokenizer.from_str(json.dumps(spec))
-            added = cont.get_added_tokens_decoder()
-            hit = (state, (cont, {i: t.content for i, t in added.items() if t.lstrip or t.rstrip}))
+            hit = (state, (cont, _stripping(cont)))
         else:
             hit = (state, (backend, conv.stripping))
         _CONTINUATIONS[backend] = hit

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -79,7 +80,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise DemoError("--input needs --instruct")
     if args.max_new_tokens < 1:
         raise DemoError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if not args.temperature >= 0 or args.temperature == float("inf"):  # nan too
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise DemoError(f"--temperature {args.temperature}: must be a number >= 0")
     if args.top_k < 0:
         raise DemoError(f"--top-k {args.top_k}: must be >= 0")

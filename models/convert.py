@@ -24,6 +24,7 @@ from .hf_io import (
     CheckpointError,
     HFCheckpoint,
     ShardWriter,
+    _first_line,
     atomic_output_dir,
     check_target,
     copy_side_files,
@@ -368,8 +369,7 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | None = None):
             model, info = family.hf_model_class.from_pretrained(str(path), config=config, dtype=dtype,
                                                                 output_loading_info=True)
         except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # a truncated file, a shape transformers refuses
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"{path}: cannot load the model's weights ({why})") from None
+            raise CheckpointError(f"{path}: cannot load the model's weights ({_first_line(e)})") from None
         for kind, what in (("missing_keys", "missing tensor"), ("unexpected_keys", "unexpected tensor"),
                            ("mismatched_keys", "tensor of another shape")):
             if found := sorted(info.get(kind) or []):  # transformers would run with random or dropped weights

@@ -33,7 +33,7 @@ import torch
 
 from data.chat import end_of_turn
 from data.encode import encode_prompt
-from data.records import DataError, prompt_problems
+from data.records import DataError, present_fields, prompt_problems
 from data.settings import DataSettings, read_data_settings
 from data.templates import TEMPLATES, TemplateSettings
 from launch import AcceleratorError
@@ -105,7 +105,7 @@ def build_record(args: argparse.Namespace) -> dict:
         except OSError as e:
             raise DemoError(f"--record {args.record}: not JSON and not a readable file ({e.strerror})") from None
     try:
-        rec = json.loads(text)
+        rec = present_fields(json.loads(text))
     except json.JSONDecodeError as e:
         raise DemoError(f"--record: invalid JSON ({e})") from None
     if not isinstance(rec, dict):

@@ -453,6 +453,14 @@ PARSERS: dict[str, Callable[[bytes], Parsed]] = {
 }
 
 
+def present_fields(obj: Any) -> Any:
+    """A record without its top-level null fields: JSON null means absent, as a null table cell does (pandas'
+    and `datasets`' `to_json` write null for every column a record lacks). Anything else as it is."""
+    if isinstance(obj, dict) and any(v is None for v in obj.values()):
+        return {k: v for k, v in obj.items() if v is not None}
+    return obj
+
+
 def parse_records(path: Path, raw: bytes) -> tuple[list[Record], list[str]]:
     """Parse and validate one file's bytes: (valid records, problem lines)."""
     if path.suffix not in PARSERS:
@@ -463,6 +471,7 @@ def parse_records(path: Path, raw: bytes) -> tuple[list[Record], list[str]]:
         errors.append((1, "empty file (no records)"))
     records = []
     for line, obj in items:
+        obj = present_fields(obj)
         found = _record_problems(obj)
         errors += [(line, p) for p in found]
         if not found:

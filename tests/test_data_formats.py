@@ -239,3 +239,18 @@ def test_unsupported_suffix_lists_the_formats(tmp_path):
     path.write_text("text\nhello\n")
     assert one_problem(path) == f"{path}:0: unsupported file type '.tsv' (use .json, .jsonl, .csv, .parquet, .arrow)"
 
+
+
+def test_null_fields_in_json_are_absent_as_pandas_and_datasets_write_them(tmp_path, tokenizer):
+    """`DataFrame.to_json(lines=True)` / `Dataset.to_json` write null for every column a record lacks: the same
+    records as the .jsonl without them; a null required field is reported missing."""
+    frame(RECORDS).to_json(tmp_path / "pandas.jsonl", orient="records", lines=True, force_ascii=False)
+    datasets.Dataset.from_pandas(frame(RECORDS)).to_json(tmp_path / "datasets.jsonl", force_ascii=False)
+    frame(RECORDS).to_json(tmp_path / "array.json", orient="records", force_ascii=False)
+    want = load_records(write_jsonl(tmp_path / "d.jsonl", RECORDS))
+    for name in ("pandas.jsonl", "datasets.jsonl", "array.json"):
+        assert "null" in (tmp_path / name).read_text()
+        got = load_records(tmp_path / name)
+        assert [(r.type, r.data) for r in got] == [(r.type, r.data) for r in want], name
+    (tmp_path / "bad.jsonl").write_text('{"instruct": "a", "input": null, "output": null}\n')
+    assert one_problem(tmp_path / "bad.jsonl").endswith("bad.jsonl:1: missing field 'output'")

@@ -74,6 +74,7 @@ def test_prompt_mode_and_no_stream_match_reference(dirs, capsys):
     (["--instruct", "Say hi."], {"instruct": "Say hi."}),
     (["--instruct", "Translate.", "--input", "bonjour"], {"instruct": "Translate.", "input": "bonjour"}),
     (["--prompt", "Once upon a time"], {"text": "Once upon a time"}),
+    (["--record", '{"instruct": "Say hi.", "input": null, "output": null}'], {"instruct": "Say hi."}),  # null: absent
 ])
 def test_build_record_is_the_training_record(argv, record, tokenizer):
     args = demo.build_parser().parse_args(["--model-path", "x", "--local_rank=0", *argv])  # as `deepspeed` passes it

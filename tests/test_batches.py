@@ -92,4 +92,25 @@ def test_the_epoch_order_is_computed_once_per_epoch(monkeypatch):
     for step in range(3 * plan.steps_per_epoch):
         plan.micro_indices(*plan.position(step), 0)
         plan.global_indices(*plan.position(step))
+        if step + 1 < 3 * plan.steps_per_epoch:  # the prefetch thread reads the next step's order (next epoch's
+            plan.micro_indices(*plan.position(step + 1), 0)  # at an epoch's end) before the metrics read this one's
+        plan.global_indices(*plan.position(step), real=True)
     assert calls == [0, 1, 2]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_group_by_length_trains_the_samples_an_ungrouped_epoch_trains(drop_last):
+    """drop_last drops a random share of each epoch with group_by_length too, not the same shortest samples."""
+    lengths = np.random.default_rng(0).integers(10, 500, size=1000)
+    grouped, plain = (BatchPlan(1000, 4, 4, 2, 42, lengths, group_by_length=g, drop_last=drop_last) for g in (1, 0))
+    assert grouped.steps_per_epoch == plain.steps_per_epoch == (31 if drop_last else 32)
+    dropped = []
+    for epoch in range(4):
+        steps = [grouped.global_indices(epoch, s, real=True) for s in range(grouped.steps_per_epoch)]
+        assert all(np.ptp(lengths[idx]) < 0.25 * np.ptp(lengths) for idx in steps[1:])  # still grouped
+        trained = np.sort(np.concatenate(steps))
+        assert np.array_equal(trained, np.sort(np.concatenate(
+            [plain.global_indices(epoch, s, real=True) for s in range(plain.steps_per_epoch)])))
+        dropped.append(frozenset(np.setdiff1d(np.arange(1000), trained).tolist()))
+    assert [len(d) for d in dropped] == [8 if drop_last else 0] * 4
+    assert not drop_last or len(set(dropped)) == 4

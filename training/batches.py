@@ -8,13 +8,14 @@ carries the global batch's trained-token count for the global token-mean loss. T
 are padded to the step's longest row (rounded up to pad_to_multiple_of, data.collate.padded_length);
 with `group_by_length` the order is HF Trainer's LengthGroupedSampler's: megabatches of
 MEGABATCH_MULT global batches sorted longest first, so the rows of a step have similar lengths.
-An epoch's last, incomplete global batch is dropped (`drop_last`, DeepSpeed's `dataloader_drop_last`, true by
+An epoch's last, incomplete global batch (with group_by_length: the same samples as without) is dropped (`drop_last`, DeepSpeed's `dataloader_drop_last`, true by
 default here) or trained with empty rows (index -1: one pad token, no label) in place of the missing samples: the
 loss is the token mean over the samples present, as on a smaller batch, and every step keeps the same shape.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,7 +62,10 @@ class BatchPlan:
     lengths: np.ndarray | None = None  # tokens per sample: needed for group_by_length and padded lengths
     group_by_length: bool = False
     drop_last: bool = True  # False: an epoch's last, incomplete global batch is trained, filled with empty rows
-    _order: tuple[int, np.ndarray] | None = field(default=None, repr=False)  # (epoch, its order)
+    # epoch -> its order: this epoch's and the next (the prefetch thread asks for the next step's while the
+    # trainer's metrics ask for this one's), under a lock
+    _orders: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def global_batch(self) -> int:
@@ -78,9 +82,11 @@ class BatchPlan:
 
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's sample order, computed once per epoch."""
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, self._compute_order(epoch))
-        return self._order[1]
+        with self._lock:
+            if epoch not in self._orders:
+                self._orders = {e: o for e, o in self._orders.items() if abs(e - epoch) <= 1}
+                self._orders[epoch] = self._compute_order(epoch)
+            return self._orders[epoch]
 
     def _compute_order(self, epoch: int) -> np.ndarray:
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
@@ -88,13 +94,17 @@ class BatchPlan:
             return perm
         if self.lengths is None:
             raise ValueError("group_by_length needs the samples' lengths")
+        # drop_last drops a random share, as without grouping: the samples past the epoch's last full global batch
+        # in the permutation, not the last megabatch's shortest (the same ones every epoch)
+        kept, dropped = np.split(perm, [self.steps_per_epoch * self.global_batch]) if self.drop_last else (perm, perm[:0])
         mega = MEGABATCH_MULT * self.global_batch
-        chunks = [perm[i:i + mega] for i in range(0, len(perm), mega)]
+        chunks = [kept[i:i + mega] for i in range(0, len(kept), mega)]
         chunks = [c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]  # longest first
-        order = np.concatenate(chunks)
-        starts = np.arange(0, len(order), mega)
-        longest = starts[int(np.argmax(self.lengths[order[starts]]))]  # as HF: the longest sample goes first,
-        order[[0, longest]] = order[[longest, 0]]  # so that running out of memory shows at the first step
+        order = np.concatenate([*chunks, dropped])
+        starts = np.arange(0, len(kept), mega)
+        if len(starts):
+            longest = starts[int(np.argmax(self.lengths[order[starts]]))]  # as HF: the longest sample goes first,
+            order[[0, longest]] = order[[longest, 0]]  # so that running out of memory shows at the first step
         return order
 
     def global_indices(self, epoch: int, step_in_epoch: int, real: bool = False) -> np.ndarray:

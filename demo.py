@@ -22,6 +22,7 @@ Greedy when --temperature is 0. Only the generated text goes to stdout; status g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -31,16 +32,19 @@ from pathlib import Path
 
 import torch
 
-from data.chat import end_of_turn
-from data.encode import encode_prompt
-from data.records import DataError, present_fields, prompt_problems
-from data.settings import DataSettings, read_data_settings
-from data.templates import TEMPLATES, TemplateSettings
-from launch import AcceleratorError
-from models.convert import load_hf_model
-from models.family import ModelFamily
-from models.hf_io import CheckpointError
-from models.pipeline import ModelConfigError
+with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's logger writes to the stdout of its import: stderr here
+    import deepspeed  # noqa: F401  (stdout holds the generated text only)
+
+    from data.chat import end_of_turn
+    from data.encode import encode_prompt
+    from data.records import DataError, present_fields, prompt_problems
+    from data.settings import DataSettings, read_data_settings
+    from data.templates import TEMPLATES, TemplateSettings
+    from launch import AcceleratorError
+    from models.convert import load_hf_model
+    from models.family import ModelFamily
+    from models.hf_io import CheckpointError
+    from models.pipeline import ModelConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -29,6 +29,7 @@ if __name__ == "__main__" and not __package__:  # `python data/inspect.py`: data
     sys.exit(0)
 
 import argparse
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(with --stats: the statistics as one object)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    from training.config import ConfigError, load_config  # the one parser of training configs
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's logger writes to the stdout of its import (--json)
+        from training.config import ConfigError, load_config  # the one parser of training configs
 
     try:
         cfg = load_config(args.config, require_model=False)

@@ -52,13 +52,26 @@ class ModelFamily:
         limit = getattr(config, "max_position_embeddings", None)
         if limit is None:
             return None, "no position limit"
-        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-        factor = rope.get("factor")
-        if rope.get("rope_type", rope.get("type")) in ROPE_EXTENDING and factor:
-            scaled = int(factor * rope.get("original_max_position_embeddings", limit))
-            if scaled > limit:
-                return scaled, f"{rope.get('rope_type', rope.get('type'))} rope scaling x{factor:g} of {limit}"
+        rope = _rope(config)
+        factor, original = rope.get("factor"), rope.get("original_max_position_embeddings", limit)
+        if rope.get("rope_type", rope.get("type")) in ROPE_EXTENDING and factor and original >= limit:
+            scaled = int(factor * original)  # else max_position_embeddings already states the scaled length
+            if scaled > limit:  # (Llama-3.1: 8192 original x 8, max_position_embeddings 131072)
+                return scaled, f"{rope.get('rope_type', rope.get('type'))} rope scaling x{factor:g} of {original}"
         return limit, "max_position_embeddings"
+
+    @staticmethod
+    def rope_switch_length(config) -> int | None:
+        """The sequence length past which the rope frequencies of a whole batch change with its longest position
+        (transformers' "dynamic" and "longrope": the scaling follows max(position_ids) + 1), None if they never do.
+        Packed segments longer than it would change their neighbours' positions' encoding."""
+        rope = _rope(config)
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind == "dynamic":
+            return getattr(config, "max_position_embeddings", None)
+        if kind == "longrope":
+            return rope.get("original_max_position_embeddings", getattr(config, "max_position_embeddings", None))
+        return None
 
     @staticmethod
     def sliding_window(config) -> int | None:
@@ -87,9 +100,18 @@ class ModelFamily:
     def check_config(self, config, where: str | Path):
         """`config`, once every layer builds from it (on the meta device: no memory); what transformers rejects (an
         unknown `hidden_act` or rope type, ...) is a CheckpointError naming `where`."""
+        pad, vocab = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
+        if isinstance(pad, int) and isinstance(vocab, int) and not -vocab <= pad < vocab:
+            raise CheckpointError(f"{where}: pad_token_id {pad} is not below vocab_size {vocab} (a token added to the "
+                                  "tokenizer without resizing the embeddings?)")
         with config_errors(where, config):
             meta_layers(self, config)
         return config
+
+
+def _rope(config) -> dict:
+    """The config's rope parameters (transformers 5's `rope_parameters`, older `rope_scaling`), {} if none."""
+    return getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
 
 
 def meta_layers(family: ModelFamily, config) -> dict[int, nn.Module]:
@@ -107,7 +129,8 @@ def config_errors(where: str | Path, config=None) -> Iterator[None]:
         yield
     except (CheckpointError, ModelConfigError):
         raise
-    except (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError, ArithmeticError, OSError) as e:
+    except (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError, ArithmeticError, OSError,
+            AssertionError) as e:  # torch's Embedding asserts padding_idx < num_embeddings
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
         problem = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # huggingface_hub's: "...:\n  cause"
         if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):  # transformers' lookup of a value

@@ -292,6 +292,8 @@ BAD_HF = {  # case -> (damage, text expected in the message)
     "vocab_size null": (_patch_config(vocab_size=None), "config.json: Validation error for field 'vocab_size'"),
     "unknown hidden_act": (_patch_config(hidden_act="nope"),
                            "config.json: hidden_act 'nope' is not one transformers knows"),
+    "pad_token_id past the vocabulary": (_patch_config(pad_token_id=300, vocab_size=300),
+                                         "config.json: pad_token_id 300 is not below vocab_size 300"),
     "unknown rope type": (_patch_config(rope_scaling={"rope_type": "bogus", "factor": 2.0}),
                           "config.json: rope_parameters.rope_type 'bogus' is not one transformers knows"),
 }

@@ -89,3 +89,25 @@ def test_all_linear_lora_matches_peft(family, name, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(seq((ids, pos, seg))[real], peft_model(input_ids=ids, attention_mask=mask).logits[real],
                                    atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+                                  {"rope_type": "longrope", "original_max_position_embeddings": 64, "rope_theta": 10000.0,
+                                   "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}], ids=["dynamic", "longrope"])
+def test_packing_is_refused_where_rope_scaling_follows_the_longest_segment(tmp_path, tokenizer_dir, capsys, rope):
+    """transformers' dynamic and longrope scaling encode a batch by its longest position: a packed segment past the
+    switch length would change its neighbours' logits. Up to it, or unpacked (as transformers batches), it trains."""
+    model = {**get_family("llama").presets["tiny"], "max_position_embeddings": 64 if rope["rope_type"] == "dynamic"
+             else 256, "rope_parameters": rope}
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    assert convert_model.main(["init", "--family", "llama", "--config-json", str(tmp_path / "model.json"),
+                               "--tokenizer", str(tokenizer_dir), "--save-path", str(tmp_path / "pp")]) == 0
+    cfg = write_config(tmp_path, tmp_path / "pp", max_seq_len=96, packing=True)
+    capsys.readouterr()
+    assert train_ds.main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train_ds.py: error: {cfg}: 'packing' with max_seq_len 96 above 64: the model's rope scaling "
+                   "(config.json: 'dynamic' or 'longrope') encodes every position of a row by its longest segment, so a "
+                   "packed sample would depend on its neighbours; turn packing off or use max_seq_len <= 64"], err
+    assert load_config(write_config(tmp_path, tmp_path / "pp", max_seq_len=64, packing=True), world_size=1).packing
+    assert not load_config(write_config(tmp_path, tmp_path / "pp", max_seq_len=96), world_size=1).packing

@@ -271,4 +271,12 @@ def test_max_positions_follow_rope_scaling():
     assert llama.max_positions(linear) == (4096, "linear rope scaling x4 of 1024")
     llama3 = tiny_config("llama", "gqa_llama3_rope")  # factor 8 of an original 16: max_position_embeddings 128 already
     assert llama.max_positions(llama3) == (128, "max_position_embeddings")
+    llama32 = tiny_config("llama", "gqa_tied", max_position_embeddings=128,  # Llama-3.2: 8192 x 32, 131072 stated
+                          rope_parameters={"rope_type": "llama3", "factor": 32.0, "original_max_position_embeddings": 16,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0, "rope_theta": 10000.0})
+    assert llama.max_positions(llama32) == (128, "max_position_embeddings")
+    yarn = tiny_config("llama", "gqa_tied", max_position_embeddings=128,  # Qwen2.5's: the original is the stated one
+                       rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+                                        "rope_theta": 10000.0})
+    assert llama.max_positions(yarn) == (512, "yarn rope scaling x4 of 128")
     assert get_family("bloom").max_positions(tiny_config("bloom", "tied")) == (None, "no position limit")  # ALiBi

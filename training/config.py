@@ -467,6 +467,12 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
     if limit is not None and cfg.max_seq_len > limit:
         raise ConfigError(f"{path}: 'max_seq_len' {cfg.max_seq_len} is above what the model's positions cover ({limit}, "
                           f"{how}); lower max_seq_len or use a model whose rope scaling covers it")
+    switch = family.rope_switch_length(config)
+    if cfg.packing and switch is not None and cfg.max_seq_len > switch:
+        raise ConfigError(f"{path}: 'packing' with max_seq_len {cfg.max_seq_len} above {switch}: the model's "
+                          "rope scaling (config.json: 'dynamic' or 'longrope') encodes every position of a row by its "
+                          "longest segment, so a packed sample would depend on its neighbours; turn packing off or use "
+                          f"max_seq_len <= {switch}")
     window = family.sliding_window(config)
     if window is not None and cfg.max_seq_len > window:
         raise ConfigError(f"{path}: 'max_seq_len' {cfg.max_seq_len} is above the model's sliding_window {window} (config.json), "

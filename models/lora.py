@@ -105,6 +105,9 @@ def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
         if not hits:
             raise ValueError(f"lora.modules_to_save: {m!r} names no module of a {family.model_type} model "
                              f"(e.g. {', '.join(sorted(modules)[:4])})")
+        if adapted := next((h for h in hits for t in targets if h == t or h.endswith(f".{t}")), None):
+            raise ValueError(f"lora.modules_to_save: {m!r} names {adapted}, which lora.target_modules adapts; a module "
+                             "is either adapted or trained whole (peft refuses both)")
         if config is not None and getattr(config, "tie_word_embeddings", False) and \
                 any(modules[h] in ("embed", "head") for h in hits):
             raise ValueError(f"lora.modules_to_save: {m!r} is the tied embedding/LM head, which peft would untie; "
@@ -129,6 +132,9 @@ def _check_adapter(path, settings: LoraSettings) -> None:
         raise ValueError(f"lora.adapter_path {path}: unreadable adapter_config.json ({e})") from None
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_rslora") or cfg.get("use_dora"):
         raise ValueError(f"lora.adapter_path {path}: only plain LoRA adapters are supported (no rsLoRA or DoRA)")
+    if per_module := [k for k in ("alpha_pattern", "rank_pattern", "lora_bias") if cfg.get(k)]:
+        raise ValueError(f"lora.adapter_path {path}: the adapter sets {', '.join(per_module)} (a rank, scale or bias of "
+                         "its own for some modules), which these adapters do not have: only one r and alpha for all")
     if (cfg.get("r"), float(cfg.get("lora_alpha", 0))) != (settings.r, settings.alpha):
         raise ValueError(f"lora.adapter_path {path}: the adapter has r {cfg.get('r')}, alpha {cfg.get('lora_alpha')}; "
                          f"the config says r {settings.r}, alpha {settings.alpha:g} (set lora.r and lora.alpha to the adapter's)")
@@ -242,12 +248,46 @@ def read_lora_info(tag_dir: Path) -> dict | None:
     return info
 
 
-def lora_info(settings: LoraSettings, base_model_path: str, quantization: dict | None = None) -> str:
-    """lora_config.json: the adapters' settings, the base, and (QLoRA) the base's 4-bit quantisation."""
+def lora_info(settings: LoraSettings, base_model_path: str, quantization: dict | None = None,
+              fingerprint: str | None = None) -> str:
+    """lora_config.json: the adapters' settings, the base, its `base_fingerprint`, and (QLoRA) the base's 4-bit
+    quantisation."""
     return json.dumps({**asdict(settings), "target_modules": list(settings.target_modules),
                        "modules_to_save": list(settings.modules_to_save),
                        "base_model_path": str(Path(base_model_path).resolve()),
+                       **({"base_fingerprint": fingerprint} if fingerprint else {}),
                        **({"quantization": quantization} if quantization else {})}, indent=1)
+
+
+FINGERPRINT_ELEMENTS = 4096  # of each tensor: a model fine-tuned from another differs in nearly every element
+
+
+def base_fingerprint(base_dir: str | Path) -> str:
+    """What identifies a pipeline dir's model without reading all of it: config.json (but the version that wrote it),
+    and each layer file's tensors' names, dtypes, shapes and first FINGERPRINT_ELEMENTS values (memory-mapped)."""
+    import hashlib
+
+    base_dir = Path(base_dir)
+    h = hashlib.sha256()
+    config = read_json(base_dir / "config.json")
+    if isinstance(config, dict):
+        config = {k: v for k, v in config.items() if k not in ("transformers_version", "_name_or_path")}
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for f in sorted(base_dir.glob("layer_*-model_states.pt")):
+        h.update(f.name.encode())
+        for key, t in sorted(load_torch_file(f).items()):
+            h.update(f"{key} {t.dtype} {list(t.shape)}".encode())
+            h.update(t.reshape(-1)[:FINGERPRINT_ELEMENTS].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_base(info: dict, where: Path) -> None:
+    """A CheckpointError if the base a LoRA checkpoint recorded (`base_fingerprint`) is no longer what its
+    base_model_path holds: its adapters would be merged into, or exported for, another model."""
+    base = Path(info["base_model_path"])
+    if info.get("base_fingerprint") and base.is_dir() and base_fingerprint(base) != info["base_fingerprint"]:
+        raise CheckpointError(f"{where / LORA_FILE}: the base model {base} is not the one these adapters were trained "
+                              "on (its config.json or weights changed since: base_fingerprint differs)")
 
 
 def check_adapter_pairs(f: Path, sd: dict[str, torch.Tensor], r: int) -> None:
@@ -298,6 +338,7 @@ def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_pat
     settings = LoraSettings.from_info(info)
     sources = [tag_dir, side_dir, info["base_model_path"], hf_source_of(info["base_model_path"])]  # the adapter's base
     check_target(Path(save_path), overwrite, sources)
+    check_base(info, tag_dir)  # the base the adapter config names
     tensors = adapter_tensors(tag_dir, family, family.num_blocks(config), settings.r)
     with atomic_output_dir(save_path, overwrite, sources=sources) as tmp:
         cfg = settings.peft_config()
@@ -332,6 +373,7 @@ def merged_hf_tensors(tag_dir: Path, info: dict, family: ModelFamily, config, pr
     base = Path(info["base_model_path"])
     if not base.is_dir():
         raise CheckpointError(f"{tag_dir / LORA_FILE}: base model {base} not found (the LoRA checkpoint holds only adapters)")
+    check_base(info, tag_dir)
     quant = QuantSettings.from_info(info["quantization"]) if info.get("quantization") else None
     if quant is not None:
         with torch.device("meta"):

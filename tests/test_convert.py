@@ -24,7 +24,7 @@ from models import SequentialModel, get_family
 from models.convert import pp_to_hg
 from models.diskspace import fmt_size
 from models.hf_io import TOKENIZER_FILES, CheckpointError, atomic_output_dir, clean_leftovers
-from models.lora import LoraSettings, lora_info
+from models.lora import LoraSettings, base_fingerprint, lora_info
 from tests.helpers import ROOT_TEXTS, make_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -641,8 +641,28 @@ def _lora_checkpoint(tmp_path: Path, base: Path) -> Path:
     for i in range(1, config.num_hidden_layers + 1):
         torch.save({"self_attn.q_proj.lora_A.default.weight": torch.randn(r, h) * 0.1,
                     "self_attn.q_proj.lora_B.default.weight": torch.randn(h, r) * 0.1}, tag / f"layer_{i:02d}-model_states.pt")
-    (tag / "lora_config.json").write_text(lora_info(LoraSettings(r, 8.0, 0.0, ("q_proj",)), str(base)))
+    (tag / "lora_config.json").write_text(lora_info(LoraSettings(r, 8.0, 0.0, ("q_proj",)), str(base),
+                                                    fingerprint=base_fingerprint(base)))
     return save
+
+
+def test_lora_exports_refuse_a_base_that_changed_since_training(tmp_path, tokenizer):
+    """The base a LoRA checkpoint names is checked by its fingerprint: merging into (or naming in an adapter) a
+    model re-converted from other weights under the same path is refused; the same model re-converted is not."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    base = tmp_path / "pp"
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(base)) == 0
+    save = _lora_checkpoint(tmp_path, base)
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(base), "--overwrite") == 0  # the same model
+    pp_to_hg(save, tmp_path / "merged", lora="merge")
+    sd = torch.load(base / "layer_01-model_states.pt")
+    sd["mlp.up_proj.weight"][0, 0] += 1.0
+    torch.save(sd, base / "layer_01-model_states.pt")
+    for mode in ("merge", "peft"):
+        with pytest.raises(CheckpointError, match=f"^{save / 'global_step5' / 'lora_config.json'}: the base model "
+                           f"{base} is not the one these adapters were trained on"):
+            pp_to_hg(save, tmp_path / mode, lora=mode)
+        assert not (tmp_path / mode).exists()
 
 
 def test_lora_merge_checks_room_for_the_merged_model(tmp_path, tokenizer, small_disk):

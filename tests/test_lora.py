@@ -8,12 +8,13 @@ weights (random A and B, so the adapters act from the first step; the pipeline s
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import demo
@@ -23,6 +24,7 @@ from data.templates import TemplateSettings
 from models import get_family
 from models.convert import hg_to_pp, pp_to_hg
 from models.hf_io import CheckpointError
+from models.lora import base_fingerprint, parse_lora
 from tests.helpers import (
     ops_config,
     run_deepspeed,
@@ -38,6 +40,7 @@ from tests.test_train_ops import (
 )
 from tests.test_train_reference import BETAS, EPS, GAS, LR, MICRO, SEED, SEQ, WD, reference_losses, write_records
 from training.batches import BatchPlan
+from training.config import ConfigError, load_config
 
 pytestmark = pytest.mark.distributed
 
@@ -167,6 +170,18 @@ def test_lora_checkpoint_is_small_and_resumes_bit_exactly_after_sigterm(tmp_path
     assert lora_size < 0.05 * full_size, (lora_size, full_size)
     tensors = checkpoint_tensors(uninterrupted / "global_step8")
     assert all("lora_" in k for k in tensors if k.startswith("layer_")) and any("lora_A" in k for k in tensors)
+    # the base is recorded by its fingerprint: a model_path whose weights changed since is refused on resume
+    info = json.loads((uninterrupted / "global_step8" / "lora_config.json").read_text())
+    assert info["base_fingerprint"] == base_fingerprint(ops_model / "pp")
+    changed = full / "changed-base"
+    shutil.copytree(ops_model / "pp", changed)
+    sd = torch.load(changed / "layer_02-model_states.pt")
+    sd["mlp.up_proj.weight"][0, 0] += 1.0
+    torch.save(sd, changed / "layer_02-model_states.pt")
+    with pytest.raises(ConfigError, match=rf"the model in model_path {changed} is not the base the checkpoint "
+                       rf"{uninterrupted / 'global_step8'} was trained on \(its config.json or weights changed"):
+        load_config(ops_config(full, ops_model, "resume.json", lora=LORA, save_interval=3, model_path=str(changed)),
+                    world_size=2)
 
     tmp_path = tmp_path_factory.mktemp("lora-resumed")
     cfg = ops_config(tmp_path, ops_model, lora=LORA, save_interval=3)
@@ -191,3 +206,15 @@ def test_lora_with_bf16_zero1_data_parallel_and_an_embedding_only_stage(tmp_path
     pp_to_hg(tmp_path / "out", tmp_path / "adapter", lora="peft")
     adapters = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert len(adapters) == 3 * 2 * 2 and all(t.abs().sum() > 0 for k, t in adapters.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("pattern", [{"alpha_pattern": {"v_proj": 64}}, {"rank_pattern": {"v_proj": 8}},
+                                     {"lora_bias": True}], ids=["alpha_pattern", "rank_pattern", "lora_bias"])
+def test_an_adapter_with_per_module_settings_is_refused(tmp_path, pattern):
+    """peft's per-module rank / scale / bias would be dropped by the pipeline's one r and alpha: a wrong scale."""
+    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+               **pattern).save_pretrained(str(tmp_path))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
+    section = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "adapter_path": str(tmp_path)}
+    with pytest.raises(ValueError, match=f"lora.adapter_path {tmp_path}: the adapter sets {next(iter(pattern))} "):
+        parse_lora(section, get_family("llama"))

@@ -87,7 +87,21 @@ CASES = {  # name -> (config overrides, expected text)
     "lora rank": ({"lora": {"r": 0}}, "lora.r must be a positive integer, got 0"),
     "lora adapter path": ({"lora": {"r": 4, "adapter_path": 5}}, "lora.adapter_path must be a string, got 5"),
     "lora modules_to_save": ({"lora": {"r": 4, "modules_to_save": ["lm_heads"]}}, "lora.modules_to_save: 'lm_heads' names no module of a llama model"),
+    "lora modules_to_save adapted": ({"lora": {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["q_proj"]}},
+                                     "lora.modules_to_save: 'q_proj' names model.layers.0.self_attn.q_proj, which "
+                                     "lora.target_modules adapts"),
     "lora from scratch": ({"lora": {"r": 4}, "from_scratch": True}, "'lora' needs a trained base: it cannot be combined with 'from_scratch'"),
+    "optimizer section typo": ({"optimizer": {"type": "AdamW", "parms": {"lr": 1e-5}}},
+                               "optimizer: unknown key 'parms'; did you mean 'params'?"),
+    "optimizer params typo": ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "weight_decy": 0.1}}},
+                              "optimizer.params (AdamW): unknown key 'weight_decy'; did you mean 'weight_decay'?"),
+    "torch.optim params typo": ({"optimizer": {"type": "SGD", "params": {"lr": 1e-2, "momentun": 0.9}}},
+                                "optimizer.params (SGD): unknown key 'momentun'; did you mean 'momentum'?"),
+    "scheduler params typo": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_step": 5}}},
+                              "scheduler.params (WarmupLR): unknown key 'warmup_num_step'; did you mean "
+                              "'warmup_num_steps'?"),
+    "scheduler type": ({"scheduler": {"type": "WarmupCosine"}}, "scheduler.type \"WarmupCosine\" is not a DeepSpeed "
+                       "scheduler; did you mean 'WarmupCosineLR'?"),
     "lion lr": ({"optimizer": {"type": "Lion", "params": {"lr": -1}}}, "optimizer.params.lr must be a number > 0, got -1"),
     # bad input that used to surface only after the model was built (or as a device assert on CUDA)
     "optimizer type": ({"optimizer": {"type": "AdamWW", "params": {"lr": 1e-3}}},

@@ -21,13 +21,19 @@ from data.templates import TemplateSettings
 from models.attention import attn_problem
 from models.convert import family_of
 from models.hf_io import CheckpointError
-from models.lora import LoraSettings, check_adapter_keys, parse_lora, read_lora_info
+from models.lora import LoraSettings, base_fingerprint, check_adapter_keys, parse_lora, read_lora_info
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import parse_quantization, saved_quantization
 from pipeft import command
 from training.checkpoint import STATE_FILE
 from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
-from training.optim import build_lion, no_decay_patterns, parse_lr_schedule
+from training.optim import (
+    build_lion,
+    no_decay_patterns,
+    optimizer_key_problem,
+    parse_lr_schedule,
+    scheduler_problem,
+)
 from training.resume import RUN_CONFIG_FILE, config_changes, read_run_config, refusals, resume_tag
 from training.runlock import JOB_FILE, LockError, UnknownStart, check_unlocked, launch_job, restarted_job
 from training.trackers import parse_report_to
@@ -280,6 +286,10 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
         parse_report_to(cfg.report_to)  # training/trackers.py: known names, installed packages
         if opt is not None:
             check_optimizer(opt)
+            if problem := optimizer_key_problem(opt):
+                raise ValueError(problem)
+        if "scheduler" in ds and (problem := scheduler_problem(ds["scheduler"])):
+            raise ValueError(problem)
             if cfg.decay_norm_and_bias and "no_wd_kws" in opt:
                 raise ValueError("'decay_norm_and_bias' and optimizer.no_wd_kws both choose the parameters without "
                                  "weight decay; keep one")
@@ -555,6 +565,10 @@ def _check_resume(cfg: TrainConfig, path: Path, lora: LoraSettings | None) -> No
                 name = "'quantization'" if key == "quantization" else f"lora.{key}"
                 raise ConfigError(f"{path}: {name} is {json.dumps(value)} but the checkpoint {ckpt} was trained with "
                                   f"{json.dumps(saved.get(key))}; resume with the same adapters, {fresh}")
+        if saved.get("base_fingerprint") and base_fingerprint(cfg.model_path) != saved["base_fingerprint"]:
+            raise ConfigError(f"{path}: the model in model_path {cfg.model_path} is not the base the checkpoint {ckpt} "
+                              "was trained on (its config.json or weights changed since: lora_config.json's "
+                              f"base_fingerprint differs); a LoRA run resumes on its own base: restore it, {fresh}")
     old = read_run_config(ckpt)
     if old is None:
         return

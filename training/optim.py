@@ -25,6 +25,8 @@ Checked against DeepSpeed 0.19.8 (deepspeed/runtime/engine.py):
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import logging
 import math
@@ -322,3 +324,72 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
     else:
         note += "; constant lr"
     return ds, groups, optimizer, lr_scheduler, note
+
+
+# ----------------------------------------------------------------------------------------------
+# keys of DeepSpeed's optimizer and scheduler sections: a misspelled one is refused, not dropped or a TypeError later
+
+OPTIMIZER_SECTION_KEYS = ("type", "params", "no_wd_kws")  # no_wd_kws: gdGPT's, ours (removed before DeepSpeed)
+# what DeepSpeed's engine pops from an Adam/AdamW section before building the optimizer (_configure_basic_optimizer)
+DEEPSPEED_ADAM_KEYS = ("torch_adam", "adam_w_mode", "fp32_optimizer_states", "foreach")
+
+
+def _unknown(what: str, keys: Iterable[str], allowed: Iterable[str]) -> str | None:
+    """The one-line problem with the first key not in `allowed` (the closest allowed one suggested), else None."""
+    allowed = list(allowed)
+    for key in keys:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (allowed: {', '.join(allowed)})"
+            return f"{what}: unknown key '{key}'{hint}"
+    return None
+
+
+def _init_keys(*classes: type) -> list[str]:
+    """The keyword arguments the classes' constructors take, but the parameters / optimizer they are given."""
+    keys: dict[str, None] = {}
+    for cls in classes:
+        for name, p in inspect.signature(cls.__init__).parameters.items():
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in (
+                    "self", "params", "model_params", "optimizer"):
+                keys[name] = None
+    return list(keys)
+
+
+def optimizer_key_problem(section: dict) -> str | None:
+    """A misspelled key of an `optimizer` section or of its `params` (Adam/AdamW: what DeepSpeed's FusedAdam, CPU Adam
+    or torch's AdamW take; a torch.optim type: its constructor's), as one line; None if none. DeepSpeed would drop a
+    misspelled "params" (training at its default lr) or fail with a TypeError on every rank once the model is built."""
+    if problem := _unknown("optimizer", section, OPTIMIZER_SECTION_KEYS):
+        return problem
+    kind, params = str(section.get("type", "")), section.get("params") or {}
+    if kind.lower() in ("adam", "adamw"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+        allowed = [*_init_keys(FusedAdam, DeepSpeedCPUAdam, torch.optim.AdamW), *DEEPSPEED_ADAM_KEYS]
+    elif kind.lower() in ("lion", "adagrad", "lamb", "muadam", "muadamw", "musgd", "muon"):
+        return None  # Lion: build_lion checks its keys; DeepSpeed's other optimizers: their own checks
+    elif isinstance(getattr(torch.optim, kind, None), type):
+        allowed = _init_keys(getattr(torch.optim, kind))
+    else:
+        return None
+    return _unknown(f"optimizer.params ({kind})", params, allowed) if isinstance(params, dict) else None
+
+
+def scheduler_problem(section: object) -> str | None:
+    """A DeepSpeed `scheduler` section of an unknown type or with a key its class does not take, as one line."""
+    from deepspeed.runtime import lr_schedules
+
+    if not isinstance(section, dict):
+        return f"'scheduler' must be an object with \"type\" and \"params\", got {json.dumps(section)}"
+    if problem := _unknown("scheduler", section, ("type", "params")):
+        return problem
+    kind = section.get("type")
+    if kind not in lr_schedules.VALID_LR_SCHEDULES:
+        close = difflib.get_close_matches(str(kind), lr_schedules.VALID_LR_SCHEDULES, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(lr_schedules.VALID_LR_SCHEDULES)})"
+        return f"scheduler.type {json.dumps(kind)} is not a DeepSpeed scheduler{hint}"
+    params = section.get("params") or {}
+    if not isinstance(params, dict):
+        return f"scheduler.params must be an object, got {json.dumps(params)}"
+    return _unknown(f"scheduler.params ({kind})", params, _init_keys(getattr(lr_schedules, kind)))

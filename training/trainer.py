@@ -24,7 +24,7 @@ from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
 from models.attention import set_attn_implementation
 from models.convert import family_of
 from models.cost import LoraShape, Setup, fused_rms_norm, stage_memory
-from models.lora import LORA_FILE, apply_lora, load_adapter_into, lora_info, parse_lora
+from models.lora import LORA_FILE, apply_lora, base_fingerprint, load_adapter_into, lora_info, parse_lora
 from models.pipeline import parts_of
 from models.quant import base_memory, logical_numel, parse_quantization, quantized_specs
 from models.wgrad import WeightGradStore, defer_in_engine, deferred_micro_batches, defers, make_deferrable
@@ -168,7 +168,8 @@ class Trainer(RunDirectory):
             self._wrap_model_step()
         extra = {RUN_CONFIG_FILE: json.dumps(cfg.raw)}
         if self.lora:
-            extra[LORA_FILE] = lora_info(self.lora, cfg.model_path, self.quant and self.quant.as_config())
+            extra[LORA_FILE] = lora_info(self.lora, cfg.model_path, self.quant and self.quant.as_config(),
+                                         base_fingerprint(cfg.model_path) if self.rank == 0 else None)  # rank 0 writes it
         self.ckpts = Checkpoints(cfg.save_path, self.rank, cfg.keep_last, cfg.keep_best, trainable_only=self.lora is not None,
                                  extra_files=extra, resume_how=resume_hint(cfg))
         start = self._prepare_save_path()
@@ -531,8 +532,9 @@ class Trainer(RunDirectory):
             return saved_at
         path = self.ckpts.save(self.engine, st)
         self.last_save_time = time.time()
+        how = " --lora peft|merge" if self.lora else ""  # a LoRA checkpoint needs it (adapter dir or merged model)
         self.log(f"saved checkpoint {path} (convert: {command('convert_model.py')} pp_to_hg --input-path {path.parent} "
-                 f"--save-path HF_DIR)")
+                 f"--save-path HF_DIR{how})")
         return st.step
 
     def close(self, failed: bool = False) -> None:

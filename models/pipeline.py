@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import json
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -48,6 +49,9 @@ def parse_topology(model_topo: dict | None, world_size: int) -> tuple[list[str],
     model_topo = model_topo or {}
     _unknown_keys("model_topo", model_topo, ("process_topology", "parts"))
     pt = model_topo.get("process_topology")
+    if pt is not None and not isinstance(pt, dict):
+        raise ModelConfigError('model_topo.process_topology must be an object {"axes": ["pipe", "data"], "dims": '
+                               f"[P, D]}}, got {json.dumps(pt)}")
     if isinstance(pt, dict):
         _unknown_keys("model_topo.process_topology", pt, ("axes", "axis", "dims"))
     if pt is None:

@@ -150,6 +150,20 @@ def test_a_resumed_run_appends_to_the_same_wandb_and_mlflow_runs(tmp_path, offli
     assert run.info.run_name == "run" and run.info.status == "FINISHED"
 
 
+def test_tokens_per_s_times_the_step_not_an_evaluation_or_save_after_the_last(tmp_path, capsys):
+    """A step's `step_s` (its data wait and train_batch) times its tokens/s and the progress line's; the time an
+    evaluation or checkpoint took between two steps does not count."""
+    import time
+
+    monitor = Monitor(tmp_path, 0, 4, 0, 2, "none")
+    for step in (1, 2):
+        time.sleep(0.2)  # an evaluation and a save
+        monitor.step({"step": step, "loss": 1.0, "lr": 0.1, "grad_norm": 0.5, "tokens": 100, "step_s": 0.01})
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["tokens_per_s"] for line in lines] == [10_000, 10_000]
+    assert "| 10,000 tok/s |" in capsys.readouterr().out
+
+
 def test_a_run_that_fails_is_marked_failed(tmp_path, offline):
     """Monitor.close(failed=True), as train_ds.py's run() closes on an exception: wandb exit code 1, MLflow FAILED."""
     monitor = Monitor(tmp_path, 0, 4, 0, 1, ["wandb", "mlflow"], {"max_steps": 4})
@@ -182,6 +196,7 @@ def test_report_to_every_tracker_holds_the_metrics_lines(tmp_path, ops_model, of
     save = tmp_path / "out"
     lines = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 3] and "eval_loss" in lines[-1]
+    assert all(line["tokens_per_s"] == pytest.approx(line["tokens"] / line["step_s"], rel=1e-3) for line in lines[:3])
     want = series_of(lines)
     assert {"train/loss", "train/tokens_per_s", "memory/peak_gib_stage1", "eval/loss", "eval/ppl"} <= set(want)
 

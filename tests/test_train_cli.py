@@ -64,6 +64,8 @@ CASES = {  # name -> (config overrides, expected text)
     "wall clock": ({"wall_clock_breakdown": True}, "'wall_clock_breakdown' true stops DeepSpeed's pipeline engine"),
     "batch sizes": ({"train_batch_size": 3}, "train_batch_size 3 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 2 x data-parallel size 1"),
     "dims": ({"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}}}, "needs 2 processes but 1 were started"),
+    "topology a list": ({"model_topo": {"process_topology": [2, 1]}}, 'model_topo.process_topology must be an object '
+                        '{"axes": ["pipe", "data"], "dims": [P, D]}, got [2, 1]'),
     "parts": ({"model_topo": {"parts": [7]}}, "model_topo.parts [7] sums to 7 but the model has 6 pipeline units"),
     "no optimizer": ({"optimizer": None}, "missing DeepSpeed 'optimizer' section"),
     "split without packing": ({"split_long_pretrain": True}, "'split_long_pretrain' needs 'packing': true"),

@@ -27,13 +27,7 @@ from models.quant import parse_quantization, saved_quantization
 from pipeft import command
 from training.checkpoint import STATE_FILE
 from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
-from training.optim import (
-    build_lion,
-    no_decay_patterns,
-    optimizer_key_problem,
-    parse_lr_schedule,
-    scheduler_problem,
-)
+from training.optim import build_lion, no_decay_patterns, optimizer_key_problem, parse_lr_schedule, scheduler_problem
 from training.resume import RUN_CONFIG_FILE, config_changes, read_run_config, refusals, resume_tag
 from training.runlock import JOB_FILE, LockError, UnknownStart, check_unlocked, launch_job, restarted_job
 from training.trackers import parse_report_to

@@ -74,8 +74,8 @@ class Monitor:
                  report_to: str | list[str] = "tensorboard", config: dict | None = None):
         self.active, self.total, self.log_interval = rank == 0, total_steps, log_interval
         self.metrics_path = save_path / "metrics.jsonl"
-        self.t0 = self.last = self.last_step = time.time()
-        self.start, self.window_tokens = start_step, 0
+        self.t0 = self.last_step = time.time()
+        self.start, self.window_tokens, self.window_s = start_step, 0, 0.0
         self.trackers, self.bar = {}, None
         if not self.active:
             return
@@ -109,13 +109,17 @@ class Monitor:
                 del self.trackers[name]
 
     def step(self, rec: dict, peaks: list[float] | None = None) -> None:
-        """One finished step's record (metrics.jsonl line with this step's tokens_per_s, trackers, progress)."""
+        """One finished step's record (metrics.jsonl line with this step's tokens_per_s, trackers, progress). Its
+        `step_s` (the data wait and the step, without an evaluation or save after it) times tokens/s, else the time
+        since the last step."""
         if not self.active:
             return
         now = time.time()
-        self.write({**rec, "tokens_per_s": round(rec["tokens"] / max(now - self.last_step, 1e-9), 2)})
-        step, self.window_tokens, self.last_step = rec["step"], self.window_tokens + rec["tokens"], now
-        tok_s = self.window_tokens / max(now - self.last, 1e-9)
+        secs = max(rec.get("step_s") or now - self.last_step, 1e-9)
+        self.write({**rec, "tokens_per_s": round(rec["tokens"] / secs, 2)})
+        step, self.last_step = rec["step"], now
+        self.window_tokens, self.window_s = self.window_tokens + rec["tokens"], self.window_s + secs
+        tok_s = self.window_tokens / self.window_s
         done = step - self.start
         if self.bar is not None:
             self.bar.update(1)
@@ -127,7 +131,7 @@ class Monitor:
                 mem = f" | peak mem {fmt_bytes(max(peaks))}" if peaks else ""
                 self.print(f"step {step}/{self.total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e}{norm} | "
                            f"{tok_s:,.0f} tok/s{mem} | elapsed {hms(now - self.t0)} | eta {hms(eta)}")
-            self.last, self.window_tokens = now, 0
+            self.window_tokens, self.window_s = 0, 0.0
 
     def close(self, failed: bool = False) -> None:
         """End the progress bar and the trackers' runs (`failed`: the run stopped on an error)."""

@@ -450,6 +450,7 @@ class Trainer(RunDirectory):
             self._use_length(length)
             lr = self.engine.get_lr()[0]  # the lr this update applies (the scheduler steps inside train_batch)
             loss = float(self.engine.train_batch(data_iter=iter(batches)))
+            step_s = time.perf_counter() - wait  # the data wait and the step: not an evaluation or a save after it
             st.step = step + 1
             epoch, in_epoch = self.plan.position(step)
             idx = self.plan.global_indices(epoch, in_epoch, real=True)
@@ -460,7 +461,7 @@ class Trainer(RunDirectory):
             rec = {"step": st.step, "loss": loss, "lr": lr, "grad_norm": norm,
                    "tokens": int(self.lengths[idx].sum()), "trained_tokens": int(self.tokens[idx].sum()),
                    "samples": int(self.samples_per_row[idx].sum()), "sequences": len(idx), "epoch": epoch,
-                   "seq_len": length, "data_s": round(data_s, 6)}
+                   "seq_len": length, "data_s": round(data_s, 6), "step_s": round(step_s, 6)}
             if not self.engine._step_applied:
                 rec["skipped"] = True
             if bad:

@@ -23,6 +23,7 @@ from .wgrad import deferred_micro_batches, defers
 CE_COST_PER_VOCAB = 64
 REDUCE_BUCKET = 500_000_000  # DeepSpeed flattens gradients in buckets of this many elements to reduce them
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit weights + one fp32 absmax per 64-weight block (bitsandbytes NF4, no double quant)
+NF4_DQ_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # double quant: 8-bit absmax per block, an fp32 one per 256 of those
 GPU_OVERHEAD = 1.5 * 2**30  # CUDA context, NCCL buffers (not in max_memory_allocated, but in the device's memory)
 GPU_FRAGMENTATION = 0.05  # the caching allocator's slack, as a share of the allocated bytes (assumed, not measured)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -56,6 +57,7 @@ class Setup:
     grad_ckpt: bool = False
     lora: LoraShape | None = None
     quantization: str | None = None  # "nf4": 4-bit frozen block weights (QLoRA); needs lora
+    double_quant: bool = False  # bnb_4bit_use_double_quant: the block scales quantized too (NF4_DQ_BYTES)
     defer_wgrad: bool = True  # full fine-tuning without checkpointing: later stages defer weight gradients (wgrad.py)
     overhead_bytes: tuple[float, ...] = ()  # per stage, measured by the caller (CPU: the process before the model);
     # empty: a GPU's stated overhead (GPU_OVERHEAD + GPU_FRAGMENTATION of the rest)
@@ -145,6 +147,13 @@ def unit_params(family, config) -> list[UnitParams]:
     return units
 
 
+def stage_params(units: list[UnitParams], idx: range, tied: bool) -> tuple[int, int]:
+    """(parameters, block linear weights) a stage holding units `idx` builds, as DeepSpeed does: the head unit of a
+    tied model counts the shared embedding (built on its stage too), but a stage holding both ends builds it once."""
+    total = sum(units[u].total for u in idx) - (units[0].total if tied and 0 in idx and len(units) - 1 in idx else 0)
+    return total, sum(units[u].linear for u in idx)
+
+
 def lora_params(family, config, lora: LoraShape) -> int:
     """Adapter parameters of one block: r x (in + out) per targeted linear."""
     _, linears = _block_shapes(family, config)
@@ -155,7 +164,7 @@ def _largest_param(family, config, units: list[UnitParams], idx: range, full: bo
     """Elements of the largest trainable tensor among units `idx` (full fine-tuning; LoRA: an adapter, small)."""
     if not full:
         return 0
-    h, _, _, _ = _dims(config)
+    h = config.hidden_size
     sizes = [max(i * o for i, o in _block_shapes(family, config)[1].values()) if 0 < u < len(units) - 1
              else units[u].total for u in idx]
     return max([0, *sizes]) if not any(u == len(units) - 1 for u in idx) else max([config.vocab_size * h, *sizes])
@@ -164,9 +173,9 @@ def _largest_param(family, config, units: list[UnitParams], idx: range, full: bo
 def unit_costs(family, config, seq_len: int | None = None) -> list[float]:
     """Per-token multiply-adds per unit, the auto-balance weights (the embedding is a lookup). A block: its
     matmul parameters, plus causal attention's scores and weighted sum at `seq_len` tokens (QK^T and AV,
-    2 x T x hidden over the full square, half of it causal: T x hidden). The head: hidden x vocab, plus the
+    2 x T x heads x head_dim over the full square, half of it causal: T x heads x head_dim). The head: hidden x vocab, plus the
     cross-entropy's elementwise work over the vocabulary (CE_COST_PER_VOCAB per logit)."""
-    block = _block_shapes(family, config)[0] + (seq_len or 0) * config.hidden_size
+    block = _block_shapes(family, config)[0] + (seq_len or 0) * _dims(family, config)[2]
     head = config.hidden_size * config.vocab_size + CE_COST_PER_VOCAB * config.vocab_size
     return [0.0] + [float(block)] * family.num_blocks(config) + [float(head)]
 
@@ -174,12 +183,15 @@ def unit_costs(family, config, seq_len: int | None = None) -> list[float]:
 # ---------------------------------------------------------------------------------------------- activations
 
 
-def _dims(config) -> tuple[int, int, int, int]:
-    h = config.hidden_size
-    heads = config.num_attention_heads
-    kv = h * getattr(config, "num_key_value_heads", heads) // heads
-    inter = getattr(config, "intermediate_size", None) or 4 * h
-    return h, heads, kv, inter
+def _dims(family, config) -> tuple[int, int, int, int, int]:
+    """(hidden, heads, query width, key / value width, MLP width), the widths from the block's real linears (a
+    model's heads x head_dim need not equal its hidden size)."""
+    h, heads = config.hidden_size, config.num_attention_heads
+    linears = _block_shapes(family, config)[1]
+    if "query_key_value" in linears:  # Bloom: fused QKV, heads x (hidden / heads)
+        q = kv = linears["query_key_value"][1] // 3
+        return h, heads, q, kv, linears["dense_h_to_4h"][1]
+    return h, heads, linears["q_proj"][1], linears["k_proj"][1], linears["gate_proj"][1]
 
 
 def block_activation_bytes(family, config, seq_len: int, b: int, lora: LoraShape | None, mask_bytes: int = 1,
@@ -189,7 +201,7 @@ def block_activation_bytes(family, config, seq_len: int, b: int, lora: LoraShape
     (`mask_bytes` an element: 1, the bool mask of CUDA's fused dropout; on the CPU, b: torch multiplies by a mask in
     the compute dtype there). `fused_norm`: RMSNorm is torch's fused kernel (CUDA; it saves its input and the
     reciprocal RMS), else torch's composite (the CPU)."""
-    h, heads, kv, inter = _dims(config)
+    h, heads, q, kv, inter = _dims(family, config)
 
     def linear_inputs(names: tuple[str, ...], width: int) -> float:
         if lora is None:
@@ -204,17 +216,19 @@ def block_activation_bytes(family, config, seq_len: int, b: int, lora: LoraShape
         attn = 4 * heads * seq_len + (b * heads * seq_len if b != 4 else 0)  # softmax output + its cast
         saved = (b * h + 8  # ln1 input, mean / rstd
                  + linear_inputs(("query_key_value",), h)
-                 + 3 * b * h + attn  # q, k, v head-major copies
-                 + linear_inputs(("dense",), h)
+                 + 3 * b * q + attn  # q, k, v head-major copies
+                 + linear_inputs(("dense",), q)
                  + b * h + 8 + linear_inputs(("dense_h_to_4h",), h)  # ln2
-                 + 4 * b * h + linear_inputs(("dense_4h_to_h",), 4 * h))  # GELU input, its output
+                 + b * inter + linear_inputs(("dense_4h_to_h",), inter))  # GELU input, its output
         return saved + adapters
     # Llama: RMSNorm (fused: its input, 1 / rms; composite: in fp32, its input and the normalised product the weight
     # multiplies), SDPA (q, k, v, output, logsumexp), SwiGLU
     norm = _rms_norm_bytes(h, b, lora is None, fused_norm)
     saved = (2 * norm + linear_inputs(("q_proj", "k_proj", "v_proj"), h) + linear_inputs(("gate_proj", "up_proj"), h)
-             + b * (h + 2 * kv) + b * h + 4 * heads  # rotated q, k, v, output, logsumexp
-             + linear_inputs(("o_proj",), h)
+             + b * (q + 2 * kv) + b * q + 4 * heads  # rotated q, k, v, output, logsumexp
+             # o_proj reads the attention output itself ([B, T, heads, D] from SDPA / flash: one storage); only
+             # LoRA's dropout makes new tensors of it
+             + (linear_inputs(("o_proj",), q) if lora is not None and lora.dropout > 0 else 0.0)
              + 3 * b * inter + linear_inputs(("down_proj",), inter))  # gate, SiLU out, up, product
     return saved + adapters
 
@@ -289,15 +303,14 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
         idx = range(start, start + k)
         blocks = sum(1 for u in idx if 0 < u < n_units - 1)
         has_head, has_embed = n_units - 1 in idx, 0 in idx
-        total = sum(units[u].total for u in idx) + (units[0].total if tied and has_head and not has_embed else 0)
-        linear = sum(units[u].linear for u in idx)
+        total, linear = stage_params(units, idx, tied)
         trainable = total if s.lora is None else blocks * adapters
         total += 0 if s.lora is None else blocks * adapters
         if counts is not None:
             total, trainable = counts[stage]
         # weights: NF4 block linears (QLoRA), everything else in the compute dtype
         frozen_q = linear if s.quantization == "nf4" else 0
-        weights = (total - frozen_q) * b + frozen_q * NF4_BYTES
+        weights = (total - frozen_q) * b + frozen_q * (NF4_DQ_BYTES if s.double_quant else NF4_BYTES)
         half = b == 2
         grads = trainable * (b + 4 if half else 4)  # half: the bf16 .grad and the fp32 accumulation buffer
         shard = s.data if s.zero_stage >= 1 else 1
@@ -350,12 +363,14 @@ class Throughput:
 
     stage_costs: list[float] = field(default_factory=list)  # per stage, per token, forward + backward (+ recompute)
     bubble: float = 0.0
-    efficiency: float = 0.0  # useful work / (devices x step time): balance x (1 - bubble)
+    efficiency: float = 0.0  # useful work / (devices x step time): the recompute is not useful work
 
 
 def throughput(family, config, setup: Setup, parts: list[int]) -> Throughput:
-    """Per-stage work (forward 1 + backward 2, + 1 forward of the blocks when checkpointed) and the efficiency the
-    partition and the bubble leave: ideal (all work spread evenly) over the slowest stage's step."""
+    """Per-stage work (forward 1 + backward 2, + 1 forward of the blocks when checkpointed) and the efficiency:
+    the useful work (3 x every unit's cost; a recompute is not useful) over pipe x the slowest stage's work, times
+    (1 - bubble). On a fixed number of devices it is proportional to the modelled tokens per second, so layouts rank
+    by it."""
     costs = unit_costs(family, config, setup.seq_len)
     per, start = [], 0
     for k in parts:
@@ -363,5 +378,5 @@ def throughput(family, config, setup: Setup, parts: list[int]) -> Throughput:
         per.append(3 * sum(costs[start:start + k]) + (blocks if setup.grad_ckpt else 0))
         start += k
     b = bubble(setup.pipe, setup.grad_accum)
-    eff = (sum(per) / setup.pipe) / max(per) * (1 - b) if max(per) > 0 else 0.0
+    eff = 3 * sum(costs) / (setup.pipe * max(per)) * (1 - b) if max(per) > 0 else 0.0
     return Throughput(per, b, eff)

@@ -87,6 +87,7 @@ def predicted_peaks(name: str, **over) -> list[float]:
                   precision="bf16" if (raw.get("bf16") or {}).get("enabled") else "fp32",
                   zero_stage=(raw.get("zero_optimization") or {}).get("stage", 0),
                   quantization=(raw.get("quantization") or {}).get("bnb_4bit_quant_type"),
+                  double_quant=bool((raw.get("quantization") or {}).get("bnb_4bit_use_double_quant", False)),
                   lora=LoraShape(lora.r, lora.target_modules, lora.dropout) if lora else None)
     setup = dataclasses.replace(setup, **over)
     parts = raw["model_topo"]["parts"]

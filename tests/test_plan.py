@@ -3,8 +3,10 @@ measured per-stage peak of real 2-stage CPU runs (full, LoRA, activation checkpo
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+import re
 
 import pytest
 
@@ -42,7 +44,9 @@ def test_published_configs_fit_8x40gb_and_lora_qlora_need_less(raw, tmp_path, ca
     lora = LoraShape(16, family.lora_targets)
     full, lo, q = (stage_memory(family, config, s, best["parts"]) for s in
                    (setup, Setup(**{**setup.__dict__, "lora": lora}), Setup(**{**setup.__dict__, "lora": lora, "quantization": "nf4"})))
-    assert all(f.total > a.total > b.total for f, a, b in zip(full, lo, q, strict=True))
+    n = len(family.unit_sizes(config))
+    for f, a, b in zip(full, lo, q, strict=True):  # a stage without blocks (Bloom's head alone) has nothing to quantize
+        assert f.total > a.total > b.total or (f.total > a.total == b.total and f.units[0] == f.units[1] == n - 1)
     assert sum(m.weights for m in q) < 0.6 * sum(m.weights for m in lo)  # 4-bit block weights (embeddings stay bf16)
 
 
@@ -56,7 +60,7 @@ def test_the_readmes_planner_example_is_what_it_prints(tmp_path, capsys):
     assert plan_main(["--model-config", str(tmp_path / "config.json"), "--gpus", "8", "--gpu-memory", "40GB",
                       "--max-seq-len", "1024"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert len(block.splitlines()) == 5 and all(line in printed for line in block.splitlines()), (block, printed)
+    assert len(block.splitlines()) == 6 and all(line in printed for line in block.splitlines()), (block, printed)
 
 
 def test_what_cannot_fit_says_what_would():
@@ -71,6 +75,12 @@ def test_what_cannot_fit_says_what_would():
 def test_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps(LLAMA2_7B))
     for argv, text in ((["--gpu-memory", "lots"], "--gpu-memory: 'lots' is not a size"),
+                       (["--gpu-memory", "40G"], "'40G' is not a size such as 40GB or 80GiB (GB or GiB?)"),
+                       (["--gpu-memory", "40I"], "'40I' is not a size"), (["--gpu-memory", "40GI"], "(GB or GiB?)"),
+                       (["--gpu-memory", "40"], "'40' is not a size such as 40GB or 80GiB (a unit is needed)"),
+                       (["--max-seq-len", "8192"], "--max-seq-len 8192 is above what the model's positions cover "
+                                                   "(4096, max_position_embeddings)"),
+                       (["--double-quant"], "--double-quant needs --quantization nf4"),
                        (["--gpus", "6", "--nodes", "4"], "--gpus 6 is not a multiple of --nodes 4")):
         args = ["--model-config", str(tmp_path / "c.json"), "--gpus", "8", "--gpu-memory", "40GB", *argv]
         assert plan_main(args) == 2
@@ -83,17 +93,19 @@ LORA_ALL = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
 
 
 @pytest.mark.parametrize("family,name,lora", [
-    ("llama", "gqa_tied", None), ("llama", "gqa_tied", {**LORA_QV, "dropout": 0.0}),
+    ("llama", "gqa_tied", None), ("llama", "head_dim_4", None), ("llama", "head_dim_48", {**LORA_ALL, "dropout": 0.0}),
+    ("llama", "gqa_tied", {**LORA_QV, "dropout": 0.0}),
     ("llama", "gqa_tied", {**LORA_QV, "dropout": 0.05}), ("llama", "gqa_tied", {**LORA_ALL, "dropout": 0.0}),
     ("llama", "gqa_tied", {**LORA_ALL, "dropout": 0.05}), ("bloom", "untied", None),
     ("bloom", "untied", {**LORA_ALL, "target_modules": ["query_key_value"], "dropout": 0.0}),
     ("bloom", "untied", {**LORA_ALL, "dropout": 0.05})],
-    ids=["llama-full", "llama-lora-qv", "llama-lora-qv-dropout", "llama-lora-all", "llama-lora-all-dropout",
+    ids=["llama-full", "llama-full-head-dim-4", "llama-lora-all-head-dim-48", "llama-lora-qv", "llama-lora-qv-dropout", "llama-lora-all", "llama-lora-all-dropout",
          "bloom-full", "bloom-lora-qkv", "bloom-lora-all-dropout"])
 def test_saved_tensors_of_the_blocks_are_the_models_activation_term(family, name, lora):
     """What autograd saves in the decoder blocks' forward (saved-tensor hooks, each storage once, parameters left
     out), 2 x 64 tokens, fp32, against n_blocks x block_activation_bytes x tokens (the CPU's dropout mask in the
-    compute dtype), within 10%: full fine-tuning, LoRA on some or all linears, with and without dropout."""
+    compute dtype), within 10%: full fine-tuning, LoRA on some or all linears, with and without dropout, and a
+    head_dim that makes heads x head_dim differ from the hidden size."""
     import torch
 
     from models.cost import block_activation_bytes
@@ -102,7 +114,8 @@ def test_saved_tensors_of_the_blocks_are_the_models_activation_term(family, name
     from tests.helpers import make_batch, tiny_config
 
     fam = get_family(family)
-    config = fam.prepare_config(tiny_config(family, name))
+    over = {"head_dim": int(name[9:])} if name.startswith("head_dim") else {}  # heads x head_dim != hidden (64)
+    config = fam.prepare_config(tiny_config(family, "gqa_tied" if over else name, **over))
     torch.manual_seed(0)
     seq = SequentialModel(fam.layer_specs(config))
     n, shape = fam.num_blocks(config), None
@@ -203,3 +216,137 @@ def test_predicted_stage_peaks_match_measured_cpu_runs(tmp_path, tokenizer):
     for _, _, pred, peak, overhead in report:
         assert abs(pred - peak) <= TOLERANCE * peak, text
         assert pred - overhead > 0.3 * (peak - overhead), text  # the model's own terms are predicted, not the overhead
+
+
+# ---------------------------------------------------------------------------------------------- the model's terms
+
+
+@pytest.mark.parametrize("family,name", [("llama", "gqa_tied"), ("bloom", "tied"), ("qwen2", "tied"), ("llama", "mha_bias_untied")])
+def test_stage_parameters_are_what_the_pipeline_builds(family, name):
+    """Per stage, the model's parameter count is what building that stage's specs (models.pipeline.build_specs, as
+    DeepSpeed's PipelineModule: a tied module once per stage that uses it) holds on the meta device: a tied
+    embedding on both end stages, once when one stage holds both; one stage holds exactly transformers' model."""
+    import torch
+
+    from models import plan_stages
+    from models.pipeline import build_specs
+    from tests.helpers import tiny_config
+
+    fam = get_family(family)
+    config = fam.prepare_config(tiny_config(family, name))
+    specs, sizes = fam.layer_specs(config), fam.unit_sizes(config)
+    n = len(sizes)
+    with torch.device("meta"):
+        hf = sum(p.numel() for p in fam.hf_model_class(config).parameters())
+    for parts in ([n], [1, n - 1], [n - 1, 1], [2, n - 2], [1, n - 2, 1]):
+        bounds = plan_stages(sizes, fam.unit_costs(config), len(parts), parts)
+        with torch.device("meta"):
+            built = [sum(p.numel() for m in build_specs(specs, a, b)[0].values() for p in m.parameters())
+                     for a, b in itertools.pairwise(bounds)]
+        mem = stage_memory(fam, config, Setup(1, 64, len(parts)), parts)
+        assert [m.params for m in mem] == built, parts
+    assert stage_memory(fam, config, Setup(1, 64, 1), [n])[0].params == hf
+
+
+def test_efficiency_counts_the_recompute_as_cost_not_work():
+    """Checkpointing recomputes the blocks' forward: it lengthens the step but adds no useful work, so the same
+    layout without it is faster (by the model's own rate: tokens per step over the step's time), and the planner,
+    ranking by efficiency, picks it where it fits (Llama-2-7B, 8 x 40 GB, 1024 tokens: 4 x 2 fits both ways)."""
+    from models.cost import throughput, unit_costs
+
+    family, config = _model(LLAMA2_7B)
+    parts, costs = [9, 8, 8, 9], unit_costs(family, config, 1024)
+    on, off = (throughput(family, config, Setup(1, 1024, 4, 2, 32, grad_ckpt=c), parts) for c in (True, False))
+    assert max(on.stage_costs) > max(off.stage_costs) and on.efficiency < off.efficiency
+    for tp in (on, off):  # useful work (3 x every unit) over pipe x the slowest stage, times (1 - bubble)
+        assert tp.efficiency == pytest.approx(3 * sum(costs) / (4 * max(tp.stage_costs)) * (1 - tp.bubble))
+    assert off.efficiency / on.efficiency == pytest.approx(max(on.stage_costs) / max(off.stage_costs))
+    best = plan(family, config, gpus=8, memory=GIB40, seq_len=1024)["best"]
+    assert (best["setup"].pipe, best["setup"].data, best["setup"].grad_ckpt) == (4, 2, False)
+
+
+def test_attention_widths_are_heads_times_head_dim():
+    """q / k / v / o and attention's cost take the block's real widths (heads x head_dim), not the hidden size."""
+    from models.cost import unit_costs
+    from tests.helpers import tiny_config
+
+    fam = get_family("llama")
+    for head_dim in (4, 16, 48):  # hidden 64, 4 heads
+        config = fam.prepare_config(tiny_config("llama", "gqa_tied", head_dim=head_dim))
+        short, long = unit_costs(fam, config, 128), unit_costs(fam, config, 1024)
+        assert long[1] - short[1] == (1024 - 128) * 4 * head_dim
+
+
+def test_double_quantization_is_what_bitsandbytes_stores():
+    """NF4 with bnb_4bit_use_double_quant stores 8-bit block scales (+ an fp32 scale per 256 of them): the model's
+    bytes per weight are bitsandbytes' own (quantized on the CPU), and a QLoRA stage's weights follow the setting."""
+    import dataclasses
+
+    import torch
+
+    from models.cost import NF4_BYTES, NF4_DQ_BYTES, LoraShape
+
+    family, config = _model(LLAMA2_7B)
+    setup = Setup(1, 1024, 4, lora=LoraShape(16, family.lora_targets), quantization="nf4")
+    plain, dq = (stage_memory(family, config, dataclasses.replace(setup, double_quant=d), [9, 8, 8, 9]) for d in (False, True))
+    linear = 8 * 4096 * (4 * 4096 + 3 * 11008)  # 8 blocks' linears
+    assert plain[1].weights - dq[1].weights == pytest.approx(linear * (NF4_BYTES - NF4_DQ_BYTES))
+    bnb = pytest.importorskip("bitsandbytes")
+    w = torch.randn(2048, 2048)
+    for double, predicted in ((False, NF4_BYTES), (True, NF4_DQ_BYTES)):
+        p = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=double, quant_type="nf4")
+        p = p._quantize("cpu") if hasattr(p, "_quantize") else p.to("cpu")
+        state, stored = p.quant_state, p.data.numel() * p.data.element_size()
+        for s in (state, getattr(state, "state2", None)):
+            stored += sum(t.numel() * t.element_size() for t in (getattr(s, "absmax", None), getattr(s, "offset", None))
+                          if t is not None) if s is not None else 0
+        assert stored / w.numel() == pytest.approx(predicted, abs=2e-4), double
+
+
+def _gib(text: str) -> float:
+    value, unit = text.split()
+    return float(value) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit] / 2**30
+
+
+def test_the_printed_split_adds_up_to_the_peak(tmp_path, capsys):
+    """Each printed stage row: weights + grads + optimizer + max(activations + logits, step buffer) + overhead is its
+    peak (to the printed rounding); small models print their parameters in full, not 0.00B; the default 2048 tokens
+    are clamped to a shorter model's position limit, with a note."""
+    from tests.helpers import tiny_config
+
+    for raw, memory in ((LLAMA2_7B, "40GB"), (BLOOM_7B1, "80GiB")):
+        (tmp_path / "c.json").write_text(json.dumps(raw))
+        assert plan_main(["--model-config", str(tmp_path / "c.json"), "--gpus", "8", "--gpu-memory", memory]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        header = next(line for line in lines if line.lstrip().startswith("stage |"))
+        assert "step buffer" in header and "peak = weights + grads + optimizer + max(activations + logits, step " \
+            "buffer) + overhead" in "\n".join(lines)
+        names = [c.strip() for c in header.split("|")]
+        rows = [dict(zip(names, (c.strip() for c in line.split("|")), strict=True)) for line in lines
+                if line.lstrip()[:1].isdigit() and line.count("|") == len(names) - 1]
+        assert rows
+        for r in rows:
+            act = _gib(r["activations (in flight)"].rsplit(" (", 1)[0])
+            total = sum(_gib(r[k]) for k in ("weights", "grads", "optimizer", "overhead"))
+            total += max(act + _gib(r["logits"]), _gib(r["step buffer"]))
+            assert total == pytest.approx(_gib(r["peak"]), abs=0.3), r
+    config = tiny_config("llama", "gqa_tied", max_position_embeddings=512)
+    (tmp_path / "t.json").write_text(json.dumps({**config.to_dict(), "model_type": "llama"}))
+    assert plan_main(["--model-config", str(tmp_path / "t.json"), "--gpus", "1", "--gpu-memory", "4GB"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert re.match(r"llama, \d{3},\d{3} parameters;", first), first  # exact, not 0.00B
+    assert "512 tokens (the model's limit, max_position_embeddings; default 2048)" in first, first
+
+
+def test_the_readmes_bloom_plan_is_what_it_plans():
+    """README "Planning": the Bloom-7b1 sentence (8 x 40 GB, 1024 tokens) is the planner's best layout and peaks."""
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    m = re.search(r"Bloom-7b1 \(vocab 250880, tied\): (\d+) x (\d+), parts `\[([\d, ]+)\]`, (no )?checkpointing, "
+                  r"peaks ([\d.]+)-([\d.]+) GiB", readme)
+    family, config = _model(BLOOM_7B1)
+    best = plan(family, config, gpus=8, memory=GIB40, seq_len=1024)["best"]
+    peaks = [round(x.total / 2**30, 1) for x in best["memory"]]
+    assert m and (int(m[1]), int(m[2]), [int(x) for x in m[3].split(",")], not m[4], float(m[5]), float(m[6])) == \
+        (best["setup"].pipe, best["setup"].data, best["parts"], best["setup"].grad_ckpt, min(peaks), max(peaks))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from models.cost import LoraShape, Setup, stage_memory, throughput
 from models.pipeline import balance
-from training.monitor import fmt_bytes
+from training.monitor import fmt_bytes, fmt_count
 
-UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 
 
@@ -27,9 +27,13 @@ class PlanError(ValueError):
 
 
 def parse_bytes(text: str) -> float:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not m or float(m.group(1)) <= 0:
-        raise PlanError(f"--gpu-memory: {text!r} is not a size such as 40GB or 80GiB")
+    """Bytes in a size such as 40GB (decimal) or 80GiB (binary); a bare number or another unit is refused."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Z]*)\s*", text.upper())
+    if not m or float(m.group(1)) <= 0 or m.group(2) not in UNITS:
+        unit = m.group(2)[:1] if m else ""
+        hint = (" (a unit is needed)" if m and not m.group(2) else
+                f" ({unit}B or {unit}iB?)" if m and m.group(2) in (unit, unit + "I") and unit in "KMGT" else "")
+        raise PlanError(f"--gpu-memory: {text!r} is not a size such as 40GB or 80GiB{hint}")
     return float(m.group(1)) * UNITS[m.group(2)]
 
 
@@ -107,10 +111,11 @@ def _stage_fits(family, config, setup: Setup, stage: int, a: int, b: int, memory
 
 
 def plan(family, config, gpus: int, memory: float, seq_len: int, precision: str = "bf16", lora: bool = False,
-         quantization: str | None = None, global_tokens: int | None = None, lora_r: int = 16) -> dict:
+         quantization: str | None = None, global_tokens: int | None = None, lora_r: int = 16,
+         double_quant: bool = False) -> dict:
     """The planner's answer: {"fits": bool, "best": candidate | None, "candidates": [...], "would_fit": [...]}."""
     shape = LoraShape(lora_r, family.lora_targets) if lora or quantization else None
-    base = Setup(1, seq_len, 1, precision=precision, lora=shape, quantization=quantization)
+    base = Setup(1, seq_len, 1, precision=precision, lora=shape, quantization=quantization, double_quant=double_quant)
     seqs = max(1, math.ceil((global_tokens or 64 * seq_len) / seq_len))
     found = candidates(family, config, base, gpus, memory, seqs)
     answer = {"fits": bool(found), "best": found[0] if found else None, "candidates": found, "would_fit": []}
@@ -131,12 +136,25 @@ def plan(family, config, gpus: int, memory: float, seq_len: int, precision: str 
     return answer
 
 
+def seq_len_for(family, config, asked: int | None) -> tuple[int, str]:
+    """(tokens per row, a note): `asked`, refused above the model's position limit; unset, 2048 clamped to it."""
+    limit, how = family.max_positions(config)
+    if asked is not None:
+        if limit is not None and asked > limit:
+            raise PlanError(f"--max-seq-len {asked} is above what the model's positions cover ({limit}, {how})")
+        return asked, ""
+    if limit is not None and limit < 2048:
+        return limit, f" (the model's limit, {how}; default 2048)"
+    return 2048, ""
+
+
 def to_json(c: dict) -> dict:
     s = c["setup"]
     return {"pipe": s.pipe, "data": s.data, "parts": c["parts"], "micro_batch": s.micro_batch,
             "gradient_accumulation_steps": s.grad_accum, "use_grad_ckpt": s.grad_ckpt,
             "zero_stage": s.zero_stage, "offload_optimizer": s.offload, "precision": s.precision,
-            "lora": s.lora is not None, "quantization": s.quantization, "max_seq_len": s.seq_len,
+            "lora": s.lora is not None, "quantization": s.quantization, "double_quant": s.double_quant,
+            "max_seq_len": s.seq_len,
             "stage_memory_bytes": [round(m.total) for m in c["memory"]],
             "stage_memory": [{k: v for k, v in m.as_dict().items() if k != "heap"} for m in c["memory"]],
             "bubble": c["throughput"].bubble, "efficiency": c["throughput"].efficiency}
@@ -153,6 +171,10 @@ def snippet(c: dict) -> dict:
         out |= {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
     if s.lora is not None:
         out["lora"] = {"r": s.lora.r, "alpha": 2 * s.lora.r, "target_modules": "all-linear"}
+    if s.quantization is not None:
+        out["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": s.quantization,
+                               "bnb_4bit_use_double_quant": s.double_quant,
+                               "bnb_4bit_compute_dtype": {"bf16": "bfloat16", "fp16": "float16"}.get(s.precision, "float32")}
     return out
 
 
@@ -164,38 +186,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", type=int, required=True, help="devices in all")
     ap.add_argument("--gpu-memory", required=True, help="memory per device, e.g. 40GB, 80GiB")
     ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--max-seq-len", type=int, default=2048)
+    ap.add_argument("--max-seq-len", type=int, help="tokens per row (default 2048, or the model's limit if lower)")
     ap.add_argument("--lora", action="store_true", help="LoRA (r 16, all linear layers of every block)")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--quantization", choices=["nf4"], help="QLoRA: 4-bit NF4 frozen block weights + LoRA")
+    ap.add_argument("--double-quant", action="store_true", help="with --quantization: bnb_4bit_use_double_quant")
     ap.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     ap.add_argument("--global-batch-tokens", type=int, help="tokens per optimizer step (default 64 sequences)")
     ap.add_argument("--json", action="store_true", help="one JSON object")
     args = ap.parse_args(argv)
     try:
         for key in ("gpus", "nodes", "max_seq_len", "lora_r"):
-            if getattr(args, key) < 1:
+            if getattr(args, key) is not None and getattr(args, key) < 1:
                 raise PlanError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
         if args.gpus % args.nodes:
             raise PlanError(f"--gpus {args.gpus} is not a multiple of --nodes {args.nodes}")
         if args.global_batch_tokens is not None and args.global_batch_tokens < 1:
             raise PlanError(f"--global-batch-tokens must be >= 1, got {args.global_batch_tokens}")
+        if args.double_quant and not args.quantization:
+            raise PlanError("--double-quant needs --quantization nf4")
         memory = parse_bytes(args.gpu_memory)
         family, config = load_model(args.model_config, args.model_path)
+        args.max_seq_len, note = seq_len_for(family, config, args.max_seq_len)
     except (PlanError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ans = plan(family, config, args.gpus, memory, args.max_seq_len, args.precision, args.lora, args.quantization,
-               args.global_batch_tokens, args.lora_r)
+               args.global_batch_tokens, args.lora_r, args.double_quant)
     if args.json:
         best = ans["best"]
         print(json.dumps({"fits": ans["fits"], **(to_json(best) if best else {}), "config": snippet(best) if best else None,
                           "topologies": sorted({(c["setup"].pipe, c["setup"].data) for c in ans["candidates"]}),
                           "would_fit": ans["would_fit"]}))
         return 0 if ans["fits"] else 1
-    what = f"{config.model_type}, {sum(m.params for m in stage_memory(family, config, Setup(1, args.max_seq_len, 1), [len(family.unit_sizes(config))]))/1e9:.2f}B parameters"
-    print(f"{what}; {args.gpus} x {fmt_bytes(memory)} ({args.nodes} node{'s' if args.nodes > 1 else ''}), "
-          f"{args.max_seq_len} tokens, {args.precision}{', LoRA' if args.lora else ''}{', NF4' if args.quantization else ''}")
+    params = stage_memory(family, config, Setup(1, args.max_seq_len, 1), [len(family.unit_sizes(config))])[0].params
+    print(f"{config.model_type}, {fmt_count(params)} parameters; {args.gpus} x {fmt_bytes(memory)} ({args.nodes} "
+          f"node{'s' if args.nodes > 1 else ''}), {args.max_seq_len} tokens{note}, {args.precision}"
+          f"{', LoRA' if args.lora else ''}{', NF4' if args.quantization else ''}"
+          f"{' (double quant)' if args.double_quant else ''}")
     if not ans["fits"]:
         print(f"does not fit on {args.gpus} x {fmt_bytes(memory)}, even with activation checkpointing and the optimizer "
               "offloaded to CPU; would fit: " + ("; ".join(ans["would_fit"]) or "nothing tried (more memory per GPU)"))
@@ -209,16 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     best = ans["best"]
     s, tp = best["setup"], best["throughput"]
     per_node = args.gpus // args.nodes
-    print(f"best: {s.pipe} stages x {s.data} replicas, parts {best['parts']}, micro-batch {s.micro_batch} x "
+    print(f"best: {s.pipe} stage{'s' * (s.pipe > 1)} x {s.data} replica{'s' * (s.data > 1)}, parts {best['parts']}, micro-batch {s.micro_batch} x "
           f"{s.grad_accum} accumulation, activation checkpointing {'on' if s.grad_ckpt else 'off'}, ZeRO-1"
           f"{' + optimizer offload to CPU' if s.offload else ''}; bubble {tp.bubble:.1%}, efficiency {tp.efficiency:.1%}"
           + (f" (data-parallel groups span nodes: {s.data} replicas > {per_node} GPUs per node)" if s.data > per_node else ""))
-    print("  stage | units   | params | weights | grads | optimizer | activations (in flight) | logits | overhead | peak")
+    print("  stage | units   | params | weights | grads | optimizer | activations (in flight) | logits | step buffer "
+          "| overhead | peak")
     for i, m in enumerate(best["memory"]):
-        print(f"  {i:5d} | {m.units[0]:3d}..{m.units[1]:<3d} | {m.params / 1e9:5.2f}B | {fmt_bytes(m.weights):>9} | "
+        print(f"  {i:5d} | {m.units[0]:3d}..{m.units[1]:<3d} | {fmt_count(m.params):>6} | {fmt_bytes(m.weights):>9} | "
               f"{fmt_bytes(m.gradients):>9} | {fmt_bytes(m.optimizer):>9} | {fmt_bytes(m.activations):>9} ({m.in_flight}) | "
-              f"{fmt_bytes(m.logits):>9} | {fmt_bytes(m.overhead):>9} | {fmt_bytes(m.total)}"
+              f"{fmt_bytes(m.logits):>9} | {fmt_bytes(m.step_buffer):>9} | {fmt_bytes(m.overhead):>9} | {fmt_bytes(m.total)}"
               + (f" (+ {fmt_bytes(m.host)} in host memory)" if m.host else ""))
+    print("  peak = weights + grads + optimizer + max(activations + logits, step buffer) + overhead: the step buffer "
+          "(gradient reduction, after the backward) reuses the activations' memory")
     print("  overhead: CUDA context and NCCL (1.5 GiB) + 5% allocator slack, assumed (not measured on a GPU here)")
     print("config keys to paste:\n" + json.dumps(snippet(best), indent=1))
     return 0

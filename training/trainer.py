@@ -280,18 +280,24 @@ class Trainer(RunDirectory):
                       "bf16" if e.bfloat16_enabled() else "fp16" if e.fp16_enabled() else "fp32",
                       e.zero_optimization_stage(), offload is not None and str(getattr(offload, "device", "none")).endswith("cpu"),
                       cfg.use_grad_ckpt, LoraShape(lo.r, lo.target_modules, lo.dropout) if lo else None,
-                      quantization="nf4" if self.quant is not None else None, defer_wgrad=cfg.defer_weight_grads,
+                      quantization="nf4" if self.quant is not None else None,
+                      double_quant=self.quant is not None and self.quant.double_quant, defer_wgrad=cfg.defer_weight_grads,
                       overhead_bytes=() if device != "cpu" else tuple(float(r[2]) for r in reporting),
                       fused_norm=fused_rms_norm(device))
         self.units = parts_of(self.family.unit_sizes(self.config), model.parts)
         mem = stage_memory(self.family, self.config, setup, self.units, counts=[tuple(r[:2]) for r in reporting])
         self.log(device_line())
         self.log(f"topology: {self.pp_size} pipeline stages x {self.dp_size} data-parallel replicas ({self.world} processes)")
+        how = ("activations + logits + step buffer" if setup.overhead_bytes else
+               "max(activations + logits, step buffer)")  # the CPU's heap keeps freed activation memory (models/cost.py)
         self.log(f"  stage | layers   | parameters (trainable)   | predicted peak memory per process at {cfg.micro_batch} x "
-                 f"{cfg.max_seq_len} tokens (weights + grads + optimizer + activations + logits + overhead)")
+                 f"{cfg.max_seq_len} tokens (weights + grads + optimizer + {how} + overhead)")
         for stage, m in enumerate(mem):
             lo_, hi = model.parts[stage], model.parts[stage + 1]
-            split = " + ".join(fmt_bytes(x) for x in (m.weights, m.gradients, m.optimizer, m.activations, m.logits, m.overhead))
+            live = f"{fmt_bytes(m.activations)} + {fmt_bytes(m.logits)}"
+            rest = f"{live} + {fmt_bytes(m.step_buffer)}" if m.heap else f"max({live}, {fmt_bytes(m.step_buffer)})"
+            split = " + ".join([fmt_bytes(m.weights), fmt_bytes(m.gradients), fmt_bytes(m.optimizer), rest,
+                                fmt_bytes(m.overhead)])
             self.log(f"  {stage:5d} | {lo_:3d}..{hi - 1:<3d} | {fmt_count(m.params):>10} ({fmt_count(m.trainable)}) | "
                      f"{fmt_bytes(m.total)} ({split}; {m.in_flight} micro-batches in flight)")
         self.log("  overhead: " + ("the process's resident memory before the model was built (measured)"

@@ -23,7 +23,7 @@ from models.hf_io import CheckpointError
 from models.pipeline import ModelConfigError
 from training.checkpoint import TrainingStopped
 from training.config import ConfigError, load_config
-from training.distributed import launch_env, master_port_problem
+from training.distributed import LaunchError, launch_env, master_port_problem
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="JSON or YAML config (DeepSpeed keys + project keys)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = ap.parse_args(argv)
-    launch_env()
+    try:
+        launcher = launch_env()
+    except LaunchError as e:
+        print(f"train_ds.py: error: {e}", file=sys.stderr)
+        return 2
     quiet = int(os.environ["LOCAL_RANK"]) != 0  # one copy of each error per node
     try:
         from launch.accelerator import install_from_env
@@ -40,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         for note in cfg.notes if int(os.environ.get("RANK", "0")) == 0 else []:  # one line per run
             print(f"train_ds.py: warning: {note}", file=sys.stderr)
-        if problem := master_port_problem():
+        if problem := master_port_problem(launcher):
             raise ConfigError(problem)
         from training.trainer import run
 
         run(cfg)
-    except (ConfigError, DataError, ModelConfigError, CheckpointError, TrainingStopped, AcceleratorError) as e:
+    except (ConfigError, DataError, ModelConfigError, CheckpointError, TrainingStopped, AcceleratorError,
+            LaunchError) as e:
         if not quiet:
             for line in str(e).splitlines():
                 print(f"train_ds.py: error: {line}", file=sys.stderr)

@@ -182,3 +182,39 @@ def test_torchrun_restarts_a_fresh_run_and_it_resumes(tmp_path, ops_model, ops_u
     assert "this is a restart of torchrun run r2, start 1 of it (this is start 2)" in out, out[-3000:]
     assert f"resumed from {save / 'global_step3'} at step 3" in out
     assert losses_of(save) == losses_of(ops_uninterrupted)
+
+
+def test_a_missing_node_ends_the_wait_in_one_line_and_sigterm_ends_it_at_once(tmp_path, ops_model):
+    """Rank 0 of 2 whose other node never starts: after dist_timeout_minutes one line naming the address and the
+    likely cause (was DeepSpeed's DistStoreError traceback after 30 minutes); a SIGTERM while it waits ends it at once
+    (its save-at-the-next-step handler, installed before the wait, kept it waiting out the timeout)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID",)}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1")
+
+    def start(timeout_minutes: float) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        cfg = ops_config(tmp_path, ops_model, f"cfg{port}.json", dist_timeout_minutes=timeout_minutes,
+                         save_path=str(tmp_path / f"out{port}"))
+        return subprocess.Popen([sys.executable, "train_ds.py", "--config", str(cfg)], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**env, "MASTER_PORT": str(port)}), port
+
+    proc, port = start(0.1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-2000:] + err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"train_ds.py: error: rank 0: the 2 processes did not all join at 127.0.0.1:{port} within "
+                           "dist_timeout_minutes 0.1 (did a process on another node fail to start? see its log)"), err
+    assert "Traceback" not in err
+
+    proc, port = start(30)
+    wait_for(lambda: _listening(port), proc, timeout=240)  # rank 0 serves the rendezvous store: it is waiting
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

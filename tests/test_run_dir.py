@@ -492,6 +492,53 @@ def test_a_busy_master_port_is_one_line(tmp_path, ops_model, monkeypatch, capsys
         "with --master_port set to a free port"]
 
 
+def test_the_busy_port_advice_follows_the_launcher_and_srun_hostlists_expand(tmp_path, ops_model, monkeypatch, capsys):
+    """Under srun (no RANK; SLURM_PROCID ...) the advice is MASTER_PORT, not deepspeed's flag; every bracket group of
+    the first host is expanded, as `scontrol show hostnames` does."""
+    import train_ds
+    from training.distributed import first_host
+
+    assert first_host("rack[1-2]-node[01-04],x") == "rack1-node01" and first_host("r[1-2]n[01-16]") == "r1n01"
+    assert first_host("gpu[03-05,09],cpu1") == "gpu03" and first_host("a-b[001-004]") == "a-b001"
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):  # recorded, so that what launch_env sets
+        monkeypatch.setenv(k, "0")  # from the SLURM variables is undone after the test
+        monkeypatch.delenv(k)
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        for k, v in {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0", "MASTER_ADDR": "127.0.0.1",
+                     "SLURM_STEP_NODELIST": "localhost", "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(k, v)
+        assert train_ds.main(["--config", str(ops_config(tmp_path, ops_model))]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"train_ds.py: error: MASTER_PORT {port} is already in use on this machine (another run?); export "
+        "MASTER_PORT=<a free port> before srun"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"},
+     "RANK is set but LOCAL_RANK is not: a launcher sets all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and "
+     "MASTER_PORT (deepspeed, torchrun, srun); set the missing ones or start through one of them"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK is set but MASTER_ADDR, MASTER_PORT are not"),
+    ({"RANK": "1", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"},
+     "RANK=1 is not in 0..WORLD_SIZE-1 (WORLD_SIZE=1)"),
+    ({"RANK": "x", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"},
+     "RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers, got RANK='x'"),
+], ids=["no LOCAL_RANK (a Kubeflow PyTorchJob)", "no master", "rank past the world", "not a number"])
+def test_an_incomplete_launch_environment_is_one_line(tmp_path, ops_model, monkeypatch, capsys, env, message):
+    """RANK without the rest used to be a KeyError, DeepSpeed's MPI discovery (no mpi4py) or a hang."""
+    import train_ds
+
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert train_ds.main(["--config", str(ops_config(tmp_path, ops_model))]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {message}"), err
+
+
 def test_an_eval_set_with_nothing_left_stops_before_training(tmp_path, ops_model):
     long = " ".join(["pipeline stage layer token"] * 40)  # the answer lies beyond max_seq_len: dropped
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"instruct": long, "output": "yes"}) + "\n" for _ in range(3)))

@@ -18,12 +18,17 @@ def first_host(nodelist: str) -> str:
         if ch == "," and depth == 0:
             end = i
             break
-    entry = nodelist[:end].strip()
-    if "[" not in entry:
-        return entry
-    prefix, rest = entry.split("[", 1)
-    ranges, suffix = rest.split("]", 1)
-    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+    entry, host = nodelist[:end].strip(), ""
+    while "[" in entry:  # every bracket group: "rack[1-2]-node[01-04]" -> "rack1-node01"
+        prefix, rest = entry.split("[", 1)
+        ranges, entry = rest.split("]", 1)
+        host += prefix + ranges.split(",")[0].split("-")[0]
+    return host + entry
+
+
+class LaunchError(ValueError):
+    """The launch environment (RANK, WORLD_SIZE, ...) is incomplete or inconsistent, or the process group cannot
+    form: one line."""
 
 
 SLURM_DEFAULT_PORT_BASE = 20000  # MASTER_PORT under srun: 20000 + job id mod 20000, unless MASTER_PORT is set
@@ -37,6 +42,19 @@ def launch_env() -> str:
     pipeline, instead of DeepSpeed's MPI discovery)."""
     env = os.environ
     if "RANK" in env:
+        if missing := [k for k in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]:
+            raise LaunchError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: a "
+                              "launcher sets all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (deepspeed, "
+                              "torchrun, srun); set the missing ones or start through one of them")
+        try:
+            rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+            int(env["MASTER_PORT"])
+        except ValueError:
+            raise LaunchError("RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers, got "
+                              + ", ".join(f"{k}={env[k]!r}" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"))
+                              ) from None
+        if not 0 <= rank < world or local < 0:
+            raise LaunchError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world}), or LOCAL_RANK={local} < 0")
         return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
     if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:  # a step started by srun (not the batch script)
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
@@ -87,9 +105,10 @@ class LauncherWatch:
         return os.getppid() != self.launch or _ppid_of(self.launch) != self.runner
 
 
-def master_port_problem() -> str | None:
+def master_port_problem(launcher: str = "deepspeed") -> str | None:
     """Rank 0 (which hosts the rendezvous store): why MASTER_PORT cannot be used, e.g. another run holds it;
-    None when it is free or when a launcher's agent already serves the store there (torchrun)."""
+    None when it is free or when a launcher's agent already serves the store there (torchrun). `launcher`:
+    launch_env's answer, for the advice."""
     if os.environ.get("RANK") != "0" or "TORCHELASTIC_RUN_ID" in os.environ or "MASTER_PORT" not in os.environ:
         return None
     port = int(os.environ["MASTER_PORT"])
@@ -98,8 +117,9 @@ def master_port_problem() -> str | None:
             s.bind(("", port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                return (f"MASTER_PORT {port} is already in use on this machine (another run?); start deepspeed with "
-                        "--master_port set to a free port")
+                how = ("export MASTER_PORT=<a free port> before srun" if launcher == "slurm" else
+                       "start deepspeed with --master_port set to a free port")
+                return f"MASTER_PORT {port} is already in use on this machine (another run?); {how}"
     return None
 
 

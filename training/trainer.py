@@ -32,7 +32,7 @@ from pipeft import command
 from training.batches import BatchPlan, RowsView, row_trained, step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause
 from training.config import ConfigError, TrainConfig, resume_hint
-from training.distributed import LauncherWatch, device_line, init_restarted_torchrun, shutdown_distributed
+from training.distributed import LaunchError, LauncherWatch, device_line, init_restarted_torchrun, shutdown_distributed
 from training.evaluate import EvalPlan, training_and_eval_rows
 from training.monitor import Monitor, fmt_bytes, fmt_count, hms, process_memory, write_estimate
 from training.optim import build_optimizer, schedule_warning
@@ -86,15 +86,25 @@ class Trainer(RunDirectory):
 
         cfg = self.cfg
         self.validate_data()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
         acc = get_accelerator()
         backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
         bound = acc.device(self.local_rank) if acc.device_name() == "cuda" else None
         timeout = timedelta(minutes=cfg.dist_timeout_minutes)
-        if (warning := init_restarted_torchrun(backend, timeout, bound)) and self.local_rank == 0:
-            print(f"warning: {warning}", flush=True)
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+        # SIGTERM / SIGINT end a process still waiting for the others (nothing to save yet; the wait is in C++,
+        # where a Python handler would run only once it times out); from the process group on they save and stop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        try:
+            if (warning := init_restarted_torchrun(backend, timeout, bound)) and self.local_rank == 0:
+                print(f"warning: {warning}", flush=True)
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+        except torch.distributed.DistError as e:
+            raise LaunchError(f"rank {self.rank}: the {os.environ.get('WORLD_SIZE')} processes did not all join at "
+                              f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                              f"dist_timeout_minutes {cfg.dist_timeout_minutes:g} (did a process on another node fail "
+                              f"to start? see its log): {' '.join(str(e).split())[:200]}") from None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
         # waits of unbounded length (first-time tokenization on one rank per node) use a group without a deadline
         self.patient = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7))
         if acc.device_name() != "cpu":

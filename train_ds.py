@@ -17,13 +17,18 @@ import argparse
 import os
 import sys
 
-from data.records import DataError
-from launch import AcceleratorError
-from models.hf_io import CheckpointError
-from models.pipeline import ModelConfigError
-from training.checkpoint import TrainingStopped
-from training.config import ConfigError, load_config
-from training.distributed import LaunchError, launch_env, master_port_problem
+from launch import AcceleratorError, ds_accelerator_problem
+
+if _problem := ds_accelerator_problem():  # before DeepSpeed's import builds it (also under pipeft-train)
+    print(f"train_ds.py: error: {_problem}", file=sys.stderr)
+    sys.exit(2)
+
+from data.records import DataError  # noqa: E402
+from models.hf_io import CheckpointError  # noqa: E402
+from models.pipeline import ModelConfigError  # noqa: E402
+from training.checkpoint import TrainingStopped  # noqa: E402
+from training.config import ConfigError, load_config  # noqa: E402
+from training.distributed import LaunchError, launch_env, master_port_problem  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,24 @@ class AcceleratorError(ValueError):
     """A device setting that cannot be used (PIPEFT_ACCELERATOR, a shim's arguments): one line."""
 
 
+# DS_ACCELERATOR values whose DeepSpeed accelerator needs a vendor package: without it, importing DeepSpeed fails
+DS_ACCELERATOR_NEEDS = {"hpu": "habana_frameworks", "npu": "torch_npu", "mlu": "torch_mlu"}
+
+
+def ds_accelerator_problem() -> str | None:
+    """Why DS_ACCELERATOR cannot work on this machine (its vendor package is missing), else None. Checked before
+    anything imports DeepSpeed, which builds the accelerator on import and fails there with a traceback."""
+    import importlib.util
+    import os
+
+    name = os.environ.get("DS_ACCELERATOR", "")
+    package = DS_ACCELERATOR_NEEDS.get(name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        return (f"DS_ACCELERATOR={name}: DeepSpeed's {name.upper()} accelerator needs {package}, which is not installed "
+                "here (unset DS_ACCELERATOR to let DeepSpeed detect this machine's device)")
+    return None
+
+
 ENV = "PIPEFT_ACCELERATOR"  # DEVICE:BACKEND for launch.accelerator.TorchDeviceAccelerator, read by install_from_env
 # the module that registers a device type with torch, imported before the device is used
 REGISTERS = {"neuron": "torch_neuronx"}

@@ -57,6 +57,9 @@ class TorchDeviceAccelerator(DeepSpeedAccelerator):
             torch.device(device_type)
         except RuntimeError:
             raise AcceleratorError(f"{ENV}: torch knows no device type {device_type!r}") from None
+        if not torch.distributed.is_backend_available(backend):
+            raise AcceleratorError(f"{ENV}: torch has no process-group backend {backend!r} here (is the package that "
+                                   f"registers it installed?)")
         self._name, self._communication_backend_name = device_type, backend
         self._compile_backend = "inductor"
         try:

@@ -7,8 +7,9 @@ One node: `deepspeed --num_nodes 1 --num_gpus N --no_local_rank ...`; several: `
 DS_ACCELERATOR=hpu (DeepSpeed's HPU accelerator: device hpu, backend hccl), PT_HPU_LAZY_MODE=0 (eager mode, the
 default of current Gaudi software; lazy mode needs htcore.mark_step() calls this trainer does not make) and
 PT_ENABLE_INT64_SUPPORT=1 (the stages exchange int64 position and segment ids). With a hostfile the variables
-also go to a DeepSpeed environment file (DS_ENV_FILE), since DeepSpeed's multi-node launcher forwards only a few
-prefixes to the other nodes. Before anything starts: the topology against the process count, fp16 against the
+also go to a DeepSpeed environment file (DS_ENV_FILE, after the lines of the user's ~/.deepspeed_env and
+./.deepspeed_env, which it replaces), since DeepSpeed's multi-node launcher forwards only a few prefixes to the
+other nodes. Before anything starts: the topology against the process count, fp16 against the
 device (first-generation Gaudi has none), lazy mode refused; each a one-line error.
 """
 
@@ -91,10 +92,14 @@ def build(args: argparse.Namespace, fp16: bool | None = None, probe: bool = True
         master = next(iter(hosts))
         cmd = [deepspeed, "--hostfile", args.hostfile, "--master_addr", master, "--no_local_rank"]
         env_file = str(Path.cwd() / ENV_FILE)
-        files[env_file] = "".join(f"{k}={v}\n" for k, v in ENV.items())
+        # DS_ENV_FILE replaces the .deepspeed_env files DeepSpeed reads (~ then .): their lines come first
+        mine = [f for f in (Path.home() / ".deepspeed_env", Path(".deepspeed_env")) if f.is_file()]
+        kept = [line for f in mine for line in f.read_text().splitlines() if "=" in line]
+        files[env_file] = "".join(f"{line}\n" for line in kept) + "".join(f"{k}={v}\n" for k, v in ENV.items())
         env["DS_ENV_FILE"] = env_file
         notes.append(f"{len(hosts)} nodes, {world} HPUs; master {master}; the HPU variables reach every node "
-                     f"through {env_file} (DS_ENV_FILE)")
+                     f"through {env_file} (DS_ENV_FILE)"
+                     + (f", with the lines of {' and '.join(map(str, mine))}" if mine else ""))
     else:
         world = args.world_size or 1
         how = f"--world_size {world}"

@@ -74,6 +74,7 @@ def test_gaudi_dry_run_one_node(cfg, capsys, monkeypatch):
 
 def test_gaudi_dry_run_hostfile(cfg, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.deepspeed_env
     (tmp_path / "hosts").write_text("# two Gaudi2 servers\ngaudi-a slots=8\n\ngaudi-b slots=8\n")
     path = cfg(dims=(8, 2))
     code, out, err = dry_run(gaudi, ["--hostfile", "hosts", "--dry-run", "train_ds.py", f"--config={path}"], capsys)
@@ -85,6 +86,10 @@ def test_gaudi_dry_run_hostfile(cfg, capsys, tmp_path, monkeypatch):
                                                         "--no_local_rank", "--master_port", "29500", "train_ds.py",
                                                         f"--config={path}"]
     assert not (tmp_path / gaudi.ENV_FILE).exists()  # a dry run writes nothing
+    # the user's .deepspeed_env (which DS_ENV_FILE replaces for DeepSpeed) is carried, before the HPU variables
+    (tmp_path / ".deepspeed_env").write_text("HF_HOME=/shared/hf\nHCCL_SOCKET_IFNAME=eth0\n")
+    code, out, err = dry_run(gaudi, ["--hostfile", "hosts", "--dry-run", "train_ds.py", f"--config={path}"], capsys)
+    assert f"cat > {env_file} <<'EOF'\nHF_HOME=/shared/hf\nHCCL_SOCKET_IFNAME=eth0\nDS_ACCELERATOR=hpu\n" in out, out
 
 
 @pytest.mark.parametrize("argv, dims, message", [
@@ -174,3 +179,20 @@ def test_trainium_path_on_cpu_matches_reference(tmp_path, tokenizer):
 
     check_against_reference(tmp_path, tokenizer, 2, [2, 1], "llama", "mha_bias_untied", 1.0, False, False, "adamw",
                             launch=launch)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DS_ACCELERATOR": "hpu"}, "train_ds.py: error: DS_ACCELERATOR=hpu: DeepSpeed's HPU accelerator needs "
+     "habana_frameworks, which is not installed here (unset DS_ACCELERATOR to let DeepSpeed detect this machine's "
+     "device)"),
+    ({"DS_ACCELERATOR": "cpu", "PIPEFT_ACCELERATOR": "hpu:hccl"}, "train_ds.py: error: PIPEFT_ACCELERATOR: torch has "
+     "no process-group backend 'hccl' here (is the package that registers it installed?)"),
+], ids=["DS_ACCELERATOR", "PIPEFT_ACCELERATOR"])
+def test_an_accelerator_this_machine_lacks_is_one_line(cfg, env, message):
+    """DeepSpeed builds DS_ACCELERATOR's accelerator when it is imported (a traceback there); a backend torch lacks
+    failed as an AssertionError once the process group started."""
+    proc = subprocess.run([sys.executable, "train_ds.py", "--config", str(cfg(dims=(1, 1)))], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, **env})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == message, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

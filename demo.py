@@ -22,7 +22,6 @@ Greedy when --temperature is 0. Only the generated text goes to stdout; status g
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -32,8 +31,10 @@ from pathlib import Path
 
 import torch
 
-with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's logger writes to the stdout of its import: stderr here
-    import deepspeed  # noqa: F401  (stdout holds the generated text only)
+from launch import deepspeed_logs_on_stderr
+
+with deepspeed_logs_on_stderr():  # stdout holds the generated text only
+    import deepspeed  # noqa: F401
 
     from data.chat import end_of_turn
     from data.encode import encode_prompt

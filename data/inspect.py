@@ -29,7 +29,6 @@ if __name__ == "__main__" and not __package__:  # `python data/inspect.py`: data
     sys.exit(0)
 
 import argparse
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -154,7 +153,9 @@ def show_stats(st: dict) -> str:
         + "): "
         + ", ".join(f"{'max' if k == 'p100' else k} {v}" for k, v in pct.items()),
         f"trained tokens: {st['trained_tokens']} of {st['tokens']} ({st['trained_fraction']:.1%})",
-        (f"packing efficiency (trained / total tokens): {st['packing_efficiency']:.1%} ({st['samples']} samples in "
+        *([f"held out for evaluation (eval_split_ratio): {st['held_out']} of {st['samples']} samples, not in the "
+           "training rows below"] if st.get("held_out") else []),
+        (f"packing efficiency (trained / total tokens): {st['packing_efficiency']:.1%} ({st['samples'] - st.get('held_out', 0)} samples in "
          f"{st['sequences']} sequences, {st['packed_fill']:.1%} not padding; unpacked {st['unpacked_efficiency']:.1%})"
          if st["packing_efficiency"] is not None else
          f"packing efficiency (trained / total tokens): n/a (packing off; unpacked {st['unpacked_efficiency']:.1%}, "
@@ -173,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
                     "(with --stats: the statistics as one object)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's logger writes to the stdout of its import (--json)
+    from launch import deepspeed_logs_on_stderr
+
+    with deepspeed_logs_on_stderr():  # --json: stdout holds the object only
         from training.config import ConfigError, load_config  # the one parser of training configs
+        from training.evaluate import split_eval  # what training holds out (eval_split_ratio) is never packed with it
 
     try:
         cfg = load_config(args.config, require_model=False)
@@ -188,12 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             raise DataError([f"{model_path}:0: cannot load a tokenizer: {' '.join(str(e).split())[:300]}"]) from None
         ds = load_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings)
-        packed = pack(ds, cfg.max_seq_len, cfg.seed) if cfg.packing else None
-    except (DataError, ConfigError) as e:
+        trained, held = split_eval(ds, cfg.eval_split_ratio, cfg.seed) if cfg.eval_split_ratio else (ds, None)
+        packed = pack(trained, cfg.max_seq_len, cfg.seed) if cfg.packing else None  # the training rows, as trained
+    except (DataError, ConfigError, ValueError) as e:
         print(e, file=sys.stderr)
         return 2
     if args.stats:
         stats = dataset_stats(ds, cfg.max_seq_len, packed, cfg.split_long_pretrain)
+        stats["held_out"] = 0 if held is None else len(held)
         print(json.dumps(stats) if args.json else show_stats(stats))
         return 0
     if not 0 <= args.index < ds.stats.records:
@@ -204,10 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: record {args.index} was dropped: no trained token within max_seq_len={cfg.max_seq_len}",
               file=sys.stderr)
         return 2
+    out_of_training = held is not None and held.sample_of_record(args.index) is not None
+    if out_of_training:
+        print(f"note: record {args.index} is held out for evaluation (eval_split_ratio {cfg.eval_split_ratio:g}): it "
+              "is never trained; shown as its own sample", file=sys.stderr)
     if args.json:
         print(json.dumps(ds[sample]))
-    elif packed is not None:
-        print(show_packed(ds, packed, sample, tokenizer, args.index, color=sys.stdout.isatty()))
+    elif packed is not None and not out_of_training:
+        print(show_packed(trained, packed, trained.sample_of_record(args.index), tokenizer, args.index,
+                          color=sys.stdout.isatty()))
     else:
         print(show(ds, sample, tokenizer, args.index, color=sys.stdout.isatty()))
     return 0

@@ -6,6 +6,15 @@ class AcceleratorError(ValueError):
     """A device setting that cannot be used (PIPEFT_ACCELERATOR, a shim's arguments): one line."""
 
 
+def deepspeed_logs_on_stderr():
+    """The context to import DeepSpeed in for a command whose stdout is its product (demo.py's text, a --json
+    object): DeepSpeed's logger writes to the sys.stdout of its import (its accelerator warning among others)."""
+    import contextlib
+    import sys
+
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 # DS_ACCELERATOR values whose DeepSpeed accelerator needs a vendor package: without it, importing DeepSpeed fails
 DS_ACCELERATOR_NEEDS = {"hpu": "habana_frameworks", "npu": "torch_npu", "mlu": "torch_mlu"}
 

@@ -106,3 +106,17 @@ def test_a_path_that_is_no_hub_id_stays_a_path(tmp_path, path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     assert convert_model.main(["hg_to_pp", "--input-path", path, "--save-path", "x"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"{Path(path)}: no such directory")
+
+
+def test_the_project_keeps_the_hub_offline_and_bitsandbytes_quiet():
+    """Importing the project's models puts huggingface_hub offline unless the user set HF_HUB_OFFLINE: bitsandbytes'
+    CPU backend (imported by peft) otherwise looks a kernel up on the Hub at import on AVX512-BF16 CPUs, and warns
+    that it could not (a line users read as a failure)."""
+    code = "import os, models, peft; print(os.environ['HF_HUB_OFFLINE'])"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "1", proc.stderr[-2000:]
+    assert "kernels-community" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "HF_HUB_OFFLINE": "0"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split()[-1] == "0"  # the user's choice stands

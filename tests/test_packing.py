@@ -211,3 +211,33 @@ def test_inspect_shows_packed_sequences_and_efficiency(tmp_path, tokenizer_dir, 
     assert f"record 4 -> sample {sample} -> packed sequence {row}: " in out and f"{k} segment(s)" in out
     assert out.count("=== segment ") == k and "=== segment 1: record " in out and f" record 4 (sample {sample})" in out
     assert "--- tokens: segment, position, id, label, text ---" in out
+
+
+def test_inspect_packs_the_training_rows_without_what_eval_split_ratio_holds_out(tmp_path, tokenizer_dir, tokenizer,
+                                                                                  capsys):
+    """Training packs the samples left after the held-out share: inspect shows those sequences, and says when a record
+    is held out for evaluation (it was shown packed beside training records it never meets)."""
+    from training.evaluate import split_eval
+
+    data = write_records(tmp_path / "d.jsonl", 40)
+    cfg = {"model_path": str(tokenizer_dir), "save_path": str(tmp_path / "out"), "data_path": str(data),
+           "max_seq_len": 128, "seed": 3, "packing": True, "eval_split_ratio": 0.25, "eval_interval": 2,
+           "train_micro_batch_size_per_gpu": 1}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    args = ["--config", str(tmp_path / "cfg.json")]
+    ds = load_dataset(data, tokenizer, 128, settings=PACKED)
+    train, held = split_eval(ds, 0.25, 3)
+    packed = pack(train, 128, seed=3)  # what the trainer packs (training_and_eval_rows)
+    assert data_inspect.main([*args, "--stats", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["held_out"] == len(held) == 10 and stats["sequences"] == len(packed)
+    inside = int(train.record_index[0])
+    assert data_inspect.main([*args, "--index", str(inside)]) == 0
+    out = capsys.readouterr().out
+    row = packed.row_of_sample(train.sample_of_record(inside))
+    assert f"-> packed sequence {row}: " in out and f"packing: {len(train)} samples -> {len(packed)} sequences" in out
+    outside = int(held.record_index[0])
+    assert data_inspect.main([*args, "--index", str(outside)]) == 0
+    out, err = capsys.readouterr()
+    assert f"note: record {outside} is held out for evaluation (eval_split_ratio 0.25): it is never trained" in err
+    assert f"record {outside} -> sample {ds.sample_of_record(outside)}: " in out and "packed sequence" not in out

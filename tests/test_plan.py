@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +18,8 @@ from models import get_family
 from models.cost import LoraShape, Setup, fused_rms_norm, stage_memory
 from training.plan import main as plan_main
 from training.plan import plan
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GIB40 = 40e9
 LLAMA2_7B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -24,6 +30,17 @@ BLOOM_7B1 = dict(model_type="bloom", hidden_size=4096, n_layer=30, n_head=32, vo
 def _model(raw: dict):
     family = get_family(raw["model_type"])
     return family, family.prepare_config(family.config_class(**{k: v for k, v in raw.items() if k != "model_type"}))
+
+
+def test_json_is_all_of_stdout_on_a_machine_deepspeed_warns_about(tmp_path):
+    """Without DS_ACCELERATOR DeepSpeed's import warns (on a machine without a GPU) through a logger on stdout."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-m", "training.plan", "--model-config", str(tmp_path / "config.json"),
+                           "--gpus", "8", "--gpu-memory", "40GB", "--json"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["pipe"] * json.loads(proc.stdout)["data"] == 8
 
 
 @pytest.mark.parametrize("raw", [LLAMA2_7B, BLOOM_7B1], ids=["llama2-7b", "bloom-7b1"])

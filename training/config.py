@@ -282,11 +282,11 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
             check_optimizer(opt)
             if problem := optimizer_key_problem(opt):
                 raise ValueError(problem)
-        if "scheduler" in ds and (problem := scheduler_problem(ds["scheduler"])):
-            raise ValueError(problem)
             if cfg.decay_norm_and_bias and "no_wd_kws" in opt:
                 raise ValueError("'decay_norm_and_bias' and optimizer.no_wd_kws both choose the parameters without "
                                  "weight decay; keep one")
+        if "scheduler" in ds and (problem := scheduler_problem(ds["scheduler"])):
+            raise ValueError(problem)
         if isinstance(opt, dict) and str(opt.get("type", "")).lower() == "lion":
             # the keys and values only: whether the triton kernel can run is judged at build time, where the
             # parameters' device is known (this CPU tensor made every CUDA run log a false fallback)

@@ -14,9 +14,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from models.cost import LoraShape, Setup, stage_memory, throughput
-from models.pipeline import balance
-from training.monitor import fmt_bytes, fmt_count
+from launch import deepspeed_logs_on_stderr
+
+with deepspeed_logs_on_stderr():  # --json: stdout holds the object only
+    from models.cost import LoraShape, Setup, stage_memory, throughput
+    from models.pipeline import balance
+    from training.monitor import fmt_bytes, fmt_count
 
 UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 MICRO_BATCHES = (1, 2, 4, 8, 16)
@@ -179,7 +182,8 @@ def snippet(c: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.plan", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m training.plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-config", help="a model's config.json (HF)")
     src.add_argument("--model-path", help="an HF or pipeline model dir")

@@ -12,6 +12,7 @@ The CPU bench's times (a per-instruction timeline of `bench/train_throughput.py`
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def table(name: str, fwd: list[float], bwd: list[float], wgrad: list[float], m: 
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print("| stage times | p | m | " + " | ".join(RULES) + " |")
     print("|---|---:|---:|" + "---:|" * len(RULES))
     table("CPU bench (52/100, 65/107, W 45)", [52, 65], [100, 107], [0, 45], 8)

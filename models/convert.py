@@ -167,8 +167,14 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """A pipeline dir, a checkpoint tag dir, or a save dir with `latest` -> (layer-file dir, config dir)."""
+    """A pipeline dir, a checkpoint tag dir, a save dir with `latest`, or a save dir's `best` / `latest` file (the tag
+    it names) -> (layer-file dir, config dir)."""
     path = Path(path)
+    if path.is_file() and path.name in ("best", "latest"):
+        tag = path.read_text().strip()
+        if not tag or not (path.parent / tag).is_dir():
+            raise CheckpointError(f"{path}: names {tag!r}, which is not a checkpoint directory beside it")
+        path = path.parent / tag
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such directory")
     layers = path

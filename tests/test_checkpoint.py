@@ -33,3 +33,29 @@ def test_keep_last_keep_best_and_latest(tmp_path):
     assert sorted(ckpts.rotate(st)) == [tag_of(2), tag_of(6), tag_of(8)]
     assert ckpts.tags() == [tag_of(4), tag_of(10)] and ckpts.latest() == tag_of(10)
     assert ckpts.remove_partial() == [".tmp-global_step12"] and not (tmp_path / ".tmp-global_step12").exists()
+
+
+def test_best_names_the_best_saved_tag_before_rotation_and_follows_keep_best_changes(tmp_path, monkeypatch):
+    """`best` names the best-evaluated tag that has a checkpoint (the best eval's step may have none, e.g. keep_best
+    turned on at a resume), is written before rotation deletes anything (a crash between them left it naming a
+    deleted tag), and goes when keep_best is turned off on resume (rotation then deletes what it named)."""
+    for s in (4, 8):
+        (tmp_path / tag_of(s)).mkdir()
+    (tmp_path / "latest").write_text(tag_of(8))
+    st = state([(2, 0.5), (4, 1.0), (6, 0.7), (8, 0.9)])  # the best evals (2, 6) have no checkpoint
+    ckpts = Checkpoints(tmp_path, 0, 1, 1)
+    assert ckpts.best_tag(st) == tag_of(8)
+    ckpts._after_save(st)
+    assert (tmp_path / "best").read_text() == tag_of(8) and ckpts.tags() == [tag_of(8)]
+
+    (tmp_path / tag_of(10)).mkdir()
+    (tmp_path / "latest").write_text(tag_of(10))
+    st = state([*st.evals, (10, 0.1)])
+    order = []
+    monkeypatch.setattr(Checkpoints, "rotate", lambda self, s: order.append(("rotate", (tmp_path / "best").read_text())))
+    ckpts._after_save(st)
+    assert order == [("rotate", tag_of(10))]  # the pointer moved before anything could be deleted
+    monkeypatch.undo()
+
+    Checkpoints(tmp_path, 0, 1, None)._after_save(st)  # keep_best off: rotation may delete what best named
+    assert not (tmp_path / "best").exists()

@@ -754,3 +754,26 @@ def test_a_chat_run_exports_stop_at_the_end_of_turn_token(tmp_path):
     save = _lora_checkpoint(tmp_path, base)  # its side files include the chat run's data_settings.json
     pp_to_hg(save, tmp_path / "adapter", lora="peft")
     assert GenerationConfig.from_pretrained(str(tmp_path / "adapter")).eos_token_id == [eos, eot]
+
+
+def test_a_save_dirs_best_and_latest_files_name_their_checkpoint(tmp_path, tokenizer):
+    """`pp_to_hg --input-path SAVE/best` (and demo.py's --model-path) read the tag the file names; one naming a tag
+    that is gone is one line."""
+    from models.convert import resolve_checkpoint
+
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp")) == 0
+    save = tmp_path / "run"
+    (save / "global_step4").mkdir(parents=True)
+    for f in (tmp_path / "pp").iterdir():
+        (save / ("global_step4" if f.name.startswith("layer_") else "") / f.name).write_bytes(f.read_bytes())
+    (save / "best").write_text("global_step4\n")
+    (save / "latest").write_text("global_step9")
+    assert resolve_checkpoint(save / "best") == (save / "global_step4", save)
+    pp_to_hg(save / "best", tmp_path / "hf_best")
+    pp_to_hg(tmp_path / "pp", tmp_path / "hf_pp")
+    got, want = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("hf_best", "hf_pp"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    with pytest.raises(CheckpointError, match=f"^{save / 'latest'}: names 'global_step9', which is not a checkpoint "
+                       "directory beside it"):
+        resolve_checkpoint(save / "latest")

@@ -553,6 +553,36 @@ def test_an_eval_set_with_nothing_left_stops_before_training(tmp_path, ops_model
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+def test_eval_losses_that_would_not_compare_stop_a_resume_even_when_data_changes_are_allowed(tmp_path, ops_model):
+    """eval_split_ratio holds its eval samples out of the training data by position: other data (here the same
+    records reordered) hold out other samples, some of them trained on. With keep_best / early stopping, whose eval
+    losses compare across the resume, that is refused even with allow_data_change_on_resume; so is a new ratio."""
+    from training.resume import config_changes, refusals
+
+    base = {"data_path": "a.jsonl", "eval_split_ratio": 0.2}
+    ratio = config_changes(base, {**base, "eval_split_ratio": 0.3})
+    assert [c.key for c in refusals(ratio, True, compares_evals=True)] == ["eval_split_ratio"]
+    assert refusals(ratio, True, compares_evals=False) == []
+
+    one = {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}}
+    common = dict(model_topo=one, max_steps=4, eval_split_ratio=0.2, eval_interval=2, keep_best=1, save_interval=2)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    train = lambda cfg: subprocess.run([sys.executable, "train_ds.py", "--config", str(cfg)], cwd=ROOT,  # noqa: E731
+                                       capture_output=True, text=True, env=env, timeout=600)
+    done = train(ops_config(tmp_path, ops_model, **common))
+    assert done.returncode == 0, done.stderr[-3000:]
+    other = tmp_path / "reordered.jsonl"
+    other.write_text("".join(reversed((ops_model / "train.jsonl").read_text().splitlines(keepends=True))))
+    done = train(ops_config(tmp_path, ops_model, **{**common, "max_steps": 6}, data_path=str(other),
+                            allow_data_change_on_resume=True))
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert errors_of(done.stderr) == [
+        f"train_ds.py: error: {tmp_path / 'cfg.json'}: cannot resume {tmp_path / 'out' / 'global_step4'}: the training "
+        "samples differ from the checkpoint's, and the eval samples eval_split_ratio holds out are taken from the same "
+        "data, so they differ too (some may have been trained on): keep_best / early_stopping_patience would compare "
+        "eval losses of other eval sets; start a new run or resume with the same data"]
+
+
 def test_tiny_tokenizer_keeps_an_existing_directory(tmp_path, capsys):
     from data.tiny_tokenizer import main
 

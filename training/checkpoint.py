@@ -303,11 +303,24 @@ class Checkpoints:
         torch.distributed.barrier()
 
     def _after_save(self, state: RunState) -> None:
-        """Rank 0: rotation, and with keep_best the `best` file naming the best kept tag."""
+        """Rank 0: with keep_best the `best` file naming the best-scored tag that exists (none: no file; keep_best
+        turned off on resume: removed), written before rotation deletes anything; then rotation (which keeps it)."""
+        best = self.best_tag(state)
+        if best is not None:
+            atomic_write_text(self.root / "best", best)
+        else:
+            (self.root / "best").unlink(missing_ok=True)
         self.rotate(state)
-        best = state.best_eval()
-        if self.keep_best is not None and best is not None and (self.root / tag_of(best[0])).is_dir():
-            atomic_write_text(self.root / "best", tag_of(best[0]))
+
+    def _ranked(self, state: RunState) -> list[str]:
+        """The tags that exist and have an eval, best eval loss first (ties: the earlier step)."""
+        tags = set(self.tags())
+        return [tag_of(s) for _, s in sorted((_score(loss), s) for s, loss in state.evals if tag_of(s) in tags)]
+
+    def best_tag(self, state: RunState) -> str | None:
+        """With keep_best, the tag `best` names: the best-scored one that has a checkpoint; else None."""
+        ranked = self._ranked(state) if self.keep_best is not None else []
+        return ranked[0] if ranked else None
 
     def keep(self, state: RunState) -> set[str]:
         """Tags to keep: the newest `keep_last` (all when neither limit is set), the `keep_best` best by eval
@@ -317,8 +330,7 @@ class Checkpoints:
         if self.keep_last is None and self.keep_best is None:
             keep = set(tags)
         if self.keep_best is not None:
-            scored = sorted((_score(loss), s) for s, loss in state.evals if tag_of(s) in tags)
-            keep |= {tag_of(s) for _, s in scored[:self.keep_best]}
+            keep |= set(self._ranked(state)[:self.keep_best])
         if latest := self.latest():
             keep.add(latest)
         return keep

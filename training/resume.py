@@ -148,7 +148,7 @@ def refusals(changes: list[Change], allow_data_change: bool, compares_evals: boo
     if compares_evals:
         out += [replace(c, kind=FIXED, note="keep_best / early_stopping_patience compare every eval loss with the "
                                             "earlier ones, and losses on other eval data do not compare")
-                for c in changes if c.key.split(".")[0] == "eval_data_path"]
+                for c in changes if c.key.split(".")[0] in ("eval_data_path", "eval_split_ratio")]
     return out
 
 

@@ -220,6 +220,12 @@ class RunDirectory:
                 self.log(f"  {c.line(allowed=cfg.allow_data_change_on_resume)}")
         what = []
         if saved.data_fingerprint is not None and saved.data_fingerprint != self.data_fingerprint:
+            if cfg.eval_split_ratio and saved.evals and (cfg.keep_best or cfg.early_stopping_patience):
+                raise ConfigError(f"{cfg.path}: cannot resume {tag_dir}: the training samples differ from the "
+                                  "checkpoint's, and the eval samples eval_split_ratio holds out are taken from the same "
+                                  "data, so they differ too (some may have been trained on): keep_best / "
+                                  "early_stopping_patience would compare eval losses of other eval sets; start a new run "
+                                  "or resume with the same data")
             what.append("the training samples differ from the checkpoint's (data files, tokenizer or data settings)")
         if saved.global_batch != self.plan.global_batch:
             what.append(f"the global batch changed ({saved.global_batch} -> {self.plan.global_batch} {self.unit}s)")

@@ -30,7 +30,7 @@ from models.quant import base_memory, logical_numel, parse_quantization, quantiz
 from models.wgrad import WeightGradStore, defer_in_engine, deferred_micro_batches, defers, make_deferrable
 from pipeft import command
 from training.batches import BatchPlan, RowsView, row_trained, step_micro_batches
-from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause
+from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause, tag_of
 from training.config import ConfigError, TrainConfig, resume_hint
 from training.distributed import LaunchError, LauncherWatch, device_line, init_restarted_torchrun, shutdown_distributed
 from training.evaluate import EvalPlan, training_and_eval_rows
@@ -526,9 +526,10 @@ class Trainer(RunDirectory):
         else:
             self._save(st, saved_at)
         if st.evals and self.rank == 0:
-            best = st.best_eval()
-            self.log(f"best eval loss {best[1]:.4f} at step {best[0]}"
-                     + (f" ({Path(cfg.save_path) / 'best'} names its checkpoint)" if cfg.keep_best else ""))
+            best, kept, pointer = st.best_eval(), self.ckpts.best_tag(st), Path(cfg.save_path) / "best"
+            where = ("" if kept is None else f" ({pointer} names its checkpoint)" if kept == tag_of(best[0]) else
+                     f" (no checkpoint of that step; {pointer} names {kept}, the best evaluated one saved)")
+            self.log(f"best eval loss {best[1]:.4f} at step {best[0]}{where}")
 
     def _record_eval(self, rec: dict | None) -> None:
         """Evaluate, remember the result, and put it in this step's metrics record (`rec`), or in a line of its

@@ -11,10 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from models.convert import DTYPES, hg_to_pp, init_model, pp_to_hg
-from models.family import FAMILIES
-from models.hf_io import CheckpointError
-from models.pipeline import ModelConfigError
+from launch import exit_if_ds_accelerator_unusable
+
+exit_if_ds_accelerator_unusable("convert_model.py")  # before DeepSpeed's import builds it
+
+from models.convert import DTYPES, hg_to_pp, init_model, pp_to_hg  # noqa: E402
+from models.family import FAMILIES  # noqa: E402
+from models.hf_io import CheckpointError  # noqa: E402
+from models.pipeline import ModelConfigError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from launch import deepspeed_logs_on_stderr
+from launch import deepspeed_logs_on_stderr, exit_if_ds_accelerator_unusable
 
+exit_if_ds_accelerator_unusable("demo.py")  # before DeepSpeed's import builds it
 with deepspeed_logs_on_stderr():  # stdout holds the generated text only
     import deepspeed  # noqa: F401
 

@@ -17,11 +17,9 @@ import argparse
 import os
 import sys
 
-from launch import AcceleratorError, ds_accelerator_problem
+from launch import AcceleratorError, exit_if_ds_accelerator_unusable
 
-if _problem := ds_accelerator_problem():  # before DeepSpeed's import builds it (also under pipeft-train)
-    print(f"train_ds.py: error: {_problem}", file=sys.stderr)
-    sys.exit(2)
+exit_if_ds_accelerator_unusable("train_ds.py")  # before DeepSpeed's import builds it (also under pipeft-train)
 
 from data.records import DataError  # noqa: E402
 from models.hf_io import CheckpointError  # noqa: E402

@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(with --stats: the statistics as one object)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    from launch import deepspeed_logs_on_stderr
+    from launch import deepspeed_logs_on_stderr, exit_if_ds_accelerator_unusable
 
+    exit_if_ds_accelerator_unusable("python -m data.inspect")  # before DeepSpeed's import builds it
     with deepspeed_logs_on_stderr():  # --json: stdout holds the object only
         from training.config import ConfigError, load_config  # the one parser of training configs
         from training.evaluate import split_eval  # what training holds out (eval_split_ratio) is never packed with it

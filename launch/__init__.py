@@ -33,6 +33,15 @@ def ds_accelerator_problem() -> str | None:
     return None
 
 
+def exit_if_ds_accelerator_unusable(prog: str) -> None:
+    """An entry point's first check, before anything imports DeepSpeed: `ds_accelerator_problem` as one line, exit 2."""
+    if problem := ds_accelerator_problem():
+        import sys
+
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
 ENV = "PIPEFT_ACCELERATOR"  # DEVICE:BACKEND for launch.accelerator.TorchDeviceAccelerator, read by install_from_env
 # the module that registers a device type with torch, imported before the device is used
 REGISTERS = {"neuron": "torch_neuronx"}

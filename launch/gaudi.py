@@ -93,7 +93,8 @@ def build(args: argparse.Namespace, fp16: bool | None = None, probe: bool = True
         cmd = [deepspeed, "--hostfile", args.hostfile, "--master_addr", master, "--no_local_rank"]
         env_file = str(Path.cwd() / ENV_FILE)
         # DS_ENV_FILE replaces the .deepspeed_env files DeepSpeed reads (~ then .): their lines come first
-        mine = [f for f in (Path.home() / ".deepspeed_env", Path(".deepspeed_env")) if f.is_file()]
+        name = os.environ.get("DS_ENV_FILE") or ".deepspeed_env"  # DeepSpeed's name for it, the user's own included
+        mine = [f for f in (Path.home() / name, Path(name)) if f.is_file() and f.resolve() != Path(env_file).resolve()]
         kept = [line for f in mine for line in f.read_text().splitlines() if "=" in line]
         files[env_file] = "".join(f"{line}\n" for line in kept) + "".join(f"{k}={v}\n" for k, v in ENV.items())
         env["DS_ENV_FILE"] = env_file

@@ -2,10 +2,23 @@
 
 import logging
 import os
+import sys
 
-from . import bloom, llama, mistral, qwen2  # noqa: F401  (register the families)
-from .family import FAMILIES, ModelFamily, get_family
-from .pipeline import (
+# Nothing is fetched from the network here (models, tokenizers: local_files_only). bitsandbytes' CPU backend, which
+# peft imports, looks a kernel up on the Hugging Face Hub when it is imported (CPUs with AVX512-BF16) and warns when
+# it cannot have it (it computes without it): the Hub is offline unless the user says otherwise (set before
+# transformers imports huggingface_hub, which reads it once; where something imported it before, its constant too),
+# and that warning is not shown.
+if "HF_HUB_OFFLINE" not in os.environ:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if (hub := sys.modules.get("huggingface_hub.constants")) is not None:
+        hub.HF_HUB_OFFLINE = True
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+from . import bloom, llama, mistral, qwen2  # noqa: E402, F401  (register the families)
+from .family import FAMILIES, ModelFamily, get_family  # noqa: E402
+from .pipeline import (  # noqa: E402
     LAYER_FILE,
     ModelConfigError,
     PipelineModel,
@@ -14,13 +27,6 @@ from .pipeline import (
     parse_topology,
     plan_stages,
 )
-
-# Nothing is fetched from the network here (models, tokenizers: local_files_only). bitsandbytes' CPU backend, which
-# peft imports (lazily, after this), looks a kernel up on the Hugging Face Hub when it is imported (CPUs with
-# AVX512-BF16) and warns when it cannot have it (it computes without it): offline unless the user says otherwise,
-# and without the warning.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = [
     "FAMILIES", "LAYER_FILE", "ModelConfigError", "ModelFamily", "PipelineModel", "SequentialModel",

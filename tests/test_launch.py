@@ -90,6 +90,10 @@ def test_gaudi_dry_run_hostfile(cfg, capsys, tmp_path, monkeypatch):
     (tmp_path / ".deepspeed_env").write_text("HF_HOME=/shared/hf\nHCCL_SOCKET_IFNAME=eth0\n")
     code, out, err = dry_run(gaudi, ["--hostfile", "hosts", "--dry-run", "train_ds.py", f"--config={path}"], capsys)
     assert f"cat > {env_file} <<'EOF'\nHF_HOME=/shared/hf\nHCCL_SOCKET_IFNAME=eth0\nDS_ACCELERATOR=hpu\n" in out, out
+    (tmp_path / "my_env").write_text("HF_HOME=/mine\n")  # the user's own DS_ENV_FILE name
+    monkeypatch.setenv("DS_ENV_FILE", "my_env")
+    code, out, err = dry_run(gaudi, ["--hostfile", "hosts", "--dry-run", "train_ds.py", f"--config={path}"], capsys)
+    assert f"cat > {env_file} <<'EOF'\nHF_HOME=/mine\nDS_ACCELERATOR=hpu\n" in out, out
 
 
 @pytest.mark.parametrize("argv, dims, message", [
@@ -195,4 +199,17 @@ def test_an_accelerator_this_machine_lacks_is_one_line(cfg, env, message):
                           capture_output=True, text=True, timeout=300,
                           env={**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, **env})
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == message, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["demo.py", "--model-path", "x", "--prompt", "hi"],
+                                  ["convert_model.py", "hg_to_pp", "--input-path", "x", "--save-path", "y"],
+                                  ["-m", "training.plan", "--help"], ["-m", "data.inspect", "--config", "x", "--stats"]],
+                         ids=["demo", "convert", "plan", "inspect"])
+def test_every_entry_point_says_in_one_line_when_ds_accelerator_cannot_work(argv):
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "hpu"})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
+        ": error: DS_ACCELERATOR=hpu: DeepSpeed's HPU accelerator needs habana_frameworks, which is not installed "
+        "here (unset DS_ACCELERATOR to let DeepSpeed detect this machine's device)"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -205,7 +205,8 @@ def test_a_missing_node_ends_the_wait_in_one_line_and_sigterm_ends_it_at_once(tm
     assert proc.returncode == 2, out[-2000:] + err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"train_ds.py: error: rank 0: the 2 processes did not all join at 127.0.0.1:{port} within "
-                           "dist_timeout_minutes 0.1 (did a process on another node fail to start? see its log)"), err
+                           "dist_timeout_minutes 0.1 (did a process on another node fail to start? see its log; or MASTER_ADDR does not "
+                           "resolve or cannot be reached from this node)"), err
     assert "Traceback" not in err
 
     proc, port = start(30)

@@ -102,8 +102,10 @@ CASES = {  # name -> (config overrides, expected text)
     "scheduler params typo": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_step": 5}}},
                               "scheduler.params (WarmupLR): unknown key 'warmup_num_step'; did you mean "
                               "'warmup_num_steps'?"),
-    "scheduler type": ({"scheduler": {"type": "WarmupCosine"}}, "scheduler.type \"WarmupCosine\" is not a DeepSpeed "
-                       "scheduler; did you mean 'WarmupCosineLR'?"),
+    "scheduler type": ({"scheduler": {"type": "WarmupCosine"}}, "scheduler.type \"WarmupCosine\" is neither a "
+                       "DeepSpeed nor a torch.optim.lr_scheduler scheduler; did you mean 'WarmupCosineLR'?"),
+    "torch scheduler params typo": ({"scheduler": {"type": "StepLR", "params": {"step_siz": 2}}},
+                                    "scheduler.params (StepLR): unknown key 'step_siz'; did you mean 'step_size'?"),
     "lion lr": ({"optimizer": {"type": "Lion", "params": {"lr": -1}}}, "optimizer.params.lr must be a number > 0, got -1"),
     # bad input that used to surface only after the model was built (or as a device assert on CUDA)
     "optimizer type": ({"optimizer": {"type": "AdamWW", "params": {"lr": 1e-3}}},
@@ -147,6 +149,19 @@ def test_bad_config_is_one_line(tmp_path, base, variants, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"train_ds.py: error: {cfg}: {expected}"] or (len(err) == 1 and expected in err[0]), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("over", [
+    {"scheduler": {"type": "StepLR", "params": {"step_size": 2, "gamma": 0.5}}},  # DeepSpeed falls back to torch's
+    {"scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": 1e-3}}},
+    {"optimizer": {"type": "Adam", "legacy_fusion": False, "params": {"lr": 1e-3, "torch_adam": True,
+                                                                       "adam_w_mode": False, "decoupled_weight_decay": True,
+                                                                       "amsgrad": False, "foreach": True}}},
+    {"optimizer": {"type": "SGD", "params": {"lr": 1e-2, "momentum": 0.9, "nesterov": True}}},
+], ids=["torch scheduler", "OneCycle", "Adam with torch.optim.Adam's keys", "SGD"])
+def test_optimizer_and_scheduler_keys_deepspeed_takes_are_accepted(tmp_path, base, over):
+    """The key checks refuse misspellings, not what DeepSpeed (or the torch class it builds) takes."""
+    load_config(write_config(tmp_path, base, **over), world_size=1)
 
 
 def test_a_used_save_path_needs_resume_or_overwrite(tmp_path, base, capsys):

@@ -329,7 +329,7 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
 # ----------------------------------------------------------------------------------------------
 # keys of DeepSpeed's optimizer and scheduler sections: a misspelled one is refused, not dropped or a TypeError later
 
-OPTIMIZER_SECTION_KEYS = ("type", "params", "no_wd_kws")  # no_wd_kws: gdGPT's, ours (removed before DeepSpeed)
+OPTIMIZER_SECTION_KEYS = ("type", "params", "legacy_fusion", "no_wd_kws")  # no_wd_kws: gdGPT's (ours, removed)
 # what DeepSpeed's engine pops from an Adam/AdamW section before building the optimizer (_configure_basic_optimizer)
 DEEPSPEED_ADAM_KEYS = ("torch_adam", "adam_w_mode", "fp32_optimizer_states", "foreach")
 
@@ -366,7 +366,7 @@ def optimizer_key_problem(section: dict) -> str | None:
     if kind.lower() in ("adam", "adamw"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 
-        allowed = [*_init_keys(FusedAdam, DeepSpeedCPUAdam, torch.optim.AdamW), *DEEPSPEED_ADAM_KEYS]
+        allowed = [*_init_keys(FusedAdam, DeepSpeedCPUAdam, torch.optim.AdamW, torch.optim.Adam), *DEEPSPEED_ADAM_KEYS]
     elif kind.lower() in ("lion", "adagrad", "lamb", "muadam", "muadamw", "musgd", "muon"):
         return None  # Lion: build_lion checks its keys; DeepSpeed's other optimizers: their own checks
     elif isinstance(getattr(torch.optim, kind, None), type):
@@ -385,11 +385,19 @@ def scheduler_problem(section: object) -> str | None:
     if problem := _unknown("scheduler", section, ("type", "params")):
         return problem
     kind = section.get("type")
-    if kind not in lr_schedules.VALID_LR_SCHEDULES:
-        close = difflib.get_close_matches(str(kind), lr_schedules.VALID_LR_SCHEDULES, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(lr_schedules.VALID_LR_SCHEDULES)})"
-        return f"scheduler.type {json.dumps(kind)} is not a DeepSpeed scheduler{hint}"
+    # DeepSpeed's own, else a torch.optim.lr_scheduler class of that name (engine._scheduler_from_config)
+    torch_kinds = [n for n, c in vars(torch.optim.lr_scheduler).items() if isinstance(c, type) and n[0].isupper()
+                   and issubclass(c, torch.optim.lr_scheduler.LRScheduler) and n != "LRScheduler"]
+    if kind in lr_schedules.VALID_LR_SCHEDULES:
+        cls = getattr(lr_schedules, kind)
+    elif kind in torch_kinds:
+        cls = getattr(torch.optim.lr_scheduler, kind)
+    else:
+        known = [*lr_schedules.VALID_LR_SCHEDULES, *torch_kinds]
+        close = difflib.get_close_matches(str(kind), known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f" (DeepSpeed's: {', '.join(lr_schedules.VALID_LR_SCHEDULES)})"
+        return f"scheduler.type {json.dumps(kind)} is neither a DeepSpeed nor a torch.optim.lr_scheduler scheduler{hint}"
     params = section.get("params") or {}
     if not isinstance(params, dict):
         return f"scheduler.params must be an object, got {json.dumps(params)}"
-    return _unknown(f"scheduler.params ({kind})", params, _init_keys(getattr(lr_schedules, kind)))
+    return _unknown(f"scheduler.params ({kind})", params, _init_keys(cls))

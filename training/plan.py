@@ -14,8 +14,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from launch import deepspeed_logs_on_stderr
+from launch import deepspeed_logs_on_stderr, exit_if_ds_accelerator_unusable
 
+exit_if_ds_accelerator_unusable("python -m training.plan")  # before DeepSpeed's import builds it
 with deepspeed_logs_on_stderr():  # --json: stdout holds the object only
     from models.cost import LoraShape, Setup, stage_memory, throughput
     from models.pipeline import balance

@@ -102,7 +102,8 @@ class Trainer(RunDirectory):
             raise LaunchError(f"rank {self.rank}: the {os.environ.get('WORLD_SIZE')} processes did not all join at "
                               f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
                               f"dist_timeout_minutes {cfg.dist_timeout_minutes:g} (did a process on another node fail "
-                              f"to start? see its log): {' '.join(str(e).split())[:200]}") from None
+                              "to start? see its log; or MASTER_ADDR does not resolve or cannot be reached from this "
+                              f"node): {' '.join(str(e).split())[:200]}") from None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         # waits of unbounded length (first-time tokenization on one rank per node) use a group without a deadline

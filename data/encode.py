@@ -11,6 +11,7 @@ answer's first trained token is the first token after them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,8 +19,11 @@ import multiprocessing as mp
 import os
 import re
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +40,8 @@ IGNORE_INDEX = -100
 CACHE_VERSION = "encode-v4"  # bump when encoding or labelling changes
 MIN_RECORDS_FOR_POOL = 2000
 BATCH = 1000  # texts per tokenizer call
+PROGRESS_EVERY = 30.0  # seconds between progress lines while records are tokenized
+STALE_TMP_SECONDS = 3600.0  # a cache's temp file older than this is a killed writer's
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +269,23 @@ def _encode_range(bounds: tuple[int, int]) -> Part:
                 np.concatenate([empty, *ids]), np.concatenate([empty, *labels]), cuts, spliced, problems)
 
 
+class _Progress:
+    """Log lines while records are encoded: what starts (when it takes a while), then every PROGRESS_EVERY s."""
+
+    def __init__(self, total: int, num_proc: int):
+        self.total, self.count, self.last = total, 0, time.monotonic()
+        if total >= MIN_RECORDS_FOR_POOL:
+            log.info("data: tokenizing %d records on %d process(es) (written to the data cache for the next start)",
+                     total, num_proc)
+
+    def done(self, part: Part, bounds: tuple[int, int]) -> Part:
+        self.count += bounds[1] - bounds[0]
+        if time.monotonic() - self.last >= PROGRESS_EVERY and self.count < self.total:
+            self.last = time.monotonic()
+            log.info("data: tokenized %d of %d records", self.count, self.total)
+        return part
+
+
 def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
                    settings: TemplateSettings = DEFAULT_SETTINGS, num_proc: int | None = None) -> EncodedDataset:
     """Encode validated records, in parallel over `num_proc` processes (default: all cores, 1 for small inputs).
@@ -278,19 +301,26 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
         require_chat_template(tokenizer)
     if num_proc is None:
         num_proc = 1 if len(records) < MIN_RECORDS_FOR_POOL else usable_cores()
+    num_proc = max(1, min(num_proc, len(records)))
     init = (tokenizer, [r.data for r in records], max_seq_len, settings)
-    if num_proc <= 1 or len(records) < 2:
+    size = -(-len(records) // (num_proc * 8))  # ranges in order: progress lines, balanced processes
+    ranges = [(i, min(i + size, len(records))) for i in range(0, len(records), size)]
+    progress = _Progress(len(records), num_proc)
+    if num_proc == 1:
         _init_worker(*init)
         try:
-            parts = [_encode_range((0, len(records)))]
+            parts = [progress.done(_encode_range(r), r) for r in ranges]
         finally:
             _worker.clear()
     else:
-        size = -(-len(records) // (num_proc * 4))
-        ranges = [(i, min(i + size, len(records))) for i in range(0, len(records), size)]
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # fork: records are not copied
-        with mp.get_context(method).Pool(num_proc, initializer=_init_pool_worker, initargs=init) as pool:
-            parts = list(pool.imap(_encode_range, ranges))
+        try:  # a worker that dies (out of memory) breaks the executor: an error, where a Pool waited forever
+            with ProcessPoolExecutor(num_proc, mp.get_context(method), _init_pool_worker, init) as pool:
+                parts = [progress.done(part, r) for part, r in zip(pool.map(_encode_range, ranges), ranges, strict=True)]
+        except BrokenProcessPool:
+            raise DataError([f"{records[0].source}:0: a tokenization process died (killed for lack of memory?) while "
+                             f"{num_proc} processes encoded {len(records)} records: give the job more memory, or "
+                             "fewer cores (one process per core)"]) from None
     problems = [p for part in parts for p in part.problems]
     if problems:
         raise DataError([f"{records[i].source}:{records[i].line}: {msg}" for i, msg in problems])
@@ -333,12 +363,25 @@ def cache_key(files: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len: 
     return h.hexdigest()
 
 
+def cache_file(files: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len: int, cache_dir: str | Path | None,
+               settings: TemplateSettings = DEFAULT_SETTINGS) -> Path:
+    """Where the encoding of `files` (read_files' (path, bytes)) is cached: `cache_dir` (default `.cache` beside the
+    first file) / encoded-KEY.npz. It exists only if these bytes were valid records when it was written."""
+    key = cache_key(files, tokenizer, max_seq_len, settings)
+    root = Path(cache_dir) if cache_dir is not None else files[0][0].parent / ".cache"
+    return root / f"encoded-{key[:32]}.npz"
+
+
 def _save(ds: EncodedDataset, path: Path) -> None:
     """Write atomically: a temp file in the cache dir, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ignore = path.parent / ".gitignore"
     if not ignore.exists():
         ignore.write_text("*\n")  # keep caches out of version control
+    for old in path.parent.glob("encoded-*.tmp"):  # a writer killed mid-write (SIGKILL, out of memory) left it
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > STALE_TMP_SECONDS:  # not one another process is writing now
+                old.unlink()
     s = ds.stats
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -384,9 +427,7 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
                     " ".join(tokenizer.convert_ids_to_tokens(appended)))
     path = None
     if use_cache:
-        key = cache_key(files, tokenizer, max_seq_len, settings)
-        path = Path(cache_dir) if cache_dir is not None else files[0][0].parent / ".cache"
-        path = path / f"encoded-{key[:32]}.npz"
+        path = cache_file(files, tokenizer, max_seq_len, cache_dir, settings)
         if path.is_file():
             try:
                 ds = _load(path)
@@ -405,7 +446,8 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
             nbytes = ds.input_ids.nbytes + ds.labels.nbytes + ds.offsets.nbytes + ds.record_index.nbytes
             why = no_space_message(f"data cache {path}", path.parent, nbytes) if is_no_space(e, path.parent) else \
                 f"could not write the data cache {path}: {e}"
-            log.warning("%s; continuing without the cache", why)
+            log.warning("%s; continuing without the cache (every start, and every reading process, tokenizes again: "
+                        "set data_cache_dir to a writable directory)", why)
     _log(ds.stats)
     return ds
 

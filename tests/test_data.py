@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from data import encode as encode_module
 from data import inspect as data_inspect
 from data.collate import collate, collate_left, pad_id_of
 from data.encode import IGNORE_INDEX, encode_one, encode_records, load_dataset
@@ -212,6 +213,41 @@ def test_pool_matches_single_process(tok):
     assert (one.record_index == two.record_index).all()
 
 
+_ENCODE_RANGE = encode_module._encode_range
+
+
+def _die_after_the_first_range(bounds):
+    """A worker killed as the out-of-memory killer kills (SIGKILL) while it encodes."""
+    import signal
+
+    if bounds[0] > 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _ENCODE_RANGE(bounds)
+
+
+def test_a_tokenization_process_that_dies_is_an_error_not_a_hang(tok, monkeypatch):
+    """multiprocessing.Pool replaced a killed worker and waited for its lost task forever (silently, for a week
+    under the trainer's patient process group)."""
+    records = load_records(str(SAMPLES))
+    monkeypatch.setattr(encode_module, "_encode_range", _die_after_the_first_range)
+    with pytest.raises(DataError, match=r":0: a tokenization process died \(killed for lack of memory\?\) while 2 "
+                       rf"processes encoded {len(records)} records"):
+        encode_records(records, tok, 96, num_proc=2)
+
+
+def test_long_tokenization_says_what_it_does(tok, monkeypatch, caplog):
+    """A cold start of a large data set tokenizes for minutes: a line when it starts, then one every PROGRESS_EVERY s."""
+    records = load_records(str(SAMPLES))
+    monkeypatch.setattr(encode_module, "MIN_RECORDS_FOR_POOL", 10)
+    monkeypatch.setattr(encode_module, "PROGRESS_EVERY", 0.0)
+    with caplog.at_level("INFO", logger="data.encode"):
+        encode_records(records, tok, 96, num_proc=1)
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0] == f"data: tokenizing {len(records)} records on 1 process(es) (written to the data cache for the " \
+        "next start)"
+    assert len(said) == 8 and said[-1].startswith("data: tokenized ") and said[-1].endswith(f" of {len(records)} records")
+
+
 def test_cache_hit_is_identical_and_key_tracks_inputs(tok, tmp_path):
     data = write(tmp_path / "d.json", json.dumps([RECORDS["instruct_input"], RECORDS["pretrain"]]))
     first = load_dataset(data, tok, 200)
@@ -402,3 +438,39 @@ def test_inspect_stats(tok, sample_tokenizer_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"truncated: {ds.stats.truncated} of {len(ds)} samples" in out and "packing efficiency (trained / total tokens): n/a" in out
     assert "tokens per sample (after truncation to 64): p50 " in out and ", max 64" in out and "trained tokens: " in out
+
+
+def test_a_start_whose_data_are_cached_does_not_parse_them_again(tmp_path, sample_tokenizer_dir, monkeypatch):
+    """The trainer validates every record before the process group starts (local rank 0 of each node); a cache of the
+    very same bytes means they were valid when it was written, so a warm start skips the parse (16 s and ~1 GB that
+    stayed resident at 1M records). Bad records are still found on a cold start."""
+    import training.trainer as trainer_module
+    from training.config import load_config
+
+    data = write(tmp_path / "d.jsonl", jsonl(RECORDS["pretrain"], RECORDS["instruct_input"]))
+    cfg = load_config(make_config(tmp_path, sample_tokenizer_dir, data), require_model=False)
+    parsed = []
+    real = trainer_module.records_from_files
+    monkeypatch.setattr(trainer_module, "records_from_files", lambda files: parsed.append(files) or real(files))
+    trainer = trainer_module.Trainer(cfg)
+    trainer.validate_data()
+    assert len(parsed) == 1  # cold: parsed
+    load_dataset(data, trainer.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings)  # the cache
+    trainer.validate_data()
+    assert len(parsed) == 1  # warm: not parsed again
+    write(data, '{"text": ""}\n')
+    with pytest.raises(DataError, match="d.jsonl:1: "):
+        trainer.validate_data()
+    trainer.close()
+
+
+def test_a_killed_writers_cache_temp_file_is_removed_by_the_next_write(tok, tmp_path):
+    data = write(tmp_path / "d.jsonl", jsonl(RECORDS["pretrain"]))
+    cache = tmp_path / ".cache"
+    cache.mkdir()
+    old, recent = cache / "encoded-abc.npzx1.tmp", cache / "encoded-abc.npzx2.tmp"
+    for f in (old, recent):
+        f.write_bytes(b"\0" * 100)
+    os.utime(old, (0, 0))
+    load_dataset(data, tok, 64)
+    assert not old.exists() and recent.exists()  # another writer may be writing the recent one

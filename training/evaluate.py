@@ -24,11 +24,11 @@ from training.batches import row_trained
 def subset(ds: EncodedDataset, keep: np.ndarray) -> EncodedDataset:
     """The samples `keep` (indices, in this order) of `ds` as a new EncodedDataset (same stats object)."""
     keep = np.asarray(keep, dtype=np.int64)
-    lengths = ds.offsets[keep + 1] - ds.offsets[keep]
+    starts = ds.offsets[keep]
+    lengths = ds.offsets[keep + 1] - starts
     offsets = np.zeros(len(keep) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    rows = [np.arange(ds.offsets[i], ds.offsets[i + 1]) for i in keep]
-    flat = np.concatenate([np.zeros(0, np.int64), *rows])
+    flat = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])  # each kept token's source position
     return EncodedDataset(ds.input_ids[flat], ds.labels[flat], offsets, ds.record_index[keep], ds.stats)
 
 

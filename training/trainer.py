@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from data.collate import pad_id_of
-from data.encode import load_dataset
+from data.encode import cache_file, load_dataset
 from data.packing import describe
 from data.records import DataError, read_files, records_from_files
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
@@ -54,6 +54,7 @@ class Trainer(RunDirectory):
         self.row_length: int | None = None  # the engine's current activation length
         self.lock: RunLock | None = None  # rank 0: this run's lock on save_path
         self.launcher = LauncherWatch()  # the `deepspeed` command that started this process, if any
+        self.tokenizer = None
         self.changes_lr = self.changes_length = self.schedule_switched = False  # what a resume changed (rundir)
         self.prompted: bool | None = None  # whether a training record went through a template (rank 0 reads data)
 
@@ -72,11 +73,19 @@ class Trainer(RunDirectory):
         """Check every record before any process group or model exists (raises DataError). Once per node: local
         rank 0 checks; on a problem it exits and the launcher stops the node's other ranks. Not when rank 0 already
         refuses the run (cfg.refusal): it goes straight to the process group, which says so to every rank."""
-        if self.local_rank != 0 or self.cfg.refusal:
+        cfg = self.cfg
+        if self.local_rank != 0 or cfg.refusal:
             return
-        for path in (self.cfg.data_path, self.cfg.eval_data_path):
+        from transformers import AutoTokenizer
+
+        if self.tokenizer is None:  # validate_data loaded it on local rank 0
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+        for path in (cfg.data_path, cfg.eval_data_path):
             if path is not None:
-                records_from_files(read_files(path))
+                files = read_files(path)
+                if not cache_file(files, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir,
+                                  cfg.template_settings).is_file():  # a cache of these bytes: they were valid records
+                    records_from_files(files)
 
     def setup(self) -> None:
         import deepspeed
@@ -118,7 +127,8 @@ class Trainer(RunDirectory):
         torch.manual_seed(cfg.seed)
 
         self.family, self.config = family_of(Path(cfg.model_path))
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+        if self.tokenizer is None:  # validate_data loaded it on local rank 0
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
         self.pad_id = pad_id_of(self.tokenizer)
         axes, dims = parse_topology(cfg.model_topo, self.world)
         topo = ProcessTopology(axes=axes, dims=dims)

@@ -16,6 +16,7 @@ refused: the model would be trained without it and nothing would say so.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,16 +29,33 @@ from data.templates import CHAT_MESSAGES, Rendered, Span, TemplateSettings, rend
 _CONTENT = {"system": "the instruction and reference", "user": "a question", "assistant": "an answer"}
 
 
+# A template that stamps today's date (Llama 3.2's `strftime_now("%d %b %Y")` unless `date_string` is given) would
+# render another prompt each day: training, a resume and demo.py pass this date, Llama 3's own fallback.
+CHAT_DATE = "26 Jul 2024"
+
+
+def _template_text(tokenizer: Any) -> str:
+    t = getattr(tokenizer, "chat_template", None)
+    return t if isinstance(t, str) else " ".join(t.values()) if isinstance(t, dict) else ""
+
+
 def require_chat_template(tokenizer: Any) -> None:
-    """Raise DataError (naming the tokenizer's dir) if the tokenizer has no chat template."""
+    """Raise DataError (naming the tokenizer's dir) if the tokenizer has no chat template, or one that stamps the
+    current date or time in a way `date_string` does not pin."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError([f"{tokenizer.name_or_path}:0: \"template\": \"chat\" needs a tokenizer with a chat template, "
                          "and this one has none (no chat_template.jinja or \"chat_template\" in tokenizer_config.json); "
                          "add one or use \"template\": \"default\""])
+    text = _template_text(tokenizer)
+    if "strftime_now" in text and "date_string" not in text:
+        raise DataError([f"{tokenizer.name_or_path}:0: the chat template writes the current date or time "
+                         "(strftime_now) into its text, so a prompt would differ from training on another day; make it "
+                         "take the date from a date_string variable (as Llama 3's does) or use \"template\": \"default\""])
 
 
 def _apply(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    dated = {"date_string": CHAT_DATE} if "strftime_now" in _template_text(tokenizer) else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **dated)
 
 
 def _check_kept(text: str, messages: list[dict[str, str]]) -> None:
@@ -51,6 +69,21 @@ def _check_kept(text: str, messages: list[dict[str, str]]) -> None:
                              f"{content[:40]!r}); it would never be trained on: use a template that renders "
                              f"{m['role']} messages, or \"template\": \"default\"")
         at = found + len(content)
+
+
+def _specials(tokenizer: Any) -> set[str]:
+    return set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+
+
+def _clean_end(tokenizer: Any, turn: str, end: int) -> int:
+    """`end`, or the start of the special token of `turn` it falls inside ("<|end" of "<|endoftext|>")."""
+    if end == len(turn):  # the whole turn (every template that renders turn by turn)
+        return end
+    for token in _specials(tokenizer):
+        at = turn.find(token, max(0, end - len(token) + 1))  # the first occurrence that could hold `end`
+        if 0 <= at < end:
+            end = at
+    return end
 
 
 def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool
@@ -67,12 +100,21 @@ def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_
             if i == 0:
                 raise ValueError("the first turn is an answer: chat templates need a user message before it")
             prompt, turn = _apply(tokenizer, messages[:i], generation_prompt=True), _apply(tokenizer, messages[:i + 1])
-            if not (text.startswith(turn) and turn.startswith(prompt)):
+            # the answer ends where its turn and the whole text part: a template may close a finished conversation
+            # (Phi-3 writes EOS after the last turn, not after this one); never inside a special token's text
+            end = _clean_end(tokenizer, turn, len(os.path.commonprefix([turn, text])))
+            if not (turn.startswith(prompt) and text.startswith(prompt)
+                    and message["content"].strip() in text[len(prompt):end]):
                 raise ValueError(f"the chat template does not render this record turn by turn (message {i} changes "
                                  "earlier text), so its answers cannot be located; use \"template\": \"default\"")
-            answers.append((len(prompt), len(turn.rstrip())))
+            answers.append((len(prompt), len(text[:end].rstrip())))
     except TemplateError as e:
-        raise ValueError(f"the tokenizer's chat template rejected this record: {e}") from None
+        roles = [m["role"] for m in messages]
+        why = [*(["it holds a system message (a ref_qa record's reference)"] if "system" in roles else []),
+               *[f"messages {k} and {k + 1} are both {r} turns" for k, r in enumerate(roles[:-1]) if r == roles[k + 1]]]
+        raise ValueError(f"the tokenizer's chat template rejected this record: {e}"
+                         + (f" ({'; '.join(why[:2])})" if why else "") + "; use \"template\": \"default\" for such "
+                         "records") from None
     return text, answers, tuple(a for a, _ in answers)
 
 
@@ -109,8 +151,7 @@ def end_of_turn(tokenizer: Any) -> str | None:
         return None
     start, end = answers[0]
     tail = text[text.index("Hello", start) + len("Hello"):end]
-    special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
-                                                   if t.special}
+    special = _specials(tokenizer)
     found = [t for t in tokenizer.convert_ids_to_tokens(tokenizer(tail, add_special_tokens=False)["input_ids"])
              if t in special]
-    return found[-1] if found else None
+    return found[0] if found else None  # the first: Phi-3 writes <|end|>, then EOS after a finished conversation

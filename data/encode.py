@@ -37,7 +37,7 @@ from data.templates import CHAT_MESSAGES, DEFAULT_SETTINGS, Rendered, Span, Temp
 from data.templates import template_settings as template_state
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "encode-v4"  # bump when encoding or labelling changes
+CACHE_VERSION = "encode-v5"  # bump when encoding or labelling changes
 MIN_RECORDS_FOR_POOL = 2000
 BATCH = 1000  # texts per tokenizer call
 PROGRESS_EVERY = 30.0  # seconds between progress lines while records are tokenized

@@ -147,7 +147,8 @@ def test_records_a_template_cannot_render_are_reported_with_file_and_line(chat_d
     with pytest.raises(DataError) as e:
         encode_records(load_records(data), tok, 64, CHAT, num_proc=num_proc)
     assert e.value.problems == [
-        f"{data}:2: the tokenizer's chat template rejected this record: roles must alternate",
+        f"{data}:2: the tokenizer's chat template rejected this record: roles must alternate (messages 0 and 1 are both "
+        "user turns); use \"template\": \"default\" for such records",
         f"{data}:3: the first turn is an answer: chat templates need a user message before it"]
     tok.chat_template = "{{ messages | length }}" + CHATML  # earlier text changes as turns are added
     with pytest.raises(DataError, match=rf"^{data}:1: the chat template does not render this record turn by turn"):
@@ -217,3 +218,69 @@ def test_inspect_in_chat_mode(chat_tok, chat_dir, tmp_path, capsys):
     assert data_inspect.main(["--config", str(cfg), "--index", "3"]) == 0
     out = capsys.readouterr().out
     assert "[[2 plus 3 is 5.<|im_end|>]]\n<|im_start|>user\nAnd 2 times 3?" in out and "trained in 2 span(s)" in out
+
+
+# Phi-3 (Jul 2024): every turn ends with <|end|>, and a finished conversation (no generation prompt) with EOS
+PHI3 = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ '<|system|>\\n' + m['content'] + '<|end|>\\n' }}"
+        "{% elif m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + '<|end|>\\n' }}{% elif m['role'] == 'assistant' %}"
+        "{{ '<|assistant|>\\n' + m['content'] + '<|end|>\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+# Llama 3.2: today's date in the system header unless date_string is given
+DATED = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}{%- endif %}"
+         "{{ '<|system|>\\nToday Date: ' + date_string + '<|end|>\\n' }}" + PHI3.replace("{{ eos_token }}", ""))
+
+
+@pytest.fixture(scope="module")
+def phi3_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("phi3")
+    tok = train_tiny_tokenizer(_texts_from_records(SAMPLES), path, vocab_size=512)
+    tok.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]})
+    tok.chat_template = PHI3
+    tok.save_pretrained(str(path))
+    return path
+
+
+def test_a_template_that_closes_a_finished_conversation_trains_every_answer(phi3_dir):
+    """Phi-3 writes EOS after the last turn only: each earlier answer's turn is not a prefix of the whole text. Every
+    answer is trained to its <|end|> (the end-of-turn token demo.py and the export stop on), the ids are
+    apply_chat_template's, and each answer's prompt is the generation prompt transformers renders."""
+    from data.chat import end_of_turn
+    from data.encode import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(phi3_dir))
+    assert end_of_turn(tok) == "<|end|>"
+    rec = RECORDS["conversation"]
+    ids, labels, _ = encode_one(tok, rec, 1024, CHAT)
+    messages = CHAT_MESSAGES["conversation"](rec)
+    assert ids == tok.apply_chat_template(messages)["input_ids"]
+    runs = trained_runs(tok, ids, labels)
+    assert runs[0] == answers_of(rec)[0] + "<|end|>" and runs[1].startswith(answers_of(rec)[1] + "<|end|>")
+    prompt = encode_prompt(tok, {"rounds": rec["rounds"][:-1]}, CHAT)
+    assert prompt == tok.apply_chat_template(messages[:-1], add_generation_prompt=True)["input_ids"] == ids[:len(prompt)]
+
+
+def test_a_dated_template_renders_one_date_every_day(phi3_dir, tmp_path, monkeypatch):
+    """A template that stamps today's date (strftime_now) unless date_string is given renders CHAT_DATE in training
+    and in prompts, on any day; one that cannot be given the date is refused in one line."""
+    import datetime
+
+    from data.chat import CHAT_DATE
+    from data.encode import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(phi3_dir))
+    tok.chat_template = DATED
+    rec = RECORDS["conversation"]
+    ids, labels, _ = encode_one(tok, rec, 1024, CHAT)
+    assert f"Today Date: {CHAT_DATE}" in tok.decode(ids)
+
+    class Later(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2031, 1, 2, tzinfo=tz)
+
+    monkeypatch.setattr(datetime, "datetime", Later)
+    prompt = encode_prompt(tok, {"rounds": rec["rounds"][:-1]}, CHAT)
+    assert prompt == ids[:len(prompt)] and labels[len(prompt)] != IGNORE_INDEX
+    tok.chat_template = PHI3.replace("{% endfor %}", "{% endfor %}{{ strftime_now('%Y-%m-%d') }}")
+    with pytest.raises(DataError, match="the chat template writes the current date or time \\(strftime_now\\)"):
+        encode_records(load_records(str(SAMPLES))[:3], tok, 64, CHAT)

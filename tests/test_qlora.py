@@ -177,7 +177,7 @@ BAD = {  # name -> (config overrides, expected text)
                     "quantization: unknown key(s) 'bnb_4bit_quant_storage'; allowed:"),
     "8 bit": ({"quantization": {"load_in_8bit": True}}, "quantization.load_in_8bit is not supported"),
     "not 4 bit": ({"quantization": {"bnb_4bit_quant_type": "nf4"}}, "quantization.load_in_4bit must be true, got null"),
-    "4-bit module trained whole": ({"lora": {"r": 4, "modules_to_save": ["down_proj"]}},
+    "4-bit module trained whole": ({"lora": {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["down_proj"]}},
                                    "lora.modules_to_save: 'down_proj' holds 4-bit layers under 'quantization'"),
     "bitsandbytes missing": ({}, "quantization needs the package bitsandbytes >= 0.46, which is not installed; pip install"),
     "bitsandbytes too old": ({}, "quantization needs bitsandbytes >= 0.46 (4-bit layers on CPU and GPU); installed: 0.45.5"),

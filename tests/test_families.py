@@ -48,14 +48,24 @@ def test_sliding_window_is_exact_up_to_it_and_refused_beyond(family, name, over)
         seq((ids, pos, seg))
 
 
-def test_config_refuses_max_seq_len_above_the_sliding_window(tmp_path, tokenizer_dir, capsys):
-    (tmp_path / "model.json").write_text(json.dumps({**get_family("mistral").presets["tiny"], "sliding_window": 64}))
-    assert convert_model.main(["init", "--family", "mistral", "--config-json", str(tmp_path / "model.json"),
+def _init(tmp_path, tokenizer_dir, family: str, model: dict) -> None:
+    """A pipeline dir of `model` (a config.json's keys) at tmp_path / "pp", made by `convert_model.py init`."""
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    assert convert_model.main(["init", "--family", family, "--config-json", str(tmp_path / "model.json"),
                                "--tokenizer", str(tokenizer_dir), "--save-path", str(tmp_path / "pp")]) == 0
-    cfg = write_config(tmp_path, tmp_path / "pp", max_seq_len=96)
+
+
+def _refused(cfg, capsys) -> list[str]:
+    """train_ds.py's stderr lines for a config it refuses (exit 2)."""
     capsys.readouterr()
     assert train_ds.main(["--config", str(cfg)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_config_refuses_max_seq_len_above_the_sliding_window(tmp_path, tokenizer_dir, capsys):
+    _init(tmp_path, tokenizer_dir, "mistral", {**get_family("mistral").presets["tiny"], "sliding_window": 64})
+    cfg = write_config(tmp_path, tmp_path / "pp", max_seq_len=96)
+    err = _refused(cfg, capsys)
     assert err == [f"train_ds.py: error: {cfg}: 'max_seq_len' 96 is above the model's sliding_window 64 (config.json), "
                    "which the pipeline's attention does not implement (it would attend beyond the window); use "
                    "max_seq_len <= 64"], err
@@ -97,15 +107,10 @@ def test_all_linear_lora_matches_peft(family, name, tmp_path):
 def test_packing_is_refused_where_rope_scaling_follows_the_longest_segment(tmp_path, tokenizer_dir, capsys, rope):
     """transformers' dynamic and longrope scaling encode a batch by its longest position: a packed segment past the
     switch length would change its neighbours' logits. Up to it, or unpacked (as transformers batches), it trains."""
-    model = {**get_family("llama").presets["tiny"], "max_position_embeddings": 64 if rope["rope_type"] == "dynamic"
-             else 256, "rope_parameters": rope}
-    (tmp_path / "model.json").write_text(json.dumps(model))
-    assert convert_model.main(["init", "--family", "llama", "--config-json", str(tmp_path / "model.json"),
-                               "--tokenizer", str(tokenizer_dir), "--save-path", str(tmp_path / "pp")]) == 0
+    _init(tmp_path, tokenizer_dir, "llama", {**get_family("llama").presets["tiny"], "rope_parameters": rope,
+                                             "max_position_embeddings": 64 if rope["rope_type"] == "dynamic" else 256})
     cfg = write_config(tmp_path, tmp_path / "pp", max_seq_len=96, packing=True)
-    capsys.readouterr()
-    assert train_ds.main(["--config", str(cfg)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _refused(cfg, capsys)
     assert err == [f"train_ds.py: error: {cfg}: 'packing' with max_seq_len 96 above 64: the model's rope scaling "
                    "(config.json: 'dynamic' or 'longrope') encodes every position of a row by its longest segment, so a "
                    "packed sample would depend on its neighbours; turn packing off or use max_seq_len <= 64"], err

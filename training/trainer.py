@@ -78,8 +78,7 @@ class Trainer(RunDirectory):
             return
         from transformers import AutoTokenizer
 
-        if self.tokenizer is None:  # validate_data loaded it on local rank 0
-            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)  # for the cache key; setup keeps it
         for path in (cfg.data_path, cfg.eval_data_path):
             if path is not None:
                 files = read_files(path)

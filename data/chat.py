@@ -7,9 +7,11 @@ tokens, since the template writes them (BOS included) itself.
 Trained span of assistant message i: found by rendering incrementally, which works for any
 template whose earlier turns do not change when later ones are added. It starts where
 `messages[:i]` + the generation prompt ends (the inference prompt for that answer, a
-`prompt_ends` boundary) and ends where `messages[:i + 1]` ends, minus trailing whitespace: the
-assistant's content and the end-of-turn token(s) the template writes right after it (e.g.
-ChatML's `<|im_end|>`), but not the newline that separates turns. A template that leaves out a
+`prompt_ends` boundary) and ends where `messages[:i + 1]` ends (or, for a template that closes a finished
+conversation, as Phi-3 writes EOS after the last turn, where it and the whole text part, never inside a
+special token), minus trailing whitespace: the assistant's content and the end-of-turn token(s) the template
+writes right after it (e.g. ChatML's `<|im_end|>`), but not the newline that separates turns. A template
+that stamps today's date is given `date_string` CHAT_DATE, so it renders the same on every day. A template that leaves out a
 message's content (e.g. one that ignores system messages, where ref_qa keeps its reference) is
 refused: the model would be trained without it and nothing would say so.
 """

@@ -34,13 +34,21 @@ class ModelConfigError(ValueError):
 # topology and stage planning (pure functions: validated before any process group exists)
 
 
-def _unknown_keys(where: str, section: dict, known: tuple[str, ...]) -> None:
-    """A misspelled key would silently fall back to the default (e.g. "partz": an automatic balance)."""
-    for key in section:
+def unknown_key_problem(where: str, keys, known) -> str | None:
+    """The one-line problem with the first of `keys` not in `known` (the closest known one suggested), else None: a
+    misspelled config key would silently fall back to its default (e.g. "partz": an automatic balance)."""
+    known = list(known)
+    for key in keys:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            raise ModelConfigError(f"{where}: unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else
-                                   f" (known: {', '.join(known)})"))
+            return f"{where}: unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else
+                                                      f" (known: {', '.join(known)})")
+    return None
+
+
+def _unknown_keys(where: str, section: dict, known: tuple[str, ...]) -> None:
+    if problem := unknown_key_problem(where, section, known):
+        raise ModelConfigError(problem)
 
 
 def parse_topology(model_topo: dict | None, world_size: int) -> tuple[list[str], list[int]]:

@@ -40,6 +40,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from launch.cuda_only import triton_problem
+from models.pipeline import unknown_key_problem
 
 logger = logging.getLogger(__name__)
 
@@ -334,17 +335,6 @@ OPTIMIZER_SECTION_KEYS = ("type", "params", "legacy_fusion", "no_wd_kws")  # no_
 DEEPSPEED_ADAM_KEYS = ("torch_adam", "adam_w_mode", "fp32_optimizer_states", "foreach")
 
 
-def _unknown(what: str, keys: Iterable[str], allowed: Iterable[str]) -> str | None:
-    """The one-line problem with the first key not in `allowed` (the closest allowed one suggested), else None."""
-    allowed = list(allowed)
-    for key in keys:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else f" (allowed: {', '.join(allowed)})"
-            return f"{what}: unknown key '{key}'{hint}"
-    return None
-
-
 def _init_keys(*classes: type) -> list[str]:
     """The keyword arguments the classes' constructors take, but the parameters / optimizer they are given."""
     keys: dict[str, None] = {}
@@ -360,7 +350,7 @@ def optimizer_key_problem(section: dict) -> str | None:
     """A misspelled key of an `optimizer` section or of its `params` (Adam/AdamW: what DeepSpeed's FusedAdam, CPU Adam
     or torch's AdamW take; a torch.optim type: its constructor's), as one line; None if none. DeepSpeed would drop a
     misspelled "params" (training at its default lr) or fail with a TypeError on every rank once the model is built."""
-    if problem := _unknown("optimizer", section, OPTIMIZER_SECTION_KEYS):
+    if problem := unknown_key_problem("optimizer", section, OPTIMIZER_SECTION_KEYS):
         return problem
     kind, params = str(section.get("type", "")), section.get("params") or {}
     if kind.lower() in ("adam", "adamw"):
@@ -373,7 +363,7 @@ def optimizer_key_problem(section: dict) -> str | None:
         allowed = _init_keys(getattr(torch.optim, kind))
     else:
         return None
-    return _unknown(f"optimizer.params ({kind})", params, allowed) if isinstance(params, dict) else None
+    return unknown_key_problem(f"optimizer.params ({kind})", params, allowed) if isinstance(params, dict) else None
 
 
 def scheduler_problem(section: object) -> str | None:
@@ -382,7 +372,7 @@ def scheduler_problem(section: object) -> str | None:
 
     if not isinstance(section, dict):
         return f"'scheduler' must be an object with \"type\" and \"params\", got {json.dumps(section)}"
-    if problem := _unknown("scheduler", section, ("type", "params")):
+    if problem := unknown_key_problem("scheduler", section, ("type", "params")):
         return problem
     kind = section.get("type")
     # DeepSpeed's own, else a torch.optim.lr_scheduler class of that name (engine._scheduler_from_config)
@@ -400,4 +390,4 @@ def scheduler_problem(section: object) -> str | None:
     params = section.get("params") or {}
     if not isinstance(params, dict):
         return f"scheduler.params must be an object, got {json.dumps(params)}"
-    return _unknown(f"scheduler.params ({kind})", params, _init_keys(cls))
+    return unknown_key_problem(f"scheduler.params ({kind})", params, _init_keys(cls))

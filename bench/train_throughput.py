@@ -483,11 +483,13 @@ def main() -> None:
         result = WORKERS[args.worker](spec)
         import torch
 
+        from training.distributed import shutdown_distributed
+
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             Path(spec["out"]).write_text(json.dumps(result))
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+            shutdown_distributed()  # and DeepSpeed's /dev/shm buffer, which it leaves behind on CPU
         return
     (gpu_bench if args.gpu else cpu_bench)(args)
 

@@ -125,11 +125,17 @@ def pythonpath(*first) -> str:
 
 
 def free_port() -> int:
+    """A free TCP port for which /dev/shm holds no DeepSpeed buffer (one left by a killed run elsewhere on this
+    host would read as this run's leak)."""
     import socket
+    from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not any(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")):
+            return port
 
 
 def start_deepspeed(script: str, args: list[str], num_procs: int = 2, env: dict | None = None,

@@ -12,6 +12,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -114,12 +115,23 @@ def test_sigkill_during_save_resumes_from_the_previous_checkpoint(tmp_path, ops_
     wait_for(lambda: partial.is_dir() and len(list(partial.glob("rng_state_rank*.pt"))) == 2, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the launchers and both ranks, mid-save
     proc.wait()
-    for leaked in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{proc.port}_*"):
-        leaked.unlink()  # a SIGKILLed rank cannot remove DeepSpeed's buffer; not this test's subject
+    # the SIGKILLed ranks could not remove DeepSpeed's buffers; a restart on the same port must make new ones, not
+    # reuse these (a peer could read the dead run's flags): a marker written into each stays where the run left it
+    stale = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{proc.port}_*"))
+    assert len(stale) == 2
+    fds = [os.open(p, os.O_RDWR) for p in stale]
+    for fd in fds:
+        os.pwrite(fd, b"stale buffer....", 0)
     assert (tmp_path / "out" / "latest").read_text() == "global_step3" and partial.is_dir()
     assert not (tmp_path / "out" / "global_step6").exists()
 
-    proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
+    _, out = finish_deepspeed(start_deepspeed("train_ds.py", ["--config", str(cfg)], port=proc.port))
+    proc = SimpleNamespace(stdout=out)
+    try:
+        assert [os.pread(fd, 16, 0) for fd in fds] == [b"stale buffer...."] * 2
+    finally:
+        for fd in fds:
+            os.close(fd)
     assert f"removed {partial}: a checkpoint that was not completely written" in proc.stdout
     assert f"resumed from {tmp_path / 'out' / 'global_step3'} at step 3" in proc.stdout
     assert losses_of(tmp_path / "out") == losses_of(ops_uninterrupted)

@@ -113,6 +113,8 @@ def master_port_problem(launcher: str = "deepspeed") -> str | None:
         return None
     port = int(os.environ["MASTER_PORT"])
     with socket.socket() as s:
+        # as torch's TCPStore binds: a killed run's connections (TIME_WAIT for a minute) do not hold the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", port))
         except OSError as e:
@@ -152,6 +154,14 @@ def shm_buffer(rank: int) -> Path:
     """DeepSpeed's CPU shared-memory allreduce buffer for `rank` of this launch (ops/csrc/cpu/comm/shm.cpp)."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     return Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def remove_stale_shm_buffer(rank: int) -> None:
+    """Before the process group: remove `rank`'s buffer left by a killed run on the same address and port (its
+    ranks could not unlink it). DeepSpeed would open that object again, not a new one, and a peer could read the
+    dead run's flags; each rank creates and removes only its own name, and peers open it only after the group forms."""
+    if os.environ.get("MASTER_PORT"):
+        shm_buffer(rank).unlink(missing_ok=True)
 
 
 def shutdown_distributed() -> None:

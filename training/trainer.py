@@ -32,7 +32,14 @@ from pipeft import command
 from training.batches import BatchPlan, RowsView, row_trained, step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause, tag_of
 from training.config import ConfigError, TrainConfig, resume_hint
-from training.distributed import LaunchError, LauncherWatch, device_line, init_restarted_torchrun, shutdown_distributed
+from training.distributed import (
+    LaunchError,
+    LauncherWatch,
+    device_line,
+    init_restarted_torchrun,
+    remove_stale_shm_buffer,
+    shutdown_distributed,
+)
 from training.evaluate import EvalPlan, training_and_eval_rows
 from training.monitor import Monitor, fmt_bytes, fmt_count, hms, process_memory, write_estimate
 from training.optim import build_optimizer, schedule_warning
@@ -102,6 +109,8 @@ class Trainer(RunDirectory):
         # where a Python handler would run only once it times out); from the process group on they save and stop
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
+        if acc.device_name() == "cpu":
+            remove_stale_shm_buffer(self.rank)
         try:
             if (warning := init_restarted_torchrun(backend, timeout, bound)) and self.local_rank == 0:
                 print(f"warning: {warning}", flush=True)

@@ -30,6 +30,7 @@ from .hf_io import (
     copy_side_files,
     hf_source_of,
     load_torch_file,
+    no_dir_error,
     read_json,
     resolve_hf_dir,
 )
@@ -47,7 +48,7 @@ def log(msg: str) -> None:
 def family_of(directory: Path) -> tuple[ModelFamily, object]:
     """Read `config.json` of an HF or pipeline dir -> (family, prepared config)."""
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such directory")
+        raise no_dir_error(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: missing (a model directory needs its config.json)")
@@ -109,7 +110,11 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
     if src != Path(input_path):
         log(f"{input_path}: the Hugging Face cache's snapshot {src}")
     family, config = family_of(src)
-    check_target(dst, overwrite, sources=[src])
+    check_target(dst, overwrite, sources=[src], renamed=True)
+    if quant := getattr(config, "quantization_config", None):  # bitsandbytes' absmax / SCB, GPTQ's qweight ...
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise CheckpointError(f"{src / 'config.json'}: a quantised checkpoint (quantization_config, quant_method "
+                              f"{method!s}); convert an unquantised (fp16/bf16/fp32) checkpoint of the model")
     ckpt = HFCheckpoint(src)
     n = family.num_blocks(config)
     shapes = expected_layer_shapes(family, config)
@@ -138,16 +143,24 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
             raise CheckpointError(f"{src}: tensor {key} has shape {list(found)} but {src / 'config.json'} expects "
                                   f"{list(shapes[idx][local])}")
         by_layer[idx][local] = key
+    embed = family.layer_specs(config)[-1].tied_weight_attr[0] if tied else None  # the tied weight's local key
+    if tied_head is not None and embed not in by_layer[0]:
+        # only the head stored (safetensors' save_model keeps the first name of shared tensors): transformers loads
+        # it as the embedding too
+        if (found := ckpt.shape(tied_head)) != shapes[0][embed]:
+            raise CheckpointError(f"{src}: tensor {tied_head} has shape {list(found)} but {src / 'config.json'} "
+                                  f"expects {list(shapes[0][embed])}")
+        by_layer[0][embed], tied_head = tied_head, None
     for idx, keys in expected.items():
         for local in keys:
             if local not in by_layer[idx]:
                 raise CheckpointError(f"{src}: missing tensor {family.key_map.to_hf(idx, local, n)}")
     if tied_head is not None:
-        check_tied_head(ckpt, tied_head, by_layer[0][family.layer_specs(config)[-1].tied_weight_attr[0]])
+        check_tied_head(ckpt, tied_head, by_layer[0][embed])
 
     cast = DTYPES[dtype] if dtype else None
     t0 = time.time()
-    needed = ckpt.nbytes()  # about (a --dtype cast changes it)
+    needed = ckpt.nbytes((k for keys in by_layer.values() for k in keys.values()), cast)
     with atomic_output_dir(dst, overwrite, needed=needed, say=log, sources=[src]) as tmp:
         for step, idx in enumerate(sorted(expected), 1):
             sd = {}
@@ -176,7 +189,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
             raise CheckpointError(f"{path}: names {tag!r}, which is not a checkpoint directory beside it")
         path = path.parent / tag
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such directory")
+        raise no_dir_error(path)
     layers = path
     if (path / "latest").is_file() and not (path / LAYER_FILE.format(0)).is_file():
         layers = path / (path / "latest").read_text().strip()
@@ -310,7 +323,7 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
     info = read_lora_info(layers_dir)
     base = info.get("base_model_path") if info else None
     sources = [input_path, layers_dir, config_dir, base, hf_source_of(base) if base else None]  # an adapter's base
-    check_target(dst, overwrite, sources)
+    check_target(dst, overwrite, sources, renamed=True)
     if info is None and lora is not None:
         raise CheckpointError(f"{layers_dir}: --lora {lora}: not a LoRA checkpoint (no {layers_dir / 'lora_config.json'})")
     if info is not None and lora not in ("peft", "merge"):
@@ -430,7 +443,7 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
         if cfg_dict.get("model_type", family.model_type) != family.model_type:
             raise CheckpointError(f"{config_json}: model_type {cfg_dict['model_type']!r} is not {family.model_type!r}")
     sources = [tokenizer_dir, config_json]
-    check_target(dst, overwrite, sources)
+    check_target(dst, overwrite, sources, renamed=True)
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     except Exception as e:  # transformers raises many types for a bad tokenizer dir
@@ -443,8 +456,9 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
     with config_errors(where):
         config = family.config_class(**{
             **cfg_dict, "vocab_size": len(tok) if vocab is None else vocab, "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            # the embedding's padding_idx: never EOS (its row would stay zero, without a gradient); with no pad token
+            # none, and the collator pads with EOS, masked out
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
         })
         family.prepare_config(config)
     config.dtype = DTYPE_NAMES[DTYPES[dtype]]

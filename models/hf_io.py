@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import struct
@@ -35,14 +36,24 @@ TOKENIZER_FILES = (
 )
 # transformers 5 saves a tokenizer's named chat templates (all but "default") as additional_chat_templates/NAME.jinja
 TOKENIZER_DIRS = ("additional_chat_templates",)
+# a licence its redistributors must pass on (Llama's asks for its agreement), carried into every output; not the
+# README.md (the base's model card, and a file of the user's in a training save_path, which takes the side files)
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "USE_POLICY.md", "NOTICE")
 # data_settings.json: how training rendered its records (data.settings.DATA_SETTINGS_FILE), read by demo.py
-SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "data_settings.json")
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "data_settings.json", *LICENSE_FILES)
 HF_SOURCE_FILE = "hf_source.json"  # in a pipeline dir: the HF model (dir or Hub id) hg_to_pp converted it from
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # in order of preference
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# transformers' order (modeling_utils' checkpoint-file resolution): what from_pretrained loads is what is converted
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class CheckpointError(ValueError):
     """A bad checkpoint or target directory; the message is one line naming the file and the problem."""
+
+
+def no_dir_error(path: Path) -> CheckpointError:
+    """The one line for a path that should be a directory and is not."""
+    return CheckpointError(f"{path}: {'a file, not a directory' if path.exists() else 'no such directory'}")
 
 
 def _first_line(e: BaseException) -> str:
@@ -64,6 +75,9 @@ def load_torch_file(path: Path) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
+        if found := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):  # a whole object pickled, not tensors
+            raise CheckpointError(f"{path}: holds non-tensor objects ({found[1]}), which torch.load(weights_only=True) "
+                                  "refuses to unpickle; save a state dict of tensors only") from None
         raise CheckpointError(f"{path}: unreadable, the file is corrupt or truncated ({_first_line(e)})") from None
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors")
@@ -146,32 +160,38 @@ class HFCheckpoint:
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
         if not self.dir.is_dir():
-            raise CheckpointError(f"{self.dir}: no such directory")
+            raise no_dir_error(self.dir)
         self._file_of: dict[str, Path] = {}
         self._headers: dict[Path, dict] = {}
         self._bin: tuple[Path, dict] | None = None
         self._index: Path | None = None  # the index file that named each tensor's file, if any
-        # the first index whose files are all there: a partial download (`--include "*.json" "*.bin"`) may hold the
-        # safetensors index without its shards beside a complete .bin checkpoint
+        # the first of WEIGHT_FILES there, an index only when its files all are: a partial download (`--include
+        # "*.json" "*.bin"`) may hold the safetensors index without its shards beside a complete .bin checkpoint
         incomplete: str | None = None
-        for index in (self.dir / n for n in INDEX_FILES):
-            if not index.is_file():
+        for f in (self.dir / n for n in WEIGHT_FILES):
+            if not f.is_file():
                 continue
-            file_of = read_index(index)
-            missing = sorted({f for f in file_of.values() if not f.is_file()})
-            if not missing:
-                self._file_of, self._index = file_of, index
+            if f.name not in INDEX_FILES:
+                self._file_of = dict.fromkeys(self._keys_of(f), f)
                 break
-            incomplete = incomplete or f"{missing[0]}: named in {index.name} but missing"
+            file_of = read_index(f)
+            missing = sorted({s for s in file_of.values() if not s.is_file()})
+            if not missing:
+                self._file_of, self._index = file_of, f
+                break
+            incomplete = incomplete or f"{missing[0]}: named in {f.name} but missing"
         else:
-            if incomplete:
-                raise CheckpointError(incomplete)
-            single = [self.dir / n for n in ("model.safetensors", "pytorch_model.bin") if (self.dir / n).is_file()]
-            if not single:
-                raise CheckpointError(
-                    f"{self.dir}: no weights (expected model.safetensors, model.safetensors.index.json or pytorch_model*.bin)")
-            keys = self._keys_of(single[0])
-            self._file_of = dict.fromkeys(keys, single[0])
+            raise CheckpointError(incomplete or self._no_weights())
+
+    def _no_weights(self) -> str:
+        """Why the dir has no weights to convert, in one line."""
+        if (self.dir / "layer_00-model_states.pt").is_file() or (self.dir / "latest").is_file():
+            return f"{self.dir}: a pipeline dir (layer files), not an HF model: use pp_to_hg to convert it"
+        for shards, index in (("model-*.safetensors", INDEX_FILES[0]), ("pytorch_model-*.bin", INDEX_FILES[1])):
+            if found := sorted(self.dir.glob(shards)):
+                return (f"{self.dir / index}: missing (it names the tensors of each shard, {found[0].name} ...); "
+                        "download it with the shards")
+        return f"{self.dir}: no weights (expected model.safetensors, model.safetensors.index.json or pytorch_model*.bin)"
 
     def _keys_of(self, path: Path) -> list[str]:
         if path.suffix == ".safetensors":
@@ -209,11 +229,19 @@ class HFCheckpoint:
         path, entry = self._entry(key)
         return tuple(entry["shape"] if path.suffix == ".safetensors" else entry.shape)
 
-    def nbytes(self) -> int:
-        """Bytes of every tensor (what a conversion writes, about)."""
+    def nbytes(self, keys: Iterable[str] | None = None, cast: torch.dtype | None = None) -> int:
+        """Bytes of the tensors `keys` (default: all), the floating ones as `cast` when given (what a conversion
+        writes, about)."""
         total = 0
-        for f in set(self._file_of.values()):
-            total += f.stat().st_size
+        for key in sorted(self._file_of if keys is None else keys, key=lambda k: str(self._file_of[k])):  # file by file
+            path, entry = self._entry(key)
+            if path.suffix == ".safetensors":
+                size, dtype = entry["data_offsets"][1] - entry["data_offsets"][0], ST_DTYPES.get(entry["dtype"])
+            else:
+                size, dtype = entry.numel() * entry.element_size(), entry.dtype
+            if cast is not None and dtype is not None and dtype.is_floating_point:
+                size = size // dtype.itemsize * cast.itemsize
+            total += size
         return total
 
     def get(self, key: str) -> torch.Tensor:
@@ -337,14 +365,23 @@ def hf_source_of(pipeline_dir: str | Path) -> str | None:
     return src if not Path(src).is_absolute() or (Path(src) / "config.json").is_file() else None
 
 
-def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | None] = ()) -> None:
+def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | None] = (), renamed: bool = False) -> None:
     """Refuse (CheckpointError, one line) a target that would cost the user something. Always: the target is one of
     `sources` (what the command reads: input dirs and files, symbolic links resolved) or a directory holding one, or,
     with `overwrite`, an existing file or link inside one (it may be one the command reads). A new entry inside an
     input dir is allowed: only that entry is written (or, with `overwrite`, replaced). Without `overwrite`: an
-    existing file, symbolic link or non-empty directory."""
+    existing file, symbolic link or non-empty directory. `renamed` (an output that a rename puts in place, as
+    `atomic_output_dir`'s): the current directory or one holding it (`.`, `..`), which the rename would pull from
+    under the user's shell."""
     path = Path(path)
     dst = _as_target(path)
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current directory was removed
+        cwd = None
+    if renamed and cwd is not None and (dst == cwd or dst in cwd.parents):
+        raise CheckpointError(f"{dst}: is the current directory (or contains it): give the new directory's path, "
+                              "e.g. ./hf")
     for src in dict.fromkeys(Path(s).resolve() for s in sources if s is not None and os.path.lexists(s)):  # not a Hub id
         if dst == src:
             raise CheckpointError(f"{path}: is the input {src} itself; write the output somewhere else")
@@ -430,9 +467,9 @@ def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, sa
     directory (one atomic rename): a target created meanwhile is left as it is, and the output is kept beside it
     (`NAME.new-HOST-PID`, named in the CheckpointError). With `overwrite` an existing target is moved aside first and
     deleted only once the new one is in place; a symbolic link is replaced itself, what it points to is untouched."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # `.` or `..` has no name to build a sibling's from
     clean_leftovers(path, say)
-    check_target(path, overwrite, sources)
+    check_target(path, overwrite, sources, renamed=True)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -469,9 +506,18 @@ def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, sa
         raise CheckpointError(f"{path}: was created while the conversion ran and is not empty: left as it is; the "
                               f"finished output is in {kept} (move it, or convert again with --overwrite)")
     old = None
-    if os.path.lexists(path):
-        old = path.parent / f".{path.name}.old-{me}"
-        os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        if os.path.lexists(path):
+            old = path.parent / f".{path.name}.old-{me}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except OSError as e:
+        if old is not None and os.path.lexists(old) and not os.path.lexists(path):
+            try:
+                os.replace(old, path)  # the previous output back in place (else the next run's clean-up puts it back)
+            except OSError:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{path}: cannot move the finished output into place ({_first_line(e)})") from None
     if old is not None:
         _remove(old)

@@ -55,6 +55,7 @@ def run(*argv: str) -> int:
 def test_round_trip_is_bit_exact(tmp_path, tokenizer, family, name):
     hf = write_hf(tmp_path, tokenizer, name, family=family)
     assert len(list(hf.glob("model-*.safetensors"))) > 1, "the source must be sharded"
+    (hf / "LICENSE").write_text("a licence asking redistributors to include it")
     assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp")) == 0
     assert run("pp_to_hg", "--input-path", str(tmp_path / "pp"), "--save-path", str(tmp_path / "back"),
                "--max-shard-size", "50KB") == 0
@@ -69,6 +70,7 @@ def test_round_trip_is_bit_exact(tmp_path, tokenizer, family, name):
     index = json.loads((back / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(b) and len(set(index["weight_map"].values())) > 1
     assert json.loads((hf / "config.json").read_text()) == json.loads((back / "config.json").read_text())
+    assert (back / "LICENSE").read_bytes() == (hf / "LICENSE").read_bytes()  # carried, as Llama's licence asks
     for f in TOKENIZER_FILES:  # hg_to_pp and pp_to_hg copy the tokenizer's files byte for byte
         assert (hf / f).is_file() == (back / f).is_file() and (not (hf / f).is_file() or (hf / f).read_bytes() == (back / f).read_bytes()), f
     t1, t2 = AutoTokenizer.from_pretrained(str(hf)), AutoTokenizer.from_pretrained(str(back))
@@ -454,7 +456,8 @@ def check_llama_cpp_reads(hf: Path, family: str) -> None:
 def test_init_and_export_keep_what_downstream_tools_read(tmp_path, request, family, tokenizer_fixture):
     """llama.cpp's converter reads config.json's `architectures` and a SentencePiece model's tokenizer.model; `init`
     used to drop both (check_llama_cpp_reads: every field it reads). Outputs are readable by the group and others
-    (the umask, not a private temporary mode). Every family's `tiny` preset."""
+    (the umask, not a private temporary mode). Every family's `tiny` preset. pad_token_id is the tokenizer's (none
+    for the SentencePiece one): EOS as the embedding's padding_idx would be a zero row that never learns."""
     import os
     import stat
 
@@ -473,6 +476,11 @@ def test_init_and_export_keep_what_downstream_tools_read(tmp_path, request, fami
         assert stat.S_IMODE(out.stat().st_mode) == 0o755
         assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o644}
     assert (tmp_path / "hf" / "tokenizer.model").is_file() == (tokenizer_fixture == "sp_tokenizer_dir")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert json.loads((tmp_path / "pp" / "config.json").read_text()).get("pad_token_id") == tok.pad_token_id
+    assert (tok.pad_token_id is None) == (tokenizer_fixture == "sp_tokenizer_dir")
+    embed = load_hf_tensors(tmp_path / "hf")["model.embed_tokens.weight"]
+    assert embed[tok.eos_token_id].abs().sum() > 0 and (tok.pad_token_id is None or not embed[tok.pad_token_id].any())
     check_llama_cpp_reads(tmp_path / "hf", family)
     tied = get_family(family).presets["tiny"]["tie_word_embeddings"]
     assert ("lm_head.weight" in load_hf_tensors(tmp_path / "hf")) == (not tied)  # tied: llama.cpp reuses token_embd

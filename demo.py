@@ -226,7 +226,6 @@ def with_adapter(model, adapter: str | Path):
     """`model` with a PEFT LoRA adapter merged into its weights (as PEFT's merge_and_unload). An adapter trained on
     a 4-bit base (pp_to_hg --lora peft of a QLoRA checkpoint: quantization_config.json) runs on the base quantised
     the same way, the adapters beside the 4-bit layers as in training (not merged)."""
-    from peft import PeftModel
 
     from models.quant import quantize_hf_model, read_quant_file
 
@@ -234,13 +233,34 @@ def with_adapter(model, adapter: str | Path):
         raise DemoError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter dir)")
     quant = read_quant_file(Path(adapter))
     if quant is None:
-        return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+        return load_adapter_strictly(model, adapter).merge_and_unload().eval()
     try:
         n = quantize_hf_model(model, quant)
     except ValueError as e:  # bitsandbytes missing or too old
         raise DemoError(f"--adapter {adapter}: {e}") from None
     log(f"base quantised as in training: {quant.describe()} ({n} bitsandbytes Linear4bit layers)")
-    return PeftModel.from_pretrained(model, str(adapter)).eval()
+    return load_adapter_strictly(model, adapter).eval()
+
+
+def load_adapter_strictly(model, adapter: str | Path):
+    """PeftModel.from_pretrained, but an adapter made for another base is one line: PEFT drops the tensors that find
+    no module (an adapter of a deeper model: its last layers) without a word, and a family or width that differs
+    is a traceback."""
+    from peft import PeftConfig, PeftModel
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    fits = f"--adapter {adapter} does not fit this base model (the adapter's base: {base or 'not recorded'})"
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+    except (ValueError, RuntimeError) as e:  # no target module (another family); shapes (another width)
+        raise DemoError(f"{fits}: {' '.join(str(e).split())[:300]}") from None
+    saved, used = set(load_peft_weights(str(adapter))), set(get_peft_model_state_dict(peft_model))
+    if saved - used or used - saved:
+        what = (f"its tensor {min(saved - used)} has no place in the base" if saved - used else
+                f"it has no tensor {min(used - saved)}")
+        raise DemoError(f"{fits}: {what} ({len(saved - used)} unused, {len(used - saved)} missing)")
+    return peft_model
 
 
 def run(args: argparse.Namespace) -> None:

@@ -158,3 +158,28 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path):
     with pytest.raises(SystemExit) as e:  # neither --prompt nor --instruct: argparse's own exit 2
         demo.main(["--model-path", str(tmp_path)])
     assert e.value.code == 2
+
+
+def test_an_adapter_for_another_base_is_one_line(tmp_path):
+    """PEFT drops an adapter's tensors that find no module (here: the last 2 layers of a 4-layer model's adapter)
+    silently; another family or width is a traceback. demo.py refuses each in one line; the right base loads."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    def llama(layers: int, hidden: int = 32):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=64, num_attention_heads=4,
+                                            num_key_value_heads=2, num_hidden_layers=layers)).eval()
+
+    adapter = get_peft_model(llama(4), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    adapter.save_pretrained(str(tmp_path / "adapter"))
+    assert demo.with_adapter(llama(4), tmp_path / "adapter") is not None
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=4, n_head=4))
+    for base, problem in [(llama(2), "its tensor base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight has "
+                                     "no place in the base (8 unused, 0 missing)"),
+                          (llama(4, hidden=64), "Error(s) in loading state_dict for PeftModel: size mismatch"),
+                          (bloom, "Target modules {")]:
+        with pytest.raises(demo.DemoError) as e:
+            demo.with_adapter(base, tmp_path / "adapter")
+        assert str(e.value).startswith(f"--adapter {tmp_path / 'adapter'} does not fit this base model (the adapter's "
+                                       "base: not recorded): ") and problem in str(e.value) and "\n" not in str(e.value)

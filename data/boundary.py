@@ -112,13 +112,7 @@ class BoundaryError(ValueError):
 
 
 def _is_prefix(enc: Encoding, prompt: Encoding, b: int) -> bool:
-    n = len(prompt.ids)
-    if enc.ids[:n] != prompt.ids:
-        return False
-    if n == len(enc.ids) or enc.offsets is None:  # same ids covering text[:b]: the next token starts at b or later
-        return True
-    start, end = enc.offsets[n]
-    return start >= b or start == end  # the next token starts at the answer (or is a zero-width special token)
+    return enc.ids[:len(prompt.ids)] == prompt.ids and _next_starts_after(enc, len(prompt.ids), b)
 
 
 def _clean_start(offsets: Offsets, b: int) -> int:
@@ -224,9 +218,25 @@ def _splice(tokenizer: Any, text: str, enc: Encoding, prompt: Encoding, b: int, 
     return out
 
 
+def _next_starts_after(enc: Encoding, n: int, b: int) -> bool:
+    """`_is_prefix`'s second half: given that the first n ids are a prompt's (of text[:b]), the token after them
+    starts at b or later (or is a zero-width special token)."""
+    if n == len(enc.ids) or enc.offsets is None:  # same ids covering text[:b]
+        return True
+    start, end = enc.offsets[n]
+    return start >= b or start == end
+
+
 def _prefixed(tokenizer: Any, text: str, enc: Encoding, prompts: Sequence[Encoding], bounds: Sequence[int],
-              add_special_tokens: bool, conv: _Conventions) -> Encoding:
-    """`enc` spliced where needed so that every encoded prompt (of text[:b], b in `bounds`) is a prefix of it."""
+              add_special_tokens: bool, conv: _Conventions, chained: bool = False) -> Encoding:
+    """`enc` spliced where needed so that every encoded prompt (of text[:b], b in `bounds`) is a prefix of it.
+
+    `chained`: each prompt's ids start with the ids of every prompt before it (as `encode_texts` builds them), so
+    the ids of all of them are a prefix of `enc` iff the last one's are: one comparison instead of one per prompt
+    (which made a record of n answers cost n^3). Any prompt that fails is handled by the loop below, as before."""
+    if chained and prompts and enc.ids[:len(prompts[-1].ids)] == prompts[-1].ids and all(
+            _next_starts_after(enc, len(p.ids), b) for p, b in zip(prompts, bounds, strict=True)):
+        return enc
     for prompt, b in zip(prompts, bounds, strict=True):
         if not _is_prefix(enc, prompt, b):
             if enc.offsets is None:
@@ -251,10 +261,13 @@ def encode_texts(tokenizer: Any, items: Sequence[tuple[str, Sequence[int]]], add
         mine, at = parts[at:at + len(bounds)], at + len(bounds)
         try:
             prompts: list[Encoding] = []
+            chained = True  # every prompt's ids start with those of the one before it (checked, not assumed)
             for k, b in enumerate(bounds):  # prompt k is encoded with the boundaries before it
-                prompts.append(_prefixed(tokenizer, text[:b], mine[k], prompts, bounds[:k], add_special_tokens, conv)
-                               ._replace(splices=0))
-            out.append(_prefixed(tokenizer, text, whole, prompts, bounds, add_special_tokens, conv))
+                prompt = _prefixed(tokenizer, text[:b], mine[k], prompts, bounds[:k], add_special_tokens, conv,
+                                   chained)._replace(splices=0)
+                chained = chained and (not prompts or prompt.ids[:len(prompts[-1].ids)] == prompts[-1].ids)
+                prompts.append(prompt)
+            out.append(_prefixed(tokenizer, text, whole, prompts, bounds, add_special_tokens, conv, chained))
         except BoundaryError as e:
             out.append(str(e))
     return out

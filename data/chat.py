@@ -104,7 +104,9 @@ def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_
             prompt, turn = _apply(tokenizer, messages[:i], generation_prompt=True), _apply(tokenizer, messages[:i + 1])
             # the answer ends where its turn and the whole text part: a template may close a finished conversation
             # (Phi-3 writes EOS after the last turn, not after this one); never inside a special token's text
-            end = _clean_end(tokenizer, turn, len(os.path.commonprefix([turn, text])))
+            # startswith compares in C; commonprefix loops over every character in Python (n^2 per record)
+            common = len(turn) if text.startswith(turn) else len(os.path.commonprefix([turn, text]))
+            end = _clean_end(tokenizer, turn, common)
             if not (turn.startswith(prompt) and text.startswith(prompt)
                     and message["content"].strip() in text[len(prompt):end]):
                 raise ValueError(f"the chat template does not render this record turn by turn (message {i} changes "

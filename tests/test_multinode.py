@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -150,10 +151,12 @@ def test_torchrun_with_time_based_checkpoints(tmp_path, ops_model, ops_uninterru
 
 
 def test_torchrun_restarts_a_fresh_run_and_it_resumes(tmp_path, ops_model, ops_uninterrupted):
-    """torchrun --max-restarts 1 under a named --rdzv-id: a "resume": false run that replaces an earlier one
-    ("overwrite_save_path") loses both ranks to SIGKILL after step 4 (checkpoint at 3); torchrun starts them again
-    and the new ranks recognise a restart of their run (.run-job.json: the same agent, and a count that moved), so
-    they resume from step 3 instead of deleting the run and starting over: the losses are those of one run."""
+    """torchrun --max-restarts 1 without --rdzv-id (torch's default run id 'none', as the README's example): a
+    "resume": false run that replaces an earlier one ("overwrite_save_path") loses both ranks to SIGKILL after step 4
+    (checkpoint at 3); torchrun starts them again and the new ranks recognise a restart of their run (.run-job.json:
+    the job is the same agent, and its count moved), so they resume from step 3 instead of deleting the run and
+    starting over: the losses are those of one run. (A named --rdzv-id: test_torchrun_with_time_based_checkpoints
+    and the unit tests of tests/test_run_dir.py.)"""
     import psutil
 
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -164,8 +167,8 @@ def test_torchrun_restarts_a_fresh_run_and_it_resumes(tmp_path, ops_model, ops_u
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PIPEFT_FAULT_PAUSE=f"step:4:300:{release}")
     with open(tmp_path / "torchrun.log", "w") as log:
-        proc = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "--rdzv-id",
-                                 "r2", "--max-restarts", "1", "train_ds.py", "--config", str(cfg)], cwd=ROOT, env=env,
+        proc = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                                 "--max-restarts", "1", "train_ds.py", "--config", str(cfg)], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: (save / "global_step3").is_dir() and 4 in losses_of(save), proc)
@@ -179,7 +182,8 @@ def test_torchrun_restarts_a_fresh_run_and_it_resumes(tmp_path, ops_model, ops_u
             proc.kill()
     out = (tmp_path / "torchrun.log").read_text()
     assert proc.returncode == 0, out[-3000:]
-    assert "this is a restart of torchrun run r2, start 1 of it (this is start 2)" in out, out[-3000:]
+    agent = f"torchrun agent {socket.gethostname()}:{proc.pid}:"
+    assert re.search(rf"this is a restart of {agent}\d+, start 1 of it \(this is start 2\)", out), out[-3000:]
     assert f"resumed from {save / 'global_step3'} at step 3" in out
     assert losses_of(save) == losses_of(ops_uninterrupted)
 

@@ -124,6 +124,7 @@ def test_sigkill_during_save_resumes_from_the_previous_checkpoint(tmp_path, ops_
         os.pwrite(fd, b"stale buffer....", 0)
     assert (tmp_path / "out" / "latest").read_text() == "global_step3" and partial.is_dir()
     assert not (tmp_path / "out" / "global_step6").exists()
+    (tmp_path / "out" / "latest").unlink()  # lost too: the newest complete checkpoint is found and named again
 
     _, out = finish_deepspeed(start_deepspeed("train_ds.py", ["--config", str(cfg)], port=proc.port))
     proc = SimpleNamespace(stdout=out)
@@ -133,6 +134,9 @@ def test_sigkill_during_save_resumes_from_the_previous_checkpoint(tmp_path, ops_
         for fd in fds:
             os.close(fd)
     assert f"removed {partial}: a checkpoint that was not completely written" in proc.stdout
+    latest = tmp_path / "out" / "latest"
+    assert f"resuming from {tmp_path / 'out' / 'global_step3'}, the newest complete checkpoint: {latest} is missing" \
+        in proc.stdout and f"{latest} now names global_step3, the checkpoint resumed" in proc.stdout
     assert f"resumed from {tmp_path / 'out' / 'global_step3'} at step 3" in proc.stdout
     assert losses_of(tmp_path / "out") == losses_of(ops_uninterrupted)
     a, b = checkpoint_tensors(ops_uninterrupted / "global_step8"), checkpoint_tensors(tmp_path / "out" / "global_step8")

@@ -28,7 +28,7 @@ from pipeft import command
 from training.checkpoint import STATE_FILE
 from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
 from training.optim import build_lion, no_decay_patterns, optimizer_key_problem, parse_lr_schedule, scheduler_problem
-from training.resume import RUN_CONFIG_FILE, config_changes, read_run_config, refusals, resume_tag
+from training.resume import RUN_CONFIG_FILE, config_changes, read_run_config, refusals, resume_tag, unnamed_tag
 from training.runlock import JOB_FILE, LockError, UnknownStart, check_unlocked, launch_job, restarted_job
 from training.trackers import parse_report_to
 
@@ -396,7 +396,7 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
         raise ConfigError(f"{path}: save_path {save} is under {parent}, which is a file, not a directory")
     if problem := _write_problem(parent):
         raise ConfigError(f"{path}: save_path {save} is not writable: {parent} refuses new files ({problem})")
-    if cfg.resume is True and not (save / "latest").is_file():
+    if cfg.resume is True and not (save / "latest").is_file() and unnamed_tag(save) is None:
         raise ConfigError(f"{path}: 'resume' is true but save_path {save} has no checkpoint ('latest' file)")
     for key in ("data_path", "eval_data_path"):
         if getattr(cfg, key) is not None:
@@ -529,13 +529,16 @@ def _check_lora(cfg: TrainConfig, path: Path) -> LoraSettings | None:
 
 
 def _check_resume(cfg: TrainConfig, path: Path, lora: LoraSettings | None) -> None:
-    """The checkpoint to resume (the one `latest` names, or the newest intact earlier one) can be resumed exactly,
-    is of the configured kind (full / LoRA), and the config's changes since it are all allowed."""
+    """The checkpoint to resume (resume_tag: the one `latest` names, a newer complete one it does not name yet, or
+    the newest intact earlier one) can be resumed exactly, is of the configured kind (full / LoRA), and the config's
+    changes since it are all allowed."""
     save = Path(cfg.save_path)
-    if cfg.resume is False or not (save / "latest").is_file():
+    if cfg.resume is False:
         return
-    tag, notes = resume_tag(save)
+    tag, notes = resume_tag(save)  # with no `latest`, the newest complete checkpoint if there is one
     fresh = "or start a new run with \"resume\": false and \"overwrite_save_path\": true"
+    if tag is None and not (save / "latest").is_file():
+        return
     if tag is None:
         named = (save / "latest").read_text().strip()
         if not (save / named).is_dir():

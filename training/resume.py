@@ -4,6 +4,9 @@ Every checkpoint holds the run's config as loaded (`run_config.json`) and a mani
 sizes (`manifest.json`). At resume:
 - the tag `latest` names is checked (its trainer_state.json readable, every file of the manifest present
   with its size); a damaged one is passed over for the newest intact earlier tag, with a line saying so;
+- a complete tag written after `latest` and of a later step (a run killed between the tag's rename and `latest`'s
+  write), or any complete tag when `latest` is missing, is resumed instead, with a line saying so, and rank 0 then
+  names it in `latest` (`name_resumed`: `best` and rotation as after its save);
 - the config in force is compared with the saved one key by key (`config_changes`). Each change is applied
   from the resume step on, or refused with the reason (`RESUME_RULES`; the README lists them). Changes that
   break the exact data order are refused unless "allow_data_change_on_resume" is true.
@@ -16,7 +19,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from training.checkpoint import MANIFEST_FILE, STATE_FILE, TAG
+from training.checkpoint import MANIFEST_FILE, STATE_FILE, TAG, Checkpoints, RunState, atomic_write_text, tag_of
 
 RUN_CONFIG_FILE = "run_config.json"
 
@@ -216,11 +219,47 @@ def earlier_tags(save: Path, tag: str) -> list[str]:
     return [name for step, name in sorted(found, reverse=True) if limit is None or step < limit]
 
 
-def resume_tag(save: Path) -> tuple[str | None, list[str]]:
-    """The tag to resume from and lines to print: the one `latest` names, or, when that one is damaged,
-    the newest intact earlier tag. (None, [...]) when `latest` names nothing usable and no earlier tag is
-    intact; (None, []) when there is no `latest`."""
+def _step(tag: str) -> int | None:
+    m = TAG.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def unnamed_tag(save: Path) -> str | None:
+    """The complete tag a save wrote after `latest` was last written, of a later step than the one it names (a run
+    killed after the tag's rename, before `latest` named it), or the newest complete one when there is no `latest`
+    (deleted); None when there is none. Complete: a manifest (written before the rename) and every file as it
+    lists. A `latest` written after the tag (pointed back at an earlier tag by hand) keeps its choice."""
     latest = save / "latest"
+    try:
+        since, named = latest.stat().st_mtime_ns, _step(latest.read_text().strip())
+    except FileNotFoundError:
+        since, named = None, None
+    found = []
+    for p in save.iterdir() if save.is_dir() else []:
+        step = _step(p.name)
+        if step is None or not p.is_dir() or (named is not None and step <= named):
+            continue
+        try:
+            written = (p / MANIFEST_FILE).stat().st_mtime_ns
+        except OSError:
+            continue
+        if (since is None or written >= since) and tag_problem(p) is None:
+            found.append((written, step, p.name))
+    return max(found)[2] if found else None
+
+
+def resume_tag(save: Path) -> tuple[str | None, list[str]]:
+    """The tag to resume from and lines to print: `unnamed_tag` when there is one, else the one `latest` names, or,
+    when that one is damaged, the newest intact earlier tag. (None, [...]) when `latest` names nothing usable and no
+    earlier tag is intact; (None, []) when there is no `latest` and no complete tag."""
+    latest = save / "latest"
+    if unnamed := unnamed_tag(save):
+        if not latest.is_file():
+            return unnamed, [f"resuming from {save / unnamed}, the newest complete checkpoint: {latest} is missing "
+                             "(deleted, or the run was stopped before it named its first checkpoint)"]
+        return unnamed, [f"resuming from {save / unnamed}, a complete checkpoint newer than "
+                         f"{latest.read_text().strip()}, which {latest} names (the run was stopped after writing it, "
+                         f"before {latest} named it)"]
     if not latest.is_file():
         return None, []
     tag = latest.read_text().strip()
@@ -234,3 +273,19 @@ def resume_tag(save: Path) -> tuple[str | None, list[str]]:
                          "in place; delete it once you no longer need it)")
             return older, notes
     return None, notes
+
+
+def name_resumed(ckpts: Checkpoints, state: RunState) -> str | None:
+    """Rank 0, after resuming `state`: when `latest` is missing or names an earlier step (an `unnamed_tag` was
+    resumed), name the resumed tag in `latest`, then write `best` and rotate as its save would have (keep_last,
+    keep_best by the evals it holds). Returns the line to print, or None when `latest` names it, or later, already."""
+    latest, tag = ckpts.root / "latest", tag_of(state.step)
+    if latest.is_file():
+        named = _step(latest.read_text().strip())
+        if named is None or named >= state.step:
+            return None
+    if not (ckpts.root / tag).is_dir():
+        return None
+    atomic_write_text(latest, tag)
+    ckpts._after_save(state)
+    return f"{latest} now names {tag}, the checkpoint resumed"

@@ -5,11 +5,15 @@ across hosts) by global rank 0 before anything else is written there. It holds t
 start time and config; a thread touches it every HEARTBEAT_S seconds. A second run refuses to start and
 names the holder. A lock whose holder is gone (same host, pid no longer running; an earlier start of this same
 SLURM / torchrun job, which a scheduler restarts only once it has ended) or whose heartbeat is older than
-STALE_AFTER_S (another host that stopped) is taken over, with a line saying so.
+STALE_AFTER_S (another host that stopped) is taken over, with a line saying so. The holder's pid is judged with
+its process start time and the host's boot id, both in the lock: a pid reused by another process (a restarted
+container's new pid namespace, a reboot), or this process's own pid, is no holder.
 
 The same job identity marks a run started fresh (`resume` false): a restart of that job (SLURM's requeue,
 torchrun's --max-restarts runs the same command again) resumes the run instead of replacing it. Rank 0 judges
-that too (`restarted_job`), and every rank follows it (a rank may lack the job's variables).
+that too (`restarted_job`), and every rank follows it (a rank may lack the job's variables). Without --rdzv-id
+(torchrun's default run id 'none') the job is the torchrun agent that started rank 0: it restarts its workers as
+its own children. On several nodes that is not enough (each node has its own agent): "resume": false is refused.
 """
 
 from __future__ import annotations
@@ -29,18 +33,29 @@ LOCK_FILE = ".run.lock"
 JOB_FILE = ".run-job.json"  # the job that started the run in save_path fresh (`resume` false)
 STALE_AFTER_S = float(os.environ.get("PIPEFT_LOCK_STALE_S", "300"))  # a heartbeat older than this: holder gone
 HEARTBEAT_S = min(30.0, STALE_AFTER_S / 5)
+AGENT = "torchrun agent"  # the job of a torchrun run without --rdzv-id: "torchrun agent HOST:PID:START"
+_HELD: set[str] = set()  # tokens of the locks this process holds (a lock naming our pid may be one of them)
 
 
 def launch_job() -> tuple[str, int] | None:
     """(job id, restart count) when a scheduler may start this same command again: SLURM (SLURM_JOB_ID,
-    SLURM_RESTART_COUNT after a requeue) or torchrun (TORCHELASTIC_RUN_ID unless its default 'none',
-    TORCHELASTIC_RESTART_COUNT); None otherwise."""
+    SLURM_RESTART_COUNT after a requeue) or torchrun (TORCHELASTIC_RUN_ID, or for its default 'none' the agent that
+    started this process, AGENT + `launcher_token`; TORCHELASTIC_RESTART_COUNT); None otherwise."""
     env = os.environ
     if env.get("SLURM_JOB_ID"):
         return f"SLURM job {env['SLURM_JOB_ID']}", int(env.get("SLURM_RESTART_COUNT") or 0)
-    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":
-        return f"torchrun run {env['TORCHELASTIC_RUN_ID']}", int(env.get("TORCHELASTIC_RESTART_COUNT") or 0)
-    return None
+    run_id, count = env.get("TORCHELASTIC_RUN_ID"), int(env.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if run_id is None:
+        return None
+    if run_id != "none":
+        return f"torchrun run {run_id}", count
+    agent = launcher_token()
+    return (f"{AGENT} {agent}", count) if agent else None
+
+
+def torchrun_nodes() -> int:
+    """How many torchrun agents (nodes) started this run's workers (1 outside torchrun)."""
+    return int(os.environ.get("GROUP_WORLD_SIZE") or 1)
 
 
 def earlier_start(info: dict) -> str | None:
@@ -56,12 +71,26 @@ def earlier_start(info: dict) -> str | None:
     return None
 
 
+def start_time(pid: int) -> str | None:
+    """Process `pid`'s start time (/proc/PID/stat field 22, clock ticks after boot); None without it."""
+    fields = proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def boot_id() -> str | None:
+    """This host's boot id (a new one after every boot); None without /proc."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
 def launcher_token() -> str | None:
     """'host:pid:start time' of the process that started this one: torchrun's agent restarts its workers as its own
     children, while a new torchrun command is a new agent. None without /proc."""
     ppid = os.getppid()
-    fields = proc_stat(ppid)
-    return f"{socket.gethostname()}:{ppid}:{fields[19]}" if fields and len(fields) > 19 else None
+    started = start_time(ppid)
+    return f"{socket.gethostname()}:{ppid}:{started}" if started else None
 
 
 def record_job(save_path: str | Path, launchers: list[str | None]) -> None:
@@ -79,21 +108,28 @@ def record_job(save_path: str | Path, launchers: list[str | None]) -> None:
 def restarted_job(save_path: str | Path) -> str | None:
     """When this process is a restart of the job that started the run in save_path: which (for the log line). A
     restart count that moved says so; with the same count, any later process of the same SLURM job is one (the same
-    command run again inside one allocation resumes too), and a torchrun worker is one when the torchrun agent that
-    started it also started one of the run's first ranks. The same torchrun run id started by another agent with
-    its count unmoved (a new torchrun command reusing --rdzv-id, or a scheduler that restarted the agent itself)
-    cannot be told apart: UnknownStart, rather than guess (a guess of "new" would delete the run)."""
+    command run again inside one allocation resumes too) or of the same torchrun agent (no --rdzv-id), and a
+    torchrun worker is one when the torchrun agent that started it also started one of the run's first ranks. The
+    same torchrun run id started by another agent with its count unmoved (a new torchrun command reusing --rdzv-id,
+    or a scheduler that restarted the agent itself) cannot be told apart: UnknownStart, rather than guess (a guess of
+    "new" would delete the run). So is every start of a torchrun run without --rdzv-id on several nodes (each node's
+    agent is another process)."""
     f = Path(save_path) / JOB_FILE
+    job = launch_job()
+    if job is not None and job[0].startswith(AGENT) and (nodes := torchrun_nodes()) > 1:
+        raise UnknownStart(f"torchrun started this run on {nodes} nodes without --rdzv-id (its default 'none'), so a "
+                           "restart of it (--max-restarts) cannot be told from a new torchrun command and \"resume\": "
+                           "false could start the run over: pass --rdzv-id with an id of this job to every node's "
+                           "torchrun, or set \"resume\": \"auto\"")
     try:
         info = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    job = launch_job()
     if not isinstance(info, dict) or job is None or info.get("job") != job[0]:
         return None
     if earlier := earlier_start(info):
         return earlier
-    if job[0].startswith("SLURM"):
+    if job[0].startswith(("SLURM", AGENT)):  # AGENT: the job is the agent, which restarts its own workers
         return f"{job[0]} (restart count {info.get('restart')} then, {job[1]} in this process)"
     launchers = info.get("launchers")
     if isinstance(launchers, list) and (mine := launcher_token()) in launchers:
@@ -143,10 +179,32 @@ def describe(info: dict, age: float) -> str:
             f"last heartbeat {age:.0f} s ago")
 
 
+def holder_gone(info: dict) -> str | None:
+    """Why a lock's holder on this host is not running (its pid dead, or another process now: another start time
+    or boot id, or this very process), or None while it may be. A lock without start time and boot id (an older
+    version's) is judged by its pid alone."""
+    pid = info.get("pid")
+    if info.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return None
+    then, now = info.get("boot_id"), boot_id()
+    if then and now and then != now:
+        return f"this host has restarted since (boot id {then} then, {now} now)"
+    if pid == os.getpid() and info.get("token") not in _HELD:
+        return (f"its pid {pid} on this host is this process now (the holder ran before a restart or in another "
+                "container)")
+    if not pid_alive(pid):
+        return f"its process {pid} on this host is no longer running"
+    started, current = info.get("pid_start"), start_time(pid)
+    if started is not None and current is not None and str(started) != current:
+        return (f"its pid {pid} on this host is another process now (started at tick {current}, the holder at "
+                f"{started})")
+    return None
+
+
 def why_stale(info: dict, age: float) -> str | None:
     """Why the holder of a lock is gone (the lock may be taken over), or None while it may still be running."""
-    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not pid_alive(info["pid"]):
-        return f"its process {info['pid']} on this host is no longer running"
+    if gone := holder_gone(info):
+        return gone
     if earlier := earlier_start(info):
         return f"it was taken by {earlier}"
     if age > STALE_AFTER_S:
@@ -162,7 +220,8 @@ def check_unlocked(save_path: str | Path) -> None:
 
 
 def held_message(save_path: str | Path, info: dict, age: float) -> str:
-    return (f"save_path {save_path} is in use by another run ({describe(info, age)}); wait for it to end or stop it, "
+    return (f"save_path {save_path} is in use by another run ({describe(info, age)}; lock file "
+            f"{Path(save_path) / LOCK_FILE}); wait for it to end or stop it, "
             f"or use another save_path (a lock whose holder died is taken over: on this host at once, from another "
             f"host once its heartbeat is {STALE_AFTER_S:.0f} s old)")
 
@@ -175,7 +234,7 @@ class RunLock:
         self.file = self.dir / LOCK_FILE
         self.token = uuid.uuid4().hex
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "config": config,
-                     "token": self.token}
+                     "token": self.token, "pid_start": start_time(os.getpid()), "boot_id": boot_id()}
         if job := launch_job():
             self.info.update(job=job[0], restart=job[1])
         self._stop = threading.Event()
@@ -214,6 +273,7 @@ class RunLock:
                 aside.unlink(missing_ok=True)
                 note = f"took over the lock of save_path {self.dir} from a run that is gone ({describe(*found)}: {why})"
                 continue
+            _HELD.add(self.token)
             with os.fdopen(fd, "w") as f:
                 json.dump(self.info, f)
             self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
@@ -242,3 +302,4 @@ class RunLock:
             self._thread = None
             if self.ours():
                 self.file.unlink(missing_ok=True)
+        _HELD.discard(self.token)

@@ -1,0 +1,145 @@
+"""Restarts told apart from new starts, without a launcher: torchrun without --rdzv-id (its job is its agent), a
+run lock whose pid now belongs to another process, and a checkpoint that `latest` does not name yet."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ops_config
+from training.checkpoint import Checkpoints, RunState, atomic_write_text, write_manifest
+from training.config import ConfigError, load_config
+from training.resume import name_resumed, resume_tag
+from training.runlock import JOB_FILE, LOCK_FILE, LockError, RunLock, boot_id, launcher_token, record_job, start_time
+
+JOB_VARS = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+            "GROUP_WORLD_SIZE")
+
+
+def test_torchrun_without_rdzv_id_is_the_job_of_its_agent(tmp_path, ops_model, monkeypatch):
+    """torchrun's default run id 'none' (no --rdzv-id): the agent that started rank 0 names the job, so its
+    --max-restarts restart (same agent, count moved) resumes a "resume": false run and takes the dead start's lock
+    over, while a new torchrun command (another agent) starts over. On several nodes (an agent each) a restart cannot
+    always be told: "resume": false is refused, saying to pass --rdzv-id."""
+    for var in JOB_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    save, agent = tmp_path / "out", f"torchrun agent {launcher_token()}"
+    save.mkdir()
+    (save / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    record_job(save, [launcher_token()])  # the first start, "resume": false
+    assert json.loads((save / JOB_FILE).read_text())["job"] == agent
+    (save / LOCK_FILE).write_text(json.dumps({"host": "node7", "pid": 1, "started": 0, "job": agent, "restart": 0}))
+    replace = ops_config(tmp_path, ops_model, resume=False, overwrite_save_path=True)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    cfg = load_config(replace, world_size=2)
+    assert (cfg.resume, cfg.overwrite_save_path, cfg.refusal) == ("auto", False, None)
+    assert any(f"this is a restart of {agent}, start 1 of it (this is start 2)" in n for n in cfg.notes), cfg.notes
+    lock = RunLock(save)
+    assert f"it was taken by {agent}, start 1 of it" in lock.acquire()
+    lock.release()
+    (save / JOB_FILE).write_text(json.dumps({"job": "torchrun agent node9:4242:77", "restart": 0,
+                                             "launchers": ["node9:4242:77"]}))
+    cfg = load_config(replace, world_size=2)  # another torchrun command: starts over, as "resume": false says
+    assert (cfg.resume, cfg.overwrite_save_path, cfg.refusal) == (False, True, None)
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    unknown = r"torchrun started this run on 2 nodes without --rdzv-id .*pass --rdzv-id"
+    assert re.search(unknown, load_config(replace, world_size=2).refusal)
+    with pytest.raises(ConfigError, match=unknown):
+        load_config(replace, world_size=None)
+    assert load_config(ops_config(tmp_path, ops_model), world_size=2).refusal is None  # "resume": "auto" goes on
+
+
+def test_a_lock_whose_pid_is_another_process_now_is_taken_over(tmp_path):
+    """A dead run's lock naming a pid that now runs another process (a restarted container's new pid namespace, a
+    reboot) or this very process is taken over at once: the lock holds the holder's start time and boot id. A
+    lock of a live holder names the lock file; a lock without those fields (an older version) is judged by its
+    pid alone."""
+    f, host, live = tmp_path / LOCK_FILE, socket.gethostname(), os.getppid()
+
+    def held_by(**info) -> str | None:
+        f.write_text(json.dumps({"host": host, "started": 0, "config": "a.json", "token": "dead", **info}))
+        lock = RunLock(tmp_path)
+        try:
+            return lock.acquire()
+        finally:
+            lock.release()
+
+    assert "this process now" in held_by(pid=os.getpid())  # the probe: the new rank 0 got the dead one's pid
+    assert "is another process now" in held_by(pid=live, pid_start="1", boot_id=boot_id())
+    assert "has restarted since" in held_by(pid=live, pid_start=start_time(live), boot_id="an-earlier-boot")
+    for same in (dict(pid_start=start_time(live), boot_id=boot_id()), {}):  # the holder itself; an old lock
+        with pytest.raises(LockError, match=rf"pid {live}, .*; lock file {f}\)"):
+            held_by(pid=live, **same)
+    f.unlink()
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert json.loads(f.read_text())["pid_start"] == start_time(os.getpid()) and "boot_id" in json.loads(f.read_text())
+    with pytest.raises(LockError, match=rf"pid {os.getpid()}, "):  # a lock this process holds is no stale one
+        RunLock(tmp_path).acquire()
+    lock.release()
+
+
+def _tag(save: Path, step: int, evals: list, when: float, manifest: bool = True) -> None:
+    """A checkpoint tag as Checkpoints.save leaves it, its manifest written at time `when`."""
+    d = save / f"global_step{step}"
+    d.mkdir(parents=True)
+    (d / "layer_00-model_states.pt").write_bytes(b"x" * 100)
+    RunState(step=step, pipe=2, data=1, parts=[0, 3, 6], global_batch=4, evals=evals).write(d)
+    if manifest:
+        write_manifest(d)
+        os.utime(d / "manifest.json", (when, when))
+
+
+def test_a_checkpoint_that_latest_does_not_name_yet_is_resumed(tmp_path):
+    """Killed between a tag's rename and `latest`'s write, or `latest` deleted: the complete tag is resumed with a
+    line saying so, and rank 0 names it in `latest` with `best` and keep_last rotation as after its save. A `latest`
+    pointed back by hand (written after the newer tag), a damaged newer tag or one without a manifest keep the
+    choice of `latest`."""
+    save = tmp_path / "out"
+    evals = [(2, 5.0), (3, 1.0)]
+    _tag(save, 2, evals[:1], 1000)
+    _tag(save, 3, evals, 1010)
+    atomic_write_text(save / "latest", "global_step3")
+    os.utime(save / "latest", (1011, 1011))
+    _tag(save, 6, [*evals, (6, 2.0)], 1020)  # renamed, then killed before `latest` names it
+    _tag(save, 7, [], 1030, manifest=False)  # an older version's tag: no manifest to tell it complete
+    tag, notes = resume_tag(save)
+    assert tag == "global_step6" and notes == [f"resuming from {save / 'global_step6'}, a complete checkpoint newer "
+                                               f"than global_step3, which {save / 'latest'} names (the run was stopped "
+                                               f"after writing it, before {save / 'latest'} named it)"]
+    os.utime(save / "latest", (1025, 1025))  # pointed back at global_step3 by hand
+    assert resume_tag(save) == ("global_step3", [])
+    (save / "latest").unlink()
+    tag, notes = resume_tag(save)
+    assert tag == "global_step6" and f"{save / 'latest'} is missing" in notes[0]
+    layer = save / "global_step6" / "layer_00-model_states.pt"
+    layer.write_bytes(b"x" * 50)  # damaged: not complete
+    assert resume_tag(save)[0] == "global_step3"
+    layer.write_bytes(b"x" * 100)
+    shutil.rmtree(save / "global_step7")
+
+    ckpts = Checkpoints(save, rank=0, keep_last=1, keep_best=1)
+    state = RunState.read(save / "global_step6")
+    assert name_resumed(ckpts, state) == f"{save / 'latest'} now names global_step6, the checkpoint resumed"
+    assert (save / "latest").read_text() == "global_step6" and (save / "best").read_text() == "global_step3"
+    assert sorted(p.name for p in save.glob("global_step*")) == ["global_step3", "global_step6"]
+    assert name_resumed(ckpts, state) is None  # `latest` names it already
+
+
+def test_a_save_path_without_latest_is_checked_as_its_newest_complete_checkpoint(tmp_path, ops_model):
+    """With `latest` deleted, "resume": true finds the complete checkpoint, and the start-time checks judge it (a
+    LoRA config for a full checkpoint is refused before training, not after the model is built)."""
+    _tag(tmp_path / "out", 3, [], 1000)
+    assert load_config(ops_config(tmp_path, ops_model, resume=True), world_size=2).resume is True
+    lora = ops_config(tmp_path, ops_model, lora={"r": 2, "alpha": 4, "target_modules": ["q_proj"]})
+    with pytest.raises(ConfigError, match="global_step3 is a full checkpoint but the config has a 'lora' section"):
+        load_config(lora, world_size=2)

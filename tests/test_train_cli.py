@@ -80,6 +80,9 @@ CASES = {  # name -> (config overrides, expected text)
     "max_bad_steps": ({"max_bad_steps": 2.5}, "'max_bad_steps' must be int, got 2.5"),
     "fp16 on cpu": ({"fp16": {"enabled": True}}, "'fp16' is not supported on this device (cpu) (use bf16 or fp32)"),
     "fp16 and bf16": ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "'fp16' and 'bf16' are both enabled; choose one"),
+    "bf16 without immediate_grad_update": ({"bf16": {"enabled": True, "immediate_grad_update": False}},
+                                           "'bf16.immediate_grad_update' false: the last stage computes the head inside "
+                                           "the loss"),
     "schedule type": ({"lr_schedule": {"type": "cosin"}}, "lr_schedule.type must be one of cosine, linear, constant"),
     "schedule warmup": ({"lr_schedule": {"warmup_ratio": 1.5}}, "lr_schedule.warmup_ratio must be in [0, 1), got 1.5"),
     "two schedules": ({"lr_schedule": {"type": "cosine"}, "scheduler": {"type": "WarmupLR"}},

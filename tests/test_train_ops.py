@@ -217,9 +217,11 @@ def test_eval_early_stopping_and_keep_best(tmp_path, ops_model, tokenizer):
     assert [(m["step"], m["eval_loss"]) for m in metrics_of(save) if "eval_loss" in m] == evals
 
 
-def test_bf16_trains_with_fp32_gradient_accumulation(tmp_path, ops_model):
+def test_bf16_trains_with_fp32_gradient_accumulation(tmp_path, ops_model, ops_uninterrupted):
     """And the lr in metrics.jsonl is the one each update applied, also after a resume that makes the run longer
-    under ZeRO (DeepSpeed loads the ZeRO optimizer state, lr included, after the scheduler's)."""
+    under ZeRO (DeepSpeed loads the ZeRO optimizer state, lr included, after the scheduler's). The first step's
+    gradient norm is the fp32 run's, within bf16 rounding: the tied head's share of the gradient, computed in the
+    loss on the last stage, is kept (DeepSpeed's bf16 optimizer cleared it without immediate_grad_update)."""
     from training.optim import LrSchedule
 
     schedule = {"type": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0}
@@ -233,6 +235,8 @@ def test_bf16_trains_with_fp32_gradient_accumulation(tmp_path, ops_model):
     losses = list(losses_of(tmp_path / "out").values())
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
     assert all(m["grad_norm"] is not None and m["grad_norm"] > 0 for m in metrics_of(tmp_path / "out"))
+    fp32 = metrics_of(ops_uninterrupted)[0]["grad_norm"]  # the same weights and first batch
+    assert metrics_of(tmp_path / "out")[0]["grad_norm"] == pytest.approx(fp32, rel=0.02)
     cosine = LrSchedule("cosine")
     applied = [3e-3 * cosine.factor(k, 6 if k < 6 else 12) for k in range(12)]  # update k+1 applies factor(k)
     assert [m["lr"] for m in metrics_of(tmp_path / "out")] == pytest.approx(applied, rel=1e-9, abs=1e-12)

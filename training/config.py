@@ -27,7 +27,14 @@ from models.quant import parse_quantization, saved_quantization
 from pipeft import command
 from training.checkpoint import STATE_FILE
 from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
-from training.optim import build_lion, no_decay_patterns, optimizer_key_problem, parse_lr_schedule, scheduler_problem
+from training.optim import (
+    BF16_KEYS,
+    build_lion,
+    no_decay_patterns,
+    optimizer_key_problem,
+    parse_lr_schedule,
+    scheduler_problem,
+)
 from training.resume import RUN_CONFIG_FILE, config_changes, read_run_config, refusals, resume_tag, unnamed_tag
 from training.runlock import JOB_FILE, LockError, UnknownStart, check_unlocked, launch_job, restarted_job
 from training.trackers import parse_report_to
@@ -266,6 +273,11 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
     enabled = _half_precisions(ds)
     if len(enabled) > 1:
         raise ConfigError(f"{path}: 'fp16' and 'bf16' are both enabled; choose one")
+    for key in BF16_KEYS:
+        if isinstance(ds.get(key), dict) and ds[key].get("immediate_grad_update") is False:
+            raise ConfigError(f"{path}: '{key}.immediate_grad_update' false: the last stage computes the head inside the "
+                              "loss, and DeepSpeed's bf16 optimizer would then clear the head's gradient before keeping "
+                              "it (the head would not train); leave the key out (the trainer sets it true)")
     if enabled:
         from deepspeed.accelerator import get_accelerator
 

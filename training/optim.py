@@ -103,6 +103,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_norm_and_bia
 # ----------------------------------------------------------------------------------------------
 # the project's lr schedule
 
+# DeepSpeed's bf16 sections. With bf16 the trainer sets "immediate_grad_update": DeepSpeed's BF16_Optimizer clears
+# every low-precision gradient in a backward hook on the stage's output (its backward_prologue), and the last stage
+# computes the head inside the loss (models/pipeline.py, head_in_loss), after that output: the head's gradient,
+# accumulated before the hook runs, was cleared each micro-batch (an untied head never trained; a tied one on 2+
+# stages kept the embedding's share only). Moved to fp32 as it is computed, it is kept.
+BF16_KEYS = ("bf16", "bfloat16")
 SCHEDULE_TYPES = ("cosine", "linear", "constant")
 SCHEDULE_KEYS = ("type", "warmup_steps", "warmup_ratio", "min_lr_ratio")
 
@@ -284,6 +290,9 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
     from training.config import ConfigError
 
     ds = {"steps_per_print": 10**9, **cfg.ds_config}
+    for key in BF16_KEYS:  # each parameter's gradient moved to fp32 as it is computed: see BF16_KEYS
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled"):
+            ds[key] = {**ds[key], "immediate_grad_update": True}
     section = ds.get("optimizer") if isinstance(ds.get("optimizer"), dict) else {}
     kind, params = str(section.get("type", "")), dict(section.get("params") or {})
     wd = params.get("weight_decay", 0.0)

@@ -8,25 +8,29 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
+import training.runlock as runlock
 from tests.helpers import ops_config
 from training.checkpoint import Checkpoints, RunState, atomic_write_text, write_manifest
 from training.config import ConfigError, load_config
 from training.resume import name_resumed, resume_tag
-from training.runlock import JOB_FILE, LOCK_FILE, LockError, RunLock, boot_id, launcher_token, record_job, start_time
+from training.runlock import JOB_FILE, LOCK_FILE, LockError, RunLock, boot_id, pid_namespace, record_job, start_time
 
 JOB_VARS = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
-            "GROUP_WORLD_SIZE")
+            "GROUP_WORLD_SIZE", "TORCHELASTIC_MAX_RESTARTS")
 
 
 def test_torchrun_without_rdzv_id_is_the_job_of_its_agent(tmp_path, ops_model, monkeypatch):
     """torchrun's default run id 'none' (no --rdzv-id): the agent that started rank 0 names the job, so its
     --max-restarts restart (same agent, count moved) resumes a "resume": false run and takes the dead start's lock
     over, while a new torchrun command (another agent) starts over. On several nodes (an agent each) a restart cannot
-    always be told: "resume": false is refused, saying to pass --rdzv-id."""
+    always be told with --max-restarts: "resume": false is refused, saying to pass --rdzv-id."""
+    monkeypatch.setattr(runlock, "launcher_token", lambda: "node1:4242:77")  # the agent (pytest's parent may be pid 0)
+    launcher_token = runlock.launcher_token
     for var in JOB_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("RANK", "0")
@@ -51,6 +55,8 @@ def test_torchrun_without_rdzv_id_is_the_job_of_its_agent(tmp_path, ops_model, m
     cfg = load_config(replace, world_size=2)  # another torchrun command: starts over, as "resume": false says
     assert (cfg.resume, cfg.overwrite_save_path, cfg.refusal) == (False, True, None)
     monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    assert load_config(replace, world_size=2).refusal is None  # torchrun's default --max-restarts 0: no restart
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
     unknown = r"torchrun started this run on 2 nodes without --rdzv-id .*pass --rdzv-id"
     assert re.search(unknown, load_config(replace, world_size=2).refusal)
     with pytest.raises(ConfigError, match=unknown):
@@ -59,11 +65,13 @@ def test_torchrun_without_rdzv_id_is_the_job_of_its_agent(tmp_path, ops_model, m
 
 
 def test_a_lock_whose_pid_is_another_process_now_is_taken_over(tmp_path):
-    """A dead run's lock naming a pid that now runs another process (a restarted container's new pid namespace, a
-    reboot) or this very process is taken over at once: the lock holds the holder's start time and boot id. A
-    lock of a live holder names the lock file; a lock without those fields (an older version) is judged by its
-    pid alone."""
-    f, host, live = tmp_path / LOCK_FILE, socket.gethostname(), os.getppid()
+    """A dead run's lock naming a pid that now runs another process (same pid namespace: another start time) or this
+    very process, or written before the host restarted (boot id), is taken over at once. A holder in another pid
+    namespace (a container sharing the hostname) is judged by its heartbeat: its pid means nothing here. A live
+    holder's refusal names the lock file; a lock without those fields (an older version) is judged by its pid."""
+    f, host = tmp_path / LOCK_FILE, socket.gethostname()
+    child = subprocess.Popen(["sleep", "60"])  # a live process that is not the holder
+    live, here = child.pid, dict(boot_id=boot_id(), pid_ns=pid_namespace())
 
     def held_by(**info) -> str | None:
         f.write_text(json.dumps({"host": host, "started": 0, "config": "a.json", "token": "dead", **info}))
@@ -73,16 +81,24 @@ def test_a_lock_whose_pid_is_another_process_now_is_taken_over(tmp_path):
         finally:
             lock.release()
 
-    assert "this process now" in held_by(pid=os.getpid())  # the probe: the new rank 0 got the dead one's pid
-    assert "is another process now" in held_by(pid=live, pid_start="1", boot_id=boot_id())
-    assert "has restarted since" in held_by(pid=live, pid_start=start_time(live), boot_id="an-earlier-boot")
-    for same in (dict(pid_start=start_time(live), boot_id=boot_id()), {}):  # the holder itself; an old lock
-        with pytest.raises(LockError, match=rf"pid {live}, .*; lock file {f}\)"):
-            held_by(pid=live, **same)
+    try:
+        assert "this process now" in held_by(pid=os.getpid(), **here)  # the new rank 0 got the dead one's pid
+        assert "is another process now" in held_by(pid=live, pid_start="1", **here)
+        assert "has restarted since" in held_by(pid=live, pid_start=start_time(live), boot_id="an-earlier-boot")
+        for same in (dict(pid_start=start_time(live), **here), {},  # the holder itself; an old lock
+                     dict(pid_start="1", boot_id=boot_id(), pid_ns="pid:[1]")):  # another namespace, fresh heartbeat
+            with pytest.raises(LockError, match=rf"pid {live}, .*; lock file {f}\)"):
+                held_by(pid=live, **same)
+        with pytest.raises(LockError):
+            held_by(pid=os.getpid(), boot_id=boot_id(), pid_ns="pid:[1]")  # our pid, but in another namespace
+    finally:
+        child.kill()
+        child.wait()
     f.unlink()
     lock = RunLock(tmp_path)
     lock.acquire()
-    assert json.loads(f.read_text())["pid_start"] == start_time(os.getpid()) and "boot_id" in json.loads(f.read_text())
+    info = json.loads(f.read_text())
+    assert (info["pid_start"], info["boot_id"], info["pid_ns"]) == (start_time(os.getpid()), boot_id(), pid_namespace())
     with pytest.raises(LockError, match=rf"pid {os.getpid()}, "):  # a lock this process holds is no stale one
         RunLock(tmp_path).acquire()
     lock.release()
@@ -100,27 +116,24 @@ def _tag(save: Path, step: int, evals: list, when: float, manifest: bool = True)
 
 
 def test_a_checkpoint_that_latest_does_not_name_yet_is_resumed(tmp_path):
-    """Killed between a tag's rename and `latest`'s write, or `latest` deleted: the complete tag is resumed with a
-    line saying so, and rank 0 names it in `latest` with `best` and keep_last rotation as after its save. A `latest`
-    pointed back by hand (written after the newer tag), a damaged newer tag or one without a manifest keep the
-    choice of `latest`."""
+    """No `latest` (killed between the first tag's rename and `latest`'s write, or deleted): the newest complete tag
+    is resumed with a line saying so, and rank 0 names it in `latest` with `best` and keep_last rotation as after
+    its save. A damaged newer tag or one without a manifest is passed over. With a `latest`, its choice stands, also
+    over a newer complete tag (mtimes cannot tell a kill before `latest`'s write from a `latest` pointed back)."""
     save = tmp_path / "out"
     evals = [(2, 5.0), (3, 1.0)]
     _tag(save, 2, evals[:1], 1000)
     _tag(save, 3, evals, 1010)
-    atomic_write_text(save / "latest", "global_step3")
-    os.utime(save / "latest", (1011, 1011))
-    _tag(save, 6, [*evals, (6, 2.0)], 1020)  # renamed, then killed before `latest` names it
+    _tag(save, 6, [*evals, (6, 2.0)], 1020)
     _tag(save, 7, [], 1030, manifest=False)  # an older version's tag: no manifest to tell it complete
-    tag, notes = resume_tag(save)
-    assert tag == "global_step6" and notes == [f"resuming from {save / 'global_step6'}, a complete checkpoint newer "
-                                               f"than global_step3, which {save / 'latest'} names (the run was stopped "
-                                               f"after writing it, before {save / 'latest'} named it)"]
-    os.utime(save / "latest", (1025, 1025))  # pointed back at global_step3 by hand
+    atomic_write_text(save / "latest", "global_step3")
+    os.utime(save / "latest", (1000, 1000))  # written "before" global_step6 by the clock: followed all the same
     assert resume_tag(save) == ("global_step3", [])
     (save / "latest").unlink()
     tag, notes = resume_tag(save)
-    assert tag == "global_step6" and f"{save / 'latest'} is missing" in notes[0]
+    assert tag == "global_step6" and notes == [f"resuming from {save / 'global_step6'}, the newest complete checkpoint: "
+                                               f"{save / 'latest'} is missing (deleted, or the run was stopped before "
+                                               "it named its first checkpoint)"]
     layer = save / "global_step6" / "layer_00-model_states.pt"
     layer.write_bytes(b"x" * 50)  # damaged: not complete
     assert resume_tag(save)[0] == "global_step3"

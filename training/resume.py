@@ -4,9 +4,9 @@ Every checkpoint holds the run's config as loaded (`run_config.json`) and a mani
 sizes (`manifest.json`). At resume:
 - the tag `latest` names is checked (its trainer_state.json readable, every file of the manifest present
   with its size); a damaged one is passed over for the newest intact earlier tag, with a line saying so;
-- a complete tag written after `latest` and of a later step (a run killed between the tag's rename and `latest`'s
-  write), or any complete tag when `latest` is missing, is resumed instead, with a line saying so, and rank 0 then
-  names it in `latest` (`name_resumed`: `best` and rotation as after its save);
+- with no `latest` (a run killed between its first tag's rename and `latest`'s write, or `latest` deleted) the
+  newest complete tag is resumed, with a line saying so, and rank 0 then names it in `latest` (`name_resumed`:
+  `best` and rotation as after its save);
 - the config in force is compared with the saved one key by key (`config_changes`). Each change is applied
   from the resume step on, or refused with the reason (`RESUME_RULES`; the README lists them). Changes that
   break the exact data order are refused unless "allow_data_change_on_resume" is true.
@@ -225,27 +225,16 @@ def _step(tag: str) -> int | None:
 
 
 def unnamed_tag(save: Path) -> str | None:
-    """The complete tag a save wrote after `latest` was last written, of a later step than the one it names (a run
-    killed after the tag's rename, before `latest` named it), or the newest complete one when there is no `latest`
-    (deleted); None when there is none. Complete: a manifest (written before the rename) and every file as it
-    lists. A `latest` written after the tag (pointed back at an earlier tag by hand) keeps its choice."""
-    latest = save / "latest"
-    try:
-        since, named = latest.stat().st_mtime_ns, _step(latest.read_text().strip())
-    except FileNotFoundError:
-        since, named = None, None
-    found = []
-    for p in save.iterdir() if save.is_dir() else []:
-        step = _step(p.name)
-        if step is None or not p.is_dir() or (named is not None and step <= named):
-            continue
-        try:
-            written = (p / MANIFEST_FILE).stat().st_mtime_ns
-        except OSError:
-            continue
-        if (since is None or written >= since) and tag_problem(p) is None:
-            found.append((written, step, p.name))
-    return max(found)[2] if found else None
+    """When there is no `latest` (the run was killed after its first checkpoint's rename, before `latest` named it;
+    or it was deleted): the complete tag of the highest step (a manifest, written before the rename, and every file
+    as it lists), or None. With a `latest`, its choice stands (a later tag it does not name is resumed from the
+    earlier one, bit-exactly; mtimes cannot tell that from a `latest` pointed back by hand)."""
+    if (save / "latest").is_file() or not save.is_dir():
+        return None
+    found = [(step, p.name) for p in save.iterdir()
+             if (step := _step(p.name)) is not None and p.is_dir() and (p / MANIFEST_FILE).is_file()
+             and tag_problem(p) is None]
+    return max(found)[1] if found else None
 
 
 def resume_tag(save: Path) -> tuple[str | None, list[str]]:
@@ -254,12 +243,8 @@ def resume_tag(save: Path) -> tuple[str | None, list[str]]:
     earlier tag is intact; (None, []) when there is no `latest` and no complete tag."""
     latest = save / "latest"
     if unnamed := unnamed_tag(save):
-        if not latest.is_file():
-            return unnamed, [f"resuming from {save / unnamed}, the newest complete checkpoint: {latest} is missing "
-                             "(deleted, or the run was stopped before it named its first checkpoint)"]
-        return unnamed, [f"resuming from {save / unnamed}, a complete checkpoint newer than "
-                         f"{latest.read_text().strip()}, which {latest} names (the run was stopped after writing it, "
-                         f"before {latest} named it)"]
+        return unnamed, [f"resuming from {save / unnamed}, the newest complete checkpoint: {latest} is missing "
+                         "(deleted, or the run was stopped before it named its first checkpoint)"]
     if not latest.is_file():
         return None, []
     tag = latest.read_text().strip()
@@ -276,15 +261,11 @@ def resume_tag(save: Path) -> tuple[str | None, list[str]]:
 
 
 def name_resumed(ckpts: Checkpoints, state: RunState) -> str | None:
-    """Rank 0, after resuming `state`: when `latest` is missing or names an earlier step (an `unnamed_tag` was
-    resumed), name the resumed tag in `latest`, then write `best` and rotate as its save would have (keep_last,
-    keep_best by the evals it holds). Returns the line to print, or None when `latest` names it, or later, already."""
+    """Rank 0, after resuming `state` with no `latest` (an `unnamed_tag`): name the resumed tag in `latest`, then
+    write `best` and rotate as its save would have (keep_last, keep_best by the evals it holds). Returns the line to
+    print, or None when there is a `latest`."""
     latest, tag = ckpts.root / "latest", tag_of(state.step)
-    if latest.is_file():
-        named = _step(latest.read_text().strip())
-        if named is None or named >= state.step:
-            return None
-    if not (ckpts.root / tag).is_dir():
+    if latest.is_file() or not (ckpts.root / tag).is_dir():
         return None
     atomic_write_text(latest, tag)
     ckpts._after_save(state)

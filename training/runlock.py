@@ -5,15 +5,17 @@ across hosts) by global rank 0 before anything else is written there. It holds t
 start time and config; a thread touches it every HEARTBEAT_S seconds. A second run refuses to start and
 names the holder. A lock whose holder is gone (same host, pid no longer running; an earlier start of this same
 SLURM / torchrun job, which a scheduler restarts only once it has ended) or whose heartbeat is older than
-STALE_AFTER_S (another host that stopped) is taken over, with a line saying so. The holder's pid is judged with
-its process start time and the host's boot id, both in the lock: a pid reused by another process (a restarted
-container's new pid namespace, a reboot), or this process's own pid, is no holder.
+STALE_AFTER_S (another host that stopped) is taken over, with a line saying so. The lock also holds the host's
+boot id and the holder's pid namespace and process start time: after a reboot, or in the same pid namespace a pid
+that is another process now (or this very process), there is no holder; a holder in another pid namespace (a
+container sharing the hostname, a restarted container) is judged by its heartbeat.
 
 The same job identity marks a run started fresh (`resume` false): a restart of that job (SLURM's requeue,
 torchrun's --max-restarts runs the same command again) resumes the run instead of replacing it. Rank 0 judges
 that too (`restarted_job`), and every rank follows it (a rank may lack the job's variables). Without --rdzv-id
 (torchrun's default run id 'none') the job is the torchrun agent that started rank 0: it restarts its workers as
-its own children. On several nodes that is not enough (each node has its own agent): "resume": false is refused.
+its own children. On several nodes with --max-restarts that is not enough (each node has its own agent):
+"resume": false is refused there.
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ def start_time(pid: int) -> str | None:
     return fields[19] if fields and len(fields) > 19 else None
 
 
+def pid_namespace() -> str | None:
+    """This process's pid namespace ('pid:[INODE]'; a container has its own); None without /proc."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def boot_id() -> str | None:
     """This host's boot id (a new one after every boot); None without /proc."""
     try:
@@ -112,11 +122,12 @@ def restarted_job(save_path: str | Path) -> str | None:
     torchrun worker is one when the torchrun agent that started it also started one of the run's first ranks. The
     same torchrun run id started by another agent with its count unmoved (a new torchrun command reusing --rdzv-id,
     or a scheduler that restarted the agent itself) cannot be told apart: UnknownStart, rather than guess (a guess of
-    "new" would delete the run). So is every start of a torchrun run without --rdzv-id on several nodes (each node's
-    agent is another process)."""
+    "new" would delete the run). So is every start of a torchrun run without --rdzv-id on several nodes with
+    --max-restarts (each node's agent is another process)."""
     f = Path(save_path) / JOB_FILE
     job = launch_job()
-    if job is not None and job[0].startswith(AGENT) and (nodes := torchrun_nodes()) > 1:
+    if (job is not None and job[0].startswith(AGENT) and (nodes := torchrun_nodes()) > 1
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0):  # torchrun's default: no restart
         raise UnknownStart(f"torchrun started this run on {nodes} nodes without --rdzv-id (its default 'none'), so a "
                            "restart of it (--max-restarts) cannot be told from a new torchrun command and \"resume\": "
                            "false could start the run over: pass --rdzv-id with an id of this job to every node's "
@@ -180,22 +191,25 @@ def describe(info: dict, age: float) -> str:
 
 
 def holder_gone(info: dict) -> str | None:
-    """Why a lock's holder on this host is not running (its pid dead, or another process now: another start time
-    or boot id, or this very process), or None while it may be. A lock without start time and boot id (an older
-    version's) is judged by its pid alone."""
+    """Why a lock's holder on this host is not running, or None while it may be: the host restarted since (boot
+    id); in this pid namespace, its pid is dead, another process now (start time) or this very process. A holder in
+    another pid namespace (another container sharing the hostname) is judged by its heartbeat alone: its pid means
+    nothing here. A lock without those fields (an older version's) is judged by its pid alone, as then."""
     pid = info.get("pid")
     if info.get("host") != socket.gethostname() or not isinstance(pid, int):
         return None
     then, now = info.get("boot_id"), boot_id()
     if then and now and then != now:
         return f"this host has restarted since (boot id {then} then, {now} now)"
-    if pid == os.getpid() and info.get("token") not in _HELD:
-        return (f"its pid {pid} on this host is this process now (the holder ran before a restart or in another "
-                "container)")
+    ns = info.get("pid_ns")
+    if ns is not None and ns != pid_namespace():
+        return None
+    if ns is not None and pid == os.getpid() and info.get("token") not in _HELD:
+        return f"its pid {pid} on this host is this process now (the holder ran before a restart)"
     if not pid_alive(pid):
         return f"its process {pid} on this host is no longer running"
     started, current = info.get("pid_start"), start_time(pid)
-    if started is not None and current is not None and str(started) != current:
+    if ns is not None and started is not None and current is not None and str(started) != current:
         return (f"its pid {pid} on this host is another process now (started at tick {current}, the holder at "
                 f"{started})")
     return None
@@ -234,7 +248,8 @@ class RunLock:
         self.file = self.dir / LOCK_FILE
         self.token = uuid.uuid4().hex
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "config": config,
-                     "token": self.token, "pid_start": start_time(os.getpid()), "boot_id": boot_id()}
+                     "token": self.token, "pid_start": start_time(os.getpid()), "boot_id": boot_id(),
+                     "pid_ns": pid_namespace()}
         if job := launch_job():
             self.info.update(job=job[0], restart=job[1])
         self._stop = threading.Event()

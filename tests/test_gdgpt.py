@@ -199,6 +199,26 @@ def test_no_wd_kws_groups_parameters_by_name():
         no_decay_patterns("bias")
 
 
+def test_no_wd_kws_match_a_tied_embedding_and_lora_adapters_by_their_hf_names(ds):
+    """DeepSpeed names a tied embedding "tied_modules.embed.weight" and peft's adapters sit under their module: both
+    are matched by the HF names a user writes patterns for (an "embed_tokens" pattern exempts a tied embedding too)."""
+    from deepspeed.runtime.pipe.topology import ProcessTopology
+
+    from models import PipelineModel, causal_lm_loss, get_family, plan_stages
+
+    fam = get_family("llama")
+    config = fam.prepare_config(tiny_config("llama", "gqa_tied"))
+    model = PipelineModel(fam.layer_specs(config), lambda n: plan_stages(fam.unit_sizes(config), fam.unit_costs(config),
+                          n, None), ProcessTopology(axes=["pipe", "data"], dims=[1, 1]), loss_fn=causal_lm_loss)
+    name_of = hf_param_name(fam, config)
+    hf = fam.hf_model_class(config)
+    assert {name_of(n) for n, _ in model.named_parameters()} == {n for n, _ in hf.named_parameters()}
+    assert "tied_modules.embed.weight" in dict(model.named_parameters())
+    groups = param_groups(model, 0.1, no_decay=no_decay_patterns(["embed_tokens"]), name_of=name_of)
+    assert [p.shape for p in groups[1]["params"]] == [hf.model.embed_tokens.weight.shape]
+    assert name_of("1.self_attn.q_proj.lora_A.default.weight") == "model.layers.0.self_attn.q_proj.lora_A.default.weight"
+
+
 def _tiny_llama():
     from models import get_family
 

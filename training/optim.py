@@ -65,17 +65,28 @@ def no_decay_patterns(value: object) -> list[re.Pattern] | None:
 
 
 def hf_param_name(family, config) -> Callable[[str], str]:
-    """A pipeline parameter's name ("3.input_layernorm.weight"; "layers.3...." in a SequentialModel) -> its HF name
-    ("model.layers.2.input_layernorm.weight") by the family's key table; names it has no entry for (LoRA adapters,
-    tied modules) are kept."""
+    """A pipeline parameter's name ("3.input_layernorm.weight"; "layers.3...." in a SequentialModel; a tied module's
+    "tied_modules.embed.weight", by the first layer that uses it) -> its HF name ("model.layers.2.input_layernorm.weight")
+    by the family's key table; a LoRA adapter's as its module's ("model.layers.2.self_attn.q_proj.lora_A.default.weight").
+    Names it has no entry for are kept."""
     n = family.num_blocks(config)
+    tied: dict[str, int] = {}
+    for idx, spec in enumerate(family.layer_specs(config)):
+        if (key := getattr(spec, "key", None)) is not None:
+            tied.setdefault(key, idx)
 
     def name_of(name: str) -> str:
-        head, _, local = name.removeprefix("layers.").partition(".")
+        if name.startswith("tied_modules."):
+            key, _, local = name.removeprefix("tied_modules.").partition(".")
+            head = str(tied.get(key, ""))
+        else:
+            head, _, local = name.removeprefix("layers.").partition(".")
+        base, lora, adapter = local.partition(".lora_")  # peft's names under the adapted module
         try:
-            return family.key_map.to_hf(int(head), local, n)
+            hf = family.key_map.to_hf(int(head), f"{base}.weight" if lora else local, n)
         except (ValueError, KeyError):
             return name
+        return f"{hf.removesuffix('.weight')}{lora}{adapter}" if lora else hf
 
     return name_of
 

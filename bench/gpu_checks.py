@@ -213,6 +213,9 @@ def _tokenizer(work: Path):
     return AutoTokenizer.from_pretrained(str(work / "tok"))
 
 
+SECTIONS = ("attention", "training", "qlora", "memory", "throughput", "loss")  # --only's names
+
+
 def training(device, work: Path, quick: bool, match: str | None = None) -> None:
     from tests.test_train_reference import LION_BETAS, LION_LR, WD, check_against_reference
 
@@ -405,7 +408,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, two training runs (the CPU dry run)")
     ap.add_argument("--out", default=None, help="where summary.json and the training logs go")
-    ap.add_argument("--only", nargs="*", default=None, help="attention training qlora memory throughput loss")
+    ap.add_argument("--only", nargs="*", default=None, choices=SECTIONS, help="these sections only")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU (H100/H200)")
     ap.add_argument("--match", default=None, help="training: only the cases whose label holds this text ('Lion')")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="throughput: print the N costliest ops of a step")

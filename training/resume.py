@@ -212,16 +212,11 @@ def tag_problem(tag_dir: Path) -> str | None:
 
 
 def earlier_tags(save: Path, tag: str) -> list[str]:
-    """Complete tags older than `tag`, newest first."""
+    """Tag directories older than `tag` (every one for a `tag` that is none, e.g. ""), newest first."""
     m = TAG.match(tag)
     limit = int(m.group(1)) if m else None
     found = [(int(mm.group(1)), p.name) for p in save.iterdir() if p.is_dir() and (mm := TAG.match(p.name))]
     return [name for step, name in sorted(found, reverse=True) if limit is None or step < limit]
-
-
-def _step(tag: str) -> int | None:
-    m = TAG.match(tag)
-    return int(m.group(1)) if m else None
 
 
 def unnamed_tag(save: Path) -> str | None:
@@ -231,10 +226,8 @@ def unnamed_tag(save: Path) -> str | None:
     earlier one, bit-exactly; mtimes cannot tell that from a `latest` pointed back by hand)."""
     if (save / "latest").is_file() or not save.is_dir():
         return None
-    found = [(step, p.name) for p in save.iterdir()
-             if (step := _step(p.name)) is not None and p.is_dir() and (p / MANIFEST_FILE).is_file()
-             and tag_problem(p) is None]
-    return max(found)[1] if found else None
+    return next((t for t in earlier_tags(save, "")
+                 if (save / t / MANIFEST_FILE).is_file() and tag_problem(save / t) is None), None)
 
 
 def resume_tag(save: Path) -> tuple[str | None, list[str]]:

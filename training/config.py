@@ -541,9 +541,9 @@ def _check_lora(cfg: TrainConfig, path: Path) -> LoraSettings | None:
 
 
 def _check_resume(cfg: TrainConfig, path: Path, lora: LoraSettings | None) -> None:
-    """The checkpoint to resume (resume_tag: the one `latest` names, a newer complete one it does not name yet, or
-    the newest intact earlier one) can be resumed exactly, is of the configured kind (full / LoRA), and the config's
-    changes since it are all allowed."""
+    """The checkpoint to resume (resume_tag: the one `latest` names or the newest intact earlier one; with no
+    `latest`, the newest complete one) can be resumed exactly, is of the configured kind (full / LoRA), and the
+    config's changes since it are all allowed."""
     save = Path(cfg.save_path)
     if cfg.resume is False:
         return

@@ -144,7 +144,7 @@ class RunDirectory:
         if tag is not None:
             self._resume(save / tag)
         if self.rank == 0:  # after the resume's checks: a refused resume leaves the run's side files as they were
-            if tag is not None and (line := name_resumed(self.ckpts, self.state)):  # a save stopped before `latest`
+            if tag is not None and (line := name_resumed(self.ckpts, self.state)):  # no `latest`: name it
                 self.log(line)
             replace_side_files(Path(cfg.model_path), save)
             write_data_settings(save, data_settings_of(cfg.template_settings, self.tokenizer, cfg.max_seq_len,

@@ -37,6 +37,9 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB])\.(?:default\.)?wei
 _KEYS = ("r", "alpha", "dropout", "target_modules", "modules_to_save", "adapter_path")
 
 
+TIED_OWNERS = ("embed_tokens", "word_embeddings", "lm_head")  # HF modules that own a tied embedding weight
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     r: int
@@ -61,7 +64,8 @@ class LoraSettings:
         modules' own weights instead of peft's wrapped copies (the same numbers, plain keys)."""
         from peft import LoraConfig
 
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+        alpha = int(self.alpha) if float(self.alpha).is_integer() else self.alpha  # as peft writes it
+        return LoraConfig(r=self.r, lora_alpha=alpha, lora_dropout=self.dropout,
                           target_modules=list(self.target_modules), task_type="CAUSAL_LM",
                           modules_to_save=list(self.modules_to_save) or None if with_modules_to_save else None)
 
@@ -109,9 +113,10 @@ def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
             raise ValueError(f"lora.modules_to_save: {m!r} names {adapted}, which lora.target_modules adapts; a module "
                              "is either adapted or trained whole (peft refuses both)")
         if config is not None and getattr(config, "tie_word_embeddings", False) and \
-                any(modules[h] in ("embed", "head") for h in hits):
-            raise ValueError(f"lora.modules_to_save: {m!r} is the tied embedding/LM head, which peft would untie; "
-                             "not supported")
+                (tied := next((h for h in hits if modules[h] in ("embed", "head")), None)):
+            what = "the tied embedding/LM head, which peft would untie" if tied.endswith(TIED_OWNERS) else \
+                "in the pipeline's tied embedding module (shared with the LM head's stage)"
+            raise ValueError(f"lora.modules_to_save: {m!r} names {tied}, {what}; not supported with tied embeddings")
     path = section.get("adapter_path")
     settings = LoraSettings(r, float(alpha), float(dropout), tuple(dict.fromkeys(targets)), path, tuple(saves))
     if path is not None:
@@ -345,6 +350,7 @@ def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_pat
         # the HF model the base pipeline dir came from (what AutoPeftModelForCausalLM and llama.cpp's LoRA converter
         # load), else the pipeline dir itself
         cfg.base_model_name_or_path = hf_source_of(info["base_model_path"]) or info["base_model_path"]
+        cfg.inference_mode = True  # as peft's save_pretrained writes it
         cfg.save_pretrained(str(tmp))
         save_safetensors({k: t.contiguous() for k, t in tensors.items()}, tmp / "adapter_model.safetensors")
         if side_dir is not None:
@@ -362,7 +368,8 @@ def merged_hf_tensors(tag_dir: Path, info: dict, family: ModelFamily, config, pr
                       ) -> Iterator[tuple[str, torch.Tensor]]:
     """The base model's HF tensors with W + alpha/r * B @ A merged in (computed in fp32, stored in W's dtype), and
     the trained tensors of `modules_to_save` in place of theirs. A QLoRA checkpoint's 4-bit layers merge into their
-    dequantised weights (as peft merges), also where no adapter sits: the model computes what training computed."""
+    dequantised weights (not re-quantised, as peft's merge_and_unload on a 4-bit model does), also where no
+    adapter sits: the model computes what training computed."""
     from .convert import iter_hf_tensors
     from .quant import QuantSettings, dequantized, quantizable
 
@@ -385,7 +392,7 @@ def merged_hf_tensors(tag_dir: Path, info: dict, family: ModelFamily, config, pr
             if family.key_map.slot_of(idx, n)[0] == "block" and local in four_bit:
                 w = dequantized(w, quant)
         if (whole := adapters.get(f"base_model.model.{key}")) is not None:
-            yield key, whole
+            yield key, whole.to(w.dtype)  # a bf16 run's copy of an fp32 base: one dtype, the config's
             used += 1
             continue
         a = adapters.get(f"base_model.model.{key.removesuffix('.weight')}.lora_A.weight")

@@ -8,6 +8,7 @@ weights (random A and B, so the adapters act from the first step; the pipeline s
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -136,8 +137,12 @@ def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family,
     assert len(eval_loss) == 1
     assert hf_token_mean_loss(loaded, tmp_path / "eval.jsonl", tokenizer, SEQ) == pytest.approx(eval_loss[0], rel=1e-5)
     # the adapter names the HF model its base pipeline dir was converted from: AutoPeftModelForCausalLM loads it alone
-    named = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert named == str((tmp_path / "hf").resolve())
+    ours, peft_own = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("adapter", "init_adapter"))
+    assert ours.pop("base_model_name_or_path") == str((tmp_path / "hf").resolve())
+    peft_own.pop("base_model_name_or_path")
+    for cfg in ours, peft_own:  # (sets, written in any order)
+        cfg["target_modules"], cfg["modules_to_save"] = sorted(cfg["target_modules"]), sorted(cfg["modules_to_save"] or [])
+    assert ours == peft_own  # otherwise what peft's own save_pretrained writes (inference_mode true and all)
     auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).state_dict()
     assert auto.keys() == loaded.state_dict().keys() and all(torch.equal(t, loaded.state_dict()[k]) for k, t in auto.items())
 
@@ -194,7 +199,8 @@ def test_lora_checkpoint_is_small_and_resumes_bit_exactly_after_sigterm(tmp_path
 def test_lora_with_bf16_zero1_data_parallel_and_an_embedding_only_stage(tmp_path, ops_model):
     """2 stages x 2 replicas, bf16 with fp32 gradient accumulation (ZeRO-1), activation checkpointing; the first
     stage holds only the frozen embedding (DeepSpeed's bf16 optimizer still needs a gradient there)."""
-    cfg = ops_config(tmp_path, ops_model, lora=LORA, bf16={"enabled": True}, zero_optimization={"stage": 1},
+    cfg = ops_config(tmp_path, ops_model, lora={**LORA, "modules_to_save": ["norm"]}, bf16={"enabled": True},
+                     zero_optimization={"stage": 1},
                      data_types={"grad_accum_dtype": "fp32"}, use_grad_ckpt=True, lr_schedule={"type": "constant"},
                      model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [2, 2]}, "parts": [1, 4]})
     proc = run_deepspeed("train_ds.py", ["--config", str(cfg)], num_procs=4)
@@ -205,7 +211,15 @@ def test_lora_with_bf16_zero1_data_parallel_and_an_embedding_only_stage(tmp_path
     assert len(metrics) == 8 and all(m["loss"] > 0 and m["grad_norm"] > 0 and not m.get("skipped") for m in metrics)
     pp_to_hg(tmp_path / "out", tmp_path / "adapter", lora="peft")
     adapters = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert len(adapters) == 3 * 2 * 2 and all(t.abs().sum() > 0 for k, t in adapters.items() if "lora_B" in k)
+    lora = {k: t for k, t in adapters.items() if "lora_" in k}
+    assert len(lora) == 3 * 2 * 2 and all(t.abs().sum() > 0 for k, t in lora.items() if "lora_B" in k)
+    assert len(adapters) - len(lora) == 1 + 2 * 3  # the final norm, two per block, trained whole (in bf16)
+    alpha = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["lora_alpha"]
+    assert type(alpha) is int and alpha == 16  # as peft writes it
+    # the merged model is in its config's dtype (the base's fp32), the bf16-trained norms too
+    pp_to_hg(tmp_path / "out", tmp_path / "merged", lora="merge")
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert {t.dtype for t in merged.values()} == {torch.float32}
 
 
 @pytest.mark.parametrize("pattern", [{"alpha_pattern": {"v_proj": 64}}, {"rank_pattern": {"v_proj": 8}},
@@ -218,3 +232,17 @@ def test_an_adapter_with_per_module_settings_is_refused(tmp_path, pattern):
     section = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "adapter_path": str(tmp_path)}
     with pytest.raises(ValueError, match=f"lora.adapter_path {tmp_path}: the adapter sets {next(iter(pattern))} "):
         parse_lora(section, get_family("llama"))
+
+
+@pytest.mark.parametrize("family, name, save, what", [
+    ("llama", "gqa_tied", "lm_head", "lm_head, the tied embedding/LM head, which peft would untie"),
+    ("bloom", "tied", "word_embeddings", "transformer.word_embeddings, the tied embedding/LM head"),
+    # not tied itself (peft trains it and keeps the tie), but it sits in the pipeline's tied embedding module
+    ("bloom", "tied", "word_embeddings_layernorm", "transformer.word_embeddings_layernorm, in the pipeline's tied "
+                                                   "embedding module"),
+], ids=["llama-lm_head", "bloom-embedding", "bloom-embedding-layernorm"])
+def test_modules_to_save_in_a_tied_embedding_is_refused_naming_why(family, name, save, what):
+    config = tiny_config(family, name)
+    with pytest.raises(ValueError, match=re.escape(f"lora.modules_to_save: {save!r} names {what}")):
+        parse_lora({"r": 4, "target_modules": sorted(lora_config(family).target_modules)[:1], "modules_to_save": [save]},
+                   get_family(family), config)

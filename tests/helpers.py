@@ -298,3 +298,8 @@ def ops_config(tmp, base, name: str = "cfg.json", **over):
            "lr_schedule": {"type": "cosine", "warmup_steps": 2}, **over}
     (tmp / name).write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
     return tmp / name
+
+
+def errors_of(text: str) -> list[str]:
+    """The one-line errors train_ds.py printed (each rank prints its own)."""
+    return [line for line in text.splitlines() if line.startswith("train_ds.py: error:")]

@@ -24,7 +24,7 @@ import torch
 from models.convert import hg_to_pp, pp_to_hg
 from models.diskspace import tree_size
 from models.hf_io import CheckpointError, atomic_output_dir
-from tests.helpers import finish_deepspeed, ops_config, output_of, run_deepspeed, start_deepspeed, workers_of
+from tests.helpers import errors_of, finish_deepspeed, ops_config, output_of, run_deepspeed, start_deepspeed, workers_of
 from tests.test_train_ops import checkpoint_tensors, losses_of, metrics_of, wait_for
 from training.config import ConfigError, load_config, resume_hint, start_over
 from training.resume import resume_tag
@@ -40,10 +40,6 @@ def dead_pid() -> int:
     return p.pid
 
 
-def errors_of(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("train_ds.py: error:")]
-
-
 # ------------------------------------------------------------------------------------------ the run lock, resume
 
 
@@ -51,8 +47,10 @@ def errors_of(text: str) -> list[str]:
 def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model):
     """A second run on a held save_path refuses and leaves the first untouched; a stale lock is taken over; a
     finished run continues when max_steps is raised (bit-identical to an uninterrupted run); a new lr is used;
-    a new data file is refused, then allowed with the flag."""
-    constant = {"lr_schedule": {"type": "constant"}}
+    a new data file is refused, then allowed with the flag. The runs evaluate every 3 steps with early stopping: the
+    first run's end-of-run evaluation (step 4) is not counted by the continued one, as in an uninterrupted run."""
+    constant = {"lr_schedule": {"type": "constant"}, "eval_data_path": str(ops_model / "eval.jsonl"), "eval_interval": 3,
+                "early_stopping_patience": 20}
     release = tmp_path / "release"
     first = ops_config(tmp_path, ops_model, max_steps=4, **constant)
     proc = start_deepspeed("train_ds.py", ["--config", str(first)], env={"PIPEFT_FAULT_PAUSE": f"step:2:120:{release}"})
@@ -66,7 +64,7 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
         f"{holder['pid']}" in said[0], out[-3000:]
     release.touch()
     _, out = finish_deepspeed(proc)
-    assert [m["step"] for m in metrics_of(save)] == [1, 2, 3, 4]  # the first run's own, untouched
+    assert [m["step"] for m in metrics_of(save)] == [1, 2, 3, 4, 4]  # the first run's own (and its end-of-run eval), untouched
     assert sorted(p.name for p in save.glob("global_step*")) == ["global_step4"] and not (save / LOCK_FILE).exists()
 
     # a run killed without releasing its lock: the next one takes it over and says so
@@ -80,6 +78,8 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
     ref.mkdir()
     run_deepspeed("train_ds.py", ["--config", str(ops_config(ref, ops_model, max_steps=8, **constant))])
     assert losses_of(save) == losses_of(ref / "out") and sorted(losses_of(save)) == list(range(1, 9))
+    evals = [json.loads((d / "global_step8" / "trainer_state.json").read_text())["evals"] for d in (save, ref / "out")]
+    assert evals[0] == evals[1] and [s for s, _ in evals[0]] == [3, 6, 8]
     a, b = checkpoint_tensors(ref / "out" / "global_step8"), checkpoint_tensors(save / "global_step8")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -101,7 +101,7 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
                                                                      **new))]).stdout
     assert "optimizer.params.lr: 0.003 -> 0.001 (applied" in out and "data_path: " in out and "(allowed" in out
     assert "warning: the training samples differ from the checkpoint's" in out
-    lrs = {m["step"]: m["lr"] for m in metrics_of(save)}
+    lrs = {m["step"]: m["lr"] for m in metrics_of(save) if "lr" in m}
     assert [lrs[s] for s in range(1, 11)] == [3e-3] * 8 + [1e-3] * 2
 
     # the project's schedule -> DeepSpeed's WarmupLR: its state is not loaded into the other kind (a traceback on
@@ -119,7 +119,7 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
         "training samples are the checkpoint's" in out and "warning: the training samples differ" not in out
     said = [line for line in out.splitlines() if "scheduler" in line and "applied" in line]
     assert said and all("another kind of scheduler starts at this step" in line for line in said), out[-3000:]
-    lrs = {m["step"]: m["lr"] for m in metrics_of(save)}
+    lrs = {m["step"]: m["lr"] for m in metrics_of(save) if "lr" in m}
     assert [lrs[s] for s in (11, 12)] == pytest.approx([1e-3 * 9 / 20, 1e-3 * 10 / 20], rel=1e-12), lrs
 
 

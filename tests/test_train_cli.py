@@ -225,6 +225,10 @@ def test_other_eval_data_on_resume_is_refused_where_eval_losses_are_compared(tmp
     assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {cfg}: 'eval_data_path' changed since the "
                                                f"checkpoint {tag / 'run_config.json'}") and \
         "keep_best / early_stopping_patience compare every eval loss with the earlier ones" in err[0], err
+    # a checkpoint with its eval rows' fingerprint: they are compared once read (test_train_ops), not the path
+    (tag / "trainer_state.json").write_text(json.dumps({"evals": [[1, 2.5]], "eval_fingerprint": "0" * 32}))
+    load_config(cfg, world_size=1)
+    (tag / "trainer_state.json").write_text(json.dumps({"evals": [[1, 2.5]]}))
     (tag / "run_config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "keep_best"}))
     load_config(write_config(tmp_path, base, eval_data_path=str(evals[1]), eval_interval=1), world_size=1)
 

@@ -23,7 +23,7 @@ from data.collate import collate, pad_id_of
 from data.encode import load_dataset
 from models import get_family
 from models.convert import pp_to_hg
-from tests.helpers import finish_deepspeed, ops_config, output_of, run_deepspeed, start_deepspeed, workers_of
+from tests.helpers import errors_of, finish_deepspeed, ops_config, output_of, run_deepspeed, start_deepspeed, workers_of
 
 pytestmark = pytest.mark.distributed
 
@@ -61,9 +61,10 @@ def wait_for(cond, proc, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def sigterm_at_step_6_then_resume(tmp_path: Path, cfg: Path, step: int = 6) -> None:
+def sigterm_at_step_6_then_resume(tmp_path: Path, cfg: Path, step: int = 6, lower_to: int | None = None) -> None:
     """Run `cfg`, preempt every training process with SIGTERM after `step` (6), then start it again to the end.
-    A pause after that step's boundary work (PIPEFT_FAULT_PAUSE) gives a known moment to preempt the run."""
+    A pause after that step's boundary work (PIPEFT_FAULT_PAUSE) gives a known moment to preempt the run. With
+    `lower_to`, a resume with that max_steps (below `step`) runs first: it ends at once, and the run is finished."""
     proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": f"step:{step}:20"})
     wait_for(lambda: (tmp_path / "out" / "metrics.jsonl").is_file() and step in losses_of(tmp_path / "out"), proc)
     for w in workers_of(proc):  # as a cluster scheduler preempts a job: every training process gets SIGTERM
@@ -72,8 +73,16 @@ def sigterm_at_step_6_then_resume(tmp_path: Path, cfg: Path, step: int = 6) -> N
     assert f"received SIGTERM: saving at step {step} and exiting" in out
     assert (tmp_path / "out" / "latest").read_text() == f"global_step{step}"
     assert sorted(losses_of(tmp_path / "out")) == list(range(1, step + 1))
+    if lower_to is not None:
+        lower = cfg.with_name("lower.json")
+        lower.write_text(json.dumps({**json.loads(cfg.read_text()), "max_steps": lower_to}))
+        out = run_deepspeed("train_ds.py", ["--config", str(lower)]).stdout
+        assert f"the run is {lower_to} steps long now, and the checkpoint is at step {step}: it ends here" in out
+        assert sorted(losses_of(tmp_path / "out")) == list(range(1, step + 1))
     proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
     assert f"resumed from {tmp_path / 'out' / f'global_step{step}'} at step {step}" in proc.stdout
+    if lower_to is not None:
+        assert f"continuing the finished run from step {step} to step" in proc.stdout
 
 
 @pytest.mark.parametrize("over", [dict(group_by_length=True, pad_to_multiple_of=8),
@@ -100,7 +109,9 @@ def test_resume_is_bit_exact_with_group_by_length_and_packing(tmp_path_factory, 
 
 
 def test_sigterm_saves_and_resume_is_bit_exact(tmp_path, ops_model, ops_uninterrupted):
-    sigterm_at_step_6_then_resume(tmp_path, ops_config(tmp_path, ops_model, save_interval=3))
+    """Also through a resume whose max_steps is below the checkpoint's step: that run ends at once, and the next
+    one, at the first length again, continues it (it said "nothing to do": the finished run had kept its length)."""
+    sigterm_at_step_6_then_resume(tmp_path, ops_config(tmp_path, ops_model, save_interval=3), lower_to=5)
     ref, got = losses_of(ops_uninterrupted), losses_of(tmp_path / "out")
     assert got == ref and list(got) == list(range(1, 9))  # steps 7-8 bit-identical, 1-6 kept from before
     a, b = checkpoint_tensors(ops_uninterrupted / "global_step8"), checkpoint_tensors(tmp_path / "out" / "global_step8")
@@ -181,7 +192,8 @@ def hf_token_mean_loss(model_or_dir, eval_path: Path, tokenizer, seq: int) -> fl
 def test_eval_early_stopping_and_keep_best(tmp_path, ops_model, tokenizer):
     """Eval loss == transformers' token mean on the eval file; a plateau stops the run; keep_best keeps the best."""
     patience, keep = 2, 2
-    cfg = ops_config(tmp_path, ops_model, max_steps=40, eval_data_path=str(ops_model / "eval.jsonl"),
+    shutil.copy(ops_model / "eval.jsonl", tmp_path / "eval.jsonl")
+    cfg = ops_config(tmp_path, ops_model, max_steps=40, eval_data_path=str(tmp_path / "eval.jsonl"),
                        eval_interval=2, early_stopping_patience=patience, keep_best=keep, keep_last=1,
                        optimizer={"type": "AdamW", "params": {"lr": 3e-2, "weight_decay": 0.0, "torch_adam": True}},
                        lr_schedule={"type": "constant"})
@@ -215,6 +227,16 @@ def test_eval_early_stopping_and_keep_best(tmp_path, ops_model, tokenizer):
     again = run_deepspeed("train_ds.py", ["--config", str(cfg)])  # a finished run is not trained further
     assert f"nothing to do: this run finished at step {last_step}" in again.stdout
     assert [(m["step"], m["eval_loss"]) for m in metrics_of(save) if "eval_loss" in m] == evals
+    # eval data rewritten under the same path: its losses would not compare with the earlier ones (judged by the
+    # eval rows, as the training data are; a moved eval file would be the same eval data)
+    (tmp_path / "eval.jsonl").write_text("".join((ops_model / "eval.jsonl").read_text().splitlines(keepends=True)[1:]))
+    longer = cfg.with_name("longer.json")
+    longer.write_text(json.dumps({**json.loads(cfg.read_text()), "max_steps": 41}))
+    _, out = finish_deepspeed(start_deepspeed("train_ds.py", ["--config", str(longer)]), expect=2)
+    assert errors_of(out) == [f"train_ds.py: error: {longer}: cannot resume {save / f'global_step{last_step}'}: the eval "
+                              "samples differ from the checkpoint's (eval data files, tokenizer or data settings): "
+                              "keep_best / early_stopping_patience compare every eval loss with the earlier ones, and "
+                              "losses on other eval data do not compare; restore the eval data, or start a new run"]
 
 
 def test_bf16_trains_with_fp32_gradient_accumulation(tmp_path, ops_model, ops_uninterrupted):

@@ -108,6 +108,8 @@ class RunState:
     bad_steps: int = 0  # consecutive non-finite steps
     data_fingerprint: str | None = None  # hash of the training rows (trainer.data_fingerprint)
     finished: bool = False  # the run ended (last step or early stopping): a re-run has nothing to do
+    eval_fingerprint: str | None = None  # hash of the eval rows: eval losses of other eval data do not compare
+    early_stopped: bool | None = None  # why it finished (None: written before this field; judged by the config)
 
     def best_eval(self) -> tuple[int, float] | None:
         """The (step, loss) of the lowest eval loss, the earliest on ties; a non-finite loss never counts as best."""

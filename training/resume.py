@@ -51,8 +51,8 @@ RESUME_RULES: list[tuple[str, str, str]] = [
     ("model_topo", APPLIED, "weights, step and schedule are loaded; the optimizer state is reset if the stages "
                             "change"),
     ("from_scratch", APPLIED, "no effect on resume: the weights come from the checkpoint"),
-    ("eval_data_path", APPLIED, "later evaluations use the new eval data (refused with keep_best or "
-                                "early_stopping_patience)"),
+    ("eval_data_path", APPLIED, "later evaluations use the new eval data (other eval rows are refused with "
+                                "keep_best or early_stopping_patience)"),
     ("save_path", APPLIED, "the run continues in the new save_path"),
     # the training rows are a function of these: a change is checked against the checkpoint's data fingerprint once
     # the data are read (the same rows, e.g. a data file moved: the run goes on; other rows: refused)

@@ -176,7 +176,7 @@ class RunDirectory:
             start_schedule_at(self.engine.lr_scheduler, saved.step)
         self.state = RunState(**{**saved.__dict__, "pipe": self.pp_size, "data": self.dp_size,
                                  "parts": list(self.model.parts), "global_batch": self.plan.global_batch,
-                                 "data_fingerprint": self.data_fingerprint})
+                                 "data_fingerprint": self.data_fingerprint, "eval_fingerprint": self.eval_fingerprint})
         self.engine.global_steps = saved.step
         rng = tag_dir / f"rng_state_rank{self.rank}.pt"
         if same and rng.is_file():
@@ -230,6 +230,13 @@ class RunDirectory:
                                   "early_stopping_patience would compare eval losses of other eval sets; start a new run "
                                   "or resume with the same data")
             what.append("the training samples differ from the checkpoint's (data files, tokenizer or data settings)")
+        if saved.eval_fingerprint is not None and saved.eval_fingerprint != self.eval_fingerprint:
+            if saved.evals and (cfg.keep_best or cfg.early_stopping_patience):
+                raise ConfigError(f"{cfg.path}: cannot resume {tag_dir}: the eval samples differ from the checkpoint's "
+                                  "(eval data files, tokenizer or data settings): keep_best / early_stopping_patience "
+                                  "compare every eval loss with the earlier ones, and losses on other eval data do not "
+                                  "compare; restore the eval data, or start a new run")
+            self.log("warning: the eval samples differ from the checkpoint's: later eval losses are on other data")
         if saved.global_batch != self.plan.global_batch:
             what.append(f"the global batch changed ({saved.global_batch} -> {self.plan.global_batch} {self.unit}s)")
         if what and not cfg.allow_data_change_on_resume:

@@ -146,6 +146,7 @@ class Trainer(RunDirectory):
         self.reads_data = self.readers[self.rank]
         self.dataset, self.eval_set = self._load_datasets()
         self.data_fingerprint = data_fingerprint(self.dataset) if self.reads_data else None
+        self.eval_fingerprint = data_fingerprint(self.eval_set) if self.reads_data and self.eval_set is not None else None
         self._share_rows()
         self._check_same_data()
         self.unit = "packed sequence" if cfg.packing else "sample"
@@ -275,22 +276,23 @@ class Trainer(RunDirectory):
 
     def _share_rows(self) -> None:
         """Middle pipeline stages read no data: rank 0 (a first stage) sends them the rows' lengths, trained tokens
-        and segment counts, and its data fingerprint (they need nothing else of the data)."""
+        and segment counts, and its data fingerprints (they need nothing else of the data)."""
         if self.pp_size <= 2:
             return
         payload = [None]
         if self.rank == 0:
             payload = [(RowsView.of(self.dataset), None if self.eval_set is None else RowsView.of(self.eval_set),
-                        self.data_fingerprint)]
+                        self.data_fingerprint, self.eval_fingerprint)]
             self.log(f"data: read by the first and last pipeline stages; the {self.pp_size - 2} middle stage(s) get the "
                      "rows' lengths only")
         torch.distributed.broadcast_object_list(payload, src=0)
         if not self.reads_data:
-            self.dataset, self.eval_set, self.data_fingerprint = payload[0]
+            self.dataset, self.eval_set, self.data_fingerprint, self.eval_fingerprint = payload[0]
 
     def _run_state(self, step: int) -> RunState:
         return RunState(step=step, pipe=self.pp_size, data=self.dp_size, parts=list(self.model.parts),
-                        global_batch=self.plan.global_batch, data_fingerprint=self.data_fingerprint)
+                        global_batch=self.plan.global_batch, data_fingerprint=self.data_fingerprint,
+                        eval_fingerprint=self.eval_fingerprint)
 
     def _summary(self, model) -> None:
         params = [p for n, p in model.named_parameters() if n != "grad_placeholder"]
@@ -465,9 +467,16 @@ class Trainer(RunDirectory):
     def train(self) -> None:
         cfg, st = self.cfg, self.state
         losses, saved_at = [], st.step
-        if st.finished and self.changes_length and st.step < self.total_steps:
+        # a run that ended at its last step continues when it is now longer (also back to a length it had before a
+        # lower one ended it); an early-stopped one when its length changed
+        if st.finished and (st.early_stopped is False or self.changes_length) and st.step < self.total_steps:
             self.log(f"continuing the finished run from step {st.step} to step {self.total_steps} (its length was raised)")
-            st.finished = False
+            st.finished, st.early_stopped = False, None
+            if st.evals and st.evals[-1][0] == st.step and not (cfg.eval_interval and st.step % cfg.eval_interval == 0):
+                st.evals.pop()  # its end-of-run evaluation, off the schedule: a run trained this long in one go has none
+        elif not st.finished and st.step >= self.total_steps:
+            self.log(f"the run is {self.total_steps} steps long now, and the checkpoint is at step {st.step}: it ends here "
+                     "(a longer max_steps or n_epoches later continues it)")
         if st.finished:
             self.log(f"nothing to do: this run finished at step {st.step} (raise max_steps or n_epoches to train "
                      "further; a new run needs another save_path, or \"resume\": false with \"overwrite_save_path\": true)")
@@ -527,6 +536,7 @@ class Trainer(RunDirectory):
                 best = st.best_eval()
                 self.log(f"early stopping: eval loss has not improved for {cfg.early_stopping_patience} evaluations "
                          f"(best {best[1]:.4f} at step {best[0]})")
+                st.early_stopped = True
                 break
             if stop:
                 self.log(f"received {self.stop_signal or 'a stop signal on another rank'}: saving at step {st.step} "
@@ -540,6 +550,7 @@ class Trainer(RunDirectory):
             self.log(f"finished {len(losses)} steps in {hms(time.time() - self.monitor.t0)}: loss {sum(losses[:k]) / k:.4f} "
                      f"(mean of the first {k}) -> {sum(losses[-k:]) / k:.4f} (mean of the last {k})")
         st.finished = True
+        st.early_stopped = bool(st.early_stopped) and st.step < self.total_steps
         if saved_at == st.step:  # the weights of this step are saved: only the run state changed
             self.ckpts.update_state(st)
         else:

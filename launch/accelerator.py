@@ -325,7 +325,9 @@ class TorchDeviceAccelerator(DeepSpeedAccelerator):
         return BuildExtension
 
     def export_envs(self):
-        return [ENV]  # forwarded to other nodes by DeepSpeed's multi-node launcher
+        # what DeepSpeed's multi-node runner would forward, were this its accelerator; it is not (the runner's process
+        # never installs it): on other nodes PIPEFT_ACCELERATOR comes from .deepspeed_env (README) or torchrun's env
+        return [ENV]
 
     def visible_devices_envs(self):
         return []

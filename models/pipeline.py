@@ -81,7 +81,8 @@ def parse_topology(model_topo: dict | None, world_size: int) -> tuple[list[str],
         raise ModelConfigError("model_topo.process_topology: tensor parallelism ('model' > 1) is not supported; use 'pipe' and 'data'")
     if math.prod(dims) != world_size:
         raise ModelConfigError(f"model_topo.process_topology.dims {dims} needs {math.prod(dims)} processes but {world_size} "
-                               f"were started (deepspeed --num_gpus {math.prod(dims)} train_ds.py ..., or --hostfile)")
+                               f"were started (start {math.prod(dims)} in all: deepspeed --num_gpus or hostfile slots, "
+                               "torchrun --nnodes x --nproc-per-node, srun --ntasks)")
     return axes, dims
 
 

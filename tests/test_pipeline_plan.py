@@ -22,7 +22,8 @@ def test_seed_topology_keys():
 
 @pytest.mark.parametrize("topo, world, message", [
     ({"process_topology": {"axes": ["pipe", "data"], "dims": [8, 1]}}, 2,
-     "model_topo.process_topology.dims [8, 1] needs 8 processes but 2 were started"),
+     "model_topo.process_topology.dims [8, 1] needs 8 processes but 2 were started (start 8 in all: deepspeed "
+     "--num_gpus or hostfile slots, torchrun --nnodes x --nproc-per-node, srun --ntasks)"),
     ({"process_topology": {"axes": ["pipe", "data"], "axis": ["pipe", "data"], "dims": [2, 1]}}, 2, "not both"),
     ({"process_topology": {"axes": ["pipe"], "dims": [2]}}, 2, "must name 'pipe' and 'data'"),
     ({"process_topology": {"axes": ["pipe", "data"], "dims": [2]}}, 2, "dims must be 2 positive integers"),

@@ -525,9 +525,14 @@ def test_the_busy_port_advice_follows_the_launcher_and_srun_hostlists_expand(tmp
      "RANK=1 is not in 0..WORLD_SIZE-1 (WORLD_SIZE=1)"),
     ({"RANK": "x", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"},
      "RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers, got RANK='x'"),
-], ids=["no LOCAL_RANK (a Kubeflow PyTorchJob)", "no master", "rank past the world", "not a number"])
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+     "this process was started by MPI (OMPI_COMM_WORLD_SIZE=2), which this project does not launch with (mpirun, "
+     "deepspeed --launcher openmpi or mvapich): start it through deepspeed"),
+], ids=["no LOCAL_RANK (a Kubeflow PyTorchJob)", "no master", "rank past the world", "not a number",
+        "mpirun (each process alone)"])
 def test_an_incomplete_launch_environment_is_one_line(tmp_path, ops_model, monkeypatch, capsys, env, message):
-    """RANK without the rest used to be a KeyError, DeepSpeed's MPI discovery (no mpi4py) or a hang."""
+    """RANK without the rest used to be a KeyError, DeepSpeed's MPI discovery (no mpi4py) or a hang; processes of
+    mpirun each trained alone (as "single")."""
     import train_ds
 
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):

@@ -34,12 +34,16 @@ class LaunchError(ValueError):
 SLURM_DEFAULT_PORT_BASE = 20000  # MASTER_PORT under srun: 20000 + job id mod 20000, unless MASTER_PORT is set
 
 
+MPI_WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")  # Open MPI, MPICH/Intel, MVAPICH
+
+
 def launch_env() -> str:
     """Make the process-group variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) present, and
     return how this process was started: "deepspeed" | "torchrun" (they set them) | "slurm" (`srun python
     train_ds.py`: from SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID, the master the first host of the
     step's node list, port 20000 + job id mod 20000) | "single" (no launcher: one process, a 1-stage
-    pipeline, instead of DeepSpeed's MPI discovery)."""
+    pipeline, instead of DeepSpeed's MPI discovery). Processes started by MPI (mpirun, `deepspeed --launcher
+    openmpi|mvapich`) are refused: each would train alone as "single"."""
     env = os.environ
     if "RANK" in env:
         if missing := [k for k in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]:
@@ -63,6 +67,10 @@ def launch_env() -> str:
                    LOCAL_RANK=env.get("SLURM_LOCALID", "0"), MASTER_ADDR=env.get("MASTER_ADDR") or first_host(nodes),
                    MASTER_PORT=port)
         return "slurm"
+    if mpi := next((f"{k}={env[k]}" for k in MPI_WORLD_SIZE_VARS if env.get(k, "1") not in ("", "0", "1")), None):
+        raise LaunchError(f"this process was started by MPI ({mpi}), which this project does not launch with (mpirun, "
+                          "deepspeed --launcher openmpi or mvapich): start it through deepspeed (its default pdsh "
+                          "launcher, --hostfile), torchrun or srun")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

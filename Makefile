@@ -1,6 +1,6 @@
 # make test        create/refresh .venv, install everything, run the test suite
 # make quickstart  set up, then on CPU: tiny tokenizer + model, 2-stage training on data/samples, export, generate
-# TORCH=... overrides the torch requirement, e.g. TORCH='torch==2.13.0+cu128' on GPU machines.
+# TORCH=... overrides the torch requirement, e.g. TORCH='torch==2.13.0+cu128' PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0

@@ -32,8 +32,10 @@ from pathlib import Path
 import torch
 
 from launch import deepspeed_logs_on_stderr, exit_if_ds_accelerator_unusable
+from pipeft import INSTALLED
 
-exit_if_ds_accelerator_unusable("demo.py")  # before DeepSpeed's import builds it
+PROG = "pipeft-demo" if INSTALLED else "demo.py"  # as the user ran it, in usage and error lines
+exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
 with deepspeed_logs_on_stderr():  # stdout holds the generated text only
     import deepspeed  # noqa: F401
 
@@ -56,7 +58,7 @@ class DemoError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", required=True, help="HF dir (or a Hub id org/name in the local cache), pipeline "
                     "dir, checkpoint tag dir, or save_path with 'latest'")
     ap.add_argument("--adapter", help="a PEFT LoRA adapter dir (pp_to_hg --lora peft, or any peft adapter) for --model-path")
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         run(args)
     except (DemoError, CheckpointError, ModelConfigError, DataError, OSError, AcceleratorError) as e:
-        print(f"demo.py: error: {e}".splitlines()[0], file=sys.stderr)
+        print(f"{PROG}: error: {e}".splitlines()[0], file=sys.stderr)
         return 2
     return 0
 

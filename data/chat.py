@@ -19,12 +19,12 @@ refused: the model would be trained without it and nothing would say so.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jinja2 import TemplateError
 
-from data.records import DataError, record_type
+from data.records import DataError, Record, record_type
 from data.templates import CHAT_MESSAGES, Rendered, Span, TemplateSettings, render
 
 # what each message of a record type holds, for the error when a template drops it
@@ -88,10 +88,27 @@ def _clean_end(tokenizer: Any, turn: str, end: int) -> int:
     return end
 
 
+def structure_problem(messages: Sequence[Mapping[str, str]]) -> str | None:
+    """Why no chat template can render these messages, found without rendering them; None when nothing is."""
+    if messages and messages[0]["role"] == "assistant":
+        return "the first turn is an answer: chat templates need a user message before it"
+    return None
+
+
+def chat_problems(records: Sequence[Record]) -> list[str]:
+    """`FILE:LINE: problem` lines of the records that no chat template can render (`structure_problem`): cheap, so
+    they are found while the records are validated, before anything is tokenized. What a particular template refuses
+    shows only when the records are rendered (encoding)."""
+    found = ((r, structure_problem(CHAT_MESSAGES[r.type](r.data))) for r in records if r.type in CHAT_MESSAGES)
+    return [f"{r.source}:{r.line}: {problem}" for r, problem in found if problem]
+
+
 def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool
                      ) -> tuple[str, list[Span], tuple[int, ...]]:
     """(text, the assistant messages' spans, their prompt ends); ValueError for a template that rejects the
     messages, drops one, or does not render them turn by turn."""
+    if problem := structure_problem(messages):
+        raise ValueError(problem)
     try:
         text = _apply(tokenizer, messages, generation_prompt)
         _check_kept(text, messages)
@@ -99,8 +116,6 @@ def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            if i == 0:
-                raise ValueError("the first turn is an answer: chat templates need a user message before it")
             prompt, turn = _apply(tokenizer, messages[:i], generation_prompt=True), _apply(tokenizer, messages[:i + 1])
             # the answer ends where its turn and the whole text part: a template may close a finished conversation
             # (Phi-3 writes EOS after the last turn, not after this one); never inside a special token's text

@@ -12,6 +12,7 @@ answer's first trained token is the first token after them.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -31,8 +32,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from data.boundary import Encoding, appended_ids, encode_texts
-from data.chat import chat_prompt, render_chat, require_chat_template
-from data.records import DataError, Record, read_files, record_type, records_from_files
+from data.chat import chat_problems, chat_prompt, render_chat, require_chat_template
+from data.records import MAX_SHOWN, DataError, Record, read_files, record_type, records_from_files
 from data.templates import CHAT_MESSAGES, DEFAULT_SETTINGS, Rendered, Span, TemplateSettings, prompt_of, render
 from data.templates import template_settings as template_state
 
@@ -40,8 +41,11 @@ IGNORE_INDEX = -100
 CACHE_VERSION = "encode-v5"  # bump when encoding or labelling changes
 MIN_RECORDS_FOR_POOL = 2000
 BATCH = 1000  # texts per tokenizer call
+MAX_RANGE = 2 * BATCH  # records per task at most: what a worker holds for one range does not grow with the data
 PROGRESS_EVERY = 30.0  # seconds between progress lines while records are tokenized
 STALE_TMP_SECONDS = 3600.0  # a cache's temp file older than this is a killed writer's
+SEND_CHUNK = 1 << 26  # array elements per message when a dataset is sent to another rank (send_dataset)
+RUN_CACHE_DIR = ".data_cache"  # under save_path: a training run's data cache when the data's directory is read-only
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,17 @@ class EncodeStats:
     special_text: int | None = None  # records whose own text holds a special token's text; None: an older cache
     special_example: str = ""  # the first of them: 'FILE:LINE: field 'output' holds '</s>''
     cache_hit: bool = False
-    cache_path: str | None = None
+    cache_path: str | None = None  # the cache read or written
+    cache_problem: str = ""  # why the cache could not be written
+
+    @property
+    def cache_status(self) -> str:
+        """'hit', 'written', 'not written (why)', or 'not used'."""
+        if self.cache_hit:
+            return "hit"
+        if self.cache_problem:
+            return f"not written ({self.cache_problem})"
+        return "written" if self.cache_path else "not used"
 
 
 class EncodedDataset:
@@ -290,7 +304,8 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
                    settings: TemplateSettings = DEFAULT_SETTINGS, num_proc: int | None = None) -> EncodedDataset:
     """Encode validated records, in parallel over `num_proc` processes (default: all cores, 1 for small inputs).
 
-    Raises DataError (`FILE:LINE: problem` lines) for records the chat template cannot render."""
+    Raises DataError (`FILE:LINE: problem` lines) for records the chat template cannot render; once MAX_SHOWN
+    problems are found (all a DataError shows) the records after them are not encoded."""
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("a fast (Rust-backed) tokenizer is required: labels need its offset mapping")
     if max_seq_len < 1:
@@ -303,27 +318,44 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
         num_proc = 1 if len(records) < MIN_RECORDS_FOR_POOL else usable_cores()
     num_proc = max(1, min(num_proc, len(records)))
     init = (tokenizer, [r.data for r in records], max_seq_len, settings)
-    size = -(-len(records) // (num_proc * 8))  # ranges in order: progress lines, balanced processes
+    size = min(MAX_RANGE, -(-len(records) // (num_proc * 8)))  # ranges in order: progress lines, balanced processes
     ranges = [(i, min(i + size, len(records))) for i in range(0, len(records), size)]
     progress = _Progress(len(records), num_proc)
+    parts: list[Part] = []
+
+    def enough(part: Part, bounds: tuple[int, int]) -> bool:  # keeps the part; True once MAX_SHOWN problems are known
+        parts.append(progress.done(part, bounds))
+        return sum(len(p.problems) for p in parts) >= MAX_SHOWN
+
     if num_proc == 1:
         _init_worker(*init)
         try:
-            parts = [progress.done(_encode_range(r), r) for r in ranges]
+            any(enough(_encode_range(r), r) for r in ranges)
         finally:
             _worker.clear()
     else:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # fork: records are not copied
+        # frozen, the objects (the records) are out of the collector's reach: a worker's collections would write to
+        # every one of them, copying all the pages that hold them into each worker (the records' size per process)
+        thawed = gc.get_freeze_count() == 0  # a caller's own frozen objects stay frozen
+        gc.freeze()
         try:  # a worker that dies (out of memory) breaks the executor: an error, where a Pool waited forever
             with ProcessPoolExecutor(num_proc, mp.get_context(method), _init_pool_worker, init) as pool:
-                parts = [progress.done(part, r) for part, r in zip(pool.map(_encode_range, ranges), ranges, strict=True)]
+                if any(enough(part, r) for part, r in zip(pool.map(_encode_range, ranges), ranges, strict=True)):
+                    pool.shutdown(cancel_futures=True)  # the ranges not started yet never are
         except BrokenProcessPool:
             raise DataError([f"{records[0].source}:0: a tokenization process died (killed for lack of memory?) while "
                              f"{num_proc} processes encoded {len(records)} records: give the job more memory, or "
                              "fewer cores (one process per core)"]) from None
+        finally:
+            if thawed:
+                gc.unfreeze()
     problems = [p for part in parts for p in part.problems]
     if problems:
-        raise DataError([f"{records[i].source}:{records[i].line}: {msg}" for i, msg in problems])
+        done = ranges[len(parts) - 1][1]  # ranges are encoded in order: the first `done` records were
+        more = None if done == len(records) else f"... {len(problems)} problems in the first {done} of {len(records)} " \
+            f"records; the others were not encoded (encoding stops after {MAX_SHOWN} problems)"
+        raise DataError([f"{records[i].source}:{records[i].line}: {msg}" for i, msg in problems], more)
     index, lengths, flat, labels = (np.concatenate([getattr(part, k) for part in parts])
                                     for k in ("index", "lengths", "input_ids", "labels"))
     offsets = np.zeros(len(index) + 1, dtype=np.int64)
@@ -364,12 +396,29 @@ def cache_key(files: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len: 
 
 
 def cache_file(files: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len: int, cache_dir: str | Path | None,
-               settings: TemplateSettings = DEFAULT_SETTINGS) -> Path:
-    """Where the encoding of `files` (read_files' (path, bytes)) is cached: `cache_dir` (default `.cache` beside the
-    first file) / encoded-KEY.npz. It exists only if these bytes were valid records when it was written."""
-    key = cache_key(files, tokenizer, max_seq_len, settings)
-    root = Path(cache_dir) if cache_dir is not None else files[0][0].parent / ".cache"
-    return root / f"encoded-{key[:32]}.npz"
+               settings: TemplateSettings = DEFAULT_SETTINGS, fallback_dir: str | Path | None = None) -> Path:
+    """Where the encoding of `files` (read_files' (path, bytes)) is cached: `cache_dir` / encoded-KEY.npz; without
+    `cache_dir`, `.cache` beside the first file, or `fallback_dir` (a training run's save_path / RUN_CACHE_DIR) when it
+    holds this cache or `.cache` cannot be written and does not. It exists only if these bytes were valid records
+    when it was written. The one place that decides: validation, loading and data.inspect all ask it."""
+    name = f"encoded-{cache_key(files, tokenizer, max_seq_len, settings)[:32]}.npz"
+    if cache_dir is not None:
+        return Path(cache_dir) / name
+    default = _default_cache_dir(files) / name
+    if fallback_dir is None or default.is_file():
+        return default
+    fallback = Path(fallback_dir) / name
+    return fallback if fallback.is_file() or not _writable(default.parent) else default
+
+
+def _default_cache_dir(files: Sequence[tuple[Path, bytes]]) -> Path:
+    return files[0][0].parent / ".cache"
+
+
+def _writable(d: Path) -> bool:
+    """Whether files can be made in directory `d`, or (missing) in the directory that would hold it."""
+    at = d if d.exists() else d.parent
+    return at.is_dir() and os.access(at, os.W_OK | os.X_OK)  # False on a read-only mount too (EROFS)
 
 
 def _save(ds: EncodedDataset, path: Path) -> None:
@@ -410,14 +459,25 @@ def _load(path: Path) -> EncodedDataset:
         return EncodedDataset(z["input_ids"], z["labels"], z["offsets"], z["record_index"], stats)
 
 
+def valid_records(files: Sequence[tuple[Path, bytes]], settings: TemplateSettings = DEFAULT_SETTINGS) -> list[Record]:
+    """Parse and validate every record of `files` (read_files' (path, bytes)) for `settings`: the records' own checks
+    and, in chat mode, what no chat template renders (data.chat.chat_problems). One DataError lists every problem."""
+    records = records_from_files(files)
+    if settings.template == "chat" and (problems := chat_problems(records)):
+        raise DataError(problems)
+    return records
+
+
 def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, max_seq_len: int,
                  cache_dir: str | Path | None = None, settings: TemplateSettings = DEFAULT_SETTINGS,
-                 num_proc: int | None = None, use_cache: bool = True) -> EncodedDataset:
+                 num_proc: int | None = None, use_cache: bool = True, fallback_cache_dir: str | Path | None = None
+                 ) -> EncodedDataset:
     """Read, validate (all records, DataError on any problem) and encode `data_path`, using the disk cache.
 
-    The cache lives in `cache_dir` (default: `.cache` beside the first data file) under a key that
-    covers the data bytes, the tokenizer (chat template included), the templates and `settings`,
-    `max_seq_len` and the code version. Training config keys map to `settings` (`TrainConfig.template_settings`).
+    The cache lives in `cache_dir` (default: `.cache` beside the first data file, or `fallback_cache_dir` when that
+    cannot be written: `cache_file`) under a key that covers the data bytes, the tokenizer (chat template included),
+    the templates and `settings`, `max_seq_len` and the code version. Training config keys map to `settings`
+    (`TrainConfig.template_settings`). `stats.cache_status` says whether the cache was hit, written or not written.
     """
     files = read_files(data_path)
     if appended := appended_ids(tokenizer):
@@ -427,7 +487,7 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
                     " ".join(tokenizer.convert_ids_to_tokens(appended)))
     path = None
     if use_cache:
-        path = cache_file(files, tokenizer, max_seq_len, cache_dir, settings)
+        path = cache_file(files, tokenizer, max_seq_len, cache_dir, settings, fallback_cache_dir)
         if path.is_file():
             try:
                 ds = _load(path)
@@ -435,25 +495,71 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
                 return ds
             except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:  # written whole (os.replace): damaged since
                 log.warning("the data cache %s cannot be read (%s); encoding the data again", path, e)
-    ds = encode_records(records_from_files(files), tokenizer, max_seq_len, settings, num_proc)
+    ds = encode_records(valid_records(files, settings), tokenizer, max_seq_len, settings, num_proc)
     if path is not None:
+        default = _default_cache_dir(files) if cache_dir is None else None
+        _store(ds, path, default, None if fallback_cache_dir is None else Path(fallback_cache_dir))
+    _log(ds.stats)
+    return ds
+
+
+def _store(ds: EncodedDataset, path: Path, default: Path | None, fallback: Path | None) -> None:
+    """Write the cache at `path`, or where `default` (`.cache` beside the data) could not take it, in `fallback`;
+    ds.stats say where, or why it was not written. One warning line when it is not in `default`."""
+    tries = [path, *([fallback / path.name] if default is not None and fallback is not None and path.parent == default
+                     else [])]
+    why = f"{default} cannot be written" if default is not None and path.parent != default else ""
+    for at in tries:
         try:
-            _save(ds, path)
-            ds.stats = replace(ds.stats, cache_path=str(path))
+            _save(ds, at)
         except OSError as e:
             from models.diskspace import is_no_space, no_space_message
 
             nbytes = ds.input_ids.nbytes + ds.labels.nbytes + ds.offsets.nbytes + ds.record_index.nbytes
-            why = no_space_message(f"data cache {path}", path.parent, nbytes) if is_no_space(e, path.parent) else \
-                f"could not write the data cache {path}: {e}"
-            log.warning("%s; continuing without the cache (every start, and every reading process, tokenizes again: "
-                        "set data_cache_dir to a writable directory)", why)
-    _log(ds.stats)
-    return ds
+            why = no_space_message(f"data cache {at}", at.parent, nbytes) if is_no_space(e, at.parent) else \
+                f"could not write the data cache {at}: {e}"
+            continue
+        if why:
+            log.warning("data: %s; the data cache is written to %s instead (set data_cache_dir to choose where)", why,
+                        at.parent)
+        ds.stats = replace(ds.stats, cache_path=str(at))
+        return
+    log.warning("%s; continuing without the cache (the next start tokenizes again: set data_cache_dir to a writable "
+                "directory)", why)
+    ds.stats = replace(ds.stats, cache_problem=why)
+
+
+def send_dataset(ds: EncodedDataset, dst: int, group: Any) -> None:
+    """Send `ds` to rank `dst` over torch.distributed `group` (gloo: CPU tensors), for a rank that cannot read it
+    from a cache; it calls `recv_dataset`."""
+    import torch
+    import torch.distributed as dist
+
+    arrays = (ds.input_ids, ds.labels, ds.offsets, ds.record_index)
+    dist.send_object_list([ds.stats, [(a.dtype.str, len(a)) for a in arrays]], dst, group=group)
+    for a in arrays:
+        for lo in range(0, len(a), SEND_CHUNK):
+            dist.send(torch.from_numpy(np.ascontiguousarray(a[lo:lo + SEND_CHUNK])), dst, group=group)
+
+
+def recv_dataset(src: int, group: Any) -> EncodedDataset:
+    """The dataset that rank `src` sends with `send_dataset`."""
+    import torch
+    import torch.distributed as dist
+
+    head: list[Any] = [None, None]
+    dist.recv_object_list(head, src, group=group)
+    stats, shapes = head
+    arrays = []
+    for dtype, n in shapes:
+        a = np.empty(n, dtype=np.dtype(dtype))
+        for lo in range(0, n, SEND_CHUNK):
+            dist.recv(torch.from_numpy(a[lo:lo + SEND_CHUNK]), src, group=group)
+        arrays.append(a)
+    return EncodedDataset(*arrays, stats)
 
 
 def _log(s: EncodeStats) -> None:
     log.info("data: %d records -> %d samples kept, %d dropped (no trained token within max_seq_len), "
              "%d truncated, %d split at a prompt / answer boundary; cache %s%s", s.records, s.kept, s.dropped,
-             s.truncated, s.spliced,
-             "hit" if s.cache_hit else "miss", f" ({s.cache_path})" if s.cache_path else "")
+             s.truncated, s.spliced, s.cache_status, f" ({s.cache_path})" if s.cache_path else "")

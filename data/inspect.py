@@ -36,10 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from data.encode import IGNORE_INDEX, EncodedDataset, load_dataset
+from data.encode import IGNORE_INDEX, RUN_CACHE_DIR, EncodedDataset, load_dataset
 from data.packing import PackedDataset, pack, trained_tokens
 from data.records import DataError
+from pipeft import INSTALLED
 
+PROG = "pipeft-inspect" if INSTALLED else "python -m data.inspect"  # as the user runs it, in usage and errors
 GREEN, RESET = "\033[32m", "\033[0m"
 PERCENTILES = (50, 90, 95, 99, 100)
 
@@ -164,7 +166,7 @@ def show_stats(st: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__,
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="the training config (train_ds.py's)")
     what = ap.add_mutually_exclusive_group(required=True)
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     from launch import deepspeed_logs_on_stderr, exit_if_ds_accelerator_unusable
 
-    exit_if_ds_accelerator_unusable("python -m data.inspect")  # before DeepSpeed's import builds it
+    exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
     with deepspeed_logs_on_stderr():  # --json: stdout holds the object only
         from training.config import ConfigError, load_config  # the one parser of training configs
         from training.evaluate import split_eval  # what training holds out (eval_split_ratio) is never packed with it
@@ -192,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
         except (OSError, ValueError) as e:
             raise DataError([f"{model_path}:0: cannot load a tokenizer: {' '.join(str(e).split())[:300]}"]) from None
-        ds = load_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings)
+        ds = load_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings,
+                          fallback_cache_dir=Path(cfg.save_path) / RUN_CACHE_DIR)  # where training caches it
         trained, held = split_eval(ds, cfg.eval_split_ratio, cfg.seed) if cfg.eval_split_ratio else (ds, None)
         packed = pack(trained, cfg.max_seq_len, cfg.seed) if cfg.packing else None  # the training rows, as trained
     except (DataError, ConfigError, ValueError) as e:

@@ -30,12 +30,15 @@ TOO_DEEP = "malformed JSON: nested too deeply"
 
 
 class DataError(ValueError):
-    """Bad input data: `problems` holds every `FILE:LINE: problem` line found."""
+    """Bad input data: `problems` holds every `FILE:LINE: problem` line found; `more`, when given, is the message's
+    last line in place of '... and N more problems' (the search stopped: how many there are is not known)."""
 
-    def __init__(self, problems: Sequence[str]):
+    def __init__(self, problems: Sequence[str], more: str | None = None):
         self.problems = list(problems)
         lines = self.problems[:MAX_SHOWN]
-        if len(self.problems) > MAX_SHOWN:
+        if more is not None:
+            lines.append(more)
+        elif len(self.problems) > MAX_SHOWN:
             lines.append(f"... and {len(self.problems) - MAX_SHOWN} more problems")
         super().__init__("\n".join(lines))
 

@@ -390,7 +390,7 @@ def test_inspect_json_equals_encoder(tok, sample_tokenizer_dir, tmp_path, as_fil
     assert out.returncode == 0, out.stderr
     expected = load_dataset(data, tok, 256, use_cache=False)
     assert json.loads(out.stdout) == expected[expected.sample_of_record(1)]
-    assert "cache miss" in out.stderr or as_file
+    assert "cache written" in out.stderr or as_file
 
 
 def test_data_does_not_import_training():
@@ -450,14 +450,15 @@ def test_a_start_whose_data_are_cached_does_not_parse_them_again(tmp_path, sampl
     data = write(tmp_path / "d.jsonl", jsonl(RECORDS["pretrain"], RECORDS["instruct_input"]))
     cfg = load_config(make_config(tmp_path, sample_tokenizer_dir, data), require_model=False)
     parsed = []
-    real = trainer_module.records_from_files
-    monkeypatch.setattr(trainer_module, "records_from_files", lambda files: parsed.append(files) or real(files))
+    real = encode_module.records_from_files
+    monkeypatch.setattr(encode_module, "records_from_files", lambda files: parsed.append(files) or real(files))
     trainer = trainer_module.Trainer(cfg)
     trainer.validate_data()
     assert len(parsed) == 1  # cold: parsed
     load_dataset(data, trainer.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings)  # the cache
+    parsed.clear()
     trainer.validate_data()
-    assert len(parsed) == 1  # warm: not parsed again
+    assert not parsed  # warm: not parsed again
     write(data, '{"text": ""}\n')
     with pytest.raises(DataError, match="d.jsonl:1: "):
         trainer.validate_data()

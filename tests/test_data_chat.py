@@ -170,6 +170,54 @@ def test_a_template_that_drops_part_of_a_record_is_a_file_line_error(chat_dir, t
         "\"template\": \"default\""]
 
 
+def test_a_first_turn_answer_is_found_when_the_records_are_validated(chat_dir, tmp_path, monkeypatch):
+    """No chat template renders an answer first: the trainer's validation (before any process group) says so, in
+    the words encoding uses, and loading says so before tokenizing anything (it tokenized every record first)."""
+    import training.trainer as trainer_module
+    from data import encode as encode_module
+
+    data = tmp_path / "d.jsonl"
+    records = [RECORDS["conversation"], {"rounds": [["ans", "Welcome!"], ["ask", "Hi"], ["ans", "Hello"]]},
+               RECORDS["ref_qa"], {"type": "conversation", "rounds": [["ans", "Again."]]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    first = "the first turn is an answer: chat templates need a user message before it"
+    expected = [f"{data}:2: {first}", f"{data}:4: {first}"]
+    trainer = trainer_module.Trainer(load_config(write_config(tmp_path, chat_dir, data, template="chat"),
+                                                 require_model=False))
+    with pytest.raises(DataError) as e:
+        trainer.validate_data()
+    trainer.close()
+    assert e.value.problems == expected
+    tok = AutoTokenizer.from_pretrained(str(chat_dir))
+    load_dataset(data, tok, 64, use_cache=False)  # the default template renders them
+    monkeypatch.setattr(encode_module, "encode_batch", lambda *a: pytest.fail("tokenized"))
+    with pytest.raises(DataError) as e:
+        load_dataset(data, tok, 64, settings=CHAT, use_cache=False)
+    assert e.value.problems == expected
+    monkeypatch.undo()
+    # one rule, also where a record is rendered (encode_one, demo.py's prompts)
+    with pytest.raises(ValueError, match=f"^{first}$"):
+        encode_one(tok, records[1], 64, CHAT)
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_encoding_stops_once_a_data_error_is_full(chat_dir, tmp_path, num_proc):
+    """A DataError shows MAX_SHOWN problems: encoding stops after the range where that many are found, and says
+    that the records after it were not checked (it encoded every record first: minutes at 1M records)."""
+    tok = AutoTokenizer.from_pretrained(str(chat_dir))
+    tok.chat_template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+                         "{{ raise_exception('roles must alternate') }}{% endif %}{% endfor %}" + CHATML)
+    data = tmp_path / "d.jsonl"
+    data.write_text((json.dumps({"rounds": [["ask", "Hi"], ["ask", "there"], ["ans", "Hello"]]}) + "\n") * 48)
+    with pytest.raises(DataError) as e:
+        encode_records(load_records(data), tok, 64, CHAT, num_proc=num_proc)
+    size = -(-48 // (num_proc * 8))  # records per range
+    found = -(-20 // size) * size  # whole ranges, up to the one where the 20th problem is
+    assert [p.split(": ")[0] for p in e.value.problems] == [f"{data}:{i}" for i in range(1, found + 1)]
+    assert str(e.value).splitlines()[-1] == (f"... {found} problems in the first {found} of 48 records; the others "
+                                             "were not encoded (encoding stops after 20 problems)")
+
+
 def test_cache_key_tracks_template_mode_and_chat_template(chat_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(chat_dir))
     data = tmp_path / "d.jsonl"

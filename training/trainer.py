@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from data.collate import pad_id_of
-from data.encode import cache_file, load_dataset
+from data.encode import RUN_CACHE_DIR, cache_file, load_dataset, recv_dataset, send_dataset, valid_records
 from data.packing import describe
-from data.records import DataError, read_files, records_from_files
+from data.records import DataError, read_files
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
 from models.attention import set_attn_implementation
 from models.convert import family_of
@@ -77,9 +77,11 @@ class Trainer(RunDirectory):
     # ------------------------------------------------------------------------------------------ setup
 
     def validate_data(self) -> None:
-        """Check every record before any process group or model exists (raises DataError). Once per node: local
-        rank 0 checks; on a problem it exits and the launcher stops the node's other ranks. Not when rank 0 already
-        refuses the run (cfg.refusal): it goes straight to the process group, which says so to every rank."""
+        """Check every record before any process group or model exists (raises DataError), in chat mode also what no
+        chat template renders (data.encode.valid_records). Once per node: local rank 0 checks; on a problem it exits
+        and the launcher stops the node's other ranks. Not when rank 0 already refuses the run (cfg.refusal): it goes
+        straight to the process group, which says so to every rank. Not when a cache of the data exists where
+        `_load_datasets` would read it (data.encode.cache_file)."""
         cfg = self.cfg
         if self.local_rank != 0 or cfg.refusal:
             return
@@ -89,9 +91,9 @@ class Trainer(RunDirectory):
         for path in (cfg.data_path, cfg.eval_data_path):
             if path is not None:
                 files = read_files(path)
-                if not cache_file(files, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir,
-                                  cfg.template_settings).is_file():  # a cache of these bytes: they were valid records
-                    records_from_files(files)
+                if not cache_file(files, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings,
+                                  Path(cfg.save_path) / RUN_CACHE_DIR).is_file():  # cached: they were valid records
+                    valid_records(files, cfg.template_settings)
 
     def setup(self) -> None:
         import deepspeed
@@ -220,27 +222,40 @@ class Trainer(RunDirectory):
     def _load_datasets(self):
         """(train, eval or None) on the ranks that read data (first and last pipeline stage); (None, None) on the
         others, which get the rows' lengths from `_share_rows`. On each node the first reading rank tokenizes (all
-        cores, cached) while the node's other reading ranks wait without a deadline, then read the cache. A
-        DataError stops every rank, not only the one that saw it. The eval split is taken from the samples before
-        packing; with "packing" every reading rank packs the same way (seeded)."""
+        cores, cached: beside the data, or in save_path/.data_cache when that cannot be written) while the node's
+        other reading ranks wait without a deadline, then read the cache; where it could not be written, the builder
+        sends them its arrays (no rank tokenizes a second time). A DataError stops every rank, not only the one that
+        saw it. The eval split is taken from the samples before packing; with "packing" every reading rank packs the
+        same way (seeded)."""
         cfg = self.cfg
         def load(path):
-            return load_dataset(path, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings)
+            return load_dataset(path, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings,
+                                fallback_cache_dir=Path(cfg.save_path) / RUN_CACHE_DIR)
         paths = [p for p in (cfg.data_path, cfg.eval_data_path) if p is not None]
-        builder = min((r for r in range(self.world) if self.readers[r] and self.hosts[r] == self.hosts[self.rank]),
-                      default=None)
+        node = [r for r in range(self.world) if self.readers[r] and self.hosts[r] == self.hosts[self.rank]]
+        builder = min(node, default=None)
         found, error = None, None
         if self.rank == builder:
             try:
                 found = [load(p) for p in paths]
             except DataError as e:
                 error = e
-        failed = [None] * self.world
-        torch.distributed.all_gather_object(failed, error is not None, group=self.patient)  # the others wait here
-        if any(failed):
+        # per rank: whether it failed, and (builders) which data sets it could not cache
+        said = [None] * self.world
+        unwritten = [bool(d.stats.cache_problem) for d in found or []]
+        torch.distributed.all_gather_object(said, (error is not None, unwritten), group=self.patient)  # others wait
+        if any(failed for failed, _ in said):
             raise error or DataError(["data: another process could not build the data set (see its error)"])
         if not self.reads_data:
             return None, None
+        sent = said[builder][1]
+        if self.rank == builder:
+            for dst in node[1:] if any(sent) else []:  # one receiver at a time
+                for d, send in zip(found, sent, strict=True):
+                    if send:
+                        send_dataset(d, dst, self.patient)
+        elif any(sent):
+            found = [recv_dataset(builder, self.patient) if send else load(p) for p, send in zip(paths, sent, strict=True)]
         found = found if found is not None else [load(p) for p in paths]
         ds, eval_set = found[0], (found[1] if len(found) > 1 else None)
         s = ds.stats
@@ -248,7 +263,7 @@ class Trainer(RunDirectory):
         self.log(f"data: {s.records} records -> {s.kept} samples ({s.dropped} dropped: no trained token within "
                  f"max_seq_len {cfg.max_seq_len}; {s.truncated} truncated"
                  + (f"; {s.spliced} split at a prompt / answer boundary" if s.spliced else "")
-                 + f"); cache {'hit' if s.cache_hit else 'written'}")
+                 + f"); cache {s.cache_status}")
         if s.special_text:
             self.log(f"warning: data: {s.special_text} record(s) hold the text of a special token of the tokenizer "
                      f"(first: {s.special_example}); it is read as that control token, as transformers and serving "

@@ -19,6 +19,17 @@ def test_a_non_finite_eval_loss_is_never_best():
     assert state([(2, 0.5), (4, 0.5)]).best_eval() == (2, 0.5)  # ties: the earliest
 
 
+def test_an_end_of_run_evaluation_ranks_for_best_but_early_stopping_does_not_count_it():
+    """A run of 4 steps (eval_interval 3) evaluated at its end (step 4), then continued to 8: early stopping sees
+    the evaluations of a run trained to 8 in one go (3, 6); keep_best and `best` still rank step 4's."""
+    st = state([(3, 5.0), (4, 4.0), (6, 4.5)])
+    st.end_evals = [4]
+    assert st.best_eval() == (4, 4.0) and st.best_eval(scheduled=True) == (6, 4.5) and st.evals_since_best() == 0
+    st.evals += [(9, 4.6), (12, 4.7)]
+    assert st.evals_since_best() == 2  # after 4.5 at step 6, the scheduled best
+    assert state(st.evals).evals_since_best() == 3  # without the marker: after step 4's 4.0
+
+
 def test_keep_last_keep_best_and_latest(tmp_path):
     for s in (2, 4, 6, 8, 10):
         (tmp_path / tag_of(s)).mkdir()

@@ -181,11 +181,15 @@ def test_eval_rows_are_packed_and_split_as_the_training_rows(tmp_path, tokenizer
 
     with pytest.raises(ValueError, match=f"more than the batch length {L}"):
         evaluated_tokens(ev)
-    train, rows, n_eval = training_and_eval_rows(ds, ev, 0.25, True, L, seed=3)
+    train, rows, samples = training_and_eval_rows(ds, ev, 0.25, True, L, seed=3)
+    n_eval = len(samples)
     held = round(len(ds) * 0.25)
     assert n_eval == len(ev) + held and len(np.unique(train.segment_sample)) == len(ds) - held
     assert evaluated_tokens(rows) == int(trained_tokens(rows).sum())
     assert len(np.unique(rows.segment_sample)) == n_eval and rows.stats.split > 0
+    from training.rundir import data_fingerprint  # what a resume compares: the eval samples, packed or not
+
+    assert data_fingerprint(training_and_eval_rows(ds, ev, 0.25, False, L, seed=3)[2]) == data_fingerprint(samples)
 
 
 def test_inspect_shows_packed_sequences_and_efficiency(tmp_path, tokenizer_dir, tokenizer, capsys):

@@ -108,16 +108,22 @@ class RunState:
     bad_steps: int = 0  # consecutive non-finite steps
     data_fingerprint: str | None = None  # hash of the training rows (trainer.data_fingerprint)
     finished: bool = False  # the run ended (last step or early stopping): a re-run has nothing to do
-    eval_fingerprint: str | None = None  # hash of the eval rows: eval losses of other eval data do not compare
-    early_stopped: bool | None = None  # why it finished (None: written before this field; judged by the config)
+    eval_fingerprint: str | None = None  # hash of the eval samples: eval losses of other eval data do not compare
+    end_evals: list[int] = field(default_factory=list)  # steps of end-of-run evaluations (off the eval schedule)
+    cut_short: bool = False  # it finished because max_steps / n_epoches came to at most its step on a resume
 
-    def best_eval(self) -> tuple[int, float] | None:
-        """The (step, loss) of the lowest eval loss, the earliest on ties; a non-finite loss never counts as best."""
-        return min(self.evals, key=lambda e: (_score(e[1]), e[0])) if self.evals else None
+    def best_eval(self, scheduled: bool = False) -> tuple[int, float] | None:
+        """The (step, loss) of the lowest eval loss, the earliest on ties; a non-finite loss never counts as best.
+        `scheduled`: of the evaluations on the eval_interval schedule only (see evals_since_best)."""
+        evals = [e for e in self.evals if e[0] not in self.end_evals] if scheduled else self.evals
+        return min(evals, key=lambda e: (_score(e[1]), e[0])) if evals else None
 
     def evals_since_best(self) -> int:
-        best = self.best_eval()
-        return 0 if best is None else sum(1 for s, _ in self.evals if s > best[0])
+        """Early stopping's count: scheduled evaluations after the best scheduled one. End-of-run evaluations (of a
+        run continued later) are left out, as a run trained that long in one go never made them; they still rank
+        for keep_best and `best`."""
+        best = self.best_eval(scheduled=True)
+        return 0 if best is None else sum(1 for s, _ in self.evals if s > best[0] and s not in self.end_evals)
 
     def write(self, tag_dir: Path) -> None:
         atomic_write_text(tag_dir / STATE_FILE, json.dumps(asdict(self), indent=1))

@@ -50,17 +50,17 @@ def concat(a: EncodedDataset, b: EncodedDataset) -> EncodedDataset:
 
 def training_and_eval_rows(ds: EncodedDataset, eval_set: EncodedDataset | None, split_ratio: float | None,
                            packing: bool, max_seq_len: int, seed: int):
-    """(training rows, eval rows or None, eval samples): `split_ratio` of the samples held out for evaluation (before
-    packing; added to `eval_set`), then with `packing` both packed the same way, so that pretrain text longer than
-    max_seq_len ("split_long_pretrain") is cut into rows for evaluation as for training. ValueError: bad ratio."""
+    """(training rows, eval rows or None, eval samples or None): `split_ratio` of the samples held out for evaluation
+    (before packing; added to `eval_set`), then with `packing` both packed the same way, so that pretrain text longer
+    than max_seq_len ("split_long_pretrain") is cut into rows for evaluation as for training. ValueError: bad ratio."""
     if split_ratio is not None:
         ds, held = split_eval(ds, split_ratio, seed)
         eval_set = held if eval_set is None else concat(eval_set, held)
-    n_eval = 0 if eval_set is None else len(eval_set)
+    samples = eval_set
     if packing:
         ds = pack(ds, max_seq_len, seed)
         eval_set = None if eval_set is None else pack(eval_set, max_seq_len, seed)
-    return ds, eval_set, n_eval
+    return ds, eval_set, samples
 
 
 class EvalPlan:

@@ -236,7 +236,8 @@ class RunDirectory:
                                   "(eval data files, tokenizer or data settings): keep_best / early_stopping_patience "
                                   "compare every eval loss with the earlier ones, and losses on other eval data do not "
                                   "compare; restore the eval data, or start a new run")
-            self.log("warning: the eval samples differ from the checkpoint's: later eval losses are on other data")
+            if self.eval_fingerprint is not None:  # (no eval data now: no later eval loss)
+                self.log("warning: the eval samples differ from the checkpoint's: later eval losses are on other data")
         if saved.global_batch != self.plan.global_batch:
             what.append(f"the global batch changed ({saved.global_batch} -> {self.plan.global_batch} {self.unit}s)")
         if what and not cfg.allow_data_change_on_resume:

@@ -146,9 +146,9 @@ class Trainer(RunDirectory):
         # the first stage feeds inputs, the last reads labels
         self.readers = [topo.get_coord(r).pipe in (0, self.pp_size - 1) for r in range(self.world)]
         self.reads_data = self.readers[self.rank]
+        self.eval_fingerprint = None  # of the eval samples, set by _load_datasets on the ranks that read data
         self.dataset, self.eval_set = self._load_datasets()
         self.data_fingerprint = data_fingerprint(self.dataset) if self.reads_data else None
-        self.eval_fingerprint = data_fingerprint(self.eval_set) if self.reads_data and self.eval_set is not None else None
         self._share_rows()
         self._check_same_data()
         self.unit = "packed sequence" if cfg.packing else "sample"
@@ -275,15 +275,18 @@ class Trainer(RunDirectory):
                               f"for evaluation ({es.dropped} dropped: no trained token within max_seq_len {cfg.max_seq_len}); "
                               "fix the eval data or raise max_seq_len")
         try:
-            ds, eval_set, n_eval = training_and_eval_rows(ds, eval_set, cfg.eval_split_ratio, cfg.packing,
-                                                          cfg.max_seq_len, cfg.seed)
+            ds, eval_set, samples = training_and_eval_rows(ds, eval_set, cfg.eval_split_ratio, cfg.packing,
+                                                           cfg.max_seq_len, cfg.seed)
         except ValueError as e:
             raise ConfigError(f"{cfg.path}: {e}") from None
         if eval_set is not None:
+            # the samples, not the rows: packed otherwise, the same samples give the same token-mean loss
+            # (segments see only themselves); split_long_pretrain's cuts move with max_seq_len
+            self.eval_fingerprint = data_fingerprint(samples) + (f"/{cfg.max_seq_len}" if cfg.split_long_pretrain else "")
             where = [str(cfg.eval_data_path)] if cfg.eval_data_path is not None else []
             if cfg.eval_split_ratio is not None:
                 where.append(f"{cfg.eval_split_ratio:g} of the training samples")
-            self.log(f"eval data: {n_eval} samples ({' + '.join(where)})"
+            self.log(f"eval data: {len(samples)} samples ({' + '.join(where)})"
                      + (f", packed into {len(eval_set)} rows" if cfg.packing else ""))
         if cfg.packing:
             self.log(describe(ds.stats))
@@ -482,16 +485,14 @@ class Trainer(RunDirectory):
     def train(self) -> None:
         cfg, st = self.cfg, self.state
         losses, saved_at = [], st.step
-        # a run that ended at its last step continues when it is now longer (also back to a length it had before a
-        # lower one ended it); an early-stopped one when its length changed
-        if st.finished and (st.early_stopped is False or self.changes_length) and st.step < self.total_steps:
+        # a finished run continues when its length was raised, or when a lower one ended it (also back at its length)
+        if st.finished and (self.changes_length or st.cut_short) and st.step < self.total_steps:
             self.log(f"continuing the finished run from step {st.step} to step {self.total_steps} (its length was raised)")
-            st.finished, st.early_stopped = False, None
-            if st.evals and st.evals[-1][0] == st.step and not (cfg.eval_interval and st.step % cfg.eval_interval == 0):
-                st.evals.pop()  # its end-of-run evaluation, off the schedule: a run trained this long in one go has none
+            st.finished, st.cut_short = False, False
         elif not st.finished and st.step >= self.total_steps:
             self.log(f"the run is {self.total_steps} steps long now, and the checkpoint is at step {st.step}: it ends here "
                      "(a longer max_steps or n_epoches later continues it)")
+            st.cut_short = True
         if st.finished:
             self.log(f"nothing to do: this run finished at step {st.step} (raise max_steps or n_epoches to train "
                      "further; a new run needs another save_path, or \"resume\": false with \"overwrite_save_path\": true)")
@@ -548,10 +549,9 @@ class Trainer(RunDirectory):
                 saved_at = self._save(st, saved_at)
                 stop = stop or self._at_boundary()[0]  # a signal during a long save: this step is saved, stop now
             if evaluated and cfg.early_stopping_patience and st.evals_since_best() >= cfg.early_stopping_patience:
-                best = st.best_eval()
+                best = st.best_eval(scheduled=True)
                 self.log(f"early stopping: eval loss has not improved for {cfg.early_stopping_patience} evaluations "
                          f"(best {best[1]:.4f} at step {best[0]})")
-                st.early_stopped = True
                 break
             if stop:
                 self.log(f"received {self.stop_signal or 'a stop signal on another rank'}: saving at step {st.step} "
@@ -565,7 +565,6 @@ class Trainer(RunDirectory):
             self.log(f"finished {len(losses)} steps in {hms(time.time() - self.monitor.t0)}: loss {sum(losses[:k]) / k:.4f} "
                      f"(mean of the first {k}) -> {sum(losses[-k:]) / k:.4f} (mean of the last {k})")
         st.finished = True
-        st.early_stopped = bool(st.early_stopped) and st.step < self.total_steps
         if saved_at == st.step:  # the weights of this step are saved: only the run state changed
             self.ckpts.update_state(st)
         else:
@@ -585,6 +584,7 @@ class Trainer(RunDirectory):
         self.log(f"eval at step {self.state.step}: loss {loss:.4f} | perplexity {ppl:.2f} "
                  f"({self.eval_plan.tokens} tokens, {len(self.eval_set)} {'rows' if self.cfg.packing else 'samples'})")
         if rec is None:
+            self.state.end_evals.append(self.state.step)
             self.monitor.write({"step": self.state.step, "eval_loss": loss, "eval_ppl": ppl})
         else:
             rec.update(eval_loss=loss, eval_ppl=ppl)

@@ -273,6 +273,11 @@ def test_head_in_the_loss_equals_logits_then_loss(chunk, kind, dtype, monkeypatc
         ref = pipeline.causal_lm_loss(torch.nn.functional.linear(hidden, weight), lab)
         g_ref = torch.autograd.grad(ref, (hidden, weight))
         torch.testing.assert_close(ours, ref, **loss_tol)
+        # and an independent reference: transformers' shift, torch's cross entropy (summed x 4 / 40 with counts)
+        logits_ref = torch.nn.functional.linear(hidden, weight).float()[:, :-1].reshape(-1, 50)
+        ce = torch.nn.functional.cross_entropy(logits_ref, labels[:, 1:].reshape(-1), ignore_index=-100,
+                                               reduction="mean" if lab is labels else "sum")
+        torch.testing.assert_close(ours.float(), ce if lab is labels else ce * 4 / 40, **loss_tol)
         for a, b in zip(g_ours, g_ref, strict=True):
             assert a.dtype == dtype
             torch.testing.assert_close(a, b, **grad_tol)

@@ -162,7 +162,7 @@ def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family,
     assert (tmp_path / "adapter" / "data_settings.json").read_text() == (tmp_path / "out" / "data_settings.json").read_text()
 
 
-LORA = {"r": 4, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+LORA = {"r": 4, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "dropout": 0.3}  # dropout: the resume restores RNGs
 
 
 def test_lora_checkpoint_is_small_and_resumes_bit_exactly_after_sigterm(tmp_path_factory, ops_model, ops_uninterrupted):
@@ -193,7 +193,7 @@ def test_lora_checkpoint_is_small_and_resumes_bit_exactly_after_sigterm(tmp_path
     sigterm_at_step_6_then_resume(tmp_path, cfg)
     assert losses_of(tmp_path / "out") == losses_of(uninterrupted)
     a, b = tensors, checkpoint_tensors(tmp_path / "out" / "global_step8")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and len(a) >= 12 and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_lora_with_bf16_zero1_data_parallel_and_an_embedding_only_stage(tmp_path, ops_model):

@@ -105,7 +105,7 @@ def test_resume_is_bit_exact_with_group_by_length_and_packing(tmp_path_factory, 
     evals = [[(m["step"], m["eval_loss"]) for m in metrics_of(d / "out") if "eval_loss" in m] for d in (full, cut)]
     assert evals[0] == evals[1] and [s for s, _ in evals[0]] == ([4, 8] if over.get("packing") else [])
     a, b = checkpoint_tensors(full / "out" / "global_step8"), checkpoint_tensors(cut / "out" / "global_step8")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and len(a) > 20 and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sigterm_saves_and_resume_is_bit_exact(tmp_path, ops_model, ops_uninterrupted):
@@ -151,7 +151,7 @@ def test_sigkill_during_save_resumes_from_the_previous_checkpoint(tmp_path, ops_
     assert f"resumed from {tmp_path / 'out' / 'global_step3'} at step 3" in proc.stdout
     assert losses_of(tmp_path / "out") == losses_of(ops_uninterrupted)
     a, b = checkpoint_tensors(ops_uninterrupted / "global_step8"), checkpoint_tensors(tmp_path / "out" / "global_step8")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and len(a) > 20 and all(torch.equal(a[k], b[k]) for k in a)
     assert not partial.exists() and sorted(p.name for p in (tmp_path / "out").glob("global_step*")) == [
         "global_step3", "global_step6", "global_step8"]
 

@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "stderr as JSON lines")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    ap.add_argument("--top-k", type=int, default=0, help="0 = off")
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, help="sampling: 0 = off (default: the model's generation_config, as "
+                    "transformers' generate; 50 where it sets none)")
+    ap.add_argument("--top-p", type=float, help="sampling: 1 = off (default: the model's generation_config; 1.0 where "
+                    "it sets none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bf16 on an accelerator that has it (else fp16), fp32 on CPU")
     ap.add_argument("--no-stream", action="store_true", help="print the continuation at the end instead of streaming")
@@ -90,9 +92,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise DemoError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise DemoError(f"--temperature {args.temperature}: must be a number >= 0")
-    if args.top_k < 0:
+    if args.top_k is not None and args.top_k < 0:
         raise DemoError(f"--top-k {args.top_k}: must be >= 0")
-    if not 0 < args.top_p <= 1:
+    if args.top_p is not None and not 0 < args.top_p <= 1:
         raise DemoError(f"--top-p {args.top_p}: must be in (0, 1]")
 
 
@@ -189,12 +191,14 @@ def load(model_path: str | Path, dtype: torch.dtype | None = None):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stream: bool = True, eos_ids: list[int] | None = None,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0, stream: bool = True,
+             eos_ids: list[int] | None = None,
              new_ids: list[int] | None = None) -> str:
     """Generate a continuation of `prompt`: token ids (`data.encode.encode_prompt`), or a text tokenized by the
     tokenizer (BOS etc. added).
 
-    Greedy when temperature == 0, else sampling with temperature / top_k (0 = off) / top_p. Stops on any of
+    Greedy when temperature == 0, else sampling with temperature / top_k (0 = off) / top_p (None: the model's
+    generation_config's, as transformers' generate takes them). Stops on any of
     `eos_ids` (default: the generation config's eos_token_id and the tokenizer's EOS). With `stream`, tokens
     are printed to stdout as they come (TextStreamer, ending with a newline). Returns the continuation without
     the prompt, special tokens skipped; `new_ids`, when given, receives its ids."""
@@ -209,7 +213,7 @@ def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 12
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kw = dict(do_sample=temperature > 0)
     if temperature > 0:
-        kw.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        kw.update(temperature=temperature, **{k: v for k, v in (("top_k", top_k), ("top_p", top_p)) if v is not None})
     if eos_ids is None:
         eos_ids = stop_ids(getattr(model, "generation_config", None), tokenizer, TemplateSettings())
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None

@@ -95,6 +95,20 @@ def test_sampling_is_seeded(dirs, capsys):
     assert out == a + "\n"
 
 
+def test_sampling_without_top_k_or_top_p_takes_the_models_generation_config(dirs):
+    """As transformers' generate: --temperature alone samples with the generation config's top_k / top_p (here
+    top_k 1: the greedy text, whatever the seed); the flags override them (they were always passed, 0 / 1.0)."""
+    model, tok, _ = demo.load(dirs["hf"])
+    greedy = demo.generate(model, tok, "Pipeline", max_new_tokens=16, stream=False)
+    model.generation_config.top_k = 1
+    sampled = {demo.generate(model, tok, "Pipeline", max_new_tokens=16, temperature=1.0, seed=s, stream=False)
+               for s in range(3)}
+    assert sampled == {greedy}
+    free = {demo.generate(model, tok, "Pipeline", max_new_tokens=16, temperature=1.0, top_k=0, seed=s, stream=False)
+            for s in range(3)}
+    assert free != {greedy}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model-path", "{tmp}/missing", "--prompt", "x"], "no such directory"),
     (["--model-path", "{tmp}", "--prompt", "x"], "layer_00-model_states.pt"),

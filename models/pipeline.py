@@ -297,6 +297,12 @@ class SequentialModel(nn.Module):
             inputs = f(inputs)
         return inputs
 
+    def _synchronize_tied_weights(self) -> None:
+        """DeepSpeed's broadcast of tied weights, outside autograd: an in-place collective on a parameter that
+        requires grad is otherwise recorded (c10d::broadcast_ has no autograd kernel: a warning at every backward)."""
+        with torch.no_grad():
+            super()._synchronize_tied_weights()
+
     def load_layer_files(self, directory: str | Path) -> None:
         load_layer_files(self.layers, directory)
 
@@ -380,6 +386,12 @@ class PipelineModel(PipelineModule):
         self.parts = self._stage_bounds_fn(self.num_stages)
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def _synchronize_tied_weights(self) -> None:
+        """DeepSpeed's broadcast of tied weights, outside autograd: an in-place collective on a parameter that
+        requires grad is otherwise recorded (c10d::broadcast_ has no autograd kernel: a warning at every backward)."""
+        with torch.no_grad():
+            super()._synchronize_tied_weights()
 
     def load_layer_files(self, directory: str | Path) -> None:
         """Load the layer files of the layers this stage owns (then re-broadcast tied weights). A layer that loaded

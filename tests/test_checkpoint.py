@@ -70,3 +70,19 @@ def test_best_names_the_best_saved_tag_before_rotation_and_follows_keep_best_cha
 
     Checkpoints(tmp_path, 0, 1, None)._after_save(st)  # keep_best off: rotation may delete what best named
     assert not (tmp_path / "best").exists()
+
+
+def test_a_state_with_keys_this_version_does_not_know_loads(tmp_path, caplog):
+    """A newer version's key is left out with a warning; d37d687's `early_stopped` (an hour on main) quietly, with
+    its eval fingerprint (of packed rows then, of the samples now)."""
+    import json
+
+    st = state([(3, 5.0)])
+    st.eval_fingerprint = "f" * 32
+    st.write(tmp_path)
+    raw = json.loads((tmp_path / "trainer_state.json").read_text())
+    (tmp_path / "trainer_state.json").write_text(json.dumps({**raw, "from_the_future": 1}))
+    assert RunState.read(tmp_path) == st and "keys this version does not know, left out: from_the_future" in caplog.text
+    (tmp_path / "trainer_state.json").write_text(json.dumps({**raw, "early_stopped": False}))
+    old = RunState.read(tmp_path)
+    assert old.eval_fingerprint is None and old.evals == st.evals

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import random
@@ -28,7 +29,7 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -130,9 +131,18 @@ class RunState:
 
     @classmethod
     def read(cls, tag_dir: Path) -> RunState:
+        """The state saved in `tag_dir`; keys this version does not know (a newer version's) are left out with a
+        warning. A state with `early_stopped` (written for an hour by d37d687..c6bea29) also loses its eval
+        fingerprint, which was of the packed eval rows then: not comparable with the samples' fingerprint now."""
         raw = json.loads((tag_dir / STATE_FILE).read_text())
         raw["evals"] = [tuple(e) for e in raw.get("evals", [])]
-        return cls(**raw)
+        if raw.pop("early_stopped", None) is not None:
+            raw.pop("eval_fingerprint", None)
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(raw) - known):
+            logging.getLogger(__name__).warning("%s: keys this version does not know, left out: %s",
+                                                tag_dir / STATE_FILE, ", ".join(unknown))
+        return cls(**{k: v for k, v in raw.items() if k in known})
 
 
 def _score(loss: float) -> float:

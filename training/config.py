@@ -585,7 +585,7 @@ def _check_resume(cfg: TrainConfig, path: Path, lora: LoraSettings | None) -> No
         state = json.loads((ckpt / STATE_FILE).read_text())
         fingerprinted, evaluated = state.get("data_fingerprint") is not None, bool(state.get("evals"))
         # the eval rows' fingerprint: their change (not the path's) is refused once the data are read
-        evaluated = evaluated and state.get("eval_fingerprint") is None
+        evaluated = evaluated and (state.get("eval_fingerprint") is None or "early_stopped" in state)  # (RunState.read)
     except (OSError, ValueError, AttributeError):
         fingerprinted, evaluated = False, True
     refused = refusals(config_changes(old, cfg.raw, lora_run=cfg.lora is not None), cfg.allow_data_change_on_resume,

@@ -489,7 +489,8 @@ class Trainer(RunDirectory):
         if st.finished and (self.changes_length or st.cut_short) and st.step < self.total_steps:
             self.log(f"continuing the finished run from step {st.step} to step {self.total_steps} (its length was raised)")
             st.finished, st.cut_short = False, False
-        elif not st.finished and st.step >= self.total_steps:
+        elif not st.finished and (st.step > self.total_steps or st.step == self.total_steps and self.changes_length):
+            # (at its last step and unchanged: a run stopped after its last save, before it was marked finished)
             self.log(f"the run is {self.total_steps} steps long now, and the checkpoint is at step {st.step}: it ends here "
                      "(a longer max_steps or n_epoches later continues it)")
             st.cut_short = True

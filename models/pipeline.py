@@ -297,12 +297,6 @@ class SequentialModel(nn.Module):
             inputs = f(inputs)
         return inputs
 
-    def _synchronize_tied_weights(self) -> None:
-        """DeepSpeed's broadcast of tied weights, outside autograd: an in-place collective on a parameter that
-        requires grad is otherwise recorded (c10d::broadcast_ has no autograd kernel: a warning at every backward)."""
-        with torch.no_grad():
-            super()._synchronize_tied_weights()
-
     def load_layer_files(self, directory: str | Path) -> None:
         load_layer_files(self.layers, directory)
 

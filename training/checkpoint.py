@@ -136,13 +136,19 @@ class RunState:
         fingerprint, which was of the packed eval rows then: not comparable with the samples' fingerprint now."""
         raw = json.loads((tag_dir / STATE_FILE).read_text())
         raw["evals"] = [tuple(e) for e in raw.get("evals", [])]
-        if raw.pop("early_stopped", None) is not None:
-            raw.pop("eval_fingerprint", None)
+        raw["eval_fingerprint"] = saved_eval_fingerprint(raw)
+        raw.pop("early_stopped", None)
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(raw) - known):
             logging.getLogger(__name__).warning("%s: keys this version does not know, left out: %s",
                                                 tag_dir / STATE_FILE, ", ".join(unknown))
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def saved_eval_fingerprint(raw: dict) -> str | None:
+    """The eval fingerprint of a trainer_state.json's contents, None where there is none to compare: not written, or
+    written with `early_stopped` (d37d687..c6bea29: of the packed eval rows, where it is of the samples now)."""
+    return None if "early_stopped" in raw else raw.get("eval_fingerprint")
 
 
 def _score(loss: float) -> float:

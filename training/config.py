@@ -25,7 +25,7 @@ from models.lora import LoraSettings, base_fingerprint, check_adapter_keys, pars
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import parse_quantization, saved_quantization
 from pipeft import command
-from training.checkpoint import STATE_FILE
+from training.checkpoint import STATE_FILE, saved_eval_fingerprint
 from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
 from training.optim import (
     BF16_KEYS,
@@ -585,7 +585,7 @@ def _check_resume(cfg: TrainConfig, path: Path, lora: LoraSettings | None) -> No
         state = json.loads((ckpt / STATE_FILE).read_text())
         fingerprinted, evaluated = state.get("data_fingerprint") is not None, bool(state.get("evals"))
         # the eval rows' fingerprint: their change (not the path's) is refused once the data are read
-        evaluated = evaluated and (state.get("eval_fingerprint") is None or "early_stopped" in state)  # (RunState.read)
+        evaluated = evaluated and saved_eval_fingerprint(state) is None
     except (OSError, ValueError, AttributeError):
         fingerprinted, evaluated = False, True
     refused = refusals(config_changes(old, cfg.raw, lora_run=cfg.lora is not None), cfg.allow_data_change_on_resume,

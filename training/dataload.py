@@ -1,0 +1,149 @@
+"""The data side of the trainer: every record checked before any process group exists, the data sets loaded on the
+ranks that read them (one tokenizing rank per node, the others reading its cache or receiving its arrays), the
+middle stages given the rows' lengths, and the steps' batches planned. A mixin of `training.trainer.Trainer`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.encode import RUN_CACHE_DIR, cache_file, load_dataset, recv_dataset, send_dataset, valid_records
+from data.packing import describe
+from data.records import DataError, read_files
+from training.batches import BatchPlan, RowsView, row_trained
+from training.config import ConfigError
+from training.evaluate import EvalPlan, training_and_eval_rows
+from training.rundir import data_fingerprint
+
+
+class TrainingData:
+    """Validation, loading and sharing of the training and eval data (needs the Trainer's cfg, ranks and groups)."""
+
+    def validate_data(self) -> None:
+        """Check every record before any process group or model exists (raises DataError), in chat mode also what no
+        chat template renders (data.encode.valid_records). Once per node: local rank 0 checks; on a problem it exits
+        and the launcher stops the node's other ranks. Not when rank 0 already refuses the run (cfg.refusal): it goes
+        straight to the process group, which says so to every rank. Not when a cache of the data exists where
+        `_load_datasets` would read it (data.encode.cache_file)."""
+        cfg = self.cfg
+        if self.local_rank != 0 or cfg.refusal:
+            return
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)  # for the cache key; setup keeps it
+        for path in (cfg.data_path, cfg.eval_data_path):
+            if path is not None:
+                files = read_files(path)
+                if not cache_file(files, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings,
+                                  Path(cfg.save_path) / RUN_CACHE_DIR).is_file():  # cached: they were valid records
+                    valid_records(files, cfg.template_settings)
+
+    def _setup_data(self) -> None:
+        """Load (or receive) the data, check every node built the same, and plan the steps' batches."""
+        cfg = self.cfg
+        self.eval_fingerprint = None  # of the eval samples, set by _load_datasets on the ranks that read data
+        self.dataset, self.eval_set = self._load_datasets()
+        self.data_fingerprint = data_fingerprint(self.dataset) if self.reads_data else None
+        self._share_rows()
+        self._check_same_data()
+        self.unit = "packed sequence" if cfg.packing else "sample"
+        self.lengths = self.dataset.offsets[1:] - self.dataset.offsets[:-1]
+        self.plan = BatchPlan(len(self.dataset), cfg.micro_batch, cfg.grad_accum, self.dp_size, cfg.seed, self.lengths,
+                              cfg.group_by_length, cfg.ds_config.get("dataloader_drop_last", True))
+        if self.plan.steps_per_epoch == 0:  # before any layer is built
+            raise ConfigError(f"{cfg.path}: {len(self.dataset)} {self.unit}s are fewer than one global batch "
+                              f"({self.plan.global_batch} = micro x accumulation x data-parallel)")
+        self.total_steps = cfg.max_steps or cfg.n_epoches * self.plan.steps_per_epoch
+        self.tokens = row_trained(self.dataset)
+        self.samples_per_row = self.dataset.segments_per_row() if cfg.packing else np.ones(len(self.dataset), np.int64)
+        self.eval_plan = EvalPlan(self.eval_set, cfg.micro_batch, cfg.grad_accum, self.dp_size) if self.eval_set else None
+
+    def _load_datasets(self):
+        """(train, eval or None) on the ranks that read data (first and last pipeline stage); (None, None) on the
+        others, which get the rows' lengths from `_share_rows`. On each node the first reading rank tokenizes (all
+        cores, cached: beside the data, or in save_path/.data_cache when that cannot be written) while the node's
+        other reading ranks wait without a deadline, then read the cache; where it could not be written, the builder
+        sends them its arrays (no rank tokenizes a second time). A DataError stops every rank, not only the one that
+        saw it. The eval split is taken from the samples before packing; with "packing" every reading rank packs the
+        same way (seeded)."""
+        cfg = self.cfg
+        def load(path):
+            return load_dataset(path, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings,
+                                fallback_cache_dir=Path(cfg.save_path) / RUN_CACHE_DIR)
+        paths = [p for p in (cfg.data_path, cfg.eval_data_path) if p is not None]
+        node = [r for r in range(self.world) if self.readers[r] and self.hosts[r] == self.hosts[self.rank]]
+        builder = min(node, default=None)
+        found, error = None, None
+        if self.rank == builder:
+            try:
+                found = [load(p) for p in paths]
+            except DataError as e:
+                error = e
+        # per rank: whether it failed, and (builders) which data sets it could not cache
+        said = [None] * self.world
+        unwritten = [bool(d.stats.cache_problem) for d in found or []]
+        torch.distributed.all_gather_object(said, (error is not None, unwritten), group=self.patient)  # others wait
+        if any(failed for failed, _ in said):
+            raise error or DataError(["data: another process could not build the data set (see its error)"])
+        if not self.reads_data:
+            return None, None
+        sent = said[builder][1]
+        if self.rank == builder:
+            for dst in node[1:] if any(sent) else []:  # one receiver at a time
+                for d, send in zip(found, sent, strict=True):
+                    if send:
+                        send_dataset(d, dst, self.patient)
+        elif any(sent):
+            found = [recv_dataset(builder, self.patient) if send else load(p) for p, send in zip(paths, sent, strict=True)]
+        found = found if found is not None else [load(p) for p in paths]
+        ds, eval_set = found[0], (found[1] if len(found) > 1 else None)
+        s = ds.stats
+        self.prompted = None if s.prompted is None else s.prompted > 0  # data_settings.json: pp_to_hg's template warning
+        self.log(f"data: {s.records} records -> {s.kept} samples ({s.dropped} dropped: no trained token within "
+                 f"max_seq_len {cfg.max_seq_len}; {s.truncated} truncated"
+                 + (f"; {s.spliced} split at a prompt / answer boundary" if s.spliced else "")
+                 + f"); cache {s.cache_status}")
+        if s.special_text:
+            self.log(f"warning: data: {s.special_text} record(s) hold the text of a special token of the tokenizer "
+                     f"(first: {s.special_example}); it is read as that control token, as transformers and serving "
+                     "stacks read it: an EOS or end-of-turn inside an answer trains the model to stop there. "
+                     "Check them with: python -m data.inspect --config CONFIG --stats")
+        if eval_set is not None and len(eval_set) == 0:
+            es = eval_set.stats
+            raise ConfigError(f"{cfg.path}: 'eval_data_path' {cfg.eval_data_path}: none of its {es.records} records is left "
+                              f"for evaluation ({es.dropped} dropped: no trained token within max_seq_len {cfg.max_seq_len}); "
+                              "fix the eval data or raise max_seq_len")
+        try:
+            ds, eval_set, samples = training_and_eval_rows(ds, eval_set, cfg.eval_split_ratio, cfg.packing,
+                                                           cfg.max_seq_len, cfg.seed)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.path}: {e}") from None
+        if eval_set is not None:
+            # the samples, not the rows: packed otherwise, the same samples give the same token-mean loss
+            # (segments see only themselves); split_long_pretrain's cuts move with max_seq_len
+            self.eval_fingerprint = data_fingerprint(samples) + (f"/{cfg.max_seq_len}" if cfg.split_long_pretrain else "")
+            where = [str(cfg.eval_data_path)] if cfg.eval_data_path is not None else []
+            if cfg.eval_split_ratio is not None:
+                where.append(f"{cfg.eval_split_ratio:g} of the training samples")
+            self.log(f"eval data: {len(samples)} samples ({' + '.join(where)})"
+                     + (f", packed into {len(eval_set)} rows" if cfg.packing else ""))
+        if cfg.packing:
+            self.log(describe(ds.stats))
+        return ds, eval_set
+
+    def _share_rows(self) -> None:
+        """Middle pipeline stages read no data: rank 0 (a first stage) sends them the rows' lengths, trained tokens
+        and segment counts, and its data fingerprints (they need nothing else of the data)."""
+        if self.pp_size <= 2:
+            return
+        payload = [None]
+        if self.rank == 0:
+            payload = [(RowsView.of(self.dataset), None if self.eval_set is None else RowsView.of(self.eval_set),
+                        self.data_fingerprint, self.eval_fingerprint)]
+            self.log(f"data: read by the first and last pipeline stages; the {self.pp_size - 2} middle stage(s) get the "
+                     "rows' lengths only")
+        torch.distributed.broadcast_object_list(payload, src=0)
+        if not self.reads_data:
+            self.dataset, self.eval_set, self.data_fingerprint, self.eval_fingerprint = payload[0]

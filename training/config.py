@@ -21,11 +21,10 @@ from data.templates import TemplateSettings
 from models.attention import attn_problem
 from models.convert import family_of
 from models.hf_io import CheckpointError
-from models.lora import LoraSettings, base_fingerprint, check_adapter_keys, parse_lora, read_lora_info
+from models.lora import LoraSettings, check_adapter_keys, parse_lora
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
-from models.quant import parse_quantization, saved_quantization
+from models.quant import parse_quantization
 from pipeft import command
-from training.checkpoint import STATE_FILE, saved_eval_fingerprint
 from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
 from training.optim import (
     BF16_KEYS,
@@ -35,7 +34,7 @@ from training.optim import (
     parse_lr_schedule,
     scheduler_problem,
 )
-from training.resume import RUN_CONFIG_FILE, config_changes, read_run_config, refusals, resume_tag, unnamed_tag
+from training.resume import resume_problem, unnamed_tag
 from training.runlock import JOB_FILE, LockError, UnknownStart, check_unlocked, launch_job, restarted_job
 from training.trackers import parse_report_to
 
@@ -241,12 +240,10 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
     if require_model:
         _check_model(cfg, path)
         lora = _check_lora(cfg, path)  # every rank refuses these alike
-        try:
-            _check_resume(cfg, path, lora)
-        except ConfigError as e:
+        if problem := resume_problem(cfg, lora):
             if not restart:
-                raise
-            refuse(f"{e} ({restart})")  # the others do not resume: only rank 0 refuses
+                raise ConfigError(f"{path}: {problem}")
+            refuse(f"{path}: {problem} ({restart})")  # the others do not resume: only rank 0 refuses
     if require_model and world_size is not None:
         _check_parts(cfg, path, world_size)
     return cfg
@@ -538,67 +535,6 @@ def _check_lora(cfg: TrainConfig, path: Path) -> LoraSettings | None:
     except (ValueError, CheckpointError) as e:
         raise ConfigError(f"{path}: {e}") from None
     return settings
-
-
-def _check_resume(cfg: TrainConfig, path: Path, lora: LoraSettings | None) -> None:
-    """The checkpoint to resume (resume_tag: the one `latest` names or the newest intact earlier one; with no
-    `latest`, the newest complete one) can be resumed exactly, is of the configured kind (full / LoRA), and the
-    config's changes since it are all allowed."""
-    save = Path(cfg.save_path)
-    if cfg.resume is False:
-        return
-    tag, notes = resume_tag(save)  # with no `latest`, the newest complete checkpoint if there is one
-    fresh = "or start a new run with \"resume\": false and \"overwrite_save_path\": true"
-    if tag is None and not (save / "latest").is_file():
-        return
-    if tag is None:
-        named = (save / "latest").read_text().strip()
-        if not (save / named).is_dir():
-            raise ConfigError(f"{path}: {save / 'latest'} names {named!r}, which does not exist; point it at a checkpoint "
-                              f"directory {fresh}")
-        if not (save / named / STATE_FILE).is_file():
-            raise ConfigError(f"{path}: {save / named} has no {STATE_FILE} (written by an older version?): it cannot be "
-                              f"resumed exactly; export it with pp_to_hg and train from that, {fresh}")
-        raise ConfigError(f"{path}: {notes[0]}, and no earlier checkpoint is intact; {fresh}")
-    ckpt = save / tag
-    saved = read_lora_info(ckpt)
-    if (saved is None) != (cfg.lora is None):
-        kind = "a LoRA checkpoint (adapters only)" if saved else "a full checkpoint"
-        raise ConfigError(f"{path}: {ckpt} is {kind} but the config {'has no' if saved else 'has a'} 'lora' section; "
-                          f"use the same kind of run to resume it, {fresh}")
-    if saved is not None:
-        quant = saved_quantization(cfg.quantization)
-        for key, value in (("r", lora.r), ("alpha", lora.alpha), ("target_modules", list(lora.target_modules)),
-                           ("modules_to_save", list(lora.modules_to_save)), ("quantization", quant)):
-            if saved.get(key, [] if key != "quantization" else None) != value:
-                name = "'quantization'" if key == "quantization" else f"lora.{key}"
-                raise ConfigError(f"{path}: {name} is {json.dumps(value)} but the checkpoint {ckpt} was trained with "
-                                  f"{json.dumps(saved.get(key))}; resume with the same adapters, {fresh}")
-        if saved.get("base_fingerprint") and base_fingerprint(cfg.model_path) != saved["base_fingerprint"]:
-            raise ConfigError(f"{path}: the model in model_path {cfg.model_path} is not the base the checkpoint {ckpt} "
-                              "was trained on (its config.json or weights changed since: lora_config.json's "
-                              f"base_fingerprint differs); a LoRA run resumes on its own base: restore it, {fresh}")
-    old = read_run_config(ckpt)
-    if old is None:
-        return
-    try:  # a checkpoint with the fingerprint of its training rows: a data key's change is checked against it later
-        state = json.loads((ckpt / STATE_FILE).read_text())
-        fingerprinted, evaluated = state.get("data_fingerprint") is not None, bool(state.get("evals"))
-        # the eval rows' fingerprint: their change (not the path's) is refused once the data are read
-        evaluated = evaluated and saved_eval_fingerprint(state) is None
-    except (OSError, ValueError, AttributeError):
-        fingerprinted, evaluated = False, True
-    refused = refusals(config_changes(old, cfg.raw, lora_run=cfg.lora is not None), cfg.allow_data_change_on_resume,
-                       compares_evals=evaluated and bool(cfg.keep_best or cfg.early_stopping_patience),
-                       fingerprinted=fingerprinted)
-    if refused:
-        c = refused[0]
-        more = f" (and {len(refused) - 1} more: {', '.join(r.key for r in refused[1:])})" if len(refused) > 1 else ""
-        how = ("set \"allow_data_change_on_resume\": true to continue anyway (the data order is then not sample-exact), "
-               "restore the old value" if c.kind in ("data", "samples") else "restore the old value")
-        raise ConfigError(f"{path}: '{c.key}' changed since the checkpoint {ckpt / RUN_CONFIG_FILE} "
-                          f"({c.values()}): {c.note}{more}; "
-                          f"{how}, {fresh}")
 
 
 def _half_precisions(ds: dict) -> list[str]:

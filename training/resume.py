@@ -18,8 +18,23 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from training.checkpoint import MANIFEST_FILE, STATE_FILE, TAG, Checkpoints, RunState, atomic_write_text, tag_of
+from models.lora import LoraSettings, base_fingerprint, read_lora_info
+from models.quant import saved_quantization
+from training.checkpoint import (
+    MANIFEST_FILE,
+    STATE_FILE,
+    TAG,
+    Checkpoints,
+    RunState,
+    atomic_write_text,
+    saved_eval_fingerprint,
+    tag_of,
+)
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 RUN_CONFIG_FILE = "run_config.json"
 
@@ -263,3 +278,66 @@ def name_resumed(ckpts: Checkpoints, state: RunState) -> str | None:
     atomic_write_text(latest, tag)
     ckpts._after_save(state)
     return f"{latest} now names {tag}, the checkpoint resumed"
+
+
+def resume_problem(cfg: TrainConfig, lora: LoraSettings | None) -> str | None:
+    """The checkpoint to resume (resume_tag: the one `latest` names or the newest intact earlier one; with no
+    `latest`, the newest complete one) can be resumed exactly, is of the configured kind (full / LoRA), and the
+    config's changes since it are all allowed: None, else why not (training.config.load_config refuses it).
+    `lora`: the config's parsed adapters."""
+    save = Path(cfg.save_path)
+    if cfg.resume is False:
+        return None
+    tag, notes = resume_tag(save)  # with no `latest`, the newest complete checkpoint if there is one
+    fresh = "or start a new run with \"resume\": false and \"overwrite_save_path\": true"
+    if tag is None and not (save / "latest").is_file():
+        return None
+    if tag is None:
+        named = (save / "latest").read_text().strip()
+        if not (save / named).is_dir():
+            return (f"{save / 'latest'} names {named!r}, which does not exist; point it at a checkpoint "
+                    f"directory {fresh}")
+        if not (save / named / STATE_FILE).is_file():
+            return (f"{save / named} has no {STATE_FILE} (written by an older version?): it cannot be "
+                    f"resumed exactly; export it with pp_to_hg and train from that, {fresh}")
+        return f"{notes[0]}, and no earlier checkpoint is intact; {fresh}"
+    ckpt = save / tag
+    saved = read_lora_info(ckpt)
+    if (saved is None) != (cfg.lora is None):
+        kind = "a LoRA checkpoint (adapters only)" if saved else "a full checkpoint"
+        return (f"{ckpt} is {kind} but the config {'has no' if saved else 'has a'} 'lora' section; "
+                f"use the same kind of run to resume it, {fresh}")
+    if saved is not None:
+        quant = saved_quantization(cfg.quantization)
+        for key, value in (("r", lora.r), ("alpha", lora.alpha), ("target_modules", list(lora.target_modules)),
+                           ("modules_to_save", list(lora.modules_to_save)), ("quantization", quant)):
+            if saved.get(key, [] if key != "quantization" else None) != value:
+                name = "'quantization'" if key == "quantization" else f"lora.{key}"
+                return (f"{name} is {json.dumps(value)} but the checkpoint {ckpt} was trained with "
+                        f"{json.dumps(saved.get(key))}; resume with the same adapters, {fresh}")
+        if saved.get("base_fingerprint") and base_fingerprint(cfg.model_path) != saved["base_fingerprint"]:
+            return (f"the model in model_path {cfg.model_path} is not the base the checkpoint {ckpt} "
+                    "was trained on (its config.json or weights changed since: lora_config.json's "
+                    f"base_fingerprint differs); a LoRA run resumes on its own base: restore it, {fresh}")
+    old = read_run_config(ckpt)
+    if old is None:
+        return None
+    try:  # a checkpoint with the fingerprint of its training rows: a data key's change is checked against it later
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        fingerprinted, evaluated = state.get("data_fingerprint") is not None, bool(state.get("evals"))
+        # the eval rows' fingerprint: their change (not the path's) is refused once the data are read
+        evaluated = evaluated and saved_eval_fingerprint(state) is None
+    except (OSError, ValueError, AttributeError):
+        fingerprinted, evaluated = False, True
+    refused = refusals(config_changes(old, cfg.raw, lora_run=cfg.lora is not None), cfg.allow_data_change_on_resume,
+                       compares_evals=evaluated and bool(cfg.keep_best or cfg.early_stopping_patience),
+                       fingerprinted=fingerprinted)
+    if refused:
+        c = refused[0]
+        more = f" (and {len(refused) - 1} more: {', '.join(r.key for r in refused[1:])})" if len(refused) > 1 else ""
+        how = ("set \"allow_data_change_on_resume\": true to continue anyway (the data order is then not sample-exact), "
+               "restore the old value" if c.kind in ("data", "samples") else "restore the old value")
+        return (f"'{c.key}' changed since the checkpoint {ckpt / RUN_CONFIG_FILE} "
+                f"({c.values()}): {c.note}{more}; "
+                f"{how}, {fresh}")
+    return None

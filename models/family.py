@@ -31,6 +31,9 @@ class ModelFamily:
     block_class: type  # decoder block module (activation checkpointing, balance)
     presets: dict[str, dict] = field(default_factory=dict)  # named configs for `convert_model.py init`
     lora_targets: tuple[str, ...] = ()  # linear modules of a block that LoRA may adapt ("all-linear")
+    # whether `layer_types` says which layers apply `sliding_window` (Qwen2); Mistral's code applies it in every
+    # layer whatever layer_types says (MistralConfig keeps them only to warn)
+    window_per_layer_type: bool = True
 
     @staticmethod
     def num_blocks(config) -> int:
@@ -73,15 +76,14 @@ class ModelFamily:
             return rope.get("original_max_position_embeddings", getattr(config, "max_position_embeddings", None))
         return None
 
-    @staticmethod
-    def sliding_window(config) -> int | None:
+    def sliding_window(self, config) -> int | None:
         """The window of the model's sliding-window attention layers (Mistral-7B-v0.1; Qwen2 with
         `use_sliding_window`), None when every layer attends to the whole sequence. The pipeline's attention does not
         implement the window: it is exact only for sequences of at most this many tokens (HF: key k is visible
         to query q when q - k < window), so longer ones are refused (the config check, models.attention)."""
         window = getattr(config, "sliding_window", None)
         types = getattr(config, "layer_types", None)
-        if window is None or (types is not None and "sliding_attention" not in types):
+        if window is None or (self.window_per_layer_type and types is not None and "sliding_attention" not in types):
             return None
         return int(window)
 
@@ -104,6 +106,10 @@ class ModelFamily:
         if isinstance(pad, int) and isinstance(vocab, int) and not -vocab <= pad < vocab:
             raise CheckpointError(f"{where}: pad_token_id {pad} is not below vocab_size {vocab} (a token added to the "
                                   "tokenizer without resizing the embeddings?)")
+        heads, kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+        if isinstance(heads, int) and isinstance(kv, int) and (kv < 1 or heads % kv):
+            raise CheckpointError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv} "
+                                  "(each key/value head serves a whole group of query heads)")
         with config_errors(where, config):
             meta_layers(self, config)
         return config

@@ -30,6 +30,7 @@ FAMILY = register(ModelFamily(
     layer_specs=layer_specs,
     block_class=MistralBlockPipe,
     lora_targets=LORA_TARGETS,
+    window_per_layer_type=False,
     presets={
         "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,

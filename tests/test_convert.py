@@ -296,6 +296,9 @@ BAD_HF = {  # case -> (damage, text expected in the message)
                            "config.json: hidden_act 'nope' is not one transformers knows"),
     "pad_token_id past the vocabulary": (_patch_config(pad_token_id=300, vocab_size=300),
                                          "config.json: pad_token_id 300 is not below vocab_size 300"),
+    "heads not a multiple of key/value heads": (_patch_config(num_attention_heads=4, num_key_value_heads=3),
+                                                "config.json: num_attention_heads 4 is not a multiple of "
+                                                "num_key_value_heads 3"),
     "unknown rope type": (_patch_config(rope_scaling={"rope_type": "bogus", "factor": 2.0}),
                           "config.json: rope_parameters.rope_type 'bogus' is not one transformers knows"),
 }

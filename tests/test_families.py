@@ -20,13 +20,16 @@ from training.config import load_config
 
 
 def test_sliding_window_in_effect():
-    """The window only counts where a layer applies it (Qwen2: use_sliding_window and layers past max_window_layers)."""
+    """The window only counts where a layer applies it (Qwen2: use_sliding_window and layers past max_window_layers;
+    Mistral: every layer, whatever its config's layer_types say)."""
     window = lambda family, name, **kw: get_family(family).sliding_window(tiny_config(family, name, **kw))  # noqa: E731
     assert window("llama", "gqa_tied") is None
     assert window("qwen2", "tied") is None  # use_sliding_window false: every published Qwen2 / Qwen2.5
     assert window("qwen2", "tied", use_sliding_window=True, sliding_window=8, max_window_layers=1) == 8
     assert window("qwen2", "tied", use_sliding_window=True, sliding_window=8, max_window_layers=3) is None  # no such layer
     assert window("mistral", "window") == 128 and window("mistral", "window", sliding_window=None) is None
+    # MistralAttention applies the window in every layer; MistralConfig keeps layer_types only to warn about them
+    assert window("mistral", "window", layer_types=["full_attention"] * 2) == 128
 
 
 @pytest.mark.parametrize("family, name, over", [

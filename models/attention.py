@@ -53,9 +53,10 @@ def set_attn_implementation(config: Any, name: str) -> Any:
     return config
 
 
-def attn_problem(name: str, family: str, device_type: str, precision: str | None = None) -> str | None:
+def attn_problem(name: str, family: str, device_type: str, precision: str | None = None,
+                 dropout: float = 0.0) -> str | None:
     """Why `attn_implementation` `name` cannot run for `family` on `device_type` in `precision` ("fp32", "bf16",
-    "fp16"; None: not checked), None when it can."""
+    "fp16"; None: not checked) with the model's `attention_dropout`, None when it can."""
     if name not in ATTN_IMPLEMENTATIONS:
         return f"must be one of {', '.join(map(repr, ATTN_IMPLEMENTATIONS))}"
     if family == "bloom" and name not in ("auto", "eager"):
@@ -70,6 +71,9 @@ def attn_problem(name: str, family: str, device_type: str, precision: str | None
     if name == "flex_attention" and not flex_available(device_type):
         return (f"flex_attention has no backward on {device_type} in this torch ({torch.__version__}); "
                 "use \"auto\" or \"sdpa\"")
+    if name == "flex_attention" and dropout:
+        return (f"flex_attention has no attention dropout, and the model's attention_dropout is {dropout:g} "
+                "(config.json); use \"auto\" or \"sdpa\"")
     return None
 
 
@@ -149,7 +153,9 @@ class AttnContext:
     block_mask: Any = None  # FlexAttention BlockMask (flex)
 
 
-def choose_path(impl: str, kind: str, device_type: str, dtype: torch.dtype | None = None) -> str:
+def choose_path(impl: str, kind: str, device_type: str, dtype: torch.dtype | None = None, dropout: bool = False) -> str:
+    """The path for rows of `kind` ("causal" | "segments"); "auto" passes over FlexAttention, which has no dropout,
+    for a model with attention dropout."""
     if impl == "eager":
         return "eager"
     if impl == "sdpa":
@@ -162,7 +168,7 @@ def choose_path(impl: str, kind: str, device_type: str, dtype: torch.dtype | Non
         return "sdpa_causal"
     if device_type == "cuda" and dtype in (torch.bfloat16, torch.float16) and flash_attn_available():
         return "flash_varlen"  # flash-attn has half-precision kernels only
-    if flex_available(device_type):
+    if flex_available(device_type) and not dropout:
         return "flex"
     return "sdpa_varlen" if device_type == "cpu" else "sdpa_mask"  # one kernel call per segment: for the CPU
 
@@ -198,11 +204,13 @@ def _block_mask(segment_ids: torch.Tensor) -> Any:
     return create_block_mask(document_causal, b, None, t, t, device=segment_ids.device)
 
 
-def attn_context(position_ids: torch.Tensor, segment_ids: torch.Tensor, impl: str, dtype: torch.dtype) -> AttnContext:
-    """This micro-batch's attention context on this stage, built once (see StageContexts)."""
+def attn_context(position_ids: torch.Tensor, segment_ids: torch.Tensor, impl: str, dtype: torch.dtype,
+                 dropout: bool = False) -> AttnContext:
+    """This micro-batch's attention context on this stage, built once (see StageContexts). `dropout`: whether the
+    model has attention dropout."""
     pair = (position_ids, segment_ids)
     kind = CONTEXTS.get(pair, ("kind",), lambda: row_kind(segment_ids))
-    path = choose_path(impl, kind, segment_ids.device.type, dtype)
+    path = choose_path(impl, kind, segment_ids.device.type, dtype, dropout)
     if path == "sdpa_mask":
         return AttnContext(path, mask=CONTEXTS.get(pair, ("mask", "bool"), lambda: segment_causal_mask(segment_ids)))
     if path == "sdpa_varlen":

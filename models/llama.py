@@ -100,6 +100,7 @@ class RopeBlockPipe:
                 setattr(self, name, RMSNorm(norm.weight.shape[0], eps=norm.variance_epsilon))
         self.config = config  # the model's config: its identity keys the per-stage RoPE cache
         self.attn_impl = getattr(config, "pipeft_attn_implementation", "auto")
+        self.attn_dropout = bool(getattr(config, "attention_dropout", 0.0))  # "auto" then avoids FlexAttention
         # Outside the module tree: .to(dtype) never touches it, so inv_freq stays fp32 as in HF.
         object.__setattr__(self, "rotary", self.rotary_class(config))
 
@@ -110,7 +111,7 @@ class RopeBlockPipe:
         pair = (position_ids, segment_ids)
         cos_sin = CONTEXTS.get(pair, ("rope", id(self.config), hidden.dtype), lambda: self.rotary(hidden, position_ids),
                                owner=self.config)
-        ctx = attn_context(position_ids, segment_ids, self.attn_impl, hidden.dtype)
+        ctx = attn_context(position_ids, segment_ids, self.attn_impl, hidden.dtype, self.attn_dropout)
         hidden = super().forward(hidden, position_ids=position_ids, position_embeddings=cos_sin, pipeft_ctx=ctx)
         return hidden, position_ids, segment_ids
 

@@ -174,6 +174,21 @@ def test_attn_problems(name, family, device, problem):
     assert attn_problem("auto", family, device) is None and attn_problem("eager", family, device) is None
 
 
+def test_auto_passes_over_flex_attention_for_a_model_with_attention_dropout():
+    """FlexAttention has no dropout: "auto" takes another exact path for such a model, and naming it is refused (it
+    trained packed rows without the dropout that unpacked rows had)."""
+    from models.attention import choose_path
+    from models.llama import LlamaBlockPipe
+
+    assert choose_path("auto", "segments", "cuda", torch.float32) == "flex"  # what this torch offers on CUDA
+    assert choose_path("auto", "segments", "cuda", torch.float32, dropout=True) == "sdpa_mask"
+    assert "flex_attention has no attention dropout, and the model's attention_dropout is 0.1" in attn_problem(
+        "flex_attention", "llama", "cuda", dropout=0.1)
+    assert attn_problem("flex_attention", "llama", "cuda") is None
+    assert LlamaBlockPipe(tiny_config("llama", "gqa_tied", attention_dropout=0.1), 0).attn_dropout
+    assert not LlamaBlockPipe(tiny_config("llama", "gqa_tied"), 0).attn_dropout
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_cross_entropy_equals_the_full_one(dtype, monkeypatch):
     """Chunks of 3 rows over 10 rows (the last chunk short), one chunk with every target ignored."""

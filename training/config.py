@@ -474,7 +474,7 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
     else:
         device = "cpu"  # any device runs these
     precision = (_half_precisions(cfg.ds_config) or ["fp32"])[0]  # both enabled is refused before
-    if problem := attn_problem(attn, family.model_type, device, precision):
+    if problem := attn_problem(attn, family.model_type, device, precision, getattr(config, "attention_dropout", 0.0)):
         raise ConfigError(f"{path}: 'attn_implementation' {attn!r}: {problem}")
     limit, how = family.max_positions(config)
     if limit is not None and cfg.max_seq_len > limit:

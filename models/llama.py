@@ -83,6 +83,17 @@ class RMSNorm(LlamaRMSNorm):
         return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
 
 
+def fresh_rope(rotary: nn.Module) -> nn.Module:
+    """`rotary` as a fresh model has it. transformers' "dynamic" rope keeps the frequencies of the longest batch it
+    has seen and uses them for a later batch between the original length and that one: a row's encoding would
+    depend on the batches before it (evaluations included) and change at a resume. Reset, each micro-batch is
+    encoded by its own longest position only, as transformers encodes a batch with a fresh model."""
+    if "dynamic" in str(getattr(rotary, "rope_type", "")) and rotary.max_seq_len_cached != rotary.original_max_seq_len:
+        rotary.register_buffer("inv_freq", rotary.original_inv_freq.to(rotary.inv_freq.device), persistent=False)
+        rotary.max_seq_len_cached = rotary.original_max_seq_len
+    return rotary
+
+
 class RopeBlockPipe:
     """Mixin over a Llama-shaped transformers decoder layer (RMSNorm, RoPE attention, gated MLP: Llama, Qwen2,
     Mistral) whose attention runs models.attention's path for the rows (`config.attn_implementation` of the
@@ -109,8 +120,8 @@ class RopeBlockPipe:
         if self.rotary.inv_freq.device != hidden.device:
             self.rotary.to(hidden.device)
         pair = (position_ids, segment_ids)
-        cos_sin = CONTEXTS.get(pair, ("rope", id(self.config), hidden.dtype), lambda: self.rotary(hidden, position_ids),
-                               owner=self.config)
+        cos_sin = CONTEXTS.get(pair, ("rope", id(self.config), hidden.dtype),
+                               lambda: fresh_rope(self.rotary)(hidden, position_ids), owner=self.config)
         ctx = attn_context(position_ids, segment_ids, self.attn_impl, hidden.dtype, self.attn_dropout)
         hidden = super().forward(hidden, position_ids=position_ids, position_embeddings=cos_sin, pipeft_ctx=ctx)
         return hidden, position_ids, segment_ids

@@ -104,6 +104,28 @@ def test_all_linear_lora_matches_peft(family, name, tmp_path):
                                    atol=1e-5, rtol=0)
 
 
+def test_dynamic_rope_encodes_each_micro_batch_as_a_fresh_model_does():
+    """transformers' "dynamic" rope keeps the frequencies of the longest batch it has seen: the pipeline encodes every
+    micro-batch by its own longest position, so its logits do not depend on the batches before it (an evaluation,
+    or the batches before a resume)."""
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_config("llama", "gqa_tied", max_position_embeddings=64,
+                      rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg).float().eval()
+    seq = sequential_from_hf(hf)
+    for order, (n, after) in enumerate([(80, 96), (40, 96)]):  # past the original 64 positions, and within them
+        ids, _, pos, seg, _ = make_batch(300, [n], n, "right", seed=order)
+        with torch.no_grad():
+            fresh = LlamaForCausalLM(cfg).float().eval()
+            fresh.load_state_dict(hf.state_dict())
+            expected = fresh(ids, position_ids=pos).logits
+            longer = make_batch(300, [after], after, "right", seed=9)
+            seq((longer[0], longer[2], longer[3]))  # the longest batch so far: 96 positions
+            torch.testing.assert_close(seq((ids, pos, seg)), expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
                                   {"rope_type": "longrope", "original_max_position_embeddings": 64, "rope_theta": 10000.0,
                                    "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}], ids=["dynamic", "longrope"])

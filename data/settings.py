@@ -38,8 +38,8 @@ class DataSettings:
 
 def data_settings_of(settings: TemplateSettings, tokenizer: Any, max_seq_len: int | None = None,
                      prompted: bool | None = None) -> DataSettings:
-    chat = settings.template == "chat"
-    return DataSettings(settings, max_seq_len, tokenizer.chat_template if chat else None,
+    chat = settings.template == "chat"  # the template apply_chat_template renders with (of named ones: "default")
+    return DataSettings(settings, max_seq_len, tokenizer.get_chat_template() if chat else None,
                         end_of_turn(tokenizer) if chat else None, tokenizer.eos_token, prompted)
 
 

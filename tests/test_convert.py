@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import convert_model
-from data.settings import data_settings_of, write_data_settings
+from data.settings import data_settings_of, read_data_settings, write_data_settings
 from data.templates import TemplateSettings
 from data.tiny_tokenizer import train_tiny_tokenizer
 from models import SequentialModel, get_family
@@ -765,6 +765,12 @@ def test_a_chat_run_exports_stop_at_the_end_of_turn_token(tmp_path):
     save = _lora_checkpoint(tmp_path, base)  # its side files include the chat run's data_settings.json
     pp_to_hg(save, tmp_path / "adapter", lora="peft")
     assert GenerationConfig.from_pretrained(str(tmp_path / "adapter")).eos_token_id == [eos, eot]
+    # named templates (transformers 5 saves them as chat_template.jinja + additional_chat_templates/): the record is the
+    # one apply_chat_template renders with, "default" (the whole dict made data_settings.json unreadable)
+    tok.chat_template = {"default": tok.chat_template, "tool_use": "{{ tools }}"}
+    write_data_settings(base, data_settings_of(TemplateSettings(template="chat"), tok))
+    assert read_data_settings(base).chat_template == tok.chat_template["default"]
+    assert run("pp_to_hg", "--input-path", str(base), "--save-path", str(tmp_path / "named")) == 0
 
 
 def test_a_save_dirs_best_and_latest_files_name_their_checkpoint(tmp_path, tokenizer):

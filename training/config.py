@@ -275,6 +275,13 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
             raise ConfigError(f"{path}: '{key}.immediate_grad_update' false: the last stage computes the head inside the "
                               "loss, and DeepSpeed's bf16 optimizer would then clear the head's gradient before keeping "
                               "it (the head would not train); leave the key out (the trainer sets it true)")
+    zero = ds.get("zero_optimization")
+    if "bf16" in enabled and not (isinstance(zero, dict) and zero.get("stage", 0)):
+        import deepspeed
+
+        raise ConfigError(f"{path}: 'bf16' needs \"zero_optimization\": {{\"stage\": 1}}: without ZeRO, DeepSpeed "
+                          f"{deepspeed.__version__}'s bf16 optimizer cannot reload its own checkpoints (every resume "
+                          "fails) nor accumulate gradients in fp32")
     if enabled:
         from deepspeed.accelerator import get_accelerator
 
@@ -538,8 +545,9 @@ def _check_lora(cfg: TrainConfig, path: Path) -> LoraSettings | None:
 
 
 def _half_precisions(ds: dict) -> list[str]:
-    """The DeepSpeed sections among fp16 / bf16 that are enabled."""
-    return [k for k in ("fp16", "bf16") if isinstance(ds.get(k), dict) and ds[k].get("enabled", False)]
+    """The DeepSpeed sections among fp16 / bf16 that are enabled ("bfloat16", DeepSpeed's other name, as "bf16")."""
+    on = [k for k in ("fp16", "bf16", "bfloat16") if isinstance(ds.get(k), dict) and ds[k].get("enabled", False)]
+    return list(dict.fromkeys("bf16" if k == "bfloat16" else k for k in on))
 
 
 def _check_parts(cfg: TrainConfig, path: Path, world_size: int) -> None:

@@ -149,6 +149,11 @@ def test_resume_rules_refuse_what_changes_the_optimizer_state_or_the_data_order(
     assert [c.key for c in refusals(moved, False)] == ["seed"]
     assert [c.key for c in refusals(moved, False, fingerprinted=False)] == ["data_path", "seed"]
     assert refusals(moved, True) == []
+    # DeepSpeed's optimizer names are matched case-insensitively: the same optimizer; another one is refused
+    opt = {"type": "AdamW", "params": {"lr": 1e-4}}
+    def opt_changes(kind):
+        return [c.key for c in config_changes({**base, "optimizer": opt}, {**base, "optimizer": {**opt, "type": kind}})]
+    assert opt_changes("adamw") == [] and opt_changes("Adam") == ["optimizer.type"]
 
 
 def test_lock_is_refused_while_held_and_taken_over_when_stale(tmp_path, monkeypatch):

@@ -80,6 +80,9 @@ CASES = {  # name -> (config overrides, expected text)
     "max_bad_steps": ({"max_bad_steps": 2.5}, "'max_bad_steps' must be int, got 2.5"),
     "fp16 on cpu": ({"fp16": {"enabled": True}}, "'fp16' is not supported on this device (cpu) (use bf16 or fp32)"),
     "fp16 and bf16": ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "'fp16' and 'bf16' are both enabled; choose one"),
+    "optimizer without its package": ({"optimizer": {"type": "MuAdamW", "params": {"lr": 1e-4}}},
+                                      "optimizer.type 'MuAdamW' needs the mup package (pip install mup), which is not "
+                                      "installed"),
     "bf16 without ZeRO": ({"bfloat16": {"enabled": True}},
                           "'bf16' needs \"zero_optimization\": {\"stage\": 1}: without ZeRO, DeepSpeed "),
     "bf16 without immediate_grad_update": ({"bf16": {"enabled": True, "immediate_grad_update": False}},

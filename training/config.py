@@ -8,6 +8,7 @@ any process group exists. gdGPT's configs run unchanged (training/compat.py).
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 import tempfile
@@ -344,6 +345,8 @@ def check_optimizer(section: object) -> None:
         close = difflib.get_close_matches(kind.lower(), names, n=1, cutoff=0.6)
         hint = f"; did you mean '{names[close[0]]}'?" if close else f" (known: {', '.join(DEEPSPEED_OPTIMIZERS.values())})"
         raise ValueError(f"optimizer.type {kind!r} is not an optimizer DeepSpeed or torch.optim knows{hint}")
+    if kind.lower() in ("muadam", "muadamw", "musgd") and importlib.util.find_spec("mup") is None:
+        raise ValueError(f"optimizer.type {kind!r} needs the mup package (pip install mup), which is not installed")
     no_decay_patterns(section.get("no_wd_kws"))
     params = section.get("params", {})
     if not isinstance(params, dict):

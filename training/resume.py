@@ -150,6 +150,8 @@ def config_changes(saved: dict, new: dict, lora_run: bool = False) -> list[Chang
             continue  # an absent section, or one without "enabled", is off
         if old == cur or key.split(".")[0] in IGNORED:
             continue
+        if key == "optimizer.type" and isinstance(old, str) and isinstance(cur, str) and old.lower() == cur.lower():
+            continue  # DeepSpeed matches its names case-insensitively: the same optimizer
         kind, note = rule_of(key, lora_run)
         out.append(Change(key, old, cur, kind, note))
     return out

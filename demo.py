@@ -14,7 +14,7 @@ train_ds.py and carried by exports; --template overrides): the default templates
 recorded chat template with `add_generation_prompt=True`. Its ids are the token prefix training saw
 (data.encode.encode_prompt). --record takes any record (JSON text or a .json file); the model answers its
 last question. Generation stops on every id of the generation config's eos_token_id, the tokenizer's EOS
-and, in chat mode, the template's end-of-turn token.
+and, in chat mode, the template's end-of-turn token (or its text, where the tokenizer splits it into pieces).
 
 Greedy when --temperature is 0. Only the generated text goes to stdout; status goes to stderr.
 """
@@ -39,7 +39,7 @@ exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
 with deepspeed_logs_on_stderr():  # stdout holds the generated text only
     import deepspeed  # noqa: F401
 
-    from data.chat import end_of_turn
+    from data.chat import end_of_turn, end_of_turn_text
     from data.encode import encode_prompt
     from data.records import DataError, present_fields, prompt_problems
     from data.settings import DataSettings, read_data_settings
@@ -160,6 +160,13 @@ def stop_ids(generation_config, tokenizer, settings: TemplateSettings) -> list[i
     return list(dict.fromkeys(i for i in [*ids, *extra] if i is not None))
 
 
+def stop_strings(tokenizer, settings: TemplateSettings) -> list[str]:
+    """In chat mode, the text that ends each answer where no token does (`data.chat.end_of_turn_text`: the tokenizer
+    splits it), for generation to stop on; else []."""
+    text = end_of_turn_text(tokenizer) if settings.template == "chat" else None
+    return [text] if text else []
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
@@ -192,14 +199,15 @@ def load(model_path: str | Path, dtype: torch.dtype | None = None):
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, stream: bool = True,
-             eos_ids: list[int] | None = None,
+             eos_ids: list[int] | None = None, stops: list[str] | None = None,
              new_ids: list[int] | None = None) -> str:
     """Generate a continuation of `prompt`: token ids (`data.encode.encode_prompt`), or a text tokenized by the
     tokenizer (BOS etc. added).
 
     Greedy when temperature == 0, else sampling with temperature / top_k (0 = off) / top_p (None: the model's
     generation_config's, as transformers' generate takes them). Stops on any of
-    `eos_ids` (default: the generation config's eos_token_id and the tokenizer's EOS). With `stream`, tokens
+    `eos_ids` (default: the generation config's eos_token_id and the tokenizer's EOS) and once the continuation
+    holds one of `stops` (texts, as GenerationConfig's stop_strings). With `stream`, tokens
     are printed to stdout as they come (TextStreamer, ending with a newline). Returns the continuation without
     the prompt, special tokens skipped; `new_ids`, when given, receives its ids."""
     from transformers import TextStreamer
@@ -216,6 +224,8 @@ def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 12
         kw.update(temperature=temperature, **{k: v for k, v in (("top_k", top_k), ("top_p", top_p)) if v is not None})
     if eos_ids is None:
         eos_ids = stop_ids(getattr(model, "generation_config", None), tokenizer, TemplateSettings())
+    if stops:
+        kw.update(stop_strings=stops, tokenizer=tokenizer)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                          eos_token_id=eos_ids, pad_token_id=pad, streamer=streamer, **kw)  # (1, T + new)
@@ -295,6 +305,7 @@ def run(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise DemoError(f"cannot prompt with this record: {e}".splitlines()[0]) from None
     eos_ids = stop_ids(getattr(model, "generation_config", None), tokenizer, settings)
+    stops = stop_strings(tokenizer, settings)
     max_new_tokens = args.max_new_tokens
     limit, how = ModelFamily.max_positions(model.config)
     if limit is not None and len(prompt) + max_new_tokens > limit:
@@ -318,13 +329,15 @@ def run(args: argparse.Namespace) -> None:
     if rank == 0:
         n = sum(p.numel() for p in model.parameters())
         log(f"loaded {n / 1e6:.2f}M parameters{' per rank' if world_size > 1 else ''} in {time.time() - t0:.1f}s")
-        log(f"prompt: {len(prompt)} tokens, template {settings.template!r}; stops on ids {eos_ids}")
+        log(f"prompt: {len(prompt)} tokens, template {settings.template!r}; stops on ids {eos_ids}"
+            + "".join(f" and the text {t!r}" for t in stops))
         if args.show_ids:
             log(json.dumps({"prompt_ids": prompt}))
     new_ids: list[int] = []
     try:
         text = generate(model, tokenizer, prompt, max_new_tokens, args.temperature, args.top_k, args.top_p,
-                        args.seed, stream=rank == 0 and not args.no_stream, eos_ids=eos_ids, new_ids=new_ids)
+                        args.seed, stream=rank == 0 and not args.no_stream, eos_ids=eos_ids, stops=stops,
+                        new_ids=new_ids)
         if rank == 0 and args.no_stream:
             print(text, flush=True)
         if rank == 0 and args.show_ids:

@@ -12,12 +12,14 @@ conversation, as Phi-3 writes EOS after the last turn, where it and the whole te
 special token), minus trailing whitespace: the assistant's content and the end-of-turn token(s) the template
 writes right after it (e.g. ChatML's `<|im_end|>`), but not the newline that separates turns. A template
 that stamps today's date is given `date_string` CHAT_DATE, so it renders the same on every day. A template that leaves out a
-message's content (e.g. one that ignores system messages, where ref_qa keeps its reference) is
-refused: the model would be trained without it and nothing would say so.
+message's content (e.g. one that ignores system messages, where ref_qa keeps its reference), or rewrites
+it (a reasoning template that drops `<think>` reasoning), is refused: the model would be trained without it and
+nothing would say so.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,6 +28,8 @@ from jinja2 import TemplateError
 
 from data.records import DataError, Record, record_type
 from data.templates import CHAT_MESSAGES, Rendered, Span, TemplateSettings, render
+
+log = logging.getLogger(__name__)
 
 # what each message of a record type holds, for the error when a template drops it
 _CONTENT = {"system": "the instruction and reference", "user": "a question", "assistant": "an answer"}
@@ -36,36 +40,64 @@ _CONTENT = {"system": "the instruction and reference", "user": "a question", "as
 CHAT_DATE = "26 Jul 2024"
 
 
-def _template_text(tokenizer: Any) -> str:
+def template_text(tokenizer: Any) -> str:
+    """The tokenizer's chat template(s) as one text ("" without one)."""
     t = getattr(tokenizer, "chat_template", None)
     return t if isinstance(t, str) else " ".join(t.values()) if isinstance(t, dict) else ""
 
 
 def require_chat_template(tokenizer: Any) -> None:
     """Raise DataError (naming the tokenizer's dir) if the tokenizer has no chat template, or one that stamps the
-    current date or time in a way `date_string` does not pin."""
+    current date or time in a way `date_string` does not pin. Warns once when answers end with no token generation
+    can stop on (`end_of_turn`)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError([f"{tokenizer.name_or_path}:0: \"template\": \"chat\" needs a tokenizer with a chat template, "
                          "and this one has none (no chat_template.jinja or \"chat_template\" in tokenizer_config.json); "
                          "add one or use \"template\": \"default\""])
-    text = _template_text(tokenizer)
+    text = template_text(tokenizer)
     if "strftime_now" in text and "date_string" not in text:
         raise DataError([f"{tokenizer.name_or_path}:0: the chat template writes the current date or time "
                          "(strftime_now) into its text, so a prompt would differ from training on another day; make it "
                          "take the date from a date_string variable (as Llama 3's does) or use \"template\": \"default\""])
+    _warn_if_no_end_token(tokenizer)
+
+
+_warned: set[tuple[str, str]] = set()  # (tokenizer dir, chat template): said once per process
+
+
+def _warn_if_no_end_token(tokenizer: Any) -> None:
+    """One warning line when the template ends an answer with no token generation can stop on (`end_of_turn`)."""
+    key = (str(tokenizer.name_or_path), template_text(tokenizer))
+    if key in _warned or (tail := turn_tail(tokenizer)) is None or end_of_turn(tokenizer) is not None:
+        return
+    _warned.add(key)
+    if tail.strip():
+        log.warning("%s: the chat template ends each answer with %r, which the tokenizer splits into several tokens: "
+                    "generation cannot stop on it (demo.py stops on the text; an export's generation_config and "
+                    "serving stacks do not); add it as a special token", tokenizer.name_or_path, tail.strip())
+    else:
+        log.warning("%s: the chat template writes nothing after an answer: no answer is trained to end with a token "
+                    "generation can stop on; use a template that ends each turn with one (e.g. eos_token)",
+                    tokenizer.name_or_path)
 
 
 def _apply(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-    dated = {"date_string": CHAT_DATE} if "strftime_now" in _template_text(tokenizer) else {}
+    dated = {"date_string": CHAT_DATE} if "strftime_now" in template_text(tokenizer) else {}
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **dated)
 
 
 def _check_kept(text: str, messages: list[dict[str, str]]) -> None:
-    """Every message's content appears in the rendered text, in order (a template may strip it)."""
+    """Every message's content appears in the rendered text, in order (a template may strip or rewrite it)."""
     at = 0
     for i, m in enumerate(messages):
         content = m["content"].strip()
         found = text.find(content, at) if content else at
+        last = content.splitlines()[-1].strip() if content else ""
+        if found < 0 and last != content and last in text[at:]:  # its last line is there: the rest was rewritten
+            why = ": it drops the <think> reasoning" if "</think>" in content else ""
+            raise ValueError(f"the chat template rewrote message {i} ({m['role']}: {_CONTENT.get(m['role'], 'text')}, "
+                             f"{content[:40]!r}){why}; it would not be trained as written: use a template that renders "
+                             f"{m['role']} messages as they are, or \"template\": \"default\"")
         if found < 0:
             raise ValueError(f"the chat template dropped message {i} ({m['role']}: {_CONTENT.get(m['role'], 'text')}, "
                              f"{content[:40]!r}); it would never be trained on: use a template that renders "
@@ -73,15 +105,17 @@ def _check_kept(text: str, messages: list[dict[str, str]]) -> None:
         at = found + len(content)
 
 
-def _specials(tokenizer: Any) -> set[str]:
-    return set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+def _unsplit(tokenizer: Any) -> set[str]:
+    """The texts the tokenizer reads as one token, never split: its added tokens, special (`</s>`) or not (a
+    `tokenizer.add_tokens(["<|im_end|>"])`)."""
+    return set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()}
 
 
 def _clean_end(tokenizer: Any, turn: str, end: int) -> int:
-    """`end`, or the start of the special token of `turn` it falls inside ("<|end" of "<|endoftext|>")."""
+    """`end`, or the start of the added token of `turn` it falls inside ("<|end" of "<|endoftext|>")."""
     if end == len(turn):  # the whole turn (every template that renders turn by turn)
         return end
-    for token in _specials(tokenizer):
+    for token in _unsplit(tokenizer):
         at = turn.find(token, max(0, end - len(token) + 1))  # the first occurrence that could hold `end`
         if 0 <= at < end:
             end = at
@@ -101,6 +135,23 @@ def chat_problems(records: Sequence[Record]) -> list[str]:
     shows only when the records are rendered (encoding)."""
     found = ((r, structure_problem(CHAT_MESSAGES[r.type](r.data))) for r in records if r.type in CHAT_MESSAGES)
     return [f"{r.source}:{r.line}: {problem}" for r, problem in found if problem]
+
+
+def _not_turn_by_turn(before: str, prompt: str, turn: str, text: str, i: int) -> str:
+    """Why assistant message i cannot be located: `before` renders the messages before it, `prompt` adds the
+    generation prompt, `turn` adds message i, `text` is the whole record."""
+    if turn.startswith(prompt):  # the prompt and the answer agree until later messages are added
+        what = f"message {i}" if text.startswith(before) else f"the messages before message {i}"
+        return (f"the chat template renders {what} differently once later messages follow, so its answers cannot be "
+                "located; use \"template\": \"default\"")
+    if prompt.startswith(before) and turn.startswith(before):
+        tail, answer = prompt[len(before):], turn[len(before):]
+        shown = f"{answer[:len(tail) + 20]!r}{'...' if len(answer) > len(tail) + 20 else ''}"
+        return (f"the chat template's generation prompt ends with {tail!r}, which is not a prefix of how it renders "
+                f"the answer (message {i}: {shown}): a prompt would not be the start of the trained text; use "
+                "\"template\": \"default\"")
+    return (f"the chat template does not render this record turn by turn (message {i} changes earlier text), so its "
+            "answers cannot be located; use \"template\": \"default\"")
 
 
 def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool
@@ -124,8 +175,7 @@ def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_
             end = _clean_end(tokenizer, turn, common)
             if not (turn.startswith(prompt) and text.startswith(prompt)
                     and message["content"].strip() in text[len(prompt):end]):
-                raise ValueError(f"the chat template does not render this record turn by turn (message {i} changes "
-                                 "earlier text), so its answers cannot be located; use \"template\": \"default\"")
+                raise ValueError(_not_turn_by_turn(_apply(tokenizer, messages[:i]), prompt, turn, text, i))
             answers.append((len(prompt), len(text[:end].rstrip())))
     except TemplateError as e:
         roles = [m["role"] for m in messages]
@@ -160,17 +210,32 @@ def chat_prompt(rec: Mapping[str, Any], tokenizer: Any) -> Rendered:
     return Rendered(text, [], has_special_tokens=True, prompt_ends=ends)
 
 
-def end_of_turn(tokenizer: Any) -> str | None:
-    """The special token the chat template writes right after an assistant's content (ChatML's `<|im_end|>`,
-    Llama-3's `<|eot_id|>`, Llama-2's `</s>`), found by rendering a probe; None when there is none."""
+def turn_tail(tokenizer: Any) -> str | None:
+    """The text the chat template writes right after an assistant's content, which answers are trained to end with
+    (ChatML's `<|im_end|>`), found by rendering a probe; None when the template cannot render the probe."""
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     try:
         text, answers, _ = _render_messages(tokenizer, probe, generation_prompt=False)
     except ValueError:
         return None
     start, end = answers[0]
-    tail = text[text.index("Hello", start) + len("Hello"):end]
-    special = _specials(tokenizer)
+    return text[text.index("Hello", start) + len("Hello"):end]
+
+
+def end_of_turn(tokenizer: Any) -> str | None:
+    """The first added token (special or not: never split) in the text the chat template writes right after an
+    assistant's content (ChatML's `<|im_end|>`, Llama-3's `<|eot_id|>`, Llama-2's `</s>`); None when there is none."""
+    tail = turn_tail(tokenizer)
+    if not tail:
+        return None
+    added = {t for t in _unsplit(tokenizer) if t.strip()}  # not an added run of spaces
     found = [t for t in tokenizer.convert_ids_to_tokens(tokenizer(tail, add_special_tokens=False)["input_ids"])
-             if t in special]
+             if t in added]
     return found[0] if found else None  # the first: Phi-3 writes <|end|>, then EOS after a finished conversation
+
+
+def end_of_turn_text(tokenizer: Any) -> str | None:
+    """The text that ends each answer when no token does (`end_of_turn` is None: the tokenizer splits it), for
+    generation to stop on the text; None otherwise."""
+    tail = turn_tail(tokenizer)
+    return tail.strip() if tail and tail.strip() and end_of_turn(tokenizer) is None else None

@@ -32,8 +32,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from data.boundary import Encoding, appended_ids, encode_texts
-from data.chat import chat_problems, chat_prompt, render_chat, require_chat_template
-from data.records import MAX_SHOWN, DataError, Record, read_files, record_type, records_from_files
+from data.chat import chat_problems, chat_prompt, render_chat, require_chat_template, template_text
+from data.records import MAX_SHOWN, RECORD_TYPES, DataError, Record, read_files, record_type, records_from_files
 from data.templates import CHAT_MESSAGES, DEFAULT_SETTINGS, Rendered, Span, TemplateSettings, prompt_of, render
 from data.templates import template_settings as template_state
 
@@ -49,6 +49,10 @@ RUN_CACHE_DIR = ".data_cache"  # under save_path: a training run's data cache wh
 
 log = logging.getLogger(__name__)
 
+# record types that chat mode renders with the default template: no chat messages hold their tool turns (pretrain is
+# plain text in both modes)
+DEFAULT_IN_CHAT = tuple(t for t in RECORD_TYPES if t not in CHAT_MESSAGES and t != "pretrain")
+
 
 @dataclass(frozen=True)
 class EncodeStats:
@@ -62,6 +66,8 @@ class EncodeStats:
     prompted: int | None = None  # records rendered through a template (all but pretrain); None: a cache that predates it
     special_text: int | None = None  # records whose own text holds a special token's text; None: an older cache
     special_example: str = ""  # the first of them: 'FILE:LINE: field 'output' holds '</s>''
+    default_in_chat: int | None = None  # records of a type without chat messages, rendered by the default template in
+    # chat mode (conver_has_api); None: an older cache
     cache_hit: bool = False
     cache_path: str | None = None  # the cache read or written
     cache_problem: str = ""  # why the cache could not be written
@@ -197,8 +203,12 @@ def _strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
 def special_text(records: Sequence[Record], tokenizer: Any) -> tuple[int, str]:
     """How many records hold the text of one of the tokenizer's special tokens in their own fields, and the first
     ('FILE:LINE: field ... holds ...'). The tokenizer reads such text as that control token, as transformers and
-    serving stacks do: an EOS inside an answer is trained as a stop there."""
-    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    serving stacks do: an EOS inside an answer is trained as a stop there. Counted too: the added tokens that are not
+    special but that the chat template writes (a ChatML `<|im_end|>` added with `add_tokens`), never split either;
+    not a word added to the vocabulary."""
+    template = template_text(tokenizer)
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values()
+                if t.special or (t.content.strip() and t.content in template)}
     specials |= set(tokenizer.all_special_tokens)
     specials = sorted((t for t in specials if t), key=len, reverse=True)
     if not specials:
@@ -361,10 +371,12 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
     offsets = np.zeros(len(index) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     special, example = special_text(records, tokenizer)
+    chat = settings.template == "chat"
     stats = EncodeStats(records=len(records), kept=len(index), dropped=len(records) - len(index),
                         truncated=sum(part.truncated for part in parts), spliced=sum(part.spliced for part in parts),
                         prompted=sum(r.type != "pretrain" for r in records), special_text=special,
-                        special_example=example)
+                        special_example=example,
+                        default_in_chat=sum(r.type in DEFAULT_IN_CHAT for r in records) if chat else 0)
     return EncodedDataset(flat, labels, offsets, index, stats)
 
 
@@ -439,7 +451,8 @@ def _save(ds: EncodedDataset, path: Path) -> None:
                      counts=np.array([s.records, s.kept, s.dropped, s.truncated, s.spliced], dtype=np.int64),
                      prompted=np.int64(-1 if s.prompted is None else s.prompted),  # own keys: older code reads on
                      special_text=np.int64(-1 if s.special_text is None else s.special_text),
-                     special_example=np.array(s.special_example))
+                     special_example=np.array(s.special_example),
+                     default_in_chat=np.int64(-1 if s.default_in_chat is None else s.default_in_chat))
         os.chmod(tmp, 0o644)  # mkstemp makes it private; other ranks or users may read the cache
         os.replace(tmp, path)
     except BaseException:
@@ -453,9 +466,10 @@ def _load(path: Path) -> EncodedDataset:
         records, kept, dropped, truncated, spliced = counts[:5]
         prompted = int(z["prompted"]) if "prompted" in z.files else (counts[5:] or [-1])[0]  # -1: not counted then
         special = int(z["special_text"]) if "special_text" in z.files else -1
+        default = int(z["default_in_chat"]) if "default_in_chat" in z.files else -1
         stats = EncodeStats(records, kept, dropped, truncated, spliced, None if prompted < 0 else prompted,
                             None if special < 0 else special, str(z["special_example"]) if special > 0 else "",
-                            cache_hit=True, cache_path=str(path))
+                            None if default < 0 else default, cache_hit=True, cache_path=str(path))
         return EncodedDataset(z["input_ids"], z["labels"], z["offsets"], z["record_index"], stats)
 
 
@@ -560,6 +574,10 @@ def recv_dataset(src: int, group: Any) -> EncodedDataset:
 
 
 def _log(s: EncodeStats) -> None:
+    if s.default_in_chat:
+        log.warning("data: %d %s record(s) are rendered with the default template (\"### Human:\" turns), not the "
+                    "tokenizer's chat template: chat templates do not render their tool turns alike; the model learns "
+                    "both formats", s.default_in_chat, " / ".join(DEFAULT_IN_CHAT))
     log.info("data: %d records -> %d samples kept, %d dropped (no trained token within max_seq_len), "
              "%d truncated, %d split at a prompt / answer boundary; cache %s%s", s.records, s.kept, s.dropped,
              s.truncated, s.spliced, s.cache_status, f" ({s.cache_path})" if s.cache_path else "")

@@ -332,3 +332,114 @@ def test_a_dated_template_renders_one_date_every_day(phi3_dir, tmp_path, monkeyp
     tok.chat_template = PHI3.replace("{% endfor %}", "{% endfor %}{{ strftime_now('%Y-%m-%d') }}")
     with pytest.raises(DataError, match="the chat template writes the current date or time \\(strftime_now\\)"):
         encode_records(load_records(str(SAMPLES))[:3], tok, 64, CHAT)
+
+
+# --- end-of-turn markers that are not special tokens; reasoning templates; tool records ------------------------------
+
+
+def chatml_tok(tmp_path: Path, add: str | None):
+    """A tiny tokenizer with CHATML whose markers are added with `add_tokens` (not special) or, without `add`, not
+    tokens at all (split into pieces)."""
+    tok = train_tiny_tokenizer(_texts_from_records(SAMPLES), tmp_path, vocab_size=512)
+    if add == "add_tokens":
+        tok.add_tokens(["<|im_start|>", END, "River"])  # "River": a word added to the vocabulary
+    tok.chat_template = CHATML
+    return tok
+
+
+def test_an_end_of_turn_token_that_is_not_special_is_stopped_on(tmp_path):
+    """`<|im_end|>` added with add_tokens (special=False) is one token every answer is trained to end with: it is the
+    end of turn data_settings.json records (demo.py and the export stop on it), and a record holding its text is
+    counted as holding a control token's text (an added word is not)."""
+    from data.chat import end_of_turn, end_of_turn_text
+    from data.encode import special_text
+    from data.records import Record
+    from data.settings import data_settings_of
+
+    tok = chatml_tok(tmp_path, "add_tokens")
+    ids, labels, _ = encode_one(tok, RECORDS["instruct"], 128, CHAT)
+    assert trained_runs(tok, ids, labels) == ["1, 2, 3" + END] and tok.convert_tokens_to_ids(END) in ids
+    assert end_of_turn(tok) == END and end_of_turn_text(tok) is None
+    assert data_settings_of(CHAT, tok, 128, True).end_of_turn == END
+    records = [Record("instruct", {"instruct": "q", "output": "River."}, "x.jsonl", 1),
+               Record("instruct", {"instruct": "q", "output": f"a {END} b"}, "x.jsonl", 2)]
+    assert special_text(records, tok) == (1, f"x.jsonl:2: field 'output' holds {END!r}")
+
+
+def test_an_end_of_turn_the_tokenizer_splits_is_warned_once_and_stopped_on_as_text(tmp_path, caplog):
+    """Markers that are no token at all: nothing can stop on a token there; the chat template's check says so once,
+    in one line, and demo.py stops on the text (tests/test_demo_chat.py)."""
+    import logging
+
+    from data.chat import end_of_turn, end_of_turn_text, require_chat_template
+
+    tok = chatml_tok(tmp_path, None)
+    assert len(tok(END, add_special_tokens=False)["input_ids"]) > 1
+    assert end_of_turn(tok) is None and end_of_turn_text(tok) == END
+    with caplog.at_level(logging.WARNING, logger="data.chat"):
+        require_chat_template(tok)
+        require_chat_template(tok)
+    said = [r.getMessage() for r in caplog.records if r.name == "data.chat"]
+    assert said == [f"{tmp_path}: the chat template ends each answer with {END!r}, which the tokenizer splits into "
+                    "several tokens: generation cannot stop on it (demo.py stops on the text; an export's "
+                    "generation_config and serving stacks do not); add it as a special token"]
+
+
+# a DeepSeek-R1 (Feb 2025)-like template: the generation prompt opens <think>, answers are rendered without reasoning
+R1_LIKE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|im_start|>user\\n' + m['content'] + '<|im_end|>\\n' }}"
+           "{% else %}{{ '<|im_start|>assistant\\n' + m['content'].split('</think>')[-1].lstrip() + '<|im_end|>\\n' }}"
+           "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}")
+# a Qwen3-like template: an empty <think></think> before the last answer only
+QWEN3_LIKE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|im_start|>user\\n' + m['content'] + "
+              "'<|im_end|>\\n' }}{% else %}{{ '<|im_start|>assistant\\n' }}{% if loop.last and '</think>' not in "
+              "m['content'] %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{{ m['content'] + '<|im_end|>\\n' }}{% endif %}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_reasoning_templates_are_refused_for_what_they_do(chat_dir):
+    """Each refusal names the cause: a generation prompt the answer does not start with, an answer rendered otherwise
+    once later turns follow, reasoning the template drops."""
+    tok = AutoTokenizer.from_pretrained(str(chat_dir))
+    think = {"instruct": "2+3?", "output": "<think>\nadd them\n</think>\n\n5."}
+    two = {"rounds": [["ask", "2+3?"], ["ans", "5."], ["ask", "2+4?"], ["ans", "6."]]}
+    tok.chat_template = R1_LIKE
+    with pytest.raises(ValueError) as e:
+        encode_one(tok, {"instruct": "2+3?", "output": "5."}, 128, CHAT)
+    assert str(e.value) == ("the chat template's generation prompt ends with '<|im_start|>assistant\\n<think>\\n', which "
+                            "is not a prefix of how it renders the answer (message 1: '<|im_start|>assistant\\n5.<|im_end|>"
+                            "\\n'): a prompt would not be the start of the trained text; use \"template\": \"default\"")
+    with pytest.raises(ValueError) as e:
+        encode_one(tok, think, 128, CHAT)
+    assert str(e.value) == ("the chat template rewrote message 1 (assistant: an answer, '<think>\\nadd them\\n</think>"
+                            "\\n\\n5.'): it drops the <think> reasoning; it would not be trained as written: use a "
+                            "template that renders assistant messages as they are, or \"template\": \"default\"")
+    tok.chat_template = QWEN3_LIKE
+    assert encode_one(tok, think, 128, CHAT)[1]  # one answer: rendered as written
+    with pytest.raises(ValueError) as e:
+        encode_one(tok, two, 128, CHAT)
+    assert str(e.value) == ("the chat template renders message 1 differently once later messages follow, so its "
+                            "answers cannot be located; use \"template\": \"default\"")
+
+
+def test_tool_records_rendered_by_the_default_template_in_chat_mode_are_counted(chat_dir, tmp_path, caplog):
+    """conver_has_api records have no chat messages: chat mode renders them with the default template, and each load
+    (cache hit too) says how many, in one line."""
+    import logging
+
+    tok = AutoTokenizer.from_pretrained(str(chat_dir))
+    api = {"type": "conver_has_api", "api_desc": "search: Search the book.", "rounds": [["ask", "Hi"], ["ans", "Hello."]]}
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [api, RECORDS["conversation"], api]))
+    said = ("data: 2 conver_has_api record(s) are rendered with the default template (\"### Human:\" turns), not the "
+            "tokenizer's chat template: chat templates do not render their tool turns alike; the model learns both formats")
+    for hit in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="data.encode"):
+            ds = load_dataset(data, tok, 256, cache_dir=tmp_path / "cache", settings=CHAT)
+        assert ds.stats.cache_hit == hit and ds.stats.default_in_chat == 2
+        assert [r.getMessage() for r in caplog.records if r.name == "data.encode"] == [said]
+        assert "### Human: Hi" in tok.decode(ds[0]["input_ids"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data.encode"):
+        assert load_dataset(data, tok, 256, cache_dir=tmp_path / "cache").stats.default_in_chat == 0
+    assert not caplog.records

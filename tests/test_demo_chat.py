@@ -158,3 +158,36 @@ def test_export_warns_when_the_tokenizers_chat_template_is_not_what_the_run_trai
     (save / DATA_SETTINGS_FILE).write_text(json.dumps({**settings, "template": "default", "chat_template": None,
                                                        "end_of_turn": None, "prompted": False}))
     assert chat_template_mismatch(save, read_data_settings(save)) is None
+
+
+def test_generation_stops_on_an_end_of_turn_text_the_tokenizer_splits(tmp_path, capsys):
+    """ChatML markers that are no token (the tokenizer splits `<|im_end|>`): nothing can stop on a token, so demo.py
+    stops once the continuation holds the text (GenerationConfig's stop_strings), and says so."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tests.helpers import llama_config
+
+    tok = train_tiny_tokenizer(_texts_from_records(ROOT / "data" / "samples"), tmp_path / "tok", 512)
+    tok.chat_template = CHAT_TEMPLATES["chatml"][0]
+    tok.save_pretrained(str(tmp_path / "tok"))
+    assert demo.stop_strings(tok, TemplateSettings(template="chat")) == ["<|im_end|>"]
+    assert demo.stop_strings(tok, TemplateSettings()) == []
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config("gqa_tied", vocab_size=len(tok))).eval()
+    prompt = tok("Can you help me", add_special_tokens=False)["input_ids"]
+    free: list[int] = []
+    demo.generate(model, tok, prompt, 24, temperature=1.0, top_k=0, top_p=1.0, stream=False, eos_ids=[-1], new_ids=free)
+    head = tok.decode(free[:5])
+    stop = tok.decode(free[:8])[len(head):]  # a text that spans generated tokens 5..7
+    assert len(free) == 24 and tok.decode(free[:8]).startswith(head) and stop.strip()
+    stopped: list[int] = []
+    demo.generate(model, tok, prompt, 24, temperature=1.0, top_k=0, top_p=1.0, stream=False, eos_ids=[-1],
+                  stops=[stop], new_ids=stopped)
+    assert stopped == free[:len(stopped)] and len(stopped) <= 8 and stop in tok.decode(stopped)
+    assert convert_model.main(["init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"),
+                               "--save-path", str(tmp_path / "base")]) == 0
+    capsys.readouterr()
+    assert demo.main(["--model-path", str(tmp_path / "base"), "--template", "chat", "--record", json.dumps(RECORD),
+                      "--max-new-tokens", "2", "--no-stream"]) == 0
+    assert "and the text '<|im_end|>'" in capsys.readouterr().err

@@ -106,7 +106,7 @@ class TrainingData:
                  + (f"; {s.spliced} split at a prompt / answer boundary" if s.spliced else "")
                  + f"); cache {s.cache_status}")
         if s.special_text:
-            self.log(f"warning: data: {s.special_text} record(s) hold the text of a special token of the tokenizer "
+            self.log(f"warning: data: {s.special_text} record(s) hold the text of a special (or template) token of the tokenizer "
                      f"(first: {s.special_example}); it is read as that control token, as transformers and serving "
                      "stacks read it: an EOS or end-of-turn inside an answer trains the model to stop there. "
                      "Check them with: python -m data.inspect --config CONFIG --stats")

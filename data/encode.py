@@ -38,7 +38,7 @@ from data.templates import CHAT_MESSAGES, DEFAULT_SETTINGS, Rendered, Span, Temp
 from data.templates import template_settings as template_state
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "encode-v5"  # bump when encoding or labelling changes
+CACHE_VERSION = "encode-v6"  # bump when encoding or labelling changes
 MIN_RECORDS_FOR_POOL = 2000
 BATCH = 1000  # texts per tokenizer call
 MAX_RANGE = 2 * BATCH  # records per task at most: what a worker holds for one range does not grow with the data
@@ -282,7 +282,7 @@ def _encode_range(bounds: tuple[int, int]) -> Part:
         for i, r in enumerate(found, lo):
             if isinstance(r, str):
                 problems.append((i, r))
-            elif (r.labels != IGNORE_INDEX).any():
+            elif (r.labels[1:] != IGNORE_INDEX).any():  # a trained token after the first (never predicted)
                 idx.append(i)
                 ids.append(r.input_ids)
                 labels.append(r.labels)

@@ -190,6 +190,22 @@ def test_pretrain_without_eos(tok):
     assert tok.decode([x for x in labels if x != IGNORE_INDEX]) == RECORDS["pretrain"]["text"]
 
 
+def test_a_sample_whose_only_label_is_its_first_token_is_dropped(tmp_path):
+    """A sample's first token is never predicted (the loss shifts labels by one): a one-token pretrain text from a
+    tokenizer that adds no BOS (Bloom's, Qwen2's) trains nothing and is dropped, not kept as an empty sample (a step of
+    such rows logged loss 0.0 and still stepped the optimizer)."""
+    from data.encode import encode_records
+    from data.records import Record
+    from data.tiny_tokenizer import train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer(["hello world a b c"] * 10, tmp_path / "tok", 300, "llama3")
+    tok.backend_tokenizer.post_processor = None  # no BOS
+    assert len(tok("a")["input_ids"]) == 1
+    recs = [Record("pretrain", {"text": "a"}, "x.jsonl", 1), Record("pretrain", {"text": "hello world"}, "x.jsonl", 2)]
+    ds = encode_records(recs, tok, 64, TemplateSettings(pretrain_eos=False), num_proc=1)
+    assert (ds.stats.kept, ds.stats.dropped) == (1, 1) and ds.sample_of_record(0) is None
+
+
 def test_truncation_never_fakes_eos_and_drops_unlabelled(tok, tmp_path):
     rec = RECORDS["instruct_input"]
     full, full_labels, _ = encode_one(tok, rec, 1024)

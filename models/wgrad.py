@@ -31,6 +31,7 @@ class WeightGradStore:
         self.deferring = False
         self.group: list | None = None
         self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.reused: set[int] = set()  # storages DeepSpeed writes again within the step: a dy kept there is copied
         self.flushed = 0  # micro-batches whose weight gradients were deferred, over the run
 
     def start(self, micro_batch: int, defer: bool) -> None:
@@ -79,6 +80,9 @@ class _DeferredLinear(torch.autograd.Function):
         x, detached = ctx.saved_tensors
         # x without its history: kept with it, x -> its graph -> an earlier deferred linear -> this group -> x would
         # be a cycle through autograd's nodes that the garbage collector cannot break (every step's kept tensors leak)
+        store = ctx.module._wgrad_store
+        if grad.untyped_storage().data_ptr() in store.reused:  # the received gradient (the stage's last linear)
+            grad = grad.clone()
         ctx.group.append((ctx.module.weight, x.detach(), grad))
         gx = grad.matmul(detached) if ctx.needs_input_grad[0] else None
         gb = grad.flatten(0, -2).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -127,9 +131,9 @@ def deferred_micro_batches(stage: int, micro_batches: int) -> int:
 def defer_in_engine(engine, store: WeightGradStore, k: int) -> None:
     """Make DeepSpeed's pipeline engine defer the weight gradients of each step's last `k` backward passes on this
     stage and compute them before the step's gradient reduction (its ReduceTiedGrads instruction). Uses the
-    engine's private `_INSTRUCTION_MAP`, `grad_layer` / `_grad_layer_buf` (the receive buffer of the incoming
-    gradient, which a deferred micro-batch keeps as its last linear's dy), and the bf16 optimizer's
-    `clear_lp_grads` / `update_hp_grads` / `immediate_grad_update`."""
+    engine's private `_INSTRUCTION_MAP`, `grad_layer` (the receive buffer of the incoming gradient: the dy of the
+    stage's last linear, copied when kept, since DeepSpeed receives the next gradients and, from the same pool, the
+    next activations there), and the bf16 optimizer's `clear_lp_grads` / `update_hp_grads` / `immediate_grad_update`."""
     from deepspeed.runtime.pipe import schedule
 
     table = dict(engine._INSTRUCTION_MAP)
@@ -142,14 +146,16 @@ def defer_in_engine(engine, store: WeightGradStore, k: int) -> None:
             if kind == "forward" and not torch.is_grad_enabled():  # eval_batch: nothing to defer
                 return instruction(self, buffer_id)
             defer = count[kind] >= self.micro_batches - k
+            if kind == "backward" and defer:
+                received = self.grad_layer if isinstance(self.grad_layer, (list, tuple)) else [self.grad_layer]
+                store.reused = {t.untyped_storage().data_ptr() for t in received if t is not None}
             store.start(count[kind], defer)
             count[kind] += 1
             try:
                 return instruction(self, buffer_id)
             finally:
                 store.stop()
-                if kind == "backward" and defer:  # the received gradient is a kept dy: receive the next elsewhere
-                    self.grad_layer, self._grad_layer_buf = None, []
+                store.reused = set()
         return step
 
     def reduce_tied_grads(self):

@@ -117,9 +117,10 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float,
 
 
 @pytest.mark.parametrize("procs, dims, family, name, clip, ckpt, packing, opt, defer_more", [
-    # the tied embedding/head on different stages; both stages defer 2 more micro-batches' weight gradients than
-    # train_ds.py would: the first stage keeps received gradients (DeepSpeed's receive buffer) as dy
-    (2, [2, 1], "llama", "gqa_tied", 1.0, False, False, "adamw", 2),
+    # the tied embedding/head on the first and last of 3 stages; every stage defers one more micro-batch's weight
+    # gradients than train_ds.py would: the first keeps received gradients (DeepSpeed's receive buffer) as dy, and the
+    # middle one keeps them past its last forward passes, whose activations DeepSpeed receives into the same buffer
+    (3, [3, 1], "llama", "gqa_tied", 1.0, False, False, "adamw", 1),
     (4, [2, 2], "llama", "gqa_llama3_rope", 1.0, False, False, "adamw+grouped", 0),  # clipping by the norm over both stages and both replicas; group_by_length
     (2, [2, 1], "llama", "mha_bias_untied", 0.0, True, False, "adamw", 0),  # activation checkpointing of the decoder blocks
     (2, [2, 1], "bloom", "tied", 1.0, True, False, "adamw", 0),  # tied embedding/head on different stages (auto balance), checkpointing
@@ -127,12 +128,14 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float,
     (2, [2, 1], "llama", "mha_bias_untied", 1.0, False, True, "adamw+grouped", 0),  # packed sequences, group_by_length
     (2, [2, 1], "mistral", "window", 0.0, False, False, "lion", 0),  # Mistral; Lion (lion-pytorch) vs the Lion formula
     (2, [2, 1], "qwen2", "tied", 1.0, False, False, "adamw", 0),  # q/k/v biases; Qwen2.5's tied embedding/head on 2 stages
-], ids=["pipe2-tied-clip", "pipe2xdata2-clip-grouped", "pipe2-noclip-gradckpt", "bloom-pipe2-tied-gradckpt", "bloom-pipe1",
+], ids=["pipe3-tied-clip", "pipe2xdata2-clip-grouped", "pipe2-noclip-gradckpt", "bloom-pipe2-tied-gradckpt", "bloom-pipe1",
         "pipe2-packing-grouped", "mistral-pipe2-lion", "qwen2-pipe2-tied"])
 def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing,
                                                    opt, defer_more):
+    # 3 stages: a block on each (the auto balance gives the last stage the head alone, with no linear to defer)
+    topo = {"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": dims}, "parts": [2, 1, 2]}}
     check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing, opt,
-                            defer_more=defer_more)
+                            over=topo if dims[0] == 3 else None, defer_more=defer_more)
 
 
 def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing, opt, launch=None,
@@ -165,7 +168,7 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     (tmp_path / "cfg.json").write_text(json.dumps(config))
     tied_stages = dims[0] > 1 and hf.config.tie_word_embeddings
     assert defer_more == 0 or tied_stages, "defer_more is the tied-weights worker's option"
-    per_stage = [min(GAS, deferred_micro_batches(s, GAS) + defer_more) for s in (0, 1)]  # whose weight gradients wait
+    per_stage = [min(GAS, deferred_micro_batches(s, GAS) + defer_more) for s in range(dims[0])]  # whose dW wait
     if tied_stages:  # train_ds.py's Trainer, then both stages' copies of the tied weight are compared
         assert launch is None, "the tied-weights check runs its own worker under the deepspeed launcher"
         # ... with the loss chunked at LOSS_CHUNK rows x vocabulary: the tied head runs inside it, chunk by chunk
@@ -184,15 +187,17 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
             out[-2000:]
     if tied_stages:
         reports = [json.loads((tmp_path / f"tied-rank{r}.json").read_text()) for r in range(procs)]
-        assert [r["stage"] for r in reports] == [0, 1]
-        for r in reports:  # the embedding's stage and the head's stage each hold a copy; after training they agree
-            assert len(r["tied"]) == 1 and all(t["ranks"] == [0, 1] and t["max_abs_diff"] == 0 for t in r["tied"].values()), r
+        last = dims[0] - 1
+        assert [r["stage"] for r in reports] == list(range(dims[0]))
+        for r in (reports[0], reports[last]):  # the embedding's stage and the head's each hold a copy; they agree
+            assert len(r["tied"]) == 1 and all(t["ranks"] == [0, last] and t["max_abs_diff"] == 0
+                                               for t in r["tied"].values()), r
         # full fine-tuning: stage s > 0 deferred the weight gradients of each step's last s + 1 micro-batches (stage 0
         # none), each + defer_more
         # (the losses and weights below are those of the plain backward)
         assert [r["deferred"] for r in reports] == [0 if ckpt else k * STEPS for k in per_stage], reports
         # the last stage's loss ran its head in chunks of LOSS_CHUNK positions: more chunks than micro-batches
-        assert reports[0]["head_chunks"] == 0 and reports[1]["head_chunks"] > STEPS * GAS, reports
+        assert reports[0]["head_chunks"] == 0 and reports[last]["head_chunks"] > STEPS * GAS, reports
     deferred = f"deferred weight gradients: the last {per_stage} micro-batches per stage"
     assert (deferred in out) == (dims[0] > 1 and not ckpt), out[-2000:]
 

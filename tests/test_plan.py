@@ -89,6 +89,19 @@ def test_what_cannot_fit_says_what_would():
     assert plan(family, config, gpus=1, memory=24e9, seq_len=1024, quantization="nf4")["fits"]
 
 
+def test_the_config_keys_to_paste_enable_the_planned_precision():
+    """The snippet trains in the precision the memory was planned for (fp16's lacked its section: fp32, twice the
+    planned weights and gradients)."""
+    from training.plan import snippet
+
+    family, config = _model(LLAMA2_7B)
+    keys = {p: snippet(plan(family, config, gpus=8, memory=80e9, seq_len=1024, precision=p)["best"])
+            for p in ("bf16", "fp16", "fp32")}
+    assert keys["bf16"]["bf16"] == {"enabled": True} and "fp16" not in keys["bf16"]
+    assert keys["fp16"]["fp16"] == {"enabled": True} and "bf16" not in keys["fp16"]
+    assert "fp16" not in keys["fp32"] and "bf16" not in keys["fp32"]
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps(LLAMA2_7B))
     for argv, text in ((["--gpu-memory", "lots"], "--gpu-memory: 'lots' is not a size"),

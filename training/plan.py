@@ -173,6 +173,8 @@ def snippet(c: dict) -> dict:
            "zero_optimization": {"stage": 1, **({"offload_optimizer": {"device": "cpu"}} if s.offload else {})}}
     if s.precision == "bf16":
         out |= {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+    elif s.precision == "fp16":
+        out["fp16"] = {"enabled": True}
     if s.lora is not None:
         out["lora"] = {"r": s.lora.r, "alpha": 2 * s.lora.r, "target_modules": "all-linear"}
     if s.quantization is not None:

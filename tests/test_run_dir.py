@@ -131,7 +131,7 @@ def test_resume_rules_refuse_what_changes_the_optimizer_state_or_the_data_order(
     "enabled": false, is the same as no section; the precision, the loss scaler's keys (DeepSpeed restores the scaler
     from the checkpoint), the seed and the batch are refused; data keys wait for the fingerprint of the rows when the
     checkpoint has one."""
-    from training.resume import config_changes, refusals
+    from training.resume import config_changes, refusals, same_global_batch
 
     base = {"data_path": "a.jsonl", "seed": 1, "fp16": {"enabled": True, "loss_scale_window": 1000}}
     def changed(**over):
@@ -154,6 +154,12 @@ def test_resume_rules_refuse_what_changes_the_optimizer_state_or_the_data_order(
     def opt_changes(kind):
         return [c.key for c in config_changes({**base, "optimizer": opt}, {**base, "optimizer": {**opt, "type": kind}})]
     assert opt_changes("adamw") == [] and opt_changes("Adam") == ["optimizer.type"]
+    # the batch keys split the checkpoint's global batch otherwise (half the accumulation on twice the replicas):
+    # the data order is the same, applied; another global batch is refused
+    split = config_changes({**base, "gradient_accumulation_steps": 8}, {**base, "gradient_accumulation_steps": 4})
+    assert [c.kind for c in same_global_batch(split, True)] == ["applied"] and refusals(same_global_batch(split, True),
+                                                                                       False) == []
+    assert [c.key for c in refusals(same_global_batch(split, False), False)] == ["gradient_accumulation_steps"]
 
 
 def test_lock_is_refused_while_held_and_taken_over_when_stale(tmp_path, monkeypatch):

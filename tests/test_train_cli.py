@@ -15,7 +15,7 @@ import torch
 import convert_model
 import train_ds
 from tests.helpers import run_deepspeed
-from training.config import load_config
+from training.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,6 +235,22 @@ def test_other_eval_data_on_resume_is_refused_where_eval_losses_are_compared(tmp
     (tag / "trainer_state.json").write_text(json.dumps({"evals": [[1, 2.5]]}))
     (tag / "run_config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "keep_best"}))
     load_config(write_config(tmp_path, base, eval_data_path=str(evals[1]), eval_interval=1), world_size=1)
+
+
+def test_a_batch_split_that_keeps_the_global_batch_resumes(tmp_path, base):
+    """Twice the replicas and half the accumulation: the checkpoint's global batch, so the same data order (applied);
+    another global batch is refused before training."""
+    two = {"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}}}
+    saved = json.loads(write_config(tmp_path, base, gradient_accumulation_steps=4).read_text())
+    tag = tmp_path / "out" / "global_step1"
+    tag.mkdir(parents=True)
+    (tag / "trainer_state.json").write_text(json.dumps({"step": 1, "global_batch": 8, "data_fingerprint": "0" * 32}))
+    (tag / "run_config.json").write_text(json.dumps(saved))
+    (tmp_path / "out" / "latest").write_text("global_step1")
+    load_config(write_config(tmp_path, base, gradient_accumulation_steps=2, **two), world_size=2)
+    with pytest.raises(ConfigError, match="'gradient_accumulation_steps' changed since the checkpoint .*the global "
+                                          "batch changes"):
+        load_config(write_config(tmp_path, base, gradient_accumulation_steps=2), world_size=1)
 
 
 def test_hf_dir_as_model_path_gets_a_hint(tmp_path, base, capsys):

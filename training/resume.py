@@ -32,6 +32,7 @@ from training.checkpoint import (
     saved_eval_fingerprint,
     tag_of,
 )
+from training.compat import BATCH_KEYS
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -64,7 +65,7 @@ RESUME_RULES: list[tuple[str, str, str]] = [
     ("lora", FIXED, "the checkpoint holds adapters of the saved LoRA settings"),
     ("quantization", FIXED, "the adapters were trained on the base quantised the saved way"),
     ("model_topo", APPLIED, "weights, step and schedule are loaded; the optimizer state is reset if the stages "
-                            "change"),
+                            "or the data-parallel replicas change"),
     ("from_scratch", APPLIED, "no effect on resume: the weights come from the checkpoint"),
     ("eval_data_path", APPLIED, "later evaluations use the new eval data (other eval rows are refused with "
                                 "keep_best or early_stopping_patience)"),
@@ -155,6 +156,13 @@ def config_changes(saved: dict, new: dict, lora_run: bool = False) -> list[Chang
         kind, note = rule_of(key, lora_run)
         out.append(Change(key, old, cur, kind, note))
     return out
+
+
+def same_global_batch(changes: list[Change], same: bool) -> list[Change]:
+    """With the checkpoint's global batch (`same`), a change of the batch keys only splits it otherwise (over
+    micro-batches, accumulation and data-parallel replicas): the data order is the same, so it is applied."""
+    return [replace(c, kind=APPLIED, note="the global batch is the checkpoint's: the same data order")
+            if same and c.key in BATCH_KEYS else c for c in changes]
 
 
 def refusals(changes: list[Change], allow_data_change: bool, compares_evals: bool = False,
@@ -329,9 +337,13 @@ def resume_problem(cfg: TrainConfig, lora: LoraSettings | None) -> str | None:
         fingerprinted, evaluated = state.get("data_fingerprint") is not None, bool(state.get("evals"))
         # the eval rows' fingerprint: their change (not the path's) is refused once the data are read
         evaluated = evaluated and saved_eval_fingerprint(state) is None
+        saved_batch = state.get("global_batch")
     except (OSError, ValueError, AttributeError):
-        fingerprinted, evaluated = False, True
-    refused = refusals(config_changes(old, cfg.raw, lora_run=cfg.lora is not None), cfg.allow_data_change_on_resume,
+        fingerprinted, evaluated, saved_batch = False, True, None
+    batch = cfg.ds_config.get("train_batch_size")  # micro x accumulation x replicas (derived when the world is known)
+    changes = same_global_batch(config_changes(old, cfg.raw, lora_run=cfg.lora is not None),
+                                batch is not None and saved_batch == batch)
+    refused = refusals(changes, cfg.allow_data_change_on_resume,
                        compares_evals=evaluated and bool(cfg.keep_best or cfg.early_stopping_patience),
                        fingerprinted=fingerprinted)
     if refused:

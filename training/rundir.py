@@ -25,6 +25,7 @@ from training.resume import (
     name_resumed,
     read_run_config,
     resume_tag,
+    same_global_batch,
     schedule_kind,
     start_schedule_at,
     tag_problem,
@@ -210,7 +211,8 @@ class RunDirectory:
         or a different global batch unless allow_data_change_on_resume."""
         cfg = self.cfg
         old = read_run_config(tag_dir)
-        changes = config_changes(old, cfg.raw, lora_run=self.lora is not None) if old is not None else []
+        changes = same_global_batch(config_changes(old, cfg.raw, lora_run=self.lora is not None),
+                                    saved.global_batch == self.plan.global_batch) if old is not None else []
         self.changes_lr = any(c.key.split(".")[0] in ("optimizer", "lr_schedule", "scheduler") for c in changes)
         self.schedule_switched = old is not None and schedule_kind(old) != schedule_kind(cfg.raw)
         self.changes_length = any(c.key in ("max_steps", "n_epoches") for c in changes)

@@ -96,6 +96,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise DemoError(f"--top-k {args.top_k}: must be >= 0")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise DemoError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise DemoError(f"--{'top-k' if args.top_k is not None else 'top-p'} samples, but --temperature 0 is greedy "
+                        "decoding (which takes neither); give --temperature T > 0 to sample")
 
 
 def build_record(args: argparse.Namespace) -> dict:
@@ -298,7 +301,24 @@ def run(args: argparse.Namespace) -> None:
     t0 = time.time()
     if rank == 0:
         log(f"loading {args.model_path} ({str(dtype).removeprefix('torch.')}, {device.type}, {world_size} process(es))")
+    if args.adapter:
+        from models.convert import resolve_checkpoint, resolve_hf_dir
+        from models.lora import read_lora_info
+
+        try:
+            layers_dir = resolve_checkpoint(resolve_hf_dir(args.model_path))[0]
+        except (CheckpointError, OSError):
+            layers_dir = None  # an HF dir, or a path load() reports
+        if layers_dir is not None and read_lora_info(layers_dir) is not None:
+            raise DemoError(f"--model-path {args.model_path} is a LoRA checkpoint, whose adapters are merged when it is "
+                            f"loaded: --adapter {args.adapter} would add them a second time; give the base model with "
+                            "--adapter, or drop --adapter")
     model, tokenizer, config_dir = load(args.model_path, dtype)
+    embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embeddings:
+        raise DemoError(f"{config_dir}: the model's vocab_size {embeddings} is smaller than the tokenizer's "
+                        f"{len(tokenizer)} tokens (ids >= {embeddings} have no embedding row); resize the model's "
+                        "embeddings or use its own tokenizer")
     settings = prompt_settings(([Path(args.adapter)] if args.adapter else []) + [config_dir], args.template, tokenizer)
     try:
         prompt = encode_prompt(tokenizer, rec, settings)

@@ -114,6 +114,7 @@ def test_sampling_without_top_k_or_top_p_takes_the_models_generation_config(dirs
     (["--model-path", "{tmp}", "--prompt", "x"], "layer_00-model_states.pt"),
     (["--model-path", "{tmp}", "--prompt", "x", "--input", "y"], "--input needs --instruct"),
     (["--model-path", "{tmp}", "--prompt", "x", "--top-p", "0"], "--top-p"),
+    (["--model-path", "{tmp}", "--prompt", "x", "--top-p", "0.5"], "--top-p samples, but --temperature 0 is greedy"),
     (["--model-path", "{tmp}", "--prompt", "x", "--temperature", "nan"], "--temperature nan: must be a number >= 0"),
     (["--model-path", "{tmp}", "--record", '[{"instruct": "x"}]'], "--record: a record is a JSON object"),
 ])
@@ -121,6 +122,35 @@ def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
     assert demo.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # status lines may precede it
     assert last.startswith("demo.py: error:") and message in last
+
+
+def test_a_lora_checkpoint_with_its_adapter_and_a_tokenizer_past_the_vocabulary_are_one_line(dirs, tmp_path, capsys):
+    """A LoRA checkpoint's adapters are merged when it loads: its exported adapter on top would count them twice
+    (logits off by up to 1.3 on a trained toy, no word said). A tokenizer with more tokens than the embedding has rows
+    (one added without resizing) would index past it (a traceback); training refuses both in the same words."""
+    from tests.test_convert import _lora_checkpoint
+
+    save = _lora_checkpoint(tmp_path, dirs["pp"])
+    assert convert_model.main(["pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "adapter"),
+                               "--lora", "peft"]) == 0
+    capsys.readouterr()
+    assert demo.main(["--model-path", str(save), "--adapter", str(tmp_path / "adapter"), "--prompt", "x"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"demo.py: error: --model-path {save} is a LoRA checkpoint, whose adapters are merged when it is "
+                    f"loaded: --adapter {tmp_path / 'adapter'} would add them a second time; give the base model with "
+                    "--adapter, or drop --adapter")
+    assert demo.main(["--model-path", str(dirs["hf"]), "--adapter", str(tmp_path / "adapter"), "--prompt", "x",
+                      "--max-new-tokens", "2"]) == 0  # on its base
+    hf = tmp_path / "hf"
+    shutil.copytree(dirs["hf"], hf)
+    model, tok, _ = demo.load(hf)
+    tok.add_special_tokens({"additional_special_tokens": [f"<|extra{i}|>" for i in range(
+        model.get_input_embeddings().num_embeddings - len(tok) + 1)]})
+    tok.save_pretrained(str(hf))
+    capsys.readouterr()
+    assert demo.main(["--model-path", str(hf), "--prompt", "x"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"demo.py: error: {hf}: the model's vocab_size ") and "resize the model's embeddings" in last
 
 
 def test_a_damaged_hf_dir_a_prompt_past_the_positions_and_an_empty_prompt_are_one_line(dirs, tmp_path, capsys):

@@ -69,7 +69,10 @@ def measure(hf_dir: Path, out_dir: Path) -> dict:
                           text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu"})
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if result["rc"]:  # no figures of a conversion that failed
+        raise RuntimeError(f"hg_to_pp failed (exit {result['rc']}): {proc.stderr.strip()[-1000:]}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

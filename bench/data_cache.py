@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         write_records(data, args.records)
         settings = TemplateSettings(template=args.template)
         cache = work / "cache"
+        shutil.rmtree(cache, ignore_errors=True)  # a --workdir used before: the cold build must build
         workers = usable_cores() if args.records >= MIN_RECORDS_FOR_POOL else 1
         print(f"{args.records} records ({data.stat().st_size / 1e6:.1f} MB), template {args.template!r}, "
               f"max_seq_len 256, {usable_cores()} usable cores")

@@ -40,7 +40,7 @@ _CONTENT = {"system": "the instruction and reference", "user": "a question", "as
 CHAT_DATE = "26 Jul 2024"
 
 
-def template_text(tokenizer: Any) -> str:
+def _template_text(tokenizer: Any) -> str:
     """The tokenizer's chat template(s) as one text ("" without one)."""
     t = getattr(tokenizer, "chat_template", None)
     return t if isinstance(t, str) else " ".join(t.values()) if isinstance(t, dict) else ""
@@ -54,7 +54,7 @@ def require_chat_template(tokenizer: Any) -> None:
         raise DataError([f"{tokenizer.name_or_path}:0: \"template\": \"chat\" needs a tokenizer with a chat template, "
                          "and this one has none (no chat_template.jinja or \"chat_template\" in tokenizer_config.json); "
                          "add one or use \"template\": \"default\""])
-    text = template_text(tokenizer)
+    text = _template_text(tokenizer)
     if "strftime_now" in text and "date_string" not in text:
         raise DataError([f"{tokenizer.name_or_path}:0: the chat template writes the current date or time "
                          "(strftime_now) into its text, so a prompt would differ from training on another day; make it "
@@ -67,7 +67,7 @@ _warned: set[tuple[str, str]] = set()  # (tokenizer dir, chat template): said on
 
 def _warn_if_no_end_token(tokenizer: Any) -> None:
     """One warning line when the template ends an answer with no token generation can stop on (`end_of_turn`)."""
-    key = (str(tokenizer.name_or_path), template_text(tokenizer))
+    key = (str(tokenizer.name_or_path), _template_text(tokenizer))
     if key in _warned or (tail := turn_tail(tokenizer)) is None or end_of_turn(tokenizer) is not None:
         return
     _warned.add(key)
@@ -82,7 +82,7 @@ def _warn_if_no_end_token(tokenizer: Any) -> None:
 
 
 def _apply(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-    dated = {"date_string": CHAT_DATE} if "strftime_now" in template_text(tokenizer) else {}
+    dated = {"date_string": CHAT_DATE} if "strftime_now" in _template_text(tokenizer) else {}
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **dated)
 
 
@@ -93,7 +93,7 @@ def _check_kept(text: str, messages: list[dict[str, str]]) -> None:
         content = m["content"].strip()
         found = text.find(content, at) if content else at
         last = content.splitlines()[-1].strip() if content else ""
-        if found < 0 and last != content and last in text[at:]:  # its last line is there: the rest was rewritten
+        if found < 0 and m["role"] == "assistant" and last != content and last in text[at:]:  # the rest rewritten
             why = ": it drops the <think> reasoning" if "</think>" in content else ""
             raise ValueError(f"the chat template rewrote message {i} ({m['role']}: {_CONTENT.get(m['role'], 'text')}, "
                              f"{content[:40]!r}){why}; it would not be trained as written: use a template that renders "
@@ -208,6 +208,20 @@ def chat_prompt(rec: Mapping[str, Any], tokenizer: Any) -> Rendered:
         messages = messages[:-1]
     text, _, ends = _render_messages(tokenizer, messages, generation_prompt=True)
     return Rendered(text, [], has_special_tokens=True, prompt_ends=ends)
+
+
+def template_tokens(tokenizer: Any) -> set[str]:
+    """The added tokens (special or not; not whitespace) the chat template writes around a probe conversation:
+    its control tokens, such as a ChatML `<|im_end|>` added with `add_tokens`; not an added word it never writes."""
+    if not getattr(tokenizer, "chat_template", None):
+        return set()
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        text = _apply(tokenizer, probe) + _apply(tokenizer, probe[:1], generation_prompt=True)
+    except (TemplateError, ValueError, TypeError):
+        return set()
+    text = text.replace("Hello", "\x00").replace("Hi", "\x00")  # the template's own text only
+    return {t for t in _unsplit(tokenizer) if t.strip() and t in text}
 
 
 def turn_tail(tokenizer: Any) -> str | None:

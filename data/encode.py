@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from data.boundary import Encoding, appended_ids, encode_texts
-from data.chat import chat_problems, chat_prompt, render_chat, require_chat_template, template_text
+from data.chat import chat_problems, chat_prompt, render_chat, require_chat_template, template_tokens
 from data.records import MAX_SHOWN, RECORD_TYPES, DataError, Record, read_files, record_type, records_from_files
 from data.templates import CHAT_MESSAGES, DEFAULT_SETTINGS, Rendered, Span, TemplateSettings, prompt_of, render
 from data.templates import template_settings as template_state
@@ -206,10 +206,8 @@ def special_text(records: Sequence[Record], tokenizer: Any) -> tuple[int, str]:
     serving stacks do: an EOS inside an answer is trained as a stop there. Counted too: the added tokens that are not
     special but that the chat template writes (a ChatML `<|im_end|>` added with `add_tokens`), never split either;
     not a word added to the vocabulary."""
-    template = template_text(tokenizer)
-    specials = {t.content for t in tokenizer.added_tokens_decoder.values()
-                if t.special or (t.content.strip() and t.content in template)}
-    specials |= set(tokenizer.all_special_tokens)
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    specials |= set(tokenizer.all_special_tokens) | template_tokens(tokenizer)
     specials = sorted((t for t in specials if t), key=len, reverse=True)
     if not specials:
         return 0, ""

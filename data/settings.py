@@ -72,6 +72,9 @@ def read_data_settings(directory: str | Path) -> DataSettings | None:
             raise ValueError("not a JSON object")
         template = TemplateSettings(**{f.name: body[f.name] for f in fields(TemplateSettings) if f.name in body})
         rest = {f.name: body.get(f.name) for f in fields(DataSettings) if f.name != "template"}
+        named = rest["chat_template"]
+        if isinstance(named, dict) and isinstance(named.get("default"), str):  # written before e5bfb61: named
+            rest["chat_template"] = named["default"]  # templates whole; training rendered with "default"
         for name, kinds in (("max_seq_len", int), ("chat_template", str), ("end_of_turn", str), ("eos_token", str),
                             ("prompted", bool)):
             if rest[name] is not None and not isinstance(rest[name], kinds):

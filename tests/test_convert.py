@@ -770,6 +770,9 @@ def test_a_chat_run_exports_stop_at_the_end_of_turn_token(tmp_path):
     tok.chat_template = {"default": tok.chat_template, "tool_use": "{{ tools }}"}
     write_data_settings(base, data_settings_of(TemplateSettings(template="chat"), tok))
     assert read_data_settings(base).chat_template == tok.chat_template["default"]
+    written = json.loads((base / "data_settings.json").read_text())  # as runs before e5bfb61 wrote it: the whole dict
+    (base / "data_settings.json").write_text(json.dumps({**written, "chat_template": tok.chat_template}))
+    assert read_data_settings(base).chat_template == tok.chat_template["default"]
     assert run("pp_to_hg", "--input-path", str(base), "--save-path", str(tmp_path / "named")) == 0
 
 

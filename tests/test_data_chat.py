@@ -161,13 +161,14 @@ def test_a_template_that_drops_part_of_a_record_is_a_file_line_error(chat_dir, t
     tok.chat_template = "{% for m in messages %}{% if m['role'] != 'system' %}" + CHATML.split("{% for m in messages %}")[1] \
         .replace("{% endfor %}", "{% endif %}{% endfor %}", 1)
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in [RECORDS["conversation"], RECORDS["ref_qa"]]))
+    echo = {**RECORDS["ref_qa"], "rounds": [["ask", "What does it say?"], ["ans", RECORDS["ref_qa"]["reference"]]]}
+    data.write_text("".join(json.dumps(r) + "\n" for r in [RECORDS["conversation"], RECORDS["ref_qa"], echo]))
     with pytest.raises(DataError) as e:
         load_dataset(data, tok, 128, settings=CHAT, use_cache=False)
-    assert e.value.problems == [
-        f"{data}:2: the chat template dropped message 0 (system: the instruction and reference, 'Generate responses to "
-        "the given instruct'); it would never be trained on: use a template that renders system messages, or "
-        "\"template\": \"default\""]
+    said = ("the chat template dropped message 0 (system: the instruction and reference, 'Generate responses to the "
+            "given instruct'); it would never be trained on: use a template that renders system messages, or "
+            "\"template\": \"default\"")
+    assert e.value.problems == [f"{data}:2: {said}", f"{data}:3: {said}"]  # 3: the answer quotes the reference
 
 
 def test_a_first_turn_answer_is_found_when_the_records_are_validated(chat_dir, tmp_path, monkeypatch):
@@ -342,7 +343,8 @@ def chatml_tok(tmp_path: Path, add: str | None):
     tokens at all (split into pieces)."""
     tok = train_tiny_tokenizer(_texts_from_records(SAMPLES), tmp_path, vocab_size=512)
     if add == "add_tokens":
-        tok.add_tokens(["<|im_start|>", END, "River"])  # "River": a word added to the vocabulary
+        tok.add_tokens(["<|im_start|>", END, "River", "content"])  # words added to the vocabulary ("content": in the
+        # template's source, not in what it writes)
     tok.chat_template = CHATML
     return tok
 
@@ -361,7 +363,7 @@ def test_an_end_of_turn_token_that_is_not_special_is_stopped_on(tmp_path):
     assert trained_runs(tok, ids, labels) == ["1, 2, 3" + END] and tok.convert_tokens_to_ids(END) in ids
     assert end_of_turn(tok) == END and end_of_turn_text(tok) is None
     assert data_settings_of(CHAT, tok, 128, True).end_of_turn == END
-    records = [Record("instruct", {"instruct": "q", "output": "River."}, "x.jsonl", 1),
+    records = [Record("instruct", {"instruct": "q", "output": "River content."}, "x.jsonl", 1),
                Record("instruct", {"instruct": "q", "output": f"a {END} b"}, "x.jsonl", 2)]
     assert special_text(records, tok) == (1, f"x.jsonl:2: field 'output' holds {END!r}")
 

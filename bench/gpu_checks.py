@@ -223,7 +223,7 @@ def training(device, work: Path, quick: bool, match: str | None = None) -> None:
     launch = _launcher(device.type, work)
     lion = {"optimizer": {"type": "Lion", "params": {"lr": LION_LR, "betas": list(LION_BETAS), "weight_decay": WD,
                                                      "use_triton": True}}}
-    bf16 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}
+    bf16 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}
     cases = [  # label, (family, name, clip, checkpointing, packing, opt), config over the case's, rel, atol
         ("llama fp32", ("llama", "gqa_tied", 1.0, False, False, "adamw"), {}, 1e-4, 1e-5),
         # an untied head: without immediate_grad_update DeepSpeed's bf16 optimizer dropped its gradient (step 3's
@@ -331,7 +331,7 @@ def memory(device, work: Path, quick: bool) -> None:
     for name, over in {"full": {}, "lora": {"lora": {"r": 16, "target_modules": ["q_proj", "v_proj"]}}}.items():
         conf = {"model_path": str(tmp / "pp"), "save_path": str(tmp / name), "data_path": str(tmp / "d.jsonl"),
                 "data_cache_dir": str(tmp / "cache"), "max_seq_len": seq, "max_steps": 2, "bf16": {"enabled": True},
-                "zero_optimization": {"stage": 1},
+                "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"},
                 "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}},
                 "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "save_interval": 10**6,
                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}}, **over}

@@ -49,7 +49,7 @@ def run(work: Path, name: str, model: Path, steps: int, procs: int, quant: bool,
            "data_cache_dir": str(work / "cache"), "max_seq_len": 128, "max_steps": steps, "seed": 1,
            "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [procs, 1]}},
            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4, "bf16": {"enabled": True},
-           "zero_optimization": {"stage": 1},
+           "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"},
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
            "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"}}
     if quant:

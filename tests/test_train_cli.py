@@ -83,7 +83,7 @@ CASES = {  # name -> (config overrides, expected text)
     "optimizer without its package": ({"optimizer": {"type": "MuAdamW", "params": {"lr": 1e-4}}},
                                       "optimizer.type 'MuAdamW' needs the mup package (pip install mup), which is not "
                                       "installed"),
-    "bf16 without ZeRO": ({"bfloat16": {"enabled": True}},
+    "bf16 without ZeRO": ({"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 0}},
                           "'bf16' needs \"zero_optimization\": {\"stage\": 1}: without ZeRO, DeepSpeed "),
     "bf16 without immediate_grad_update": ({"bf16": {"enabled": True, "immediate_grad_update": False}},
                                            "'bf16.immediate_grad_update' false: the last stage computes the head inside "
@@ -165,7 +165,8 @@ def test_bad_config_is_one_line(tmp_path, base, variants, capsys, monkeypatch, c
                                                                        "adam_w_mode": False, "decoupled_weight_decay": True,
                                                                        "amsgrad": False, "foreach": True}}},
     {"optimizer": {"type": "SGD", "params": {"lr": 1e-2, "momentum": 0.9, "nesterov": True}}},
-], ids=["torch scheduler", "OneCycle", "Adam with torch.optim.Adam's keys", "SGD"])
+    {"bf16": {"enabled": True}, "zero_optimization": True},  # DeepSpeed's older form: stage 1
+], ids=["torch scheduler", "OneCycle", "Adam with torch.optim.Adam's keys", "SGD", "bf16 with zero_optimization true"])
 def test_optimizer_and_scheduler_keys_deepspeed_takes_are_accepted(tmp_path, base, over):
     """The key checks refuse misspellings, not what DeepSpeed (or the torch class it builds) takes."""
     load_config(write_config(tmp_path, base, **over), world_size=1)

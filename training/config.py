@@ -277,7 +277,7 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
                               "loss, and DeepSpeed's bf16 optimizer would then clear the head's gradient before keeping "
                               "it (the head would not train); leave the key out (the trainer sets it true)")
     zero = ds.get("zero_optimization")
-    if "bf16" in enabled and not (isinstance(zero, dict) and zero.get("stage", 0)):
+    if "bf16" in enabled and not (zero is True or (isinstance(zero, dict) and zero.get("stage", 0))):  # true: stage 1
         import deepspeed
 
         raise ConfigError(f"{path}: 'bf16' needs \"zero_optimization\": {{\"stage\": 1}}: without ZeRO, DeepSpeed "

@@ -323,6 +323,7 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
             # the model is still on the CPU here (DeepSpeed moves it): the kernel's check is about the accelerator,
             # or the CPU when ZeRO offloads the optimizer (it steps the fp32 copies there)
             zero = ds.get("zero_optimization") or {}
+            zero = zero if isinstance(zero, dict) else {"stage": 1}  # DeepSpeed reads `true` as stage 1
             offload = (zero.get("offload_optimizer") or {}).get("device") or "none"
             device = "cpu" if offload in ("cpu", "nvme") else get_accelerator().device_name()
             optimizer = build_lion(groups, **params, device_type=device)

@@ -171,10 +171,10 @@ def snippet(c: dict) -> dict:
            "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [s.pipe, s.data]}, "parts": c["parts"]},
            "train_micro_batch_size_per_gpu": s.micro_batch, "gradient_accumulation_steps": s.grad_accum,
            "zero_optimization": {"stage": 1, **({"offload_optimizer": {"device": "cpu"}} if s.offload else {})}}
+    # both precisions said: merged into a recipe that enables the other, the plan's still holds
+    out |= {"bf16": {"enabled": s.precision == "bf16"}, "fp16": {"enabled": s.precision == "fp16"}}
     if s.precision == "bf16":
-        out |= {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
-    elif s.precision == "fp16":
-        out["fp16"] = {"enabled": True}
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
     if s.lora is not None:
         out["lora"] = {"r": s.lora.r, "alpha": 2 * s.lora.r, "target_modules": "all-linear"}
     if s.quantization is not None:

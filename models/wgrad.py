@@ -78,11 +78,10 @@ class _DeferredLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, detached = ctx.saved_tensors
+        if grad.untyped_storage().data_ptr() in ctx.module._wgrad_store.reused:  # received (the stage's last linear)
+            grad = grad.clone()
         # x without its history: kept with it, x -> its graph -> an earlier deferred linear -> this group -> x would
         # be a cycle through autograd's nodes that the garbage collector cannot break (every step's kept tensors leak)
-        store = ctx.module._wgrad_store
-        if grad.untyped_storage().data_ptr() in store.reused:  # the received gradient (the stage's last linear)
-            grad = grad.clone()
         ctx.group.append((ctx.module.weight, x.detach(), grad))
         gx = grad.matmul(detached) if ctx.needs_input_grad[0] else None
         gb = grad.flatten(0, -2).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None

@@ -68,7 +68,7 @@ _warned: set[tuple[str, str]] = set()  # (tokenizer dir, chat template): said on
 def _warn_if_no_end_token(tokenizer: Any) -> None:
     """One warning line when the template ends an answer with no token generation can stop on (`end_of_turn`)."""
     key = (str(tokenizer.name_or_path), _template_text(tokenizer))
-    if key in _warned or (tail := turn_tail(tokenizer)) is None or end_of_turn(tokenizer) is not None:
+    if key in _warned or (tail := turn_tail(tokenizer)) is None or _first_added(tokenizer, tail) is not None:
         return
     _warned.add(key)
     if tail.strip():
@@ -210,14 +210,16 @@ def chat_prompt(rec: Mapping[str, Any], tokenizer: Any) -> Rendered:
     return Rendered(text, [], has_special_tokens=True, prompt_ends=ends)
 
 
+_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]  # rendered to find markers
+
+
 def template_tokens(tokenizer: Any) -> set[str]:
     """The added tokens (special or not; not whitespace) the chat template writes around a probe conversation:
     its control tokens, such as a ChatML `<|im_end|>` added with `add_tokens`; not an added word it never writes."""
     if not getattr(tokenizer, "chat_template", None):
         return set()
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     try:
-        text = _apply(tokenizer, probe) + _apply(tokenizer, probe[:1], generation_prompt=True)
+        text = _apply(tokenizer, _PROBE) + _apply(tokenizer, _PROBE[:1], generation_prompt=True)
     except (TemplateError, ValueError, TypeError):
         return set()
     text = text.replace("Hello", "\x00").replace("Hi", "\x00")  # the template's own text only
@@ -227,9 +229,8 @@ def template_tokens(tokenizer: Any) -> set[str]:
 def turn_tail(tokenizer: Any) -> str | None:
     """The text the chat template writes right after an assistant's content, which answers are trained to end with
     (ChatML's `<|im_end|>`), found by rendering a probe; None when the template cannot render the probe."""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     try:
-        text, answers, _ = _render_messages(tokenizer, probe, generation_prompt=False)
+        text, answers, _ = _render_messages(tokenizer, _PROBE, generation_prompt=False)
     except ValueError:
         return None
     start, end = answers[0]
@@ -239,7 +240,11 @@ def turn_tail(tokenizer: Any) -> str | None:
 def end_of_turn(tokenizer: Any) -> str | None:
     """The first added token (special or not: never split) in the text the chat template writes right after an
     assistant's content (ChatML's `<|im_end|>`, Llama-3's `<|eot_id|>`, Llama-2's `</s>`); None when there is none."""
-    tail = turn_tail(tokenizer)
+    return _first_added(tokenizer, turn_tail(tokenizer))
+
+
+def _first_added(tokenizer: Any, tail: str | None) -> str | None:
+    """The first added token (not whitespace) that `tail` tokenizes into, None when there is none."""
     if not tail:
         return None
     added = {t for t in _unsplit(tokenizer) if t.strip()}  # not an added run of spaces
@@ -252,4 +257,4 @@ def end_of_turn_text(tokenizer: Any) -> str | None:
     """The text that ends each answer when no token does (`end_of_turn` is None: the tokenizer splits it), for
     generation to stop on the text; None otherwise."""
     tail = turn_tail(tokenizer)
-    return tail.strip() if tail and tail.strip() and end_of_turn(tokenizer) is None else None
+    return tail.strip() if tail and tail.strip() and _first_added(tokenizer, tail) is None else None

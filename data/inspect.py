@@ -59,13 +59,24 @@ def _runs(input_ids: list[int], labels: list[int]) -> list[tuple[list[int], bool
 
 
 def _marked(input_ids: list[int], labels: list[int], tokenizer: Any, color: bool) -> tuple[str, int]:
-    """The text with trained spans marked, and the number of spans."""
+    """The text with trained spans marked, and the number of spans. Each run is decoded in context (the text of
+    the ids up to its end less the text before it): decoded alone, a SentencePiece run loses the space of its
+    first piece (`▁S` reads `S`), which hides the seam space that training does have."""
     runs = _runs(input_ids, labels)
-    text = "".join(
-        (f"{GREEN}{t}{RESET}" if color else f"[[{t}]]") if trained else t
-        for t, trained in ((tokenizer.decode(ids), trained) for ids, trained in runs)
-    )
-    return text, sum(trained for _, trained in runs)
+    parts, done, end = [], "", 0
+    for ids, trained in runs:
+        end += len(ids)
+        upto = tokenizer.decode(input_ids[:end])
+        t = upto[len(done):] if upto.startswith(done) else tokenizer.decode(ids)  # a run splitting a character
+        parts.append((f"{GREEN}{t}{RESET}" if color else f"[[{t}]]") if trained else t)
+        done = upto
+    return "".join(parts), sum(trained for _, trained in runs)
+
+
+def _token_line(tokenizer: Any, tok: int) -> str:
+    """A token's text and, where it differs, its piece (`▁S`, `Ġa`: the space a lone decode drops or hides)."""
+    text, piece = tokenizer.decode([tok]), tokenizer.convert_ids_to_tokens(tok)
+    return f"{text!r}" if piece == text else f"{text!r} {piece!r}"
 
 
 def show(ds: EncodedDataset, sample: int, tokenizer: Any, record: int, color: bool) -> str:
@@ -79,11 +90,11 @@ def show(ds: EncodedDataset, sample: int, tokenizer: Any, record: int, color: bo
         f"dataset: {st.records} records, {st.kept} samples, {st.dropped} dropped, {st.truncated} truncated",
         "--- text (trained: " + ("green" if color else "[[ ]]") + ") ---",
         text,
-        "--- tokens: position, id, label, text ---",
+        "--- tokens: position, id, label, text (piece) ---",
     ]
     for pos, (tok, lab) in enumerate(zip(s["input_ids"], s["labels"], strict=True)):
         mark = "-" if lab == IGNORE_INDEX else str(lab)
-        lines.append(f"{pos:6d} {tok:8d} {mark:>8} {tokenizer.decode([tok])!r}")
+        lines.append(f"{pos:6d} {tok:8d} {mark:>8} {_token_line(tokenizer, tok)}")
     return "\n".join(lines)
 
 
@@ -105,10 +116,10 @@ def show_packed(ds: EncodedDataset, packed: PackedDataset, sample: int, tokenize
         text, n_spans = _marked(ids, labels, tokenizer, color)
         lines += [f"=== segment {k}: record {int(ds.record_index[src])} (sample {src}), tokens {at[0]}..{at[-1]}, "
                   f"{sum(lab != IGNORE_INDEX for lab in labels)} trained in {n_spans} span(s) ===", text]
-    lines.append("--- tokens: segment, position, id, label, text ---")
+    lines.append("--- tokens: segment, position, id, label, text (piece) ---")
     for seg, pos, tok, lab in zip(p["segment_ids"], p["position_ids"], p["input_ids"], p["labels"], strict=True):
         mark = "-" if lab == IGNORE_INDEX else str(lab)
-        lines.append(f"{seg:3d} {pos:6d} {tok:8d} {mark:>8} {tokenizer.decode([tok])!r}")
+        lines.append(f"{seg:3d} {pos:6d} {tok:8d} {mark:>8} {_token_line(tokenizer, tok)}")
     return "\n".join(lines)
 
 

@@ -436,6 +436,23 @@ def test_inspect_human_view_and_errors(sample_tokenizer_dir, tmp_path, capsys):
     assert capsys.readouterr().err == f"{cfg}: missing required key 'save_path'\n"
 
 
+def test_inspect_shows_the_seam_space_of_a_sentencepiece_answer(sp_tokenizer_dir, tmp_path, capsys):
+    """The marked text is the sample's text: with SentencePiece, an answer run decoded alone lost its first piece's
+    space (`▁S` read `S`), so inspect showed `Response:\n[[...` / `Assistant:[[S...` where training has a space."""
+    from transformers import AutoTokenizer
+
+    rec = {"rounds": [["ask", "Hi"], ["ans", "Sure thing."]]}
+    data = write(tmp_path / "d.jsonl", jsonl(rec))
+    assert data_inspect.main(["--config", str(make_config(tmp_path, sp_tokenizer_dir, data)), "--index", "0"]) == 0
+    out = capsys.readouterr().out
+    text = out.split("--- text (trained: [[ ]]) ---\n")[1].split("\n--- tokens")[0]
+    sample = load_dataset(data, AutoTokenizer.from_pretrained(str(sp_tokenizer_dir)), 256, use_cache=False)[0]
+    full = AutoTokenizer.from_pretrained(str(sp_tokenizer_dir)).decode(sample["input_ids"])
+    assert text.replace("[[", "").replace("]]", "") == full and "[[ Sure thing.</s>]]" in text, text
+    first = next(ln for ln in out.split("--- tokens")[1].splitlines() if re.match(r" +\d+ +\d+ +\d+ ", ln))
+    assert first.split()[-1].startswith("'▁"), first  # a trained token's line names its piece: the space shows
+
+
 def test_inspect_stats(tok, sample_tokenizer_dir, tmp_path, capsys):
     long = {"text": "The tide came in. " * 60}
     data = write(tmp_path / "d.jsonl", jsonl(*RECORDS.values(), long))

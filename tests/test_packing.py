@@ -214,7 +214,7 @@ def test_inspect_shows_packed_sequences_and_efficiency(tmp_path, tokenizer_dir, 
     k = packed.row_segments[row + 1] - packed.row_segments[row]
     assert f"record 4 -> sample {sample} -> packed sequence {row}: " in out and f"{k} segment(s)" in out
     assert out.count("=== segment ") == k and "=== segment 1: record " in out and f" record 4 (sample {sample})" in out
-    assert "--- tokens: segment, position, id, label, text ---" in out
+    assert "--- tokens: segment, position, id, label, text (piece) ---" in out
 
 
 def test_inspect_packs_the_training_rows_without_what_eval_split_ratio_holds_out(tmp_path, tokenizer_dir, tokenizer,

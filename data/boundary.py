@@ -132,14 +132,17 @@ def _clean_start(offsets: Offsets, b: int) -> int:
 _CONTINUATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backend -> (its state, continuation)
 
 
-def _no_dummy_prefix(spec: Any) -> bool:
-    """Make a tokenizer's JSON spec write no dummy prefix ("▁") after a special token, in place: Metaspace's
-    prepend_scheme "always" (a Llama tokenizer with "legacy": true) becomes "first", a Prepend normalizer goes.
-    Whether anything changed."""
+def _no_dummy_prefix(spec: Any, pre: bool = False) -> bool:
+    """Make a tokenizer's JSON spec write no dummy prefix ("▁", "Ġ") after a special token, in place: Metaspace's
+    prepend_scheme "always" (a Llama tokenizer with "legacy": true) becomes "first", a Prepend normalizer goes, and
+    a ByteLevel pre-tokenizer's add_prefix_space (`pre`: inside the pre-tokenizer; the decoder's and
+    post-processor's ByteLevel keep theirs) is turned off. Whether anything changed."""
     changed = False
     if isinstance(spec, dict):
         if spec.get("type") == "Metaspace" and spec.get("prepend_scheme") == "always":
             spec["prepend_scheme"], changed = "first", True
+        if pre and spec.get("type") == "ByteLevel" and spec.get("add_prefix_space"):
+            spec["add_prefix_space"], changed = False, True
         for key, value in spec.items():
             if key == "normalizers" and isinstance(value, list):
                 kept = [n for n in value if not (isinstance(n, dict) and n.get("type") == "Prepend")]
@@ -148,10 +151,10 @@ def _no_dummy_prefix(spec: Any) -> bool:
             if key == "normalizer" and isinstance(value, dict) and value.get("type") == "Prepend":
                 spec[key], changed = None, True
                 continue
-            changed |= _no_dummy_prefix(value)
+            changed |= _no_dummy_prefix(value, pre or key == "pre_tokenizer")
     elif isinstance(spec, list):
         for value in spec:
-            changed |= _no_dummy_prefix(value)
+            changed |= _no_dummy_prefix(value, pre)
     return changed
 
 

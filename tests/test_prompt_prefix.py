@@ -138,8 +138,9 @@ def test_inspect_stats_count_the_spliced_samples(tok, tmp_path, capsys):
 
 def _variant(tok, tmp_path, kind: str):
     """`tok` as some real tokenizers ship: "add_eos" (a post-processor that appends EOS, `add_eos_token`), "rstrip"
-    (EOS and the end-of-turn token take the whitespace after them, as Phi-3's "<|end|>"), "legacy" (a Llama
-    tokenizer with "legacy": true: a dummy prefix after every special token)."""
+    (EOS and the end-of-turn token take the whitespace after them, as Phi-3's "<|end|>"), "legacy" (a dummy
+    prefix after every special token: a Llama tokenizer with "legacy": true; a byte-level one whose ByteLevel
+    pre-tokenizer has add_prefix_space, as some GPT-2/RoBERTa-derived tokenizers ship)."""
     from tokenizers.processors import TemplateProcessing
 
     if kind == "add_eos":
@@ -151,6 +152,16 @@ def _variant(tok, tmp_path, kind: str):
         return out
     for f in Path(tok.name_or_path).iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
+    if kind == "legacy" and type(tok).__name__ != "LlamaTokenizer":
+        spec = json.loads((tmp_path / "tokenizer.json").read_text())
+        pre = spec["pre_tokenizer"]
+        for p in pre.get("pretokenizers", [pre]):
+            if p["type"] == "ByteLevel":
+                p["add_prefix_space"] = True
+        (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+        out = AutoTokenizer.from_pretrained(str(tmp_path))
+        assert out.convert_ids_to_tokens(out(f"a{out.eos_token}b")["input_ids"])[-1].startswith("Ġ")
+        return out
     if kind == "legacy":  # from the SentencePiece model: transformers builds the legacy pre-tokenizer
         (tmp_path / "tokenizer.json").unlink()
         config = json.loads((tmp_path / "tokenizer_config.json").read_text())
@@ -172,9 +183,8 @@ def _variant(tok, tmp_path, kind: str):
 def test_tokenizer_conventions_keep_the_prefix_and_train_one_end_per_answer(tok, tmp_path, kind, caplog):
     """A tokenizer that appends EOS is trained and prompted exactly as the same tokenizer without it (a prompt never
     ends with EOS); an end token that takes the newline after it is trained at the end of every answer; a legacy
-    Llama tokenizer's dummy prefix after EOS does not refuse a spliced answer. The prefix property holds in each."""
-    if kind == "legacy" and type(tok).__name__ != "LlamaTokenizer":
-        pytest.skip("the legacy flag is the SentencePiece Llama tokenizer's")
+    dummy prefix after EOS (legacy Llama; ByteLevel's add_prefix_space) does not refuse a spliced answer. The prefix
+    property holds in each."""
     variant = _variant(tok, tmp_path, kind)
     records = [*JOINED, {"instruct": "Write a markdown heading.", "output": "### Heading"}, {"text": "plain text"}]
     for mode, settings in MODES.items():

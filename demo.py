@@ -103,11 +103,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 def build_record(args: argparse.Namespace) -> dict:
     """The record to prompt with: --prompt is a pretrain text, --instruct an instruct record without output,
-    --record any record (checked as training checks records)."""
+    --record any record (the last two checked as training checks records)."""
     if args.instruct is not None:
-        rec = {"instruct": args.instruct}
-        if args.input is not None:
-            rec["input"] = args.input
+        rec = {"instruct": args.instruct, **({"input": args.input} if args.input is not None else {})}
+        if problems := prompt_problems(present_fields(rec)):
+            raise DemoError(f"--instruct: {problems[0]}")
         return rec
     if args.record is None:
         return {"text": args.prompt}

@@ -117,6 +117,7 @@ def test_sampling_without_top_k_or_top_p_takes_the_models_generation_config(dirs
     (["--model-path", "{tmp}", "--prompt", "x", "--top-p", "0.5"], "--top-p samples, but --temperature 0 is greedy"),
     (["--model-path", "{tmp}", "--prompt", "x", "--temperature", "nan"], "--temperature nan: must be a number >= 0"),
     (["--model-path", "{tmp}", "--record", '[{"instruct": "x"}]'], "--record: a record is a JSON object"),
+    (["--model-path", "{tmp}", "--instruct", "   "], "--instruct: field 'instruct' is empty"),  # as training says
 ])
 def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
     assert demo.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2

@@ -12,11 +12,20 @@ def state(evals) -> RunState:
     return RunState(step=evals[-1][0] if evals else 0, pipe=2, data=1, parts=[0, 3, 6], global_batch=4, evals=evals)
 
 
-def test_a_non_finite_eval_loss_is_never_best():
+def test_a_non_finite_eval_loss_is_never_best(tmp_path):
+    """Not even when no loss is finite (a diverged run): no best, `best` not written, keep_best keeps no such tag,
+    and early stopping counts every evaluation (as HF Trainer, whose best stays None)."""
     st = state([(1, math.nan), (2, 1.0), (3, 0.5), (4, math.inf), (5, 0.7)])
     assert st.best_eval() == (3, 0.5) and st.evals_since_best() == 2
-    assert state([(1, math.nan), (2, math.nan)]).best_eval()[0] == 1  # all bad: the earliest
     assert state([(2, 0.5), (4, 0.5)]).best_eval() == (2, 0.5)  # ties: the earliest
+    st = state([(2, math.nan), (4, math.inf)])
+    assert st.best_eval() is None and st.evals_since_best() == 2
+    for s in (2, 4):
+        (tmp_path / tag_of(s)).mkdir()
+    (tmp_path / "latest").write_text(tag_of(4))
+    ckpts = Checkpoints(tmp_path, 0, 1, 1)
+    ckpts._after_save(st)
+    assert ckpts.best_tag(st) is None and not (tmp_path / "best").exists() and ckpts.tags() == [tag_of(4)]
 
 
 def test_an_end_of_run_evaluation_ranks_for_best_but_early_stopping_does_not_count_it():

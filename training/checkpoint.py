@@ -116,15 +116,16 @@ class RunState:
     def best_eval(self, scheduled: bool = False) -> tuple[int, float] | None:
         """The (step, loss) of the lowest eval loss, the earliest on ties; a non-finite loss never counts as best.
         `scheduled`: of the evaluations on the eval_interval schedule only (see evals_since_best)."""
-        evals = [e for e in self.evals if e[0] not in self.end_evals] if scheduled else self.evals
-        return min(evals, key=lambda e: (_score(e[1]), e[0])) if evals else None
+        evals = [e for e in self.evals if (not scheduled or e[0] not in self.end_evals) and math.isfinite(e[1])]
+        return min(evals, key=lambda e: (e[1], e[0])) if evals else None  # None also when every loss is NaN/inf
 
     def evals_since_best(self) -> int:
         """Early stopping's count: scheduled evaluations after the best scheduled one. End-of-run evaluations (of a
         run continued later) are left out, as a run trained that long in one go never made them; they still rank
-        for keep_best and `best`."""
+        for keep_best and `best`. With no finite loss yet, every scheduled evaluation counts (as HF Trainer's patience
+        counts each non-improving NaN)."""
         best = self.best_eval(scheduled=True)
-        return 0 if best is None else sum(1 for s, _ in self.evals if s > best[0] and s not in self.end_evals)
+        return sum(1 for s, _ in self.evals if (best is None or s > best[0]) and s not in self.end_evals)
 
     def write(self, tag_dir: Path) -> None:
         atomic_write_text(tag_dir / STATE_FILE, json.dumps(asdict(self), indent=1))
@@ -149,10 +150,6 @@ def saved_eval_fingerprint(raw: dict) -> str | None:
     """The eval fingerprint of a trainer_state.json's contents, None where there is none to compare: not written, or
     written with `early_stopped` (d37d687..c6bea29: of the packed eval rows, where it is of the samples now)."""
     return None if "early_stopped" in raw else raw.get("eval_fingerprint")
-
-
-def _score(loss: float) -> float:
-    return loss if math.isfinite(loss) else math.inf
 
 
 def rng_state() -> dict:
@@ -337,9 +334,11 @@ class Checkpoints:
         self.rotate(state)
 
     def _ranked(self, state: RunState) -> list[str]:
-        """The tags that exist and have an eval, best eval loss first (ties: the earlier step)."""
+        """The tags that exist and have a finite eval loss, best first (ties: the earlier step): a diverged
+        checkpoint is never `best` nor kept as one (HF Trainer's best_model_checkpoint likewise)."""
         tags = set(self.tags())
-        return [tag_of(s) for _, s in sorted((_score(loss), s) for s, loss in state.evals if tag_of(s) in tags)]
+        return [tag_of(s) for _, s in sorted((loss, s) for s, loss in state.evals
+                                             if tag_of(s) in tags and math.isfinite(loss))]
 
     def best_tag(self, state: RunState) -> str | None:
         """With keep_best, the tag `best` names: the best-scored one that has a checkpoint; else None."""

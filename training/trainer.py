@@ -426,7 +426,7 @@ class Trainer(TrainingData, RunDirectory):
             if evaluated and cfg.early_stopping_patience and st.evals_since_best() >= cfg.early_stopping_patience:
                 best = st.best_eval(scheduled=True)
                 self.log(f"early stopping: eval loss has not improved for {cfg.early_stopping_patience} evaluations "
-                         f"(best {best[1]:.4f} at step {best[0]})")
+                         + (f"(best {best[1]:.4f} at step {best[0]})" if best else "(none was finite)"))
                 break
             if stop:
                 self.log(f"received {self.stop_signal or 'a stop signal on another rank'}: saving at step {st.step} "
@@ -444,7 +444,9 @@ class Trainer(TrainingData, RunDirectory):
             self.ckpts.update_state(st)
         else:
             self._save(st, saved_at)
-        if st.evals and self.rank == 0:
+        if st.evals and self.rank == 0 and st.best_eval() is None:
+            self.log("no eval loss was finite: no best checkpoint")
+        elif st.evals and self.rank == 0:
             best, kept, pointer = st.best_eval(), self.ckpts.best_tag(st), Path(cfg.save_path) / "best"
             where = ("" if kept is None else f" ({pointer} names its checkpoint)" if kept == tag_of(best[0]) else
                      f" (no checkpoint of that step; {pointer} names {kept}, the best evaluated one saved)")

@@ -204,6 +204,8 @@ def test_eval_early_stopping_and_keep_best(tmp_path, ops_model, tokenizer):
     best_at = min(range(len(evals)), key=lambda i: evals[i][1])
     assert len(evals) - 1 - best_at == patience and evals[-1][0] < 40, evals  # stopped right at the patience
     assert "early stopping: eval loss has not improved for 2 evaluations" in proc.stdout
+    n = len((tmp_path / "eval.jsonl").read_text().splitlines())  # the eval file's own counts, as the training data's
+    assert f"eval data: {n} samples ({tmp_path / 'eval.jsonl'}: {n} records -> {n} samples, 0 dropped" in proc.stdout
     assert "c10d::broadcast_" not in proc.stdout  # the tied weights' broadcast is not recorded by autograd
     ranked = sorted(evals, key=lambda e: (e[1], e[0]))
     expected = {f"global_step{s}" for s, _ in ranked[:keep]} | {f"global_step{evals[-1][0]}"}

@@ -110,8 +110,8 @@ class TrainingData:
                      f"(first: {s.special_example}); it is read as that control token, as transformers and serving "
                      "stacks read it: an EOS or end-of-turn inside an answer trains the model to stop there. "
                      "Check them with: python -m data.inspect --config CONFIG --stats")
+        es = eval_set.stats if eval_set is not None else None  # of the eval file, before any split is added
         if eval_set is not None and len(eval_set) == 0:
-            es = eval_set.stats
             raise ConfigError(f"{cfg.path}: 'eval_data_path' {cfg.eval_data_path}: none of its {es.records} records is left "
                               f"for evaluation ({es.dropped} dropped: no trained token within max_seq_len {cfg.max_seq_len}); "
                               "fix the eval data or raise max_seq_len")
@@ -124,7 +124,9 @@ class TrainingData:
             # the samples, not the rows: packed otherwise, the same samples give the same token-mean loss
             # (segments see only themselves); split_long_pretrain's cuts move with max_seq_len
             self.eval_fingerprint = data_fingerprint(samples) + (f"/{cfg.max_seq_len}" if cfg.split_long_pretrain else "")
-            where = [str(cfg.eval_data_path)] if cfg.eval_data_path is not None else []
+            where = [] if es is None else [f"{cfg.eval_data_path}: {es.records} records -> {es.kept} samples, "
+                                           f"{es.dropped} dropped (no trained token within max_seq_len "
+                                           f"{cfg.max_seq_len}), {es.truncated} truncated"]
             if cfg.eval_split_ratio is not None:
                 where.append(f"{cfg.eval_split_ratio:g} of the training samples")
             self.log(f"eval data: {len(samples)} samples ({' + '.join(where)})"

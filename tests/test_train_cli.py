@@ -78,7 +78,10 @@ CASES = {  # name -> (config overrides, expected text)
     "eval data missing": ({"eval_data_path": "/nonexistent/eval.jsonl"}, "'eval_data_path': /nonexistent/eval.jsonl:0: file not found"),
     "save_interval": ({"save_interval": 0}, "'save_interval' must be >= 1, got 0"),
     "max_bad_steps": ({"max_bad_steps": 2.5}, "'max_bad_steps' must be int, got 2.5"),
-    "fp16 on cpu": ({"fp16": {"enabled": True}}, "'fp16' is not supported on this device (cpu) (use bf16 or fp32)"),
+    "fp16 on cpu": ({"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}},
+                    "'fp16' is not supported on this device (cpu) (use bf16 or fp32)"),
+    "fp16 without ZeRO": ({"fp16": {"enabled": True}},  # DeepSpeed's fp16 optimizer at stage 0: never scaled the loss
+                          "'fp16' needs \"zero_optimization\": {\"stage\": 1}: without ZeRO, DeepSpeed "),
     "fp16 and bf16": ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "'fp16' and 'bf16' are both enabled; choose one"),
     "optimizer without its package": ({"optimizer": {"type": "MuAdamW", "params": {"lr": 1e-4}}},
                                       "optimizer.type 'MuAdamW' needs the mup package (pip install mup), which is not "

@@ -277,12 +277,14 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
                               "loss, and DeepSpeed's bf16 optimizer would then clear the head's gradient before keeping "
                               "it (the head would not train); leave the key out (the trainer sets it true)")
     zero = ds.get("zero_optimization")
-    if "bf16" in enabled and not (zero is True or (isinstance(zero, dict) and zero.get("stage", 0))):  # true: stage 1
+    if enabled and not (zero is True or (isinstance(zero, dict) and zero.get("stage", 0))):  # true: stage 1
         import deepspeed
 
-        raise ConfigError(f"{path}: 'bf16' needs \"zero_optimization\": {{\"stage\": 1}}: without ZeRO, DeepSpeed "
-                          f"{deepspeed.__version__}'s bf16 optimizer cannot reload its own checkpoints (every resume "
-                          "fails) nor accumulate gradients in fp32")
+        why = ("bf16 optimizer cannot reload its own checkpoints (every resume fails) nor accumulate gradients in fp32"
+               if enabled[0] == "bf16" else "fp16 optimizer unscales gradients that its backward never scaled "
+               "(updates 1 / loss scale of the true ones, overflow never detected, clipping inert)")
+        raise ConfigError(f"{path}: '{enabled[0]}' needs \"zero_optimization\": {{\"stage\": 1}}: without ZeRO, "
+                          f"DeepSpeed {deepspeed.__version__}'s {why}")
     if enabled:
         from deepspeed.accelerator import get_accelerator
 

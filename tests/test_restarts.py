@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -64,17 +65,22 @@ def test_torchrun_without_rdzv_id_is_the_job_of_its_agent(tmp_path, ops_model, m
     assert load_config(ops_config(tmp_path, ops_model), world_size=2).refusal is None  # "resume": "auto" goes on
 
 
-def test_a_lock_whose_pid_is_another_process_now_is_taken_over(tmp_path):
+def test_a_lock_whose_pid_is_another_process_now_is_taken_over(tmp_path, monkeypatch):
     """A dead run's lock naming a pid that now runs another process (same pid namespace: another start time) or this
     very process, or written before the host restarted (boot id), is taken over at once. A holder in another pid
     namespace (a container sharing the hostname) is judged by its heartbeat: its pid means nothing here. A live
-    holder's refusal names the lock file; a lock without those fields (an older version) is judged by its pid."""
+    holder's refusal names the lock file; a lock without those fields (an older version) is judged by its pid.
+    Another boot id on a lock touched since this boot is another machine with this hostname (containers given one
+    --hostname): judged by its heartbeat, which is read by the filesystem's clock, not this host's."""
     f, host = tmp_path / LOCK_FILE, socket.gethostname()
     child = subprocess.Popen(["sleep", "60"])  # a live process that is not the holder
     live, here = child.pid, dict(boot_id=boot_id(), pid_ns=pid_namespace())
+    booted = time.time() - float(Path("/proc/uptime").read_text().split()[0])
 
-    def held_by(**info) -> str | None:
+    def held_by(touched: float | None = None, **info) -> str | None:
         f.write_text(json.dumps({"host": host, "started": 0, "config": "a.json", "token": "dead", **info}))
+        if touched is not None:
+            os.utime(f, (touched, touched))
         lock = RunLock(tmp_path)
         try:
             return lock.acquire()
@@ -84,7 +90,14 @@ def test_a_lock_whose_pid_is_another_process_now_is_taken_over(tmp_path):
     try:
         assert "this process now" in held_by(pid=os.getpid(), **here)  # the new rank 0 got the dead one's pid
         assert "is another process now" in held_by(pid=live, pid_start="1", **here)
-        assert "has restarted since" in held_by(pid=live, pid_start=start_time(live), boot_id="an-earlier-boot")
+        assert "has restarted since" in held_by(booted - 60, pid=live, pid_start=start_time(live),
+                                                boot_id="an-earlier-boot")
+        with pytest.raises(LockError):  # the same hostname on another machine, its heartbeat fresh
+            held_by(pid=1, pid_start="1", boot_id="another-machine", pid_ns=pid_namespace())
+        with monkeypatch.context() as m:  # this host's clock 6 minutes fast: the heartbeat is still fresh
+            m.setattr(time, "time", lambda real=time.time: real() + 360)
+            with pytest.raises(LockError):
+                held_by(pid=1, pid_start="1", boot_id="another-machine", pid_ns=pid_namespace(), host="node-a")
         for same in (dict(pid_start=start_time(live), **here), {},  # the holder itself; an old lock
                      dict(pid_start="1", boot_id=boot_id(), pid_ns="pid:[1]")):  # another namespace, fresh heartbeat
             with pytest.raises(LockError, match=rf"pid {live}, .*; lock file {f}\)"):

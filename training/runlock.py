@@ -171,12 +171,36 @@ def read_lock_file(f: Path) -> dict | None:
     return info if isinstance(info, dict) else {}
 
 
+def uptime() -> float | None:
+    """Seconds since this host booted; None without /proc."""
+    try:
+        return float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def fs_now(directory: Path) -> float:
+    """Now, by the clock that stamps files in `directory`: a file created there gets the NFS server's time, not this
+    host's (a node whose clock is minutes off would call a live heartbeat stale, or a dead one fresh); this host's
+    clock where no file can be created."""
+    probe = directory / f"{LOCK_FILE}.clock-{uuid.uuid4().hex}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except OSError:
+        return time.time()
+    try:
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
 def read_lock(save_path: str | Path) -> tuple[dict, float] | None:
-    """(holder info, seconds since its last heartbeat), or None when there is no lock. A lock being written right
-    now, or damaged, has the info {} and is judged by its age alone."""
+    """(holder info, seconds since its last heartbeat, by the filesystem's clock), or None when there is no lock. A
+    lock being written right now, or damaged, has the info {} and is judged by its age alone."""
     f = Path(save_path) / LOCK_FILE
     try:
-        age = time.time() - f.stat().st_mtime
+        age = fs_now(f.parent) - f.stat().st_mtime
     except OSError:
         return None
     info = read_lock_file(f)
@@ -190,16 +214,21 @@ def describe(info: dict, age: float) -> str:
             f"last heartbeat {age:.0f} s ago")
 
 
-def holder_gone(info: dict) -> str | None:
-    """Why a lock's holder on this host is not running, or None while it may be: the host restarted since (boot
-    id); in this pid namespace, its pid is dead, another process now (start time) or this very process. A holder in
-    another pid namespace (another container sharing the hostname) is judged by its heartbeat alone: its pid means
+def holder_gone(info: dict, age: float) -> str | None:
+    """Why a lock's holder on this host is not running, or None while it may be: the host restarted since (another
+    boot id, and the lock last touched `age` seconds ago, before this boot); in this pid namespace, its pid is dead,
+    another process now (start time) or this very process. Another boot id on a lock touched since this boot is
+    another machine with the same hostname (containers given one --hostname, cloned nodes), and a holder in another
+    pid namespace (another container sharing the hostname) likewise: judged by its heartbeat alone, as its pid means
     nothing here. A lock without those fields (an older version's) is judged by its pid alone, as then."""
     pid = info.get("pid")
     if info.get("host") != socket.gethostname() or not isinstance(pid, int):
         return None
     then, now = info.get("boot_id"), boot_id()
     if then and now and then != now:
+        up = uptime()
+        if up is not None and age < up:
+            return None
         return f"this host has restarted since (boot id {then} then, {now} now)"
     ns = info.get("pid_ns")
     if ns is not None and ns != pid_namespace():
@@ -217,7 +246,7 @@ def holder_gone(info: dict) -> str | None:
 
 def why_stale(info: dict, age: float) -> str | None:
     """Why the holder of a lock is gone (the lock may be taken over), or None while it may still be running."""
-    if gone := holder_gone(info):
+    if gone := holder_gone(info, age):
         return gone
     if earlier := earlier_start(info):
         return f"it was taken by {earlier}"

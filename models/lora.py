@@ -267,6 +267,9 @@ def lora_info(settings: LoraSettings, base_model_path: str, quantization: dict |
 FINGERPRINT_ELEMENTS = 4096  # of each tensor: a model fine-tuned from another differs in nearly every element
 
 
+CONFIG_WRITER_KEYS = ("transformers_version", "_name_or_path")  # where and by what a config.json was written
+
+
 def base_fingerprint(base_dir: str | Path) -> str:
     """What identifies a pipeline dir's model without reading all of it: config.json (but the version that wrote it),
     and each layer file's tensors' names, dtypes, shapes and first FINGERPRINT_ELEMENTS values (memory-mapped)."""
@@ -276,7 +279,7 @@ def base_fingerprint(base_dir: str | Path) -> str:
     h = hashlib.sha256()
     config = read_json(base_dir / "config.json")
     if isinstance(config, dict):
-        config = {k: v for k, v in config.items() if k not in ("transformers_version", "_name_or_path")}
+        config = {k: v for k, v in config.items() if k not in CONFIG_WRITER_KEYS}
     h.update(json.dumps(config, sort_keys=True).encode())
     for f in sorted(base_dir.glob("layer_*-model_states.pt")):
         h.update(f.name.encode())

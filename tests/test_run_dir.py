@@ -27,7 +27,7 @@ from models.hf_io import CheckpointError, atomic_output_dir
 from tests.helpers import errors_of, finish_deepspeed, ops_config, output_of, run_deepspeed, start_deepspeed, workers_of
 from tests.test_train_ops import checkpoint_tensors, losses_of, metrics_of, wait_for
 from training.config import ConfigError, load_config, resume_hint, start_over
-from training.resume import resume_tag
+from training.resume import MODEL_CONFIG_IGNORED, resume_tag
 from training.runlock import LOCK_FILE, RunLock, launcher_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,9 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
     _, out = finish_deepspeed(proc)
     assert [m["step"] for m in metrics_of(save)] == [1, 2, 3, 4, 4]  # the first run's own (and its end-of-run eval), untouched
     assert sorted(p.name for p in save.glob("global_step*")) == ["global_step4"] and not (save / LOCK_FILE).exists()
+    model = json.loads((ops_model / "pp" / "config.json").read_text())  # what a resume's model_path must build
+    assert json.loads((save / "global_step4" / "model_config.json").read_text()) == {
+        k: v for k, v in model.items() if k not in MODEL_CONFIG_IGNORED}
 
     # a run killed without releasing its lock: the next one takes it over and says so
     (save / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid(), "started": 0}))
@@ -74,6 +77,8 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
     assert f"took over the lock of save_path {save} from a run that is gone" in out
     assert "max_steps: 4 -> 8 (applied: the run trains to the new length (a finished run continues))" in out
     assert "continuing the finished run from step 4 to step 8" in out
+    assert "optimizer settings from the config in force: lr of the next update (step 5) 0.003 as saved -> 0.003 now" \
+        in out  # (a schedule over the run's length would move)
     ref = tmp_path / "ref"
     ref.mkdir()
     run_deepspeed("train_ds.py", ["--config", str(ops_config(ref, ops_model, max_steps=8, **constant))])
@@ -160,6 +165,47 @@ def test_resume_rules_refuse_what_changes_the_optimizer_state_or_the_data_order(
     assert [c.kind for c in same_global_batch(split, True)] == ["applied"] and refusals(same_global_batch(split, True),
                                                                                        False) == []
     assert [c.key for c in refusals(same_global_batch(split, False), False)] == ["gradient_accumulation_steps"]
+
+
+def test_resume_compares_the_settings_deepspeed_reads_not_their_spelling():
+    """README: a precision section absent, empty or with "enabled": false is none (its other keys do nothing), and
+    ZeRO absent, false, {} or stage 0 is none (true: stage 1), so such spellings resume; a real change is refused."""
+    from training.resume import config_changes, refusals
+
+    none = {"data_path": "a.jsonl"}
+    same = [{"fp16": {"enabled": False, "loss_scale_window": 1000}}, {"bf16": {"enabled": False, "immediate_grad_update": True}},
+            {"bfloat16": {}}, {"zero_optimization": {"stage": 0}}, {"zero_optimization": False}, {"zero_optimization": {}},
+            {"zero_optimization": {"reduce_bucket_size": 5e8}}]
+    for over in same:
+        assert config_changes(none, {**none, **over}) == [] and config_changes({**none, **over}, none) == [], over
+    one = {**none, "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}
+    assert config_changes(one, {**none, "bfloat16": {"enabled": True}, "zero_optimization": True}) == []
+    off = config_changes(one, {**one, "bf16": {"enabled": False, "immediate_grad_update": True}})
+    assert [(c.key, c.kind) for c in off] == [("bf16.enabled", "fixed")]
+    zero = config_changes(one, {**one, "zero_optimization": {"stage": 0}})
+    assert [c.key for c in refusals(zero, False)] == ["zero_optimization.stage"]
+
+
+def test_a_torch_schedulers_settings_are_refused_on_resume_where_its_saved_state_would_override_them():
+    """torch's scheduler state_dict holds its constructor's params and base lrs, and DeepSpeed loads it over the one
+    the config built: a new gamma or optimizer lr would be said "applied" and not take effect. DeepSpeed's own
+    schedulers (state: the step) take them; another type starts afresh (applied)."""
+    from training.resume import config_changes, refusals
+
+    def kinds(old: dict, new: dict, lr: float = 1e-3) -> dict[str, str]:
+        opt = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+        changes = config_changes({**opt, "scheduler": old}, {"optimizer": {"type": "AdamW", "params": {"lr": lr}},
+                                                             "scheduler": new})
+        return {c.key: c.kind for c in refusals(changes, False)} or {c.key: c.kind for c in changes}
+
+    exp = {"type": "ExponentialLR", "params": {"gamma": 0.5}}
+    assert kinds(exp, {**exp, "params": {"gamma": 0.9}}) == {"scheduler.params.gamma": "fixed"}
+    assert kinds(exp, exp, lr=2e-3) == {"optimizer.params.lr": "fixed"}
+    assert "restores its parameters and lrs from the checkpoint" in config_changes(
+        {"scheduler": exp}, {"scheduler": {**exp, "params": {"gamma": 0.9}}})[0].note
+    warmup = {"type": "WarmupLR", "params": {"warmup_max_lr": 1e-3}}
+    assert kinds(warmup, {**warmup, "params": {"warmup_max_lr": 2e-3}}) == {"scheduler.params.warmup_max_lr": "applied"}
+    assert set(kinds(exp, warmup).values()) == {"applied"}
 
 
 def test_lock_is_refused_while_held_and_taken_over_when_stale(tmp_path, monkeypatch):

@@ -257,6 +257,35 @@ def test_a_batch_split_that_keeps_the_global_batch_resumes(tmp_path, base):
         load_config(write_config(tmp_path, base, gradient_accumulation_steps=2), world_size=1)
 
 
+def test_a_full_run_resumes_only_with_the_model_config_it_was_built_with(tmp_path, base):
+    """The weights come from the checkpoint, so model_path may move, but not to a config.json that builds another
+    model (the checkpoint's model_config.json: config.json without who wrote it and what serving reads): refused before
+    training, naming the key. A checkpoint without that record (an older version's) is not checked."""
+    moved = tmp_path / "moved"
+    shutil.copytree(base, moved)
+    tag = tmp_path / "out" / "global_step1"
+    tag.mkdir(parents=True)
+    (tag / "trainer_state.json").write_text("{}")
+    (tmp_path / "out" / "latest").write_text("global_step1")
+    config = json.loads((base / "config.json").read_text())
+    cfg = write_config(tmp_path, base, model_path=str(moved))
+    (moved / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    load_config(cfg, world_size=1)  # no record
+    from training.resume import model_config
+
+    (tag / "model_config.json").write_text(json.dumps(model_config(base)))
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg, world_size=1)
+    said = str(e.value)
+    assert "\n" not in said and said.startswith(f"{cfg}: model_path {moved}: its config.json differs from the model "
+                                                f"config the checkpoint {tag} was trained with (model_config.json): "
+                                                f"rms_norm_eps {config['rms_norm_eps']} -> 0.001; ") and \
+        "restore that config.json" in said
+    (moved / "config.json").write_text(json.dumps({**config, "transformers_version": "9.9.9", "dtype": "float16",
+                                                   "eos_token_id": [2, 7], "use_cache": False}))
+    load_config(cfg, world_size=1)  # moved, the same model (what serving reads may change)
+
+
 def test_hf_dir_as_model_path_gets_a_hint(tmp_path, base, capsys):
     hf = tmp_path / "hf"
     assert convert_model.main(["pp_to_hg", "--input-path", str(base), "--save-path", str(hf)]) == 0

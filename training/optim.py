@@ -197,10 +197,14 @@ def parse_lr_schedule(section: dict) -> LrSchedule:
 
 class _ScheduleLR(LambdaLR):
     """LambdaLR that also sets the optimizer's lr when its state is loaded, so a resumed run uses the
-    scheduled lr even when the optimizer state itself is not restored (load_optimizer_states=False)."""
+    scheduled lr even when the optimizer state itself is not restored (load_optimizer_states=False). `loaded_lr`:
+    the lrs saved with the state (of the schedule the checkpoint's run had, e.g. over another length)."""
+
+    loaded_lr: list[float] | None = None
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        self.loaded_lr = list(state_dict.get("_last_lr") or []) or None
         for group, base, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas, strict=True):
             group["lr"] = base * fn(self.last_epoch)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]

@@ -7,20 +7,26 @@ sizes (`manifest.json`). At resume:
 - with no `latest` (a run killed between its first tag's rename and `latest`'s write, or `latest` deleted) the
   newest complete tag is resumed, with a line saying so, and rank 0 then names it in `latest` (`name_resumed`:
   `best` and rotation as after its save);
-- the config in force is compared with the saved one key by key (`config_changes`). Each change is applied
-  from the resume step on, or refused with the reason (`RESUME_RULES`; the README lists them). Changes that
-  break the exact data order are refused unless "allow_data_change_on_resume" is true.
+- the config in force is compared with the saved one key by key (`config_changes`, on the `effective` settings:
+  spellings DeepSpeed treats alike are equal). Each change is applied from the resume step on, or refused with the
+  reason (`RESUME_RULES`; the README lists them). Changes that break the exact data order are refused unless
+  "allow_data_change_on_resume" is true;
+- a full run's checkpoint records the model config it was built with (`MODEL_CONFIG_FILE`): a model_path whose
+  config.json differs is refused, naming the keys (a LoRA checkpoint's base_fingerprint covers its base).
 Everything here runs before any process group exists, except where the trainer calls it.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.lora import LoraSettings, base_fingerprint, read_lora_info
+import torch
+
+from models.lora import CONFIG_WRITER_KEYS, LoraSettings, base_fingerprint, read_lora_info
 from models.quant import saved_quantization
 from training.checkpoint import (
     MANIFEST_FILE,
@@ -38,6 +44,11 @@ if TYPE_CHECKING:
     from training.config import TrainConfig
 
 RUN_CONFIG_FILE = "run_config.json"
+MODEL_CONFIG_FILE = "model_config.json"  # a full run's: `model_config` of model_path, compared at resume
+# config.json keys that do not change what training computes: who wrote it, and what serving reads
+MODEL_CONFIG_IGNORED = (*CONFIG_WRITER_KEYS, "torch_dtype", "dtype", "use_cache", "architectures", "bos_token_id",
+                        "eos_token_id", "pad_token_id")
+PRECISION = ("fp16", "bf16")
 
 APPLIED, SAMPLES, DATA, FIXED = "applied", "samples", "data", "fixed"
 # (key or dotted prefix, kind, what happens). The first match wins; keys not listed are applied.
@@ -131,7 +142,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
 def rule_of(key: str, lora_run: bool = False) -> tuple[str, str]:
     if key == "model_path":
         return (FIXED, "a LoRA checkpoint holds only adapters: the base they were trained on is needed") if lora_run \
-            else (APPLIED, "no effect on resume: the weights come from the checkpoint")
+            else (APPLIED, "no effect on resume: the weights come from the checkpoint (its config.json must be the "
+                           "checkpoint's model's: checked)")
     for prefix, kind, note in RESUME_RULES:
         if key == prefix or key.startswith(prefix + "."):
             return kind, note
@@ -141,8 +153,43 @@ def rule_of(key: str, lora_run: bool = False) -> tuple[str, str]:
 IGNORED = ("resume", "overwrite_save_path", "allow_data_change_on_resume", "data_cache_dir")  # never worth a line
 
 
+def effective(raw: dict) -> dict:
+    """A raw config with what DeepSpeed reads alike written alike: a precision section that is not enabled (absent,
+    {}, "enabled": false; its other keys do nothing) is none, "bfloat16" is "bf16", and zero_optimization absent,
+    false, {} or stage 0 is none, true is {"stage": 1}."""
+    out = dict(raw)
+    if "bfloat16" in out:
+        out.setdefault("bf16", out.pop("bfloat16"))
+    for key in PRECISION:
+        if key in out and not (isinstance(out[key], dict) and out[key].get("enabled")):
+            del out[key]
+    zero = out.pop("zero_optimization", None)
+    zero = {"stage": 1} if zero is True else zero if isinstance(zero, dict) else {}
+    if zero.get("stage", 0) != 0:
+        out["zero_optimization"] = zero
+    return out
+
+
+def torch_scheduler(raw: dict) -> str | None:
+    """The type of a DeepSpeed `scheduler` section that DeepSpeed builds from torch.optim.lr_scheduler (a name it
+    has no scheduler of its own for, as engine._scheduler_from_config), else None."""
+    kind = raw["scheduler"].get("type") if isinstance(raw.get("scheduler"), dict) else None
+    if not isinstance(kind, str) or not isinstance(getattr(torch.optim.lr_scheduler, kind, None), type):
+        return None
+    from deepspeed.runtime import lr_schedules
+
+    return None if hasattr(lr_schedules, kind) else kind
+
+
 def config_changes(saved: dict, new: dict, lora_run: bool = False) -> list[Change]:
-    """Every key whose value differs between the saved and the new raw config, classified."""
+    """Every key whose effective value differs between the saved and the new raw config, classified."""
+    saved, new = effective(saved), effective(new)
+    for key in PRECISION:  # on one side only: "enabled" says it (the section's other keys do nothing on the other)
+        if (key in saved) != (key in new):
+            (saved if key in saved else new)[key] = {"enabled": True}
+    # torch's scheduler state_dict holds its constructor's params and base lrs, and DeepSpeed loads it over the
+    # scheduler the config built: changed ones would not take effect (another kind of scheduler starts afresh)
+    torch_kind = torch_scheduler(new) if schedule_kind(saved) == schedule_kind(new) else None
     a, b = flatten(saved), flatten(new)
     out = []
     for key in sorted(set(a) | set(b)):
@@ -154,6 +201,9 @@ def config_changes(saved: dict, new: dict, lora_run: bool = False) -> list[Chang
         if key == "optimizer.type" and isinstance(old, str) and isinstance(cur, str) and old.lower() == cur.lower():
             continue  # DeepSpeed matches its names case-insensitively: the same optimizer
         kind, note = rule_of(key, lora_run)
+        if torch_kind and (key.startswith("scheduler.") or key == "optimizer.params.lr"):
+            kind, note = FIXED, (f"torch's {torch_kind} restores its parameters and lrs from the checkpoint: a new value "
+                                 "would not take effect")
         out.append(Change(key, old, cur, kind, note))
     return out
 
@@ -192,13 +242,49 @@ def schedule_kind(raw: dict) -> str:
 def start_schedule_at(sched, step: int) -> None:
     """Put a scheduler built fresh where it would be after `step` updates (the engine steps it once per update),
     with the optimizer's lr its value there: LambdaLR counts from 0 (its construction applies step 0; the project's
-    `_ScheduleLR` sets the lr when loaded), DeepSpeed's schedulers from -1 (`step(n)` sets it)."""
+    `_ScheduleLR` sets the lr when loaded), DeepSpeed's schedulers from -1 (`step(n)` sets it); torch's others are
+    stepped `step` times (their chained forms compute each lr from the previous one), so the optimizer's groups
+    must hold the values it was built with."""
     if sched is None:
         return
     if hasattr(sched, "lr_lambdas"):
         sched.load_state_dict({**sched.state_dict(), "last_epoch": step})
     elif hasattr(sched, "last_batch_iteration"):
         sched.step(step - 1)
+    elif isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": no update happens here
+            warnings.simplefilter("ignore")
+            for _ in range(step):
+                sched.step()
+
+
+def model_config(model_path: str | Path) -> dict | None:
+    """model_path's config.json without MODEL_CONFIG_IGNORED: what builds the model's computation; None if
+    unreadable."""
+    try:
+        body = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in body.items() if k not in MODEL_CONFIG_IGNORED} if isinstance(body, dict) else None
+
+
+def model_config_problem(ckpt: Path, model_path: str) -> str | None:
+    """Why a full checkpoint cannot resume with model_path's config.json (it differs from the MODEL_CONFIG_FILE the
+    checkpoint recorded: the weights would run in another model), naming the keys; None when equal or unrecorded."""
+    try:
+        saved = json.loads((ckpt / MODEL_CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None  # written before the record existed
+    now = model_config(model_path)
+    if not isinstance(saved, dict) or now is None or saved == now:
+        return None
+    a, b = flatten(saved), flatten(now)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING))
+    said = ", ".join(f"{k} {_show(a.get(k, _MISSING))} -> {_show(b.get(k, _MISSING))}" for k in keys[:3])
+    more = f" (and {len(keys) - 3} more: {', '.join(keys[3:])})" if len(keys) > 3 else ""
+    return (f"model_path {model_path}: its config.json differs from the model config the checkpoint {ckpt} was "
+            f"trained with ({MODEL_CONFIG_FILE}): {said}{more}; the checkpoint's weights would run in another model: "
+            "restore that config.json (a moved model_path with the same config.json resumes)")
 
 
 def read_run_config(tag_dir: Path) -> dict | None:
@@ -329,6 +415,8 @@ def resume_problem(cfg: TrainConfig, lora: LoraSettings | None) -> str | None:
             return (f"the model in model_path {cfg.model_path} is not the base the checkpoint {ckpt} "
                     "was trained on (its config.json or weights changed since: lora_config.json's "
                     f"base_fingerprint differs); a LoRA run resumes on its own base: restore it, {fresh}")
+    if saved is None and (problem := model_config_problem(ckpt, cfg.model_path)):
+        return f"{problem}, {fresh}"
     old = read_run_config(ckpt)
     if old is None:
         return None

@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 from data.settings import data_settings_of, write_data_settings
 from models.diskspace import tree_size
@@ -167,14 +169,13 @@ class RunDirectory:
                      f"{tag_dir.parent / earlier[0]} instead ({tag_dir} is left in place)")
             return self._resume(tag_dir.parent / earlier[0])
         saved = RunState.read(tag_dir)
-        self._check_changes(tag_dir, saved)
+        changed = self._check_changes(tag_dir, saved)
         same = (saved.pipe, saved.data, saved.parts) == (self.pp_size, self.dp_size, list(self.model.parts))
         hyper = self._optimizer_settings()  # the config's, before the checkpoint's are loaded over them
-        switched = self.schedule_switched  # another kind of LR scheduler cannot load the saved one's state
+        # another kind of LR scheduler cannot load the saved one's state (_set_optimizer_settings starts it)
         self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=same,
-                                    load_lr_scheduler_states=not switched, load_module_strict=self.lora is None)
-        if switched:
-            start_schedule_at(self.engine.lr_scheduler, saved.step)
+                                    load_lr_scheduler_states=not self.schedule_switched,
+                                    load_module_strict=self.lora is None)
         self.state = RunState(**{**saved.__dict__, "pipe": self.pp_size, "data": self.dp_size,
                                  "parts": list(self.model.parts), "global_batch": self.plan.global_batch,
                                  "data_fingerprint": self.data_fingerprint, "eval_fingerprint": self.eval_fingerprint})
@@ -185,7 +186,7 @@ class RunDirectory:
         # the schedule's lr at this step, always: a fresh optimizer (not same) holds the schedule's first lr, and
         # DeepSpeed loads a ZeRO optimizer's state after the scheduler's, bringing back the lr saved with it (the old
         # schedule's, when max_steps or n_epoches changed its length)
-        self._set_optimizer_settings(hyper, say=self.changes_lr)
+        self._set_optimizer_settings(hyper, saved.step, changed, same, say=self.changes_lr or self.changes_length)
         self.log(f"resumed from {tag_dir} at step {saved.step}" + ("" if same else
                  f"; topology changed (pipe {saved.pipe} -> {self.pp_size}, data {saved.data} -> {self.dp_size}, "
                  f"layer bounds {saved.parts} -> {list(self.model.parts)}): weights, step and LR schedule loaded, "
@@ -206,9 +207,10 @@ class RunDirectory:
         torch.distributed.all_gather_object(found, problem)
         return next((p for p in found if p), None)
 
-    def _check_changes(self, tag_dir: Path, saved: RunState) -> None:
+    def _check_changes(self, tag_dir: Path, saved: RunState) -> set[str] | None:
         """Say what changed since the checkpoint (load_config refused what may not change); refuse different data
-        or a different global batch unless allow_data_change_on_resume."""
+        or a different global batch unless allow_data_change_on_resume. Returns the optimizer.params keys that
+        changed (None: unknown, the checkpoint has no run config)."""
         cfg = self.cfg
         old = read_run_config(tag_dir)
         changes = same_global_batch(config_changes(old, cfg.raw, lora_run=self.lora is not None),
@@ -249,6 +251,7 @@ class RunDirectory:
         for w in what:
             self.log(f"warning: {w}: the data order continues at this step's position, not sample-exact "
                      "(allow_data_change_on_resume)")
+        return None if old is None else {c.key.split(".")[2] for c in changes if c.key.startswith("optimizer.params.")}
 
     def _optimizers(self) -> list:
         """The torch optimizer(s) whose param_groups hold the hyperparameters (inside DeepSpeed's wrappers)."""
@@ -258,30 +261,60 @@ class RunDirectory:
     def _optimizer_settings(self) -> dict:
         """The config's optimizer hyperparameters and scheduler base lrs, as built (before a checkpoint is loaded)."""
         sched = self.engine.lr_scheduler
-        return {"groups": [[{k: v for k, v in g.items() if k not in ("params", "initial_lr")} for g in o.param_groups]
+        return {"groups": [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
                            for o in self._optimizers()],
                 "base_lrs": list(getattr(sched, "base_lrs", []) or [])}
 
-    def _set_optimizer_settings(self, hyper: dict, say: bool = True) -> None:
-        """After a resume: the config's hyperparameters (a loaded optimizer state brings the checkpoint's back), and
-        the schedule's lr at this step."""
-        sched = self.engine.lr_scheduler
-        for opt, groups in zip(self._optimizers(), hyper["groups"], strict=True):
+    def _checkpoint_lr(self, same: bool) -> float | None:
+        """The lr the checkpoint's run had next (its schedule, before the config in force is applied), where known:
+        the project's schedule and torch's save it with their state, else a loaded optimizer state holds it."""
+        sched, opts = self.engine.lr_scheduler, self._optimizers()
+        if not self.schedule_switched and (lrs := getattr(sched, "loaded_lr", None)):
+            return lrs[0]
+        if not self.schedule_switched and isinstance(sched, LRScheduler) and not hasattr(sched, "lr_lambdas"):
+            return sched.get_last_lr()[0]
+        return opts[0].param_groups[0]["lr"] if same and opts else None
+
+    def _set_optimizer_settings(self, hyper: dict, step: int, changed: set[str] | None, same: bool,
+                                say: bool = True) -> None:
+        """After a checkpoint's states are loaded (optimizer states if `same`): the settings the config changed
+        (`changed` optimizer.params keys; None: unknown, all), the schedule's lr (and a cycled momentum) at `step`
+        updates; another kind of scheduler than the checkpoint's (schedule_switched) is started there. Every other
+        setting stays the checkpoint's: a loaded group holds values its scheduler set (e.g. OneCycle's betas)."""
+        sched, opts = self.engine.lr_scheduler, self._optimizers()
+        before = self._checkpoint_lr(same)
+        every = changed is None or self.schedule_switched  # (the new scheduler needs the groups it was built on)
+        for opt, groups in zip(opts, hyper["groups"], strict=True):
             for g, new in zip(opt.param_groups, groups, strict=True):
-                g.update({k: v for k, v in new.items() if k != "lr"})
-                g["lr"] = new["lr"]
+                g.update({k: v for k, v in new.items() if every or k == "lr" or k in changed or k not in g})
+        if self.schedule_switched:
+            start_schedule_at(sched, step)
         if hyper["base_lrs"] and hasattr(sched, "lr_lambdas"):  # the project's schedule (LambdaLR)
             sched.base_lrs = hyper["base_lrs"]
-            for opt in self._optimizers():
+            for opt in opts:
                 for g, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
                     g["lr"] = base * fn(sched.last_epoch)
-            sched._last_lr = [g["lr"] for g in self._optimizers()[0].param_groups]
+            sched._last_lr = [g["lr"] for g in opts[0].param_groups]
+        elif isinstance(sched, LRScheduler):  # torch's: the lr of its loaded state (get_lr() is the chained form)
+            for opt in opts:
+                for g, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
+                    g["lr"] = lr
+            if getattr(sched, "cycle_momentum", False):  # OneCycleLR, CyclicLR set this step's momentum in get_lr
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "use get_last_lr()": only its side effect is wanted
+                    sched.get_lr()
         elif sched is not None and hasattr(sched, "get_lr"):  # DeepSpeed's scheduler: its lr at this step
-            for opt in self._optimizers():
+            for opt in opts:
                 for g, lr in zip(opt.param_groups, sched.get_lr(), strict=False):
                     g["lr"] = lr
+                if getattr(sched, "cycle_momentum", False):  # OneCycle: beta1 cycles with the lr
+                    for g, betas in zip(opt.param_groups, sched.get_mom(), strict=False):
+                        g["betas"] = betas
         if say:
-            self.log(f"optimizer settings from the config in force: lr now {self.engine.get_lr()[0]:.6g}")
+            now = self.engine.get_lr()[0]
+            self.log("optimizer settings from the config in force: " + (
+                f"lr now {now:.6g}" if before is None else
+                f"lr of the next update (step {step + 1}) {before:.6g} as saved -> {now:.6g} now"))
 
 
 def data_fingerprint(ds) -> str:

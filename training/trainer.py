@@ -39,7 +39,7 @@ from training.distributed import (
 )
 from training.monitor import Monitor, fmt_bytes, fmt_count, hms, process_memory, write_estimate
 from training.optim import build_optimizer, schedule_warning
-from training.resume import RUN_CONFIG_FILE
+from training.resume import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, model_config
 from training.rundir import RunDirectory
 from training.runlock import RunLock
 
@@ -164,6 +164,8 @@ class Trainer(TrainingData, RunDirectory):
         if self.lora:
             extra[LORA_FILE] = lora_info(self.lora, cfg.model_path, self.quant and self.quant.as_config(),
                                          base_fingerprint(cfg.model_path) if self.rank == 0 else None)  # rank 0 writes it
+        else:  # the weights come from the checkpoint: a resume with another model config is refused (resume.py)
+            extra[MODEL_CONFIG_FILE] = json.dumps(model_config(cfg.model_path))
         self.ckpts = Checkpoints(cfg.save_path, self.rank, cfg.keep_last, cfg.keep_best, trainable_only=self.lora is not None,
                                  extra_files=extra, resume_how=resume_hint(cfg))
         start = self._prepare_save_path()

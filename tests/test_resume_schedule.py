@@ -1,0 +1,117 @@
+"""RunDirectory._resume on a plain DeepSpeed engine (in process, no launcher): a resumed run continues every kind of
+LR scheduler bit-exactly (lr, cycled momentum, weights), and says how the lr moved when the schedule changed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from training.checkpoint import RunState
+from training.optim import LrSchedule, build_lr_scheduler, param_groups
+from training.resume import RUN_CONFIG_FILE
+from training.rundir import RunDirectory
+
+LR = 1e-3
+BASE = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.1, "torch_adam": True}}}
+COSINE = {"type": "cosine", "warmup_steps": 2}
+
+
+class Run(RunDirectory):
+    """What `RunDirectory._resume` reads of a Trainer, around a one-process engine (parts: its layer bounds)."""
+
+    def __init__(self, engine, raw: dict, parts: list[int]):
+        self.engine, self.lora, self.rank, self.world, self.pp_size, self.dp_size = engine, None, 0, 1, 1, 1
+        self.model, self.plan = SimpleNamespace(parts=parts), SimpleNamespace(global_batch=2)
+        self.cfg = SimpleNamespace(path="cfg.json", raw=raw, allow_data_change_on_resume=False, eval_split_ratio=None,
+                                   keep_best=None, early_stopping_patience=None)
+        self.data_fingerprint = self.eval_fingerprint = None
+        self.changes_lr = self.changes_length = self.schedule_switched = False
+        self.lines: list[str] = []
+
+    def log(self, msg: str) -> None:
+        self.lines.append(msg)
+
+
+def engine_for(ds, raw: dict):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+    schedule = raw.get("lr_schedule")
+    sched = (lambda opt: build_lr_scheduler(opt, LrSchedule(**schedule), raw["max_steps"])) if schedule else None
+    config = {**BASE, **({"scheduler": raw["scheduler"]} if "scheduler" in raw else {})}
+    return ds.initialize(model=model, config=config, model_parameters=param_groups(model, 0.1), lr_scheduler=sched)[0]
+
+
+def train(engine, steps: range) -> list[tuple]:
+    """(lr, betas) of each update, read before it."""
+    seen = []
+    for step in steps:
+        group = engine.optimizer.param_groups[0]
+        seen.append((group["lr"], tuple(group.get("betas", ()))))
+        x = torch.randn(2, 4, generator=torch.Generator().manual_seed(step))
+        engine.backward(engine(x).pow(2).mean())
+        engine.step()
+    return seen
+
+
+def save_at_3(ds, raw: dict, save: Path) -> tuple[list[tuple], dict]:
+    """A run of `raw` checkpointed after 3 updates, as the trainer saves it; (lr, betas) of updates 4..6 and the
+    weights after them."""
+    engine = engine_for(ds, raw)
+    train(engine, range(3))
+    engine.save_checkpoint(str(save), tag="global_step3")
+    RunState(step=3, pipe=1, data=1, parts=[0, 1], global_batch=2).write(save / "global_step3")
+    (save / "global_step3" / RUN_CONFIG_FILE).write_text(json.dumps(raw))
+    return train(engine, range(3, 6)), {k: v.clone() for k, v in engine.module.state_dict().items()}
+
+
+def resume(ds, raw: dict, save: Path, parts: list[int]) -> tuple[Run, list[tuple], dict]:
+    run = Run(engine_for(ds, raw), raw, parts)
+    run._resume(save / "global_step3")
+    return run, train(run.engine, range(3, 6)), run.engine.module.state_dict()
+
+
+@pytest.mark.parametrize("scheduler", [
+    {"type": "ExponentialLR", "params": {"gamma": 0.5}},  # torch's, chained: lr_k = lr_(k-1) x gamma
+    {"type": "StepLR", "params": {"step_size": 2, "gamma": 0.5}},
+    {"type": "OneCycle", "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": 3e-3, "cycle_first_step_size": 2,
+                                    "cycle_min_mom": 0.5, "cycle_max_mom": 0.99}},  # DeepSpeed's, cycles beta1 too
+    {"type": "OneCycleLR", "params": {"max_lr": 3e-3, "total_steps": 8}},  # torch's, cycles beta1 too
+], ids=lambda s: s["type"])
+def test_a_resumed_scheduler_continues_bit_exactly(ds, tmp_path, scheduler):
+    """Resumed after 3 updates, with no config change: the lr and beta1 of the next updates are the uninterrupted
+    run's, and so are the weights; with another topology (optimizer state reset) the lr and beta1 still are."""
+    raw = {"max_steps": 6, "scheduler": scheduler}
+    want, weights = save_at_3(ds, raw, tmp_path)
+    assert len({lr for lr, _ in want}) > 1 or scheduler["type"] == "StepLR"  # a schedule that moves
+    run, got, resumed = resume(ds, raw, tmp_path, [0, 1])
+    assert got == want and resumed.keys() == weights.keys()
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+    assert not run.lines[:-1] and run.lines[-1] == f"resumed from {tmp_path / 'global_step3'} at step 3"
+    _, got, _ = resume(ds, raw, tmp_path, [0, 2])  # the checkpoint's parts differ: optimizer state not loaded
+    assert got == want
+
+
+def test_another_kind_of_scheduler_starts_where_a_run_under_it_would_be(ds, tmp_path):
+    """The project's schedule -> torch's ExponentialLR (its saved state does not fit): the new scheduler is stepped to
+    the checkpoint's step, from the values it was built with (its lr is chained on the previous one)."""
+    save_at_3(ds, {"max_steps": 6, "lr_schedule": COSINE}, tmp_path)
+    raw = {"max_steps": 6, "scheduler": {"type": "ExponentialLR", "params": {"gamma": 0.5}}}
+    want, _ = save_at_3(ds, raw, tmp_path / "ref")
+    run, got, _ = resume(ds, raw, tmp_path, [0, 1])
+    assert run.schedule_switched and [lr for lr, _ in got] == [lr for lr, _ in want] == [LR * 0.5**k for k in (3, 4, 5)]
+
+
+def test_a_longer_run_says_how_its_lr_moves(ds, tmp_path):
+    """max_steps raised under the cosine schedule: the curve over the new length puts the next update's lr elsewhere;
+    the resume says where it was and where it is."""
+    save_at_3(ds, {"max_steps": 6, "lr_schedule": COSINE}, tmp_path)
+    run, got, _ = resume(ds, {"max_steps": 12, "lr_schedule": COSINE}, tmp_path, [0, 1])
+    was, now = (LR * LrSchedule(**COSINE).factor(3, total) for total in (6, 12))
+    assert got[0][0] == now != was
+    assert f"optimizer settings from the config in force: lr of the next update (step 4) {was:.6g} as saved -> " \
+        f"{now:.6g} now" in run.lines

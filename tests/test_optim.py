@@ -360,3 +360,11 @@ def test_deepspeed_lion_zero1_needs_allow_untested(ds):
     for z, p, p0 in zip(engine.module.parameters(), plain.module.parameters(), tiny_model().parameters(), strict=True):
         torch.testing.assert_close(z, p, atol=1e-7, rtol=0)  # ZeRO-1 updates as the plain Lion does
         assert not torch.equal(z, p0)
+
+
+def test_an_unknown_adam_key_lists_each_known_key_once():
+    from training.optim import optimizer_key_problem
+
+    said = optimizer_key_problem({"type": "AdamW", "params": {"foo": 1}})
+    known = said.split("(known: ")[1].rstrip(")").split(", ")
+    assert "lr" in known and len(known) == len(set(known)), said

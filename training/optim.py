@@ -381,7 +381,8 @@ def optimizer_key_problem(section: dict) -> str | None:
     if kind.lower() in ("adam", "adamw"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 
-        allowed = [*_init_keys(FusedAdam, DeepSpeedCPUAdam, torch.optim.AdamW, torch.optim.Adam), *DEEPSPEED_ADAM_KEYS]
+        allowed = list(dict.fromkeys([*_init_keys(FusedAdam, DeepSpeedCPUAdam, torch.optim.AdamW, torch.optim.Adam),
+                                      *DEEPSPEED_ADAM_KEYS]))  # each once: the keys several of them take
     elif kind.lower() in ("lion", "adagrad", "lamb", "muadam", "muadamw", "musgd", "muon"):
         return None  # Lion: build_lion checks its keys; DeepSpeed's other optimizers: their own checks
     elif isinstance(getattr(torch.optim, kind, None), type):

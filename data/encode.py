@@ -12,20 +12,23 @@ answer's first trained token is the first token after them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import hashlib
 import json
 import logging
+import mmap
 import multiprocessing as mp
 import os
 import re
+import signal
+import sys
 import tempfile
 import time
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,7 +41,10 @@ from data.templates import CHAT_MESSAGES, DEFAULT_SETTINGS, Rendered, Span, Temp
 from data.templates import template_settings as template_state
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "encode-v6"  # bump when encoding or labelling changes
+CACHE_VERSION = "encode-v7"  # bump when encoding, labelling or the cache file's layout changes
+CACHE_SUFFIX = ".npys"  # .npy records back to back (_save): memory-mapped by every rank, not copied into each
+CACHE_ARRAYS = ("input_ids", "labels", "offsets", "record_index")  # after the stats, in this order
+CACHE_ALIGN = 64  # every record (and so its data: numpy pads .npy headers to 64 bytes) starts 64-byte aligned
 MIN_RECORDS_FOR_POOL = 2000
 BATCH = 1000  # texts per tokenizer call
 MAX_RANGE = 2 * BATCH  # records per task at most: what a worker holds for one range does not grow with the data
@@ -265,7 +271,25 @@ def _init_worker(tokenizer: Any, recs: Sequence[Mapping[str, Any]], max_seq_len:
     _worker.update(tokenizer=tokenizer, recs=recs, max_seq_len=max_seq_len, settings=settings)
 
 
-def _init_pool_worker(*args: Any) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this process when the thread that started it (the pool's caller, waiting in
+    it) dies, also of SIGKILL (the OOM killer), which no Python code sees: a worker would block on its queue forever,
+    holding the records. Then, if `parent` already died (before prctl), die now. A no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        done = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no libc prctl
+        return
+    if done == 0 and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _init_pool_worker(parent: int, *args: Any) -> None:
+    _die_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism: no tokenizer threads per worker
     _init_worker(*args)
 
@@ -348,7 +372,8 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
         thawed = gc.get_freeze_count() == 0  # a caller's own frozen objects stay frozen
         gc.freeze()
         try:  # a worker that dies (out of memory) breaks the executor: an error, where a Pool waited forever
-            with ProcessPoolExecutor(num_proc, mp.get_context(method), _init_pool_worker, init) as pool:
+            parent = os.getpid()  # the workers' parent, checked by each (_die_with_parent)
+            with ProcessPoolExecutor(num_proc, mp.get_context(method), _init_pool_worker, (parent, *init)) as pool:
                 if any(enough(part, r) for part, r in zip(pool.map(_encode_range, ranges), ranges, strict=True)):
                     pool.shutdown(cancel_futures=True)  # the ranges not started yet never are
         except BrokenProcessPool:
@@ -407,11 +432,11 @@ def cache_key(files: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len: 
 
 def cache_file(files: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len: int, cache_dir: str | Path | None,
                settings: TemplateSettings = DEFAULT_SETTINGS, fallback_dir: str | Path | None = None) -> Path:
-    """Where the encoding of `files` (read_files' (path, bytes)) is cached: `cache_dir` / encoded-KEY.npz; without
+    """Where the encoding of `files` (read_files' (path, bytes)) is cached: `cache_dir` / encoded-KEY.npys; without
     `cache_dir`, `.cache` beside the first file, or `fallback_dir` (a training run's save_path / RUN_CACHE_DIR) when it
     holds this cache or `.cache` cannot be written and does not. It exists only if these bytes were valid records
     when it was written. The one place that decides: validation, loading and data.inspect all ask it."""
-    name = f"encoded-{cache_key(files, tokenizer, max_seq_len, settings)[:32]}.npz"
+    name = f"encoded-{cache_key(files, tokenizer, max_seq_len, settings)[:32]}{CACHE_SUFFIX}"
     if cache_dir is not None:
         return Path(cache_dir) / name
     default = _default_cache_dir(files) / name
@@ -432,7 +457,10 @@ def _writable(d: Path) -> bool:
 
 
 def _save(ds: EncodedDataset, path: Path) -> None:
-    """Write atomically: a temp file in the cache dir, then os.replace."""
+    """Write atomically: a temp file in the cache dir, then os.replace (builders that race both succeed; the last
+    rename wins, with the same bytes). The file is the stats (JSON, as uint8) and CACHE_ARRAYS as .npy records, each
+    64-byte aligned, so that `_load` maps them instead of reading them. Caches of older versions (encoded-*.npz) are
+    never read: their name and key differ."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ignore = path.parent / ".gitignore"
     if not ignore.exists():
@@ -441,16 +469,13 @@ def _save(ds: EncodedDataset, path: Path) -> None:
         with contextlib.suppress(OSError):
             if time.time() - old.stat().st_mtime > STALE_TMP_SECONDS:  # not one another process is writing now
                 old.unlink()
-    s = ds.stats
+    stats = {k: v for k, v in asdict(ds.stats).items() if not k.startswith("cache_")}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, input_ids=ds.input_ids, labels=ds.labels, offsets=ds.offsets, record_index=ds.record_index,
-                     counts=np.array([s.records, s.kept, s.dropped, s.truncated, s.spliced], dtype=np.int64),
-                     prompted=np.int64(-1 if s.prompted is None else s.prompted),  # own keys: older code reads on
-                     special_text=np.int64(-1 if s.special_text is None else s.special_text),
-                     special_example=np.array(s.special_example),
-                     default_in_chat=np.int64(-1 if s.default_in_chat is None else s.default_in_chat))
+            for a in (np.frombuffer(json.dumps(stats).encode(), np.uint8), *(getattr(ds, k) for k in CACHE_ARRAYS)):
+                f.write(b"\0" * (-f.tell() % CACHE_ALIGN))
+                np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; other ranks or users may read the cache
         os.replace(tmp, path)
     except BaseException:
@@ -458,17 +483,36 @@ def _save(ds: EncodedDataset, path: Path) -> None:
         raise
 
 
+def _record(f: Any) -> tuple[np.dtype, int, int]:
+    """(dtype, length, data offset) of the 1-d .npy record at the next CACHE_ALIGN boundary of `f`; `f` after it."""
+    f.seek(-f.tell() % CACHE_ALIGN, os.SEEK_CUR)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    if len(shape) != 1 or dtype.hasobject:
+        raise ValueError(f"unexpected record {dtype} {shape}")
+    at = f.tell()
+    f.seek(at + shape[0] * dtype.itemsize)
+    return dtype, shape[0], at
+
+
 def _load(path: Path) -> EncodedDataset:
-    with np.load(path) as z:
-        counts = [int(x) for x in z["counts"]]  # 5, or 6 with "prompted" (a cache of 472d236)
-        records, kept, dropped, truncated, spliced = counts[:5]
-        prompted = int(z["prompted"]) if "prompted" in z.files else (counts[5:] or [-1])[0]  # -1: not counted then
-        special = int(z["special_text"]) if "special_text" in z.files else -1
-        default = int(z["default_in_chat"]) if "default_in_chat" in z.files else -1
-        stats = EncodeStats(records, kept, dropped, truncated, spliced, None if prompted < 0 else prompted,
-                            None if special < 0 else special, str(z["special_example"]) if special > 0 else "",
-                            None if default < 0 else default, cache_hit=True, cache_path=str(path))
-        return EncodedDataset(z["input_ids"], z["labels"], z["offsets"], z["record_index"], stats)
+    """The cache at `path`, its arrays read-only views of one shared memory map (the node's ranks share the pages:
+    nothing is copied into each process). ValueError (or OSError) when it is damaged."""
+    with open(path, "rb") as f:
+        dtype, n, at = _record(f)
+        if dtype != np.uint8:
+            raise ValueError("no stats record")
+        f.seek(at)
+        stats = json.loads(f.read(n))
+        records = [_record(f) for _ in CACHE_ARRAYS]
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # ValueError if the file is empty
+    ids, labels, offsets, index = (np.frombuffer(buf, dtype, n, at) for dtype, n, at in records)  # ValueError: short
+    if len(offsets) != len(index) + 1 or not len(ids) == len(labels) == offsets[-1]:
+        raise ValueError("its arrays do not match")
+    known = {field.name for field in fields(EncodeStats)}
+    stats = EncodeStats(**{k: v for k, v in stats.items() if k in known}, cache_hit=True, cache_path=str(path))
+    return EncodedDataset(ids, labels, offsets, index, stats)
 
 
 def valid_records(files: Sequence[tuple[Path, bytes]], settings: TemplateSettings = DEFAULT_SETTINGS) -> list[Record]:
@@ -482,16 +526,18 @@ def valid_records(files: Sequence[tuple[Path, bytes]], settings: TemplateSetting
 
 def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, max_seq_len: int,
                  cache_dir: str | Path | None = None, settings: TemplateSettings = DEFAULT_SETTINGS,
-                 num_proc: int | None = None, use_cache: bool = True, fallback_cache_dir: str | Path | None = None
-                 ) -> EncodedDataset:
+                 num_proc: int | None = None, use_cache: bool = True, fallback_cache_dir: str | Path | None = None,
+                 validated: tuple[Sequence[tuple[Path, bytes]], Sequence[Record]] | None = None) -> EncodedDataset:
     """Read, validate (all records, DataError on any problem) and encode `data_path`, using the disk cache.
 
     The cache lives in `cache_dir` (default: `.cache` beside the first data file, or `fallback_cache_dir` when that
     cannot be written: `cache_file`) under a key that covers the data bytes, the tokenizer (chat template included),
     the templates and `settings`, `max_seq_len` and the code version. Training config keys map to `settings`
     (`TrainConfig.template_settings`). `stats.cache_status` says whether the cache was hit, written or not written.
+    `validated`: `data_path`'s files (read_files' (path, bytes)) and their `valid_records(files, settings)`, as the
+    caller already read and checked them: used as they are, not read or parsed again.
     """
-    files = read_files(data_path)
+    files, records = validated if validated is not None else (read_files(data_path), None)
     if appended := appended_ids(tokenizer):
         log.warning("the tokenizer appends %s to every text it encodes (add_eos_token): the training texts end with "
                     "the template's EOS only and prompts end without one; a serving stack that calls the tokenizer "
@@ -505,9 +551,11 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
                 ds = _load(path)
                 _log(ds.stats)
                 return ds
-            except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:  # written whole (os.replace): damaged since
+            except (OSError, ValueError, KeyError, TypeError) as e:  # written whole (os.replace): damaged since
                 log.warning("the data cache %s cannot be read (%s); encoding the data again", path, e)
-    ds = encode_records(valid_records(files, settings), tokenizer, max_seq_len, settings, num_proc)
+    records = valid_records(files, settings) if records is None else records
+    ds = encode_records(records, tokenizer, max_seq_len, settings, num_proc)
+    del records  # not held while the cache is written
     if path is not None:
         default = _default_cache_dir(files) if cache_dir is None else None
         _store(ds, path, default, None if fallback_cache_dir is None else Path(fallback_cache_dir))

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -281,16 +280,10 @@ def test_cache_hit_is_identical_and_key_tracks_inputs(tok, tmp_path):
     write(data, json.dumps([RECORDS["pretrain"]]))
     changed = load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere")
     assert not changed.stats.cache_hit and len(changed) == 1 and changed.stats.prompted == 0
-    with np.load(changed.stats.cache_path) as z:  # a cache written before "prompted" was counted: unknown
-        old = {k: z[k] for k in z.files}
-    assert old["counts"].shape == (5,)  # what code before "prompted" unpacks
-    np.savez(changed.stats.cache_path, **{k: v for k, v in old.items() if k != "prompted"})
-    assert load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere").stats.prompted is None
-    del old["prompted"]
-    np.savez(changed.stats.cache_path, **{**old, "counts": np.append(old["counts"], 0)})  # 472d236 wrote 6 counts
-    assert load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere").stats.prompted == 0
     assert list((tmp_path / "elsewhere").glob("*.tmp")) == []
-    for damaged in (b"PK\x03\x04 damaged", b""):  # a damaged or empty cache is encoded again, not a crash
+    whole = Path(changed.stats.cache_path).read_bytes()
+    # a damaged, empty or cut short cache (or one with a stats record but no arrays) is encoded again, not a crash
+    for damaged in (b"PK\x03\x04 damaged", b"", whole[:-8], whole[:200]):
         Path(changed.stats.cache_path).write_bytes(damaged)
         again = load_dataset(data, tok, 200, cache_dir=tmp_path / "elsewhere")
         assert not again.stats.cache_hit and again[0] == changed[0]

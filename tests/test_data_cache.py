@@ -9,17 +9,28 @@ validation and loading alike), and where no cache can be written the builder sen
 from __future__ import annotations
 
 import json
+import mmap
 import multiprocessing as mp
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data import encode as encode_module
-from data.encode import RUN_CACHE_DIR, cache_file, load_dataset
+from data.collate import collate_rows
+from data.encode import CACHE_SUFFIX, RUN_CACHE_DIR, cache_file, load_dataset
+from data.packing import pack, trained_tokens
 from data.records import read_files
-from tests.helpers import write_word_records
+from tests.helpers import pythonpath, write_word_records
+from training.evaluate import split_eval
+from training.rundir import data_fingerprint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -145,7 +156,7 @@ def test_a_reading_rank_never_tokenizes_what_its_node_built(tokenizer_dir, tmp_p
     built, read = _two_ranks(tmp_path, cfgs["fallback"], "fallback")
     assert (built["encoded"], built["cache"], read["encoded"], read["cache"]) == (1, "written", 0, "hit")
     assert all(built[k] == read[k] for k in ("ids", "labels", "offsets", "records"))
-    assert list((tmp_path / "out" / RUN_CACHE_DIR).glob("encoded-*.npz"))
+    assert list((tmp_path / "out" / RUN_CACHE_DIR).glob(f"encoded-*{CACHE_SUFFIX}"))
 
     built, sent = _two_ranks(tmp_path, cfgs["none"], "none")
     assert (built["encoded"], sent["encoded"]) == (1, 0)
@@ -173,3 +184,167 @@ def test_validation_skips_data_cached_under_save_path(tokenizer_dir, tokenizer, 
     trainer.validate_data()
     assert not parsed
     trainer.close()
+
+
+def _mapped(a) -> bool:
+    """Whether array `a` is a view of a memory map (not a private copy)."""
+    while a is not None:
+        if isinstance(a, mmap.mmap | np.memmap):
+            return True
+        a = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
+    return False
+
+
+def test_a_warm_load_maps_the_cache_instead_of_copying_it(tokenizer, tmp_path):
+    """Every reading rank of a node loads the cache: an .npz was read into each one's own memory (8 copies of a 600 MB
+    cache on an 8-GPU node); now every rank maps the same file read-only, and what uses the arrays still works."""
+    data = data_file(tmp_path)
+    stale = data.parent / ".cache" / "encoded-0123456789abcdef0123456789abcdef.npz"  # an older version's cache
+    cold = load_dataset(data, tokenizer, 64)
+    stale.write_bytes(b"PK\x03\x04 an old cache")
+    warm = load_dataset(data, tokenizer, 64)
+    assert warm.stats.cache_hit and warm.stats == encode_module.replace(cold.stats, cache_hit=True)
+    assert {f.name for f in stale.parent.glob("encoded-*")} == {stale.name, Path(cold.stats.cache_path).name}
+    for k in encode_module.CACHE_ARRAYS:
+        a, b = getattr(warm, k), getattr(cold, k)
+        assert _mapped(a) and not a.flags.writeable and a.dtype == b.dtype and (a == b).all(), k
+    # what consumes the arrays reads them only
+    assert data_fingerprint(warm) == data_fingerprint(cold)
+    assert (trained_tokens(warm) == trained_tokens(cold)).all()
+    assert data_fingerprint(pack(warm, 64, 0)) == data_fingerprint(pack(cold, 64, 0))
+    assert [data_fingerprint(d) for d in split_eval(warm, 0.2, 0)] == \
+        [data_fingerprint(d) for d in split_eval(cold, 0.2, 0)]
+    (batch, labels), (expected, expected_labels) = (collate_rows(d, [0, 3, -1], 64, 0) for d in (warm, cold))
+    assert all((x == y).all() for x, y in zip((*batch, labels), (*expected, expected_labels), strict=True))
+    assert warm[-1] == cold[-1]
+
+
+def _build(data: str, out: str) -> None:
+    os.environ["RACE_OUT"] = out
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.environ["RACE_TOK"])
+    ds = load_dataset(data, tok, 64, num_proc=1)
+    Path(out).write_text(json.dumps([ds.stats.cache_status, ds.stats.cache_path]))
+
+
+def test_builders_that_race_both_succeed_and_leave_one_cache(tokenizer_dir, tokenizer, tmp_path, monkeypatch):
+    data = data_file(tmp_path, 300)
+    monkeypatch.setenv("RACE_TOK", str(tokenizer_dir))
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_build, args=(str(data), str(tmp_path / f"b{i}.json"))) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    said = [json.loads((tmp_path / f"b{i}.json").read_text()) for i in range(2)]
+    assert said[0][1] == said[1][1] and {s for s, _ in said} <= {"written", "hit"}
+    assert [f.name for f in (data.parent / ".cache").glob("encoded-*")] == [Path(said[0][1]).name]  # no temp file
+    assert load_dataset(data, tokenizer, 64).stats.cache_hit
+
+
+_BUILDER = """
+import sys, time
+from data import encode
+
+def busy(*args, **kwargs):  # the workers are still tokenizing when their parent is killed
+    time.sleep(300)
+
+encode.encode_batch = busy
+from transformers import AutoTokenizer
+encode.load_dataset(sys.argv[2], AutoTokenizer.from_pretrained(sys.argv[1]), 64, num_proc=2)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killing_the_builder_ends_its_tokenizing_workers(tokenizer_dir, tmp_path):
+    """SIGKILL of the tokenizing rank (the OOM killer) left its pool's workers running for ever, each holding the
+    records (about 1 GB at 500k records); now the kernel kills them with it."""
+    data = data_file(tmp_path)
+    script = tmp_path / "build.py"
+    script.write_text(_BUILDER)
+    env = {**os.environ, "PYTHONPATH": pythonpath(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script), str(tokenizer_dir), str(data)], cwd=ROOT, env=env)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            workers = _children(proc.pid)
+        assert len(workers) == 2, f"the build started {workers} workers (exit {proc.poll()})"
+        time.sleep(0.5)  # past their initializer
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if _alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, "workers outlived their killed parent"
+
+
+def _cold_start(store: str, cfg_path: str, out: str) -> None:
+    """A one-rank trainer's cold start: validate_data, the process group, then _load_datasets (as setup runs them)."""
+    import torch.distributed as dist
+
+    from training.config import load_config
+    from training.trainer import Trainer
+
+    parsed = []
+    real = encode_module.records_from_files
+    encode_module.records_from_files = lambda files: parsed.append(files[0][0].name) or real(files)
+    cfg = load_config(cfg_path, require_model=False)
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.rank, trainer.local_rank, trainer.world, trainer.monitor = cfg, 0, 0, 1, None
+    trainer.reads_data, trainer.readers, trainer.hosts, trainer.tokenizer = True, [True], ["node"], None
+    trainer.validate_data()
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    trainer.patient = dist.new_group(backend="gloo")
+    ds, eval_set = trainer._load_datasets()
+    Path(out).write_text(json.dumps({"parsed": parsed, "sizes": [ds.stats.kept, eval_set.stats.kept],
+                                     "cache": [ds.stats.cache_status, eval_set.stats.cache_status]}))
+    dist.destroy_process_group()
+
+
+def test_a_cold_start_parses_the_records_once(tokenizer_dir, tmp_path):
+    """The trainer validated every record (local rank 0, before the process group), threw them away and parsed them
+    again to encode them (7.5 s and 1 GB more at 500k records): the checked records are now the ones encoded."""
+    import torch.distributed as dist
+
+    data = data_file(tmp_path)
+    write_word_records(data.parent / "eval.jsonl", 7, seed=5)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"model_path": str(tokenizer_dir), "save_path": str(tmp_path / "out"),
+                               "data_path": str(data), "eval_data_path": str(data.parent / "eval.jsonl"),
+                               "max_seq_len": 64, "n_epoches": 1, "train_micro_batch_size_per_gpu": 1}))
+    ctx = mp.get_context("spawn" if dist.is_initialized() else "fork")
+    outs = [tmp_path / f"start{i}.json" for i in range(2)]
+    for i, out in enumerate(outs):  # cold, then warm
+        p = ctx.Process(target=_cold_start, args=(str(tmp_path / f"store{i}"), str(cfg), str(out)))
+        p.start()
+        p.join(120)
+        assert p.exitcode == 0
+    cold, warm = (json.loads(out.read_text()) for out in outs)
+    assert cold == {"parsed": ["train.jsonl", "eval.jsonl"], "sizes": [30, 7], "cache": ["written", "written"]}
+    assert warm == {"parsed": [], "sizes": [30, 7], "cache": ["hit", "hit"]}

@@ -11,7 +11,7 @@ import torch
 
 from data.encode import RUN_CACHE_DIR, cache_file, load_dataset, recv_dataset, send_dataset, valid_records
 from data.packing import describe
-from data.records import DataError, read_files
+from data.records import DataError, Record, read_files
 from training.batches import BatchPlan, RowsView, row_trained
 from training.config import ConfigError
 from training.evaluate import EvalPlan, training_and_eval_rows
@@ -21,24 +21,31 @@ from training.rundir import data_fingerprint
 class TrainingData:
     """Validation, loading and sharing of the training and eval data (needs the Trainer's cfg, ranks and groups)."""
 
+    # validate_data's (files, records) by position in (data_path, eval_data_path): the node's builder encodes them
+    _validated: dict[int, tuple[list[tuple[Path, bytes]], list[Record]]] | None = None
+
     def validate_data(self) -> None:
         """Check every record before any process group or model exists (raises DataError), in chat mode also what no
         chat template renders (data.encode.valid_records). Once per node: local rank 0 checks; on a problem it exits
         and the launcher stops the node's other ranks. Not when rank 0 already refuses the run (cfg.refusal): it goes
         straight to the process group, which says so to every rank. Not when a cache of the data exists where
-        `_load_datasets` would read it (data.encode.cache_file)."""
+        `_load_datasets` would read it (data.encode.cache_file). The checked records are kept for `_load_datasets`,
+        which encodes them without parsing the files again."""
         cfg = self.cfg
         if self.local_rank != 0 or cfg.refusal:
             return
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)  # for the cache key; setup keeps it
-        for path in (cfg.data_path, cfg.eval_data_path):
+        self._validated = None
+        validated = {}
+        for i, path in enumerate((cfg.data_path, cfg.eval_data_path)):
             if path is not None:
                 files = read_files(path)
                 if not cache_file(files, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings,
                                   Path(cfg.save_path) / RUN_CACHE_DIR).is_file():  # cached: they were valid records
-                    valid_records(files, cfg.template_settings)
+                    validated[i] = (files, valid_records(files, cfg.template_settings))
+        self._validated = validated
 
     def _setup_data(self) -> None:
         """Load (or receive) the data, check every node built the same, and plan the steps' batches."""
@@ -67,20 +74,24 @@ class TrainingData:
         other reading ranks wait without a deadline, then read the cache; where it could not be written, the builder
         sends them its arrays (no rank tokenizes a second time). A DataError stops every rank, not only the one that
         saw it. The eval split is taken from the samples before packing; with "packing" every reading rank packs the
-        same way (seeded)."""
+        same way (seeded). The builder encodes the records validate_data checked (when it is that rank)."""
         cfg = self.cfg
-        def load(path):
+        def load(path, validated=None):
             return load_dataset(path, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings,
-                                fallback_cache_dir=Path(cfg.save_path) / RUN_CACHE_DIR)
+                                fallback_cache_dir=Path(cfg.save_path) / RUN_CACHE_DIR, validated=validated)
         paths = [p for p in (cfg.data_path, cfg.eval_data_path) if p is not None]
         node = [r for r in range(self.world) if self.readers[r] and self.hosts[r] == self.hosts[self.rank]]
         builder = min(node, default=None)
+        validated, self._validated = self._validated or {}, None
         found, error = None, None
         if self.rank == builder:
+            checked = [validated.pop(i, None) for i, p in enumerate((cfg.data_path, cfg.eval_data_path))
+                       if p is not None]
             try:
-                found = [load(p) for p in paths]
+                found = [load(p, checked.pop(0)) for p in paths]
             except DataError as e:
                 error = e
+        validated.clear()  # not the builder: records it checked are not needed
         # per rank: whether it failed, and (builders) which data sets it could not cache
         said = [None] * self.world
         unwritten = [bool(d.stats.cache_problem) for d in found or []]

@@ -553,6 +553,17 @@ def test_a_busy_master_port_is_one_line(tmp_path, ops_model, monkeypatch, capsys
         "with --master_port set to a free port"]
 
 
+def test_a_process_that_sees_only_its_own_gpu_is_one_line():
+    """srun --gpus-per-task=1 shows each task one GPU while LOCAL_RANK counts the node's tasks: DeepSpeed would ask
+    for cuda:LOCAL_RANK, which does not exist (a CUDA traceback on every rank but the first); the trainer says it."""
+    from training.distributed import local_device_problem
+
+    assert local_device_problem(3, 8, "cuda") is None and local_device_problem(0, 1, "cuda") is None
+    said = local_device_problem(3, 1, "cuda")
+    assert said.startswith("LOCAL_RANK 3, but this process sees 1 cuda device(s) (cuda:3 does not exist)") and \
+        "--gpus-per-task" in said and "\n" not in said
+
+
 def test_the_busy_port_advice_follows_the_launcher_and_srun_hostlists_expand(tmp_path, ops_model, monkeypatch, capsys):
     """Under srun (no RANK; SLURM_PROCID ...) the advice is MASTER_PORT, not deepspeed's flag; every bracket group of
     the first host is expanded, as `scontrol show hostnames` does."""

@@ -6,6 +6,8 @@ plus, written by us into the same directory before it becomes visible:
   trainer_state.json      step, topology, evaluation history, early-stopping and bad-step counters
   rng_state_rank{R}.pt    Python, NumPy and torch RNG states of rank R
   run_config.json         the run's config as loaded (compared with the config in force at resume)
+  model_config.json       a full run's model config (training/resume.py: a resume must build the same model)
+  lora_config.json        a LoRA run's adapters, base and its fingerprint (models/lora.py)
   manifest.json           every file of the tag with its size (a truncated file is found before loading)
 
 Every tag is written as `.tmp-<tag>`, renamed to `<tag>` once all ranks are done, and only then named

@@ -184,6 +184,17 @@ def shutdown_distributed() -> None:
     shm_buffer(rank).unlink(missing_ok=True)
 
 
+def local_device_problem(local_rank: int, count: int, device: str) -> str | None:
+    """Why this process's device, `device`:LOCAL_RANK (as DeepSpeed sets it), does not exist when `count` are
+    visible: a launcher that shows each process only its own GPU (srun --gpus-per-task, --gpu-bind) while LOCAL_RANK
+    counts the node's processes; None when it exists."""
+    if count <= 0 or local_rank < count:
+        return None
+    return (f"LOCAL_RANK {local_rank}, but this process sees {count} {device} device(s) ({device}:{local_rank} does "
+            "not exist): every process of a node must see all of the node's devices (under SLURM: --gpus-per-node, "
+            "without --gpus-per-task or --gpu-bind)")
+
+
 def device_line() -> str:
     """One summary line: the device DeepSpeed's accelerator drives, through which class, its backend and memory."""
     from deepspeed.accelerator import get_accelerator

@@ -34,6 +34,7 @@ from training.distributed import (
     LauncherWatch,
     device_line,
     init_restarted_torchrun,
+    local_device_problem,
     remove_stale_shm_buffer,
     shutdown_distributed,
 )
@@ -82,6 +83,9 @@ class Trainer(TrainingData, RunDirectory):
         self.validate_data()
         acc = get_accelerator()
         backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
+        if acc.device_name() != "cpu" and (problem := local_device_problem(self.local_rank, acc.device_count(),
+                                                                           acc.device_name())):
+            raise LaunchError(f"rank {self.rank}: {problem}")
         bound = acc.device(self.local_rank) if acc.device_name() == "cuda" else None
         timeout = timedelta(minutes=cfg.dist_timeout_minutes)
         # SIGTERM / SIGINT end a process still waiting for the others (nothing to save yet; the wait is in C++,

@@ -83,8 +83,8 @@ class Trainer(TrainingData, RunDirectory):
         self.validate_data()
         acc = get_accelerator()
         backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
-        if acc.device_name() != "cpu" and (problem := local_device_problem(self.local_rank, acc.device_count(),
-                                                                           acc.device_name())):
+        if acc.device_name() == "cuda" and (problem := local_device_problem(self.local_rank, acc.device_count(),
+                                                                            "cuda")):  # others: their own indexing
             raise LaunchError(f"rank {self.rank}: {problem}")
         bound = acc.device(self.local_rank) if acc.device_name() == "cuda" else None
         timeout = timedelta(minutes=cfg.dist_timeout_minutes)

@@ -25,6 +25,7 @@ import signal
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -457,10 +458,10 @@ def _writable(d: Path) -> bool:
 
 
 def _save(ds: EncodedDataset, path: Path) -> None:
-    """Write atomically: a temp file in the cache dir, then os.replace (builders that race both succeed; the last
-    rename wins, with the same bytes). The file is the stats (JSON, as uint8) and CACHE_ARRAYS as .npy records, each
-    64-byte aligned, so that `_load` maps them instead of reading them. Caches of older versions (encoded-*.npz) are
-    never read: their name and key differ."""
+    """Write atomically: a temp file in the cache dir, then linked to its name only if no other builder's is there
+    (`_publish`). The file is the stats (JSON, as uint8; with each array's CRC-32, which `_load` checks) and
+    CACHE_ARRAYS as .npy records, each 64-byte aligned, so that `_load` maps them instead of reading them. Caches of
+    older versions (encoded-*.npz) are never read: their name and key differ."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ignore = path.parent / ".gitignore"
     if not ignore.exists():
@@ -470,6 +471,7 @@ def _save(ds: EncodedDataset, path: Path) -> None:
             if time.time() - old.stat().st_mtime > STALE_TMP_SECONDS:  # not one another process is writing now
                 old.unlink()
     stats = {k: v for k, v in asdict(ds.stats).items() if not k.startswith("cache_")}
+    stats["crc32"] = [zlib.crc32(memoryview(np.ascontiguousarray(getattr(ds, k))).cast("B")) for k in CACHE_ARRAYS]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -477,10 +479,25 @@ def _save(ds: EncodedDataset, path: Path) -> None:
                 f.write(b"\0" * (-f.tell() % CACHE_ALIGN))
                 np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; other ranks or users may read the cache
-        os.replace(tmp, path)
+        _publish(Path(tmp), path)
     except BaseException:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """`tmp` under the name `path`, unless another builder's cache (the same key: the same content) is there already:
+    that one stays, as ranks of other nodes may have it memory-mapped (replaced on a network filesystem, their
+    mapping would fault). A hard link creates the name atomically only where it is free; without hard links, the
+    name is taken only when free at the time of asking."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:  # a filesystem without hard links
+        if not path.exists():
+            os.replace(tmp, path)
+    tmp.unlink(missing_ok=True)
 
 
 def _record(f: Any) -> tuple[np.dtype, int, int]:
@@ -505,10 +522,15 @@ def _load(path: Path) -> EncodedDataset:
             raise ValueError("no stats record")
         f.seek(at)
         stats = json.loads(f.read(n))
+        if not isinstance(stats, dict):
+            raise ValueError("no stats record")
         records = [_record(f) for _ in CACHE_ARRAYS]
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # ValueError if the file is empty
     ids, labels, offsets, index = (np.frombuffer(buf, dtype, n, at) for dtype, n, at in records)  # ValueError: short
-    if len(offsets) != len(index) + 1 or not len(ids) == len(labels) == offsets[-1]:
+    arrays = (ids, labels, offsets, index)
+    if [zlib.crc32(a) for a in arrays] != stats.pop("crc32", None):  # damaged since (a zero-filled block after a crash)
+        raise ValueError("a checksum does not match")
+    if len(offsets) != len(index) + 1 or not len(ids) == len(labels) == offsets[-1] or offsets[0] != 0:
         raise ValueError("its arrays do not match")
     known = {field.name for field in fields(EncodeStats)}
     stats = EncodeStats(**{k: v for k, v in stats.items() if k in known}, cache_hit=True, cache_path=str(path))
@@ -538,6 +560,7 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
     caller already read and checked them: used as they are, not read or parsed again.
     """
     files, records = validated if validated is not None else (read_files(data_path), None)
+    validated = None  # the records are held by `records` alone, and dropped once encoded
     if appended := appended_ids(tokenizer):
         log.warning("the tokenizer appends %s to every text it encodes (add_eos_token): the training texts end with "
                     "the template's EOS only and prompts end without one; a serving stack that calls the tokenizer "
@@ -553,6 +576,8 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
                 return ds
             except (OSError, ValueError, KeyError, TypeError) as e:  # written whole (os.replace): damaged since
                 log.warning("the data cache %s cannot be read (%s); encoding the data again", path, e)
+                with contextlib.suppress(OSError):  # _publish writes no name that is taken
+                    path.unlink()
     records = valid_records(files, settings) if records is None else records
     ds = encode_records(records, tokenizer, max_seq_len, settings, num_proc)
     del records  # not held while the cache is written

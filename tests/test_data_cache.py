@@ -348,3 +348,26 @@ def test_a_cold_start_parses_the_records_once(tokenizer_dir, tmp_path):
     cold, warm = (json.loads(out.read_text()) for out in outs)
     assert cold == {"parsed": ["train.jsonl", "eval.jsonl"], "sizes": [30, 7], "cache": ["written", "written"]}
     assert warm == {"parsed": [], "sizes": [30, 7], "cache": ["hit", "hit"]}
+    # the training file as the eval file too (cold: another max_seq_len): parsed and held once, not once per key
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "eval_data_path": str(data), "max_seq_len": 48}))
+    p = ctx.Process(target=_cold_start, args=(str(tmp_path / "store2"), str(cfg), str(tmp_path / "same.json")))
+    p.start()
+    p.join(120)
+    assert p.exitcode == 0
+    same = json.loads((tmp_path / "same.json").read_text())
+    assert same["parsed"] == ["train.jsonl"] and same["cache"] == ["written", "hit"], same
+
+
+def test_a_damaged_cache_is_rebuilt_not_trained_on(tokenizer, tmp_path, caplog):
+    """A block of the cache's token ids zeroed (a crash before the page reached the disk): its layout still reads,
+    so only the checksums find it; the .npz's zip CRC did. It is encoded again, with one warning."""
+    data = data_file(tmp_path)
+    cold = load_dataset(data, tokenizer, 64)
+    path = Path(cold.stats.cache_path)
+    raw = bytearray(path.read_bytes())
+    at = raw.rindex(cold.input_ids[-8:].tobytes())  # the last ids, inside the input_ids record
+    raw[at:at + 8] = bytes(8)
+    path.write_bytes(bytes(raw))
+    again = load_dataset(data, tokenizer, 64)
+    assert not again.stats.cache_hit and "a checksum does not match" in caplog.text
+    assert (again.input_ids == cold.input_ids).all() and load_dataset(data, tokenizer, 64).stats.cache_hit

@@ -39,11 +39,14 @@ class TrainingData:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)  # for the cache key; setup keeps it
         self._validated = None
         validated = {}
+        seen = set()
         for i, path in enumerate((cfg.data_path, cfg.eval_data_path)):
             if path is not None:
                 files = read_files(path)
-                if not cache_file(files, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings,
-                                  Path(cfg.save_path) / RUN_CACHE_DIR).is_file():  # cached: they were valid records
+                cache = cache_file(files, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings,
+                                   Path(cfg.save_path) / RUN_CACHE_DIR)
+                if not cache.is_file() and cache not in seen:  # cached: they were valid records; seen: the same data
+                    seen.add(cache)
                     validated[i] = (files, valid_records(files, cfg.template_settings))
         self._validated = validated
 

@@ -94,6 +94,9 @@ def test_a_lock_whose_pid_is_another_process_now_is_taken_over(tmp_path, monkeyp
                                                 boot_id="an-earlier-boot")
         with pytest.raises(LockError):  # the same hostname on another machine, its heartbeat fresh
             held_by(pid=1, pid_start="1", boot_id="another-machine", pid_ns=pid_namespace())
+        with monkeypatch.context() as m, pytest.raises(LockError):  # when this host booted, unknown: the heartbeat
+            m.setattr(runlock, "uptime", lambda: None)
+            held_by(pid=1, pid_start="1", boot_id="another-machine", pid_ns=pid_namespace())
         with monkeypatch.context() as m:  # this host's clock 6 minutes fast: the heartbeat is still fresh
             m.setattr(time, "time", lambda real=time.time: real() + 360)
             with pytest.raises(LockError):

@@ -227,7 +227,7 @@ def holder_gone(info: dict, age: float) -> str | None:
     then, now = info.get("boot_id"), boot_id()
     if then and now and then != now:
         up = uptime()
-        if up is not None and age < up:
+        if up is None or age < up:  # touched since this boot (or when, unknown): judged by its heartbeat
             return None
         return f"this host has restarted since (boot id {then} then, {now} now)"
     ns = info.get("pid_ns")

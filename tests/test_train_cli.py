@@ -117,6 +117,9 @@ CASES = {  # name -> (config overrides, expected text)
                        "DeepSpeed nor a torch.optim.lr_scheduler scheduler; did you mean 'WarmupCosineLR'?"),
     "torch scheduler params typo": ({"scheduler": {"type": "StepLR", "params": {"step_siz": 2}}},
                                     "scheduler.params (StepLR): unknown key 'step_siz'; did you mean 'step_size'?"),
+    "torch scheduler with ZeRO": ({"scheduler": {"type": "StepLR", "params": {"step_size": 2}},
+                                   "zero_optimization": {"stage": 1}},
+                                  "scheduler.type 'StepLR' is torch's, which DeepSpeed builds on its ZeRO optimizer "),
     "lion lr": ({"optimizer": {"type": "Lion", "params": {"lr": -1}}}, "optimizer.params.lr must be a number > 0, got -1"),
     # bad input that used to surface only after the model was built (or as a device assert on CUDA)
     "optimizer type": ({"optimizer": {"type": "AdamWW", "params": {"lr": 1e-3}}},
@@ -284,6 +287,10 @@ def test_a_full_run_resumes_only_with_the_model_config_it_was_built_with(tmp_pat
     (moved / "config.json").write_text(json.dumps({**config, "transformers_version": "9.9.9", "dtype": "float16",
                                                    "eos_token_id": [2, 7], "use_cache": False}))
     load_config(cfg, world_size=1)  # moved, the same model (what serving reads may change)
+    rope = {k: v for k, v in config.items() if k != "rope_parameters"} | {"rope_theta": config["rope_parameters"]["rope_theta"]}
+    for same in ({**config, "mlp_bias": False, "rope_scaling": None}, rope):  # defaults written out; 4.x's rope keys
+        (moved / "config.json").write_text(json.dumps(same))
+        load_config(cfg, world_size=1)  # the model transformers builds is the same
 
 
 def test_hf_dir_as_model_path_gets_a_hint(tmp_path, base, capsys):

@@ -268,6 +268,18 @@ def model_config(model_path: str | Path) -> dict | None:
     return {k: v for k, v in body.items() if k not in MODEL_CONFIG_IGNORED} if isinstance(body, dict) else None
 
 
+def _as_built(config: dict) -> dict:
+    """`config` as the installed transformers builds it (defaults filled in, one spelling of the rope settings), less
+    MODEL_CONFIG_IGNORED; as written where transformers cannot read it."""
+    from transformers import AutoConfig
+
+    try:
+        built = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
+    except Exception:  # noqa: BLE001 - transformers raises many kinds for a config it cannot read
+        return config
+    return {k: v for k, v in built.to_dict().items() if k not in MODEL_CONFIG_IGNORED}
+
+
 def model_config_problem(ckpt: Path, model_path: str) -> str | None:
     """Why a full checkpoint cannot resume with model_path's config.json (it differs from the MODEL_CONFIG_FILE the
     checkpoint recorded: the weights would run in another model), naming the keys; None when equal or unrecorded."""
@@ -277,6 +289,9 @@ def model_config_problem(ckpt: Path, model_path: str) -> str | None:
         return None  # written before the record existed
     now = model_config(model_path)
     if not isinstance(saved, dict) or now is None or saved == now:
+        return None
+    saved, now = _as_built(saved), _as_built(now)
+    if saved == now:  # written differently (a default left out, another transformers' rope spelling): the same model
         return None
     a, b = flatten(saved), flatten(now)
     keys = sorted(k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING))

@@ -35,7 +35,7 @@ from training.optim import (
     parse_lr_schedule,
     scheduler_problem,
 )
-from training.resume import resume_problem, unnamed_tag
+from training.resume import resume_problem, torch_scheduler, unnamed_tag
 from training.runlock import JOB_FILE, LockError, UnknownStart, check_unlocked, launch_job, restarted_job
 from training.trackers import parse_report_to
 
@@ -306,6 +306,10 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
                                  "weight decay; keep one")
         if "scheduler" in ds and (problem := scheduler_problem(ds["scheduler"])):
             raise ValueError(problem)
+        if (kind := torch_scheduler(ds)) and (zero is True or (isinstance(zero, dict) and zero.get("stage", 0))):
+            raise ValueError(f"scheduler.type {kind!r} is torch's, which DeepSpeed builds on its ZeRO optimizer wrapper "
+                             "(not a torch Optimizer: every rank would stop with a TypeError); with ZeRO (needed by "
+                             "bf16 and fp16) use the project's \"lr_schedule\" or one of DeepSpeed's schedulers")
         if isinstance(opt, dict) and str(opt.get("type", "")).lower() == "lion":
             # the keys and values only: whether the triton kernel can run is judged at build time, where the
             # parameters' device is known (this CPU tensor made every CUDA run log a false fallback)

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.encode import IGNORE_INDEX, EncodedDataset
+from data.dataset import EncodedDataset
+from data.encode import IGNORE_INDEX
 from data.packing import PackedDataset
 
 Batch = tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

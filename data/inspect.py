@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from data.encode import IGNORE_INDEX, RUN_CACHE_DIR, EncodedDataset, load_dataset
+from data.dataset import EncodedDataset
+from data.encode import IGNORE_INDEX, RUN_CACHE_DIR, load_dataset
 from data.packing import PackedDataset, pack, trained_tokens
 from data.records import DataError
 from pipeft import INSTALLED

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.encode import IGNORE_INDEX, EncodedDataset
+from data.dataset import EncodedDataset
+from data.encode import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data import dataset as dataset_module
 from data import encode as encode_module
 from data.collate import collate_rows
 from data.encode import CACHE_SUFFIX, RUN_CACHE_DIR, cache_file, load_dataset
@@ -105,7 +106,7 @@ def _rank(rank: int, store: str, cfg_path: str, out: str) -> None:
     from training.config import load_config
     from training.trainer import Trainer
 
-    encode_module.SEND_CHUNK = 7  # arrays go in several messages
+    dataset_module.SEND_CHUNK = 7  # arrays go in several messages
     encoded = []
     real = encode_module.encode_records
     encode_module.encode_records = lambda *a, **k: encoded.append(1) or real(*a, **k)
@@ -205,7 +206,7 @@ def test_a_warm_load_maps_the_cache_instead_of_copying_it(tokenizer, tmp_path):
     warm = load_dataset(data, tokenizer, 64)
     assert warm.stats.cache_hit and warm.stats == encode_module.replace(cold.stats, cache_hit=True)
     assert {f.name for f in stale.parent.glob("encoded-*")} == {stale.name, Path(cold.stats.cache_path).name}
-    for k in encode_module.CACHE_ARRAYS:
+    for k in dataset_module.CACHE_ARRAYS:
         a, b = getattr(warm, k), getattr(cold, k)
         assert _mapped(a) and not a.flags.writeable and a.dtype == b.dtype and (a == b).all(), k
     # what consumes the arrays reads them only

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.encode import IGNORE_INDEX, EncodedDataset, EncodeStats
+from data.dataset import EncodedDataset, EncodeStats
+from data.encode import IGNORE_INDEX
 from data.packing import trained_tokens
 from training.evaluate import EvalPlan, concat, split_eval
 

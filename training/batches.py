@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from data.collate import collate_rows, padded_length
-from data.encode import EncodedDataset
+from data.dataset import EncodedDataset
 from data.packing import PackedDataset, trained_tokens
 
 MEGABATCH_MULT = 50  # transformers' LengthGroupedSampler: megabatches of 50 batches

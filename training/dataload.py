@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.encode import RUN_CACHE_DIR, cache_file, load_dataset, recv_dataset, send_dataset, valid_records
+from data.dataset import recv_dataset, send_dataset
+from data.encode import RUN_CACHE_DIR, cache_file, load_dataset, valid_records
 from data.packing import describe
 from data.records import DataError, Record, read_files
 from training.batches import BatchPlan, RowsView, row_trained

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from data.collate import collate_rows, padded_length
-from data.encode import EncodedDataset
+from data.dataset import EncodedDataset
 from data.packing import pack
 from training.batches import row_trained
 

@@ -13,8 +13,10 @@ In a sequence, segment k (1, 2, ...) has position ids 0.. and attends only to it
 segment-aware mask); its first label is -100: unpacked it is never predicted (the loss shifts labels),
 and packed it would be predicted from the previous segment's last token. So a sequence's summed loss
 is the sum of its samples' own summed losses. Samples longer than max_seq_len exist only for pretrain
-text with "split_long_pretrain" (data.encode keeps them whole); they are cut into max_seq_len chunks,
-each its own segment (a chunk's first token is then not trained either). Nothing is dropped here.
+text with "split_long_pretrain" (data.encode keeps them whole); they are cut into chunks of at most max_seq_len
+tokens that overlap by one, each its own segment, as Megatron's samples overlap: a chunk's first (untrained) token
+is the previous chunk's last (trained) one, so every token of the text but its first is trained exactly once, and
+no chunk is a lone token that trains nothing (an EOS cut off alone was never learned). Nothing is dropped here.
 """
 
 from __future__ import annotations
@@ -117,10 +119,11 @@ def _first_fit(lengths: np.ndarray, capacity: int) -> np.ndarray:
 def pack(ds: EncodedDataset, max_seq_len: int, seed: int) -> PackedDataset:
     """Pack `ds` by first-fit decreasing (see the module docstring); samples over max_seq_len are split."""
     lengths = np.diff(ds.offsets)
-    n_chunks = -(-lengths // max_seq_len)
+    stride = max(max_seq_len - 1, 1)  # chunks overlap by one token (the module docstring)
+    n_chunks = np.maximum(1, -(-(lengths - 1) // stride))
     sample = np.repeat(np.arange(len(ds)), n_chunks)
     k = np.arange(len(sample)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
-    start = ds.offsets[sample] + k * max_seq_len
+    start = ds.offsets[sample] + k * stride
     length = np.minimum(max_seq_len, ds.offsets[sample + 1] - start)
 
     order = np.random.default_rng(seed).permutation(len(sample))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from data import inspect as data_inspect
 from data.collate import collate, pad_id_of
+from data.dataset import EncodedDataset, EncodeStats
 from data.encode import IGNORE_INDEX, cache_key, load_dataset
 from data.packing import pack, trained_tokens
 from data.records import read_files
@@ -143,19 +144,39 @@ def test_split_long_pretrain_splits_instead_of_truncating(tmp_path, tokenizer):
 
     packed = pack(ds, L, seed=0)
     st = packed.stats
-    assert st.tokens == n_long + L + len(ds[2]["input_ids"])  # every token of the long text kept
-    assert st.split == 1 and st.segments == 3 + -(-n_long // L) - 1
+    chunks = -(-(n_long - 1) // (L - 1))  # chunks overlap by one token
+    assert st.tokens == n_long + chunks - 1 + L + len(ds[2]["input_ids"])  # every token of the long text kept
+    assert st.split == 1 and st.segments == 2 + chunks
     assert all(len(packed[r]["input_ids"]) <= L for r in range(len(packed)))
     parts = [part for r in range(len(packed))  # the segments that come from the long text
              for seg, part in zip(packed.segment_sample[packed.row_segments[r]:packed.row_segments[r + 1]].tolist(),
                                   segments_of(packed[r]), strict=True) if seg == 0]
     assert all(p["labels"][0] == IGNORE_INDEX and p["position_ids"][0] == 0 for p in parts)
     ids = whole[0]["input_ids"]
-    assert sorted(tuple(p["input_ids"]) for p in parts) == sorted(tuple(ids[i:i + L]) for i in range(0, n_long, L))
+    assert sorted(tuple(p["input_ids"]) for p in parts) == sorted(tuple(ids[i:i + L]) for i in range(0, n_long - 1, L - 1))
+    trained = sorted(t for p in parts for t in p["labels"] if t != IGNORE_INDEX)
+    assert trained == sorted(ids[1:])  # every token but the text's first, once: none lost at a cut
     for seed in range(4):  # the chunks are placed in a seeded order: data.inspect shows the row of the first one
         packed = pack(ds, L, seed)
         row = packed[packed.row_of_sample(0)]
         assert any(part["input_ids"] == ids[:L] for part in segments_of(row)), seed
+
+
+def test_a_text_one_token_past_max_seq_len_trains_its_last_token():
+    """Cut without overlap, a text of L + 1 tokens left its EOS as a chunk of its own: one untrained token (the
+    document's end never learned), and such chunks packed together made rows that train nothing. Each text's
+    tokens but its first are trained exactly once, whatever its length."""
+    L = 16
+    lengths = [L + 1] * 6 + [2 * L - 1, L, 2 * L, 3 * L + 1, 2]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.arange(offsets[-1], dtype=np.int32) + 5  # every token its own id
+    labels = ids.copy()
+    labels[offsets[:-1]] = IGNORE_INDEX  # a text's first token (BOS) is never a target
+    ds = EncodedDataset(ids, labels, offsets, np.arange(len(lengths)), EncodeStats(len(lengths), len(lengths), 0, 0))
+    packed = pack(ds, L, seed=0)
+    assert (np.diff(packed.seg_offsets) >= 2).all() and packed.stats.split == 9  # all but the L and 2 tokens
+    assert all(any(t != IGNORE_INDEX for t in packed[r]["labels"]) for r in range(len(packed)))
+    assert sorted(packed.labels[packed.labels != IGNORE_INDEX].tolist()) == sorted(labels[labels != IGNORE_INDEX].tolist())
 
 
 def test_eval_rows_are_packed_and_split_as_the_training_rows(tmp_path, tokenizer):

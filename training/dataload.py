@@ -137,8 +137,8 @@ class TrainingData:
             raise ConfigError(f"{cfg.path}: {e}") from None
         if eval_set is not None:
             # the samples, not the rows: packed otherwise, the same samples give the same token-mean loss
-            # (segments see only themselves); split_long_pretrain's cuts move with max_seq_len (and overlap by one
-            # token since f683506+: "o1", so that eval losses of the earlier cuts do not rank against these)
+            # (segments see only themselves); split_long_pretrain's cuts move with max_seq_len, and overlap by one
+            # token ("o1": eval losses of the earlier, non-overlapping cuts do not rank against these)
             self.eval_fingerprint = data_fingerprint(samples) + (f"/{cfg.max_seq_len}o1" if cfg.split_long_pretrain else "")
             where = [] if es is None else [f"{cfg.eval_data_path}: {es.records} records -> {es.kept} samples, "
                                            f"{es.dropped} dropped (no trained token within max_seq_len "

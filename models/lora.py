@@ -70,9 +70,16 @@ class LoraSettings:
                           modules_to_save=list(self.modules_to_save) or None if with_modules_to_save else None)
 
     def saves(self, hf_key: str) -> bool:
-        """Whether the HF tensor `hf_key` belongs to a module trained whole (`modules_to_save`, peft's suffix rule)."""
-        module = hf_key.rsplit(".", 1)[0]
-        return any(module.endswith(m) for m in self.modules_to_save)
+        """Whether the HF tensor `hf_key` belongs to a module trained whole (`modules_to_save`): peft's rule, a module
+        whose name ends with one of them is trained whole, its submodules with it ("mlp": every block's MLP)."""
+        return any(module.endswith(m) for module in _module_and_parents(hf_key) for m in self.modules_to_save)
+
+
+def _module_and_parents(hf_key: str) -> list[str]:
+    """The modules that hold tensor `hf_key`: "model.layers.1.mlp.down_proj.weight" -> "model",
+    "model.layers", "model.layers.1", "model.layers.1.mlp", "model.layers.1.mlp.down_proj"."""
+    parts = hf_key.split(".")[:-1]
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
@@ -103,17 +110,22 @@ def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
     saves = section.get("modules_to_save", [])
     if not isinstance(saves, list) or not all(isinstance(m, str) and m for m in saves):
         raise ValueError(f"lora.modules_to_save must be a list of module names, got {json.dumps(saves)}")
-    modules = {k.rsplit(".", 1)[0].replace("{}", "0"): slot for k, (slot, _) in family.key_map.table.items()}
+    # every module (leaves: tensors' modules; and their parents) of every block index, as peft matches names
+    blocks = range(family.num_blocks(config)) if config is not None else range(1000)
+    leaves = {k.rsplit(".", 1)[0].replace("{}", str(i)): slot for k, (slot, _) in family.key_map.table.items()
+              for i in (blocks if "{}" in k else [0])}
+    modules = {m for leaf in leaves for m in _module_and_parents(leaf + ".weight")}
     for m in saves:
         hits = [name for name in modules if name.endswith(m)]
         if not hits:
             raise ValueError(f"lora.modules_to_save: {m!r} names no module of a {family.model_type} model "
-                             f"(e.g. {', '.join(sorted(modules)[:4])})")
-        if adapted := next((h for h in hits for t in targets if h == t or h.endswith(f".{t}")), None):
+                             f"(e.g. {', '.join(sorted(leaves)[:4])})")
+        covered = [leaf for leaf in leaves for h in hits if leaf == h or leaf.startswith(h + ".")]
+        if adapted := next((c for c in covered for t in targets if c == t or c.endswith(f".{t}")), None):
             raise ValueError(f"lora.modules_to_save: {m!r} names {adapted}, which lora.target_modules adapts; a module "
                              "is either adapted or trained whole (peft refuses both)")
         if config is not None and getattr(config, "tie_word_embeddings", False) and \
-                (tied := next((h for h in hits if modules[h] in ("embed", "head")), None)):
+                (tied := next((c for c in covered if leaves[c] in ("embed", "head")), None)):
             what = "the tied embedding/LM head, which peft would untie" if tied.endswith(TIED_OWNERS) else \
                 "in the pipeline's tied embedding module (shared with the LM head's stage)"
             raise ValueError(f"lora.modules_to_save: {m!r} names {tied}, {what}; not supported with tied embeddings")
@@ -143,6 +155,10 @@ def _check_adapter(path, settings: LoraSettings) -> None:
     if (cfg.get("r"), float(cfg.get("lora_alpha", 0))) != (settings.r, settings.alpha):
         raise ValueError(f"lora.adapter_path {path}: the adapter has r {cfg.get('r')}, alpha {cfg.get('lora_alpha')}; "
                          f"the config says r {settings.r}, alpha {settings.alpha:g} (set lora.r and lora.alpha to the adapter's)")
+    theirs = cfg.get("target_modules")  # a list of names; a string is a regex or "all-linear": the keys check it
+    if isinstance(theirs, list) and sorted(set(theirs)) != sorted(set(settings.target_modules)):
+        raise ValueError(f"lora.adapter_path {path}: the adapter adapts {sorted(set(theirs))}; lora.target_modules "
+                         f"says {sorted(set(settings.target_modules))} (set lora.target_modules to the adapter's)")
     if sorted(cfg.get("modules_to_save") or []) != sorted(settings.modules_to_save):
         raise ValueError(f"lora.adapter_path {path}: the adapter's modules_to_save {cfg.get('modules_to_save') or []} "
                          f"differ from lora.modules_to_save {list(settings.modules_to_save)}")

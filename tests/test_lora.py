@@ -234,6 +234,18 @@ def test_an_adapter_with_per_module_settings_is_refused(tmp_path, pattern):
         parse_lora(section, get_family("llama"))
 
 
+def test_an_adapter_of_other_target_modules_is_refused_before_the_model_loads(tmp_path):
+    """An adapter of q_proj + k_proj with target_modules [q_proj] failed only after every rank had loaded its layers
+    (a k_proj tensor that fits no adapter); [q, k, v] silently started v_proj's adapters fresh."""
+    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], task_type="CAUSAL_LM").save_pretrained(str(tmp_path))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
+    for targets in (["q_proj"], ["q_proj", "k_proj", "v_proj"]):
+        section = {"r": 4, "alpha": 8, "target_modules": targets, "adapter_path": str(tmp_path)}
+        with pytest.raises(ValueError, match=r"the adapter adapts \['k_proj', 'q_proj'\]; lora.target_modules says"):
+            parse_lora(section, get_family("llama"))
+    parse_lora({**section, "target_modules": ["k_proj", "q_proj"]}, get_family("llama"))
+
+
 @pytest.mark.parametrize("family, name, save, what", [
     ("llama", "gqa_tied", "lm_head", "lm_head, the tied embedding/LM head, which peft would untie"),
     ("bloom", "tied", "word_embeddings", "transformer.word_embeddings, the tied embedding/LM head"),
@@ -246,3 +258,29 @@ def test_modules_to_save_in_a_tied_embedding_is_refused_naming_why(family, name,
     with pytest.raises(ValueError, match=re.escape(f"lora.modules_to_save: {save!r} names {what}")):
         parse_lora({"r": 4, "target_modules": sorted(lora_config(family).target_modules)[:1], "modules_to_save": [save]},
                    get_family(family), config)
+
+
+@pytest.mark.parametrize("family, name, targets, saves", [
+    ("llama", "mha_bias_untied", ["q_proj", "v_proj"], ["mlp"]),  # a parent module: every block's MLP
+    ("llama", "mha_bias_untied", ["q_proj", "v_proj"], ["layers.1.mlp.down_proj"]),  # one block's (was: block 0 only)
+    ("llama", "mha_bias_untied", ["q_proj"], ["norm"]),
+    ("bloom", "untied", ["query_key_value"], ["mlp"]),
+])
+def test_modules_to_save_trains_what_peft_trains_whole(family, name, targets, saves):
+    """peft trains whole every module whose name ends with an entry, parents included ("mlp", "layers.1.mlp..."):
+    such names were refused as naming no module (only leaves of block 0 were candidates)."""
+    import warnings
+
+    fam, config = get_family(family), tiny_config(family, name)
+    settings = parse_lora({"r": 4, "target_modules": targets, "modules_to_save": saves}, fam, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fam.hf_model_class(config)
+        ours = {k for k in model.state_dict() if settings.saves(k)}
+        peft = get_peft_model(model, LoraConfig(r=4, target_modules=targets, modules_to_save=saves))
+    whole = {n.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+             for n, p in peft.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert ours == whole and ours, (ours ^ whole)
+    with pytest.raises(ValueError, match="which lora.target_modules adapts"):  # a parent of an adapted module
+        parse_lora({"r": 4, "target_modules": targets, "modules_to_save": ["h.0" if family == "bloom" else "layers.0"]},
+                   fam, config)

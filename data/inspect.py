@@ -38,7 +38,7 @@ import numpy as np
 
 from data.dataset import EncodedDataset
 from data.encode import IGNORE_INDEX, RUN_CACHE_DIR, load_dataset
-from data.packing import PackedDataset, pack, trained_tokens
+from data.packing import PackedDataset, chunk_counts, pack, trained_tokens
 from data.records import DataError
 from pipeft import INSTALLED
 
@@ -129,12 +129,13 @@ def dataset_stats(ds: EncodedDataset, max_seq_len: int, packed: PackedDataset | 
     """Counts, sample-length percentiles (tokens, after truncation), truncated and trained fractions, and the
     efficiency (trained tokens / total tokens, padding included) and fill (non-padding share) unpacked and,
     with `packed`, packed. With `split_long_pretrain` long pretrain samples are kept whole (packing cuts them
-    into max_seq_len chunks): unpacked, each chunk counts as a row of its own."""
+    into chunks that overlap by one token): unpacked, each chunk counts as a row of its own."""
     st = ds.stats
     lengths = np.diff(ds.offsets)
     total, trained = int(lengths.sum()), int((ds.labels != IGNORE_INDEX).sum())
-    rows = int(np.maximum(1, -(-lengths // max_seq_len)).sum()) if len(ds) else 0  # a chunk's first token: no loss
-    learned = int(trained_tokens(ds).sum()) - (rows - len(ds))  # after the next-token shift: what the loss counts
+    rows = int(chunk_counts(lengths, max_seq_len).sum()) if len(ds) else 0
+    learned = int(trained_tokens(ds).sum())  # after the next-token shift: what the loss counts (no cut loses one)
+    total_in_rows = total + rows - len(ds)  # each cut repeats one token
     pct = np.percentile(lengths, PERCENTILES, method="higher") if len(ds) else [0] * len(PERCENTILES)
     return {
         "records": st.records, "samples": st.kept, "dropped": st.dropped, "truncated": st.truncated,
@@ -144,7 +145,7 @@ def dataset_stats(ds: EncodedDataset, max_seq_len: int, packed: PackedDataset | 
         "length_percentiles": {f"p{q}": int(v) for q, v in zip(PERCENTILES, pct, strict=True)},
         "tokens": total, "trained_tokens": trained, "trained_fraction": trained / total if total else 0.0,
         "unpacked_efficiency": learned / (rows * max_seq_len) if rows else 0.0,
-        "unpacked_fill": total / (rows * max_seq_len) if rows else 0.0,
+        "unpacked_fill": total_in_rows / (rows * max_seq_len) if rows else 0.0,
         "sequences": packed.stats.sequences if packed else None,
         "packing_efficiency": packed.stats.efficiency if packed else None,
         "packed_fill": packed.stats.fill if packed else None,

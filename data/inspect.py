@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.stats:
         stats = dataset_stats(ds, cfg.max_seq_len, packed, cfg.split_long_pretrain)
         stats["held_out"] = 0 if held is None else len(held)
+        if held is not None:  # the unpacked figures of the training samples, as the packed ones are
+            rows = dataset_stats(trained, cfg.max_seq_len, None, cfg.split_long_pretrain)
+            stats.update(unpacked_efficiency=rows["unpacked_efficiency"], unpacked_fill=rows["unpacked_fill"])
         print(json.dumps(stats) if args.json else show_stats(stats))
         return 0
     if not 0 <= args.index < ds.stats.records:

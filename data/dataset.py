@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-CACHE_SUFFIX = ".npys"  # .npy records back to back (_save): memory-mapped by every rank, not copied into each
+CACHE_SUFFIX = ".npys"  # .npy records back to back (save_dataset): memory-mapped by every rank, not copied into each
 CACHE_ARRAYS = ("input_ids", "labels", "offsets", "record_index")  # after the stats, in this order
 CACHE_ALIGN = 64  # every record (and so its data: numpy pads .npy headers to 64 bytes) starts 64-byte aligned
 STALE_TMP_SECONDS = 3600.0  # a cache's temp file older than this is a killed writer's
@@ -78,9 +78,9 @@ class EncodedDataset:
 
 def save_dataset(ds: EncodedDataset, path: Path) -> None:
     """Write atomically: a temp file in the cache dir, then linked to its name only if no other builder's is there
-    (`_publish`). The file is the stats (JSON, as uint8; with each array's CRC-32, which `load_dataset_file` checks) and
-    CACHE_ARRAYS as .npy records, each 64-byte aligned, so that `load_dataset_file` maps them instead of reading them. Caches of
-    older versions (encoded-*.npz) are never read: their name and key differ."""
+    (`_publish`). The file is the stats (JSON, as uint8; with each array's CRC-32, which `load_dataset_file` checks)
+    and CACHE_ARRAYS as .npy records, each 64-byte aligned, so that `load_dataset_file` maps them instead of reading
+    them. Caches of older versions (encoded-*.npz) are never read: their name and key differ."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ignore = path.parent / ".gitignore"
     if not ignore.exists():

@@ -277,7 +277,8 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
                               "loss, and DeepSpeed's bf16 optimizer would then clear the head's gradient before keeping "
                               "it (the head would not train); leave the key out (the trainer sets it true)")
     zero = ds.get("zero_optimization")
-    if enabled and not (zero is True or (isinstance(zero, dict) and zero.get("stage", 0))):  # true: stage 1
+    zero_on = zero is True or bool(isinstance(zero, dict) and zero.get("stage", 0))  # true: stage 1
+    if enabled and not zero_on:
         import deepspeed
 
         why = ("bf16 optimizer cannot reload its own checkpoints (every resume fails) nor accumulate gradients in fp32"
@@ -306,7 +307,7 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
                                  "weight decay; keep one")
         if "scheduler" in ds and (problem := scheduler_problem(ds["scheduler"])):
             raise ValueError(problem)
-        if (kind := torch_scheduler(ds)) and (zero is True or (isinstance(zero, dict) and zero.get("stage", 0))):
+        if (kind := torch_scheduler(ds)) and zero_on:
             raise ValueError(f"scheduler.type {kind!r} is torch's, which DeepSpeed builds on its ZeRO optimizer wrapper "
                              "(not a torch Optimizer: every rank would stop with a TypeError); with ZeRO (needed by "
                              "bf16 and fp16) use the project's \"lr_schedule\" or one of DeepSpeed's schedulers")

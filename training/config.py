@@ -35,7 +35,7 @@ from training.optim import (
     parse_lr_schedule,
     scheduler_problem,
 )
-from training.resume import resume_problem, torch_scheduler, unnamed_tag
+from training.resume import resume_problem, torch_scheduler, unnamed_tag, zero_stage
 from training.runlock import JOB_FILE, LockError, UnknownStart, check_unlocked, launch_job, restarted_job
 from training.trackers import parse_report_to
 
@@ -276,8 +276,7 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
             raise ConfigError(f"{path}: '{key}.immediate_grad_update' false: the last stage computes the head inside the "
                               "loss, and DeepSpeed's bf16 optimizer would then clear the head's gradient before keeping "
                               "it (the head would not train); leave the key out (the trainer sets it true)")
-    zero = ds.get("zero_optimization")
-    zero_on = zero is True or bool(isinstance(zero, dict) and zero.get("stage", 0))  # true: stage 1
+    zero_on = bool(zero_stage(ds))
     if enabled and not zero_on:
         import deepspeed
 

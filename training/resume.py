@@ -164,10 +164,15 @@ def effective(raw: dict) -> dict:
         if key in out and not (isinstance(out[key], dict) and out[key].get("enabled")):
             del out[key]
     zero = out.pop("zero_optimization", None)
-    zero = {"stage": 1} if zero is True else zero if isinstance(zero, dict) else {}
-    if zero.get("stage", 0) != 0:
-        out["zero_optimization"] = zero
+    if stage := zero_stage(raw):
+        out["zero_optimization"] = {**(zero if isinstance(zero, dict) else {}), "stage": stage}
     return out
+
+
+def zero_stage(ds: dict) -> int:
+    """The ZeRO stage of a DeepSpeed config as written: absent, false or {} is 0; true (DeepSpeed's older form) 1."""
+    zero = ds.get("zero_optimization")
+    return 1 if zero is True else zero.get("stage", 0) if isinstance(zero, dict) else 0
 
 
 def torch_scheduler(raw: dict) -> str | None:

@@ -116,15 +116,20 @@ def _first_fit(lengths: np.ndarray, capacity: int) -> np.ndarray:
     return rows
 
 
+def chunk_stride(max_seq_len: int) -> int:
+    """Tokens between the starts of a long sample's chunks: they overlap by one (the module docstring)."""
+    return max(max_seq_len - 1, 1)
+
+
 def chunk_counts(lengths: np.ndarray, max_seq_len: int) -> np.ndarray:
     """How many chunks of at most max_seq_len tokens, overlapping by one, each sample of `lengths` is cut into."""
-    return np.maximum(1, -(-(lengths - 1) // max(max_seq_len - 1, 1)))
+    return np.maximum(1, -(-(lengths - 1) // chunk_stride(max_seq_len)))
 
 
 def pack(ds: EncodedDataset, max_seq_len: int, seed: int) -> PackedDataset:
     """Pack `ds` by first-fit decreasing (see the module docstring); samples over max_seq_len are split."""
     lengths = np.diff(ds.offsets)
-    stride = max(max_seq_len - 1, 1)  # chunks overlap by one token (the module docstring)
+    stride = chunk_stride(max_seq_len)
     n_chunks = chunk_counts(lengths, max_seq_len)
     sample = np.repeat(np.arange(len(ds)), n_chunks)
     k = np.arange(len(sample)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)

@@ -72,13 +72,14 @@ class LoraSettings:
     def saves(self, hf_key: str) -> bool:
         """Whether the HF tensor `hf_key` belongs to a module trained whole (`modules_to_save`): peft's rule, a module
         whose name ends with one of them is trained whole, its submodules with it ("mlp": every block's MLP)."""
-        return any(module.endswith(m) for module in _module_and_parents(hf_key) for m in self.modules_to_save)
+        module = hf_key.rsplit(".", 1)[0]
+        return any(name.endswith(m) for name in _module_and_parents(module) for m in self.modules_to_save)
 
 
-def _module_and_parents(hf_key: str) -> list[str]:
-    """The modules that hold tensor `hf_key`: "model.layers.1.mlp.down_proj.weight" -> "model",
-    "model.layers", "model.layers.1", "model.layers.1.mlp", "model.layers.1.mlp.down_proj"."""
-    parts = hf_key.split(".")[:-1]
+def _module_and_parents(module: str) -> list[str]:
+    """`module` and the modules holding it: "model.layers.1.mlp" -> "model", "model.layers", "model.layers.1",
+    "model.layers.1.mlp"."""
+    parts = module.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
@@ -114,13 +115,14 @@ def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
     blocks = range(family.num_blocks(config)) if config is not None else range(1000)
     leaves = {k.rsplit(".", 1)[0].replace("{}", str(i)): slot for k, (slot, _) in family.key_map.table.items()
               for i in (blocks if "{}" in k else [0])}
-    modules = {m for leaf in leaves for m in _module_and_parents(leaf + ".weight")}
+    modules = {m for leaf in leaves for m in _module_and_parents(leaf)}
     for m in saves:
         hits = [name for name in modules if name.endswith(m)]
         if not hits:
             raise ValueError(f"lora.modules_to_save: {m!r} names no module of a {family.model_type} model "
                              f"(e.g. {', '.join(sorted(leaves)[:4])})")
-        covered = [leaf for leaf in leaves for h in hits if leaf == h or leaf.startswith(h + ".")]
+        hit = set(hits)
+        covered = [leaf for leaf in leaves if hit.intersection(_module_and_parents(leaf))]  # the hits and what they hold
         if adapted := next((c for c in covered for t in targets if c == t or c.endswith(f".{t}")), None):
             raise ValueError(f"lora.modules_to_save: {m!r} names {adapted}, which lora.target_modules adapts; a module "
                              "is either adapted or trained whole (peft refuses both)")

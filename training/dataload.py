@@ -38,7 +38,6 @@ class TrainingData:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)  # for the cache key; setup keeps it
-        self._validated = None
         validated = {}
         seen = set()
         for i, path in enumerate((cfg.data_path, cfg.eval_data_path)):

@@ -450,10 +450,11 @@ class Trainer(TrainingData, RunDirectory):
             self.ckpts.update_state(st)
         else:
             self._save(st, saved_at)
-        if st.evals and self.rank == 0 and st.best_eval() is None:
+        best = st.best_eval() if st.evals and self.rank == 0 else None
+        if st.evals and self.rank == 0 and best is None:
             self.log("no eval loss was finite: no best checkpoint")
-        elif st.evals and self.rank == 0:
-            best, kept, pointer = st.best_eval(), self.ckpts.best_tag(st), Path(cfg.save_path) / "best"
+        elif best is not None:
+            kept, pointer = self.ckpts.best_tag(st), Path(cfg.save_path) / "best"
             where = ("" if kept is None else f" ({pointer} names its checkpoint)" if kept == tag_of(best[0]) else
                      f" (no checkpoint of that step; {pointer} names {kept}, the best evaluated one saved)")
             self.log(f"best eval loss {best[1]:.4f} at step {best[0]}{where}")

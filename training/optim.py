@@ -413,7 +413,19 @@ def scheduler_problem(section: object) -> str | None:
         close = difflib.get_close_matches(str(kind), known, n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else f" (DeepSpeed's: {', '.join(lr_schedules.VALID_LR_SCHEDULES)})"
         return f"scheduler.type {json.dumps(kind)} is neither a DeepSpeed nor a torch.optim.lr_scheduler scheduler{hint}"
+    if kind == "ReduceLROnPlateau":
+        return (f"scheduler.type {kind!r} steps on a metric the engine does not pass (DeepSpeed steps the scheduler "
+                "once per update with no arguments): use a schedule by step")
+    if kind in ("LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler"):
+        return (f"scheduler.type {kind!r} takes Python callables or schedulers, which a config cannot hold: use "
+                "the project's \"lr_schedule\" or a scheduler whose params are numbers")
     params = section.get("params") or {}
     if not isinstance(params, dict):
         return f"scheduler.params must be an object, got {json.dumps(params)}"
-    return unknown_key_problem(f"scheduler.params ({kind})", params, _init_keys(cls))
+    if problem := unknown_key_problem(f"scheduler.params ({kind})", params, _init_keys(cls)):
+        return problem
+    filled = ("total_num_steps",) if kind in _NEEDS_TOTAL else ()  # fill_deepspeed_scheduler fills it in
+    required = [k for k in _init_keys(cls) if k not in params and k not in ("last_epoch", *filled)
+                and inspect.signature(cls.__init__).parameters[k].default is inspect.Parameter.empty]
+    verb = "is" if len(required) == 1 else "are"
+    return f"scheduler.params ({kind}): {', '.join(map(repr, required))} {verb} required" if required else None

@@ -136,7 +136,8 @@ def config_errors(where: str | Path, config=None) -> Iterator[None]:
     except (CheckpointError, ModelConfigError):
         raise
     except (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError, ArithmeticError, OSError,
-            AssertionError) as e:  # torch's Embedding asserts padding_idx < num_embeddings
+            AssertionError, RuntimeError) as e:  # torch's Embedding asserts padding_idx < num_embeddings; rope
+        # parameters transformers only warns about (longrope factors of the wrong length) fail in torch ops
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
         problem = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # huggingface_hub's: "...:\n  cause"
         if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):  # transformers' lookup of a value

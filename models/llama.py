@@ -94,6 +94,12 @@ def fresh_rope(rotary: nn.Module) -> nn.Module:
     return rotary
 
 
+def _rope_value(config, key: str) -> object:
+    """`key` of the config's rope parameters, else the config's own."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope.get(key, getattr(config, key, None))
+
+
 class RopeBlockPipe:
     """Mixin over a Llama-shaped transformers decoder layer (RMSNorm, RoPE attention, gated MLP: Llama, Qwen2,
     Mistral) whose attention runs models.attention's path for the rows (`config.attn_implementation` of the
@@ -114,6 +120,12 @@ class RopeBlockPipe:
         self.attn_dropout = bool(getattr(config, "attention_dropout", 0.0))  # "auto" then avoids FlexAttention
         # Outside the module tree: .to(dtype) never touches it, so inv_freq stays fp32 as in HF.
         object.__setattr__(self, "rotary", self.rotary_class(config))
+        pairs, head_dim = self.rotary.inv_freq.shape[-1], self.self_attn.head_dim
+        if 2 * pairs != head_dim:  # transformers builds it, then its attention fails at the first forward
+            factor = _rope_value(config, "partial_rotary_factor")
+            family = type(self).__name__.removesuffix("BlockPipe")
+            raise ValueError(f"partial_rotary_factor {factor}: the rope gives {pairs} of the head's {head_dim // 2} "
+                             f"rotary pairs, but {family}'s attention rotates the whole head (head_dim {head_dim})")
 
     def forward(self, inputs):
         hidden, position_ids, segment_ids = inputs

@@ -301,6 +301,13 @@ BAD_HF = {  # case -> (damage, text expected in the message)
                                                 "num_key_value_heads 3"),
     "unknown rope type": (_patch_config(rope_scaling={"rope_type": "bogus", "factor": 2.0}),
                           "config.json: rope_parameters.rope_type 'bogus' is not one transformers knows"),
+    # accepted by transformers' validation; the layers cannot run them (transformers' model fails the same way)
+    "partial rotary": (_patch_config(rope_scaling={"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5,
+                                                   "original_max_position_embeddings": 64}),
+                       "config.json: partial_rotary_factor 0.5: the rope gives 4 of the head's 8 rotary pairs"),
+    "longrope factors of the wrong length": (_patch_config(rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 3,
+        "original_max_position_embeddings": 64}), "config.json: Attempting to broadcast a dimension of length"),
 }
 
 

@@ -248,14 +248,48 @@ def _prefixed(tokenizer: Any, text: str, enc: Encoding, prompts: Sequence[Encodi
     return enc
 
 
-def encode_texts(tokenizer: Any, items: Sequence[tuple[str, Sequence[int]]], add_special_tokens: bool
-                 ) -> list[Encoding | str]:
+# A boundary past the end of a text's first max_tokens + REACH_SLACK + REACH_PER_BOUND x (boundaries before it) whole
+# tokens cannot change its first max_tokens ids: a splice moves the ids after it by a few, and a tokenizer's choice
+# at a boundary reaches back a pre-token or two, not 64 tokens.
+REACH_SLACK, REACH_PER_BOUND = 64, 4
+
+
+def bound_reach(offsets: Offsets, max_tokens: int | None, before: int) -> float:
+    """The last character at which a prompt boundary can still change the first `max_tokens` ids of a text whose
+    whole tokens have `offsets`, given `before` boundaries before it (inf: any; None: no truncation). Boundaries past
+    it are left out: their splices and prompts cost time (a record of n answers: n prompts of up to n turns each) and
+    change nothing that is kept."""
+    n = None if max_tokens is None else max_tokens + REACH_SLACK + REACH_PER_BOUND * before
+    return float("inf") if n is None or n > len(offsets) else offsets[n - 1][1]
+
+
+def within_reach(offsets: Offsets, bounds: Sequence[int], max_tokens: int | None) -> list[int]:
+    """The leading `bounds` that `bound_reach` keeps."""
+    kept: list[int] = []
+    for b in bounds:
+        if b > bound_reach(offsets, max_tokens, len(kept)):
+            break
+        kept.append(b)
+    return kept
+
+
+def text_offsets(tokenizer: Any, text: str, add_special_tokens: bool) -> Offsets:
+    """The offsets of `text`'s whole tokens, as `encode_texts` tokenizes it before any splice."""
+    return _encode(tokenizer, [text], add_special_tokens, _conventions(tokenizer))[0].offsets
+
+
+def encode_texts(tokenizer: Any, items: Sequence[tuple[str, Sequence[int]]], add_special_tokens: bool,
+                 max_tokens: int | None = None) -> list[Encoding | str]:
     """Tokenize each (text, prompt boundaries) so that, for every boundary b, `encode_texts` of (text[:b], the
     boundaries before b) is a prefix of the ids and the token after it starts at b. Two batched calls of the
     Rust tokenizer (texts with offsets, prompts ids only); the problem (a str) for an item where that cannot
-    be done."""
+    be done. `max_tokens`: only the first that many ids will be kept (training truncates): the boundaries past
+    `bound_reach` are not spliced (the ids after the first max_tokens may then differ)."""
     conv = _conventions(tokenizer)
     texts = _encode(tokenizer, [text for text, _ in items], add_special_tokens, conv)
+    if max_tokens is not None:
+        items = [(text, within_reach(whole.offsets, bounds, max_tokens)) for (text, bounds), whole in
+                 zip(items, texts, strict=True)]
     parts = _encode(tokenizer, [text[:b] for text, bounds in items for b in bounds], add_special_tokens, conv,
                     offsets=False)
     out: list[Encoding | str] = []

@@ -26,6 +26,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from data.boundary import bound_reach, text_offsets
 from data.records import DataError, Record, record_type
 from data.templates import CHAT_MESSAGES, Rendered, Span, TemplateSettings, render
 
@@ -154,20 +155,26 @@ def _not_turn_by_turn(before: str, prompt: str, turn: str, text: str, i: int) ->
             "answers cannot be located; use \"template\": \"default\"")
 
 
-def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool
-                     ) -> tuple[str, list[Span], tuple[int, ...]]:
-    """(text, the assistant messages' spans, their prompt ends); ValueError for a template that rejects the
-    messages, drops one, or does not render them turn by turn."""
+def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool,
+                     max_tokens: int | None = None) -> tuple[str, list[Span], tuple[int, ...], bool]:
+    """(text, the assistant messages' spans, their prompt ends, whether every answer was located); ValueError for a
+    template that rejects the messages, drops one, or does not render them turn by turn. `max_tokens`: only the
+    text's first that many ids are kept: the answers whose prompts start past data.boundary's `bound_reach` are not
+    located (each costs a render of every message before it)."""
     if problem := structure_problem(messages):
         raise ValueError(problem)
     try:
         text = _apply(tokenizer, messages, generation_prompt)
         _check_kept(text, messages)
+        offsets = text_offsets(tokenizer, text, add_special_tokens=False) if max_tokens is not None else []
         answers: list[Span] = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt, turn = _apply(tokenizer, messages[:i], generation_prompt=True), _apply(tokenizer, messages[:i + 1])
+            prompt = _apply(tokenizer, messages[:i], generation_prompt=True)
+            if len(prompt) > bound_reach(offsets, max_tokens, len(answers)):
+                return text, answers, tuple(a for a, _ in answers), False
+            turn = _apply(tokenizer, messages[:i + 1])
             # the answer ends where its turn and the whole text part: a template may close a finished conversation
             # (Phi-3 writes EOS after the last turn, not after this one); never inside a special token's text
             # startswith compares in C; commonprefix loops over every character in Python (n^2 per record)
@@ -184,19 +191,24 @@ def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_
         raise ValueError(f"the tokenizer's chat template rejected this record: {e}"
                          + (f" ({'; '.join(why[:2])})" if why else "") + "; use \"template\": \"default\" for such "
                          "records") from None
-    return text, answers, tuple(a for a, _ in answers)
+    return text, answers, tuple(a for a, _ in answers), True
 
 
-def render_chat(rec: Mapping[str, Any], tokenizer: Any, settings: TemplateSettings) -> Rendered:
-    """Render a record through the tokenizer's chat_template (pretrain: the default template).
+def render_chat(rec: Mapping[str, Any], tokenizer: Any, settings: TemplateSettings,
+                max_tokens: int | None = None) -> Rendered:
+    """Render a record through the tokenizer's chat_template (pretrain: the default template); with `max_tokens`
+    (training's max_seq_len), the answers past what its first max_tokens ids can reach are not located.
 
     Raises ValueError when the template rejects the record, drops part of it, or does not render it incrementally.
     """
     kind = record_type(rec)
     if kind not in CHAT_MESSAGES:
         return render(rec, tokenizer.eos_token, settings)
-    text, answers, ends = _render_messages(tokenizer, CHAT_MESSAGES[kind](rec), generation_prompt=False)
-    return Rendered(text, settings.trained(answers, len(text)), has_special_tokens=True, prompt_ends=ends)
+    text, answers, ends, every = _render_messages(tokenizer, CHAT_MESSAGES[kind](rec), False, max_tokens)
+    # the last answer (last_answer_only) lies past the kept ids when not every one was located
+    last_cut = not every and settings.last_answer_only and not settings.train_on_prompt
+    trained = [] if last_cut else settings.trained(answers, len(text))
+    return Rendered(text, trained, has_special_tokens=True, prompt_ends=ends)
 
 
 def chat_prompt(rec: Mapping[str, Any], tokenizer: Any) -> Rendered:
@@ -206,7 +218,7 @@ def chat_prompt(rec: Mapping[str, Any], tokenizer: Any) -> Rendered:
     messages = CHAT_MESSAGES[record_type(rec)](rec)
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    text, _, ends = _render_messages(tokenizer, messages, generation_prompt=True)
+    text, _, ends, _ = _render_messages(tokenizer, messages, generation_prompt=True)
     return Rendered(text, [], has_special_tokens=True, prompt_ends=ends)
 
 
@@ -230,7 +242,7 @@ def turn_tail(tokenizer: Any) -> str | None:
     """The text the chat template writes right after an assistant's content, which answers are trained to end with
     (ChatML's `<|im_end|>`), found by rendering a probe; None when the template cannot render the probe."""
     try:
-        text, answers, _ = _render_messages(tokenizer, _PROBE, generation_prompt=False)
+        text, answers, _, _ = _render_messages(tokenizer, _PROBE, generation_prompt=False)
     except ValueError:
         return None
     start, end = answers[0]

@@ -70,9 +70,9 @@ class Encoded(NamedTuple):
     spliced: int = 0
 
 
-def _render(rec: Mapping[str, Any], tokenizer: Any, settings: TemplateSettings) -> Rendered:
+def _render(rec: Mapping[str, Any], tokenizer: Any, settings: TemplateSettings, max_tokens: int | None) -> Rendered:
     if settings.template == "chat":
-        return render_chat(rec, tokenizer, settings)
+        return render_chat(rec, tokenizer, settings, max_tokens)
     return render(rec, tokenizer.eos_token, settings)
 
 
@@ -100,15 +100,17 @@ def encode_batch(tokenizer: Any, recs: Sequence[Mapping[str, Any]], max_seq_len:
     """
     rendered: list[Rendered | str] = []
     for rec in recs:
+        whole = settings.split_long_pretrain and record_type(rec) == "pretrain"
         try:
-            rendered.append(_render(rec, tokenizer, settings))
+            rendered.append(_render(rec, tokenizer, settings, None if whole else max_seq_len))
         except ValueError as e:
             rendered.append(str(e))
     out: list[Encoded | str] = list(rendered)  # strings stay: the problems
     for has_special in (False, True):
         at = [i for i, r in enumerate(rendered) if isinstance(r, Rendered) and r.has_special_tokens == has_special]
         if at:
-            encs = encode_texts(tokenizer, [(rendered[i].text, rendered[i].prompt_ends) for i in at], not has_special)
+            encs = encode_texts(tokenizer, [(rendered[i].text, rendered[i].prompt_ends) for i in at], not has_special,
+                                max_seq_len)  # a pretrain text kept whole has no prompt boundary
             for i, enc in zip(at, encs, strict=True):
                 if isinstance(enc, str):
                     out[i] = enc

@@ -224,3 +224,47 @@ def test_special_token_text_in_a_record_is_counted_and_named(tok, tmp_path):
     for st in (first.stats, again.stats):
         assert (st.special_text, st.special_example) == (2, f"{data}:2: field 'output' holds {eos!r}")
     assert "special-token text: 2 record(s) hold a special token's text" in show_stats(dataset_stats(again, 256))
+
+
+def test_a_long_conversation_is_encoded_in_time_linear_in_what_is_kept(tok, monkeypatch):
+    """A conversation far longer than max_seq_len: the answers past what its first max_seq_len ids can reach are not
+    located or spliced (a record of n answers cost n prompts of up to n turns: 29 s for 800 turn pairs in chat mode),
+    and the kept ids and labels are those of encoding every answer, at each cut, in both modes, for last_answer_only
+    too; answers that need splices (JOINED's) included."""
+    import random
+
+    import data.boundary
+    import data.chat
+
+    rng = random.Random(0)
+    answers = [r["output"] for r in JOINED if "output" in r] + ["\nok", "   fine", "123456", "Plain words here."]
+    rounds = [x for i in range(60) for x in (["ask", f"Question {i}: what now?"], ["ans", rng.choice(answers)])]
+    rec = {"rounds": rounds}
+    renders = []
+    real_apply = data.chat._apply
+    monkeypatch.setattr(data.chat, "_apply", lambda *a, **k: renders.append(1) or real_apply(*a, **k))
+    left_out = []
+    real_within = data.boundary.within_reach
+
+    def within(offsets, bounds, max_tokens):
+        kept = real_within(offsets, bounds, max_tokens)
+        left_out.append(len(bounds) - len(kept))
+        return kept
+    monkeypatch.setattr(data.boundary, "within_reach", within)
+    for mode, settings in MODES.items():
+        for last in (False, True):
+            s = TemplateSettings(template=settings.template, last_answer_only=last)
+            for max_seq_len in (20, 97, 300):
+                monkeypatch.setattr(data.boundary, "REACH_SLACK", 64)
+                renders.clear()
+                ids, labels, cut = encode_one(tok, rec, max_seq_len, s)
+                trimmed = len(renders)
+                monkeypatch.setattr(data.boundary, "REACH_SLACK", 10**9)  # every answer located and spliced
+                renders.clear()
+                assert (ids, labels, cut) == encode_one(tok, rec, max_seq_len, s), (mode, last, max_seq_len)
+                assert cut and len(ids) == max_seq_len
+                if mode == "chat":
+                    assert trimmed < len(renders) / 2  # 2 renders an answer, for those within reach only
+                if max_seq_len > 20:  # answers within the kept ids are trained; the last one never is
+                    assert any(x != IGNORE_INDEX for x in labels) != last
+        assert mode == "chat" or max(left_out) > 30  # the default templates' boundaries past the reach: not spliced

@@ -76,20 +76,35 @@ def _mb(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-def with_dtype(dtype: torch.dtype) -> Callable[[str], str]:
+def config_update(dtype: torch.dtype | None = None, architecture: str | None = None) -> Callable[[str], str]:
     """A config.json transform recording `dtype` (the floating dtype of the weights written): `dtype`, which
-    transformers 5 writes and reads first, and `torch_dtype` too where the file has it (what older readers use).
+    transformers 5 writes and reads first, and `torch_dtype` too where the file has it (what older readers use); and
+    `architectures` = [`architecture`] where the file names none (llama.cpp's converter reads architectures[0]).
     A file that already says so is kept byte for byte."""
     name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
     def transform(text: str) -> str:
         cfg = json.loads(text)
-        keys = ["dtype", *(["torch_dtype"] if "torch_dtype" in cfg else [])]
-        if all(cfg.get(k) == name for k in keys):
+        keys = [] if dtype is None else ["dtype", *(["torch_dtype"] if "torch_dtype" in cfg else [])]
+        update: dict = dict.fromkeys(keys, name)
+        if architecture is not None and not cfg.get("architectures"):
+            update["architectures"] = [architecture]
+        if all(cfg.get(k) == v for k, v in update.items()):
             return text
-        cfg.update(dict.fromkeys(keys, name))
+        cfg.update(update)
         return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
     return transform
+
+
+def cast_checked(t: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """`t` as `dtype`; CheckpointError (`where`: the file and tensor) when a finite value would become inf, beyond
+    the range of `dtype` (float16's is 65504)."""
+    out = t.to(dtype)
+    if torch.finfo(dtype).max < torch.finfo(t.dtype).max and (torch.isinf(out) & ~torch.isinf(t)).any():
+        peak = t[torch.isfinite(t)].abs().max().item()
+        raise CheckpointError(f"{where} has values up to {peak:.4g} in magnitude, beyond {DTYPE_NAMES[dtype]}'s range "
+                              f"({torch.finfo(dtype).max:.0f}): they would be inf; convert with --dtype bf16")
+    return out
 
 
 def check_tied_head(ckpt: HFCheckpoint, head_key: str, embed_key: str) -> None:
@@ -165,13 +180,16 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
         for step, idx in enumerate(sorted(expected), 1):
             sd = {}
             for local in expected[idx]:
-                t = ckpt.get(by_layer[idx][local])
-                sd[local] = t.to(cast) if cast is not None and t.is_floating_point() else t
+                key = by_layer[idx][local]
+                t = ckpt.get(key)
+                if cast is not None and t.is_floating_point():
+                    t = cast_checked(t, cast, f"{ckpt.file_of(key)}: tensor {key}")
+                sd[local] = t
             torch.save(sd, tmp / LAYER_FILE.format(idx))
             log(f"[{step}/{len(expected)}] {LAYER_FILE.format(idx)} ({_layer_name(family, config, idx)}): "
                 f"{len(sd)} tensors, {_mb(sd.values()):.1f} MB")
             del sd
-        copied = copy_side_files(src, tmp, transform={"config.json": with_dtype(cast)} if cast is not None else None)
+        copied = copy_side_files(src, tmp, transform={"config.json": config_update(cast)} if cast is not None else None)
         # where the weights came from: a PEFT export names it as its base (a Hub id as given, else the dir)
         hub_id = src != Path(input_path)
         (tmp / HF_SOURCE_FILE).write_text(json.dumps({"hf_model": str(input_path) if hub_id else str(src.resolve())}) + "\n")
@@ -311,9 +329,10 @@ def chat_template_mismatch(config_dir: Path, found, peft: bool = False) -> str |
 def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str = "5GB", overwrite: bool = False,
              lora: str | None = None) -> Path:
     """Pipeline or checkpoint dir -> HF dir with sharded safetensors + index, config (its dtype that of the weights
-    written), tokenizer and generation config (stopping at a chat template's end-of-turn token too, see
-    `end_of_turn_generation_config`). A LoRA checkpoint needs `lora`: "peft" (adapter_config.json +
-    adapter_model.safetensors) or "merge" (the base with the adapters merged in, as a full HF dir)."""
+    written when they share one, its `architectures` the family's class where it names none), tokenizer and
+    generation config (stopping at a chat template's end-of-turn token too, see `end_of_turn_generation_config`).
+    A LoRA checkpoint needs `lora`: "peft" (adapter_config.json + adapter_model.safetensors) or "merge" (the base
+    with the adapters merged in, as a full HF dir)."""
     from .lora import export_peft, merged_hf_tensors, read_lora_info
 
     layers_dir, config_dir = resolve_checkpoint(input_path)
@@ -359,16 +378,21 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
     needed = sum(f.stat().st_size for f in weights_dir.glob("layer_*-model_states.pt"))
 
     t0 = time.time()
-    floats: dict[torch.dtype, int] = {}  # bytes written per floating dtype
+    floats: set[torch.dtype] = set()  # the floating dtypes written
     with atomic_output_dir(dst, overwrite, needed=needed, say=log, sources=sources) as tmp:
         writer = ShardWriter(tmp, max_bytes)
         for key, tensor in chain([first], tensors):
+            if lora == "merge" and tensor.dtype == torch.float16 and torch.isinf(tensor).any():
+                raise CheckpointError(f"{layers_dir}: tensor {key}: the merged weight has values beyond float16's "
+                                      "range (65504), which would be inf; export the adapter unmerged (--lora peft)")
             if tensor.is_floating_point():
-                floats[tensor.dtype] = floats.get(tensor.dtype, 0) + tensor.numel() * tensor.element_size()
+                floats.add(tensor.dtype)
             writer.add(key, tensor)
         shards = writer.close()
-        dtype = max(floats, key=floats.__getitem__) if floats else None
-        copied = copy_side_files(config_dir, tmp, transform={"config.json": with_dtype(dtype)} if dtype else None)
+        # weights of mixed dtypes (bf16 linears, fp32 norms) load as the config's dtype, which is kept
+        dtype = next(iter(floats)) if len(floats) == 1 else None
+        transform = config_update(dtype, family.hf_model_class.__name__)
+        copied = copy_side_files(config_dir, tmp, transform={"config.json": transform})
         if generation_config is not None:
             (tmp / "generation_config.json").write_text(generation_config)
             copied = list(dict.fromkeys([*copied, "generation_config.json"]))

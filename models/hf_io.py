@@ -310,20 +310,31 @@ class ShardWriter:
         return n
 
 
+def _copy_content(src: Path, dst: Path) -> None:
+    """Copy a file, or a directory tree, by content: the copies get the modes the umask gives, not the source's (a
+    read-only or private source file would make the output so too)."""
+    if src.is_dir():
+        dst.mkdir()
+        for child in src.iterdir():
+            _copy_content(child, dst / child.name)
+    else:
+        shutil.copyfile(src, dst)
+
+
 def copy_side_files(src: Path, dst: Path, names=(*SIDE_FILES, *TOKENIZER_DIRS),
                     transform: dict[str, Callable[[str], str]] | None = None) -> list[str]:
-    """Copy config / generation config / tokenizer files (and directories, whole) that exist in `src`; returns what
-    was copied."""
+    """Copy config / generation config / tokenizer files (and directories, whole) that exist in `src`, by content
+    (modes from the umask); returns what was copied."""
     copied = []
     for name in names:
         if (src / name).is_file():
             if transform and name in transform:
                 (dst / name).write_text(transform[name]((src / name).read_text()))
             else:
-                shutil.copy2(src / name, dst / name)
+                _copy_content(src / name, dst / name)
             copied.append(name)
         elif (src / name).is_dir():
-            shutil.copytree(src / name, dst / name)
+            _copy_content(src / name, dst / name)
             copied.append(name)
     return copied
 
@@ -372,7 +383,7 @@ def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | Non
     input dir is allowed: only that entry is written (or, with `overwrite`, replaced). Without `overwrite`: an
     existing file, symbolic link or non-empty directory. `renamed` (an output that a rename puts in place, as
     `atomic_output_dir`'s): the current directory or one holding it (`.`, `..`), which the rename would pull from
-    under the user's shell."""
+    under the user's shell, or a mount point (`docker -v host:/out`), which no rename replaces."""
     path = Path(path)
     dst = _as_target(path)
     try:
@@ -382,6 +393,9 @@ def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | Non
     if renamed and cwd is not None and (dst == cwd or dst in cwd.parents):
         raise CheckpointError(f"{dst}: is the current directory (or contains it): give the new directory's path, "
                               "e.g. ./hf")
+    if renamed and os.path.ismount(dst):  # the rename onto it would fail (EBUSY) only once the output is complete
+        raise CheckpointError(f"{path}: is a mount point (the output is renamed into place): give a directory inside "
+                              f"it, e.g. {path / 'model'}")
     for src in dict.fromkeys(Path(s).resolve() for s in sources if s is not None and os.path.lexists(s)):  # not a Hub id
         if dst == src:
             raise CheckpointError(f"{path}: is the input {src} itself; write the output somewhere else")

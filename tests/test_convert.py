@@ -804,3 +804,141 @@ def test_a_save_dirs_best_and_latest_files_name_their_checkpoint(tmp_path, token
     with pytest.raises(CheckpointError, match=f"^{save / 'latest'}: names 'global_step9', which is not a checkpoint "
                        "directory beside it"):
         resolve_checkpoint(save / "latest")
+
+
+# ---------------------------------------------------------------------------------------------- output targets, modes
+
+
+def test_a_mount_point_target_is_refused_before_any_work(tmp_path, tokenizer, tokenizer_dir, capsys, monkeypatch):
+    """An (empty) mount point as the target, as `docker -v host:/out` gives: the output is built beside it and renamed
+    into place, which a mount point refuses (EBUSY) only after the whole conversion, and --overwrite would delete the
+    finished output. Every command refuses it up front, with or without --overwrite, naming a directory inside it."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    pp = tmp_path / "pp"
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(pp)) == 0
+    save = _lora_checkpoint(tmp_path, pp)
+    out = tmp_path / "out"
+    out.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.path.abspath(p) == str(out) or real_ismount(p))
+    expected = f"{out}: is a mount point (the output is renamed into place): give a directory inside it, e.g. " \
+               f"{out / 'model'}"
+    for argv in [("hg_to_pp", "--input-path", str(hf)), ("pp_to_hg", "--input-path", str(pp)),
+                 ("pp_to_hg", "--input-path", str(save), "--lora", "peft"),
+                 ("pp_to_hg", "--input-path", str(save), "--lora", "merge"),
+                 ("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tokenizer_dir))]:
+        for overwrite in ((), ("--overwrite",)):
+            capsys.readouterr()
+            assert run(*argv, "--save-path", str(out), *overwrite) == 2, argv
+            err = _assert_one_line_error(capsys, expected)
+            assert not any(line.startswith("[1/") for line in err), argv  # before any work
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}$"):
+        with atomic_output_dir(out, overwrite=True):
+            pass
+    assert list(out.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_gqa_tied", "lora_run", "out", "pp"]  # no temp dirs
+    assert run("pp_to_hg", "--input-path", str(pp), "--save-path", str(out / "model")) == 0  # inside it: fine
+
+
+def test_a_real_mount_point_target_is_refused(tmp_path, tokenizer, capsys, small_disk):
+    """The same on a real mount (a tmpfs; skipped where mount is not allowed): --overwrite leaves it as it was."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    disk = small_disk(4 * 2**20)
+    capsys.readouterr()
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(disk), "--overwrite") == 2
+    _assert_one_line_error(capsys, f"{disk}: is a mount point")
+    assert list(disk.iterdir()) == [] and not [p for p in tmp_path.iterdir() if p.name.startswith((".", "disk0."))]
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(disk / "model")) == 0
+
+
+def test_outputs_get_the_modes_the_umask_gives(tmp_path, tokenizer, tokenizer_dir):
+    """Side files are copied by content, not with their source's mode: a private (0600) tokenizer_config.json does not
+    make an export unreadable to others, and a read-only (0444) generation_config.json does not stop pp_to_hg (as a
+    user who is not root) rewriting it for a chat run."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    (hf / "additional_chat_templates").mkdir(mode=0o700)
+    (hf / "additional_chat_templates" / "tool_use.jinja").write_text("TOOLS")
+    modes = {"tokenizer_config.json": 0o600, "generation_config.json": 0o444, "config.json": 0o444,
+             "tokenizer.json": 0o600, "additional_chat_templates/tool_use.jinja": 0o400}
+    for name, mode in modes.items():
+        (hf / name).chmod(mode)
+    umask = os.umask(0o027)
+    try:
+        assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp")) == 0
+        assert run("pp_to_hg", "--input-path", str(tmp_path / "pp"), "--save-path", str(tmp_path / "back")) == 0
+        assert run("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(hf), "--save-path",
+                   str(tmp_path / "init")) == 0
+    finally:
+        os.umask(umask)
+    for out in ("pp", "back", "init"):
+        for name in modes:
+            if out != "init" or name.startswith(("tokenizer", "additional")):
+                assert (tmp_path / out / name).stat().st_mode & 0o777 == 0o640, (out, name)
+        assert (tmp_path / out / "additional_chat_templates").stat().st_mode & 0o777 == 0o750, out
+
+
+def test_a_mixed_dtype_checkpoint_keeps_its_config_dtype(tmp_path, tokenizer):
+    """bf16 linears beside fp32 norms and embeddings, config dtype float32: from_pretrained loads every weight as
+    float32. The export keeps the source's dtype (it is set only when all floating weights share one), so the round
+    trip loads the same model."""
+    torch.manual_seed(0)
+    model = get_family("llama").hf_model_class(tiny_config("llama", "mha_bias_untied", vocab_size=len(tokenizer)))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(torch.bfloat16)
+    model.config.dtype = "float32"
+    model.save_pretrained(tmp_path / "hf")
+    assert run("hg_to_pp", "--input-path", str(tmp_path / "hf"), "--save-path", str(tmp_path / "pp")) == 0
+    assert run("pp_to_hg", "--input-path", str(tmp_path / "pp"), "--save-path", str(tmp_path / "back")) == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["dtype"] == "float32" and json.loads((tmp_path / "back" / "config.json").read_text()) == cfg
+    a, b = (AutoModelForCausalLM.from_pretrained(str(tmp_path / d)) for d in ("hf", "back"))
+    ids = torch.randint(4, len(tokenizer), (2, 9))
+    assert a.dtype == b.dtype == torch.float32 and torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_a_cast_to_fp16_never_makes_inf(tmp_path, tokenizer, capsys):
+    """A value beyond float16's range (65504) would become inf: hg_to_pp --dtype fp16 is one line naming the file, the
+    tensor and its largest |value| (suggesting bf16), and leaves nothing behind; so is a LoRA merge into an fp16 base
+    whose merged weight overflows. A value that rounds to 65504 is fine."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    key = "model.layers.1.mlp.up_proj.weight"
+
+    def big(value):
+        def edit(sd):
+            if key in sd:
+                sd[key][0, 0] = value
+        return edit
+    _edit_weights(hf, big(65510.0))  # rounds to 65504
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "ok"), "--dtype", "fp16") == 0
+    _edit_weights(hf, big(-1e6))
+    capsys.readouterr()
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp"), "--dtype", "fp16") == 2
+    shard = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"][key]
+    _assert_one_line_error(capsys, f"{hf / shard}: tensor {key} has values up to 1e+06 in magnitude, beyond float16's "
+                                   "range (65504): they would be inf; convert with --dtype bf16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_gqa_tied", "ok"]  # no temp dir left
+
+    base = tmp_path / "ok"  # an fp16 base whose merged q_proj overflows
+    save = _lora_checkpoint(tmp_path, base)
+    f = save / "global_step5" / "layer_02-model_states.pt"
+    torch.save({k: v * 1e4 for k, v in torch.load(f, weights_only=True).items()}, f)
+    capsys.readouterr()
+    assert run("pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "merged"), "--lora", "merge") == 2
+    _assert_one_line_error(capsys, "tensor model.layers.1.self_attn.q_proj.weight: the merged weight has values beyond "
+                                   "float16's range (65504)")
+    assert not (tmp_path / "merged").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_exports_name_their_architectures(tmp_path, tokenizer):
+    """llama.cpp's converter reads config.json's architectures[0]: pp_to_hg writes it (the family's HF class) when the
+    source's config lacks it, and keeps the source's otherwise."""
+    hf = write_hf(tmp_path, tokenizer, "tied", family="qwen2")
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "architectures"}))
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp")) == 0
+    assert run("pp_to_hg", "--input-path", str(tmp_path / "pp"), "--save-path", str(tmp_path / "back")) == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == {**cfg, "architectures": ["Qwen2ForCausalLM"]}
+    (tmp_path / "pp" / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen2Custom"]}))
+    assert run("pp_to_hg", "--input-path", str(tmp_path / "pp"), "--save-path", str(tmp_path / "back"), "--overwrite") == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == ["Qwen2Custom"]

@@ -350,6 +350,7 @@ class PipelineModel(PipelineModule):
             return False
         self.grad_placeholder = nn.Parameter(torch.zeros(1))
         self.grad_placeholder.model_parallel = True
+        self.grad_placeholder.placeholder = True  # not a parameter of the model (training.optim.owned_sizes)
         return True
 
     def get_tied_weights_and_groups(self):

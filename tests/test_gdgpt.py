@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from data.encode import IGNORE_INDEX, encode_one, encode_prompt, load_dataset
 from data.records import prompt_problems
@@ -295,13 +296,16 @@ def test_bad_api_records(tmp_path, tokenizer, bad, expected):
 
 
 @pytest.mark.distributed
-def test_gdgpt_yaml_config_trains_through_the_launcher(configs, tmp_path):
+def test_gdgpt_yaml_config_trains_through_the_launcher(configs, tmp_path, ops_model):
     """gdGPT's YAML config, 2 stages, 3 steps (10 samples, 4 a step, the last partial one kept), a checkpoint; one
     warning line each for aux_max_z_loss and fp16.fused_optimizer, no_wd_kws groups. (Its JSON twin loads to the same
     settings, test_gdgpt_yaml_and_json_configs_load, so one launcher run covers both.)"""
     out = run_deepspeed("train_ds.py", ["--config", str(configs[0])], num_procs=2).stdout
     assert out.count("warning: ") == 2 and out.count("'aux_max_z_loss'") == 1, out[-3000:]
-    assert re.search(r"AdamW \(lr 0.001\) on [\d,]+ decay \(wd 4e-05\) \+ [\d,]+ no_decay \(wd 0\)", out)
+    groups = re.search(r"AdamW \(lr 0.001\) on ([\d,]+) decay \(wd 4e-05\) \+ ([\d,]+) no_decay \(wd 0\)", out)
+    hf = AutoModelForCausalLM.from_pretrained(ops_model / "hf")  # tied: its embedding counted once
+    matrices = sum(p.numel() for p in hf.parameters() if p.ndim >= 2)
+    assert [int(g.replace(",", "")) for g in groups.groups()] == [matrices, hf.num_parameters() - matrices]  # both stages
     metrics = [json.loads(line) for line in (tmp_path / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and [m["sequences"] for m in metrics] == [4, 4, 2]
     assert all(np.isfinite(m["loss"]) for m in metrics)

@@ -140,6 +140,8 @@ CASES = {  # name -> (config overrides, expected text)
     "optimizer weight_decay": ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": -0.1}}},
                                "optimizer.params.weight_decay must be a number >= 0, got -0.1"),
     "gradient_clipping": ({"gradient_clipping": -1}, "'gradient_clipping' must be a number >= 0 (0: off), got -1"),
+    "gradient_clipping NaN": ({"gradient_clipping": float("nan")},  # NaN < 0 is false: it turned clipping off
+                              "'gradient_clipping' must be a number >= 0 (0: off), got NaN"),
     "tokenizer without eos": ({"model_path": "@no_eos"}, ":0: the tokenizer has no EOS token (eos_token)"),
     "vocab below tokenizer": ({"model_path": "@small_vocab"},
                               "the model's vocab_size 256 is smaller than the tokenizer's 512 tokens"),
@@ -170,6 +172,15 @@ def test_bad_config_is_one_line(tmp_path, base, variants, capsys, monkeypatch, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"train_ds.py: error: {cfg}: {expected}"] or (len(err) == 1 and expected in err[0]), err
     assert not (tmp_path / "out").exists()
+
+
+def test_gradient_clipping_null_is_refused(tmp_path, base, capsys):
+    """A YAML `gradient_clipping:` with no value is null: one line, not a TypeError on every rank after the build."""
+    cfg = write_config(tmp_path, base)
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "gradient_clipping": None}))
+    assert train_ds.main(["--config", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip() == (f"train_ds.py: error: {cfg}: 'gradient_clipping' must be a number >= 0 "
+                                               "(0: off), got null")
 
 
 @pytest.mark.parametrize("over", [

@@ -318,8 +318,8 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
         raise ConfigError(f"{path}: {e}") from None
     if not isinstance(ds.get("dataloader_drop_last", True), bool):
         raise ConfigError(f"{path}: 'dataloader_drop_last' must be true or false, got {json.dumps(ds['dataloader_drop_last'])}")
-    clip = ds.get("gradient_clipping")
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+    clip = ds.get("gradient_clipping", 0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:  # null, NaN: refused too
         raise ConfigError(f"{path}: 'gradient_clipping' must be a number >= 0 (0: off), got {json.dumps(clip)}")
     if cfg.lr_schedule is not None and "scheduler" in ds:
         raise ConfigError(f"{path}: 'lr_schedule' and DeepSpeed's 'scheduler' section both set the learning rate; "

@@ -295,6 +295,20 @@ def schedule_warning(cfg, total_steps: int) -> str | None:
             "; shorten the warmup or train longer")
 
 
+def owned_sizes(groups: list[dict]) -> list[int]:
+    """Per parameter group, the elements of the parameters this stage owns (`model_parallel`: not a later stage's
+    copy of a tied weight; not a LoRA stage's `grad_placeholder`), which summed over the stages count each parameter
+    once."""
+    return [sum(p.numel() for p in g["params"] if getattr(p, "model_parallel", True) and not getattr(
+        p, "placeholder", False)) for g in groups]
+
+
+def describe_groups(groups: list[dict], sizes: list[int]) -> str:
+    """'N decay (wd W) + M no_decay (wd 0)' for the groups' `sizes`."""
+    return " + ".join(f"{n:,} {g['name']} (wd {g['weight_decay']:g})" for g, n in zip(groups, sizes, strict=True)
+                      ) or "no trainable parameters"
+
+
 def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
                     ) -> tuple[dict, list[dict], torch.optim.Optimizer | None, Callable | None, str]:
     """What `deepspeed.initialize` needs for a TrainConfig: (ds_config, model_parameters, optimizer, lr_scheduler,
@@ -336,10 +350,10 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
                 ds.setdefault("zero_allow_untested_optimizer", True)  # lion-pytorch is not on DeepSpeed's ZeRO list
     except ValueError as e:
         raise ConfigError(f"{cfg.path}: {e}") from None
-    sizes = " + ".join(f"{sum(p.numel() for p in g['params']):,} {g['name']} (wd {g['weight_decay']:g})" for g in groups)
+    sizes = describe_groups(groups, owned_sizes(groups))
     if kind.lower() == "lion":  # which update steps the weights: lion-pytorch's triton kernel or its torch code
         kind += " with the " + ("triton kernel" if optimizer.update_fn.__module__.endswith("triton") else "torch update")
-    note = f"{kind or 'none'} (lr {params.get('lr', 'default')}) on {sizes or 'no trainable parameters'}"
+    note = f"{kind or 'none'} (lr {params.get('lr', 'default')}) on {sizes}"
     if schedule is not None:
         lr_scheduler = lambda opt: build_lr_scheduler(opt, schedule, total_steps)  # noqa: E731
         note += (f"; lr schedule {schedule.type}, warmup {schedule.warmup(total_steps)} of {total_steps} steps"

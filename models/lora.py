@@ -154,6 +154,12 @@ def _check_adapter(path, settings: LoraSettings) -> None:
     if per_module := [k for k in ("alpha_pattern", "rank_pattern", "lora_bias") if cfg.get(k)]:
         raise ValueError(f"lora.adapter_path {path}: the adapter sets {', '.join(per_module)} (a rank, scale or bias of "
                          "its own for some modules), which these adapters do not have: only one r and alpha for all")
+    if (bias := cfg.get("bias", "none")) != "none":
+        raise ValueError(f"lora.adapter_path {path}: the adapter's bias is {json.dumps(bias)}: LoRA bias modes are not "
+                         "supported (bias must be \"none\")")
+    if some := [f"{k} {json.dumps(cfg[k])}" for k in ("layers_to_transform", "layers_pattern") if cfg.get(k) not in (None, [], "")]:
+        raise ValueError(f"lora.adapter_path {path}: the adapter sets {', '.join(some)} (adapters in some layers only), "
+                         "which is not supported: the pipeline adapts every layer")
     if (cfg.get("r"), float(cfg.get("lora_alpha", 0))) != (settings.r, settings.alpha):
         raise ValueError(f"lora.adapter_path {path}: the adapter has r {cfg.get('r')}, alpha {cfg.get('lora_alpha')}; "
                          f"the config says r {settings.r}, alpha {settings.alpha:g} (set lora.r and lora.alpha to the adapter's)")
@@ -189,6 +195,7 @@ def apply_lora(model, settings: LoraSettings, family: ModelFamily, seed: int, nu
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1_000_003 + model._local_start + offset)
                 inject_adapter_in_model(settings.peft_config(with_modules_to_save=False), layer, adapter_name=ADAPTER)
+            upcast_adapters(layer)
             blocks += 1
     for offset, layer in enumerate(model.forward_funcs):  # after injection: peft freezes all but its adapters
         if isinstance(layer, torch.nn.Module) and settings.modules_to_save:
@@ -203,6 +210,19 @@ def apply_lora(model, settings: LoraSettings, family: ModelFamily, seed: int, nu
     if hasattr(model, "ensure_trainable"):
         model.ensure_trainable()  # an embedding- or head-only stage (see PipelineModel.ensure_trainable)
     return blocks
+
+
+def upcast_adapters(module: torch.nn.Module) -> int:
+    """Cast float16 / bfloat16 adapter weights to fp32, in place, as peft's `get_peft_model` and
+    `PeftModel.from_pretrained` do (`autocast_adapter_dtype`), which `inject_adapter_in_model` does not: a 4-bit
+    layer's adapters are built in its compute dtype. A bf16 / fp16 engine casts them back (its optimizer keeps fp32
+    master weights). Returns the count cast."""
+    cast = 0
+    for name, p in module.named_parameters():
+        if "lora_" in name and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+            cast += 1
+    return cast
 
 
 # ---------------------------------------------------------------------------------------------- keys

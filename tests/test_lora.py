@@ -234,6 +234,30 @@ def test_an_adapter_with_per_module_settings_is_refused(tmp_path, pattern):
         parse_lora(section, get_family("llama"))
 
 
+@pytest.mark.parametrize("over, says", [
+    ({"bias": "all"}, "the adapter's bias is \"all\": LoRA bias modes are not supported (bias must be \"none\")"),
+    ({"bias": "lora_only"}, "the adapter's bias is \"lora_only\": LoRA bias modes are not supported (bias must be "
+                            "\"none\")"),
+    ({"layers_to_transform": [1]}, "the adapter sets layers_to_transform [1] (adapters in some layers only), which is "
+                                   "not supported: the pipeline adapts every layer"),
+    ({"layers_to_transform": 0, "layers_pattern": "layers"}, "the adapter sets layers_to_transform 0, layers_pattern "
+                                                             "\"layers\" (adapters in some layers only), which is not "
+                                                             "supported: the pipeline adapts every layer"),
+], ids=["bias-all", "bias-lora_only", "layers_to_transform", "layers_pattern"])
+def test_an_adapter_with_bias_or_of_some_layers_is_refused_in_one_line(tmp_path, ops_model, over, says):
+    """peft's bias "all" / "lora_only" was refused as a tensor that "does not fit this llama model" (the biases it
+    trains; or accepted, the model having none); layers_to_transform was accepted and widened to every layer (the
+    export then dropped the key)."""
+    model = get_family("llama").hf_model_class.from_pretrained(str(ops_model / "hf"))
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                     **over)).save_pretrained(str(tmp_path / "adapter"))
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "adapter_path": str(tmp_path / "adapter")}
+    cfg = ops_config(tmp_path, ops_model, lora=lora)
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert str(e.value) == f"{cfg}: lora.adapter_path {tmp_path / 'adapter'}: {says}"
+
+
 def test_an_adapter_of_other_target_modules_is_refused_before_the_model_loads(tmp_path):
     """An adapter of q_proj + k_proj with target_modules [q_proj] failed only after every rank had loaded its layers
     (a k_proj tensor that fits no adapter); [q, k, v] silently started v_proj's adapters fresh."""

@@ -115,3 +115,64 @@ def test_a_longer_run_says_how_its_lr_moves(ds, tmp_path):
     assert got[0][0] == now != was
     assert f"optimizer settings from the config in force: lr of the next update (step 4) {was:.6g} as saved -> " \
         f"{now:.6g} now" in run.lines
+
+
+# ---------------------------------------------------------------------------------------------- LoRA settings on resume
+
+
+def lora_run(tmp_path: Path, ops_model: Path, lora: dict) -> tuple[Path, dict]:
+    """A config of `lora` whose save_path holds a LoRA checkpoint of it, as the trainer writes one (the files
+    load_config reads); returns the config file and its raw content."""
+    from models import get_family
+    from models.lora import LORA_FILE, lora_info, parse_lora
+    from tests.helpers import ops_config
+
+    cfg = ops_config(tmp_path, ops_model, lora=lora)
+    raw = json.loads(cfg.read_text())
+    tag = tmp_path / "out" / "global_step2"
+    tag.mkdir(parents=True)
+    RunState(step=2, pipe=2, data=1, parts=[0, 2, 4], global_batch=4).write(tag)
+    (tag / RUN_CONFIG_FILE).write_text(json.dumps(raw))
+    (tag / LORA_FILE).write_text(lora_info(parse_lora(lora, get_family("llama")), raw["model_path"]))
+    (tmp_path / "out" / "latest").write_text("global_step2")
+    return cfg, raw
+
+
+def test_a_lora_resume_needs_no_adapter_path_a_fresh_start_does(tmp_path, ops_model):
+    """lora.adapter_path has no effect on resume (the adapters come from the checkpoint): a moved or deleted adapter
+    dir was refused; a fresh start still checks it."""
+    from peft import LoraConfig, get_peft_model
+
+    from models import get_family
+    from training.config import ConfigError, load_config
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(get_family("llama").hf_model_class.from_pretrained(str(ops_model / "hf")),
+                   LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(str(adapter))
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "adapter_path": str(adapter)}
+    cfg, raw = lora_run(tmp_path, ops_model, lora)
+    adapter.rename(tmp_path / "moved")
+    resumed = load_config(cfg)
+    assert resumed.lora == {k: v for k, v in lora.items() if k != "adapter_path"}  # the trainer loads no adapter dir
+    assert resumed.raw == raw  # what its checkpoints record as the run's config
+    fresh = tmp_path / "fresh.json"
+    for over in ({"save_path": str(tmp_path / "new")}, {"resume": False, "overwrite_save_path": True}):
+        fresh.write_text(json.dumps({**raw, **over}))
+        with pytest.raises(ConfigError, match=f"^{fresh}: lora.adapter_path {adapter}: no adapter_config.json"):
+            load_config(fresh)
+
+
+def test_lora_modules_in_another_order_resume(tmp_path, ops_model):
+    """lora.target_modules and modules_to_save name sets of modules (as peft reads them): the same ones in another
+    order were refused on resume."""
+    from training.config import ConfigError, load_config
+
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"],
+            "modules_to_save": ["input_layernorm", "post_attention_layernorm"]}
+    cfg, raw = lora_run(tmp_path, ops_model, lora)
+    cfg.write_text(json.dumps({**raw, "lora": {**lora, "target_modules": ["v_proj", "q_proj", "v_proj"],
+                                               "modules_to_save": ["post_attention_layernorm", "input_layernorm"]}}))
+    load_config(cfg)
+    cfg.write_text(json.dumps({**raw, "lora": {**lora, "target_modules": ["v_proj", "k_proj"]}}))
+    with pytest.raises(ConfigError, match=r"lora.target_modules is \["):  # other modules still are
+        load_config(cfg)

@@ -35,7 +35,7 @@ from training.optim import (
     parse_lr_schedule,
     scheduler_problem,
 )
-from training.resume import resume_problem, torch_scheduler, unnamed_tag, zero_stage
+from training.resume import resume_problem, resumes, torch_scheduler, unnamed_tag, zero_stage
 from training.runlock import JOB_FILE, LockError, UnknownStart, check_unlocked, launch_job, restarted_job
 from training.trackers import parse_report_to
 
@@ -240,7 +240,7 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
         refuse(problem)
     if require_model:
         _check_model(cfg, path)
-        lora = _check_lora(cfg, path)  # every rank refuses these alike
+        lora = _check_lora(cfg, path, resumes(cfg))  # every rank refuses these alike
         if problem := resume_problem(cfg, lora):
             if not restart:
                 raise ConfigError(f"{path}: {problem}")
@@ -532,7 +532,10 @@ def holds_run(save: Path) -> bool:
     return save.is_dir() and any((save / n).exists() for n in ("latest", "metrics.jsonl")) or any(save.glob("global_step*"))
 
 
-def _check_lora(cfg: TrainConfig, path: Path) -> LoraSettings | None:
+def _check_lora(cfg: TrainConfig, path: Path, resuming: bool = False) -> LoraSettings | None:
+    """The parsed "lora" section (and "quantization" with it); ConfigError naming the key. `resuming` (see
+    training.resume.resumes): the adapters come from the checkpoint, so lora.adapter_path is dropped from `cfg.lora`
+    (the trainer loads no adapter dir; it may have moved since the run started) and not checked; `cfg.raw` keeps it."""
     if cfg.lora is None:
         if cfg.quantization is not None:
             raise ConfigError(f"{path}: 'quantization' needs a 'lora' section: the 4-bit base is frozen and only "
@@ -541,6 +544,8 @@ def _check_lora(cfg: TrainConfig, path: Path) -> LoraSettings | None:
     if cfg.from_scratch:
         raise ConfigError(f"{path}: 'lora' needs a trained base: it cannot be combined with 'from_scratch' (the random "
                           "base would never be saved)")
+    if resuming:
+        cfg.lora = {k: v for k, v in cfg.lora.items() if k != "adapter_path"}
     try:
         family, config = family_of(Path(cfg.model_path))
         settings = parse_lora(cfg.lora, family, config)

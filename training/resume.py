@@ -151,6 +151,12 @@ def rule_of(key: str, lora_run: bool = False) -> tuple[str, str]:
 
 
 IGNORED = ("resume", "overwrite_save_path", "allow_data_change_on_resume", "data_cache_dir")  # never worth a line
+UNORDERED = ("lora.target_modules", "lora.modules_to_save")  # lists of module names that peft reads as sets
+
+
+def _same_set(a: object, b: object) -> bool:
+    """Two lists of the same names, in any order or repeated."""
+    return isinstance(a, list) and isinstance(b, list) and set(map(str, a)) == set(map(str, b))
 
 
 def effective(raw: dict) -> dict:
@@ -201,7 +207,7 @@ def config_changes(saved: dict, new: dict, lora_run: bool = False) -> list[Chang
         old, cur = (_MISSING if v == {} else v for v in (a.get(key, _MISSING), b.get(key, _MISSING)))  # {}: absent
         if key.endswith(".enabled") and old in (_MISSING, False) and cur in (_MISSING, False):
             continue  # an absent section, or one without "enabled", is off
-        if old == cur or key.split(".")[0] in IGNORED:
+        if old == cur or key.split(".")[0] in IGNORED or (key in UNORDERED and _same_set(old, cur)):
             continue
         if key == "optimizer.type" and isinstance(old, str) and isinstance(cur, str) and old.lower() == cur.lower():
             continue  # DeepSpeed matches its names case-insensitively: the same optimizer
@@ -396,18 +402,24 @@ def name_resumed(ckpts: Checkpoints, state: RunState) -> str | None:
     return f"{latest} now names {tag}, the checkpoint resumed"
 
 
+def resumes(cfg: TrainConfig) -> bool:
+    """Whether the run resumes from save_path ("resume" not false, and a `latest` or a complete checkpoint there; one
+    that cannot be resumed is `resume_problem`'s) rather than starting fresh: what it starts from then comes from the
+    checkpoint (e.g. the adapters, not lora.adapter_path)."""
+    save = Path(cfg.save_path)
+    return cfg.resume is not False and ((save / "latest").is_file() or resume_tag(save)[0] is not None)
+
+
 def resume_problem(cfg: TrainConfig, lora: LoraSettings | None) -> str | None:
     """The checkpoint to resume (resume_tag: the one `latest` names or the newest intact earlier one; with no
     `latest`, the newest complete one) can be resumed exactly, is of the configured kind (full / LoRA), and the
     config's changes since it are all allowed: None, else why not (training.config.load_config refuses it).
     `lora`: the config's parsed adapters."""
     save = Path(cfg.save_path)
-    if cfg.resume is False:
+    if not resumes(cfg):
         return None
     tag, notes = resume_tag(save)  # with no `latest`, the newest complete checkpoint if there is one
     fresh = "or start a new run with \"resume\": false and \"overwrite_save_path\": true"
-    if tag is None and not (save / "latest").is_file():
-        return None
     if tag is None:
         named = (save / "latest").read_text().strip()
         if not (save / named).is_dir():
@@ -427,7 +439,8 @@ def resume_problem(cfg: TrainConfig, lora: LoraSettings | None) -> str | None:
         quant = saved_quantization(cfg.quantization)
         for key, value in (("r", lora.r), ("alpha", lora.alpha), ("target_modules", list(lora.target_modules)),
                            ("modules_to_save", list(lora.modules_to_save)), ("quantization", quant)):
-            if saved.get(key, [] if key != "quantization" else None) != value:
+            was = saved.get(key, [] if key != "quantization" else None)
+            if was != value and not (f"lora.{key}" in UNORDERED and _same_set(was, value)):
                 name = "'quantization'" if key == "quantization" else f"lora.{key}"
                 return (f"{name} is {json.dumps(value)} but the checkpoint {ckpt} was trained with "
                         f"{json.dumps(saved.get(key))}; resume with the same adapters, {fresh}")

@@ -38,6 +38,7 @@ PROG = "pipeft-demo" if INSTALLED else "demo.py"  # as the user ran it, in usage
 exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
 with deepspeed_logs_on_stderr():  # stdout holds the generated text only
     import deepspeed  # noqa: F401
+    from transformers import TextStreamer
 
     from data.chat import end_of_turn, end_of_turn_text
     from data.encode import encode_prompt
@@ -170,6 +171,38 @@ def stop_strings(tokenizer, settings: TemplateSettings) -> list[str]:
     return [text] if text else []
 
 
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """(`text` before the first of `stops` it holds, whether it held one)."""
+    at = min((i for stop in stops if (i := text.find(stop)) >= 0), default=-1)
+    return (text, False) if at < 0 else (text[:at], True)
+
+
+class AnswerStreamer(TextStreamer):
+    """TextStreamer printing the answer only: not the stop token it ends on (an added token that is not special
+    decodes to its text), nor a stop text (text that could begin one is held until the next tokens tell)."""
+
+    def __init__(self, tokenizer, eos_ids: list[int], stops: list[str]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.eos_ids, self.stops, self.held, self.stopped = set(eos_ids), stops, "", False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.next_tokens_are_prompt:
+            value = torch.tensor([i for i in value.reshape(-1).tolist() if i not in self.eos_ids], dtype=torch.long)
+        super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if self.stopped:
+            text = ""
+        else:
+            text, self.stopped = cut_at_stop(self.held + text, self.stops)
+            hold = 0 if self.stopped or stream_end else max(
+                (n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+            text, self.held = text[:len(text) - hold], text[len(text) - hold:]
+        super().on_finalized_text(text, stream_end)
+        if stream_end:
+            self.held, self.stopped = "", False
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
@@ -211,10 +244,9 @@ def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 12
     generation_config's, as transformers' generate takes them). Stops on any of
     `eos_ids` (default: the generation config's eos_token_id and the tokenizer's EOS) and once the continuation
     holds one of `stops` (texts, as GenerationConfig's stop_strings). With `stream`, tokens
-    are printed to stdout as they come (TextStreamer, ending with a newline). Returns the continuation without
-    the prompt, special tokens skipped; `new_ids`, when given, receives its ids."""
-    from transformers import TextStreamer
-
+    are printed to stdout as they come (AnswerStreamer, ending with a newline). Returns the answer: the continuation
+    without the prompt, special tokens skipped, and without the stop token or text it ended on (as serving stacks
+    return it; printed alike); `new_ids`, when given, receives the continuation's ids, the stop's included."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
@@ -229,12 +261,14 @@ def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 12
         eos_ids = stop_ids(getattr(model, "generation_config", None), tokenizer, TemplateSettings())
     if stops:
         kw.update(stop_strings=stops, tokenizer=tokenizer)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    streamer = AnswerStreamer(tokenizer, eos_ids, stops or []) if stream else None
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                          eos_token_id=eos_ids, pad_token_id=pad, streamer=streamer, **kw)  # (1, T + new)
+    generated = out[0, len(ids):].tolist()
     if new_ids is not None:
-        new_ids[:] = out[0, len(ids):].tolist()
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        new_ids[:] = generated
+    answer = generated[:-1] if generated and generated[-1] in eos_ids else generated
+    return cut_at_stop(tokenizer.decode(answer, skip_special_tokens=True), stops or [])[0]
 
 
 def log(msg: str) -> None:

@@ -47,9 +47,33 @@ ENV = "PIPEFT_ACCELERATOR"  # DEVICE:BACKEND for launch.accelerator.TorchDeviceA
 REGISTERS = {"neuron": "torch_neuronx"}
 
 
-def parse_spec(spec: str) -> tuple[str, str]:
-    """"DEVICE:BACKEND" -> (device, backend); a one-line AcceleratorError otherwise."""
+def parse_spec(spec: str, where: str = ENV) -> tuple[str, str]:
+    """"DEVICE:BACKEND" -> (device, backend); a one-line AcceleratorError naming `where` (the environment variable, or
+    the option the value came from) otherwise."""
     device, sep, backend = spec.partition(":")
     if not sep or not device or not backend or ":" in backend:
-        raise AcceleratorError(f"{ENV}={spec!r}: expected DEVICE:BACKEND, e.g. neuron:neuron or cpu:gloo")
+        shown = f"{where}={spec!r}" if where == ENV else f"{where} {spec!r}"
+        raise AcceleratorError(f"{shown}: expected DEVICE:BACKEND, e.g. neuron:neuron or cpu:gloo")
     return device, backend
+
+
+def check_device(device_type: str, backend: str, where: str = ENV) -> None:
+    """A one-line AcceleratorError naming `where` unless torch here knows `device_type` and has the process-group
+    `backend` (after importing the module that registers the device, REGISTERS)."""
+    import importlib
+
+    import torch
+
+    if device_type in REGISTERS:
+        try:
+            importlib.import_module(REGISTERS[device_type])
+        except ImportError:
+            raise AcceleratorError(f"{where}: the {device_type!r} device needs {REGISTERS[device_type]}, which is not "
+                                   "installed here") from None
+    try:
+        torch.device(device_type)
+    except RuntimeError:
+        raise AcceleratorError(f"{where}: torch knows no device type {device_type!r}") from None
+    if not torch.distributed.is_backend_available(backend):
+        raise AcceleratorError(f"{where}: torch has no process-group backend {backend!r} here (is the package that "
+                               "registers it installed?)")

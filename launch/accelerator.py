@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import os
 
 import torch
 from deepspeed.accelerator.abstract_accelerator import DeepSpeedAccelerator
 
-from launch import ENV, REGISTERS, AcceleratorError, parse_spec
+from launch import ENV, check_device, parse_spec
 
 
 def _host_peak_rss() -> int:
@@ -47,19 +46,7 @@ class TorchDeviceAccelerator(DeepSpeedAccelerator):
 
     def __init__(self, device_type: str, backend: str):
         super().__init__()
-        if device_type in REGISTERS:
-            try:
-                importlib.import_module(REGISTERS[device_type])
-            except ImportError:
-                raise AcceleratorError(f"{ENV}: the {device_type!r} device needs {REGISTERS[device_type]}, which is "
-                                       "not installed here") from None
-        try:
-            torch.device(device_type)
-        except RuntimeError:
-            raise AcceleratorError(f"{ENV}: torch knows no device type {device_type!r}") from None
-        if not torch.distributed.is_backend_available(backend):
-            raise AcceleratorError(f"{ENV}: torch has no process-group backend {backend!r} here (is the package that "
-                                   f"registers it installed?)")
+        check_device(device_type, backend)
         self._name, self._communication_backend_name = device_type, backend
         self._compile_backend = "inductor"
         try:

@@ -10,7 +10,7 @@ PIPEFT_ACCELERATOR=neuron:neuron and train_ds.py reads it. Several nodes: run th
 its --node_rank. Checked before anything starts: the topology against nproc_per_node x nnodes, the multi-node
 arguments, and an optimizer that needs DeepSpeed's compiled ops (fused Adam/Lamb), which have no Neuron build:
 Adam/AdamW need "torch_adam": true. --accelerator DEVICE:BACKEND runs the same path on another device (the
-tests use cpu:gloo). Trn1 (torch-xla) is not served by this path: see README.
+tests use cpu:gloo); a device or backend torch lacks here is refused before torchrun starts. Trn1 (torch-xla) is not served by this path: see README.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import argparse
 import importlib.util
 import sys
 
-from launch import ENV, REGISTERS, AcceleratorError, parse_spec
+from launch import ENV, REGISTERS, AcceleratorError, check_device, parse_spec
 from launch.shim import Launch, add_script_args, check_topology, config_path, main_of, read_config
 
 COMPILED_OPTIMIZERS = ("lamb", "onebitadam", "zerooneadam", "onebitlamb")  # DeepSpeed CUDA kernels only
@@ -50,7 +50,7 @@ def check_optimizer(raw: dict, path) -> None:
 
 
 def build(args: argparse.Namespace) -> Launch:
-    device, backend = parse_spec(args.accelerator)
+    device, backend = parse_spec(args.accelerator, "--accelerator")
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise AcceleratorError(f"--nproc_per_node and --nnodes must be >= 1, got {args.nproc_per_node} and {args.nnodes}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
@@ -76,6 +76,8 @@ def build(args: argparse.Namespace) -> Launch:
             raise AcceleratorError(f"{need} (TorchNeuron) is not installed: this is not a Trainium host with the "
                                    "Neuron stack (--dry-run prints the command anyway)")
         notes.append(f"{need} is not installed here: the command is for a Trn2/Trn3 host")
+    else:  # what every rank's TorchDeviceAccelerator would refuse, refused before torchrun starts
+        check_device(device, backend, "--accelerator")
     return Launch(cmd, {ENV: f"{device}:{backend}"}, notes=notes)
 
 

@@ -181,13 +181,54 @@ def test_generation_stops_on_an_end_of_turn_text_the_tokenizer_splits(tmp_path, 
     head = tok.decode(free[:5])
     stop = tok.decode(free[:8])[len(head):]  # a text that spans generated tokens 5..7
     assert len(free) == 24 and tok.decode(free[:8]).startswith(head) and stop.strip()
-    stopped: list[int] = []
-    demo.generate(model, tok, prompt, 24, temperature=1.0, top_k=0, top_p=1.0, stream=False, eos_ids=[-1],
-                  stops=[stop], new_ids=stopped)
-    assert stopped == free[:len(stopped)] and len(stopped) <= 8 and stop in tok.decode(stopped)
+    for stream in (False, True):  # the ids hold the stop text; the answer (returned, printed) ends before it
+        stopped: list[int] = []
+        text = demo.generate(model, tok, prompt, 24, temperature=1.0, top_k=0, top_p=1.0, stream=stream, eos_ids=[-1],
+                             stops=[stop], new_ids=stopped)
+        assert stopped == free[:len(stopped)] and len(stopped) <= 8 and stop in tok.decode(stopped)
+        assert text == tok.decode(stopped)[:tok.decode(stopped).index(stop)] and stop not in text
+        assert capsys.readouterr().out == (text + "\n" if stream else "")
     assert convert_model.main(["init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"),
                                "--save-path", str(tmp_path / "base")]) == 0
     capsys.readouterr()
     assert demo.main(["--model-path", str(tmp_path / "base"), "--template", "chat", "--record", json.dumps(RECORD),
                       "--max-new-tokens", "2", "--no-stream"]) == 0
     assert "and the text '<|im_end|>'" in capsys.readouterr().err
+
+
+def test_an_end_of_turn_token_that_is_not_special_is_not_part_of_the_answer(tmp_path, capsys):
+    """ChatML's `<|im_end|>` added with add_tokens (not special): generation stops on it, and the answer, printed
+    (streamed or not) and returned, ends before it; the generated ids keep it (--show-ids)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tests.helpers import llama_config
+
+    tok = train_tiny_tokenizer(_texts_from_records(ROOT / "data" / "samples"), tmp_path / "tok", 512)
+    tok.add_tokens(["<|im_end|>"])
+    tok.chat_template = CHAT_TEMPLATES["chatml"][0]
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    settings = TemplateSettings(template="chat")
+    assert eot not in tok.all_special_ids and eot in demo.stop_ids(None, tok, settings)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config("gqa_tied", vocab_size=len(tok), tie_word_embeddings=False)).eval()
+    with torch.no_grad():  # "Hi" then the end-of-turn token, whatever the prompt
+        hi = tok("Hi", add_special_tokens=False)["input_ids"]
+        model.lm_head.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        for i in hi:
+            model.model.embed_tokens.weight[i, 1 + hi.index(i)] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight[hi[0], 0] = 5.0  # after anything: the first piece of "Hi" ...
+        for a, b in zip(hi, [*hi[1:], eot], strict=True):  # ... then each next one, then the end of turn
+            model.lm_head.weight[b, 1 + hi.index(a)] = 50.0
+    prompt = tok("Can you help me", add_special_tokens=False)["input_ids"]
+    for stream in (False, True):
+        ids: list[int] = []
+        text = demo.generate(model, tok, prompt, 8, stream=stream, eos_ids=demo.stop_ids(None, tok, settings),
+                             new_ids=ids)
+        assert ids == [*hi, eot] and text == "Hi", (ids, text)
+        assert capsys.readouterr().out == ("Hi\n" if stream else "")

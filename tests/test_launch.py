@@ -150,12 +150,19 @@ def test_trainium_dry_run(cfg, capsys):
     (["--nproc_per_node", "4"], {}, "dims [2, 1] needs 2 processes, this launch starts 4 (--nproc_per_node 4 x --nnodes 1)"),
     (["--nproc_per_node", "1", "--nnodes", "2"], {}, "--nnodes 2 needs --master_addr"),
     (["--nproc_per_node", "2"], {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, "needs \"torch_adam\": true"),
-    (["--nproc_per_node", "2", "--accelerator", "neuron"], {}, "expected DEVICE:BACKEND"),
+    (["--nproc_per_node", "2", "--accelerator", "neuron"], {}, "--accelerator 'neuron': expected DEVICE:BACKEND"),
+    (["--nproc_per_node", "2", "--accelerator", "foo:bar"], {}, "--accelerator: torch knows no device type 'foo'"),
+    (["--nproc_per_node", "2", "--accelerator", "cpu:bar"], {}, "--accelerator: torch has no process-group backend "
+                                                               "'bar' here"),
 ])
-def test_trainium_bad_combinations_are_one_line(argv, over, message, cfg, capsys):
-    code, out, err = dry_run(trainium, [*argv, "--dry-run", "train_ds.py", "--config", str(cfg(**over))], capsys)
+@pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "launch"])
+def test_trainium_bad_combinations_are_one_line(argv, over, message, dry, cfg, capsys, monkeypatch):
+    monkeypatch.setattr(trainium.Launch, "execute", lambda self: pytest.fail(f"launched: {self.cmd}"))
+    code, out, err = dry_run(trainium, [*argv, *["--dry-run"] * dry, "train_ds.py", "--config", str(cfg(**over))],
+                             capsys)
     assert code == 2 and out == ""
     assert err.startswith("launch.trainium: error: ") and err.count("\n") == 1 and message in err, err
+    assert "PIPEFT_ACCELERATOR" not in err  # the option the user typed is what is named
 
 
 def test_trainium_refuses_a_real_launch_without_torchneuron(cfg, capsys):

@@ -42,8 +42,9 @@ def parse_bytes(text: str) -> float:
 
 
 def load_model(config_path: str | None, model_path: str | None):
-    """(family, config) from a config.json or a model dir (HF or pipeline)."""
-    from models.family import get_family
+    """(family, config) from a config.json or a model dir (HF or pipeline); a config transformers or the pipeline
+    rejects is one line naming the file."""
+    from models.family import config_errors, get_family
 
     path = Path(model_path) / "config.json" if model_path else Path(config_path)
     try:
@@ -52,8 +53,12 @@ def load_model(config_path: str | None, model_path: str | None):
         raise PlanError(f"{'--model-path' if model_path else '--model-config'}: cannot read {path} ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise PlanError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise PlanError(f"{path}: not a JSON object")
     family = get_family(raw.get("model_type"), str(path))
-    return family, family.prepare_config(family.config_class(**{k: v for k, v in raw.items() if k != "model_type"}))
+    with config_errors(path):
+        config = family.prepare_config(family.config_class(**{k: v for k, v in raw.items() if k != "model_type"}))
+    return family, family.check_config(config, path)
 
 
 def candidates(family, config, base: Setup, gpus: int, memory: float, global_seqs: int) -> list[dict]:
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--max-seq-len", type=int, help="tokens per row (default 2048, or the model's limit if lower)")
     ap.add_argument("--lora", action="store_true", help="LoRA (r 16, all linear layers of every block)")
-    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-r", type=int, help="with --lora or --quantization: the LoRA rank (default 16)")
     ap.add_argument("--quantization", choices=["nf4"], help="QLoRA: 4-bit NF4 frozen block weights + LoRA")
     ap.add_argument("--double-quant", action="store_true", help="with --quantization: bnb_4bit_use_double_quant")
     ap.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
@@ -212,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             raise PlanError(f"--global-batch-tokens must be >= 1, got {args.global_batch_tokens}")
         if args.double_quant and not args.quantization:
             raise PlanError("--double-quant needs --quantization nf4")
+        if args.lora_r is not None and not (args.lora or args.quantization):
+            raise PlanError("--lora-r needs --lora (or --quantization nf4)")
         memory = parse_bytes(args.gpu_memory)
         family, config = load_model(args.model_config, args.model_path)
         args.max_seq_len, note = seq_len_for(family, config, args.max_seq_len)
@@ -219,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ans = plan(family, config, args.gpus, memory, args.max_seq_len, args.precision, args.lora, args.quantization,
-               args.global_batch_tokens, args.lora_r, args.double_quant)
+               args.global_batch_tokens, 16 if args.lora_r is None else args.lora_r, args.double_quant)
     if args.json:
         best = ans["best"]
         print(json.dumps({"fits": ans["fits"], **(to_json(best) if best else {}), "config": snippet(best) if best else None,
@@ -229,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     params = stage_memory(family, config, Setup(1, args.max_seq_len, 1), [len(family.unit_sizes(config))])[0].params
     print(f"{config.model_type}, {fmt_count(params)} parameters; {args.gpus} x {fmt_bytes(memory)} ({args.nodes} "
           f"node{'s' if args.nodes > 1 else ''}), {args.max_seq_len} tokens{note}, {args.precision}"
-          f"{', LoRA' if args.lora else ''}{', NF4' if args.quantization else ''}"
+          f"{', LoRA' if args.lora or args.quantization else ''}{', NF4' if args.quantization else ''}"
           f"{' (double quant)' if args.double_quant else ''}")
     if not ans["fits"]:
         print(f"does not fit on {args.gpus} x {fmt_bytes(memory)}, even with activation checkpointing and the optimizer "

@@ -75,7 +75,7 @@ def parse_topology(model_topo: dict | None, world_size: int) -> tuple[list[str],
         raise ModelConfigError(f"model_topo.process_topology.axes must be a list of axis names, got {axes!r}")
     if not set(axes) >= {"pipe", "data"} or not set(axes) <= {"pipe", "data", "model"} or len(set(axes)) != len(axes):
         raise ModelConfigError(f"model_topo.process_topology.axes must name 'pipe' and 'data' (and optionally 'model') once each, got {axes}")
-    if not (isinstance(dims, list) and len(dims) == len(axes) and all(isinstance(d, int) and d >= 1 for d in dims)):
+    if not (isinstance(dims, list) and len(dims) == len(axes) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims)):
         raise ModelConfigError(f"model_topo.process_topology.dims must be {len(axes)} positive integers (one per axis {axes}), got {dims!r}")
     if "model" in axes and dims[axes.index("model")] != 1:
         raise ModelConfigError("model_topo.process_topology: tensor parallelism ('model' > 1) is not supported; use 'pipe' and 'data'")
@@ -121,7 +121,8 @@ def plan_stages(unit_sizes: Sequence[int], unit_costs: Sequence[float], num_stag
     n_units = len(unit_sizes)
     if parts is None:
         if num_stages > n_units:
-            raise ModelConfigError(f"{num_stages} pipeline stages but the model has only {n_units} pipeline units")
+            raise ModelConfigError(f"model_topo.process_topology.dims: {num_stages} pipeline stages but the model has "
+                                   f"only {n_units} pipeline units (the embedding, each block, the head)")
         parts = balance(unit_costs, num_stages)
     else:
         if not (isinstance(parts, (list, tuple)) and all(isinstance(p, int) and not isinstance(p, bool) for p in parts)):

@@ -28,6 +28,7 @@ def test_seed_topology_keys():
     ({"process_topology": {"axes": ["pipe"], "dims": [2]}}, 2, "must name 'pipe' and 'data'"),
     ({"process_topology": {"axes": ["pipe", "data"], "dims": [2]}}, 2, "dims must be 2 positive integers"),
     ({"process_topology": {"axes": ["pipe", "data", "model"], "dims": [1, 1, 2]}}, 2, "tensor parallelism"),
+    ({"process_topology": {"axes": ["pipe", "data"], "dims": [True, 2]}}, 2, "dims must be 2 positive integers"),
     ({"parts": [1, 2, 3]}, 4, "does not divide"),
     ({"partz": [3, 3]}, 2, "model_topo: unknown key 'partz'; did you mean 'parts'?"),  # not an automatic balance
     ({"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1], "foo": 1}}, 2,
@@ -58,7 +59,8 @@ def test_bad_parts_are_one_line(parts, message):
 
 
 def test_more_stages_than_units():
-    with pytest.raises(ModelConfigError, match="only 4 pipeline units"):
+    with pytest.raises(ModelConfigError, match=r"^model_topo.process_topology.dims: 5 pipeline stages but the model "
+                                               r"has only 4 pipeline units"):
         plan_stages([1, 1, 1, 2], [0, 1, 1, 1], 5)
 
 

@@ -466,6 +466,9 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
             raise CheckpointError(f"{config_json}: not a JSON object")
         if cfg_dict.get("model_type", family.model_type) != family.model_type:
             raise CheckpointError(f"{config_json}: model_type {cfg_dict['model_type']!r} is not {family.model_type!r}")
+    tokenizer_dir = resolve_hf_dir(tokenizer_dir)  # a local dir, or a Hub id's snapshot in the local cache
+    if not tokenizer_dir.is_dir():
+        raise no_dir_error(tokenizer_dir)
     sources = [tokenizer_dir, config_json]
     check_target(dst, overwrite, sources, renamed=True)
     try:

@@ -392,6 +392,8 @@ def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, capsys):
                                       "num_attention_heads": 5}))
     a_file = tmp_path / "a_file"
     a_file.write_text("")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     cases = [
         (("hg_to_pp", "--input-path", str(tmp_path / "nope"), "--save-path", str(tmp_path / "x")), "no such directory"),
         (("pp_to_hg", "--input-path", str(tmp_path), "--save-path", str(tmp_path / "x")), "not a pipeline or checkpoint"),
@@ -400,7 +402,11 @@ def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, capsys):
         (("init", "--family", "llama", "--preset", "huge", "--tokenizer", str(tokenizer_dir), "--save-path",
           str(tmp_path / "x")), "--preset 'huge': unknown"),
         (("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tmp_path / "nope"), "--save-path",
-          str(tmp_path / "x")), "cannot load a tokenizer"),
+          str(tmp_path / "x")), f"{tmp_path / 'nope'}: no such directory"),  # not a Hub connection error
+        (("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(bad_config), "--save-path",
+          str(tmp_path / "x")), f"{bad_config}: a file, not a directory"),
+        (("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(empty),
+          "--save-path", str(tmp_path / "x")), "cannot load a tokenizer"),
         (("init", "--family", "llama", "--config-json", str(bad_config), "--tokenizer", str(tokenizer_dir), "--save-path",
           str(tmp_path / "x")), f"{bad_config}: Class validation error for validator 'validate_architecture'"),
         (("hg_to_pp", "--input-path", str(tmp_path / "hf_gqa_tied"), "--save-path", str(a_file / "x")),

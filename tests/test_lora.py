@@ -214,6 +214,10 @@ def test_lora_with_bf16_zero1_data_parallel_and_an_embedding_only_stage(tmp_path
     lora = {k: t for k, t in adapters.items() if "lora_" in k}
     assert len(lora) == 3 * 2 * 2 and all(t.abs().sum() > 0 for k, t in lora.items() if "lora_B" in k)
     assert len(adapters) - len(lora) == 1 + 2 * 3  # the final norm, two per block, trained whole (in bf16)
+    # the optimizer line counts both stages' groups (stage 0 has only its placeholder, which is not counted)
+    groups = re.search(r"optimizer: \S+ \(lr [^)]*\) on ([\d,]+) decay \(wd [^)]*\) \+ ([\d,]+) no_decay", proc.stdout)
+    assert [int(g.replace(",", "")) for g in groups.groups()] == [
+        sum(t.numel() for t in lora.values()), sum(t.numel() for k, t in adapters.items() if k not in lora)]
     alpha = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["lora_alpha"]
     assert type(alpha) is int and alpha == 16  # as peft writes it
     # the merged model is in its config's dtype (the base's fp32), the bf16-trained norms too

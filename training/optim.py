@@ -295,18 +295,31 @@ def schedule_warning(cfg, total_steps: int) -> str | None:
             "; shorten the warmup or train longer")
 
 
-def owned_sizes(groups: list[dict]) -> list[int]:
-    """Per parameter group, the elements of the parameters this stage owns (`model_parallel`: not a later stage's
-    copy of a tied weight; not a LoRA stage's `grad_placeholder`), which summed over the stages count each parameter
-    once."""
-    return [sum(p.numel() for p in g["params"] if getattr(p, "model_parallel", True) and not getattr(
-        p, "placeholder", False)) for g in groups]
+GroupSizes = dict[str, tuple[int, float]]  # parameter group name -> (elements, weight decay)
 
 
-def describe_groups(groups: list[dict], sizes: list[int]) -> str:
-    """'N decay (wd W) + M no_decay (wd 0)' for the groups' `sizes`."""
-    return " + ".join(f"{n:,} {g['name']} (wd {g['weight_decay']:g})" for g, n in zip(groups, sizes, strict=True)
-                      ) or "no trainable parameters"
+def owned_sizes(groups: list[dict]) -> GroupSizes:
+    """Per parameter group (by name), the elements of the parameters this stage owns (`model_parallel`: not a later
+    stage's copy of a tied weight; not a LoRA stage's `grad_placeholder`) and its weight decay: summed over the stages
+    (`merge_sizes`), each parameter counts once. Read before `deepspeed.initialize`: ZeRO replaces a group's params with
+    its flat partition."""
+    return {g["name"]: (sum(p.numel() for p in g["params"] if getattr(p, "model_parallel", True)
+                            and not getattr(p, "placeholder", False)), g["weight_decay"]) for g in groups}
+
+
+def merge_sizes(per_stage: list[GroupSizes]) -> GroupSizes:
+    """The stages' `owned_sizes` summed by group name (a stage may lack a group: an embedding-only stage has no
+    no_decay), decay first."""
+    out: GroupSizes = {}
+    for sizes in per_stage:
+        for name, (n, wd) in sizes.items():
+            out[name] = (out.get(name, (0, wd))[0] + n, wd)
+    return dict(sorted(out.items(), key=lambda kv: kv[0] != "decay"))
+
+
+def describe_groups(sizes: GroupSizes) -> str:
+    """'N decay (wd W) + M no_decay (wd 0)', the groups with parameters."""
+    return " + ".join(f"{n:,} {name} (wd {wd:g})" for name, (n, wd) in sizes.items() if n) or "no trainable parameters"
 
 
 def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
@@ -350,7 +363,7 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
                 ds.setdefault("zero_allow_untested_optimizer", True)  # lion-pytorch is not on DeepSpeed's ZeRO list
     except ValueError as e:
         raise ConfigError(f"{cfg.path}: {e}") from None
-    sizes = describe_groups(groups, owned_sizes(groups))
+    sizes = describe_groups(owned_sizes(groups))
     if kind.lower() == "lion":  # which update steps the weights: lion-pytorch's triton kernel or its torch code
         kind += " with the " + ("triton kernel" if optimizer.update_fn.__module__.endswith("triton") else "torch update")
     note = f"{kind or 'none'} (lr {params.get('lr', 'default')}) on {sizes}"

@@ -39,7 +39,7 @@ from training.distributed import (
     shutdown_distributed,
 )
 from training.monitor import Monitor, fmt_bytes, fmt_count, hms, process_memory, write_estimate
-from training.optim import build_optimizer, describe_groups, owned_sizes, schedule_warning
+from training.optim import build_optimizer, describe_groups, merge_sizes, owned_sizes, schedule_warning
 from training.resume import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, model_config
 from training.rundir import RunDirectory
 from training.runlock import RunLock
@@ -155,7 +155,8 @@ class Trainer(TrainingData, RunDirectory):
                 load_adapter_into(model, self.family, self.lora.adapter_path, self.family.num_blocks(self.config))
 
         ds_config, params, optimizer, lr_scheduler, self.opt_note = build_optimizer(model, cfg, self.total_steps)
-        self.opt_groups = params  # the note counts this stage's: _summary counts every stage's
+        self.opt_sizes = owned_sizes(params)  # the note counts this stage's, _summary every stage's (before ZeRO
+        # replaces the groups' params with its flat partition)
         self.engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=params,
                                                optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.model = model
@@ -197,7 +198,7 @@ class Trainer(TrainingData, RunDirectory):
         params = [p for n, p in model.named_parameters() if n != "grad_placeholder"]
         ckpt = sum(model.is_checkpointable_results) if model.activation_checkpoint_interval else 0  # as the engine runs
         mine = [sum(logical_numel(p) for p in params), sum(p.numel() for p in params if p.requires_grad), self.base_memory,
-                base_memory(model), ckpt, owned_sizes(self.opt_groups)]
+                base_memory(model), ckpt, self.opt_sizes]
         per_rank = [None] * self.world
         torch.distributed.all_gather_object(per_rank, mine)
         if self.rank != 0:
@@ -243,9 +244,9 @@ class Trainer(TrainingData, RunDirectory):
         self.log(f"attention: {cfg.attn_implementation} (rows of one segment: causal SDPA, no mask; packed or "
                  "left-padded rows: " + ("exact eager ALiBi)" if self.family.model_type == "bloom" else
                                          "varlen / block mask / dense segment mask, as available)"))
-        here, every = (describe_groups(self.opt_groups, sizes) for sizes in (
-            per_rank[0][5], [sum(n) for n in zip(*(r[5] for r in reporting), strict=True)]))
-        note = self.opt_note.replace(here, every, 1)  # the whole model's groups, a tied weight once
+        # the whole model's groups, a tied weight once (the note was written from rank 0's stage alone)
+        note = self.opt_note.replace(describe_groups(self.opt_sizes), describe_groups(merge_sizes(
+            [r[5] for r in reporting])), 1)
         self.log(f"optimizer: {note}; DeepSpeed runs it as {type(e.optimizer).__name__}")
         if warning := schedule_warning(cfg, self.total_steps):
             self.log(f"warning: {warning}")

@@ -33,12 +33,12 @@ Offsets = list[tuple[int, int]]
 
 
 class Encoding(NamedTuple):
-    """Token ids, their [start, end) character offsets in the text (None: not computed), and how many boundaries
-    were spliced."""
+    """Token ids, their [start, end) character offsets in the text (None: not computed), and the boundaries where
+    they were spliced."""
 
     ids: list[int]
     offsets: Offsets | None
-    splices: int = 0
+    splices: tuple[int, ...] = ()
 
 
 def _backend(tokenizer: Any) -> Any:
@@ -214,7 +214,7 @@ def _splice(tokenizer: Any, text: str, enc: Encoding, prompt: Encoding, b: int, 
     e = enc.offsets[j][0] if j < len(enc.ids) else len(text)
     middle = _tokens_apart(tokenizer, text[b:e], b, conv)
     out = Encoding(prompt.ids + middle.ids + enc.ids[j:], prompt.offsets + middle.offsets + enc.offsets[j:],
-                   enc.splices + 1)
+                   (*enc.splices, b))
     if tokenizer.decode(out.ids) != tokenizer.decode(enc.ids):
         raise BoundaryError(f"the tokenizer joins the prompt's end {text[max(0, b - 12):b]!r} with the answer's start "
                             f"{text[b:b + 12]!r}, and the answer cannot be tokenized apart from the prompt")
@@ -301,7 +301,7 @@ def encode_texts(tokenizer: Any, items: Sequence[tuple[str, Sequence[int]]], add
             chained = True  # every prompt's ids start with those of the one before it (checked, not assumed)
             for k, b in enumerate(bounds):  # prompt k is encoded with the boundaries before it
                 prompt = _prefixed(tokenizer, text[:b], mine[k], prompts, bounds[:k], add_special_tokens, conv,
-                                   chained)._replace(splices=0)
+                                   chained)._replace(splices=())
                 chained = chained and (not prompts or prompt.ids[:len(prompts[-1].ids)] == prompts[-1].ids)
                 prompts.append(prompt)
             out.append(_prefixed(tokenizer, text, whole, prompts, bounds, add_special_tokens, conv, chained))

@@ -46,7 +46,7 @@ from data.templates import CHAT_MESSAGES, DEFAULT_SETTINGS, Rendered, Span, Temp
 from data.templates import template_settings as template_state
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "encode-v7"  # bump when encoding, labelling or the cache file's layout changes
+CACHE_VERSION = "encode-v8"  # bump when encoding, labelling or the cache file's layout changes
 MIN_RECORDS_FOR_POOL = 2000
 BATCH = 1000  # texts per tokenizer call
 MAX_RANGE = 2 * BATCH  # records per task at most: what a worker holds for one range does not grow with the data
@@ -77,15 +77,18 @@ def _render(rec: Mapping[str, Any], tokenizer: Any, settings: TemplateSettings, 
 
 
 def _label(enc: Encoding, spans: list[Span], max_seq_len: int) -> Encoded:
-    """Labels from character offsets: a token is trained iff its last character lies in a trained span."""
-    ids_a = np.asarray(enc.ids, dtype=np.int32)
-    offs = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+    """The first max_seq_len tokens, labelled from character offsets: a token is trained iff its last character lies
+    in a trained span. `spliced`: the splices at boundaries within them (those past them change no kept token)."""
+    ids_a = np.asarray(enc.ids[:max_seq_len], dtype=np.int32)
+    offs = np.asarray(enc.offsets[:max_seq_len], dtype=np.int64).reshape(-1, 2)
+    reach = int(offs[:, 1].max()) if len(offs) else 0
     trained = np.zeros(len(ids_a), dtype=bool)
     for s, e in spans:
-        trained |= (offs[:, 1] > s) & (offs[:, 1] <= e)
+        if s < reach:  # a span past the kept tokens trains none of them
+            trained |= (offs[:, 1] > s) & (offs[:, 1] <= e)
     trained &= offs[:, 1] > offs[:, 0]  # zero-width tokens (a BOS the tokenizer adds) are never trained
     labels = np.where(trained, ids_a, np.int32(IGNORE_INDEX)).astype(np.int32)
-    return Encoded(ids_a[:max_seq_len], labels[:max_seq_len], len(ids_a) > max_seq_len, enc.splices)
+    return Encoded(ids_a, labels, len(enc.ids) > max_seq_len, sum(b < reach for b in enc.splices))
 
 
 def encode_batch(tokenizer: Any, recs: Sequence[Mapping[str, Any]], max_seq_len: int,

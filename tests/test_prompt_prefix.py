@@ -19,7 +19,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from data.chat import end_of_turn
-from data.encode import IGNORE_INDEX, encode_one, encode_prompt, encode_records, load_dataset
+from data.encode import IGNORE_INDEX, encode_batch, encode_one, encode_prompt, encode_records, load_dataset
 from data.records import Record, load_records, record_type
 from data.templates import CHAT_MESSAGES, TemplateSettings, render, render_prompt
 from data.tiny_tokenizer import _texts_from_records, train_tiny_tokenizer
@@ -257,11 +257,14 @@ def test_a_long_conversation_is_encoded_in_time_linear_in_what_is_kept(tok, monk
             for max_seq_len in (20, 97, 300):
                 monkeypatch.setattr(data.boundary, "REACH_SLACK", 64)
                 renders.clear()
-                ids, labels, cut = encode_one(tok, rec, max_seq_len, s)
+                got = encode_batch(tok, [rec], max_seq_len, s)[0]
+                ids, labels, cut = got.input_ids.tolist(), got.labels.tolist(), got.truncated
                 trimmed = len(renders)
                 monkeypatch.setattr(data.boundary, "REACH_SLACK", 10**9)  # every answer located and spliced
                 renders.clear()
-                assert (ids, labels, cut) == encode_one(tok, rec, max_seq_len, s), (mode, last, max_seq_len)
+                full = encode_batch(tok, [rec], max_seq_len, s)[0]
+                assert (ids, labels, cut) == (full.input_ids.tolist(), full.labels.tolist(), full.truncated)
+                assert got.spliced == full.spliced  # the splices among the kept tokens (data.inspect --stats)
                 assert cut and len(ids) == max_seq_len
                 if mode == "chat":
                     assert trimmed < len(renders) / 2  # 2 renders an answer, for those within reach only

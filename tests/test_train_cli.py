@@ -121,6 +121,8 @@ CASES = {  # name -> (config overrides, expected text)
                                 "scheduler.params (StepLR): 'step_size' is required"),
     "OneCycle param missing": ({"scheduler": {"type": "OneCycle", "params": {"cycle_max_lr": 1e-3}}},
                                "scheduler.params (OneCycle): 'cycle_min_lr' is required"),
+    "OneCycleLR without its length": ({"scheduler": {"type": "OneCycleLR", "params": {"max_lr": 1e-3}}},
+                                      "scheduler.params (OneCycleLR): 'total_steps' is required"),
     "ReduceLROnPlateau": ({"scheduler": {"type": "ReduceLROnPlateau"}},
                           "scheduler.type 'ReduceLROnPlateau' steps on a metric the engine does not pass"),
     "LambdaLR": ({"scheduler": {"type": "LambdaLR", "params": {}}},

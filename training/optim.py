@@ -454,5 +454,7 @@ def scheduler_problem(section: object) -> str | None:
     filled = ("total_num_steps",) if kind in _NEEDS_TOTAL else ()  # fill_deepspeed_scheduler fills it in
     required = [k for k in _init_keys(cls) if k not in params and k not in ("last_epoch", *filled)
                 and inspect.signature(cls.__init__).parameters[k].default is inspect.Parameter.empty]
+    if kind == "OneCycleLR" and "total_steps" not in params and not {"epochs", "steps_per_epoch"} <= set(params):
+        required.append("total_steps")  # or epochs and steps_per_epoch: torch needs one or the other
     verb = "is" if len(required) == 1 else "are"
     return f"scheduler.params ({kind}): {', '.join(map(repr, required))} {verb} required" if required else None

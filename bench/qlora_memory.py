@@ -6,8 +6,9 @@ A random Llama (default 16 layers, hidden 1024, vocab 32000: 0.27B parameters, 0
 pipeline dir, a tokenizer built locally, data/samples/pretrain.jsonl at 128 tokens. Both runs: train_ds.py under the
 deepspeed launcher with 2 processes (2 pipeline stages, `parts` auto), bf16, micro-batch 1 x 4 accumulation, LoRA r 16
 on every linear layer of every block; the QLoRA run adds "quantization" (NF4, double quantisation, bf16 compute).
-Printed per stage: the frozen base as the start-up summary reports it (4-bit and unquantised), and the peak memory the
-trainer records (the accelerator's max allocated; on CPU the process's peak RSS, which includes the ~0.5 GB of the
+Printed per stage: the frozen base as the start-up summary reports it (4-bit and unquantised; the LoRA run's summary
+has no such line, so its rows show the QLoRA run's unquantised figure of the stage), and the peak memory the trainer
+records (the accelerator's max allocated; on CPU the process's peak RSS, which includes the ~0.5 GB of the
 interpreter and its libraries). Step time: the median of the steps after the first. On CPU set DS_ACCELERATOR=cpu
 (the default here when no GPU is visible); with GPUs, `--procs` GPUs are used.
 """
@@ -99,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {name: run(work, name, model, args.steps, args.procs, name == "qlora", env) for name in ("lora", "qlora")}
     print("| run | stage | frozen base (unquantised) | peak memory | step time |")
     print("|---|---:|---:|---:|---:|")
+    unquantised = {int(b[0]): b[2] for b in results["qlora"]["base"]}  # the LoRA run logs no frozen-base figure
     for name, r in results.items():
         for s, peak in enumerate(r["peaks_gib"]):
-            base = next((f"{b[1]} ({b[2]})" for b in r["base"] if int(b[0]) == s), "bf16, as loaded")
+            base = next((f"{b[1]} ({b[2]})" for b in r["base"] if int(b[0]) == s),
+                        f"bf16, as loaded (QLoRA run's unquantised: {unquantised.get(s, '?')})")
             print(f"| {'LoRA, bf16 base' if name == 'lora' else 'QLoRA, NF4 base'} | {s} | {base} | {peak:.2f} GiB | "
                   f"{r['step_s']:.2f} s |")
     for name, r in results.items():

@@ -15,15 +15,18 @@ Every variant trains on the same global batches (the project's order). Data: "fu
 (pretrain text cut to max_seq_len) and "sft": data/samples' records at max_seq_len 512 (about 4x their mean);
 the project also runs full 512-token rows, the reference for SFT throughput at the same max_seq_len.
 Columns: real (non-padding) tokens/s of the measured steps; ratios to (b), (c), (d); the pipeline efficiency
-a / (2 x d1) and its share of the 1F1B ideal m / (m + p - 1) = 8/9. Compare figures of one run on an
-otherwise idle machine only. The variants of one kind of data run in turn, `--rounds` times over, each round
+a / (2 x d1), (a)'s real tokens/s per process relative to one transformers process on the same batches unpacked,
+and its share of the 1F1B ideal m / (m + p - 1) = 8/9 (not a bound: the project's kernels, head and deferred weight
+gradients differ from d1's, and packed rows meet d1 on unpacked ones, so values above the ideal can occur).
+Compare figures of one run on an otherwise idle machine only. The variants of one kind of data run in turn, `--rounds` times over, each round
 starting one variant later (a slow minute of the machine then hits each variant alike); tokens/s are over every
 round, the data time is the highest of the rounds, and the per-round ratios of (a) to (b) and (c) show the spread.
 
 GPU mode (--gpu): PP=1, bf16, a ~1B Llama at 2048 tokens per row on one GPU, the project's blocks with the
-fast path (causal SDPA, no mask) and with the dense-mask path: tokens/s and MFU (6N + 12 L h T FLOPs per
-token against --peak-tflops, default 989 for an H100/H200 in bf16), plus the fast path's bf16 logits against
-the dense path's.
+fast path (causal SDPA, no mask) and with the dense-mask path: tokens/s and MFU against --peak-tflops (default
+989 for an H100/H200 in bf16) in two conventions: PaLM's / Megatron's, 6N + 12 L h T FLOPs per token (attention's
+scores and weighted sum over all T x T pairs, the masked half of causal attention included), and causal,
+6N + 6 L h T (the half a causal kernel computes); plus the fast path's bf16 logits against the dense path's.
 """
 
 from __future__ import annotations
@@ -403,7 +406,11 @@ def gpu_bench(args: argparse.Namespace) -> dict:
     model = SequentialModel(family.layer_specs(config)).to(device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     n_matmul = n_params - config.vocab_size * config.hidden_size  # the embedding is a lookup
-    flops_per_token = 6 * n_matmul + 12 * config.num_hidden_layers * config.hidden_size * args.seq
+    # attention's QK^T and AV, forward and backward: 12 L h T FLOPs per token over every (query, key) pair (PaLM's and
+    # Megatron's MFU convention); a causal kernel computes about half of them, 6 L h T
+    attention_full = 12 * config.num_hidden_layers * config.hidden_size * args.seq
+    flops_per_token = 6 * n_matmul + attention_full
+    flops_causal = 6 * n_matmul + attention_full // 2
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     b, t = args.micro, args.seq
     ids = torch.randint(4, config.vocab_size, (b, t), device=device)
@@ -443,8 +450,10 @@ def gpu_bench(args: argparse.Namespace) -> dict:
                 times.append(time.perf_counter() - t0)
         tps = b * t * len(times) / sum(times)
         mfu = tps * flops_per_token / (args.peak_tflops * 1e12)
-        print(f"  {name}: {tps:,.0f} tokens/s, MFU {mfu:.1%}")
-        result["paths"][name] = (tps, mfu)
+        mfu_causal = tps * flops_causal / (args.peak_tflops * 1e12)
+        print(f"  {name}: {tps:,.0f} tokens/s, MFU {mfu:.1%} (PaLM convention: full attention), "
+              f"MFU {mfu_causal:.1%} (causal: attention FLOPs halved)")
+        result["paths"][name] = (tps, mfu, mfu_causal)
         if getattr(args, "profile", 0) and forced is None:  # where the fast path's step time goes, by kernel
             from torch.profiler import ProfilerActivity, profile
 
@@ -491,6 +500,14 @@ def main() -> None:
             torch.distributed.barrier()
             shutdown_distributed()  # and DeepSpeed's /dev/shm buffer, which it leaves behind on CPU
         return
+    if args.gpu:
+        import torch
+
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            print("bench/train_throughput.py: --gpu needs a CUDA device, and there is none here; `--gpu --device cpu` "
+                  "runs the same code on the CPU (use small sizes: --layers 2 --hidden 256 --seq 256 --steps 1)",
+                  file=sys.stderr)
+            sys.exit(2)
     (gpu_bench if args.gpu else cpu_bench)(args)
 
 

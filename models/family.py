@@ -110,6 +110,14 @@ class ModelFamily:
         if isinstance(heads, int) and isinstance(kv, int) and (kv < 1 or heads % kv):
             raise CheckpointError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv} "
                                   "(each key/value head serves a whole group of query heads)")
+        rope = _rope(config)
+        if rope.get("rope_type", rope.get("type")) == "longrope":  # transformers only warns; torch fails later
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            want = int(head_dim * (rope.get("partial_rotary_factor") or 1.0)) // 2
+            for key in ("short_factor", "long_factor"):
+                if isinstance(rope.get(key), list) and len(rope[key]) != want:
+                    raise CheckpointError(f"{where}: rope_parameters.{key} has {len(rope[key])} entries, one per "
+                                          f"rotary pair of the head: {want} (head_dim {head_dim} / 2)")
         with config_errors(where, config):
             meta_layers(self, config)
         return config

@@ -307,7 +307,7 @@ BAD_HF = {  # case -> (damage, text expected in the message)
                        "config.json: partial_rotary_factor 0.5: the rope gives 4 of the head's 8 rotary pairs"),
     "longrope factors of the wrong length": (_patch_config(rope_scaling={
         "rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 3,
-        "original_max_position_embeddings": 64}), "config.json: Attempting to broadcast a dimension of length"),
+        "original_max_position_embeddings": 64}), "config.json: rope_parameters.short_factor has 3 entries, one per rotary pair of the head: 8 (head_dim 16 / 2)"),
 }
 
 

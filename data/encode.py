@@ -78,7 +78,8 @@ def _render(rec: Mapping[str, Any], tokenizer: Any, settings: TemplateSettings, 
 
 def _label(enc: Encoding, spans: list[Span], max_seq_len: int) -> Encoded:
     """The first max_seq_len tokens, labelled from character offsets: a token is trained iff its last character lies
-    in a trained span. `spliced`: the splices at boundaries within them (those past them change no kept token)."""
+    in a trained span. `spliced`: the splices at boundaries within them or at their end (those past them change no
+    kept token; one at the cut ends the kept tokens with the prompt's own ids)."""
     ids_a = np.asarray(enc.ids[:max_seq_len], dtype=np.int32)
     offs = np.asarray(enc.offsets[:max_seq_len], dtype=np.int64).reshape(-1, 2)
     reach = int(offs[:, 1].max()) if len(offs) else 0
@@ -88,7 +89,7 @@ def _label(enc: Encoding, spans: list[Span], max_seq_len: int) -> Encoded:
             trained |= (offs[:, 1] > s) & (offs[:, 1] <= e)
     trained &= offs[:, 1] > offs[:, 0]  # zero-width tokens (a BOS the tokenizer adds) are never trained
     labels = np.where(trained, ids_a, np.int32(IGNORE_INDEX)).astype(np.int32)
-    return Encoded(ids_a, labels, len(enc.ids) > max_seq_len, sum(b < reach for b in enc.splices))
+    return Encoded(ids_a, labels, len(enc.ids) > max_seq_len, sum(b <= reach for b in enc.splices))
 
 
 def encode_batch(tokenizer: Any, recs: Sequence[Mapping[str, Any]], max_seq_len: int,

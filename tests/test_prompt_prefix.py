@@ -271,3 +271,13 @@ def test_a_long_conversation_is_encoded_in_time_linear_in_what_is_kept(tok, monk
                 if max_seq_len > 20:  # answers within the kept ids are trained; the last one never is
                     assert any(x != IGNORE_INDEX for x in labels) != last
         assert mode == "chat" or max(left_out) > 30  # the default templates' boundaries past the reach: not spliced
+
+
+def test_a_splice_at_the_cut_is_counted(tok):
+    """max_seq_len ending exactly where a spliced answer starts: the kept ids end with that prompt's own ids, so the
+    sample counts as spliced, as with room for the answer (data.inspect --stats)."""
+    rec = {"rounds": [["ask", "Start with a newline."], ["ans", "ok"], ["ask", "And spaces?"], ["ans", "\n\n- red"]]}
+    settings = MODES["chat"]
+    cut = len(encode_prompt(tok, {"rounds": rec["rounds"][:3]}, settings))
+    at_cut, whole = (encode_batch(tok, [rec], n, settings)[0] for n in (cut, 4096))
+    assert at_cut.input_ids.tolist() == whole.input_ids[:cut].tolist() and at_cut.spliced == whole.spliced

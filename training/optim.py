@@ -228,7 +228,7 @@ def fill_deepspeed_scheduler(scheduler_section: dict, total_steps: int) -> dict:
     """A copy of DeepSpeed's `scheduler` section with `params.total_num_steps` set to `total_steps` when the
     type needs it (WarmupDecayLR, WarmupCosineLR) and it is absent; everything else untouched."""
     out = dict(scheduler_section)
-    if out.get("type") in _NEEDS_TOTAL and "total_num_steps" not in (out.get("params") or {}):
+    if out.get("type") in _NEEDS_TOTAL and (out.get("params") or {}).get("total_num_steps") is None:
         out["params"] = {**(out.get("params") or {}), "total_num_steps": total_steps}
     return out
 
@@ -452,9 +452,10 @@ def scheduler_problem(section: object) -> str | None:
     if problem := unknown_key_problem(f"scheduler.params ({kind})", params, _init_keys(cls)):
         return problem
     filled = ("total_num_steps",) if kind in _NEEDS_TOTAL else ()  # fill_deepspeed_scheduler fills it in
-    required = [k for k in _init_keys(cls) if k not in params and k not in ("last_epoch", *filled)
+    given = {k for k, v in params.items() if v is not None}  # a YAML key with no value is null: not given
+    required = [k for k in _init_keys(cls) if k not in given and k not in ("last_epoch", *filled)
                 and inspect.signature(cls.__init__).parameters[k].default is inspect.Parameter.empty]
-    if kind == "OneCycleLR" and "total_steps" not in params and not {"epochs", "steps_per_epoch"} <= set(params):
+    if kind == "OneCycleLR" and "total_steps" not in given and not {"epochs", "steps_per_epoch"} <= given:
         required.append("total_steps")  # or epochs and steps_per_epoch: torch needs one or the other
     verb = "is" if len(required) == 1 else "are"
     return f"scheduler.params ({kind}): {', '.join(map(repr, required))} {verb} required" if required else None

@@ -469,7 +469,9 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+    from launch.cuda_only import cuda_available
+
+    if torch.device(args.device).type == "cuda" and not cuda_available():
         print("bench/gpu_checks.py: no CUDA device here; `--device cpu --quick` runs the same checks on the CPU with "
               "tiny sizes", file=sys.stderr)
         sys.exit(2)

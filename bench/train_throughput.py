@@ -503,7 +503,9 @@ def main() -> None:
     if args.gpu:
         import torch
 
-        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        from launch.cuda_only import cuda_available
+
+        if torch.device(args.device).type == "cuda" and not cuda_available():
             print("bench/train_throughput.py: --gpu needs a CUDA device, and there is none here; `--gpu --device cpu` "
                   "runs the same code on the CPU (use small sizes: --layers 2 --hidden 256 --seq 256 --steps 1)",
                   file=sys.stderr)

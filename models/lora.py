@@ -212,17 +212,14 @@ def apply_lora(model, settings: LoraSettings, family: ModelFamily, seed: int, nu
     return blocks
 
 
-def upcast_adapters(module: torch.nn.Module) -> int:
+def upcast_adapters(module: torch.nn.Module) -> None:
     """Cast float16 / bfloat16 adapter weights to fp32, in place, as peft's `get_peft_model` and
     `PeftModel.from_pretrained` do (`autocast_adapter_dtype`), which `inject_adapter_in_model` does not: a 4-bit
     layer's adapters are built in its compute dtype. A bf16 / fp16 engine casts them back (its optimizer keeps fp32
-    master weights). Returns the count cast."""
-    cast = 0
+    master weights)."""
     for name, p in module.named_parameters():
         if "lora_" in name and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
-            cast += 1
-    return cast
 
 
 # ---------------------------------------------------------------------------------------------- keys

@@ -449,12 +449,14 @@ def scheduler_problem(section: object) -> str | None:
     params = section.get("params") or {}
     if not isinstance(params, dict):
         return f"scheduler.params must be an object, got {json.dumps(params)}"
-    if problem := unknown_key_problem(f"scheduler.params ({kind})", params, _init_keys(cls)):
+    keys = _init_keys(cls)
+    if problem := unknown_key_problem(f"scheduler.params ({kind})", params, keys):
         return problem
     filled = ("total_num_steps",) if kind in _NEEDS_TOTAL else ()  # fill_deepspeed_scheduler fills it in
     given = {k for k, v in params.items() if v is not None}  # a YAML key with no value is null: not given
-    required = [k for k in _init_keys(cls) if k not in given and k not in ("last_epoch", *filled)
-                and inspect.signature(cls.__init__).parameters[k].default is inspect.Parameter.empty]
+    signature = inspect.signature(cls.__init__).parameters
+    required = [k for k in keys if k not in given and k not in ("last_epoch", *filled)
+                and signature[k].default is inspect.Parameter.empty]
     if kind == "OneCycleLR" and "total_steps" not in given and not {"epochs", "steps_per_epoch"} <= given:
         required.append("total_steps")  # or epochs and steps_per_epoch: torch needs one or the other
     verb = "is" if len(required) == 1 else "are"

@@ -93,6 +93,9 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float,
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters  # Bloom: ALiBi from the mask
     if wrap is not None:
         model = wrap(model)
+    # trained in train mode, as the pipeline: from_pretrained returns eval mode, and bitsandbytes' eval-mode CPU
+    # shortcut repacks a 4-bit weight whose input needs no grad with bf16 block scales, for good (a different base)
+    model.train()
     groups = param_groups(model, WD)
     if wrap is None:
         assert {g["name"]: g["weight_decay"] for g in groups} == {"decay": WD, "no_decay": 0.0}

@@ -35,6 +35,13 @@ LORA_FILE = "lora_config.json"
 ADAPTER = "default"  # peft's adapter name inside the modules
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB])\.(?:default\.)?weight$")
 _KEYS = ("r", "alpha", "dropout", "target_modules", "modules_to_save", "adapter_path")
+DEFAULTS = {"r": 8, "dropout": 0.0, "target_modules": "all-linear", "modules_to_save": [], "adapter_path": None}
+
+
+def with_defaults(section: dict) -> dict:
+    """A "lora" section with every key's default filled in ("alpha": its r)."""
+    out = {**DEFAULTS, **section}
+    return {**out, "alpha": out.get("alpha", out["r"])}
 
 
 TIED_OWNERS = ("embed_tokens", "word_embeddings", "lm_head")  # HF modules that own a tied embedding weight
@@ -90,16 +97,16 @@ def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
         raise ValueError(f"'lora' must be an object, got {json.dumps(section)}")
     if unknown := [k for k in section if k not in _KEYS]:
         raise ValueError(f"lora: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_KEYS)}")
-    r = section.get("r", 8)
+    r = with_defaults(section)["r"]
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"lora.r must be a positive integer, got {json.dumps(r)}")
     alpha = section.get("alpha", r)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
         raise ValueError(f"lora.alpha must be a number > 0, got {json.dumps(alpha)}")
-    dropout = section.get("dropout", 0.0)
+    dropout = section.get("dropout", DEFAULTS["dropout"])
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise ValueError(f"lora.dropout must be in [0, 1), got {json.dumps(dropout)}")
-    targets = section.get("target_modules", "all-linear")
+    targets = section.get("target_modules", DEFAULTS["target_modules"])
     known = family.lora_targets
     if targets == "all-linear":
         targets = list(known)
@@ -108,7 +115,7 @@ def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
     if bad := [t for t in targets if t not in known]:
         raise ValueError(f"lora.target_modules: {', '.join(map(repr, bad))} not in a {family.model_type} block "
                          f"(known: {', '.join(known)})")
-    saves = section.get("modules_to_save", [])
+    saves = section.get("modules_to_save", DEFAULTS["modules_to_save"])
     if not isinstance(saves, list) or not all(isinstance(m, str) and m for m in saves):
         raise ValueError(f"lora.modules_to_save must be a list of module names, got {json.dumps(saves)}")
     # every module (leaves: tensors' modules; and their parents) of every block index, as peft matches names

@@ -27,6 +27,8 @@ BNB_PACKAGE, BNB_MIN = "bitsandbytes", (0, 46)
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _KEYS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
+DEFAULTS = {"load_in_8bit": False, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
+            "bnb_4bit_compute_dtype": "float32"}  # a "quantization" section's keys left out
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,9 @@ class QuantSettings:
     @classmethod
     def from_info(cls, section: dict) -> QuantSettings:
         """The settings a checkpoint or an adapter dir records (`as_config`)."""
-        return cls(section.get("bnb_4bit_quant_type", "nf4"), bool(section.get("bnb_4bit_use_double_quant", False)),
-                   section.get("bnb_4bit_compute_dtype", "float32"))
+        section = {**DEFAULTS, **section}
+        return cls(section["bnb_4bit_quant_type"], bool(section["bnb_4bit_use_double_quant"]),
+                   section["bnb_4bit_compute_dtype"])
 
     def as_config(self) -> dict:
         """BitsAndBytesConfig's keyword arguments (JSON), as the config section and the exports spell them."""
@@ -92,17 +95,18 @@ def parse_quantization(section, family: ModelFamily, config, lora) -> QuantSetti
         raise ValueError(f"quantization: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_KEYS)}")
     if lora is None:
         raise ValueError("'quantization' needs a 'lora' section: the 4-bit base is frozen and only adapters train (QLoRA)")
-    if section.get("load_in_8bit", False) is not False:
+    section = {**DEFAULTS, **section}
+    if section["load_in_8bit"] is not False:
         raise ValueError("quantization.load_in_8bit is not supported; use \"load_in_4bit\": true (QLoRA)")
     if section.get("load_in_4bit") is not True:
         raise ValueError(f"quantization.load_in_4bit must be true, got {json.dumps(section.get('load_in_4bit'))}")
-    qt = section.get("bnb_4bit_quant_type", "nf4")
+    qt = section["bnb_4bit_quant_type"]
     if qt not in QUANT_TYPES:
         raise ValueError(f"quantization.bnb_4bit_quant_type must be one of {', '.join(QUANT_TYPES)}, got {json.dumps(qt)}")
-    dq = section.get("bnb_4bit_use_double_quant", False)
+    dq = section["bnb_4bit_use_double_quant"]
     if not isinstance(dq, bool):
         raise ValueError(f"quantization.bnb_4bit_use_double_quant must be true or false, got {json.dumps(dq)}")
-    cd = section.get("bnb_4bit_compute_dtype", "float32")
+    cd = section["bnb_4bit_compute_dtype"]
     if cd not in COMPUTE_DTYPES:
         raise ValueError(f"quantization.bnb_4bit_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
                          f"got {json.dumps(cd)}")

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from models.lora import CONFIG_WRITER_KEYS, LoraSettings, base_fingerprint, read_lora_info
+from models.lora import with_defaults as lora_defaults
+from models.quant import DEFAULTS as QUANT_DEFAULTS
 from models.quant import saved_quantization
 from training.checkpoint import (
     MANIFEST_FILE,
@@ -51,6 +53,8 @@ MODEL_CONFIG_IGNORED = (*CONFIG_WRITER_KEYS, "torch_dtype", "dtype", "use_cache"
 PRECISION = ("fp16", "bf16")
 
 APPLIED, SAMPLES, DATA, FIXED = "applied", "samples", "data", "fixed"
+FP16_SCALER = ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "consecutive_hysteresis",
+               "min_loss_scale")  # DeepSpeed's fp16 keys (FP16_<KEY>_DEFAULT in deepspeed.runtime.constants)
 # (key or dotted prefix, kind, what happens). The first match wins; keys not listed are applied.
 RESUME_RULES: list[tuple[str, str, str]] = [
     ("max_steps", APPLIED, "the run trains to the new length (a finished run continues)"),
@@ -64,9 +68,7 @@ RESUME_RULES: list[tuple[str, str, str]] = [
     ("decay_norm_and_bias", FIXED, "the optimizer's parameter groups would differ from the checkpoint's"),
     ("optimizer.no_wd_kws", FIXED, "the optimizer's parameter groups would differ from the checkpoint's"),
     *((f"fp16.{k}", FIXED, "DeepSpeed restores the loss scaler from the checkpoint (its scale, window and factor): "
-                           "a new value would not take effect") for k in (
-        "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "consecutive_hysteresis",
-        "min_loss_scale")),
+                           "a new value would not take effect") for k in FP16_SCALER),
     ("bf16", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
     ("fp16", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
     ("zero_optimization", FIXED, "the checkpoint's optimizer state is laid out for the other ZeRO setting"),
@@ -160,15 +162,27 @@ def _same_set(a: object, b: object) -> bool:
 
 
 def effective(raw: dict) -> dict:
-    """A raw config with what DeepSpeed reads alike written alike: a precision section that is not enabled (absent,
-    {}, "enabled": false; its other keys do nothing) is none, "bfloat16" is "bf16", and zero_optimization absent,
-    false, {} or stage 0 is none, true is {"stage": 1}."""
-    out = dict(raw)
+    """A raw config with what is read alike written alike: a key left out is its default (the project's keys, the
+    "lora" and "quantization" sections', DeepSpeed's dataloader_drop_last and fp16 loss scaler's); a precision
+    section that is not enabled (absent, {}, "enabled": false; its other keys do nothing) is none, "bfloat16" is
+    "bf16", and zero_optimization absent, false, {} or stage 0 is none, true is {"stage": 1}."""
+    from deepspeed.runtime import constants as ds
+
+    from training.config import PROJECT_KEYS  # training.config imports this module
+
+    out = {k: f.default for k, f in PROJECT_KEYS.items() if f.default is not MISSING} | raw
+    out.setdefault("dataloader_drop_last", ds.DATALOADER_DROP_LAST_DEFAULT)
+    if isinstance(out.get("lora"), dict):
+        out["lora"] = lora_defaults(out["lora"])
+    if isinstance(out.get("quantization"), dict):
+        out["quantization"] = {**QUANT_DEFAULTS, **out["quantization"]}
     if "bfloat16" in out:
         out.setdefault("bf16", out.pop("bfloat16"))
     for key in PRECISION:
         if key in out and not (isinstance(out[key], dict) and out[key].get("enabled")):
             del out[key]
+    if "fp16" in out:
+        out["fp16"] = {k: getattr(ds, f"FP16_{k.upper()}_DEFAULT") for k in FP16_SCALER} | out["fp16"]
     zero = out.pop("zero_optimization", None)
     if stage := zero_stage(raw):
         out["zero_optimization"] = {**(zero if isinstance(zero, dict) else {}), "stage": stage}

@@ -175,6 +175,27 @@ def test_a_run_that_fails_is_marked_failed(tmp_path, offline):
     assert mlflow_run(tmp_path)[0].info.status == "FAILED"
 
 
+def test_an_unreachable_mlflow_server_is_given_up_after_two_retries(tmp_path, offline, monkeypatch, caplog):
+    """README: a tracker that cannot start is one warning line and training goes on. MLflow's own default retries a
+    refused connection 7 times with backoff (~4 minutes on rank 0 while the other ranks wait; a short
+    dist_timeout_minutes ended the run): the run's default is 2 retries; a value the user set stands."""
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: connection refused
+    with caplog.at_level("WARNING"):
+        monitor = Monitor(tmp_path, 0, 4, 0, 1, ["mlflow"], {"max_steps": 4})
+    assert monitor.trackers == {}
+    retries = [r for r in caplog.records if r.getMessage().startswith("Retrying")]
+    assert len(retries) <= 2, [r.getMessage()[:80] for r in retries]  # MLflow's default: 7
+    assert [r.getMessage()[:40] for r in caplog.records if r.name == "training.trackers"] == [
+        "report_to mlflow off: it failed to start"]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Monitor(tmp_path, 0, 4, 0, 1, ["mlflow"], {"max_steps": 4})
+    assert not [r for r in caplog.records if r.getMessage().startswith("Retrying")]
+
+
 def test_overwrite_clears_the_previous_runs_outputs(tmp_path):
     """overwrite_save_path: the old run's checkpoints, metrics, events and tracker files go; side files stay."""
     from training.rundir import RUN_OUTPUTS, clear_run

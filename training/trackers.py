@@ -1,7 +1,7 @@
 """Experiment trackers (the config key `report_to`, HF Trainer's name): TensorBoard, Weights & Biases, MLflow.
 
 Every tracker gets, for each metrics.jsonl line, the scalars `scalars(line)` builds from it, so all of them
-hold the same numbers as the file. Each tracker's package is imported only when the config asks for it; a
+hold the same numbers as the file (wandb and MLflow also keep the values of the steps a resume repeats). Each tracker's package is imported only when the config asks for it; a
 tracker that fails to start or to log is turned off with one warning line and never stops training. The ids
 of the wandb and MLflow runs are kept in save_path/trackers.json so that a resumed run appends to the same run;
 a run that ends with an error is marked failed there (wandb exit code 1, MLflow status FAILED).
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}  # name (= module) -> pip package
 IDS_FILE = "trackers.json"
 MLFLOW_PARAM_MAX = 6000  # MLflow's longest param value (characters)
+MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # a request gives up after ~35 s at most (MLflow: 7, 2, 120)
 
 
 def parse_report_to(value: object) -> tuple[str, ...]:
@@ -121,6 +123,10 @@ class MLflow:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (save / "mlruns").resolve().as_uri()
         if uri.startswith("file:") or "://" not in uri:  # the file store is in maintenance mode: MLflow asks to opt in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        # a server that is down fails a request in seconds, not MLflow's ~4 minutes of 7 retries (the other ranks
+        # wait for rank 0 meanwhile, and a short dist_timeout_minutes ended the run); the user's values stand
+        for key, value in MLFLOW_HTTP.items():
+            os.environ.setdefault(key, value)
         mlflow.set_tracking_uri(uri)
         stored = ids.get("mlflow") or {}
         if start_step > 0 and stored.get("tracking_uri") == uri:

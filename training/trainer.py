@@ -469,7 +469,7 @@ class Trainer(TrainingData, RunDirectory):
         own (None: the final evaluation, after the last step's line was written)."""
         loss = self.evaluate()
         self.state.evals.append((self.state.step, loss))
-        ppl = math.exp(loss) if loss < 700 else float("inf")
+        ppl = float("inf") if loss >= 700 else math.exp(loss)  # a NaN loss: NaN
         self.log(f"eval at step {self.state.step}: loss {loss:.4f} | perplexity {ppl:.2f} "
                  f"({self.eval_plan.tokens} tokens, {len(self.eval_set)} {'rows' if self.cfg.packing else 'samples'})")
         if rec is None:

@@ -54,6 +54,7 @@ PROGRESS_EVERY = 30.0  # seconds between progress lines while records are tokeni
 RUN_CACHE_DIR = ".data_cache"  # under save_path: a training run's data cache when the data's directory is read-only
 
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger(f"{__name__}.progress")  # a cold start's lines: training shows them (show_progress)
 
 # record types that chat mode renders with the default template: no chat messages hold their tool turns (pretrain is
 # plain text in both modes)
@@ -275,15 +276,36 @@ class _Progress:
     def __init__(self, total: int, num_proc: int):
         self.total, self.count, self.last = total, 0, time.monotonic()
         if total >= MIN_RECORDS_FOR_POOL:
-            log.info("data: tokenizing %d records on %d process(es) (written to the data cache for the next start)",
-                     total, num_proc)
+            progress_log.info("data: tokenizing %d records on %d process(es) (written to the data cache for the next "
+                              "start)", total, num_proc)
 
     def done(self, part: Part, bounds: tuple[int, int]) -> Part:
         self.count += bounds[1] - bounds[0]
         if time.monotonic() - self.last >= PROGRESS_EVERY and self.count < self.total:
             self.last = time.monotonic()
-            log.info("data: tokenized %d of %d records", self.count, self.total)
+            progress_log.info("data: tokenized %d of %d records", self.count, self.total)
         return part
+
+
+@contextlib.contextmanager
+def show_progress() -> Iterator[None]:
+    """Within it, the progress lines of a cold start go to stdout as plain lines (as the trainer prints its own), unless
+    logging is set up to show them (a training process sets up none: the root logger would drop them)."""
+    if progress_log.isEnabledFor(logging.INFO) and progress_log.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = progress_log.level, progress_log.propagate
+    progress_log.addHandler(handler)
+    progress_log.setLevel(logging.INFO)
+    progress_log.propagate = False  # a root handler set to WARNING would print them a second time
+    try:
+        yield
+    finally:
+        progress_log.removeHandler(handler)
+        progress_log.setLevel(saved[0])
+        progress_log.propagate = saved[1]
 
 
 def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,28 +232,30 @@ def prompt_problems(obj: Any) -> list[str]:
     rounds = obj.get("rounds") if kind else None
     if kind == "instruct" and "output" not in obj:
         obj = {**obj, "output": "-"}
-    elif kind in ("conversation", "ref_qa", "conver_has_api") and isinstance(rounds, list) and rounds:
+    elif kind in ("conversation", "ref_qa", "conver_has_api") and isinstance(rounds, list) and rounds \
+            and isinstance(rounds[-1], list):  # a last turn that is no list: the training check below says so
         last = rounds[-1]
         if last[:1] == ["ask"]:
             obj = {**obj, "rounds": [*rounds, ["ans", "-"]]}
-        elif kind == "conver_has_api" and isinstance(last, list) and last[:1] == ["ans-api"] and len(last) == 2 \
+        elif kind == "conver_has_api" and last[:1] == ["ans-api"] and len(last) == 2 \
                 and isinstance(last[1], dict) and "ans" not in last[1]:  # the next action or the final answer
             obj = {**obj, "rounds": [*rounds[:-1], ["ans-api", {**last[1], "ans": "-"}]]}
     return _record_problems(obj)
 
 
-def resolve_files(data_path: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Expand `data_path` (file, directory, glob, or a list of them) into existing files, in order.
+def resolve_files(data_path: str | Path | Sequence[str | Path], key: str = "data_path") -> list[Path]:
+    """Expand `data_path` (file, directory, glob, or a list of them; the config `key` it is) into existing files, in
+    order, each once (a file named again, under any spelling or through a link, is not read twice).
 
     A directory stands for its files with a known suffix (PARSERS); one written by `datasets`' `save_to_disk`
     for its .arrow files only (not its state.json and dataset_info.json). Raises DataError for paths matching nothing.
     """
     items = [data_path] if isinstance(data_path, (str, Path)) else list(data_path)
-    files: dict[Path, None] = {}  # ordered, without duplicates
+    files: dict[Path, Path] = {}  # the real file -> the first spelling of it, ordered
     problems: list[str] = []
     for i, item in enumerate(items):
         if not isinstance(item, str | Path):
-            problems.append(f"data_path:0: item {i} of the list must be a path (a string), got {json.dumps(item)}")
+            problems.append(f"{key}:0: item {i} of the list must be a path (a string), got {json.dumps(item)}")
             continue
         p, found, what = Path(item), [], "file not found"
         if not str(item):
@@ -271,12 +274,13 @@ def resolve_files(data_path: str | Path | Sequence[str | Path]) -> list[Path]:
             what = "no file matches this pattern"
         if not found:
             problems.append(f"{item}:0: {what}")
-        files.update(dict.fromkeys(found))
+        for f in found:
+            files.setdefault(f.resolve(), f)
     if not items:
-        problems.append("data_path:0: no data files given")
+        problems.append(f"{key}:0: no data files given")
     if problems:
         raise DataError(problems)
-    return list(files)
+    return list(files.values())
 
 
 def _line_at(text: str, pos: int) -> int:
@@ -312,6 +316,21 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def _not_jsonl(text: str, first: str) -> str | None:
+    """Why a .jsonl text whose first non-blank line `first` is malformed JSON holds no record per line (a JSON array,
+    or pretty-printed records), else None. Decodes the first record only, and only when that line starts an object."""
+    if first.lstrip().startswith("["):
+        return "holds a JSON array, not one record per line: name it .json"
+    if not first.lstrip().startswith("{"):
+        return None
+    try:
+        json.JSONDecoder().raw_decode(text, text.index("{"))  # only blank lines before: the first '{' is the line's
+    except (ValueError, RecursionError):
+        return None
+    return ("holds records that span several lines (pretty-printed JSON), not one record per line: write each record "
+            "on one line (json.dumps without indent)")
+
+
 def _parse_jsonl(text: str) -> Parsed:
     items, errors = [], []
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
@@ -323,6 +342,8 @@ def _parse_jsonl(text: str) -> Parsed:
         try:
             items.append((lineno, json.loads(line, object_pairs_hook=_unique_keys)))
         except json.JSONDecodeError as e:
+            if not items and not errors and (hint := _not_jsonl(text, line)):  # the first line: one record per line?
+                return [], [(lineno, hint)]
             errors.append((lineno, f"malformed JSON: {e.msg} (column {e.colno})"))
         except _DuplicateKey as e:
             errors.append((lineno, str(e)))
@@ -330,11 +351,45 @@ def _parse_jsonl(text: str) -> Parsed:
             errors.append((lineno, TOO_DEEP))
         except ValueError as e:  # e.g. an integer with more digits than Python converts
             errors.append((lineno, f"malformed JSON: {str(e).split(';')[0]}"))
+    if len(items) == 1 and not errors and isinstance(items[0][1], list):  # a one-line array (to_json without lines)
+        return [], [(items[0][0], "holds a JSON array, not one record per line: name it .json")]
     return items, errors
 
 
+class RecordLine(int):
+    """The line of a .json array's record that shares it with other records (a one-line array, as pandas' and
+    `datasets`' to_json write): it reads '1 (record 100000)', the record's 1-based number in the array (as table rows
+    are numbered). An int everywhere else."""
+
+    record: int
+
+    def __new__(cls, line: int, record: int) -> RecordLine:
+        at = super().__new__(cls, line)
+        at.record = record
+        return at
+
+    def __str__(self) -> str:
+        return f"{int(self)} (record {self.record})"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 def _parse_json_array(text: str) -> Parsed:
-    """Decode a top-level JSON array element by element, remembering the line each element starts at.
+    """A .json array's records and problems, located by line; a line that starts several records also says which."""
+    starts: list[int] = []
+    items, errors = _json_elements(text, starts)
+    shared = {line for line, n in Counter(starts).items() if n > 1}
+
+    def at(line: int) -> int:
+        return line if line in shared or not isinstance(line, RecordLine) else int(line)
+
+    return [(at(line), obj) for line, obj in items], [(at(line), problem) for line, problem in errors]
+
+
+def _json_elements(text: str, starts: list[int]) -> Parsed:
+    """Decode a top-level JSON array element by element, remembering the line each element starts at (appended to
+    `starts`; an element's RecordLine says its number).
 
     Parsing stops at the first malformed element (what follows cannot be located reliably)."""
     decoder, plain = json.JSONDecoder(object_pairs_hook=_unique_keys), json.JSONDecoder()
@@ -366,6 +421,8 @@ def _parse_json_array(text: str) -> Parsed:
             continue
         line += text.count("\n", line_pos, pos)
         line_pos = pos
+        starts.append(line)
+        here = RecordLine(line, seen + 1)
         twice = None
         try:
             try:
@@ -374,18 +431,19 @@ def _parse_json_array(text: str) -> Parsed:
                 twice = str(e)
                 obj, end = plain.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            return items, [*errors, (e.lineno, f"malformed JSON: {e.msg} (column {e.colno})")]
+            return items, [*errors, (here if e.lineno == line else e.lineno, f"malformed JSON: {e.msg} (column "
+                                                                           f"{e.colno})")]
         except RecursionError:
-            return items, [*errors, (line, TOO_DEEP)]
+            return items, [*errors, (here, TOO_DEEP)]
         except ValueError as e:  # e.g. an integer with more digits than Python converts
-            return items, [*errors, (line, f"malformed JSON: {str(e).split(';')[0]}")]
+            return items, [*errors, (here, f"malformed JSON: {str(e).split(';')[0]}")]
         pos = end
         if twice is not None:
-            errors.append((line, twice))
+            errors.append((here, twice))
         elif too_big := _oversize(text, line_pos, pos):
-            errors.append((line, too_big))
+            errors.append((here, too_big))
         else:
-            items.append((line, obj))
+            items.append((here, obj))
         pos, expect_item, seen = skip_ws(pos), False, seen + 1
     end = skip_ws(pos + 1)
     if end != len(text):

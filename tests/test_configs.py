@@ -118,3 +118,26 @@ def test_the_readmes_recipe_table_is_the_models_prediction():
         for value, times in re.findall(r"(\d+\.\d)(?: \(x(\d+)\))?", re.sub(r"\([^x][^)]*\)", "", row[5])):
             stated += [float(value)] * int(times or 1)
         assert stated == predicted_peaks(name), name
+
+
+def test_eval_data_that_is_training_data_is_a_note(tmp_path):
+    """eval_data_path naming training files (the same file, or by a glob or directory) is said once, naming them."""
+    (tmp_path / "model").mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.jsonl", "b.jsonl", "eval.jsonl"):
+        (data / name).write_text('{"text": "x"}\n')
+
+    def notes(train, evaluation) -> list[str]:
+        raw = {"model_path": str(tmp_path / "model"), "save_path": str(tmp_path / "out"), "data_path": train,
+               "eval_data_path": evaluation, "max_seq_len": 8, "train_micro_batch_size_per_gpu": 1}
+        (tmp_path / "cfg.json").write_text(json.dumps(raw))
+        return [n for n in load_config(tmp_path / "cfg.json", require_model=False).notes if "eval_data_path" in n]
+
+    assert notes([str(data / "a.jsonl"), str(data / "b.jsonl")], str(data / "eval.jsonl")) == []
+    said = notes(str(data / "a.jsonl"), str(data / "." / "a.jsonl"))
+    assert len(said) == 1 and said[0].startswith(f"'eval_data_path' names 1 of the training files (data_path): "
+                                                 f"{data / 'a.jsonl'}; ")
+    said = notes(str(data / "*.jsonl"), str(data))  # a glob and a directory of the same files
+    assert said[0].startswith(f"'eval_data_path' names 3 of the training files (data_path): {data / 'a.jsonl'}, "
+                              f"{data / 'b.jsonl'}, {data / 'eval.jsonl'}; ")

@@ -20,7 +20,7 @@ from data import encode as encode_module
 from data import inspect as data_inspect
 from data.collate import collate, collate_left, pad_id_of
 from data.encode import IGNORE_INDEX, encode_one, encode_records, load_dataset
-from data.records import RECORD_TYPES, DataError, load_records, record_type
+from data.records import RECORD_TYPES, DataError, load_records, record_type, resolve_files
 from data.templates import CHAT_MESSAGES, PROMPTS, RENDERERS, TemplateSettings, render, render_prompt
 from data.tiny_tokenizer import _texts_from_records, train_tiny_tokenizer
 from tests.helpers import answers_of, trained_runs
@@ -263,6 +263,27 @@ def test_long_tokenization_says_what_it_does(tok, monkeypatch, caplog):
     assert len(said) == 8 and said[-1].startswith("data: tokenized ") and said[-1].endswith(f" of {len(records)} records")
 
 
+def test_training_prints_the_tokenization_progress(ops_model, tmp_path):
+    """What `python train_ds.py` prints on a cold start: the start line and the progress lines (logging is set up by
+    no training module, so they must not go through the root logger, which drops INFO)."""
+    from tests.helpers import ops_config, pythonpath
+
+    topo = {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}}
+    cfg = ops_config(tmp_path, ops_model, max_steps=1, model_topo=topo)
+    script = ("import sys; import data.encode as e; e.PROGRESS_EVERY = 0.0; e.MIN_RECORDS_FOR_POOL = 10; "
+              f"import train_ds; sys.exit(train_ds.main(['--config', {str(cfg)!r}]))")
+    env = {"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert any(re.fullmatch(r"data: tokenizing 64 records on \d process\(es\) \(written to the data cache for the next "
+                            r"start\)", line) for line in lines), proc.stdout
+    assert any(re.fullmatch(r"data: tokenized \d+ of 64 records", line) for line in lines), proc.stdout
+    assert not any(line.startswith("data: 64 records -> 64 samples kept") for line in proc.stdout.splitlines()
+                   + proc.stderr.splitlines())  # only the progress: the trainer prints its own summary line
+
+
 def test_cache_hit_is_identical_and_key_tracks_inputs(tok, tmp_path):
     data = write(tmp_path / "d.json", json.dumps([RECORDS["instruct_input"], RECORDS["pretrain"]]))
     first = load_dataset(data, tok, 200)
@@ -320,6 +341,17 @@ def test_missing_paths(tmp_path):
                                 f"{tmp_path}:0: directory has no data files (.json, .jsonl, .csv, .parquet, .arrow)",
                                 "data_path:0: item 3 of the list must be a path (a string), got 7",
                                 "data_path:0: item 4 of the list must be a path (a string), got null"]
+
+
+def test_a_file_named_twice_is_read_once_under_any_spelling(tmp_path, monkeypatch):
+    """The same file by the same path, by a glob and a directory, by a relative and an absolute path, or through a
+    link: read once, under its first spelling (a relative and an absolute path were read twice)."""
+    write(tmp_path / "a.jsonl", jsonl({"text": "one"}))
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "a.jsonl")
+    monkeypatch.chdir(tmp_path)
+    spellings = ["a.jsonl", str(tmp_path / "a.jsonl"), "*.jsonl", str(tmp_path), "link.jsonl", "./a.jsonl"]
+    assert [r.data["text"] for r in load_records(spellings)] == ["one"]
+    assert resolve_files(spellings) == [Path("a.jsonl")]
 
 
 def test_a_directory_skips_hidden_files_and_refuses_a_suffix_in_other_case(tmp_path):

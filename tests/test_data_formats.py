@@ -254,3 +254,18 @@ def test_null_fields_in_json_are_absent_as_pandas_and_datasets_write_them(tmp_pa
         assert [(r.type, r.data) for r in got] == [(r.type, r.data) for r in want], name
     (tmp_path / "bad.jsonl").write_text('{"instruct": "a", "input": null, "output": null}\n')
     assert one_problem(tmp_path / "bad.jsonl").endswith("bad.jsonl:1: missing field 'output'")
+
+
+def test_a_one_line_json_array_locates_records_by_number_as_table_rows(tmp_path):
+    """pandas' to_json(orient="records") writes one line: a record there is located by its 1-based number too, the
+    number a Parquet row of it gets; Record.line stays the line (an int) and reads as both."""
+    recs = [{"instruct": f"q{i}", "output": f"a{i}"} for i in range(5)]
+    bad = [*recs[:3], {"instruct": "q", "output": ""}, *recs[3:]]
+    pd.DataFrame(bad).to_json(tmp_path / "d.json", orient="records")
+    pd.DataFrame(bad).to_parquet(tmp_path / "d.parquet")
+    assert one_problem(tmp_path / "d.json") == f"{tmp_path / 'd.json'}:1 (record 4): field 'output' is empty"
+    assert one_problem(tmp_path / "d.parquet") == f"{tmp_path / 'd.parquet'}:4: field 'output' is empty"
+    pd.DataFrame(recs).to_json(tmp_path / "ok.json", orient="records")
+    got = load_records(tmp_path / "ok.json")
+    assert [r.line for r in got] == [1] * 5 and [f"{r.source}:{r.line}" for r in got][-1] == \
+        f"{tmp_path / 'ok.json'}:1 (record 5)"

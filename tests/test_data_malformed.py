@@ -15,13 +15,13 @@ from data import inspect as data_inspect
 from data.records import MAX_RECORD_BYTES, DataError, load_records
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBLEM_LINE = re.compile(r"^.+:\d+: \S")
+PROBLEM_LINE = re.compile(r"^.+:\d+( \(record \d+\))?: \S")
 GOOD = '{"text": "fine"}\n'
 QA = '[["ask", "Where?"], ["ans", "Here."]]'
 HUGE = MAX_RECORD_BYTES + 1_000_000
 
-# name -> (file name, content, line of the problem, part of the message)
-CASES: dict[str, tuple[str, str | bytes, int, str]] = {
+# name -> (file name, content, line of the problem (a record's number too where records share it), part of the message)
+CASES: dict[str, tuple[str, str | bytes, int | str, str]] = {
     "bad_json_line": ("a.jsonl", GOOD * 2 + '{"text": "oops"\n', 3, "malformed JSON: Expecting ',' delimiter"),
     "bad_json_in_array": ("a.json", '[\n {"text": "a"},\n {"text": "b",,}\n]\n', 3, "malformed JSON"),
     "unterminated_array": ("a.json", '[\n{"text": "a"},\n', 3, "malformed JSON: unterminated array"),
@@ -72,6 +72,18 @@ CASES: dict[str, tuple[str, str | bytes, int, str]] = {
                   f"record is {(5 * HUGE + 12) / 1e6:.1f} MB, over the 10 MB limit per record"),
     "huge_array_element": ("a.json", '[\n{"text": "a"},\n{"text": "' + "多" * (HUGE // 3) + '"}\n]', 3,
                            "MB, over the 10 MB limit per record"),
+    # a one-line array (pandas' / datasets' to_json): the line says which record
+    "one_line_array": ("a.json", '[{"text": "a"}, {"text": "b"}, {"text": " "}, {"text": "d"}]', "1 (record 3)",
+                       "field 'text' is empty"),
+    "one_line_array_malformed": ("a.json", '[{"text": "a"}, {"text": "b",,}]', "1 (record 2)",
+                                 "malformed JSON: Expecting property name"),
+    # no record per line in a .jsonl: one hint, not a malformed line per line
+    "array_in_jsonl": ("a.jsonl", json.dumps([{"text": f"t{i}"} for i in range(30)], indent=2), 1,
+                       "holds a JSON array, not one record per line: name it .json"),
+    "one_line_array_in_jsonl": ("a.jsonl", json.dumps([{"text": "a"}, {"text": "b"}]) + "\n", 1,
+                                "holds a JSON array, not one record per line: name it .json"),
+    "pretty_records_in_jsonl": ("a.jsonl", "\n" + json.dumps({"text": "a"}, indent=2) + "\n" + json.dumps({"text": "b"}, indent=2),
+                                2, "holds records that span several lines (pretty-printed JSON), not one record per line"),
 }
 
 

@@ -118,11 +118,27 @@ def test_sampling_without_top_k_or_top_p_takes_the_models_generation_config(dirs
     (["--model-path", "{tmp}", "--prompt", "x", "--temperature", "nan"], "--temperature nan: must be a number >= 0"),
     (["--model-path", "{tmp}", "--record", '[{"instruct": "x"}]'], "--record: a record is a JSON object"),
     (["--model-path", "{tmp}", "--instruct", "   "], "--instruct: field 'instruct' is empty"),  # as training says
+    (["--model-path", "{tmp}", "--record", '{"rounds": [{"role": "ask", "text": "Hi"}]}'],
+     '--record: rounds[0] must be a [role, text] pair, got {"role": "ask", "text": "Hi"}'),
 ])
 def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
     assert demo.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # status lines may precede it
     assert last.startswith("demo.py: error:") and message in last
+
+
+@pytest.mark.parametrize("rounds, problem", [
+    ([{"role": "ask", "text": "Hi"}], 'rounds[0] must be a [role, text] pair, got {"role": "ask", "text": "Hi"}'),
+    ([["ask", "Hi"], 5], "rounds[1] must be a [role, text] pair, got 5"),
+    ([None], "rounds[0] must be a [role, text] pair, got null"),
+    ([["ask", "Hi"], "ans"], 'rounds[1] must be a [role, text] pair, got "ans"'),
+])
+def test_a_prompt_record_with_a_malformed_last_turn_gets_the_training_check(rounds, problem):
+    """demo.py --record: what the training validator says of the turn, not a TypeError."""
+    from data.records import prompt_problems
+
+    for rec in ({"rounds": rounds}, {"reference": "r", "rounds": rounds}, {"api_desc": "d", "rounds": rounds}):
+        assert prompt_problems(rec) == [problem]
 
 
 def test_a_lora_checkpoint_with_its_adapter_and_a_tokenizer_past_the_vocabulary_are_one_line(dirs, tmp_path, capsys):

@@ -76,6 +76,7 @@ CASES = {  # name -> (config overrides, expected text)
     "eval without data": ({"eval_interval": 5}, "'eval_interval' needs evaluation data: set 'eval_data_path' or 'eval_split_ratio'"),
     "keep_best without interval": ({"eval_split_ratio": 0.2, "keep_best": 2}, "'keep_best' needs 'eval_interval'"),
     "eval data missing": ({"eval_data_path": "/nonexistent/eval.jsonl"}, "'eval_data_path': /nonexistent/eval.jsonl:0: file not found"),
+    "eval data none": ({"eval_data_path": []}, "'eval_data_path': eval_data_path:0: no data files given"),  # data_path:0
     "save_interval": ({"save_interval": 0}, "'save_interval' must be >= 1, got 0"),
     "max_bad_steps": ({"max_bad_steps": 2.5}, "'max_bad_steps' must be int, got 2.5"),
     "fp16 on cpu": ({"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}},

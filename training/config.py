@@ -236,6 +236,8 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
         cfg.notes.append(restart)
     _check_batch(cfg, path, world_size)
     _check_paths(cfg, path, require_model)
+    if note := _eval_is_training_data(cfg):
+        cfg.notes.append(note)
     if require_model and judge and (problem := _save_path_in_use(cfg, path)):
         refuse(problem)
     if require_model:
@@ -426,9 +428,25 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
     for key in ("data_path", "eval_data_path"):
         if getattr(cfg, key) is not None:
             try:
-                resolve_files(getattr(cfg, key))
+                resolve_files(getattr(cfg, key), key)
             except DataError as e:
                 raise ConfigError(f"{path}: '{key}': {e.problems[0]}") from None
+
+
+def _eval_is_training_data(cfg: TrainConfig) -> str | None:
+    """A note naming the files eval_data_path shares with data_path (after globs, directories and links), else None."""
+    if cfg.eval_data_path is None:
+        return None
+    try:
+        train = {f.resolve() for f in resolve_files(cfg.data_path)}
+        both = [f for f in (f.resolve() for f in resolve_files(cfg.eval_data_path)) if f in train]
+    except DataError:  # a path that matches nothing: _check_paths or the data loading says so
+        return None
+    if not both:
+        return None
+    return (f"'eval_data_path' names {len(both)} of the training files (data_path): {', '.join(map(str, both[:3]))}"
+            f"{' ...' if len(both) > 3 else ''}; the eval loss of records the model trains on does not tell how it does "
+            "on new ones: evaluate on held-out records (or set 'eval_split_ratio' instead)")
 
 
 def _write_problem(directory: Path) -> str | None:

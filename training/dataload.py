@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from data.dataset import recv_dataset, send_dataset
-from data.encode import RUN_CACHE_DIR, cache_file, load_dataset, valid_records
+from data.encode import RUN_CACHE_DIR, cache_file, load_dataset, show_progress, valid_records
 from data.packing import describe
 from data.records import DataError, Record, read_files
 from training.batches import BatchPlan, RowsView, row_trained
@@ -91,7 +91,8 @@ class TrainingData:
             checked = [validated.pop(i, None) for i, p in enumerate((cfg.data_path, cfg.eval_data_path))
                        if p is not None]
             try:
-                found = [load(p, checked.pop(0)) for p in paths]
+                with show_progress():  # a cold start's "tokenizing N records on P processes", then how far it is
+                    found = [load(p, checked.pop(0)) for p in paths]
             except DataError as e:
                 error = e
         validated.clear()  # not the builder: records it checked are not needed

@@ -3,13 +3,15 @@ transformers under the launcher in test_train_ops.py)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from data.dataset import EncodedDataset, EncodeStats
 from data.encode import IGNORE_INDEX
 from data.packing import trained_tokens
-from training.evaluate import EvalPlan, concat, split_eval
+from training.evaluate import EvalPlan, concat, perplexity, split_eval
 
 
 def toy(n: int) -> EncodedDataset:
@@ -58,3 +60,9 @@ def test_eval_calls_cover_every_sample_once(n, micro, num_micro, dp):
                         empty += 1
     assert sorted(seen) == sorted(ds[i]["input_ids"] for i in range(n))
     assert empty == plan.calls * plan.per_call - n
+
+
+def test_perplexity_of_a_nan_loss_is_nan_and_of_a_huge_one_inf():
+    """A NaN eval loss logged eval_ppl inf (nan < 700 is false)."""
+    assert math.isnan(perplexity(float("nan"))) and perplexity(800.0) == math.inf
+    assert perplexity(2.0) == pytest.approx(math.exp(2.0), rel=1e-15)

@@ -21,6 +21,11 @@ from data.packing import pack
 from training.batches import row_trained
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss); inf where it would overflow, NaN for a NaN loss."""
+    return float("inf") if loss >= 700 else math.exp(loss)
+
+
 def subset(ds: EncodedDataset, keep: np.ndarray) -> EncodedDataset:
     """The samples `keep` (indices, in this order) of `ds` as a new EncodedDataset (same stats object)."""
     keep = np.asarray(keep, dtype=np.int64)

@@ -38,6 +38,7 @@ from training.distributed import (
     remove_stale_shm_buffer,
     shutdown_distributed,
 )
+from training.evaluate import perplexity
 from training.monitor import Monitor, fmt_bytes, fmt_count, hms, process_memory, write_estimate
 from training.optim import build_optimizer, describe_groups, merge_sizes, owned_sizes, schedule_warning
 from training.resume import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, model_config
@@ -469,7 +470,7 @@ class Trainer(TrainingData, RunDirectory):
         own (None: the final evaluation, after the last step's line was written)."""
         loss = self.evaluate()
         self.state.evals.append((self.state.step, loss))
-        ppl = float("inf") if loss >= 700 else math.exp(loss)  # a NaN loss: NaN
+        ppl = perplexity(loss)
         self.log(f"eval at step {self.state.step}: loss {loss:.4f} | perplexity {ppl:.2f} "
                  f"({self.eval_plan.tokens} tokens, {len(self.eval_set)} {'rows' if self.cfg.packing else 'samples'})")
         if rec is None:

@@ -188,22 +188,27 @@ def test_resume_compares_the_settings_deepspeed_reads_not_their_spelling():
 
 def test_resume_takes_a_key_written_out_with_its_default_as_unchanged():
     """A key written out with the value it has when left out (the project's, the lora and quantization sections',
-    DeepSpeed's dataloader_drop_last and fp16 loss scaler's) is no change; was refused ("the data order changes",
-    "the optimizer's parameter groups would differ"), some keys even with allow_data_change_on_resume."""
+    dataloader_drop_last's (true here, not DeepSpeed's false), DeepSpeed's fp16 loss scaler's; gdGPT's use_flash_attn
+    as the attn_implementation it means) is no change; was refused ("the data order changes", "the optimizer's
+    parameter groups would differ"), some keys even with allow_data_change_on_resume."""
     from training.resume import config_changes
 
     none = {"data_path": "a.jsonl", "lora": {"r": 4}, "quantization": {"load_in_4bit": True}, "fp16": {"enabled": True}}
     same = [{"seed": 42}, {"decay_norm_and_bias": False}, {"group_by_length": False}, {"max_steps": None},
-            {"dataloader_drop_last": False}, {"lora": {"r": 4, "alpha": 4, "dropout": 0.0, "target_modules": "all-linear"}},
+            {"dataloader_drop_last": True}, {"lora": {"r": 4, "alpha": 4, "dropout": 0.0, "target_modules": "all-linear"}},
             {"quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False}},
             {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}}]
     for over in same:
         assert config_changes(none, {**none, **over}) == [] and config_changes({**none, **over}, none) == [], over
     changed = {"seed": 7, "lora": {"r": 4, "alpha": 8}, "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
-               "fp16": {"enabled": True, "loss_scale_window": 500}, "dataloader_drop_last": True}
+               "fp16": {"enabled": True, "loss_scale_window": 500}, "dataloader_drop_last": False}
     assert [(c.key, c.old, c.new) for c in config_changes(none, {**none, **changed})] == [
-        ("dataloader_drop_last", False, True), ("fp16.loss_scale_window", 1000, 500), ("lora.alpha", 4, 8),
+        ("dataloader_drop_last", True, False), ("fp16.loss_scale_window", 1000, 500), ("lora.alpha", 4, 8),
         ("quantization.bnb_4bit_quant_type", "nf4", "fp4"), ("seed", 42, 7)]
+    gdgpt = {"data_path": "a.jsonl", "use_flash_attn": False}  # a Llama: sdpa
+    assert config_changes(gdgpt, {"data_path": "a.jsonl", "attn_implementation": "sdpa"}) == []
+    assert [(c.key, c.old, c.new) for c in config_changes(gdgpt, {"data_path": "a.jsonl"})] == [
+        ("attn_implementation", "sdpa", "auto")]
 
 
 def test_a_torch_schedulers_settings_are_refused_on_resume_where_its_saved_state_would_override_them():

@@ -25,6 +25,8 @@ from data.collate import collate_rows, padded_length
 from data.dataset import EncodedDataset
 from data.packing import PackedDataset, trained_tokens
 
+DROP_LAST = True  # DeepSpeed's dataloader_drop_last when the config leaves it out (DeepSpeed's own: false)
+
 MEGABATCH_MULT = 50  # transformers' LengthGroupedSampler: megabatches of 50 batches
 
 

@@ -26,6 +26,7 @@ from models.lora import LoraSettings, check_adapter_keys, parse_lora
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import parse_quantization
 from pipeft import command
+from training.batches import DROP_LAST
 from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
 from training.optim import (
     BF16_KEYS,
@@ -318,7 +319,7 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
             build_lion([torch.zeros(1, requires_grad=True)], **{**(opt.get("params") or {}), "use_triton": False})
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{path}: {e}") from None
-    if not isinstance(ds.get("dataloader_drop_last", True), bool):
+    if not isinstance(ds.get("dataloader_drop_last", DROP_LAST), bool):
         raise ConfigError(f"{path}: 'dataloader_drop_last' must be true or false, got {json.dumps(ds['dataloader_drop_last'])}")
     clip = ds.get("gradient_clipping", 0)
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:  # null, NaN: refused too

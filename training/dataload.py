@@ -13,7 +13,7 @@ from data.dataset import recv_dataset, send_dataset
 from data.encode import RUN_CACHE_DIR, cache_file, load_dataset, show_progress, valid_records
 from data.packing import describe
 from data.records import DataError, Record, read_files
-from training.batches import BatchPlan, RowsView, row_trained
+from training.batches import DROP_LAST, BatchPlan, RowsView, row_trained
 from training.config import ConfigError
 from training.evaluate import EvalPlan, training_and_eval_rows
 from training.rundir import data_fingerprint
@@ -61,7 +61,7 @@ class TrainingData:
         self.unit = "packed sequence" if cfg.packing else "sample"
         self.lengths = self.dataset.offsets[1:] - self.dataset.offsets[:-1]
         self.plan = BatchPlan(len(self.dataset), cfg.micro_batch, cfg.grad_accum, self.dp_size, cfg.seed, self.lengths,
-                              cfg.group_by_length, cfg.ds_config.get("dataloader_drop_last", True))
+                              cfg.group_by_length, cfg.ds_config.get("dataloader_drop_last", DROP_LAST))
         if self.plan.steps_per_epoch == 0:  # before any layer is built
             raise ConfigError(f"{cfg.path}: {len(self.dataset)} {self.unit}s are fewer than one global batch "
                               f"({self.plan.global_batch} = micro x accumulation x data-parallel)")

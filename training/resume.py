@@ -30,6 +30,7 @@ from models.lora import CONFIG_WRITER_KEYS, LoraSettings, base_fingerprint, read
 from models.lora import with_defaults as lora_defaults
 from models.quant import DEFAULTS as QUANT_DEFAULTS
 from models.quant import saved_quantization
+from training.batches import DROP_LAST
 from training.checkpoint import (
     MANIFEST_FILE,
     STATE_FILE,
@@ -40,7 +41,7 @@ from training.checkpoint import (
     saved_eval_fingerprint,
     tag_of,
 )
-from training.compat import BATCH_KEYS
+from training.compat import BATCH_KEYS, map_gdgpt_keys
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -163,15 +164,20 @@ def _same_set(a: object, b: object) -> bool:
 
 def effective(raw: dict) -> dict:
     """A raw config with what is read alike written alike: a key left out is its default (the project's keys, the
-    "lora" and "quantization" sections', DeepSpeed's dataloader_drop_last and fp16 loss scaler's); a precision
+    "lora" and "quantization" sections', dataloader_drop_last's (true here), DeepSpeed's fp16 loss scaler's; gdGPT's
+    use_flash_attn as the attn_implementation it means); a precision
     section that is not enabled (absent, {}, "enabled": false; its other keys do nothing) is none, "bfloat16" is
     "bf16", and zero_optimization absent, false, {} or stage 0 is none, true is {"stage": 1}."""
     from deepspeed.runtime import constants as ds
 
     from training.config import PROJECT_KEYS  # training.config imports this module
 
+    try:  # gdGPT's keys as the project's (the config loaded once: a bad value cannot be here)
+        raw = map_gdgpt_keys(raw, Path())[0]
+    except ValueError:
+        pass
     out = {k: f.default for k, f in PROJECT_KEYS.items() if f.default is not MISSING} | raw
-    out.setdefault("dataloader_drop_last", ds.DATALOADER_DROP_LAST_DEFAULT)
+    out.setdefault("dataloader_drop_last", DROP_LAST)
     if isinstance(out.get("lora"), dict):
         out["lora"] = lora_defaults(out["lora"])
     if isinstance(out.get("quantization"), dict):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import sys
 from pathlib import Path
@@ -178,7 +179,8 @@ def test_a_run_that_fails_is_marked_failed(tmp_path, offline):
 def test_an_unreachable_mlflow_server_is_given_up_after_two_retries(tmp_path, offline, monkeypatch, caplog):
     """README: a tracker that cannot start is one warning line and training goes on. MLflow's own default retries a
     refused connection 7 times with backoff (~4 minutes on rank 0 while the other ranks wait; a short
-    dist_timeout_minutes ended the run): the run's default is 2 retries; a value the user set stands."""
+    dist_timeout_minutes ended the run): at start the run's default is 2 retries, then MLflow's again; a value the
+    user set stands."""
     for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: connection refused
@@ -189,6 +191,7 @@ def test_an_unreachable_mlflow_server_is_given_up_after_two_retries(tmp_path, of
     assert len(retries) <= 2, [r.getMessage()[:80] for r in retries]  # MLflow's default: 7
     assert [r.getMessage()[:40] for r in caplog.records if r.name == "training.trackers"] == [
         "report_to mlflow off: it failed to start"]
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # later requests: MLflow's patience (a brief outage)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     caplog.clear()
     with caplog.at_level("WARNING"):

@@ -9,6 +9,7 @@ a run that ends with an error is marked failed there (wandb exit code 1, MLflow 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import json
@@ -16,6 +17,7 @@ import logging
 import math
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,7 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-sk
 IDS_FILE = "trackers.json"
 MLFLOW_PARAM_MAX = 6000  # MLflow's longest param value (characters)
 MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # a request gives up after ~35 s at most (MLflow: 7, 2, 120)
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # at start, a request gives up within ~35 s (MLflow's: 7, 2, 120)
 
 
 def parse_report_to(value: object) -> tuple[str, ...]:
@@ -123,21 +125,17 @@ class MLflow:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (save / "mlruns").resolve().as_uri()
         if uri.startswith("file:") or "://" not in uri:  # the file store is in maintenance mode: MLflow asks to opt in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        # a server that is down fails a request in seconds, not MLflow's ~4 minutes of 7 retries (the other ranks
-        # wait for rank 0 meanwhile, and a short dist_timeout_minutes ended the run); the user's values stand
-        for key, value in MLFLOW_HTTP.items():
-            os.environ.setdefault(key, value)
         mlflow.set_tracking_uri(uri)
         stored = ids.get("mlflow") or {}
-        if start_step > 0 and stored.get("tracking_uri") == uri:
-            run = mlflow.start_run(run_id=stored["run_id"])
-        else:
-            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "pipeft"))
-            run = mlflow.start_run(run_name=save.resolve().name)
-        ids["mlflow"] = {"run_id": run.info.run_id, "tracking_uri": uri}
-        params = flat_params(config)
-        have = mlflow.get_run(run.info.run_id).data.params
-        mlflow.log_params({k: v for k, v in params.items() if k not in have})
+        with _quick_requests():
+            if start_step > 0 and stored.get("tracking_uri") == uri:
+                run = mlflow.start_run(run_id=stored["run_id"])
+            else:
+                mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "pipeft"))
+                run = mlflow.start_run(run_name=save.resolve().name)
+            ids["mlflow"] = {"run_id": run.info.run_id, "tracking_uri": uri}
+            have = mlflow.get_run(run.info.run_id).data.params
+            mlflow.log_params({k: v for k, v in flat_params(config).items() if k not in have})
         self.mlflow = mlflow
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -145,6 +143,20 @@ class MLflow:
 
     def close(self, failed: bool = False) -> None:
         self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
+
+
+@contextlib.contextmanager
+def _quick_requests() -> Iterator[None]:
+    """At start, a server that is down fails in seconds, not MLflow's ~4 minutes of 7 retries (the other ranks wait
+    for rank 0 meanwhile, and a short dist_timeout_minutes ended the run); later requests get MLflow's patience back
+    (a brief outage mid-run would turn the tracker off). The user's values stand."""
+    added = [k for k in MLFLOW_HTTP if k not in os.environ]
+    os.environ.update({k: MLFLOW_HTTP[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 SINKS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}

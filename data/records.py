@@ -323,9 +323,12 @@ def _not_jsonl(text: str, first: str) -> str | None:
         return "holds a JSON array, not one record per line: name it .json"
     if not first.lstrip().startswith("{"):
         return None
+    start = text.index("{")  # only blank lines before: the first '{' is the line's
     try:
-        json.JSONDecoder().raw_decode(text, text.index("{"))  # only blank lines before: the first '{' is the line's
+        end = json.JSONDecoder().raw_decode(text, start)[1]
     except (ValueError, RecursionError):
+        return None
+    if "\n" not in text[start:end]:  # a record on its line, then more (a trailing comma, two records): not this
         return None
     return ("holds records that span several lines (pretty-printed JSON), not one record per line: write each record "
             "on one line (json.dumps without indent)")
@@ -368,11 +371,14 @@ class RecordLine(int):
         at.record = record
         return at
 
+    def __getnewargs__(self) -> tuple[int, int]:  # pickle, copy
+        return int(self), self.record
+
     def __str__(self) -> str:
         return f"{int(self)} (record {self.record})"
 
-    def __format__(self, spec: str) -> str:
-        return format(str(self), spec)
+    def __format__(self, spec: str) -> str:  # "{line}": the record too; a number format: the line
+        return str(self) if not spec else format(int(self), spec)
 
 
 def _parse_json_array(text: str) -> Parsed:
@@ -537,7 +543,7 @@ def parse_records(path: Path, raw: bytes) -> tuple[list[Record], list[str]]:
         errors += [(line, p) for p in found]
         if not found:
             records.append(Record(record_type(obj), obj, str(path), line))
-    return records, [f"{path}:{line}: {msg}" for line, msg in sorted(errors, key=lambda e: e[0])]
+    return records, [f"{path}:{line}: {msg}" for line, msg in sorted(errors, key=lambda e: (e[0], getattr(e[0], "record", 0)))]
 
 
 def read_files(data_path: str | Path | Sequence[str | Path]) -> list[tuple[Path, bytes]]:

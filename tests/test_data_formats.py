@@ -3,7 +3,9 @@ and malformed ones give `FILE:LINE: problem` lines."""
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -269,3 +271,11 @@ def test_a_one_line_json_array_locates_records_by_number_as_table_rows(tmp_path)
     got = load_records(tmp_path / "ok.json")
     assert [r.line for r in got] == [1] * 5 and [f"{r.source}:{r.line}" for r in got][-1] == \
         f"{tmp_path / 'ok.json'}:1 (record 5)"
+    # records copy and pickle (a spawn pool, deepcopy), a number format is the line's
+    assert [str(r.line) for r in copy.deepcopy(got)] == [str(r.line) for r in pickle.loads(pickle.dumps(got))] == [
+        f"1 (record {i})" for i in range(1, 6)] and f"{got[0].line:3d}" == "  1"
+    # problems in record order (a duplicate key, found while parsing, came before the earlier records' problems)
+    (tmp_path / "two.json").write_text('[{"text": "a"}, {"text": " "}, {"text": "x", "text": "y"}]')
+    with pytest.raises(DataError) as e:
+        load_records(tmp_path / "two.json")
+    assert [p.split(": ")[0].rsplit(":", 1)[1] for p in e.value.problems] == ["1 (record 2)", "1 (record 3)"]

@@ -84,6 +84,8 @@ CASES: dict[str, tuple[str, str | bytes, int | str, str]] = {
                                 "holds a JSON array, not one record per line: name it .json"),
     "pretty_records_in_jsonl": ("a.jsonl", "\n" + json.dumps({"text": "a"}, indent=2) + "\n" + json.dumps({"text": "b"}, indent=2),
                                 2, "holds records that span several lines (pretty-printed JSON), not one record per line"),
+    # a record on its line with more after it (an array's commas kept) is malformed there, not "several lines"
+    "trailing_comma_in_jsonl": ("a.jsonl", '{"text": "a"},\n{"text": "b"}\n', 1, "malformed JSON: Extra data (column 14)"),
 }
 
 

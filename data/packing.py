@@ -147,13 +147,29 @@ def pack(ds: EncodedDataset, max_seq_len: int, seed: int) -> PackedDataset:
     seg_len = length[seg]
     seg_offsets = np.zeros(len(seg) + 1, dtype=np.int64)
     np.cumsum(seg_len, out=seg_offsets[1:])
-    take = np.arange(seg_offsets[-1]) - np.repeat(seg_offsets[:-1] - start[seg], seg_len)
-    labels = ds.labels[take]
+    input_ids, labels = _gather(ds, start[seg], seg_len, seg_offsets)
     labels[seg_offsets[:-1]] = IGNORE_INDEX  # every segment has a token
     stats = PackStats(samples=len(ds), segments=len(seg), sequences=n_rows, tokens=int(seg_offsets[-1]),
                       trained=int((labels != IGNORE_INDEX).sum()), max_seq_len=max_seq_len, split=int((n_chunks > 1).sum()), dropped=ds.stats.dropped,
                       truncated=ds.stats.truncated)
-    return PackedDataset(ds.input_ids[take], labels, seg_offsets, row_segments, sample[seg], stats, k[seg])
+    return PackedDataset(input_ids, labels, seg_offsets, row_segments, sample[seg], stats, k[seg])
+
+
+GATHER_BLOCK = 1 << 22  # tokens gathered at a time (an index of the whole dataset doubled pack's peak memory)
+
+
+def _gather(ds: EncodedDataset, starts: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ds's input_ids and labels of the segments (`starts`, `lengths`) laid end to end at `offsets`, a block of
+    about GATHER_BLOCK tokens at a time (the copy is what is kept: 8 bytes a token with int32 ids and labels)."""
+    ids, labels = np.empty(offsets[-1], ds.input_ids.dtype), np.empty(offsets[-1], ds.labels.dtype)
+    i = 0
+    while i < len(lengths):
+        j = max(i + 1, int(np.searchsorted(offsets, offsets[i] + GATHER_BLOCK, side="right")) - 1)
+        lo, hi = offsets[i], offsets[j]
+        take = np.arange(lo, hi) - np.repeat(offsets[i:j] - starts[i:j], lengths[i:j])
+        ids[lo:hi], labels[lo:hi] = ds.input_ids[take], ds.labels[take]
+        i = j
+    return ids, labels
 
 
 def describe(st: PackStats) -> str:

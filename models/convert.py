@@ -212,6 +212,13 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if (path / "latest").is_file() and not (path / LAYER_FILE.format(0)).is_file():
         layers = path / (path / "latest").read_text().strip()
     if not (layers / LAYER_FILE.format(0)).is_file():
+        if (layers / "adapter_config.json").is_file():  # pp_to_hg --lora peft's output
+            try:
+                base = json.loads((layers / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            except (OSError, ValueError, AttributeError):
+                base = None
+            raise CheckpointError(f"{layers}: a PEFT adapter (adapter_config.json), not a model: give its base model "
+                                  f"with the adapter beside it (demo.py --model-path {base or 'BASE'} --adapter {layers})")
         raise CheckpointError(f"{layers}: no {LAYER_FILE.format(0)} (not a pipeline or checkpoint directory)")
     config_dir = layers if (layers / "config.json").is_file() else layers.parent
     return layers, config_dir

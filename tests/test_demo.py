@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -158,6 +159,12 @@ def test_a_lora_checkpoint_with_its_adapter_and_a_tokenizer_past_the_vocabulary_
                     "--adapter, or drop --adapter")
     assert demo.main(["--model-path", str(dirs["hf"]), "--adapter", str(tmp_path / "adapter"), "--prompt", "x",
                       "--max-new-tokens", "2"]) == 0  # on its base
+    capsys.readouterr()
+    assert demo.main(["--model-path", str(tmp_path / "adapter"), "--prompt", "x"]) == 2  # the adapter alone
+    base = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"demo.py: error: {tmp_path / 'adapter'}: a PEFT adapter (adapter_config.json), not a model: give its base "
+        f"model with the adapter beside it (demo.py --model-path {base} --adapter {tmp_path / 'adapter'})")
     hf = tmp_path / "hf"
     shutil.copytree(dirs["hf"], hf)
     model, tok, _ = demo.load(hf)

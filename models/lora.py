@@ -97,7 +97,7 @@ def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
         raise ValueError(f"'lora' must be an object, got {json.dumps(section)}")
     if unknown := [k for k in section if k not in _KEYS]:
         raise ValueError(f"lora: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_KEYS)}")
-    r = with_defaults(section)["r"]
+    r = section.get("r", DEFAULTS["r"])
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"lora.r must be a positive integer, got {json.dumps(r)}")
     alpha = section.get("alpha", r)

@@ -265,17 +265,19 @@ def test_long_tokenization_says_what_it_does(tok, monkeypatch, caplog):
 
 def test_training_prints_the_tokenization_progress(ops_model, tmp_path):
     """What `python train_ds.py` prints on a cold start: the start line and the progress lines (logging is set up by
-    no training module, so they must not go through the root logger, which drops INFO)."""
+    no training module, so they must not go through the root logger, which drops INFO). A global batch of more
+    samples than the data has stops the run once the data are read, before the model is built."""
     from tests.helpers import ops_config, pythonpath
 
     topo = {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}}
-    cfg = ops_config(tmp_path, ops_model, max_steps=1, model_topo=topo)
+    cfg = ops_config(tmp_path, ops_model, max_steps=1, model_topo=topo, train_micro_batch_size_per_gpu=65,
+                     gradient_accumulation_steps=1)
     script = ("import sys; import data.encode as e; e.PROGRESS_EVERY = 0.0; e.MIN_RECORDS_FOR_POOL = 10; "
               f"import train_ds; sys.exit(train_ds.main(['--config', {str(cfg)!r}]))")
     env = {"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath(ROOT)}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == 2 and "64 samples are fewer than one global batch" in proc.stderr, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert any(re.fullmatch(r"data: tokenizing 64 records on \d process\(es\) \(written to the data cache for the next "
                             r"start\)", line) for line in lines), proc.stdout

@@ -165,9 +165,9 @@ def _same_set(a: object, b: object) -> bool:
 def effective(raw: dict) -> dict:
     """A raw config with what is read alike written alike: a key left out is its default (the project's keys, the
     "lora" and "quantization" sections', dataloader_drop_last's (true here), DeepSpeed's fp16 loss scaler's; gdGPT's
-    use_flash_attn as the attn_implementation it means); a precision
-    section that is not enabled (absent, {}, "enabled": false; its other keys do nothing) is none, "bfloat16" is
-    "bf16", and zero_optimization absent, false, {} or stage 0 is none, true is {"stage": 1}."""
+    use_flash_attn as the attn_implementation it means); a precision section that is not enabled (absent, {},
+    "enabled": false; its other keys do nothing) is none, "bfloat16" is "bf16", and zero_optimization absent, false,
+    {} or stage 0 is none, true is {"stage": 1}."""
     from deepspeed.runtime import constants as ds
 
     from training.config import PROJECT_KEYS  # training.config imports this module

@@ -1,10 +1,11 @@
 """Experiment trackers (the config key `report_to`, HF Trainer's name): TensorBoard, Weights & Biases, MLflow.
 
 Every tracker gets, for each metrics.jsonl line, the scalars `scalars(line)` builds from it, so all of them
-hold the same numbers as the file (wandb and MLflow also keep the values of the steps a resume repeats). Each tracker's package is imported only when the config asks for it; a
-tracker that fails to start or to log is turned off with one warning line and never stops training. The ids
-of the wandb and MLflow runs are kept in save_path/trackers.json so that a resumed run appends to the same run;
-a run that ends with an error is marked failed there (wandb exit code 1, MLflow status FAILED).
+hold the same numbers as the file (wandb and MLflow also keep the values of the steps a resume repeats). Each
+tracker's package is imported only when the config asks for it; a tracker that fails to start or to log is
+turned off with one warning line and never stops training. The ids of the wandb and MLflow runs are kept in
+save_path/trackers.json so that a resumed run appends to the same run; a run that ends with an error is marked
+failed there (wandb exit code 1, MLflow status FAILED).
 """
 
 from __future__ import annotations

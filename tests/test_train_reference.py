@@ -142,12 +142,14 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
 
 
 def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing, opt, launch=None,
-                            over: dict | None = None, rel: float = 1e-4, atol: float = 1e-5, defer_more: int = 0) -> list[float]:
+                            over: dict | None = None, rel: float = 1e-4, atol: float = 1e-5, defer_more: int = 0,
+                            ref_state: dict | None = None) -> list[float]:
     """One case of the test above; returns the run's losses. `launch(config_path, procs)` starts train_ds.py and
     returns its output (default: the deepspeed launcher on CPU); the tied-weights worker is only started by the
     default. `over`: training config keys set over the case's (e.g. bf16 on a GPU, bench/gpu_checks.py), checked
     with losses within `rel` and exported weights within `atol` of the reference. `defer_more`: every stage defers
-    that many more micro-batches than train_ds.py would (the tied-weights worker's --defer-more)."""
+    that many more micro-batches than train_ds.py would (the tied-weights worker's --defer-more). `ref_state`, if
+    given, receives the reference's final weights (bench/gpu_checks.py checks bf16 updates against them)."""
     opt, grouped = opt.removesuffix("+grouped"), opt.endswith("+grouped")
     torch.manual_seed(0)
     hf = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer)))
@@ -224,7 +226,9 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
                  for mb in plan.micro_indices(0, 0, 0)]
     assert len(set(per_micro)) > 1, per_micro
 
-    ref_losses, ref_state = reference_losses(tmp_path / "hf", dataset, plan, pad_id_of(tokenizer), clip, packing, opt)
+    ref_losses, final = reference_losses(tmp_path / "hf", dataset, plan, pad_id_of(tokenizer), clip, packing, opt)
+    if ref_state is not None:
+        ref_state.update(final)
     for m, ref in zip(metrics, ref_losses, strict=True):
         assert m["loss"] == pytest.approx(ref, rel=rel), (m["step"], m["loss"], ref)
     assert ref_losses[-1] < ref_losses[0]
@@ -234,7 +238,7 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     exported = {}
     for f in (tmp_path / "exported").glob("*.safetensors"):
         exported.update(load_file(str(f)))
-    expected = {k: v for k, v in ref_state.items() if not (hf.config.tie_word_embeddings and k == "lm_head.weight")}
+    expected = {k: v for k, v in final.items() if not (hf.config.tie_word_embeddings and k == "lm_head.weight")}
     assert sorted(exported) == sorted(expected)
     for k, v in expected.items():
         torch.testing.assert_close(exported[k].float(), v.float().cpu(), atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")

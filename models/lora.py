@@ -97,16 +97,17 @@ def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
         raise ValueError(f"'lora' must be an object, got {json.dumps(section)}")
     if unknown := [k for k in section if k not in _KEYS]:
         raise ValueError(f"lora: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_KEYS)}")
-    r = section.get("r", DEFAULTS["r"])
+    section = with_defaults(section)
+    r = section["r"]
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"lora.r must be a positive integer, got {json.dumps(r)}")
-    alpha = section.get("alpha", r)
+    alpha = section["alpha"]
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
         raise ValueError(f"lora.alpha must be a number > 0, got {json.dumps(alpha)}")
-    dropout = section.get("dropout", DEFAULTS["dropout"])
+    dropout = section["dropout"]
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise ValueError(f"lora.dropout must be in [0, 1), got {json.dumps(dropout)}")
-    targets = section.get("target_modules", DEFAULTS["target_modules"])
+    targets = section["target_modules"]
     known = family.lora_targets
     if targets == "all-linear":
         targets = list(known)
@@ -115,7 +116,7 @@ def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
     if bad := [t for t in targets if t not in known]:
         raise ValueError(f"lora.target_modules: {', '.join(map(repr, bad))} not in a {family.model_type} block "
                          f"(known: {', '.join(known)})")
-    saves = section.get("modules_to_save", DEFAULTS["modules_to_save"])
+    saves = section["modules_to_save"]
     if not isinstance(saves, list) or not all(isinstance(m, str) and m for m in saves):
         raise ValueError(f"lora.modules_to_save must be a list of module names, got {json.dumps(saves)}")
     # every module (leaves: tensors' modules; and their parents) of every block index, as peft matches names
@@ -138,7 +139,7 @@ def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
             what = "the tied embedding/LM head, which peft would untie" if tied.endswith(TIED_OWNERS) else \
                 "in the pipeline's tied embedding module (shared with the LM head's stage)"
             raise ValueError(f"lora.modules_to_save: {m!r} names {tied}, {what}; not supported with tied embeddings")
-    path = section.get("adapter_path")
+    path = section["adapter_path"]
     settings = LoraSettings(r, float(alpha), float(dropout), tuple(dict.fromkeys(targets)), path, tuple(saves))
     if path is not None:
         _check_adapter(path, settings)

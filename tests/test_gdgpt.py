@@ -34,6 +34,7 @@ optimizer:
     betas: [0.9, 0.999]
     weight_decay: 4.0e-5
     eps: 1.0e-8
+    torch_adam: true  # not gdGPT's: torch's AdamW on CPU (DeepSpeed's CPU FusedAdam compiles for a minute)
   no_wd_kws: ['bias', '[a-zA-Z]*norm'] # remove this or empty list if no need of this
 scheduler:
   type: WarmupCosineLR

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import BloomConfig, LlamaConfig
 
 from models import SequentialModel, get_family
@@ -136,6 +140,16 @@ def free_port() -> int:
             port = s.getsockname()[1]
         if not any(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")):
             return port
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
 
 
 def start_deepspeed(script: str, args: list[str], num_procs: int = 2, env: dict | None = None,
@@ -303,3 +317,84 @@ def ops_config(tmp, base, name: str = "cfg.json", **over):
 def errors_of(text: str) -> list[str]:
     """The one-line errors train_ds.py printed (each rank prints its own)."""
     return [line for line in text.splitlines() if line.startswith("train_ds.py: error:")]
+
+
+# ------------------------------------------------------------------------- HF <-> pipeline conversion (test_convert*)
+
+
+def load_hf_tensors(d: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the *.safetensors files in `d`."""
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def write_hf(tmp: Path, tokenizer, name: str, shard: str = "60KB", seed: int = 0, family: str = "llama") -> Path:
+    """A tiny HF model (`tiny_config(family, name)`), sharded at `shard`, with `tokenizer`, saved in tmp/hf_NAME."""
+    torch.manual_seed(seed)
+    model = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer)))
+    hf = tmp / f"hf_{name}"
+    model.save_pretrained(hf, max_shard_size=shard)
+    tokenizer.save_pretrained(hf)
+    return hf
+
+
+def run(*argv: str) -> int:
+    """convert_model.py's main with `argv`; returns its exit code."""
+    import convert_model
+
+    return convert_model.main(list(argv))
+
+
+def edit_weights(hf: Path, edit) -> None:
+    """Apply `edit` to the state dict of each shard of `hf` and rewrite the index to match."""
+    for f in hf.glob("model-*.safetensors"):
+        sd = load_file(str(f))
+        edit(sd)
+        save_file(sd, str(f), metadata={"format": "pt"})
+    index = hf / "model.safetensors.index.json"
+    wm = {}
+    for f in hf.glob("model-*.safetensors"):
+        wm.update(dict.fromkeys(load_file(str(f)), f.name))
+    index.write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+
+
+def assert_one_line_error(capsys, expected: str) -> list[str]:
+    """convert_model.py's stderr ends in one error line holding `expected`, with no traceback; returns the lines."""
+    err = capsys.readouterr().err.strip().splitlines()
+    last = err[-1]
+    assert expected in last, last
+    assert last.startswith("convert_model.py ") and ": error: " in last
+    assert not any("Traceback" in line for line in err)
+    return err
+
+
+def files(*dirs: Path) -> dict[str, bytes]:
+    """path -> content of every file under `dirs`."""
+    return {str(f): f.read_bytes() for d in dirs for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def lora_checkpoint(tmp_path: Path, base: Path) -> Path:
+    """A LoRA run's save_path over the pipeline dir `base`, laid out as training writes it (DeepSpeed's layer files
+    holding only the adapters, lora_config.json naming the base, the side files beside `latest`)."""
+    from models.lora import LoraSettings, base_fingerprint, lora_info
+
+    config = get_family("llama").load_config(base)
+    save = tmp_path / "lora_run"
+    tag = save / "global_step5"
+    tag.mkdir(parents=True)
+    for f in base.iterdir():
+        if not f.name.startswith("layer_"):
+            (save / f.name).write_bytes(f.read_bytes())
+    (save / "latest").write_text(tag.name)
+    torch.manual_seed(1)
+    h, r = config.hidden_size, 4
+    for f in base.glob("layer_*"):  # every layer's file; the frozen ones empty
+        torch.save({}, tag / f.name)
+    for i in range(1, config.num_hidden_layers + 1):
+        torch.save({"self_attn.q_proj.lora_A.default.weight": torch.randn(r, h) * 0.1,
+                    "self_attn.q_proj.lora_B.default.weight": torch.randn(h, r) * 0.1}, tag / f"layer_{i:02d}-model_states.pt")
+    (tag / "lora_config.json").write_text(lora_info(LoraSettings(r, 8.0, 0.0, ("q_proj",)), str(base),
+                                                    fingerprint=base_fingerprint(base)))
+    return save

@@ -146,7 +146,7 @@ def test_a_lora_checkpoint_with_its_adapter_and_a_tokenizer_past_the_vocabulary_
     """A LoRA checkpoint's adapters are merged when it loads: its exported adapter on top would count them twice
     (logits off by up to 1.3 on a trained toy, no word said). A tokenizer with more tokens than the embedding has rows
     (one added without resizing) would index past it (a traceback); training refuses both in the same words."""
-    from tests.test_convert import _lora_checkpoint
+    from tests.helpers import lora_checkpoint as _lora_checkpoint
 
     save = _lora_checkpoint(tmp_path, dirs["pp"])
     assert convert_model.main(["pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "adapter"),

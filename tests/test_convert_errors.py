@@ -1,0 +1,523 @@
+"""HF <-> pipeline conversion refusing cleanly: one-line errors on bad input (HF dirs, pipeline dirs, LoRA
+checkpoints, arguments) and on unsafe output targets, leaving no partial output behind; output modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.convert import pp_to_hg
+from models.diskspace import fmt_size
+from models.hf_io import CheckpointError, atomic_output_dir, clean_leftovers
+from tests.helpers import assert_one_line_error as _assert_one_line_error
+from tests.helpers import edit_weights as _edit_weights
+from tests.helpers import files as _files
+from tests.helpers import lora_checkpoint as _lora_checkpoint
+from tests.helpers import run, write_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _extra_tensor(hf):
+    _edit_weights(hf, lambda sd: sd.setdefault("model.layers.0.self_attn.extra.weight", torch.zeros(2)))
+
+
+def _missing_tensor(hf):
+    _edit_weights(hf, lambda sd: sd.pop("model.norm.weight", None))
+
+
+def _layer_beyond_config(hf):
+    _edit_weights(hf, lambda sd: sd.setdefault("model.layers.7.mlp.up_proj.weight", torch.zeros(2)))
+
+
+def _unknown_model_type(hf):
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+
+
+def _no_weights(hf):
+    for f in [*hf.glob("model*.safetensors*")]:
+        f.unlink()
+
+
+def _truncated_shard(hf):
+    last = sorted(hf.glob("model-*.safetensors"))[-1]
+    last.write_bytes(last.read_bytes()[:-100])
+
+
+def _no_config(hf):
+    (hf / "config.json").unlink()
+
+
+def _truncated_index(hf):
+    index = hf / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:40])
+
+
+def _index_without_weight_map(hf):
+    (hf / "model.safetensors.index.json").write_text('{"metadata": {}}')
+
+
+def _index_out_of_sync(hf):
+    index = hf / "model.safetensors.index.json"
+    body = json.loads(index.read_text())
+    wm = body["weight_map"]
+    wm["model.norm.weight"] = next(f for f in sorted(set(wm.values())) if f != wm["model.norm.weight"])
+    index.write_text(json.dumps(body))
+
+
+def _patch_config(**patch):
+    """A damage that sets config.json's keys to values transformers rejects."""
+    def damage(d: Path) -> None:
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, **patch}))
+    return damage
+
+
+BAD_HF = {  # case -> (damage, text expected in the message)
+    "unexpected tensor": (_extra_tensor, "unexpected tensor model.layers.0.self_attn.extra.weight"),
+    "missing tensor": (_missing_tensor, "missing tensor model.norm.weight"),
+    "layer beyond config": (_layer_beyond_config, "model.layers.7.mlp.up_proj.weight"),
+    "unknown model_type": (_unknown_model_type, "model_type 'gpt2' is not supported; supported: bloom, llama, mistral, qwen2"),
+    "no weights": (_no_weights, "no weights"),
+    "truncated shard": (_truncated_shard, "truncated"),
+    "no config": (_no_config, "config.json: missing"),
+    "truncated index": (_truncated_index, "model.safetensors.index.json: invalid JSON"),
+    "index without weight_map": (_index_without_weight_map, 'model.safetensors.index.json: no "weight_map" object'),
+    "index out of sync with its shards": (_index_out_of_sync, "has no tensor model.norm.weight (named in "),
+    # config.json values transformers rejects: huggingface_hub's validation, then its lookups when the layers are built
+    "heads do not divide hidden": (_patch_config(num_attention_heads=5), "config.json: Class validation error for "
+                                   "validator 'validate_architecture': ValueError: The hidden size (64) is not a multiple"),
+    "a string for an int": (_patch_config(num_hidden_layers="four"), "config.json: Validation error for field "
+                            "'num_hidden_layers': TypeError: Field 'num_hidden_layers' expected int, got str"),
+    "vocab_size null": (_patch_config(vocab_size=None), "config.json: Validation error for field 'vocab_size'"),
+    "unknown hidden_act": (_patch_config(hidden_act="nope"),
+                           "config.json: hidden_act 'nope' is not one transformers knows"),
+    "pad_token_id past the vocabulary": (_patch_config(pad_token_id=300, vocab_size=300),
+                                         "config.json: pad_token_id 300 is not below vocab_size 300"),
+    "heads not a multiple of key/value heads": (_patch_config(num_attention_heads=4, num_key_value_heads=3),
+                                                "config.json: num_attention_heads 4 is not a multiple of "
+                                                "num_key_value_heads 3"),
+    "unknown rope type": (_patch_config(rope_scaling={"rope_type": "bogus", "factor": 2.0}),
+                          "config.json: rope_parameters.rope_type 'bogus' is not one transformers knows"),
+    # accepted by transformers' validation; the layers cannot run them (transformers' model fails the same way)
+    "partial rotary": (_patch_config(rope_scaling={"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5,
+                                                   "original_max_position_embeddings": 64}),
+                       "config.json: partial_rotary_factor 0.5: the rope gives 4 of the head's 8 rotary pairs"),
+    "longrope factors of the wrong length": (_patch_config(rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 3,
+        "original_max_position_embeddings": 64}), "config.json: rope_parameters.short_factor has 3 entries, one per rotary pair of the head: 8 (head_dim 16 / 2)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HF))
+def test_bad_hf_input_fails_cleanly(tmp_path, tokenizer, capsys, case):
+    damage, expected = BAD_HF[case]
+    hf = write_hf(tmp_path, tokenizer, "mha_bias_untied")
+    damage(hf)
+    capsys.readouterr()
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "out" / "pp")) == 2
+    _assert_one_line_error(capsys, expected)
+    assert not (tmp_path / "out" / "pp").exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # no temp dir left
+
+
+def _pp(tmp_path, tokenizer) -> Path:
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp")) == 0
+    return tmp_path / "pp"
+
+
+def _drop_layer(pp):
+    (pp / "layer_02-model_states.pt").unlink()
+
+
+def _wrong_layer_keys(pp):
+    torch.save({"bogus": torch.zeros(1)}, pp / "layer_03-model_states.pt")
+
+
+def _wrong_last_shape(pp):
+    f = sorted(pp.glob("layer_*-model_states.pt"))[-1]
+    torch.save({"weight": torch.zeros(63, 64)}, f)
+
+
+def _truncated_layer_file(pp):
+    f = pp / "layer_02-model_states.pt"
+    f.write_bytes(f.read_bytes()[:-200])
+
+
+def _bad_lora_config(pp):
+    (pp / "lora_config.json").write_text('{"r": 4, ')
+
+
+BAD_PP = {
+    "missing layer file": (_drop_layer, "layer_02-model_states.pt: missing (block 1)"),
+    "wrong layer keys": (_wrong_layer_keys, "layer_03-model_states.pt: missing"),
+    "truncated layer file": (_truncated_layer_file, "layer_02-model_states.pt: unreadable, the file is corrupt or "
+                                                    "truncated (PytorchStreamReader failed reading zip archive"),
+    "malformed lora_config.json": (_bad_lora_config, "lora_config.json: invalid JSON"),
+    "a wrong shape in the last layer file": (_wrong_last_shape, "layer_04-model_states.pt: tensor weight has shape "
+                                                                "[63, 64] but config.json expects [64]"),
+    "config.json transformers rejects": (_patch_config(hidden_act="nope"), "config.json: hidden_act 'nope' is not one"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PP))
+def test_bad_pipeline_input_fails_cleanly(tmp_path, tokenizer, capsys, case):
+    damage, expected = BAD_PP[case]
+    pp = _pp(tmp_path, tokenizer)
+    damage(pp)
+    capsys.readouterr()
+    assert run("pp_to_hg", "--input-path", str(pp), "--save-path", str(tmp_path / "hf_out")) == 2
+    err = _assert_one_line_error(capsys, expected)
+    assert not any(line.startswith("[1/") for line in err)  # every layer file is checked before one is converted
+    assert not (tmp_path / "hf_out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, capsys):
+    pp = _pp(tmp_path, tokenizer)
+    bad_config = tmp_path / "bad_config.json"
+    bad_config.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                                      "num_attention_heads": 5}))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (("hg_to_pp", "--input-path", str(tmp_path / "nope"), "--save-path", str(tmp_path / "x")), "no such directory"),
+        (("pp_to_hg", "--input-path", str(tmp_path), "--save-path", str(tmp_path / "x")), "not a pipeline or checkpoint"),
+        (("pp_to_hg", "--input-path", str(pp), "--save-path", str(tmp_path / "x"), "--max-shard-size", "lots"),
+         "--max-shard-size 'lots'"),
+        (("init", "--family", "llama", "--preset", "huge", "--tokenizer", str(tokenizer_dir), "--save-path",
+          str(tmp_path / "x")), "--preset 'huge': unknown"),
+        (("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tmp_path / "nope"), "--save-path",
+          str(tmp_path / "x")), f"{tmp_path / 'nope'}: no such directory"),  # not a Hub connection error
+        (("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(bad_config), "--save-path",
+          str(tmp_path / "x")), f"{bad_config}: a file, not a directory"),
+        (("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(empty),
+          "--save-path", str(tmp_path / "x")), "cannot load a tokenizer"),
+        (("init", "--family", "llama", "--config-json", str(bad_config), "--tokenizer", str(tokenizer_dir), "--save-path",
+          str(tmp_path / "x")), f"{bad_config}: Class validation error for validator 'validate_architecture'"),
+        (("hg_to_pp", "--input-path", str(tmp_path / "hf_gqa_tied"), "--save-path", str(a_file / "x")),
+         f"{a_file / 'x'}: {a_file} is a file, not a directory"),
+    ]
+    for argv, expected in cases:
+        capsys.readouterr()
+        assert run(*argv) == 2, argv
+        _assert_one_line_error(capsys, expected)
+        assert not (tmp_path / "x").exists()
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "convert_model.py"), "hg_to_pp", "--input-path",
+                           str(tmp_path / "missing"), "--save-path", str(tmp_path / "pp")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if "[WARNING]" not in ln and ln.strip()]
+    assert lines == [f"convert_model.py hg_to_pp: error: {tmp_path / 'missing'}: no such directory"]
+
+
+def test_a_cast_to_fp16_never_makes_inf(tmp_path, tokenizer, capsys):
+    """A value beyond float16's range (65504) would become inf: hg_to_pp --dtype fp16 is one line naming the file, the
+    tensor and its largest |value| (suggesting bf16), and leaves nothing behind; so is a LoRA merge into an fp16 base
+    whose merged weight overflows. A value that rounds to 65504 is fine."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    key = "model.layers.1.mlp.up_proj.weight"
+
+    def big(value):
+        def edit(sd):
+            if key in sd:
+                sd[key][0, 0] = value
+        return edit
+    _edit_weights(hf, big(65510.0))  # rounds to 65504
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "ok"), "--dtype", "fp16") == 0
+    _edit_weights(hf, big(-1e6))
+    capsys.readouterr()
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp"), "--dtype", "fp16") == 2
+    shard = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"][key]
+    _assert_one_line_error(capsys, f"{hf / shard}: tensor {key} has values up to 1e+06 in magnitude, beyond float16's "
+                                   "range (65504): they would be inf; convert with --dtype bf16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_gqa_tied", "ok"]  # no temp dir left
+
+    base = tmp_path / "ok"  # an fp16 base whose merged q_proj overflows
+    save = _lora_checkpoint(tmp_path, base)
+    f = save / "global_step5" / "layer_02-model_states.pt"
+    torch.save({k: v * 1e4 for k, v in torch.load(f, weights_only=True).items()}, f)
+    capsys.readouterr()
+    assert run("pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "merged"), "--lora", "merge") == 2
+    _assert_one_line_error(capsys, "tensor model.layers.1.self_attn.q_proj.weight: the merged weight has values beyond "
+                                   "float16's range (65504)")
+    assert not (tmp_path / "merged").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_lora_exports_refuse_a_base_that_changed_since_training(tmp_path, tokenizer):
+    """The base a LoRA checkpoint names is checked by its fingerprint: merging into (or naming in an adapter) a
+    model re-converted from other weights under the same path is refused; the same model re-converted is not."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    base = tmp_path / "pp"
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(base)) == 0
+    save = _lora_checkpoint(tmp_path, base)
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(base), "--overwrite") == 0  # the same model
+    pp_to_hg(save, tmp_path / "merged", lora="merge")
+    sd = torch.load(base / "layer_01-model_states.pt")
+    sd["mlp.up_proj.weight"][0, 0] += 1.0
+    torch.save(sd, base / "layer_01-model_states.pt")
+    for mode in ("merge", "peft"):
+        with pytest.raises(CheckpointError, match=f"^{save / 'global_step5' / 'lora_config.json'}: the base model "
+                           f"{base} is not the one these adapters were trained on"):
+            pp_to_hg(save, tmp_path / mode, lora=mode)
+        assert not (tmp_path / mode).exists()
+
+
+def test_lora_merge_checks_room_for_the_merged_model(tmp_path, tokenizer, small_disk):
+    """--lora merge writes a full model while the checkpoint holds only adapters: the space check counts the base's
+    layer files (QLoRA merges go through the same line), so a disk without room is refused before anything is
+    written. The base is an input too: merging onto it is refused; a truncated adapter file is one line."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    base = tmp_path / "pp"
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(base)) == 0
+    save = _lora_checkpoint(tmp_path, base)
+    base_bytes = sum(f.stat().st_size for f in base.glob("layer_*"))
+    assert sum(f.stat().st_size for f in (save / "global_step5").glob("layer_*")) * 4 < base_bytes
+    disk = small_disk(base_bytes // 2)
+    with pytest.raises(CheckpointError) as e:
+        pp_to_hg(save, disk / "merged", lora="merge")
+    assert f"merged: no space left on device (needed about {fmt_size(base_bytes)}, free " in str(e.value)
+    assert list(disk.iterdir()) == []
+    with pytest.raises(CheckpointError, match=f"^{base}: is the input {base} itself"):
+        pp_to_hg(save, base, lora="merge", overwrite=True)
+    f = save / "global_step5" / "layer_02-model_states.pt"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"^{f}: unreadable, the file is corrupt or truncated"):
+        pp_to_hg(save, tmp_path / "adapter", lora="peft")
+
+
+Q_A, Q_B = "self_attn.q_proj.lora_A.default.weight", "self_attn.q_proj.lora_B.default.weight"
+BAD_LORA_LAYER = {  # case -> (change of layer 2's state dict, text expected after the file's name)
+    "lora_B missing": (lambda sd: sd.pop(Q_B), f"{Q_A} has no {Q_B} (an adapter needs both)"),
+    "another rank": (lambda sd: sd.update({Q_A: torch.cat([sd[Q_A]] * 2), Q_B: torch.cat([sd[Q_B]] * 2, 1)}),
+                     f"{Q_A} has shape [8, 64], not rank 4 as lora_config.json says ([r, in])"),
+    "a key the table lacks": (lambda sd: sd.update({"self_attn.rotary_emb.inv_freq": torch.ones(8)}),
+                              "unexpected tensor 'self_attn.rotary_emb.inv_freq' in layer 2 (block): no entry in the "
+                              "key table"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LORA_LAYER))
+def test_bad_lora_layer_files_fail_cleanly(tmp_path, tokenizer, capsys, case):
+    """A LoRA checkpoint's layer files are checked before an export writes anything (peft could not load a missing
+    lora_B or another rank, and a merge would scale it wrongly): one line naming the file and the key, either mode."""
+    change, expected = BAD_LORA_LAYER[case]
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp")) == 0
+    save = _lora_checkpoint(tmp_path, tmp_path / "pp")
+    f = save / "global_step5" / "layer_02-model_states.pt"
+    sd = torch.load(f, weights_only=True)
+    change(sd)
+    torch.save(sd, f)
+    for mode in ("peft", "merge"):
+        capsys.readouterr()
+        assert run("pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / mode), "--lora", mode) == 2
+        _assert_one_line_error(capsys, f"{f}: {expected}")
+        assert not (tmp_path / mode).exists()
+
+
+def test_an_adapter_export_never_replaces_its_base(tmp_path, tokenizer, capsys):
+    """The HF model the base pipeline came from is what the PEFT adapter names as its base: --overwrite there would
+    delete the model the adapter needs (and make the adapter name itself as its base)."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp")) == 0
+    save = _lora_checkpoint(tmp_path, tmp_path / "pp")
+    for mode in ("peft", "merge"):
+        capsys.readouterr()
+        assert run("pp_to_hg", "--input-path", str(save), "--save-path", str(hf), "--lora", mode, "--overwrite") == 2
+        _assert_one_line_error(capsys, f"{hf}: ")
+        assert (hf / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+
+def test_overwrite_replaces_only_when_asked(tmp_path, tokenizer):
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    target = tmp_path / "pp"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(target)) == 2
+    assert (target / "keep.txt").read_text() == "user data"
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(target), "--overwrite") == 0
+    assert not (target / "keep.txt").exists() and (target / "layer_00-model_states.pt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_gqa_tied", "pp"]  # no temp or backup dirs left
+
+
+def test_a_target_that_is_or_holds_the_input_is_refused_before_any_work(tmp_path, tokenizer, tokenizer_dir, capsys):
+    """With --overwrite the target is replaced at the end: the input itself, a directory holding it, or a file of it
+    (also reached through `..` or a symbolic link) is one line up front. A new entry inside an input dir is fine."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    save = tmp_path / "run"
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(save / "global_step10")) == 0
+    (save / "latest").write_text("global_step10")
+    (tmp_path / "alias").symlink_to(hf)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for f in tokenizer_dir.iterdir():
+        (tok / f.name).write_bytes(f.read_bytes())
+    before = _files(hf, save, tok)
+    step = save / "global_step10"
+    cases = [
+        (("hg_to_pp", "--input-path", str(hf), "--save-path", str(hf)), f"{hf}: is the input {hf} itself"),
+        (("hg_to_pp", "--input-path", str(tmp_path / "alias"), "--save-path", str(hf)), f"is the input {hf} itself"),
+        (("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path)), f"{tmp_path}: holds the input {hf}"),
+        (("hg_to_pp", "--input-path", str(hf), "--save-path", str(hf / "config.json")), f"a file of the input {hf}"),
+        (("pp_to_hg", "--input-path", str(step), "--save-path", str(save)), f"{save}: holds the input {step}"),
+        (("pp_to_hg", "--input-path", str(save), "--save-path", str(step)), f"{step}: is the input {step} itself"),
+        (("pp_to_hg", "--input-path", str(save), "--save-path", str(step / "..")), f"is the input {save} itself"),
+        (("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tok), "--save-path", str(tok)),
+         f"is the input {tok} itself"),
+    ]
+    for argv, expected in cases:
+        capsys.readouterr()
+        assert run(*argv, "--overwrite") == 2, argv
+        _assert_one_line_error(capsys, expected)
+    assert _files(hf, save, tok) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alias", "hf_gqa_tied", "run", "tok"]  # no temp dirs
+    for _ in range(2):  # an export into the run dir, then replacing it: the checkpoint it reads is untouched
+        assert run("pp_to_hg", "--input-path", str(save), "--save-path", str(save / "hf"), "--overwrite") == 0
+    assert {k: v for k, v in _files(hf, save, tok).items() if not k.startswith(f"{save / 'hf'}/")} == before
+    assert (save / "hf" / "model.safetensors").is_file()
+
+
+def test_a_target_created_during_a_conversion_is_left_alone(tmp_path):
+    """Without --overwrite the finished output takes the target's place only if it is still absent or empty: one
+    that appeared meanwhile is kept, and so is the output (beside it, named in the error, not removed by the next
+    conversion's clean-up of interrupted runs)."""
+    target = tmp_path / "out"
+    with pytest.raises(CheckpointError) as e:
+        with atomic_output_dir(target, overwrite=False) as tmp:
+            (tmp / "model.safetensors").write_text("new")
+            target.mkdir()
+            (target / "users_file.txt").write_text("precious")
+    kept = tmp_path / f"out.new-{socket.gethostname()}-{os.getpid()}"
+    assert str(e.value) == (f"{target}: was created while the conversion ran and is not empty: left as it is; the "
+                            f"finished output is in {kept} (move it, or convert again with --overwrite)")
+    assert (target / "users_file.txt").read_text() == "precious" and len(list(target.iterdir())) == 1
+    said: list[str] = []
+    clean_leftovers(target, said.append)
+    assert (kept / "model.safetensors").read_text() == "new" and said == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", kept.name]
+    with atomic_output_dir(tmp_path / "empty", overwrite=False) as tmp:  # an empty dir, as an empty target is, is fine
+        (tmp / "x").write_text("1")
+        (tmp_path / "empty").mkdir()
+    assert (tmp_path / "empty" / "x").read_text() == "1"
+
+
+def test_a_symlinked_target_is_replaced_as_a_link(tmp_path, tokenizer, capsys):
+    """A target that is a symbolic link is refused without --overwrite; with it the link itself is replaced and what
+    it points to is never touched; a link an interrupted --overwrite moved aside is removed as a link or put back."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    v1, current = tmp_path / "v1", tmp_path / "current"
+    v1.mkdir()
+    (v1 / "old.txt").write_text("v1")
+    current.symlink_to(v1)
+    capsys.readouterr()
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(current)) == 2
+    _assert_one_line_error(capsys, f"{current}: is a symbolic link (to {v1}); pass --overwrite to replace the link itself")
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(current), "--overwrite") == 0
+    assert not current.is_symlink() and (current / "layer_00-model_states.pt").is_file()
+    assert [p.name for p in v1.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "hf_gqa_tied", "v1"]
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    aside = tmp_path / f".current.old-{socket.gethostname()}-{dead.pid}"
+    aside.symlink_to(v1)
+    said: list[str] = []
+    clean_leftovers(current, said.append)
+    assert not os.path.lexists(aside) and [p.name for p in v1.iterdir()] == ["old.txt"] and len(said) == 1
+    current.rename(tmp_path / "new")
+    aside.symlink_to(v1)
+    clean_leftovers(current, said.append)
+    assert current.is_symlink() and os.readlink(current) == str(v1) and not os.path.lexists(aside)
+
+
+# ---------------------------------------------------------------------------------------------- output targets, modes
+
+
+def test_a_mount_point_target_is_refused_before_any_work(tmp_path, tokenizer, tokenizer_dir, capsys, monkeypatch):
+    """An (empty) mount point as the target, as `docker -v host:/out` gives: the output is built beside it and renamed
+    into place, which a mount point refuses (EBUSY) only after the whole conversion, and --overwrite would delete the
+    finished output. Every command refuses it up front, with or without --overwrite, naming a directory inside it."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    pp = tmp_path / "pp"
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(pp)) == 0
+    save = _lora_checkpoint(tmp_path, pp)
+    out = tmp_path / "out"
+    out.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.path.abspath(p) == str(out) or real_ismount(p))
+    expected = f"{out}: is a mount point (the output is renamed into place): give a directory inside it, e.g. " \
+               f"{out / 'model'}"
+    for argv in [("hg_to_pp", "--input-path", str(hf)), ("pp_to_hg", "--input-path", str(pp)),
+                 ("pp_to_hg", "--input-path", str(save), "--lora", "peft"),
+                 ("pp_to_hg", "--input-path", str(save), "--lora", "merge"),
+                 ("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tokenizer_dir))]:
+        for overwrite in ((), ("--overwrite",)):
+            capsys.readouterr()
+            assert run(*argv, "--save-path", str(out), *overwrite) == 2, argv
+            err = _assert_one_line_error(capsys, expected)
+            assert not any(line.startswith("[1/") for line in err), argv  # before any work
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}$"):
+        with atomic_output_dir(out, overwrite=True):
+            pass
+    assert list(out.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_gqa_tied", "lora_run", "out", "pp"]  # no temp dirs
+    assert run("pp_to_hg", "--input-path", str(pp), "--save-path", str(out / "model")) == 0  # inside it: fine
+
+
+def test_a_real_mount_point_target_is_refused(tmp_path, tokenizer, capsys, small_disk):
+    """The same on a real mount (a tmpfs; skipped where mount is not allowed): --overwrite leaves it as it was."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    disk = small_disk(4 * 2**20)
+    capsys.readouterr()
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(disk), "--overwrite") == 2
+    _assert_one_line_error(capsys, f"{disk}: is a mount point")
+    assert list(disk.iterdir()) == [] and not [p for p in tmp_path.iterdir() if p.name.startswith((".", "disk0."))]
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(disk / "model")) == 0
+
+
+def test_outputs_get_the_modes_the_umask_gives(tmp_path, tokenizer, tokenizer_dir):
+    """Side files are copied by content, not with their source's mode: a private (0600) tokenizer_config.json does not
+    make an export unreadable to others, and a read-only (0444) generation_config.json does not stop pp_to_hg (as a
+    user who is not root) rewriting it for a chat run."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    (hf / "additional_chat_templates").mkdir(mode=0o700)
+    (hf / "additional_chat_templates" / "tool_use.jinja").write_text("TOOLS")
+    modes = {"tokenizer_config.json": 0o600, "generation_config.json": 0o444, "config.json": 0o444,
+             "tokenizer.json": 0o600, "additional_chat_templates/tool_use.jinja": 0o400}
+    for name, mode in modes.items():
+        (hf / name).chmod(mode)
+    umask = os.umask(0o027)
+    try:
+        assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp")) == 0
+        assert run("pp_to_hg", "--input-path", str(tmp_path / "pp"), "--save-path", str(tmp_path / "back")) == 0
+        assert run("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(hf), "--save-path",
+                   str(tmp_path / "init")) == 0
+    finally:
+        os.umask(umask)
+    for out in ("pp", "back", "init"):
+        for name in modes:
+            if out != "init" or name.startswith(("tokenizer", "additional")):
+                assert (tmp_path / out / name).stat().st_mode & 0o777 == 0o640, (out, name)
+        assert (tmp_path / out / "additional_chat_templates").stat().st_mode & 0o777 == 0o750, out

@@ -1,0 +1,205 @@
+"""A run directory nothing can corrupt: a damaged checkpoint passed over, a full disk as one line, the stop of the
+`deepspeed` command itself, and the converter's checks (shapes, corrupt headers, leftovers of a killed conversion).
+
+Multi-process parts use the real deepspeed launcher on CPU; the full disk is a real tmpfs mounted for the
+test (root), never an injected error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.convert import hg_to_pp, pp_to_hg
+from models.diskspace import tree_size
+from models.hf_io import CheckpointError, atomic_output_dir
+from tests.helpers import (
+    dead_pid,
+    errors_of,
+    finish_deepspeed,
+    ops_config,
+    output_of,
+    run_deepspeed,
+    start_deepspeed,
+    workers_of,
+)
+from tests.test_train_ops import losses_of, wait_for
+from training.resume import resume_tag
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_damaged_checkpoint_is_passed_over(tmp_path, ops_model, ops_uninterrupted):
+    """A truncated file (found by the manifest before loading) and a file whose bytes are garbage (found by the
+    load itself, on one rank): the run resumes from the previous intact checkpoint, with a line saying so."""
+    save = tmp_path / "out"
+    shutil.copytree(ops_uninterrupted, save, ignore=shutil.ignore_patterns("runs"))
+    layer = sorted((save / "global_step8").glob("layer_*-model_states.pt"))[0]
+    data = layer.read_bytes()
+    layer.write_bytes(data[: len(data) // 2])
+    tag, notes = resume_tag(save)
+    assert tag == "global_step6" and f"{layer.name} has {len(data) // 2} bytes, {len(data)} were written" in notes[0]
+
+    (save / "latest").write_text("global_step6")
+    bad = sorted((save / "global_step6").glob("layer_*-model_states.pt"))[-1]
+    bad.write_bytes(b"\0" * bad.stat().st_size)  # same size: only loading it can tell
+    out = run_deepspeed("train_ds.py", ["--config", str(ops_config(tmp_path, ops_model, save_interval=3))]).stdout
+    assert f"checkpoint {save / 'global_step6'} cannot be loaded (rank " in out
+    assert f"resuming from the previous intact checkpoint {save / 'global_step3'} instead" in out
+    assert losses_of(save) == losses_of(ops_uninterrupted)  # steps 4-8 again, bit-identical
+
+
+# ------------------------------------------------------------------------------------------ a full disk (conftest's small_disk)
+
+
+@pytest.mark.distributed
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, ops_model, ops_uninterrupted,
+                                                                                small_disk):
+    ckpt = tree_size(ops_uninterrupted / "global_step3")
+    side = sum(f.stat().st_size for f in ops_uninterrupted.iterdir() if f.is_file())
+    disk = small_disk(side + ckpt * 3 // 2 + 256 * 1024)  # room for one checkpoint, not two
+    cfg = ops_config(tmp_path, ops_model, save_path=str(disk / "out"), max_steps=4, save_interval=2)
+    code, out = finish_deepspeed(start_deepspeed("train_ds.py", ["--config", str(cfg)]), expect=1)
+    said = errors_of(out)
+    assert len(said) == 1 and "Traceback" not in out, out[-4000:]
+    assert said[0].startswith(f"train_ds.py: error: saving checkpoint global_step4 in {disk / 'out'}: no space left on "
+                              "device (needed about ") and ", free " in said[0]
+    assert f"the previous checkpoint {disk / 'out' / 'global_step2'} is intact" in said[0]
+    assert (disk / "out" / "latest").read_text() == "global_step2" and resume_tag(disk / "out") == ("global_step2", [])
+    assert not list((disk / "out").glob(".tmp-*"))
+
+    filler = disk / "filler"  # the disk as full as the failed save left it
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    with pytest.raises(CheckpointError) as e:  # an export onto the full disk: refused before anything is written
+        pp_to_hg(disk / "out", disk / "hf")
+    assert "no space left on device (needed about" in str(e.value) and "\n" not in str(e.value)
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "out"]
+
+
+def test_disk_full_while_writing_an_export_is_one_line(small_disk):
+    disk = small_disk(64 * 1024)
+    with pytest.raises(CheckpointError, match=r"^.*out: no space left on device \(free .*\)$"):
+        with atomic_output_dir(disk / "out", overwrite=False) as tmp:
+            torch.save(torch.zeros(100_000), tmp / "big.pt")
+    assert list(disk.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ stopping the launcher
+
+
+@pytest.mark.distributed
+def test_sigterm_to_the_deepspeed_command_saves_and_stops_the_ranks(tmp_path, ops_model, ops_uninterrupted):
+    """What `timeout` sends: SIGTERM to the `deepspeed` command alone, which DeepSpeed's single-node runner does not
+    forward. The ranks notice it has gone, save at the step boundary and exit 0: no orphan keeps training.
+    The run replaces an earlier one ("resume" false, "overwrite_save_path"), started by SLURM job 4242: the stop
+    says how to resume, and a requeue of that job (the same command) resumes it, not replaces it again."""
+    save = tmp_path / "out"
+    save.mkdir()
+    (save / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # the run it replaces
+    cfg = ops_config(tmp_path, ops_model, resume=False, overwrite_save_path=True)
+    job = {"SLURM_JOB_ID": "4242"}
+    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "step:2:60", **job})
+    wait_for(lambda: (save / "metrics.jsonl").is_file() and 2 in losses_of(save), proc)
+    workers = workers_of(proc)
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGTERM)  # the runner only (the launcher and the ranks are its descendants)
+    proc.wait(timeout=60)
+    for w in workers:
+        w.wait(timeout=120)
+    assert (save / "latest").read_text() == "global_step2", output_of(proc)[-3000:]
+    assert (f'saving at step 2 and exiting (to resume, set "resume": "auto" in {cfg}: a restart of this same job '
+            'resumes by itself; run again otherwise, "resume": false would start over and delete this run)') in output_of(proc)
+    finish_deepspeed(proc, expect=None)
+    out = run_deepspeed("train_ds.py", ["--config", str(cfg)], env={**job, "SLURM_RESTART_COUNT": "1"}).stdout
+    assert (f"warning: this is a restart of SLURM job 4242, start 1 of it (this is start 2), which started the run in "
+            f"save_path {save}: it resumes that run") in out
+    assert f"resumed from {save / 'global_step2'} at step 2" in out
+    assert losses_of(save) == losses_of(ops_uninterrupted)  # steps 1-8, as one run without a stop
+
+
+# ------------------------------------------------------------------------------------------ the converter
+
+
+def _tiny_hf(tmp_path: Path, tokenizer) -> Path:
+    from models import get_family
+    from tests.helpers import tiny_config
+
+    torch.manual_seed(0)
+    hf = get_family("llama").hf_model_class(tiny_config("llama", "gqa_tied", vocab_size=len(tokenizer)))
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_converter_checks_shapes_and_headers(tmp_path, tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    src = _tiny_hf(tmp_path, tokenizer)
+    weights = load_file(src / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj.weight"
+    good = weights[key]
+    weights[key] = torch.zeros(good.shape[0] + 1, good.shape[1])
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensor {key} has shape \[{good.shape[0] + 1}, {good.shape[1]}\] but "
+                                              rf".*config.json expects \[{good.shape[0]}, {good.shape[1]}\]"):
+        hg_to_pp(src, tmp_path / "pp")
+    assert not (tmp_path / "pp").exists() and not list(tmp_path.glob(".pp.tmp-*"))
+
+    raw = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", 2**60) + raw[8:])  # an absurd header length
+    with pytest.raises(CheckpointError, match=r"header length field says 1152921504606846976 bytes, the file has"):
+        hg_to_pp(src, tmp_path / "pp")
+    (src / "model.safetensors").write_bytes(raw[: len(raw) // 2])  # truncated: offsets past the end
+    with pytest.raises(CheckpointError, match=r"do not fit the file .*corrupt or truncated"):
+        hg_to_pp(src, tmp_path / "pp")
+
+
+def test_a_killed_conversion_leaves_nothing_the_next_one_does_not_clean(tmp_path, tokenizer):
+    src = _tiny_hf(tmp_path, tokenizer)
+    dst = tmp_path / "pp"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys; from pathlib import Path; from models.hf_io import atomic_output_dir\n"
+        "with atomic_output_dir(Path(sys.argv[1]), False) as tmp:\n"
+        "    (tmp / 'layer_00-model_states.pt').write_bytes(b'x' * 1000)\n"
+        "    os.kill(os.getpid(), 9)\n"), str(dst)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert killed.returncode == -signal.SIGKILL
+    left = list(tmp_path.glob(".pp.tmp-*"))
+    assert len(left) == 1 and not dst.exists()
+    done = subprocess.run([sys.executable, "convert_model.py", "hg_to_pp", "--input-path", str(src), "--save-path",
+                           str(dst)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"removed {left[0]}: left by an interrupted conversion" in done.stderr
+    assert not list(tmp_path.glob(".pp.tmp-*")) and (dst / "layer_00-model_states.pt").is_file()
+
+    # an --overwrite killed between moving the old output aside and renaming the new one: the old one comes back
+    aside = tmp_path / f".pp.old-{socket.gethostname()}-{dead_pid()}"
+    os.replace(dst, aside)
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        hg_to_pp(src, dst)
+    assert (dst / "layer_00-model_states.pt").is_file() and not aside.exists()
+
+
+def test_disk_full_for_the_data_cache_is_one_warning(small_disk, ops_model, tokenizer, caplog):
+    from data.encode import load_dataset
+
+    disk = small_disk(4096)
+    (disk / "filler").write_bytes(b"\0" * 4096)  # the cache's directory is full from the start
+    with caplog.at_level("WARNING"):
+        ds = load_dataset(str(ops_model / "train.jsonl"), tokenizer, 64, cache_dir=disk / "cache")
+    said = [r.getMessage() for r in caplog.records if "data cache" in r.getMessage()]
+    assert len(ds) > 0 and len(said) == 1 and "no space left on device (needed about" in said[0], said
+    assert "continuing without the cache (the next start tokenizes again: set data_cache_dir to a writable directory)" in said[0] and "\n" not in said[0]
+    assert ds.stats.cache_status == f"not written ({said[0].split('; continuing')[0]})"  # what the trainer logs

@@ -235,14 +235,21 @@ def parse_size(text: str) -> int:
     raise CheckpointError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2000000")
 
 
+def missing_layer_file(layers_dir: Path, family: ModelFamily, config, expected=None) -> str | None:
+    """The first layer file the model's config needs that `layers_dir` lacks, as one line; None if none."""
+    for idx in expected if expected is not None else meta_layers(family, config):
+        if not (layers_dir / LAYER_FILE.format(idx)).is_file():
+            return f"{layers_dir / LAYER_FILE.format(idx)}: missing ({_layer_name(family, config, idx)})"
+    return None
+
+
 def iter_hf_tensors(layers_dir: Path, family: ModelFamily, config, progress: bool = True):
     """Yield (HF key, tensor) from a dir of layer files, one layer file in memory at a time; a missing file, a wrong
     key set or shape raises CheckpointError naming the file, for every file before the first tensor is yielded."""
     n = family.num_blocks(config)
     expected = expected_layer_keys(family, config)
-    for idx in expected:
-        if not (layers_dir / LAYER_FILE.format(idx)).is_file():
-            raise CheckpointError(f"{layers_dir / LAYER_FILE.format(idx)}: missing ({_layer_name(family, config, idx)})")
+    if problem := missing_layer_file(layers_dir, family, config, expected):
+        raise CheckpointError(problem)
     shapes = expected_layer_shapes(family, config)
 
     def checked(idx: int) -> dict[str, torch.Tensor]:

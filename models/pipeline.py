@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
+from .hf_io import CheckpointError
+
 LAYER_FILE = "layer_{:02d}-model_states.pt"
 IGNORE_INDEX = -100
 
@@ -317,6 +319,16 @@ def load_layer_files(layers: dict | nn.ModuleDict, directory: str | Path) -> Non
         mod.load_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
 
+def layer_file_problem(path: Path, e: Exception) -> str:
+    """Why the layer file `path` did not load (read or fit its module: `e`), as one line naming it."""
+    if not path.is_file():
+        return f"{path}: layer file missing"
+    said = " ".join(str(e).split())
+    if len(said) > 200:  # the sentences that fit (torch's zip errors go on about the file being corrupt)
+        said = said[:said.rfind(". ", 0, 200) + 1] if ". " in said[:200] else said[:200] + "..."
+    return f"{path}: cannot be loaded ({type(e).__name__}: {said})"
+
+
 class PipelineModel(PipelineModule):
     """DeepSpeed PipelineModule whose stage bounds come from `stage_bounds_fn(num_stages)` (see
     `plan_stages`: explicit `parts` or a cost balance over units). Only this stage's layers are built."""
@@ -391,16 +403,25 @@ class PipelineModel(PipelineModule):
 
     def load_layer_files(self, directory: str | Path) -> None:
         """Load the layer files of the layers this stage owns (then re-broadcast tied weights). A layer that loaded
-        its file while being built (`loaded_from`: a 4-bit block, models/quant.py) is skipped."""
-        todo = []
+        its file while being built (`loaded_from`: a 4-bit block, models/quant.py) is skipped; one that failed to
+        (`load_problem`) counts as this rank's problem. Collective: a file that does not load (truncated, other keys
+        or shapes) on any rank is one CheckpointError naming it on every rank, not a traceback on one while the
+        others wait in the tied-weight broadcast."""
+        problem = None
         for idx, layer in enumerate(self.forward_funcs):
             path = Path(directory) / LAYER_FILE.format(self._local_start + idx)
-            if hasattr(layer, "load_state_dict") and not getattr(layer, "loaded_from", None):
-                if not path.is_file():
-                    raise FileNotFoundError(f"{path}: layer file missing")
-                todo.append((layer, path))
-        for layer, path in todo:
-            layer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            problem = getattr(layer, "load_problem", None)
+            if problem is None and hasattr(layer, "load_state_dict") and not getattr(layer, "loaded_from", None):
+                try:
+                    layer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+                except Exception as e:  # noqa: BLE001 - any failure to read or fit it
+                    problem = layer_file_problem(path, e)
+            if problem:
+                break
+        found = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(found, problem)
+        if problem := next((p for p in found if p), None):
+            raise CheckpointError(problem)
         self._synchronize_tied_weights()
 
     def _get_frozen_parameter_names(self, layer):

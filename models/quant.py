@@ -21,7 +21,7 @@ from deepspeed.pipe import LayerSpec
 from torch import nn
 
 from .family import ModelFamily
-from .pipeline import LAYER_FILE
+from .pipeline import LAYER_FILE, layer_file_problem
 
 BNB_PACKAGE, BNB_MIN = "bitsandbytes", (0, 46)
 QUANT_TYPES = ("nf4", "fp4")
@@ -165,10 +165,12 @@ class QuantizedBlockSpec(LayerSpec):
 
         module = self.typename(*self.module_args, **self.module_kwargs)
         path = self.path / LAYER_FILE.format(self.layer_idx)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: layer file missing")
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        module.load_state_dict(sd)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            module.load_state_dict(sd)
+        except Exception as e:  # noqa: BLE001 - raised by PipelineModel.load_layer_files on every rank at once
+            module.load_problem = layer_file_problem(path, e)
+            return module
         dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), None)  # quantise the weights as stored
         quantize_linears(module, self.settings, get_accelerator().current_device_name(), dtype=dtype)
         del sd

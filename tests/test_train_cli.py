@@ -44,7 +44,7 @@ def variants(tmp_path_factory, base) -> dict[str, Path]:
     return out
 
 
-def write_config(tmp_path: Path, base: Path, **over) -> Path:
+def write_config(tmp_path: Path, base: Path, name: str = "cfg.json", **over) -> Path:
     data = tmp_path / "d.jsonl"
     if not data.exists():
         data.write_text("".join(json.dumps({"instruct": f"say {i}", "output": f"word {i}"}) + "\n" for i in range(16)))
@@ -52,8 +52,8 @@ def write_config(tmp_path: Path, base: Path, **over) -> Path:
            "max_steps": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, **over}
     cfg = {k: v for k, v in cfg.items() if v is not None}
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    return tmp_path / "cfg.json"
+    (tmp_path / name).write_text(json.dumps(cfg))
+    return tmp_path / name
 
 
 CASES = {  # name -> (config overrides, expected text)
@@ -325,6 +325,34 @@ def test_hf_dir_as_model_path_gets_a_hint(tmp_path, base, capsys):
     assert convert_model.main(["pp_to_hg", "--input-path", str(base), "--save-path", str(hf)]) == 0
     assert train_ds.main(["--config", str(write_config(tmp_path, base, model_path=str(hf)))]) == 2
     assert "has no pipeline layer files (an HF dir? convert it first: python convert_model.py hg_to_pp)" in capsys.readouterr().err
+
+
+def test_a_missing_or_damaged_layer_file_of_model_path_is_one_line(tmp_path, base, capsys, monkeypatch):
+    """A layer file missing: refused with the config, before the data are read; one that does not load (truncated,
+    as an interrupted copy leaves it; another layer's tensors): one line naming it once the model is built (its
+    rank's problem is every rank's, tests/test_run_faults.py)."""
+    model = tmp_path / "pp"
+    shutil.copytree(base, model)
+    layer = model / "layer_02-model_states.pt"
+    body = layer.read_bytes()
+    layer.unlink()
+    cfg = write_config(tmp_path, base, model_path=str(model))
+    assert train_ds.main(["--config", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"train_ds.py: error: {cfg}: model_path: {layer}: missing (block 1): an incomplete copy or conversion of the model"]
+    qlora = write_config(tmp_path, base, model_path=str(model), lora={"r": 4}, name="qlora.json",
+                         quantization={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"})
+    truncated = (body[:1000], "cannot be loaded (RuntimeError: PytorchStreamReader failed reading zip archive")
+    for damage, says, config in ((*truncated, cfg), (*truncated, qlora),  # QLoRA: the block loads as it is built
+                                 ((model / "layer_00-model_states.pt").read_bytes(),
+                                  "cannot be loaded (RuntimeError: Error(s) in loading state_dict for ", cfg)):
+        layer.write_bytes(damage)
+        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # a new single-process group
+            monkeypatch.delenv(k, raising=False)
+        assert train_ds.main(["--config", str(config)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {layer}: {says}"), err
+    assert not (tmp_path / "out" / "latest").exists()
 
 
 def test_bad_records_fail_before_any_model_is_built(tmp_path, base):

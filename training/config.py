@@ -20,7 +20,7 @@ import torch
 from data.records import DataError, resolve_files
 from data.templates import TemplateSettings
 from models.attention import attn_problem
-from models.convert import family_of
+from models.convert import family_of, missing_layer_file
 from models.hf_io import CheckpointError
 from models.lora import LoraSettings, check_adapter_keys, parse_lora
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
@@ -497,6 +497,8 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
         raise ConfigError(f"{path}: {e.problems[0]}") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: model_path {model}: cannot load a tokenizer ({' '.join(str(e).split())[:200]})") from None
+    if not cfg.from_scratch and (missing := missing_layer_file(model, family, config)):
+        raise ConfigError(f"{path}: model_path: {missing}: an incomplete copy or conversion of the model")
     if len(tokenizer) > config.vocab_size:
         raise ConfigError(f"{path}: model_path {model}: the model's vocab_size {config.vocab_size} is smaller than the "
                           f"tokenizer's {len(tokenizer)} tokens (ids >= {config.vocab_size} have no embedding row); resize "

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+MIN_TEMPERATURE = 1e-6  # the smallest sampling temperature (0: greedy)
+
+
 def check_args(args: argparse.Namespace) -> None:
     if args.input is not None and args.instruct is None:
         raise DemoError("--input needs --instruct")
@@ -93,6 +96,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise DemoError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise DemoError(f"--temperature {args.temperature}: must be a number >= 0")
+    if 0 < args.temperature < MIN_TEMPERATURE:
+        raise DemoError(f"--temperature {args.temperature}: must be 0 (greedy) or at least {MIN_TEMPERATURE:g} (logits "
+                        "divided by less can overflow; sampling at such a temperature is greedy decoding anyway)")
+    if not -2**63 <= args.seed < 2**64:
+        raise DemoError(f"--seed {args.seed}: must be in [-2**63, 2**64) (torch's seed range)")
     if args.top_k is not None and args.top_k < 0:
         raise DemoError(f"--top-k {args.top_k}: must be >= 0")
     if args.top_p is not None and not 0 < args.top_p <= 1:

@@ -117,6 +117,10 @@ def test_sampling_without_top_k_or_top_p_takes_the_models_generation_config(dirs
     (["--model-path", "{tmp}", "--prompt", "x", "--top-p", "0"], "--top-p"),
     (["--model-path", "{tmp}", "--prompt", "x", "--top-p", "0.5"], "--top-p samples, but --temperature 0 is greedy"),
     (["--model-path", "{tmp}", "--prompt", "x", "--temperature", "nan"], "--temperature nan: must be a number >= 0"),
+    (["--model-path", "{tmp}", "--prompt", "x", "--temperature", "1e-40"], "--temperature 1e-40: must be 0 (greedy) or "
+     "at least 1e-06"),  # (it overflowed inside torch.multinomial)
+    (["--model-path", "{tmp}", "--prompt", "x", "--temperature", "1", "--seed", str(2**64)],
+     f"--seed {2**64}: must be in [-2**63, 2**64)"),
     (["--model-path", "{tmp}", "--record", '[{"instruct": "x"}]'], "--record: a record is a JSON object"),
     (["--model-path", "{tmp}", "--instruct", "   "], "--instruct: field 'instruct' is empty"),  # as training says
     (["--model-path", "{tmp}", "--record", '{"rounds": [{"role": "ask", "text": "Hi"}]}'],

@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as e:
         print(f"train_ds.py: error: {e}", file=sys.stderr)
         return 2
-    quiet = int(os.environ["LOCAL_RANK"]) != 0  # one copy of each error per node
+    # One copy of each error per node: the errors every process raises alike (config, data, a failed save gathered
+    # from all ranks) are printed by LOCAL_RANK 0 alone. An error a process finds about itself names it: its message
+    # starts with "rank RANK: " (the trainer's device and join errors); only some ranks may raise those (under srun
+    # --gpus-per-task only LOCAL_RANK >= 1 lacks its GPU), so every process prints its own.
+    quiet = int(os.environ["LOCAL_RANK"]) != 0
+    own = f"rank {int(os.environ['RANK'])}: "
     try:
         from launch.accelerator import install_from_env
 
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except (ConfigError, DataError, ModelConfigError, CheckpointError, TrainingStopped, AcceleratorError,
             LaunchError) as e:
-        if not quiet:
+        if not quiet or str(e).startswith(own):
             for line in str(e).splitlines():
                 print(f"train_ds.py: error: {line}", file=sys.stderr)
         return 1 if isinstance(e, TrainingStopped) else 2

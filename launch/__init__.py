@@ -57,9 +57,10 @@ def parse_spec(spec: str, where: str = ENV) -> tuple[str, str]:
     return device, backend
 
 
-def check_device(device_type: str, backend: str, where: str = ENV) -> None:
-    """A one-line AcceleratorError naming `where` unless torch here knows `device_type` and has the process-group
-    `backend` (after importing the module that registers the device, REGISTERS)."""
+def check_device(device_type: str, backend: str, where: str = ENV, present: bool = True) -> None:
+    """A one-line AcceleratorError naming `where` unless torch here knows `device_type` (after importing the module
+    that registers the device, REGISTERS), it is a training device (not meta), torch has the process-group `backend`,
+    and (`present`) this machine has such a device: `device_missing`."""
     import importlib
 
     import torch
@@ -74,6 +75,39 @@ def check_device(device_type: str, backend: str, where: str = ENV) -> None:
         torch.device(device_type)
     except RuntimeError:
         raise AcceleratorError(f"{where}: torch knows no device type {device_type!r}") from None
+    if device_type == "meta":
+        raise AcceleratorError(f"{where}: 'meta' is not a training device (its tensors hold no data); name the device "
+                               "to train on, e.g. neuron:neuron or cpu:gloo")
     if not torch.distributed.is_backend_available(backend):
         raise AcceleratorError(f"{where}: torch has no process-group backend {backend!r} here (is the package that "
                                "registers it installed?)")
+    if present and (missing := device_missing(device_type)):
+        raise AcceleratorError(f"{where}: {missing}")
+
+
+def device_missing(device_type: str) -> str | None:
+    """Why this machine has no usable `device_type` device (a type torch knows), else None; asked the way
+    TorchDeviceAccelerator drives the device: its device module's is_available() (else device_count()), else whether
+    it is torch's current accelerator. Nothing is allocated (a launcher must not take a device its ranks need)."""
+    import torch
+
+    if device_type == "cpu":
+        return None
+    try:
+        mod = torch.get_device_module(device_type)
+    except (RuntimeError, AttributeError):
+        mod = None
+    for name in ("is_available", "device_count"):
+        if callable(fn := getattr(mod, name, None)):
+            try:
+                if fn():
+                    return None
+                said = "is false" if name == "is_available" else "is 0"
+            except Exception as e:  # noqa: BLE001 - a device runtime that cannot start here: the device is not usable
+                said = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
+            return f"no {device_type!r} device here (torch.{device_type}.{name}() {said})"
+    current = torch.accelerator.current_accelerator()
+    if current is not None and current.type == device_type:
+        return None
+    return (f"no {device_type!r} device here (torch has no torch.{device_type} module and its current accelerator is "
+            f"{current.type if current is not None else 'none'}; is the package that registers the device installed?)")

@@ -10,7 +10,9 @@ PT_ENABLE_INT64_SUPPORT=1 (the stages exchange int64 position and segment ids). 
 also go to a DeepSpeed environment file (DS_ENV_FILE, after the lines of the user's ~/.deepspeed_env and
 ./.deepspeed_env, which it replaces), since DeepSpeed's multi-node launcher forwards only a few prefixes to the
 other nodes. Before anything starts: the topology against the process count, fp16 against the
-device (first-generation Gaudi has none), lazy mode refused; each a one-line error.
+device (first-generation Gaudi has none), lazy mode refused; each a one-line error. The caller's own
+DS_ACCELERATOR (e.g. hpu exported on a host without habana_frameworks) is not used by these checks: --dry-run
+prints the command anywhere, and a real launch needs habana_frameworks.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def build(args: argparse.Namespace, fp16: bool | None = None, probe: bool = True
     return Launch(cmd, env, files, notes)
 
 
-main = main_of("launch.gaudi", parser, build)
+main = main_of("launch.gaudi", parser, build, sets_ds_accelerator=True)  # ENV: DS_ACCELERATOR=hpu
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch import AcceleratorError
+from launch import AcceleratorError, ds_accelerator_problem
 
 
 @dataclass
@@ -61,7 +61,8 @@ def config_path(script_args: list[str]) -> Path:
 
 def read_config(path: Path) -> dict:
     """The training config's JSON object, read as train_ds.py reads it (the one reader: training.config)."""
-    from training.config import ConfigError, read_config_file
+    with contextlib.redirect_stdout(io.StringIO()):  # importing DeepSpeed logs its accelerator guess to stdout
+        from training.config import ConfigError, read_config_file
 
     try:
         return read_config_file(path)
@@ -91,12 +92,31 @@ def precision(raw: dict) -> str | None:
     return on[0] if on else None
 
 
-def main_of(prog: str, parser: Callable[[], argparse.ArgumentParser], build: Callable[[argparse.Namespace], Launch]
-            ) -> Callable[[list[str] | None], int]:
-    """main(argv) of a shim: parse, `build` the Launch, then print it (--dry-run) or exec it. Errors: one line, exit 2."""
+def main_of(prog: str, parser: Callable[[], argparse.ArgumentParser], build: Callable[[argparse.Namespace], Launch],
+            sets_ds_accelerator: bool = False) -> Callable[[list[str] | None], int]:
+    """main(argv) of a shim: parse, `build` the Launch, then print it (--dry-run) or exec it. Errors: one line, exit 2.
+
+    The caller's DS_ACCELERATOR, when its vendor package is missing here (`ds_accelerator_problem`), would fail the
+    shim's own DeepSpeed import (its config checks) with a traceback. A shim whose launch sets DS_ACCELERATOR itself
+    (`sets_ds_accelerator`: Gaudi's hpu) does not use the caller's value: it is left out of the shim's own checks,
+    which do not depend on the device, so --dry-run prints the command on any host. Any other shim's ranks would
+    inherit it and fail: refused in one line, before anything else."""
 
     def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
+        hidden = None
+        if problem := ds_accelerator_problem():
+            if not sets_ds_accelerator:
+                print(f"{prog}: error: {problem}", file=sys.stderr)
+                return 2
+            hidden = os.environ.pop("DS_ACCELERATOR")  # the launch's own env sets it (execute merges it back)
+        try:
+            return run(args)
+        finally:
+            if hidden is not None:  # for an in-process caller (execute does not return)
+                os.environ["DS_ACCELERATOR"] = hidden
+
+    def run(args: argparse.Namespace) -> int:
         try:
             launch = build(args)
         except AcceleratorError as e:

@@ -10,7 +10,9 @@ PIPEFT_ACCELERATOR=neuron:neuron and train_ds.py reads it. Several nodes: run th
 its --node_rank. Checked before anything starts: the topology against nproc_per_node x nnodes, the multi-node
 arguments, and an optimizer that needs DeepSpeed's compiled ops (fused Adam/Lamb), which have no Neuron build:
 Adam/AdamW need "torch_adam": true. --accelerator DEVICE:BACKEND runs the same path on another device (the
-tests use cpu:gloo); a device or backend torch lacks here is refused before torchrun starts. Trn1 (torch-xla) is not served by this path: see README.
+tests use cpu:gloo); a device or backend torch lacks here, or a device this machine lacks (--dry-run: a note; the
+command is for a host with one), is refused before torchrun starts. Trn1 (torch-xla) is not served by this path: see
+README.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import argparse
 import importlib.util
 import sys
 
-from launch import ENV, REGISTERS, AcceleratorError, check_device, parse_spec
+from launch import ENV, REGISTERS, AcceleratorError, check_device, device_missing, parse_spec
 from launch.shim import Launch, add_script_args, check_topology, config_path, main_of, read_config
 
 COMPILED_OPTIMIZERS = ("lamb", "onebitadam", "zerooneadam", "onebitlamb")  # DeepSpeed CUDA kernels only
@@ -77,7 +79,9 @@ def build(args: argparse.Namespace) -> Launch:
                                    "Neuron stack (--dry-run prints the command anyway)")
         notes.append(f"{need} is not installed here: the command is for a Trn2/Trn3 host")
     else:  # what every rank's TorchDeviceAccelerator would refuse, refused before torchrun starts
-        check_device(device, backend, "--accelerator")
+        check_device(device, backend, "--accelerator", present=not args.dry_run)
+        if args.dry_run and device_missing(device):
+            notes.append(f"no {device!r} device here: the command is for a host with one")
     return Launch(cmd, {ENV: f"{device}:{backend}"}, notes=notes)
 
 

@@ -165,6 +165,31 @@ def test_trainium_bad_combinations_are_one_line(argv, over, message, dry, cfg, c
     assert "PIPEFT_ACCELERATOR" not in err  # the option the user typed is what is named
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("xpu:gloo", "--accelerator: no 'xpu' device here (torch.xpu.is_available() is false)"),
+    ("cuda:gloo", "--accelerator: no 'cuda' device here (torch.cuda.is_available() is false)"),
+    ("hpu:gloo", "--accelerator: no 'hpu' device here (torch has no torch.hpu module and its current accelerator is "
+                 "none; is the package that registers the device installed?)"),
+    ("meta:gloo", "--accelerator: 'meta' is not a training device (its tensors hold no data)"),
+])
+def test_trainium_refuses_a_device_this_machine_lacks(spec, message, cfg, capsys, monkeypatch):
+    """torch knows these device types by name; this machine has none of them (meta is no training device at all).
+    --dry-run prints the command for a host that has the device, with a note; meta is refused there too."""
+    monkeypatch.setattr(trainium.Launch, "execute", lambda self: pytest.fail(f"launched: {self.cmd}"))
+    argv = ["--nproc_per_node", "2", "--accelerator", spec, "train_ds.py", "--config", str(cfg())]
+    code, out, err = dry_run(trainium, argv, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("launch.trainium: error: ") and err.count("\n") == 1 and message in err, err
+    code, out, err = dry_run(trainium, ["--dry-run", *argv], capsys)
+    if spec.startswith("meta"):
+        assert code == 2 and out == "" and message in err, err
+    else:
+        device = spec.split(":")[0]
+        assert code == 0 and err == "", err
+        assert f"# no {device!r} device here: the command is for a host with one" in out.splitlines()
+        assert f"export PIPEFT_ACCELERATOR={spec}" in out.splitlines()
+
+
 def test_trainium_refuses_a_real_launch_without_torchneuron(cfg, capsys):
     code, out, err = dry_run(trainium, ["--nproc_per_node", "2", "train_ds.py", "--config", str(cfg())], capsys)
     assert code == 2 and "torch_neuronx (TorchNeuron) is not installed" in err
@@ -198,10 +223,19 @@ def test_trainium_path_on_cpu_matches_reference(tmp_path, tokenizer):
      "device)"),
     ({"DS_ACCELERATOR": "cpu", "PIPEFT_ACCELERATOR": "hpu:hccl"}, "train_ds.py: error: PIPEFT_ACCELERATOR: torch has "
      "no process-group backend 'hccl' here (is the package that registers it installed?)"),
-], ids=["DS_ACCELERATOR", "PIPEFT_ACCELERATOR"])
+    ({"DS_ACCELERATOR": "cpu", "PIPEFT_ACCELERATOR": "hpu:gloo"}, "train_ds.py: error: PIPEFT_ACCELERATOR: no 'hpu' "
+     "device here (torch has no torch.hpu module and its current accelerator is none; is the package that registers "
+     "the device installed?)"),
+    ({"DS_ACCELERATOR": "cpu", "PIPEFT_ACCELERATOR": "xpu:gloo"}, "train_ds.py: error: PIPEFT_ACCELERATOR: no 'xpu' "
+     "device here (torch.xpu.is_available() is false)"),
+    ({"DS_ACCELERATOR": "cpu", "PIPEFT_ACCELERATOR": "meta:gloo"}, "train_ds.py: error: PIPEFT_ACCELERATOR: 'meta' is "
+     "not a training device (its tensors hold no data); name the device to train on, e.g. neuron:neuron or cpu:gloo"),
+], ids=["DS_ACCELERATOR", "PIPEFT_ACCELERATOR backend", "PIPEFT_ACCELERATOR hpu", "PIPEFT_ACCELERATOR xpu",
+        "PIPEFT_ACCELERATOR meta"])
 def test_an_accelerator_this_machine_lacks_is_one_line(cfg, env, message):
     """DeepSpeed builds DS_ACCELERATOR's accelerator when it is imported (a traceback there); a backend torch lacks
-    failed as an AssertionError once the process group started."""
+    failed as an AssertionError once the process group started; a device torch knows by name but this machine lacks
+    failed at its first use (set_device, the model's .to())."""
     proc = subprocess.run([sys.executable, "train_ds.py", "--config", str(cfg(dims=(1, 1)))], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
                           env={**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, **env})
@@ -211,8 +245,11 @@ def test_an_accelerator_this_machine_lacks_is_one_line(cfg, env, message):
 
 @pytest.mark.parametrize("argv", [["demo.py", "--model-path", "x", "--prompt", "hi"],
                                   ["convert_model.py", "hg_to_pp", "--input-path", "x", "--save-path", "y"],
-                                  ["-m", "training.plan", "--help"], ["-m", "data.inspect", "--config", "x", "--stats"]],
-                         ids=["demo", "convert", "plan", "inspect"])
+                                  ["-m", "training.plan", "--help"], ["-m", "data.inspect", "--config", "x", "--stats"],
+                                  ["-m", "launch.trainium", "--accelerator", "cpu:gloo", "train_ds.py", "--config",
+                                   "x"],
+                                  ["-m", "launch.trainium", "--dry-run", "train_ds.py", "--config", "x"]],
+                         ids=["demo", "convert", "plan", "inspect", "trainium", "trainium dry-run"])
 def test_every_entry_point_says_in_one_line_when_ds_accelerator_cannot_work(argv):
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "DS_ACCELERATOR": "hpu"})
@@ -220,3 +257,65 @@ def test_every_entry_point_says_in_one_line_when_ds_accelerator_cannot_work(argv
         ": error: DS_ACCELERATOR=hpu: DeepSpeed's HPU accelerator needs habana_frameworks, which is not installed "
         "here (unset DS_ACCELERATOR to let DeepSpeed detect this machine's device)"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+# the process of a node's LOCAL_RANK 1 under srun --gpus-per-task=1, simulated on CPU: DeepSpeed's accelerator (its
+# CPU one underneath) says its device is cuda and that this process sees 1 of them, so cuda:1 does not exist
+_ONE_VISIBLE_GPU = """
+import sys
+import deepspeed.accelerator as dsa
+import deepspeed.accelerator.real_accelerator as ra
+real = ra.get_accelerator()
+class OneVisibleGpu:
+    def __getattr__(self, name): return getattr(real, name)
+    def device_name(self, index=None): return "cuda"
+    def device_count(self): return 1
+fake = OneVisibleGpu()
+dsa.get_accelerator = ra.get_accelerator = lambda: fake
+import train_ds
+sys.exit(train_ds.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("case", ["own device", "config"])
+def test_an_error_only_some_ranks_raise_is_printed_by_them(case, tmp_path, ops_model):
+    """A process other than its node's LOCAL_RANK 0 prints the errors that name it ("rank N: ...": found by this
+    rank about itself, e.g. its device under srun --gpus-per-task) and leaves the errors every rank raises (a config
+    error) to LOCAL_RANK 0, so that a node shows one copy of those."""
+    from tests.helpers import errors_of, ops_config
+
+    config = ops_config(tmp_path, ops_model) if case == "own device" else tmp_path / "missing.json"
+    env = {**os.environ, "PYTHONPATH": pythonpath(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "RANK": "1",
+           "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env.pop("PIPEFT_ACCELERATOR", None)
+    proc = subprocess.run([sys.executable, "-c", _ONE_VISIBLE_GPU, "--config", str(config)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    if case == "own device":
+        assert errors_of(proc.stderr) == [
+            "train_ds.py: error: rank 1: LOCAL_RANK 1, but this process sees 1 cuda device(s) (cuda:1 does not exist): "
+            "every process of a node must see all of the node's devices (under SLURM: --gpus-per-node, without "
+            "--gpus-per-task or --gpu-bind)"], proc.stderr[-3000:]
+    else:
+        assert errors_of(proc.stderr) == [], proc.stderr[-3000:]  # LOCAL_RANK 0 says it
+
+
+def test_gaudi_ignores_an_unusable_ds_accelerator_of_its_caller(cfg):
+    """DS_ACCELERATOR=hpu (as Gaudi's docs have users export it) on a host without habana_frameworks: the shim's
+    own checks do not use the device and its launch sets DS_ACCELERATOR=hpu itself, so --dry-run prints the command
+    as without the variable, and a real launch is the one-line "not a Gaudi host" refusal."""
+    env = {**os.environ, "PYTHONPATH": pythonpath(ROOT), "DS_ACCELERATOR": "hpu"}
+    env.pop("PT_HPU_LAZY_MODE", None)
+    argv = [sys.executable, "-m", "launch.gaudi", "--world_size", "1", "train_ds.py", "--config", str(cfg(dims=(1, 1)))]
+    dry = subprocess.run([*argv[:5], "--dry-run", *argv[5:]], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert dry.returncode == 0 and "Traceback" not in dry.stderr, dry.stderr[-3000:]
+    lines = dry.stdout.strip().splitlines()
+    assert "export DS_ACCELERATOR=hpu" in lines and lines[-1].endswith("train_ds.py --config " + argv[-1]), dry.stdout
+    assert all(ln.startswith(("# ", "export ")) for ln in lines[:-1]), dry.stdout  # runnable in bash: no log lines
+    real = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert real.returncode == 2 and real.stdout == "" and "Traceback" not in real.stderr, real.stderr[-3000:]
+    assert real.stderr.strip().splitlines() == [
+        "launch.gaudi: error: habana_frameworks is not installed: this is not a Gaudi host with Intel Gaudi software "
+        "(--dry-run prints the command anyway)"], real.stderr[-3000:]

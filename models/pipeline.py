@@ -424,6 +424,29 @@ class PipelineModel(PipelineModule):
             raise CheckpointError(problem)
         self._synchronize_tied_weights()
 
+    def reduce_tied_grad_accum(self, engine) -> bool:
+        """Make `engine` also sum the tied weights' `grad_accum` over their stages. DeepSpeed's ZeRO-1 optimizer,
+        when gradients accumulate in another dtype than the weights' (fp16 with fp32 accumulation; bf16 or fp16 with
+        fp32 accumulation and offload_optimizer), moves each backward pass's gradient into `param.grad_accum` and
+        clears `.grad`; its pipeline engine's ReduceTiedGrads all-reduces `.grad` only (None then), so each stage
+        stepped its own share of the tied gradient and the copies drifted apart. Returns whether it was needed."""
+        from deepspeed.runtime.pipe import schedule
+
+        if not self.tied_comms or not getattr(engine.optimizer, "use_grad_accum_attribute", False):
+            return False
+        table = dict(engine._INSTRUCTION_MAP)
+        reduce_tied = table[schedule.ReduceTiedGrads]
+
+        def reduce_tied_grads(engine_self):
+            reduce_tied(engine_self)
+            for weight, group in self.get_tied_weights_and_groups():
+                if getattr(weight, "grad_accum", None) is not None:
+                    torch.distributed.all_reduce(weight.grad_accum, group=group)
+
+        table[schedule.ReduceTiedGrads] = reduce_tied_grads
+        engine._INSTRUCTION_MAP = table  # the instance's own table (models/wgrad.py's defer_in_engine wraps it)
+        return True
+
     def _get_frozen_parameter_names(self, layer):
         """Frozen parameters, which LoRA checkpoints leave out, and with them the quantisation state bitsandbytes
         stores beside a frozen 4-bit weight (`weight.absmax`, `weight.quant_map`, ...)."""

@@ -267,6 +267,22 @@ def test_bf16_trains_with_fp32_gradient_accumulation(tmp_path, ops_model, ops_un
     assert [m["lr"] for m in metrics_of(tmp_path / "out")] == pytest.approx(applied, rel=1e-9, abs=1e-12)
 
 
+def test_tied_weights_on_two_stages_train_as_one_with_fp32_accumulation_and_offload(tmp_path, ops_model,
+                                                                                     ops_uninterrupted):
+    """bf16 with fp32 gradient accumulation and offload_optimizer: DeepSpeed's ZeRO-1 optimizer accumulates into
+    `grad_accum`, which its tied-weight all-reduce did not sum, so the embedding and the head (its tied copy on the
+    last stage) each took only their own share of the gradient and drifted apart (PipelineModel.reduce_tied_grad_accum).
+    The copies stay equal, and the first step's gradient norm is the fp32 run's."""
+    over = dict(bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"}, max_steps=3,
+                zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}})
+    run_deepspeed("tests/workers/train_tied.py", ["--config", str(ops_config(tmp_path, ops_model, **over)),
+                                                  "--out-dir", str(tmp_path)])
+    reports = [json.loads((tmp_path / f"tied-rank{r}.json").read_text()) for r in range(2)]
+    assert [list(r["tied"].values()) for r in reports] == [[{"ranks": [0, 1], "max_abs_diff": 0.0}]] * 2, reports
+    got, fp32 = metrics_of(tmp_path / "out"), metrics_of(ops_uninterrupted)
+    assert got[0]["grad_norm"] == pytest.approx(fp32[0]["grad_norm"], rel=0.02)  # was 0.78x: the head's share lost
+
+
 def test_resume_on_another_topology_loads_weights_and_resets_the_optimizer(tmp_path, ops_model, ops_uninterrupted):
     save = tmp_path / "out"
     shutil.copytree(ops_uninterrupted, save, ignore=shutil.ignore_patterns("global_step3", "global_step8", "runs"))

@@ -162,6 +162,7 @@ class Trainer(TrainingData, RunDirectory):
                                                optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.model = model
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
+        model.reduce_tied_grad_accum(self.engine)  # before the deferral wraps the same instruction
         self._defer_weight_grads(model)
         self.own_grad_norm = not (self.engine.zero_optimization() or self.engine.fp16_enabled()
                                   or self.engine.bfloat16_enabled())

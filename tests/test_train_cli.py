@@ -355,6 +355,16 @@ def test_a_missing_or_damaged_layer_file_of_model_path_is_one_line(tmp_path, bas
     assert not (tmp_path / "out" / "latest").exists()
 
 
+def test_lion_trains_with_the_optimizer_offloaded(tmp_path, base, capsys):
+    """DeepSpeed refuses a client optimizer under offload_optimizer unless zero_force_ds_cpu_optimizer is false (a
+    traceback on every rank before); lion-pytorch steps the offloaded fp32 weights."""
+    lion = {"type": "Lion", "params": {"lr": 1e-4, "use_triton": False}}
+    zero = {"stage": 1, "offload_optimizer": {"device": "cpu"}}
+    assert train_ds.main(["--config", str(write_config(tmp_path, base, optimizer=lion, zero_optimization=zero))]) == 0
+    assert "optimizer: Lion with the torch update" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_bad_records_fail_before_any_model_is_built(tmp_path, base):
     cfg = write_config(tmp_path, base)
     data = tmp_path / "d.jsonl"

@@ -20,7 +20,8 @@ Checked against DeepSpeed 0.19.8 (deepspeed/runtime/engine.py):
   with load_optimizer_states=False the first resumed update would use factor(0); `_ScheduleLR` fixes that.
 - A client optimizer must be a `torch.optim.Optimizer`; with ZeRO (any stage) one that is not in DeepSpeed's
   list (torch Adam/AdamW/Adagrad, FusedAdam, FusedLion, CPU Adam/Adagrad/Lion) needs
-  `"zero_allow_untested_optimizer": true` (`_do_optimizer_sanity_check`), so lion-pytorch's Lion does.
+  `"zero_allow_untested_optimizer": true` (`_do_optimizer_sanity_check`), so lion-pytorch's Lion does; under
+  `offload_optimizer` a client optimizer also needs `"zero_force_ds_cpu_optimizer": false`.
 """
 
 from __future__ import annotations
@@ -361,6 +362,12 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
             del ds["optimizer"]
             if zero.get("stage", 0) > 0:
                 ds.setdefault("zero_allow_untested_optimizer", True)  # lion-pytorch is not on DeepSpeed's ZeRO list
+            if offload != "none":  # DeepSpeed refuses a client optimizer under offload unless told not to force its own
+                if ds.get("zero_force_ds_cpu_optimizer") is True:
+                    raise ValueError("'zero_force_ds_cpu_optimizer' true with Lion and offload_optimizer: DeepSpeed has "
+                                     "no CPU Lion of its own for a client optimizer; leave the key out (lion-pytorch "
+                                     "steps the offloaded fp32 weights)")
+                ds["zero_force_ds_cpu_optimizer"] = False
     except ValueError as e:
         raise ConfigError(f"{cfg.path}: {e}") from None
     sizes = describe_groups(owned_sizes(groups))

@@ -365,6 +365,36 @@ def test_lion_trains_with_the_optimizer_offloaded(tmp_path, base, capsys):
     assert [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_fp16_overflows_are_logged_and_stop_only_at_the_minimum_loss_scale(tmp_path, base, capsys):
+    """An fp16 overflow is DeepSpeed's dynamic scaling at work: logged, the update skipped, not counted; at the minimum
+    loss scale it counts among max_bad_steps, which stop the run with a save (DeepSpeed raised "Current loss scale
+    already at minimum" on every rank, nothing saved; the overflows above it were not on the console)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        pytest.skip("this CPU runs no fp16 (AVX512-FP16 / AMX-FP16)")
+    fp16 = {"enabled": True, "initial_scale_power": 32, "hysteresis": 1, "min_loss_scale": 2**30}
+    cfg = write_config(tmp_path, base, fp16=fp16, zero_optimization={"stage": 1}, max_steps=6, max_bad_steps=2)
+    assert train_ds.main(["--config", str(cfg)]) == 1
+    out, err = capsys.readouterr()
+    assert [line for line in out.splitlines() if line.startswith("step ") and "skipped" in line] == [
+        f"step 1: fp16 gradient overflow: update skipped, loss scale {2**32:g} -> {2**31:g} (DeepSpeed's dynamic loss "
+        "scaling)",
+        f"step 2: fp16 gradient overflow: update skipped, loss scale {2**31:g} -> {2**30:g} (DeepSpeed's dynamic loss "
+        "scaling)",
+        f"step 3: non-finite loss or gradient norm (loss {_loss(tmp_path, 3)}, grad norm inf) at the minimum fp16 loss "
+        f"scale {2**30:g}: update skipped (1 in a row; stopping at 2)",
+        f"step 4: non-finite loss or gradient norm (loss {_loss(tmp_path, 4)}, grad norm inf) at the minimum fp16 loss "
+        f"scale {2**30:g}: update skipped (2 in a row; stopping at 2)"], out[-3000:]
+    assert "2 consecutive steps had a non-finite loss or gradient norm (last: step 4)" in err and "Traceback" not in err
+    assert (tmp_path / "out" / "latest").read_text() == "global_step4"
+
+
+def _loss(tmp_path: Path, step: int) -> float:
+    return next(m["loss"] for m in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
+                if m["step"] == step)
+
+
 def test_bad_records_fail_before_any_model_is_built(tmp_path, base):
     cfg = write_config(tmp_path, base)
     data = tmp_path / "d.jsonl"

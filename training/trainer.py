@@ -168,6 +168,11 @@ class Trainer(TrainingData, RunDirectory):
                                   or self.engine.bfloat16_enabled())
         if self.own_grad_norm:  # fp32 without ZeRO: DeepSpeed neither reports the norm nor skips non-finite steps
             self._wrap_model_step()
+        # fp16: an overflow at the minimum loss scale is a skipped step max_bad_steps counts (and stops at, saving),
+        # not DeepSpeed's "Current loss scale already at minimum" exception on every rank
+        self.scaler = getattr(self.engine.optimizer, "loss_scaler", None) if self.engine.fp16_enabled() else None
+        if self.scaler is not None:
+            self.scaler.raise_error_at_min_scale = False
         extra = {RUN_CONFIG_FILE: json.dumps(cfg.raw)}
         if self.lora:
             extra[LORA_FILE] = lora_info(self.lora, cfg.model_path, self.quant and self.quant.as_config(),
@@ -371,7 +376,7 @@ class Trainer(TrainingData, RunDirectory):
 
     def train(self) -> None:
         cfg, st = self.cfg, self.state
-        losses, saved_at = [], st.step
+        losses, saved_at, skipped = [], st.step, 0
         # a finished run continues when its length was raised, or when a lower one ended it (also back at its length)
         if st.finished and (self.changes_length or st.cut_short) and st.step < self.total_steps:
             self.log(f"continuing the finished run from step {st.step} to step {self.total_steps} (its length was raised)")
@@ -397,6 +402,7 @@ class Trainer(TrainingData, RunDirectory):
                 pending = self.prefetch.submit(self.batches_for, step + 1)
             self._use_length(length)
             lr = self.engine.get_lr()[0]  # the lr this update applies (the scheduler steps inside train_batch)
+            scale = None if self.scaler is None else self.scaler.cur_scale
             loss = float(self.engine.train_batch(data_iter=iter(batches)))
             step_s = time.perf_counter() - wait  # the data wait and the step: not an evaluation or a save after it
             st.step = step + 1
@@ -404,8 +410,12 @@ class Trainer(TrainingData, RunDirectory):
             idx = self.plan.global_indices(epoch, in_epoch, real=True)
             norm = self.grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
             norm = None if norm is None else float(norm)
-            bad = not math.isfinite(loss) or not self.engine._step_applied and not self.engine.fp16_enabled()
+            applied = self.engine._step_applied
+            # fp16: an overflow lowers the loss scale (DeepSpeed's dynamic scaling), bad only once it is at its minimum
+            at_min = scale is not None and scale <= self.scaler.min_scale
+            bad = not math.isfinite(loss) or not applied and (scale is None or at_min)
             st.bad_steps = st.bad_steps + 1 if bad else 0
+            skipped += not applied
             rec = {"step": st.step, "loss": loss, "lr": lr, "grad_norm": norm,
                    "tokens": int(self.lengths[idx].sum()), "trained_tokens": int(self.tokens[idx].sum()),
                    "samples": int(self.samples_per_row[idx].sum()), "sequences": len(idx), "epoch": epoch,
@@ -413,8 +423,12 @@ class Trainer(TrainingData, RunDirectory):
             if not self.engine._step_applied:
                 rec["skipped"] = True
             if bad:
-                self.log(f"step {st.step}: non-finite loss or gradient norm (loss {loss}, grad norm {norm}): update "
+                why = f" at the minimum fp16 loss scale {scale:g}" if at_min and math.isfinite(loss) else ""
+                self.log(f"step {st.step}: non-finite loss or gradient norm (loss {loss}, grad norm {norm}){why}: update "
                          f"skipped ({st.bad_steps} in a row; stopping at {cfg.max_bad_steps})")
+            elif not applied:
+                self.log(f"step {st.step}: fp16 gradient overflow: update skipped, loss scale {scale:g} -> "
+                         f"{self.scaler.cur_scale:g} (DeepSpeed's dynamic loss scaling)")
             if st.bad_steps >= cfg.max_bad_steps:
                 self.monitor.step(rec)
                 self._save(st, saved_at)
@@ -451,7 +465,8 @@ class Trainer(TrainingData, RunDirectory):
         if losses:
             k = max(1, min(10, len(losses) // 4))
             self.log(f"finished {len(losses)} steps in {hms(time.time() - self.monitor.t0)}: loss {sum(losses[:k]) / k:.4f} "
-                     f"(mean of the first {k}) -> {sum(losses[-k:]) / k:.4f} (mean of the last {k})")
+                     f"(mean of the first {k}) -> {sum(losses[-k:]) / k:.4f} (mean of the last {k})"
+                     + (f"; {skipped} of them skipped their update" if skipped else ""))
         st.finished = True
         if saved_at == st.step:  # the weights of this step are saved: only the run state changed
             self.ckpts.update_state(st)

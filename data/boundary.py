@@ -50,6 +50,26 @@ def _backend(tokenizer: Any) -> Any:
     return backend
 
 
+def backend_spec(tokenizer: Any) -> str:
+    """The Rust tokenizer's serialization (`to_str()`) as `_backend` uses it: without truncation or padding, which a
+    tokenizer.json may set (many Hub tokenizers do) and encoding turns off. The same before and after the tokenizer
+    has encoded (the data cache's key), the same as a tokenizer.json without them gives; the tokenizer is left as
+    it was."""
+    backend = tokenizer.backend_tokenizer
+    truncation, padding = backend.truncation, backend.padding
+    if truncation is None and padding is None:
+        return backend.to_str()
+    backend.no_truncation()
+    backend.no_padding()
+    try:
+        return backend.to_str()
+    finally:
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+        if padding is not None:
+            backend.enable_padding(**padding)
+
+
 def appended_ids(tokenizer: Any) -> list[int]:
     """The ids the tokenizer's post-processor appends to every text (an EOS, from `add_eos_token`). The templates
     write the EOS where an answer or a text ends; a prompt must not end with one: they are left out."""

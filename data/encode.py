@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from data.boundary import Encoding, appended_ids, encode_texts
+from data.boundary import Encoding, appended_ids, backend_spec, encode_texts
 from data.chat import chat_problems, chat_prompt, render_chat, require_chat_template, template_tokens
 from data.dataset import (
     CACHE_SUFFIX,
@@ -383,7 +383,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """The tokenizer's serialized state: vocabulary, merges, normalizer, special-token conventions."""
     state = {
         "class": type(tokenizer).__name__,
-        "backend": tokenizer.backend_tokenizer.to_str(),
+        "backend": backend_spec(tokenizer),  # without truncation / padding: encoding turns them off
         "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
         "add_bos": getattr(tokenizer, "add_bos_token", None),
         "add_eos": getattr(tokenizer, "add_eos_token", None),

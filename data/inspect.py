@@ -4,12 +4,15 @@
     python -m data.inspect --config CFG.json --stats [--json]
 
 Trained tokens are shown in green on a terminal and between [[ ]] otherwise (every trained span of
-a conversation: each answer with its EOS). With --json, stdout holds only {"input_ids": [...],
-"labels": [...]} of the record's own (unpacked) sample, or the statistics as one object. --stats:
-token-length percentiles, the fraction of samples truncated, the fraction of tokens trained, and the
-packing efficiency (trained tokens / total tokens of the padded sequences, packed when the config
-packs, and unpacked for comparison; beside it the share of tokens that is not padding). With "packing": true, --index shows the whole packed sequence holding the
-record, one block per segment. Bad data: one line per problem on stderr, exit 2. The statistics also count
+a conversation: each answer with its EOS); trained as the loss counts them (data.packing.trained_mask): never
+a sample's first token, which nothing predicts though it has a label (a tokenizer that adds no BOS). With
+--json, stdout holds only {"input_ids": [...], "labels": [...]} of the record's own (unpacked) sample, or the
+statistics as one object. --stats: token-length percentiles, the fraction of samples truncated, the fraction
+of tokens trained, and the packing efficiency (trained tokens / total tokens of the padded sequences, packed
+when the config packs, and unpacked for comparison; beside it the share of tokens that is not padding). With
+"packing": true, --index shows the whole packed sequence holding the record, one block per segment; for a
+record split_long_pretrain cut into chunks, the sequence of its first chunk, and which sequences hold the
+others. Bad data: one line per problem on stderr, exit 2. The statistics also count
 the samples whose tokens were split at a prompt / answer boundary (data.boundary). `python data/inspect.py`
 works too: run as a file, it re-runs itself as the module, so this file never shadows the standard library's
 `inspect` (which its imports load).
@@ -37,21 +40,21 @@ from typing import Any
 import numpy as np
 
 from data.dataset import EncodedDataset
-from data.encode import IGNORE_INDEX, RUN_CACHE_DIR, load_dataset
-from data.packing import PackedDataset, chunk_counts, pack, trained_tokens
+from data.encode import RUN_CACHE_DIR, load_dataset
+from data.packing import PackedDataset, chunk_counts, pack, trained_mask, trained_tokens
 from data.records import DataError
 from pipeft import INSTALLED
 
 PROG = "pipeft-inspect" if INSTALLED else "python -m data.inspect"  # as the user runs it, in usage and errors
 GREEN, RESET = "\033[32m", "\033[0m"
 PERCENTILES = (50, 90, 95, 99, 100)
+SHOWN_ROWS = 20  # the packed sequences named for the other chunks of a record split_long_pretrain cut
 
 
-def _runs(input_ids: list[int], labels: list[int]) -> list[tuple[list[int], bool]]:
+def _runs(input_ids: list[int], trained_at: list[bool]) -> list[tuple[list[int], bool]]:
     """Consecutive tokens grouped by whether they are trained."""
     runs: list[tuple[list[int], bool]] = []
-    for tok, lab in zip(input_ids, labels, strict=True):
-        trained = lab != IGNORE_INDEX
+    for tok, trained in zip(input_ids, trained_at, strict=True):
         if runs and runs[-1][1] == trained:
             runs[-1][0].append(tok)
         else:
@@ -59,11 +62,11 @@ def _runs(input_ids: list[int], labels: list[int]) -> list[tuple[list[int], bool
     return runs
 
 
-def _marked(input_ids: list[int], labels: list[int], tokenizer: Any, color: bool) -> tuple[str, int]:
-    """The text with trained spans marked, and the number of spans. Each run is decoded in context (the text of
-    the ids up to its end less the text before it): decoded alone, a SentencePiece run loses the space of its
-    first piece (`▁S` reads `S`), which hides the seam space that training does have."""
-    runs = _runs(input_ids, labels)
+def _marked(input_ids: list[int], trained_at: list[bool], tokenizer: Any, color: bool) -> tuple[str, int]:
+    """The text with trained spans (`trained_at`: per token) marked, and the number of spans. Each run is decoded in
+    context (the text of the ids up to its end less the text before it): decoded alone, a SentencePiece run loses the
+    space of its first piece (`▁S` reads `S`), which hides the seam space that training does have."""
+    runs = _runs(input_ids, trained_at)
     parts, done, end = [], "", 0
     for ids, trained in runs:
         end += len(ids)
@@ -83,43 +86,56 @@ def _token_line(tokenizer: Any, tok: int) -> str:
 def show(ds: EncodedDataset, sample: int, tokenizer: Any, record: int, color: bool) -> str:
     """Human-readable view: counts, the text with trained spans marked, then one line per token."""
     s = ds[sample]
-    n_trained = sum(lab != IGNORE_INDEX for lab in s["labels"])
+    trained_at = trained_mask(np.asarray(s["labels"]), [0]).tolist()  # as the loss counts: never the first token
     st = ds.stats
-    text, n_spans = _marked(s["input_ids"], s["labels"], tokenizer, color)
+    text, n_spans = _marked(s["input_ids"], trained_at, tokenizer, color)
     lines = [
-        f"record {record} -> sample {sample}: {len(s['input_ids'])} tokens, {n_trained} trained in {n_spans} span(s)",
+        f"record {record} -> sample {sample}: {len(s['input_ids'])} tokens, {sum(trained_at)} trained in {n_spans} "
+        "span(s)",
         f"dataset: {st.records} records, {st.kept} samples, {st.dropped} dropped, {st.truncated} truncated",
         "--- text (trained: " + ("green" if color else "[[ ]]") + ") ---",
         text,
         "--- tokens: position, id, label, text (piece) ---",
     ]
-    for pos, (tok, lab) in enumerate(zip(s["input_ids"], s["labels"], strict=True)):
-        mark = "-" if lab == IGNORE_INDEX else str(lab)
+    for pos, (tok, lab, trained) in enumerate(zip(s["input_ids"], s["labels"], trained_at, strict=True)):
+        mark = str(lab) if trained else "-"
         lines.append(f"{pos:6d} {tok:8d} {mark:>8} {_token_line(tokenizer, tok)}")
     return "\n".join(lines)
 
 
 def show_packed(ds: EncodedDataset, packed: PackedDataset, sample: int, tokenizer: Any, record: int,
                 color: bool) -> str:
-    """The packed sequence holding `sample`: counts, then per segment its record, text (trained spans
-    marked) and one line per token (segment, position, id, label, text)."""
-    row = packed.row_of_sample(sample)
+    """The packed sequence holding `sample` (its first chunk, and where the others are, when split_long_pretrain cut
+    it): counts, then per segment its record, text (trained spans marked) and one line per token (segment, position,
+    id, label, text)."""
+    rows = packed.rows_of_sample(sample).tolist()
+    row = rows[0]
     p = packed[row]
     segs = range(packed.row_segments[row], packed.row_segments[row + 1])
+    starts = packed.seg_offsets[packed.row_segments[row]:packed.row_segments[row + 1]] - packed.offsets[row]
+    trained_at = trained_mask(np.asarray(p["labels"]), starts).tolist()  # as the loss counts
     st = packed.stats
     lines = [f"record {record} -> sample {sample} -> packed sequence {row}: {len(p['input_ids'])} of "
              f"{st.max_seq_len} tokens, {len(segs)} segment(s)",
+             *([f"sample {sample} is cut into {len(rows)} chunks (split_long_pretrain): chunk 1 is shown; "
+                + (f"chunk 2 is in packed sequence {rows[1]}" if len(rows) == 2 else
+                   f"chunks 2..{len(rows)} are in packed sequences {', '.join(map(str, rows[1:1 + SHOWN_ROWS]))}"
+                   + (f", ... ({len(rows) - 1 - SHOWN_ROWS} more)" if len(rows) > 1 + SHOWN_ROWS else ""))]
+               if len(rows) > 1 else []),
              f"packing: {st.samples} samples -> {st.sequences} sequences, efficiency {st.efficiency:.1%}"]
     for k, seg in enumerate(segs, 1):
         at = [j for j, s in enumerate(p["segment_ids"]) if s == k]
-        ids, labels = [p["input_ids"][j] for j in at], [p["labels"][j] for j in at]
+        ids, marks = [p["input_ids"][j] for j in at], [trained_at[j] for j in at]
         src = int(packed.segment_sample[seg])
-        text, n_spans = _marked(ids, labels, tokenizer, color)
-        lines += [f"=== segment {k}: record {int(ds.record_index[src])} (sample {src}), tokens {at[0]}..{at[-1]}, "
-                  f"{sum(lab != IGNORE_INDEX for lab in labels)} trained in {n_spans} span(s) ===", text]
+        n_chunks = int(np.count_nonzero(packed.segment_sample == src))
+        chunk = f", chunk {int(packed.segment_chunk[seg]) + 1} of {n_chunks}" if n_chunks > 1 else ""
+        text, n_spans = _marked(ids, marks, tokenizer, color)
+        lines += [f"=== segment {k}: record {int(ds.record_index[src])} (sample {src}{chunk}), tokens {at[0]}..{at[-1]}, "
+                  f"{sum(marks)} trained in {n_spans} span(s) ===", text]
     lines.append("--- tokens: segment, position, id, label, text (piece) ---")
-    for seg, pos, tok, lab in zip(p["segment_ids"], p["position_ids"], p["input_ids"], p["labels"], strict=True):
-        mark = "-" if lab == IGNORE_INDEX else str(lab)
+    for seg, pos, tok, lab, trained in zip(p["segment_ids"], p["position_ids"], p["input_ids"], p["labels"], trained_at,
+                                           strict=True):
+        mark = str(lab) if trained else "-"
         lines.append(f"{seg:3d} {pos:6d} {tok:8d} {mark:>8} {_token_line(tokenizer, tok)}")
     return "\n".join(lines)
 
@@ -132,9 +148,9 @@ def dataset_stats(ds: EncodedDataset, max_seq_len: int, packed: PackedDataset | 
     into chunks that overlap by one token): unpacked, each chunk counts as a row of its own."""
     st = ds.stats
     lengths = np.diff(ds.offsets)
-    total, trained = int(lengths.sum()), int((ds.labels != IGNORE_INDEX).sum())
+    total = int(lengths.sum())
+    trained = int(trained_tokens(ds).sum())  # after the next-token shift: what the loss counts (no cut loses one)
     rows = int(chunk_counts(lengths, max_seq_len).sum()) if len(ds) else 0
-    learned = int(trained_tokens(ds).sum())  # after the next-token shift: what the loss counts (no cut loses one)
     total_in_rows = total + rows - len(ds)  # each cut repeats one token
     pct = np.percentile(lengths, PERCENTILES, method="higher") if len(ds) else [0] * len(PERCENTILES)
     return {
@@ -144,7 +160,7 @@ def dataset_stats(ds: EncodedDataset, max_seq_len: int, packed: PackedDataset | 
         "special_text": st.special_text, "special_example": st.special_example,
         "length_percentiles": {f"p{q}": int(v) for q, v in zip(PERCENTILES, pct, strict=True)},
         "tokens": total, "trained_tokens": trained, "trained_fraction": trained / total if total else 0.0,
-        "unpacked_efficiency": learned / (rows * max_seq_len) if rows else 0.0,
+        "unpacked_efficiency": trained / (rows * max_seq_len) if rows else 0.0,
         "unpacked_fill": total_in_rows / (rows * max_seq_len) if rows else 0.0,
         "sequences": packed.stats.sequences if packed else None,
         "packing_efficiency": packed.stats.efficiency if packed else None,

@@ -91,9 +91,14 @@ class PackedDataset:
 
     def row_of_sample(self, sample: int) -> int:
         """The sequence holding (the first chunk of) encoded sample `sample`."""
+        return int(self.rows_of_sample(sample)[0])
+
+    def rows_of_sample(self, sample: int) -> np.ndarray:
+        """The sequences holding encoded sample `sample`'s chunks, in chunk order (one: it was not split)."""
         segs = np.flatnonzero(self.segment_sample == sample)  # a long sample's chunks are placed in any order
-        seg = int(segs[self.segment_chunk[segs] == 0][0] if self.segment_chunk is not None else segs[0])
-        return int(np.searchsorted(self.row_segments, seg, side="right")) - 1
+        if self.segment_chunk is not None:
+            segs = segs[np.argsort(self.segment_chunk[segs], kind="stable")]
+        return np.searchsorted(self.row_segments, segs, side="right") - 1
 
 
 def _first_fit(lengths: np.ndarray, capacity: int) -> np.ndarray:
@@ -150,7 +155,7 @@ def pack(ds: EncodedDataset, max_seq_len: int, seed: int) -> PackedDataset:
     input_ids, labels = _gather(ds, start[seg], seg_len, seg_offsets)
     labels[seg_offsets[:-1]] = IGNORE_INDEX  # every segment has a token
     stats = PackStats(samples=len(ds), segments=len(seg), sequences=n_rows, tokens=int(seg_offsets[-1]),
-                      trained=int((labels != IGNORE_INDEX).sum()), max_seq_len=max_seq_len, split=int((n_chunks > 1).sum()), dropped=ds.stats.dropped,
+                      trained=int(trained_mask(labels, seg_offsets[:-1]).sum()), max_seq_len=max_seq_len, split=int((n_chunks > 1).sum()), dropped=ds.stats.dropped,
                       truncated=ds.stats.truncated)
     return PackedDataset(input_ids, labels, seg_offsets, row_segments, sample[seg], stats, k[seg])
 
@@ -179,10 +184,18 @@ def describe(st: PackStats) -> str:
             f"{st.efficiency:.1%} (trained tokens / total tokens; {st.fill:.1%} not padding), {st.dropped} dropped{split}")
 
 
+def trained_mask(labels: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per token, whether the loss counts it after the next-token shift: labels != -100, but never the first token
+    of a sample (or segment) starting at `starts`, which nothing predicts (with a tokenizer that adds no BOS, a
+    pretrain sample's first token carries a label). The one definition of a trained token (data.inspect's too)."""
+    is_trained = np.asarray(labels) != IGNORE_INDEX
+    starts = np.asarray(starts, dtype=np.int64)
+    is_trained[starts[starts < len(is_trained)]] = False
+    return is_trained
+
+
 def trained_tokens(ds: EncodedDataset | PackedDataset) -> np.ndarray:
-    """Per sample, the tokens that carry loss after the next-token shift (labels[1:] != -100); per packed
-    sequence the same sum over its segments (each segment's first label is already -100)."""
-    is_trained = ds.labels != IGNORE_INDEX
+    """Per sample, the tokens that carry loss after the next-token shift (`trained_mask`: labels[1:] != -100); per
+    packed sequence the same sum over its segments (each segment's first label is already -100)."""
     starts = ds.offsets[:-1]
-    is_trained[starts[starts < len(is_trained)]] = False  # a sample's first label is never predicted
-    return np.add.reduceat(is_trained.astype(np.int64), starts) if len(ds) else np.zeros(0, np.int64)
+    return np.add.reduceat(trained_mask(ds.labels, starts).astype(np.int64), starts) if len(ds) else np.zeros(0, np.int64)

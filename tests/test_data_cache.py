@@ -12,6 +12,7 @@ import json
 import mmap
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -372,3 +373,36 @@ def test_a_damaged_cache_is_rebuilt_not_trained_on(tokenizer, tmp_path, caplog):
     again = load_dataset(data, tokenizer, 64)
     assert not again.stats.cache_hit and "a checksum does not match" in caplog.text
     assert (again.input_ids == cold.input_ids).all() and load_dataset(data, tokenizer, 64).stats.cache_hit
+
+
+@pytest.mark.parametrize("kind", ["tokenizer_dir", "sp_tokenizer_dir"])
+def test_a_tokenizer_with_truncation_and_padding_keeps_one_cache_key(kind, request, tmp_path):
+    """Many Hub tokenizer.json files carry a truncation and a padding section. Encoding turns both off on the tokenizer
+    (data.boundary._backend) and the cache key hashed the backend with them, so a tokenizer's key changed once it had
+    encoded: Trainer.validate_data (a fresh tokenizer) looked for a key that loading never wrote, and every warm start
+    parsed and validated all records again. The key is now that of the tokenizer without them (an older cache of a
+    tokenizer without them keeps its key), whichever computes it first, and computing it changes nothing."""
+    from transformers import AutoTokenizer
+
+    src = request.getfixturevalue(kind)
+    shutil.copytree(src, tmp_path / "tok")
+    spec = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    truncation = {"direction": "Right", "max_length": 512, "strategy": "LongestFirst", "stride": 0}
+    spec["truncation"] = truncation
+    spec["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None, "pad_id": 2,
+                       "pad_type_id": 0, "pad_token": "</s>"}
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
+    data = data_file(tmp_path)
+    files = read_files(data)
+    fresh = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    loaded = (fresh.backend_tokenizer.truncation, fresh.backend_tokenizer.padding)
+    assert all(loaded)  # as transformers loads such a tokenizer
+    before = cache_file(files, fresh, 64, None)  # what validate_data looks for
+    assert (fresh.backend_tokenizer.truncation, fresh.backend_tokenizer.padding) == loaded  # the key changes nothing
+    plain = AutoTokenizer.from_pretrained(str(src), pad_token=fresh.pad_token)  # (the padding section's pad token)
+    assert before == cache_file(files, plain, 64, None)  # the same tokenizer without the two sections: the same key
+    ds = load_dataset(data, fresh, 64)  # encoding turns truncation and padding off
+    assert ds.stats.cache_status == "written" and Path(ds.stats.cache_path) == before
+    assert cache_file(files, fresh, 64, None) == before
+    warm = load_dataset(data, AutoTokenizer.from_pretrained(str(tmp_path / "tok")), 64)
+    assert warm.stats.cache_status == "hit"

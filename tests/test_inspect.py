@@ -1,0 +1,87 @@
+"""data.inspect against training: it counts and marks as trained the tokens the loss counts (data.packing's one
+definition), and with split_long_pretrain it says where every chunk of a long record is packed."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoTokenizer
+
+from data import inspect as data_inspect
+from data.encode import load_dataset
+from data.packing import pack, trained_tokens
+from data.templates import TemplateSettings
+
+
+def config(tmp_path: Path, tokenizer_dir: Path, data: Path, **extra) -> list[str]:
+    cfg = {"model_path": str(tokenizer_dir), "save_path": str(tmp_path / "out"), "data_path": str(data),
+           "max_seq_len": 64, "train_micro_batch_size_per_gpu": 1, **extra}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    return ["--config", str(tmp_path / "cfg.json")]
+
+
+def test_inspect_counts_what_the_loss_counts_without_a_bos(tokenizer_dir, tmp_path, capsys):
+    """A tokenizer that adds no BOS (Bloom's, Qwen's): a pretrain sample's first token carries its label, but nothing
+    predicts it (the loss shifts labels; packing sets it to -100) and training does not count it. Inspect counted and
+    marked it trained: 24 of 24 where the trainer counts 22."""
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, tok_dir)
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    spec["post_processor"] = None  # no BOS
+    (tok_dir / "tokenizer.json").write_text(json.dumps(spec))
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    first = tok("The quick brown fox.", add_special_tokens=True)["input_ids"][0]
+    assert first != tok.bos_token_id and tok.decode([first]) == "The"
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                            ("Each stage owns a contiguous slice of layers.", "The quick brown fox.")))
+    args = config(tmp_path, tok_dir, data)
+    ds = load_dataset(data, tok, 64)
+    learned = trained_tokens(ds)
+    assert data_inspect.main([*args, "--stats", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["trained_tokens"] == int(learned.sum()) == stats["tokens"] - 2
+    assert data_inspect.main([*args, "--stats"]) == 0
+    assert f"trained tokens: {int(learned.sum())} of {stats['tokens']} " in capsys.readouterr().out
+    assert data_inspect.main([*args, "--index", "1"]) == 0
+    out = capsys.readouterr().out
+    sample = ds.sample_of_record(1)
+    assert f"record 1 -> sample {sample}: 6 tokens, {learned[sample]} trained in 1 span(s)" in out and learned[sample] == 5
+    text = out.split("--- text (trained: [[ ]]) ---\n")[1].split("\n--- tokens")[0]
+    assert text == "The[[ quick brown fox.</s>]]", text
+    rows = [ln.split() for ln in out.split("--- tokens")[1].splitlines()[1:]]
+    assert rows[0][:3] == ["0", str(first), "-"] and all(r[2] != "-" for r in rows[1:]), rows
+    assert data_inspect.main([*args, "--index", "1", "--json"]) == 0  # the sample's own labels, as encoded
+    assert json.loads(capsys.readouterr().out) == ds[sample]
+
+
+def test_inspect_says_where_every_chunk_of_a_split_record_is(tokenizer_dir, tokenizer, tmp_path, capsys):
+    """split_long_pretrain cuts a long pretrain record into chunks packed into several sequences: --index showed the
+    sequence of its first chunk only, and did not say there were others."""
+    data = tmp_path / "d.jsonl"
+    long = "The quick brown fox jumps over the lazy dog while the cat sleeps. " * 12
+    data.write_text("".join(json.dumps(r) + "\n" for r in
+                            [{"text": long}, *({"text": f"Each stage owns a slice {i}."} for i in range(6))]))
+    args = config(tmp_path, tokenizer_dir, data, packing=True, split_long_pretrain=True)
+    ds = load_dataset(data, tokenizer, 64, settings=TemplateSettings(packing=True, split_long_pretrain=True))
+    packed = pack(ds, 64, seed=42)
+    sample = ds.sample_of_record(0)
+    segs = np.flatnonzero(packed.segment_sample == sample)
+    rows = [int(np.searchsorted(packed.row_segments, s, side="right")) - 1
+            for s in segs[np.argsort(packed.segment_chunk[segs])]]
+    n = len(rows)
+    assert n >= 4 and len(set(rows)) == n
+    assert data_inspect.main([*args, "--index", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"record 0 -> sample {sample} -> packed sequence {rows[0]}: " in out
+    assert (f"sample {sample} is cut into {n} chunks (split_long_pretrain): chunk 1 is shown; chunks 2..{n} are in "
+            f"packed sequences {', '.join(map(str, rows[1:]))}") in out, out
+    assert re.search(rf"=== segment \d+: record 0 \(sample {sample}, chunk 1 of {n}\), tokens ", out), out
+    short = ds.sample_of_record(1)
+    assert data_inspect.main([*args, "--index", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "cut into" not in out.split("\n=== segment")[0] and f"record 1 (sample {short}), tokens " in out

@@ -26,7 +26,7 @@ from models.hf_io import CheckpointError  # noqa: E402
 from models.pipeline import ModelConfigError  # noqa: E402
 from training.checkpoint import TrainingStopped  # noqa: E402
 from training.config import ConfigError, load_config  # noqa: E402
-from training.distributed import LaunchError, launch_env, master_port_problem  # noqa: E402
+from training.distributed import LAUNCH_VARS, LaunchError, launch_env, master_port_problem  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="JSON or YAML config (DeepSpeed keys + project keys)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = ap.parse_args(argv)
+    # what launch_env adds (one process, srun) is taken away on return: a second main() in this process (tests, a
+    # notebook) starts its own group instead of finding the first one's port
+    added = [k for k in LAUNCH_VARS if k not in os.environ]
+    try:
+        return _main(args)
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         launcher = launch_env()
     except LaunchError as e:

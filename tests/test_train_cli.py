@@ -327,7 +327,7 @@ def test_hf_dir_as_model_path_gets_a_hint(tmp_path, base, capsys):
     assert "has no pipeline layer files (an HF dir? convert it first: python convert_model.py hg_to_pp)" in capsys.readouterr().err
 
 
-def test_a_missing_or_damaged_layer_file_of_model_path_is_one_line(tmp_path, base, capsys, monkeypatch):
+def test_a_missing_or_damaged_layer_file_of_model_path_is_one_line(tmp_path, base, capsys):
     """A layer file missing: refused with the config, before the data are read; one that does not load (truncated,
     as an interrupted copy leaves it; another layer's tensors): one line naming it once the model is built (its
     rank's problem is every rank's, tests/test_run_faults.py)."""
@@ -347,8 +347,6 @@ def test_a_missing_or_damaged_layer_file_of_model_path_is_one_line(tmp_path, bas
                                  ((model / "layer_00-model_states.pt").read_bytes(),
                                   "cannot be loaded (RuntimeError: Error(s) in loading state_dict for ", cfg)):
         layer.write_bytes(damage)
-        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # a new single-process group
-            monkeypatch.delenv(k, raising=False)
         assert train_ds.main(["--config", str(config)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {layer}: {says}"), err
@@ -388,6 +386,16 @@ def test_fp16_overflows_are_logged_and_stop_only_at_the_minimum_loss_scale(tmp_p
         f"scale {2**30:g}: update skipped (2 in a row; stopping at 2)"], out[-3000:]
     assert "2 consecutive steps had a non-finite loss or gradient norm (last: step 4)" in err and "Traceback" not in err
     assert (tmp_path / "out" / "latest").read_text() == "global_step4"
+    # a fixed loss scale (DeepSpeed's LossScaler: no minimum): trains; one that overflows stops at max_bad_steps
+    for scale, code in ((128, 0), (2**40, 1)):
+        run = tmp_path / f"fixed{scale}"
+        run.mkdir()
+        cfg = write_config(run, base, fp16={"enabled": True, "loss_scale": scale}, zero_optimization={"stage": 1},
+                           max_steps=3, max_bad_steps=2)
+        assert train_ds.main(["--config", str(cfg)]) == code
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err and (code == 0) == ("finished 3 steps" in out), out[-2000:] + err[-2000:]
+    assert f"at the fixed fp16 loss scale {2**40:g}: update skipped (2 in a row; stopping at 2)" in out
 
 
 def _loss(tmp_path: Path, step: int) -> float:

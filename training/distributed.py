@@ -37,6 +37,9 @@ SLURM_DEFAULT_PORT_BASE = 20000  # MASTER_PORT under srun: 20000 + job id mod 20
 MPI_WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")  # Open MPI, MPICH/Intel, MVAPICH
 
 
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what launch_env makes present
+
+
 def launch_env() -> str:
     """Make the process-group variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) present, and
     return how this process was started: "deepspeed" | "torchrun" (they set them) | "slurm" (`srun python

@@ -168,10 +168,12 @@ class Trainer(TrainingData, RunDirectory):
                                   or self.engine.bfloat16_enabled())
         if self.own_grad_norm:  # fp32 without ZeRO: DeepSpeed neither reports the norm nor skips non-finite steps
             self._wrap_model_step()
-        # fp16: an overflow at the minimum loss scale is a skipped step max_bad_steps counts (and stops at, saving),
-        # not DeepSpeed's "Current loss scale already at minimum" exception on every rank
+        # fp16: an overflow at the minimum loss scale (or at a fixed one, "loss_scale" > 0) is a skipped step
+        # max_bad_steps counts (and stops at, saving), not DeepSpeed's "Current loss scale already at minimum"
+        # exception on every rank
         self.scaler = getattr(self.engine.optimizer, "loss_scaler", None) if self.engine.fp16_enabled() else None
-        if self.scaler is not None:
+        self.min_scale = getattr(self.scaler, "min_scale", None)  # None: a fixed scale (DeepSpeed's LossScaler)
+        if self.min_scale is not None:
             self.scaler.raise_error_at_min_scale = False
         extra = {RUN_CONFIG_FILE: json.dumps(cfg.raw)}
         if self.lora:
@@ -412,7 +414,7 @@ class Trainer(TrainingData, RunDirectory):
             norm = None if norm is None else float(norm)
             applied = self.engine._step_applied
             # fp16: an overflow lowers the loss scale (DeepSpeed's dynamic scaling), bad only once it is at its minimum
-            at_min = scale is not None and scale <= self.scaler.min_scale
+            at_min = scale is not None and (self.min_scale is None or scale <= self.min_scale)
             bad = not math.isfinite(loss) or not applied and (scale is None or at_min)
             st.bad_steps = st.bad_steps + 1 if bad else 0
             skipped += not applied
@@ -423,7 +425,8 @@ class Trainer(TrainingData, RunDirectory):
             if not self.engine._step_applied:
                 rec["skipped"] = True
             if bad:
-                why = f" at the minimum fp16 loss scale {scale:g}" if at_min and math.isfinite(loss) else ""
+                why = (f" at the {'fixed' if self.min_scale is None else 'minimum'} fp16 loss scale {scale:g}"
+                       if at_min and math.isfinite(loss) else "")
                 self.log(f"step {st.step}: non-finite loss or gradient norm (loss {loss}, grad norm {norm}){why}: update "
                          f"skipped ({st.bad_steps} in a row; stopping at {cfg.max_bad_steps})")
             elif not applied:

@@ -361,10 +361,18 @@ class PipelineModel(PipelineModule):
         stage's gradient is non-finite, a non-finite) gradient and never changes. Returns whether it was added."""
         if any(p.requires_grad for p in self.parameters()):
             return False
-        self.grad_placeholder = nn.Parameter(torch.zeros(1))
-        self.grad_placeholder.model_parallel = True
-        self.grad_placeholder.placeholder = True  # not a parameter of the model (training.optim.owned_sizes)
+        self.placeholder("grad_placeholder")
         return True
+
+    def placeholder(self, name: str) -> nn.Parameter:
+        """A zero parameter `name` of this stage in no layer (never in a layer file): it enters the output as 0 x p
+        (forward), so it always gets a zero gradient and never changes (see ensure_trainable; training.optim's
+        even_groups gives one to a stage lacking a parameter group)."""
+        p = nn.Parameter(torch.zeros(1, device=next(self.parameters(), torch.zeros(0)).device))
+        p.model_parallel = True
+        p.placeholder = True  # not a parameter of the model (training.optim.owned_sizes)
+        self.register_parameter(name, p)
+        return p
 
     def get_tied_weights_and_groups(self):
         """Tied weights whose gradients DeepSpeed all-reduces between their stages: a frozen one (LoRA) has none
@@ -382,11 +390,12 @@ class PipelineModel(PipelineModule):
             out = super().forward(forward_input)
         finally:
             self.forward_funcs = funcs
-        ph = getattr(self, "grad_placeholder", None)
-        if ph is not None and torch.is_grad_enabled():
+        phs = [p for p in self.parameters(recurse=False) if getattr(p, "placeholder", False)]
+        if phs and torch.is_grad_enabled():
             outs = list(out) if isinstance(out, tuple) else [out]
             i = next(i for i, t in enumerate(outs) if t.is_floating_point())
-            outs[i] = outs[i] + 0.0 * ph.to(outs[i].dtype).sum()
+            for ph in phs:
+                outs[i] = outs[i] + 0.0 * ph.to(outs[i].dtype).sum()
             out = tuple(outs) if isinstance(out, tuple) else outs[0]
         return out
 

@@ -42,6 +42,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from launch.cuda_only import triton_problem
 from models.pipeline import unknown_key_problem
+from training.resume import zero_stage
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +300,22 @@ def schedule_warning(cfg, total_steps: int) -> str | None:
 GroupSizes = dict[str, tuple[int, float]]  # parameter group name -> (elements, weight decay)
 
 
+def even_groups(model: torch.nn.Module, groups: list[dict], weight_decay: float) -> list[dict]:
+    """Collective. DeepSpeed's ZeRO optimizer computes the gradient norm with collectives per parameter group: a stage
+    with fewer groups than another (an embedding-only stage has no no_decay group) left the others waiting at the
+    first step, forever. Such a stage gets the groups it lacks, each with one zero placeholder parameter
+    (`PipelineModel.placeholder`); stages with equal counts are left as they are (their checkpoints too)."""
+    if not torch.distributed.is_initialized():  # one process (a unit test): nothing to even out
+        return groups
+    counts = [0] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(counts, len(groups))
+    have = {g["name"] for g in groups}
+    for name, decay in (("decay", weight_decay), ("no_decay", 0.0)):
+        if len(groups) < max(counts) and name not in have:
+            groups.append({"name": name, "params": [model.placeholder(f"{name}_placeholder")], "weight_decay": decay})
+    return sorted(groups, key=lambda g: g["name"] != "decay")
+
+
 def owned_sizes(groups: list[dict]) -> GroupSizes:
     """Per parameter group (by name), the elements of the parameters this stage owns (`model_parallel`: not a later
     stage's copy of a tied weight; not a LoRA stage's `grad_placeholder`) and its weight decay: summed over the stages
@@ -348,6 +365,8 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
             name_of = hf_param_name(*family_of(Path(cfg.model_path)))
             ds["optimizer"] = {k: v for k, v in section.items() if k != "no_wd_kws"}
         groups = param_groups(model, wd, cfg.decay_norm_and_bias, no_decay, name_of)
+        if zero_stage(ds) > 0:
+            groups = even_groups(model, groups, wd)
         schedule = parse_lr_schedule(cfg.lr_schedule) if cfg.lr_schedule is not None else None
         if kind.lower() == "lion":
             from deepspeed.accelerator import get_accelerator

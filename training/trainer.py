@@ -204,7 +204,7 @@ class Trainer(TrainingData, RunDirectory):
                         eval_fingerprint=self.eval_fingerprint)
 
     def _summary(self, model) -> None:
-        params = [p for n, p in model.named_parameters() if n != "grad_placeholder"]
+        params = [p for p in model.parameters() if not getattr(p, "placeholder", False)]
         ckpt = sum(model.is_checkpointable_results) if model.activation_checkpoint_interval else 0  # as the engine runs
         mine = [sum(logical_numel(p) for p in params), sum(p.numel() for p in params if p.requires_grad), self.base_memory,
                 base_memory(model), ckpt, self.opt_sizes]

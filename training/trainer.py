@@ -62,6 +62,8 @@ class Trainer(TrainingData, RunDirectory):
         self.tokenizer = None
         self.changes_lr = self.changes_length = self.schedule_switched = False  # what a resume changed (rundir)
         self.prompted: bool | None = None  # whether a training record went through a template (rank 0 reads data)
+        # a process group made before (a caller's, e.g. a notebook's or a test session's) is used, and left as it is
+        self.owns_group = not torch.distributed.is_initialized()
 
     def log(self, msg: str) -> None:
         if self.monitor is not None:
@@ -515,7 +517,8 @@ class Trainer(TrainingData, RunDirectory):
             self.monitor.close(failed)
         if self.lock is not None:
             self.lock.release()
-        shutdown_distributed()
+        if self.owns_group:
+            shutdown_distributed()
 
 
 def run(cfg: TrainConfig) -> None:

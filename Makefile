@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	@echo "building DeepSpeed's CPU communication op (once, ~30 s; every CPU run loads it)"
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)" \
+		|| echo "warning: DeepSpeed's CPU communication op did not build: a CPU run builds it at its first start"
 	touch $(STAMP)
 
 venv: $(STAMP)

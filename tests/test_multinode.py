@@ -205,6 +205,12 @@ def test_a_missing_node_ends_the_wait_in_one_line_and_sigterm_ends_it_at_once(tm
                                 env={**env, "MASTER_PORT": str(port)}), port
 
     proc, port = start(0.1)
+    waiting, waiting_port = start(30)  # side by side: one process start, not two
+    wait_for(lambda: _listening(waiting_port), waiting, timeout=240)  # rank 0 serves the rendezvous store: it waits
+    waiting.send_signal(signal.SIGTERM)
+    waiting.communicate(timeout=30)
+    assert waiting.returncode == -signal.SIGTERM
+
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, out[-2000:] + err[-2000:]
     last = err.strip().splitlines()[-1]
@@ -212,12 +218,6 @@ def test_a_missing_node_ends_the_wait_in_one_line_and_sigterm_ends_it_at_once(tm
                            "dist_timeout_minutes 0.1 (did a process on another node fail to start? see its log; or MASTER_ADDR does not "
                            "resolve or cannot be reached from this node)"), err
     assert "Traceback" not in err
-
-    proc, port = start(30)
-    wait_for(lambda: _listening(port), proc, timeout=240)  # rank 0 serves the rendezvous store: it is waiting
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGTERM
 
 
 def _listening(port: int) -> bool:

@@ -270,6 +270,8 @@ def test_build_optimizer_lion_and_deepspeed_scheduler():
 BASE = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9}
 SCHED = LrSchedule("cosine", warmup_steps=2, min_lr_ratio=0.1)
 LR, TOTAL = 1e-3, 6
+# DeepSpeed's AdamW as README tells CPU users to run it: torch's (its CPU FusedAdam op compiles for ~40 s)
+ADAMW = {"optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.1, "torch_adam": True}}}
 
 
 def train(engine, steps: int) -> list[float]:
@@ -292,7 +294,7 @@ def lion_engine(ds, config: dict):
 
 
 def test_deepspeed_adamw_groups_and_schedule(ds, tmp_path):
-    config = {**BASE, "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.1}}}
+    config = {**BASE, **ADAMW}
     make = lambda: ds.initialize(  # noqa: E731
         model=(m := tiny_model()), config=config, model_parameters=param_groups(m, 0.1),
         lr_scheduler=lambda opt: build_lr_scheduler(opt, SCHED, TOTAL))[0]
@@ -313,7 +315,6 @@ def test_a_resume_may_switch_the_kind_of_lr_scheduler(ds, tmp_path):
     it and starts the new scheduler at the checkpoint's step, with the lrs an uninterrupted run of it has there."""
     from training.resume import schedule_kind, start_schedule_at
 
-    adamw = {"optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.1}}}
     warmup = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": LR, "warmup_num_steps": 10,
                                              "warmup_type": "linear"}}
     assert [schedule_kind(c) for c in ({"lr_schedule": {}}, {"scheduler": warmup}, {})] == [
@@ -322,9 +323,9 @@ def test_a_resume_may_switch_the_kind_of_lr_scheduler(ds, tmp_path):
     def make(kind: str):
         m = tiny_model()
         if kind == "lr_schedule":
-            return ds.initialize(model=m, config={**BASE, **adamw}, model_parameters=param_groups(m, 0.1),
+            return ds.initialize(model=m, config={**BASE, **ADAMW}, model_parameters=param_groups(m, 0.1),
                                  lr_scheduler=lambda opt: build_lr_scheduler(opt, SCHED, TOTAL))[0]
-        return ds.initialize(model=m, config={**BASE, **adamw, "scheduler": warmup},
+        return ds.initialize(model=m, config={**BASE, **ADAMW, "scheduler": warmup},
                              model_parameters=param_groups(m, 0.1))[0]
 
     for saved, new in (("lr_schedule", "warmup"), ("warmup", "lr_schedule")):

@@ -209,6 +209,12 @@ def test_lora_with_bf16_zero1_data_parallel_and_an_embedding_only_stage(tmp_path
     assert [r[2].split("(")[1].strip(" )") for r in rows][0] == "0"
     metrics = metrics_of(tmp_path / "out")
     assert len(metrics) == 8 and all(m["loss"] > 0 and m["grad_norm"] > 0 and not m.get("skipped") for m in metrics)
+    # DeepSpeed's BF16_Optimizer steps this config: stage 0 keeps its one group (even_groups is for its ZeRO optimizer,
+    # which hung; a group added here changed the checkpoints that resumes of earlier runs load)
+    states = sorted((tmp_path / "out" / "global_step8").glob("bf16_zero_pp_rank_*_mp_rank_*_optim_states.pt"))
+    groups = [len(torch.load(f, weights_only=False)["optimizer_state_dict"]["single_partition_of_fp32_groups"])
+              for f in states]
+    assert groups == [1, 2, 1, 2], groups
     pp_to_hg(tmp_path / "out", tmp_path / "adapter", lora="peft")
     adapters = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     lora = {k: t for k, t in adapters.items() if "lora_" in k}

@@ -309,6 +309,28 @@ def test_deepspeed_adamw_groups_and_schedule(ds, tmp_path):
         assert resumed.lr_scheduler.last_epoch == 5 and resumed.get_lr() == [LR * SCHED.factor(5, TOTAL)] * 2
 
 
+BF16_FP32_ACCUM = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+
+
+@pytest.mark.parametrize("config", [
+    {}, {"zero_optimization": {"stage": 1}}, {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}},
+    {"zero_optimization": {"stage": 1}, **BF16_FP32_ACCUM}, {"zero_optimization": True, **BF16_FP32_ACCUM},
+    {"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False,
+     **BF16_FP32_ACCUM},
+    {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}},
+], ids=["zero0", "zero1", "zero1-bf16", "zero1-bf16-fp32accum", "zero-true-bf16-fp32accum",
+        "zero1-bf16-fp32accum-offload", "zero2-bf16"])
+def test_steps_with_zero_optimizer_is_the_optimizer_deepspeed_picks(ds, config):
+    """even_groups is for DeepSpeed's ZeRO optimizer only (the one that hung): BF16_Optimizer's groups, and with them
+    its checkpoints, stay as they were."""
+    from training.optim import steps_with_zero_optimizer
+
+    m = tiny_model()
+    engine = ds.initialize(model=m, config={**BASE, **ADAMW, **config}, model_parameters=param_groups(m, 0.1))[0]
+    assert steps_with_zero_optimizer(config) == (type(engine.optimizer).__name__ == "DeepSpeedZeroOptimizer"), \
+        type(engine.optimizer).__name__
+
+
 def test_a_resume_may_switch_the_kind_of_lr_scheduler(ds, tmp_path):
     """A checkpoint of a run under the project's lr_schedule resumed under DeepSpeed's WarmupLR, and back: the saved
     scheduler state does not load into the other kind (DeepSpeed raises: what a resume did), so the trainer skips

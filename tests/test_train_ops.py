@@ -297,14 +297,17 @@ def test_zero_with_an_embedding_only_stage_trains_as_the_reference(tmp_path, ops
 
 
 def test_resume_on_another_topology_loads_weights_and_resets_the_optimizer(tmp_path, ops_model, ops_uninterrupted):
+    """New layer bounds: stage 0 holds only the embedding now, so it has one parameter group where the checkpoint's
+    stage 0 had two (the saved LR scheduler state, per group, does not fit it: it is started at the step instead)."""
     save = tmp_path / "out"
     shutil.copytree(ops_uninterrupted, save, ignore=shutil.ignore_patterns("global_step3", "global_step8", "runs"))
     (save / "latest").write_text("global_step6")
-    cfg = ops_config(tmp_path, ops_model, model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}})
-    proc = run_deepspeed("train_ds.py", ["--config", str(cfg)], num_procs=1)
+    cfg = ops_config(tmp_path, ops_model, model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]},
+                                                      "parts": [1, 4]})
+    proc = run_deepspeed("train_ds.py", ["--config", str(cfg)])
     said = [line for line in proc.stdout.splitlines() if line.startswith("resumed from")]
-    assert said == [f"resumed from {save / 'global_step6'} at step 6; topology changed (pipe 2 -> 1, data 1 -> 1, layer "
-                    "bounds [0, 3, 6] -> [0, 6]): weights, step and LR schedule loaded, optimizer state was reset"]
+    assert said == [f"resumed from {save / 'global_step6'} at step 6; topology changed (pipe 2 -> 2, data 1 -> 1, layer "
+                    "bounds [0, 3, 6] -> [0, 1, 6]): weights, step and LR schedule loaded, optimizer state was reset"]
     got, ref = losses_of(save), losses_of(ops_uninterrupted)
     assert sorted(got) == list(range(1, 9))
     assert got[7] == pytest.approx(ref[7], rel=1e-5)  # step 7's forward pass sees step 6's weights

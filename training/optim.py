@@ -300,11 +300,29 @@ def schedule_warning(cfg, total_steps: int) -> str | None:
 GroupSizes = dict[str, tuple[int, float]]  # parameter group name -> (elements, weight decay)
 
 
+def steps_with_zero_optimizer(ds: dict) -> bool:
+    """Whether DeepSpeed steps the config `ds` with its ZeRO optimizer (DeepSpeedZeroOptimizer), as its engine picks
+    (`_do_optimizer_sanity_check`): ZeRO on, except bf16 weights with fp32 gradient accumulation on ZeRO-1 without
+    CPU offload, which its BF16_Optimizer steps."""
+    from deepspeed.runtime.config import DtypeEnum
+
+    if zero_stage(ds) == 0:
+        return False
+    enabled = lambda key: isinstance(ds.get(key), dict) and bool(ds[key].get("enabled"))  # noqa: E731
+    bf16 = not enabled("fp16") and any(enabled(k) for k in BF16_KEYS)
+    accum = ds["data_types"].get("grad_accum_dtype") if isinstance(ds.get("data_types"), dict) else None
+    zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
+    offload = (zero.get("offload_optimizer") or {}).get("device") == "cpu"
+    fp32_accum = accum is not None and DtypeEnum(accum).value == torch.float32
+    return not (bf16 and fp32_accum and zero_stage(ds) == 1 and not offload)
+
+
 def even_groups(model: torch.nn.Module, groups: list[dict], weight_decay: float) -> list[dict]:
-    """Collective. DeepSpeed's ZeRO optimizer computes the gradient norm with collectives per parameter group: a stage
-    with fewer groups than another (an embedding-only stage has no no_decay group) left the others waiting at the
-    first step, forever. Such a stage gets the groups it lacks, each with one zero placeholder parameter
-    (`PipelineModel.placeholder`); stages with equal counts are left as they are (their checkpoints too)."""
+    """Collective. DeepSpeed's ZeRO optimizer (`steps_with_zero_optimizer`) computes the gradient norm with collectives
+    per parameter group: a stage with fewer groups than another (an embedding-only stage has no no_decay group) left
+    the others waiting at the first step, forever. Such a stage gets the groups it lacks, each with one zero
+    placeholder parameter (`PipelineModel.placeholder`); stages with equal counts are left as they are (their
+    checkpoints too)."""
     if not torch.distributed.is_initialized():  # one process (a unit test): nothing to even out
         return groups
     counts = [0] * torch.distributed.get_world_size()
@@ -365,7 +383,7 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
             name_of = hf_param_name(*family_of(Path(cfg.model_path)))
             ds["optimizer"] = {k: v for k, v in section.items() if k != "no_wd_kws"}
         groups = param_groups(model, wd, cfg.decay_norm_and_bias, no_decay, name_of)
-        if zero_stage(ds) > 0:
+        if steps_with_zero_optimizer(ds):  # (BF16_Optimizer's groups are left as they were: its checkpoints)
             groups = even_groups(model, groups, wd)
         schedule = parse_lr_schedule(cfg.lr_schedule) if cfg.lr_schedule is not None else None
         if kind.lower() == "lion":

@@ -172,9 +172,12 @@ class RunDirectory:
         changed = self._check_changes(tag_dir, saved)
         same = (saved.pipe, saved.data, saved.parts) == (self.pp_size, self.dp_size, list(self.model.parts))
         hyper = self._optimizer_settings()  # the config's, before the checkpoint's are loaded over them
-        # another kind of LR scheduler cannot load the saved one's state (_set_optimizer_settings starts it)
+        # the saved LR scheduler state is not loaded into another kind of scheduler, nor on another layout (it holds
+        # an entry per parameter group of the stage of its index: an embedding-only stage has one group, not two):
+        # _set_optimizer_settings starts the scheduler at the step, where every kind has the lr it would have had
+        self.schedule_restarted = self.schedule_switched or not same
         self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=same,
-                                    load_lr_scheduler_states=not self.schedule_switched,
+                                    load_lr_scheduler_states=not self.schedule_restarted,
                                     load_module_strict=self.lora is None)
         self.state = RunState(**{**saved.__dict__, "pipe": self.pp_size, "data": self.dp_size,
                                  "parts": list(self.model.parts), "global_batch": self.plan.global_batch,
@@ -269,9 +272,9 @@ class RunDirectory:
         """The lr the checkpoint's run had next (its schedule, before the config in force is applied), where known:
         the project's schedule and torch's save it with their state, else a loaded optimizer state holds it."""
         sched, opts = self.engine.lr_scheduler, self._optimizers()
-        if not self.schedule_switched and (lrs := getattr(sched, "loaded_lr", None)):
+        if not self.schedule_restarted and (lrs := getattr(sched, "loaded_lr", None)):
             return lrs[0]
-        if not self.schedule_switched and isinstance(sched, LRScheduler) and not hasattr(sched, "lr_lambdas"):
+        if not self.schedule_restarted and isinstance(sched, LRScheduler) and not hasattr(sched, "lr_lambdas"):
             return sched.get_last_lr()[0]
         return opts[0].param_groups[0]["lr"] if same and opts else None
 
@@ -279,15 +282,15 @@ class RunDirectory:
                                 say: bool = True) -> None:
         """After a checkpoint's states are loaded (optimizer states if `same`): the settings the config changed
         (`changed` optimizer.params keys; None: unknown, all), the schedule's lr (and a cycled momentum) at `step`
-        updates; another kind of scheduler than the checkpoint's (schedule_switched) is started there. Every other
+        updates; a scheduler whose state was not loaded (schedule_restarted) is started there. Every other
         setting stays the checkpoint's: a loaded group holds values its scheduler set (e.g. OneCycle's betas)."""
         sched, opts = self.engine.lr_scheduler, self._optimizers()
         before = self._checkpoint_lr(same)
-        every = changed is None or self.schedule_switched  # (the new scheduler needs the groups it was built on)
+        every = changed is None or self.schedule_restarted  # (the new scheduler needs the groups it was built on)
         for opt, groups in zip(opts, hyper["groups"], strict=True):
             for g, new in zip(opt.param_groups, groups, strict=True):
                 g.update({k: v for k, v in new.items() if every or k == "lr" or k in changed or k not in g})
-        if self.schedule_switched:
+        if self.schedule_restarted:
             start_schedule_at(sched, step)
         if hyper["base_lrs"] and hasattr(sched, "lr_lambdas"):  # the project's schedule (LambdaLR)
             sched.base_lrs = hyper["base_lrs"]

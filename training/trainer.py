@@ -60,7 +60,8 @@ class Trainer(TrainingData, RunDirectory):
         self.lock: RunLock | None = None  # rank 0: this run's lock on save_path
         self.launcher = LauncherWatch()  # the `deepspeed` command that started this process, if any
         self.tokenizer = None
-        self.changes_lr = self.changes_length = self.schedule_switched = False  # what a resume changed (rundir)
+        self.changes_lr = self.changes_length = False  # what a resume changed (rundir)
+        self.schedule_switched = self.schedule_restarted = False
         self.prompted: bool | None = None  # whether a training record went through a template (rank 0 reads data)
         # a process group made before (a caller's, e.g. a notebook's or a test session's) is used, and left as it is
         self.owns_group = not torch.distributed.is_initialized()

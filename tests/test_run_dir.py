@@ -379,9 +379,16 @@ def test_config_checks_of_the_run_directory(tmp_path, ops_model):
 # ------------------------------------------------------------------------------------------ smaller things
 
 
+def no_process_group(monkeypatch) -> None:
+    """Hide the test session's process group (tests before may have made it): a user's process has none, and with one
+    the run uses it and checks no port."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+
+
 def test_a_busy_master_port_is_one_line(tmp_path, ops_model, monkeypatch, capsys):
     import train_ds
 
+    no_process_group(monkeypatch)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     with socket.socket() as s:
         s.bind(("", 0))
@@ -415,6 +422,7 @@ def test_the_busy_port_advice_follows_the_launcher_and_srun_hostlists_expand(tmp
 
     assert first_host("rack[1-2]-node[01-04],x") == "rack1-node01" and first_host("r[1-2]n[01-16]") == "r1n01"
     assert first_host("gpu[03-05,09],cpu1") == "gpu03" and first_host("a-b[001-004]") == "a-b001"
+    no_process_group(monkeypatch)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):  # recorded, so that what launch_env sets
         monkeypatch.setenv(k, "0")  # from the SLURM variables is undone after the test
         monkeypatch.delenv(k)

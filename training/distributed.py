@@ -118,9 +118,14 @@ class LauncherWatch:
 
 def master_port_problem(launcher: str = "deepspeed") -> str | None:
     """Rank 0 (which hosts the rendezvous store): why MASTER_PORT cannot be used, e.g. another run holds it;
-    None when it is free or when a launcher's agent already serves the store there (torchrun). `launcher`:
+    None when it is free, when a launcher's agent already serves the store there (torchrun), or when this process
+    already has a process group (its own store holds the port). `launcher`:
     launch_env's answer, for the advice."""
     if os.environ.get("RANK") != "0" or "TORCHELASTIC_RUN_ID" in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    import torch.distributed
+
+    if torch.distributed.is_initialized():  # the caller's process group (a notebook's), which the run uses: its port
         return None
     port = int(os.environ["MASTER_PORT"])
     with socket.socket() as s:

@@ -65,6 +65,7 @@ class Trainer(TrainingData, RunDirectory):
         self.prompted: bool | None = None  # whether a training record went through a template (rank 0 reads data)
         # a process group made before (a caller's, e.g. a notebook's or a test session's) is used, and left as it is
         self.owns_group = not torch.distributed.is_initialized()
+        self.caller_handlers: dict = {}  # the SIGTERM / SIGINT handlers before setup, put back by close()
 
     def log(self, msg: str) -> None:
         if self.monitor is not None:
@@ -94,6 +95,7 @@ class Trainer(TrainingData, RunDirectory):
         timeout = timedelta(minutes=cfg.dist_timeout_minutes)
         # SIGTERM / SIGINT end a process still waiting for the others (nothing to save yet; the wait is in C++,
         # where a Python handler would run only once it times out); from the process group on they save and stop
+        self.caller_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # for close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         if acc.device_name() == "cpu":
@@ -520,6 +522,9 @@ class Trainer(TrainingData, RunDirectory):
             self.lock.release()
         if self.owns_group:
             shutdown_distributed()
+        for sig, handler in self.caller_handlers.items():  # a caller going on (a notebook) gets its Ctrl-C back
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def run(cfg: TrainConfig) -> None:

@@ -15,21 +15,45 @@ def deepspeed_logs_on_stderr():
     return contextlib.redirect_stdout(sys.stderr)
 
 
-# DS_ACCELERATOR values whose DeepSpeed accelerator needs a vendor package: without it, importing DeepSpeed fails
-DS_ACCELERATOR_NEEDS = {"hpu": "habana_frameworks", "npu": "torch_npu", "mlu": "torch_mlu"}
+# DeepSpeed's real_accelerator.get_accelerator, which its import runs, checked the way it checks them (0.19.8): the
+# values it accepts (SUPPORTED_ACCELERATOR_LIST, in its order), the vendor package each of these imports, and xpu
+# (torch.xpu.is_available()) and mps (torch.mps.current_allocated_memory()) on torch; anything else is a ValueError
+DS_ACCELERATORS = ("cuda", "cpu", "xpu", "npu", "mps", "hpu", "mlu", "sdaa", "supa", "klxpu")
+DS_ACCELERATOR_NEEDS = {"hpu": "habana_frameworks", "npu": "torch_npu", "mlu": "torch_mlu", "sdaa": "torch_sdaa",
+                        "supa": "torch_supa", "klxpu": "torch_xmlir"}
 
 
 def ds_accelerator_problem() -> str | None:
-    """Why DS_ACCELERATOR cannot work on this machine (its vendor package is missing), else None. Checked before
-    anything imports DeepSpeed, which builds the accelerator on import and fails there with a traceback."""
+    """Why DeepSpeed's import fails on this machine with DS_ACCELERATOR (a value it does not accept, a vendor package
+    or torch device support missing here), else None. Checked before anything imports DeepSpeed, which builds the
+    accelerator on import and fails there with a traceback; torch is imported only for xpu and mps."""
     import importlib.util
     import os
 
-    name = os.environ.get("DS_ACCELERATOR", "")
+    if (name := os.environ.get("DS_ACCELERATOR")) is None:
+        return None
+    unset = "(unset DS_ACCELERATOR to let DeepSpeed detect this machine's device)"
+    if name not in DS_ACCELERATORS:
+        return (f"DS_ACCELERATOR={name!r}: not an accelerator DeepSpeed knows; it accepts "
+                f"{', '.join(DS_ACCELERATORS)} {unset}")
     package = DS_ACCELERATOR_NEEDS.get(name)
     if package is not None and importlib.util.find_spec(package) is None:
-        return (f"DS_ACCELERATOR={name}: DeepSpeed's {name.upper()} accelerator needs {package}, which is not installed "
-                "here (unset DS_ACCELERATOR to let DeepSpeed detect this machine's device)")
+        return (f"DS_ACCELERATOR={name}: DeepSpeed's {name.upper()} accelerator needs {package}, which is not "
+                f"installed here {unset}")
+    if name == "xpu":
+        import torch
+
+        if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+            return (f"DS_ACCELERATOR=xpu: DeepSpeed's XPU accelerator needs torch with XPU support, and "
+                    f"torch.xpu.is_available() is false here {unset}")
+    if name == "mps":
+        try:
+            import torch.mps
+
+            torch.mps.current_allocated_memory()  # DeepSpeed's own proxy for an MPS backend
+        except (RuntimeError, ImportError):
+            return (f"DS_ACCELERATOR=mps: DeepSpeed's MPS accelerator needs torch's MPS backend (Apple silicon), which "
+                    f"torch here does not have {unset}")
     return None
 
 

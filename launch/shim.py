@@ -96,7 +96,7 @@ def main_of(prog: str, parser: Callable[[], argparse.ArgumentParser], build: Cal
             sets_ds_accelerator: bool = False) -> Callable[[list[str] | None], int]:
     """main(argv) of a shim: parse, `build` the Launch, then print it (--dry-run) or exec it. Errors: one line, exit 2.
 
-    The caller's DS_ACCELERATOR, when its vendor package is missing here (`ds_accelerator_problem`), would fail the
+    The caller's DS_ACCELERATOR, when DeepSpeed cannot use it here (`ds_accelerator_problem`), would fail the
     shim's own DeepSpeed import (its config checks) with a traceback. A shim whose launch sets DS_ACCELERATOR itself
     (`sets_ds_accelerator`: Gaudi's hpu) does not use the caller's value: it is left out of the shim's own checks,
     which do not depend on the device, so --dry-run prints the command on any host. Any other shim's ranks would

@@ -230,8 +230,11 @@ def test_trainium_path_on_cpu_matches_reference(tmp_path, tokenizer):
      "device here (torch.xpu.is_available() is false)"),
     ({"DS_ACCELERATOR": "cpu", "PIPEFT_ACCELERATOR": "meta:gloo"}, "train_ds.py: error: PIPEFT_ACCELERATOR: 'meta' is "
      "not a training device (its tensors hold no data); name the device to train on, e.g. neuron:neuron or cpu:gloo"),
+    ({"DS_ACCELERATOR": "xpu"}, "train_ds.py: error: DS_ACCELERATOR=xpu: DeepSpeed's XPU accelerator needs torch with "
+     "XPU support, and torch.xpu.is_available() is false here (unset DS_ACCELERATOR to let DeepSpeed detect this "
+     "machine's device)"),
 ], ids=["DS_ACCELERATOR", "PIPEFT_ACCELERATOR backend", "PIPEFT_ACCELERATOR hpu", "PIPEFT_ACCELERATOR xpu",
-        "PIPEFT_ACCELERATOR meta"])
+        "PIPEFT_ACCELERATOR meta", "DS_ACCELERATOR xpu"])
 def test_an_accelerator_this_machine_lacks_is_one_line(cfg, env, message):
     """DeepSpeed builds DS_ACCELERATOR's accelerator when it is imported (a traceback there); a backend torch lacks
     failed as an AssertionError once the process group started; a device torch knows by name but this machine lacks
@@ -241,6 +244,48 @@ def test_an_accelerator_this_machine_lacks_is_one_line(cfg, env, message):
                           env={**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, **env})
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == message, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+_UNSET = "(unset DS_ACCELERATOR to let DeepSpeed detect this machine's device)"
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("cpu", None), ("cuda", None),  # DeepSpeed's CUDA accelerator builds without a GPU (its first use fails)
+    *[(name, f"DS_ACCELERATOR={name}: DeepSpeed's {name.upper()} accelerator needs {package}, which is not installed "
+       f"here {_UNSET}") for name, package in [("hpu", "habana_frameworks"), ("npu", "torch_npu"),
+                                              ("mlu", "torch_mlu"), ("sdaa", "torch_sdaa"), ("supa", "torch_supa"),
+                                              ("klxpu", "torch_xmlir")]],
+    ("xpu", f"DS_ACCELERATOR=xpu: DeepSpeed's XPU accelerator needs torch with XPU support, and "
+     f"torch.xpu.is_available() is false here {_UNSET}"),
+    ("mps", f"DS_ACCELERATOR=mps: DeepSpeed's MPS accelerator needs torch's MPS backend (Apple silicon), which torch "
+     f"here does not have {_UNSET}"),
+    *[(name, f"DS_ACCELERATOR={name!r}: not an accelerator DeepSpeed knows; it accepts cuda, cpu, xpu, npu, mps, hpu, "
+       f"mlu, sdaa, supa, klxpu {_UNSET}") for name in ("gpu", "bogus", "", "HPU")],
+])
+def test_ds_accelerator_problem_covers_every_value_deepspeed_fails_on_import(monkeypatch, value, problem):
+    """Each DS_ACCELERATOR that DeepSpeed's get_accelerator (run by its import) refuses with a ValueError here: a
+    vendor package or torch device support this machine lacks, or a value not in its SUPPORTED_ACCELERATOR_LIST."""
+    from launch import ds_accelerator_problem
+
+    monkeypatch.setenv("DS_ACCELERATOR", value)
+    assert ds_accelerator_problem() == problem
+    monkeypatch.delenv("DS_ACCELERATOR")
+    assert ds_accelerator_problem() is None
+
+
+def test_ds_accelerators_are_deepspeeds_supported_list():
+    """DS_ACCELERATORS follows the installed DeepSpeed's SUPPORTED_ACCELERATOR_LIST (read, not imported: DeepSpeed's
+    import builds the accelerator), so a DeepSpeed that adds one fails here rather than refusing a valid value."""
+    import ast
+    import importlib.util
+
+    from launch import DS_ACCELERATORS
+
+    [where] = importlib.util.find_spec("deepspeed").submodule_search_locations
+    tree = ast.parse((Path(where) / "accelerator" / "real_accelerator.py").read_text())
+    [listed] = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and [getattr(t, "id", None) for t in node.targets] == ["SUPPORTED_ACCELERATOR_LIST"]]
+    assert tuple(listed) == DS_ACCELERATORS
 
 
 @pytest.mark.parametrize("argv", [["demo.py", "--model-path", "x", "--prompt", "hi"],
@@ -301,11 +346,13 @@ def test_an_error_only_some_ranks_raise_is_printed_by_them(case, tmp_path, ops_m
         assert errors_of(proc.stderr) == [], proc.stderr[-3000:]  # LOCAL_RANK 0 says it
 
 
-def test_gaudi_ignores_an_unusable_ds_accelerator_of_its_caller(cfg):
-    """DS_ACCELERATOR=hpu (as Gaudi's docs have users export it) on a host without habana_frameworks: the shim's
-    own checks do not use the device and its launch sets DS_ACCELERATOR=hpu itself, so --dry-run prints the command
-    as without the variable, and a real launch is the one-line "not a Gaudi host" refusal."""
-    env = {**os.environ, "PYTHONPATH": pythonpath(ROOT), "DS_ACCELERATOR": "hpu"}
+@pytest.mark.parametrize("value", ["hpu", "xpu"])
+def test_gaudi_ignores_an_unusable_ds_accelerator_of_its_caller(cfg, value):
+    """DS_ACCELERATOR=hpu (as Gaudi's docs have users export it) on a host without habana_frameworks, or any other
+    value DeepSpeed's import would fail on here (xpu without XPU support): the shim's own checks do not use the
+    device and its launch sets DS_ACCELERATOR=hpu itself, so --dry-run prints the command as without the variable,
+    and a real launch is the one-line "not a Gaudi host" refusal."""
+    env = {**os.environ, "PYTHONPATH": pythonpath(ROOT), "DS_ACCELERATOR": value}
     env.pop("PT_HPU_LAZY_MODE", None)
     argv = [sys.executable, "-m", "launch.gaudi", "--world_size", "1", "train_ds.py", "--config", str(cfg(dims=(1, 1)))]
     dry = subprocess.run([*argv[:5], "--dry-run", *argv[5:]], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -314,6 +361,8 @@ def test_gaudi_ignores_an_unusable_ds_accelerator_of_its_caller(cfg):
     lines = dry.stdout.strip().splitlines()
     assert "export DS_ACCELERATOR=hpu" in lines and lines[-1].endswith("train_ds.py --config " + argv[-1]), dry.stdout
     assert all(ln.startswith(("# ", "export ")) for ln in lines[:-1]), dry.stdout  # runnable in bash: no log lines
+    if value != "hpu":
+        return  # the real launch below does not depend on the caller's value either: checked once
     real = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert real.returncode == 2 and real.stdout == "" and "Traceback" not in real.stderr, real.stderr[-3000:]
     assert real.stderr.strip().splitlines() == [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -197,6 +198,79 @@ def test_resume_takes_a_key_written_out_with_its_default_as_unchanged():
         ("attn_implementation", "sdpa", "auto")]
 
 
+def test_resume_compares_lora_target_modules_as_the_names_they_resolve_to(tmp_path):
+    """README: target_modules are compared as sets; "all-linear" is the family's linear modules, so it and the same
+    names written out resume either way (the comparison of the resolved names, with the checkpoint's
+    lora_config.json); another set of names is refused, naming the key."""
+    from types import SimpleNamespace
+
+    from models import get_family
+    from models.lora import lora_info, parse_lora
+    from training.checkpoint import STATE_FILE
+    from training.resume import RUN_CONFIG_FILE, config_changes, resume_problem
+
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    base = {"data_path": "a.jsonl", "lora": {"r": 4, "alpha": 8}}
+    def lora_raw(targets):
+        return {**base, "lora": {**base["lora"], "target_modules": targets}}
+    for old, new in ((names, "all-linear"), ("all-linear", names), (names, names[::-1])):
+        assert config_changes(lora_raw(old), lora_raw(new), lora_run=True) == [], (old, new)
+
+    llama = get_family("llama")
+    def resumed(old, new):
+        """resume_problem of a LoRA checkpoint trained with target_modules `old`, resumed with `new`."""
+        save = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        tag = save / "global_step2"
+        tag.mkdir(parents=True)
+        (save / "latest").write_text("global_step2")
+        (tag / STATE_FILE).write_text(json.dumps({"step": 2}))
+        (tag / RUN_CONFIG_FILE).write_text(json.dumps(lora_raw(old)))
+        (tag / "lora_config.json").write_text(lora_info(parse_lora(lora_raw(old)["lora"], llama), str(tmp_path)))
+        raw = lora_raw(new)
+        cfg = SimpleNamespace(resume="auto", save_path=str(save), lora=raw["lora"], quantization=None,
+                              model_path=str(tmp_path), raw=raw, ds_config={}, allow_data_change_on_resume=False,
+                              keep_best=None, early_stopping_patience=None)
+        return resume_problem(cfg, parse_lora(raw["lora"], llama))
+
+    assert resumed(names, "all-linear") is None and resumed("all-linear", names) is None
+    assert resumed(names, names[::-1]) is None
+    for old, new in (("all-linear", ["q_proj", "v_proj"]), (names, ["q_proj", "v_proj"]), (["q_proj"], "all-linear")):
+        problem = resumed(old, new)
+        assert problem is not None and problem.startswith("lora.target_modules is "), (old, new, problem)
+
+
+def test_resume_says_a_section_set_to_null_or_from_null_in_one_line():
+    """A section removed (null, or a key whose default is null left out) or added where there was null is one change
+    of the key, old and new values shown whole; was a line "(unset) -> null" plus one per key of the section."""
+    from training.resume import config_changes, refusals
+
+    base = {"data_path": "a.jsonl"}
+    sched = {"type": "cosine", "warmup_steps": 2}
+    for gone in ({**base, "lr_schedule": None}, base):
+        changes = config_changes({**base, "lr_schedule": sched}, gone)
+        assert [(c.key, c.old, c.new, c.kind) for c in changes] == [("lr_schedule", sched, None, "applied")], changes
+        assert changes[0].line().startswith('lr_schedule: {"type": "cosine", "warmup_steps": 2} -> null (applied: ')
+        back = config_changes(gone, {**base, "lr_schedule": sched})
+        assert [(c.key, c.old, c.new, c.kind) for c in back] == [("lr_schedule", None, sched, "applied")], back
+    # {} is a schedule (cosine to 0), not none
+    assert [(c.key, c.old, c.new) for c in config_changes({**base, "lr_schedule": {}}, base)] == [
+        ("lr_schedule", {}, None)]
+    # other sections: one line, the kind of its most restrictive key
+    warmup = {"type": "WarmupLR", "params": {"warmup_max_lr": 1e-3, "warmup_num_steps": 20}}
+    opt = {"type": "AdamW", "params": {"lr": 1e-4}}
+    for key, section, kind in (("scheduler", warmup, "applied"), ("optimizer", opt, "fixed"),
+                               ("lora", {"r": 4}, "fixed"), ("quantization", {"load_in_4bit": True}, "fixed")):
+        for old, new in (({**base, key: section}, {**base, key: None}), ({**base, key: None}, {**base, key: section})):
+            changes = config_changes(old, new)
+            assert [(c.key, c.kind) for c in changes] == [(key, kind)], (key, changes)
+            assert (changes[0].old is None) == (old[key] is None) and (changes[0].new is None) == (new[key] is None)
+    assert [c.key for c in refusals(config_changes({**base, "optimizer": opt}, {**base, "optimizer": None}),
+                                    False)] == ["optimizer"]
+    # a section left out where the key has no default still says each of its keys
+    assert [c.key for c in config_changes({**base, "scheduler": warmup}, base)] == [
+        "scheduler.params.warmup_max_lr", "scheduler.params.warmup_num_steps", "scheduler.type"]
+
+
 def test_a_torch_schedulers_settings_are_refused_on_resume_where_its_saved_state_would_override_them():
     """torch's scheduler state_dict holds its constructor's params and base lrs, and DeepSpeed loads it over the one
     the config built: a new gamma or optimizer lr would be said "applied" and not take effect. DeepSpeed's own
@@ -377,6 +451,22 @@ def test_config_checks_of_the_run_directory(tmp_path, ops_model):
 
 
 # ------------------------------------------------------------------------------------------ smaller things
+
+
+def test_a_global_batch_changed_by_the_data_parallel_size_is_refused_before_the_model_is_built(tmp_path, ops_model,
+                                                                                               ops_uninterrupted):
+    """The batch keys as they were, twice the replicas: the global batch doubles (the data order would not be the
+    checkpoint's). Refused with the config, not after the model and the engine are built; with the accumulation
+    halved it is the same global batch, and allowed with allow_data_change_on_resume."""
+    shutil.copytree(ops_uninterrupted, tmp_path / "out")
+    dp2 = {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 2]}}
+    with pytest.raises(ConfigError) as e:
+        load_config(ops_config(tmp_path, ops_model, model_topo=dp2), world_size=2)
+    assert str(e.value).startswith(f"{tmp_path / 'cfg.json'}: cannot resume {tmp_path / 'out' / 'global_step8'} exactly: "
+                                   "the global batch changed (4 -> 8: 2 per micro-batch x 2 accumulation steps x 2 "
+                                   "data-parallel replicas), so samples would be repeated or skipped;"), str(e.value)
+    load_config(ops_config(tmp_path, ops_model, model_topo=dp2, gradient_accumulation_steps=1), world_size=2)
+    load_config(ops_config(tmp_path, ops_model, model_topo=dp2, allow_data_change_on_resume=True), world_size=2)
 
 
 def no_process_group(monkeypatch) -> None:

@@ -142,6 +142,21 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def side_by_side(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) of two configs, _MISSING where a side lacks the key: a section (a dict)
+    on both sides, or on one side with the key absent on the other, is compared key by key (an empty one is as
+    absent); a section against a value (e.g. null) is one pair of the key, the section whole (not one pair per key of
+    the section with the value under a key that the section's keys collide with)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        o, n = old.get(k, _MISSING), new.get(k, _MISSING)
+        if (isinstance(o, dict) or o is _MISSING) and (isinstance(n, dict) or n is _MISSING):
+            out += side_by_side(o if isinstance(o, dict) else {}, n if isinstance(n, dict) else {}, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", o, n))
+    return out
+
+
 def rule_of(key: str, lora_run: bool = False) -> tuple[str, str]:
     if key == "model_path":
         return (FIXED, "a LoRA checkpoint holds only adapters: the base they were trained on is needed") if lora_run \
@@ -151,6 +166,16 @@ def rule_of(key: str, lora_run: bool = False) -> tuple[str, str]:
         if key == prefix or key.startswith(prefix + "."):
             return kind, note
     return APPLIED, "takes effect from this step"
+
+
+STRICTNESS = (APPLIED, SAMPLES, DATA, FIXED)
+
+
+def rule_of_value(key: str, old: object, new: object, lora_run: bool = False) -> tuple[str, str]:
+    """rule_of a key; for a whole section against a value (`side_by_side`), the strictest rule of the key and of the
+    section's keys (e.g. "optimizer" set to null changes optimizer.type: refused)."""
+    keys = [key, *(f"{key}.{k}" for v in (old, new) if isinstance(v, dict) for k in flatten(v))]
+    return max((rule_of(k, lora_run) for k in keys), key=lambda rule: STRICTNESS.index(rule[0]))
 
 
 IGNORED = ("resume", "overwrite_save_path", "allow_data_change_on_resume", "data_cache_dir")  # never worth a line
@@ -213,7 +238,9 @@ def torch_scheduler(raw: dict) -> str | None:
 
 
 def config_changes(saved: dict, new: dict, lora_run: bool = False) -> list[Change]:
-    """Every key whose effective value differs between the saved and the new raw config, classified."""
+    """Every key whose effective value differs between the saved and the new raw config, classified; a section set
+    to null or from null is one change of its key (`side_by_side`). A LoRA run's (`lora_run`) lora.target_modules
+    are left to resume_problem, which compares the names they resolve to ("all-linear" is the model family's)."""
     saved, new = effective(saved), effective(new)
     for key in PRECISION:  # on one side only: "enabled" says it (the section's other keys do nothing on the other)
         if (key in saved) != (key in new):
@@ -221,17 +248,17 @@ def config_changes(saved: dict, new: dict, lora_run: bool = False) -> list[Chang
     # torch's scheduler state_dict holds its constructor's params and base lrs, and DeepSpeed loads it over the
     # scheduler the config built: changed ones would not take effect (another kind of scheduler starts afresh)
     torch_kind = torch_scheduler(new) if schedule_kind(saved) == schedule_kind(new) else None
-    a, b = flatten(saved), flatten(new)
     out = []
-    for key in sorted(set(a) | set(b)):
-        old, cur = (_MISSING if v == {} else v for v in (a.get(key, _MISSING), b.get(key, _MISSING)))  # {}: absent
+    for key, old, cur in side_by_side(saved, new):
         if key.endswith(".enabled") and old in (_MISSING, False) and cur in (_MISSING, False):
             continue  # an absent section, or one without "enabled", is off
         if old == cur or key.split(".")[0] in IGNORED or (key in UNORDERED and _same_set(old, cur)):
             continue
         if key == "optimizer.type" and isinstance(old, str) and isinstance(cur, str) and old.lower() == cur.lower():
             continue  # DeepSpeed matches its names case-insensitively: the same optimizer
-        kind, note = rule_of(key, lora_run)
+        if key == "lora.target_modules" and lora_run:
+            continue  # "all-linear" is the model family's names: resume_problem compares the resolved ones (as sets)
+        kind, note = rule_of_value(key, old, cur, lora_run)
         if torch_kind and (key.startswith("scheduler.") or key == "optimizer.params.lr"):
             kind, note = FIXED, (f"torch's {torch_kind} restores its parameters and lrs from the checkpoint: a new value "
                                  "would not take effect")
@@ -495,4 +522,13 @@ def resume_problem(cfg: TrainConfig, lora: LoraSettings | None) -> str | None:
         return (f"'{c.key}' changed since the checkpoint {ckpt / RUN_CONFIG_FILE} "
                 f"({c.values()}): {c.note}{more}; "
                 f"{how}, {fresh}")
+    ds = cfg.ds_config  # with the world known, derive_batch has filled in every batch key
+    micro, accum = ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps")
+    if None not in (batch, saved_batch, micro, accum) and batch != saved_batch and not cfg.allow_data_change_on_resume:
+        # the batch keys as they were, another number of data-parallel replicas (model_topo, or the process count)
+        return (f"cannot resume {ckpt} exactly: the global batch changed ({saved_batch} -> {batch}: {micro} per "
+                f"micro-batch x {accum} accumulation steps x {batch // (micro * accum)} data-parallel replicas), so "
+                "samples would be repeated or skipped; keep the global batch (e.g. scale gradient_accumulation_steps "
+                "inversely to the data-parallel replicas), set \"allow_data_change_on_resume\": true to continue "
+                f"anyway (the data order is then not sample-exact), {fresh}")
     return None

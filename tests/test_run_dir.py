@@ -92,10 +92,12 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
                               "the training samples differ from the checkpoint's (data files, tokenizer or data settings), "
                               "so samples would be repeated or skipped; set \"allow_data_change_on_resume\": true to "
                               "continue anyway, or start a new run"], out[-3000:]
+    new["seed"] = 4  # allowed too, with a warning
     out = run_deepspeed("train_ds.py", ["--config", str(ops_config(tmp_path, ops_model, allow_data_change_on_resume=True,
                                                                      **new))]).stdout
     assert "optimizer.params.lr: 0.003 -> 0.001 (applied" in out and "data_path: " in out and "(allowed" in out
     assert "warning: the training samples differ from the checkpoint's" in out
+    assert "warning: seed changed (3 -> 4): the data order continues at this step's position, not sample-exact" in out
     lrs = {m["step"]: m["lr"] for m in metrics_of(save) if "lr" in m}
     assert [lrs[s] for s in range(1, 11)] == [3e-3] * 8 + [1e-3] * 2
 

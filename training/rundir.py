@@ -18,9 +18,11 @@ from data.settings import data_settings_of, write_data_settings
 from models.diskspace import tree_size
 from models.hf_io import replace_side_files
 from training.checkpoint import RunState, set_rng_state
+from training.compat import BATCH_KEYS
 from training.config import ConfigError, start_over
 from training.monitor import truncate_metrics
 from training.resume import (
+    DATA,
     RUN_CONFIG_FILE,
     config_changes,
     earlier_tags,
@@ -247,6 +249,8 @@ class RunDirectory:
                 self.log("warning: the eval samples differ from the checkpoint's: later eval losses are on other data")
         if saved.global_batch != self.plan.global_batch:
             what.append(f"the global batch changed ({saved.global_batch} -> {self.plan.global_batch} {self.unit}s)")
+        if cfg.allow_data_change_on_resume:  # the data-order keys allowed to change (the global batch is said above)
+            what += [f"{c.key} changed ({c.values()})" for c in changes if c.kind == DATA and c.key not in BATCH_KEYS]
         if what and not cfg.allow_data_change_on_resume:
             raise ConfigError(f"{cfg.path}: cannot resume {tag_dir} exactly: {'; '.join(what)}, so samples would be "
                               "repeated or skipped; set \"allow_data_change_on_resume\": true to continue anyway, or "

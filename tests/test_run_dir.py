@@ -91,13 +91,15 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
     assert errors_of(out) == [f"train_ds.py: error: {tmp_path / 'cfg.json'}: cannot resume {save / 'global_step8'} exactly: "
                               "the training samples differ from the checkpoint's (data files, tokenizer or data settings), "
                               "so samples would be repeated or skipped; set \"allow_data_change_on_resume\": true to "
-                              "continue anyway, or start a new run"], out[-3000:]
+                              "continue anyway, or start a new run (data keys changed since it: data_path)"], out[-3000:]
+    assert "Using topology" not in out  # refused once the rows are read, before the model is built
     new["seed"] = 4  # allowed too, with a warning
     out = run_deepspeed("train_ds.py", ["--config", str(ops_config(tmp_path, ops_model, allow_data_change_on_resume=True,
                                                                      **new))]).stdout
     assert "optimizer.params.lr: 0.003 -> 0.001 (applied" in out and "data_path: " in out and "(allowed" in out
     assert "warning: the training samples differ from the checkpoint's" in out
     assert "warning: seed changed (3 -> 4): the data order continues at this step's position, not sample-exact" in out
+    assert "Using topology" in out  # (DeepSpeed's line at the model's build, which the refused run did not reach)
     lrs = {m["step"]: m["lr"] for m in metrics_of(save) if "lr" in m}
     assert [lrs[s] for s in range(1, 11)] == [3e-3] * 8 + [1e-3] * 2
 
@@ -600,7 +602,9 @@ def test_eval_losses_that_would_not_compare_stop_a_resume_even_when_data_changes
         f"train_ds.py: error: {tmp_path / 'cfg.json'}: cannot resume {tmp_path / 'out' / 'global_step4'}: the training "
         "samples differ from the checkpoint's, and the eval samples eval_split_ratio holds out are taken from the same "
         "data, so they differ too (some may have been trained on): keep_best / early_stopping_patience would compare "
-        "eval losses of other eval sets; start a new run or resume with the same data"]
+        "eval losses of other eval sets; start a new run or resume with the same data (data keys changed since it: "
+        "data_path)"]
+    assert "Using topology" not in done.stdout + done.stderr  # before the model is built
 
 
 def test_tiny_tokenizer_keeps_an_existing_directory(tmp_path, capsys):

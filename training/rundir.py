@@ -24,6 +24,7 @@ from training.monitor import truncate_metrics
 from training.resume import (
     DATA,
     RUN_CONFIG_FILE,
+    SAMPLES,
     config_changes,
     earlier_tags,
     name_resumed,
@@ -212,6 +213,56 @@ class RunDirectory:
         torch.distributed.all_gather_object(found, problem)
         return next((p for p in found if p), None)
 
+    def _data_changes(self, tag_dir: Path, saved: RunState, say=None) -> list[str]:
+        """What differs in the data since the checkpoint `saved` (its training samples, the global batch), refused
+        unless allow_data_change_on_resume (eval data that keep_best / early stopping would compare: always).
+        `say`: where the eval data warning goes (the log)."""
+        cfg, what = self.cfg, []
+        say = say or self.log
+        if saved.data_fingerprint is not None and saved.data_fingerprint != self.data_fingerprint:
+            if cfg.eval_split_ratio and saved.evals and (cfg.keep_best or cfg.early_stopping_patience):
+                raise ConfigError(f"{cfg.path}: cannot resume {tag_dir}: the training samples differ from the "
+                                  "checkpoint's, and the eval samples eval_split_ratio holds out are taken from the same "
+                                  "data, so they differ too (some may have been trained on): keep_best / "
+                                  "early_stopping_patience would compare eval losses of other eval sets; start a new run "
+                                  "or resume with the same data")
+            what.append("the training samples differ from the checkpoint's (data files, tokenizer or data settings)")
+        if saved.eval_fingerprint is not None and saved.eval_fingerprint != self.eval_fingerprint:
+            if saved.evals and (cfg.keep_best or cfg.early_stopping_patience):
+                raise ConfigError(f"{cfg.path}: cannot resume {tag_dir}: the eval samples differ from the checkpoint's "
+                                  "(eval data files, tokenizer or data settings): keep_best / early_stopping_patience "
+                                  "compare every eval loss with the earlier ones, and losses on other eval data do not "
+                                  "compare; restore the eval data, or start a new run")
+            if self.eval_fingerprint is not None:  # (no eval data now: no later eval loss)
+                say("warning: the eval samples differ from the checkpoint's: later eval losses are on other data")
+        if saved.global_batch != self.plan.global_batch:
+            what.append(f"the global batch changed ({saved.global_batch} -> {self.plan.global_batch} {self.unit}s)")
+        if what and not cfg.allow_data_change_on_resume:
+            raise ConfigError(f"{cfg.path}: cannot resume {tag_dir} exactly: {'; '.join(what)}, so samples would be "
+                              "repeated or skipped; set \"allow_data_change_on_resume\": true to continue anyway, or "
+                              "start a new run")
+        return what
+
+    def refuse_data_changes(self) -> None:
+        """Collective, once the data are read, before the model is built (minutes for a large one): a resume that
+        _check_changes would refuse for its data (the checkpoint resume_tag names) is refused now, on every rank."""
+        cfg, save = self.cfg, Path(self.cfg.save_path)
+        problem = None
+        if cfg.resume in ("auto", True) and (tag := resume_tag(save)[0]) is not None:
+            try:
+                self._data_changes(save / tag, RunState.read(save / tag), say=lambda _: None)
+            except ConfigError as e:
+                old = read_run_config(save / tag)
+                keys = [c.key for c in config_changes(old, cfg.raw, lora_run=cfg.lora is not None)
+                        if c.kind in (SAMPLES, DATA)] if old is not None else []
+                problem = str(e) + (f" (data keys changed since it: {', '.join(keys)})" if keys else "")
+            except (OSError, ValueError, TypeError):  # a damaged state: the resume falls back to an earlier checkpoint
+                pass
+        found = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(found, problem)
+        if problem := next((p for p in found if p), None):
+            raise ConfigError(problem)
+
     def _check_changes(self, tag_dir: Path, saved: RunState) -> set[str] | None:
         """Say what changed since the checkpoint (load_config refused what may not change); refuse different data
         or a different global batch unless allow_data_change_on_resume. Returns the optimizer.params keys that
@@ -230,31 +281,9 @@ class RunDirectory:
             self.log(f"config changes since {tag_dir}:")
             for c in changes:
                 self.log(f"  {c.line(allowed=cfg.allow_data_change_on_resume)}")
-        what = []
-        if saved.data_fingerprint is not None and saved.data_fingerprint != self.data_fingerprint:
-            if cfg.eval_split_ratio and saved.evals and (cfg.keep_best or cfg.early_stopping_patience):
-                raise ConfigError(f"{cfg.path}: cannot resume {tag_dir}: the training samples differ from the "
-                                  "checkpoint's, and the eval samples eval_split_ratio holds out are taken from the same "
-                                  "data, so they differ too (some may have been trained on): keep_best / "
-                                  "early_stopping_patience would compare eval losses of other eval sets; start a new run "
-                                  "or resume with the same data")
-            what.append("the training samples differ from the checkpoint's (data files, tokenizer or data settings)")
-        if saved.eval_fingerprint is not None and saved.eval_fingerprint != self.eval_fingerprint:
-            if saved.evals and (cfg.keep_best or cfg.early_stopping_patience):
-                raise ConfigError(f"{cfg.path}: cannot resume {tag_dir}: the eval samples differ from the checkpoint's "
-                                  "(eval data files, tokenizer or data settings): keep_best / early_stopping_patience "
-                                  "compare every eval loss with the earlier ones, and losses on other eval data do not "
-                                  "compare; restore the eval data, or start a new run")
-            if self.eval_fingerprint is not None:  # (no eval data now: no later eval loss)
-                self.log("warning: the eval samples differ from the checkpoint's: later eval losses are on other data")
-        if saved.global_batch != self.plan.global_batch:
-            what.append(f"the global batch changed ({saved.global_batch} -> {self.plan.global_batch} {self.unit}s)")
+        what = self._data_changes(tag_dir, saved)
         if cfg.allow_data_change_on_resume:  # the data-order keys allowed to change (the global batch is said above)
             what += [f"{c.key} changed ({c.values()})" for c in changes if c.kind == DATA and c.key not in BATCH_KEYS]
-        if what and not cfg.allow_data_change_on_resume:
-            raise ConfigError(f"{cfg.path}: cannot resume {tag_dir} exactly: {'; '.join(what)}, so samples would be "
-                              "repeated or skipped; set \"allow_data_change_on_resume\": true to continue anyway, or "
-                              "start a new run")
         for w in what:
             self.log(f"warning: {w}: the data order continues at this step's position, not sample-exact "
                      "(allow_data_change_on_resume)")

@@ -134,6 +134,7 @@ class Trainer(TrainingData, RunDirectory):
         self.readers = [topo.get_coord(r).pipe in (0, self.pp_size - 1) for r in range(self.world)]
         self.reads_data = self.readers[self.rank]
         self._setup_data()
+        self.refuse_data_changes()  # a resume refused for its data: before the model is built
 
         parts = cfg.model_topo.get("parts")  # checked against the model by load_config
         costs = self.family.unit_costs(self.config, cfg.max_seq_len)

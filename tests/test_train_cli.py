@@ -61,6 +61,11 @@ CASES = {  # name -> (config overrides, expected text)
     "wrong type": ({"max_seq_len": "512"}, "'max_seq_len' must be int, got \"512\""),
     "missing data_path": ({"data_path": None}, "missing required key 'data_path'"),
     "zero 2": ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage 2 does not work with pipeline"),
+    "zero stage a string": ({"zero_optimization": {"stage": "1"}}, "zero_optimization.stage must be 0 or 1 (a number), "
+                            "got \"1\""),
+    "bf16 under two names": ({"bf16": {"enabled": False}, "bfloat16": {"enabled": True}, "zero_optimization": {"stage": 1}},
+                             "'bf16' and 'bfloat16' are two names of one DeepSpeed section (with both, DeepSpeed reads "
+                             "'bf16' and ignores 'bfloat16'); keep one"),
     "wall clock": ({"wall_clock_breakdown": True}, "'wall_clock_breakdown' true stops DeepSpeed's pipeline engine"),
     "batch sizes": ({"train_batch_size": 3}, "train_batch_size 3 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 2 x data-parallel size 1"),
     "dims": ({"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}}}, "needs 2 processes but 1 were started"),

@@ -271,6 +271,9 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
         if getattr(cfg, key) is not None and cfg.eval_interval is None:
             raise ConfigError(f"{path}: '{key}' needs 'eval_interval' (steps between evaluations)")
     ds = cfg.ds_config
+    if all(k in ds for k in BF16_KEYS):  # DeepSpeed reads 'bf16' and ignores 'bfloat16' then: one would be silent
+        raise ConfigError(f"{path}: 'bf16' and 'bfloat16' are two names of one DeepSpeed section (with both, DeepSpeed "
+                          "reads 'bf16' and ignores 'bfloat16'); keep one")
     enabled = _half_precisions(ds)
     if len(enabled) > 1:
         raise ConfigError(f"{path}: 'fp16' and 'bf16' are both enabled; choose one")
@@ -393,6 +396,8 @@ def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
         raise ConfigError(str(e)) from None
     for section in ("zero_optimization",):
         stage = ds.get(section, {}).get("stage", 0) if isinstance(ds.get(section), dict) else 0
+        if not isinstance(stage, int) or isinstance(stage, bool):
+            raise ConfigError(f"{path}: zero_optimization.stage must be 0 or 1 (a number), got {json.dumps(stage)}")
         if stage > 1:
             raise ConfigError(f"{path}: zero_optimization.stage {stage} does not work with pipeline parallelism; use 0 or 1")
     if ds.get("wall_clock_breakdown"):  # checked with DeepSpeed 0.19.8, over this project's model and a raw PipelineModule

@@ -176,3 +176,15 @@ def test_lora_modules_in_another_order_resume(tmp_path, ops_model):
     cfg.write_text(json.dumps({**raw, "lora": {**lora, "target_modules": ["v_proj", "k_proj"]}}))
     with pytest.raises(ConfigError, match=r"lora.target_modules is \["):  # other modules still are
         load_config(cfg)
+
+
+def test_an_allowed_data_change_since_a_checkpoint_without_a_fingerprint_is_a_warning(ds, tmp_path):
+    """With no fingerprint of its rows in the checkpoint (an older version's), a data key is all there is to judge
+    by: under allow_data_change_on_resume the run goes on with the warning README promises."""
+    raw = {"max_steps": 6, "lr_schedule": COSINE, "data_path": "a.jsonl"}
+    save_at_3(ds, raw, tmp_path)  # (its RunState has no data_fingerprint)
+    run = Run(engine_for(ds, raw), {**raw, "data_path": "b.jsonl"}, [0, 1])
+    run.cfg.allow_data_change_on_resume = True
+    run._resume(tmp_path / "global_step3")
+    assert 'warning: data_path changed ("a.jsonl" -> "b.jsonl"): the data order continues at this step\'s position, ' \
+           "not sample-exact (allow_data_change_on_resume)" in run.lines, run.lines

@@ -6,6 +6,7 @@ test (root), never an injected error."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -51,6 +52,10 @@ def test_a_damaged_checkpoint_is_passed_over(tmp_path, ops_model, ops_uninterrup
     (save / "latest").write_text("global_step6")
     bad = sorted((save / "global_step6").glob("layer_*-model_states.pt"))[-1]
     bad.write_bytes(b"\0" * bad.stat().st_size)  # same size: only loading it can tell
+    # and written with other data (a resume under allow_data_change_on_resume): the checkpoint resumed instead has
+    # this run's rows, so the data check before the model is built does not refuse the run for the damaged one's
+    state = json.loads((save / "global_step6" / "trainer_state.json").read_text())
+    (save / "global_step6" / "trainer_state.json").write_text(json.dumps({**state, "data_fingerprint": "other rows"}))
     out = run_deepspeed("train_ds.py", ["--config", str(ops_config(tmp_path, ops_model, save_interval=3))]).stdout
     assert f"checkpoint {save / 'global_step6'} cannot be loaded (rank " in out
     assert f"resuming from the previous intact checkpoint {save / 'global_step3'} instead" in out

@@ -247,20 +247,22 @@ class RunDirectory:
         """Collective, once the data are read, before the model is built (minutes for a large one): a resume that
         _check_changes would refuse for its data (the checkpoint resume_tag names) is refused now, on every rank."""
         cfg, save = self.cfg, Path(self.cfg.save_path)
-        problem = None
-        if cfg.resume in ("auto", True) and (tag := resume_tag(save)[0]) is not None:
+        problem, tag = None, resume_tag(save)[0] if cfg.resume in ("auto", True) else None
+        if tag is not None:
             try:
-                self._data_changes(save / tag, RunState.read(save / tag), say=lambda _: None)
+                saved = RunState.read(save / tag)
+                self._data_changes(save / tag, saved, say=lambda _: None)
             except ConfigError as e:
                 old = read_run_config(save / tag)
-                keys = [c.key for c in config_changes(old, cfg.raw, lora_run=cfg.lora is not None)
-                        if c.kind in (SAMPLES, DATA)] if old is not None else []
+                keys = [c.key for c in config_changes(old, cfg.raw, lora_run=cfg.lora is not None) if c.kind == SAMPLES
+                        ] if old is not None and saved.data_fingerprint != self.data_fingerprint else []
                 problem = str(e) + (f" (data keys changed since it: {', '.join(keys)})" if keys else "")
             except (OSError, ValueError, TypeError):  # a damaged state: the resume falls back to an earlier checkpoint
                 pass
         found = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(found, problem)
-        if problem := next((p for p in found if p), None):
+        # a checkpoint whose files do not load is not resumed (_resume falls back to an earlier one): not refused here
+        if (problem := next((p for p in found if p), None)) and self._load_problem(save / tag) is None:
             raise ConfigError(problem)
 
     def _check_changes(self, tag_dir: Path, saved: RunState) -> set[str] | None:
@@ -282,8 +284,10 @@ class RunDirectory:
             for c in changes:
                 self.log(f"  {c.line(allowed=cfg.allow_data_change_on_resume)}")
         what = self._data_changes(tag_dir, saved)
-        if cfg.allow_data_change_on_resume:  # the data-order keys allowed to change (the global batch is said above)
-            what += [f"{c.key} changed ({c.values()})" for c in changes if c.kind == DATA and c.key not in BATCH_KEYS]
+        if cfg.allow_data_change_on_resume:  # the keys allowed to change (the global batch and the rows: said above;
+            # without a fingerprint in the checkpoint, the data keys are all there is to say)
+            what += [f"{c.key} changed ({c.values()})" for c in changes if c.key not in BATCH_KEYS and (
+                c.kind == DATA or c.kind == SAMPLES and saved.data_fingerprint is None)]
         for w in what:
             self.log(f"warning: {w}: the data order continues at this step's position, not sample-exact "
                      "(allow_data_change_on_resume)")

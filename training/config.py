@@ -31,6 +31,7 @@ from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batc
 from training.optim import (
     BF16_KEYS,
     build_lion,
+    half_precisions,
     no_decay_patterns,
     optimizer_key_problem,
     parse_lr_schedule,
@@ -274,7 +275,7 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
     if all(k in ds for k in BF16_KEYS):  # DeepSpeed reads 'bf16' and ignores 'bfloat16' then: one would be silent
         raise ConfigError(f"{path}: 'bf16' and 'bfloat16' are two names of one DeepSpeed section (with both, DeepSpeed "
                           "reads 'bf16' and ignores 'bfloat16'); keep one")
-    enabled = _half_precisions(ds)
+    enabled = half_precisions(ds)
     if len(enabled) > 1:
         raise ConfigError(f"{path}: 'fp16' and 'bf16' are both enabled; choose one")
     for key in BF16_KEYS:
@@ -515,7 +516,7 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
         device = get_accelerator().device_name()
     else:
         device = "cpu"  # any device runs these
-    precision = (_half_precisions(cfg.ds_config) or ["fp32"])[0]  # both enabled is refused before
+    precision = (half_precisions(cfg.ds_config) or ["fp32"])[0]  # both enabled is refused before
     if problem := attn_problem(attn, family.model_type, device, precision, getattr(config, "attention_dropout", 0.0)):
         raise ConfigError(f"{path}: 'attn_implementation' {attn!r}: {problem}")
     limit, how = family.max_positions(config)
@@ -582,12 +583,6 @@ def _check_lora(cfg: TrainConfig, path: Path, resuming: bool = False) -> LoraSet
     except (ValueError, CheckpointError) as e:
         raise ConfigError(f"{path}: {e}") from None
     return settings
-
-
-def _half_precisions(ds: dict) -> list[str]:
-    """The DeepSpeed sections among fp16 / bf16 that are enabled ("bfloat16", DeepSpeed's other name, as "bf16")."""
-    on = [k for k in ("fp16", "bf16", "bfloat16") if isinstance(ds.get(k), dict) and ds[k].get("enabled", False)]
-    return list(dict.fromkeys("bf16" if k == "bfloat16" else k for k in on))
 
 
 def _check_parts(cfg: TrainConfig, path: Path, world_size: int) -> None:

@@ -308,13 +308,21 @@ def steps_with_zero_optimizer(ds: dict) -> bool:
 
     if zero_stage(ds) == 0:
         return False
-    enabled = lambda key: isinstance(ds.get(key), dict) and bool(ds[key].get("enabled"))  # noqa: E731
-    bf16 = not enabled("fp16") and any(enabled(k) for k in BF16_KEYS)
     accum = ds["data_types"].get("grad_accum_dtype") if isinstance(ds.get("data_types"), dict) else None
-    zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
-    offload = (zero.get("offload_optimizer") or {}).get("device") == "cpu"
     fp32_accum = accum is not None and DtypeEnum(accum).value == torch.float32
-    return not (bf16 and fp32_accum and zero_stage(ds) == 1 and not offload)
+    return not (half_precisions(ds) == ["bf16"] and fp32_accum and zero_stage(ds) == 1 and offload_device(ds) != "cpu")
+
+
+def half_precisions(ds: dict) -> list[str]:
+    """The DeepSpeed sections among fp16 / bf16 that are enabled ("bfloat16", DeepSpeed's other name, as "bf16")."""
+    on = [k for k in ("fp16", *BF16_KEYS) if isinstance(ds.get(k), dict) and ds[k].get("enabled", False)]
+    return list(dict.fromkeys("bf16" if k == "bfloat16" else k for k in on))
+
+
+def offload_device(ds: dict) -> str:
+    """zero_optimization.offload_optimizer.device of a DeepSpeed config, "none" without one."""
+    zero = ds.get("zero_optimization")
+    return ((zero.get("offload_optimizer") or {}).get("device") or "none") if isinstance(zero, dict) else "none"
 
 
 def even_groups(model: torch.nn.Module, groups: list[dict], weight_decay: float) -> list[dict]:
@@ -391,13 +399,11 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
 
             # the model is still on the CPU here (DeepSpeed moves it): the kernel's check is about the accelerator,
             # or the CPU when ZeRO offloads the optimizer (it steps the fp32 copies there)
-            zero = ds.get("zero_optimization") or {}
-            zero = zero if isinstance(zero, dict) else {"stage": 1}  # DeepSpeed reads `true` as stage 1
-            offload = (zero.get("offload_optimizer") or {}).get("device") or "none"
+            offload = offload_device(ds)
             device = "cpu" if offload in ("cpu", "nvme") else get_accelerator().device_name()
             optimizer = build_lion(groups, **params, device_type=device)
             del ds["optimizer"]
-            if zero.get("stage", 0) > 0:
+            if zero_stage(ds) > 0:
                 ds.setdefault("zero_allow_untested_optimizer", True)  # lion-pytorch is not on DeepSpeed's ZeRO list
             if offload != "none":  # DeepSpeed refuses a client optimizer under offload unless told not to force its own
                 if ds.get("zero_force_ds_cpu_optimizer") is True:

@@ -1,18 +1,21 @@
 """RunDirectory._resume on a plain DeepSpeed engine (in process, no launcher): a resumed run continues every kind of
-LR scheduler bit-exactly (lr, cycled momentum, weights), and says how the lr moved when the schedule changed."""
+LR scheduler bit-exactly (lr, cycled momentum, weights), and says how the lr moved when the schedule changed; what a
+resume reads of a checkpoint (its state once, every file it loads present) and of model_path (its config.json)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from training.checkpoint import RunState
+from training.checkpoint import RunState, tag_of
+from training.config import ConfigError
 from training.optim import LrSchedule, build_lr_scheduler, param_groups
-from training.resume import RUN_CONFIG_FILE
+from training.resume import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, model_config_problem
 from training.rundir import RunDirectory
 
 LR = 1e-3
@@ -28,7 +31,7 @@ class Run(RunDirectory):
         self.engine, self.lora, self.rank, self.world, self.pp_size, self.dp_size = engine, None, 0, 1, 1, 1
         self.model, self.plan = SimpleNamespace(parts=parts), SimpleNamespace(global_batch=2)
         self.cfg = SimpleNamespace(path="cfg.json", raw=raw, allow_data_change_on_resume=False, eval_split_ratio=None,
-                                   keep_best=None, early_stopping_patience=None)
+                                   keep_best=None, early_stopping_patience=None, save_path=None, resume="auto")
         self.data_fingerprint = self.eval_fingerprint = None
         self.changes_lr = self.changes_length = self.schedule_switched = False
         self.lines: list[str] = []
@@ -42,7 +45,7 @@ def engine_for(ds, raw: dict):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
     schedule = raw.get("lr_schedule")
     sched = (lambda opt: build_lr_scheduler(opt, LrSchedule(**schedule), raw["max_steps"])) if schedule else None
-    config = {**BASE, **({"scheduler": raw["scheduler"]} if "scheduler" in raw else {})}
+    config = {**BASE, **{k: raw[k] for k in ("scheduler", "zero_optimization") if k in raw}}
     return ds.initialize(model=model, config=config, model_parameters=param_groups(model, 0.1), lr_scheduler=sched)[0]
 
 
@@ -58,14 +61,20 @@ def train(engine, steps: range) -> list[tuple]:
     return seen
 
 
+def save_at(engine, raw: dict, save: Path, step: int) -> Path:
+    """Checkpoint `engine` as the trainer saves step `step` of a run of `raw` (no manifest); its tag directory."""
+    engine.save_checkpoint(str(save), tag=tag_of(step))
+    RunState(step=step, pipe=1, data=1, parts=[0, 1], global_batch=2).write(save / tag_of(step))
+    (save / tag_of(step) / RUN_CONFIG_FILE).write_text(json.dumps(raw))
+    return save / tag_of(step)
+
+
 def save_at_3(ds, raw: dict, save: Path) -> tuple[list[tuple], dict]:
     """A run of `raw` checkpointed after 3 updates, as the trainer saves it; (lr, betas) of updates 4..6 and the
     weights after them."""
     engine = engine_for(ds, raw)
     train(engine, range(3))
-    engine.save_checkpoint(str(save), tag="global_step3")
-    RunState(step=3, pipe=1, data=1, parts=[0, 1], global_batch=2).write(save / "global_step3")
-    (save / "global_step3" / RUN_CONFIG_FILE).write_text(json.dumps(raw))
+    save_at(engine, raw, save, 3)
     return train(engine, range(3, 6)), {k: v.clone() for k, v in engine.module.state_dict().items()}
 
 
@@ -188,3 +197,117 @@ def test_an_allowed_data_change_since_a_checkpoint_without_a_fingerprint_is_a_wa
     run._resume(tmp_path / "global_step3")
     assert 'warning: data_path changed ("a.jsonl" -> "b.jsonl"): the data order continues at this step\'s position, ' \
            "not sample-exact (allow_data_change_on_resume)" in run.lines, run.lines
+
+
+# ---------------------------------------------------------------------------------------------- what a resume reads
+
+
+def test_a_checkpoint_state_is_read_once_per_run(ds, tmp_path, caplog):
+    """The data check before the model is built and the resume itself read the checkpoint's trainer_state.json once:
+    a key this version does not know is warned about once, not twice; a `latest` that does not load is passed over
+    for the earlier checkpoint as before, each state warned about once."""
+    raw = {"max_steps": 6, "lr_schedule": COSINE}
+    save_at_3(ds, raw, tmp_path)
+    shutil.copytree(tmp_path / "global_step3", tmp_path / "global_step6")
+    for step in (3, 6):
+        f = tmp_path / tag_of(step) / "trainer_state.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "step": step, "from_the_future": 1}))
+    (tmp_path / "latest").write_text("global_step3")
+    run = Run(engine_for(ds, raw), raw, [0, 1])
+    run.cfg.save_path = str(tmp_path)
+    run.refuse_data_changes()
+    run._resume(tmp_path / "global_step3")
+    assert caplog.text.count("keys this version does not know") == 1 and run.state.step == 3
+
+    caplog.clear()
+    (tmp_path / "latest").write_text("global_step6")
+    bad = tmp_path / "global_step6" / "mp_rank_00_model_states.pt"
+    bad.write_bytes(b"\0" * bad.stat().st_size)  # same size: only loading it can tell
+    run = Run(engine_for(ds, raw), raw, [0, 1])
+    run.cfg.save_path = str(tmp_path)
+    run.refuse_data_changes()
+    run._resume(tmp_path / "global_step6")
+    assert f"resuming from the previous intact checkpoint {tmp_path / 'global_step3'} instead" in run.lines[0]
+    assert run.state.step == 3 and caplog.text.count("keys this version does not know") == 2
+    assert all(caplog.text.count(f"{tmp_path / tag_of(s) / 'trainer_state.json'}: keys") == 1 for s in (3, 6))
+
+
+def test_a_checkpoint_without_a_manifest_missing_a_file_is_passed_over(ds, tmp_path):
+    """A checkpoint of an older version (no manifest.json) that lost a file DeepSpeed loads (here a ZeRO optimizer
+    state) is passed over for the previous intact one, as a damaged file is, not a traceback inside DeepSpeed's
+    load; with no intact one left, one line names the checkpoint and the file."""
+    raw = {"max_steps": 9, "lr_schedule": COSINE, "zero_optimization": {"stage": 1}}
+    engine = engine_for(ds, raw)
+    for step in (3, 6):
+        train(engine, range(step - 3, step))
+        save_at(engine, raw, tmp_path, step)
+    (tmp_path / "latest").write_text("global_step6")
+    optim = tmp_path / "global_step6" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.unlink()
+    run = Run(engine_for(ds, raw), raw, [0, 1])
+    run._resume(tmp_path / "global_step6")
+    assert run.lines[0] == (f"checkpoint {tmp_path / 'global_step6'} cannot be loaded (rank 0: {optim.name} is missing); "
+                            f"resuming from the previous intact checkpoint {tmp_path / 'global_step3'} instead "
+                            f"({tmp_path / 'global_step6'} is left in place)")
+    assert run.state.step == 3
+
+    (tmp_path / "global_step3" / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(ConfigError, match=rf"^cfg.json: checkpoint {tmp_path / 'global_step3'} cannot be loaded "
+                                          r"\(rank 0: mp_rank_00_model_states.pt is missing\) and no earlier "
+                                          "checkpoint is intact; start a new run"):
+        Run(engine_for(ds, raw), raw, [0, 1])._resume(tmp_path / "global_step3")
+
+
+def test_a_model_config_section_set_from_null_is_one_key(tmp_path):
+    """A config.json key that goes from null to a section (or back) is named once, with the section whole; a change
+    inside a section that both sides have names the key inside it."""
+    from tests.helpers import tiny_config
+
+    ckpt, model = tmp_path / "ckpt", tmp_path / "model"
+    ckpt.mkdir()
+    tiny_config("llama", "gqa_tied").save_pretrained(model)
+    base = json.loads((model / "config.json").read_text())
+    quant = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    for was, now, said in [
+        ({**base, "quantization_config": None}, {**base, "quantization_config": quant},
+         f"quantization_config null -> {json.dumps(quant)}; "),
+        ({**base, "quantization_config": quant}, {**base, "quantization_config": None},
+         f"quantization_config {json.dumps(quant)} -> null; "),
+        # (a model_type transformers does not know: compared as written)
+        ({"model_type": "other", "rope_scaling": None}, {"model_type": "other", "rope_scaling": {"type": "linear"}},
+         'rope_scaling null -> {"type": "linear"}; '),
+        ({"model_type": "other", "rope_scaling": {"type": "linear", "factor": 4.0}},
+         {"model_type": "other", "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.factor 4.0 -> 2.0; "),
+    ]:
+        (ckpt / MODEL_CONFIG_FILE).write_text(json.dumps(was))
+        (model / "config.json").write_text(json.dumps(now))
+        problem = model_config_problem(ckpt, str(model))
+        assert f"trained with ({MODEL_CONFIG_FILE}): {said}the checkpoint's weights" in problem, problem
+
+
+def test_a_pipeline_checkpoint_missing_a_layer_file_is_one_line(ds, tmp_path):
+    """A resume checks the files DeepSpeed's pipeline save wrote (a layer file per layer that owns weights, none for
+    the tied head; the model states of each stage; each data-parallel rank's ZeRO state) before DeepSpeed's load: a
+    manifest-less checkpoint that lost a layer file, with no earlier one, is one line naming it, not a traceback."""
+    from deepspeed.runtime.pipe.topology import ProcessTopology
+
+    from models import PipelineModel, causal_lm_loss, get_family, plan_stages
+    from tests.helpers import tiny_config
+
+    fam = get_family("llama")
+    config = fam.prepare_config(tiny_config("llama", "gqa_tied"))
+    model = PipelineModel(fam.layer_specs(config), lambda n: plan_stages(fam.unit_sizes(config), fam.unit_costs(config),
+                          n, None), ProcessTopology(axes=["pipe", "data"], dims=[1, 1]), loss_fn=causal_lm_loss)
+    raw = {**BASE, "zero_optimization": {"stage": 1}}
+    engine = ds.initialize(model=model, config=raw, model_parameters=list(model.parameters()))[0]
+    engine.save_checkpoint(str(tmp_path), tag="global_step2")
+    RunState(step=2, pipe=1, data=1, parts=list(model.parts), global_batch=2).write(tmp_path / "global_step2")
+    run = Run(engine, raw, list(model.parts))
+    run.model = model
+    written = sorted(f.name for f in (tmp_path / "global_step2").glob("*.pt"))
+    assert sorted(run._needed_files(tmp_path / "global_step2")) == written and "layer_05-model_states.pt" not in written
+    (tmp_path / "global_step2" / "layer_02-model_states.pt").unlink()
+    with pytest.raises(ConfigError, match=rf"^cfg.json: checkpoint {tmp_path / 'global_step2'} cannot be loaded "
+                                          r"\(rank 0: layer_02-model_states.pt is missing\) and no earlier checkpoint "
+                                          "is intact; "):
+        run._resume(tmp_path / "global_step2")

@@ -351,9 +351,12 @@ def model_config_problem(ckpt: Path, model_path: str) -> str | None:
     saved, now = _as_built(saved), _as_built(now)
     if saved == now:  # written differently (a default left out, another transformers' rope spelling): the same model
         return None
-    a, b = flatten(saved), flatten(now)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING))
-    said = ", ".join(f"{k} {_show(a.get(k, _MISSING))} -> {_show(b.get(k, _MISSING))}" for k in keys[:3])
+    # a section set to or from null is one key, the section whole (side_by_side, as config_changes says it)
+    diff = [(k, old, new) for k, old, new in side_by_side(saved, now) if old != new] or [
+        (k, saved.get(k, _MISSING), now.get(k, _MISSING)) for k in sorted(set(saved) | set(now))
+        if saved.get(k, _MISSING) != now.get(k, _MISSING)]  # (an empty section against none: side_by_side's alike)
+    keys = [k for k, _, _ in diff]
+    said = ", ".join(f"{k} {_show(old)} -> {_show(new)}" for k, old, new in diff[:3])
     more = f" (and {len(keys) - 3} more: {', '.join(keys[3:])})" if len(keys) > 3 else ""
     return (f"model_path {model_path}: its config.json differs from the model config the checkpoint {ckpt} was "
             f"trained with ({MODEL_CONFIG_FILE}): {said}{more}; the checkpoint's weights would run in another model: "

@@ -4,10 +4,12 @@ and applied, the optimizer's settings from the config in force). A mixin of `tra
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import shutil
 import uuid
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from data.settings import data_settings_of, write_data_settings
 from models.diskspace import tree_size
 from models.hf_io import replace_side_files
+from models.pipeline import LAYER_FILE
 from training.checkpoint import RunState, set_rng_state
 from training.compat import BATCH_KEYS
 from training.config import ConfigError, start_over
@@ -39,6 +42,20 @@ from training.runlock import LockError, RunLock, launcher_token, record_job
 from training.trackers import IDS_FILE
 
 RUN_OUTPUTS = ("latest", "best", "metrics.jsonl", "runs", IDS_FILE, "wandb", "mlruns")  # besides the checkpoints
+# DeepSpeed's names for a pipeline checkpoint's states besides the layer files (deepspeed/runtime/engine.py):
+# `_get_ckpt_name`, one per pipeline stage (its model-parallel rank); `_get_rank_zero_ckpt_name`, the ZeRO optimizer
+# state of each data-parallel rank of each stage, "bf16_" in front under bf16
+MP_FILE = "mp_rank_{:02d}_model_states.pt"
+ZERO_FILE = "{}zero_pp_rank_{}_mp_rank_{:02d}_optim_states.pt"
+
+
+def checkpoint_files(pipe: int, data: int, layers: Iterable[int], zero_stages: Iterable[int], bf16: bool) -> list[str]:
+    """The files a resume loads from a DeepSpeed pipeline checkpoint saved on `pipe` stages x `data` replicas: the
+    layer file of each of `layers` (layer indices: PipelineModule.save_state_dict writes one per layer that has a
+    state_dict, the first occurrence of a tied one), every stage's MP_FILE (DeepSpeed's load reads them all) and, for
+    each of `zero_stages` (the stages whose ZeRO optimizer state is loaded), every data-parallel rank's ZERO_FILE."""
+    return ([LAYER_FILE.format(i) for i in layers] + [MP_FILE.format(s) for s in range(pipe)]
+            + [ZERO_FILE.format("bf16_" if bf16 else "", d, s) for s in zero_stages for d in range(data)])
 
 
 def clear_run(save: Path, tags: list[str]) -> None:
@@ -171,9 +188,9 @@ class RunDirectory:
             self.log(f"checkpoint {tag_dir} cannot be loaded ({bad}); resuming from the previous intact checkpoint "
                      f"{tag_dir.parent / earlier[0]} instead ({tag_dir} is left in place)")
             return self._resume(tag_dir.parent / earlier[0])
-        saved = RunState.read(tag_dir)
+        saved = self._saved_state(tag_dir)
         changed = self._check_changes(tag_dir, saved)
-        same = (saved.pipe, saved.data, saved.parts) == (self.pp_size, self.dp_size, list(self.model.parts))
+        same = self._same_layout(saved)
         hyper = self._optimizer_settings()  # the config's, before the checkpoint's are loaded over them
         # the saved LR scheduler state is not loaded into another kind of scheduler, nor on another layout (it holds
         # an entry per parameter group of the stage of its index: an embedding-only stage has one group, not two):
@@ -198,12 +215,52 @@ class RunDirectory:
                  f"layer bounds {saved.parts} -> {list(self.model.parts)}): weights, step and LR schedule loaded, "
                  "optimizer state was reset"))
 
+    def _saved_state(self, tag_dir: Path) -> RunState:
+        """RunState.read of a checkpoint, read once per run and reused (its warnings said once: the data check
+        before the model is built and the resume both read it); an unreadable one raises at every call."""
+        reads = vars(self).setdefault("checkpoint_reads", {})
+        if ("state", tag_dir) not in reads:
+            reads["state", tag_dir] = RunState.read(tag_dir)
+        return copy.deepcopy(reads["state", tag_dir])
+
+    def _saved_run_config(self, tag_dir: Path) -> dict | None:
+        """read_run_config of a checkpoint, read once per run and reused (see _saved_state)."""
+        reads = vars(self).setdefault("checkpoint_reads", {})
+        if ("config", tag_dir) not in reads:
+            reads["config", tag_dir] = read_run_config(tag_dir)
+        return copy.deepcopy(reads["config", tag_dir])
+
+    def _same_layout(self, saved: RunState) -> bool:
+        """The checkpoint's stages, replicas and layer bounds are this run's (its optimizer state loads)."""
+        return (saved.pipe, saved.data, saved.parts) == (self.pp_size, self.dp_size, list(self.model.parts))
+
+    def _needed_files(self, tag_dir: Path) -> list[str]:
+        """The files of checkpoint `tag_dir` this rank's DeepSpeed load reads (checkpoint_files): its stage's layers
+        that load a state, every stage's model states and, where the optimizer state loads (ZeRO, the same layout),
+        its stage's ZeRO files; before the model is built (refuse_data_changes), the model states only. None known
+        when the checkpoint's state does not read (the resume says why)."""
+        try:
+            saved = self._saved_state(tag_dir)
+        except (OSError, ValueError, TypeError):
+            return []
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            return checkpoint_files(saved.pipe, saved.data, [], [], False)
+        start = getattr(self.model, "_local_start", 0)
+        layers = [start + i for i, f in enumerate(getattr(self.model, "forward_funcs", ()))
+                  if hasattr(f, "load_state_dict")]
+        zero = [getattr(engine, "stage_id", 0)] if engine.zero_optimization() and self._same_layout(saved) else []
+        return checkpoint_files(saved.pipe, saved.data, layers, zero, engine.bfloat16_enabled())
+
     def _load_problem(self, tag_dir: Path) -> str | None:
-        """Collective: whether every file of a checkpoint opens (each rank opens a share of them, memory-mapped, so
-        only their structure is read). DeepSpeed's load has collectives inside: a rank failing there alone would
-        leave the others waiting, so damage is found before it."""
-        problem = None
-        for f in sorted(tag_dir.glob("*.pt"))[self.rank::self.world]:
+        """Collective: whether every file of a checkpoint that this load reads is there (a checkpoint of an older
+        version has no manifest that resume_tag checks) and every file opens (each rank opens a share of them,
+        memory-mapped, so only their structure is read). DeepSpeed's load has collectives inside: a rank failing
+        there alone would leave the others waiting, so damage is found before it."""
+        problem = next((f"rank {self.rank}: {name} is missing" for name in self._needed_files(tag_dir)
+                        if not any((tag_dir / n).is_file() for n in  # (DeepSpeed also reads a ZeRO file's old name)
+                                   (name, name.replace("_optim_states.pt", "optim_states.pt")))), None)
+        for f in [] if problem else sorted(tag_dir.glob("*.pt"))[self.rank::self.world]:
             try:
                 torch.load(f, map_location="cpu", weights_only=False, mmap=True)
             except Exception as e:  # noqa: BLE001 - any failure to open it
@@ -250,10 +307,10 @@ class RunDirectory:
         problem, tag = None, resume_tag(save)[0] if cfg.resume in ("auto", True) else None
         if tag is not None:
             try:
-                saved = RunState.read(save / tag)
+                saved = self._saved_state(save / tag)
                 self._data_changes(save / tag, saved, say=lambda _: None)
             except ConfigError as e:
-                old = read_run_config(save / tag)
+                old = self._saved_run_config(save / tag)
                 keys = [c.key for c in config_changes(old, cfg.raw, lora_run=cfg.lora is not None) if c.kind == SAMPLES
                         ] if old is not None and saved.data_fingerprint != self.data_fingerprint else []
                 problem = str(e) + (f" (data keys changed since it: {', '.join(keys)})" if keys else "")
@@ -270,7 +327,7 @@ class RunDirectory:
         or a different global batch unless allow_data_change_on_resume. Returns the optimizer.params keys that
         changed (None: unknown, the checkpoint has no run config)."""
         cfg = self.cfg
-        old = read_run_config(tag_dir)
+        old = self._saved_run_config(tag_dir)
         changes = same_global_batch(config_changes(old, cfg.raw, lora_run=self.lora is not None),
                                     saved.global_batch == self.plan.global_batch) if old is not None else []
         self.changes_lr = any(c.key.split(".")[0] in ("optimizer", "lr_schedule", "scheduler") for c in changes)

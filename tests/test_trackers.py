@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import ops_config, run_deepspeed
 from training.config import ConfigError, load_config
 from training.monitor import Monitor
-from training.trackers import IDS_FILE, scalars
+from training.trackers import IDS_FILE, MLFLOW_HTTP, scalars
 
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
            "DO_NOT_TRACK": "true"}
@@ -30,6 +30,17 @@ def offline(monkeypatch):
         monkeypatch.setenv(key, value)
     for key in ("WANDB_PROJECT", "WANDB_NAME", "WANDB_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def mlflow_http_unset():
+    """No MLFLOW_HTTP_REQUEST_* setting of the user's, during the test and after it (a tracker turned off after a
+    failed log keeps the run's, which monkeypatch would not undo)."""
+    saved = {key: os.environ.pop(key) for key in MLFLOW_HTTP if key in os.environ}
+    yield
+    for key in MLFLOW_HTTP:
+        os.environ.pop(key, None)
+    os.environ.update(saved)
 
 
 def wandb_history(save: Path, exits: list | None = None) -> tuple[set[str], list[dict]]:
@@ -176,13 +187,12 @@ def test_a_run_that_fails_is_marked_failed(tmp_path, offline):
     assert mlflow_run(tmp_path)[0].info.status == "FAILED"
 
 
-def test_an_unreachable_mlflow_server_is_given_up_after_two_retries(tmp_path, offline, monkeypatch, caplog):
+def test_an_unreachable_mlflow_server_is_given_up_after_two_retries(tmp_path, offline, mlflow_http_unset, monkeypatch,
+                                                                     caplog):
     """README: a tracker that cannot start is one warning line and training goes on. MLflow's own default retries a
     refused connection 7 times with backoff (~4 minutes on rank 0 while the other ranks wait; a short
-    dist_timeout_minutes ended the run): at start the run's default is 2 retries, then MLflow's again; a value the
-    user set stands."""
-    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-        monkeypatch.delenv(key, raising=False)
+    dist_timeout_minutes ended the run): the run's default is 2 retries (MLflow's come back when a start fails); a
+    value the user set stands."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: connection refused
     with caplog.at_level("WARNING"):
         monitor = Monitor(tmp_path, 0, 4, 0, 1, ["mlflow"], {"max_steps": 4})
@@ -191,12 +201,125 @@ def test_an_unreachable_mlflow_server_is_given_up_after_two_retries(tmp_path, of
     assert len(retries) <= 2, [r.getMessage()[:80] for r in retries]  # MLflow's default: 7
     assert [r.getMessage()[:40] for r in caplog.records if r.name == "training.trackers"] == [
         "report_to mlflow off: it failed to start"]
-    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # later requests: MLflow's patience (a brief outage)
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # a failed start leaves MLflow's settings
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     caplog.clear()
     with caplog.at_level("WARNING"):
         Monitor(tmp_path, 0, 4, 0, 1, ["mlflow"], {"max_steps": 4})
     assert not [r for r in caplog.records if r.getMessage().startswith("Retrying")]
+
+
+def strict_json(line: str) -> dict:
+    """json.loads as jq / JSON.parse read a line: NaN, Infinity and -Infinity are not JSON."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_non_finite_numbers_are_null_in_metrics_jsonl(tmp_path):
+    """A NaN / inf loss, grad norm, perplexity or peak is written as null (bare NaN / Infinity is not JSON: jq and
+    JSON.parse refused the line); the trackers get the finite numbers only, as before."""
+    monitor = Monitor(tmp_path, 0, 4, 0, 1, "none")
+    monitor.step({"step": 1, "loss": math.nan, "lr": 0.1, "grad_norm": math.inf, "tokens": 10, "skipped": True,
+                  "peak_memory": [2.0**30, -math.inf]})
+    monitor.write({"step": 1, "eval_loss": 800.0, "eval_ppl": math.inf})
+    lines = [strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["loss"], line["grad_norm"], line["peak_memory"]) for line in lines[:1]] == [(None, None, [2.0**30, None])]
+    assert lines[1]["eval_ppl"] is None and lines[1]["eval_loss"] == 800.0
+    assert scalars(lines[0]) == {"train/lr": 0.1, "train/tokens": 10.0, "train/tokens_per_s": lines[0]["tokens_per_s"],
+                                 "memory/peak_gib_stage0": 1.0}
+
+
+class FakeMlflowServer:
+    """The few MLflow REST calls of a run (experiment by name, create / get / update a run, log-batch) on a localhost
+    port, in a thread: `mlflow server` needs the full mlflow package, and takes seconds to start. `stop()` closes the
+    port, as a server that goes down does (connection refused)."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        run = {"info": {"run_id": "0" * 32, "run_uuid": "0" * 32, "experiment_id": "1", "run_name": "run",
+                        "status": "RUNNING", "start_time": 1, "lifecycle_stage": "active", "artifact_uri": ""},
+               "data": {}}
+        replies = {"experiments/get-by-name": {"experiment": {"experiment_id": "1", "name": "pipeft",
+                                                              "lifecycle_stage": "active"}},
+                   "runs/create": {"run": run}, "runs/get": {"run": run}, "runs/update": {"run_info": run["info"]}}
+        self.calls = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def reply(handler):
+                handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+                path = handler.path.split("?")[0].split("/mlflow/", 1)[-1]
+                self.calls.append(path)
+                body = json.dumps(replies.get(path, {})).encode()
+                handler.send_response(200)
+                handler.send_header("Content-Type", "application/json")
+                handler.send_header("Content-Length", str(len(body)))
+                handler.end_headers()
+                handler.wfile.write(body)
+
+            do_GET = do_POST = do_PATCH = reply
+
+            def log_message(handler, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_mlflow_server_that_goes_down_mid_run_costs_seconds(tmp_path, offline, mlflow_http_unset, monkeypatch,
+                                                               caplog):
+    """The tracking server goes down after the run started: the next log call gave up after MLflow's 7 retries with
+    backoff (~4 minutes with training stalled); it now fails as fast as at start (2 retries), one warning line, and
+    training goes on. The bound is generous (a refused connection fails in ~3 s) so that a slow machine cannot flake:
+    what it catches is minutes. The run's HTTP settings stand from start to close (then MLflow's come back), and
+    after a failed log (MLflow's atexit end_run of the run left open fails as fast)."""
+    import signal
+    import time
+
+    class Stalled(BaseException):  # not an Exception: Monitor.write would take it for the tracker's failure
+        pass
+
+    def stalled(*_):
+        raise Stalled("a log call to a server that is down still blocks after 60 s (MLflow's default: ~4 minutes)")
+
+    server = FakeMlflowServer()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monitor = Monitor(tmp_path, 0, 4, 0, 1, ["mlflow"], {"max_steps": 4})
+    assert set(monitor.trackers) == {"mlflow"} and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    monitor.close()
+    assert "runs/update" in server.calls and not set(MLFLOW_HTTP) & set(os.environ)
+    monitor = Monitor(tmp_path, 0, 4, 0, 1, ["mlflow"], {"max_steps": 4})
+    monitor.step({"step": 1, "loss": 1.0, "lr": 0.1, "grad_norm": 0.5, "tokens": 10})
+    assert server.calls[-1] == "runs/log-batch" and set(monitor.trackers) == {"mlflow"}
+    server.stop()
+    before = signal.signal(signal.SIGALRM, stalled)  # the main thread: MLflow's active run is thread-local
+    start = time.monotonic()
+    try:
+        signal.alarm(60)
+        with caplog.at_level("WARNING"):
+            monitor.step({"step": 2, "loss": 1.0, "lr": 0.1, "grad_norm": 0.5, "tokens": 10})
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+    assert time.monotonic() - start < 60 and monitor.trackers == {}
+    assert [r.getMessage()[:45] for r in caplog.records if r.name == "training.monitor"] == [
+        "report_to mlflow off: it failed to log step 2"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # metrics.jsonl has every step
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    import mlflow
+
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # end the run left open now: at exit, with MLflow's own
+    with pytest.raises(Exception, match="Connection refused"):  # settings back, it took pytest ~4 minutes to exit
+        mlflow.end_run()
 
 
 def test_overwrite_clears_the_previous_runs_outputs(tmp_path):

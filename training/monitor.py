@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,22 @@ def process_memory() -> float:
     import psutil
 
     return float(psutil.Process().memory_info().rss)
+
+
+def json_line(rec: dict) -> str:
+    """A record as one line of strict JSON: a NaN or infinite number (a diverged loss, grad norm, perplexity) is
+    null, which pandas reads as NaN and jq / JSON.parse accept (json.dumps wrote bare NaN / Infinity, not JSON)."""
+    return json.dumps(_finite_or_null(rec), allow_nan=False)
+
+
+def _finite_or_null(value: object) -> object:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 ESTIMATE_FILE = "memory_estimate.json"
@@ -94,12 +111,13 @@ class Monitor:
             print(msg, flush=True)
 
     def write(self, rec: dict) -> None:
-        """A metrics.jsonl line, and its scalars (trackers.scalars) to every tracker of `report_to`."""
+        """A metrics.jsonl line (json_line: a non-finite number is null), and its scalars (trackers.scalars: the
+        finite numbers) to every tracker of `report_to`."""
         if not self.active:
             return
         rec = {**rec, "time": round(time.time() - self.t0, 4)}
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json_line(rec) + "\n")
         values = scalars(rec)
         for name, tracker in list(self.trackers.items()):
             try:

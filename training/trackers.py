@@ -10,7 +10,6 @@ failed there (wandb exit code 1, MLflow status FAILED).
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import importlib.util
 import json
@@ -18,7 +17,6 @@ import logging
 import math
 import os
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -27,7 +25,8 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-sk
 IDS_FILE = "trackers.json"
 MLFLOW_PARAM_MAX = 6000  # MLflow's longest param value (characters)
 MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # at start, a request gives up within ~35 s (MLflow's: 7, 2, 120)
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # a request gives up in ~3 s when the server is down (connection
+# refused: retries after 0 and 2 s, +0-1 s jitter each), ~35 s when it hangs; MLflow's (7, 2, 120): ~4 min, ~20 min
 
 
 def parse_report_to(value: object) -> tuple[str, ...]:
@@ -58,7 +57,8 @@ def scalars(rec: dict) -> dict[str, float]:
     out = {}
     for key, value in rec.items():
         if key == "peak_memory":
-            out.update({f"memory/peak_gib_stage{k}": peak / 2**30 for k, peak in enumerate(value)})
+            out.update({f"memory/peak_gib_stage{k}": peak / 2**30 for k, peak in enumerate(value)
+                        if isinstance(peak, (int, float)) and math.isfinite(peak)})  # as every number: finite only
         elif (key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool)
               and math.isfinite(value)):
             out[f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"] = float(value)
@@ -118,7 +118,8 @@ class WandB:
 class MLflow:
     """An MLflow run in MLFLOW_TRACKING_URI (default: a file store in save_path/mlruns), experiment
     MLFLOW_EXPERIMENT_NAME (default "pipeft"), run name save_path's name; the config as params (a resumed run
-    adds the params it did not have: MLflow keeps a param's first value)."""
+    adds the params it did not have: MLflow keeps a param's first value). Its requests, from start to close, give up
+    in seconds (MLFLOW_HTTP, unless the user set them): a server that is down turns the tracker off, not training."""
 
     def __init__(self, save: Path, start_step: int, ids: dict, config: dict):
         import mlflow
@@ -128,7 +129,8 @@ class MLflow:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         stored = ids.get("mlflow") or {}
-        with _quick_requests():
+        self.added = quick_requests()
+        try:
             if start_step > 0 and stored.get("tracking_uri") == uri:
                 run = mlflow.start_run(run_id=stored["run_id"])
             else:
@@ -137,27 +139,38 @@ class MLflow:
             ids["mlflow"] = {"run_id": run.info.run_id, "tracking_uri": uri}
             have = mlflow.get_run(run.info.run_id).data.params
             mlflow.log_params({k: v for k, v in flat_params(config).items() if k not in have})
+        except BaseException:
+            patient_requests(self.added)
+            raise
         self.mlflow = mlflow
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(values, step=step)
 
     def close(self, failed: bool = False) -> None:
-        self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
+        try:
+            self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
+        finally:
+            patient_requests(self.added)
 
 
-@contextlib.contextmanager
-def _quick_requests() -> Iterator[None]:
-    """At start, a server that is down fails in seconds, not MLflow's ~4 minutes of 7 retries (the other ranks wait
-    for rank 0 meanwhile, and a short dist_timeout_minutes ended the run); later requests get MLflow's patience back
-    (a brief outage mid-run would turn the tracker off). The user's values stand."""
+def quick_requests() -> list[str]:
+    """Set the MLFLOW_HTTP settings the user did not set (MLflow reads them at each request); the names set. A server
+    that is down then fails in seconds, not MLflow's ~4 minutes of 7 retries: at start the other ranks wait for rank 0
+    (a short dist_timeout_minutes ended the run), mid-run a log call stalled training. The cost: an outage longer
+    than a few seconds turns the tracker off (metrics.jsonl has every step). Set for the tracker's life (close()
+    undoes them; one turned off after a failed log keeps them, so that MLflow's atexit end_run of its run gives up as
+    fast), not around each call: os.environ is not safe to change while other threads (the prefetch) read it."""
     added = [k for k in MLFLOW_HTTP if k not in os.environ]
     os.environ.update({k: MLFLOW_HTTP[k] for k in added})
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
+    return added
+
+
+def patient_requests(added: list[str]) -> None:
+    """Undo quick_requests: MLflow's own retries again for the names it set (a value changed since then stays)."""
+    for k in added:
+        if os.environ.get(k) == MLFLOW_HTTP[k]:
+            del os.environ[k]
 
 
 SINKS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}

@@ -167,8 +167,9 @@ LORA = {"r": 4, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "dropout": 
 
 def test_lora_checkpoint_is_small_and_resumes_bit_exactly_after_sigterm(tmp_path_factory, ops_model, ops_uninterrupted):
     """The same model, data and steps as test_train_ops' full run (ops_uninterrupted), with LoRA."""
-    full = tmp_path_factory.mktemp("lora-full")
-    run_deepspeed("train_ds.py", ["--config", str(ops_config(full, ops_model, lora=LORA, save_interval=3))])
+    full, tmp_path = tmp_path_factory.mktemp("lora-full"), tmp_path_factory.mktemp("lora-resumed")
+    cfg = ops_config(tmp_path, ops_model, lora=LORA, save_interval=3)
+    sigterm_at_step_6_then_resume(tmp_path, cfg, beside=(ops_config(full, ops_model, lora=LORA, save_interval=3),))
     uninterrupted = full / "out"
     size = lambda d: sum(f.stat().st_size for f in d.iterdir())  # noqa: E731
     lora_size, full_size = size(uninterrupted / "global_step8"), size(ops_uninterrupted / "global_step8")
@@ -188,9 +189,6 @@ def test_lora_checkpoint_is_small_and_resumes_bit_exactly_after_sigterm(tmp_path
         load_config(ops_config(full, ops_model, "resume.json", lora=LORA, save_interval=3, model_path=str(changed)),
                     world_size=2)
 
-    tmp_path = tmp_path_factory.mktemp("lora-resumed")
-    cfg = ops_config(tmp_path, ops_model, lora=LORA, save_interval=3)
-    sigterm_at_step_6_then_resume(tmp_path, cfg)
     assert losses_of(tmp_path / "out") == losses_of(uninterrupted)
     a, b = tensors, checkpoint_tensors(tmp_path / "out" / "global_step8")
     assert a.keys() == b.keys() and len(a) >= 12 and all(torch.equal(a[k], b[k]) for k in a)

@@ -38,7 +38,9 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
     first run's end-of-run evaluation (step 4) is not counted by the continued one's early stopping."""
     constant = {"lr_schedule": {"type": "constant"}, "eval_data_path": str(ops_model / "eval.jsonl"), "eval_interval": 3,
                 "early_stopping_patience": 20}
-    release = tmp_path / "release"
+    release, ref = tmp_path / "release", tmp_path / "ref"
+    ref.mkdir()  # the uninterrupted run of 8 steps to compare with, side by side with the first ones
+    uninterrupted = start_deepspeed("train_ds.py", ["--config", str(ops_config(ref, ops_model, max_steps=8, **constant))])
     first = ops_config(tmp_path, ops_model, max_steps=4, **constant)
     proc = start_deepspeed("train_ds.py", ["--config", str(first)], env={"PIPEFT_FAULT_PAUSE": f"step:2:120:{release}"})
     save = tmp_path / "out"
@@ -66,9 +68,7 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
     assert "continuing the finished run from step 4 to step 8" in out
     assert "optimizer settings from the config in force: lr of the next update (step 5) 0.003 as saved -> 0.003 now" \
         in out  # (a schedule over the run's length would move)
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    run_deepspeed("train_ds.py", ["--config", str(ops_config(ref, ops_model, max_steps=8, **constant))])
+    finish_deepspeed(uninterrupted)
     assert losses_of(save) == losses_of(ref / "out") and sorted(losses_of(save)) == list(range(1, 9))
     # the first run's end-of-run evaluation (step 4) stays (it ranks for keep_best), marked so that early stopping
     # counts only what the uninterrupted run evaluated

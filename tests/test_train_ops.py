@@ -62,10 +62,15 @@ def wait_for(cond, proc, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def sigterm_at_step_6_then_resume(tmp_path: Path, cfg: Path, step: int = 6, lower_to: int | None = None) -> None:
+def sigterm_at_step_6_then_resume(tmp_path: Path, cfg: Path, step: int = 6, lower_to: int | None = None,
+                                  beside: tuple[Path, ...] = ()) -> None:
     """Run `cfg`, preempt every training process with SIGTERM after `step` (6), then start it again to the end.
     A pause after that step's boundary work (PIPEFT_FAULT_PAUSE) gives a known moment to preempt the run. With
-    `lower_to`, a resume with that max_steps (below `step`) runs first: it ends at once, and the run is finished."""
+    `lower_to`, a resume with that max_steps (below `step`) runs first: it ends at once, and the run is finished.
+    `beside`: configs of other runs (another save_path each, e.g. the uninterrupted run to compare with) started
+    with the first one and finished (exit 0) before the resume: side by side, as a launch keeps one core idle for
+    seconds while its launchers start."""
+    others = [start_deepspeed("train_ds.py", ["--config", str(c)]) for c in beside]
     proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": f"step:{step}:20"})
     wait_for(lambda: (tmp_path / "out" / "metrics.jsonl").is_file() and step in losses_of(tmp_path / "out"), proc)
     for w in workers_of(proc):  # as a cluster scheduler preempts a job: every training process gets SIGTERM
@@ -74,6 +79,8 @@ def sigterm_at_step_6_then_resume(tmp_path: Path, cfg: Path, step: int = 6, lowe
     assert f"received SIGTERM: saving at step {step} and exiting" in out
     assert (tmp_path / "out" / "latest").read_text() == f"global_step{step}"
     assert sorted(losses_of(tmp_path / "out")) == list(range(1, step + 1))
+    for other in others:
+        finish_deepspeed(other)
     if lower_to is not None:
         lower = cfg.with_name("lower.json")
         lower.write_text(json.dumps({**json.loads(cfg.read_text()), "max_steps": lower_to}))
@@ -98,10 +105,9 @@ def test_resume_is_bit_exact_with_group_by_length_and_packing(tmp_path_factory, 
         evals = tmp_path_factory.mktemp("eval") / "eval.jsonl"
         evals.write_text((ops_model / "eval.jsonl").read_text() + json.dumps({"text": " ".join(["data"] * 120)}) + "\n")
         over.update(split_long_pretrain=True, eval_data_path=str(evals), eval_interval=4)
-    run_deepspeed("train_ds.py", ["--config", str(ops_config(full, ops_model, **over))])
+    sigterm_at_step_6_then_resume(cut, ops_config(cut, ops_model, **over), beside=(ops_config(full, ops_model, **over),))
     if not over.get("packing"):
         assert len({m["seq_len"] for m in metrics_of(full / "out")}) > 1  # the engine's activation shapes changed
-    sigterm_at_step_6_then_resume(cut, ops_config(cut, ops_model, **over))
     assert losses_of(cut / "out") == losses_of(full / "out")
     evals = [[(m["step"], m["eval_loss"]) for m in metrics_of(d / "out") if "eval_loss" in m] for d in (full, cut)]
     assert evals[0] == evals[1] and [s for s, _ in evals[0]] == ([4, 8] if over.get("packing") else [])

@@ -26,6 +26,10 @@ NF4_BYTES = 0.5 + 4 / 64  # 4-bit weights + one fp32 absmax per 64-weight block 
 NF4_DQ_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # double quant: 8-bit absmax per block, an fp32 one per 256 of those
 GPU_OVERHEAD = 1.5 * 2**30  # CUDA context, NCCL buffers (not in max_memory_allocated, but in the device's memory)
 GPU_FRAGMENTATION = 0.05  # the caching allocator's slack, as a share of the allocated bytes (assumed, not measured)
+# glibc's malloc (the CPU) serves a request of at least this size with its own mmap when no free heap chunk fits it,
+# and unmaps it when freed (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the dynamic threshold never rises above it); smaller
+# freed blocks stay resident in the heap
+GLIBC_MMAP_MAX = 32 * 2**20
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -100,12 +104,17 @@ class StageMemory:
     in_flight: int = 1
 
     heap: bool = False  # CPU: freed activation memory stays in the heap, fragmented, so the step's buffers add to it
+    logits_unmapped: bool = False  # CPU: the loss buffers are each >= GLIBC_MMAP_MAX, mmapped and unmapped when freed
+    # (in the backward, before the step), so the step's buffers reuse their memory as on a GPU
 
     @property
     def total(self) -> float:
         static = self.weights + self.gradients + self.optimizer
-        live = self.activations + self.logits
-        return static + (live + self.step_buffer if self.heap else max(live, self.step_buffer)) + self.overhead
+        if not self.heap:
+            return static + max(self.activations + self.logits, self.step_buffer) + self.overhead
+        if self.logits_unmapped:
+            return static + self.activations + max(self.logits, self.step_buffer) + self.overhead
+        return static + self.activations + self.logits + self.step_buffer + self.overhead
 
     def as_dict(self) -> dict:
         return {**{f.name: getattr(self, f.name) for f in fields(self)}, "total": self.total}
@@ -164,10 +173,10 @@ def _largest_param(family, config, units: list[UnitParams], idx: range, full: bo
     """Elements of the largest trainable tensor among units `idx` (full fine-tuning; LoRA: an adapter, small)."""
     if not full:
         return 0
-    h = config.hidden_size
+    # a block: its largest linear; the embedding and head units: the vocab x hidden matrix (their norms are small)
     sizes = [max(i * o for i, o in _block_shapes(family, config)[1].values()) if 0 < u < len(units) - 1
-             else units[u].total for u in idx]
-    return max([0, *sizes]) if not any(u == len(units) - 1 for u in idx) else max([config.vocab_size * h, *sizes])
+             else config.vocab_size * config.hidden_size for u in idx]
+    return max([0, *sizes])
 
 
 def unit_costs(family, config, seq_len: int | None = None) -> list[float]:
@@ -281,6 +290,13 @@ def _logits_bytes(config, tokens: int, b: int) -> float:
     return n * b + LOSS_CHUNK_ELEMENTS * (b + 4 + (4 if half else 0))
 
 
+def _logits_unmapped(config, tokens: int, b: int) -> bool:
+    """Whether every loss buffer `_logits_bytes` counts is at least GLIBC_MMAP_MAX (so glibc unmaps it when freed):
+    the smallest is a chunk's logits in the compute dtype (chunked) or the whole logits (one chunk)."""
+    n = tokens * config.vocab_size
+    return min(n, LOSS_CHUNK_ELEMENTS) * b >= GLIBC_MMAP_MAX
+
+
 # ---------------------------------------------------------------------------------------------- stages
 
 
@@ -319,9 +335,14 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
         if s.offload:
             host, states = states + (trainable * 4 / shard if half else 0), 0.0
             grads = trainable * b
-        step_buffer = min(trainable, REDUCE_BUCKET) * (4 if half and not s.offload else b)
-        if cpu:  # torch's per-parameter AdamW makes two temporaries of the largest parameter
-            step_buffer += 2 * 4 * _largest_param(family, config, units, idx, s.lora is None)
+        # the step's transients, one after another (each freed before the next): DeepSpeed's flattened gradients
+        # (the reduction, ReduceGrads); fp32 without ZeRO, the trainer's own gradient norm (training/trainer.py
+        # _wrap_model_step: each gradient's fp64 copy and its square, 16 bytes an element, the largest tensor's at
+        # the most); on the CPU, torch's per-parameter AdamW's two fp32 temporaries of the largest parameter
+        largest = _largest_param(family, config, units, idx, s.lora is None)
+        step_buffer = max(min(trainable, REDUCE_BUCKET) * (4 if half and not s.offload else b),
+                          16 * largest if s.precision == "fp32" and s.zero_stage == 0 else 0,
+                          2 * 4 * largest if cpu else 0)
         # activations per micro-batch: saved tensors (checkpointed blocks keep only their input), pipe buffers
         per_micro = blocks * (b * h * tokens if s.grad_ckpt else block_act)
         per_micro += (_embed_bytes(family, config, b) * tokens if has_embed else 0)
@@ -344,7 +365,7 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
         deferred = deferred_micro_batches(stage, s.grad_accum) * per_micro_deferred
         mem = StageMemory((start, start + k - 1), total, trainable, weights, grads, states,
                           flight * per_micro + working + deferred, logits, step_buffer, 0.0, host, flight,
-                          heap=cpu)
+                          heap=cpu, logits_unmapped=cpu and has_head and _logits_unmapped(config, tokens, b))
         static = mem.total  # without overhead yet
         mem.overhead = s.overhead_bytes[stage] if s.overhead_bytes else GPU_OVERHEAD + GPU_FRAGMENTATION * static
         out.append(mem)

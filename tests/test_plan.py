@@ -278,6 +278,37 @@ def test_predicted_stage_peaks_match_measured_cpu_runs(tmp_path, tokenizer):
 # ---------------------------------------------------------------------------------------------- the model's terms
 
 
+CPU_LLAMA = dict(model_type="llama", vocab_size=32768, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+
+
+def test_the_cpu_step_transients_are_sequential_and_the_loss_buffers_are_unmapped():
+    """The terms the CPU validation's runs pinned down (the same Llama, 2 stages, fp32 without ZeRO; glibc's
+    mallinfo2 and the resident size per pipeline instruction): the step's transients (DeepSpeed's gradient flatten,
+    the trainer's fp64 gradient norm, AdamW's temporaries) run one after another, so the step buffer is the largest,
+    here the norm's fp64 copy of the 32 MiB embedding gradient and its square (128 MiB); the last stage's loss
+    buffers (64 MiB and up) are unmapped by glibc when the backward frees them, so the step reuses that memory (max,
+    not sum), while loss buffers small enough to stay in the heap still add to it; a GPU keeps max(live, step)."""
+    family, config = _model(CPU_LLAMA)
+    largest = 32768 * 256
+    cpu = Setup(4, 256, 2, 1, 2, precision="fp32", zero_stage=0, overhead_bytes=(1.0, 1.0))
+    s0, s1 = stage_memory(family, config, cpu, [5, 1])
+    assert s0.step_buffer == s1.step_buffer == 16 * largest  # the norm: > the flatten (4 x params), AdamW's 8 x
+    zero1 = stage_memory(family, config, Setup(**{**cpu.__dict__, "zero_stage": 1}), [5, 1])
+    assert [m.step_buffer for m in zero1] == [2 * 4 * largest] * 2  # DeepSpeed's norm: AdamW's temporaries lead
+    assert not s0.logits_unmapped and s1.logits_unmapped
+    static = [m.weights + m.gradients + m.optimizer + m.overhead for m in (s0, s1)]
+    assert s0.total == static[0] + s0.activations + s0.step_buffer
+    assert s1.total == static[1] + s1.activations + max(s1.logits, s1.step_buffer) and s1.logits > s1.step_buffer
+    _, small = stage_memory(*_model({**CPU_LLAMA, "vocab_size": 2048}), cpu, [5, 1])  # 8 MiB of logits: in the heap
+    assert not small.logits_unmapped
+    assert small.total == pytest.approx(small.weights + small.gradients + small.optimizer + small.activations
+                                        + small.logits + small.step_buffer + small.overhead)
+    gpu = stage_memory(family, config, Setup(**{**cpu.__dict__, "overhead_bytes": ()}), [5, 1])[1]
+    assert not gpu.heap and not gpu.logits_unmapped and gpu.total == pytest.approx(
+        gpu.weights + gpu.gradients + gpu.optimizer + max(gpu.activations + gpu.logits, gpu.step_buffer) + gpu.overhead)
+
+
 @pytest.mark.parametrize("family,name", [("llama", "gqa_tied"), ("bloom", "tied"), ("qwen2", "tied"), ("llama", "mha_bias_untied")])
 def test_stage_parameters_are_what_the_pipeline_builds(family, name):
     """Per stage, the model's parameter count is what building that stage's specs (models.pipeline.build_specs, as

@@ -165,7 +165,8 @@ def to_json(c: dict) -> dict:
             "lora": s.lora is not None, "quantization": s.quantization, "double_quant": s.double_quant,
             "max_seq_len": s.seq_len,
             "stage_memory_bytes": [round(m.total) for m in c["memory"]],
-            "stage_memory": [{k: v for k, v in m.as_dict().items() if k != "heap"} for m in c["memory"]],
+            "stage_memory": [{k: v for k, v in m.as_dict().items() if k not in ("heap", "logits_unmapped")}
+                             for m in c["memory"]],
             "bubble": c["throughput"].bubble, "efficiency": c["throughput"].efficiency}
 
 

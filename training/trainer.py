@@ -140,6 +140,8 @@ class Trainer(TrainingData, RunDirectory):
         costs = self.family.unit_costs(self.config, cfg.max_seq_len)
         bounds_fn = lambda n: plan_stages(self.family.unit_sizes(self.config), costs, n, parts)  # noqa: E731
         set_attn_implementation(self.config, cfg.attn_implementation)
+        if cfg.lora is not None:  # a library LoRA imports (about 60 MiB resident) is overhead, not the model's
+            import peft  # noqa: F401
         self.base_memory = process_memory()  # before any layer exists: the overhead term of the CPU memory estimate
         specs = self.family.layer_specs(self.config)
         self.quant = None if cfg.quantization is None else parse_quantization(  # QLoRA: blocks load and quantise at build
@@ -234,14 +236,16 @@ class Trainer(TrainingData, RunDirectory):
         mem = stage_memory(self.family, self.config, setup, self.units, counts=[tuple(r[:2]) for r in reporting])
         self.log(device_line())
         self.log(f"topology: {self.pp_size} pipeline stages x {self.dp_size} data-parallel replicas ({self.world} processes)")
-        how = ("activations + logits + step buffer" if setup.overhead_bytes else
-               "max(activations + logits, step buffer)")  # the CPU's heap keeps freed activation memory (models/cost.py)
+        how = ("activations + max(logits, step buffer), their sum where the loss buffers stay in the heap"
+               if setup.overhead_bytes else "max(activations + logits, step buffer)")  # the CPU's heap: models/cost.py
         self.log(f"  stage | layers   | parameters (trainable)   | predicted peak memory per process at {cfg.micro_batch} x "
                  f"{cfg.max_seq_len} tokens (weights + grads + optimizer + {how} + overhead)")
         for stage, m in enumerate(mem):
             lo_, hi = model.parts[stage], model.parts[stage + 1]
             live = f"{fmt_bytes(m.activations)} + {fmt_bytes(m.logits)}"
-            rest = f"{live} + {fmt_bytes(m.step_buffer)}" if m.heap else f"max({live}, {fmt_bytes(m.step_buffer)})"
+            rest = (f"max({live}, {fmt_bytes(m.step_buffer)})" if not m.heap else
+                    f"{fmt_bytes(m.activations)} + max({fmt_bytes(m.logits)}, {fmt_bytes(m.step_buffer)})"
+                    if m.logits_unmapped else f"{live} + {fmt_bytes(m.step_buffer)}")
             split = " + ".join([fmt_bytes(m.weights), fmt_bytes(m.gradients), fmt_bytes(m.optimizer), rest,
                                 fmt_bytes(m.overhead)])
             self.log(f"  {stage:5d} | {lo_:3d}..{hi - 1:<3d} | {fmt_count(m.params):>10} ({fmt_count(m.trainable)}) | "

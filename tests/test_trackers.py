@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import ops_config, run_deepspeed
 from training.config import ConfigError, load_config
 from training.monitor import Monitor
-from training.trackers import IDS_FILE, MLFLOW_HTTP, scalars
+from training.trackers import IDS_FILE, MLFLOW_ENV, MLFLOW_HTTP, scalars
 
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
            "DO_NOT_TRACK": "true"}
@@ -34,8 +34,8 @@ def offline(monkeypatch):
 
 @pytest.fixture
 def mlflow_http_unset():
-    """No MLFLOW_HTTP_REQUEST_* setting of the user's, during the test and after it (a tracker turned off after a
-    failed log keeps the run's, which monkeypatch would not undo)."""
+    """No MLFLOW_HTTP_REQUEST_* setting of the user's during the test, and none left after it whatever the tracker
+    did (monkeypatch would not undo what the code under test set)."""
     saved = {key: os.environ.pop(key) for key in MLFLOW_HTTP if key in os.environ}
     yield
     for key in MLFLOW_HTTP:
@@ -280,8 +280,8 @@ def test_an_mlflow_server_that_goes_down_mid_run_costs_seconds(tmp_path, offline
     """The tracking server goes down after the run started: the next log call gave up after MLflow's 7 retries with
     backoff (~4 minutes with training stalled); it now fails as fast as at start (2 retries), one warning line, and
     training goes on. The bound is generous (a refused connection fails in ~3 s) so that a slow machine cannot flake:
-    what it catches is minutes. The run's HTTP settings stand from start to close (then MLflow's come back), and
-    after a failed log (MLflow's atexit end_run of the run left open fails as fast)."""
+    what it catches is minutes. The run's HTTP settings stand from start to close (then MLflow's come back); the
+    tracker turned off is closed at once, as fast, with its run."""
     import signal
     import time
 
@@ -314,12 +314,25 @@ def test_an_mlflow_server_that_goes_down_mid_run_costs_seconds(tmp_path, offline
     assert [r.getMessage()[:45] for r in caplog.records if r.name == "training.monitor"] == [
         "report_to mlflow off: it failed to log step 2"]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # metrics.jsonl has every step
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
     import mlflow
 
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # end the run left open now: at exit, with MLflow's own
-    with pytest.raises(Exception, match="Connection refused"):  # settings back, it took pytest ~4 minutes to exit
-        mlflow.end_run()
+    # the tracker turned off was closed (fast too): no run left open (MLflow's atexit end_run would wait ~4 minutes
+    # with its own settings; a next run in this process could not start its own), the environment as before
+    assert mlflow.active_run() is None and time.monotonic() - start < 60
+    assert not set(MLFLOW_HTTP) & set(os.environ) and os.environ["MLFLOW_TRACKING_URI"] == server.uri
+
+
+def test_a_closed_mlflow_tracker_leaves_the_environment_as_it_found_it(tmp_path, offline, mlflow_http_unset):
+    """Two runs in one process (a notebook's): MLflow's set_tracking_uri and set_experiment write to os.environ, and
+    the second run took the first one's file store for the user's MLFLOW_TRACKING_URI (its runs went into the first
+    save_path's mlruns, which overwrite_save_path of that run deletes)."""
+    before = {k: os.environ.get(k) for k in MLFLOW_ENV}
+    for name in ("a", "b"):
+        monitor = Monitor(tmp_path / name, 0, 4, 0, 1, ["mlflow"], {"max_steps": 4})
+        monitor.step({"step": 1, "loss": 1.0, "lr": 0.1, "grad_norm": 0.5, "tokens": 10})
+        monitor.close()
+        assert {k: os.environ.get(k) for k in MLFLOW_ENV} == before
+    assert [mlflow_run(tmp_path / name)[0].info.status for name in ("a", "b")] == ["FINISHED"] * 2  # one run each
 
 
 def test_overwrite_clears_the_previous_runs_outputs(tmp_path):

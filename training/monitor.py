@@ -4,6 +4,7 @@ terminal, plain lines every `log_interval` steps otherwise)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -125,6 +126,8 @@ class Monitor:
             except Exception as e:  # noqa: BLE001 -- a tracker never stops training
                 log.warning("report_to %s off: it failed to log step %d (%s)", name, rec["step"], one_line(e))
                 del self.trackers[name]
+                with contextlib.suppress(Exception):  # its run marked failed where it can be, its resources freed
+                    tracker.close(failed=True)
 
     def step(self, rec: dict, peaks: list[float] | None = None) -> None:
         """One finished step's record (metrics.jsonl line with this step's tokens_per_s, trackers, progress). Its

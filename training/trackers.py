@@ -27,6 +27,9 @@ MLFLOW_PARAM_MAX = 6000  # MLflow's longest param value (characters)
 MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # a request gives up in ~3 s when the server is down (connection
 # refused: retries after 0 and 2 s, +0-1 s jitter each), ~35 s when it hangs; MLflow's (7, 2, 120): ~4 min, ~20 min
+# what an MLflow tracker sets in the environment (set_tracking_uri and set_experiment write theirs there too): put back
+# as it was when it closes, so that a next run in the same process (a notebook's) does not take them for the user's
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_ALLOW_FILE_STORE", *MLFLOW_HTTP)
 
 
 def parse_report_to(value: object) -> tuple[str, ...]:
@@ -124,12 +127,13 @@ class MLflow:
     def __init__(self, save: Path, start_step: int, ids: dict, config: dict):
         import mlflow
 
+        self.env = {k: os.environ.get(k) for k in MLFLOW_ENV}
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (save / "mlruns").resolve().as_uri()
         if uri.startswith("file:") or "://" not in uri:  # the file store is in maintenance mode: MLflow asks to opt in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         stored = ids.get("mlflow") or {}
-        self.added = quick_requests()
+        os.environ.update({k: v for k, v in MLFLOW_HTTP.items() if k not in os.environ})  # quick requests
         try:
             if start_step > 0 and stored.get("tracking_uri") == uri:
                 run = mlflow.start_run(run_id=stored["run_id"])
@@ -140,7 +144,7 @@ class MLflow:
             have = mlflow.get_run(run.info.run_id).data.params
             mlflow.log_params({k: v for k, v in flat_params(config).items() if k not in have})
         except BaseException:
-            patient_requests(self.added)
+            restore_env(self.env)
             raise
         self.mlflow = mlflow
 
@@ -148,29 +152,24 @@ class MLflow:
         self.mlflow.log_metrics(values, step=step)
 
     def close(self, failed: bool = False) -> None:
+        """End the run (MLflow takes it off its active runs before telling the server, so a server that is down
+        leaves none open), then the environment as it was before the tracker started (MLFLOW_ENV)."""
         try:
             self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
         finally:
-            patient_requests(self.added)
+            restore_env(self.env)
 
 
-def quick_requests() -> list[str]:
-    """Set the MLFLOW_HTTP settings the user did not set (MLflow reads them at each request); the names set. A server
-    that is down then fails in seconds, not MLflow's ~4 minutes of 7 retries: at start the other ranks wait for rank 0
-    (a short dist_timeout_minutes ended the run), mid-run a log call stalled training. The cost: an outage longer
-    than a few seconds turns the tracker off (metrics.jsonl has every step). Set for the tracker's life (close()
-    undoes them; one turned off after a failed log keeps them, so that MLflow's atexit end_run of its run gives up as
-    fast), not around each call: os.environ is not safe to change while other threads (the prefetch) read it."""
-    added = [k for k in MLFLOW_HTTP if k not in os.environ]
-    os.environ.update({k: MLFLOW_HTTP[k] for k in added})
-    return added
-
-
-def patient_requests(added: list[str]) -> None:
-    """Undo quick_requests: MLflow's own retries again for the names it set (a value changed since then stays)."""
-    for k in added:
-        if os.environ.get(k) == MLFLOW_HTTP[k]:
-            del os.environ[k]
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put environment variables back as `saved` holds them (None: unset). The MLflow tracker's MLFLOW_HTTP settings
+    (those the user did not set) hold from its start to its close, not around each call: a server that is down
+    fails in seconds, not MLflow's ~4 minutes of 7 retries (at start the other ranks wait for rank 0, mid-run a log
+    call stalled training), and os.environ is not safe to change while other threads (the prefetch) read it."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 SINKS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}

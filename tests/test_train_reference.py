@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import random
 import re
 
@@ -82,11 +83,12 @@ class LionReference:
 
 
 def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float, packing: bool, opt: str = "adamw",
-                     wrap=None, steps: int = STEPS, **load_kwargs):
+                     wrap=None, steps: int = STEPS, norms: list | None = None, **load_kwargs):
     """Plain transformers + torch AdamW (or the Lion formula) over the same global batches, no weight decay on
     biases and norm weights, clipping by global norm when clip > 0; packed sequences are cut into their
     segments, each run alone. `wrap(model)` may return another model to train (e.g. peft's LoRA model);
-    `load_kwargs` go to from_pretrained (e.g. a quantization_config)."""
+    `load_kwargs` go to from_pretrained (e.g. a quantization_config); `norms`, if given, receives each step's
+    global gradient norm before clipping."""
     family = get_family(json.loads((hf_dir / "config.json").read_text())["model_type"])
     model = family.hf_model_class.from_pretrained(str(hf_dir), dtype=torch.float32, **load_kwargs)
     family.prepare_config(model.config)  # the attention implementation the pipeline uses (sdpa / eager)
@@ -112,8 +114,9 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float,
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
         opt.zero_grad()
         loss.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)  # inf: the norm
+        if norms is not None:
+            norms.append(float(norm))
         opt.step()
         losses.append(loss.item())
     return losses, model.state_dict()
@@ -226,12 +229,17 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
                  for mb in plan.micro_indices(0, 0, 0)]
     assert len(set(per_micro)) > 1, per_micro
 
-    ref_losses, final = reference_losses(tmp_path / "hf", dataset, plan, pad_id_of(tokenizer), clip, packing, opt)
+    ref_norms = []
+    ref_losses, final = reference_losses(tmp_path / "hf", dataset, plan, pad_id_of(tokenizer), clip, packing, opt,
+                                         norms=ref_norms)
     if ref_state is not None:
         ref_state.update(final)
     for m, ref in zip(metrics, ref_losses, strict=True):
         assert m["loss"] == pytest.approx(ref, rel=rel), (m["step"], m["loss"], ref)
     assert ref_losses[-1] < ref_losses[0]
+    if launch is None:  # metrics.jsonl's grad_norm: the model's global norm before clipping, each weight once (tied
+        # ones too: both stages hold the tied gradient, summed) over every stage and replica
+        assert [m["grad_norm"] for m in metrics] == pytest.approx(ref_norms, rel=1e-5), [m["grad_norm"] for m in metrics]
 
     assert (tmp_path / "out" / "latest").read_text() == f"global_step{STEPS}"
     pp_to_hg(tmp_path / "out", tmp_path / "exported")

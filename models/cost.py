@@ -336,13 +336,10 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
             host, states = states + (trainable * 4 / shard if half else 0), 0.0
             grads = trainable * b
         # the step's transients, one after another (each freed before the next): DeepSpeed's flattened gradients
-        # (the reduction, ReduceGrads); fp32 without ZeRO, the trainer's own gradient norm (training/trainer.py
-        # _wrap_model_step: each gradient's fp64 copy and its square, 16 bytes an element, the largest tensor's at
-        # the most); on the CPU, torch's per-parameter AdamW's two fp32 temporaries of the largest parameter
-        largest = _largest_param(family, config, units, idx, s.lora is None)
+        # (the reduction, ReduceGrads); on the CPU, torch's per-parameter AdamW's two fp32 temporaries of the largest
+        # parameter (the trainer's own gradient norm, fp32 without ZeRO, copies no gradient)
         step_buffer = max(min(trainable, REDUCE_BUCKET) * (4 if half and not s.offload else b),
-                          16 * largest if s.precision == "fp32" and s.zero_stage == 0 else 0,
-                          2 * 4 * largest if cpu else 0)
+                          2 * 4 * _largest_param(family, config, units, idx, s.lora is None) if cpu else 0)
         # activations per micro-batch: saved tensors (checkpointed blocks keep only their input), pipe buffers
         per_micro = blocks * (b * h * tokens if s.grad_ckpt else block_act)
         per_micro += (_embed_bytes(family, config, b) * tokens if has_embed else 0)

@@ -305,12 +305,14 @@ class Trainer(TrainingData, RunDirectory):
         engine, take = self.engine, self.engine._take_model_step
         owned = [p for p in self.model.parameters() if p.requires_grad and getattr(p, "model_parallel", True)]
 
+        device = next(self.model.parameters()).device
+
         def guarded(lr_kwargs):
-            sq = torch.zeros(1, dtype=torch.float64)
-            for p in owned:
-                if p.grad is not None:
-                    sq += p.grad.detach().double().pow(2).sum().cpu()
-            sq = sq.to(next(self.model.parameters()).device)
+            # each gradient's norm in its own dtype, their squares summed in fp64: no fp64 copy of a gradient (16 bytes
+            # an element of the embedding's), and on a GPU one transfer at .item(), not one per parameter
+            norms = [torch.linalg.vector_norm(p.grad.detach()) for p in owned if p.grad is not None]
+            sq = (torch.stack(norms).double().square().sum() if norms else
+                  torch.zeros((), dtype=torch.float64, device=device))
             torch.distributed.all_reduce(sq)  # every stage's share, and each data-parallel replica's (identical) copy
             self.grad_norm = math.sqrt(sq.item() / self.dp_size) if math.isfinite(sq.item()) else float("nan")
             if math.isfinite(self.grad_norm):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .pipeline import LOSS_CHUNK_ELEMENTS
+from .pipeline import LOSS_CHUNK_ELEMENTS, loss_chunk_rows
 from .wgrad import deferred_micro_batches, defers
 
 # The cross-entropy's work per logit and token, in multiply-add equivalents: the fp32 cast, max, exp, sum,
@@ -291,10 +291,12 @@ def _logits_bytes(config, tokens: int, b: int) -> float:
 
 
 def _logits_unmapped(config, tokens: int, b: int) -> bool:
-    """Whether every loss buffer `_logits_bytes` counts is at least GLIBC_MMAP_MAX (so glibc unmaps it when freed):
-    the smallest is a chunk's logits in the compute dtype (chunked) or the whole logits (one chunk)."""
+    """Whether the loss buffers `_logits_bytes` counts are each at least GLIBC_MMAP_MAX (so glibc unmaps them when
+    freed): the smallest is a full chunk's logits in the compute dtype (chunked: loss_chunk_rows positions, fewer
+    than LOSS_CHUNK_ELEMENTS logits where the vocabulary does not divide it) or the whole logits (one chunk)."""
     n = tokens * config.vocab_size
-    return min(n, LOSS_CHUNK_ELEMENTS) * b >= GLIBC_MMAP_MAX
+    chunk = n if n <= LOSS_CHUNK_ELEMENTS else loss_chunk_rows(config.vocab_size) * config.vocab_size
+    return chunk * b >= GLIBC_MMAP_MAX
 
 
 # ---------------------------------------------------------------------------------------------- stages

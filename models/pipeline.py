@@ -207,12 +207,17 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction
         logits = logits if weight is None else F.linear(logits, weight)
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
     grad = torch.is_grad_enabled() and (logits.requires_grad or (weight is not None and weight.requires_grad))
-    rows = LOSS_CHUNK_ELEMENTS // vocab
-    rows = rows - rows % 64 if rows >= 64 else max(1, rows)  # whole 64-row tiles for the head's matmul on a GPU
-    total = _ChunkedCrossEntropy.apply(logits, weight, targets, rows, grad)
+    total = _ChunkedCrossEntropy.apply(logits, weight, targets, loss_chunk_rows(vocab), grad)
     if reduction == "sum":
         return total
     return total / (targets != IGNORE_INDEX).sum()
+
+
+def loss_chunk_rows(vocab: int) -> int:
+    """Positions per chunk of the chunked loss: at most LOSS_CHUNK_ELEMENTS logits, in whole 64-row tiles (the head's
+    matmul on a GPU)."""
+    rows = LOSS_CHUNK_ELEMENTS // vocab
+    return rows - rows % 64 if rows >= 64 else max(1, rows)
 
 
 def linear_head_weight(head: Callable) -> torch.Tensor | None:

@@ -301,6 +301,9 @@ def test_the_cpu_step_transients_are_sequential_and_the_loss_buffers_are_unmappe
     assert s1.total == static[1] + s1.activations + max(s1.logits, s1.step_buffer) and s1.logits > s1.step_buffer
     _, small = stage_memory(*_model({**CPU_LLAMA, "vocab_size": 2048}), cpu, [5, 1])  # 8 MiB of logits: in the heap
     assert not small.logits_unmapped
+    bf16 = Setup(**{**cpu.__dict__, "precision": "bf16", "seq_len": 2048})  # chunks of 512 x 32000 bf16: 31.25 MiB
+    assert not stage_memory(*_model({**CPU_LLAMA, "vocab_size": 32000}), bf16, [5, 1])[1].logits_unmapped
+    assert stage_memory(*_model({**CPU_LLAMA, "vocab_size": 32768}), bf16, [5, 1])[1].logits_unmapped  # 32 MiB
     assert small.total == pytest.approx(small.weights + small.gradients + small.optimizer + small.activations
                                         + small.logits + small.step_buffer + small.overhead)
     gpu = stage_memory(family, config, Setup(**{**cpu.__dict__, "overhead_bytes": ()}), [5, 1])[1]

@@ -234,9 +234,9 @@ def test_non_finite_numbers_are_null_in_metrics_jsonl(tmp_path):
 class FakeMlflowServer:
     """The few MLflow REST calls of a run (experiment by name, create / get / update a run, log-batch) on a localhost
     port, in a thread: `mlflow server` needs the full mlflow package, and takes seconds to start. `stop()` closes the
-    port, as a server that goes down does (connection refused)."""
+    port, as a server that goes down does (connection refused). The paths in `refuse` are answered 400."""
 
-    def __init__(self):
+    def __init__(self, refuse: tuple[str, ...] = ()):
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -254,7 +254,7 @@ class FakeMlflowServer:
                 path = handler.path.split("?")[0].split("/mlflow/", 1)[-1]
                 self.calls.append(path)
                 body = json.dumps(replies.get(path, {})).encode()
-                handler.send_response(200)
+                handler.send_response(400 if path in refuse else 200)
                 handler.send_header("Content-Type", "application/json")
                 handler.send_header("Content-Length", str(len(body)))
                 handler.end_headers()
@@ -320,6 +320,21 @@ def test_an_mlflow_server_that_goes_down_mid_run_costs_seconds(tmp_path, offline
     # with its own settings; a next run in this process could not start its own), the environment as before
     assert mlflow.active_run() is None and time.monotonic() - start < 60
     assert not set(MLFLOW_HTTP) & set(os.environ) and os.environ["MLFLOW_TRACKING_URI"] == server.uri
+
+
+def test_an_mlflow_run_started_by_a_tracker_that_then_fails_to_start_is_ended(tmp_path, offline, mlflow_http_unset,
+                                                                             monkeypatch):
+    """The server creates the run, then refuses its params (400): the tracker is off, and its run was left active in
+    the process (a next in-process run could not start its tracker; MLflow's atexit end_run retried for minutes)."""
+    import mlflow
+
+    server = FakeMlflowServer(refuse=("runs/log-batch",))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    try:
+        assert Monitor(tmp_path, 0, 4, 0, 1, ["mlflow"], {"max_steps": 4}).trackers == {}
+        assert mlflow.active_run() is None and server.calls[-1] == "runs/update"  # ended, FAILED
+    finally:
+        server.stop()
 
 
 def test_a_closed_mlflow_tracker_leaves_the_environment_as_it_found_it(tmp_path, offline, mlflow_http_unset):

@@ -10,6 +10,7 @@ failed there (wandb exit code 1, MLflow status FAILED).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import json
@@ -143,7 +144,10 @@ class MLflow:
             ids["mlflow"] = {"run_id": run.info.run_id, "tracking_uri": uri}
             have = mlflow.get_run(run.info.run_id).data.params
             mlflow.log_params({k: v for k, v in flat_params(config).items() if k not in have})
-        except BaseException:
+        except BaseException:  # a run started here is ended (failed) while the short settings hold, then the env
+            if mlflow.active_run() is not None:
+                with contextlib.suppress(Exception):
+                    mlflow.end_run(status="FAILED")
             restore_env(self.env)
             raise
         self.mlflow = mlflow

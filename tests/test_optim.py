@@ -391,3 +391,19 @@ def test_an_unknown_adam_key_lists_each_known_key_once():
     said = optimizer_key_problem({"type": "AdamW", "params": {"foo": 1}})
     known = said.split("(known: ")[1].rstrip(")").split(", ")
     assert "lr" in known and len(known) == len(set(known)), said
+
+
+def test_the_trainers_gradient_norm_is_exact_without_an_fp64_copy():
+    """fp32 without ZeRO the trainer computes the global norm itself: the squares summed in fp64, a chunk at a time
+    (an fp32 norm of a tensor this size is already off by more than 1e-6 on a CPU; the exact sum is the reference)."""
+    from training.trainer import NORM_CHUNK, squared_norm
+
+    torch.manual_seed(0)
+    grads = [torch.randn(NORM_CHUNK * 2 + 5), torch.randn(3, 7), torch.tensor([float("nan")])]
+    exact = sum(float(g.double().square().sum()) for g in grads[:2])
+    got = squared_norm(grads[:2], torch.device("cpu"))
+    assert got.dtype == torch.float64 and got.dim() == 0 and float(got) == pytest.approx(exact, rel=1e-12)
+    fp32 = sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads[:2])
+    assert abs(fp32 - exact) / exact > 1e-6  # the premise: a plain fp32 norm is not exact here
+    assert torch.isnan(squared_norm(grads, torch.device("cpu")))  # a NaN gradient: the step is skipped
+    assert float(squared_norm([], torch.device("cpu"))) == 0.0  # a stage without gradients (frozen layers only)

@@ -337,6 +337,23 @@ def test_an_mlflow_run_started_by_a_tracker_that_then_fails_to_start_is_ended(tm
         server.stop()
 
 
+def test_a_tracker_that_cannot_start_leaves_the_callers_own_mlflow_run_alone(tmp_path, offline, mlflow_http_unset):
+    """A notebook with its own active MLflow run: the tracker's start_run refuses (a run is already active), the
+    tracker is off with one warning, and the caller's run stays active and running in the caller's tracking URI (it
+    was ended as FAILED, and the process-wide tracking URI was left the tracker's)."""
+    import mlflow
+
+    uri = (tmp_path / "mine").resolve().as_uri()
+    mlflow.set_tracking_uri(uri)
+    mine = mlflow.start_run()
+    try:
+        assert Monitor(tmp_path / "out", 0, 4, 0, 1, ["mlflow"], {"max_steps": 4}).trackers == {}
+        assert mlflow.active_run().info.run_id == mine.info.run_id and mlflow.get_tracking_uri() == uri
+        assert mlflow.get_run(mine.info.run_id).info.status == "RUNNING"
+    finally:
+        mlflow.end_run()
+
+
 def test_a_closed_mlflow_tracker_leaves_the_environment_as_it_found_it(tmp_path, offline, mlflow_http_unset):
     """Two runs in one process (a notebook's): MLflow's set_tracking_uri and set_experiment write to os.environ, and
     the second run took the first one's file store for the user's MLFLOW_TRACKING_URI (its runs went into the first

@@ -128,27 +128,33 @@ class MLflow:
     def __init__(self, save: Path, start_step: int, ids: dict, config: dict):
         import mlflow
 
-        self.env = {k: os.environ.get(k) for k in MLFLOW_ENV}
+        self.env, self.uri = {k: os.environ.get(k) for k in MLFLOW_ENV}, mlflow.get_tracking_uri()  # the caller's
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (save / "mlruns").resolve().as_uri()
         if uri.startswith("file:") or "://" not in uri:  # the file store is in maintenance mode: MLflow asks to opt in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         stored = ids.get("mlflow") or {}
         os.environ.update({k: v for k, v in MLFLOW_HTTP.items() if k not in os.environ})  # quick requests
+        run = None
         try:
             if start_step > 0 and stored.get("tracking_uri") == uri:
                 run = mlflow.start_run(run_id=stored["run_id"])
             else:
-                mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "pipeft"))
-                run = mlflow.start_run(run_name=save.resolve().name)
+                # the experiment by id, not mlflow.set_experiment: that one is process-wide (a caller's own
+                # start_run afterwards looked for it in the caller's store)
+                name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "pipeft")
+                found = mlflow.get_experiment_by_name(name)
+                exp = found.experiment_id if found is not None else mlflow.create_experiment(name)
+                run = mlflow.start_run(experiment_id=exp, run_name=save.resolve().name)
             ids["mlflow"] = {"run_id": run.info.run_id, "tracking_uri": uri}
             have = mlflow.get_run(run.info.run_id).data.params
             mlflow.log_params({k: v for k, v in flat_params(config).items() if k not in have})
-        except BaseException:  # a run started here is ended (failed) while the short settings hold, then the env
-            if mlflow.active_run() is not None:
+        except BaseException:  # the run started here (not one of the caller's) is ended, failed, while the short
+            # settings hold; then the environment as it was
+            if run is not None:
                 with contextlib.suppress(Exception):
                     mlflow.end_run(status="FAILED")
-            restore_env(self.env)
+            self._restore()
             raise
         self.mlflow = mlflow
 
@@ -161,7 +167,14 @@ class MLflow:
         try:
             self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
         finally:
-            restore_env(self.env)
+            self._restore()
+
+    def _restore(self) -> None:
+        """The caller's tracking URI (set_tracking_uri is process-wide) and environment (MLFLOW_ENV) back."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        restore_env(self.env)
 
 
 def restore_env(saved: dict[str, str | None]) -> None:

@@ -339,7 +339,7 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
             grads = trainable * b
         # the step's transients, one after another (each freed before the next): DeepSpeed's flattened gradients
         # (the reduction, ReduceGrads); on the CPU, torch's per-parameter AdamW's two fp32 temporaries of the largest
-        # parameter (the trainer's own gradient norm, fp32 without ZeRO, squares 32 MiB chunks: not counted)
+        # parameter (the trainer's own gradient norm, fp32 without ZeRO, keeps one fp32 norm per 256 elements)
         step_buffer = max(min(trainable, REDUCE_BUCKET) * (4 if half and not s.offload else b),
                           2 * 4 * _largest_param(family, config, units, idx, s.lora is None) if cpu else 0)
         # activations per micro-batch: saved tensors (checkpointed blocks keep only their input), pipe buffers

@@ -394,16 +394,17 @@ def test_an_unknown_adam_key_lists_each_known_key_once():
 
 
 def test_the_trainers_gradient_norm_is_exact_without_an_fp64_copy():
-    """fp32 without ZeRO the trainer computes the global norm itself: the squares summed in fp64, a chunk at a time
-    (an fp32 norm of a tensor this size is already off by more than 1e-6 on a CPU; the exact sum is the reference)."""
-    from training.trainer import NORM_CHUNK, squared_norm
+    """fp32 without ZeRO the trainer computes the global norm itself: rows of NORM_ROW elements normed in fp32, their
+    squares summed in fp64 (an fp32 norm of a whole tensor this size is already off by more than 1e-6 on a CPU; the
+    exact fp64 sum is the reference)."""
+    from training.trainer import NORM_ROW, squared_norm
 
     torch.manual_seed(0)
-    grads = [torch.randn(NORM_CHUNK * 2 + 5), torch.randn(3, 7), torch.tensor([float("nan")])]
-    exact = sum(float(g.double().square().sum()) for g in grads[:2])
-    got = squared_norm(grads[:2], torch.device("cpu"))
-    assert got.dtype == torch.float64 and got.dim() == 0 and float(got) == pytest.approx(exact, rel=1e-12)
-    fp32 = sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads[:2])
+    grads = [torch.randn(1 << 23), torch.randn(NORM_ROW * 3 + 5), torch.randn(3, 7), torch.tensor([float("nan")])]
+    exact = sum(float(g.double().square().sum()) for g in grads[:3])
+    got = squared_norm(grads[:3], torch.device("cpu"))
+    assert got.dtype == torch.float64 and got.dim() == 0 and float(got) == pytest.approx(exact, rel=1e-9)
+    fp32 = sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads[:3])
     assert abs(fp32 - exact) / exact > 1e-6  # the premise: a plain fp32 norm is not exact here
     assert torch.isnan(squared_norm(grads, torch.device("cpu")))  # a NaN gradient: the step is skipped
     assert float(squared_norm([], torch.device("cpu"))) == 0.0  # a stage without gradients (frozen layers only)

@@ -285,7 +285,7 @@ CPU_LLAMA = dict(model_type="llama", vocab_size=32768, hidden_size=256, intermed
 def test_the_cpu_step_transients_are_sequential_and_the_loss_buffers_are_unmapped():
     """The terms the CPU validation's runs pinned down (the same Llama, 2 stages, fp32 without ZeRO; glibc's
     mallinfo2 and the resident size per pipeline instruction): the step's transients (DeepSpeed's gradient flatten,
-    AdamW's temporaries; the trainer's own gradient norm squares small chunks) run one after another, so the step
+    AdamW's temporaries; the trainer's own gradient norm copies no gradient) run one after another, so the step
     buffer is the largest, here AdamW's two fp32 temporaries of the 32 MiB embedding (64 MiB); the last stage's loss
     buffers (64 MiB and up) are unmapped by glibc when the backward frees them, so the step reuses that memory (max,
     not sum), while loss buffers small enough to stay in the heap still add to it; a GPU keeps max(live, step)."""

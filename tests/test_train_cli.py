@@ -462,27 +462,33 @@ def test_runs_without_the_launcher_as_one_process(tmp_path, base):
 CALLER = """
 import os, signal, socket, sys
 import deepspeed, torch
+from torch.distributed import distributed_c10d
 with socket.socket() as s:
     s.bind(("", 0))
     port = s.getsockname()[1]
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 deepspeed.init_distributed(dist_backend="gloo")
 before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+groups = list(distributed_c10d._world.pg_map)  # torch lists its groups nowhere public
 import train_ds
 code = train_ds.main(["--config", sys.argv[1]])
 t = torch.ones(1)
 torch.distributed.all_reduce(t)
-print("after:", code, float(t), [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == before)
+print("after:", code, float(t), [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == before,
+      list(distributed_c10d._world.pg_map) == groups)
+torch.distributed.destroy_process_group()  # as torch asks of a script before it exits (a gloo group alive then can abort it)
 """
 
 
 def test_a_caller_with_a_process_group_keeps_it_its_port_and_its_signal_handlers(tmp_path, base):
     """train_ds.main in a process that already has a process group (a notebook's): the run uses it (its port is the
-    group's own, not another run's), and leaves it, and the caller's SIGTERM / SIGINT handlers, as they were."""
+    group's own, not another run's), and leaves it, the caller's SIGTERM / SIGINT handlers and the list of process
+    groups as they were (the run's own groups, DeepSpeed's pipeline groups among them, are destroyed: a notebook's
+    runs would pile them up, each gloo group with its threads and sockets)."""
     cfg = write_config(tmp_path, base)
     proc = subprocess.run([sys.executable, "-c", CALLER, str(cfg)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0 and "after: 0 1.0 True" in proc.stdout.splitlines(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and "after: 0 1.0 True True" in proc.stdout.splitlines(), proc.stdout[-2000:] + proc.stderr[-3000:]
     assert (tmp_path / "out" / "latest").read_text() == "global_step2"
 
 

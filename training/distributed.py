@@ -192,6 +192,24 @@ def shutdown_distributed() -> None:
     shm_buffer(rank).unlink(missing_ok=True)
 
 
+def process_groups() -> list:
+    """The process groups that exist now (torch lists them nowhere public: c10d's registry)."""
+    from torch.distributed import distributed_c10d
+
+    return list(distributed_c10d._world.pg_map) if distributed_c10d.is_initialized() else []
+
+
+def destroy_groups_since(before: list) -> None:
+    """Destroy the process groups made since `before` was taken (a run inside a caller's group: ours and DeepSpeed's
+    pipeline groups), so that a notebook's runs do not pile up groups, each gloo one with its threads and sockets,
+    and none outlives the caller's own group. Through deepspeed.comm, which drops DeepSpeed's references too."""
+    import deepspeed.comm as dist
+
+    for group in process_groups():
+        if not any(group is kept for kept in before):
+            dist.destroy_process_group(group)
+
+
 def local_device_problem(local_rank: int, count: int, device: str) -> str | None:
     """Why this process's device, `device`:LOCAL_RANK (as DeepSpeed sets it), does not exist when `count` are
     visible: a launcher that shows each process only its own GPU (srun --gpus-per-task, --gpu-bind) while LOCAL_RANK

@@ -182,6 +182,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 g = logp.exp_()
                 g.scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=g.dtype))
                 g_all[a:a + rows] = g.masked_fill_(ignored[:, None], 0.0)
+                del g
+            del logp  # before the next chunk's logits: two chunks alive at most, not three
         ctx.save_for_backward(g_all, x if weight is not None else None, weight)
         return total
 

@@ -9,6 +9,8 @@ FlexAttention has no backward on CPU (torch 2.13): its forward is checked here; 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -241,6 +243,42 @@ def test_loss_chunks_are_whole_64_row_tiles(monkeypatch):
         with _Outputs() as seen:
             pipeline.chunked_cross_entropy(hidden, targets, weight=weight)
         assert [s[0] for f, s, _ in seen.shapes if f == "linear"] == chunks
+
+
+def _peak_allocated(fn) -> int:
+    """The most bytes torch's CPU allocator held at once during fn() beyond what it held before (the profiler's
+    allocation and free events, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_loss_holds_one_chunks_buffers_at_a_time(dtype, monkeypatch):
+    """Beyond the gradient it keeps for backward ([N, V], the logits' dtype), the chunked loss holds one chunk's
+    logits, their fp32 copy (half precision) and their fp32 log-softmax: the estimate's `_logits_bytes`. The
+    previous chunk's log-softmax had stayed alive while the next chunk's were made (one fp32 chunk more)."""
+    from models import pipeline
+    from models.cost import _logits_bytes
+
+    rows, vocab, n = 64, 4096, 1024
+    monkeypatch.setattr(pipeline, "LOSS_CHUNK_ELEMENTS", rows * vocab)
+    monkeypatch.setattr("models.cost.LOSS_CHUNK_ELEMENTS", rows * vocab)
+    hidden = torch.randn(n, 32, dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocab, 32, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    peak = _peak_allocated(lambda: pipeline.chunked_cross_entropy(hidden, targets, weight=weight))
+    b, chunk = dtype.itemsize, rows * vocab
+    expected = n * vocab * b + chunk * (b + 4 + (4 if b == 2 else 0))
+    assert _logits_bytes(SimpleNamespace(vocab_size=vocab), n, b) == expected
+    assert expected <= peak < expected + chunk  # + small buffers (the targets' masks, the sum): not a fp32 chunk more
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -216,19 +216,19 @@ class RunDirectory:
                  "optimizer state was reset"))
 
     def _saved_state(self, tag_dir: Path) -> RunState:
-        """RunState.read of a checkpoint, read once per run and reused (its warnings said once: the data check
-        before the model is built and the resume both read it); an unreadable one raises at every call."""
-        reads = vars(self).setdefault("checkpoint_reads", {})
-        if ("state", tag_dir) not in reads:
-            reads["state", tag_dir] = RunState.read(tag_dir)
-        return copy.deepcopy(reads["state", tag_dir])
+        return self._read_once(RunState.read, tag_dir)
 
     def _saved_run_config(self, tag_dir: Path) -> dict | None:
-        """read_run_config of a checkpoint, read once per run and reused (see _saved_state)."""
+        return self._read_once(read_run_config, tag_dir)
+
+    def _read_once(self, reader, tag_dir: Path):
+        """reader(tag_dir) of a checkpoint (its RunState, its run config), read once per run and a copy returned each
+        time (its warnings said once: the data check before the model is built and the resume both read it); an
+        unreadable one raises at every call."""
         reads = vars(self).setdefault("checkpoint_reads", {})
-        if ("config", tag_dir) not in reads:
-            reads["config", tag_dir] = read_run_config(tag_dir)
-        return copy.deepcopy(reads["config", tag_dir])
+        if (reader, tag_dir) not in reads:
+            reads[reader, tag_dir] = reader(tag_dir)
+        return copy.deepcopy(reads[reader, tag_dir])
 
     def _same_layout(self, saved: RunState) -> bool:
         """The checkpoint's stages, replicas and layer bounds are this run's (its optimizer state loads)."""

@@ -497,15 +497,26 @@ def test_a_busy_master_port_is_one_line(tmp_path, ops_model, monkeypatch, capsys
         "with --master_port set to a free port"]
 
 
-def test_a_process_that_sees_only_its_own_gpu_is_one_line():
+def test_a_process_that_sees_only_its_own_gpu_or_none_is_one_line(monkeypatch):
     """srun --gpus-per-task=1 shows each task one GPU while LOCAL_RANK counts the node's tasks: DeepSpeed would ask
-    for cuda:LOCAL_RANK, which does not exist (a CUDA traceback on every rank but the first); the trainer says it."""
+    for cuda:LOCAL_RANK, which does not exist (a CUDA traceback on every rank but the first); the trainer says it.
+    No GPU at all (DS_ACCELERATOR=cuda on a CPU host): NCCL's or CUDA's traceback, now one line (the CLI's own test:
+    test_train_cli's test_ds_accelerator_cuda_without_a_gpu_is_one_line)."""
     from training.distributed import local_device_problem
 
     assert local_device_problem(3, 8, "cuda") is None and local_device_problem(0, 1, "cuda") is None
     said = local_device_problem(3, 1, "cuda")
     assert said.startswith("LOCAL_RANK 3, but this process sees 1 cuda device(s) (cuda:3 does not exist)") and \
         "--gpus-per-task" in said and "\n" not in said
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    unset = " (unset DS_ACCELERATOR to let DeepSpeed detect this machine's device)"
+    assert local_device_problem(0, 0, "cuda") == "DeepSpeed's accelerator is cuda, but this process sees no cuda device" \
+        + unset
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert local_device_problem(0, 0, "cuda") == ("DS_ACCELERATOR=cuda, but this process sees no cuda device "
+                                                   "(CUDA_VISIBLE_DEVICES='')" + unset)
 
 
 def test_the_busy_port_advice_follows_the_launcher_and_srun_hostlists_expand(tmp_path, ops_model, monkeypatch, capsys):

@@ -421,6 +421,26 @@ def test_bad_records_fail_before_any_model_is_built(tmp_path, base):
     assert not (tmp_path / "out").exists()
 
 
+def test_ds_accelerator_cuda_without_a_gpu_is_one_line(tmp_path, base):
+    """DS_ACCELERATOR=cuda where this process sees no GPU (a CPU host; CUDA_VISIBLE_DEVICES empty): DeepSpeed's
+    import accepts it, then the process group failed with NCCL's traceback (train_ds) or CUDA's (demo); now one line
+    each, exit 2, before the data are read. Conversion, which needs no device, still runs (convert's own tests)."""
+    cfg = write_config(tmp_path, base)
+    env = {"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cuda", "CUDA_VISIBLE_DEVICES": ""}
+    procs = {prog: subprocess.Popen([sys.executable, prog, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)  # side by side: each is mostly imports
+             for prog, args in (("train_ds.py", ["--config", str(cfg)]),
+                                ("demo.py", ["--model-path", str(base), "--instruct", "hi"]))}
+    said = "DS_ACCELERATOR=cuda, but this process sees no cuda device (CUDA_VISIBLE_DEVICES='') (unset DS_ACCELERATOR " \
+           "to let DeepSpeed detect this machine's device)"
+    for prog, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+        assert err.splitlines()[-1] == f"{prog}: error: {'rank 0: ' if prog == 'train_ds.py' else ''}{said}"
+        assert "data:" not in out and "loading" not in err  # neither the records nor the model were read
+    assert not (tmp_path / "out").exists()
+
+
 def test_from_scratch_one_stage_matches_init(tmp_path, base, tokenizer_dir):
     """One stage (tied embedding and head together), fresh weights (model_path holds no layer files): with lr 1e-30 (an lr of 0 is refused; AdamW's
     step of about lr moves no weight by more than 1e-20) the saved checkpoint equals

@@ -212,9 +212,16 @@ def destroy_groups_since(before: list) -> None:
 
 def local_device_problem(local_rank: int, count: int, device: str) -> str | None:
     """Why this process's device, `device`:LOCAL_RANK (as DeepSpeed sets it), does not exist when `count` are
-    visible: a launcher that shows each process only its own GPU (srun --gpus-per-task, --gpu-bind) while LOCAL_RANK
-    counts the node's processes; None when it exists."""
-    if count <= 0 or local_rank < count:
+    visible: none at all (DS_ACCELERATOR=cuda on a host without a GPU, an empty CUDA_VISIBLE_DEVICES: DeepSpeed's
+    own detection picks the CPU there), or a launcher that shows each process only its own GPU (srun
+    --gpus-per-task, --gpu-bind) while LOCAL_RANK counts the node's processes; None when it exists."""
+    if count <= 0:
+        chosen = "DS_ACCELERATOR=" if os.environ.get("DS_ACCELERATOR") == device else "DeepSpeed's accelerator is "
+        visible = os.environ.get(f"{device.upper()}_VISIBLE_DEVICES")
+        return (f"{chosen}{device}, but this process sees no {device} device"
+                + (f" ({device.upper()}_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+                + " (unset DS_ACCELERATOR to let DeepSpeed detect this machine's device)")
+    if local_rank < count:
         return None
     return (f"LOCAL_RANK {local_rank}, but this process sees {count} {device} device(s) ({device}:{local_rank} does "
             "not exist): every process of a node must see all of the node's devices (under SLURM: --gpus-per-node, "

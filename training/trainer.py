@@ -107,12 +107,12 @@ class Trainer(TrainingData, RunDirectory):
         from transformers import AutoTokenizer
 
         cfg = self.cfg
-        self.validate_data()
         acc = get_accelerator()
         backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
         if acc.device_name() == "cuda" and (problem := local_device_problem(self.local_rank, acc.device_count(),
                                                                             "cuda")):  # others: their own indexing
             raise LaunchError(f"rank {self.rank}: {problem}")
+        self.validate_data()
         bound = acc.device(self.local_rank) if acc.device_name() == "cuda" else None
         timeout = timedelta(minutes=cfg.dist_timeout_minutes)
         # SIGTERM / SIGINT end a process still waiting for the others (nothing to save yet; the wait is in C++,

@@ -496,6 +496,9 @@ t = torch.ones(1)
 torch.distributed.all_reduce(t)
 print("after:", code, float(t), [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == before,
       list(distributed_c10d._world.pg_map) == groups)
+engine = deepspeed.initialize(model=torch.nn.Linear(2, 2), config={  # the notebook goes on with DeepSpeed
+    "train_batch_size": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})[0]
+print("then:", engine.dp_world_size)
 torch.distributed.destroy_process_group()  # as torch asks of a script before it exits (a gloo group alive then can abort it)
 """
 
@@ -504,11 +507,14 @@ def test_a_caller_with_a_process_group_keeps_it_its_port_and_its_signal_handlers
     """train_ds.main in a process that already has a process group (a notebook's): the run uses it (its port is the
     group's own, not another run's), and leaves it, the caller's SIGTERM / SIGINT handlers and the list of process
     groups as they were (the run's own groups, DeepSpeed's pipeline groups among them, are destroyed: a notebook's
-    runs would pile them up, each gloo group with its threads and sockets)."""
+    runs would pile them up, each gloo group with its threads and sockets), and DeepSpeed usable (its global `mpu`,
+    which the pipeline engine set to its grid, would name destroyed groups to the next deepspeed.initialize)."""
     cfg = write_config(tmp_path, base)
     proc = subprocess.run([sys.executable, "-c", CALLER, str(cfg)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0 and "after: 0 1.0 True True" in proc.stdout.splitlines(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and "after: 0 1.0 True True" in lines and "then: 1" in lines, \
+        proc.stdout[-2000:] + proc.stderr[-3000:]
     assert (tmp_path / "out" / "latest").read_text() == "global_step2"
 
 

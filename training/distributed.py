@@ -192,22 +192,29 @@ def shutdown_distributed() -> None:
     shm_buffer(rank).unlink(missing_ok=True)
 
 
-def process_groups() -> list:
-    """The process groups that exist now (torch lists them nowhere public: c10d's registry)."""
+def caller_groups() -> tuple[list, object]:
+    """What a run inside a caller's process group (a notebook's) changes and `restore_caller_groups` puts back: the
+    process groups that exist (torch lists them nowhere public: c10d's registry) and DeepSpeed's global `mpu`, which
+    a pipeline engine sets to its grid."""
+    from deepspeed.utils import groups
     from torch.distributed import distributed_c10d
 
-    return list(distributed_c10d._world.pg_map) if distributed_c10d.is_initialized() else []
+    return (list(distributed_c10d._world.pg_map) if distributed_c10d.is_initialized() else []), groups.mpu
 
 
-def destroy_groups_since(before: list) -> None:
-    """Destroy the process groups made since `before` was taken (a run inside a caller's group: ours and DeepSpeed's
-    pipeline groups), so that a notebook's runs do not pile up groups, each gloo one with its threads and sockets,
-    and none outlives the caller's own group. Through deepspeed.comm, which drops DeepSpeed's references too."""
+def restore_caller_groups(before: tuple[list, object]) -> None:
+    """Destroy the process groups made since `caller_groups` gave `before` (ours, DeepSpeed's pipeline groups), so
+    that a notebook's runs do not pile them up, each gloo one with its threads and sockets, and none outlives the
+    caller's own group; then DeepSpeed's `mpu` as it was, since the grid's groups are gone (the next
+    deepspeed.initialize would use them). Through deepspeed.comm, which drops DeepSpeed's other references too."""
     import deepspeed.comm as dist
+    from deepspeed.utils import groups
 
-    for group in process_groups():
-        if not any(group is kept for kept in before):
+    kept, mpu = before
+    for group in caller_groups()[0]:
+        if not any(group is k for k in kept):
             dist.destroy_process_group(group)
+    groups.mpu = mpu
 
 
 def local_device_problem(local_rank: int, count: int, device: str) -> str | None:

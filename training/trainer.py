@@ -32,12 +32,12 @@ from training.dataload import TrainingData
 from training.distributed import (
     LaunchError,
     LauncherWatch,
-    destroy_groups_since,
+    caller_groups,
     device_line,
     init_restarted_torchrun,
     local_device_problem,
-    process_groups,
     remove_stale_shm_buffer,
+    restore_caller_groups,
     shutdown_distributed,
 )
 from training.evaluate import perplexity
@@ -86,7 +86,7 @@ class Trainer(TrainingData, RunDirectory):
         self.prompted: bool | None = None  # whether a training record went through a template (rank 0 reads data)
         # a process group made before (a caller's, e.g. a notebook's or a test session's) is used, and left as it is
         self.owns_group = not torch.distributed.is_initialized()
-        self.caller_groups = process_groups()  # the caller's; close() destroys the ones this run makes
+        self.caller_groups = caller_groups()  # the caller's; close() destroys the ones this run makes
         self.caller_handlers: dict = {}  # the SIGTERM / SIGINT handlers before setup, put back by close()
 
     def log(self, msg: str) -> None:
@@ -548,7 +548,7 @@ class Trainer(TrainingData, RunDirectory):
         if self.owns_group:
             shutdown_distributed()
         else:
-            destroy_groups_since(self.caller_groups)
+            restore_caller_groups(self.caller_groups)
         for sig, handler in self.caller_handlers.items():  # a caller going on (a notebook) gets its Ctrl-C back
             if handler is not None:
                 signal.signal(sig, handler)

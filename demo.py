@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from launch import deepspeed_logs_on_stderr, exit_if_ds_accelerator_unusable
-from pipeft import INSTALLED
+from pipeft import INSTALLED, one_line
 
 PROG = "pipeft-demo" if INSTALLED else "demo.py"  # as the user ran it, in usage and error lines
 exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
@@ -316,7 +316,7 @@ def load_adapter_strictly(model, adapter: str | Path):
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter))
     except (ValueError, RuntimeError) as e:  # no target module (another family); shapes (another width)
-        raise DemoError(f"{fits}: {' '.join(str(e).split())[:300]}") from None
+        raise DemoError(f"{fits}: {one_line(e)}") from None
     saved, used = set(load_peft_weights(str(adapter))), set(get_peft_model_state_dict(peft_model))
     if saved - used or used - saved:
         what = (f"its tensor {min(saved - used)} has no place in the base" if saved - used else

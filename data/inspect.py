@@ -43,7 +43,7 @@ from data.dataset import EncodedDataset
 from data.encode import RUN_CACHE_DIR, load_dataset
 from data.packing import PackedDataset, chunk_counts, pack, trained_mask, trained_tokens
 from data.records import DataError
-from pipeft import INSTALLED
+from pipeft import INSTALLED, one_line
 
 PROG = "pipeft-inspect" if INSTALLED else "python -m data.inspect"  # as the user runs it, in usage and errors
 GREEN, RESET = "\033[32m", "\033[0m"
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
         except (OSError, ValueError) as e:
-            raise DataError([f"{model_path}:0: cannot load a tokenizer: {' '.join(str(e).split())[:300]}"]) from None
+            raise DataError([f"{model_path}:0: cannot load a tokenizer: {one_line(e)}"]) from None
         ds = load_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings,
                           fallback_cache_dir=Path(cfg.save_path) / RUN_CACHE_DIR)  # where training caches it
         trained, held = split_eval(ds, cfg.eval_split_ratio, cfg.seed) if cfg.eval_split_ratio else (ds, None)

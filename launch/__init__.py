@@ -128,7 +128,9 @@ def device_missing(device_type: str) -> str | None:
                     return None
                 said = "is false" if name == "is_available" else "is 0"
             except Exception as e:  # noqa: BLE001 - a device runtime that cannot start here: the device is not usable
-                said = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
+                from pipeft import one_line
+
+                said = f"failed: {one_line(e, 160, named=True)}"
             return f"no {device_type!r} device here (torch.{device_type}.{name}() {said})"
     current = torch.accelerator.current_accelerator()
     if current is not None and current.type == device_type:

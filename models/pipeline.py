@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
+from pipeft import one_line
+
 from .hf_io import CheckpointError
 
 LAYER_FILE = "layer_{:02d}-model_states.pt"
@@ -330,7 +332,7 @@ def layer_file_problem(path: Path, e: Exception) -> str:
     """Why the layer file `path` did not load (read or fit its module: `e`), as one line naming it."""
     if not path.is_file():
         return f"{path}: layer file missing"
-    said = " ".join(str(e).split())
+    said = one_line(e, None)
     if len(said) > 200:  # the sentences that fit (torch's zip errors go on about the file being corrupt)
         said = said[:said.rfind(". ", 0, 200) + 1] if ". " in said[:200] else said[:200] + "..."
     return f"{path}: cannot be loaded ({type(e).__name__}: {said})"

@@ -26,6 +26,13 @@ def command(script: str) -> str:
     return SCRIPTS[script] if INSTALLED else f"python {script}"
 
 
+def one_line(e: BaseException | str, limit: int | None = 300, named: bool = False) -> str:
+    """A library's error message inside one of the project's one-line errors: its runs of whitespace (newlines
+    included) as one space, cut at `limit` characters; `named`: after the exception's type ("OSError: ...")."""
+    said = " ".join(str(e).split())[:limit]
+    return f"{type(e).__name__}: {said}" if named else said
+
+
 def use_root() -> Path:
     """Put the project's import root first on sys.path (once) and return it."""
     root = str(ROOT)

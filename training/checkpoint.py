@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from models.diskspace import fmt_size, free_bytes, is_no_space, no_space_message, tree_size
+from pipeft import one_line
 
 TAG = re.compile(r"global_step(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -259,8 +260,7 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001 - reported as one line below, on every rank
             problem = (no_space_message(f"saving checkpoint {tag} in {self.root}", self.root, self.last_size or None)
                        if is_no_space(e, self.root) else
-                       f"saving checkpoint {tag} in {self.root} failed on rank {self.rank}: "
-                       f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+                       f"saving checkpoint {tag} in {self.root} failed on rank {self.rank}: {one_line(e, named=True)}")
             if in_engine:  # DeepSpeed's save ends in a barrier (after its writes) that the other ranks are in
                 dist.barrier()
         fault_pause("save", state.step)

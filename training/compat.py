@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeft import one_line
+
 YAML_SUFFIXES = (".yml", ".yaml")
 # gdGPT keys this project reads itself (the others are the project's or DeepSpeed's own)
 GDGPT_KEYS = ("use_flash_attn", "aux_max_z_loss")
@@ -46,7 +48,7 @@ def parse_yaml(path: Path, text: str) -> object:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        what = one_line(getattr(e, "problem", None) or e, None)
         raise ValueError(f"{where}: invalid YAML ({what})") from None
 
 
@@ -103,7 +105,7 @@ def check_deepspeed_sections(ds: dict, path: Path) -> list[str]:
             _reject_removed_config_keys({section: body})
             getters[section]({section: body})
         except DeepSpeedConfigError as e:
-            raise ValueError(f"{path}: '{section}': {' '.join(str(e).split())}") from None
+            raise ValueError(f"{path}: '{section}': {one_line(e, None)}") from None
         except ValidationError as e:
             err = e.errors()[0]
             key = ".".join(str(p) for p in (section, *err["loc"]))

@@ -25,7 +25,7 @@ from models.hf_io import CheckpointError
 from models.lora import LoraSettings, check_adapter_keys, parse_lora
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import parse_quantization
-from pipeft import command
+from pipeft import command, one_line
 from training.batches import DROP_LAST
 from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
 from training.optim import (
@@ -502,7 +502,7 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
     except DataError as e:
         raise ConfigError(f"{path}: {e.problems[0]}") from None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: model_path {model}: cannot load a tokenizer ({' '.join(str(e).split())[:200]})") from None
+        raise ConfigError(f"{path}: model_path {model}: cannot load a tokenizer ({one_line(e, 200)})") from None
     if not cfg.from_scratch and (missing := missing_layer_file(model, family, config)):
         raise ConfigError(f"{path}: model_path: {missing}: an incomplete copy or conversion of the model")
     if len(tokenizer) > config.vocab_size:

@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from training.trackers import one_line, open_trackers, parse_report_to, scalars
+from pipeft import one_line
+from training.trackers import open_trackers, parse_report_to, scalars
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class Monitor:
             try:
                 tracker.log(values, rec["step"])
             except Exception as e:  # noqa: BLE001 -- a tracker never stops training
-                log.warning("report_to %s off: it failed to log step %d (%s)", name, rec["step"], one_line(e))
+                log.warning("report_to %s off: it failed to log step %d (%s)", name, rec["step"], one_line(e, named=True))
                 del self.trackers[name]
                 with contextlib.suppress(Exception):  # its run marked failed where it can be, its resources freed
                     tracker.close(failed=True)
@@ -162,5 +163,5 @@ class Monitor:
             try:
                 tracker.close(failed)
             except Exception as e:  # noqa: BLE001 -- the run's own outputs are complete: report only
-                log.warning("report_to %s: it failed to close (%s)", name, one_line(e))
+                log.warning("report_to %s: it failed to close (%s)", name, one_line(e, named=True))
         self.trackers = {}

@@ -20,6 +20,7 @@ from data.settings import data_settings_of, write_data_settings
 from models.diskspace import tree_size
 from models.hf_io import replace_side_files
 from models.pipeline import LAYER_FILE
+from pipeft import one_line
 from training.checkpoint import RunState, set_rng_state
 from training.compat import BATCH_KEYS
 from training.config import ConfigError, start_over
@@ -264,7 +265,7 @@ class RunDirectory:
             try:
                 torch.load(f, map_location="cpu", weights_only=False, mmap=True)
             except Exception as e:  # noqa: BLE001 - any failure to open it
-                problem = f"rank {self.rank}: {f.name}: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
+                problem = f"rank {self.rank}: {f.name}: {one_line(e, 160, named=True)}"
                 break
         found = [None] * self.world
         torch.distributed.all_gather_object(found, problem)

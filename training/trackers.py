@@ -20,6 +20,8 @@ import os
 import secrets
 from pathlib import Path
 
+from pipeft import one_line
+
 log = logging.getLogger(__name__)
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}  # name (= module) -> pip package
@@ -205,11 +207,9 @@ def open_trackers(names: tuple[str, ...], save: Path, start_step: int, config: d
         try:
             sinks[name] = SINKS[name](save, start_step, ids, config)
         except Exception as e:  # noqa: BLE001 -- login, network, a broken install: report, keep training
-            log.warning("report_to %s off: it failed to start (%s)", name, one_line(e))
+            log.warning("report_to %s off: it failed to start (%s)", name, one_line(e, named=True))
     if ids:
         ids_path.write_text(json.dumps(ids, indent=1) + "\n")
     return sinks
 
 
-def one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"

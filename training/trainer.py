@@ -24,7 +24,7 @@ from models.lora import LORA_FILE, apply_lora, base_fingerprint, load_adapter_in
 from models.pipeline import parts_of
 from models.quant import base_memory, logical_numel, parse_quantization, quantized_specs
 from models.wgrad import WeightGradStore, defer_in_engine, deferred_micro_batches, defers, make_deferrable
-from pipeft import command
+from pipeft import command, one_line
 from training.batches import step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause, tag_of
 from training.config import TrainConfig, resume_hint
@@ -131,7 +131,7 @@ class Trainer(TrainingData, RunDirectory):
                               f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
                               f"dist_timeout_minutes {cfg.dist_timeout_minutes:g} (did a process on another node fail "
                               "to start? see its log; or MASTER_ADDR does not resolve or cannot be reached from this "
-                              f"node): {' '.join(str(e).split())[:200]}") from None
+                              f"node): {one_line(e, 200)}") from None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         # waits of unbounded length (first-time tokenization on one rank per node) use a group without a deadline

@@ -234,7 +234,8 @@ def test_non_finite_numbers_are_null_in_metrics_jsonl(tmp_path):
 class FakeMlflowServer:
     """The few MLflow REST calls of a run (experiment by name, create / get / update a run, log-batch) on a localhost
     port, in a thread: `mlflow server` needs the full mlflow package, and takes seconds to start. `stop()` closes the
-    port, as a server that goes down does (connection refused). The paths in `refuse` are answered 400."""
+    port, as a server that goes down does (connection refused). The paths in `refuse` are answered 400, those in
+    `throttle` (a set, changed as it runs) 429 with a Retry-After of an hour (a rate-limited server)."""
 
     def __init__(self, refuse: tuple[str, ...] = ()):
         import threading
@@ -246,7 +247,7 @@ class FakeMlflowServer:
         replies = {"experiments/get-by-name": {"experiment": {"experiment_id": "1", "name": "pipeft",
                                                               "lifecycle_stage": "active"}},
                    "runs/create": {"run": run}, "runs/get": {"run": run}, "runs/update": {"run_info": run["info"]}}
-        self.calls = []
+        self.calls, self.throttle = [], set()
 
         class Handler(BaseHTTPRequestHandler):
             def reply(handler):
@@ -254,7 +255,10 @@ class FakeMlflowServer:
                 path = handler.path.split("?")[0].split("/mlflow/", 1)[-1]
                 self.calls.append(path)
                 body = json.dumps(replies.get(path, {})).encode()
-                handler.send_response(400 if path in refuse else 200)
+                throttled = path in self.throttle
+                handler.send_response(400 if path in refuse else 429 if throttled else 200)
+                if throttled:
+                    handler.send_header("Retry-After", "3600")
                 handler.send_header("Content-Type", "application/json")
                 handler.send_header("Content-Length", str(len(body)))
                 handler.end_headers()
@@ -320,6 +324,42 @@ def test_an_mlflow_server_that_goes_down_mid_run_costs_seconds(tmp_path, offline
     # with its own settings; a next run in this process could not start its own), the environment as before
     assert mlflow.active_run() is None and time.monotonic() - start < 60
     assert not set(MLFLOW_HTTP) & set(os.environ) and os.environ["MLFLOW_TRACKING_URI"] == server.uri
+
+
+def test_a_rate_limited_mlflow_server_costs_seconds_not_its_retry_after(tmp_path, offline, mlflow_http_unset,
+                                                                          monkeypatch, caplog):
+    """A server that answers 429 with Retry-After: 3600: MLflow's HTTP retries honour the header by default, so the
+    log call would block training an hour per retry; the run's settings turn that off (unless the user set
+    MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER), so it gives up after its 2 quick retries and the tracker is off."""
+    import signal
+    import time
+
+    class Stalled(BaseException):
+        pass
+
+    def stalled(*_):
+        raise Stalled("a log call to a rate-limited server still blocks after 60 s (its Retry-After: an hour)")
+
+    server = FakeMlflowServer()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monitor = Monitor(tmp_path, 0, 4, 0, 1, ["mlflow"], {"max_steps": 4})
+    assert set(monitor.trackers) == {"mlflow"}
+    server.throttle.add("runs/log-batch")  # from the first step on
+    logged = server.calls.count("runs/log-batch")  # the params, at start
+    before = signal.signal(signal.SIGALRM, stalled)
+    start = time.monotonic()
+    try:
+        signal.alarm(60)
+        with caplog.at_level("WARNING"):
+            monitor.step({"step": 1, "loss": 1.0, "lr": 0.1, "grad_norm": 0.5, "tokens": 10})
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+        server.stop()
+    assert time.monotonic() - start < 60 and monitor.trackers == {}
+    assert server.calls.count("runs/log-batch") - logged == 3  # the call and its 2 retries
+    assert [r.getMessage()[:45] for r in caplog.records if r.name == "training.monitor"] == [
+        "report_to mlflow off: it failed to log step 1"]
 
 
 def test_an_mlflow_run_started_by_a_tracker_that_then_fails_to_start_is_ended(tmp_path, offline, mlflow_http_unset,

@@ -28,8 +28,10 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-sk
 IDS_FILE = "trackers.json"
 MLFLOW_PARAM_MAX = 6000  # MLflow's longest param value (characters)
 MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # a request gives up in ~3 s when the server is down (connection
-# refused: retries after 0 and 2 s, +0-1 s jitter each), ~35 s when it hangs; MLflow's (7, 2, 120): ~4 min, ~20 min
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false"}
+# a request gives up in ~3 s when the server is down (connection refused: retries after 0 and 2 s, +0-1 s jitter
+# each), ~35 s when it hangs, and does not wait out a 429 / 503's Retry-After; MLflow's (7, 2, 120, honoured):
+# ~4 min, ~20 min, and Retry-After seconds per retry
 # what an MLflow tracker sets in the environment (set_tracking_uri and set_experiment write theirs there too): put back
 # as it was when it closes, so that a next run in the same process (a notebook's) does not take them for the user's
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_ALLOW_FILE_STORE", *MLFLOW_HTTP)

@@ -35,7 +35,7 @@ class DataError(ValueError):
     last line in place of '... and N more problems' (the search stopped: how many there are is not known)."""
 
     def __init__(self, problems: Sequence[str], more: str | None = None):
-        self.problems = list(problems)
+        self.problems, self.more = list(problems), more
         lines = self.problems[:MAX_SHOWN]
         if more is not None:
             lines.append(more)

@@ -182,13 +182,16 @@ def remove_stale_shm_buffer(rank: int) -> None:
 
 def shutdown_distributed() -> None:
     """Destroy the process group and remove this rank's shared-memory buffer: DeepSpeed 0.19.8 creates a
-    66 MB /dev/shm segment per CPU rank and never unlinks it, so every run would leak them."""
+    66 MB /dev/shm segment per CPU rank and never unlinks it, so every run would leak them. Through deepspeed.comm
+    where DeepSpeed knows the group: it then drops its references to the groups too (its global `mpu`, a pipeline
+    engine's grid, would name destroyed groups to a later deepspeed.initialize in the process)."""
+    import deepspeed.comm
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return
     rank = dist.get_rank()
-    dist.destroy_process_group()
+    (deepspeed.comm if deepspeed.comm.is_initialized() else dist).destroy_process_group()
     shm_buffer(rank).unlink(missing_ok=True)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from data.collate import pad_id_of
+from data.records import DataError
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
 from models.attention import set_attn_implementation
 from models.convert import family_of
@@ -95,6 +96,23 @@ class Trainer(TrainingData, RunDirectory):
         elif self.rank == 0:
             print(msg, flush=True)
 
+    def _validate_data_together(self) -> None:
+        """validate_data in a caller's process group (several processes that a script joined itself): no launcher
+        stops a node's other ranks when its local rank 0 refuses the data, and they would wait for it in the next
+        collective, so the first problem any rank found is raised on every rank (before anything is written)."""
+        found = error = None
+        try:
+            self.validate_data()
+        except Exception as e:  # noqa: BLE001 - raised below, once the other ranks know
+            error, found = e, ((e.problems, e.more) if isinstance(e, DataError) else
+                               ([f"rank {self.rank}: validating the data failed: {one_line(e, named=True)}"], None))
+        every = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, found, group=self.patient)  # validation may take long
+        if error is not None:
+            raise error
+        if found := next((f for f in every if f is not None), None):
+            raise DataError(*found)
+
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self.stop_signal = signal.Signals(signum).name  # acted on at the next step boundary
 
@@ -112,7 +130,8 @@ class Trainer(TrainingData, RunDirectory):
         if acc.device_name() == "cuda" and (problem := local_device_problem(self.local_rank, acc.device_count(),
                                                                             "cuda")):  # others: their own indexing
             raise LaunchError(f"rank {self.rank}: {problem}")
-        self.validate_data()
+        if self.owns_group:  # else once the caller's group is joined (_validate_data_together)
+            self.validate_data()
         bound = acc.device(self.local_rank) if acc.device_name() == "cuda" else None
         timeout = timedelta(minutes=cfg.dist_timeout_minutes)
         # SIGTERM / SIGINT end a process still waiting for the others (nothing to save yet; the wait is in C++,
@@ -136,6 +155,8 @@ class Trainer(TrainingData, RunDirectory):
             signal.signal(sig, self._on_signal)
         # waits of unbounded length (first-time tokenization on one rank per node) use a group without a deadline
         self.patient = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7))
+        if not self.owns_group:
+            self._validate_data_together()
         if acc.device_name() != "cpu":
             acc.set_device(self.local_rank)
         self.world = torch.distributed.get_world_size()

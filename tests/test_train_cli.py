@@ -480,7 +480,7 @@ def test_runs_without_the_launcher_as_one_process(tmp_path, base):
 
 
 CALLER = """
-import os, signal, socket, sys
+import os, signal, socket, sys, time
 import deepspeed, torch
 from torch.distributed import distributed_c10d
 caller = sys.argv[2] == "caller"  # else the run makes its own process group (and destroys it)
@@ -494,7 +494,18 @@ if caller:
 before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
 groups = lambda: list(distributed_c10d._world.pg_map) if torch.distributed.is_initialized() else []  # none public
 kept = groups()
-import train_ds
+import train_ds, training.dataload as dataload
+real = dataload.valid_records
+def interrupted(*args):  # the user presses Ctrl-C while the records are validated
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+    return real(*args)
+dataload.valid_records = interrupted
+try:
+    print("not interrupted:", train_ds.main(["--config", sys.argv[3]]))
+except KeyboardInterrupt:
+    print("interrupted:", os.path.exists(os.path.join(os.path.dirname(sys.argv[3]), "out")))
+dataload.valid_records = real
 code = train_ds.main(["--config", sys.argv[1]])
 t = torch.ones(1)
 if caller:
@@ -515,18 +526,20 @@ def test_an_in_process_run_leaves_the_process_group_signal_handlers_and_deepspee
     groups as they were (the run's own groups, DeepSpeed's pipeline groups among them, are destroyed: a notebook's
     runs would pile them up, each gloo group with its threads and sockets). With or without a caller's group,
     DeepSpeed is usable afterwards: its global `mpu`, which the pipeline engine set to its grid, named destroyed
-    groups to the next deepspeed.initialize."""
+    groups to the next deepspeed.initialize. A Ctrl-C while the records are validated stops the run at once, with
+    nothing written, in both cases (in the caller's group the records are validated once it is joined)."""
     procs = {}
     for mode in ("caller", "owner"):  # side by side: each is mostly imports
-        (tmp_path / mode).mkdir()
-        cfg = write_config(tmp_path / mode, base)
-        procs[mode] = subprocess.Popen([sys.executable, "-c", CALLER, str(cfg), mode], cwd=ROOT, text=True,
+        (tmp_path / mode / "stop").mkdir(parents=True)
+        cfg, stop = write_config(tmp_path / mode, base), write_config(tmp_path / mode / "stop", base)
+        procs[mode] = subprocess.Popen([sys.executable, "-c", CALLER, str(cfg), mode, str(stop)], cwd=ROOT, text=True,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        env={"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)})
     for mode, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         lines = out.splitlines()
-        assert proc.returncode == 0 and "after: 0 1.0 True True" in lines and "then: 1" in lines, \
+        assert proc.returncode == 0 and "interrupted: False" in lines and "after: 0 1.0 True True" in lines and \
+            "then: 1" in lines, \
             mode + out[-2000:] + err[-3000:]
         assert (tmp_path / mode / "out" / "latest").read_text() == "global_step2"
 

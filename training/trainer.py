@@ -101,11 +101,15 @@ class Trainer(TrainingData, RunDirectory):
         stops a node's other ranks when its local rank 0 refuses the data, and they would wait for it in the next
         collective, so the first problem any rank found is raised on every rank (before anything is written)."""
         found = error = None
-        try:
+        ours = {sig: signal.signal(sig, handler) for sig, handler in self.caller_handlers.items() if handler is not None}
+        try:  # under the caller's handlers, as before a group forms: a Ctrl-C stops it at once (nothing written)
             self.validate_data()
-        except Exception as e:  # noqa: BLE001 - raised below, once the other ranks know
+        except BaseException as e:  # noqa: BLE001 - raised below, once the other ranks know
             error, found = e, ((e.problems, e.more) if isinstance(e, DataError) else
                                ([f"rank {self.rank}: validating the data failed: {one_line(e, named=True)}"], None))
+        finally:
+            for sig, handler in ours.items():
+                signal.signal(sig, handler)
         every = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(every, found, group=self.patient)  # validation may take long
         if error is not None:

@@ -266,11 +266,13 @@ def resolve_files(data_path: str | Path | Sequence[str | Path], key: str = "data
             found = [f for f in files_there if f.suffix in suffixes]
             problems += [f"{f}:0: unsupported file type {f.suffix!r}; rename it to {f.suffix.lower()!r}"
                          for f in files_there if f.suffix not in suffixes and f.suffix.lower() in suffixes]
+            problems += _broken_links(f for f in sorted(p.iterdir()) if not f.name.startswith(".") and f.suffix in suffixes)
             what = f"directory has no data files ({', '.join(PARSERS)})"
         elif p.is_file():
             found = [p]
         elif glob.has_magic(str(item)):
             found = sorted(Path(f) for f in glob.glob(str(item), recursive=True) if Path(f).is_file())
+            problems += _broken_links(map(Path, sorted(glob.glob(str(item), recursive=True))))  # every file it names
             what = "no file matches this pattern"
         if not found:
             problems.append(f"{item}:0: {what}")
@@ -281,6 +283,12 @@ def resolve_files(data_path: str | Path | Sequence[str | Path], key: str = "data
     if problems:
         raise DataError(problems)
     return list(files.values())
+
+
+def _broken_links(paths) -> list[str]:
+    """A problem line for each data file among `paths` that is a link to nothing (a file moved or not yet copied):
+    a directory or a glob would pass it over without a word, as it does a file it does not read."""
+    return [f"{f}:0: a link to {f.readlink()}, which does not exist" for f in paths if f.is_symlink() and not f.exists()]
 
 
 def _line_at(text: str, pos: int) -> int:

@@ -356,6 +356,20 @@ def test_a_file_named_twice_is_read_once_under_any_spelling(tmp_path, monkeypatc
     assert resolve_files(spellings) == [Path("a.jsonl")]
 
 
+def test_a_data_file_that_links_to_nothing_is_named_not_passed_over(tmp_path):
+    """In a directory or a glob, a data file that is a dangling link (moved on a shared disk) was left out silently,
+    and training went on with the other files."""
+    write(tmp_path / "a.jsonl", jsonl({"text": "kept"}))
+    (tmp_path / "b.jsonl").symlink_to(tmp_path / "moved" / "b.jsonl")
+    (tmp_path / "notes.txt").symlink_to(tmp_path / "moved" / "notes.txt")  # a directory reads no .txt: no word
+    said = [f"{tmp_path / name}:0: a link to {tmp_path / 'moved' / name}, which does not exist"
+            for name in ("b.jsonl", "notes.txt")]
+    for path, problems in ((tmp_path, said[:1]), (str(tmp_path / "*.jsonl"), said[:1]), (str(tmp_path / "*"), said)):
+        with pytest.raises(DataError) as e:  # a glob stands for every file it matches
+            resolve_files(path)
+        assert e.value.problems == problems
+
+
 def test_a_directory_skips_hidden_files_and_refuses_a_suffix_in_other_case(tmp_path):
     write(tmp_path / "a.jsonl", jsonl({"text": "kept"}))
     write(tmp_path / ".b.jsonl", jsonl({"text": "hidden, as a glob leaves it"}))

@@ -279,6 +279,26 @@ class FakeMlflowServer:
         self.server.server_close()
 
 
+def step_within_a_minute(monitor, step: int, why: str) -> None:
+    """monitor.step for `step` in this (the main) thread, under a 60 s alarm that raises `why` as a BaseException
+    (Monitor.write would take an Exception for the tracker's failure)."""
+    import signal
+
+    class Stalled(BaseException):
+        pass
+
+    def stalled(*_):
+        raise Stalled(why)
+
+    before = signal.signal(signal.SIGALRM, stalled)  # the main thread: MLflow's active run is thread-local
+    try:
+        signal.alarm(60)
+        monitor.step({"step": step, "loss": 1.0, "lr": 0.1, "grad_norm": 0.5, "tokens": 10})
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
 def test_an_mlflow_server_that_goes_down_mid_run_costs_seconds(tmp_path, offline, mlflow_http_unset, monkeypatch,
                                                                caplog):
     """The tracking server goes down after the run started: the next log call gave up after MLflow's 7 retries with
@@ -286,14 +306,7 @@ def test_an_mlflow_server_that_goes_down_mid_run_costs_seconds(tmp_path, offline
     training goes on. The bound is generous (a refused connection fails in ~3 s) so that a slow machine cannot flake:
     what it catches is minutes. The run's HTTP settings stand from start to close (then MLflow's come back); the
     tracker turned off is closed at once, as fast, with its run."""
-    import signal
     import time
-
-    class Stalled(BaseException):  # not an Exception: Monitor.write would take it for the tracker's failure
-        pass
-
-    def stalled(*_):
-        raise Stalled("a log call to a server that is down still blocks after 60 s (MLflow's default: ~4 minutes)")
 
     server = FakeMlflowServer()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
@@ -305,15 +318,10 @@ def test_an_mlflow_server_that_goes_down_mid_run_costs_seconds(tmp_path, offline
     monitor.step({"step": 1, "loss": 1.0, "lr": 0.1, "grad_norm": 0.5, "tokens": 10})
     assert server.calls[-1] == "runs/log-batch" and set(monitor.trackers) == {"mlflow"}
     server.stop()
-    before = signal.signal(signal.SIGALRM, stalled)  # the main thread: MLflow's active run is thread-local
     start = time.monotonic()
-    try:
-        signal.alarm(60)
-        with caplog.at_level("WARNING"):
-            monitor.step({"step": 2, "loss": 1.0, "lr": 0.1, "grad_norm": 0.5, "tokens": 10})
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, before)
+    with caplog.at_level("WARNING"):
+        step_within_a_minute(monitor, 2, "a log call to a server that is down still blocks after 60 s (MLflow's "
+                                         "default: ~4 minutes)")
     assert time.monotonic() - start < 60 and monitor.trackers == {}
     assert [r.getMessage()[:45] for r in caplog.records if r.name == "training.monitor"] == [
         "report_to mlflow off: it failed to log step 2"]
@@ -331,14 +339,7 @@ def test_a_rate_limited_mlflow_server_costs_seconds_not_its_retry_after(tmp_path
     """A server that answers 429 with Retry-After: 3600: MLflow's HTTP retries honour the header by default, so the
     log call would block training an hour per retry; the run's settings turn that off (unless the user set
     MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER), so it gives up after its 2 quick retries and the tracker is off."""
-    import signal
     import time
-
-    class Stalled(BaseException):
-        pass
-
-    def stalled(*_):
-        raise Stalled("a log call to a rate-limited server still blocks after 60 s (its Retry-After: an hour)")
 
     server = FakeMlflowServer()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
@@ -346,15 +347,12 @@ def test_a_rate_limited_mlflow_server_costs_seconds_not_its_retry_after(tmp_path
     assert set(monitor.trackers) == {"mlflow"}
     server.throttle.add("runs/log-batch")  # from the first step on
     logged = server.calls.count("runs/log-batch")  # the params, at start
-    before = signal.signal(signal.SIGALRM, stalled)
     start = time.monotonic()
     try:
-        signal.alarm(60)
         with caplog.at_level("WARNING"):
-            monitor.step({"step": 1, "loss": 1.0, "lr": 0.1, "grad_norm": 0.5, "tokens": 10})
+            step_within_a_minute(monitor, 1, "a log call to a rate-limited server still blocks after 60 s (its "
+                                             "Retry-After: an hour)")
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, before)
         server.stop()
     assert time.monotonic() - start < 60 and monitor.trackers == {}
     assert server.calls.count("runs/log-batch") - logged == 3  # the call and its 2 retries

@@ -50,7 +50,7 @@ with deepspeed_logs_on_stderr():  # stdout holds the generated text only
     from models.family import ModelFamily
     from models.hf_io import CheckpointError
     from models.pipeline import ModelConfigError
-    from training.distributed import local_device_problem
+    from training.distributed import accelerator_problem
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> None:
         raise DemoError(f"WORLD_SIZE={world_size}: the tensor-parallel demo needs accelerators (GPUs, Gaudi, ...; "
                         "DeepSpeed found only the CPU); run `python demo.py ...` for one process on CPU")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if acc.device_name() == "cuda" and (problem := local_device_problem(local_rank, acc.device_count(), "cuda")):
+    if problem := accelerator_problem(acc, local_rank):
         raise DemoError(problem)
     device = torch.device("cpu") if acc.device_name() == "cpu" else torch.device(acc.device_name(local_rank))
     dtype = pick_dtype(args.dtype, device)

@@ -238,6 +238,14 @@ def local_device_problem(local_rank: int, count: int, device: str) -> str | None
             "without --gpus-per-task or --gpu-bind)")
 
 
+def accelerator_problem(acc, local_rank: int) -> str | None:
+    """`local_device_problem` for DeepSpeed's accelerator `acc` when it drives CUDA devices; None for the others
+    (each indexes its devices its own way) and when cuda:LOCAL_RANK exists."""
+    if acc.device_name() != "cuda":
+        return None
+    return local_device_problem(local_rank, acc.device_count(), "cuda")
+
+
 def device_line() -> str:
     """One summary line: the device DeepSpeed's accelerator drives, through which class, its backend and memory."""
     from deepspeed.accelerator import get_accelerator

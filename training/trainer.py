@@ -33,10 +33,10 @@ from training.dataload import TrainingData
 from training.distributed import (
     LaunchError,
     LauncherWatch,
+    accelerator_problem,
     caller_groups,
     device_line,
     init_restarted_torchrun,
-    local_device_problem,
     remove_stale_shm_buffer,
     restore_caller_groups,
     shutdown_distributed,
@@ -131,8 +131,7 @@ class Trainer(TrainingData, RunDirectory):
         cfg = self.cfg
         acc = get_accelerator()
         backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
-        if acc.device_name() == "cuda" and (problem := local_device_problem(self.local_rank, acc.device_count(),
-                                                                            "cuda")):  # others: their own indexing
+        if problem := accelerator_problem(acc, self.local_rank):
             raise LaunchError(f"rank {self.rank}: {problem}")
         if self.owns_group:  # else once the caller's group is joined (_validate_data_together)
             self.validate_data()

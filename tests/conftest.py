@@ -59,6 +59,17 @@ def tokenizer(tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def base(tmp_path_factory, tokenizer_dir) -> Path:
+    """`convert_model.py init --preset tiny` with the suite's tokenizer: a Llama pipeline dir for `write_config`."""
+    import convert_model
+
+    path = tmp_path_factory.mktemp("base") / "pp"
+    assert convert_model.main(["init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tokenizer_dir),
+                               "--save-path", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="session")
 def ops_model(tmp_path_factory, tokenizer) -> Path:
     """A tiny tied Llama as HF dir (hf/) and pipeline dir (pp/), with train.jsonl (64) and eval.jsonl (10)."""
     import torch

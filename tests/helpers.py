@@ -300,6 +300,19 @@ def write_word_records(path, n: int, seed: int) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
+def write_config(tmp_path: Path, base: Path, name: str = "cfg.json", **over) -> Path:
+    """A 1-stage, 2-step training config at tmp_path/name for the `base` fixture's model, on 16 instruct records
+    (tmp_path/d.jsonl, written unless there); None drops a key."""
+    data = tmp_path / "d.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps({"instruct": f"say {i}", "output": f"word {i}"}) + "\n" for i in range(16)))
+    cfg = {"model_path": str(base), "save_path": str(tmp_path / "out"), "data_path": str(data), "max_seq_len": 96,
+           "max_steps": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, **over}
+    (tmp_path / name).write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return tmp_path / name
+
+
 def ops_config(tmp, base, name: str = "cfg.json", **over):
     """A 2-stage, 8-step training config for the `ops_model` fixture's model and data; None drops a key."""
     import json

@@ -14,8 +14,7 @@ import convert_model
 import train_ds
 from models import ModelConfigError, get_family
 from models.lora import apply_lora, load_adapter_into, parse_lora
-from tests.helpers import make_batch, sequential_from_hf, tiny_config
-from tests.test_train_cli import write_config
+from tests.helpers import make_batch, sequential_from_hf, tiny_config, write_config
 from training.config import load_config
 
 

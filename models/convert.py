@@ -287,25 +287,31 @@ def data_settings_in(config_dir: Path):
 
 
 def end_of_turn_generation_config(config_dir: Path, config, found) -> str | None:
-    """generation_config.json's text with `eos_token_id` = [the EOS id(s), the chat template's end-of-turn id] (as
-    Llama-3-Instruct ships it), for a run trained with "template": "chat" whose end-of-turn token (recorded in
-    data_settings.json) is not an EOS: its answers end with that token, so generation must stop on it. None when
-    there is nothing to change (no such run, or the end-of-turn token is the EOS). `found`: `data_settings_in`."""
+    """generation_config.json's text with `eos_token_id` holding every token the run's samples end with
+    (data_settings.json says how they were rendered): the tokenizer's EOS and, for a run trained with "template":
+    "chat", the chat template's end-of-turn token ([EOS, end-of-turn], as Llama-3-Instruct ships it). transformers'
+    generate stops only on the file's ids, so a base model's file that names another EOS (a tokenizer whose EOS was
+    changed to <|im_end|>, a generation config still naming </s>) would generate to max_new_tokens where demo.py stops.
+    None when the file names them all already, or the checkpoint records no data settings. `found`:
+    `data_settings_in`."""
     from data.settings import DATA_SETTINGS_FILE
 
-    if found is None or found.template.template != "chat" or not found.end_of_turn:
+    if found is None:
         return None
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(config_dir))
     except Exception as e:  # transformers raises many types for a bad tokenizer dir
-        raise CheckpointError(f"{config_dir}: cannot load the tokenizer to look up the end-of-turn token "
-                              f"{found.end_of_turn!r} ({type(e).__name__}: {e})".splitlines()[0]) from None
-    eot = tok.convert_tokens_to_ids(found.end_of_turn)
-    if not isinstance(eot, int) or (eot == tok.unk_token_id and found.end_of_turn != tok.unk_token):
-        raise CheckpointError(f"{config_dir / DATA_SETTINGS_FILE}: end_of_turn {found.end_of_turn!r} is not a token of "
-                              f"the tokenizer in {config_dir}")
+        raise CheckpointError(f"{config_dir}: cannot load the tokenizer to look up the tokens generation stops on "
+                              f"({type(e).__name__}: {e})".splitlines()[0]) from None
+    needed = [tok.eos_token_id]
+    if found.template.template == "chat" and found.end_of_turn:
+        eot = tok.convert_tokens_to_ids(found.end_of_turn)
+        if not isinstance(eot, int) or (eot == tok.unk_token_id and found.end_of_turn != tok.unk_token):
+            raise CheckpointError(f"{config_dir / DATA_SETTINGS_FILE}: end_of_turn {found.end_of_turn!r} is not a token "
+                                  f"of the tokenizer in {config_dir}")
+        needed.append(eot)
     gen_file = config_dir / "generation_config.json"
     body = read_json(gen_file) if gen_file.is_file() else {
         k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k, None) is not None}
@@ -313,10 +319,10 @@ def end_of_turn_generation_config(config_dir: Path, config, found) -> str | None
         raise CheckpointError(f"{gen_file}: not a JSON object")
     eos = body.get("eos_token_id")
     ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    ids = list(dict.fromkeys(i for i in [*ids, tok.eos_token_id] if i is not None))
-    if eot in ids:
+    missing = [i for i in dict.fromkeys(needed) if i is not None and i not in ids]
+    if not missing:
         return None
-    body["eos_token_id"] = [*ids, eot]
+    body["eos_token_id"] = [*ids, *missing]
     return json.dumps(body, indent=2) + "\n"
 
 
@@ -344,7 +350,7 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
              lora: str | None = None) -> Path:
     """Pipeline or checkpoint dir -> HF dir with sharded safetensors + index, config (its dtype that of the weights
     written when they share one, its `architectures` the family's class where it names none), tokenizer and
-    generation config (stopping at a chat template's end-of-turn token too, see `end_of_turn_generation_config`).
+    generation config (stopping on the tokens the run's answers end with, see `end_of_turn_generation_config`).
     A LoRA checkpoint needs `lora`: "peft" (adapter_config.json + adapter_model.safetensors) or "merge" (the base
     with the adapters merged in, as a full HF dir)."""
     from .lora import export_peft, merged_hf_tensors, read_lora_info
@@ -367,8 +373,9 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
     if mismatch := chat_template_mismatch(config_dir, found, peft=lora == "peft"):
         log(mismatch)
     if generation_config is not None:
-        log(f"{config_dir / 'data_settings.json'}: a chat-template run; generation_config.json's eos_token_id becomes "
-            f"{json.loads(generation_config)['eos_token_id']} (EOS and the end-of-turn token)")
+        log(f"{config_dir / 'data_settings.json'}: generation_config.json's eos_token_id becomes "
+            f"{json.loads(generation_config)['eos_token_id']} (with the EOS{' and end-of-turn' if found.end_of_turn and found.template.template == 'chat' else ''} "
+            "token this run's answers end with)")
     if lora == "peft":
         export_peft(layers_dir, info, family, config, dst, overwrite, side_dir=config_dir,
                     generation_config=generation_config)

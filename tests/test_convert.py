@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -292,7 +293,8 @@ def test_a_stray_safetensors_index_does_not_hide_a_complete_bin_checkpoint(tmp_p
 def test_a_chat_run_exports_stop_at_the_end_of_turn_token(tmp_path):
     """A "template": "chat" run trains answers to end with the template's end-of-turn token (ChatML's <|im_end|>),
     not EOS: the exports' generation_config.json stops on both, [EOS, end-of-turn], as Llama-3-Instruct ships it, so
-    transformers' generate (and vLLM) stop where demo.py does. A default-template run's is copied unchanged."""
+    transformers' generate (and vLLM) stop where demo.py does. A default-template run's is copied unchanged, unless it
+    does not name the tokenizer's EOS."""
     tok = train_tiny_tokenizer(ROOT_TEXTS * 3, tmp_path / "tok", 400, "bpe", "chatml")
     base = tmp_path / "pp"
     assert run("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"),
@@ -312,6 +314,18 @@ def test_a_chat_run_exports_stop_at_the_end_of_turn_token(tmp_path):
     save = _lora_checkpoint(tmp_path, base)  # its side files include the chat run's data_settings.json
     pp_to_hg(save, tmp_path / "adapter", lora="peft")
     assert GenerationConfig.from_pretrained(str(tmp_path / "adapter")).eos_token_id == [eos, eot]
+    # a base whose generation config names another EOS than its tokenizer's (ChatML's <|im_end|> made the EOS, the
+    # file still naming </s>): answers end with the tokenizer's, so each export adds it, in either mode (they kept the
+    # file as it was, and generate ran to max_new_tokens where demo.py stops)
+    ended = tmp_path / "ended"
+    shutil.copytree(base, ended, ignore=shutil.ignore_patterns("data_settings.json"))
+    tok.eos_token = "<|im_end|>"
+    tok.save_pretrained(ended)
+    (ended / "generation_config.json").write_text(json.dumps({"bos_token_id": tok.bos_token_id, "eos_token_id": eos}))
+    for mode in ("default", "chat"):
+        write_data_settings(ended, data_settings_of(TemplateSettings(template=mode), tok))
+        assert run("pp_to_hg", "--input-path", str(ended), "--save-path", str(tmp_path / mode)) == 0
+        assert GenerationConfig.from_pretrained(str(tmp_path / mode)).eos_token_id == [eos, eot], mode
     # named templates (transformers 5 saves them as chat_template.jinja + additional_chat_templates/): the record is the
     # one apply_chat_template renders with, "default" (the whole dict made data_settings.json unreadable)
     tok.chat_template = {"default": tok.chat_template, "tool_use": "{{ tools }}"}

@@ -55,6 +55,20 @@ def test_keep_last_keep_best_and_latest(tmp_path):
     assert ckpts.remove_partial() == [".tmp-global_step12"] and not (tmp_path / ".tmp-global_step12").exists()
 
 
+def test_rotation_keeps_the_checkpoint_a_run_resumed_from(tmp_path):
+    """A resume that passed over a damaged newest checkpoint (step 4) for an intact one (step 3) and ends there (its
+    max_steps now 3) rotates with keep_last 1: it kept step 4, the damaged one (the newest, and `latest`), and deleted
+    step 3, the only intact one. It keeps the state's own step too; and `latest` written by hand as "global_step3/"
+    names that tag."""
+    for s in (2, 3, 4):
+        (tmp_path / tag_of(s)).mkdir()
+    (tmp_path / "latest").write_text(tag_of(4))
+    ckpts = Checkpoints(tmp_path, 0, 1, None)
+    assert ckpts.rotate(state([(3, 1.0)])) == [tag_of(2)] and ckpts.tags() == [tag_of(3), tag_of(4)]
+    (tmp_path / "latest").write_text(tag_of(3) + "/\n")
+    assert ckpts.latest() == tag_of(3) and ckpts.keep(state([(4, 1.0)])) == {tag_of(3), tag_of(4)}
+
+
 def test_best_names_the_best_saved_tag_before_rotation_and_follows_keep_best_changes(tmp_path, monkeypatch):
     """`best` names the best-evaluated tag that has a checkpoint (the best eval's step may have none, e.g. keep_best
     turned on at a resume), is written before rotation deletes anything (a crash between them left it naming a

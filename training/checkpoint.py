@@ -221,8 +221,8 @@ class Checkpoints:
         f = self.root / "latest"
         if not f.is_file():
             return None
-        tag = f.read_text().strip()
-        return tag if (self.root / tag).is_dir() else None
+        tag = Path(f.read_text().strip()).name  # "global_step3/" as written by hand: the tag itself
+        return tag if tag and (self.root / tag).is_dir() else None
 
     def tags(self) -> list[str]:
         """Complete tags, oldest first."""
@@ -349,7 +349,8 @@ class Checkpoints:
 
     def keep(self, state: RunState) -> set[str]:
         """Tags to keep: the newest `keep_last` (all when neither limit is set), the `keep_best` best by eval
-        loss, and the one `latest` names (resume needs it)."""
+        loss, the one `latest` names (resume needs it) and the one of `state`'s step (the checkpoint this run resumed
+        from when a newer one was damaged and passed over: the only intact one)."""
         tags = self.tags()
         keep = set(tags[-self.keep_last:]) if self.keep_last is not None else set()
         if self.keep_last is None and self.keep_best is None:
@@ -358,6 +359,8 @@ class Checkpoints:
             keep |= set(self._ranked(state)[:self.keep_best])
         if latest := self.latest():
             keep.add(latest)
+        if tag_of(state.step) in tags:
+            keep.add(tag_of(state.step))
         return keep
 
     def rotate(self, state: RunState) -> list[str]:

@@ -312,6 +312,30 @@ def test_lock_is_refused_while_held_and_taken_over_when_stale(tmp_path, monkeypa
     lock.release()
 
 
+def test_a_paused_holder_on_this_host_keeps_its_lock_however_old_its_heartbeat(tmp_path):
+    """A run stopped by SIGSTOP (scontrol suspend, Ctrl-Z) touches its lock no more; its lock was taken over once the
+    heartbeat was STALE_AFTER_S old, and the paused run, continued, wrote into the new run's save_path. A holder this
+    host sees running (its pid alive, started when the holder was) keeps it; once it has ended, it is taken over."""
+    import signal
+
+    code = ("import sys; from training.runlock import RunLock; lock = RunLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        holder.send_signal(signal.SIGSTOP)
+        os.utime(tmp_path / LOCK_FILE, (0, 0))  # its heartbeat long stopped
+        with pytest.raises(RuntimeError, match=rf"is in use by another run \(host .*, pid {holder.pid}, "):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = RunLock(tmp_path)
+    assert f"its process {holder.pid} on this host is no longer running" in lock.acquire()
+    lock.release()
+
+
 def test_a_stale_lock_taken_over_by_two_runs_at_once_keeps_one_holder(tmp_path, monkeypatch):
     """B reads a stale lock; A takes it over before B moves it aside: B must not take A's live lock away."""
     import training.runlock as runlock

@@ -244,13 +244,24 @@ def holder_gone(info: dict, age: float) -> str | None:
     return None
 
 
+def holder_running(info: dict) -> bool:
+    """The lock's holder is seen running: on this host since this boot, in this pid namespace, its pid alive and
+    started when the holder's did. Its heartbeat's age does not count then: a run paused by SIGSTOP (`scontrol
+    suspend`, gang scheduling, Ctrl-Z) touches nothing, and goes on writing once continued."""
+    pid, ns, started = info.get("pid"), info.get("pid_ns"), info.get("pid_start")
+    if info.get("host") != socket.gethostname() or not isinstance(pid, int) or ns is None or ns != pid_namespace():
+        return False
+    then, now = info.get("boot_id"), boot_id()
+    return bool(then and then == now and started is not None and pid_alive(pid) and str(started) == start_time(pid))
+
+
 def why_stale(info: dict, age: float) -> str | None:
     """Why the holder of a lock is gone (the lock may be taken over), or None while it may still be running."""
     if gone := holder_gone(info, age):
         return gone
     if earlier := earlier_start(info):
         return f"it was taken by {earlier}"
-    if age > STALE_AFTER_S:
+    if age > STALE_AFTER_S and not holder_running(info):
         return f"its heartbeat is {age:.0f} s old (stale after {STALE_AFTER_S:.0f} s)"
     return None
 

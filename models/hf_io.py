@@ -6,6 +6,7 @@ memory is only what was read); `pytorch_model*.bin` is a fallback loaded with to
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
@@ -339,9 +340,13 @@ def copy_side_files(src: Path, dst: Path, names=(*SIDE_FILES, *TOKENIZER_DIRS),
     return copied
 
 
-def replace_side_files(src: Path, dst: Path, names=(*SIDE_FILES, *TOKENIZER_DIRS)) -> list[str]:
-    """Copy `src`'s side files into the existing `dst`, each put in place by a rename (a reader never sees half of
-    one; a directory replaces the old one whole); what a process killed while copying left is removed first."""
+def replace_side_files(src: Path, dst: Path, names=(*SIDE_FILES, *TOKENIZER_DIRS), kept=(),
+                       say: Callable[[str], None] | None = None) -> list[str]:
+    """Make `dst`'s side files `src`'s: each of `src`'s copied into the existing `dst` and put in place by a rename
+    (a reader never sees half of one; a directory replaces the old one whole), and those of `names` that `src` lacks
+    removed from `dst` (an earlier model's chat template, tokenizer.model or licence would go into every export of
+    this one), except `kept`; `say` is told what was removed. What a process killed while copying left is removed
+    first. Returns the names copied."""
     for old in dst.glob(".side-files.*"):
         shutil.rmtree(old, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".side-files.", dir=dst))
@@ -351,6 +356,11 @@ def replace_side_files(src: Path, dst: Path, names=(*SIDE_FILES, *TOKENIZER_DIRS
             if (dst / name).is_dir() and not (dst / name).is_symlink():
                 os.replace(dst / name, staging / f"{name}.old")  # a rename does not replace a non-empty directory
             os.replace(staging / name, dst / name)
+        stale = [n for n in names if n not in copied and n not in kept and os.path.lexists(dst / n)]
+        for name in stale:
+            os.replace(dst / name, staging / f"{name}.old")
+        if stale and say is not None:
+            say(f"removed {', '.join(stale)} from {dst}: left by an earlier model, {src} has none")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return copied
@@ -448,13 +458,13 @@ def _owner_alive(name: str) -> bool:
 def clean_leftovers(path: Path, say: Callable[[str], None]) -> None:
     """Remove the temporary dirs an interrupted conversion into `path` left beside it (`.NAME.tmp-HOST-PID`),
     and put back a previous output an interrupted `--overwrite` had moved aside (`.NAME.old-HOST-PID`)."""
-    for tmp in sorted(path.parent.glob(f".{path.name}.tmp-*")):
+    for tmp in sorted(path.parent.glob(f".{glob.escape(path.name)}.tmp-*")):
         if _owner_alive(tmp.name):
             say(f"note: {tmp} may belong to a conversion still running ({tmp.name.rpartition('.tmp-')[2]}): left alone")
             continue
         _remove(tmp)
         say(f"removed {tmp}: left by an interrupted conversion")
-    for old in sorted(path.parent.glob(f".{path.name}.old-*")):
+    for old in sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")):
         if _owner_alive(old.name):
             continue
         if not os.path.lexists(path):

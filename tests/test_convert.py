@@ -137,11 +137,20 @@ def test_named_chat_templates_are_kept(tmp_path, tokenizer_dir):
     save = tmp_path / "save"
     (save / "additional_chat_templates").mkdir(parents=True)
     (save / "additional_chat_templates" / "gone.jinja").write_text("from an earlier model")
+    # an earlier model's run in this save_path (killed before its first checkpoint) left files this model has not:
+    # they went into every export of this one (its licence, a tokenizer.model llama.cpp reads first)
+    for name in ("LICENSE", "tokenizer.model", "data_settings.json"):
+        (save / name).write_text("from an earlier model")
+    said = []
     for _ in range(2):
-        assert "additional_chat_templates" in replace_side_files(tmp_path / "hf", save)
+        assert "additional_chat_templates" in replace_side_files(tmp_path / "hf", save, kept=("data_settings.json",),
+                                                                 say=said.append)
+        assert not (save / "LICENSE").exists() and not (save / "tokenizer.model").exists()
+        assert (save / "data_settings.json").read_text() == "from an earlier model"  # the run writes its own
         assert AutoTokenizer.from_pretrained(str(save)).chat_template == tok.chat_template
         assert sorted(p.name for p in (save / "additional_chat_templates").iterdir()) == ["tool_use.jinja"]
         assert not list(save.glob(".side-files.*"))
+    assert said == [f"removed tokenizer.model, LICENSE from {save}: left by an earlier model, {tmp_path / 'hf'} has none"]
 
 
 def test_init_writes_a_loadable_model(tmp_path, tokenizer_dir, tokenizer):

@@ -450,6 +450,12 @@ def test_a_symlinked_target_is_replaced_as_a_link(tmp_path, tokenizer, capsys):
     aside.symlink_to(v1)
     clean_leftovers(current, said.append)
     assert current.is_symlink() and os.readlink(current) == str(v1) and not os.path.lexists(aside)
+    # a target's name is not a pattern: converting into "exp[12]" leaves exp1's moved-aside output alone
+    aside = tmp_path / f".exp1.old-{socket.gethostname()}-{dead.pid}"
+    aside.mkdir()
+    said.clear()
+    clean_leftovers(tmp_path / "exp[12]", said.append)
+    assert aside.is_dir() and said == []
 
 
 # ---------------------------------------------------------------------------------------------- output targets, modes

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from data.settings import data_settings_of, write_data_settings
+from data.settings import DATA_SETTINGS_FILE, data_settings_of, write_data_settings
 from models.diskspace import tree_size
 from models.hf_io import replace_side_files
 from models.pipeline import LAYER_FILE
@@ -170,7 +170,7 @@ class RunDirectory:
         if self.rank == 0:  # after the resume's checks: a refused resume leaves the run's side files as they were
             if tag is not None and (line := name_resumed(self.ckpts, self.state)):  # no `latest`: name it
                 self.log(line)
-            replace_side_files(Path(cfg.model_path), save)
+            replace_side_files(Path(cfg.model_path), save, kept=(DATA_SETTINGS_FILE,), say=self.log)
             write_data_settings(save, data_settings_of(cfg.template_settings, self.tokenizer, cfg.max_seq_len,
                                                       self.prompted))
             truncate_metrics(save / "metrics.jsonl", self.state.step)

@@ -409,12 +409,17 @@ def test_overwrite_clears_the_previous_runs_outputs(tmp_path):
     """overwrite_save_path: the old run's checkpoints, metrics, events and tracker files go; side files stay."""
     from training.rundir import RUN_OUTPUTS, clear_run
 
-    for name in ("global_step3", "runs", "wandb", "mlruns"):
-        (tmp_path / name / "sub").mkdir(parents=True)
+    save = tmp_path / "save"
+    for name in ("global_step3", "runs", "mlruns"):
+        (save / name / "sub").mkdir(parents=True)
     for name in ("latest", "best", "metrics.jsonl", IDS_FILE, "config.json"):
-        (tmp_path / name).write_text("x")
-    clear_run(tmp_path, ["global_step3"])
-    assert [p.name for p in tmp_path.iterdir()] == ["config.json"] and {IDS_FILE, "wandb", "mlruns"} <= set(RUN_OUTPUTS)
+        (save / name).write_text("x")
+    (tmp_path / "big_disk" / "run-1").mkdir(parents=True)
+    (save / "wandb").symlink_to(tmp_path / "big_disk")  # the link goes, what it points to stays (rmtree refused it)
+    assert clear_run(save, ["global_step3"]) == ["global_step3", "latest", "best", "metrics.jsonl", "runs", IDS_FILE,
+                                                 "wandb", "mlruns"]
+    assert [p.name for p in save.iterdir()] == ["config.json"] and {IDS_FILE, "wandb", "mlruns"} <= set(RUN_OUTPUTS)
+    assert (tmp_path / "big_disk" / "run-1").is_dir()
 
 
 @pytest.mark.distributed

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import shutil
 import uuid
 import warnings
@@ -59,12 +60,16 @@ def checkpoint_files(pipe: int, data: int, layers: Iterable[int], zero_stages: I
             + [ZERO_FILE.format("bf16_" if bf16 else "", d, s) for s in zero_stages for d in range(data)])
 
 
-def clear_run(save: Path, tags: list[str]) -> None:
+def clear_run(save: Path, tags: list[str]) -> list[str]:
     """Remove what a run wrote in `save` (its checkpoint `tags` and RUN_OUTPUTS: metrics, TensorBoard events, the
-    trackers' ids and local wandb / MLflow files), so that a replacing run (overwrite_save_path) starts clean."""
-    for name in [*tags, *RUN_OUTPUTS]:
+    trackers' ids and local wandb / MLflow files), so that a replacing run (overwrite_save_path) starts clean; a
+    symbolic link among them (wandb/ pointed at a bigger disk) is removed, not what it points to. Returns the names
+    removed."""
+    removed = [name for name in [*tags, *RUN_OUTPUTS] if os.path.lexists(save / name)]
+    for name in removed:
         p = save / name
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return removed
 
 
 class RunDirectory:
@@ -152,7 +157,8 @@ class RunDirectory:
             for name in self.ckpts.remove_partial():
                 print(f"removed {save / name}: a checkpoint that was not completely written", flush=True)
             if cfg.resume is False:  # load_config refused a used save_path unless overwrite_save_path
-                clear_run(save, self.ckpts.tags())
+                if removed := clear_run(save, self.ckpts.tags()):
+                    print(f"overwrite_save_path: removed {', '.join(removed)} from {save}", flush=True)
                 record_job(save, launchers)  # a restart of this job (SLURM requeue, torchrun) resumes instead
         torch.distributed.barrier()
         tag, notes = resume_tag(save) if cfg.resume in ("auto", True) else (None, [])

@@ -138,10 +138,10 @@ def build_record(args: argparse.Namespace) -> dict:
     return rec
 
 
-def prompt_settings(settings_dirs: list[Path], template: str | None, tokenizer) -> TemplateSettings:
-    """The template settings to prompt with: the first data_settings.json found in `settings_dirs` (the
-    adapter's, then the model's), `template` overriding its mode. In chat mode the tokenizer gets the chat
-    template training used."""
+def prompt_settings(settings_dirs: list[Path], template: str | None, tokenizer) -> tuple[TemplateSettings, int | None]:
+    """The template settings to prompt with and the max_seq_len training kept (None: not recorded): the first
+    data_settings.json found in `settings_dirs` (the adapter's, then the model's), `template` overriding its mode.
+    In chat mode the tokenizer gets the chat template training used."""
     found: DataSettings | None = None
     for d in settings_dirs:
         try:
@@ -159,7 +159,7 @@ def prompt_settings(settings_dirs: list[Path], template: str | None, tokenizer) 
             tokenizer.chat_template = recorded
         if not getattr(tokenizer, "chat_template", None):
             raise DemoError("--template chat: the tokenizer has no chat template (and none was recorded in training)")
-    return settings
+    return settings, found.max_seq_len if found is not None else None
 
 
 def stop_ids(generation_config, tokenizer, settings: TemplateSettings) -> list[int]:
@@ -364,11 +364,15 @@ def run(args: argparse.Namespace) -> None:
         raise DemoError(f"{config_dir}: the model's vocab_size {embeddings} is smaller than the tokenizer's "
                         f"{len(tokenizer)} tokens (ids >= {embeddings} have no embedding row); resize the model's "
                         "embeddings or use its own tokenizer")
-    settings = prompt_settings(([Path(args.adapter)] if args.adapter else []) + [config_dir], args.template, tokenizer)
+    settings, trained = prompt_settings(([Path(args.adapter)] if args.adapter else []) + [config_dir], args.template,
+                                        tokenizer)
     try:
         prompt = encode_prompt(tokenizer, rec, settings)
     except ValueError as e:
         raise DemoError(f"cannot prompt with this record: {e}".splitlines()[0]) from None
+    if trained is not None and len(prompt) >= trained and rank == 0:
+        log(f"warning: the prompt has {len(prompt)} tokens, and training kept {trained} per sample (max_seq_len in "
+            "data_settings.json): the model never learned an answer after so long a prompt")
     eos_ids = stop_ids(getattr(model, "generation_config", None), tokenizer, settings)
     stops = stop_strings(tokenizer, settings)
     max_new_tokens = args.max_new_tokens

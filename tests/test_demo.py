@@ -15,7 +15,8 @@ import torch
 import convert_model
 import demo
 from data.encode import encode_prompt
-from data.templates import render_prompt
+from data.settings import data_settings_of, write_data_settings
+from data.templates import TemplateSettings, render_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCT = ["--instruct", "Explain pipeline parallelism.", "--input", "Each stage owns a slice of layers."]
@@ -183,7 +184,8 @@ def test_a_lora_checkpoint_with_its_adapter_and_a_tokenizer_past_the_vocabulary_
 
 def test_a_damaged_hf_dir_a_prompt_past_the_positions_and_an_empty_prompt_are_one_line(dirs, tmp_path, capsys):
     """transformers would run a checkpoint that lacks a tensor with a random one, and a prompt longer than the
-    positions with garbage: one line each, nothing generated."""
+    positions with garbage: one line each, nothing generated. A prompt of at least the max_seq_len training kept
+    (recorded in data_settings.json) is generated from, with a warning."""
     from safetensors.torch import load_file, save_file
 
     hf = tmp_path / "hf"
@@ -203,7 +205,15 @@ def test_a_damaged_hf_dir_a_prompt_past_the_positions_and_an_empty_prompt_are_on
     assert demo.main(["--model-path", str(dirs["hf"]), "--prompt", long]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("demo.py: error: the prompt has ") and "the model's positions cover 1024" in last
+    short = tmp_path / "short"  # trained with max_seq_len 16 (data_settings.json): a longer prompt gets a warning
+    shutil.copytree(dirs["hf"], short)
     model, tok, _ = demo.load(dirs["hf"])
+    write_data_settings(short, data_settings_of(TemplateSettings(), tok, 16))
+    for words, warned in ((3, False), (20, True)):
+        assert demo.main(["--model-path", str(short), "--prompt", " ".join(["fox"] * words), "--max-new-tokens", "1"]) == 0
+        err = capsys.readouterr().err
+        assert ("and training kept 16 per sample (max_seq_len in data_settings.json): the model never learned an answer "
+                "after so long a prompt" in err) == warned, err
     with pytest.raises(demo.DemoError, match="the prompt is empty"):  # a tokenizer that adds no BOS, no text
         demo.generate(model, tok, [], stream=False)
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import math
 
-from training.checkpoint import Checkpoints, RunState, tag_of
+import pytest
+import torch
+
+from training.checkpoint import Checkpoints, RunState, SaveFailed, tag_of
 
 
 def state(evals) -> RunState:
@@ -67,6 +70,33 @@ def test_rotation_keeps_the_checkpoint_a_run_resumed_from(tmp_path):
     assert ckpts.rotate(state([(3, 1.0)])) == [tag_of(2)] and ckpts.tags() == [tag_of(3), tag_of(4)]
     (tmp_path / "latest").write_text(tag_of(3) + "/\n")
     assert ckpts.latest() == tag_of(3) and ckpts.keep(state([(4, 1.0)])) == {tag_of(3), tag_of(4)}
+
+
+def test_a_save_that_fails_once_written_is_one_line_and_keeps_the_previous_checkpoint(ds, tmp_path, monkeypatch):
+    """The disk fills while rank 0 finishes a save DeepSpeed has written (its manifest, the rename, `latest`): that was
+    a traceback on rank 0 alone, the other ranks waiting in the next barrier; now SaveFailed on every rank, as a
+    failed write is, with the half-made tag removed and `latest` still naming the previous checkpoint."""
+    import errno
+
+    import training.checkpoint as checkpoint
+
+    torch.manual_seed(0)
+    engine = ds.initialize(model=torch.nn.Linear(4, 2), config={
+        "train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})[0]
+    ckpts = Checkpoints(tmp_path, 0, None, None)
+    st = RunState(step=2, pipe=1, data=1, parts=[0, 1], global_batch=1)
+    ckpts.save(engine, st)
+    assert ckpts.latest() == tag_of(2) and (tmp_path / tag_of(2) / "manifest.json").is_file()
+
+    def full(tag_dir):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tag_dir / "manifest.json"))
+
+    monkeypatch.setattr(checkpoint, "write_manifest", full)
+    st.step = 4
+    with pytest.raises(SaveFailed, match=rf"^saving checkpoint {tag_of(4)} in {tmp_path}: no space left on device .*; "
+                                         rf"the previous checkpoint {tmp_path / tag_of(2)} is intact"):
+        ckpts.save(engine, st)
+    assert ckpts.latest() == tag_of(2) and sorted(p.name for p in tmp_path.iterdir()) == [tag_of(2), "latest"]
 
 
 def test_best_names_the_best_saved_tag_before_rotation_and_follows_keep_best_changes(tmp_path, monkeypatch):

@@ -271,21 +271,34 @@ class Checkpoints:
             if self.rank == 0:
                 shutil.rmtree(self.root / tmp, ignore_errors=True)
             dist.barrier()
-            kept = self.latest()
-            raise SaveFailed(f"{failed[0]}; " + (f"the previous checkpoint {self.root / kept} is intact: free space and "
-                             f"{self.resume_how}" if kept else "no earlier checkpoint"))
-        if self.rank == 0:
-            final = self.root / tag
-            write_manifest(self.root / tmp)
-            if final.exists():  # a re-run of the same step (e.g. resumed before it): replace it
-                shutil.rmtree(final)
-            os.replace(self.root / tmp, final)
-            fsync_path(self.root)  # the rename is on disk before `latest` names it and before rotation deletes
-            atomic_write_text(self.root / "latest", tag)
-            self.last_size = tree_size(final)
-            self._after_save(state)
-        dist.barrier()
+            raise self._failed(failed[0], tag)
+        finish = None
+        if self.rank == 0:  # what fails here (a disk that fills now) is one line on every rank too
+            try:
+                final = self.root / tag
+                write_manifest(self.root / tmp)
+                if final.exists():  # a re-run of the same step (e.g. resumed before it): replace it
+                    shutil.rmtree(final)
+                os.replace(self.root / tmp, final)
+                fsync_path(self.root)  # the rename is on disk before `latest` names it and before rotation deletes
+                atomic_write_text(self.root / "latest", tag)
+                self.last_size = tree_size(final)
+                self._after_save(state)
+            except Exception as e:  # noqa: BLE001 - reported below, on every rank
+                finish = (no_space_message(f"saving checkpoint {tag} in {self.root}", self.root, self.last_size or None)
+                          if is_no_space(e, self.root) else
+                          f"finishing checkpoint {tag} in {self.root} failed: {one_line(e, named=True)}")
+                shutil.rmtree(self.root / tmp, ignore_errors=True)
+        if failed := self._problems(finish):
+            raise self._failed(failed[0], tag)
         return self.root / tag
+
+    def _failed(self, problem: str, tag: str) -> SaveFailed:
+        """SaveFailed for `problem`, naming the checkpoint `latest` names (the previous one, or `tag` when only what
+        follows naming it failed) that a resume takes."""
+        kept = self.latest()
+        return SaveFailed(f"{problem}; " + (f"the {'previous ' if kept != tag else ''}checkpoint {self.root / kept} is "
+                                            f"intact: free space and {self.resume_how}" if kept else "no earlier checkpoint"))
 
     @staticmethod
     def _problems(problem: str | None) -> list[str]:

@@ -99,6 +99,40 @@ def test_a_save_that_fails_once_written_is_one_line_and_keeps_the_previous_check
     assert ckpts.latest() == tag_of(2) and sorted(p.name for p in tmp_path.iterdir()) == [tag_of(2), "latest"]
 
 
+def test_a_run_that_lost_save_paths_lock_saves_nothing_more_there(ds, tmp_path, monkeypatch):
+    """A run paused (SIGSTOP, scontrol suspend) on another host past the heartbeat's limit has had its lock taken over
+    by a new run; continued, it went on saving into that run's save_path (renames, `latest`, rotation). Its next save
+    now stops it with one line: before the write, nothing written; during it, its .tmp- directory is left unnamed."""
+    import json
+
+    import training.checkpoint as checkpoint
+    from training.runlock import LOCK_FILE, RunLock
+
+    engine = ds.initialize(model=torch.nn.Linear(4, 2), config={
+        "train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})[0]
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    ckpts = Checkpoints(tmp_path, 0, 1, None, lock=lock)
+    ckpts.save(engine, RunState(step=2, pipe=1, data=1, parts=[0, 1], global_batch=1))
+    taken = {"host": "elsewhere", "pid": 7, "started": 0, "token": "theirs"}
+
+    def take_over(*args):
+        (tmp_path / LOCK_FILE).write_text(json.dumps(taken))
+
+    try:
+        monkeypatch.setattr(checkpoint, "fault_pause", take_over)  # while the checkpoint is written
+        with pytest.raises(SaveFailed, match=rf"^checkpoint {tag_of(4)} not saved in {tmp_path}: another run took the "
+                                             r"lock .* over \(host elsewhere, pid 7, .*; this run stops"):
+            ckpts.save(engine, RunState(step=4, pipe=1, data=1, parts=[0, 1], global_batch=1))
+        assert ckpts.latest() == tag_of(2) and (tmp_path / f".tmp-{tag_of(4)}").is_dir()
+        with pytest.raises(SaveFailed, match=rf"^checkpoint {tag_of(6)} not saved in "):  # before: nothing written
+            ckpts.save(engine, RunState(step=6, pipe=1, data=1, parts=[0, 1], global_batch=1))
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOCK_FILE, f".tmp-{tag_of(4)}", tag_of(2), "latest"])
+    finally:
+        lock.release()
+    assert json.loads((tmp_path / LOCK_FILE).read_text()) == taken  # not ours to remove
+
+
 def test_best_names_the_best_saved_tag_before_rotation_and_follows_keep_best_changes(tmp_path, monkeypatch):
     """`best` names the best-evaluated tag that has a checkpoint (the best eval's step may have none, e.g. keep_best
     turned on at a resume), is written before rotation deletes anything (a crash between them left it naming a

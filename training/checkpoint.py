@@ -208,14 +208,15 @@ class Checkpoints:
 
     def __init__(self, save_path: str | Path, rank: int, keep_last: int | None, keep_best: int | None,
                  trainable_only: bool = False, extra_files: dict[str, str] | None = None,
-                 resume_how: str = "resume with the same command"):
+                 resume_how: str = "resume with the same command", lock=None):
         """`trainable_only`: layer files hold only trainable weights (LoRA adapters); `extra_files`: name -> text
-        written into every tag (e.g. lora_config.json); `resume_how`: said when a save fails."""
+        written into every tag (e.g. lora_config.json); `resume_how`: said when a save fails; `lock`: rank 0's
+        RunLock, held when a checkpoint is named (a run that lost it to another writes nothing more there)."""
         self.root, self.rank, self.keep_last, self.keep_best = Path(save_path), rank, keep_last, keep_best
         self.trainable_only, self.extra_files = trainable_only, extra_files or {}
         self.last_size: int | None = None  # bytes of the newest checkpoint (None: not measured yet)
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.resume_how = resume_how
+        self.resume_how, self.lock = resume_how, lock
 
     def latest(self) -> str | None:
         f = self.root / "latest"
@@ -243,10 +244,12 @@ class Checkpoints:
 
         tag = tag_of(state.step)
         tmp = f".tmp-{tag}"
-        if self.rank == 0:
+        lost = self.rank == 0 and self._lost(tag)
+        if self.rank == 0 and not lost:
             shutil.rmtree(self.root / tmp, ignore_errors=True)
             self.warn_if_short("this checkpoint")
-        dist.barrier()
+        if failed := self._problems(lost or None):  # (also the barrier before the write) nothing written
+            raise SaveFailed(failed[0])
         problem, in_engine = None, True
         try:
             engine.save_checkpoint(str(self.root), tag=tmp, save_latest=False,
@@ -272,8 +275,10 @@ class Checkpoints:
                 shutil.rmtree(self.root / tmp, ignore_errors=True)
             dist.barrier()
             raise self._failed(failed[0], tag)
-        finish = None
-        if self.rank == 0:  # what fails here (a disk that fills now) is one line on every rank too
+        finish = None  # (the problem, whether the previous checkpoint is named for a resume)
+        if self.rank == 0 and (lost := self._lost(tag)):  # its .tmp- directory left to the run that took save_path
+            finish = (lost, False)
+        elif self.rank == 0:  # what fails here (a disk that fills now) is one line on every rank too
             try:
                 final = self.root / tag
                 write_manifest(self.root / tmp)
@@ -287,11 +292,18 @@ class Checkpoints:
             except Exception as e:  # noqa: BLE001 - reported below, on every rank
                 finish = (no_space_message(f"saving checkpoint {tag} in {self.root}", self.root, self.last_size or None)
                           if is_no_space(e, self.root) else
-                          f"finishing checkpoint {tag} in {self.root} failed: {one_line(e, named=True)}")
+                          f"finishing checkpoint {tag} in {self.root} failed: {one_line(e, named=True)}", True)
                 shutil.rmtree(self.root / tmp, ignore_errors=True)
         if failed := self._problems(finish):
-            raise self._failed(failed[0], tag)
+            problem, named = failed[0]
+            raise self._failed(problem, tag) if named else SaveFailed(problem)
         return self.root / tag
+
+    def _lost(self, tag: str) -> str:
+        """Rank 0: why checkpoint `tag` may not be written: this run lost save_path's lock to another run (it was
+        paused past the heartbeat's limit); '' while it holds it."""
+        lost = self.lock.lost() if self.lock is not None else None
+        return f"checkpoint {tag} not saved in {self.root}: {lost}; this run stops, leaving save_path to it" if lost else ""
 
     def _failed(self, problem: str, tag: str) -> SaveFailed:
         """SaveFailed for `problem`, naming the checkpoint `latest` names (the previous one, or `tag` when only what
@@ -301,7 +313,7 @@ class Checkpoints:
                                             f"intact: free space and {self.resume_how}" if kept else "no earlier checkpoint"))
 
     @staticmethod
-    def _problems(problem: str | None) -> list[str]:
+    def _problems(problem: object) -> list:
         """Every rank's problem (None: none), gathered on every rank; the non-empty ones."""
         import torch.distributed as dist
 

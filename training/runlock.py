@@ -342,6 +342,15 @@ class RunLock:
         except (OSError, json.JSONDecodeError):
             return False
 
+    def lost(self) -> str | None:
+        """Why this run no longer holds its lock (another run took it over, e.g. while this one was paused past the
+        heartbeat's limit on another host), or None while it does."""
+        if self.ours():
+            return None
+        found = read_lock(self.dir)
+        return (f"the lock {self.file} is gone" if found is None else
+                f"another run took the lock {self.file} over ({describe(*found)})")
+
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:

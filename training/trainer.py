@@ -236,7 +236,7 @@ class Trainer(TrainingData, RunDirectory):
         else:  # the weights come from the checkpoint: a resume with another model config is refused (resume.py)
             extra[MODEL_CONFIG_FILE] = json.dumps(model_config(cfg.model_path))
         self.ckpts = Checkpoints(cfg.save_path, self.rank, cfg.keep_last, cfg.keep_best, trainable_only=self.lora is not None,
-                                 extra_files=extra, resume_how=resume_hint(cfg))
+                                 extra_files=extra, resume_how=resume_hint(cfg), lock=self.lock)
         start = self._prepare_save_path()
         self.monitor = Monitor(Path(cfg.save_path), self.rank, self.total_steps, start, cfg.log_interval, cfg.report_to,
                                cfg.raw)

@@ -348,7 +348,8 @@ def test_a_chat_run_exports_stop_at_the_end_of_turn_token(tmp_path):
 
 def test_a_save_dirs_best_and_latest_files_name_their_checkpoint(tmp_path, tokenizer):
     """`pp_to_hg --input-path SAVE/best` (and demo.py's --model-path) read the tag the file names; one naming a tag
-    that is gone is one line."""
+    that is gone is one line, and so is a save dir whose `latest` is gone or names no checkpoint: it names those it
+    has."""
     from models.convert import resolve_checkpoint
 
     hf = write_hf(tmp_path, tokenizer, "gqa_tied")
@@ -367,6 +368,15 @@ def test_a_save_dirs_best_and_latest_files_name_their_checkpoint(tmp_path, token
     with pytest.raises(CheckpointError, match=f"^{save / 'latest'}: names 'global_step9', which is not a checkpoint "
                        "directory beside it"):
         resolve_checkpoint(save / "latest")
+    # the save dir itself, its latest naming a deleted checkpoint or gone: the checkpoints it has are named
+    (save / "global_step2").mkdir()
+    with pytest.raises(CheckpointError, match=f"^{save}: a training save_path, but its latest names 'global_step9', "
+                       f"which is not a checkpoint; give one of its checkpoints, e.g. {save / 'global_step4'} "
+                       r"\(the newest; it has global_step2, global_step4\)$"):
+        resolve_checkpoint(save)
+    (save / "latest").unlink()
+    with pytest.raises(CheckpointError, match=f"^{save}: a training save_path, but it has no `latest` file; "):
+        resolve_checkpoint(save)
 
 
 def test_a_mixed_dtype_checkpoint_keeps_its_config_dtype(tmp_path, tokenizer):

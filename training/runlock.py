@@ -343,13 +343,14 @@ class RunLock:
             return False
 
     def lost(self) -> str | None:
-        """Why this run no longer holds its lock (another run took it over, e.g. while this one was paused past the
-        heartbeat's limit on another host), or None while it does."""
-        if self.ours():
-            return None
+        """Why this run no longer holds its lock: another run took it over (e.g. while this one was paused past the
+        heartbeat's limit on another host); None while it holds it, and when the file cannot be read or names no
+        run (a network filesystem's hiccup, a lock being rewritten, one removed by hand: nothing says another run
+        writes here)."""
         found = read_lock(self.dir)
-        return (f"the lock {self.file} is gone" if found is None else
-                f"another run took the lock {self.file} over ({describe(*found)})")
+        if found is None or not (token := found[0].get("token")) or token == self.token:
+            return None
+        return f"another run took the lock {self.file} over ({describe(*found)})"
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -247,12 +247,14 @@ def holder_gone(info: dict, age: float) -> str | None:
 def holder_running(info: dict) -> bool:
     """The lock's holder is seen running: on this host since this boot, in this pid namespace, its pid alive and
     started when the holder's did. Its heartbeat's age does not count then: a run paused by SIGSTOP (`scontrol
-    suspend`, gang scheduling, Ctrl-Z) touches nothing, and goes on writing once continued."""
+    suspend`, gang scheduling, Ctrl-Z) touches nothing, and goes on writing once continued. Not a zombie."""
     pid, ns, started = info.get("pid"), info.get("pid_ns"), info.get("pid_start")
     if info.get("host") != socket.gethostname() or not isinstance(pid, int) or ns is None or ns != pid_namespace():
         return False
     then, now = info.get("boot_id"), boot_id()
-    return bool(then and then == now and started is not None and pid_alive(pid) and str(started) == start_time(pid))
+    fields = proc_stat(pid)  # state, ..., start time: a zombie (exited, not yet reaped) is not running
+    return bool(then and then == now and started is not None and fields and len(fields) > 19 and fields[0] != "Z"
+                and str(started) == fields[19])
 
 
 def why_stale(info: dict, age: float) -> str | None:

@@ -512,7 +512,9 @@ def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, sa
     try:
         tmp.mkdir()
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot write in {path.parent} ({_first_line(e)})") from None
+        inside = (f"; the output is built beside {path.name} and renamed into place, so give a directory inside "
+                  f"it, e.g. {path / 'model'}" if path.is_dir() and os.access(path, os.W_OK | os.X_OK) else "")
+        raise CheckpointError(f"{path}: cannot write in {path.parent} ({_first_line(e)}){inside}") from None
     try:
         yield tmp
     except BaseException as e:

@@ -408,6 +408,25 @@ def test_a_target_that_is_or_holds_the_input_is_refused_before_any_work(tmp_path
     assert (save / "hf" / "model.safetensors").is_file()
 
 
+def test_an_empty_target_in_a_directory_that_cannot_be_written_names_a_way_out(tmp_path, tokenizer, capsys):
+    """The output is built beside its target and renamed into place: an admin-made empty directory in a parent the
+    user cannot write (made immutable here, which binds root too) is refused in one line that says to give a
+    directory inside it, and that works."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    parent = tmp_path / "shared"
+    (parent / "me").mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(parent)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i does not work here")
+    try:
+        assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(parent / "me")) == 2
+        last = _assert_one_line_error(capsys, f"{parent / 'me'}: cannot write in {parent} (")[-1]
+        assert last.endswith(f"; the output is built beside me and renamed into place, so give a directory inside "
+                             f"it, e.g. {parent / 'me' / 'model'}")
+        assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(parent / "me" / "model")) == 0
+    finally:
+        subprocess.run(["chattr", "-i", str(parent)], check=True)
+
+
 def test_a_target_created_during_a_conversion_is_left_alone(tmp_path):
     """Without --overwrite the finished output takes the target's place only if it is still absent or empty: one
     that appeared meanwhile is kept, and so is the output (beside it, named in the error, not removed by the next

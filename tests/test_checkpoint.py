@@ -102,7 +102,8 @@ def test_a_save_that_fails_once_written_is_one_line_and_keeps_the_previous_check
 def test_a_run_that_lost_save_paths_lock_saves_nothing_more_there(ds, tmp_path, monkeypatch):
     """A run paused (SIGSTOP, scontrol suspend) on another host past the heartbeat's limit has had its lock taken over
     by a new run; continued, it went on saving into that run's save_path (renames, `latest`, rotation). Its next save
-    now stops it with one line: before the write, nothing written; during it, its .tmp- directory is left unnamed."""
+    now stops it with one line: before the write, nothing written; during it, its .tmp- directory is left unnamed;
+    at its end (the last step already saved: update_state), no state rewritten and nothing rotated."""
     import json
 
     import training.checkpoint as checkpoint
@@ -128,6 +129,11 @@ def test_a_run_that_lost_save_paths_lock_saves_nothing_more_there(ds, tmp_path, 
         with pytest.raises(SaveFailed, match=rf"^checkpoint {tag_of(6)} not saved in "):  # before: nothing written
             ckpts.save(engine, RunState(step=6, pipe=1, data=1, parts=[0, 1], global_batch=1))
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOCK_FILE, f".tmp-{tag_of(4)}", tag_of(2), "latest"])
+        for s in (20, 30):  # the new run's checkpoints: the lost run's rotation (keep_last 1) after a final evaluation
+            (tmp_path / tag_of(s)).mkdir()  # rewrote its own tag's state and deleted them
+        with pytest.raises(SaveFailed, match=rf"^checkpoint {tag_of(2)} not saved in "):
+            ckpts.update_state(RunState(step=2, pipe=1, data=1, parts=[0, 1], global_batch=1))
+        assert ckpts.tags() == [tag_of(2), tag_of(20), tag_of(30)]
     finally:
         lock.release()
     assert json.loads((tmp_path / LOCK_FILE).read_text()) == taken  # not ours to remove

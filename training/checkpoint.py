@@ -244,12 +244,10 @@ class Checkpoints:
 
         tag = tag_of(state.step)
         tmp = f".tmp-{tag}"
-        lost = self.rank == 0 and self._lost(tag)
-        if self.rank == 0 and not lost:
+        self._check_lock(tag)  # (also the barrier before the write) nothing written when lost
+        if self.rank == 0:
             shutil.rmtree(self.root / tmp, ignore_errors=True)
             self.warn_if_short("this checkpoint")
-        if failed := self._problems(lost or None):  # (also the barrier before the write) nothing written
-            raise SaveFailed(failed[0])
         problem, in_engine = None, True
         try:
             engine.save_checkpoint(str(self.root), tag=tmp, save_latest=False,
@@ -301,9 +299,17 @@ class Checkpoints:
 
     def _lost(self, tag: str) -> str:
         """Rank 0: why checkpoint `tag` may not be written: this run lost save_path's lock to another run (it was
-        paused past the heartbeat's limit); '' while it holds it."""
-        lost = self.lock.lost() if self.lock is not None else None
+        paused past the heartbeat's limit); '' while it holds it, or when that cannot be read now."""
+        try:
+            lost = self.lock.lost() if self.lock is not None else None
+        except OSError:  # a network filesystem's hiccup: nothing says another run writes here
+            lost = None
         return f"checkpoint {tag} not saved in {self.root}: {lost}; this run stops, leaving save_path to it" if lost else ""
+
+    def _check_lock(self, tag: str) -> None:
+        """Collective: SaveFailed on every rank when rank 0 finds its lock taken over (`_lost`)."""
+        if failed := self._problems((self._lost(tag) or None) if self.rank == 0 else None):
+            raise SaveFailed(failed[0])
 
     def _failed(self, problem: str, tag: str) -> SaveFailed:
         """SaveFailed for `problem`, naming the checkpoint `latest` names (the previous one, or `tag` when only what
@@ -344,7 +350,8 @@ class Checkpoints:
 
     def update_state(self, state: RunState) -> None:
         """Collective: rewrite trainer_state.json of the already saved tag of `state.step` (e.g. after the final
-        evaluation), without writing the weights again; then rotate."""
+        evaluation), without writing the weights again; then rotate. Not when this run lost save_path's lock."""
+        self._check_lock(tag_of(state.step))
         if self.rank == 0:
             state.write(self.root / tag_of(state.step))
             self._after_save(state)

@@ -43,6 +43,7 @@ LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "USE_POLICY.md", "NOTIC
 # data_settings.json: how training rendered its records (data.settings.DATA_SETTINGS_FILE), read by demo.py
 SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "data_settings.json", *LICENSE_FILES)
 RUN_TAG = re.compile(r"global_step\d+")  # a training checkpoint's directory (training.checkpoint.TAG)
+RUN_LOCK_FILE = ".run.lock"  # a training run's lock on its save_path (training.runlock)
 HF_SOURCE_FILE = "hf_source.json"  # in a pipeline dir: the HF model (dir or Hub id) hg_to_pp converted it from
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # transformers' order (modeling_utils' checkpoint-file resolution): what from_pretrained loads is what is converted
@@ -420,10 +421,10 @@ def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | Non
     if above is not None and not above.is_dir():
         raise CheckpointError(f"{path}: {above} is a file, not a directory; choose another path")
     if overwrite and path.is_dir() and not path.is_symlink() and (
-            run := (["latest"] if (path / "latest").is_file() else [])
+            run := [n for n in ("latest", RUN_LOCK_FILE, "metrics.jsonl") if (path / n).is_file()]
             + sorted(p.name for p in path.glob("global_step*") if RUN_TAG.fullmatch(p.name) and p.is_dir())[:1]):
-        raise CheckpointError(f"{path}: is a training run's save_path (it holds {' and '.join(run)}): --overwrite would "
-                              "delete its checkpoints; write the output somewhere else")
+        raise CheckpointError(f"{path}: is a training run's save_path (it holds {', '.join(run)}): --overwrite would "
+                              "delete its checkpoints and metrics; write the output somewhere else")
     if overwrite or not os.path.lexists(path):
         return
     if path.is_symlink():

@@ -361,14 +361,17 @@ def test_overwrite_replaces_only_when_asked(tmp_path, tokenizer, capsys):
     assert not (target / "keep.txt").exists() and (target / "layer_00-model_states.pt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_gqa_tied", "pp"]  # no temp or backup dirs left
     run_dir = tmp_path / "run"  # a training save_path, given by mistake: --overwrite would delete its checkpoints
-    (run_dir / "global_step4").mkdir(parents=True)
-    for holds in (["global_step4"], ["latest", "global_step4"]):
-        if "latest" in holds:
-            (run_dir / "latest").write_text("global_step4")
+    run_dir.mkdir()
+    for holds in ([".run.lock"], ["metrics.jsonl"], ["global_step4"], ["latest", "global_step4"]):
+        for name in holds:  # a live run before its first checkpoint holds its lock and metrics only
+            (run_dir / name).mkdir() if name.startswith("global_step") else (run_dir / name).write_text("x")
         assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(run_dir), "--overwrite") == 2
-        _assert_one_line_error(capsys, f"{run_dir}: is a training run's save_path (it holds {' and '.join(holds)}): "
-                                       "--overwrite would delete its checkpoints; write the output somewhere else")
+        _assert_one_line_error(capsys, f"{run_dir}: is a training run's save_path (it holds {', '.join(holds)}): "
+                                       "--overwrite would delete its checkpoints and metrics; write the output "
+                                       "somewhere else")
         assert sorted(p.name for p in run_dir.iterdir()) == sorted(holds)
+        for p in run_dir.iterdir():
+            p.rmdir() if p.is_dir() else p.unlink()
 
 
 def test_a_target_that_is_or_holds_the_input_is_refused_before_any_work(tmp_path, tokenizer, tokenizer_dir, capsys):

@@ -28,10 +28,10 @@ import time
 import uuid
 from pathlib import Path
 
+from models.hf_io import RUN_LOCK_FILE as LOCK_FILE
 from models.hf_io import pid_alive
 from training.distributed import proc_stat
 
-LOCK_FILE = ".run.lock"
 JOB_FILE = ".run-job.json"  # the job that started the run in save_path fresh (`resume` false)
 STALE_AFTER_S = float(os.environ.get("PIPEFT_LOCK_STALE_S", "300"))  # a heartbeat older than this: holder gone
 HEARTBEAT_S = min(30.0, STALE_AFTER_S / 5)

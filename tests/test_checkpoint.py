@@ -97,6 +97,11 @@ def test_a_save_that_fails_once_written_is_one_line_and_keeps_the_previous_check
                                          rf"the previous checkpoint {tmp_path / tag_of(2)} is intact"):
         ckpts.save(engine, st)
     assert ckpts.latest() == tag_of(2) and sorted(p.name for p in tmp_path.iterdir()) == [tag_of(2), "latest"]
+    (tmp_path / tag_of(2) / "manifest.json").write_text("{")  # damaged (a resume passes over it), saved again
+    st.step = 2
+    with pytest.raises(SaveFailed, match=rf"; `latest` names {tmp_path / tag_of(2)}, which is damaged \(.*\): a "
+                                         "resume passes over it for the newest intact checkpoint$"):
+        ckpts.save(engine, st)
 
 
 def test_a_run_that_lost_save_paths_lock_saves_nothing_more_there(ds, tmp_path, monkeypatch):

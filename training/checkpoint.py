@@ -313,10 +313,17 @@ class Checkpoints:
 
     def _failed(self, problem: str, tag: str) -> SaveFailed:
         """SaveFailed for `problem`, naming the checkpoint `latest` names (the previous one, or `tag` when only what
-        follows naming it failed) that a resume takes."""
+        follows naming it failed) and whether a resume can take it."""
+        from training.resume import tag_problem  # training.resume imports this module
+
         kept = self.latest()
-        return SaveFailed(f"{problem}; " + (f"the {'previous ' if kept != tag else ''}checkpoint {self.root / kept} is "
-                                            f"intact: free space and {self.resume_how}" if kept else "no earlier checkpoint"))
+        if not kept:
+            return SaveFailed(f"{problem}; no earlier checkpoint")
+        if bad := tag_problem(self.root / kept):  # a damaged one a resume passed over, saved again at its step
+            return SaveFailed(f"{problem}; `latest` names {self.root / kept}, which is damaged ({bad}): a resume "
+                              "passes over it for the newest intact checkpoint")
+        return SaveFailed(f"{problem}; the {'previous ' if kept != tag else ''}checkpoint {self.root / kept} is intact: "
+                          f"free space and {self.resume_how}")
 
     @staticmethod
     def _problems(problem: object) -> list:

@@ -328,7 +328,8 @@ def test_a_paused_holder_on_this_host_keeps_its_lock_however_old_its_heartbeat(t
         assert holder.stdout.readline() == "held\n"
         holder.send_signal(signal.SIGSTOP)
         os.utime(tmp_path / LOCK_FILE, (0, 0))  # its heartbeat long stopped
-        with pytest.raises(RuntimeError, match=rf"is in use by another run \(host .*, pid {holder.pid}, "):
+        with pytest.raises(RuntimeError, match=rf"is in use by another run \(host .*, pid {holder.pid}, .*: its process "
+                                               rf"{holder.pid} on this host is alive, its heartbeat stopped \(paused by SIGSTOP, .*kill -CONT"):
             RunLock(tmp_path).acquire()
         holder.kill()  # ended, not yet reaped by its parent (a zombie): not running, so its old heartbeat counts
         for _ in range(100):

@@ -276,6 +276,11 @@ def check_unlocked(save_path: str | Path) -> None:
 
 
 def held_message(save_path: str | Path, info: dict, age: float) -> str:
+    if age > STALE_AFTER_S and holder_running(info):  # alive, its heartbeat stopped: a paused process
+        return (f"save_path {save_path} is in use by another run ({describe(info, age)}; lock file "
+                f"{Path(save_path) / LOCK_FILE}): its process {info['pid']} on this host is alive, its heartbeat "
+                f"stopped (paused by SIGSTOP, scontrol suspend or Ctrl-Z, or hung); continue it (kill -CONT "
+                f"{info['pid']}) or end it, or use another save_path")
     return (f"save_path {save_path} is in use by another run ({describe(info, age)}; lock file "
             f"{Path(save_path) / LOCK_FILE}); wait for it to end or stop it, "
             f"or use another save_path (a lock whose holder died is taken over: on this host at once, from another "

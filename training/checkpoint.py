@@ -259,9 +259,7 @@ class Checkpoints:
                 for name, text in {**self.extra_files, **(extra or {})}.items():
                     atomic_write_text(self.root / tmp / name, text)
         except Exception as e:  # noqa: BLE001 - reported as one line below, on every rank
-            problem = (no_space_message(f"saving checkpoint {tag} in {self.root}", self.root, self.last_size or None)
-                       if is_no_space(e, self.root) else
-                       f"saving checkpoint {tag} in {self.root} failed on rank {self.rank}: {one_line(e, named=True)}")
+            problem = self._problem_of(e, tag, f"saving checkpoint {tag} in {self.root} failed on rank {self.rank}")
             if in_engine:  # DeepSpeed's save ends in a barrier (after its writes) that the other ranks are in
                 dist.barrier()
         fault_pause("save", state.step)
@@ -288,14 +286,19 @@ class Checkpoints:
                 self.last_size = tree_size(final)
                 self._after_save(state)
             except Exception as e:  # noqa: BLE001 - reported below, on every rank
-                finish = (no_space_message(f"saving checkpoint {tag} in {self.root}", self.root, self.last_size or None)
-                          if is_no_space(e, self.root) else
-                          f"finishing checkpoint {tag} in {self.root} failed: {one_line(e, named=True)}", True)
+                finish = (self._problem_of(e, tag, f"finishing checkpoint {tag} in {self.root} failed"), True)
                 shutil.rmtree(self.root / tmp, ignore_errors=True)
         if failed := self._problems(finish):
             problem, named = failed[0]
             raise self._failed(problem, tag) if named else SaveFailed(problem)
         return self.root / tag
+
+    def _problem_of(self, e: Exception, tag: str, what: str) -> str:
+        """The one line for `e`, raised while saving checkpoint `tag`: the disk's free space when it is full, else
+        `what`: the exception."""
+        if is_no_space(e, self.root):
+            return no_space_message(f"saving checkpoint {tag} in {self.root}", self.root, self.last_size or None)
+        return f"{what}: {one_line(e, named=True)}"
 
     def _lost(self, tag: str) -> str:
         """Rank 0: why checkpoint `tag` may not be written: this run lost save_path's lock to another run (it was

@@ -19,7 +19,6 @@ from safetensors import SafetensorError
 from .family import ModelFamily, config_errors, get_family, meta_layers
 from .hf_io import (
     HF_SOURCE_FILE,
-    RUN_TAG,
     TOKENIZER_DIRS,
     TOKENIZER_FILES,
     CheckpointError,
@@ -34,6 +33,7 @@ from .hf_io import (
     no_dir_error,
     read_json,
     resolve_hf_dir,
+    run_tags,
 )
 from .keymap import KeyMapError
 from .pipeline import LAYER_FILE
@@ -220,13 +220,11 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
                 base = None
             raise CheckpointError(f"{layers}: a PEFT adapter (adapter_config.json), not a model: give its base model "
                                   f"with the adapter beside it (demo.py --model-path {base or 'BASE'} --adapter {layers})")
-        tags = sorted((p for p in path.iterdir() if p.is_dir() and RUN_TAG.fullmatch(p.name)),
-                      key=lambda p: int(p.name.removeprefix("global_step")))
-        if tags:  # a training save_path without `latest` (lost, or naming a checkpoint since deleted)
+        if tags := run_tags(path):  # a training save_path without `latest` (lost, or naming a checkpoint since deleted)
             said = (f"its latest names {(path / 'latest').read_text().strip()!r}, which is not a checkpoint"
                     if (path / "latest").is_file() else "it has no `latest` file")
             raise CheckpointError(f"{path}: a training save_path, but {said}; give one of its checkpoints, e.g. "
-                                  f"{tags[-1]} (the newest; it has {', '.join(p.name for p in tags[-3:])})")
+                                  f"{path / tags[-1]} (the newest; it has {', '.join(tags[-3:])})")
         raise CheckpointError(f"{layers}: no {LAYER_FILE.format(0)} (not a pipeline or checkpoint directory)")
     config_dir = layers if (layers / "config.json").is_file() else layers.parent
     return layers, config_dir

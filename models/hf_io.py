@@ -42,7 +42,7 @@ TOKENIZER_DIRS = ("additional_chat_templates",)
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "USE_POLICY.md", "NOTICE")
 # data_settings.json: how training rendered its records (data.settings.DATA_SETTINGS_FILE), read by demo.py
 SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "data_settings.json", *LICENSE_FILES)
-RUN_TAG = re.compile(r"global_step\d+")  # a training checkpoint's directory (training.checkpoint.TAG)
+RUN_TAG = re.compile(r"global_step(\d+)$")  # a training checkpoint's directory name; group 1: its step
 RUN_LOCK_FILE = ".run.lock"  # a training run's lock on its save_path (training.runlock)
 HF_SOURCE_FILE = "hf_source.json"  # in a pipeline dir: the HF model (dir or Hub id) hg_to_pp converted it from
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -388,6 +388,12 @@ def hf_source_of(pipeline_dir: str | Path) -> str | None:
     return src if not Path(src).is_absolute() or (Path(src) / "config.json").is_file() else None
 
 
+def run_tags(directory: Path) -> list[str]:
+    """The checkpoint directories (RUN_TAG) of a training save_path, oldest first."""
+    found = [(int(m.group(1)), p.name) for p in directory.iterdir() if p.is_dir() and (m := RUN_TAG.match(p.name))]
+    return [name for _, name in sorted(found)]
+
+
 def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | None] = (), renamed: bool = False) -> None:
     """Refuse (CheckpointError, one line) a target that would cost the user something. Always: the target is one of
     `sources` (what the command reads: input dirs and files, symbolic links resolved) or a directory holding one, or,
@@ -422,7 +428,7 @@ def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | Non
         raise CheckpointError(f"{path}: {above} is a file, not a directory; choose another path")
     if overwrite and path.is_dir() and not path.is_symlink() and (
             run := [n for n in ("latest", RUN_LOCK_FILE, "metrics.jsonl") if (path / n).is_file()]
-            + sorted(p.name for p in path.glob("global_step*") if RUN_TAG.fullmatch(p.name) and p.is_dir())[:1]):
+            + run_tags(path)[:1]):
         raise CheckpointError(f"{path}: is a training run's save_path (it holds {', '.join(run)}): --overwrite would "
                               "delete its checkpoints and metrics; write the output somewhere else")
     if overwrite or not os.path.lexists(path):

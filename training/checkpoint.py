@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import time
 import uuid
@@ -38,9 +37,10 @@ import numpy as np
 import torch
 
 from models.diskspace import fmt_size, free_bytes, is_no_space, no_space_message, tree_size
+from models.hf_io import RUN_TAG, run_tags
 from pipeft import one_line
 
-TAG = re.compile(r"global_step(\d+)$")
+TAG = RUN_TAG  # a checkpoint's directory name, global_stepN
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 
@@ -227,8 +227,7 @@ class Checkpoints:
 
     def tags(self) -> list[str]:
         """Complete tags, oldest first."""
-        found = [(int(m.group(1)), p.name) for p in self.root.iterdir() if p.is_dir() and (m := TAG.match(p.name))]
-        return [name for _, name in sorted(found)]
+        return run_tags(self.root)
 
     def remove_partial(self) -> list[str]:
         """Rank 0: delete `.tmp-*` tags a killed save left behind; returns their names."""

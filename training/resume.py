@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from models.hf_io import run_tags
 from models.lora import CONFIG_WRITER_KEYS, LoraSettings, base_fingerprint, read_lora_info
 from models.lora import with_defaults as lora_defaults
 from models.quant import DEFAULTS as QUANT_DEFAULTS
@@ -402,8 +403,7 @@ def earlier_tags(save: Path, tag: str) -> list[str]:
     """Tag directories older than `tag` (every one for a `tag` that is none, e.g. ""), newest first."""
     m = TAG.match(tag)
     limit = int(m.group(1)) if m else None
-    found = [(int(mm.group(1)), p.name) for p in save.iterdir() if p.is_dir() and (mm := TAG.match(p.name))]
-    return [name for step, name in sorted(found, reverse=True) if limit is None or step < limit]
+    return [name for name in reversed(run_tags(save)) if limit is None or int(TAG.match(name).group(1)) < limit]
 
 
 def unnamed_tag(save: Path) -> str | None:

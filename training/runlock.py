@@ -214,56 +214,55 @@ def describe(info: dict, age: float) -> str:
             f"last heartbeat {age:.0f} s ago")
 
 
-def holder_gone(info: dict, age: float) -> str | None:
-    """Why a lock's holder on this host is not running, or None while it may be: the host restarted since (another
-    boot id, and the lock last touched `age` seconds ago, before this boot); in this pid namespace, its pid is dead,
-    another process now (start time) or this very process. Another boot id on a lock touched since this boot is
-    another machine with the same hostname (containers given one --hostname, cloned nodes), and a holder in another
-    pid namespace (another container sharing the hostname) likewise: judged by its heartbeat alone, as its pid means
-    nothing here. A lock without those fields (an older version's) is judged by its pid alone, as then."""
+UNKNOWN = ("unknown", "")  # holder_state's verdict when this host cannot tell
+
+
+def holder_state(info: dict, age: float) -> tuple[str, str]:
+    """What this host can tell of a lock's holder: ("gone", why) when it is not running, ("running", "") when it is
+    seen running, ("unknown", "") when this host cannot tell, and its heartbeat judges.
+    - Gone: this host restarted since (another boot id, and the lock last touched `age` seconds ago, before this
+      boot); in this pid namespace, its pid is dead, another process now (start time) or this very process.
+    - Running: on this host since this boot, in this pid namespace, its pid alive, not a zombie, and started when
+      the holder's did. Its heartbeat's age does not count then: a run paused by SIGSTOP (`scontrol suspend`, gang
+      scheduling, Ctrl-Z) touches nothing, and goes on writing once continued.
+    - Unknown: another host; another boot id on a lock touched since this boot (another machine with the same
+      hostname: containers given one --hostname, cloned nodes); another pid namespace (another container sharing
+      the hostname), whose pids mean nothing here; a zombie; a lock without those fields (an older version's) whose
+      pid is alive."""
     pid = info.get("pid")
     if info.get("host") != socket.gethostname() or not isinstance(pid, int):
-        return None
+        return UNKNOWN
     then, now = info.get("boot_id"), boot_id()
     if then and now and then != now:
         up = uptime()
-        if up is None or age < up:  # touched since this boot (or when, unknown): judged by its heartbeat
-            return None
-        return f"this host has restarted since (boot id {then} then, {now} now)"
+        if up is None or age < up:  # touched since this boot (or when, unknown)
+            return UNKNOWN
+        return "gone", f"this host has restarted since (boot id {then} then, {now} now)"
     ns = info.get("pid_ns")
     if ns is not None and ns != pid_namespace():
-        return None
+        return UNKNOWN
     if ns is not None and pid == os.getpid() and info.get("token") not in _HELD:
-        return f"its pid {pid} on this host is this process now (the holder ran before a restart)"
+        return "gone", f"its pid {pid} on this host is this process now (the holder ran before a restart)"
     if not pid_alive(pid):
-        return f"its process {pid} on this host is no longer running"
-    started, current = info.get("pid_start"), start_time(pid)
-    if ns is not None and started is not None and current is not None and str(started) != current:
-        return (f"its pid {pid} on this host is another process now (started at tick {current}, the holder at "
-                f"{started})")
-    return None
+        return "gone", f"its process {pid} on this host is no longer running"
+    started, fields = info.get("pid_start"), proc_stat(pid)  # state, ..., start time at 19
+    current = fields[19] if fields and len(fields) > 19 else None
+    if ns is None or started is None or current is None:
+        return UNKNOWN
+    if str(started) != current:
+        return "gone", f"its pid {pid} on this host is another process now (started at tick {current}, the holder at {started})"
+    return ("running", "") if then and then == now and fields[0] != "Z" else UNKNOWN
 
-
-def holder_running(info: dict) -> bool:
-    """The lock's holder is seen running: on this host since this boot, in this pid namespace, its pid alive and
-    started when the holder's did. Its heartbeat's age does not count then: a run paused by SIGSTOP (`scontrol
-    suspend`, gang scheduling, Ctrl-Z) touches nothing, and goes on writing once continued. Not a zombie."""
-    pid, ns, started = info.get("pid"), info.get("pid_ns"), info.get("pid_start")
-    if info.get("host") != socket.gethostname() or not isinstance(pid, int) or ns is None or ns != pid_namespace():
-        return False
-    then, now = info.get("boot_id"), boot_id()
-    fields = proc_stat(pid)  # state, ..., start time: a zombie (exited, not yet reaped) is not running
-    return bool(then and then == now and started is not None and fields and len(fields) > 19 and fields[0] != "Z"
-                and str(started) == fields[19])
 
 
 def why_stale(info: dict, age: float) -> str | None:
     """Why the holder of a lock is gone (the lock may be taken over), or None while it may still be running."""
-    if gone := holder_gone(info, age):
-        return gone
+    state, why = holder_state(info, age)
+    if state == "gone":
+        return why
     if earlier := earlier_start(info):
         return f"it was taken by {earlier}"
-    if age > STALE_AFTER_S and not holder_running(info):
+    if age > STALE_AFTER_S and state != "running":
         return f"its heartbeat is {age:.0f} s old (stale after {STALE_AFTER_S:.0f} s)"
     return None
 
@@ -276,7 +275,7 @@ def check_unlocked(save_path: str | Path) -> None:
 
 
 def held_message(save_path: str | Path, info: dict, age: float) -> str:
-    if age > STALE_AFTER_S and holder_running(info):  # alive, its heartbeat stopped: a paused process
+    if age > STALE_AFTER_S and holder_state(info, age)[0] == "running":  # alive, its heartbeat stopped: a paused process
         return (f"save_path {save_path} is in use by another run ({describe(info, age)}; lock file "
                 f"{Path(save_path) / LOCK_FILE}): its process {info['pid']} on this host is alive, its heartbeat "
                 f"stopped (paused by SIGSTOP, scontrol suspend or Ctrl-Z, or hung); continue it (kill -CONT "

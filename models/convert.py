@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 
 from .family import ModelFamily, config_errors, get_family, meta_layers
 from .hf_io import (
+    GONE,
     HF_SOURCE_FILE,
     TOKENIZER_DIRS,
     TOKENIZER_FILES,
@@ -243,6 +244,8 @@ def parse_size(text: str) -> int:
 
 def missing_layer_file(layers_dir: Path, family: ModelFamily, config, expected=None) -> str | None:
     """The first layer file the model's config needs that `layers_dir` lacks, as one line; None if none."""
+    if not layers_dir.is_dir():  # it was there when resolve_checkpoint chose it
+        return f"{layers_dir}: {GONE}"
     for idx in expected if expected is not None else meta_layers(family, config):
         if not (layers_dir / LAYER_FILE.format(idx)).is_file():
             return f"{layers_dir / LAYER_FILE.format(idx)}: missing ({_layer_name(family, config, idx)})"

@@ -72,11 +72,17 @@ def read_json(path: Path):
         raise CheckpointError(f"{path}: invalid JSON ({_first_line(e)})") from None
 
 
+GONE = ("no longer there: removed while it was being read (a running run's keep_last rotation deletes older "
+        "checkpoints; export one it keeps, or a copy)")
+
+
 def load_torch_file(path: Path) -> dict:
     """A `torch.save`d state dict (weights only; memory-mapped, but for torch's legacy pre-1.6 format, which cannot
     be); a truncated or corrupt file is a CheckpointError naming it, never torch's traceback."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {GONE}") from None
     except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
         if found := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):  # a whole object pickled, not tensors
             raise CheckpointError(f"{path}: holds non-tensor objects ({found[1]}), which torch.load(weights_only=True) "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -184,6 +185,27 @@ def test_bad_pipeline_input_fails_cleanly(tmp_path, tokenizer, capsys, case):
     assert not any(line.startswith("[1/") for line in err)  # every layer file is checked before one is converted
     assert not (tmp_path / "hf_out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+
+def test_a_checkpoint_removed_while_it_is_exported_is_named_gone(tmp_path, tokenizer, capsys, monkeypatch):
+    """A running run's keep_last rotation may delete the checkpoint an export is reading: one line saying so, not
+    "corrupt or truncated", and no output left."""
+    import models.convert
+
+    pp, log = _pp(tmp_path, tokenizer), models.convert.log
+
+    def rotate(line: str) -> None:  # the rotation lands once the first layer file is written
+        log(line)
+        if line.startswith("[1/"):
+            shutil.rmtree(pp)
+
+    monkeypatch.setattr(models.convert, "log", rotate)
+    capsys.readouterr()
+    assert run("pp_to_hg", "--input-path", str(pp), "--save-path", str(tmp_path / "hf_out")) == 2
+    _assert_one_line_error(capsys, "layer_01-model_states.pt: no longer there: removed while it was being read "
+                                   "(a running run's keep_last rotation deletes older checkpoints")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_gqa_tied"]
 
 
 def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, capsys):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from data import tabular
+from pipeft import DuplicateKey, unique_keys
 
 MAX_SHOWN = 20  # problems listed in a DataError message
 MAX_RECORD_BYTES = 10_000_000  # per record, in UTF-8 JSON text
@@ -310,20 +311,6 @@ def _oversize(text: str, start: int, end: int) -> str | None:
 Parsed = tuple[list[tuple[int, Any]], list[tuple[int, str]]]  # ((line, record), ...), ((line, problem), ...)
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's dict; json keeps the last of a repeated key without a word."""
-    obj = dict(pairs)
-    if len(obj) < len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _DuplicateKey(f"key {twice!r} appears twice in one object: only one of its values would be kept")
-    return obj
-
-
 def _not_jsonl(text: str, first: str) -> str | None:
     """Why a .jsonl text whose first non-blank line `first` is malformed JSON holds no record per line (a JSON array,
     or pretty-printed records), else None. Decodes the first record only, and only when that line starts an object."""
@@ -351,12 +338,12 @@ def _parse_jsonl(text: str) -> Parsed:
             errors.append((lineno, too_big))
             continue
         try:
-            items.append((lineno, json.loads(line, object_pairs_hook=_unique_keys)))
+            items.append((lineno, json.loads(line, object_pairs_hook=unique_keys)))
         except json.JSONDecodeError as e:
             if not items and not errors and (hint := _not_jsonl(text, line)):  # the first line: one record per line?
                 return [], [(lineno, hint)]
             errors.append((lineno, f"malformed JSON: {e.msg} (column {e.colno})"))
-        except _DuplicateKey as e:
+        except DuplicateKey as e:
             errors.append((lineno, str(e)))
         except RecursionError:
             errors.append((lineno, TOO_DEEP))
@@ -406,7 +393,7 @@ def _json_elements(text: str, starts: list[int]) -> Parsed:
     `starts`; an element's RecordLine says its number).
 
     Parsing stops at the first malformed element (what follows cannot be located reliably)."""
-    decoder, plain = json.JSONDecoder(object_pairs_hook=_unique_keys), json.JSONDecoder()
+    decoder, plain = json.JSONDecoder(object_pairs_hook=unique_keys), json.JSONDecoder()
     items: list[tuple[int, Any]] = []
     errors: list[tuple[int, str]] = []  # oversized records, then at most one parse error
 
@@ -441,7 +428,7 @@ def _json_elements(text: str, starts: list[int]) -> Parsed:
         try:
             try:
                 obj, end = decoder.raw_decode(text, pos)
-            except _DuplicateKey as e:  # raised inside the record: the rest of it is decoded to find the next
+            except DuplicateKey as e:  # raised inside the record: the rest of it is decoded to find the next
                 twice = str(e)
                 obj, end = plain.raw_decode(text, pos)
         except json.JSONDecodeError as e:

@@ -33,6 +33,21 @@ def one_line(e: BaseException | str, limit: int | None = 300, named: bool = Fals
     return f"{type(e).__name__}: {said}" if named else said
 
 
+class DuplicateKey(ValueError):
+    """A JSON object (a record, a config) names one key twice."""
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json's `object_pairs_hook`: the object's dict, DuplicateKey for a repeated key (json keeps the last value of a
+    repeated key without a word)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DuplicateKey(f"key {twice!r} appears twice in one object: only one of its values would be kept")
+    return obj
+
+
 def use_root() -> Path:
     """Put the project's import root first on sys.path (once) and return it."""
     root = str(ROOT)

@@ -156,6 +156,8 @@ CASES = {  # name -> (YAML text replaced -> by, or a JSON override; expected one
     "no_wd_kws regex": (("'[a-zA-Z]*norm'", "'[a-z'"), "optimizer.no_wd_kws: '[a-z' is not a regular expression"),
     "no_wd_kws and decay_norm_and_bias": (("use_grad_ckpt: false", "decay_norm_and_bias: true"),
                                           "'decay_norm_and_bias' and optimizer.no_wd_kws both choose"),
+    "a key twice": (("use_grad_ckpt: false", "use_grad_ckpt: false\nuse_grad_ckpt: true"),
+                    ":53: invalid YAML (key 'use_grad_ckpt' appears twice in one mapping: only one of its values would"),
     "drop_last type": (("dataloader_drop_last: false", "dataloader_drop_last: 0"),
                        "'dataloader_drop_last' must be true or false, got 0"),
 }
@@ -177,6 +179,15 @@ def test_a_yaml_config_named_json_gets_a_hint(configs):
     js.write_text(yml.read_text())
     with pytest.raises(ConfigError, match=r"invalid JSON .*\(a YAML config\? name it \.yml or \.yaml\)$"):
         load_config(js)
+
+
+def test_a_key_twice_in_a_json_config_is_refused(configs):
+    """json keeps the last value of a repeated key without a word: a pasted-over `lr` would train with either."""
+    js = configs[1]
+    js.write_text(js.read_text().replace('"lr": 0.001', '"lr": 0.001, "lr": 1'))
+    with pytest.raises(ConfigError) as e:
+        load_config(js)
+    assert str(e.value) == f"{js}: key 'lr' appears twice in one object: only one of its values would be kept"
 
 
 def test_no_wd_kws_groups_parameters_by_name():

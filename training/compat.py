@@ -34,7 +34,22 @@ DROPPED = {("fp16", "fused_optimizer"): "gdGPT's patched DeepSpeed chose the fus
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-5` (no dot) as a float, as JSON and YAML 1.2 do (YAML 1.1 reads a string)."""
+    """SafeLoader that also reads `1e-5` (no dot) as a float, as JSON and YAML 1.2 do (YAML 1.1 reads a string), and
+    refuses a key repeated in one mapping (PyYAML keeps the last value without a word)."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 (PyYAML's signature)
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)):  # unhashable or odd keys: the config check names them
+                    continue
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping: only one of its values would be kept",
+                        key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),

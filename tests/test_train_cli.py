@@ -145,6 +145,12 @@ CASES = {  # name -> (config overrides, expected text)
                           "flash_attention_2 needs a CUDA device (this one is cpu)"),
     "attn unknown": ({"attn_implementation": "sdpa2"}, "'attn_implementation' 'sdpa2': must be one of 'auto', 'sdpa'"),
     "pad multiple": ({"pad_to_multiple_of": 0}, "'pad_to_multiple_of' must be >= 1, got 0"),
+    # numbers past what torch and timedelta take were a traceback after the process group started
+    "seed past 32 bits": ({"seed": 2**64}, "'seed' must be <= 4294967295 (a 32-bit seed), got 18446744073709551616"),
+    "timeout past a year": ({"dist_timeout_minutes": 1e300}, "'dist_timeout_minutes' must be <= 525600 (a year), got"),
+    "timeout infinite": ({"dist_timeout_minutes": float("inf")}, "'dist_timeout_minutes' must be a finite number, got inf"),
+    "save interval NaN": ({"save_interval_minutes": float("nan")},  # NaN: no time-based save, without a word
+                          "'save_interval_minutes' must be a finite number, got nan"),
     "save_path unwritable": ({"save_path": "/sys/pipeft-out/run"}, "save_path /sys/pipeft-out/run is not writable: /sys "
                              "refuses new files"),
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field, fields
@@ -25,7 +26,7 @@ from models.hf_io import CheckpointError
 from models.lora import LoraSettings, check_adapter_keys, parse_lora
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import parse_quantization
-from pipeft import command, one_line
+from pipeft import DuplicateKey, command, one_line, unique_keys
 from training.batches import DROP_LAST
 from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
 from training.optim import (
@@ -147,6 +148,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 _MIN = {"pad_to_multiple_of": 1, "max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0, "save_interval": 1, "save_interval_minutes": 1e-6, "dist_timeout_minutes": 0.1,
         "keep_last": 1, "eval_interval": 1, "early_stopping_patience": 1, "keep_best": 1, "max_bad_steps": 1}
+_MAX = {"seed": 2**32 - 1, "dist_timeout_minutes": 60 * 24 * 365}
+_MAX_WHY = {"seed": " (a 32-bit seed)", "dist_timeout_minutes": " (a year)"}
 
 
 def read_config_file(path: Path) -> dict:
@@ -160,7 +163,9 @@ def read_config_file(path: Path) -> dict:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
     try:
-        raw = parse_yaml(path, text) if yml else json.loads(text)
+        raw = parse_yaml(path, text) if yml else json.loads(text, object_pairs_hook=unique_keys)
+    except DuplicateKey as e:  # json keeps the last value of a repeated key without a word
+        raise ConfigError(f"{path}: {e}") from None
     except json.JSONDecodeError as e:
         hint = "" if text.lstrip()[:1] in ("{", "[") else " (a YAML config? name it .yml or .yaml)"
         raise ConfigError(f"{path}: invalid JSON ({e}){hint}") from None
@@ -201,8 +206,12 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
         if not isinstance(value, _TYPES[key]) or (isinstance(value, bool) and bool not in _TYPES[key]):
             want = " or ".join("null" if t is type(None) else t.__name__ for t in _TYPES[key])
             raise ConfigError(f"{path}: '{key}' must be {want}, got {json.dumps(value)}")
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison
+            raise ConfigError(f"{path}: '{key}' must be a finite number, got {value}")
         if key in _MIN and value is not None and value < _MIN[key]:
             raise ConfigError(f"{path}: '{key}' must be >= {_MIN[key]}, got {value}")
+        if key in _MAX and value is not None and value > _MAX[key]:
+            raise ConfigError(f"{path}: '{key}' must be <= {_MAX[key]}{_MAX_WHY[key]}, got {value}")
 
     try:
         notes += check_deepspeed_sections(ds, path)

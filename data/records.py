@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -268,6 +269,9 @@ def resolve_files(data_path: str | Path | Sequence[str | Path], key: str = "data
             problems += [f"{f}:0: unsupported file type {f.suffix!r}; rename it to {f.suffix.lower()!r}"
                          for f in files_there if f.suffix not in suffixes and f.suffix.lower() in suffixes]
             problems += _broken_links(f for f in sorted(p.iterdir()) if not f.name.startswith(".") and f.suffix in suffixes)
+            if nested := _nested_data_file(p):
+                problems.append(f"{nested}:0: in a subdirectory of {item}, which stands for its own files only: name "
+                                f"the files (e.g. '{p / '**' / ('*' + nested.suffix)}'), or move this one")
             what = f"directory has no data files ({', '.join(PARSERS)})"
         elif p.is_file():
             found = [p]
@@ -284,6 +288,17 @@ def resolve_files(data_path: str | Path | Sequence[str | Path], key: str = "data
     if problems:
         raise DataError(problems)
     return list(files.values())
+
+
+def _nested_data_file(directory: Path) -> Path | None:
+    """The first data file (a known suffix) in a subdirectory of `directory`, not starting with '.', or None: a
+    directory data_path would leave it out without a word."""
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if root != str(directory) and (found := sorted(n for n in names if not n.startswith(".") and
+                                                        Path(n).suffix in PARSERS)):
+            return Path(root) / found[0]
+    return None
 
 
 def _broken_links(paths) -> list[str]:

@@ -133,6 +133,18 @@ def test_directory_mixes_formats(tmp_path):
     recs = load_records(tmp_path)
     assert [Path(r.source).name for r in recs] == ["a.jsonl"] * 2 + ["b.parquet"] * 3 + ["c.csv"] * 3
     assert [r.data for r in recs[:5]] == RECORDS[:5]
+    (tmp_path / ".cache" / "x").mkdir(parents=True)  # hidden, or holding no data files: as before
+    write_jsonl(tmp_path / ".cache" / "x" / "old.jsonl", RECORDS[:1])
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("not data")
+    assert len(load_records(tmp_path)) == len(RECORDS)
+    (tmp_path / "docs" / "more").mkdir()
+    write_jsonl(tmp_path / "docs" / "more" / "z.jsonl", RECORDS[:1])  # records a directory would leave out
+    with pytest.raises(DataError) as e:
+        load_records(tmp_path)
+    assert e.value.problems == [f"{tmp_path / 'docs' / 'more' / 'z.jsonl'}:0: in a subdirectory of {tmp_path}, which "
+                                f"stands for its own files only: name the files (e.g. '{tmp_path}/**/*.jsonl'), or "
+                                "move this one"]
 
 
 def test_save_to_disk_directory(tmp_path):

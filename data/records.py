@@ -538,6 +538,20 @@ def present_fields(obj: Any) -> Any:
     return obj
 
 
+def _name_nulls(problems: list[str], nulls: list[str]) -> list[str]:
+    """`problems` of a record whose `nulls` fields were dropped as absent, where one is about such a field: the
+    type that cannot be told, or a required field missing, said as the field being null."""
+    typed = [k for k in nulls if k in {t.infer_key for t in RECORD_TYPES.values()}]
+    out = []
+    for problem in problems:
+        if typed and problem.startswith("cannot tell the record type"):
+            problem = f"field {typed[0]!r} is null (null means absent; it needs a value)"
+        elif (field := problem.removeprefix("missing field ").strip("'")) in nulls and problem.startswith("missing"):
+            problem = f"field {field!r} is null (null means absent; it needs a value)"
+        out.append(problem)
+    return out
+
+
 def parse_records(path: Path, raw: bytes) -> tuple[list[Record], list[str]]:
     """Parse and validate one file's bytes: (valid records, problem lines)."""
     if path.suffix not in PARSERS:
@@ -547,9 +561,11 @@ def parse_records(path: Path, raw: bytes) -> tuple[list[Record], list[str]]:
     if not items and not errors:
         errors.append((1, "empty file (no records)"))
     records = []
-    for line, obj in items:
-        obj = present_fields(obj)
+    for line, raw_obj in items:
+        obj = present_fields(raw_obj)
         found = _record_problems(obj)
+        if obj is not raw_obj:  # it had null fields: a problem about one names it as null, not as absent
+            found = _name_nulls(found, [k for k, v in raw_obj.items() if v is None])
         errors += [(line, p) for p in found]
         if not found:
             records.append(Record(record_type(obj), obj, str(path), line))

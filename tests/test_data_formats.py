@@ -257,7 +257,7 @@ def test_unsupported_suffix_lists_the_formats(tmp_path):
 
 def test_null_fields_in_json_are_absent_as_pandas_and_datasets_write_them(tmp_path, tokenizer):
     """`DataFrame.to_json(lines=True)` / `Dataset.to_json` write null for every column a record lacks: the same
-    records as the .jsonl without them; a null required field is reported missing."""
+    records as the .jsonl without them; a null required field is named as null, also one that tells the type."""
     frame(RECORDS).to_json(tmp_path / "pandas.jsonl", orient="records", lines=True, force_ascii=False)
     datasets.Dataset.from_pandas(frame(RECORDS)).to_json(tmp_path / "datasets.jsonl", force_ascii=False)
     frame(RECORDS).to_json(tmp_path / "array.json", orient="records", force_ascii=False)
@@ -267,7 +267,11 @@ def test_null_fields_in_json_are_absent_as_pandas_and_datasets_write_them(tmp_pa
         got = load_records(tmp_path / name)
         assert [(r.type, r.data) for r in got] == [(r.type, r.data) for r in want], name
     (tmp_path / "bad.jsonl").write_text('{"instruct": "a", "input": null, "output": null}\n')
-    assert one_problem(tmp_path / "bad.jsonl").endswith("bad.jsonl:1: missing field 'output'")
+    assert one_problem(tmp_path / "bad.jsonl").endswith("bad.jsonl:1: field 'output' is null (null means absent; it "
+                                                        "needs a value)")
+    (tmp_path / "bad.jsonl").write_text('{"instruct": null, "output": "o"}\n')  # was "cannot tell the record type"
+    assert one_problem(tmp_path / "bad.jsonl").endswith("bad.jsonl:1: field 'instruct' is null (null means absent; it "
+                                                        "needs a value)")
 
 
 def test_a_one_line_json_array_locates_records_by_number_as_table_rows(tmp_path):

@@ -161,4 +161,7 @@ def _header_problem(header: list[str]) -> str | None:
                 if unnamed[0] == 1 else f"header: column {unnamed[0]} has no name")
     if dup := sorted({name for name in header if header.count(name) > 1}):
         return f"header: column {dup[0]!r} appears twice"
+    if len(header) == 1 and (sep := next((c for c in ";\t|" if c in header[0]), None)):
+        return (f"header: one column {header[0]!r}: columns separated by {sep!r}? a .csv file's are separated by "
+                "commas (pandas: to_csv(..., sep=','))")
     return None

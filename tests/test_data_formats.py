@@ -202,6 +202,8 @@ def test_csv_problems(tmp_path):
         "cells": ("instruct,output\nDo it.,Done.,extra\n", 2, "row has 3 cells, the header has 2 columns"),
         "index": (",text\n0,hello\n", 1, "header: column 1 has no name (a pandas index?"),
         "dup": ("text,text\na,b\n", 1, "header: column 'text' appears twice"),
+        "semicolons": ("instruct;output\nDo it.;Done.\n", 1, "header: one column 'instruct;output': columns separated "
+                       "by ';'? a .csv file's are separated by commas"),
         "unterminated": ('text\n"open\n', 2, "malformed CSV: unexpected end of data"),
         "not_utf8": (b"text\ncaf\xe9\n", 2, "not valid UTF-8 (byte offset 8)"),
         "unknown_column": ("text,lang\nhello,en\n", 2, "unknown key 'lang' (allowed: type, text)"),

@@ -188,6 +188,11 @@ def test_lora_checkpoint_is_small_and_resumes_bit_exactly_after_sigterm(tmp_path
                        rf"{uninterrupted / 'global_step8'} was trained on \(its config.json or weights changed"):
         load_config(ops_config(full, ops_model, "resume.json", lora=LORA, save_interval=3, model_path=str(changed)),
                     world_size=2)
+    moved = full / "moved-base"  # the same base moved (or through a link, or a relative path): it resumes
+    shutil.copytree(ops_model / "pp", moved)
+    resumed = load_config(ops_config(full, ops_model, "resume.json", lora=LORA, save_interval=3, model_path=str(moved)),
+                          world_size=2)
+    assert resumed.resume and resumed.refusal is None
 
     assert losses_of(tmp_path / "out") == losses_of(uninterrupted)
     a, b = tensors, checkpoint_tensors(tmp_path / "out" / "global_step8")

@@ -503,6 +503,8 @@ def resume_problem(cfg: TrainConfig, lora: LoraSettings | None) -> str | None:
     old = read_run_config(ckpt)
     if old is None:
         return None
+    if saved is not None and saved.get("base_fingerprint") and "model_path" in old:  # the base proven the same above:
+        old = {**old, "model_path": cfg.raw.get("model_path")}  # moved, renamed or spelt another way, it resumes
     try:  # a checkpoint with the fingerprint of its training rows: a data key's change is checked against it later
         state = json.loads((ckpt / STATE_FILE).read_text())
         fingerprinted, evaluated = state.get("data_fingerprint") is not None, bool(state.get("evals"))

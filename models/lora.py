@@ -44,6 +44,7 @@ def with_defaults(section: dict) -> dict:
     return {**out, "alpha": out.get("alpha", out["r"])}
 
 
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")  # peft's init_lora_weights that rewrite the base weights
 TIED_OWNERS = ("embed_tokens", "word_embeddings", "lm_head")  # HF modules that own a tied embedding weight
 
 
@@ -165,28 +166,53 @@ def _check_adapter(path, settings: LoraSettings) -> None:
     if (bias := cfg.get("bias", "none")) != "none":
         raise ValueError(f"lora.adapter_path {path}: the adapter's bias is {json.dumps(bias)}: LoRA bias modes are not "
                          "supported (bias must be \"none\")")
-    if some := [f"{k} {json.dumps(cfg[k])}" for k in ("layers_to_transform", "layers_pattern") if cfg.get(k) not in (None, [], "")]:
+    if some := [f"{k} {json.dumps(cfg[k])}" for k in ("layers_to_transform", "layers_pattern", "exclude_modules")
+                if cfg.get(k) not in (None, [], "")]:
         raise ValueError(f"lora.adapter_path {path}: the adapter sets {', '.join(some)} (adapters in some layers only), "
                          "which is not supported: the pipeline adapts every layer")
+    init = cfg.get("init_lora_weights", True)
+    if cfg.get("loftq_config") or (isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS)):
+        raise ValueError(f"lora.adapter_path {path}: the adapter's init_lora_weights is {json.dumps(init)}: peft "
+                         "changes the base as it loads such an adapter (PiSSA, OLoRA, CorDA and LoftQ subtract their "
+                         "initial adapters from it), while these adapters add to the base as it is; convert it to a "
+                         "plain LoRA adapter first (peft: save_pretrained(..., "
+                         "path_initial_model_for_weight_conversion=...))")
     if (cfg.get("r"), float(cfg.get("lora_alpha", 0))) != (settings.r, settings.alpha):
         raise ValueError(f"lora.adapter_path {path}: the adapter has r {cfg.get('r')}, alpha {cfg.get('lora_alpha')}; "
                          f"the config says r {settings.r}, alpha {settings.alpha:g} (set lora.r and lora.alpha to the adapter's)")
     theirs = cfg.get("target_modules")  # a list of names; a string is a regex or "all-linear": the keys check it
-    if isinstance(theirs, list) and sorted(set(theirs)) != sorted(set(settings.target_modules)):
-        raise ValueError(f"lora.adapter_path {path}: the adapter adapts {sorted(set(theirs))}; lora.target_modules "
-                         f"says {sorted(set(settings.target_modules))} (set lora.target_modules to the adapter's)")
+    if isinstance(theirs, list):  # peft matches names as suffixes: "self_attn.q_proj" is "q_proj" here
+        theirs = sorted({str(t).rsplit(".", 1)[-1] for t in theirs})
+        if theirs != sorted(set(settings.target_modules)):
+            raise ValueError(f"lora.adapter_path {path}: the adapter adapts {theirs}; lora.target_modules says "
+                             f"{sorted(set(settings.target_modules))} (set lora.target_modules to the adapter's)")
     if sorted(cfg.get("modules_to_save") or []) != sorted(settings.modules_to_save):
         raise ValueError(f"lora.adapter_path {path}: the adapter's modules_to_save {cfg.get('modules_to_save') or []} "
                          f"differ from lora.modules_to_save {list(settings.modules_to_save)}")
 
 
-def check_adapter_keys(path: str | Path, family: ModelFamily, num_blocks: int) -> None:
-    """Every tensor of a PEFT adapter maps to a block of this model (CheckpointError naming the first that does not)."""
+def check_adapter_keys(path: str | Path, family: ModelFamily, num_blocks: int, targets: tuple[str, ...]) -> None:
+    """Every tensor of a PEFT adapter maps to a block of this model, and the adapter has an A and a B for exactly the
+    modules `targets` adapt in every block (CheckpointError naming the first that does not fit): one adapting fewer
+    (a regex target_modules, exclude_modules) would leave the others to start fresh without a word."""
     from safetensors import safe_open
 
     with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-            pipeline_key(family, key, num_blocks)
+        keys = list(f.keys())  # noqa: SIM118 (safe_open is not a dict)
+    for key in keys:
+        pipeline_key(family, key, num_blocks)
+    have = {f"{m['module']}.{m['part']}" for k in keys if (m := _LORA_KEY.match(k.removeprefix("base_model.model.")))}
+    want = {f"{hf.removesuffix('.weight').format(i)}.{part}" for hf, (slot, local) in family.key_map.table.items()
+            if slot == "block" and local.endswith(".weight") and local.removesuffix(".weight").rsplit(".", 1)[-1]
+            in targets for i in range(num_blocks) for part in ("lora_A", "lora_B")}
+    by_block = lambda name: [int(t) if t.isdigit() else t for t in name.split(".")]  # noqa: E731 (layers.2 < 10)
+    if missing := sorted(want - have, key=by_block):
+        raise CheckpointError(f"lora.adapter_path {path}: the adapter has no {missing[0]} ({len(missing)} of the {len(want)} adapter "
+                              f"tensors lora.target_modules {list(targets)} needs are missing): it adapts fewer "
+                              "modules, and those would start fresh; set lora.target_modules to what it adapts")
+    if extra := sorted(have - want, key=by_block):
+        raise CheckpointError(f"lora.adapter_path {path}: the adapter adapts {extra[0].rsplit('.', 1)[0]}, which lora.target_modules "
+                              f"{list(targets)} does not; set lora.target_modules to what it adapts")
 
 
 def apply_lora(model, settings: LoraSettings, family: ModelFamily, seed: int, num_blocks: int) -> int:
@@ -341,6 +367,24 @@ def check_base(info: dict, where: Path) -> None:
                               "on (its config.json or weights changed since: base_fingerprint differs)")
 
 
+def located_base(info: dict, base: str | Path, where: Path) -> dict:
+    """`info` (lora_config.json's) with its base_model_path replaced by `base` (pp_to_hg --base: the base moved since
+    training), proven the same base by its fingerprint (CheckpointError else)."""
+    d, f = Path(base), where / LORA_FILE
+    if not (d / "config.json").is_file():
+        raise CheckpointError(f"--base {base}: not a pipeline model dir (no config.json)")
+    if not info.get("base_fingerprint"):
+        raise CheckpointError(f"--base {base}: {f} records no base_fingerprint that could prove it the base these "
+                              "adapters were trained on")
+    if base_fingerprint(d) != info["base_fingerprint"]:
+        raise CheckpointError(f"--base {base}: not the base these adapters were trained on (its config.json or "
+                              f"weights differ from {f}'s base_fingerprint)")
+    return {**info, "base_model_path": str(d.resolve())}
+
+
+MOVED = "moved? pp_to_hg --base DIR names where it is now"
+
+
 def check_adapter_pairs(f: Path, sd: dict[str, torch.Tensor], r: int) -> None:
     """Every adapter of a layer file is a lora_A [r, in] with its lora_B [out, r] (`r`: lora_config.json's); else a
     CheckpointError naming the file and the key (peft could not load the export, a merge would scale it wrongly)."""
@@ -390,6 +434,11 @@ def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_pat
     sources = [tag_dir, side_dir, info["base_model_path"], hf_source_of(info["base_model_path"])]  # the adapter's base
     check_target(Path(save_path), overwrite, sources)
     check_base(info, tag_dir)  # the base the adapter config names
+    if not Path(info["base_model_path"]).is_dir():
+        from .convert import log  # convert imports this module
+
+        log(f"warning: {tag_dir / LORA_FILE}: base model {info['base_model_path']} not found: the adapter's "
+            f"base_model_name_or_path names it as it was ({MOVED})")
     tensors = adapter_tensors(tag_dir, family, family.num_blocks(config), settings.r)
     with atomic_output_dir(save_path, overwrite, sources=sources) as tmp:
         cfg = settings.peft_config()
@@ -425,7 +474,8 @@ def merged_hf_tensors(tag_dir: Path, info: dict, family: ModelFamily, config, pr
     scale = settings.scale
     base = Path(info["base_model_path"])
     if not base.is_dir():
-        raise CheckpointError(f"{tag_dir / LORA_FILE}: base model {base} not found (the LoRA checkpoint holds only adapters)")
+        raise CheckpointError(f"{tag_dir / LORA_FILE}: base model {base} not found (the LoRA checkpoint holds only "
+                              f"adapters; {MOVED})")
     check_base(info, tag_dir)
     quant = QuantSettings.from_info(info["quantization"]) if info.get("quantization") else None
     if quant is not None:

@@ -256,16 +256,33 @@ def test_an_adapter_with_per_module_settings_is_refused(tmp_path, pattern):
     ({"layers_to_transform": 0, "layers_pattern": "layers"}, "the adapter sets layers_to_transform 0, layers_pattern "
                                                              "\"layers\" (adapters in some layers only), which is not "
                                                              "supported: the pipeline adapts every layer"),
-], ids=["bias-all", "bias-lora_only", "layers_to_transform", "layers_pattern"])
+    ({"exclude_modules": ["model.layers.1.self_attn.q_proj"]}, "the adapter sets exclude_modules "
+     "[\"model.layers.1.self_attn.q_proj\"] (adapters in some layers only), which is not supported: the pipeline "
+     "adapts every layer"),
+    # peft subtracts the initial adapters from the base as it loads these: the pipeline would count them twice
+    ({"init_lora_weights": "pissa"}, "the adapter's init_lora_weights is \"pissa\": peft changes the base as it loads "
+     "such an adapter (PiSSA, OLoRA, CorDA and LoftQ subtract their initial adapters from it), while these adapters add "
+     "to the base as it is; convert it to a plain LoRA adapter first (peft: save_pretrained(..., "
+     "path_initial_model_for_weight_conversion=...))"),
+    # an adapter of some modules only, or of peft's dotted names for the configured ones
+    ({"target_modules": r".*layers\.0\.self_attn\.q_proj"}, "the adapter has no model.layers.0.self_attn.v_proj.lora_A "
+     "(10 of the 12 adapter tensors lora.target_modules ['q_proj', 'v_proj'] needs are missing): it adapts fewer "
+     "modules, and those would start fresh; set lora.target_modules to what it adapts"),
+    ({"target_modules": ["self_attn.q_proj", "self_attn.v_proj"]}, None),
+], ids=["bias-all", "bias-lora_only", "layers_to_transform", "layers_pattern", "exclude_modules", "pissa", "regex",
+        "dotted"])
 def test_an_adapter_with_bias_or_of_some_layers_is_refused_in_one_line(tmp_path, ops_model, over, says):
     """peft's bias "all" / "lora_only" was refused as a tensor that "does not fit this llama model" (the biases it
     trains; or accepted, the model having none); layers_to_transform was accepted and widened to every layer (the
     export then dropped the key)."""
     model = get_family("llama").hf_model_class.from_pretrained(str(ops_model / "hf"))
-    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                     **over)).save_pretrained(str(tmp_path / "adapter"))
+    get_peft_model(model, LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **over})
+                   ).save_pretrained(str(tmp_path / "adapter"))
     lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "adapter_path": str(tmp_path / "adapter")}
     cfg = ops_config(tmp_path, ops_model, lora=lora)
+    if says is None:
+        assert load_config(cfg).lora == lora
+        return
     with pytest.raises(ConfigError) as e:
         load_config(cfg)
     assert str(e.value) == f"{cfg}: lora.adapter_path {tmp_path / 'adapter'}: {says}"

@@ -586,7 +586,7 @@ def _check_lora(cfg: TrainConfig, path: Path, resuming: bool = False) -> LoraSet
         family, config = family_of(Path(cfg.model_path))
         settings = parse_lora(cfg.lora, family, config)
         if settings.adapter_path:
-            check_adapter_keys(settings.adapter_path, family, family.num_blocks(config))
+            check_adapter_keys(settings.adapter_path, family, family.num_blocks(config), settings.target_modules)
         if cfg.quantization is not None:
             parse_quantization(cfg.quantization, family, config, settings)
     except (ValueError, CheckpointError) as e:

@@ -2,7 +2,7 @@
 
   python convert_model.py hg_to_pp --input-path HF_DIR|ORG/NAME --save-path PP_DIR [--dtype bf16|fp16|fp32]
   python convert_model.py pp_to_hg --input-path CKPT_DIR --save-path HF_DIR [--max-shard-size 5GB]
-  python convert_model.py pp_to_hg --input-path LORA_CKPT --save-path DIR --lora peft|merge
+  python convert_model.py pp_to_hg --input-path LORA_CKPT --save-path DIR --lora peft|merge [--base BASE_PP_DIR]
   python convert_model.py init --family llama (--config-json FILE | --preset tiny) --tokenizer DIR --save-path PP_DIR
 """
 
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--lora", choices=["peft", "merge"], help="a LoRA checkpoint: write a PEFT adapter dir, or the base "
                    "model with the adapters merged in")
+    p.add_argument("--base", help="a LoRA checkpoint whose base pipeline dir moved since training: where it is now "
+                   "(checked against the base fingerprint the checkpoint records)")
 
     p = sub.add_parser("init", help="a freshly initialised model in pipeline format")
     p.add_argument("--family", required=True, choices=sorted(FAMILIES))
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hg_to_pp":
             hg_to_pp(args.input_path, args.save_path, args.dtype, args.overwrite)
         elif args.command == "pp_to_hg":
-            pp_to_hg(args.input_path, args.save_path, args.max_shard_size, args.overwrite, args.lora)
+            pp_to_hg(args.input_path, args.save_path, args.max_shard_size, args.overwrite, args.lora, args.base)
         else:
             init_model(args.family, args.save_path, args.tokenizer, args.config_json, args.preset, args.seed,
                        args.dtype, args.overwrite)

@@ -356,19 +356,25 @@ def chat_template_mismatch(config_dir: Path, found, peft: bool = False) -> str |
 
 
 def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str = "5GB", overwrite: bool = False,
-             lora: str | None = None) -> Path:
+             lora: str | None = None, base: str | Path | None = None) -> Path:
     """Pipeline or checkpoint dir -> HF dir with sharded safetensors + index, config (its dtype that of the weights
     written when they share one, its `architectures` the family's class where it names none), tokenizer and
     generation config (stopping on the tokens the run's answers end with, see `end_of_turn_generation_config`).
     A LoRA checkpoint needs `lora`: "peft" (adapter_config.json + adapter_model.safetensors) or "merge" (the base
-    with the adapters merged in, as a full HF dir)."""
-    from .lora import export_peft, merged_hf_tensors, read_lora_info
+    with the adapters merged in, as a full HF dir); `base`: where its base pipeline dir is now, when it moved since
+    training (proven the same by its fingerprint)."""
+    from .lora import export_peft, located_base, merged_hf_tensors, read_lora_info
 
     layers_dir, config_dir = resolve_checkpoint(input_path)
     dst = Path(save_path)
     family, config = family_of(config_dir)
     max_bytes = parse_size(max_shard_size)
     info = read_lora_info(layers_dir)
+    if base is not None:
+        if info is None:
+            raise CheckpointError(f"--base {base}: {layers_dir} is not a LoRA checkpoint (no "
+                                  f"{layers_dir / 'lora_config.json'}): only an adapters' base can be given")
+        info = located_base(info, base, layers_dir)
     base = info.get("base_model_path") if info else None
     sources = [input_path, layers_dir, config_dir, base, hf_source_of(base) if base else None]  # an adapter's base
     check_target(dst, overwrite, sources, renamed=True)
@@ -396,7 +402,7 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
     if lora == "merge":
         if q := info.get("quantization"):
             log(f"QLoRA checkpoint: merging the adapters into the dequantised 4-bit base ({q['bnb_4bit_quant_type']}): "
-                "every quantised linear weight is written as its dequantised value, a full-precision model that "
+                "every quantised linear weight is written as its dequantised value, in the base's dtype: a model that "
                 "computes what training computed (not the original base weights)")
         tensors = merged_hf_tensors(layers_dir, info, family, config)
     else:

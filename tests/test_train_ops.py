@@ -235,8 +235,17 @@ def test_eval_early_stopping_and_keep_best(tmp_path, ops_model, tokenizer):
     assert state["finished"] and [tuple(e) for e in state["evals"]] == evals
 
     again = run_deepspeed("train_ds.py", ["--config", str(cfg)])  # a finished run is not trained further
-    assert f"nothing to do: this run finished at step {last_step}" in again.stdout
+    assert (f"nothing to do: this run finished at step {last_step} (early stopping ended it after {patience} "
+            "evaluations without improvement: raise early_stopping_patience or turn it off to train further") in again.stdout
     assert [(m["step"], m["eval_loss"]) for m in metrics_of(save) if "eval_loss" in m] == evals
+    patient = cfg.with_name("patient.json")  # a raised patience continues it (the length alone was not the limit)
+    patient.write_text(json.dumps({**json.loads(cfg.read_text()), "early_stopping_patience": patience + 1}))
+    more = run_deepspeed("train_ds.py", ["--config", str(patient)])
+    assert (f"continuing the run early stopping ended at step {last_step}: early_stopping_patience is {patience + 1} "
+            f"now ({patience} evaluations since the best)") in more.stdout
+    after = [(m["step"], m["eval_loss"]) for m in metrics_of(save) if "eval_loss" in m]
+    assert after[:len(evals)] == evals and after[len(evals)][0] == last_step + 2, after
+    last_step = after[-1][0]
     # eval data rewritten under the same path: its losses would not compare with the earlier ones (judged by the
     # eval rows, as the training data are; a moved eval file would be the same eval data)
     (tmp_path / "eval.jsonl").write_text("".join((ops_model / "eval.jsonl").read_text().splitlines(keepends=True)[1:]))

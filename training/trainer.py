@@ -434,17 +434,25 @@ class Trainer(TrainingData, RunDirectory):
         cfg, st = self.cfg, self.state
         losses, saved_at, skipped = [], st.step, 0
         # a finished run continues when its length was raised, or when a lower one ended it (also back at its length)
+        early = st.finished and not st.cut_short and st.step < self.total_steps  # early stopping ended it
+        patience, since = cfg.early_stopping_patience, st.evals_since_best()
         if st.finished and (self.changes_length or st.cut_short) and st.step < self.total_steps:
             self.log(f"continuing the finished run from step {st.step} to step {self.total_steps} (its length was raised)")
             st.finished, st.cut_short = False, False
+        elif early and (not patience or since < patience):
+            self.log(f"continuing the run early stopping ended at step {st.step}: early_stopping_patience is "
+                     f"{patience or 'off'} now ({since} evaluations since the best)")
+            st.finished = False
         elif not st.finished and (st.step > self.total_steps or st.step == self.total_steps and self.changes_length):
             # (at its last step and unchanged: a run stopped after its last save, before it was marked finished)
             self.log(f"the run is {self.total_steps} steps long now, and the checkpoint is at step {st.step}: it ends here "
                      "(a longer max_steps or n_epoches later continues it)")
             st.cut_short = True
         if st.finished:
-            self.log(f"nothing to do: this run finished at step {st.step} (raise max_steps or n_epoches to train "
-                     "further; a new run needs another save_path, or \"resume\": false with \"overwrite_save_path\": true)")
+            more = (f"early stopping ended it after {since} evaluations without improvement: raise "
+                    "early_stopping_patience or turn it off" if early else "raise max_steps or n_epoches")
+            self.log(f"nothing to do: this run finished at step {st.step} ({more} to train further; a new run needs "
+                     "another save_path, or \"resume\": false with \"overwrite_save_path\": true)")
             return
         pending = self.prefetch.submit(self.batches_for, st.step)
         self.last_save_time = time.time()

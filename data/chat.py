@@ -99,6 +99,11 @@ def _check_kept(text: str, messages: list[dict[str, str]]) -> None:
             raise ValueError(f"the chat template rewrote message {i} ({m['role']}: {_CONTENT.get(m['role'], 'text')}, "
                              f"{content[:40]!r}){why}; it would not be trained as written: use a template that renders "
                              f"{m['role']} messages as they are, or \"template\": \"default\"")
+        if found < 0 and i and text.find(content) >= 0:  # there, but before the previous message's text
+            raise ValueError(f"the chat template renders message {i} ({m['role']}) before message {i - 1} "
+                             f"({messages[i - 1]['role']}): it moves or reorders messages (e.g. the system message "
+                             "into the last user turn), so a record's prompt is not the start of its training text: "
+                             "use a template that keeps the messages in order, or \"template\": \"default\"")
         if found < 0:
             raise ValueError(f"the chat template dropped message {i} ({m['role']}: {_CONTENT.get(m['role'], 'text')}, "
                              f"{content[:40]!r}); it would never be trained on: use a template that renders "

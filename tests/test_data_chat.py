@@ -14,6 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from data import inspect as data_inspect
+from data.chat import _check_kept
 from data.encode import IGNORE_INDEX, encode_one, encode_records, load_dataset
 from data.records import DataError, load_records, record_type
 from data.templates import CHAT_MESSAGES, TemplateSettings, render
@@ -170,6 +171,12 @@ def test_a_template_that_drops_part_of_a_record_is_a_file_line_error(chat_dir, t
             "given instruct'); it would never be trained on: use a template that renders system messages, or "
             "\"template\": \"default\"")
     assert e.value.problems == [f"{data}:2: {said}", f"{data}:3: {said}"]  # 3: the answer quotes the reference
+    # a template that writes the system message into the last user turn (Mistral-Nemo's) moved it, not dropped message 1
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
+                {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+    with pytest.raises(ValueError, match=r"^the chat template renders message 1 \(user\) before message 0 \(system\): "
+                       "it moves or reorders messages"):
+        _check_kept("[INST]Q1[/INST]A1</s>[INST]Be brief.\n\nQ2[/INST]", messages)
 
 
 def test_a_first_turn_answer_is_found_when_the_records_are_validated(chat_dir, tmp_path, monkeypatch):

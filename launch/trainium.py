@@ -11,14 +11,16 @@ its --node_rank. Checked before anything starts: the topology against nproc_per_
 arguments, and an optimizer that needs DeepSpeed's compiled ops (fused Adam/Lamb), which have no Neuron build:
 Adam/AdamW need "torch_adam": true. --accelerator DEVICE:BACKEND runs the same path on another device (the
 tests use cpu:gloo); a device or backend torch lacks here, or a device this machine lacks (--dry-run: a note; the
-command is for a host with one), is refused before torchrun starts. Trn1 (torch-xla) is not served by this path: see
-README.
+command is for a host with one), is refused before torchrun starts. It exports TORCH_ELASTIC_SHUTDOWN_TIMEOUT=900
+unless set: torchrun SIGKILLs its workers 30 s after passing a SIGTERM on, which would cut the checkpoint they then
+write. Trn1 (torch-xla) is not served by this path: see README.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 
 from launch import ENV, REGISTERS, AcceleratorError, check_device, device_missing, parse_spec
@@ -49,6 +51,10 @@ def check_optimizer(raw: dict, path) -> None:
     if kind in COMPILED_OPTIMIZERS:
         raise AcceleratorError(f"{path}: optimizer {opt.get('type')} is a DeepSpeed compiled op with no Neuron build; "
                                "use AdamW with \"torch_adam\": true, or Lion")
+
+
+# torchrun SIGKILLs its workers 30 s (its default) after passing a SIGTERM on: a checkpoint being written then is lost
+SHUTDOWN_ENV, SHUTDOWN_S = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 900
 
 
 def build(args: argparse.Namespace) -> Launch:
@@ -82,7 +88,10 @@ def build(args: argparse.Namespace) -> Launch:
         check_device(device, backend, "--accelerator", present=not args.dry_run)
         if args.dry_run and device_missing(device):
             notes.append(f"no {device!r} device here: the command is for a host with one")
-    return Launch(cmd, {ENV: f"{device}:{backend}"}, notes=notes)
+    env = {ENV: f"{device}:{backend}"}
+    if SHUTDOWN_ENV not in os.environ:  # torch's agent SIGKILLs the ranks this long after passing SIGTERM on
+        env[SHUTDOWN_ENV] = str(SHUTDOWN_S)
+    return Launch(cmd, env, notes=notes)
 
 
 main = main_of("launch.trainium", parser, build)

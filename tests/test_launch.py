@@ -140,7 +140,8 @@ def test_trainium_dry_run(cfg, capsys):
                                         "10.0.0.5", "--dry-run", "train_ds.py", "--config", str(path)], capsys)
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert [ln for ln in lines if ln.startswith("export ")] == ["export PIPEFT_ACCELERATOR=neuron:neuron"]
+    assert [ln for ln in lines if ln.startswith("export ")] == ["export PIPEFT_ACCELERATOR=neuron:neuron",
+                                                               "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=900"]
     assert lines[-1].split() == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "8", "--nnodes",
                                  "2", "--node_rank", "1", "--master_addr", "10.0.0.5", "--master_port", "29500",
                                  "train_ds.py", "--config", str(path)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -120,6 +121,21 @@ def test_disk_full_while_writing_an_export_is_one_line(small_disk):
 
 
 # ------------------------------------------------------------------------------------------ stopping the launcher
+
+
+def test_sigterm_during_set_up_exits_without_a_step_or_a_save(tmp_path, ops_model):
+    """A preemption while the ranks load data and the model: they stop before the first step, saving nothing (a save
+    of a big model after a whole step could outlast the scheduler's grace period). SIGHUP (torchrun passes it on)
+    and SIGUSR1 (SLURM's --signal=USR1@N) stop a run as SIGTERM does: they ended it unsaved."""
+    cfg = ops_config(tmp_path, ops_model)
+    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "setup:0:60"})
+    wait_for(lambda: "activation checkpointing:" in output_of(proc), proc)  # the set-up's last line
+    for w, sig in zip(workers_of(proc), (signal.SIGHUP, signal.SIGUSR1), strict=True):
+        w.send_signal(sig)
+    _, out = finish_deepspeed(proc, expect=0)
+    assert re.search(r"received SIG(HUP|USR1) during set-up: exiting before step 1, with nothing new to save \(resume "
+                     r"with the same command\)", out), out[-3000:]
+    assert not list((tmp_path / "out").glob("*global_step*")) and not losses_of(tmp_path / "out")
 
 
 @pytest.mark.distributed

@@ -68,6 +68,11 @@ def squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tenso
     return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=device)
 
 
+# save at the next step boundary and stop: a scheduler's preemption (TERM; SLURM --signal=USR1@N, Lightning's way),
+# Ctrl-C, a hangup (torchrun passes SIGHUP on to its workers, e.g. when an ssh session ends)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
 class Trainer(TrainingData, RunDirectory):
     """One process of a pipeline x data-parallel training run."""
 
@@ -88,7 +93,7 @@ class Trainer(TrainingData, RunDirectory):
         # a process group made before (a caller's, e.g. a notebook's or a test session's) is used, and left as it is
         self.owns_group = not torch.distributed.is_initialized()
         self.caller_groups = caller_groups()  # the caller's; close() destroys the ones this run makes
-        self.caller_handlers: dict = {}  # the SIGTERM / SIGINT handlers before setup, put back by close()
+        self.caller_handlers: dict = {}  # the STOP_SIGNALS' handlers before setup, put back by close()
 
     def log(self, msg: str) -> None:
         if self.monitor is not None:
@@ -139,8 +144,10 @@ class Trainer(TrainingData, RunDirectory):
         timeout = timedelta(minutes=cfg.dist_timeout_minutes)
         # SIGTERM / SIGINT end a process still waiting for the others (nothing to save yet; the wait is in C++,
         # where a Python handler would run only once it times out); from the process group on they save and stop
-        self.caller_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # for close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.caller_handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}  # for close()
+        stops = [sig for sig in STOP_SIGNALS if sig in (signal.SIGTERM, signal.SIGINT)
+                 or self.caller_handlers[sig] is not signal.SIG_IGN]  # nohup's ignored hangup stays ignored
+        for sig in stops:
             signal.signal(sig, signal.SIG_DFL)
         if acc.device_name() == "cpu":
             remove_stale_shm_buffer(self.rank)
@@ -154,7 +161,7 @@ class Trainer(TrainingData, RunDirectory):
                               f"dist_timeout_minutes {cfg.dist_timeout_minutes:g} (did a process on another node fail "
                               "to start? see its log; or MASTER_ADDR does not resolve or cannot be reached from this "
                               f"node): {one_line(e, 200)}") from None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in stops:
             signal.signal(sig, self._on_signal)
         # waits of unbounded length (first-time tokenization on one rank per node) use a group without a deadline
         self.patient = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7))
@@ -453,6 +460,12 @@ class Trainer(TrainingData, RunDirectory):
                     "early_stopping_patience or turn it off" if early else "raise max_steps or n_epoches")
             self.log(f"nothing to do: this run finished at step {st.step} ({more} to train further; a new run needs "
                      "another save_path, or \"resume\": false with \"overwrite_save_path\": true)")
+            return
+        fault_pause("setup", st.step, until=lambda: self.stop_signal is not None)
+        if self._at_boundary()[0]:  # SIGTERM during set-up (data, model, checkpoint load): there is nothing to save,
+            # and a save of a big model would outlast a scheduler's grace period
+            self.log(f"received {self.stop_signal or 'a stop signal on another rank'} during set-up: exiting before "
+                     f"step {st.step + 1}, with nothing new to save ({resume_hint(cfg)})")
             return
         pending = self.prefetch.submit(self.batches_for, st.step)
         self.last_save_time = time.time()

@@ -515,8 +515,13 @@ def test_the_busy_port_advice_follows_the_launcher_and_srun_hostlists_expand(tmp
     ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
      "this process was started by MPI (OMPI_COMM_WORLD_SIZE=2), which this project does not launch with (mpirun, "
      "deepspeed --launcher openmpi or mvapich): start it through deepspeed"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999",
+      "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"},  # every task a rank 0 that waited out dist_timeout_minutes
+     "RANK=0 and WORLD_SIZE=2 are set in the environment of srun task 1 of 2 (exported by the batch script? "
+     "$SLURM_PROCID there is the batch shell's, 0 for every task): unset RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR "
+     "and MASTER_PORT before srun"),
 ], ids=["no LOCAL_RANK (a Kubeflow PyTorchJob)", "no master", "rank past the world", "not a number",
-        "mpirun (each process alone)"])
+        "mpirun (each process alone)", "RANK exported to every srun task"])
 def test_an_incomplete_launch_environment_is_one_line(tmp_path, ops_model, monkeypatch, capsys, env, message):
     """RANK without the rest used to be a KeyError, DeepSpeed's MPI discovery (no mpi4py) or a hang; processes of
     mpirun each trained alone (as "single")."""

@@ -62,6 +62,8 @@ def launch_env() -> str:
                               ) from None
         if not 0 <= rank < world or local < 0:
             raise LaunchError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world}), or LOCAL_RANK={local} < 0")
+        if problem := srun_rank_problem(rank, world):
+            raise LaunchError(problem)
         return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
     if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:  # a step started by srun (not the batch script)
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
@@ -103,17 +105,39 @@ class LauncherWatch:
 
     def __init__(self) -> None:
         self.launch, self.runner = os.getppid(), None
-        try:
-            cmdline = Path(f"/proc/{self.launch}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            return
-        if b"deepspeed.launcher.launch" in cmdline:
+        if _is_deepspeed_launch(self.launch):
             self.runner = _ppid_of(self.launch)
 
     def gone(self) -> bool:
         if self.runner is None:
             return False
         return os.getppid() != self.launch or _ppid_of(self.launch) != self.runner
+
+
+def srun_rank_problem(rank: int, world: int) -> str | None:
+    """Why RANK / WORLD_SIZE cannot be this srun task's: set in its environment by no launcher of its own
+    (torchrun, deepspeed's launch), they must be SLURM_PROCID / SLURM_STEP_NUM_TASKS. Exported in the batch script
+    (`export RANK=$SLURM_PROCID` is the batch shell's 0 for every task), every task would be a rank 0 waiting out
+    dist_timeout_minutes. None when they are, or outside an srun step."""
+    env = os.environ
+    if "SLURM_STEP_NUM_TASKS" not in env or "SLURM_PROCID" not in env or "TORCHELASTIC_RUN_ID" in env \
+            or _is_deepspeed_launch(os.getppid()):
+        return None
+    procid, tasks = env["SLURM_PROCID"], env["SLURM_STEP_NUM_TASKS"]
+    if (str(rank), str(world)) == (procid, tasks):
+        return None
+    return (f"RANK={rank} and WORLD_SIZE={world} are set in the environment of srun task {procid} of {tasks} "
+            "(exported by the batch script? $SLURM_PROCID there is the batch shell's, 0 for every task): unset RANK, "
+            "WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT before srun, which the ranks then take from SLURM's "
+            "own variables, or set them per task (srun bash -c '...')")
+
+
+def _is_deepspeed_launch(pid: int) -> bool:
+    """Whether process `pid` is DeepSpeed's per-node `deepspeed.launcher.launch` (False without /proc)."""
+    try:
+        return b"deepspeed.launcher.launch" in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
 
 
 def master_port_problem(launcher: str = "deepspeed") -> str | None:

@@ -68,6 +68,24 @@ def test_two_nodes_train_preempt_and_resume_like_one(tmp_path, ops_model, ops_un
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_node_lost_mid_run_is_one_line_on_the_other(tmp_path, ops_model):
+    """node-b's process killed after step 2 (out of memory, a node lost): node-a's ends with one line naming what
+    happened and how to go on, not gloo's traceback."""
+    cfg = ops_config(tmp_path, ops_model)
+    save = tmp_path / "out"
+    procs = start_nodes(tmp_path, cfg, env={"PIPEFT_FAULT_PAUSE": "step:2:8"})
+    wait_for(lambda: (save / "metrics.jsonl").is_file() and 2 in losses_of(save), procs[0])
+    for w in workers_of(procs[1]):
+        w.send_signal(signal.SIGKILL)
+    out = finish_deepspeed(procs[0], expect=1)[1]
+    finish_deepspeed(procs[1], expect=None)
+    said = [line for line in out.splitlines() if line.startswith("train_ds.py: error:")]
+    assert len(said) == 1 and "Traceback" not in out, out[-4000:]
+    assert re.fullmatch(r"train_ds.py: error: rank 0: another process of this run has ended \(killed, out of memory, "
+                        r"its node lost\? see its log\): Connection closed by peer \S+; the run resumes from its last "
+                        r"checkpoint: resume with the same command", said[0]), said[0]
+
+
 def test_a_node_local_save_path_is_refused(tmp_path, ops_model):
     shared, private = tmp_path / "shared", tmp_path / "private"
     shared.mkdir()

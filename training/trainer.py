@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -599,12 +600,23 @@ class Trainer(TrainingData, RunDirectory):
                 signal.signal(sig, handler)
 
 
+# what gloo says when a peer's process ends (killed, out of memory, its node lost) in the middle of a collective
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "connectFullMesh failed")
+
+
 def run(cfg: TrainConfig) -> None:
     trainer, failed = Trainer(cfg), True
     try:
         trainer.setup()
         trainer.train()
         failed = False
+    except RuntimeError as e:  # a peer gone: one line on each process that saw it, not gloo's traceback
+        if isinstance(e, TrainingStopped) or not any(m in str(e) for m in PEER_LOST):
+            raise
+        said = re.sub(r"^\[[^\]]*\]\s*", "", one_line(e, None)).split(". ")[0]  # gloo's source line and advice off
+        raise TrainingStopped(f"rank {trainer.rank}: another process of this run has ended (killed, out of memory, "
+                              f"its node lost? see its log): {said[:160]}; the run resumes from its last checkpoint: "
+                              f"{resume_hint(cfg)}") from None
     finally:
         trainer.close(failed)
         sys.stdout.flush()

@@ -190,17 +190,15 @@ def write_manifest(tag_dir: Path) -> None:
 
 
 def fault_pause(where: str, step: int, until=None) -> None:
-    """Testing aid: PIPEFT_FAULT_PAUSE="WHERE:STEP:SECONDS[:FILE]" (WHERE = step | save | setup) waits there, giving a test
-    a known moment to deliver a real SIGTERM or SIGKILL, or to start a second run; `until()` true or FILE
-    existing ends the wait early. Unset in normal runs."""
-    spec = os.environ.get("PIPEFT_FAULT_PAUSE", "")
-    if not spec:
-        return
-    at, at_step, seconds, *release = spec.split(":", 3)
-    if at == where and int(at_step) == step:
-        end = time.time() + float(seconds)
-        while time.time() < end and not (until and until()) and not (release and os.path.exists(release[0])):
-            time.sleep(0.05)
+    """Testing aid: PIPEFT_FAULT_PAUSE="WHERE:STEP:SECONDS[:FILE][,...]" (WHERE = step | save | setup | data) waits
+    there, giving a test a known moment to deliver a real SIGTERM or SIGKILL, or to start a second run; `until()`
+    true or FILE existing ends the wait early. Unset in normal runs."""
+    for spec in filter(None, os.environ.get("PIPEFT_FAULT_PAUSE", "").split(",")):
+        at, at_step, seconds, *release = spec.split(":", 3)
+        if at == where and int(at_step) == step:
+            end = time.time() + float(seconds)
+            while time.time() < end and not (until and until()) and not (release and os.path.exists(release[0])):
+                time.sleep(0.05)
 
 
 class Checkpoints:

@@ -14,6 +14,7 @@ from data.encode import RUN_CACHE_DIR, cache_file, load_dataset, show_progress, 
 from data.packing import describe
 from data.records import DataError, Record, read_files
 from training.batches import DROP_LAST, BatchPlan, RowsView, row_trained
+from training.checkpoint import fault_pause
 from training.config import ConfigError
 from training.evaluate import EvalPlan, training_and_eval_rows
 from training.rundir import data_fingerprint
@@ -93,6 +94,7 @@ class TrainingData:
             try:
                 with show_progress():  # a cold start's "tokenizing N records on P processes", then how far it is
                     found = [load(p, checked.pop(0)) for p in paths]
+                fault_pause("data", 0)  # (tests: a tokenization longer than dist_timeout_minutes)
             except DataError as e:
                 error = e
         validated.clear()  # not the builder: records it checked are not needed

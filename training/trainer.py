@@ -164,8 +164,14 @@ class Trainer(TrainingData, RunDirectory):
                               f"node): {one_line(e, 200)}") from None
         for sig in stops:
             signal.signal(sig, self._on_signal)
-        # waits of unbounded length (first-time tokenization on one rank per node) use a group without a deadline
-        self.patient = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7))
+        # waits of unbounded length (first-time tokenization on one rank per node) use a group without a deadline;
+        # made with dist_timeout_minutes, as gloo connects its pairs within the group's timeout (an unreachable
+        # gloo address would hang a week), then given its own
+        c10d, patient = torch.distributed.distributed_c10d, timedelta(days=7)
+        settable = hasattr(c10d, "_set_pg_timeout")
+        self.patient = torch.distributed.new_group(backend="gloo", timeout=timeout if settable else patient)
+        if settable:
+            c10d._set_pg_timeout(patient, self.patient)
         if not self.owns_group:
             self._validate_data_together()
         if acc.device_name() != "cpu":

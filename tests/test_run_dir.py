@@ -487,9 +487,16 @@ def test_the_busy_port_advice_follows_the_launcher_and_srun_hostlists_expand(tmp
     assert first_host("rack[1-2]-node[01-04],x") == "rack1-node01" and first_host("r[1-2]n[01-16]") == "r1n01"
     assert first_host("gpu[03-05,09],cpu1") == "gpu03" and first_host("a-b[001-004]") == "a-b001"
     no_process_group(monkeypatch)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):  # recorded, so that what launch_env sets
-        monkeypatch.setenv(k, "0")  # from the SLURM variables is undone after the test
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_PORT", "MASTER_ADDR"):  # recorded: what
+        monkeypatch.setenv(k, "0")  # launch_env sets from the SLURM variables is undone after the test
         monkeypatch.delenv(k)
+    from training.distributed import launch_env
+
+    for k, v in {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_ID": "4321987"}.items():
+        monkeypatch.setenv(k, v)
+    assert launch_env() == "slurm" and os.environ["MASTER_PORT"] == str(15000 + 4321987 % 17000)  # not ephemeral
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "SLURM_JOB_ID"):
+        os.environ.pop(k, None)  # each recorded above: monkeypatch puts back what was there before the test
     with socket.socket() as s:
         s.bind(("", 0))
         s.listen()
@@ -520,8 +527,11 @@ def test_the_busy_port_advice_follows_the_launcher_and_srun_hostlists_expand(tmp
      "RANK=0 and WORLD_SIZE=2 are set in the environment of srun task 1 of 2 (exported by the batch script? "
      "$SLURM_PROCID there is the batch shell's, 0 for every task): unset RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR "
      "and MASTER_PORT before srun"),
+    ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2", "MASTER_ADDR": "127.0.0.1"},
+     "MASTER_ADDR=127.0.0.1 (inherited by this srun step, e.g. exported by the batch script or the login shell) is "
+     "this node's loopback address, but the step spans 2 nodes: unset it"),
 ], ids=["no LOCAL_RANK (a Kubeflow PyTorchJob)", "no master", "rank past the world", "not a number",
-        "mpirun (each process alone)", "RANK exported to every srun task"])
+        "mpirun (each process alone)", "RANK exported to every srun task", "a loopback master for two nodes"])
 def test_an_incomplete_launch_environment_is_one_line(tmp_path, ops_model, monkeypatch, capsys, env, message):
     """RANK without the rest used to be a KeyError, DeepSpeed's MPI discovery (no mpi4py) or a hang; processes of
     mpirun each trained alone (as "single")."""

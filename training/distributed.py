@@ -31,7 +31,9 @@ class LaunchError(ValueError):
     form: one line."""
 
 
-SLURM_DEFAULT_PORT_BASE = 20000  # MASTER_PORT under srun: 20000 + job id mod 20000, unless MASTER_PORT is set
+# MASTER_PORT under srun, unless set: 15000 + job id mod 17000, below Linux's ephemeral ports (32768-60999), which
+# outgoing connections take (a port among them was now and then in use by one)
+SLURM_DEFAULT_PORT_BASE, SLURM_PORT_SPAN = 15000, 17000
 
 
 MPI_WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")  # Open MPI, MPICH/Intel, MVAPICH
@@ -44,7 +46,7 @@ def launch_env() -> str:
     """Make the process-group variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) present, and
     return how this process was started: "deepspeed" | "torchrun" (they set them) | "slurm" (`srun python
     train_ds.py`: from SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID, the master the first host of the
-    step's node list, port 20000 + job id mod 20000) | "single" (no launcher: one process, a 1-stage
+    step's node list, port 15000 + job id mod 17000) | "single" (no launcher: one process, a 1-stage
     pipeline, instead of DeepSpeed's MPI discovery). Processes started by MPI (mpirun, `deepspeed --launcher
     openmpi|mvapich`) are refused: each would train alone as "single"."""
     env = os.environ
@@ -67,7 +69,13 @@ def launch_env() -> str:
         return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
     if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:  # a step started by srun (not the batch script)
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
-        port = env.get("MASTER_PORT") or str(SLURM_DEFAULT_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        port = env.get("MASTER_PORT") or str(SLURM_DEFAULT_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % SLURM_PORT_SPAN)
+        addr, nodes_n = env.get("MASTER_ADDR", ""), env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or "1"
+        if nodes_n.isdigit() and int(nodes_n) > 1 and (addr == "localhost" or addr.startswith("127.") or addr == "::1"):
+            raise LaunchError(f"MASTER_ADDR={addr} (inherited by this srun step, e.g. exported by the batch script "
+                              f"or the login shell) is this node's loopback address, but the step spans {nodes_n} "
+                              "nodes: unset it (the first host of the step's node list is then the master) or set "
+                              "the first node's address")
         env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_STEP_NUM_TASKS"],
                    LOCAL_RANK=env.get("SLURM_LOCALID", "0"), MASTER_ADDR=env.get("MASTER_ADDR") or first_host(nodes),
                    MASTER_PORT=port)

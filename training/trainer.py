@@ -156,7 +156,9 @@ class Trainer(TrainingData, RunDirectory):
             if (warning := init_restarted_torchrun(backend, timeout, bound)) and self.local_rank == 0:
                 print(f"warning: {warning}", flush=True)
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-        except torch.distributed.DistError as e:
+        except RuntimeError as e:  # DistError; gloo's connectFullMesh (a store another run holds gave its peers)
+            if not isinstance(e, torch.distributed.DistError) and "connectFullMesh" not in str(e):
+                raise
             raise LaunchError(f"rank {self.rank}: the {os.environ.get('WORLD_SIZE')} processes did not all join at "
                               f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
                               f"dist_timeout_minutes {cfg.dist_timeout_minutes:g} (did a process on another node fail "

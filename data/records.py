@@ -211,7 +211,17 @@ def record_type(rec: Mapping[str, Any]) -> str:
         if spec.infer_key in rec:
             return kind
     keys = ", ".join(f"{s.infer_key!r} ({k})" for k, s in RECORD_TYPES.items())
-    raise ValueError(f"cannot tell the record type: no \"type\" key and none of the keys {keys}")
+    hint = next((f"; {h}" for k, h in OTHER_FORMATS.items() if k in rec), "")
+    raise ValueError(f"cannot tell the record type: no \"type\" key and none of the keys {keys}{hint}")
+
+
+# other datasets' keys for what a record says here: a hint when none of the record types' keys is there
+OTHER_FORMATS = {
+    "instruction": "Alpaca's 'instruction' is 'instruct' here (with 'input' and 'output')",
+    "messages": "chat 'messages' ([{role, content}, ...]) are 'rounds' here: [[\"ask\", text], [\"ans\", text], ...]",
+    "conversations": "ShareGPT's 'conversations' are 'rounds' here: [[\"ask\", text], [\"ans\", text], ...]",
+    "prompt": "a prompt and its completion are an instruct record here: 'instruct' and 'output'",
+}
 
 
 def _record_problems(obj: Any) -> list[str]:

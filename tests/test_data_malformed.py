@@ -37,6 +37,11 @@ CASES: dict[str, tuple[str, str | bytes, int | str, str]] = {
     "not_an_object": ("a.jsonl", GOOD + "[1, 2]\n", 2, "record must be a JSON object, got list"),
     "unknown_type": ("a.jsonl", '{"type": "poem", "text": "x"}\n', 1, "unknown type 'poem' (known: pretrain, instruct"),
     "type_not_inferable": ("a.jsonl", GOOD + '{"question": "x"}\n', 2, "cannot tell the record type"),
+    "alpaca_keys": ("a.jsonl", '{"instruction": "x", "input": "", "output": "y"}\n', 1, "cannot tell the record type: no "
+                    "\"type\" key and none of the keys 'text' (pretrain), 'instruct' (instruct), 'api_desc' (conver_has_api), "
+                    "'reference' (ref_qa), 'rounds' (conversation); Alpaca's 'instruction' is 'instruct' here"),
+    "openai_messages": ("a.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n', 1,
+                        "; chat 'messages' ([{role, content}, ...]) are 'rounds' here: [[\"ask\", text], [\"ans\", text]"),
     "missing_field": ("a.json", '[{"text": "a"},\n\n  {"instruct": "do it"}]', 3, "missing field 'output'"),
     "wrong_field_type": ("a.jsonl", '{"instruct": "x", "input": 3, "output": "y"}\n', 1,
                          "field 'input' must be a string, got int"),

@@ -48,7 +48,9 @@ CASES = {  # name -> (config overrides, expected text)
                              "'bf16' and ignores 'bfloat16'); keep one"),
     "wall clock": ({"wall_clock_breakdown": True}, "'wall_clock_breakdown' true stops DeepSpeed's pipeline engine"),
     "batch sizes": ({"train_batch_size": 3}, "train_batch_size 3 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 2 x data-parallel size 1"),
-    "dims": ({"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}}}, "needs 2 processes but 1 were started"),
+    "dims": ({"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}}}, "needs 2 processes but 1 were started (start 2 in all: "
+             "deepspeed --num_gpus or hostfile slots, torchrun --nnodes x --nproc-per-node, srun --ntasks); on one "
+             "machine: deepspeed --num_gpus 2 train_ds.py --config "),
     "topology a list": ({"model_topo": {"process_topology": [2, 1]}}, 'model_topo.process_topology must be an object '
                         '{"axes": ["pipe", "data"], "dims": [P, D]}, got [2, 1]'),
     "parts": ({"model_topo": {"parts": [7]}}, "model_topo.parts [7] sums to 7 but the model has 6 pipeline units"),
@@ -60,6 +62,11 @@ CASES = {  # name -> (config overrides, expected text)
     "eval ratio": ({"eval_split_ratio": 1.5}, "'eval_split_ratio' must be between 0 and 1 (exclusive), got 1.5"),
     "eval without data": ({"eval_interval": 5}, "'eval_interval' needs evaluation data: set 'eval_data_path' or 'eval_split_ratio'"),
     "keep_best without interval": ({"eval_split_ratio": 0.2, "keep_best": 2}, "'keep_best' needs 'eval_interval'"),
+    "patience without both": ({"early_stopping_patience": 2}, "'early_stopping_patience' needs evaluation data: set "
+                              "'eval_data_path' or 'eval_split_ratio', and 'eval_interval' (steps between evaluations)"),
+    "eval ratio zero": ({"eval_split_ratio": 0}, "'eval_split_ratio' must be between 0 and 1 (exclusive), got 0 (null: "
+                        "no held-out split)"),
+    "HF Trainer's key": ({"learning_rate": 2e-5}, "unknown key 'learning_rate'; here it is 'optimizer.params.lr'"),
     "eval data missing": ({"eval_data_path": "/nonexistent/eval.jsonl"}, "'eval_data_path': /nonexistent/eval.jsonl:0: file not found"),
     "eval data none": ({"eval_data_path": []}, "'eval_data_path': eval_data_path:0: no data files given"),  # data_path:0
     "save_interval": ({"save_interval": 0}, "'save_interval' must be >= 1, got 0"),
@@ -311,11 +318,33 @@ def test_a_full_run_resumes_only_with_the_model_config_it_was_built_with(tmp_pat
         load_config(cfg, world_size=1)  # the model transformers builds is the same
 
 
-def test_hf_dir_as_model_path_gets_a_hint(tmp_path, base, capsys):
-    hf = tmp_path / "hf"
+def test_a_model_path_that_is_no_pipeline_model_names_the_way_on(tmp_path, base, capsys):
+    """An HF dir (safetensors or .bin weights), a Hub id, a training run's save_path or one of its checkpoints: the
+    first mistakes with model_path, each with what to run."""
+    hf, bins, save = tmp_path / "hf", tmp_path / "bins", tmp_path / "run"
     assert convert_model.main(["pp_to_hg", "--input-path", str(base), "--save-path", str(hf)]) == 0
-    assert train_ds.main(["--config", str(write_config(tmp_path, base, model_path=str(hf)))]) == 2
-    assert "has no pipeline layer files (an HF dir? convert it first: python convert_model.py hg_to_pp)" in capsys.readouterr().err
+    bins.mkdir()
+    (bins / "config.json").write_text((hf / "config.json").read_text())
+    (bins / "pytorch_model.bin").write_bytes(b"")
+    (save / "global_step300").mkdir(parents=True)
+    (save / "latest").write_text("global_step300")
+    (save / "config.json").write_text((hf / "config.json").read_text())
+    capsys.readouterr()
+    convert = "python convert_model.py"
+    ckpt = (f"(a training run's checkpoints: resume that run with its own config, or, to train further from it as a "
+            f"new run, export it ({convert} pp_to_hg --input-path ... --save-path HF_DIR), then convert that ({convert} "
+            "hg_to_pp --input-path HF_DIR --save-path PP_DIR) and use PP_DIR)")
+    for model, says in ((hf, f"has no pipeline layer files (an HF dir? convert it first: {convert} hg_to_pp "
+                              f"--input-path {hf} --save-path PP_DIR, then use PP_DIR)"),
+                        (bins, "has no pipeline layer files (an HF dir? convert it first"),
+                        ("meta-llama/Llama-2-7b-hf", f"is not a directory (a Hub id? convert it first: {convert} hg_to_pp "
+                                                     "--input-path meta-llama/Llama-2-7b-hf --save-path DIR, then use DIR)"),
+                        (save, f"has no pipeline layer files {ckpt}"),
+                        (save / "global_step300", f"has no config.json {ckpt}")):
+        cfg = write_config(tmp_path, base, model_path=str(model))
+        assert train_ds.main(["--config", str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert f"model_path {model} {says}" in err and len(err.splitlines()) == 1, err
 
 
 def test_a_missing_or_damaged_layer_file_of_model_path_is_one_line(tmp_path, base, capsys):

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,7 +23,7 @@ from data.records import DataError, resolve_files
 from data.templates import TemplateSettings
 from models.attention import attn_problem
 from models.convert import family_of, missing_layer_file
-from models.hf_io import CheckpointError
+from models.hf_io import RUN_TAG, CheckpointError, run_tags
 from models.lora import LoraSettings, check_adapter_keys, parse_lora
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import parse_quantization
@@ -141,13 +142,24 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "defer_weight_grads": (bool,),
     "save_interval": (int, type(None)), "save_interval_minutes": (int, float, type(None)),
     "dist_timeout_minutes": (int, float), "keep_last": (int, type(None)), "resume": (str, bool),
-    "overwrite_save_path": (bool,), "allow_data_change_on_resume": (bool,), "eval_data_path": (str, list, type(None)), "eval_split_ratio": (float, type(None)),
+    "overwrite_save_path": (bool,), "allow_data_change_on_resume": (bool,), "eval_data_path": (str, list, type(None)), "eval_split_ratio": (float, int, type(None)),
     "eval_interval": (int, type(None)), "early_stopping_patience": (int, type(None)), "keep_best": (int, type(None)),
     "lr_schedule": (dict, type(None)), "decay_norm_and_bias": (bool,), "max_bad_steps": (int,),
     "lora": (dict, type(None)), "quantization": (dict, type(None)), "report_to": (str, list),
 }
 _MIN = {"pad_to_multiple_of": 1, "max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0, "save_interval": 1, "save_interval_minutes": 1e-6, "dist_timeout_minutes": 0.1,
         "keep_last": 1, "eval_interval": 1, "early_stopping_patience": 1, "keep_best": 1, "max_bad_steps": 1}
+# other fine-tuning tools' names (HF Trainer's TrainingArguments, LLaMA-Factory's) for what a config says here
+OTHER_TOOLS_KEYS = {
+    "learning_rate": "optimizer.params.lr", "lr": "optimizer.params.lr", "weight_decay": "optimizer.params.weight_decay",
+    "num_train_epochs": "n_epoches", "epochs": "n_epoches", "max_length": "max_seq_len", "cutoff_len": "max_seq_len",
+    "per_device_train_batch_size": "train_micro_batch_size_per_gpu", "output_dir": "save_path",
+    "model_name_or_path": "model_path", "warmup_steps": "lr_schedule.warmup_steps",
+    "warmup_ratio": "lr_schedule.warmup_ratio", "lr_scheduler_type": "lr_schedule.type",
+    "gradient_checkpointing": "use_grad_ckpt", "save_steps": "save_interval", "eval_steps": "eval_interval",
+    "logging_steps": "log_interval", "save_total_limit": "keep_last", "max_grad_norm": "gradient_clipping",
+    "dataset": "data_path", "train_file": "data_path", "validation_file": "eval_data_path",
+}
 _MAX = {"seed": 2**32 - 1, "dist_timeout_minutes": 60 * 24 * 365}
 _MAX_WHY = {"seed": " (a 32-bit seed)", "dist_timeout_minutes": " (a year)"}
 
@@ -197,7 +209,8 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
             ds[key] = value
         else:
             close = difflib.get_close_matches(key, [*PROJECT_KEYS, *DEEPSPEED_KEYS], n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = (f"; here it is '{OTHER_TOOLS_KEYS[key]}'" if key in OTHER_TOOLS_KEYS else
+                    f"; did you mean '{close[0]}'?" if close else "")
             raise ConfigError(f"{path}: unknown key '{key}'{hint}")
     for key in ("model_path", "save_path", "data_path"):
         if key not in ours:
@@ -272,14 +285,15 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
                           f"{json.dumps(cfg.resume)} continues the run in save_path); set \"resume\": false to replace "
                           "that run, or remove 'overwrite_save_path'")
     if cfg.eval_split_ratio is not None and not 0 < cfg.eval_split_ratio < 1:
-        raise ConfigError(f"{path}: 'eval_split_ratio' must be between 0 and 1 (exclusive), got {cfg.eval_split_ratio}")
+        raise ConfigError(f"{path}: 'eval_split_ratio' must be between 0 and 1 (exclusive), got {cfg.eval_split_ratio}"
+                          + (" (null: no held-out split)" if cfg.eval_split_ratio == 0 else ""))
     has_eval = cfg.eval_data_path is not None or cfg.eval_split_ratio is not None
-    for key in ("eval_interval", "early_stopping_patience", "keep_best"):
-        if getattr(cfg, key) is not None and not has_eval:
-            raise ConfigError(f"{path}: '{key}' needs evaluation data: set 'eval_data_path' or 'eval_split_ratio'")
-    for key in ("early_stopping_patience", "keep_best"):
-        if getattr(cfg, key) is not None and cfg.eval_interval is None:
-            raise ConfigError(f"{path}: '{key}' needs 'eval_interval' (steps between evaluations)")
+    for key in ("eval_interval", "early_stopping_patience", "keep_best"):  # all it needs, in one line
+        needs = [] if has_eval else ["evaluation data: set 'eval_data_path' or 'eval_split_ratio'"]
+        needs += ["'eval_interval' (steps between evaluations)"] if key != "eval_interval" and cfg.eval_interval is None \
+            else []
+        if getattr(cfg, key) is not None and needs:
+            raise ConfigError(f"{path}: '{key}' needs {', and '.join(needs)}")
     ds = cfg.ds_config
     if all(k in ds for k in BF16_KEYS):  # DeepSpeed reads 'bf16' and ignores 'bfloat16' then: one would be silent
         raise ConfigError(f"{path}: 'bf16' and 'bfloat16' are two names of one DeepSpeed section (with both, DeepSpeed "
@@ -399,7 +413,12 @@ def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
     try:
         axes, dims = parse_topology(cfg.model_topo, world_size)
     except ModelConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        run = ""
+        if world_size == 1 and "were started" in str(e):  # e.g. `python train_ds.py`: the command it needs
+            script = "train_ds.py" if command("train_ds.py").startswith("python ") else "$(which pipeft-train)"
+            n = math.prod(cfg.model_topo["process_topology"]["dims"])
+            run = f"; on one machine: deepspeed --num_gpus {n} {script} --config {path}"
+        raise ConfigError(f"{path}: {e}{run}") from None
     try:
         derive_batch(ds, dims[axes.index("data")], path)  # the missing batch keys, as DeepSpeed derives them
     except ValueError as e:
@@ -416,17 +435,33 @@ def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
                           "(metrics.jsonl records each step's time and data time)")
 
 
+def _model_path_hint(model: Path) -> str:
+    """What a model_path that holds no pipeline model seems to be, and the way on ("" when it tells nothing)."""
+    convert = command("convert_model.py")
+    if not model.exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)):
+            return (f" (a Hub id? convert it first: {convert} hg_to_pp --input-path {model} --save-path DIR, then use "
+                    "DIR)")
+        return "" if model.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+    if (model / "latest").is_file() or run_tags(model) or RUN_TAG.match(model.name):
+        return (f" (a training run's checkpoints: resume that run with its own config, or, to train further from "
+                f"it as a new run, export it ({convert} pp_to_hg --input-path ... --save-path HF_DIR), then convert "
+                f"that ({convert} hg_to_pp --input-path HF_DIR --save-path PP_DIR) and use PP_DIR)")
+    if any(model.glob("*.safetensors")) or any(model.glob("pytorch_model*.bin")):
+        return f" (an HF dir? convert it first: {convert} hg_to_pp --input-path {model} --save-path PP_DIR, then use PP_DIR)"
+    return ""
+
+
 def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
     model = Path(cfg.model_path)
     if not model.is_dir():
-        raise ConfigError(f"{path}: model_path {model} is not a directory")
+        raise ConfigError(f"{path}: model_path {model} is not a directory{_model_path_hint(model)}")
     if not require_model:
         return
     if not (model / "config.json").is_file():
-        raise ConfigError(f"{path}: model_path {model} has no config.json")
+        raise ConfigError(f"{path}: model_path {model} has no config.json{_model_path_hint(model)}")
     if not cfg.from_scratch and not (model / "layer_00-model_states.pt").is_file():
-        hint = f" (an HF dir? convert it first: {command('convert_model.py')} hg_to_pp)" if any(model.glob("*.safetensors")) else ""
-        raise ConfigError(f"{path}: model_path {model} has no pipeline layer files{hint}")
+        raise ConfigError(f"{path}: model_path {model} has no pipeline layer files{_model_path_hint(model)}")
     save = Path(cfg.save_path)
     if save.exists() and not save.is_dir():
         raise ConfigError(f"{path}: save_path {save} is a file, not a directory")

@@ -293,6 +293,9 @@ def with_adapter(model, adapter: str | Path):
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise DemoError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter dir)")
+    if other := other_base(model, adapter):
+        log(f"warning: --adapter {adapter} was trained on {other}, whose weights differ from --model-path's: the "
+            "output is not the fine-tuned model's (give its base as --model-path)")
     quant = read_quant_file(Path(adapter))
     if quant is None:
         return load_adapter_strictly(model, adapter).merge_and_unload().eval()
@@ -302,6 +305,32 @@ def with_adapter(model, adapter: str | Path):
         raise DemoError(f"--adapter {adapter}: {e}") from None
     log(f"base quantised as in training: {quant.describe()} ({n} bitsandbytes Linear4bit layers)")
     return load_adapter_strictly(model, adapter).eval()
+
+
+def other_base(model, adapter: str | Path, elements: int = 64) -> str | None:
+    """The adapter's recorded base (base_model_name_or_path) when it is a local HF dir whose safetensors weights
+    differ from `model`'s (the first `elements` values of each tensor they share, cast to the model's dtype as
+    from_pretrained casts them): an adapter applied to another model of the same shapes (a chat variant of its base)
+    runs without an error. None when they are the same, or when that cannot be told (a Hub id, no safetensors)."""
+    from safetensors import safe_open
+
+    recorded = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    files = sorted(Path(recorded).glob("*.safetensors")) if isinstance(recorded, str) and Path(recorded).is_dir() else []
+    if not files or Path(recorded).resolve() == Path(getattr(model, "name_or_path", "") or "/").resolve():
+        return None
+    own = model.state_dict()
+    for f in files:
+        with safe_open(str(f), "pt") as weights:
+            for key in weights.keys():  # noqa: SIM118 (safe_open is not a dict)
+                mine, part = own.get(key), weights.get_slice(key)
+                if mine is None or not mine.is_floating_point() or list(mine.shape) != list(part.get_shape()) \
+                        or mine.dim() == 0:
+                    continue
+                rows = slice(0, elements) if mine.dim() == 1 else slice(0, 1)  # read a row, not the whole tensor
+                theirs = part[rows].reshape(-1)[:elements].to(mine.dtype)
+                if not torch.equal(theirs, mine[rows].reshape(-1)[:elements].cpu()):
+                    return recorded
+    return None
 
 
 def load_adapter_strictly(model, adapter: str | Path):

@@ -265,3 +265,28 @@ def test_an_adapter_for_another_base_is_one_line(tmp_path):
             demo.with_adapter(base, tmp_path / "adapter")
         assert str(e.value).startswith(f"--adapter {tmp_path / 'adapter'} does not fit this base model (the adapter's "
                                        "base: not recorded): ") and problem in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_adapter_on_a_base_of_other_weights_is_a_warning(tmp_path, capsys):
+    """An adapter runs on any base of its shapes (a chat variant of the one it was trained on): a warning names the
+    recorded base when that is a local dir whose weights differ; a copy of it elsewhere is the same base."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for seed, name in ((0, "base"), (1, "variant")):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                     num_key_value_heads=2, num_hidden_layers=2)).save_pretrained(str(tmp_path / name))
+    shutil.copytree(tmp_path / "base", tmp_path / "copy")
+    load = lambda name: LlamaForCausalLM.from_pretrained(str(tmp_path / name)).eval()  # noqa: E731
+    get_peft_model(load("base"), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])).save_pretrained(
+        str(tmp_path / "adapter"))
+    for name in ("base", "copy", "variant"):
+        capsys.readouterr()
+        demo.with_adapter(load(name), tmp_path / "adapter")
+        warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert warned == ([] if name != "variant" else [
+            f"warning: --adapter {tmp_path / 'adapter'} was trained on {tmp_path / 'base'}, whose weights differ from "
+            "--model-path's: the output is not the fine-tuned model's (give its base as --model-path)"]), (name, warned)

@@ -108,7 +108,6 @@ def test_default_templates_exact():
                       "the request.\n\n### Instruction:\nSpell \"river\" backwards.\n\n### Response:\n")
     assert no_input.text == prompt + "revir</s>" and no_input.spans == [(len(prompt), len(no_input.text))]
     assert render_prompt(RECORDS["instruct_empty_input"]).count("### Input:") == 0
-    assert render_prompt({**RECORDS["instruct_empty_input"], "input": "  "}) == render_prompt(RECORDS["instruct_empty_input"])
     pre = render(RECORDS["pretrain"], eos)
     assert pre.text == RECORDS["pretrain"]["text"] + eos and pre.spans == [(0, len(pre.text))]
     assert render(RECORDS["pretrain"], eos, TemplateSettings(pretrain_eos=False)).text == RECORDS["pretrain"]["text"]

@@ -96,8 +96,7 @@ def test_every_sample_record_in_chat_mode(chat_tok):
 def test_chat_messages_per_type():
     assert CHAT_MESSAGES["instruct"](RECORDS["instruct"]) == [
         {"role": "user", "content": "Sort the numbers.\n\n3, 1, 2"}, {"role": "assistant", "content": "1, 2, 3"}]
-    for blank in ("", " \n"):  # an empty or whitespace-only input (CSV exports write " ") is none
-        assert CHAT_MESSAGES["instruct"]({**RECORDS["instruct"], "input": blank})[0]["content"] == "Sort the numbers."
+    assert CHAT_MESSAGES["instruct"]({**RECORDS["instruct"], "input": ""})[0]["content"] == "Sort the numbers."
     assert [m["role"] for m in CHAT_MESSAGES["conversation"](RECORDS["conversation"])] == [
         "user", "user", "assistant", "user", "assistant"]
     system, *rest = CHAT_MESSAGES["ref_qa"](RECORDS["ref_qa"])

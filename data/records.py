@@ -548,10 +548,12 @@ def present_fields(obj: Any) -> Any:
     return obj
 
 
-def _name_nulls(problems: list[str], nulls: list[str]) -> list[str]:
-    """`problems` of a record whose `nulls` fields were dropped as absent, where one is about such a field: the
-    type that cannot be told, or a required field missing, said as the field being null."""
-    typed = [k for k in nulls if k in {t.infer_key for t in RECORD_TYPES.values()}]
+def _name_nulls(problems: list[str], rec: dict, nulls: list[str]) -> list[str]:
+    """`problems` of a record `rec` whose `nulls` fields were dropped as absent, where one is about such a field: the
+    type that cannot be told (when the record's other keys are that type's: a frame's null column of another type
+    is no clue), or a required field missing, said as the field being null."""
+    typed = [k for k in nulls for t in RECORD_TYPES.values() if t.infer_key == k
+             and not any(p.startswith("unknown key") for p in t.validate({**rec, k: "-"}))]
     out = []
     for problem in problems:
         if typed and problem.startswith("cannot tell the record type"):
@@ -575,7 +577,7 @@ def parse_records(path: Path, raw: bytes) -> tuple[list[Record], list[str]]:
         obj = present_fields(raw_obj)
         found = _record_problems(obj)
         if obj is not raw_obj:  # it had null fields: a problem about one names it as null, not as absent
-            found = _name_nulls(found, [k for k, v in raw_obj.items() if v is None])
+            found = _name_nulls(found, obj, [k for k, v in raw_obj.items() if v is None])
         errors += [(line, p) for p in found]
         if not found:
             records.append(Record(record_type(obj), obj, str(path), line))

@@ -274,6 +274,8 @@ def test_null_fields_in_json_are_absent_as_pandas_and_datasets_write_them(tmp_pa
     (tmp_path / "bad.jsonl").write_text('{"instruct": null, "output": "o"}\n')  # was "cannot tell the record type"
     assert one_problem(tmp_path / "bad.jsonl").endswith("bad.jsonl:1: field 'instruct' is null (null means absent; it "
                                                         "needs a value)")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "completion": "a", "text": null}\n')  # a frame's null column
+    assert "bad.jsonl:1: cannot tell the record type" in one_problem(tmp_path / "bad.jsonl")
 
 
 def test_a_one_line_json_array_locates_records_by_number_as_table_rows(tmp_path):

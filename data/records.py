@@ -279,10 +279,13 @@ def resolve_files(data_path: str | Path | Sequence[str | Path], key: str = "data
             problems += [f"{f}:0: unsupported file type {f.suffix!r}; rename it to {f.suffix.lower()!r}"
                          for f in files_there if f.suffix not in suffixes and f.suffix.lower() in suffixes]
             problems += _broken_links(f for f in sorted(p.iterdir()) if not f.name.startswith(".") and f.suffix in suffixes)
-            if nested := _nested_data_file(p):
-                problems.append(f"{nested}:0: in a subdirectory of {item}, which stands for its own files only: name "
-                                f"the files (e.g. '{p / '**' / ('*' + nested.suffix)}'), or move this one")
             what = f"directory has no data files ({', '.join(PARSERS)})"
+            if (p / "dataset_dict.json").is_file():  # save_to_disk of a DatasetDict: a directory per split
+                found, what = [], "a DatasetDict saved by save_to_disk (a directory per split)"
+            if not found and (subdirs := _data_subdirs(p)):  # they are not read: which one is meant is not ours to say
+                what += (f"; its subdirector{'ies' if len(subdirs) > 1 else 'y'} {', '.join(subdirs)} "
+                         f"{'have' if len(subdirs) > 1 else 'has'} some: name one (e.g. "
+                         f"{p / ('train' if 'train' in subdirs else subdirs[0])})")
         elif p.is_file():
             found = [p]
         elif glob.has_magic(str(item)):
@@ -300,15 +303,11 @@ def resolve_files(data_path: str | Path | Sequence[str | Path], key: str = "data
     return list(files.values())
 
 
-def _nested_data_file(directory: Path) -> Path | None:
-    """The first data file (a known suffix) in a subdirectory of `directory`, not starting with '.', or None: a
-    directory data_path would leave it out without a word."""
-    for root, dirs, names in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        if root != str(directory) and (found := sorted(n for n in names if not n.startswith(".") and
-                                                        Path(n).suffix in PARSERS)):
-            return Path(root) / found[0]
-    return None
+def _data_subdirs(directory: Path) -> list[str]:
+    """The names of `directory`'s subdirectories (not starting with '.') that hold a data file, at any depth."""
+    def holds(d: Path) -> bool:
+        return any(Path(n).suffix in PARSERS for _, _, names in os.walk(d) for n in names if not n.startswith("."))
+    return [d.name for d in sorted(directory.iterdir()) if d.is_dir() and not d.name.startswith(".") and holds(d)]
 
 
 def _broken_links(paths) -> list[str]:

@@ -133,18 +133,26 @@ def test_directory_mixes_formats(tmp_path):
     recs = load_records(tmp_path)
     assert [Path(r.source).name for r in recs] == ["a.jsonl"] * 2 + ["b.parquet"] * 3 + ["c.csv"] * 3
     assert [r.data for r in recs[:5]] == RECORDS[:5]
-    (tmp_path / ".cache" / "x").mkdir(parents=True)  # hidden, or holding no data files: as before
-    write_jsonl(tmp_path / ".cache" / "x" / "old.jsonl", RECORDS[:1])
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "notes.txt").write_text("not data")
+    (tmp_path / "eval").mkdir()  # a subdirectory beside the files (the eval data, an older copy) is not read
+    write_jsonl(tmp_path / "eval" / "e.jsonl", RECORDS[:1])
     assert len(load_records(tmp_path)) == len(RECORDS)
-    (tmp_path / "docs" / "more").mkdir()
-    write_jsonl(tmp_path / "docs" / "more" / "z.jsonl", RECORDS[:1])  # records a directory would leave out
-    with pytest.raises(DataError) as e:
-        load_records(tmp_path)
-    assert e.value.problems == [f"{tmp_path / 'docs' / 'more' / 'z.jsonl'}:0: in a subdirectory of {tmp_path}, which "
-                                f"stands for its own files only: name the files (e.g. '{tmp_path}/**/*.jsonl'), or "
-                                "move this one"]
+
+
+def test_a_directory_of_subdirectories_names_them(tmp_path):
+    """A Hub snapshot's data/{train,test}, a DatasetDict's splits: a directory without data files of its own names
+    the subdirectories that have some (it reads none of them: which split is meant is the user's to say)."""
+    for split in ("test", "train"):
+        (tmp_path / "snap" / split).mkdir(parents=True)
+        write_jsonl(tmp_path / "snap" / split / "part-0.jsonl", RECORDS)
+    assert one_problem(tmp_path / "snap").endswith(
+        f"snap:0: directory has no data files (.json, .jsonl, .csv, .parquet, .arrow); its subdirectories test, train "
+        f"have some: name one (e.g. {tmp_path / 'snap' / 'train'})")
+    dd = tmp_path / "dd"
+    ds = datasets.Dataset.from_pandas(frame(RECORDS), preserve_index=False)
+    datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(str(dd))
+    assert one_problem(dd).endswith(f"dd:0: a DatasetDict saved by save_to_disk (a directory per split); its "
+                                    f"subdirectories train, validation have some: name one (e.g. {dd / 'train'})")
+    assert [r.data for r in load_records(dd / "train")] == RECORDS
 
 
 def test_save_to_disk_directory(tmp_path):

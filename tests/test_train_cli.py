@@ -141,7 +141,7 @@ CASES = {  # name -> (config overrides, expected text)
                                "optimizer.params.weight_decay must be a number >= 0, got -0.1"),
     "gradient_clipping": ({"gradient_clipping": -1}, "'gradient_clipping' must be a number >= 0 (0: off), got -1"),
     "gradient_clipping NaN": ({"gradient_clipping": float("nan")},  # NaN < 0 is false: it turned clipping off
-                              "'gradient_clipping' must be a number >= 0 (0: off), got NaN"),
+                              "'gradient_clipping' is nan: a config's numbers must be finite"),
     "tokenizer without eos": ({"model_path": "@no_eos"}, ":0: the tokenizer has no EOS token (eos_token)"),
     "vocab below tokenizer": ({"model_path": "@small_vocab"},
                               "the model's vocab_size 256 is smaller than the tokenizer's 512 tokens"),
@@ -155,9 +155,14 @@ CASES = {  # name -> (config overrides, expected text)
     # numbers past what torch and timedelta take were a traceback after the process group started
     "seed past 32 bits": ({"seed": 2**64}, "'seed' must be <= 4294967295 (a 32-bit seed), got 18446744073709551616"),
     "timeout past a year": ({"dist_timeout_minutes": 1e300}, "'dist_timeout_minutes' must be <= 525600 (a year), got"),
-    "timeout infinite": ({"dist_timeout_minutes": float("inf")}, "'dist_timeout_minutes' must be a finite number, got inf"),
+    "timeout infinite": ({"dist_timeout_minutes": float("inf")}, "'dist_timeout_minutes' is inf: a config's numbers must "
+                         "be finite"),
     "save interval NaN": ({"save_interval_minutes": float("nan")},  # NaN: no time-based save, without a word
-                          "'save_interval_minutes' must be a finite number, got nan"),
+                          "'save_interval_minutes' is nan: a config's numbers must be finite"),
+    "lora alpha NaN": ({"lora": {"r": 4, "alpha": float("nan")}},  # trained with loss nan, every update skipped
+                       "'lora.alpha' is nan: a config's numbers must be finite"),
+    "betas inf": ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, float("inf")]}}},
+                               "'optimizer.params.betas[1]' is inf: a config's numbers must be finite"),
     "save_path unwritable": ({"save_path": "/sys/pipeft-out/run"}, "save_path /sys/pipeft-out/run is not writable: /sys "
                              "refuses new files"),
 }

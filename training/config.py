@@ -189,7 +189,20 @@ def read_config_file(path: Path) -> dict:
         raise ConfigError(f"{path}: a value JSON cannot hold ({e}); quote it") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a {'YAML mapping' if yml else 'JSON object'}")
+    if found := _non_finite(raw):  # JSON's NaN / Infinity, YAML's .nan / .inf: NaN passes every range check
+        raise ConfigError(f"{path}: '{found[0]}' is {found[1]}: a config's numbers must be finite")
     return raw
+
+
+def _non_finite(value: object, at: str = "") -> tuple[str, float] | None:
+    """(the key path, the value) of the first NaN or infinite number in a parsed config, else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return at, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if found := _non_finite(v, f"{at}.{k}" if at and isinstance(k, str) else f"{at}[{k}]" if at else str(k)):
+            return found
+    return None
 
 
 def load_config(path: str | Path, world_size: int | None = None, require_model: bool = True) -> TrainConfig:
@@ -219,8 +232,6 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
         if not isinstance(value, _TYPES[key]) or (isinstance(value, bool) and bool not in _TYPES[key]):
             want = " or ".join("null" if t is type(None) else t.__name__ for t in _TYPES[key])
             raise ConfigError(f"{path}: '{key}' must be {want}, got {json.dumps(value)}")
-        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison
-            raise ConfigError(f"{path}: '{key}' must be a finite number, got {value}")
         if key in _MIN and value is not None and value < _MIN[key]:
             raise ConfigError(f"{path}: '{key}' must be >= {_MIN[key]}, got {value}")
         if key in _MAX and value is not None and value > _MAX[key]:

@@ -190,6 +190,16 @@ def test_a_key_twice_in_a_json_config_is_refused(configs):
     assert str(e.value) == f"{js}: key 'lr' appears twice in one object: only one of its values would be kept"
 
 
+def test_yaml_merge_keys_are_no_key_written_twice():
+    """An override of a key a merge (<<:) brings is YAML's way to share sections; `1` and `true` are one dict key."""
+    from training.compat import parse_yaml
+
+    text = "base: &b {lr: 1, wd: 2}\nx:\n  <<: *b\n  lr: 3\n"
+    assert parse_yaml(Path("c.yml"), text) == {"base": {"lr": 1, "wd": 2}, "x": {"lr": 3, "wd": 2}}
+    with pytest.raises(ValueError, match=r"^c.yml:2: invalid YAML \(key True appears twice in one mapping"):
+        parse_yaml(Path("c.yml"), "1: a\ntrue: b\n")
+
+
 def test_no_wd_kws_groups_parameters_by_name():
     """gdGPT's patterns, matched in HF names, put exactly the biases and norm weights (the final norm too) in the
     no-decay group; [] decays everything."""

@@ -40,11 +40,13 @@ class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 (PyYAML's signature)
         if isinstance(node, yaml.MappingNode):
             seen: set = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                if not isinstance(key, (str, int, float, bool)):  # unhashable or odd keys: the config check names them
+            for key_node, _ in node.value:  # as written: a merge key's (<<:) entries may be overridden here
+                if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
-                if key in seen:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool, type(None))):  # others: the config check names them
+                    continue
+                if key in seen:  # as the dict keeps them: 1 and true are one key there
                     raise yaml.constructor.ConstructorError(
                         None, None, f"key {key!r} appears twice in one mapping: only one of its values would be kept",
                         key_node.start_mark)

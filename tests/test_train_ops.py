@@ -232,7 +232,7 @@ def test_eval_early_stopping_and_keep_best(tmp_path, ops_model, tokenizer):
     assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "memory/peak_gib_stage1"} <= set(events.Tags()["scalars"])
     assert [e.value for e in events.Scalars("eval/loss")] == pytest.approx([loss for _, loss in evals], rel=1e-6)
     state = json.loads((save / f"global_step{last_step}" / "trainer_state.json").read_text())
-    assert state["finished"] and [tuple(e) for e in state["evals"]] == evals
+    assert state["finished"] and state["patience_ended"] and [tuple(e) for e in state["evals"]] == evals
 
     again = run_deepspeed("train_ds.py", ["--config", str(cfg)])  # a finished run is not trained further
     assert (f"nothing to do: this run finished at step {last_step} (early stopping ended it after {patience} "

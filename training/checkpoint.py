@@ -115,6 +115,7 @@ class RunState:
     eval_fingerprint: str | None = None  # hash of the eval samples: eval losses of other eval data do not compare
     end_evals: list[int] = field(default_factory=list)  # steps of end-of-run evaluations (off the eval schedule)
     cut_short: bool = False  # it finished because max_steps / n_epoches came to at most its step on a resume
+    patience_ended: bool = False  # it finished because early_stopping_patience ran out (a raised patience continues it)
 
     def best_eval(self, scheduled: bool = False) -> tuple[int, float] | None:
         """The (step, loss) of the lowest eval loss, the earliest on ties; a non-finite loss never counts as best.

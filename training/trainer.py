@@ -450,15 +450,15 @@ class Trainer(TrainingData, RunDirectory):
         cfg, st = self.cfg, self.state
         losses, saved_at, skipped = [], st.step, 0
         # a finished run continues when its length was raised, or when a lower one ended it (also back at its length)
-        early = st.finished and not st.cut_short and st.step < self.total_steps  # early stopping ended it
+        early = st.finished and st.patience_ended and st.step < self.total_steps  # early stopping ended it
         patience, since = cfg.early_stopping_patience, st.evals_since_best()
         if st.finished and (self.changes_length or st.cut_short) and st.step < self.total_steps:
             self.log(f"continuing the finished run from step {st.step} to step {self.total_steps} (its length was raised)")
-            st.finished, st.cut_short = False, False
+            st.finished, st.cut_short, st.patience_ended = False, False, False
         elif early and (not patience or since < patience):
             self.log(f"continuing the run early stopping ended at step {st.step}: early_stopping_patience is "
                      f"{patience or 'off'} now ({since} evaluations since the best)")
-            st.finished = False
+            st.finished, st.patience_ended = False, False
         elif not st.finished and (st.step > self.total_steps or st.step == self.total_steps and self.changes_length):
             # (at its last step and unchanged: a run stopped after its last save, before it was marked finished)
             self.log(f"the run is {self.total_steps} steps long now, and the checkpoint is at step {st.step}: it ends here "
@@ -541,6 +541,7 @@ class Trainer(TrainingData, RunDirectory):
                 best = st.best_eval(scheduled=True)
                 self.log(f"early stopping: eval loss has not improved for {cfg.early_stopping_patience} evaluations "
                          + (f"(best {best[1]:.4f} at step {best[0]})" if best else "(none was finite)"))
+                st.patience_ended = True
                 break
             if stop:
                 self.log(f"received {self.stop_signal or 'a stop signal on another rank'}: saving at step {st.step} "

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from data import inspect as data_inspect
-from data import records as records_mod
+from data import parsers
 from data.encode import load_dataset
 from data.records import DataError, load_records
 
@@ -224,7 +224,7 @@ def test_csv_problems(tmp_path):
 
 
 def test_records_over_the_size_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(records_mod, "MAX_RECORD_BYTES", 1000)
+    monkeypatch.setattr(parsers, "MAX_RECORD_BYTES", 1000)
     pq_path = write_parquet(tmp_path / "d.parquet", [{"text": "ok"}, {"text": "x" * 1200}])
     assert "over the" in one_problem(pq_path) and one_problem(pq_path).startswith(f"{pq_path}:2: record is ")
     row = write_csv(tmp_path / "row.csv", [{"instruct": "a" * 600, "output": "b" * 600}])

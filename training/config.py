@@ -27,9 +27,10 @@ from models.hf_io import RUN_TAG, CheckpointError, run_tags
 from models.lora import LoraSettings, check_adapter_keys, parse_lora
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import parse_quantization
-from pipeft import DuplicateKey, command, one_line, unique_keys
+from pipeft import command, one_line
 from training.batches import DROP_LAST
-from training.compat import YAML_SUFFIXES, check_deepspeed_sections, derive_batch, map_gdgpt_keys, parse_yaml
+from training.compat import check_deepspeed_sections, derive_batch, map_gdgpt_keys
+from training.config_file import OTHER_TOOLS_KEYS, ConfigError, read_config_file
 from training.optim import (
     BF16_KEYS,
     build_lion,
@@ -42,11 +43,6 @@ from training.optim import (
 from training.resume import resume_problem, resumes, torch_scheduler, unnamed_tag, zero_stage
 from training.runlock import JOB_FILE, LockError, UnknownStart, check_unlocked, launch_job, restarted_job
 from training.trackers import parse_report_to
-
-
-class ConfigError(ValueError):
-    """A bad training config; the message is one line naming the file, the key and the problem."""
-
 
 # DeepSpeed's top-level keys (deepspeed/runtime/constants.py and its config sections).
 DEEPSPEED_KEYS = frozenset({
@@ -149,60 +145,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 _MIN = {"pad_to_multiple_of": 1, "max_seq_len": 2, "n_epoches": 1, "max_steps": 1, "log_interval": 1, "seed": 0, "save_interval": 1, "save_interval_minutes": 1e-6, "dist_timeout_minutes": 0.1,
         "keep_last": 1, "eval_interval": 1, "early_stopping_patience": 1, "keep_best": 1, "max_bad_steps": 1}
-# other fine-tuning tools' names (HF Trainer's TrainingArguments, LLaMA-Factory's) for what a config says here
-OTHER_TOOLS_KEYS = {
-    "learning_rate": "optimizer.params.lr", "lr": "optimizer.params.lr", "weight_decay": "optimizer.params.weight_decay",
-    "num_train_epochs": "n_epoches", "epochs": "n_epoches", "max_length": "max_seq_len", "cutoff_len": "max_seq_len",
-    "per_device_train_batch_size": "train_micro_batch_size_per_gpu", "output_dir": "save_path",
-    "model_name_or_path": "model_path", "warmup_steps": "lr_schedule.warmup_steps",
-    "warmup_ratio": "lr_schedule.warmup_ratio", "lr_scheduler_type": "lr_schedule.type",
-    "gradient_checkpointing": "use_grad_ckpt", "save_steps": "save_interval", "eval_steps": "eval_interval",
-    "logging_steps": "log_interval", "save_total_limit": "keep_last", "max_grad_norm": "gradient_clipping",
-    "dataset": "data_path", "train_file": "data_path", "validation_file": "eval_data_path",
-}
 _MAX = {"seed": 2**32 - 1, "dist_timeout_minutes": 60 * 24 * 365}
 _MAX_WHY = {"seed": " (a 32-bit seed)", "dist_timeout_minutes": " (a year)"}
-
-
-def read_config_file(path: Path) -> dict:
-    """The config file's object: JSON, or YAML for .yml / .yaml (ConfigError: one line naming the file, the line
-    for YAML, and the problem)."""
-    yml = path.suffix.lower() in YAML_SUFFIXES
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
-    try:
-        raw = parse_yaml(path, text) if yml else json.loads(text, object_pairs_hook=unique_keys)
-    except DuplicateKey as e:  # json keeps the last value of a repeated key without a word
-        raise ConfigError(f"{path}: {e}") from None
-    except json.JSONDecodeError as e:
-        hint = "" if text.lstrip()[:1] in ("{", "[") else " (a YAML config? name it .yml or .yaml)"
-        raise ConfigError(f"{path}: invalid JSON ({e}){hint}") from None
-    except ValueError as e:  # parse_yaml's message names the file and line
-        raise ConfigError(str(e)) from None
-    try:
-        json.dumps(raw)  # YAML may hold dates or sets: the config is saved as JSON in every checkpoint
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: a value JSON cannot hold ({e}); quote it") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the config must be a {'YAML mapping' if yml else 'JSON object'}")
-    if found := _non_finite(raw):  # JSON's NaN / Infinity, YAML's .nan / .inf: NaN passes every range check
-        raise ConfigError(f"{path}: '{found[0]}' is {found[1]}: a config's numbers must be finite")
-    return raw
-
-
-def _non_finite(value: object, at: str = "") -> tuple[str, float] | None:
-    """(the key path, the value) of the first NaN or infinite number in a parsed config, else None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return at, value
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for k, v in items:
-        if found := _non_finite(v, f"{at}.{k}" if at and isinstance(k, str) else f"{at}[{k}]" if at else str(k)):
-            return found
-    return None
 
 
 def load_config(path: str | Path, world_size: int | None = None, require_model: bool = True) -> TrainConfig:

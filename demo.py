@@ -284,7 +284,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def with_adapter(model, adapter: str | Path):
+def with_adapter(model, adapter: str | Path, model_path: str | Path | None = None):
     """`model` with a PEFT LoRA adapter merged into its weights (as PEFT's merge_and_unload). An adapter trained on
     a 4-bit base (pp_to_hg --lora peft of a QLoRA checkpoint: quantization_config.json) runs on the base quantised
     the same way, the adapters beside the 4-bit layers as in training (not merged)."""
@@ -293,7 +293,7 @@ def with_adapter(model, adapter: str | Path):
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise DemoError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter dir)")
-    if other := other_base(model, adapter):
+    if other := other_base(model, adapter, model_path):
         log(f"warning: --adapter {adapter} was trained on {other}, whose weights differ from --model-path's: the "
             "output is not the fine-tuned model's (give its base as --model-path)")
     quant = read_quant_file(Path(adapter))
@@ -307,16 +307,25 @@ def with_adapter(model, adapter: str | Path):
     return load_adapter_strictly(model, adapter).eval()
 
 
-def other_base(model, adapter: str | Path, elements: int = 64) -> str | None:
+def other_base(model, adapter: str | Path, model_path: str | Path | None = None, elements: int = 64) -> str | None:
     """The adapter's recorded base (base_model_name_or_path) when it is a local HF dir whose safetensors weights
     differ from `model`'s (the first `elements` values of each tensor they share, cast to the model's dtype as
     from_pretrained casts them): an adapter applied to another model of the same shapes (a chat variant of its base)
-    runs without an error. None when they are the same, or when that cannot be told (a Hub id, no safetensors)."""
+    runs without an error. None when they are the same, or when that cannot be told (a Hub id, no safetensors); a
+    pipeline dir `model_path` converted from the recorded base (hg_to_pp's hf_source.json; maybe cast to another
+    dtype, as training read it) is the same."""
     from safetensors import safe_open
+
+    from models.hf_io import CheckpointError, hf_source_of
 
     recorded = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
     files = sorted(Path(recorded).glob("*.safetensors")) if isinstance(recorded, str) and Path(recorded).is_dir() else []
-    if not files or Path(recorded).resolve() == Path(getattr(model, "name_or_path", "") or "/").resolve():
+    try:
+        source = hf_source_of(model_path) if model_path is not None and Path(model_path).is_dir() else None
+    except CheckpointError:  # a damaged hf_source.json: not a proof
+        source = None
+    if not files or any(Path(recorded).resolve() == Path(d).resolve()
+                        for d in (getattr(model, "name_or_path", "") or "/", source or "/")):
         return None
     own = model.state_dict()
     for f in files:
@@ -414,7 +423,7 @@ def run(args: argparse.Namespace) -> None:
         log(f"--max-new-tokens {args.max_new_tokens}: {max_new_tokens} fit after the {len(prompt)}-token prompt "
             f"({limit} positions, {how})")
     if args.adapter:
-        model = with_adapter(model, args.adapter)
+        model = with_adapter(model, args.adapter, args.model_path)
     if world_size > 1:
         import deepspeed
 

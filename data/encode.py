@@ -46,7 +46,8 @@ from data.templates import CHAT_MESSAGES, DEFAULT_SETTINGS, Rendered, Span, Temp
 from data.templates import template_settings as template_state
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "encode-v8"  # bump when encoding, labelling or the cache file's layout changes
+CACHE_VERSION = "encode-v10"  # bump when encoding, labelling or the cache file's layout changes (v9 was
+# written for an hour by cf0d248, since reverted: never reuse it)
 MIN_RECORDS_FOR_POOL = 2000
 BATCH = 1000  # texts per tokenizer call
 MAX_RANGE = 2 * BATCH  # records per task at most: what a worker holds for one range does not grow with the data

@@ -280,8 +280,7 @@ def resolve_files(data_path: str | Path | Sequence[str | Path], key: str = "data
                 found, what = [], "a DatasetDict saved by save_to_disk (a directory per split)"
             if not found and (subdirs := _data_subdirs(p)):  # they are not read: which one is meant is not ours to say
                 what += (f"; its subdirector{'ies' if len(subdirs) > 1 else 'y'} {', '.join(subdirs)} "
-                         f"{'have' if len(subdirs) > 1 else 'has'} some: name one (e.g. "
-                         f"{p / ('train' if 'train' in subdirs else subdirs[0])})")
+                         f"{'have' if len(subdirs) > 1 else 'has'} some: name {_example(p, subdirs)}")
         elif p.is_file():
             found = [p]
         elif glob.has_magic(str(item)):
@@ -297,6 +296,17 @@ def resolve_files(data_path: str | Path | Sequence[str | Path], key: str = "data
     if problems:
         raise DataError(problems)
     return list(files.values())
+
+
+def _example(directory: Path, subdirs: list[str]) -> str:
+    """What to name as data_path among `directory`'s subdirectories: its `train` one, or the training split's files
+    where one folder holds every split's (a Hub snapshot's data/train-*.parquet beside test-*), else the first."""
+    sub = directory / ("train" if "train" in subdirs else subdirs[0])
+    names = [f for f in sorted(sub.rglob("*")) if f.suffix in PARSERS and not f.name.startswith(".")]
+    train = [f for f in names if f.name.lower().startswith("train")]
+    if train and len(train) < len(names):  # several splits side by side: their files, not the folder
+        return f"the training split's files (e.g. {train[0].parent / ('train*' + train[0].suffix)})"
+    return f"one (e.g. {sub})"
 
 
 def _data_subdirs(directory: Path) -> list[str]:

@@ -153,6 +153,11 @@ def test_a_directory_of_subdirectories_names_them(tmp_path):
     assert one_problem(dd).endswith(f"dd:0: a DatasetDict saved by save_to_disk (a directory per split); its "
                                     f"subdirectories train, validation have some: name one (e.g. {dd / 'train'})")
     assert [r.data for r in load_records(dd / "train")] == RECORDS
+    (tmp_path / "hub" / "data").mkdir(parents=True)  # a Hub snapshot: every split's files in one folder
+    for split in ("test", "train"):
+        write_jsonl(tmp_path / "hub" / "data" / f"{split}-00000.jsonl", RECORDS)
+    assert one_problem(tmp_path / "hub").endswith(f"its subdirectory data has some: name the training split's files "
+                                                  f"(e.g. {tmp_path / 'hub' / 'data' / 'train*.jsonl'})")
 
 
 def test_save_to_disk_directory(tmp_path):

@@ -290,3 +290,12 @@ def test_an_adapter_on_a_base_of_other_weights_is_a_warning(tmp_path, capsys):
         assert warned == ([] if name != "variant" else [
             f"warning: --adapter {tmp_path / 'adapter'} was trained on {tmp_path / 'base'}, whose weights differ from "
             "--model-path's: the output is not the fine-tuned model's (give its base as --model-path)"]), (name, warned)
+    import convert_model  # a pipeline dir converted from the base (bf16 here: other values) is that base
+
+    assert convert_model.main(["hg_to_pp", "--input-path", str(tmp_path / "base"), "--save-path", str(tmp_path / "pp"),
+                               "--dtype", "bf16"]) == 0
+    capsys.readouterr()
+    from models.convert import load_hf_model
+
+    demo.with_adapter(load_hf_model(tmp_path / "pp", torch.float32)[0], tmp_path / "adapter", tmp_path / "pp")  # as on CPU
+    assert "warning:" not in capsys.readouterr().err

@@ -196,6 +196,8 @@ def test_yaml_merge_keys_are_no_key_written_twice():
 
     text = "base: &b {lr: 1, wd: 2}\nx:\n  <<: *b\n  lr: 3\n"
     assert parse_yaml(Path("c.yml"), text) == {"base": {"lr": 1, "wd": 2}, "x": {"lr": 3, "wd": 2}}
+    nested = "base: &base {lr: 1}\ntop:\n  <<: &mid\n    <<: *base\n    lr: 2\n  x: 3\nagain: *mid\n"  # merged, aliased
+    assert parse_yaml(Path("c.yml"), nested) == {"base": {"lr": 1}, "top": {"lr": 2, "x": 3}, "again": {"lr": 2}}
     with pytest.raises(ValueError, match=r"^c.yml:2: invalid YAML \(key True appears twice in one mapping"):
         parse_yaml(Path("c.yml"), "1: a\ntrue: b\n")
 

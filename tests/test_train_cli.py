@@ -54,6 +54,8 @@ CASES = {  # name -> (config overrides, expected text)
     "topology a list": ({"model_topo": {"process_topology": [2, 1]}}, 'model_topo.process_topology must be an object '
                         '{"axes": ["pipe", "data"], "dims": [P, D]}, got [2, 1]'),
     "parts": ({"model_topo": {"parts": [7]}}, "model_topo.parts [7] sums to 7 but the model has 6 pipeline units"),
+    "parts alone, one process": ({"model_topo": {"parts": [3, 3]}}, "model_topo.parts has 2 stages, which does not "
+                                 "divide the 1 processes; on one machine: deepspeed --num_gpus 2 train_ds.py --config "),
     "no optimizer": ({"optimizer": None}, "missing DeepSpeed 'optimizer' section"),
     "split without packing": ({"split_long_pretrain": True}, "'split_long_pretrain' needs 'packing': true"),
     "no model": ({"model_path": "/nonexistent/model"}, "model_path /nonexistent/model is not a directory"),
@@ -345,6 +347,9 @@ def test_a_model_path_that_is_no_pipeline_model_names_the_way_on(tmp_path, base,
                         ("meta-llama/Llama-2-7b-hf", f"is not a directory (a Hub id? convert it first: {convert} hg_to_pp "
                                                      "--input-path meta-llama/Llama-2-7b-hf --save-path DIR, then use DIR)"),
                         (save, f"has no pipeline layer files {ckpt}"),
+                        (hf / "config.json", f"is not a directory (a file; model_path is the pipeline dir {convert} "
+                                             "hg_to_pp writes)"),
+                        ("tests/no_such_model", f"is not a directory (relative to the working directory {Path.cwd()})"),
                         (save / "global_step300", f"has no config.json {ckpt}")):
         cfg = write_config(tmp_path, base, model_path=str(model))
         assert train_ds.main(["--config", str(cfg)]) == 2

@@ -115,7 +115,9 @@ class RunState:
     eval_fingerprint: str | None = None  # hash of the eval samples: eval losses of other eval data do not compare
     end_evals: list[int] = field(default_factory=list)  # steps of end-of-run evaluations (off the eval schedule)
     cut_short: bool = False  # it finished because max_steps / n_epoches came to at most its step on a resume
-    patience_ended: bool = False  # it finished because early_stopping_patience ran out (a raised patience continues it)
+    # it finished because early_stopping_patience ran out (a raised patience continues it); None: not recorded (a
+    # state written before it was; read: it finished before its length unless it was cut short)
+    patience_ended: bool | None = None
 
     def best_eval(self, scheduled: bool = False) -> tuple[int, float] | None:
         """The (step, loss) of the lowest eval loss, the earliest on ties; a non-finite loss never counts as best.
@@ -142,7 +144,8 @@ class RunState:
         raw = json.loads((tag_dir / STATE_FILE).read_text())
         raw["evals"] = [tuple(e) for e in raw.get("evals", [])]
         raw["eval_fingerprint"] = saved_eval_fingerprint(raw)
-        raw.pop("early_stopped", None)
+        if raw.pop("early_stopped", None):  # d37d687..c6bea29's name of it
+            raw.setdefault("patience_ended", True)
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(raw) - known):
             logging.getLogger(__name__).warning("%s: keys this version does not know, left out: %s",

@@ -37,8 +37,12 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads `1e-5` (no dot) as a float, as JSON and YAML 1.2 do (YAML 1.1 reads a string), and
     refuses a key repeated in one mapping (PyYAML keeps the last value without a word)."""
 
+    def flatten_mapping(self, node):  # noqa: ANN001, ANN201 (PyYAML's signature)
+        self.flattened = getattr(self, "flattened", set()) | {id(node)}  # merged in place: its keys are not as written
+        super().flatten_mapping(node)
+
     def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 (PyYAML's signature)
-        if isinstance(node, yaml.MappingNode):
+        if isinstance(node, yaml.MappingNode) and id(node) not in getattr(self, "flattened", ()):
             seen: set = set()
             for key_node, _ in node.value:  # as written: a merge key's (<<:) entries may be overridden here
                 if key_node.tag == "tag:yaml.org,2002:merge":

@@ -369,9 +369,11 @@ def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
         axes, dims = parse_topology(cfg.model_topo, world_size)
     except ModelConfigError as e:
         run = ""
-        if world_size == 1 and "were started" in str(e):  # e.g. `python train_ds.py`: the command it needs
+        topo = cfg.model_topo or {}
+        n = (math.prod(topo["process_topology"]["dims"]) if "were started" in str(e) else
+             len(topo["parts"]) if "does not divide" in str(e) else 0)
+        if world_size == 1 and n:  # e.g. `python train_ds.py`: the command it needs
             script = "train_ds.py" if command("train_ds.py").startswith("python ") else "$(which pipeft-train)"
-            n = math.prod(cfg.model_topo["process_topology"]["dims"])
             run = f"; on one machine: deepspeed --num_gpus {n} {script} --config {path}"
         raise ConfigError(f"{path}: {e}{run}") from None
     try:
@@ -393,8 +395,11 @@ def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
 def _model_path_hint(model: Path) -> str:
     """What a model_path that holds no pipeline model seems to be, and the way on ("" when it tells nothing)."""
     convert = command("convert_model.py")
+    if model.exists() and not model.is_dir():
+        return f" (a file; model_path is the pipeline dir {convert} hg_to_pp writes)"
     if not model.exists():
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)):
+        first = model.parts[0] if model.parts else ""
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) and first not in (".", "..") and not Path(first).exists():
             return (f" (a Hub id? convert it first: {convert} hg_to_pp --input-path {model} --save-path DIR, then use "
                     "DIR)")
         return "" if model.is_absolute() else f" (relative to the working directory {Path.cwd()})"

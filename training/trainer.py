@@ -340,7 +340,8 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         cfg, st = self.cfg, self.state
         losses, saved_at, skipped = [], st.step, 0
         # a finished run continues when its length was raised, or when a lower one ended it (also back at its length)
-        early = st.finished and st.patience_ended and st.step < self.total_steps  # early stopping ended it
+        ended = st.patience_ended if st.patience_ended is not None else not st.cut_short  # (an older state's: guessed)
+        early = st.finished and ended and st.step < self.total_steps  # early stopping ended it
         patience, since = cfg.early_stopping_patience, st.evals_since_best()
         if st.finished and (self.changes_length or st.cut_short) and st.step < self.total_steps:
             self.log(f"continuing the finished run from step {st.step} to step {self.total_steps} (its length was raised)")
@@ -445,7 +446,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             self.log(f"finished {len(losses)} steps in {hms(time.time() - self.monitor.t0)}: loss {sum(losses[:k]) / k:.4f} "
                      f"(mean of the first {k}) -> {sum(losses[-k:]) / k:.4f} (mean of the last {k})"
                      + (f"; {skipped} of them skipped their update" if skipped else ""))
-        st.finished = True
+        st.finished, st.patience_ended = True, bool(st.patience_ended)  # recorded either way
         if saved_at == st.step:  # the weights of this step are saved: only the run state changed
             self.ckpts.update_state(st)
         else:

@@ -1,0 +1,130 @@
+"""The launch environment, as train_ds.py finds it: a busy MASTER_PORT, a process that sees only its own GPU or
+none, srun's variables (the port, the master host, RANK exported by the batch script), a RANK without the
+rest of a launcher's variables, mpirun: each one line before anything else starts."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import ops_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def no_process_group(monkeypatch) -> None:
+    """Hide the test session's process group (tests before may have made it): a user's process has none, and with one
+    the run uses it and checks no port."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+
+
+def test_a_busy_master_port_is_one_line(tmp_path, ops_model, monkeypatch, capsys):
+    import train_ds
+
+    no_process_group(monkeypatch)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(k, v)
+        assert train_ds.main(["--config", str(ops_config(tmp_path, ops_model))]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"train_ds.py: error: MASTER_PORT {port} is already in use on this machine (another run?); start deepspeed "
+        "with --master_port set to a free port"]
+
+
+def test_a_process_that_sees_only_its_own_gpu_or_none_is_one_line(monkeypatch):
+    """srun --gpus-per-task=1 shows each task one GPU while LOCAL_RANK counts the node's tasks: DeepSpeed would ask
+    for cuda:LOCAL_RANK, which does not exist (a CUDA traceback on every rank but the first); the trainer says it.
+    No GPU at all (DS_ACCELERATOR=cuda on a CPU host): NCCL's or CUDA's traceback, now one line (the CLI's own test:
+    test_train_cli's test_ds_accelerator_cuda_without_a_gpu_is_one_line)."""
+    from training.distributed import local_device_problem
+
+    assert local_device_problem(3, 8, "cuda") is None and local_device_problem(0, 1, "cuda") is None
+    said = local_device_problem(3, 1, "cuda")
+    assert said.startswith("LOCAL_RANK 3, but this process sees 1 cuda device(s) (cuda:3 does not exist)") and \
+        "--gpus-per-task" in said and "\n" not in said
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    unset = " (unset DS_ACCELERATOR to let DeepSpeed detect this machine's device)"
+    assert local_device_problem(0, 0, "cuda") == "DeepSpeed's accelerator is cuda, but this process sees no cuda device" \
+        + unset
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert local_device_problem(0, 0, "cuda") == ("DS_ACCELERATOR=cuda, but this process sees no cuda device "
+                                                   "(CUDA_VISIBLE_DEVICES='')" + unset)
+
+
+def test_the_busy_port_advice_follows_the_launcher_and_srun_hostlists_expand(tmp_path, ops_model, monkeypatch, capsys):
+    """Under srun (no RANK; SLURM_PROCID ...) the advice is MASTER_PORT, not deepspeed's flag; every bracket group of
+    the first host is expanded, as `scontrol show hostnames` does."""
+    import train_ds
+    from training.distributed import first_host
+
+    assert first_host("rack[1-2]-node[01-04],x") == "rack1-node01" and first_host("r[1-2]n[01-16]") == "r1n01"
+    assert first_host("gpu[03-05,09],cpu1") == "gpu03" and first_host("a-b[001-004]") == "a-b001"
+    no_process_group(monkeypatch)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_PORT", "MASTER_ADDR"):  # recorded: what
+        monkeypatch.setenv(k, "0")  # launch_env sets from the SLURM variables is undone after the test
+        monkeypatch.delenv(k)
+    from training.distributed import launch_env
+
+    for k, v in {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_ID": "4321987"}.items():
+        monkeypatch.setenv(k, v)
+    assert launch_env() == "slurm" and os.environ["MASTER_PORT"] == str(15000 + 4321987 % 17000)  # not ephemeral
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "SLURM_JOB_ID"):
+        os.environ.pop(k, None)  # each recorded above: monkeypatch puts back what was there before the test
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        for k, v in {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0", "MASTER_ADDR": "127.0.0.1",
+                     "SLURM_STEP_NODELIST": "localhost", "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(k, v)
+        assert train_ds.main(["--config", str(ops_config(tmp_path, ops_model))]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"train_ds.py: error: MASTER_PORT {port} is already in use on this machine (another run?); export "
+        "MASTER_PORT=<a free port> before srun"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"},
+     "RANK is set but LOCAL_RANK is not: a launcher sets all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and "
+     "MASTER_PORT (deepspeed, torchrun, srun); set the missing ones or start through one of them"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK is set but MASTER_ADDR, MASTER_PORT are not"),
+    ({"RANK": "1", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"},
+     "RANK=1 is not in 0..WORLD_SIZE-1 (WORLD_SIZE=1)"),
+    ({"RANK": "x", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"},
+     "RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers, got RANK='x'"),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+     "this process was started by MPI (OMPI_COMM_WORLD_SIZE=2), which this project does not launch with (mpirun, "
+     "deepspeed --launcher openmpi or mvapich): start it through deepspeed"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999",
+      "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"},  # every task a rank 0 that waited out dist_timeout_minutes
+     "RANK=0 and WORLD_SIZE=2 are set in the environment of srun task 1 of 2 (exported by the batch script? "
+     "$SLURM_PROCID there is the batch shell's, 0 for every task): unset RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR "
+     "and MASTER_PORT before srun"),
+    ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2", "MASTER_ADDR": "127.0.0.1"},
+     "MASTER_ADDR=127.0.0.1 (inherited by this srun step, e.g. exported by the batch script or the login shell) is "
+     "this node's loopback address, but the step spans 2 nodes: unset it"),
+], ids=["no LOCAL_RANK (a Kubeflow PyTorchJob)", "no master", "rank past the world", "not a number",
+        "mpirun (each process alone)", "RANK exported to every srun task", "a loopback master for two nodes"])
+def test_an_incomplete_launch_environment_is_one_line(tmp_path, ops_model, monkeypatch, capsys, env, message):
+    """RANK without the rest used to be a KeyError, DeepSpeed's MPI discovery (no mpi4py) or a hang; processes of
+    mpirun each trained alone (as "single")."""
+    import train_ds
+
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert train_ds.main(["--config", str(ops_config(tmp_path, ops_model))]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {message}"), err

@@ -361,6 +361,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             self.log(f"nothing to do: this run finished at step {st.step} ({more} to train further; a new run needs "
                      "another save_path, or \"resume\": false with \"overwrite_save_path\": true)")
             return
+        self.last_save_time = time.time()  # (save_interval_minutes counts from here)
         fault_pause("setup", st.step, until=lambda: self.stop_signal is not None)
         if self._at_boundary()[0]:  # SIGTERM during set-up (data, model, checkpoint load): there is nothing to save,
             # and a save of a big model would outlast a scheduler's grace period
@@ -368,7 +369,6 @@ class Trainer(TrainingData, RunDirectory, RunReport):
                      f"step {st.step + 1}, with nothing new to save ({resume_hint(cfg)})")
             return
         pending = self.prefetch.submit(self.batches_for, st.step)
-        self.last_save_time = time.time()
         while st.step < self.total_steps:
             step = st.step
             self.grad_norm = None

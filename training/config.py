@@ -369,10 +369,7 @@ def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
         axes, dims = parse_topology(cfg.model_topo, world_size)
     except ModelConfigError as e:
         run = ""
-        topo = cfg.model_topo or {}
-        n = (math.prod(topo["process_topology"]["dims"]) if "were started" in str(e) else
-             len(topo["parts"]) if "does not divide" in str(e) else 0)
-        if world_size == 1 and n:  # e.g. `python train_ds.py`: the command it needs
+        if world_size == 1 and (n := _processes_needed(cfg.model_topo)):  # `python train_ds.py`: the command it needs
             script = "train_ds.py" if command("train_ds.py").startswith("python ") else "$(which pipeft-train)"
             run = f"; on one machine: deepspeed --num_gpus {n} {script} --config {path}"
         raise ConfigError(f"{path}: {e}{run}") from None
@@ -390,6 +387,23 @@ def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
         raise ConfigError(f"{path}: 'wall_clock_breakdown' true stops DeepSpeed's pipeline engine at the first backward pass "
                           "(it starts its backward timers twice: 'bwd_microstep timer has already been started'); remove it "
                           "(metrics.jsonl records each step's time and data time)")
+
+
+def _processes_needed(model_topo: dict | None) -> int | None:
+    """How many processes `model_topo` takes, when that alone kept it from one process: its dims' product, else one
+    per stage of `parts`; None when it says neither or has another problem."""
+    topo = model_topo if isinstance(model_topo, dict) else {}
+    pt, parts = topo.get("process_topology"), topo.get("parts")
+    dims = pt.get("dims") if isinstance(pt, dict) else None
+    for n in (math.prod(dims) if isinstance(dims, list) and all(isinstance(d, int) for d in dims) else None,
+              len(parts) if isinstance(parts, list) else None):
+        if n and n > 1:
+            try:
+                parse_topology(model_topo, n)
+                return n
+            except (ModelConfigError, TypeError):
+                return None
+    return None
 
 
 def _model_path_hint(model: Path) -> str:

@@ -76,9 +76,26 @@ GONE = ("no longer there: removed while it was being read (a running run's keep_
         "checkpoints; export one it keeps, or a copy)")
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def check_not_lfs_pointer(path: Path) -> None:
+    """A CheckpointError if `path` is a Git LFS pointer (a clone made without git-lfs): a small text file in place of
+    the weights, which would otherwise read as a corrupt checkpoint."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LFS_POINTER))
+    except OSError:
+        return  # the reader reports it
+    if head == LFS_POINTER:
+        raise CheckpointError(f"{path}: a Git LFS pointer, not the weights (the repository was cloned without "
+                              "git-lfs): run `git lfs pull` in it, or download it with `hf download`")
+
+
 def load_torch_file(path: Path) -> dict:
     """A `torch.save`d state dict (weights only; memory-mapped, but for torch's legacy pre-1.6 format, which cannot
     be); a truncated or corrupt file is a CheckpointError naming it, never torch's traceback."""
+    check_not_lfs_pointer(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except FileNotFoundError:
@@ -129,6 +146,7 @@ ST_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I
 def read_safetensors_header(path: Path) -> dict:
     """The tensors' header of a safetensors file, validated against the file's size before anything is read:
     a corrupt length field or offsets past the end are a CheckpointError, never a huge allocation."""
+    check_not_lfs_pointer(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)

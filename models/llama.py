@@ -46,7 +46,8 @@ KEY_MAP = KeyMap(
         "model.norm.weight": ("norm", "weight"),
         "lm_head.weight": ("head", "weight"),  # absent when tie_word_embeddings
     },
-    ignored=("model.layers.{}.self_attn.rotary_emb.inv_freq",),  # old checkpoints; recomputed
+    ignored=("model.layers.{}.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq"),  # old or torch.save'd
+    optional_prefix="model.",  # a base model's save_pretrained (LlamaModel, Qwen2Model), as transformers loads it
 )
 
 

@@ -85,6 +85,20 @@ def test_a_tied_checkpoint_holding_only_the_head_converts(tmp_path, tied):
     assert not (tmp_path / "pp" / "layer_05-model_states.pt").exists()
 
 
+def test_a_base_models_checkpoint_converts_as_transformers_loads_it(tmp_path, tied):
+    """LlamaModel.save_pretrained (a base model: keys without `model.`), with a torch.save'd model-level RoPE buffer:
+    transformers' LlamaForCausalLM loads both, adding the prefix and skipping the buffer; so does hg_to_pp."""
+    hf, sd = tied
+    d = _dir(tmp_path, hf)
+    base = {k.removeprefix("model."): v for k, v in sd.items()}
+    assert all(not k.startswith("model.") for k in base)
+    torch.save({**base, "rotary_emb.inv_freq": torch.ones(8)}, d / "pytorch_model.bin")
+    hg_to_pp(d, tmp_path / "pp")
+    pp_to_hg(tmp_path / "pp", tmp_path / "back")
+    back = HFCheckpoint(tmp_path / "back")
+    assert sorted(back.keys()) == sorted(sd) and all(torch.equal(back.get(k), v) for k, v in sd.items())
+
+
 def _pickled_object(d, sd):
     torch.save({**sd, "args": argparse.Namespace(lr=1.0)}, d / "pytorch_model.bin")
 
@@ -104,7 +118,13 @@ def _bin_shards_without_index(d, sd):
     _shards(d, sd, "pytorch_model-0000{i}-of-00002.bin", None)
 
 
+def _lfs_pointers(d, sd):  # a clone made without git-lfs
+    (d / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 2471645608\n")
+
+
 BAD_LAYOUTS = {  # case -> (layout, the message after the path named)
+    "a Git LFS pointer": (_lfs_pointers, "model.safetensors: a Git LFS pointer, not the weights (the repository was "
+                                         "cloned without git-lfs): run `git lfs pull` in it"),
     "a .bin with a pickled object": (_pickled_object, "pytorch_model.bin: holds non-tensor objects (argparse.Namespace), "
                                                       "which torch.load(weights_only=True) refuses to unpickle"),
     "a quantised checkpoint": (_quantised, "config.json: a quantised checkpoint (quantization_config, quant_method "

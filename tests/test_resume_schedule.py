@@ -105,6 +105,18 @@ def test_a_resumed_scheduler_continues_bit_exactly(ds, tmp_path, scheduler):
     assert got == want
 
 
+def test_a_resume_with_other_zero_buckets_continues_bit_exactly(ds, tmp_path):
+    """ZeRO-1's communication keys (README: applied on resume) change nothing its optimizer state holds: a run
+    resumed with other bucket sizes and overlap_comm makes the uninterrupted run's updates, bit for bit."""
+    want, weights = save_at_3(ds, {"max_steps": 6, "zero_optimization": {"stage": 1}}, tmp_path)
+    other = {"max_steps": 6, "zero_optimization": {"stage": 1, "reduce_bucket_size": 16, "allgather_bucket_size": 16,
+                                                   "overlap_comm": True, "contiguous_gradients": False}}
+    run, got, resumed = resume(ds, other, tmp_path, [0, 1])
+    assert got == want and all(torch.equal(resumed[k], weights[k]) for k in weights)
+    assert "  zero_optimization.reduce_bucket_size: 500000000 -> 16 (applied: gradient communication only: takes " \
+        "effect from this step (the optimizer state's partition does not depend on it))" in run.lines, run.lines
+
+
 def test_another_kind_of_scheduler_starts_where_a_run_under_it_would_be(ds, tmp_path):
     """The project's schedule -> torch's ExponentialLR (its saved state does not fit): the new scheduler is stepped to
     the checkpoint's step, from the values it was built with (its lr is chained on the previous one)."""

@@ -175,6 +175,14 @@ def test_resume_compares_the_settings_deepspeed_reads_not_their_spelling():
     assert [(c.key, c.kind) for c in off] == [("bf16.enabled", "fixed")]
     zero = config_changes(one, {**one, "zero_optimization": {"stage": 0}})
     assert [c.key for c in refusals(zero, False)] == ["zero_optimization.stage"]
+    # communication and checks are applied; what the optimizer state holds is refused
+    other = {"zero_optimization": {"stage": 1, "reduce_bucket_size": 1e7, "overlap_comm": True,
+                                   "offload_optimizer": {"device": "cpu"}},
+             "bf16": {"enabled": True, "check_grad_overflow": False, "bf16_optimizer_states": True}}
+    assert {c.key: c.kind for c in config_changes(one, {**one, **other})} == {
+        "zero_optimization.reduce_bucket_size": "applied", "zero_optimization.overlap_comm": "applied",
+        "zero_optimization.offload_optimizer": "fixed", "bf16.check_grad_overflow": "applied",
+        "bf16.bf16_optimizer_states": "fixed"}
 
 
 def test_resume_takes_a_key_written_out_with_its_default_as_unchanged():
@@ -188,9 +196,21 @@ def test_resume_takes_a_key_written_out_with_its_default_as_unchanged():
     same = [{"seed": 42}, {"decay_norm_and_bias": False}, {"group_by_length": False}, {"max_steps": None},
             {"dataloader_drop_last": True}, {"lora": {"r": 4, "alpha": 4, "dropout": 0.0, "target_modules": "all-linear"}},
             {"quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False}},
-            {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}}]
+            {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}},
+            {"fp16": {"enabled": True, "fused_optimizer": True}},  # gdGPT's, dropped (compat.DROPPED)
+            # DeepSpeed's own defaults and spellings, as its config models read them; immediate_grad_update the trainer's
+            {"bf16": {"enabled": True, "check_grad_overflow": True}, "fp16": None},
+            {"bf16": {"enabled": True, "immediate_grad_update": True}, "fp16": None},
+            {"zero_optimization": {"stage": 1, "reduce_bucket_size": 500000000, "stage3_prefetch_bucket_size": 5e7}},
+            {"scheduler": {"type": "StepLR", "params": {"step_size": 10, "gamma": 0.1}}}]  # torch's default gamma
+    zero = {"zero_optimization": {"stage": 1, "reduce_bucket_size": 5e8, "prefetch_bucket_size": 50000000}}
+    bf16 = {"bf16": {"enabled": True}, "fp16": None}
+    step_lr = {"scheduler": {"type": "StepLR", "params": {"step_size": 10}}}
     for over in same:
-        assert config_changes(none, {**none, **over}) == [] and config_changes({**none, **over}, none) == [], over
+        base = {**none, **({"zero_optimization": {"stage": 1}} if "zero_optimization" in over else {}),
+                **(bf16 if "bf16" in over else {}), **(step_lr if "scheduler" in over else {})}
+        assert config_changes(base, {**base, **over}) == [] and config_changes({**base, **over}, base) == [], over
+    assert config_changes({**none, **zero}, {**none, "zero_optimization": {"stage": 1}}) == []
     changed = {"seed": 7, "lora": {"r": 4, "alpha": 8}, "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
                "fp16": {"enabled": True, "loss_scale_window": 500}, "dataloader_drop_last": False}
     assert [(c.key, c.old, c.new) for c in config_changes(none, {**none, **changed})] == [

@@ -18,6 +18,7 @@ Everything here runs before any process group exists, except where the trainer c
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from dataclasses import MISSING, dataclass, replace
@@ -42,7 +43,7 @@ from training.checkpoint import (
     saved_eval_fingerprint,
     tag_of,
 )
-from training.compat import BATCH_KEYS, map_gdgpt_keys
+from training.compat import BATCH_KEYS, DROPPED, map_gdgpt_keys
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -57,6 +58,8 @@ PRECISION = ("fp16", "bf16")
 APPLIED, SAMPLES, DATA, FIXED = "applied", "samples", "data", "fixed"
 FP16_SCALER = ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "consecutive_hysteresis",
                "min_loss_scale")  # DeepSpeed's fp16 keys (FP16_<KEY>_DEFAULT in deepspeed.runtime.constants)
+ZERO_COMMUNICATION = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients",
+                      "reduce_scatter", "allgather_partitions", "use_multi_rank_bucket_allreduce")  # ZeRO-1's buckets
 # (key or dotted prefix, kind, what happens). The first match wins; keys not listed are applied.
 RESUME_RULES: list[tuple[str, str, str]] = [
     ("max_steps", APPLIED, "the run trains to the new length (a finished run continues)"),
@@ -71,8 +74,11 @@ RESUME_RULES: list[tuple[str, str, str]] = [
     ("optimizer.no_wd_kws", FIXED, "the optimizer's parameter groups would differ from the checkpoint's"),
     *((f"fp16.{k}", FIXED, "DeepSpeed restores the loss scaler from the checkpoint (its scale, window and factor): "
                            "a new value would not take effect") for k in FP16_SCALER),
+    ("bf16.check_grad_overflow", APPLIED, "takes effect from this step"),
     ("bf16", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
     ("fp16", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
+    *((f"zero_optimization.{k}", APPLIED, "gradient communication only: takes effect from this step (the optimizer "
+                                          "state's partition does not depend on it)") for k in ZERO_COMMUNICATION),
     ("zero_optimization", FIXED, "the checkpoint's optimizer state is laid out for the other ZeRO setting"),
     ("data_types", FIXED, "the checkpoint's optimizer state is stored for the other precision"),
     ("lora.dropout", APPLIED, "takes effect from this step"),
@@ -190,10 +196,10 @@ def _same_set(a: object, b: object) -> bool:
 
 def effective(raw: dict) -> dict:
     """A raw config with what is read alike written alike: a key left out is its default (the project's keys, the
-    "lora" and "quantization" sections', dataloader_drop_last's (true here), DeepSpeed's fp16 loss scaler's; gdGPT's
-    use_flash_attn as the attn_implementation it means); a precision section that is not enabled (absent, {},
-    "enabled": false; its other keys do nothing) is none, "bfloat16" is "bf16", and zero_optimization absent, false,
-    {} or stage 0 is none, true is {"stage": 1}."""
+    "lora" and "quantization" sections', dataloader_drop_last's (true here), DeepSpeed's fp16 / bf16 / ZeRO sections'
+    (`_as_deepspeed_reads`), a torch scheduler's parameters'; gdGPT's use_flash_attn as the attn_implementation it
+    means); a precision section that is not enabled (absent, {}, "enabled": false; its other keys do nothing) is
+    none, "bfloat16" is "bf16", and zero_optimization absent, false, {} or stage 0 is none, true is {"stage": 1}."""
     from deepspeed.runtime import constants as ds
 
     from training.config import PROJECT_KEYS  # training.config imports this module
@@ -218,7 +224,32 @@ def effective(raw: dict) -> dict:
     zero = out.pop("zero_optimization", None)
     if stage := zero_stage(raw):
         out["zero_optimization"] = {**(zero if isinstance(zero, dict) else {}), "stage": stage}
+    _as_deepspeed_reads(out)
+    if "bf16" in out:  # the trainer sets it (optim.BF16_KEYS); false is refused
+        out["bf16"]["immediate_grad_update"] = True
+    if (kind := torch_scheduler(out)) and isinstance(out["scheduler"].get("params", {}), dict):
+        defaults = {k: p.default for k, p in inspect.signature(getattr(torch.optim.lr_scheduler, kind)).parameters.items()
+                    if p.default is not inspect.Parameter.empty and k != "verbose"}
+        out["scheduler"] = {**out["scheduler"], "params": defaults | out["scheduler"].get("params", {})}
     return out
+
+
+def _as_deepspeed_reads(out: dict) -> None:
+    """The fp16, bf16 and zero_optimization sections of `out` replaced, in place, by what DeepSpeed's config models
+    read of them: every default filled in, aliases and number spellings made one (`5e8` is 500000000,
+    `stage3_prefetch_bucket_size` is `prefetch_bucket_size`), the keys compat.DROPPED names (ignored) left out. A
+    section this DeepSpeed reads otherwise (saved by another version) stays as written."""
+    from deepspeed.runtime.config import DeepSpeedConfigError
+    from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
+    from deepspeed.runtime.zero.config import get_zero_config
+
+    for key, read in (("fp16", get_float16_config), ("bf16", get_bfloat16_config), ("zero_optimization", get_zero_config)):
+        if isinstance(out.get(key), dict):
+            body = {k: v for k, v in out[key].items() if (key, k) not in DROPPED}
+            try:
+                out[key] = read({key: body}).model_dump()
+            except (DeepSpeedConfigError, ValueError, TypeError):  # pydantic's ValidationError is a ValueError
+                out[key] = body
 
 
 def zero_stage(ds: dict) -> int:
@@ -246,6 +277,9 @@ def config_changes(saved: dict, new: dict, lora_run: bool = False) -> list[Chang
     for key in PRECISION:  # on one side only: "enabled" says it (the section's other keys do nothing on the other)
         if (key in saved) != (key in new):
             (saved if key in saved else new)[key] = {"enabled": True}
+    if ("zero_optimization" in saved) != ("zero_optimization" in new):  # ZeRO on one side: its stage says it
+        side = saved if "zero_optimization" in saved else new
+        side["zero_optimization"] = {"stage": side["zero_optimization"].get("stage")}
     # torch's scheduler state_dict holds its constructor's params and base lrs, and DeepSpeed loads it over the
     # scheduler the config built: changed ones would not take effect (another kind of scheduler starts afresh)
     torch_kind = torch_scheduler(new) if schedule_kind(saved) == schedule_kind(new) else None

@@ -41,8 +41,8 @@ with deepspeed_logs_on_stderr():  # stdout holds the generated text only
     from transformers import TextStreamer
 
     from data.chat import end_of_turn, end_of_turn_text
-    from data.encode import encode_prompt
-    from data.records import DataError, present_fields, prompt_problems
+    from data.encode import encode_prompt, special_text_in
+    from data.records import DataError, present_fields, prompt_problems, string_problem
     from data.settings import DataSettings, read_data_settings
     from data.templates import TEMPLATES, TemplateSettings
     from launch import AcceleratorError
@@ -120,6 +120,8 @@ def build_record(args: argparse.Namespace) -> dict:
             raise DemoError(f"--instruct: {problems[0]}")
         return rec
     if args.record is None:
+        if problem := string_problem("--prompt", args.prompt, allow_empty=True):  # a byte the locale cannot decode
+            raise DemoError(problem)
         return {"text": args.prompt}
     text = args.record
     if not text.lstrip().startswith(("{", "[")):
@@ -127,6 +129,8 @@ def build_record(args: argparse.Namespace) -> dict:
             text = Path(text).read_text(encoding="utf-8-sig")  # a BOM as the training readers take it
         except OSError as e:
             raise DemoError(f"--record {args.record}: not JSON and not a readable file ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise DemoError(f"--record {args.record}: not valid UTF-8 (byte offset {e.start})") from None
     try:
         rec = present_fields(json.loads(text))
     except json.JSONDecodeError as e:
@@ -408,6 +412,9 @@ def run(args: argparse.Namespace) -> None:
         prompt = encode_prompt(tokenizer, rec, settings)
     except ValueError as e:
         raise DemoError(f"cannot prompt with this record: {e}".splitlines()[0]) from None
+    if (found := special_text_in(rec, tokenizer)) and rank == 0:  # as training warns of such records
+        log(f"warning: the prompt's {found}, the text of a special (or template) token, read as that control token "
+            "(as training and serving stacks read it)")
     if trained is not None and len(prompt) >= trained and rank == 0:
         log(f"warning: the prompt has {len(prompt)} tokens, and training kept {trained} per sample (max_seq_len in "
             "data_settings.json): the model never learned an answer after so long a prompt")

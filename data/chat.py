@@ -221,6 +221,8 @@ def chat_prompt(rec: Mapping[str, Any], tokenizer: Any) -> Rendered:
     message, with the generation prompt (`apply_chat_template(..., add_generation_prompt=True)`); `prompt_ends`
     are the earlier answers' starts, as in training."""
     messages = CHAT_MESSAGES[record_type(rec)](rec)
+    if problem := structure_problem(messages):  # before the answer to prompt for is dropped: it may be the only turn
+        raise ValueError(problem)
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     text, _, ends, _ = _render_messages(tokenizer, messages, generation_prompt=True)

@@ -168,20 +168,34 @@ def special_text(records: Sequence[Record], tokenizer: Any) -> tuple[int, str]:
     serving stacks do: an EOS inside an answer is trained as a stop there. Counted too: the added tokens that are not
     special but that the chat template writes (a ChatML `<|im_end|>` added with `add_tokens`), never split either;
     not a word added to the vocabulary."""
+    pattern = _special_pattern(tokenizer)
+    if pattern is None:
+        return 0, ""
+    count, first = 0, ""
+    for rec in records:
+        if (found := _first_special(rec.data, pattern)) is not None:
+            count += 1
+            first = first or f"{rec.source}:{rec.line}: {found}"
+    return count, first
+
+
+def special_text_in(data: Mapping[str, Any], tokenizer: Any) -> str | None:
+    """"field ... holds ..." for one record's fields (`special_text`'s finding), None when none holds such text."""
+    pattern = _special_pattern(tokenizer)
+    return None if pattern is None else _first_special(data, pattern)
+
+
+def _special_pattern(tokenizer: Any) -> re.Pattern | None:
+    """What `special_text` looks for: the tokenizer's special tokens and the added tokens its chat template writes."""
     specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     specials |= set(tokenizer.all_special_tokens) | template_tokens(tokenizer)
     specials = sorted((t for t in specials if t), key=len, reverse=True)
-    if not specials:
-        return 0, ""
-    pattern = re.compile("|".join(map(re.escape, specials)))
-    count, first = 0, ""
-    for rec in records:
-        found = next(((where, m.group()) for where, text in _strings(rec.data, "") if (m := pattern.search(text))),
-                     None)
-        if found is not None:
-            count += 1
-            first = first or f"{rec.source}:{rec.line}: field {found[0]!r} holds {found[1]!r}"
-    return count, first
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
+def _first_special(data: Mapping[str, Any], pattern: re.Pattern) -> str | None:
+    found = next(((where, m.group()) for where, text in _strings(data, "") if (m := pattern.search(text))), None)
+    return None if found is None else f"field {found[0]!r} holds {found[1]!r}"
 
 
 def require_special_tokens_parsed(tokenizer: Any) -> None:

@@ -67,7 +67,7 @@ class RecordType:
 FieldCheck = Callable[[str, Any], list[str]]  # (field name, value) -> problems
 
 
-def _string_problem(what: str, value: Any, allow_empty: bool = False) -> str | None:
+def string_problem(what: str, value: Any, allow_empty: bool = False) -> str | None:
     """Why `value` is not a usable text (a string, valid Unicode, non-blank unless `allow_empty`), else None."""
     if not isinstance(value, str):
         return f"{what} must be a string, got {type(value).__name__}"
@@ -82,12 +82,12 @@ def _string_problem(what: str, value: Any, allow_empty: bool = False) -> str | N
 
 def _text(name: str, value: Any) -> list[str]:
     """A non-empty string."""
-    problem = _string_problem(f"field {name!r}", value)
+    problem = string_problem(f"field {name!r}", value)
     return [problem] if problem else []
 
 
 def _maybe_empty_text(name: str, value: Any) -> list[str]:
-    problem = _string_problem(f"field {name!r}", value, allow_empty=True)
+    problem = string_problem(f"field {name!r}", value, allow_empty=True)
     return [problem] if problem else []
 
 
@@ -110,7 +110,7 @@ def _rounds(name: str, value: Any, api: bool = False) -> list[str]:
             problems.append(f"{where}: unknown role {role!r} (allowed: {', '.join(map(repr, roles))})")
         elif role == "ans-api":
             problems += _api_turn(where, text)
-        elif problem := _string_problem(f"{where}: text", text):
+        elif problem := string_problem(f"{where}: text", text):
             problems.append(problem)
     if not problems and value[-1][0] not in ("ans", "ans-api"):
         has_answer = any(role in ("ans", "ans-api") for role, _ in value)
@@ -141,7 +141,7 @@ def _api_turn(where: str, turn: Any) -> list[str]:
                 f"{type(turn).__name__}"]
     problems = [f"{where}: unknown key {k!r} (allowed: actions, ans)" for k in turn if k not in ("actions", "ans")]
     if "ans" in turn:
-        problems += [p for p in [_string_problem(f"{where}.ans", turn["ans"])] if p]
+        problems += [p for p in [string_problem(f"{where}.ans", turn["ans"])] if p]
     else:
         problems.append(f"{where}: missing field 'ans' (the answer after the api calls)")
     actions = turn.get("actions")
@@ -155,8 +155,8 @@ def _api_turn(where: str, turn: Any) -> list[str]:
         problems += [f"{at}: unknown key {k!r} (allowed: {', '.join(API_ACTION_KEYS)})" for k in act
                      if k not in API_ACTION_KEYS]
         problems += [f"{at}: missing field {k!r}" for k in API_ACTION_KEYS if k not in act]
-        problems += [p for p in (_string_problem(f"{at}.inner_thought", act.get("inner_thought", ""), True),
-                                 _string_problem(f"{at}.api_name", act.get("api_name", "-"))) if p]
+        problems += [p for p in (string_problem(f"{at}.inner_thought", act.get("inner_thought", ""), True),
+                                 string_problem(f"{at}.api_name", act.get("api_name", "-"))) if p]
         try:
             api_params(act.get("api_param", {}))
         except ValueError as e:

@@ -133,6 +133,17 @@ def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
     assert last.startswith("demo.py: error:") and message in last
 
 
+def test_undecodable_prompt_text_is_one_line_before_the_model_loads(tmp_path, capsys):
+    """A byte the locale cannot decode (argv's surrogate escape; was a TypeError inside the tokenizer) and a --record
+    file that is not UTF-8 (was a UnicodeDecodeError): one line each, before the model is read."""
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"text": "caf\xe9"}')
+    for argv, message in ((["--prompt", "caf\udce9"], "--prompt holds an invalid character ('\\udce9' at position 3)"),
+                          (["--record", str(bad)], f"--record {bad}: not valid UTF-8 (byte offset 13)")):
+        assert demo.main(["--model-path", str(tmp_path / "missing"), *argv]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"demo.py: error: {message}"
+
+
 @pytest.mark.parametrize("rounds, problem", [
     ([{"role": "ask", "text": "Hi"}], 'rounds[0] must be a [role, text] pair, got {"role": "ask", "text": "Hi"}'),
     ([["ask", "Hi"], 5], "rounds[1] must be a [role, text] pair, got 5"),

@@ -105,6 +105,21 @@ def test_template_override_and_stop_ids(chat_run, capsys):
     assert demo.stop_ids(GenerationConfig(eos_token_id=7), tok, TemplateSettings()) == [7, tok.eos_token_id]
 
 
+def test_a_record_answered_only_and_special_token_text_are_said(chat_run, capsys):
+    """An answer as the only turn is the training check's line (was transformers' "empty conversation"); the text of
+    a special or template token in the prompt is a warning, as training warns of such records."""
+    argv = ["--model-path", str(chat_run["hf"]), "--max-new-tokens", "1", "--no-stream"]
+    assert demo.main([*argv, "--record", '{"rounds": [["ans", "x"]]}']) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("demo.py: error: cannot prompt with this record: the "
+                                                                "first turn is an answer: chat templates need a user "
+                                                                "message before it")
+    for text, warned in (("Hi there", False), ("Hi <|im_end|>", True)):
+        assert demo.main([*argv, "--record", json.dumps({"rounds": [["ask", text]]})]) == 0
+        err = capsys.readouterr().err
+        assert ("warning: the prompt's field 'rounds[0][1]' holds '<|im_end|>', the text of a special (or template) "
+                "token, read as that control token" in err) == warned, err
+
+
 def test_demo_cli_on_the_chat_checkpoint(chat_run):
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     env.pop("WORLD_SIZE", None)

@@ -229,6 +229,21 @@ def test_a_damaged_hf_dir_a_prompt_past_the_positions_and_an_empty_prompt_are_on
         demo.generate(model, tok, [], stream=False)
 
 
+def test_a_tokenizer_of_another_eos_than_trainings_is_a_warning(dirs, tmp_path, capsys):
+    """data_settings.json records the EOS training closed answers with: a tokenizer with another one is said."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(dirs["hf"]))
+    for eos, warned in ((tok.eos_token, False), ("<|eot|>", True)):
+        write_data_settings(tmp_path, replace(data_settings_of(TemplateSettings(), tok, 16), eos_token=eos))
+        demo.prompt_settings([tmp_path], None, tok)
+        err = capsys.readouterr().err
+        assert (f"warning: training's tokenizer had the EOS '<|eot|>' (data_settings.json), this one {tok.eos_token!r}"
+                in err) == warned, err
+
+
 def test_tensor_parallel_without_gpus_is_refused(dirs, capsys, monkeypatch):
     from deepspeed.accelerator import get_accelerator
 

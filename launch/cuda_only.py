@@ -17,7 +17,7 @@ import torch
 
 CUDA_ONLY = {
     "flash_attention_2": "flash-attn's CUDA kernels",
-    "flex_attention": "torch FlexAttention's backward (none on the CPU; other devices unchecked)",
+    "flex_attention": "torch FlexAttention's backward (none on the CPU; other devices unchecked), compiled with triton",
     "lion use_triton": "lion-pytorch's triton kernel",
 }
 
@@ -30,10 +30,19 @@ def flash_attn_available() -> bool:
     return cuda_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-def flex_available(device_type: str) -> bool:
+def flex_problem(device_type: str) -> str | None:
+    """Why FlexAttention cannot train on `device_type` (words that follow "flex_attention"), None when it can."""
     if device_type != "cuda":  # torch 2.13: "FlexAttention does not support backward on CPU"
-        return False
-    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+        return f"has no backward on {device_type} in this torch ({torch.__version__})"
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return f"is not in this torch ({torch.__version__})"
+    if importlib.util.find_spec("triton") is None:  # torch.compile's inductor writes its CUDA kernel in triton
+        return "is compiled with triton on CUDA, and triton is not installed (pip install triton)"
+    return None
+
+
+def flex_available(device_type: str) -> bool:
+    return flex_problem(device_type) is None
 
 
 def triton_problem(params: list, device_type: str | None = None) -> str | None:

@@ -37,7 +37,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from launch.cuda_only import flash_attn_available, flex_available
+from launch.cuda_only import flash_attn_available, flex_available, flex_problem
 
 from .pipeline import ModelConfigError
 
@@ -68,9 +68,8 @@ def attn_problem(name: str, family: str, device_type: str, precision: str | None
             return "flash_attention_2 needs the flash-attn package (pip install flash-attn), which is not installed"
         if precision == "fp32":
             return "flash_attention_2 runs in bf16 or fp16 only (flash-attn has no fp32 kernels); enable bf16, or use \"auto\""
-    if name == "flex_attention" and not flex_available(device_type):
-        return (f"flex_attention has no backward on {device_type} in this torch ({torch.__version__}); "
-                "use \"auto\" or \"sdpa\"")
+    if name == "flex_attention" and (problem := flex_problem(device_type)):
+        return f"flex_attention {problem}; use \"auto\" or \"sdpa\""
     if name == "flex_attention" and dropout:
         return (f"flex_attention has no attention dropout, and the model's attention_dropout is {dropout:g} "
                 "(config.json); use \"auto\" or \"sdpa\"")

@@ -176,12 +176,22 @@ def test_attn_problems(name, family, device, problem):
     assert attn_problem("auto", family, device) is None and attn_problem("eager", family, device) is None
 
 
-def test_auto_passes_over_flex_attention_for_a_model_with_attention_dropout():
+def test_auto_passes_over_flex_attention_for_a_model_with_attention_dropout(monkeypatch):
     """FlexAttention has no dropout: "auto" takes another exact path for such a model, and naming it is refused (it
-    trained packed rows without the dropout that unpacked rows had)."""
+    trained packed rows without the dropout that unpacked rows had). On CUDA it is compiled with triton: without
+    triton "auto" passes over it too (it crashed at the first packed micro-batch), and naming it is refused."""
+    import importlib.util
+
     from models.attention import choose_path
     from models.llama import LlamaBlockPipe
 
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    assert choose_path("auto", "segments", "cuda", torch.float32) == "sdpa_mask"
+    assert attn_problem("flex_attention", "llama", "cuda") == ("flex_attention is compiled with triton on CUDA, and "
+                                                               "triton is not installed (pip install triton); use "
+                                                               "\"auto\" or \"sdpa\"")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else find_spec(name, *a))
     assert choose_path("auto", "segments", "cuda", torch.float32) == "flex"  # what this torch offers on CUDA
     assert choose_path("auto", "segments", "cuda", torch.float32, dropout=True) == "sdpa_mask"
     assert "flex_attention has no attention dropout, and the model's attention_dropout is 0.1" in attn_problem(

@@ -105,7 +105,7 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float,
         torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
     losses, device = [], next(model.parameters()).device  # load_kwargs may place it (device_map)
     for step in range(steps):
-        idx = plan.global_indices(*plan.position(step))
+        idx = plan.global_indices(*plan.position(step), real=True)  # an incomplete last batch: its samples only
         rows = [dataset[int(i)] for i in idx]
         (ids, pos, seg), labels = collate([s for r in rows for s in segments_of(r)] if packing else rows, SEQ, pad_id)
         ids, pos, seg, labels = (t.to(device) for t in (ids, pos, seg, labels))
@@ -127,7 +127,7 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float,
     # gradients than train_ds.py would: the first keeps received gradients (DeepSpeed's receive buffer) as dy, and the
     # middle one keeps them past its last forward passes, whose activations DeepSpeed receives into the same buffer
     (3, [3, 1], "llama", "gqa_tied", 1.0, False, False, "adamw", 1),
-    (4, [2, 2], "llama", "gqa_llama3_rope", 1.0, False, False, "adamw+grouped", 0),  # clipping by the norm over both stages and both replicas; group_by_length
+    (4, [2, 2], "llama", "gqa_llama3_rope", 1.0, False, False, "adamw+grouped", 0),  # clipping by the norm over both stages and both replicas; group_by_length; no drop_last
     (2, [2, 1], "llama", "mha_bias_untied", 0.0, True, False, "adamw", 0),  # activation checkpointing of the decoder blocks
     (2, [2, 1], "bloom", "tied", 1.0, True, False, "adamw", 0),  # tied embedding/head on different stages (auto balance), checkpointing
     (1, [1, 1], "bloom", "tied", 1.0, False, False, "adamw", 0),  # one stage: the embedding and the tied head on the same stage
@@ -140,8 +140,10 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
                                                    opt, defer_more):
     # 3 stages: a block on each (the auto balance gives the last stage the head alone, with no linear to defer)
     topo = {"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": dims}, "parts": [2, 1, 2]}}
-    check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing, opt,
-                            over=topo if dims[0] == 3 else None, defer_more=defer_more)
+    # 2 x 2: also the epoch's incomplete last global batch (4 samples of 16: replica 1 holds no sample at all)
+    over = topo if dims[0] == 3 else {"dataloader_drop_last": False} if dims == [2, 2] else None
+    check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing, opt, over=over,
+                            defer_more=defer_more)
 
 
 def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing, opt, launch=None,
@@ -154,6 +156,8 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     that many more micro-batches than train_ds.py would (the tied-weights worker's --defer-more). `ref_state`, if
     given, receives the reference's final weights (bench/gpu_checks.py checks bf16 updates against them)."""
     opt, grouped = opt.removesuffix("+grouped"), opt.endswith("+grouped")
+    drop_last = (over or {}).get("dataloader_drop_last", True)
+    steps = STEPS if drop_last else STEPS + 1  # without drop_last, a step past the 6 full ones: the incomplete one
     torch.manual_seed(0)
     hf = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer)))
     hf.save_pretrained(tmp_path / "hf")
@@ -162,7 +166,7 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     write_records(tmp_path / "train.jsonl", 300 if packing else 100)  # packed: enough sequences for STEPS
     config = {
         "model_path": str(tmp_path / "pp"), "save_path": str(tmp_path / "out"), "data_path": str(tmp_path / "train.jsonl"),
-        "max_seq_len": SEQ, "max_steps": STEPS, "seed": SEED, "use_grad_ckpt": ckpt, "data_cache_dir": str(tmp_path / "cache"),
+        "max_seq_len": SEQ, "max_steps": steps, "seed": SEED, "use_grad_ckpt": ckpt, "data_cache_dir": str(tmp_path / "cache"),
         "packing": packing, "group_by_length": grouped, "pad_to_multiple_of": 16,
         "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": dims}},
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS, "gradient_clipping": clip,
@@ -203,27 +207,29 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
         # full fine-tuning: stage s > 0 deferred the weight gradients of each step's last s + 1 micro-batches (stage 0
         # none), each + defer_more
         # (the losses and weights below are those of the plain backward)
-        assert [r["deferred"] for r in reports] == [0 if ckpt else k * STEPS for k in per_stage], reports
+        assert [r["deferred"] for r in reports] == [0 if ckpt else k * steps for k in per_stage], reports
         # the last stage's loss ran its head in chunks of LOSS_CHUNK positions: more chunks than micro-batches
-        assert reports[0]["head_chunks"] == 0 and reports[last]["head_chunks"] > STEPS * GAS, reports
+        assert reports[0]["head_chunks"] == 0 and reports[last]["head_chunks"] > steps * GAS, reports
     deferred = f"deferred weight gradients: the last {per_stage} micro-batches per stage"
     assert (deferred in out) == (dims[0] > 1 and not ckpt), out[-2000:]
 
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     dataset = load_dataset(str(tmp_path / "train.jsonl"), tokenizer, SEQ, tmp_path / "cache", TemplateSettings(packing=packing))
     dataset = pack(dataset, SEQ, SEED) if packing else dataset
-    plan = BatchPlan(len(dataset), MICRO, GAS, dims[1], SEED, dataset.offsets[1:] - dataset.offsets[:-1], grouped)
+    plan = BatchPlan(len(dataset), MICRO, GAS, dims[1], SEED, dataset.offsets[1:] - dataset.offsets[:-1], grouped,
+                     drop_last=drop_last)
     lengths = [m["seq_len"] for m in metrics]  # each step padded to its longest row, a multiple of 16
     assert all(n % 16 == 0 and n <= SEQ for n in lengths)
     assert packing or len(set(lengths)) > 1, lengths
     if packing:  # the log line, and metrics count the samples in each step's sequences
         st = dataset.stats
         assert f"packing: {st.samples} samples -> {st.sequences} sequences of {SEQ}, efficiency {st.efficiency:.1%}" in out
-        per_step = [int(dataset.segments_per_row()[plan.global_indices(*plan.position(s))].sum()) for s in range(STEPS)]
+        per_step = [int(dataset.segments_per_row()[plan.global_indices(*plan.position(s))].sum()) for s in range(steps)]
         assert [m["samples"] for m in metrics] == per_step
         assert all(m["sequences"] == plan.global_batch < m["samples"] for m in metrics)
-    assert dataset.stats.dropped == 0 and plan.steps_per_epoch * plan.global_batch <= len(dataset)
+    assert dataset.stats.dropped == 0 and plan.steps_per_epoch * plan.global_batch <= len(dataset) if drop_last else \
+        plan.steps_per_epoch == steps and 0 < len(plan.global_indices(0, steps - 1, real=True)) <= plan.global_batch // 4
     # the premise: micro-batches carry unequal numbers of trained tokens
     per_micro = [sum(int((torch.tensor(dataset[int(i)]["labels"][1:]) != -100).sum()) for i in mb)
                  for mb in plan.micro_indices(0, 0, 0)]
@@ -231,7 +237,7 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
 
     ref_norms = []
     ref_losses, final = reference_losses(tmp_path / "hf", dataset, plan, pad_id_of(tokenizer), clip, packing, opt,
-                                         norms=ref_norms)
+                                         steps=steps, norms=ref_norms)
     if ref_state is not None:
         ref_state.update(final)
     for m, ref in zip(metrics, ref_losses, strict=True):
@@ -241,7 +247,7 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
         # ones too: both stages hold the tied gradient, summed) over every stage and replica
         assert [m["grad_norm"] for m in metrics] == pytest.approx(ref_norms, rel=1e-5), [m["grad_norm"] for m in metrics]
 
-    assert (tmp_path / "out" / "latest").read_text() == f"global_step{STEPS}"
+    assert (tmp_path / "out" / "latest").read_text() == f"global_step{steps}"
     pp_to_hg(tmp_path / "out", tmp_path / "exported")
     exported = {}
     for f in (tmp_path / "exported").glob("*.safetensors"):

@@ -9,11 +9,14 @@ CPU mode. A Llama of hidden 256, 8 layers (8 heads, 4 KV heads), a tokenizer bui
       pad_to_multiple_of 64, and 8), and packed
   (b) raw DeepSpeed PipelineModule over transformers' LlamaDecoderLayer, written here as a user would: HF's 4D
       mask and RoPE built in every layer, rows padded to max_seq_len
-  (c) DeepSpeed ZeRO-3 data parallel over LlamaForCausalLM (2 ranks), rows padded per micro-batch (HF's collator)
+  (c) DeepSpeed ZeRO-3 data parallel over LlamaForCausalLM (2 ranks, micro-batches dealt in turn), rows padded per
+      micro-batch (HF's collator)
   (d) one process, LlamaForCausalLM + torch AdamW, 2 threads (d1: 1 thread, for the pipeline efficiency)
-Every variant trains on the same global batches (the project's order). Data: "full" rows of 128 tokens
-(pretrain text cut to max_seq_len) and "sft": data/samples' records at max_seq_len 512 (about 4x their mean);
-the project also runs full 512-token rows, the reference for SFT throughput at the same max_seq_len.
+Every variant trains on the same global batches (the project's order; checked: (a)'s real tokens of every timed
+step are the baselines'). Data: "full" rows of 128 tokens (pretrain text cut to max_seq_len) and "sft": 192 of
+data/samples' records, spread evenly over their lengths, at max_seq_len 512 (about 4x their mean): one epoch is the
+6 timed steps, so they hold every part of the length-grouped epoch once; the project also runs full 512-token rows,
+the reference for SFT throughput at the same max_seq_len.
 Columns: real (non-padding) tokens/s of the measured steps; ratios to (b), (c), (d); the pipeline efficiency
 a / (2 x d1), (a)'s real tokens/s per process relative to one transformers process on the same batches unpacked,
 and its share of the 1F1B ideal m / (m + p - 1) = 8/9 (not a bound: the project's kernels, head and deferred weight
@@ -23,10 +26,12 @@ starting one variant later (a slow minute of the machine then hits each variant 
 round, the data time is the highest of the rounds, and the per-round ratios of (a) to (b) and (c) show the spread.
 
 GPU mode (--gpu): PP=1, bf16, a ~1B Llama at 2048 tokens per row on one GPU, the project's blocks with the
-fast path (causal SDPA, no mask) and with the dense-mask path: tokens/s and MFU against --peak-tflops (default
-989 for an H100/H200 in bf16) in two conventions: PaLM's / Megatron's, 6N + 12 L h T FLOPs per token (attention's
+fast path (causal SDPA, no mask) and with the dense-mask path: tokens/s and MFU against --peak-tflops (default:
+the device's dense bf16 peak by its name, 989 for an H100 SXM / H200) in two conventions: PaLM's / Megatron's, 6N + 12 L h T FLOPs per token (attention's
 scores and weighted sum over all T x T pairs, the masked half of causal attention included), and causal,
 6N + 6 L h T (the half a causal kernel computes); plus the fast path's bf16 logits against the dense path's.
+It times the model's blocks under torch's AdamW in bf16, not train_ds.py's DeepSpeed engine (fp32 master weights and
+gradient accumulation), with the head before the loss (training runs it inside the chunked loss).
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MICRO, GAS, PROCS, SEED, LR = 4, 8, 2, 7, 1e-3
+SFT_RECORDS = 6 * MICRO * GAS  # an epoch of 6 steps
+FAST, MFU_TARGET = "fast (causal SDPA, no mask)", 0.45  # --gpu: issue 12's target for the fast path
+PEAKS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))  # dense bf16
 MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
              max_position_embeddings=1024, tie_word_embeddings=False)
 
@@ -69,11 +77,19 @@ def prepare(work: Path) -> dict:
     LlamaForCausalLM(cfg).save_pretrained(work / "hf")
     tok.save_pretrained(work / "hf")
     hg_to_pp(work / "hf", work / "pp")
-    texts = [r.data.get("text") or r.data.get("output") or r.data["rounds"][-1][1] for r in load_records(samples)]
+    records = load_records(samples)
+    texts = [r.data.get("text") or r.data.get("output") or r.data["rounds"][-1][1] for r in records]
     with open(work / "full.jsonl", "w") as f:  # long pretrain texts: every row is cut to max_seq_len
         for i in range(400):
-            f.write(json.dumps({"text": " ".join(texts[(i + k) % len(texts)] for k in range(40))}) + "\n")
-    return {"hf": work / "hf", "pp": work / "pp", "full": work / "full.jsonl", "sft": samples}
+            f.write(json.dumps({"text": " ".join(texts[(i + k) % len(texts)] for k in range(80))}) + "\n")
+    # SFT: SFT_RECORDS of data/samples' 600 records, evenly spread over their lengths (every ~3rd by length, so the
+    # mean and the mix of types are the whole set's): one epoch is `--steps` 6 global batches, so the timed steps
+    # (after 2 untimed) hold every part of the length-grouped epoch once, not only its longest rows
+    by_length = sorted(records, key=lambda r: len(json.dumps(r.data)))
+    with open(work / "sft.jsonl", "w") as f:
+        for i in range(SFT_RECORDS):
+            f.write(json.dumps(by_length[i * len(by_length) // SFT_RECORDS].data) + "\n")
+    return {"hf": work / "hf", "pp": work / "pp", "full": work / "full.jsonl", "sft": work / "sft.jsonl"}
 
 
 def global_batches(paths: dict, data: str, seq: int, steps: int, packing: bool, grouped: bool) -> list:
@@ -205,7 +221,8 @@ def _hf_micro(model, rows, pad_id):
 
 
 def worker_zero3(spec: dict) -> dict:
-    """(c) ZeRO-3 data parallel over LlamaForCausalLM: each rank takes half of every global batch."""
+    """(c) ZeRO-3 data parallel over LlamaForCausalLM: rank r takes micro-batches r, r + world, ... of every global
+    batch (a contiguous half would give rank 0 the longer rows of a length-grouped batch, and rank 1 would wait)."""
     import deepspeed
     import torch
 
@@ -220,9 +237,8 @@ def worker_zero3(spec: dict) -> dict:
 
     def step(s):
         rows = batches[s]
-        mine = rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
-        for i in range(0, len(mine), MICRO):
-            engine.backward(_hf_micro(engine, mine[i:i + MICRO], spec["pad_id"]))
+        for micro in [rows[i:i + MICRO] for i in range(0, len(rows), MICRO)][rank::world]:
+            engine.backward(_hf_micro(engine, micro, spec["pad_id"]))
             engine.step()
         return sum(len(r["input_ids"]) for r in rows)
 
@@ -294,9 +310,11 @@ def run_project(paths: dict, work: Path, name: str, data: str, seq: int, steps: 
     _launch(["train_ds.py", "--config", str(work / f"{name}.cfg.json")], work, name)
     metrics = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
     measured = [m for m in metrics if m["step"] > warmup]
+    if packing:  # the variant ran as labelled: several samples in a row
+        assert all(m["samples"] > m["sequences"] for m in measured), f"{name}: packing did not pack ({work / name})"
     seconds = measured[-1]["time"] - metrics[warmup - 1]["time"]
     step_s = seconds / len(measured)
-    return {"tokens": sum(m["tokens"] for m in measured), "seconds": seconds,
+    return {"tokens": sum(m["tokens"] for m in measured), "seconds": seconds, "step_tokens": [m["tokens"] for m in measured],
             "data_share": sum(m["data_s"] for m in measured) / len(measured) / step_s,
             "seq_lens": sorted({m["seq_len"] for m in measured})}
 
@@ -313,10 +331,16 @@ def cpu_bench(args: argparse.Namespace) -> None:
     pad_id = AutoTokenizer.from_pretrained(str(paths["hf"])).pad_token_id
     steps, warmup = args.steps + args.warmup, args.warmup
     results: dict[tuple[str, str], list[dict]] = {}
+    step_tokens: dict[str, list[int]] = {}  # the real tokens of each timed step of the batches every variant trains
     for data, seq in (("full", 128), ("sft", 512)):
         grouped = data == "sft"
         batches = work / f"{data}.batches.json"
-        batches.write_text(json.dumps(global_batches(paths, data, seq, steps, False, grouped)))
+        rows = global_batches(paths, data, seq, steps, False, grouped)
+        batches.write_text(json.dumps(rows))
+        step_tokens[data] = [sum(len(r["input_ids"]) for r in b) for b in rows[warmup:]]
+        timed = [len(r["input_ids"]) for b in rows[warmup:] for r in b]
+        print(f"{data}: the timed steps' rows: {len(timed)}, {sum(timed) / len(timed):.1f} real tokens each on average "
+              f"(max_seq_len {seq})", flush=True)
         spec = {"hf": str(paths["hf"]), "batches": str(batches), "seq": seq, "pad_id": pad_id, "steps": steps,
                 "warmup": warmup}
         runs = {"a": lambda d=data, s=seq, g=grouped: run_project(paths, work, f"project-{d}", d, s, steps, warmup,
@@ -340,6 +364,11 @@ def cpu_bench(args: argparse.Namespace) -> None:
                 run = runs[key]
                 print(f"  round {r + 1}: {data}: {key} ...", flush=True)
                 results.setdefault(("full512", "a") if key == "full512" else (data, key), []).append(run())
+        for key in ("a", "a pad8"):  # the project trained the very batches the baselines did (order, grouping)
+            for res in results.get((data, key), []):
+                assert res["step_tokens"] == step_tokens[data], (data, key, res["step_tokens"], step_tokens[data])
+    full512 = [len(r["input_ids"]) for b in global_batches(paths, "full", 512, steps, False, False)[warmup:] for r in b]
+    print(f"full 512-token rows: {sum(full512) / len(full512):.1f} real tokens each on average", flush=True)
     report(results)
 
 
@@ -383,6 +412,16 @@ def report(results: dict) -> None:
 # ------------------------------------------------------------------------------------------------ GPU
 
 
+def peak_of(device_name: str, given: float | None) -> tuple[float, str]:
+    """(dense bf16 TFLOP/s, where it comes from) for MFU: `given` (--peak-tflops), else by the device's name."""
+    if given is not None:
+        return given, "--peak-tflops"
+    for name, peak in PEAKS:
+        if name in device_name:
+            return peak, f"{name}'s datasheet"
+    return 989.0, f"{device_name!r} unknown: H100 SXM's assumed, give --peak-tflops"
+
+
 def gpu_bench(args: argparse.Namespace) -> dict:
     """One device, PP=1, bf16: the project's spec list run as one module, fast path vs dense-mask path."""
     import torch
@@ -416,10 +455,14 @@ def gpu_bench(args: argparse.Namespace) -> dict:
     ids = torch.randint(4, config.vocab_size, (b, t), device=device)
     pos = torch.arange(t, device=device).expand(b, t)
     seg = torch.ones(b, t, dtype=torch.long, device=device)
+    peak, source = peak_of(device_label(device), args.peak_tflops)
     print(f"{device_label(device)}: Llama {n_params / 1e9:.2f}B "
           f"({config.num_hidden_layers} layers, hidden {config.hidden_size}), bf16, {b} x {t} tokens per step")
     original = attn.choose_path
-    paths = (("fast (causal SDPA, no mask)", None), ("dense mask (SDPA + [B,1,T,T])", "sdpa_mask"))
+    print(f"  MFU against {peak:g} TFLOP/s ({source}); the model's blocks under torch AdamW in bf16, not train_ds.py's "
+          "DeepSpeed engine (fp32 master weights and gradient accumulation), the head before the loss (training runs "
+          "it inside the chunked loss)")
+    paths = ((FAST, None), ("dense mask (SDPA + [B,1,T,T])", "sdpa_mask"))
     logits = {}
     with torch.no_grad():  # the same weights through both paths
         for name, forced in paths:
@@ -432,7 +475,8 @@ def gpu_bench(args: argparse.Namespace) -> dict:
           f"(logits up to {result['logits_max']:.1f})")
 
     def step() -> None:  # one training step, finished on the device
-        loss = causal_lm_loss(model((ids, pos, seg)), ids)
+        # new position / segment tensors, as each micro-batch of training has: RoPE and the row kind built per step
+        loss = causal_lm_loss(model((ids, pos.clone(), seg.clone())), ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -449,8 +493,8 @@ def gpu_bench(args: argparse.Namespace) -> dict:
             if k >= 2:
                 times.append(time.perf_counter() - t0)
         tps = b * t * len(times) / sum(times)
-        mfu = tps * flops_per_token / (args.peak_tflops * 1e12)
-        mfu_causal = tps * flops_causal / (args.peak_tflops * 1e12)
+        mfu = tps * flops_per_token / (peak * 1e12)
+        mfu_causal = tps * flops_causal / (peak * 1e12)
         print(f"  {name}: {tps:,.0f} tokens/s, MFU {mfu:.1%} (PaLM convention: full attention), "
               f"MFU {mfu_causal:.1%} (causal: attention FLOPs halved)")
         result["paths"][name] = (tps, mfu, mfu_causal)
@@ -478,7 +522,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--micro", type=int, default=4)
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="--gpu: the device's dense bf16 peak")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="--gpu: the device's dense bf16 peak (default: "
+                    "by its name, H100 SXM / H200 989, H100 NVL 835, H100 PCIe 756, A100 312)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="--gpu: after the fast path's timed steps, profile one step and print its N costliest ops")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)

@@ -43,9 +43,9 @@ from data.dataset import EncodedDataset
 from data.encode import RUN_CACHE_DIR, load_dataset
 from data.packing import PackedDataset, chunk_counts, pack, trained_mask, trained_tokens
 from data.records import DataError
-from pipeft import INSTALLED, one_line
+from pipeft import module_command, one_line
 
-PROG = "pipeft-inspect" if INSTALLED else "python -m data.inspect"  # as the user runs it, in usage and errors
+PROG = module_command("data.inspect")  # as the user runs it, in usage and errors
 GREEN, RESET = "\033[32m", "\033[0m"
 PERCENTILES = (50, 90, 95, 99, 100)
 SHOWN_ROWS = 20  # the packed sequences named for the other chunks of a record split_long_pretrain cut

@@ -25,6 +25,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from pipeft import module_command
+
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, Llama-like: BOS prepended, EOS not
 KINDS = ("bpe", "sentencepiece", "llama3")
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -139,7 +141,8 @@ def _texts_from_records(path: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=module_command("data.tiny_tokenizer"), description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--save-path", required=True)
     ap.add_argument("--data", default=None, help="record file or directory whose text trains the tokenizer")
     ap.add_argument("--vocab-size", type=int, default=512)

@@ -25,13 +25,14 @@ from pathlib import Path
 
 from launch import AcceleratorError
 from launch.shim import Launch, add_script_args, check_topology, config_path, main_of, precision, read_config
+from pipeft import module_command
 
 ENV = {"DS_ACCELERATOR": "hpu", "PT_HPU_LAZY_MODE": "0", "PT_ENABLE_INT64_SUPPORT": "1"}
 ENV_FILE = ".pipeft_gaudi_env"  # written in the working directory for multi-node runs, named by DS_ENV_FILE
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m launch.gaudi", description=__doc__,
+    ap = argparse.ArgumentParser(prog=module_command("launch.gaudi"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world_size", type=int, default=None, help="HPUs on this node (default 1; with --hostfile: "
                     "must equal the hostfile's slots)")
@@ -124,7 +125,7 @@ def build(args: argparse.Namespace, fp16: bool | None = None, probe: bool = True
     return Launch(cmd, env, files, notes)
 
 
-main = main_of("launch.gaudi", parser, build, sets_ds_accelerator=True)  # ENV: DS_ACCELERATOR=hpu
+main = main_of(module_command("launch.gaudi"), parser, build, sets_ds_accelerator=True)  # ENV: DS_ACCELERATOR=hpu
 
 if __name__ == "__main__":
     sys.exit(main())

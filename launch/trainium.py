@@ -25,12 +25,13 @@ import sys
 
 from launch import ENV, REGISTERS, AcceleratorError, check_device, device_missing, parse_spec
 from launch.shim import Launch, add_script_args, check_topology, config_path, main_of, read_config
+from pipeft import module_command
 
 COMPILED_OPTIMIZERS = ("lamb", "onebitadam", "zerooneadam", "onebitlamb")  # DeepSpeed CUDA kernels only
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m launch.trainium", description=__doc__,
+    ap = argparse.ArgumentParser(prog=module_command("launch.trainium"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc_per_node", type=int, default=1, help="processes (logical NeuronCores) per node")
     ap.add_argument("--nnodes", type=int, default=1, help="number of nodes (run the command on each)")
@@ -94,7 +95,7 @@ def build(args: argparse.Namespace) -> Launch:
     return Launch(cmd, env, notes=notes)
 
 
-main = main_of("launch.trainium", parser, build)
+main = main_of(module_command("launch.trainium"), parser, build)
 
 if __name__ == "__main__":
     sys.exit(main())

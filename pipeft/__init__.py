@@ -1,4 +1,5 @@
-"""The installed entry points: `pipeft-train`, `pipeft-convert`, `pipeft-demo`, `pipeft-inspect`.
+"""The installed entry points: `pipeft-train`, `pipeft-convert`, `pipeft-demo`, `pipeft-inspect`, `pipeft-plan`,
+`pipeft-tiny-tokenizer`, `pipeft-gaudi`, `pipeft-trainium`.
 
 The project's code imports its packages by their own names (`from models.llama import ...`), as the repository's
 top-level layout runs them (`python train_ds.py`, `python -m data.inspect`). A wheel does not put those generic
@@ -18,12 +19,20 @@ _HERE = Path(__file__).resolve().parent
 INSTALLED = (_HERE / "root" / "models").is_dir()  # a wheel install, not the source tree
 ROOT = _HERE / "root" if INSTALLED else _HERE.parent
 SCRIPTS = {"train_ds.py": "pipeft-train", "convert_model.py": "pipeft-convert", "demo.py": "pipeft-demo"}
+MODULES = {"data.inspect": "pipeft-inspect", "training.plan": "pipeft-plan", "data.tiny_tokenizer": "pipeft-tiny-tokenizer",
+           "launch.gaudi": "pipeft-gaudi", "launch.trainium": "pipeft-trainium"}
 
 
 def command(script: str) -> str:
     """How the user runs one of the project's scripts in messages: `pipeft-convert` in a wheel install,
     `python convert_model.py` in the source tree."""
     return SCRIPTS[script] if INSTALLED else f"python {script}"
+
+
+def module_command(module: str) -> str:
+    """How the user runs one of the project's modules: `pipeft-plan` in a wheel install, `python -m training.plan`
+    in the source tree."""
+    return MODULES[module] if INSTALLED else f"python -m {module}"
 
 
 def one_line(e: BaseException | str, limit: int | None = 300, named: bool = False) -> str:
@@ -80,3 +89,23 @@ def demo() -> int:
 def inspect_data() -> int:
     """`pipeft-inspect --config C (--index N | --stats)` (data/inspect.py)."""
     return _main("data.inspect")
+
+
+def plan() -> int:
+    """`pipeft-plan --model-path DIR --gpus N --gpu-memory 40GB ...` (training/plan.py)."""
+    return _main("training.plan")
+
+
+def tiny_tokenizer() -> int:
+    """`pipeft-tiny-tokenizer --save-path DIR [--kind ...]` (data/tiny_tokenizer.py)."""
+    return _main("data.tiny_tokenizer")
+
+
+def gaudi() -> int:
+    """`pipeft-gaudi [--world_size N] $(which pipeft-train) --config C` (launch/gaudi.py)."""
+    return _main("launch.gaudi")
+
+
+def trainium() -> int:
+    """`pipeft-trainium [--nproc_per_node N] $(which pipeft-train) --config C` (launch/trainium.py)."""
+    return _main("launch.trainium")

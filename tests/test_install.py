@@ -55,6 +55,9 @@ def test_wheel_console_scripts_ignore_packages_of_the_working_directory(tmp_path
 
     out = script("pipeft-convert", "--help")
     assert out.returncode == 0 and "hg_to_pp" in out.stdout, out.stderr
+    for name in ("pipeft-plan", "pipeft-tiny-tokenizer", "pipeft-gaudi", "pipeft-trainium"):  # the README's modules
+        out = script(name, "--help")
+        assert out.returncode == 0 and out.stdout.startswith(f"usage: {name} "), (name, out.stdout[:200], out.stderr)
 
     cfg = work / "cfg.json"
     cfg.write_text(json.dumps({"model_path": str(tokenizer_dir), "save_path": str(work / "out"),

@@ -111,7 +111,7 @@ def test_gaudi_bad_combinations_are_one_line(argv, dims, message, cfg, capsys, t
         argv.append("--dry-run")
     code, out, err = dry_run(gaudi, [*argv, "train_ds.py", "--config", str(cfg(dims=dims))], capsys)
     assert code == 2 and out == ""
-    assert err.startswith("launch.gaudi: error: ") and err.count("\n") == 1 and message in err, err
+    assert err.startswith("python -m launch.gaudi: error: ") and err.count("\n") == 1 and message in err, err
 
 
 def test_gaudi_refuses_fp16_where_the_device_has_none(cfg, monkeypatch):
@@ -162,7 +162,7 @@ def test_trainium_bad_combinations_are_one_line(argv, over, message, dry, cfg, c
     code, out, err = dry_run(trainium, [*argv, *["--dry-run"] * dry, "train_ds.py", "--config", str(cfg(**over))],
                              capsys)
     assert code == 2 and out == ""
-    assert err.startswith("launch.trainium: error: ") and err.count("\n") == 1 and message in err, err
+    assert err.startswith("python -m launch.trainium: error: ") and err.count("\n") == 1 and message in err, err
     assert "PIPEFT_ACCELERATOR" not in err  # the option the user typed is what is named
 
 
@@ -180,7 +180,7 @@ def test_trainium_refuses_a_device_this_machine_lacks(spec, message, cfg, capsys
     argv = ["--nproc_per_node", "2", "--accelerator", spec, "train_ds.py", "--config", str(cfg())]
     code, out, err = dry_run(trainium, argv, capsys)
     assert code == 2 and out == ""
-    assert err.startswith("launch.trainium: error: ") and err.count("\n") == 1 and message in err, err
+    assert err.startswith("python -m launch.trainium: error: ") and err.count("\n") == 1 and message in err, err
     code, out, err = dry_run(trainium, ["--dry-run", *argv], capsys)
     if spec.startswith("meta"):
         assert code == 2 and out == "" and message in err, err
@@ -367,5 +367,5 @@ def test_gaudi_ignores_an_unusable_ds_accelerator_of_its_caller(cfg, value):
     real = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert real.returncode == 2 and real.stdout == "" and "Traceback" not in real.stderr, real.stderr[-3000:]
     assert real.stderr.strip().splitlines() == [
-        "launch.gaudi: error: habana_frameworks is not installed: this is not a Gaudi host with Intel Gaudi software "
+        "python -m launch.gaudi: error: habana_frameworks is not installed: this is not a Gaudi host with Intel Gaudi software "
         "(--dry-run prints the command anyway)"], real.stderr[-3000:]

@@ -13,6 +13,7 @@ from data.dataset import recv_dataset, send_dataset
 from data.encode import RUN_CACHE_DIR, cache_file, load_dataset, show_progress, valid_records
 from data.packing import describe
 from data.records import DataError, Record, read_files
+from pipeft import module_command
 from training.batches import DROP_LAST, BatchPlan, RowsView, row_trained
 from training.checkpoint import fault_pause
 from training.config import ConfigError
@@ -126,7 +127,7 @@ class TrainingData:
             self.log(f"warning: data: {s.special_text} record(s) hold the text of a special (or template) token of the tokenizer "
                      f"(first: {s.special_example}); it is read as that control token, as transformers and serving "
                      "stacks read it: an EOS or end-of-turn inside an answer trains the model to stop there. "
-                     "Check them with: python -m data.inspect --config CONFIG --stats")
+                     f"Check them with: {module_command('data.inspect')} --config CONFIG --stats")
         es = eval_set.stats if eval_set is not None else None  # of the eval file, before any split is added
         if eval_set is not None and len(eval_set) == 0:
             raise ConfigError(f"{cfg.path}: 'eval_data_path' {cfg.eval_data_path}: none of its {es.records} records is left "

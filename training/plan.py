@@ -15,8 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from launch import deepspeed_logs_on_stderr, exit_if_ds_accelerator_unusable
+from pipeft import module_command
 
-exit_if_ds_accelerator_unusable("python -m training.plan")  # before DeepSpeed's import builds it
+exit_if_ds_accelerator_unusable(module_command("training.plan"))  # before DeepSpeed's import builds it
 with deepspeed_logs_on_stderr():  # --json: stdout holds the object only
     from models.cost import LoraShape, Setup, stage_memory, throughput
     from models.pipeline import balance
@@ -191,7 +192,7 @@ def snippet(c: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.plan", description=__doc__,
+    ap = argparse.ArgumentParser(prog=module_command("training.plan"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-config", help="a model's config.json (HF)")

@@ -210,6 +210,14 @@ def test_optimizer_and_scheduler_keys_deepspeed_takes_are_accepted(tmp_path, bas
     load_config(write_config(tmp_path, base, **over), world_size=1)
 
 
+def test_zero_optimization_true_is_stage_1_without_deepspeeds_deprecation_dump(tmp_path, base, capfd):
+    """DeepSpeed reads a bool zero_optimization with a 40-line deprecation message: the check gives it stage 1."""
+    cfg = load_config(write_config(tmp_path, base, bf16={"enabled": True}, zero_optimization=True), world_size=1)
+    assert cfg.ds_config["zero_optimization"] == {"stage": 1}
+    out = capfd.readouterr()
+    assert "deprecated" not in (out.out + out.err).lower(), out
+
+
 def test_a_used_save_path_needs_resume_or_overwrite(tmp_path, base, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')

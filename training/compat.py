@@ -115,7 +115,9 @@ def check_deepspeed_sections(ds: dict, path: Path) -> list[str]:
     notes = []
     for section in present:
         body = ds[section]
-        if not isinstance(body, dict) and not (section == "zero_optimization" and isinstance(body, bool)):
+        if section == "zero_optimization" and isinstance(body, bool):  # DeepSpeed's older form: true is stage 1
+            ds[section] = body = {"stage": 1} if body else {}  # (DeepSpeed prints a 40-line deprecation for a bool)
+        if not isinstance(body, dict):
             raise ValueError(f"{path}: '{section}' must be an object, got {json.dumps(body)}")
         for (sec, key), why in DROPPED.items():
             if sec == section and key in body:

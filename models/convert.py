@@ -232,14 +232,16 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 
 
 def parse_size(text: str) -> int:
+    """--max-shard-size in bytes (at least 1); CheckpointError for anything else."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     t = text.strip().upper()
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u) and t[: -len(u)].strip().replace(".", "", 1).isdigit():
-            return int(float(t[: -len(u)]) * units[u])
-    if t.isdigit():
-        return int(t)
-    raise CheckpointError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2000000")
+    size = next((int(float(t[: -len(u)]) * units[u]) for u in sorted(units, key=len, reverse=True)
+                 if t.endswith(u) and t[: -len(u)].strip().replace(".", "", 1).isdigit()), int(t) if t.isdigit() else None)
+    if size is None:
+        raise CheckpointError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2000000")
+    if size < 1:
+        raise CheckpointError(f"--max-shard-size {text!r}: must be at least 1 byte (a shard holds at least one tensor)")
+    return size
 
 
 def missing_layer_file(layers_dir: Path, family: ModelFamily, config, expected=None) -> str | None:

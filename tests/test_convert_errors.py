@@ -220,6 +220,8 @@ def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, capsys):
         (("pp_to_hg", "--input-path", str(tmp_path), "--save-path", str(tmp_path / "x")), "not a pipeline or checkpoint"),
         (("pp_to_hg", "--input-path", str(pp), "--save-path", str(tmp_path / "x"), "--max-shard-size", "lots"),
          "--max-shard-size 'lots'"),
+        (("pp_to_hg", "--input-path", str(pp), "--save-path", str(tmp_path / "x"), "--max-shard-size", "0GB"),
+         "--max-shard-size '0GB': must be at least 1 byte"),
         (("init", "--family", "llama", "--preset", "huge", "--tokenizer", str(tokenizer_dir), "--save-path",
           str(tmp_path / "x")), "--preset 'huge': unknown"),
         (("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tmp_path / "nope"), "--save-path",

@@ -395,7 +395,8 @@ def throughput(device, quick: bool, peak_tflops: float | None, micros: list[int]
     from bench.train_throughput import FAST, MFU_TARGET, gpu_bench, peak_of
     from launch.cuda_only import device_label
 
-    peak_tflops, source = peak_of(device_label(device), peak_tflops)
+    given = peak_tflops  # --peak-tflops, or None: by the device's name
+    peak_tflops, source = peak_of(device_label(device), given)
     record("throughput", "peak for MFU", f"{peak_tflops:g} TFLOP/s dense bf16 ({source})", INFO)
 
     sizes = dict(layers=2, hidden=256, seq=256, steps=1) if quick else dict(layers=16, hidden=2048, seq=2048, steps=6)
@@ -415,14 +416,15 @@ def throughput(device, quick: bool, peak_tflops: float | None, micros: list[int]
     matmul = 10 * 2 * n**3 / (time.perf_counter() - t0) / 1e12
     record("throughput", f"bf16 matmul {n}^3 (random data)", f"{matmul:,.1f} TFLOP/s", INFO)
     for micro in [1] if quick else micros:
-        res = gpu_bench(argparse.Namespace(device=str(device), peak_tflops=peak_tflops, micro=micro, profile=profile,
+        res = gpu_bench(argparse.Namespace(device=str(device), peak_tflops=given, micro=micro, profile=profile,
                                            **sizes))
         for name, (tps, mfu, mfu_causal) in res["paths"].items():
             record("throughput", f"{name}, {micro} x {sizes['seq']} tokens", f"{tps:,.0f} tokens/s, MFU {mfu:.1%} of "
                    f"{peak_tflops:g} TFLOP/s ({mfu * peak_tflops / matmul:.1%} of the measured matmul rate), PaLM "
                    f"convention (full attention); causal (attention FLOPs halved): {mfu_causal:.1%} "
-                   f"({mfu_causal * peak_tflops / matmul:.1%})",
-                   INFO if quick or name != FAST else mfu >= MFU_TARGET)  # issue 12's target, for the fast path
+                   f"({mfu_causal * peak_tflops / matmul:.1%})" + ("" if quick or name != FAST else
+                   f"; issue 12's target {MFU_TARGET:.0%} (PaLM convention): {'met' if mfu >= MFU_TARGET else 'not met'}"),
+                   INFO)  # a performance figure, not a correctness check: never a FAIL
         fast, dense = res["paths"].values()
         record("throughput", f"fast path / dense mask, {micro} x {sizes['seq']} tokens", f"{fast[0] / dense[0]:.2f}x",
                INFO)

@@ -50,9 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MICRO, GAS, PROCS, SEED, LR = 4, 8, 2, 7, 1e-3
-SFT_RECORDS = 6 * MICRO * GAS  # an epoch of 6 steps
 FAST, MFU_TARGET = "fast (causal SDPA, no mask)", 0.45  # --gpu: issue 12's target for the fast path
-PEAKS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))  # dense bf16
+PEAKS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H800 PCIe", 756.0), ("H200 NVL", 835.0), ("H100", 989.0),
+         ("H800", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))  # dense bf16 TFLOP/s; words of the name
 MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
              max_position_embeddings=1024, tie_word_embeddings=False)
 
@@ -60,7 +60,7 @@ MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_at
 # ------------------------------------------------------------------------------------------------ data
 
 
-def prepare(work: Path) -> dict:
+def prepare(work: Path, sft_records: int) -> dict:
     """Tokenizer, model (HF + pipeline dirs) and the data files; returns their paths."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -82,13 +82,14 @@ def prepare(work: Path) -> dict:
     with open(work / "full.jsonl", "w") as f:  # long pretrain texts: every row is cut to max_seq_len
         for i in range(400):
             f.write(json.dumps({"text": " ".join(texts[(i + k) % len(texts)] for k in range(80))}) + "\n")
-    # SFT: SFT_RECORDS of data/samples' 600 records, evenly spread over their lengths (every ~3rd by length, so the
-    # mean and the mix of types are the whole set's): one epoch is `--steps` 6 global batches, so the timed steps
-    # (after 2 untimed) hold every part of the length-grouped epoch once, not only its longest rows
+    # SFT: `sft_records` of data/samples' 600 records (`--steps` global batches), evenly spread over their lengths
+    # (every ~3rd by length for 6 steps, so the mean and the mix of types are the whole set's): one epoch is the
+    # timed steps, which (after the untimed ones) hold every part of the length-grouped epoch once, not only its
+    # longest rows
     by_length = sorted(records, key=lambda r: len(json.dumps(r.data)))
     with open(work / "sft.jsonl", "w") as f:
-        for i in range(SFT_RECORDS):
-            f.write(json.dumps(by_length[i * len(by_length) // SFT_RECORDS].data) + "\n")
+        for i in range(sft_records):
+            f.write(json.dumps(by_length[i * len(by_length) // sft_records].data) + "\n")
     return {"hf": work / "hf", "pp": work / "pp", "full": work / "full.jsonl", "sft": work / "sft.jsonl"}
 
 
@@ -103,6 +104,8 @@ def global_batches(paths: dict, data: str, seq: int, steps: int, packing: bool, 
 
     tok = AutoTokenizer.from_pretrained(str(paths["hf"]))
     ds = load_dataset(paths[data], tok, seq, paths["hf"].parent / "cache")
+    if data == "sft" and not packing:  # every record a sample: an epoch is exactly the timed steps
+        assert len(ds) == ds.stats.records and ds.stats.dropped == 0, ds.stats
     ds = pack(ds, seq, SEED) if packing else ds
     plan = BatchPlan(len(ds), MICRO, GAS, 1, SEED, ds.offsets[1:] - ds.offsets[:-1], grouped)
     return [[ds[int(i)] for i in plan.global_indices(*plan.position(s))] for s in range(steps)]
@@ -325,7 +328,8 @@ def cpu_bench(args: argparse.Namespace) -> None:
     print(f"workdir {work}; {os.cpu_count()} cores; {PROCS} processes x 1 thread; global batch {MICRO * GAS} "
           f"(micro {MICRO} x {GAS}); {args.steps} timed steps after {args.warmup} untimed, {args.rounds} rounds",
           flush=True)
-    paths = prepare(work)
+    sft_records = min(600, args.steps * MICRO * GAS)
+    paths = prepare(work, sft_records)
     from transformers import AutoTokenizer
 
     pad_id = AutoTokenizer.from_pretrained(str(paths["hf"])).pad_token_id
@@ -416,8 +420,9 @@ def peak_of(device_name: str, given: float | None) -> tuple[float, str]:
     """(dense bf16 TFLOP/s, where it comes from) for MFU: `given` (--peak-tflops), else by the device's name."""
     if given is not None:
         return given, "--peak-tflops"
+    words = device_name.replace("-", " ").split()
     for name, peak in PEAKS:
-        if name in device_name:
+        if all(w in words for w in name.split()):
             return peak, f"{name}'s datasheet"
     return 989.0, f"{device_name!r} unknown: H100 SXM's assumed, give --peak-tflops"
 

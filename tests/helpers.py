@@ -22,6 +22,7 @@ LLAMA_CONFIGS = {
     "gqa_llama3_rope": dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
                             rope_parameters=LLAMA3_ROPE, max_position_embeddings=128),
 }
+LLAMA_CONFIGS["gqa_llama3_rope_tied"] = {**LLAMA_CONFIGS["gqa_llama3_rope"], "tie_word_embeddings": True}  # Llama 3.2's
 
 
 def llama_config(name: str, vocab_size: int = 300, **overrides) -> LlamaConfig:

@@ -127,7 +127,9 @@ def reference_losses(hf_dir, dataset, plan: BatchPlan, pad_id: int, clip: float,
     # gradients than train_ds.py would: the first keeps received gradients (DeepSpeed's receive buffer) as dy, and the
     # middle one keeps them past its last forward passes, whose activations DeepSpeed receives into the same buffer
     (3, [3, 1], "llama", "gqa_tied", 1.0, False, False, "adamw", 1),
-    (4, [2, 2], "llama", "gqa_llama3_rope", 1.0, False, False, "adamw+grouped", 0),  # clipping by the norm over both stages and both replicas; group_by_length; no drop_last
+    # clipping by the norm over both stages and both replicas, the tied embedding/head counted once; group_by_length;
+    # no drop_last; a tied embedding/head on each replica's first and last stage
+    (4, [2, 2], "llama", "gqa_llama3_rope_tied", 1.0, False, False, "adamw+grouped", 0),
     (2, [2, 1], "llama", "mha_bias_untied", 0.0, True, False, "adamw", 0),  # activation checkpointing of the decoder blocks
     (2, [2, 1], "bloom", "tied", 1.0, True, False, "adamw", 0),  # tied embedding/head on different stages (auto balance), checkpointing
     (1, [1, 1], "bloom", "tied", 1.0, False, False, "adamw", 0),  # one stage: the embedding and the tied head on the same stage
@@ -199,17 +201,19 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
             out[-2000:]
     if tied_stages:
         reports = [json.loads((tmp_path / f"tied-rank{r}.json").read_text()) for r in range(procs)]
-        last = dims[0] - 1
-        assert [r["stage"] for r in reports] == list(range(dims[0]))
-        for r in (reports[0], reports[last]):  # the embedding's stage and the head's each hold a copy; they agree
-            assert len(r["tied"]) == 1 and all(t["ranks"] == [0, last] and t["max_abs_diff"] == 0
-                                               for t in r["tied"].values()), r
+        last, replicas = dims[0] - 1, dims[1]
+        assert [r["stage"] for r in reports] == [rank // replicas for rank in range(procs)]  # axes pipe, data
+        for rank, r in enumerate(reports):  # each replica's embedding stage and head stage hold a copy; they agree
+            if r["stage"] in (0, last):
+                ends = [rank % replicas, last * replicas + rank % replicas]
+                assert len(r["tied"]) == 1 and all(t["ranks"] == ends and t["max_abs_diff"] == 0
+                                                   for t in r["tied"].values()), r
         # full fine-tuning: stage s > 0 deferred the weight gradients of each step's last s + 1 micro-batches (stage 0
         # none), each + defer_more
         # (the losses and weights below are those of the plain backward)
-        assert [r["deferred"] for r in reports] == [0 if ckpt else k * steps for k in per_stage], reports
+        assert [r["deferred"] for r in reports] == [0 if ckpt else per_stage[r["stage"]] * steps for r in reports], reports
         # the last stage's loss ran its head in chunks of LOSS_CHUNK positions: more chunks than micro-batches
-        assert reports[0]["head_chunks"] == 0 and reports[last]["head_chunks"] > steps * GAS, reports
+        assert all(r["head_chunks"] == 0 if r["stage"] < last else r["head_chunks"] > steps * GAS for r in reports), reports
     deferred = f"deferred weight gradients: the last {per_stage} micro-batches per stage"
     assert (deferred in out) == (dims[0] > 1 and not ckpt), out[-2000:]
 

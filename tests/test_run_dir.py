@@ -211,6 +211,15 @@ def test_resume_takes_a_key_written_out_with_its_default_as_unchanged():
                 **(bf16 if "bf16" in over else {}), **(step_lr if "scheduler" in over else {})}
         assert config_changes(base, {**base, **over}) == [] and config_changes({**base, **over}, base) == [], over
     assert config_changes({**none, **zero}, {**none, "zero_optimization": {"stage": 1}}) == []
+    # a deprecated key is the key that replaced it; an offload to "none" is none
+    one = {**none, "zero_optimization": {"stage": 1}}
+    for a, b in (({"cpu_offload": False}, {}), ({"cpu_offload": True}, {"offload_optimizer": {"device": "cpu"}}),
+                 ({"offload_optimizer": {"device": "none"}}, {})):
+        assert config_changes({**none, "zero_optimization": {"stage": 1, **a}}, {**none, "zero_optimization": {
+            "stage": 1, **b}}) == [], (a, b)
+    # a section this DeepSpeed cannot read (a key it removed) is compared as written on both sides: one line
+    old = config_changes({**none, "zero_optimization": {"stage": 1, "mics_shard_size": -1}}, one)
+    assert [c.key for c in old] == ["zero_optimization.mics_shard_size"]
     changed = {"seed": 7, "lora": {"r": 4, "alpha": 8}, "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
                "fp16": {"enabled": True, "loss_scale_window": 500}, "dataloader_drop_last": False}
     assert [(c.key, c.old, c.new) for c in config_changes(none, {**none, **changed})] == [

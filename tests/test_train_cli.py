@@ -165,6 +165,13 @@ CASES = {  # name -> (config overrides, expected text)
                        "'lora.alpha' is nan: a config's numbers must be finite"),
     "betas inf": ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, float("inf")]}}},
                                "'optimizer.params.betas[1]' is inf: a config's numbers must be finite"),
+    "bf16 enabled auto": ({"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 1}},  # DeepSpeed: off; we: on
+                          "'bf16.enabled': \"auto\" is for HF Trainer's DeepSpeed integration, which fills it in from "
+                          "its own arguments; DeepSpeed reads it as false: give true or false"),
+    "deprecated ZeRO key with its replacement": ({"zero_optimization": {"stage": 1, "cpu_offload": True,  # a traceback
+                                                                        "offload_optimizer": {"device": "cpu"}}},
+                                                 "'zero_optimization': Cannot provide deprecated parameter 'cpu_offload' "
+                                                 "and replacing parameter 'offload_optimizer' together"),
     "save_path unwritable": ({"save_path": "/sys/pipeft-out/run"}, "save_path /sys/pipeft-out/run is not writable: /sys "
                              "refuses new files"),
 }

@@ -119,6 +119,9 @@ def check_deepspeed_sections(ds: dict, path: Path) -> list[str]:
             ds[section] = body = {"stage": 1} if body else {}  # (DeepSpeed prints a 40-line deprecation for a bool)
         if not isinstance(body, dict):
             raise ValueError(f"{path}: '{section}' must be an object, got {json.dumps(body)}")
+        if body.get("enabled") == "auto":  # DeepSpeed reads it as its default, off; HF Trainer fills it in
+            raise ValueError(f"{path}: '{section}.enabled': \"auto\" is for HF Trainer's DeepSpeed integration, which "
+                             "fills it in from its own arguments; DeepSpeed reads it as false: give true or false")
         for (sec, key), why in DROPPED.items():
             if sec == section and key in body:
                 ds[section] = body = {k: v for k, v in body.items() if k != key}
@@ -127,7 +130,7 @@ def check_deepspeed_sections(ds: dict, path: Path) -> list[str]:
         try:
             _reject_removed_config_keys({section: body})
             getters[section]({section: body})
-        except DeepSpeedConfigError as e:
+        except (DeepSpeedConfigError, AssertionError) as e:  # AssertionError: a deprecated key with its replacement
             raise ValueError(f"{path}: '{section}': {one_line(e, None)}") from None
         except ValidationError as e:
             err = e.errors()[0]

@@ -194,12 +194,14 @@ def _same_set(a: object, b: object) -> bool:
     return isinstance(a, list) and isinstance(b, list) and set(map(str, a)) == set(map(str, b))
 
 
-def effective(raw: dict) -> dict:
+def effective(raw: dict, as_written: frozenset = frozenset()) -> dict:
     """A raw config with what is read alike written alike: a key left out is its default (the project's keys, the
     "lora" and "quantization" sections', dataloader_drop_last's (true here), DeepSpeed's fp16 / bf16 / ZeRO sections'
     (`_as_deepspeed_reads`), a torch scheduler's parameters'; gdGPT's use_flash_attn as the attn_implementation it
     means); a precision section that is not enabled (absent, {}, "enabled": false; its other keys do nothing) is
-    none, "bfloat16" is "bf16", and zero_optimization absent, false, {} or stage 0 is none, true is {"stage": 1}."""
+    none, "bfloat16" is "bf16", and zero_optimization absent, false, {} or stage 0 is none, true is {"stage": 1}.
+    The DeepSpeed sections named in `as_written` are compared as written; those DeepSpeed cannot read are listed
+    under UNREAD (config_changes compares them as written on both sides)."""
     from deepspeed.runtime import constants as ds
 
     from training.config import PROJECT_KEYS  # training.config imports this module
@@ -224,7 +226,7 @@ def effective(raw: dict) -> dict:
     zero = out.pop("zero_optimization", None)
     if stage := zero_stage(raw):
         out["zero_optimization"] = {**(zero if isinstance(zero, dict) else {}), "stage": stage}
-    _as_deepspeed_reads(out)
+    _as_deepspeed_reads(out, as_written)
     if "bf16" in out:  # the trainer sets it (optim.BF16_KEYS); false is refused
         out["bf16"]["immediate_grad_update"] = True
     if (kind := torch_scheduler(out)) and isinstance(out["scheduler"].get("params", {}), dict):
@@ -234,22 +236,39 @@ def effective(raw: dict) -> dict:
     return out
 
 
-def _as_deepspeed_reads(out: dict) -> None:
+UNREAD = "\0unread"  # effective()'s list of the DeepSpeed sections it could not read
+
+
+def _as_deepspeed_reads(out: dict, as_written: frozenset) -> None:
     """The fp16, bf16 and zero_optimization sections of `out` replaced, in place, by what DeepSpeed's config models
     read of them: every default filled in, aliases and number spellings made one (`5e8` is 500000000,
-    `stage3_prefetch_bucket_size` is `prefetch_bucket_size`), the keys compat.DROPPED names (ignored) left out. A
-    section this DeepSpeed reads otherwise (saved by another version) stays as written."""
+    `stage3_prefetch_bucket_size` is `prefetch_bucket_size`, a deprecated key is the key that replaced it), an offload
+    to device "none" none, the keys compat.DROPPED names (ignored) left out. A section in `as_written`, or one this
+    DeepSpeed cannot read (saved by another version), stays as written; the latter are listed under UNREAD."""
     from deepspeed.runtime.config import DeepSpeedConfigError
     from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
     from deepspeed.runtime.zero.config import get_zero_config
 
+    unread = []
     for key, read in (("fp16", get_float16_config), ("bf16", get_bfloat16_config), ("zero_optimization", get_zero_config)):
-        if isinstance(out.get(key), dict):
-            body = {k: v for k, v in out[key].items() if (key, k) not in DROPPED}
-            try:
-                out[key] = read({key: body}).model_dump()
-            except (DeepSpeedConfigError, ValueError, TypeError):  # pydantic's ValidationError is a ValueError
-                out[key] = body
+        if not isinstance(out.get(key), dict):
+            continue
+        out[key] = body = {k: v for k, v in out[key].items() if (key, k) not in DROPPED}
+        if key in as_written:
+            continue
+        try:
+            model = read({key: body})
+        except (DeepSpeedConfigError, ValueError, TypeError, AssertionError):  # pydantic's ValidationError: ValueError
+            unread.append(key)
+            continue
+        deprecated = {name for name, f in type(model).model_fields.items()  # moved to their new keys when read
+                      if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("deprecated")}
+        out[key] = {k: v for k, v in model.model_dump(mode="json").items() if k not in deprecated}
+        for offload in ("offload_optimizer", "offload_param"):
+            if isinstance(out[key].get(offload), dict) and out[key][offload].get("device") in ("none", None):
+                out[key][offload] = None  # DeepSpeed's "no offload"
+    if unread:
+        out[UNREAD] = unread
 
 
 def zero_stage(ds: dict) -> int:
@@ -273,7 +292,10 @@ def config_changes(saved: dict, new: dict, lora_run: bool = False) -> list[Chang
     """Every key whose effective value differs between the saved and the new raw config, classified; a section set
     to null or from null is one change of its key (`side_by_side`). A LoRA run's (`lora_run`) lora.target_modules
     are left to resume_problem, which compares the names they resolve to ("all-linear" is the model family's)."""
-    saved, new = effective(saved), effective(new)
+    raw_saved, raw_new = saved, new
+    saved, new = effective(raw_saved), effective(raw_new)
+    if unread := frozenset(saved.pop(UNREAD, [])) | frozenset(new.pop(UNREAD, [])):  # alike on both sides
+        saved, new = effective(raw_saved, unread), effective(raw_new, unread)
     for key in PRECISION:  # on one side only: "enabled" says it (the section's other keys do nothing on the other)
         if (key in saved) != (key in new):
             (saved if key in saved else new)[key] = {"enabled": True}

@@ -104,7 +104,7 @@ def global_batches(paths: dict, data: str, seq: int, steps: int, packing: bool, 
 
     tok = AutoTokenizer.from_pretrained(str(paths["hf"]))
     ds = load_dataset(paths[data], tok, seq, paths["hf"].parent / "cache")
-    if data == "sft" and not packing:  # every record a sample: an epoch is exactly the timed steps
+    if data == "sft" and not packing:  # every record a sample: an epoch is `--steps` global batches (up to 18)
         assert len(ds) == ds.stats.records and ds.stats.dropped == 0, ds.stats
     ds = pack(ds, seq, SEED) if packing else ds
     plan = BatchPlan(len(ds), MICRO, GAS, 1, SEED, ds.offsets[1:] - ds.offsets[:-1], grouped)
@@ -420,9 +420,9 @@ def peak_of(device_name: str, given: float | None) -> tuple[float, str]:
     """(dense bf16 TFLOP/s, where it comes from) for MFU: `given` (--peak-tflops), else by the device's name."""
     if given is not None:
         return given, "--peak-tflops"
-    words = device_name.replace("-", " ").split()
+    words = device_name.upper().replace("-", " ").split()
     for name, peak in PEAKS:
-        if all(w in words for w in name.split()):
+        if all(w in words for w in name.upper().split()):
             return peak, f"{name}'s datasheet"
     return 989.0, f"{device_name!r} unknown: H100 SXM's assumed, give --peak-tflops"
 

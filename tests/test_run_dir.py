@@ -217,9 +217,15 @@ def test_resume_takes_a_key_written_out_with_its_default_as_unchanged():
                  ({"offload_optimizer": {"device": "none"}}, {})):
         assert config_changes({**none, "zero_optimization": {"stage": 1, **a}}, {**none, "zero_optimization": {
             "stage": 1, **b}}) == [], (a, b)
-    # a section this DeepSpeed cannot read (a key it removed) is compared as written on both sides: one line
-    old = config_changes({**none, "zero_optimization": {"stage": 1, "mics_shard_size": -1}}, one)
-    assert [c.key for c in old] == ["zero_optimization.mics_shard_size"]
+    # a ZeRO-3 key DeepSpeed removed since (MiCS) did nothing and is no change; a section this DeepSpeed cannot read
+    # is compared as written on both sides: one line (not every default of the other side)
+    assert config_changes({**none, "zero_optimization": {"stage": 1, "mics_shard_size": -1}}, one) == []
+    old = config_changes({**none, "zero_optimization": {"stage": 1, "reduce_bucket_size": "lots"}}, one)
+    assert [c.key for c in old] == ["zero_optimization.reduce_bucket_size"]
+    # an older run's "enabled" that DeepSpeed read as false ("auto", "false") was no half precision
+    fp32 = {k: v for k, v in none.items() if k != "fp16"}
+    for was in ("auto", "false"):
+        assert config_changes({**fp32, "fp16": {"enabled": was}}, fp32) == [], was
     changed = {"seed": 7, "lora": {"r": 4, "alpha": 8}, "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
                "fp16": {"enabled": True, "loss_scale_window": 500}, "dataloader_drop_last": False}
     assert [(c.key, c.old, c.new) for c in config_changes(none, {**none, **changed})] == [

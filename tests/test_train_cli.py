@@ -168,6 +168,8 @@ CASES = {  # name -> (config overrides, expected text)
     "bf16 enabled auto": ({"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 1}},  # DeepSpeed: off; we: on
                           "'bf16.enabled': \"auto\" is for HF Trainer's DeepSpeed integration, which fills it in from "
                           "its own arguments; DeepSpeed reads it as false: give true or false"),
+    "bf16 enabled a string": ({"bf16": {"enabled": "false"}, "zero_optimization": {"stage": 1}},  # DeepSpeed: off
+                              "'bf16.enabled' must be true or false, got \"false\""),
     "deprecated ZeRO key with its replacement": ({"zero_optimization": {"stage": 1, "cpu_offload": True,  # a traceback
                                                                         "offload_optimizer": {"device": "cpu"}}},
                                                  "'zero_optimization': Cannot provide deprecated parameter 'cpu_offload' "

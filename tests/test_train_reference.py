@@ -203,11 +203,13 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
         reports = [json.loads((tmp_path / f"tied-rank{r}.json").read_text()) for r in range(procs)]
         last, replicas = dims[0] - 1, dims[1]
         assert [r["stage"] for r in reports] == [rank // replicas for rank in range(procs)]  # axes pipe, data
-        for rank, r in enumerate(reports):  # each replica's embedding stage and head stage hold a copy; they agree
-            if r["stage"] in (0, last):
+        for rank, r in enumerate(reports):  # each replica's embedding stage and head stage hold a copy; they agree,
+            if r["stage"] in (0, last):     # and with the other replicas' copies
                 ends = [rank % replicas, last * replicas + rank % replicas]
-                assert len(r["tied"]) == 1 and all(t["ranks"] == ends and t["max_abs_diff"] == 0
+                assert len(r["tied"]) == 1 and all(t["ranks"] == ends and t["max_abs_diff"] == 0 == t["replica_max_abs_diff"]
                                                    for t in r["tied"].values()), r
+            else:  # a middle stage holds no tied module
+                assert r["tied"] == {}, r
         # full fine-tuning: stage s > 0 deferred the weight gradients of each step's last s + 1 micro-batches (stage 0
         # none), each + defer_more
         # (the losses and weights below are those of the plain backward)

@@ -122,6 +122,8 @@ def check_deepspeed_sections(ds: dict, path: Path) -> list[str]:
         if body.get("enabled") == "auto":  # DeepSpeed reads it as its default, off; HF Trainer fills it in
             raise ValueError(f"{path}: '{section}.enabled': \"auto\" is for HF Trainer's DeepSpeed integration, which "
                              "fills it in from its own arguments; DeepSpeed reads it as false: give true or false")
+        if "enabled" in body and not isinstance(body["enabled"], bool):  # DeepSpeed reads "false" as false
+            raise ValueError(f"{path}: '{section}.enabled' must be true or false, got {json.dumps(body['enabled'])}")
         for (sec, key), why in DROPPED.items():
             if sec == section and key in body:
                 ds[section] = body = {k: v for k, v in body.items() if k != key}

@@ -218,8 +218,8 @@ def effective(raw: dict, as_written: frozenset = frozenset()) -> dict:
         out["quantization"] = {**QUANT_DEFAULTS, **out["quantization"]}
     if "bfloat16" in out:
         out.setdefault("bf16", out.pop("bfloat16"))
-    for key in PRECISION:
-        if key in out and not (isinstance(out[key], dict) and out[key].get("enabled")):
+    for key in PRECISION:  # "enabled" as DeepSpeed reads it: true (an older run's "auto" or "false" was off)
+        if key in out and not (isinstance(out[key], dict) and out[key].get("enabled") in (True, "true", "True", 1)):
             del out[key]
     if "fp16" in out:
         out["fp16"] = {k: getattr(ds, f"FP16_{k.upper()}_DEFAULT") for k in FP16_SCALER} | out["fp16"]
@@ -245,15 +245,19 @@ def _as_deepspeed_reads(out: dict, as_written: frozenset) -> None:
     `stage3_prefetch_bucket_size` is `prefetch_bucket_size`, a deprecated key is the key that replaced it), an offload
     to device "none" none, the keys compat.DROPPED names (ignored) left out. A section in `as_written`, or one this
     DeepSpeed cannot read (saved by another version), stays as written; the latter are listed under UNREAD."""
+    from deepspeed.runtime import config as ds_config
     from deepspeed.runtime.config import DeepSpeedConfigError
     from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
     from deepspeed.runtime.zero.config import get_zero_config
 
+    # the ZeRO keys DeepSpeed removed (MiCS, LoCo-Zero++: ZeRO-3 features, which a pipeline cannot use), that an older
+    # run's config may hold: they did nothing, and this DeepSpeed refuses them in a config
+    removed = {("zero_optimization", k) for k in getattr(ds_config, "_REMOVED_ZERO_CONFIG_KEYS", {})}
     unread = []
     for key, read in (("fp16", get_float16_config), ("bf16", get_bfloat16_config), ("zero_optimization", get_zero_config)):
         if not isinstance(out.get(key), dict):
             continue
-        out[key] = body = {k: v for k, v in out[key].items() if (key, k) not in DROPPED}
+        out[key] = body = {k: v for k, v in out[key].items() if (key, k) not in DROPPED and (key, k) not in removed}
         if key in as_written:
             continue
         try:

@@ -2,7 +2,8 @@
 
 Runs train_ds.py's Trainer (setup, train, save), then every rank holding a tied module compares its copy
 of each tied weight with the copy on the first stage of its tie group (broadcast over that group) and
-writes tied-rank{R}.json: {"stage", "tied": {"KEY.ATTR": {"ranks", "max_abs_diff"}}, "deferred": the micro-batches whose
+writes tied-rank{R}.json: {"stage", "tied": {"KEY.ATTR": {"ranks", "max_abs_diff", "replica_max_abs_diff" (against
+the first replica's copy)}}, "deferred": the micro-batches whose
 weight gradients this rank deferred (models/wgrad.py)}. `--defer-more N`: every stage defers N more of its last
 micro-batches than train_ds.py would (so the first stage, which receives gradients, keeps received ones too).
 `--loss-chunk N`: the loss's chunk in logits (models.pipeline.LOSS_CHUNK_ELEMENTS), so that on the tests' small
@@ -57,12 +58,17 @@ def main() -> None:
         trainer.train()
         module = trainer.engine.module
         report = {}
+        replicas = trainer.engine.grid.get_data_parallel_group()  # this stage's ranks on every replica
         for key, comm in module.tied_comms.items():
             for attr in comm["weight_attr"]:
                 mine = module._recursive_getattr(comm["module"], attr).detach()
                 first = mine.clone()
                 torch.distributed.broadcast(first, src=min(comm["ranks"]), group=comm["group"])
-                report[f"{key}.{attr}"] = {"ranks": comm["ranks"], "max_abs_diff": (mine - first).abs().max().item()}
+                on_replica_0 = mine.clone()
+                torch.distributed.broadcast(on_replica_0, src=min(torch.distributed.get_process_group_ranks(replicas)),
+                                            group=replicas)
+                report[f"{key}.{attr}"] = {"ranks": comm["ranks"], "max_abs_diff": (mine - first).abs().max().item(),
+                                           "replica_max_abs_diff": (mine - on_replica_0).abs().max().item()}
         out = {"stage": trainer.engine.stage_id, "tied": report, "deferred": trainer.wgrad.flushed,
                "head_chunks": sum(head_chunks)}
         Path(args.out_dir, f"tied-rank{trainer.rank}.json").write_text(json.dumps(out))

@@ -155,7 +155,8 @@ def prompt_settings(settings_dirs: list[Path], template: str | None, tokenizer) 
         if found is not None:
             break
     settings = found.template if found is not None else TemplateSettings()
-    if found is not None and found.eos_token and found.eos_token != tokenizer.eos_token:
+    if found is not None and found.eos_token and found.eos_token != tokenizer.eos_token \
+            and int(os.environ.get("RANK", "0")) == 0:  # once, not per tensor-parallel rank
         log(f"warning: training's tokenizer had the EOS {found.eos_token!r} (data_settings.json), this one "
             f"{tokenizer.eos_token!r}: earlier answers are closed, and generation stops, with this one's")
     if template is not None:

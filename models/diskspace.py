@@ -75,6 +75,9 @@ def is_no_space(exc: BaseException, path: str | Path | None = None) -> bool:
     return False
 
 
+NO_SPACE = "no space left on device"  # in every no_space_message
+
+
 def no_space_message(what: str, path: str | Path, needed: int | None) -> str:
     """`WHAT: no space left on device (needed about X, free Y)`."""
     try:
@@ -82,4 +85,4 @@ def no_space_message(what: str, path: str | Path, needed: int | None) -> str:
     except OSError:
         free = "unknown"
     need = f"needed about {fmt_size(needed)}, " if needed else ""
-    return f"{what}: no space left on device ({need}free {free})"
+    return f"{what}: {NO_SPACE} ({need}free {free})"

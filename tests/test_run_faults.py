@@ -112,6 +112,46 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
     assert sorted(p.name for p in disk.iterdir()) == ["filler", "out"]
 
 
+def test_a_save_path_that_fills_between_saves_is_one_line_at_each_write(ds, small_disk):
+    """save_path full after a checkpoint: the metrics line, the end-of-run state update and the lock of a new start
+    each stop with one line (they were OSError tracebacks, and the lock's left an empty .run.lock that refused the
+    retry for 5 minutes); the checkpoint stays intact."""
+    from training.checkpoint import Checkpoints, RunState, SaveFailed, TrainingStopped
+    from training.monitor import Monitor
+    from training.runlock import LOCK_FILE, LockError, RunLock
+
+    disk = small_disk(2 * 2**20)
+    out = disk / "out"
+    out.mkdir()
+    engine = ds.initialize(model=torch.nn.Linear(4, 2), config={
+        "train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})[0]
+    ckpts = Checkpoints(out, 0, 1, None)
+    state = RunState(step=2, pipe=1, data=1, parts=[0, 1], global_batch=1)
+    ckpts.save(engine, state)
+    monitor = Monitor(out, 0, 4, 2, 1, report_to="none")
+    with open(disk / "filler", "wb", buffering=0) as f:  # the disk fills
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    with pytest.raises(TrainingStopped, match=rf"^writing {out / 'metrics.jsonl'}: no space left on device \(free .*\); "
+                                              "the run stops at step 3, its last checkpoint intact: resume with the "
+                                              "same command once save_path can be written$"):
+        monitor.write({"step": 3, "loss": 1.0})
+    with pytest.raises(SaveFailed, match=rf"^saving checkpoint global_step2 in {out}: no space left on device .*; the "
+                                         rf"checkpoint {out / 'global_step2'} is intact: free space and resume"):
+        ckpts.update_state(RunState(**{**state.__dict__, "finished": True}))
+    with pytest.raises(LockError, match=rf"^save_path {out}: writing the lock {out / LOCK_FILE}: no space left on device"):
+        RunLock(out).acquire()
+    assert not (out / LOCK_FILE).exists()  # no empty lock: the retry once there is room takes it
+    (disk / "filler").unlink()
+    lock = RunLock(out)
+    lock.acquire()
+    lock.release()
+    assert ckpts.latest() == "global_step2" and resume_tag(out) == ("global_step2", [])
+
+
 def test_disk_full_while_writing_an_export_is_one_line(small_disk):
     disk = small_disk(64 * 1024)
     with pytest.raises(CheckpointError, match=r"^.*out: no space left on device \(free .*\)$"):

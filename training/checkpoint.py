@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.diskspace import fmt_size, free_bytes, is_no_space, no_space_message, tree_size
+from models.diskspace import NO_SPACE, fmt_size, free_bytes, is_no_space, no_space_message, tree_size
 from models.hf_io import RUN_TAG, run_tags
 from pipeft import one_line
 
@@ -326,8 +326,9 @@ class Checkpoints:
         if bad := tag_problem(self.root / kept):  # a damaged one a resume passed over, saved again at its step
             return SaveFailed(f"{problem}; `latest` names {self.root / kept}, which is damaged ({bad}): a resume "
                               "passes over it for the newest intact checkpoint")
+        free = "free space and " if NO_SPACE in problem else ""  # (a read-only save_path needs no space)
         return SaveFailed(f"{problem}; the {'previous ' if kept != tag else ''}checkpoint {self.root / kept} is intact: "
-                          f"free space and {self.resume_how}")
+                          f"{free}{self.resume_how}")
 
     @staticmethod
     def _problems(problem: object) -> list:
@@ -362,11 +363,17 @@ class Checkpoints:
     def update_state(self, state: RunState) -> None:
         """Collective: rewrite trainer_state.json of the already saved tag of `state.step` (e.g. after the final
         evaluation), without writing the weights again; then rotate. Not when this run lost save_path's lock."""
-        self._check_lock(tag_of(state.step))
+        tag = tag_of(state.step)
+        self._check_lock(tag)
+        problem = None
         if self.rank == 0:
-            state.write(self.root / tag_of(state.step))
-            self._after_save(state)
-        torch.distributed.barrier()
+            try:
+                state.write(self.root / tag)
+                self._after_save(state)
+            except OSError as e:  # a disk that filled since the save: one line on every rank, the tag intact
+                problem = self._problem_of(e, tag, f"updating {STATE_FILE} of checkpoint {tag} in {self.root} failed")
+        if failed := self._problems(problem):  # also the barrier
+            raise self._failed(failed[0], tag)
 
     def _after_save(self, state: RunState) -> None:
         """Rank 0: with keep_best the `best` file naming the best-scored tag that exists (none: no file; keep_best

@@ -20,6 +20,7 @@ its own children. On several nodes with --max-restarts that is not enough (each 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -28,6 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
+from models.diskspace import is_no_space, no_space_message
 from models.hf_io import RUN_LOCK_FILE as LOCK_FILE
 from models.hf_io import pid_alive
 from training.distributed import proc_stat
@@ -334,9 +336,16 @@ class RunLock:
                 aside.unlink(missing_ok=True)
                 note = f"took over the lock of save_path {self.dir} from a run that is gone ({describe(*found)}: {why})"
                 continue
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.info, f)
+            except OSError as e:  # a full or read-only disk: no empty lock left to refuse the retry for minutes
+                with contextlib.suppress(OSError):
+                    self.file.unlink()
+                what = f"save_path {self.dir}: writing the lock {self.file}"
+                raise LockError(no_space_message(what, self.dir, None) if is_no_space(e, self.dir)
+                                else f"{what}: {e.strerror or e}") from None
             _HELD.add(self.token)
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.info, f)
             self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
             self._thread.start()
             return note
@@ -372,5 +381,6 @@ class RunLock:
             self._thread.join(timeout=5)
             self._thread = None
             if self.ours():
-                self.file.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a save_path gone read-only: the next run judges the lock stale
+                    self.file.unlink(missing_ok=True)
         _HELD.discard(self.token)

@@ -487,14 +487,16 @@ class Trainer(TrainingData, RunDirectory, RunReport):
 
     def close(self, failed: bool = False) -> None:
         self.prefetch.shutdown(wait=True, cancel_futures=True)
-        if self.monitor is not None:
-            self.monitor.close(failed)
-        if self.lock is not None:
-            self.lock.release()
-        if self.owns_group:
-            shutdown_distributed()
-        else:
-            restore_caller_groups(self.caller_groups)
+        try:
+            if self.monitor is not None:
+                self.monitor.close(failed)
+            if self.lock is not None:
+                self.lock.release()
+        finally:  # the process group (and DeepSpeed's /dev/shm buffer) goes whatever failed above
+            if self.owns_group:
+                shutdown_distributed()
+            else:
+                restore_caller_groups(self.caller_groups)
         for sig, handler in self.caller_handlers.items():  # a caller going on (a notebook) gets its Ctrl-C back
             if handler is not None:
                 signal.signal(sig, handler)

@@ -4,6 +4,8 @@ test_train_ops.py)."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +104,40 @@ def test_a_save_that_fails_once_written_is_one_line_and_keeps_the_previous_check
     with pytest.raises(SaveFailed, match=rf"; `latest` names {tmp_path / tag_of(2)}, which is damaged \(.*\): a "
                                          "resume passes over it for the newest intact checkpoint$"):
         ckpts.save(engine, st)
+
+
+def test_a_re_save_of_a_tag_keeps_the_old_copy_until_the_new_one_is_in_place(ds, tmp_path, monkeypatch):
+    """Saving a step whose tag exists (a resume from before it) deleted the old tag before renaming the new one in: a
+    failed rename lost both. The old copy now waits aside (`.old-TAG`) and comes back when the rename fails, or at the
+    next start when the run was killed in between."""
+    import training.checkpoint as checkpoint
+
+    engine = ds.initialize(model=torch.nn.Linear(4, 2), config={
+        "train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})[0]
+    ckpts = Checkpoints(tmp_path, 0, None, None)
+    st = RunState(step=2, pipe=1, data=1, parts=[0, 1], global_batch=1)
+    ckpts.save(engine, st)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / tag_of(2)).rglob("*") if p.is_file()}
+    replace = os.replace
+
+    def fail_new_copy(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise OSError(5, "Input/output error")
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", fail_new_copy)
+    with pytest.raises(SaveFailed, match=rf"^finishing checkpoint {tag_of(2)} in {tmp_path} failed: OSError: .*; the "
+                                         rf"checkpoint {tmp_path / tag_of(2)} is intact: resume"):
+        ckpts.save(engine, st)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / tag_of(2)).rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == [tag_of(2), "latest"]
+    os.replace(tmp_path / tag_of(2), tmp_path / f".old-{tag_of(2)}")  # killed between the two renames
+    (tmp_path / f".tmp-{tag_of(4)}").mkdir()
+    assert ckpts.remove_partial() == [f".tmp-{tag_of(4)}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tag_of(2), "latest"]
+    ckpts.save(engine, st)  # a re-save that works leaves nothing aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tag_of(2), "latest"]
 
 
 def test_a_run_that_lost_save_paths_lock_saves_nothing_more_there(ds, tmp_path, monkeypatch):

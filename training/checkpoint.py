@@ -41,6 +41,7 @@ from models.hf_io import RUN_TAG, run_tags
 from pipeft import one_line
 
 TAG = RUN_TAG  # a checkpoint's directory name, global_stepN
+OLD = ".old-"  # a tag moved aside while a re-save of its step puts the new copy in place
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 
@@ -232,10 +233,17 @@ class Checkpoints:
         return run_tags(self.root)
 
     def remove_partial(self) -> list[str]:
-        """Rank 0: delete `.tmp-*` tags a killed save left behind; returns their names."""
+        """Rank 0: delete `.tmp-*` tags a killed save left behind; returns their names. A tag a killed re-save had
+        moved aside (`.old-*`, `save`) is put back where its new copy never arrived, else deleted."""
         gone = [p.name for p in self.root.glob(".tmp-*") if p.is_dir()]
         for name in gone:
             shutil.rmtree(self.root / name, ignore_errors=True)
+        for old in (p for p in self.root.glob(f"{OLD}*") if p.is_dir()):
+            final = self.root / old.name.removeprefix(OLD)
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, final)
         return gone
 
     def save(self, engine, state: RunState, extra: dict[str, str] | None = None) -> Path:
@@ -276,19 +284,23 @@ class Checkpoints:
         if self.rank == 0 and (lost := self._lost(tag)):  # its .tmp- directory left to the run that took save_path
             finish = (lost, False)
         elif self.rank == 0:  # what fails here (a disk that fills now) is one line on every rank too
+            final, aside = self.root / tag, self.root / f"{OLD}{tag}"
             try:
-                final = self.root / tag
                 write_manifest(self.root / tmp)
-                if final.exists():  # a re-run of the same step (e.g. resumed before it): replace it
-                    shutil.rmtree(final)
+                if final.exists():  # a re-run of the same step (e.g. resumed before it): replaced, kept aside until
+                    shutil.rmtree(aside, ignore_errors=True)  # the new one is in place (remove_partial restores it)
+                    os.replace(final, aside)
                 os.replace(self.root / tmp, final)
                 fsync_path(self.root)  # the rename is on disk before `latest` names it and before rotation deletes
                 atomic_write_text(self.root / "latest", tag)
+                shutil.rmtree(aside, ignore_errors=True)
                 self.last_size = tree_size(final)
                 self._after_save(state)
             except Exception as e:  # noqa: BLE001 - reported below, on every rank
                 finish = (self._problem_of(e, tag, f"finishing checkpoint {tag} in {self.root} failed"), True)
                 shutil.rmtree(self.root / tmp, ignore_errors=True)
+                if aside.exists() and not final.exists():  # the new copy never arrived: the old one stays
+                    os.replace(aside, final)
         if failed := self._problems(finish):
             problem, named = failed[0]
             raise self._failed(problem, tag) if named else SaveFailed(problem)

@@ -78,6 +78,12 @@ def is_no_space(exc: BaseException, path: str | Path | None = None) -> bool:
 NO_SPACE = "no space left on device"  # in every no_space_message
 
 
+def write_problem(what: str, path: str | Path, exc: OSError) -> str:
+    """The one line for a failed write `what` in `path`'s filesystem: `no_space_message` when it is full, else
+    `WHAT: <the OS's reason>` (a read-only filesystem, a permission)."""
+    return no_space_message(what, path, None) if is_no_space(exc, path) else f"{what}: {exc.strerror or exc}"
+
+
 def no_space_message(what: str, path: str | Path, needed: int | None) -> str:
     """`WHAT: no space left on device (needed about X, free Y)`."""
     try:

@@ -122,12 +122,10 @@ class Monitor:
             with open(self.metrics_path, "a") as f:
                 f.write(json_line(rec) + "\n")
         except OSError as e:  # save_path full or gone read-only: the run stops in one line, its checkpoints intact
-            from models.diskspace import is_no_space, no_space_message
+            from models.diskspace import write_problem
             from training.checkpoint import TrainingStopped
 
-            what = f"writing {self.metrics_path}"
-            said = no_space_message(what, self.metrics_path.parent, None) if is_no_space(e, self.metrics_path.parent) \
-                else f"{what}: {e.strerror or e}"
+            said = write_problem(f"writing {self.metrics_path}", self.metrics_path.parent, e)
             raise TrainingStopped(f"{said}; the run stops at step {rec['step']}, its last checkpoint intact: resume with "
                                   "the same command once save_path can be written") from None
         values = scalars(rec)

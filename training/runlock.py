@@ -29,7 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
-from models.diskspace import is_no_space, no_space_message
+from models.diskspace import write_problem
 from models.hf_io import RUN_LOCK_FILE as LOCK_FILE
 from models.hf_io import pid_alive
 from training.distributed import proc_stat
@@ -342,9 +342,7 @@ class RunLock:
             except OSError as e:  # a full or read-only disk: no empty lock left to refuse the retry for minutes
                 with contextlib.suppress(OSError):
                     self.file.unlink()
-                what = f"save_path {self.dir}: writing the lock {self.file}"
-                raise LockError(no_space_message(what, self.dir, None) if is_no_space(e, self.dir)
-                                else f"{what}: {e.strerror or e}") from None
+                raise LockError(write_problem(f"save_path {self.dir}: writing the lock {self.file}", self.dir, e)) from None
             _HELD.add(self.token)
             self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
             self._thread.start()

@@ -142,10 +142,11 @@ def build_record(args: argparse.Namespace) -> dict:
     return rec
 
 
-def prompt_settings(settings_dirs: list[Path], template: str | None, tokenizer) -> tuple[TemplateSettings, int | None]:
+def prompt_settings(settings_dirs: list[Path], template: str | None, tokenizer, rank: int = 0
+                    ) -> tuple[TemplateSettings, int | None]:
     """The template settings to prompt with and the max_seq_len training kept (None: not recorded): the first
     data_settings.json found in `settings_dirs` (the adapter's, then the model's), `template` overriding its mode.
-    In chat mode the tokenizer gets the chat template training used."""
+    In chat mode the tokenizer gets the chat template training used. Rank 0 (`rank`) warns of another EOS."""
     found: DataSettings | None = None
     for d in settings_dirs:
         try:
@@ -155,8 +156,7 @@ def prompt_settings(settings_dirs: list[Path], template: str | None, tokenizer) 
         if found is not None:
             break
     settings = found.template if found is not None else TemplateSettings()
-    if found is not None and found.eos_token and found.eos_token != tokenizer.eos_token \
-            and int(os.environ.get("RANK", "0")) == 0:  # once, not per tensor-parallel rank
+    if found is not None and found.eos_token and found.eos_token != tokenizer.eos_token and rank == 0:  # once
         log(f"warning: training's tokenizer had the EOS {found.eos_token!r} (data_settings.json), this one "
             f"{tokenizer.eos_token!r}: earlier answers are closed, and generation stops, with this one's")
     if template is not None:
@@ -411,7 +411,7 @@ def run(args: argparse.Namespace) -> None:
                         f"{len(tokenizer)} tokens (ids >= {embeddings} have no embedding row); resize the model's "
                         "embeddings or use its own tokenizer")
     settings, trained = prompt_settings(([Path(args.adapter)] if args.adapter else []) + [config_dir], args.template,
-                                        tokenizer)
+                                        tokenizer, rank)
     try:
         prompt = encode_prompt(tokenizer, rec, settings)
     except ValueError as e:

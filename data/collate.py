@@ -1,8 +1,8 @@
 """Pad samples into batches: ((input_ids, position_ids, segment_ids), labels), all int64 [B, T].
 
 Training: `collate_rows` builds a micro-batch straight from a data set's flat arrays (numpy, no per-token
-Python), right-padded to `padded_length`: the step's longest row rounded up to `pad_to_multiple_of`, never
-beyond max_seq_len, the same for every micro-batch of the step (the pipeline engine is told when it changes).
+Python), right-padded to `padded_length`: the micro-batch's longest row rounded up to `pad_to_multiple_of`,
+never beyond max_seq_len (training.batches: a step's micro-batches may differ in length).
 `collate` / `collate_left` pad sample dicts (tests, generation). Padding is segment 0 (attended by nothing)
 with position id 0. A packed sequence (data/packing.py) has its own position ids (restarting at 0 per
 segment) and segment ids 1, 2, ...; otherwise a row is one segment: id 1, position ids 0.. from its first

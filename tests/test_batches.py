@@ -51,21 +51,33 @@ def test_collate_rows_equals_collate_of_the_samples(datasets, kind):
         collate_rows(ds, [int(np.argmax(np.diff(ds.offsets)))], 2, 3)
 
 
-def test_step_micro_batches_are_padded_to_the_steps_longest_row(datasets):
+def test_each_micro_batch_is_padded_to_its_own_longest_row(datasets):
     ds = datasets[0]
     lengths = np.diff(ds.offsets)
     plan = BatchPlan(len(ds), 2, 3, 2, 7, lengths)
     tokens = np.ones(len(ds), np.int64)
-    seen = set()
+    within_a_step = False
     for step in range(plan.steps_per_epoch):
         for rank in range(2):
-            n = plan.step_length(0, step, rank, 8, 64)
-            rows = np.concatenate(plan.micro_indices(0, step, rank))
-            assert n == min(64, -(-int(lengths[rows].max()) // 8) * 8)
-            batches = step_micro_batches(ds, plan, tokens, 0, step, rank, n, 3)
-            assert len(batches) == 3 and all(b[0][0].shape == (2, n) for b in batches)  # one shape per step
-            seen.add(n)
-    assert len(seen) > 1
+            ns = plan.micro_lengths(0, step, rank, 8, 64)
+            micro = plan.micro_indices(0, step, rank)
+            assert ns == [min(64, -(-int(lengths[rows].max()) // 8) * 8) for rows in micro]
+            batches = step_micro_batches(ds, plan, tokens, 0, step, rank, ns, 3)
+            assert [b[0][0].shape for b in batches] == [(2, n) for n in ns]
+            within_a_step |= len(set(ns)) > 1
+    assert within_a_step
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_steps_rows_are_sorted_into_micro_batches_dealt_to_the_ranks_in_turn(grouped):
+    lengths = np.random.default_rng(1).integers(1, 300, size=100)
+    plan = BatchPlan(100, 3, 4, 2, 5, lengths, grouped, drop_last=False)  # global batch 24, the last with 4 samples
+    for step in range(plan.steps_per_epoch):
+        micro = [plan.micro_indices(0, step, rank) for rank in range(2)]
+        assert [len(m) for m in micro] == [4, 4] and all(len(mb) == 3 for m in micro for mb in m)
+        rows = np.concatenate([mb for pair in zip(*micro, strict=True) for mb in pair])  # rank 0's 1st, rank 1's 1st, ...
+        assert sorted(rows.tolist()) == sorted(plan.global_indices(0, step).tolist())
+        assert (np.diff(np.where(rows >= 0, lengths[rows], -1)) <= 0).all()  # longest first, empty rows last
 
 
 def test_group_by_length_sorts_megabatches_and_puts_the_longest_first():

@@ -46,13 +46,18 @@ def test_eval_calls_cover_every_sample_once(n, micro, num_micro, dp):
     ds, pad = toy(n), 0
     plan = EvalPlan(ds, micro, num_micro, dp)
     assert plan.tokens == int(trained_tokens(ds).sum())
-    seen, empty = [], 0
+    seen, empty, widths = [], 0, set()
     for call in range(plan.calls):
         for rank in range(dp):
-            batches = plan.micro_batches(call, rank, 8, pad)
+            lengths = plan.micro_lengths(call, rank, 3, 8)  # each micro-batch's longest row: a multiple of 3, at most 8
+            rows = plan.rows(call, rank)
+            assert lengths == [min(8, -(-max([len(ds[int(i)]["input_ids"]) for i in rows[k:k + micro] if i >= 0] or [1])
+                                          // 3) * 3) for k in range(0, len(rows), micro)]
+            widths.update(lengths)
+            batches = plan.micro_batches(call, rank, lengths, pad)
             assert len(batches) == num_micro
-            for (ids, _, seg), (labels, counts) in batches:
-                assert ids.shape == (micro, 8) and counts.tolist() == [plan.tokens, num_micro * dp]
+            for ((ids, _, seg), (labels, counts)), width in zip(batches, lengths, strict=True):
+                assert ids.shape == (micro, width) and counts.tolist() == [plan.tokens, num_micro * dp]
                 for row in range(micro):
                     if (labels[row] != IGNORE_INDEX).any():
                         seen.append(ids[row][seg[row] > 0].tolist())
@@ -60,6 +65,8 @@ def test_eval_calls_cover_every_sample_once(n, micro, num_micro, dp):
                         empty += 1
     assert sorted(seen) == sorted(ds[i]["input_ids"] for i in range(n))
     assert empty == plan.calls * plan.per_call - n
+    assert [len(r) for r in seen] == sorted(map(len, seen), reverse=True)  # longest first: rows of like length together
+    assert len(widths) > 1
 
 
 def test_perplexity_of_a_nan_loss_is_nan_and_of_a_huge_one_inf():

@@ -223,9 +223,9 @@ def test_eval_rows_are_packed_and_split_as_the_training_rows(tmp_path, tokenizer
     def evaluated_tokens(rows) -> int:
         plan, n = EvalPlan(rows, 2, 1, 1), 0
         for call in range(plan.calls):
-            length = plan.call_length(call, 0, 8, L)
-            assert length <= L
-            n += sum(int((labels != IGNORE_INDEX).sum()) for _, (labels, _) in plan.micro_batches(call, 0, length, 0))
+            batches = plan.micro_batches(call, 0, plan.micro_lengths(call, 0, 8, L), 0)
+            assert all(labels.shape[1] <= L for _, (labels, _) in batches)
+            n += sum(int((labels != IGNORE_INDEX).sum()) for _, (labels, _) in batches)
         assert n == plan.tokens > 0
         return n
 

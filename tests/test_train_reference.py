@@ -142,7 +142,8 @@ def test_training_matches_single_process_reference(tmp_path, tokenizer, procs, d
                                                    opt, defer_more):
     # 3 stages: a block on each (the auto balance gives the last stage the head alone, with no linear to defer)
     topo = {"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": dims}, "parts": [2, 1, 2]}}
-    # 2 x 2: also the epoch's incomplete last global batch (4 samples of 16: replica 1 holds no sample at all)
+    # 2 x 2: also the epoch's incomplete last global batch (2 samples of 16, in one micro-batch: replica 1 holds no
+    # sample at all)
     over = topo if dims[0] == 3 else {"dataloader_drop_last": False} if dims == [2, 2] else None
     check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip, ckpt, packing, opt, over=over,
                             defer_more=defer_more)
@@ -165,7 +166,7 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     hf.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
     hg_to_pp(tmp_path / "hf", tmp_path / "pp")
-    write_records(tmp_path / "train.jsonl", 300 if packing else 100)  # packed: enough sequences for STEPS
+    write_records(tmp_path / "train.jsonl", 300 if packing else 100 if drop_last else 98)  # packed: enough for STEPS
     config = {
         "model_path": str(tmp_path / "pp"), "save_path": str(tmp_path / "out"), "data_path": str(tmp_path / "train.jsonl"),
         "max_seq_len": SEQ, "max_steps": steps, "seed": SEED, "use_grad_ckpt": ckpt, "data_cache_dir": str(tmp_path / "cache"),
@@ -225,9 +226,18 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     dataset = pack(dataset, SEQ, SEED) if packing else dataset
     plan = BatchPlan(len(dataset), MICRO, GAS, dims[1], SEED, dataset.offsets[1:] - dataset.offsets[:-1], grouped,
                      drop_last=drop_last)
-    lengths = [m["seq_len"] for m in metrics]  # each step padded to its longest row, a multiple of 16
+    lengths = [m["seq_len"] for m in metrics]  # each micro-batch padded to its longest row, a multiple of 16
     assert all(n % 16 == 0 and n <= SEQ for n in lengths)
     assert packing or len(set(lengths)) > 1, lengths
+    micro_lengths = [plan.micro_lengths(*plan.position(s), 0, 16, SEQ) for s in range(steps)]
+    assert lengths == [max(n) for n in micro_lengths]
+    assert packing or any(len(set(n)) > 1 for n in micro_lengths), micro_lengths  # shapes differ within a step
+    if tied_stages:  # each stage's forward passes got its replica's micro-batches, each padded to its own longest
+        # row: of several lengths in a step with the engine's dynamic_shape, else with static shapes
+        for rank, r in enumerate(reports):
+            micro = [plan.micro_lengths(*plan.position(s), rank % dims[1], 16, SEQ) for s in range(steps)]
+            assert r["forwards"] == [[n, len(set(m)) > 1] for m in micro for n in m], (rank, r["forwards"], micro)
+        assert dims[1] == 1 or {len(set(m)) > 1 for m in micro} == {True, False}, micro  # 2 x 2 (grouped): both kinds
     if packing:  # the log line, and metrics count the samples in each step's sequences
         st = dataset.stats
         assert f"packing: {st.samples} samples -> {st.sequences} sequences of {SEQ}, efficiency {st.efficiency:.1%}" in out
@@ -235,7 +245,8 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
         assert [m["samples"] for m in metrics] == per_step
         assert all(m["sequences"] == plan.global_batch < m["samples"] for m in metrics)
     assert dataset.stats.dropped == 0 and plan.steps_per_epoch * plan.global_batch <= len(dataset) if drop_last else \
-        plan.steps_per_epoch == steps and 0 < len(plan.global_indices(0, steps - 1, real=True)) <= plan.global_batch // 4
+        plan.steps_per_epoch == steps and 0 < len(plan.global_indices(0, steps - 1, real=True)) <= MICRO and \
+        all(i < 0 for r in range(1, dims[1]) for mb in plan.micro_indices(0, steps - 1, r) for i in mb)
     # the premise: micro-batches carry unequal numbers of trained tokens
     per_micro = [sum(int((torch.tensor(dataset[int(i)]["labels"][1:]) != -100).sum()) for i in mb)
                  for mb in plan.micro_indices(0, 0, 0)]

@@ -1,16 +1,19 @@
 """Which samples make each step's global batch, and how they become pipeline micro-batches.
 
 The samples are a data set's samples, or its packed sequences with "packing" (data/packing.py).
-Every rank derives the same seeded order, once per epoch, so no communication is needed: data-parallel
-rank r takes a disjoint contiguous slice of each global batch, and the first and last stage of a
-pipeline (same data-parallel rank) read the same micro-batches in the same order. Each micro-batch
-carries the global batch's trained-token count for the global token-mean loss. The rows of one step
-are padded to the step's longest row (rounded up to pad_to_multiple_of, data.collate.padded_length);
-with `group_by_length` the order is HF Trainer's LengthGroupedSampler's: megabatches of
-MEGABATCH_MULT global batches sorted longest first, so the rows of a step have similar lengths.
-An epoch's last, incomplete global batch (with group_by_length: the same samples as without) is dropped (`drop_last`, DeepSpeed's `dataloader_drop_last`, true by
-default here) or trained with empty rows (index -1: one pad token, no label) in place of the missing samples: the
-loss is the token mean over the samples present, as on a smaller batch, and every step keeps the same shape.
+Every rank derives the same seeded order, once per epoch, so no communication is needed. A step's rows are
+sorted longest first and cut into micro-batches, which are dealt to the data-parallel ranks in turn
+(micro_indices); the first and last stage of a pipeline (same data-parallel rank) read the same micro-batches
+in the same order. Each micro-batch carries the global batch's trained-token count for the global token-mean
+loss, so this grouping changes no gradient (but see micro_indices on `dynamic` rope). A micro-batch's rows are
+padded to its longest row (rounded up to pad_to_multiple_of, data.collate.padded_length): the micro-batches of
+a step may differ in length (the trainer then runs the pipeline engine with DeepSpeed's `dynamic_shape`). With
+`group_by_length` the order is HF Trainer's LengthGroupedSampler's: megabatches of MEGABATCH_MULT global
+batches sorted longest first, so the rows of a step have similar lengths. An epoch's last, incomplete global
+batch (with group_by_length: the same samples as without) is dropped (`drop_last`, DeepSpeed's
+`dataloader_drop_last`, true by default here) or trained with empty rows (index -1: one pad token, no label) in
+place of the missing samples: the loss is the token mean over the samples present, as on a smaller batch, and
+every step keeps its number of rows.
 """
 
 from __future__ import annotations
@@ -116,22 +119,30 @@ class BatchPlan:
         return idx if real or len(idx) == g else np.concatenate([idx, np.full(g - len(idx), -1, idx.dtype)])
 
     def micro_indices(self, epoch: int, step_in_epoch: int, dp_rank: int) -> list[np.ndarray]:
-        """This data-parallel rank's grad_accum micro-batches for the step."""
-        per_rank = self.micro_batch * self.grad_accum
-        mine = self.global_indices(epoch, step_in_epoch)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-        return [mine[i:i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
+        """This data-parallel rank's grad_accum micro-batches for the step: the step's rows sorted longest first
+        (empty rows last), cut into micro-batches, dealt to the data-parallel ranks in turn. The loss is the global
+        batch's token mean, so which rows share a micro-batch (or a rank) changes no gradient, only the order of
+        float sums (except for rope scaling that follows a batch's longest position, `dynamic` / `longrope`, past
+        its switch length: as in transformers, a row is then encoded by its micro-batch's longest row); rows of like
+        length share a micro-batch (little padding), and the ranks get like work."""
+        idx = self.global_indices(epoch, step_in_epoch)
+        if self.lengths is not None:
+            idx = idx[np.argsort(-np.where(idx >= 0, self.lengths[idx], -1), kind="stable")]
+        return list(idx.reshape(-1, self.micro_batch)[dp_rank::self.dp_size])
 
-    def step_length(self, epoch: int, step_in_epoch: int, dp_rank: int, multiple: int, max_seq_len: int) -> int:
-        """The padded row length of this rank's micro-batches of the step (every rank of a pipeline agrees)."""
-        rows = np.concatenate(self.micro_indices(epoch, step_in_epoch, dp_rank))
-        return padded_length(self.lengths[rows[rows >= 0]], multiple, max_seq_len)
+    def micro_lengths(self, epoch: int, step_in_epoch: int, dp_rank: int, multiple: int,
+                      max_seq_len: int) -> list[int]:
+        """The padded row length of each of this rank's micro-batches of the step: its longest row, rounded up."""
+        return [padded_length(self.lengths[idx[idx >= 0]], multiple, max_seq_len)
+                for idx in self.micro_indices(epoch, step_in_epoch, dp_rank)]
 
 
 def step_micro_batches(ds: EncodedDataset | PackedDataset, plan: BatchPlan, tokens: np.ndarray, epoch: int,
-                       step_in_epoch: int, dp_rank: int, length: int, pad_id: int) -> list:
+                       step_in_epoch: int, dp_rank: int, lengths: list[int], pad_id: int) -> list:
     """[((input_ids, position_ids, segment_ids), (labels, counts))] for one step of one data-parallel rank,
-    rows padded to `length` (plan.step_length)."""
+    each micro-batch's rows padded to its length in `lengths` (plan.micro_lengths)."""
     n_global = int(tokens[plan.global_indices(epoch, step_in_epoch, real=True)].sum())
     counts = torch.tensor([max(n_global, 1), plan.grad_accum * plan.dp_size], dtype=torch.int64)
+    micro = plan.micro_indices(epoch, step_in_epoch, dp_rank)
     return [(inputs, (labels, counts)) for inputs, labels in
-            (collate_rows(ds, idx, length, pad_id) for idx in plan.micro_indices(epoch, step_in_epoch, dp_rank))]
+            (collate_rows(ds, idx, n, pad_id) for idx, n in zip(micro, lengths, strict=True))]

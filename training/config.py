@@ -82,7 +82,7 @@ class TrainConfig:
     data_cache_dir: str | None = None  # default: .cache beside the first data file
     # throughput (models/attention.py, training/batches.py)
     attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | flex_attention
-    pad_to_multiple_of: int = 64  # a step's rows are padded to its longest row, rounded up to this (<= max_seq_len)
+    pad_to_multiple_of: int = 64  # a micro-batch's rows are padded to its longest row, rounded up to this (<= max_seq_len)
     group_by_length: bool = False  # length-grouped global batches (HF Trainer's megabatches), seeded
     defer_weight_grads: bool = True  # full fine-tuning: later stages defer their last micro-batches' dW (models/wgrad.py)
     # checkpoints and resume (training/checkpoint.py)

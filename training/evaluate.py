@@ -4,8 +4,8 @@ Each `engine.eval_batch` call evaluates `micro x num_micro x dp` samples; a micr
 summed token loss x (num_micro x dp) / (trained tokens of the whole eval set), so DeepSpeed's average
 over micro-batches and data-parallel ranks makes each call's result that call's share of the token
 mean, and the calls' results add up to the eval set's token-mean loss. The last call is filled up with
-empty rows (no trained token), which add nothing. Each call's rows are padded to its longest row
-(rounded up to pad_to_multiple_of).
+empty rows (no trained token), which add nothing. The rows go longest first (EvalPlan), and each
+micro-batch is padded to its longest row (rounded up to pad_to_multiple_of).
 """
 
 from __future__ import annotations
@@ -69,31 +69,36 @@ def training_and_eval_rows(ds: EncodedDataset, eval_set: EncodedDataset | None, 
 
 
 class EvalPlan:
-    """How the eval set is cut into eval_batch calls and micro-batches."""
+    """How the eval set is cut into eval_batch calls and micro-batches: its rows longest first (the eval loss is a
+    token mean over the whole set, so the order changes only the order of float sums), so that rows of like length
+    share a micro-batch and little is padding."""
 
     def __init__(self, ds: EncodedDataset, micro_batch: int, num_micro: int, dp_size: int):
         self.ds, self.micro_batch, self.num_micro, self.dp_size = ds, micro_batch, num_micro, dp_size
         self.per_call = micro_batch * num_micro * dp_size
         self.calls = math.ceil(len(ds) / self.per_call)
         self.tokens = int(row_trained(ds).sum())
+        self.lengths = ds.offsets[1:] - ds.offsets[:-1]
+        self.order = np.argsort(-self.lengths, kind="stable")
 
     def rows(self, call: int, dp_rank: int) -> np.ndarray:
         """The sample indices of one call for one data-parallel rank; -1 fills the last call (an empty row)."""
         per_rank = self.micro_batch * self.num_micro
         idx = np.arange(call * self.per_call + dp_rank * per_rank, call * self.per_call + (dp_rank + 1) * per_rank)
-        return np.where(idx < len(self.ds), idx, -1)
+        return np.where(idx < len(self.ds), self.order[np.minimum(idx, len(self.ds) - 1)], -1)
 
-    def call_length(self, call: int, dp_rank: int, multiple: int, max_seq_len: int) -> int:
-        """The padded row length of the call's micro-batches on this rank (data.collate.padded_length)."""
+    def _micro(self, call: int, dp_rank: int) -> list[np.ndarray]:
         rows = self.rows(call, dp_rank)
-        rows = rows[rows >= 0]
-        return padded_length(self.ds.offsets[rows + 1] - self.ds.offsets[rows], multiple, max_seq_len)
+        return [rows[i:i + self.micro_batch] for i in range(0, len(rows), self.micro_batch)]
 
-    def micro_batches(self, call: int, dp_rank: int, length: int, pad_id: int) -> list:
+    def micro_lengths(self, call: int, dp_rank: int, multiple: int, max_seq_len: int) -> list[int]:
+        """The padded row length of each micro-batch of the call on this rank: its longest row, rounded up
+        (data.collate.padded_length)."""
+        return [padded_length(self.lengths[idx[idx >= 0]], multiple, max_seq_len) for idx in self._micro(call, dp_rank)]
+
+    def micro_batches(self, call: int, dp_rank: int, lengths: list[int], pad_id: int) -> list:
         """[((input_ids, position_ids, segment_ids), (labels, counts))] of one call for one data-parallel rank,
-        padded to `length` (call_length)."""
-        rows = self.rows(call, dp_rank)
+        each micro-batch padded to its length in `lengths` (micro_lengths)."""
         counts = torch.tensor([max(self.tokens, 1), self.num_micro * self.dp_size], dtype=torch.int64)
         return [(inputs, (labels, counts)) for inputs, labels in
-                (collate_rows(self.ds, rows[i:i + self.micro_batch], length, pad_id)
-                 for i in range(0, len(rows), self.micro_batch))]
+                (collate_rows(self.ds, idx, n, pad_id) for idx, n in zip(self._micro(call, dp_rank), lengths, strict=True))]

@@ -82,7 +82,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         self.stop_signal: str | None = None
         self.monitor: Monitor | None = None
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")  # the next step's batches
-        self.row_length: int | None = None  # the engine's current activation length
+        self.row_length: int | None = None  # the engine's static activation length (None: dynamic shapes)
         self.lock: RunLock | None = None  # rank 0: this run's lock on save_path
         self.launcher = LauncherWatch()  # the `deepspeed` command that started this process, if any
         self.tokenizer = None
@@ -295,31 +295,36 @@ class Trainer(TrainingData, RunDirectory, RunReport):
 
         engine._take_model_step = guarded
 
-    def batches_for(self, step: int) -> tuple[int, list]:
-        """(row length, micro-batches) of a step for this rank; middle stages read nothing but the length."""
+    def batches_for(self, step: int) -> tuple[list[int], list]:
+        """(row length of each micro-batch, micro-batches) of a step for this rank; middle stages read nothing but
+        the lengths (the engine's `dynamic_shape` sends each micro-batch's shape down the pipeline)."""
         cfg = self.cfg
         epoch, in_epoch = self.plan.position(step)
-        length = self.plan.step_length(epoch, in_epoch, self.dp_rank, cfg.pad_to_multiple_of, cfg.max_seq_len)
+        lengths = self.plan.micro_lengths(epoch, in_epoch, self.dp_rank, cfg.pad_to_multiple_of, cfg.max_seq_len)
         if not (self.engine.is_first_stage() or self.engine.is_last_stage()):
-            return length, []
-        return length, step_micro_batches(self.dataset, self.plan, self.tokens, epoch, in_epoch, self.dp_rank, length,
-                                          self.pad_id)
+            return lengths, []
+        return lengths, step_micro_batches(self.dataset, self.plan, self.tokens, epoch, in_epoch, self.dp_rank,
+                                           lengths, self.pad_id)
 
-    def _use_length(self, length: int) -> None:
-        """Tell the pipeline engine when the row length changes (it caches activation shapes). Every rank of a
-        pipeline computes the same lengths, so all its stages reset together."""
-        if length != self.row_length:
+    def _use_lengths(self, lengths: list[int]) -> None:
+        """Tell the pipeline engine the row lengths of the next micro-batches. Of one length, they run with static
+        shapes (sent down the pipeline once; the engine's cached shapes are reset when the length changes); of
+        several, with DeepSpeed's `dynamic_shape`, each activation's shape sent before it (a small message per
+        micro-batch and stage, which a GPU reads with a host sync). Every rank of a pipeline has the same lengths."""
+        static = lengths[0] if len(set(lengths)) == 1 else None
+        self.engine.dynamic_shape = static is None  # read by the engine at each send and receive
+        if static is not None and static != self.row_length:
             self.engine.reset_activation_shape()
-            self.row_length = length
+        self.row_length = static
 
     def evaluate(self) -> float:
         """Token-mean loss over the whole eval set (every rank gets it)."""
         total, ep, cfg = 0.0, self.eval_plan, self.cfg
         io = self.engine.is_first_stage() or self.engine.is_last_stage()
         for call in range(ep.calls):
-            length = ep.call_length(call, self.dp_rank, cfg.pad_to_multiple_of, cfg.max_seq_len)
-            batches = ep.micro_batches(call, self.dp_rank, length, self.pad_id) if io else []
-            self._use_length(length)
+            lengths = ep.micro_lengths(call, self.dp_rank, cfg.pad_to_multiple_of, cfg.max_seq_len)
+            batches = ep.micro_batches(call, self.dp_rank, lengths, self.pad_id) if io else []
+            self._use_lengths(lengths)
             total += float(self.engine.eval_batch(data_iter=iter(batches)))
         return total
 
@@ -373,11 +378,11 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             step = st.step
             self.grad_norm = None
             wait = time.perf_counter()
-            length, batches = pending.result()
+            lengths, batches = pending.result()
             data_s = time.perf_counter() - wait
             if step + 1 < self.total_steps:  # the next step's micro-batches are built while this one runs
                 pending = self.prefetch.submit(self.batches_for, step + 1)
-            self._use_length(length)
+            self._use_lengths(lengths)
             lr = self.engine.get_lr()[0]  # the lr this update applies (the scheduler steps inside train_batch)
             scale = None if self.scaler is None else self.scaler.cur_scale
             loss = float(self.engine.train_batch(data_iter=iter(batches)))
@@ -396,7 +401,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             rec = {"step": st.step, "loss": loss, "lr": lr, "grad_norm": norm,
                    "tokens": int(self.lengths[idx].sum()), "trained_tokens": int(self.tokens[idx].sum()),
                    "samples": int(self.samples_per_row[idx].sum()), "sequences": len(idx), "epoch": epoch,
-                   "seq_len": length, "data_s": round(data_s, 6), "step_s": round(step_s, 6)}
+                   "seq_len": max(lengths), "data_s": round(data_s, 6), "step_s": round(step_s, 6)}
             if not self.engine._step_applied:
                 rec["skipped"] = True
             if bad:

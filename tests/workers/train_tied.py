@@ -6,6 +6,7 @@ writes tied-rank{R}.json: {"stage", "tied": {"KEY.ATTR": {"ranks", "max_abs_diff
 the first replica's copy)}}, "deferred": the micro-batches whose
 weight gradients this rank deferred (models/wgrad.py)}. `--defer-more N`: every stage defers N more of its last
 micro-batches than train_ds.py would (so the first stage, which receives gradients, keeps received ones too).
+"forwards": [row length, the engine's dynamic_shape] of each forward pass this rank ran, in order.
 `--loss-chunk N`: the loss's chunk in logits (models.pipeline.LOSS_CHUNK_ELEMENTS), so that on the tests' small
 vocabularies the last stage's tied head runs chunk by chunk inside the loss; "head_chunks" counts those chunks."""
 
@@ -55,6 +56,17 @@ def main() -> None:
     trainer = Trainer(load_config(args.config, world_size=int(os.environ["WORLD_SIZE"])))
     try:
         trainer.setup()
+        engine, forwards = trainer.engine, []
+        from deepspeed.runtime.pipe import schedule
+
+        table = dict(engine._INSTRUCTION_MAP)
+        forward_pass = table[schedule.ForwardPass]
+
+        def recorded(engine_self, buffer_id):  # the rows this stage's forward pass got (loaded or received)
+            forwards.append([engine_self.pipe_buffers["inputs"][buffer_id][0].shape[1], engine_self.dynamic_shape])
+            forward_pass(engine_self, buffer_id)
+
+        engine._INSTRUCTION_MAP = {**table, schedule.ForwardPass: recorded}
         trainer.train()
         module = trainer.engine.module
         report = {}
@@ -70,7 +82,7 @@ def main() -> None:
                 report[f"{key}.{attr}"] = {"ranks": comm["ranks"], "max_abs_diff": (mine - first).abs().max().item(),
                                            "replica_max_abs_diff": (mine - on_replica_0).abs().max().item()}
         out = {"stage": trainer.engine.stage_id, "tied": report, "deferred": trainer.wgrad.flushed,
-               "head_chunks": sum(head_chunks)}
+               "head_chunks": sum(head_chunks), "forwards": forwards}
         Path(args.out_dir, f"tied-rank{trainer.rank}.json").write_text(json.dumps(out))
     finally:
         trainer.close()

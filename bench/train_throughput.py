@@ -5,8 +5,8 @@
 
 CPU mode. A Llama of hidden 256, 8 layers (8 heads, 4 KV heads), a tokenizer built locally; global batch 32
 (micro 4 x 8 accumulation); every multi-process variant on 2 CPU processes (1 thread each):
-  (a) the project: train_ds.py, 2 stages (auto balance), unpacked (with group_by_length on SFT data; the default
-      pad_to_multiple_of 64, and 8), and packed
+  (a) the project: train_ds.py, 2 stages (auto balance), unpacked (with group_by_length on SFT data; each
+      micro-batch padded to its longest row, rounded up to the default pad_to_multiple_of 64, and to 8), and packed
   (b) raw DeepSpeed PipelineModule over transformers' LlamaDecoderLayer, written here as a user would: HF's 4D
       mask and RoPE built in every layer, rows padded to max_seq_len
   (c) DeepSpeed ZeRO-3 data parallel over LlamaForCausalLM (2 ranks, micro-batches dealt in turn), rows padded per
@@ -21,6 +21,7 @@ Columns: real (non-padding) tokens/s of the measured steps; ratios to (b), (c), 
 a / (2 x d1), (a)'s real tokens/s per process relative to one transformers process on the same batches unpacked,
 and its share of the 1F1B ideal m / (m + p - 1) = 8/9 (not a bound: the project's kernels, head and deferred weight
 gradients differ from d1's, and packed rows meet d1 on unpacked ones, so values above the ideal can occur).
+"real / computed tokens": the share of the rows' tokens, pads included, that is not padding (from the batches).
 Compare figures of one run on an otherwise idle machine only. The variants of one kind of data run in turn, `--rounds` times over, each round
 starting one variant later (a slow minute of the machine then hits each variant alike); tokens/s are over every
 round, the data time is the highest of the rounds, and the per-round ratios of (a) to (b) and (c) show the spread.
@@ -93,9 +94,8 @@ def prepare(work: Path, sft_records: int) -> dict:
     return {"hf": work / "hf", "pp": work / "pp", "full": work / "full.jsonl", "sft": work / "sft.jsonl"}
 
 
-def global_batches(paths: dict, data: str, seq: int, steps: int, packing: bool, grouped: bool) -> list:
-    """The project's global batches for `steps` steps: lists of {"input_ids", "labels"} rows (packed rows keep
-    their "position_ids" / "segment_ids")."""
+def _plan(paths: dict, data: str, seq: int, packing: bool, grouped: bool) -> tuple:
+    """(data set, the project's BatchPlan) of a variant."""
     from transformers import AutoTokenizer
 
     from data.encode import load_dataset
@@ -107,8 +107,31 @@ def global_batches(paths: dict, data: str, seq: int, steps: int, packing: bool, 
     if data == "sft" and not packing:  # every record a sample: an epoch is `--steps` global batches (up to 18)
         assert len(ds) == ds.stats.records and ds.stats.dropped == 0, ds.stats
     ds = pack(ds, seq, SEED) if packing else ds
-    plan = BatchPlan(len(ds), MICRO, GAS, 1, SEED, ds.offsets[1:] - ds.offsets[:-1], grouped)
+    return ds, BatchPlan(len(ds), MICRO, GAS, 1, SEED, ds.offsets[1:] - ds.offsets[:-1], grouped)
+
+
+def global_batches(paths: dict, data: str, seq: int, steps: int, packing: bool, grouped: bool) -> list:
+    """The project's global batches for `steps` steps: lists of {"input_ids", "labels"} rows (packed rows keep
+    their "position_ids" / "segment_ids")."""
+    ds, plan = _plan(paths, data, seq, packing, grouped)
     return [[ds[int(i)] for i in plan.global_indices(*plan.position(s))] for s in range(steps)]
+
+
+def project_fill(paths: dict, data: str, seq: int, steps: range, packing: bool, grouped: bool, multiple: int) -> float:
+    """Real tokens / the tokens (a) computes, pads included, over `steps`: each micro-batch of a step's
+    length-sorted rows padded to its longest row, rounded up to `multiple` (training.batches)."""
+    ds, plan = _plan(paths, data, seq, packing, grouped)
+    lengths = ds.offsets[1:] - ds.offsets[:-1]
+    real = sum(int(lengths[plan.global_indices(*plan.position(s), real=True)].sum()) for s in steps)
+    return real / sum(MICRO * sum(plan.micro_lengths(*plan.position(s), 0, multiple, seq)) for s in steps)
+
+
+def baseline_fill(batches: list, seq: int | None) -> float:
+    """Real tokens / tokens computed of the baselines: micro-batches of MICRO rows in the batches' order, padded
+    to `seq` ((b)) or to their longest row (None: (c), (d), HF's collator)."""
+    n = [len(r["input_ids"]) for b in batches for r in b]
+    micro = [n[i:i + MICRO] for i in range(0, len(n), MICRO)]
+    return sum(n) / sum(len(m) * (seq or max(m)) for m in micro)
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -335,6 +358,7 @@ def cpu_bench(args: argparse.Namespace) -> None:
     pad_id = AutoTokenizer.from_pretrained(str(paths["hf"])).pad_token_id
     steps, warmup = args.steps + args.warmup, args.warmup
     results: dict[tuple[str, str], list[dict]] = {}
+    fills: dict[tuple[str, str], float] = {}  # real tokens / tokens computed, pads included, in the timed steps
     step_tokens: dict[str, list[int]] = {}  # the real tokens of each timed step of the batches every variant trains
     for data, seq in (("full", 128), ("sft", 512)):
         grouped = data == "sft"
@@ -342,6 +366,12 @@ def cpu_bench(args: argparse.Namespace) -> None:
         rows = global_batches(paths, data, seq, steps, False, grouped)
         batches.write_text(json.dumps(rows))
         step_tokens[data] = [sum(len(r["input_ids"]) for r in b) for b in rows[warmup:]]
+        timed_steps = range(warmup, steps)
+        fills.update({(data, "a"): project_fill(paths, data, seq, timed_steps, False, grouped, 64),
+                      (data, "a packed"): project_fill(paths, data, seq, timed_steps, True, False, 64),
+                      (data, "a pad8"): project_fill(paths, data, seq, timed_steps, False, grouped, 8),
+                      (data, "b"): baseline_fill(rows[warmup:], seq),
+                      **{(data, k): baseline_fill(rows[warmup:], None) for k in ("c", "d", "d1")}})
         timed = [len(r["input_ids"]) for b in rows[warmup:] for r in b]
         print(f"{data}: the timed steps' rows: {len(timed)}, {sum(timed) / len(timed):.1f} real tokens each on average "
               f"(max_seq_len {seq})", flush=True)
@@ -373,11 +403,12 @@ def cpu_bench(args: argparse.Namespace) -> None:
                 assert res["step_tokens"] == step_tokens[data], (data, key, res["step_tokens"], step_tokens[data])
     full512 = [len(r["input_ids"]) for b in global_batches(paths, "full", 512, steps, False, False)[warmup:] for r in b]
     print(f"full 512-token rows: {sum(full512) / len(full512):.1f} real tokens each on average", flush=True)
-    report(results)
+    report(results, fills)
 
 
-def report(results: dict) -> None:
-    """The table; `results[(data, variant)]` holds one measurement per round (the data time: the highest)."""
+def report(results: dict, fills: dict) -> None:
+    """The table; `results[(data, variant)]` holds one measurement per round (the data time: the highest);
+    `fills[(data, variant)]`: real tokens / tokens computed."""
     rate = {k: sum(r["tokens"] for r in v) / sum(r["seconds"] for r in v) for k, v in results.items()}
     ideal = GAS / (GAS + PROCS - 1)
     names = {"a": "(a) project, 2 stages", "a packed": "(a) project, packed", "a pad8": "(a) project, pad_to_multiple_of 8",
@@ -385,8 +416,8 @@ def report(results: dict) -> None:
              "c": "(c) DeepSpeed ZeRO-3", "d": "(d) one process, 2 threads", "d1": "(d1) one process, 1 thread"}
     print()
     print(f"| data | variant | real tokens/s | vs (b) | vs (c) | vs (d) | pipeline eff. (of 1F1B ideal {ideal:.3f}) "
-          "| data time / step |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "| real / computed tokens | data time / step |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for data, label in (("full", "full rows, 128"), ("sft", "SFT records, max 512")):
         for key in ("a", "a packed", "a pad8", "b", "c", "d", "d1"):
             if (data, key) not in rate:
@@ -399,7 +430,8 @@ def report(results: dict) -> None:
             shares = [r["data_share"] for r in results[(data, key)] if "data_share" in r]
             share = max(shares) if shares else None
             print(f"| {label} | {names[key]} | {r:,.0f} | {r / rate[(data, 'b')]:.2f}x | {r / rate[(data, 'c')]:.2f}x | "
-                  f"{r / rate[(data, 'd')]:.2f}x | {eff} | {'' if share is None else f'{share:.2%}'} |")
+                  f"{r / rate[(data, 'd')]:.2f}x | {eff} | {fills[(data, key)]:.3f} | "
+                  f"{'' if share is None else f'{share:.2%}'} |")
     full512 = rate[("full512", "a")]
     print(f"\nSFT unpacked vs full 512-token rows, the project at the same max_seq_len: "
           f"{rate[('sft', 'a')]:,.0f} / {full512:,.0f} = {rate[('sft', 'a')] / full512:.2f}x (packed: "

@@ -188,11 +188,11 @@ def show_stats(st: dict) -> str:
            "training rows below"] if st.get("held_out") else []),
         (f"packing efficiency (trained / total tokens): {st['packing_efficiency']:.1%} ({st['samples'] - st.get('held_out', 0)} samples in "
          f"{st['sequences']} sequences, {st['packed_fill']:.1%} not padding; unpacked with rows padded to max_seq_len "
-         f"{st['unpacked_efficiency']:.1%}, more in training, which pads a step to its longest row)"
+         f"{st['unpacked_efficiency']:.1%}, more in training, which pads each micro-batch to its longest row)"
          if st["packing_efficiency"] is not None else
          f"packing efficiency (trained / total tokens): n/a (packing off; unpacked with rows padded to max_seq_len "
-         f"{st['unpacked_efficiency']:.1%}, {st['unpacked_fill']:.1%} not padding; more in training, which pads a step "
-         "to its longest row)"),
+         f"{st['unpacked_efficiency']:.1%}, {st['unpacked_fill']:.1%} not padding; more in training, which pads each "
+         "micro-batch to its longest row)"),
     ])
 
 

@@ -50,9 +50,8 @@ def test_eval_calls_cover_every_sample_once(n, micro, num_micro, dp):
     for call in range(plan.calls):
         for rank in range(dp):
             lengths = plan.micro_lengths(call, rank, 3, 8)  # each micro-batch's longest row: a multiple of 3, at most 8
-            rows = plan.rows(call, rank)
-            assert lengths == [min(8, -(-max([len(ds[int(i)]["input_ids"]) for i in rows[k:k + micro] if i >= 0] or [1])
-                                          // 3) * 3) for k in range(0, len(rows), micro)]
+            assert lengths == [min(8, -(-max([len(ds[int(i)]["input_ids"]) for i in rows if i >= 0] or [1]) // 3) * 3)
+                               for rows in plan.micro_rows(call, rank)]
             widths.update(lengths)
             batches = plan.micro_batches(call, rank, lengths, pad)
             assert len(batches) == num_micro
@@ -65,7 +64,10 @@ def test_eval_calls_cover_every_sample_once(n, micro, num_micro, dp):
                         empty += 1
     assert sorted(seen) == sorted(ds[i]["input_ids"] for i in range(n))
     assert empty == plan.calls * plan.per_call - n
-    assert [len(r) for r in seen] == sorted(map(len, seen), reverse=True)  # longest first: rows of like length together
+    # longest first, micro-batches dealt to the ranks in turn: rows of like length together, like work on each rank
+    dealt = [r for call in range(plan.calls) for mbs in zip(*(plan.micro_rows(call, k) for k in range(dp)), strict=True)
+             for mb in mbs for r in mb.tolist() if r >= 0]
+    assert [len(ds[r]["input_ids"]) for r in dealt] == sorted(map(len, seen), reverse=True)
     assert len(widths) > 1
 
 

@@ -71,7 +71,8 @@ def training_and_eval_rows(ds: EncodedDataset, eval_set: EncodedDataset | None, 
 class EvalPlan:
     """How the eval set is cut into eval_batch calls and micro-batches: its rows longest first (the eval loss is a
     token mean over the whole set, so the order changes only the order of float sums), so that rows of like length
-    share a micro-batch and little is padding."""
+    share a micro-batch and little is padding; a call's micro-batches are dealt to the data-parallel ranks in turn,
+    as training's are (training.batches), so the ranks get like work."""
 
     def __init__(self, ds: EncodedDataset, micro_batch: int, num_micro: int, dp_size: int):
         self.ds, self.micro_batch, self.num_micro, self.dp_size = ds, micro_batch, num_micro, dp_size
@@ -81,24 +82,21 @@ class EvalPlan:
         self.lengths = ds.offsets[1:] - ds.offsets[:-1]
         self.order = np.argsort(-self.lengths, kind="stable")
 
-    def rows(self, call: int, dp_rank: int) -> np.ndarray:
-        """The sample indices of one call for one data-parallel rank; -1 fills the last call (an empty row)."""
-        per_rank = self.micro_batch * self.num_micro
-        idx = np.arange(call * self.per_call + dp_rank * per_rank, call * self.per_call + (dp_rank + 1) * per_rank)
-        return np.where(idx < len(self.ds), self.order[np.minimum(idx, len(self.ds) - 1)], -1)
-
-    def _micro(self, call: int, dp_rank: int) -> list[np.ndarray]:
-        rows = self.rows(call, dp_rank)
-        return [rows[i:i + self.micro_batch] for i in range(0, len(rows), self.micro_batch)]
+    def micro_rows(self, call: int, dp_rank: int) -> list[np.ndarray]:
+        """The sample indices of each micro-batch of one call for one data-parallel rank (every dp_size-th of the
+        call's); -1 fills the last call (an empty row)."""
+        idx = np.arange(call * self.per_call, (call + 1) * self.per_call)
+        rows = np.where(idx < len(self.ds), self.order[np.minimum(idx, len(self.ds) - 1)], -1)
+        return list(rows.reshape(-1, self.micro_batch)[dp_rank::self.dp_size])
 
     def micro_lengths(self, call: int, dp_rank: int, multiple: int, max_seq_len: int) -> list[int]:
         """The padded row length of each micro-batch of the call on this rank: its longest row, rounded up
         (data.collate.padded_length)."""
-        return [padded_length(self.lengths[idx[idx >= 0]], multiple, max_seq_len) for idx in self._micro(call, dp_rank)]
+        return [padded_length(self.lengths[idx[idx >= 0]], multiple, max_seq_len) for idx in self.micro_rows(call, dp_rank)]
 
     def micro_batches(self, call: int, dp_rank: int, lengths: list[int], pad_id: int) -> list:
         """[((input_ids, position_ids, segment_ids), (labels, counts))] of one call for one data-parallel rank,
         each micro-batch padded to its length in `lengths` (micro_lengths)."""
         counts = torch.tensor([max(self.tokens, 1), self.num_micro * self.dp_size], dtype=torch.int64)
         return [(inputs, (labels, counts)) for inputs, labels in
-                (collate_rows(self.ds, idx, n, pad_id) for idx, n in zip(self._micro(call, dp_rank), lengths, strict=True))]
+                (collate_rows(self.ds, idx, n, pad_id) for idx, n in zip(self.micro_rows(call, dp_rank), lengths, strict=True))]

@@ -6,7 +6,9 @@
 CPU mode. A Llama of hidden 256, 8 layers (8 heads, 4 KV heads), a tokenizer built locally; global batch 32
 (micro 4 x 8 accumulation); every multi-process variant on 2 CPU processes (1 thread each):
   (a) the project: train_ds.py, 2 stages (auto balance), unpacked (with group_by_length on SFT data; each
-      micro-batch padded to its longest row, rounded up to the default pad_to_multiple_of 64, and to 8), and packed
+      micro-batch padded to its longest row, rounded up to the default pad_to_multiple_of 64, and to 8), and packed;
+      on SFT data also with its defaults (no group_by_length: other global batches of the same records, in a
+      seeded random order; its ratios to the baselines compare those batches with the grouped ones)
   (b) raw DeepSpeed PipelineModule over transformers' LlamaDecoderLayer, written here as a user would: HF's 4D
       mask and RoPE built in every layer, rows padded to max_seq_len
   (c) DeepSpeed ZeRO-3 data parallel over LlamaForCausalLM (2 ranks, micro-batches dealt in turn), rows padded per
@@ -370,6 +372,7 @@ def cpu_bench(args: argparse.Namespace) -> None:
         fills.update({(data, "a"): project_fill(paths, data, seq, timed_steps, False, grouped, 64),
                       (data, "a packed"): project_fill(paths, data, seq, timed_steps, True, False, 64),
                       (data, "a pad8"): project_fill(paths, data, seq, timed_steps, False, grouped, 8),
+                      (data, "a ungrouped"): project_fill(paths, data, seq, timed_steps, False, False, 64),
                       (data, "b"): baseline_fill(rows[warmup:], seq),
                       **{(data, k): baseline_fill(rows[warmup:], None) for k in ("c", "d", "d1")}})
         timed = [len(r["input_ids"]) for b in rows[warmup:] for r in b]
@@ -383,12 +386,14 @@ def cpu_bench(args: argparse.Namespace) -> None:
                                                               True, False),
                 "a pad8": lambda d=data, s=seq, g=grouped: run_project(paths, work, f"project-{d}-pad8", d, s, steps,
                                                                        warmup, False, g, pad_to_multiple_of=8),
+                "a ungrouped": lambda d=data, s=seq: run_project(paths, work, f"project-{d}-ungrouped", d, s, steps,
+                                                                 warmup, False, False),
                 "b": lambda s=spec, d=data: run_worker("raw_pipe", s, work, f"raw-{d}"),
                 "c": lambda s=spec, d=data: run_worker("zero3", s, work, f"zero3-{d}"),
                 "d": lambda s=spec, d=data: run_worker("single", {**s, "threads": 2}, work, f"single-{d}", 0, 2),
                 "d1": lambda s=spec, d=data: run_worker("single", {**s, "threads": 1}, work, f"single1-{d}", 0, 1)}
-        if data == "full":  # every row is max_seq_len long: the padding multiple changes nothing
-            del runs["a pad8"]
+        if data == "full":  # every row is max_seq_len long: the padding multiple and grouping change nothing
+            del runs["a pad8"], runs["a ungrouped"]
         if data == "sft":
             runs["full512"] = lambda: run_project(paths, work, "project-full512", "full", 512, steps, warmup, False,
                                                   False)
@@ -412,6 +417,7 @@ def report(results: dict, fills: dict) -> None:
     rate = {k: sum(r["tokens"] for r in v) / sum(r["seconds"] for r in v) for k, v in results.items()}
     ideal = GAS / (GAS + PROCS - 1)
     names = {"a": "(a) project, 2 stages", "a packed": "(a) project, packed", "a pad8": "(a) project, pad_to_multiple_of 8",
+             "a ungrouped": "(a) project, defaults (no group_by_length: other batches of the same records)",
              "b": "(b) raw DeepSpeed pipeline",
              "c": "(c) DeepSpeed ZeRO-3", "d": "(d) one process, 2 threads", "d1": "(d1) one process, 1 thread"}
     print()
@@ -419,7 +425,7 @@ def report(results: dict, fills: dict) -> None:
           "| real / computed tokens | data time / step |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for data, label in (("full", "full rows, 128"), ("sft", "SFT records, max 512")):
-        for key in ("a", "a packed", "a pad8", "b", "c", "d", "d1"):
+        for key in ("a", "a packed", "a pad8", "a ungrouped", "b", "c", "d", "d1"):
             if (data, key) not in rate:
                 continue
             r = rate[(data, key)]
@@ -435,7 +441,8 @@ def report(results: dict, fills: dict) -> None:
     full512 = rate[("full512", "a")]
     print(f"\nSFT unpacked vs full 512-token rows, the project at the same max_seq_len: "
           f"{rate[('sft', 'a')]:,.0f} / {full512:,.0f} = {rate[('sft', 'a')] / full512:.2f}x (packed: "
-          f"{rate[('sft', 'a packed')] / full512:.2f}x, pad_to_multiple_of 8: {rate[('sft', 'a pad8')] / full512:.2f}x); "
+          f"{rate[('sft', 'a packed')] / full512:.2f}x, pad_to_multiple_of 8: {rate[('sft', 'a pad8')] / full512:.2f}x, "
+          f"no group_by_length: {rate[('sft', 'a ungrouped')] / full512:.2f}x); "
           f"step lengths of the SFT runs: {results[('sft', 'a')][0]['seq_lens']}, "
           f"{results[('sft', 'a pad8')][0]['seq_lens']}")
     per_round = {k: [r["tokens"] / r["seconds"] for r in v] for k, v in results.items()}

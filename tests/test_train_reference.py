@@ -21,6 +21,7 @@ import math
 import random
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ from models.convert import hg_to_pp, pp_to_hg
 from models.hf_io import TOKENIZER_FILES
 from models.wgrad import deferred_micro_batches
 from tests.helpers import run_deepspeed, segments_of, tiny_config
-from training.batches import BatchPlan
+from training.batches import BatchPlan, step_micro_batches
 from training.optim import lion_reference_update, param_groups
 
 pytestmark = pytest.mark.distributed
@@ -231,6 +232,13 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     assert packing or len(set(lengths)) > 1, lengths
     micro_lengths = [plan.micro_lengths(*plan.position(s), 0, 16, SEQ) for s in range(steps)]
     assert lengths == [max(n) for n in micro_lengths]
+    # rows x padded length of every micro-batch of every replica, from the batches themselves
+    computed = [sum(int(ids.numel()) for r in range(dims[1]) for (ids, _, _), _ in
+                    step_micro_batches(dataset, plan, np.ones(len(dataset), np.int64), *plan.position(s), r,
+                                       plan.micro_lengths(*plan.position(s), r, 16, SEQ), 0)) for s in range(steps)]
+    assert [m["computed_tokens"] for m in metrics] == computed
+    assert all(m["tokens"] <= m["computed_tokens"] for m in metrics) and (packing or any(
+        m["tokens"] < m["computed_tokens"] for m in metrics))
     assert packing or any(len(set(n)) > 1 for n in micro_lengths), micro_lengths  # shapes differ within a step
     if tied_stages:  # each stage's forward passes got its replica's micro-batches, each padded to its own longest
         # row: of several lengths in a step with the engine's dynamic_shape, else with static shapes

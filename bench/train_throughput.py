@@ -125,7 +125,7 @@ def project_fill(paths: dict, data: str, seq: int, steps: range, packing: bool, 
     ds, plan = _plan(paths, data, seq, packing, grouped)
     lengths = ds.offsets[1:] - ds.offsets[:-1]
     real = sum(int(lengths[plan.global_indices(*plan.position(s), real=True)].sum()) for s in steps)
-    return real / sum(MICRO * sum(plan.micro_lengths(*plan.position(s), 0, multiple, seq)) for s in steps)
+    return real / sum(plan.computed_tokens(*plan.position(s), multiple, seq) for s in steps)
 
 
 def baseline_fill(batches: list, seq: int | None) -> float:

@@ -125,16 +125,28 @@ class BatchPlan:
         float sums (except for rope scaling that follows a batch's longest position, `dynamic` / `longrope`, past
         its switch length: as in transformers, a row is then encoded by its micro-batch's longest row); rows of like
         length share a micro-batch (little padding), and the ranks get like work."""
+        return list(self._step_micro(epoch, step_in_epoch)[dp_rank::self.dp_size])
+
+    def _step_micro(self, epoch: int, step_in_epoch: int) -> np.ndarray:
+        """[micro-batches of every rank, micro_batch]: the step's rows, longest first, cut into micro-batches."""
         idx = self.global_indices(epoch, step_in_epoch)
         if self.lengths is not None:
             idx = idx[np.argsort(-np.where(idx >= 0, self.lengths[idx], -1), kind="stable")]
-        return list(idx.reshape(-1, self.micro_batch)[dp_rank::self.dp_size])
+        return idx.reshape(-1, self.micro_batch)
+
+    def _padded(self, rows: np.ndarray, multiple: int, max_seq_len: int) -> int:
+        return padded_length(self.lengths[rows[rows >= 0]], multiple, max_seq_len)
 
     def micro_lengths(self, epoch: int, step_in_epoch: int, dp_rank: int, multiple: int,
                       max_seq_len: int) -> list[int]:
         """The padded row length of each of this rank's micro-batches of the step: its longest row, rounded up."""
-        return [padded_length(self.lengths[idx[idx >= 0]], multiple, max_seq_len)
-                for idx in self.micro_indices(epoch, step_in_epoch, dp_rank)]
+        return [self._padded(idx, multiple, max_seq_len) for idx in self.micro_indices(epoch, step_in_epoch, dp_rank)]
+
+    def computed_tokens(self, epoch: int, step_in_epoch: int, multiple: int, max_seq_len: int) -> int:
+        """The tokens the step computes on every data-parallel rank, pads included: each micro-batch's rows x its
+        padded length (micro_lengths)."""
+        return self.micro_batch * sum(self._padded(idx, multiple, max_seq_len)
+                                      for idx in self._step_micro(epoch, step_in_epoch))
 
 
 def step_micro_batches(ds: EncodedDataset | PackedDataset, plan: BatchPlan, tokens: np.ndarray, epoch: int,

@@ -306,12 +306,6 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         return lengths, step_micro_batches(self.dataset, self.plan, self.tokens, epoch, in_epoch, self.dp_rank,
                                            lengths, self.pad_id)
 
-    def computed_tokens(self, epoch: int, in_epoch: int) -> int:
-        """The tokens a step computes on every replica, pads included: each micro-batch's rows x its padded length."""
-        cfg = self.cfg
-        return cfg.micro_batch * sum(sum(self.plan.micro_lengths(epoch, in_epoch, r, cfg.pad_to_multiple_of,
-                                                                  cfg.max_seq_len)) for r in range(self.dp_size))
-
     def _use_lengths(self, lengths: list[int]) -> None:
         """Tell the pipeline engine the row lengths of the next micro-batches. Of one length, they run with static
         shapes (sent down the pipeline once; the engine's cached shapes are reset when the length changes); of
@@ -405,8 +399,8 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             st.bad_steps = st.bad_steps + 1 if bad else 0
             skipped += not applied
             rec = {"step": st.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                   "tokens": int(self.lengths[idx].sum()), "computed_tokens": self.computed_tokens(epoch, in_epoch),
-                   "trained_tokens": int(self.tokens[idx].sum()),
+                   "tokens": int(self.lengths[idx].sum()), "trained_tokens": int(self.tokens[idx].sum()),
+                   "computed_tokens": self.plan.computed_tokens(epoch, in_epoch, cfg.pad_to_multiple_of, cfg.max_seq_len),
                    "samples": int(self.samples_per_row[idx].sum()), "sequences": len(idx), "epoch": epoch,
                    "seq_len": max(lengths), "data_s": round(data_s, 6), "step_s": round(step_s, 6)}
             if not self.engine._step_applied:

@@ -96,7 +96,7 @@ def prepare(work: Path, sft_records: int) -> dict:
     return {"hf": work / "hf", "pp": work / "pp", "full": work / "full.jsonl", "sft": work / "sft.jsonl"}
 
 
-def _plan(paths: dict, data: str, seq: int, packing: bool, grouped: bool) -> tuple:
+def _plan(paths: dict, data: str, seq: int, packing: bool, grouped: bool, multiple: int = 64) -> tuple:
     """(data set, the project's BatchPlan) of a variant."""
     from transformers import AutoTokenizer
 
@@ -109,7 +109,8 @@ def _plan(paths: dict, data: str, seq: int, packing: bool, grouped: bool) -> tup
     if data == "sft" and not packing:  # every record a sample: an epoch is `--steps` global batches (up to 18)
         assert len(ds) == ds.stats.records and ds.stats.dropped == 0, ds.stats
     ds = pack(ds, seq, SEED) if packing else ds
-    return ds, BatchPlan(len(ds), MICRO, GAS, 1, SEED, ds.offsets[1:] - ds.offsets[:-1], grouped)
+    return ds, BatchPlan(len(ds), MICRO, GAS, 1, SEED, ds.offsets[1:] - ds.offsets[:-1], grouped,
+                         pad_multiple=multiple, max_seq_len=seq)
 
 
 def global_batches(paths: dict, data: str, seq: int, steps: int, packing: bool, grouped: bool) -> list:
@@ -120,12 +121,12 @@ def global_batches(paths: dict, data: str, seq: int, steps: int, packing: bool, 
 
 
 def project_fill(paths: dict, data: str, seq: int, steps: range, packing: bool, grouped: bool, multiple: int) -> float:
-    """Real tokens / the tokens (a) computes, pads included, over `steps`: each micro-batch of a step's
-    length-sorted rows padded to its longest row, rounded up to `multiple` (training.batches)."""
-    ds, plan = _plan(paths, data, seq, packing, grouped)
+    """Real tokens / the tokens (a) computes, pads included, over `steps`: each micro-batch (a run of a step's
+    length-sorted rows) padded to its longest row, rounded up to `multiple` (training.batches)."""
+    ds, plan = _plan(paths, data, seq, packing, grouped, multiple)
     lengths = ds.offsets[1:] - ds.offsets[:-1]
     real = sum(int(lengths[plan.global_indices(*plan.position(s), real=True)].sum()) for s in steps)
-    return real / sum(plan.computed_tokens(*plan.position(s), multiple, seq) for s in steps)
+    return real / sum(plan.computed_tokens(*plan.position(s)) for s in steps)
 
 
 def baseline_fill(batches: list, seq: int | None) -> float:

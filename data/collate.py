@@ -2,7 +2,7 @@
 
 Training: `collate_rows` builds a micro-batch straight from a data set's flat arrays (numpy, no per-token
 Python), right-padded to `padded_length`: the micro-batch's longest row rounded up to `pad_to_multiple_of`,
-never beyond max_seq_len (training.batches: a step's micro-batches may differ in length).
+never beyond max_seq_len (training.batches: a step's micro-batches may differ in rows and length).
 `collate` / `collate_left` pad sample dicts (tests, generation). Padding is segment 0 (attended by nothing)
 with position id 0. A packed sequence (data/packing.py) has its own position ids (restarting at 0 per
 segment) and segment ids 1, 2, ...; otherwise a row is one segment: id 1, position ids 0.. from its first
@@ -60,10 +60,15 @@ def collate_left(samples: Sequence[Mapping[str, Sequence[int]]], max_seq_len: in
     return _pad(samples, max_seq_len, pad_id, left=True)
 
 
-def padded_length(lengths: np.ndarray, multiple: int, max_seq_len: int) -> int:
-    """The longest of `lengths` rounded up to `multiple`, at most max_seq_len."""
-    longest = int(lengths.max()) if len(lengths) else 1
-    return min(max_seq_len, -(-longest // multiple) * multiple)
+def padded_lengths(lengths: np.ndarray, multiple: int, max_seq_len: int | None) -> np.ndarray:
+    """Each of `lengths` rounded up to `multiple`, at most max_seq_len (None: no cap)."""
+    padded = -(-np.asarray(lengths) // multiple) * multiple
+    return padded if max_seq_len is None else np.minimum(padded, max_seq_len)
+
+
+def padded_length(lengths: np.ndarray, multiple: int, max_seq_len: int | None) -> int:
+    """The longest of `lengths` (none: 1) rounded up to `multiple`, at most max_seq_len: a micro-batch's length."""
+    return int(padded_lengths(np.asarray(lengths).max(initial=1), multiple, max_seq_len))
 
 
 def collate_rows(ds: EncodedDataset | PackedDataset, rows: Sequence[int], length: int, pad_id: int) -> Batch:

@@ -3,7 +3,9 @@ collate, length-grouped orders (HF's megabatches), and the epoch order computed 
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import random
 
 import numpy as np
@@ -54,30 +56,85 @@ def test_collate_rows_equals_collate_of_the_samples(datasets, kind):
 def test_each_micro_batch_is_padded_to_its_own_longest_row(datasets):
     ds = datasets[0]
     lengths = np.diff(ds.offsets)
-    plan = BatchPlan(len(ds), 2, 3, 2, 7, lengths)
+    plan = BatchPlan(len(ds), 2, 3, 2, 7, lengths, pad_multiple=8, max_seq_len=64)
     tokens = np.ones(len(ds), np.int64)
     within_a_step = False
     for step in range(plan.steps_per_epoch):
         for rank in range(2):
-            ns = plan.micro_lengths(0, step, rank, 8, 64)
+            shapes = plan.micro_shapes(0, step, rank)
             micro = plan.micro_indices(0, step, rank)
-            assert ns == [min(64, -(-int(lengths[rows].max()) // 8) * 8) for rows in micro]
-            batches = step_micro_batches(ds, plan, tokens, 0, step, rank, ns, 3)
-            assert [b[0][0].shape for b in batches] == [(2, n) for n in ns]
-            within_a_step |= len(set(ns)) > 1
+            assert shapes == [(len(rows), min(64, -(-int(lengths[rows].max()) // 8) * 8)) for rows in micro]
+            batches = step_micro_batches(ds, plan, tokens, 0, step, rank, shapes, 3)
+            assert [b[0][0].shape for b in batches] == shapes
+            within_a_step |= len(set(shapes)) > 1
     assert within_a_step
 
 
+def _cut_sizes(plan, step):
+    return [math.prod(plan.micro_shapes(0, step, r)[k]) for r in range(plan.dp_size) for k in range(plan.grad_accum)]
+
+
+def _fewest_largest(pads: list[int], count: int, cap: int) -> int:
+    """Brute force: the smallest largest micro-batch (rows x padded length) of any cut of the length-sorted
+    rows into `count` runs of at most `cap` tokens."""
+    n, best = len(pads), None
+    for cuts in itertools.combinations(range(1, n), count - 1):
+        bounds = [0, *cuts, n]
+        size = max((b - a) * pads[a] for a, b in itertools.pairwise(bounds))
+        best = size if size <= cap and (best is None or size < best) else best
+    return best
+
+
 @pytest.mark.parametrize("grouped", [False, True])
-def test_a_steps_rows_are_sorted_into_micro_batches_dealt_to_the_ranks_in_turn(grouped):
-    lengths = np.random.default_rng(1).integers(1, 300, size=100)
-    plan = BatchPlan(100, 3, 4, 2, 5, lengths, grouped, drop_last=False)  # global batch 24, the last with 4 samples
-    for step in range(plan.steps_per_epoch):
+def test_a_steps_rows_are_cut_into_runs_of_like_size_dealt_to_the_ranks_in_turn(grouped):
+    """The step's rows sorted longest first and cut into runs, one micro-batch each, the largest as small as any
+    cut allows within the tokens of micro_batch rows of the longest (shorter rows: more of them); dealt to the
+    ranks in turn, largest first; each rank runs its smallest first and its second smallest last."""
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 300, size=100)
+    plan = BatchPlan(100, 3, 4, 2, 5, lengths, grouped, drop_last=False, pad_multiple=16, max_seq_len=256)
+    pads = np.minimum(-(-lengths // 16) * 16, 256)
+    smaller = 0
+    for step in range(plan.steps_per_epoch):  # global batch 24, the last with 4 samples
+        real = plan.global_indices(0, step, real=True)
         micro = [plan.micro_indices(0, step, rank) for rank in range(2)]
-        assert [len(m) for m in micro] == [4, 4] and all(len(mb) == 3 for m in micro for mb in m)
-        rows = np.concatenate([mb for pair in zip(*micro, strict=True) for mb in pair])  # rank 0's 1st, rank 1's 1st, ...
-        assert sorted(rows.tolist()) == sorted(plan.global_indices(0, step).tolist())
-        assert (np.diff(np.where(rows >= 0, lengths[rows], -1)) <= 0).all()  # longest first, empty rows last
+        assert [len(m) for m in micro] == [4, 4]
+        runs = sorted((mb for m in micro for mb in m), key=lambda mb: (-lengths[mb[0]], -lengths[mb[-1]]))
+        rows = np.concatenate(runs)
+        if len(real) < 8:  # fewer samples than micro-batches: one each, the rest an empty row
+            assert sorted(rows.tolist()) == sorted([*real.tolist(), *[-1] * (8 - len(real))])
+            assert all(len(mb) == 1 for mb in runs)
+            continue
+        assert sorted(rows.tolist()) == sorted(real.tolist())  # every sample once, no empty row
+        assert (np.diff(lengths[rows]) <= 0).all()  # runs of the longest-first order
+        sizes = [len(mb) * pads[mb].max() for m in micro for mb in m]
+        assert sizes == _cut_sizes(plan, step)
+        order = np.sort(pads[real])[::-1].tolist()
+        equal = [3 * max(order[i:i + 3]) for i in range(0, 24, 3)]  # micro_batch rows each
+        assert max(sizes) == _fewest_largest(order, 8, 3 * order[0]) <= max(equal)
+        smaller += max(sizes) < max(equal)
+        dealt = sorted(sizes, reverse=True)  # dealt in turn, largest first
+        for rank in range(2):
+            mine = sorted(dealt[rank::2], reverse=True)
+            assert [len(mb) * pads[mb].max() for mb in micro[rank]] == [mine[-1], *mine[:-2], mine[-2]]
+    assert smaller  # some step's largest micro-batch is smaller than micro_batch rows of the longest
+
+
+def test_micro_batches_never_hold_more_tokens_than_micro_batch_rows_of_the_longest():
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        micro, accum, dp = (int(x) for x in rng.integers(1, 5, size=3))
+        n = int(rng.integers(1, micro * accum * dp + 1))
+        lengths = rng.integers(1, int(rng.choice([8, 64, 600])), size=n)
+        multiple, seq = int(rng.choice([1, 8, 64])), int(rng.choice([64, 512]))
+        plan = BatchPlan(n, micro, accum, dp, trial, np.minimum(lengths, seq), drop_last=False, pad_multiple=multiple,
+                         max_seq_len=seq)
+        cap = micro * padded_length(np.minimum(lengths, seq), multiple, seq)
+        micro_batches = [mb for r in range(dp) for mb in plan.micro_indices(0, 0, r)]
+        assert len(micro_batches) == accum * dp and all(len(mb) for mb in micro_batches)
+        assert sorted(np.concatenate(micro_batches).tolist()) == sorted(
+            [*range(n), *[-1] * max(0, accum * dp - n)]), (trial, micro_batches)
+        assert max(_cut_sizes(plan, 0)) <= cap and sum(_cut_sizes(plan, 0)) == plan.computed_tokens(0, 0)
 
 
 def test_group_by_length_sorts_megabatches_and_puts_the_longest_first():

@@ -41,33 +41,35 @@ def test_split_holds_out_a_seeded_disjoint_share():
         split_eval(toy(2), 0.9, seed=0)
 
 
-@pytest.mark.parametrize("n, micro, num_micro, dp", [(10, 2, 2, 1), (7, 1, 3, 2), (4, 4, 2, 2)])
+@pytest.mark.parametrize("n, micro, num_micro, dp", [(10, 2, 2, 1), (7, 1, 3, 2), (4, 4, 2, 2), (30, 3, 2, 2)])
 def test_eval_calls_cover_every_sample_once(n, micro, num_micro, dp):
     ds, pad = toy(n), 0
-    plan = EvalPlan(ds, micro, num_micro, dp)
+    plan = EvalPlan(ds, micro, num_micro, dp, 3, 8)  # each micro-batch's longest row: a multiple of 3, at most 8
     assert plan.tokens == int(trained_tokens(ds).sum())
-    seen, empty, widths = [], 0, set()
+    seen, empty, widths, runs = [], 0, set(), []
     for call in range(plan.calls):
         for rank in range(dp):
-            lengths = plan.micro_lengths(call, rank, 3, 8)  # each micro-batch's longest row: a multiple of 3, at most 8
-            assert lengths == [min(8, -(-max([len(ds[int(i)]["input_ids"]) for i in rows if i >= 0] or [1]) // 3) * 3)
-                               for rows in plan.micro_rows(call, rank)]
-            widths.update(lengths)
-            batches = plan.micro_batches(call, rank, lengths, pad)
+            shapes = plan.micro_shapes(call, rank)
+            rows = plan.micro_rows(call, rank)
+            assert shapes == [(len(r), min(8, -(-max([len(ds[int(i)]["input_ids"]) for i in r if i >= 0] or [1]) // 3) * 3))
+                              for r in rows]
+            widths.update(n for _, n in shapes)
+            runs += [r for r in rows if r[0] >= 0]
+            batches = plan.micro_batches(call, rank, shapes, pad)
             assert len(batches) == num_micro
-            for ((ids, _, seg), (labels, counts)), width in zip(batches, lengths, strict=True):
-                assert ids.shape == (micro, width) and counts.tolist() == [plan.tokens, num_micro * dp]
-                for row in range(micro):
+            for ((ids, _, seg), (labels, counts)), shape in zip(batches, shapes, strict=True):
+                assert ids.shape == shape and counts.tolist() == [plan.tokens, num_micro * dp]
+                for row in range(shape[0]):
                     if (labels[row] != IGNORE_INDEX).any():
                         seen.append(ids[row][seg[row] > 0].tolist())
                     else:
                         empty += 1
     assert sorted(seen) == sorted(ds[i]["input_ids"] for i in range(n))
-    assert empty == plan.calls * plan.per_call - n
-    # longest first, micro-batches dealt to the ranks in turn: rows of like length together, like work on each rank
-    dealt = [r for call in range(plan.calls) for mbs in zip(*(plan.micro_rows(call, k) for k in range(dp)), strict=True)
-             for mb in mbs for r in mb.tolist() if r >= 0]
-    assert [len(ds[r]["input_ids"]) for r in dealt] == sorted(map(len, seen), reverse=True)
+    # rows of like length share a micro-batch (training's cut, training.batches): runs of the longest-first order
+    runs.sort(key=lambda r: (-len(ds[int(r[0])]["input_ids"]), -len(ds[int(r[-1])]["input_ids"])))
+    assert [len(ds[int(r)]["input_ids"]) for run in runs for r in run] == sorted(map(len, seen), reverse=True)
+    assert empty == sum(max(0, num_micro * dp - len(plan.order[c * plan.per_call:(c + 1) * plan.per_call]))
+                        for c in range(plan.calls))
     assert len(widths) > 1
 
 

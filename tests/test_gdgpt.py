@@ -264,10 +264,11 @@ def test_drop_last_false_trains_the_last_partial_batch(tokenizer, tmp_path):
     tokens = (ds.labels != IGNORE_INDEX).astype(np.int64)  # any per-row count works for the divisor check
     per_row = np.add.reduceat(tokens, ds.offsets[:-1])
     for rank in (0, 1):
-        batches = step_micro_batches(ds, plan, per_row, 0, 2, rank, plan.micro_lengths(0, 2, rank, 8, 512), 3)
+        batches = step_micro_batches(ds, plan, per_row, 0, 2, rank, plan.micro_shapes(0, 2, rank), 3)
         assert all(int(counts[0]) == per_row[plan.global_indices(0, 2, real=True)].sum() for _, (_, counts) in batches)
-        # the step's rows sorted (the empty ones last), dealt in turn: each rank has a sample, then an empty row
-        assert [bool((labels == IGNORE_INDEX).all()) for _, (labels, _) in batches] == [False, True]
+        # a sample per micro-batch and an empty row in the rest, dealt in turn: each rank has a sample and an empty
+        # row (which runs first: a rank's smallest micro-batch does)
+        assert [bool((labels == IGNORE_INDEX).all()) for _, (labels, _) in batches] == [True, False]
 
 
 def test_conver_has_api_renders_with_gdgpts_semantics(tokenizer):

@@ -221,9 +221,9 @@ def test_eval_rows_are_packed_and_split_as_the_training_rows(tmp_path, tokenizer
     assert max(len(ev[i]["input_ids"]) for i in range(len(ev))) > 2 * L
 
     def evaluated_tokens(rows) -> int:
-        plan, n = EvalPlan(rows, 2, 1, 1), 0
+        plan, n = EvalPlan(rows, 2, 1, 1, 8, L), 0
         for call in range(plan.calls):
-            batches = plan.micro_batches(call, 0, plan.micro_lengths(call, 0, 8, L), 0)
+            batches = plan.micro_batches(call, 0, plan.micro_shapes(call, 0), 0)
             assert all(labels.shape[1] <= L for _, (labels, _) in batches)
             n += sum(int((labels != IGNORE_INDEX).sum()) for _, (labels, _) in batches)
         assert n == plan.tokens > 0

@@ -167,7 +167,8 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     hf.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
     hg_to_pp(tmp_path / "hf", tmp_path / "pp")
-    write_records(tmp_path / "train.jsonl", 300 if packing else 100 if drop_last else 98)  # packed: enough for STEPS
+    # packed: enough for STEPS; without drop_last, a last step of one sample: the other replica's rows are all empty
+    write_records(tmp_path / "train.jsonl", 300 if packing else 100 if drop_last else 97)
     config = {
         "model_path": str(tmp_path / "pp"), "save_path": str(tmp_path / "out"), "data_path": str(tmp_path / "train.jsonl"),
         "max_seq_len": SEQ, "max_steps": steps, "seed": SEED, "use_grad_ckpt": ckpt, "data_cache_dir": str(tmp_path / "cache"),
@@ -226,25 +227,26 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     dataset = load_dataset(str(tmp_path / "train.jsonl"), tokenizer, SEQ, tmp_path / "cache", TemplateSettings(packing=packing))
     dataset = pack(dataset, SEQ, SEED) if packing else dataset
     plan = BatchPlan(len(dataset), MICRO, GAS, dims[1], SEED, dataset.offsets[1:] - dataset.offsets[:-1], grouped,
-                     drop_last=drop_last)
+                     drop_last=drop_last, pad_multiple=16, max_seq_len=SEQ)
     lengths = [m["seq_len"] for m in metrics]  # each micro-batch padded to its longest row, a multiple of 16
     assert all(n % 16 == 0 and n <= SEQ for n in lengths)
     assert packing or len(set(lengths)) > 1, lengths
-    micro_lengths = [plan.micro_lengths(*plan.position(s), 0, 16, SEQ) for s in range(steps)]
-    assert lengths == [max(n) for n in micro_lengths]
+    micro_shapes = [plan.micro_shapes(*plan.position(s), 0) for s in range(steps)]
+    assert lengths == [max(n for _, n in m) for m in micro_shapes]
     # rows x padded length of every micro-batch of every replica, from the batches themselves
     computed = [sum(int(ids.numel()) for r in range(dims[1]) for (ids, _, _), _ in
                     step_micro_batches(dataset, plan, np.ones(len(dataset), np.int64), *plan.position(s), r,
-                                       plan.micro_lengths(*plan.position(s), r, 16, SEQ), 0)) for s in range(steps)]
+                                       plan.micro_shapes(*plan.position(s), r), 0)) for s in range(steps)]
     assert [m["computed_tokens"] for m in metrics] == computed
     assert all(m["tokens"] <= m["computed_tokens"] for m in metrics) and (packing or any(
         m["tokens"] < m["computed_tokens"] for m in metrics))
-    assert packing or any(len(set(n)) > 1 for n in micro_lengths), micro_lengths  # shapes differ within a step
+    assert packing or any(len({n for _, n in m}) > 1 for m in micro_shapes), micro_shapes  # lengths differ in a step
+    assert packing or any(len({r for r, _ in m}) > 1 for m in micro_shapes), micro_shapes  # and rows
     if tied_stages:  # each stage's forward passes got its replica's micro-batches, each padded to its own longest
         # row: of several lengths in a step with the engine's dynamic_shape, else with static shapes
         for rank, r in enumerate(reports):
-            micro = [plan.micro_lengths(*plan.position(s), rank % dims[1], 16, SEQ) for s in range(steps)]
-            assert r["forwards"] == [[n, len(set(m)) > 1] for m in micro for n in m], (rank, r["forwards"], micro)
+            micro = [plan.micro_shapes(*plan.position(s), rank % dims[1]) for s in range(steps)]
+            assert r["forwards"] == [[*shape, len(set(m)) > 1] for m in micro for shape in m], (rank, r["forwards"], micro)
         assert dims[1] == 1 or {len(set(m)) > 1 for m in micro} == {True, False}, micro  # 2 x 2 (grouped): both kinds
     if packing:  # the log line, and metrics count the samples in each step's sequences
         st = dataset.stats

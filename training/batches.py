@@ -2,29 +2,31 @@
 
 The samples are a data set's samples, or its packed sequences with "packing" (data/packing.py).
 Every rank derives the same seeded order, once per epoch, so no communication is needed. A step's rows are
-sorted longest first and cut into micro-batches, which are dealt to the data-parallel ranks in turn
-(micro_indices); the first and last stage of a pipeline (same data-parallel rank) read the same micro-batches
-in the same order. Each micro-batch carries the global batch's trained-token count for the global token-mean
-loss, so this grouping changes no gradient (but see micro_indices on `dynamic` rope). A micro-batch's rows are
-padded to its longest row (rounded up to pad_to_multiple_of, data.collate.padded_length): the micro-batches of
-a step may differ in length (the trainer then runs the pipeline engine with DeepSpeed's `dynamic_shape`). With
-`group_by_length` the order is HF Trainer's LengthGroupedSampler's: megabatches of MEGABATCH_MULT global
-batches sorted longest first, so the rows of a step have similar lengths. An epoch's last, incomplete global
-batch (with group_by_length: the same samples as without) is dropped (`drop_last`, DeepSpeed's
-`dataloader_drop_last`, true by default here) or trained with empty rows (index -1: one pad token, no label) in
-place of the missing samples: the loss is the token mean over the samples present, as on a smaller batch, and
-every step keeps its number of rows.
+sorted longest first and cut into runs, one micro-batch each (cut_micro_batches): a micro-batch's rows are
+padded to its longest row (rounded up to pad_to_multiple_of, data.collate.padded_length), and it holds at most
+the tokens of micro_batch rows of the step's longest, so that shorter rows make micro-batches of more rows, of
+like size. The micro-batches are dealt to the data-parallel ranks in turn (micro_indices); the first and last
+stage of a pipeline (same data-parallel rank) read the same micro-batches in the same order. Each micro-batch
+carries the global batch's trained-token count for the global token-mean loss, so this grouping changes no
+gradient (but see cut_micro_batches on `dynamic` rope). The micro-batches of a step may differ in shape (the
+trainer then runs the pipeline engine with DeepSpeed's `dynamic_shape`). With `group_by_length` the order is
+HF Trainer's LengthGroupedSampler's: megabatches of MEGABATCH_MULT global batches sorted longest first, so the
+rows of a step have similar lengths. An epoch's last, incomplete global batch (with group_by_length: the same
+samples as without) is dropped (`drop_last`, DeepSpeed's `dataloader_drop_last`, true by default here) or
+trained: the loss is the token mean over the samples present, as on a smaller batch, and a micro-batch with no
+sample left gets an empty row (index -1: one pad token, no label).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from data.collate import collate_rows, padded_length
+from data.collate import collate_rows, padded_length, padded_lengths
 from data.dataset import EncodedDataset
 from data.packing import PackedDataset, trained_tokens
 
@@ -67,6 +69,8 @@ class BatchPlan:
     lengths: np.ndarray | None = None  # tokens per sample: needed for group_by_length and padded lengths
     group_by_length: bool = False
     drop_last: bool = True  # False: an epoch's last, incomplete global batch is trained, filled with empty rows
+    pad_multiple: int = 1  # pad_to_multiple_of: a micro-batch's rows are padded to its longest row, rounded up
+    max_seq_len: int | None = None  # ... and never beyond this
     # epoch -> its order: this epoch's and the next (the prefetch thread asks for the next step's while the
     # trainer's metrics ask for this one's), under a lock
     _orders: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
@@ -119,42 +123,88 @@ class BatchPlan:
         return idx if real or len(idx) == g else np.concatenate([idx, np.full(g - len(idx), -1, idx.dtype)])
 
     def micro_indices(self, epoch: int, step_in_epoch: int, dp_rank: int) -> list[np.ndarray]:
-        """This data-parallel rank's grad_accum micro-batches for the step: the step's rows sorted longest first
-        (empty rows last), cut into micro-batches, dealt to the data-parallel ranks in turn. The loss is the global
-        batch's token mean, so which rows share a micro-batch (or a rank) changes no gradient, only the order of
-        float sums (except for rope scaling that follows a batch's longest position, `dynamic` / `longrope`, past
-        its switch length: as in transformers, a row is then encoded by its micro-batch's longest row); rows of like
-        length share a micro-batch (little padding), and the ranks get like work."""
-        return list(self._step_micro(epoch, step_in_epoch)[dp_rank::self.dp_size])
+        """This data-parallel rank's grad_accum micro-batches for the step (cut_micro_batches), dealt to the ranks
+        in turn, largest first; a rank runs its smallest first and its second smallest last (a pipeline fills and
+        drains on its first and last micro-batch, while its other stages wait)."""
+        return run_order(self._step_micro(epoch, step_in_epoch)[dp_rank::self.dp_size])
 
-    def _step_micro(self, epoch: int, step_in_epoch: int) -> np.ndarray:
-        """[micro-batches of every rank, micro_batch]: the step's rows, longest first, cut into micro-batches."""
+    def _step_micro(self, epoch: int, step_in_epoch: int) -> list[np.ndarray]:
+        """The micro-batches of every rank, largest first."""
         idx = self.global_indices(epoch, step_in_epoch)
-        if self.lengths is not None:
-            idx = idx[np.argsort(-np.where(idx >= 0, self.lengths[idx], -1), kind="stable")]
-        return idx.reshape(-1, self.micro_batch)
+        if self.lengths is None:
+            return list(idx.reshape(-1, self.micro_batch))
+        return cut_micro_batches(idx, self.lengths, self.grad_accum * self.dp_size, self.micro_batch,
+                                 self.pad_multiple, self.max_seq_len)
 
-    def _padded(self, rows: np.ndarray, multiple: int, max_seq_len: int) -> int:
-        return padded_length(self.lengths[rows[rows >= 0]], multiple, max_seq_len)
+    def micro_shapes(self, epoch: int, step_in_epoch: int, dp_rank: int) -> list[tuple[int, int]]:
+        """(rows, padded row length) of each of this rank's micro-batches of the step."""
+        return [micro_shape(idx, self.lengths, self.pad_multiple, self.max_seq_len)
+                for idx in self.micro_indices(epoch, step_in_epoch, dp_rank)]
 
-    def micro_lengths(self, epoch: int, step_in_epoch: int, dp_rank: int, multiple: int,
-                      max_seq_len: int) -> list[int]:
-        """The padded row length of each of this rank's micro-batches of the step: its longest row, rounded up."""
-        return [self._padded(idx, multiple, max_seq_len) for idx in self.micro_indices(epoch, step_in_epoch, dp_rank)]
-
-    def computed_tokens(self, epoch: int, step_in_epoch: int, multiple: int, max_seq_len: int) -> int:
+    def computed_tokens(self, epoch: int, step_in_epoch: int) -> int:
         """The tokens the step computes on every data-parallel rank, pads included: each micro-batch's rows x its
-        padded length (micro_lengths)."""
-        return self.micro_batch * sum(self._padded(idx, multiple, max_seq_len)
-                                      for idx in self._step_micro(epoch, step_in_epoch))
+        padded length (micro_shapes)."""
+        return sum(math.prod(micro_shape(idx, self.lengths, self.pad_multiple, self.max_seq_len))
+                   for idx in self._step_micro(epoch, step_in_epoch))
+
+
+def micro_shape(rows: np.ndarray, lengths: np.ndarray, multiple: int, max_seq_len: int | None) -> tuple[int, int]:
+    """(rows, padded length) of a micro-batch: its longest row rounded up (data.collate.padded_length)."""
+    return len(rows), padded_length(lengths[rows[rows >= 0]], multiple, max_seq_len)
+
+
+def cut_micro_batches(rows: np.ndarray, lengths: np.ndarray, count: int, micro_batch: int, multiple: int,
+                      max_seq_len: int | None) -> list[np.ndarray]:
+    """`rows` (sample indices, -1: none; at most count x micro_batch) cut into `count` micro-batches, largest
+    (rows x padded length) first. The rows are sorted longest first, and each micro-batch is a run of them: a run
+    of like rows is little padding. Each holds at most the tokens of micro_batch rows of the longest (no more
+    memory than micro-batches of micro_batch rows each), and the largest is as small as that allows: a pipeline
+    runs at the pace of its largest micro-batches, so shorter rows make micro-batches of more rows. Fewer samples
+    than micro-batches (an epoch's last batch): one each, and the rest an empty row. The loss is the global
+    batch's token mean, so the cut changes no gradient, only the order of float sums (except for rope scaling that
+    follows a batch's longest position, `dynamic` / `longrope`, past its switch length: as in transformers, a row
+    is then encoded by its micro-batch's longest row)."""
+    real = rows[rows >= 0]
+    real = real[np.argsort(-lengths[real], kind="stable")]
+    if len(real) <= count:
+        return [real[i:i + 1] for i in range(len(real))] + [np.full(1, -1, rows.dtype)] * (count - len(real))
+    pads = padded_lengths(lengths[real], multiple, max_seq_len).tolist()
+
+    def starts(cap: int) -> list[int] | None:  # greedy runs of at most `cap` tokens (the fewest there can be)
+        out, i = [], 0
+        while i < len(pads):
+            if len(out) == count:
+                return None
+            out.append(i)
+            i += max(1, cap // pads[i])
+        return out
+
+    lo, hi = pads[0], micro_batch * pads[0]  # hi: micro_batch rows each fit
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if starts(mid) is not None else (mid + 1, hi)
+    cuts = starts(lo)
+    runs = [real[a:b] for a, b in zip(cuts, [*cuts[1:], len(real)], strict=True)]
+    while len(runs) < count:  # fewer, fuller runs than micro-batches: halve the largest of several rows
+        k = max((i for i, r in enumerate(runs) if len(r) > 1), key=lambda i: len(runs[i]) * pads[cuts[i]])
+        r, c, h = runs[k], cuts[k], len(runs[k]) // 2
+        runs[k:k + 1], cuts[k:k + 1] = [r[:h], r[h:]], [c, c + h]
+    size = [len(r) * pads[c] for r, c in zip(runs, cuts, strict=True)]
+    return [runs[i] for i in sorted(range(count), key=lambda i: -size[i])]
+
+
+def run_order(micro: list[np.ndarray]) -> list[np.ndarray]:
+    """Micro-batches largest first -> the order a pipeline runs them: the smallest first, the second smallest
+    last, the others largest first."""
+    return [micro[-1], *micro[:-2], micro[-2]] if len(micro) > 2 else micro[::-1]
 
 
 def step_micro_batches(ds: EncodedDataset | PackedDataset, plan: BatchPlan, tokens: np.ndarray, epoch: int,
-                       step_in_epoch: int, dp_rank: int, lengths: list[int], pad_id: int) -> list:
+                       step_in_epoch: int, dp_rank: int, shapes: list[tuple[int, int]], pad_id: int) -> list:
     """[((input_ids, position_ids, segment_ids), (labels, counts))] for one step of one data-parallel rank,
-    each micro-batch's rows padded to its length in `lengths` (plan.micro_lengths)."""
+    each micro-batch's rows padded to its length in `shapes` (plan.micro_shapes)."""
     n_global = int(tokens[plan.global_indices(epoch, step_in_epoch, real=True)].sum())
     counts = torch.tensor([max(n_global, 1), plan.grad_accum * plan.dp_size], dtype=torch.int64)
     micro = plan.micro_indices(epoch, step_in_epoch, dp_rank)
     return [(inputs, (labels, counts)) for inputs, labels in
-            (collate_rows(ds, idx, n, pad_id) for idx, n in zip(micro, lengths, strict=True))]
+            (collate_rows(ds, idx, n, pad_id) for idx, (_, n) in zip(micro, shapes, strict=True))]

@@ -63,14 +63,16 @@ class TrainingData:
         self.unit = "packed sequence" if cfg.packing else "sample"
         self.lengths = self.dataset.offsets[1:] - self.dataset.offsets[:-1]
         self.plan = BatchPlan(len(self.dataset), cfg.micro_batch, cfg.grad_accum, self.dp_size, cfg.seed, self.lengths,
-                              cfg.group_by_length, cfg.ds_config.get("dataloader_drop_last", DROP_LAST))
+                              cfg.group_by_length, cfg.ds_config.get("dataloader_drop_last", DROP_LAST),
+                              cfg.pad_to_multiple_of, cfg.max_seq_len)
         if self.plan.steps_per_epoch == 0:  # before any layer is built
             raise ConfigError(f"{cfg.path}: {len(self.dataset)} {self.unit}s are fewer than one global batch "
                               f"({self.plan.global_batch} = micro x accumulation x data-parallel)")
         self.total_steps = cfg.max_steps or cfg.n_epoches * self.plan.steps_per_epoch
         self.tokens = row_trained(self.dataset)
         self.samples_per_row = self.dataset.segments_per_row() if cfg.packing else np.ones(len(self.dataset), np.int64)
-        self.eval_plan = EvalPlan(self.eval_set, cfg.micro_batch, cfg.grad_accum, self.dp_size) if self.eval_set else None
+        self.eval_plan = EvalPlan(self.eval_set, cfg.micro_batch, cfg.grad_accum, self.dp_size,
+                                  cfg.pad_to_multiple_of, cfg.max_seq_len) if self.eval_set else None
 
     def _load_datasets(self):
         """(train, eval or None) on the ranks that read data (first and last pipeline stage); (None, None) on the

@@ -4,8 +4,9 @@ Each `engine.eval_batch` call evaluates `micro x num_micro x dp` samples; a micr
 summed token loss x (num_micro x dp) / (trained tokens of the whole eval set), so DeepSpeed's average
 over micro-batches and data-parallel ranks makes each call's result that call's share of the token
 mean, and the calls' results add up to the eval set's token-mean loss. The last call is filled up with
-empty rows (no trained token), which add nothing. The rows go longest first (EvalPlan), and each
-micro-batch is padded to its longest row (rounded up to pad_to_multiple_of).
+empty rows (no trained token), which add nothing. The rows go longest first (EvalPlan), each call's are cut
+into micro-batches as training's are (training.batches.cut_micro_batches), and each micro-batch is padded to its
+longest row (rounded up to pad_to_multiple_of).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import math
 import numpy as np
 import torch
 
-from data.collate import collate_rows, padded_length
+from data.collate import collate_rows
 from data.dataset import EncodedDataset
 from data.packing import pack
-from training.batches import row_trained
+from training.batches import cut_micro_batches, micro_shape, row_trained, run_order
 
 
 def perplexity(loss: float) -> float:
@@ -70,12 +71,14 @@ def training_and_eval_rows(ds: EncodedDataset, eval_set: EncodedDataset | None, 
 
 class EvalPlan:
     """How the eval set is cut into eval_batch calls and micro-batches: its rows longest first (the eval loss is a
-    token mean over the whole set, so the order changes only the order of float sums), so that rows of like length
-    share a micro-batch and little is padding; a call's micro-batches are dealt to the data-parallel ranks in turn,
-    as training's are (training.batches), so the ranks get like work."""
+    token mean over the whole set, so the order changes only the order of float sums), each call's cut into
+    micro-batches and dealt to the data-parallel ranks as training's are (training.batches), so that rows of like
+    length share a micro-batch, little is padding, and the ranks get like work."""
 
-    def __init__(self, ds: EncodedDataset, micro_batch: int, num_micro: int, dp_size: int):
+    def __init__(self, ds: EncodedDataset, micro_batch: int, num_micro: int, dp_size: int, pad_multiple: int = 1,
+                 max_seq_len: int | None = None):
         self.ds, self.micro_batch, self.num_micro, self.dp_size = ds, micro_batch, num_micro, dp_size
+        self.pad_multiple, self.max_seq_len = pad_multiple, max_seq_len
         self.per_call = micro_batch * num_micro * dp_size
         self.calls = math.ceil(len(ds) / self.per_call)
         self.tokens = int(row_trained(ds).sum())
@@ -83,20 +86,19 @@ class EvalPlan:
         self.order = np.argsort(-self.lengths, kind="stable")
 
     def micro_rows(self, call: int, dp_rank: int) -> list[np.ndarray]:
-        """The sample indices of each micro-batch of one call for one data-parallel rank (every dp_size-th of the
-        call's); -1 fills the last call (an empty row)."""
-        idx = np.arange(call * self.per_call, (call + 1) * self.per_call)
-        rows = np.where(idx < len(self.ds), self.order[np.minimum(idx, len(self.ds) - 1)], -1)
-        return list(rows.reshape(-1, self.micro_batch)[dp_rank::self.dp_size])
+        """The sample indices of each micro-batch of one call for one data-parallel rank (-1: an empty row, in the
+        last call's micro-batches with no sample left)."""
+        rows = self.order[call * self.per_call:(call + 1) * self.per_call]
+        return run_order(cut_micro_batches(rows, self.lengths, self.num_micro * self.dp_size, self.micro_batch,
+                                           self.pad_multiple, self.max_seq_len)[dp_rank::self.dp_size])
 
-    def micro_lengths(self, call: int, dp_rank: int, multiple: int, max_seq_len: int) -> list[int]:
-        """The padded row length of each micro-batch of the call on this rank: its longest row, rounded up
-        (data.collate.padded_length)."""
-        return [padded_length(self.lengths[idx[idx >= 0]], multiple, max_seq_len) for idx in self.micro_rows(call, dp_rank)]
+    def micro_shapes(self, call: int, dp_rank: int) -> list[tuple[int, int]]:
+        """(rows, padded length) of each micro-batch of the call on this rank."""
+        return [micro_shape(idx, self.lengths, self.pad_multiple, self.max_seq_len) for idx in self.micro_rows(call, dp_rank)]
 
-    def micro_batches(self, call: int, dp_rank: int, lengths: list[int], pad_id: int) -> list:
+    def micro_batches(self, call: int, dp_rank: int, shapes: list[tuple[int, int]], pad_id: int) -> list:
         """[((input_ids, position_ids, segment_ids), (labels, counts))] of one call for one data-parallel rank,
-        each micro-batch padded to its length in `lengths` (micro_lengths)."""
+        each micro-batch padded to its length in `shapes` (micro_shapes)."""
         counts = torch.tensor([max(self.tokens, 1), self.num_micro * self.dp_size], dtype=torch.int64)
         return [(inputs, (labels, counts)) for inputs, labels in
-                (collate_rows(self.ds, idx, n, pad_id) for idx, n in zip(self.micro_rows(call, dp_rank), lengths, strict=True))]
+                (collate_rows(self.ds, idx, n, pad_id) for idx, (_, n) in zip(self.micro_rows(call, dp_rank), shapes, strict=True))]

@@ -82,7 +82,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         self.stop_signal: str | None = None
         self.monitor: Monitor | None = None
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")  # the next step's batches
-        self.row_length: int | None = None  # the engine's static activation length (None: dynamic shapes)
+        self.row_shape: tuple[int, int] | None = None  # the engine's static micro-batch shape (None: dynamic)
         self.lock: RunLock | None = None  # rank 0: this run's lock on save_path
         self.launcher = LauncherWatch()  # the `deepspeed` command that started this process, if any
         self.tokenizer = None
@@ -295,36 +295,35 @@ class Trainer(TrainingData, RunDirectory, RunReport):
 
         engine._take_model_step = guarded
 
-    def batches_for(self, step: int) -> tuple[list[int], list]:
-        """(row length of each micro-batch, micro-batches) of a step for this rank; middle stages read nothing but
-        the lengths (the engine's `dynamic_shape` sends each micro-batch's shape down the pipeline)."""
-        cfg = self.cfg
+    def batches_for(self, step: int) -> tuple[list[tuple[int, int]], list]:
+        """((rows, row length) of each micro-batch, micro-batches) of a step for this rank; middle stages read
+        nothing but the shapes (the engine's `dynamic_shape` sends each micro-batch's shape down the pipeline)."""
         epoch, in_epoch = self.plan.position(step)
-        lengths = self.plan.micro_lengths(epoch, in_epoch, self.dp_rank, cfg.pad_to_multiple_of, cfg.max_seq_len)
+        shapes = self.plan.micro_shapes(epoch, in_epoch, self.dp_rank)
         if not (self.engine.is_first_stage() or self.engine.is_last_stage()):
-            return lengths, []
-        return lengths, step_micro_batches(self.dataset, self.plan, self.tokens, epoch, in_epoch, self.dp_rank,
-                                           lengths, self.pad_id)
+            return shapes, []
+        return shapes, step_micro_batches(self.dataset, self.plan, self.tokens, epoch, in_epoch, self.dp_rank,
+                                          shapes, self.pad_id)
 
-    def _use_lengths(self, lengths: list[int]) -> None:
-        """Tell the pipeline engine the row lengths of the next micro-batches. Of one length, they run with static
-        shapes (sent down the pipeline once; the engine's cached shapes are reset when the length changes); of
+    def _use_shapes(self, shapes: list[tuple[int, int]]) -> None:
+        """Tell the pipeline engine the shapes of the next micro-batches. Of one shape, they run with static
+        shapes (sent down the pipeline once; the engine's cached shapes are reset when the shape changes); of
         several, with DeepSpeed's `dynamic_shape`, each activation's shape sent before it (a small message per
-        micro-batch and stage, which a GPU reads with a host sync). Every rank of a pipeline has the same lengths."""
-        static = lengths[0] if len(set(lengths)) == 1 else None
+        micro-batch and stage, which a GPU reads with a host sync). Every rank of a pipeline has the same shapes."""
+        static = shapes[0] if len(set(shapes)) == 1 else None
         self.engine.dynamic_shape = static is None  # read by the engine at each send and receive
-        if static is not None and static != self.row_length:
+        if static is not None and static != self.row_shape:
             self.engine.reset_activation_shape()
-        self.row_length = static
+        self.row_shape = static
 
     def evaluate(self) -> float:
         """Token-mean loss over the whole eval set (every rank gets it)."""
-        total, ep, cfg = 0.0, self.eval_plan, self.cfg
+        total, ep = 0.0, self.eval_plan
         io = self.engine.is_first_stage() or self.engine.is_last_stage()
         for call in range(ep.calls):
-            lengths = ep.micro_lengths(call, self.dp_rank, cfg.pad_to_multiple_of, cfg.max_seq_len)
-            batches = ep.micro_batches(call, self.dp_rank, lengths, self.pad_id) if io else []
-            self._use_lengths(lengths)
+            shapes = ep.micro_shapes(call, self.dp_rank)
+            batches = ep.micro_batches(call, self.dp_rank, shapes, self.pad_id) if io else []
+            self._use_shapes(shapes)
             total += float(self.engine.eval_batch(data_iter=iter(batches)))
         return total
 
@@ -378,11 +377,11 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             step = st.step
             self.grad_norm = None
             wait = time.perf_counter()
-            lengths, batches = pending.result()
+            shapes, batches = pending.result()
             data_s = time.perf_counter() - wait
             if step + 1 < self.total_steps:  # the next step's micro-batches are built while this one runs
                 pending = self.prefetch.submit(self.batches_for, step + 1)
-            self._use_lengths(lengths)
+            self._use_shapes(shapes)
             lr = self.engine.get_lr()[0]  # the lr this update applies (the scheduler steps inside train_batch)
             scale = None if self.scaler is None else self.scaler.cur_scale
             loss = float(self.engine.train_batch(data_iter=iter(batches)))
@@ -400,9 +399,9 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             skipped += not applied
             rec = {"step": st.step, "loss": loss, "lr": lr, "grad_norm": norm,
                    "tokens": int(self.lengths[idx].sum()), "trained_tokens": int(self.tokens[idx].sum()),
-                   "computed_tokens": self.plan.computed_tokens(epoch, in_epoch, cfg.pad_to_multiple_of, cfg.max_seq_len),
+                   "computed_tokens": self.plan.computed_tokens(epoch, in_epoch),
                    "samples": int(self.samples_per_row[idx].sum()), "sequences": len(idx), "epoch": epoch,
-                   "seq_len": max(lengths), "data_s": round(data_s, 6), "step_s": round(step_s, 6)}
+                   "seq_len": max(n for _, n in shapes), "data_s": round(data_s, 6), "step_s": round(step_s, 6)}
             if not self.engine._step_applied:
                 rec["skipped"] = True
             if bad:

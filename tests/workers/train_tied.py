@@ -6,7 +6,7 @@ writes tied-rank{R}.json: {"stage", "tied": {"KEY.ATTR": {"ranks", "max_abs_diff
 the first replica's copy)}}, "deferred": the micro-batches whose
 weight gradients this rank deferred (models/wgrad.py)}. `--defer-more N`: every stage defers N more of its last
 micro-batches than train_ds.py would (so the first stage, which receives gradients, keeps received ones too).
-"forwards": [row length, the engine's dynamic_shape] of each forward pass this rank ran, in order.
+"forwards": [rows, row length, the engine's dynamic_shape] of each forward pass this rank ran, in order.
 `--loss-chunk N`: the loss's chunk in logits (models.pipeline.LOSS_CHUNK_ELEMENTS), so that on the tests' small
 vocabularies the last stage's tied head runs chunk by chunk inside the loss; "head_chunks" counts those chunks."""
 
@@ -63,7 +63,7 @@ def main() -> None:
         forward_pass = table[schedule.ForwardPass]
 
         def recorded(engine_self, buffer_id):  # the rows this stage's forward pass got (loaded or received)
-            forwards.append([engine_self.pipe_buffers["inputs"][buffer_id][0].shape[1], engine_self.dynamic_shape])
+            forwards.append([*engine_self.pipe_buffers["inputs"][buffer_id][0].shape[:2], engine_self.dynamic_shape])
             forward_pass(engine_self, buffer_id)
 
         engine._INSTRUCTION_MAP = {**table, schedule.ForwardPass: recorded}

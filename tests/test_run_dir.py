@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from tests.helpers import dead_pid, errors_of, finish_deepspeed, ops_config, run
 from tests.test_train_ops import checkpoint_tensors, losses_of, metrics_of, wait_for
 from training.config import ConfigError, load_config, resume_hint, start_over
 from training.resume import MODEL_CONFIG_IGNORED
-from training.runlock import LOCK_FILE, RunLock, launcher_token
+from training.runlock import JOB_FILE, LOCK_FILE, RunLock, config_identity, launcher_token, record_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -432,6 +433,58 @@ def test_a_restart_whose_count_did_not_move_resumes_and_an_unknown_torchrun_star
                                               "restart": 0}))
     with pytest.raises(ConfigError, match=r"is in use by another run \(host node7"):
         load_config(ops_config(tmp_path, ops_model), world_size=None)
+
+
+def test_a_run_whose_lock_another_run_took_over_stops_at_the_next_step(tmp_path, ops_model):
+    """A run paused past the heartbeat's limit on another host loses its lock to the next run; it went on training
+    and writing metrics.jsonl lines into that run's save_path until its next save (an hour with
+    save_interval_minutes 60). Its heartbeat now sees the lock taken over: it stops at the step's end with one line,
+    writing no metrics line more, no checkpoint, and leaving the other run's lock."""
+    release, save = tmp_path / "release", tmp_path / "out"
+    cfg = ops_config(tmp_path, ops_model, max_steps=6, save_interval=6,
+                     model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}})
+    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], num_procs=1,  # a heartbeat a second
+                           env={"PIPEFT_FAULT_PAUSE": f"step:3:120:{release}", "PIPEFT_LOCK_STALE_S": "5"})
+    wait_for(lambda: (save / "metrics.jsonl").is_file() and 3 in losses_of(save), proc)
+    other = {"host": "node-b", "pid": 4242, "started": time.time(), "token": "the-next-run"}
+    (save / LOCK_FILE).write_text(json.dumps(other))  # as the next run takes a stale lock over
+    time.sleep(3)
+    release.touch()
+    _, out = finish_deepspeed(proc, expect=1)
+    assert [m["step"] for m in metrics_of(save)] == [1, 2, 3], out[-3000:]
+    said = errors_of(out)
+    assert len(said) == 1 and re.search(rf"checkpoint global_step3 not saved in {save}: another run took the lock "
+                                        rf"{save / LOCK_FILE} over \(host node-b, pid 4242.*this run stops", said[0]), said
+    assert json.loads((save / LOCK_FILE).read_text()) == other and not list(save.glob("global_step*"))
+
+
+def test_a_later_start_in_one_slurm_job_with_another_config_is_not_taken_for_a_restart(tmp_path, ops_model,
+                                                                                         monkeypatch):
+    """A sweep inside one allocation over one save_path ("resume": false, "overwrite_save_path": true) ran the next
+    config as a restart of the first: it resumed that finished run, trained nothing and exited 0. A restart runs the
+    config its job started with; with the restart count unmoved, another config (or this one edited) is refused
+    with how to choose. A requeue (count moved) resumes with an edited config, as any resume may."""
+    save = tmp_path / "out"
+    save.mkdir()
+    (save / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    first = ops_config(tmp_path, ops_model, "a.json", resume=False, overwrite_save_path=True)
+    record_job(save, [launcher_token()], config_identity(first, load_config(first, world_size=2).raw))
+    assert load_config(first, world_size=2).resume == "auto"  # the same command again: a restart, it resumes
+    other = ops_config(tmp_path, ops_model, "b.json", resume=False, overwrite_save_path=True,
+                       optimizer={"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}})
+    edited = ops_config(tmp_path, ops_model, "a.json", resume=False, overwrite_save_path=True, max_steps=9)
+    for path, said in ((other, f"the config {tmp_path / 'a.json'}"), (edited, "another version of this config")):
+        cfg = load_config(path, world_size=2)
+        assert (cfg.resume, cfg.overwrite_save_path) == (False, True) and said in cfg.refusal, cfg.refusal
+        assert f"delete {save / JOB_FILE} to start over" in cfg.refusal
+        with pytest.raises(ConfigError, match="a restart of the job runs the config it started with"):
+            load_config(path, world_size=None)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued: a restart, whatever its config now
+    assert load_config(edited, world_size=2).resume == "auto"
 
 
 def test_config_checks_of_the_run_directory(tmp_path, ops_model):

@@ -253,7 +253,7 @@ class Checkpoints:
 
         tag = tag_of(state.step)
         tmp = f".tmp-{tag}"
-        self._check_lock(tag)  # (also the barrier before the write) nothing written when lost
+        self.check_lock(tag)  # (also the barrier before the write) nothing written when lost
         if self.rank == 0:
             shutil.rmtree(self.root / tmp, ignore_errors=True)
             self.warn_if_short("this checkpoint")
@@ -322,7 +322,7 @@ class Checkpoints:
             lost = None
         return f"checkpoint {tag} not saved in {self.root}: {lost}; this run stops, leaving save_path to it" if lost else ""
 
-    def _check_lock(self, tag: str) -> None:
+    def check_lock(self, tag: str) -> None:
         """Collective: SaveFailed on every rank when rank 0 finds its lock taken over (`_lost`)."""
         if failed := self._problems((self._lost(tag) or None) if self.rank == 0 else None):
             raise SaveFailed(failed[0])
@@ -376,7 +376,7 @@ class Checkpoints:
         """Collective: rewrite trainer_state.json of the already saved tag of `state.step` (e.g. after the final
         evaluation), without writing the weights again; then rotate. Not when this run lost save_path's lock."""
         tag = tag_of(state.step)
-        self._check_lock(tag)
+        self.check_lock(tag)
         problem = None
         if self.rank == 0:
             try:

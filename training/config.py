@@ -41,7 +41,15 @@ from training.optim import (
     scheduler_problem,
 )
 from training.resume import resume_problem, resumes, torch_scheduler, unnamed_tag, zero_stage
-from training.runlock import JOB_FILE, LockError, UnknownStart, check_unlocked, launch_job, restarted_job
+from training.runlock import (
+    JOB_FILE,
+    LockError,
+    UnknownStart,
+    check_unlocked,
+    config_identity,
+    launch_job,
+    restarted_job,
+)
 from training.trackers import parse_report_to
 
 # DeepSpeed's top-level keys (deepspeed/runtime/constants.py and its config sections).
@@ -204,7 +212,7 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
     restart = None  # rank 0 judges whether this is a restart; RunDirectory._take_lock gives its verdict to every rank
     if cfg.resume is False and judge:
         try:
-            restart = restarted_job(cfg.save_path)
+            restart = restarted_job(cfg.save_path, config_identity(path, cfg.raw))
         except UnknownStart as e:  # the same torchrun run id, started by another torchrun agent
             refuse(f"{path}: {e}")
     if restart:

@@ -40,7 +40,7 @@ from training.resume import (
     start_schedule_at,
     tag_problem,
 )
-from training.runlock import LockError, RunLock, launcher_token, record_job
+from training.runlock import LockError, RunLock, config_identity, launcher_token, record_job
 from training.trackers import IDS_FILE
 
 RUN_OUTPUTS = ("latest", "best", "metrics.jsonl", "runs", IDS_FILE, "wandb", "mlruns")  # besides the checkpoints
@@ -159,7 +159,8 @@ class RunDirectory:
             if cfg.resume is False:  # load_config refused a used save_path unless overwrite_save_path
                 if removed := clear_run(save, self.ckpts.tags()):
                     print(f"overwrite_save_path: removed {', '.join(removed)} from {save}", flush=True)
-                record_job(save, launchers)  # a restart of this job (SLURM requeue, torchrun) resumes instead
+                record_job(save, launchers, config_identity(cfg.path, cfg.raw))  # a restart of this job (SLURM
+                # requeue, torchrun) resumes instead
         torch.distributed.barrier()
         tag, notes = resume_tag(save) if cfg.resume in ("auto", True) else (None, [])
         tags = [None] * self.world

@@ -21,6 +21,7 @@ its own children. On several nodes with --max-restarts that is not enough (each 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -105,23 +106,32 @@ def launcher_token() -> str | None:
     return f"{socket.gethostname()}:{ppid}:{started}" if started else None
 
 
-def record_job(save_path: str | Path, launchers: list[str | None]) -> None:
-    """Rank 0 of a run started fresh: name its job and every rank's `launcher_token` in save_path (or forget an
-    older job's note)."""
+def config_identity(path: str | Path, raw: dict) -> dict:
+    """A config file's path and a hash of its content: a restart runs the same command, so the same config."""
+    text = json.dumps(raw, sort_keys=True, default=str)
+    return {"path": str(Path(path).resolve()), "sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+def record_job(save_path: str | Path, launchers: list[str | None], config: dict | None = None) -> None:
+    """Rank 0 of a run started fresh: name its job, every rank's `launcher_token` and its config
+    (`config_identity`) in save_path (or forget an older job's note)."""
     f, job = Path(save_path) / JOB_FILE, launch_job()
     if job is None:
         f.unlink(missing_ok=True)
     else:
         tmp = f.with_name(f"{JOB_FILE}.{os.getpid()}")
-        tmp.write_text(json.dumps({"job": job[0], "restart": job[1], "launchers": sorted({t for t in launchers if t})}))
+        tmp.write_text(json.dumps({"job": job[0], "restart": job[1], "launchers": sorted({t for t in launchers if t}),
+                                   "config": config}))
         os.replace(tmp, f)
 
 
-def restarted_job(save_path: str | Path) -> str | None:
+def restarted_job(save_path: str | Path, config: dict | None = None) -> str | None:
     """When this process is a restart of the job that started the run in save_path: which (for the log line). A
     restart count that moved says so; with the same count, any later process of the same SLURM job is one (the same
     command run again inside one allocation resumes too) or of the same torchrun agent (no --rdzv-id), and a
-    torchrun worker is one when the torchrun agent that started it also started one of the run's first ranks. The
+    torchrun worker is one when the torchrun agent that started it also started one of the run's first ranks; but
+    one with another `config` (config_identity: another file, or the file changed) is another command, or the same
+    one edited: UnknownStart (a sweep inside one allocation, over one save_path, must not resume the last run). The
     same torchrun run id started by another agent with its count unmoved (a new torchrun command reusing --rdzv-id,
     or a scheduler that restarted the agent itself) cannot be told apart: UnknownStart, rather than guess (a guess of
     "new" would delete the run). So is every start of a torchrun run without --rdzv-id on several nodes with
@@ -142,6 +152,14 @@ def restarted_job(save_path: str | Path) -> str | None:
         return None
     if earlier := earlier_start(info):
         return earlier
+    first = info.get("config")
+    if config is not None and isinstance(first, dict) and first != config:
+        same = first.get("path") == config["path"]
+        raise UnknownStart(f"save_path {Path(save_path)} holds a run that {job[0]} started with \"resume\": false "
+                           f"and {'another version of this config' if same else 'the config ' + str(first.get('path'))}, "
+                           "and this process is a later start in that job with this config (a restart of the job "
+                           f"runs the config it started with): delete {f} to start over with this one "
+                           "(\"overwrite_save_path\": true), or set \"resume\": \"auto\" to continue that run with it")
     if job[0].startswith(("SLURM", AGENT)):  # AGENT: the job is the agent, which restarts its own workers
         return f"{job[0]} (restart count {info.get('restart')} then, {job[1]} in this process)"
     launchers = info.get("launchers")
@@ -302,6 +320,7 @@ class RunLock:
             self.info.update(job=job[0], restart=job[1])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lost_why: str | None = None  # set by the heartbeat when another run took the lock over (`lost`)
 
     def acquire(self) -> str | None:
         """Take the lock (LockError when a live run holds it). Returns a line to print when a stale lock was
@@ -366,10 +385,15 @@ class RunLock:
         return f"another run took the lock {self.file} over ({describe(*found)})"
 
     def _beat(self) -> None:
+        """Touch the lock every HEARTBEAT_S; once another run has taken it over, say so in `lost_why` (the trainer
+        stops at the next step, writing nothing more in save_path) and stop."""
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 if self.ours():
                     os.utime(self.file)
+                elif why := self.lost():
+                    self.lost_why = why
+                    return
             except OSError:
                 pass  # a network filesystem hiccup: the next beat tries again
 

@@ -335,10 +335,18 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             self.stop_signal = "the end of the deepspeed command that started this run (e.g. SIGTERM from timeout)"
         minutes = self.cfg.save_interval_minutes
         timed = self.rank == 0 and minutes is not None and time.time() - self.last_save_time >= 60 * minutes
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0, 1.0 if timed else 0.0],
+        lost = self._lock_lost()
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0, 1.0 if timed else 0.0, 1.0 if lost else 0.0],
                             device=next(self.model.parameters()).device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag[2].item() > 0:  # SaveFailed on every rank, with rank 0's line (unless the lock reads as ours again)
+            self.ckpts.check_lock(tag_of(self.state.step))
         return flag[0].item() > 0, flag[1].item() > 0
+
+    def _lock_lost(self) -> bool:
+        """Rank 0: another run took save_path's lock over (this one was paused past the heartbeat's limit): this run
+        stops at the step's end, and writes no more metrics there."""
+        return self.lock is not None and self.lock.lost_why is not None
 
     def train(self) -> None:
         cfg, st = self.cfg, self.state
@@ -427,7 +435,8 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             peaks = self._peak_memory() if log_now else None
             if peaks:
                 rec["peak_memory"] = peaks
-            self.monitor.step(rec, peaks)
+            if not self._lock_lost():  # (another run's metrics.jsonl now)
+                self.monitor.step(rec, peaks)
             fault_pause("step", st.step, until=lambda: self.stop_signal is not None or self.launcher.gone())
             stop, timed = self._at_boundary()
             if (cfg.save_interval and st.step % cfg.save_interval == 0) or (evaluated and cfg.keep_best) or timed:

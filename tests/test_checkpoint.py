@@ -180,6 +180,22 @@ def test_a_run_that_lost_save_paths_lock_saves_nothing_more_there(ds, tmp_path, 
     assert json.loads((tmp_path / LOCK_FILE).read_text()) == taken  # not ours to remove
 
 
+def test_a_save_missing_a_file_a_resume_loads_is_not_named_and_rotates_nothing(ds, tmp_path):
+    """rank 0 built the manifest from what it saw, so a stage's file that never reached the shared disk made a
+    checkpoint that `latest` named and that read as intact; rotation (keep_last 1) then deleted the last good one.
+    Every rank now checks the files its resume loads are in the tag before it is named."""
+    engine = ds.initialize(model=torch.nn.Linear(4, 2), config={
+        "train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})[0]
+    ckpts = Checkpoints(tmp_path, 0, 1, None)
+    run = {"pipe": 1, "data": 1, "parts": [0, 1], "global_batch": 1}
+    ckpts.save(engine, RunState(step=2, **run), needed=["mp_rank_00_model_states.pt"])
+    with pytest.raises(SaveFailed, match=rf"saving checkpoint {tag_of(4)} in {tmp_path} failed: rank 0 does not see "
+                                         rf"layer_01-model_states.pt in {tmp_path / ('.tmp-' + tag_of(4))} \(is "
+                                         r"save_path one directory that every node shares\?\)"):
+        ckpts.save(engine, RunState(step=4, **run), needed=["mp_rank_00_model_states.pt", "layer_01-model_states.pt"])
+    assert ckpts.latest() == tag_of(2) and ckpts.tags() == [tag_of(2)] and not (tmp_path / f".tmp-{tag_of(4)}").exists()
+
+
 def test_best_names_the_best_saved_tag_before_rotation_and_follows_keep_best_changes(tmp_path, monkeypatch):
     """`best` names the best-evaluated tag that has a checkpoint (the best eval's step may have none, e.g. keep_best
     turned on at a resume), is written before rotation deletes anything (a crash between them left it naming a

@@ -246,9 +246,11 @@ class Checkpoints:
                 os.replace(old, final)
         return gone
 
-    def save(self, engine, state: RunState, extra: dict[str, str] | None = None) -> Path:
+    def save(self, engine, state: RunState, extra: dict[str, str] | None = None, needed: list[str] = ()) -> Path:
         """Collective: every rank calls it. Returns the tag directory. `extra`: more name -> text files for
-        this tag (rank 0). Raises SaveFailed on every rank when any rank could not write its part."""
+        this tag (rank 0). `needed`: the files this rank's resume would load (rundir.stage_files), which it must see
+        in the tag before the tag is named (and an older one rotated away): rank 0's manifest is what rank 0 sees.
+        Raises SaveFailed on every rank when any rank could not write its part."""
         import torch.distributed as dist
 
         tag = tag_of(state.step)
@@ -273,6 +275,11 @@ class Checkpoints:
                 dist.barrier()
         fault_pause("save", state.step)
         failed = self._problems(problem)  # also the barrier: every rank has written its part
+        if not failed:  # ... and sees the files its resume would load (a write that never reached a shared disk)
+            failed = self._problems(next((f"saving checkpoint {tag} in {self.root} failed: rank {self.rank} does not "
+                                          f"see {name} in {self.root / tmp} (is save_path one directory that every "
+                                          "node shares?)" for name in needed if not (self.root / tmp / name).is_file()),
+                                         None))
         if not failed:  # one process per node flushes what the node wrote before the tag may be named
             failed = self._problems(self._flush(self.root / tmp, tag) if self.local_rank == 0 else None)
         if failed:

@@ -251,14 +251,20 @@ class RunDirectory:
             saved = self._saved_state(tag_dir)
         except (OSError, ValueError, TypeError):
             return []
-        engine = getattr(self, "engine", None)
-        if engine is None:
+        if getattr(self, "engine", None) is None:
             return checkpoint_files(saved.pipe, saved.data, [], [], False)
+        return self.stage_files(saved.pipe, saved.data, self._same_layout(saved))
+
+    def stage_files(self, pipe: int, data: int, optimizer: bool = True) -> list[str]:
+        """The files of a checkpoint of `pipe` stages x `data` replicas this rank's load reads (checkpoint_files):
+        its stage's layers that hold a state, every stage's model states and (`optimizer`, under ZeRO) its stage's
+        ZeRO files. A save checks them too, before the checkpoint is named (Checkpoints.save)."""
+        engine = self.engine
         start = getattr(self.model, "_local_start", 0)
         layers = [start + i for i, f in enumerate(getattr(self.model, "forward_funcs", ()))
                   if hasattr(f, "load_state_dict")]
-        zero = [getattr(engine, "stage_id", 0)] if engine.zero_optimization() and self._same_layout(saved) else []
-        return checkpoint_files(saved.pipe, saved.data, layers, zero, engine.bfloat16_enabled())
+        zero = [getattr(engine, "stage_id", 0)] if optimizer and engine.zero_optimization() else []
+        return checkpoint_files(pipe, data, layers, zero, engine.bfloat16_enabled())
 
     def _load_problem(self, tag_dir: Path) -> str | None:
         """Collective: whether every file of a checkpoint that this load reads is there (a checkpoint of an older

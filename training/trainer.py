@@ -492,7 +492,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         """Checkpoint the current step unless it already is; returns the step saved."""
         if saved_at == st.step:  # the same decision on every rank (no filesystem race)
             return saved_at
-        path = self.ckpts.save(self.engine, st)
+        path = self.ckpts.save(self.engine, st, needed=self.stage_files(self.pp_size, self.dp_size))
         self.last_save_time = time.time()
         how = " --lora peft|merge" if self.lora else ""  # a LoRA checkpoint needs it (adapter dir or merged model)
         self.log(f"saved checkpoint {path} (convert: {command('convert_model.py')} pp_to_hg --input-path {path.parent} "

@@ -61,9 +61,31 @@ def require_chat_template(tokenizer: Any) -> None:
                          "(strftime_now) into its text, so a prompt would differ from training on another day; make it "
                          "take the date from a date_string variable (as Llama 3's does) or use \"template\": \"default\""])
     _warn_if_no_end_token(tokenizer)
+    _warn_if_no_bos(tokenizer)
 
 
-_warned: set[tuple[str, str]] = set()  # (tokenizer dir, chat template): said once per process
+_warned: set[tuple[str, str]] = set()  # (tokenizer dir, chat template[, what]): said once per process
+
+
+def _warn_if_no_bos(tokenizer: Any) -> None:
+    """One warning line when the tokenizer puts a BOS before plain text (the base model was pretrained with one at
+    position 0) and the chat template writes none: chat samples are tokenized as apply_chat_template(tokenize=True)
+    does, so they start without it, and a serving stack that adds BOS to a rendered chat prompt sends one token
+    more than training saw."""
+    key = (str(tokenizer.name_or_path), _template_text(tokenizer), "bos")
+    bos = getattr(tokenizer, "bos_token", None)
+    if key in _warned or not bos or tokenizer("x")["input_ids"][:1] != [tokenizer.bos_token_id]:
+        return
+    _warned.add(key)
+    try:
+        text = _apply(tokenizer, _PROBE)
+    except TemplateError:
+        return
+    if not text.startswith(bos):
+        log.warning("%s: the chat template writes no BOS (%s), which this tokenizer puts before plain text: chat samples "
+                    "are trained without it, as apply_chat_template(tokenize=True) renders them; a base model "
+                    "pretrained with a BOS at position 0 may want {{ bos_token }} at the template's start",
+                    tokenizer.name_or_path, bos)
 
 
 def _warn_if_no_end_token(tokenizer: Any) -> None:
@@ -128,6 +150,20 @@ def _clean_end(tokenizer: Any, turn: str, end: int) -> int:
     return end
 
 
+def _turn_end(tokenizer: Any, messages: list[dict[str, str]], turn: str) -> int:
+    """Where the last message's turn ends in `turn` (the whole conversation): where it parts from the conversation
+    continued by a user message, when what it keeps before that ends with an added token (Phi-3: `<|end|>`, before
+    the EOS it writes after a finished conversation only), so that the last answer ends as the others do; else the
+    whole turn (a template whose only end of an answer is that closing EOS: the model must learn to stop)."""
+    try:
+        more = _apply(tokenizer, [*messages, {"role": "user", "content": "?"}])
+    except TemplateError:
+        return len(turn)
+    common = _clean_end(tokenizer, turn, len(os.path.commonprefix([turn, more])))  # ("<" of "</s>" and "<|user|>")
+    kept = turn[:common].rstrip()
+    return common if common < len(turn) and any(kept.endswith(t) for t in _unsplit(tokenizer) if t.strip()) else len(turn)
+
+
 def structure_problem(messages: Sequence[Mapping[str, str]]) -> str | None:
     """Why no chat template can render these messages, found without rendering them; None when nothing is."""
     if messages and messages[0]["role"] == "assistant":
@@ -135,12 +171,38 @@ def structure_problem(messages: Sequence[Mapping[str, str]]) -> str | None:
     return None
 
 
-def chat_problems(records: Sequence[Record]) -> list[str]:
-    """`FILE:LINE: problem` lines of the records that no chat template can render (`structure_problem`): cheap, so
-    they are found while the records are validated, before anything is tokenized. What a particular template refuses
-    shows only when the records are rendered (encoding)."""
-    found = ((r, structure_problem(CHAT_MESSAGES[r.type](r.data))) for r in records if r.type in CHAT_MESSAGES)
-    return [f"{r.source}:{r.line}: {problem}" for r, problem in found if problem]
+def chat_problems(records: Sequence[Record], tokenizer: Any = None) -> list[str]:
+    """`FILE:LINE: problem` lines of the records that no chat template can render (`structure_problem`) and, given
+    the `tokenizer`, of those whose roles its template rejects (a system role, roles that must alternate): each
+    sequence of roles is rendered once, with placeholder contents, so they are found while the records are
+    validated, before anything is tokenized. What a template refuses in the contents shows when the records are
+    rendered (encoding)."""
+    out, shapes = [], {}
+    for r in records:
+        if r.type not in CHAT_MESSAGES:
+            continue
+        messages = CHAT_MESSAGES[r.type](r.data)
+        if problem := structure_problem(messages):
+            out.append(f"{r.source}:{r.line}: {problem}")
+        elif getattr(tokenizer, "chat_template", None):  # (none: require_chat_template says so)
+            roles = tuple(m["role"] for m in messages)
+            if roles not in shapes:
+                try:
+                    _apply(tokenizer, [{"role": role, "content": "x"} for role in roles])
+                    shapes[roles] = None
+                except TemplateError as e:
+                    shapes[roles] = _rejected(e, list(roles))
+            if shapes[roles]:
+                out.append(f"{r.source}:{r.line}: {shapes[roles]}")
+    return out
+
+
+def _rejected(e: Exception, roles: list[str]) -> str:
+    """The line for a chat template that raised `e` on messages of `roles`, with what in them templates refuse."""
+    why = [*(["it holds a system message (a ref_qa record's reference)"] if "system" in roles else []),
+           *[f"messages {k} and {k + 1} are both {r} turns" for k, r in enumerate(roles[:-1]) if r == roles[k + 1]]]
+    return (f"the tokenizer's chat template rejected this record: {e}" + (f" ({'; '.join(why[:2])})" if why else "")
+            + "; use \"template\": \"default\" for such records")
 
 
 def _not_turn_by_turn(before: str, prompt: str, turn: str, text: str, i: int) -> str:
@@ -184,18 +246,15 @@ def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_
             # (Phi-3 writes EOS after the last turn, not after this one); never inside a special token's text
             # startswith compares in C; commonprefix loops over every character in Python (n^2 per record)
             common = len(turn) if text.startswith(turn) else len(os.path.commonprefix([turn, text]))
+            if i == len(messages) - 1 and common == len(turn):  # the last answer: its own end, not the closing
+                common = _turn_end(tokenizer, messages, turn)
             end = _clean_end(tokenizer, turn, common)
             if not (turn.startswith(prompt) and text.startswith(prompt)
                     and message["content"].strip() in text[len(prompt):end]):
                 raise ValueError(_not_turn_by_turn(_apply(tokenizer, messages[:i]), prompt, turn, text, i))
             answers.append((len(prompt), len(text[:end].rstrip())))
     except TemplateError as e:
-        roles = [m["role"] for m in messages]
-        why = [*(["it holds a system message (a ref_qa record's reference)"] if "system" in roles else []),
-               *[f"messages {k} and {k + 1} are both {r} turns" for k, r in enumerate(roles[:-1]) if r == roles[k + 1]]]
-        raise ValueError(f"the tokenizer's chat template rejected this record: {e}"
-                         + (f" ({'; '.join(why[:2])})" if why else "") + "; use \"template\": \"default\" for such "
-                         "records") from None
+        raise ValueError(_rejected(e, [m["role"] for m in messages])) from None
     return text, answers, tuple(a for a, _ in answers), True
 
 

@@ -46,7 +46,7 @@ from data.templates import CHAT_MESSAGES, DEFAULT_SETTINGS, Rendered, Span, Temp
 from data.templates import template_settings as template_state
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "encode-v10"  # bump when encoding, labelling or the cache file's layout changes (v9 was
+CACHE_VERSION = "encode-v11"  # bump when encoding, labelling or the cache file's layout changes (v9 was
 # written for an hour by cf0d248, since reverted: never reuse it)
 MIN_RECORDS_FOR_POOL = 2000
 BATCH = 1000  # texts per tokenizer call
@@ -447,11 +447,13 @@ def _writable(d: Path) -> bool:
     return at.is_dir() and os.access(at, os.W_OK | os.X_OK)  # False on a read-only mount too (EROFS)
 
 
-def valid_records(files: Sequence[tuple[Path, bytes]], settings: TemplateSettings = DEFAULT_SETTINGS) -> list[Record]:
+def valid_records(files: Sequence[tuple[Path, bytes]], settings: TemplateSettings = DEFAULT_SETTINGS,
+                  tokenizer: Any = None) -> list[Record]:
     """Parse and validate every record of `files` (read_files' (path, bytes)) for `settings`: the records' own checks
-    and, in chat mode, what no chat template renders (data.chat.chat_problems). One DataError lists every problem."""
+    and, in chat mode, what no chat template renders and the roles the `tokenizer`'s template rejects
+    (data.chat.chat_problems). One DataError lists every problem."""
     records = records_from_files(files)
-    if settings.template == "chat" and (problems := chat_problems(records)):
+    if settings.template == "chat" and (problems := chat_problems(records, tokenizer)):
         raise DataError(problems)
     return records
 
@@ -488,7 +490,7 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
                 log.warning("the data cache %s cannot be read (%s); encoding the data again", path, e)
                 with contextlib.suppress(OSError):  # _publish writes no name that is taken
                     path.unlink()
-    records = valid_records(files, settings) if records is None else records
+    records = valid_records(files, settings, tokenizer) if records is None else records
     ds = encode_records(records, tokenizer, max_seq_len, settings, num_proc)
     del records  # not held while the cache is written
     if path is not None:

@@ -151,6 +151,13 @@ def test_records_a_template_cannot_render_are_reported_with_file_and_line(chat_d
         f"{data}:2: the tokenizer's chat template rejected this record: roles must alternate (messages 0 and 1 are both "
         "user turns); use \"template\": \"default\" for such records",
         f"{data}:3: the first turn is an answer: chat templates need a user message before it"]
+    # found while the records are validated, before anything is tokenized: each sequence of roles rendered once
+    from data.encode import valid_records
+    from data.records import read_files
+
+    with pytest.raises(DataError) as early:
+        valid_records(read_files(data), CHAT, tok)
+    assert early.value.problems == e.value.problems
     tok.chat_template = "{{ messages | length }}" + CHATML  # earlier text changes as turns are added
     with pytest.raises(DataError, match=rf"^{data}:1: the chat template does not render this record turn by turn"):
         encode_records(load_records(data)[:1], tok, 64, CHAT, num_proc=num_proc)
@@ -310,9 +317,13 @@ def test_a_template_that_closes_a_finished_conversation_trains_every_answer(phi3
     messages = CHAT_MESSAGES["conversation"](rec)
     assert ids == tok.apply_chat_template(messages)["input_ids"]
     runs = trained_runs(tok, ids, labels)
-    assert runs[0] == answers_of(rec)[0] + "<|end|>" and runs[1].startswith(answers_of(rec)[1] + "<|end|>")
+    # the last answer too: not the newline and the EOS that close a finished conversation
+    assert runs == [answer + "<|end|>" for answer in answers_of(rec)], runs
     prompt = encode_prompt(tok, {"rounds": rec["rounds"][:-1]}, CHAT)
     assert prompt == tok.apply_chat_template(messages[:-1], add_generation_prompt=True)["input_ids"] == ids[:len(prompt)]
+    instruct = RECORDS["instruct"]
+    ids, labels, _ = encode_one(tok, instruct, 1024, CHAT)
+    assert trained_runs(tok, ids, labels) == [instruct["output"] + "<|end|>"] and ids[-1] == tok.eos_token_id
 
 
 def test_a_dated_template_renders_one_date_every_day(phi3_dir, tmp_path, monkeypatch):
@@ -388,7 +399,7 @@ def test_an_end_of_turn_the_tokenizer_splits_is_warned_once_and_stopped_on_as_te
     with caplog.at_level(logging.WARNING, logger="data.chat"):
         require_chat_template(tok)
         require_chat_template(tok)
-    said = [r.getMessage() for r in caplog.records if r.name == "data.chat"]
+    said = [r.getMessage() for r in caplog.records if r.name == "data.chat" and "no BOS" not in r.getMessage()]
     assert said == [f"{tmp_path}: the chat template ends each answer with {END!r}, which the tokenizer splits into "
                     "several tokens: generation cannot stop on it (demo.py stops on the text; an export's "
                     "generation_config and serving stacks do not); add it as a special token"]
@@ -452,3 +463,44 @@ def test_tool_records_rendered_by_the_default_template_in_chat_mode_are_counted(
     with caplog.at_level(logging.WARNING, logger="data.encode"):
         assert load_dataset(data, tok, 256, cache_dir=tmp_path / "cache").stats.default_in_chat == 0
     assert not caplog.records
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_a_chat_template_without_the_bos_the_tokenizer_adds_to_text_is_warned_once(tmp_path, kind, caplog):
+    """ChatML on a tokenizer that puts BOS before plain text (Llama-2's, Llama-3's): chat samples start without it
+    (as apply_chat_template(tokenize=True) renders them), silently; now one line says so. A template that writes
+    {{ bos_token }} is not warned about."""
+    import logging
+
+    from data.chat import require_chat_template
+
+    for template, warned in ((CHATML, True), ("{{ bos_token }}" + CHATML, False)):
+        path = tmp_path / str(warned)
+        tok = train_tiny_tokenizer(_texts_from_records(SAMPLES), path, vocab_size=512 if kind == "bpe" else 1200,
+                                   kind=kind)
+        tok.chat_template = template
+        assert tok("x")["input_ids"][0] == tok.bos_token_id
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="data.chat"):
+            require_chat_template(tok)
+            require_chat_template(tok)
+        said = [r.getMessage() for r in caplog.records if "no BOS" in r.getMessage()]
+        assert said == ([f"{path}: the chat template writes no BOS (<s>), which this tokenizer puts before plain text: "
+                         "chat samples are trained without it, as apply_chat_template(tokenize=True) renders them; a "
+                         "base model pretrained with a BOS at position 0 may want {{ bos_token }} at the template's "
+                         "start"] if warned else []), said
+        ids = tok.apply_chat_template(CHAT_MESSAGES["instruct"](RECORDS["instruct"]))["input_ids"]
+        assert (ids[0] == tok.bos_token_id) != warned
+
+
+def test_a_template_whose_only_end_of_an_answer_is_the_closing_eos_keeps_it_trained(tokenizer):
+    """The last answer ends where the conversation continued by a user message parts from it only when what it keeps
+    ends with a token of the template's (Phi-3's <|end|>): here nothing but the closing EOS can teach the model to
+    stop, so it stays trained."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% else %}{{ eos_token }}{% endif %}")
+    ids, labels, _ = encode_one(tok, RECORDS["instruct"], 128, CHAT)
+    assert trained_runs(tok, ids, labels) == [RECORDS["instruct"]["output"] + "\n</s>"]

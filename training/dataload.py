@@ -49,7 +49,7 @@ class TrainingData:
                                    Path(cfg.save_path) / RUN_CACHE_DIR)
                 if not cache.is_file() and cache not in seen:  # cached: they were valid records; seen: the same data
                     seen.add(cache)
-                    validated[i] = (files, valid_records(files, cfg.template_settings))
+                    validated[i] = (files, valid_records(files, cfg.template_settings, self.tokenizer))
         self._validated = validated
 
     def _setup_data(self) -> None:

@@ -357,6 +357,9 @@ def load_adapter_strictly(model, adapter: str | Path):
     from peft import PeftConfig, PeftModel
     from peft.utils import get_peft_model_state_dict, load_peft_weights
 
+    from models.lora import adapter_keys
+
+    adapter_keys(adapter)  # a damaged file: one line (CheckpointError), not safetensors' traceback
     base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
     fits = f"--adapter {adapter} does not fit this base model (the adapter's base: {base or 'not recorded'})"
     try:

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from pipeft import one_line
+
 from .family import ModelFamily
 from .hf_io import (
     CheckpointError,
@@ -158,6 +160,9 @@ def _check_adapter(path, settings: LoraSettings) -> None:
         cfg = json.loads((d / "adapter_config.json").read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"lora.adapter_path {path}: unreadable adapter_config.json ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"lora.adapter_path {path}: adapter_config.json holds {json.dumps(cfg)[:40]}, not an object "
+                         "(a PEFT adapter config)")
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_rslora") or cfg.get("use_dora"):
         raise ValueError(f"lora.adapter_path {path}: only plain LoRA adapters are supported (no rsLoRA or DoRA)")
     if per_module := [k for k in ("alpha_pattern", "rank_pattern", "lora_bias") if cfg.get(k)]:
@@ -191,15 +196,23 @@ def _check_adapter(path, settings: LoraSettings) -> None:
                          f"differ from lora.modules_to_save {list(settings.modules_to_save)}")
 
 
+def adapter_keys(path: str | Path) -> list[str]:
+    """The tensor names of a PEFT adapter dir's adapter_model.safetensors; CheckpointError when it does not read."""
+    from safetensors import safe_open
+
+    f = Path(path) / "adapter_model.safetensors"
+    try:
+        with safe_open(str(f), "pt") as st:
+            return list(st.keys())  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type, or an OSError
+        raise CheckpointError(f"{f}: unreadable, the file is corrupt or truncated ({one_line(e)})") from None
+
+
 def check_adapter_keys(path: str | Path, family: ModelFamily, num_blocks: int, targets: tuple[str, ...]) -> None:
     """Every tensor of a PEFT adapter maps to a block of this model, and the adapter has an A and a B for exactly the
     modules `targets` adapt in every block (CheckpointError naming the first that does not fit): one adapting fewer
     (a regex target_modules, exclude_modules) would leave the others to start fresh without a word."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as f:
-        keys = list(f.keys())  # noqa: SIM118 (safe_open is not a dict)
-    for key in keys:
+    for key in (keys := adapter_keys(path)):
         pipeline_key(family, key, num_blocks)
     have = {f"{m['module']}.{m['part']}" for k in keys if (m := _LORA_KEY.match(k.removeprefix("base_model.model.")))}
     want = {f"{hf.removesuffix('.weight').format(i)}.{part}" for hf, (slot, local) in family.key_map.table.items()

@@ -288,6 +288,40 @@ def test_an_adapter_with_bias_or_of_some_layers_is_refused_in_one_line(tmp_path,
     assert str(e.value) == f"{cfg}: lora.adapter_path {tmp_path / 'adapter'}: {says}"
 
 
+def test_a_damaged_adapter_is_one_line_and_one_of_another_base_quantization_is_said(tmp_path, ops_model):
+    """A truncated adapter_model.safetensors, or an adapter_config.json that is no object, was a traceback (a
+    safetensors error, an AttributeError) on every rank; demo.py --adapter too. An adapter exported from a QLoRA run
+    (its quantization_config.json) started a run on another base without a word."""
+    from models.quant import QUANT_FILE
+
+    model = get_family("llama").hf_model_class.from_pretrained(str(ops_model / "hf"))
+    adapter = tmp_path / "adapter"
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(str(adapter))
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "adapter_path": str(adapter)}
+    cfg = ops_config(tmp_path, ops_model, lora=lora)
+    assert not any("lora.adapter_path" in n for n in load_config(cfg).notes)
+    (adapter / QUANT_FILE).write_text(json.dumps({"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}))
+    said = [n for n in load_config(cfg).notes if "lora.adapter_path" in n]
+    assert said == [f"lora.adapter_path {adapter} was trained on a 4-bit fp4, no double quantisation, compute float32 "
+                    f"base ({QUANT_FILE}), and this run's is a full-precision base: its adapters start from weights "
+                    "fitted to another base (the first losses may differ from that run's last)"], said
+    (adapter / QUANT_FILE).unlink()
+    weights = adapter / "adapter_model.safetensors"
+    whole = weights.read_bytes()
+    for damaged in (whole[:len(whole) // 2], whole[:4], b""):
+        weights.write_bytes(damaged)
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(cfg))}: {re.escape(str(weights))}: unreadable, the "
+                                              r"file is corrupt or truncated \(.+\)$"):
+            load_config(cfg)
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(weights))}: unreadable"):
+            demo.load_adapter_strictly(model, adapter)
+    weights.write_bytes(whole)
+    for not_an_object in ("[]", "null", '"x"'):
+        (adapter / "adapter_config.json").write_text(not_an_object)
+        with pytest.raises(ConfigError, match=rf"adapter_config.json holds {re.escape(not_an_object)}, not an object"):
+            load_config(cfg)
+
+
 def test_an_adapter_of_other_target_modules_is_refused_before_the_model_loads(tmp_path):
     """An adapter of q_proj + k_proj with target_modules [q_proj] failed only after every rank had loaded its layers
     (a k_proj tensor that fits no adapter); [q, k, v] silently started v_proj's adapters fresh."""

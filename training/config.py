@@ -26,7 +26,7 @@ from models.convert import family_of, missing_layer_file
 from models.hf_io import RUN_TAG, CheckpointError, run_tags
 from models.lora import LoraSettings, check_adapter_keys, parse_lora
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
-from models.quant import parse_quantization
+from models.quant import QUANT_FILE, parse_quantization, read_quant_file
 from pipeft import command, one_line
 from training.batches import DROP_LAST
 from training.compat import check_deepspeed_sections, derive_batch, map_gdgpt_keys
@@ -604,11 +604,27 @@ def _check_lora(cfg: TrainConfig, path: Path, resuming: bool = False) -> LoraSet
         settings = parse_lora(cfg.lora, family, config)
         if settings.adapter_path:
             check_adapter_keys(settings.adapter_path, family, family.num_blocks(config), settings.target_modules)
-        if cfg.quantization is not None:
-            parse_quantization(cfg.quantization, family, config, settings)
+        quant = None if cfg.quantization is None else parse_quantization(cfg.quantization, family, config, settings)
+        if settings.adapter_path and (note := adapter_base_note(settings.adapter_path, quant)):
+            cfg.notes.append(note)
     except (ValueError, CheckpointError) as e:
         raise ConfigError(f"{path}: {e}") from None
     return settings
+
+
+def adapter_base_note(adapter: str, quant) -> str | None:
+    """A line when lora.adapter_path was exported from a run whose base was quantized otherwise than this run's
+    (its quantization_config.json, models.quant.QUANT_FILE): its adapters were fitted to another base."""
+    try:
+        theirs = read_quant_file(Path(adapter))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"lora.adapter_path {adapter}: unreadable {QUANT_FILE} ({one_line(e)})") from None
+    if theirs == quant:
+        return None
+    said = lambda q: "a full-precision base" if q is None else f"a {q.describe()} base"  # noqa: E731
+    return (f"lora.adapter_path {adapter} was trained on {said(theirs)} ({QUANT_FILE}), and this run's is "
+            f"{said(quant)}: its adapters start from weights fitted to another base (the first losses may differ "
+            "from that run's last)")
 
 
 def _check_parts(cfg: TrainConfig, path: Path, world_size: int) -> None:

@@ -19,6 +19,7 @@ sample left gets an empty row (index -1: one pad token, no label).
 
 from __future__ import annotations
 
+import heapq
 import math
 import threading
 from dataclasses import dataclass, field
@@ -68,13 +69,15 @@ class BatchPlan:
     seed: int
     lengths: np.ndarray | None = None  # tokens per sample: needed for group_by_length and padded lengths
     group_by_length: bool = False
-    drop_last: bool = True  # False: an epoch's last, incomplete global batch is trained, filled with empty rows
+    drop_last: bool = True  # False: an epoch's last, incomplete global batch is trained (cut_micro_batches)
     pad_multiple: int = 1  # pad_to_multiple_of: a micro-batch's rows are padded to its longest row, rounded up
     max_seq_len: int | None = None  # ... and never beyond this
     # epoch -> its order: this epoch's and the next (the prefetch thread asks for the next step's while the
     # trainer's metrics ask for this one's), under a lock
     _orders: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # (epoch, step) -> its micro-batches: the prefetch thread cuts the next step's, the metrics read this one's
+    _cuts: dict[tuple[int, int], list[np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
     def global_batch(self) -> int:
@@ -129,12 +132,24 @@ class BatchPlan:
         return run_order(self._step_micro(epoch, step_in_epoch)[dp_rank::self.dp_size])
 
     def _step_micro(self, epoch: int, step_in_epoch: int) -> list[np.ndarray]:
-        """The micro-batches of every rank, largest first."""
+        """The micro-batches of every rank, largest first, cut once per step. With group_by_length, the first
+        step's first micro-batch is micro_batch rows of the epoch's longest (HF's longest sample first: running out
+        of memory shows at the first step)."""
+        key = (epoch, step_in_epoch)
+        with self._lock:
+            if key in self._cuts:
+                return self._cuts[key]
         idx = self.global_indices(epoch, step_in_epoch)
         if self.lengths is None:
-            return list(idx.reshape(-1, self.micro_batch))
-        return cut_micro_batches(idx, self.lengths, self.grad_accum * self.dp_size, self.micro_batch,
-                                 self.pad_multiple, self.max_seq_len)
+            cut = list(idx.reshape(-1, self.micro_batch))
+        else:
+            cut = cut_micro_batches(idx, self.lengths, self.grad_accum * self.dp_size, self.micro_batch,
+                                    self.pad_multiple, self.max_seq_len,
+                                    first_full=self.group_by_length and step_in_epoch == 0)
+        with self._lock:
+            self._cuts = {k: v for k, v in self._cuts.items() if k > key or len(self._cuts) < 3}
+            self._cuts[key] = cut
+        return cut
 
     def micro_shapes(self, epoch: int, step_in_epoch: int, dp_rank: int) -> list[tuple[int, int]]:
         """(rows, padded row length) of each of this rank's micro-batches of the step."""
@@ -154,7 +169,7 @@ def micro_shape(rows: np.ndarray, lengths: np.ndarray, multiple: int, max_seq_le
 
 
 def cut_micro_batches(rows: np.ndarray, lengths: np.ndarray, count: int, micro_batch: int, multiple: int,
-                      max_seq_len: int | None) -> list[np.ndarray]:
+                      max_seq_len: int | None, first_full: bool = False) -> list[np.ndarray]:
     """`rows` (sample indices, -1: none; at most count x micro_batch) cut into `count` micro-batches, largest
     (rows x padded length) first. The rows are sorted longest first, and each micro-batch is a run of them: a run
     of like rows is little padding. Each holds at most the tokens of micro_batch rows of the longest (no more
@@ -163,11 +178,15 @@ def cut_micro_batches(rows: np.ndarray, lengths: np.ndarray, count: int, micro_b
     than micro-batches (an epoch's last batch): one each, and the rest an empty row. The loss is the global
     batch's token mean, so the cut changes no gradient, only the order of float sums (except for rope scaling that
     follows a batch's longest position, `dynamic` / `longrope`, past its switch length: as in transformers, a row
-    is then encoded by its micro-batch's longest row)."""
+    is then encoded by its micro-batch's longest row). `first_full`: the first micro-batch is micro_batch rows of
+    the longest, the largest any step can have."""
     real = rows[rows >= 0]
     real = real[np.argsort(-lengths[real], kind="stable")]
     if len(real) <= count:
         return [real[i:i + 1] for i in range(len(real))] + [np.full(1, -1, rows.dtype)] * (count - len(real))
+    if first_full and count > 1:
+        return [real[:micro_batch], *cut_micro_batches(real[micro_batch:], lengths, count - 1, micro_batch, multiple,
+                                                       max_seq_len)]
     pads = padded_lengths(lengths[real], multiple, max_seq_len).tolist()
 
     def starts(cap: int) -> list[int] | None:  # greedy runs of at most `cap` tokens (the fewest there can be)
@@ -184,13 +203,16 @@ def cut_micro_batches(rows: np.ndarray, lengths: np.ndarray, count: int, micro_b
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if starts(mid) is not None else (mid + 1, hi)
     cuts = starts(lo)
-    runs = [real[a:b] for a, b in zip(cuts, [*cuts[1:], len(real)], strict=True)]
-    while len(runs) < count:  # fewer, fuller runs than micro-batches: halve the largest of several rows
-        k = max((i for i, r in enumerate(runs) if len(r) > 1), key=lambda i: len(runs[i]) * pads[cuts[i]])
-        r, c, h = runs[k], cuts[k], len(runs[k]) // 2
-        runs[k:k + 1], cuts[k:k + 1] = [r[:h], r[h:]], [c, c + h]
-    size = [len(r) * pads[c] for r, c in zip(runs, cuts, strict=True)]
-    return [runs[i] for i in sorted(range(count), key=lambda i: -size[i])]
+    bounds = list(zip(cuts, [*cuts[1:], len(real)], strict=True))
+    whole = [b for b in bounds if b[1] - b[0] == 1]  # single rows: not halved
+    heap = [(-(b - a) * pads[a], a, b) for a, b in bounds if b - a > 1]
+    heapq.heapify(heap)
+    while len(whole) + len(heap) < count:  # fewer, fuller runs than micro-batches: halve the largest of several rows
+        _, a, b = heapq.heappop(heap)
+        for a2, b2 in ((a, a + (b - a) // 2), (a + (b - a) // 2, b)):
+            heapq.heappush(heap, (-(b2 - a2) * pads[a2], a2, b2)) if b2 - a2 > 1 else whole.append((a2, b2))
+    bounds = sorted(whole + [(a, b) for _, a, b in heap])
+    return [real[a:b] for a, b in sorted(bounds, key=lambda ab: -(ab[1] - ab[0]) * pads[ab[0]])]
 
 
 def run_order(micro: list[np.ndarray]) -> list[np.ndarray]:

@@ -3,8 +3,8 @@
 Each `engine.eval_batch` call evaluates `micro x num_micro x dp` samples; a micro-batch's loss is its
 summed token loss x (num_micro x dp) / (trained tokens of the whole eval set), so DeepSpeed's average
 over micro-batches and data-parallel ranks makes each call's result that call's share of the token
-mean, and the calls' results add up to the eval set's token-mean loss. The last call is filled up with
-empty rows (no trained token), which add nothing. The rows go longest first (EvalPlan), each call's are cut
+mean, and the calls' results add up to the eval set's token-mean loss. A last call of fewer samples than
+micro-batches gives its other micro-batches an empty row (no trained token), which adds nothing. The rows go longest first (EvalPlan), each call's are cut
 into micro-batches as training's are (training.batches.cut_micro_batches), and each micro-batch is padded to its
 longest row (rounded up to pad_to_multiple_of).
 """

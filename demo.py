@@ -359,7 +359,8 @@ def load_adapter_strictly(model, adapter: str | Path):
 
     from models.lora import adapter_keys
 
-    adapter_keys(adapter)  # a damaged file: one line (CheckpointError), not safetensors' traceback
+    if (Path(adapter) / "adapter_model.safetensors").is_file():  # (peft also saves adapter_model.bin)
+        adapter_keys(adapter)  # a damaged file: one line (CheckpointError), not safetensors' traceback
     base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
     fits = f"--adapter {adapter} does not fit this base model (the adapter's base: {base or 'not recorded'})"
     try:

@@ -160,8 +160,11 @@ def _turn_end(tokenizer: Any, messages: list[dict[str, str]], turn: str) -> int:
     except TemplateError:
         return len(turn)
     common = _clean_end(tokenizer, turn, len(os.path.commonprefix([turn, more])))  # ("<" of "</s>" and "<|user|>")
-    kept = turn[:common].rstrip()
-    return common if common < len(turn) and any(kept.endswith(t) for t in _unsplit(tokenizer) if t.strip()) else len(turn)
+    kept, dropped, tokens = turn[:common].rstrip(), turn[common:], _unsplit(tokenizer)
+    for t in sorted(tokens, key=len, reverse=True):
+        dropped = dropped.replace(t, "")
+    closing = not dropped.strip()  # only the closing's tokens and whitespace are cut, never the answer's own text
+    return common if common < len(turn) and closing and any(kept.endswith(t) for t in tokens if t.strip()) else len(turn)
 
 
 def structure_problem(messages: Sequence[Mapping[str, str]]) -> str | None:

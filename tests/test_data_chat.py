@@ -504,3 +504,24 @@ def test_a_template_whose_only_end_of_an_answer_is_the_closing_eos_keeps_it_trai
                          "{% if add_generation_prompt %}{{ 'assistant: ' }}{% else %}{{ eos_token }}{% endif %}")
     ids, labels, _ = encode_one(tok, RECORDS["instruct"], 128, CHAT)
     assert trained_runs(tok, ids, labels) == [RECORDS["instruct"]["output"] + "\n</s>"]
+
+
+def test_a_template_that_writes_the_last_answers_reasoning_only_still_trains_it(tmp_path):
+    """GLM-4.5's template keeps <think>...</think> only for an answer after the last user message: continued by a
+    user message, the conversation parts from it right after the added token <think>. The last answer's end must
+    not be cut there (the record was refused as rendered differently once later messages follow): only a closing
+    of added tokens and whitespace is cut, as Phi-3's EOS."""
+    tok = train_tiny_tokenizer(_texts_from_records(SAMPLES), tmp_path, vocab_size=512)
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    tok.add_tokens(["<think>", "</think>"])  # GLM-4.5 and Qwen3 add these (not special)
+    tok.chat_template = (
+        "{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m['role']=='user' %}{% set ns.last = "
+        "loop.index0 %}{% endif %}{% endfor %}{% for m in messages %}{% if m['role']=='user' %}{{ '<|user|>\\n' + "
+        "m['content'] + '<|end|>' }}{% else %}{% set c = m['content'] %}{% set r = '' %}{% if '</think>' in c %}"
+        "{% set r = c.split('</think>')[0].split('<think>')[-1] %}{% set c = c.split('</think>')[-1].lstrip('\\n') %}"
+        "{% endif %}{{ '<|assistant|>' }}{% if loop.index0 > ns.last and r %}{{ '\\n<think>' + r.strip() + "
+        "'</think>' }}{% else %}{{ '\\n<think></think>' }}{% endif %}{{ '\\n' + c.strip() + '<|end|>' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    rec = {"instruct": "2+3?", "output": "<think>add them</think>\n5."}
+    ids, labels, _ = encode_one(tok, rec, 128, CHAT)
+    assert trained_runs(tok, ids, labels) == ["\n<think>add them</think>\n5.<|end|>"]

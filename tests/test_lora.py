@@ -316,6 +316,10 @@ def test_a_damaged_adapter_is_one_line_and_one_of_another_base_quantization_is_s
         with pytest.raises(CheckpointError, match=rf"^{re.escape(str(weights))}: unreadable"):
             demo.load_adapter_strictly(model, adapter)
     weights.write_bytes(whole)
+    fresh = lambda: get_family("llama").hf_model_class.from_pretrained(str(ops_model / "hf"))  # noqa: E731
+    get_peft_model(fresh(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        str(tmp_path / "bin"), safe_serialization=False)  # adapter_model.bin, as older peft saved: still loads
+    assert isinstance(demo.load_adapter_strictly(fresh(), tmp_path / "bin"), PeftModel)
     for not_an_object in ("[]", "null", '"x"'):
         (adapter / "adapter_config.json").write_text(not_an_object)
         with pytest.raises(ConfigError, match=rf"adapter_config.json holds {re.escape(not_an_object)}, not an object"):

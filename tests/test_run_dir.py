@@ -462,8 +462,9 @@ def test_a_later_start_in_one_slurm_job_with_another_config_is_not_taken_for_a_r
                                                                                          monkeypatch):
     """A sweep inside one allocation over one save_path ("resume": false, "overwrite_save_path": true) ran the next
     config as a restart of the first: it resumed that finished run, trained nothing and exited 0. A restart runs the
-    config its job started with; with the restart count unmoved, another config (or this one edited) is refused
-    with how to choose. A requeue (count moved) resumes with an edited config, as any resume may."""
+    config its job started with; with the restart count unmoved, another config's content (or this one edited) is
+    refused with how to choose. The same content at another path is a restart; so is a worker torchrun restarted
+    inside the job, and a requeue (count moved), with an edited config, as any resume may be."""
     save = tmp_path / "out"
     save.mkdir()
     (save / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
@@ -473,6 +474,7 @@ def test_a_later_start_in_one_slurm_job_with_another_config_is_not_taken_for_a_r
     monkeypatch.setenv("SLURM_JOB_ID", "777")
     first = ops_config(tmp_path, ops_model, "a.json", resume=False, overwrite_save_path=True)
     record_job(save, [launcher_token()], config_identity(first, load_config(first, world_size=2).raw))
+    original = first.read_bytes()
     assert load_config(first, world_size=2).resume == "auto"  # the same command again: a restart, it resumes
     other = ops_config(tmp_path, ops_model, "b.json", resume=False, overwrite_save_path=True,
                        optimizer={"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}})
@@ -483,6 +485,15 @@ def test_a_later_start_in_one_slurm_job_with_another_config_is_not_taken_for_a_r
         assert f"delete {save / JOB_FILE} to start over" in cfg.refusal
         with pytest.raises(ConfigError, match="a restart of the job runs the config it started with"):
             load_config(path, world_size=None)
+    copy = tmp_path / "copy"  # the same content at another path (a script that copies it per step): a restart
+    copy.mkdir()
+    (copy / "a.json").write_bytes(original)
+    assert load_config(copy / "a.json", world_size=2).resume == "auto"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "777")  # torchrun inside the job restarted this worker (SLURM's count
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # does not move): the same command, whatever its config now
+    assert load_config(edited, world_size=2).resume == "auto"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued: a restart, whatever its config now
     assert load_config(edited, world_size=2).resume == "auto"
 

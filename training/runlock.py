@@ -130,8 +130,9 @@ def restarted_job(save_path: str | Path, config: dict | None = None) -> str | No
     restart count that moved says so; with the same count, any later process of the same SLURM job is one (the same
     command run again inside one allocation resumes too) or of the same torchrun agent (no --rdzv-id), and a
     torchrun worker is one when the torchrun agent that started it also started one of the run's first ranks; but
-    one with another `config` (config_identity: another file, or the file changed) is another command, or the same
-    one edited: UnknownStart (a sweep inside one allocation, over one save_path, must not resume the last run). The
+    a later start of the SLURM job with another `config` (config_identity's content hash: another file, or the file
+    changed) that torchrun did not restart is another command, or the same one edited: UnknownStart (a sweep inside
+    one allocation, over one save_path, must not resume the last run). The
     same torchrun run id started by another agent with its count unmoved (a new torchrun command reusing --rdzv-id,
     or a scheduler that restarted the agent itself) cannot be told apart: UnknownStart, rather than guess (a guess of
     "new" would delete the run). So is every start of a torchrun run without --rdzv-id on several nodes with
@@ -152,8 +153,13 @@ def restarted_job(save_path: str | Path, config: dict | None = None) -> str | No
         return None
     if earlier := earlier_start(info):
         return earlier
-    first = info.get("config")
-    if config is not None and isinstance(first, dict) and first != config:
+    first, launchers = info.get("config"), info.get("launchers")
+    by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ and (  # a worker torchrun restarted: the same command
+        int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0
+        or isinstance(launchers, list) and launcher_token() in launchers)  # (a shell's child: no proof, an salloc
+    # shell starts each command)
+    if (config is not None and isinstance(first, dict) and first.get("sha256") != config["sha256"]
+            and not by_torchrun):
         same = first.get("path") == config["path"]
         raise UnknownStart(f"save_path {Path(save_path)} holds a run that {job[0]} started with \"resume\": false "
                            f"and {'another version of this config' if same else 'the config ' + str(first.get('path'))}, "
@@ -162,7 +168,6 @@ def restarted_job(save_path: str | Path, config: dict | None = None) -> str | No
                            "(\"overwrite_save_path\": true), or set \"resume\": \"auto\" to continue that run with it")
     if job[0].startswith(("SLURM", AGENT)):  # AGENT: the job is the agent, which restarts its own workers
         return f"{job[0]} (restart count {info.get('restart')} then, {job[1]} in this process)"
-    launchers = info.get("launchers")
     if isinstance(launchers, list) and (mine := launcher_token()) in launchers:
         return f"{job[0]} (its torchrun agent {mine.split(':')[1]} on {mine.split(':')[0]} restarted it)"
     raise UnknownStart(f"save_path {Path(save_path)} holds a run that {job[0]} started with \"resume\": false, and this "

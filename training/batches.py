@@ -147,8 +147,9 @@ class BatchPlan:
                                     self.pad_multiple, self.max_seq_len,
                                     first_full=self.group_by_length and step_in_epoch == 0)
         with self._lock:
-            self._cuts = {k: v for k, v in self._cuts.items() if k > key or len(self._cuts) < 3}
             self._cuts[key] = cut
+            while len(self._cuts) > 4:  # the steps around the current one
+                del self._cuts[min(self._cuts)]
         return cut
 
     def micro_shapes(self, epoch: int, step_in_epoch: int, dp_rank: int) -> list[tuple[int, int]]:

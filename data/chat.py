@@ -64,7 +64,7 @@ def require_chat_template(tokenizer: Any) -> None:
     _warn_if_no_bos(tokenizer)
 
 
-_warned: set[tuple[str, str]] = set()  # (tokenizer dir, chat template[, what]): said once per process
+_warned: set[tuple[str, str, str]] = set()  # (tokenizer dir, chat template, what): said once per process
 
 
 def _warn_if_no_bos(tokenizer: Any) -> None:
@@ -90,7 +90,7 @@ def _warn_if_no_bos(tokenizer: Any) -> None:
 
 def _warn_if_no_end_token(tokenizer: Any) -> None:
     """One warning line when the template ends an answer with no token generation can stop on (`end_of_turn`)."""
-    key = (str(tokenizer.name_or_path), _template_text(tokenizer))
+    key = (str(tokenizer.name_or_path), _template_text(tokenizer), "end")
     if key in _warned or (tail := turn_tail(tokenizer)) is None or _first_added(tokenizer, tail) is not None:
         return
     _warned.add(key)

@@ -212,8 +212,8 @@ def cut_micro_batches(rows: np.ndarray, lengths: np.ndarray, count: int, micro_b
         _, a, b = heapq.heappop(heap)
         for a2, b2 in ((a, a + (b - a) // 2), (a + (b - a) // 2, b)):
             heapq.heappush(heap, (-(b2 - a2) * pads[a2], a2, b2)) if b2 - a2 > 1 else whole.append((a2, b2))
-    bounds = sorted(whole + [(a, b) for _, a, b in heap])
-    return [real[a:b] for a, b in sorted(bounds, key=lambda ab: -(ab[1] - ab[0]) * pads[ab[0]])]
+    bounds = whole + [(a, b) for _, a, b in heap]  # largest first; of like size, in the rows' order
+    return [real[a:b] for a, b in sorted(bounds, key=lambda ab: (-(ab[1] - ab[0]) * pads[ab[0]], ab[0]))]
 
 
 def run_order(micro: list[np.ndarray]) -> list[np.ndarray]:

@@ -84,13 +84,14 @@ class EvalPlan:
         self.tokens = int(row_trained(ds).sum())
         self.lengths = ds.offsets[1:] - ds.offsets[:-1]
         self.order = np.argsort(-self.lengths, kind="stable")
+        self.cuts = [cut_micro_batches(self.order[c * self.per_call:(c + 1) * self.per_call], self.lengths,
+                                       num_micro * dp_size, micro_batch, pad_multiple, max_seq_len)
+                     for c in range(self.calls)]  # every call's micro-batches, cut once
 
     def micro_rows(self, call: int, dp_rank: int) -> list[np.ndarray]:
         """The sample indices of each micro-batch of one call for one data-parallel rank (-1: an empty row, in the
         last call's micro-batches with no sample left)."""
-        rows = self.order[call * self.per_call:(call + 1) * self.per_call]
-        return run_order(cut_micro_batches(rows, self.lengths, self.num_micro * self.dp_size, self.micro_batch,
-                                           self.pad_multiple, self.max_seq_len)[dp_rank::self.dp_size])
+        return run_order(self.cuts[call][dp_rank::self.dp_size])
 
     def micro_shapes(self, call: int, dp_rank: int) -> list[tuple[int, int]]:
         """(rows, padded length) of each micro-batch of the call on this rank."""

@@ -87,3 +87,29 @@ def test_a_stale_lock_taken_over_by_two_runs_at_once_keeps_one_holder(tmp_path, 
         assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]  # nothing left aside
     finally:
         a.release()
+
+
+def test_the_heartbeat_reports_a_takeover_and_keeps_beating_a_lock_that_reads_as_its_own_again(tmp_path, monkeypatch):
+    """`lost_why` is set while the lock names another run (the trainer stops at the step); a lock that reads as this
+    run's again is touched again and `lost_why` cleared, rather than left to go stale with the heartbeat stopped."""
+    import training.runlock as runlock
+
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    file = tmp_path / LOCK_FILE
+    mine = file.read_text()
+    try:
+        file.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": 0, "token": "other"}))
+        deadline = time.time() + 10
+        while lock.lost_why is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert lock.lost_why and "another run took the lock" in lock.lost_why
+        file.write_text(mine)
+        os.utime(file, (0, 0))
+        while (lock.lost_why is not None or file.stat().st_mtime == 0) and time.time() < deadline:
+            time.sleep(0.02)
+        assert lock.lost_why is None and file.stat().st_mtime > 0
+    finally:
+        lock.release()
+    assert not file.exists()

@@ -246,7 +246,8 @@ class Checkpoints:
                 os.replace(old, final)
         return gone
 
-    def save(self, engine, state: RunState, extra: dict[str, str] | None = None, needed: list[str] = ()) -> Path:
+    def save(self, engine, state: RunState, extra: dict[str, str] | None = None,
+             needed: tuple[str, ...] | list[str] = ()) -> Path:
         """Collective: every rank calls it. Returns the tag directory. `extra`: more name -> text files for
         this tag (rank 0). `needed`: the files this rank's resume would load (rundir.stage_files), which it must see
         in the tag before the tag is named (and an older one rotated away): rank 0's manifest is what rank 0 sees.

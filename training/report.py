@@ -66,7 +66,7 @@ class RunReport:
         self.log(f"global batch: {g} {self.unit}s of up to {cfg.max_seq_len} tokens ({cfg.micro_batch} micro x "
                  f"{cfg.grad_accum} accumulation x {self.dp_size} replicas), a step's rows sorted by length and cut "
                  f"into micro-batches of like size, each padded to its longest row (a multiple of {cfg.pad_to_multiple_of}; "
-                 f"shorter rows, more rows a micro-batch){'; length-grouped' if cfg.group_by_length else ''}; "
+                 f"a micro-batch of shorter rows holds more of them){'; length-grouped' if cfg.group_by_length else ''}; "
                  f"{self.plan.steps_per_epoch} steps per epoch, {self.total_steps} steps")
         self.log(f"attention: {cfg.attn_implementation} (rows of one segment: causal SDPA, no mask; packed or "
                  "left-padded rows: " + ("exact eager ALiBi)" if self.family.model_type == "bloom" else

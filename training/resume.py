@@ -219,7 +219,7 @@ def effective(raw: dict, as_written: frozenset = frozenset()) -> dict:
     if "bfloat16" in out:
         out.setdefault("bf16", out.pop("bfloat16"))
     for key in PRECISION:  # "enabled" as DeepSpeed reads it: true (an older run's "auto" or "false" was off)
-        if key in out and not (isinstance(out[key], dict) and out[key].get("enabled") in (True, "true", "True", 1)):
+        if key in out and not (isinstance(out[key], dict) and out[key].get("enabled") in (True, "true", "True")):
             del out[key]
     if "fp16" in out:
         out["fp16"] = {k: getattr(ds, f"FP16_{k.upper()}_DEFAULT") for k in FP16_SCALER} | out["fp16"]

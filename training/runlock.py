@@ -391,14 +391,15 @@ class RunLock:
 
     def _beat(self) -> None:
         """Touch the lock every HEARTBEAT_S; once another run has taken it over, say so in `lost_why` (the trainer
-        stops at the next step, writing nothing more in save_path) and stop."""
+        stops at the next step, writing nothing more in save_path). It keeps beating: a lock that reads as this run's
+        again (the trainer's own check at the step found it ours) is kept fresh, and `lost_why` cleared."""
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 if self.ours():
                     os.utime(self.file)
+                    self.lost_why = None
                 elif why := self.lost():
                     self.lost_why = why
-                    return
             except OSError:
                 pass  # a network filesystem hiccup: the next beat tries again
 

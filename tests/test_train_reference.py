@@ -232,7 +232,8 @@ def check_against_reference(tmp_path, tokenizer, procs, dims, family, name, clip
     assert all(n % 16 == 0 and n <= SEQ for n in lengths)
     assert packing or len(set(lengths)) > 1, lengths
     micro_shapes = [plan.micro_shapes(*plan.position(s), 0) for s in range(steps)]
-    assert lengths == [max(n for _, n in m) for m in micro_shapes]
+    assert lengths == [max(n for r in range(dims[1]) for _, n in plan.micro_shapes(*plan.position(s), r))
+                       for s in range(steps)]  # the step's longest, on every replica
     # rows x padded length of every micro-batch of every replica, from the batches themselves
     computed = [sum(int(ids.numel()) for r in range(dims[1]) for (ids, _, _), _ in
                     step_micro_batches(dataset, plan, np.ones(len(dataset), np.int64), *plan.position(s), r,

@@ -157,6 +157,11 @@ class BatchPlan:
         return [micro_shape(idx, self.lengths, self.pad_multiple, self.max_seq_len)
                 for idx in self.micro_indices(epoch, step_in_epoch, dp_rank)]
 
+    def seq_len(self, epoch: int, step_in_epoch: int) -> int:
+        """The longest padded row length of the step's micro-batches, on every data-parallel rank."""
+        return max(micro_shape(idx, self.lengths, self.pad_multiple, self.max_seq_len)[1]
+                   for idx in self._step_micro(epoch, step_in_epoch))
+
     def computed_tokens(self, epoch: int, step_in_epoch: int) -> int:
         """The tokens the step computes on every data-parallel rank, pads included: each micro-batch's rows x its
         padded length (micro_shapes)."""

@@ -409,7 +409,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
                    "tokens": int(self.lengths[idx].sum()), "trained_tokens": int(self.tokens[idx].sum()),
                    "computed_tokens": self.plan.computed_tokens(epoch, in_epoch),
                    "samples": int(self.samples_per_row[idx].sum()), "sequences": len(idx), "epoch": epoch,
-                   "seq_len": max(n for _, n in shapes), "data_s": round(data_s, 6), "step_s": round(step_s, 6)}
+                   "seq_len": self.plan.seq_len(epoch, in_epoch), "data_s": round(data_s, 6), "step_s": round(step_s, 6)}
             if not self.engine._step_applied:
                 rec["skipped"] = True
             if bad:

@@ -64,16 +64,33 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
 
 
+GONE = ("no longer there: removed while it was being read (a running run's keep_last rotation deletes older "
+        "checkpoints; export one it keeps, or a copy)")
+
+
+def unreadable(path: Path, e: OSError) -> CheckpointError:
+    """The CheckpointError for an input file that cannot be read at all: gone (it was listed: removed while being
+    read), not readable by this user (a model directory another user downloaded with a private umask), an I/O
+    error; not a damaged file."""
+    if isinstance(e, FileNotFoundError):
+        return CheckpointError(f"{path}: {GONE}")
+    why = e.strerror or _first_line(e)
+    hint = "; check its permissions" if isinstance(e, PermissionError) else ""
+    return CheckpointError(f"{path}: cannot be read ({why}){hint}")
+
+
 def read_json(path: Path):
     """A JSON file's value; CheckpointError naming the file when it cannot be read or parsed."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as e:
+        raise unreadable(Path(path), e) from None
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({_first_line(e)})") from None
-
-
-GONE = ("no longer there: removed while it was being read (a running run's keep_last rotation deletes older "
-        "checkpoints; export one it keeps, or a copy)")
 
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
@@ -98,8 +115,8 @@ def load_torch_file(path: Path) -> dict:
     check_not_lfs_pointer(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: {GONE}") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        raise unreadable(path, e) from None
     except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
         if found := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):  # a whole object pickled, not tensors
             raise CheckpointError(f"{path}: holds non-tensor objects ({found[1]}), which torch.load(weights_only=True) "
@@ -147,8 +164,12 @@ def read_safetensors_header(path: Path) -> dict:
     """The tensors' header of a safetensors file, validated against the file's size before anything is read:
     a corrupt length field or offsets past the end are a CheckpointError, never a huge allocation."""
     check_not_lfs_pointer(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    try:
+        size = path.stat().st_size
+        f = open(path, "rb")
+    except OSError as e:
+        raise unreadable(path, e) from None
+    with f:
         raw = f.read(8)
         if len(raw) != 8:
             raise CheckpointError(f"{path}: not a safetensors file (too short)")
@@ -279,7 +300,11 @@ class HFCheckpoint:
             raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
         buf = bytearray(end - start)
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise unreadable(path, e) from None
+        with f:
             f.seek(info["start"])
             if f.readinto(buf) != len(buf):
                 raise CheckpointError(f"{path}: truncated while reading {key}")
@@ -354,15 +379,18 @@ def copy_side_files(src: Path, dst: Path, names=(*SIDE_FILES, *TOKENIZER_DIRS),
     (modes from the umask); returns what was copied."""
     copied = []
     for name in names:
-        if (src / name).is_file():
-            if transform and name in transform:
+        if not ((src / name).is_file() or (src / name).is_dir()):
+            continue
+        try:
+            if transform and name in transform and (src / name).is_file():
                 (dst / name).write_text(transform[name]((src / name).read_text()))
             else:
                 _copy_content(src / name, dst / name)
-            copied.append(name)
-        elif (src / name).is_dir():
-            _copy_content(src / name, dst / name)
-            copied.append(name)
+        except OSError as e:  # one of src's that cannot be read (its permissions): a one-line error, not a traceback
+            if e.filename and Path(e.filename).is_relative_to(src) and not Path(e.filename).is_relative_to(dst):
+                raise unreadable(Path(e.filename), e) from None
+            raise  # a write problem: the output's (atomic_output_dir says which)
+        copied.append(name)
     return copied
 
 

@@ -206,6 +206,33 @@ def test_a_checkpoint_removed_while_it_is_exported_is_named_gone(tmp_path, token
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_gqa_tied"]
 
 
+def test_an_input_file_this_user_cannot_read_is_one_line_naming_it(tmp_path, tokenizer, capsys, monkeypatch):
+    """A model directory another user downloaded with a private umask (shards 0600): a weights shard, a tokenizer
+    file or a layer file that cannot be opened is one line naming it and the permission, not a traceback, nor
+    "corrupt"; nothing is left behind. (open() refuses them here: the suite may run as root, whom modes do not stop.)"""
+    import builtins
+
+    pp = _pp(tmp_path, tokenizer)
+    hf = tmp_path / "hf_gqa_tied"
+    real_open, denied = builtins.open, []
+
+    def guarded(file, *args, **kwargs):
+        if denied and Path(os.fspath(file)).name == denied[0]:
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    shard = sorted(hf.glob("model-*.safetensors"))[0].name
+    for cmd, src, name in [("hg_to_pp", hf, shard), ("hg_to_pp", hf, "tokenizer.json"),
+                           ("pp_to_hg", pp, "layer_01-model_states.pt")]:
+        denied[:] = [name]
+        capsys.readouterr()
+        assert run(cmd, "--input-path", str(src), "--save-path", str(tmp_path / "out")) == 2, name
+        _assert_one_line_error(capsys, f"{src / name}: cannot be read (Permission denied); check its permissions")
+        assert not (tmp_path / "out").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, capsys):
     pp = _pp(tmp_path, tokenizer)
     bad_config = tmp_path / "bad_config.json"

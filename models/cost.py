@@ -332,10 +332,13 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
         half = b == 2
         grads = trainable * (b + 4 if half else 4)  # half: the bf16 .grad and the fp32 accumulation buffer
         shard = s.data if s.zero_stage >= 1 else 1
-        states = trainable * (8 + (4 if half else 0)) / shard  # two moments (+ fp32 master weights)
+        # two fp32 moments, and fp32 master weights: the half precisions' always, and ZeRO's for an fp32 model too
+        # (DeepSpeedZeroOptimizer clones its partition of the weights)
+        master = 4 if half or s.zero_stage >= 1 else 0
+        states = trainable * (8 + master) / shard
         host = 0.0
-        if s.offload:
-            host, states = states + (trainable * 4 / shard if half else 0), 0.0
+        if s.offload:  # the states, master weights and the fp32 gradients of the partition on the host
+            host, states = states + trainable * 4 / shard, 0.0
             grads = trainable * b
         # the step's transients, one after another (each freed before the next): DeepSpeed's flattened gradients
         # (the reduction, ReduceGrads); on the CPU, torch's per-parameter AdamW's two fp32 temporaries of the largest

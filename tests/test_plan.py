@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from models import get_family
-from models.cost import LoraShape, Setup, fused_rms_norm, stage_memory
+from models.cost import LoraShape, Setup, fused_rms_norm, stage_memory, unit_params
 from training.plan import main as plan_main
 from training.plan import plan
 
@@ -273,6 +273,49 @@ def test_predicted_stage_peaks_match_measured_cpu_runs(tmp_path, tokenizer):
     for _, _, pred, peak, overhead in report:
         assert abs(pred - peak) <= TOLERANCE * peak, text
         assert pred - overhead > 0.3 * (peak - overhead), text  # the model's own terms are predicted, not the overhead
+
+
+OPTIMIZER_BYTES = """
+import json, os, sys, deepspeed, torch
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+deepspeed.init_distributed(dist_backend="gloo")
+out = {}
+for name, extra in [("fp32-0", {}), ("fp32-1", {"zero_optimization": {"stage": 1}}),
+                    ("bf16-1", {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}})]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 300))
+    cfg = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+           **extra}
+    eng, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    x = torch.randn(2, 300, dtype=next(eng.module.parameters()).dtype)
+    eng.backward(eng(x).float().pow(2).mean())
+    eng.step()
+    opt = eng.optimizer
+    master = sum(t.numel() * t.element_size() for t in getattr(opt, "single_partition_of_fp32_groups", []))
+    base = getattr(opt, "optimizer", opt)
+    moments = sum(v.numel() * v.element_size() for st in base.state.values() for v in st.values()
+                  if torch.is_tensor(v) and v.dim())
+    out[name] = [sum(p.numel() for p in model.parameters()), master + moments]
+print("BYTES " + json.dumps(out))
+"""
+
+
+@pytest.mark.distributed
+def test_the_optimizer_term_is_what_deepspeeds_optimizers_hold(tmp_path):
+    """Adam's two fp32 moments, and the fp32 master weights ZeRO-1 keeps: of a bf16 model, and of an fp32 model too
+    (DeepSpeedZeroOptimizer clones its partition whatever the dtype; planned fp32 runs lacked 4 bytes a parameter)."""
+    from tests.helpers import free_port
+
+    proc = subprocess.run([sys.executable, "-c", OPTIMIZER_BYTES, str(free_port())], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BYTES ")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    family, config = _model(CPU_LLAMA)
+    for name, (params, held) in json.loads(line[0][6:]).items():
+        precision, zero = name.split("-")
+        setup = Setup(1, 8, 1, precision=precision, zero_stage=int(zero), overhead_bytes=(1.0,))
+        mem = stage_memory(family, config, setup, [len(unit_params(family, config))], counts=[(params, params)])[0]
+        assert mem.optimizer == held, (name, mem.optimizer, held)
 
 
 # ---------------------------------------------------------------------------------------------- the model's terms

@@ -115,6 +115,11 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         assert plan_main(args) == 2
         err = capsys.readouterr().err.strip()
         assert text in err and "\n" not in err
+    for shipped in ("llama2_7b_pp8.json", "llama2_70b_qlora_pp4.yaml"):  # a training config given for the model's
+        assert plan_main(["--model-config", str(ROOT / "configs" / shipped), "--gpus", "8", "--gpu-memory", "40GB"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"{shipped}: a training config, not a model's config.json: give --model-path with its "
+                            "model_path (or --model-config that model's config.json)") and "\n" not in err, err
 
 
 @pytest.mark.parametrize("raw, text", [

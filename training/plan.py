@@ -48,6 +48,10 @@ def load_model(config_path: str | None, model_path: str | None):
     from models.family import config_errors, get_family
 
     path = Path(model_path) / "config.json" if model_path else Path(config_path)
+    training = (f"{path}: a training config, not a model's config.json: give --model-path with its model_path "
+                "(or --model-config that model's config.json)")
+    if path.suffix in (".yaml", ".yml"):
+        raise PlanError(training)
     try:
         raw = json.loads(path.read_text())
     except OSError as e:
@@ -56,6 +60,8 @@ def load_model(config_path: str | None, model_path: str | None):
         raise PlanError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise PlanError(f"{path}: not a JSON object")
+    if "model_type" not in raw and {"model_path", "save_path", "data_path"} & raw.keys():
+        raise PlanError(training)
     family = get_family(raw.get("model_type"), str(path))
     with config_errors(path):
         config = family.prepare_config(family.config_class(**{k: v for k, v in raw.items() if k != "model_type"}))

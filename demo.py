@@ -41,7 +41,7 @@ with deepspeed_logs_on_stderr():  # stdout holds the generated text only
     from transformers import TextStreamer
 
     from data.chat import end_of_turn, end_of_turn_text
-    from data.encode import encode_prompt, special_text_in
+    from data.encode import encode_prompt, special_text_in, vocabulary_problem
     from data.records import DataError, present_fields, prompt_problems, string_problem
     from data.settings import DataSettings, read_data_settings
     from data.templates import TEMPLATES, TemplateSettings
@@ -246,6 +246,8 @@ def load(model_path: str | Path, dtype: torch.dtype | None = None):
         tokenizer = AutoTokenizer.from_pretrained(str(config_dir))
     except Exception as e:  # transformers raises many types for a bad tokenizer dir
         raise DemoError(f"{config_dir}: cannot load a tokenizer ({type(e).__name__}: {e})".splitlines()[0]) from None
+    if problem := vocabulary_problem(tokenizer):
+        raise DemoError(f"{config_dir}: {problem}")
     return model, tokenizer, Path(config_dir)
 
 
@@ -268,7 +270,7 @@ def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 12
     device = next(model.parameters()).device
     ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
     if not ids:
-        raise DemoError("the prompt is empty (no text, and the tokenizer adds no BOS): nothing to continue")
+        raise DemoError("the prompt is empty (no tokens, and the tokenizer adds no BOS): nothing to continue")
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kw = dict(do_sample=temperature > 0)

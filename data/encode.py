@@ -216,6 +216,14 @@ def require_eos(tokenizer: Any) -> None:
                          "tokenizer_config.json"])
 
 
+def vocabulary_problem(tokenizer: Any) -> str | None:
+    """Why the tokenizer cannot be used: it encodes text to no tokens (a dir with tokenizer_config.json but neither
+    tokenizer.json nor tokenizer.model loads as a tokenizer of its special tokens alone); None when it can."""
+    if tokenizer("a b", add_special_tokens=False)["input_ids"]:
+        return None
+    return "the tokenizer encodes text to no tokens: it has no vocabulary (its tokenizer.json or tokenizer.model is missing?)"
+
+
 def usable_cores() -> int:
     """Cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

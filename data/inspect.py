@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from data.dataset import EncodedDataset
-from data.encode import RUN_CACHE_DIR, load_dataset
+from data.encode import RUN_CACHE_DIR, load_dataset, vocabulary_problem
 from data.packing import PackedDataset, chunk_counts, pack, trained_mask, trained_tokens
 from data.records import DataError
 from pipeft import module_command, one_line
@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
         except (OSError, ValueError) as e:
             raise DataError([f"{model_path}:0: cannot load a tokenizer: {one_line(e)}"]) from None
+        if problem := vocabulary_problem(tokenizer):
+            raise DataError([f"{model_path}:0: {problem}"])
         ds = load_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings,
                           fallback_cache_dir=Path(cfg.save_path) / RUN_CACHE_DIR)  # where training caches it
         trained, held = split_eval(ds, cfg.eval_split_ratio, cfg.seed) if cfg.eval_split_ratio else (ds, None)

@@ -233,7 +233,7 @@ def test_an_input_file_this_user_cannot_read_is_one_line_naming_it(tmp_path, tok
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, capsys):
+def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, sp_tokenizer_dir, capsys):
     pp = _pp(tmp_path, tokenizer)
     bad_config = tmp_path / "bad_config.json"
     bad_config.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -242,6 +242,9 @@ def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, capsys):
     a_file.write_text("")
     empty = tmp_path / "empty"
     empty.mkdir()
+    no_vocab = tmp_path / "no_vocab"  # a SentencePiece tokenizer_config.json alone loads: its special tokens only
+    no_vocab.mkdir()
+    shutil.copy(sp_tokenizer_dir / "tokenizer_config.json", no_vocab)
     cases = [
         (("hg_to_pp", "--input-path", str(tmp_path / "nope"), "--save-path", str(tmp_path / "x")), "no such directory"),
         (("pp_to_hg", "--input-path", str(tmp_path), "--save-path", str(tmp_path / "x")), "not a pipeline or checkpoint"),
@@ -257,6 +260,8 @@ def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, capsys):
           str(tmp_path / "x")), f"{bad_config}: a file, not a directory"),
         (("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(empty),
           "--save-path", str(tmp_path / "x")), "cannot load a tokenizer"),
+        (("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(no_vocab), "--save-path",
+          str(tmp_path / "x")), f"{no_vocab}: the tokenizer encodes text to no tokens: it has no vocabulary"),
         (("init", "--family", "llama", "--config-json", str(bad_config), "--tokenizer", str(tokenizer_dir), "--save-path",
           str(tmp_path / "x")), f"{bad_config}: Class validation error for validator 'validate_architecture'"),
         (("hg_to_pp", "--input-path", str(tmp_path / "hf_gqa_tied"), "--save-path", str(a_file / "x")),

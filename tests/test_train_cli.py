@@ -21,13 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def variants(tmp_path_factory, base) -> dict[str, Path]:
-    """Copies of `base` with one thing wrong: a tokenizer without EOS, a vocab_size below the tokenizer's."""
+def variants(tmp_path_factory, base, sp_tokenizer_dir) -> dict[str, Path]:
+    """Copies of `base` with one thing wrong: a tokenizer without EOS, a vocab_size below the tokenizer's, a
+    tokenizer without its vocabulary (tokenizer_config.json alone)."""
     root = tmp_path_factory.mktemp("variants")
     out = {}
-    for name in ("no_eos", "small_vocab"):
+    for name in ("no_eos", "small_vocab", "no_vocab"):
         shutil.copytree(base, root / name)
         out[name] = root / name
+    for name in ("tokenizer.json", "tokenizer.model"):  # a SentencePiece tokenizer_config.json alone loads
+        (root / "no_vocab" / name).unlink(missing_ok=True)
+    shutil.copy(sp_tokenizer_dir / "tokenizer_config.json", root / "no_vocab")
     tok_cfg = json.loads((root / "no_eos" / "tokenizer_config.json").read_text())
     tok_cfg.pop("eos_token")
     (root / "no_eos" / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
@@ -145,6 +149,8 @@ CASES = {  # name -> (config overrides, expected text)
     "gradient_clipping NaN": ({"gradient_clipping": float("nan")},  # NaN < 0 is false: it turned clipping off
                               "'gradient_clipping' is nan: a config's numbers must be finite"),
     "tokenizer without eos": ({"model_path": "@no_eos"}, ":0: the tokenizer has no EOS token (eos_token)"),
+    "tokenizer without vocabulary": ({"model_path": "@no_vocab"}, "no_vocab: the tokenizer encodes text to no tokens: it "
+                                     "has no vocabulary (its tokenizer.json or tokenizer.model is missing?)"),
     "vocab below tokenizer": ({"model_path": "@small_vocab"},
                               "the model's vocab_size 256 is smaller than the tokenizer's 512 tokens"),
     "max_seq_len above positions": ({"max_seq_len": 2048}, "'max_seq_len' 2048 is above what the model's positions "

@@ -514,12 +514,14 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
     from transformers import AutoTokenizer
 
     from data.chat import require_chat_template
-    from data.encode import require_eos
+    from data.encode import require_eos, vocabulary_problem
 
     model = Path(cfg.model_path)
     try:
         family, config = family_of(model)
         tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
+        if no_vocabulary := vocabulary_problem(tokenizer):
+            raise DataError([f"{model}: {no_vocabulary}"])
         require_eos(tokenizer)
         if cfg.template == "chat":
             require_chat_template(tokenizer)

@@ -3,6 +3,7 @@ test_train_ops.py)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import Checkpoints, RunState, SaveFailed, tag_of
+from training.checkpoint import STATE_FILE, Checkpoints, RunState, SaveFailed, tag_of
 
 
 def state(evals) -> RunState:
@@ -25,6 +26,12 @@ def test_a_non_finite_eval_loss_is_never_best(tmp_path):
     assert state([(2, 0.5), (4, 0.5)]).best_eval() == (2, 0.5)  # ties: the earliest
     st = state([(2, math.nan), (4, math.inf)])
     assert st.best_eval() is None and st.evals_since_best() == 2
+    st.write(tmp_path)  # strict JSON (null), read back as NaN
+    assert json.loads((tmp_path / STATE_FILE).read_text(), parse_constant=lambda c: 1 / 0)["evals"] == [[2, None], [4, None]]
+    back = RunState.read(tmp_path)
+    assert [s for s, _ in back.evals] == [2, 4] and all(math.isnan(v) for _, v in back.evals)
+    assert back.best_eval() is None and back.evals_since_best() == 2
+    (tmp_path / STATE_FILE).unlink()
     for s in (2, 4):
         (tmp_path / tag_of(s)).mkdir()
     (tmp_path / "latest").write_text(tag_of(4))

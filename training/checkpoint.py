@@ -135,7 +135,10 @@ class RunState:
         return sum(1 for s, _ in self.evals if (best is None or s > best[0]) and s not in self.end_evals)
 
     def write(self, tag_dir: Path) -> None:
-        atomic_write_text(tag_dir / STATE_FILE, json.dumps(asdict(self), indent=1))
+        """Strict JSON: a NaN or infinite eval loss is null (read back as NaN, which never counts as best)."""
+        from training.monitor import finite_or_null
+
+        atomic_write_text(tag_dir / STATE_FILE, json.dumps(finite_or_null(asdict(self)), indent=1, allow_nan=False))
 
     @classmethod
     def read(cls, tag_dir: Path) -> RunState:
@@ -143,7 +146,7 @@ class RunState:
         warning. A state with `early_stopped` (written for an hour by d37d687..c6bea29) also loses its eval
         fingerprint, which was of the packed eval rows then: not comparable with the samples' fingerprint now."""
         raw = json.loads((tag_dir / STATE_FILE).read_text())
-        raw["evals"] = [tuple(e) for e in raw.get("evals", [])]
+        raw["evals"] = [(s, math.nan if loss is None else loss) for s, loss in raw.get("evals", [])]
         raw["eval_fingerprint"] = saved_eval_fingerprint(raw)
         if raw.pop("early_stopped", None):  # d37d687..c6bea29's name of it
             raw.setdefault("patience_ended", True)

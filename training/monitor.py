@@ -46,16 +46,16 @@ def process_memory() -> float:
 def json_line(rec: dict) -> str:
     """A record as one line of strict JSON: a NaN or infinite number (a diverged loss, grad norm, perplexity) is
     null, which pandas reads as NaN and jq / JSON.parse accept (json.dumps wrote bare NaN / Infinity, not JSON)."""
-    return json.dumps(_finite_or_null(rec), allow_nan=False)
+    return json.dumps(finite_or_null(rec), allow_nan=False)
 
 
-def _finite_or_null(value: object) -> object:
+def finite_or_null(value: object) -> object:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
+        return {k: finite_or_null(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v) for v in value]
+        return [finite_or_null(v) for v in value]
     return value
 
 

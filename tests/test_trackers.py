@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import ops_config, run_deepspeed
 from training.config import ConfigError, load_config
-from training.monitor import Monitor
+from training.monitor import Monitor, truncate_metrics
 from training.trackers import IDS_FILE, MLFLOW_ENV, MLFLOW_HTTP, scalars
 
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -229,6 +229,21 @@ def test_non_finite_numbers_are_null_in_metrics_jsonl(tmp_path):
     assert lines[1]["eval_ppl"] is None and lines[1]["eval_loss"] == 800.0
     assert scalars(lines[0]) == {"train/lr": 0.1, "train/tokens": 10.0, "train/tokens_per_s": lines[0]["tokens_per_s"],
                                  "memory/peak_gib_stage0": 1.0}
+
+
+def test_time_goes_on_across_a_resume(tmp_path):
+    """A resumed run's `time` continues from the checkpoint's last line (it restarted at 0: plots against it broke)."""
+    first = Monitor(tmp_path, 0, 6, 0, 1, "none")
+    for step in (1, 2, 3, 4):
+        first.step({"step": step, "loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "tokens": 1})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "time": 99')  # half-written when the run was killed
+    truncate_metrics(tmp_path / "metrics.jsonl", 3)
+    kept = [json.loads(line)["time"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    resumed = Monitor(tmp_path, 0, 6, 3, 1, "none")
+    resumed.step({"step": 4, "loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "tokens": 1})
+    times = [json.loads(line)["time"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(times) == 4 and times[:3] == kept and times == sorted(times) and times[3] >= kept[2]
 
 
 class FakeMlflowServer:

@@ -86,6 +86,24 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def last_time(path: Path) -> float:
+    """The `time` of the last metrics line (0 without one): a resumed run's clock goes on from it."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 65536))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return 0.0
+    for line in reversed(lines):
+        try:
+            value = json.loads(line)["time"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
+    return 0.0
+
+
 class Monitor:
     """Rank 0's outputs; every method is a no-op on other ranks."""
 
@@ -93,7 +111,9 @@ class Monitor:
                  report_to: str | list[str] = "tensorboard", config: dict | None = None):
         self.active, self.total, self.log_interval = rank == 0, total_steps, log_interval
         self.metrics_path = save_path / "metrics.jsonl"
-        self.t0 = self.last_step = time.time()
+        self.t0 = self.last_step = time.time()  # `time`: this run's, over its resumes (the stopped time left out)
+        if self.active and start_step:
+            self.t0 -= last_time(self.metrics_path)
         self.start, self.window_tokens, self.window_s = start_step, 0, 0.0
         self.trackers, self.bar = {}, None
         if not self.active:

@@ -109,6 +109,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         raise DemoError(f"--{'top-k' if args.top_k is not None else 'top-p'} samples, but --temperature 0 is greedy "
                         "decoding (which takes neither); give --temperature T > 0 to sample")
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():  # before the base model loads
+        raise DemoError(f"--adapter {args.adapter}: no adapter_config.json (not a PEFT adapter dir)")
 
 
 def build_record(args: argparse.Namespace) -> dict:
@@ -128,7 +130,11 @@ def build_record(args: argparse.Namespace) -> dict:
         try:
             text = Path(text).read_text(encoding="utf-8-sig")  # a BOM as the training readers take it
         except OSError as e:
-            raise DemoError(f"--record {args.record}: not JSON and not a readable file ({e.strerror})") from None
+            try:  # JSON, but no object: null, "a string", 5
+                json.loads(text)
+            except ValueError:
+                raise DemoError(f"--record {args.record}: not JSON and not a readable file ({e.strerror})") from None
+            raise DemoError("--record: a record is a JSON object") from None
         except UnicodeDecodeError as e:
             raise DemoError(f"--record {args.record}: not valid UTF-8 (byte offset {e.start})") from None
     try:

@@ -56,7 +56,8 @@ def collate(samples: Sequence[Mapping[str, Sequence[int]]], max_seq_len: int | N
 
 
 def collate_left(samples: Sequence[Mapping[str, Sequence[int]]], max_seq_len: int | None, pad_id: int) -> Batch:
-    """Left-pad (for batched generation); position ids still start at 0 on each first real token."""
+    """Left-pad, the layout of batched generation (which the pipeline's left-padded attention path serves; demo.py
+    generates one prompt at a time, unpadded); position ids still start at 0 on each first real token."""
     return _pad(samples, max_seq_len, pad_id, left=True)
 
 

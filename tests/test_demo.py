@@ -123,6 +123,9 @@ def test_sampling_without_top_k_or_top_p_takes_the_models_generation_config(dirs
     (["--model-path", "{tmp}", "--prompt", "x", "--temperature", "1", "--seed", str(2**64)],
      f"--seed {2**64}: must be in [-2**63, 2**64)"),
     (["--model-path", "{tmp}", "--record", '[{"instruct": "x"}]'], "--record: a record is a JSON object"),
+    (["--model-path", "{tmp}", "--record", "null"], "--record: a record is a JSON object"),
+    (["--model-path", "{tmp}/missing", "--prompt", "x", "--adapter", "{tmp}/nope"],
+     "--adapter {tmp}/nope: no adapter_config.json (not a PEFT adapter dir)"),  # before the base model loads
     (["--model-path", "{tmp}", "--instruct", "   "], "--instruct: field 'instruct' is empty"),  # as training says
     (["--model-path", "{tmp}", "--record", '{"rounds": [{"role": "ask", "text": "Hi"}]}'],
      '--record: rounds[0] must be a [role, text] pair, got {"role": "ask", "text": "Hi"}'),
@@ -130,7 +133,7 @@ def test_sampling_without_top_k_or_top_p_takes_the_models_generation_config(dirs
 def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
     assert demo.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # status lines may precede it
-    assert last.startswith("demo.py: error:") and message in last
+    assert last.startswith("demo.py: error:") and message.replace("{tmp}", str(tmp_path)) in last
 
 
 def test_undecodable_prompt_text_is_one_line_before_the_model_loads(tmp_path, capsys):

@@ -18,8 +18,10 @@ import os
 import sys
 
 from launch import AcceleratorError, exit_if_ds_accelerator_unusable
+from pipeft import INSTALLED
 
-exit_if_ds_accelerator_unusable("train_ds.py")  # before DeepSpeed's import builds it (also under pipeft-train)
+PROG = "pipeft-train" if INSTALLED else "train_ds.py"  # as the user ran it, in usage and error lines
+exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
 
 from data.records import DataError  # noqa: E402
 from models.hf_io import CheckpointError  # noqa: E402
@@ -30,10 +32,13 @@ from training.distributed import LAUNCH_VARS, LaunchError, launch_env, master_po
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="JSON or YAML config (DeepSpeed keys + project keys)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:  # usage error (2) or --help (0): an exit code, as main's callers (a notebook) expect
+        return e.code if isinstance(e.code, int) else 2
     # what launch_env adds (one process, srun) is taken away on return: a second main() in this process (tests, a
     # notebook) starts its own group instead of finding the first one's port
     added = [k for k in LAUNCH_VARS if k not in os.environ]
@@ -48,7 +53,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         launcher = launch_env()
     except LaunchError as e:
-        print(f"train_ds.py: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     # One copy of each error per node: the errors every process raises alike (config, data, a failed save gathered
     # from all ranks) are printed by LOCAL_RANK 0 alone. An error a process finds about itself names it: its message
@@ -62,7 +67,7 @@ def _main(args: argparse.Namespace) -> int:
         install_from_env()  # PIPEFT_ACCELERATOR (set by launch.trainium), before anything asks DeepSpeed
         cfg = load_config(args.config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         for note in cfg.notes if int(os.environ.get("RANK", "0")) == 0 else []:  # one line per run
-            print(f"train_ds.py: warning: {note}", file=sys.stderr)
+            print(f"{PROG}: warning: {note}", file=sys.stderr)
         if problem := master_port_problem(launcher):
             raise ConfigError(problem)
         from training.trainer import run
@@ -72,7 +77,7 @@ def _main(args: argparse.Namespace) -> int:
             LaunchError) as e:
         if not quiet or str(e).startswith(own):
             for line in str(e).splitlines():
-                print(f"train_ds.py: error: {line}", file=sys.stderr)
+                print(f"{PROG}: error: {line}", file=sys.stderr)
         return 1 if isinstance(e, TrainingStopped) else 2
     return 0
 

@@ -37,7 +37,7 @@ def test_a_busy_master_port_is_one_line(tmp_path, ops_model, monkeypatch, capsys
         assert train_ds.main(["--config", str(ops_config(tmp_path, ops_model))]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"train_ds.py: error: MASTER_PORT {port} is already in use on this machine (another run?); start deepspeed "
-        "with --master_port set to a free port"]
+        "with --master_port set to a free port (make quickstart MASTER_PORT=<port>)"]
 
 
 def test_a_process_that_sees_only_its_own_gpu_or_none_is_one_line(monkeypatch):

@@ -202,6 +202,13 @@ def test_bad_config_is_one_line(tmp_path, base, variants, capsys, monkeypatch, c
     assert not (tmp_path / "out").exists()
 
 
+def test_a_usage_error_is_an_exit_code_not_systemexit(capsys):
+    """train_ds.main returns its exit code (a notebook calling it is not ended by argparse's SystemExit)."""
+    assert train_ds.main(["--config"]) == 2
+    assert capsys.readouterr().err.startswith("usage: train_ds.py ")
+    assert train_ds.main(["--help"]) == 0
+
+
 def test_gradient_clipping_null_is_refused(tmp_path, base, capsys):
     """A YAML `gradient_clipping:` with no value is null: one line, not a TypeError on every rank after the build."""
     cfg = write_config(tmp_path, base)

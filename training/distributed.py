@@ -168,7 +168,7 @@ def master_port_problem(launcher: str = "deepspeed") -> str | None:
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 how = ("export MASTER_PORT=<a free port> before srun" if launcher == "slurm" else
-                       "start deepspeed with --master_port set to a free port")
+                       "start deepspeed with --master_port set to a free port (make quickstart MASTER_PORT=<port>)")
                 return f"MASTER_PORT {port} is already in use on this machine (another run?); {how}"
     return None
 

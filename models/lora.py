@@ -82,8 +82,12 @@ class LoraSettings:
     def saves(self, hf_key: str) -> bool:
         """Whether the HF tensor `hf_key` belongs to a module trained whole (`modules_to_save`): peft's rule, a module
         whose name ends with one of them is trained whole, its submodules with it ("mlp": every block's MLP)."""
+        return self.saved_by(hf_key) is not None
+
+    def saved_by(self, hf_key: str) -> str | None:
+        """The entry of `modules_to_save` that trains the HF tensor `hf_key` whole (`saves`), or None."""
         module = hf_key.rsplit(".", 1)[0]
-        return any(name.endswith(m) for name in _module_and_parents(module) for m in self.modules_to_save)
+        return next((m for name in _module_and_parents(module) for m in self.modules_to_save if name.endswith(m)), None)
 
 
 def _module_and_parents(module: str) -> list[str]:

@@ -116,10 +116,14 @@ def parse_quantization(section, family: ModelFamily, config, lora) -> QuantSetti
     if not linears:
         raise ValueError(f"quantization: a {family.model_type} block ({family.block_class.__name__}) has no nn.Linear "
                          "layer bitsandbytes can quantise")
-    for name in lora.modules_to_save:
-        if hits := [n for n in linears if n.endswith(name) or n.startswith(name + ".") or f".{name}." in f".{n}."]:
-            raise ValueError(f"lora.modules_to_save: {name!r} holds 4-bit layers under 'quantization' ({hits[0]}), "
-                             "which cannot be trained whole")
+    # the HF names of every block's 4-bit weights, matched as training matches them (LoraSettings.saves: peft's
+    # rule), so that "mlp", "layers.5.mlp.down_proj" and "model.layers.0.self_attn" are all caught here
+    quantized = [hf.format(i) for hf, (slot, local) in family.key_map.table.items()
+                 if slot == "block" and local.rsplit(".", 1)[0] in linears for i in range(family.num_blocks(config))]
+    for key in quantized:
+        if name := lora.saved_by(key):
+            raise ValueError(f"lora.modules_to_save: {name!r} holds 4-bit layers under 'quantization' "
+                             f"({key.removesuffix('.weight')}), which cannot be trained whole")
     require_bitsandbytes()
     return QuantSettings(qt, dq, cd)
 

@@ -191,6 +191,13 @@ BAD = {  # name -> (config overrides, expected text)
     "not 4 bit": ({"quantization": {"bnb_4bit_quant_type": "nf4"}}, "quantization.load_in_4bit must be true, got null"),
     "4-bit module trained whole": ({"lora": {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["down_proj"]}},
                                    "lora.modules_to_save: 'down_proj' holds 4-bit layers under 'quantization'"),
+    # one block's, or a block's attention, named as peft names them (they passed the check, then every rank crashed)
+    "one block's 4-bit module": ({"lora": {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["layers.1.mlp.down_proj"]}},
+                                 "lora.modules_to_save: 'layers.1.mlp.down_proj' holds 4-bit layers under 'quantization' "
+                                 "(model.layers.1.mlp.down_proj)"),
+    "a block's attention": ({"lora": {"r": 4, "target_modules": ["gate_proj"], "modules_to_save": ["model.layers.0.self_attn"]}},
+                            "lora.modules_to_save: 'model.layers.0.self_attn' holds 4-bit layers under 'quantization' "
+                            "(model.layers.0.self_attn.q_proj)"),
     "bitsandbytes missing": ({}, "quantization needs the package bitsandbytes >= 0.46, which is not installed; pip install"),
     "bitsandbytes too old": ({}, "quantization needs bitsandbytes >= 0.46 (4-bit layers on CPU and GPU); installed: 0.45.5"),
     "resume a LoRA checkpoint": ({"@ckpt": {"r": 4, "alpha": 4.0, "dropout": 0.0, "target_modules": ["q_proj"],

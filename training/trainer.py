@@ -531,8 +531,8 @@ def run(cfg: TrainConfig) -> None:
             raise
         said = re.sub(r"^\[[^\]]*\]\s*", "", one_line(e, None)).split(". ")[0]  # gloo's source line and advice off
         raise TrainingStopped(f"rank {trainer.rank}: another process of this run has ended (killed, out of memory, "
-                              f"its node lost? see its log): {said[:160]}; the run resumes from its last checkpoint: "
-                              f"{resume_hint(cfg)}") from None
+                              f"its node lost, or an error there: see its log): {said[:160]}; the run resumes from its last "
+                              f"checkpoint (an error in that log is fixed first): {resume_hint(cfg)}") from None
     finally:
         trainer.close(failed)
         sys.stdout.flush()

@@ -41,13 +41,24 @@ from data.dataset import (
     load_dataset_file,
     save_dataset,
 )
-from data.records import MAX_SHOWN, RECORD_TYPES, DataError, Record, read_files, record_type, records_from_files
+from data.records import (
+    MAX_SHOWN,
+    RECORD_TYPES,
+    DataError,
+    Record,
+    digests_of,
+    file_digests,
+    read_files,
+    record_type,
+    records_from_files,
+)
 from data.templates import CHAT_MESSAGES, DEFAULT_SETTINGS, Rendered, Span, TemplateSettings, prompt_of, render
 from data.templates import template_settings as template_state
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "encode-v11"  # bump when encoding, labelling or the cache file's layout changes (v9 was
-# written for an hour by cf0d248, since reverted: never reuse it)
+CACHE_VERSION = "encode-v12"  # bump when encoding, labelling or the cache file's layout changes (v9 was
+# written for an hour by cf0d248, since reverted: never reuse it; v12: 0746ce2's chat labels, written under v11)
+KEYED_PACKAGES = ("tokenizers", "transformers", "jinja2")  # their versions are in the key: tokenizing, chat rendering
 MIN_RECORDS_FOR_POOL = 2000
 BATCH = 1000  # texts per tokenizer call
 MAX_RANGE = 2 * BATCH  # records per task at most: what a worker holds for one range does not grow with the data
@@ -416,29 +427,42 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return json.dumps(state, sort_keys=True, default=str)
 
 
-def cache_key(files: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len: int, settings: TemplateSettings) -> str:
-    """sha256 over the data files' names and bytes, tokenizer state, template settings, max_seq_len and
-    CACHE_VERSION (a file's name: its suffix picks the parser, and a cache hit skips validating the records)."""
+def _package_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "-"
+
+    return " ".join(f"{name} {of(name)}" for name in KEYED_PACKAGES)
+
+
+def cache_key(digests: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len: int, settings: TemplateSettings) -> str:
+    """sha256 over the data files' names and content digests (file_digests), tokenizer state, template settings,
+    max_seq_len, CACHE_VERSION and the versions of KEYED_PACKAGES (a file's name: its suffix picks the parser, and a
+    cache hit skips validating the records)."""
     h = hashlib.sha256()
     for part in (CACHE_VERSION, tokenizer_fingerprint(tokenizer), json.dumps(template_state(settings)),
-                 str(max_seq_len)):
+                 str(max_seq_len), _package_versions()):
         h.update(part.encode())
         h.update(b"\0")
-    for f, raw in files:
-        h.update(Path(f).name.encode() + b"\0" + hashlib.sha256(raw).digest())
+    for f, digest in digests:
+        h.update(Path(f).name.encode() + b"\0" + digest)
     return h.hexdigest()
 
 
-def cache_file(files: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len: int, cache_dir: str | Path | None,
+def cache_file(digests: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len: int, cache_dir: str | Path | None,
                settings: TemplateSettings = DEFAULT_SETTINGS, fallback_dir: str | Path | None = None) -> Path:
-    """Where the encoding of `files` (read_files' (path, bytes)) is cached: `cache_dir` / encoded-KEY.npys; without
-    `cache_dir`, `.cache` beside the first file, or `fallback_dir` (a training run's save_path / RUN_CACHE_DIR) when it
+    """Where the encoding of the files of `digests` (file_digests' (path, sha256)) is cached: `cache_dir` /
+    encoded-KEY.npys; without `cache_dir`, `.cache` beside the first file, or `fallback_dir` (a training run's save_path / RUN_CACHE_DIR) when it
     holds this cache or `.cache` cannot be written and does not. It exists only if these bytes were valid records
     when it was written. The one place that decides: validation, loading and data.inspect all ask it."""
-    name = f"encoded-{cache_key(files, tokenizer, max_seq_len, settings)[:32]}{CACHE_SUFFIX}"
+    name = f"encoded-{cache_key(digests, tokenizer, max_seq_len, settings)[:32]}{CACHE_SUFFIX}"
     if cache_dir is not None:
         return Path(cache_dir) / name
-    default = _default_cache_dir(files) / name
+    default = _default_cache_dir(digests) / name
     if fallback_dir is None or default.is_file():
         return default
     fallback = Path(fallback_dir) / name
@@ -446,6 +470,7 @@ def cache_file(files: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_len:
 
 
 def _default_cache_dir(files: Sequence[tuple[Path, bytes]]) -> Path:
+    """`.cache` beside the first of `files` ((path, bytes or digest) pairs)."""
     return files[0][0].parent / ".cache"
 
 
@@ -479,8 +504,10 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
     `validated`: `data_path`'s files (read_files' (path, bytes)) and their `valid_records(files, settings)`, as the
     caller already read and checked them: used as they are, not read or parsed again.
     """
-    files, records = validated if validated is not None else (read_files(data_path), None)
+    files, records = validated if validated is not None else (None, None)
     validated = None  # the records are held by `records` alone, and dropped once encoded
+    # a cache hit reads no file whole (hashed in chunks): every reading rank of a node loads at once
+    digests = (digests_of(files) if files is not None else file_digests(data_path)) if use_cache else None
     if appended := appended_ids(tokenizer):
         log.warning("the tokenizer appends %s to every text it encodes (add_eos_token): the training texts end with "
                     "the template's EOS only and prompts end without one; a serving stack that calls the tokenizer "
@@ -488,7 +515,7 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
                     " ".join(tokenizer.convert_ids_to_tokens(appended)))
     path = None
     if use_cache:
-        path = cache_file(files, tokenizer, max_seq_len, cache_dir, settings, fallback_cache_dir)
+        path = cache_file(digests, tokenizer, max_seq_len, cache_dir, settings, fallback_cache_dir)
         if path.is_file():
             try:
                 ds = load_dataset_file(path)
@@ -498,11 +525,17 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
                 log.warning("the data cache %s cannot be read (%s); encoding the data again", path, e)
                 with contextlib.suppress(OSError):  # _publish writes no name that is taken
                     path.unlink()
-    records = valid_records(files, settings, tokenizer) if records is None else records
+    if records is None:
+        files = read_files(data_path)
+        if use_cache and digests_of(files) != digests:  # a file changed since it was hashed: the key of what is encoded
+            digests = digests_of(files)
+            path = cache_file(digests, tokenizer, max_seq_len, cache_dir, settings, fallback_cache_dir)
+        records = valid_records(files, settings, tokenizer)
+    del files  # the records hold what they need: the bytes are not kept while encoding
     ds = encode_records(records, tokenizer, max_seq_len, settings, num_proc)
     del records  # not held while the cache is written
     if path is not None:
-        default = _default_cache_dir(files) if cache_dir is None else None
+        default = _default_cache_dir(digests) if cache_dir is None else None
         _store(ds, path, default, None if fallback_cache_dir is None else Path(fallback_cache_dir))
     _log(ds.stats)
     return ds

@@ -16,6 +16,7 @@ counts as the JSON text of its record.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -377,6 +378,29 @@ def read_files(data_path: str | Path | Sequence[str | Path]) -> list[tuple[Path,
     if problems:
         raise DataError(problems)
     return out
+
+
+def file_digests(data_path: str | Path | Sequence[str | Path]) -> list[tuple[Path, bytes]]:
+    """Resolve `data_path` and hash every file (sha256, read in chunks: a cache hit never holds a file whole); the
+    same digests as `digests_of(read_files(data_path))` (raises DataError for unreadable paths)."""
+    out, problems = [], []
+    for f in resolve_files(data_path):
+        try:
+            with open(f, "rb") as fh:
+                h = hashlib.sha256()
+                while chunk := fh.read(1 << 23):
+                    h.update(chunk)
+            out.append((f, h.digest()))
+        except OSError as e:
+            problems.append(f"{f}:0: cannot read file: {e.strerror}")
+    if problems:
+        raise DataError(problems)
+    return out
+
+
+def digests_of(files: Sequence[tuple[Path, bytes]]) -> list[tuple[Path, bytes]]:
+    """(path, sha256 digest) of read_files' (path, bytes)."""
+    return [(f, hashlib.sha256(raw).digest()) for f, raw in files]
 
 
 def records_from_files(files: Sequence[tuple[Path, bytes]]) -> list[Record]:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _NO_SPACE_TEXT = ("no space left on device", "storagefull", "os error 28", "disk quota exceeded")
-_STREAM_TEXT = ("file write failed", "unexpected pos", "basic_ios::clear", "failed writing")
+_STREAM_TEXT = ("file write failed", "unexpected pos", "basic_ios::clear", "failed writing",
+                "requested and")  # numpy's tofile / write_array: "N requested and M written", no errno
 NEARLY_FULL = 64 * 2**20  # a C++ stream error on a filesystem with less free space than this is a full disk
 
 

@@ -27,7 +27,7 @@ from data import encode as encode_module
 from data.collate import collate_rows
 from data.encode import CACHE_SUFFIX, RUN_CACHE_DIR, cache_file, load_dataset
 from data.packing import pack, trained_tokens
-from data.records import read_files
+from data.records import file_digests, read_files
 from tests.helpers import pythonpath, write_word_records
 from training.evaluate import split_eval
 from training.rundir import data_fingerprint
@@ -77,7 +77,7 @@ def test_a_read_only_data_dir_caches_under_save_path(tokenizer, tmp_path, read_o
                       "instead (set data_cache_dir to choose where)"]
     assert first.stats.cache_status == "written" and Path(first.stats.cache_path).parent == fallback
     # the one decision: validation (which skips cached data) and every later start look where it was written
-    assert cache_file(read_files(data), tokenizer, 64, None, fallback_dir=fallback) == Path(first.stats.cache_path)
+    assert cache_file(file_digests(data), tokenizer, 64, None, fallback_dir=fallback) == Path(first.stats.cache_path)
     caplog.clear()
     with caplog.at_level("INFO", logger="data.encode"):
         again = load_dataset(data, tokenizer, 64, fallback_cache_dir=fallback)
@@ -219,6 +219,37 @@ def test_a_warm_load_maps_the_cache_instead_of_copying_it(tokenizer, tmp_path):
     (batch, labels), (expected, expected_labels) = (collate_rows(d, [0, 3, -1], 64, 0) for d in (warm, cold))
     assert all((x == y).all() for x, y in zip((*batch, labels), (*expected, expected_labels), strict=True))
     assert warm[-1] == cold[-1]
+
+
+def test_a_warm_load_reads_no_data_file_whole(tokenizer, tmp_path, monkeypatch):
+    """The cache key hashes each file in chunks: every reading rank of a node held the whole corpus at once, on a
+    warm start too, only to compute it (8 x 10 GB on an 8-GPU node). A cold start keys by the bytes it encodes."""
+    data = data_file(tmp_path)
+    cold = load_dataset(data, tokenizer, 64)
+    assert file_digests(data) == encode_module.digests_of(read_files(data))
+    monkeypatch.setattr(encode_module, "read_files", lambda path: pytest.fail("read whole on a cache hit"))
+    warm = load_dataset(data, tokenizer, 64)
+    assert warm.stats.cache_status == "hit" and warm.stats.cache_path == cold.stats.cache_path
+
+
+def test_a_full_disk_under_the_data_cache_says_so(tokenizer, tmp_path, monkeypatch, caplog):
+    """numpy's short write ("N requested and M written", no errno) on a full disk is the no-space line (needed,
+    free), not numpy's text; the run goes on without the cache."""
+    import models.diskspace as diskspace
+
+    data = data_file(tmp_path)
+
+    def short_write(ds, path):
+        raise OSError("350659 requested and 147328 written")
+
+    monkeypatch.setattr(encode_module, "save_dataset", short_write)
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 1024)
+    with caplog.at_level("WARNING", logger="data.encode"):
+        ds = load_dataset(data, tokenizer, 64)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and f"data cache {data.parent / '.cache'}" in warned[0], warned
+    assert "no space left on device (needed about" in warned[0] and "free 1.0 KiB)" in warned[0], warned
+    assert ds.stats.cache_status != "hit" and ds.stats.cache_problem
 
 
 def _build(data: str, out: str) -> None:
@@ -393,7 +424,7 @@ def test_a_tokenizer_with_truncation_and_padding_keeps_one_cache_key(kind, reque
                        "pad_type_id": 0, "pad_token": "</s>"}
     (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
     data = data_file(tmp_path)
-    files = read_files(data)
+    files = file_digests(data)
     fresh = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     loaded = (fresh.backend_tokenizer.truncation, fresh.backend_tokenizer.padding)
     assert all(loaded)  # as transformers loads such a tokenizer

@@ -19,7 +19,7 @@ from data.collate import collate, pad_id_of
 from data.dataset import EncodedDataset, EncodeStats
 from data.encode import IGNORE_INDEX, cache_key, load_dataset
 from data.packing import pack, trained_tokens
-from data.records import read_files
+from data.records import file_digests
 from data.templates import TemplateSettings
 from models import causal_lm_loss, get_family
 from tests.helpers import segments_of, sequential_from_hf, tiny_config
@@ -138,7 +138,7 @@ def test_split_long_pretrain_splits_instead_of_truncating(tmp_path, tokenizer):
     ds = load_dataset(data, tokenizer, L, settings=SPLIT, use_cache=False)
     assert cut.stats.truncated == 2 and ds.stats.truncated == 1  # the instruct record is still truncated
     assert ds[0] == whole[0] and ds[1] == cut[1]
-    files = read_files(data)
+    files = file_digests(data)
     assert cache_key(files, tokenizer, L, SPLIT) != cache_key(files, tokenizer, L, PACKED)
     assert cache_key(files, tokenizer, L, PACKED) == cache_key(files, tokenizer, L, TemplateSettings())
 

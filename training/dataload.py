@@ -12,7 +12,7 @@ import torch
 from data.dataset import recv_dataset, send_dataset
 from data.encode import RUN_CACHE_DIR, cache_file, load_dataset, show_progress, valid_records
 from data.packing import describe
-from data.records import DataError, Record, read_files
+from data.records import DataError, Record, file_digests, read_files
 from pipeft import module_command
 from training.batches import DROP_LAST, BatchPlan, RowsView, row_trained
 from training.checkpoint import fault_pause
@@ -44,11 +44,11 @@ class TrainingData:
         seen = set()
         for i, path in enumerate((cfg.data_path, cfg.eval_data_path)):
             if path is not None:
-                files = read_files(path)
-                cache = cache_file(files, self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings,
-                                   Path(cfg.save_path) / RUN_CACHE_DIR)
+                cache = cache_file(file_digests(path), self.tokenizer, cfg.max_seq_len, cfg.data_cache_dir,
+                                   cfg.template_settings, Path(cfg.save_path) / RUN_CACHE_DIR)
                 if not cache.is_file() and cache not in seen:  # cached: they were valid records; seen: the same data
                     seen.add(cache)
+                    files = read_files(path)  # (load_dataset keys its cache by these bytes)
                     validated[i] = (files, valid_records(files, cfg.template_settings, self.tokenizer))
         self._validated = validated
 

@@ -131,10 +131,11 @@ def build_record(args: argparse.Namespace) -> dict:
             text = Path(text).read_text(encoding="utf-8-sig")  # a BOM as the training readers take it
         except OSError as e:
             try:  # JSON, but no object: null, "a string", 5
-                json.loads(text)
+                value = json.loads(text)
             except ValueError:
                 raise DemoError(f"--record {args.record}: not JSON and not a readable file ({e.strerror})") from None
-            raise DemoError("--record: a record is a JSON object") from None
+            raise DemoError(f"--record {args.record}: JSON {type(value).__name__ if value is not None else 'null'}, "
+                            f"not a record (a JSON object), and not a readable file ({e.strerror})") from None
         except UnicodeDecodeError as e:
             raise DemoError(f"--record {args.record}: not valid UTF-8 (byte offset {e.start})") from None
     try:

@@ -228,9 +228,13 @@ def require_eos(tokenizer: Any) -> None:
 
 
 def vocabulary_problem(tokenizer: Any) -> str | None:
-    """Why the tokenizer cannot be used: it encodes text to no tokens (a dir with tokenizer_config.json but neither
-    tokenizer.json nor tokenizer.model loads as a tokenizer of its special tokens alone); None when it can."""
-    if tokenizer("a b", add_special_tokens=False)["input_ids"]:
+    """Why the tokenizer cannot be used: every token it has is an added (special) one, so text encodes to nothing (a
+    dir with tokenizer_config.json but neither tokenizer.json nor tokenizer.model loads as such a tokenizer); None when
+    it has a vocabulary (of any script or size), or when that cannot be told."""
+    try:
+        if len(tokenizer.get_vocab()) > len(tokenizer.added_tokens_decoder):
+            return None
+    except Exception:  # noqa: BLE001 -- a tokenizer class without these: not refused on a guess
         return None
     return "the tokenizer encodes text to no tokens: it has no vocabulary (its tokenizer.json or tokenizer.model is missing?)"
 

@@ -82,15 +82,13 @@ def unreadable(path: Path, e: OSError) -> CheckpointError:
 def read_json(path: Path):
     """A JSON file's value; CheckpointError naming the file when it cannot be read or parsed."""
     try:
-        text = Path(path).read_text()
+        return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # (UnicodeDecodeError: read_text's, before json's)
+        raise CheckpointError(f"{path}: invalid JSON ({_first_line(e)})") from None
     except OSError as e:
         raise unreadable(Path(path), e) from None
-    try:
-        return json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({_first_line(e)})") from None
 
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
@@ -381,17 +379,27 @@ def copy_side_files(src: Path, dst: Path, names=(*SIDE_FILES, *TOKENIZER_DIRS),
     for name in names:
         if not ((src / name).is_file() or (src / name).is_dir()):
             continue
-        try:
-            if transform and name in transform and (src / name).is_file():
-                (dst / name).write_text(transform[name]((src / name).read_text()))
-            else:
-                _copy_content(src / name, dst / name)
-        except OSError as e:  # one of src's that cannot be read (its permissions): a one-line error, not a traceback
-            if e.filename and Path(e.filename).is_relative_to(src) and not Path(e.filename).is_relative_to(dst):
-                raise unreadable(Path(e.filename), e) from None
-            raise  # a write problem: the output's (atomic_output_dir says which)
+        _check_readable(src / name)  # (a copy's error may be the output's: a full disk, which atomic_output_dir says)
+        if transform and name in transform and (src / name).is_file():
+            (dst / name).write_text(transform[name]((src / name).read_text()))
+        else:
+            _copy_content(src / name, dst / name)
         copied.append(name)
     return copied
+
+
+def _check_readable(path: Path) -> None:
+    """CheckpointError (`unreadable`) when `path`, a file or every file under a directory, cannot be opened."""
+    def fail(e: OSError) -> None:
+        raise e
+
+    try:
+        files = [path] if path.is_file() else [Path(d) / n for d, _, names in os.walk(path, onerror=fail) for n in names]
+        for f in files:
+            with open(f, "rb"):
+                pass
+    except OSError as e:
+        raise unreadable(Path(e.filename or path), e) from None
 
 
 def replace_side_files(src: Path, dst: Path, names=(*SIDE_FILES, *TOKENIZER_DIRS), kept=(),

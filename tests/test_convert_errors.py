@@ -93,6 +93,9 @@ BAD_HF = {  # case -> (damage, text expected in the message)
     "truncated shard": (_truncated_shard, "truncated"),
     "no config": (_no_config, "config.json: missing"),
     "truncated index": (_truncated_index, "model.safetensors.index.json: invalid JSON"),
+    "config.json not UTF-8": (lambda hf: (hf / "config.json").write_bytes((hf / "config.json").read_bytes()[:-1] +
+                                                                          b', "note": "caf\xe9"}'),
+                              "config.json: invalid JSON ('utf-8' codec can't decode byte 0xe9"),
     "index without weight_map": (_index_without_weight_map, 'model.safetensors.index.json: no "weight_map" object'),
     "index out of sync with its shards": (_index_out_of_sync, "has no tensor model.norm.weight (named in "),
     # config.json values transformers rejects: huggingface_hub's validation, then its lookups when the layers are built
@@ -231,6 +234,25 @@ def test_an_input_file_this_user_cannot_read_is_one_line_naming_it(tmp_path, tok
         _assert_one_line_error(capsys, f"{src / name}: cannot be read (Permission denied); check its permissions")
         assert not (tmp_path / "out").exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_full_disk_while_side_files_are_copied_is_named_as_such(tmp_path, tokenizer, capsys, monkeypatch):
+    """sendfile's ENOSPC names the source file (and the target as filename2): the output's full disk, not an input
+    "that cannot be read"."""
+    import errno
+
+    import models.hf_io as hf_io
+
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+
+    def full(src, dst, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+
+    monkeypatch.setattr(hf_io.shutil, "copyfile", full)
+    capsys.readouterr()
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "out")) == 2
+    _assert_one_line_error(capsys, f"{tmp_path / 'out'}: no space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_gqa_tied"]
 
 
 def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, sp_tokenizer_dir, capsys):

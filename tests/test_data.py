@@ -549,3 +549,30 @@ def test_a_killed_writers_cache_temp_file_is_removed_by_the_next_write(tok, tmp_
     os.utime(old, (0, 0))
     load_dataset(data, tok, 64)
     assert not old.exists() and recent.exists()  # another writer may be writing the recent one
+
+
+def test_a_tokenizer_without_vocabulary_is_told_from_one_of_another_script(sp_tokenizer_dir, tmp_path):
+    """vocabulary_problem refuses a tokenizer of added tokens only (tokenizer_config.json without tokenizer.json /
+    tokenizer.model), not a working one that encodes Latin text to nothing (trained on Chinese, no unk) or raises on
+    it (WordLevel without [UNK]): it decides from the vocabulary, not from encoding a probe text."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from data.encode import vocabulary_problem
+
+    zh = Tokenizer(models.BPE())
+    zh.pre_tokenizer = pre_tokenizers.Whitespace()
+    zh.train_from_iterator(["流水线并行把模型的层切分到多个设备上。"] * 5, trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<s>", "</s>", "<pad>"]))
+    words = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "<pad>": 2, "hello": 3, "world": 4}))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    for backend in (zh, words):
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+        assert vocabulary_problem(tok) is None
+    (tmp_path / "empty").mkdir()
+    shutil.copy(sp_tokenizer_dir / "tokenizer_config.json", tmp_path / "empty")
+    empty = AutoTokenizer.from_pretrained(str(tmp_path / "empty"))
+    assert vocabulary_problem(empty).startswith("the tokenizer encodes text to no tokens: it has no vocabulary")
+    assert vocabulary_problem(AutoTokenizer.from_pretrained(str(sp_tokenizer_dir))) is None

@@ -123,7 +123,10 @@ def test_sampling_without_top_k_or_top_p_takes_the_models_generation_config(dirs
     (["--model-path", "{tmp}", "--prompt", "x", "--temperature", "1", "--seed", str(2**64)],
      f"--seed {2**64}: must be in [-2**63, 2**64)"),
     (["--model-path", "{tmp}", "--record", '[{"instruct": "x"}]'], "--record: a record is a JSON object"),
-    (["--model-path", "{tmp}", "--record", "null"], "--record: a record is a JSON object"),
+    (["--model-path", "{tmp}", "--record", "null"], "--record null: JSON null, not a record (a JSON object), and not a "
+     "readable file (No such file or directory)"),
+    (["--model-path", "{tmp}", "--record", "2024"], "--record 2024: JSON int, not a record (a JSON object), and not a "
+     "readable file (No such file or directory)"),
     (["--model-path", "{tmp}/missing", "--prompt", "x", "--adapter", "{tmp}/nope"],
      "--adapter {tmp}/nope: no adapter_config.json (not a PEFT adapter dir)"),  # before the base model loads
     (["--model-path", "{tmp}", "--instruct", "   "], "--instruct: field 'instruct' is empty"),  # as training says

@@ -111,9 +111,9 @@ class Monitor:
                  report_to: str | list[str] = "tensorboard", config: dict | None = None):
         self.active, self.total, self.log_interval = rank == 0, total_steps, log_interval
         self.metrics_path = save_path / "metrics.jsonl"
-        self.t0 = self.last_step = time.time()  # `time`: this run's, over its resumes (the stopped time left out)
-        if self.active and start_step:
-            self.t0 -= last_time(self.metrics_path)
+        self.t0 = self.last_step = time.time()  # this process's start: elapsed and eta
+        # `time` goes on from the checkpoint's last line: the run's time over its resumes (the stopped time left out)
+        self.time_before = last_time(self.metrics_path) if self.active and start_step else 0.0
         self.start, self.window_tokens, self.window_s = start_step, 0, 0.0
         self.trackers, self.bar = {}, None
         if not self.active:
@@ -137,7 +137,7 @@ class Monitor:
         finite numbers) to every tracker of `report_to`."""
         if not self.active:
             return
-        rec = {**rec, "time": round(time.time() - self.t0, 4)}
+        rec = {**rec, "time": round(time.time() - self.t0 + self.time_before, 4)}
         try:
             with open(self.metrics_path, "a") as f:
                 f.write(json_line(rec) + "\n")

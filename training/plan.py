@@ -50,7 +50,7 @@ def load_model(config_path: str | None, model_path: str | None):
     path = Path(model_path) / "config.json" if model_path else Path(config_path)
     training = (f"{path}: a training config, not a model's config.json: give --model-path with its model_path "
                 "(or --model-config that model's config.json)")
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix in (".yaml", ".yml") and path.is_file():
         raise PlanError(training)
     try:
         raw = json.loads(path.read_text())

@@ -367,35 +367,36 @@ def parse_records(path: Path, raw: bytes) -> tuple[list[Record], list[str]]:
     return records, [f"{path}:{line}: {msg}" for line, msg in sorted(errors, key=lambda e: (e[0], getattr(e[0], "record", 0)))]
 
 
-def read_files(data_path: str | Path | Sequence[str | Path]) -> list[tuple[Path, bytes]]:
-    """Resolve `data_path` and read every file's bytes (raises DataError for unreadable paths)."""
+def _each_file(data_path: str | Path | Sequence[str | Path], read: Callable[[Path], bytes]) -> list[tuple[Path, bytes]]:
+    """(file, read(file)) for every file of `data_path` (raises DataError for unreadable paths)."""
     out, problems = [], []
     for f in resolve_files(data_path):
         try:
-            out.append((f, f.read_bytes()))
+            out.append((f, read(f)))
         except OSError as e:
             problems.append(f"{f}:0: cannot read file: {e.strerror}")
     if problems:
         raise DataError(problems)
     return out
+
+
+def read_files(data_path: str | Path | Sequence[str | Path]) -> list[tuple[Path, bytes]]:
+    """Resolve `data_path` and read every file's bytes (raises DataError for unreadable paths)."""
+    return _each_file(data_path, Path.read_bytes)
+
+
+def _sha256(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        h = hashlib.sha256()
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.digest()
 
 
 def file_digests(data_path: str | Path | Sequence[str | Path]) -> list[tuple[Path, bytes]]:
     """Resolve `data_path` and hash every file (sha256, read in chunks: a cache hit never holds a file whole); the
     same digests as `digests_of(read_files(data_path))` (raises DataError for unreadable paths)."""
-    out, problems = [], []
-    for f in resolve_files(data_path):
-        try:
-            with open(f, "rb") as fh:
-                h = hashlib.sha256()
-                while chunk := fh.read(1 << 23):
-                    h.update(chunk)
-            out.append((f, h.digest()))
-        except OSError as e:
-            problems.append(f"{f}:0: cannot read file: {e.strerror}")
-    if problems:
-        raise DataError(problems)
-    return out
+    return _each_file(data_path, _sha256)
 
 
 def digests_of(files: Sequence[tuple[Path, bytes]]) -> list[tuple[Path, bytes]]:

@@ -144,6 +144,7 @@ def test_a_warmup_as_long_as_the_run_is_warned_about():
 
     class Cfg:
         lr_schedule = {"type": "cosine", "warmup_steps": 100, "min_lr_ratio": 0.1}
+        ds_config: dict = {}
 
     said = schedule_warning(Cfg, 10)
     assert said.startswith("lr_schedule's warmup (100 steps) is not shorter than the run (10 steps): the lr never "
@@ -262,6 +263,27 @@ def test_build_optimizer_lion_and_deepspeed_scheduler():
     bad = {"optimizer": {"type": "Lion", "params": {"lr": 1e-4, "eps": 1e-8}}}
     with pytest.raises(ConfigError, match="unknown key"):
         build_optimizer(tiny_model(), train_config(ds_config=bad), 8)
+
+
+def test_a_deepspeed_scheduler_shorter_than_the_run_is_refused_or_warned_about():
+    """torch's OneCycleLR raises once stepped past its total_steps (mid-run, and on every resume): refused in one line
+    before training; DeepSpeed's WarmupDecayLR / WarmupCosineLR with an explicit total_num_steps below the run train
+    the rest at their end lr: a warning (filled in when left out, as before)."""
+    from training.optim import schedule_warning
+
+    for params in ({"max_lr": 1e-3, "total_steps": 4}, {"max_lr": 1e-3, "epochs": 2, "steps_per_epoch": 2}):
+        cfg = train_config(ds_config={"scheduler": {"type": "OneCycleLR", "params": params}})
+        with pytest.raises(ConfigError, match="scheduler.params \\(OneCycleLR\\): its 4 steps are fewer than the run's 6: "
+                                              "torch would stop the run with an error at its end"):
+            build_optimizer(tiny_model(), cfg, 6)
+        assert build_optimizer(tiny_model(), cfg, 4)[4]  # as long as the run: built
+    for kind, end in (("WarmupDecayLR", "0"), ("WarmupCosineLR", "its floor (cos_min_ratio x lr)")):
+        cfg = train_config(ds_config={"scheduler": {"type": kind, "params": {"warmup_num_steps": 1, "total_num_steps": 4}}})
+        assert schedule_warning(cfg, 6) == (f"scheduler.params.total_num_steps 4 ({kind}) is below the run's 6 steps: the "
+                                            f"updates after step 4 train at lr {end}; leave total_num_steps out (it is "
+                                            "filled in)")
+        assert schedule_warning(cfg, 4) is None
+        assert schedule_warning(train_config(ds_config={"scheduler": {"type": kind, "params": {}}}), 6) is None
 
 
 # ---------------------------------------------------------------------------------------------- through DeepSpeed

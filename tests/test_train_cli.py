@@ -120,6 +120,15 @@ CASES = {  # name -> (config overrides, expected text)
                                 "scheduler.params (StepLR): 'step_size' is required"),
     "OneCycle param missing": ({"scheduler": {"type": "OneCycle", "params": {"cycle_max_lr": 1e-3}}},
                                "scheduler.params (OneCycle): 'cycle_min_lr' is required"),
+    "scheduler length auto": ({"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto"}}},
+                              "scheduler.params.total_num_steps (WarmupDecayLR) is \"auto\", HF Trainer's placeholder, "
+                              "which DeepSpeed does not fill in: leave it out: it is filled in"),
+    "scheduler steps a float": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 100.0}}},
+                                "scheduler.params.warmup_num_steps (WarmupLR) must be an integer, got 100.0 (YAML reads "
+                                "1e2 as a float: write 100)"),
+    "scheduler lr a string": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": "3e-4"}}},
+                              "scheduler.params.warmup_max_lr (WarmupLR) must be a number (or a list of them, one per "
+                              "parameter group), got \"3e-4\""),
     "OneCycleLR without its length": ({"scheduler": {"type": "OneCycleLR", "params": {"max_lr": 1e-3}}},
                                       "scheduler.params (OneCycleLR): 'total_steps' is required"),
     "OneCycleLR with a null length": ({"scheduler": {"type": "OneCycleLR", "params": {"max_lr": 1e-3,

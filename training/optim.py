@@ -228,11 +228,34 @@ _NEEDS_TOTAL = ("WarmupDecayLR", "WarmupCosineLR")
 
 def fill_deepspeed_scheduler(scheduler_section: dict, total_steps: int) -> dict:
     """A copy of DeepSpeed's `scheduler` section with `params.total_num_steps` set to `total_steps` when the
-    type needs it (WarmupDecayLR, WarmupCosineLR) and it is absent; everything else untouched."""
+    type needs it (WarmupDecayLR, WarmupCosineLR) and it is absent; everything else untouched. ValueError for torch's
+    OneCycleLR shorter than the run (total_steps, or epochs x steps_per_epoch): torch raises at its end, on every
+    resume too."""
     out = dict(scheduler_section)
-    if out.get("type") in _NEEDS_TOTAL and (out.get("params") or {}).get("total_num_steps") is None:
-        out["params"] = {**(out.get("params") or {}), "total_num_steps": total_steps}
+    params = out.get("params") or {}
+    if out.get("type") in _NEEDS_TOTAL and params.get("total_num_steps") is None:
+        out["params"] = {**params, "total_num_steps": total_steps}
+    if out.get("type") == "OneCycleLR":
+        given = params.get("total_steps")
+        if given is None and params.get("epochs") is not None and params.get("steps_per_epoch") is not None:
+            given = params["epochs"] * params["steps_per_epoch"]
+        if isinstance(given, int) and given < total_steps:
+            raise ValueError(f"scheduler.params (OneCycleLR): its {given} steps are fewer than the run's {total_steps}: "
+                             "torch would stop the run with an error at its end (and every resume of it); set "
+                             f"total_steps to at least {total_steps}, or train at most {given} steps")
     return out
+
+
+def deepspeed_schedule_warning(ds: dict, total_steps: int) -> str | None:
+    """Why DeepSpeed's WarmupDecayLR / WarmupCosineLR will not cover a run of `total_steps` updates: an explicit
+    total_num_steps below it leaves the updates after it at the schedule's end lr; else None."""
+    section = ds.get("scheduler")
+    n = (section.get("params") or {}).get("total_num_steps") if isinstance(section, dict) else None
+    if section is None or section.get("type") not in _NEEDS_TOTAL or not isinstance(n, int) or n >= total_steps:
+        return None
+    end = "0" if section["type"] == "WarmupDecayLR" else "its floor (cos_min_ratio x lr)"
+    return (f"scheduler.params.total_num_steps {n} ({section['type']}) is below the run's {total_steps} steps: the "
+            f"updates after step {n} train at lr {end}; leave total_num_steps out (it is filled in)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +312,9 @@ def schedule_warning(cfg, total_steps: int) -> str | None:
     """Why `lr_schedule` will not do what it says over a run of `total_steps` updates (a warmup as long as the run
     never reaches the peak lr, nor decays to the floor), else None."""
     schedule = parse_lr_schedule(cfg.lr_schedule) if cfg.lr_schedule is not None else None
-    if schedule is None or (warmup := schedule.warmup(total_steps)) < total_steps or warmup == 0:
+    if schedule is None:
+        return deepspeed_schedule_warning(cfg.ds_config, total_steps)
+    if (warmup := schedule.warmup(total_steps)) < total_steps or warmup == 0:
         return None
     peak = schedule.factor(total_steps - 1, total_steps)
     return (f"lr_schedule's warmup ({warmup} steps) is not shorter than the run ({total_steps} steps): the lr never "
@@ -422,7 +447,10 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
         note += (f"; lr schedule {schedule.type}, warmup {schedule.warmup(total_steps)} of {total_steps} steps"
                  + (f", floor {schedule.min_lr_ratio:g} x lr" if schedule.type != "constant" else ""))
     elif isinstance(ds.get("scheduler"), dict):
-        ds["scheduler"] = fill_deepspeed_scheduler(ds["scheduler"], total_steps)
+        try:
+            ds["scheduler"] = fill_deepspeed_scheduler(ds["scheduler"], total_steps)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.path}: {e}") from None
         note += f"; DeepSpeed scheduler {ds['scheduler'].get('type')}"
     else:
         note += "; constant lr"
@@ -469,6 +497,40 @@ def optimizer_key_problem(section: dict) -> str | None:
     return unknown_key_problem(f"optimizer.params ({kind})", params, allowed) if isinstance(params, dict) else None
 
 
+# scheduler params that are step counts: integers (DeepSpeed and torch refuse or misuse 100.0, what YAML reads 1e2 as)
+_INT_PARAMS = ("warmup_num_steps", "total_num_steps", "total_steps", "epochs", "steps_per_epoch", "step_size",
+               "total_iters", "T_0", "T_mult")
+
+
+def _scheduler_value_problem(kind: str, cls: type, params: dict) -> str | None:
+    """A scheduler param of the wrong type, as one line: a count that is not an integer, a rate or ratio that is not a
+    number (or a list of them, per group), a mode that is not a string, a switch that is not a bool, HF Trainer's
+    "auto" (which DeepSpeed does not fill); the type is the default's where the constructor has one. DeepSpeed and
+    torch would raise a traceback on every rank once the model is built."""
+    signature = inspect.signature(cls.__init__).parameters
+    for key, value in params.items():
+        default = signature[key].default if key in signature else None
+        if key.endswith(("lr", "_ratio")):  # a rate (None or no default in some signatures: WarmupLR's, OneCycleLR's)
+            default = 0.0
+        if value is None or default is inspect.Parameter.empty and key not in _INT_PARAMS:
+            continue
+        where, got = f"scheduler.params.{key} ({kind})", json.dumps(value)
+        if value == "auto" and not isinstance(default, str):
+            fill = "leave it out: it is filled in" if key == "total_num_steps" and kind in _NEEDS_TOTAL else "give a value"
+            return f"{where} is \"auto\", HF Trainer's placeholder, which DeepSpeed does not fill in: {fill}"
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key in _INT_PARAMS or type(default) is int:
+            if not (number and isinstance(value, int)):
+                hint = f" (YAML reads 1e2 as a float: write {int(value)})" if number and float(value).is_integer() else ""
+                return f"{where} must be an integer, got {got}{hint}"
+        elif type(default) is float and not (number or isinstance(value, list) and value and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            return f"{where} must be a number (or a list of them, one per parameter group), got {got}"
+        elif type(default) is str and not isinstance(value, str) or type(default) is bool and not isinstance(value, bool):
+            return f"{where} must be {'a string' if type(default) is str else 'true or false'}, got {got}"
+    return None
+
+
 def scheduler_problem(section: object) -> str | None:
     """A DeepSpeed `scheduler` section of an unknown type or with a key its class does not take, as one line."""
     from deepspeed.runtime import lr_schedules
@@ -501,6 +563,8 @@ def scheduler_problem(section: object) -> str | None:
         return f"scheduler.params must be an object, got {json.dumps(params)}"
     keys = _init_keys(cls)
     if problem := unknown_key_problem(f"scheduler.params ({kind})", params, keys):
+        return problem
+    if problem := _scheduler_value_problem(kind, cls, params):
         return problem
     filled = ("total_num_steps",) if kind in _NEEDS_TOTAL else ()  # fill_deepspeed_scheduler fills it in
     given = {k for k, v in params.items() if v is not None}  # a YAML key with no value is null: not given

@@ -130,7 +130,8 @@ def test_dynamic_rope_encodes_each_micro_batch_as_a_fresh_model_does():
                                    "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}], ids=["dynamic", "longrope"])
 def test_packing_is_refused_where_rope_scaling_follows_the_longest_segment(tmp_path, tokenizer_dir, capsys, rope):
     """transformers' dynamic and longrope scaling encode a batch by its longest position: a packed segment past the
-    switch length would change its neighbours' logits. Up to it, or unpacked (as transformers batches), it trains."""
+    switch length would change its neighbours' logits. Up to it, or unpacked (as transformers batches), it trains;
+    unpacked above it, with a warning: a short row batched with a longer one gets other frequencies than alone."""
     _init(tmp_path, tokenizer_dir, "llama", {**get_family("llama").presets["tiny"], "rope_parameters": rope,
                                              "max_position_embeddings": 64 if rope["rope_type"] == "dynamic" else 256})
     cfg = write_config(tmp_path, tmp_path / "pp", max_seq_len=96, packing=True)
@@ -138,5 +139,9 @@ def test_packing_is_refused_where_rope_scaling_follows_the_longest_segment(tmp_p
     assert err == [f"train_ds.py: error: {cfg}: 'packing' with max_seq_len 96 above 64: the model's rope scaling "
                    "(config.json: 'dynamic' or 'longrope') encodes every position of a row by its longest segment, so a "
                    "packed sample would depend on its neighbours; turn packing off or use max_seq_len <= 64"], err
-    assert load_config(write_config(tmp_path, tmp_path / "pp", max_seq_len=64, packing=True), world_size=1).packing
-    assert not load_config(write_config(tmp_path, tmp_path / "pp", max_seq_len=96), world_size=1).packing
+    up_to = load_config(write_config(tmp_path, tmp_path / "pp", max_seq_len=64, packing=True), world_size=1)
+    assert up_to.packing and not [n for n in up_to.notes if "rope scaling" in n]
+    unpacked = load_config(write_config(tmp_path, tmp_path / "pp", max_seq_len=96), world_size=1)
+    assert not unpacked.packing and [n for n in unpacked.notes if n.startswith(
+        "the model's rope scaling (config.json: 'dynamic' or 'longrope') encodes the rows of a micro-batch by its "
+        "longest row: with max_seq_len 96 above 64")], unpacked.notes

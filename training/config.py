@@ -557,6 +557,11 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
                           "rope scaling (config.json: 'dynamic' or 'longrope') encodes every position of a row by its "
                           "longest segment, so a packed sample would depend on its neighbours; turn packing off or use "
                           f"max_seq_len <= {switch}")
+    if switch is not None and cfg.max_seq_len > switch:  # unpacked: a warning (as transformers' batched forward does)
+        cfg.notes.append(f"the model's rope scaling (config.json: 'dynamic' or 'longrope') encodes the rows of a "
+                         f"micro-batch by its longest row: with max_seq_len {cfg.max_seq_len} above {switch}, a short "
+                         "row batched with one longer than that trains (and evaluates) with other frequencies than it "
+                         f"would alone, as in transformers' batched forward; max_seq_len <= {switch} avoids it")
     window = family.sliding_window(config)
     if window is not None and cfg.max_seq_len > window:
         raise ConfigError(f"{path}: 'max_seq_len' {cfg.max_seq_len} is above the model's sliding_window {window} (config.json), "

@@ -169,6 +169,11 @@ def test_fill_deepspeed_scheduler():
     for other in ({"type": "WarmupLR", "params": {"warmup_num_steps": 5}}, {"type": "OneCycle", "params": {}},
                   {"type": "LRRangeTest"}):
         assert fill_deepspeed_scheduler(other, 7) == other
+    # whole numbers written as floats (YAML's 1e2) passed on as ints: DeepSpeed's WarmupLR refuses 100.0
+    assert fill_deepspeed_scheduler({"type": "WarmupLR", "params": {"warmup_num_steps": 100.0, "warmup_max_lr": 1.0}},
+                                    7)["params"] == {"warmup_num_steps": 100, "warmup_max_lr": 1.0}
+    assert fill_deepspeed_scheduler({"type": "MultiStepLR", "params": {"milestones": [3.0, 6.0]}}, 7)["params"] == {
+        "milestones": [3, 6]}
 
 
 # ---------------------------------------------------------------------------------------------- Lion
@@ -273,12 +278,14 @@ def test_a_deepspeed_scheduler_shorter_than_the_run_is_refused_or_warned_about()
 
     for params in ({"max_lr": 1e-3, "total_steps": 4}, {"max_lr": 1e-3, "epochs": 2, "steps_per_epoch": 2}):
         cfg = train_config(ds_config={"scheduler": {"type": "OneCycleLR", "params": params}})
-        with pytest.raises(ConfigError, match="scheduler.params \\(OneCycleLR\\): its 4 steps are fewer than the run's 6: "
-                                              "torch would stop the run with an error at its end"):
+        with pytest.raises(ConfigError, match="scheduler.params \\(OneCycleLR\\): total_steps 4 is below the run's 6 "
+                                              "steps: torch would stop the run with an error at its end"):
             build_optimizer(tiny_model(), cfg, 6)
         assert build_optimizer(tiny_model(), cfg, 4)[4]  # as long as the run: built
-    for kind, end in (("WarmupDecayLR", "0"), ("WarmupCosineLR", "its floor (cos_min_ratio x lr)")):
-        cfg = train_config(ds_config={"scheduler": {"type": kind, "params": {"warmup_num_steps": 1, "total_num_steps": 4}}})
+    for kind, end in (("WarmupDecayLR", "warmup_min_lr (1e-05)"), ("WarmupCosineLR", "its floor (cos_min_ratio x lr)")):
+        params = {"warmup_num_steps": 1, "total_num_steps": 4.0, "warmup_min_lr": 1e-5} if kind == "WarmupDecayLR" else \
+            {"warmup_num_steps": 1, "total_num_steps": 4}
+        cfg = train_config(ds_config={"scheduler": {"type": kind, "params": params}})
         assert schedule_warning(cfg, 6) == (f"scheduler.params.total_num_steps 4 ({kind}) is below the run's 6 steps: the "
                                             f"updates after step 4 train at lr {end}; leave total_num_steps out (it is "
                                             "filled in)")

@@ -123,9 +123,11 @@ CASES = {  # name -> (config overrides, expected text)
     "scheduler length auto": ({"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto"}}},
                               "scheduler.params.total_num_steps (WarmupDecayLR) is \"auto\", HF Trainer's placeholder, "
                               "which DeepSpeed does not fill in: leave it out: it is filled in"),
-    "scheduler steps a float": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 100.0}}},
-                                "scheduler.params.warmup_num_steps (WarmupLR) must be an integer, got 100.0 (YAML reads "
-                                "1e2 as a float: write 100)"),
+    "scheduler steps a fraction": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 2.5}}},
+                                   "scheduler.params.warmup_num_steps (WarmupLR) must be a whole number, got 2.5"),
+    "scheduler milestones a string": ({"scheduler": {"type": "MultiStepLR", "params": {"milestones": "3,6"}}},
+                                      "scheduler.params.milestones (MultiStepLR) must be a list of whole numbers (steps), "
+                                      "got \"3,6\""),
     "scheduler lr a string": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": "3e-4"}}},
                               "scheduler.params.warmup_max_lr (WarmupLR) must be a number (or a list of them, one per "
                               "parameter group), got \"3e-4\""),

@@ -228,11 +228,13 @@ _NEEDS_TOTAL = ("WarmupDecayLR", "WarmupCosineLR")
 
 def fill_deepspeed_scheduler(scheduler_section: dict, total_steps: int) -> dict:
     """A copy of DeepSpeed's `scheduler` section with `params.total_num_steps` set to `total_steps` when the
-    type needs it (WarmupDecayLR, WarmupCosineLR) and it is absent; everything else untouched. ValueError for torch's
-    OneCycleLR shorter than the run (total_steps, or epochs x steps_per_epoch): torch raises at its end, on every
-    resume too."""
+    type needs it (WarmupDecayLR, WarmupCosineLR) and it is absent, and whole-number counts given as floats as ints
+    (`_whole_counts`); everything else untouched. ValueError for torch's OneCycleLR shorter than the run (total_steps,
+    or epochs x steps_per_epoch): torch raises at its end, on every resume too."""
     out = dict(scheduler_section)
-    params = out.get("params") or {}
+    params = _whole_counts(out.get("type"), out.get("params") or {})
+    if "params" in out:
+        out["params"] = params
     if out.get("type") in _NEEDS_TOTAL and params.get("total_num_steps") is None:
         out["params"] = {**params, "total_num_steps": total_steps}
     if out.get("type") == "OneCycleLR":
@@ -240,9 +242,10 @@ def fill_deepspeed_scheduler(scheduler_section: dict, total_steps: int) -> dict:
         if given is None and params.get("epochs") is not None and params.get("steps_per_epoch") is not None:
             given = params["epochs"] * params["steps_per_epoch"]
         if isinstance(given, int) and given < total_steps:
-            raise ValueError(f"scheduler.params (OneCycleLR): its {given} steps are fewer than the run's {total_steps}: "
-                             "torch would stop the run with an error at its end (and every resume of it); set "
-                             f"total_steps to at least {total_steps}, or train at most {given} steps")
+            raise ValueError(f"scheduler.params (OneCycleLR): total_steps {given} is below the run's {total_steps} "
+                             "steps: torch would stop the run with an error at its end (and every resume of it, which "
+                             f"cannot change a torch scheduler's params); train at most {given} steps, or start the run "
+                             f"with total_steps >= {total_steps}")
     return out
 
 
@@ -250,10 +253,13 @@ def deepspeed_schedule_warning(ds: dict, total_steps: int) -> str | None:
     """Why DeepSpeed's WarmupDecayLR / WarmupCosineLR will not cover a run of `total_steps` updates: an explicit
     total_num_steps below it leaves the updates after it at the schedule's end lr; else None."""
     section = ds.get("scheduler")
-    n = (section.get("params") or {}).get("total_num_steps") if isinstance(section, dict) else None
-    if section is None or section.get("type") not in _NEEDS_TOTAL or not isinstance(n, int) or n >= total_steps:
+    params = (section.get("params") or {}) if isinstance(section, dict) else {}
+    n = params.get("total_num_steps")
+    if section is None or section.get("type") not in _NEEDS_TOTAL or not _integral(n) or n >= total_steps:
         return None
-    end = "0" if section["type"] == "WarmupDecayLR" else "its floor (cos_min_ratio x lr)"
+    n = int(n)
+    end = (f"warmup_min_lr ({params.get('warmup_min_lr') or 0:g})" if section["type"] == "WarmupDecayLR" else
+           "its floor (cos_min_ratio x lr)")
     return (f"scheduler.params.total_num_steps {n} ({section['type']}) is below the run's {total_steps} steps: the "
             f"updates after step {n} train at lr {end}; leave total_num_steps out (it is filled in)")
 
@@ -497,38 +503,89 @@ def optimizer_key_problem(section: dict) -> str | None:
     return unknown_key_problem(f"optimizer.params ({kind})", params, allowed) if isinstance(params, dict) else None
 
 
-# scheduler params that are step counts: integers (DeepSpeed and torch refuse or misuse 100.0, what YAML reads 1e2 as)
+# scheduler params that are step counts (an integral float, what YAML reads 1e2 as, is passed on as an int:
+# DeepSpeed's WarmupLR and torch's OneCycleLR refuse 100.0), and params without a default whose kind the name says
 _INT_PARAMS = ("warmup_num_steps", "total_num_steps", "total_steps", "epochs", "steps_per_epoch", "step_size",
                "total_iters", "T_0", "T_mult")
+_NUMBER_PARAMS = ("gamma", "T_max")  # (and every "...lr" / "..._ratio")
+_INT_LIST_PARAMS = ("milestones",)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _integral(v: object) -> bool:
+    return _number(v) and float(v).is_integer()
+
+
+def _param_kind(key: str, default: object) -> str | None:
+    """What a scheduler param takes: "int", "number" (or a list of them, per group), "int list", "str", "bool"; None:
+    not known (not checked)."""
+    if key in _INT_PARAMS or type(default) is int:
+        return "int"
+    if key in _INT_LIST_PARAMS:
+        return "int list"
+    if key.endswith(("lr", "_ratio")) or key in _NUMBER_PARAMS or type(default) is float:
+        return "number"
+    return {str: "str", bool: "bool"}.get(type(default))
 
 
 def _scheduler_value_problem(kind: str, cls: type, params: dict) -> str | None:
-    """A scheduler param of the wrong type, as one line: a count that is not an integer, a rate or ratio that is not a
-    number (or a list of them, per group), a mode that is not a string, a switch that is not a bool, HF Trainer's
-    "auto" (which DeepSpeed does not fill); the type is the default's where the constructor has one. DeepSpeed and
-    torch would raise a traceback on every rank once the model is built."""
+    """A scheduler param of the wrong type, as one line: a count that is not a whole number, a rate or ratio that is
+    not a number (or a list of them, per group), milestones that are not whole numbers, a mode that is not a string, a
+    switch that is not a bool, HF Trainer's "auto" (which DeepSpeed does not fill); the type is the default's where the
+    constructor has one, else the name's. DeepSpeed and torch would raise a traceback on every rank once the model is
+    built, or (MultiStepLR's milestones "3,6") train at a constant lr."""
     signature = inspect.signature(cls.__init__).parameters
     for key, value in params.items():
         default = signature[key].default if key in signature else None
-        if key.endswith(("lr", "_ratio")):  # a rate (None or no default in some signatures: WarmupLR's, OneCycleLR's)
-            default = 0.0
-        if value is None or default is inspect.Parameter.empty and key not in _INT_PARAMS:
+        want = _param_kind(key, None if default is inspect.Parameter.empty else default)
+        if value is None:
             continue
         where, got = f"scheduler.params.{key} ({kind})", json.dumps(value)
-        if value == "auto" and not isinstance(default, str):
+        if value == "auto" and want != "str":
             fill = "leave it out: it is filled in" if key == "total_num_steps" and kind in _NEEDS_TOTAL else "give a value"
             return f"{where} is \"auto\", HF Trainer's placeholder, which DeepSpeed does not fill in: {fill}"
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if key in _INT_PARAMS or type(default) is int:
-            if not (number and isinstance(value, int)):
-                hint = f" (YAML reads 1e2 as a float: write {int(value)})" if number and float(value).is_integer() else ""
-                return f"{where} must be an integer, got {got}{hint}"
-        elif type(default) is float and not (number or isinstance(value, list) and value and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        if want is None and default is inspect.Parameter.empty and isinstance(value, str):  # every required one: numbers
+            return f"{where} must be a number, got {got}"
+        if want == "int" and not _integral(value):
+            return f"{where} must be a whole number, got {got}"
+        if want == "int list" and not (isinstance(value, list) and all(_integral(v) for v in value)):
+            return f"{where} must be a list of whole numbers (steps), got {got}"
+        if want == "number" and not (_number(value) or isinstance(value, list) and value and all(map(_number, value))):
             return f"{where} must be a number (or a list of them, one per parameter group), got {got}"
-        elif type(default) is str and not isinstance(value, str) or type(default) is bool and not isinstance(value, bool):
-            return f"{where} must be {'a string' if type(default) is str else 'true or false'}, got {got}"
+        if want in ("str", "bool") and not isinstance(value, str if want == "str" else bool):
+            return f"{where} must be {'a string' if want == 'str' else 'true or false'}, got {got}"
     return None
+
+
+def _scheduler_class(kind: object) -> type | None:
+    """DeepSpeed's scheduler class named `kind`, else torch.optim.lr_scheduler's (engine._scheduler_from_config)."""
+    from deepspeed.runtime import lr_schedules
+
+    if kind in lr_schedules.VALID_LR_SCHEDULES:
+        return getattr(lr_schedules, kind)
+    cls = getattr(torch.optim.lr_scheduler, str(kind), None)
+    return cls if isinstance(cls, type) and issubclass(cls, torch.optim.lr_scheduler.LRScheduler) else None
+
+
+def _whole_counts(kind: object, params: dict) -> dict:
+    """`params` with the integral floats of its counts and milestones as ints (YAML's 1e2 is 100.0, which DeepSpeed's
+    WarmupLR and torch's OneCycleLR refuse)."""
+    cls = _scheduler_class(kind)
+    if cls is None:
+        return params
+    signature = inspect.signature(cls.__init__).parameters
+    out = dict(params)
+    for key, value in params.items():
+        default = signature[key].default if key in signature else None
+        want = _param_kind(key, None if default is inspect.Parameter.empty else default)
+        if want == "int" and _integral(value):
+            out[key] = int(value)
+        elif want == "int list" and isinstance(value, list) and all(map(_integral, value)):
+            out[key] = [int(v) for v in value]
+    return out
 
 
 def scheduler_problem(section: object) -> str | None:
@@ -540,14 +597,10 @@ def scheduler_problem(section: object) -> str | None:
     if problem := unknown_key_problem("scheduler", section, ("type", "params")):
         return problem
     kind = section.get("type")
-    # DeepSpeed's own, else a torch.optim.lr_scheduler class of that name (engine._scheduler_from_config)
     torch_kinds = [n for n, c in vars(torch.optim.lr_scheduler).items() if isinstance(c, type) and n[0].isupper()
                    and issubclass(c, torch.optim.lr_scheduler.LRScheduler) and n != "LRScheduler"]
-    if kind in lr_schedules.VALID_LR_SCHEDULES:
-        cls = getattr(lr_schedules, kind)
-    elif kind in torch_kinds:
-        cls = getattr(torch.optim.lr_scheduler, kind)
-    else:
+    cls = _scheduler_class(kind) if kind in (*lr_schedules.VALID_LR_SCHEDULES, *torch_kinds) else None
+    if cls is None:
         known = [*lr_schedules.VALID_LR_SCHEDULES, *torch_kinds]
         close = difflib.get_close_matches(str(kind), known, n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else f" (DeepSpeed's: {', '.join(lr_schedules.VALID_LR_SCHEDULES)})"

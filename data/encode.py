@@ -17,6 +17,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import re
@@ -239,9 +240,32 @@ def vocabulary_problem(tokenizer: Any) -> str | None:
     return "the tokenizer encodes text to no tokens: it has no vocabulary (its tokenizer.json or tokenizer.model is missing?)"
 
 
+# a container's CPU limit (Kubernetes `limits.cpu`, docker --cpus): cgroup v2's file, then v1's quota and period
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+def cpu_quota() -> float | None:
+    """The CPUs a cgroup CPU quota gives this process's container (2.5: 250 ms of CPU per 100 ms), None without one."""
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((CGROUP_V1_CPU / "cpu.cfs_quota_us").read_text())
+        period = int((CGROUP_V1_CPU / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
 def usable_cores() -> int:
-    """Cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Cores this process may run on: its CPU affinity, at most its container's CPU quota (rounded up). A quota is not
+    an affinity: in a 4-CPU-limited container on a 64-core host, 64 tokenizing processes would share 4 CPUs' time."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota()
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
 
 
 _worker: dict[str, Any] = {}

@@ -437,3 +437,26 @@ def test_a_tokenizer_with_truncation_and_padding_keeps_one_cache_key(kind, reque
     assert cache_file(files, fresh, 64, None) == before
     warm = load_dataset(data, AutoTokenizer.from_pretrained(str(tmp_path / "tok")), 64)
     assert warm.stats.cache_status == "hit"
+
+
+def test_the_tokenizer_pool_stays_within_a_containers_cpu_quota(tmp_path, monkeypatch):
+    """A container's CPU limit (cgroup v2 cpu.max, v1 cfs quota / period) bounds the tokenizing processes as the CPU
+    affinity does: 64 processes on a 64-core host limited to 2.5 CPUs would share 2.5 CPUs' time (and memory)."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    v2, v1 = tmp_path / "cpu.max", tmp_path / "v1"
+    monkeypatch.setattr(encode_module, "CGROUP_CPU_MAX", v2)
+    monkeypatch.setattr(encode_module, "CGROUP_V1_CPU", v1)
+    assert encode_module.cpu_quota() is None and encode_module.usable_cores() == 64  # no cgroup files: the affinity
+    v2.write_text("250000 100000\n")
+    assert encode_module.cpu_quota() == 2.5 and encode_module.usable_cores() == 3
+    v2.write_text("max 100000\n")
+    assert encode_module.usable_cores() == 64
+    v2.unlink()
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert encode_module.cpu_quota() == 0.5 and encode_module.usable_cores() == 1
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")  # no limit
+    assert encode_module.usable_cores() == 64

@@ -157,16 +157,16 @@ class BatchPlan:
         return [micro_shape(idx, self.lengths, self.pad_multiple, self.max_seq_len)
                 for idx in self.micro_indices(epoch, step_in_epoch, dp_rank)]
 
-    def seq_len(self, epoch: int, step_in_epoch: int) -> int:
-        """The longest padded row length of the step's micro-batches, on every data-parallel rank."""
-        return max(micro_shape(idx, self.lengths, self.pad_multiple, self.max_seq_len)[1]
-                   for idx in self._step_micro(epoch, step_in_epoch))
+    def step_shapes(self, epoch: int, step_in_epoch: int) -> list[tuple[int, int]]:
+        """(rows, padded row length) of the step's micro-batches, on every data-parallel rank (the metrics' seq_len:
+        the longest; computed_tokens: rows x length, summed)."""
+        return [micro_shape(idx, self.lengths, self.pad_multiple, self.max_seq_len)
+                for idx in self._step_micro(epoch, step_in_epoch)]
 
     def computed_tokens(self, epoch: int, step_in_epoch: int) -> int:
         """The tokens the step computes on every data-parallel rank, pads included: each micro-batch's rows x its
         padded length (micro_shapes)."""
-        return sum(math.prod(micro_shape(idx, self.lengths, self.pad_multiple, self.max_seq_len))
-                   for idx in self._step_micro(epoch, step_in_epoch))
+        return sum(math.prod(shape) for shape in self.step_shapes(epoch, step_in_epoch))
 
 
 def micro_shape(rows: np.ndarray, lengths: np.ndarray, multiple: int, max_seq_len: int | None) -> tuple[int, int]:

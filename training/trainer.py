@@ -397,6 +397,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             st.step = step + 1
             epoch, in_epoch = self.plan.position(step)
             idx = self.plan.global_indices(epoch, in_epoch, real=True)
+            every = self.plan.step_shapes(epoch, in_epoch)  # every replica's micro-batches
             norm = self.grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
             norm = None if norm is None else float(norm)
             applied = self.engine._step_applied
@@ -407,9 +408,9 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             skipped += not applied
             rec = {"step": st.step, "loss": loss, "lr": lr, "grad_norm": norm,
                    "tokens": int(self.lengths[idx].sum()), "trained_tokens": int(self.tokens[idx].sum()),
-                   "computed_tokens": self.plan.computed_tokens(epoch, in_epoch),
+                   "computed_tokens": sum(rows * n for rows, n in every),
                    "samples": int(self.samples_per_row[idx].sum()), "sequences": len(idx), "epoch": epoch,
-                   "seq_len": self.plan.seq_len(epoch, in_epoch), "data_s": round(data_s, 6), "step_s": round(step_s, 6)}
+                   "seq_len": max(n for _, n in every), "data_s": round(data_s, 6), "step_s": round(step_s, 6)}
             if not self.engine._step_applied:
                 rec["skipped"] = True
             if bad:

@@ -79,6 +79,14 @@ def unreadable(path: Path, e: OSError) -> CheckpointError:
     return CheckpointError(f"{path}: cannot be read ({why}){hint}")
 
 
+def open_input(path: Path):
+    """`path` opened for reading in binary; CheckpointError (`unreadable`) when it cannot be."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise unreadable(path, e) from None
+
+
 def read_json(path: Path):
     """A JSON file's value; CheckpointError naming the file when it cannot be read or parsed."""
     try:
@@ -162,12 +170,8 @@ def read_safetensors_header(path: Path) -> dict:
     """The tensors' header of a safetensors file, validated against the file's size before anything is read:
     a corrupt length field or offsets past the end are a CheckpointError, never a huge allocation."""
     check_not_lfs_pointer(path)
-    try:
-        size = path.stat().st_size
-        f = open(path, "rb")
-    except OSError as e:
-        raise unreadable(path, e) from None
-    with f:
+    with open_input(path) as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
             raise CheckpointError(f"{path}: not a safetensors file (too short)")
@@ -298,11 +302,7 @@ class HFCheckpoint:
             raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
         buf = bytearray(end - start)
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise unreadable(path, e) from None
-        with f:
+        with open_input(path) as f:
             f.seek(info["start"])
             if f.readinto(buf) != len(buf):
                 raise CheckpointError(f"{path}: truncated while reading {key}")

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 from launch import deepspeed_logs_on_stderr, exit_if_ds_accelerator_unusable
-from pipeft import INSTALLED, one_line
+from pipeft import one_line, prog
 
-PROG = "pipeft-demo" if INSTALLED else "demo.py"  # as the user ran it, in usage and error lines
+PROG = prog("demo.py")
 exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
 with deepspeed_logs_on_stderr():  # stdout holds the generated text only
     import deepspeed  # noqa: F401

@@ -18,9 +18,9 @@ import os
 import sys
 
 from launch import AcceleratorError, exit_if_ds_accelerator_unusable
-from pipeft import INSTALLED
+from pipeft import prog
 
-PROG = "pipeft-train" if INSTALLED else "train_ds.py"  # as the user ran it, in usage and error lines
+PROG = prog("train_ds.py")
 exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
 
 from data.records import DataError  # noqa: E402

@@ -23,6 +23,12 @@ MODULES = {"data.inspect": "pipeft-inspect", "training.plan": "pipeft-plan", "da
            "launch.gaudi": "pipeft-gaudi", "launch.trainium": "pipeft-trainium"}
 
 
+def prog(script: str) -> str:
+    """A script's name in its usage and error lines, as the user ran it: `pipeft-demo` in a wheel install, `demo.py`
+    in the source tree."""
+    return SCRIPTS[script] if INSTALLED else script
+
+
 def command(script: str) -> str:
     """How the user runs one of the project's scripts in messages: `pipeft-convert` in a wheel install,
     `python convert_model.py` in the source tree."""

@@ -16,16 +16,8 @@ from transformers import (
 
 from launch import cuda_only
 from training.config import ConfigError, TrainConfig
-from training.optim import (
-    LrSchedule,
-    build_lion,
-    build_lr_scheduler,
-    build_optimizer,
-    fill_deepspeed_scheduler,
-    lion_reference_update,
-    param_groups,
-    parse_lr_schedule,
-)
+from training.optim import build_lion, build_optimizer, lion_reference_update, param_groups
+from training.schedule import LrSchedule, build_lr_scheduler, fill_deepspeed_scheduler, parse_lr_schedule
 
 
 def tiny_model() -> torch.nn.Module:
@@ -140,7 +132,7 @@ def test_scheduler_on_a_plain_optimizer_and_its_state():
 
 
 def test_a_warmup_as_long_as_the_run_is_warned_about():
-    from training.optim import schedule_warning
+    from training.schedule import schedule_warning
 
     class Cfg:
         lr_schedule = {"type": "cosine", "warmup_steps": 100, "min_lr_ratio": 0.1}
@@ -274,7 +266,7 @@ def test_a_deepspeed_scheduler_shorter_than_the_run_is_refused_or_warned_about()
     """torch's OneCycleLR raises once stepped past its total_steps (mid-run, and on every resume): refused in one line
     before training; DeepSpeed's WarmupDecayLR / WarmupCosineLR with an explicit total_num_steps below the run train
     the rest at their end lr: a warning (filled in when left out, as before)."""
-    from training.optim import schedule_warning
+    from training.schedule import schedule_warning
 
     for params in ({"max_lr": 1e-3, "total_steps": 4}, {"max_lr": 1e-3, "epochs": 2, "steps_per_epoch": 2}):
         cfg = train_config(ds_config={"scheduler": {"type": "OneCycleLR", "params": params}})

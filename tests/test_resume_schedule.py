@@ -14,9 +14,10 @@ import torch
 
 from training.checkpoint import RunState, tag_of
 from training.config import ConfigError
-from training.optim import LrSchedule, build_lr_scheduler, param_groups
+from training.optim import param_groups
 from training.resume import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, model_config_problem
 from training.rundir import RunDirectory
+from training.schedule import LrSchedule, build_lr_scheduler
 
 LR = 1e-3
 BASE = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,

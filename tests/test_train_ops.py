@@ -263,7 +263,7 @@ def test_bf16_trains_with_fp32_gradient_accumulation(tmp_path, ops_model, ops_un
     under ZeRO (DeepSpeed loads the ZeRO optimizer state, lr included, after the scheduler's). The first step's
     gradient norm is the fp32 run's, within bf16 rounding: the tied head's share of the gradient, computed in the
     loss on the last stage, is kept (DeepSpeed's bf16 optimizer cleared it without immediate_grad_update)."""
-    from training.optim import LrSchedule
+    from training.schedule import LrSchedule
 
     schedule = {"type": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0}
     over = dict(bf16={"enabled": True}, zero_optimization={"stage": 1}, data_types={"grad_accum_dtype": "fp32"},

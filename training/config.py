@@ -37,8 +37,6 @@ from training.optim import (
     half_precisions,
     no_decay_patterns,
     optimizer_key_problem,
-    parse_lr_schedule,
-    scheduler_problem,
 )
 from training.resume import resume_problem, resumes, torch_scheduler, unnamed_tag, zero_stage
 from training.runlock import (
@@ -50,6 +48,7 @@ from training.runlock import (
     launch_job,
     restarted_job,
 )
+from training.schedule import parse_lr_schedule, scheduler_problem
 from training.trackers import parse_report_to
 
 # DeepSpeed's top-level keys (deepspeed/runtime/constants.py and its config sections).

@@ -12,7 +12,8 @@ from models.pipeline import parts_of
 from models.quant import base_memory, logical_numel
 from training.distributed import device_line
 from training.monitor import fmt_bytes, fmt_count, write_estimate
-from training.optim import describe_groups, merge_sizes, schedule_warning
+from training.optim import describe_groups, merge_sizes
+from training.schedule import schedule_warning
 
 
 class RunReport:

@@ -548,7 +548,7 @@ def test_runs_without_the_launcher_as_one_process(tmp_path, base):
 def test_optimizer_names_are_deepspeeds():
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS as ours_upstream
 
-    from training.config import DEEPSPEED_OPTIMIZERS
+    from training.optim import DEEPSPEED_OPTIMIZERS
 
     assert sorted(ours_upstream) == sorted(DEEPSPEED_OPTIMIZERS)
 

@@ -8,7 +8,6 @@ any process group exists. gdGPT's configs run unchanged (training/compat.py).
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import json
 import math
 import os
@@ -31,13 +30,7 @@ from pipeft import command, one_line
 from training.batches import DROP_LAST
 from training.compat import check_deepspeed_sections, derive_batch, map_gdgpt_keys
 from training.config_file import OTHER_TOOLS_KEYS, ConfigError, read_config_file
-from training.optim import (
-    BF16_KEYS,
-    build_lion,
-    half_precisions,
-    no_decay_patterns,
-    optimizer_key_problem,
-)
+from training.optim import BF16_KEYS, build_lion, check_optimizer, half_precisions, optimizer_key_problem
 from training.resume import resume_problem, resumes, torch_scheduler, unnamed_tag, zero_stage
 from training.runlock import (
     JOB_FILE,
@@ -316,47 +309,6 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
     if cfg.lr_schedule is not None and "scheduler" in ds:
         raise ConfigError(f"{path}: 'lr_schedule' and DeepSpeed's 'scheduler' section both set the learning rate; "
                           "keep one")
-
-
-# DeepSpeed's own optimizer names (deepspeed/runtime/config.py DEEPSPEED_OPTIMIZERS, matched case-insensitively);
-# any other `type` must name a torch.optim class exactly (engine._configure_basic_optimizer)
-DEEPSPEED_OPTIMIZERS = {"adagrad": "Adagrad", "adam": "Adam", "adamw": "AdamW", "lamb": "Lamb", "muadam": "MuAdam",
-                        "muadamw": "MuAdamW", "musgd": "MuSGD", "lion": "Lion", "muon": "Muon"}
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_optimizer(section: object) -> None:
-    """DeepSpeed's `optimizer` section: a known `type` (the closest one suggested) and sane `params` (lr > 0,
-    betas in [0, 1), weight_decay >= 0, eps >= 0). ValueError with a one-line message naming the key."""
-    if not isinstance(section, dict):
-        raise ValueError(f"'optimizer' must be an object with \"type\" and \"params\", got {json.dumps(section)}")
-    kind = section.get("type")
-    if not isinstance(kind, str):
-        raise ValueError(f"optimizer.type must be a string, got {json.dumps(kind)}")
-    torch_names = [n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
-                   and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer"]
-    if kind.lower() not in DEEPSPEED_OPTIMIZERS and kind not in torch_names:
-        names = {**{n.lower(): n for n in torch_names}, **DEEPSPEED_OPTIMIZERS}
-        close = difflib.get_close_matches(kind.lower(), names, n=1, cutoff=0.6)
-        hint = f"; did you mean '{names[close[0]]}'?" if close else f" (known: {', '.join(DEEPSPEED_OPTIMIZERS.values())})"
-        raise ValueError(f"optimizer.type {kind!r} is not an optimizer DeepSpeed or torch.optim knows{hint}")
-    if kind.lower() in ("muadam", "muadamw", "musgd") and importlib.util.find_spec("mup") is None:
-        raise ValueError(f"optimizer.type {kind!r} needs the mup package (pip install mup), which is not installed")
-    no_decay_patterns(section.get("no_wd_kws"))
-    params = section.get("params", {})
-    if not isinstance(params, dict):
-        raise ValueError(f"optimizer.params must be an object, got {json.dumps(params)}")
-    if "lr" in params and not (_number(params["lr"]) and params["lr"] > 0):
-        raise ValueError(f"optimizer.params.lr must be a number > 0, got {json.dumps(params['lr'])}")
-    betas = params.get("betas", [0.0, 0.0])
-    if not (isinstance(betas, list) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
-        raise ValueError(f"optimizer.params.betas must be two numbers in [0, 1), got {json.dumps(betas)}")
-    for key in ("weight_decay", "eps"):
-        if key in params and not (_number(params[key]) and params[key] >= 0):
-            raise ValueError(f"optimizer.params.{key} must be a number >= 0, got {json.dumps(params[key])}")
 
 
 def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:

@@ -18,6 +18,8 @@ Checked against DeepSpeed 0.19.8 (deepspeed/runtime/engine.py):
 """
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import json
 import logging
 import re
@@ -30,7 +32,7 @@ import torch
 from launch.cuda_only import triton_problem
 from models.pipeline import unknown_key_problem
 from training.resume import zero_stage
-from training.schedule import build_lr_scheduler, fill_deepspeed_scheduler, init_keys, parse_lr_schedule
+from training.schedule import build_lr_scheduler, fill_deepspeed_scheduler, init_keys, is_number, parse_lr_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +299,44 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
 
 
 # ----------------------------------------------------------------------------------------------
-# keys of DeepSpeed's optimizer section: a misspelled one is refused, not dropped or a TypeError later
+# DeepSpeed's optimizer section: a known type, sane values, and no misspelled key (dropped or a TypeError later)
+
+# DeepSpeed's own optimizer names (deepspeed/runtime/config.py DEEPSPEED_OPTIMIZERS, matched case-insensitively);
+# any other `type` must name a torch.optim class exactly (engine._configure_basic_optimizer)
+DEEPSPEED_OPTIMIZERS = {"adagrad": "Adagrad", "adam": "Adam", "adamw": "AdamW", "lamb": "Lamb", "muadam": "MuAdam",
+                        "muadamw": "MuAdamW", "musgd": "MuSGD", "lion": "Lion", "muon": "Muon"}
+
+
+def check_optimizer(section: object) -> None:
+    """DeepSpeed's `optimizer` section: a known `type` (the closest one suggested) and sane `params` (lr > 0,
+    betas in [0, 1), weight_decay >= 0, eps >= 0). ValueError with a one-line message naming the key."""
+    if not isinstance(section, dict):
+        raise ValueError(f"'optimizer' must be an object with \"type\" and \"params\", got {json.dumps(section)}")
+    kind = section.get("type")
+    if not isinstance(kind, str):
+        raise ValueError(f"optimizer.type must be a string, got {json.dumps(kind)}")
+    torch_names = [n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+                   and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer"]
+    if kind.lower() not in DEEPSPEED_OPTIMIZERS and kind not in torch_names:
+        names = {**{n.lower(): n for n in torch_names}, **DEEPSPEED_OPTIMIZERS}
+        close = difflib.get_close_matches(kind.lower(), names, n=1, cutoff=0.6)
+        hint = f"; did you mean '{names[close[0]]}'?" if close else f" (known: {', '.join(DEEPSPEED_OPTIMIZERS.values())})"
+        raise ValueError(f"optimizer.type {kind!r} is not an optimizer DeepSpeed or torch.optim knows{hint}")
+    if kind.lower() in ("muadam", "muadamw", "musgd") and importlib.util.find_spec("mup") is None:
+        raise ValueError(f"optimizer.type {kind!r} needs the mup package (pip install mup), which is not installed")
+    no_decay_patterns(section.get("no_wd_kws"))
+    params = section.get("params", {})
+    if not isinstance(params, dict):
+        raise ValueError(f"optimizer.params must be an object, got {json.dumps(params)}")
+    if "lr" in params and not (is_number(params["lr"]) and params["lr"] > 0):
+        raise ValueError(f"optimizer.params.lr must be a number > 0, got {json.dumps(params['lr'])}")
+    betas = params.get("betas", [0.0, 0.0])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"optimizer.params.betas must be two numbers in [0, 1), got {json.dumps(betas)}")
+    for key in ("weight_decay", "eps"):
+        if key in params and not (is_number(params[key]) and params[key] >= 0):
+            raise ValueError(f"optimizer.params.{key} must be a number >= 0, got {json.dumps(params[key])}")
+
 
 OPTIMIZER_SECTION_KEYS = ("type", "params", "legacy_fusion", "no_wd_kws")  # no_wd_kws: gdGPT's (ours, removed)
 # what DeepSpeed's engine pops from an Adam/AdamW section before building the optimizer (_configure_basic_optimizer)

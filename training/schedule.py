@@ -202,12 +202,12 @@ _NUMBER_PARAMS = ("gamma", "T_max")  # (and every "...lr" / "..._ratio")
 _INT_LIST_PARAMS = ("milestones",)
 
 
-def _number(v: object) -> bool:
+def is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _integral(v: object) -> bool:
-    return _number(v) and float(v).is_integer()
+    return is_number(v) and float(v).is_integer()
 
 
 def _param_kind(key: str, default: object) -> str | None:
@@ -244,7 +244,7 @@ def _scheduler_value_problem(kind: str, cls: type, params: dict) -> str | None:
             return f"{where} must be a whole number, got {got}"
         if want == "int list" and not (isinstance(value, list) and all(_integral(v) for v in value)):
             return f"{where} must be a list of whole numbers (steps), got {got}"
-        if want == "number" and not (_number(value) or isinstance(value, list) and value and all(map(_number, value))):
+        if want == "number" and not (is_number(value) or isinstance(value, list) and value and all(map(is_number, value))):
             return f"{where} must be a number (or a list of them, one per parameter group), got {got}"
         if want in ("str", "bool") and not isinstance(value, str if want == "str" else bool):
             return f"{where} must be {'a string' if want == 'str' else 'true or false'}, got {got}"

@@ -191,7 +191,9 @@ def attention(device, quick: bool) -> None:
 def _launcher(device_type: str, logs: Path):
     """launch(config_path, procs) for check_against_reference: train_ds.py under the deepspeed launcher, one
     process on `device_type`; the output is kept in `logs`."""
-    from tests.helpers import free_port
+    from tests.helpers import free_port, own_extensions_dir
+
+    own_extensions_dir()  # DeepSpeed's CPU op (--device cpu), built for this environment
 
     def launch(cfg_path: Path, procs: int) -> str:
         assert procs == 1

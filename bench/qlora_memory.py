@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from launch.cuda_only import cuda_available
+    from tests.helpers import own_extensions_dir
 
+    own_extensions_dir()  # DeepSpeed's CPU op, built for this environment
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qlora-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -302,6 +302,9 @@ WORKERS = {"raw_pipe": worker_raw_pipe, "zero3": worker_zero3, "single": worker_
 
 
 def _env(threads: int) -> dict:
+    from tests.helpers import own_extensions_dir
+
+    own_extensions_dir()
     return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
 
 

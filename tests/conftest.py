@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from tests.helpers import pythonpath  # noqa: E402
+from tests.helpers import own_extensions_dir, pythonpath  # noqa: E402
+
+own_extensions_dir()  # DeepSpeed's CPU op: built once for this environment, not for whichever ran last
 
 # every process a test starts loads mlflow on first use (tests/pyhooks); the launch helpers that set their own
 # PYTHONPATH add it themselves

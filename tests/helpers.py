@@ -129,6 +129,28 @@ def pythonpath(*first) -> str:
     return os.pathsep.join([*map(str, first), str(Path(__file__).resolve().parent / "pyhooks")])
 
 
+def own_extensions_dir() -> Path:
+    """Set TORCH_EXTENSIONS_DIR (unless set) to a directory of this Python environment's own, and return it.
+    DeepSpeed compiles its CPU communication op there on the first start (~1 min) and rebuilds it whenever another
+    environment built it last, so checkouts sharing ~/.cache/torch_extensions rebuilt it for each other. A build's
+    lock that is 15 minutes old is removed: a build killed midway leaves it, and torch waits on it forever."""
+    import hashlib
+    import os
+    import sys
+    import time
+    from pathlib import Path
+
+    own = Path.home() / ".cache" / "torch_extensions" / f"pipeft-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]}"
+    where = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(own)))
+    for lock in where.glob("*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > 15 * 60:
+                lock.unlink()
+        except FileNotFoundError:
+            pass
+    return where
+
+
 def free_port() -> int:
     """A free TCP port for which /dev/shm holds no DeepSpeed buffer (one left by a killed run elsewhere on this
     host would read as this run's leak)."""

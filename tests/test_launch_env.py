@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import ops_config
+from tests.helpers import ops_config, own_extensions_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,3 +129,25 @@ def test_an_incomplete_launch_environment_is_one_line(tmp_path, ops_model, monke
     assert train_ds.main(["--config", str(ops_config(tmp_path, ops_model))]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {message}"), err
+
+
+def test_a_stale_lock_of_deepspeeds_cpu_op_build_is_named_before_the_start_waits_on_it(tmp_path, monkeypatch):
+    """A start killed while it compiled DeepSpeed's CPU op leaves torch's build lock, on which every later start waits
+    without a word: the trainer's warning names it once it is 10 minutes old (the build takes about one); the suite's
+    own extensions directory drops such a lock at 15."""
+    from training.distributed import stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert stale_build_lock() is None  # no lock
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.touch()
+    assert stale_build_lock() is None  # a build going on
+    old = time.time() - 12 * 60
+    os.utime(lock, (old, old))
+    said = stale_build_lock()
+    assert said == (f"{lock} is 12 minutes old: a start that was compiling DeepSpeed's CPU op was killed, and this one "
+                    "waits for the lock to go; if no other start on this machine is compiling it, remove that file")
+    assert own_extensions_dir() == tmp_path and lock.exists()
+    older = time.time() - 16 * 60
+    os.utime(lock, (older, older))
+    assert own_extensions_dir() == tmp_path and not lock.exists()

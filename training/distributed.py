@@ -212,6 +212,25 @@ def remove_stale_shm_buffer(rank: int) -> None:
         shm_buffer(rank).unlink(missing_ok=True)
 
 
+def stale_build_lock(minutes: float = 10) -> str | None:
+    """Why this CPU start may wait without end: a lock of the build of DeepSpeed's CPU communication op older than
+    `minutes` (the build takes about a minute). A start killed while it compiled leaves the lock, and torch waits
+    for it to go, silently; else None."""
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    try:
+        age = (time.time() - lock.stat().st_mtime) / 60
+    except OSError:
+        return None
+    if age < minutes:
+        return None
+    return (f"{lock} is {age:.0f} minutes old: a start that was compiling DeepSpeed's CPU op was killed, and this one "
+            "waits for the lock to go; if no other start on this machine is compiling it, remove that file")
+
+
 def shutdown_distributed() -> None:
     """Destroy the process group and remove this rank's shared-memory buffer: DeepSpeed 0.19.8 creates a
     66 MB /dev/shm segment per CPU rank and never unlinks it, so every run would leak them. Through deepspeed.comm

@@ -38,6 +38,7 @@ from training.distributed import (
     remove_stale_shm_buffer,
     restore_caller_groups,
     shutdown_distributed,
+    stale_build_lock,
 )
 from training.evaluate import perplexity
 from training.monitor import Monitor, hms, process_memory
@@ -150,6 +151,8 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             signal.signal(sig, signal.SIG_DFL)
         if acc.device_name() == "cpu":
             remove_stale_shm_buffer(self.rank)
+            if self.local_rank == 0 and (warning := stale_build_lock()):
+                print(f"warning: {warning}", flush=True)
         try:
             if (warning := init_restarted_torchrun(backend, timeout, bound)) and self.local_rank == 0:
                 print(f"warning: {warning}", flush=True)

@@ -51,6 +51,17 @@ CASES = {  # name -> (config overrides, expected text)
                              "'bf16' and 'bfloat16' are two names of one DeepSpeed section (with both, DeepSpeed reads "
                              "'bf16' and ignores 'bfloat16'); keep one"),
     "wall clock": ({"wall_clock_breakdown": True}, "'wall_clock_breakdown' true stops DeepSpeed's pipeline engine"),
+    "pipeline checkpoint interval": ({"pipeline": {"activation_checkpoint_interval": 1}},
+                                     "'pipeline.activation_checkpoint_interval' 1: DeepSpeed would checkpoint every layer "
+                                     "of a stage with its reentrant checkpoint, the embedding too, after which no layer "
+                                     "before the head gets a gradient; set \"use_grad_ckpt\": true (the decoder blocks, "
+                                     "non-reentrant); remove it"),
+    "pipeline stages": ({"pipeline": {"stages": 2}}, "'pipeline.stages' 2: the stages are model_topo's (process_topology "
+                        "dims); remove it"),
+    "pipeline key unknown": ({"pipeline": {"partition_method": "uniform"}}, "'pipeline.partition_method' is not a key of "
+                             "DeepSpeed's pipeline section (activation_checkpoint_interval, use_reentrant, stages, "),
+    "torch autocast": ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, "'torch_autocast' is not a precision "
+                       "this project checks against transformers"),
     "batch sizes": ({"train_batch_size": 3}, "train_batch_size 3 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 2 x data-parallel size 1"),
     "dims": ({"model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [2, 1]}}}, "needs 2 processes but 1 were started (start 2 in all: "
              "deepspeed --num_gpus or hostfile slots, torchrun --nnodes x --nproc-per-node, srun --ntasks); on one "

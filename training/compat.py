@@ -143,6 +143,44 @@ def check_deepspeed_sections(ds: dict, path: Path) -> list[str]:
     return notes
 
 
+# DeepSpeed's `pipeline` section (runtime/config.py get_pipeline_config) against this project's pipeline: the keys the
+# engine reads that would change training, and the ones it does not read here, each with what to use instead;
+# pipe_partitioned / grad_partitioned (activations split over tensor-parallel ranks: none here) have no effect
+PIPELINE_KEYS = {
+    "activation_checkpoint_interval": (0, "DeepSpeed would checkpoint every layer of a stage with its reentrant "
+                                          "checkpoint, the embedding too, after which no layer before the head gets a "
+                                          "gradient; set \"use_grad_ckpt\": true (the decoder blocks, non-reentrant)"),
+    "use_reentrant": (False, "the project checkpoints the decoder blocks non-reentrantly (\"use_grad_ckpt\": true)"),
+    "stages": ("auto", "the stages are model_topo's (process_topology dims)"),
+    "partition": ("best", "the layers of each stage are model_topo.parts, or the project's cost balance"),
+    "seed_layers": (False, "DeepSpeed reads it from PipelineModule's arguments, not from this section"),
+    "pipe_partitioned": (True, ""),
+    "grad_partitioned": (True, ""),
+}
+
+
+def unsupported_section_problem(ds: dict) -> str | None:
+    """A DeepSpeed section that DeepSpeed would take and that would change or be ignored by this project's training,
+    as one line: a `pipeline` key of its own meaning here, and `torch_autocast` (a precision path not checked against
+    transformers here; the "bf16" section is)."""
+    section = ds.get("pipeline")
+    if section is not None:
+        if not isinstance(section, dict):
+            return f"'pipeline' must be an object, got {json.dumps(section)}"
+        for key, value in section.items():
+            if key not in PIPELINE_KEYS:
+                return f"'pipeline.{key}' is not a key of DeepSpeed's pipeline section ({', '.join(PIPELINE_KEYS)})"
+            default, why = PIPELINE_KEYS[key]
+            if value != default and why:
+                return f"'pipeline.{key}' {json.dumps(value)}: {why}; remove it"
+    autocast = ds.get("torch_autocast")
+    if isinstance(autocast, dict) and autocast.get("enabled"):
+        return ("'torch_autocast' is not a precision this project checks against transformers (its pipeline computes "
+                "the loss and the head itself); use \"bf16\": {\"enabled\": true} with \"zero_optimization\": "
+                "{\"stage\": 1}")
+    return None
+
+
 def derive_batch(ds: dict, dp: int, path: Path) -> None:
     """Fill in the missing batch keys of `ds` as DeepSpeed does for data-parallel size `dp`, and check that the
     three agree (train_batch_size = micro x accumulation x dp). ValueError with one line."""

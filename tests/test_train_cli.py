@@ -53,8 +53,8 @@ CASES = {  # name -> (config overrides, expected text)
     "wall clock": ({"wall_clock_breakdown": True}, "'wall_clock_breakdown' true stops DeepSpeed's pipeline engine"),
     "pipeline checkpoint interval": ({"pipeline": {"activation_checkpoint_interval": 1}},
                                      "'pipeline.activation_checkpoint_interval' 1: DeepSpeed would checkpoint every layer "
-                                     "of a stage with its reentrant checkpoint, the embedding too, after which no layer "
-                                     "before the head gets a gradient; set \"use_grad_ckpt\": true (the decoder blocks, "
+                                     "of a stage with its reentrant checkpoint, the embedding too, whose output then "
+                                     "needs no gradient: the first stage's layers would not train; set \"use_grad_ckpt\": true (the decoder blocks, "
                                      "non-reentrant); remove it"),
     "pipeline stages": ({"pipeline": {"stages": 2}}, "'pipeline.stages' 2: the stages are model_topo's (process_topology "
                         "dims); remove it"),

@@ -148,8 +148,8 @@ def check_deepspeed_sections(ds: dict, path: Path) -> list[str]:
 # pipe_partitioned / grad_partitioned (activations split over tensor-parallel ranks: none here) have no effect
 PIPELINE_KEYS = {
     "activation_checkpoint_interval": (0, "DeepSpeed would checkpoint every layer of a stage with its reentrant "
-                                          "checkpoint, the embedding too, after which no layer before the head gets a "
-                                          "gradient; set \"use_grad_ckpt\": true (the decoder blocks, non-reentrant)"),
+                                          "checkpoint, the embedding too, whose output then needs no gradient: the "
+                                          "first stage's layers would not train; set \"use_grad_ckpt\": true (the decoder blocks, non-reentrant)"),
     "use_reentrant": (False, "the project checkpoints the decoder blocks non-reentrantly (\"use_grad_ckpt\": true)"),
     "stages": ("auto", "the stages are model_topo's (process_topology dims)"),
     "partition": ("best", "the layers of each stage are model_topo.parts, or the project's cost balance"),

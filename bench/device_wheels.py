@@ -26,8 +26,9 @@ from pathlib import Path
 PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
             *[a for p in ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
                           "manylinux2014_x86_64", "any") for a in ("--platform", p)]]
-NO_DEPS = ["bitsandbytes", "lion-pytorch", "peft", "hjson", "pydantic", "pydantic-core", "annotated-types",
-           "typing-inspection", "msgpack", "einops"]  # the others need torch, which the image has
+# deepspeed's and peft's dependencies but torch (which the image has) and ninja (JIT builds of ops: none run there)
+NO_DEPS = ["bitsandbytes", "lion-pytorch", "peft", "accelerate", "hjson", "pydantic", "pydantic-core", "annotated-types",
+           "typing-inspection", "msgpack", "einops", "psutil", "py-cpuinfo"]
 
 
 def closure(name: str) -> list[str]:

@@ -39,9 +39,11 @@ def prepare(work: Path, layers: int, hidden: int, intermediate: int, vocab: int)
            "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64, "vocab_size": vocab,
            "tie_word_embeddings": False, "max_position_embeddings": 2048}
     (work / "model.json").write_text(json.dumps(cfg))
-    subprocess.run([sys.executable, "convert_model.py", "init", "--family", "llama", "--config-json", str(work / "model.json"),
-                    "--tokenizer", str(work / "tokenizer"), "--save-path", str(work / "pp"), "--dtype", "bf16"],
-                   cwd=ROOT, check=True, stderr=subprocess.DEVNULL)
+    out = subprocess.run([sys.executable, "convert_model.py", "init", "--family", "llama", "--config-json",
+                          str(work / "model.json"), "--tokenizer", str(work / "tokenizer"), "--save-path", str(work / "pp"),
+                          "--dtype", "bf16", "--overwrite"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"convert_model.py init failed: {out.stderr.strip()[-2000:]}")
     return work / "pp"
 
 
@@ -57,8 +59,11 @@ def run(work: Path, name: str, model: Path, steps: int, procs: int, quant: bool,
         cfg["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
                                "bnb_4bit_compute_dtype": "bfloat16"}
     (work / f"{name}.json").write_text(json.dumps(cfg))
+    shutil.rmtree(work / name, ignore_errors=True)  # a finished run of an earlier --workdir would do nothing
+    from tests.helpers import free_port
+
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    out = subprocess.run([launcher, "--num_gpus", str(procs), "--master_port", str(29500 + quant), "train_ds.py",
+    out = subprocess.run([launcher, "--num_gpus", str(procs), "--master_port", str(free_port()), "train_ds.py",
                           "--config", str(work / f"{name}.json")], cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{name} failed:\n{(out.stdout + out.stderr)[-4000:]}")

@@ -69,7 +69,7 @@ def launch_env() -> str:
         return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
     if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:  # a step started by srun (not the batch script)
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
-        port = env.get("MASTER_PORT") or str(SLURM_DEFAULT_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % SLURM_PORT_SPAN)
+        port = env.get("MASTER_PORT") or str(SLURM_DEFAULT_PORT_BASE + int(env.get("SLURM_JOB_ID") or 0) % SLURM_PORT_SPAN)
         addr, nodes_n = env.get("MASTER_ADDR", ""), env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or "1"
         if nodes_n.isdigit() and int(nodes_n) > 1 and (addr == "localhost" or addr.startswith("127.") or addr == "::1"):
             raise LaunchError(f"MASTER_ADDR={addr} (inherited by this srun step, e.g. exported by the batch script "

@@ -81,7 +81,8 @@ def test_the_busy_port_advice_follows_the_launcher_and_srun_hostlists_expand(tmp
         monkeypatch.setenv(k, v)
     assert launch_env() == "slurm" and os.environ["MASTER_PORT"] == str(15000 + 4321987 % 17000)  # not ephemeral
     for job in ("", "4321987"):  # an empty SLURM_JOB_ID (a hand-made environment) is no job id, not a traceback
-        os.environ.pop("MASTER_PORT")
+        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):  # what launch_env set
+            os.environ.pop(k, None)
         monkeypatch.setenv("SLURM_JOB_ID", job)
         assert launch_env() == "slurm" and os.environ["MASTER_PORT"] == str(15000 + int(job or 0) % 17000)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "SLURM_JOB_ID"):

@@ -394,7 +394,7 @@ def memory(device, work: Path, quick: bool) -> None:
 
 
 def throughput(device, quick: bool, peak_tflops: float | None, micros: list[int], profile: int) -> None:
-    from bench.train_throughput import FAST, MFU_TARGET, gpu_bench, peak_of
+    from bench.gpu_throughput import FAST, MFU_TARGET, gpu_bench, peak_of
     from launch.cuda_only import device_label
 
     given = peak_tflops  # --peak-tflops, or None: by the device's name

@@ -14,8 +14,11 @@ CPU mode. A Llama of hidden 256, 8 layers (8 heads, 4 KV heads), a tokenizer bui
   (c) DeepSpeed ZeRO-3 data parallel over LlamaForCausalLM (2 ranks, micro-batches dealt in turn), rows padded per
       micro-batch (HF's collator)
   (d) one process, LlamaForCausalLM + torch AdamW, 2 threads (d1: 1 thread, for the pipeline efficiency)
-Every variant trains on the same global batches (the project's order; checked: (a)'s real tokens of every timed
-step are the baselines'). Data: "full" rows of 128 tokens (pretrain text cut to max_seq_len) and "sft": 192 of
+Every variant but the packed and ungrouped ones trains on the same global batches (the project's order; checked:
+(a)'s real tokens of every timed step are the baselines'), from the same weights, with the same loss (the token mean
+over the global batch) and AdamW (no weight decay): their per-step losses are checked against (d)'s (relative
+1e-3; (b), which clips by its first stage's gradient norm as DeepSpeed's PipelineModule does unless told otherwise,
+on the first step), so a variant that computed something else cannot pass for a fast one. Data: "full" rows of 128 tokens (pretrain text cut to max_seq_len) and "sft": 192 of
 data/samples' records, spread evenly over their lengths, at max_seq_len 512 (about 4x their mean): one epoch is the
 6 timed steps, so they hold every part of the length-grouped epoch once; the project also runs full 512-token rows,
 the reference for SFT throughput at the same max_seq_len.
@@ -28,13 +31,7 @@ Compare figures of one run on an otherwise idle machine only. The variants of on
 starting one variant later (a slow minute of the machine then hits each variant alike); tokens/s are over every
 round, the data time is the highest of the rounds, and the per-round ratios of (a) to (b) and (c) show the spread.
 
-GPU mode (--gpu): PP=1, bf16, a ~1B Llama at 2048 tokens per row on one GPU, the project's blocks with the
-fast path (causal SDPA, no mask) and with the dense-mask path: tokens/s and MFU against --peak-tflops (default:
-the device's dense bf16 peak by its name, 989 for an H100 SXM / H200) in two conventions: PaLM's / Megatron's, 6N + 12 L h T FLOPs per token (attention's
-scores and weighted sum over all T x T pairs, the masked half of causal attention included), and causal,
-6N + 6 L h T (the half a causal kernel computes); plus the fast path's bf16 logits against the dense path's.
-It times the model's blocks under torch's AdamW in bf16, not train_ds.py's DeepSpeed engine (fp32 master weights and
-gradient accumulation), with the head before the loss (training runs it inside the chunked loss).
+GPU mode (--gpu): bench/gpu_throughput.py.
 """
 
 from __future__ import annotations
@@ -53,9 +50,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MICRO, GAS, PROCS, SEED, LR = 4, 8, 2, 7, 1e-3
-FAST, MFU_TARGET = "fast (causal SDPA, no mask)", 0.45  # --gpu: issue 12's target for the fast path
-PEAKS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H800 PCIe", 756.0), ("H200 NVL", 835.0), ("H100", 989.0),
-         ("H800", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))  # dense bf16 TFLOP/s; words of the name
 MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
              max_position_embeddings=1024, tie_word_embeddings=False)
 
@@ -79,7 +73,7 @@ def prepare(work: Path, sft_records: int) -> dict:
                       eos_token_id=tok.eos_token_id, **MODEL)
     LlamaForCausalLM(cfg).save_pretrained(work / "hf")
     tok.save_pretrained(work / "hf")
-    hg_to_pp(work / "hf", work / "pp")
+    hg_to_pp(work / "hf", work / "pp", overwrite=True)  # (a --workdir of an earlier run)
     records = load_records(samples)
     texts = [r.data.get("text") or r.data.get("output") or r.data["rounds"][-1][1] for r in records]
     with open(work / "full.jsonl", "w") as f:  # long pretrain texts: every row is cut to max_seq_len
@@ -141,15 +135,22 @@ def baseline_fill(batches: list, seq: int | None) -> float:
 
 
 def _timed(steps: int, warmup: int, run_step) -> dict:
-    """Run `run_step(step) -> real tokens`; time the steps after `warmup`."""
-    tokens, t0 = 0, None
+    """Run `run_step(step) -> (real tokens, loss)`; time the steps after `warmup`; every step's loss."""
+    tokens, t0, losses = 0, None, []
     for s in range(steps):
         if s == warmup:
             t0 = time.perf_counter()
-        n = run_step(s)
+        n, loss = run_step(s)
+        losses.append(loss)
         if s >= warmup:
             tokens += n
-    return {"tokens": tokens, "seconds": time.perf_counter() - t0}
+    return {"tokens": tokens, "seconds": time.perf_counter() - t0, "losses": losses}
+
+
+def targets(rows: list) -> int:
+    """The tokens of `rows` with a target (HF's shifted labels): each step's loss is their mean, as the project's is
+    (each micro-batch's mean loss weighted by its share of the step's targets, as HF Trainer weights them)."""
+    return sum(sum(1 for t in r["labels"][1:] if t != -100) for r in rows)
 
 
 def _pad(rows: list, length: int | None, pad_id: int):
@@ -172,6 +173,7 @@ def worker_raw_pipe(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
     from deepspeed.pipe import LayerSpec, PipelineModule
+    from safetensors.torch import load_file
     from torch import nn
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -210,26 +212,34 @@ def worker_raw_pipe(spec: dict) -> dict:
         def forward(self, inputs):
             return super().forward(inputs[0])
 
-    def loss_fn(logits, labels):
+    def loss_fn(logits, target):  # the micro-batch's mean x GAS x its share of the step's targets (see `targets`)
+        labels, weight = target
         shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+        return weight * F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                        ignore_index=-100)
 
     specs = [LayerSpec(Embed), *(LayerSpec(Block, i) for i in range(config.num_hidden_layers)), LayerSpec(Norm),
              LayerSpec(nn.Linear, config.hidden_size, config.vocab_size, bias=False)]
     model = PipelineModule(specs, num_stages=PROCS, loss_fn=loss_fn, partition_method="parameters")
+    n = config.num_hidden_layers  # this stage's layers get the HF model's weights: the same model as (a), (c), (d)
+    hf = load_file(Path(spec["hf"]) / "model.safetensors")
+    prefix = {0: "model.embed_tokens.", n + 1: "model.norm.", n + 2: "lm_head."}
+    model.load_state_dict({k: hf[prefix.get(int(k.split(".")[0]), f"model.layers.{int(k.split('.')[0]) - 1}.")
+                                 + k.split(".", 1)[1]] for k in model.state_dict()})
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()], config={
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS, "steps_per_print": 10**9,
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}}, "gradient_clipping": 1.0})
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0, "torch_adam": True}},
+        "gradient_clipping": 1.0})
     batches = json.loads(Path(spec["batches"]).read_text())
 
     def step(s):
         rows = batches[s]
-        micro = []
+        micro, total = [], targets(rows)
         for i in range(0, len(rows), MICRO):
             ids, mask, labels = _pad(rows[i:i + MICRO], spec["seq"], spec["pad_id"])
-            micro.append(((ids, mask), labels))
-        engine.train_batch(data_iter=iter(micro))
-        return sum(len(r["input_ids"]) for r in rows)
+            micro.append(((ids, mask), (labels, torch.tensor(GAS * targets(rows[i:i + MICRO]) / total))))
+        loss = engine.train_batch(data_iter=iter(micro))
+        return sum(len(r["input_ids"]) for r in rows), float(loss)
 
     return _timed(spec["steps"], spec["warmup"], step)
 
@@ -261,15 +271,20 @@ def worker_zero3(spec: dict) -> dict:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS // world, "steps_per_print": 10**9,
         "zero_optimization": {"stage": 3}, "gradient_clipping": 1.0,
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}}})
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0, "torch_adam": True}}})
     batches = json.loads(Path(spec["batches"]).read_text())
 
-    def step(s):
-        rows = batches[s]
+    def step(s):  # DeepSpeed divides by the rank's accumulation and averages the ranks: the weights sum to GAS
+        rows, loss = batches[s], torch.zeros(())
+        total = targets(rows)
         for micro in [rows[i:i + MICRO] for i in range(0, len(rows), MICRO)][rank::world]:
-            engine.backward(_hf_micro(engine, micro, spec["pad_id"]))
+            share = targets(micro) / total
+            mean = _hf_micro(engine, micro, spec["pad_id"])
+            engine.backward(mean * GAS * share)
             engine.step()
-        return sum(len(r["input_ids"]) for r in rows)
+            loss += mean.detach() * share
+        torch.distributed.all_reduce(loss)
+        return sum(len(r["input_ids"]) for r in rows), float(loss)
 
     return _timed(spec["steps"], spec["warmup"], step)
 
@@ -280,17 +295,21 @@ def worker_single(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     model = _hf_model(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     batches = json.loads(Path(spec["batches"]).read_text())
 
     def step(s):
-        rows = batches[s]
+        rows, loss = batches[s], 0.0
+        total = targets(rows)
         for i in range(0, len(rows), MICRO):
-            (_hf_micro(model, rows[i:i + MICRO], spec["pad_id"]) / GAS).backward()
+            share = targets(rows[i:i + MICRO]) / total
+            mean = _hf_micro(model, rows[i:i + MICRO], spec["pad_id"])
+            (mean * share).backward()
+            loss += mean.item() * share
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-        return sum(len(r["input_ids"]) for r in rows)
+        return sum(len(r["input_ids"]) for r in rows), loss
 
     return _timed(spec["steps"], spec["warmup"], step)
 
@@ -336,7 +355,7 @@ def run_project(paths: dict, work: Path, name: str, data: str, seq: int, steps: 
            "packing": packing, "group_by_length": grouped, "save_interval": 10**6, "log_interval": 10**6,
            "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [PROCS, 1]}},
            "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS, "gradient_clipping": 1.0,
-           "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}}, **over}
+           "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0, "torch_adam": True}}, **over}
     shutil.rmtree(work / name, ignore_errors=True)  # a finished run in save_path would do nothing
     (work / f"{name}.cfg.json").write_text(json.dumps(cfg))
     _launch(["train_ds.py", "--config", str(work / f"{name}.cfg.json")], work, name)
@@ -348,7 +367,7 @@ def run_project(paths: dict, work: Path, name: str, data: str, seq: int, steps: 
     step_s = seconds / len(measured)
     return {"tokens": sum(m["tokens"] for m in measured), "seconds": seconds, "step_tokens": [m["tokens"] for m in measured],
             "data_share": sum(m["data_s"] for m in measured) / len(measured) / step_s,
-            "seq_lens": sorted({m["seq_len"] for m in measured})}
+            "seq_lens": sorted({m["seq_len"] for m in measured}), "losses": [m["loss"] for m in metrics]}
 
 
 def cpu_bench(args: argparse.Namespace) -> None:
@@ -357,7 +376,7 @@ def cpu_bench(args: argparse.Namespace) -> None:
     print(f"workdir {work}; {os.cpu_count()} cores; {PROCS} processes x 1 thread; global batch {MICRO * GAS} "
           f"(micro {MICRO} x {GAS}); {args.steps} timed steps after {args.warmup} untimed, {args.rounds} rounds",
           flush=True)
-    sft_records = min(600, args.steps * MICRO * GAS)
+    sft_records = min(600, max(6, args.steps) * MICRO * GAS)  # (fewer would not fill one global batch packed)
     paths = prepare(work, sft_records)
     from transformers import AutoTokenizer
 
@@ -366,6 +385,7 @@ def cpu_bench(args: argparse.Namespace) -> None:
     results: dict[tuple[str, str], list[dict]] = {}
     fills: dict[tuple[str, str], float] = {}  # real tokens / tokens computed, pads included, in the timed steps
     step_tokens: dict[str, list[int]] = {}  # the real tokens of each timed step of the batches every variant trains
+    problems: list[str] = []  # variants whose losses are not (d)'s
     for data, seq in (("full", 128), ("sft", 512)):
         grouped = data == "sft"
         batches = work / f"{data}.batches.json"
@@ -410,9 +430,39 @@ def cpu_bench(args: argparse.Namespace) -> None:
         for key in ("a", "a pad8"):  # the project trained the very batches the baselines did (order, grouping)
             for res in results.get((data, key), []):
                 assert res["step_tokens"] == step_tokens[data], (data, key, res["step_tokens"], step_tokens[data])
+        problems += same_losses(results, data)
     full512 = [len(r["input_ids"]) for b in global_batches(paths, "full", 512, steps, False, False)[warmup:] for r in b]
     print(f"full 512-token rows: {sum(full512) / len(full512):.1f} real tokens each on average", flush=True)
     report(results, fills)
+    if problems:
+        raise SystemExit("the variants did not train alike, so their figures do not compare:\n" + "\n".join(problems))
+
+
+LOSS_RTOL = 1e-3  # fp32; the variants differ in reduction order only
+
+
+def same_losses(results: dict, data: str) -> list[str]:
+    """Print how far each variant's per-step losses are from (d)'s, on the batches they all train (not the packed or
+    ungrouped ones); return the variants past LOSS_RTOL. (b) is compared on its first step only: DeepSpeed's
+    PipelineModule, written as a user would, clips by its first stage's gradient norm, not the model's."""
+    ref = results[(data, "d")][0]["losses"]
+    said, problems = [], []
+    for key in ("a", "a pad8", "b", "c", "d", "d1"):
+        worst = None
+        for res in results.get((data, key), []):
+            got = res["losses"][:1] if key == "b" else res["losses"]
+            if len(got) != (1 if key == "b" else len(ref)):
+                problems.append(f"{data}: ({key}) has {len(res['losses'])} losses, (d) {len(ref)}")
+                continue
+            diff = max(abs(g - r) / abs(r) for g, r in zip(got, ref, strict=False))
+            worst = diff if worst is None else max(worst, diff)
+            if diff > LOSS_RTOL:
+                problems.append(f"{data}: ({key}) losses {res['losses']} against (d)'s {ref}")
+        if worst is not None:
+            said.append(f"({key}) {worst:.1e}" + (" (step 1)" if key == "b" else ""))
+    print(f"{data}: per-step losses ({ref[0]:.4f} -> {ref[-1]:.4f} in (d)), largest relative difference to (d)'s: "
+          + ", ".join(said), flush=True)
+    return problems
 
 
 def report(results: dict, fills: dict) -> None:
@@ -456,120 +506,18 @@ def report(results: dict, fills: dict) -> None:
             print(f"{data}: (a) / ({base}) per round: {ratios}")
 
 
-# ------------------------------------------------------------------------------------------------ GPU
-
-
-def peak_of(device_name: str, given: float | None) -> tuple[float, str]:
-    """(dense bf16 TFLOP/s, where it comes from) for MFU: `given` (--peak-tflops), else by the device's name."""
-    if given is not None:
-        return given, "--peak-tflops"
-    words = device_name.upper().replace("-", " ").split()
-    for name, peak in PEAKS:
-        if all(w in words for w in name.upper().split()):
-            return peak, f"{name}'s datasheet"
-    return 989.0, f"{device_name!r} unknown: H100 SXM's assumed, give --peak-tflops"
-
-
-def gpu_bench(args: argparse.Namespace) -> dict:
-    """One device, PP=1, bf16: the project's spec list run as one module, fast path vs dense-mask path."""
-    import torch
-    from deepspeed.accelerator import get_accelerator
-    from transformers import LlamaConfig
-
-    from launch.cuda_only import device_label
-    from models import SequentialModel, causal_lm_loss, get_family
-    from models import attention as attn
-    from models.attention import set_attn_implementation
-
-    device = torch.device(args.device)
-    acc = get_accelerator()  # its synchronize() waits for the device (cuda, hpu, ...)
-    dtype = torch.bfloat16
-    config = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875),
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
-                         num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=args.seq)
-    set_attn_implementation(config, "auto")
-    family = get_family("llama")
-    torch.manual_seed(0)
-    model = SequentialModel(family.layer_specs(config)).to(device, dtype)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_matmul = n_params - config.vocab_size * config.hidden_size  # the embedding is a lookup
-    # attention's QK^T and AV, forward and backward: 12 L h T FLOPs per token over every (query, key) pair (PaLM's and
-    # Megatron's MFU convention); a causal kernel computes about half of them, 6 L h T
-    attention_full = 12 * config.num_hidden_layers * config.hidden_size * args.seq
-    flops_per_token = 6 * n_matmul + attention_full
-    flops_causal = 6 * n_matmul + attention_full // 2
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    b, t = args.micro, args.seq
-    ids = torch.randint(4, config.vocab_size, (b, t), device=device)
-    pos = torch.arange(t, device=device).expand(b, t)
-    seg = torch.ones(b, t, dtype=torch.long, device=device)
-    peak, source = peak_of(device_label(device), args.peak_tflops)
-    print(f"{device_label(device)}: Llama {n_params / 1e9:.2f}B "
-          f"({config.num_hidden_layers} layers, hidden {config.hidden_size}), bf16, {b} x {t} tokens per step")
-    original = attn.choose_path
-    print(f"  MFU against {peak:g} TFLOP/s ({source}); the model's blocks under torch AdamW in bf16, not train_ds.py's "
-          "DeepSpeed engine (fp32 master weights and gradient accumulation), the head before the loss (training runs "
-          "it inside the chunked loss)")
-    paths = ((FAST, None), ("dense mask (SDPA + [B,1,T,T])", "sdpa_mask"))
-    logits = {}
-    with torch.no_grad():  # the same weights through both paths
-        for name, forced in paths:
-            attn.choose_path = original if forced is None else (lambda *a, f=forced: f)
-            attn.CONTEXTS.clear()
-            logits[name] = model((ids[:1], pos[:1], seg[:1])).float()
-    fast, dense = logits.values()
-    result = {"logits_diff": (fast - dense).abs().max().item(), "logits_max": dense.abs().max().item(), "paths": {}}
-    print(f"  bf16 logits, fast vs dense path: max abs diff {result['logits_diff']:.3e} "
-          f"(logits up to {result['logits_max']:.1f})")
-
-    def step() -> None:  # one training step, finished on the device
-        # new position / segment tensors, as each micro-batch of training has: RoPE and the row kind built per step
-        loss = causal_lm_loss(model((ids, pos.clone(), seg.clone())), ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        acc.synchronize()
-
-    for name, forced in paths:
-        attn.choose_path = original if forced is None else (lambda *a, f=forced: f)
-        attn.CONTEXTS.clear()
-        times = []
-        for k in range(args.steps + 2):
-            acc.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if k >= 2:
-                times.append(time.perf_counter() - t0)
-        tps = b * t * len(times) / sum(times)
-        mfu = tps * flops_per_token / (peak * 1e12)
-        mfu_causal = tps * flops_causal / (peak * 1e12)
-        print(f"  {name}: {tps:,.0f} tokens/s, MFU {mfu:.1%} (PaLM convention: full attention), "
-              f"MFU {mfu_causal:.1%} (causal: attention FLOPs halved)")
-        result["paths"][name] = (tps, mfu, mfu_causal)
-        if getattr(args, "profile", 0) and forced is None:  # where the fast path's step time goes, by kernel
-            from torch.profiler import ProfilerActivity, profile
-
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            with profile(activities=activities) as prof:
-                step()
-            key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            print(prof.key_averages().table(sort_by=key, row_limit=args.profile, max_name_column_width=70))
-    attn.choose_path = original
-    return result
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6, help="timed steps per variant")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--warmup", type=int, default=2, help="CPU mode: untimed steps first (--gpu: 2)")
     ap.add_argument("--rounds", type=int, default=2, help="CPU mode: every variant this many times, in turn")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--gpu", action="store_true", help="the one-GPU mode")
     ap.add_argument("--device", default="cuda", help="--gpu: the device")
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=16, help="--gpu: the model's layers (CPU mode: 8)")
+    ap.add_argument("--hidden", type=int, default=2048, help="--gpu: its hidden size (CPU mode: 256)")
+    ap.add_argument("--seq", type=int, default=2048, help="--gpu: tokens per row (CPU mode: 128 and 512)")
+    ap.add_argument("--micro", type=int, default=4, help="--gpu: rows per step (CPU mode: micro 4 x 8)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="--gpu: the device's dense bf16 peak (default: "
                     "by its name, H100 SXM / H200 989, H100 NVL 835, H100 PCIe 756, A100 312)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -603,7 +551,12 @@ def main() -> None:
                   "runs the same code on the CPU (use small sizes: --layers 2 --hidden 256 --seq 256 --steps 1)",
                   file=sys.stderr)
             sys.exit(2)
-    (gpu_bench if args.gpu else cpu_bench)(args)
+    if args.gpu:
+        from bench.gpu_throughput import gpu_bench
+
+        gpu_bench(args)
+    else:
+        cpu_bench(args)
 
 
 if __name__ == "__main__":

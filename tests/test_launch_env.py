@@ -136,22 +136,31 @@ def test_an_incomplete_launch_environment_is_one_line(tmp_path, ops_model, monke
     assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {message}"), err
 
 
-def test_a_stale_lock_of_deepspeeds_cpu_op_build_is_named_before_the_start_waits_on_it(tmp_path, monkeypatch):
-    """A start killed while it compiled DeepSpeed's CPU op leaves torch's build lock, on which every later start waits
-    without a word: the trainer's warning names it once it is 10 minutes old (the build takes about one); the suite's
-    own extensions directory drops such a lock at 15."""
-    from training.distributed import stale_build_lock
+def test_a_stale_lock_of_deepspeeds_cpu_op_build_is_named_while_the_start_waits_on_it(tmp_path, monkeypatch, capsys):
+    """A start killed while it compiled DeepSpeed's CPU op (Ctrl-C) leaves torch's build lock, on which every later
+    start waits without a word: the trainer's watch names it once the start has waited a while and the lock is 2
+    minutes old (the build takes about one); nothing while there is none, or a young one; a directory torch cannot
+    make is not a traceback. The suite's own extensions directory drops such a lock at 15 minutes."""
+    from training.distributed import stale_build_lock, watch_build_lock
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert stale_build_lock() is None  # no lock
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
+
+    def watched() -> list[str]:
+        watch = watch_build_lock(after_s=0.01)
+        watch.join(10)
+        return capsys.readouterr().out.splitlines()
+
+    assert watched() == []  # no lock
     lock.touch()
-    assert stale_build_lock() is None  # a build going on
-    old = time.time() - 12 * 60
+    assert watched() == []  # a build going on
+    old = time.time() - 3 * 60
     os.utime(lock, (old, old))
-    said = stale_build_lock()
-    assert said == (f"{lock} is 12 minutes old: a start that was compiling DeepSpeed's CPU op was killed, and this one "
-                    "waits for the lock to go; if no other start on this machine is compiling it, remove that file")
+    assert watched() == [f"warning: waiting for {lock} (3 minutes old) to go: if no start on this machine is compiling "
+                         "DeepSpeed's CPU op now, it is a killed start's: remove that file"]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/proc/no-such-dir")
+    assert stale_build_lock() is None
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert own_extensions_dir() == tmp_path and lock.exists()
     older = time.time() - 16 * 60
     os.utime(lock, (older, older))

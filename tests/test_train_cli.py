@@ -60,6 +60,10 @@ CASES = {  # name -> (config overrides, expected text)
                         "dims); remove it"),
     "pipeline key unknown": ({"pipeline": {"partition_method": "uniform"}}, "'pipeline.partition_method' is not a key of "
                              "DeepSpeed's pipeline section (activation_checkpoint_interval, use_reentrant, stages, "),
+    "pipeline not an object": ({"pipeline": [1]}, "'pipeline' must be an object, got [1]"),
+    "pipeline flag not a bool": ({"pipeline": {"pipe_partitioned": "no"}}, "'pipeline.pipe_partitioned' must be true or "
+                                 "false, got \"no\""),
+    "torch autocast a bool": ({"torch_autocast": True}, "'torch_autocast' must be an object, got true"),
     "torch autocast": ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, "'torch_autocast' is not a precision "
                        "this project checks against transformers"),
     "batch sizes": ({"train_batch_size": 3}, "train_batch_size 3 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 2 x data-parallel size 1"),
@@ -585,3 +589,13 @@ def test_max_positions_follow_rope_scaling():
                                         "rope_theta": 10000.0})
     assert llama.max_positions(yarn) == (512, "yarn rope scaling x4 of 128")
     assert get_family("bloom").max_positions(tiny_config("bloom", "tied")) == (None, "no position limit")  # ALiBi
+
+
+def test_a_deepspeed_section_left_empty_in_yaml_is_refused_not_a_traceback():
+    """YAML's `pipeline:` with its keys commented out is null, which DeepSpeed iterates (AttributeError on every rank)."""
+    from training.compat import unsupported_section_problem
+
+    assert unsupported_section_problem({"pipeline": None}) == "'pipeline' must be an object, got null"
+    assert unsupported_section_problem({"torch_autocast": None}) == "'torch_autocast' must be an object, got null"
+    assert unsupported_section_problem({"pipeline": {"use_reentrant": True, "pipe_partitioned": True,
+                                                     "activation_checkpoint_interval": 0}, "torch_autocast": {}}) is None

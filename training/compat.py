@@ -149,8 +149,9 @@ def check_deepspeed_sections(ds: dict, path: Path) -> list[str]:
 PIPELINE_KEYS = {
     "activation_checkpoint_interval": (0, "DeepSpeed would checkpoint every layer of a stage with its reentrant "
                                           "checkpoint, the embedding too, whose output then needs no gradient: the "
-                                          "first stage's layers would not train; set \"use_grad_ckpt\": true (the decoder blocks, non-reentrant)"),
-    "use_reentrant": (False, "the project checkpoints the decoder blocks non-reentrantly (\"use_grad_ckpt\": true)"),
+                                          "first stage's layers would not train; set \"use_grad_ckpt\": true (the "
+                                          "decoder blocks, non-reentrant)"),
+    "use_reentrant": (True, ""),  # DeepSpeed's default; false sets the non-reentrant checkpoint the project sets anyway
     "stages": ("auto", "the stages are model_topo's (process_topology dims)"),
     "partition": ("best", "the layers of each stage are model_topo.parts, or the project's cost balance"),
     "seed_layers": (False, "DeepSpeed reads it from PipelineModule's arguments, not from this section"),
@@ -163,18 +164,22 @@ def unsupported_section_problem(ds: dict) -> str | None:
     """A DeepSpeed section that DeepSpeed would take and that would change or be ignored by this project's training,
     as one line: a `pipeline` key of its own meaning here, and `torch_autocast` (a precision path not checked against
     transformers here; the "bf16" section is)."""
-    section = ds.get("pipeline")
-    if section is not None:
+    if "pipeline" in ds:
+        section = ds["pipeline"]
         if not isinstance(section, dict):
             return f"'pipeline' must be an object, got {json.dumps(section)}"
         for key, value in section.items():
             if key not in PIPELINE_KEYS:
                 return f"'pipeline.{key}' is not a key of DeepSpeed's pipeline section ({', '.join(PIPELINE_KEYS)})"
             default, why = PIPELINE_KEYS[key]
+            if isinstance(default, bool) and not isinstance(value, bool):
+                return f"'pipeline.{key}' must be true or false, got {json.dumps(value)}"
             if value != default and why:
                 return f"'pipeline.{key}' {json.dumps(value)}: {why}; remove it"
-    autocast = ds.get("torch_autocast")
-    if isinstance(autocast, dict) and autocast.get("enabled"):
+    autocast = ds.get("torch_autocast", {})
+    if not isinstance(autocast, dict):
+        return f"'torch_autocast' must be an object, got {json.dumps(autocast)}"
+    if autocast.get("enabled"):
         return ("'torch_autocast' is not a precision this project checks against transformers (its pipeline computes "
                 "the loss and the head itself); use \"bf16\": {\"enabled\": true} with \"zero_optimization\": "
                 "{\"stage\": 1}")

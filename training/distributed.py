@@ -6,6 +6,7 @@ import datetime
 import errno
 import os
 import socket
+import threading
 from pathlib import Path
 
 
@@ -212,23 +213,37 @@ def remove_stale_shm_buffer(rank: int) -> None:
         shm_buffer(rank).unlink(missing_ok=True)
 
 
-def stale_build_lock(minutes: float = 10) -> str | None:
-    """Why this CPU start may wait without end: a lock of the build of DeepSpeed's CPU communication op older than
-    `minutes` (the build takes about a minute). A start killed while it compiled leaves the lock, and torch waits
-    for it to go, silently; else None."""
+def stale_build_lock(minutes: float = 2) -> str | None:
+    """Why this CPU start may be waiting without end: a lock of the build of DeepSpeed's CPU communication op at
+    least `minutes` old (the build takes about one). A start killed while it compiled (Ctrl-C) leaves the lock, and
+    torch waits for it to go, silently; else None."""
     import time
 
     from torch.utils.cpp_extension import _get_build_directory
 
-    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
     try:
+        lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
         age = (time.time() - lock.stat().st_mtime) / 60
-    except OSError:
+    except OSError:  # no lock; or a directory torch cannot make, which it reports itself if it builds there
         return None
     if age < minutes:
         return None
-    return (f"{lock} is {age:.0f} minutes old: a start that was compiling DeepSpeed's CPU op was killed, and this one "
-            "waits for the lock to go; if no other start on this machine is compiling it, remove that file")
+    return (f"waiting for {lock} ({age:.0f} minutes old) to go: if no start on this machine is compiling DeepSpeed's "
+            "CPU op now, it is a killed start's: remove that file")
+
+
+def watch_build_lock(after_s: float = 150) -> threading.Timer:
+    """Started before the process group: after `after_s` seconds, print `stale_build_lock`'s warning if this start is
+    still waiting (cancel it once the group forms)."""
+
+    def check() -> None:
+        if warning := stale_build_lock():
+            print(f"warning: {warning}", flush=True)
+
+    timer = threading.Timer(after_s, check)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def shutdown_distributed() -> None:

@@ -38,7 +38,7 @@ from training.distributed import (
     remove_stale_shm_buffer,
     restore_caller_groups,
     shutdown_distributed,
-    stale_build_lock,
+    watch_build_lock,
 )
 from training.evaluate import perplexity
 from training.monitor import Monitor, hms, process_memory
@@ -151,8 +151,8 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             signal.signal(sig, signal.SIG_DFL)
         if acc.device_name() == "cpu":
             remove_stale_shm_buffer(self.rank)
-            if self.local_rank == 0 and (warning := stale_build_lock()):
-                print(f"warning: {warning}", flush=True)
+        # DeepSpeed builds its CPU op here; a build lock left by a killed start would make this wait without a word
+        watch = watch_build_lock() if acc.device_name() == "cpu" and self.local_rank == 0 else None
         try:
             if (warning := init_restarted_torchrun(backend, timeout, bound)) and self.local_rank == 0:
                 print(f"warning: {warning}", flush=True)
@@ -165,6 +165,9 @@ class Trainer(TrainingData, RunDirectory, RunReport):
                               f"dist_timeout_minutes {cfg.dist_timeout_minutes:g} (did a process on another node fail "
                               "to start? see its log; or MASTER_ADDR does not resolve or cannot be reached from this "
                               f"node): {one_line(e, 200)}") from None
+        finally:
+            if watch is not None:
+                watch.cancel()
         for sig in stops:
             signal.signal(sig, self._on_signal)
         # waits of unbounded length (first-time tokenization on one rank per node) use a group without a deadline;

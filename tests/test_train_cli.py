@@ -64,6 +64,9 @@ CASES = {  # name -> (config overrides, expected text)
     "pipeline flag not a bool": ({"pipeline": {"pipe_partitioned": "no"}}, "'pipeline.pipe_partitioned' must be true or "
                                  "false, got \"no\""),
     "torch autocast a bool": ({"torch_autocast": True}, "'torch_autocast' must be an object, got true"),
+    "removed section": ({"elasticity": {"enabled": True}}, "Elastic training has been removed; the 'elasticity' "
+                        "configuration block is no longer supported."),
+    "removed apex amp": ({"amp": {"enabled": True}}, "NVIDIA Apex AMP integration has been removed."),
     "torch autocast": ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, "'torch_autocast' is not a precision "
                        "this project checks against transformers"),
     "batch sizes": ({"train_batch_size": 3}, "train_batch_size 3 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 2 x data-parallel size 1"),

@@ -100,12 +100,19 @@ def _model_type(raw: dict) -> str | None:
 
 def check_deepspeed_sections(ds: dict, path: Path) -> list[str]:
     """Check the DeepSpeed sections in CHECKED_SECTIONS with DeepSpeed's own config models, dropping the DROPPED
-    keys from `ds` in place. Returns the warnings; ValueError with one line for a value DeepSpeed would refuse."""
+    keys from `ds` in place, and refuse the sections this DeepSpeed has removed (`elasticity`, `amp`,
+    `curriculum_learning`, ...), which it would refuse on every rank once the model is built. Returns the warnings;
+    ValueError with one line for a value DeepSpeed would refuse."""
+    import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfigError, _reject_removed_config_keys
+
+    try:  # (zero_optimization's removed keys: with its section below)
+        _reject_removed_config_keys({k: v for k, v in ds.items() if k != "zero_optimization"})
+    except DeepSpeedConfigError as e:
+        raise ValueError(f"{path}: {one_line(e, None)} (DeepSpeed {deepspeed.__version__})") from None
     present = [s for s in CHECKED_SECTIONS if s in ds]
     if not present:
         return []
-    import deepspeed
-    from deepspeed.runtime.config import DeepSpeedConfigError, _reject_removed_config_keys
     from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
     from deepspeed.runtime.zero.config import get_zero_config
     from pydantic import ValidationError

@@ -210,9 +210,12 @@ def _integral(v: object) -> bool:
     return is_number(v) and float(v).is_integer()
 
 
-def _param_kind(key: str, default: object) -> str | None:
-    """What a scheduler param takes: "int", "number" (or a list of them, per group), "int list", "str", "bool"; None:
-    not known (not checked)."""
+def _param_kind(signature: dict, key: str) -> str | None:
+    """What a scheduler param takes, by its default in the constructor's `signature` (inspect's parameters) where it
+    has one, else by its name: "int", "number" (or a list of them, per group), "int list", "str", "bool"; None: not
+    known (not checked)."""
+    default = signature[key].default if key in signature else None
+    default = None if default is inspect.Parameter.empty else default
     if key in _INT_PARAMS or type(default) is int:
         return "int"
     if key in _INT_LIST_PARAMS:
@@ -230,15 +233,15 @@ def _scheduler_value_problem(kind: str, cls: type, params: dict) -> str | None:
     built, or (MultiStepLR's milestones "3,6") train at a constant lr."""
     signature = inspect.signature(cls.__init__).parameters
     for key, value in params.items():
-        default = signature[key].default if key in signature else None
-        want = _param_kind(key, None if default is inspect.Parameter.empty else default)
+        want = _param_kind(signature, key)
         if value is None:
             continue
         where, got = f"scheduler.params.{key} ({kind})", json.dumps(value)
         if value == "auto" and want != "str":
             fill = "leave it out: it is filled in" if key == "total_num_steps" and kind in _NEEDS_TOTAL else "give a value"
             return f"{where} is \"auto\", HF Trainer's placeholder, which DeepSpeed does not fill in: {fill}"
-        if want is None and default is inspect.Parameter.empty and isinstance(value, str):  # every required one: numbers
+        required = key in signature and signature[key].default is inspect.Parameter.empty
+        if want is None and required and isinstance(value, str):  # every required one: numbers
             return f"{where} must be a number, got {got}"
         if want == "int" and not _integral(value):
             return f"{where} must be a whole number, got {got}"
@@ -270,8 +273,7 @@ def _whole_counts(kind: object, params: dict) -> dict:
     signature = inspect.signature(cls.__init__).parameters
     out = dict(params)
     for key, value in params.items():
-        default = signature[key].default if key in signature else None
-        want = _param_kind(key, None if default is inspect.Parameter.empty else default)
+        want = _param_kind(signature, key)
         if want == "int" and _integral(value):
             out[key] = int(value)
         elif want == "int list" and isinstance(value, list) and all(map(_integral, value)):

@@ -100,16 +100,19 @@ def _model_type(raw: dict) -> str | None:
 
 def check_deepspeed_sections(ds: dict, path: Path) -> list[str]:
     """Check the DeepSpeed sections in CHECKED_SECTIONS with DeepSpeed's own config models, dropping the DROPPED
-    keys from `ds` in place, and refuse the sections this DeepSpeed has removed (`elasticity`, `amp`,
-    `curriculum_learning`, ...), which it would refuse on every rank once the model is built. Returns the warnings;
-    ValueError with one line for a value DeepSpeed would refuse."""
+    keys from `ds` in place; refuse the sections and ZeRO keys this DeepSpeed has removed (`elasticity`, `amp`,
+    `curriculum_learning`, `zero_optimization.mics_shard_size`, ...), which it would refuse on every rank once the
+    model is built, and `unsupported_section_problem`'s. Returns the warnings; ValueError with one line for a value
+    DeepSpeed would refuse."""
     import deepspeed
     from deepspeed.runtime.config import DeepSpeedConfigError, _reject_removed_config_keys
 
-    try:  # (zero_optimization's removed keys: with its section below)
-        _reject_removed_config_keys({k: v for k, v in ds.items() if k != "zero_optimization"})
+    try:
+        _reject_removed_config_keys(ds)
     except DeepSpeedConfigError as e:
         raise ValueError(f"{path}: {one_line(e, None)} (DeepSpeed {deepspeed.__version__})") from None
+    if problem := unsupported_section_problem(ds):
+        raise ValueError(f"{path}: {problem}")
     present = [s for s in CHECKED_SECTIONS if s in ds]
     if not present:
         return []
@@ -137,7 +140,6 @@ def check_deepspeed_sections(ds: dict, path: Path) -> list[str]:
                 notes.append(f"{path}: '{section}.{key}' is not a key of DeepSpeed {deepspeed.__version__}: dropped "
                              f"({why.format(version=deepspeed.__version__)})")
         try:
-            _reject_removed_config_keys({section: body})
             getters[section]({section: body})
         except (DeepSpeedConfigError, AssertionError) as e:  # AssertionError: a deprecated key with its replacement
             raise ValueError(f"{path}: '{section}': {one_line(e, None)}") from None

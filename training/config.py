@@ -28,7 +28,7 @@ from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import QUANT_FILE, parse_quantization, read_quant_file
 from pipeft import command, one_line
 from training.batches import DROP_LAST
-from training.compat import check_deepspeed_sections, derive_batch, map_gdgpt_keys, unsupported_section_problem
+from training.compat import check_deepspeed_sections, derive_batch, map_gdgpt_keys
 from training.config_file import OTHER_TOOLS_KEYS, ConfigError, read_config_file
 from training.optim import BF16_KEYS, build_lion, check_optimizer, half_precisions, optimizer_key_problem
 from training.resume import resume_problem, resumes, torch_scheduler, unnamed_tag, zero_stage
@@ -183,8 +183,6 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
 
     try:
         notes += check_deepspeed_sections(ds, path)
-        if problem := unsupported_section_problem(ds):
-            raise ValueError(f"{path}: {problem}")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     cfg = TrainConfig(**ours, ds_config=ds, path=str(path), raw=raw, notes=notes)

@@ -16,12 +16,12 @@ CPU mode. A Llama of hidden 256, 8 layers (8 heads, 4 KV heads), a tokenizer bui
   (d) one process, LlamaForCausalLM + torch AdamW, 2 threads (d1: 1 thread, for the pipeline efficiency)
 Every variant but the packed and ungrouped ones trains on the same global batches (the project's order; checked:
 (a)'s real tokens of every timed step are the baselines'), from the same weights, with the same loss (the token mean
-over the global batch) and AdamW (no weight decay): their per-step losses are checked against (d)'s (relative
-1e-3; (b), which clips by its first stage's gradient norm as DeepSpeed's PipelineModule does unless told otherwise,
-on the first step), so a variant that computed something else cannot pass for a fast one. Data: "full" rows of 128 tokens (pretrain text cut to max_seq_len) and "sft": 192 of
-data/samples' records, spread evenly over their lengths, at max_seq_len 512 (about 4x their mean): one epoch is the
-6 timed steps, so they hold every part of the length-grouped epoch once; the project also runs full 512-token rows,
-the reference for SFT throughput at the same max_seq_len.
+over the global batch) and AdamW (no weight decay): their per-step losses are checked against (d)'s (relative 1e-3;
+(b), which clips by its first stage's gradient norm as DeepSpeed's PipelineModule does unless told otherwise, on the
+first step), so a variant that computed something else cannot pass for a fast one. Data: "full" rows of 128 tokens
+(pretrain text cut to max_seq_len) and "sft": 192 of data/samples' records, spread evenly over their lengths, at
+max_seq_len 512 (about 4x their mean): one epoch is the 6 timed steps, so they hold every part of the length-grouped
+epoch once; the project also runs full 512-token rows, the reference for SFT throughput at the same max_seq_len.
 Columns: real (non-padding) tokens/s of the measured steps; ratios to (b), (c), (d); the pipeline efficiency
 a / (2 x d1), (a)'s real tokens/s per process relative to one transformers process on the same batches unpacked,
 and its share of the 1F1B ideal m / (m + p - 1) = 8/9 (not a bound: the project's kernels, head and deferred weight

@@ -485,8 +485,8 @@ def cache_file(digests: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_le
                settings: TemplateSettings = DEFAULT_SETTINGS, fallback_dir: str | Path | None = None) -> Path:
     """Where the encoding of the files of `digests` (file_digests' (path, sha256)) is cached: `cache_dir` /
     encoded-KEY.npys; without `cache_dir`, `.cache` beside the first file, or `fallback_dir` (a training run's
-    save_path / RUN_CACHE_DIR) when it holds this cache or `.cache` cannot be written and does not. It exists only if these bytes were valid records
-    when it was written. The one place that decides: validation, loading and data.inspect all ask it."""
+    save_path / RUN_CACHE_DIR) when it holds this cache or `.cache` cannot be written and does not. It exists only if
+    these bytes were valid records when it was written. The one place that decides: validation, loading and data.inspect all ask it."""
     name = f"encoded-{cache_key(digests, tokenizer, max_seq_len, settings)[:32]}{CACHE_SUFFIX}"
     if cache_dir is not None:
         return Path(cache_dir) / name

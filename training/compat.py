@@ -7,7 +7,8 @@ dropped with one warning line, or refused with a one-line reason.
 - `aux_max_z_loss` (gdGPT's router z-loss for MoE models): accepted, with a warning that it has no effect here.
 - DeepSpeed's `fp16` / `bf16` / `zero_optimization` sections are checked with this DeepSpeed's own models, so a key
   it rejects is one line at the config check instead of a traceback on every rank; `fp16.fused_optimizer` (read by
-  gdGPT's patched DeepSpeed) is dropped with a warning.
+  gdGPT's patched DeepSpeed) is dropped with a warning. The sections this DeepSpeed removed, the `pipeline` keys
+  that would change or be ignored by this pipeline, and `torch_autocast` are refused (`check_deepspeed_sections`).
 - `train_batch_size`, `train_micro_batch_size_per_gpu`, `gradient_accumulation_steps`: the missing ones derived as
   DeepSpeed derives them (`DeepSpeedConfig._set_batch_related_parameters`).
 `optimizer.no_wd_kws` is training.optim's (`no_decay_patterns`), `dataloader_drop_last` training.batches'.

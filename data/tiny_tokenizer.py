@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATES), default=None)
     ap.add_argument("--overwrite", action="store_true", help="replace the tokenizer files already in --save-path")
     args = ap.parse_args(argv)
-    from models.hf_io import CheckpointError, check_target
+    from models.hf_io import CheckpointError
+    from models.outdir import check_target
 
     try:
         check_target(Path(args.save_path), args.overwrite)

@@ -26,17 +26,15 @@ from .hf_io import (
     HFCheckpoint,
     ShardWriter,
     _first_line,
-    atomic_output_dir,
-    check_target,
     copy_side_files,
     hf_source_of,
     load_torch_file,
     no_dir_error,
     read_json,
     resolve_hf_dir,
-    run_tags,
 )
 from .keymap import KeyMapError
+from .outdir import atomic_output_dir, check_target, run_tags
 from .pipeline import LAYER_FILE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

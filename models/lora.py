@@ -21,17 +21,9 @@ from safetensors.torch import load_file
 from pipeft import one_line
 
 from .family import ModelFamily
-from .hf_io import (
-    CheckpointError,
-    atomic_output_dir,
-    check_target,
-    copy_side_files,
-    hf_source_of,
-    load_torch_file,
-    read_json,
-    save_safetensors,
-)
+from .hf_io import CheckpointError, copy_side_files, hf_source_of, load_torch_file, read_json, save_safetensors
 from .keymap import KeyMapError
+from .outdir import atomic_output_dir, check_target
 
 LORA_FILE = "lora_config.json"
 ADAPTER = "default"  # peft's adapter name inside the modules

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.hf_io import CheckpointError, atomic_output_dir, clean_leftovers
+from models.hf_io import CheckpointError
+from models.outdir import atomic_output_dir, clean_leftovers
 from tests.helpers import assert_one_line_error as _assert_one_line_error
 from tests.helpers import edit_weights as _edit_weights
 from tests.helpers import files as _files

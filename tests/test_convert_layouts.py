@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import models.hf_io as hf_io
+import models.outdir as outdir
 from models import get_family
 from models.convert import hg_to_pp, pp_to_hg
 from models.diskspace import fmt_size
-from models.hf_io import CheckpointError, HFCheckpoint, atomic_output_dir
+from models.hf_io import CheckpointError, HFCheckpoint
+from models.outdir import atomic_output_dir
 from tests.helpers import tiny_config
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -160,7 +161,7 @@ def test_the_space_check_counts_a_dtype_cast(tmp_path, tied, monkeypatch):
     d = _dir(tmp_path, hf)
     save_file({k: v.half() for k, v in sd.items()}, str(d / "model.safetensors"))
     half = sum(v.numel() * 2 for v in sd.values())
-    monkeypatch.setattr(hf_io, "free_bytes", lambda path: half * 3 // 2)
+    monkeypatch.setattr(outdir, "free_bytes", lambda path: half * 3 // 2)
     with pytest.raises(CheckpointError, match=f"pp: no space left on device \\(needed about {fmt_size(2 * half)}"):
         hg_to_pp(d, tmp_path / "pp", dtype="fp32")
     assert not (tmp_path / "pp").exists()
@@ -200,7 +201,7 @@ def test_a_failed_final_rename_is_one_line_and_keeps_the_old_output(tmp_path, mo
             raise OSError(16, "Device or resource busy")
         real(src, dst)
 
-    monkeypatch.setattr(hf_io.os, "replace", replace)
+    monkeypatch.setattr(outdir.os, "replace", replace)
     with pytest.raises(CheckpointError, match=f"^{target}: cannot move the finished output into place"):
         with atomic_output_dir(target, overwrite=True) as tmp:
             (tmp / "new.txt").write_text("new")

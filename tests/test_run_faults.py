@@ -22,7 +22,8 @@ import torch
 
 from models.convert import hg_to_pp, pp_to_hg
 from models.diskspace import tree_size
-from models.hf_io import CheckpointError, atomic_output_dir
+from models.hf_io import CheckpointError
+from models.outdir import atomic_output_dir
 from tests.helpers import (
     dead_pid,
     errors_of,
@@ -251,7 +252,7 @@ def test_a_killed_conversion_leaves_nothing_the_next_one_does_not_clean(tmp_path
     src = _tiny_hf(tmp_path, tokenizer)
     dst = tmp_path / "pp"
     killed = subprocess.run([sys.executable, "-c", (
-        "import os, sys; from pathlib import Path; from models.hf_io import atomic_output_dir\n"
+        "import os, sys; from pathlib import Path; from models.outdir import atomic_output_dir\n"
         "with atomic_output_dir(Path(sys.argv[1]), False) as tmp:\n"
         "    (tmp / 'layer_00-model_states.pt').write_bytes(b'x' * 1000)\n"
         "    os.kill(os.getpid(), 9)\n"), str(dst)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from models.diskspace import NO_SPACE, fmt_size, free_bytes, is_no_space, no_space_message, tree_size
-from models.hf_io import RUN_TAG, run_tags
+from models.outdir import RUN_TAG, run_tags
 from pipeft import one_line
 
 TAG = RUN_TAG  # a checkpoint's directory name, global_stepN

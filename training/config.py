@@ -22,8 +22,9 @@ from data.records import DataError, resolve_files
 from data.templates import TemplateSettings
 from models.attention import attn_problem
 from models.convert import family_of, missing_layer_file
-from models.hf_io import RUN_TAG, CheckpointError, run_tags
+from models.hf_io import CheckpointError
 from models.lora import LoraSettings, check_adapter_keys, parse_lora
+from models.outdir import RUN_TAG, run_tags
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import QUANT_FILE, parse_quantization, read_quant_file
 from pipeft import command, one_line

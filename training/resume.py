@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from models.hf_io import run_tags
 from models.lora import CONFIG_WRITER_KEYS, LoraSettings, base_fingerprint, read_lora_info
 from models.lora import with_defaults as lora_defaults
+from models.outdir import run_tags
 from models.quant import DEFAULTS as QUANT_DEFAULTS
 from models.quant import saved_quantization
 from training.batches import DROP_LAST

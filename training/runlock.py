@@ -31,8 +31,8 @@ import uuid
 from pathlib import Path
 
 from models.diskspace import write_problem
-from models.hf_io import RUN_LOCK_FILE as LOCK_FILE
-from models.hf_io import pid_alive
+from models.outdir import RUN_LOCK_FILE as LOCK_FILE
+from models.outdir import pid_alive
 from training.distributed import proc_stat
 
 JOB_FILE = ".run-job.json"  # the job that started the run in save_path fresh (`resume` false)

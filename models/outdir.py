@@ -1,0 +1,202 @@
+"""Output directories that cost the user nothing: a target is checked before any work (`check_target`), built
+beside its final name and renamed into place (`atomic_output_dir`), and what an interrupted run left is cleaned
+up or put back (`clean_leftovers`)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+from .diskspace import free_bytes, is_no_space, no_space_message
+from .hf_io import CheckpointError, _first_line
+
+RUN_TAG = re.compile(r"global_step(\d+)$")  # a training checkpoint's directory name; group 1: its step
+RUN_LOCK_FILE = ".run.lock"  # a training run's lock on its save_path (training.runlock)
+
+
+def _as_target(path: Path) -> Path:
+    """`path` absolute, with the symbolic links of its parents resolved but not one at `path` itself (an output
+    replaces a link, never what it points to)."""
+    p = Path(os.path.abspath(path))
+    return p.parent.resolve() / p.name if p.name else p
+
+
+def run_tags(directory: Path) -> list[str]:
+    """The checkpoint directories (RUN_TAG) of a training save_path, oldest first."""
+    found = [(int(m.group(1)), p.name) for p in directory.iterdir() if p.is_dir() and (m := RUN_TAG.match(p.name))]
+    return [name for _, name in sorted(found)]
+
+
+def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | None] = (), renamed: bool = False) -> None:
+    """Refuse (CheckpointError, one line) a target that would cost the user something. Always: the target is one of
+    `sources` (what the command reads: input dirs and files, symbolic links resolved) or a directory holding one, or,
+    with `overwrite`, an existing file or link inside one (it may be one the command reads). A new entry inside an
+    input dir is allowed: only that entry is written (or, with `overwrite`, replaced). Without `overwrite`: an
+    existing file, symbolic link or non-empty directory. `renamed` (an output that a rename puts in place, as
+    `atomic_output_dir`'s): the current directory or one holding it (`.`, `..`), which the rename would pull from
+    under the user's shell, or a mount point (`docker -v host:/out`), which no rename replaces."""
+    path = Path(path)
+    dst = _as_target(path)
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current directory was removed
+        cwd = None
+    if renamed and cwd is not None and (dst == cwd or dst in cwd.parents):
+        raise CheckpointError(f"{dst}: is the current directory (or contains it): give the new directory's path, "
+                              "e.g. ./hf")
+    if renamed and os.path.ismount(dst):  # the rename onto it would fail (EBUSY) only once the output is complete
+        raise CheckpointError(f"{path}: is a mount point (the output is renamed into place): give a directory inside "
+                              f"it, e.g. {path / 'model'}")
+    for src in dict.fromkeys(Path(s).resolve() for s in sources if s is not None and os.path.lexists(s)):  # not a Hub id
+        if dst == src:
+            raise CheckpointError(f"{path}: is the input {src} itself; write the output somewhere else")
+        if dst in src.parents:
+            raise CheckpointError(f"{path}: holds the input {src} (replacing it would delete the input); write the "
+                                  "output somewhere else")
+        if overwrite and src in dst.parents and (dst.is_symlink() or dst.exists() and not dst.is_dir()):
+            raise CheckpointError(f"{path}: a file of the input {src} (--overwrite would replace it); write the output "
+                                  "somewhere else")
+    above = next((p for p in dst.parents if os.path.lexists(p)), None)  # the nearest existing path above it
+    if above is not None and not above.is_dir():
+        raise CheckpointError(f"{path}: {above} is a file, not a directory; choose another path")
+    if overwrite and path.is_dir() and not path.is_symlink() and (
+            run := [n for n in ("latest", RUN_LOCK_FILE, "metrics.jsonl") if (path / n).is_file()]
+            + run_tags(path)[:1]):
+        raise CheckpointError(f"{path}: is a training run's save_path (it holds {', '.join(run)}): --overwrite would "
+                              "delete its checkpoints and metrics; write the output somewhere else")
+    if overwrite or not os.path.lexists(path):
+        return
+    if path.is_symlink():
+        raise CheckpointError(f"{path}: is a symbolic link (to {os.readlink(path)}); pass --overwrite to replace the "
+                              "link itself (what it points to is left as it is)")
+    if not path.is_dir() or any(path.iterdir()):
+        raise CheckpointError(f"{path}: exists and is not empty (pass --overwrite to replace it)")
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a symbolic link (never what it points to) or a directory tree; what is gone is fine."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host is running (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the process named in a temporary dir's name (`...tmp-HOST-PID`) may still be writing it."""
+    host, _, pid = name.rpartition("-")
+    host = host.rpartition(".tmp-")[2] if ".tmp-" in host else host.rpartition(".old-")[2]
+    if host != socket.gethostname() or not pid.isdigit():
+        return host != socket.gethostname() and bool(host)  # another host's: it may be alive
+    return pid_alive(int(pid))
+
+
+def clean_leftovers(path: Path, say: Callable[[str], None]) -> None:
+    """Remove the temporary dirs an interrupted conversion into `path` left beside it (`.NAME.tmp-HOST-PID`),
+    and put back a previous output an interrupted `--overwrite` had moved aside (`.NAME.old-HOST-PID`)."""
+    for tmp in sorted(path.parent.glob(f".{glob.escape(path.name)}.tmp-*")):
+        if _owner_alive(tmp.name):
+            say(f"note: {tmp} may belong to a conversion still running ({tmp.name.rpartition('.tmp-')[2]}): left alone")
+            continue
+        _remove(tmp)
+        say(f"removed {tmp}: left by an interrupted conversion")
+    for old in sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")):
+        if _owner_alive(old.name):
+            continue
+        if not os.path.lexists(path):
+            os.replace(old, path)
+            say(f"restored {path} from {old}: an interrupted --overwrite had moved it aside")
+        else:
+            _remove(old)  # a symbolic link target was moved aside as the link: only the link goes
+            say(f"removed {old}: the previous output an interrupted --overwrite had replaced")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, say: Callable[[str], None] = _stderr,
+                      sources: Iterable[str | Path | None] = ()):
+    """Yield a temporary sibling directory (`.NAME.tmp-HOST-PID`); on success it replaces `path`, on failure it is
+    removed. Leftovers of an interrupted run are removed first (said); `path` is checked with `check_target`
+    (`sources`: what the command reads); a full disk is one CheckpointError line (`needed`: the bytes the output
+    takes, about).
+
+    Without `overwrite` the finished output is renamed into place only if `path` is still absent or an empty
+    directory (one atomic rename): a target created meanwhile is left as it is, and the output is kept beside it
+    (`NAME.new-HOST-PID`, named in the CheckpointError). With `overwrite` an existing target is moved aside first and
+    deleted only once the new one is in place; a symbolic link is replaced itself, what it points to is untouched."""
+    path = Path(os.path.abspath(path))  # `.` or `..` has no name to build a sibling's from
+    clean_leftovers(path, say)
+    check_target(path, overwrite, sources, renamed=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot create its directory {path.parent} ({_first_line(e)})") from None
+    if needed and free_bytes(path.parent) < needed:
+        raise CheckpointError(no_space_message(str(path), path.parent, needed))
+    me = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = path.parent / f".{path.name}.tmp-{me}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        inside = (f"; the output is built beside {path.name} and renamed into place, so give a directory inside "
+                  f"it, e.g. {path / 'model'}" if path.is_dir() and os.access(path, os.W_OK | os.X_OK) else "")
+        raise CheckpointError(f"{path}: cannot write in {path.parent} ({_first_line(e)}){inside}") from None
+    try:
+        yield tmp
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, CheckpointError) and is_no_space(e, path.parent):
+            raise CheckpointError(no_space_message(str(path), path.parent, needed)) from None
+        raise
+    if not overwrite:
+        try:
+            os.replace(tmp, path)  # fails unless the target is absent or an empty directory: nothing of it is lost
+            return
+        except OSError as e:
+            if not os.path.lexists(path):
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointError(f"{path}: cannot move the finished output into place ({_first_line(e)})") from None
+        kept = path.parent / f"{path.name}.new-{me}"  # not a `.NAME.tmp-*` name, which the next run would remove
+        try:
+            os.replace(tmp, kept)
+        except OSError:
+            kept = tmp
+        raise CheckpointError(f"{path}: was created while the conversion ran and is not empty: left as it is; the "
+                              f"finished output is in {kept} (move it, or convert again with --overwrite)")
+    old = None
+    try:
+        if os.path.lexists(path):
+            old = path.parent / f".{path.name}.old-{me}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except OSError as e:
+        if old is not None and os.path.lexists(old) and not os.path.lexists(path):
+            try:
+                os.replace(old, path)  # the previous output back in place (else the next run's clean-up puts it back)
+            except OSError:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{path}: cannot move the finished output into place ({_first_line(e)})") from None
+    if old is not None:
+        _remove(old)

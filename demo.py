@@ -41,10 +41,11 @@ with deepspeed_logs_on_stderr():  # stdout holds the generated text only
     from transformers import TextStreamer
 
     from data.chat import end_of_turn, end_of_turn_text
-    from data.encode import encode_prompt, special_text_in, vocabulary_problem
+    from data.encode import encode_prompt
     from data.records import DataError, present_fields, prompt_problems, string_problem
     from data.settings import DataSettings, read_data_settings
     from data.templates import TEMPLATES, TemplateSettings
+    from data.tokenizer_checks import special_text_in, vocabulary_problem
     from launch import AcceleratorError
     from models.convert import load_hf_model
     from models.family import ModelFamily

@@ -40,9 +40,10 @@ from typing import Any
 import numpy as np
 
 from data.dataset import EncodedDataset
-from data.encode import RUN_CACHE_DIR, load_dataset, vocabulary_problem
+from data.encode import RUN_CACHE_DIR, load_dataset
 from data.packing import PackedDataset, chunk_counts, pack, trained_mask, trained_tokens
 from data.records import DataError
+from data.tokenizer_checks import vocabulary_problem
 from pipeft import module_command, one_line
 
 PROG = module_command("data.inspect")  # as the user runs it, in usage and errors

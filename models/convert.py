@@ -511,7 +511,7 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     except Exception as e:  # transformers raises many types for a bad tokenizer dir
         raise CheckpointError(f"{tokenizer_dir}: cannot load a tokenizer ({type(e).__name__}: {e})".splitlines()[0]) from None
-    from data.encode import vocabulary_problem
+    from data.tokenizer_checks import vocabulary_problem
 
     if problem := vocabulary_problem(tok):
         raise CheckpointError(f"{tokenizer_dir}: {problem}")

@@ -560,7 +560,7 @@ def test_a_tokenizer_without_vocabulary_is_told_from_one_of_another_script(sp_to
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from data.encode import vocabulary_problem
+    from data.tokenizer_checks import vocabulary_problem
 
     zh = Tokenizer(models.BPE())
     zh.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -372,9 +372,9 @@ def test_an_end_of_turn_token_that_is_not_special_is_stopped_on(tmp_path):
     end of turn data_settings.json records (demo.py and the export stop on it), and a record holding its text is
     counted as holding a control token's text (an added word is not)."""
     from data.chat import end_of_turn, end_of_turn_text
-    from data.encode import special_text
     from data.records import Record
     from data.settings import data_settings_of
+    from data.tokenizer_checks import special_text
 
     tok = chatml_tok(tmp_path, "add_tokens")
     ids, labels, _ = encode_one(tok, RECORDS["instruct"], 128, CHAT)

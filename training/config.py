@@ -466,7 +466,7 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
     from transformers import AutoTokenizer
 
     from data.chat import require_chat_template
-    from data.encode import require_eos, vocabulary_problem
+    from data.tokenizer_checks import require_eos, vocabulary_problem
 
     model = Path(cfg.model_path)
     try:

@@ -17,7 +17,9 @@ post-processor appends to every text (`add_eos_token`) are left out (the templat
 text ends; a prompt ends without one); a token that takes the whitespace beside it (lstrip / rstrip, as
 Phi-3's "<|end|>") gets the offsets of its own characters, so an end-of-turn token that swallows the
 newline after it is trained with its answer; a splice never writes the dummy prefix that a legacy Llama
-tokenizer puts after every special token.
+tokenizer puts after every special token; offsets are read with the post-processor's `trim_offsets` off (as
+`processors.ByteLevel()` and RobertaProcessing default it on), which would give whitespace-only tokens (" " in
+indented code) no width, so no label, and break the boundaries (the ids are the same either way).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class _Conventions(NamedTuple):
 
     cut: int  # ids the post-processor appends to every text (`appended_ids`), left out
     stripping: dict[int, str]  # added tokens that take the whitespace beside them (lstrip / rstrip), by id
+    offsets: Any  # the Rust tokenizer that gives the offsets: the tokenizer's own, or `_untrimmed_backend`'s
 
 
 def _stripping(backend: Any) -> dict[int, str]:
@@ -94,7 +97,46 @@ def _stripping(backend: Any) -> dict[int, str]:
 
 def _conventions(tokenizer: Any) -> _Conventions:
     """The tokenizer's conventions as they are now (well under a millisecond: read per call, never stale)."""
-    return _Conventions(len(appended_ids(tokenizer)), _stripping(_backend(tokenizer)))
+    return _Conventions(len(appended_ids(tokenizer)), _stripping(_backend(tokenizer)), _untrimmed_backend(tokenizer))
+
+
+_UNTRIMMED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backend -> (its state, untrimmed backend)
+
+
+def _untrim(spec: Any) -> bool:
+    """Turn every `trim_offsets` of a post-processor's JSON spec off, in place; whether one was on."""
+    changed = False
+    if isinstance(spec, dict):
+        if spec.get("trim_offsets") is True:
+            spec["trim_offsets"], changed = False, True
+        for value in spec.values():
+            changed |= _untrim(value)
+    elif isinstance(spec, list):
+        for value in spec:
+            changed |= _untrim(value)
+    return changed
+
+
+def _untrimmed_backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer whose offsets cover every character of its tokens: the tokenizer's own, unless its
+    post-processor trims offsets (`trim_offsets`: a ByteLevel token of spaces only gets an empty span), then a copy
+    with that off (the same ids); built once per tokenizer state."""
+    backend = _backend(tokenizer)
+    post = backend.post_processor
+    state = None if post is None else post.__getstate__()
+    if state is None or b'"trim_offsets":true' not in state:
+        return backend
+    parts = (backend.pre_tokenizer, backend.normalizer)
+    state = (state, *(p.__getstate__() if p is not None else None for p in parts))
+    hit = _UNTRIMMED.get(backend)
+    if hit is None or hit[0] != state:
+        from tokenizers import Tokenizer
+
+        spec = json.loads(backend.to_str())
+        _untrim(spec["post_processor"])
+        hit = (state, Tokenizer.from_str(json.dumps(spec)))
+        _UNTRIMMED[backend] = hit
+    return hit[1]
 
 
 def _own_offsets(text: str, ids: list[int], offsets: Offsets, stripping: dict[int, str]) -> Offsets:
@@ -116,7 +158,8 @@ def _encode(tokenizer: Any, strings: list[str], add_special_tokens: bool, conv: 
     cut = conv.cut if add_special_tokens else 0
     if offsets:
         out = []
-        for text, e in zip(strings, backend.encode_batch(strings, add_special_tokens=add_special_tokens), strict=True):
+        encoded = conv.offsets.encode_batch(strings, add_special_tokens=add_special_tokens)
+        for text, e in zip(strings, encoded, strict=True):
             ids, offs = e.ids, e.offsets
             if cut:
                 ids, offs = ids[:-cut], offs[:-cut]
@@ -184,7 +227,7 @@ def _continuation_backend(tokenizer: Any, conv: _Conventions) -> tuple[Any, dict
     anchor); built once per tokenizer state."""
     backend = _backend(tokenizer)
     eos = tokenizer.eos_token
-    parts = (backend.pre_tokenizer, backend.normalizer)
+    parts = (backend.pre_tokenizer, backend.normalizer, backend.post_processor)
     state = (eos, eos in conv.stripping.values(), *(p.__getstate__() if p is not None else None for p in parts))
     hit = _CONTINUATIONS.get(backend)
     if hit is None or hit[0] != state:
@@ -192,6 +235,7 @@ def _continuation_backend(tokenizer: Any, conv: _Conventions) -> tuple[Any, dict
 
         spec = json.loads(backend.to_str())
         changed = _no_dummy_prefix(spec)
+        changed |= _untrim(spec.get("post_processor"))
         for t in spec.get("added_tokens") or []:  # the anchor takes no whitespace of the text after it
             if t.get("content") == eos and (t.get("lstrip") or t.get("rstrip")):
                 t["lstrip"] = t["rstrip"] = False

@@ -57,8 +57,9 @@ from data.templates import template_settings as template_state
 from data.tokenizer_checks import require_eos, require_special_tokens_parsed, special_text
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "encode-v12"  # bump when encoding, labelling or the cache file's layout changes (v9 was
-# written for an hour by cf0d248, since reverted: never reuse it; v12: 0746ce2's chat labels, written under v11)
+CACHE_VERSION = "encode-v13"  # bump when encoding, labelling or the cache file's layout changes (v9 was
+# written for an hour by cf0d248, since reverted: never reuse it; v12: 0746ce2's chat labels, written under v11;
+# v13: labels read from untrimmed offsets, data.boundary)
 KEYED_PACKAGES = ("tokenizers", "transformers", "jinja2")  # their versions are in the key: tokenizing, chat rendering
 MIN_RECORDS_FOR_POOL = 2000
 BATCH = 1000  # texts per tokenizer call

@@ -140,8 +140,10 @@ def _variant(tok, tmp_path, kind: str):
     """`tok` as some real tokenizers ship: "add_eos" (a post-processor that appends EOS, `add_eos_token`), "rstrip"
     (EOS and the end-of-turn token take the whitespace after them, as Phi-3's "<|end|>"), "legacy" (a dummy
     prefix after every special token: a Llama tokenizer with "legacy": true; a byte-level one whose ByteLevel
-    pre-tokenizer has add_prefix_space, as some GPT-2/RoBERTa-derived tokenizers ship)."""
-    from tokenizers.processors import TemplateProcessing
+    pre-tokenizer has add_prefix_space, as some GPT-2/RoBERTa-derived tokenizers ship), "trim_offsets" (a
+    post-processor that trims the spaces out of byte-level tokens' offsets: `processors.ByteLevel()`'s default, which
+    gives a token of spaces only no width)."""
+    from tokenizers.processors import ByteLevel, Sequence, TemplateProcessing
 
     if kind == "add_eos":
         out = AutoTokenizer.from_pretrained(tok.name_or_path)
@@ -149,6 +151,15 @@ def _variant(tok, tmp_path, kind: str):
         out.backend_tokenizer.post_processor = TemplateProcessing(
             single=f"{bos} $A {eos}", special_tokens=[(bos, out.bos_token_id), (eos, out.eos_token_id)])
         assert out("a")["input_ids"][-1] == out.eos_token_id
+        return out
+    if kind == "trim_offsets":
+        out = AutoTokenizer.from_pretrained(tok.name_or_path)
+        backend = out.backend_tokenizer
+        trim = ByteLevel(add_prefix_space=False, trim_offsets=True)
+        backend.post_processor = trim if backend.post_processor is None else Sequence([trim, backend.post_processor])
+        if "ByteLevel" in json.dumps(json.loads(backend.to_str())["pre_tokenizer"]):  # the spaces of "x  =" lose width
+            offsets = out("x  =", return_offsets_mapping=True)["offset_mapping"]
+            assert any(s == e for s, e in offsets) and offsets != tok("x  =", return_offsets_mapping=True)["offset_mapping"]
         return out
     for f in Path(tok.name_or_path).iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
@@ -179,21 +190,22 @@ def _variant(tok, tmp_path, kind: str):
     return out
 
 
-@pytest.mark.parametrize("kind", ["add_eos", "rstrip", "legacy"])
+@pytest.mark.parametrize("kind", ["add_eos", "rstrip", "legacy", "trim_offsets"])
 def test_tokenizer_conventions_keep_the_prefix_and_train_one_end_per_answer(tok, tmp_path, kind, caplog):
     """A tokenizer that appends EOS is trained and prompted exactly as the same tokenizer without it (a prompt never
     ends with EOS); an end token that takes the newline after it is trained at the end of every answer; a legacy
-    dummy prefix after EOS (legacy Llama; ByteLevel's add_prefix_space) does not refuse a spliced answer. The prefix
-    property holds in each."""
+    dummy prefix after EOS (legacy Llama; ByteLevel's add_prefix_space) does not refuse a spliced answer; trimmed
+    offsets change no label (a token of spaces in an answer is trained). The prefix property holds in each."""
     variant = _variant(tok, tmp_path, kind)
-    records = [*JOINED, {"instruct": "Write a markdown heading.", "output": "### Heading"}, {"text": "plain text"}]
+    records = [*JOINED, {"instruct": "Write a markdown heading.", "output": "### Heading"}, {"text": "plain text"},
+               {"instruct": "Align it.", "output": "x  = 1  # two spaces"}]
     for mode, settings in MODES.items():
         for rec in records:
             ids, labels, _ = encode_one(variant, rec, 4096, settings)
             prompts = prompts_of(rec)
             for prompt_rec in prompts:
                 assert_prefix(ids, labels, encode_prompt(variant, prompt_rec, settings))
-            if kind == "add_eos":
+            if kind in ("add_eos", "trim_offsets"):
                 assert (ids, labels) == encode_one(tok, rec, 4096, settings)[:2], (mode, rec)
                 assert all(encode_prompt(variant, p, settings) == encode_prompt(tok, p, settings) for p in prompts)
             chat = mode == "chat" and record_type(rec) != "pretrain"  # pretrain text ends with EOS in both modes

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT_S = 1800  # a launch that has not exited by then is hung (a rank waiting on a lost peer): killed
 
 
 def prepare(work: Path, layers: int, hidden: int, intermediate: int, vocab: int) -> Path:
@@ -60,13 +61,14 @@ def run(work: Path, name: str, model: Path, steps: int, procs: int, quant: bool,
                                "bnb_4bit_compute_dtype": "bfloat16"}
     (work / f"{name}.json").write_text(json.dumps(cfg))
     shutil.rmtree(work / name, ignore_errors=True)  # a finished run of an earlier --workdir would do nothing
-    from tests.helpers import free_port
+    from tests.helpers import free_port, run_group
 
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    out = subprocess.run([launcher, "--num_gpus", str(procs), "--master_port", str(free_port()), "train_ds.py",
-                          "--config", str(work / f"{name}.json")], cwd=ROOT, env=env, capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"{name} failed:\n{(out.stdout + out.stderr)[-4000:]}")
+    rc, stdout = run_group([launcher, "--num_gpus", str(procs), "--master_port", str(free_port()), "train_ds.py",
+                            "--config", str(work / f"{name}.json")], LAUNCH_TIMEOUT_S, cwd=ROOT, env=env)
+    if rc != 0:
+        why = f"exit {rc}" if rc is not None else f"no exit after {LAUNCH_TIMEOUT_S // 60} min: killed"
+        sys.exit(f"{name} failed ({why}):\n{stdout[-4000:]}")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(work / name / "runs"))
@@ -74,8 +76,8 @@ def run(work: Path, name: str, model: Path, steps: int, procs: int, quant: bool,
     peaks = [max(e.value for e in events.Scalars(f"memory/peak_gib_stage{s}")) for s in range(procs)]
     times = [json.loads(line)["time"] for line in (work / name / "metrics.jsonl").read_text().splitlines()]
     step_s = statistics.median(b - a for a, b in zip(times, times[1:], strict=False)) if len(times) > 1 else times[0]
-    base = re.findall(r"stage (\d): \d+ 4-bit layers; frozen base ([\d.]+ \w+) \(unquantised: ([\d.]+ \w+)\)", out.stdout)
-    rows = [line for line in out.stdout.splitlines() if re.match(r"\s+\d+ \| ", line)]
+    base = re.findall(r"stage (\d): \d+ 4-bit layers; frozen base ([\d.]+ \w+) \(unquantised: ([\d.]+ \w+)\)", stdout)
+    rows = [line for line in stdout.splitlines() if re.match(r"\s+\d+ \| ", line)]
     return {"peaks_gib": peaks, "step_s": step_s, "base": base, "rows": rows}
 
 

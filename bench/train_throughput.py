@@ -40,13 +40,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT_S = 1800  # a launch that has not exited by then is hung (a rank waiting on a lost peer): killed
 sys.path.insert(0, str(ROOT))
 
 MICRO, GAS, PROCS, SEED, LR = 4, 8, 2, 7, 1e-3
@@ -328,15 +328,16 @@ def _env(threads: int) -> dict:
 
 
 def _launch(args: list[str], work: Path, name: str, procs: int = PROCS, threads: int = 1) -> None:
-    from tests.helpers import free_port
+    from tests.helpers import free_port, run_group
 
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     cmd = [launcher, "--num_gpus", str(procs), "--master_port", str(free_port()), *args] if procs else [sys.executable, *args]
     log = work / f"{name}.log"
-    with open(log, "w") as out:
-        rc = subprocess.call(cmd, cwd=ROOT, env=_env(threads), stdout=out, stderr=subprocess.STDOUT)
+    rc, out = run_group(cmd, LAUNCH_TIMEOUT_S, cwd=ROOT, env=_env(threads))
+    log.write_text(out)
     if rc != 0:
-        raise SystemExit(f"{name} failed (exit {rc}); see {log}:\n" + log.read_text()[-3000:])
+        why = f"exit {rc}" if rc is not None else f"no exit after {LAUNCH_TIMEOUT_S // 60} min: killed"
+        raise SystemExit(f"{name} failed ({why}); see {log}:\n" + out[-3000:])
 
 
 def run_worker(kind: str, spec: dict, work: Path, name: str, procs: int = PROCS, threads: int = 1) -> dict:

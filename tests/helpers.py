@@ -151,6 +151,24 @@ def own_extensions_dir() -> Path:
     return where
 
 
+def run_group(cmd: list[str], timeout: float, **popen) -> tuple[int | None, str]:
+    """Run `cmd` in a session of its own (a launcher and its ranks); (exit code, output), or (None, output) once it
+    has run `timeout` seconds: the whole group is then killed (a hung rank never ends a bench)."""
+    import os
+    import signal
+    import subprocess
+
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                          **popen) as proc:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+            return proc.returncode, out
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            return None, out
+
+
 def free_port() -> int:
     """A free TCP port for which /dev/shm holds no DeepSpeed buffer (one left by a killed run elsewhere on this
     host would read as this run's leak)."""

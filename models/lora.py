@@ -465,6 +465,12 @@ def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_pat
             (tmp / QUANT_FILE).write_text(json.dumps(info["quantization"], indent=1) + "\n")
         if generation_config is not None:
             (tmp / "generation_config.json").write_text(generation_config)
+    if settings.modules_to_save:
+        from .convert import log
+
+        log(f"note: the adapter holds whole modules ({', '.join(settings.modules_to_save)}) beside its LoRA pairs: peft "
+            "loads them; llama.cpp does not (its convert_lora_to_gguf.py refuses them, or writes norms that llama.cpp "
+            "then ignores at load): for llama.cpp, export with --lora merge")
     return save_path
 
 

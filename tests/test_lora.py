@@ -59,7 +59,7 @@ def lora_config(family: str, modules_to_save: list[str] | None = None) -> LoraCo
     ("llama", "mha_bias_untied", 2, None, ["lm_head", "norm"]),  # also trained whole: the LM head and every norm
     ("bloom", "tied", 2, None, None),
 ], ids=["llama-pipe3-embed-only-head-only", "llama-pipe2-modules-to-save", "bloom-pipe2"])
-def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family, name, procs, parts, saves):
+def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family, name, procs, parts, saves, capsys):
     torch.manual_seed(0)
     hf = get_family(family).hf_model_class(tiny_config(family, name, vocab_size=len(tokenizer)))
     blocks = hf.config.num_hidden_layers
@@ -121,7 +121,10 @@ def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family,
     # PEFT export == the reference's adapters; PeftModel.from_pretrained reproduces the pipeline's eval loss
     with pytest.raises(CheckpointError, match="a LoRA checkpoint .adapters only.: pass --lora peft"):
         pp_to_hg(tmp_path / "out", tmp_path / "nope")
+    capsys.readouterr()
     pp_to_hg(tmp_path / "out", tmp_path / "adapter", lora="peft")
+    # llama.cpp takes LoRA pairs only: it refuses whole modules, or ignores norms (checked with its converter and runtime)
+    assert ("llama.cpp does not (its convert_lora_to_gguf.py refuses them" in capsys.readouterr().err) == bool(saves)
     exported = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     expected = get_peft_model_state_dict(ref_model["m"])
     whole = 1 + 1 + 2 * blocks if saves else 0  # lm_head, the final norm, two norms per block

@@ -64,6 +64,29 @@ CASES = {  # name -> (config overrides, expected text)
     "pipeline flag not a bool": ({"pipeline": {"pipe_partitioned": "no"}}, "'pipeline.pipe_partitioned' must be true or "
                                  "false, got \"no\""),
     "torch autocast a bool": ({"torch_autocast": True}, "'torch_autocast' must be an object, got true"),
+    # DeepSpeed's sections this pipeline would ignore, or that fail once it trains, saves or resumes (each run to that
+    # failure over the project's pipeline with DeepSpeed 0.19.8), and values DeepSpeed's own config class refuses
+    "flops profiler": ({"flops_profiler": {"enabled": True}}, "'flops_profiler.enabled' true stops DeepSpeed's pipeline "
+                       "engine at the first backward pass"),
+    "node-local checkpoints": ({"checkpoint": {"use_node_local_storage": True}}, "'checkpoint.use_node_local_storage' "
+                               "true: DeepSpeed then writes only each node's local rank 0's files"),
+    "universal checkpoint": ({"checkpoint": {"load_universal": True}}, "'checkpoint.load_universal' true: this project "
+                             "resumes its own checkpoints"),
+    "deepspeed activation checkpointing": ({"activation_checkpointing": {"cpu_checkpointing": True}},
+                                           "'activation_checkpointing.cpu_checkpointing' true: DeepSpeed's "
+                                           "activation_checkpointing section configures deepspeed.checkpointing, which "
+                                           "this pipeline does not use"),
+    "deepcompile": ({"compile": {"deepcompile": True}}, "'compile.deepcompile' true: this project does not compile"),
+    "data efficiency": ({"data_efficiency": {"enabled": True}}, "'data_efficiency' enabled: DeepSpeed's data "
+                        "efficiency (curriculum sampling, random-LTD) acts through its own data loader"),
+    "comms logger": ({"comms_logger": {"enabled": True, "verbose": True}}, "'comms_logger' enabled: DeepSpeed's "
+                     "communication logger prints nothing in this trainer"),
+    "compile enabled": ({"compile": {"enabled": True}}, "DeepSpeed 0.19.8 refuses this config: CompileConfig 'enabled': "
+                        "not a key DeepSpeed accepts, got true"),
+    "communication type": ({"communication_data_type": "int8"}, "DeepSpeed 0.19.8 refuses this config: ValueError: "
+                           "Invalid communication_data_type. Supported data types: ['fp16', 'bf16', 'fp32']. Got: int8"),
+    "tag validation": ({"checkpoint": {"tag_validation": "bogus"}}, "DeepSpeed 0.19.8 refuses this config: "
+                       "DeepSpeedConfigError: Checkpoint config contains invalid tag_validation value of BOGUS"),
     "removed section": ({"elasticity": {"enabled": True}}, "Elastic training has been removed; the 'elasticity' "
                         "configuration block is no longer supported."),
     "removed apex amp": ({"amp": {"enabled": True}}, "NVIDIA Apex AMP integration has been removed."),

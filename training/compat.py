@@ -8,7 +8,10 @@ dropped with one warning line, or refused with a one-line reason.
 - DeepSpeed's `fp16` / `bf16` / `zero_optimization` sections are checked with this DeepSpeed's own models, so a key
   it rejects is one line at the config check instead of a traceback on every rank; `fp16.fused_optimizer` (read by
   gdGPT's patched DeepSpeed) is dropped with a warning. The sections this DeepSpeed removed, the `pipeline` keys
-  that would change or be ignored by this pipeline, and `torch_autocast` are refused (`check_deepspeed_sections`).
+  that would change or be ignored by this pipeline, `torch_autocast`, and the settings of other sections that this
+  trainer would ignore or that break it (`SECTION_PROBLEMS`, DeepSpeed's `activation_checkpointing`, the flops
+  profiler, ...) are refused (`check_deepspeed_sections`); `deepspeed_refusal` runs DeepSpeed's own config class over
+  the whole config, so any other value it refuses is one line too.
 - `train_batch_size`, `train_micro_batch_size_per_gpu`, `gradient_accumulation_steps`: the missing ones derived as
   DeepSpeed derives them (`DeepSpeedConfig._set_batch_related_parameters`).
 `optimizer.no_wd_kws` is training.optim's (`no_decay_patterns`), `dataloader_drop_last` training.batches'.
@@ -115,8 +118,6 @@ def check_deepspeed_sections(ds: dict, path: Path) -> list[str]:
     if problem := unsupported_section_problem(ds):
         raise ValueError(f"{path}: {problem}")
     present = [s for s in CHECKED_SECTIONS if s in ds]
-    if not present:
-        return []
     from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
     from deepspeed.runtime.zero.config import get_zero_config
     from pydantic import ValidationError
@@ -172,8 +173,9 @@ PIPELINE_KEYS = {
 
 def unsupported_section_problem(ds: dict) -> str | None:
     """A DeepSpeed section that DeepSpeed would take and that would change or be ignored by this project's training,
-    as one line: a `pipeline` key of its own meaning here, and `torch_autocast` (a precision path not checked against
-    transformers here; the "bf16" section is)."""
+    as one line: a `pipeline` key of its own meaning here, `torch_autocast` (a precision path not checked against
+    transformers here; the "bf16" section is), the timers that stop the pipeline engine, DeepSpeed's own activation
+    checkpointing, `SECTION_PROBLEMS`, data efficiency and the comms logger."""
     if "pipeline" in ds:
         section = ds["pipeline"]
         if not isinstance(section, dict):
@@ -186,13 +188,99 @@ def unsupported_section_problem(ds: dict) -> str | None:
                 return f"'pipeline.{key}' must be true or false, got {json.dumps(value)}"
             if value != default and why:
                 return f"'pipeline.{key}' {json.dumps(value)}: {why}; remove it"
-    autocast = ds.get("torch_autocast", {})
-    if not isinstance(autocast, dict):
-        return f"'torch_autocast' must be an object, got {json.dumps(autocast)}"
-    if autocast.get("enabled"):
+    for name in ("torch_autocast", "flops_profiler", "activation_checkpointing", *{n for n, _ in SECTION_PROBLEMS},
+                 "data_efficiency", "comms_logger"):
+        if not isinstance(ds.get(name, {}), dict):
+            return f"'{name}' must be an object, got {json.dumps(ds[name])}"
+    if ds.get("torch_autocast", {}).get("enabled"):
         return ("'torch_autocast' is not a precision this project checks against transformers (its pipeline computes "
                 "the loss and the head itself); use \"bf16\": {\"enabled\": true} with \"zero_optimization\": "
                 "{\"stage\": 1}")
+    if ds.get("wall_clock_breakdown") or ds.get("flops_profiler", {}).get("enabled"):
+        key = "wall_clock_breakdown" if ds.get("wall_clock_breakdown") else "flops_profiler.enabled"
+        return (f"'{key}' true stops DeepSpeed's pipeline engine at the first backward pass (it starts its backward "
+                "timers twice: 'bwd_microstep timer has already been started'; the flops profiler turns "
+                "wall_clock_breakdown on); remove it (metrics.jsonl records each step's time and data time)")
+    section = ds.get("activation_checkpointing", {})
+    defaults = _activation_checkpointing_defaults()
+    for key, value in section.items():
+        if key not in defaults:
+            return (f"'activation_checkpointing.{key}' is not a key of DeepSpeed's activation_checkpointing section "
+                    f"({', '.join(defaults)})")
+        if value != defaults[key]:
+            return (f"'activation_checkpointing.{key}' {json.dumps(value)}: DeepSpeed's activation_checkpointing section "
+                    "configures deepspeed.checkpointing, which this pipeline does not use (the setting would do "
+                    "nothing); set \"use_grad_ckpt\": true (the decoder blocks, non-reentrant) and remove it")
+    for (name, key), why in SECTION_PROBLEMS.items():
+        if (value := ds.get(name, {}).get(key)) is not None and value is not False:
+            return f"'{name}.{key}' {json.dumps(value)}: {why}; remove it"
+    if _any_enabled(ds.get("data_efficiency", {})):
+        return ("'data_efficiency' enabled: DeepSpeed's data efficiency (curriculum sampling, random-LTD) acts through "
+                "its own data loader and layer conversion, which this project does not use (it would do nothing); "
+                "remove it (group_by_length and packing order and fill the batches here)")
+    if _any_enabled(ds.get("comms_logger", {})):
+        return ("'comms_logger' enabled: DeepSpeed's communication logger prints nothing in this trainer (it reports "
+                "through deepspeed.comm.log_summary(), which nothing here calls; \"verbose\" too prints nothing); "
+                "remove it")
+    return None
+
+
+# DeepSpeed settings of sections it takes that this project's training would ignore or that break it (checked with
+# DeepSpeed 0.19.8 over this project's pipeline), by (section, key): why
+SECTION_PROBLEMS = {
+    ("checkpoint", "use_node_local_storage"): "DeepSpeed then writes only each node's local rank 0's files, so the "
+                                              "other stages' files are missing and every save fails; save_path is one "
+                                              "directory all nodes share (see Several nodes)",
+    ("checkpoint", "load_universal"): "this project resumes its own checkpoints (DeepSpeed's universal-checkpoint "
+                                      "loader stops every resume: 'AdamW' object has no attribute 'update_lp_params')",
+    ("compile", "deepcompile"): "this project does not compile its model (DeepSpeed compiles only when "
+                                "engine.compile() is called; the setting would do nothing)",
+}
+
+
+def _any_enabled(section: object) -> bool:
+    """Whether a DeepSpeed section turns anything on: an "enabled": true at any depth."""
+    if isinstance(section, dict):
+        return section.get("enabled") is True or any(_any_enabled(v) for v in section.values())
+    return False
+
+
+def _activation_checkpointing_defaults() -> dict:
+    """DeepSpeed's activation_checkpointing keys and their defaults, from its own config class."""
+    from deepspeed.runtime.activation_checkpointing.config import DeepSpeedActivationCheckpointingConfig
+
+    return dict(vars(DeepSpeedActivationCheckpointingConfig({})))
+
+
+def deepspeed_refusal(ds: dict) -> str | None:
+    """What DeepSpeed's own config class (as deepspeed.initialize builds it) refuses in `ds`, as one line: a bad value
+    in a section passed through unchecked (`compile`, `communication_data_type`, `checkpoint.tag_validation`, ...)
+    would otherwise stop every rank with a traceback once the model is built. The batch keys are left to the
+    project's checks (they need the data-parallel size)."""
+    import copy
+    import logging
+
+    import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger
+    from pydantic import ValidationError
+
+    probe = {k: v for k, v in copy.deepcopy(ds).items() if k not in BATCH_KEYS}
+    probe.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)  # any data-parallel size fits
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its info and warning lines on every rank
+    try:
+        DeepSpeedConfig(probe)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        what = "not a key DeepSpeed accepts" if err["type"] == "extra_forbidden" else err["msg"]
+        return (f"DeepSpeed {deepspeed.__version__} refuses this config: {e.title} '{where}': {what}, got "
+                f"{json.dumps(err.get('input'), default=str)}")
+    except Exception as e:  # noqa: BLE001 -- DeepSpeed's checks raise ValueError, AssertionError, KeyError, ...
+        return f"DeepSpeed {deepspeed.__version__} refuses this config: {one_line(e, named=True)}"
+    finally:
+        logger.setLevel(level)
     return None
 
 

@@ -29,7 +29,7 @@ from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import QUANT_FILE, parse_quantization, read_quant_file
 from pipeft import command, one_line
 from training.batches import DROP_LAST
-from training.compat import check_deepspeed_sections, derive_batch, map_gdgpt_keys
+from training.compat import check_deepspeed_sections, deepspeed_refusal, derive_batch, map_gdgpt_keys
 from training.config_file import OTHER_TOOLS_KEYS, ConfigError, read_config_file
 from training.optim import BF16_KEYS, build_lion, check_optimizer, half_precisions, optimizer_key_problem
 from training.resume import resume_problem, resumes, torch_scheduler, unnamed_tag, zero_stage
@@ -51,7 +51,7 @@ DEEPSPEED_KEYS = frozenset({
     "fp16", "bf16", "bfloat16", "amp", "torch_autocast", "zero_optimization", "zero_allow_untested_optimizer",
     "zero_force_ds_cpu_optimizer", "gradient_clipping", "steps_per_print", "wall_clock_breakdown", "dump_state",
     "data_types", "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
-    "disable_allgather", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor",
+    "disable_allgather", "activation_checkpointing", "flops_profiler", "comms_logger", "tensorboard", "wandb", "csv_monitor",
     "comet", "monitor_config", "checkpoint", "aio", "pipeline", "memory_breakdown", "seq_parallel_communication_data_type",
     "gradient_allreduce_op", "dataloader_drop_last", "elasticity", "compression_training", "data_efficiency",
     "autotuning", "curriculum_learning", "timers", "use_data_before_expert_parallelism", "graph_harvesting",
@@ -215,6 +215,8 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
                    f"delete {Path(cfg.save_path) / JOB_FILE})")
         cfg.notes.append(restart)
     _check_batch(cfg, path, world_size)
+    if problem := deepspeed_refusal(cfg.ds_config):  # after the project's own lines, which say more
+        raise ConfigError(f"{path}: {problem}")
     _check_paths(cfg, path, require_model)
     if note := _eval_is_training_data(cfg):
         cfg.notes.append(note)
@@ -343,10 +345,6 @@ def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
             raise ConfigError(f"{path}: zero_optimization.stage must be 0 or 1 (a number), got {json.dumps(stage)}")
         if stage > 1:
             raise ConfigError(f"{path}: zero_optimization.stage {stage} does not work with pipeline parallelism; use 0 or 1")
-    if ds.get("wall_clock_breakdown"):  # checked with DeepSpeed 0.19.8, over this project's model and a raw PipelineModule
-        raise ConfigError(f"{path}: 'wall_clock_breakdown' true stops DeepSpeed's pipeline engine at the first backward pass "
-                          "(it starts its backward timers twice: 'bwd_microstep timer has already been started'); remove it "
-                          "(metrics.jsonl records each step's time and data time)")
 
 
 def _processes_needed(model_topo: dict | None) -> int | None:

@@ -30,6 +30,8 @@ ADAPTER = "default"  # peft's adapter name inside the modules
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB])\.(?:default\.)?weight$")
 _KEYS = ("r", "alpha", "dropout", "target_modules", "modules_to_save", "adapter_path")
 DEFAULTS = {"r": 8, "dropout": 0.0, "target_modules": "all-linear", "modules_to_save": [], "adapter_path": None}
+NO_BLOCKS = ("the model has no decoder blocks (num_hidden_layers 0): LoRA adapts the blocks' linear layers, so "
+             "nothing would train; train it in full")
 
 
 def with_defaults(section: dict) -> dict:
@@ -97,6 +99,8 @@ def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
     if unknown := [k for k in section if k not in _KEYS]:
         raise ValueError(f"lora: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_KEYS)}")
     section = with_defaults(section)
+    if config is not None and family.num_blocks(config) == 0:
+        raise ValueError(f"lora: {NO_BLOCKS} (no 'lora' section)")
     r = section["r"]
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"lora.r must be a positive integer, got {json.dumps(r)}")

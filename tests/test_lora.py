@@ -341,6 +341,12 @@ def test_an_adapter_of_other_target_modules_is_refused_before_the_model_loads(tm
     parse_lora({**section, "target_modules": ["k_proj", "q_proj"]}, get_family("llama"))
 
 
+def test_lora_on_a_model_without_decoder_blocks_is_refused():
+    """A 0-layer model has no linear layer LoRA adapts: refused at load (it trained nothing, grad norm 0, and saved)."""
+    with pytest.raises(ValueError, match=r"^lora: the model has no decoder blocks \(num_hidden_layers 0\): LoRA adapts"):
+        parse_lora({"r": 4}, get_family("llama"), tiny_config("llama", "gqa_tied", num_hidden_layers=0))
+
+
 @pytest.mark.parametrize("family, name, save, what", [
     ("llama", "gqa_tied", "lm_head", "lm_head, the tied embedding/LM head, which peft would untie"),
     ("bloom", "tied", "word_embeddings", "transformer.word_embeddings, the tied embedding/LM head"),

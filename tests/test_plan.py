@@ -148,6 +148,11 @@ def test_lora_options_need_lora_and_a_quantized_plan_says_lora(tmp_path, capsys)
         assert json.loads(capsys.readouterr().out)["config"]["lora"]["r"] == 8
     assert plan_main([*args, "--quantization", "nf4"]) == 0
     assert capsys.readouterr().out.splitlines()[0].endswith("1024 tokens, bf16, LoRA, NF4")
+    (tmp_path / "c.json").write_text(json.dumps({**LLAMA2_7B, "num_hidden_layers": 0}))  # no block to adapt
+    assert plan_main([*args, "--lora"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --lora / --quantization: the model has no decoder blocks "
+                                               "(num_hidden_layers 0): LoRA adapts the blocks' linear layers, so "
+                                               "nothing would train; train it in full (without them)")
 
 
 LORA_QV = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}

@@ -229,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             raise PlanError("--lora-r needs --lora (or --quantization nf4)")
         memory = parse_bytes(args.gpu_memory)
         family, config = load_model(args.model_config, args.model_path)
+        if (args.lora or args.quantization) and family.num_blocks(config) == 0:
+            from models.lora import NO_BLOCKS
+
+            raise PlanError(f"--lora / --quantization: {NO_BLOCKS} (without them)")
         args.max_seq_len, note = seq_len_for(family, config, args.max_seq_len)
     except (PlanError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

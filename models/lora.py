@@ -91,6 +91,17 @@ def _module_and_parents(module: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
+def _leaf_of(target: str, family: ModelFamily) -> str:
+    """A `target_modules` entry as the block's linear it names: peft matches a name as a suffix of module paths, so
+    "self_attn.q_proj" is "q_proj"; a name of one block's module ("layers.0.self_attn.q_proj") or of none is
+    returned as it is (refused: the pipeline adapts every block)."""
+    if "." not in target:
+        return target
+    modules = {k.rsplit(".", 1)[0] for k in family.key_map.table if "{}" in k}  # "model.layers.{}.self_attn.q_proj"
+    leaves = {m.rsplit(".", 1)[1] for m in modules if f".{m}".endswith(f".{target}")}
+    return leaves.pop() if len(leaves) == 1 else target
+
+
 def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
     """The config's "lora" section; ValueError with a one-line message naming the key. With the model's `config`,
     `modules_to_save` is also checked against its tied embedding."""
@@ -116,6 +127,7 @@ def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
         targets = list(known)
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"lora.target_modules must be \"all-linear\" or a non-empty list of names, got {json.dumps(targets)}")
+    targets = [_leaf_of(t, family) for t in targets]
     if bad := [t for t in targets if t not in known]:
         raise ValueError(f"lora.target_modules: {', '.join(map(repr, bad))} not in a {family.model_type} block "
                          f"(known: {', '.join(known)})")

@@ -341,6 +341,23 @@ def test_an_adapter_of_other_target_modules_is_refused_before_the_model_loads(tm
     parse_lora({**section, "target_modules": ["k_proj", "q_proj"]}, get_family("llama"))
 
 
+@pytest.mark.parametrize("family, dotted, leaves", [
+    ("llama", ["self_attn.q_proj", "mlp.down_proj", "model.layers.self_attn.v_proj"], None),  # the last: no module's
+    ("llama", ["self_attn.q_proj", "mlp.down_proj", "q_proj"], ("q_proj", "down_proj")),
+    ("bloom", ["self_attention.query_key_value", "mlp.dense_4h_to_h"], ("query_key_value", "dense_4h_to_h")),
+    ("llama", ["layers.0.self_attn.q_proj"], None),  # one block's: the pipeline adapts every block
+])
+def test_target_modules_take_peft_s_dotted_names(family, dotted, leaves):
+    """peft matches a target name as a suffix of module paths: "self_attn.q_proj" adapts what "q_proj" does, so the
+    config takes it as that block linear (it was refused); a name no block module ends with is refused naming it."""
+    section = {"r": 4, "target_modules": dotted}
+    if leaves is None:
+        with pytest.raises(ValueError, match=rf"^lora.target_modules: '{re.escape(dotted[-1])}' not in a {family} block"):
+            parse_lora(section, get_family(family))
+        return
+    assert parse_lora(section, get_family(family)).target_modules == leaves
+
+
 def test_lora_on_a_model_without_decoder_blocks_is_refused():
     """A 0-layer model has no linear layer LoRA adapts: refused at load (it trained nothing, grad norm 0, and saved)."""
     with pytest.raises(ValueError, match=r"^lora: the model has no decoder blocks \(num_hidden_layers 0\): LoRA adapts"):

@@ -90,6 +90,12 @@ class _Conventions(NamedTuple):
     offsets: Any  # the Rust tokenizer that gives the offsets: the tokenizer's own, or `_untrimmed_backend`'s
 
 
+def _added_state(backend: Any) -> tuple:
+    """The added tokens as they are now (what a copy built from `to_str()` holds): part of a cached copy's state, so a
+    token added after the first encode is not split into characters by a stale copy."""
+    return tuple(sorted((i, repr(t)) for i, t in backend.get_added_tokens_decoder().items()))
+
+
 def _stripping(backend: Any) -> dict[int, str]:
     """The added tokens that take the whitespace beside them (lstrip / rstrip), by id."""
     return {i: t.content for i, t in backend.get_added_tokens_decoder().items() if t.lstrip or t.rstrip}
@@ -127,7 +133,7 @@ def _untrimmed_backend(tokenizer: Any) -> Any:
     if state is None or b'"trim_offsets":true' not in state:
         return backend
     parts = (backend.pre_tokenizer, backend.normalizer)
-    state = (state, *(p.__getstate__() if p is not None else None for p in parts))
+    state = (state, _added_state(backend), *(p.__getstate__() if p is not None else None for p in parts))
     hit = _UNTRIMMED.get(backend)
     if hit is None or hit[0] != state:
         from tokenizers import Tokenizer
@@ -228,7 +234,8 @@ def _continuation_backend(tokenizer: Any, conv: _Conventions) -> tuple[Any, dict
     backend = _backend(tokenizer)
     eos = tokenizer.eos_token
     parts = (backend.pre_tokenizer, backend.normalizer, backend.post_processor)
-    state = (eos, eos in conv.stripping.values(), *(p.__getstate__() if p is not None else None for p in parts))
+    state = (eos, eos in conv.stripping.values(), _added_state(backend),
+             *(p.__getstate__() if p is not None else None for p in parts))
     hit = _CONTINUATIONS.get(backend)
     if hit is None or hit[0] != state:
         from tokenizers import Tokenizer

@@ -218,6 +218,18 @@ def test_tokenizer_conventions_keep_the_prefix_and_train_one_end_per_answer(tok,
         assert f"the tokenizer appends {variant.eos_token} to every text it encodes" in caplog.text
 
 
+def test_a_token_added_after_the_first_encode_is_one_token(tok, tmp_path):
+    """data.boundary keeps copies of the Rust tokenizer (offsets untrimmed; continuations without a dummy prefix),
+    built from its serialization with the added tokens of that time: one added later is read as that token, not
+    split into characters by a stale copy."""
+    variant = _variant(tok, tmp_path, "trim_offsets")
+    rec = {"instruct": "Call <|tool|> now.", "output": "  <|tool|> x  = 1"}  # (the answer's spaces: a splice)
+    encode_one(variant, rec, 4096)
+    variant.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    ids, _, _ = encode_one(variant, rec, 4096)
+    assert ids.count(variant.convert_tokens_to_ids("<|tool|>")) == 2, variant.convert_ids_to_tokens(ids)
+
+
 def test_special_token_text_in_a_record_is_counted_and_named(tok, tmp_path):
     """Text of a special token inside a record's own fields is read as that control token (as transformers and
     serving stacks read it): the data set counts such records and names the first, from the cache too."""

@@ -64,8 +64,9 @@ def run(work: Path, name: str, model: Path, steps: int, procs: int, quant: bool,
     from tests.helpers import free_port, run_group
 
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    rc, stdout = run_group([launcher, "--num_gpus", str(procs), "--master_port", str(free_port()), "train_ds.py",
-                            "--config", str(work / f"{name}.json")], LAUNCH_TIMEOUT_S, cwd=ROOT, env=env)
+    rc = run_group([launcher, "--num_gpus", str(procs), "--master_port", str(free_port()), "train_ds.py",
+                    "--config", str(work / f"{name}.json")], LAUNCH_TIMEOUT_S, work / f"{name}.log", cwd=ROOT, env=env)
+    stdout = (work / f"{name}.log").read_text()
     if rc != 0:
         why = f"exit {rc}" if rc is not None else f"no exit after {LAUNCH_TIMEOUT_S // 60} min: killed"
         sys.exit(f"{name} failed ({why}):\n{stdout[-4000:]}")

@@ -333,11 +333,10 @@ def _launch(args: list[str], work: Path, name: str, procs: int = PROCS, threads:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     cmd = [launcher, "--num_gpus", str(procs), "--master_port", str(free_port()), *args] if procs else [sys.executable, *args]
     log = work / f"{name}.log"
-    rc, out = run_group(cmd, LAUNCH_TIMEOUT_S, cwd=ROOT, env=_env(threads))
-    log.write_text(out)
+    rc = run_group(cmd, LAUNCH_TIMEOUT_S, log, cwd=ROOT, env=_env(threads))
     if rc != 0:
         why = f"exit {rc}" if rc is not None else f"no exit after {LAUNCH_TIMEOUT_S // 60} min: killed"
-        raise SystemExit(f"{name} failed ({why}); see {log}:\n" + out[-3000:])
+        raise SystemExit(f"{name} failed ({why}); see {log}:\n" + log.read_text()[-3000:])
 
 
 def run_worker(kind: str, spec: dict, work: Path, name: str, procs: int = PROCS, threads: int = 1) -> dict:

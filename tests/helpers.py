@@ -151,22 +151,27 @@ def own_extensions_dir() -> Path:
     return where
 
 
-def run_group(cmd: list[str], timeout: float, **popen) -> tuple[int | None, str]:
-    """Run `cmd` in a session of its own (a launcher and its ranks); (exit code, output), or (None, output) once it
-    has run `timeout` seconds: the whole group is then killed (a hung rank never ends a bench)."""
+def run_group(cmd: list[str], timeout: float, log, **popen) -> int | None:
+    """Run `cmd` in a session of its own (a launcher and its ranks), its output streamed to the file `log`; its exit
+    code, or None once it has run `timeout` seconds: the whole group is then killed (a hung rank never ends a
+    bench), as it is when the caller is interrupted (Ctrl-C reaches only the caller's own session)."""
     import os
     import signal
     import subprocess
 
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                          **popen) as proc:
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-            return proc.returncode, out
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-            return None, out
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the group ended meanwhile
+                pass
+            proc.wait()
 
 
 def free_port() -> int:

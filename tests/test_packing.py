@@ -208,6 +208,31 @@ def test_packing_keeps_its_copy_of_the_tokens_and_little_more(monkeypatch):
     assert np.array_equal(packed.input_ids, ids[take]) and np.array_equal(packed.labels, want)
 
 
+def test_trained_tokens_are_counted_a_block_of_rows_at_a_time(monkeypatch):
+    """trained_tokens over blocks of rows (of unpacked and packed rows, a row longer than a block too) equals the
+    whole-dataset count, without a per-token int64 copy of the dataset (9 bytes a token on every reading rank)."""
+    import tracemalloc
+
+    from data import packing
+
+    rng = np.random.default_rng(1)
+    lengths = np.clip(rng.lognormal(5, 1.0, 3000).astype(np.int64), 1, 3000)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = rng.integers(0, 30000, offsets[-1], dtype=np.int32)
+    labels = np.where(rng.random(offsets[-1]) < 0.4, IGNORE_INDEX, ids).astype(np.int32)
+    ds = EncodedDataset(ids, labels, offsets, np.arange(len(lengths)), EncodeStats(len(lengths), len(lengths), 0, 0))
+    packed = pack(ds, 1024, seed=0)
+    want = [np.add.reduceat(packing.trained_mask(d.labels, d.offsets[:-1]).astype(np.int64), d.offsets[:-1])
+            for d in (ds, packed)]
+    monkeypatch.setattr(packing, "GATHER_BLOCK", 1000)  # several rows per block, and rows longer than one
+    tracemalloc.start()
+    got = [trained_tokens(d) for d in (ds, packed)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    assert peak < 2 * len(ids) + 16 * len(lengths) + 20 * 3000, peak / len(ids)  # was 9 bytes a token (+ 1 for the mask)
+
+
 def test_eval_rows_are_packed_and_split_as_the_training_rows(tmp_path, tokenizer):
     """With split_long_pretrain the eval set (eval_data_path, plus the share eval_split_ratio holds out) has pretrain
     text longer than max_seq_len: it is packed and split as training's rows are, so every eval call collates (left

@@ -349,13 +349,35 @@ def text_offsets(tokenizer: Any, text: str, add_special_tokens: bool) -> Offsets
     return _encode(tokenizer, [text], add_special_tokens, _conventions(tokenizer))[0].offsets
 
 
+# Characters of texts and their prompts tokenized in one pair of calls: a record of n answers has n prompts of up to
+# its whole length, so a batch of 1000 50-turn conversations held ~2 GB of prompt tokens at once (per worker).
+GROUP_CHARS = 1 << 21
+
+
 def encode_texts(tokenizer: Any, items: Sequence[tuple[str, Sequence[int]]], add_special_tokens: bool,
                  max_tokens: int | None = None) -> list[Encoding | str]:
     """Tokenize each (text, prompt boundaries) so that, for every boundary b, `encode_texts` of (text[:b], the
     boundaries before b) is a prefix of the ids and the token after it starts at b. Two batched calls of the
-    Rust tokenizer (texts with offsets, prompts ids only); the problem (a str) for an item where that cannot
-    be done. `max_tokens`: only the first that many ids will be kept (training truncates): the boundaries past
-    `bound_reach` are not spliced (the ids after the first max_tokens may then differ)."""
+    Rust tokenizer per group of items of about GROUP_CHARS characters, prompts included (texts with offsets,
+    prompts ids only); the problem (a str) for an item where that cannot be done. `max_tokens`: only the first
+    that many ids will be kept (training truncates): the boundaries past `bound_reach` are not spliced (the ids
+    after the first max_tokens may then differ)."""
+    out: list[Encoding | str] = []
+    group: list[tuple[str, Sequence[int]]] = []
+    chars = 0
+    for item in items:
+        cost = len(item[0]) + sum(item[1])  # the text and its prompts (before `within_reach` drops any)
+        if group and chars + cost > GROUP_CHARS:
+            out += _encode_group(tokenizer, group, add_special_tokens, max_tokens)
+            group, chars = [], 0
+        group.append(item)
+        chars += cost
+    return out + (_encode_group(tokenizer, group, add_special_tokens, max_tokens) if group else [])
+
+
+def _encode_group(tokenizer: Any, items: Sequence[tuple[str, Sequence[int]]], add_special_tokens: bool,
+                  max_tokens: int | None) -> list[Encoding | str]:
+    """`encode_texts` of one group of items."""
     conv = _conventions(tokenizer)
     texts = _encode(tokenizer, [text for text, _ in items], add_special_tokens, conv)
     if max_tokens is not None:

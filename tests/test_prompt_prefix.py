@@ -218,6 +218,30 @@ def test_tokenizer_conventions_keep_the_prefix_and_train_one_end_per_answer(tok,
         assert f"the tokenizer appends {variant.eos_token} to every text it encodes" in caplog.text
 
 
+def test_prompts_are_tokenized_a_group_of_records_at_a_time(tok, monkeypatch):
+    """A record of n answers has n prompts of up to its whole length: a batch of long conversations tokenized in one
+    call held all their prompts' tokens at once (~2 GB per worker for 1000 50-turn records). Tokenized a group of
+    about GROUP_CHARS characters at a time, the ids and labels are the same and the peak is a fraction."""
+    import tracemalloc
+
+    from data import boundary
+
+    rounds = [["ask", f"Question {i}: which stage holds layer {i}?"] if i % 2 == 0 else
+              ["ans", f"Answer {i}: the stage of layer {i} holds its tokens and its gradient."] for i in range(100)]
+    recs = [{"rounds": rounds[:n]} for n in range(80, 100, 2)] + JOINED
+    runs = []
+    for chars in (10**9, 4000):
+        monkeypatch.setattr(boundary, "GROUP_CHARS", chars)
+        tracemalloc.start()
+        out = encode_batch(tok, recs, 10**6)
+        runs.append((out, tracemalloc.get_traced_memory()[1]))
+        tracemalloc.stop()
+    (whole, peak_whole), (grouped, peak_grouped) = runs
+    assert not any(isinstance(e, str) for e in whole)
+    assert [(list(a.input_ids), list(a.labels)) for a in whole] == [(list(b.input_ids), list(b.labels)) for b in grouped]
+    assert peak_grouped < peak_whole / 3, (peak_grouped, peak_whole)
+
+
 def test_a_token_added_after_the_first_encode_is_one_token(tok, tmp_path):
     """data.boundary keeps copies of the Rust tokenizer (offsets untrimmed; continuations without a dummy prefix),
     built from its serialization with the added tokens of that time: one added later is read as that token, not

@@ -179,6 +179,16 @@ def test_a_text_one_token_past_max_seq_len_trains_its_last_token():
     assert sorted(packed.labels[packed.labels != IGNORE_INDEX].tolist()) == sorted(labels[labels != IGNORE_INDEX].tolist())
 
 
+def random_dataset(seed: int, rows: int, sigma: float, shortest: int, longest: int) -> EncodedDataset:
+    """Rows of lognormal lengths (median ~150 tokens), 40% of their labels ignored."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(5, sigma, rows).astype(np.int64), shortest, longest)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = rng.integers(0, 30000, offsets[-1], dtype=np.int32)
+    labels = np.where(rng.random(offsets[-1]) < 0.4, IGNORE_INDEX, ids).astype(np.int32)
+    return EncodedDataset(ids, labels, offsets, np.arange(rows), EncodeStats(rows, rows, 0, 0))
+
+
 def test_packing_keeps_its_copy_of_the_tokens_and_little_more(monkeypatch):
     """pack() gathered every token through one int64 index of the whole dataset, built from temporaries of that
     size: a peak of 16.6 bytes a token for the 8 kept (here; 5 GB more than kept at 367M tokens, on every reading
@@ -188,12 +198,8 @@ def test_packing_keeps_its_copy_of_the_tokens_and_little_more(monkeypatch):
 
     from data import packing
 
-    rng = np.random.default_rng(0)
-    lengths = np.clip(rng.lognormal(5, 0.9, 4000).astype(np.int64), 2, 1000)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    ids = rng.integers(0, 30000, offsets[-1], dtype=np.int32)
-    labels = np.where(rng.random(offsets[-1]) < 0.4, IGNORE_INDEX, ids).astype(np.int32)
-    ds = EncodedDataset(ids, labels, offsets, np.arange(len(lengths)), EncodeStats(len(lengths), len(lengths), 0, 0))
+    ds = random_dataset(0, 4000, 0.9, 2, 1000)
+    ids, labels, offsets, lengths = ds.input_ids, ds.labels, ds.offsets, np.diff(ds.offsets)
     monkeypatch.setattr(packing, "GATHER_BLOCK", 1 << 16, raising=False)
     tracemalloc.start()
     packed = pack(ds, 512, seed=0)
@@ -215,12 +221,8 @@ def test_trained_tokens_are_counted_a_block_of_rows_at_a_time(monkeypatch):
 
     from data import packing
 
-    rng = np.random.default_rng(1)
-    lengths = np.clip(rng.lognormal(5, 1.0, 3000).astype(np.int64), 1, 3000)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    ids = rng.integers(0, 30000, offsets[-1], dtype=np.int32)
-    labels = np.where(rng.random(offsets[-1]) < 0.4, IGNORE_INDEX, ids).astype(np.int32)
-    ds = EncodedDataset(ids, labels, offsets, np.arange(len(lengths)), EncodeStats(len(lengths), len(lengths), 0, 0))
+    ds = random_dataset(1, 3000, 1.0, 1, 3000)
+    ids, lengths = ds.input_ids, np.diff(ds.offsets)
     packed = pack(ds, 1024, seed=0)
     want = [np.add.reduceat(packing.trained_mask(d.labels, d.offsets[:-1]).astype(np.int64), d.offsets[:-1])
             for d in (ds, packed)]

@@ -188,8 +188,8 @@ def unsupported_section_problem(ds: dict) -> str | None:
                 return f"'pipeline.{key}' must be true or false, got {json.dumps(value)}"
             if value != default and why:
                 return f"'pipeline.{key}' {json.dumps(value)}: {why}; remove it"
-    for name in ("torch_autocast", "flops_profiler", "activation_checkpointing", *{n for n, _ in SECTION_PROBLEMS},
-                 "data_efficiency", "comms_logger"):
+    for name in ("torch_autocast", "flops_profiler", "activation_checkpointing",
+                 *dict.fromkeys(n for n, _ in SECTION_PROBLEMS), "data_efficiency", "comms_logger"):
         if not isinstance(ds.get(name, {}), dict):
             return f"'{name}' must be an object, got {json.dumps(ds[name])}"
     if ds.get("torch_autocast", {}).get("enabled"):

@@ -88,6 +88,7 @@ class _Conventions(NamedTuple):
     cut: int  # ids the post-processor appends to every text (`appended_ids`), left out
     stripping: dict[int, str]  # added tokens that take the whitespace beside them (lstrip / rstrip), by id
     offsets: Any  # the Rust tokenizer that gives the offsets: the tokenizer's own, or `_untrimmed_backend`'s
+    added: tuple  # `_added_state`: read once per call (a splice's copy lookup would otherwise read every added token)
 
 
 def _added_state(backend: Any) -> tuple:
@@ -103,7 +104,9 @@ def _stripping(backend: Any) -> dict[int, str]:
 
 def _conventions(tokenizer: Any) -> _Conventions:
     """The tokenizer's conventions as they are now (well under a millisecond: read per call, never stale)."""
-    return _Conventions(len(appended_ids(tokenizer)), _stripping(_backend(tokenizer)), _untrimmed_backend(tokenizer))
+    added = _added_state(_backend(tokenizer))
+    return _Conventions(len(appended_ids(tokenizer)), _stripping(_backend(tokenizer)),
+                        _untrimmed_backend(tokenizer, added), added)
 
 
 _UNTRIMMED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backend -> (its state, untrimmed backend)
@@ -123,17 +126,17 @@ def _untrim(spec: Any) -> bool:
     return changed
 
 
-def _untrimmed_backend(tokenizer: Any) -> Any:
+def _untrimmed_backend(tokenizer: Any, added: tuple) -> Any:
     """The Rust tokenizer whose offsets cover every character of its tokens: the tokenizer's own, unless its
     post-processor trims offsets (`trim_offsets`: a ByteLevel token of spaces only gets an empty span), then a copy
-    with that off (the same ids); built once per tokenizer state."""
+    with that off (the same ids); built once per tokenizer state (`added`: its added tokens, `_added_state`)."""
     backend = _backend(tokenizer)
     post = backend.post_processor
     state = None if post is None else post.__getstate__()
     if state is None or b'"trim_offsets":true' not in state:
         return backend
     parts = (backend.pre_tokenizer, backend.normalizer)
-    state = (state, _added_state(backend), *(p.__getstate__() if p is not None else None for p in parts))
+    state = (state, added, *(p.__getstate__() if p is not None else None for p in parts))
     hit = _UNTRIMMED.get(backend)
     if hit is None or hit[0] != state:
         from tokenizers import Tokenizer
@@ -234,7 +237,7 @@ def _continuation_backend(tokenizer: Any, conv: _Conventions) -> tuple[Any, dict
     backend = _backend(tokenizer)
     eos = tokenizer.eos_token
     parts = (backend.pre_tokenizer, backend.normalizer, backend.post_processor)
-    state = (eos, eos in conv.stripping.values(), _added_state(backend),
+    state = (eos, eos in conv.stripping.values(), conv.added,
              *(p.__getstate__() if p is not None else None for p in parts))
     hit = _CONTINUATIONS.get(backend)
     if hit is None or hit[0] != state:

@@ -165,13 +165,12 @@ def run_group(cmd: list[str], timeout: float, log, **popen) -> int | None:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return None
-    finally:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:  # the group ended meanwhile
-                pass
-            proc.wait()
+    finally:  # the group holds this launch's processes only: a rank may outlive its launcher
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group ended with it
+            pass
+        proc.wait()
 
 
 def free_port() -> int:

@@ -81,7 +81,7 @@ CASES = {  # name -> (config overrides, expected text)
                         "efficiency (curriculum sampling, random-LTD) acts through its own data loader"),
     "comms logger": ({"comms_logger": {"enabled": True, "verbose": True}}, "'comms_logger' enabled: DeepSpeed's "
                      "communication logger prints nothing in this trainer"),
-    "compile enabled": ({"compile": {"enabled": True}}, "DeepSpeed 0.19.8 refuses this config: 'compile.enabled': "
+    "compile enabled": ({"compile": {"enabled": True}, "bf16": {"enabled": False}}, "DeepSpeed 0.19.8 refuses this config: 'compile.enabled': "
                         "not a key DeepSpeed accepts, got true"),
     "communication type": ({"communication_data_type": "int8"}, "DeepSpeed 0.19.8 refuses this config: ValueError: "
                            "Invalid communication_data_type. Supported data types: ['fp16', 'bf16', 'fp32']. Got: int8"),

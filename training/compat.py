@@ -274,9 +274,12 @@ def deepspeed_refusal(ds: dict) -> str | None:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        # the section is the one holding that key (pydantic names its model class, e.g. CompileConfig)
-        sections = [k for k, v in ds.items() if isinstance(v, dict) and err["loc"] and err["loc"][0] in v]
-        where = f"{sections[0]}.{where}" if len(sections) == 1 else f"{e.title} {where}"
+        # the section holding that key (pydantic names its model class, e.g. CompileConfig), not one of those checked
+        # before with their own models; a top-level key's model (the monitors') names it itself
+        sections = [k for k, v in ds.items() if isinstance(v, dict) and k not in CHECKED_SECTIONS and err["loc"]
+                    and err["loc"][0] in v]
+        if not (err["loc"] and err["loc"][0] in ds):
+            where = f"{sections[0]}.{where}" if len(sections) == 1 else f"{e.title} {where}"
         what = "not a key DeepSpeed accepts" if err["type"] == "extra_forbidden" else err["msg"]
         return (f"DeepSpeed {deepspeed.__version__} refuses this config: '{where}': {what}, got "
                 f"{json.dumps(err.get('input'), default=str)}")

@@ -76,6 +76,13 @@ CASES = {  # name -> (config overrides, expected text)
                                            "'activation_checkpointing.cpu_checkpointing' true: DeepSpeed's "
                                            "activation_checkpointing section configures deepspeed.checkpointing, which "
                                            "this pipeline does not use"),
+    "mock checkpoint writer": ({"checkpoint": {"writer": {"type": "mock"}}}, "'checkpoint.writer.type' \"mock\": "
+                               "DeepSpeed's mock writer writes empty files"),
+    "decoupled checkpoint writer": ({"checkpoint": {"writer": {"type": "python", "decoupled": True}}},
+                                    "'checkpoint.writer.decoupled' true: DeepSpeed's decoupled writer saves from a "
+                                    "background process"),
+    "fast checkpoint writer": ({"checkpoint": {"writer": {}}}, "'checkpoint.writer.type' \"fast\" (DeepSpeed's default "
+                               "once 'writer' is given): its fast writer is not checked with this pipeline"),
     "deepcompile": ({"compile": {"deepcompile": True}}, "'compile.deepcompile' true: this project does not compile"),
     "data efficiency": ({"data_efficiency": {"enabled": True}}, "'data_efficiency' enabled: DeepSpeed's data "
                         "efficiency (curriculum sampling, random-LTD) acts through its own data loader"),

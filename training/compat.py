@@ -214,6 +214,8 @@ def unsupported_section_problem(ds: dict) -> str | None:
     for (name, key), why in SECTION_PROBLEMS.items():
         if (value := ds.get(name, {}).get(key)) is not None and value is not False:
             return f"'{name}.{key}' {json.dumps(value)}: {why}; remove it"
+    if (writer := ds.get("checkpoint", {}).get("writer")) is not None and (problem := _writer_problem(writer)):
+        return problem
     if _any_enabled(ds.get("data_efficiency", {})):
         return ("'data_efficiency' enabled: DeepSpeed's data efficiency (curriculum sampling, random-LTD) acts through "
                 "its own data loader and layer conversion, which this project does not use (it would do nothing); "
@@ -236,6 +238,25 @@ SECTION_PROBLEMS = {
     ("compile", "deepcompile"): "this project does not compile its model (DeepSpeed compiles only when "
                                 "engine.compile() is called; the setting would do nothing)",
 }
+
+
+def _writer_problem(writer: object) -> str | None:
+    """DeepSpeed's `checkpoint.writer` (its checkpoint engines), as run with DeepSpeed 0.19.8 over this pipeline:
+    "python" saves and resumes as the default torch.save engine; the others do not."""
+    if not isinstance(writer, dict):
+        return f"'checkpoint.writer' must be an object, got {json.dumps(writer)}"
+    if writer.get("decoupled"):
+        return ("'checkpoint.writer.decoupled' true: DeepSpeed's decoupled writer saves from a background process, so "
+                "the files are not there when this trainer checks and renames the checkpoint: every save fails; remove it")
+    kind = writer.get("type", "fast")  # DeepSpeed's default once "writer" is given
+    if str(kind).lower() == "mock":
+        return ("'checkpoint.writer.type' \"mock\": DeepSpeed's mock writer writes empty files: every checkpoint would "
+                "be saved empty; remove 'writer'")
+    if str(kind).lower() != "python":
+        return (f"'checkpoint.writer.type' {json.dumps(kind)} (DeepSpeed's default once 'writer' is given): its fast "
+                "writer is not checked with this pipeline (on CPU it stops every rank at the first save: 'Cannot access "
+                "accelerator device'); remove 'writer' (torch.save), or give \"type\": \"python\"")
+    return None
 
 
 def _any_enabled(section: object) -> bool:

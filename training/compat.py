@@ -175,7 +175,7 @@ def unsupported_section_problem(ds: dict) -> str | None:
     """A DeepSpeed section that DeepSpeed would take and that would change or be ignored by this project's training,
     as one line: a `pipeline` key of its own meaning here, `torch_autocast` (a precision path not checked against
     transformers here; the "bf16" section is), the timers that stop the pipeline engine, DeepSpeed's own activation
-    checkpointing, `SECTION_PROBLEMS`, data efficiency and the comms logger."""
+    checkpointing, `SECTION_PROBLEMS`, the checkpoint writers, data efficiency and the comms logger."""
     if "pipeline" in ds:
         section = ds["pipeline"]
         if not isinstance(section, dict):

@@ -148,10 +148,15 @@ def check_deepspeed_sections(ds: dict, path: Path) -> list[str]:
         except ValidationError as e:
             err = e.errors()[0]
             key = ".".join(str(p) for p in (section, *err["loc"]))
-            what = "not a key DeepSpeed accepts" if err["type"] == "extra_forbidden" else err["msg"]
-            raise ValueError(f"{path}: '{key}': {what} (DeepSpeed {deepspeed.__version__}), got "
-                             f"{json.dumps(err.get('input'), default=str)}") from None
+            what, got = _refused(err)
+            raise ValueError(f"{path}: '{key}': {what} (DeepSpeed {deepspeed.__version__}), got {got}") from None
     return notes
+
+
+def _refused(err: dict) -> tuple[str, str]:
+    """What a DeepSpeed config model's (pydantic) error says of a value, and the value as JSON."""
+    what = "not a key DeepSpeed accepts" if err["type"] == "extra_forbidden" else err["msg"]
+    return what, json.dumps(err.get("input"), default=str)
 
 
 # DeepSpeed's `pipeline` section (runtime/config.py get_pipeline_config) against this project's pipeline: the keys the
@@ -301,9 +306,8 @@ def deepspeed_refusal(ds: dict) -> str | None:
                     and err["loc"][0] in v]
         if not (err["loc"] and err["loc"][0] in ds):
             where = f"{sections[0]}.{where}" if len(sections) == 1 else f"{e.title} {where}"
-        what = "not a key DeepSpeed accepts" if err["type"] == "extra_forbidden" else err["msg"]
-        return (f"DeepSpeed {deepspeed.__version__} refuses this config: '{where}': {what}, got "
-                f"{json.dumps(err.get('input'), default=str)}")
+        what, got = _refused(err)
+        return f"DeepSpeed {deepspeed.__version__} refuses this config: '{where}': {what}, got {got}"
     except Exception as e:  # noqa: BLE001 -- DeepSpeed's checks raise ValueError, AssertionError, KeyError, ...
         return f"DeepSpeed {deepspeed.__version__} refuses this config: {one_line(e, named=True)}"
     finally:

@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_TIMEOUT_S = 1800  # a launch that has not exited by then is hung (a rank waiting on a lost peer): killed
 
 
 def prepare(work: Path, layers: int, hidden: int, intermediate: int, vocab: int) -> Path:
@@ -64,11 +63,10 @@ def run(work: Path, name: str, model: Path, steps: int, procs: int, quant: bool,
     from tests.helpers import free_port, run_group
 
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    rc = run_group([launcher, "--num_gpus", str(procs), "--master_port", str(free_port()), "train_ds.py",
-                    "--config", str(work / f"{name}.json")], LAUNCH_TIMEOUT_S, work / f"{name}.log", cwd=ROOT, env=env)
+    why = run_group([launcher, "--num_gpus", str(procs), "--master_port", str(free_port()), "train_ds.py",
+                     "--config", str(work / f"{name}.json")], work / f"{name}.log", cwd=ROOT, env=env)
     stdout = (work / f"{name}.log").read_text()
-    if rc != 0:
-        why = f"exit {rc}" if rc is not None else f"no exit after {LAUNCH_TIMEOUT_S // 60} min: killed"
+    if why:
         sys.exit(f"{name} failed ({why}):\n{stdout[-4000:]}")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -151,10 +151,14 @@ def own_extensions_dir() -> Path:
     return where
 
 
-def run_group(cmd: list[str], timeout: float, log, **popen) -> int | None:
-    """Run `cmd` in a session of its own (a launcher and its ranks), its output streamed to the file `log`; its exit
-    code, or None once it has run `timeout` seconds: the whole group is then killed (a hung rank never ends a
-    bench), as it is when the caller is interrupted (Ctrl-C reaches only the caller's own session)."""
+LAUNCH_TIMEOUT_S = 1800  # a bench launch that has not exited by then is hung (a rank waiting on a lost peer)
+
+
+def run_group(cmd: list[str], log, timeout: float = LAUNCH_TIMEOUT_S, **popen) -> str | None:
+    """Run `cmd` in a session of its own (a launcher and its ranks), its output streamed to the file `log`. None when
+    it exits 0, else why not ("exit 1", or "no exit after 30 min: killed" once it has run `timeout` seconds). The
+    whole group is killed as it ends (a hung rank never ends a bench; a rank may outlive its launcher), and when the
+    caller is interrupted (Ctrl-C reaches only the caller's own session)."""
     import os
     import signal
     import subprocess
@@ -162,9 +166,10 @@ def run_group(cmd: list[str], timeout: float, log, **popen) -> int | None:
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen)
     try:
-        return proc.wait(timeout=timeout)
+        rc = proc.wait(timeout=timeout)
+        return None if rc == 0 else f"exit {rc}"
     except subprocess.TimeoutExpired:
-        return None
+        return f"no exit after {timeout / 60:g} min: killed"
     finally:  # the group holds this launch's processes only: a rank may outlive its launcher
         try:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -90,6 +90,8 @@ CASES = {  # name -> (config overrides, expected text)
                      "communication logger prints nothing in this trainer"),
     "compile enabled": ({"compile": {"enabled": True}, "bf16": {"enabled": False}}, "DeepSpeed 0.19.8 refuses this config: 'compile.enabled': "
                         "not a key DeepSpeed accepts, got true"),
+    "nested timer key": ({"timers": {"throughput": {"enabled": "yes please"}}}, "DeepSpeed 0.19.8 refuses this config: "
+                         "'timers.throughput.enabled': Input should be a valid boolean"),
     "communication type": ({"communication_data_type": "int8"}, "DeepSpeed 0.19.8 refuses this config: ValueError: "
                            "Invalid communication_data_type. Supported data types: ['fp16', 'bf16', 'fp32']. Got: int8"),
     "tag validation": ({"checkpoint": {"tag_validation": "bogus"}}, "DeepSpeed 0.19.8 refuses this config: "

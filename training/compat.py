@@ -278,6 +278,14 @@ def _activation_checkpointing_defaults() -> dict:
     return dict(vars(DeepSpeedActivationCheckpointingConfig({})))
 
 
+def _holders(node: object, loc: tuple[str, ...], at: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The key paths of the dicts nested in `node` (itself included) that hold the key path `loc`."""
+    if not isinstance(node, dict):
+        return []
+    found = [at] if loc and loc[0] in node else []
+    return found + [h for k, v in node.items() for h in _holders(v, loc, at + (str(k),))]
+
+
 def deepspeed_refusal(ds: dict) -> str | None:
     """What DeepSpeed's own config class (as deepspeed.initialize builds it) refuses in `ds`, as one line: a bad value
     in a section passed through unchecked (`compile`, `communication_data_type`, `checkpoint.tag_validation`, ...)
@@ -299,13 +307,11 @@ def deepspeed_refusal(ds: dict) -> str | None:
         DeepSpeedConfig(probe)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        # the section holding that key (pydantic names its model class, e.g. CompileConfig), not one of those checked
-        # before with their own models; a top-level key's model (the monitors') names it itself
-        sections = [k for k, v in ds.items() if isinstance(v, dict) and k not in CHECKED_SECTIONS and err["loc"]
-                    and err["loc"][0] in v]
-        if not (err["loc"] and err["loc"][0] in ds):
-            where = f"{sections[0]}.{where}" if len(sections) == 1 else f"{e.title} {where}"
+        # pydantic's path starts inside the model that refused (e.g. DeepSpeedThroughputTimerConfig): the sections
+        # of the user's config that hold it give the full key, when exactly one does
+        loc = tuple(str(p) for p in err["loc"])
+        holders = [h for h in _holders(probe, loc) if not (h and h[0] in CHECKED_SECTIONS)]
+        where = ".".join(holders[0] + loc) if len(holders) == 1 else f"{e.title} {'.'.join(loc)}"
         what, got = _refused(err)
         return f"DeepSpeed {deepspeed.__version__} refuses this config: '{where}': {what}, got {got}"
     except Exception as e:  # noqa: BLE001 -- DeepSpeed's checks raise ValueError, AssertionError, KeyError, ...

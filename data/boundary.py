@@ -88,25 +88,22 @@ class _Conventions(NamedTuple):
     cut: int  # ids the post-processor appends to every text (`appended_ids`), left out
     stripping: dict[int, str]  # added tokens that take the whitespace beside them (lstrip / rstrip), by id
     offsets: Any  # the Rust tokenizer that gives the offsets: the tokenizer's own, or `_untrimmed_backend`'s
-    added: tuple  # `_added_state`: read once per call (a splice's copy lookup would otherwise read every added token)
+    added: tuple  # every added token, read once per call (`_conventions`) (a splice's copy lookup would otherwise read every added token)
 
 
-def _added_state(backend: Any) -> tuple:
-    """The added tokens as they are now (what a copy built from `to_str()` holds): part of a cached copy's state, so a
-    token added after the first encode is not split into characters by a stale copy."""
-    return tuple(sorted((i, repr(t)) for i, t in backend.get_added_tokens_decoder().items()))
-
-
-def _stripping(backend: Any) -> dict[int, str]:
-    """The added tokens that take the whitespace beside them (lstrip / rstrip), by id."""
-    return {i: t.content for i, t in backend.get_added_tokens_decoder().items() if t.lstrip or t.rstrip}
+def _stripping(decoder: dict) -> dict[int, str]:
+    """The added tokens (a `get_added_tokens_decoder()`) that take the whitespace beside them (lstrip / rstrip)."""
+    return {i: t.content for i, t in decoder.items() if t.lstrip or t.rstrip}
 
 
 def _conventions(tokenizer: Any) -> _Conventions:
-    """The tokenizer's conventions as they are now (well under a millisecond: read per call, never stale)."""
-    added = _added_state(_backend(tokenizer))
-    return _Conventions(len(appended_ids(tokenizer)), _stripping(_backend(tokenizer)),
-                        _untrimmed_backend(tokenizer, added), added)
+    """The tokenizer's conventions as they are now (well under a millisecond: read per call, never stale). The added
+    tokens are read once: those that take the whitespace beside them (`_stripping`), and all of them as they are
+    now (what a copy built from `to_str()` holds), part of a cached copy's state so that a token added after the first
+    encode is not split into characters by a stale copy."""
+    decoder = _backend(tokenizer).get_added_tokens_decoder()
+    added = tuple(sorted((i, repr(t)) for i, t in decoder.items()))
+    return _Conventions(len(appended_ids(tokenizer)), _stripping(decoder), _untrimmed_backend(tokenizer, added), added)
 
 
 _UNTRIMMED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backend -> (its state, untrimmed backend)
@@ -129,7 +126,7 @@ def _untrim(spec: Any) -> bool:
 def _untrimmed_backend(tokenizer: Any, added: tuple) -> Any:
     """The Rust tokenizer whose offsets cover every character of its tokens: the tokenizer's own, unless its
     post-processor trims offsets (`trim_offsets`: a ByteLevel token of spaces only gets an empty span), then a copy
-    with that off (the same ids); built once per tokenizer state (`added`: its added tokens, `_added_state`)."""
+    with that off (the same ids); built once per tokenizer state (`added`: its added tokens, `_conventions`)."""
     backend = _backend(tokenizer)
     post = backend.post_processor
     state = None if post is None else post.__getstate__()
@@ -252,7 +249,7 @@ def _continuation_backend(tokenizer: Any, conv: _Conventions) -> tuple[Any, dict
                 changed = True
         if changed:
             cont = Tokenizer.from_str(json.dumps(spec))
-            hit = (state, (cont, _stripping(cont)))
+            hit = (state, (cont, _stripping(cont.get_added_tokens_decoder())))
         else:
             hit = (state, (backend, conv.stripping))
         _CONTINUATIONS[backend] = hit

@@ -44,7 +44,7 @@ with deepspeed_logs_on_stderr():  # stdout holds the generated text only
     from data.encode import encode_prompt
     from data.records import DataError, present_fields, prompt_problems, string_problem
     from data.settings import DataSettings, read_data_settings
-    from data.templates import TEMPLATES, TemplateSettings
+    from data.templates import TEMPLATES, TemplateSettings, answer_lead
     from data.tokenizer_checks import special_text_in, vocabulary_problem
     from launch import AcceleratorError
     from models.convert import load_hf_model
@@ -202,20 +202,50 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text, False) if at < 0 else (text[:at], True)
 
 
-class AnswerStreamer(TextStreamer):
-    """TextStreamer printing the answer only: not the stop token it ends on (an added token that is not special
-    decodes to its text), nor a stop text (text that could begin one is held until the next tokens tell)."""
+def after_context(tokenizer, context: list[int], ids: list[int]) -> tuple[list[int], int]:
+    """(`context` or [], the length of its decoded text): `ids` are decoded after the prompt's last token
+    (`context`), as they continue it: SentencePiece's decoder drops the space that starts a text (an answer's
+    "▁Yes" alone decodes to "Yes"), not one after a token. [] where the decoded context is not a prefix."""
+    head = tokenizer.decode(context, skip_special_tokens=True)
+    if tokenizer.decode(context + ids, skip_special_tokens=True).startswith(head):
+        return list(context), len(head)
+    return [], 0
 
-    def __init__(self, tokenizer, eos_ids: list[int], stops: list[str]):
+
+def decode_answer(tokenizer, context: list[int], ids: list[int], lead: str = "") -> str:
+    """`ids` decoded as the continuation of `context` (`after_context`), special tokens skipped, without the
+    template's `lead` (`data.templates.answer_lead`) they start with."""
+    cache, at = after_context(tokenizer, context, ids)
+    return tokenizer.decode(cache + ids, skip_special_tokens=True)[at:].removeprefix(lead)
+
+
+class AnswerStreamer(TextStreamer):
+    """TextStreamer printing the answer only, as `decode_answer` decodes it (after the prompt's last token, without
+    the template's `lead`): not the stop token it ends on (an added token that is not special decodes to its
+    text), nor a stop text (text that could begin one is held until the next tokens tell)."""
+
+    def __init__(self, tokenizer, eos_ids: list[int], stops: list[str], lead: str = ""):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.eos_ids, self.stops, self.held, self.stopped = set(eos_ids), stops, "", False
+        self.lead, self.lead_left, self.context = lead, lead, None
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.next_tokens_are_prompt:
+        if self.next_tokens_are_prompt:
+            self.context = value.reshape(-1)[-1:].tolist()
+        else:
             value = torch.tensor([i for i in value.reshape(-1).tolist() if i not in self.eos_ids], dtype=torch.long)
+            if self.context is not None:  # the first new tokens: decoded after the prompt's last one
+                self.token_cache, self.print_len = after_context(self.tokenizer, self.context, value.tolist())
+                self.context = None
         super().put(value)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if self.lead_left:  # the answer's first characters: held until they tell whether they are the lead
+            text, self.held = self.held + text, ""
+            if len(text) < len(self.lead_left) and self.lead_left.startswith(text) and not stream_end:
+                self.held = text
+                return
+            text, self.lead_left = text.removeprefix(self.lead_left), ""
         if self.stopped:
             text = ""
         else:
@@ -225,7 +255,7 @@ class AnswerStreamer(TextStreamer):
             text, self.held = text[:len(text) - hold], text[len(text) - hold:]
         super().on_finalized_text(text, stream_end)
         if stream_end:
-            self.held, self.stopped = "", False
+            self.held, self.stopped, self.lead_left = "", False, self.lead
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -263,7 +293,7 @@ def load(model_path: str | Path, dtype: torch.dtype | None = None):
 def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, stream: bool = True,
              eos_ids: list[int] | None = None, stops: list[str] | None = None,
-             new_ids: list[int] | None = None) -> str:
+             new_ids: list[int] | None = None, lead: str = "") -> str:
     """Generate a continuation of `prompt`: token ids (`data.encode.encode_prompt`), or a text tokenized by the
     tokenizer (BOS etc. added).
 
@@ -272,8 +302,9 @@ def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 12
     `eos_ids` (default: the generation config's eos_token_id and the tokenizer's EOS) and once the continuation
     holds one of `stops` (texts, as GenerationConfig's stop_strings). With `stream`, tokens
     are printed to stdout as they come (AnswerStreamer, ending with a newline). Returns the answer: the continuation
-    without the prompt, special tokens skipped, and without the stop token or text it ended on (as serving stacks
-    return it; printed alike); `new_ids`, when given, receives the continuation's ids, the stop's included."""
+    without the prompt (decoded as it continues the prompt's last token), special tokens skipped, and without the
+    stop token or text it ended on (as serving stacks return it; printed alike), nor `lead`
+    (`data.templates.answer_lead`: a dialog answer's space after its role marker, not in the record); `new_ids`, when given, receives the continuation's ids, the stop's included."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
@@ -288,14 +319,14 @@ def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 12
         eos_ids = stop_ids(getattr(model, "generation_config", None), tokenizer, TemplateSettings())
     if stops:
         kw.update(stop_strings=stops, tokenizer=tokenizer)
-    streamer = AnswerStreamer(tokenizer, eos_ids, stops or []) if stream else None
+    streamer = AnswerStreamer(tokenizer, eos_ids, stops or [], lead) if stream else None
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                          eos_token_id=eos_ids, pad_token_id=pad, streamer=streamer, **kw)  # (1, T + new)
     generated = out[0, len(ids):].tolist()
     if new_ids is not None:
         new_ids[:] = generated
     answer = generated[:-1] if generated and generated[-1] in eos_ids else generated
-    return cut_at_stop(tokenizer.decode(answer, skip_special_tokens=True), stops or [])[0]
+    return cut_at_stop(decode_answer(tokenizer, ids[-1:], answer, lead), stops or [])[0]
 
 
 def log(msg: str) -> None:
@@ -469,7 +500,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         text = generate(model, tokenizer, prompt, max_new_tokens, args.temperature, args.top_k, args.top_p,
                         args.seed, stream=rank == 0 and not args.no_stream, eos_ids=eos_ids, stops=stops,
-                        new_ids=new_ids)
+                        new_ids=new_ids, lead=answer_lead(rec, settings))
         if rank == 0 and args.no_stream:
             print(text, flush=True)
         if rank == 0 and args.show_ids:

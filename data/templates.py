@@ -228,6 +228,16 @@ def render_prompt(rec: Mapping[str, Any], eos: str | None = None) -> str:
     return PROMPTS[record_type(rec)](rec, eos)
 
 
+def answer_lead(rec: Mapping[str, Any], settings: TemplateSettings = DEFAULT_SETTINGS) -> str:
+    """What the answer to `rec`'s prompt starts with that is the template's, not the answer's: a dialog's `lead`
+    (the space after its role marker) with the default templates, else "". demo.py prints the answer without it,
+    as the record holds it (fed back as a turn, it is rendered with the lead again)."""
+    kind = record_type(rec)
+    if kind not in DIALOGS or settings.template == "chat" and kind in CHAT_MESSAGES:
+        return ""
+    return DIALOGS[kind].lead
+
+
 def prompt_of(rec: Mapping[str, Any], eos: str | None = None) -> Rendered:
     """`render_prompt` as a Rendered whose `prompt_ends` are the starts of the earlier answers in it (the
     boundaries data.boundary keeps, as training does); no spans."""

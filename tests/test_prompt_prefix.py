@@ -329,3 +329,56 @@ def test_a_splice_at_the_cut_is_counted(tok):
     cut = len(encode_prompt(tok, {"rounds": rec["rounds"][:3]}, settings))
     at_cut, whole = (encode_batch(tok, [rec], n, settings)[0] for n in (cut, 4096))
     assert at_cut.input_ids.tolist() == whole.input_ids[:cut].tolist() and at_cut.spliced == whole.spliced
+
+
+def answered(rec: dict) -> list[tuple[dict, str]]:
+    """(the record up to and with one of its answers, that answer's text), for each answer."""
+    if record_type(rec) == "instruct":
+        return [(rec, rec["output"])]
+    return [({**rec, "rounds": rec["rounds"][:i + 1]}, text) for i, (role, text) in enumerate(rec["rounds"])
+            if role == "ans"]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_the_demo_prints_each_answer_as_the_record_holds_it(tok, mode, capsys):
+    """A model that generates the trained answer ids prints (streamed or not) the answer's text as the record
+    holds it: without the dialog template's space after its role marker (byte-level BPE decodes it; the answer fed
+    back as a turn got a second one, and its prompt was no longer the training prefix) and with the spaces that
+    start it (SentencePiece's decoder drops the first space of a text decoded alone: "   fine" became "  fine")."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import demo
+    from data.templates import answer_lead
+    from tests.helpers import llama_config
+
+    class Scripted(LlamaForCausalLM):
+        """Generates `script` after a prompt of `start` tokens, whatever its weights (a model that learned it)."""
+
+        def forward(self, *args, **kw):
+            out = super().forward(*args, **kw)
+            out.logits = torch.full_like(out.logits, -1e4)  # the cache holds every token so far
+            out.logits[:, -1, self.script[kw["cache"].get_seq_length() - self.start]] = 0.0
+            return out
+
+    settings = MODES[mode]
+    model = Scripted(llama_config("gqa_tied", vocab_size=len(tok), num_hidden_layers=1)).eval()
+    eos_ids, stops = demo.stop_ids(None, tok, settings), demo.stop_strings(tok, settings)
+    trims = mode == "chat" and "trim" in tok.chat_template  # Llama-3's template trims each message
+    first = {record_type(r.data): r.data for r in reversed(load_records(str(SAMPLES)))}  # the first of each type
+    records = [first["conversation"], first["instruct"], first["ref_qa"], *JOINED]
+    leads = 0
+    for rec, answer in (pair for r in records for pair in answered(r)):
+        prompt = encode_prompt(tok, rec, settings)
+        ids = encode_one(tok, rec, 10**6, settings)[0]
+        end = next(i for i in range(len(prompt), len(ids)) if ids[i] in eos_ids)
+        model.script, model.start = ids[len(prompt):end + 1], len(prompt)
+        leads += answer_lead(rec, settings) != ""
+        for stream in (False, True):
+            new: list[int] = []
+            text = demo.generate(model, tok, prompt, end + 2 - len(prompt), stream=stream, eos_ids=eos_ids,
+                                 stops=stops, new_ids=new, lead=answer_lead(rec, settings))
+            assert new == model.script
+            assert text == (answer.strip() if trims else answer), (rec, text)
+            assert capsys.readouterr().out == (text + "\n" if stream else "")
+    assert leads == (0 if mode == "chat" else 7)

@@ -47,9 +47,9 @@ with deepspeed_logs_on_stderr():  # stdout holds the generated text only
     from data.templates import TEMPLATES, TemplateSettings, answer_lead
     from data.tokenizer_checks import special_text_in, vocabulary_problem
     from launch import AcceleratorError
-    from models.convert import load_hf_model
+    from models.convert import config_dir_of, load_hf_model
     from models.family import ModelFamily
-    from models.hf_io import CheckpointError
+    from models.hf_io import CheckpointError, load_tokenizer
     from models.pipeline import ModelConfigError
     from training.distributed import accelerator_problem
 
@@ -269,24 +269,32 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if acc.is_bf16_supported() else torch.float16 if acc.is_fp16_supported() else torch.float32
 
 
-def load(model_path: str | Path, dtype: torch.dtype | None = None):
-    """(eval-mode HF model on CPU, tokenizer, the dir of config and tokenizer) from any directory `load_hf_model`
-    accepts.
+def load_tokenizer_of(model_path: str | Path):
+    """(tokenizer, the dir of config and tokenizer) of any directory `load_hf_model` accepts, its weights not read:
+    what is wrong with the tokenizer, the settings or the prompt is said before the weights load."""
+    config_dir = config_dir_of(model_path)
+    tokenizer = load_tokenizer(config_dir)
+    if problem := vocabulary_problem(tokenizer):
+        raise DemoError(f"{config_dir}: {problem}")
+    return tokenizer, config_dir
 
-    The generation config comes from the tokenizer/config dir in both cases, so an HF dir and the
-    checkpoint it was exported from generate identically."""
-    from transformers import AutoTokenizer, GenerationConfig
+
+def load_model(model_path: str | Path, dtype: torch.dtype | None = None):
+    """The eval-mode HF model on CPU of any directory `load_hf_model` accepts. The generation config comes from the
+    tokenizer/config dir in both cases, so an HF dir and the checkpoint it was exported from generate identically."""
+    from transformers import GenerationConfig
 
     model, _, config_dir = load_hf_model(model_path, dtype=dtype)
     if (Path(config_dir) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(config_dir))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(config_dir))
-    except Exception as e:  # transformers raises many types for a bad tokenizer dir
-        raise DemoError(f"{config_dir}: cannot load a tokenizer ({type(e).__name__}: {e})".splitlines()[0]) from None
-    if problem := vocabulary_problem(tokenizer):
-        raise DemoError(f"{config_dir}: {problem}")
-    return model, tokenizer, Path(config_dir)
+    return model
+
+
+def load(model_path: str | Path, dtype: torch.dtype | None = None):
+    """(eval-mode HF model on CPU, tokenizer, the dir of config and tokenizer) of any directory `load_hf_model`
+    accepts."""
+    tokenizer, config_dir = load_tokenizer_of(model_path)
+    return load_model(model_path, dtype), tokenizer, config_dir
 
 
 @torch.inference_mode()
@@ -449,18 +457,19 @@ def run(args: argparse.Namespace) -> None:
             raise DemoError(f"--model-path {args.model_path} is a LoRA checkpoint, whose adapters are merged when it is "
                             f"loaded: --adapter {args.adapter} would add them a second time; give the base model with "
                             "--adapter, or drop --adapter")
-    model, tokenizer, config_dir = load(args.model_path, dtype)
-    embeddings = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > embeddings:
-        raise DemoError(f"{config_dir}: the model's vocab_size {embeddings} is smaller than the tokenizer's "
-                        f"{len(tokenizer)} tokens (ids >= {embeddings} have no embedding row); resize the model's "
-                        "embeddings or use its own tokenizer")
+    tokenizer, config_dir = load_tokenizer_of(args.model_path)
     settings, trained = prompt_settings(([Path(args.adapter)] if args.adapter else []) + [config_dir], args.template,
                                         tokenizer, rank)
     try:
         prompt = encode_prompt(tokenizer, rec, settings)
     except ValueError as e:
-        raise DemoError(f"cannot prompt with this record: {e}".splitlines()[0]) from None
+        raise DemoError(f"cannot prompt with this record: {one_line(e)}") from None
+    model = load_model(args.model_path, dtype)
+    embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embeddings:
+        raise DemoError(f"{config_dir}: the model's vocab_size {embeddings} is smaller than the tokenizer's "
+                        f"{len(tokenizer)} tokens (ids >= {embeddings} have no embedding row); resize the model's "
+                        "embeddings or use its own tokenizer")
     if (found := special_text_in(rec, tokenizer)) and rank == 0:  # as training warns of such records
         log(f"warning: the prompt's {found}, the text of a special (or template) token, read as that control token "
             "(as training and serving stacks read it)")

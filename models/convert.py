@@ -28,6 +28,7 @@ from .hf_io import (
     _first_line,
     copy_side_files,
     hf_source_of,
+    load_tokenizer,
     load_torch_file,
     no_dir_error,
     read_json,
@@ -307,13 +308,7 @@ def end_of_turn_generation_config(config_dir: Path, config, found) -> str | None
 
     if found is None:
         return None
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(config_dir))
-    except Exception as e:  # transformers raises many types for a bad tokenizer dir
-        raise CheckpointError(f"{config_dir}: cannot load the tokenizer to look up the tokens generation stops on "
-                              f"({type(e).__name__}: {e})".splitlines()[0]) from None
+    tok = load_tokenizer(config_dir, "to look up the tokens generation stops on")
     needed = [tok.eos_token_id]
     if found.template.template == "chat" and found.end_of_turn:
         eot = tok.convert_tokens_to_ids(found.end_of_turn)
@@ -437,12 +432,24 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
     return dst
 
 
+def _is_hf_dir(path: Path) -> bool:
+    """An HF model dir (config.json, no layer files), not a pipeline, checkpoint or save dir."""
+    return (path / "config.json").is_file() and not (path / LAYER_FILE.format(0)).is_file() \
+        and not (path / "latest").is_file()
+
+
+def config_dir_of(path: str | Path) -> Path:
+    """The dir of config.json and the tokenizer of anything `load_hf_model` loads, its weights not read."""
+    path = resolve_hf_dir(path)
+    return path if _is_hf_dir(path) else resolve_checkpoint(path)[1]
+
+
 def load_hf_model(path: str | Path, dtype: torch.dtype | None = None):
     """An HF model (`family.hf_model_class`) from an HF dir or from a pipeline / checkpoint dir
     (layer files mapped through the key table in memory), or a Hub id in the local cache. Returns (model, family,
     config dir)."""
     path = resolve_hf_dir(path)
-    if (path / "config.json").is_file() and not (path / LAYER_FILE.format(0)).is_file() and not (path / "latest").is_file():
+    if _is_hf_dir(path):
         family, config = family_of(path)
         try:
             model, info = family.hf_model_class.from_pretrained(str(path), config=config, dtype=dtype,
@@ -483,7 +490,7 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | None = None):
 def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Path, config_json: str | Path | None = None,
                preset: str | None = None, seed: int = 0, dtype: str = "fp32", overwrite: bool = False) -> Path:
     """A freshly initialised model (transformers' init, seeded per layer) written as a pipeline dir."""
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     family = get_family(family_name, where="--family")
     dst = Path(save_path)
@@ -507,10 +514,7 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
         raise no_dir_error(tokenizer_dir)
     sources = [tokenizer_dir, config_json]
     check_target(dst, overwrite, sources, renamed=True)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except Exception as e:  # transformers raises many types for a bad tokenizer dir
-        raise CheckpointError(f"{tokenizer_dir}: cannot load a tokenizer ({type(e).__name__}: {e})".splitlines()[0]) from None
+    tok = load_tokenizer(tokenizer_dir)
     from data.tokenizer_checks import vocabulary_problem
 
     if problem := vocabulary_problem(tok):

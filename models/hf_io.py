@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pipeft import one_line
+
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -54,6 +56,21 @@ def no_dir_error(path: Path) -> CheckpointError:
 def _first_line(e: BaseException) -> str:
     """The first sentence of an exception's message (torch's go on for lines of advice)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+
+
+def load_tokenizer(path: Path, purpose: str = ""):
+    """transformers' tokenizer of dir `path`; CheckpointError with one line (`purpose`: what it is loaded for) when
+    it has no tokenizer file or transformers cannot load it."""
+    from transformers import AutoTokenizer
+
+    why = f" {purpose}" if purpose else ""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{path}: no tokenizer files (none of tokenizer.json, tokenizer.model, "
+                              f"tokenizer_config.json, vocab.json); cannot load a tokenizer{why}")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 -- transformers raises many types for a bad tokenizer dir
+        raise CheckpointError(f"{path}: cannot load a tokenizer{why} ({one_line(e, named=True)})") from None
 
 
 GONE = ("no longer there: removed while it was being read (a running run's keep_last rotation deletes older "

@@ -15,7 +15,7 @@ import torch
 import convert_model
 import demo
 from data.encode import encode_prompt
-from data.settings import data_settings_of, write_data_settings
+from data.settings import DATA_SETTINGS_FILE, data_settings_of, write_data_settings
 from data.templates import TemplateSettings, render_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,3 +331,31 @@ def test_an_adapter_on_a_base_of_other_weights_is_a_warning(tmp_path, capsys):
 
     demo.with_adapter(load_hf_model(tmp_path / "pp", torch.float32)[0], tmp_path / "adapter", tmp_path / "pp")  # as on CPU
     assert "warning:" not in capsys.readouterr().err
+
+
+def test_tokenizer_settings_and_prompt_problems_are_one_line_before_the_weights_load(dirs, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """A dir without tokenizer files (was transformers' message cut at "from one of:"), a damaged data_settings.json,
+    chat mode without a chat template: one line each, said before the weights are read (minutes for a 70B model)."""
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the problem was said")
+
+    monkeypatch.setattr(demo, "load_hf_model", no_weights)
+    cases = {}
+    for kind, src in (("pp", dirs["pp"]), ("hf", dirs["hf"])):
+        notok = tmp_path / f"{kind}_notok"
+        shutil.copytree(src, notok)
+        for f in notok.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                f.unlink()
+        cases[notok] = (["--prompt", "hi"], f"{notok}: no tokenizer files (none of tokenizer.json, tokenizer.model, "
+                                            "tokenizer_config.json, vocab.json); cannot load a tokenizer")
+    bad = tmp_path / "bad_settings"
+    shutil.copytree(dirs["hf"], bad)
+    (bad / DATA_SETTINGS_FILE).write_text("{")
+    cases[bad] = (["--prompt", "hi"], f"{bad / DATA_SETTINGS_FILE}: unreadable data settings")
+    cases[dirs["hf"]] = (["--template", "chat", "--record", '{"rounds": [["ask", "Hi"]]}'],
+                         "--template chat: the tokenizer has no chat template")
+    for path, (argv, message) in cases.items():
+        assert demo.main(["--model-path", str(path), *argv]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"demo.py: error: {message}"), path

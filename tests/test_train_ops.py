@@ -127,6 +127,8 @@ def test_sigterm_saves_and_resume_is_bit_exact(tmp_path, ops_model, ops_uninterr
 
 
 def test_sigkill_during_save_resumes_from_the_previous_checkpoint(tmp_path, ops_model, ops_uninterrupted):
+    """The resume reads no layer file of model_path (a full fine-tune's weights are all the checkpoint's): its base
+    without them resumes bit-exactly."""
     cfg = ops_config(tmp_path, ops_model, save_interval=3)
     proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "save:6:60"})
     partial = tmp_path / "out" / ".tmp-global_step6"
@@ -143,6 +145,9 @@ def test_sigkill_during_save_resumes_from_the_previous_checkpoint(tmp_path, ops_
     assert (tmp_path / "out" / "latest").read_text() == "global_step3" and partial.is_dir()
     assert not (tmp_path / "out" / "global_step6").exists()
     (tmp_path / "out" / "latest").unlink()  # lost too: the newest complete checkpoint is found and named again
+    # the base without its layer files (deleted since the run started): a full fine-tune's resume reads none
+    shutil.copytree(ops_model / "pp", tmp_path / "base", ignore=shutil.ignore_patterns("layer_*"))
+    cfg = ops_config(tmp_path, ops_model, save_interval=3, model_path=str(tmp_path / "base"))
 
     _, out = finish_deepspeed(start_deepspeed("train_ds.py", ["--config", str(cfg)], port=proc.port))
     proc = SimpleNamespace(stdout=out)

@@ -32,7 +32,7 @@ from training.batches import DROP_LAST
 from training.compat import check_deepspeed_sections, deepspeed_refusal, derive_batch, map_gdgpt_keys
 from training.config_file import OTHER_TOOLS_KEYS, ConfigError, read_config_file
 from training.optim import BF16_KEYS, build_lion, check_optimizer, half_precisions, optimizer_key_problem
-from training.resume import resume_problem, resumes, torch_scheduler, unnamed_tag, zero_stage
+from training.resume import resume_problem, resumes, torch_scheduler, unnamed_tag, weights_from_checkpoint, zero_stage
 from training.runlock import (
     JOB_FILE,
     LockError,
@@ -392,7 +392,7 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
         return
     if not (model / "config.json").is_file():
         raise ConfigError(f"{path}: model_path {model} has no config.json{_model_path_hint(model)}")
-    if not cfg.from_scratch and not (model / "layer_00-model_states.pt").is_file():
+    if not cfg.from_scratch and not weights_from_checkpoint(cfg) and not (model / "layer_00-model_states.pt").is_file():
         raise ConfigError(f"{path}: model_path {model} has no pipeline layer files{_model_path_hint(model)}")
     save = Path(cfg.save_path)
     if save.exists() and not save.is_dir():
@@ -481,7 +481,8 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
         raise ConfigError(f"{path}: {e.problems[0]}") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: model_path {model}: cannot load a tokenizer ({one_line(e, 200)})") from None
-    if not cfg.from_scratch and (missing := missing_layer_file(model, family, config)):
+    if not cfg.from_scratch and not weights_from_checkpoint(cfg) and (missing := missing_layer_file(model, family,
+                                                                                                     config)):
         raise ConfigError(f"{path}: model_path: {missing}: an incomplete copy or conversion of the model")
     if len(tokenizer) > config.vocab_size:
         raise ConfigError(f"{path}: model_path {model}: the model's vocab_size {config.vocab_size} is smaller than the "

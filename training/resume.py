@@ -520,6 +520,12 @@ def resumes(cfg: TrainConfig) -> bool:
     return cfg.resume is not False and ((save / "latest").is_file() or resume_tag(save)[0] is not None)
 
 
+def weights_from_checkpoint(cfg: TrainConfig) -> bool:
+    """A full fine-tune's resume (`resumes`): every weight is the checkpoint's (loaded strictly), so model_path's
+    layer files are neither needed nor read (a LoRA or QLoRA run's frozen base still comes from model_path)."""
+    return cfg.lora is None and resumes(cfg)
+
+
 def resume_problem(cfg: TrainConfig, lora: LoraSettings | None) -> str | None:
     """The checkpoint to resume (resume_tag: the one `latest` names or the newest intact earlier one; with no
     `latest`, the newest complete one) can be resumed exactly, is of the configured kind (full / LoRA), and the

@@ -169,6 +169,9 @@ class RunDirectory:
             raise ConfigError(f"{cfg.path}: the ranks do not agree on the checkpoint to resume in {save}: "
                               + ", ".join(f"rank {r}: {t or 'none'}" for r, t in enumerate(tags))
                               + "; is save_path one directory that every node shares?")
+        if tag is None and self.weights_from_checkpoint:  # the model was built without its base layer files
+            raise ConfigError(f"{cfg.path}: the checkpoint to resume in {save} is gone since the run started; "
+                              f"{start_over(cfg)}")
         for line in notes:
             self.log(line)
         self.state = self._run_state(0)

@@ -44,7 +44,7 @@ from training.evaluate import perplexity
 from training.monitor import Monitor, hms, process_memory
 from training.optim import build_optimizer, owned_sizes
 from training.report import RunReport
-from training.resume import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, model_config
+from training.resume import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, model_config, weights_from_checkpoint
 from training.rundir import RunDirectory
 from training.runlock import RunLock
 
@@ -201,6 +201,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         self.reads_data = self.readers[self.rank]
         self._setup_data()
         self.refuse_data_changes()  # a resume refused for its data: before the model is built
+        self.weights_from_checkpoint = weights_from_checkpoint(cfg)
 
         parts = cfg.model_topo.get("parts")  # checked against the model by load_config
         costs = self.family.unit_costs(self.config, cfg.max_seq_len)
@@ -221,7 +222,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
                 if isinstance(layer, torch.nn.Module):
                     self.family.init_layer(layer, self.config, model._local_start + idx, cfg.seed)
             model._synchronize_tied_weights()
-        else:
+        elif not self.weights_from_checkpoint:  # a full fine-tune's resume reads no base layer file
             model.load_layer_files(cfg.model_path)
         self.lora = parse_lora(cfg.lora, self.family, self.config) if cfg.lora is not None else None  # checked already
         if self.lora is not None:

@@ -199,3 +199,19 @@ def test_group_by_length_trains_the_samples_an_ungrouped_epoch_trains(drop_last)
         dropped.append(frozenset(np.setdiff1d(np.arange(1000), trained).tolist()))
     assert [len(d) for d in dropped] == [8 if drop_last else 0] * 4
     assert not drop_last or len(set(dropped)) == 4
+
+
+def test_a_resume_with_another_global_batch_says_which_samples_it_skips_or_repeats():
+    """allow_data_change_on_resume with another global batch continues at the step's position of the new batch: the
+    warning says where that is against where the checkpoint's batches had reached (a review found 37% of an epoch
+    skipped under a warning that said only "not sample-exact")."""
+    doubled = BatchPlan(num_samples=64, micro_batch=4, grad_accum=1, dp_size=2, seed=0)
+    assert doubled.batch_change_note(6, 4) == ("step 7 starts at sample 48 of epoch 0's order; the checkpoint's batches "
+                                               "had reached sample 24 of epoch 0's: 24 samples skipped in this epoch")
+    halved = BatchPlan(num_samples=64, micro_batch=1, grad_accum=1, dp_size=2, seed=0)
+    assert halved.batch_change_note(6, 4).endswith("reached sample 24 of epoch 0's: 12 samples repeated in this epoch")
+    assert halved.batch_change_note(16, 4) == ("step 17 starts at sample 32 of epoch 0's order; the checkpoint's "
+                                               "batches had reached sample 0 of epoch 1's")
+    grouped = BatchPlan(num_samples=64, micro_batch=4, grad_accum=1, dp_size=2, seed=0, group_by_length=True,
+                        lengths=np.arange(64))
+    assert grouped.batch_change_note(6, 4).endswith("(with group_by_length the order itself depends on the global batch)")

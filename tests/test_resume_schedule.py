@@ -212,6 +212,21 @@ def test_an_allowed_data_change_since_a_checkpoint_without_a_fingerprint_is_a_wa
            "not sample-exact (allow_data_change_on_resume)" in run.lines, run.lines
 
 
+def test_an_allowed_global_batch_change_says_where_the_data_continues(ds, tmp_path):
+    """The warning names the samples skipped (or repeated) in the epoch: the position is the step's."""
+    from training.batches import BatchPlan
+
+    raw = {"max_steps": 6, "lr_schedule": COSINE}
+    save_at_3(ds, raw, tmp_path)  # global batch 2
+    run = Run(engine_for(ds, raw), raw, [0, 1])
+    run.plan, run.unit = BatchPlan(num_samples=16, micro_batch=4, grad_accum=1, dp_size=1, seed=0), "sample"
+    run.cfg.allow_data_change_on_resume = True
+    run._resume(tmp_path / "global_step3")
+    assert "warning: the global batch changed (2 -> 4 samples; step 4 starts at sample 12 of epoch 0's order; the " \
+           "checkpoint's batches had reached sample 6 of epoch 0's: 6 samples skipped in this epoch): the data order " \
+           "continues at this step's position, not sample-exact (allow_data_change_on_resume)" in run.lines, run.lines
+
+
 # ---------------------------------------------------------------------------------------------- what a resume reads
 
 

@@ -92,6 +92,21 @@ class BatchPlan:
         """Global step (0-based) -> (epoch, step within the epoch); max_steps may run past one epoch."""
         return divmod(step, self.steps_per_epoch)
 
+    def batch_change_note(self, step: int, old_global_batch: int) -> str:
+        """Where a resume at `step` (0-based) continues in the data after the global batch changed from
+        `old_global_batch`: the position is the step's, so samples of the epoch are skipped or repeated."""
+        g, old = self.global_batch, old_global_batch
+        old_steps = self.num_samples // old if self.drop_last else -(-self.num_samples // old)
+        (was_epoch, was), (epoch, now) = divmod(step, max(old_steps, 1)), self.position(step)
+        was, now = was * old, now * g
+        note = (f"step {step + 1} starts at sample {now} of epoch {epoch}'s order; the checkpoint's batches had reached "
+                f"sample {was} of epoch {was_epoch}'s")
+        if self.group_by_length:
+            return note + " (with group_by_length the order itself depends on the global batch)"
+        if was_epoch == epoch and was != now:
+            return note + f": {abs(now - was)} samples {'skipped' if now > was else 'repeated'} in this epoch"
+        return note
+
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's sample order, computed once per epoch."""
         with self._lock:

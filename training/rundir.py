@@ -310,7 +310,8 @@ class RunDirectory:
             if self.eval_fingerprint is not None:  # (no eval data now: no later eval loss)
                 say("warning: the eval samples differ from the checkpoint's: later eval losses are on other data")
         if saved.global_batch != self.plan.global_batch:
-            what.append(f"the global batch changed ({saved.global_batch} -> {self.plan.global_batch} {self.unit}s)")
+            what.append(f"the global batch changed ({saved.global_batch} -> {self.plan.global_batch} {self.unit}s; "
+                        f"{self.plan.batch_change_note(saved.step, saved.global_batch)})")
         if what and not cfg.allow_data_change_on_resume:
             raise ConfigError(f"{cfg.path}: cannot resume {tag_dir} exactly: {'; '.join(what)}, so samples would be "
                               "repeated or skipped; set \"allow_data_change_on_resume\": true to continue anyway, or "

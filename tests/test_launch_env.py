@@ -120,8 +120,14 @@ def test_the_busy_port_advice_follows_the_launcher_and_srun_hostlists_expand(tmp
     ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2", "MASTER_ADDR": "127.0.0.1"},
      "MASTER_ADDR=127.0.0.1 (inherited by this srun step, e.g. exported by the batch script or the login shell) is "
      "this node's loopback address, but the step spans 2 nodes: unset it"),
+    ({"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0", "MASTER_PORT": "29999"},  # waited
+     "SLURM_PROCID=2 is not in 0..SLURM_STEP_NUM_TASKS-1 (SLURM_STEP_NUM_TASKS=2), or SLURM_LOCALID=0 < 0"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2(x2)", "SLURM_LOCALID": "0", "MASTER_PORT": "29999"},
+     "SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID and MASTER_PORT must be integers, got SLURM_PROCID='0', "
+     "SLURM_STEP_NUM_TASKS='2(x2)'"),
 ], ids=["no LOCAL_RANK (a Kubeflow PyTorchJob)", "no master", "rank past the world", "not a number",
-        "mpirun (each process alone)", "RANK exported to every srun task", "a loopback master for two nodes"])
+        "mpirun (each process alone)", "RANK exported to every srun task", "a loopback master for two nodes",
+        "srun task past its tasks", "srun tasks not a number"])
 def test_an_incomplete_launch_environment_is_one_line(tmp_path, ops_model, monkeypatch, capsys, env, message):
     """RANK without the rest used to be a KeyError, DeepSpeed's MPI discovery (no mpi4py) or a hang; processes of
     mpirun each trained alone (as "single")."""

@@ -43,6 +43,22 @@ MPI_WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what launch_env makes present
 
 
+def _check_ranks(values: dict[str, str]) -> tuple[int, int]:
+    """(rank, world size) of the rank, world size, local rank and port variables `values` (name -> value, in that
+    order); LaunchError naming them when one is not an integer or the rank is out of range (a process group that
+    cannot form would wait dist_timeout_minutes without a word)."""
+    (r, rank), (w, world), (lo, local), (port, _) = values.items()
+    try:
+        rank, world, local = int(rank), int(world), int(local)
+        int(values[port])
+    except ValueError:
+        raise LaunchError(f"{r}, {w}, {lo} and {port} must be integers, got "
+                          + ", ".join(f"{k}={v!r}" for k, v in values.items())) from None
+    if not 0 <= rank < world or local < 0:
+        raise LaunchError(f"{r}={rank} is not in 0..{w}-1 ({w}={world}), or {lo}={local} < 0")
+    return rank, world
+
+
 def launch_env() -> str:
     """Make the process-group variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) present, and
     return how this process was started: "deepspeed" | "torchrun" (they set them) | "slurm" (`srun python
@@ -56,15 +72,7 @@ def launch_env() -> str:
             raise LaunchError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: a "
                               "launcher sets all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (deepspeed, "
                               "torchrun, srun); set the missing ones or start through one of them")
-        try:
-            rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
-            int(env["MASTER_PORT"])
-        except ValueError:
-            raise LaunchError("RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers, got "
-                              + ", ".join(f"{k}={env[k]!r}" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"))
-                              ) from None
-        if not 0 <= rank < world or local < 0:
-            raise LaunchError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world}), or LOCAL_RANK={local} < 0")
+        rank, world = _check_ranks({k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")})
         if problem := srun_rank_problem(rank, world):
             raise LaunchError(problem)
         return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
@@ -77,6 +85,8 @@ def launch_env() -> str:
                               f"or the login shell) is this node's loopback address, but the step spans {nodes_n} "
                               "nodes: unset it (the first host of the step's node list is then the master) or set "
                               "the first node's address")
+        _check_ranks({"SLURM_PROCID": env["SLURM_PROCID"], "SLURM_STEP_NUM_TASKS": env["SLURM_STEP_NUM_TASKS"],
+                      "SLURM_LOCALID": env.get("SLURM_LOCALID", "0"), "MASTER_PORT": port})  # set by hand, else srun's
         env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_STEP_NUM_TASKS"],
                    LOCAL_RANK=env.get("SLURM_LOCALID", "0"), MASTER_ADDR=env.get("MASTER_ADDR") or first_host(nodes),
                    MASTER_PORT=port)

@@ -35,7 +35,7 @@ from .hf_io import (
     resolve_hf_dir,
 )
 from .keymap import KeyMapError
-from .outdir import atomic_output_dir, check_target, run_tags
+from .outdir import atomic_output_dir, check_target, latest_tag, run_tags
 from .pipeline import LAYER_FILE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -211,7 +211,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
         raise no_dir_error(path)
     layers = path
     if (path / "latest").is_file() and not (path / LAYER_FILE.format(0)).is_file():
-        layers = path / (path / "latest").read_text().strip()
+        layers = path / latest_tag(path)
     if not (layers / LAYER_FILE.format(0)).is_file():
         if (layers / "adapter_config.json").is_file():  # pp_to_hg --lora peft's output
             try:
@@ -221,7 +221,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
             raise CheckpointError(f"{layers}: a PEFT adapter (adapter_config.json), not a model: give its base model "
                                   f"with the adapter beside it (demo.py --model-path {base or 'BASE'} --adapter {layers})")
         if tags := run_tags(path):  # a training save_path without `latest` (lost, or naming a checkpoint since deleted)
-            said = (f"its latest names {(path / 'latest').read_text().strip()!r}, which is not a checkpoint"
+            said = (f"its latest names {latest_tag(path)!r}, which is not a checkpoint"
                     if (path / "latest").is_file() else "it has no `latest` file")
             raise CheckpointError(f"{path}: a training save_path, but {said}; give one of its checkpoints, e.g. "
                                   f"{path / tags[-1]} (the newest; it has {', '.join(tags[-3:])})")

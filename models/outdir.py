@@ -34,6 +34,12 @@ def run_tags(directory: Path) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
+def latest_tag(directory: Path) -> str:
+    """The tag `directory/latest` names ("" for an empty file): its last path component, so "global_step3/" written
+    by hand is that tag, and a path into another directory names a tag of this one, not the other run's."""
+    return Path((directory / "latest").read_text().strip()).name
+
+
 def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | None] = (), renamed: bool = False) -> None:
     """Refuse (CheckpointError, one line) a target that would cost the user something. Always: the target is one of
     `sources` (what the command reads: input dirs and files, symbolic links resolved) or a directory holding one, or,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from training.checkpoint import STATE_FILE, Checkpoints, RunState, SaveFailed, tag_of
+from training.resume import resume_tag
 
 
 def state(evals) -> RunState:
@@ -79,6 +80,13 @@ def test_rotation_keeps_the_checkpoint_a_run_resumed_from(tmp_path):
     assert ckpts.rotate(state([(3, 1.0)])) == [tag_of(2)] and ckpts.tags() == [tag_of(3), tag_of(4)]
     (tmp_path / "latest").write_text(tag_of(3) + "/\n")
     assert ckpts.latest() == tag_of(3) and ckpts.keep(state([(4, 1.0)])) == {tag_of(3), tag_of(4)}
+    # a path into another run's directory names this run's tag, for the resume as for rotation (the resume took the
+    # other run's checkpoint, rotation this one's)
+    other = tmp_path / "other"
+    (other / tag_of(3)).mkdir(parents=True)
+    (tmp_path / "latest").write_text(str(other / tag_of(3)))
+    assert ckpts.latest() == tag_of(3)
+    assert resume_tag(tmp_path)[1][0].startswith(f"checkpoint {tmp_path / tag_of(3)} cannot be resumed")
 
 
 def test_a_save_that_fails_once_written_is_one_line_and_keeps_the_previous_checkpoint(ds, tmp_path, monkeypatch):

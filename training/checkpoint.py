@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from models.diskspace import NO_SPACE, fmt_size, free_bytes, is_no_space, no_space_message, tree_size
-from models.outdir import RUN_TAG, run_tags
+from models.outdir import RUN_TAG, latest_tag, run_tags
 from pipeft import one_line
 
 TAG = RUN_TAG  # a checkpoint's directory name, global_stepN
@@ -225,10 +225,9 @@ class Checkpoints:
         self.resume_how, self.lock = resume_how, lock
 
     def latest(self) -> str | None:
-        f = self.root / "latest"
-        if not f.is_file():
+        if not (self.root / "latest").is_file():
             return None
-        tag = Path(f.read_text().strip()).name  # "global_step3/" as written by hand: the tag itself
+        tag = latest_tag(self.root)
         return tag if tag and (self.root / tag).is_dir() else None
 
     def tags(self) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 
 from models.lora import CONFIG_WRITER_KEYS, LoraSettings, base_fingerprint, read_lora_info
 from models.lora import with_defaults as lora_defaults
-from models.outdir import run_tags
+from models.outdir import latest_tag, run_tags
 from models.quant import DEFAULTS as QUANT_DEFAULTS
 from models.quant import saved_quantization
 from training.batches import DROP_LAST
@@ -487,7 +487,7 @@ def resume_tag(save: Path) -> tuple[str | None, list[str]]:
                          "(deleted, or the run was stopped before it named its first checkpoint)"]
     if not latest.is_file():
         return None, []
-    tag = latest.read_text().strip()
+    tag = latest_tag(save)
     problem = "it does not exist" if not (save / tag).is_dir() else tag_problem(save / tag)
     if problem is None:
         return tag, []
@@ -537,7 +537,7 @@ def resume_problem(cfg: TrainConfig, lora: LoraSettings | None) -> str | None:
     tag, notes = resume_tag(save)  # with no `latest`, the newest complete checkpoint if there is one
     fresh = "or start a new run with \"resume\": false and \"overwrite_save_path\": true"
     if tag is None:
-        named = (save / "latest").read_text().strip()
+        named = latest_tag(save)
         if not (save / named).is_dir():
             return (f"{save / 'latest'} names {named!r}, which does not exist; point it at a checkpoint "
                     f"directory {fresh}")

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         trained, held = split_eval(ds, cfg.eval_split_ratio, cfg.seed) if cfg.eval_split_ratio else (ds, None)
         packed = pack(trained, cfg.max_seq_len, cfg.seed) if cfg.packing else None  # the training rows, as trained
     except (DataError, ConfigError, ValueError) as e:
-        print(e, file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     if args.stats:
         stats = dataset_stats(ds, cfg.max_seq_len, packed, cfg.split_long_pretrain)
@@ -244,11 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(stats) if args.json else show_stats(stats))
         return 0
     if not 0 <= args.index < ds.stats.records:
-        print(f"error: --index {args.index} out of range: the data has {ds.stats.records} records", file=sys.stderr)
+        print(f"{PROG}: error: --index {args.index} out of range: the data has {ds.stats.records} records", file=sys.stderr)
         return 2
     sample = ds.sample_of_record(args.index)
     if sample is None:
-        print(f"error: record {args.index} was dropped: no trained token within max_seq_len={cfg.max_seq_len}",
+        print(f"{PROG}: error: record {args.index} was dropped: no trained token within max_seq_len={cfg.max_seq_len}",
               file=sys.stderr)
         return 2
     out_of_training = held is not None and held.sample_of_record(args.index) is not None

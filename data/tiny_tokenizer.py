@@ -25,7 +25,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from pipeft import module_command
+from pipeft import module_command, one_line
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, Llama-like: BOS prepended, EOS not
 KINDS = ("bpe", "sentencepiece", "llama3")
@@ -131,12 +131,14 @@ def _texts_from_records(path: Path) -> list[str]:
     files = sorted(path.rglob("*.json*")) if path.is_dir() else [path]
     for f in files:
         text = f.read_text(encoding="utf-8")
-        if f.suffix == ".jsonl":
-            for line in text.splitlines():
-                if line.strip():
-                    walk(json.loads(line))
-        else:
-            walk(json.loads(text))
+        for n, line in enumerate(text.splitlines(), 1) if f.suffix == ".jsonl" else [(0, text)]:
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}:{n}: not valid JSON ({e})") from None
+            walk(value)
     return out
 
 
@@ -157,7 +159,12 @@ def main(argv: list[str] | None = None) -> None:
         check_target(Path(args.save_path), args.overwrite)
     except CheckpointError as e:
         ap.error(f"--save-path {e}")
-    texts = _texts_from_records(Path(args.data)) if args.data else []
+    if args.data and not Path(args.data).exists():
+        ap.error(f"--data {args.data}: no such file or directory")
+    try:
+        texts = _texts_from_records(Path(args.data)) if args.data else []
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        ap.error(f"--data {args.data}: {one_line(e)}")
     tok = train_tiny_tokenizer(texts, args.save_path, args.vocab_size, args.kind, args.chat_template)
     print(f"{args.kind} tokenizer with {len(tok)} tokens written to {args.save_path}")
 

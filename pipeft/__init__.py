@@ -17,28 +17,34 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 INSTALLED = (_HERE / "root" / "models").is_dir()  # a wheel install, not the source tree
+ENTRY_POINT = False  # set by the entry points (`_main`): run as `pipeft-*`, in an editable install too
 ROOT = _HERE / "root" if INSTALLED else _HERE.parent
 SCRIPTS = {"train_ds.py": "pipeft-train", "convert_model.py": "pipeft-convert", "demo.py": "pipeft-demo"}
 MODULES = {"data.inspect": "pipeft-inspect", "training.plan": "pipeft-plan", "data.tiny_tokenizer": "pipeft-tiny-tokenizer",
            "launch.gaudi": "pipeft-gaudi", "launch.trainium": "pipeft-trainium"}
 
 
+def _as_entry_point() -> bool:
+    """Whether messages name the `pipeft-*` commands: a wheel install, or an entry point run from the source tree."""
+    return INSTALLED or ENTRY_POINT
+
+
 def prog(script: str) -> str:
-    """A script's name in its usage and error lines, as the user ran it: `pipeft-demo` in a wheel install, `demo.py`
-    in the source tree."""
-    return SCRIPTS[script] if INSTALLED else script
+    """A script's name in its usage and error lines, as the user ran it: `pipeft-demo` run as that (or in a wheel
+    install), `demo.py` in the source tree."""
+    return SCRIPTS[script] if _as_entry_point() else script
 
 
 def command(script: str) -> str:
     """How the user runs one of the project's scripts in messages: `pipeft-convert` in a wheel install,
     `python convert_model.py` in the source tree."""
-    return SCRIPTS[script] if INSTALLED else f"python {script}"
+    return SCRIPTS[script] if _as_entry_point() else f"python {script}"
 
 
 def module_command(module: str) -> str:
     """How the user runs one of the project's modules: `pipeft-plan` in a wheel install, `python -m training.plan`
     in the source tree."""
-    return MODULES[module] if INSTALLED else f"python -m {module}"
+    return MODULES[module] if _as_entry_point() else f"python -m {module}"
 
 
 def one_line(e: BaseException | str, limit: int | None = 300, named: bool = False) -> str:
@@ -72,6 +78,8 @@ def use_root() -> Path:
 
 
 def _main(module: str) -> int:
+    global ENTRY_POINT
+    ENTRY_POINT = True  # before the module's import: its PROG names the entry point
     use_root()
     code = importlib.import_module(module).main()
     return int(code or 0)

@@ -474,7 +474,7 @@ def test_inspect_human_view_and_errors(sample_tokenizer_dir, tmp_path, capsys):
     assert "out of range" in capsys.readouterr().err
     write(cfg, json.dumps({"model_path": str(sample_tokenizer_dir), "data_path": str(data)}))
     assert data_inspect.main(["--config", str(cfg), "--index", "0"]) == 2
-    assert capsys.readouterr().err == f"{cfg}: missing required key 'save_path'\n"
+    assert capsys.readouterr().err == f"python -m data.inspect: error: {cfg}: missing required key 'save_path'\n"
 
 
 def test_inspect_shows_the_seam_space_of_a_sentencepiece_answer(sp_tokenizer_dir, tmp_path, capsys):

@@ -81,3 +81,32 @@ def test_wheel_console_scripts_ignore_packages_of_the_working_directory(tmp_path
     metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and (work / "run" / "latest").read_text() == "global_step2"
     assert "(convert: pipeft-convert pp_to_hg --input-path" in proc.stdout + proc.stderr  # the installed command
+
+
+def test_entry_points_of_the_source_tree_name_themselves(tmp_path):
+    """An editable install (make venv) runs the `pipeft-*` entry points from the source tree: their usage and error
+    lines name them (they named demo.py, `python -m training.plan`, ..., which do not run outside the repository), and
+    the tiny tokenizer's bad --data is one line (was a traceback)."""
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{bad\n')
+    calls = {"demo": ["--model-path", str(tmp_path / "missing"), "--prompt", "x"],
+             "plan": ["--model-config", str(tmp_path / "missing.json"), "--gpus", "1", "--gpu-memory", "40GB"],
+             "inspect_data": ["--config", str(tmp_path / "missing.json"), "--index", "0"],
+             "tiny_tokenizer": ["--save-path", str(tmp_path / "tok"), "--data", str(tmp_path / "bad.jsonl")]}
+    code = ("import json, sys, pipeft\n"
+            "for name, argv in json.loads(sys.argv[1]).items():\n"
+            "    sys.argv = [name, *argv]\n"
+            "    try:\n"
+            "        rc = getattr(pipeft, name)()\n"
+            "    except SystemExit as e:\n"
+            "        rc = e.code\n"
+            "    print(name, rc, file=sys.stderr, flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(calls)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)})
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line or line.split(" ")[0] in calls]
+    assert errors == [
+        f"pipeft-demo: error: {tmp_path / 'missing'}: no such directory", "demo 2",
+        f"pipeft-plan: error: --model-config: cannot read {tmp_path / 'missing.json'} (No such file or directory)",
+        "plan 2", f"pipeft-inspect: error: {tmp_path / 'missing.json'}: cannot read (No such file or directory)",
+        "inspect_data 2",
+        f"pipeft-tiny-tokenizer: error: --data {tmp_path / 'bad.jsonl'}: {tmp_path / 'bad.jsonl'}:2: not valid JSON "
+        "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1))", "tiny_tokenizer 2"], proc.stderr

@@ -134,7 +134,8 @@ def test_a_config_transformers_rejects_is_one_line_naming_the_file(raw, text, op
     where = tmp_path / "config.json" if option == "--model-config" else tmp_path
     assert plan_main([option, str(where), "--gpus", "1", "--gpu-memory", "40GB"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {tmp_path / 'config.json'}: ") and text in err and "\n" not in err, err
+    assert err.startswith(f"python -m training.plan: error: {tmp_path / 'config.json'}: "), err
+    assert text in err and "\n" not in err, err
 
 
 def test_lora_options_need_lora_and_a_quantized_plan_says_lora(tmp_path, capsys):
@@ -150,7 +151,8 @@ def test_lora_options_need_lora_and_a_quantized_plan_says_lora(tmp_path, capsys)
     assert capsys.readouterr().out.splitlines()[0].endswith("1024 tokens, bf16, LoRA, NF4")
     (tmp_path / "c.json").write_text(json.dumps({**LLAMA2_7B, "num_hidden_layers": 0}))  # no block to adapt
     assert plan_main([*args, "--lora"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: --lora / --quantization: the model has no decoder blocks "
+    assert capsys.readouterr().err.strip() == ("python -m training.plan: error: --lora / --quantization: the model has "
+                                               "no decoder blocks "
                                                "(num_hidden_layers 0): LoRA adapts the blocks' linear layers, so "
                                                "nothing would train; train it in full (without them)")
 

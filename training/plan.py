@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PlanError(f"--lora / --quantization: {NO_BLOCKS} (without them)")
         args.max_seq_len, note = seq_len_for(family, config, args.max_seq_len)
     except (PlanError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{module_command('training.plan')}: error: {e}", file=sys.stderr)
         return 2
     ans = plan(family, config, args.gpus, memory, args.max_seq_len, args.precision, args.lora, args.quantization,
                args.global_batch_tokens, 16 if args.lora_r is None else args.lora_r, args.double_quant)

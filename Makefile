@@ -7,6 +7,13 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# what the venv was set up with, recorded in the stamp: another TORCH or index (e.g. `make test TORCH=...` on a
+# machine set up before) sets it up again, where a stamp newer than its inputs would skip it (PYTHON makes the venv:
+# another one takes `make clean` first)
+SETTINGS := $(strip $(TORCH) $(PIP_EXTRA_INDEX_URL))
+ifneq ($(strip $(file <$(STAMP))),$(SETTINGS))
+.PHONY: $(STAMP)
+endif
 
 QS := outputs/quickstart
 MASTER_PORT ?= 29500
@@ -21,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	@echo "building DeepSpeed's CPU communication op (once, ~30 s; every CPU run loads it)"
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)" \
 		|| echo "warning: DeepSpeed's CPU communication op did not build: a CPU run builds it at its first start"
-	touch $(STAMP)
+	printf '%s\n' '$(SETTINGS)' > $(STAMP)
 
 venv: $(STAMP)
 

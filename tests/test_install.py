@@ -110,3 +110,25 @@ def test_entry_points_of_the_source_tree_name_themselves(tmp_path):
         "inspect_data 2",
         f"pipeft-tiny-tokenizer: error: --data {tmp_path / 'bad.jsonl'}: {tmp_path / 'bad.jsonl'}:2: not valid JSON "
         "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1))", "tiny_tokenizer 2"], proc.stderr
+
+
+def test_make_sets_the_venv_up_again_for_another_torch(tmp_path):
+    """`make test TORCH=...` (README: another CUDA build) on a machine set up before: the stamp, newer than its inputs,
+    made make skip the set-up without a word. The stamp records what the venv was set up with."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+
+    def planned(*args: str) -> list[str]:
+        proc = subprocess.run(["make", "-n", f"VENV={venv}", *args, "test"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60, env={k: v for k, v in os.environ.items() if k != "PIP_EXTRA_INDEX_URL"})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    set_up = planned()
+    assert any('pip install -q "torch==2.13.0"' in line for line in set_up)  # no stamp: set up
+    (venv / ".installed").write_text("torch==2.13.0\n")  # as that set-up leaves it
+    assert planned() == [f"DS_ACCELERATOR=cpu {venv}/bin/python -m pytest -q"]
+    assert any('pip install -q "torch==2.13.0+cu128"' in line for line in planned("TORCH=torch==2.13.0+cu128"))
+    assert any(line.startswith("printf") and "torch==2.13.0 https://x" in line
+               for line in planned("PIP_EXTRA_INDEX_URL=https://x"))

@@ -89,6 +89,12 @@ def build(args: argparse.Namespace) -> Launch:
         check_device(device, backend, "--accelerator", present=not args.dry_run)
         if args.dry_run and device_missing(device):
             notes.append(f"no {device!r} device here: the command is for a host with one")
+    if not args.dry_run and (args.nnodes == 1 or args.node_rank == 0):  # torchrun's agent serves the store here
+        from training.distributed import port_taken
+
+        if port_taken(args.master_port):
+            raise AcceleratorError(f"--master_port {args.master_port} is already in use on this machine (another "
+                                   "run?): pass a free port")
     env = {ENV: f"{device}:{backend}"}
     if SHUTDOWN_ENV not in os.environ:  # torch's agent SIGKILLs the ranks this long after passing SIGTERM on
         env[SHUTDOWN_ENV] = str(SHUTDOWN_S)

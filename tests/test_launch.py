@@ -369,3 +369,21 @@ def test_gaudi_ignores_an_unusable_ds_accelerator_of_its_caller(cfg, value):
     assert real.stderr.strip().splitlines() == [
         "python -m launch.gaudi: error: habana_frameworks is not installed: this is not a Gaudi host with Intel Gaudi software "
         "(--dry-run prints the command anyway)"], real.stderr[-3000:]
+
+
+def test_trainium_refuses_a_busy_master_port_in_one_line(cfg, capsys, monkeypatch):
+    """torchrun's agent serves the rendezvous store on node 0: a port another process holds was its 45-line
+    traceback. A dry run, and another node than node 0, do not check it (the port is node 0's)."""
+    import socket
+
+    monkeypatch.setattr(trainium.Launch, "execute", lambda self: pytest.fail(f"launched: {self.cmd}"))
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        argv = ["--nproc_per_node", "2", "--accelerator", "cpu:gloo", "--master_port", port, "train_ds.py", "--config",
+                str(cfg(optimizer={"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}))]
+        code, out, err = dry_run(trainium, argv, capsys)
+        assert code == 2 and err == (f"python -m launch.trainium: error: --master_port {port} is already in use on "
+                                     "this machine (another run?): pass a free port\n"), err
+        assert dry_run(trainium, ["--dry-run", *argv], capsys)[0] == 0

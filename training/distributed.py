@@ -159,6 +159,18 @@ def _is_deepspeed_launch(pid: int) -> bool:
         return False
 
 
+def port_taken(port: int) -> bool:
+    """Whether another process holds `port` here, bound as torch's TCPStore binds it (SO_REUSEADDR: a killed run's
+    connections, in TIME_WAIT for a minute, do not hold it)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
 def master_port_problem(launcher: str = "deepspeed") -> str | None:
     """Rank 0 (which hosts the rendezvous store): why MASTER_PORT cannot be used, e.g. another run holds it;
     None when it is free, when a launcher's agent already serves the store there (torchrun), or when this process
@@ -171,16 +183,10 @@ def master_port_problem(launcher: str = "deepspeed") -> str | None:
     if torch.distributed.is_initialized():  # the caller's process group (a notebook's), which the run uses: its port
         return None
     port = int(os.environ["MASTER_PORT"])
-    with socket.socket() as s:
-        # as torch's TCPStore binds: a killed run's connections (TIME_WAIT for a minute) do not hold the port
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("", port))
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                how = ("export MASTER_PORT=<a free port> before srun" if launcher == "slurm" else
-                       "start deepspeed with --master_port set to a free port (make quickstart MASTER_PORT=<port>)")
-                return f"MASTER_PORT {port} is already in use on this machine (another run?); {how}"
+    if port_taken(port):
+        how = ("export MASTER_PORT=<a free port> before srun" if launcher == "slurm" else
+               "start deepspeed with --master_port set to a free port (make quickstart MASTER_PORT=<port>)")
+        return f"MASTER_PORT {port} is already in use on this machine (another run?); {how}"
     return None
 
 

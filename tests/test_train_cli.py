@@ -159,6 +159,28 @@ CASES = {  # name -> (config overrides, expected text)
                               "optimizer.params (AdamW): unknown key 'weight_decy'; did you mean 'weight_decay'?"),
     "torch.optim params typo": ({"optimizer": {"type": "SGD", "params": {"lr": 1e-2, "momentun": 0.9}}},
                                 "optimizer.params (SGD): unknown key 'momentun'; did you mean 'momentum'?"),
+    # DeepSpeed's engine refused these once the model was built, with a traceback on every rank
+    "adagrad params typo": ({"optimizer": {"type": "Adagrad", "params": {"lr": 1e-2, "lr_decy": 0.1}}},
+                            "optimizer.params (Adagrad): unknown key 'lr_decy'; did you mean 'lr_decay'?"),
+    "max_grad_norm": ({"optimizer": {"type": "Adagrad", "params": {"lr": 1e-2, "max_grad_norm": 1.0}}},
+                      "optimizer.params.max_grad_norm: DeepSpeed clips by its own top-level \"gradient_clipping\""),
+    "lamb on cpu": ({"optimizer": {"type": "Lamb", "params": {"lr": 1e-3}}},
+                    "optimizer.type Lamb is DeepSpeed's FusedLamb, a compiled op with no CPU build"),
+    "momentum string": ({"optimizer": {"type": "SGD", "params": {"lr": 1e-2, "momentum": "0.9"}}},
+                        "optimizer.params.momentum (SGD) must be a number, got \"0.9\""),
+    "grad accum bf16 of fp32": ({"data_types": {"grad_accum_dtype": "bf16"}}, "'data_types.grad_accum_dtype' \"bf16\" "
+                                "with fp32 weights and no ZeRO: DeepSpeed's engine accumulates their gradients in fp32 "
+                                "only"),
+    "grad accum fp64": ({"data_types": {"grad_accum_dtype": "fp64"}}, "'data_types.grad_accum_dtype' \"fp64\" is not a "
+                        "dtype DeepSpeed knows (bf16, bfloat16, float, float16, float32, fp16, fp32, half, "),
+    # a non-finite update was applied to every weight while the log said it was skipped
+    "bf16 overflow check off": ({"bf16": {"enabled": True, "check_grad_overflow": False},
+                                 "zero_optimization": {"stage": 1}},
+                                "'bf16.check_grad_overflow' false: DeepSpeed's ZeRO optimizer would then apply a "
+                                "non-finite (NaN / inf) update to every weight, not skip it; leave the key out"),
+    "grad norm off": ({"zero_optimization": {"stage": 1, "compute_grad_norm": False}},
+                      "'zero_optimization.compute_grad_norm' false: DeepSpeed's ZeRO optimizer would then apply a "
+                      "non-finite (NaN / inf) update"),
     "scheduler params typo": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_step": 5}}},
                               "scheduler.params (WarmupLR): unknown key 'warmup_num_step'; did you mean "
                               "'warmup_num_steps'?"),
@@ -506,6 +528,8 @@ def test_fp16_overflows_are_logged_and_stop_only_at_the_minimum_loss_scale(tmp_p
         f"step 4: non-finite loss or gradient norm (loss {_loss(tmp_path, 4)}, grad norm inf) at the minimum fp16 loss "
         f"scale {2**30:g}: update skipped (2 in a row; stopping at 2)"], out[-3000:]
     assert "2 consecutive steps had a non-finite loss or gradient norm (last: step 4)" in err and "Traceback" not in err
+    assert err.rstrip().endswith("or use bf16 instead of fp16")
+    assert f"precision: fp16 (dynamic loss scale, initial {2**32:g}); ZeRO stage 1" in out
     assert (tmp_path / "out" / "latest").read_text() == "global_step4"
     # a fixed loss scale (DeepSpeed's LossScaler: no minimum): trains; one that overflows stops at max_bad_steps
     for scale, code in ((128, 0), (2**40, 1)):
@@ -516,6 +540,7 @@ def test_fp16_overflows_are_logged_and_stop_only_at_the_minimum_loss_scale(tmp_p
         assert train_ds.main(["--config", str(cfg)]) == code
         out, err = capsys.readouterr()
         assert "Traceback" not in err and (code == 0) == ("finished 3 steps" in out), out[-2000:] + err[-2000:]
+        assert f"precision: fp16 (fixed loss scale {scale:g}); ZeRO stage 1" in out  # it said "dynamic"
     assert f"at the fixed fp16 loss scale {2**40:g}: update skipped (2 in a row; stopping at 2)" in out
 
 

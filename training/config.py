@@ -31,7 +31,7 @@ from pipeft import command, one_line
 from training.batches import DROP_LAST
 from training.compat import check_deepspeed_sections, deepspeed_refusal, derive_batch, map_gdgpt_keys
 from training.config_file import OTHER_TOOLS_KEYS, ConfigError, read_config_file
-from training.optim import BF16_KEYS, build_lion, check_optimizer, half_precisions, optimizer_key_problem
+from training.optim import build_lion, check_optimizer, half_precisions, optimizer_key_problem, precision_problem
 from training.resume import resume_problem, resumes, torch_scheduler, unnamed_tag, weights_from_checkpoint, zero_stage
 from training.runlock import (
     JOB_FILE,
@@ -253,33 +253,9 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
         if getattr(cfg, key) is not None and needs:
             raise ConfigError(f"{path}: '{key}' needs {', and '.join(needs)}")
     ds = cfg.ds_config
-    if all(k in ds for k in BF16_KEYS):  # DeepSpeed reads 'bf16' and ignores 'bfloat16' then: one would be silent
-        raise ConfigError(f"{path}: 'bf16' and 'bfloat16' are two names of one DeepSpeed section (with both, DeepSpeed "
-                          "reads 'bf16' and ignores 'bfloat16'); keep one")
-    enabled = half_precisions(ds)
-    if len(enabled) > 1:
-        raise ConfigError(f"{path}: 'fp16' and 'bf16' are both enabled; choose one")
-    for key in BF16_KEYS:
-        if isinstance(ds.get(key), dict) and ds[key].get("immediate_grad_update") is False:
-            raise ConfigError(f"{path}: '{key}.immediate_grad_update' false: the last stage computes the head inside the "
-                              "loss, and DeepSpeed's bf16 optimizer would then clear the head's gradient before keeping "
-                              "it (the head would not train); leave the key out (the trainer sets it true)")
+    if problem := precision_problem(ds):
+        raise ConfigError(f"{path}: {problem}")
     zero_on = bool(zero_stage(ds))
-    if enabled and not zero_on:
-        import deepspeed
-
-        why = ("bf16 optimizer cannot reload its own checkpoints (every resume fails) nor accumulate gradients in fp32"
-               if enabled[0] == "bf16" else "fp16 optimizer unscales gradients that its backward never scaled "
-               "(updates 1 / loss scale of the true ones, overflow never detected, clipping inert)")
-        raise ConfigError(f"{path}: '{enabled[0]}' needs \"zero_optimization\": {{\"stage\": 1}}: without ZeRO, "
-                          f"DeepSpeed {deepspeed.__version__}'s {why}")
-    if enabled:
-        from deepspeed.accelerator import get_accelerator
-
-        acc = get_accelerator()
-        if not getattr(acc, f"is_{enabled[0]}_supported")():
-            other = " (use bf16 or fp32)" if enabled[0] == "fp16" else ""
-            raise ConfigError(f"{path}: '{enabled[0]}' is not supported on this device ({acc.device_name()}){other}")
     opt = ds.get("optimizer")
     try:
         if cfg.lr_schedule is not None:

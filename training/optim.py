@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import inspect
 import json
 import logging
 import re
@@ -183,6 +184,59 @@ def half_precisions(ds: dict) -> list[str]:
     """The DeepSpeed sections among fp16 / bf16 that are enabled ("bfloat16", DeepSpeed's other name, as "bf16")."""
     on = [k for k in ("fp16", *BF16_KEYS) if isinstance(ds.get(k), dict) and ds[k].get("enabled", False)]
     return list(dict.fromkeys("bf16" if k == "bfloat16" else k for k in on))
+
+
+def precision_problem(ds: dict) -> str | None:
+    """What DeepSpeed's precision settings in `ds` would do wrong in this trainer, or refuse once the model is built,
+    as one line; None if nothing."""
+    import deepspeed
+    from deepspeed.runtime.config import DtypeEnum
+
+    if all(k in ds for k in BF16_KEYS):  # DeepSpeed reads 'bf16' and ignores 'bfloat16' then: one would be silent
+        return ("'bf16' and 'bfloat16' are two names of one DeepSpeed section (with both, DeepSpeed reads 'bf16' and "
+                "ignores 'bfloat16'); keep one")
+    enabled = half_precisions(ds)
+    if len(enabled) > 1:
+        return "'fp16' and 'bf16' are both enabled; choose one"
+    nan_applied = ("DeepSpeed's ZeRO optimizer would then apply a non-finite (NaN / inf) update to every weight, not "
+                   "skip it")
+    for key in BF16_KEYS:
+        section = ds.get(key) if isinstance(ds.get(key), dict) else {}
+        if section.get("immediate_grad_update") is False:
+            return (f"'{key}.immediate_grad_update' false: the last stage computes the head inside the loss, and "
+                    "DeepSpeed's bf16 optimizer would then clear the head's gradient before keeping it (the head would "
+                    "not train); leave the key out (the trainer sets it true)")
+        if section.get("check_grad_overflow") is False:
+            return f"'{key}.check_grad_overflow' false: {nan_applied}; leave the key out"
+    zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
+    if zero.get("compute_grad_norm") is False:
+        return (f"'zero_optimization.compute_grad_norm' false: {nan_applied}, and there would be no gradient norm to "
+                "log or clip by; leave the key out")
+    if enabled and not zero_stage(ds):
+        why = ("bf16 optimizer cannot reload its own checkpoints (every resume fails) nor accumulate gradients in fp32"
+               if enabled[0] == "bf16" else "fp16 optimizer unscales gradients that its backward never scaled "
+               "(updates 1 / loss scale of the true ones, overflow never detected, clipping inert)")
+        return (f"'{enabled[0]}' needs \"zero_optimization\": {{\"stage\": 1}}: without ZeRO, DeepSpeed "
+                f"{deepspeed.__version__}'s {why}")
+    accum = ds["data_types"].get("grad_accum_dtype") if isinstance(ds.get("data_types"), dict) else None
+    if accum is not None:
+        try:
+            accum = DtypeEnum(accum).value
+        except ValueError:
+            names = sorted({v for e in DtypeEnum for v in e._value2member_map_ if isinstance(v, str)} - {"int8"})
+            return f"'data_types.grad_accum_dtype' {json.dumps(accum)} is not a dtype DeepSpeed knows ({', '.join(names)})"
+        if accum != torch.float32 and not enabled and not zero_stage(ds):
+            return (f"'data_types.grad_accum_dtype' {json.dumps(ds['data_types']['grad_accum_dtype'])} with fp32 "
+                    "weights and no ZeRO: DeepSpeed's engine accumulates their gradients in fp32 only (leave the key "
+                    "out)")
+    if enabled:
+        from deepspeed.accelerator import get_accelerator
+
+        acc = get_accelerator()
+        if not getattr(acc, f"is_{enabled[0]}_supported")():
+            other = " (use bf16 or fp32)" if enabled[0] == "fp16" else ""
+            return f"'{enabled[0]}' is not supported on this device ({acc.device_name()}){other}"
+    return None
 
 
 def offload_device(ds: dict) -> str:
@@ -352,15 +406,38 @@ def optimizer_key_problem(section: dict) -> str | None:
     if problem := unknown_key_problem("optimizer", section, OPTIMIZER_SECTION_KEYS):
         return problem
     kind, params = str(section.get("type", "")), section.get("params") or {}
+    if not isinstance(params, dict):
+        return None
+    if "max_grad_norm" in params:  # DeepSpeed's engine refuses it on every rank once the model is built
+        return ("optimizer.params.max_grad_norm: DeepSpeed clips by its own top-level \"gradient_clipping\"; move the "
+                "value there")
+    extra: list[str] = []
     if kind.lower() in ("adam", "adamw"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 
-        allowed = list(dict.fromkeys([*init_keys(FusedAdam, DeepSpeedCPUAdam, torch.optim.AdamW, torch.optim.Adam),
-                                      *DEEPSPEED_ADAM_KEYS]))  # each once: the keys several of them take
-    elif kind.lower() in ("lion", "adagrad", "lamb", "muadam", "muadamw", "musgd", "muon"):
-        return None  # Lion: build_lion checks its keys; DeepSpeed's other optimizers: their own checks
+        classes, extra = [FusedAdam, DeepSpeedCPUAdam, torch.optim.AdamW, torch.optim.Adam], list(DEEPSPEED_ADAM_KEYS)
+    elif kind.lower() == "adagrad":
+        from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
+
+        classes = [torch.optim.Adagrad, DeepSpeedCPUAdagrad]  # as DeepSpeed builds it (CPU offload: its own)
+    elif kind.lower() == "lamb":
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.ops.lamb import FusedLamb
+
+        if get_accelerator().device_name() == "cpu":
+            return "optimizer.type Lamb is DeepSpeed's FusedLamb, a compiled op with no CPU build"
+        classes = [FusedLamb]
+    elif kind.lower() in ("lion", "muadam", "muadamw", "musgd", "muon"):
+        return None  # Lion: build_lion checks its keys; the mup and Muon optimizers: their own checks
     elif isinstance(getattr(torch.optim, kind, None), type):
-        allowed = init_keys(getattr(torch.optim, kind))
+        classes = [getattr(torch.optim, kind)]
     else:
         return None
-    return unknown_key_problem(f"optimizer.params ({kind})", params, allowed) if isinstance(params, dict) else None
+    allowed = list(dict.fromkeys([*init_keys(*classes), *extra]))  # each once: the keys several of them take
+    if problem := unknown_key_problem(f"optimizer.params ({kind})", params, allowed):
+        return problem
+    for key, value in params.items():  # a number as a string ("0.9", as YAML reads 9e-1) is a TypeError later
+        defaults = [q.default for c in classes if (q := inspect.signature(c.__init__).parameters.get(key)) is not None]
+        if any(type(d) in (int, float) for d in defaults) and not is_number(value):
+            return f"optimizer.params.{key} ({kind}) must be a number, got {json.dumps(value)}"
+    return None

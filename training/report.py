@@ -81,7 +81,9 @@ class RunReport:
         clip = e.gradient_clipping()
         default = "" if "gradient_clipping" in self.cfg.ds_config else " (DeepSpeed's default; set gradient_clipping 0 to disable)"
         self.log(f"gradient clipping: {f'global norm {clip:g}' if clip > 0 else 'off'}{default}")
-        precision = "bf16" if e.bfloat16_enabled() else "fp16 (dynamic loss scale)" if e.fp16_enabled() else "fp32"
+        scale = (f"dynamic loss scale, initial {e.initial_dynamic_scale():g}" if e.dynamic_loss_scale() else
+                 f"fixed loss scale {e.loss_scale():g}") if e.fp16_enabled() else ""
+        precision = "bf16" if e.bfloat16_enabled() else f"fp16 ({scale})" if e.fp16_enabled() else "fp32"
         accum = getattr(e, "get_data_types", lambda: (None, None))()[1]
         offload = e.zero_offload_optimizer()
         if offload is not None and str(getattr(offload, "device", "none")).endswith("cpu"):

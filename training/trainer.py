@@ -423,8 +423,9 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             if bad:
                 why = (f" at the {'fixed' if self.min_scale is None else 'minimum'} fp16 loss scale {scale:g}"
                        if at_min and math.isfinite(loss) else "")
-                self.log(f"step {st.step}: non-finite loss or gradient norm (loss {loss}, grad norm {norm}){why}: update "
-                         f"skipped ({st.bad_steps} in a row; stopping at {cfg.max_bad_steps})")
+                done = "update skipped" if not applied else "update APPLIED (DeepSpeed did not skip it)"
+                self.log(f"step {st.step}: non-finite loss or gradient norm (loss {loss}, grad norm {norm}){why}: "
+                         f"{done} ({st.bad_steps} in a row; stopping at {cfg.max_bad_steps})")
             elif not applied:
                 self.log(f"step {st.step}: fp16 gradient overflow: update skipped, loss scale {scale:g} -> "
                          f"{self.scaler.cur_scale:g} (DeepSpeed's dynamic loss scaling)")
@@ -434,7 +435,8 @@ class Trainer(TrainingData, RunDirectory, RunReport):
                 raise TrainingStopped(f"{cfg.max_bad_steps} consecutive steps had a non-finite loss or gradient norm "
                                       f"(last: step {st.step}); saved the last good state (no update was applied "
                                       f"since step {st.step - st.bad_steps}) as {self.ckpts.latest()}. Lower the "
-                                      "learning rate, check the data, or use bf16 instead of fp16")
+                                      "learning rate, check the data" + (", or use bf16 instead of fp16"
+                                                                          if self.scaler is not None else ""))
             evaluated = self.eval_plan is not None and cfg.eval_interval and st.step % cfg.eval_interval == 0
             if evaluated:
                 self._record_eval(rec)

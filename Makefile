@@ -7,10 +7,11 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# what the venv was set up with, recorded in the stamp: another TORCH or index (e.g. `make test TORCH=...` on a
+# what the venv was set up with, recorded in the stamp (the index as a hash: its URL may hold a password): another
+# TORCH or index (e.g. `make test TORCH=...` on a
 # machine set up before) sets it up again, where a stamp newer than its inputs would skip it (PYTHON makes the venv:
 # another one takes `make clean` first)
-SETTINGS := $(strip $(TORCH) $(PIP_EXTRA_INDEX_URL))
+SETTINGS := $(strip $(TORCH) $(if $(PIP_EXTRA_INDEX_URL),index-$(shell printf '%s' '$(PIP_EXTRA_INDEX_URL)' | sha256sum | cut -c1-16)))
 ifneq ($(strip $(file <$(STAMP))),$(SETTINGS))
 .PHONY: $(STAMP)
 endif
@@ -28,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	@echo "building DeepSpeed's CPU communication op (once, ~30 s; every CPU run loads it)"
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)" \
 		|| echo "warning: DeepSpeed's CPU communication op did not build: a CPU run builds it at its first start"
-	printf '%s\n' '$(SETTINGS)' > $(STAMP)
+	@printf '%s\n' '$(SETTINGS)' > $(STAMP)
 
 venv: $(STAMP)
 

@@ -44,7 +44,7 @@ from data.encode import RUN_CACHE_DIR, load_dataset
 from data.packing import PackedDataset, chunk_counts, pack, trained_mask, trained_tokens
 from data.records import DataError
 from data.tokenizer_checks import vocabulary_problem
-from pipeft import module_command, one_line
+from pipeft import module_command
 
 PROG = module_command("data.inspect")  # as the user runs it, in usage and errors
 GREEN, RESET = "\033[32m", "\033[0m"
@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
     with deepspeed_logs_on_stderr():  # --json: stdout holds the object only
+        from models.hf_io import CheckpointError, load_tokenizer
         from training.config import ConfigError, load_config  # the one parser of training configs
         from training.evaluate import split_eval  # what training holds out (eval_split_ratio) is never packed with it
 
@@ -220,12 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         for note in cfg.notes:
             print(f"warning: {note}", file=sys.stderr)
         model_path = Path(cfg.model_path)
-        from transformers import AutoTokenizer
-
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise DataError([f"{model_path}:0: cannot load a tokenizer: {one_line(e)}"]) from None
+            tokenizer = load_tokenizer(model_path)
+        except CheckpointError as e:
+            raise DataError([str(e)]) from None
         if problem := vocabulary_problem(tokenizer):
             raise DataError([f"{model_path}:0: {problem}"])
         ds = load_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings,

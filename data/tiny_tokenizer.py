@@ -130,14 +130,17 @@ def _texts_from_records(path: Path) -> list[str]:
 
     files = sorted(path.rglob("*.json*")) if path.is_dir() else [path]
     for f in files:
-        text = f.read_text(encoding="utf-8")
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f}: not UTF-8 ({e.reason} at byte {e.start})") from None
         for n, line in enumerate(text.splitlines(), 1) if f.suffix == ".jsonl" else [(0, text)]:
             if not line.strip():
                 continue
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{f}:{n}: not valid JSON ({e})") from None
+                raise ValueError(f"{f}{f':{n}' if n else ''}: not valid JSON ({e})") from None
             walk(value)
     return out
 
@@ -163,8 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--data {args.data}: no such file or directory")
     try:
         texts = _texts_from_records(Path(args.data)) if args.data else []
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        ap.error(f"--data {args.data}: {one_line(e)}")
+    except (OSError, ValueError) as e:  # each names its file
+        ap.error(f"--data: {one_line(e)}")
     tok = train_tiny_tokenizer(texts, args.save_path, args.vocab_size, args.kind, args.chat_template)
     print(f"{args.kind} tokenizer with {len(tok)} tokens written to {args.save_path}")
 

@@ -90,6 +90,9 @@ CASES = {  # name -> (config overrides, expected text)
                      "communication logger prints nothing in this trainer"),
     "compile enabled": ({"compile": {"enabled": True}, "bf16": {"enabled": False}}, "DeepSpeed 0.19.8 refuses this config: 'compile.enabled': "
                         "not a key DeepSpeed accepts, got true"),
+    "compile beside timers": ({"compile": {"enabled": True}, "timers": {"throughput": {"enabled": True}}},
+                              "DeepSpeed 0.19.8 refuses this config: 'compile.enabled': not a key DeepSpeed accepts, got "
+                              "true"),  # 'enabled' is a key of both: the section holding the refused value is named
     "nested timer key": ({"timers": {"throughput": {"enabled": "yes please"}}}, "DeepSpeed 0.19.8 refuses this config: "
                          "'timers.throughput.enabled': Input should be a valid boolean"),
     "communication type": ({"communication_data_type": "int8"}, "DeepSpeed 0.19.8 refuses this config: ValueError: "

@@ -278,12 +278,27 @@ def _activation_checkpointing_defaults() -> dict:
     return dict(vars(DeepSpeedActivationCheckpointingConfig({})))
 
 
-def _holders(node: object, loc: tuple[str, ...], at: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """The key paths of the dicts nested in `node` (itself included) that hold the key path `loc`."""
-    if not isinstance(node, dict):
-        return []
-    found = [at] if loc and loc[0] in node else []
-    return found + [h for k, v in node.items() for h in _holders(v, loc, at + (str(k),))]
+def _holders(node: object, loc: tuple[str, ...], value: object, at: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The key paths of the dicts nested in `node` (itself included) that hold the key path `loc`: those where it
+    holds `value` (what DeepSpeed refused) when there are any, else those that hold its first key."""
+    def dicts(n: object, where: tuple[str, ...]):
+        if isinstance(n, dict):
+            yield where, n
+            for k, v in n.items():
+                yield from dicts(v, where + (str(k),))
+
+    def get(d: dict, path: tuple[str, ...]) -> object:
+        for key in path:
+            if not isinstance(d, dict) or key not in d:
+                return _MISSING
+            d = d[key]
+        return d
+
+    found = [(where, get(d, loc)) for where, d in dicts(node, at) if loc and loc[0] in d]
+    return [w for w, v in found if v == value] or [w for w, _ in found]
+
+
+_MISSING = object()
 
 
 def deepspeed_refusal(ds: dict) -> str | None:
@@ -310,7 +325,7 @@ def deepspeed_refusal(ds: dict) -> str | None:
         # pydantic's path starts inside the model that refused (e.g. DeepSpeedThroughputTimerConfig): the sections
         # of the user's config that hold it give the full key, when exactly one does
         loc = tuple(str(p) for p in err["loc"])
-        holders = [h for h in _holders(probe, loc) if not (h and h[0] in CHECKED_SECTIONS)]
+        holders = [h for h in _holders(probe, loc, err.get("input")) if not (h and h[0] in CHECKED_SECTIONS)]
         where = ".".join(holders[0] + loc) if len(holders) == 1 else f"{e.title} {'.'.join(loc)}"
         what, got = _refused(err)
         return f"DeepSpeed {deepspeed.__version__} refuses this config: '{where}': {what}, got {got}"

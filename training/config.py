@@ -22,7 +22,7 @@ from data.records import DataError, resolve_files
 from data.templates import TemplateSettings
 from models.attention import attn_problem
 from models.convert import family_of, missing_layer_file
-from models.hf_io import CheckpointError
+from models.hf_io import CheckpointError, load_tokenizer
 from models.lora import LoraSettings, check_adapter_keys, parse_lora
 from models.outdir import RUN_TAG, run_tags
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
@@ -437,15 +437,13 @@ def _save_path_in_use(cfg: TrainConfig, path: Path) -> str | None:
 def _check_model(cfg: TrainConfig, path: Path) -> None:
     """The model dir's tokenizer against its config and the data keys: an EOS token, a vocabulary the embedding
     covers, max_seq_len within the positions, a chat template for "template": "chat"."""
-    from transformers import AutoTokenizer
-
     from data.chat import require_chat_template
     from data.tokenizer_checks import require_eos, vocabulary_problem
 
     model = Path(cfg.model_path)
     try:
         family, config = family_of(model)
-        tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
+        tokenizer = load_tokenizer(model)
         if no_vocabulary := vocabulary_problem(tokenizer):
             raise DataError([f"{model}: {no_vocabulary}"])
         require_eos(tokenizer)

@@ -326,6 +326,8 @@ def deepspeed_refusal(ds: dict) -> str | None:
         # of the user's config that hold it give the full key, when exactly one does
         loc = tuple(str(p) for p in err["loc"])
         holders = [h for h in _holders(probe, loc, err.get("input")) if not (h and h[0] in CHECKED_SECTIONS)]
+        if len(holders) > 1:  # the same key and value in two sections: the one pydantic's model is named for
+            holders = [h for h in holders if h and h[-1].replace("_", "") in e.title.lower()] or holders
         where = ".".join(holders[0] + loc) if len(holders) == 1 else f"{e.title} {'.'.join(loc)}"
         what, got = _refused(err)
         return f"DeepSpeed {deepspeed.__version__} refuses this config: '{where}': {what}, got {got}"

@@ -454,7 +454,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
                 stop = stop or self._at_boundary()[0]  # a signal during a long save: this step is saved, stop now
             if evaluated and cfg.early_stopping_patience and st.evals_since_best() >= cfg.early_stopping_patience:
                 best = st.best_eval(scheduled=True)
-                self.log(f"early stopping: eval loss has not improved for {cfg.early_stopping_patience} evaluations "
+                self.log(f"early stopping: eval loss has not improved for {st.evals_since_best()} evaluations "
                          + (f"(best {best[1]:.4f} at step {best[0]})" if best else "(none was finite)"))
                 st.patience_ended = True
                 break
@@ -491,7 +491,8 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         self.state.evals.append((self.state.step, loss))
         ppl = perplexity(loss)
         self.log(f"eval at step {self.state.step}: loss {loss:.4f} | perplexity {ppl:.2f} "
-                 f"({self.eval_plan.tokens} tokens, {len(self.eval_set)} {'rows' if self.cfg.packing else 'samples'})")
+                 f"({self.eval_plan.tokens} trained tokens, {len(self.eval_set)} "
+                 f"{'rows' if self.cfg.packing else 'samples'})")
         if rec is None:
             self.state.end_evals.append(self.state.step)
             self.monitor.write({"step": self.state.step, "eval_loss": loss, "eval_ppl": ppl})

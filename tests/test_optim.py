@@ -429,3 +429,44 @@ def test_the_trainers_gradient_norm_is_exact_without_an_fp64_copy():
     assert abs(fp32 - exact) / exact > 1e-6  # the premise: a plain fp32 norm is not exact here
     assert torch.isnan(squared_norm(grads, torch.device("cpu")))  # a NaN gradient: the step is skipped
     assert float(squared_norm([], torch.device("cpu"))) == 0.0  # a stage without gradients (frozen layers only)
+
+
+@pytest.mark.parametrize("ds, problem", [
+    # BF16_Optimizer (bf16 + fp32 accumulation on ZeRO-1) checks every step whatever check_grad_overflow says
+    ({"bf16": {"enabled": True, "check_grad_overflow": False}, "zero_optimization": {"stage": 1},
+      "data_types": {"grad_accum_dtype": "fp32"}}, None),
+    ({"bf16": {"enabled": False, "check_grad_overflow": False}, "zero_optimization": {"stage": 1}}, None),
+    ({"bf16": {"enabled": True, "check_grad_overflow": False}, "zero_optimization": {"stage": 1}},
+     "'bf16.check_grad_overflow' false: DeepSpeed's ZeRO optimizer would then apply a non-finite"),
+    # with half precision DeepSpeed still checks the step; it needs no clipping then
+    ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1, "compute_grad_norm": False}, "gradient_clipping": 0},
+     None),
+    ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1, "compute_grad_norm": False}},
+     "'zero_optimization.compute_grad_norm' false needs \"gradient_clipping\": 0"),
+    ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1, "compute_grad_norm": False}, "gradient_clipping": 0,
+      "data_types": {"grad_accum_dtype": "fp32"}},
+     "'zero_optimization.compute_grad_norm' false: DeepSpeed's BF16_Optimizer (bf16 with fp32 gradient accumulation"),
+    ({"zero_optimization": {"stage": 1, "compute_grad_norm": False}, "gradient_clipping": 0},
+     "'zero_optimization.compute_grad_norm' false with fp32 weights: DeepSpeed's ZeRO optimizer would then apply"),
+    ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp16"}}, None),
+], ids=["bf16 fp32-accum", "bf16 off", "bf16 zero", "no norm bf16", "no norm clipped", "no norm bf16 fp32-accum",
+        "no norm fp32", "zero mixes"])
+def test_precision_problems_are_the_optimizer_deepspeed_steps_with(ds, problem):
+    """Refused only where DeepSpeed 0.19.8 applies a non-finite update or refuses the mix once the model is built."""
+    from training.optim import precision_problem
+
+    found = precision_problem(ds)
+    assert found == problem if problem is None else found.startswith(problem), found
+
+
+def test_adagrad_keys_are_those_of_the_adagrad_deepspeed_builds():
+    """torch's Adagrad, or DeepSpeed's CPU Adagrad under optimizer offload: a key of the other is a TypeError at
+    build time."""
+    from training.optim import optimizer_key_problem
+
+    section = {"type": "Adagrad", "params": {"lr": 0.1, "lr_decay": 0.1}}
+    assert optimizer_key_problem(section) is None
+    assert optimizer_key_problem(section, cpu_optimizer=True).startswith(
+        "optimizer.params (Adagrad): unknown key 'lr_decay'")
+    assert optimizer_key_problem({"type": "Adagrad", "params": {"lr": 0.1, "amsgrad": False}}).startswith(
+        "optimizer.params (Adagrad): unknown key 'amsgrad'")

@@ -182,8 +182,8 @@ CASES = {  # name -> (config overrides, expected text)
                                 "'bf16.check_grad_overflow' false: DeepSpeed's ZeRO optimizer would then apply a "
                                 "non-finite (NaN / inf) update to every weight, not skip it; leave the key out"),
     "grad norm off": ({"zero_optimization": {"stage": 1, "compute_grad_norm": False}},
-                      "'zero_optimization.compute_grad_norm' false: DeepSpeed's ZeRO optimizer would then apply a "
-                      "non-finite (NaN / inf) update"),
+                      "'zero_optimization.compute_grad_norm' false with fp32 weights: DeepSpeed's ZeRO optimizer "
+                      "would then apply a non-finite (NaN / inf) update"),
     "scheduler params typo": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_step": 5}}},
                               "scheduler.params (WarmupLR): unknown key 'warmup_num_step'; did you mean "
                               "'warmup_num_steps'?"),

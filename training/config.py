@@ -31,7 +31,14 @@ from pipeft import command, one_line
 from training.batches import DROP_LAST
 from training.compat import check_deepspeed_sections, deepspeed_refusal, derive_batch, map_gdgpt_keys
 from training.config_file import OTHER_TOOLS_KEYS, ConfigError, read_config_file
-from training.optim import build_lion, check_optimizer, half_precisions, optimizer_key_problem, precision_problem
+from training.optim import (
+    build_lion,
+    check_optimizer,
+    half_precisions,
+    offload_device,
+    optimizer_key_problem,
+    precision_problem,
+)
 from training.resume import resume_problem, resumes, torch_scheduler, unnamed_tag, weights_from_checkpoint, zero_stage
 from training.runlock import (
     JOB_FILE,
@@ -263,7 +270,7 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
         parse_report_to(cfg.report_to)  # training/trackers.py: known names, installed packages
         if opt is not None:
             check_optimizer(opt)
-            if problem := optimizer_key_problem(opt):
+            if problem := optimizer_key_problem(opt, offload_device(ds) in ("cpu", "nvme")):
                 raise ValueError(problem)
             if cfg.decay_norm_and_bias and "no_wd_kws" in opt:
                 raise ValueError("'decay_norm_and_bias' and optimizer.no_wd_kws both choose the parameters without "

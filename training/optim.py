@@ -198,6 +198,8 @@ def precision_problem(ds: dict) -> str | None:
     enabled = half_precisions(ds)
     if len(enabled) > 1:
         return "'fp16' and 'bf16' are both enabled; choose one"
+    # DeepSpeed's ZeRO optimizer checks a step for a non-finite gradient only with bf16's check_grad_overflow (fp16:
+    # always; fp32 weights: never without the norm); its BF16_Optimizer (bf16 + fp32 accumulation) always checks
     nan_applied = ("DeepSpeed's ZeRO optimizer would then apply a non-finite (NaN / inf) update to every weight, not "
                    "skip it")
     for key in BF16_KEYS:
@@ -206,12 +208,18 @@ def precision_problem(ds: dict) -> str | None:
             return (f"'{key}.immediate_grad_update' false: the last stage computes the head inside the loss, and "
                     "DeepSpeed's bf16 optimizer would then clear the head's gradient before keeping it (the head would "
                     "not train); leave the key out (the trainer sets it true)")
-        if section.get("check_grad_overflow") is False:
+        if section.get("check_grad_overflow") is False and enabled == ["bf16"] and steps_with_zero_optimizer(ds):
             return f"'{key}.check_grad_overflow' false: {nan_applied}; leave the key out"
     zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
-    if zero.get("compute_grad_norm") is False:
-        return (f"'zero_optimization.compute_grad_norm' false: {nan_applied}, and there would be no gradient norm to "
-                "log or clip by; leave the key out")
+    if zero.get("compute_grad_norm") is False and zero_stage(ds):
+        if not enabled:
+            return f"'zero_optimization.compute_grad_norm' false with fp32 weights: {nan_applied}; leave the key out"
+        if not steps_with_zero_optimizer(ds):
+            return ("'zero_optimization.compute_grad_norm' false: DeepSpeed's BF16_Optimizer (bf16 with fp32 gradient "
+                    "accumulation on ZeRO-1) refuses it; leave the key out")
+        if ds.get("gradient_clipping", 1.0) != 0:
+            return ("'zero_optimization.compute_grad_norm' false needs \"gradient_clipping\": 0 (DeepSpeed would clip "
+                    "by the norm it does not compute; its default is 1.0)")
     if enabled and not zero_stage(ds):
         why = ("bf16 optimizer cannot reload its own checkpoints (every resume fails) nor accumulate gradients in fp32"
                if enabled[0] == "bf16" else "fp16 optimizer unscales gradients that its backward never scaled "
@@ -223,7 +231,7 @@ def precision_problem(ds: dict) -> str | None:
         try:
             accum = DtypeEnum(accum).value
         except ValueError:
-            names = sorted({v for e in DtypeEnum for v in e._value2member_map_ if isinstance(v, str)} - {"int8"})
+            names = sorted(v for v in DtypeEnum._value2member_map_ if isinstance(v, str) and "int8" not in v)
             return f"'data_types.grad_accum_dtype' {json.dumps(accum)} is not a dtype DeepSpeed knows ({', '.join(names)})"
         if accum != torch.float32 and not enabled and not zero_stage(ds):
             return (f"'data_types.grad_accum_dtype' {json.dumps(ds['data_types']['grad_accum_dtype'])} with fp32 "
@@ -399,10 +407,12 @@ DEEPSPEED_ADAM_KEYS = ("torch_adam", "adam_w_mode", "fp32_optimizer_states", "fo
 
 
 
-def optimizer_key_problem(section: dict) -> str | None:
+def optimizer_key_problem(section: dict, cpu_optimizer: bool = False) -> str | None:
     """A misspelled key of an `optimizer` section or of its `params` (Adam/AdamW: what DeepSpeed's FusedAdam, CPU Adam
-    or torch's AdamW take; a torch.optim type: its constructor's), as one line; None if none. DeepSpeed would drop a
-    misspelled "params" (training at its default lr) or fail with a TypeError on every rank once the model is built."""
+    or torch's AdamW take; Adagrad: the one DeepSpeed builds, its CPU Adagrad with `cpu_optimizer` (optimizer offload);
+    a torch.optim type: its constructor's), a number given as a string, `max_grad_norm`, Lamb on CPU, as one line;
+    None if none. DeepSpeed would drop a misspelled "params" (training at its default lr) or fail with a TypeError on
+    every rank once the model is built."""
     if problem := unknown_key_problem("optimizer", section, OPTIMIZER_SECTION_KEYS):
         return problem
     kind, params = str(section.get("type", "")), section.get("params") or {}
@@ -419,7 +429,7 @@ def optimizer_key_problem(section: dict) -> str | None:
     elif kind.lower() == "adagrad":
         from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
 
-        classes = [torch.optim.Adagrad, DeepSpeedCPUAdagrad]  # as DeepSpeed builds it (CPU offload: its own)
+        classes = [DeepSpeedCPUAdagrad if cpu_optimizer else torch.optim.Adagrad]  # the one DeepSpeed builds
     elif kind.lower() == "lamb":
         from deepspeed.accelerator import get_accelerator
         from deepspeed.ops.lamb import FusedLamb
@@ -436,7 +446,7 @@ def optimizer_key_problem(section: dict) -> str | None:
     allowed = list(dict.fromkeys([*init_keys(*classes), *extra]))  # each once: the keys several of them take
     if problem := unknown_key_problem(f"optimizer.params ({kind})", params, allowed):
         return problem
-    for key, value in params.items():  # a number as a string ("0.9", as YAML reads 9e-1) is a TypeError later
+    for key, value in params.items():  # a number as a string ("0.9") is a TypeError later
         defaults = [q.default for c in classes if (q := inspect.signature(c.__init__).parameters.get(key)) is not None]
         if any(type(d) in (int, float) for d in defaults) and not is_number(value):
             return f"optimizer.params.{key} ({kind}) must be a number, got {json.dumps(value)}"

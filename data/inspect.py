@@ -184,9 +184,10 @@ def show_stats(st: dict) -> str:
         + ("; pretrain text kept whole, cut into chunks of that size by packing" if st["split_long_pretrain"] else "")
         + "): "
         + ", ".join(f"{'max' if k == 'p100' else k} {v}" for k, v in pct.items()),
-        f"trained tokens: {st['trained_tokens']} of {st['tokens']} ({st['trained_fraction']:.1%})",
         *([f"held out for evaluation (eval_split_ratio): {st['held_out']} of {st['samples']} samples, not in the "
-           "training rows below"] if st.get("held_out") else []),
+           "counts below"] if st.get("held_out") else []),
+        f"trained tokens: {st['trained_tokens']} of {st['tokens']} ({st['trained_fraction']:.1%})"
+        + (" in the training samples" if st.get("held_out") else ""),
         (f"packing efficiency (trained / total tokens): {st['packing_efficiency']:.1%} ({st['samples'] - st.get('held_out', 0)} samples in "
          f"{st['sequences']} sequences, {st['packed_fill']:.1%} not padding; unpacked with rows padded to max_seq_len "
          f"{st['unpacked_efficiency']:.1%}, more in training, which pads each micro-batch to its longest row)"
@@ -237,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.stats:
         stats = dataset_stats(ds, cfg.max_seq_len, packed, cfg.split_long_pretrain)
         stats["held_out"] = 0 if held is None else len(held)
-        if held is not None:  # the unpacked figures of the training samples, as the packed ones are
+        if held is not None:  # the token counts of the training samples (what an epoch trains), as packing's are
             rows = dataset_stats(trained, cfg.max_seq_len, None, cfg.split_long_pretrain)
-            stats.update(unpacked_efficiency=rows["unpacked_efficiency"], unpacked_fill=rows["unpacked_fill"])
+            stats.update({k: rows[k] for k in ("tokens", "trained_tokens", "trained_fraction", "unpacked_efficiency",
+                                               "unpacked_fill")})
         print(json.dumps(stats) if args.json else show_stats(stats))
         return 0
     if not 0 <= args.index < ds.stats.records:

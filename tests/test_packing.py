@@ -314,7 +314,9 @@ def test_inspect_packs_the_training_rows_without_what_eval_split_ratio_holds_out
     stats = json.loads(capsys.readouterr().out)
     assert stats["held_out"] == len(held) == 10 and stats["sequences"] == len(packed)
     unpacked = data_inspect.dataset_stats(train, 128)  # beside the packed figure: of the same (training) samples
-    assert (stats["unpacked_efficiency"], stats["unpacked_fill"]) == (unpacked["unpacked_efficiency"], unpacked["unpacked_fill"])
+    counts = ("unpacked_efficiency", "unpacked_fill", "tokens", "trained_tokens", "trained_fraction")
+    assert [stats[k] for k in counts] == [unpacked[k] for k in counts]  # the trained tokens were the held-out's too
+    assert stats["trained_tokens"] == int(trained_tokens(train).sum()) < int(trained_tokens(ds).sum())
     inside = int(train.record_index[0])
     assert data_inspect.main([*args, "--index", str(inside)]) == 0
     out = capsys.readouterr().out

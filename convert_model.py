@@ -12,8 +12,10 @@ import argparse
 import sys
 
 from launch import exit_if_ds_accelerator_unusable
+from pipeft import prog
 
-exit_if_ds_accelerator_unusable("convert_model.py")  # before DeepSpeed's import builds it
+PROG = prog("convert_model.py")  # pipeft-convert when run as that
+exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
 
 from models.convert import DTYPES, hg_to_pp, init_model, pp_to_hg  # noqa: E402
 from models.family import FAMILIES  # noqa: E402
@@ -22,7 +24,7 @@ from models.pipeline import ModelConfigError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("hg_to_pp", help="HF dir -> pipeline layer files")
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             init_model(args.family, args.save_path, args.tokenizer, args.config_json, args.preset, args.seed,
                        args.dtype, args.overwrite)
     except (CheckpointError, ModelConfigError) as e:
-        print(f"convert_model.py {args.command}: error: {e}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

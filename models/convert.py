@@ -35,7 +35,7 @@ from .hf_io import (
     resolve_hf_dir,
 )
 from .keymap import KeyMapError
-from .outdir import atomic_output_dir, check_target, latest_tag, run_tags
+from .outdir import atomic_output_dir, latest_tag, prepare_target, run_tags
 from .pipeline import LAYER_FILE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,7 +80,9 @@ def _mb(tensors) -> float:
 def config_update(dtype: torch.dtype | None = None, architecture: str | None = None) -> Callable[[str], str]:
     """A config.json transform recording `dtype` (the floating dtype of the weights written): `dtype`, which
     transformers 5 writes and reads first, and `torch_dtype` too where the file has it (what older readers use); and
-    `architectures` = [`architecture`] where the file names none (llama.cpp's converter reads architectures[0]).
+    `architectures` = [`architecture`] where the file names none (llama.cpp's converter reads architectures[0]); an
+    export (`architecture` given) drops `auto_map`: the custom code it names is not what was trained (transformers'
+    own class) and is not carried, so `trust_remote_code=True` (vLLM's, lm-eval's) could not load the export.
     A file that already says so is kept byte for byte."""
     name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
@@ -90,9 +92,12 @@ def config_update(dtype: torch.dtype | None = None, architecture: str | None = N
         update: dict = dict.fromkeys(keys, name)
         if architecture is not None and not cfg.get("architectures"):
             update["architectures"] = [architecture]
-        if all(cfg.get(k) == v for k, v in update.items()):
+        drop = ["auto_map"] if architecture is not None and "auto_map" in cfg else []
+        if all(cfg.get(k) == v for k, v in update.items()) and not drop:
             return text
         cfg.update(update)
+        for key in drop:
+            del cfg[key]
         return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
     return transform
 
@@ -126,7 +131,10 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
     if src != Path(input_path):
         log(f"{input_path}: the Hugging Face cache's snapshot {src}")
     family, config = family_of(src)
-    check_target(dst, overwrite, sources=[src], renamed=True)
+    prepare_target(dst, overwrite, [src], say=log)
+    if getattr(config, "auto_map", None):
+        log(f"note: {src / 'config.json'}: its auto_map (custom model code) is not used: the model trains as "
+            f"transformers' {family.hf_model_class.__name__}, and exports say so")
     if quant := getattr(config, "quantization_config", None):  # bitsandbytes' absmax / SCB, GPTQ's qweight ...
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
         raise CheckpointError(f"{src / 'config.json'}: a quantised checkpoint (quantization_config, quant_method "
@@ -372,7 +380,7 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
         info = located_base(info, base, layers_dir)
     base = info.get("base_model_path") if info else None
     sources = [input_path, layers_dir, config_dir, base, hf_source_of(base) if base else None]  # an adapter's base
-    check_target(dst, overwrite, sources, renamed=True)
+    prepare_target(dst, overwrite, sources, say=log)
     if info is None and lora is not None:
         raise CheckpointError(f"{layers_dir}: --lora {lora}: not a LoRA checkpoint (no {layers_dir / 'lora_config.json'})")
     if info is not None and lora not in ("peft", "merge"):
@@ -513,7 +521,7 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
     if not tokenizer_dir.is_dir():
         raise no_dir_error(tokenizer_dir)
     sources = [tokenizer_dir, config_json]
-    check_target(dst, overwrite, sources, renamed=True)
+    prepare_target(dst, overwrite, sources, say=log)
     tok = load_tokenizer(tokenizer_dir)
     from data.tokenizer_checks import vocabulary_problem
 

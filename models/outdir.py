@@ -138,6 +138,17 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def prepare_target(path: str | Path, overwrite: bool, sources: Iterable[str | Path | None] = (),
+                   say: Callable[[str], None] = _stderr) -> Path:
+    """`path` made absolute, with an interrupted conversion's leftovers beside it cleaned up (said) and
+    `check_target` passed for a renamed output: before any heavy work, and again in `atomic_output_dir` (a refused
+    run cleans the leftovers too, which no one else would)."""
+    path = Path(os.path.abspath(path))  # `.` or `..` has no name to build a sibling's from
+    clean_leftovers(path, say)
+    check_target(path, overwrite, sources, renamed=True)
+    return path
+
+
 @contextmanager
 def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, say: Callable[[str], None] = _stderr,
                       sources: Iterable[str | Path | None] = ()):
@@ -150,9 +161,7 @@ def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, sa
     directory (one atomic rename): a target created meanwhile is left as it is, and the output is kept beside it
     (`NAME.new-HOST-PID`, named in the CheckpointError). With `overwrite` an existing target is moved aside first and
     deleted only once the new one is in place; a symbolic link is replaced itself, what it points to is untouched."""
-    path = Path(os.path.abspath(path))  # `.` or `..` has no name to build a sibling's from
-    clean_leftovers(path, say)
-    check_target(path, overwrite, sources, renamed=True)
+    path = prepare_target(path, overwrite, sources, say)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

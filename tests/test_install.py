@@ -89,6 +89,7 @@ def test_entry_points_of_the_source_tree_name_themselves(tmp_path):
     the tiny tokenizer's bad --data is one line (was a traceback)."""
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{bad\n')
     calls = {"demo": ["--model-path", str(tmp_path / "missing"), "--prompt", "x"],
+             "convert": ["pp_to_hg", "--input-path", str(tmp_path / "missing"), "--save-path", str(tmp_path / "x")],
              "plan": ["--model-config", str(tmp_path / "missing.json"), "--gpus", "1", "--gpu-memory", "40GB"],
              "inspect_data": ["--config", str(tmp_path / "missing.json"), "--index", "0"],
              "tiny_tokenizer": ["--save-path", str(tmp_path / "tok"), "--data", str(tmp_path / "bad.jsonl")]}
@@ -105,6 +106,7 @@ def test_entry_points_of_the_source_tree_name_themselves(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if ": error: " in line or line.split(" ")[0] in calls]
     assert errors == [
         f"pipeft-demo: error: {tmp_path / 'missing'}: no such directory", "demo 2",
+        f"pipeft-convert pp_to_hg: error: {tmp_path / 'missing'}: no such directory", "convert 2",
         f"pipeft-plan: error: --model-config: cannot read {tmp_path / 'missing.json'} (No such file or directory)",
         "plan 2", f"pipeft-inspect: error: {tmp_path / 'missing.json'}: cannot read (No such file or directory)",
         "inspect_data 2",

@@ -265,6 +265,14 @@ def test_a_killed_conversion_leaves_nothing_the_next_one_does_not_clean(tmp_path
     assert f"removed {left[0]}: left by an interrupted conversion" in done.stderr
     assert not list(tmp_path.glob(".pp.tmp-*")) and (dst / "layer_00-model_states.pt").is_file()
 
+    # a conversion refused before any work (the target is not empty) still removes a dead one's leftovers: nothing
+    # else would (they may be a model's size)
+    stale = tmp_path / f".pp.tmp-{socket.gethostname()}-{dead_pid()}"
+    stale.mkdir()
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        hg_to_pp(src, dst)
+    assert not stale.exists()
+
     # an --overwrite killed between moving the old output aside and renaming the new one: the old one comes back
     aside = tmp_path / f".pp.old-{socket.gethostname()}-{dead_pid()}"
     os.replace(dst, aside)

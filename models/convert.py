@@ -92,6 +92,9 @@ def config_update(dtype: torch.dtype | None = None, architecture: str | None = N
         update: dict = dict.fromkeys(keys, name)
         if architecture is not None and not cfg.get("architectures"):
             update["architectures"] = [architecture]
+        custom = custom_classes(cfg) if architecture is not None else set()
+        if custom & set(cfg.get("architectures") or []):  # a class of the code dropped: the one trained instead
+            update["architectures"] = [architecture]
         drop = ["auto_map"] if architecture is not None and "auto_map" in cfg else []
         if all(cfg.get(k) == v for k, v in update.items()) and not drop:
             return text
@@ -100,6 +103,24 @@ def config_update(dtype: torch.dtype | None = None, architecture: str | None = N
             del cfg[key]
         return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
     return transform
+
+
+def custom_classes(cfg: dict) -> set[str]:
+    """The class names a config's (or tokenizer config's) `auto_map` points to ("modeling_x.XForCausalLM" -> "XForCausalLM";
+    a tokenizer's entries are [slow, fast] pairs)."""
+    auto = cfg.get("auto_map") if isinstance(cfg.get("auto_map"), dict) else {}
+    refs = [r for v in auto.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    return {r.rpartition(".")[2] for r in refs}
+
+
+def without_auto_map(text: str) -> str:
+    """A tokenizer_config.json transform for exports: no `auto_map` (its custom code is not carried: the tokenizer
+    loads as the class training used); a file without one is kept byte for byte."""
+    cfg = json.loads(text)
+    if not isinstance(cfg, dict) or "auto_map" not in cfg:
+        return text
+    del cfg["auto_map"]
+    return json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"
 
 
 def cast_checked(t: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
@@ -134,7 +155,7 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
     prepare_target(dst, overwrite, [src], say=log)
     if getattr(config, "auto_map", None):
         log(f"note: {src / 'config.json'}: its auto_map (custom model code) is not used: the model trains as "
-            f"transformers' {family.hf_model_class.__name__}, and exports say so")
+            f"transformers' {family.hf_model_class.__name__}, and exports drop it (and the tokenizer's)")
     if quant := getattr(config, "quantization_config", None):  # bitsandbytes' absmax / SCB, GPTQ's qweight ...
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
         raise CheckpointError(f"{src / 'config.json'}: a quantised checkpoint (quantization_config, quant_method "
@@ -431,7 +452,8 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
         # weights of mixed dtypes (bf16 linears, fp32 norms) load as the config's dtype, which is kept
         dtype = next(iter(floats)) if len(floats) == 1 else None
         transform = config_update(dtype, family.hf_model_class.__name__)
-        copied = copy_side_files(config_dir, tmp, transform={"config.json": transform})
+        copied = copy_side_files(config_dir, tmp, transform={"config.json": transform,
+                                                             "tokenizer_config.json": without_auto_map})
         if generation_config is not None:
             (tmp / "generation_config.json").write_text(generation_config)
             copied = list(dict.fromkeys([*copied, "generation_config.json"]))

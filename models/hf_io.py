@@ -390,7 +390,7 @@ def copy_side_files(src: Path, dst: Path, names=(*SIDE_FILES, *TOKENIZER_DIRS),
             continue
         _check_readable(src / name)  # (a copy's error may be the output's: a full disk, which atomic_output_dir says)
         if transform and name in transform and (src / name).is_file():
-            (dst / name).write_text(transform[name]((src / name).read_text()))
+            (dst / name).write_text(transform[name]((src / name).read_text(encoding="utf-8")), encoding="utf-8")
         else:
             _copy_content(src / name, dst / name)
         copied.append(name)

@@ -114,12 +114,18 @@ def _owner_alive(name: str) -> bool:
     return pid_alive(int(pid))
 
 
+_SAID_ALIVE: set[Path] = set()  # temporary dirs of a live (or another host's) conversion, already said
+
+
 def clean_leftovers(path: Path, say: Callable[[str], None]) -> None:
     """Remove the temporary dirs an interrupted conversion into `path` left beside it (`.NAME.tmp-HOST-PID`),
     and put back a previous output an interrupted `--overwrite` had moved aside (`.NAME.old-HOST-PID`)."""
     for tmp in sorted(path.parent.glob(f".{glob.escape(path.name)}.tmp-*")):
         if _owner_alive(tmp.name):
-            say(f"note: {tmp} may belong to a conversion still running ({tmp.name.rpartition('.tmp-')[2]}): left alone")
+            if tmp not in _SAID_ALIVE:  # checked before the work and again when the output is built: said once
+                _SAID_ALIVE.add(tmp)
+                say(f"note: {tmp} may belong to a conversion still running ({tmp.name.rpartition('.tmp-')[2]}): "
+                    "left alone")
             continue
         _remove(tmp)
         say(f"removed {tmp}: left by an interrupted conversion")
@@ -143,9 +149,9 @@ def prepare_target(path: str | Path, overwrite: bool, sources: Iterable[str | Pa
     """`path` made absolute, with an interrupted conversion's leftovers beside it cleaned up (said) and
     `check_target` passed for a renamed output: before any heavy work, and again in `atomic_output_dir` (a refused
     run cleans the leftovers too, which no one else would)."""
-    path = Path(os.path.abspath(path))  # `.` or `..` has no name to build a sibling's from
+    given, path = Path(path), Path(os.path.abspath(path))  # `.` or `..` has no name to build a sibling's from
     clean_leftovers(path, say)
-    check_target(path, overwrite, sources, renamed=True)
+    check_target(given, overwrite, sources, renamed=True)  # its lines name the path as the user gave it
     return path
 
 

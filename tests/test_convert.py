@@ -416,16 +416,22 @@ def test_exports_name_their_architectures(tmp_path, tokenizer):
 def test_an_auto_map_is_not_exported(tmp_path, tokenizer, capsys):
     """A source with custom code (config.json's auto_map): the model trains and exports as transformers' class, and
     the code files are not carried, so an export keeping auto_map failed to load with trust_remote_code=True."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf = write_hf(tmp_path, tokenizer, "gqa_tied")
     cfg = json.loads((hf / "config.json").read_text())
     auto = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
-    (hf / "config.json").write_text(json.dumps({**cfg, "auto_map": auto}))
+    (hf / "config.json").write_text(json.dumps({**cfg, "auto_map": auto, "architectures": ["XForCausalLM"]}))
+    tok_cfg = json.loads((hf / "tokenizer_config.json").read_text())
+    (hf / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "auto_map": {"AutoTokenizer": [
+        "tokenization_x.XTokenizer", "tokenization_x.XTokenizerFast"]}}))
     assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(tmp_path / "pp")) == 0
     assert "auto_map (custom model code) is not used: the model trains as transformers' LlamaForCausalLM" in \
         capsys.readouterr().err
     assert run("pp_to_hg", "--input-path", str(tmp_path / "pp"), "--save-path", str(tmp_path / "back")) == 0
-    assert "auto_map" not in json.loads((tmp_path / "back" / "config.json").read_text())
+    exported = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert "auto_map" not in exported and exported["architectures"] == ["LlamaForCausalLM"]  # the class trained
+    assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text()) == tok_cfg
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"), trust_remote_code=True)
     assert type(model).__name__ == "LlamaForCausalLM"
+    assert len(AutoTokenizer.from_pretrained(str(tmp_path / "back"), trust_remote_code=True)) == len(tokenizer)

@@ -248,7 +248,7 @@ def test_converter_checks_shapes_and_headers(tmp_path, tokenizer):
         hg_to_pp(src, tmp_path / "pp")
 
 
-def test_a_killed_conversion_leaves_nothing_the_next_one_does_not_clean(tmp_path, tokenizer):
+def test_a_killed_conversion_leaves_nothing_the_next_one_does_not_clean(tmp_path, tokenizer, capsys):
     src = _tiny_hf(tmp_path, tokenizer)
     dst = tmp_path / "pp"
     killed = subprocess.run([sys.executable, "-c", (
@@ -272,6 +272,13 @@ def test_a_killed_conversion_leaves_nothing_the_next_one_does_not_clean(tmp_path
     with pytest.raises(CheckpointError, match="exists and is not empty"):
         hg_to_pp(src, dst)
     assert not stale.exists()
+    other = tmp_path / ".pp.tmp-otherhost-123"  # another host's, maybe alive: left alone, said once
+    other.mkdir()
+    capsys.readouterr()
+    hg_to_pp(src, dst, overwrite=True)
+    assert capsys.readouterr().err.count(f"note: {other} may belong to a conversion still running") == 1
+    assert other.is_dir()
+    other.rmdir()
 
     # an --overwrite killed between moving the old output aside and renaming the new one: the old one comes back
     aside = tmp_path / f".pp.old-{socket.gethostname()}-{dead_pid()}"

@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         trained, held = split_eval(ds, cfg.eval_split_ratio, cfg.seed) if cfg.eval_split_ratio else (ds, None)
         packed = pack(trained, cfg.max_seq_len, cfg.seed) if cfg.packing else None  # the training rows, as trained
     except (DataError, ConfigError, ValueError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # each problem found (a DataError's FILE:LINE lines), as train_ds.py says them
+            print(f"{PROG}: error: {line}", file=sys.stderr)
         return 2
     if args.stats:
         stats = dataset_stats(ds, cfg.max_seq_len, packed, cfg.split_long_pretrain)

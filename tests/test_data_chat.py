@@ -134,7 +134,7 @@ def test_tokenizer_without_chat_template_is_a_clear_error(tokenizer, tokenizer_d
                                 "tokenizer_config.json); add one or use \"template\": \"default\""]
     cfg = write_config(tmp_path, tokenizer_dir, data, template="chat")
     assert data_inspect.main(["--config", str(cfg), "--index", "0"]) == 2
-    assert capsys.readouterr().err == str(e.value) + "\n"
+    assert capsys.readouterr().err == f"python -m data.inspect: error: {e.value}\n"
 
 
 @pytest.mark.parametrize("num_proc", [1, 2])

@@ -260,7 +260,7 @@ def test_inspect_reports_a_corrupt_file_in_one_line(tmp_path, tokenizer_dir, cap
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     assert data_inspect.main(["--config", str(tmp_path / "cfg.json"), "--index", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith(f"{bad}:0: cannot read .parquet file: "), err
+    assert len(err) == 1 and err[0].startswith(f"python -m data.inspect: error: {bad}:0: cannot read .parquet file: "), err
 
 
 def test_unsupported_suffix_lists_the_formats(tmp_path):

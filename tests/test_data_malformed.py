@@ -127,6 +127,9 @@ def test_library_reports_one_line_with_file_and_line(corpus, case):
     assert e.value.problems[0].startswith(prefix) and msg in e.value.problems[0], e.value.problems[0]
 
 
+INSPECT = "python -m data.inspect: error: "  # what data.inspect puts before each problem line
+
+
 def write_config(tmp_path: Path, tokenizer_dir: Path, data: str | list[str]) -> Path:
     cfg = {"model_path": str(tokenizer_dir), "save_path": str(tmp_path / "out"), "data_path": data,
            "max_seq_len": 64, "train_micro_batch_size_per_gpu": 1}
@@ -140,7 +143,7 @@ def test_inspect_exits_2_with_the_one_line(corpus, case, tokenizer_dir, tmp_path
     assert data_inspect.main(["--config", str(cfg), "--index", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
     prefix, msg = expected(corpus, case)
-    assert len(err) == 1 and err[0].startswith(prefix) and msg in err[0], err
+    assert len(err) == 1 and err[0].startswith(INSPECT + prefix) and msg in err[0], err
 
 
 def test_inspect_process_reports_every_file_without_traceback(corpus, tokenizer_dir, tmp_path):
@@ -149,7 +152,8 @@ def test_inspect_process_reports_every_file_without_traceback(corpus, tokenizer_
     out = subprocess.run([sys.executable, "-m", "data.inspect", "--config", str(cfg), "--index", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr
-    lines = out.stderr.splitlines()
+    assert all(line.startswith(INSPECT) for line in out.stderr.splitlines())
+    lines = [line.removeprefix(INSPECT) for line in out.stderr.splitlines()]
     assert lines[-1] == f"... and {len(CASES) - 20} more problems" and len(lines) == 21
     for line, case in zip(lines[:20], CASES, strict=False):
         prefix, msg = expected(corpus, case)

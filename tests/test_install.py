@@ -122,8 +122,10 @@ def test_make_sets_the_venv_up_again_for_another_torch(tmp_path):
     (venv / "bin" / "python").symlink_to(sys.executable)
 
     def planned(*args: str) -> list[str]:
-        proc = subprocess.run(["make", "-n", f"VENV={venv}", *args, "test"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=60, env={k: v for k, v in os.environ.items() if k != "PIP_EXTRA_INDEX_URL"})
+        env = {k: v for k, v in os.environ.items()  # not the make that runs the suite (`make test`)'s
+               if k not in ("PIP_EXTRA_INDEX_URL", "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+        proc = subprocess.run(["make", "-n", "--no-print-directory", f"VENV={venv}", *args, "test"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60, env=env)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.splitlines()
 

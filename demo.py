@@ -312,7 +312,8 @@ def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 12
     are printed to stdout as they come (AnswerStreamer, ending with a newline). Returns the answer: the continuation
     without the prompt (decoded as it continues the prompt's last token), special tokens skipped, and without the
     stop token or text it ended on (as serving stacks return it; printed alike), nor `lead`
-    (`data.templates.answer_lead`: a dialog answer's space after its role marker, not in the record); `new_ids`, when given, receives the continuation's ids, the stop's included."""
+    (`data.templates.answer_lead`: a dialog answer's space after its role marker, not in the record); `new_ids`,
+    when given, receives the continuation's ids, the stop's included."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)

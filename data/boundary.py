@@ -88,7 +88,7 @@ class _Conventions(NamedTuple):
     cut: int  # ids the post-processor appends to every text (`appended_ids`), left out
     stripping: dict[int, str]  # added tokens that take the whitespace beside them (lstrip / rstrip), by id
     offsets: Any  # the Rust tokenizer that gives the offsets: the tokenizer's own, or `_untrimmed_backend`'s
-    added: tuple  # every added token, read once per call (`_conventions`) (a splice's copy lookup would otherwise read every added token)
+    added: tuple  # every added token, read once per call (`_conventions`), not once per splice
 
 
 def _stripping(decoder: dict) -> dict[int, str]:

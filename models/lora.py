@@ -23,7 +23,7 @@ from pipeft import one_line
 from .family import ModelFamily
 from .hf_io import CheckpointError, copy_side_files, hf_source_of, load_torch_file, read_json, save_safetensors
 from .keymap import KeyMapError
-from .outdir import atomic_output_dir, prepare_target
+from .outdir import atomic_output_dir
 
 LORA_FILE = "lora_config.json"
 ADAPTER = "default"  # peft's adapter name inside the modules
@@ -457,11 +457,10 @@ def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_pat
     `generation_config` text (see convert.end_of_turn_generation_config) as generation_config.json."""
     settings = LoraSettings.from_info(info)
     sources = [tag_dir, side_dir, info["base_model_path"], hf_source_of(info["base_model_path"])]  # the adapter's base
-    from .convert import log  # convert imports this module
-
-    prepare_target(save_path, overwrite, sources, say=log)
-    check_base(info, tag_dir)  # the base the adapter config names
+    check_base(info, tag_dir)  # the base the adapter config names (pp_to_hg checked the target before)
     if not Path(info["base_model_path"]).is_dir():
+        from .convert import log  # convert imports this module
+
         log(f"warning: {tag_dir / LORA_FILE}: base model {info['base_model_path']} not found: the adapter's "
             f"base_model_name_or_path names it as it was ({MOVED})")
     tensors = adapter_tensors(tag_dir, family, family.num_blocks(config), settings.r)

@@ -356,7 +356,7 @@ def test_a_resume_may_switch_the_kind_of_lr_scheduler(ds, tmp_path):
     """A checkpoint of a run under the project's lr_schedule resumed under DeepSpeed's WarmupLR, and back: the saved
     scheduler state does not load into the other kind (DeepSpeed raises: what a resume did), so the trainer skips
     it and starts the new scheduler at the checkpoint's step, with the lrs an uninterrupted run of it has there."""
-    from training.resume import schedule_kind, start_schedule_at
+    from training.config_diff import schedule_kind, start_schedule_at
 
     warmup = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": LR, "warmup_num_steps": 10,
                                              "warmup_type": "linear"}}

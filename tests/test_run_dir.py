@@ -128,7 +128,7 @@ def test_resume_rules_refuse_what_changes_the_optimizer_state_or_the_data_order(
     "enabled": false, is the same as no section; the precision, the loss scaler's keys (DeepSpeed restores the scaler
     from the checkpoint), the seed and the batch are refused; data keys wait for the fingerprint of the rows when the
     checkpoint has one."""
-    from training.resume import config_changes, refusals, same_global_batch
+    from training.config_diff import config_changes, refusals, same_global_batch
 
     base = {"data_path": "a.jsonl", "seed": 1, "fp16": {"enabled": True, "loss_scale_window": 1000}}
     def changed(**over):
@@ -162,7 +162,7 @@ def test_resume_rules_refuse_what_changes_the_optimizer_state_or_the_data_order(
 def test_resume_compares_the_settings_deepspeed_reads_not_their_spelling():
     """README: a precision section absent, empty or with "enabled": false is none (its other keys do nothing), and
     ZeRO absent, false, {} or stage 0 is none (true: stage 1), so such spellings resume; a real change is refused."""
-    from training.resume import config_changes, refusals
+    from training.config_diff import config_changes, refusals
 
     none = {"data_path": "a.jsonl"}
     same = [{"fp16": {"enabled": False, "loss_scale_window": 1000}}, {"bf16": {"enabled": False, "immediate_grad_update": True}},
@@ -191,7 +191,7 @@ def test_resume_takes_a_key_written_out_with_its_default_as_unchanged():
     dataloader_drop_last's (true here, not DeepSpeed's false), DeepSpeed's fp16 loss scaler's; gdGPT's use_flash_attn
     as the attn_implementation it means) is no change; was refused ("the data order changes", "the optimizer's
     parameter groups would differ"), some keys even with allow_data_change_on_resume."""
-    from training.resume import config_changes
+    from training.config_diff import config_changes
 
     none = {"data_path": "a.jsonl", "lora": {"r": 4}, "quantization": {"load_in_4bit": True}, "fp16": {"enabled": True}}
     same = [{"seed": 42}, {"decay_norm_and_bias": False}, {"group_by_length": False}, {"max_steps": None},
@@ -247,7 +247,8 @@ def test_resume_compares_lora_target_modules_as_the_names_they_resolve_to(tmp_pa
     from models import get_family
     from models.lora import lora_info, parse_lora
     from training.checkpoint import STATE_FILE
-    from training.resume import RUN_CONFIG_FILE, config_changes, resume_problem
+    from training.config_diff import config_changes
+    from training.resume import RUN_CONFIG_FILE, resume_problem
 
     names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     base = {"data_path": "a.jsonl", "lora": {"r": 4, "alpha": 8}}
@@ -282,7 +283,7 @@ def test_resume_compares_lora_target_modules_as_the_names_they_resolve_to(tmp_pa
 def test_resume_says_a_section_set_to_null_or_from_null_in_one_line():
     """A section removed (null, or a key whose default is null left out) or added where there was null is one change
     of the key, old and new values shown whole; was a line "(unset) -> null" plus one per key of the section."""
-    from training.resume import config_changes, refusals
+    from training.config_diff import config_changes, refusals
 
     base = {"data_path": "a.jsonl"}
     sched = {"type": "cosine", "warmup_steps": 2}
@@ -315,7 +316,7 @@ def test_a_torch_schedulers_settings_are_refused_on_resume_where_its_saved_state
     """torch's scheduler state_dict holds its constructor's params and base lrs, and DeepSpeed loads it over the one
     the config built: a new gamma or optimizer lr would be said "applied" and not take effect. DeepSpeed's own
     schedulers (state: the step) take them; another type starts afresh (applied)."""
-    from training.resume import config_changes, refusals
+    from training.config_diff import config_changes, refusals
 
     def kinds(old: dict, new: dict, lr: float = 1e-3) -> dict[str, str]:
         opt = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
@@ -549,7 +550,7 @@ def test_eval_losses_that_would_not_compare_stop_a_resume_even_when_data_changes
     """eval_split_ratio holds its eval samples out of the training data by position: other data (here the same
     records reordered) hold out other samples, some of them trained on. With keep_best / early stopping, whose eval
     losses compare across the resume, that is refused even with allow_data_change_on_resume; so is a new ratio."""
-    from training.resume import config_changes, refusals
+    from training.config_diff import config_changes, refusals
 
     base = {"data_path": "a.jsonl", "eval_split_ratio": 0.2}
     ratio = config_changes(base, {**base, "eval_split_ratio": 0.3})

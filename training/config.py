@@ -30,6 +30,7 @@ from models.quant import QUANT_FILE, parse_quantization, read_quant_file
 from pipeft import command, one_line
 from training.batches import DROP_LAST
 from training.compat import check_deepspeed_sections, deepspeed_refusal, derive_batch, map_gdgpt_keys
+from training.config_diff import torch_scheduler, zero_stage
 from training.config_file import OTHER_TOOLS_KEYS, ConfigError, read_config_file
 from training.optim import (
     build_lion,
@@ -39,7 +40,7 @@ from training.optim import (
     optimizer_key_problem,
     precision_problem,
 )
-from training.resume import resume_problem, resumes, torch_scheduler, unnamed_tag, weights_from_checkpoint, zero_stage
+from training.resume import resume_problem, resumes, unnamed_tag, weights_from_checkpoint
 from training.runlock import (
     JOB_FILE,
     LockError,
@@ -100,7 +101,7 @@ class TrainConfig:
     keep_last: int | None = None  # newest checkpoints kept (None: all)
     resume: str | bool = "auto"  # "auto": continue from save_path/latest if present; false: start fresh
     overwrite_save_path: bool = False  # with resume false: allow a save_path that already holds a run
-    allow_data_change_on_resume: bool = False  # resume although the data or its order changed (training/resume.py)
+    allow_data_change_on_resume: bool = False  # resume although the data or its order changed (training/config_diff.py)
     # evaluation (training/evaluate.py)
     eval_data_path: str | list[str] | None = None
     eval_split_ratio: float | None = None  # hold out this share of the training samples instead

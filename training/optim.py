@@ -32,7 +32,7 @@ import torch
 
 from launch.cuda_only import triton_problem
 from models.pipeline import unknown_key_problem
-from training.resume import zero_stage
+from training.config_diff import zero_stage
 from training.schedule import build_lr_scheduler, fill_deepspeed_scheduler, init_keys, is_number, parse_lr_schedule
 
 logger = logging.getLogger(__name__)

@@ -25,21 +25,9 @@ from pipeft import one_line
 from training.checkpoint import RunState, set_rng_state
 from training.compat import BATCH_KEYS
 from training.config import ConfigError, start_over
+from training.config_diff import DATA, SAMPLES, config_changes, same_global_batch, schedule_kind, start_schedule_at
 from training.monitor import truncate_metrics
-from training.resume import (
-    DATA,
-    RUN_CONFIG_FILE,
-    SAMPLES,
-    config_changes,
-    earlier_tags,
-    name_resumed,
-    read_run_config,
-    resume_tag,
-    same_global_batch,
-    schedule_kind,
-    start_schedule_at,
-    tag_problem,
-)
+from training.resume import RUN_CONFIG_FILE, earlier_tags, name_resumed, read_run_config, resume_tag, tag_problem
 from training.runlock import LockError, RunLock, config_identity, launcher_token, record_job
 from training.trackers import IDS_FILE
 

@@ -20,6 +20,7 @@ import numpy as np
 CACHE_SUFFIX = ".npys"  # .npy records back to back (save_dataset): memory-mapped by every rank, not copied into each
 CACHE_ARRAYS = ("input_ids", "labels", "offsets", "record_index")  # after the stats, in this order
 CACHE_ALIGN = 64  # every record (and so its data: numpy pads .npy headers to 64 bytes) starts 64-byte aligned
+STATS_CRC = "stats_crc32"  # the stats record's own checksum
 STALE_TMP_SECONDS = 3600.0  # a cache's temp file older than this is a killed writer's
 SEND_CHUNK = 1 << 26  # array elements per message when a dataset is sent to another rank (send_dataset)
 
@@ -85,11 +86,9 @@ def save_dataset(ds: EncodedDataset, path: Path) -> None:
     ignore = path.parent / ".gitignore"
     if not ignore.exists():
         ignore.write_text("*\n")  # keep caches out of version control
-    for old in path.parent.glob("encoded-*.tmp"):  # a writer killed mid-write (SIGKILL, out of memory) left it
-        with contextlib.suppress(OSError):
-            if time.time() - old.stat().st_mtime > STALE_TMP_SECONDS:  # not one another process is writing now
-                old.unlink()
+    remove_stale_temps(path.parent)
     stats = {k: v for k, v in asdict(ds.stats).items() if not k.startswith("cache_")}
+    stats[STATS_CRC] = _stats_crc(stats)
     stats["crc32"] = [zlib.crc32(memoryview(np.ascontiguousarray(getattr(ds, k))).cast("B")) for k in CACHE_ARRAYS]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -102,6 +101,22 @@ def save_dataset(ds: EncodedDataset, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(cache_dir: Path) -> None:
+    """Delete the temp files that writers killed mid-write (SIGKILL, out of memory) left in `cache_dir`: those older
+    than STALE_TMP_SECONDS (not one another process writes now). Run at every write and every cache hit (a run
+    restarted within the hour writes the cache, then only hits it)."""
+    for old in cache_dir.glob("encoded-*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > STALE_TMP_SECONDS:
+                old.unlink()
+
+
+def _stats_crc(stats: dict) -> int:
+    """CRC-32 of the stats record's counts (the arrays have their own)."""
+    return zlib.crc32(json.dumps({k: v for k, v in stats.items() if k not in (STATS_CRC, "crc32")},
+                                 sort_keys=True).encode())
 
 
 def _publish(tmp: Path, path: Path) -> None:
@@ -122,9 +137,12 @@ def _publish(tmp: Path, path: Path) -> None:
 def _record(f: Any) -> tuple[np.dtype, int, int]:
     """(dtype, length, data offset) of the 1-d .npy record at the next CACHE_ALIGN boundary of `f`; `f` after it."""
     f.seek(-f.tell() % CACHE_ALIGN, os.SEEK_CUR)
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read(f)
+    try:  # numpy parses the header as a Python literal: damage raises tokenize.TokenError, SyntaxError, ...
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    except Exception as e:  # noqa: BLE001 - whatever numpy raises for a damaged header, the file is damaged
+        raise ValueError(f"a damaged record header ({type(e).__name__})") from e
     if len(shape) != 1 or dtype.hasobject:
         raise ValueError(f"unexpected record {dtype} {shape}")
     at = f.tell()
@@ -149,6 +167,8 @@ def load_dataset_file(path: Path) -> EncodedDataset:
     arrays = (ids, labels, offsets, index)
     if [zlib.crc32(a) for a in arrays] != stats.pop("crc32", None):  # damaged since (a zero-filled block after a crash)
         raise ValueError("a checksum does not match")
+    if STATS_CRC in stats and stats.pop(STATS_CRC) != _stats_crc(stats):  # (caches written before it have none)
+        raise ValueError("the counts' checksum does not match")
     if len(offsets) != len(index) + 1 or not len(ids) == len(labels) == offsets[-1] or offsets[0] != 0:
         raise ValueError("its arrays do not match")
     known = {field.name for field in fields(EncodeStats)}

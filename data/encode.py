@@ -39,6 +39,7 @@ from data.dataset import (
     EncodedDataset,
     EncodeStats,
     load_dataset_file,
+    remove_stale_temps,
     save_dataset,
 )
 from data.records import (
@@ -61,7 +62,8 @@ CACHE_VERSION = "encode-v13"  # bump when encoding, labelling or the cache file'
 # written for an hour by cf0d248, since reverted: never reuse it; v12: 0746ce2's chat labels, written under v11;
 # v13: labels read from untrimmed offsets, data.boundary)
 KEYED_PACKAGES = ("tokenizers", "transformers", "jinja2")  # their versions are in the key: tokenizing, chat rendering
-MIN_RECORDS_FOR_POOL = 2000
+MIN_RECORDS_FOR_POOL = 2000  # records, or MIN_CHARS_FOR_POOL characters of text (books: few records, long ones), that
+MIN_CHARS_FOR_POOL = 1 << 23  # are tokenized by a process pool (`pooled`), after a line that says so
 BATCH = 1000  # texts per tokenizer call
 MAX_RANGE = 2 * BATCH  # records per task at most: what a worker holds for one range does not grow with the data
 PROGRESS_EVERY = 30.0  # seconds between progress lines while records are tokenized
@@ -255,12 +257,27 @@ def _encode_range(bounds: tuple[int, int]) -> Part:
                 np.concatenate([empty, *ids]), np.concatenate([empty, *labels]), cuts, spliced, problems)
 
 
+def pooled(records: Sequence[Record]) -> bool:
+    """Whether encoding `records` takes long enough for a process pool and a line saying so: MIN_RECORDS_FOR_POOL
+    records, or MIN_CHARS_FOR_POOL characters in their text fields."""
+    if len(records) >= MIN_RECORDS_FOR_POOL:
+        return True
+    chars, todo = 0, [r.data for r in records]
+    while todo and chars < MIN_CHARS_FOR_POOL:
+        v = todo.pop()
+        if isinstance(v, str):
+            chars += len(v)
+        elif isinstance(v, dict | list):
+            todo.extend(v.values() if isinstance(v, dict) else v)
+    return chars >= MIN_CHARS_FOR_POOL
+
+
 class _Progress:
     """Log lines while records are encoded: what starts (when it takes a while), then every PROGRESS_EVERY s."""
 
-    def __init__(self, total: int, num_proc: int):
+    def __init__(self, total: int, num_proc: int, announce: bool):
         self.total, self.count, self.last = total, 0, time.monotonic()
-        if total >= MIN_RECORDS_FOR_POOL:
+        if announce:
             progress_log.info("data: tokenizing %d records on %d process(es) (written to the data cache for the next "
                               "start)", total, num_proc)
 
@@ -307,13 +324,14 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
     require_special_tokens_parsed(tokenizer)
     if settings.template == "chat":
         require_chat_template(tokenizer)
+    large = pooled(records)
     if num_proc is None:
-        num_proc = 1 if len(records) < MIN_RECORDS_FOR_POOL else usable_cores()
+        num_proc = usable_cores() if large else 1
     num_proc = max(1, min(num_proc, len(records)))
     init = (tokenizer, [r.data for r in records], max_seq_len, settings)
     size = min(MAX_RANGE, -(-len(records) // (num_proc * 8)))  # ranges in order: progress lines, balanced processes
     ranges = [(i, min(i + size, len(records))) for i in range(0, len(records), size)]
-    progress = _Progress(len(records), num_proc)
+    progress = _Progress(len(records), num_proc, large)
     parts: list[Part] = []
 
     def enough(part: Part, bounds: tuple[int, int]) -> bool:  # keeps the part; True once MAX_SHOWN problems are known
@@ -408,16 +426,18 @@ def cache_file(digests: Sequence[tuple[Path, bytes]], tokenizer: Any, max_seq_le
                settings: TemplateSettings = DEFAULT_SETTINGS, fallback_dir: str | Path | None = None) -> Path:
     """Where the encoding of the files of `digests` (file_digests' (path, sha256)) is cached: `cache_dir` /
     encoded-KEY.npys; without `cache_dir`, `.cache` beside the first file, or `fallback_dir` (a training run's
-    save_path / RUN_CACHE_DIR) when it holds this cache or `.cache` cannot be written and does not. It exists only if
-    these bytes were valid records when it was written. The one place that decides: validation, loading and data.inspect all ask it."""
+    save_path / RUN_CACHE_DIR) when it holds this cache (written there because `.cache`'s could not be: not
+    writable, or damaged and not deletable; the same key, the same content) or `.cache` cannot be written and does not.
+    It exists only if these bytes were valid records when it was written. The one place that decides: validation,
+    loading and data.inspect all ask it."""
     name = f"encoded-{cache_key(digests, tokenizer, max_seq_len, settings)[:32]}{CACHE_SUFFIX}"
     if cache_dir is not None:
         return Path(cache_dir) / name
     default = _default_cache_dir(digests) / name
-    if fallback_dir is None or default.is_file():
+    if fallback_dir is None:
         return default
     fallback = Path(fallback_dir) / name
-    return fallback if fallback.is_file() or not _writable(default.parent) else default
+    return fallback if fallback.is_file() or not (default.is_file() or _writable(default.parent)) else default
 
 
 def _default_cache_dir(files: Sequence[tuple[Path, bytes]]) -> Path:
@@ -470,6 +490,7 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
         if path.is_file():
             try:
                 ds = load_dataset_file(path)
+                remove_stale_temps(path.parent)
                 _log(ds.stats)
                 return ds
             except (OSError, ValueError, KeyError, TypeError) as e:  # written whole (os.replace): damaged since

@@ -263,6 +263,23 @@ def test_long_tokenization_says_what_it_does(tok, monkeypatch, caplog):
     assert len(said) == 8 and said[-1].startswith("data: tokenized ") and said[-1].endswith(f" of {len(records)} records")
 
 
+def test_few_long_records_are_tokenized_by_the_pool(tok, monkeypatch, caplog):
+    """Books: fewer records than MIN_RECORDS_FOR_POOL but much text are tokenized on every core, after the start
+    line (they were tokenized on one core, without a word)."""
+    records = load_records(str(SAMPLES))
+    text = sum(len(r.data.get("output", "")) for r in records)  # the instruct records' answers alone
+    assert 1000 < text and len(json.dumps([r.data for r in records])) < 10**6
+    monkeypatch.setattr(encode_module, "MIN_CHARS_FOR_POOL", 10**6)
+    assert not encode_module.pooled(records)
+    monkeypatch.setattr(encode_module, "MIN_CHARS_FOR_POOL", 1000)
+    monkeypatch.setattr(encode_module, "usable_cores", lambda: 2)
+    with caplog.at_level("INFO", logger="data.encode"):
+        pooled = encode_records(records, tok, 96)
+    assert caplog.records[0].getMessage().startswith(f"data: tokenizing {len(records)} records on 2 process(es)")
+    alone = encode_records(records, tok, 96, num_proc=1)
+    assert (pooled.input_ids == alone.input_ids).all() and (pooled.labels == alone.labels).all()
+
+
 def test_training_prints_the_tokenization_progress(ops_model, tmp_path):
     """What `python train_ds.py` prints on a cold start: the start line and the progress lines (logging is set up by
     no training module, so they must not go through the root logger, which drops INFO). A global batch of more

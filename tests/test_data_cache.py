@@ -391,19 +391,74 @@ def test_a_cold_start_parses_the_records_once(tokenizer_dir, tmp_path):
     assert same["parsed"] == ["train.jsonl"] and same["cache"] == ["written", "hit"], same
 
 
-def test_a_damaged_cache_is_rebuilt_not_trained_on(tokenizer, tmp_path, caplog):
-    """A block of the cache's token ids zeroed (a crash before the page reached the disk): its layout still reads,
-    so only the checksums find it; the .npz's zip CRC did. It is encoded again, with one warning."""
+def _zero_last_ids(raw: bytearray, ds) -> None:
+    at = raw.rindex(ds.input_ids[-8:].tobytes())  # the last ids, inside the input_ids record
+    raw[at:at + 8] = bytes(8)
+
+
+def _zero_a_header(raw: bytearray, ds) -> None:
+    raw[64:64 + 4096] = bytes(4096)  # a zero-filled page over the first array's .npy header: numpy's header parser
+    # raised tokenize.TokenError, which escaped the rebuild (every later start then failed the same way)
+
+
+def _change_a_count(raw: bytearray, ds) -> None:
+    at = raw.index(b'"kept": ') + len(b'"kept": ')
+    raw[at] = ord("9") if raw[at] != ord("9") else ord("8")  # a valid number of the same width: only a checksum sees it
+
+
+@pytest.mark.parametrize("damage, said", [(_zero_last_ids, "a checksum does not match"),
+                                          (_zero_a_header, "a damaged record header (TokenError)"),
+                                          (_change_a_count, "the counts' checksum does not match")],
+                         ids=["ids", "header", "counts"])
+def test_a_damaged_cache_is_rebuilt_not_trained_on(tokenizer, tmp_path, caplog, damage, said):
+    """A block of the cache zeroed (a crash before the page reached the disk), or a count changed: its layout still
+    reads, so only the checksums (or the header's parse) find it. It is encoded again, with one warning."""
     data = data_file(tmp_path)
     cold = load_dataset(data, tokenizer, 64)
     path = Path(cold.stats.cache_path)
     raw = bytearray(path.read_bytes())
-    at = raw.rindex(cold.input_ids[-8:].tobytes())  # the last ids, inside the input_ids record
-    raw[at:at + 8] = bytes(8)
+    damage(raw, cold)
     path.write_bytes(bytes(raw))
     again = load_dataset(data, tokenizer, 64)
-    assert not again.stats.cache_hit and "a checksum does not match" in caplog.text
+    assert not again.stats.cache_hit and f"cannot be read ({said})" in caplog.text
     assert (again.input_ids == cold.input_ids).all() and load_dataset(data, tokenizer, 64).stats.cache_hit
+    assert again.stats.kept == cold.stats.kept
+
+
+def test_a_damaged_cache_in_a_read_only_data_dir_is_encoded_once(tokenizer, tmp_path, read_only, caplog):
+    """The damaged cache beside read-only data cannot be deleted: the copy written under save_path is read from the
+    next start on (it was never read: every start tokenized again and said "written")."""
+    data = data_file(tmp_path)
+    cold = load_dataset(data, tokenizer, 64)
+    path = Path(cold.stats.cache_path)
+    raw = bytearray(path.read_bytes())
+    _zero_last_ids(raw, cold)
+    path.write_bytes(bytes(raw))
+    read_only(data.parent)
+    fallback = tmp_path / "save" / RUN_CACHE_DIR
+    first = load_dataset(data, tokenizer, 64, fallback_cache_dir=fallback)
+    assert first.stats.cache_status == "written" and Path(first.stats.cache_path).parent == fallback
+    assert path.is_file() and "a checksum does not match" in caplog.text
+    assert cache_file(file_digests(data), tokenizer, 64, None, fallback_dir=fallback) == Path(first.stats.cache_path)
+    caplog.clear()
+    second = load_dataset(data, tokenizer, 64, fallback_cache_dir=fallback)
+    assert second.stats.cache_status == "hit" and second.stats.cache_path == first.stats.cache_path
+    assert (second.input_ids == cold.input_ids).all() and "WARNING" not in caplog.text
+
+
+def test_a_killed_writers_temp_file_goes_on_a_cache_hit(tokenizer, tmp_path):
+    """A job killed while writing the cache and requeued within the hour writes it, then only hits it: the sweep of
+    stale temp files runs on hits too (a temp file is the size of the cache)."""
+    data = data_file(tmp_path)
+    cold = load_dataset(data, tokenizer, 64)
+    path = Path(cold.stats.cache_path)
+    stale, fresh = path.parent / f"{path.name}abc.tmp", path.parent / f"{path.name}def.tmp"
+    for tmp in (stale, fresh):
+        tmp.write_bytes(bytes(100))
+    day_ago = time.time() - 86400
+    os.utime(stale, (day_ago, day_ago))
+    assert load_dataset(data, tokenizer, 64).stats.cache_hit
+    assert not stale.exists() and fresh.exists()  # one another process may be writing now stays
 
 
 @pytest.mark.parametrize("kind", ["tokenizer_dir", "sp_tokenizer_dir"])

@@ -168,10 +168,11 @@ def test_sigterm_during_set_up_exits_without_a_step_or_a_save(tmp_path, ops_mode
     """A preemption while the ranks load data and the model: they stop before the first step, saving nothing (a save
     of a big model after a whole step could outlast the scheduler's grace period). SIGHUP (torchrun passes it on)
     and SIGUSR1 (SLURM's --signal=USR1@N) stop a run as SIGTERM does: they ended it unsaved. The data are built by
-    one process per node while the others wait without a deadline: a tokenization longer than dist_timeout_minutes
-    (6 s here) is no timeout."""
+    one process per node while the others wait without a deadline: a check of the records or a tokenization longer
+    than dist_timeout_minutes (6 s here) is no timeout (the check ran before the others joined: they timed out)."""
     cfg = ops_config(tmp_path, ops_model, dist_timeout_minutes=0.1)
-    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)], env={"PIPEFT_FAULT_PAUSE": "data:0:8,setup:0:60"})
+    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)],
+                           env={"PIPEFT_FAULT_PAUSE": "validate:0:8,data:0:8,setup:0:60"})
     wait_for(lambda: "activation checkpointing:" in output_of(proc), proc)  # the set-up's last line
     for w, sig in zip(workers_of(proc), (signal.SIGHUP, signal.SIGUSR1), strict=True):
         w.send_signal(sig)

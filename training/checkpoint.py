@@ -198,7 +198,7 @@ def write_manifest(tag_dir: Path) -> None:
 
 
 def fault_pause(where: str, step: int, until=None) -> None:
-    """Testing aid: PIPEFT_FAULT_PAUSE="WHERE:STEP:SECONDS[:FILE][,...]" (WHERE = step | save | setup | data) waits
+    """Testing aid: PIPEFT_FAULT_PAUSE="WHERE:STEP:SECONDS[:FILE][,...]" (WHERE = step | save | setup | data | validate) waits
     there, giving a test a known moment to deliver a real SIGTERM or SIGKILL, or to start a second run; `until()`
     true or FILE existing ends the wait early. Unset in normal runs."""
     for spec in filter(None, os.environ.get("PIPEFT_FAULT_PAUSE", "").split(",")):

@@ -1,4 +1,4 @@
-"""The data side of the trainer: every record checked before any process group exists, the data sets loaded on the
+"""The data side of the trainer: every record checked before anything is written or built, the data sets loaded on the
 ranks that read them (one tokenizing rank per node, the others reading its cache or receiving its arrays), the
 middle stages given the rows' lengths, and the steps' batches planned. A mixin of `training.trainer.Trainer`."""
 
@@ -28,15 +28,16 @@ class TrainingData:
     _validated: dict[int, tuple[list[tuple[Path, bytes]], list[Record]]] | None = None
 
     def validate_data(self) -> None:
-        """Check every record before any process group or model exists (raises DataError), in chat mode also what no
-        chat template renders (data.encode.valid_records). Once per node: local rank 0 checks; on a problem it exits
-        and the launcher stops the node's other ranks. Not when rank 0 already refuses the run (cfg.refusal): it goes
-        straight to the process group, which says so to every rank. Not when a cache of the data exists where
+        """Check every record before anything is written or any model exists (raises DataError), in chat mode also what
+        no chat template renders (data.encode.valid_records). Once per node: local rank 0 checks
+        (Trainer._validate_data_together raises a problem on every rank). Not when rank 0 already refuses the run
+        (cfg.refusal): the process group says so to every rank. Not when a cache of the data exists where
         `_load_datasets` would read it (data.encode.cache_file). The checked records are kept for `_load_datasets`,
         which encodes them without parsing the files again."""
         cfg = self.cfg
         if self.local_rank != 0 or cfg.refusal:
             return
+        fault_pause("validate", 0)  # (tests: a check of the records longer than dist_timeout_minutes)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)  # for the cache key; setup keeps it

@@ -102,9 +102,9 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             print(msg, flush=True)
 
     def _validate_data_together(self) -> None:
-        """validate_data in a caller's process group (several processes that a script joined itself): no launcher
-        stops a node's other ranks when its local rank 0 refuses the data, and they would wait for it in the next
-        collective, so the first problem any rank found is raised on every rank (before anything is written)."""
+        """validate_data once the process group exists, the other ranks waiting in the patient group (it may take
+        minutes: it must not count against their dist_timeout_minutes to join): the first problem any rank found is
+        raised on every rank (before anything is written; a launcher need not stop the others, nor a caller's group)."""
         found = error = None
         ours = {sig: signal.signal(sig, handler) for sig, handler in self.caller_handlers.items() if handler is not None}
         try:  # under the caller's handlers, as before a group forms: a Ctrl-C stops it at once (nothing written)
@@ -138,8 +138,6 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
         if problem := accelerator_problem(acc, self.local_rank):
             raise LaunchError(f"rank {self.rank}: {problem}")
-        if self.owns_group:  # else once the caller's group is joined (_validate_data_together)
-            self.validate_data()
         bound = acc.device(self.local_rank) if acc.device_name() == "cuda" else None
         timeout = timedelta(minutes=cfg.dist_timeout_minutes)
         # SIGTERM / SIGINT end a process still waiting for the others (nothing to save yet; the wait is in C++,
@@ -178,8 +176,9 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         self.patient = torch.distributed.new_group(backend="gloo", timeout=timeout if settable else patient)
         if settable:
             c10d._set_pg_timeout(patient, self.patient)
-        if not self.owns_group:
-            self._validate_data_together()
+        # once every process has joined: local rank 0 checks the records while the others wait in the patient group
+        # (checking them first counted against the others' wait to join, and its timeout blamed another node)
+        self._validate_data_together()
         if acc.device_name() != "cpu":
             acc.set_device(self.local_rank)
         self.world = torch.distributed.get_world_size()

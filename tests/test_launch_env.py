@@ -100,6 +100,10 @@ def test_the_busy_port_advice_follows_the_launcher_and_srun_hostlists_expand(tmp
         "MASTER_PORT=<a free port> before srun"]
 
 
+TORCHRUN = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999",
+            "TORCHELASTIC_RUN_ID": "job", "TORCHELASTIC_RESTART_COUNT": "0"}  # a first start under torchrun
+
+
 @pytest.mark.parametrize("env, message", [
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"},
      "RANK is set but LOCAL_RANK is not: a launcher sets all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and "
@@ -125,9 +129,13 @@ def test_the_busy_port_advice_follows_the_launcher_and_srun_hostlists_expand(tmp
     ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2(x2)", "SLURM_LOCALID": "0", "MASTER_PORT": "29999"},
      "SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID and MASTER_PORT must be integers, got SLURM_PROCID='0', "
      "SLURM_STEP_NUM_TASKS='2(x2)'"),
+    ({**TORCHRUN, "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"},
+     "torchrun --max-restarts 3 over 2 nodes: a restarted worker would read the previous attempt's addresses from the "
+     "agent's store (pytorch#135712) and fail at once; start torchrun with --rdzv-backend c10d --rdzv-endpoint "
+     "HOST:PORT and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"),
 ], ids=["no LOCAL_RANK (a Kubeflow PyTorchJob)", "no master", "rank past the world", "not a number",
         "mpirun (each process alone)", "RANK exported to every srun task", "a loopback master for two nodes",
-        "srun task past its tasks", "srun tasks not a number"])
+        "srun task past its tasks", "srun tasks not a number", "torchrun restarts over several nodes"])
 def test_an_incomplete_launch_environment_is_one_line(tmp_path, ops_model, monkeypatch, capsys, env, message):
     """RANK without the rest used to be a KeyError, DeepSpeed's MPI discovery (no mpi4py) or a hang; processes of
     mpirun each trained alone (as "single")."""
@@ -140,6 +148,21 @@ def test_an_incomplete_launch_environment_is_one_line(tmp_path, ops_model, monke
     assert train_ds.main(["--config", str(ops_config(tmp_path, ops_model))]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {message}"), err
+
+
+@pytest.mark.parametrize("env", [
+    {"GROUP_WORLD_SIZE": "1", "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"},  # one node
+    {"GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"},  # no restarts
+    {"GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "False"},  # c10d, own
+], ids=["one node", "no restarts", "a store per attempt"])
+def test_torchrun_restarts_that_work_are_not_refused(monkeypatch, env):
+    """torch's workaround (--rdzv-backend c10d, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: no agent store), one node, or no
+    restarts: the launch goes on (a restart over two nodes with it resumed, checked end to end by hand)."""
+    from training.distributed import launch_env
+
+    for k, v in {**TORCHRUN, **env}.items():
+        monkeypatch.setenv(k, v)
+    assert launch_env() == "torchrun"
 
 
 def test_a_stale_lock_of_deepspeeds_cpu_op_build_is_named_while_the_start_waits_on_it(tmp_path, monkeypatch, capsys):

@@ -73,7 +73,7 @@ def launch_env() -> str:
                               "launcher sets all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (deepspeed, "
                               "torchrun, srun); set the missing ones or start through one of them")
         rank, world = _check_ranks({k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")})
-        if problem := srun_rank_problem(rank, world):
+        if problem := srun_rank_problem(rank, world) or torchrun_restart_problem():
             raise LaunchError(problem)
         return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
     if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:  # a step started by srun (not the batch script)
@@ -190,29 +190,41 @@ def master_port_problem(launcher: str = "deepspeed") -> str | None:
     return None
 
 
-def init_restarted_torchrun(backend: str, timeout: datetime.timedelta, device_id=None) -> str | None:
+def torchrun_restart_problem() -> str | None:
+    """Why torchrun's restarts (--max-restarts) cannot work here: over several nodes whose workers share their agent's
+    store, which keeps the keys of the attempt before (pytorch#135712), a restarted worker reads the dead ranks'
+    addresses and fails at once ("another process of this run has ended"), the restart budget spent. One node is
+    handled (`init_restarted_torchrun`); torch's own workaround gives each attempt a store of its own. None else."""
+    env = os.environ
+    restarts = env.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("GROUP_WORLD_SIZE", "1") in ("", "1") \
+            or restarts in ("", "0"):
+        return None
+    return (f"torchrun --max-restarts {restarts} over {env['GROUP_WORLD_SIZE']} nodes: a restarted worker would read "
+            "the previous attempt's addresses from the agent's store (pytorch#135712) and fail at once; start torchrun "
+            "with --rdzv-backend c10d --rdzv-endpoint HOST:PORT and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
+            "environment on every node (or without --max-restarts)")
+
+
+def init_restarted_torchrun(backend: str, timeout: datetime.timedelta, device_id=None) -> None:
     """A worker restarted by torchrun (--max-restarts) reaches the agent's store, which keeps the keys of the attempt
     before it (pytorch#135712): its init_process_group reads the dead ranks' addresses and fails or hangs. With one
     agent (one node) every rank has the same restart count, so this process group's keys get a prefix of their own
-    per attempt: the group is made here (DeepSpeed's init_distributed then takes it). With several agents the
-    counts differ per node; returns a warning naming torch's workaround instead. None when not such a restart.
-    `device_id`: the rank's CUDA device, bound as DeepSpeed binds it."""
+    per attempt: the group is made here (DeepSpeed's init_distributed then takes it); several agents are refused
+    at launch (`torchrun_restart_problem`). Nothing when not such a restart. `device_id`: the rank's CUDA device,
+    bound as DeepSpeed binds it."""
     import torch.distributed as dist
 
     env = os.environ
     count = int(env.get("TORCHELASTIC_RESTART_COUNT") or 0)
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or count == 0 or dist.is_initialized():
-        return None
-    if env.get("GROUP_WORLD_SIZE", "1") != "1":
-        return (f"torchrun restarted this worker (restart {count}) and its ranks share the agent's store, which keeps "
-                "the previous attempt's addresses (pytorch#135712): if this start hangs, run torchrun with "
-                "--rdzv-backend c10d and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or count == 0 or dist.is_initialized() \
+            or env.get("GROUP_WORLD_SIZE", "1") != "1":
+        return
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
                           timeout=timeout)
     dist.init_process_group(backend, store=dist.PrefixStore(f"/pipeft/attempt_{count}", store), timeout=timeout,
                             rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
                             **({"device_id": device_id} if device_id is not None else {}))
-    return None
 
 
 def shm_buffer(rank: int) -> Path:

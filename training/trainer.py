@@ -152,8 +152,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         # DeepSpeed builds its CPU op here; a build lock left by a killed start would make this wait without a word
         watch = watch_build_lock() if acc.device_name() == "cpu" and self.local_rank == 0 else None
         try:
-            if (warning := init_restarted_torchrun(backend, timeout, bound)) and self.local_rank == 0:
-                print(f"warning: {warning}", flush=True)
+            init_restarted_torchrun(backend, timeout, bound)
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         except RuntimeError as e:  # DistError; gloo's connectFullMesh (a store another run holds gave its peers)
             if not isinstance(e, torch.distributed.DistError) and "connectFullMesh" not in str(e):

@@ -177,6 +177,16 @@ def test_tokens_per_s_times_the_step_not_an_evaluation_or_save_after_the_last(tm
     assert "| 10,000 tok/s |" in capsys.readouterr().out
 
 
+def test_a_resumed_run_logs_on_the_steps_of_the_interval(tmp_path, capsys):
+    """Progress lines (and the trainer's peak_memory, on the same steps: `log_now`) fall on the multiples of
+    log_interval, as in a run never stopped: a run resumed from step 5 logged steps 5, 7 and 8."""
+    monitor = Monitor(tmp_path, 0, 8, 5, 2, "none")
+    for step in (6, 7, 8):
+        monitor.step({"step": step, "loss": 1.0, "lr": 0.1, "grad_norm": 0.5, "tokens": 100, "step_s": 0.01})
+    said = [line.split(" |")[0] for line in capsys.readouterr().out.splitlines()]
+    assert said == ["step 6/8", "step 8/8"]
+
+
 def test_a_run_that_fails_is_marked_failed(tmp_path, offline):
     """Monitor.close(failed=True), as train_ds.py's run() closes on an exception: wandb exit code 1, MLflow FAILED."""
     monitor = Monitor(tmp_path, 0, 4, 0, 1, ["wandb", "mlflow"], {"max_steps": 4})

@@ -174,7 +174,7 @@ class Monitor:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
-        if done % self.log_interval == 0 or step == self.total:
+        if step % self.log_interval == 0 or step == self.total:  # by the run's step, as after a resume
             if self.bar is None:
                 eta = (now - self.t0) / max(done, 1) * (self.total - step)
                 norm = f" | grad norm {rec['grad_norm']:.3f}" if rec.get("grad_norm") is not None else ""

@@ -439,7 +439,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             if evaluated:
                 self._record_eval(rec)
             losses.append(loss)
-            log_now = (st.step - self.monitor.start) % cfg.log_interval == 0 or st.step == self.total_steps
+            log_now = st.step % cfg.log_interval == 0 or st.step == self.total_steps  # the monitor's lines' steps
             peaks = self._peak_memory() if log_now else None
             if peaks:
                 rec["peak_memory"] = peaks

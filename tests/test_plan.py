@@ -89,6 +89,31 @@ def test_what_cannot_fit_says_what_would():
     assert plan(family, config, gpus=1, memory=24e9, seq_len=1024, quantization="nf4")["fits"]
 
 
+def test_the_global_batch_planned_is_said_where_it_is_not_the_one_asked(tmp_path, capsys):
+    """micro x accumulation x replicas can only round the asked batch up: 2 rows asked on 8 replicas planned 8, and
+    neither the text nor --json said so (the pasted config then trained at another batch). And a search that finds
+    nothing says what it tried, on stderr while it runs (minutes for a 70B model)."""
+    (tmp_path / "c.json").write_text(json.dumps(LLAMA2_7B))
+    args = ["--model-config", str(tmp_path / "c.json"), "--gpus", "8", "--gpu-memory", "80GB", "--max-seq-len", "1024"]
+    assert plan_main([*args, "--global-batch-tokens", "2048"]) == 0
+    best = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("best: "))
+    assert "global batch 8 rows, 8,192 tokens: 2 asked, rounded up to a multiple of micro-batch x replicas" in best
+    assert plan_main([*args, "--global-batch-tokens", "2048", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["global_batch"], out["global_batch_tokens"]) == (8, 8192)
+    assert out["micro_batch"] * out["gradient_accumulation_steps"] * out["data"] == 8
+    assert plan_main([*args, "--global-batch-tokens", str(64 * 1024)]) == 0  # the asked one: said as it is
+    assert "(global batch 64 rows, 65,536 tokens)" in capsys.readouterr().out
+    tiny = {**LLAMA2_7B, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 256}
+    (tmp_path / "tiny.json").write_text(json.dumps(tiny))
+    assert plan_main(["--model-config", str(tmp_path / "tiny.json"), "--gpus", "2", "--gpu-memory", "1KB"]) == 1
+    said = capsys.readouterr()
+    assert said.out.rstrip().endswith("would fit: nothing (LoRA, QLoRA and up to 4096 GPUs tried): more memory per GPU is needed")
+    assert said.err.strip() == ("python -m training.plan: does not fit on 2 GPUs: trying LoRA, QLoRA and up to 4096 GPUs "
+                                "(a minute or two for a large model)")
+
+
 def test_the_config_keys_to_paste_enable_the_planned_precision():
     """The snippet trains in the precision the memory was planned for (fp16's lacked its section: fp32, twice the
     planned weights and gradients)."""

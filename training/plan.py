@@ -128,14 +128,20 @@ def _stage_fits(family, config, setup: Setup, stage: int, a: int, b: int, memory
 
 def plan(family, config, gpus: int, memory: float, seq_len: int, precision: str = "bf16", lora: bool = False,
          quantization: str | None = None, global_tokens: int | None = None, lora_r: int = 16,
-         double_quant: bool = False) -> dict:
-    """The planner's answer: {"fits": bool, "best": candidate | None, "candidates": [...], "would_fit": [...]}."""
+         double_quant: bool = False, progress=None) -> dict:
+    """The planner's answer: {"fits": bool, "best": candidate | None, "candidates": [...], "would_fit": [...],
+    "asked_sequences": the global batch asked, in rows}. `progress(line)` is told when the search for what would fit
+    starts (it takes long for a large model)."""
     shape = LoraShape(lora_r, family.lora_targets) if lora or quantization else None
     base = Setup(1, seq_len, 1, precision=precision, lora=shape, quantization=quantization, double_quant=double_quant)
     seqs = max(1, math.ceil((global_tokens or 64 * seq_len) / seq_len))
     found = candidates(family, config, base, gpus, memory, seqs)
-    answer = {"fits": bool(found), "best": found[0] if found else None, "candidates": found, "would_fit": []}
+    answer = {"fits": bool(found), "best": found[0] if found else None, "candidates": found, "would_fit": [],
+              "asked_sequences": seqs}
     if not found:  # what would: LoRA, QLoRA, more GPUs (checkpointing and offload were tried already)
+        if progress is not None:
+            progress(f"does not fit on {gpus} GPUs: trying {'QLoRA' if shape is not None else 'LoRA, QLoRA'} and up "
+                     "to 4096 GPUs (a minute or two for a large model)")
         if shape is None:
             for name, q in (("LoRA (--lora)", None), ("QLoRA (--quantization nf4)", "nf4")):
                 if candidates(family, config, replace(base, lora=LoraShape(lora_r, family.lora_targets), quantization=q),
@@ -164,10 +170,18 @@ def seq_len_for(family, config, asked: int | None) -> tuple[int, str]:
     return 2048, ""
 
 
+def global_batch(c: dict) -> int:
+    """A candidate's global batch in rows: micro x accumulation x replicas (the asked one rounded up to a multiple of
+    micro x replicas)."""
+    s = c["setup"]
+    return s.micro_batch * s.grad_accum * s.data
+
+
 def to_json(c: dict) -> dict:
     s = c["setup"]
     return {"pipe": s.pipe, "data": s.data, "parts": c["parts"], "micro_batch": s.micro_batch,
-            "gradient_accumulation_steps": s.grad_accum, "use_grad_ckpt": s.grad_ckpt,
+            "gradient_accumulation_steps": s.grad_accum, "global_batch": global_batch(c),
+            "global_batch_tokens": global_batch(c) * s.seq_len, "use_grad_ckpt": s.grad_ckpt,
             "zero_stage": s.zero_stage, "offload_optimizer": s.offload, "precision": s.precision,
             "lora": s.lora is not None, "quantization": s.quantization, "double_quant": s.double_quant,
             "max_seq_len": s.seq_len,
@@ -238,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{module_command('training.plan')}: error: {e}", file=sys.stderr)
         return 2
     ans = plan(family, config, args.gpus, memory, args.max_seq_len, args.precision, args.lora, args.quantization,
-               args.global_batch_tokens, 16 if args.lora_r is None else args.lora_r, args.double_quant)
+               args.global_batch_tokens, 16 if args.lora_r is None else args.lora_r, args.double_quant,
+               progress=lambda line: print(f"{module_command('training.plan')}: {line}", file=sys.stderr, flush=True))
     if args.json:
         best = ans["best"]
         print(json.dumps({"fits": ans["fits"], **(to_json(best) if best else {}), "config": snippet(best) if best else None,
@@ -252,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (double quant)' if args.double_quant else ''}")
     if not ans["fits"]:
         print(f"does not fit on {args.gpus} x {fmt_bytes(memory)}, even with activation checkpointing and the optimizer "
-              "offloaded to CPU; would fit: " + ("; ".join(ans["would_fit"]) or "nothing tried (more memory per GPU)"))
+              "offloaded to CPU; would fit: " + ("; ".join(ans["would_fit"]) or
+                                                 f"nothing ({'QLoRA' if args.lora or args.quantization else 'LoRA, QLoRA'} and up "
+                                                 "to 4096 GPUs tried): more memory per GPU is needed"))
         return 1
     tops = {}
     for c in ans["candidates"]:
@@ -263,8 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     best = ans["best"]
     s, tp = best["setup"], best["throughput"]
     per_node = args.gpus // args.nodes
+    rows = global_batch(best)
+    asked = "" if rows == ans["asked_sequences"] else \
+        f": {ans['asked_sequences']} asked, rounded up to a multiple of micro-batch x replicas"
     print(f"best: {s.pipe} stage{'s' * (s.pipe > 1)} x {s.data} replica{'s' * (s.data > 1)}, parts {best['parts']}, micro-batch {s.micro_batch} x "
-          f"{s.grad_accum} accumulation, activation checkpointing {'on' if s.grad_ckpt else 'off'}, ZeRO-1"
+          f"{s.grad_accum} accumulation (global batch {rows} rows, {rows * s.seq_len:,} tokens{asked}), activation checkpointing {'on' if s.grad_ckpt else 'off'}, ZeRO-1"
           f"{' + optimizer offload to CPU' if s.offload else ''}; bubble {tp.bubble:.1%}, efficiency {tp.efficiency:.1%}"
           + (f" (data-parallel groups span nodes: {s.data} replicas > {per_node} GPUs per node)" if s.data > per_node else ""))
     print("  stage | units   | params | weights | grads | optimizer | activations (in flight) | logits | step buffer "

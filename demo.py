@@ -354,7 +354,10 @@ def with_adapter(model, adapter: str | Path, model_path: str | Path | None = Non
     if other := other_base(model, adapter, model_path):
         log(f"warning: --adapter {adapter} was trained on {other}, whose weights differ from --model-path's: the "
             "output is not the fine-tuned model's (give its base as --model-path)")
-    quant = read_quant_file(Path(adapter))
+    try:
+        quant = read_quant_file(Path(adapter))
+    except ValueError as e:  # damaged or edited: it says how the base was quantised in training
+        raise DemoError(f"--adapter {adapter}: {e}") from None
     if quant is None:
         return load_adapter_strictly(model, adapter).merge_and_unload().eval()
     try:

@@ -421,7 +421,8 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
         q = info.get("quantization")
         log(f"wrote a PEFT adapter (r {info['r']}, alpha {info['alpha']:g}, {', '.join(info['target_modules'])}) "
             f"to {dst}; base: {json.loads((dst / 'adapter_config.json').read_text())['base_model_name_or_path']}" + ("" if not q else f"; the base was trained 4-bit: load it with "
-            f"BitsAndBytesConfig(**{json.dumps(q)}) (recorded in {dst / 'quantization_config.json'})"))
+            f"BitsAndBytesConfig(**{json.dumps(q)}) (recorded in {dst / 'quantization_config.json'}, which peft does "
+            "not read: pass it to AutoPeftModelForCausalLM.from_pretrained as quantization_config)"))
         return dst
     if lora == "merge":
         if q := info.get("quantization"):

@@ -20,6 +20,8 @@ import torch
 from deepspeed.pipe import LayerSpec
 from torch import nn
 
+from pipeft import one_line
+
 from .family import ModelFamily
 from .pipeline import LAYER_FILE, layer_file_problem
 
@@ -91,25 +93,9 @@ def parse_quantization(section, family: ModelFamily, config, lora) -> QuantSetti
     ValueError with a one-line message naming the key. Builds nothing but one block on the meta device."""
     if not isinstance(section, dict):
         raise ValueError(f"'quantization' must be an object, got {json.dumps(section)}")
-    if unknown := [k for k in section if k not in _KEYS]:
-        raise ValueError(f"quantization: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_KEYS)}")
-    if lora is None:
+    if lora is None and all(k in _KEYS for k in section):
         raise ValueError("'quantization' needs a 'lora' section: the 4-bit base is frozen and only adapters train (QLoRA)")
-    section = {**DEFAULTS, **section}
-    if section["load_in_8bit"] is not False:
-        raise ValueError("quantization.load_in_8bit is not supported; use \"load_in_4bit\": true (QLoRA)")
-    if section.get("load_in_4bit") is not True:
-        raise ValueError(f"quantization.load_in_4bit must be true, got {json.dumps(section.get('load_in_4bit'))}")
-    qt = section["bnb_4bit_quant_type"]
-    if qt not in QUANT_TYPES:
-        raise ValueError(f"quantization.bnb_4bit_quant_type must be one of {', '.join(QUANT_TYPES)}, got {json.dumps(qt)}")
-    dq = section["bnb_4bit_use_double_quant"]
-    if not isinstance(dq, bool):
-        raise ValueError(f"quantization.bnb_4bit_use_double_quant must be true or false, got {json.dumps(dq)}")
-    cd = section["bnb_4bit_compute_dtype"]
-    if cd not in COMPUTE_DTYPES:
-        raise ValueError(f"quantization.bnb_4bit_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
-                         f"got {json.dumps(cd)}")
+    settings = settings_of(section)
     with torch.device("meta"):
         block = family.block_class(family.prepare_config(config), 0)
     linears = quantizable(block)
@@ -125,6 +111,30 @@ def parse_quantization(section, family: ModelFamily, config, lora) -> QuantSetti
             raise ValueError(f"lora.modules_to_save: {name!r} holds 4-bit layers under 'quantization' "
                              f"({key.removesuffix('.weight')}), which cannot be trained whole")
     require_bitsandbytes()
+    return settings
+
+
+def settings_of(section: dict, prefix: str = "quantization.") -> QuantSettings:
+    """The settings of a "quantization" section, or of an adapter dir's QUANT_FILE: its keys and values checked
+    (ValueError naming `prefix` + the key: a config's "quantization.", a file's "FILE: ")."""
+    if unknown := [k for k in section if k not in _KEYS]:
+        raise ValueError(f"{prefix.rstrip('.: ')}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
+                         f"{', '.join(_KEYS)}")
+    section = {**DEFAULTS, **section}
+    if section["load_in_8bit"] is not False:
+        raise ValueError(f"{prefix}load_in_8bit is not supported; use \"load_in_4bit\": true (QLoRA)")
+    if section.get("load_in_4bit") is not True:
+        raise ValueError(f"{prefix}load_in_4bit must be true, got {json.dumps(section.get('load_in_4bit'))}")
+    qt = section["bnb_4bit_quant_type"]
+    if qt not in QUANT_TYPES:
+        raise ValueError(f"{prefix}bnb_4bit_quant_type must be one of {', '.join(QUANT_TYPES)}, got {json.dumps(qt)}")
+    dq = section["bnb_4bit_use_double_quant"]
+    if not isinstance(dq, bool):
+        raise ValueError(f"{prefix}bnb_4bit_use_double_quant must be true or false, got {json.dumps(dq)}")
+    cd = section["bnb_4bit_compute_dtype"]
+    if cd not in COMPUTE_DTYPES:
+        raise ValueError(f"{prefix}bnb_4bit_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                         f"got {json.dumps(cd)}")
     return QuantSettings(qt, dq, cd)
 
 
@@ -238,8 +248,18 @@ QUANT_FILE = "quantization_config.json"  # in an exported adapter dir: how to lo
 
 
 def read_quant_file(directory: Path) -> QuantSettings | None:
+    """The settings an exported adapter dir's QUANT_FILE records (its base quantised so), None without one;
+    ValueError naming the file when it cannot be read or holds what `settings_of` refuses."""
     f = Path(directory) / QUANT_FILE
-    return QuantSettings.from_info(json.loads(f.read_text())) if f.is_file() else None
+    if not f.is_file():
+        return None
+    try:
+        section = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{f}: unreadable, the file is corrupt or truncated ({one_line(e, 120, named=True)})") from None
+    if not isinstance(section, dict):
+        raise ValueError(f"{f}: not a JSON object")
+    return settings_of(section, f"{f}: ")
 
 
 def saved_quantization(section: dict | None) -> dict | None:

@@ -308,7 +308,22 @@ def test_a_damaged_adapter_is_one_line_and_one_of_another_base_quantization_is_s
     assert said == [f"lora.adapter_path {adapter} was trained on a 4-bit fp4, no double quantisation, compute float32 "
                     f"base ({QUANT_FILE}), and this run's is a full-precision base: its adapters start from weights "
                     "fitted to another base (the first losses may differ from that run's last)"], said
-    (adapter / QUANT_FILE).unlink()
+    quant = adapter / QUANT_FILE  # damaged or edited: one line naming it (demo.py's was a traceback, or 8-bit read
+    for text, problem in (('{"load_in_4bit": true, "bnb_4bit_qu', "unreadable, the file is corrupt or truncated "
+                           "(JSONDecodeError: "),  # as 4-bit nf4 without a word)
+                          ("[1]", "not a JSON object"),
+                          ('{"load_in_4bit": true, "bnb_4bit_compute_dtype": "bf16"}',
+                           'bnb_4bit_compute_dtype must be one of bfloat16, float16, float32, got "bf16"'),
+                          ('{"load_in_8bit": true}', 'load_in_8bit is not supported; use "load_in_4bit": true'),
+                          ('{"load_in_4bit": true, "quant_method": "bnb"}', "unknown key(s) 'quant_method'")):
+        quant.write_text(text)
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(cfg))}: lora.adapter_path {re.escape(str(adapter))}: "
+                                              rf"{re.escape(str(quant))}:? {re.escape(problem)}"):
+            load_config(cfg)
+        with pytest.raises(demo.DemoError, match=rf"^--adapter {re.escape(str(adapter))}: {re.escape(str(quant))}:? "
+                                                 rf"{re.escape(problem)}"):
+            demo.with_adapter(model, adapter)
+    quant.unlink()
     weights = adapter / "adapter_model.safetensors"
     whole = weights.read_bytes()
     for damaged in (whole[:len(whole) // 2], whole[:4], b""):

@@ -557,8 +557,8 @@ def adapter_base_note(adapter: str, quant) -> str | None:
     (its quantization_config.json, models.quant.QUANT_FILE): its adapters were fitted to another base."""
     try:
         theirs = read_quant_file(Path(adapter))
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"lora.adapter_path {adapter}: unreadable {QUANT_FILE} ({one_line(e)})") from None
+    except ValueError as e:  # names the file
+        raise ValueError(f"lora.adapter_path {adapter}: {e}") from None
     if theirs == quant:
         return None
     said = lambda q: "a full-precision base" if q is None else f"a {q.describe()} base"  # noqa: E731

@@ -52,6 +52,22 @@ def test_an_end_of_run_evaluation_ranks_for_best_but_early_stopping_does_not_cou
     assert state(st.evals).evals_since_best() == 3  # without the marker: after step 4's 4.0
 
 
+def test_the_closing_line_says_where_the_best_steps_weights_are(tmp_path):
+    """Without keep_best the best step may have no checkpoint (save_interval, keep_last): the line said nothing."""
+    (tmp_path / tag_of(4)).mkdir()
+    st = state([(2, 1.0), (4, 2.0)])
+    assert Checkpoints(tmp_path, 0, 1, None).best_line(st) == ("best eval loss 1.0000 at step 2 (no checkpoint of "
+                                                               "that step: keep_best keeps the best evaluated ones)")
+    assert Checkpoints(tmp_path, 0, 1, None).best_line(state([(4, 0.5)])) == \
+        f"best eval loss 0.5000 at step 4 (its checkpoint: {tmp_path / tag_of(4)})"
+    assert Checkpoints(tmp_path, 0, 1, 1).best_line(st) == (f"best eval loss 1.0000 at step 2 (no checkpoint of that "
+                                                            f"step; {tmp_path / 'best'} names {tag_of(4)}, the best "
+                                                            "evaluated one saved)")
+    assert Checkpoints(tmp_path, 0, 1, 1).best_line(state([(2, math.nan)])) == "no eval loss was finite: no best " \
+        "checkpoint"
+    assert Checkpoints(tmp_path, 0, 1, 1).best_line(state([])) is None
+
+
 def test_keep_last_keep_best_and_latest(tmp_path):
     for s in (2, 4, 6, 8, 10):
         (tmp_path / tag_of(s)).mkdir()

@@ -419,6 +419,22 @@ class Checkpoints:
         ranked = self._ranked(state) if self.keep_best is not None else []
         return ranked[0] if ranked else None
 
+    def best_line(self, state: RunState) -> str | None:
+        """The run's closing line on its best eval loss and where that step's weights are, or None without evals."""
+        best = state.best_eval() if state.evals else None
+        if state.evals and best is None:
+            return "no eval loss was finite: no best checkpoint"
+        if best is None:
+            return None
+        tag, kept, pointer = tag_of(best[0]), self.best_tag(state), self.root / "best"
+        if kept is not None:
+            where = (f"{pointer} names its checkpoint" if kept == tag else
+                     f"no checkpoint of that step; {pointer} names {kept}, the best evaluated one saved")
+        else:  # without keep_best, save_interval and keep_last decide which steps have a checkpoint
+            where = (f"its checkpoint: {self.root / tag}" if (self.root / tag).is_dir() else
+                     "no checkpoint of that step: keep_best keeps the best evaluated ones")
+        return f"best eval loss {best[1]:.4f} at step {best[0]} ({where})"
+
     def keep(self, state: RunState) -> set[str]:
         """Tags to keep: the newest `keep_last` (all when neither limit is set), the `keep_best` best by eval
         loss, the one `latest` names (resume needs it) and the one of `state`'s step (the checkpoint this run resumed

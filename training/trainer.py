@@ -473,14 +473,8 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             self.ckpts.update_state(st)
         else:
             self._save(st, saved_at)
-        best = st.best_eval() if st.evals and self.rank == 0 else None
-        if st.evals and self.rank == 0 and best is None:
-            self.log("no eval loss was finite: no best checkpoint")
-        elif best is not None:
-            kept, pointer = self.ckpts.best_tag(st), Path(cfg.save_path) / "best"
-            where = ("" if kept is None else f" ({pointer} names its checkpoint)" if kept == tag_of(best[0]) else
-                     f" (no checkpoint of that step; {pointer} names {kept}, the best evaluated one saved)")
-            self.log(f"best eval loss {best[1]:.4f} at step {best[0]}{where}")
+        if self.rank == 0 and (line := self.ckpts.best_line(st)):
+            self.log(line)
 
     def _record_eval(self, rec: dict | None) -> None:
         """Evaluate, remember the result, and put it in this step's metrics record (`rec`), or in a line of its

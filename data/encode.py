@@ -487,16 +487,11 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
     path = None
     if use_cache:
         path = cache_file(digests, tokenizer, max_seq_len, cache_dir, settings, fallback_cache_dir)
-        if path.is_file():
-            try:
-                ds = load_dataset_file(path)
-                remove_stale_temps(path.parent)
-                _log(ds.stats)
+        beside = _default_cache_dir(digests) / path.name  # a damaged copy under save_path: this one may be intact
+        for at in dict.fromkeys([path, *([beside] if cache_dir is None else [])]):
+            if at.is_file() and (ds := _read_cache(at)) is not None:
                 return ds
-            except (OSError, ValueError, KeyError, TypeError) as e:  # written whole (os.replace): damaged since
-                log.warning("the data cache %s cannot be read (%s); encoding the data again", path, e)
-                with contextlib.suppress(OSError):  # _publish writes no name that is taken
-                    path.unlink()
+        path = cache_file(digests, tokenizer, max_seq_len, cache_dir, settings, fallback_cache_dir)  # (one deleted)
     if records is None:
         files = read_files(data_path)
         if use_cache and digests_of(files) != digests:  # a file changed since it was hashed: the key of what is encoded
@@ -509,6 +504,20 @@ def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, m
     if path is not None:
         default = _default_cache_dir(digests) if cache_dir is None else None
         _store(ds, path, default, None if fallback_cache_dir is None else Path(fallback_cache_dir))
+    _log(ds.stats)
+    return ds
+
+
+def _read_cache(path: Path) -> EncodedDataset | None:
+    """The cache at `path`, or None (with a warning, the file deleted where it can be) when it is damaged."""
+    try:
+        ds = load_dataset_file(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # written whole (os.replace): damaged since
+        log.warning("the data cache %s cannot be read (%s): not used", path, e)
+        with contextlib.suppress(OSError):  # _publish writes no name that is taken
+            path.unlink()
+        return None
+    remove_stale_temps(path.parent)
     _log(ds.stats)
     return ds
 

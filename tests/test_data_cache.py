@@ -446,6 +446,26 @@ def test_a_damaged_cache_in_a_read_only_data_dir_is_encoded_once(tokenizer, tmp_
     assert (second.input_ids == cold.input_ids).all() and "WARNING" not in caplog.text
 
 
+def test_a_damaged_copy_under_save_path_falls_back_to_the_intact_one_beside_the_data(tokenizer, tmp_path, caplog):
+    """Both copies exist (the data's directory was read-only once, writable later): the one under save_path is read
+    first, and when it is damaged the one beside the data is, not a tokenization (which then wrote under save_path
+    again, saying the data's directory "cannot be written")."""
+    data = data_file(tmp_path)
+    fallback = tmp_path / "save" / RUN_CACHE_DIR
+    first = load_dataset(data, tokenizer, 64, fallback_cache_dir=fallback)  # beside the data
+    beside = Path(first.stats.cache_path)
+    copy = fallback / beside.name
+    copy.parent.mkdir(parents=True)
+    raw = bytearray(beside.read_bytes())
+    _zero_last_ids(raw, first)
+    copy.write_bytes(bytes(raw))  # the save_path copy, damaged
+    assert cache_file(file_digests(data), tokenizer, 64, None, fallback_dir=fallback) == copy
+    again = load_dataset(data, tokenizer, 64, fallback_cache_dir=fallback)
+    assert again.stats.cache_status == "hit" and again.stats.cache_path == str(beside) and not copy.exists()
+    assert "a checksum does not match" in caplog.text and "cannot be written" not in caplog.text
+    assert (again.input_ids == first.input_ids).all()
+
+
 def test_a_killed_writers_temp_file_goes_on_a_cache_hit(tokenizer, tmp_path):
     """A job killed while writing the cache and requeued within the hour writes it, then only hits it: the sweep of
     stale temp files runs on hits too (a temp file is the size of the cache)."""

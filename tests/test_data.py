@@ -532,7 +532,7 @@ def test_inspect_stats(tok, sample_tokenizer_dir, tmp_path, capsys):
 
 
 def test_a_start_whose_data_are_cached_does_not_parse_them_again(tmp_path, sample_tokenizer_dir, monkeypatch):
-    """The trainer validates every record before the process group starts (local rank 0 of each node); a cache of the
+    """The trainer validates every record once the process group forms (local rank 0 of each node); a cache of the
     very same bytes means they were valid when it was written, so a warm start skips the parse (16 s and ~1 GB that
     stayed resident at 1M records). Bad records are still found on a cold start."""
     import training.trainer as trainer_module
@@ -554,6 +554,18 @@ def test_a_start_whose_data_are_cached_does_not_parse_them_again(tmp_path, sampl
     with pytest.raises(DataError, match="d.jsonl:1: "):
         trainer.validate_data()
     trainer.close()
+
+
+def test_a_problem_another_node_found_in_its_copy_of_the_data_says_so():
+    """Every rank raises the first problem any rank found (local rank 0 of each node checks its copy): another node's
+    problems, printed on this node, name the rank and node that found them (this copy may not hold them)."""
+    from training.trainer import found_elsewhere
+
+    every = [(None, "a"), (None, "a"), ((["d.jsonl:3: missing field 'output'"], None), "b"), (None, "b")]
+    assert found_elsewhere(every, "b").problems == ["d.jsonl:3: missing field 'output'"]
+    assert found_elsewhere(every, "a").problems == ["rank 2 on b found these problems in its copy of the data:",
+                                                     "d.jsonl:3: missing field 'output'"]
+    assert found_elsewhere([(None, "a")] * 2, "a") is None
 
 
 def test_a_killed_writers_cache_temp_file_is_removed_by_the_next_write(tok, tmp_path):

@@ -361,7 +361,7 @@ def _cold_start(store: str, cfg_path: str, out: str) -> None:
 
 
 def test_a_cold_start_parses_the_records_once(tokenizer_dir, tmp_path):
-    """The trainer validated every record (local rank 0, before the process group), threw them away and parsed them
+    """The trainer validated every record (local rank 0, before anything is written), threw them away and parsed them
     again to encode them (7.5 s and 1 GB more at 500k records): the checked records are now the ones encoded."""
     import torch.distributed as dist
 

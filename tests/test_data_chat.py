@@ -186,7 +186,7 @@ def test_a_template_that_drops_part_of_a_record_is_a_file_line_error(chat_dir, t
 
 
 def test_a_first_turn_answer_is_found_when_the_records_are_validated(chat_dir, tmp_path, monkeypatch):
-    """No chat template renders an answer first: the trainer's validation (before any process group) says so, in
+    """No chat template renders an answer first: the trainer's validation (before anything is written) says so, in
     the words encoding uses, and loading says so before tokenizing anything (it tokenized every record first)."""
     import training.trainer as trainer_module
     from data import encode as encode_module

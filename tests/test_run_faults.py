@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,10 @@ from tests.helpers import (
     dead_pid,
     errors_of,
     finish_deepspeed,
+    free_port,
     ops_config,
     output_of,
+    pythonpath,
     run_deepspeed,
     start_deepspeed,
     workers_of,
@@ -180,6 +183,39 @@ def test_sigterm_during_set_up_exits_without_a_step_or_a_save(tmp_path, ops_mode
     assert re.search(r"received SIG(HUP|USR1) during set-up: exiting before step 1, with nothing new to save \(resume "
                      r"with the same command\)", out), out[-3000:]
     assert not list((tmp_path / "out").glob("*global_step*")) and not losses_of(tmp_path / "out")
+
+
+def test_sigterm_while_the_records_are_checked_ends_every_rank_at_once(tmp_path, ops_model):
+    """Ranks started without a launcher that stops the others (srun's tasks: RANK, WORLD_SIZE by hand): local rank 0
+    checks the records once all have joined, the other waits for it. A SIGTERM to both (a preemption) ends both at
+    once, nothing written, as while the group forms: the waiting rank only noted it, then ended with gloo's lost
+    peer as "another process of this run has ended" (exit 1)."""
+    cfg = ops_config(tmp_path, ops_model)
+    paused = tmp_path / "paused"
+    paused.mkdir()
+    port = free_port()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath(ROOT),
+           "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "PIPEFT_FAULT_PAUSE": "validate:0:120", "PIPEFT_FAULT_PAUSED": str(paused)}
+    for k in ("TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID"):
+        env.pop(k, None)
+    ranks = [subprocess.Popen([sys.executable, "train_ds.py", "--config", str(cfg)], cwd=ROOT, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for r in (0, 1)]
+    try:
+        t0 = time.time()
+        while not (paused / "validate-0-rank0").exists():  # both have joined: rank 1 waits
+            assert all(p.poll() is None for p in ranks) and time.time() - t0 < 300, [p.poll() for p in ranks]
+            time.sleep(0.05)
+        time.sleep(1)
+        for p in ranks:
+            p.send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=30)[0] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    assert [p.returncode for p in ranks] == [-signal.SIGTERM] * 2, outs
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 @pytest.mark.distributed

@@ -1,4 +1,4 @@
-"""train_ds.py: bad configs and bad data fail with one-line errors before any process group or model
+"""train_ds.py: bad configs and bad data fail with one-line errors before any model is built or file written
 exists; from_scratch builds the same model as `convert_model.py init` on any partition."""
 
 from __future__ import annotations

@@ -200,10 +200,13 @@ def write_manifest(tag_dir: Path) -> None:
 def fault_pause(where: str, step: int, until=None) -> None:
     """Testing aid: PIPEFT_FAULT_PAUSE="WHERE:STEP:SECONDS[:FILE][,...]" (WHERE = step | save | setup | data | validate) waits
     there, giving a test a known moment to deliver a real SIGTERM or SIGKILL, or to start a second run; `until()`
-    true or FILE existing ends the wait early. Unset in normal runs."""
+    true or FILE existing ends the wait early. With PIPEFT_FAULT_PAUSED=DIR, a pause starting makes the file
+    DIR/WHERE-STEP-rankRANK. Unset in normal runs."""
     for spec in filter(None, os.environ.get("PIPEFT_FAULT_PAUSE", "").split(",")):
         at, at_step, seconds, *release = spec.split(":", 3)
         if at == where and int(at_step) == step:
+            if mark := os.environ.get("PIPEFT_FAULT_PAUSED"):
+                Path(mark, f"{where}-{step}-rank{os.environ.get('RANK', '0')}").touch()
             end = time.time() + float(seconds)
             while time.time() < end and not (until and until()) and not (release and os.path.exists(release[0])):
                 time.sleep(0.05)

@@ -73,6 +73,18 @@ def squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tenso
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
+def found_elsewhere(every: list, host: str) -> DataError | None:
+    """The first data problem the ranks found (`every`: each rank's (problems, more) or None, and its host), as a
+    rank on `host` raises it: naming the rank that found it where that is another node's (its copy may differ)."""
+    rank = next((r for r, (found, _) in enumerate(every) if found is not None), None)
+    if rank is None:
+        return None
+    (problems, more), there = every[rank]
+    if there != host:  # this node's log shows another node's problems
+        problems = [f"rank {rank} on {there} found these problems in its copy of the data:", *problems]
+    return DataError(problems, more)
+
+
 class Trainer(TrainingData, RunDirectory, RunReport):
     """One process of a pipeline x data-parallel training run."""
 
@@ -101,26 +113,37 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         elif self.rank == 0:
             print(msg, flush=True)
 
-    def _validate_data_together(self) -> None:
+    def _validate_data_together(self, stops: list) -> None:
         """validate_data once the process group exists, the other ranks waiting in the patient group (it may take
         minutes: it must not count against their dist_timeout_minutes to join): the first problem any rank found is
-        raised on every rank (before anything is written; a launcher need not stop the others, nor a caller's group)."""
+        raised on every rank (before anything is written; a launcher need not stop the others, nor a caller's group),
+        naming the rank that found it where that is another node's (its copy of the data may differ). Nothing is
+        written yet: the check runs under the caller's signal handlers (a Ctrl-C stops it at once), and the wait for
+        the others ends at a `stops` signal, as while the group forms (in a caller's group, its handlers stay)."""
         found = error = None
-        ours = {sig: signal.signal(sig, handler) for sig, handler in self.caller_handlers.items() if handler is not None}
-        try:  # under the caller's handlers, as before a group forms: a Ctrl-C stops it at once (nothing written)
-            self.validate_data()
-        except BaseException as e:  # noqa: BLE001 - raised below, once the other ranks know
-            error, found = e, ((e.problems, e.more) if isinstance(e, DataError) else
-                               ([f"rank {self.rank}: validating the data failed: {one_line(e, named=True)}"], None))
-        finally:
-            for sig, handler in ours.items():
+        caller = {sig: h for sig, h in self.caller_handlers.items() if h is not None}
+        waiting = {sig: signal.SIG_DFL for sig in stops} if self.owns_group else caller
+        before = {sig: signal.getsignal(sig) for sig in {*caller, *waiting}}
+        try:
+            for sig, handler in caller.items():
                 signal.signal(sig, handler)
-        every = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(every, found, group=self.patient)  # validation may take long
+            try:
+                self.validate_data()
+            except BaseException as e:  # noqa: BLE001 - raised below, once the other ranks know
+                error, found = e, ((e.problems, e.more) if isinstance(e, DataError) else
+                                   ([f"rank {self.rank}: validating the data failed: {one_line(e, named=True)}"], None))
+            for sig, handler in waiting.items():  # a wait in C++, where a Python handler runs only once it ends
+                signal.signal(sig, handler)
+            every = [None] * torch.distributed.get_world_size()
+            host = socket.gethostname()
+            torch.distributed.all_gather_object(every, (found, host), group=self.patient)  # validation may take long
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
         if error is not None:
             raise error
-        if found := next((f for f in every if f is not None), None):
-            raise DataError(*found)
+        if shared := found_elsewhere(every, host):
+            raise shared
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self.stop_signal = signal.Signals(signum).name  # acted on at the next step boundary
@@ -177,7 +200,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             c10d._set_pg_timeout(patient, self.patient)
         # once every process has joined: local rank 0 checks the records while the others wait in the patient group
         # (checking them first counted against the others' wait to join, and its timeout blamed another node)
-        self._validate_data_together()
+        self._validate_data_together(stops)
         if acc.device_name() != "cpu":
             acc.set_device(self.local_rank)
         self.world = torch.distributed.get_world_size()

@@ -115,6 +115,10 @@ def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
     r = section["r"]
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"lora.r must be a positive integer, got {json.dumps(r)}")
+    width = getattr(config, "hidden_size", None) if config is not None else None
+    if r > (width or 65536):  # a rank past the layers' width adds nothing but memory (a huge one: torch's overflow)
+        raise ValueError(f"lora.r {r} is above the model's hidden_size {width}: an adapter of a higher rank than its "
+                         "layer's width adds nothing" if width else f"lora.r must be at most 65536, got {r}")
     alpha = section["alpha"]
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
         raise ValueError(f"lora.alpha must be a number > 0, got {json.dumps(alpha)}")

@@ -126,13 +126,13 @@ def settings_of(section: dict, prefix: str = "quantization.") -> QuantSettings:
     if section.get("load_in_4bit") is not True:
         raise ValueError(f"{prefix}load_in_4bit must be true, got {json.dumps(section.get('load_in_4bit'))}")
     qt = section["bnb_4bit_quant_type"]
-    if qt not in QUANT_TYPES:
+    if not isinstance(qt, str) or qt not in QUANT_TYPES:
         raise ValueError(f"{prefix}bnb_4bit_quant_type must be one of {', '.join(QUANT_TYPES)}, got {json.dumps(qt)}")
     dq = section["bnb_4bit_use_double_quant"]
     if not isinstance(dq, bool):
         raise ValueError(f"{prefix}bnb_4bit_use_double_quant must be true or false, got {json.dumps(dq)}")
     cd = section["bnb_4bit_compute_dtype"]
-    if cd not in COMPUTE_DTYPES:
+    if not isinstance(cd, str) or cd not in COMPUTE_DTYPES:
         raise ValueError(f"{prefix}bnb_4bit_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
                          f"got {json.dumps(cd)}")
     return QuantSettings(qt, dq, cd)

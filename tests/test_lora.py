@@ -315,6 +315,8 @@ def test_a_damaged_adapter_is_one_line_and_one_of_another_base_quantization_is_s
                           ('{"load_in_4bit": true, "bnb_4bit_compute_dtype": "bf16"}',
                            'bnb_4bit_compute_dtype must be one of bfloat16, float16, float32, got "bf16"'),
                           ('{"load_in_8bit": true}', 'load_in_8bit is not supported; use "load_in_4bit": true'),
+                          ('{"load_in_4bit": true, "bnb_4bit_compute_dtype": ["bf16"]}',  # unhashable: a TypeError
+                           'bnb_4bit_compute_dtype must be one of bfloat16, float16, float32, got ["bf16"]'),
                           ('{"load_in_4bit": true, "quant_method": "bnb"}', "unknown key(s) 'quant_method'")):
         quant.write_text(text)
         with pytest.raises(ConfigError, match=rf"^{re.escape(str(cfg))}: lora.adapter_path {re.escape(str(adapter))}: "

@@ -268,6 +268,34 @@ CASES = {  # name -> (config overrides, expected text)
                                                  "and replacing parameter 'offload_optimizer' together"),
     "save_path unwritable": ({"save_path": "/sys/pipeft-out/run"}, "save_path /sys/pipeft-out/run is not writable: /sys "
                              "refuses new files"),
+    # the config fuzz's finds: silent wrong training, or a traceback on every rank once the model was built
+    "check_grad_overflow 0": ({"bf16": {"enabled": True, "check_grad_overflow": 0}, "zero_optimization": {"stage": 1}},
+                              "'bf16.check_grad_overflow' must be true or false, got 0"),  # DeepSpeed: false
+    "compute_grad_norm a string": ({"zero_optimization": {"stage": 1, "compute_grad_norm": "false"}},
+                                   "'zero_optimization.compute_grad_norm' must be true or false, got \"false\""),
+    "negative scheduler lr": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": -1,
+                                                                           "warmup_num_steps": 10}}},
+                              "scheduler.params.warmup_max_lr (WarmupLR) must be >= 0 (a negative learning rate climbs "
+                              "the loss), got -1"),
+    "warmup of no steps": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 0}}},
+                           "scheduler.params.warmup_num_steps (WarmupLR) must be a whole number >= 1, got 0"),
+    "warmup steps null": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": None}}},
+                          "scheduler.params.warmup_num_steps (WarmupLR) must be a whole number >= 1, got null"),
+    "steps_per_print 0": ({"steps_per_print": 0}, "'steps_per_print' must be a whole number >= 1, got 0"),
+    "SGD momentum negative": ({"optimizer": {"type": "SGD", "params": {"lr": 0.003, "momentum": -1}}},
+                              "optimizer.params (SGD): torch.optim.SGD refuses them: Invalid momentum value: -1"),
+    "adam_w_mode a string": ({"optimizer": {"type": "Adam", "params": {"lr": 1e-3, "adam_w_mode": "false"}}},
+                             "optimizer.params.adam_w_mode (Adam) must be true or false, got \"false\""),
+    "lora r past the width": ({"lora": {"r": 10**30}}, "lora.r 1000000000000000000000000000000 is above the model's "
+                              "hidden_size"),
+    "compute dtype a list": ({"lora": {"r": 4}, "quantization": {"load_in_4bit": True,
+                                                                 "bnb_4bit_compute_dtype": ["float32"]}},
+                             "quantization.bnb_4bit_compute_dtype must be one of bfloat16, float16, float32, got "
+                             "[\"float32\"]"),
+    "data_types not an object": ({"data_types": True}, "refuses this config: AttributeError: 'bool' object has no "
+                                 "attribute 'get' (in 'data_types')"),
+    "save_path empty": ({"save_path": ""}, "'save_path' is empty (it would be the working directory); give a directory"),
+    "data_cache_dir empty": ({"data_cache_dir": ""}, "'data_cache_dir' is empty (it would be the working directory)"),
 }
 
 

@@ -435,7 +435,7 @@ class Checkpoints:
                      f"no checkpoint of that step; {pointer} names {kept}, the best evaluated one saved")
         else:  # without keep_best, save_interval and keep_last decide which steps have a checkpoint
             where = (f"its checkpoint: {self.root / tag}" if (self.root / tag).is_dir() else
-                     "no checkpoint of that step: keep_best keeps the best evaluated ones")
+                     "no checkpoint of that step" + ("" if self.keep_best else ": keep_best keeps the best evaluated ones"))
         return f"best eval loss {best[1]:.4f} at step {best[0]} ({where})"
 
     def keep(self, state: RunState) -> set[str]:

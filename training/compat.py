@@ -332,10 +332,25 @@ def deepspeed_refusal(ds: dict) -> str | None:
         what, got = _refused(err)
         return f"DeepSpeed {deepspeed.__version__} refuses this config: '{where}': {what}, got {got}"
     except Exception as e:  # noqa: BLE001 -- DeepSpeed's checks raise ValueError, AssertionError, KeyError, ...
-        return f"DeepSpeed {deepspeed.__version__} refuses this config: {one_line(e, named=True)}"
+        # no key in the error (e.g. "'NoneType' object has no attribute 'get'"): the section without which it passes
+        key = next((k for k in probe if k not in BATCH_KEYS and _accepted({n: v for n, v in probe.items() if n != k})),
+                   None)
+        return f"DeepSpeed {deepspeed.__version__} refuses this config: {one_line(e, named=True)}" + \
+            (f" (in {key!r})" if key else "")
     finally:
         logger.setLevel(level)
     return None
+
+
+def _accepted(probe: dict) -> bool:
+    """Whether DeepSpeed's config class takes `probe` (its logger quieted by the caller)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(probe)
+    except Exception:  # noqa: BLE001 -- whatever it raises, it refuses
+        return False
+    return True
 
 
 def derive_batch(ds: dict, dp: int, path: Path) -> None:

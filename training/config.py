@@ -293,6 +293,9 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
     clip = ds.get("gradient_clipping", 0)
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:  # null, NaN: refused too
         raise ConfigError(f"{path}: 'gradient_clipping' must be a number >= 0 (0: off), got {json.dumps(clip)}")
+    every = ds.get("steps_per_print", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:  # DeepSpeed's step: step % it (0: a crash)
+        raise ConfigError(f"{path}: 'steps_per_print' must be a whole number >= 1, got {json.dumps(every)}")
     if cfg.lr_schedule is not None and "scheduler" in ds:
         raise ConfigError(f"{path}: 'lr_schedule' and DeepSpeed's 'scheduler' section both set the learning rate; "
                           "keep one")
@@ -369,6 +372,9 @@ def _model_path_hint(model: Path) -> str:
 
 
 def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
+    for key in ("model_path", "save_path", "data_cache_dir"):  # "" is the working directory, as Path reads it
+        if isinstance(getattr(cfg, key), str) and not getattr(cfg, key).strip():
+            raise ConfigError(f"{path}: '{key}' is empty (it would be the working directory); give a directory")
     model = Path(cfg.model_path)
     if not model.is_dir():
         raise ConfigError(f"{path}: model_path {model} is not a directory{_model_path_hint(model)}")

@@ -32,6 +32,7 @@ import torch
 
 from launch.cuda_only import triton_problem
 from models.pipeline import unknown_key_problem
+from pipeft import one_line
 from training.config_diff import zero_stage
 from training.schedule import build_lr_scheduler, fill_deepspeed_scheduler, init_keys, is_number, parse_lr_schedule
 
@@ -202,6 +203,11 @@ def precision_problem(ds: dict) -> str | None:
     # always; fp32 weights: never without the norm); its BF16_Optimizer (bf16 + fp32 accumulation) always checks
     nan_applied = ("DeepSpeed's ZeRO optimizer would then apply a non-finite (NaN / inf) update to every weight, not "
                    "skip it")
+    for key, sub in (*((k, "immediate_grad_update") for k in BF16_KEYS), *((k, "check_grad_overflow") for k in BF16_KEYS),
+                     ("zero_optimization", "compute_grad_norm")):  # DeepSpeed reads 0, "false", "no" as false
+        section = ds.get(key) if isinstance(ds.get(key), dict) else {}
+        if sub in section and not isinstance(section[sub], bool):
+            return f"'{key}.{sub}' must be true or false, got {json.dumps(section[sub])}"
     for key in BF16_KEYS:
         section = ds.get(key) if isinstance(ds.get(key), dict) else {}
         if section.get("immediate_grad_update") is False:
@@ -450,4 +456,11 @@ def optimizer_key_problem(section: dict, cpu_optimizer: bool = False) -> str | N
         defaults = [q.default for c in classes if (q := inspect.signature(c.__init__).parameters.get(key)) is not None]
         if any(type(d) in (int, float) for d in defaults) and not is_number(value):
             return f"optimizer.params.{key} ({kind}) must be a number, got {json.dumps(value)}"
+        if key in DEEPSPEED_ADAM_KEYS[:3] and not isinstance(value, bool):  # DeepSpeed tests them for truth: "false"
+            return f"optimizer.params.{key} ({kind}) must be true or false, got {json.dumps(value)}"
+    if len(classes) == 1 and classes[0].__module__.startswith("torch.optim"):  # its own range checks, now
+        try:
+            classes[0]([torch.zeros(1, requires_grad=True)], **params)
+        except (ValueError, TypeError) as e:
+            return f"optimizer.params ({kind}): torch.optim.{classes[0].__name__} refuses them: {one_line(e)}"
     return None

@@ -234,9 +234,12 @@ def _scheduler_value_problem(kind: str, cls: type, params: dict) -> str | None:
     signature = inspect.signature(cls.__init__).parameters
     for key, value in params.items():
         want = _param_kind(signature, key)
+        where, got = f"scheduler.params.{key} ({kind})", json.dumps(value)
+        if value is None and key in _INT_PARAMS and key in signature \
+                and signature[key].default not in (None, inspect.Parameter.empty):  # passed on: their ValueError
+            return f"{where} must be a whole number >= 1, got null (leave it out for its default)"
         if value is None:
             continue
-        where, got = f"scheduler.params.{key} ({kind})", json.dumps(value)
         if value == "auto" and want != "str":
             fill = "leave it out: it is filled in" if key == "total_num_steps" and kind in _NEEDS_TOTAL else "give a value"
             return f"{where} is \"auto\", HF Trainer's placeholder, which DeepSpeed does not fill in: {fill}"
@@ -251,6 +254,10 @@ def _scheduler_value_problem(kind: str, cls: type, params: dict) -> str | None:
             return f"{where} must be a number (or a list of them, one per parameter group), got {got}"
         if want in ("str", "bool") and not isinstance(value, str if want == "str" else bool):
             return f"{where} must be {'a string' if want == 'str' else 'true or false'}, got {got}"
+        if key in _INT_PARAMS and value < 1:  # a step count; a warmup of 0 steps divides by it
+            return f"{where} must be a whole number >= 1, got {got}"
+        if key.endswith("lr") and any(v < 0 for v in (value if isinstance(value, list) else [value])):
+            return f"{where} must be >= 0 (a negative learning rate climbs the loss), got {got}"
     return None
 
 

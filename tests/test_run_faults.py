@@ -185,11 +185,12 @@ def test_sigterm_during_set_up_exits_without_a_step_or_a_save(tmp_path, ops_mode
     assert not list((tmp_path / "out").glob("*global_step*")) and not losses_of(tmp_path / "out")
 
 
-def test_sigterm_while_the_records_are_checked_ends_every_rank_at_once(tmp_path, ops_model):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_while_the_records_are_checked_ends_every_rank_at_once(tmp_path, ops_model, sig):
     """Ranks started without a launcher that stops the others (srun's tasks: RANK, WORLD_SIZE by hand): local rank 0
-    checks the records once all have joined, the other waits for it. A SIGTERM to both (a preemption) ends both at
-    once, nothing written, as while the group forms: the waiting rank only noted it, then ended with gloo's lost
-    peer as "another process of this run has ended" (exit 1)."""
+    checks the records once all have joined, the other waits for it. A SIGTERM (a preemption) or a Ctrl-C to both ends
+    both at once, nothing written, as while the group forms: the waiting rank only noted a SIGTERM, then ended with
+    gloo's lost peer as "another process of this run has ended" (exit 1); rank 0 caught the Ctrl-C and said the same."""
     cfg = ops_config(tmp_path, ops_model)
     paused = tmp_path / "paused"
     paused.mkdir()
@@ -209,12 +210,13 @@ def test_sigterm_while_the_records_are_checked_ends_every_rank_at_once(tmp_path,
             time.sleep(0.05)
         time.sleep(1)
         for p in ranks:
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(sig)
         outs = [p.communicate(timeout=30)[0] for p in ranks]
     finally:
         for p in ranks:
             p.kill()
-    assert [p.returncode for p in ranks] == [-signal.SIGTERM] * 2, outs
+    assert [p.returncode for p in ranks] == [-sig] * 2, outs  # (rank 0's Ctrl-C: Python's KeyboardInterrupt exit)
+    assert not any("another process of this run has ended" in out for out in outs), outs
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

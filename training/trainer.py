@@ -130,6 +130,8 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             try:
                 self.validate_data()
             except BaseException as e:  # noqa: BLE001 - raised below, once the other ranks know
+                if self.owns_group and not isinstance(e, Exception):  # Ctrl-C: it reached every rank, which end at it
+                    raise
                 error, found = e, ((e.problems, e.more) if isinstance(e, DataError) else
                                    ([f"rank {self.rank}: validating the data failed: {one_line(e, named=True)}"], None))
             for sig, handler in waiting.items():  # a wait in C++, where a Python handler runs only once it ends

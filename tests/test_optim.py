@@ -470,3 +470,20 @@ def test_adagrad_keys_are_those_of_the_adagrad_deepspeed_builds():
         "optimizer.params (Adagrad): unknown key 'lr_decay'")
     assert optimizer_key_problem({"type": "Adagrad", "params": {"lr": 0.1, "amsgrad": False}}).startswith(
         "optimizer.params (Adagrad): unknown key 'amsgrad'")
+
+
+def test_values_deepspeed_and_torch_take_are_not_refused():
+    """The range checks of the config fuzz's finds stop where the real classes would accept: torch's warm-up of 0
+    iterations, DeepSpeed's fp32_optimizer_states left null, a probe-built SGD with one of fused / foreach, OneCycleLR's
+    null total_steps beside its epochs; the refusals themselves are test_train_cli's bad-config cases."""
+    from training.optim import optimizer_key_problem
+    from training.schedule import scheduler_problem
+
+    for kind, params in (("LinearLR", {"total_iters": 0}), ("ConstantLR", {"total_iters": 0}),
+                         ("OneCycleLR", {"max_lr": 1e-3, "total_steps": None, "epochs": 2, "steps_per_epoch": 5}),
+                         ("WarmupLR", {"warmup_min_lr": [0, 0], "warmup_max_lr": None, "warmup_num_steps": 1})):
+        assert scheduler_problem({"type": kind, "params": params}) is None, kind
+    for section in ({"type": "AdamW", "params": {"lr": 1e-3, "fp32_optimizer_states": None, "torch_adam": True}},
+                    {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9, "fused": True}},
+                    {"type": "SGD", "params": {"lr": 0.1, "foreach": True}}):
+        assert optimizer_key_problem(section) is None, section

@@ -50,7 +50,7 @@ from training.runlock import (
     launch_job,
     restarted_job,
 )
-from training.schedule import parse_lr_schedule, scheduler_problem
+from training.schedule import is_number, parse_lr_schedule, scheduler_problem
 from training.trackers import parse_report_to
 
 # DeepSpeed's top-level keys (deepspeed/runtime/constants.py and its config sections).
@@ -294,7 +294,7 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:  # null, NaN: refused too
         raise ConfigError(f"{path}: 'gradient_clipping' must be a number >= 0 (0: off), got {json.dumps(clip)}")
     every = ds.get("steps_per_print", 1)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:  # DeepSpeed's step: step % it (0: a crash)
+    if not is_number(every) or not float(every).is_integer() or every < 1:  # DeepSpeed's step: step % it (0: a crash)
         raise ConfigError(f"{path}: 'steps_per_print' must be a whole number >= 1, got {json.dumps(every)}")
     if cfg.lr_schedule is not None and "scheduler" in ds:
         raise ConfigError(f"{path}: 'lr_schedule' and DeepSpeed's 'scheduler' section both set the learning rate; "

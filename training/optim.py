@@ -456,11 +456,13 @@ def optimizer_key_problem(section: dict, cpu_optimizer: bool = False) -> str | N
         defaults = [q.default for c in classes if (q := inspect.signature(c.__init__).parameters.get(key)) is not None]
         if any(type(d) in (int, float) for d in defaults) and not is_number(value):
             return f"optimizer.params.{key} ({kind}) must be a number, got {json.dumps(value)}"
-        if key in DEEPSPEED_ADAM_KEYS[:3] and not isinstance(value, bool):  # DeepSpeed tests them for truth: "false"
+        if key in DEEPSPEED_ADAM_KEYS[:3] and not isinstance(value, bool) and not (key == "fp32_optimizer_states"
+                                                                                   and value is None):  # its default
+            # DeepSpeed tests them for truth: "false" would mean true
             return f"optimizer.params.{key} ({kind}) must be true or false, got {json.dumps(value)}"
     if len(classes) == 1 and classes[0].__module__.startswith("torch.optim"):  # its own range checks, now
         try:
             classes[0]([torch.zeros(1, requires_grad=True)], **params)
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - a probe: whatever it raises (RuntimeError: fused with foreach) refuses
             return f"optimizer.params ({kind}): torch.optim.{classes[0].__name__} refuses them: {one_line(e)}"
     return None

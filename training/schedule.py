@@ -197,7 +197,8 @@ def init_keys(*classes: type) -> list[str]:
 # scheduler params that are step counts (an integral float, what YAML reads 1e2 as, is passed on as an int:
 # DeepSpeed's WarmupLR and torch's OneCycleLR refuse 100.0), and params without a default whose kind the name says
 _INT_PARAMS = ("warmup_num_steps", "total_num_steps", "total_steps", "epochs", "steps_per_epoch", "step_size",
-               "total_iters", "T_0", "T_mult")
+               "total_iters", "T_0", "T_mult", "cycle_first_step_size", "lr_range_test_step_size")
+_MAY_BE_0 = ("total_iters",)  # torch's ConstantLR / LinearLR / PolynomialLR: 0 is no warm-up
 _NUMBER_PARAMS = ("gamma", "T_max")  # (and every "...lr" / "..._ratio")
 _INT_LIST_PARAMS = ("milestones",)
 
@@ -254,9 +255,9 @@ def _scheduler_value_problem(kind: str, cls: type, params: dict) -> str | None:
             return f"{where} must be a number (or a list of them, one per parameter group), got {got}"
         if want in ("str", "bool") and not isinstance(value, str if want == "str" else bool):
             return f"{where} must be {'a string' if want == 'str' else 'true or false'}, got {got}"
-        if key in _INT_PARAMS and value < 1:  # a step count; a warmup of 0 steps divides by it
-            return f"{where} must be a whole number >= 1, got {got}"
-        if key.endswith("lr") and any(v < 0 for v in (value if isinstance(value, list) else [value])):
+        if key in _INT_PARAMS and value < (0 if key in _MAY_BE_0 else 1):  # a step count; a warmup of 0 divides by it
+            return f"{where} must be a whole number >= {0 if key in _MAY_BE_0 else 1}, got {got}"
+        if (key.endswith("lr") or key == "eta_min") and any(v < 0 for v in (value if isinstance(value, list) else [value])):
             return f"{where} must be >= 0 (a negative learning rate climbs the loss), got {got}"
     return None
 

@@ -51,6 +51,7 @@ def test_bad_config_is_one_line(tmp_path, base, variants, capsys, monkeypatch, c
 
         monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
     (tmp_path / "a_file").write_text("not a directory")
+    monkeypatch.chdir(tmp_path)  # an empty save_path or data_cache_dir is the working directory: never the checkout's
     over = {k: str(variants[v[1:]]) if isinstance(v, str) and v.startswith("@") else
             v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in over.items()}
     cfg = write_config(tmp_path, base, **over)

@@ -243,6 +243,9 @@ CASES = {  # name -> (config overrides, expected text)
     "warmup steps null": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": None}}},
                           "scheduler.params.warmup_num_steps (WarmupLR) must be a whole number >= 1, got null"),
     "steps_per_print 0": ({"steps_per_print": 0}, "'steps_per_print' must be a whole number >= 1, got 0"),
+    "data_types misspelled": ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+                               "data_types": {"grad_accum_dtyp": "fp32"}},  # bf16 accumulation, without a word
+                              "data_types: unknown key 'grad_accum_dtyp'; did you mean 'grad_accum_dtype'?"),
     "fused with foreach": ({"optimizer": {"type": "SGD", "params": {"lr": 0.1, "fused": True, "foreach": True}}},
                            "optimizer.params (SGD): torch.optim.SGD refuses them: `fused` and `foreach` cannot be"),
     "OneCycle of no steps": ({"scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": 1e-5, "cycle_max_lr": 1e-3,

@@ -232,6 +232,12 @@ def precision_problem(ds: dict) -> str | None:
                "(updates 1 / loss scale of the true ones, overflow never detected, clipping inert)")
         return (f"'{enabled[0]}' needs \"zero_optimization\": {{\"stage\": 1}}: without ZeRO, DeepSpeed "
                 f"{deepspeed.__version__}'s {why}")
+    if isinstance(ds.get("data_types"), dict):  # what DeepSpeed reads of it (a misspelled key: silently not applied)
+        from deepspeed.runtime import constants as dsc
+
+        known = (dsc.GRAD_ACCUM_DTYPE, dsc.PARAM_DTYPE, dsc.BUFFER_DTYPE)
+        if problem := unknown_key_problem("data_types", ds["data_types"], known):
+            return problem
     accum = ds["data_types"].get("grad_accum_dtype") if isinstance(ds.get("data_types"), dict) else None
     if accum is not None:
         try:

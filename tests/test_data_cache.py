@@ -406,6 +406,18 @@ def _change_a_count(raw: bytearray, ds) -> None:
     raw[at] = ord("9") if raw[at] != ord("9") else ord("8")  # a valid number of the same width: only a checksum sees it
 
 
+def _damaged_cache(tokenizer, tmp_path: Path, damage=_zero_last_ids, into=None):
+    """data_file's records encoded once (their cache written beside them), then the cache's bytes damaged by
+    `damage` and written back in place, or to `into(cache path)`. Returns (data file, the encoded set, cache path)."""
+    data = data_file(tmp_path)
+    cold = load_dataset(data, tokenizer, 64)
+    path = Path(cold.stats.cache_path)
+    raw = bytearray(path.read_bytes())
+    damage(raw, cold)
+    (into(path) if into else path).write_bytes(bytes(raw))
+    return data, cold, path
+
+
 @pytest.mark.parametrize("damage, said", [(_zero_last_ids, "a checksum does not match"),
                                           (_zero_a_header, "a damaged record header (TokenError)"),
                                           (_change_a_count, "the counts' checksum does not match")],
@@ -413,12 +425,7 @@ def _change_a_count(raw: bytearray, ds) -> None:
 def test_a_damaged_cache_is_rebuilt_not_trained_on(tokenizer, tmp_path, caplog, damage, said):
     """A block of the cache zeroed (a crash before the page reached the disk), or a count changed: its layout still
     reads, so only the checksums (or the header's parse) find it. It is encoded again, with one warning."""
-    data = data_file(tmp_path)
-    cold = load_dataset(data, tokenizer, 64)
-    path = Path(cold.stats.cache_path)
-    raw = bytearray(path.read_bytes())
-    damage(raw, cold)
-    path.write_bytes(bytes(raw))
+    data, cold, _ = _damaged_cache(tokenizer, tmp_path, damage)
     again = load_dataset(data, tokenizer, 64)
     assert not again.stats.cache_hit and f"cannot be read ({said})" in caplog.text
     assert (again.input_ids == cold.input_ids).all() and load_dataset(data, tokenizer, 64).stats.cache_hit
@@ -428,12 +435,7 @@ def test_a_damaged_cache_is_rebuilt_not_trained_on(tokenizer, tmp_path, caplog, 
 def test_a_damaged_cache_in_a_read_only_data_dir_is_encoded_once(tokenizer, tmp_path, read_only, caplog):
     """The damaged cache beside read-only data cannot be deleted: the copy written under save_path is read from the
     next start on (it was never read: every start tokenized again and said "written")."""
-    data = data_file(tmp_path)
-    cold = load_dataset(data, tokenizer, 64)
-    path = Path(cold.stats.cache_path)
-    raw = bytearray(path.read_bytes())
-    _zero_last_ids(raw, cold)
-    path.write_bytes(bytes(raw))
+    data, cold, path = _damaged_cache(tokenizer, tmp_path)
     read_only(data.parent)
     fallback = tmp_path / "save" / RUN_CACHE_DIR
     first = load_dataset(data, tokenizer, 64, fallback_cache_dir=fallback)
@@ -450,15 +452,10 @@ def test_a_damaged_copy_under_save_path_falls_back_to_the_intact_one_beside_the_
     """Both copies exist (the data's directory was read-only once, writable later): the one under save_path is read
     first, and when it is damaged the one beside the data is, not a tokenization (which then wrote under save_path
     again, saying the data's directory "cannot be written")."""
-    data = data_file(tmp_path)
     fallback = tmp_path / "save" / RUN_CACHE_DIR
-    first = load_dataset(data, tokenizer, 64, fallback_cache_dir=fallback)  # beside the data
-    beside = Path(first.stats.cache_path)
-    copy = fallback / beside.name
-    copy.parent.mkdir(parents=True)
-    raw = bytearray(beside.read_bytes())
-    _zero_last_ids(raw, first)
-    copy.write_bytes(bytes(raw))  # the save_path copy, damaged
+    fallback.mkdir(parents=True)
+    data, first, beside = _damaged_cache(tokenizer, tmp_path, into=lambda cache: fallback / cache.name)
+    copy = fallback / beside.name  # the save_path copy, damaged; the one beside the data intact
     assert cache_file(file_digests(data), tokenizer, 64, None, fallback_dir=fallback) == copy
     again = load_dataset(data, tokenizer, 64, fallback_cache_dir=fallback)
     assert again.stats.cache_status == "hit" and again.stats.cache_path == str(beside) and not copy.exists()

@@ -236,9 +236,10 @@ def _scheduler_value_problem(kind: str, cls: type, params: dict) -> str | None:
     for key, value in params.items():
         want = _param_kind(signature, key)
         where, got = f"scheduler.params.{key} ({kind})", json.dumps(value)
+        least = 0 if key in _MAY_BE_0 else 1  # a step count's least value
         if value is None and key in _INT_PARAMS and key in signature \
                 and signature[key].default not in (None, inspect.Parameter.empty):  # passed on: their ValueError
-            return f"{where} must be a whole number >= 1, got null (leave it out for its default)"
+            return f"{where} must be a whole number >= {least}, got null (leave it out for its default)"
         if value is None:
             continue
         if value == "auto" and want != "str":
@@ -255,8 +256,8 @@ def _scheduler_value_problem(kind: str, cls: type, params: dict) -> str | None:
             return f"{where} must be a number (or a list of them, one per parameter group), got {got}"
         if want in ("str", "bool") and not isinstance(value, str if want == "str" else bool):
             return f"{where} must be {'a string' if want == 'str' else 'true or false'}, got {got}"
-        if key in _INT_PARAMS and value < (0 if key in _MAY_BE_0 else 1):  # a step count; a warmup of 0 divides by it
-            return f"{where} must be a whole number >= {0 if key in _MAY_BE_0 else 1}, got {got}"
+        if key in _INT_PARAMS and value < least:  # a warmup of 0 steps divides by it
+            return f"{where} must be a whole number >= {least}, got {got}"
         if (key.endswith("lr") or key == "eta_min") and any(v < 0 for v in (value if isinstance(value, list) else [value])):
             return f"{where} must be >= 0 (a negative learning rate climbs the loss), got {got}"
     return None

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from launch import deepspeed_logs_on_stderr, exit_if_ds_accelerator_unusable
-from pipeft import one_line, prog
+from pipeft import DuplicateKey, one_line, prog, unique_keys
 
 PROG = prog("demo.py")
 exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
@@ -140,9 +140,11 @@ def build_record(args: argparse.Namespace) -> dict:
         except UnicodeDecodeError as e:
             raise DemoError(f"--record {args.record}: not valid UTF-8 (byte offset {e.start})") from None
     try:
-        rec = present_fields(json.loads(text))
+        rec = present_fields(json.loads(text, object_pairs_hook=unique_keys))
     except json.JSONDecodeError as e:
         raise DemoError(f"--record: invalid JSON ({e})") from None
+    except DuplicateKey as e:
+        raise DemoError(f"--record: {e}") from None
     if not isinstance(rec, dict):
         raise DemoError("--record: a record is a JSON object")
     if problems := prompt_problems(rec):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from data.parsers import MAX_RECORD_BYTES, PARSERS  # noqa: F401 (MAX_RECORD_BYTES: part of this module's interface)
+from data.tabular import absent
+from pipeft import DuplicateKey, unique_keys
 
 MAX_SHOWN = 20  # problems listed in a DataError message
 
@@ -68,10 +71,20 @@ class RecordType:
 FieldCheck = Callable[[str, Any], list[str]]  # (field name, value) -> problems
 
 
+def json_type(value: Any) -> str:
+    """A value's type as a problem line names it: JSON's null, NaN and Infinity (Python's json reads them) by those
+    names, else the Python type's (int, float, list, dict, ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity"
+    return type(value).__name__
+
+
 def string_problem(what: str, value: Any, allow_empty: bool = False) -> str | None:
     """Why `value` is not a usable text (a string, valid Unicode, non-blank unless `allow_empty`), else None."""
     if not isinstance(value, str):
-        return f"{what} must be a string, got {type(value).__name__}"
+        return f"{what} must be a string, got {json_type(value)}"
     if not allow_empty and not value.strip():
         return f"{what} is empty"
     try:
@@ -96,7 +109,7 @@ def _rounds(name: str, value: Any, api: bool = False) -> list[str]:
     """[[role, text], ...]: roles in ROLES (with `api` also "ans-api", then an object: `_api_turn`), texts
     non-empty, at least one turn, the last one an answer."""
     if not isinstance(value, list):
-        return [f"field {name!r} must be a list of [role, text] pairs, got {type(value).__name__}"]
+        return [f"field {name!r} must be a list of [role, text] pairs, got {json_type(value)}"]
     if not value:
         return [f"field {name!r} is empty"]
     problems = []
@@ -127,11 +140,13 @@ def api_params(value: Any) -> dict[str, Any]:
     """An action's api_param as a dict: an object, or a string holding a JSON object (ValueError otherwise)."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = json.loads(value, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as e:
             raise ValueError(f"api_param must be an object or a string holding a JSON object ({e.msg})") from None
+        except DuplicateKey as e:
+            raise ValueError(f"api_param: {e}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"api_param must be an object or a string holding a JSON object, got {type(value).__name__}")
+        raise ValueError(f"api_param must be an object or a string holding a JSON object, got {json_type(value)}")
     return value
 
 
@@ -139,7 +154,7 @@ def _api_turn(where: str, turn: Any) -> list[str]:
     """gdGPT's "ans-api" turn: {"actions": [{inner_thought, api_name, api_param, api_res}, ...], "ans": text}."""
     if not isinstance(turn, dict):
         return [f"{where}: an 'ans-api' turn must be an object {{\"actions\": [...], \"ans\": text}}, got "
-                f"{type(turn).__name__}"]
+                f"{json_type(turn)}"]
     problems = [f"{where}: unknown key {k!r} (allowed: actions, ans)" for k in turn if k not in ("actions", "ans")]
     if "ans" in turn:
         problems += [p for p in [string_problem(f"{where}.ans", turn["ans"])] if p]
@@ -147,7 +162,7 @@ def _api_turn(where: str, turn: Any) -> list[str]:
         problems.append(f"{where}: missing field 'ans' (the answer after the api calls)")
     actions = turn.get("actions")
     if not isinstance(actions, list):
-        return [*problems, f"{where}.actions must be a list of api calls, got {type(actions).__name__}"]
+        return [*problems, f"{where}.actions must be a list of api calls, got {json_type(actions)}"]
     for j, act in enumerate(actions):
         at = f"{where}.actions[{j}]"
         if not isinstance(act, dict):
@@ -223,7 +238,7 @@ OTHER_FORMATS = {
 
 def _record_problems(obj: Any) -> list[str]:
     if not isinstance(obj, dict):
-        return [f"record must be a JSON object, got {type(obj).__name__}"]
+        return [f"record must be a JSON object, got {json_type(obj)}"]
     try:
         kind = record_type(obj)
     except ValueError as e:
@@ -324,25 +339,28 @@ def _broken_links(paths) -> list[str]:
 
 
 def present_fields(obj: Any) -> Any:
-    """A record without its top-level null fields: JSON null means absent, as a null table cell does (pandas'
-    and `datasets`' `to_json` write null for every column a record lacks). Anything else as it is."""
-    if isinstance(obj, dict) and any(v is None for v in obj.values()):
-        return {k: v for k, v in obj.items() if v is not None}
+    """A record without its top-level null (or NaN) fields: JSON null means absent, as a null table cell does (pandas'
+    and `datasets`' `to_json` write null for every column a record lacks; `json.dumps` of pandas' rows, NaN). Anything
+    else as it is."""
+    if isinstance(obj, dict) and any(absent(v) for v in obj.values()):
+        return {k: v for k, v in obj.items() if not absent(v)}
     return obj
 
 
-def _name_nulls(problems: list[str], rec: dict, nulls: list[str]) -> list[str]:
+def _name_nulls(problems: list[str], rec: dict, nulls: list[str], null: str = "null") -> list[str]:
     """`problems` of a record `rec` whose `nulls` fields were dropped as absent, where one is about such a field: the
     type that cannot be told (when the record's other keys are that type's: a frame's null column of another type
-    is no clue), or a required field missing, said as the field being null."""
+    is no clue), or a required field missing, said as the field being `null` (a JSON null, a table's null cell, a
+    CSV's empty cell)."""
     typed = [k for k in nulls for t in RECORD_TYPES.values() if t.infer_key == k
              and not any(p.startswith("unknown key") for p in t.validate({**rec, k: "-"}))]
+    said = f"is {null} ({null} means absent; it needs a value)"
     out = []
     for problem in problems:
         if typed and problem.startswith("cannot tell the record type"):
-            problem = f"field {typed[0]!r} is null (null means absent; it needs a value)"
+            problem = f"field {typed[0]!r} {said}"
         elif (field := problem.removeprefix("missing field ").strip("'")) in nulls and problem.startswith("missing"):
-            problem = f"field {field!r} is null (null means absent; it needs a value)"
+            problem = f"field {field!r} {said}"
         out.append(problem)
     return out
 
@@ -360,7 +378,10 @@ def parse_records(path: Path, raw: bytes) -> tuple[list[Record], list[str]]:
         obj = present_fields(raw_obj)
         found = _record_problems(obj)
         if obj is not raw_obj:  # it had null fields: a problem about one names it as null, not as absent
-            found = _name_nulls(found, obj, [k for k, v in raw_obj.items() if v is None])
+            nulls = [k for k, v in raw_obj.items() if absent(v)]
+            null = {".csv": "an empty cell", ".parquet": "a null cell", ".arrow": "a null cell"}.get(
+                path.suffix, "null" if all(raw_obj[k] is None for k in nulls) else "null or NaN")
+            found = _name_nulls(found, obj, nulls, null)
         errors += [(line, p) for p in found]
         if not found:
             records.append(Record(record_type(obj), obj, str(path), line))

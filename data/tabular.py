@@ -20,6 +20,8 @@ import json
 import math
 from typing import Any
 
+from pipeft import DuplicateKey, unique_keys
+
 Parsed = tuple[list[tuple[int, Any]], list[tuple[int, str]]]  # ((line, record), ...), ((line, problem), ...)
 
 JSON_COLUMNS = ("rounds",)  # a text cell starting with '[' in these columns is JSON
@@ -37,7 +39,8 @@ def _need_datasets(suffix: str) -> str | None:
     return None
 
 
-def _absent(value: Any) -> bool:
+def absent(value: Any) -> bool:
+    """A null or NaN: the key is absent (a table's missing cell; JSON null, or NaN as json.dumps writes pandas')."""
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
@@ -51,16 +54,22 @@ def _plain(value: Any) -> Any:
 
 
 def row_record(row: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """(the record of one table row, the problem with it or None): absent cells dropped, JSON cells parsed."""
+    """(the record of one table row, the problem with it or None): absent cells as None (dropped by the record check,
+    which names one a record needs, as it does a JSON null), JSON cells parsed."""
     rec: dict[str, Any] = {}
     for key, value in row.items():
-        if _absent(value) or key.startswith(PANDAS_INDEX):
+        if key.startswith(PANDAS_INDEX):
+            continue
+        if absent(value):
+            rec[key] = None
             continue
         if key in JSON_COLUMNS and isinstance(value, str) and value.lstrip().startswith("["):
             try:
-                value = json.loads(value)
+                value = json.loads(value, object_pairs_hook=unique_keys)
             except json.JSONDecodeError as e:
                 return rec, f"malformed JSON in column {key!r}: {e.msg} (column {e.colno})"
+            except DuplicateKey as e:
+                return rec, f"column {key!r}: {e}"
             except RecursionError:
                 return rec, f"malformed JSON in column {key!r}: nested too deeply"
             except ValueError as e:  # e.g. an integer with more digits than Python converts
@@ -145,7 +154,7 @@ def parse_csv(text: str, max_cell_chars: int) -> Parsed:
                 errors.append((line, f"row has {len(cells)} cell{'s' * (len(cells) != 1)}, the header has "
                                      f"{len(header)} columns"))
                 continue
-            rec, problem = row_record({k: v for k, v in zip(header, cells, strict=True) if v != ""})
+            rec, problem = row_record({k: v if v != "" else None for k, v in zip(header, cells, strict=True)})
             if problem:
                 errors.append((line, problem))
             else:

@@ -120,9 +120,15 @@ class Rendered:
     prompt_ends: tuple[int, ...] = ()
 
 
+def has_input(rec: Mapping[str, Any]) -> bool:
+    """Whether an instruct record has an "input" to show: one absent, empty or blank (" ", a lone newline) has none,
+    so it renders as the template without input (its Input section would be only whitespace)."""
+    return bool(rec.get("input", "").strip())
+
+
 def _instruct_prompt(rec: Mapping[str, Any], eos: str | None = None) -> str:
-    """The instruct prompt; an absent or empty "input" selects the template without input."""
-    if rec.get("input"):
+    """The instruct prompt; an absent, empty or blank "input" selects the template without input."""
+    if has_input(rec):
         return INSTRUCT_WITH_INPUT.format(instruct=rec["instruct"], input=rec["input"])
     return INSTRUCT_NO_INPUT.format(instruct=rec["instruct"])
 
@@ -201,7 +207,7 @@ def _chat_rounds(rec: Mapping[str, Any]) -> list[dict[str, str]]:
 
 def _chat_instruct(rec: Mapping[str, Any]) -> list[dict[str, str]]:
     """The user message, then the output as the assistant's (absent in an inference prompt's record)."""
-    user = CHAT_INSTRUCT_INPUT.format(**rec) if rec.get("input") else rec["instruct"]
+    user = CHAT_INSTRUCT_INPUT.format(**rec) if has_input(rec) else rec["instruct"]
     answer = [{"role": "assistant", "content": rec["output"]}] if "output" in rec else []
     return [{"role": "user", "content": user}, *answer]
 

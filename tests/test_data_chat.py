@@ -17,7 +17,7 @@ from data import inspect as data_inspect
 from data.chat import _check_kept
 from data.encode import IGNORE_INDEX, encode_one, encode_records, load_dataset
 from data.records import DataError, load_records, record_type
-from data.templates import CHAT_MESSAGES, TemplateSettings, render
+from data.templates import CHAT_MESSAGES, TemplateSettings, render, render_prompt
 from data.tiny_tokenizer import _texts_from_records, train_tiny_tokenizer
 from tests.helpers import answers_of, trained_runs
 from training.config import ConfigError, load_config
@@ -96,7 +96,11 @@ def test_every_sample_record_in_chat_mode(chat_tok):
 def test_chat_messages_per_type():
     assert CHAT_MESSAGES["instruct"](RECORDS["instruct"]) == [
         {"role": "user", "content": "Sort the numbers.\n\n3, 1, 2"}, {"role": "assistant", "content": "1, 2, 3"}]
-    assert CHAT_MESSAGES["instruct"]({**RECORDS["instruct"], "input": ""})[0]["content"] == "Sort the numbers."
+    for blank in ("", " ", "\n", " \t\n"):  # an empty or blank input is none, in both template modes
+        rec = {**RECORDS["instruct"], "input": blank}
+        assert CHAT_MESSAGES["instruct"](rec)[0]["content"] == "Sort the numbers."
+        without = {k: v for k, v in rec.items() if k != "input"}
+        assert render(rec, "</s>") == render(without, "</s>") and render_prompt(rec) == render_prompt(without)
     assert [m["role"] for m in CHAT_MESSAGES["conversation"](RECORDS["conversation"])] == [
         "user", "user", "assistant", "user", "assistant"]
     system, *rest = CHAT_MESSAGES["ref_qa"](RECORDS["ref_qa"])

@@ -176,6 +176,29 @@ def test_parquet_keeps_empty_strings_and_drops_nan_columns(tmp_path):
 # --- malformed files ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fmt", [*FORMATS, "jsonl", "json_nan"])
+def test_a_null_or_empty_cell_a_record_needs_is_named_as_such(fmt, tmp_path):
+    """A null / NaN / empty cell (or JSON null, or NaN as json.dumps writes pandas' rows) where a record needs a value
+    is named as that in every format, not as a missing field or an untold record type (the column exists)."""
+    null = {"parquet": "a null cell", "arrow": "a null cell", "arrow_file": "a null cell", "csv": "an empty cell",
+            "jsonl": "null", "json_nan": "null or NaN"}[fmt]
+    line = {"csv": 3, "json_nan": "1 (record 2)"}.get(fmt, 2)  # CSV: the header is line 1; a one-line array
+    for recs, field in (([{"instruct": "q1", "output": "a1"}, {"instruct": "q2", "output": None}], "output"),
+                        ([{"text": "a"}, {"text": None}], "text")):
+        if fmt == "jsonl":
+            path = write_jsonl(tmp_path / "d.jsonl", recs)
+        elif fmt == "json_nan":
+            path = tmp_path / "d.json"
+            path.write_text(json.dumps(frame(recs).to_dict("records")))
+            assert "NaN" in path.read_text()
+        else:
+            path = write(fmt, tmp_path, recs)
+        assert one_problem(path) == f"{path}:{line}: field {field!r} is {null} ({null} means absent; it needs a value)"
+    if fmt == "json_nan":  # a NaN in a column only some records have: absent, as a table's
+        path.write_text(json.dumps(frame(RECORDS[1:3]).to_dict("records")))
+        assert [r.data for r in load_records(path)] == RECORDS[1:3]
+
+
 def test_missing_required_column(tmp_path):
     path = write_parquet(tmp_path / "d.parquet", [{"instruct": "Do it."}])
     assert one_problem(path) == f"{path}:1: missing field 'output'"
@@ -215,6 +238,8 @@ def test_csv_problems(tmp_path):
         "cells": ("instruct,output\nDo it.,Done.,extra\n", 2, "row has 3 cells, the header has 2 columns"),
         "index": (",text\n0,hello\n", 1, "header: column 1 has no name (a pandas index?"),
         "dup": ("text,text\na,b\n", 1, "header: column 'text' appears twice"),
+        "dup_in_json_cell": ('rounds\n"[[""ask"", ""q""], [""ans"", {""ans"": ""a"", ""ans"": ""b""}]]"\n', 2,
+                             "column 'rounds': key 'ans' appears twice in one object"),
         "semicolons": ("instruct;output\nDo it.;Done.\n", 1, "header: one column 'instruct;output': columns separated "
                        "by ';'? a .csv file's are separated by commas"),
         "unterminated": ('text\n"open\n', 2, "malformed CSV: unexpected end of data"),

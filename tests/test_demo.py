@@ -72,6 +72,12 @@ def test_prompt_mode_and_no_stream_match_reference(dirs, capsys):
     assert streamed == printed == reference(dirs["hf"], "The quick brown fox", 12) + "\n"
 
 
+def test_a_record_naming_a_key_twice_is_refused_as_training_refuses_it():
+    args = demo.build_parser().parse_args(["--model-path", "x", "--record", '{"instruct": "Say hi", "instruct": "Bye"}'])
+    with pytest.raises(demo.DemoError, match="^--record: key 'instruct' appears twice in one object"):
+        demo.build_record(args)
+
+
 @pytest.mark.parametrize("argv, record", [
     (["--instruct", "Say hi."], {"instruct": "Say hi."}),
     (["--instruct", "Translate.", "--input", "bonjour"], {"instruct": "Translate.", "input": "bonjour"}),

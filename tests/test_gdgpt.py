@@ -309,6 +309,10 @@ def api_prompts(rec: dict) -> list[dict]:
                                                              "ans": "a"}]]},
      "rounds[1].actions[0]: api_param must be an object or a string holding a JSON object, got list"),
     ({"rounds": [["ask", "q"], ["ans-api", {"ans": "a", "actions": []}]]}, "unknown role 'ans-api'"),
+    ({"api_desc": "x", "rounds": [["ask", "q"], ["ans-api", {"actions": [{"inner_thought": "", "api_name": "f",
+                                                                          "api_param": '{"k": 1, "k": 2}',
+                                                                          "api_res": ""}], "ans": "a"}]]},
+     "rounds[1].actions[0]: api_param: key 'k' appears twice in one object"),  # json keeps the last without a word
 ])
 def test_bad_api_records(tmp_path, tokenizer, bad, expected):
     from data.records import DataError, load_records

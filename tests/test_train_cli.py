@@ -110,6 +110,33 @@ def test_a_used_save_path_needs_resume_or_overwrite(tmp_path, base, capsys):
     assert (tmp_path / "out" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'  # nothing touched
 
 
+def test_a_model_dir_as_save_path_is_refused_and_left_as_it_was(tmp_path, base, capsys):
+    """An HF export, another pipeline dir or an adapter as save_path: training would replace its config.json (a
+    Bloom's weights then loaded as the Llama) and delete its tokenizer files. A run stopped before its first step (its
+    side files, no checkpoint) is not a model dir: it is started again."""
+    hf, pp = tmp_path / "hf", tmp_path / "pp"
+    assert convert_model.main(["pp_to_hg", "--input-path", str(base), "--save-path", str(hf)]) == 0
+    shutil.copytree(base, pp)
+    capsys.readouterr()
+    (hf / "tokenizer.model").write_text("another tokenizer's file")  # the base has none: it would be removed
+    for save, named in ((hf, "model.safetensors)"), (pp, "layer_00-model_states.pt, layer_01")):
+        before = {f: f.read_bytes() for f in save.rglob("*")}
+        cfg = write_config(tmp_path, base, save_path=str(save))
+        assert train_ds.main(["--config", str(cfg)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"save_path {save} holds a model, not a training run ({named}" in err[0], err
+        assert {f: f.read_bytes() for f in save.rglob("*")} == before
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf / name, stopped / name)
+    (stopped / "data_settings.json").write_text("{}")  # written beside them at the start
+    load_config(write_config(tmp_path, base, save_path=str(stopped)))
+    (stopped / "data_settings.json").unlink()  # a config.json and tokenizer files alone: a model's
+    with pytest.raises(ConfigError, match=r"holds a model, not a training run \(config.json\)"):
+        load_config(write_config(tmp_path, base, save_path=str(stopped)))
+
+
 RESUME_CASES = {  # name -> (files under save_path, config overrides, expected text)
     "latest names nothing": ({"latest": "global_step9"}, {}, "latest names 'global_step9', which does not exist"),
     "old checkpoint": ({"latest": "global_step2", "global_step2/layer_00-model_states.pt": ""}, {},

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from data.records import DataError, resolve_files
+from data.settings import DATA_SETTINGS_FILE
 from data.templates import TemplateSettings
 from models.attention import attn_problem
 from models.convert import family_of, missing_layer_file
 from models.hf_io import CheckpointError, load_tokenizer
 from models.lora import LoraSettings, check_adapter_keys, parse_lora
-from models.outdir import RUN_TAG, run_tags
+from models.outdir import RUN_LOCK_FILE, RUN_TAG, run_tags
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import QUANT_FILE, parse_quantization, read_quant_file
 from pipeft import command, one_line
@@ -391,6 +392,10 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
         raise ConfigError(f"{path}: save_path {save} is {'model_path' if save.resolve() == model.resolve() else 'inside model_path'} "
                           f"{model}: checkpoints would mix with the base model's files (and pp_to_hg of that dir would "
                           "export the untrained base); use another directory")
+    if found := _model_files(save):
+        raise ConfigError(f"{path}: save_path {save} holds a model, not a training run ({', '.join(found[:3])}): training "
+                          "would replace its config and tokenizer files and remove those model_path lacks; give a "
+                          "new directory")
     parent = save if save.exists() else next((p for p in save.parents if p.exists()), Path("/"))
     if not parent.is_dir():
         raise ConfigError(f"{path}: save_path {save} is under {parent}, which is a file, not a directory")
@@ -524,6 +529,22 @@ def start_over(cfg: TrainConfig) -> str:
         return (f"to start over, delete {Path(cfg.save_path) / JOB_FILE} (this is a restart of the job that started "
                 "the run, which resumes it while that file names the job)")
     return "start a new run with \"resume\": false and \"overwrite_save_path\": true"
+
+
+MODEL_FILES = ("*.safetensors", "pytorch_model*.bin", "layer_*-model_states.pt", "*.gguf")  # never at a run's top
+
+
+def _model_files(save: Path) -> list[str]:
+    """The model files of a save_path that is a model dir (an HF or pipeline dir, an export, an adapter): weights
+    directly in it, or a config.json with nothing a run writes (a run stopped before its first step has its side
+    files); [] for a run's save_path, a new or an unrelated directory."""
+    if not save.is_dir():
+        return []
+    found = sorted(p.name for pattern in MODEL_FILES for p in save.glob(pattern))
+    if not found and (save / "config.json").is_file() and not holds_run(save) and not any(
+            (save / n).exists() for n in (DATA_SETTINGS_FILE, JOB_FILE, RUN_LOCK_FILE)):
+        found = ["config.json"]
+    return found
 
 
 def holds_run(save: Path) -> bool:

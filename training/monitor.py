@@ -62,13 +62,22 @@ def finite_or_null(value: object) -> object:
 ESTIMATE_FILE = "memory_estimate.json"
 
 
-def write_estimate(save_path: Path, setup, stages: list) -> None:
+def write_estimate(save_path: Path, setup, stages: list) -> str | None:
     """save_path/memory_estimate.json: the start-up summary's per-stage memory prediction (models/cost.py), beside
-    the measured per-stage peaks that metrics.jsonl records (`peak_memory`)."""
+    the measured per-stage peaks that metrics.jsonl records (`peak_memory`). Returns the problem of a failed write
+    (a warning: the run goes on, to stop at its first metrics line if save_path is full)."""
     from dataclasses import asdict
 
-    (save_path / ESTIMATE_FILE).write_text(json.dumps({"setup": asdict(setup), "stages": [m.as_dict() for m in stages]},
-                                                      indent=1) + "\n")
+    from models.diskspace import write_problem
+    from training.checkpoint import atomic_write_text
+
+    path = save_path / ESTIMATE_FILE
+    try:
+        atomic_write_text(path, json.dumps({"setup": asdict(setup), "stages": [m.as_dict() for m in stages]}, indent=1)
+                          + "\n")
+    except OSError as e:
+        return write_problem(f"writing {path}", save_path, e)
+    return None
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:
@@ -146,7 +155,7 @@ class Monitor:
             from training.checkpoint import TrainingStopped
 
             said = write_problem(f"writing {self.metrics_path}", self.metrics_path.parent, e)
-            raise TrainingStopped(f"{said}; the run stops at step {rec['step']}, its last checkpoint intact: resume with "
+            raise TrainingStopped(f"{said}; the run stops at step {rec['step']}, its checkpoints intact: resume with "
                                   "the same command once save_path can be written") from None
         values = scalars(rec)
         for name, tracker in list(self.trackers.items()):

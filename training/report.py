@@ -61,7 +61,8 @@ class RunReport:
         self.log("  overhead: " + ("the process's resident memory before the model was built (measured)"
                                    if setup.overhead_bytes else "CUDA context, NCCL, allocator slack (assumed)")
                  + "; peaks per stage go to metrics.jsonl (peak_memory)")
-        write_estimate(Path(cfg.save_path), setup, mem)
+        if problem := write_estimate(Path(cfg.save_path), setup, mem):
+            self.log(f"warning: {problem}")
         g = self.plan.global_batch
         cfg = self.cfg
         self.log(f"global batch: {g} {self.unit}s of up to {cfg.max_seq_len} tokens ({cfg.micro_batch} micro x "

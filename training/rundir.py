@@ -18,11 +18,11 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from data.settings import DATA_SETTINGS_FILE, data_settings_of, write_data_settings
-from models.diskspace import tree_size
+from models.diskspace import tree_size, write_problem
 from models.hf_io import replace_side_files
 from models.pipeline import LAYER_FILE
 from pipeft import one_line
-from training.checkpoint import RunState, set_rng_state
+from training.checkpoint import RunState, TrainingStopped, set_rng_state
 from training.compat import BATCH_KEYS
 from training.config import ConfigError, start_over
 from training.config_diff import DATA, SAMPLES, config_changes, same_global_batch, schedule_kind, start_schedule_at
@@ -60,6 +60,13 @@ def clear_run(save: Path, tags: list[str]) -> list[str]:
     return removed
 
 
+def start_write_problem(save: Path, e: OSError) -> str:
+    """The one line for a write in save_path that failed at a start (full, gone read-only): nothing trained yet."""
+    written = e.filename2 or e.filename  # a copy's (shutil): its target (in a staging dir), then its source
+    said = write_problem(f"writing {Path(written).name + ' in ' if written else ''}{save}", save, e)
+    return f"{said}; the run stops before its first step, its checkpoints intact: start it again once save_path can be written"
+
+
 class RunDirectory:
     """Trainer methods that own save_path (see the module docstring); they use the Trainer's attributes."""
 
@@ -91,31 +98,40 @@ class RunDirectory:
         torch.distributed.broadcast_object_list(token, src=0)
         probe = save / f".probe-{token[0]}"
         mine = save / f".probe-{token[0]}-rank{self.rank}" if self.local_rank == 0 else None
-        if self.rank == 0:
-            probe.write_text(token[0])
-        if mine is not None:
-            save.mkdir(parents=True, exist_ok=True)
-            mine.write_text(host)
+        wrote = None  # this rank's failed write (save_path full, read-only): every rank stops with it
+        try:
+            if self.rank == 0:
+                for old in save.glob(".probe-*"):  # a start killed here left them (the lock: none is live but ours)
+                    if not old.name.startswith(probe.name):
+                        old.unlink(missing_ok=True)
+                probe.write_text(token[0])
+            if mine is not None:
+                save.mkdir(parents=True, exist_ok=True)
+                mine.write_text(host)
+        except OSError as e:
+            wrote = start_write_problem(save, e)
         torch.distributed.barrier()
         try:
             sees = probe.read_text() == token[0]
         except OSError:
             sees = False
         seen = [None] * self.world
-        torch.distributed.all_gather_object(seen, (sees, None if mine is None else mine.name))
+        torch.distributed.all_gather_object(seen, (sees, None if mine is None else mine.name, wrote))
         torch.distributed.barrier()
         problems = []
         if self.rank == 0:
             problems = [f"rank {r} (host {self.hosts[r]}) does not see what rank 0 (host {host}) writes there"
-                        for r, (ok, _) in enumerate(seen) if not ok]
+                        for r, (ok, _, _) in enumerate(seen) if not ok]
             problems += [f"rank 0 does not see what rank {r} (host {self.hosts[r]}) writes there"
-                         for r, (_, name) in enumerate(seen) if name and not (save / name).is_file()]
+                         for r, (_, name, _) in enumerate(seen) if name and not (save / name).is_file()]
             for f in save.glob(f".probe-{token[0]}*"):
                 f.unlink(missing_ok=True)
         said = [problems]
         torch.distributed.broadcast_object_list(said, src=0)
         if mine is not None:
             mine.unlink(missing_ok=True)  # on a node-local disk rank 0 could not remove it
+        if failed := next((w for _, _, w in seen if w), None):
+            raise TrainingStopped(failed)
         if said[0]:
             raise ConfigError(f"{self.cfg.path}: save_path {save} is not one directory that every node shares: "
                               f"{said[0][0]}{f' (and {len(said[0]) - 1} more)' if len(said[0]) > 1 else ''}; "
@@ -140,16 +156,20 @@ class RunDirectory:
         launchers = [None] * self.world  # what started each rank: a torchrun agent restarts its own workers
         if cfg.resume is False:
             torch.distributed.all_gather_object(launchers, launcher_token())
+        problem = None
         if self.rank == 0:
-            save.mkdir(parents=True, exist_ok=True)
-            for name in self.ckpts.remove_partial():
-                print(f"removed {save / name}: a checkpoint that was not completely written", flush=True)
-            if cfg.resume is False:  # load_config refused a used save_path unless overwrite_save_path
-                if removed := clear_run(save, self.ckpts.tags()):
-                    print(f"overwrite_save_path: removed {', '.join(removed)} from {save}", flush=True)
-                record_job(save, launchers, config_identity(cfg.path, cfg.raw))  # a restart of this job (SLURM
-                # requeue, torchrun) resumes instead
-        torch.distributed.barrier()
+            try:
+                save.mkdir(parents=True, exist_ok=True)
+                for name in self.ckpts.remove_partial():
+                    print(f"removed {save / name}: a checkpoint that was not completely written", flush=True)
+                if cfg.resume is False:  # load_config refused a used save_path unless overwrite_save_path
+                    if removed := clear_run(save, self.ckpts.tags()):
+                        print(f"overwrite_save_path: removed {', '.join(removed)} from {save}", flush=True)
+                    record_job(save, launchers, config_identity(cfg.path, cfg.raw))  # a restart of this job (SLURM
+                    # requeue, torchrun) resumes instead
+            except OSError as e:
+                problem = start_write_problem(save, e)
+        self._stop_with_rank0s(problem)
         tag, notes = resume_tag(save) if cfg.resume in ("auto", True) else (None, [])
         tags = [None] * self.world
         torch.distributed.all_gather_object(tags, tag)  # every rank must load the same checkpoint
@@ -168,14 +188,25 @@ class RunDirectory:
         if self.rank == 0:  # after the resume's checks: a refused resume leaves the run's side files as they were
             if tag is not None and (line := name_resumed(self.ckpts, self.state)):  # no `latest`: name it
                 self.log(line)
-            replace_side_files(Path(cfg.model_path), save, kept=(DATA_SETTINGS_FILE,), say=self.log)
-            write_data_settings(save, data_settings_of(cfg.template_settings, self.tokenizer, cfg.max_seq_len,
-                                                      self.prompted))
-            truncate_metrics(save / "metrics.jsonl", self.state.step)
+            try:
+                replace_side_files(Path(cfg.model_path), save, kept=(DATA_SETTINGS_FILE,), say=self.log)
+                write_data_settings(save, data_settings_of(cfg.template_settings, self.tokenizer, cfg.max_seq_len,
+                                                          self.prompted))
+                truncate_metrics(save / "metrics.jsonl", self.state.step)
+            except OSError as e:
+                problem = start_write_problem(save, e)
             self.ckpts.last_size = tree_size(save / tag) if tag is not None else 0
             self.ckpts.warn_if_short("the next checkpoint")
-        torch.distributed.barrier()
+        self._stop_with_rank0s(problem)
         return self.state.step
+
+    @staticmethod
+    def _stop_with_rank0s(problem: str | None) -> None:
+        """Every rank stops (TrainingStopped) with rank 0's `problem`, if it has one; a barrier otherwise."""
+        said = [problem]
+        torch.distributed.broadcast_object_list(said, src=0)
+        if said[0]:
+            raise TrainingStopped(said[0])
 
     def _resume(self, tag_dir: Path) -> None:
         cfg = self.cfg

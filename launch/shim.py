@@ -42,9 +42,17 @@ class Launch:
         os.execvpe(self.cmd[0], self.cmd, {**os.environ, **self.env})
 
 
+def port(text: str) -> int:
+    """argparse's type for --master_port: an integer in 1..65535."""
+    number = int(text)
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{number} is not a port (1..65535)")
+    return number
+
+
 def add_script_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dry-run", action="store_true", help="print the environment and the command, start nothing")
-    ap.add_argument("--master_port", type=int, default=29500, help="rendezvous port (default 29500)")
+    ap.add_argument("--master_port", type=port, default=29500, help="rendezvous port (default 29500)")
     ap.add_argument("script", help="the training script (train_ds.py)")
     ap.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments: --config CFG.json")
 

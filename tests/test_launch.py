@@ -72,6 +72,16 @@ def test_gaudi_dry_run_one_node(cfg, capsys, monkeypatch):
                        "train_ds.py", "--config", str(path)]
 
 
+@pytest.mark.parametrize("module", [gaudi, trainium])
+def test_a_master_port_that_is_no_port_is_a_usage_error(module, cfg, capsys):
+    """It printed a command whose ranks failed with an OverflowError at bind."""
+    with pytest.raises(SystemExit) as e:
+        module.main(["--master_port", "70000", "--dry-run", "train_ds.py", "--config", str(cfg(dims=(1, 1)))])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: argument --master_port: 70000 is not a port (1..65535)")
+
+
 def test_gaudi_dry_run_hostfile(cfg, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.deepspeed_env

@@ -113,6 +113,8 @@ TORCHRUN = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "1
      "RANK=1 is not in 0..WORLD_SIZE-1 (WORLD_SIZE=1)"),
     ({"RANK": "x", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"},
      "RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers, got RANK='x'"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "70000"},
+     "MASTER_PORT=70000 is not a port (1..65535)"),  # was an OverflowError at bind
     ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
      "this process was started by MPI (OMPI_COMM_WORLD_SIZE=2), which this project does not launch with (mpirun, "
      "deepspeed --launcher openmpi or mvapich): start it through deepspeed"),
@@ -133,7 +135,7 @@ TORCHRUN = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "1
      "torchrun --max-restarts 3 over 2 nodes: a restarted worker would read the previous attempt's addresses from the "
      "agent's store (pytorch#135712) and fail at once; start torchrun with --rdzv-backend c10d --rdzv-endpoint "
      "HOST:PORT and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"),
-], ids=["no LOCAL_RANK (a Kubeflow PyTorchJob)", "no master", "rank past the world", "not a number",
+], ids=["no LOCAL_RANK (a Kubeflow PyTorchJob)", "no master", "rank past the world", "not a number", "not a port",
         "mpirun (each process alone)", "RANK exported to every srun task", "a loopback master for two nodes",
         "srun task past its tasks", "srun tasks not a number", "torchrun restarts over several nodes"])
 def test_an_incomplete_launch_environment_is_one_line(tmp_path, ops_model, monkeypatch, capsys, env, message):

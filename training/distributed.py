@@ -46,16 +46,17 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 def _check_ranks(values: dict[str, str]) -> tuple[int, int]:
     """(rank, world size) of the rank, world size, local rank and port variables `values` (name -> value, in that
     order); LaunchError naming them when one is not an integer or the rank is out of range (a process group that
-    cannot form would wait dist_timeout_minutes without a word)."""
-    (r, rank), (w, world), (lo, local), (port, _) = values.items()
+    cannot form would wait dist_timeout_minutes without a word), or the port is not one (an OverflowError at bind)."""
+    (r, rank), (w, world), (lo, local), (port, number) = values.items()
     try:
-        rank, world, local = int(rank), int(world), int(local)
-        int(values[port])
+        rank, world, local, number = int(rank), int(world), int(local), int(number)
     except ValueError:
         raise LaunchError(f"{r}, {w}, {lo} and {port} must be integers, got "
                           + ", ".join(f"{k}={v!r}" for k, v in values.items())) from None
     if not 0 <= rank < world or local < 0:
         raise LaunchError(f"{r}={rank} is not in 0..{w}-1 ({w}={world}), or {lo}={local} < 0")
+    if not 1 <= number <= 65535:
+        raise LaunchError(f"{port}={number} is not a port (1..65535)")
     return rank, world
 
 

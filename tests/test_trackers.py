@@ -254,6 +254,18 @@ def test_time_goes_on_across_a_resume(tmp_path):
     assert resumed.time_before == 300.0 and time.time() - resumed.t0 < 10  # elapsed and eta: this process's
 
 
+def test_a_resume_rewrites_metrics_by_a_rename_and_only_when_it_drops_lines(tmp_path):
+    """Rewritten in place, a metrics.jsonl of a long run was emptied by a kill during the rewrite at a (re)start."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)))
+    before = path.stat()
+    truncate_metrics(path, 4)  # a resume at the last step: nothing to drop, nothing written
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    truncate_metrics(path, 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    assert path.stat().st_ino != before.st_ino and not list(tmp_path.glob(".metrics*"))  # a new file, renamed
+
+
 class FakeMlflowServer:
     """The few MLflow REST calls of a run (experiment by name, create / get / update a run, log-batch) on a localhost
     port, in a thread: `mlflow server` needs the full mlflow package, and takes seconds to start. `stop()` closes the

@@ -261,6 +261,17 @@ def test_eval_early_stopping_and_keep_best(tmp_path, ops_model, tokenizer):
                               "samples differ from the checkpoint's (eval data files, tokenizer or data settings): "
                               "keep_best / early_stopping_patience compare every eval loss with the earlier ones, and "
                               "losses on other eval data do not compare; restore the eval data, or start a new run"]
+    # without keep_best and patience it is applied, and the earlier losses no longer rank: the best is of the new eval
+    # data (the old best stayed the best, and a later keep_best or patience compared with it)
+    other = cfg.with_name("other.json")
+    other.write_text(json.dumps({**{k: v for k, v in json.loads(cfg.read_text()).items()
+                                    if k not in ("keep_best", "early_stopping_patience")}, "max_steps": last_step + 2}))
+    proc = run_deepspeed("train_ds.py", ["--config", str(other)])
+    state = json.loads((save / f"global_step{last_step + 2}" / "trainer_state.json").read_text())
+    assert [s for s, _ in state["evals"]] == [last_step + 2]
+    assert f"best eval loss {state['evals'][0][1]:.4f} at step {last_step + 2} (its checkpoint:" in proc.stdout
+    assert (f"the eval samples differ from the checkpoint's: later eval losses are on other data; the {len(after)} "
+            "earlier ones are not ranked with them") in proc.stdout
 
 
 def test_bf16_trains_with_fp32_gradient_accumulation(tmp_path, ops_model, ops_uninterrupted):

@@ -81,18 +81,24 @@ def write_estimate(save_path: Path, setup, stages: list) -> str | None:
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:
-    """Keep the metrics lines of steps <= after_step (a resumed run rewrites what came after its checkpoint)."""
+    """Keep the metrics lines of steps <= after_step (a resumed run rewrites what came after its checkpoint): left as
+    it is when there is nothing to drop, else rewritten whole by a rename (a kill while rewriting in place emptied it:
+    every step's history)."""
+    from training.checkpoint import atomic_write_text
+
     if not path.is_file():
         path.write_text("")
         return
+    text = path.read_text()
     kept = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             if json.loads(line)["step"] <= after_step:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):  # a line half-written when the run was killed
             continue
-    path.write_text("".join(line + "\n" for line in kept))
+    if (new := "".join(line + "\n" for line in kept)) != text:
+        atomic_write_text(path, new)
 
 
 def last_time(path: Path) -> float:

@@ -231,7 +231,7 @@ class RunDirectory:
                                     load_module_strict=self.lora is None)
         self.state = RunState(**{**saved.__dict__, "pipe": self.pp_size, "data": self.dp_size,
                                  "parts": list(self.model.parts), "global_batch": self.plan.global_batch,
-                                 "data_fingerprint": self.data_fingerprint, "eval_fingerprint": self.eval_fingerprint})
+                                 "data_fingerprint": self.data_fingerprint, **self._evals_kept(saved)})
         self.engine.global_steps = saved.step
         rng = tag_dir / f"rng_state_rank{self.rank}.pt"
         if same and rng.is_file():
@@ -327,7 +327,9 @@ class RunDirectory:
                                   "compare every eval loss with the earlier ones, and losses on other eval data do not "
                                   "compare; restore the eval data, or start a new run")
             if self.eval_fingerprint is not None:  # (no eval data now: no later eval loss)
-                say("warning: the eval samples differ from the checkpoint's: later eval losses are on other data")
+                say("warning: the eval samples differ from the checkpoint's: later eval losses are on other data"
+                    + (f"; the {len(saved.evals)} earlier ones are not ranked with them (the best eval loss, "
+                       "keep_best and early stopping start again)" if saved.evals else ""))
         if saved.global_batch != self.plan.global_batch:
             what.append(f"the global batch changed ({saved.global_batch} -> {self.plan.global_batch} {self.unit}s; "
                         f"{self.plan.batch_change_note(saved.step, saved.global_batch)})")
@@ -336,6 +338,16 @@ class RunDirectory:
                               "repeated or skipped; set \"allow_data_change_on_resume\": true to continue anyway, or "
                               "start a new run")
         return what
+
+    def _evals_kept(self, saved: RunState) -> dict:
+        """The resumed state's eval history and the fingerprint of the eval samples it was measured on: the saved
+        one without eval data now (a later resume with them compares), none once the eval samples differ (ranked
+        with the new losses, the old would be the best, keep_best's and early stopping's reference forever)."""
+        if self.eval_fingerprint is None:
+            return {"eval_fingerprint": saved.eval_fingerprint}
+        if saved.eval_fingerprint not in (None, self.eval_fingerprint):
+            return {"eval_fingerprint": self.eval_fingerprint, "evals": [], "end_evals": []}
+        return {"eval_fingerprint": self.eval_fingerprint}
 
     def refuse_data_changes(self) -> None:
         """Collective, once the data are read, before the model is built (minutes for a large one): a resume that

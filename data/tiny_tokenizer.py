@@ -164,11 +164,21 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--save-path {e}")
     if args.data and not Path(args.data).exists():
         ap.error(f"--data {args.data}: no such file or directory")
+    least = {"bpe": 256 + len(SPECIALS), "llama3": 256 + len(LLAMA3_SPECIALS)}.get(args.kind, 1)
+    if args.vocab_size < least:  # (a byte-level vocabulary below it was its 256 bytes and specials, not the size asked)
+        ap.error(f"--vocab-size {args.vocab_size}: a {args.kind} tokenizer has at least {least} tokens"
+                 + (f" (256 bytes + {least - 256} special tokens)" if least > 1 else ""))
     try:
         texts = _texts_from_records(Path(args.data)) if args.data else []
     except (OSError, ValueError) as e:  # each names its file
         ap.error(f"--data: {one_line(e)}")
-    tok = train_tiny_tokenizer(texts, args.save_path, args.vocab_size, args.kind, args.chat_template)
+    if args.data and not texts:  # (it trained on the built-in fallback text alone without a word)
+        ap.error(f"--data {args.data}: no text in it (.json / .jsonl record files)")
+    try:
+        tok = train_tiny_tokenizer(texts, args.save_path, args.vocab_size, args.kind, args.chat_template)
+    except RuntimeError as e:  # sentencepiece's trainer: a vocabulary below the characters of the text, or above what
+        # the text yields ("INTERNAL: src/trainer_interface.cc(638) ... [check] Vocabulary size is smaller ...")
+        ap.error(f"--vocab-size {args.vocab_size}: sentencepiece: {one_line(str(e).rsplit('] ', 1)[-1])}")
     print(f"{args.kind} tokenizer with {len(tok)} tokens written to {args.save_path}")
 
 

@@ -114,6 +114,26 @@ def test_entry_points_of_the_source_tree_name_themselves(tmp_path):
         "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1))", "tiny_tokenizer 2"], proc.stderr
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--vocab-size", "-5"], "--vocab-size -5: a bpe tokenizer has at least 260 tokens (256 bytes + 4 special tokens)"),
+    (["--kind", "llama3", "--vocab-size", "260"], "--vocab-size 260: a llama3 tokenizer has at least 261 tokens"),
+    (["--kind", "sentencepiece", "--vocab-size", "50"], "--vocab-size 50: sentencepiece: Vocabulary size is smaller "
+                                                        "than required_chars. 50 vs "),
+    (["--data", "{tmp}"], "--data {tmp}: no text in it (.json / .jsonl record files)"),
+], ids=["negative", "below the bytes and specials", "below the characters", "no record file"])
+def test_the_tiny_tokenizers_bad_arguments_are_one_line(tmp_path, capsys, argv, said):
+    """They were an OverflowError, a sentencepiece RuntimeError, a 260-token tokenizer for 10 asked, and a tokenizer
+    trained on the built-in text alone."""
+    from data import tiny_tokenizer
+
+    with pytest.raises(SystemExit) as e:
+        tiny_tokenizer.main(["--save-path", str(tmp_path / "tok"), *[a.format(tmp=tmp_path) for a in argv]])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"python -m data.tiny_tokenizer: error: {said.format(tmp=tmp_path)}"), err
+    assert not (tmp_path / "tok").exists()
+
+
 def test_make_sets_the_venv_up_again_for_another_torch(tmp_path):
     """`make test TORCH=...` (README: another CUDA build) on a machine set up before: the stamp, newer than its inputs,
     made make skip the set-up without a word. The stamp records what the venv was set up with."""

@@ -3,6 +3,12 @@
     python bench/gpu_checks.py [--out DIR]             # a machine with one CUDA GPU
     python bench/gpu_checks.py --device cpu --quick    # the same plumbing on the CPU, tiny sizes
 
+On a lent machine with a time limit, stop it with SIGINT (the figures so far, the table and the count are still
+printed) and bring back the summary and the logs, not --out's model and checkpoint dirs:
+
+    timeout -k 30 -s INT 535 python3 bench/gpu_checks.py --out /tmp/gc; cp /tmp/gc/summary.json $OUT/;
+    tar czf $OUT/logs.tgz -C /tmp/gc $(cd /tmp/gc && ls *.log)
+
 Besides torch, transformers and peft it needs deepspeed, bitsandbytes and lion-pytorch (README "GPU checks":
 how to carry them as wheels to a machine that cannot install). Sections (run in the order 5, 1, 6, 2, 3, 4: the
 quick figures first; summary.json is rewritten after each check, so a run stopped by a time limit keeps them):
@@ -188,6 +194,10 @@ def attention(device, quick: bool) -> None:
 # ------------------------------------------------------------------------------------------------ 2./3. training
 
 
+LAUNCH_TIMEOUT = 300  # s per training launch (under a minute each on an H200, the memory section's two included):
+# a hung one costs this much of a time-limited run, not all of it
+
+
 def _launcher(device_type: str, logs: Path):
     """launch(config_path, procs) for check_against_reference: train_ds.py under the deepspeed launcher, one
     process on `device_type`; the output is kept in `logs`."""
@@ -202,7 +212,7 @@ def _launcher(device_type: str, logs: Path):
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
                str(ROOT / "train_ds.py"), "--config", str(cfg_path)]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=1200)
+                              timeout=LAUNCH_TIMEOUT)
         (logs / f"{cfg_path.parent.name}.log").write_text(proc.stdout)
         if proc.returncode:
             raise RuntimeError(f"train_ds.py exited {proc.returncode}: {proc.stdout[-3000:]}")
@@ -369,7 +379,10 @@ def memory(device, work: Path, quick: bool) -> None:
     (tmp / "d.jsonl").write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(seq * 2))}) + "\n"
                                          for _ in range(16)))
     launch = _launcher(device.type, work)
-    for name, over in {"full": {}, "lora": {"lora": {"r": 16, "target_modules": ["q_proj", "v_proj"]}}}.items():
+    if device.type == "cuda":  # what this process's earlier sections hold in its allocator's cache: the runs' room
+        torch.cuda.empty_cache()
+    # LoRA first: the smaller run, whose figure lands even when a time limit stops the full one (a 12 GB checkpoint)
+    for name, over in {"lora": {"lora": {"r": 16, "target_modules": ["q_proj", "v_proj"]}}, "full": {}}.items():
         conf = {"model_path": str(tmp / "pp"), "save_path": str(tmp / name), "data_path": str(tmp / "d.jsonl"),
                 "data_cache_dir": str(tmp / "cache"), "max_seq_len": seq, "max_steps": 2, "bf16": {"enabled": True},
                 "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"},
@@ -466,6 +479,8 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="throughput: print the N costliest ops of a step")
     ap.add_argument("--micro", type=int, nargs="*", default=[4, 8], help="throughput: micro-batch sizes to time")
     args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before bitsandbytes' import below, which may look for a kernel on
+    # the Hub (a machine without network would wait on the connection); `models` sets it too, imported later
     import torch
 
     from launch.cuda_only import cuda_available
@@ -494,9 +509,13 @@ def main() -> None:
         "throughput": (throughput, device, args.quick, args.peak_tflops, args.micro, args.profile), "attention": (attention, device, args.quick),
         "loss": (loss, device, args.quick), "training": (training, device, work, args.quick, args.match),
         "qlora": (qlora, device, work, args.quick), "memory": (memory, device, work, args.quick)}
-    for name, (fn, *rest) in sections.items():
-        if args.only is None or name in args.only:
-            guarded(name, fn, *rest)
+    try:
+        for name, (fn, *rest) in sections.items():
+            if args.only is None or name in args.only:
+                guarded(name, fn, *rest)
+    except KeyboardInterrupt:  # `timeout -s INT`: the figures taken so far, the table and the count still come
+        record(name, "ran to the end", "interrupted (SIGINT: a time limit?): it and the sections after it did not "
+               "finish", False)
     failed = [r for r in RESULTS if r["status"] == "FAIL"]
     print("\n| section | check | figure | status |\n|---|---|---|---|")
     for r in RESULTS:

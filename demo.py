@@ -110,8 +110,17 @@ def check_args(args: argparse.Namespace) -> None:
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         raise DemoError(f"--{'top-k' if args.top_k is not None else 'top-p'} samples, but --temperature 0 is greedy "
                         "decoding (which takes neither); give --temperature T > 0 to sample")
-    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():  # before the base model loads
-        raise DemoError(f"--adapter {args.adapter}: no adapter_config.json (not a PEFT adapter dir)")
+    if args.adapter:  # before the base model loads
+        check_adapter_dir(args.adapter)
+
+
+def check_adapter_dir(adapter: str | Path) -> None:
+    """DemoError unless `adapter` is a directory with an adapter_config.json."""
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise DemoError(f"--adapter {adapter}: " + ("no such directory" if not path.exists() else "not a directory"
+                                                     if not path.is_dir() else
+                                                     "no adapter_config.json (not a PEFT adapter dir)"))
 
 
 def build_record(args: argparse.Namespace) -> dict:
@@ -351,8 +360,7 @@ def with_adapter(model, adapter: str | Path, model_path: str | Path | None = Non
 
     from models.quant import quantize_hf_model, read_quant_file
 
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise DemoError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter dir)")
+    check_adapter_dir(adapter)
     if other := other_base(model, adapter, model_path):
         log(f"warning: --adapter {adapter} was trained on {other}, whose weights differ from --model-path's: the "
             "output is not the fine-tuned model's (give its base as --model-path)")

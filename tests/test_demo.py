@@ -134,7 +134,9 @@ def test_sampling_without_top_k_or_top_p_takes_the_models_generation_config(dirs
     (["--model-path", "{tmp}", "--record", "2024"], "--record 2024: JSON int, not a record (a JSON object), and not a "
      "readable file (No such file or directory)"),
     (["--model-path", "{tmp}/missing", "--prompt", "x", "--adapter", "{tmp}/nope"],
-     "--adapter {tmp}/nope: no adapter_config.json (not a PEFT adapter dir)"),  # before the base model loads
+     "--adapter {tmp}/nope: no such directory"),  # before the base model loads (it said: no adapter_config.json)
+    (["--model-path", "{tmp}/missing", "--prompt", "x", "--adapter", "{tmp}"],
+     "--adapter {tmp}: no adapter_config.json (not a PEFT adapter dir)"),
     (["--model-path", "{tmp}", "--instruct", "   "], "--instruct: field 'instruct' is empty"),  # as training says
     (["--model-path", "{tmp}", "--record", '{"rounds": [{"role": "ask", "text": "Hi"}]}'],
      '--record: rounds[0] must be a [role, text] pair, got {"role": "ask", "text": "Hi"}'),

@@ -29,6 +29,7 @@ from jinja2 import TemplateError
 from data.boundary import bound_reach, text_offsets
 from data.records import DataError, Record, record_type
 from data.templates import CHAT_MESSAGES, Rendered, Span, TemplateSettings, render
+from pipeft import one_line
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,18 @@ def require_chat_template(tokenizer: Any) -> None:
         raise DataError([f"{tokenizer.name_or_path}:0: the chat template writes the current date or time "
                          "(strftime_now) into its text, so a prompt would differ from training on another day; make it "
                          "take the date from a date_string variable (as Llama 3's does) or use \"template\": \"default\""])
+    try:  # a user and an assistant message: what every chat template renders
+        plain, prompt, text = (_apply(tokenizer, _PROBE[:1]), _apply(tokenizer, _PROBE[:1], generation_prompt=True),
+                               _apply(tokenizer, _PROBE))
+    except TemplateError as e:
+        raise DataError([f"{tokenizer.name_or_path}:0: the chat template fails on a user message and an answer "
+                         f"({e}); use another or \"template\": \"default\""]) from None
+    header = text[len(plain):text.find("Hello", len(plain))] if text.startswith(plain) else ""
+    if prompt == plain and header.strip():
+        raise DataError([f"{tokenizer.name_or_path}:0: the chat template writes no generation prompt (it has no "
+                         f"add_generation_prompt branch), so the {header.strip()!r} it writes before each answer would "
+                         "be trained as part of the answer, and a serving stack's prompt would end before it; add the "
+                         "branch or use \"template\": \"default\""])
     _warn_if_no_end_token(tokenizer)
     _warn_if_no_bos(tokenizer)
 
@@ -105,8 +118,16 @@ def _warn_if_no_end_token(tokenizer: Any) -> None:
 
 
 def _apply(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    """apply_chat_template's text; TemplateError for whatever the template raises (a jinja `raise_exception`, or a
+    TypeError of a template written for another caller: Phi-4-mini's iterates `tools`, which transformers passes as
+    None), so that each caller says it in one line."""
     dated = {"date_string": CHAT_DATE} if "strftime_now" in _template_text(tokenizer) else {}
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **dated)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **dated)
+    except TemplateError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a template's own failure: one line
+        raise TemplateError(one_line(e, 200, named=True)) from None
 
 
 def _check_kept(text: str, messages: list[dict[str, str]]) -> None:
@@ -115,7 +136,8 @@ def _check_kept(text: str, messages: list[dict[str, str]]) -> None:
     for i, m in enumerate(messages):
         content = m["content"].strip()
         found = text.find(content, at) if content else at
-        last = content.splitlines()[-1].strip() if content else ""
+        last = (content.rsplit("</think>", 1)[-1] if "</think>" in content else content.splitlines()[-1]).strip() \
+            if content else ""
         if found < 0 and m["role"] == "assistant" and last != content and last in text[at:]:  # the rest rewritten
             why = ": it drops the <think> reasoning" if "</think>" in content else ""
             raise ValueError(f"the chat template rewrote message {i} ({m['role']}: {_CONTENT.get(m['role'], 'text')}, "
@@ -165,6 +187,17 @@ def _turn_end(tokenizer: Any, messages: list[dict[str, str]], turn: str) -> int:
         dropped = dropped.replace(t, "")
     closing = not dropped.strip()  # only the closing's tokens and whitespace are cut, never the answer's own text
     return common if common < len(turn) and closing and any(kept.endswith(t) for t in tokens if t.strip()) else len(turn)
+
+
+def _end_only_when_last(tokenizer: Any, text: str, turn: str, end: int) -> str | None:
+    """The added token an answer ends with in `turn` (the conversation up to it) that the whole `text` does not
+    write there, when the answer's span in `text` (to `end`) then ends with no added token (gpt-oss: `<|return|>`
+    after the last answer, `<|end|>` after the others); None otherwise."""
+    tokens = [t for t in _unsplit(tokenizer) if t.strip()]
+    if any(text[:end].rstrip().endswith(t) for t in tokens):
+        return None
+    rest = turn[end:].lstrip()
+    return next((t for t in tokens if rest.startswith(t)), None)
 
 
 def structure_problem(messages: Sequence[Mapping[str, str]]) -> str | None:
@@ -255,6 +288,10 @@ def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_
             if not (turn.startswith(prompt) and text.startswith(prompt)
                     and message["content"].strip() in text[len(prompt):end]):
                 raise ValueError(_not_turn_by_turn(_apply(tokenizer, messages[:i]), prompt, turn, text, i))
+            if i < len(messages) - 1 and (token := _end_only_when_last(tokenizer, text, turn, end)):
+                raise ValueError(f"the chat template ends an answer with {token!r} only when it is the last message "
+                                 f"(followed by more it writes {text[end:end + 20]!r}), so message {i} would be trained "
+                                 "with no end-of-turn token; use \"template\": \"default\"")
             answers.append((len(prompt), len(text[:end].rstrip())))
     except TemplateError as e:
         raise ValueError(_rejected(e, [m["role"] for m in messages])) from None

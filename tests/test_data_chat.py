@@ -445,6 +445,44 @@ def test_reasoning_templates_are_refused_for_what_they_do(chat_dir):
                             "answers cannot be located; use \"template\": \"default\"")
 
 
+# gpt-oss's shape (without its date): an earlier answer ends with <|end|>, the last of a finished conversation <|return|>
+GPT_OSS_LIKE = ("{% for m in messages %}{{ '<|start|>' + m['role'] + '<|message|>' + m['content'] }}{% if m['role'] == "
+                "'assistant' and loop.last and not add_generation_prompt %}{{ '<|return|>' }}{% else %}{{ '<|end|>' }}"
+                "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant<|message|>' }}{% endif %}")
+
+
+def test_templates_that_would_train_the_wrong_span_or_fail_are_refused_in_one_line(chat_dir):
+    """Found with real templates (chat-template review): Qwen's SFT example template has no generation prompt (its
+    role header was trained as part of every answer); a gpt-oss-shaped one ended only the last answer with a token
+    (the others were trained with none); Phi-4-mini's iterates `tools`, which transformers passes as None (a
+    TypeError traceback); R1's `split('</think>')` of a one-line reasoning was called a dropped answer."""
+    from data.chat import require_chat_template
+
+    tok = AutoTokenizer.from_pretrained(str(chat_dir))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", END, "<|start|>", "<|message|>", "<|end|>",
+                                                          "<|return|>"]})
+    two = {"rounds": [["ask", "2+3?"], ["ans", "5."], ["ask", "2+4?"], ["ans", "6."]]}
+    tok.chat_template = CHATML.split("{% if add_generation_prompt %}")[0]
+    with pytest.raises(DataError, match=r"the chat template writes no generation prompt \(it has no add_generation_prompt "
+                                        r"branch\), so the '<\|im_start\|>assistant' it writes before each answer would "
+                                        "be trained as part of the answer"):
+        require_chat_template(tok)
+    tok.chat_template = GPT_OSS_LIKE
+    require_chat_template(tok)
+    assert encode_one(tok, {"instruct": "2+3?", "output": "5."}, 128, CHAT)[1]  # one answer: it ends with <|return|>
+    with pytest.raises(ValueError, match="^the chat template ends an answer with '<\\|return\\|>' only when it is the "
+                                         "last message \\(followed by more it writes '<\\|end\\|><\\|start\\|>user'\\), "
+                                         "so message 1 would be trained with no end-of-turn token"):
+        encode_one(tok, two, 128, CHAT)
+    tok.chat_template = "{% if tools is defined %}{% for t in tools %}{{ t }}{% endfor %}{% endif %}" + CHATML
+    with pytest.raises(DataError, match=r":0: the chat template fails on a user message and an answer \(TypeError: "
+                                        "'NoneType' object is not iterable\\)"):
+        require_chat_template(tok)
+    tok.chat_template = R1_LIKE.replace("<think>\\n' }}{% endif %}", "' }}{% endif %}")
+    with pytest.raises(ValueError, match="^the chat template rewrote message 1 .*: it drops the <think> reasoning"):
+        encode_one(tok, {"instruct": "2+3?", "output": "<think>add them</think>5."}, 128, CHAT)
+
+
 def test_tool_records_rendered_by_the_default_template_in_chat_mode_are_counted(chat_dir, tmp_path, caplog):
     """conver_has_api records have no chat messages: chat mode renders them with the default template, and each load
     (cache hit too) says how many, in one line."""

@@ -484,12 +484,16 @@ def export_peft(tag_dir: Path, info: dict, family: ModelFamily, config, save_pat
             (tmp / QUANT_FILE).write_text(json.dumps(info["quantization"], indent=1) + "\n")
         if generation_config is not None:
             (tmp / "generation_config.json").write_text(generation_config)
-    if settings.modules_to_save:
-        from .convert import log
+    from .convert import log
 
+    if settings.modules_to_save:
         log(f"note: the adapter holds whole modules ({', '.join(settings.modules_to_save)}) beside its LoRA pairs: peft "
-            "loads them; llama.cpp does not (its convert_lora_to_gguf.py refuses them, or writes norms that llama.cpp "
-            "then ignores at load): for llama.cpp, export with --lora merge")
+            "loads them; vLLM refuses such an adapter (modules_to_save), and llama.cpp does not take them (its "
+            "convert_lora_to_gguf.py refuses them, or writes norms that llama.cpp ignores (Llama's) or refuses "
+            "(Bloom's LayerNorm biases) at load): for vLLM and llama.cpp, export with --lora merge")
+    if family.model_type == "bloom":
+        log("note: vLLM serves no LoRA adapter on Bloom (its BloomForCausalLM does not support LoRA): for vLLM, export "
+            "with --lora merge")
     return save_path
 
 

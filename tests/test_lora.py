@@ -123,8 +123,10 @@ def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family,
         pp_to_hg(tmp_path / "out", tmp_path / "nope")
     capsys.readouterr()
     pp_to_hg(tmp_path / "out", tmp_path / "adapter", lora="peft")
-    # llama.cpp takes LoRA pairs only: it refuses whole modules, or ignores norms (checked with its converter and runtime)
-    assert ("llama.cpp does not (its convert_lora_to_gguf.py refuses them" in capsys.readouterr().err) == bool(saves)
+    # llama.cpp takes LoRA pairs only: it refuses whole modules, or ignores norms (checked with its converter and
+    # runtime); vLLM refuses modules_to_save (its PEFTHelper._validate_features)
+    assert ("vLLM refuses such an adapter (modules_to_save), and llama.cpp does not take them (its "
+            "convert_lora_to_gguf.py refuses them" in capsys.readouterr().err) == bool(saves)
     exported = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     expected = get_peft_model_state_dict(ref_model["m"])
     whole = 1 + 1 + 2 * blocks if saves else 0  # lm_head, the final norm, two norms per block

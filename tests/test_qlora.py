@@ -93,7 +93,7 @@ def bnb_base(hf_dir, quant: dict):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("family", ["llama", "bloom"])
-def test_qlora_matches_transformers_bnb_peft_and_exports(tmp_path, tokenizer, family):
+def test_qlora_matches_transformers_bnb_peft_and_exports(tmp_path, tokenizer, family, capsys):
     import bitsandbytes as bnb
 
     name, targets, quant, per_block, ckpt = CASES[family]
@@ -133,7 +133,9 @@ def test_qlora_matches_transformers_bnb_peft_and_exports(tmp_path, tokenizer, fa
     assert {t.dtype for k, t in checkpoint_tensors(tag).items() if k.startswith("layer_")} == {torch.float32}
 
     # PEFT export on transformers' 4-bit base reproduces the pipeline's eval loss
+    capsys.readouterr()
     pp_to_hg(tmp_path / "out", tmp_path / "adapter", lora="peft")
+    assert ("note: vLLM serves no LoRA adapter on Bloom" in capsys.readouterr().err) == (family == "bloom")
     assert json.loads((tmp_path / "adapter" / "quantization_config.json").read_text()) == settings.as_config()
     exported, init = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("adapter", "init_adapter"))
     assert {t.dtype for t in exported.values()} == {torch.float32}

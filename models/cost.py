@@ -9,6 +9,7 @@ layers (transformers' blocks, SDPA / eager attention, the chunked loss), per tok
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, fields
 
@@ -77,6 +78,7 @@ class Setup:
         return [min(self.pipe - s, self.grad_accum) for s in range(self.pipe)]
 
 
+@functools.cache  # the planner asks once per stage it sizes
 def fused_rms_norm(device: str, version: str | None = None) -> bool:
     """Whether F.rms_norm (models.llama.RMSNorm) runs torch's fused kernel on `device`: CUDA from torch 2.8 (2.7 has
     the op for MPS only), which saves less than the composite torch runs elsewhere (HPU, Neuron, the CPU, an older
@@ -303,9 +305,10 @@ def _logits_unmapped(config, tokens: int, b: int) -> bool:
 
 
 def stage_memory(family, config, setup: Setup, parts: list[int],
-                 counts: list[tuple[int, int]] | None = None) -> list[StageMemory]:
+                 counts: list[tuple[int, int]] | None = None, only: int | None = None) -> list[StageMemory]:
     """Predicted peak memory per pipeline stage for unit counts `parts`. `counts`: the real (total, trainable)
-    parameters per stage when the caller has them (the trainer), else derived from the model and `setup.lora`."""
+    parameters per stage when the caller has them (the trainer), else derived from the model and `setup.lora`.
+    `only`: that stage's alone, as a one-element list (each stage's depends on its position and units only)."""
     s = setup
     b = DTYPE_BYTES[s.precision]
     units = unit_params(family, config)
@@ -318,8 +321,11 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
     adapters = lora_params(family, config, s.lora) if s.lora else 0
     out, start = [], 0
     for stage, k in enumerate(parts):
+        if only is not None and stage != only:
+            start += k
+            continue
         idx = range(start, start + k)
-        blocks = sum(1 for u in idx if 0 < u < n_units - 1)
+        blocks = max(0, min(start + k, n_units - 1) - max(start, 1))  # units 1..n_units-2 are the blocks
         has_head, has_embed = n_units - 1 in idx, 0 in idx
         total, linear = stage_params(units, idx, tied)
         trainable = total if s.lora is None else blocks * adapters
@@ -353,7 +359,7 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
         per_micro += 2 * 16 * tokens  # int64 position and segment ids, received and sent
         if family.model_type == "bloom" and blocks:
             per_micro += s.micro_batch * s.seq_len ** 2 * b  # the additive mask eager attention uses
-        flight = s.in_flight[stage]
+        flight = min(s.pipe - stage, s.grad_accum)  # s.in_flight[stage], without the list of every stage's
         if defers(s.defer_wgrad, s.lora is not None, s.grad_ckpt):  # the first stage defers none
             per_micro_deferred = blocks * deferred_bytes(family, config, b) * tokens
         else:

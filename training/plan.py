@@ -123,7 +123,7 @@ def _stage_fits(family, config, setup: Setup, stage: int, a: int, b: int, memory
     parts += [b - a]
     rest = setup.pipe - stage - 1
     parts += [after - (rest - 1), *([1] * (rest - 1))] if rest else []
-    return stage_memory(family, config, setup, parts)[stage].total <= memory
+    return stage_memory(family, config, setup, parts, only=stage)[0].total <= memory
 
 
 def plan(family, config, gpus: int, memory: float, seq_len: int, precision: str = "bf16", lora: bool = False,
@@ -141,7 +141,7 @@ def plan(family, config, gpus: int, memory: float, seq_len: int, precision: str 
     if not found:  # what would: LoRA, QLoRA, more GPUs (checkpointing and offload were tried already)
         if progress is not None:
             progress(f"does not fit on {gpus} GPUs: trying {'QLoRA' if shape is not None else 'LoRA, QLoRA'} and up "
-                     "to 4096 GPUs (a minute or two for a large model)")
+                     "to 4096 GPUs (some seconds for a large model)")
         if shape is None:
             for name, q in (("LoRA (--lora)", None), ("QLoRA (--quantization nf4)", "nf4")):
                 if candidates(family, config, replace(base, lora=LoraShape(lora_r, family.lora_targets), quantization=q),

@@ -379,8 +379,10 @@ def memory(device, work: Path, quick: bool) -> None:
     (tmp / "d.jsonl").write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(seq * 2))}) + "\n"
                                          for _ in range(16)))
     launch = _launcher(device.type, work)
-    if device.type == "cuda":  # what this process's earlier sections hold in its allocator's cache: the runs' room
-        torch.cuda.empty_cache()
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().empty_cache()  # what this process's earlier sections hold in the allocator's cache: the runs'
+    # room (DS_ACCELERATOR is the device's, set in main)
     # LoRA first: the smaller run, whose figure lands even when a time limit stops the full one (a 12 GB checkpoint)
     for name, over in {"lora": {"lora": {"r": 16, "target_modules": ["q_proj", "v_proj"]}}, "full": {}}.items():
         conf = {"model_path": str(tmp / "pp"), "save_path": str(tmp / name), "data_path": str(tmp / "d.jsonl"),

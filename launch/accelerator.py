@@ -39,6 +39,19 @@ def _host_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+class _StateGenerator:
+    """A generator's get_state / set_state over an accelerator's get_rng_state / set_rng_state."""
+
+    def __init__(self, acc: TorchDeviceAccelerator):
+        self._acc = acc
+
+    def get_state(self) -> torch.Tensor:
+        return self._acc.get_rng_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self._acc.set_rng_state(state)
+
+
 class TorchDeviceAccelerator(DeepSpeedAccelerator):
     """DeepSpeed's accelerator interface over torch device type `device_type` and backend `backend`."""
 
@@ -140,8 +153,14 @@ class TorchDeviceAccelerator(DeepSpeedAccelerator):
         return fn() if fn is not None else torch.initial_seed()
 
     def default_generator(self, device_index):
+        """The device's generator: what DeepSpeed's activation checkpointing restores get_rng_state()'s state into
+        before a recompute (`default_generator(i).set_state`). A device module with its own RNG state but no
+        `default_generators` gets one over that state (the host's generator would take the device's state: a
+        size error, or dropout recomputed with other random numbers)."""
         gens = getattr(self._mod, "default_generators", None)
-        return gens[device_index] if gens else torch.default_generator
+        if gens:
+            return gens[device_index]
+        return _StateGenerator(self) if self._fn("set_rng_state") is not None else torch.default_generator
 
     # --------------------------------------------------------------------------------------------- streams
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -52,13 +53,12 @@ def read_hostfile(path: Path) -> dict[str, int]:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        parts = line.split()
-        slots = parts[1].removeprefix("slots=") if len(parts) == 2 and parts[1].startswith("slots=") else ""
-        if not slots.isdigit() or int(slots) < 1:
+        match = re.match(r"(\S+)\s+slots=(\d+)", line)  # DeepSpeed's _parse_hostfile: later fields are its own
+        if match is None or int(match[2]) < 1:
             raise AcceleratorError(f"--hostfile {path}:{n}: expected `HOST slots=N` (N >= 1), got {line!r}")
-        if parts[0] in hosts:
-            raise AcceleratorError(f"--hostfile {path}:{n}: host {parts[0]!r} is listed twice")
-        hosts[parts[0]] = int(slots)
+        if match[1] in hosts:
+            raise AcceleratorError(f"--hostfile {path}:{n}: host {match[1]!r} is listed twice")
+        hosts[match[1]] = int(match[2])
     if not hosts:
         raise AcceleratorError(f"--hostfile {path}: lists no host")
     return hosts

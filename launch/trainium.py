@@ -11,9 +11,10 @@ its --node_rank. Checked before anything starts: the topology against nproc_per_
 arguments, and an optimizer that needs DeepSpeed's compiled ops (fused Adam/Lamb), which have no Neuron build:
 Adam/AdamW need "torch_adam": true. --accelerator DEVICE:BACKEND runs the same path on another device (the
 tests use cpu:gloo); a device or backend torch lacks here, or a device this machine lacks (--dry-run: a note; the
-command is for a host with one), is refused before torchrun starts. It exports TORCH_ELASTIC_SHUTDOWN_TIMEOUT=900
-unless set: torchrun SIGKILLs its workers 30 s after passing a SIGTERM on, which would cut the checkpoint they then
-write. Trn1 (torch-xla) is not served by this path: see README.
+command is for a host with one), is refused before torchrun starts. It passes torchrun --shutdown-timeout 900 (or
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT's value, if set): torchrun SIGKILLs its workers 30 s after passing a SIGTERM on, which
+would cut the checkpoint they then write; the option, unlike the variable, fails loudly on a torch before 2.12 (which
+has neither and always waits 30 s). Trn1 (torch-xla) is not served by this path: see README.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def build(args: argparse.Namespace) -> Launch:
     device, backend = parse_spec(args.accelerator, "--accelerator")
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise AcceleratorError(f"--nproc_per_node and --nnodes must be >= 1, got {args.nproc_per_node} and {args.nnodes}")
+    # torch's agent SIGKILLs the ranks this long after passing SIGTERM on (the variable is ignored before 2.12)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
-           "--nnodes", str(args.nnodes)]
+           "--nnodes", str(args.nnodes), "--shutdown-timeout", os.environ.get(SHUTDOWN_ENV) or str(SHUTDOWN_S)]
     if args.nnodes > 1:
         if args.master_addr is None or args.node_rank is None:
             raise AcceleratorError(f"--nnodes {args.nnodes} needs --master_addr (node 0's address) and --node_rank "
@@ -95,10 +97,7 @@ def build(args: argparse.Namespace) -> Launch:
         if port_taken(args.master_port):
             raise AcceleratorError(f"--master_port {args.master_port} is already in use on this machine (another "
                                    "run?): pass a free port")
-    env = {ENV: f"{device}:{backend}"}
-    if SHUTDOWN_ENV not in os.environ:  # torch's agent SIGKILLs the ranks this long after passing SIGTERM on
-        env[SHUTDOWN_ENV] = str(SHUTDOWN_S)
-    return Launch(cmd, env, notes=notes)
+    return Launch(cmd, {ENV: f"{device}:{backend}"}, notes=notes)
 
 
 main = main_of(module_command("launch.trainium"), parser, build)

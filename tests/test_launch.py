@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch import gaudi, trainium
 from tests.helpers import free_port, pythonpath
@@ -85,7 +86,8 @@ def test_a_master_port_that_is_no_port_is_a_usage_error(module, cfg, capsys):
 def test_gaudi_dry_run_hostfile(cfg, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.deepspeed_env
-    (tmp_path / "hosts").write_text("# two Gaudi2 servers\ngaudi-a slots=8\n\ngaudi-b slots=8\n")
+    # (a field after the slots, as DeepSpeed's hostfile reader takes it, was refused)
+    (tmp_path / "hosts").write_text("# two Gaudi2 servers\ngaudi-a slots=8 max_slots=8\n\ngaudi-b slots=8\n")
     path = cfg(dims=(8, 2))
     code, out, err = dry_run(gaudi, ["--hostfile", "hosts", "--dry-run", "train_ds.py", f"--config={path}"], capsys)
     assert code == 0, err
@@ -150,11 +152,11 @@ def test_trainium_dry_run(cfg, capsys):
                                         "10.0.0.5", "--dry-run", "train_ds.py", "--config", str(path)], capsys)
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert [ln for ln in lines if ln.startswith("export ")] == ["export PIPEFT_ACCELERATOR=neuron:neuron",
-                                                               "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=900"]
+    assert [ln for ln in lines if ln.startswith("export ")] == ["export PIPEFT_ACCELERATOR=neuron:neuron"]
+    # the shutdown timeout as an option: a torch before 2.12 ignored the variable (and refuses the option, loudly)
     assert lines[-1].split() == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "8", "--nnodes",
-                                 "2", "--node_rank", "1", "--master_addr", "10.0.0.5", "--master_port", "29500",
-                                 "train_ds.py", "--config", str(path)]
+                                 "2", "--shutdown-timeout", "900", "--node_rank", "1", "--master_addr", "10.0.0.5",
+                                 "--master_port", "29500", "train_ds.py", "--config", str(path)]
 
 
 @pytest.mark.parametrize("argv, over, message", [
@@ -204,6 +206,24 @@ def test_trainium_refuses_a_device_this_machine_lacks(spec, message, cfg, capsys
 def test_trainium_refuses_a_real_launch_without_torchneuron(cfg, capsys):
     code, out, err = dry_run(trainium, ["--nproc_per_node", "2", "train_ds.py", "--config", str(cfg())], capsys)
     assert code == 2 and "torch_neuronx (TorchNeuron) is not installed" in err
+
+
+def test_activation_checkpointing_restores_a_device_rng_state_into_the_device(monkeypatch):
+    """A device module with get_rng_state / set_rng_state but no default_generators (TorchNeuron's may be one): the
+    state DeepSpeed's checkpointing saved was restored into the host's generator (a size error; had the sizes matched,
+    the recompute's dropout would have drawn other numbers than the forward's)."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.activation_checkpointing import checkpointing
+
+    from launch.accelerator import TorchDeviceAccelerator
+
+    restored = []
+    acc = TorchDeviceAccelerator("cpu", "gloo")
+    acc._mod = SimpleNamespace(get_rng_state=lambda: torch.arange(16, dtype=torch.uint8), set_rng_state=restored.append)
+    monkeypatch.setattr(checkpointing, "get_accelerator", lambda: acc)
+    checkpointing._set_cuda_rng_state(acc.get_rng_state())
+    assert len(restored) == 1 and torch.equal(restored[0], torch.arange(16, dtype=torch.uint8))
 
 
 @pytest.mark.distributed

@@ -64,14 +64,23 @@ def read_hostfile(path: Path) -> dict[str, int]:
     return hosts
 
 
+PROBE = "import habana_frameworks.torch.utils.experimental as h; print(bool(h._is_fp16_supported()))"
+
+
 def fp16_supported() -> bool | None:
-    """Whether this host's Gaudi computes fp16 (Habana's own probe, the one DeepSpeed's HPU accelerator uses);
-    None where the Gaudi software (habana_frameworks) is not installed."""
-    try:
-        import habana_frameworks.torch.utils.experimental as htexp
-    except ImportError:
+    """Whether this host's Gaudi computes fp16 (Habana's own probe, the one DeepSpeed's HPU accelerator uses), asked
+    in a child process, as DeepSpeed's tests ask it: the shim then execs the launcher, which must not inherit a device
+    the probe opened. None where the Gaudi software (habana_frameworks) is not installed or the probe fails."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("habana_frameworks") is None:
         return None
-    return bool(htexp._is_fp16_supported())
+    try:
+        said = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"True": True, "False": False}.get(said[-1] if said else "")
 
 
 def build(args: argparse.Namespace, fp16: bool | None = None, probe: bool = True) -> Launch:

@@ -139,6 +139,19 @@ def test_gaudi_refuses_fp16_where_the_device_has_none(cfg, monkeypatch):
         gaudi.build(args, fp16=True, probe=False)
 
 
+def test_gaudis_fp16_probe_runs_in_a_child_process(tmp_path, monkeypatch):
+    """The shim execs DeepSpeed's launcher after it: a device the probe opened in the shim's process would stay open
+    in the launcher. Habana's probe module stands in as a package of that name."""
+    probe = tmp_path / "habana_frameworks" / "torch" / "utils"
+    probe.mkdir(parents=True)
+    for d in (probe.parents[1], probe.parent, probe):
+        (d / "__init__.py").write_text("")
+    (probe / "experimental.py").write_text("_is_fp16_supported = lambda: False\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert gaudi.fp16_supported() is False and "habana_frameworks" not in sys.modules
+
+
 def test_gaudi_dry_run_notes_unchecked_fp16(cfg, capsys):
     path = cfg(bf16=None, fp16={"enabled": True})
     code, out, err = dry_run(gaudi, ["--world_size", "2", "--dry-run", "train_ds.py", "--config", str(path)], capsys)

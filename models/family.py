@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -111,6 +112,9 @@ class ModelFamily:
             raise CheckpointError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv} "
                                   "(each key/value head serves a whole group of query heads)")
         rope = _rope(config)
+        for key, value in rope.items():  # (a string factor failed in torch's arithmetic, naming no key)
+            if key in ROPE_NUMBERS and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise CheckpointError(f"{where}: rope_parameters.{key} must be a number, got {json.dumps(value)}")
         if rope.get("rope_type", rope.get("type")) == "longrope":  # transformers only warns; torch fails later
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
             want = int(head_dim * (rope.get("partial_rotary_factor") or 1.0)) // 2
@@ -121,6 +125,10 @@ class ModelFamily:
         with config_errors(where, config):
             meta_layers(self, config)
         return config
+
+
+ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "partial_rotary_factor")
 
 
 def _rope(config) -> dict:
@@ -148,9 +156,10 @@ def config_errors(where: str | Path, config=None) -> Iterator[None]:
         # parameters transformers only warns about (longrope factors of the wrong length) fail in torch ops
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
         problem = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # huggingface_hub's: "...:\n  cause"
-        if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):  # transformers' lookup of a value
+        if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):  # transformers' lookup of a value, or
+            # its own message ("Missing required keys in `rope_parameters` ...")
             keys = [k for k, v in _flat(config.to_dict() if config is not None else {}) if v == e.args[0]]
-            problem = f"{' / '.join(keys) or 'value'} {e.args[0]!r} is not one transformers knows"
+            problem = f"{' / '.join(keys)} {e.args[0]!r} is not one transformers knows" if keys else e.args[0]
         raise CheckpointError(f"{where}: {problem[:300]}") from None
 
 

@@ -114,6 +114,10 @@ BAD_HF = {  # case -> (damage, text expected in the message)
                                                 "num_key_value_heads 3"),
     "unknown rope type": (_patch_config(rope_scaling={"rope_type": "bogus", "factor": 2.0}),
                           "config.json: rope_parameters.rope_type 'bogus' is not one transformers knows"),
+    "rope key missing": (_patch_config(rope_scaling={"rope_type": "linear"}),  # (it said: value ... is not one ...)
+                         "config.json: Missing required keys in `rope_parameters` for 'rope_type'='linear': {'factor'}"),
+    "rope factor a string": (_patch_config(rope_scaling={"rope_type": "dynamic", "factor": "2"}),  # (torch's TypeError)
+                             'config.json: rope_parameters.factor must be a number, got "2"'),
     # accepted by transformers' validation; the layers cannot run them (transformers' model fails the same way)
     "partial rotary": (_patch_config(rope_scaling={"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5,
                                                    "original_max_position_embeddings": 64}),

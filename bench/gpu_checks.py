@@ -43,6 +43,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -211,12 +212,22 @@ def _launcher(device_type: str, logs: Path):
                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
                str(ROOT / "train_ds.py"), "--config", str(cfg_path)]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=LAUNCH_TIMEOUT)
-        (logs / f"{cfg_path.parent.name}.log").write_text(proc.stdout)
-        if proc.returncode:
-            raise RuntimeError(f"train_ds.py exited {proc.returncode}: {proc.stdout[-3000:]}")
-        return proc.stdout
+        # its own session: a time-out or a SIGINT stops the launcher and its ranks (subprocess.run's kill reached the
+        # launcher alone: the ranks kept the device for the next sections), and the output so far is kept
+        log = logs / f"{cfg_path.parent.name}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+            try:
+                code = proc.wait(timeout=LAUNCH_TIMEOUT)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        text = log.read_text()
+        if code:
+            raise RuntimeError(f"train_ds.py exited {code}: {text[-3000:]}")
+        return text
 
     return launch
 

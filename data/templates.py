@@ -121,13 +121,14 @@ class Rendered:
 
 
 def has_input(rec: Mapping[str, Any]) -> bool:
-    """Whether an instruct record has an "input" to show: one absent, empty or blank (" ", a lone newline) has none,
-    so it renders as the template without input (its Input section would be only whitespace)."""
-    return bool(rec.get("input", "").strip())
+    """Whether an instruct record has an "input" to show: an absent or empty one has none, and renders as the template
+    without input. A blank one (" ") is shown as it is: rendering it otherwise would change the rows, and so refuse the
+    resume, of every run whose data hold one."""
+    return bool(rec.get("input"))
 
 
 def _instruct_prompt(rec: Mapping[str, Any], eos: str | None = None) -> str:
-    """The instruct prompt; an absent, empty or blank "input" selects the template without input."""
+    """The instruct prompt; an absent or empty "input" selects the template without input (`has_input`)."""
     if has_input(rec):
         return INSTRUCT_WITH_INPUT.format(instruct=rec["instruct"], input=rec["input"])
     return INSTRUCT_NO_INPUT.format(instruct=rec["instruct"])

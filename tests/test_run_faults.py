@@ -123,7 +123,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
     said = errors_of(out)
     assert len(said) == 1 and "Traceback" not in out, out[-4000:]
     assert re.fullmatch(rf"train_ds.py: error: writing tokenizer.json in {disk / 'out'}: no space left on device \(free [^)]+\); "
-                        "the run stops before its first step, its checkpoints intact: start it again once save_path "
+                        "the run stops before its first step, nothing of it lost: start it again once save_path "
                         "can be written", said[0]), said[0]
     assert not list((disk / "out").glob(".probe-*")) and resume_tag(disk / "out") == ("global_step2", [])
     assert {f: f.read_bytes() for f in before} == before

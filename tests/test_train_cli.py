@@ -126,15 +126,16 @@ def test_a_model_dir_as_save_path_is_refused_and_left_as_it_was(tmp_path, base, 
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"save_path {save} holds a model, not a training run ({named}" in err[0], err
         assert {f: f.read_bytes() for f in save.rglob("*")} == before
-    stopped = tmp_path / "stopped"
+    stopped = tmp_path / "stopped"  # the side files a start writes first: it may stop there (a full disk)
     stopped.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(hf / name, stopped / name)
-    (stopped / "data_settings.json").write_text("{}")  # written beside them at the start
     load_config(write_config(tmp_path, base, save_path=str(stopped)))
-    (stopped / "data_settings.json").unlink()  # a config.json and tokenizer files alone: a model's
-    with pytest.raises(ConfigError, match=r"holds a model, not a training run \(config.json\)"):
-        load_config(write_config(tmp_path, base, save_path=str(stopped)))
+    (stopped / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # a run, with an export the user put in it
+    (stopped / "model.gguf").write_text("the user's")
+    load_config(write_config(tmp_path, base, save_path=str(stopped)))
+    with pytest.raises(ConfigError, match="the config is save_path's config.json, which training replaces"):
+        load_config(write_config(stopped, base, name="config.json", save_path=str(stopped)))
 
 
 RESUME_CASES = {  # name -> (files under save_path, config overrides, expected text)

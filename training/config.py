@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 
 from data.records import DataError, resolve_files
-from data.settings import DATA_SETTINGS_FILE
 from data.templates import TemplateSettings
 from models.attention import attn_problem
 from models.convert import family_of, missing_layer_file
-from models.hf_io import CheckpointError, load_tokenizer
+from models.hf_io import SIDE_FILES, CheckpointError, load_tokenizer
 from models.lora import LoraSettings, check_adapter_keys, parse_lora
 from models.outdir import RUN_LOCK_FILE, RUN_TAG, run_tags
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
@@ -392,6 +391,9 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
         raise ConfigError(f"{path}: save_path {save} is {'model_path' if save.resolve() == model.resolve() else 'inside model_path'} "
                           f"{model}: checkpoints would mix with the base model's files (and pp_to_hg of that dir would "
                           "export the untrained base); use another directory")
+    if Path(path).resolve().parent == save.resolve() and Path(path).name in SIDE_FILES:
+        raise ConfigError(f"{path}: the config is save_path's {Path(path).name}, which training replaces with "
+                          "model_path's; keep the training config elsewhere")
     if found := _model_files(save):
         raise ConfigError(f"{path}: save_path {save} holds a model, not a training run ({', '.join(found[:3])}): training "
                           "would replace its config and tokenizer files and remove those model_path lacks; give a "
@@ -535,16 +537,12 @@ MODEL_FILES = ("*.safetensors", "pytorch_model*.bin", "layer_*-model_states.pt",
 
 
 def _model_files(save: Path) -> list[str]:
-    """The model files of a save_path that is a model dir (an HF or pipeline dir, an export, an adapter): weights
-    directly in it, or a config.json with nothing a run writes (a run stopped before its first step has its side
-    files); [] for a run's save_path, a new or an unrelated directory."""
-    if not save.is_dir():
+    """The weights of a save_path that is a model dir (an HF or pipeline dir, an export, an adapter): files directly
+    in it that a run never writes there; [] for a run's save_path (a file the user added to one is theirs), a new or
+    an unrelated directory. (Not a config.json alone: a run stopped at its start's first writes leaves one.)"""
+    if not save.is_dir() or holds_run(save) or any((save / n).exists() for n in (JOB_FILE, RUN_LOCK_FILE)):
         return []
-    found = sorted(p.name for pattern in MODEL_FILES for p in save.glob(pattern))
-    if not found and (save / "config.json").is_file() and not holds_run(save) and not any(
-            (save / n).exists() for n in (DATA_SETTINGS_FILE, JOB_FILE, RUN_LOCK_FILE)):
-        found = ["config.json"]
-    return found
+    return sorted(p.name for pattern in MODEL_FILES for p in save.glob(pattern))
 
 
 def holds_run(save: Path) -> bool:

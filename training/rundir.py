@@ -64,7 +64,7 @@ def start_write_problem(save: Path, e: OSError) -> str:
     """The one line for a write in save_path that failed at a start (full, gone read-only): nothing trained yet."""
     written = e.filename2 or e.filename  # a copy's (shutil): its target (in a staging dir), then its source
     said = write_problem(f"writing {Path(written).name + ' in ' if written else ''}{save}", save, e)
-    return f"{said}; the run stops before its first step, its checkpoints intact: start it again once save_path can be written"
+    return f"{said}; the run stops before its first step, nothing of it lost: start it again once save_path can be written"
 
 
 class RunDirectory:

@@ -61,13 +61,16 @@ def require_chat_template(tokenizer: Any) -> None:
         raise DataError([f"{tokenizer.name_or_path}:0: the chat template writes the current date or time "
                          "(strftime_now) into its text, so a prompt would differ from training on another day; make it "
                          "take the date from a date_string variable (as Llama 3's does) or use \"template\": \"default\""])
-    try:  # a user and an assistant message: what every chat template renders
-        plain, prompt, text = (_apply(tokenizer, _PROBE[:1]), _apply(tokenizer, _PROBE[:1], generation_prompt=True),
-                               _apply(tokenizer, _PROBE))
+    try:  # a user and an assistant message, and the prompt for the answer: what every chat template renders
+        text, prompt = _apply(tokenizer, _PROBE), _apply(tokenizer, _PROBE[:1], generation_prompt=True)
     except TemplateError as e:
         raise DataError([f"{tokenizer.name_or_path}:0: the chat template fails on a user message and an answer "
                          f"({e}); use another or \"template\": \"default\""]) from None
-    header = text[len(plain):text.find("Hello", len(plain))] if text.startswith(plain) else ""
+    try:  # a lone user message without the prompt: training never renders it (a template may refuse it)
+        plain = _apply(tokenizer, _PROBE[:1])
+    except TemplateError:
+        plain = None
+    header = text[len(plain):text.find("Hello", len(plain))] if plain is not None and text.startswith(plain) else ""
     if prompt == plain and header.strip():
         raise DataError([f"{tokenizer.name_or_path}:0: the chat template writes no generation prompt (it has no "
                          f"add_generation_prompt branch), so the {header.strip()!r} it writes before each answer would "
@@ -189,15 +192,15 @@ def _turn_end(tokenizer: Any, messages: list[dict[str, str]], turn: str) -> int:
     return common if common < len(turn) and closing and any(kept.endswith(t) for t in tokens if t.strip()) else len(turn)
 
 
-def _end_only_when_last(tokenizer: Any, text: str, turn: str, end: int) -> str | None:
-    """The added token an answer ends with in `turn` (the conversation up to it) that the whole `text` does not
-    write there, when the answer's span in `text` (to `end`) then ends with no added token (gpt-oss: `<|return|>`
-    after the last answer, `<|end|>` after the others); None otherwise."""
+def _own_end(tokenizer: Any, text: str, turn: str, end: int) -> int:
+    """The length of the added token that ends an earlier answer in the whole `text` right at `end`, where the
+    conversation finished at that answer (`turn`) writes another added token there instead and the answer's span
+    ends with none (gpt-oss: `<|end|>` after earlier answers, `<|return|>` after the last; OLMo: `<|im_end|>`, then
+    EOS): the span then takes it, as the last answer's takes its own; else 0 (the span is as it was)."""
     tokens = [t for t in _unsplit(tokenizer) if t.strip()]
-    if any(text[:end].rstrip().endswith(t) for t in tokens):
-        return None
-    rest = turn[end:].lstrip()
-    return next((t for t in tokens if rest.startswith(t)), None)
+    if any(text[:end].rstrip().endswith(t) for t in tokens) or not any(turn[end:].lstrip().startswith(t) for t in tokens):
+        return 0
+    return next((len(t) for t in sorted(tokens, key=len, reverse=True) if text.startswith(t, end)), 0)
 
 
 def structure_problem(messages: Sequence[Mapping[str, str]]) -> str | None:
@@ -288,10 +291,8 @@ def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_
             if not (turn.startswith(prompt) and text.startswith(prompt)
                     and message["content"].strip() in text[len(prompt):end]):
                 raise ValueError(_not_turn_by_turn(_apply(tokenizer, messages[:i]), prompt, turn, text, i))
-            if i < len(messages) - 1 and (token := _end_only_when_last(tokenizer, text, turn, end)):
-                raise ValueError(f"the chat template ends an answer with {token!r} only when it is the last message "
-                                 f"(followed by more it writes {text[end:end + 20]!r}), so message {i} would be trained "
-                                 "with no end-of-turn token; use \"template\": \"default\"")
+            if i < len(messages) - 1:  # an earlier answer that ends with its own added token (gpt-oss, OLMo)
+                end += _own_end(tokenizer, text, turn, end)
             answers.append((len(prompt), len(text[:end].rstrip())))
     except TemplateError as e:
         raise ValueError(_rejected(e, [m["role"] for m in messages])) from None

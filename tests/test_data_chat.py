@@ -450,11 +450,18 @@ GPT_OSS_LIKE = ("{% for m in messages %}{{ '<|start|>' + m['role'] + '<|message|
                 "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant<|message|>' }}{% endif %}")
 
 
-def test_templates_that_would_train_the_wrong_span_or_fail_are_refused_in_one_line(chat_dir):
+# OLMo-3's: earlier answers end with <|im_end|>, the last of a finished conversation with EOS
+OLMO_LIKE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}{% if m['role'] == 'assistant' "
+             "and loop.last and not add_generation_prompt %}{{ eos_token }}{% else %}{{ '<|im_end|>\\n' }}{% endif %}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_real_template_shapes_train_each_answer_to_its_end_or_are_refused_in_one_line(chat_dir):
     """Found with real templates (chat-template review): Qwen's SFT example template has no generation prompt (its
-    role header was trained as part of every answer); a gpt-oss-shaped one ended only the last answer with a token
-    (the others were trained with none); Phi-4-mini's iterates `tools`, which transformers passes as None (a
-    TypeError traceback); R1's `split('</think>')` of a one-line reasoning was called a dropped answer."""
+    role header was trained as part of every answer); gpt-oss- and OLMo-shaped ones end earlier answers with another
+    token than the last (the earlier were trained with none: each is trained with its own); Phi-4-mini's iterates
+    `tools`, which transformers passes as None (a TypeError traceback); R1's `split('</think>')` of a one-line
+    reasoning was called a dropped answer."""
     from data.chat import require_chat_template
 
     tok = AutoTokenizer.from_pretrained(str(chat_dir))
@@ -466,13 +473,10 @@ def test_templates_that_would_train_the_wrong_span_or_fail_are_refused_in_one_li
                                         r"branch\), so the '<\|im_start\|>assistant' it writes before each answer would "
                                         "be trained as part of the answer"):
         require_chat_template(tok)
-    tok.chat_template = GPT_OSS_LIKE
-    require_chat_template(tok)
-    assert encode_one(tok, {"instruct": "2+3?", "output": "5."}, 128, CHAT)[1]  # one answer: it ends with <|return|>
-    with pytest.raises(ValueError, match="^the chat template ends an answer with '<\\|return\\|>' only when it is the "
-                                         "last message \\(followed by more it writes '<\\|end\\|><\\|start\\|>user'\\), "
-                                         "so message 1 would be trained with no end-of-turn token"):
-        encode_one(tok, two, 128, CHAT)
+    for template, ends in ((GPT_OSS_LIKE, ["<|end|>", "<|return|>"]), (OLMO_LIKE, [END, "</s>"])):
+        tok.chat_template = template  # each answer trained with the token that ends it there (earlier: none)
+        require_chat_template(tok)
+        assert trained_runs(tok, *encode_one(tok, two, 128, CHAT)[:2]) == [f"5.{ends[0]}", f"6.{ends[1]}"]
     tok.chat_template = "{% if tools is defined %}{% for t in tools %}{{ t }}{% endfor %}{% endif %}" + CHATML
     with pytest.raises(DataError, match=r":0: the chat template fails on a user message and an answer \(TypeError: "
                                         "'NoneType' object is not iterable\\)"):

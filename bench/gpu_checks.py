@@ -199,6 +199,23 @@ LAUNCH_TIMEOUT = 300  # s per training launch (under a minute each on an H200, t
 # a hung one costs this much of a time-limited run, not all of it
 
 
+def _terminated_with_parent() -> None:
+    """In a launcher's child before exec: SIGTERM when this script dies, even by SIGKILL (a time limit's `-k`), which
+    DeepSpeed's launcher passes on to its ranks (Linux; elsewhere nothing)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop(signum, frame) -> None:
+    """SIGTERM (`timeout`'s default signal, a lent machine's end) as Ctrl-C: the launch in flight is stopped, and the
+    figures so far, the table and the count are printed."""
+    raise KeyboardInterrupt
+
+
 def _launcher(device_type: str, logs: Path):
     """launch(config_path, procs) for check_against_reference: train_ds.py under the deepspeed launcher, one
     process on `device_type`; the output is kept in `logs`."""
@@ -217,7 +234,7 @@ def _launcher(device_type: str, logs: Path):
         log = logs / f"{cfg_path.parent.name}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=_terminated_with_parent)
             try:
                 code = proc.wait(timeout=LAUNCH_TIMEOUT)
             finally:
@@ -492,6 +509,7 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="throughput: print the N costliest ops of a step")
     ap.add_argument("--micro", type=int, nargs="*", default=[4, 8], help="throughput: micro-batch sizes to time")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, _stop)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before bitsandbytes' import below, which may look for a kernel on
     # the Hub (a machine without network would wait on the connection); `models` sets it too, imported later
     import torch

@@ -192,17 +192,6 @@ def _turn_end(tokenizer: Any, messages: list[dict[str, str]], turn: str) -> int:
     return common if common < len(turn) and closing and any(kept.endswith(t) for t in tokens if t.strip()) else len(turn)
 
 
-def _own_end(tokenizer: Any, text: str, turn: str, end: int) -> int:
-    """The length of the added token that ends an earlier answer in the whole `text` right at `end`, where the
-    conversation finished at that answer (`turn`) writes another added token there instead and the answer's span
-    ends with none (gpt-oss: `<|end|>` after earlier answers, `<|return|>` after the last; OLMo: `<|im_end|>`, then
-    EOS): the span then takes it, as the last answer's takes its own; else 0 (the span is as it was)."""
-    tokens = [t for t in _unsplit(tokenizer) if t.strip()]
-    if any(text[:end].rstrip().endswith(t) for t in tokens) or not any(turn[end:].lstrip().startswith(t) for t in tokens):
-        return 0
-    return next((len(t) for t in sorted(tokens, key=len, reverse=True) if text.startswith(t, end)), 0)
-
-
 def structure_problem(messages: Sequence[Mapping[str, str]]) -> str | None:
     """Why no chat template can render these messages, found without rendering them; None when nothing is."""
     if messages and messages[0]["role"] == "assistant":
@@ -291,8 +280,6 @@ def _render_messages(tokenizer: Any, messages: list[dict[str, str]], generation_
             if not (turn.startswith(prompt) and text.startswith(prompt)
                     and message["content"].strip() in text[len(prompt):end]):
                 raise ValueError(_not_turn_by_turn(_apply(tokenizer, messages[:i]), prompt, turn, text, i))
-            if i < len(messages) - 1:  # an earlier answer that ends with its own added token (gpt-oss, OLMo)
-                end += _own_end(tokenizer, text, turn, end)
             answers.append((len(prompt), len(text[:end].rstrip())))
     except TemplateError as e:
         raise ValueError(_rejected(e, [m["role"] for m in messages])) from None

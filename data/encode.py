@@ -58,10 +58,9 @@ from data.templates import template_settings as template_state
 from data.tokenizer_checks import require_eos, require_special_tokens_parsed, special_text
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "encode-v14"  # bump when encoding, labelling or the cache file's layout changes (v9 was
+CACHE_VERSION = "encode-v13"  # bump when encoding, labelling or the cache file's layout changes (v9 was
 # written for an hour by cf0d248, since reverted: never reuse it; v12: 0746ce2's chat labels, written under v11;
-# v13: labels read from untrimmed offsets, data.boundary; v14: a chat template's earlier answers trained with the
-# added token that ends them when the last ends with another (gpt-oss, OLMo))
+# v13: labels read from untrimmed offsets, data.boundary)
 KEYED_PACKAGES = ("tokenizers", "transformers", "jinja2")  # their versions are in the key: tokenizing, chat rendering
 MIN_RECORDS_FOR_POOL = 2000  # records, or MIN_CHARS_FOR_POOL characters of text (books: few records, long ones), that
 MIN_CHARS_FOR_POOL = 1 << 23  # are tokenized by a process pool (`pooled`), after a line that says so

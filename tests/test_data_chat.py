@@ -459,7 +459,7 @@ OLMO_LIKE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['
 def test_real_template_shapes_train_each_answer_to_its_end_or_are_refused_in_one_line(chat_dir):
     """Found with real templates (chat-template review): Qwen's SFT example template has no generation prompt (its
     role header was trained as part of every answer); gpt-oss- and OLMo-shaped ones end earlier answers with another
-    token than the last (the earlier were trained with none: each is trained with its own); Phi-4-mini's iterates
+    token than the last (accepted, as before: only the last answer learns its end); Phi-4-mini's iterates
     `tools`, which transformers passes as None (a TypeError traceback); R1's `split('</think>')` of a one-line
     reasoning was called a dropped answer."""
     from data.chat import require_chat_template
@@ -473,10 +473,10 @@ def test_real_template_shapes_train_each_answer_to_its_end_or_are_refused_in_one
                                         r"branch\), so the '<\|im_start\|>assistant' it writes before each answer would "
                                         "be trained as part of the answer"):
         require_chat_template(tok)
-    for template, ends in ((GPT_OSS_LIKE, ["<|end|>", "<|return|>"]), (OLMO_LIKE, [END, "</s>"])):
-        tok.chat_template = template  # each answer trained with the token that ends it there (earlier: none)
+    for template, last_end in ((GPT_OSS_LIKE, "<|return|>"), (OLMO_LIKE, "</s>")):
+        tok.chat_template = template  # accepted; the earlier answers' own end token is not trained (not refused)
         require_chat_template(tok)
-        assert trained_runs(tok, *encode_one(tok, two, 128, CHAT)[:2]) == [f"5.{ends[0]}", f"6.{ends[1]}"]
+        assert trained_runs(tok, *encode_one(tok, two, 128, CHAT)[:2]) == ["5.", f"6.{last_end}"]
     tok.chat_template = "{% if tools is defined %}{% for t in tools %}{{ t }}{% endfor %}{% endif %}" + CHATML
     with pytest.raises(DataError, match=r":0: the chat template fails on a user message and an answer \(TypeError: "
                                         "'NoneType' object is not iterable\\)"):

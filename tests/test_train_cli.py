@@ -136,6 +136,9 @@ def test_a_model_dir_as_save_path_is_refused_and_left_as_it_was(tmp_path, base, 
     load_config(write_config(tmp_path, base, save_path=str(stopped)))
     with pytest.raises(ConfigError, match="the config is save_path's config.json, which training replaces"):
         load_config(write_config(stopped, base, name="config.json", save_path=str(stopped)))
+    (tmp_path / "link.json").symlink_to(stopped / "config.json")  # the same file by another name
+    with pytest.raises(ConfigError, match="the config is save_path's config.json, which training replaces"):
+        load_config(tmp_path / "link.json")
 
 
 RESUME_CASES = {  # name -> (files under save_path, config overrides, expected text)

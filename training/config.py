@@ -391,8 +391,8 @@ def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
         raise ConfigError(f"{path}: save_path {save} is {'model_path' if save.resolve() == model.resolve() else 'inside model_path'} "
                           f"{model}: checkpoints would mix with the base model's files (and pp_to_hg of that dir would "
                           "export the untrained base); use another directory")
-    if Path(path).resolve().parent == save.resolve() and Path(path).name in SIDE_FILES:
-        raise ConfigError(f"{path}: the config is save_path's {Path(path).name}, which training replaces with "
+    if (real := Path(path).resolve()).parent == save.resolve() and real.name in SIDE_FILES:  # (a link to it too)
+        raise ConfigError(f"{path}: the config is save_path's {real.name}, which training replaces with "
                           "model_path's; keep the training config elsewhere")
     if found := _model_files(save):
         raise ConfigError(f"{path}: save_path {save} holds a model, not a training run ({', '.join(found[:3])}): training "

@@ -43,10 +43,12 @@ class Launch:
 
 
 def port(text: str) -> int:
-    """argparse's type for --master_port: an integer in 1..65535."""
+    """argparse's type for --master_port: an integer that is a port (training.distributed.port_problem)."""
+    from training.distributed import port_problem
+
     number = int(text)
-    if not 1 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{number} is not a port (1..65535)")
+    if problem := port_problem(number):
+        raise argparse.ArgumentTypeError(problem)
     return number
 
 

@@ -43,6 +43,11 @@ MPI_WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what launch_env makes present
 
 
+def port_problem(number: int) -> str | None:
+    """Why `number` is no TCP port (a bind would raise OverflowError), else None."""
+    return None if 1 <= number <= 65535 else f"{number} is not a port (1..65535)"
+
+
 def _check_ranks(values: dict[str, str]) -> tuple[int, int]:
     """(rank, world size) of the rank, world size, local rank and port variables `values` (name -> value, in that
     order); LaunchError naming them when one is not an integer or the rank is out of range (a process group that
@@ -55,8 +60,8 @@ def _check_ranks(values: dict[str, str]) -> tuple[int, int]:
                           + ", ".join(f"{k}={v!r}" for k, v in values.items())) from None
     if not 0 <= rank < world or local < 0:
         raise LaunchError(f"{r}={rank} is not in 0..{w}-1 ({w}={world}), or {lo}={local} < 0")
-    if not 1 <= number <= 65535:
-        raise LaunchError(f"{port}={number} is not a port (1..65535)")
+    if problem := port_problem(number):
+        raise LaunchError(f"{port}={problem}")
     return rank, world
 
 

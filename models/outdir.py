@@ -34,6 +34,15 @@ def run_tags(directory: Path) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
+def run_marks(path: Path, lock: bool = True) -> list[str]:
+    """What shows that `path` is a training run's save_path: its `latest`, metrics.jsonl, its run lock (`lock`) and
+    its first checkpoint dir, those it holds ([] for any other path)."""
+    if not path.is_dir():
+        return []
+    names = ("latest", *([RUN_LOCK_FILE] if lock else []), "metrics.jsonl")
+    return [n for n in names if (path / n).is_file()] + run_tags(path)[:1]
+
+
 def latest_tag(directory: Path) -> str:
     """The tag `directory/latest` names ("" for an empty file): its last path component, so "global_step3/" written
     by hand is that tag, and a path into another directory names a tag of this one, not the other run's."""
@@ -72,9 +81,7 @@ def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | Non
     above = next((p for p in dst.parents if os.path.lexists(p)), None)  # the nearest existing path above it
     if above is not None and not above.is_dir():
         raise CheckpointError(f"{path}: {above} is a file, not a directory; choose another path")
-    if overwrite and path.is_dir() and not path.is_symlink() and (
-            run := [n for n in ("latest", RUN_LOCK_FILE, "metrics.jsonl") if (path / n).is_file()]
-            + run_tags(path)[:1]):
+    if overwrite and not path.is_symlink() and (run := run_marks(path)):
         raise CheckpointError(f"{path}: is a training run's save_path (it holds {', '.join(run)}): --overwrite would "
                               "delete its checkpoints and metrics; write the output somewhere else")
     if overwrite or not os.path.lexists(path):

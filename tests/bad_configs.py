@@ -203,6 +203,9 @@ CASES = {  # name -> (config overrides, expected text)
     "max_seq_len above positions": ({"max_seq_len": 2048}, "'max_seq_len' 2048 is above what the model's positions "
                                     "cover (1024, max_position_embeddings); lower max_seq_len"),
     "save_path under a file": ({"save_path": "{tmp}/a_file/out"}, "/a_file, which is a file, not a directory"),
+    "data_cache_dir a file": ({"data_cache_dir": "{tmp}/a_file"}, "/a_file is a file, not a directory"),  # was a
+    "data_cache_dir under a file": ({"data_cache_dir": "{tmp}/a_file/cache"}, "/a_file is a file, not a directory"),
+    # warning naming [Errno 17] or [Errno 20] at the data loading, and no cache
     "attn flash on cpu": ({"attn_implementation": "flash_attention_2"}, "'attn_implementation' 'flash_attention_2': "
                           "flash_attention_2 needs a CUDA device (this one is cpu)"),
     "attn unknown": ({"attn_implementation": "sdpa2"}, "'attn_implementation' 'sdpa2': must be one of 'auto', 'sdpa'"),

@@ -11,20 +11,17 @@ import difflib
 import json
 import math
 import os
-import re
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from data.records import DataError, resolve_files
+from data.records import DataError
 from data.templates import TemplateSettings
 from models.attention import attn_problem
 from models.convert import family_of, missing_layer_file
-from models.hf_io import SIDE_FILES, CheckpointError, load_tokenizer
+from models.hf_io import CheckpointError, load_tokenizer
 from models.lora import LoraSettings, check_adapter_keys, parse_lora
-from models.outdir import RUN_LOCK_FILE, RUN_TAG, run_tags
 from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import QUANT_FILE, parse_quantization, read_quant_file
 from pipeft import command, one_line
@@ -32,6 +29,7 @@ from training.batches import DROP_LAST
 from training.compat import check_deepspeed_sections, deepspeed_refusal, derive_batch, map_gdgpt_keys
 from training.config_diff import torch_scheduler, zero_stage
 from training.config_file import OTHER_TOOLS_KEYS, ConfigError, read_config_file
+from training.config_paths import check_paths, eval_is_training_data, save_path_in_use
 from training.optim import (
     build_lion,
     check_optimizer,
@@ -40,12 +38,10 @@ from training.optim import (
     optimizer_key_problem,
     precision_problem,
 )
-from training.resume import resume_problem, resumes, unnamed_tag, weights_from_checkpoint
+from training.resume import resume_problem, resumes, weights_from_checkpoint
 from training.runlock import (
     JOB_FILE,
-    LockError,
     UnknownStart,
-    check_unlocked,
     config_identity,
     launch_job,
     restarted_job,
@@ -225,10 +221,10 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
     _check_batch(cfg, path, world_size)
     if problem := deepspeed_refusal(cfg.ds_config):  # after the project's own lines, which say more
         raise ConfigError(f"{path}: {problem}")
-    _check_paths(cfg, path, require_model)
-    if note := _eval_is_training_data(cfg):
+    check_paths(cfg, path, require_model)
+    if note := eval_is_training_data(cfg):
         cfg.notes.append(note)
-    if require_model and judge and (problem := _save_path_in_use(cfg, path)):
+    if require_model and judge and (problem := save_path_in_use(cfg, path)):
         refuse(problem)
     if require_model:
         _check_model(cfg, path)
@@ -351,110 +347,6 @@ def _processes_needed(model_topo: dict | None) -> int | None:
     return None
 
 
-def _model_path_hint(model: Path) -> str:
-    """What a model_path that holds no pipeline model seems to be, and the way on ("" when it tells nothing)."""
-    convert = command("convert_model.py")
-    if model.exists() and not model.is_dir():
-        return f" (a file; model_path is the pipeline dir {convert} hg_to_pp writes)"
-    if not model.exists():
-        first = model.parts[0] if model.parts else ""
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) and first not in (".", "..") and not Path(first).exists():
-            return (f" (a Hub id? convert it first: {convert} hg_to_pp --input-path {model} --save-path DIR, then use "
-                    "DIR)")
-        return "" if model.is_absolute() else f" (relative to the working directory {Path.cwd()})"
-    if (model / "latest").is_file() or run_tags(model) or RUN_TAG.match(model.name):
-        return (f" (a training run's checkpoints: resume that run with its own config, or, to train further from "
-                f"it as a new run, export it ({convert} pp_to_hg --input-path ... --save-path HF_DIR), then convert "
-                f"that ({convert} hg_to_pp --input-path HF_DIR --save-path PP_DIR) and use PP_DIR)")
-    if any(model.glob("*.safetensors")) or any(model.glob("pytorch_model*.bin")):
-        return f" (an HF dir? convert it first: {convert} hg_to_pp --input-path {model} --save-path PP_DIR, then use PP_DIR)"
-    return ""
-
-
-def _check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
-    for key in ("model_path", "save_path", "data_cache_dir"):  # "" is the working directory, as Path reads it
-        if isinstance(getattr(cfg, key), str) and not getattr(cfg, key).strip():
-            raise ConfigError(f"{path}: '{key}' is empty (it would be the working directory); give a directory")
-    model = Path(cfg.model_path)
-    if not model.is_dir():
-        raise ConfigError(f"{path}: model_path {model} is not a directory{_model_path_hint(model)}")
-    if not require_model:
-        return
-    if not (model / "config.json").is_file():
-        raise ConfigError(f"{path}: model_path {model} has no config.json{_model_path_hint(model)}")
-    if not cfg.from_scratch and not weights_from_checkpoint(cfg) and not (model / "layer_00-model_states.pt").is_file():
-        raise ConfigError(f"{path}: model_path {model} has no pipeline layer files{_model_path_hint(model)}")
-    save = Path(cfg.save_path)
-    if save.exists() and not save.is_dir():
-        raise ConfigError(f"{path}: save_path {save} is a file, not a directory")
-    if save.resolve() == model.resolve() or model.resolve() in save.resolve().parents:
-        raise ConfigError(f"{path}: save_path {save} is {'model_path' if save.resolve() == model.resolve() else 'inside model_path'} "
-                          f"{model}: checkpoints would mix with the base model's files (and pp_to_hg of that dir would "
-                          "export the untrained base); use another directory")
-    if (real := Path(path).resolve()).parent == save.resolve() and real.name in SIDE_FILES:  # (a link to it too)
-        raise ConfigError(f"{path}: the config is save_path's {real.name}, which training replaces with "
-                          "model_path's; keep the training config elsewhere")
-    if found := _model_files(save):
-        raise ConfigError(f"{path}: save_path {save} holds a model, not a training run ({', '.join(found[:3])}): training "
-                          "would replace its config and tokenizer files and remove those model_path lacks; give a "
-                          "new directory")
-    parent = save if save.exists() else next((p for p in save.parents if p.exists()), Path("/"))
-    if not parent.is_dir():
-        raise ConfigError(f"{path}: save_path {save} is under {parent}, which is a file, not a directory")
-    if problem := _write_problem(parent):
-        raise ConfigError(f"{path}: save_path {save} is not writable: {parent} refuses new files ({problem})")
-    if cfg.resume is True and not (save / "latest").is_file() and unnamed_tag(save) is None:
-        raise ConfigError(f"{path}: 'resume' is true but save_path {save} has no checkpoint ('latest' file)")
-    for key in ("data_path", "eval_data_path"):
-        if getattr(cfg, key) is not None:
-            try:
-                resolve_files(getattr(cfg, key), key)
-            except DataError as e:
-                raise ConfigError(f"{path}: '{key}': {e.problems[0]}") from None
-
-
-def _eval_is_training_data(cfg: TrainConfig) -> str | None:
-    """A note naming the files eval_data_path shares with data_path (after globs, directories and links), else None."""
-    if cfg.eval_data_path is None:
-        return None
-    try:
-        train = {f.resolve() for f in resolve_files(cfg.data_path)}
-        both = [f for f in (f.resolve() for f in resolve_files(cfg.eval_data_path)) if f in train]
-    except DataError:  # a path that matches nothing: _check_paths or the data loading says so
-        return None
-    if not both:
-        return None
-    return (f"'eval_data_path' names {len(both)} of the training files (data_path): {', '.join(map(str, both[:3]))}"
-            f"{' ...' if len(both) > 3 else ''}; the eval loss of records the model trains on does not tell how it does "
-            "on new ones: evaluate on held-out records (or set 'eval_split_ratio' instead)")
-
-
-def _write_problem(directory: Path) -> str | None:
-    """Why a file cannot be created in `directory` (tried: permission bits do not tell for root, read-only or
-    network filesystems), None when it can."""
-    try:
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".pipeft-write-test-")
-    except OSError as e:
-        return e.strerror or type(e).__name__
-    os.close(fd)
-    os.unlink(probe)
-    return None
-
-
-def _save_path_in_use(cfg: TrainConfig, path: Path) -> str | None:
-    """Rank 0's checks of what is in save_path now: a live run's lock (the others cannot judge another host's), a run
-    that "resume": false would replace without "overwrite_save_path" (rank 0 decides whether this start resumes)."""
-    save = Path(cfg.save_path)
-    try:
-        check_unlocked(save)
-    except LockError as e:
-        return f"{path}: {e}"
-    if cfg.resume is False and not cfg.overwrite_save_path and holds_run(save):
-        return (f"{path}: save_path {save} already holds a training run and 'resume' is false; set \"resume\": \"auto\" "
-                "to continue it or \"overwrite_save_path\": true to replace it")
-    return None
-
-
 def _check_model(cfg: TrainConfig, path: Path) -> None:
     """The model dir's tokenizer against its config and the data keys: an EOS token, a vocabulary the embedding
     covers, max_seq_len within the positions, a chat template for "template": "chat"."""
@@ -531,23 +423,6 @@ def start_over(cfg: TrainConfig) -> str:
         return (f"to start over, delete {Path(cfg.save_path) / JOB_FILE} (this is a restart of the job that started "
                 "the run, which resumes it while that file names the job)")
     return "start a new run with \"resume\": false and \"overwrite_save_path\": true"
-
-
-MODEL_FILES = ("*.safetensors", "pytorch_model*.bin", "layer_*-model_states.pt", "*.gguf")  # never at a run's top
-
-
-def _model_files(save: Path) -> list[str]:
-    """The weights of a save_path that is a model dir (an HF or pipeline dir, an export, an adapter): files directly
-    in it that a run never writes there; [] for a run's save_path (a file the user added to one is theirs), a new or
-    an unrelated directory. (Not a config.json alone: a run stopped at its start's first writes leaves one.)"""
-    if not save.is_dir() or holds_run(save) or any((save / n).exists() for n in (JOB_FILE, RUN_LOCK_FILE)):
-        return []
-    return sorted(p.name for pattern in MODEL_FILES for p in save.glob(pattern))
-
-
-def holds_run(save: Path) -> bool:
-    """Whether save_path has checkpoints or metrics of an earlier run."""
-    return save.is_dir() and any((save / n).exists() for n in ("latest", "metrics.jsonl")) or any(save.glob("global_step*"))
 
 
 def _check_lora(cfg: TrainConfig, path: Path, resuming: bool = False) -> LoraSettings | None:

@@ -198,6 +198,19 @@ def test_a_run_that_fails_is_marked_failed(tmp_path, offline):
     assert mlflow_run(tmp_path)[0].info.status == "FAILED"
 
 
+def test_trackers_ids_that_cannot_be_written_are_a_warning_not_a_traceback(tmp_path, offline, caplog):
+    """save_path/trackers.json unwritable (a full disk; here a directory in its place): rank 0 raised at its start,
+    the other ranks waited. The trackers run on, and a resume says it starts new tracker runs."""
+    (tmp_path / IDS_FILE).mkdir()
+    monitor = Monitor(tmp_path, 0, 4, 0, 1, ["mlflow"], {"max_steps": 4})
+    assert set(monitor.trackers) == {"mlflow"}
+    monitor.step({"step": 1, "loss": 1.0, "lr": 0.1, "grad_norm": 0.5, "tokens": 10})
+    monitor.close()
+    assert f"report_to: {tmp_path / IDS_FILE} not written (IsADirectoryError" in caplog.text
+    assert mlflow_run(tmp_path)[0].info.status == "FINISHED"
+    assert not list(tmp_path.glob(f".{IDS_FILE}*"))  # no temporary file left
+
+
 def test_an_unreachable_mlflow_server_is_given_up_after_two_retries(tmp_path, offline, mlflow_http_unset, monkeypatch,
                                                                      caplog):
     """README: a tracker that cannot start is one warning line and training goes on. MLflow's own default retries a

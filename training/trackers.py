@@ -211,7 +211,13 @@ def open_trackers(names: tuple[str, ...], save: Path, start_step: int, config: d
         except Exception as e:  # noqa: BLE001 -- login, network, a broken install: report, keep training
             log.warning("report_to %s off: it failed to start (%s)", name, one_line(e, named=True))
     if ids:
-        ids_path.write_text(json.dumps(ids, indent=1) + "\n")
+        from training.checkpoint import atomic_write_text  # (torch: imported where a tracker runs)
+
+        try:
+            atomic_write_text(ids_path, json.dumps(ids, indent=1) + "\n")
+        except OSError as e:  # a full disk: the trackers still log; only a resume's continuation is lost
+            log.warning("report_to: %s not written (%s): a resumed run would start new tracker runs", ids_path,
+                        one_line(e, named=True))
     return sinks
 
 

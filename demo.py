@@ -323,7 +323,7 @@ def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 12
     are printed to stdout as they come (AnswerStreamer, ending with a newline). Returns the answer: the continuation
     without the prompt (decoded as it continues the prompt's last token), special tokens skipped, and without the
     stop token or text it ended on (as serving stacks return it; printed alike), nor `lead`
-    (`data.templates.answer_lead`: a dialog answer's space after its role marker, not in the record); `new_ids`,
+    (`data.templates.answer_lead`: what the template writes before the answer, not in the record); `new_ids`,
     when given, receives the continuation's ids, the stop's included."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
@@ -523,7 +523,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         text = generate(model, tokenizer, prompt, max_new_tokens, args.temperature, args.top_k, args.top_p,
                         args.seed, stream=rank == 0 and not args.no_stream, eos_ids=eos_ids, stops=stops,
-                        new_ids=new_ids, lead=answer_lead(rec, settings))
+                        new_ids=new_ids, lead=answer_lead(rec, settings, tokenizer))
         if rank == 0 and args.no_stream:
             print(text, flush=True)
         if rank == 0 and args.show_ids:

@@ -319,6 +319,23 @@ def chat_prompt(rec: Mapping[str, Any], tokenizer: Any) -> Rendered:
 _PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]  # rendered to find markers
 
 
+def chat_lead(rec: Mapping[str, Any], tokenizer: Any) -> str:
+    """What the chat template writes between the generation prompt for the record's (next) answer and that answer's
+    text (Llama-2's space after [/INST], a Vicuna-style "ASSISTANT: "'s space): trained as the answer's start, not
+    the record's ("" when it writes nothing there, or when this record does not render)."""
+    messages = CHAT_MESSAGES[record_type(rec)](rec)
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    answer = _PROBE[1]["content"]
+    try:
+        prompt = _apply(tokenizer, messages, generation_prompt=True)
+        turn = _apply(tokenizer, [*messages, {"role": "assistant", "content": answer}])
+    except TemplateError:  # chat_prompt says why
+        return ""
+    at = turn.find(answer, len(prompt)) if turn.startswith(prompt) else -1
+    return turn[len(prompt):at] if at >= 0 else ""
+
+
 def template_tokens(tokenizer: Any) -> set[str]:
     """The added tokens (special or not; not whitespace) the chat template writes around a probe conversation:
     its control tokens, such as a ChatML `<|im_end|>` added with `add_tokens`; not an added word it never writes."""

@@ -235,14 +235,17 @@ def render_prompt(rec: Mapping[str, Any], eos: str | None = None) -> str:
     return PROMPTS[record_type(rec)](rec, eos)
 
 
-def answer_lead(rec: Mapping[str, Any], settings: TemplateSettings = DEFAULT_SETTINGS) -> str:
+def answer_lead(rec: Mapping[str, Any], settings: TemplateSettings, tokenizer: Any) -> str:
     """What the answer to `rec`'s prompt starts with that is the template's, not the answer's: a dialog's `lead`
-    (the space after its role marker) with the default templates, else "". demo.py prints the answer without it,
-    as the record holds it (fed back as a turn, it is rendered with the lead again)."""
+    (the space after its role marker) with the default templates, what the chat template writes before an answer
+    in chat mode (`data.chat.chat_lead`), else "". demo.py prints the answer without it, as the record holds it
+    (fed back as a turn, it is rendered with the lead again)."""
     kind = record_type(rec)
-    if kind not in DIALOGS or settings.template == "chat" and kind in CHAT_MESSAGES:
-        return ""
-    return DIALOGS[kind].lead
+    if settings.template == "chat" and kind in CHAT_MESSAGES:
+        from data.chat import chat_lead  # (data.chat imports this module)
+
+        return chat_lead(rec, tokenizer)
+    return DIALOGS[kind].lead if kind in DIALOGS else ""
 
 
 def prompt_of(rec: Mapping[str, Any], eos: str | None = None) -> Rendered:

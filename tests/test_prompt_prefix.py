@@ -331,6 +331,11 @@ def test_a_splice_at_the_cut_is_counted(tok):
     assert at_cut.input_ids.tolist() == whole.input_ids[:cut].tolist() and at_cut.spliced == whole.spliced
 
 
+VICUNA = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'ASSISTANT: ' + m['content'] + eos_token + '\\n' }}"
+          "{% else %}{{ m['role'].upper() + ': ' + m['content'] + '\\n' }}{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
 def answered(rec: dict) -> list[tuple[dict, str]]:
     """(the record up to and with one of its answers, that answer's text), for each answer."""
     if record_type(rec) == "instruct":
@@ -363,22 +368,30 @@ def test_the_demo_prints_each_answer_as_the_record_holds_it(tok, mode, capsys):
 
     settings = MODES[mode]
     model = Scripted(llama_config("gqa_tied", vocab_size=len(tok), num_hidden_layers=1)).eval()
-    eos_ids, stops = demo.stop_ids(None, tok, settings), demo.stop_strings(tok, settings)
-    trims = mode == "chat" and "trim" in tok.chat_template  # Llama-3's template trims each message
     first = {record_type(r.data): r.data for r in reversed(load_records(str(SAMPLES)))}  # the first of each type
     records = [first["conversation"], first["instruct"], first["ref_qa"], *JOINED]
-    leads = 0
-    for rec, answer in (pair for r in records for pair in answered(r)):
-        prompt = encode_prompt(tok, rec, settings)
-        ids = encode_one(tok, rec, 10**6, settings)[0]
-        end = next(i for i in range(len(prompt), len(ids)) if ids[i] in eos_ids)
-        model.script, model.start = ids[len(prompt):end + 1], len(prompt)
-        leads += answer_lead(rec, settings) != ""
-        for stream in (False, True):
-            new: list[int] = []
-            text = demo.generate(model, tok, prompt, end + 2 - len(prompt), stream=stream, eos_ids=eos_ids,
-                                 stops=stops, new_ids=new, lead=answer_lead(rec, settings))
-            assert new == model.script
-            assert text == (answer.strip() if trims else answer), (rec, text)
-            assert capsys.readouterr().out == (text + "\n" if stream else "")
-    assert leads == (0 if mode == "chat" else 7)
+    own = tok.chat_template
+    # chat mode: the kind's own template, and a Vicuna-style one whose answers start with a space the generation
+    # prompt lacks ("ASSISTANT:" / "ASSISTANT: " + answer): printed with it, " Yes." for "Yes."
+    for template in (own, *([VICUNA] if mode == "chat" else [])):
+        tok.chat_template = template
+        eos_ids, stops = demo.stop_ids(None, tok, settings), demo.stop_strings(tok, settings)
+        trims = mode == "chat" and "trim" in template  # Llama-3's template trims each message
+        leads = 0
+        for rec, answer in (pair for r in records for pair in answered(r)):
+            prompt = encode_prompt(tok, rec, settings)
+            ids = encode_one(tok, rec, 10**6, settings)[0]
+            end = next(i for i in range(len(prompt), len(ids)) if ids[i] in eos_ids)
+            model.script, model.start = ids[len(prompt):end + 1], len(prompt)
+            lead = answer_lead(rec, settings, tok)
+            leads += lead != ""
+            for stream in (False, True):
+                new: list[int] = []
+                text = demo.generate(model, tok, prompt, end + 2 - len(prompt), stream=stream, eos_ids=eos_ids,
+                                     stops=stops, new_ids=new, lead=lead)
+                assert new == model.script
+                assert text == (answer.strip() if trims else answer), (template, rec, text)
+                assert capsys.readouterr().out == (text + "\n" if stream else "")
+        # the default templates: the dialogs' answers (7 of 11); chat mode: none with the kind's own, all with VICUNA
+        assert leads == (7 if mode == "default" else 0 if template == own else 11)
+    tok.chat_template = own

@@ -163,9 +163,9 @@ def dataset_stats(ds: EncodedDataset, max_seq_len: int, packed: PackedDataset | 
         "tokens": total, "trained_tokens": trained, "trained_fraction": trained / total if total else 0.0,
         "unpacked_efficiency": trained / (rows * max_seq_len) if rows else 0.0,
         "unpacked_fill": total_in_rows / (rows * max_seq_len) if rows else 0.0,
-        "sequences": packed.stats.sequences if packed else None,
-        "packing_efficiency": packed.stats.efficiency if packed else None,
-        "packed_fill": packed.stats.fill if packed else None,
+        "sequences": packed.stats.sequences if packed is not None else None,  # (none packed: still packing on)
+        "packing_efficiency": packed.stats.efficiency if packed is not None else None,
+        "packed_fill": packed.stats.fill if packed is not None else None,
     }
 
 
@@ -199,6 +199,14 @@ def show_stats(st: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _inspect(argv)
+    except BrokenPipeError:  # `| head`, a pager quit early: the reader has what it wanted (it was a traceback)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit writes nowhere
+        return 0
+
+
+def _inspect(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="the training config (train_ds.py's)")

@@ -4,8 +4,11 @@ definition), and with split_long_pretrain it says where every chunk of a long re
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,8 @@ from data import inspect as data_inspect
 from data.encode import load_dataset
 from data.packing import pack, trained_tokens
 from data.templates import TemplateSettings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(tmp_path: Path, tokenizer_dir: Path, data: Path, **extra) -> list[str]:
@@ -85,3 +90,33 @@ def test_inspect_says_where_every_chunk_of_a_split_record_is(tokenizer_dir, toke
     assert data_inspect.main([*args, "--index", "1"]) == 0
     out = capsys.readouterr().out
     assert "cut into" not in out.split("\n=== segment")[0] and f"record 1 (sample {short}), tokens " in out
+
+
+def test_stats_with_packing_on_and_no_sample_kept_say_packing_on(tokenizer_dir, tmp_path, capsys):
+    """Packing on, every record dropped (no trained token within max_seq_len): an empty PackedDataset is falsy, and
+    the statistics said "packing off"."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruct": "Name the seven colours of a rainbow.", "output": "Red and the rest."}) + "\n")
+    args = config(tmp_path, tokenizer_dir, data, max_seq_len=4, packing=True)
+    assert data_inspect.main([*args, "--stats", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["samples"], stats["dropped"], stats["sequences"], stats["packing_efficiency"]) == (0, 1, 0, 0.0)
+    assert data_inspect.main([*args, "--stats"]) == 0
+    assert "packing off" not in capsys.readouterr().out
+
+
+def test_output_to_a_reader_that_stopped_is_no_traceback(tokenizer_dir, tmp_path):
+    """`python -m data.inspect ... | head -1`: head exits after its line, and the next write was a BrokenPipeError
+    traceback and exit code 1. Here the reader is gone before the first write."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "Each stage owns a contiguous slice of layers."}) + "\n")
+    args = config(tmp_path, tokenizer_dir, data)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "data.inspect", *args, "--index", "0"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=300,
+                              env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    finally:
+        os.close(write)
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

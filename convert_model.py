@@ -58,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    given = sys.argv[1:] if argv is None else argv
+    if given and given[0].startswith("-") and given[0] not in ("-h", "--help"):  # argparse: "required: command"
+        ap.error(f"{given[0]}: the command comes first: {PROG} {{hg_to_pp,pp_to_hg,init}} [options]")
+    args = ap.parse_args(given)
     try:
         if args.command == "hg_to_pp":
             hg_to_pp(args.input_path, args.save_path, args.dtype, args.overwrite)

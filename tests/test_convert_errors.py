@@ -554,3 +554,14 @@ def test_outputs_get_the_modes_the_umask_gives(tmp_path, tokenizer, tokenizer_di
             if out != "init" or name.startswith(("tokenizer", "additional")):
                 assert (tmp_path / out / name).stat().st_mode & 0o777 == 0o640, (out, name)
         assert (tmp_path / out / "additional_chat_templates").stat().st_mode & 0o777 == 0o750, out
+
+
+def test_an_option_before_the_command_says_the_command_comes_first(capsys):
+    """`convert_model.py --input-path X hg_to_pp ...` (or a misspelt option first) said "the following arguments are
+    required: command", naming nothing the user wrote."""
+    with pytest.raises(SystemExit) as e:
+        run("--input-path", "x", "hg_to_pp", "--save-path", "y")
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("convert_model.py: error: --input-path: the command "
+                                                                "comes first: convert_model.py {hg_to_pp,pp_to_hg,init} "
+                                                                "[options]")

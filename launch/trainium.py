@@ -64,8 +64,12 @@ def build(args: argparse.Namespace) -> Launch:
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise AcceleratorError(f"--nproc_per_node and --nnodes must be >= 1, got {args.nproc_per_node} and {args.nnodes}")
     # torch's agent SIGKILLs the ranks this long after passing SIGTERM on (the variable is ignored before 2.12)
+    wait = os.environ.get(SHUTDOWN_ENV) or str(SHUTDOWN_S)
+    if not wait.isdecimal():  # torchrun's own argparse error came after this launcher's lines
+        raise AcceleratorError(f"{SHUTDOWN_ENV}={wait!r}: must be whole seconds (torchrun's --shutdown-timeout, "
+                               f"{SHUTDOWN_S} when unset)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
-           "--nnodes", str(args.nnodes), "--shutdown-timeout", os.environ.get(SHUTDOWN_ENV) or str(SHUTDOWN_S)]
+           "--nnodes", str(args.nnodes), "--shutdown-timeout", wait]
     if args.nnodes > 1:
         if args.master_addr is None or args.node_rank is None:
             raise AcceleratorError(f"--nnodes {args.nnodes} needs --master_addr (node 0's address) and --node_rank "

@@ -180,9 +180,14 @@ def test_trainium_dry_run(cfg, capsys):
     (["--nproc_per_node", "2", "--accelerator", "foo:bar"], {}, "--accelerator: torch knows no device type 'foo'"),
     (["--nproc_per_node", "2", "--accelerator", "cpu:bar"], {}, "--accelerator: torch has no process-group backend "
                                                                "'bar' here"),
+    (["--nproc_per_node", "2"], {"env": ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "15m")},
+     "TORCH_ELASTIC_SHUTDOWN_TIMEOUT='15m': must be whole seconds (torchrun's --shutdown-timeout, 900 when unset)"),
 ])
 @pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "launch"])
 def test_trainium_bad_combinations_are_one_line(argv, over, message, dry, cfg, capsys, monkeypatch):
+    over = dict(over)  # (the parameter's dict is every run's)
+    if env := over.pop("env", None):
+        monkeypatch.setenv(*env)
     monkeypatch.setattr(trainium.Launch, "execute", lambda self: pytest.fail(f"launched: {self.cmd}"))
     code, out, err = dry_run(trainium, [*argv, *["--dry-run"] * dry, "train_ds.py", "--config", str(cfg(**over))],
                              capsys)

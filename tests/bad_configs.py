@@ -167,6 +167,18 @@ CASES = {  # name -> (config overrides, expected text)
     "scheduler lr a string": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": "3e-4"}}},
                               "scheduler.params.warmup_max_lr (WarmupLR) must be a number (or a list of them, one per "
                               "parameter group), got \"3e-4\""),
+    # the base config's optimizer.params.lr is 1e-3: these trained at another lr than every line named
+    "scheduler peak not the lr": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 3e-3}}},
+                                  "scheduler.params.warmup_max_lr (WarmupLR) is 0.003, and optimizer.params.lr is "
+                                  "0.001: WarmupLR trains at warmup_max_lr, never at the optimizer's lr; leave "
+                                  "warmup_max_lr out (WarmupLR then warms up to optimizer.params.lr) or set both alike"),
+    "scheduler peak per group": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": [1e-3, 2e-3]}}},
+                                 "scheduler.params.warmup_max_lr (WarmupLR) is [0.001, 0.002], and optimizer.params.lr"),
+    "scheduler peak by default": ({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 2}},
+                                   "optimizer": {"type": "AdamW", "params": {"lr": 2e-4, "torch_adam": True}}},
+                                  "scheduler.params.warmup_max_lr (WarmupDecayLR) is not given: DeepSpeed's default "
+                                  "0.001, and optimizer.params.lr is 0.0002: WarmupDecayLR trains at warmup_max_lr, never "
+                                  "at the optimizer's lr; set scheduler.params.warmup_max_lr to the lr to train at"),
     "OneCycleLR without its length": ({"scheduler": {"type": "OneCycleLR", "params": {"max_lr": 1e-3}}},
                                       "scheduler.params (OneCycleLR): 'total_steps' is required"),
     "OneCycleLR with a null length": ({"scheduler": {"type": "OneCycleLR", "params": {"max_lr": 1e-3,

@@ -266,7 +266,7 @@ def test_a_deepspeed_scheduler_shorter_than_the_run_is_refused_or_warned_about()
     """torch's OneCycleLR raises once stepped past its total_steps (mid-run, and on every resume): refused in one line
     before training; DeepSpeed's WarmupDecayLR / WarmupCosineLR with an explicit total_num_steps below the run train
     the rest at their end lr: a warning (filled in when left out, as before)."""
-    from training.schedule import schedule_warning
+    from training.schedule import _NEEDS_TOTAL, schedule_warning
 
     for params in ({"max_lr": 1e-3, "total_steps": 4}, {"max_lr": 1e-3, "epochs": 2, "steps_per_epoch": 2}):
         cfg = train_config(ds_config={"scheduler": {"type": "OneCycleLR", "params": params}})
@@ -282,7 +282,19 @@ def test_a_deepspeed_scheduler_shorter_than_the_run_is_refused_or_warned_about()
                                             f"updates after step 4 train at lr {end}; leave total_num_steps out (it is "
                                             "filled in)")
         assert schedule_warning(cfg, 4) is None
-        assert schedule_warning(train_config(ds_config={"scheduler": {"type": kind, "params": {}}}), 6) is None
+        assert schedule_warning(train_config(ds_config={"scheduler": {"type": kind, "params": {}}}), 6000) is None
+    # a warmup as long as the run (DeepSpeed's default is 1000 steps) never reaches the lr the config names
+    for kind in ("WarmupLR", *_NEEDS_TOTAL):
+        assert schedule_warning(train_config(ds_config={"scheduler": {"type": kind, "params": {}}}), 300) == (
+            f"scheduler.params.warmup_num_steps ({kind}) is 1000 (DeepSpeed default: not given), not shorter than the "
+            "run (300 steps): the lr never reaches its peak; give a shorter warmup_num_steps")
+        short = train_config(ds_config={"scheduler": {"type": kind, "params": {"warmup_num_steps": 300.0}}})
+        assert "warmup_num_steps (" in schedule_warning(short, 300) and schedule_warning(short, 301) is None
+    # OneCycle and LRRangeTest set the lr from their own keys: the start line says which lr trains
+    one_cycle = {"type": "OneCycle", "params": {"cycle_min_lr": 1e-5, "cycle_max_lr": 1e-3}}
+    note = build_optimizer(tiny_model(), train_config(ds_config={"scheduler": one_cycle}), 6)[4]
+    assert "; DeepSpeed scheduler OneCycle (lr 1e-05 -> 0.001 by cycle_min_lr / cycle_max_lr; optimizer.params.lr is " \
+        "not used)" in note, note
 
 
 # ---------------------------------------------------------------------------------------------- through DeepSpeed

@@ -46,7 +46,7 @@ from training.runlock import (
     launch_job,
     restarted_job,
 )
-from training.schedule import is_number, parse_lr_schedule, scheduler_problem
+from training.schedule import is_number, parse_lr_schedule, scheduler_lr_problem, scheduler_problem
 from training.trackers import parse_report_to
 
 # DeepSpeed's top-level keys (deepspeed/runtime/constants.py and its config sections).
@@ -272,7 +272,7 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
             if cfg.decay_norm_and_bias and "no_wd_kws" in opt:
                 raise ValueError("'decay_norm_and_bias' and optimizer.no_wd_kws both choose the parameters without "
                                  "weight decay; keep one")
-        if "scheduler" in ds and (problem := scheduler_problem(ds["scheduler"])):
+        if "scheduler" in ds and (problem := scheduler_problem(ds["scheduler"]) or scheduler_lr_problem(ds)):
             raise ValueError(problem)
         if (kind := torch_scheduler(ds)) and zero_on:
             raise ValueError(f"scheduler.type {kind!r} is torch's, which DeepSpeed builds on its ZeRO optimizer wrapper "

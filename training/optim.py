@@ -366,7 +366,12 @@ def build_optimizer(model: torch.nn.Module, cfg, total_steps: int
             ds["scheduler"] = fill_deepspeed_scheduler(ds["scheduler"], total_steps)
         except ValueError as e:
             raise ConfigError(f"{cfg.path}: {e}") from None
-        note += f"; DeepSpeed scheduler {ds['scheduler'].get('type')}"
+        kind, lrs = ds["scheduler"].get("type"), ds["scheduler"].get("params") or {}
+        note += f"; DeepSpeed scheduler {kind}" + {  # these two set the lr from their own keys, from the first step
+            "OneCycle": f" (lr {lrs.get('cycle_min_lr')} -> {lrs.get('cycle_max_lr')} by cycle_min_lr / cycle_max_lr; "
+                        "optimizer.params.lr is not used)",
+            "LRRangeTest": f" (lr from lr_range_test_min_lr {lrs.get('lr_range_test_min_lr', 0.001)} up; "
+                           "optimizer.params.lr is not used)"}.get(kind, "")
     else:
         note += "; constant lr"
     return ds, groups, optimizer, lr_scheduler, note

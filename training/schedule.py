@@ -155,10 +155,19 @@ def fill_deepspeed_scheduler(scheduler_section: dict, total_steps: int) -> dict:
 
 
 def deepspeed_schedule_warning(ds: dict, total_steps: int) -> str | None:
-    """Why DeepSpeed's WarmupDecayLR / WarmupCosineLR will not cover a run of `total_steps` updates: an explicit
-    total_num_steps below it leaves the updates after it at the schedule's end lr; else None."""
+    """Why DeepSpeed's WarmupLR / WarmupDecayLR / WarmupCosineLR will not do what they say over a run of
+    `total_steps` updates: a warmup (1000 steps when not given) as long as the run never reaches the peak lr; an
+    explicit total_num_steps below it leaves the updates after it at the schedule's end lr; else None."""
     section = ds.get("scheduler")
     params = (section.get("params") or {}) if isinstance(section, dict) else {}
+    if section is not None and section.get("type") in ("WarmupLR", *_NEEDS_TOTAL):
+        given = params.get("warmup_num_steps")
+        warmup = given if given is not None else \
+            inspect.signature(_scheduler_class(section["type"]).__init__).parameters["warmup_num_steps"].default
+        if _integral(warmup) and warmup >= total_steps:
+            return (f"scheduler.params.warmup_num_steps ({section['type']}) is {int(warmup)}"
+                    f"{'' if given is not None else ' (DeepSpeed default: not given)'}, not shorter than the run "
+                    f"({total_steps} steps): the lr never reaches its peak; give a shorter warmup_num_steps")
     n = params.get("total_num_steps")
     if section is None or section.get("type") not in _NEEDS_TOTAL or not _integral(n) or n >= total_steps:
         return None
@@ -288,6 +297,28 @@ def _whole_counts(kind: object, params: dict) -> dict:
         elif want == "int list" and isinstance(value, list) and all(map(_integral, value)):
             out[key] = [int(v) for v in value]
     return out
+
+
+def scheduler_lr_problem(ds: dict) -> str | None:
+    """DeepSpeed's WarmupLR / WarmupDecayLR warm up to scheduler.params.warmup_max_lr and train at it, never at
+    optimizer.params.lr (WarmupLR takes the optimizer's lr only when warmup_max_lr is not given; WarmupDecayLR then
+    takes 0.001): a config giving two different lrs trained at the scheduler's while every line named the optimizer's
+    (and a resume's change of optimizer.params.lr was said to be applied). One line when they differ, else None."""
+    section, optimizer = ds.get("scheduler"), ds.get("optimizer")
+    kind = section.get("type") if isinstance(section, dict) else None
+    params = (optimizer.get("params") or {}) if isinstance(optimizer, dict) else {}
+    if kind not in ("WarmupLR", "WarmupDecayLR") or not is_number(lr := params.get("lr")):
+        return None
+    peak = (section.get("params") or {}).get("warmup_max_lr")
+    if peak is None and kind == "WarmupLR":
+        return None
+    said = "not given: DeepSpeed's default 0.001" if peak is None else json.dumps(peak)
+    if all(is_number(v) and v == lr for v in (peak if isinstance(peak, list) else [0.001 if peak is None else peak])):
+        return None
+    fix = ("leave warmup_max_lr out (WarmupLR then warms up to optimizer.params.lr) or set both alike" if kind == "WarmupLR"
+           else "set scheduler.params.warmup_max_lr to the lr to train at")
+    return (f"scheduler.params.warmup_max_lr ({kind}) is {said}, and optimizer.params.lr is {lr:g}: {kind} trains at "
+            f"warmup_max_lr, never at the optimizer's lr; {fix}")
 
 
 def scheduler_problem(section: object) -> str | None:

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     given = sys.argv[1:] if argv is None else argv
-    if given and given[0].startswith("-") and given[0] not in ("-h", "--help"):  # argparse: "required: command"
+    if given and given[0].startswith("-") and given[0] != "-h" and not "--help".startswith(given[0]):  # argparse said
+        # "the following arguments are required: command" ("--he": --help abbreviated, as argparse allows)
         ap.error(f"{given[0]}: the command comes first: {PROG} {{hg_to_pp,pp_to_hg,init}} [options]")
     args = ap.parse_args(given)
     try:

@@ -65,9 +65,11 @@ def build(args: argparse.Namespace) -> Launch:
         raise AcceleratorError(f"--nproc_per_node and --nnodes must be >= 1, got {args.nproc_per_node} and {args.nnodes}")
     # torch's agent SIGKILLs the ranks this long after passing SIGTERM on (the variable is ignored before 2.12)
     wait = os.environ.get(SHUTDOWN_ENV) or str(SHUTDOWN_S)
-    if not wait.isdecimal():  # torchrun's own argparse error came after this launcher's lines
+    try:  # as torchrun reads it (type=int); its own argparse error came after this launcher's lines
+        wait = str(int(wait))
+    except ValueError:
         raise AcceleratorError(f"{SHUTDOWN_ENV}={wait!r}: must be whole seconds (torchrun's --shutdown-timeout, "
-                               f"{SHUTDOWN_S} when unset)")
+                               f"{SHUTDOWN_S} when unset)") from None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
            "--nnodes", str(args.nnodes), "--shutdown-timeout", wait]
     if args.nnodes > 1:

@@ -170,15 +170,20 @@ CASES = {  # name -> (config overrides, expected text)
     # the base config's optimizer.params.lr is 1e-3: these trained at another lr than every line named
     "scheduler peak not the lr": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 3e-3}}},
                                   "scheduler.params.warmup_max_lr (WarmupLR) is 0.003, and optimizer.params.lr is "
-                                  "0.001: WarmupLR trains at warmup_max_lr, never at the optimizer's lr; leave "
-                                  "warmup_max_lr out (WarmupLR then warms up to optimizer.params.lr) or set both alike"),
+                                  "0.001: WarmupLR trains at warmup_max_lr, never at the optimizer's lr; give the lr "
+                                  "to train at as optimizer.params.lr and leave warmup_max_lr out (a run resumed from "
+                                  "a checkpoint trained at warmup_max_lr's)"),
     "scheduler peak per group": ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": [1e-3, 2e-3]}}},
                                  "scheduler.params.warmup_max_lr (WarmupLR) is [0.001, 0.002], and optimizer.params.lr"),
     "scheduler peak by default": ({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 2}},
                                    "optimizer": {"type": "AdamW", "params": {"lr": 2e-4, "torch_adam": True}}},
                                   "scheduler.params.warmup_max_lr (WarmupDecayLR) is not given: DeepSpeed's default "
                                   "0.001, and optimizer.params.lr is 0.0002: WarmupDecayLR trains at warmup_max_lr, never "
-                                  "at the optimizer's lr; set scheduler.params.warmup_max_lr to the lr to train at"),
+                                  "at the optimizer's lr; give the lr to train at as both"),
+    "scheduler peak by Lion's default": ({"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 2}},
+                                          "optimizer": {"type": "Lion", "params": {}}},
+                                         "is not given: DeepSpeed's default 0.001, and optimizer.params.lr is 0.0001 "
+                                         "(Lion default): WarmupDecayLR trains at warmup_max_lr"),
     "OneCycleLR without its length": ({"scheduler": {"type": "OneCycleLR", "params": {"max_lr": 1e-3}}},
                                       "scheduler.params (OneCycleLR): 'total_steps' is required"),
     "OneCycleLR with a null length": ({"scheduler": {"type": "OneCycleLR", "params": {"max_lr": 1e-3,

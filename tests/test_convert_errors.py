@@ -565,3 +565,7 @@ def test_an_option_before_the_command_says_the_command_comes_first(capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == ("convert_model.py: error: --input-path: the command "
                                                                 "comes first: convert_model.py {hg_to_pp,pp_to_hg,init} "
                                                                 "[options]")
+    for asked in ("-h", "--help", "--hel"):  # --help as argparse takes it, abbreviated too
+        with pytest.raises(SystemExit) as e:
+            run(asked)
+        assert e.value.code == 0 and "{hg_to_pp,pp_to_hg,init}" in capsys.readouterr().out

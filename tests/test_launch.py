@@ -172,6 +172,14 @@ def test_trainium_dry_run(cfg, capsys):
                                  "--master_port", "29500", "train_ds.py", "--config", str(path)]
 
 
+def test_trainium_passes_a_shutdown_timeout_as_torchrun_reads_it(cfg, capsys, monkeypatch):
+    """TORCH_ELASTIC_SHUTDOWN_TIMEOUT as torchrun's int() takes it (" 1800", "+1800"), passed on as the number."""
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", " +1800")
+    code, out, err = dry_run(trainium, ["--nproc_per_node", "2", "--dry-run", "train_ds.py", "--config", str(cfg())],
+                             capsys)
+    assert code == 0 and "--shutdown-timeout 1800 " in out, err
+
+
 @pytest.mark.parametrize("argv, over, message", [
     (["--nproc_per_node", "4"], {}, "dims [2, 1] needs 2 processes, this launch starts 4 (--nproc_per_node 4 x --nnodes 1)"),
     (["--nproc_per_node", "1", "--nnodes", "2"], {}, "--nnodes 2 needs --master_addr"),

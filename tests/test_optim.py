@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 
@@ -286,10 +287,16 @@ def test_a_deepspeed_scheduler_shorter_than_the_run_is_refused_or_warned_about()
     # a warmup as long as the run (DeepSpeed's default is 1000 steps) never reaches the lr the config names
     for kind in ("WarmupLR", *_NEEDS_TOTAL):
         assert schedule_warning(train_config(ds_config={"scheduler": {"type": kind, "params": {}}}), 300) == (
-            f"scheduler.params.warmup_num_steps ({kind}) is 1000 (DeepSpeed default: not given), not shorter than the "
-            "run (300 steps): the lr never reaches its peak; give a shorter warmup_num_steps")
-        short = train_config(ds_config={"scheduler": {"type": kind, "params": {"warmup_num_steps": 300.0}}})
-        assert "warmup_num_steps (" in schedule_warning(short, 300) and schedule_warning(short, 301) is None
+            f"scheduler.params.warmup_num_steps ({kind}) is 1000 (DeepSpeed default: not given): the lr reaches its "
+            "peak at update 1001, past the run's 300 (DeepSpeed's first two updates run at the warmup's start); give a "
+            "shorter warmup_num_steps")
+        # the peak at update w + 1 (log), w + 2 (linear), w at least 2: as DeepSpeed's schedulers run in the engine
+        for params, last_short, first_long in (({"warmup_num_steps": 300.0}, 300, 301),
+                                               ({"warmup_num_steps": 300, "warmup_type": "linear"}, 301, 302),
+                                               ({"warmup_num_steps": 1}, 2, 3)):
+            short = train_config(ds_config={"scheduler": {"type": kind, "params": params}})
+            assert "warmup_num_steps (" in schedule_warning(short, last_short), params
+            assert schedule_warning(short, first_long) is None, params
     # OneCycle and LRRangeTest set the lr from their own keys: the start line says which lr trains
     one_cycle = {"type": "OneCycle", "params": {"cycle_min_lr": 1e-5, "cycle_max_lr": 1e-3}}
     note = build_optimizer(tiny_model(), train_config(ds_config={"scheduler": one_cycle}), 6)[4]
@@ -499,3 +506,22 @@ def test_values_deepspeed_and_torch_take_are_not_refused():
                     {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9, "fused": True}},
                     {"type": "SGD", "params": {"lr": 0.1, "foreach": True}}):
         assert optimizer_key_problem(section) is None, section
+
+
+def test_a_warmup_scheduler_whose_peak_is_the_optimizers_lr_is_accepted():
+    """scheduler_lr_problem refuses only a WarmupLR / WarmupDecayLR that trains at another lr than optimizer.params.lr
+    (bad_configs.py); these train at it: checked against the lr DeepSpeed's scheduler sets."""
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR, WarmupLR
+
+    from training.schedule import scheduler_lr_problem
+
+    adamw = {"type": "AdamW", "params": {"lr": 2e-5}}
+    for kind, params in (("WarmupLR", {}), ("WarmupLR", {"warmup_max_lr": None}), ("WarmupLR", {"warmup_max_lr": 2e-5}),
+                         ("WarmupLR", {"warmup_max_lr": [2e-5, 2e-5]}), ("WarmupDecayLR", {"warmup_max_lr": None}),
+                         ("WarmupDecayLR", {"warmup_max_lr": 2e-5})):
+        assert scheduler_lr_problem({"optimizer": adamw, "scheduler": {"type": kind, "params": params}}) is None
+        groups = [{"params": [torch.zeros(1, requires_grad=True)]} for _ in range(2)]
+        cls = WarmupLR if kind == "WarmupLR" else functools.partial(WarmupDecayLR, total_num_steps=10)
+        assert cls(torch.optim.SGD(groups, lr=2e-5), **params).max_lrs == [2e-5, 2e-5], (kind, params)
+    assert scheduler_lr_problem({"optimizer": {"type": "AdamW", "params": {}},  # DeepSpeed's default lr: 0.001 both
+                                 "scheduler": {"type": "WarmupDecayLR", "params": {}}}) is None

@@ -164,10 +164,14 @@ def deepspeed_schedule_warning(ds: dict, total_steps: int) -> str | None:
         given = params.get("warmup_num_steps")
         warmup = given if given is not None else \
             inspect.signature(_scheduler_class(section["type"]).__init__).parameters["warmup_num_steps"].default
-        if _integral(warmup) and warmup >= total_steps:
+        # update k runs at the schedule's iteration k - 2 (its first two at the start); the warmup (at least 2
+        # iterations) reaches the peak at iteration w - 1 (log) or w (linear)
+        peak_at = max(2, int(warmup)) + (2 if params.get("warmup_type") == "linear" else 1) if _integral(warmup) else 0
+        if peak_at > total_steps:
             return (f"scheduler.params.warmup_num_steps ({section['type']}) is {int(warmup)}"
-                    f"{'' if given is not None else ' (DeepSpeed default: not given)'}, not shorter than the run "
-                    f"({total_steps} steps): the lr never reaches its peak; give a shorter warmup_num_steps")
+                    f"{'' if given is not None else ' (DeepSpeed default: not given)'}: the lr reaches its peak at "
+                    f"update {peak_at}, past the run's {total_steps} (DeepSpeed's first two updates run at the "
+                    "warmup's start); give a shorter warmup_num_steps")
     n = params.get("total_num_steps")
     if section is None or section.get("type") not in _NEEDS_TOTAL or not _integral(n) or n >= total_steps:
         return None
@@ -307,18 +311,26 @@ def scheduler_lr_problem(ds: dict) -> str | None:
     section, optimizer = ds.get("scheduler"), ds.get("optimizer")
     kind = section.get("type") if isinstance(section, dict) else None
     params = (optimizer.get("params") or {}) if isinstance(optimizer, dict) else {}
-    if kind not in ("WarmupLR", "WarmupDecayLR") or not is_number(lr := params.get("lr")):
+    lion = isinstance(optimizer, dict) and str(optimizer.get("type", "")).lower() == "lion"
+    if lion:
+        from training.optim import build_lion  # (training.optim imports this module)
+
+        default = inspect.signature(build_lion).parameters["lr"].default
+    lr = params.get("lr", default if lion else None)  # (DeepSpeed's own optimizers default to 0.001)
+    if kind not in ("WarmupLR", "WarmupDecayLR") or not is_number(lr):
         return None
-    peak = (section.get("params") or {}).get("warmup_max_lr")
-    if peak is None and kind == "WarmupLR":
+    sched = section.get("params") or {}
+    peak = sched.get("warmup_max_lr")  # null: passed on as None, which takes the optimizer's lr
+    if "warmup_max_lr" not in sched and kind == "WarmupDecayLR":
+        peak = None if lr == 0.001 else 0.001
+    if peak is None or all(is_number(v) and v == lr for v in (peak if isinstance(peak, list) else [peak])):
         return None
-    said = "not given: DeepSpeed's default 0.001" if peak is None else json.dumps(peak)
-    if all(is_number(v) and v == lr for v in (peak if isinstance(peak, list) else [0.001 if peak is None else peak])):
-        return None
-    fix = ("leave warmup_max_lr out (WarmupLR then warms up to optimizer.params.lr) or set both alike" if kind == "WarmupLR"
-           else "set scheduler.params.warmup_max_lr to the lr to train at")
-    return (f"scheduler.params.warmup_max_lr ({kind}) is {said}, and optimizer.params.lr is {lr:g}: {kind} trains at "
-            f"warmup_max_lr, never at the optimizer's lr; {fix}")
+    said = json.dumps(peak) if "warmup_max_lr" in sched else "not given: DeepSpeed's default 0.001"
+    fix = ("give the lr to train at as optimizer.params.lr and leave warmup_max_lr out" if kind == "WarmupLR" else
+           "give the lr to train at as both")
+    return (f"scheduler.params.warmup_max_lr ({kind}) is {said}, and optimizer.params.lr is {lr:g}"
+            f"{' (Lion default)' if 'lr' not in params else ''}: {kind} trains at warmup_max_lr, never at the "
+            f"optimizer's lr; {fix} (a run resumed from a checkpoint trained at warmup_max_lr's)")
 
 
 def scheduler_problem(section: object) -> str | None:

@@ -216,8 +216,8 @@ def open_trackers(names: tuple[str, ...], save: Path, start_step: int, config: d
         try:
             atomic_write_text(ids_path, json.dumps(ids, indent=1) + "\n")
         except OSError as e:  # a full disk: the trackers still log; only a resume's continuation is lost
-            log.warning("report_to: %s not written (%s): a resumed run would start new tracker runs", ids_path,
-                        one_line(e, named=True))
+            log.warning("report_to: %s not written (%s): a resume of this run may not continue these tracker runs",
+                        ids_path, one_line(e, named=True))
     return sinks
 
 

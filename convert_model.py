@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ModelConfigError) as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # (models.outdir.atomic_output_dir removed the partial output)
+        print(f"{PROG} {args.command}: interrupted: {args.save_path} was not written (nothing of it changed; the "
+              "partial output is removed)", file=sys.stderr)
+        return 130
     return 0
 
 

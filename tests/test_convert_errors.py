@@ -569,3 +569,27 @@ def test_an_option_before_the_command_says_the_command_comes_first(capsys):
         with pytest.raises(SystemExit) as e:
             run(asked)
         assert e.value.code == 0 and "{hg_to_pp,pp_to_hg,init}" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_a_conversion_is_one_line_and_leaves_the_target_as_it_was(tmp_path, tokenizer, capsys, monkeypatch):
+    """Ctrl-C while the layer files are written: a KeyboardInterrupt traceback before; the partial output was
+    removed then too. An earlier output given with --overwrite stays in place."""
+    hf = write_hf(tmp_path, tokenizer, "gqa_tied")
+    target = tmp_path / "pp"
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(target)) == 0
+    before = _files(target)
+    saved = []
+
+    def ctrl_c(obj, f, *args, **kw):  # the third layer file: Ctrl-C
+        saved.append(f)
+        if len(saved) == 3:
+            raise KeyboardInterrupt
+        return real(obj, f, *args, **kw)
+
+    real = torch.save
+    monkeypatch.setattr(torch, "save", ctrl_c)
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(target), "--overwrite") == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (f"convert_model.py hg_to_pp: interrupted: {target} was "
+                                                                "not written (nothing of it changed; the partial output "
+                                                                "is removed)")
+    assert _files(target) == before and sorted(p.name for p in tmp_path.iterdir()) == ["hf_gqa_tied", "pp"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -355,24 +355,26 @@ GROUP_CHARS = 1 << 21
 
 
 def encode_texts(tokenizer: Any, items: Sequence[tuple[str, Sequence[int]]], add_special_tokens: bool,
-                 max_tokens: int | None = None) -> list[Encoding | str]:
+                 max_tokens: int | None = None) -> Iterator[Encoding | str]:
     """Tokenize each (text, prompt boundaries) so that, for every boundary b, `encode_texts` of (text[:b], the
     boundaries before b) is a prefix of the ids and the token after it starts at b. Two batched calls of the
     Rust tokenizer per group of items of about GROUP_CHARS characters, prompts included (texts with offsets,
     prompts ids only); the problem (a str) for an item where that cannot be done. `max_tokens`: only the first
     that many ids will be kept (training truncates): the boundaries past `bound_reach` are not spliced (the ids
-    after the first max_tokens may then differ)."""
-    out: list[Encoding | str] = []
+    after the first max_tokens may then differ). Yielded group by group: the caller keeps what it needs of each
+    (the encodings hold Python lists, over 100 bytes per token: a worker's batch of long documents held them all at once,
+    gigabytes)."""
     group: list[tuple[str, Sequence[int]]] = []
     chars = 0
     for item in items:
         cost = len(item[0]) + sum(item[1])  # the text and its prompts (before `within_reach` drops any)
         if group and chars + cost > GROUP_CHARS:
-            out += _encode_group(tokenizer, group, add_special_tokens, max_tokens)
+            yield from _encode_group(tokenizer, group, add_special_tokens, max_tokens)
             group, chars = [], 0
         group.append(item)
         chars += cost
-    return out + (_encode_group(tokenizer, group, add_special_tokens, max_tokens) if group else [])
+    if group:
+        yield from _encode_group(tokenizer, group, add_special_tokens, max_tokens)
 
 
 def _encode_group(tokenizer: Any, items: Sequence[tuple[str, Sequence[int]]], add_special_tokens: bool,

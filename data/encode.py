@@ -150,7 +150,7 @@ def encode_prompt(tokenizer: Any, rec: Mapping[str, Any], settings: TemplateSett
         prompt = chat_prompt(rec, tokenizer)
     else:
         prompt = prompt_of(rec, tokenizer.eos_token)
-    enc = encode_texts(tokenizer, [(prompt.text, prompt.prompt_ends)], not prompt.has_special_tokens)[0]
+    enc = next(encode_texts(tokenizer, [(prompt.text, prompt.prompt_ends)], not prompt.has_special_tokens))
     if isinstance(enc, str):
         raise ValueError(enc)
     return enc.ids
@@ -368,8 +368,14 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
         more = None if done == len(records) else f"... {len(problems)} problems in the first {done} of {len(records)} " \
             f"records; the others were not encoded (encoding stops after {MAX_SHOWN} problems)"
         raise DataError([f"{records[i].source}:{records[i].line}: {msg}" for i, msg in problems], more)
-    index, lengths, flat, labels = (np.concatenate([getattr(part, k) for part in parts])
-                                    for k in ("index", "lengths", "input_ids", "labels"))
+    index, lengths = (np.concatenate([getattr(part, k) for part in parts]) for k in ("index", "lengths"))
+    flat, labels = np.empty(int(lengths.sum()), dtype=np.int32), np.empty(int(lengths.sum()), dtype=np.int32)
+    at, part = 0, None
+    for i, part in enumerate(parts):  # each part's tokens copied in and dropped: held once, not twice (concatenate)
+        n = len(part.input_ids)
+        flat[at:at + n], labels[at:at + n] = part.input_ids, part.labels
+        parts[i], at = part._replace(input_ids=None, labels=None), at + n
+    del part
     offsets = np.zeros(len(index) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     special, example = special_text(records, tokenizer)
@@ -465,18 +471,20 @@ def valid_records(files: Sequence[tuple[Path, bytes]], settings: TemplateSetting
 def load_dataset(data_path: str | Path | Sequence[str | Path], tokenizer: Any, max_seq_len: int,
                  cache_dir: str | Path | None = None, settings: TemplateSettings = DEFAULT_SETTINGS,
                  num_proc: int | None = None, use_cache: bool = True, fallback_cache_dir: str | Path | None = None,
-                 validated: tuple[Sequence[tuple[Path, bytes]], Sequence[Record]] | None = None) -> EncodedDataset:
+                 validated: list | None = None) -> EncodedDataset:
     """Read, validate (all records, DataError on any problem) and encode `data_path`, using the disk cache.
 
     The cache lives in `cache_dir` (default: `.cache` beside the first data file, or `fallback_cache_dir` when that
     cannot be written: `cache_file`) under a key that covers the data bytes, the tokenizer (chat template included),
     the templates and `settings`, `max_seq_len` and the code version. Training config keys map to `settings`
     (`TrainConfig.template_settings`). `stats.cache_status` says whether the cache was hit, written or not written.
-    `validated`: `data_path`'s files (read_files' (path, bytes)) and their `valid_records(files, settings)`, as the
-    caller already read and checked them: used as they are, not read or parsed again.
+    `validated`: [`data_path`'s files (read_files' (path, bytes)), their `valid_records(files, settings)`], as the
+    caller already read and checked them: used as they are, not read or parsed again, and taken out of the list (a
+    caller's reference to the list, even the call's own argument, would keep the files' bytes while encoding).
     """
     files, records = validated if validated is not None else (None, None)
-    validated = None  # the records are held by `records` alone, and dropped once encoded
+    if validated is not None:
+        validated.clear()  # the files and records are held here alone, and dropped once used
     # a cache hit reads no file whole (hashed in chunks): every reading rank of a node loads at once
     digests = (digests_of(files) if files is not None else file_digests(data_path)) if use_cache else None
     if appended := appended_ids(tokenizer):

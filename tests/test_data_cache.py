@@ -532,3 +532,29 @@ def test_the_tokenizer_pool_stays_within_a_containers_cpu_quota(tmp_path, monkey
     assert encode_module.cpu_quota() == 0.5 and encode_module.usable_cores() == 1
     (v1 / "cpu.cfs_quota_us").write_text("-1\n")  # no limit
     assert encode_module.usable_cores() == 64
+
+
+def test_records_given_checked_are_encoded_without_the_files_bytes(tokenizer_dir, tmp_path, monkeypatch):
+    """The trainer hands load_dataset the files it read and the records it checked: the caller's reference to them
+    (the call's own argument) kept every file's bytes alive while the records were encoded (the file's size, 628 MB
+    for a 628 MB pretrain file, on the node's builder). Its list is emptied, the bytes freed before encoding."""
+    from transformers import AutoTokenizer
+
+    from data.encode import valid_records
+
+    data = data_file(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    files = read_files(data)
+    raws = [raw for _, raw in files]  # (bytes take no weak reference: counted)
+    validated = [files, valid_records(files, encode_module.DEFAULT_SETTINGS, tok)]
+    del files
+    real, seen = encode_module.encode_records, []
+
+    def encode(*args, **kw):  # the references to each file's bytes but `raws`, the loop's and getrefcount's own
+        seen.append([sys.getrefcount(raw) - 3 for raw in raws])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(encode_module, "encode_records", encode)
+    ds = load_dataset(data, tok, 64, validated=validated, use_cache=False)
+    assert seen == [[0] * len(raws)] and validated == []
+    assert ds.input_ids.tolist() == load_dataset(data, tok, 64, use_cache=False).input_ids.tolist()

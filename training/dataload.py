@@ -12,7 +12,7 @@ import torch
 from data.dataset import recv_dataset, send_dataset
 from data.encode import RUN_CACHE_DIR, cache_file, load_dataset, show_progress, valid_records
 from data.packing import describe
-from data.records import DataError, Record, file_digests, read_files
+from data.records import DataError, file_digests, read_files
 from pipeft import module_command
 from training.batches import DROP_LAST, BatchPlan, RowsView, row_trained
 from training.checkpoint import fault_pause
@@ -25,7 +25,7 @@ class TrainingData:
     """Validation, loading and sharing of the training and eval data (needs the Trainer's cfg, ranks and groups)."""
 
     # validate_data's (files, records) by position in (data_path, eval_data_path): the node's builder encodes them
-    _validated: dict[int, tuple[list[tuple[Path, bytes]], list[Record]]] | None = None
+    _validated: dict[int, list] | None = None  # data set -> [files, records] (load_dataset's `validated`)
 
     def validate_data(self) -> None:
         """Check every record before anything is written or any model exists (raises DataError), in chat mode also what
@@ -50,7 +50,8 @@ class TrainingData:
                 if not cache.is_file() and cache not in seen:  # cached: they were valid records; seen: the same data
                     seen.add(cache)
                     files = read_files(path)  # (load_dataset keys its cache by these bytes)
-                    validated[i] = (files, valid_records(files, cfg.template_settings, self.tokenizer))
+                    validated[i] = [files, valid_records(files, cfg.template_settings, self.tokenizer)]
+                    del files
         self._validated = validated
 
     def _setup_data(self) -> None:

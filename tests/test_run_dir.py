@@ -119,6 +119,7 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
         "training samples are the checkpoint's" in out and "warning: the training samples differ" not in out
     said = [line for line in out.splitlines() if "scheduler" in line and "applied" in line]
     assert said and all("another kind of scheduler starts at this step" in line for line in said), out[-3000:]
+    assert "finished steps 11-12 (this start's) in " in out  # not "finished 2 steps", as if the run had 2
     lrs = {m["step"]: m["lr"] for m in metrics_of(save) if "lr" in m}
     assert [lrs[s] for s in (11, 12)] == pytest.approx([1e-3 * 9 / 20, 1e-3 * 10 / 20], rel=1e-12), lrs
 

@@ -490,7 +490,9 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             self._record_eval(None)
         if losses:
             k = max(1, min(10, len(losses) // 4))
-            self.log(f"finished {len(losses)} steps in {hms(time.time() - self.monitor.t0)}: loss {sum(losses[:k]) / k:.4f} "
+            steps = (f"{len(losses)} steps" if st.step == len(losses) else  # a resumed run: this start's steps
+                     f"steps {st.step - len(losses) + 1}-{st.step} (this start's)")
+            self.log(f"finished {steps} in {hms(time.time() - self.monitor.t0)}: loss {sum(losses[:k]) / k:.4f} "
                      f"(mean of the first {k}) -> {sum(losses[-k:]) / k:.4f} (mean of the last {k})"
                      + (f"; {skipped} of them skipped their update" if skipped else ""))
         st.finished, st.patience_ended = True, bool(st.patience_ended)  # recorded either way

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from data import tabular
@@ -53,9 +53,20 @@ def _not_jsonl(text: str, first: str) -> str | None:
             "on one line (json.dumps without indent)")
 
 
+def _lines(text: str) -> Iterator[str]:
+    """text.split("\n") one line at a time (not splitlines(): U+2028 may sit inside a string): the list of every
+    line was another copy of the file while its records were parsed."""
+    at = 0
+    while at <= len(text):
+        end = text.find("\n", at)
+        end = len(text) if end < 0 else end
+        yield text[at:end]
+        at = end + 1
+
+
 def _parse_jsonl(text: str) -> Parsed:
     items, errors = [], []
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
+    for lineno, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         if too_big := _oversize(line, 0, len(line)):

@@ -20,6 +20,7 @@ exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
 from models.convert import DTYPES, hg_to_pp, init_model, pp_to_hg  # noqa: E402
 from models.family import FAMILIES  # noqa: E402
 from models.hf_io import CheckpointError  # noqa: E402
+from models.outdir import Interrupted  # noqa: E402
 from models.pipeline import ModelConfigError  # noqa: E402
 
 
@@ -75,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ModelConfigError) as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # (models.outdir.atomic_output_dir removed the partial output)
-        print(f"{PROG} {args.command}: interrupted: {args.save_path} was not written (nothing of it changed; the "
-              "partial output is removed)", file=sys.stderr)
+    except KeyboardInterrupt as e:  # outside atomic_output_dir: before its output is built, or once it is in place
+        said = str(e) if isinstance(e, Interrupted) else (f"{args.save_path} holds what it held before or the whole new "
+                                                          "output (an output is renamed into place complete)")
+        print(f"{PROG} {args.command}: interrupted: {said}", file=sys.stderr)
         return 130
     return 0
 

@@ -193,7 +193,13 @@ def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, sa
     try:
         yield tmp
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except KeyboardInterrupt:  # pressed again
+            raise Interrupted(f"{path} was not written (nothing of it changed; its partial output {tmp.name} is "
+                              "removed by the next conversion into it)") from None
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"{path} was not written (nothing of it changed; its partial output is removed)") from None
         if isinstance(e, Exception) and not isinstance(e, CheckpointError) and is_no_space(e, path.parent):
             raise CheckpointError(no_space_message(str(path), path.parent, needed)) from None
         raise
@@ -218,13 +224,26 @@ def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, sa
             old = path.parent / f".{path.name}.old-{me}"
             os.replace(path, old)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # OSError, or Ctrl-C between the renames
         if old is not None and os.path.lexists(old) and not os.path.lexists(path):
             try:
                 os.replace(old, path)  # the previous output back in place (else the next run's clean-up puts it back)
             except OSError:
                 pass
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"{path} was not replaced (the previous output is back in place; the new one is "
+                              "removed)") from None
+        if not isinstance(e, OSError):
+            raise
         raise CheckpointError(f"{path}: cannot move the finished output into place ({_first_line(e)})") from None
     if old is not None:
-        _remove(old)
+        try:
+            _remove(old)
+        except KeyboardInterrupt:
+            raise Interrupted(f"{path} is written (the new output is in place; what is left of the previous one, "
+                              f"{old.name}, is removed by the next conversion into it)") from None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C inside `atomic_output_dir`; its message says what became of the output (one line)."""

@@ -50,7 +50,7 @@ quickstart: $(STAMP)
 	@echo "--- next: the checkpoints are in $(QS)/ckpt (metrics.jsonl, global_stepN), the HF export in $(QS)/hf"
 	@echo "  $(PY) demo.py --model-path $(QS)/hf --instruct 'Name three colours.'       # your own prompt"
 	@echo "  $(PY) -m data.inspect --config configs/quickstart.json --index 0          # what training saw"
-	@echo "  README.md: your own model (convert_model.py hg_to_pp), data, LoRA, several GPUs or nodes"
+	@echo "  README.md: \"Fine-tuning a 7B model\" (your own model: convert_model.py hg_to_pp), \"Data formats\", \"LoRA\", \"Several nodes\""
 
 # what bench/gpu_checks.py needs that a GPU machine's image may lack, at the versions in .venv, as one file for a
 # machine that cannot install: .whl/wheels.tar.xz (ignored; see bench/device_wheels.py)

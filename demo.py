@@ -108,8 +108,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise DemoError(f"--top-p {args.top_p}: must be in (0, 1]")
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
-        raise DemoError(f"--{'top-k' if args.top_k is not None else 'top-p'} samples, but --temperature 0 is greedy "
-                        "decoding (which takes neither); give --temperature T > 0 to sample")
+        raise DemoError(f"--{'top-k' if args.top_k is not None else 'top-p'} samples, but --temperature 0 (the "
+                        "default) is greedy decoding (which takes neither); give --temperature T > 0 to sample")
     if args.adapter:  # before the base model loads
         check_adapter_dir(args.adapter)
 
@@ -151,7 +151,8 @@ def build_record(args: argparse.Namespace) -> dict:
     try:
         rec = present_fields(json.loads(text, object_pairs_hook=unique_keys))
     except json.JSONDecodeError as e:
-        raise DemoError(f"--record: invalid JSON ({e})") from None
+        more = (": give one record (a .jsonl file holds several: pick one line of it)" if e.msg == "Extra data" else "")
+        raise DemoError(f"--record: invalid JSON ({e}){more}") from None
     except DuplicateKey as e:
         raise DemoError(f"--record: {e}") from None
     if not isinstance(rec, dict):
@@ -526,6 +527,9 @@ def run(args: argparse.Namespace) -> None:
                         new_ids=new_ids, lead=answer_lead(rec, settings, tokenizer))
         if rank == 0 and args.no_stream:
             print(text, flush=True)
+        if rank == 0 and not text.strip():  # a blank line alone looks like a failure
+            log(f"note: the answer is empty (the model generated {len(new_ids)} token(s): ids {new_ids[:8]}"
+                f"{' ...' if len(new_ids) > 8 else ''}; --show-ids prints them)")
         if rank == 0 and args.show_ids:
             log(json.dumps({"generated_ids": new_ids}))
     finally:

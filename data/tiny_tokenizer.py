@@ -115,7 +115,11 @@ def train_tiny_tokenizer(texts: Iterable[str], save_path: str | Path, vocab_size
 
 
 def _texts_from_records(path: Path) -> list[str]:
-    """Every string value found in the .json/.jsonl record files under `path`."""
+    """Every string value of the records in `path`: a record file or a directory of them, read as data_path reads
+    them (.jsonl, .json, .csv, .parquet, .arrow; a directory's files with those suffixes), not validated as records."""
+    from data.parsers import PARSERS
+    from data.records import DataError, resolve_files
+
     out: list[str] = []
 
     def walk(x: object) -> None:
@@ -128,19 +132,18 @@ def _texts_from_records(path: Path) -> list[str]:
             for v in x:
                 walk(v)
 
-    files = sorted(path.rglob("*.json*")) if path.is_dir() else [path]
+    try:
+        files = resolve_files(path, "--data")
+    except DataError as e:
+        raise ValueError(e.problems[0]) from None
     for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{f}: not UTF-8 ({e.reason} at byte {e.start})") from None
-        for n, line in enumerate(text.splitlines(), 1) if f.suffix == ".jsonl" else [(0, text)]:
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}{f':{n}' if n else ''}: not valid JSON ({e})") from None
+        if f.suffix not in PARSERS:
+            raise ValueError(f"{f}: unsupported file type {f.suffix!r} (use {', '.join(PARSERS)})")
+        items, errors = PARSERS[f.suffix](f.read_bytes())
+        if errors:
+            line, problem = errors[0]
+            raise ValueError(f"{f}:{line}: {problem}")
+        for _, value in items:
             walk(value)
     return out
 
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as e:  # each names its file
         ap.error(f"--data: {one_line(e)}")
     if args.data and not texts:  # (it trained on the built-in fallback text alone without a word)
-        ap.error(f"--data {args.data}: no text in it (.json / .jsonl record files)")
+        ap.error(f"--data {args.data}: no text in its records")
     try:
         tok = train_tiny_tokenizer(texts, args.save_path, args.vocab_size, args.kind, args.chat_template)
     except RuntimeError as e:  # sentencepiece's trainer: a vocabulary below the characters of the text, or above what

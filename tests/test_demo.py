@@ -122,7 +122,10 @@ def test_sampling_without_top_k_or_top_p_takes_the_models_generation_config(dirs
     (["--model-path", "{tmp}", "--prompt", "x"], "layer_00-model_states.pt"),
     (["--model-path", "{tmp}", "--prompt", "x", "--input", "y"], "--input needs --instruct"),
     (["--model-path", "{tmp}", "--prompt", "x", "--top-p", "0"], "--top-p"),
-    (["--model-path", "{tmp}", "--prompt", "x", "--top-p", "0.5"], "--top-p samples, but --temperature 0 is greedy"),
+    (["--model-path", "{tmp}", "--prompt", "x", "--top-p", "0.5"], "--top-p samples, but --temperature 0 (the default) "
+     "is greedy"),  # (it named an option the user had not given)
+    (["--model-path", "{tmp}", "--record", '{"text": "a"}\n{"text": "b"}'], "--record: invalid JSON (Extra data: line 2 "
+     "column 1 (char 14)): give one record (a .jsonl file holds several: pick one line of it)"),
     (["--model-path", "{tmp}", "--prompt", "x", "--temperature", "nan"], "--temperature nan: must be a number >= 0"),
     (["--model-path", "{tmp}", "--prompt", "x", "--temperature", "1e-40"], "--temperature 1e-40: must be 0 (greedy) or "
      "at least 1e-06"),  # (it overflowed inside torch.multinomial)
@@ -367,3 +370,20 @@ def test_tokenizer_settings_and_prompt_problems_are_one_line_before_the_weights_
     for path, (argv, message) in cases.items():
         assert demo.main(["--model-path", str(path), *argv]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"demo.py: error: {message}"), path
+
+
+def test_an_empty_answer_is_said(dirs, tmp_path, capsys):
+    """A model whose answer decodes to nothing (here: its final norm zeroed, every logit 0, token 0 each step)
+    printed a blank line alone, which looks like a failure of the demo."""
+    from transformers import AutoModelForCausalLM
+
+    hf = tmp_path / "hf"
+    shutil.copytree(dirs["hf"], hf)
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(hf)
+    assert run_demo(capsys, "--model-path", str(hf), "--prompt", "Hello", "--max-new-tokens", "3") == "\n"
+    assert demo.main(["--model-path", str(hf), "--prompt", "Hello", "--max-new-tokens", "3"]) == 0
+    assert "note: the answer is empty (the model generated 3 token(s): ids [0, 0, 0]; --show-ids prints them)" in \
+        capsys.readouterr().err

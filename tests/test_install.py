@@ -110,8 +110,8 @@ def test_entry_points_of_the_source_tree_name_themselves(tmp_path):
         f"pipeft-plan: error: --model-config: cannot read {tmp_path / 'missing.json'} (No such file or directory)",
         "plan 2", f"pipeft-inspect: error: {tmp_path / 'missing.json'}: cannot read (No such file or directory)",
         "inspect_data 2",
-        f"pipeft-tiny-tokenizer: error: --data: {tmp_path / 'bad.jsonl'}:2: not valid JSON "
-        "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1))", "tiny_tokenizer 2"], proc.stderr
+        f"pipeft-tiny-tokenizer: error: --data: {tmp_path / 'bad.jsonl'}:2: malformed JSON: Expecting property name "
+        "enclosed in double quotes (column 2)", "tiny_tokenizer 2"], proc.stderr
 
 
 @pytest.mark.parametrize("argv, said", [
@@ -119,13 +119,17 @@ def test_entry_points_of_the_source_tree_name_themselves(tmp_path):
     (["--kind", "llama3", "--vocab-size", "260"], "--vocab-size 260: a llama3 tokenizer has at least 261 tokens"),
     (["--kind", "sentencepiece", "--vocab-size", "50"], "--vocab-size 50: sentencepiece: Vocabulary size is smaller "
                                                         "than required_chars. 50 vs "),
-    (["--data", "{tmp}"], "--data {tmp}: no text in it (.json / .jsonl record files)"),
-], ids=["negative", "below the bytes and specials", "below the characters", "no record file"])
+    (["--data", "{tmp}"], "--data: {tmp}:0: directory has no data files (.json, .jsonl, .csv, .parquet, .arrow)"),
+    (["--data", "{tmp}/sub"], "--data {tmp}/sub: no text in its records"),  # its .csv read, as data_path reads it
+], ids=["negative", "below the bytes and specials", "below the characters", "no record file", "no text"])
 def test_the_tiny_tokenizers_bad_arguments_are_one_line(tmp_path, capsys, argv, said):
     """They were an OverflowError, a sentencepiece RuntimeError, a 260-token tokenizer for 10 asked, and a tokenizer
     trained on the built-in text alone."""
     from data import tiny_tokenizer
 
+    (tmp_path / "sub").mkdir()  # (the .json / .jsonl files alone were read, and a directory's subdirectories)
+    (tmp_path / "sub" / "ids.json").write_text('[{"id": 1, "score": 0.5}]')
+    (tmp_path / "sub" / "empty.csv").write_text("id,score\n")
     with pytest.raises(SystemExit) as e:
         tiny_tokenizer.main(["--save-path", str(tmp_path / "tok"), *[a.format(tmp=tmp_path) for a in argv]])
     assert e.value.code == 2
@@ -158,3 +162,12 @@ def test_make_sets_the_venv_up_again_for_another_torch(tmp_path):
     assert any('pip install -q "torch==2.13.0"' in line for line in indexed)  # another index: set up again
     stamp = next(line for line in indexed if line.startswith("printf"))  # the index recorded as a hash, not echoed
     assert "torch==2.13.0 index-" in stamp and "secret" not in stamp
+
+
+def test_the_tiny_tokenizer_reads_its_data_as_data_path_is_read(tmp_path):
+    """A .csv (or .parquet, .arrow) beside the .jsonl: it was skipped without a word (only *.json* files were read)."""
+    from data.tiny_tokenizer import _texts_from_records
+
+    (tmp_path / "a.jsonl").write_text('{"text": "first"}\n')
+    (tmp_path / "b.csv").write_text("instruct,output\nsecond,third\n")
+    assert sorted(_texts_from_records(tmp_path)) == ["first", "second", "third"]

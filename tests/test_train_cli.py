@@ -422,6 +422,11 @@ def test_runs_without_the_launcher_as_one_process(tmp_path, base):
                           text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "topology: 1 pipeline stages x 1 data-parallel replicas (1 processes)" in proc.stdout
+    # the memory rows' terms as the header names them; the units model_topo.parts counts (embedding, 4 blocks, head)
+    assert "(weights + grads + optimizer + activations, logits and step buffer, added or max() where they do not " \
+        "coexist + overhead)" in proc.stdout and "; 1 micro-batch in flight)" in proc.stdout
+    assert "  layers: the stage's layer files; its units (model_topo.parts counts them, the final norm is the head's): " \
+        "[6]" in proc.stdout, proc.stdout[:3000]
     assert (tmp_path / "out" / "latest").read_text() == "global_step2"
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
     assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= before

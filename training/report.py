@@ -44,10 +44,9 @@ class RunReport:
         mem = stage_memory(self.family, self.config, setup, self.units, counts=[tuple(r[:2]) for r in reporting])
         self.log(device_line())
         self.log(f"topology: {self.pp_size} pipeline stages x {self.dp_size} data-parallel replicas ({self.world} processes)")
-        how = ("activations + max(logits, step buffer), their sum where the loss buffers stay in the heap"
-               if setup.overhead_bytes else "max(activations + logits, step buffer)")  # the CPU's heap: models/cost.py
         self.log(f"  stage | layers   | parameters (trainable)   | predicted peak memory per process at {cfg.micro_batch} x "
-                 f"{cfg.max_seq_len} tokens (weights + grads + optimizer + {how} + overhead)")
+                 f"{cfg.max_seq_len} tokens (weights + grads + optimizer + activations, logits and step buffer, added "
+                 "or max() where they do not coexist + overhead)")  # which: models/cost.py (the CPU's heap keeps more)
         for stage, m in enumerate(mem):
             lo_, hi = model.parts[stage], model.parts[stage + 1]
             live = f"{fmt_bytes(m.activations)} + {fmt_bytes(m.logits)}"
@@ -57,7 +56,10 @@ class RunReport:
             split = " + ".join([fmt_bytes(m.weights), fmt_bytes(m.gradients), fmt_bytes(m.optimizer), rest,
                                 fmt_bytes(m.overhead)])
             self.log(f"  {stage:5d} | {lo_:3d}..{hi - 1:<3d} | {fmt_count(m.params):>10} ({fmt_count(m.trainable)}) | "
-                     f"{fmt_bytes(m.total)} ({split}; {m.in_flight} micro-batches in flight)")
+                     f"{fmt_bytes(m.total)} ({split}; {m.in_flight} micro-batch{'es' if m.in_flight != 1 else ''} in "
+                     "flight)")
+        self.log(f"  layers: the stage's layer files; its units (model_topo.parts counts them, the final norm is the "
+                 f"head's): {self.units}")
         self.log("  overhead: " + ("the process's resident memory before the model was built (measured)"
                                    if setup.overhead_bytes else "CUDA context, NCCL, allocator slack (assumed)")
                  + "; peaks per stage go to metrics.jsonl (peak_memory)")

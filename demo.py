@@ -151,7 +151,8 @@ def build_record(args: argparse.Namespace) -> dict:
     try:
         rec = present_fields(json.loads(text, object_pairs_hook=unique_keys))
     except json.JSONDecodeError as e:
-        more = (": give one record (a .jsonl file holds several: pick one line of it)" if e.msg == "Extra data" else "")
+        more = (": give one record (a .jsonl file holds several: pick one line of it)"
+                if e.msg == "Extra data" and text[e.pos:].lstrip().startswith("{") else "")
         raise DemoError(f"--record: invalid JSON ({e}){more}") from None
     except DuplicateKey as e:
         raise DemoError(f"--record: {e}") from None
@@ -528,8 +529,8 @@ def run(args: argparse.Namespace) -> None:
         if rank == 0 and args.no_stream:
             print(text, flush=True)
         if rank == 0 and not text.strip():  # a blank line alone looks like a failure
-            log(f"note: the answer is empty (the model generated {len(new_ids)} token(s): ids {new_ids[:8]}"
-                f"{' ...' if len(new_ids) > 8 else ''}; --show-ids prints them)")
+            log(f"note: the answer is {'empty' if not text else 'blank'} (the model generated {len(new_ids)} token(s): "
+                f"ids {new_ids[:8]}{' ...' if len(new_ids) > 8 else ''})")
         if rank == 0 and args.show_ids:
             log(json.dumps({"generated_ids": new_ids}))
     finally:

@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog=module_command("data.tiny_tokenizer"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--save-path", required=True)
-    ap.add_argument("--data", default=None, help="record file or directory whose text trains the tokenizer")
+    ap.add_argument("--data", default=None, help="record file, directory or glob (as data_path) whose text trains the "
+                    "tokenizer")
     ap.add_argument("--vocab-size", type=int, default=512)
     ap.add_argument("--kind", choices=KINDS, default="bpe")
     ap.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATES), default=None)
@@ -165,8 +166,6 @@ def main(argv: list[str] | None = None) -> None:
         check_target(Path(args.save_path), args.overwrite)
     except CheckpointError as e:
         ap.error(f"--save-path {e}")
-    if args.data and not Path(args.data).exists():
-        ap.error(f"--data {args.data}: no such file or directory")
     least = {"bpe": 256 + len(SPECIALS), "llama3": 256 + len(LLAMA3_SPECIALS)}.get(args.kind, 1)
     if args.vocab_size < least:  # (a byte-level vocabulary below it was its 256 bytes and specials, not the size asked)
         ap.error(f"--vocab-size {args.vocab_size}: a {args.kind} tokenizer has at least {least} tokens"

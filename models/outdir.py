@@ -218,22 +218,20 @@ def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, sa
             kept = tmp
         raise CheckpointError(f"{path}: was created while the conversion ran and is not empty: left as it is; the "
                               f"finished output is in {kept} (move it, or convert again with --overwrite)")
-    old = None
+    old, interrupted = None, False
     try:
         if os.path.lexists(path):
             old = path.parent / f".{path.name}.old-{me}"
             os.replace(path, old)
         os.replace(tmp, path)
-    except BaseException as e:  # OSError, or Ctrl-C between the renames
-        if old is not None and os.path.lexists(old) and not os.path.lexists(path):
-            try:
-                os.replace(old, path)  # the previous output back in place (else the next run's clean-up puts it back)
-            except OSError:
-                pass
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, KeyboardInterrupt):
+    except KeyboardInterrupt:  # (once the second rename returned, the new output is in place: gone on below)
+        if os.path.lexists(tmp) or not os.path.lexists(path):
+            _put_back(path, old, tmp)
             raise Interrupted(f"{path} was not replaced (the previous output is back in place; the new one is "
                               "removed)") from None
+        interrupted = True
+    except BaseException as e:  # OSError (or another failure) in the renames
+        _put_back(path, old, tmp)
         if not isinstance(e, OSError):
             raise
         raise CheckpointError(f"{path}: cannot move the finished output into place ({_first_line(e)})") from None
@@ -243,6 +241,20 @@ def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, sa
         except KeyboardInterrupt:
             raise Interrupted(f"{path} is written (the new output is in place; what is left of the previous one, "
                               f"{old.name}, is removed by the next conversion into it)") from None
+    if interrupted:
+        raise Interrupted(f"{path} is written (the new output is in place"
+                          f"{'; the previous one is removed' if old is not None else ''})")
+
+
+def _put_back(path: Path, old: Path | None, tmp: Path) -> None:
+    """After a failed swap: the previous output back in place (else the next run's clean-up puts it back), the new
+    one removed."""
+    if old is not None and os.path.lexists(old) and not os.path.lexists(path):
+        try:
+            os.replace(old, path)
+        except OSError:
+            pass
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Interrupted(KeyboardInterrupt):

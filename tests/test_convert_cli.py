@@ -4,6 +4,7 @@ line each, saying what became of the target."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +65,17 @@ def test_ctrl_c_during_a_conversion_is_one_line_saying_what_became_of_the_target
     assert convert() == (f"{prefix}{target} was not replaced (the previous output is back in place; the new one is "
                          "removed)")
     assert _files(target) == before and sorted(p.name for p in tmp_path.iterdir()) == ["hf_gqa_tied", "pp"]
+    real_replace = outdir.os.replace
+
+    def replace_then_ctrl_c(src, dst):  # Ctrl-C as the second rename returns: the new output is in place
+        real_replace(src, dst)
+        if Path(src).name.startswith(".pp.tmp-"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(outdir.os, "replace", replace_then_ctrl_c)
+    assert convert("fp16") == f"{prefix}{target} is written (the new output is in place; the previous one is removed)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_gqa_tied", "pp"] and _files(target) != before
+    assert run("hg_to_pp", "--input-path", str(hf), "--save-path", str(target), "--overwrite") == 0
+    before = _files(target)
     interrupt_at(outdir, "_remove", 1)  # the new one in place, Ctrl-C while the previous one is deleted
     said = convert("fp16")
     left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".pp.old-")]

@@ -126,6 +126,8 @@ def test_sampling_without_top_k_or_top_p_takes_the_models_generation_config(dirs
      "is greedy"),  # (it named an option the user had not given)
     (["--model-path", "{tmp}", "--record", '{"text": "a"}\n{"text": "b"}'], "--record: invalid JSON (Extra data: line 2 "
      "column 1 (char 14)): give one record (a .jsonl file holds several: pick one line of it)"),
+    (["--model-path", "{tmp}", "--record", '{"text": "a"}}'], "--record: invalid JSON (Extra data: line 1 column 14 "
+     "(char 13))"),  # a stray brace: no word of several records
     (["--model-path", "{tmp}", "--prompt", "x", "--temperature", "nan"], "--temperature nan: must be a number >= 0"),
     (["--model-path", "{tmp}", "--prompt", "x", "--temperature", "1e-40"], "--temperature 1e-40: must be 0 (greedy) or "
      "at least 1e-06"),  # (it overflowed inside torch.multinomial)
@@ -385,5 +387,4 @@ def test_an_empty_answer_is_said(dirs, tmp_path, capsys):
     model.save_pretrained(hf)
     assert run_demo(capsys, "--model-path", str(hf), "--prompt", "Hello", "--max-new-tokens", "3") == "\n"
     assert demo.main(["--model-path", str(hf), "--prompt", "Hello", "--max-new-tokens", "3"]) == 0
-    assert "note: the answer is empty (the model generated 3 token(s): ids [0, 0, 0]; --show-ids prints them)" in \
-        capsys.readouterr().err
+    assert "note: the answer is empty (the model generated 3 token(s): ids [0, 0, 0])" in capsys.readouterr().err

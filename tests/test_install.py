@@ -171,3 +171,7 @@ def test_the_tiny_tokenizer_reads_its_data_as_data_path_is_read(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "first"}\n')
     (tmp_path / "b.csv").write_text("instruct,output\nsecond,third\n")
     assert sorted(_texts_from_records(tmp_path)) == ["first", "second", "third"]
+    from data import tiny_tokenizer  # a glob too, as data_path takes it (it was "no such file or directory")
+
+    assert tiny_tokenizer.main(["--save-path", str(tmp_path / "tok"), "--data", str(tmp_path / "*.csv")]) is None
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()

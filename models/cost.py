@@ -72,10 +72,9 @@ class Setup:
     def fused(self) -> bool:
         return self.fused_norm if self.fused_norm is not None else not self.overhead_bytes and fused_rms_norm("cuda")
 
-    @property
-    def in_flight(self) -> list[int]:
-        """Micro-batches whose activations a stage holds at once under 1F1B (DeepSpeed's TrainSchedule)."""
-        return [min(self.pipe - s, self.grad_accum) for s in range(self.pipe)]
+    def in_flight(self, stage: int) -> int:
+        """Micro-batches whose activations `stage` holds at once under 1F1B (DeepSpeed's TrainSchedule)."""
+        return min(self.pipe - stage, self.grad_accum)
 
 
 @functools.cache  # the planner asks once per stage it sizes
@@ -359,7 +358,7 @@ def stage_memory(family, config, setup: Setup, parts: list[int],
         per_micro += 2 * 16 * tokens  # int64 position and segment ids, received and sent
         if family.model_type == "bloom" and blocks:
             per_micro += s.micro_batch * s.seq_len ** 2 * b  # the additive mask eager attention uses
-        flight = min(s.pipe - stage, s.grad_accum)  # s.in_flight[stage], without the list of every stage's
+        flight = s.in_flight(stage)
         if defers(s.defer_wgrad, s.lora is not None, s.grad_ckpt):  # the first stage defers none
             per_micro_deferred = blocks * deferred_bytes(family, config, b) * tokens
         else:

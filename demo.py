@@ -45,7 +45,7 @@ with deepspeed_logs_on_stderr():  # stdout holds the generated text only
     from data.records import DataError, present_fields, prompt_problems, string_problem
     from data.settings import DataSettings, read_data_settings
     from data.templates import TEMPLATES, TemplateSettings, answer_lead
-    from data.tokenizer_checks import special_text_in, vocabulary_problem
+    from data.tokenizer_checks import special_text_in, vocab_size_problem, vocabulary_problem
     from launch import AcceleratorError
     from models.convert import config_dir_of, load_hf_model
     from models.family import ModelFamily
@@ -481,11 +481,8 @@ def run(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise DemoError(f"cannot prompt with this record: {one_line(e)}") from None
     model = load_model(args.model_path, dtype)
-    embeddings = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > embeddings:
-        raise DemoError(f"{config_dir}: the model's vocab_size {embeddings} is smaller than the tokenizer's "
-                        f"{len(tokenizer)} tokens (ids >= {embeddings} have no embedding row); resize the model's "
-                        "embeddings or use its own tokenizer")
+    if problem := vocab_size_problem(model.get_input_embeddings().num_embeddings, tokenizer):
+        raise DemoError(f"{config_dir}: {problem}")
     if (found := special_text_in(rec, tokenizer)) and rank == 0:  # as training warns of such records
         log(f"warning: the prompt's {found}, the text of a special (or template) token, read as that control token "
             "(as training and serving stacks read it)")

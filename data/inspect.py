@@ -43,13 +43,22 @@ from data.dataset import EncodedDataset
 from data.encode import RUN_CACHE_DIR, load_dataset
 from data.packing import PackedDataset, chunk_counts, pack, trained_mask, trained_tokens
 from data.records import DataError
-from data.tokenizer_checks import vocabulary_problem
+from data.tokenizer_checks import vocab_size_problem, vocabulary_problem
 from pipeft import module_command
 
 PROG = module_command("data.inspect")  # as the user runs it, in usage and errors
 GREEN, RESET = "\033[32m", "\033[0m"
 PERCENTILES = (50, 90, 95, 99, 100)
 SHOWN_ROWS = 20  # the packed sequences named for the other chunks of a record split_long_pretrain cut
+
+
+def _vocab_size(model_path: Path) -> int | None:
+    """config.json's vocab_size in model_path, where there is one (inspect needs only a tokenizer there)."""
+    try:
+        vocab = json.loads((model_path / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return vocab if isinstance(vocab, int) else None
 
 
 def _runs(input_ids: list[int], trained_at: list[bool]) -> list[tuple[list[int], bool]]:
@@ -236,6 +245,8 @@ def _inspect(argv: list[str] | None) -> int:
             raise DataError([str(e)]) from None
         if problem := vocabulary_problem(tokenizer):
             raise DataError([f"{model_path}:0: {problem}"])
+        if (vocab := _vocab_size(model_path)) is not None and (problem := vocab_size_problem(vocab, tokenizer)):
+            raise DataError([f"{model_path}: {problem}"])  # as training refuses it
         ds = load_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, cfg.data_cache_dir, cfg.template_settings,
                           fallback_cache_dir=Path(cfg.save_path) / RUN_CACHE_DIR)  # where training caches it
         trained, held = split_eval(ds, cfg.eval_split_ratio, cfg.seed) if cfg.eval_split_ratio else (ds, None)

@@ -78,6 +78,15 @@ def require_eos(tokenizer: Any) -> None:
                          "tokenizer_config.json"])
 
 
+def vocab_size_problem(vocab_size: int, tokenizer: Any) -> str | None:
+    """Why a model of `vocab_size` embedding rows cannot take the tokenizer's ids (training, demo and inspect refuse
+    it), or None."""
+    if len(tokenizer) <= vocab_size:
+        return None
+    return (f"the model's vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens (ids >= "
+            f"{vocab_size} have no embedding row); resize the model's embeddings or use its own tokenizer")
+
+
 def vocabulary_problem(tokenizer: Any) -> str | None:
     """Why the tokenizer cannot be used: every token it has is an added (special) one, so text encodes to nothing (a
     dir with tokenizer_config.json but neither tokenizer.json nor tokenizer.model loads as such a tokenizer); None when

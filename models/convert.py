@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -143,6 +144,18 @@ def check_tied_head(ckpt: HFCheckpoint, head_key: str, embed_key: str) -> None:
         raise CheckpointError(f"{ckpt.file_of(head_key)}: {head_key} differs from {embed_key}, but config.json says "
                               "\"tie_word_embeddings\": true (transformers loads them untied); set it to false in "
                               f"{ckpt.dir / 'config.json'} to convert both")
+
+
+def padding_id(tok: Any) -> int | None:
+    """A new model's pad_token_id (the embedding's padding_idx, whose row stays zero without a gradient): the
+    tokenizer's pad token where it is a token of its own; None where it is also BOS, EOS or UNK, or a token the chat
+    template writes (a pad set to EOS or `<|eot_id|>`, as is common: a real input token that would never learn), or
+    where there is none. The collator pads with it or EOS either way, and masks the padding out."""
+    pad = tok.pad_token_id
+    if pad is None or pad in (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id):
+        return None
+    templates = tok.chat_template if isinstance(tok.chat_template, dict) else {"": tok.chat_template or ""}
+    return None if any(tok.pad_token in t for t in templates.values()) else pad
 
 
 def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
@@ -558,9 +571,7 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
     with config_errors(where):
         config = family.config_class(**{
             **cfg_dict, "vocab_size": len(tok) if vocab is None else vocab, "bos_token_id": tok.bos_token_id,
-            # the embedding's padding_idx: never EOS (its row would stay zero, without a gradient); with no pad token
-            # none, and the collator pads with EOS, masked out
-            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": padding_id(tok),
         })
         family.prepare_config(config)
     config.dtype = DTYPE_NAMES[DTYPES[dtype]]

@@ -251,6 +251,26 @@ def test_init_and_export_keep_what_downstream_tools_read(tmp_path, request, fami
     assert ("lm_head.weight" in load_hf_tensors(tmp_path / "hf")) == (not tied)  # tied: llama.cpp reuses token_embd
 
 
+@pytest.mark.parametrize("pad, kept", [("</s>", False), ("<unk>", False), ("<s>", False), ("<|eot_id|>", False),
+                                       ("<pad>", True)])
+def test_init_gives_a_real_token_no_padding_row(tmp_path, tokenizer_dir, pad, kept):
+    """A pad set to EOS (the common Llama fix), BOS, UNK or a token the chat template writes is a real input: as
+    the embedding's padding_idx its row would be zero and never learn. init writes pad_token_id only for a pad of
+    its own; the collator pads with the pad (or EOS) either way."""
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    tok.chat_template = "{% for m in messages %}{{ m['content'] + '<|eot_id|>' }}{% endfor %}"
+    tok.pad_token = pad
+    tok.save_pretrained(tmp_path / "tok")
+    assert run("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"),
+               "--save-path", str(tmp_path / "pp")) == 0
+    pad_id = tok.convert_tokens_to_ids(pad)
+    assert json.loads((tmp_path / "pp" / "config.json").read_text()).get("pad_token_id") == (pad_id if kept else None)
+    embed = torch.load(tmp_path / "pp" / "layer_00-model_states.pt")["weight"]
+    assert embed[pad_id].any() != kept  # a pad of its own: the zero padding row, as transformers initialises it
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "pp")).pad_token == pad  # the tokenizer keeps its pad
+
+
 # ---------------------------------------------------------------------------------------------- what is exported
 
 

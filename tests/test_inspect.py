@@ -120,3 +120,20 @@ def test_output_to_a_reader_that_stopped_is_no_traceback(tokenizer_dir, tmp_path
     finally:
         os.close(write)
     assert done.returncode == 0 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_refused_as_training_refuses_it(tokenizer_dir, tmp_path, capsys):
+    """inspect shows what training trains: with ids past the model's embedding rows training refuses the config, so
+    inspect does too (it showed them as ordinary tokens)."""
+    model = tmp_path / "model"
+    shutil.copytree(tokenizer_dir, model)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "Pipeline parallelism splits the layers."}) + "\n")
+    args = config(tmp_path, model, data)
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 500}))
+    assert data_inspect.main([*args, "--index", "0"]) == 2
+    assert capsys.readouterr().err == (f"python -m data.inspect: error: {model}: the model's vocab_size 500 "
+                                       "is smaller than the tokenizer's 512 tokens (ids >= 500 have no embedding row); "
+                                       "resize the model's embeddings or use its own tokenizer\n")
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 512}))
+    assert data_inspect.main([*args, "--index", "0"]) == 0

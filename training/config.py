@@ -351,7 +351,7 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
     """The model dir's tokenizer against its config and the data keys: an EOS token, a vocabulary the embedding
     covers, max_seq_len within the positions, a chat template for "template": "chat"."""
     from data.chat import require_chat_template
-    from data.tokenizer_checks import require_eos, vocabulary_problem
+    from data.tokenizer_checks import require_eos, vocab_size_problem, vocabulary_problem
 
     model = Path(cfg.model_path)
     try:
@@ -371,10 +371,8 @@ def _check_model(cfg: TrainConfig, path: Path) -> None:
     if not cfg.from_scratch and not weights_from_checkpoint(cfg) and (missing := missing_layer_file(model, family,
                                                                                                      config)):
         raise ConfigError(f"{path}: model_path: {missing}: an incomplete copy or conversion of the model")
-    if len(tokenizer) > config.vocab_size:
-        raise ConfigError(f"{path}: model_path {model}: the model's vocab_size {config.vocab_size} is smaller than the "
-                          f"tokenizer's {len(tokenizer)} tokens (ids >= {config.vocab_size} have no embedding row); resize "
-                          "the model's embeddings or use its own tokenizer")
+    if problem := vocab_size_problem(config.vocab_size, tokenizer):
+        raise ConfigError(f"{path}: model_path {model}: {problem}")
     attn = cfg.attn_implementation
     if attn not in ("auto", "eager"):
         from deepspeed.accelerator import get_accelerator

@@ -155,6 +155,16 @@ def test_a_checkpoint_that_latest_does_not_name_yet_is_resumed(tmp_path):
     assert resume_tag(save)[0] == "global_step3"
     layer.write_bytes(b"x" * 100)
     shutil.rmtree(save / "global_step7")
+    atomic_write_text(save / "latest", "global_step9")  # a tag that is not there: nothing left to delete
+    assert resume_tag(save) == ("global_step6", [f"checkpoint {save / 'global_step9'} cannot be resumed: it does not "
+                                                 f"exist", f"resuming from the previous intact checkpoint "
+                                                 f"{save / 'global_step6'} instead"])
+    atomic_write_text(save / "latest", "global_step6")
+    layer.write_bytes(b"x" * 50)
+    assert resume_tag(save)[1][1].endswith(f"({save / 'global_step6'} is left in place; delete it once you no longer "
+                                           "need it)")
+    layer.write_bytes(b"x" * 100)
+    (save / "latest").unlink()
 
     ckpts = Checkpoints(save, rank=0, keep_last=1, keep_best=1)
     state = RunState.read(save / "global_step6")

@@ -167,10 +167,10 @@ def resume_tag(save: Path) -> tuple[str | None, list[str]]:
     if problem is None:
         return tag, []
     notes = [f"checkpoint {save / tag} cannot be resumed: {problem}"]
+    left = f" ({save / tag} is left in place; delete it once you no longer need it)" if (save / tag).is_dir() else ""
     for older in earlier_tags(save, tag):
         if tag_problem(save / older) is None:
-            notes.append(f"resuming from the previous intact checkpoint {save / older} instead ({save / tag} is left "
-                         "in place; delete it once you no longer need it)")
+            notes.append(f"resuming from the previous intact checkpoint {save / older} instead{left}")
             return older, notes
     return None, notes
 
@@ -232,9 +232,10 @@ def resume_problem(cfg: TrainConfig, lora: LoraSettings | None) -> str | None:
                            ("modules_to_save", list(lora.modules_to_save)), ("quantization", quant)):
             was = saved.get(key, [] if key != "quantization" else None)
             if was != value and not (f"lora.{key}" in UNORDERED and same_set(was, value)):
-                name = "'quantization'" if key == "quantization" else f"lora.{key}"
+                name, same = (("'quantization'", "base quantization") if key == "quantization" else
+                              (f"lora.{key}", "adapters"))
                 return (f"{name} is {json.dumps(value)} but the checkpoint {ckpt} was trained with "
-                        f"{json.dumps(saved.get(key))}; resume with the same adapters, {fresh}")
+                        f"{json.dumps(saved.get(key))}; resume with the same {same}, {fresh}")
         if saved.get("base_fingerprint") and base_fingerprint(cfg.model_path) != saved["base_fingerprint"]:
             return (f"the model in model_path {cfg.model_path} is not the base the checkpoint {ckpt} "
                     "was trained on (its config.json or weights changed since: lora_config.json's "

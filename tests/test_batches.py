@@ -183,6 +183,20 @@ def test_the_epoch_order_is_computed_once_per_epoch(monkeypatch):
     assert calls == [0, 1, 2]
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_an_epoch_has_as_many_steps_as_its_samples_fill(grouped):
+    """drop_last: whole global batches only; else one more for a remainder, and none when there is no remainder (an
+    extra step of padding rows alone would step the optimizer and scheduler on nothing and shift every resume)."""
+    for n, drop_last, steps in [(16, True, 2), (16, False, 2), (17, True, 2), (17, False, 3), (7, False, 1)]:
+        plan = BatchPlan(n, 2, 2, 2, 0, np.arange(1, n + 1), grouped, drop_last=drop_last)
+        assert plan.steps_per_epoch == steps, (n, drop_last)
+        rows = [plan.global_indices(0, k) for k in range(steps)]
+        assert all((r >= 0).any() for r in rows)  # every step trains a sample
+        real = np.concatenate([r[r >= 0] for r in rows])
+        assert len(real) == len(set(real.tolist())) == (n if not drop_last else steps * plan.global_batch)
+        assert plan.position(steps) == (1, 0)  # the next step is the next epoch's first
+
+
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_group_by_length_trains_the_samples_an_ungrouped_epoch_trains(drop_last):
     """drop_last drops a random share of each epoch with group_by_length too, not the same shortest samples."""

@@ -68,6 +68,24 @@ def test_the_closing_line_says_where_the_best_steps_weights_are(tmp_path):
     assert Checkpoints(tmp_path, 0, 1, 1).best_line(state([])) is None
 
 
+def test_the_rng_state_saved_is_the_one_restored():
+    """Python's, NumPy's and torch's generators all come back (a resume draws what the run would have drawn)."""
+    import random
+
+    import numpy as np
+
+    from training.checkpoint import rng_state, set_rng_state
+
+    def draw():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    saved = rng_state()
+    expected = draw()
+    draw()
+    set_rng_state(saved)
+    assert draw() == expected
+
+
 def test_keep_last_keep_best_and_latest(tmp_path):
     for s in (2, 4, 6, 8, 10):
         (tmp_path / tag_of(s)).mkdir()

@@ -319,11 +319,14 @@ def test_tied_weights_on_two_stages_train_as_one_with_fp32_accumulation_and_offl
 def test_zero_with_an_embedding_only_stage_trains_as_the_reference(tmp_path, ops_model, ops_uninterrupted):
     """ZeRO-1 on 3 stages, the first holding only the embedding: that stage has one parameter group (no norm weight
     or bias), the others two, and DeepSpeed's gradient norm runs collectives per group: every rank hung at the first
-    step. The stage gets a placeholder no_decay group (training.optim.even_groups); the losses are the fp32 run's."""
+    step. The stage gets a placeholder no_decay group (training.optim.even_groups); the losses are the fp32 run's.
+    The last stage holds the final norm and the tied head alone: it has no nn.Linear whose weight gradients it could
+    defer, and the start line says it defers none (it said 2)."""
     cfg = ops_config(tmp_path, ops_model, max_steps=3, zero_optimization={"stage": 1},
-                     model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [3, 1]}, "parts": [1, 2, 2]})
+                     model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [3, 1]}, "parts": [1, 3, 1]})
     out = run_deepspeed("train_ds.py", ["--config", str(cfg)], num_procs=3, timeout=300).stdout
     assert re.search(r"\n +0 \| +0\.\.0 +\| +32,768 \(32,768\)", out), out[-3000:]  # the embedding alone
+    assert "deferred weight gradients: the last [0, 2, 0] micro-batches per stage" in out, out[-3000:]
     got, ref = losses_of(tmp_path / "out"), losses_of(ops_uninterrupted)
     assert list(got) == [1, 2, 3] and all(got[s] == pytest.approx(ref[s], rel=1e-5) for s in got), (got, ref)
 

@@ -23,7 +23,7 @@ class RunReport:
         params = [p for p in model.parameters() if not getattr(p, "placeholder", False)]
         ckpt = sum(model.is_checkpointable_results) if model.activation_checkpoint_interval else 0  # as the engine runs
         mine = [sum(logical_numel(p) for p in params), sum(p.numel() for p in params if p.requires_grad), self.base_memory,
-                base_memory(model), ckpt, self.opt_sizes]
+                base_memory(model), ckpt, self.opt_sizes, self.deferred[self.engine.stage_id]]
         per_rank = [None] * self.world
         torch.distributed.all_gather_object(per_rank, mine)
         if self.rank != 0:
@@ -107,8 +107,8 @@ class RunReport:
                          f"(unquantised: {fmt_bytes(b['unquantized'])})")
         blocks = [per_rank[r][4] for r in self._stage_ranks()]
         self.log(f"activation checkpointing: {f'decoder blocks per stage {blocks} (non-reentrant)' if any(blocks) else 'off'}")
-        if any(self.deferred):
-            self.log(f"deferred weight gradients: the last {self.deferred} micro-batches per stage (their weight gradients "
+        if any(deferred := [per_rank[r][6] for r in self._stage_ranks()]):  # what each stage defers, not what it may
+            self.log(f"deferred weight gradients: the last {deferred} micro-batches per stage (their weight gradients "
                      "after the step's backward passes; \"defer_weight_grads\": false turns it off)")
 
     # ------------------------------------------------------------------------------------------ steps

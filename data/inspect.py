@@ -53,12 +53,16 @@ SHOWN_ROWS = 20  # the packed sequences named for the other chunks of a record s
 
 
 def _vocab_size(model_path: Path) -> int | None:
-    """config.json's vocab_size in model_path, where there is one (inspect needs only a tokenizer there)."""
+    """The model's vocab_size as training reads it (its config.json through transformers: a family's default where
+    the file has none); None where model_path holds no model config (inspect needs only a tokenizer there)."""
+    from models.convert import family_of
+    from models.hf_io import CheckpointError
+    from models.pipeline import ModelConfigError
+
     try:
-        vocab = json.loads((model_path / "config.json").read_text()).get("vocab_size")
-    except (OSError, ValueError, AttributeError):
+        return family_of(model_path)[1].vocab_size
+    except (CheckpointError, ModelConfigError, OSError, ValueError):
         return None
-    return vocab if isinstance(vocab, int) else None
 
 
 def _runs(input_ids: list[int], trained_at: list[bool]) -> list[tuple[list[int], bool]]:

@@ -148,14 +148,16 @@ def check_tied_head(ckpt: HFCheckpoint, head_key: str, embed_key: str) -> None:
 
 def padding_id(tok: Any) -> int | None:
     """A new model's pad_token_id (the embedding's padding_idx, whose row stays zero without a gradient): the
-    tokenizer's pad token where it is a token of its own; None where it is also BOS, EOS or UNK, or a token the chat
-    template writes (a pad set to EOS or `<|eot_id|>`, as is common: a real input token that would never learn), or
-    where there is none. The collator pads with it or EOS either way, and masks the padding out."""
+    tokenizer's pad token where it is a token of its own, named so (`<pad>`, `[PAD]`, `<|finetune_right_pad_id|>`),
+    not also BOS, EOS or UNK, and not written by the chat template; else None: a pad set to EOS, `<|eot_id|>` or a
+    word of the vocabulary (`!`, as `pad_token_id = 0` makes it on a Llama-3 tokenizer; saved, it is an added token
+    like `<pad>`) is a real input token that would never learn. None costs nothing: the collator pads with the pad or
+    EOS either way and masks the padding out, so no gradient reaches that row."""
     pad = tok.pad_token_id
-    if pad is None or pad in (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id):
+    if pad is None or pad in (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) or "pad" not in tok.pad_token.lower():
         return None
     templates = tok.chat_template if isinstance(tok.chat_template, dict) else {"": tok.chat_template or ""}
-    return None if any(tok.pad_token in t for t in templates.values()) else pad
+    return None if any(tok.pad_token in t or "pad_token" in t for t in templates.values()) else pad
 
 
 def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:

@@ -251,16 +251,23 @@ def test_init_and_export_keep_what_downstream_tools_read(tmp_path, request, fami
     assert ("lm_head.weight" in load_hf_tensors(tmp_path / "hf")) == (not tied)  # tied: llama.cpp reuses token_embd
 
 
-@pytest.mark.parametrize("pad, kept", [("</s>", False), ("<unk>", False), ("<s>", False), ("<|eot_id|>", False),
-                                       ("<pad>", True)])
-def test_init_gives_a_real_token_no_padding_row(tmp_path, tokenizer_dir, pad, kept):
-    """A pad set to EOS (the common Llama fix), BOS, UNK or a token the chat template writes is a real input: as
-    the embedding's padding_idx its row would be zero and never learn. init writes pad_token_id only for a pad of
-    its own; the collator pads with the pad (or EOS) either way."""
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+WRITES_EOT = "{% for m in messages %}{{ m['content'] + '<|eot_id|>' }}{% endfor %}"
+
+
+@pytest.mark.parametrize("pad, template, kept", [
+    ("</s>", WRITES_EOT, False), ("<unk>", WRITES_EOT, False), ("<s>", WRITES_EOT, False), ("!", WRITES_EOT, False),
+    ("<|eot_id|>", WRITES_EOT, False), ("<|eot_id|>", {"default": WRITES_EOT, "tool_use": "{{ messages }}"}, False),
+    ("<pad>", "{% for m in messages %}{{ m['content'] + pad_token }}{% endfor %}", False),
+    ("<pad>", WRITES_EOT, True), ("<pad>", None, True), ("<pad>", {"default": WRITES_EOT}, True)])
+@pytest.mark.parametrize("kind", ["tokenizer_dir", "sp_tokenizer_dir"])
+def test_init_gives_a_real_token_no_padding_row(tmp_path, request, kind, pad, template, kept):
+    """A pad set to EOS (the common Llama fix), BOS, UNK, a word of the vocabulary or a token the chat template writes
+    is a real input: as the embedding's padding_idx its row would be zero and never learn. init writes
+    pad_token_id only for a pad of its own (an added token); the collator pads with the pad (or EOS) either way."""
+    tok = AutoTokenizer.from_pretrained(str(request.getfixturevalue(kind)))
     tok.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
-    tok.chat_template = "{% for m in messages %}{{ m['content'] + '<|eot_id|>' }}{% endfor %}"
-    tok.pad_token = pad
+    tok.chat_template = template
+    tok.add_special_tokens({"pad_token": pad})  # added where the vocabulary lacks it
     tok.save_pretrained(tmp_path / "tok")
     assert run("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"),
                "--save-path", str(tmp_path / "pp")) == 0

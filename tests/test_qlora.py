@@ -240,6 +240,7 @@ def test_bad_quantization_is_one_line_before_any_model(tmp_path, ops_model, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {cfg}: ") and expected in err[0], err
     assert not (tmp_path / "out").exists() or saved
+    assert not saved or f"{tag} was trained with null; resume with the same base quantization, or start" in err[0], err
 
 
 def test_a_block_without_linear_layers_cannot_be_quantised():

@@ -159,6 +159,11 @@ def test_a_checkpoint_that_latest_does_not_name_yet_is_resumed(tmp_path):
     assert resume_tag(save) == ("global_step6", [f"checkpoint {save / 'global_step9'} cannot be resumed: it does not "
                                                  f"exist", f"resuming from the previous intact checkpoint "
                                                  f"{save / 'global_step6'} instead"])
+    for named in ("", ".."):  # save_path itself, its parent: neither is a checkpoint to offer for deletion
+        atomic_write_text(save / "latest", named)
+        assert resume_tag(save) == ("global_step6", [f"{save / 'latest'} names {named!r}, which is not a checkpoint "
+                                                     f"(global_stepN)", "resuming from the previous intact checkpoint "
+                                                     f"{save / 'global_step6'} instead"])
     atomic_write_text(save / "latest", "global_step6")
     layer.write_bytes(b"x" * 50)
     assert resume_tag(save)[1][1].endswith(f"({save / 'global_step6'} is left in place; delete it once you no longer "

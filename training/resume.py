@@ -163,11 +163,14 @@ def resume_tag(save: Path) -> tuple[str | None, list[str]]:
     if not latest.is_file():
         return None, []
     tag = latest_tag(save)
-    problem = "it does not exist" if not (save / tag).is_dir() else tag_problem(save / tag)
-    if problem is None:
+    exists = TAG.match(tag) is not None and (save / tag).is_dir()  # "" or ".." would name save_path or its parent
+    problem = (tag_problem(save / tag) if exists else None if not TAG.match(tag) else "it is not a directory"
+               if (save / tag).exists() else "it does not exist")
+    if exists and problem is None:
         return tag, []
-    notes = [f"checkpoint {save / tag} cannot be resumed: {problem}"]
-    left = f" ({save / tag} is left in place; delete it once you no longer need it)" if (save / tag).is_dir() else ""
+    notes = [f"checkpoint {save / tag} cannot be resumed: {problem}" if problem else
+             f"{latest} names {tag!r}, which is not a checkpoint (global_stepN)"]
+    left = f" ({save / tag} is left in place; delete it once you no longer need it)" if exists else ""
     for older in earlier_tags(save, tag):
         if tag_problem(save / older) is None:
             notes.append(f"resuming from the previous intact checkpoint {save / older} instead{left}")
@@ -213,9 +216,9 @@ def resume_problem(cfg: TrainConfig, lora: LoraSettings | None) -> str | None:
     fresh = "or start a new run with \"resume\": false and \"overwrite_save_path\": true"
     if tag is None:
         named = latest_tag(save)
-        if not (save / named).is_dir():
-            return (f"{save / 'latest'} names {named!r}, which does not exist; point it at a checkpoint "
-                    f"directory {fresh}")
+        if not TAG.match(named) or not (save / named).is_dir():
+            what = "does not exist" if TAG.match(named) else "is not a checkpoint (global_stepN)"
+            return f"{save / 'latest'} names {named!r}, which {what}; point it at a checkpoint directory {fresh}"
         if not (save / named / STATE_FILE).is_file():
             return (f"{save / named} has no {STATE_FILE} (written by an older version?): it cannot be "
                     f"resumed exactly; export it with pp_to_hg and train from that, {fresh}")

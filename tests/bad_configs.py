@@ -202,6 +202,9 @@ CASES = {  # name -> (config overrides, expected text)
     # bad input that used to surface only after the model was built (or as a device assert on CUDA)
     "optimizer type": ({"optimizer": {"type": "AdamWW", "params": {"lr": 1e-3}}},
                        "optimizer.type 'AdamWW' is not an optimizer DeepSpeed or torch.optim knows; did you mean 'AdamW'?"),
+    "1-bit optimizer": ({"optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}}},
+                        "optimizer.type 'OneBitAdam': DeepSpeed's 1-bit optimizers are not supported here; use AdamW, "
+                        "Adam, Lion or a torch.optim class"),
     "optimizer lr zero": ({"optimizer": {"type": "AdamW", "params": {"lr": 0}}}, "optimizer.params.lr must be a number > 0, got 0"),
     "optimizer lr text": ({"optimizer": {"type": "AdamW", "params": {"lr": "1e-3"}}},
                           "optimizer.params.lr must be a number > 0, got \"1e-3\""),

@@ -163,13 +163,16 @@ def resume_tag(save: Path) -> tuple[str | None, list[str]]:
     if not latest.is_file():
         return None, []
     tag = latest_tag(save)
-    exists = TAG.match(tag) is not None and (save / tag).is_dir()  # "" or ".." would name save_path or its parent
-    problem = (tag_problem(save / tag) if exists else None if not TAG.match(tag) else "it is not a directory"
-               if (save / tag).exists() else "it does not exist")
-    if exists and problem is None:
-        return tag, []
-    notes = [f"checkpoint {save / tag} cannot be resumed: {problem}" if problem else
-             f"{latest} names {tag!r}, which is not a checkpoint (global_stepN)"]
+    exists = False
+    if not TAG.match(tag):  # "" or "..": save_path itself or its parent, neither a checkpoint to resume nor to delete
+        notes = [f"{latest} names {tag!r}, which is not a checkpoint (global_stepN)"]
+    else:
+        exists = (save / tag).is_dir()
+        problem = (tag_problem(save / tag) if exists else
+                   "it is not a directory" if (save / tag).exists() else "it does not exist")
+        if problem is None:
+            return tag, []
+        notes = [f"checkpoint {save / tag} cannot be resumed: {problem}"]
     left = f" ({save / tag} is left in place; delete it once you no longer need it)" if exists else ""
     for older in earlier_tags(save, tag):
         if tag_problem(save / older) is None:

@@ -205,6 +205,8 @@ CASES = {  # name -> (config overrides, expected text)
     "1-bit optimizer": ({"optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}}},
                         "optimizer.type 'OneBitAdam': DeepSpeed's 1-bit optimizers are not supported here; use AdamW, "
                         "Adam, Lion or a torch.optim class"),
+    "1-bit optimizer spelt otherwise": ({"optimizer": {"type": "ZeroOne_Adam", "params": {"lr": 1e-3}}},
+                                        "optimizer.type 'ZeroOne_Adam': DeepSpeed's 1-bit optimizers are not supported"),
     "optimizer lr zero": ({"optimizer": {"type": "AdamW", "params": {"lr": 0}}}, "optimizer.params.lr must be a number > 0, got 0"),
     "optimizer lr text": ({"optimizer": {"type": "AdamW", "params": {"lr": "1e-3"}}},
                           "optimizer.params.lr must be a number > 0, got \"1e-3\""),

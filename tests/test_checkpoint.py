@@ -121,6 +121,9 @@ def test_rotation_keeps_the_checkpoint_a_run_resumed_from(tmp_path):
     (tmp_path / "latest").write_text(str(other / tag_of(3)))
     assert ckpts.latest() == tag_of(3)
     assert resume_tag(tmp_path)[1][0].startswith(f"checkpoint {tmp_path / tag_of(3)} cannot be resumed")
+    for named in ("", ".."):  # save_path itself, its parent: no checkpoint (its size was taken as the last save's)
+        (tmp_path / "latest").write_text(named)
+        assert ckpts.latest() is None
 
 
 def test_a_save_that_fails_once_written_is_one_line_and_keeps_the_previous_checkpoint(ds, tmp_path, monkeypatch):

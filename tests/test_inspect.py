@@ -137,7 +137,8 @@ def test_a_tokenizer_past_the_models_vocabulary_is_refused_as_training_refuses_i
                                        "resize the model's embeddings or use its own tokenizer\n")
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 512}))
     assert data_inspect.main([*args, "--index", "0"]) == 0
-    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))  # transformers' default: 32000
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert data_inspect._vocab_size(model) == 32000  # as training reads it: transformers' default where none is set
     assert data_inspect.main([*args, "--index", "0"]) == 0
     (model / "config.json").write_text(json.dumps({"model_type": "bloom", "vocab_size": 300}))
     assert data_inspect.main([*args, "--index", "0"]) == 2

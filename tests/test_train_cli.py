@@ -143,6 +143,9 @@ def test_a_model_dir_as_save_path_is_refused_and_left_as_it_was(tmp_path, base, 
 
 RESUME_CASES = {  # name -> (files under save_path, config overrides, expected text)
     "latest names nothing": ({"latest": "global_step9"}, {}, "latest names 'global_step9', which does not exist"),
+    "latest names save_path": ({"latest": "\n"}, {}, "latest names '', which is not a checkpoint (global_stepN); point"),
+    "latest names a file": ({"latest": "global_step9", "global_step9": ""}, {},
+                            "latest names 'global_step9', which is not a directory; point"),
     "old checkpoint": ({"latest": "global_step2", "global_step2/layer_00-model_states.pt": ""}, {},
                        "global_step2 has no trainer_state.json (written by an older version?): it cannot be resumed exactly"),
     "full checkpoint, lora config": ({"latest": "global_step2", "global_step2/trainer_state.json": "{}"},

@@ -231,7 +231,7 @@ class Checkpoints:
         if not (self.root / "latest").is_file():
             return None
         tag = latest_tag(self.root)
-        return tag if tag and (self.root / tag).is_dir() else None
+        return tag if TAG.match(tag) and (self.root / tag).is_dir() else None  # not "" or "..": no checkpoint
 
     def tags(self) -> list[str]:
         """Complete tags, oldest first."""

@@ -220,7 +220,8 @@ def resume_problem(cfg: TrainConfig, lora: LoraSettings | None) -> str | None:
     if tag is None:
         named = latest_tag(save)
         if not TAG.match(named) or not (save / named).is_dir():
-            what = "does not exist" if TAG.match(named) else "is not a checkpoint (global_stepN)"
+            what = ("is not a checkpoint (global_stepN)" if not TAG.match(named) else
+                    "is not a directory" if (save / named).exists() else "does not exist")
             return f"{save / 'latest'} names {named!r}, which {what}; point it at a checkpoint directory {fresh}"
         if not (save / named / STATE_FILE).is_file():
             return (f"{save / named} has no {STATE_FILE} (written by an older version?): it cannot be "

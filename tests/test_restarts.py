@@ -156,9 +156,9 @@ def test_a_checkpoint_that_latest_does_not_name_yet_is_resumed(tmp_path):
     layer.write_bytes(b"x" * 100)
     shutil.rmtree(save / "global_step7")
     atomic_write_text(save / "latest", "global_step9")  # a tag that is not there: nothing left to delete
-    assert resume_tag(save) == ("global_step6", [f"checkpoint {save / 'global_step9'} cannot be resumed: it does not "
-                                                 f"exist", f"resuming from the previous intact checkpoint "
-                                                 f"{save / 'global_step6'} instead"])
+    assert resume_tag(save) == ("global_step6", [f"{save / 'latest'} names 'global_step9', which does not exist",
+                                                 f"resuming from the previous intact checkpoint {save / 'global_step6'} "
+                                                 "instead"])
     for named in ("", ".."):  # save_path itself, its parent: neither is a checkpoint to offer for deletion
         atomic_write_text(save / "latest", named)
         assert resume_tag(save) == ("global_step6", [f"{save / 'latest'} names {named!r}, which is not a checkpoint "

@@ -152,6 +152,16 @@ def unnamed_tag(save: Path) -> str | None:
                  if (save / t / MANIFEST_FILE).is_file() and tag_problem(save / t) is None), None)
 
 
+def not_a_checkpoint(save: Path, tag: str) -> str | None:
+    """Why the tag `latest` names is no checkpoint directory of `save` (`latest` of "" or ".." names save_path itself or
+    its parent, never a checkpoint to resume or to delete), or None."""
+    if not TAG.match(tag):
+        return "is not a checkpoint (global_stepN)"
+    if not (save / tag).is_dir():
+        return "is not a directory" if (save / tag).exists() else "does not exist"
+    return None
+
+
 def resume_tag(save: Path) -> tuple[str | None, list[str]]:
     """The tag to resume from and lines to print: `unnamed_tag` when there is one, else the one `latest` names, or,
     when that one is damaged, the newest intact earlier tag. (None, [...]) when `latest` names nothing usable and no
@@ -163,17 +173,13 @@ def resume_tag(save: Path) -> tuple[str | None, list[str]]:
     if not latest.is_file():
         return None, []
     tag = latest_tag(save)
-    exists = False
-    if not TAG.match(tag):  # "" or "..": save_path itself or its parent, neither a checkpoint to resume nor to delete
-        notes = [f"{latest} names {tag!r}, which is not a checkpoint (global_stepN)"]
-    else:
-        exists = (save / tag).is_dir()
-        problem = (tag_problem(save / tag) if exists else
-                   "it is not a directory" if (save / tag).exists() else "it does not exist")
-        if problem is None:
-            return tag, []
+    if missing := not_a_checkpoint(save, tag):
+        notes = [f"{latest} names {tag!r}, which {missing}"]
+    elif problem := tag_problem(save / tag):
         notes = [f"checkpoint {save / tag} cannot be resumed: {problem}"]
-    left = f" ({save / tag} is left in place; delete it once you no longer need it)" if exists else ""
+    else:
+        return tag, []
+    left = "" if missing else f" ({save / tag} is left in place; delete it once you no longer need it)"
     for older in earlier_tags(save, tag):
         if tag_problem(save / older) is None:
             notes.append(f"resuming from the previous intact checkpoint {save / older} instead{left}")
@@ -219,10 +225,8 @@ def resume_problem(cfg: TrainConfig, lora: LoraSettings | None) -> str | None:
     fresh = "or start a new run with \"resume\": false and \"overwrite_save_path\": true"
     if tag is None:
         named = latest_tag(save)
-        if not TAG.match(named) or not (save / named).is_dir():
-            what = ("is not a checkpoint (global_stepN)" if not TAG.match(named) else
-                    "is not a directory" if (save / named).exists() else "does not exist")
-            return f"{save / 'latest'} names {named!r}, which {what}; point it at a checkpoint directory {fresh}"
+        if missing := not_a_checkpoint(save, named):
+            return f"{save / 'latest'} names {named!r}, which {missing}; point it at a checkpoint directory {fresh}"
         if not (save / named / STATE_FILE).is_file():
             return (f"{save / named} has no {STATE_FILE} (written by an older version?): it cannot be "
                     f"resumed exactly; export it with pp_to_hg and train from that, {fresh}")

@@ -9,6 +9,8 @@ block-local "self_attn.q_proj.lora_A.default.weight" of pipeline layer i <->
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import re
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from packaging.version import Version
 from safetensors.torch import load_file
 
 from pipeft import one_line
@@ -81,7 +84,21 @@ class LoraSettings:
     def saved_by(self, hf_key: str) -> str | None:
         """The entry of `modules_to_save` that trains the HF tensor `hf_key` whole (`saves`), or None."""
         module = hf_key.rsplit(".", 1)[0]
-        return next((m for name in _module_and_parents(module) for m in self.modules_to_save if name.endswith(m)), None)
+        return next((m for name in _module_and_parents(module) for m in self.modules_to_save if peft_saves(name, m)),
+                    None)
+
+
+def peft_saves(name: str, entry: str) -> bool:
+    """Whether the installed peft trains the module `name` whole for the `modules_to_save` entry `entry`: peft >= 0.22
+    matches whole name components (`name` is `entry` or ends with "." + entry: "norm" is `model.norm` only), earlier
+    peft any ending ("norm" also every block's `input_layernorm`); training, export and peft's loading then agree."""
+    return name.endswith(entry) and (len(name) == len(entry) or not _peft_matches_components()
+                                     or name.endswith("." + entry))
+
+
+@functools.cache
+def _peft_matches_components() -> bool:
+    return Version(importlib.metadata.version("peft")) >= Version("0.22")
 
 
 def _module_and_parents(module: str) -> list[str]:
@@ -144,7 +161,7 @@ def parse_lora(section: dict, family: ModelFamily, config=None) -> LoraSettings:
               for i in (blocks if "{}" in k else [0])}
     modules = {m for leaf in leaves for m in _module_and_parents(leaf)}
     for m in saves:
-        hits = [name for name in modules if name.endswith(m)]
+        hits = [name for name in modules if peft_saves(name, m)]
         if not hits:
             raise ValueError(f"lora.modules_to_save: {m!r} names no module of a {family.model_type} model "
                              f"(e.g. {', '.join(sorted(leaves)[:4])})")

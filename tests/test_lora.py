@@ -56,7 +56,8 @@ def lora_config(family: str, modules_to_save: list[str] | None = None) -> LoraCo
 
 @pytest.mark.parametrize("family, name, procs, parts, saves", [
     ("llama", "gqa_tied", 3, [1, 3, 1], None),  # an embedding-only first stage and a head-only last stage (frozen, tied)
-    ("llama", "mha_bias_untied", 2, None, ["lm_head", "norm"]),  # also trained whole: the LM head and every norm
+    ("llama", "mha_bias_untied", 2, None, ["lm_head", "norm"]),  # also trained whole: the LM head and the norms peft's
+    # rule names (the final one; with peft < 0.22 every norm)
     ("bloom", "tied", 2, None, None),
 ], ids=["llama-pipe3-embed-only-head-only", "llama-pipe2-modules-to-save", "bloom-pipe2"])
 def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family, name, procs, parts, saves, capsys):
@@ -129,7 +130,10 @@ def test_lora_matches_peft_and_exports_load_in_peft(tmp_path, tokenizer, family,
             "convert_lora_to_gguf.py refuses them" in capsys.readouterr().err) == bool(saves)
     exported = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     expected = get_peft_model_state_dict(ref_model["m"])
-    whole = 1 + 1 + 2 * blocks if saves else 0  # lm_head, the final norm, two norms per block
+    from models.lora import _peft_matches_components
+
+    # lm_head, the final norm, and with peft < 0.22 ("norm" ends "input_layernorm") two norms per block
+    whole = 1 + 1 + (0 if _peft_matches_components() else 2 * blocks) if saves else 0
     assert sorted(exported) == sorted(expected) and len(exported) == blocks * len(targets) * 2 + whole
     initial = load_file(str(tmp_path / "init_adapter" / "adapter_model.safetensors"))
     for k, v in expected.items():
@@ -395,6 +399,20 @@ def test_modules_to_save_in_a_tied_embedding_is_refused_naming_why(family, name,
     with pytest.raises(ValueError, match=re.escape(f"lora.modules_to_save: {save!r} names {what}")):
         parse_lora({"r": 4, "target_modules": sorted(lora_config(family).target_modules)[:1], "modules_to_save": [save]},
                    get_family(family), config)
+
+
+@pytest.mark.parametrize("components", [True, False])
+def test_modules_to_save_are_matched_by_the_installed_pefts_rule(monkeypatch, components):
+    """peft 0.22 matches a modules_to_save entry to whole name components ("norm": `model.norm`), earlier peft to any
+    ending (every block's `input_layernorm` too): training follows the installed peft, so what it trains whole is
+    what peft loads from the export."""
+    from models import lora
+
+    fam, config = get_family("llama"), tiny_config("llama", "mha_bias_untied")
+    monkeypatch.setattr(lora, "_peft_matches_components", lambda: components)
+    settings = parse_lora({"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["norm"]}, fam, config)
+    norms = {k for k in fam.hf_model_class(config).state_dict() if "norm" in k}
+    assert {k for k in norms if settings.saves(k)} == ({"model.norm.weight"} if components else norms)
 
 
 @pytest.mark.parametrize("family, name, targets, saves", [

@@ -211,7 +211,8 @@ def test_lora_checkpoint_is_small_and_resumes_bit_exactly_after_sigterm(tmp_path
 def test_lora_with_bf16_zero1_data_parallel_and_an_embedding_only_stage(tmp_path, ops_model):
     """2 stages x 2 replicas, bf16 with fp32 gradient accumulation (ZeRO-1), activation checkpointing; the first
     stage holds only the frozen embedding (DeepSpeed's bf16 optimizer still needs a gradient there)."""
-    cfg = ops_config(tmp_path, ops_model, lora={**LORA, "modules_to_save": ["norm"]}, bf16={"enabled": True},
+    saves = ["norm", "input_layernorm", "post_attention_layernorm"]  # every norm, by peft 0.22's rule and earlier ones
+    cfg = ops_config(tmp_path, ops_model, lora={**LORA, "modules_to_save": saves}, bf16={"enabled": True},
                      zero_optimization={"stage": 1},
                      data_types={"grad_accum_dtype": "fp32"}, use_grad_ckpt=True, lr_schedule={"type": "constant"},
                      model_topo={"process_topology": {"axes": ["pipe", "data"], "dims": [2, 2]}, "parts": [1, 4]})

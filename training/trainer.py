@@ -295,7 +295,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         self.wgrad = WeightGradStore()
         if k and make_deferrable(model, self.wgrad):
             defer_in_engine(self.engine, self.wgrad, k)
-        elif k:  # no trained nn.Linear here (a stage of the final norm and a tied head, F.linear): nothing deferred
+        elif k:  # no trained nn.Linear here (the head alone, tied or not: its weight is the loss's F.linear)
             self.deferred[self.engine.stage_id] = 0
 
     def _run_state(self, step: int) -> RunState:

@@ -1,10 +1,11 @@
 """Show the exact tokens and labels the model will see for one record, or statistics of the whole data.
 
-    python -m data.inspect --config CFG.json --index N [--json]
+    python -m data.inspect --config CFG.json --index N|FILE:LINE [--json]
     python -m data.inspect --config CFG.json --stats [--json]
 
 Trained tokens are shown in green on a terminal and between [[ ]] otherwise (every trained span of
-a conversation: each answer with its EOS); trained as the loss counts them (data.packing.trained_mask): never
+a conversation: each answer with its EOS), under the record's number and its FILE:LINE (the place warnings and
+errors name, which --index takes too); trained as the loss counts them (data.packing.trained_mask): never
 a sample's first token, which nothing predicts though it has a label (a tokenizer that adds no BOS). With
 --json, stdout holds only {"input_ids": [...], "labels": [...]} of the record's own (unpacked) sample, or the
 statistics as one object. --stats: token-length percentiles, the fraction of samples truncated, the fraction
@@ -42,7 +43,7 @@ import numpy as np
 from data.dataset import EncodedDataset
 from data.encode import RUN_CACHE_DIR, load_dataset
 from data.packing import PackedDataset, chunk_counts, pack, trained_mask, trained_tokens
-from data.records import DataError
+from data.records import DataError, parse_records, resolve_files
 from data.tokenizer_checks import vocab_size_problem, vocabulary_problem
 from pipeft import module_command
 
@@ -63,6 +64,40 @@ def _vocab_size(model_path: Path) -> int | None:
         return family_of(model_path)[1].vocab_size
     except (CheckpointError, ModelConfigError, OSError, ValueError):
         return None
+
+
+def record_places(data_path: Any, wanted: set[int]) -> dict[int, str]:
+    """FILE:LINE of the records numbered `wanted` (0-based, in file order: training's numbers), as warnings and errors
+    name them. The data files are parsed one at a time, up to the last one wanted; the data are valid (checked)."""
+    places, first, todo = {}, 0, set(wanted)
+    for path in resolve_files(data_path):
+        if not todo:
+            break
+        records, _ = parse_records(path, path.read_bytes())
+        for n in [n for n in todo if n < first + len(records)]:
+            rec = records[n - first]
+            places[n] = f"{rec.source}:{rec.line}"
+            todo.discard(n)
+        first += len(records)
+    return places
+
+
+def record_number(data_path: Any, place: str) -> int:
+    """The number of the record at `place` (FILE:LINE, where it starts); ValueError (a one-line reason) where no
+    record of the data starts there."""
+    name, _, line = place.rpartition(":")
+    files = resolve_files(data_path)
+    at = [f for f in files if f.resolve() == Path(name).resolve()]
+    if not at:
+        raise ValueError(f"--index {place}: {name} is not one of the data files of data_path ({len(files)} file"
+                         f"{'s' * (len(files) != 1)}: {', '.join(map(str, files[:3]))}{', ...' * (len(files) > 3)})")
+    starts = [r.line for r in parse_records(at[0], at[0].read_bytes())[0]]
+    if int(line) not in starts:
+        before = [s for s in starts if s < int(line)]
+        near = f"; the one before it starts at line {before[-1]}" if before else ""
+        raise ValueError(f"--index {place}: no record of {name} starts at line {line}{near}")
+    earlier = files[:files.index(at[0])]  # their records come first, parsed one file at a time
+    return sum(len(parse_records(f, f.read_bytes())[0]) for f in earlier) + starts.index(int(line))
 
 
 def _runs(input_ids: list[int], trained_at: list[bool]) -> list[tuple[list[int], bool]]:
@@ -97,14 +132,14 @@ def _token_line(tokenizer: Any, tok: int) -> str:
     return f"{text!r}" if piece == text else f"{text!r} {piece!r}"
 
 
-def show(ds: EncodedDataset, sample: int, tokenizer: Any, record: int, color: bool) -> str:
+def show(ds: EncodedDataset, sample: int, tokenizer: Any, record: int, place: str, color: bool) -> str:
     """Human-readable view: counts, the text with trained spans marked, then one line per token."""
     s = ds[sample]
     trained_at = trained_mask(np.asarray(s["labels"]), [0]).tolist()  # as the loss counts: never the first token
     st = ds.stats
     text, n_spans = _marked(s["input_ids"], trained_at, tokenizer, color)
     lines = [
-        f"record {record} -> sample {sample}: {len(s['input_ids'])} tokens, {sum(trained_at)} trained in {n_spans} "
+        f"record {record} ({place}) -> sample {sample}: {len(s['input_ids'])} tokens, {sum(trained_at)} trained in {n_spans} "
         "span(s)",
         f"dataset: {st.records} records, {st.kept} samples, {st.dropped} dropped, {st.truncated} truncated",
         "--- text (trained: " + ("green" if color else "[[ ]]") + ") ---",
@@ -117,10 +152,11 @@ def show(ds: EncodedDataset, sample: int, tokenizer: Any, record: int, color: bo
     return "\n".join(lines)
 
 
-def show_packed(ds: EncodedDataset, packed: PackedDataset, sample: int, tokenizer: Any, record: int,
+def show_packed(ds: EncodedDataset, packed: PackedDataset, sample: int, tokenizer: Any, places: dict[int, str],
                 color: bool) -> str:
     """The packed sequence holding `sample` (its first chunk, and where the others are, when split_long_pretrain cut
-    it): counts, then per segment its record, text (trained spans marked) and one line per token (segment, position,
+    it): counts, then per segment its record (with its FILE:LINE from `places`, record_places' of every record of the
+    sequence: `packed_records`), text (trained spans marked) and one line per token (segment, position,
     id, label, text)."""
     rows = packed.rows_of_sample(sample).tolist()
     row = rows[0]
@@ -129,7 +165,8 @@ def show_packed(ds: EncodedDataset, packed: PackedDataset, sample: int, tokenize
     starts = packed.seg_offsets[packed.row_segments[row]:packed.row_segments[row + 1]] - packed.offsets[row]
     trained_at = trained_mask(np.asarray(p["labels"]), starts).tolist()  # as the loss counts
     st = packed.stats
-    lines = [f"record {record} -> sample {sample} -> packed sequence {row}: {len(p['input_ids'])} of "
+    record = int(ds.record_index[sample])
+    lines = [f"record {record} ({places[record]}) -> sample {sample} -> packed sequence {row}: {len(p['input_ids'])} of "
              f"{st.max_seq_len} tokens, {len(segs)} segment(s)",
              *([f"sample {sample} is cut into {len(rows)} chunks (split_long_pretrain): chunk 1 is shown; "
                 + (f"chunk 2 is in packed sequence {rows[1]}" if len(rows) == 2 else
@@ -144,7 +181,8 @@ def show_packed(ds: EncodedDataset, packed: PackedDataset, sample: int, tokenize
         n_chunks = int(np.count_nonzero(packed.segment_sample == src))
         chunk = f", chunk {int(packed.segment_chunk[seg]) + 1} of {n_chunks}" if n_chunks > 1 else ""
         text, n_spans = _marked(ids, marks, tokenizer, color)
-        lines += [f"=== segment {k}: record {int(ds.record_index[src])} (sample {src}{chunk}), tokens {at[0]}..{at[-1]}, "
+        rec = int(ds.record_index[src])
+        lines += [f"=== segment {k}: record {rec} ({places[rec]}), sample {src}{chunk}, tokens {at[0]}..{at[-1]}, "
                   f"{sum(marks)} trained in {n_spans} span(s) ===", text]
     lines.append("--- tokens: segment, position, id, label, text (piece) ---")
     for seg, pos, tok, lab, trained in zip(p["segment_ids"], p["position_ids"], p["input_ids"], p["labels"], trained_at,
@@ -152,6 +190,13 @@ def show_packed(ds: EncodedDataset, packed: PackedDataset, sample: int, tokenize
         mark = str(lab) if trained else "-"
         lines.append(f"{seg:3d} {pos:6d} {tok:8d} {mark:>8} {_token_line(tokenizer, tok)}")
     return "\n".join(lines)
+
+
+def packed_records(ds: EncodedDataset, packed: PackedDataset, sample: int) -> set[int]:
+    """The record numbers of the segments of the packed sequence show_packed shows for `sample`."""
+    row = int(packed.rows_of_sample(sample)[0])
+    segs = packed.segment_sample[packed.row_segments[row]:packed.row_segments[row + 1]]
+    return {int(ds.record_index[s]) for s in segs}
 
 
 def dataset_stats(ds: EncodedDataset, max_seq_len: int, packed: PackedDataset | None = None,
@@ -219,12 +264,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _index(text: str) -> int | str:
+    """--index: a record number, or FILE:LINE as it is (checked against the data by record_number)."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    if ":" in text and text.rpartition(":")[2].isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: give a record number (0-based) or FILE:LINE")
+
+
 def _inspect(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="the training config (train_ds.py's)")
     what = ap.add_mutually_exclusive_group(required=True)
-    what.add_argument("--index", type=int, help="record number, 0-based, in file order")
+    what.add_argument("--index", type=_index, help="the record: its number, 0-based, in file order, or FILE:LINE (where it starts, "
+                      "as warnings and errors name it)")
     what.add_argument("--stats", action="store_true", help="statistics of the whole data set")
     ap.add_argument("--json", action="store_true", help='print only {"input_ids": [...], "labels": [...]} '
                     "(with --stats: the statistics as one object)")
@@ -268,25 +323,35 @@ def _inspect(argv: list[str] | None) -> int:
                                                "unpacked_fill")})
         print(json.dumps(stats) if args.json else show_stats(stats))
         return 0
-    if not 0 <= args.index < ds.stats.records:
-        print(f"{PROG}: error: --index {args.index} out of range: the data has {ds.stats.records} records", file=sys.stderr)
+    try:
+        index = args.index if isinstance(args.index, int) else record_number(cfg.data_path, args.index)
+    except ValueError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    sample = ds.sample_of_record(args.index)
+    if not 0 <= index < ds.stats.records:
+        print(f"{PROG}: error: --index {index} out of range: the data has {ds.stats.records} records", file=sys.stderr)
+        return 2
+    sample = ds.sample_of_record(index)
+    out_of_training = held is not None and held.sample_of_record(index) is not None
+    in_packed = packed is not None and sample is not None and not out_of_training
+    shown = packed_records(trained, packed, trained.sample_of_record(index)) if in_packed else set()
+    quiet = args.json and sample is not None and not out_of_training  # prints no record's place: parses no file
+    places = {} if quiet else record_places(cfg.data_path, {index} | shown)
+    record = f"record {index} ({places.get(index)})"
     if sample is None:
-        print(f"{PROG}: error: record {args.index} was dropped: no trained token within max_seq_len={cfg.max_seq_len}",
+        print(f"{PROG}: error: {record} was dropped: no trained token within max_seq_len={cfg.max_seq_len}",
               file=sys.stderr)
         return 2
-    out_of_training = held is not None and held.sample_of_record(args.index) is not None
     if out_of_training:
-        print(f"note: record {args.index} is held out for evaluation (eval_split_ratio {cfg.eval_split_ratio:g}): it "
+        print(f"note: {record} is held out for evaluation (eval_split_ratio {cfg.eval_split_ratio:g}): it "
               "is never trained; shown as its own sample", file=sys.stderr)
     if args.json:
         print(json.dumps(ds[sample]))
-    elif packed is not None and not out_of_training:
-        print(show_packed(trained, packed, trained.sample_of_record(args.index), tokenizer, args.index,
+    elif in_packed:
+        print(show_packed(trained, packed, trained.sample_of_record(index), tokenizer, places,
                           color=sys.stdout.isatty()))
     else:
-        print(show(ds, sample, tokenizer, args.index, color=sys.stdout.isatty()))
+        print(show(ds, sample, tokenizer, index, places[index], color=sys.stdout.isatty()))
     return 0
 
 

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pp_to_hg", help="pipeline or training checkpoint dir -> HF dir")
     p.add_argument("--input-path", required=True, help="pipeline dir, checkpoint tag dir, or save_path with 'latest'")
     p.add_argument("--save-path", required=True, help="HF dir to create")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard: a size such as 5GB or 500MiB (KB..TB, KiB..TiB), or bytes (default 5GB)")
     p.add_argument("--lora", choices=["peft", "merge"], help="a LoRA checkpoint: write a PEFT adapter dir, or the base "
                    "model with the adapters merged in")
     p.add_argument("--base", help="a LoRA checkpoint whose base pipeline dir moved since training: where it is now "

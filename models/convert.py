@@ -17,10 +17,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from pipeft import parse_size
+
 from .family import ModelFamily, config_errors, get_family, meta_layers
 from .hf_io import (
     GONE,
     HF_SOURCE_FILE,
+    LAYER_FILE,
+    LAYER_GLOB,
     TOKENIZER_DIRS,
     TOKENIZER_FILES,
     CheckpointError,
@@ -37,7 +41,6 @@ from .hf_io import (
 )
 from .keymap import KeyMapError
 from .outdir import atomic_output_dir, latest_tag, prepare_target, run_tags
-from .pipeline import LAYER_FILE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -274,19 +277,6 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return layers, config_dir
 
 
-def parse_size(text: str) -> int:
-    """--max-shard-size in bytes (at least 1); CheckpointError for anything else."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    t = text.strip().upper()
-    size = next((int(float(t[: -len(u)]) * units[u]) for u in sorted(units, key=len, reverse=True)
-                 if t.endswith(u) and t[: -len(u)].strip().replace(".", "", 1).isdigit()), int(t) if t.isdigit() else None)
-    if size is None:
-        raise CheckpointError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2000000")
-    if size < 1:
-        raise CheckpointError(f"--max-shard-size {text!r}: must be at least 1 byte (a shard holds at least one tensor)")
-    return size
-
-
 def missing_layer_file(layers_dir: Path, family: ModelFamily, config, expected=None) -> str | None:
     """The first layer file the model's config needs that `layers_dir` lacks, as one line; None if none."""
     if not layers_dir.is_dir():  # it was there when resolve_checkpoint chose it
@@ -407,7 +397,10 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
     layers_dir, config_dir = resolve_checkpoint(input_path)
     dst = Path(save_path)
     family, config = family_of(config_dir)
-    max_bytes = parse_size(max_shard_size)
+    try:
+        max_bytes = parse_size(max_shard_size, "--max-shard-size", "5GB, 500MB or 2000000", bare=True)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     info = read_lora_info(layers_dir)
     if base is not None:
         if info is None:
@@ -451,7 +444,7 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, max_shard_size: str 
     # what is written is the size of the weights read: the base's layer files for a merge (a (Q)LoRA checkpoint's
     # own files hold only the adapters), else the checkpoint's
     weights_dir = Path(info["base_model_path"]) if lora == "merge" else layers_dir
-    needed = sum(f.stat().st_size for f in weights_dir.glob("layer_*-model_states.pt"))
+    needed = sum(f.stat().st_size for f in weights_dir.glob(LAYER_GLOB))
 
     t0 = time.time()
     floats: set[torch.dtype] = set()  # the floating dtypes written

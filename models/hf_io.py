@@ -38,6 +38,8 @@ TOKENIZER_DIRS = ("additional_chat_templates",)
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "USE_POLICY.md", "NOTICE")
 # data_settings.json: how training rendered its records (data.settings.DATA_SETTINGS_FILE), read by demo.py
 SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "data_settings.json", *LICENSE_FILES)
+LAYER_FILE = "layer_{:02d}-model_states.pt"  # a pipeline dir's (or checkpoint's) file of one layer, by its index
+LAYER_GLOB = LAYER_FILE.replace("{:02d}", "*")  # every layer file
 HF_SOURCE_FILE = "hf_source.json"  # in a pipeline dir: the HF model (dir or Hub id) hg_to_pp converted it from
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # transformers' order (modeling_utils' checkpoint-file resolution): what from_pretrained loads is what is converted
@@ -244,7 +246,7 @@ class HFCheckpoint:
 
     def _no_weights(self) -> str:
         """Why the dir has no weights to convert, in one line."""
-        if (self.dir / "layer_00-model_states.pt").is_file() or (self.dir / "latest").is_file():
+        if (self.dir / LAYER_FILE.format(0)).is_file() or (self.dir / "latest").is_file():
             return f"{self.dir}: a pipeline dir (layer files), not an HF model: use pp_to_hg to convert it"
         for shards, index in (("model-*.safetensors", INDEX_FILES[0]), ("pytorch_model-*.bin", INDEX_FILES[1])):
             if found := sorted(self.dir.glob(shards)):

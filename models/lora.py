@@ -24,7 +24,16 @@ from safetensors.torch import load_file
 from pipeft import one_line
 
 from .family import ModelFamily
-from .hf_io import CheckpointError, copy_side_files, hf_source_of, load_torch_file, read_json, save_safetensors
+from .hf_io import (
+    LAYER_FILE,
+    LAYER_GLOB,
+    CheckpointError,
+    copy_side_files,
+    hf_source_of,
+    load_torch_file,
+    read_json,
+    save_safetensors,
+)
 from .keymap import KeyMapError
 from .outdir import atomic_output_dir
 
@@ -396,7 +405,7 @@ def base_fingerprint(base_dir: str | Path) -> str:
     if isinstance(config, dict):
         config = {k: v for k, v in config.items() if k not in CONFIG_WRITER_KEYS}
     h.update(json.dumps(config, sort_keys=True).encode())
-    for f in sorted(base_dir.glob("layer_*-model_states.pt")):
+    for f in sorted(base_dir.glob(LAYER_GLOB)):
         h.update(f.name.encode())
         for key, t in sorted(load_torch_file(f).items()):
             h.update(f"{key} {t.dtype} {list(t.shape)}".encode())
@@ -452,10 +461,10 @@ def adapter_tensors(tag_dir: Path, family: ModelFamily, num_blocks: int, r: int)
     (`check_adapter_pairs`, every key in the key table) before anything is written."""
     out = {}
     for idx in range(1, num_blocks + 1):
-        if not (tag_dir / f"layer_{idx:02d}-model_states.pt").is_file():
-            raise CheckpointError(f"{tag_dir / f'layer_{idx:02d}-model_states.pt'}: missing (block {idx - 1})")
+        if not (tag_dir / LAYER_FILE.format(idx)).is_file():
+            raise CheckpointError(f"{tag_dir / LAYER_FILE.format(idx)}: missing (block {idx - 1})")
     for idx in range(num_blocks + 3):
-        f = tag_dir / f"layer_{idx:02d}-model_states.pt"
+        f = tag_dir / LAYER_FILE.format(idx)
         if not f.is_file():  # the LM head's file is absent with tied embeddings
             continue
         sd = load_torch_file(f)

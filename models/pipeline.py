@@ -24,9 +24,8 @@ from torch import nn
 
 from pipeft import one_line
 
-from .hf_io import CheckpointError
+from .hf_io import LAYER_FILE, CheckpointError  # noqa: F401 (LAYER_FILE: also imported from here)
 
-LAYER_FILE = "layer_{:02d}-model_states.pt"
 IGNORE_INDEX = -100
 
 
@@ -295,7 +294,7 @@ def build_specs(specs: Sequence, start: int = 0, stop: int | None = None) -> tup
 
 
 class SequentialModel(nn.Module):
-    """The same spec list as one plain module in one process (tests, demo, single-device reference).
+    """The same spec list as one plain module in one process (tests, bench/gpu_throughput.py: a single-device reference).
     `layers[str(i)]` is the module owning layer file i."""
 
     def __init__(self, specs: Sequence):
@@ -311,12 +310,6 @@ class SequentialModel(nn.Module):
 
     def load_layer_files(self, directory: str | Path) -> None:
         load_layer_files(self.layers, directory)
-
-    def save_layer_files(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for idx, mod in self.layers.items():
-            torch.save(mod.state_dict(), directory / LAYER_FILE.format(int(idx)))
 
 
 def load_layer_files(layers: dict | nn.ModuleDict, directory: str | Path) -> None:

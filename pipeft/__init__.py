@@ -12,6 +12,7 @@ runs the script's `main`. In the source tree (an editable install) the root is t
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -52,6 +53,26 @@ def one_line(e: BaseException | str, limit: int | None = 300, named: bool = Fals
     included) as one space, cut at `limit` characters; `named`: after the exception's type ("OSError: ...")."""
     said = " ".join(str(e).split())[:limit]
     return f"{type(e).__name__}: {said}" if named else said
+
+
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+              "TIB": 2**40}
+
+
+def parse_size(text: str, option: str, examples: str, bare: bool = False) -> int:
+    """Bytes in a size such as 40GB (decimal) or 80GiB (binary), any case; with `bare`, a whole number of bytes too.
+    ValueError naming `option` (`examples`: the sizes it shows) for anything else, or for less than 1 byte."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Z]*)\s*", text.upper())
+    number, unit = m.groups() if m else ("", "")
+    if m and (unit in SIZE_UNITS or (bare and not unit and number.isdigit())):
+        scale = SIZE_UNITS[unit or "B"]
+        if (size := int(number) * scale if number.isdigit() else int(float(number) * scale)) >= 1:  # whole: exact
+            return size
+        raise ValueError(f"{option} {text!r}: must be at least 1 byte")
+    hint = ("" if not m else " (a whole number of bytes, or a unit)" if bare and not unit else
+            " (a unit is needed)" if not unit else
+            f" ({unit[0]}B or {unit[0]}iB?)" if unit in (unit[0], unit[0] + "I") and unit[0] in "KMGT" else "")
+    raise ValueError(f"{option} {text!r}: not a size such as {examples}{hint}")
 
 
 class DuplicateKey(ValueError):

@@ -279,6 +279,8 @@ def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, sp_token
          "--max-shard-size 'lots'"),
         (("pp_to_hg", "--input-path", str(pp), "--save-path", str(tmp_path / "x"), "--max-shard-size", "0GB"),
          "--max-shard-size '0GB': must be at least 1 byte"),
+        (("pp_to_hg", "--input-path", str(pp), "--save-path", str(tmp_path / "x"), "--max-shard-size", "1.5"),
+         "--max-shard-size '1.5': not a size such as 5GB, 500MB or 2000000 (a whole number of bytes, or a unit)"),
         (("init", "--family", "llama", "--preset", "huge", "--tokenizer", str(tokenizer_dir), "--save-path",
           str(tmp_path / "x")), "--preset 'huge': unknown"),
         (("init", "--family", "llama", "--preset", "tiny", "--tokenizer", str(tmp_path / "nope"), "--save-path",

@@ -128,10 +128,11 @@ def test_the_config_keys_to_paste_enable_the_planned_precision():
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps(LLAMA2_7B))
-    for argv, text in ((["--gpu-memory", "lots"], "--gpu-memory: 'lots' is not a size"),
-                       (["--gpu-memory", "40G"], "'40G' is not a size such as 40GB or 80GiB (GB or GiB?)"),
-                       (["--gpu-memory", "40I"], "'40I' is not a size"), (["--gpu-memory", "40GI"], "(GB or GiB?)"),
-                       (["--gpu-memory", "40"], "'40' is not a size such as 40GB or 80GiB (a unit is needed)"),
+    for argv, text in ((["--gpu-memory", "lots"], "--gpu-memory 'lots': not a size"),
+                       (["--gpu-memory", "40G"], "'40G': not a size such as 40GB or 80GiB (GB or GiB?)"),
+                       (["--gpu-memory", "40I"], "'40I': not a size"), (["--gpu-memory", "40GI"], "(GB or GiB?)"),
+                       (["--gpu-memory", "40"], "'40': not a size such as 40GB or 80GiB (a unit is needed)"),
+                       (["--gpu-memory", "0GB"], "--gpu-memory '0GB': must be at least 1 byte"),
                        (["--max-seq-len", "8192"], "--max-seq-len 8192 is above what the model's positions cover "
                                                    "(4096, max_position_embeddings)"),
                        (["--double-quant"], "--double-quant needs --quantization nf4"),
@@ -145,6 +146,23 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.endswith(f"{shipped}: a training config, not a model's config.json: give --model-path with its "
                             "model_path (or --model-config that model's config.json)") and "\n" not in err, err
+
+
+@pytest.mark.parametrize("text, bare, size", [
+    ("40GB", False, 40 * 10**9), ("80gib", False, 80 * 2**30), (" 5 mb ", True, 5 * 10**6), ("1TB", True, 10**12),
+    ("2TiB", True, 2 * 2**40), ("0.5GB", True, 5 * 10**8), ("2000000", True, 2000000), ("123456789012345678901", True,
+                                                                                    123456789012345678901)])
+def test_one_size_parser_for_every_option(text, bare, size):
+    """--gpu-memory (the planner) and --max-shard-size (pp_to_hg) had a parser each: 1TB / 2TiB were refused as a shard
+    size, and 0.5B taken as a GPU's memory. One pipeft.parse_size now reads both, only a bare number of bytes
+    differing (no unit is refused for a GPU's memory, where 80 could mean GB or GiB)."""
+    from pipeft import parse_size
+
+    assert parse_size(text, "--x", "40GB", bare=bare) == size
+    assert parse_size(text, "--x", "40GB", bare=True) == size
+    if bare and text.strip().isdigit():
+        with pytest.raises(ValueError, match=rf"--x '{text}': not a size such as 40GB \(a unit is needed\)"):
+            parse_size(text, "--x", "40GB")
 
 
 @pytest.mark.parametrize("raw, text", [

@@ -44,6 +44,7 @@ TAG = RUN_TAG  # a checkpoint's directory name, global_stepN
 OLD = ".old-"  # a tag moved aside while a re-save of its step puts the new copy in place
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
+RNG_FILE = "rng_state_rank{}.pt"  # one rank's RNG states in a checkpoint (rng_state), by its rank
 
 
 class TrainingStopped(RuntimeError):
@@ -270,7 +271,7 @@ class Checkpoints:
             engine.save_checkpoint(str(self.root), tag=tmp, save_latest=False,
                                    exclude_frozen_parameters=self.trainable_only)
             in_engine = False
-            torch.save(rng_state(), self.root / tmp / f"rng_state_rank{self.rank}.pt")
+            torch.save(rng_state(), self.root / tmp / RNG_FILE.format(self.rank))
             if self.rank == 0:
                 state.write(self.root / tmp)
                 for name, text in {**self.extra_files, **(extra or {})}.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data.records import DataError, resolve_files
-from models.hf_io import SIDE_FILES
+from models.hf_io import LAYER_FILE, LAYER_GLOB, SIDE_FILES
 from models.outdir import RUN_TAG, run_marks, run_tags
 from pipeft import command
 from training.config_file import ConfigError
@@ -55,7 +55,7 @@ def check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
         return
     if not (model / "config.json").is_file():
         raise ConfigError(f"{path}: model_path {model} has no config.json{_model_path_hint(model)}")
-    if not cfg.from_scratch and not weights_from_checkpoint(cfg) and not (model / "layer_00-model_states.pt").is_file():
+    if not cfg.from_scratch and not weights_from_checkpoint(cfg) and not (model / LAYER_FILE.format(0)).is_file():
         raise ConfigError(f"{path}: model_path {model} has no pipeline layer files{_model_path_hint(model)}")
     save = Path(cfg.save_path)
     if save.exists() and not save.is_dir():
@@ -134,7 +134,7 @@ def save_path_in_use(cfg: TrainConfig, path: Path) -> str | None:
     return None
 
 
-MODEL_FILES = ("*.safetensors", "pytorch_model*.bin", "layer_*-model_states.pt", "*.gguf")  # never at a run's top
+MODEL_FILES = ("*.safetensors", "pytorch_model*.bin", LAYER_GLOB, "*.gguf")  # never at a run's top
 
 
 def _model_files(save: Path) -> list[str]:

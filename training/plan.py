@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from launch import deepspeed_logs_on_stderr, exit_if_ds_accelerator_unusable
-from pipeft import module_command
+from pipeft import module_command, parse_size
 
 exit_if_ds_accelerator_unusable(module_command("training.plan"))  # before DeepSpeed's import builds it
 with deepspeed_logs_on_stderr():  # --json: stdout holds the object only
@@ -23,23 +22,11 @@ with deepspeed_logs_on_stderr():  # --json: stdout holds the object only
     from models.pipeline import balance
     from training.monitor import fmt_bytes, fmt_count
 
-UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 
 
 class PlanError(ValueError):
     """Bad planner input; one line naming the option."""
-
-
-def parse_bytes(text: str) -> float:
-    """Bytes in a size such as 40GB (decimal) or 80GiB (binary); a bare number or another unit is refused."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Z]*)\s*", text.upper())
-    if not m or float(m.group(1)) <= 0 or m.group(2) not in UNITS:
-        unit = m.group(2)[:1] if m else ""
-        hint = (" (a unit is needed)" if m and not m.group(2) else
-                f" ({unit}B or {unit}iB?)" if m and m.group(2) in (unit, unit + "I") and unit in "KMGT" else "")
-        raise PlanError(f"--gpu-memory: {text!r} is not a size such as 40GB or 80GiB{hint}")
-    return float(m.group(1)) * UNITS[m.group(2)]
 
 
 def load_model(config_path: str | None, model_path: str | None):
@@ -241,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             raise PlanError("--double-quant needs --quantization nf4")
         if args.lora_r is not None and not (args.lora or args.quantization):
             raise PlanError("--lora-r needs --lora (or --quantization nf4)")
-        memory = parse_bytes(args.gpu_memory)
+        try:
+            memory = parse_size(args.gpu_memory, "--gpu-memory", "40GB or 80GiB")  # a bare 80 is GB or GiB: a unit
+        except ValueError as e:
+            raise PlanError(str(e)) from None
         family, config = load_model(args.model_config, args.model_path)
         if (args.lora or args.quantization) and family.num_blocks(config) == 0:
             from models.lora import NO_BLOCKS

@@ -22,7 +22,7 @@ from models.diskspace import tree_size, write_problem
 from models.hf_io import replace_side_files
 from models.pipeline import LAYER_FILE
 from pipeft import one_line
-from training.checkpoint import RunState, TrainingStopped, set_rng_state
+from training.checkpoint import RNG_FILE, RunState, TrainingStopped, set_rng_state
 from training.compat import BATCH_KEYS
 from training.config import ConfigError, start_over
 from training.config_diff import DATA, SAMPLES, config_changes, same_global_batch, schedule_kind, start_schedule_at
@@ -233,7 +233,7 @@ class RunDirectory:
                                  "parts": list(self.model.parts), "global_batch": self.plan.global_batch,
                                  "data_fingerprint": self.data_fingerprint, **self._evals_kept(saved)})
         self.engine.global_steps = saved.step
-        rng = tag_dir / f"rng_state_rank{self.rank}.pt"
+        rng = tag_dir / RNG_FILE.format(self.rank)
         if same and rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
         # the schedule's lr at this step, always: a fresh optimizer (not same) holds the schedule's first lr, and

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from launch import AcceleratorError
-from launch.shim import Launch, add_script_args, check_topology, config_path, main_of, precision, read_config
+from launch.shim import Launch, add_script_args, check_topology, config_path, main_of, read_config
 from pipeft import module_command
 
 ENV = {"DS_ACCELERATOR": "hpu", "PT_HPU_LAZY_MODE": "0", "PT_ENABLE_INT64_SUPPORT": "1"}
@@ -122,7 +122,9 @@ def build(args: argparse.Namespace, fp16: bool | None = None, probe: bool = True
     path = config_path(args.script_args)
     raw = read_config(path)
     check_topology(raw, path, world, how)
-    if precision(raw) == "fp16":
+    from training.optim import half_precisions  # the trainer's reading of the config's precision
+
+    if "fp16" in half_precisions(raw):
         if fp16 is False:
             raise AcceleratorError(f"{path}: fp16 is not supported by this Gaudi (first-generation Gaudi has no fp16; "
                                    "habana_frameworks' _is_fp16_supported() is false): use bf16")

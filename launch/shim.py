@@ -96,12 +96,6 @@ def check_topology(raw: dict, path: Path, world_size: int, how: str) -> None:
         raise AcceleratorError(f"{path}: {e}") from None
 
 
-def precision(raw: dict) -> str | None:
-    """"fp16" or "bf16" when the config enables it, else None (fp32)."""
-    on = [k for k in ("fp16", "bf16") if isinstance(raw.get(k), dict) and raw[k].get("enabled", False)]
-    return on[0] if on else None
-
-
 def main_of(prog: str, parser: Callable[[], argparse.ArgumentParser], build: Callable[[argparse.Namespace], Launch],
             sets_ds_accelerator: bool = False) -> Callable[[list[str] | None], int]:
     """main(argv) of a shim: parse, `build` the Launch, then print it (--dry-run) or exec it. Errors: one line, exit 2.

@@ -28,7 +28,7 @@ from launch import ENV, REGISTERS, AcceleratorError, check_device, device_missin
 from launch.shim import Launch, add_script_args, check_topology, config_path, main_of, read_config
 from pipeft import module_command
 
-COMPILED_OPTIMIZERS = ("lamb", "onebitadam", "zerooneadam", "onebitlamb")  # DeepSpeed CUDA kernels only
+COMPILED_OPTIMIZERS = ("lamb",)  # DeepSpeed CUDA kernels only (the 1-bit ones the trainer refuses anywhere)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,7 +44,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_optimizer(raw: dict, path) -> None:
+    """The trainer's optimizer checks (training.optim.check_optimizer, as its start-up says them), then what has no
+    Neuron build."""
+    from training.optim import check_optimizer as trainer_check
+
     opt = raw.get("optimizer") if isinstance(raw.get("optimizer"), dict) else {}
+    if opt:
+        try:
+            trainer_check(opt)
+        except ValueError as e:
+            raise AcceleratorError(f"{path}: {e}") from None
     kind = str(opt.get("type", "")).lower()
     params = opt.get("params") if isinstance(opt.get("params"), dict) else {}
     if kind in ("adam", "adamw") and not params.get("torch_adam", False):

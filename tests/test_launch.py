@@ -184,6 +184,10 @@ def test_trainium_passes_a_shutdown_timeout_as_torchrun_reads_it(cfg, capsys, mo
     (["--nproc_per_node", "4"], {}, "dims [2, 1] needs 2 processes, this launch starts 4 (--nproc_per_node 4 x --nnodes 1)"),
     (["--nproc_per_node", "1", "--nnodes", "2"], {}, "--nnodes 2 needs --master_addr"),
     (["--nproc_per_node", "2"], {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, "needs \"torch_adam\": true"),
+    (["--nproc_per_node", "2"], {"optimizer": {"type": "Lamb", "params": {"lr": 1e-4}}}, "optimizer Lamb is a DeepSpeed "
+                                                                                        "compiled op with no Neuron build"),
+    (["--nproc_per_node", "2"], {"optimizer": {"type": "1bit_adam", "params": {"lr": 1e-4}}},  # as the trainer says it
+     "optimizer.type '1bit_adam': DeepSpeed's 1-bit optimizers are not supported here"),
     (["--nproc_per_node", "2", "--accelerator", "neuron"], {}, "--accelerator 'neuron': expected DEVICE:BACKEND"),
     (["--nproc_per_node", "2", "--accelerator", "foo:bar"], {}, "--accelerator: torch knows no device type 'foo'"),
     (["--nproc_per_node", "2", "--accelerator", "cpu:bar"], {}, "--accelerator: torch has no process-group backend "

@@ -41,20 +41,18 @@ with deepspeed_logs_on_stderr():  # stdout holds the generated text only
     from transformers import TextStreamer
 
     from data.chat import end_of_turn, end_of_turn_text
+    from data.collate import pad_id_of
     from data.encode import encode_prompt
     from data.records import DataError, present_fields, prompt_problems, string_problem
     from data.settings import DataSettings, read_data_settings
     from data.templates import TEMPLATES, TemplateSettings, answer_lead
     from data.tokenizer_checks import special_text_in, vocab_size_problem, vocabulary_problem
     from launch import AcceleratorError
-    from models.convert import config_dir_of, load_hf_model
+    from models.convert import DTYPES, config_dir_of, load_hf_model
     from models.family import ModelFamily
     from models.hf_io import CheckpointError, load_tokenizer
     from models.pipeline import ModelConfigError
     from training.distributed import accelerator_problem
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class DemoError(ValueError):
     """A user-facing problem, reported as one line."""
@@ -333,7 +331,7 @@ def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 12
     if not ids:
         raise DemoError("the prompt is empty (no tokens, and the tokenizer adds no BOS): nothing to continue")
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id_of(tokenizer)
     kw = dict(do_sample=temperature > 0)
     if temperature > 0:
         kw.update(temperature=temperature, **{k: v for k, v in (("top_k", top_k), ("top_p", top_p)) if v is not None})

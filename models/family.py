@@ -13,7 +13,6 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from . import cost
-from .cost import CE_COST_PER_VOCAB  # noqa: F401  (re-exported)
 from .hf_io import CheckpointError
 from .keymap import KeyMap
 from .pipeline import ModelConfigError, build_specs

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from models import ModelConfigError, get_family, parse_topology, plan_stages
-from models.family import CE_COST_PER_VOCAB
+from models.cost import CE_COST_PER_VOCAB
 from models.pipeline import balance
 from tests.helpers import llama_config
 

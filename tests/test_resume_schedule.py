@@ -339,3 +339,15 @@ def test_a_pipeline_checkpoint_missing_a_layer_file_is_one_line(ds, tmp_path):
                                           r"\(rank 0: layer_02-model_states.pt is missing\) and no earlier checkpoint "
                                           "is intact; "):
         run._resume(tmp_path / "global_step2")
+
+
+def test_every_template_setting_changes_the_samples_on_resume():
+    """The resume rules list the template settings by hand: a TemplateSettings field added without its SAMPLES rule
+    would be "applied" on resume, changing the trained tokens under a run that says nothing."""
+    from dataclasses import fields
+
+    from data.templates import TemplateSettings
+    from training.config_diff import RESUME_RULES, SAMPLES
+
+    kinds = {key: kind for key, kind, _ in RESUME_RULES}
+    assert {f.name: kinds.get(f.name) for f in fields(TemplateSettings)} == {f.name: SAMPLES for f in fields(TemplateSettings)}

@@ -26,7 +26,7 @@ from models.pipeline import ModelConfigError, parse_topology, plan_stages
 from models.quant import QUANT_FILE, parse_quantization, read_quant_file
 from pipeft import command, one_line
 from training.batches import DROP_LAST
-from training.compat import check_deepspeed_sections, deepspeed_refusal, derive_batch, map_gdgpt_keys
+from training.compat import BATCH_KEYS, check_deepspeed_sections, deepspeed_refusal, derive_batch, map_gdgpt_keys
 from training.config_diff import torch_scheduler, zero_stage
 from training.config_file import OTHER_TOOLS_KEYS, ConfigError, read_config_file
 from training.config_paths import check_paths, eval_is_training_data, save_path_in_use
@@ -299,7 +299,7 @@ def _check_run_keys(cfg: TrainConfig, path: Path) -> None:
 
 def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
     ds = cfg.ds_config
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+    for key in BATCH_KEYS:
         value = ds.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{path}: '{key}' must be a positive integer, got {json.dumps(value)}")

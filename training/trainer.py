@@ -234,8 +234,9 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             import peft  # noqa: F401
         self.base_memory = process_memory()  # before any layer exists: the overhead term of the CPU memory estimate
         specs = self.family.layer_specs(self.config)
+        self.lora = parse_lora(cfg.lora, self.family, self.config) if cfg.lora is not None else None  # checked already
         self.quant = None if cfg.quantization is None else parse_quantization(  # QLoRA: blocks load and quantise at build
-            cfg.quantization, self.family, self.config, parse_lora(cfg.lora, self.family, self.config))
+            cfg.quantization, self.family, self.config, self.lora)
         if self.quant is not None:
             specs = quantized_specs(specs, self.family, cfg.model_path, self.quant)
         model = PipelineModel(specs, bounds_fn, topo, loss_fn=causal_lm_loss,
@@ -247,7 +248,6 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             model._synchronize_tied_weights()
         elif not self.weights_from_checkpoint:  # a full fine-tune's resume reads no base layer file
             model.load_layer_files(cfg.model_path)
-        self.lora = parse_lora(cfg.lora, self.family, self.config) if cfg.lora is not None else None  # checked already
         if self.lora is not None:
             apply_lora(model, self.lora, self.family, cfg.seed, self.family.num_blocks(self.config))
             if self.lora.adapter_path:

@@ -1,5 +1,5 @@
-"""2 processes with the real deepspeed launcher on CPU: the pipeline built from converted layer files
-(2 stages) gives the HF model's loss on a fixed batch."""
+"""2 processes with the real deepspeed launcher on CPU (one launch for every case): the pipeline built from converted
+layer files (2 stages) gives the HF model's loss on a fixed batch."""
 
 from __future__ import annotations
 
@@ -20,24 +20,33 @@ CASES = {  # name -> (config, parts): explicit parts, and auto balance with the 
 }
 
 
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tokenizer) -> dict:
+    """Every case converted, its HF loss computed, then all of them evaluated by one 2-process launch: {case: (HF
+    model, HF loss, each rank's output)}."""
+    root, cases, out = tmp_path_factory.mktemp("pipe_eval"), [], {}
+    for case, (name, parts) in sorted(CASES.items()):
+        d = root / case
+        torch.manual_seed(0)
+        hf = LlamaForCausalLM(llama_config(name, vocab_size=len(tokenizer))).eval()
+        hf.save_pretrained(d / "hf", max_shard_size="100KB")
+        tokenizer.save_pretrained(d / "hf")
+        hg_to_pp(d / "hf", d / "pp")
+        ids, mask, pos, seg, labels = make_batch(len(tokenizer), [16, 11, 7, 16], 16, "right", seed=3)
+        torch.save(((ids, pos, seg), labels), d / "batch.pt")
+        with torch.no_grad():
+            ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels).loss.item()
+        cases += ["--case", str(d / "pp"), str(d / "batch.pt"), str(d), parts or "auto"]
+        out[case] = (hf, ref, d)
+    run_deepspeed("tests/workers/pipe_eval.py", cases)
+    return {case: (hf, ref, [json.loads((d / f"rank{r}.json").read_text()) for r in (0, 1)])
+            for case, (hf, ref, d) in out.items()}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_two_stage_eval_loss_equals_hf(case, tmp_path, tokenizer):
-    name, parts = CASES[case]
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(llama_config(name, vocab_size=len(tokenizer))).eval()
-    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
-    tokenizer.save_pretrained(tmp_path / "hf")
-    hg_to_pp(tmp_path / "hf", tmp_path / "pp")
-
-    ids, mask, pos, seg, labels = make_batch(len(tokenizer), [16, 11, 7, 16], 16, "right", seed=3)
-    torch.save(((ids, pos, seg), labels), tmp_path / "batch.pt")
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels).loss.item()
-
-    args = ["--model-dir", str(tmp_path / "pp"), "--batch", str(tmp_path / "batch.pt"), "--out-dir", str(tmp_path)]
-    run_deepspeed("tests/workers/pipe_eval.py", args + (["--parts", parts] if parts else []))
-
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+def test_two_stage_eval_loss_equals_hf(case, evaluated):
+    hf, ref, ranks = evaluated[case]
+    parts = CASES[case][1]
     n = hf.config.num_hidden_layers
     assert [r["stage"] for r in ranks] == [0, 1]
     assert ranks[0]["owned"][0] == 0 and ranks[1]["owned"][-1] == n + 2  # embedding first, head last

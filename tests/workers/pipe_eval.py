@@ -1,7 +1,8 @@
 """Worker for tests/test_pipeline_dist.py, started by the real `deepspeed` launcher.
 
-Builds the pipeline from converted layer files (explicit parts or auto balance), evaluates one
-fixed batch with engine.eval_batch and writes {"loss", "parts", "stage", "owned"} per rank."""
+For each --case (one launch for all of them), builds the pipeline from converted layer files (explicit parts or auto
+balance), evaluates one fixed batch with engine.eval_batch and writes {"loss", "parts", "stage", "owned"} per rank
+into the case's out dir."""
 
 from __future__ import annotations
 
@@ -23,17 +24,20 @@ from training.distributed import shutdown_distributed  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--batch", required=True)
-    ap.add_argument("--out-dir", required=True)
-    ap.add_argument("--parts", default=None, help="comma-separated units per stage")
+    ap.add_argument("--case", nargs=4, action="append", required=True, metavar=("MODEL_DIR", "BATCH", "OUT_DIR", "PARTS"),
+                    help="PARTS: comma-separated units per stage, or 'auto'")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
 
     deepspeed.init_distributed(dist_backend="gloo")
+    for model_dir, batch, out_dir, parts in args.case:
+        evaluate(Path(model_dir), batch, out_dir, None if parts == "auto" else [int(p) for p in parts.split(",")])
+    shutdown_distributed()
+
+
+def evaluate(model_dir: Path, batch_file: str, out_dir: str, parts: list[int] | None) -> None:
     world = torch.distributed.get_world_size()
-    family, config = family_of(Path(args.model_dir))
-    parts = [int(p) for p in args.parts.split(",")] if args.parts else None
+    family, config = family_of(model_dir)
     axes, dims = parse_topology({"process_topology": {"axes": ["pipe", "data"], "dims": [world, 1]}}, world)
     model = PipelineModel(
         family.layer_specs(config),
@@ -41,8 +45,8 @@ def main() -> None:
         ProcessTopology(axes=axes, dims=dims),
         loss_fn=causal_lm_loss,
     )
-    model.load_layer_files(args.model_dir)
-    batch = torch.load(args.batch)
+    model.load_layer_files(model_dir)
+    batch = torch.load(batch_file)
     engine, *_ = deepspeed.initialize(
         model=model,
         config={"train_micro_batch_size_per_gpu": batch[1].shape[0], "gradient_accumulation_steps": 1,
@@ -52,8 +56,7 @@ def main() -> None:
     rank = torch.distributed.get_rank()
     owned = list(range(model._local_start, model._local_stop))
     out = {"loss": float(loss), "parts": model.parts, "stage": engine.stage_id, "owned": owned}
-    Path(args.out_dir, f"rank{rank}.json").write_text(json.dumps(out))
-    shutdown_distributed()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,10 @@ class ModelFamily:
     def check_config(self, config, where: str | Path):
         """`config`, once every layer builds from it (on the meta device: no memory); what transformers rejects (an
         unknown `hidden_act` or rope type, ...) is a CheckpointError naming `where`."""
+        for key in (*POSITIVE_SIZES, "num_hidden_layers"):  # (a zero one failed in torch's arithmetic, naming no key)
+            value, least = getattr(config, key, None), 0 if key == "num_hidden_layers" else 1
+            if isinstance(value, int) and not isinstance(value, bool) and value < least:
+                raise CheckpointError(f"{where}: {key} must be >= {least}, got {value}")
         pad, vocab = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
         if isinstance(pad, int) and isinstance(vocab, int) and not -vocab <= pad < vocab:
             raise CheckpointError(f"{where}: pad_token_id {pad} is not below vocab_size {vocab} (a token added to the "
@@ -126,6 +130,8 @@ class ModelFamily:
         return config
 
 
+POSITIVE_SIZES = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                  "vocab_size", "max_position_embeddings")  # at least 1 where set (num_hidden_layers: 0 or more)
 ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
                 "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "partial_rotary_factor")
 

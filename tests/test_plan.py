@@ -170,7 +170,11 @@ def test_one_size_parser_for_every_option(text, bare, size):
     ({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 5}, "not a multiple of the number of attention"),
     ([1, 2], "not a JSON object"),
     ({**LLAMA2_7B, "num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
-], ids=["type", "heads", "list", "kv-heads"])
+    ({**LLAMA2_7B, "hidden_size": 0}, "hidden_size must be >= 1, got 0"),  # was torch's "0.0 cannot be raised to ..."
+    ({"model_type": "bloom", "hidden_size": 64, "n_layer": 2, "n_head": 0}, "num_attention_heads must be >= 1, got 0"),
+    ({**LLAMA2_7B, "num_hidden_layers": -1}, "num_hidden_layers must be >= 0, got -1"),  # was planned
+    ({**LLAMA2_7B, "max_position_embeddings": -1}, "max_position_embeddings must be >= 1, got -1"),  # planned -1 tokens
+], ids=["type", "heads", "list", "kv-heads", "no-width", "bloom-no-heads", "negative-layers", "negative-positions"])
 @pytest.mark.parametrize("option", ["--model-config", "--model-path"])
 def test_a_config_transformers_rejects_is_one_line_naming_the_file(raw, text, option, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(raw))
@@ -179,6 +183,31 @@ def test_a_config_transformers_rejects_is_one_line_naming_the_file(raw, text, op
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"python -m training.plan: error: {tmp_path / 'config.json'}: "), err
     assert text in err and "\n" not in err, err
+
+
+def test_the_plan_keeps_to_what_training_takes(tmp_path, capsys):
+    """The planner planned what training's config check then refused: a max_seq_len above the model's sliding window
+    (Mistral-7B-v0.1's 4096 under its 32768 positions; the default 2048 above a 512 window), rows of 1 token, and a
+    LoRA rank above the hidden size."""
+    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 256}
+    (tmp_path / "c.json").write_text(json.dumps({"model_type": "mistral", **tiny, "max_position_embeddings": 32768,
+                                                 "sliding_window": 512}))
+    args = ["--model-config", str(tmp_path / "c.json"), "--gpus", "2", "--gpu-memory", "40GB"]
+    assert plan_main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["max_seq_len"] == 512
+    for extra, said in ((["--max-seq-len", "1024"], "--max-seq-len 1024 is above the model's sliding_window 512, which "
+                                                    "the pipeline's attention does not implement (training refuses it)"),
+                        (["--max-seq-len", "1"], "--max-seq-len must be >= 2 (training's minimum), got 1"),
+                        (["--lora", "--lora-r", "128"], "--lora-r: lora.r 128 is above the model's hidden_size 64: an "
+                                                        "adapter of a higher rank than its layer's width adds nothing")):
+        assert plan_main([*args, *extra]) == 2
+        assert capsys.readouterr().err == f"python -m training.plan: error: {said}\n"
+    assert plan_main([*args, "--lora", "--lora-r", "64", "--max-seq-len", "512", "--json"]) == 0  # the bounds: taken
+    (tmp_path / "c.json").write_text(json.dumps({"model_type": "llama", **tiny, "max_position_embeddings": 1}))
+    assert plan_main(args) == 2
+    assert capsys.readouterr().err == ("python -m training.plan: error: --max-seq-len: the model covers 1 token(s) "
+                                       "(max_position_embeddings); training needs rows of at least 2\n")
 
 
 def test_lora_options_need_lora_and_a_quantized_plan_says_lora(tmp_path, capsys):

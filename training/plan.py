@@ -146,12 +146,21 @@ def plan(family, config, gpus: int, memory: float, seq_len: int, precision: str 
 
 
 def seq_len_for(family, config, asked: int | None) -> tuple[int, str]:
-    """(tokens per row, a note): `asked`, refused above the model's position limit; unset, 2048 clamped to it."""
+    """(tokens per row, a note): `asked`, refused where training refuses it (`training.config`: under 2, above the
+    model's position limit or its sliding window); unset, 2048 clamped to those."""
     limit, how = family.max_positions(config)
+    above = f"what the model's positions cover ({limit}, {how})"
+    if (window := family.sliding_window(config)) is not None and (limit is None or window < limit):
+        limit, how = window, "sliding_window"
+        above = f"the model's sliding_window {window}, which the pipeline's attention does not implement (training refuses it)"
     if asked is not None:
         if limit is not None and asked > limit:
-            raise PlanError(f"--max-seq-len {asked} is above what the model's positions cover ({limit}, {how})")
+            raise PlanError(f"--max-seq-len {asked} is above {above}")
+        if asked < 2:
+            raise PlanError(f"--max-seq-len must be >= 2 (training's minimum), got {asked}")
         return asked, ""
+    if limit is not None and limit < 2:
+        raise PlanError(f"--max-seq-len: the model covers {limit} token(s) ({how}); training needs rows of at least 2")
     if limit is not None and limit < 2048:
         return limit, f" (the model's limit, {how}; default 2048)"
     return 2048, ""
@@ -217,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="one JSON object")
     args = ap.parse_args(argv)
     try:
-        for key in ("gpus", "nodes", "max_seq_len", "lora_r"):
+        for key in ("gpus", "nodes", "lora_r"):  # max_seq_len: seq_len_for, as training bounds it
             if getattr(args, key) is not None and getattr(args, key) < 1:
                 raise PlanError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
         if args.gpus % args.nodes:
@@ -237,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
             from models.lora import NO_BLOCKS
 
             raise PlanError(f"--lora / --quantization: {NO_BLOCKS} (without them)")
+        if args.lora or args.quantization:  # the rank as training checks it (not above the layers' width)
+            from models.lora import parse_lora
+
+            try:
+                parse_lora({"r": 16 if args.lora_r is None else args.lora_r}, family, config)
+            except ValueError as e:
+                raise PlanError(f"--lora-r: {e}") from None
         args.max_seq_len, note = seq_len_for(family, config, args.max_seq_len)
     except (PlanError, ValueError) as e:
         print(f"{module_command('training.plan')}: error: {e}", file=sys.stderr)

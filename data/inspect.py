@@ -35,6 +35,8 @@ if __name__ == "__main__" and not __package__:  # `python data/inspect.py`: data
 import argparse
 import json
 import logging
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,38 +68,57 @@ def _vocab_size(model_path: Path) -> int | None:
         return None
 
 
+PLACE = re.compile(r"(?P<file>.+):(?P<at>\d+(?: \(record \d+\))?)")  # FILE:LINE, or a one-line array's FILE:1 (record K)
+
+
+def _starts(path: Path) -> Iterator[Any]:
+    """The line each record of data file `path` starts at, in order (the data are valid: checked), as warnings and
+    errors name it. JSON Lines are read line by line (a record is a line with text: the parser's rule), never whole;
+    other formats are parsed."""
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8-sig", newline="\n") as f:  # lines split at \n only, as the parser splits them
+            yield from (n for n, line in enumerate(f, 1) if line.strip())
+    else:
+        yield from (r.line for r in parse_records(path, path.read_bytes())[0])
+
+
 def record_places(data_path: Any, wanted: set[int]) -> dict[int, str]:
     """FILE:LINE of the records numbered `wanted` (0-based, in file order: training's numbers), as warnings and errors
-    name them. The data files are parsed one at a time, up to the last one wanted; the data are valid (checked)."""
+    name them. The data files are read one at a time, up to the last record wanted."""
     places, first, todo = {}, 0, set(wanted)
     for path in resolve_files(data_path):
         if not todo:
             break
-        records, _ = parse_records(path, path.read_bytes())
-        for n in [n for n in todo if n < first + len(records)]:
-            rec = records[n - first]
-            places[n] = f"{rec.source}:{rec.line}"
-            todo.discard(n)
-        first += len(records)
+        for n, line in enumerate(_starts(path), first):
+            if n in todo:
+                places[n] = f"{path}:{line}"
+                todo.discard(n)
+            first = n + 1
     return places
 
 
 def record_number(data_path: Any, place: str) -> int:
-    """The number of the record at `place` (FILE:LINE, where it starts); ValueError (a one-line reason) where no
-    record of the data starts there."""
-    name, _, line = place.rpartition(":")
+    """The number of the record at `place` (FILE:LINE where it starts, or FILE:1 (record K) in a one-line .json array);
+    ValueError (a one-line reason) where no record of the data starts there, or several do."""
+    name, at = PLACE.fullmatch(place).group("file", "at")
     files = resolve_files(data_path)
-    at = [f for f in files if f.resolve() == Path(name).resolve()]
-    if not at:
+    found = [f for f in files if f.resolve() == Path(name).resolve()]
+    if not found:
         raise ValueError(f"--index {place}: {name} is not one of the data files of data_path ({len(files)} file"
                          f"{'s' * (len(files) != 1)}: {', '.join(map(str, files[:3]))}{', ...' * (len(files) > 3)})")
-    starts = [r.line for r in parse_records(at[0], at[0].read_bytes())[0]]
-    if int(line) not in starts:
-        before = [s for s in starts if s < int(line)]
-        near = f"; the one before it starts at line {before[-1]}" if before else ""
-        raise ValueError(f"--index {place}: no record of {name} starts at line {line}{near}")
-    earlier = files[:files.index(at[0])]  # their records come first, parsed one file at a time
-    return sum(len(parse_records(f, f.read_bytes())[0]) for f in earlier) + starts.index(int(line))
+    starts = [str(line) for line in _starts(found[0])]
+    line = int(at.split()[0])
+    if at not in starts:
+        shared = [s for s in starts if int(s.split()[0]) == line]
+        before = [s for s in starts if int(s.split()[0]) < line]
+        raise ValueError(f"--index {place}: " + (
+            f"line {line} of {name} holds one record: {name}:{shared[0]}" if len(shared) == 1 else
+            f"{len(shared)} records start at line {line} of {name}: name one, {name}:{shared[0]} to "
+            f"{name}:{shared[-1]}" if shared else
+            f"no record of {name} starts at line {line}" + (f"; the one before it starts at line {before[-1]}"
+                                                              if before else "")))
+    earlier = files[:files.index(found[0])]  # their records come first
+    return sum(sum(1 for _ in _starts(f)) for f in earlier) + starts.index(at)
 
 
 def _runs(input_ids: list[int], trained_at: list[bool]) -> list[tuple[list[int], bool]]:
@@ -139,7 +160,7 @@ def show(ds: EncodedDataset, sample: int, tokenizer: Any, record: int, place: st
     st = ds.stats
     text, n_spans = _marked(s["input_ids"], trained_at, tokenizer, color)
     lines = [
-        f"record {record} ({place}) -> sample {sample}: {len(s['input_ids'])} tokens, {sum(trained_at)} trained in {n_spans} "
+        f"record {record} at {place} -> sample {sample}: {len(s['input_ids'])} tokens, {sum(trained_at)} trained in {n_spans} "
         "span(s)",
         f"dataset: {st.records} records, {st.kept} samples, {st.dropped} dropped, {st.truncated} truncated",
         "--- text (trained: " + ("green" if color else "[[ ]]") + ") ---",
@@ -166,7 +187,7 @@ def show_packed(ds: EncodedDataset, packed: PackedDataset, sample: int, tokenize
     trained_at = trained_mask(np.asarray(p["labels"]), starts).tolist()  # as the loss counts
     st = packed.stats
     record = int(ds.record_index[sample])
-    lines = [f"record {record} ({places[record]}) -> sample {sample} -> packed sequence {row}: {len(p['input_ids'])} of "
+    lines = [f"record {record} at {places[record]} -> sample {sample} -> packed sequence {row}: {len(p['input_ids'])} of "
              f"{st.max_seq_len} tokens, {len(segs)} segment(s)",
              *([f"sample {sample} is cut into {len(rows)} chunks (split_long_pretrain): chunk 1 is shown; "
                 + (f"chunk 2 is in packed sequence {rows[1]}" if len(rows) == 2 else
@@ -182,7 +203,7 @@ def show_packed(ds: EncodedDataset, packed: PackedDataset, sample: int, tokenize
         chunk = f", chunk {int(packed.segment_chunk[seg]) + 1} of {n_chunks}" if n_chunks > 1 else ""
         text, n_spans = _marked(ids, marks, tokenizer, color)
         rec = int(ds.record_index[src])
-        lines += [f"=== segment {k}: record {rec} ({places[rec]}), sample {src}{chunk}, tokens {at[0]}..{at[-1]}, "
+        lines += [f"=== segment {k}: record {rec} at {places[rec]}, sample {src}{chunk}, tokens {at[0]}..{at[-1]}, "
                   f"{sum(marks)} trained in {n_spans} span(s) ===", text]
     lines.append("--- tokens: segment, position, id, label, text (piece) ---")
     for seg, pos, tok, lab, trained in zip(p["segment_ids"], p["position_ids"], p["input_ids"], p["labels"], trained_at,
@@ -268,7 +289,7 @@ def _index(text: str) -> int | str:
     """--index: a record number, or FILE:LINE as it is (checked against the data by record_number)."""
     if text.lstrip("-").isdigit():
         return int(text)
-    if ":" in text and text.rpartition(":")[2].isdigit():
+    if PLACE.fullmatch(text):
         return text
     raise argparse.ArgumentTypeError(f"{text!r}: give a record number (0-based) or FILE:LINE")
 
@@ -337,7 +358,7 @@ def _inspect(argv: list[str] | None) -> int:
     shown = packed_records(trained, packed, trained.sample_of_record(index)) if in_packed else set()
     quiet = args.json and sample is not None and not out_of_training  # prints no record's place: parses no file
     places = {} if quiet else record_places(cfg.data_path, {index} | shown)
-    record = f"record {index} ({places.get(index)})"
+    record = f"record {index} at {places.get(index)}"
     if sample is None:
         print(f"{PROG}: error: {record} was dropped: no trained token within max_seq_len={cfg.max_seq_len}",
               file=sys.stderr)

@@ -56,7 +56,7 @@ def test_inspect_counts_what_the_loss_counts_without_a_bos(tokenizer_dir, tmp_pa
     assert data_inspect.main([*args, "--index", "1"]) == 0
     out = capsys.readouterr().out
     sample = ds.sample_of_record(1)
-    assert f"record 1 ({data}:2) -> sample {sample}: 6 tokens, {learned[sample]} trained in 1 span(s)" in out and learned[sample] == 5
+    assert f"record 1 at {data}:2 -> sample {sample}: 6 tokens, {learned[sample]} trained in 1 span(s)" in out and learned[sample] == 5
     text = out.split("--- text (trained: [[ ]]) ---\n")[1].split("\n--- tokens")[0]
     assert text == "The[[ quick brown fox.</s>]]", text
     rows = [ln.split() for ln in out.split("--- tokens")[1].splitlines()[1:]]
@@ -83,46 +83,51 @@ def test_inspect_says_where_every_chunk_of_a_split_record_is(tokenizer_dir, toke
     assert n >= 4 and len(set(rows)) == n
     assert data_inspect.main([*args, "--index", "0"]) == 0
     out = capsys.readouterr().out
-    assert f"record 0 ({data}:1) -> sample {sample} -> packed sequence {rows[0]}: " in out
+    assert f"record 0 at {data}:1 -> sample {sample} -> packed sequence {rows[0]}: " in out
     assert (f"sample {sample} is cut into {n} chunks (split_long_pretrain): chunk 1 is shown; chunks 2..{n} are in "
             f"packed sequences {', '.join(map(str, rows[1:]))}") in out, out
-    assert re.search(rf"=== segment \d+: record 0 \({re.escape(str(data))}:1\), sample {sample}, chunk 1 of {n}, tokens ",
+    assert re.search(rf"=== segment \d+: record 0 at {re.escape(str(data))}:1, sample {sample}, chunk 1 of {n}, tokens ",
                      out), out
     short = ds.sample_of_record(1)
     assert data_inspect.main([*args, "--index", "1"]) == 0
     out = capsys.readouterr().out
-    assert "cut into" not in out.split("\n=== segment")[0] and f"record 1 ({data}:2), sample {short}, tokens " in out
+    assert "cut into" not in out.split("\n=== segment")[0] and f"record 1 at {data}:2, sample {short}, tokens " in out
 
 
 def test_a_record_is_named_by_its_file_and_line_and_found_by_them(tokenizer_dir, tmp_path, capsys, monkeypatch):
     """Warnings and errors name a record by FILE:LINE, --index took its number only and showed no place: now each
     record shown is named by both, and --index takes FILE:LINE too (the line a record starts at: a blank line of a
-    .jsonl and a pretty-printed .json array counted), the same record with the same output."""
+    .jsonl with \\r\\n endings and a pretty-printed .json array counted; FILE:1 (record K) in a one-line array, as
+    pandas writes it), the same record with the same output."""
     data = tmp_path / "data"
     data.mkdir()
-    (data / "a.jsonl").write_text(json.dumps({"text": "Each stage owns a contiguous slice of layers."}) + "\n\n"
-                                  + json.dumps({"text": "The quick brown fox."}) + "\n")
+    (data / "a.jsonl").write_bytes((json.dumps({"text": "Each stage owns a contiguous slice of layers."}) + "\r\n\r\n"
+                                    + json.dumps({"text": "The quick brown fox."}) + "\r\n").encode())
+    (data / "c.json").write_text(json.dumps([{"text": f"Record {k} of a one-line array."} for k in (1, 2, 3)]))
     long = " ".join(["Name the seven colours of a rainbow."] * 30)  # no answer token within max_seq_len: dropped
     (data / "b.json").write_text(json.dumps([{"instruct": "Add 2 and 3.", "output": "5"},
                                              {"instruct": long, "output": "Red and the rest."}], indent=1))
     starts = [n for n, ln in enumerate((data / "b.json").read_text().splitlines(), 1) if ln.strip() == "{"]
-    places = [f"{data / 'a.jsonl'}:1", f"{data / 'a.jsonl'}:3", *(f"{data / 'b.json'}:{n}" for n in starts)]
+    places = [f"{data / 'a.jsonl'}:1", f"{data / 'a.jsonl'}:3", *(f"{data / 'b.json'}:{n}" for n in starts),
+              *(f"{data / 'c.json'}:1 (record {k})" for k in (1, 2, 3))]  # as pandas' to_json writes it: one line
     args = config(tmp_path, tokenizer_dir, data, max_seq_len=96)
-    for n, place in enumerate(places[:3]):
+    for n, place in [*enumerate(places[:3]), (5, places[5])]:
         assert data_inspect.main([*args, "--index", str(n)]) == 0
         out = capsys.readouterr().out
-        assert out.startswith(f"record {n} ({place}) -> sample {n}: "), out
+        assert out.startswith(f"record {n} at {place} -> sample {n - (n > 3)}: "), out  # record 3: dropped
         assert data_inspect.main([*args, "--index", place]) == 0
         assert capsys.readouterr().out == out
     monkeypatch.chdir(tmp_path)  # a relative FILE, as the user's shell has it
     assert data_inspect.main([*args, "--index", "data/a.jsonl:3"]) == 0
-    assert capsys.readouterr().out.startswith(f"record 1 ({places[1]}) -> ")
-    for index, said in [(places[3], f"record 3 ({places[3]}) was dropped: no trained token within max_seq_len=96"),
+    assert capsys.readouterr().out.startswith(f"record 1 at {places[1]} -> ")
+    for index, said in [(places[3], f"record 3 at {places[3]} was dropped: no trained token within max_seq_len=96"),
                         (f"{data / 'a.jsonl'}:2", f"--index {data / 'a.jsonl'}:2: no record of {data / 'a.jsonl'} "
                                                   "starts at line 2; the one before it starts at line 1"),
+                        (f"{data / 'c.json'}:1", f"--index {data / 'c.json'}:1: 3 records start at line 1 of "
+                                                 f"{data / 'c.json'}: name one, {places[4]} to {places[6]}"),
                         (f"{tmp_path}/c.jsonl:1", f"--index {tmp_path}/c.jsonl:1: {tmp_path}/c.jsonl is not one of the "
-                                                  f"data files of data_path (2 files: {data / 'a.jsonl'}, "
-                                                  f"{data / 'b.json'})")]:
+                                                  f"data files of data_path (3 files: {data / 'a.jsonl'}, "
+                                                  f"{data / 'b.json'}, {data / 'c.json'})")]:
         assert data_inspect.main([*args, "--index", index]) == 2
         assert capsys.readouterr().err.splitlines()[-1] == f"python -m data.inspect: error: {said}"
     with pytest.raises(SystemExit) as e:  # not a place: refused before the data are read

@@ -290,8 +290,8 @@ def test_inspect_shows_packed_sequences_and_efficiency(tmp_path, tokenizer_dir, 
     out = capsys.readouterr().out
     row = packed.row_of_sample(sample)
     k = packed.row_segments[row + 1] - packed.row_segments[row]
-    assert f"record 4 ({data}:5) -> sample {sample} -> packed sequence {row}: " in out and f"{k} segment(s)" in out
-    assert out.count("=== segment ") == k and "=== segment 1: record " in out and f" record 4 ({data}:5), sample {sample}," in out
+    assert f"record 4 at {data}:5 -> sample {sample} -> packed sequence {row}: " in out and f"{k} segment(s)" in out
+    assert out.count("=== segment ") == k and "=== segment 1: record " in out and f" record 4 at {data}:5, sample {sample}," in out
     assert "--- tokens: segment, position, id, label, text (piece) ---" in out
 
 
@@ -326,5 +326,5 @@ def test_inspect_packs_the_training_rows_without_what_eval_split_ratio_holds_out
     assert data_inspect.main([*args, "--index", str(outside)]) == 0
     out, err = capsys.readouterr()
     place = f"{data}:{outside + 1}"  # one record per line
-    assert f"note: record {outside} ({place}) is held out for evaluation (eval_split_ratio 0.25): it is never trained" in err
-    assert f"record {outside} ({place}) -> sample {ds.sample_of_record(outside)}: " in out and "packed sequence" not in out
+    assert f"note: record {outside} at {place} is held out for evaluation (eval_split_ratio 0.25): it is never trained" in err
+    assert f"record {outside} at {place} -> sample {ds.sample_of_record(outside)}: " in out and "packed sequence" not in out

@@ -43,17 +43,18 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def check_optimizer(raw: dict, path) -> None:
-    """The trainer's optimizer checks (training.optim.check_optimizer, as its start-up says them), then what has no
-    Neuron build."""
+def check_optimizer(raw: dict, path, here: bool) -> None:
+    """What has no Neuron build; with `here` (not --dry-run: this is the host that trains) first the trainer's
+    optimizer checks (training.optim.check_optimizer, as its start-up says them), which also ask what this host has
+    installed (mup, torch.optim's classes)."""
     from training.optim import check_optimizer as trainer_check
 
-    opt = raw.get("optimizer") if isinstance(raw.get("optimizer"), dict) else {}
-    if opt:
+    if here and "optimizer" in raw:
         try:
-            trainer_check(opt)
+            trainer_check(raw["optimizer"])
         except ValueError as e:
             raise AcceleratorError(f"{path}: {e}") from None
+    opt = raw.get("optimizer") if isinstance(raw.get("optimizer"), dict) else {}
     kind = str(opt.get("type", "")).lower()
     params = opt.get("params") if isinstance(opt.get("params"), dict) else {}
     if kind in ("adam", "adamw") and not params.get("torch_adam", False):
@@ -93,7 +94,7 @@ def build(args: argparse.Namespace) -> Launch:
     path = config_path(args.script_args)
     raw = read_config(path)
     check_topology(raw, path, world, f"--nproc_per_node {args.nproc_per_node} x --nnodes {args.nnodes}")
-    check_optimizer(raw, path)
+    check_optimizer(raw, path, here=not args.dry_run)
     notes = [f"{args.nnodes} node(s) x {args.nproc_per_node} process(es) on {device} (process group {backend}) through "
              "launch.accelerator.TorchDeviceAccelerator"]
     need = REGISTERS.get(device)

@@ -10,6 +10,7 @@ Nothing here ran on Gaudi or Trainium hardware (see README, "Gaudi and Trainium"
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -186,8 +187,6 @@ def test_trainium_passes_a_shutdown_timeout_as_torchrun_reads_it(cfg, capsys, mo
     (["--nproc_per_node", "2"], {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, "needs \"torch_adam\": true"),
     (["--nproc_per_node", "2"], {"optimizer": {"type": "Lamb", "params": {"lr": 1e-4}}}, "optimizer Lamb is a DeepSpeed "
                                                                                         "compiled op with no Neuron build"),
-    (["--nproc_per_node", "2"], {"optimizer": {"type": "1bit_adam", "params": {"lr": 1e-4}}},  # as the trainer says it
-     "optimizer.type '1bit_adam': DeepSpeed's 1-bit optimizers are not supported here"),
     (["--nproc_per_node", "2", "--accelerator", "neuron"], {}, "--accelerator 'neuron': expected DEVICE:BACKEND"),
     (["--nproc_per_node", "2", "--accelerator", "foo:bar"], {}, "--accelerator: torch knows no device type 'foo'"),
     (["--nproc_per_node", "2", "--accelerator", "cpu:bar"], {}, "--accelerator: torch has no process-group backend "
@@ -206,6 +205,27 @@ def test_trainium_bad_combinations_are_one_line(argv, over, message, dry, cfg, c
     assert code == 2 and out == ""
     assert err.startswith("python -m launch.trainium: error: ") and err.count("\n") == 1 and message in err, err
     assert "PIPEFT_ACCELERATOR" not in err  # the option the user typed is what is named
+
+
+@pytest.mark.parametrize("optimizer, said", [
+    ({"type": "1bit_adam", "params": {"lr": 1e-4}}, "optimizer.type '1bit_adam': DeepSpeed's 1-bit optimizers are not "
+                                                   "supported here"),
+    ({}, "optimizer.type must be a string, got null"), ("AdamW", "'optimizer' must be an object"),
+    ({"type": "MuAdamW", "params": {"lr": 1e-4}}, "optimizer.type 'MuAdamW' needs the mup package"),
+], ids=["1-bit", "empty", "a string", "what this host lacks"])
+def test_trainium_checks_the_optimizer_as_the_trainer_does_where_it_launches(optimizer, said, cfg, capsys, monkeypatch):
+    """The shim's own optimizer rule passed what the trainer refuses ('1bit_adam', an empty or a string section): the
+    ranks refused it, after torchrun started. The trainer's check also asks what this host has installed (mup), so a
+    --dry-run (the command for another host) does without it."""
+    if "mup" in said and importlib.util.find_spec("mup") is not None:
+        pytest.skip("mup is installed here")
+    monkeypatch.setattr(trainium.Launch, "execute", lambda self: pytest.fail(f"launched: {self.cmd}"))
+    path = cfg(optimizer=optimizer)
+    code, out, err = dry_run(trainium, ["--nproc_per_node", "2", "train_ds.py", "--config", str(path)], capsys)
+    assert (code, out) == (2, "") and err.startswith(f"python -m launch.trainium: error: {path}: {said}"), err
+    code, out, err = dry_run(trainium, ["--nproc_per_node", "2", "--dry-run", "train_ds.py", "--config", str(path)],
+                             capsys)
+    assert code == 0 and "train_ds.py --config" in out, err
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -97,18 +97,19 @@ def test_inspect_says_where_every_chunk_of_a_split_record_is(tokenizer_dir, toke
 def test_a_record_is_named_by_its_file_and_line_and_found_by_them(tokenizer_dir, tmp_path, capsys, monkeypatch):
     """Warnings and errors name a record by FILE:LINE, --index took its number only and showed no place: now each
     record shown is named by both, and --index takes FILE:LINE too (the line a record starts at: a blank line of a
-    .jsonl with \\r\\n endings and a pretty-printed .json array counted; FILE:1 (record K) in a one-line array, as
+    .jsonl with a BOM and \\r\\n endings and a pretty-printed .json array counted; FILE:1 (record K) in a one-line array, as
     pandas writes it), the same record with the same output."""
     data = tmp_path / "data"
     data.mkdir()
-    (data / "a.jsonl").write_bytes((json.dumps({"text": "Each stage owns a contiguous slice of layers."}) + "\r\n\r\n"
-                                    + json.dumps({"text": "The quick brown fox."}) + "\r\n").encode())
+    (data / "a.jsonl").write_bytes(("\ufeff\n" + json.dumps({"text": "Each stage owns a contiguous slice of layers."})
+                                    + "\r\r\n\r\n" + json.dumps({"text": "The quick brown fox."}) + "\r\n").encode())
+    # a BOM, then a blank line 1; a lone \r ends no line (the parser splits at \n only): records at lines 2 and 4
     (data / "c.json").write_text(json.dumps([{"text": f"Record {k} of a one-line array."} for k in (1, 2, 3)]))
     long = " ".join(["Name the seven colours of a rainbow."] * 30)  # no answer token within max_seq_len: dropped
     (data / "b.json").write_text(json.dumps([{"instruct": "Add 2 and 3.", "output": "5"},
                                              {"instruct": long, "output": "Red and the rest."}], indent=1))
     starts = [n for n, ln in enumerate((data / "b.json").read_text().splitlines(), 1) if ln.strip() == "{"]
-    places = [f"{data / 'a.jsonl'}:1", f"{data / 'a.jsonl'}:3", *(f"{data / 'b.json'}:{n}" for n in starts),
+    places = [f"{data / 'a.jsonl'}:2", f"{data / 'a.jsonl'}:4", *(f"{data / 'b.json'}:{n}" for n in starts),
               *(f"{data / 'c.json'}:1 (record {k})" for k in (1, 2, 3))]  # as pandas' to_json writes it: one line
     args = config(tmp_path, tokenizer_dir, data, max_seq_len=96)
     for n, place in [*enumerate(places[:3]), (5, places[5])]:
@@ -118,11 +119,11 @@ def test_a_record_is_named_by_its_file_and_line_and_found_by_them(tokenizer_dir,
         assert data_inspect.main([*args, "--index", place]) == 0
         assert capsys.readouterr().out == out
     monkeypatch.chdir(tmp_path)  # a relative FILE, as the user's shell has it
-    assert data_inspect.main([*args, "--index", "data/a.jsonl:3"]) == 0
+    assert data_inspect.main([*args, "--index", "data/a.jsonl:04"]) == 0
     assert capsys.readouterr().out.startswith(f"record 1 at {places[1]} -> ")
     for index, said in [(places[3], f"record 3 at {places[3]} was dropped: no trained token within max_seq_len=96"),
-                        (f"{data / 'a.jsonl'}:2", f"--index {data / 'a.jsonl'}:2: no record of {data / 'a.jsonl'} "
-                                                  "starts at line 2; the one before it starts at line 1"),
+                        (f"{data / 'a.jsonl'}:3", f"--index {data / 'a.jsonl'}:3: no record of {data / 'a.jsonl'} "
+                                                  "starts at line 3; the one before it starts at line 2"),
                         (f"{data / 'c.json'}:1", f"--index {data / 'c.json'}:1: 3 records start at line 1 of "
                                                  f"{data / 'c.json'}: name one, {places[4]} to {places[6]}"),
                         (f"{tmp_path}/c.jsonl:1", f"--index {tmp_path}/c.jsonl:1: {tmp_path}/c.jsonl is not one of the "

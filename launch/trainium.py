@@ -44,14 +44,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_optimizer(raw: dict, path, here: bool) -> None:
-    """What has no Neuron build; with `here` (not --dry-run: this is the host that trains) first the trainer's
-    optimizer checks (training.optim.check_optimizer, as its start-up says them), which also ask what this host has
-    installed (mup, torch.optim's classes)."""
+    """The trainer's optimizer checks (training.optim.check_optimizer, as its start-up says them; what the type needs
+    installed only `here`, not with --dry-run, which prints the command for another host), then what has no Neuron
+    build."""
     from training.optim import check_optimizer as trainer_check
 
-    if here and "optimizer" in raw:
+    if "optimizer" in raw:
         try:
-            trainer_check(raw["optimizer"])
+            trainer_check(raw["optimizer"], installed=here)
         except ValueError as e:
             raise AcceleratorError(f"{path}: {e}") from None
     opt = raw.get("optimizer") if isinstance(raw.get("optimizer"), dict) else {}

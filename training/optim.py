@@ -387,9 +387,10 @@ DEEPSPEED_OPTIMIZERS = {"adagrad": "Adagrad", "adam": "Adam", "adamw": "AdamW", 
 ONE_BIT = ("onebit", "zeroone", "1bit")  # DeepSpeed's OneBitAdam, ZeroOneAdam, OneBitLamb (compressed communication)
 
 
-def check_optimizer(section: object) -> None:
+def check_optimizer(section: object, installed: bool = True) -> None:
     """DeepSpeed's `optimizer` section: a known `type` (the closest one suggested) and sane `params` (lr > 0,
-    betas in [0, 1), weight_decay >= 0, eps >= 0). ValueError with a one-line message naming the key."""
+    betas in [0, 1), weight_decay >= 0, eps >= 0); with `installed`, also what the type needs installed here (mup).
+    ValueError with a one-line message naming the key."""
     if not isinstance(section, dict):
         raise ValueError(f"'optimizer' must be an object with \"type\" and \"params\", got {json.dumps(section)}")
     kind = section.get("type")
@@ -405,7 +406,7 @@ def check_optimizer(section: object) -> None:
         close = difflib.get_close_matches(kind.lower(), names, n=1, cutoff=0.6)
         hint = f"; did you mean '{names[close[0]]}'?" if close else f" (known: {', '.join(DEEPSPEED_OPTIMIZERS.values())})"
         raise ValueError(f"optimizer.type {kind!r} is not an optimizer DeepSpeed or torch.optim knows{hint}")
-    if kind.lower() in ("muadam", "muadamw", "musgd") and importlib.util.find_spec("mup") is None:
+    if installed and kind.lower() in ("muadam", "muadamw", "musgd") and importlib.util.find_spec("mup") is None:
         raise ValueError(f"optimizer.type {kind!r} needs the mup package (pip install mup), which is not installed")
     no_decay_patterns(section.get("no_wd_kws"))
     params = section.get("params", {})

@@ -252,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 parse_lora({"r": 16 if args.lora_r is None else args.lora_r}, family, config)
             except ValueError as e:
-                raise PlanError(f"--lora-r: {e}") from None
+                raise PlanError(f"--lora-r: {e}" if args.lora_r is not None else
+                                f"the default LoRA rank 16 is above the model's hidden_size {config.hidden_size}: "
+                                "give --lora-r at most that") from None
         args.max_seq_len, note = seq_len_for(family, config, args.max_seq_len)
     except (PlanError, ValueError) as e:
         print(f"{module_command('training.plan')}: error: {e}", file=sys.stderr)

@@ -204,6 +204,10 @@ def test_the_plan_keeps_to_what_training_takes(tmp_path, capsys):
         assert plan_main([*args, *extra]) == 2
         assert capsys.readouterr().err == f"python -m training.plan: error: {said}\n"
     assert plan_main([*args, "--lora", "--lora-r", "64", "--max-seq-len", "512", "--json"]) == 0  # the bounds: taken
+    (tmp_path / "c.json").write_text(json.dumps({"model_type": "llama", **tiny, "hidden_size": 8}))
+    assert plan_main([*args, "--lora"]) == 2  # the rank the user did not give is named as the default
+    assert capsys.readouterr().err == ("python -m training.plan: error: the default LoRA rank 16 is above the model's "
+                                       "hidden_size 8: give --lora-r at most that\n")
     (tmp_path / "c.json").write_text(json.dumps({"model_type": "llama", **tiny, "max_position_embeddings": 1}))
     assert plan_main(args) == 2
     assert capsys.readouterr().err == ("python -m training.plan: error: --max-seq-len: the model covers 1 token(s) "

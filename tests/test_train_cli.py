@@ -129,7 +129,7 @@ def test_a_model_dir_as_save_path_is_refused_and_left_as_it_was(tmp_path, base, 
     stopped = tmp_path / "stopped"  # the side files a start writes first: it may stop there (a full disk)
     stopped.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(hf / name, stopped / name)
+        shutil.copy(base / name, stopped / name)  # model_path's, copied
     load_config(write_config(tmp_path, base, save_path=str(stopped)))
     (stopped / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # a run, with an export the user put in it
     (stopped / "model.gguf").write_text("the user's")
@@ -139,6 +139,32 @@ def test_a_model_dir_as_save_path_is_refused_and_left_as_it_was(tmp_path, base, 
     (tmp_path / "link.json").symlink_to(stopped / "config.json")  # the same file by another name
     with pytest.raises(ConfigError, match="the config is save_path's config.json, which training replaces"):
         load_config(tmp_path / "link.json")
+
+
+def test_a_save_path_of_the_users_own_files_is_refused_and_left_as_it_was(tmp_path, base, capsys):
+    """save_path "." or a project dir: a start put model_path's config and tokenizer files there, overwriting the user's
+    config.json and deleting their LICENSE and vocab.txt (model_path has none), with one line said after the fact.
+    Files a start would only add to (the user's main.py) are no obstacle, nor model_path's own copies (a start that
+    stopped after its first writes), nor a run's save_path."""
+    project = tmp_path / "project"
+    project.mkdir()
+    mine = {"config.json": '{"editor": 1}', "LICENSE": "MIT", "vocab.txt": "x", "main.py": "code"}
+    for name, text in mine.items():
+        (project / name).write_text(text)
+    cfg = write_config(tmp_path, base, save_path=str(project))
+    assert train_ds.main(["--config", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"train_ds.py: error: {cfg}: save_path {project} holds config.json, vocab.txt, LICENSE and no training run: a "
+        "start puts model_path's config and tokenizer files there, replacing these (they are not model_path's) and "
+        "removing those model_path lacks; give a new or empty directory")
+    assert {f.name: f.read_text() for f in project.iterdir()} == mine  # nothing touched
+    for name in ("LICENSE", "vocab.txt"):
+        (project / name).unlink()
+    shutil.copy(base / "config.json", project / "config.json")  # model_path's own: a start replaces it with itself
+    load_config(cfg)
+    (project / "config.json").write_text('{"editor": 1}')
+    (project / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # a run's save_path: its files are the run's
+    load_config(cfg)
 
 
 RESUME_CASES = {  # name -> (files under save_path, config overrides, expected text)

@@ -28,13 +28,12 @@ from models.hf_io import CheckpointError  # noqa: E402
 from models.pipeline import ModelConfigError  # noqa: E402
 from training.checkpoint import TrainingStopped  # noqa: E402
 from training.config import ConfigError, load_config  # noqa: E402
+from training.config_file import script_parser  # noqa: E402
 from training.distributed import LAUNCH_VARS, LaunchError, launch_env, master_port_problem  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="JSON or YAML config (DeepSpeed keys + project keys)")
-    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    ap = script_parser(PROG, __doc__)
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:  # usage error (2) or --help (0): an exit code, as main's callers (a notebook) expect

@@ -60,13 +60,20 @@ def add_script_args(ap: argparse.ArgumentParser) -> None:
 
 
 def config_path(script_args: list[str]) -> Path:
-    """The --config value among the training script's arguments."""
-    for i, a in enumerate(script_args):
-        if a == "--config" and i + 1 < len(script_args):
-            return Path(script_args[i + 1])
-        if a.startswith("--config="):
-            return Path(a.split("=", 1)[1])
-    raise AcceleratorError("the training script needs --config CFG.json (the shim checks it before launching)")
+    """The --config the training script will take (its own parser reads `script_args`: the last --config, --conf);
+    AcceleratorError for arguments it would refuse (a launcher option put after the script), before the launch."""
+    from training.config_file import script_parser
+
+    try:
+        args, unknown = script_parser("train_ds.py", launcher=True).parse_known_args(script_args)
+    except argparse.ArgumentError as e:
+        raise AcceleratorError(f"the training script's arguments: {e}") from None
+    if unknown:
+        raise AcceleratorError(f"the training script's arguments {' '.join(unknown)} are not its own (train_ds.py takes "
+                               "--config CFG.json; this launcher's options go before the script)")
+    if not args.config:
+        raise AcceleratorError("the training script needs --config CFG.json (the shim checks it before launching)")
+    return Path(args.config)
 
 
 def read_config(path: Path) -> dict:

@@ -207,6 +207,24 @@ def test_trainium_bad_combinations_are_one_line(argv, over, message, dry, cfg, c
     assert "PIPEFT_ACCELERATOR" not in err  # the option the user typed is what is named
 
 
+@pytest.mark.parametrize("shim, first", [(gaudi, ["--world_size", "2"]), (trainium, ["--nproc_per_node", "2"])],
+                         ids=["gaudi", "trainium"])
+def test_the_shims_check_the_config_the_script_takes(shim, first, cfg, tmp_path, capsys):
+    """The shims checked the first --config where train_ds.py takes the last, refused the --conf it takes, and passed
+    a launcher option put after the script on to it (torchrun then died with a screen of traceback)."""
+    good, missing = cfg(), tmp_path / "missing.json"
+    for args, ok in (([good, missing], False), ([missing, good], True)):
+        argv = [*first, "--dry-run", "train_ds.py", *(x for path in args for x in ("--config", str(path)))]
+        code, out, err = dry_run(shim, argv, capsys)
+        assert (code == 0) == ok and (ok or f"{missing}: cannot read" in err), err
+    code, out, err = dry_run(shim, [*first, "--dry-run", "train_ds.py", "--conf", str(good)], capsys)
+    assert code == 0, err
+    code, out, err = dry_run(shim, [*first, "--dry-run", "train_ds.py", "--config", str(good), *first], capsys)
+    assert code == 2 and err.endswith(f"error: the training script's arguments {' '.join(first)} are not its own "
+                                      "(train_ds.py takes --config CFG.json; this launcher's options go before the "
+                                      "script)\n"), err
+
+
 @pytest.mark.parametrize("optimizer, said", [
     ({"type": "1bit_adam", "params": {"lr": 1e-4}}, "optimizer.type '1bit_adam': DeepSpeed's 1-bit optimizers are not "
                                                    "supported here"),

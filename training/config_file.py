@@ -4,12 +4,23 @@ are training.config's."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
 
 from pipeft import DuplicateKey, unique_keys
 from training.compat import YAML_SUFFIXES, parse_yaml
+
+
+def script_parser(prog: str, description: str | None = None, launcher: bool = False) -> argparse.ArgumentParser:
+    """train_ds.py's arguments. The launch shims (`launcher`: --config not required, errors raised, not exits) read
+    the --config it will take with this parser too: the last one given, an abbreviation such as --conf included."""
+    ap = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 exit_on_error=not launcher, add_help=not launcher)
+    ap.add_argument("--config", required=not launcher, help="JSON or YAML config (DeepSpeed keys + project keys)")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return ap
 
 
 class ConfigError(ValueError):

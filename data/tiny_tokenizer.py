@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--overwrite", action="store_true", help="replace the tokenizer files already in --save-path")
     args = ap.parse_args(argv)
     from models.hf_io import CheckpointError
-    from models.outdir import check_target
+    from models.outdir import atomic_output_dir, check_target
 
     try:
         check_target(Path(args.save_path), args.overwrite)
@@ -176,8 +176,11 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--data: {one_line(e)}")
     if args.data and not texts:  # (it trained on the built-in fallback text alone without a word)
         ap.error(f"--data {args.data}: no text in its records")
-    try:
-        tok = train_tiny_tokenizer(texts, args.save_path, args.vocab_size, args.kind, args.chat_template)
+    try:  # written beside --save-path, then renamed into place (with --overwrite the old dir goes whole: no stale file)
+        with atomic_output_dir(Path(args.save_path), args.overwrite) as tmp:
+            tok = train_tiny_tokenizer(texts, tmp, args.vocab_size, args.kind, args.chat_template)
+    except (CheckpointError, OSError) as e:
+        ap.error(f"--save-path {one_line(e)}")
     except RuntimeError as e:  # sentencepiece's trainer: a vocabulary below the characters of the text, or above what
         # the text yields ("INTERNAL: src/trainer_interface.cc(638) ... [check] Vocabulary size is smaller ...")
         ap.error(f"--vocab-size {args.vocab_size}: sentencepiece: {one_line(str(e).rsplit('] ', 1)[-1])}")

@@ -164,6 +164,23 @@ def test_make_sets_the_venv_up_again_for_another_torch(tmp_path):
     assert "torch==2.13.0 index-" in stamp and "secret" not in stamp
 
 
+def test_the_tiny_tokenizer_writes_its_dir_whole_or_not_at_all(tmp_path, capsys):
+    """It wrote into --save-path in place: an unwritable one was a FileNotFoundError traceback, and --overwrite of a
+    sentencepiece dir by a bpe one kept the old tokenizer.model, which `init` then copied into every model."""
+    from data import tiny_tokenizer
+
+    with pytest.raises(SystemExit) as e:
+        tiny_tokenizer.main(["--save-path", "/proc/pipeft-tok"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("python -m data.tiny_tokenizer: error: --save-path /proc/pipeft-tok:"), err
+    tok = tmp_path / "tok"
+    tiny_tokenizer.main(["--save-path", str(tok), "--kind", "sentencepiece", "--vocab-size", "400"])
+    assert (tok / "tokenizer.model").is_file()
+    tiny_tokenizer.main(["--save-path", str(tok), "--overwrite"])
+    assert sorted(f.name for f in tok.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["tok"]  # no temp dir left beside it
+
+
 def test_the_tiny_tokenizer_reads_its_data_as_data_path_is_read(tmp_path):
     """A .csv (or .parquet, .arrow) beside the .jsonl: it was skipped without a word (only *.json* files were read)."""
     from data.tiny_tokenizer import _texts_from_records

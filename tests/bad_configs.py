@@ -293,5 +293,8 @@ CASES = {  # name -> (config overrides, expected text)
     "save_path empty": ({"save_path": ""}, "'save_path' is empty (it would be the working directory); give a directory"),
     "data_cache_dir empty": ({"data_cache_dir": ""}, "'data_cache_dir' is empty (it would be the working directory)"),
     "save_path with ~": ({"save_path": "~/pipeft-out"}, "'save_path' ~/pipeft-out: a config's paths are not expanded "
-                         "as the shell expands '~' (it would be a directory named ~ here); give the full path ("),
+                         "as the shell expands '~' (it names a directory ~ here); give the full path ("),
+    "data_path with ~": ({"data_path": ["{tmp}/d.jsonl", "~nobody-such/d.jsonl"]}, "'data_path' ~nobody-such/d.jsonl: a "
+                         "config's paths are not expanded as the shell expands '~' (it names a directory ~nobody-such "
+                         "here); give the full path"),
 }

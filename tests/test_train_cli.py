@@ -156,13 +156,21 @@ def test_a_save_path_of_the_users_own_files_is_refused_and_left_as_it_was(tmp_pa
     assert capsys.readouterr().err.strip() == (
         f"train_ds.py: error: {cfg}: save_path {project} holds config.json, vocab.txt, LICENSE and no training run: a "
         "start puts model_path's config and tokenizer files there, replacing these (they are not model_path's) and "
-        "removing those model_path lacks; give a new or empty directory")
+        "removing those model_path lacks; give a new or empty directory (or delete them, if a start stopped before its "
+        "first step left them)")
     assert {f.name: f.read_text() for f in project.iterdir()} == mine  # nothing touched
     for name in ("LICENSE", "vocab.txt"):
         (project / name).unlink()
     shutil.copy(base / "config.json", project / "config.json")  # model_path's own: a start replaces it with itself
     load_config(cfg)
+    (project / "config.json").unlink()
+    (project / "config.json").symlink_to(base / "config.json")  # a link to it: the same
+    load_config(cfg)
+    (project / "config.json").unlink()
     (project / "config.json").write_text('{"editor": 1}')
+    (project / "data_settings.json").write_text("{}")  # an export's file too: no sign of a run
+    with pytest.raises(ConfigError, match="holds config.json, data_settings.json and no training run"):
+        load_config(cfg)
     (project / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # a run's save_path: its files are the run's
     load_config(cfg)
 

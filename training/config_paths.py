@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data.records import DataError, resolve_files
-from data.settings import DATA_SETTINGS_FILE
 from models.hf_io import LAYER_FILE, LAYER_GLOB, SIDE_FILES, TOKENIZER_DIRS
 from models.outdir import RUN_TAG, run_marks, run_tags
 from pipeft import command
@@ -48,9 +47,13 @@ def check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
     for key in ("model_path", "save_path", "data_cache_dir"):  # "" is the working directory, as Path reads it
         if isinstance(getattr(cfg, key), str) and not getattr(cfg, key).strip():
             raise ConfigError(f"{path}: '{key}' is empty (it would be the working directory); give a directory")
-        if isinstance(value := getattr(cfg, key), str) and value.startswith("~"):  # a dir named ~ would be made
+    for key in ("model_path", "save_path", "data_cache_dir", "data_path", "eval_data_path"):
+        values = getattr(cfg, key) if isinstance(getattr(cfg, key), list) else [getattr(cfg, key)]
+        for value in (v for v in values if isinstance(v, str) and v.startswith("~")):  # a dir named ~ would be made
+            full = os.path.expanduser(value)
             raise ConfigError(f"{path}: '{key}' {value}: a config's paths are not expanded as the shell expands '~' "
-                              f"(it would be a directory named ~ here); give the full path ({os.path.expanduser(value)}?)")
+                              f"(it names a directory {value.split(os.sep)[0]} here); give the full path"
+                              + (f" ({full}?)" if full != value else ""))
     if cfg.data_cache_dir is not None and (file := _file_at_or_above(Path(cfg.data_cache_dir))):
         raise ConfigError(f"{path}: data_cache_dir {cfg.data_cache_dir}: {file} is a file, not a directory")
     model = Path(cfg.model_path)
@@ -80,7 +83,7 @@ def check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
         raise ConfigError(f"{path}: save_path {save} holds {', '.join(found[:3])}{', ...' * (len(found) > 3)} and no "
                           "training run: a start puts model_path's config and tokenizer files there, replacing these "
                           "(they are not model_path's) and removing those model_path lacks; give a new or empty "
-                          "directory")
+                          "directory (or delete them, if a start stopped before its first step left them)")
     if file := _file_at_or_above(save):
         raise ConfigError(f"{path}: save_path {save} is under {file}, which is a file, not a directory")
     parent = save if save.exists() else next((p for p in save.parents if p.exists()), Path("/"))
@@ -160,16 +163,15 @@ def _files_a_start_would_replace(save: Path, model: Path) -> list[str]:
     """The side files (SIDE_FILES, TOKENIZER_DIRS) in a save_path that holds no run which are not copies of
     model_path's: a start replaces save_path's side files with model_path's and removes those model_path lacks, so
     these, the user's (a project dir's config.json or LICENSE), would be lost. A start stopped after its first writes
-    left copies: those are not named. [] for a run's save_path (its data_settings.json is a run's too) or a new one."""
-    if not save.is_dir() or run_marks(save) or (save / JOB_FILE).exists() or (save / DATA_SETTINGS_FILE).exists():
+    left copies: those are not named. [] for a run's save_path (its metrics.jsonl is written right after the side
+    files) or a new one."""
+    if not save.is_dir() or run_marks(save) or (save / JOB_FILE).exists():
         return []
     return [n for n in (*SIDE_FILES, *TOKENIZER_DIRS) if os.path.lexists(save / n) and not _same(save / n, model / n)]
 
 
 def _same(a: Path, b: Path) -> bool:
-    """Whether `a` holds what `b` does: files of the same bytes, or directories of such files (not links)."""
-    if a.is_symlink() or b.is_symlink():
-        return False
+    """Whether `a` holds what `b` does: files of the same bytes, or directories of such files (links followed)."""
     if a.is_dir() and b.is_dir():
         names = sorted(p.relative_to(a) for p in a.rglob("*"))
         return names == sorted(p.relative_to(b) for p in b.rglob("*")) and all(

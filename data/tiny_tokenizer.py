@@ -157,15 +157,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocab-size", type=int, default=512)
     ap.add_argument("--kind", choices=KINDS, default="bpe")
     ap.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATES), default=None)
-    ap.add_argument("--overwrite", action="store_true", help="replace the tokenizer files already in --save-path")
+    ap.add_argument("--overwrite", action="store_true", help="replace a tokenizer dir at --save-path (whole: a dir "
+                    "holding anything but tokenizer files is refused)")
     args = ap.parse_args(argv)
-    from models.hf_io import CheckpointError
+    from models.hf_io import TOKENIZER_DIRS, TOKENIZER_FILES, CheckpointError
     from models.outdir import atomic_output_dir, check_target
 
     try:
         check_target(Path(args.save_path), args.overwrite)
     except CheckpointError as e:
         ap.error(f"--save-path {e}")
+    save = Path(args.save_path)
+    if args.overwrite and save.is_dir() and (other := sorted(
+            p.name for p in save.iterdir() if p.name not in (*TOKENIZER_FILES, *TOKENIZER_DIRS))):
+        ap.error(f"--save-path {save} holds {', '.join(other[:3])}{', ...' * (len(other) > 3)}, not only a tokenizer's "
+                 "files: --overwrite replaces the dir whole and would delete them; give a tokenizer's own directory")
     least = {"bpe": 256 + len(SPECIALS), "llama3": 256 + len(LLAMA3_SPECIALS)}.get(args.kind, 1)
     if args.vocab_size < least:  # (a byte-level vocabulary below it was its 256 bytes and specials, not the size asked)
         ap.error(f"--vocab-size {args.vocab_size}: a {args.kind} tokenizer has at least {least} tokens"

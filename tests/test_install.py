@@ -179,6 +179,13 @@ def test_the_tiny_tokenizer_writes_its_dir_whole_or_not_at_all(tmp_path, capsys)
     tiny_tokenizer.main(["--save-path", str(tok), "--overwrite"])
     assert sorted(f.name for f in tok.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     assert sorted(f.name for f in tmp_path.iterdir()) == ["tok"]  # no temp dir left beside it
+    (tok / "config.json").write_text("{}")  # a model's dir, not a tokenizer's: --overwrite would delete it whole
+    with pytest.raises(SystemExit) as e:
+        tiny_tokenizer.main(["--save-path", str(tok), "--overwrite"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"--save-path {tok} holds config.json, not only a tokenizer's files: --overwrite replaces the dir whole and "
+        "would delete them; give a tokenizer's own directory")
+    assert (tok / "config.json").read_text() == "{}"
 
 
 def test_the_tiny_tokenizer_reads_its_data_as_data_path_is_read(tmp_path):

@@ -292,6 +292,9 @@ CASES = {  # name -> (config overrides, expected text)
                                  "attribute 'get' (in 'data_types')"),
     "save_path empty": ({"save_path": ""}, "'save_path' is empty (it would be the working directory); give a directory"),
     "data_cache_dir empty": ({"data_cache_dir": ""}, "'data_cache_dir' is empty (it would be the working directory)"),
+    "a model's config.json": ({"model_type": "llama", "hidden_size": 64, "model_path": None, "data_path": None,
+                               "save_path": None}, "a model's config.json (model_type 'llama'), not a training config: "
+                               "name its directory as model_path in a training config"),
     "save_path with ~": ({"save_path": "~/pipeft-out"}, "'save_path' ~/pipeft-out: a config's paths are not expanded "
                          "as the shell expands '~' (it names a directory ~ here); give the full path ("),
     "data_path with ~": ({"data_path": ["{tmp}/d.jsonl", "~nobody-such/d.jsonl"]}, "'data_path' ~nobody-such/d.jsonl: a "

@@ -163,6 +163,10 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
         mapped, notes = map_gdgpt_keys(raw, path)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if (isinstance(raw.get("model_type"), str) and any(k in raw for k in ("architectures", "hidden_size", "vocab_size"))
+            and not any(k in raw for k in ("model_path", "data_path"))):  # (its keys were "unknown key 'architectures'")
+        raise ConfigError(f"{path}: a model's config.json (model_type {raw['model_type']!r}), not a training config: "
+                          f"name its directory as model_path in a training config (e.g. configs/quickstart.json)")
     ours, ds = {}, {}
     for key, value in mapped.items():
         if key in PROJECT_KEYS:

@@ -101,15 +101,15 @@ def record_number(data_path: Any, place: str) -> int:
     """The number of the record at `place` (FILE:LINE where it starts, or FILE:1 (record K) in a one-line .json array);
     ValueError (a one-line reason) where no record of the data starts there, or several do."""
     name, at = PLACE.fullmatch(place).group("file", "at")
-    line, _, rest = at.partition(" ")
-    at = f"{int(line)} {rest}".rstrip()  # FILE:02 is line 2
+    number, _, rest = at.partition(" ")
+    line = int(number)
+    at = f"{line} {rest}".rstrip()  # FILE:02 is line 2
     files = resolve_files(data_path)
     found = [f for f in files if f.resolve() == Path(name).resolve()]
     if not found:
         raise ValueError(f"--index {place}: {name} is not one of the data files of data_path ({len(files)} file"
                          f"{'s' * (len(files) != 1)}: {', '.join(map(str, files[:3]))}{', ...' * (len(files) > 3)})")
-    starts = [str(line) for line in _starts(found[0])]
-    line = int(line)
+    starts = [str(start) for start in _starts(found[0])]
     if at not in starts:
         shared = [s for s in starts if int(s.split()[0]) == line]
         before = [s for s in starts if int(s.split()[0]) < line]

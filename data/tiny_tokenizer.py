@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.data and not texts:  # (it trained on the built-in fallback text alone without a word)
         ap.error(f"--data {args.data}: no text in its records")
     try:  # written beside --save-path, then renamed into place (with --overwrite the old dir goes whole: no stale file)
-        with atomic_output_dir(Path(args.save_path), args.overwrite) as tmp:
+        with atomic_output_dir(save, args.overwrite) as tmp:
             tok = train_tiny_tokenizer(texts, tmp, args.vocab_size, args.kind, args.chat_template)
     except (CheckpointError, OSError) as e:
         ap.error(f"--save-path {one_line(e)}")

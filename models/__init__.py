@@ -18,8 +18,8 @@ for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
 
 from . import bloom, llama, mistral, qwen2  # noqa: E402, F401  (register the families)
 from .family import FAMILIES, ModelFamily, get_family  # noqa: E402
+from .hf_io import LAYER_FILE  # noqa: E402
 from .pipeline import (  # noqa: E402
-    LAYER_FILE,
     ModelConfigError,
     PipelineModel,
     SequentialModel,

@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeft import one_line
 
-from .hf_io import LAYER_FILE, CheckpointError  # noqa: F401 (LAYER_FILE: also imported from here)
+from .hf_io import LAYER_FILE, CheckpointError
 
 IGNORE_INDEX = -100
 

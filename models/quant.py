@@ -23,7 +23,8 @@ from torch import nn
 from pipeft import one_line
 
 from .family import ModelFamily
-from .pipeline import LAYER_FILE, layer_file_problem
+from .hf_io import LAYER_FILE
+from .pipeline import layer_file_problem
 
 BNB_PACKAGE, BNB_MIN = "bitsandbytes", (0, 46)
 QUANT_TYPES = ("nf4", "fp4")

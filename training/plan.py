@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise PlanError(str(e)) from None
         family, config = load_model(args.model_config, args.model_path)
+        lora_r = 16 if args.lora_r is None else args.lora_r
         if (args.lora or args.quantization) and family.num_blocks(config) == 0:
             from models.lora import NO_BLOCKS
 
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             from models.lora import parse_lora
 
             try:
-                parse_lora({"r": 16 if args.lora_r is None else args.lora_r}, family, config)
+                parse_lora({"r": lora_r}, family, config)
             except ValueError as e:
                 raise PlanError(f"--lora-r: {e}" if args.lora_r is not None else
                                 f"the default LoRA rank 16 is above the model's hidden_size {config.hidden_size}: "
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{module_command('training.plan')}: error: {e}", file=sys.stderr)
         return 2
     ans = plan(family, config, args.gpus, memory, args.max_seq_len, args.precision, args.lora, args.quantization,
-               args.global_batch_tokens, 16 if args.lora_r is None else args.lora_r, args.double_quant,
+               args.global_batch_tokens, lora_r, args.double_quant,
                progress=lambda line: print(f"{module_command('training.plan')}: {line}", file=sys.stderr, flush=True))
     if args.json:
         best = ans["best"]

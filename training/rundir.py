@@ -19,8 +19,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from data.settings import DATA_SETTINGS_FILE, data_settings_of, write_data_settings
 from models.diskspace import tree_size, write_problem
-from models.hf_io import replace_side_files
-from models.pipeline import LAYER_FILE
+from models.hf_io import LAYER_FILE, replace_side_files
 from pipeft import one_line
 from training.checkpoint import RNG_FILE, RunState, TrainingStopped, set_rng_state
 from training.compat import BATCH_KEYS

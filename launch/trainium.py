@@ -89,6 +89,11 @@ def build(args: argparse.Namespace) -> Launch:
         if not 0 <= args.node_rank < args.nnodes:
             raise AcceleratorError(f"--node_rank {args.node_rank} is outside 0..{args.nnodes - 1}")
         cmd += ["--node_rank", str(args.node_rank), "--master_addr", args.master_addr]
+    elif args.node_rank not in (None, 0) or args.master_addr is not None:  # a forgotten --nnodes: each node alone
+        given = " ".join(f"--{k} {v}" for k, v in (("node_rank", args.node_rank), ("master_addr", args.master_addr))
+                         if v is not None)
+        raise AcceleratorError(f"{given} without --nnodes: this launch would be one node on its own; pass --nnodes "
+                               "(the number of nodes) too")
     cmd += ["--master_port", str(args.master_port), args.script, *args.script_args]
     world = args.nproc_per_node * args.nnodes
     path = config_path(args.script_args)

@@ -36,6 +36,7 @@ from .hf_io import (
     load_tokenizer,
     load_torch_file,
     no_dir_error,
+    pipeline_dir_problem,
     read_json,
     resolve_hf_dir,
 )
@@ -169,6 +170,8 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, dtype: str | None = 
     src, dst = resolve_hf_dir(input_path), Path(save_path)
     if src != Path(input_path):
         log(f"{input_path}: the Hugging Face cache's snapshot {src}")
+    if not (src / "config.json").is_file() and (problem := pipeline_dir_problem(src)):  # a checkpoint's tag dir
+        raise CheckpointError(problem)
     family, config = family_of(src)
     prepare_target(dst, overwrite, [src], say=log)
     if getattr(config, "auto_map", None):

@@ -215,6 +215,13 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+def pipeline_dir_problem(directory: Path) -> str | None:
+    """The line for a pipeline dir, a run's save_path or one of its checkpoints given where an HF model belongs."""
+    if (directory / LAYER_FILE.format(0)).is_file() or (directory / "latest").is_file():
+        return f"{directory}: a pipeline dir (layer files), not an HF model: use pp_to_hg to convert it"
+    return None
+
+
 class HFCheckpoint:
     """The tensors of an HF model directory, by key, read lazily."""
 
@@ -246,8 +253,8 @@ class HFCheckpoint:
 
     def _no_weights(self) -> str:
         """Why the dir has no weights to convert, in one line."""
-        if (self.dir / LAYER_FILE.format(0)).is_file() or (self.dir / "latest").is_file():
-            return f"{self.dir}: a pipeline dir (layer files), not an HF model: use pp_to_hg to convert it"
+        if problem := pipeline_dir_problem(self.dir):
+            return problem
         for shards, index in (("model-*.safetensors", INDEX_FILES[0]), ("pytorch_model-*.bin", INDEX_FILES[1])):
             if found := sorted(self.dir.glob(shards)):
                 return (f"{self.dir / index}: missing (it names the tensors of each shard, {found[0].name} ...); "

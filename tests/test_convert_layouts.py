@@ -115,6 +115,11 @@ def _pipeline_dir(d, sd):
     torch.save({"weight": sd[EMBED]}, d / "layer_00-model_states.pt")
 
 
+def _checkpoint_tag_dir(d, sd):  # SAVE_PATH/global_stepN: layer files, no config.json (it is in SAVE_PATH)
+    (d / "config.json").unlink()
+    _pipeline_dir(d, sd)
+
+
 def _bin_shards_without_index(d, sd):
     _shards(d, sd, "pytorch_model-0000{i}-of-00002.bin", None)
 
@@ -131,6 +136,7 @@ BAD_LAYOUTS = {  # case -> (layout, the message after the path named)
     "a quantised checkpoint": (_quantised, "config.json: a quantised checkpoint (quantization_config, quant_method "
                                            "bitsandbytes); convert an unquantised (fp16/bf16/fp32) checkpoint"),
     "a pipeline dir": (_pipeline_dir, ": a pipeline dir (layer files), not an HF model: use pp_to_hg"),
+    "a checkpoint's tag dir": (_checkpoint_tag_dir, ": a pipeline dir (layer files), not an HF model: use pp_to_hg"),
     ".bin shards without their index": (_bin_shards_without_index, "pytorch_model.bin.index.json: missing (it names "
                                                                     "the tensors of each shard, pytorch_model-00001-of"),
 }

@@ -184,6 +184,9 @@ def test_trainium_passes_a_shutdown_timeout_as_torchrun_reads_it(cfg, capsys, mo
 @pytest.mark.parametrize("argv, over, message", [
     (["--nproc_per_node", "4"], {}, "dims [2, 1] needs 2 processes, this launch starts 4 (--nproc_per_node 4 x --nnodes 1)"),
     (["--nproc_per_node", "1", "--nnodes", "2"], {}, "--nnodes 2 needs --master_addr"),
+    (["--nproc_per_node", "2", "--node_rank", "1"], {}, "--node_rank 1 without --nnodes: this launch would be one "
+                                                       "node on its own; pass --nnodes"),
+    (["--nproc_per_node", "2", "--master_addr", "n0"], {}, "--master_addr n0 without --nnodes"),
     (["--nproc_per_node", "2"], {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, "needs \"torch_adam\": true"),
     (["--nproc_per_node", "2"], {"optimizer": {"type": "Lamb", "params": {"lr": 1e-4}}}, "optimizer Lamb is a DeepSpeed "
                                                                                         "compiled op with no Neuron build"),

@@ -131,7 +131,7 @@ class ModelFamily:
 
 
 POSITIVE_SIZES = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-                  "vocab_size", "max_position_embeddings")  # at least 1 where set (num_hidden_layers: 0 or more)
+                  "vocab_size", "max_position_embeddings", "sliding_window")  # >= 1 where set (num_hidden_layers: >= 0)
 ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
                 "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "partial_rotary_factor")
 

@@ -174,7 +174,11 @@ def test_one_size_parser_for_every_option(text, bare, size):
     ({"model_type": "bloom", "hidden_size": 64, "n_layer": 2, "n_head": 0}, "num_attention_heads must be >= 1, got 0"),
     ({**LLAMA2_7B, "num_hidden_layers": -1}, "num_hidden_layers must be >= 0, got -1"),  # was planned
     ({**LLAMA2_7B, "max_position_embeddings": -1}, "max_position_embeddings must be >= 1, got -1"),  # planned -1 tokens
-], ids=["type", "heads", "list", "kv-heads", "no-width", "bloom-no-heads", "negative-layers", "negative-positions"])
+    ({**LLAMA2_7B, "model_type": "mistral", "sliding_window": 0}, "sliding_window must be >= 1, got 0"),  # "covers 0"
+    ({**LLAMA2_7B, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": -5},
+     "sliding_window must be >= 1, got -5"),  # training then said "use max_seq_len <= -5"
+], ids=["type", "heads", "list", "kv-heads", "no-width", "bloom-no-heads", "negative-layers", "negative-positions",
+        "no-window", "negative-window"])
 @pytest.mark.parametrize("option", ["--model-config", "--model-path"])
 def test_a_config_transformers_rejects_is_one_line_naming_the_file(raw, text, option, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(raw))

@@ -20,6 +20,7 @@ from tests.helpers import run_deepspeed, sequential_from_hf, tiny_config
 from training.batches import BatchPlan, step_micro_batches
 from training.config import ConfigError, load_config
 from training.optim import hf_param_name, no_decay_patterns, param_groups
+from training.schedule import parse_lr_schedule
 
 # gdGPT's configs/ds_config_pp.yml with paths and sizes edited (2 stages, 4 samples a step, fp16 off: CPU)
 GDGPT_YAML = """\
@@ -172,6 +173,20 @@ def test_gdgpt_config_errors_are_one_line(configs, case):
     with pytest.raises(ConfigError) as e:
         load_config(yml, world_size=2)
     assert str(e.value).startswith(str(yml)) and expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_whole_counts_written_as_floats_are_counts(configs):
+    """YAML reads 1e4 as 10000.0: the scheduler's step counts took it, the project's counts said "must be int"."""
+    yml = configs[0]
+    yml.write_text(yml.read_text() + "max_steps: 1e4\nsave_interval: 100.0\n")
+    cfg = load_config(yml, world_size=2)
+    assert (cfg.max_steps, cfg.save_interval) == (10000, 100)
+    assert type(cfg.max_steps) is type(cfg.save_interval) is int
+    warmup = parse_lr_schedule({"warmup_steps": 10.0}).warmup_steps  # (YAML's 1e1 in the project's own schedule)
+    assert warmup == 10 and type(warmup) is int
+    yml.write_text(yml.read_text().replace("save_interval: 100.0", "save_interval: 2.5"))
+    with pytest.raises(ConfigError, match="'save_interval' must be int or null, got 2.5$"):
+        load_config(yml, world_size=2)
 
 
 def test_a_yaml_config_named_json_gets_a_hint(configs):

@@ -182,6 +182,8 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
         if key not in ours:
             raise ConfigError(f"{path}: missing required key '{key}'")
     for key, value in ours.items():
+        if isinstance(value, float) and value.is_integer() and float not in _TYPES[key] and int in _TYPES[key]:
+            value = ours[key] = int(value)  # a whole count written as a float (YAML's 1e4 for max_steps: 10000.0)
         if not isinstance(value, _TYPES[key]) or (isinstance(value, bool) and bool not in _TYPES[key]):
             want = " or ".join("null" if t is type(None) else t.__name__ for t in _TYPES[key])
             raise ConfigError(f"{path}: '{key}' must be {want}, got {json.dumps(value)}")

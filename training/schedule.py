@@ -76,6 +76,8 @@ def parse_lr_schedule(section: dict) -> LrSchedule:
 
     def number(key: str, integer: bool = False) -> float:
         v = section[key]
+        if integer and isinstance(v, float) and v.is_integer():  # YAML's 1e2: a whole count, as the top-level keys
+            v = int(v)
         if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
             raise ValueError(f"lr_schedule.{key} must be {'an integer' if integer else 'a number'}, got {json.dumps(v)}")
         return v

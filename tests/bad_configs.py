@@ -90,6 +90,9 @@ CASES = {  # name -> (config overrides, expected text)
     "eval data missing": ({"eval_data_path": "/nonexistent/eval.jsonl"}, "'eval_data_path': /nonexistent/eval.jsonl:0: file not found"),
     "eval data none": ({"eval_data_path": []}, "'eval_data_path': eval_data_path:0: no data files given"),  # data_path:0
     "save_interval": ({"save_interval": 0}, "'save_interval' must be >= 1, got 0"),
+    "tensor parallel": ({"tensor_parallel": {"autotp_size": 2}}, "'tensor_parallel': DeepSpeed's tensor parallelism "
+                        "(AutoTP) is not supported here; a model is split into pipeline stages and data-parallel "
+                        "replicas (model_topo)"),  # was "unknown key 'tensor_parallel'; did you mean 'tensorboard'?"
     "max_bad_steps": ({"max_bad_steps": 2.5}, "'max_bad_steps' must be int, got 2.5"),
     "fp16 on cpu": ({"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}},
                     "'fp16' is not supported on this device (cpu) (use bf16 or fp32)"),

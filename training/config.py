@@ -62,6 +62,10 @@ DEEPSPEED_KEYS = frozenset({
     "compile", "weight_quantization", "hybrid_engine", "nebula", "eigenvalue", "progressive_layer_drop", "log_level",
     "disable_python_gc", "managed_gradient_accumulation", "vocabulary_size",
 })
+# DeepSpeed's top-level keys for the parallelisms this pipeline does not combine with (its engine is DeepSpeed's
+# PipelineEngine over model_topo's pipe x data grid)
+DEEPSPEED_UNSUPPORTED = {"tensor_parallel": "tensor parallelism (AutoTP)", "expert_parallel": "expert parallelism (MoE)",
+                         "sequence_parallel_size": "sequence parallelism (Ulysses)"}
 
 
 @dataclass
@@ -173,6 +177,9 @@ def load_config(path: str | Path, world_size: int | None = None, require_model: 
             ours[key] = value
         elif key in DEEPSPEED_KEYS:
             ds[key] = value
+        elif key in DEEPSPEED_UNSUPPORTED:
+            raise ConfigError(f"{path}: '{key}': DeepSpeed's {DEEPSPEED_UNSUPPORTED[key]} is not supported here; a "
+                              "model is split into pipeline stages and data-parallel replicas (model_topo)")
         else:
             close = difflib.get_close_matches(key, [*PROJECT_KEYS, *DEEPSPEED_KEYS], n=1, cutoff=0.6)
             hint = (f"; here it is '{OTHER_TOOLS_KEYS[key]}'" if key in OTHER_TOOLS_KEYS else

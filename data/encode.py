@@ -230,8 +230,15 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+WORKER_IGNORED = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, name)]
+
+
 def _init_pool_worker(parent: int, *args: Any) -> None:
     _die_with_parent(parent)
+    # a Ctrl-C (to the terminal's whole process group) or a stop signal to every process (SLURM's preemption) is the
+    # parent's to act on: it cancels the ranges not started; a worker it ended was "a tokenization process died"
+    for sig in WORKER_IGNORED:
+        signal.signal(sig, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism: no tokenizer threads per worker
     _init_worker(*args)
 
@@ -353,8 +360,12 @@ def encode_records(records: Sequence[Record], tokenizer: Any, max_seq_len: int,
         try:  # a worker that dies (out of memory) breaks the executor: an error, where a Pool waited forever
             parent = os.getpid()  # the workers' parent, checked by each (_die_with_parent)
             with ProcessPoolExecutor(num_proc, mp.get_context(method), _init_pool_worker, (parent, *init)) as pool:
-                if any(enough(part, r) for part, r in zip(pool.map(_encode_range, ranges), ranges, strict=True)):
-                    pool.shutdown(cancel_futures=True)  # the ranges not started yet never are
+                try:
+                    if any(enough(part, r) for part, r in zip(pool.map(_encode_range, ranges), ranges, strict=True)):
+                        pool.shutdown(cancel_futures=True)  # the ranges not started yet never are
+                except BaseException:  # a Ctrl-C or a stop signal's exception: the pool's exit would encode every
+                    pool.shutdown(cancel_futures=True)  # range left; the ranges running now finish, no other starts
+                    raise
         except BrokenProcessPool:
             raise DataError([f"{records[0].source}:0: a tokenization process died (killed for lack of memory?) while "
                              f"{num_proc} processes encoded {len(records)} records: give the job more memory, or "

@@ -337,6 +337,9 @@ def _inspect(argv: list[str] | None) -> int:
         for line in str(e).splitlines():  # each problem found (a DataError's FILE:LINE lines), as train_ds.py says them
             print(f"{PROG}: error: {line}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a cold start tokenizes for minutes (its workers leave it to this process)
+        print(f"{PROG}: interrupted: the data cache is as it was (a cache file is written whole)", file=sys.stderr)
+        return 130
     if args.stats:
         stats = dataset_stats(ds, cfg.max_seq_len, packed, cfg.split_long_pretrain)
         stats["held_out"] = 0 if held is None else len(held)

@@ -6,10 +6,12 @@ Chat-template mode and the label options: test_data_chat.py; malformed input: te
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -248,6 +250,49 @@ def test_a_tokenization_process_that_dies_is_an_error_not_a_hang(tok, monkeypatc
     with pytest.raises(DataError, match=r":0: a tokenization process died \(killed for lack of memory\?\) while 2 "
                        rf"processes encoded {len(records)} records"):
         encode_records(records, tok, 96, num_proc=2)
+
+
+def _signalled_at_each_range(bounds):
+    """What a Ctrl-C (the terminal's whole process group) or SLURM's preemption (every process) does to a worker."""
+    for sig in encode_module.WORKER_IGNORED:
+        os.kill(os.getpid(), sig)
+    return _ENCODE_RANGE(bounds)
+
+
+def test_stop_signals_to_the_workers_are_the_parents_to_act_on(tok, monkeypatch):
+    """A worker ended by the signal was "a tokenization process died (killed for lack of memory?)": the parent (the
+    trainer, data.inspect) acts on it."""
+    records = load_records(str(SAMPLES))
+    one = encode_records(records, tok, 96, num_proc=1)
+    monkeypatch.setattr(encode_module, "_encode_range", _signalled_at_each_range)
+    two = encode_records(records, tok, 96, num_proc=2)
+    assert len(one) == len(two) and (one.input_ids == two.input_ids).all()
+
+
+def _slow_range(bounds):
+    """One range encoded, named in the file of PIPEFT_TEST_RANGES."""
+    with open(os.environ["PIPEFT_TEST_RANGES"], "a") as f:
+        f.write(f"{bounds}\n")
+    time.sleep(0.2)
+    return _ENCODE_RANGE(bounds)
+
+
+def test_an_interrupted_tokenization_ends_at_once(tok, monkeypatch, tmp_path):
+    """A Ctrl-C (or a stop signal's exception) in the parent while the pool encodes: the pool's exit waited for every
+    range left (minutes on a large data set, past a launcher's 30 s before its SIGKILL); only those running finish."""
+    records = load_records(str(SAMPLES))
+    monkeypatch.setenv("PIPEFT_TEST_RANGES", str(tmp_path / "ranges"))
+    monkeypatch.setattr(encode_module, "_encode_range", _slow_range)
+
+    def interrupted(self, part, bounds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(encode_module._Progress, "done", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        encode_records(records, tok, 96, num_proc=2)
+    ranges = -(-len(records) // min(encode_module.MAX_RANGE, -(-len(records) // 16)))
+    assert ranges >= 12 and len((tmp_path / "ranges").read_text().splitlines()) <= 6  # (2 running, 3 queued, 1 more)
+    assert not multiprocessing.active_children()
 
 
 def test_long_tokenization_says_what_it_does(tok, monkeypatch, caplog):

@@ -65,6 +65,20 @@ def test_inspect_counts_what_the_loss_counts_without_a_bos(tokenizer_dir, tmp_pa
     assert json.loads(capsys.readouterr().out) == ds[sample]
 
 
+def test_a_ctrl_c_while_tokenizing_is_one_line(tokenizer_dir, tmp_path, capsys, monkeypatch):
+    """A cold --stats of a large data set tokenizes for minutes: a Ctrl-C then was a 34-line traceback."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "The quick brown fox."}) + "\n")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_inspect, "load_dataset", interrupted)
+    assert data_inspect.main([*config(tmp_path, tokenizer_dir, data), "--stats"]) == 130
+    assert capsys.readouterr().err == "python -m data.inspect: interrupted: the data cache is as it was (a cache file " \
+        "is written whole)\n"
+
+
 def test_inspect_says_where_every_chunk_of_a_split_record_is(tokenizer_dir, tokenizer, tmp_path, capsys):
     """split_long_pretrain cuts a long pretrain record into chunks packed into several sequences: --index showed the
     sequence of its first chunk only, and did not say there were others."""

@@ -198,6 +198,26 @@ def test_sigterm_during_set_up_exits_without_a_step_or_a_save(tmp_path, ops_mode
     assert not list((tmp_path / "out").glob("*global_step*")) and not losses_of(tmp_path / "out")
 
 
+def test_a_stop_signal_while_the_data_are_tokenized_ends_every_rank_at_once(tmp_path, ops_model):
+    """Tokenizing a large data set takes minutes on the node's first reading rank: a SIGTERM there was noted for the
+    first step and the tokenization went on, until the deepspeed launcher's SIGKILL 30 s after its SIGTERM, while the
+    other rank said "another process of this run has ended" (a Ctrl-C alike). Now the tokenizing rank stops at once
+    and tells the others, which were waiting for its data; all exit 0, with nothing saved."""
+    cfg = ops_config(tmp_path, ops_model)
+    paused = tmp_path / "paused"
+    paused.mkdir()
+    proc = start_deepspeed("train_ds.py", ["--config", str(cfg)],
+                           env={"PIPEFT_FAULT_PAUSE": "data:0:300", "PIPEFT_FAULT_PAUSED": str(paused)})
+    wait_for(lambda: (paused / "data-0-rank0").exists(), proc)  # rank 0 "tokenizes", rank 1 waits for it
+    [builder] = [w for w in workers_of(proc) if w.environ().get("RANK") == "0"]
+    builder.send_signal(signal.SIGTERM)
+    _, out = finish_deepspeed(proc, expect=0, timeout=120)  # (not the 300 s pause)
+    assert "received SIGTERM during set-up, while the data were tokenized: exiting with nothing new to save (resume " \
+           "with the same command)" in out, out[-3000:]
+    assert "another process of this run has ended" not in out, out[-3000:]
+    assert not list((tmp_path / "out").glob("*global_step*")) and not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_while_the_records_are_checked_ends_every_rank_at_once(tmp_path, ops_model, sig):
     """Ranks started without a launcher that stops the others (srun's tasks: RANK, WORLD_SIZE by hand): local rank 0

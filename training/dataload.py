@@ -4,6 +4,9 @@ middle stages given the rows' lengths, and the steps' batches planned. A mixin o
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +24,19 @@ from training.evaluate import EvalPlan, training_and_eval_rows
 from training.rundir import data_fingerprint
 
 
+class _StopNow(BaseException):
+    """Raised by a stop signal's handler while this rank tokenizes (`_stops_at_once`)."""
+
+
+class StoppedInSetUp(Exception):
+    """A stop signal reached a rank while it tokenized: every rank ends before training, with nothing to save."""
+
+
 class TrainingData:
     """Validation, loading and sharing of the training and eval data (needs the Trainer's cfg, ranks and groups)."""
+
+    stops: tuple = ()  # the signals that stop the run (set by setup)
+    stop_signal: str | None = None  # the one received
 
     # validate_data's (files, records) by position in (data_path, eval_data_path): the node's builder encodes them
     _validated: dict[int, list] | None = None  # data set -> [files, records] (load_dataset's `validated`)
@@ -76,6 +90,23 @@ class TrainingData:
         self.eval_plan = EvalPlan(self.eval_set, cfg.micro_batch, cfg.grad_accum, self.dp_size,
                                   cfg.pad_to_multiple_of, cfg.max_seq_len) if self.eval_set else None
 
+    @contextlib.contextmanager
+    def _stops_at_once(self) -> Iterator[None]:
+        """Within it a stop signal ends the work at once (`_StopNow`): tokenizing a large data set takes minutes,
+        where the run's handler would only note the signal for the first step (a launcher's SIGKILL comes first)."""
+        def stop(signum, frame) -> None:  # noqa: ARG001
+            self.stop_signal = signal.Signals(signum).name
+            raise _StopNow
+
+        before = {sig: signal.signal(sig, stop) for sig in self.stops}
+        try:
+            if self.stop_signal is not None:  # one received before
+                raise _StopNow
+            yield
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+
     def _load_datasets(self):
         """(train, eval or None) on the ranks that read data (first and last pipeline stage); (None, None) on the
         others, which get the rows' lengths from `_share_rows`. On each node the first reading rank tokenizes (all
@@ -92,23 +123,27 @@ class TrainingData:
         node = [r for r in range(self.world) if self.readers[r] and self.hosts[r] == self.hosts[self.rank]]
         builder = min(node, default=None)
         validated, self._validated = self._validated or {}, None
-        found, error = None, None
+        found, error, stopped = None, None, None
         if self.rank == builder:
             checked = [validated.pop(i, None) for i, p in enumerate((cfg.data_path, cfg.eval_data_path))
                        if p is not None]
             try:
-                with show_progress():  # a cold start's "tokenizing N records on P processes", then how far it is
-                    found = [load(p, checked.pop(0)) for p in paths]
-                fault_pause("data", 0)  # (tests: a tokenization longer than dist_timeout_minutes)
+                with self._stops_at_once(), show_progress():  # a cold start's "tokenizing N records on P processes",
+                    found = [load(p, checked.pop(0)) for p in paths]  # then how far it is
+                    fault_pause("data", 0)  # (tests: a tokenization longer than dist_timeout_minutes)
             except DataError as e:
                 error = e
+            except _StopNow:
+                stopped = self.stop_signal
         validated.clear()  # not the builder: records it checked are not needed
-        # per rank: whether it failed, and (builders) which data sets it could not cache
+        # per rank: whether it failed, (builders) which data sets it could not cache, and the stop signal it got
         said = [None] * self.world
         unwritten = [bool(d.stats.cache_problem) for d in found or []]
-        torch.distributed.all_gather_object(said, (error is not None, unwritten), group=self.patient)  # others wait
-        if any(failed for failed, _ in said):
+        torch.distributed.all_gather_object(said, (error is not None, unwritten, stopped), group=self.patient)  # others wait
+        if any(failed for failed, _, _ in said):
             raise error or DataError(["data: another process could not build the data set (see its error)"])
+        if signals := [s for _, _, s in said if s]:
+            raise StoppedInSetUp(signals[0])
         if not self.reads_data:
             return None, None
         sent = said[builder][1]

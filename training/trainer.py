@@ -28,7 +28,7 @@ from pipeft import command, one_line
 from training.batches import step_micro_batches
 from training.checkpoint import Checkpoints, RunState, TrainingStopped, fault_pause, tag_of
 from training.config import TrainConfig, resume_hint
-from training.dataload import TrainingData
+from training.dataload import StoppedInSetUp, TrainingData
 from training.distributed import (
     LaunchError,
     LauncherWatch,
@@ -192,6 +192,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
                 watch.cancel()
         for sig in stops:
             signal.signal(sig, self._on_signal)
+        self.stops = tuple(stops)
         # waits of unbounded length (first-time tokenization on one rank per node) use a group without a deadline;
         # made with dist_timeout_minutes, as gloo connects its pairs within the group's timeout (an unreachable
         # gloo address would hang a week), then given its own
@@ -557,6 +558,10 @@ def run(cfg: TrainConfig) -> None:
     try:
         trainer.setup()
         trainer.train()
+        failed = False
+    except StoppedInSetUp as e:  # (a tokenization of minutes ends at the signal, not at the first step)
+        trainer.log(f"received {e} during set-up, while the data were tokenized: exiting with nothing new to save "
+                    f"({resume_hint(cfg)})")
         failed = False
     except RuntimeError as e:  # a peer gone: one line on each process that saw it, not gloo's traceback
         if isinstance(e, TrainingStopped) or not any(m in str(e) for m in PEER_LOST):

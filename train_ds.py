@@ -8,7 +8,8 @@ holds DeepSpeed's keys beside the project's (see README).
 
 A run continues from SAVE_PATH/latest when there is one ("resume": "auto"). SIGTERM or SIGINT to the
 training processes saves a checkpoint at the next step boundary and exits 0.
-Exit codes: 0 done (or preempted and saved), 1 training stopped (non-finite steps, a failed save), 2 bad config or data.
+Exit codes: 0 done (or preempted and saved), 1 training stopped (non-finite steps, a failed save), 2 bad config or data,
+130 a Ctrl-C before the first step that the run's own handler did not take (while the records are checked).
 """
 
 from __future__ import annotations
@@ -81,5 +82,14 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli() -> int:
+    """The command: main(), and a Ctrl-C that reaches it as one line (main() raises it to a notebook's caller)."""
+    try:
+        return main()
+    except KeyboardInterrupt:  # before the run's own handler (while the records are checked): no step has run
+        print(f"{PROG}: interrupted before the first step: nothing was saved", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

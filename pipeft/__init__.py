@@ -98,17 +98,17 @@ def use_root() -> Path:
     return ROOT
 
 
-def _main(module: str) -> int:
+def _main(module: str, function: str = "main") -> int:
     global ENTRY_POINT
     ENTRY_POINT = True  # before the module's import: its PROG names the entry point
     use_root()
-    code = importlib.import_module(module).main()
+    code = getattr(importlib.import_module(module), function)()
     return int(code or 0)
 
 
 def train() -> int:
     """`pipeft-train --config C`, also `deepspeed [...] $(which pipeft-train) --config C` (train_ds.py)."""
-    return _main("train_ds")
+    return _main("train_ds", "cli")
 
 
 def convert() -> int:

@@ -11,7 +11,7 @@ import pytest
 from data.dataset import EncodedDataset, EncodeStats
 from data.encode import IGNORE_INDEX
 from data.packing import trained_tokens
-from training.evaluate import EvalPlan, concat, perplexity, split_eval
+from training.evaluate import EvalPlan, concat, perplexity, split_eval, subset, trained_copies, training_and_eval_rows
 
 
 def toy(n: int) -> EncodedDataset:
@@ -39,6 +39,21 @@ def test_split_holds_out_a_seeded_disjoint_share():
     assert len(concat(held, train)) == 50
     with pytest.raises(ValueError, match="leaves no training sample"):
         split_eval(toy(2), 0.9, seed=0)
+
+
+def test_eval_samples_that_are_training_samples_too_are_counted():
+    """README says to weight a file by copying its records: with eval_split_ratio one copy could be held out while
+    the other trained, the eval loss then measuring trained text, unsaid. The trainer warns with this count."""
+    ds = toy(30)
+    twice = concat(ds, ds)  # every record given twice
+    train, rows, samples, copies = training_and_eval_rows(twice, None, 0.2, False, 16, seed=3)
+    both = set(map(int, train.record_index)) & set(map(int, samples.record_index))
+    assert copies == len(both) > 0 and copies <= len(samples)  # a held-out sample whose copy trains
+    assert training_and_eval_rows(ds, None, 0.2, True, 16, seed=3)[3] == 0  # (toy's samples all differ)
+    copied = subset(ds, np.array([0, 5, 9]))
+    assert training_and_eval_rows(ds, copied, None, False, 16, seed=3)[3] == 3  # eval_data_path's copies of data_path's
+    copied.labels[:] = IGNORE_INDEX  # the same tokens, other labels: not the same sample
+    assert trained_copies(ds, copied) == 0
 
 
 @pytest.mark.parametrize("n, micro, num_micro, dp", [(10, 2, 2, 1), (7, 1, 3, 2), (4, 4, 2, 2), (30, 3, 2, 2)])

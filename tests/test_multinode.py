@@ -101,16 +101,20 @@ def test_a_node_local_save_path_is_refused(tmp_path, ops_model):
 
 
 def test_different_data_on_two_nodes_is_refused(tmp_path, ops_model):
+    """Node-local copies of the data that differ: the training rows, and the eval samples (each replica evaluated its
+    share of its own node's: the eval loss mixed two eval sets unsaid, or the evaluation hung)."""
     data, other = tmp_path / "data", tmp_path / "other"
     data.mkdir()
     other.mkdir()
     shutil.copy(ops_model / "train.jsonl", data / "train.jsonl")
     lines = (ops_model / "train.jsonl").read_text().splitlines(keepends=True)
     (other / "train.jsonl").write_text("".join(lines[1:] + lines[:1]))  # the same records in another order
-    cfg = ops_config(tmp_path, ops_model, data_path=str(data / "train.jsonl"))
+    (data / "eval.jsonl").write_text("".join(lines[:4]))
+    (other / "eval.jsonl").write_text("".join(lines[4:8]))
+    cfg = ops_config(tmp_path, ops_model, data_path=str(data / "train.jsonl"), eval_data_path=str(data / "eval.jsonl"))
     out = finish_nodes(start_nodes(tmp_path, cfg, private=(other, data)), expect=2)
     said = [line for line in out.splitlines() if line.startswith("train_ds.py: error:")]
-    assert said and "the training data differ between processes: rank 1 (host " in said[0], out[-4000:]
+    assert said and "the training data and the eval data differ between processes: rank 1 (host " in said[0], out[-4000:]
     assert not list((tmp_path / "out").glob("global_step*"))
 
 

@@ -258,7 +258,7 @@ def test_eval_rows_are_packed_and_split_as_the_training_rows(tmp_path, tokenizer
 
     with pytest.raises(ValueError, match=f"more than the batch length {L}"):
         evaluated_tokens(ev)
-    train, rows, samples = training_and_eval_rows(ds, ev, 0.25, True, L, seed=3)
+    train, rows, samples, _ = training_and_eval_rows(ds, ev, 0.25, True, L, seed=3)
     n_eval = len(samples)
     held = round(len(ds) * 0.25)
     assert n_eval == len(ev) + held and len(np.unique(train.segment_sample)) == len(ds) - held

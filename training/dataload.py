@@ -173,8 +173,8 @@ class TrainingData:
                               f"for evaluation ({es.dropped} dropped: no trained token within max_seq_len {cfg.max_seq_len}); "
                               "fix the eval data or raise max_seq_len")
         try:
-            ds, eval_set, samples = training_and_eval_rows(ds, eval_set, cfg.eval_split_ratio, cfg.packing,
-                                                           cfg.max_seq_len, cfg.seed)
+            ds, eval_set, samples, copies = training_and_eval_rows(ds, eval_set, cfg.eval_split_ratio, cfg.packing,
+                                                                   cfg.max_seq_len, cfg.seed)
         except ValueError as e:
             raise ConfigError(f"{cfg.path}: {e}") from None
         if eval_set is not None:
@@ -189,6 +189,10 @@ class TrainingData:
                 where.append(f"{cfg.eval_split_ratio:g} of the training samples")
             self.log(f"eval data: {len(samples)} samples ({' + '.join(where)})"
                      + (f", packed into {len(eval_set)} rows" if cfg.packing else ""))
+            if copies:
+                self.log(f"warning: {copies} of the {len(samples)} eval samples are training samples too (the same "
+                         "tokens: a record given twice, e.g. copied to weight a file, or in both data_path and "
+                         "eval_data_path): the eval loss measures text the model trains on; remove the copies")
         if cfg.packing:
             self.log(describe(ds.stats))
         return ds, eval_set

@@ -56,17 +56,33 @@ def concat(a: EncodedDataset, b: EncodedDataset) -> EncodedDataset:
 
 def training_and_eval_rows(ds: EncodedDataset, eval_set: EncodedDataset | None, split_ratio: float | None,
                            packing: bool, max_seq_len: int, seed: int):
-    """(training rows, eval rows or None, eval samples or None): `split_ratio` of the samples held out for evaluation
-    (before packing; added to `eval_set`), then with `packing` both packed the same way, so that pretrain text longer
-    than max_seq_len ("split_long_pretrain") is cut into rows for evaluation as for training. ValueError: bad ratio."""
+    """(training rows, eval rows or None, eval samples or None, how many eval samples are training samples too):
+    `split_ratio` of the samples held out for evaluation (before packing; added to `eval_set`), then with `packing`
+    both packed the same way, so that pretrain text longer than max_seq_len ("split_long_pretrain") is cut into rows
+    for evaluation as for training. ValueError: bad ratio."""
     if split_ratio is not None:
         ds, held = split_eval(ds, split_ratio, seed)
         eval_set = held if eval_set is None else concat(eval_set, held)
     samples = eval_set
+    copies = 0 if samples is None else trained_copies(ds, samples)
     if packing:
         ds = pack(ds, max_seq_len, seed)
         eval_set = None if eval_set is None else pack(eval_set, max_seq_len, seed)
-    return ds, eval_set, samples
+    return ds, eval_set, samples, copies
+
+
+def trained_copies(train: EncodedDataset, samples: EncodedDataset) -> int:
+    """How many of `samples` are also samples of `train`: the same tokens and labels (a record given twice, as
+    copies to weight a file, or in both data_path and eval_data_path)."""
+    def key(ds: EncodedDataset, i: int) -> tuple[bytes, bytes]:
+        a, b = ds.offsets[i], ds.offsets[i + 1]
+        return ds.input_ids[a:b].tobytes(), ds.labels[a:b].tobytes()
+
+    held = [key(samples, i) for i in range(len(samples))]
+    lengths = samples.offsets[1:] - samples.offsets[:-1]
+    candidates = np.flatnonzero(np.isin(train.offsets[1:] - train.offsets[:-1], lengths))
+    trained = {key(train, int(i)) for i in candidates} & set(held)
+    return sum(k in trained for k in held)
 
 
 class EvalPlan:

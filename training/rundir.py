@@ -138,13 +138,17 @@ class RunDirectory:
 
     def _check_same_data(self) -> None:
         """All ranks built the same training rows (the first stage feeds inputs, the last reads labels: a different
-        data file, tokenizer or library version on one node would silently mismatch them)."""
+        data file, tokenizer or library version on one node would silently mismatch them), and the same eval samples
+        (each replica evaluates its share of them: a node's own eval file was mixed into the eval loss unsaid, or a
+        count of them that differs hung the evaluation)."""
         every = [None] * self.world
-        torch.distributed.all_gather_object(every, self.data_fingerprint)
+        torch.distributed.all_gather_object(every, (self.data_fingerprint, self.eval_fingerprint))
         bad = [r for r, fp in enumerate(every) if fp != every[0]]
         if bad:
             r = bad[0]
-            raise ConfigError(f"{self.cfg.path}: the training data differ between processes: rank {r} (host {self.hosts[r]}) "
+            what = " and the ".join(name for name, mine, first in zip(("training data", "eval data"), every[r], every[0],
+                                                                       strict=True) if mine != first)
+            raise ConfigError(f"{self.cfg.path}: the {what} differ between processes: rank {r} (host {self.hosts[r]}) "
                               f"built other samples than rank 0 (host {self.hosts[0]}) from the same config (different data "
                               "files, tokenizer or library versions on the nodes?); make them identical on every node")
 

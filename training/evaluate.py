@@ -78,11 +78,15 @@ def trained_copies(train: EncodedDataset, samples: EncodedDataset) -> int:
         a, b = ds.offsets[i], ds.offsets[i + 1]
         return ds.input_ids[a:b].tobytes(), ds.labels[a:b].tobytes()
 
-    held = [key(samples, i) for i in range(len(samples))]
+    held: dict[tuple[bytes, bytes], int] = {}  # an eval sample -> its copies among the eval samples
+    for i in range(len(samples)):
+        held[k] = held.get(k := key(samples, i), 0) + 1
     lengths = samples.offsets[1:] - samples.offsets[:-1]
-    candidates = np.flatnonzero(np.isin(train.offsets[1:] - train.offsets[:-1], lengths))
-    trained = {key(train, int(i)) for i in candidates} & set(held)
-    return sum(k in trained for k in held)
+    found = set()  # (the training samples are looked up one at a time: only the eval set's are held)
+    for i in np.flatnonzero(np.isin(train.offsets[1:] - train.offsets[:-1], lengths)):
+        if (k := key(train, int(i))) in held:
+            found.add(k)
+    return sum(held[k] for k in found)
 
 
 class EvalPlan:

@@ -230,15 +230,17 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-WORKER_IGNORED = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, name)]
+WORKER_IGNORED = [getattr(signal, name) for name in ("SIGINT", "SIGHUP", "SIGUSR1") if hasattr(signal, name)]
 
 
 def _init_pool_worker(parent: int, *args: Any) -> None:
     _die_with_parent(parent)
-    # a Ctrl-C (to the terminal's whole process group) or a stop signal to every process (SLURM's preemption) is the
-    # parent's to act on: it cancels the ranges not started; a worker it ended was "a tokenization process died"
+    # a Ctrl-C (to the terminal's whole process group) is the parent's to act on: it cancels the ranges not started;
+    # a worker it ended was "a tokenization process died". SIGTERM ends a worker (not the handler it was forked
+    # with, the trainer's): the pool stops the others with it when one dies (the OOM killer), or it waits forever
     for sig in WORKER_IGNORED:
         signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism: no tokenizer threads per worker
     _init_worker(*args)
 

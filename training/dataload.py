@@ -131,8 +131,8 @@ class TrainingData:
                 with self._stops_at_once(), show_progress():  # a cold start's "tokenizing N records on P processes",
                     found = [load(p, checked.pop(0)) for p in paths]  # then how far it is
                     fault_pause("data", 0)  # (tests: a tokenization longer than dist_timeout_minutes)
-            except DataError as e:
-                error = e
+            except DataError as e:  # (a SIGTERM to every process ends the tokenizer workers too: "a process died")
+                error, stopped = (None, self.stop_signal) if self.stop_signal is not None else (e, None)
             except _StopNow:
                 stopped = self.stop_signal
         validated.clear()  # not the builder: records it checked are not needed

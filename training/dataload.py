@@ -174,7 +174,7 @@ class TrainingData:
                               "fix the eval data or raise max_seq_len")
         try:
             ds, eval_set, samples, copies = training_and_eval_rows(ds, eval_set, cfg.eval_split_ratio, cfg.packing,
-                                                                   cfg.max_seq_len, cfg.seed)
+                                                                   cfg.max_seq_len, cfg.seed, count_copies=self.rank == 0)
         except ValueError as e:
             raise ConfigError(f"{cfg.path}: {e}") from None
         if eval_set is not None:

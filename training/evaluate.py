@@ -55,8 +55,9 @@ def concat(a: EncodedDataset, b: EncodedDataset) -> EncodedDataset:
 
 
 def training_and_eval_rows(ds: EncodedDataset, eval_set: EncodedDataset | None, split_ratio: float | None,
-                           packing: bool, max_seq_len: int, seed: int):
-    """(training rows, eval rows or None, eval samples or None, how many eval samples are training samples too):
+                           packing: bool, max_seq_len: int, seed: int, count_copies: bool = True):
+    """(training rows, eval rows or None, eval samples or None, how many eval samples are training samples too, 0
+    unless `count_copies`):
     `split_ratio` of the samples held out for evaluation (before packing; added to `eval_set`), then with `packing`
     both packed the same way, so that pretrain text longer than max_seq_len ("split_long_pretrain") is cut into rows
     for evaluation as for training. ValueError: bad ratio."""
@@ -64,7 +65,7 @@ def training_and_eval_rows(ds: EncodedDataset, eval_set: EncodedDataset | None, 
         ds, held = split_eval(ds, split_ratio, seed)
         eval_set = held if eval_set is None else concat(eval_set, held)
     samples = eval_set
-    copies = 0 if samples is None else trained_copies(ds, samples)
+    copies = trained_copies(ds, samples) if count_copies and samples is not None else 0
     if packing:
         ds = pack(ds, max_seq_len, seed)
         eval_set = None if eval_set is None else pack(eval_set, max_seq_len, seed)

@@ -48,6 +48,8 @@ def read_hostfile(path: Path) -> dict[str, int]:
         text = path.read_text()
     except OSError as e:
         raise AcceleratorError(f"--hostfile {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise AcceleratorError(f"--hostfile {path}: not valid UTF-8 (byte offset {e.start})") from None
     hosts: dict[str, int] = {}
     for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()

@@ -253,7 +253,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     it names) -> (layer-file dir, config dir)."""
     path = Path(path)
     if path.is_file() and path.name in ("best", "latest"):
-        tag = path.read_text().strip()
+        tag = path.read_text(errors="replace").strip()
         if not tag or not (path.parent / tag).is_dir():
             raise CheckpointError(f"{path}: names {tag!r}, which is not a checkpoint directory beside it")
         path = path.parent / tag
@@ -545,7 +545,7 @@ def init_model(family_name: str, save_path: str | Path, tokenizer_dir: str | Pat
     else:
         try:
             cfg_dict = json.loads(Path(config_json).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # (JSONDecodeError, UnicodeDecodeError)
             raise CheckpointError(f"{config_json}: cannot read config ({e})") from None
         if not isinstance(cfg_dict, dict):
             raise CheckpointError(f"{config_json}: not a JSON object")

@@ -224,7 +224,11 @@ def _check_adapter(path, settings: LoraSettings) -> None:
                          "initial adapters from it), while these adapters add to the base as it is; convert it to a "
                          "plain LoRA adapter first (peft: save_pretrained(..., "
                          "path_initial_model_for_weight_conversion=...))")
-    if (cfg.get("r"), float(cfg.get("lora_alpha", 0))) != (settings.r, settings.alpha):
+    alpha = cfg.get("lora_alpha", 0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):  # (float(None) was a traceback)
+        raise ValueError(f"lora.adapter_path {path}: adapter_config.json's lora_alpha must be a number, got "
+                         f"{json.dumps(alpha)}")
+    if (cfg.get("r"), float(alpha)) != (settings.r, settings.alpha):
         raise ValueError(f"lora.adapter_path {path}: the adapter has r {cfg.get('r')}, alpha {cfg.get('lora_alpha')}; "
                          f"the config says r {settings.r}, alpha {settings.alpha:g} (set lora.r and lora.alpha to the adapter's)")
     theirs = cfg.get("target_modules")  # a list of names; a string is a regex or "all-linear": the keys check it

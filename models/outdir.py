@@ -46,7 +46,7 @@ def run_marks(path: Path, lock: bool = True) -> list[str]:
 def latest_tag(directory: Path) -> str:
     """The tag `directory/latest` names ("" for an empty file): its last path component, so "global_step3/" written
     by hand is that tag, and a path into another directory names a tag of this one, not the other run's."""
-    return Path((directory / "latest").read_text().strip()).name
+    return Path((directory / "latest").read_text(errors="replace").strip()).name  # (a byte not UTF-8: no tag named)
 
 
 def check_target(path: Path, overwrite: bool, sources: Iterable[str | Path | None] = (), renamed: bool = False) -> None:

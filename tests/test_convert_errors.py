@@ -272,7 +272,16 @@ def test_bad_arguments_fail_cleanly(tmp_path, tokenizer, tokenizer_dir, sp_token
     no_vocab = tmp_path / "no_vocab"  # a SentencePiece tokenizer_config.json alone loads: its special tokens only
     no_vocab.mkdir()
     shutil.copy(sp_tokenizer_dir / "tokenizer_config.json", no_vocab)
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(b'{"a": "caf\xe9"}')  # (a UnicodeDecodeError traceback)
+    save = tmp_path / "save"
+    save.mkdir()
+    (save / "latest").write_bytes(b"global_step2\xe9")  # (a UnicodeDecodeError traceback)
     cases = [
+        (("init", "--family", "llama", "--config-json", str(latin1), "--tokenizer", str(tokenizer_dir), "--save-path",
+          str(tmp_path / "x")), f"{latin1}: cannot read config ('utf-8' codec can't decode byte 0xe9"),
+        (("pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "x")),
+         f"{save / 'global_step2'}\ufffd: no layer_00-model_states.pt (not a pipeline or checkpoint directory)"),
         (("hg_to_pp", "--input-path", str(tmp_path / "nope"), "--save-path", str(tmp_path / "x")), "no such directory"),
         (("pp_to_hg", "--input-path", str(tmp_path), "--save-path", str(tmp_path / "x")), "not a pipeline or checkpoint"),
         (("pp_to_hg", "--input-path", str(pp), "--save-path", str(tmp_path / "x"), "--max-shard-size", "lots"),

@@ -159,6 +159,9 @@ CASES = {  # name -> (YAML text replaced -> by, or a JSON override; expected one
                                           "'decay_norm_and_bias' and optimizer.no_wd_kws both choose"),
     "a key twice": (("use_grad_ckpt: false", "use_grad_ckpt: false\nuse_grad_ckpt: true"),
                     ":53: invalid YAML (key 'use_grad_ckpt' appears twice in one mapping: only one of its values would"),
+    "a number as a key": (("use_grad_ckpt: false", "use_grad_ckpt: false\n1: x"),
+                          "the key 1 is not a string (YAML reads 1, on, yes, no and ~ as a number"),  # a traceback
+    "on as a key": (("  type: AdamW", "  type: AdamW\n  on: true"), "the key true in 'optimizer' is not a string"),
     "drop_last type": (("dataloader_drop_last: false", "dataloader_drop_last: 0"),
                        "'dataloader_drop_last' must be true or false, got 0"),
 }

@@ -114,12 +114,15 @@ def test_gaudi_dry_run_hostfile(cfg, capsys, tmp_path, monkeypatch):
     (["--world_size", "4", "--hostfile", "{hosts}"], (4, 2), "--world_size 4 does not match --hostfile"),
     (["--hostfile", "{hosts}"], (2, 2), "dims [2, 2] needs 4 processes, this launch starts 16 (16 slots in --hostfile"),
     (["--hostfile", "{bad_hosts}"], (2, 1), "expected `HOST slots=N` (N >= 1), got 'gaudi-a 8'"),
+    (["--hostfile", "{latin1}"], (2, 1), "latin1_hosts: not valid UTF-8 (byte offset 21)"),  # was a traceback
     (["--world_size", "2"], (2, 1), "is not a Gaudi host"),  # no --dry-run and no habana_frameworks here
 ])
 def test_gaudi_bad_combinations_are_one_line(argv, dims, message, cfg, capsys, tmp_path):
     (tmp_path / "hosts").write_text("gaudi-a slots=8\ngaudi-b slots=8\n")
     (tmp_path / "bad_hosts").write_text("gaudi-a 8\n")
-    argv = [a.format(hosts=tmp_path / "hosts", bad_hosts=tmp_path / "bad_hosts") for a in argv]
+    (tmp_path / "latin1_hosts").write_bytes(b"gaudi-a slots=8 # caf\xe9 rack\n")
+    argv = [a.format(hosts=tmp_path / "hosts", bad_hosts=tmp_path / "bad_hosts", latin1=tmp_path / "latin1_hosts")
+            for a in argv]
     if "is not a Gaudi host" not in message:
         argv.append("--dry-run")
     code, out, err = dry_run(gaudi, [*argv, "train_ds.py", "--config", str(cfg(dims=dims))], capsys)

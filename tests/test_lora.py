@@ -298,6 +298,22 @@ def test_an_adapter_with_bias_or_of_some_layers_is_refused_in_one_line(tmp_path,
     assert str(e.value) == f"{cfg}: lora.adapter_path {tmp_path / 'adapter'}: {says}"
 
 
+@pytest.mark.parametrize("alpha", [None, "8"])
+def test_an_adapter_whose_alpha_is_no_number_is_refused_in_one_line(tmp_path, ops_model, alpha):
+    """adapter_config.json's "lora_alpha": null was float(None)'s traceback; "8" named neither the file nor the key."""
+    model = get_family("llama").hf_model_class.from_pretrained(str(ops_model / "hf"))
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        str(tmp_path / "adapter"))
+    body = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**body, "lora_alpha": alpha}))
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "adapter_path": str(tmp_path / "adapter")}
+    cfg = ops_config(tmp_path, ops_model, lora=lora)
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert str(e.value) == (f"{cfg}: lora.adapter_path {tmp_path / 'adapter'}: adapter_config.json's lora_alpha must "
+                            f"be a number, got {json.dumps(alpha)}")
+
+
 def test_a_damaged_adapter_is_one_line_and_one_of_another_base_quantization_is_said(tmp_path, ops_model):
     """A truncated adapter_model.safetensors, or an adapter_config.json that is no object, was a traceback (a
     safetensors error, an AttributeError) on every rank; demo.py --adapter too. An adapter exported from a QLoRA run

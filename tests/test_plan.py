@@ -182,6 +182,9 @@ def test_one_size_parser_for_every_option(text, bare, size):
 @pytest.mark.parametrize("option", ["--model-config", "--model-path"])
 def test_a_config_transformers_rejects_is_one_line_naming_the_file(raw, text, option, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(raw))
+    if text == "hidden_size":  # once: a byte that is not UTF-8 (the message named no file)
+        (tmp_path / "config.json").write_bytes(b'{"model_type": "caf\xe9"}')
+        text = "not valid UTF-8 (byte offset 19)"
     where = tmp_path / "config.json" if option == "--model-config" else tmp_path
     assert plan_main([option, str(where), "--gpus", "1", "--gpu-memory", "40GB"]) == 2
     err = capsys.readouterr().err.strip()

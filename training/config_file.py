@@ -67,7 +67,22 @@ def read_config_file(path: Path) -> dict:
         raise ConfigError(f"{path}: the config must be a {'YAML mapping' if yml else 'JSON object'}")
     if found := _non_finite(raw):  # JSON's NaN / Infinity, YAML's .nan / .inf: NaN passes every range check
         raise ConfigError(f"{path}: '{found[0]}' is {found[1]}: a config's numbers must be finite")
+    if found := _non_string_key(raw):  # YAML's 1:, on: / yes: (booleans), ~: (null)
+        where, key = found
+        raise ConfigError(f"{path}: the key {json.dumps(key)}{f' in {where!r}' if where else ''} is not a string "
+                          "(YAML reads 1, on, yes, no and ~ as a number, a boolean or null: quote it)")
     return raw
+
+
+def _non_string_key(value: object, at: str = "") -> tuple[str, object] | None:
+    """(where, the key) of the first key of a parsed config that is not a string, else None."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if isinstance(value, dict) and not isinstance(k, str):
+            return at, k
+        if found := _non_string_key(v, f"{at}.{k}" if at and isinstance(k, str) else f"{at}[{k}]" if at else str(k)):
+            return found
+    return None
 
 
 def _non_finite(value: object, at: str = "") -> tuple[str, float] | None:

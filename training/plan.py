@@ -45,6 +45,8 @@ def load_model(config_path: str | None, model_path: str | None):
         raise PlanError(f"{'--model-path' if model_path else '--model-config'}: cannot read {path} ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise PlanError(f"{path}: invalid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise PlanError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
     if not isinstance(raw, dict):
         raise PlanError(f"{path}: not a JSON object")
     if "model_type" not in raw and {"model_path", "save_path", "data_path"} & raw.keys():

@@ -123,8 +123,10 @@ def tag_problem(tag_dir: Path) -> str | None:
     if manifest.is_file():
         try:
             sizes = json.loads(manifest.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # (JSONDecodeError, UnicodeDecodeError)
             return f"{MANIFEST_FILE} is damaged"
+        if not isinstance(sizes, dict) or not all(isinstance(v, int) for v in sizes.values()):
+            return f"{MANIFEST_FILE} is damaged (not an object of file sizes)"
         for name, size in sizes.items():
             f = tag_dir / name
             if not f.is_file():

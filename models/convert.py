@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
@@ -39,6 +40,7 @@ from .hf_io import (
     pipeline_dir_problem,
     read_json,
     resolve_hf_dir,
+    unreadable,
 )
 from .keymap import KeyMapError
 from .outdir import atomic_output_dir, latest_tag, prepare_target, run_tags
@@ -281,12 +283,22 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 
 
 def missing_layer_file(layers_dir: Path, family: ModelFamily, config, expected=None) -> str | None:
-    """The first layer file the model's config needs that `layers_dir` lacks, as one line; None if none."""
+    """The first layer file the model's config needs that `layers_dir` lacks, or holds empty or cut short (no
+    torch.save archive: its end is read), as one line; None if none. Before any work: the layers load much later."""
     if not layers_dir.is_dir():  # it was there when resolve_checkpoint chose it
         return f"{layers_dir}: {GONE}"
     for idx in expected if expected is not None else meta_layers(family, config):
-        if not (layers_dir / LAYER_FILE.format(idx)).is_file():
-            return f"{layers_dir / LAYER_FILE.format(idx)}: missing ({_layer_name(family, config, idx)})"
+        path = layers_dir / LAYER_FILE.format(idx)
+        if not path.is_file():
+            return f"{path}: missing ({_layer_name(family, config, idx)})"
+        try:
+            with open(path, "rb") as f:
+                whole = zipfile.is_zipfile(f)
+        except OSError as e:  # not readable by this user; removed since
+            return str(unreadable(path, e))
+        if not whole:  # (an empty file failed after the data were tokenized, in torch's words)
+            return (f"{path}: unreadable, the file is corrupt or truncated ({path.stat().st_size} bytes, not a "
+                    f"torch.save archive; {_layer_name(family, config, idx)})")
     return None
 
 

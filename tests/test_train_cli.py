@@ -315,9 +315,10 @@ def test_a_model_path_that_is_no_pipeline_model_names_the_way_on(tmp_path, base,
 
 
 def test_a_missing_or_damaged_layer_file_of_model_path_is_one_line(tmp_path, base, capsys):
-    """A layer file missing: refused with the config, before the data are read; one that does not load (truncated,
-    as an interrupted copy leaves it; another layer's tensors): one line naming it once the model is built (its
-    rank's problem is every rank's, tests/test_run_faults.py)."""
+    """A layer file missing, empty or truncated (as an interrupted copy leaves it): refused with the config, before
+    the data are read (a truncated one failed once the data were tokenized, in torch's words); one that does not
+    load (another layer's tensors): one line naming it once the model is built (its rank's problem is every rank's,
+    tests/test_run_faults.py)."""
     model = tmp_path / "pp"
     shutil.copytree(base, model)
     layer = model / "layer_02-model_states.pt"
@@ -329,14 +330,18 @@ def test_a_missing_or_damaged_layer_file_of_model_path_is_one_line(tmp_path, bas
         f"train_ds.py: error: {cfg}: model_path: {layer}: missing (block 1): an incomplete copy or conversion of the model"]
     qlora = write_config(tmp_path, base, model_path=str(model), lora={"r": 4}, name="qlora.json",
                          quantization={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"})
-    truncated = (body[:1000], "cannot be loaded (RuntimeError: PytorchStreamReader failed reading zip archive")
-    for damage, says, config in ((*truncated, cfg), (*truncated, qlora),  # QLoRA: the block loads as it is built
-                                 ((model / "layer_00-model_states.pt").read_bytes(),
-                                  "cannot be loaded (RuntimeError: Error(s) in loading state_dict for ", cfg)):
-        layer.write_bytes(damage)
-        assert train_ds.main(["--config", str(config)]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {layer}: {says}"), err
+    for cut in (b"", body[:1000]):
+        for config in (cfg, qlora):
+            layer.write_bytes(cut)
+            assert train_ds.main(["--config", str(config)]) == 2
+            assert capsys.readouterr().err.strip().splitlines() == [
+                f"train_ds.py: error: {config}: model_path: {layer}: unreadable, the file is corrupt or truncated "
+                f"({len(cut)} bytes, not a torch.save archive; block 1): an incomplete copy or conversion of the model"]
+    layer.write_bytes((model / "layer_00-model_states.pt").read_bytes())
+    assert train_ds.main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    says = "cannot be loaded (RuntimeError: Error(s) in loading state_dict for "
+    assert len(err) == 1 and err[0].startswith(f"train_ds.py: error: {layer}: {says}"), err
     assert not (tmp_path / "out" / "latest").exists()
 
 

@@ -318,7 +318,8 @@ def test_trainium_path_on_cpu_matches_reference(tmp_path, tokenizer):
         out = r.stdout + r.stderr
         assert r.returncode == 0, out[-6000:]
         assert "export PIPEFT_ACCELERATOR" not in out  # launched, not a dry run
-        assert re.search(r"device: cpu via TorchDeviceAccelerator \(process group gloo\); host memory", out), out[-3000:]
+        assert re.search(r"device: cpu via TorchDeviceAccelerator \(process group gloo; 1 thread per process\); host "
+                         "memory", out), out[-3000:]
         return out
 
     check_against_reference(tmp_path, tokenizer, 2, [2, 1], "llama", "mha_bias_untied", 1.0, False, False, "adamw",

@@ -247,6 +247,18 @@ def remove_stale_shm_buffer(rank: int) -> None:
         shm_buffer(rank).unlink(missing_ok=True)
 
 
+def cpu_threads_per_process(cores: int) -> int | None:
+    """On the CPU accelerator: each process's share of the node's `cores` (the launcher's LOCAL_SIZE / torchrun's
+    LOCAL_WORLD_SIZE processes on it). torch gives each process every core otherwise: 2 ranks on 2 cores then ran
+    4 busy threads, at half the speed. None where OMP_NUM_THREADS says it, or the node's process count is unknown."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    local = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")
+    if not local or not local.isdigit() or int(local) < 1:
+        return None
+    return max(1, cores // int(local))
+
+
 def stale_build_lock(minutes: float = 2) -> str | None:
     """Why this CPU start may be waiting without end: a lock of the build of DeepSpeed's CPU communication op at
     least `minutes` old (the build takes about one). A start killed while it compiled (Ctrl-C) leaves the lock, and
@@ -348,11 +360,14 @@ def accelerator_problem(acc, local_rank: int) -> str | None:
 
 def device_line() -> str:
     """One summary line: the device DeepSpeed's accelerator drives, through which class, its backend and memory."""
+    import torch
     from deepspeed.accelerator import get_accelerator
 
     from training.monitor import fmt_bytes
 
     acc = get_accelerator()
-    kind = "host memory" if acc.device_name() == "cpu" else "memory per device"
-    return (f"device: {acc.device_name()} via {type(acc).__name__} (process group {acc.communication_backend_name()}); "
-            f"{kind} {fmt_bytes(acc.total_memory())}, {fmt_bytes(acc.available_memory())} free at start")
+    cpu = acc.device_name() == "cpu"
+    kind = "host memory" if cpu else "memory per device"
+    return (f"device: {acc.device_name()} via {type(acc).__name__} (process group {acc.communication_backend_name()}"
+            + (f"; {(n := torch.get_num_threads())} thread{'s' * (n != 1)} per process" if cpu else "")
+            + f"); {kind} {fmt_bytes(acc.total_memory())}, {fmt_bytes(acc.available_memory())} free at start")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from data.collate import pad_id_of
+from data.encode import usable_cores
 from data.records import DataError
 from models import PipelineModel, causal_lm_loss, parse_topology, plan_stages
 from models.attention import set_attn_implementation
@@ -34,6 +35,7 @@ from training.distributed import (
     LauncherWatch,
     accelerator_problem,
     caller_groups,
+    cpu_threads_per_process,
     init_restarted_torchrun,
     remove_stale_shm_buffer,
     restore_caller_groups,
@@ -174,6 +176,8 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             signal.signal(sig, signal.SIG_DFL)
         if acc.device_name() == "cpu":
             remove_stale_shm_buffer(self.rank)
+            if self.owns_group and (threads := cpu_threads_per_process(usable_cores())) is not None:
+                torch.set_num_threads(threads)  # (a caller's process keeps its own setting)
         # DeepSpeed builds its CPU op here; a build lock left by a killed start would make this wait without a word
         watch = watch_build_lock() if acc.device_name() == "cpu" and self.local_rank == 0 else None
         try:

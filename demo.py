@@ -113,12 +113,16 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def check_adapter_dir(adapter: str | Path) -> None:
-    """DemoError unless `adapter` is a directory with an adapter_config.json."""
+    """DemoError unless `adapter` is a directory with an adapter_config.json holding a JSON object."""
+    from models.hf_io import read_json
+
     path = Path(adapter)
     if not (path / "adapter_config.json").is_file():
         raise DemoError(f"--adapter {adapter}: " + ("no such directory" if not path.exists() else "not a directory"
                                                      if not path.is_dir() else
                                                      "no adapter_config.json (not a PEFT adapter dir)"))
+    if not isinstance(read_json(path / "adapter_config.json"), dict):  # (a traceback once the base had loaded)
+        raise DemoError(f"--adapter {adapter}: {path / 'adapter_config.json'} is not a JSON object")
 
 
 def build_record(args: argparse.Namespace) -> dict:
@@ -287,7 +291,36 @@ def load_tokenizer_of(model_path: str | Path):
     tokenizer = load_tokenizer(config_dir)
     if problem := vocabulary_problem(tokenizer):
         raise DemoError(f"{config_dir}: {problem}")
+    check_generation_config(Path(config_dir) / "generation_config.json")
     return tokenizer, config_dir
+
+
+def check_generation_config(path: Path) -> None:
+    """A DemoError naming `path` (when there is one) unless transformers takes it and its stop ids are token ids: a
+    list, a string id or a string top_k there were tracebacks once the weights had loaded."""
+    from transformers import GenerationConfig
+
+    from models.hf_io import read_json
+
+    if not path.is_file():
+        return
+    body = read_json(path)
+    if not isinstance(body, dict):
+        raise DemoError(f"{path}: not a JSON object")
+    eos = body.get("eos_token_id")
+    if not (eos is None or _is_id(eos) or isinstance(eos, list) and all(map(_is_id, eos))):
+        raise DemoError(f"{path}: eos_token_id must be a token id or a list of them, got {json.dumps(eos)}")
+    for key, kind in (("top_k", int), ("top_p", (int, float)), ("temperature", (int, float))):
+        if body.get(key) is not None and (isinstance(body[key], bool) or not isinstance(body[key], kind)):
+            raise DemoError(f"{path}: {key} must be a number, got {json.dumps(body[key])}")
+    try:
+        GenerationConfig.from_dict(body)
+    except (ValueError, TypeError) as e:
+        raise DemoError(f"{path}: {one_line(e, 200)}") from None
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def load_model(model_path: str | Path, dtype: torch.dtype | None = None):

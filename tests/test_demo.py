@@ -212,6 +212,33 @@ def test_a_lora_checkpoint_with_its_adapter_and_a_tokenizer_past_the_vocabulary_
     assert last.startswith(f"demo.py: error: {hf}: the model's vocab_size ") and "resize the model's embeddings" in last
 
 
+def test_a_bad_adapter_or_generation_config_is_one_line_before_the_weights_load(dirs, tmp_path, capsys, monkeypatch):
+    """A malformed adapter_config.json or generation_config.json was a traceback (JSONDecodeError, AttributeError,
+    transformers' TypeError, generate's ValueError), each once the base model's weights had loaded."""
+    monkeypatch.setattr(demo, "load_model", lambda *a, **k: pytest.fail("the weights loaded"))
+    adapter, hf = tmp_path / "adapter", tmp_path / "hf"
+    adapter.mkdir()
+    shutil.copytree(dirs["hf"], hf)
+    gen = hf / "generation_config.json"
+    cases = [(adapter / "adapter_config.json", "{", ["--adapter", str(adapter)], f"{adapter / 'adapter_config.json'}: "
+              "invalid JSON"),
+             (adapter / "adapter_config.json", "[1]", ["--adapter", str(adapter)],
+              f"--adapter {adapter}: {adapter / 'adapter_config.json'} is not a JSON object"),
+             (gen, "[1]", [], f"{gen}: not a JSON object"),
+             (gen, '{"eos_token_id": "x"}', [], f'{gen}: eos_token_id must be a token id or a list of them, got "x"'),
+             (gen, '{"eos_token_id": [2, true]}', [], f"{gen}: eos_token_id must be a token id or a list of them"),
+             (gen, '{"top_k": "5", "do_sample": true}', [], f'{gen}: top_k must be a number, got "5"')]
+    for path, text, extra, says in cases:
+        saved = path.read_text() if path.exists() else None
+        path.write_text(text)
+        capsys.readouterr()
+        assert demo.main(["--model-path", str(hf), *extra, "--prompt", "x"]) == 2, says
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"demo.py: error: {says}") and "Traceback" not in "".join(err), err
+        if saved is not None:
+            path.write_text(saved)
+
+
 def test_a_damaged_hf_dir_a_prompt_past_the_positions_and_an_empty_prompt_are_one_line(dirs, tmp_path, capsys):
     """transformers would run a checkpoint that lacks a tensor with a random one, and a prompt longer than the
     positions with garbage: one line each, nothing generated. A prompt of at least the max_seq_len training kept

@@ -304,7 +304,8 @@ def resolve_files(data_path: str | Path | Sequence[str | Path], key: str = "data
             problems += _broken_links(map(Path, sorted(glob.glob(str(item), recursive=True))))  # every file it names
             what = "no file matches this pattern"
         if not found:
-            problems.append(f"{item}:0: {what}")
+            problems.append(f"{item}:0: {what}" if str(item) else  # (an empty one read ":0: empty path")
+                            "an empty path: give a file, a directory or a glob")
         for f in found:
             files.setdefault(f.resolve(), f)
     if not items:

@@ -61,7 +61,9 @@ def family_of(directory: Path) -> tuple[ModelFamily, object]:
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: missing (a model directory needs its config.json)")
     body = read_json(cfg_path)
-    family = get_family(body.get("model_type") if isinstance(body, dict) else None, where=str(cfg_path))
+    if not isinstance(body, dict):  # (was "model_type None is not supported")
+        raise CheckpointError(f"{cfg_path}: not a JSON object")
+    family = get_family(body.get("model_type"), where=str(cfg_path))
     return family, family.load_config(directory)
 
 

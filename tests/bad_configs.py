@@ -303,4 +303,5 @@ CASES = {  # name -> (config overrides, expected text)
     "data_path with ~": ({"data_path": ["{tmp}/d.jsonl", "~nobody-such/d.jsonl"]}, "'data_path' ~nobody-such/d.jsonl: a "
                          "config's paths are not expanded as the shell expands '~' (it names a directory ~nobody-such "
                          "here); give the full path"),
+    "empty data_path": ({"data_path": ""}, "'data_path': an empty path: give a file, a directory or a glob"),
 }

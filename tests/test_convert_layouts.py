@@ -120,6 +120,10 @@ def _checkpoint_tag_dir(d, sd):  # SAVE_PATH/global_stepN: layer files, no confi
     _pipeline_dir(d, sd)
 
 
+def _config_a_list(d, sd):
+    (d / "config.json").write_text("[1]")
+
+
 def _bin_shards_without_index(d, sd):
     _shards(d, sd, "pytorch_model-0000{i}-of-00002.bin", None)
 
@@ -137,6 +141,7 @@ BAD_LAYOUTS = {  # case -> (layout, the message after the path named)
                                            "bitsandbytes); convert an unquantised (fp16/bf16/fp32) checkpoint"),
     "a pipeline dir": (_pipeline_dir, ": a pipeline dir (layer files), not an HF model: use pp_to_hg"),
     "a checkpoint's tag dir": (_checkpoint_tag_dir, ": a pipeline dir (layer files), not an HF model: use pp_to_hg"),
+    "a config.json not an object": (_config_a_list, "/config.json: not a JSON object"),  # "model_type None ..."
     ".bin shards without their index": (_bin_shards_without_index, "pytorch_model.bin.index.json: missing (it names "
                                                                     "the tensors of each shard, pytorch_model-00001-of"),
 }

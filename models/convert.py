@@ -32,6 +32,7 @@ from .hf_io import (
     HFCheckpoint,
     ShardWriter,
     _first_line,
+    check_not_lfs_pointer,
     copy_side_files,
     hf_source_of,
     load_tokenizer,
@@ -294,8 +295,11 @@ def missing_layer_file(layers_dir: Path, family: ModelFamily, config, expected=N
         if not path.is_file():
             return f"{path}: missing ({_layer_name(family, config, idx)})"
         try:
-            with open(path, "rb") as f:
-                whole = zipfile.is_zipfile(f)
+            check_not_lfs_pointer(path)
+            with open(path, "rb") as f:  # a zip archive, or torch's legacy (pre-1.6) pickle (load_torch_file reads it)
+                whole = zipfile.is_zipfile(f) or (f.seek(0) == 0 and f.read(2) == b"\x80\x02")
+        except CheckpointError as e:
+            return str(e)
         except OSError as e:  # not readable by this user; removed since
             return str(unreadable(path, e))
         if not whole:  # (an empty file failed after the data were tokenized, in torch's words)

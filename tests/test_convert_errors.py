@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.hf_io import CheckpointError
+from models.hf_io import LFS_POINTER, CheckpointError
 from models.outdir import atomic_output_dir, clean_leftovers
 from tests.helpers import assert_one_line_error as _assert_one_line_error
 from tests.helpers import edit_weights as _edit_weights
@@ -164,6 +164,10 @@ def _truncated_layer_file(pp):
     f.write_bytes(f.read_bytes()[:-200])
 
 
+def _lfs_pointer_layer_file(pp):  # a clone made without git-lfs
+    (pp / "layer_02-model_states.pt").write_bytes(LFS_POINTER + b"v1\noid sha256:ab\nsize 124774\n")
+
+
 def _bad_lora_config(pp):
     (pp / "lora_config.json").write_text('{"r": 4, ')
 
@@ -172,8 +176,10 @@ BAD_PP = {
     "missing layer file": (_drop_layer, "layer_02-model_states.pt: missing (block 1)"),
     "wrong layer keys": (_wrong_layer_keys, "layer_03-model_states.pt: missing"),
     "truncated layer file": (_truncated_layer_file, "layer_02-model_states.pt: unreadable, the file is corrupt or "
-                                                    "truncated ("),  # (found before the first layer is written)
+                                                    "truncated ("),  # (its size, "not a torch.save archive" since)
     "malformed lora_config.json": (_bad_lora_config, "lora_config.json: invalid JSON"),
+    "a Git LFS pointer layer file": (_lfs_pointer_layer_file, "layer_02-model_states.pt: a Git LFS pointer, not the "
+                                                              "weights (the repository was cloned without git-lfs)"),
     "a wrong shape in the last layer file": (_wrong_last_shape, "layer_04-model_states.pt: tensor weight has shape "
                                                                 "[63, 64] but config.json expects [64]"),
     "config.json transformers rejects": (_patch_config(hidden_act="nope"), "config.json: hidden_act 'nope' is not one"),
@@ -192,6 +198,15 @@ def test_bad_pipeline_input_fails_cleanly(tmp_path, tokenizer, capsys, case):
     assert not (tmp_path / "hf_out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
+
+
+def test_a_layer_file_in_torchs_legacy_format_converts(tmp_path, tokenizer):
+    """load_torch_file reads torch's pre-1.6 (non-zip) format: the check of the layer files before any is converted
+    called such a file "corrupt or truncated"."""
+    pp = _pp(tmp_path, tokenizer)
+    f = pp / "layer_02-model_states.pt"
+    torch.save(torch.load(f, weights_only=True), f, _use_new_zipfile_serialization=False)
+    assert run("pp_to_hg", "--input-path", str(pp), "--save-path", str(tmp_path / "hf_out")) == 0
 
 
 def test_a_checkpoint_removed_while_it_is_exported_is_named_gone(tmp_path, tokenizer, capsys, monkeypatch):

@@ -248,9 +248,11 @@ def remove_stale_shm_buffer(rank: int) -> None:
 
 
 def cpu_threads_per_process(cores: int) -> int | None:
-    """On the CPU accelerator: each process's share of the node's `cores` (the launcher's LOCAL_SIZE / torchrun's
-    LOCAL_WORLD_SIZE processes on it). torch gives each process every core otherwise: 2 ranks on 2 cores then ran
-    4 busy threads, at half the speed. None where OMP_NUM_THREADS says it, or the node's process count is unknown."""
+    """On the CPU accelerator: each process's share of the node's `cores` (the deepspeed launcher's LOCAL_SIZE
+    processes on it; LOCAL_WORLD_SIZE where torchrun has not set OMP_NUM_THREADS, as it does for several). torch
+    gives each process every core otherwise: 2 ranks on 2 cores then ran 4 busy threads, at half the speed. None where
+    OMP_NUM_THREADS says it, or the node's process count is unknown (srun: SLURM pins each task's cores, or the
+    shipped script sets OMP_NUM_THREADS)."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     local = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")

@@ -105,7 +105,7 @@ def read_run_config(tag_dir: Path) -> dict | None:
         return None
     try:
         return json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # (JSONDecodeError, UnicodeDecodeError)
         return None
 
 

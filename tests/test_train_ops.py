@@ -239,7 +239,10 @@ def test_eval_early_stopping_and_keep_best(tmp_path, ops_model, tokenizer):
     state = json.loads((save / f"global_step{last_step}" / "trainer_state.json").read_text())
     assert state["finished"] and state["patience_ended"] and [tuple(e) for e in state["evals"]] == evals
 
-    again = run_deepspeed("train_ds.py", ["--config", str(cfg)])  # a finished run is not trained further
+    files = sorted(p.relative_to(save) for p in save.rglob("*"))
+    again = run_deepspeed("train_ds.py", ["--config", str(cfg)])  # a finished run is not trained further, and its
+    # start builds nothing (no model load, no checkpoint read, no side file or TensorBoard file written)
+    assert sorted(p.relative_to(save) for p in save.rglob("*")) == files and "resumed from" not in again.stdout
     assert (f"nothing to do: this run finished at step {last_step} (early stopping ended it after {patience} "
             "evaluations without improvement: raise early_stopping_patience or turn it off to train further") in again.stdout
     assert [(m["step"], m["eval_loss"]) for m in metrics_of(save) if "eval_loss" in m] == evals

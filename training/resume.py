@@ -189,6 +189,36 @@ def resume_tag(save: Path) -> tuple[str | None, list[str]]:
     return None, notes
 
 
+def course(st: RunState, total_steps: int, changes_length: bool, patience: int | None) -> str | None:
+    """How resumed state `st` goes on in a run of `total_steps` steps, and the line that says so (None: it trains
+    on). A finished run continues when its length was raised (`changes_length`), or when a lower one had ended it
+    (also back at its length); one that early stopping ended, when `patience` allows more; a run at or past a
+    length it now has ends there. st's finished / cut_short / patience_ended are set to match: finished after it,
+    there is nothing to do (the line says how to train further)."""
+    # (an older state has no patience_ended: it was guessed from cut_short)
+    ended = st.patience_ended if st.patience_ended is not None else not st.cut_short
+    early = st.finished and ended and st.step < total_steps  # early stopping ended it
+    since = st.evals_since_best()
+    if st.finished and (changes_length or st.cut_short) and st.step < total_steps:
+        st.finished, st.cut_short, st.patience_ended = False, False, False
+        return f"continuing the finished run from step {st.step} to step {total_steps} (its length was raised)"
+    if early and (not patience or since < patience):
+        st.finished, st.patience_ended = False, False
+        return (f"continuing the run early stopping ended at step {st.step}: early_stopping_patience is "
+                f"{patience or 'off'} now ({since} evaluations since the best)")
+    if not st.finished and (st.step > total_steps or st.step == total_steps and changes_length):
+        # (at its last step and unchanged: a run stopped after its last save, before it was marked finished)
+        st.cut_short = True
+        return (f"the run is {total_steps} steps long now, and the checkpoint is at step {st.step}: it ends here "
+                "(a longer max_steps or n_epoches later continues it)")
+    if not st.finished:
+        return None
+    more = (f"early stopping ended it after {since} evaluations without improvement: raise early_stopping_patience "
+            "or turn it off" if early else "raise max_steps or n_epoches")
+    return (f"nothing to do: this run finished at step {st.step} ({more} to train further; a new run needs another "
+            "save_path, or \"resume\": false with \"overwrite_save_path\": true)")
+
+
 def name_resumed(ckpts: Checkpoints, state: RunState) -> str | None:
     """Rank 0, after resuming `state` with no `latest` (an `unnamed_tag`): name the resumed tag in `latest`, then
     write `best` and rotate as its save would have (keep_last, keep_best by the evals it holds). Returns the line to

@@ -26,7 +26,15 @@ from training.compat import BATCH_KEYS
 from training.config import ConfigError, start_over
 from training.config_diff import DATA, SAMPLES, config_changes, same_global_batch, schedule_kind, start_schedule_at
 from training.monitor import truncate_metrics
-from training.resume import RUN_CONFIG_FILE, earlier_tags, name_resumed, read_run_config, resume_tag, tag_problem
+from training.resume import (
+    RUN_CONFIG_FILE,
+    course,
+    earlier_tags,
+    name_resumed,
+    read_run_config,
+    resume_tag,
+    tag_problem,
+)
 from training.runlock import LockError, RunLock, config_identity, launcher_token, record_job
 from training.trackers import IDS_FILE
 
@@ -373,6 +381,31 @@ class RunDirectory:
         # a checkpoint whose files do not load is not resumed (_resume falls back to an earlier one): not refused here
         if (problem := next((p for p in found if p), None)) and self._load_problem(save / tag) is None:
             raise ConfigError(problem)
+
+    def finished_before_line(self) -> str | None:
+        """Collective, once the data are read, before the model is built: the line a start of a run that had finished
+        ends with, when it has nothing to do (course), else None. Only a `latest` that names an intact checkpoint is
+        taken as the run's end: a start that resumes another one (and names it in `latest`) goes the whole way."""
+        cfg, save = self.cfg, Path(self.cfg.save_path)
+        tag, notes = resume_tag(save) if cfg.resume in ("auto", True) else (None, [])
+        line = None
+        if self.rank == 0 and tag is not None and not notes:
+            try:
+                saved, old = self._saved_state(save / tag), self._saved_run_config(save / tag)
+            except (OSError, ValueError, TypeError):  # a damaged state: the resume says so
+                saved = old = None
+            if saved is not None and saved.finished:
+                changes = config_changes(old, cfg.raw, lora_run=cfg.lora is not None) if old is not None else []
+                length = any(c.key in ("max_steps", "n_epoches") for c in changes)
+                st = RunState(**{**saved.__dict__, **self._evals_kept(saved)})
+                line = course(st, self.total_steps, length, cfg.early_stopping_patience)
+                line = line if st.finished else None
+        said = [(line, None)] * self.world  # every rank's tag: ranks that do not agree are refused by the resume
+        torch.distributed.all_gather_object(said, (line, tag))
+        if not said[0][0] or len({t for _, t in said}) > 1:
+            return None
+        # (collective: a checkpoint whose files do not load is resumed from an earlier one, which is not finished)
+        return said[0][0] if self._load_problem(save / tag) is None else None
 
     def _check_changes(self, tag_dir: Path, saved: RunState) -> set[str] | None:
         """Say what changed since the checkpoint (load_config refused what may not change); refuse different data

@@ -46,7 +46,7 @@ from training.evaluate import perplexity
 from training.monitor import Monitor, hms, process_memory
 from training.optim import build_optimizer, owned_sizes
 from training.report import RunReport
-from training.resume import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, model_config, weights_from_checkpoint
+from training.resume import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, course, model_config, weights_from_checkpoint
 from training.rundir import RunDirectory
 from training.runlock import RunLock
 
@@ -102,6 +102,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         self.launcher = LauncherWatch()  # the `deepspeed` command that started this process, if any
         self.tokenizer = None
         self.changes_lr = self.changes_length = False  # what a resume changed (rundir)
+        self.finished_before = False  # the run finished before this start, which has nothing to do
         self.schedule_switched = self.schedule_restarted = False
         self.prompted: bool | None = None  # whether a training record went through a template (rank 0 reads data)
         # a process group made before (a caller's, e.g. a notebook's or a test session's) is used, and left as it is
@@ -229,6 +230,10 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         self.reads_data = self.readers[self.rank]
         self._setup_data()
         self.refuse_data_changes()  # a resume refused for its data: before the model is built
+        if line := self.finished_before_line():  # a finished run's start: said without building the model
+            self.finished_before = True
+            self.log(line)
+            return
         self.weights_from_checkpoint = weights_from_checkpoint(cfg)
 
         parts = cfg.model_topo.get("parts")  # checked against the model by load_config
@@ -386,29 +391,13 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         return self.lock is not None and self.lock.lost_why is not None
 
     def train(self) -> None:
+        if self.finished_before:  # setup said so, and built nothing
+            return
         cfg, st = self.cfg, self.state
         losses, saved_at, skipped = [], st.step, 0
-        # a finished run continues when its length was raised, or when a lower one ended it (also back at its length)
-        ended = st.patience_ended if st.patience_ended is not None else not st.cut_short  # (an older state's: guessed)
-        early = st.finished and ended and st.step < self.total_steps  # early stopping ended it
-        patience, since = cfg.early_stopping_patience, st.evals_since_best()
-        if st.finished and (self.changes_length or st.cut_short) and st.step < self.total_steps:
-            self.log(f"continuing the finished run from step {st.step} to step {self.total_steps} (its length was raised)")
-            st.finished, st.cut_short, st.patience_ended = False, False, False
-        elif early and (not patience or since < patience):
-            self.log(f"continuing the run early stopping ended at step {st.step}: early_stopping_patience is "
-                     f"{patience or 'off'} now ({since} evaluations since the best)")
-            st.finished, st.patience_ended = False, False
-        elif not st.finished and (st.step > self.total_steps or st.step == self.total_steps and self.changes_length):
-            # (at its last step and unchanged: a run stopped after its last save, before it was marked finished)
-            self.log(f"the run is {self.total_steps} steps long now, and the checkpoint is at step {st.step}: it ends here "
-                     "(a longer max_steps or n_epoches later continues it)")
-            st.cut_short = True
+        if line := course(st, self.total_steps, self.changes_length, cfg.early_stopping_patience):
+            self.log(line)
         if st.finished:
-            more = (f"early stopping ended it after {since} evaluations without improvement: raise "
-                    "early_stopping_patience or turn it off" if early else "raise max_steps or n_epoches")
-            self.log(f"nothing to do: this run finished at step {st.step} ({more} to train further; a new run needs "
-                     "another save_path, or \"resume\": false with \"overwrite_save_path\": true)")
             return
         self.last_save_time = time.time()  # (save_interval_minutes counts from here)
         fault_pause("setup", st.step, until=lambda: self.stop_signal is not None)

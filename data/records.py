@@ -303,6 +303,8 @@ def resolve_files(data_path: str | Path | Sequence[str | Path], key: str = "data
             found = sorted(Path(f) for f in glob.glob(str(item), recursive=True) if Path(f).is_file())
             problems += _broken_links(map(Path, sorted(glob.glob(str(item), recursive=True))))  # every file it names
             what = "no file matches this pattern"
+            if not found and glob.glob(literal := str(item).replace("[", "[[]"), recursive=True):  # a dir "set [v2]"
+                what += f" ('[...]' is a glob's set of characters: {literal} takes the brackets as they are)"
         if not found:
             problems.append(f"{item}:0: {what}" if str(item) else  # (an empty one read ":0: empty path")
                             "an empty path: give a file, a directory or a glob")

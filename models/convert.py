@@ -7,6 +7,7 @@ temporary directory that is renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 import zipfile
@@ -26,6 +27,7 @@ from .hf_io import (
     HF_SOURCE_FILE,
     LAYER_FILE,
     LAYER_GLOB,
+    REPLACED,
     TOKENIZER_DIRS,
     TOKENIZER_FILES,
     CheckpointError,
@@ -273,8 +275,10 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
                 base = json.loads((layers / "adapter_config.json").read_text()).get("base_model_name_or_path")
             except (OSError, ValueError, AttributeError):
                 base = None
+            model = shlex.quote(str(base)) if base else "BASE"
             raise CheckpointError(f"{layers}: a PEFT adapter (adapter_config.json), not a model: give its base model "
-                                  f"with the adapter beside it (demo.py --model-path {base or 'BASE'} --adapter {layers})")
+                                  f"with the adapter beside it (demo.py --model-path {model} --adapter "
+                                  f"{shlex.quote(str(layers))})")
         if tags := run_tags(path):  # a training save_path without `latest` (lost, or naming a checkpoint since deleted)
             said = (f"its latest names {latest_tag(path)!r}, which is not a checkpoint"
                     if (path / "latest").is_file() else "it has no `latest` file")
@@ -317,9 +321,19 @@ def iter_hf_tensors(layers_dir: Path, family: ModelFamily, config, progress: boo
         raise CheckpointError(problem)
     shapes = expected_layer_shapes(family, config)
 
+    seen: dict[int, tuple] = {}  # each file as the first pass read it: the second reads the same one
+
     def checked(idx: int) -> dict[str, torch.Tensor]:
         path = layers_dir / LAYER_FILE.format(idx)
         sd = load_torch_file(path)
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise (CheckpointError(f"{path}: {GONE}") if isinstance(e, FileNotFoundError) else unreadable(path, e)) from None
+        now = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if seen.setdefault(idx, now) != now:  # a run saving this step again swaps the whole directory: the layers
+            # read before and after would be of two checkpoints
+            raise CheckpointError(f"{path}: {REPLACED}")
         missing, extra = set(expected[idx]) - set(sd), set(sd) - set(expected[idx])
         if missing or extra:
             what = f"missing {sorted(missing)}" if missing else f"unexpected {sorted(extra)}"

@@ -6,6 +6,7 @@ memory is only what was read); `pytorch_model*.bin` is a fallback loaded with to
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
@@ -51,8 +52,14 @@ class CheckpointError(ValueError):
 
 
 def no_dir_error(path: Path) -> CheckpointError:
-    """The one line for a path that should be a directory and is not."""
-    return CheckpointError(f"{path}: {'a file, not a directory' if path.exists() else 'no such directory'}")
+    """The one line for a path that should be a directory and is not; one that a conversion with --overwrite,
+    interrupted between its two renames, had moved aside says where it is."""
+    if path.exists():
+        return CheckpointError(f"{path}: a file, not a directory")
+    aside = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")) if path.name else []
+    return CheckpointError(f"{path}: no such directory" + (
+        f" ({aside[0]} holds it as it was before an interrupted --overwrite: the next conversion into {path.name} "
+        "puts it back, or rename it yourself)" if aside else ""))
 
 
 def _first_line(e: BaseException) -> str:
@@ -77,6 +84,8 @@ def load_tokenizer(path: Path, purpose: str = ""):
 
 GONE = ("no longer there: removed while it was being read (a running run's keep_last rotation deletes older "
         "checkpoints; export one it keeps, or a copy)")
+REPLACED = ("replaced while it was being read (a run resumed from an earlier step saved this checkpoint again): run "
+            "this again to read the new one whole")
 
 
 def unreadable(path: Path, e: OSError) -> CheckpointError:

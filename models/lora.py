@@ -441,7 +441,7 @@ def located_base(info: dict, base: str | Path, where: Path) -> dict:
     return {**info, "base_model_path": str(d.resolve())}
 
 
-MOVED = "moved? pp_to_hg --base DIR names where it is now"
+MOVED = "moved? an export with pp_to_hg --base DIR names where it is now (demo.py: run it on the export)"
 
 
 def check_adapter_pairs(f: Path, sd: dict[str, torch.Tensor], r: int) -> None:

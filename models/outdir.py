@@ -112,12 +112,32 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def pid_namespace() -> str:
+    """This process's PID namespace (its inode; "" where there is no /proc): containers that share a host name (and
+    a disk) number their processes apart, so a PID names a process only within one namespace."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def owner_name() -> str:
+    """HOST-PID[.NAMESPACE]: the process a temporary dir belongs to, as its name ends."""
+    ns = pid_namespace()
+    return f"{socket.gethostname()}-{os.getpid()}{'.' + ns if ns else ''}"
+
+
 def _owner_alive(name: str) -> bool:
-    """Whether the process named in a temporary dir's name (`...tmp-HOST-PID`) may still be writing it."""
-    host, _, pid = name.rpartition("-")
+    """Whether the process named in a temporary dir's name (`...tmp-HOST-PID[.NAMESPACE]`) may still be writing it:
+    one of another host or PID namespace (another container of the same host name) may; one of this namespace (or
+    of no recorded namespace) while its PID runs."""
+    host, _, owner = name.rpartition("-")
     host = host.rpartition(".tmp-")[2] if ".tmp-" in host else host.rpartition(".old-")[2]
+    pid, _, ns = owner.partition(".")
     if host != socket.gethostname() or not pid.isdigit():
         return host != socket.gethostname() and bool(host)  # another host's: it may be alive
+    if ns and ns != pid_namespace():
+        return True
     return pid_alive(int(pid))
 
 
@@ -181,7 +201,7 @@ def atomic_output_dir(path: Path, overwrite: bool, needed: int | None = None, sa
         raise CheckpointError(f"{path}: cannot create its directory {path.parent} ({_first_line(e)})") from None
     if needed and free_bytes(path.parent) < needed:
         raise CheckpointError(no_space_message(str(path), path.parent, needed))
-    me = f"{socket.gethostname()}-{os.getpid()}"
+    me = owner_name()
     tmp = path.parent / f".{path.name}.tmp-{me}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from models.hf_io import LFS_POINTER, CheckpointError
-from models.outdir import atomic_output_dir, clean_leftovers
+from models.outdir import atomic_output_dir, clean_leftovers, owner_name, pid_namespace
 from tests.helpers import assert_one_line_error as _assert_one_line_error
 from tests.helpers import edit_weights as _edit_weights
 from tests.helpers import files as _files
@@ -227,6 +227,50 @@ def test_a_checkpoint_removed_while_it_is_exported_is_named_gone(tmp_path, token
     _assert_one_line_error(capsys, "layer_01-model_states.pt: no longer there: removed while it was being read "
                                    "(a running run's keep_last rotation deletes older checkpoints")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_gqa_tied"]
+
+
+def test_a_checkpoint_saved_again_while_it_is_exported_is_not_mixed(tmp_path, tokenizer, capsys, monkeypatch):
+    """A run resumed from an earlier step saves the same tag again, swapping the directory in place: the layers read
+    before the swap and after it would be of two checkpoints (an export of a model that never existed, exit 0). The
+    second pass reads the files the first checked, or says the checkpoint was replaced."""
+    import models.convert
+
+    pp, log = _pp(tmp_path, tokenizer), models.convert.log
+    again = shutil.copytree(pp, tmp_path / ".tmp-again")  # the re-save, written beside it (new files)
+
+    def resave(line: str) -> None:  # the swap lands once the first layer file is converted
+        log(line)
+        if line.startswith("[1/"):
+            os.replace(pp, tmp_path / ".old-pp")
+            os.replace(again, pp)
+
+    monkeypatch.setattr(models.convert, "log", resave)
+    capsys.readouterr()
+    assert run("pp_to_hg", "--input-path", str(pp), "--save-path", str(tmp_path / "hf_out")) == 2
+    _assert_one_line_error(capsys, "layer_01-model_states.pt: replaced while it was being read (a run resumed from an "
+                                   "earlier step saved this checkpoint again): run this again to read the new one whole")
+    assert not (tmp_path / "hf_out").exists()
+
+
+def test_a_conversion_of_another_container_with_this_host_name_is_left_alone(tmp_path):
+    """Containers that share a host name and a disk number their processes apart: a temporary output whose PID is
+    not running here, or is this process's own, but that another PID namespace wrote, may be a live conversion
+    there. It was removed (or, of the same PID, written over), and that conversion failed in torch.save with a
+    traceback. One of this namespace whose process is gone is removed, as one of no recorded namespace is."""
+    assert pid_namespace(), "no /proc/self/ns/pid here"
+    host, dead = socket.gethostname(), 2**22 + 1  # above pid_max: no process
+    theirs = [tmp_path / f".pp.tmp-{host}-{pid}.1" for pid in (dead, os.getpid())]  # namespace inode 1: not ours
+    gone = [tmp_path / f".pp.tmp-{host}-{dead}.{pid_namespace()}", tmp_path / f".pp.tmp-{host}-{dead}"]
+    for d in theirs + gone:
+        d.mkdir()
+    said: list[str] = []
+    with atomic_output_dir(tmp_path / "pp", overwrite=False, say=said.append) as tmp:
+        assert tmp.name == f".pp.tmp-{owner_name()}" and tmp not in theirs
+        (tmp / "config.json").write_text("{}")
+    assert all(d.is_dir() for d in theirs) and not any(d.exists() for d in gone)
+    assert sorted(said) == sorted([f"note: {d} may belong to a conversion still running ({d.name.rpartition('.tmp-')[2]}): "
+                                   "left alone" for d in theirs] + [f"removed {d}: left by an interrupted conversion"
+                                                                    for d in gone])
 
 
 def test_an_input_file_this_user_cannot_read_is_one_line_naming_it(tmp_path, tokenizer, capsys, monkeypatch):
@@ -462,7 +506,7 @@ def test_a_target_created_during_a_conversion_is_left_alone(tmp_path):
             (tmp / "model.safetensors").write_text("new")
             target.mkdir()
             (target / "users_file.txt").write_text("precious")
-    kept = tmp_path / f"out.new-{socket.gethostname()}-{os.getpid()}"
+    kept = tmp_path / f"out.new-{owner_name()}"
     assert str(e.value) == (f"{target}: was created while the conversion ran and is not empty: left as it is; the "
                             f"finished output is in {kept} (move it, or convert again with --overwrite)")
     assert (target / "users_file.txt").read_text() == "precious" and len(list(target.iterdir())) == 1
@@ -500,7 +544,11 @@ def test_a_symlinked_target_is_replaced_as_a_link(tmp_path, tokenizer, capsys):
     clean_leftovers(current, said.append)
     assert not os.path.lexists(aside) and [p.name for p in v1.iterdir()] == ["old.txt"] and len(said) == 1
     current.rename(tmp_path / "new")
-    aside.symlink_to(v1)
+    aside.symlink_to(v1)  # killed between its two renames: a reader is told where the output is
+    capsys.readouterr()
+    assert run("pp_to_hg", "--input-path", str(current), "--save-path", str(tmp_path / "hf_out")) == 2
+    _assert_one_line_error(capsys, f"{current}: no such directory ({aside} holds it as it was before an interrupted "
+                                   "--overwrite: the next conversion into current puts it back, or rename it yourself)")
     clean_leftovers(current, said.append)
     assert current.is_symlink() and os.readlink(current) == str(v1) and not os.path.lexists(aside)
     # a target's name is not a pattern: converting into "exp[12]" leaves exp1's moved-aside output alone

@@ -380,7 +380,9 @@ def test_training_prints_the_tokenization_progress(ops_model, tmp_path):
     env = {"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath(ROOT)}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
-    assert proc.returncode == 2 and "64 samples are fewer than one global batch" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and ("64 samples are fewer than one global batch (65 = micro x accumulation x "
+                                     "data-parallel); \"dataloader_drop_last\": false trains them as one smaller "
+                                     "batch") in proc.stderr, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert any(re.fullmatch(r"data: tokenizing 64 records on \d process\(es\) \(written to the data cache for the next "
                             r"start\)", line) for line in lines), proc.stdout
@@ -446,6 +448,15 @@ def test_missing_paths(tmp_path):
                                 f"{tmp_path}:0: directory has no data files (.json, .jsonl, .csv, .parquet, .arrow)",
                                 "data_path:0: item 3 of the list must be a path (a string), got 7",
                                 "data_path:0: item 4 of the list must be a path (a string), got null"]
+
+    (tmp_path / "set [v2]").mkdir()  # a directory named with brackets
+    write(tmp_path / "set [v2]" / "a.jsonl", jsonl({"text": "one"}))
+    with pytest.raises(DataError) as e:
+        load_records(str(tmp_path / "set [v2]" / "*.jsonl"))
+    literal = str(tmp_path / "set [[]v2]" / "*.jsonl")
+    assert e.value.problems == [f"{tmp_path / 'set [v2]' / '*.jsonl'}:0: no file matches this pattern ('[...]' is a "
+                                f"glob's set of characters: {literal} takes the brackets as they are)"]
+    assert [r.data["text"] for r in load_records(literal)] == ["one"]
 
 
 def test_a_file_named_twice_is_read_once_under_any_spelling(tmp_path, monkeypatch):

@@ -47,7 +47,7 @@ def test_a_lora_checkpoints_moved_base_is_named_with_base(tmp_path, tokenizer, c
     capsys.readouterr()
     assert run("pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "m2"), "--lora", "merge") == 2
     _assert_one_line_error(capsys, f"base model {base} not found (the LoRA checkpoint holds only adapters; moved? "
-                                   "pp_to_hg --base DIR names where it is now)")
+                                   "an export with pp_to_hg --base DIR names where it is now (demo.py: run it on the export))")
     assert run("pp_to_hg", "--input-path", str(save), "--save-path", str(tmp_path / "a"), "--lora", "peft") == 0
     assert f"base model {base} not found: the adapter's base_model_name_or_path names it as it was" in \
         capsys.readouterr().err

@@ -30,9 +30,10 @@ class Run(RunDirectory):
 
     def __init__(self, engine, raw: dict, parts: list[int]):
         self.engine, self.lora, self.rank, self.world, self.pp_size, self.dp_size = engine, None, 0, 1, 1, 1
-        self.model, self.plan = SimpleNamespace(parts=parts), SimpleNamespace(global_batch=2)
+        self.model, self.plan = SimpleNamespace(parts=parts), SimpleNamespace(global_batch=2, steps_per_epoch=8)
         self.cfg = SimpleNamespace(path="cfg.json", raw=raw, allow_data_change_on_resume=False, eval_split_ratio=None,
-                                   keep_best=None, early_stopping_patience=None, save_path=None, resume="auto")
+                                   keep_best=None, early_stopping_patience=None, save_path=None, resume="auto",
+                                   max_steps=raw.get("max_steps"), n_epoches=raw.get("n_epoches", 1))
         self.data_fingerprint = self.eval_fingerprint = None
         self.changes_lr = self.changes_length = self.schedule_switched = False
         self.lines: list[str] = []
@@ -351,3 +352,36 @@ def test_every_template_setting_changes_the_samples_on_resume():
 
     kinds = {key: kind for key, kind, _ in RESUME_RULES}
     assert {f.name: kinds.get(f.name) for f in fields(TemplateSettings)} == {f.name: SAMPLES for f in fields(TemplateSettings)}
+
+
+def test_a_finished_run_continues_only_when_its_length_was_raised():
+    """resume.course, with the checkpoint run's length from the config changes since it (length_before), on a run
+    early stopping ended at step 3 of 8 and on one that ran its 8 steps. An edit of max_steps or n_epoches that left
+    the length (n_epoches beside max_steps) or lowered it above the step continued the first (saying its length was
+    raised); only a longer length continues a finished run, and a lower one ends an unfinished run there."""
+    from training.config_diff import config_changes
+    from training.resume import course, length_before
+
+    def go(step: int, old: dict, new: dict, **state) -> tuple[str | None, RunState]:
+        st = RunState(step, 1, 1, [1], 4, evals=[(1, 2.0), (2, 1.0), (3, 1.5)][:step], **state)
+        cfg = SimpleNamespace(max_steps=new.get("max_steps"), n_epoches=new.get("n_epoches", 1))
+        total = cfg.max_steps or cfg.n_epoches * 4  # 4 steps an epoch
+        return course(st, total, length_before(config_changes(old, new), cfg, 4), 1), st
+
+    stopped = {"finished": True, "patience_ended": True}
+    for new in ({"max_steps": 8, "n_epoches": 5}, {"max_steps": 5}, {"max_steps": 8}):
+        line, st = go(3, {"max_steps": 8}, new, **stopped)
+        assert line.startswith("nothing to do: this run finished at step 3 (early stopping ended it after 1 "
+                               "evaluations") and st.finished, (new, line)
+    line, st = go(3, {"max_steps": 8}, {"max_steps": 9}, **stopped)  # longer: it continues (to stop again)
+    assert line == "continuing the finished run from step 3 to step 9 (its length was raised)" and not st.finished
+    line, st = go(3, {"n_epoches": 2}, {}, **stopped)  # 8 -> 4 steps: still above the step
+    assert line.startswith("nothing to do") and st.finished
+    for old, new in (({"n_epoches": 2}, {"n_epoches": 2, "max_steps": 8}), ({"max_steps": 8}, {"n_epoches": 2})):
+        line, st = go(8, old, new, finished=True, patience_ended=False)  # the same 8 steps, written otherwise
+        assert line.startswith("nothing to do: this run finished at step 8 (raise max_steps or n_epoches") and st.finished
+    line, st = go(8, {"max_steps": 8}, {"n_epoches": 3}, finished=True, patience_ended=False)
+    assert line == "continuing the finished run from step 8 to step 12 (its length was raised)" and not st.finished
+    line, st = go(3, {"max_steps": 8}, {"max_steps": 3})  # unfinished, at the new length: it ends there
+    assert line.startswith("the run is 3 steps long now, and the checkpoint is at step 3: it ends here") and st.cut_short
+    assert go(3, {"max_steps": 8}, {"max_steps": 8})[0] is None  # unfinished at its length: it trains on

@@ -65,7 +65,8 @@ def test_one_run_per_save_path_and_config_changes_on_resume(tmp_path, ops_model)
     longer = ops_config(tmp_path, ops_model, max_steps=8, **constant)
     out = run_deepspeed("train_ds.py", ["--config", str(longer)]).stdout
     assert f"took over the lock of save_path {save} from a run that is gone" in out
-    assert "max_steps: 4 -> 8 (applied: the run trains to the new length (a finished run continues))" in out
+    assert ("max_steps: 4 -> 8 (applied: the run is as long as the new value says (longer: a finished run continues; "
+            "at or below the checkpoint's step: it ends there))") in out
     assert "continuing the finished run from step 4 to step 8" in out
     assert "optimizer settings from the config in force: lr of the next update (step 5) 0.003 as saved -> 0.003 now" \
         in out  # (a schedule over the run's length would move)

@@ -141,7 +141,8 @@ def test_bad_report_to_is_one_line_at_load(tmp_path, monkeypatch, value, message
 
 
 def test_a_resumed_run_appends_to_the_same_wandb_and_mlflow_runs(tmp_path, offline):
-    """Two Monitors on one save_path, the second starting at step 2 as a resumed run does: one run each."""
+    """Two Monitors on one save_path, the second starting at step 2 as a resumed run does: one run each, also when
+    save_path was moved in between (MLflow's default store, save_path/mlruns, moved with it)."""
     save = tmp_path / "run"
     save.mkdir()
     config = {"model_path": "m", "lora": {"r": 4, "target_modules": ["q_proj"]}, "max_steps": 4}
@@ -152,6 +153,8 @@ def test_a_resumed_run_appends_to_the_same_wandb_and_mlflow_runs(tmp_path, offli
             monitor.step({"step": step, "loss": 1.0 / step, "lr": 0.1 * step, "grad_norm": 0.5, "tokens": 10})
         monitor.close()
         config = {**config, "max_steps": 6}  # a change on resume: MLflow keeps the first value
+        if start == 0:  # (the run keeps its name, its first save_path's)
+            save = save.rename(tmp_path / "moved")
     lines = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     ids, _ = wandb_history(save)
     assert len(ids) == 1 and ids == {json.loads((save / IDS_FILE).read_text())["wandb"]}

@@ -293,6 +293,7 @@ def test_a_model_path_that_is_no_pipeline_model_names_the_way_on(tmp_path, base,
     (save / "global_step300").mkdir(parents=True)
     (save / "latest").write_text("global_step300")
     (save / "config.json").write_text((hf / "config.json").read_text())
+    spaced = shutil.copytree(hf, tmp_path / "my hf")  # the command shown pastes into a shell as it is
     capsys.readouterr()
     convert = "python convert_model.py"
     ckpt = (f"(a training run's checkpoints: resume that run with its own config, or, to train further from it as a "
@@ -301,6 +302,8 @@ def test_a_model_path_that_is_no_pipeline_model_names_the_way_on(tmp_path, base,
     for model, says in ((hf, f"has no pipeline layer files (an HF dir? convert it first: {convert} hg_to_pp "
                               f"--input-path {hf} --save-path PP_DIR, then use PP_DIR)"),
                         (bins, "has no pipeline layer files (an HF dir? convert it first"),
+                        (spaced, f"has no pipeline layer files (an HF dir? convert it first: {convert} hg_to_pp --input-path '{spaced}' "
+                                 "--save-path PP_DIR, then use PP_DIR)"),
                         ("meta-llama/Llama-2-7b-hf", f"is not a directory (a Hub id? convert it first: {convert} hg_to_pp "
                                                      "--input-path meta-llama/Llama-2-7b-hf --save-path DIR, then use DIR)"),
                         (save, f"has no pipeline layer files {ckpt}"),
@@ -513,3 +516,25 @@ def test_a_deepspeed_section_left_empty_in_yaml_is_refused_not_a_traceback():
     assert unsupported_section_problem({"torch_autocast": None}) == "'torch_autocast' must be an object, got null"
     assert unsupported_section_problem({"pipeline": {"use_reentrant": True, "pipe_partitioned": True,
                                                      "activation_checkpoint_interval": 0}, "torch_autocast": {}}) is None
+
+
+def test_a_run_that_fills_save_path_after_the_config_check_is_not_replaced(tmp_path, base, capsys, monkeypatch):
+    """"resume": false without overwrite_save_path, the same job submitted twice: the second start waits (records
+    checked, nodes joining) while the first runs to its end. The used save_path is refused again under the lock: it
+    deleted the first run's checkpoints ("overwrite_save_path: removed ...", a key not set) and trained afresh."""
+    from training.runlock import RunLock
+
+    cfg, save, acquire = write_config(tmp_path, base, resume=False), tmp_path / "out", RunLock.acquire
+
+    def meanwhile(self):  # the other run, from its start to its end, before this one takes the lock
+        (save / "global_step2").mkdir(parents=True)
+        (save / "latest").write_text("global_step2")
+        (save / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+        return acquire(self)
+
+    monkeypatch.setattr(RunLock, "acquire", meanwhile)
+    assert train_ds.main(["--config", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"train_ds.py: error: {cfg}: save_path {save} already holds a training run and 'resume' is false; set "
+        "\"resume\": \"auto\" to continue it or \"overwrite_save_path\": true to replace it"]
+    assert sorted(p.name for p in save.iterdir()) == ["global_step2", "latest", "metrics.jsonl"]  # the lock released

@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import os
+import shlex
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -329,7 +330,7 @@ def _check_batch(cfg: TrainConfig, path: Path, world_size: int | None) -> None:
         run = ""
         if world_size == 1 and (n := _processes_needed(cfg.model_topo)):  # `python train_ds.py`: the command it needs
             script = "train_ds.py" if command("train_ds.py").startswith("python ") else "$(which pipeft-train)"
-            run = f"; on one machine: deepspeed --num_gpus {n} {script} --config {path}"
+            run = f"; on one machine: deepspeed --num_gpus {n} {script} --config {shlex.quote(str(path))}"
         raise ConfigError(f"{path}: {e}{run}") from None
     try:
         derive_batch(ds, dims[axes.index("data")], path)  # the missing batch keys, as DeepSpeed derives them

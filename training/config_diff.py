@@ -28,10 +28,12 @@ FP16_SCALER = ("loss_scale", "initial_scale_power", "loss_scale_window", "hyster
                "min_loss_scale")  # DeepSpeed's fp16 keys (FP16_<KEY>_DEFAULT in deepspeed.runtime.constants)
 ZERO_COMMUNICATION = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients",
                       "reduce_scatter", "allgather_partitions", "use_multi_rank_bucket_allreduce")  # ZeRO-1's buckets
+LENGTH = ("the run is as long as the new value says (longer: a finished run continues; at or below the "
+          "checkpoint's step: it ends there)")
 # (key or dotted prefix, kind, what happens). The first match wins; keys not listed are applied.
 RESUME_RULES: list[tuple[str, str, str]] = [
-    ("max_steps", APPLIED, "the run trains to the new length (a finished run continues)"),
-    ("n_epoches", APPLIED, "the run trains to the new length (a finished run continues)"),
+    ("max_steps", APPLIED, LENGTH),
+    ("n_epoches", APPLIED, LENGTH),
     ("optimizer.type", FIXED, "the checkpoint's optimizer state belongs to another optimizer"),
     ("optimizer.params", APPLIED, "the optimizer uses the new value from this step on"),
     ("lr_schedule", APPLIED, "the schedule continues from this step with the new values (another kind of "

@@ -5,8 +5,11 @@ directory, eval_data_path not the training data."""
 from __future__ import annotations
 
 import filecmp
+import fnmatch
+import glob
 import os
 import re
+import shlex
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +34,7 @@ def _model_path_hint(model: Path) -> str:
     if not model.exists():
         first = model.parts[0] if model.parts else ""
         if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) and first not in (".", "..") and not Path(first).exists():
-            return (f" (a Hub id? convert it first: {convert} hg_to_pp --input-path {model} --save-path DIR, then use "
+            return (f" (a Hub id? convert it first: {convert} hg_to_pp --input-path {shlex.quote(str(model))} --save-path DIR, then use "
                     "DIR)")
         return "" if model.is_absolute() else f" (relative to the working directory {Path.cwd()})"
     if (model / "latest").is_file() or run_tags(model) or RUN_TAG.match(model.name):
@@ -39,8 +42,11 @@ def _model_path_hint(model: Path) -> str:
                 f"it as a new run, export it ({convert} pp_to_hg --input-path ... --save-path HF_DIR), then convert "
                 f"that ({convert} hg_to_pp --input-path HF_DIR --save-path PP_DIR) and use PP_DIR)")
     if any(model.glob("*.safetensors")) or any(model.glob("pytorch_model*.bin")):
-        return f" (an HF dir? convert it first: {convert} hg_to_pp --input-path {model} --save-path PP_DIR, then use PP_DIR)"
+        return f" (an HF dir? convert it first: {convert} hg_to_pp --input-path {shlex.quote(str(model))} --save-path PP_DIR, then use PP_DIR)"
     return ""
+
+
+SHELL_VARIABLE = re.compile(r"\$(\w+|\{\w+\})")  # $HOME, ${SLURM_TMPDIR}
 
 
 def check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
@@ -53,6 +59,11 @@ def check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
             full = os.path.expanduser(value)
             raise ConfigError(f"{path}: '{key}' {value}: a config's paths are not expanded as the shell expands '~' "
                               f"(it names a directory {value.split(os.sep)[0]} here); give the full path"
+                              + (f" ({full}?)" if full != value else ""))
+        for value in (v for v in values if isinstance(v, str) and (var := SHELL_VARIABLE.search(v))):  # as with ~
+            full = os.path.expandvars(value)
+            raise ConfigError(f"{path}: '{key}' {value}: a config's paths are not expanded as the shell expands "
+                              f"{var.group()} (it names a directory {var.group()} here); give the full path"
                               + (f" ({full}?)" if full != value else ""))
     if cfg.data_cache_dir is not None and (file := _file_at_or_above(Path(cfg.data_cache_dir))):
         raise ConfigError(f"{path}: data_cache_dir {cfg.data_cache_dir}: {file} is a file, not a directory")
@@ -94,9 +105,33 @@ def check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
     for key in ("data_path", "eval_data_path"):
         if getattr(cfg, key) is not None:
             try:
-                resolve_files(getattr(cfg, key), key)
+                files = resolve_files(getattr(cfg, key), key)
             except DataError as e:
                 raise ConfigError(f"{path}: '{key}': {e.problems[0]}") from None
+            values = getattr(cfg, key) if isinstance(getattr(cfg, key), list) else [getattr(cfg, key)]
+            inside = next((f"reads {f}, inside" for f in files if save.resolve() in f.resolve().parents), None) or next(
+                (f"{v} matches files a run writes in" for v in values
+                 if isinstance(v, str) and glob.has_magic(v) and _matches_run_files(v, save)), None)
+            if inside:
+                raise ConfigError(f"{path}: '{key}' {inside} save_path {save}: a run writes its metrics, config and "
+                                  "tokenizer files there, which a later start would read as records; keep the data out "
+                                  "of save_path")
+
+
+def _matches_run_files(pattern: str, save: Path) -> bool:
+    """Whether glob `pattern` (`**` recursive, as resolve_files reads it) matches files a run writes in save_path
+    (metrics.jsonl, config.json, a checkpoint's trainer_state.json), which are not there yet at its first start."""
+
+    def match(pat: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+        if not pat:
+            return not parts
+        if pat[0] == "**":
+            return any(match(pat[1:], parts[i:]) for i in range(len(parts) + 1))
+        return bool(parts) and fnmatch.fnmatchcase(parts[0], pat[0]) and match(pat[1:], parts[1:])
+
+    pat = Path(os.path.abspath(pattern)).parts
+    return any(match(pat, Path(os.path.abspath(save / name)).parts)
+               for name in ("metrics.jsonl", "config.json", "global_step1/trainer_state.json"))
 
 
 def _file_at_or_above(directory: Path) -> Path | None:
@@ -141,6 +176,14 @@ def save_path_in_use(cfg: TrainConfig, path: Path) -> str | None:
         check_unlocked(save)
     except LockError as e:
         return f"{path}: {e}"
+    return used_save_path(cfg, path)
+
+
+def used_save_path(cfg: TrainConfig, path: Path) -> str | None:
+    """The refusal of a save_path that holds a run when "resume" is false without "overwrite_save_path"; checked at
+    the config and again under the run's lock (a run started meanwhile, e.g. the same job submitted twice, is not
+    replaced)."""
+    save = Path(cfg.save_path)
     if cfg.resume is False and not cfg.overwrite_save_path and holds_run(save):
         return (f"{path}: save_path {save} already holds a training run and 'resume' is false; set \"resume\": \"auto\" "
                 "to continue it or \"overwrite_save_path\": true to replace it")

@@ -83,7 +83,9 @@ class TrainingData:
                               cfg.pad_to_multiple_of, cfg.max_seq_len)
         if self.plan.steps_per_epoch == 0:  # before any layer is built
             raise ConfigError(f"{cfg.path}: {len(self.dataset)} {self.unit}s are fewer than one global batch "
-                              f"({self.plan.global_batch} = micro x accumulation x data-parallel)")
+                              f"({self.plan.global_batch} = micro x accumulation x data-parallel)" + (
+                                  "; \"dataloader_drop_last\": false trains them as one smaller batch"
+                                  if self.plan.drop_last and len(self.dataset) else ""))
         self.total_steps = cfg.max_steps or cfg.n_epoches * self.plan.steps_per_epoch
         self.tokens = row_trained(self.dataset)
         self.samples_per_row = self.dataset.segments_per_row() if cfg.packing else np.ones(len(self.dataset), np.int64)

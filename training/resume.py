@@ -189,24 +189,34 @@ def resume_tag(save: Path) -> tuple[str | None, list[str]]:
     return None, notes
 
 
-def course(st: RunState, total_steps: int, changes_length: bool, patience: int | None) -> str | None:
+def length_before(changes: list, cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The length in steps of the run a checkpoint was saved by: its max_steps, else its n_epoches over this run's
+    epoch (a batch change alone does not lengthen an n_epoches run), from this config and `changes` since it."""
+    was = {c.key: c.old for c in changes if c.key in ("max_steps", "n_epoches")}
+    steps, epochs = was.get("max_steps", cfg.max_steps), was.get("n_epoches", cfg.n_epoches)
+    return (None if steps is UNSET else steps) or (1 if epochs is UNSET else epochs) * steps_per_epoch
+
+
+def course(st: RunState, total_steps: int, before: int | None, patience: int | None) -> str | None:
     """How resumed state `st` goes on in a run of `total_steps` steps, and the line that says so (None: it trains
-    on). A finished run continues when its length was raised (`changes_length`), or when a lower one had ended it
-    (also back at its length); one that early stopping ended, when `patience` allows more; a run at or past a
-    length it now has ends there. st's finished / cut_short / patience_ended are set to match: finished after it,
-    there is nothing to do (the line says how to train further)."""
+    on). A finished run continues when its length was raised (above `before`, the checkpoint run's length; None:
+    not known), or when a lower one had ended it (also back at its length); one that early stopping ended, when
+    `patience` allows more; a run at or past a length it now has ends there. st's finished / cut_short /
+    patience_ended are set to match: finished after it, there is nothing to do (the line says how to train
+    further)."""
     # (an older state has no patience_ended: it was guessed from cut_short)
     ended = st.patience_ended if st.patience_ended is not None else not st.cut_short
     early = st.finished and ended and st.step < total_steps  # early stopping ended it
     since = st.evals_since_best()
-    if st.finished and (changes_length or st.cut_short) and st.step < total_steps:
+    raised, changed = before is not None and total_steps > before, before is not None and total_steps != before
+    if st.finished and (raised or st.cut_short) and st.step < total_steps:
         st.finished, st.cut_short, st.patience_ended = False, False, False
         return f"continuing the finished run from step {st.step} to step {total_steps} (its length was raised)"
     if early and (not patience or since < patience):
         st.finished, st.patience_ended = False, False
         return (f"continuing the run early stopping ended at step {st.step}: early_stopping_patience is "
                 f"{patience or 'off'} now ({since} evaluations since the best)")
-    if not st.finished and (st.step > total_steps or st.step == total_steps and changes_length):
+    if not st.finished and (st.step > total_steps or st.step == total_steps and changed):
         # (at its last step and unchanged: a run stopped after its last save, before it was marked finished)
         st.cut_short = True
         return (f"the run is {total_steps} steps long now, and the checkpoint is at step {st.step}: it ends here "

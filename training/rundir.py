@@ -25,11 +25,13 @@ from training.checkpoint import RNG_FILE, RunState, TrainingStopped, set_rng_sta
 from training.compat import BATCH_KEYS
 from training.config import ConfigError, start_over
 from training.config_diff import DATA, SAMPLES, config_changes, same_global_batch, schedule_kind, start_schedule_at
+from training.config_paths import used_save_path
 from training.monitor import truncate_metrics
 from training.resume import (
     RUN_CONFIG_FILE,
     course,
     earlier_tags,
+    length_before,
     name_resumed,
     read_run_config,
     resume_tag,
@@ -86,6 +88,9 @@ class RunDirectory:
             self.lock = RunLock(cfg.save_path, config=str(Path(cfg.path).resolve()))
             try:
                 note = self.lock.acquire()
+                if error := used_save_path(cfg, cfg.path):  # a run that filled save_path since the config's check
+                    self.lock.release()
+                    self.lock = None
             except (LockError, OSError) as e:
                 self.lock, error = None, f"{cfg.path}: {e}"
         said = [(error, cfg.resume, cfg.overwrite_save_path) if self.rank == 0 else None]
@@ -175,7 +180,8 @@ class RunDirectory:
                     print(f"removed {save / name}: a checkpoint that was not completely written", flush=True)
                 if cfg.resume is False:  # load_config refused a used save_path unless overwrite_save_path
                     if removed := clear_run(save, self.ckpts.tags()):
-                        print(f"overwrite_save_path: removed {', '.join(removed)} from {save}", flush=True)
+                        why = "overwrite_save_path" if cfg.overwrite_save_path else "a new run (\"resume\": false)"
+                        print(f"{why}: removed {', '.join(removed)} from {save}", flush=True)
                     record_job(save, launchers, config_identity(cfg.path, cfg.raw))  # a restart of this job (SLURM
                     # requeue, torchrun) resumes instead
             except OSError as e:
@@ -395,10 +401,10 @@ class RunDirectory:
             except (OSError, ValueError, TypeError):  # a damaged state: the resume says so
                 saved = old = None
             if saved is not None and saved.finished:
-                changes = config_changes(old, cfg.raw, lora_run=cfg.lora is not None) if old is not None else []
-                length = any(c.key in ("max_steps", "n_epoches") for c in changes)
+                before = None if old is None else length_before(
+                    config_changes(old, cfg.raw, lora_run=cfg.lora is not None), cfg, self.plan.steps_per_epoch)
                 st = RunState(**{**saved.__dict__, **self._evals_kept(saved)})
-                line = course(st, self.total_steps, length, cfg.early_stopping_patience)
+                line = course(st, self.total_steps, before, cfg.early_stopping_patience)
                 line = line if st.finished else None
         said = [(line, None)] * self.world  # every rank's tag: ranks that do not agree are refused by the resume
         torch.distributed.all_gather_object(said, (line, tag))
@@ -418,6 +424,7 @@ class RunDirectory:
         self.changes_lr = any(c.key.split(".")[0] in ("optimizer", "lr_schedule", "scheduler") for c in changes)
         self.schedule_switched = old is not None and schedule_kind(old) != schedule_kind(cfg.raw)
         self.changes_length = any(c.key in ("max_steps", "n_epoches") for c in changes)
+        self.length_before = None if old is None else length_before(changes, cfg, self.plan.steps_per_epoch)
         if old is None:
             self.log(f"{tag_dir} holds no {RUN_CONFIG_FILE} (an older version wrote it): config changes since it are "
                      "not checked")

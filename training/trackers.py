@@ -123,6 +123,9 @@ class WandB:
         self.run.finish(exit_code=1 if failed else 0)
 
 
+DEFAULT_STORE = "save_path/mlruns"  # trackers.json's name of MLflow's default store (a moved run's store moved too)
+
+
 class MLflow:
     """An MLflow run in MLFLOW_TRACKING_URI (default: a file store in save_path/mlruns), experiment
     MLFLOW_EXPERIMENT_NAME (default "pipeft"), run name save_path's name; the config as params (a resumed run
@@ -133,7 +136,9 @@ class MLflow:
         import mlflow
 
         self.env, self.uri = {k: os.environ.get(k) for k in MLFLOW_ENV}, mlflow.get_tracking_uri()  # the caller's
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (save / "mlruns").resolve().as_uri()
+        given = os.environ.get("MLFLOW_TRACKING_URI")
+        uri = given or (save / "mlruns").resolve().as_uri()
+        where = given or DEFAULT_STORE  # as trackers.json keeps it: the default store moves with save_path
         if uri.startswith("file:") or "://" not in uri:  # the file store is in maintenance mode: MLflow asks to opt in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
@@ -141,7 +146,7 @@ class MLflow:
         os.environ.update({k: v for k, v in MLFLOW_HTTP.items() if k not in os.environ})  # quick requests
         run = None
         try:
-            if start_step > 0 and stored.get("tracking_uri") == uri:
+            if start_step > 0 and stored.get("tracking_uri") in (where, uri):  # (uri: as earlier versions kept it)
                 run = mlflow.start_run(run_id=stored["run_id"])
             else:
                 # the experiment by id, not mlflow.set_experiment: that one is process-wide (a caller's own
@@ -150,7 +155,7 @@ class MLflow:
                 found = mlflow.get_experiment_by_name(name)
                 exp = found.experiment_id if found is not None else mlflow.create_experiment(name)
                 run = mlflow.start_run(experiment_id=exp, run_name=save.resolve().name)
-            ids["mlflow"] = {"run_id": run.info.run_id, "tracking_uri": uri}
+            ids["mlflow"] = {"run_id": run.info.run_id, "tracking_uri": where}
             have = mlflow.get_run(run.info.run_id).data.params
             mlflow.log_params({k: v for k, v in flat_params(config).items() if k not in have})
         except BaseException:  # the run started here (not one of the caller's) is ended, failed, while the short

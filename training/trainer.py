@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -102,6 +103,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         self.launcher = LauncherWatch()  # the `deepspeed` command that started this process, if any
         self.tokenizer = None
         self.changes_lr = self.changes_length = False  # what a resume changed (rundir)
+        self.length_before: int | None = None  # the resumed checkpoint's run length (None: unknown)
         self.finished_before = False  # the run finished before this start, which has nothing to do
         self.schedule_switched = self.schedule_restarted = False
         self.prompted: bool | None = None  # whether a training record went through a template (rank 0 reads data)
@@ -395,7 +397,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             return
         cfg, st = self.cfg, self.state
         losses, saved_at, skipped = [], st.step, 0
-        if line := course(st, self.total_steps, self.changes_length, cfg.early_stopping_patience):
+        if line := course(st, self.total_steps, self.length_before, cfg.early_stopping_patience):
             self.log(line)
         if st.finished:
             return
@@ -487,6 +489,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         if losses:
             k = max(1, min(10, len(losses) // 4))
             steps = (f"{len(losses)} steps" if st.step == len(losses) else  # a resumed run: this start's steps
+                     f"step {st.step} (this start's)" if len(losses) == 1 else
                      f"steps {st.step - len(losses) + 1}-{st.step} (this start's)")
             self.log(f"finished {steps} in {hms(time.time() - self.monitor.t0)}: loss {sum(losses[:k]) / k:.4f} "
                      f"(mean of the first {k}) -> {sum(losses[-k:]) / k:.4f} (mean of the last {k})"
@@ -521,7 +524,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         path = self.ckpts.save(self.engine, st, needed=self.stage_files(self.pp_size, self.dp_size))
         self.last_save_time = time.time()
         how = " --lora peft|merge" if self.lora else ""  # a LoRA checkpoint needs it (adapter dir or merged model)
-        self.log(f"saved checkpoint {path} (convert: {command('convert_model.py')} pp_to_hg --input-path {path.parent} "
+        self.log(f"saved checkpoint {path} (convert: {command('convert_model.py')} pp_to_hg --input-path {shlex.quote(str(path.parent))} "
                  f"--save-path HF_DIR{how})")
         return st.step
 

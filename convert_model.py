@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch import exit_if_ds_accelerator_unusable
-from pipeft import prog
+from pipeft import prog, quiet_start, started
 
 PROG = prog("convert_model.py")  # pipeft-convert when run as that
+quiet_start(PROG, __name__)  # a Ctrl-C during the imports below: one line
+
+from launch import exit_if_ds_accelerator_unusable  # noqa: E402
+
 exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
 
 from models.convert import DTYPES, hg_to_pp, init_model, pp_to_hg  # noqa: E402
@@ -85,4 +88,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    started()
     sys.exit(main())

@@ -29,12 +29,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from launch import deepspeed_logs_on_stderr, exit_if_ds_accelerator_unusable
-from pipeft import DuplicateKey, one_line, prog, unique_keys
+from pipeft import DuplicateKey, one_line, prog, quiet_start, started, unique_keys
 
 PROG = prog("demo.py")
+quiet_start(PROG, __name__)  # a Ctrl-C during the imports below: one line
+
+import torch  # noqa: E402
+
+from launch import deepspeed_logs_on_stderr, exit_if_ds_accelerator_unusable  # noqa: E402
+
 exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
 with deepspeed_logs_on_stderr():  # stdout holds the generated text only
     import deepspeed  # noqa: F401
@@ -578,4 +581,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    started()
     sys.exit(main())

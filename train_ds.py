@@ -18,10 +18,13 @@ import argparse
 import os
 import sys
 
-from launch import AcceleratorError, exit_if_ds_accelerator_unusable
-from pipeft import prog
+from pipeft import prog, quiet_start, started
 
 PROG = prog("train_ds.py")
+quiet_start(PROG, __name__)  # a Ctrl-C during the imports below: one line
+
+from launch import AcceleratorError, exit_if_ds_accelerator_unusable  # noqa: E402
+
 exit_if_ds_accelerator_unusable(PROG)  # before DeepSpeed's import builds it
 
 from data.records import DataError  # noqa: E402
@@ -92,4 +95,5 @@ def cli() -> int:
 
 
 if __name__ == "__main__":
+    started()
     sys.exit(cli())

@@ -12,6 +12,7 @@ runs the script's `main`. In the source tree (an editable install) the root is t
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -98,11 +99,47 @@ def use_root() -> Path:
     return ROOT
 
 
+def _interrupted_while_starting(prog: str) -> None:
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # (every process of a launch got the terminal's Ctrl-C: one line)
+        print(f"{prog}: interrupted while starting: nothing was done", file=sys.stderr, flush=True)
+
+
+def quiet_start(prog: str, name: str) -> None:
+    """A command run as a script (`name`, its module's __name__, is "__main__"): a Ctrl-C while its libraries import
+    (seconds: torch, DeepSpeed, transformers) is one line and exit 130, not a traceback through the import
+    machinery. The script calls `started()` once its imports are done: it handles Ctrl-C itself from there."""
+    if name != "__main__":
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, tb) -> None:
+        if not issubclass(kind, KeyboardInterrupt):
+            return previous(kind, value, tb)
+        _interrupted_while_starting(prog)  # (Python then ends the process by SIGINT: exit 130 in a shell)
+
+    sys.excepthook = hook
+    _restore.append(previous)
+
+
+_restore: list = []  # sys.excepthook before quiet_start
+
+
+def started() -> None:
+    """The end of quiet_start's window: Python's own Ctrl-C handling again."""
+    if _restore:
+        sys.excepthook = _restore.pop()
+
+
 def _main(module: str, function: str = "main") -> int:
     global ENTRY_POINT
     ENTRY_POINT = True  # before the module's import: its PROG names the entry point
     use_root()
-    code = getattr(importlib.import_module(module), function)()
+    try:
+        imported = importlib.import_module(module)
+    except KeyboardInterrupt:  # (as quiet_start does for the scripts)
+        _interrupted_while_starting(SCRIPTS.get(f"{module}.py") or MODULES[module])
+        return 130
+    code = getattr(imported, function)()
     return int(code or 0)
 
 

@@ -495,3 +495,27 @@ def test_trainium_refuses_a_busy_master_port_in_one_line(cfg, capsys, monkeypatc
         assert code == 2 and err == (f"python -m launch.trainium: error: --master_port {port} is already in use on "
                                      "this machine (another run?): pass a free port\n"), err
         assert dry_run(trainium, ["--dry-run", *argv], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("command", [["train_ds.py"], ["convert_model.py"], ["demo.py"], ["@pipeft-train"]],
+                         ids=lambda c: c[-1])
+def test_a_ctrl_c_while_a_command_imports_its_libraries_is_one_line(command):
+    """The first seconds of every command import torch, DeepSpeed and transformers: a Ctrl-C there was a traceback
+    through the import machinery (30 lines). Now one line, and the exit of a SIGINT (130 in a shell)."""
+    import signal
+    import time
+
+    if command[0].startswith("@"):  # the entry point (pipeft._main imports the script)
+        command = [str(Path(sys.executable).parent / command[0][1:])]
+        assert Path(command[0]).is_file(), "the editable install's entry points (make venv)"
+    else:
+        command = [sys.executable, *command]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+           "DS_ACCELERATOR": "cpu", "PYTHONPATH": pythonpath(ROOT)}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # (the imports take seconds more)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    prog = command[-1] if command[0] == sys.executable else "pipeft-train"
+    assert (err, out) == (f"{prog}: interrupted while starting: nothing was done\n", "")
+    assert proc.returncode == (-signal.SIGINT if prog.endswith(".py") else 130)  # a script dies of it, as Python does

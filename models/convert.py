@@ -330,7 +330,7 @@ def iter_hf_tensors(layers_dir: Path, family: ModelFamily, config, progress: boo
             st = path.stat()
         except OSError as e:
             raise (CheckpointError(f"{path}: {GONE}") if isinstance(e, FileNotFoundError) else unreadable(path, e)) from None
-        now = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)  # (not ctime: a chmod or a hard link changes it)
         if seen.setdefault(idx, now) != now:  # a run saving this step again swaps the whole directory: the layers
             # read before and after would be of two checkpoints
             raise CheckpointError(f"{path}: {REPLACED}")

@@ -305,10 +305,10 @@ CASES = {  # name -> (config overrides, expected text)
                          "here); give the full path"),
     "empty data_path": ({"data_path": ""}, "'data_path': an empty path: give a file, a directory or a glob"),
     "save_path with $": ({"save_path": "$HOME/pipeft-out"}, "'save_path' $HOME/pipeft-out: a config's paths are not "
-                         "expanded as the shell expands $HOME (it names a directory $HOME here); give the full path ("),
+                         "expanded as the shell expands $HOME (it is read as written, '$HOME'); give the full path ("),
     "data_path with ${}": ({"data_path": "${{PIPEFT_NO_SUCH}}/d.jsonl"}, "'data_path' "
                            "${PIPEFT_NO_SUCH}/d.jsonl: a config's paths are not expanded as the shell expands "
-                           "${PIPEFT_NO_SUCH} (it names a directory ${PIPEFT_NO_SUCH} here); give the full path"),
+                           "${PIPEFT_NO_SUCH} (it is read as written, '${PIPEFT_NO_SUCH}'); give the full path"),
     "data in save_path": ({"save_path": "{tmp}", "data_path": "{tmp}"}, "/cfg.json, inside save_path "),
     "data glob over save_path": ({"save_path": "{tmp}/data/run", "data_path": "{tmp}/**/*.jsonl"},
                                  "/**/*.jsonl matches files a run writes in save_path "),

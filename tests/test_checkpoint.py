@@ -288,3 +288,30 @@ def test_a_state_with_keys_this_version_does_not_know_loads(tmp_path, caplog):
     (tmp_path / "trainer_state.json").write_text(json.dumps({**raw, "early_stopped": False}))
     old = RunState.read(tmp_path)
     assert old.eval_fingerprint is None and old.evals == st.evals
+
+
+def test_rng_states_load_with_weights_only_and_from_files_written_before(tmp_path):
+    """rng_state() keeps numpy's key array as a tensor (the file loads with torch.load(weights_only=True)); a file
+    written before, with numpy's array, still loads. Either restores the states exactly."""
+    import pickle
+    import random
+
+    import numpy as np
+
+    from training.checkpoint import load_rng_state, rng_state, set_rng_state
+
+    np.random.seed(3)
+    random.seed(4)
+    torch.manual_seed(5)
+    np.random.randn()  # (numpy's cached gaussian is part of its state)
+    state = rng_state()
+    torch.save(state, tmp_path / "new.pt")
+    torch.save({**state, "numpy": np.random.get_state()}, tmp_path / "old.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "old.pt", weights_only=True)
+    draws = lambda: (np.random.rand(3).tolist(), np.random.randn(), random.random(), torch.rand(2).tolist())  # noqa: E731
+    want = draws()
+    for name in ("new.pt", "old.pt"):
+        np.random.seed(0)
+        set_rng_state(load_rng_state(tmp_path / name))
+        assert draws() == want, name

@@ -238,6 +238,15 @@ def test_a_checkpoint_saved_again_while_it_is_exported_is_not_mixed(tmp_path, to
     pp, log = _pp(tmp_path, tokenizer), models.convert.log
     again = shutil.copytree(pp, tmp_path / ".tmp-again")  # the re-save, written beside it (new files)
 
+    def touch(line: str) -> None:  # a chmod and a hard link (a backup's) change a file's ctime, not the file
+        log(line)
+        if line.startswith("[1/"):
+            os.chmod(pp / "layer_02-model_states.pt", 0o600)
+            os.link(pp / "layer_03-model_states.pt", tmp_path / "backup.pt")
+
+    monkeypatch.setattr(models.convert, "log", touch)
+    assert run("pp_to_hg", "--input-path", str(pp), "--save-path", str(tmp_path / "hf_ok")) == 0
+
     def resave(line: str) -> None:  # the swap lands once the first layer file is converted
         log(line)
         if line.startswith("[1/"):

@@ -35,6 +35,7 @@ class Run(RunDirectory):
                                    keep_best=None, early_stopping_patience=None, save_path=None, resume="auto",
                                    max_steps=raw.get("max_steps"), n_epoches=raw.get("n_epoches", 1))
         self.data_fingerprint = self.eval_fingerprint = None
+        self.total_steps = raw.get("max_steps") or raw.get("n_epoches", 1) * self.plan.steps_per_epoch
         self.changes_lr = self.changes_length = self.schedule_switched = False
         self.lines: list[str] = []
 
@@ -360,13 +361,13 @@ def test_a_finished_run_continues_only_when_its_length_was_raised():
     the length (n_epoches beside max_steps) or lowered it above the step continued the first (saying its length was
     raised); only a longer length continues a finished run, and a lower one ends an unfinished run there."""
     from training.config_diff import config_changes
-    from training.resume import course, length_before
+    from training.resume import course, knob, length_before
 
-    def go(step: int, old: dict, new: dict, **state) -> tuple[str | None, RunState]:
+    def go(step: int, old: dict, new: dict, epoch: int = 4, **state) -> tuple[str | None, RunState]:
         st = RunState(step, 1, 1, [1], 4, evals=[(1, 2.0), (2, 1.0), (3, 1.5)][:step], **state)
         cfg = SimpleNamespace(max_steps=new.get("max_steps"), n_epoches=new.get("n_epoches", 1))
-        total = cfg.max_steps or cfg.n_epoches * 4  # 4 steps an epoch
-        return course(st, total, length_before(config_changes(old, new), cfg, 4), 1), st
+        total = cfg.max_steps or cfg.n_epoches * epoch  # (4 steps an epoch)
+        return course(st, total, length_before(st, config_changes(old, new), cfg, epoch), 1, knob(cfg)), st
 
     stopped = {"finished": True, "patience_ended": True}
     for new in ({"max_steps": 8, "n_epoches": 5}, {"max_steps": 5}, {"max_steps": 8}):
@@ -377,11 +378,20 @@ def test_a_finished_run_continues_only_when_its_length_was_raised():
     assert line == "continuing the finished run from step 3 to step 9 (its length was raised)" and not st.finished
     line, st = go(3, {"n_epoches": 2}, {}, **stopped)  # 8 -> 4 steps: still above the step
     assert line.startswith("nothing to do") and st.finished
-    for old, new in (({"n_epoches": 2}, {"n_epoches": 2, "max_steps": 8}), ({"max_steps": 8}, {"n_epoches": 2})):
+    for old, new, raise_ in (({"n_epoches": 2}, {"n_epoches": 2, "max_steps": 8}, "max_steps to"),
+                             ({"max_steps": 8}, {"n_epoches": 2}, "max_steps or n_epoches")):
         line, st = go(8, old, new, finished=True, patience_ended=False)  # the same 8 steps, written otherwise
-        assert line.startswith("nothing to do: this run finished at step 8 (raise max_steps or n_epoches") and st.finished
+        assert line.startswith(f"nothing to do: this run finished at step 8 (raise {raise_}") and st.finished
     line, st = go(8, {"max_steps": 8}, {"n_epoches": 3}, finished=True, patience_ended=False)
     assert line == "continuing the finished run from step 8 to step 12 (its length was raised)" and not st.finished
     line, st = go(3, {"max_steps": 8}, {"max_steps": 3})  # unfinished, at the new length: it ends there
     assert line.startswith("the run is 3 steps long now, and the checkpoint is at step 3: it ends here") and st.cut_short
     assert go(3, {"max_steps": 8}, {"max_steps": 8})[0] is None  # unfinished at its length: it trains on
+    # a run that ended at its length was as long as its step, whatever an epoch is now: 2 epochs of 4 steps, 12 steps
+    # now with an epoch of 8 (a halved micro-batch, allow_data_change_on_resume) was read as 2 x 8 = 16 long
+    line, st = go(8, {"n_epoches": 2}, {"max_steps": 12}, epoch=8, finished=True, patience_ended=False)
+    assert line == "continuing the finished run from step 8 to step 12 (its length was raised)"
+    line, st = go(3, {"n_epoches": 2}, {"max_steps": 12}, finished=True, patience_ended=True, length=16)  # recorded
+    assert line.startswith("nothing to do: this run finished at step 3 (early stopping") and st.finished
+    line, st = go(2, {"max_steps": 2}, {"max_steps": 2, "n_epoches": 5}, finished=True, patience_ended=False)
+    assert line.startswith("nothing to do: this run finished at step 2 (raise max_steps to train further")  # only it

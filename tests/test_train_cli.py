@@ -538,3 +538,20 @@ def test_a_run_that_fills_save_path_after_the_config_check_is_not_replaced(tmp_p
         f"train_ds.py: error: {cfg}: save_path {save} already holds a training run and 'resume' is false; set "
         "\"resume\": \"auto\" to continue it or \"overwrite_save_path\": true to replace it"]
     assert sorted(p.name for p in save.iterdir()) == ["global_step2", "latest", "metrics.jsonl"]  # the lock released
+
+
+def test_paths_like_those_refused_but_harmless_are_taken(tmp_path, base):
+    """The refusals of a shell variable in a path and of data inside save_path stop at what is harmless: a file
+    whose name holds a '$' (it exists: not a variable); data in a subdirectory of save_path that a run does not
+    write (save_path/data/); a glob whose '**' would reach save_path only through a hidden directory (glob passes
+    over those, as it would over .runs/ here)."""
+    write_config(tmp_path, base)  # (its d.jsonl)
+    shutil.copy(tmp_path / "d.jsonl", tmp_path / "price$usd.jsonl")
+    (tmp_path / "out" / "data").mkdir(parents=True)
+    shutil.copy(tmp_path / "d.jsonl", tmp_path / "out" / "data" / "d.jsonl")
+    (tmp_path / "sets" / "a").mkdir(parents=True)
+    shutil.copy(tmp_path / "d.jsonl", tmp_path / "sets" / "a" / "d.jsonl")
+    for over in ({"data_path": str(tmp_path / "price$usd.jsonl")},
+                 {"data_path": [str(tmp_path / "out" / "data"), str(tmp_path / "out" / "data" / "d.jsonl")]},
+                 {"data_path": str(tmp_path / "sets" / "**" / "*.jsonl"), "save_path": str(tmp_path / "sets" / ".runs" / "r1")}):
+        load_config(write_config(tmp_path, base, **over), world_size=1)

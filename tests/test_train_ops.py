@@ -332,6 +332,11 @@ def test_zero_with_an_embedding_only_stage_trains_as_the_reference(tmp_path, ops
     assert "deferred weight gradients: the last [0, 2, 0] micro-batches per stage" in out, out[-3000:]
     got, ref = losses_of(tmp_path / "out"), losses_of(ops_uninterrupted)
     assert list(got) == [1, 2, 3] and all(got[s] == pytest.approx(ref[s], rel=1e-5) for s in got), (got, ref)
+    # not DeepSpeed's zero_to_fp32.py (it fails on a pipeline checkpoint, whose weights are in its layer files); the
+    # RNG files hold tensors and plain values only
+    assert not list((tmp_path / "out").glob("zero_to_*.py"))
+    for rank in range(3):
+        torch.load(tmp_path / "out" / "global_step3" / f"rng_state_rank{rank}.pt", weights_only=True)
 
 
 def test_resume_on_another_topology_loads_weights_and_resets_the_optimizer(tmp_path, ops_model, ops_uninterrupted):

@@ -11,9 +11,9 @@ carries the global batch's trained-token count for the global token-mean loss, s
 gradient (but see cut_micro_batches on `dynamic` rope). The micro-batches of a step may differ in shape (the
 trainer then runs the pipeline engine with DeepSpeed's `dynamic_shape`). With `group_by_length` the order is
 HF Trainer's LengthGroupedSampler's: megabatches of MEGABATCH_MULT global batches sorted longest first, so the
-rows of a step have similar lengths. An epoch's last, incomplete global batch (with group_by_length: the same
-samples as without) is dropped (`drop_last`, DeepSpeed's `dataloader_drop_last`, true by default here) or
-trained: the loss is the token mean over the samples present, as on a smaller batch, and a micro-batch with no
+rows of a step have similar lengths. An epoch's last, incomplete global batch is dropped (`drop_last`, DeepSpeed's
+`dataloader_drop_last`, true by default here; with group_by_length the same samples as without) or trained (with
+group_by_length it holds the shortest samples of the last megabatch, as LengthGroupedSampler's order has them): the loss is the token mean over the samples present, as on a smaller batch, and a micro-batch with no
 sample left gets an empty row (index -1: one pad token, no label).
 """
 

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -120,6 +121,7 @@ class RunState:
     # it finished because early_stopping_patience ran out (a raised patience continues it); None: not recorded (a
     # state written before it was; read: it finished before its length unless it was cut short)
     patience_ended: bool | None = None
+    length: int | None = None  # the run's length in steps when it was saved (None: written before it was recorded)
 
     def best_eval(self, scheduled: bool = False) -> tuple[int, float] | None:
         """The (step, loss) of the lowest eval loss, the earliest on ties; a non-finite loss never counts as best.
@@ -169,7 +171,9 @@ def rng_state() -> dict:
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    name, keys, *rest = np.random.get_state()  # its key array as a tensor: the file loads with weights_only=True
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), *rest),
+            "torch": torch.get_rng_state(),
             "device": acc.device_name(),  # on the CPU the accelerator's generator is torch's own, saved above
             "accelerator": acc.get_rng_state() if acc.device_name() != "cpu" else None}
 
@@ -180,7 +184,8 @@ def set_rng_state(state: dict) -> None:
     from deepspeed.accelerator import get_accelerator
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # (a file written before: the key array as numpy's)
+    np.random.set_state((name, keys.numpy().astype(np.uint32) if isinstance(keys, torch.Tensor) else keys, *rest))
     torch.set_rng_state(state["torch"])
     acc = get_accelerator()
     device, saved = state.get("device"), state.get("accelerator")
@@ -188,6 +193,15 @@ def set_rng_state(state: dict) -> None:
         device, saved = "cuda", state["cuda"][min(int(acc.current_device()), len(state["cuda"]) - 1)]
     if saved is not None and device == acc.device_name():
         acc.set_rng_state(saved)
+
+
+def load_rng_state(path: Path) -> dict:
+    """A checkpoint's RNG file: tensors and plain values (torch.load's weights_only); one written before held
+    numpy's array, which only a full unpickling reads."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        return torch.load(path, weights_only=False)
 
 
 def write_manifest(tag_dir: Path) -> None:

@@ -33,7 +33,7 @@ LENGTH = ("the run is as long as the new value says (longer: a finished run cont
 # (key or dotted prefix, kind, what happens). The first match wins; keys not listed are applied.
 RESUME_RULES: list[tuple[str, str, str]] = [
     ("max_steps", APPLIED, LENGTH),
-    ("n_epoches", APPLIED, LENGTH),
+    ("n_epoches", APPLIED, LENGTH.replace("says", "says, unless max_steps is set (it overrides n_epoches)")),
     ("optimizer.type", FIXED, "the checkpoint's optimizer state belongs to another optimizer"),
     ("optimizer.params", APPLIED, "the optimizer uses the new value from this step on"),
     ("lr_schedule", APPLIED, "the schedule continues from this step with the new values (another kind of "

@@ -60,10 +60,11 @@ def check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
             raise ConfigError(f"{path}: '{key}' {value}: a config's paths are not expanded as the shell expands '~' "
                               f"(it names a directory {value.split(os.sep)[0]} here); give the full path"
                               + (f" ({full}?)" if full != value else ""))
-        for value in (v for v in values if isinstance(v, str) and (var := SHELL_VARIABLE.search(v))):  # as with ~
+        for value in (v for v in values if isinstance(v, str) and (var := SHELL_VARIABLE.search(v))
+                      and not os.path.lexists(v) and not glob.glob(v)):  # as with ~ (a name with a $ that exists: kept)
             full = os.path.expandvars(value)
             raise ConfigError(f"{path}: '{key}' {value}: a config's paths are not expanded as the shell expands "
-                              f"{var.group()} (it names a directory {var.group()} here); give the full path"
+                              f"{var.group()} (it is read as written, '{var.group()}'); give the full path"
                               + (f" ({full}?)" if full != value else ""))
     if cfg.data_cache_dir is not None and (file := _file_at_or_above(Path(cfg.data_cache_dir))):
         raise ConfigError(f"{path}: data_cache_dir {cfg.data_cache_dir}: {file} is a file, not a directory")
@@ -109,13 +110,23 @@ def check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
             except DataError as e:
                 raise ConfigError(f"{path}: '{key}': {e.problems[0]}") from None
             values = getattr(cfg, key) if isinstance(getattr(cfg, key), list) else [getattr(cfg, key)]
-            inside = next((f"reads {f}, inside" for f in files if save.resolve() in f.resolve().parents), None) or next(
+            inside = next((f"reads {f}, inside" for f in files if _written_by_runs(f, save)), None) or next(
                 (f"{v} matches files a run writes in" for v in values
                  if isinstance(v, str) and glob.has_magic(v) and _matches_run_files(v, save)), None)
             if inside:
                 raise ConfigError(f"{path}: '{key}' {inside} save_path {save}: a run writes its metrics, config and "
                                   "tokenizer files there, which a later start would read as records; keep the data out "
                                   "of save_path")
+
+
+def _written_by_runs(file: Path, save: Path) -> bool:
+    """Whether `file` is where a run in save_path writes: directly in it (metrics.jsonl, config.json, ...) or in
+    one of its checkpoint dirs (a subdirectory of the user's own, e.g. save_path/data/, is not)."""
+    try:
+        parts = file.resolve().relative_to(save.resolve()).parts
+    except ValueError:
+        return False
+    return len(parts) == 1 or bool(RUN_TAG.match(parts[0]))
 
 
 def _matches_run_files(pattern: str, save: Path) -> bool:
@@ -125,9 +136,11 @@ def _matches_run_files(pattern: str, save: Path) -> bool:
     def match(pat: tuple[str, ...], parts: tuple[str, ...]) -> bool:
         if not pat:
             return not parts
+        hidden = [p.startswith(".") for p in parts]  # a wildcard matches no hidden name, as in glob
         if pat[0] == "**":
-            return any(match(pat[1:], parts[i:]) for i in range(len(parts) + 1))
-        return bool(parts) and fnmatch.fnmatchcase(parts[0], pat[0]) and match(pat[1:], parts[1:])
+            return any(match(pat[1:], parts[i:]) for i in range(len(parts) + 1) if not any(hidden[:i]))
+        return (bool(parts) and fnmatch.fnmatchcase(parts[0], pat[0]) and (not hidden[0] or pat[0].startswith("."))
+                and match(pat[1:], parts[1:]))
 
     pat = Path(os.path.abspath(pattern)).parts
     return any(match(pat, Path(os.path.abspath(save / name)).parts)

@@ -189,21 +189,34 @@ def resume_tag(save: Path) -> tuple[str | None, list[str]]:
     return None, notes
 
 
-def length_before(changes: list, cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """The length in steps of the run a checkpoint was saved by: its max_steps, else its n_epoches over this run's
-    epoch (a batch change alone does not lengthen an n_epoches run), from this config and `changes` since it."""
+def length_before(saved: RunState, changes: list | None, cfg: TrainConfig, steps_per_epoch: int) -> int | None:
+    """The length in steps of the run checkpoint state `saved` was written by: as it recorded it; else the step of a
+    run that ended at its length; else its max_steps, or its n_epoches over this run's epoch, from this config and
+    `changes` since it (None: unknown, the checkpoint has no run config)."""
+    if saved.length is not None:
+        return saved.length
+    if saved.finished and saved.patience_ended is False and not saved.cut_short:
+        return saved.step
+    if changes is None:
+        return None
     was = {c.key: c.old for c in changes if c.key in ("max_steps", "n_epoches")}
     steps, epochs = was.get("max_steps", cfg.max_steps), was.get("n_epoches", cfg.n_epoches)
     return (None if steps is UNSET else steps) or (1 if epochs is UNSET else epochs) * steps_per_epoch
 
 
-def course(st: RunState, total_steps: int, before: int | None, patience: int | None) -> str | None:
+def knob(cfg: TrainConfig) -> str:
+    """What sets the run's length: max_steps where it is set (n_epoches then does not count)."""
+    return "max_steps" if cfg.max_steps else "max_steps or n_epoches"
+
+
+def course(st: RunState, total_steps: int, before: int | None, patience: int | None,
+           knob: str = "max_steps or n_epoches") -> str | None:
     """How resumed state `st` goes on in a run of `total_steps` steps, and the line that says so (None: it trains
     on). A finished run continues when its length was raised (above `before`, the checkpoint run's length; None:
     not known), or when a lower one had ended it (also back at its length); one that early stopping ended, when
     `patience` allows more; a run at or past a length it now has ends there. st's finished / cut_short /
     patience_ended are set to match: finished after it, there is nothing to do (the line says how to train
-    further)."""
+    further, by `knob`: "max_steps" where it is set, as it overrides n_epoches)."""
     # (an older state has no patience_ended: it was guessed from cut_short)
     ended = st.patience_ended if st.patience_ended is not None else not st.cut_short
     early = st.finished and ended and st.step < total_steps  # early stopping ended it
@@ -224,7 +237,7 @@ def course(st: RunState, total_steps: int, before: int | None, patience: int | N
     if not st.finished:
         return None
     more = (f"early stopping ended it after {since} evaluations without improvement: raise early_stopping_patience "
-            "or turn it off" if early else "raise max_steps or n_epoches")
+            "or turn it off" if early else f"raise {knob}")
     return (f"nothing to do: this run finished at step {st.step} ({more} to train further; a new run needs another "
             "save_path, or \"resume\": false with \"overwrite_save_path\": true)")
 

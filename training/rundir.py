@@ -21,7 +21,7 @@ from data.settings import DATA_SETTINGS_FILE, data_settings_of, write_data_setti
 from models.diskspace import tree_size, write_problem
 from models.hf_io import LAYER_FILE, replace_side_files
 from pipeft import one_line
-from training.checkpoint import RNG_FILE, RunState, TrainingStopped, set_rng_state
+from training.checkpoint import RNG_FILE, RunState, TrainingStopped, load_rng_state, set_rng_state
 from training.compat import BATCH_KEYS
 from training.config import ConfigError, start_over
 from training.config_diff import DATA, SAMPLES, config_changes, same_global_batch, schedule_kind, start_schedule_at
@@ -31,6 +31,7 @@ from training.resume import (
     RUN_CONFIG_FILE,
     course,
     earlier_tags,
+    knob,
     length_before,
     name_resumed,
     read_run_config,
@@ -248,11 +249,12 @@ class RunDirectory:
                                     load_module_strict=self.lora is None)
         self.state = RunState(**{**saved.__dict__, "pipe": self.pp_size, "data": self.dp_size,
                                  "parts": list(self.model.parts), "global_batch": self.plan.global_batch,
-                                 "data_fingerprint": self.data_fingerprint, **self._evals_kept(saved)})
+                                 "data_fingerprint": self.data_fingerprint, "length": self.total_steps,
+                                 **self._evals_kept(saved)})
         self.engine.global_steps = saved.step
         rng = tag_dir / RNG_FILE.format(self.rank)
         if same and rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(load_rng_state(rng))
         # the schedule's lr at this step, always: a fresh optimizer (not same) holds the schedule's first lr, and
         # DeepSpeed loads a ZeRO optimizer's state after the scheduler's, bringing back the lr saved with it (the old
         # schedule's, when max_steps or n_epoches changed its length)
@@ -401,10 +403,10 @@ class RunDirectory:
             except (OSError, ValueError, TypeError):  # a damaged state: the resume says so
                 saved = old = None
             if saved is not None and saved.finished:
-                before = None if old is None else length_before(
-                    config_changes(old, cfg.raw, lora_run=cfg.lora is not None), cfg, self.plan.steps_per_epoch)
+                changes = None if old is None else config_changes(old, cfg.raw, lora_run=cfg.lora is not None)
+                before = length_before(saved, changes, cfg, self.plan.steps_per_epoch)
                 st = RunState(**{**saved.__dict__, **self._evals_kept(saved)})
-                line = course(st, self.total_steps, before, cfg.early_stopping_patience)
+                line = course(st, self.total_steps, before, cfg.early_stopping_patience, knob(cfg))
                 line = line if st.finished else None
         said = [(line, None)] * self.world  # every rank's tag: ranks that do not agree are refused by the resume
         torch.distributed.all_gather_object(said, (line, tag))
@@ -424,7 +426,7 @@ class RunDirectory:
         self.changes_lr = any(c.key.split(".")[0] in ("optimizer", "lr_schedule", "scheduler") for c in changes)
         self.schedule_switched = old is not None and schedule_kind(old) != schedule_kind(cfg.raw)
         self.changes_length = any(c.key in ("max_steps", "n_epoches") for c in changes)
-        self.length_before = None if old is None else length_before(changes, cfg, self.plan.steps_per_epoch)
+        self.length_before = length_before(saved, changes if old is not None else None, cfg, self.plan.steps_per_epoch)
         if old is None:
             self.log(f"{tag_dir} holds no {RUN_CONFIG_FILE} (an older version wrote it): config changes since it are "
                      "not checked")

@@ -47,7 +47,7 @@ from training.evaluate import perplexity
 from training.monitor import Monitor, hms, process_memory
 from training.optim import build_optimizer, owned_sizes
 from training.report import RunReport
-from training.resume import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, course, model_config, weights_from_checkpoint
+from training.resume import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, course, knob, model_config, weights_from_checkpoint
 from training.rundir import RunDirectory
 from training.runlock import RunLock
 
@@ -271,6 +271,9 @@ class Trainer(TrainingData, RunDirectory, RunReport):
         self.engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=params,
                                                optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.model = model
+        # DeepSpeed copies its zero_to_fp32.py / zero_to_torch.py into save_path at each ZeRO save: they read the
+        # weights from mp_rank_*_model_states.pt, which a pipeline checkpoint keeps in its layer files (pp_to_hg)
+        self.engine._copy_recovery_script = lambda save_path: None
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
         model.reduce_tied_grad_accum(self.engine)  # before the deferral wraps the same instruction
         self._defer_weight_grads(model)
@@ -313,7 +316,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
     def _run_state(self, step: int) -> RunState:
         return RunState(step=step, pipe=self.pp_size, data=self.dp_size, parts=list(self.model.parts),
                         global_batch=self.plan.global_batch, data_fingerprint=self.data_fingerprint,
-                        eval_fingerprint=self.eval_fingerprint)
+                        eval_fingerprint=self.eval_fingerprint, length=self.total_steps)
 
     def _wrap_model_step(self) -> None:
         """fp32 without ZeRO: compute the global gradient norm (pre-clipping) and skip a non-finite step the way
@@ -397,7 +400,7 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             return
         cfg, st = self.cfg, self.state
         losses, saved_at, skipped = [], st.step, 0
-        if line := course(st, self.total_steps, self.length_before, cfg.early_stopping_patience):
+        if line := course(st, self.total_steps, self.length_before, cfg.early_stopping_patience, knob(cfg)):
             self.log(line)
         if st.finished:
             return
@@ -488,8 +491,8 @@ class Trainer(TrainingData, RunDirectory, RunReport):
             self._record_eval(None)
         if losses:
             k = max(1, min(10, len(losses) // 4))
-            steps = (f"{len(losses)} steps" if st.step == len(losses) else  # a resumed run: this start's steps
-                     f"step {st.step} (this start's)" if len(losses) == 1 else
+            steps = (f"{len(losses)} step{'s' * (len(losses) > 1)}" if st.step == len(losses) else  # a resumed run:
+                     f"step {st.step} (this start's)" if len(losses) == 1 else  # this start's steps
                      f"steps {st.step - len(losses) + 1}-{st.step} (this start's)")
             self.log(f"finished {steps} in {hms(time.time() - self.monitor.t0)}: loss {sum(losses[:k]) / k:.4f} "
                      f"(mean of the first {k}) -> {sum(losses[-k:]) / k:.4f} (mean of the last {k})"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -99,46 +100,44 @@ def use_root() -> Path:
     return ROOT
 
 
-def _interrupted_while_starting(prog: str) -> None:
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # (every process of a launch got the terminal's Ctrl-C: one line)
-        print(f"{prog}: interrupted while starting: nothing was done", file=sys.stderr, flush=True)
+def _interrupted_while_starting(prog: str):
+    """A SIGINT handler for a command's imports: one line (local rank 0: every process of a launch got the terminal's
+    Ctrl-C), then the default action (SIGINT's exit, 130 in a shell). A handler, not an `except`: a library that
+    catches what it takes for its own KeyboardInterrupt while it imports would turn it into a traceback, or lose it."""
+
+    def handler(signum, frame) -> None:  # noqa: ARG001
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"{prog}: interrupted while starting: nothing was done", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    return handler
+
+
+_restore: list = []  # the SIGINT handler before quiet_start's
 
 
 def quiet_start(prog: str, name: str) -> None:
     """A command run as a script (`name`, its module's __name__, is "__main__"): a Ctrl-C while its libraries import
-    (seconds: torch, DeepSpeed, transformers) is one line and exit 130, not a traceback through the import
+    (seconds: torch, DeepSpeed, transformers) is one line and SIGINT's exit, not a traceback through the import
     machinery. The script calls `started()` once its imports are done: it handles Ctrl-C itself from there."""
-    if name != "__main__":
-        return
-    previous = sys.excepthook
-
-    def hook(kind, value, tb) -> None:
-        if not issubclass(kind, KeyboardInterrupt):
-            return previous(kind, value, tb)
-        _interrupted_while_starting(prog)  # (Python then ends the process by SIGINT: exit 130 in a shell)
-
-    sys.excepthook = hook
-    _restore.append(previous)
-
-
-_restore: list = []  # sys.excepthook before quiet_start
+    if name == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not an ignored one)
+        _restore.append(signal.signal(signal.SIGINT, _interrupted_while_starting(prog)))
 
 
 def started() -> None:
     """The end of quiet_start's window: Python's own Ctrl-C handling again."""
     if _restore:
-        sys.excepthook = _restore.pop()
+        signal.signal(signal.SIGINT, _restore.pop())
 
 
 def _main(module: str, function: str = "main") -> int:
     global ENTRY_POINT
     ENTRY_POINT = True  # before the module's import: its PROG names the entry point
     use_root()
-    try:
-        imported = importlib.import_module(module)
-    except KeyboardInterrupt:  # (as quiet_start does for the scripts)
-        _interrupted_while_starting(SCRIPTS.get(f"{module}.py") or MODULES[module])
-        return 130
+    quiet_start(SCRIPTS.get(f"{module}.py") or MODULES[module], "__main__")  # (as the scripts run themselves)
+    imported = importlib.import_module(module)
+    started()
     code = getattr(imported, function)()
     return int(code or 0)
 

@@ -393,5 +393,13 @@ def test_a_finished_run_continues_only_when_its_length_was_raised():
     assert line == "continuing the finished run from step 8 to step 12 (its length was raised)"
     line, st = go(3, {"n_epoches": 2}, {"max_steps": 12}, finished=True, patience_ended=True, length=16)  # recorded
     assert line.startswith("nothing to do: this run finished at step 3 (early stopping") and st.finished
+    for length in (4, None):  # an n_epoches run after a batch or data change (an epoch of 8 steps now): counted in
+        # epochs, its length is not raised (it was taken as 4 steps, raised to 8)
+        line, st = go(4, {}, {}, epoch=8, finished=True, patience_ended=False, length=length)
+        assert line.startswith("nothing to do: this run finished at step 4 (raise max_steps or n_epoches") and st.finished
+    line, st = go(4, {}, {"n_epoches": 2}, epoch=8, finished=True, patience_ended=False, length=4)
+    assert line == "continuing the finished run from step 4 to step 16 (its length was raised)"
+    line, st = go(3, {"max_steps": 8}, {"max_steps": 2})
+    assert line.endswith("it ends here (a longer max_steps later continues it)") and st.cut_short
     line, st = go(2, {"max_steps": 2}, {"max_steps": 2, "n_epoches": 5}, finished=True, patience_ended=False)
     assert line.startswith("nothing to do: this run finished at step 2 (raise max_steps to train further")  # only it

@@ -542,7 +542,7 @@ def test_a_run_that_fills_save_path_after_the_config_check_is_not_replaced(tmp_p
 
 def test_paths_like_those_refused_but_harmless_are_taken(tmp_path, base):
     """The refusals of a shell variable in a path and of data inside save_path stop at what is harmless: a file
-    whose name holds a '$' (it exists: not a variable); data in a subdirectory of save_path that a run does not
+    whose name holds a '$' (it exists: not a variable), a glob under such a dir, a save_path to be made there; data in a subdirectory of save_path that a run does not
     write (save_path/data/); a glob whose '**' would reach save_path only through a hidden directory (glob passes
     over those, as it would over .runs/ here)."""
     write_config(tmp_path, base)  # (its d.jsonl)
@@ -551,7 +551,10 @@ def test_paths_like_those_refused_but_harmless_are_taken(tmp_path, base):
     shutil.copy(tmp_path / "d.jsonl", tmp_path / "out" / "data" / "d.jsonl")
     (tmp_path / "sets" / "a").mkdir(parents=True)
     shutil.copy(tmp_path / "d.jsonl", tmp_path / "sets" / "a" / "d.jsonl")
+    (tmp_path / "a$HOME" / "deep").mkdir(parents=True)
+    shutil.copy(tmp_path / "d.jsonl", tmp_path / "a$HOME" / "deep" / "d.jsonl")
     for over in ({"data_path": str(tmp_path / "price$usd.jsonl")},
+                 {"data_path": str(tmp_path / "a$HOME" / "**" / "*.jsonl")}, {"save_path": str(tmp_path / "a$HOME" / "run")},
                  {"data_path": [str(tmp_path / "out" / "data"), str(tmp_path / "out" / "data" / "d.jsonl")]},
                  {"data_path": str(tmp_path / "sets" / "**" / "*.jsonl"), "save_path": str(tmp_path / "sets" / ".runs" / "r1")}):
         load_config(write_config(tmp_path, base, **over), world_size=1)

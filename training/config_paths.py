@@ -61,7 +61,7 @@ def check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
                               f"(it names a directory {value.split(os.sep)[0]} here); give the full path"
                               + (f" ({full}?)" if full != value else ""))
         for value in (v for v in values if isinstance(v, str) and (var := SHELL_VARIABLE.search(v))
-                      and not os.path.lexists(v) and not glob.glob(v)):  # as with ~ (a name with a $ that exists: kept)
+                      and not _exists_as_written(v)):  # as with ~
             full = os.path.expandvars(value)
             raise ConfigError(f"{path}: '{key}' {value}: a config's paths are not expanded as the shell expands "
                               f"{var.group()} (it is read as written, '{var.group()}'); give the full path"
@@ -117,6 +117,15 @@ def check_paths(cfg: TrainConfig, path: Path, require_model: bool) -> None:
                 raise ConfigError(f"{path}: '{key}' {inside} save_path {save}: a run writes its metrics, config and "
                                   "tokenizer files there, which a later start would read as records; keep the data out "
                                   "of save_path")
+
+
+def _exists_as_written(value: str) -> bool:
+    """Whether a path with a '$' in it names something that exists as written (a file `price$usd.jsonl`, a dir
+    `a$b/` under which a save_path is still to be made, a glob that matches): a name, not a variable."""
+    parts = Path(value).parts
+    upto = max(i for i, part in enumerate(parts) if SHELL_VARIABLE.search(part))
+    head = str(Path(*parts[:upto + 1]))
+    return any(os.path.lexists(p) or glob.glob(p, recursive=True) for p in (value, head))
 
 
 def _written_by_runs(file: Path, save: Path) -> bool:

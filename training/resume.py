@@ -190,18 +190,21 @@ def resume_tag(save: Path) -> tuple[str | None, list[str]]:
 
 
 def length_before(saved: RunState, changes: list | None, cfg: TrainConfig, steps_per_epoch: int) -> int | None:
-    """The length in steps of the run checkpoint state `saved` was written by: as it recorded it; else the step of a
-    run that ended at its length; else its max_steps, or its n_epoches over this run's epoch, from this config and
-    `changes` since it (None: unknown, the checkpoint has no run config)."""
+    """The length in steps of the run checkpoint state `saved` was written by, to compare with this run's. Counted
+    in epochs where n_epoches sets both (its n_epoches over this run's epoch: a batch or data change alone does not
+    lengthen it); else as it recorded it; else the step of a run that ended at its length; else its max_steps, or
+    its n_epoches over this run's epoch, from this config and `changes` since it (None: unknown, the checkpoint has
+    no run config)."""
+    was = {c.key: c.old for c in changes or [] if c.key in ("max_steps", "n_epoches")}
+    steps, epochs = was.get("max_steps", cfg.max_steps), was.get("n_epoches", cfg.n_epoches)
+    steps, epochs = None if steps is UNSET else steps, 1 if epochs is UNSET else epochs
+    if changes is not None and not steps and not cfg.max_steps:
+        return epochs * steps_per_epoch
     if saved.length is not None:
         return saved.length
     if saved.finished and saved.patience_ended is False and not saved.cut_short:
         return saved.step
-    if changes is None:
-        return None
-    was = {c.key: c.old for c in changes if c.key in ("max_steps", "n_epoches")}
-    steps, epochs = was.get("max_steps", cfg.max_steps), was.get("n_epoches", cfg.n_epoches)
-    return (None if steps is UNSET else steps) or (1 if epochs is UNSET else epochs) * steps_per_epoch
+    return None if changes is None else steps or epochs * steps_per_epoch
 
 
 def knob(cfg: TrainConfig) -> str:
@@ -233,7 +236,7 @@ def course(st: RunState, total_steps: int, before: int | None, patience: int | N
         # (at its last step and unchanged: a run stopped after its last save, before it was marked finished)
         st.cut_short = True
         return (f"the run is {total_steps} steps long now, and the checkpoint is at step {st.step}: it ends here "
-                "(a longer max_steps or n_epoches later continues it)")
+                f"(a longer {knob} later continues it)")
     if not st.finished:
         return None
     more = (f"early stopping ended it after {since} evaluations without improvement: raise early_stopping_patience "

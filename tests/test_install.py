@@ -28,6 +28,7 @@ def pip(*args: str) -> None:
 
 @pytest.mark.distributed
 def test_wheel_console_scripts_ignore_packages_of_the_working_directory(tmp_path, tokenizer_dir, ops_model):
+    ours = sorted(p.name for p in Path(sys.executable).parent.glob("pipeft-*"))  # the suite's venv: left as it is
     # build from a copy: setuptools writes build/ and *.egg-info beside the sources it builds
     src = tmp_path / "src"
     skip = shutil.ignore_patterns("__pycache__", ".cache", "samples")
@@ -38,7 +39,10 @@ def test_wheel_console_scripts_ignore_packages_of_the_working_directory(tmp_path
         shutil.copytree(ROOT / name, src / name, ignore=skip)
     pip("wheel", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src))
     prefix = tmp_path / "prefix"
-    pip("install", "--prefix", str(prefix), *map(str, (tmp_path / "dist").glob("*.whl")))
+    # (--ignore-installed: pip otherwise uninstalls the suite's own editable install from its venv first, console
+    # scripts and all; --no-deps then: the venv has them)
+    pip("install", "--prefix", str(prefix), "--ignore-installed", "--no-deps", *map(str, (tmp_path / "dist").glob("*.whl")))
+    assert sorted(p.name for p in Path(sys.executable).parent.glob("pipeft-*")) == ours
     site = Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
     assert [p.name for p in site.iterdir() if not p.name.endswith(".dist-info")] == ["pipeft"]
     bin_dir = Path(sysconfig.get_path("scripts", vars={"base": str(prefix), "platbase": str(prefix)}))
